@@ -1,0 +1,56 @@
+"""Issued certificates and revocation (admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import AdminDep, CtxDep
+from api.problems import PROBLEM_RESPONSES
+from api.schemas import CertificateOut, CertificatePage, RevokeRequest
+from ca import certs
+from ca.identity import SpiffeId
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+
+router = APIRouter(prefix="/v1/certificates", tags=["certificates"], responses=PROBLEM_RESPONSES)
+
+
+@router.get("", response_model=CertificatePage)
+def list_certificates(
+    ctx: CtxDep,
+    _admin: AdminDep,
+    spiffe_id: Annotated[str | None, Query(max_length=2048)] = None,
+    status: Annotated[str | None, Query(pattern="^(active|revoked|expired)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=certs.MAX_PAGE)] = 100,
+    after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
+) -> CertificatePage:
+    items = certs.list_certificates(
+        ctx,
+        spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
+        status=certs.CertStatus.parse(status) if status else None,
+        limit=limit,
+        after=Serial.parse(after) if after else None,
+    )
+    next_after = items[-1].serial.hex if len(items) == limit else None
+    return CertificatePage(items=[CertificateOut.of(i) for i in items], next_after=next_after)
+
+
+@router.get("/{serial}", response_model=CertificateOut)
+def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateOut:
+    return CertificateOut.of(certs.get_certificate(ctx, Serial.parse(serial)), with_pem=True)
+
+
+@router.post(
+    "/{serial}/revoke",
+    response_model=CertificateOut,
+    responses={409: {"description": "Already revoked"}},
+)
+def revoke_certificate(
+    serial: str, body: RevokeRequest, ctx: CtxDep, admin: AdminDep
+) -> CertificateOut:
+    info = certs.revoke_certificate(
+        ctx, Serial.parse(serial), RevocationReason.parse(body.reason), str(admin)
+    )
+    return CertificateOut.of(info)

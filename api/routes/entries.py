@@ -1,0 +1,44 @@
+"""Registration entries (admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from api.deps import AdminDep, CtxDep
+from api.problems import PROBLEM_RESPONSES
+from api.schemas import EntryCreate, EntryOut
+from ca import entries
+from ca.durations import Ttl
+from ca.identity import SpiffeId
+
+router = APIRouter(prefix="/v1/entries", tags=["entries"], responses=PROBLEM_RESPONSES)
+
+
+@router.post("", response_model=EntryOut, status_code=status.HTTP_201_CREATED)
+def create_entry(body: EntryCreate, ctx: CtxDep, _admin: AdminDep) -> EntryOut:
+    params = entries.EntryParams(
+        spiffe_id=SpiffeId.parse(body.spiffe_id),
+        dns_names=tuple(body.dns_names),
+        ttl=Ttl.parse(body.ttl) if body.ttl else None,
+        max_ttl=Ttl.parse(body.max_ttl) if body.max_ttl else None,
+    )
+    return EntryOut.of(entries.create_entry(ctx, params))
+
+
+@router.get("", response_model=list[EntryOut])
+def list_entries(ctx: CtxDep, _admin: AdminDep) -> list[EntryOut]:
+    return [EntryOut.of(entry) for entry in entries.list_entries(ctx)]
+
+
+@router.get(
+    "/{entry_id}", response_model=EntryOut, responses={404: {"description": "No such entry"}}
+)
+def show_entry(entry_id: str, ctx: CtxDep, _admin: AdminDep) -> EntryOut:
+    return EntryOut.of(entries.get_entry(ctx, entry_id))
+
+
+@router.delete(
+    "/{entry_id}", response_model=EntryOut, responses={404: {"description": "No such entry"}}
+)
+def delete_entry(entry_id: str, ctx: CtxDep, _admin: AdminDep) -> EntryOut:
+    return EntryOut.of(entries.delete_entry(ctx, entry_id))

@@ -1,0 +1,46 @@
+"""Workload-facing issuance: bootstrap with a join token, renew with a proof of possession."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import BearerDep, CtxDep
+from api.problems import PROBLEM_RESPONSES
+from api.schemas import SvidRequest, SvidResponse
+from ca.durations import Ttl
+from ca.grants import join_grant, renewal_grant
+from ca.issue import IssuedSvid, issue_svid
+
+router = APIRouter(prefix="/v1/svid", tags=["svid"], responses=PROBLEM_RESPONSES)
+
+
+def _render(svid: IssuedSvid, spiffe_id: str) -> SvidResponse:
+    return SvidResponse(
+        spiffe_id=spiffe_id,
+        serial=svid.serial.hex,
+        expires_at=svid.expires_at,
+        certificate=svid.certificate_pem.decode(),
+        chain=svid.chain_pem.decode(),
+        bundle=svid.bundle_pem.decode(),
+    )
+
+
+@router.post("", response_model=SvidResponse, summary="Issue an X509-SVID with a join token")
+def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> SvidResponse:
+    grant = join_grant(ctx, token)
+    ttl = Ttl.parse(body.ttl) if body.ttl else None
+    return _render(issue_svid(ctx, grant, body.csr.encode(), ttl), str(grant.spiffe_id))
+
+
+@router.post(
+    "/renew",
+    response_model=SvidResponse,
+    summary="Renew an X509-SVID, proving possession of the current one's key",
+    description="The bearer credential is a renewal proof: a JWT signed with the current SVID's "
+    "key, naming its serial, bound to this CSR's SHA-256, used once (see docs/api.md).",
+)
+def renew_svid(body: SvidRequest, ctx: CtxDep, proof: BearerDep) -> SvidResponse:
+    csr = body.csr.encode()
+    grant = renewal_grant(ctx, proof, csr)
+    ttl = Ttl.parse(body.ttl) if body.ttl else None
+    return _render(issue_svid(ctx, grant, csr, ttl), str(grant.spiffe_id))

@@ -1,0 +1,37 @@
+"""Join and admin tokens (admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from api.deps import AdminDep, CtxDep
+from api.problems import PROBLEM_RESPONSES
+from api.schemas import TokenCreate, TokenCreated, TokenOut
+from ca import tokens
+from ca.durations import Ttl
+from ca.errors import InvalidInput
+
+router = APIRouter(prefix="/v1/tokens", tags=["tokens"], responses=PROBLEM_RESPONSES)
+
+
+@router.post("", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def create_token(body: TokenCreate, ctx: CtxDep, _admin: AdminDep) -> TokenCreated:
+    if body.admin == (body.entry_id is not None):
+        raise InvalidInput("give either entry_id (a join token) or admin: true")
+    if body.admin:
+        info, secret = tokens.create_admin_token(ctx, body.description)
+    else:
+        assert body.entry_id is not None
+        ttl = Ttl.parse(body.ttl) if body.ttl else tokens.DEFAULT_JOIN_TTL
+        info, secret = tokens.create_join_token(ctx, body.entry_id, uses=body.uses, ttl=ttl)
+    return TokenCreated(**TokenOut.of(info).model_dump(), token=secret)
+
+
+@router.get("", response_model=list[TokenOut])
+def list_tokens(ctx: CtxDep, _admin: AdminDep) -> list[TokenOut]:
+    return [TokenOut.of(info) for info in tokens.list_tokens(ctx)]
+
+
+@router.post("/{token_id}/revoke", response_model=TokenOut)
+def revoke_token(token_id: str, ctx: CtxDep, _admin: AdminDep) -> TokenOut:
+    return TokenOut.of(tokens.revoke_token(ctx, token_id))

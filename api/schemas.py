@@ -1,0 +1,148 @@
+"""Wire models: strings at the edge, turned into ``ca`` value types by the routes."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ca.certs import CertificateInfo
+from ca.entries import Entry
+from ca.tokens import TokenInfo
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class SvidRequest(BaseModel):
+    model_config = _STRICT
+    csr: str = Field(
+        max_length=60_000, description="PEM PKCS#10 request signed by the workload key"
+    )
+    ttl: str | None = Field(
+        default=None, examples=["1h"], description="At most the entry's max TTL"
+    )
+
+
+class SvidResponse(BaseModel):
+    spiffe_id: str
+    serial: str = Field(description="Lower-case hex")
+    expires_at: dt.datetime
+    certificate: str = Field(description="The leaf, PEM")
+    chain: str = Field(description="Intermediates, issuing CA first, PEM")
+    bundle: str = Field(description="Trust bundle (roots), PEM")
+
+
+class EntryCreate(BaseModel):
+    model_config = _STRICT
+    spiffe_id: str = Field(max_length=2048, examples=["spiffe://example.org/ns/default/sa/web"])
+    dns_names: list[str] = Field(default_factory=list, max_length=32)
+    ttl: str | None = Field(default=None, examples=["1h"])
+    max_ttl: str | None = Field(default=None, examples=["24h"])
+
+
+class EntryOut(BaseModel):
+    id: str
+    spiffe_id: str
+    dns_names: list[str]
+    ttl: str
+    max_ttl: str
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, entry: Entry) -> EntryOut:
+        return cls(
+            id=entry.id,
+            spiffe_id=str(entry.spiffe_id),
+            dns_names=list(entry.dns_names),
+            ttl=str(entry.ttl),
+            max_ttl=str(entry.max_ttl),
+            created_at=entry.created_at,
+        )
+
+
+class TokenCreate(BaseModel):
+    model_config = _STRICT
+    entry_id: str | None = Field(default=None, description="Join token for this entry")
+    admin: bool = Field(default=False, description="Create an admin token instead")
+    uses: int = Field(default=1, ge=1, le=1000)
+    ttl: str | None = Field(default=None, examples=["1h"])
+    description: str = Field(default="", max_length=255)
+
+
+class TokenOut(BaseModel):
+    id: str
+    kind: str
+    entry_id: str | None
+    uses_remaining: int | None
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    created_at: dt.datetime
+    description: str
+
+    @classmethod
+    def of(cls, info: TokenInfo) -> TokenOut:
+        return cls(
+            id=info.id,
+            kind=info.kind.value,
+            entry_id=info.entry_id,
+            uses_remaining=info.uses_remaining,
+            expires_at=info.expires_at,
+            revoked_at=info.revoked_at,
+            created_at=info.created_at,
+            description=info.description,
+        )
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The secret: shown once, stored only as a hash")
+
+
+class CertificateOut(BaseModel):
+    serial: str
+    spiffe_id: str
+    status: str
+    profile: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    fingerprint_sha256: str
+    requested_by: str
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    revoked_by: str | None
+    certificate: str | None = Field(
+        default=None, description="PEM; only on single-certificate reads"
+    )
+
+    @classmethod
+    def of(cls, info: CertificateInfo, *, with_pem: bool = False) -> CertificateOut:
+        return cls(
+            serial=info.serial.hex,
+            spiffe_id=str(info.spiffe_id),
+            status=info.status.value,
+            profile=info.profile,
+            not_before=info.not_before,
+            not_after=info.not_after,
+            fingerprint_sha256=info.fingerprint_sha256,
+            requested_by=info.requested_by,
+            created_at=info.created_at,
+            revoked_at=info.revoked_at,
+            revocation_reason=info.revocation_reason.value if info.revocation_reason else None,
+            revoked_by=info.revoked_by,
+            certificate=info.certificate_pem if with_pem else None,
+        )
+
+
+class CertificatePage(BaseModel):
+    items: list[CertificateOut]
+    next_after: str | None = Field(description="Pass as ?after= for the next page; null at the end")
+
+
+class RevokeRequest(BaseModel):
+    model_config = _STRICT
+    reason: str = Field(default="unspecified", examples=["keyCompromise"])
+
+
+class Health(BaseModel):
+    status: str
+    detail: dict[str, str] = Field(default_factory=dict)

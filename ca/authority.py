@@ -1,0 +1,259 @@
+"""Creating an authority (root + issuing intermediate) and loading it, unlocked, for issuance.
+
+An authority is one CA hierarchy with one purpose. This issue's only purpose is the SPIFFE mesh
+(``mesh``); OpenVPN and gateway authorities reuse the same machinery with their own names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from cryptography import x509
+from sqlmodel import Session, SQLModel, col, select
+
+from ca.checks import check_ca
+from ca.config import Context
+from ca.durations import Ttl
+from ca.errors import Conflict, InvalidInput, NotInitialised
+from ca.identity import TrustDomain
+from ca.keys import KeyHandle, KeyType, Signer
+from ca.pem import certs_pem
+from ca.profiles import BACKDATE, CaSpec, ca_builder, ca_subject, sign
+from ca.serial import Serial
+from ca.store.models import AuthorityRow, CaRow
+
+__all__ = [
+    "MESH",
+    "AuthorityParams",
+    "Issuer",
+    "active_issuer",
+    "bundle_pem",
+    "init_authority",
+    "load_authority",
+]
+
+MESH = "mesh"
+DEFAULT_ROOT_TTL = Ttl(10 * 365 * 86400)
+DEFAULT_CA_TTL = Ttl(7 * 86400)
+DEFAULT_SVID_TTL = Ttl(3600)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorityParams:
+    trust_domain: TrustDomain
+    root_key_type: KeyType = KeyType.EC_P384
+    key_type: KeyType = KeyType.EC_P256
+    ca_ttl: Ttl = DEFAULT_CA_TTL
+    svid_ttl: Ttl = DEFAULT_SVID_TTL
+    root_ttl: Ttl = DEFAULT_ROOT_TTL
+    force: bool = False
+    name: str = MESH
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """An unlocked issuing CA with its rendered chain and bundle, cached per process."""
+
+    ca_id: int
+    authority: str
+    trust_domain: TrustDomain
+    certificate: x509.Certificate
+    signer: Signer
+    chain: tuple[x509.Certificate, ...]  # the issuing CA first, roots excluded
+    roots: tuple[x509.Certificate, ...]
+    chain_pem: bytes
+    bundle_pem: bytes
+    default_svid_ttl: Ttl
+
+
+def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
+    with Session(ctx.engine) as session:
+        row = session.get(AuthorityRow, name)
+    if row is None:
+        raise NotInitialised(f"authority {name!r} does not exist: run 'trellis init' first")
+    return row
+
+
+def _validate(params: AuthorityParams) -> None:
+    # SPIRE's rule of thumb: an SVID should live at most a sixth of its issuer's life, otherwise
+    # SVIDs get silently clamped to the CA's expiry and renew in a storm before every rotation.
+    if params.svid_ttl.seconds * 6 > params.ca_ttl.seconds:
+        raise InvalidInput(
+            f"SVID TTL {params.svid_ttl} is more than a sixth of the CA TTL {params.ca_ttl}: "
+            "raise --ca-ttl or lower --svid-ttl"
+        )
+    if params.ca_ttl >= params.root_ttl:
+        raise InvalidInput("the intermediate CA TTL must be shorter than the root's")
+
+
+def _new_ca(
+    ctx: Context,
+    handle: KeyHandle,
+    *,
+    common_name: str,
+    params: AuthorityParams,
+    ttl: Ttl,
+    issuer: tuple[x509.Certificate, Signer] | None,
+) -> x509.Certificate:
+    signer = ctx.keys.load(handle)
+    now = ctx.clock.now()
+    not_after = now + ttl.delta
+    if issuer is not None:
+        not_after = min(not_after, issuer[0].not_valid_after_utc)
+    spec = CaSpec(
+        subject=ca_subject("Trellis", common_name),
+        public_key=signer.public_key(),
+        spiffe_id=params.trust_domain.id(),
+        serial=Serial.random(),
+        not_before=now - BACKDATE,
+        not_after=not_after,
+        path_length=None if issuer is None else 0,
+        issuer=None if issuer is None else issuer[0],
+    )
+    cert = sign(ca_builder(spec), signer if issuer is None else issuer[1])
+    check_ca(cert, cert if issuer is None else issuer[0], params.trust_domain.id())
+    return cert
+
+
+def _ca_row(
+    name: str, role: str, cert: x509.Certificate, handle: KeyHandle, now: dt.datetime
+) -> CaRow:
+    return CaRow(
+        authority=name,
+        role=role,
+        state="active",
+        serial=format(cert.serial_number, "x"),
+        subject=cert.subject.rfc4514_string(),
+        key_backend=handle.backend,
+        key_ref=handle.ref,
+        key_type=handle.key_type.value,
+        cert_pem=certs_pem([cert]).decode(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        created_at=now,
+    )
+
+
+def _wipe(session: Session, ctx: Context) -> list[KeyHandle]:
+    """``init --force``: forget every row; returns the old keys to destroy after commit."""
+    old = [
+        KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
+        for row in session.exec(select(CaRow)).all()
+    ]
+    for table in reversed(SQLModel.metadata.sorted_tables):
+        session.execute(sa.delete(table))
+    return old
+
+
+def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
+    """Create the root and issuing intermediate in one transaction; no keys are left behind on failure."""
+    _validate(params)
+    created: list[KeyHandle] = []
+    try:
+        with Session(ctx.engine) as session:
+            if session.get(AuthorityRow, params.name) is not None and not params.force:
+                raise Conflict(
+                    f"authority {params.name!r} already exists: use --force to replace it "
+                    "(this destroys every key, certificate, entry and token)"
+                )
+            old_keys = _wipe(session, ctx) if params.force else []
+            now = ctx.clock.now()
+            root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root")
+            created.append(root_key)
+            int_key = ctx.keys.create(params.key_type, f"{params.name}-intermediate")
+            created.append(int_key)
+            td = params.trust_domain
+            root = _new_ca(
+                ctx,
+                root_key,
+                common_name=f"{td} root",
+                params=params,
+                ttl=params.root_ttl,
+                issuer=None,
+            )
+            intermediate = _new_ca(
+                ctx,
+                int_key,
+                common_name=f"{td} intermediate",
+                params=params,
+                ttl=params.ca_ttl,
+                issuer=(root, ctx.keys.load(root_key)),
+            )
+            session.add(
+                AuthorityRow(
+                    name=params.name,
+                    purpose="spiffe",
+                    trust_domain=td.name,
+                    key_backend=ctx.keys.name,
+                    ca_ttl_seconds=params.ca_ttl.seconds,
+                    svid_ttl_seconds=params.svid_ttl.seconds,
+                    created_at=now,
+                )
+            )
+            session.flush()
+            root_row = _ca_row(params.name, "root", root, root_key, now)
+            session.add(root_row)
+            session.flush()
+            int_row = _ca_row(params.name, "intermediate", intermediate, int_key, now)
+            int_row.parent_id = root_row.id
+            session.add(int_row)
+            session.commit()
+    except BaseException:
+        for handle in created:
+            ctx.keys.destroy(handle)
+        raise
+    for handle in old_keys:
+        ctx.keys.destroy(handle)
+    ctx.cache.clear()
+    return active_issuer(ctx, params.name)
+
+
+def _certificate(row: CaRow) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(row.cert_pem.encode())
+
+
+def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
+    """The issuing CA to sign with now; unlocked once and cached until the active CA changes."""
+    with Session(ctx.engine) as session:
+        row = session.exec(
+            select(CaRow)
+            .where(CaRow.authority == name, CaRow.role == "intermediate", CaRow.state == "active")
+            .order_by(col(CaRow.not_after).desc())
+        ).first()
+        if row is None or row.id is None:
+            raise NotInitialised(f"authority {name!r} has no active issuing CA: run 'trellis init'")
+        cached = ctx.cache.get(("issuer", row.id))
+        if isinstance(cached, Issuer):
+            return cached
+        authority = session.get(AuthorityRow, name)
+        roots = session.exec(
+            select(CaRow).where(
+                CaRow.authority == name, CaRow.role == "root", CaRow.state == "active"
+            )
+        ).all()
+        assert authority is not None
+    handle = KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
+    signer = ctx.keys.load(handle)
+    certificate = _certificate(row)
+    root_certs = tuple(_certificate(r) for r in roots)
+    issuer = Issuer(
+        ca_id=row.id,
+        authority=name,
+        trust_domain=TrustDomain(authority.trust_domain),
+        certificate=certificate,
+        signer=signer,
+        chain=(certificate,),
+        roots=root_certs,
+        chain_pem=certs_pem([certificate]),
+        bundle_pem=certs_pem(root_certs),
+        default_svid_ttl=Ttl(authority.svid_ttl_seconds),
+    )
+    ctx.cache[("issuer", row.id)] = issuer
+    return issuer
+
+
+def bundle_pem(ctx: Context, name: str = MESH) -> bytes:
+    """The trust bundle (roots) relying parties verify SVIDs with."""
+    return active_issuer(ctx, name).bundle_pem

@@ -1,0 +1,74 @@
+"""Self-checks run on every certificate Trellis signs, before it is stored or returned.
+
+Like SPIRE's post-sign validation: a profile bug must surface as a refused issuance, never as a
+certificate in the wild that breaks the X509-SVID rules relying parties enforce.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from ca.errors import InternalError
+from ca.identity import SpiffeId
+
+__all__ = ["check_ca", "check_leaf", "spiffe_id_of"]
+
+
+def _fail(what: str) -> InternalError:
+    return InternalError(f"self-check failed on a just-signed certificate: {what}")
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:
+    """The certificate's SPIFFE ID, or None; more than one URI SAN is not an SVID at all."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        return None
+    return SpiffeId.parse(uris[0])
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError) as exc:
+        raise _fail(f"signature does not verify against the issuer ({exc})") from None
+    if cert.not_valid_after_utc > issuer.not_valid_after_utc:
+        raise _fail("outlives its issuer")
+
+
+def check_leaf(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: SpiffeId) -> None:
+    _issued_by(cert, issuer)
+    ext = cert.extensions
+    if spiffe_id_of(cert) != spiffe_id:
+        raise _fail("URI SAN is not exactly the SPIFFE ID")
+    basic = ext.get_extension_for_class(x509.BasicConstraints)
+    if basic.value.ca or not basic.critical:
+        raise _fail("leaf must have critical basicConstraints cA=false")
+    usage = ext.get_extension_for_class(x509.KeyUsage)
+    if not usage.critical or not usage.value.digital_signature:
+        raise _fail("leaf keyUsage must be critical with digitalSignature")
+    if usage.value.key_cert_sign or usage.value.crl_sign:
+        raise _fail("leaf keyUsage asserts keyCertSign or cRLSign")
+    eku = set(ext.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    if {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} - eku:
+        raise _fail("leaf EKU lacks serverAuth or clientAuth")
+    san = ext.get_extension_for_class(x509.SubjectAlternativeName)
+    if len(cert.subject) == 0 and not san.critical:
+        raise _fail("empty subject with a non-critical SAN")
+
+
+def check_ca(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: SpiffeId) -> None:
+    """``issuer`` is ``cert`` itself for a root."""
+    _issued_by(cert, issuer)
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    if not basic.value.ca or not basic.critical:
+        raise _fail("CA must have critical basicConstraints cA=true")
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    if not usage.critical or not usage.value.key_cert_sign:
+        raise _fail("CA keyUsage must be critical with keyCertSign")
+    if spiffe_id_of(cert) != spiffe_id or not spiffe_id.is_trust_domain_id:
+        raise _fail("CA URI SAN must be the trust domain ID")

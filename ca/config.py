@@ -1,0 +1,77 @@
+"""Settings (``TRELLIS_*`` environment variables, overridden by CLI flags) and the one factory
+that turns them into a running context. No module keeps global state: everything is built here
+and passed down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import Engine
+
+from ca.clock import Clock, SystemClock
+from ca.keys.backend import KeyBackend
+from ca.keys.file import FileKeyBackend, load_or_create_passphrase
+from ca.store import db
+
+__all__ = ["Context", "Settings", "build_context"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRELLIS_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8443
+    trust_domain: str | None = None
+    key_passphrase: SecretStr | None = None
+    public_url: str | None = None
+    server_names: list[str] = []
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'trellis.db').resolve()}"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    @property
+    def server_tls_dir(self) -> Path:
+        return self.data_dir / "server"
+
+
+@dataclass
+class Context:
+    """Everything a ``ca`` operation needs: built once per process by ``build_context``."""
+
+    settings: Settings
+    engine: Engine
+    keys: KeyBackend
+    clock: Clock = field(default_factory=SystemClock)
+    # Caches of unlocked signers and rendered PEM, keyed by CA row id (see ``ca.authority``).
+    cache: dict[object, object] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_context(
+    settings: Settings, *, clock: Clock | None = None, migrate: bool = True
+) -> Context:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.key_passphrase is not None:
+        passphrase = settings.key_passphrase.get_secret_value().encode()
+    else:
+        passphrase = load_or_create_passphrase(settings.data_dir / "key-passphrase")
+    keys = FileKeyBackend(settings.data_dir / "keys", passphrase)
+    engine = db.connect(settings.effective_database_url)
+    if migrate:
+        db.upgrade(engine)
+    return Context(settings=settings, engine=engine, keys=keys, clock=clock or SystemClock())

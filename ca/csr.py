@@ -1,0 +1,87 @@
+"""Parsing certificate signing requests at the boundary.
+
+A CSR contributes exactly one thing to a certificate: its public key, after the CSR's signature
+proves the requester holds the private half. The SANs it asks for are only compared with what the
+requester is entitled to; every other extension it asks for is ignored (the profile decides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.errors import InvalidCsr, PolicyViolation
+from ca.identity import SpiffeId
+from ca.keys import PublicKey, check_public_key
+
+__all__ = ["ParsedCsr", "check_dns_name", "parse_csr"]
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def check_dns_name(name: str) -> str:
+    """A lower-case hostname (RFC 1123), optionally with one leading wildcard label."""
+    candidate = name.strip().lower().rstrip(".")
+    labels = candidate.split(".")
+    if labels and labels[0] == "*":
+        labels = labels[1:]
+    if (
+        not candidate
+        or len(candidate) > 253
+        or not labels
+        or not all(_LABEL.match(x) for x in labels)
+    ):
+        raise PolicyViolation(f"invalid DNS name {name[:64]!r}")
+    return candidate
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCsr:
+    public_key: PublicKey
+    spiffe_id: SpiffeId | None
+    dns_names: tuple[str, ...]
+    sha256: bytes  # of the DER CSR: renewal proofs are bound to it
+
+
+def parse_csr(pem: bytes) -> ParsedCsr:
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError:
+        raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
+    try:
+        signature_ok = csr.is_signature_valid
+    except Exception:  # unsupported signature algorithms raise from deep inside cryptography
+        signature_ok = False
+    if not signature_ok:
+        raise InvalidCsr("the CSR signature does not verify: it was not signed by its own key")
+    try:
+        public_key = csr.public_key()
+    except Exception:
+        raise InvalidCsr("the CSR public key cannot be read") from None
+    key = check_public_key(public_key)
+    spiffe_id: SpiffeId | None = None
+    dns: tuple[str, ...] = ()
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    except ValueError:
+        raise InvalidCsr("the CSR extensions cannot be parsed") from None
+    if san is not None:
+        for general_name in san:
+            if not isinstance(general_name, x509.UniformResourceIdentifier | x509.DNSName):
+                raise PolicyViolation("only URI and DNS names may be requested in a CSR")
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) > 1:
+            raise PolicyViolation(
+                "an X509-SVID carries exactly one URI SAN; the CSR asks for several"
+            )
+        if uris:
+            spiffe_id = SpiffeId.parse(uris[0])
+        dns = tuple(check_dns_name(name) for name in san.get_values_for_type(x509.DNSName))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    return ParsedCsr(key, spiffe_id, dns, hashlib.sha256(der).digest())

@@ -1,0 +1,136 @@
+"""Registration entries: which SPIFFE IDs may be issued, with which DNS names and lifetimes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from ca.authority import MESH, load_authority
+from ca.config import Context
+from ca.csr import check_dns_name
+from ca.durations import Ttl
+from ca.errors import Conflict, InvalidInput, NotFound, PolicyViolation
+from ca.identity import SpiffeId, TrustDomain
+from ca.store.models import EntryRow, TokenRow
+
+__all__ = [
+    "DEFAULT_MAX_TTL",
+    "Entry",
+    "EntryParams",
+    "create_entry",
+    "delete_entry",
+    "get_entry",
+    "list_entries",
+]
+
+DEFAULT_MAX_TTL = Ttl(24 * 3600)
+MAX_DNS_NAMES = 32
+# Identities Trellis issues to itself (its serving certificate); nobody may register them.
+RESERVED_PREFIX = "/trellis"
+
+
+@dataclass(frozen=True, slots=True)
+class EntryParams:
+    spiffe_id: SpiffeId
+    dns_names: Sequence[str] = ()
+    ttl: Ttl | None = None
+    max_ttl: Ttl | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    spiffe_id: SpiffeId
+    dns_names: tuple[str, ...]
+    ttl: Ttl
+    max_ttl: Ttl
+    created_at: dt.datetime
+
+
+def _entry(row: EntryRow) -> Entry:
+    return Entry(
+        id=row.id,
+        spiffe_id=SpiffeId.parse(row.spiffe_id),
+        dns_names=tuple(name for name in row.dns_names.split(",") if name),
+        ttl=Ttl(row.ttl_seconds),
+        max_ttl=Ttl(row.max_ttl_seconds),
+        created_at=row.created_at,
+    )
+
+
+def create_entry(ctx: Context, params: EntryParams) -> Entry:
+    authority = load_authority(ctx, MESH)
+    trust_domain = TrustDomain(authority.trust_domain)
+    spiffe_id = params.spiffe_id
+    if not spiffe_id.member_of(trust_domain):
+        raise PolicyViolation(f"{spiffe_id} is not in this CA's trust domain {trust_domain}")
+    if spiffe_id.is_trust_domain_id:
+        raise PolicyViolation("a workload identity needs a path: spiffe://<td> names the CA itself")
+    if spiffe_id.path == RESERVED_PREFIX or spiffe_id.path.startswith(RESERVED_PREFIX + "/"):
+        raise PolicyViolation(f"paths under {RESERVED_PREFIX}/ are reserved for Trellis itself")
+    if len(params.dns_names) > MAX_DNS_NAMES:
+        raise InvalidInput(f"at most {MAX_DNS_NAMES} DNS names per entry")
+    dns = tuple(dict.fromkeys(check_dns_name(name) for name in params.dns_names))
+    max_ttl = params.max_ttl or DEFAULT_MAX_TTL
+    ttl = params.ttl or min(Ttl(authority.svid_ttl_seconds), max_ttl)
+    if ttl > max_ttl:
+        raise InvalidInput(f"the entry's TTL {ttl} exceeds its max TTL {max_ttl}")
+    row = EntryRow(
+        id=str(uuid.uuid4()),
+        authority=MESH,
+        spiffe_id=str(spiffe_id),
+        dns_names=",".join(dns),
+        ttl_seconds=ttl.seconds,
+        max_ttl_seconds=max_ttl.seconds,
+        created_at=ctx.clock.now(),
+    )
+    with Session(ctx.engine) as session:
+        if session.exec(select(EntryRow).where(EntryRow.spiffe_id == row.spiffe_id)).first():
+            raise Conflict(f"an entry for {spiffe_id} already exists")
+        session.add(row)
+        try:
+            session.commit()
+        except sa.exc.IntegrityError:
+            raise Conflict(f"an entry for {spiffe_id} already exists") from None
+        session.refresh(row)
+        return _entry(row)
+
+
+def _parse_id(entry_id: str) -> str:
+    try:
+        return str(uuid.UUID(entry_id))
+    except ValueError:
+        raise NotFound(f"registration entry {entry_id[:40]!r} does not exist") from None
+
+
+def get_entry(ctx: Context, entry_id: str) -> Entry:
+    with Session(ctx.engine) as session:
+        row = session.get(EntryRow, _parse_id(entry_id))
+    if row is None:
+        raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
+    return _entry(row)
+
+
+def list_entries(ctx: Context) -> list[Entry]:
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(EntryRow).order_by(EntryRow.spiffe_id)).all()
+    return [_entry(row) for row in rows]
+
+
+def delete_entry(ctx: Context, entry_id: str) -> Entry:
+    """Delete an entry and its join tokens. Its certificates stay valid until they expire or are
+    revoked, but can no longer be renewed (renewal requires the entry)."""
+    with Session(ctx.engine) as session:
+        row = session.get(EntryRow, _parse_id(entry_id))
+        if row is None:
+            raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
+        entry = _entry(row)
+        session.execute(sa.delete(TokenRow).where(col(TokenRow.entry_id) == row.id))
+        session.delete(row)
+        session.commit()
+    return entry

@@ -1,0 +1,112 @@
+"""The closed set of errors the CA core raises.
+
+Adapters map these classes, and only these, to transport outcomes: ``api.problems`` to RFC 9457
+problem responses and ``cli.main`` to exit codes. The core never knows about either.
+
+    TrellisError
+    ├── InvalidInput            the caller sent something malformed or out of policy
+    │   ├── InvalidSpiffeId     breaks a SPIFFE-ID rule (the ``reason`` names which)
+    │   ├── InvalidCsr          unparseable CSR, bad signature, unsupported key
+    │   └── PolicyViolation     well-formed but not allowed (TTL above max, SAN not in the entry)
+    ├── AuthenticationFailed    no credential, or one that does not verify
+    ├── PermissionDenied        a valid credential that may not do this
+    ├── NotFound                the named object does not exist
+    ├── Conflict                the object exists already, or is in the wrong state
+    ├── NotInitialised          no authority yet: run ``trellis init``
+    ├── Unavailable             a backend (database, key store) cannot be reached right now
+    └── InternalError           Trellis caught itself about to do something wrong (a bug)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationFailed",
+    "Conflict",
+    "InternalError",
+    "InvalidCsr",
+    "InvalidInput",
+    "InvalidSpiffeId",
+    "NotFound",
+    "NotInitialised",
+    "PermissionDenied",
+    "PolicyViolation",
+    "TrellisError",
+    "Unavailable",
+]
+
+
+class TrellisError(Exception):
+    """Root of every error the core raises on purpose.
+
+    ``code`` is a stable slug (used in problem ``type`` URIs and ``--json`` output); ``detail`` is
+    one human sentence that is safe to show to the caller (never key material or token secrets).
+    """
+
+    code = "error"
+    title = "Trellis error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(TrellisError):
+    code = "invalid-input"
+    title = "Invalid input"
+
+
+class InvalidSpiffeId(InvalidInput):
+    code = "invalid-spiffe-id"
+    title = "Invalid SPIFFE ID"
+
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"invalid SPIFFE ID {value[:128]!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+class InvalidCsr(InvalidInput):
+    code = "invalid-csr"
+    title = "Invalid certificate signing request"
+
+
+class PolicyViolation(InvalidInput):
+    code = "policy-violation"
+    title = "Request not allowed by policy"
+
+
+class AuthenticationFailed(TrellisError):
+    code = "unauthenticated"
+    title = "Authentication required"
+
+
+class PermissionDenied(TrellisError):
+    code = "forbidden"
+    title = "Not allowed"
+
+
+class NotFound(TrellisError):
+    code = "not-found"
+    title = "Not found"
+
+
+class Conflict(TrellisError):
+    code = "conflict"
+    title = "Conflict"
+
+
+class NotInitialised(TrellisError):
+    code = "not-initialised"
+    title = "Authority not initialised"
+
+
+class Unavailable(TrellisError):
+    code = "unavailable"
+    title = "Backend unavailable"
+
+
+class InternalError(TrellisError):
+    """Raised, for example, when a certificate fails the self-check after signing: never returned."""
+
+    code = "internal"
+    title = "Internal error"

@@ -1,0 +1,116 @@
+"""Authentication for issuance: turning a presented credential into a ``Grant``.
+
+Three ways in, each yielding exactly the identity the credential is bound to:
+join token → its registration entry; renewal proof → the SPIFFE ID of the live SVID it proves;
+local admin (``trellis svid mint``) → whatever ID the admin names, inside the trust domain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Sequence
+
+from cryptography import x509
+from sqlmodel import Session
+
+from ca.authority import MESH, active_issuer
+from ca.config import Context
+from ca.csr import parse_csr
+from ca.durations import Ttl
+from ca.entries import DEFAULT_MAX_TTL
+from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation
+from ca.identity import SpiffeId
+from ca.issue import Grant
+from ca.renewal import read_proof, unverified_serial
+from ca.store.models import CertificateRow, EntryRow
+from ca.tokens import TokenKind, find_token
+
+__all__ = ["admin_grant", "join_grant", "renewal_grant", "server_grant"]
+
+
+def _entry_grant(row: EntryRow, *, requested_by: str) -> Grant:
+    return Grant(
+        spiffe_id=SpiffeId.parse(row.spiffe_id),
+        default_ttl=Ttl(row.ttl_seconds),
+        max_ttl=Ttl(row.max_ttl_seconds),
+        requested_by=requested_by,
+        dns_names=tuple(name for name in row.dns_names.split(",") if name),
+        entry_id=row.id,
+    )
+
+
+def join_grant(ctx: Context, secret: str) -> Grant:
+    token = find_token(ctx, secret)
+    if token.kind != TokenKind.JOIN.value or token.entry_id is None:
+        raise PermissionDenied(
+            "SVIDs are requested with a join token (admins use 'trellis svid mint')"
+        )
+    with Session(ctx.engine) as session:
+        entry = session.get(EntryRow, token.entry_id)
+    if entry is None:
+        raise AuthenticationFailed("the join token's registration entry no longer exists")
+    grant = _entry_grant(entry, requested_by=f"join-token:{token.id}")
+    return dataclasses.replace(grant, join_token_id=token.id)
+
+
+def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
+    """Only the holder of a live (unexpired, unrevoked) SVID's key may renew it, and only into
+    the same SPIFFE ID, with the lifetimes its registration entry allows today."""
+    serial = unverified_serial(proof)
+    csr = parse_csr(csr_pem)
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        row = session.get(CertificateRow, serial.hex)
+        if row is None or row.profile != "x509-svid":
+            raise AuthenticationFailed("the renewal proof names an unknown certificate")
+        claims = read_proof(
+            proof, x509.load_pem_x509_certificate(row.cert_pem.encode()), csr.sha256, now
+        )
+        if row.status != "active":
+            raise AuthenticationFailed(
+                f"certificate {serial} is {row.status}: it cannot be renewed"
+            )
+        if row.not_after <= now:
+            raise AuthenticationFailed(
+                f"certificate {serial} has expired: bootstrap again with a join token"
+            )
+        entry = session.get(EntryRow, row.entry_id) if row.entry_id else None
+    if entry is None:
+        raise PermissionDenied(
+            "the certificate's registration entry was deleted: renewal is refused"
+        )
+    grant = _entry_grant(entry, requested_by=f"renewal:{serial}")
+    return dataclasses.replace(
+        grant, renewal_nonce=(claims.jti, claims.expires_at), renews_serial=serial.hex
+    )
+
+
+def admin_grant(
+    ctx: Context, spiffe_id: SpiffeId, actor: str, max_ttl: Ttl = DEFAULT_MAX_TTL
+) -> Grant:
+    issuer = active_issuer(ctx, MESH)
+    if not spiffe_id.member_of(issuer.trust_domain) or spiffe_id.is_trust_domain_id:
+        raise PolicyViolation(
+            f"{spiffe_id} is not a workload ID in trust domain {issuer.trust_domain}"
+        )
+    return Grant(
+        spiffe_id=spiffe_id,
+        default_ttl=issuer.default_svid_ttl,
+        max_ttl=max_ttl,
+        requested_by=actor,
+    )
+
+
+def server_grant(ctx: Context, dns_names: Sequence[str], ips: Sequence[str], ttl: Ttl) -> Grant:
+    """Trellis's own serving certificate: ``spiffe://<td>/trellis/server``."""
+    issuer = active_issuer(ctx, MESH)
+    return Grant(
+        spiffe_id=SpiffeId.from_path(issuer.trust_domain, "/trellis/server"),
+        default_ttl=ttl,
+        max_ttl=ttl,
+        requested_by="trellis:serve",
+        dns_names=tuple(dns_names),
+        ip_addresses=tuple(ipaddress.ip_address(ip) for ip in ips),
+        profile="server",
+    )

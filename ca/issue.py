@@ -1,0 +1,202 @@
+"""X509-SVID issuance as one visible pipeline.
+
+    authorise (Grant + CSR → identity, names, lifetime)
+      → template (``ca.profiles.leaf_builder``)
+      → sign (the active issuer's ``Signer``)
+      → self-check (``ca.checks.check_leaf``)
+      → persist (one transaction: spend the credential, record the certificate)
+
+A credential is checked twice on purpose: cheaply before signing (so bad callers cost no
+signature) and atomically while persisting (so two concurrent uses of a single-use token cannot
+both succeed). Nothing is written unless everything before it succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from cryptography import x509
+from sqlmodel import Session
+
+from ca.authority import MESH, Issuer, active_issuer
+from ca.checks import check_leaf
+from ca.config import Context
+from ca.csr import ParsedCsr, parse_csr
+from ca.durations import Ttl
+from ca.errors import AuthenticationFailed, PolicyViolation
+from ca.identity import SpiffeId
+from ca.keys import PrivateKey, PublicKey
+from ca.pem import certs_pem, fingerprint
+from ca.profiles import BACKDATE, LeafSpec, leaf_builder, sign
+from ca.serial import Serial
+from ca.store.models import CertificateRow, RenewalNonceRow
+from ca.tokens import consume_join_token
+
+__all__ = ["Grant", "IssuedSvid", "issue_for_key", "issue_svid", "mint_svid", "validity_window"]
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an authenticated caller may receive. Built by the authentication step, never from input."""
+
+    spiffe_id: SpiffeId
+    default_ttl: Ttl
+    max_ttl: Ttl
+    requested_by: str
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[IpAddress, ...] = ()
+    entry_id: str | None = None
+    join_token_id: str | None = None  # spent in the issuing transaction
+    renewal_nonce: tuple[str, dt.datetime] | None = None  # (jti, expiry) recorded likewise
+    renews_serial: str | None = None
+    profile: str = "x509-svid"
+    authority: str = MESH
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    certificate: x509.Certificate
+    issuer: Issuer = field(repr=False)
+
+    @property
+    def serial(self) -> Serial:
+        return Serial(self.certificate.serial_number)
+
+    @property
+    def expires_at(self) -> dt.datetime:
+        return self.certificate.not_valid_after_utc
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return certs_pem([self.certificate])
+
+    @property
+    def chain_pem(self) -> bytes:
+        return self.issuer.chain_pem
+
+    @property
+    def bundle_pem(self) -> bytes:
+        return self.issuer.bundle_pem
+
+
+def authorise(grant: Grant, csr: ParsedCsr) -> tuple[str, ...]:
+    """The CSR may repeat the granted identity and ask for a subset of the granted DNS names."""
+    if csr.spiffe_id is not None and csr.spiffe_id != grant.spiffe_id:
+        raise PolicyViolation(
+            f"the CSR asks for {csr.spiffe_id} but the credential is for {grant.spiffe_id}"
+        )
+    not_granted = [name for name in csr.dns_names if name not in grant.dns_names]
+    if not_granted:
+        raise PolicyViolation(f"DNS names not in the registration entry: {', '.join(not_granted)}")
+    # An SVID carries every DNS name of its entry: workloads rarely know them, relying parties need them.
+    return grant.dns_names
+
+
+def lifetime(grant: Grant, requested: Ttl | None) -> Ttl:
+    if requested is None:
+        return grant.default_ttl
+    if requested > grant.max_ttl:
+        raise PolicyViolation(
+            f"requested TTL {requested} exceeds the maximum {grant.max_ttl} for {grant.spiffe_id}"
+        )
+    return requested
+
+
+def validity_window(
+    now: dt.datetime, ttl: Ttl, issuer: x509.Certificate
+) -> tuple[dt.datetime, dt.datetime]:
+    """notBefore is backdated for clock skew; notAfter never passes the issuer's (X509-SVID §5.2
+    relying parties reject a chain where it would)."""
+    not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
+    not_after = min(now + ttl.delta, issuer.not_valid_after_utc)
+    if not_after <= now:
+        raise PolicyViolation(
+            "the issuing CA expires now: no certificate can be issued until it rotates"
+        )
+    return not_before, not_after
+
+
+def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> None:
+    with Session(ctx.engine) as session:
+        now = ctx.clock.now()
+        if grant.join_token_id is not None:
+            consume_join_token(session, grant.join_token_id, now)
+        if grant.renewal_nonce is not None:
+            jti, expires = grant.renewal_nonce
+            session.add(RenewalNonceRow(jti=jti, expires_at=expires))
+            try:
+                session.flush()
+            except sa.exc.IntegrityError:
+                raise AuthenticationFailed("this renewal proof has already been used") from None
+        if grant.renews_serial is not None:
+            # Re-read inside the transaction: a revocation that landed after authentication wins.
+            old = session.get(CertificateRow, grant.renews_serial)
+            if old is None or old.status != "active":
+                raise AuthenticationFailed(
+                    "the certificate presented for renewal is no longer valid"
+                )
+        session.add(
+            CertificateRow(
+                serial=format(cert.serial_number, "x"),
+                authority=grant.authority,
+                issuer_ca_id=issuer.ca_id,
+                profile=grant.profile,
+                spiffe_id=str(grant.spiffe_id),
+                entry_id=grant.entry_id,
+                fingerprint_sha256=fingerprint(cert),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                status="active",
+                requested_by=grant.requested_by[:255],
+                cert_pem=certs_pem([cert]).decode(),
+                created_at=now,
+            )
+        )
+        session.commit()
+
+
+def issue_for_key(
+    ctx: Context,
+    grant: Grant,
+    public_key: PublicKey,
+    ttl: Ttl | None = None,
+    dns_names: Sequence[str] | None = None,
+) -> IssuedSvid:
+    """The pipeline after the CSR: for callers that already hold a verified public key."""
+    issuer = active_issuer(ctx, grant.authority)
+    not_before, not_after = validity_window(
+        ctx.clock.now(), lifetime(grant, ttl), issuer.certificate
+    )
+    spec = LeafSpec(
+        public_key=public_key,
+        spiffe_id=grant.spiffe_id,
+        serial=Serial.random(),
+        not_before=not_before,
+        not_after=not_after,
+        issuer=issuer.certificate,
+        dns_names=tuple(grant.dns_names if dns_names is None else dns_names),
+        ip_addresses=grant.ip_addresses,
+    )
+    cert = sign(leaf_builder(spec), issuer.signer)
+    check_leaf(cert, issuer.certificate, grant.spiffe_id)
+    _persist(ctx, grant, cert, issuer)
+    return IssuedSvid(cert, issuer)
+
+
+def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None) -> IssuedSvid:
+    csr = parse_csr(csr_pem)
+    dns_names = authorise(grant, csr)
+    return issue_for_key(ctx, grant, csr.public_key, ttl, dns_names)
+
+
+def mint_svid(
+    ctx: Context, grant: Grant, private_key: PrivateKey, ttl: Ttl | None = None
+) -> IssuedSvid:
+    """``trellis svid mint``: the admin generated the key locally, so there is no CSR to verify."""
+    return issue_for_key(ctx, grant, private_key.public_key(), ttl)

@@ -1,0 +1,83 @@
+"""CA keys as encrypted PKCS#8 files, mode 0600, under ``<data dir>/keys``.
+
+The passphrase comes from ``TRELLIS_KEY_PASSPHRASE`` or, when unset, a generated 0600 file beside
+the keys: good enough for a single node whose disk is protected, and the reason the Vault backend
+exists for everyone else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from ca.errors import InvalidInput, NotFound, Unavailable
+from ca.files import write_private
+from ca.keys.backend import KeyHandle, Signer
+from ca.keys.types import KeyType, PrivateKey
+
+__all__ = ["FileKeyBackend", "load_or_create_passphrase"]
+
+_REF = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
+
+
+def load_or_create_passphrase(path: Path) -> bytes:
+    """Read the key-encryption passphrase file, creating it (0600, 256 random bits) if absent."""
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        value = secrets.token_urlsafe(32).encode()
+        write_private(path, value + b"\n")
+        return value
+
+
+class FileKeyBackend:
+    name = "file"
+
+    def __init__(self, directory: Path, passphrase: bytes) -> None:
+        if len(passphrase) < 12:
+            raise InvalidInput("the key passphrase must be at least 12 characters")
+        self._dir = directory
+        self._passphrase = passphrase
+
+    def _path(self, ref: str) -> Path:
+        if not _REF.match(ref):
+            raise InvalidInput(f"invalid key reference {ref[:40]!r}")
+        return self._dir / f"{ref}.pem"
+
+    def create(self, key_type: KeyType, label: str) -> KeyHandle:
+        ref = f"{re.sub(r'[^a-z0-9-]', '-', label.lower())[:60]}-{secrets.token_hex(6)}"
+        key = key_type.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self._passphrase),
+        )
+        write_private(self._path(ref), pem)
+        return KeyHandle(self.name, ref, key_type)
+
+    def load(self, handle: KeyHandle) -> Signer:
+        try:
+            data = self._path(handle.ref).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"CA key {handle.ref} is missing from {self._dir}") from None
+        try:
+            key = serialization.load_pem_private_key(data, self._passphrase)
+        except ValueError:
+            raise Unavailable(
+                f"cannot decrypt CA key {handle.ref}: wrong key passphrase?"
+            ) from None
+        if KeyType.of(key) is not handle.key_type:  # type: ignore[arg-type]
+            raise Unavailable(f"CA key {handle.ref} is not of type {handle.key_type.value}")
+        private: PrivateKey = key  # type: ignore[assignment]
+        return Signer(handle, private)
+
+    def destroy(self, handle: KeyHandle) -> None:
+        self._path(handle.ref).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        if not os.access(self._dir, os.R_OK | os.X_OK):
+            raise Unavailable(f"key directory {self._dir} is not readable")

@@ -1,0 +1,87 @@
+"""The key algorithms Trellis issues with and accepts."""
+
+from __future__ import annotations
+
+import enum
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from ca.errors import InvalidCsr, InvalidInput
+
+__all__ = ["KeyType", "PrivateKey", "PublicKey", "check_public_key"]
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+_CURVES: dict[str, type[ec.EllipticCurve]] = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
+MIN_RSA_BITS = 2048
+
+
+class KeyType(enum.Enum):
+    EC_P256 = "ec-p256"
+    EC_P384 = "ec-p384"
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
+    ED25519 = "ed25519"
+
+    @classmethod
+    def parse(cls, text: str) -> KeyType:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            names = ", ".join(k.value for k in cls)
+            raise InvalidInput(f"unknown key type {text[:32]!r}: choose one of {names}") from None
+
+    @classmethod
+    def of(cls, key: PrivateKey | PublicKey) -> KeyType:
+        if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+            return {"secp256r1": cls.EC_P256, "secp384r1": cls.EC_P384}[key.curve.name]
+        if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+            return cls(f"rsa-{key.key_size}")
+        return cls.ED25519
+
+    @property
+    def is_rsa(self) -> bool:
+        return self.value.startswith("rsa-")
+
+    def generate(self) -> PrivateKey:
+        if self is KeyType.EC_P256:
+            return ec.generate_private_key(ec.SECP256R1())
+        if self is KeyType.EC_P384:
+            return ec.generate_private_key(ec.SECP384R1())
+        if self is KeyType.ED25519:
+            return ed25519.Ed25519PrivateKey.generate()
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(self.value[4:]))
+
+    def signature_hash(self) -> hashes.SHA256 | hashes.SHA384 | None:
+        """The digest a CA key of this type signs with (Ed25519 takes none)."""
+        if self is KeyType.ED25519:
+            return None
+        if self is KeyType.EC_P384:
+            return hashes.SHA384()
+        return hashes.SHA256()
+
+
+def check_public_key(key: object) -> PublicKey:
+    """Accept the subject keys Trellis certifies: EC P-256/P-384, Ed25519, RSA >= 2048 bits.
+
+    Anything else (DSA, small RSA, other curves, X25519) would weaken every mTLS session it is
+    used in, so it is refused before a certificate is ever built.
+    """
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _CURVES:
+            raise InvalidCsr(f"EC curve {key.curve.name} is not accepted: use P-256 or P-384")
+        return key
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise InvalidCsr(
+                f"RSA key of {key.key_size} bits is too small: at least {MIN_RSA_BITS}"
+            )
+        if key.key_size > 8192:
+            raise InvalidCsr(f"RSA key of {key.key_size} bits is larger than 8192")
+        return key
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    raise InvalidCsr(f"key type {type(key).__name__} is not accepted")

@@ -1,0 +1,98 @@
+"""Renewal proofs: "I hold the key of this live SVID" without a TLS client certificate.
+
+The client signs a short JWT with its current SVID key. The proof names the certificate (``sub``:
+serial), is bound to the new CSR (``csr``: base64url SHA-256 of its DER) so it cannot be replayed
+for another key, lives at most five minutes, and carries a ``jti`` that the server records in the
+issuing transaction, so a captured proof cannot be used twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from ca.errors import AuthenticationFailed
+from ca.keys import PrivateKey, PublicKey
+from ca.serial import Serial
+
+__all__ = ["AUDIENCE", "MAX_PROOF_LIFETIME", "RenewalClaims", "make_proof", "read_proof"]
+
+AUDIENCE = "trellis:svid-renew"
+MAX_PROOF_LIFETIME = dt.timedelta(minutes=5)
+CLOCK_SKEW = dt.timedelta(seconds=60)
+
+
+def _algorithm(key: PrivateKey | PublicKey) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return "ES384" if key.curve.name == "secp384r1" else "ES256"
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise AuthenticationFailed("unsupported key type for a renewal proof")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_proof(cert: x509.Certificate, key: PrivateKey, csr_sha256: bytes, now: dt.datetime) -> str:
+    claims = {
+        "aud": AUDIENCE,
+        "sub": format(cert.serial_number, "x"),
+        "iat": int(now.timestamp()),
+        "exp": int((now + MAX_PROOF_LIFETIME).timestamp()),
+        "jti": secrets.token_urlsafe(24),
+        "csr": _b64(csr_sha256),
+    }
+    return jwt.encode(claims, key, algorithm=_algorithm(key), headers={"typ": "trellis-renew+jwt"})
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalClaims:
+    serial: Serial
+    jti: str
+    expires_at: dt.datetime
+
+
+def unverified_serial(proof: str) -> Serial:
+    """Which certificate's key to verify with; nothing else is trusted before verification."""
+    try:
+        claims = jwt.decode(proof, options={"verify_signature": False})
+        return Serial.parse(str(claims["sub"]))
+    except Exception:
+        raise AuthenticationFailed("the renewal proof is malformed") from None
+
+
+def read_proof(
+    proof: str, cert: x509.Certificate, csr_sha256: bytes, now: dt.datetime
+) -> RenewalClaims:
+    public_key = cert.public_key()
+    try:
+        claims = jwt.decode(
+            proof,
+            public_key,  # type: ignore[arg-type]
+            algorithms=[_algorithm(public_key)],  # type: ignore[arg-type]
+            audience=AUDIENCE,
+            options={"require": ["aud", "sub", "iat", "exp", "jti", "csr"], "verify_exp": False},
+        )
+    except jwt.InvalidTokenError:
+        raise AuthenticationFailed(
+            "the renewal proof does not verify with the certificate's key"
+        ) from None
+    issued = dt.datetime.fromtimestamp(int(claims["iat"]), dt.UTC)
+    expires = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+    if expires <= now or issued > now + CLOCK_SKEW or expires - issued > MAX_PROOF_LIFETIME:
+        raise AuthenticationFailed("the renewal proof is expired or not yet valid")
+    if claims["csr"] != _b64(csr_sha256):
+        raise AuthenticationFailed("the renewal proof was made for a different CSR")
+    jti = str(claims["jti"])
+    if not 16 <= len(jti) <= 64:
+        raise AuthenticationFailed("the renewal proof has an invalid jti")
+    return RenewalClaims(Serial.parse(str(claims["sub"])), jti, expires)

@@ -1,0 +1,37 @@
+"""RFC 5280 §5.3.1 revocation reasons, by the names operators type."""
+
+from __future__ import annotations
+
+import enum
+
+from cryptography import x509
+
+from ca.errors import InvalidInput
+
+__all__ = ["RevocationReason"]
+
+
+class RevocationReason(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "keyCompromise"
+    CA_COMPROMISE = "cACompromise"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+    CERTIFICATE_HOLD = "certificateHold"
+    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
+    AA_COMPROMISE = "aACompromise"
+
+    @classmethod
+    def parse(cls, text: str) -> RevocationReason:
+        """Case-insensitive; ``removeFromCRL`` is a CRL delta marker, not a reason to revoke."""
+        wanted = text.strip().replace("_", "").replace("-", "").lower()
+        for reason in cls:
+            if reason.value.lower() == wanted:
+                return reason
+        names = ", ".join(r.value for r in cls)
+        raise InvalidInput(f"unknown revocation reason {text[:40]!r}: use one of {names}")
+
+    @property
+    def flag(self) -> x509.ReasonFlags:
+        return x509.ReasonFlags(self.value)

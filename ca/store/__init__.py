@@ -1,0 +1,1 @@
+"""Persistence: SQLModel tables, explicit migrations, one transaction per domain operation."""

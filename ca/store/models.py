@@ -1,0 +1,135 @@
+"""Table models. Strings and ints only: value types are rebuilt from them in ``ca.store.repo``.
+
+The schema these classes describe is created by the explicit migrations in
+``ca/store/migrations/versions``, never by ``create_all``; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "AuthorityRow",
+    "CaRow",
+    "CertificateRow",
+    "EntryRow",
+    "RenewalNonceRow",
+    "TokenRow",
+    "UtcDateTime",
+]
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes on every database (SQLite drops the zone; this puts it back)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _time(*, nullable: bool = False, index: bool = False) -> Any:
+    return Field(sa_column=sa.Column(UtcDateTime(), nullable=nullable, index=index))
+
+
+class AuthorityRow(SQLModel, table=True):
+    __tablename__ = "authority"
+
+    name: str = Field(primary_key=True, max_length=64)
+    purpose: str = Field(max_length=32)
+    trust_domain: str = Field(max_length=255)
+    key_backend: str = Field(max_length=32)
+    ca_ttl_seconds: int
+    svid_ttl_seconds: int
+    created_at: dt.datetime = _time()
+
+
+class CaRow(SQLModel, table=True):
+    __tablename__ = "ca"
+
+    id: int | None = Field(default=None, primary_key=True)
+    authority: str = Field(foreign_key="authority.name", index=True, max_length=64)
+    role: str = Field(max_length=16)
+    state: str = Field(max_length=16, index=True)
+    serial: str = Field(unique=True, max_length=40)
+    parent_id: int | None = Field(default=None, foreign_key="ca.id")
+    subject: str = Field(max_length=512)
+    key_backend: str = Field(max_length=32)
+    key_ref: str = Field(max_length=255)
+    key_type: str = Field(max_length=16)
+    cert_pem: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    not_before: dt.datetime = _time()
+    not_after: dt.datetime = _time()
+    created_at: dt.datetime = _time()
+
+
+class EntryRow(SQLModel, table=True):
+    __tablename__ = "entry"
+
+    id: str = Field(primary_key=True, max_length=36)
+    authority: str = Field(foreign_key="authority.name", max_length=64)
+    spiffe_id: str = Field(unique=True, max_length=2048)
+    dns_names: str = Field(default="", sa_column=sa.Column(sa.Text(), nullable=False))
+    ttl_seconds: int
+    max_ttl_seconds: int
+    created_at: dt.datetime = _time()
+
+
+class TokenRow(SQLModel, table=True):
+    __tablename__ = "token"
+
+    id: str = Field(primary_key=True, max_length=32)
+    kind: str = Field(max_length=16)
+    secret_hash: str = Field(unique=True, max_length=64)
+    entry_id: str | None = Field(default=None, foreign_key="entry.id", index=True, max_length=36)
+    uses_remaining: int | None = None
+    expires_at: dt.datetime | None = _time(nullable=True)
+    revoked_at: dt.datetime | None = _time(nullable=True)
+    created_at: dt.datetime = _time()
+    description: str = Field(default="", max_length=255)
+
+
+class CertificateRow(SQLModel, table=True):
+    __tablename__ = "certificate"
+
+    serial: str = Field(primary_key=True, max_length=40)
+    authority: str = Field(foreign_key="authority.name", max_length=64)
+    issuer_ca_id: int = Field(foreign_key="ca.id")
+    profile: str = Field(max_length=32)
+    spiffe_id: str = Field(index=True, max_length=2048)
+    entry_id: str | None = Field(default=None, max_length=36)
+    fingerprint_sha256: str = Field(unique=True, max_length=64)
+    not_before: dt.datetime = _time()
+    not_after: dt.datetime = _time(index=True)
+    status: str = Field(max_length=16, index=True)
+    requested_by: str = Field(max_length=255)
+    revoked_at: dt.datetime | None = _time(nullable=True)
+    revocation_reason: str | None = Field(default=None, max_length=32)
+    revoked_by: str | None = Field(default=None, max_length=255)
+    cert_pem: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    created_at: dt.datetime = _time()
+
+
+class RenewalNonceRow(SQLModel, table=True):
+    """Renewal proofs already spent: a replayed proof collides on the primary key."""
+
+    __tablename__ = "renewal_nonce"
+
+    jti: str = Field(primary_key=True, max_length=64)
+    expires_at: dt.datetime = _time(index=True)

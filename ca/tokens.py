@@ -1,0 +1,195 @@
+"""Bearer tokens: admin tokens (manage Trellis) and join tokens (bootstrap one workload).
+
+Only a SHA-256 of each secret is stored: the secrets carry 256 random bits, so a plain hash is
+enough to make a leaked database useless for authentication (no password-hashing work factor is
+needed for high-entropy secrets).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from ca.config import Context
+from ca.durations import Ttl
+from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
+from ca.store.models import EntryRow, TokenRow
+
+__all__ = [
+    "AdminPrincipal",
+    "TokenInfo",
+    "TokenKind",
+    "authenticate_admin",
+    "consume_join_token",
+    "create_admin_token",
+    "create_join_token",
+    "find_token",
+    "hash_secret",
+    "list_tokens",
+    "revoke_token",
+]
+
+DEFAULT_JOIN_TTL = Ttl(3600)
+MAX_JOIN_USES = 1000
+
+
+class TokenKind(enum.Enum):
+    ADMIN = "admin"
+    JOIN = "join"
+
+    @property
+    def prefix(self) -> str:
+        return {"admin": "trellis-admin-", "join": "trellis-join-"}[self.value]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A token as it may be shown: never the secret."""
+
+    id: str
+    kind: TokenKind
+    entry_id: str | None
+    uses_remaining: int | None
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    created_at: dt.datetime
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPrincipal:
+    token_id: str
+
+    def __str__(self) -> str:
+        return f"admin-token:{self.token_id}"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _info(row: TokenRow) -> TokenInfo:
+    return TokenInfo(
+        id=row.id,
+        kind=TokenKind(row.kind),
+        entry_id=row.entry_id,
+        uses_remaining=row.uses_remaining,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        created_at=row.created_at,
+        description=row.description,
+    )
+
+
+def _create(ctx: Context, session: Session, row: TokenRow) -> tuple[TokenInfo, str]:
+    secret = TokenKind(row.kind).prefix + secrets.token_urlsafe(32)
+    row.secret_hash = hash_secret(secret)
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return _info(row), secret
+
+
+def create_admin_token(ctx: Context, description: str = "") -> tuple[TokenInfo, str]:
+    with Session(ctx.engine) as session:
+        row = TokenRow(
+            id=secrets.token_hex(8),
+            kind=TokenKind.ADMIN.value,
+            secret_hash="",
+            created_at=ctx.clock.now(),
+            description=description[:255],
+        )
+        return _create(ctx, session, row)
+
+
+def create_join_token(
+    ctx: Context, entry_id: str, *, uses: int = 1, ttl: Ttl = DEFAULT_JOIN_TTL
+) -> tuple[TokenInfo, str]:
+    if not 1 <= uses <= MAX_JOIN_USES:
+        raise InvalidInput(f"a join token allows 1 to {MAX_JOIN_USES} uses")
+    if ttl.seconds > 30 * 86400:
+        raise InvalidInput("a join token may live at most 30d")
+    with Session(ctx.engine) as session:
+        if session.get(EntryRow, entry_id) is None:
+            raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
+        now = ctx.clock.now()
+        row = TokenRow(
+            id=secrets.token_hex(8),
+            kind=TokenKind.JOIN.value,
+            secret_hash="",
+            entry_id=entry_id,
+            uses_remaining=uses,
+            expires_at=now + ttl.delta,
+            created_at=now,
+        )
+        return _create(ctx, session, row)
+
+
+def find_token(ctx: Context, secret: str) -> TokenRow:
+    """The live token behind a presented secret, or ``AuthenticationFailed`` (one message for all
+    failure causes, so a caller cannot probe which tokens exist)."""
+    if not secret or len(secret) > 200:
+        raise AuthenticationFailed("missing or invalid bearer token")
+    with Session(ctx.engine) as session:
+        row = session.exec(
+            select(TokenRow).where(TokenRow.secret_hash == hash_secret(secret))
+        ).first()
+    now = ctx.clock.now()
+    if row is None or row.revoked_at is not None:
+        raise AuthenticationFailed("missing or invalid bearer token")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise AuthenticationFailed("the token has expired")
+    if row.uses_remaining is not None and row.uses_remaining <= 0:
+        raise AuthenticationFailed("the join token has already been used")
+    return row
+
+
+def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
+    row = find_token(ctx, secret)
+    if row.kind != TokenKind.ADMIN.value:
+        raise PermissionDenied("this endpoint needs an admin token")
+    return AdminPrincipal(row.id)
+
+
+def consume_join_token(session: Session, token_id: str, now: dt.datetime) -> None:
+    """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
+    redemptions of a single-use token race safely (only one of them changes a row)."""
+    result = session.execute(
+        sa.update(TokenRow)
+        .where(
+            col(TokenRow.id) == token_id,
+            col(TokenRow.uses_remaining) > 0,
+            col(TokenRow.revoked_at).is_(None),
+            sa.or_(col(TokenRow.expires_at).is_(None), col(TokenRow.expires_at) > now),
+        )
+        .values(uses_remaining=col(TokenRow.uses_remaining) - 1)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise AuthenticationFailed("the join token has already been used or has expired")
+
+
+def list_tokens(ctx: Context) -> list[TokenInfo]:
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(TokenRow).order_by(col(TokenRow.created_at), col(TokenRow.id))
+        ).all()
+    return [_info(row) for row in rows]
+
+
+def revoke_token(ctx: Context, token_id: str) -> TokenInfo:
+    with Session(ctx.engine) as session:
+        row = session.get(TokenRow, token_id)
+        if row is None:
+            raise NotFound(f"token {token_id[:40]!r} does not exist")
+        if row.revoked_at is None:
+            row.revoked_at = ctx.clock.now()
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+        return _info(row)
