@@ -1,0 +1,84 @@
+"""Trellis's own HTTPS identity: a certificate it issues to itself from the mesh authority.
+
+Clients pin the trust bundle, so no web PKI is involved: ``spiffe://<td>/trellis/server`` with
+``localhost``, ``127.0.0.1`` and any configured names, renewed at start-up when a third of its
+life is left or when the active issuer changed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from ca.authority import active_issuer
+from ca.config import Context
+from ca.durations import Ttl
+from ca.files import write_atomic, write_private
+from ca.grants import server_grant
+from ca.issue import issue_for_key
+from ca.keys import KeyType
+from ca.pem import private_key_pem
+
+__all__ = ["ServerTls", "ensure_server_certificate"]
+
+SERVER_TTL = Ttl(30 * 86400)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    cert_path: Path  # leaf then chain
+    key_path: Path
+    bundle_path: Path
+
+
+def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    dns: list[str] = []
+    ips: list[str] = []
+    for name in names:
+        try:
+            ips.append(str(ipaddress.ip_address(name)))
+        except ValueError:
+            dns.append(name.lower())
+    return list(dict.fromkeys(dns)), list(dict.fromkeys(ips))
+
+
+def _still_good(path: Path, ctx: Context, issuer_cert: x509.Certificate, names: set[str]) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    now = ctx.clock.now()
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    if cert.not_valid_after_utc - now < life / 3 or cert.issuer != issuer_cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer_cert)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, TypeError, x509.ExtensionNotFound):
+        return False
+    present = set(san.get_values_for_type(x509.DNSName))
+    present |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return names <= present
+
+
+def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> ServerTls:
+    directory = ctx.settings.server_tls_dir
+    tls = ServerTls(
+        directory / "tls.crt", directory / "tls.key", ctx.settings.data_dir / "bundle.pem"
+    )
+    issuer = active_issuer(ctx)
+    wanted = ["localhost", "127.0.0.1", *ctx.settings.server_names, *extra_names]
+    if ctx.settings.host not in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
+        wanted.append(ctx.settings.host)
+    dns, ips = _split_names(wanted)
+    if not _still_good(tls.cert_path, ctx, issuer.certificate, set(dns) | set(ips)):
+        key = KeyType.EC_P256.generate()
+        svid = issue_for_key(ctx, server_grant(ctx, dns, ips, SERVER_TTL), key.public_key())
+        write_private(tls.key_path, private_key_pem(key))
+        write_atomic(tls.cert_path, svid.certificate_pem + svid.chain_pem)
+    write_atomic(tls.bundle_path, issuer.bundle_pem)
+    return tls

@@ -1,0 +1,290 @@
+"""Admin commands: they act directly on the local data dir and database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from api.schemas import CertificateOut, EntryOut, TokenCreated, TokenOut
+from ca import certs, entries, tokens
+from ca.authority import AuthorityParams, active_issuer, bundle_pem, init_authority
+from ca.durations import Ttl
+from ca.errors import Conflict
+from ca.files import write_atomic, write_private
+from ca.identity import SpiffeId, TrustDomain
+from ca.keys import KeyType
+from ca.pem import fingerprint
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from cli.common import STATE, emit_json, table, when
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+entry_app = typer.Typer(
+    help="Registration entries: which SPIFFE IDs may be issued.", no_args_is_help=True
+)
+token_app = typer.Typer(
+    help="Join tokens (bootstrap a workload) and admin tokens.", no_args_is_help=True
+)
+certs_app = typer.Typer(help="Issued certificates.", no_args_is_help=True)
+bundle_app = typer.Typer(help="The trust bundle.", no_args_is_help=True)
+
+
+def init(
+    trust_domain: Annotated[str, typer.Option(help="e.g. example.org")],
+    key_type: Annotated[str | None, typer.Option(help="Key type of root and intermediate")] = None,
+    root_key_type: Annotated[
+        str | None, typer.Option(help="Root key type (default ec-p384)")
+    ] = None,
+    ca_ttl: Annotated[str, typer.Option(help="Intermediate CA lifetime")] = "7d",
+    svid_ttl: Annotated[str, typer.Option(help="Default SVID lifetime")] = "1h",
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing CA, destroying its keys")
+    ] = False,
+    exists_ok: Annotated[bool, typer.Option(help="Succeed quietly if a CA exists")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create the trust domain's root and issuing CA, and a first admin token."""
+    ctx = STATE.context()
+    params = AuthorityParams(
+        trust_domain=TrustDomain.parse(trust_domain),
+        key_type=KeyType.parse(key_type) if key_type else KeyType.EC_P256,
+        root_key_type=KeyType.parse(root_key_type or key_type or "ec-p384"),
+        ca_ttl=Ttl.parse(ca_ttl),
+        svid_ttl=Ttl.parse(svid_ttl),
+        force=force,
+    )
+    try:
+        issuer = init_authority(ctx, params)
+    except Conflict:
+        if not exists_ok:
+            raise
+        issuer = active_issuer(ctx)
+        if not json_out:
+            typer.echo(f"A CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir}")
+        return
+    _, secret = tokens.create_admin_token(ctx, "created by trellis init")
+    write_private(ctx.settings.admin_token_path, secret.encode() + b"\n")
+    write_atomic(ctx.settings.data_dir / "bundle.pem", issuer.bundle_pem)
+    root = issuer.roots[0]
+    info = {
+        "trust_domain": str(issuer.trust_domain),
+        "root_fingerprint_sha256": fingerprint(root),
+        "root_not_after": root.not_valid_after_utc.isoformat(),
+        "intermediate_not_after": issuer.certificate.not_valid_after_utc.isoformat(),
+        "bundle_path": str(ctx.settings.data_dir / "bundle.pem"),
+        "admin_token_path": str(ctx.settings.admin_token_path),
+    }
+    if json_out:
+        emit_json(info)
+        return
+    typer.echo(f"Initialised trust domain {info['trust_domain']}")
+    typer.echo(
+        f"  root CA       SHA-256 {info['root_fingerprint_sha256']}, expires {info['root_not_after']}"
+    )
+    typer.echo(f"  issuing CA    expires {info['intermediate_not_after']}")
+    typer.echo(f"  trust bundle  {info['bundle_path']}")
+    typer.echo(f"  admin token   {info['admin_token_path']} (0600)")
+
+
+@entry_app.command("create")
+def entry_create(
+    spiffe_id: Annotated[str, typer.Option(help="spiffe://<td>/<path>")],
+    dns: Annotated[list[str] | None, typer.Option(help="DNS SAN (repeatable)")] = None,
+    ttl: Annotated[str | None, typer.Option(help="Default SVID TTL")] = None,
+    max_ttl: Annotated[str | None, typer.Option(help="Largest TTL a workload may ask for")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register an identity; prints the entry id."""
+    entry = entries.create_entry(
+        STATE.context(),
+        entries.EntryParams(
+            spiffe_id=SpiffeId.parse(spiffe_id),
+            dns_names=tuple(dns or ()),
+            ttl=Ttl.parse(ttl) if ttl else None,
+            max_ttl=Ttl.parse(max_ttl) if max_ttl else None,
+        ),
+    )
+    if json_out:
+        emit_json(EntryOut.of(entry))
+    else:
+        typer.echo(entry.id)
+
+
+def _entry_rows(items: list[entries.Entry]) -> list[list[str]]:
+    return [
+        [e.id, str(e.spiffe_id), ",".join(e.dns_names) or "-", str(e.ttl), str(e.max_ttl)]
+        for e in items
+    ]
+
+
+@entry_app.command("list")
+def entry_list(json_out: JsonOpt = False) -> None:
+    items = entries.list_entries(STATE.context())
+    if json_out:
+        emit_json([EntryOut.of(e) for e in items])
+    else:
+        table(["ID", "SPIFFE ID", "DNS", "TTL", "MAX TTL"], _entry_rows(items))
+
+
+@entry_app.command("show")
+def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
+    entry = entries.get_entry(STATE.context(), entry_id)
+    if json_out:
+        emit_json(EntryOut.of(entry))
+    else:
+        table(["ID", "SPIFFE ID", "DNS", "TTL", "MAX TTL"], _entry_rows([entry]))
+
+
+@entry_app.command("delete")
+def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
+    entry = entries.delete_entry(STATE.context(), entry_id)
+    if json_out:
+        emit_json(EntryOut.of(entry))
+    else:
+        typer.echo(f"deleted entry {entry.id} ({entry.spiffe_id}) and its join tokens")
+
+
+@token_app.command("create")
+def token_create(
+    entry: Annotated[str | None, typer.Option(help="Entry id: create a join token for it")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Create an admin token")] = False,
+    uses: Annotated[int, typer.Option(help="How many SVIDs the join token may obtain")] = 1,
+    ttl: Annotated[str, typer.Option(help="Join token lifetime")] = "1h",
+    description: Annotated[str, typer.Option(help="Free text")] = "",
+    json_out: JsonOpt = False,
+) -> None:
+    """Print a new token secret (shown once; only its hash is stored)."""
+    if admin == (entry is not None):
+        raise typer.BadParameter("give exactly one of --entry ID or --admin")
+    ctx = STATE.context()
+    if admin:
+        info, secret = tokens.create_admin_token(ctx, description)
+    else:
+        assert entry is not None
+        info, secret = tokens.create_join_token(ctx, entry, uses=uses, ttl=Ttl.parse(ttl))
+    if json_out:
+        emit_json(TokenCreated(**TokenOut.of(info).model_dump(), token=secret))
+    else:
+        typer.echo(secret)
+
+
+@token_app.command("list")
+def token_list(json_out: JsonOpt = False) -> None:
+    items = tokens.list_tokens(STATE.context())
+    if json_out:
+        emit_json([TokenOut.of(i) for i in items])
+        return
+    rows = [
+        [
+            i.id,
+            i.kind.value,
+            i.entry_id or "-",
+            when(i.uses_remaining),
+            when(i.expires_at),
+            when(i.revoked_at),
+        ]
+        for i in items
+    ]
+    table(["ID", "KIND", "ENTRY", "USES LEFT", "EXPIRES", "REVOKED"], rows)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str, json_out: JsonOpt = False) -> None:
+    info = tokens.revoke_token(STATE.context(), token_id)
+    if json_out:
+        emit_json(TokenOut.of(info))
+    else:
+        typer.echo(f"revoked token {info.id}")
+
+
+def _cert_rows(items: list[certs.CertificateInfo]) -> list[list[str]]:
+    return [
+        [i.serial.hex, str(i.spiffe_id), i.status.value, when(i.not_before), when(i.not_after)]
+        for i in items
+    ]
+
+
+@certs_app.command("list")
+def certs_list(
+    spiffe_id: Annotated[str | None, typer.Option(help="Only this identity")] = None,
+    status: Annotated[str | None, typer.Option(help="active, revoked or expired")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows")] = 100,
+    after: Annotated[str | None, typer.Option(help="Serial to continue after")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    items = certs.list_certificates(
+        STATE.context(),
+        spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
+        status=certs.CertStatus.parse(status) if status else None,
+        limit=limit,
+        after=Serial.parse(after) if after else None,
+    )
+    if json_out:
+        emit_json([CertificateOut.of(i) for i in items])
+    else:
+        table(["SERIAL", "SPIFFE ID", "STATUS", "NOT BEFORE", "NOT AFTER"], _cert_rows(items))
+
+
+@certs_app.command("show")
+def certs_show(serial: str, json_out: JsonOpt = False) -> None:
+    info = certs.get_certificate(STATE.context(), Serial.parse(serial))
+    if json_out:
+        emit_json(CertificateOut.of(info, with_pem=True))
+        return
+    for label, value in [
+        ("serial", info.serial.hex),
+        ("spiffe_id", str(info.spiffe_id)),
+        ("status", info.status.value),
+        ("profile", info.profile),
+        ("not_before", when(info.not_before)),
+        ("not_after", when(info.not_after)),
+        ("sha256", info.fingerprint_sha256),
+        ("requested_by", info.requested_by),
+        ("revoked_at", when(info.revoked_at)),
+        ("reason", info.revocation_reason.value if info.revocation_reason else "-"),
+        ("revoked_by", info.revoked_by or "-"),
+    ]:
+        typer.echo(f"{label:<13} {value}")
+    typer.echo(info.certificate_pem.rstrip())
+
+
+def revoke(
+    serial: str,
+    reason: Annotated[
+        str, typer.Option(help="RFC 5280 reason, e.g. keyCompromise")
+    ] = "unspecified",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Revoke one certificate by serial."""
+    parsed, why = Serial.parse(serial), RevocationReason.parse(reason)
+    ctx = STATE.context()
+    current = certs.get_certificate(ctx, parsed)
+    if not yes and not typer.confirm(
+        f"Revoke {current.serial} ({current.spiffe_id}, {current.status.value}) for {why.value}?"
+    ):
+        raise typer.Exit(1)
+    info = certs.revoke_certificate(ctx, parsed, why, "cli")
+    if json_out:
+        emit_json(CertificateOut.of(info))
+    else:
+        typer.echo(
+            f"revoked {info.serial} ({info.spiffe_id}) reason {why.value} at {when(info.revoked_at)}"
+        )
+
+
+@bundle_app.command("show")
+def bundle_show(
+    format: Annotated[str, typer.Option("--format", help="pem")] = "pem",
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None,
+) -> None:
+    if format != "pem":
+        raise typer.BadParameter("only --format pem exists so far")
+    data = bundle_pem(STATE.context())
+    if out is not None:
+        write_atomic(out, data)
+    else:
+        typer.echo(data.decode().rstrip())

@@ -1,0 +1,87 @@
+"""What every command shares: the context, output rendering and the error → exit-code map."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import BaseModel
+
+from ca import errors
+from ca.config import Context, Settings, build_context
+
+# The one place errors become exit codes (documented in docs/cli.md). 2 is click's usage error.
+EXIT_CODES: dict[type[errors.TrellisError], int] = {
+    errors.InvalidInput: 2,
+    errors.AuthenticationFailed: 3,
+    errors.PermissionDenied: 4,
+    errors.NotFound: 5,
+    errors.Conflict: 6,
+    errors.NotInitialised: 7,
+    errors.Unavailable: 8,
+    errors.InternalError: 1,
+}
+
+
+def exit_code(error: errors.TrellisError) -> int:
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return 1
+
+
+class State:
+    """Global options, set by the root callback; the context is built on first use."""
+
+    data_dir: Path | None = None
+    database_url: str | None = None
+    _ctx: Context | None = None
+
+    def settings(self, **overrides: Any) -> Settings:
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if self.data_dir is not None:
+            values["data_dir"] = self.data_dir
+        if self.database_url is not None:
+            values["database_url"] = self.database_url
+        return Settings(**values)
+
+    def context(self, **overrides: Any) -> Context:
+        if self._ctx is None:
+            self._ctx = build_context(self.settings(**overrides))
+        return self._ctx
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+
+
+STATE = State()
+
+
+def emit_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+    if isinstance(value, BaseModel):
+        data: Any = value.model_dump(mode="json")
+    elif isinstance(value, dict):
+        data = value
+    else:
+        data = [item.model_dump(mode="json") for item in value]
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Plain aligned columns: readable in a terminal, greppable in a pipe."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [headers, *rows]
+    for line in lines:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def when(value: object) -> str:
+    return "-" if value is None else str(value).replace("+00:00", "Z")

@@ -1,0 +1,54 @@
+"""The ``trellis`` command: a thin Typer tree over ``ca``; errors leave through ``main``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ca.errors import TrellisError
+from cli import admin, server, workload
+from cli.common import STATE, exit_code
+
+app = typer.Typer(
+    help="Trellis: mTLS certificate authority and SPIFFE workload identity.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def root(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (TRELLIS_DATA_DIR, default ./var)")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Database URL (TRELLIS_DATABASE_URL, default SQLite in the data dir)"),
+    ] = None,
+) -> None:
+    STATE.data_dir = data_dir
+    STATE.database_url = database_url
+
+
+app.command()(admin.init)
+app.command()(server.serve)
+app.command()(admin.revoke)
+app.add_typer(admin.entry_app, name="entry")
+app.add_typer(admin.token_app, name="token")
+app.add_typer(workload.svid_app, name="svid")
+app.add_typer(admin.certs_app, name="certs")
+app.add_typer(admin.bundle_app, name="bundle")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="trellis")
+    except TrellisError as error:
+        typer.echo(f"trellis: {error.detail}", err=True)
+        sys.exit(exit_code(error))
+    finally:
+        STATE.close()
