@@ -148,7 +148,7 @@ def _wipe(session: Session, ctx: Context) -> list[KeyHandle]:
 
 
 def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
-    """Create the root and issuing intermediate in one transaction; no keys are left behind on failure."""
+    """Create root and issuing intermediate in one transaction; a failure leaves no keys behind."""
     _validate(params)
     created: list[KeyHandle] = []
     try:

@@ -106,7 +106,7 @@ class Unavailable(TrellisError):
 
 
 class InternalError(TrellisError):
-    """Raised, for example, when a certificate fails the self-check after signing: never returned."""
+    """E.g. a certificate that fails the self-check after signing: it is never returned."""
 
     code = "internal"
     title = "Internal error"

@@ -43,7 +43,7 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What an authenticated caller may receive. Built by the authentication step, never from input."""
+    """What an authenticated caller may receive: built by authentication, never from input."""
 
     spiffe_id: SpiffeId
     default_ttl: Ttl
@@ -94,7 +94,7 @@ def authorise(grant: Grant, csr: ParsedCsr) -> tuple[str, ...]:
     not_granted = [name for name in csr.dns_names if name not in grant.dns_names]
     if not_granted:
         raise PolicyViolation(f"DNS names not in the registration entry: {', '.join(not_granted)}")
-    # An SVID carries every DNS name of its entry: workloads rarely know them, relying parties need them.
+    # An SVID carries all its entry's DNS names: workloads rarely know them, peers need them.
     return grant.dns_names
 
 

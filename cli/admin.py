@@ -82,7 +82,8 @@ def init(
         return
     typer.echo(f"Initialised trust domain {info['trust_domain']}")
     typer.echo(
-        f"  root CA       SHA-256 {info['root_fingerprint_sha256']}, expires {info['root_not_after']}"
+        f"  root CA       SHA-256 {info['root_fingerprint_sha256']}, "
+        f"expires {info['root_not_after']}"
     )
     typer.echo(f"  issuing CA    expires {info['intermediate_not_after']}")
     typer.echo(f"  trust bundle  {info['bundle_path']}")
@@ -272,7 +273,8 @@ def revoke(
         emit_json(CertificateOut.of(info))
     else:
         typer.echo(
-            f"revoked {info.serial} ({info.spiffe_id}) reason {why.value} at {when(info.revoked_at)}"
+            f"revoked {info.serial} ({info.spiffe_id}) reason {why.value} "
+            f"at {when(info.revoked_at)}"
         )
 
 

@@ -79,7 +79,7 @@ def mint(
     key_type: Annotated[str, typer.Option(help="Key type")] = "ec-p256",
     json_out: JsonOpt = False,
 ) -> None:
-    """Admin: mint a key and SVID locally, without a registration entry (like spire-server x509 mint)."""
+    """Admin: mint a key and SVID locally, no entry needed (like spire-server x509 mint)."""
     ctx = STATE.context()
     key = KeyType.parse(key_type).generate()
     grant = admin_grant(ctx, SpiffeId.parse(spiffe_id), "cli:mint")

@@ -1,0 +1,205 @@
+"""The README walkthrough, end to end, as a user runs it: real `trellis` processes, a real
+HTTPS server, real openssl verifying the results; on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+TRELLIS = str(Path(sys.executable).with_name("trellis"))
+
+
+class Trellis:
+    """Runs the CLI against one data dir and database, like an operator's shell."""
+
+    def __init__(self, data_dir: Path, database_url: str) -> None:
+        self.env = {
+            **os.environ,
+            "TRELLIS_DATA_DIR": str(data_dir),
+            "TRELLIS_DATABASE_URL": database_url,
+            "TRELLIS_KEY_PASSPHRASE": "walkthrough-passphrase",
+        }
+        self.data_dir = data_dir
+
+    def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [TRELLIS, *args], env=self.env, capture_output=True, text=True, timeout=60, check=False
+        )
+        if ok and result.returncode != 0:
+            raise AssertionError(f"trellis {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--json").stdout)
+
+
+@pytest.fixture
+def trellis(tmp_path: Path, database_url: str) -> Trellis:
+    cli = Trellis(tmp_path / "var", database_url)
+    cli.run("init", "--trust-domain", "example.org")
+    return cli
+
+
+@pytest.fixture
+def server(trellis: Trellis) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [TRELLIS, "serve", "--port", str(port)],
+        env=trellis.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"https://127.0.0.1:{port}"
+    tls = ssl.create_default_context(cafile=str(trellis.data_dir / "bundle.pem"))
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", verify=tls, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = process.stdout.read() if process.stdout else ""
+                raise AssertionError(f"server did not start: {output}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if process.stdout:
+            process.stdout.close()
+
+
+def openssl_verify(bundle: Path, svid: Path, purpose: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", str(bundle),
+         "-untrusted", str(svid), str(svid)],
+        capture_output=True, text=True, check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary not installed")
+def test_readme_walkthrough(trellis: Trellis, server: str, tmp_path: Path) -> None:
+    bundle = trellis.data_dir / "bundle.pem"
+    admin_token = (trellis.data_dir / "admin-token").read_text().strip()
+    assert (trellis.data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
+
+    # 1. a registration entry, by CLI; a second one by REST with the admin token
+    entry_id = trellis.run(
+        "entry", "create", "--spiffe-id", "spiffe://example.org/ns/default/sa/web"
+    ).stdout.strip()
+    rest = httpx.post(
+        f"{server}/v1/entries",
+        json={"spiffe_id": "spiffe://example.org/ns/default/sa/api"},
+        headers={"Authorization": f"Bearer {admin_token}"},
+        verify=ssl.create_default_context(cafile=str(bundle)),
+    )
+    assert rest.status_code == 201, rest.text
+    listed = trellis.json("entry", "list")
+    assert isinstance(listed, list)
+    assert {e["spiffe_id"] for e in listed} == {
+        "spiffe://example.org/ns/default/sa/web",
+        "spiffe://example.org/ns/default/sa/api",
+    }
+
+    # 2. a join token; 3. the workload requests its SVID with it
+    token = trellis.run("token", "create", "--entry", entry_id).stdout.strip()
+    out = tmp_path / "web"
+    trellis.run("svid", "request", "--server", server, "--bundle", str(bundle),
+                "--token", token, "--out", str(out))
+    assert (out / "svid.key").stat().st_mode & 0o777 == 0o600
+    for purpose in ("sslclient", "sslserver"):
+        result = openssl_verify(out / "bundle.pem", out / "svid.pem", purpose)
+        assert result.returncode == 0, result.stdout + result.stderr
+    first_serial = _serial(out / "svid.pem")
+
+    # the token was single-use
+    again = trellis.run("svid", "request", "--server", server, "--bundle", str(bundle),
+                        "--token", token, "--out", str(tmp_path / "again"), ok=False)
+    assert again.returncode == 3 and "already been used" in again.stderr
+    assert not (tmp_path / "again").exists()
+
+    # 4. renewal by possession of the current key only
+    trellis.run("svid", "renew", "--server", server, "--dir", str(out))
+    second_serial = _serial(out / "svid.pem")
+    assert second_serial != first_serial
+    assert openssl_verify(out / "bundle.pem", out / "svid.pem", "sslclient").returncode == 0
+
+    # 5. the admin lists, revokes, and renewal of the revoked SVID is refused
+    certs = trellis.json("certs", "list", "--spiffe-id", "spiffe://example.org/ns/default/sa/web")
+    assert isinstance(certs, list)
+    assert {c["serial"] for c in certs} == {first_serial, second_serial}
+    assert all(c["status"] == "active" for c in certs)
+    revoked = trellis.json("revoke", second_serial, "--reason", "keyCompromise", "--yes")
+    assert isinstance(revoked, dict) and revoked["status"] == "revoked"
+    assert revoked["revocation_reason"] == "keyCompromise"
+    shown = trellis.json("certs", "show", second_serial)
+    assert isinstance(shown, dict) and shown["status"] == "revoked"
+
+    before = (out / "svid.pem").read_bytes()
+    refused = trellis.run("svid", "renew", "--server", server, "--dir", str(out), ok=False)
+    assert refused.returncode == 3 and "revoked" in refused.stderr
+    assert (out / "svid.pem").read_bytes() == before  # the old files are untouched
+
+    again_revoke = trellis.run(
+        "revoke", second_serial, "--reason", "keyCompromise", "--yes", ok=False
+    )
+    assert again_revoke.returncode == 6
+
+    listed_revoked = trellis.json("certs", "list", "--status", "revoked")
+    assert isinstance(listed_revoked, list)
+    assert [c["serial"] for c in listed_revoked] == [second_serial]
+
+    # the bundle the CLI prints is the one the server publishes
+    served = httpx.get(f"{server}/v1/bundle", verify=ssl.create_default_context(cafile=str(bundle)))
+    assert served.text.strip() == trellis.run("bundle", "show").stdout.strip()
+
+
+def test_cli_errors_are_one_line_and_non_zero(trellis: Trellis) -> None:
+    cases = [
+        (("entry", "create", "--spiffe-id", "spiffe://example.org/a/"), 2, "trailing slash"),
+        (("entry", "create", "--spiffe-id", "spiffe://other.org/a"), 2, "trust domain"),
+        (("entry", "show", "00000000-0000-0000-0000-000000000000"), 5, "does not exist"),
+        (("revoke", "zz-not-hex", "--yes"), 2, "invalid serial"),
+        (("revoke", "abcdef", "--yes"), 5, "no certificate"),
+        (("revoke", "abcdef", "--reason", "because", "--yes"), 2, "unknown revocation reason"),
+        (("init", "--trust-domain", "example.org"), 6, "already exists"),
+        (("token", "create", "--entry", "nope"), 5, "does not exist"),
+    ]
+    for args, code, text in cases:
+        result = trellis.run(*args, ok=False)
+        assert result.returncode == code, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0], (args, result.stderr)
+
+
+def test_serve_refuses_to_start_without_a_ca(tmp_path: Path) -> None:
+    cli = Trellis(tmp_path / "empty", f"sqlite:///{tmp_path / 'empty.db'}")
+    result = cli.run("serve", "--port", str(free_port()), ok=False)
+    assert result.returncode == 7
+    assert "trellis init" in result.stderr
+
+
+def _serial(path: Path) -> str:
+    from cryptography import x509
+
+    return format(x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number, "x")
