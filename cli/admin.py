@@ -33,7 +33,9 @@ bundle_app = typer.Typer(help="The trust bundle.", no_args_is_help=True)
 
 
 def init(
-    trust_domain: Annotated[str, typer.Option(help="e.g. example.org")],
+    trust_domain: Annotated[
+        str | None, typer.Option(help="e.g. example.org (TRELLIS_TRUST_DOMAIN)")
+    ] = None,
     key_type: Annotated[str | None, typer.Option(help="Key type of root and intermediate")] = None,
     root_key_type: Annotated[
         str | None, typer.Option(help="Root key type (default ec-p384)")
@@ -48,6 +50,9 @@ def init(
 ) -> None:
     """Create the trust domain's root and issuing CA, and a first admin token."""
     ctx = STATE.context()
+    trust_domain = trust_domain or ctx.settings.trust_domain
+    if not trust_domain:
+        raise typer.BadParameter("--trust-domain (or TRELLIS_TRUST_DOMAIN) is required")
     params = AuthorityParams(
         trust_domain=TrustDomain.parse(trust_domain),
         key_type=KeyType.parse(key_type) if key_type else KeyType.EC_P256,

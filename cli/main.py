@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -45,6 +46,8 @@ app.add_typer(admin.bundle_app, name="bundle")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Domain failures leave as one line on stderr and a documented exit code (docs/cli.md);
+    usage errors keep click's usual message and exit 2."""
     try:
         app(args=argv, prog_name="trellis")
     except TrellisError as error:
