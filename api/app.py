@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from api import problems
 from api.limits import BodyLimit
-from api.routes import certificates, entries, public, svid, tokens
+from api.requestid import request_id_middleware
+from api.routes import certificates, entries, public, revocation, svid, tokens
 from ca.config import Context
 
 __all__ = ["create_app"]
@@ -20,8 +24,27 @@ def create_app(ctx: Context) -> FastAPI:
         description="Errors are RFC 9457 problem documents (application/problem+json).",
     )
     app.state.ctx = ctx
-    for module in (svid, entries, tokens, certificates, public):
-        app.include_router(module.router)
+    app.state.routes = []
+    routers = [m.router for m in (svid, entries, tokens, certificates, public)]
+    for router in [*routers, revocation.public, revocation.admin]:
+        app.include_router(router)
+        app.state.routes.extend(router.routes)
     problems.install(app)
+    app.middleware("http")(request_id_middleware)
     app.add_middleware(BodyLimit)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.strip_validation_responses(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    summary=app.summary,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

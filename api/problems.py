@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +13,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ca import errors
 
-__all__ = ["PROBLEM_RESPONSES", "Problem", "install", "problem_response"]
+__all__ = [
+    "PROBLEM_RESPONSES",
+    "Problem",
+    "install",
+    "problem_response",
+    "responses",
+    "strip_validation_responses",
+]
 
 log = logging.getLogger("trellis.api")
 
@@ -39,6 +47,7 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str
+    request_id: str | None = None
 
 
 def status_for(error: errors.TrellisError) -> int:
@@ -48,41 +57,67 @@ def status_for(error: errors.TrellisError) -> int:
     return 500
 
 
-def problem_response(status: int, code: str, title: str, detail: str) -> JSONResponse:
-    body = Problem(type=TYPE_BASE + code, title=title, status=status, detail=detail, code=code)
+def problem_response(
+    status: int, code: str, title: str, detail: str, request: Request | None = None
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None) if request is not None else None
+    body = Problem(
+        type=TYPE_BASE + code,
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        request_id=request_id,
+    )
     headers = {"WWW-Authenticate": 'Bearer realm="trellis"'} if status == 401 else None
     return JSONResponse(
         body.model_dump(), status_code=status, media_type=MEDIA_TYPE, headers=headers
     )
 
 
-async def _trellis_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _trellis_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.TrellisError)
     status = status_for(exc)
     if status >= 500:
         log.error("request failed: %s", exc.detail)
-    return problem_response(status, exc.code, exc.title, exc.detail)
+    return problem_response(status, exc.code, exc.title, exc.detail, request)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     detail = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body"
-    return problem_response(400, "invalid-request", "Invalid request", detail)
+    return problem_response(400, "invalid-request", "Invalid request", detail, request)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Starlette names only the first route matching the path; RFC 9110 §15.5.6 wants all.
+    ``create_app`` stores every route of the routers it mounts in ``app.state.routes``."""
+    methods: set[str] = set()
+    for route in getattr(request.app.state, "routes", ()):
+        if route.path_regex.match(request.scope["path"]):
+            methods |= set(route.methods or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
         exc.status_code, "http-error"
     )
-    return problem_response(exc.status_code, code, str(exc.detail), str(exc.detail))
+    response = problem_response(exc.status_code, code, str(exc.detail), str(exc.detail), request)
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = _allowed_methods(request)
+    return response
 
 
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return problem_response(500, "internal", "Internal error", "an unexpected error occurred")
+    return problem_response(
+        500, "internal", "Internal error", "an unexpected error occurred", request
+    )
 
 
 def install(app: object) -> None:
@@ -95,14 +130,40 @@ def install(app: object) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-def _doc(status: int, description: str) -> dict[str, object]:
-    return {"model": Problem, "description": description, "content": {MEDIA_TYPE: {}}}
-
-
-PROBLEM_RESPONSES: dict[int | str, dict[str, object]] = {
-    400: _doc(400, "Invalid input or not allowed by policy"),
-    401: _doc(401, "Missing or invalid credential"),
-    403: _doc(403, "Credential valid but not allowed here"),
-    413: _doc(413, "Request body larger than 64 KiB"),
-    503: _doc(503, "Authority not initialised or a backend is unavailable"),
+_DESCRIPTIONS = {
+    400: "Invalid input or not allowed by policy",
+    401: "Missing or invalid credential",
+    403: "Credential valid but not allowed here",
+    404: "No such object",
+    409: "Conflicts with the object's current state",
+    413: "Request body larger than 64 KiB",
+    503: "Authority not initialised or a backend is unavailable",
 }
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` documenting the given statuses as problem documents."""
+    return {
+        status: {
+            "model": Problem,
+            "description": _DESCRIPTIONS[status],
+            "content": {MEDIA_TYPE: {}},
+        }
+        for status in statuses
+    }
+
+
+# What every authenticated route can answer; routes add 404/409 where they can.
+PROBLEM_RESPONSES = responses(400, 401, 403, 413, 503)
+
+
+def strip_validation_responses(schema: dict[str, Any]) -> dict[str, Any]:
+    """Validation failures are answered as 400 problems (see ``_validation_error``), never 422:
+    remove FastAPI's automatic 422 documentation so generated clients expect what they get."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema

@@ -7,6 +7,7 @@ import datetime as dt
 from pydantic import BaseModel, ConfigDict, Field
 
 from ca.certs import CertificateInfo
+from ca.emergency import IntermediateRevoked
 from ca.entries import Entry
 from ca.tokens import TokenInfo
 
@@ -47,6 +48,8 @@ class EntryOut(BaseModel):
     ttl: str
     max_ttl: str
     created_at: dt.datetime
+    enabled: bool = True
+    disabled_at: dt.datetime | None = None
 
     @classmethod
     def of(cls, entry: Entry) -> EntryOut:
@@ -57,6 +60,8 @@ class EntryOut(BaseModel):
             ttl=str(entry.ttl),
             max_ttl=str(entry.max_ttl),
             created_at=entry.created_at,
+            enabled=entry.enabled,
+            disabled_at=entry.disabled_at,
         )
 
 
@@ -110,6 +115,8 @@ class CertificateOut(BaseModel):
     revoked_at: dt.datetime | None
     revocation_reason: str | None
     revoked_by: str | None
+    revocation_request_id: str | None = None
+    invalidity_date: dt.datetime | None = None
     certificate: str | None = Field(
         default=None, description="PEM; only on single-certificate reads"
     )
@@ -129,6 +136,8 @@ class CertificateOut(BaseModel):
             revoked_at=info.revoked_at,
             revocation_reason=info.revocation_reason.value if info.revocation_reason else None,
             revoked_by=info.revoked_by,
+            revocation_request_id=info.revocation_request_id,
+            invalidity_date=info.invalidity_date,
             certificate=info.certificate_pem if with_pem else None,
         )
 
@@ -141,8 +150,33 @@ class CertificatePage(BaseModel):
 class RevokeRequest(BaseModel):
     model_config = _STRICT
     reason: str = Field(default="unspecified", examples=["keyCompromise"])
+    invalidity_date: dt.datetime | None = Field(
+        default=None, description="When the key is known or suspected to have been compromised"
+    )
 
 
 class Health(BaseModel):
     status: str
     detail: dict[str, str] = Field(default_factory=dict)
+
+
+class IdentityRevokeRequest(BaseModel):
+    model_config = _STRICT
+    spiffe_id: str = Field(max_length=2048)
+    reason: str = Field(default="unspecified", examples=["keyCompromise"])
+
+
+class IntermediateRevokedOut(BaseModel):
+    revoked_serial: str
+    new_serial: str
+    to_reissue: list[CertificateOut] = Field(
+        description="Live certificates issued by the revoked intermediate: re-issue them"
+    )
+
+    @classmethod
+    def of(cls, result: IntermediateRevoked) -> IntermediateRevokedOut:
+        return cls(
+            revoked_serial=result.revoked_serial.hex,
+            new_serial=result.new_serial.hex,
+            to_reissue=[CertificateOut.of(info) for info in result.to_reissue],
+        )

@@ -20,7 +20,7 @@ from ca.errors import Conflict, InvalidInput, NotInitialised
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
-from ca.profiles import BACKDATE, CaSpec, ca_builder, ca_subject, sign
+from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow
 
@@ -88,7 +88,7 @@ def _validate(params: AuthorityParams) -> None:
         raise InvalidInput("the intermediate CA TTL must be shorter than the root's")
 
 
-def _new_ca(
+def sign_new_ca(
     ctx: Context,
     handle: KeyHandle,
     *,
@@ -111,13 +111,18 @@ def _new_ca(
         not_after=not_after,
         path_length=None if issuer is None else 0,
         issuer=None if issuer is None else issuer[0],
+        urls=(
+            RevocationUrls.under(ctx.settings.public_url, params.name, issuer[0].serial_number)
+            if issuer is not None and ctx.settings.public_url
+            else None
+        ),
     )
     cert = sign(ca_builder(spec), signer if issuer is None else issuer[1])
     check_ca(cert, cert if issuer is None else issuer[0], params.trust_domain.id())
     return cert
 
 
-def _ca_row(
+def ca_row_for(
     name: str, role: str, cert: x509.Certificate, handle: KeyHandle, now: dt.datetime
 ) -> CaRow:
     return CaRow(
@@ -165,7 +170,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             int_key = ctx.keys.create(params.key_type, f"{params.name}-intermediate")
             created.append(int_key)
             td = params.trust_domain
-            root = _new_ca(
+            root = sign_new_ca(
                 ctx,
                 root_key,
                 common_name=f"{td} root",
@@ -173,7 +178,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
                 ttl=params.root_ttl,
                 issuer=None,
             )
-            intermediate = _new_ca(
+            intermediate = sign_new_ca(
                 ctx,
                 int_key,
                 common_name=f"{td} intermediate",
@@ -193,10 +198,10 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
                 )
             )
             session.flush()
-            root_row = _ca_row(params.name, "root", root, root_key, now)
+            root_row = ca_row_for(params.name, "root", root, root_key, now)
             session.add(root_row)
             session.flush()
-            int_row = _ca_row(params.name, "intermediate", intermediate, int_key, now)
+            int_row = ca_row_for(params.name, "intermediate", intermediate, int_key, now)
             int_row.parent_id = root_row.id
             session.add(int_row)
             session.commit()

@@ -10,18 +10,22 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from ca.config import Context
+from ca.crl import refresh_crl
 from ca.errors import Conflict, InvalidInput, NotFound
 from ca.identity import SpiffeId
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from ca.store.models import CertificateRow
+from ca.store.models import CaRow, CertificateRow
 
 __all__ = [
     "CertStatus",
     "CertificateInfo",
+    "Revocation",
+    "certificate_info",
     "get_certificate",
     "list_certificates",
     "revoke_certificate",
+    "revoke_identity",
 ]
 
 MAX_PAGE = 1000
@@ -54,10 +58,13 @@ class CertificateInfo:
     revoked_at: dt.datetime | None
     revocation_reason: RevocationReason | None
     revoked_by: str | None
+    revocation_request_id: str | None
+    invalidity_date: dt.datetime | None
+    issuer_ca_id: int
     certificate_pem: str
 
 
-def _info(row: CertificateRow, now: dt.datetime) -> CertificateInfo:
+def certificate_info(row: CertificateRow, now: dt.datetime) -> CertificateInfo:
     # "expired" is derived, not stored: it changes with time, not with any write.
     status = CertStatus(row.status)
     if status is CertStatus.ACTIVE and row.not_after <= now:
@@ -77,6 +84,9 @@ def _info(row: CertificateRow, now: dt.datetime) -> CertificateInfo:
         if row.revocation_reason
         else None,
         revoked_by=row.revoked_by,
+        revocation_request_id=row.revocation_request_id,
+        invalidity_date=row.invalidity_date,
+        issuer_ca_id=row.issuer_ca_id,
         certificate_pem=row.cert_pem,
     )
 
@@ -119,7 +129,7 @@ def list_certificates(
     )
     with Session(ctx.engine) as session:
         rows = session.exec(query).all()
-    return [_info(row, now) for row in rows]
+    return [certificate_info(row, now) for row in rows]
 
 
 def get_certificate(ctx: Context, serial: Serial) -> CertificateInfo:
@@ -127,30 +137,99 @@ def get_certificate(ctx: Context, serial: Serial) -> CertificateInfo:
         row = session.get(CertificateRow, serial.hex)
     if row is None:
         raise NotFound(f"no certificate with serial {serial}")
-    return _info(row, ctx.clock.now())
+    return certificate_info(row, ctx.clock.now())
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Who revokes, why, and under which request: recorded on every revoked certificate."""
+
+    reason: RevocationReason
+    actor: str
+    request_id: str | None = None
+    invalidity_date: dt.datetime | None = None
+
+
+def _revoke_rows(
+    ctx: Context, session: Session, serials: list[str], revocation: Revocation, now: dt.datetime
+) -> None:
+    """Mark rows revoked and re-sign their issuers' CRLs in the caller's transaction."""
+    session.execute(
+        sa.update(CertificateRow)
+        .where(col(CertificateRow.serial).in_(serials), col(CertificateRow.status) == "active")
+        .values(
+            status="revoked",
+            revoked_at=now,
+            revocation_reason=revocation.reason.value,
+            revoked_by=revocation.actor[:255],
+            revocation_request_id=(revocation.request_id or "")[:64] or None,
+            invalidity_date=revocation.invalidity_date,
+        )
+    )
+    issuers = session.exec(
+        select(CertificateRow.issuer_ca_id)
+        .where(col(CertificateRow.serial).in_(serials))
+        .distinct()
+    ).all()
+    for ca_id in issuers:
+        ca = session.get(CaRow, ca_id)
+        assert ca is not None
+        refresh_crl(ctx, session, ca)
 
 
 def revoke_certificate(
-    ctx: Context, serial: Serial, reason: RevocationReason, actor: str
+    ctx: Context,
+    serial: Serial,
+    reason: RevocationReason,
+    actor: str,
+    *,
+    request_id: str | None = None,
+    invalidity_date: dt.datetime | None = None,
 ) -> CertificateInfo:
-    """Revoke once: a second revocation is a ``Conflict`` so scripts notice they were late."""
+    """Revoke once: a second revocation is a ``Conflict`` so scripts notice they were late.
+
+    The issuer's CRL is re-signed in the same transaction: when this returns, CRL and OCSP
+    already say "revoked".
+    """
     now = ctx.clock.now()
+    revocation = Revocation(reason, actor, request_id, invalidity_date)
     with Session(ctx.engine) as session:
-        result = session.execute(
-            sa.update(CertificateRow)
-            .where(col(CertificateRow.serial) == serial.hex, col(CertificateRow.status) == "active")
-            .values(
-                status="revoked",
-                revoked_at=now,
-                revocation_reason=reason.value,
-                revoked_by=actor[:255],
-            )
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            if session.get(CertificateRow, serial.hex) is None:
-                raise NotFound(f"no certificate with serial {serial}")
+        row = session.get(CertificateRow, serial.hex, with_for_update=True)
+        if row is None:
+            raise NotFound(f"no certificate with serial {serial}")
+        if row.status != "active":
             raise Conflict(f"certificate {serial} is already revoked")
+        _revoke_rows(ctx, session, [row.serial], revocation, now)
         session.commit()
-        row = session.get(CertificateRow, serial.hex)
-        assert row is not None
-        return _info(row, now)
+        session.refresh(row)
+        return certificate_info(row, now)
+
+
+def revoke_identity(
+    ctx: Context,
+    spiffe_id: SpiffeId,
+    reason: RevocationReason,
+    actor: str,
+    *,
+    request_id: str | None = None,
+) -> list[CertificateInfo]:
+    """Revoke every live (active, unexpired) certificate of one identity, all or nothing."""
+    now = ctx.clock.now()
+    revocation = Revocation(reason, actor, request_id)
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(CertificateRow)
+            .where(
+                CertificateRow.spiffe_id == str(spiffe_id),
+                CertificateRow.status == "active",
+                col(CertificateRow.not_after) > now,
+            )
+            .with_for_update()
+        ).all()
+        if not rows:
+            raise NotFound(f"no live certificates for {spiffe_id}")
+        _revoke_rows(ctx, session, [row.serial for row in rows], revocation, now)
+        session.commit()
+        for row in rows:
+            session.refresh(row)
+        return [certificate_info(row, now) for row in rows]

@@ -50,6 +50,11 @@ class Entry:
     ttl: Ttl
     max_ttl: Ttl
     created_at: dt.datetime
+    disabled_at: dt.datetime | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_at is None
 
 
 def _entry(row: EntryRow) -> Entry:
@@ -60,6 +65,7 @@ def _entry(row: EntryRow) -> Entry:
         ttl=Ttl(row.ttl_seconds),
         max_ttl=Ttl(row.max_ttl_seconds),
         created_at=row.created_at,
+        disabled_at=row.disabled_at,
     )
 
 
@@ -134,3 +140,17 @@ def delete_entry(ctx: Context, entry_id: str) -> Entry:
         session.delete(row)
         session.commit()
     return entry
+
+
+def set_entry_enabled(ctx: Context, entry_id: str, enabled: bool) -> Entry:
+    """A disabled entry issues nothing (no join, no renewal) until enabled again: the way to stop
+    a revoked identity from coming straight back with a fresh certificate."""
+    with Session(ctx.engine) as session:
+        row = session.get(EntryRow, _parse_id(entry_id))
+        if row is None:
+            raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
+        row.disabled_at = None if enabled else (row.disabled_at or ctx.clock.now())
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+        return _entry(row)

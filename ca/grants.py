@@ -30,6 +30,8 @@ __all__ = ["admin_grant", "join_grant", "renewal_grant", "server_grant"]
 
 
 def _entry_grant(row: EntryRow, *, requested_by: str) -> Grant:
+    if row.disabled_at is not None:
+        raise PermissionDenied(f"the registration entry for {row.spiffe_id} is disabled")
     return Grant(
         spiffe_id=SpiffeId.parse(row.spiffe_id),
         default_ttl=Ttl(row.ttl_seconds),

@@ -27,11 +27,11 @@ from ca.checks import check_leaf
 from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
-from ca.errors import AuthenticationFailed, PolicyViolation
+from ca.errors import AuthenticationFailed, PolicyViolation, Unavailable
 from ca.identity import SpiffeId
 from ca.keys import PrivateKey, PublicKey
 from ca.pem import certs_pem, fingerprint
-from ca.profiles import BACKDATE, LeafSpec, leaf_builder, sign
+from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.serial import Serial
 from ca.store.models import CertificateRow, RenewalNonceRow
 from ca.tokens import consume_join_token
@@ -113,12 +113,13 @@ def validity_window(
 ) -> tuple[dt.datetime, dt.datetime]:
     """notBefore is backdated for clock skew; notAfter never passes the issuer's (X509-SVID §5.2
     relying parties reject a chain where it would)."""
+    # Both are the server's state, not the caller's fault: 503, so clients retry.
+    if now < issuer.not_valid_before_utc:
+        raise Unavailable("the issuing CA is not valid yet: is this host's clock behind?")
     not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
     not_after = min(now + ttl.delta, issuer.not_valid_after_utc)
     if not_after <= now:
-        raise PolicyViolation(
-            "the issuing CA expires now: no certificate can be issued until it rotates"
-        )
+        raise Unavailable("the issuing CA expires now: nothing can be issued until it rotates")
     return not_before, not_after
 
 
@@ -161,6 +162,13 @@ def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer)
         session.commit()
 
 
+def _urls(ctx: Context, issuer: Issuer) -> RevocationUrls | None:
+    public_url = ctx.settings.public_url
+    if not public_url:
+        return None
+    return RevocationUrls.under(public_url, issuer.authority, issuer.certificate.serial_number)
+
+
 def issue_for_key(
     ctx: Context,
     grant: Grant,
@@ -182,6 +190,7 @@ def issue_for_key(
         issuer=issuer.certificate,
         dns_names=tuple(grant.dns_names if dns_names is None else dns_names),
         ip_addresses=grant.ip_addresses,
+        urls=_urls(ctx, issuer),
     )
     cert = sign(leaf_builder(spec), issuer.signer)
     check_leaf(cert, issuer.certificate, grant.spiffe_id)

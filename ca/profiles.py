@@ -14,18 +14,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from ca.identity import SpiffeId
-from ca.keys import KeyType, PublicKey, Signer
+from ca.keys import PublicKey, Signer
 from ca.serial import Serial
 
 __all__ = [
     "BACKDATE",
     "CaSpec",
     "LeafSpec",
+    "ResponderSpec",
+    "RevocationUrls",
     "ca_builder",
     "leaf_builder",
+    "ocsp_responder_builder",
     "sign",
 ]
 
@@ -35,6 +39,50 @@ BACKDATE = dt.timedelta(seconds=30)
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _EMPTY_NAME = x509.Name([])
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationUrls:
+    """Where relying parties find revocation data for certificates of one issuer (RFC 5280
+    §4.2.1.13 CRL Distribution Points, §4.2.2.1 Authority Information Access)."""
+
+    crl: str
+    ocsp: str
+    ca_issuers: str
+
+    @classmethod
+    def under(cls, public_url: str, authority: str, issuer_serial: int) -> RevocationUrls:
+        base, serial = public_url.rstrip("/"), format(issuer_serial, "x")
+        return cls(
+            crl=f"{base}/v1/crl/{authority}/{serial}.crl",
+            ocsp=f"{base}/v1/ocsp",
+            ca_issuers=f"{base}/v1/ca/{authority}/{serial}.crt",
+        )
+
+
+def _with_urls(
+    builder: x509.CertificateBuilder, urls: RevocationUrls | None
+) -> x509.CertificateBuilder:
+    if urls is None:
+        return builder
+    point = x509.DistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(urls.crl)],
+        relative_name=None,
+        reasons=None,
+        crl_issuer=None,
+    )
+    access = [
+        x509.AccessDescription(
+            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp)
+        ),
+        x509.AccessDescription(
+            AuthorityInformationAccessOID.CA_ISSUERS,
+            x509.UniformResourceIdentifier(urls.ca_issuers),
+        ),
+    ]
+    return builder.add_extension(x509.CRLDistributionPoints([point]), critical=False).add_extension(
+        x509.AuthorityInformationAccess(access), critical=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +97,7 @@ class CaSpec:
     not_after: dt.datetime
     path_length: int | None
     issuer: x509.Certificate | None = None
+    urls: RevocationUrls | None = None  # only for intermediates: a root has no issuer to ask
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +113,7 @@ class LeafSpec:
     dns_names: Sequence[str] = ()
     ip_addresses: Sequence[IpAddress] = ()
     subject: x509.Name = _EMPTY_NAME
+    urls: RevocationUrls | None = None
 
 
 def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:
@@ -91,7 +141,7 @@ def ca_builder(spec: CaSpec) -> x509.CertificateBuilder:
         if spec.issuer is None
         else _aki(spec.issuer)
     )
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(spec.subject)
         .issuer_name(issuer_name)
@@ -125,14 +175,15 @@ def ca_builder(spec: CaSpec) -> x509.CertificateBuilder:
             critical=False,
         )
     )
+    return _with_urls(builder, spec.urls)
 
 
 def leaf_builder(spec: LeafSpec) -> x509.CertificateBuilder:
-    key_type = KeyType.of(spec.public_key)
+    is_rsa = isinstance(spec.public_key, rsa.RSAPublicKey)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spec.spiffe_id))]
     names += [x509.DNSName(name) for name in spec.dns_names]
     names += [x509.IPAddress(address) for address in spec.ip_addresses]
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(spec.subject)
         .issuer_name(spec.issuer.subject)
@@ -147,7 +198,7 @@ def leaf_builder(spec: LeafSpec) -> x509.CertificateBuilder:
             x509.KeyUsage(
                 digital_signature=True,
                 content_commitment=False,
-                key_encipherment=key_type.is_rsa,
+                key_encipherment=is_rsa,
                 data_encipherment=False,
                 key_agreement=False,
                 key_cert_sign=False,
@@ -169,7 +220,53 @@ def leaf_builder(spec: LeafSpec) -> x509.CertificateBuilder:
         # X509-SVID §4.1 / RFC 5280 §4.2.1.6: with an empty subject the SAN must be critical.
         .add_extension(x509.SubjectAlternativeName(names), critical=len(spec.subject) == 0)
     )
+    return _with_urls(builder, spec.urls)
 
 
 def sign(builder: x509.CertificateBuilder, signer: Signer) -> x509.Certificate:
     return builder.sign(signer.private_key, signer.hash_algorithm)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponderSpec:
+    """A delegated OCSP responder certificate (RFC 6960 §4.2.2.2)."""
+
+    public_key: PublicKey
+    common_name: str
+    serial: Serial
+    not_before: dt.datetime
+    not_after: dt.datetime
+    issuer: x509.Certificate
+
+
+def ocsp_responder_builder(spec: ResponderSpec) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(ca_subject("Trellis", spec.common_name))
+        .issuer_name(spec.issuer.subject)
+        .public_key(spec.public_key)
+        .serial_number(spec.serial.value)
+        .not_valid_before(spec.not_before)
+        .not_valid_after(spec.not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        # RFC 6960 §4.2.2.2: the delegation is the id-kp-OCSPSigning EKU.
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        # §4.2.2.2.1: clients need not check the responder's own revocation; it lives briefly.
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(_ski(spec.public_key), critical=False)
+        .add_extension(_aki(spec.issuer), critical=False)
+    )

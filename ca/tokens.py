@@ -96,20 +96,30 @@ def _create(ctx: Context, session: Session, row: TokenRow) -> tuple[TokenInfo, s
     return _info(row), secret
 
 
-def create_admin_token(ctx: Context, description: str = "") -> tuple[TokenInfo, str]:
+def create_admin_token(
+    ctx: Context, description: str = "", *, ttl: Ttl | None = None
+) -> tuple[TokenInfo, str]:
+    """Admin tokens never expire unless given a TTL (the one `init` writes is revoked by hand)."""
+    now = ctx.clock.now()
     with Session(ctx.engine) as session:
         row = TokenRow(
             id=secrets.token_hex(8),
             kind=TokenKind.ADMIN.value,
             secret_hash="",
-            created_at=ctx.clock.now(),
+            expires_at=now + ttl.delta if ttl is not None else None,
+            created_at=now,
             description=description[:255],
         )
         return _create(ctx, session, row)
 
 
 def create_join_token(
-    ctx: Context, entry_id: str, *, uses: int = 1, ttl: Ttl = DEFAULT_JOIN_TTL
+    ctx: Context,
+    entry_id: str,
+    *,
+    uses: int = 1,
+    ttl: Ttl = DEFAULT_JOIN_TTL,
+    description: str = "",
 ) -> tuple[TokenInfo, str]:
     if not 1 <= uses <= MAX_JOIN_USES:
         raise InvalidInput(f"a join token allows 1 to {MAX_JOIN_USES} uses")
@@ -127,6 +137,7 @@ def create_join_token(
             uses_remaining=uses,
             expires_at=now + ttl.delta,
             created_at=now,
+            description=description[:255],
         )
         return _create(ctx, session, row)
 

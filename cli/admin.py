@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -121,7 +122,14 @@ def entry_create(
 
 def _entry_rows(items: list[entries.Entry]) -> list[list[str]]:
     return [
-        [e.id, str(e.spiffe_id), ",".join(e.dns_names) or "-", str(e.ttl), str(e.max_ttl)]
+        [
+            e.id,
+            str(e.spiffe_id),
+            ",".join(e.dns_names) or "-",
+            str(e.ttl),
+            str(e.max_ttl),
+            "yes" if e.enabled else "no",
+        ]
         for e in items
     ]
 
@@ -132,7 +140,7 @@ def entry_list(json_out: JsonOpt = False) -> None:
     if json_out:
         emit_json([EntryOut.of(e) for e in items])
     else:
-        table(["ID", "SPIFFE ID", "DNS", "TTL", "MAX TTL"], _entry_rows(items))
+        table(["ID", "SPIFFE ID", "DNS", "TTL", "MAX TTL", "ENABLED"], _entry_rows(items))
 
 
 @entry_app.command("show")
@@ -141,7 +149,7 @@ def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
     if json_out:
         emit_json(EntryOut.of(entry))
     else:
-        table(["ID", "SPIFFE ID", "DNS", "TTL", "MAX TTL"], _entry_rows([entry]))
+        table(["ID", "SPIFFE ID", "DNS", "TTL", "MAX TTL", "ENABLED"], _entry_rows([entry]))
 
 
 @entry_app.command("delete")
@@ -153,12 +161,33 @@ def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
         typer.echo(f"deleted entry {entry.id} ({entry.spiffe_id}) and its join tokens")
 
 
+@entry_app.command("disable")
+def entry_disable(entry_id: str, json_out: JsonOpt = False) -> None:
+    """Issue and renew nothing for this entry until it is enabled again."""
+    entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=False)
+    if json_out:
+        emit_json(EntryOut.of(entry))
+    else:
+        typer.echo(f"disabled entry {entry.id} ({entry.spiffe_id})")
+
+
+@entry_app.command("enable")
+def entry_enable(entry_id: str, json_out: JsonOpt = False) -> None:
+    entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=True)
+    if json_out:
+        emit_json(EntryOut.of(entry))
+    else:
+        typer.echo(f"enabled entry {entry.id} ({entry.spiffe_id})")
+
+
 @token_app.command("create")
 def token_create(
     entry: Annotated[str | None, typer.Option(help="Entry id: create a join token for it")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Create an admin token")] = False,
     uses: Annotated[int, typer.Option(help="How many SVIDs the join token may obtain")] = 1,
-    ttl: Annotated[str, typer.Option(help="Join token lifetime")] = "1h",
+    ttl: Annotated[
+        str | None, typer.Option(help="Lifetime (join: default 1h; admin: default none)")
+    ] = None,
     description: Annotated[str, typer.Option(help="Free text")] = "",
     json_out: JsonOpt = False,
 ) -> None:
@@ -167,10 +196,18 @@ def token_create(
         raise typer.BadParameter("give exactly one of --entry ID or --admin")
     ctx = STATE.context()
     if admin:
-        info, secret = tokens.create_admin_token(ctx, description)
+        info, secret = tokens.create_admin_token(
+            ctx, description, ttl=Ttl.parse(ttl) if ttl else None
+        )
     else:
         assert entry is not None
-        info, secret = tokens.create_join_token(ctx, entry, uses=uses, ttl=Ttl.parse(ttl))
+        info, secret = tokens.create_join_token(
+            ctx,
+            entry,
+            uses=uses,
+            ttl=Ttl.parse(ttl) if ttl else tokens.DEFAULT_JOIN_TTL,
+            description=description,
+        )
     if json_out:
         emit_json(TokenCreated(**TokenOut.of(info).model_dump(), token=secret))
     else:
@@ -258,25 +295,48 @@ def certs_show(serial: str, json_out: JsonOpt = False) -> None:
 
 
 def revoke(
-    serial: str,
+    serial: Annotated[str | None, typer.Argument(help="Serial (hex) of one certificate")] = None,
+    spiffe_id: Annotated[
+        str | None, typer.Option(help="Revoke every live certificate of this identity instead")
+    ] = None,
     reason: Annotated[
         str, typer.Option(help="RFC 5280 reason, e.g. keyCompromise")
     ] = "unspecified",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Revoke one certificate by serial."""
-    parsed, why = Serial.parse(serial), RevocationReason.parse(reason)
+    """Revoke one certificate by serial, or all live certificates of a SPIFFE ID."""
+    if (serial is None) == (spiffe_id is None):
+        raise typer.BadParameter("give a SERIAL or --spiffe-id, not both")
+    why = RevocationReason.parse(reason)
     ctx = STATE.context()
-    current = certs.get_certificate(ctx, parsed)
-    if not yes and not typer.confirm(
-        f"Revoke {current.serial} ({current.spiffe_id}, {current.status.value}) for {why.value}?"
-    ):
-        raise typer.Exit(1)
-    info = certs.revoke_certificate(ctx, parsed, why, "cli")
-    if json_out:
-        emit_json(CertificateOut.of(info))
+    request_id = f"cli-{uuid.uuid4().hex[:16]}"
+    if serial is not None:
+        parsed = Serial.parse(serial)
+        current = certs.get_certificate(ctx, parsed)
+        question = f"Revoke {current.serial} ({current.spiffe_id}, {current.status.value})"
+        if not yes and not typer.confirm(f"{question} for {why.value}?"):
+            raise typer.Exit(1)
+        revoked = [certs.revoke_certificate(ctx, parsed, why, "cli", request_id=request_id)]
     else:
+        identity = SpiffeId.parse(spiffe_id or "")
+        live = certs.list_certificates(
+            ctx, spiffe_id=identity, status=certs.CertStatus.ACTIVE, limit=certs.MAX_PAGE
+        )
+        if (
+            live
+            and not yes
+            and not typer.confirm(
+                f"Revoke {len(live)} live certificate(s) of {identity} for {why.value}?"
+            )
+        ):
+            raise typer.Exit(1)
+        revoked = certs.revoke_identity(ctx, identity, why, "cli", request_id=request_id)
+    if json_out:
+        out = [CertificateOut.of(info) for info in revoked]
+        emit_json(out[0] if serial is not None else out)
+        return
+    for info in revoked:
         typer.echo(
             f"revoked {info.serial} ({info.spiffe_id}) reason {why.value} "
             f"at {when(info.revoked_at)}"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ca.errors import TrellisError
-from cli import admin, server, workload
+from cli import admin, revocation, server, workload
 from cli.common import STATE, exit_code
 
 app = typer.Typer(
@@ -43,6 +43,8 @@ app.add_typer(admin.token_app, name="token")
 app.add_typer(workload.svid_app, name="svid")
 app.add_typer(admin.certs_app, name="certs")
 app.add_typer(admin.bundle_app, name="bundle")
+app.add_typer(revocation.crl_app, name="crl")
+app.add_typer(revocation.authority_app, name="authority")
 
 
 def main(argv: list[str] | None = None) -> None:

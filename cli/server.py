@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Annotated
 
 import typer
 import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
 
 from api.app import create_app
 from ca.authority import active_issuer
+from ca.config import Context
+from ca.jobs import JOBS, Job
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
+
+log = logging.getLogger("trellis.serve")
 
 
 def serve(
@@ -37,12 +43,42 @@ def serve(
     typer.echo(f"  trust bundle   {settings.data_dir / 'bundle.pem'}")
     typer.echo(f"  admin token    {settings.admin_token_path}")
     typer.echo(f"  API reference  {scheme}://{display_host}:{settings.port}/docs")
-    uvicorn.run(
-        create_app(ctx),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        access_log=False,
-        server_header=False,
-        **tls_options,  # type: ignore[arg-type]
-    )
+    scheduler = start_scheduler(ctx)
+    try:
+        uvicorn.run(
+            create_app(ctx),
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=False,
+            server_header=False,
+            **tls_options,  # type: ignore[arg-type]
+        )
+    finally:
+        scheduler.shutdown(wait=False)
+
+
+def start_scheduler(ctx: Context) -> BackgroundScheduler:
+    """Run every maintenance job at start-up (a process that was down catches up) and then on
+    its interval; a failure is logged and retried at the next interval."""
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    for job in JOBS:
+        scheduler.add_job(
+            _run_job,
+            "interval",
+            seconds=job.every_seconds,
+            args=(ctx, job),
+            id=job.name,
+            next_run_time=dt.datetime.now(dt.UTC),
+            max_instances=1,
+            coalesce=True,
+        )
+    scheduler.start()
+    return scheduler
+
+
+def _run_job(ctx: Context, job: Job) -> None:
+    try:
+        log.info("job %s: %s", job.name, job.run(ctx))
+    except Exception:
+        log.exception("job %s failed", job.name)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from api.deps import AdminDep, CtxDep
-from api.problems import PROBLEM_RESPONSES
+from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import CertificateOut, CertificatePage, RevokeRequest
 from ca import certs
 from ca.identity import SpiffeId
@@ -37,7 +37,7 @@ def list_certificates(
     return CertificatePage(items=[CertificateOut.of(i) for i in items], next_after=next_after)
 
 
-@router.get("/{serial}", response_model=CertificateOut)
+@router.get("/{serial}", response_model=CertificateOut, responses=responses(404))
 def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateOut:
     return CertificateOut.of(certs.get_certificate(ctx, Serial.parse(serial)), with_pem=True)
 
@@ -45,12 +45,17 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateO
 @router.post(
     "/{serial}/revoke",
     response_model=CertificateOut,
-    responses={409: {"description": "Already revoked"}},
+    responses=responses(404, 409),
 )
 def revoke_certificate(
-    serial: str, body: RevokeRequest, ctx: CtxDep, admin: AdminDep
+    serial: str, body: RevokeRequest, request: Request, ctx: CtxDep, admin: AdminDep
 ) -> CertificateOut:
     info = certs.revoke_certificate(
-        ctx, Serial.parse(serial), RevocationReason.parse(body.reason), str(admin)
+        ctx,
+        Serial.parse(serial),
+        RevocationReason.parse(body.reason),
+        str(admin),
+        request_id=request.state.request_id,
+        invalidity_date=body.invalidity_date,
     )
     return CertificateOut.of(info)

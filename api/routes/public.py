@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import CtxDep
+from api.problems import responses
 from api.schemas import Health
 from ca.authority import active_issuer, bundle_pem
 from ca.errors import TrellisError
@@ -18,7 +19,8 @@ router = APIRouter(tags=["public"])
     "/v1/bundle",
     response_class=Response,
     responses={
-        200: {"content": {"application/x-pem-file": {}}, "description": "Root certificates"}
+        200: {"content": {"application/x-pem-file": {}}, "description": "Root certificates"},
+        **responses(503),
     },
     summary="The trust bundle (PEM), no authentication",
 )

@@ -39,7 +39,12 @@ class KeyType(enum.Enum):
         if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
             return {"secp256r1": cls.EC_P256, "secp384r1": cls.EC_P384}[key.curve.name]
         if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-            return cls(f"rsa-{key.key_size}")
+            try:
+                return cls(f"rsa-{key.key_size}")
+            except ValueError:
+                raise InvalidInput(
+                    f"RSA keys of {key.key_size} bits are not a Trellis key type"
+                ) from None
         return cls.ED25519
 
     @property

@@ -17,7 +17,9 @@ __all__ = [
     "AuthorityRow",
     "CaRow",
     "CertificateRow",
+    "CrlRow",
     "EntryRow",
+    "OcspResponderRow",
     "RenewalNonceRow",
     "TokenRow",
     "UtcDateTime",
@@ -77,6 +79,8 @@ class CaRow(SQLModel, table=True):
     not_before: dt.datetime = _time()
     not_after: dt.datetime = _time()
     created_at: dt.datetime = _time()
+    revoked_at: dt.datetime | None = _time(nullable=True)
+    revocation_reason: str | None = Field(default=None, max_length=32)
 
 
 class EntryRow(SQLModel, table=True):
@@ -89,6 +93,7 @@ class EntryRow(SQLModel, table=True):
     ttl_seconds: int
     max_ttl_seconds: int
     created_at: dt.datetime = _time()
+    disabled_at: dt.datetime | None = _time(nullable=True)
 
 
 class TokenRow(SQLModel, table=True):
@@ -107,6 +112,7 @@ class TokenRow(SQLModel, table=True):
 
 class CertificateRow(SQLModel, table=True):
     __tablename__ = "certificate"
+    __table_args__ = (sa.Index("ix_certificate_issuer_status", "issuer_ca_id", "status"),)
 
     serial: str = Field(primary_key=True, max_length=40)
     authority: str = Field(foreign_key="authority.name", max_length=64)
@@ -122,6 +128,8 @@ class CertificateRow(SQLModel, table=True):
     revoked_at: dt.datetime | None = _time(nullable=True)
     revocation_reason: str | None = Field(default=None, max_length=32)
     revoked_by: str | None = Field(default=None, max_length=255)
+    revocation_request_id: str | None = Field(default=None, max_length=64)
+    invalidity_date: dt.datetime | None = _time(nullable=True)
     cert_pem: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
     created_at: dt.datetime = _time()
 
@@ -133,3 +141,29 @@ class RenewalNonceRow(SQLModel, table=True):
 
     jti: str = Field(primary_key=True, max_length=64)
     expires_at: dt.datetime = _time(index=True)
+
+
+class CrlRow(SQLModel, table=True):
+    """The current CRL of one CA. ``number`` only grows (RFC 5280 §5.2.3); replicas serve it."""
+
+    __tablename__ = "crl"
+
+    ca_id: int = Field(primary_key=True, foreign_key="ca.id")
+    number: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    this_update: dt.datetime = _time()
+    next_update: dt.datetime = _time()
+    der: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
+
+
+class OcspResponderRow(SQLModel, table=True):
+    """A delegated OCSP signing certificate (id-kp-OCSPSigning) for one CA, and its key."""
+
+    __tablename__ = "ocsp_responder"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ca_id: int = Field(foreign_key="ca.id", index=True)
+    key_backend: str = Field(max_length=32)
+    key_ref: str = Field(max_length=255)
+    key_type: str = Field(max_length=16)
+    cert_pem: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    not_after: dt.datetime = _time()

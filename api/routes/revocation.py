@@ -1,0 +1,132 @@
+"""Relying-party endpoints (CRLs, OCSP, CA certificates: no authentication) and the admin
+revocation workflow."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+
+from api.deps import AdminDep, CtxDep
+from api.problems import PROBLEM_RESPONSES, responses
+from api.schemas import CertificateOut, IdentityRevokeRequest, IntermediateRevokedOut
+from ca import certs
+from ca.cas import ca_certificate_der
+from ca.crl import current_crl
+from ca.emergency import revoke_intermediate
+from ca.identity import SpiffeId
+from ca.ocsp import MAX_REQUEST, respond
+from ca.revocation import RevocationReason
+
+public = APIRouter(tags=["revocation"])
+admin = APIRouter(prefix="/v1", tags=["revocation"], responses=PROBLEM_RESPONSES)
+
+Authority = Annotated[str, Path(max_length=64, pattern="^[a-z0-9-]+$")]
+CaName = Annotated[str, Path(max_length=64, pattern="^[0-9a-fA-F:]+|root|intermediate$")]
+CRL_CACHE = "public, max-age=300"
+
+
+@public.get(
+    "/v1/crl/{authority}/{ca}.crl",
+    response_class=Response,
+    responses={200: {"content": {"application/pkix-crl": {}}}, **responses(404)},
+    summary="A CA's current CRL (DER). `ca` is a CA serial, `root` or `intermediate`",
+)
+def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
+    crl = current_crl(ctx, authority, ca)
+    return Response(crl.der, media_type="application/pkix-crl", headers=_crl_headers(crl.number))
+
+
+@public.get(
+    "/v1/crl/{authority}/{ca}.pem",
+    response_class=Response,
+    responses={200: {"content": {"application/x-pem-file": {}}}, **responses(404)},
+    summary="A CA's current CRL (PEM)",
+)
+def crl_pem(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
+    crl = current_crl(ctx, authority, ca)
+    return Response(crl.pem, media_type="application/x-pem-file", headers=_crl_headers(crl.number))
+
+
+def _crl_headers(number: int) -> dict[str, str]:
+    return {"Cache-Control": CRL_CACHE, "ETag": f'"crl-{number}"'}
+
+
+@public.get(
+    "/v1/ca/{authority}/{ca}.crt",
+    response_class=Response,
+    responses={200: {"content": {"application/pkix-cert": {}}}, **responses(404)},
+    summary="A CA certificate (DER), the target of caIssuers in issued certificates",
+)
+def ca_cert(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
+    return Response(ca_certificate_der(ctx, authority, ca), media_type="application/pkix-cert")
+
+
+_OCSP = {200: {"content": {"application/ocsp-response": {}}, "description": "RFC 6960 response"}}
+
+
+@public.post(
+    "/v1/ocsp",
+    response_class=Response,
+    responses=_OCSP,  # type: ignore[arg-type]
+    summary="OCSP (RFC 6960 §A.1 POST): body is a DER OCSPRequest",
+)
+async def ocsp_post(request: Request, ctx: CtxDep) -> Response:
+    body = await request.body()
+    return _ocsp(ctx, body[: MAX_REQUEST + 1])
+
+
+@public.get(
+    "/v1/ocsp/{encoded:path}",
+    response_class=Response,
+    responses=_OCSP,  # type: ignore[arg-type]
+    summary="OCSP (RFC 6960 §A.1 GET): base64 of the DER OCSPRequest, URL-encoded",
+)
+def ocsp_get(encoded: str, ctx: CtxDep) -> Response:
+    try:
+        der = base64.b64decode(encoded.replace("-", "+").replace("_", "/") + "==", validate=False)
+    except (binascii.Error, ValueError):
+        der = b""
+    return _ocsp(ctx, der)
+
+
+def _ocsp(ctx: CtxDep, der: bytes) -> Response:
+    return Response(
+        respond(ctx, der),
+        media_type="application/ocsp-response",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@admin.post(
+    "/revocations",
+    response_model=list[CertificateOut],
+    responses=responses(404),
+    summary="Revoke every live certificate of one SPIFFE ID",
+)
+def revoke_identity(
+    body: IdentityRevokeRequest, request: Request, ctx: CtxDep, principal: AdminDep
+) -> list[CertificateOut]:
+    revoked = certs.revoke_identity(
+        ctx,
+        SpiffeId.parse(body.spiffe_id),
+        RevocationReason.parse(body.reason),
+        str(principal),
+        request_id=request.state.request_id,
+    )
+    return [CertificateOut.of(info) for info in revoked]
+
+
+@admin.post(
+    "/authorities/{authority}/revoke-intermediate",
+    response_model=IntermediateRevokedOut,
+    responses=responses(404),
+    summary="Emergency: revoke the active intermediate and switch to a new one at once",
+)
+def emergency(
+    authority: Authority, ctx: CtxDep, _principal: AdminDep, reason: str = "cACompromise"
+) -> IntermediateRevokedOut:
+    result = revoke_intermediate(ctx, authority=authority, reason=RevocationReason.parse(reason))
+    return IntermediateRevokedOut.of(result)

@@ -1,0 +1,165 @@
+"""Certificate revocation lists: one v2 CRL per CA, re-signed on every revocation.
+
+The CRL of a CA is regenerated inside the transaction that revokes something it issued, so once
+a revocation commits, the stored CRL already lists it; every replica serves the stored row, so
+replicas agree as soon as they read the database. A scheduled job re-signs CRLs well before
+``nextUpdate`` (an expired CRL makes OpenVPN and nginx refuse everybody).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session, col, select
+
+from ca.cas import ca_certificate, ca_signer, find_ca
+from ca.config import Context
+from ca.revocation import RevocationReason
+from ca.store.models import CaRow, CertificateRow, CrlRow
+
+__all__ = [
+    "CRL_LIFETIME",
+    "Crl",
+    "current_crl",
+    "refresh_crl",
+    "refresh_stale_crls",
+]
+
+CRL_LIFETIME = dt.timedelta(hours=24)
+# Re-sign when less than this much of a CRL's life is left; the scheduler runs far more often.
+REFRESH_BEFORE = CRL_LIFETIME * 2 / 3
+
+
+@dataclass(frozen=True, slots=True)
+class Crl:
+    ca_serial: str
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    der: bytes
+
+    @property
+    def pem(self) -> bytes:
+        crl = x509.load_der_x509_crl(self.der)
+        return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def _entry(
+    serial: str, revoked_at: dt.datetime, reason: str | None, invalidity: dt.datetime | None
+) -> x509.RevokedCertificate:
+    builder = (
+        x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(revoked_at)
+    )
+    # RFC 5280 §5.3.1: the reason code "unspecified" SHOULD be omitted rather than stated.
+    if reason and reason != RevocationReason.UNSPECIFIED.value:
+        builder = builder.add_extension(
+            x509.CRLReason(RevocationReason(reason).flag), critical=False
+        )
+    if invalidity is not None:
+        builder = builder.add_extension(
+            x509.InvalidityDate(invalidity.replace(tzinfo=None)), critical=False
+        )
+    return builder.build()
+
+
+def _revoked(session: Session, ca: CaRow, now: dt.datetime) -> list[x509.RevokedCertificate]:
+    """Revoked and not yet expired: expired certificates drop off (RFC 5280 §3.3 permits it)."""
+    if ca.role == "root":
+        cas = session.exec(
+            select(CaRow).where(
+                CaRow.parent_id == ca.id,
+                col(CaRow.revoked_at).is_not(None),
+                col(CaRow.not_after) > now,
+            )
+        ).all()
+        return [
+            _entry(c.serial, c.revoked_at, c.revocation_reason, None) for c in cas if c.revoked_at
+        ]
+    rows = session.execute(
+        sa.select(
+            col(CertificateRow.serial),
+            col(CertificateRow.revoked_at),
+            col(CertificateRow.revocation_reason),
+            col(CertificateRow.invalidity_date),
+        ).where(
+            col(CertificateRow.issuer_ca_id) == ca.id,
+            col(CertificateRow.status) == "revoked",
+            col(CertificateRow.not_after) > now,
+        )
+    ).all()
+    return [_entry(serial, at, reason, invalid) for serial, at, reason, invalid in rows]
+
+
+def refresh_crl(ctx: Context, session: Session, ca: CaRow) -> CrlRow:
+    """Build and store a new CRL for ``ca`` inside the caller's transaction.
+
+    The row lock (PostgreSQL) orders concurrent revocations on several replicas so CRL numbers
+    stay strictly increasing; SQLite serialises writers anyway.
+    """
+    assert ca.id is not None
+    now = ctx.clock.now()
+    current = session.get(CrlRow, ca.id, with_for_update=True)
+    number = 1 if current is None else current.number + 1
+    cert = ca_certificate(ctx, ca)
+    signer = ca_signer(ctx, ca)
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(cert.subject)
+        .last_update(now)
+        .next_update(now + CRL_LIFETIME)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    for entry in _revoked(session, ca, now):
+        builder = builder.add_revoked_certificate(entry)
+    der = builder.sign(signer.private_key, signer.hash_algorithm).public_bytes(
+        serialization.Encoding.DER
+    )
+    if current is None:
+        current = CrlRow(
+            ca_id=ca.id, number=number, this_update=now, next_update=now + CRL_LIFETIME, der=der
+        )
+    else:
+        current.number, current.this_update = number, now
+        current.next_update, current.der = now + CRL_LIFETIME, der
+    session.add(current)
+    session.flush()
+    return current
+
+
+def _as_crl(ca: CaRow, row: CrlRow) -> Crl:
+    return Crl(ca.serial, row.number, row.this_update, row.next_update, row.der)
+
+
+def current_crl(ctx: Context, authority: str, selector: str) -> Crl:
+    """The stored CRL, created or re-signed first if it is missing or due."""
+    with Session(ctx.engine) as session:
+        ca = find_ca(session, authority, selector)
+        row = session.get(CrlRow, ca.id)
+        if row is not None and row.next_update - ctx.clock.now() > REFRESH_BEFORE:
+            return _as_crl(ca, row)
+        row = refresh_crl(ctx, session, ca)
+        crl = _as_crl(ca, row)
+        session.commit()
+        return crl
+
+
+def refresh_stale_crls(ctx: Context) -> list[Crl]:
+    """The scheduled job: re-sign every unexpired CA's CRL that is missing or due."""
+    refreshed: list[Crl] = []
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        cas = session.exec(select(CaRow).where(col(CaRow.not_after) > now)).all()
+        for ca in cas:
+            row = session.get(CrlRow, ca.id)
+            if row is None or row.next_update - now <= REFRESH_BEFORE:
+                refreshed.append(_as_crl(ca, refresh_crl(ctx, session, ca)))
+        session.commit()
+    return refreshed

@@ -1,0 +1,111 @@
+"""Emergency revocation of an issuing intermediate (a suspected key compromise).
+
+One transaction: the active intermediate is marked revoked, a freshly keyed intermediate under
+the same root becomes active, and the root's CRL is re-signed to list the old one. There is no
+moment without an active intermediate: either the whole switch commits or nothing changes. The
+trust bundle (roots) is unchanged, so relying parties need no update; workloads holding SVIDs
+from the old intermediate must get new ones (the result lists them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel import Session, col, select
+
+from ca.authority import MESH, AuthorityParams, active_issuer, ca_row_for, sign_new_ca
+from ca.cas import ca_certificate, ca_signer
+from ca.certs import CertificateInfo, CertStatus, certificate_info
+from ca.config import Context
+from ca.crl import refresh_crl
+from ca.durations import Ttl
+from ca.errors import NotInitialised
+from ca.identity import TrustDomain
+from ca.keys import KeyHandle, KeyType
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from ca.store.models import AuthorityRow, CaRow, CertificateRow
+
+__all__ = ["IntermediateRevoked", "revoke_intermediate"]
+
+
+@dataclass(frozen=True, slots=True)
+class IntermediateRevoked:
+    revoked_serial: Serial
+    new_serial: Serial
+    to_reissue: tuple[CertificateInfo, ...]  # live certificates the revoked intermediate issued
+
+
+def revoke_intermediate(
+    ctx: Context,
+    *,
+    authority: str = MESH,
+    reason: RevocationReason = RevocationReason.CA_COMPROMISE,
+) -> IntermediateRevoked:
+    now = ctx.clock.now()
+    created: list[KeyHandle] = []
+    try:
+        with Session(ctx.engine) as session:
+            old = session.exec(
+                select(CaRow)
+                .where(
+                    CaRow.authority == authority,
+                    CaRow.role == "intermediate",
+                    CaRow.state == "active",
+                )
+                .order_by(col(CaRow.not_after).desc())
+                .with_for_update()
+            ).first()
+            auth = session.get(AuthorityRow, authority)
+            if old is None or auth is None or old.parent_id is None:
+                raise NotInitialised(
+                    f"authority {authority!r} has no active intermediate to revoke"
+                )
+            root = session.get(CaRow, old.parent_id)
+            assert root is not None
+            handle = ctx.keys.create(KeyType(old.key_type), f"{authority}-intermediate")
+            created.append(handle)
+            params = AuthorityParams(
+                trust_domain=TrustDomain(auth.trust_domain),
+                key_type=KeyType(old.key_type),
+                ca_ttl=Ttl(auth.ca_ttl_seconds),
+                svid_ttl=Ttl(auth.svid_ttl_seconds),
+                name=authority,
+            )
+            cert = sign_new_ca(
+                ctx,
+                handle,
+                common_name=f"{auth.trust_domain} intermediate",
+                params=params,
+                ttl=params.ca_ttl,
+                issuer=(ca_certificate(ctx, root), ca_signer(ctx, root)),
+            )
+            old.state, old.revoked_at, old.revocation_reason = "revoked", now, reason.value
+            session.add(old)
+            new = ca_row_for(authority, "intermediate", cert, handle, now)
+            new.parent_id = root.id
+            session.add(new)
+            session.flush()
+            refresh_crl(ctx, session, root)
+            refresh_crl(ctx, session, old)
+            live = session.exec(
+                select(CertificateRow).where(
+                    CertificateRow.issuer_ca_id == old.id,
+                    CertificateRow.status == "active",
+                    col(CertificateRow.not_after) > now,
+                )
+            ).all()
+            to_reissue = tuple(
+                info
+                for info in (certificate_info(row, now) for row in live)
+                if info.status is CertStatus.ACTIVE
+            )
+            revoked_serial = Serial.parse(old.serial)
+            session.commit()
+    except BaseException:
+        for key in created:
+            ctx.keys.destroy(key)
+        raise
+    ctx.cache.clear()
+    issuer = active_issuer(ctx, authority)
+    return IntermediateRevoked(revoked_serial, Serial(issuer.certificate.serial_number), to_reissue)

@@ -1,0 +1,203 @@
+"""An RFC 6960 OCSP responder for every CA Trellis holds.
+
+Responses are signed by a delegated responder certificate per CA (id-kp-OCSPSigning,
+id-pkix-ocsp-nocheck), issued and renewed here on demand, so CA keys sign only certificates and
+CRLs. Status comes straight from the database, so it is current the moment a revocation commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from sqlmodel import Session, col, select
+
+from ca.cas import ca_certificate, ca_signer
+from ca.config import Context
+from ca.keys import KeyHandle, KeyType, Signer
+from ca.profiles import BACKDATE, ResponderSpec, ocsp_responder_builder, sign
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from ca.store.models import CaRow, CertificateRow, OcspResponderRow
+
+__all__ = ["MAX_REQUEST", "RESPONSE_VALIDITY", "respond"]
+
+RESPONDER_TTL = dt.timedelta(days=7)
+RESPONSE_VALIDITY = dt.timedelta(hours=1)
+# A single-certificate request with a nonce is ~100 bytes; anything near this is not OCSP.
+MAX_REQUEST = 8192
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+def _der_length(data: bytes, at: int) -> tuple[int, int]:
+    first = data[at]
+    if first < 0x80:
+        return first, at + 1
+    count = first & 0x7F
+    return int.from_bytes(data[at + 1 : at + 1 + count], "big"), at + 1 + count
+
+
+def public_key_bits(cert: x509.Certificate) -> bytes:
+    """The subjectPublicKey BIT STRING contents, which OCSP's issuerKeyHash covers (RFC 6960
+    §4.1.1), from the DER SubjectPublicKeyInfo: SEQUENCE { AlgorithmIdentifier, BIT STRING }."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _, at = _der_length(spki, 1)  # into the outer SEQUENCE
+    length, body = _der_length(spki, at + 1)  # the AlgorithmIdentifier
+    at = body + length
+    length, body = _der_length(spki, at + 1)  # the BIT STRING
+    return spki[body + 1 : body + length]  # drop the unused-bits octet
+
+
+def _match(ctx: Context, session: Session, request: ocsp.OCSPRequest) -> CaRow | None:
+    algorithm = request.hash_algorithm.name
+    for row in session.exec(select(CaRow)).all():
+        cert = ca_certificate(ctx, row)
+        name_hash = hashlib.new(algorithm, cert.subject.public_bytes()).digest()
+        key_hash = hashlib.new(algorithm, public_key_bits(cert)).digest()
+        if name_hash == request.issuer_name_hash and key_hash == request.issuer_key_hash:
+            return row
+    return None
+
+
+def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certificate, Signer]:
+    now = ctx.clock.now()
+    row = session.exec(
+        select(OcspResponderRow)
+        .where(OcspResponderRow.ca_id == ca.id, col(OcspResponderRow.not_after) > now)
+        .order_by(col(OcspResponderRow.not_after).desc())
+    ).first()
+    if row is not None:
+        cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc
+        if cert.not_valid_after_utc - now > life / 3:
+            cache_key = ("ocsp-signer", row.id)
+            signer = ctx.cache.get(cache_key)
+            if not isinstance(signer, Signer):
+                signer = ctx.keys.load(
+                    KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
+                )
+                ctx.cache[cache_key] = signer
+            return cert, signer
+    return _new_responder(ctx, ca, now)
+
+
+def _new_responder(ctx: Context, ca: CaRow, now: dt.datetime) -> tuple[x509.Certificate, Signer]:
+    issuer = ca_certificate(ctx, ca)
+    handle = ctx.keys.create(KeyType.EC_P256, f"{ca.authority}-ocsp")
+    try:
+        signer = ctx.keys.load(handle)
+        spec = ResponderSpec(
+            public_key=signer.public_key(),
+            common_name=f"{issuer.subject.rfc4514_string()[:40]} OCSP responder",
+            serial=Serial.random(),
+            not_before=max(now - BACKDATE, issuer.not_valid_before_utc),
+            not_after=min(now + RESPONDER_TTL, issuer.not_valid_after_utc),
+            issuer=issuer,
+        )
+        cert = sign(ocsp_responder_builder(spec), ca_signer(ctx, ca))
+        cert.verify_directly_issued_by(issuer)
+        assert ca.id is not None
+        with Session(
+            ctx.engine
+        ) as session:  # its own transaction: the responder outlives this call
+            session.add(
+                OcspResponderRow(
+                    ca_id=ca.id,
+                    key_backend=handle.backend,
+                    key_ref=handle.ref,
+                    key_type=handle.key_type.value,
+                    cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                    not_after=cert.not_valid_after_utc,
+                )
+            )
+            session.commit()
+    except BaseException:
+        ctx.keys.destroy(handle)
+        raise
+    return cert, signer
+
+
+def _status(
+    session: Session, ca: CaRow, serial: int
+) -> tuple[ocsp.OCSPCertStatus, dt.datetime | None, x509.ReasonFlags | None]:
+    hex_serial = format(serial, "x")
+    revoked_at: dt.datetime | None
+    reason: str | None
+    if ca.role == "root":
+        child = session.exec(
+            select(CaRow).where(CaRow.parent_id == ca.id, CaRow.serial == hex_serial)
+        ).first()
+        if child is None:
+            return ocsp.OCSPCertStatus.UNKNOWN, None, None
+        revoked_at, reason = child.revoked_at, child.revocation_reason
+    else:
+        leaf = session.exec(
+            select(CertificateRow).where(
+                CertificateRow.serial == hex_serial, CertificateRow.issuer_ca_id == ca.id
+            )
+        ).first()
+        if leaf is None:
+            return ocsp.OCSPCertStatus.UNKNOWN, None, None
+        revoked_at = leaf.revoked_at if leaf.status == "revoked" else None
+        reason = leaf.revocation_reason
+    if revoked_at is None:
+        return ocsp.OCSPCertStatus.GOOD, None, None
+    flag = RevocationReason(reason).flag if reason else None
+    return ocsp.OCSPCertStatus.REVOKED, revoked_at, flag
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    response = ocsp.OCSPResponseBuilder.build_unsuccessful(status)
+    return response.public_bytes(serialization.Encoding.DER)
+
+
+def respond(ctx: Context, request_der: bytes) -> bytes:
+    """Answer one DER OCSPRequest with a DER OCSPResponse; never raises for bad input."""
+    try:
+        if not request_der or len(request_der) > MAX_REQUEST:
+            raise ValueError("empty or oversized OCSP request")
+        request = ocsp.load_der_ocsp_request(request_der)
+        algorithm = _HASHES[request.hash_algorithm.name]
+        nonce = None
+        for extension in request.extensions:
+            if isinstance(extension.value, x509.OCSPNonce):
+                nonce = extension.value
+    except (ValueError, KeyError, x509.UnsupportedGeneralNameType, x509.DuplicateExtension):
+        return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        ca = _match(ctx, session, request)
+        if ca is None:  # RFC 6960 §2.3: not a CA this responder is authoritative for
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        status, revoked_at, reason = _status(session, ca, request.serial_number)
+        responder_cert, signer = _responder(ctx, session, ca)
+    builder = (
+        ocsp.OCSPResponseBuilder()
+        .add_response_by_hash(
+            issuer_name_hash=request.issuer_name_hash,
+            issuer_key_hash=request.issuer_key_hash,
+            serial_number=request.serial_number,
+            algorithm=algorithm(),
+            cert_status=status,
+            this_update=now,
+            next_update=now + RESPONSE_VALIDITY,
+            revocation_time=revoked_at,
+            revocation_reason=reason,
+        )
+        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder_cert)
+        .certificates([responder_cert])
+    )
+    if nonce is not None:
+        builder = builder.add_extension(nonce, critical=False)
+    response = builder.sign(signer.private_key, signer.hash_algorithm)
+    return response.public_bytes(serialization.Encoding.DER)
