@@ -22,7 +22,7 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, CaRow
+from ca.store.models import AuthorityRow, CaRow, OcspResponderRow
 
 __all__ = [
     "MESH",
@@ -143,10 +143,9 @@ def ca_row_for(
 
 def _wipe(session: Session, ctx: Context) -> list[KeyHandle]:
     """``init --force``: forget every row; returns the old keys to destroy after commit."""
-    old = [
-        KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
-        for row in session.exec(select(CaRow)).all()
-    ]
+    rows: list[CaRow | OcspResponderRow] = [*session.exec(select(CaRow)).all()]
+    rows += session.exec(select(OcspResponderRow)).all()
+    old = [KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)) for row in rows]
     for table in reversed(SQLModel.metadata.sorted_tables):
         session.execute(sa.delete(table))
     return old

@@ -289,6 +289,8 @@ def certs_show(serial: str, json_out: JsonOpt = False) -> None:
         ("revoked_at", when(info.revoked_at)),
         ("reason", info.revocation_reason.value if info.revocation_reason else "-"),
         ("revoked_by", info.revoked_by or "-"),
+        ("request_id", info.revocation_request_id or "-"),
+        ("invalid_since", when(info.invalidity_date)),
     ]:
         typer.echo(f"{label:<13} {value}")
     typer.echo(info.certificate_pem.rstrip())
