@@ -1,0 +1,152 @@
+"""Workload-side helpers for the ``ca`` tests: keys, CSRs built with cryptography, enrolment
+through the real pipeline (entry → join token → grant → ``issue_svid``) and row counting."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from ca.config import Context
+from ca.durations import Ttl
+from ca.entries import Entry, EntryParams, create_entry
+from ca.grants import join_grant
+from ca.identity import SpiffeId
+from ca.issue import IssuedSvid, issue_svid
+from ca.keys import KeyType, PrivateKey
+from ca.tokens import create_join_token
+
+# The database decides only how rows are stored, never what is signed: tests about certificate
+# bytes and key types run on SQLite alone (the store-sensitive tests run on both databases).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+# The workload key types the issuance tests run over (ids are the KeyType values).
+SUBJECT_KEY_TYPES = [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048, KeyType.ED25519]
+
+
+def new_key(key_type: KeyType) -> PrivateKey:
+    return key_type.generate()
+
+
+def make_csr(
+    key: PrivateKey,
+    *,
+    uris: Sequence[str] = (),
+    dns_names: Sequence[str] = (),
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+    subject: x509.Name | None = None,
+) -> bytes:
+    """A PEM CSR signed by ``key``; SANs only when asked for (a plain CSR names no identity)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject or x509.Name([]))
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(d) for d in dns_names]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+def csr_sha256(csr_pem: bytes) -> bytes:
+    der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).digest()
+
+
+def tamper_signature(csr_pem: bytes) -> bytes:
+    """Flip the CSR's last byte: it belongs to the signature for every algorithm we use (the
+    last INTEGER octet of an ECDSA signature, or raw RSA/Ed25519 signature bytes), so the DER
+    stays well-formed and only the signature check can catch it."""
+    der = bytearray(x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def key_der(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    entry: Entry
+    key: PrivateKey
+    svid: IssuedSvid
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return self.svid.certificate
+
+    @property
+    def full_chain_pem(self) -> bytes:
+        """Leaf first, then the intermediates: what a TLS endpoint presents."""
+        return self.svid.certificate_pem + self.svid.chain_pem
+
+    @property
+    def full_chain_der(self) -> bytes:
+        certs = [self.cert, *self.svid.issuer.chain]
+        return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+def add_entry(
+    ctx: Context,
+    spiffe_id: str,
+    *,
+    dns_names: Sequence[str] = (),
+    ttl: Ttl | None = None,
+    max_ttl: Ttl | None = None,
+) -> Entry:
+    params = EntryParams(SpiffeId.parse(spiffe_id), dns_names, ttl=ttl, max_ttl=max_ttl)
+    return create_entry(ctx, params)
+
+
+def join_secret(ctx: Context, entry: Entry, *, uses: int = 1) -> tuple[str, str]:
+    """(token id, secret) for a fresh join token of ``entry``."""
+    info, secret = create_join_token(ctx, entry.id, uses=uses)
+    return info.id, secret
+
+
+def enrol(
+    ctx: Context,
+    spiffe_id: str,
+    key_type: KeyType = KeyType.EC_P256,
+    *,
+    dns_names: Sequence[str] = (),
+    ttl: Ttl | None = None,
+) -> Workload:
+    """Register ``spiffe_id`` and bootstrap it with a join token, exactly as a workload would."""
+    entry = add_entry(ctx, spiffe_id, dns_names=dns_names)
+    _, secret = join_secret(ctx, entry)
+    key = new_key(key_type)
+    svid = issue_svid(ctx, join_grant(ctx, secret), make_csr(key, uris=[spiffe_id]), ttl)
+    return Workload(entry, key, svid)
+
+
+def count_rows(ctx: Context, table: str) -> int:
+    with ctx.engine.connect() as connection:
+        return int(connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def uses_remaining(ctx: Context, token_id: str) -> int | None:
+    with ctx.engine.connect() as connection:
+        value = connection.execute(
+            sa.text("SELECT uses_remaining FROM token WHERE id = :id"), {"id": token_id}
+        ).scalar_one()
+    return None if value is None else int(value)

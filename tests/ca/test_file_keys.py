@@ -1,0 +1,223 @@
+"""The key-backend contract, and the file backend's own promises.
+
+``TestKeyBackendContract`` is written against ``ca.keys.KeyBackend`` only: to run it against
+another backend (Vault/OpenBao Transit, an in-memory fake), add a param to the ``backend``
+fixture. ``TestFileKeyBackend`` holds what only files can promise (modes, encryption at rest).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from ca.errors import InvalidInput, NotFound, Unavailable
+from ca.identity import TrustDomain
+from ca.keys import KeyBackend, KeyHandle, KeyType, PublicKey, Signer
+from ca.keys.file import FileKeyBackend, load_or_create_passphrase
+from ca.profiles import CaSpec, ca_builder, ca_subject, sign
+from ca.serial import Serial
+from tests.certassert import assert_is_ca
+
+PASSPHRASE = b"correct horse battery staple"
+KEY_TYPES = pytest.mark.parametrize("key_type", list(KeyType), ids=[k.value for k in KeyType])
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def file_backend(tmp_path: Path) -> FileKeyBackend:
+    return FileKeyBackend(tmp_path / "keys", PASSPHRASE)
+
+
+BACKENDS: dict[str, Callable[[Path], KeyBackend]] = {"file": file_backend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> KeyBackend:
+    return BACKENDS[request.param](tmp_path)
+
+
+def verify(public_key: PublicKey, key_type: KeyType, signature: bytes, data: bytes) -> None:
+    """Check a signature the way an X.509 verifier would for a CA key of ``key_type``."""
+    digest = key_type.signature_hash()
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        assert digest is not None
+        public_key.verify(signature, data, ec.ECDSA(digest))
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        assert digest is not None
+        public_key.verify(signature, data, padding.PKCS1v15(), digest)
+    else:
+        public_key.verify(signature, data)
+
+
+def raw_sign(signer: Signer, data: bytes) -> bytes:
+    key, digest = signer.private_key, signer.hash_algorithm
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        assert digest is not None
+        return key.sign(data, ec.ECDSA(digest))
+    if isinstance(key, rsa.RSAPrivateKey):
+        assert digest is not None
+        return key.sign(data, padding.PKCS1v15(), digest)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    return key.sign(data)
+
+
+@pytest.mark.usefixtures("cached_big_rsa")
+class TestKeyBackendContract:
+    @KEY_TYPES
+    def test_create_then_load(self, backend: KeyBackend, key_type: KeyType) -> None:
+        handle = backend.create(key_type, "mesh-root")
+        assert handle.backend == backend.name
+        assert handle.key_type is key_type
+        signer = backend.load(handle)
+        assert signer.handle == handle
+        assert KeyType.of(signer.public_key()) is key_type
+        assert signer.public_key() == signer.private_key.public_key()
+        # Loading again yields the same key, not a new one.
+        assert backend.load(handle).public_key() == signer.public_key()
+
+    @KEY_TYPES
+    def test_loaded_signer_signs_verifiably(self, backend: KeyBackend, key_type: KeyType) -> None:
+        handle = backend.create(key_type, "mesh-intermediate")
+        signer = backend.load(handle)
+        data = b"to be signed"
+        signature = raw_sign(signer, data)
+        verify(signer.public_key(), key_type, signature, data)
+        with pytest.raises(InvalidSignature):
+            verify(signer.public_key(), key_type, signature, data + b"!")
+
+    @KEY_TYPES
+    def test_signer_works_with_the_certificate_builder(
+        self, backend: KeyBackend, key_type: KeyType
+    ) -> None:
+        """SPIRE's key proof: sign a throwaway CA certificate and verify it."""
+        signer = backend.load(backend.create(key_type, "proof"))
+        spec = CaSpec(
+            subject=ca_subject("Trellis", "proof"),
+            public_key=signer.public_key(),
+            spiffe_id=TrustDomain("example.org").id(),
+            serial=Serial.random(),
+            not_before=NOW,
+            not_after=NOW + dt.timedelta(hours=1),
+            path_length=None,
+        )
+        cert = sign(ca_builder(spec), signer)
+        assert_is_ca(cert, trust_domain="example.org", path_length=None)
+        assert (
+            cert.signature_algorithm_oid
+            == {
+                KeyType.EC_P256: x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+                KeyType.EC_P384: x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+                KeyType.RSA_2048: x509.SignatureAlgorithmOID.RSA_WITH_SHA256,
+                KeyType.RSA_3072: x509.SignatureAlgorithmOID.RSA_WITH_SHA256,
+                KeyType.RSA_4096: x509.SignatureAlgorithmOID.RSA_WITH_SHA256,
+                KeyType.ED25519: x509.SignatureAlgorithmOID.ED25519,
+            }[key_type]
+        )
+
+    def test_keys_are_distinct(self, backend: KeyBackend) -> None:
+        first = backend.create(KeyType.EC_P256, "same-label")
+        second = backend.create(KeyType.EC_P256, "same-label")
+        assert first.ref != second.ref
+        assert backend.load(first).public_key() != backend.load(second).public_key()
+
+    def test_destroy_removes_the_key(self, backend: KeyBackend) -> None:
+        keep = backend.create(KeyType.EC_P256, "keep")
+        gone = backend.create(KeyType.EC_P256, "gone")
+        backend.destroy(gone)
+        with pytest.raises(NotFound):
+            backend.load(gone)
+        backend.load(keep)  # destroying one key leaves the others alone
+
+    def test_destroy_is_idempotent(self, backend: KeyBackend) -> None:
+        """``init_authority`` destroys keys on failure paths; a second destroy must not raise."""
+        handle = backend.create(KeyType.EC_P256, "twice")
+        backend.destroy(handle)
+        backend.destroy(handle)
+        with pytest.raises(NotFound):
+            backend.load(handle)
+
+    def test_load_of_a_missing_key_is_not_found(self, backend: KeyBackend) -> None:
+        with pytest.raises(NotFound):
+            backend.load(KeyHandle(backend.name, "never-created-0123456789ab", KeyType.EC_P256))
+
+    def test_check_passes_when_usable(self, backend: KeyBackend) -> None:
+        backend.load(backend.create(KeyType.EC_P256, "ready"))
+        backend.check()
+
+
+class TestFileKeyBackend:
+    @pytest.mark.usefixtures("cached_big_rsa")
+    @KEY_TYPES
+    def test_key_file_is_0600_and_encrypted(self, tmp_path: Path, key_type: KeyType) -> None:
+        backend = file_backend(tmp_path)
+        handle = backend.create(key_type, "Mesh Root!")
+        (path,) = (tmp_path / "keys").iterdir()
+        assert path.name == f"{handle.ref}.pem"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
+        data = path.read_bytes()
+        assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n")
+        with pytest.raises(TypeError):
+            serialization.load_pem_private_key(data, password=None)
+        assert handle.ref.startswith("mesh-root--")  # the label, sanitised, then randomness
+
+    @pytest.mark.parametrize(
+        "passphrase",
+        [b"", b"short", b"elevenchars"],
+        ids=["fail/empty", "fail/5-bytes", "fail/11-bytes"],
+    )
+    def test_short_passphrase_is_refused(self, tmp_path: Path, passphrase: bytes) -> None:
+        with pytest.raises(InvalidInput, match="at least 12"):
+            FileKeyBackend(tmp_path / "keys", passphrase)
+        assert not (tmp_path / "keys").exists()
+
+    def test_twelve_byte_passphrase_is_enough(self, tmp_path: Path) -> None:
+        backend = FileKeyBackend(tmp_path / "keys", b"twelve-bytes")
+        backend.load(backend.create(KeyType.EC_P256, "ok"))
+
+    def test_wrong_passphrase_is_unavailable(self, tmp_path: Path) -> None:
+        handle = file_backend(tmp_path).create(KeyType.EC_P256, "locked")
+        other = FileKeyBackend(tmp_path / "keys", b"a different passphrase")
+        with pytest.raises(Unavailable, match="passphrase"):
+            other.load(handle)
+
+    def test_key_of_another_type_than_recorded_is_unavailable(self, tmp_path: Path) -> None:
+        backend = file_backend(tmp_path)
+        handle = backend.create(KeyType.EC_P256, "typed")
+        with pytest.raises(Unavailable, match="not of type"):
+            backend.load(KeyHandle(handle.backend, handle.ref, KeyType.EC_P384))
+
+    @pytest.mark.parametrize(
+        "ref",
+        ["../escape", "/etc/passwd", "UPPER", "-leading-dash", "a" * 82, "", "dot.pem"],
+        ids=[
+            "fail/parent",
+            "fail/absolute",
+            "fail/upper",
+            "fail/dash",
+            "fail/long",
+            "fail/empty",
+            "fail/dot",
+        ],
+    )
+    def test_key_references_cannot_leave_the_directory(self, tmp_path: Path, ref: str) -> None:
+        backend = file_backend(tmp_path)
+        with pytest.raises(InvalidInput):
+            backend.load(KeyHandle("file", ref, KeyType.EC_P256))
+        with pytest.raises(InvalidInput):
+            backend.destroy(KeyHandle("file", ref, KeyType.EC_P256))
+
+    def test_generated_passphrase_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "key-passphrase"
+        first = load_or_create_passphrase(path)
+        assert len(first) >= 32
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert load_or_create_passphrase(path) == first
+        FileKeyBackend(tmp_path / "keys", first)  # long enough for the backend
