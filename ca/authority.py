@@ -50,6 +50,7 @@ class AuthorityParams:
     root_ttl: Ttl = DEFAULT_ROOT_TTL
     force: bool = False
     name: str = MESH
+    key_backend: str | None = None  # None: the configured default (TRELLIS_KEY_BACKEND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +165,10 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
                 )
             old_keys = _wipe(session, ctx) if params.force else []
             now = ctx.clock.now()
-            root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root")
+            backend = params.key_backend or ctx.keys.default
+            root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root", backend)
             created.append(root_key)
-            int_key = ctx.keys.create(params.key_type, f"{params.name}-intermediate")
+            int_key = ctx.keys.create(params.key_type, f"{params.name}-intermediate", backend)
             created.append(int_key)
             td = params.trust_domain
             root = sign_new_ca(
@@ -190,7 +192,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
                     name=params.name,
                     purpose="spiffe",
                     trust_domain=td.name,
-                    key_backend=ctx.keys.name,
+                    key_backend=backend,
                     ca_ttl_seconds=params.ca_ttl.seconds,
                     svid_ttl_seconds=params.svid_ttl.seconds,
                     created_at=now,

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from ca.clock import Clock, SystemClock
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
+from ca.keys.store import KeyStore
 from ca.store import db
 
 __all__ = ["Context", "Settings", "build_context"]
@@ -31,6 +32,26 @@ class Settings(BaseSettings):
     key_passphrase: SecretStr | None = None
     public_url: str | None = None
     server_names: list[str] = []
+    key_backend: str = "file"  # where new authorities keep their keys: file or vault
+
+    # Vault / OpenBao (the vault key backend; see docs/vault.md)
+    vault_addr: str | None = None
+    vault_auth_method: str = "token"  # token | approle | kubernetes
+    vault_token: SecretStr | None = None
+    vault_token_file: Path | None = None
+    vault_role_id: str | None = None
+    vault_secret_id_file: Path | None = None
+    vault_kubernetes_role: str | None = None
+    vault_kubernetes_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    vault_kubernetes_mount: str = "kubernetes"
+    vault_transit_mount: str = "transit"
+    vault_kv_mount: str = "secret"
+    vault_key_prefix: str = "trellis-"
+    vault_ca_cert: Path | None = None
+    vault_client_cert: Path | None = None
+    vault_client_key: Path | None = None
+    vault_namespace: str | None = None
+    vault_timeout: float = 10.0
 
     @property
     def effective_database_url(self) -> str:
@@ -53,7 +74,7 @@ class Context:
 
     settings: Settings
     engine: Engine
-    keys: KeyBackend
+    keys: KeyStore
     clock: Clock = field(default_factory=SystemClock)
     # Caches of unlocked signers and rendered PEM, keyed by CA row id (see ``ca.authority``).
     cache: dict[object, object] = field(default_factory=dict)
@@ -70,7 +91,14 @@ def build_context(
         passphrase = settings.key_passphrase.get_secret_value().encode()
     else:
         passphrase = load_or_create_passphrase(settings.data_dir / "key-passphrase")
-    keys = FileKeyBackend(settings.data_dir / "keys", passphrase)
+    backends: dict[str, KeyBackend] = {
+        "file": FileKeyBackend(settings.data_dir / "keys", passphrase)
+    }
+    if settings.vault_addr:
+        from ca.keys.vault import VaultKeyBackend  # only imported where Vault is configured
+
+        backends["vault"] = VaultKeyBackend.from_settings(settings)
+    keys = KeyStore(backends, default=settings.key_backend)
     engine = db.connect(settings.effective_database_url)
     if migrate:
         db.upgrade(engine)

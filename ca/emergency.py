@@ -63,7 +63,9 @@ def revoke_intermediate(
                 )
             root = session.get(CaRow, old.parent_id)
             assert root is not None
-            handle = ctx.keys.create(KeyType(old.key_type), f"{authority}-intermediate")
+            handle = ctx.keys.create(
+                KeyType(old.key_type), f"{authority}-intermediate", old.key_backend
+            )
             created.append(handle)
             params = AuthorityParams(
                 trust_domain=TrustDomain(auth.trust_domain),

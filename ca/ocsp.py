@@ -93,7 +93,7 @@ def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certific
 
 def _new_responder(ctx: Context, ca: CaRow, now: dt.datetime) -> tuple[x509.Certificate, Signer]:
     issuer = ca_certificate(ctx, ca)
-    handle = ctx.keys.create(KeyType.EC_P256, f"{ca.authority}-ocsp")
+    handle = ctx.keys.create(KeyType.EC_P256, f"{ca.authority}-ocsp", ca.key_backend)
     try:
         signer = ctx.keys.load(handle)
         spec = ResponderSpec(

@@ -43,6 +43,9 @@ def init(
     ] = None,
     ca_ttl: Annotated[str, typer.Option(help="Intermediate CA lifetime")] = "7d",
     svid_ttl: Annotated[str, typer.Option(help="Default SVID lifetime")] = "1h",
+    key_backend: Annotated[
+        str | None, typer.Option(help="file or vault (TRELLIS_KEY_BACKEND, default file)")
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Replace an existing CA, destroying its keys")
     ] = False,
@@ -61,6 +64,7 @@ def init(
         ca_ttl=Ttl.parse(ca_ttl),
         svid_ttl=Ttl.parse(svid_ttl),
         force=force,
+        key_backend=key_backend,
     )
     try:
         issuer = init_authority(ctx, params)
