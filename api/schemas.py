@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ca.certs import CertificateInfo
 from ca.emergency import IntermediateRevoked
 from ca.entries import Entry
+from ca.root_rotation import RootRotation
+from ca.rotation import AuthorityStatus
+from ca.scheduler import JobStatus
 from ca.tokens import TokenInfo
 
 _STRICT = ConfigDict(extra="forbid")
@@ -151,8 +155,16 @@ class RevokeRequest(BaseModel):
     model_config = _STRICT
     reason: str = Field(default="unspecified", examples=["keyCompromise"])
     invalidity_date: dt.datetime | None = Field(
-        default=None, description="When the key is known or suspected to have been compromised"
+        default=None,
+        description="When the key is known or suspected to have been compromised (with a zone)",
     )
+
+    @field_validator("invalidity_date")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("give a time zone, e.g. 2026-01-01T12:00:00Z")
+        return value
 
 
 class Health(BaseModel):
@@ -180,3 +192,78 @@ class IntermediateRevokedOut(BaseModel):
             new_serial=result.new_serial.hex,
             to_reissue=[CertificateOut.of(info) for info in result.to_reissue],
         )
+
+
+class CaStatusOut(BaseModel):
+    serial: str
+    role: str = Field(description="root, intermediate or cross (a cross-signed root)")
+    state: str = Field(description="prepared, active, retiring, retired or revoked")
+    subject: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    key_type: str
+    key_backend: str
+    next_transition: str | None
+    next_at: dt.datetime | None
+
+
+class AuthorityStatusOut(BaseModel):
+    name: str
+    trust_domain: str
+    bundle_sequence: int
+    root_rotation: str | None
+    root_switch_after: dt.datetime | None
+    cas: list[CaStatusOut]
+
+    @classmethod
+    def of(cls, status: AuthorityStatus) -> AuthorityStatusOut:
+        return cls(
+            name=status.name,
+            trust_domain=status.trust_domain,
+            bundle_sequence=status.bundle_sequence,
+            root_rotation=status.root_rotation,
+            root_switch_after=status.root_switch_after,
+            cas=[CaStatusOut(**dataclasses.asdict(ca)) for ca in status.cas],
+        )
+
+
+class TransitionOut(BaseModel):
+    event: str
+    serial: str
+    at: dt.datetime
+
+
+class RootRotationOut(BaseModel):
+    step: str
+    old_root: str
+    new_root: str
+    switch_after: dt.datetime
+    done: list[TransitionOut]
+
+    @classmethod
+    def of(cls, result: RootRotation) -> RootRotationOut:
+        return cls(
+            step=result.step,
+            old_root=result.old_root,
+            new_root=result.new_root,
+            switch_after=result.switch_after,
+            done=[TransitionOut(event=t.event, serial=t.serial, at=t.at) for t in result.done],
+        )
+
+
+class JobOut(BaseModel):
+    name: str
+    description: str
+    every_seconds: int
+    last_started: dt.datetime | None
+    last_finished: dt.datetime | None
+    last_ok: bool | None
+    last_result: str
+    consecutive_failures: int
+    runs: int
+    next_run: dt.datetime | None
+    node: str
+
+    @classmethod
+    def of(cls, status: JobStatus) -> JobOut:
+        return cls(**{f.name: getattr(status, f.name) for f in dataclasses.fields(status)})

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session, SQLModel, col, select
 
+from ca.bundle import sync_bundle, trust_anchors
 from ca.checks import check_ca
 from ca.config import Context
 from ca.durations import Ttl
@@ -22,7 +23,7 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, CaRow, OcspResponderRow
+from ca.store.models import AuthorityRow, BundleStateRow, CaEventRow, CaRow, OcspResponderRow
 
 __all__ = [
     "MESH",
@@ -32,6 +33,7 @@ __all__ = [
     "bundle_pem",
     "init_authority",
     "load_authority",
+    "record_event",
 ]
 
 MESH = "mesh"
@@ -62,10 +64,11 @@ class Issuer:
     trust_domain: TrustDomain
     certificate: x509.Certificate
     signer: Signer
-    chain: tuple[x509.Certificate, ...]  # the issuing CA first, roots excluded
+    chain: tuple[x509.Certificate, ...]  # the issuing CA first, then cross-signed roots if any
     roots: tuple[x509.Certificate, ...]
     chain_pem: bytes
     bundle_pem: bytes
+    bundle_sequence: int
     default_svid_ttl: Ttl
 
 
@@ -205,6 +208,10 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             int_row = ca_row_for(params.name, "intermediate", intermediate, int_key, now)
             int_row.parent_id = root_row.id
             session.add(int_row)
+            session.flush()
+            for row in (root_row, int_row):
+                record_event(session, row, "created", "init", now)
+            sync_bundle(session, params.name, now)
             session.commit()
     except BaseException:
         for handle in created:
@@ -220,43 +227,62 @@ def _certificate(row: CaRow) -> x509.Certificate:
     return x509.load_pem_x509_certificate(row.cert_pem.encode())
 
 
+def record_event(session: Session, row: CaRow, event: str, actor: str, now: dt.datetime) -> None:
+    assert row.id is not None
+    session.add(CaEventRow(authority=row.authority, ca_id=row.id, event=event, at=now, actor=actor))
+
+
+def _chain_extras(session: Session, intermediate: CaRow, now: dt.datetime) -> list[CaRow]:
+    """Cross-signed certificates for the intermediate's root, issued by other trusted roots: during
+    a root rotation they let a relying party that trusts only the other root build a path."""
+    trusted = {row.id for row in trust_anchors(session, intermediate.authority, now)}
+    crosses = session.exec(
+        select(CaRow).where(
+            CaRow.role == "cross",
+            CaRow.cross_for_id == intermediate.parent_id,
+            col(CaRow.not_after) > now,
+        )
+    ).all()
+    return [row for row in crosses if row.parent_id in trusted]
+
+
 def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
-    """The issuing CA to sign with now; unlocked once and cached until the active CA changes."""
+    """The issuing CA to sign with now; unlocked once and cached until the active CA or the
+    published bundle changes (so a rotation on another replica is picked up at the next call)."""
     with Session(ctx.engine) as session:
         row = session.exec(
             select(CaRow)
             .where(CaRow.authority == name, CaRow.role == "intermediate", CaRow.state == "active")
             .order_by(col(CaRow.not_after).desc())
         ).first()
-        if row is None or row.id is None:
+        state = session.get(BundleStateRow, name)
+        if row is None or row.id is None or state is None:
             raise NotInitialised(f"authority {name!r} has no active issuing CA: run 'trellis init'")
-        cached = ctx.cache.get(("issuer", row.id))
+        cache_key = ("issuer", row.id, state.sequence)
+        cached = ctx.cache.get(cache_key)
         if isinstance(cached, Issuer):
             return cached
         authority = session.get(AuthorityRow, name)
-        roots = session.exec(
-            select(CaRow).where(
-                CaRow.authority == name, CaRow.role == "root", CaRow.state == "active"
-            )
-        ).all()
         assert authority is not None
-    handle = KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
-    signer = ctx.keys.load(handle)
+        extras = _chain_extras(session, row, ctx.clock.now())
+    signer = ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
     certificate = _certificate(row)
-    root_certs = tuple(_certificate(r) for r in roots)
+    chain = (certificate, *(_certificate(extra) for extra in extras))
+    bundle = state.pem.encode()
     issuer = Issuer(
         ca_id=row.id,
         authority=name,
         trust_domain=TrustDomain(authority.trust_domain),
         certificate=certificate,
         signer=signer,
-        chain=(certificate,),
-        roots=root_certs,
-        chain_pem=certs_pem([certificate]),
-        bundle_pem=certs_pem(root_certs),
+        chain=chain,
+        roots=tuple(x509.load_pem_x509_certificates(bundle)),
+        chain_pem=certs_pem(chain),
+        bundle_pem=bundle,
+        bundle_sequence=state.sequence,
         default_svid_ttl=Ttl(authority.svid_ttl_seconds),
     )
-    ctx.cache[("issuer", row.id)] = issuer
+    ctx.cache[cache_key] = issuer
     return issuer
 
 

@@ -100,7 +100,7 @@ def list_certificates(
     after: Serial | None = None,
 ) -> list[CertificateInfo]:
     """Newest-expiry-first is what operators scan for; ordering by serial keeps paging stable."""
-    if not 1 <= limit <= MAX_PAGE:
+    if not 1 <= limit <= MAX_PAGE + 1:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
     now = ctx.clock.now()
     query = select(CertificateRow)
@@ -192,6 +192,8 @@ def revoke_certificate(
     already say "revoked".
     """
     now = ctx.clock.now()
+    if invalidity_date is not None and invalidity_date.tzinfo is None:
+        raise InvalidInput("the invalidity date needs a time zone")
     revocation = Revocation(reason, actor, request_id, invalidity_date)
     with Session(ctx.engine) as session:
         row = session.get(CertificateRow, serial.hex, with_for_update=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from ca.cas import ca_certificate, ca_signer, find_ca
@@ -94,6 +95,22 @@ def _revoked(session: Session, ca: CaRow, now: dt.datetime) -> list[x509.Revoked
     return [_entry(serial, at, reason, invalid) for serial, at, reason, invalid in rows]
 
 
+def _locked_row(session: Session, ca_id: int, now: dt.datetime) -> CrlRow:
+    """The CA's CRL row, locked. A missing row is created first with INSERT ... ON CONFLICT DO
+    NOTHING: locking a row that does not exist yet would lock nothing, and two first revocations
+    would both try to insert number 1."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(CrlRow)
+        .values(ca_id=ca_id, number=0, this_update=now, next_update=now, der=b"")
+        .on_conflict_do_nothing(index_elements=["ca_id"])
+    )
+    row = session.get(CrlRow, ca_id, with_for_update=True, populate_existing=True)
+    assert row is not None
+    return row
+
+
 def refresh_crl(ctx: Context, session: Session, ca: CaRow) -> CrlRow:
     """Build and store a new CRL for ``ca`` inside the caller's transaction.
 
@@ -102,13 +119,15 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow) -> CrlRow:
     """
     assert ca.id is not None
     now = ctx.clock.now()
-    current = session.get(CrlRow, ca.id, with_for_update=True)
-    number = 1 if current is None else current.number + 1
+    current = _locked_row(session, ca.id, now)
+    number = current.number + 1
     cert = ca_certificate(ctx, ca)
     signer = ca_signer(ctx, ca)
     ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
-        x509.CertificateRevocationListBuilder()
+        # All entries at once: add_revoked_certificate copies the builder's list on every call,
+        # which made 100k entries take ~7 s instead of ~1 s (docs/benchmarks-revocation.md).
+        x509.CertificateRevocationListBuilder(revoked_certificates=_revoked(session, ca, now))
         .issuer_name(cert.subject)
         .last_update(now)
         .next_update(now + CRL_LIFETIME)
@@ -117,18 +136,11 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow) -> CrlRow:
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )
     )
-    for entry in _revoked(session, ca, now):
-        builder = builder.add_revoked_certificate(entry)
     der = builder.sign(signer.private_key, signer.hash_algorithm).public_bytes(
         serialization.Encoding.DER
     )
-    if current is None:
-        current = CrlRow(
-            ca_id=ca.id, number=number, this_update=now, next_update=now + CRL_LIFETIME, der=der
-        )
-    else:
-        current.number, current.this_update = number, now
-        current.next_update, current.der = now + CRL_LIFETIME, der
+    current.number, current.this_update = number, now
+    current.next_update, current.der = now + CRL_LIFETIME, der
     session.add(current)
     session.flush()
     return current

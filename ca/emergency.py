@@ -13,13 +13,20 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
-from ca.authority import MESH, AuthorityParams, active_issuer, ca_row_for, sign_new_ca
+from ca.authority import (
+    MESH,
+    AuthorityParams,
+    active_issuer,
+    ca_row_for,
+    record_event,
+    sign_new_ca,
+)
 from ca.cas import ca_certificate, ca_signer
 from ca.certs import CertificateInfo, CertStatus, certificate_info
 from ca.config import Context
 from ca.crl import refresh_crl
 from ca.durations import Ttl
-from ca.errors import NotInitialised
+from ca.errors import NotFound, NotInitialised
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
 from ca.revocation import RevocationReason
@@ -57,7 +64,9 @@ def revoke_intermediate(
                 .with_for_update()
             ).first()
             auth = session.get(AuthorityRow, authority)
-            if old is None or auth is None or old.parent_id is None:
+            if auth is None:
+                raise NotFound(f"no authority named {authority[:64]!r}")
+            if old is None or old.parent_id is None:
                 raise NotInitialised(
                     f"authority {authority!r} has no active intermediate to revoke"
                 )
@@ -88,6 +97,8 @@ def revoke_intermediate(
             new.parent_id = root.id
             session.add(new)
             session.flush()
+            record_event(session, old, "revoked", "emergency", now)
+            record_event(session, new, "activated", "emergency", now)
             refresh_crl(ctx, session, root)
             refresh_crl(ctx, session, old)
             live = session.exec(

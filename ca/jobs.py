@@ -1,7 +1,8 @@
-"""Scheduled maintenance, run by ``trellis serve``'s scheduler (and callable by hand).
+"""Scheduled maintenance, run inside ``trellis serve`` (see ``ca.scheduler``) and by hand.
 
-Each job is idempotent and safe to run on several replicas at once: CRL re-signing takes a row
-lock and re-checks whether it is still due, nonce pruning only deletes what has expired.
+Every job is idempotent. On PostgreSQL a job runs on one replica at a time (an advisory lock per
+job); the transitions it performs re-check their state under their own lock, so even a job that
+ran twice would change nothing twice.
 """
 
 from __future__ import annotations
@@ -11,22 +12,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
+from ca.bundle import sync_bundle
 from ca.config import Context
 from ca.crl import refresh_stale_crls
-from ca.store.models import RenewalNonceRow
+from ca.rotation import rotate
+from ca.serving import ensure_server_certificate
+from ca.store.models import AuthorityRow, RenewalNonceRow
 
-__all__ = ["JOBS", "Job", "prune_renewal_nonces", "resign_crls"]
+__all__ = ["JOBS", "Job", "job_named"]
 
 log = logging.getLogger("trellis.jobs")
 
 
+def rotate_cas(ctx: Context) -> str:
+    """Prepare/activate intermediates when due, and re-publish bundles whose content aged."""
+    with Session(ctx.engine) as session:
+        names = list(session.exec(select(AuthorityRow.name)).all())
+    done = []
+    for name in names:
+        done += [f"{name}: {t.event} {t.serial[:12]}" for t in rotate(ctx, name)]
+        with Session(ctx.engine) as session:
+            sync_bundle(session, name, ctx.clock.now())
+            session.commit()
+    return "; ".join(done) or "nothing due"
+
+
 def resign_crls(ctx: Context) -> str:
     refreshed = refresh_stale_crls(ctx)
-    for crl in refreshed:
-        log.info("re-signed CRL #%d of CA %s", crl.number, crl.ca_serial)
     return f"re-signed {len(refreshed)} CRL(s)"
+
+
+def renew_server_certificate(ctx: Context) -> str:
+    """Keep the serving certificate fresh (files on disk; uvicorn reads them at its next start)."""
+    tls = ensure_server_certificate(ctx)
+    return f"serving certificate in {tls.cert_path}"
 
 
 def prune_renewal_nonces(ctx: Context) -> str:
@@ -44,9 +65,19 @@ class Job:
     name: str
     every_seconds: int
     run: Callable[[Context], str]
+    description: str
 
 
 JOBS = (
-    Job("crl-resign", 300, resign_crls),
-    Job("prune-renewal-nonces", 3600, prune_renewal_nonces),
+    Job("ca-rotation", 10, rotate_cas, "prepare, activate and retire intermediates; prune bundles"),
+    Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
+    Job("server-certificate", 10, renew_server_certificate, "renew the serving certificate"),
+    Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )
+
+
+def job_named(name: str) -> Job:
+    for job in JOBS:
+        if job.name == name:
+            return job
+    raise KeyError(name)

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from sqlmodel import Session, col, select
@@ -172,7 +173,14 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
         for extension in request.extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 nonce = extension.value
-    except (ValueError, KeyError, x509.UnsupportedGeneralNameType, x509.DuplicateExtension):
+    except (
+        ValueError,
+        KeyError,
+        NotImplementedError,  # several CertIDs in one request: cryptography parses only one
+        UnsupportedAlgorithm,  # a CertID hash algorithm cryptography does not know
+        x509.UnsupportedGeneralNameType,
+        x509.DuplicateExtension,
+    ):
         return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
     now = ctx.clock.now()
     with Session(ctx.engine) as session:

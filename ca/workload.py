@@ -6,7 +6,11 @@ HTTPS, trusting only the bundle it was given: the bundle is how a workload recog
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from ca.keys import KeyType, PrivateKey
 from ca.pem import load_certs, private_key_pem
 from ca.renewal import make_proof
 
-__all__ = ["SvidFiles", "WorkloadClient", "write_svid"]
+__all__ = ["Received", "SvidFiles", "WorkloadClient", "write_bundle", "write_svid"]
 
 TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 
@@ -63,10 +67,39 @@ class Received:
 
 
 def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: bytes) -> None:
-    """Key first, then certificate: each file is replaced atomically."""
-    write_private(files.key, private_key_pem(key))
-    write_atomic(files.svid, chain_pem)
-    write_atomic(files.bundle, bundle_pem)
+    """Publish certificate, key and bundle together, the way Kubernetes' atomic writer does:
+    all three go into a fresh hidden directory, then one rename swaps the ``..data`` symlink to
+    it. ``svid.pem``, ``svid.key`` and ``bundle.pem`` are symlinks through ``..data``, so a reader
+    resolving them sees either the old set or the new one, never a key from one and a
+    certificate from the other."""
+    directory = files.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = f"..{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(4)}"
+    staging = directory / stamp
+    staging.mkdir(mode=0o755)
+    write_private(staging / "svid.key", private_key_pem(key))
+    write_atomic(staging / "svid.pem", chain_pem)
+    write_atomic(staging / "bundle.pem", bundle_pem)
+    data = directory / "..data"
+    previous = os.readlink(data) if data.is_symlink() else None
+    temporary = directory / f"..data.{secrets.token_hex(4)}"
+    os.symlink(stamp, temporary)
+    os.replace(temporary, data)
+    for name in ("svid.pem", "svid.key", "bundle.pem"):
+        link = directory / name
+        if not (link.is_symlink() and os.readlink(link) == f"..data/{name}"):
+            temporary = directory / f".{name}.{secrets.token_hex(4)}"
+            os.symlink(f"..data/{name}", temporary)
+            os.replace(temporary, link)  # also converts plain files from older versions
+    if previous and previous != stamp and previous.startswith(".."):
+        shutil.rmtree(directory / previous, ignore_errors=True)
+
+
+def write_bundle(files: SvidFiles, bundle_pem: bytes) -> None:
+    """Refresh only the bundle, keeping the current certificate and key (same atomic swap)."""
+    chain = files.svid.read_bytes()
+    key = serialization.load_pem_private_key(files.key.read_bytes(), None)
+    write_svid(files, chain, key, bundle_pem)  # type: ignore[arg-type]
 
 
 def _csr(key: PrivateKey) -> bytes:
@@ -106,6 +139,18 @@ class WorkloadClient:
         raise _STATUS_ERRORS.get(response.status_code, errors.Unavailable)(
             f"server refused ({response.status_code}): {detail}"
         )
+
+    def fetch_bundle(self) -> bytes:
+        """The server's current trust bundle (PEM), fetched over the pinned TLS connection."""
+        try:
+            with httpx.Client(verify=self._tls, timeout=TIMEOUT) as client:
+                response = client.get(self._server + "/v1/bundle")
+        except httpx.HTTPError as exc:
+            raise errors.Unavailable(f"cannot reach {self._server}: {exc}") from None
+        if response.status_code != 200:
+            raise errors.Unavailable(f"bundle fetch answered {response.status_code}")
+        load_certs(response.content)
+        return response.content
 
     def _store(self, data: dict[str, Any], key: PrivateKey, out: Path) -> Received:
         chain = (data["certificate"] + data["chain"]).encode()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ca.errors import TrellisError
-from cli import admin, revocation, server, workload
+from cli import admin, agent, authority, revocation, server, vault, workload
 from cli.common import STATE, exit_code
 
 app = typer.Typer(
@@ -38,13 +38,16 @@ def root(
 app.command()(admin.init)
 app.command()(server.serve)
 app.command()(admin.revoke)
+app.command()(agent.agent)
 app.add_typer(admin.entry_app, name="entry")
 app.add_typer(admin.token_app, name="token")
 app.add_typer(workload.svid_app, name="svid")
 app.add_typer(admin.certs_app, name="certs")
 app.add_typer(admin.bundle_app, name="bundle")
 app.add_typer(revocation.crl_app, name="crl")
-app.add_typer(revocation.authority_app, name="authority")
+app.add_typer(authority.authority_app, name="authority")
+app.add_typer(authority.jobs_app, name="jobs")
+app.add_typer(vault.vault_app, name="vault")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,16 +8,12 @@ from typing import Annotated
 import typer
 from cryptography import x509
 
-from api.schemas import IntermediateRevokedOut
 from ca.authority import MESH
 from ca.crl import current_crl
-from ca.emergency import revoke_intermediate
 from ca.files import write_atomic
-from ca.revocation import RevocationReason
 from cli.common import STATE, emit_json, table, when
 
 crl_app = typer.Typer(help="Certificate revocation lists.", no_args_is_help=True)
-authority_app = typer.Typer(help="The CA hierarchy.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 AuthorityOpt = Annotated[str, typer.Option("--authority", help="Authority name")]
 CaOpt = Annotated[str, typer.Option("--ca", help="root, intermediate, or a CA serial")]
@@ -65,31 +61,3 @@ def crl_fetch(
     crl = current_crl(STATE.context(), authority, ca)
     write_atomic(out, crl.pem if pem else crl.der)
     typer.echo(f"wrote CRL #{crl.number} ({'PEM' if pem else 'DER'}) to {out}")
-
-
-@authority_app.command("revoke-intermediate")
-def authority_revoke_intermediate(
-    authority: AuthorityOpt = MESH,
-    reason: Annotated[str, typer.Option(help="RFC 5280 reason")] = "cACompromise",
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Emergency: revoke the active intermediate and activate a fresh one at once."""
-    why = RevocationReason.parse(reason)
-    if not yes and not typer.confirm(
-        f"Revoke the active intermediate of {authority!r} ({why.value}) and switch to a new one?"
-    ):
-        raise typer.Exit(1)
-    result = revoke_intermediate(STATE.context(), authority=authority, reason=why)
-    if json_out:
-        emit_json(IntermediateRevokedOut.of(result))
-        return
-    typer.echo(
-        f"revoked intermediate {result.revoked_serial}; now issuing from {result.new_serial}"
-    )
-    typer.echo(f"{len(result.to_reissue)} live certificate(s) must be re-issued:")
-    if result.to_reissue:
-        table(
-            ["SERIAL", "SPIFFE ID", "NOT AFTER"],
-            [[i.serial.hex, str(i.spiffe_id), when(i.not_after)] for i in result.to_reissue],
-        )

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import ssl
+from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from api.app import create_app
 from ca.authority import active_issuer
-from ca.config import Context
-from ca.jobs import JOBS, Job
+from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
-
-log = logging.getLogger("trellis.serve")
 
 
 def serve(
@@ -32,6 +29,7 @@ def serve(
     settings = ctx.settings
     issuer = active_issuer(ctx)  # refuses to start without a CA, with the init hint
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     scheme = "http" if no_tls else "https"
     tls_options: dict[str, str] = {}
     if not no_tls:
@@ -43,42 +41,36 @@ def serve(
     typer.echo(f"  trust bundle   {settings.data_dir / 'bundle.pem'}")
     typer.echo(f"  admin token    {settings.admin_token_path}")
     typer.echo(f"  API reference  {scheme}://{display_host}:{settings.port}/docs")
+    config = uvicorn.Config(
+        create_app(ctx),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        server_header=False,
+        **tls_options,  # type: ignore[arg-type]
+    )
+    config.load()
     scheduler = start_scheduler(ctx)
+    if config.ssl is not None:
+        # uvicorn reads its certificate once; reload it into the live SSL context whenever the
+        # server-certificate job renews it (short-lived CAs rotate under a running server).
+        watch = _CertificateWatch(config.ssl, tls_options)
+        scheduler.add_job(watch.check, "interval", seconds=5, id="tls-reload")
     try:
-        uvicorn.run(
-            create_app(ctx),
-            host=settings.host,
-            port=settings.port,
-            log_level="info",
-            access_log=False,
-            server_header=False,
-            **tls_options,  # type: ignore[arg-type]
-        )
+        uvicorn.Server(config).run()
     finally:
         scheduler.shutdown(wait=False)
 
 
-def start_scheduler(ctx: Context) -> BackgroundScheduler:
-    """Run every maintenance job at start-up (a process that was down catches up) and then on
-    its interval; a failure is logged and retried at the next interval."""
-    scheduler = BackgroundScheduler(timezone=dt.UTC)
-    for job in JOBS:
-        scheduler.add_job(
-            _run_job,
-            "interval",
-            seconds=job.every_seconds,
-            args=(ctx, job),
-            id=job.name,
-            next_run_time=dt.datetime.now(dt.UTC),
-            max_instances=1,
-            coalesce=True,
-        )
-    scheduler.start()
-    return scheduler
+class _CertificateWatch:
+    def __init__(self, context: ssl.SSLContext, files: dict[str, str]) -> None:
+        self.context, self.cert, self.key = context, files["ssl_certfile"], files["ssl_keyfile"]
+        self.mtime = Path(self.cert).stat().st_mtime
 
-
-def _run_job(ctx: Context, job: Job) -> None:
-    try:
-        log.info("job %s: %s", job.name, job.run(ctx))
-    except Exception:
-        log.exception("job %s failed", job.name)
+    def check(self) -> None:
+        mtime = Path(self.cert).stat().st_mtime
+        if mtime != self.mtime:
+            self.context.load_cert_chain(self.cert, self.key)
+            self.mtime = mtime
+            logging.getLogger("trellis.serve").info("reloaded the serving certificate")

@@ -26,14 +26,16 @@ def list_certificates(
     limit: Annotated[int, Query(ge=1, le=certs.MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
 ) -> CertificatePage:
+    # One row more than asked tells whether another page exists, so the last page says so.
     items = certs.list_certificates(
         ctx,
         spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
         status=certs.CertStatus.parse(status) if status else None,
-        limit=limit,
+        limit=limit + 1,
         after=Serial.parse(after) if after else None,
     )
-    next_after = items[-1].serial.hex if len(items) == limit else None
+    more, items = len(items) > limit, items[:limit]
+    next_after = items[-1].serial.hex if more else None
     return CertificatePage(items=[CertificateOut.of(i) for i in items], next_after=next_after)
 
 

@@ -11,6 +11,7 @@ from api.problems import responses
 from api.schemas import Health
 from ca.authority import active_issuer, bundle_pem
 from ca.errors import TrellisError
+from ca.scheduler import job_statuses
 
 router = APIRouter(tags=["public"])
 
@@ -56,5 +57,15 @@ def readyz(ctx: CtxDep) -> Response:
     except sa.exc.SQLAlchemyError:
         detail["keys"] = "unknown: database unavailable"
     ok = all(value == "ok" for value in detail.values())
+    # Failing jobs are reported but do not take the replica out of rotation: it still issues.
+    try:
+        failing = [
+            f"{j.name} ({j.consecutive_failures}x: {j.last_result[:80]})"
+            for j in job_statuses(ctx)
+            if j.failing
+        ]
+        detail["jobs"] = "failing: " + "; ".join(failing) if failing else "ok"
+    except sa.exc.SQLAlchemyError:
+        detail["jobs"] = "unknown"
     body = Health(status="ok" if ok else "unavailable", detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -1,34 +1,925 @@
-"""Vault / OpenBao Transit key backend (placeholder until the Vault issue lands)."""
+"""CA keys in Vault / OpenBao Transit, and the secrets Trellis hands out in KV v2 (docs/vault.md).
+
+    VaultKeyBackend       the ``KeyBackend``: Transit keys (never exportable), each handle pinned
+    │                     to one key version (``<name>@v<N>``); ``store_secret``/``read_secret``
+    │                     (KV v2); ``diagnose`` (``trellis vault check``)
+    ├── VaultConnection   one hvac client over one pooled requests session: login, renewal and
+    │                     re-login, a deadline on every call, bounded retries, error mapping
+    └── TransitEcKey, TransitRsaKey, TransitEd25519Key
+                          cryptography private-key subclasses whose ``sign()`` calls
+                          ``transit/sign``, so the certificate, CRL and OCSP builders use them as is
+
+Every failure to reach or use Vault is ``Unavailable`` (HTTP 503, exit 8). Issuing code signs
+before it writes, so an outage fails the request and records nothing.
+
+Calls go through hvac's raw adapter rather than its helpers: the helpers validate arguments more
+strictly than the server and take no per-call timeout, and one path keeps deadlines, retries,
+re-login and error messages in a single place.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import base64
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ca.errors import Unavailable
+import hvac
+import requests
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding, PKCS1v15
+from cryptography.utils import Buffer
+
+from ca.errors import InternalError, InvalidInput, NotFound, TrellisError, Unavailable
 from ca.keys.backend import KeyHandle, Signer
-from ca.keys.types import KeyType
+from ca.keys.types import KeyType, PrivateKey, PublicKey
 
 if TYPE_CHECKING:
     from ca.config import Settings
 
-__all__ = ["VaultKeyBackend"]
+__all__ = [
+    "CheckItem",
+    "Requirement",
+    "TransitEcKey",
+    "TransitEd25519Key",
+    "TransitRsaKey",
+    "VaultAuth",
+    "VaultConnection",
+    "VaultKeyBackend",
+    "VaultReport",
+    "render_policy",
+    "requirements",
+]
+
+TRANSIT_TYPES: dict[KeyType, str] = {
+    KeyType.EC_P256: "ecdsa-p256",
+    KeyType.EC_P384: "ecdsa-p384",
+    KeyType.RSA_2048: "rsa-2048",
+    KeyType.RSA_3072: "rsa-3072",
+    KeyType.RSA_4096: "rsa-4096",
+    KeyType.ED25519: "ed25519",
+}
+_HASH_NAMES = {
+    "sha224": "sha2-224",
+    "sha256": "sha2-256",
+    "sha384": "sha2-384",
+    "sha512": "sha2-512",
+}
+_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_-]{0,127})(@v(?P<version>[1-9][0-9]{0,8}))?$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_CAPABILITY = {"GET": "read", "POST": "update", "PUT": "update", "DELETE": "delete"}
+# 429: rate limited; 5xx: a standby without a leader, a restarting node, a proxy in front.
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_ATTEMPTS = 3
+_BACKOFF = 0.1  # seconds, doubled per attempt, never past the call's deadline
+AUTH_METHODS = ("token", "approle", "kubernetes")
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as error:
+        raise Unavailable(f"cannot read the Vault {what} file {path}: {error.strerror}") from None
+    if not value:
+        raise Unavailable(f"the Vault {what} file {path} is empty")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class VaultAuth:
+    """How Trellis logs in. ``token``: a fixed token, or a file an agent keeps current (re-read
+    whenever Vault rejects the token); ``approle`` and ``kubernetes``: a login that is repeated
+    whenever the token can no longer be renewed or is rejected. Secret files are read at login
+    time, so rotated secret IDs and projected service-account tokens are picked up."""
+
+    method: str = "token"
+    token: str | None = None
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+    kubernetes_role: str | None = None
+    kubernetes_token_file: Path | None = None
+    kubernetes_mount: str = "kubernetes"
+    approle_mount: str = "approle"
+
+    def __post_init__(self) -> None:
+        needs = {
+            "token": (
+                "TRELLIS_VAULT_TOKEN or TRELLIS_VAULT_TOKEN_FILE",
+                self.token or self.token_file,
+            ),
+            "approle": (
+                "TRELLIS_VAULT_ROLE_ID and TRELLIS_VAULT_SECRET_ID_FILE",
+                self.role_id and self.secret_id_file,
+            ),
+            "kubernetes": (
+                "TRELLIS_VAULT_KUBERNETES_ROLE",
+                self.kubernetes_role and self.kubernetes_token_file,
+            ),
+        }
+        if self.method not in needs:
+            raise InvalidInput(
+                f"unknown Vault auth method {self.method[:32]!r}: use {', '.join(AUTH_METHODS)}"
+            )
+        what, present = needs[self.method]
+        if not present:
+            raise InvalidInput(f"Vault auth method {self.method} needs {what}")
+
+    @property
+    def renewable_by_login(self) -> bool:
+        """Whether a rejected or expiring token can be replaced without an operator."""
+        return self.method != "token" or self.token_file is not None
+
+    def login_request(self) -> tuple[str, dict[str, str]] | None:
+        """The login call for AppRole and Kubernetes; ``None`` for the token method."""
+        if self.method == "approle":
+            assert self.role_id is not None and self.secret_id_file is not None
+            secret_id = _read_secret_file(self.secret_id_file, "AppRole secret ID")
+            return f"auth/{self.approle_mount}/login", {
+                "role_id": self.role_id,
+                "secret_id": secret_id,
+            }
+        if self.method == "kubernetes":
+            assert self.kubernetes_role is not None and self.kubernetes_token_file is not None
+            jwt = _read_secret_file(self.kubernetes_token_file, "service-account token")
+            return f"auth/{self.kubernetes_mount}/login", {"role": self.kubernetes_role, "jwt": jwt}
+        return None
+
+    def static_token(self) -> str:
+        if self.token_file is not None:
+            return _read_secret_file(self.token_file, "token")
+        assert self.token is not None
+        return self.token
+
+
+class VaultConnection:
+    """One authenticated, pooled connection to Vault, safe to share between threads.
+
+    Every ``call`` finishes within ``timeout`` seconds, retries and re-login included, or raises
+    ``Unavailable``. The token is renewed once half its TTL has passed and replaced by a new
+    login when renewal is refused, falls short, or Vault stops accepting it.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        auth: VaultAuth,
+        *,
+        timeout: float = 10.0,
+        ca_cert: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        if not re.match(r"^https?://[^/\s]+", address):
+            raise InvalidInput(f"Vault address {address[:64]!r} must be an http(s):// URL")
+        if timeout <= 0:
+            raise InvalidInput("the Vault timeout must be positive")
+        if (client_cert is None) != (client_key is None):
+            raise InvalidInput("a Vault client certificate needs its key, and the key its cert")
+        self.address = address.rstrip("/")
+        self.timeout = timeout
+        self.auth = auth
+        # One hvac client, so one requests Session and one TLS connection pool for every call.
+        self._client = hvac.Client(
+            url=self.address,
+            verify=str(ca_cert) if ca_cert else True,
+            cert=(str(client_cert), str(client_key)) if client_cert and client_key else None,
+            timeout=timeout,
+            namespace=namespace,
+            adapter=hvac.adapters.RawAdapter,
+        )
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._renewable = False
+        self._login_ttl = 0.0
+        self._renew_at: float | None = None
+
+    def close(self) -> None:
+        self._client.adapter.close()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None = None,
+        *,
+        capability: str | None = None,
+        authenticated: bool = True,
+    ) -> dict[str, Any]:
+        """``method`` on ``/v1/<path>``: the decoded answer, or a ``TrellisError``.
+
+        A 403 is either a dead token (expired, revoked: log in again and retry once) or a
+        capability the policy lacks (``capability`` names it in the error; default by method).
+        """
+        deadline = time.monotonic() + self.timeout
+        if authenticated:
+            self._ensure_token(deadline)
+        token = self._token
+        status, data = self._send(method, path, body, deadline)
+        if status == 403 and authenticated and not self._token_alive(deadline):
+            self._replace_dead_token(token, deadline)
+            status, data = self._send(method, path, body, deadline)
+        if status < 300:
+            return data
+        raise self._failure(method, path, status, data, capability)
+
+    def token_info(self) -> dict[str, Any]:
+        """``auth/token/lookup-self`` of the current token, logging in first if needed."""
+        data: dict[str, Any] = self.call("GET", "auth/token/lookup-self").get("data") or {}
+        return data
+
+    def _send(
+        self, method: str, path: str, body: Mapping[str, object] | None, deadline: float
+    ) -> tuple[int, dict[str, Any]]:
+        """One request with bounded retries and backoff: (status, JSON body) or ``Unavailable``."""
+        failure: TrellisError | None = None
+        for attempt in range(_ATTEMPTS):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                response = self._client.adapter.request(
+                    method,
+                    f"/v1/{path}",
+                    json=body,
+                    raise_exception=False,
+                    timeout=(min(remaining, 5.0), remaining),
+                )
+            except requests.Timeout:
+                break  # the deadline is spent: a hanging Vault must not hang the caller
+            except requests.RequestException as error:
+                failure = Unavailable(f"cannot reach Vault at {self.address}: {_reason(error)}")
+            else:
+                status, data = int(response.status_code), _json(response)
+                if status not in _RETRY_STATUSES or attempt == _ATTEMPTS - 1:
+                    return status, data
+                failure = self._failure(method, path, status, data, None)
+            time.sleep(max(0.0, min(_BACKOFF * 2**attempt, deadline - time.monotonic())))
+        raise failure or Unavailable(
+            f"Vault at {self.address} did not answer {method} {path} within {self.timeout:g} s"
+        )
+
+    def _failure(
+        self, method: str, path: str, status: int, data: dict[str, Any], capability: str | None
+    ) -> TrellisError:
+        reasons = "; ".join(" ".join(str(e).split()) for e in data.get("errors") or [] if e)
+        if status == 404:
+            return NotFound(f"{path} does not exist in Vault at {self.address}")
+        if status == 403:
+            needed = capability or _CAPABILITY.get(method, method.lower())
+            return Unavailable(
+                f"Vault denied {needed!r} on {path}: the token's policy lacks that capability "
+                "(run 'trellis vault check'; see deploy/vault/trellis-policy.hcl)"
+            )
+        if status == 503 and "sealed" in reasons:
+            return Unavailable(f"Vault at {self.address} is sealed: unseal it")
+        return Unavailable(
+            f"Vault refused {method} {path} (HTTP {status}): {reasons or 'no reason given'}"
+        )
+
+    # -- tokens: login, renewal at half-life, re-login when the token dies ---------------
+
+    def _ensure_token(self, deadline: float) -> None:
+        with self._lock:
+            if self._token is None:
+                self._login(deadline)
+            elif self._renew_at is not None and time.monotonic() >= self._renew_at:
+                self._renew(deadline)
+
+    def _use(self, token: str, ttl: float, renewable: bool, *, login: bool) -> None:
+        self._token = token
+        self._client.adapter.token = token
+        self._renewable = renewable
+        if login:
+            self._login_ttl = ttl
+        # Half-life, as Vault Agent does. A token without a TTL (root, periodic 0) needs nothing;
+        # one that can be neither renewed nor replaced is left to expire.
+        can_refresh = renewable or self.auth.renewable_by_login
+        self._renew_at = time.monotonic() + ttl / 2 if ttl > 0 and can_refresh else None
+
+    def _login(self, deadline: float) -> None:
+        self._token = None
+        request = self.auth.login_request()
+        if request is None:
+            token = self.auth.static_token()
+            self._client.adapter.token = token
+            status, data = self._send("GET", "auth/token/lookup-self", None, deadline)
+            if status == 403:
+                raise Unavailable(
+                    f"Vault at {self.address} rejected Trellis's token: it is expired, revoked or "
+                    "mistyped (or its policy lacks 'read' on auth/token/lookup-self)"
+                )
+            if status >= 300:
+                raise self._failure("GET", "auth/token/lookup-self", status, data, None)
+            info = data.get("data") or {}
+            self._use(token, float(info.get("ttl") or 0), bool(info.get("renewable")), login=True)
+            return
+        path, body = request
+        self._client.adapter.token = None
+        status, data = self._send("POST", path, body, deadline)
+        auth = data.get("auth") or {}
+        if status >= 300 or not auth.get("client_token"):
+            reasons = "; ".join(str(e) for e in data.get("errors") or []) or f"HTTP {status}"
+            raise Unavailable(f"Vault {self.auth.method} login at {path} failed: {reasons}")
+        ttl, renewable = float(auth.get("lease_duration") or 0), bool(auth.get("renewable"))
+        self._use(str(auth["client_token"]), ttl, renewable, login=True)
+
+    def _renew(self, deadline: float) -> None:
+        assert self._token is not None
+        if self._renewable:
+            status, data = self._send("POST", "auth/token/renew-self", {}, deadline)
+            ttl = float((data.get("auth") or {}).get("lease_duration") or 0)
+            # A renewal cut short by the token's max TTL: log in again while the token still works.
+            if status < 300 and (ttl >= self._login_ttl / 2 or not self.auth.renewable_by_login):
+                self._use(self._token, ttl, True, login=False)
+                return
+        if self.auth.renewable_by_login:
+            self._login(deadline)
+        else:
+            self._renew_at = None
+
+    def _token_alive(self, deadline: float) -> bool:
+        status, _ = self._send("GET", "auth/token/lookup-self", None, deadline)
+        return status != 403
+
+    def _replace_dead_token(self, token: str | None, deadline: float) -> None:
+        if not self.auth.renewable_by_login:
+            raise Unavailable(
+                f"Vault at {self.address} no longer accepts Trellis's token (expired or revoked): "
+                "configure a new one, or use TRELLIS_VAULT_TOKEN_FILE, AppRole or Kubernetes auth"
+            )
+        with self._lock:
+            if self._token == token:  # unless another thread has logged in meanwhile
+                self._login(deadline)
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    if not response.content:
+        return {}
+    try:
+        value = response.json()
+    except ValueError:
+        return {"errors": [response.text[:200]]}
+    return value if isinstance(value, dict) else {}
+
+
+def _reason(error: requests.RequestException) -> str:
+    text = str(error)
+    for marker in ("Connection refused", "Name or service not known", "CERTIFICATE_VERIFY_FAILED"):
+        if marker in text:
+            return marker.lower().replace("_", " ")
+    return type(error).__name__
+
+
+# -- keys whose private half stays in Transit ------------------------------------------------
+
+
+def _digest(data: Buffer, algorithm: object, name: str) -> tuple[bytes, str]:
+    """Hash locally and send only the digest (``prehashed``): the TBS bytes never leave."""
+    if not isinstance(algorithm, hashes.HashAlgorithm) or algorithm.name not in _HASH_NAMES:
+        raise InternalError(f"Transit key {name} cannot sign with {algorithm!r}")
+    digest = hashes.Hash(algorithm)
+    digest.update(bytes(data))
+    return digest.finalize(), _HASH_NAMES[algorithm.name]
+
+
+def _not_exportable(name: str, what: str) -> NoReturn:
+    raise InternalError(
+        f"CA key {name} lives in Vault Transit and is not exportable: {what} is not available"
+    )
+
+
+class _Transit:
+    """The one call a Transit-backed key makes: sign with a pinned version, then check it."""
+
+    def __init__(self, connection: VaultConnection, mount: str) -> None:
+        self.connection = connection
+        self.mount = mount
+
+    def sign(
+        self, name: str, version: int, body: dict[str, object], check: Callable[[bytes], None]
+    ) -> bytes:
+        data = self.connection.call(
+            "POST", f"{self.mount}/sign/{name}", {**body, "key_version": version}
+        )
+        value = str((data.get("data") or {}).get("signature", ""))
+        prefix = f"vault:v{version}:"
+        if not value.startswith(prefix):
+            raise InternalError(f"Transit answered for another version of {name} than v{version}")
+        signature = base64.b64decode(value[len(prefix) :])
+        try:
+            check(signature)  # never let a signature out that the CA certificate cannot verify
+        except InvalidSignature:
+            raise InternalError(
+                f"Transit key {name}@v{version} returned a signature that does not verify"
+            ) from None
+        return signature
+
+
+class TransitEcKey(ec.EllipticCurvePrivateKey):
+    """An ECDSA key in Transit, pinned to one version; DER (``asn1``) signatures of a digest."""
+
+    def __init__(
+        self, transit: _Transit, name: str, version: int, public: ec.EllipticCurvePublicKey
+    ) -> None:
+        self._transit, self._name, self._version, self._public = transit, name, version, public
+
+    def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        algorithm = signature_algorithm.algorithm
+        digest, hash_name = _digest(data, algorithm, self._name)
+        body: dict[str, object] = {
+            "input": base64.b64encode(digest).decode(),
+            "prehashed": True,
+            "hash_algorithm": hash_name,
+            "marshaling_algorithm": "asn1",  # X.509 wants DER; Transit's other choice is JWS r||s
+        }
+        prehashed = ec.ECDSA(utils.Prehashed(algorithm))  # type: ignore[arg-type]
+        return self._transit.sign(
+            self._name,
+            self._version,
+            body,
+            lambda signature: self._public.verify(signature, digest, prehashed),
+        )
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._public.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        _not_exportable(self._name, "ECDH")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        _not_exportable(self._name, "private_numbers()")
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_exportable(self._name, "private_bytes()")
+
+    def __copy__(self) -> TransitEcKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> TransitEcKey:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<TransitEcKey {self._name}@v{self._version}>"
+
+
+class TransitRsaKey(rsa.RSAPrivateKey):
+    """An RSA key in Transit, pinned to one version; PKCS#1 v1.5 signatures (what X.509 uses;
+    Transit's default would be PSS)."""
+
+    def __init__(
+        self, transit: _Transit, name: str, version: int, public: rsa.RSAPublicKey
+    ) -> None:
+        self._transit, self._name, self._version, self._public = transit, name, version, public
+
+    def sign(
+        self,
+        data: bytes,
+        padding: AsymmetricPadding,
+        algorithm: utils.Prehashed | hashes.HashAlgorithm | utils.NoDigestInfo,
+    ) -> bytes:
+        if not isinstance(padding, PKCS1v15):
+            raise InternalError(f"Transit key {self._name} signs with PKCS#1 v1.5 only")
+        digest, hash_name = _digest(data, algorithm, self._name)
+        body: dict[str, object] = {
+            "input": base64.b64encode(digest).decode(),
+            "prehashed": True,
+            "hash_algorithm": hash_name,
+            "signature_algorithm": "pkcs1v15",
+        }
+        prehashed = utils.Prehashed(algorithm)  # type: ignore[arg-type]
+        return self._transit.sign(
+            self._name,
+            self._version,
+            body,
+            lambda signature: self._public.verify(signature, digest, PKCS1v15(), prehashed),
+        )
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._public
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
+        _not_exportable(self._name, "decrypt()")
+
+    def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        _not_exportable(self._name, "private_numbers()")
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_exportable(self._name, "private_bytes()")
+
+    def __copy__(self) -> TransitRsaKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> TransitRsaKey:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<TransitRsaKey {self._name}@v{self._version}>"
+
+
+class TransitEd25519Key(ed25519.Ed25519PrivateKey):
+    """An Ed25519 key in Transit, pinned to one version; pure Ed25519 signs the message itself."""
+
+    def __init__(
+        self, transit: _Transit, name: str, version: int, public: ed25519.Ed25519PublicKey
+    ) -> None:
+        self._transit, self._name, self._version, self._public = transit, name, version, public
+
+    def sign(self, data: Buffer) -> bytes:
+        message = bytes(data)
+        body: dict[str, object] = {"input": base64.b64encode(message).decode()}
+        return self._transit.sign(
+            self._name,
+            self._version,
+            body,
+            lambda signature: self._public.verify(signature, message),
+        )
+
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self._public
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_exportable(self._name, "private_bytes()")
+
+    def private_bytes_raw(self) -> bytes:
+        _not_exportable(self._name, "private_bytes_raw()")
+
+    def __copy__(self) -> TransitEd25519Key:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> TransitEd25519Key:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<TransitEd25519Key {self._name}@v{self._version}>"
+
+
+def _public_key(key_type: KeyType, text: object, name: str) -> PublicKey:
+    try:
+        if key_type is KeyType.ED25519:
+            public: object = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(str(text)))
+        else:
+            public = serialization.load_pem_public_key(str(text).encode())
+    except ValueError:
+        raise Unavailable(f"Transit returned no usable public key for {name}") from None
+    if not isinstance(public, PublicKey) or KeyType.of(public) is not key_type:
+        raise Unavailable(f"Transit key {name} is not of type {key_type.value}")
+    return public
+
+
+# -- what Trellis needs from Vault: the policy and ``trellis vault check`` --------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """Capabilities Trellis needs on one policy path, and why."""
+
+    path: str
+    capabilities: tuple[str, ...]
+    why: str
+
+    @property
+    def probe(self) -> str:
+        """A concrete path the glob covers, for ``sys/capabilities-self``."""
+        return self.path.replace("*", "probe")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckItem:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class VaultReport:
+    address: str
+    items: tuple[CheckItem, ...]
+    missing: tuple[Requirement, ...]  # only the capabilities that are missing
+    policy: str  # the whole policy Trellis needs, as HCL
+
+    @property
+    def ok(self) -> bool:
+        return all(item.ok for item in self.items) and not self.missing
+
+
+def requirements(
+    transit: str = "transit", kv: str = "secret", prefix: str = "trellis-"
+) -> tuple[Requirement, ...]:
+    base = prefix.rstrip("-_") or "trellis"
+    return (
+        Requirement(
+            f"{transit}/keys/{prefix}*",
+            ("create", "read", "update", "delete"),
+            "create CA keys (exportable=false; a create is an update to Transit), read their "
+            "public keys, delete keys that were never recorded",
+        ),
+        Requirement(
+            f"{transit}/keys/{prefix}*/config",
+            ("update",),
+            "set deletion_allowed just before deleting such a key",
+        ),
+        Requirement(
+            f"{transit}/sign/{prefix}*",
+            ("update",),
+            "every certificate, CRL and OCSP signature",
+        ),
+        Requirement(
+            f"{kv}/data/{base}/*",
+            ("create", "read", "update"),
+            "keys Trellis hands out (KV v2)",
+        ),
+        Requirement(
+            "auth/token/lookup-self", ("read",), "check the token (also in the default policy)"
+        ),
+        Requirement(
+            "auth/token/renew-self", ("update",), "renew the token (also in the default policy)"
+        ),
+        Requirement(
+            "sys/capabilities-self",
+            ("update",),
+            "trellis vault check (also in the default policy)",
+        ),
+    )
+
+
+def render_policy(needed: tuple[Requirement, ...]) -> str:
+    lines = [
+        "# The Vault / OpenBao policy Trellis's key backend needs (docs/vault.md).",
+        "# `trellis vault check` prints it for the configured mounts and key prefix.",
+        "# Rotating a Transit key is an operator's job: Trellis pins key versions and never does.",
+    ]
+    for item in needed:
+        capabilities = ", ".join(f'"{c}"' for c in item.capabilities)
+        lines += [
+            "",
+            f"# {item.why}",
+            f'path "{item.path}" {{',
+            f"  capabilities = [{capabilities}]",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the backend -----------------------------------------------------------------------------
+
+
+def _parse_ref(ref: str) -> tuple[str, int | None]:
+    """``<transit key name>@v<version>``; the version is only optional for ``destroy``."""
+    match = _REF.match(ref)
+    if match is None:
+        raise InvalidInput(f"invalid Transit key reference {ref[:40]!r} (expected <name>@v<N>)")
+    return match["name"], int(match["version"]) if match["version"] else None
+
+
+def _mount(value: str, what: str) -> str:
+    value = value.strip("/")
+    if not value or not all(_SEGMENT.match(part) for part in value.split("/")):
+        raise InvalidInput(f"invalid Vault {what} mount {value[:40]!r}")
+    return value
 
 
 class VaultKeyBackend:
+    """CA keys as non-exportable Transit keys; secrets for hand-out in KV v2."""
+
     name = "vault"
 
-    def create(self, key_type: KeyType, label: str) -> KeyHandle:
-        raise Unavailable("the vault key backend is not available in this version")
-
-    def load(self, handle: KeyHandle) -> Signer:
-        raise Unavailable("the vault key backend is not available in this version")
-
-    def destroy(self, handle: KeyHandle) -> None:
-        raise Unavailable("the vault key backend is not available in this version")
-
-    def check(self) -> None:
-        raise Unavailable("the vault key backend is not available in this version")
+    def __init__(
+        self,
+        connection: VaultConnection,
+        *,
+        transit_mount: str = "transit",
+        kv_mount: str = "secret",
+        key_prefix: str = "trellis-",
+    ) -> None:
+        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,39}$", key_prefix):
+            raise InvalidInput(f"invalid Vault key prefix {key_prefix[:40]!r}")
+        self.connection = connection
+        self.transit_mount = _mount(transit_mount, "transit")
+        self.kv_mount = _mount(kv_mount, "KV")
+        self.key_prefix = key_prefix
+        self.requirements = requirements(self.transit_mount, self.kv_mount, key_prefix)
+        self._kv_base = key_prefix.rstrip("-_") or "trellis"
+        self._transit = _Transit(connection, self.transit_mount)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultKeyBackend:
-        raise Unavailable("the vault key backend is not available in this version")
+        """Builds the client only: nothing talks to Vault until the first key operation."""
+        if not settings.vault_addr:
+            raise InvalidInput("TRELLIS_VAULT_ADDR is not set")
+        auth = VaultAuth(
+            method=settings.vault_auth_method,
+            token=settings.vault_token.get_secret_value() if settings.vault_token else None,
+            token_file=settings.vault_token_file,
+            role_id=settings.vault_role_id,
+            secret_id_file=settings.vault_secret_id_file,
+            kubernetes_role=settings.vault_kubernetes_role,
+            kubernetes_token_file=settings.vault_kubernetes_token_file,
+            kubernetes_mount=settings.vault_kubernetes_mount,
+        )
+        connection = VaultConnection(
+            settings.vault_addr,
+            auth,
+            timeout=settings.vault_timeout,
+            ca_cert=settings.vault_ca_cert,
+            client_cert=settings.vault_client_cert,
+            client_key=settings.vault_client_key,
+            namespace=settings.vault_namespace,
+        )
+        return cls(
+            connection,
+            transit_mount=settings.vault_transit_mount,
+            kv_mount=settings.vault_kv_mount,
+            key_prefix=settings.vault_key_prefix,
+        )
+
+    def create(self, key_type: KeyType, label: str) -> KeyHandle:
+        name = f"{self.key_prefix}{re.sub(r'[^a-z0-9-]', '-', label.lower())[:60]}"
+        name = f"{name}-{secrets.token_hex(6)}"
+        wanted = TRANSIT_TYPES[key_type]
+        body = {"type": wanted, "exportable": False, "allow_plaintext_backup": False}
+        self.connection.call("POST", f"{self.transit_mount}/keys/{name}", body)
+        info = self._key(name)
+        # Transit answers 200 to a create for a name that exists: never adopt a key we did not make.
+        if info.get("type") != wanted or info.get("exportable") or info.get("latest_version") != 1:
+            raise Unavailable(f"Transit key {name} already existed with other settings")
+        return KeyHandle(self.name, f"{name}@v1", key_type)
+
+    def load(self, handle: KeyHandle) -> Signer:
+        name, version = _parse_ref(handle.ref)
+        info = self._key(name)
+        if version is None:  # an unpinned handle would follow rotations: never sign with one
+            raise InvalidInput(f"Transit key reference {handle.ref[:40]!r} pins no key version")
+        if info.get("type") != TRANSIT_TYPES[handle.key_type]:
+            raise Unavailable(f"CA key {handle.ref} is not of type {handle.key_type.value}")
+        entry = (info.get("keys") or {}).get(str(version))
+        if not isinstance(entry, dict) or "public_key" not in entry:
+            raise NotFound(f"version {version} of Transit key {name} no longer exists (trimmed?)")
+        public = _public_key(handle.key_type, entry["public_key"], handle.ref)
+        key: PrivateKey
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            key = TransitEcKey(self._transit, name, version, public)
+        elif isinstance(public, rsa.RSAPublicKey):
+            key = TransitRsaKey(self._transit, name, version, public)
+        else:
+            key = TransitEd25519Key(self._transit, name, version, public)
+        return Signer(handle, key)
+
+    def destroy(self, handle: KeyHandle) -> None:
+        name, _ = _parse_ref(handle.ref)
+        try:
+            self._key(name)
+        except NotFound:
+            return
+        self.connection.call(
+            "POST", f"{self.transit_mount}/keys/{name}/config", {"deletion_allowed": True}
+        )
+        self.connection.call("DELETE", f"{self.transit_mount}/keys/{name}")
+
+    def check(self) -> None:
+        self.connection.token_info()
+
+    def store_secret(self, path: str, data: bytes) -> None:
+        """Keep ``data`` (a key Trellis hands out) at ``<kv>/data/<prefix>/<path>``, as a new
+        KV v2 version."""
+        body = {"data": {"value": base64.b64encode(data).decode()}}
+        self.connection.call("POST", self._kv_path(path), body, capability="create/update")
+
+    def read_secret(self, path: str) -> bytes:
+        try:
+            data = self.connection.call("GET", self._kv_path(path))
+        except NotFound:
+            raise NotFound(f"no secret {path[:80]!r} in Vault KV mount {self.kv_mount}") from None
+        value = ((data.get("data") or {}).get("data") or {}).get("value")
+        if not isinstance(value, str):
+            raise Unavailable(f"secret {path[:80]!r} in Vault was not written by Trellis")
+        return base64.b64decode(value)
+
+    def _kv_path(self, path: str) -> str:
+        parts = path.split("/")
+        if not all(_SEGMENT.match(p) and p not in (".", "..") for p in parts):
+            raise InvalidInput(f"invalid secret path {path[:80]!r}")
+        return f"{self.kv_mount}/data/{self._kv_base}/{path}"
+
+    def _key(self, name: str) -> dict[str, Any]:
+        try:
+            data = self.connection.call("GET", f"{self.transit_mount}/keys/{name}")
+        except NotFound:
+            raise NotFound(
+                f"CA key {name} is missing from Vault Transit mount {self.transit_mount}"
+            ) from None
+        info: dict[str, Any] = data.get("data") or {}
+        return info
+
+    # -- trellis vault check -----------------------------------------------------------------
+
+    def diagnose(self) -> VaultReport:
+        """Connectivity, login, mounts and capabilities, each as one item; stops at the first
+        step later ones depend on."""
+        items: list[CheckItem] = []
+        policy = render_policy(self.requirements)
+
+        def report(missing: tuple[Requirement, ...] = ()) -> VaultReport:
+            return VaultReport(self.connection.address, tuple(items), missing, policy)
+
+        try:
+            health = self.connection.call(
+                "GET", "sys/health?standbyok=true&perfstandbyok=true", authenticated=False
+            )
+            items.append(
+                CheckItem(
+                    "connectivity",
+                    True,
+                    f"reachable, unsealed, version {health.get('version', '?')}",
+                )
+            )
+            info = self.connection.token_info()
+        except TrellisError as error:
+            items.append(CheckItem("connectivity" if not items else "auth", False, error.detail))
+            return report()
+        ttl = int(info.get("ttl") or 0)
+        items.append(
+            CheckItem(
+                "auth",
+                True,
+                f"{self.connection.auth.method}: token TTL {f'{ttl} s' if ttl else 'none'}"
+                f"{' (renewable)' if info.get('renewable') else ''}, "
+                f"policies {', '.join(info.get('policies') or []) or 'none'}",
+            )
+        )
+        items.append(self._mount_item("transit mount", self.transit_mount, "transit"))
+        items.append(self._mount_item("kv mount", self.kv_mount, "kv"))
+        try:
+            data = self.connection.call(
+                "POST", "sys/capabilities-self", {"paths": [r.probe for r in self.requirements]}
+            )
+        except TrellisError as error:
+            items.append(CheckItem("capabilities", False, error.detail))
+            return report()
+        granted = data.get("data") or data
+        missing: list[Requirement] = []
+        for item in self.requirements:
+            have = set(granted.get(item.probe) or [])
+            lacking = () if "root" in have else tuple(c for c in item.capabilities if c not in have)
+            if lacking:
+                missing.append(Requirement(item.path, lacking, item.why))
+        detail = "; ".join(f"{', '.join(m.capabilities)} on {m.path}" for m in missing)
+        items.append(
+            CheckItem(
+                "capabilities",
+                not missing,
+                f"missing {detail}" if missing else f"all {len(self.requirements)} paths granted",
+            )
+        )
+        return report(tuple(missing))
+
+    def _mount_item(self, label: str, mount: str, kind: str) -> CheckItem:
+        try:
+            data = self.connection.call("GET", f"sys/internal/ui/mounts/{mount}").get("data") or {}
+        except TrellisError:
+            return CheckItem(
+                label, False, f"{mount}/ is not mounted, or this token may use no path under it"
+            )
+        found = data.get("type")
+        version = str((data.get("options") or {}).get("version") or "1")
+        if found != kind or (kind == "kv" and version != "2"):
+            shown = f"kv v{version}" if found == "kv" else found
+            return CheckItem(
+                label, False, f"{mount}/ is {shown}, not {'kv v2' if kind == 'kv' else kind}"
+            )
+        return CheckItem(label, True, f"{mount}/ ({'kv v2' if kind == 'kv' else kind})")

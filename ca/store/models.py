@@ -15,12 +15,16 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "AuthorityRow",
+    "BundleStateRow",
+    "CaEventRow",
     "CaRow",
     "CertificateRow",
     "CrlRow",
     "EntryRow",
+    "JobRunRow",
     "OcspResponderRow",
     "RenewalNonceRow",
+    "RootRotationRow",
     "TokenRow",
     "UtcDateTime",
 ]
@@ -81,6 +85,8 @@ class CaRow(SQLModel, table=True):
     created_at: dt.datetime = _time()
     revoked_at: dt.datetime | None = _time(nullable=True)
     revocation_reason: str | None = Field(default=None, max_length=32)
+    # role "cross": a certificate for the root ``cross_for_id`` signed by the root ``parent_id``
+    cross_for_id: int | None = Field(default=None, foreign_key="ca.id")
 
 
 class EntryRow(SQLModel, table=True):
@@ -167,3 +173,57 @@ class OcspResponderRow(SQLModel, table=True):
     key_type: str = Field(max_length=16)
     cert_pem: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
     not_after: dt.datetime = _time()
+
+
+class CaEventRow(SQLModel, table=True):
+    """Every CA state transition, once: the audit of rotation (and the proof of exactly-once)."""
+
+    __tablename__ = "ca_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    authority: str = Field(max_length=64, index=True)
+    ca_id: int = Field(foreign_key="ca.id")
+    event: str = Field(max_length=32)
+    at: dt.datetime = _time()
+    actor: str = Field(max_length=255)
+
+
+class BundleStateRow(SQLModel, table=True):
+    """The published trust bundle of an authority; ``sequence`` grows whenever ``pem`` changes."""
+
+    __tablename__ = "bundle_state"
+
+    authority: str = Field(primary_key=True, foreign_key="authority.name", max_length=64)
+    sequence: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    digest: str = Field(max_length=64)
+    pem: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    updated_at: dt.datetime = _time()
+
+
+class JobRunRow(SQLModel, table=True):
+    """The last run of each scheduled job, shared by all replicas."""
+
+    __tablename__ = "job_run"
+
+    name: str = Field(primary_key=True, max_length=64)
+    last_started: dt.datetime | None = _time(nullable=True)
+    last_finished: dt.datetime | None = _time(nullable=True)
+    last_result: str = Field(default="", max_length=512)
+    last_ok: bool = True
+    consecutive_failures: int = 0
+    runs: int = 0
+    next_run: dt.datetime | None = _time(nullable=True)
+    node: str = Field(default="", max_length=128)
+
+
+class RootRotationRow(SQLModel, table=True):
+    """An in-progress root rotation: old root → new root, step by explicit step."""
+
+    __tablename__ = "root_rotation"
+
+    authority: str = Field(primary_key=True, foreign_key="authority.name", max_length=64)
+    old_root_id: int = Field(foreign_key="ca.id")
+    new_root_id: int = Field(foreign_key="ca.id")
+    step: str = Field(max_length=16)  # published | switched | retired
+    started_at: dt.datetime = _time()
+    switch_after: dt.datetime = _time()

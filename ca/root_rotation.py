@@ -1,0 +1,232 @@
+"""Root rotation by explicit, re-runnable steps, with cross-signing both ways.
+
+1. publish: a new root joins the bundle; each root cross-signs the other, so during the overlap
+   a relying party that trusts only one of them can still build a path to SVIDs of either
+   hierarchy (issuers add the cross certificate to their chain);
+2. switch (after the overlap): issuing moves to a fresh intermediate under the new root; the old
+   root is "retiring", still trusted;
+3. retire: the old root leaves the bundle, refused while certificates chaining only to it are
+   still valid (unless forced).
+
+``trellis authority status`` shows the step and when the next one may run. See docs/rotation.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from ca.authority import MESH, ca_row_for, sign_new_ca
+from ca.bundle import sync_bundle
+from ca.cas import ca_certificate, ca_signer
+from ca.checks import check_ca
+from ca.config import Context
+from ca.durations import Ttl
+from ca.errors import Conflict
+from ca.identity import TrustDomain
+from ca.keys import KeyHandle, KeyType
+from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
+from ca.rotation import (
+    Rotator,
+    Transition,
+    authority_params,
+    ca_rows,
+    rotation_lock,
+    validate_new_ca,
+)
+from ca.serial import Serial
+from ca.store.models import CaRow, CertificateRow, RootRotationRow
+
+__all__ = ["RootRotation", "rotate_root"]
+
+
+def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
+    """A certificate for ``subject``'s name and key, signed by ``issuer``: a second path to it."""
+    subject_cert = ca_certificate(rotator.ctx, subject)
+    issuer_cert = ca_certificate(rotator.ctx, issuer)
+    td = TrustDomain(rotator.auth.trust_domain)
+    spec = CaSpec(
+        subject=subject_cert.subject,
+        public_key=subject_cert.public_key(),  # type: ignore[arg-type]
+        spiffe_id=td.id(),
+        serial=Serial.random(),
+        not_before=rotator.now - BACKDATE,
+        not_after=min(subject_cert.not_valid_after_utc, issuer_cert.not_valid_after_utc),
+        path_length=None,
+        issuer=issuer_cert,
+    )
+    cert = sign(ca_builder(spec), ca_signer(rotator.ctx, issuer))
+    check_ca(cert, issuer_cert, td.id())
+    handle = KeyHandle(subject.key_backend, subject.key_ref, KeyType(subject.key_type))
+    row = ca_row_for(rotator.auth.name, "cross", cert, handle, rotator.now)
+    row.parent_id, row.cross_for_id = issuer.id, subject.id
+    rotator.session.add(row)
+    rotator.session.flush()
+    rotator.event(row, "cross-signed")
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class RootRotation:
+    step: str  # published | switched | retired
+    old_root: str
+    new_root: str
+    switch_after: dt.datetime
+    done: tuple[Transition, ...]
+
+
+def rotate_root(
+    ctx: Context,
+    authority: str = MESH,
+    *,
+    overlap: Ttl = Ttl(7 * 86400),
+    step: bool = False,
+    force: bool = False,
+    actor: str = "cli",
+) -> RootRotation:
+    """Root rotation, one explicit step per call (re-running a call that has nothing to do is a
+    no-op that reports the state):
+
+    1. ``rotate_root()`` — publish: a new root, cross-signed both ways, joins the bundle.
+    2. ``rotate_root(step=True)`` after ``overlap`` — switch: issuing moves to a new intermediate
+       under the new root; the old root is "retiring" but still trusted.
+    3. ``rotate_root(step=True)`` — retire: the old root leaves the bundle (refused while
+       certificates from the old hierarchy are still valid, unless ``force``).
+    """
+    rotator: Rotator | None = None
+    try:
+        with Session(ctx.engine) as session:
+            if not rotation_lock(session, authority):
+                raise Conflict("another rotation of this authority is running: try again")
+            rotator = Rotator(ctx, session, authority, actor)
+            now = rotator.now
+            state = session.get(RootRotationRow, authority)
+            if state is None or state.step == "retired":
+                if step:
+                    raise Conflict(
+                        "no root rotation in progress: run 'trellis authority rotate-root'"
+                    )
+                state = _publish(rotator, overlap, state)
+            elif step and state.step == "published":
+                if now < state.switch_after and not force:
+                    raise Conflict(
+                        f"the overlap lasts until {state.switch_after.isoformat()}: relying "
+                        "parties may not have the new root yet (use --force to switch anyway)"
+                    )
+                _switch(rotator, state)
+            elif step and state.step == "switched":
+                _retire(rotator, state, force)
+            sync_bundle(session, authority, now)
+            result = RootRotation(
+                step=state.step,
+                old_root=_serial(session, state.old_root_id),
+                new_root=_serial(session, state.new_root_id),
+                switch_after=state.switch_after,
+                done=tuple(rotator.done),
+            )
+            session.commit()
+    except BaseException:
+        if rotator is not None:
+            for handle in rotator.created:
+                ctx.keys.destroy(handle)
+        raise
+    return result
+
+
+def _serial(session: Session, ca_id: int) -> str:
+    row = session.get(CaRow, ca_id)
+    return row.serial if row else "?"
+
+
+def _publish(rotator: Rotator, overlap: Ttl, previous: RootRotationRow | None) -> RootRotationRow:
+    session, auth = rotator.session, rotator.auth
+    old = ca_rows(session, auth.name, "root", "active")[0]
+    key_type = KeyType(old.key_type)
+    handle = rotator.ctx.keys.create(key_type, f"{auth.name}-root", old.key_backend)
+    rotator.created.append(handle)
+    old_cert = ca_certificate(rotator.ctx, old)
+    life = Ttl(
+        max(1, int((old_cert.not_valid_after_utc - old_cert.not_valid_before_utc).total_seconds()))
+    )
+    params = authority_params(auth, key_type)
+    cert = sign_new_ca(
+        rotator.ctx,
+        handle,
+        common_name=f"{auth.trust_domain} root",
+        params=params,
+        ttl=life,
+        issuer=None,
+    )
+    validate_new_ca(cert, rotator.ctx.keys.load(handle), params.trust_domain)
+    new = ca_row_for(auth.name, "root", cert, handle, rotator.now)
+    new.state = "prepared"
+    session.add(new)
+    session.flush()
+    rotator.event(new, "root-published")
+    _cross_sign(rotator, new, old)  # new root's key, vouched for by the old root
+    _cross_sign(rotator, old, new)  # and the other way round
+    assert old.id is not None and new.id is not None
+    if previous is not None:
+        session.delete(previous)
+        session.flush()
+    state = RootRotationRow(
+        authority=auth.name,
+        old_root_id=old.id,
+        new_root_id=new.id,
+        step="published",
+        started_at=rotator.now,
+        switch_after=rotator.now + overlap.delta,
+    )
+    session.add(state)
+    return state
+
+
+def _switch(rotator: Rotator, state: RootRotationRow) -> None:
+    session = rotator.session
+    old, new = session.get(CaRow, state.old_root_id), session.get(CaRow, state.new_root_id)
+    assert old is not None and new is not None
+    old.state, new.state = "retiring", "active"
+    session.add_all([old, new])
+    rotator.event(new, "root-switched")
+    active = next(iter(ca_rows(session, rotator.auth.name, "intermediate", "active")), None)
+    key_type = KeyType(active.key_type) if active else KeyType.EC_P256
+    backend = active.key_backend if active else new.key_backend
+    for stale in ca_rows(session, rotator.auth.name, "intermediate", "prepared"):
+        stale.state = "retired"  # prepared under the old root: never used
+        session.add(stale)
+    prepared = rotator.prepare_intermediate(new, key_type, backend)
+    rotator.activate(prepared, active)
+    state.step = "switched"
+    session.add(state)
+
+
+def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> None:
+    session, now = rotator.session, rotator.now
+    old = session.get(CaRow, state.old_root_id)
+    assert old is not None
+    under_old = [
+        row.id
+        for row in session.exec(
+            select(CaRow).where(CaRow.parent_id == old.id, CaRow.role == "intermediate")
+        ).all()
+    ]
+    still_valid = session.exec(
+        select(sa.func.max(CertificateRow.not_after)).where(
+            col(CertificateRow.issuer_ca_id).in_(under_old),
+            CertificateRow.status == "active",
+            col(CertificateRow.not_after) > now,
+        )
+    ).first()
+    if still_valid is not None and not force:
+        raise Conflict(
+            f"certificates from the old hierarchy stay valid until {still_valid.isoformat()}: "
+            "retiring the old root now would break them (wait, or use --force)"
+        )
+    old.state = "retired"
+    session.add(old)
+    rotator.event(old, "root-retired")
+    state.step = "retired"
+    session.add(state)

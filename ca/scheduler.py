@@ -1,0 +1,153 @@
+"""Running the maintenance jobs on APScheduler, with a shared record of every run.
+
+- Exactly once across replicas: on PostgreSQL each run first takes a session-level advisory lock
+  for its job (``pg_try_advisory_lock``); a replica that does not get it skips that run.
+- Survives restarts: every job runs once at start-up, so a process that was down past a
+  transition performs it immediately.
+- Failures: logged with context, recorded in ``job_run`` (shown by ``trellis jobs list`` and in
+  ``/readyz`` detail), and retried with exponential backoff (10 s, 20 s, … up to the interval).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import socket
+import zlib
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlmodel import Session
+
+from ca.config import Context
+from ca.jobs import JOBS, Job
+from ca.store.models import JobRunRow
+
+__all__ = ["JobStatus", "job_statuses", "run_job", "start_scheduler"]
+
+log = logging.getLogger("trellis.scheduler")
+BACKOFF_START = 10
+FAILING_AFTER = 3
+
+
+def _lock_key(job: Job) -> int:
+    return 0x7E12 << 32 | zlib.crc32(job.name.encode())
+
+
+def _record(ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: str) -> JobRunRow:
+    with Session(ctx.engine) as session:
+        row = session.get(JobRunRow, job.name, with_for_update=True) or JobRunRow(name=job.name)
+        row.last_started, row.last_finished = started, ctx.clock.now()
+        row.last_ok, row.last_result = ok, result[:512]
+        row.runs += 1
+        row.consecutive_failures = 0 if ok else row.consecutive_failures + 1
+        row.next_run = started + dt.timedelta(seconds=job.every_seconds)
+        row.node = socket.gethostname()[:128]
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+        return row
+
+
+def run_job(ctx: Context, job: Job) -> JobRunRow | None:
+    """Run one job now, unless another replica holds its lock; returns the recorded run."""
+    with ctx.engine.connect() as connection:
+        locking = connection.dialect.name == "postgresql"
+        if locking:
+            got = connection.execute(
+                sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _lock_key(job)}
+            ).scalar()
+            connection.commit()
+            if not got:
+                return None
+        try:
+            started = ctx.clock.now()
+            try:
+                result, ok = job.run(ctx), True
+            except Exception as exc:
+                log.exception("job %s failed", job.name)
+                result, ok = f"{type(exc).__name__}: {exc}", False
+            return _record(ctx, job, started=started, ok=ok, result=result)
+        finally:
+            if locking:
+                connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(job)})
+                connection.commit()
+
+
+def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
+    row = run_job(ctx, job)
+    if row is None:
+        return
+    if row.last_ok:
+        log.info("job %s: %s", job.name, row.last_result)
+        return
+    delay = min(BACKOFF_START * 2 ** (row.consecutive_failures - 1), job.every_seconds)
+    scheduler.add_job(
+        _tick,
+        "date",
+        run_date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay),
+        args=(ctx, scheduler, job),
+        id=f"{job.name}-retry",
+        replace_existing=True,
+    )
+
+
+def start_scheduler(ctx: Context) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    for job in JOBS:
+        scheduler.add_job(
+            _tick,
+            "interval",
+            seconds=job.every_seconds,
+            args=(ctx, scheduler, job),
+            id=job.name,
+            next_run_time=dt.datetime.now(dt.UTC),
+            max_instances=1,
+            coalesce=True,
+        )
+    scheduler.start()
+    return scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    name: str
+    description: str
+    every_seconds: int
+    last_started: dt.datetime | None
+    last_finished: dt.datetime | None
+    last_ok: bool | None
+    last_result: str
+    consecutive_failures: int
+    runs: int
+    next_run: dt.datetime | None
+    node: str
+
+    @property
+    def failing(self) -> bool:
+        return self.consecutive_failures >= FAILING_AFTER
+
+
+def job_statuses(ctx: Context) -> list[JobStatus]:
+    with Session(ctx.engine) as session:
+        rows = {job.name: session.get(JobRunRow, job.name) for job in JOBS}
+    statuses = []
+    for job in JOBS:
+        row = rows[job.name]
+        statuses.append(
+            JobStatus(
+                name=job.name,
+                description=job.description,
+                every_seconds=job.every_seconds,
+                last_started=row.last_started if row else None,
+                last_finished=row.last_finished if row else None,
+                last_ok=row.last_ok if row else None,
+                last_result=row.last_result if row else "",
+                consecutive_failures=row.consecutive_failures if row else 0,
+                runs=row.runs if row else 0,
+                next_run=row.next_run if row else None,
+                node=row.node if row else "",
+            )
+        )
+    return statuses

@@ -1,0 +1,46 @@
+"""``trellis agent``: the workload's companion process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ca.agent import Agent, AgentConfig
+from ca.keys import KeyType
+
+
+def agent(
+    server: Annotated[str, typer.Option(help="https://host:port of Trellis")],
+    bundle: Annotated[Path, typer.Option(help="Trust bundle to recognise the server by at first")],
+    dir: Annotated[
+        Path, typer.Option("--dir", help="Directory for svid.pem, svid.key, bundle.pem")
+    ],
+    token: Annotated[
+        str | None, typer.Option(help="Join token, to bootstrap", envvar="TRELLIS_JOIN_TOKEN")
+    ] = None,
+    exec_command: Annotated[
+        str | None, typer.Option("--exec", help="Run after every change, e.g. 'nginx -s reload'")
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Obtain a valid SVID and exit (init containers)")
+    ] = False,
+    key_type: Annotated[str, typer.Option(help="Workload key type")] = "ec-p256",
+) -> None:
+    """Obtain an SVID and keep it renewed (half-life, jitter), with the bundle kept fresh."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = AgentConfig(
+        server=server,
+        bundle=bundle,
+        directory=dir,
+        token=token,
+        exec_command=exec_command,
+        key_type=KeyType.parse(key_type),
+    )
+    stopping: list[bool] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    Agent(config).run(once=once, stop=lambda: bool(stopping))
