@@ -1,0 +1,246 @@
+"""Bad input at the boundary: each refusal is the right 4xx problem and writes nothing (no
+certificate row, the join token keeps its use)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from api.app import create_app
+from api.limits import MAX_BODY
+from ca.clock import FixedClock
+from ca.config import Context
+from tests.api.restkit import Rest, assert_problem, bearer, make_csr, tamper_signature
+
+
+def _certificate_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a csr")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _email_san_csr() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.RFC822Name("web@example.org")]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _csr_body(csr_pem: str, **fields: Any) -> dict[str, Any]:
+    return {"csr": csr_pem, **fields}
+
+
+GOOD = "spiffe://example.org/web"
+
+# (case, status, problem code, builder of the JSON body). Built lazily: keys cost time.
+SVID_REFUSALS: list[tuple[str, int, str, Callable[[], Any]]] = [
+    ("csr/not-pem", 400, "invalid-csr", lambda: _csr_body("hello")),
+    ("csr/empty", 400, "invalid-csr", lambda: _csr_body("")),
+    (
+        "csr/truncated",
+        400,
+        "invalid-csr",
+        lambda: _csr_body(make_csr()[1].replace("\n", "", 3)[:200]),
+    ),
+    ("csr/a-certificate", 400, "invalid-csr", lambda: _csr_body(_certificate_pem())),
+    ("csr/bad-signature", 400, "invalid-csr", lambda: _csr_body(tamper_signature(make_csr()[1]))),
+    (
+        "csr/rsa-1024",
+        400,
+        "invalid-csr",
+        lambda: _csr_body(
+            make_csr(rsa.generate_private_key(public_exponent=65537, key_size=1024))[1]
+        ),
+    ),
+    (
+        "csr/p521",
+        400,
+        "invalid-csr",
+        lambda: _csr_body(make_csr(ec.generate_private_key(ec.SECP521R1()))[1]),
+    ),
+    (
+        "san/other-spiffe-id",
+        400,
+        "policy-violation",
+        lambda: _csr_body(make_csr(uris=["spiffe://example.org/admin"])[1]),
+    ),
+    (
+        "san/foreign-trust-domain",
+        400,
+        "policy-violation",
+        lambda: _csr_body(make_csr(uris=["spiffe://other.org/web"])[1]),
+    ),
+    (
+        "san/two-uris",
+        400,
+        "policy-violation",
+        lambda: _csr_body(make_csr(uris=[GOOD, "spiffe://example.org/other"])[1]),
+    ),
+    (
+        "san/invalid-spiffe-id",
+        400,
+        "invalid-spiffe-id",
+        lambda: _csr_body(make_csr(uris=["spiffe://example.org/web/"])[1]),
+    ),
+    (
+        "san/dns-not-in-entry",
+        400,
+        "policy-violation",
+        lambda: _csr_body(make_csr(dns_names=["evil.example.org"])[1]),
+    ),
+    ("san/email", 400, "policy-violation", lambda: _csr_body(_email_san_csr())),
+    ("ttl/above-max", 400, "policy-violation", lambda: _csr_body(make_csr()[1], ttl="25h")),
+    ("ttl/syntax", 400, "invalid-input", lambda: _csr_body(make_csr()[1], ttl="1 hour")),
+    ("ttl/negative", 400, "invalid-input", lambda: _csr_body(make_csr()[1], ttl="-1h")),
+    ("ttl/zero", 400, "invalid-input", lambda: _csr_body(make_csr()[1], ttl="0s")),
+    ("ttl/overflow", 400, "invalid-input", lambda: _csr_body(make_csr()[1], ttl="9999999999y")),
+    ("json/unknown-field", 400, "invalid-request", lambda: _csr_body(make_csr()[1], dns=["x"])),
+    ("json/missing-csr", 400, "invalid-request", lambda: {"ttl": "1h"}),
+    ("json/csr-not-string", 400, "invalid-request", lambda: {"csr": 42}),
+    ("json/not-an-object", 400, "invalid-request", lambda: [make_csr()[1]]),
+    ("json/csr-over-60000", 400, "invalid-request", lambda: _csr_body("A" * 60_001)),
+]
+
+
+def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
+    token = rest.join_token(rest.create_entry(GOOD, dns_names=["web.example.org"]))
+    for case, status, code, body in SVID_REFUSALS:
+        response = rest.client.post("/v1/svid", json=body(), headers=bearer(token))
+        assert response.status_code == status, (case, response.text)
+        assert assert_problem(response, status)["code"] == code, case
+    for case, raw in [("json/syntax", b'{"csr": '), ("json/empty-body", b"")]:
+        response = rest.client.post(
+            "/v1/svid",
+            content=raw,
+            headers=bearer(token) | {"Content-Type": "application/json"},
+        )
+        assert response.status_code == 400, (case, response.text)
+        assert_problem(response, 400)
+
+    assert rest.certificate_count() == 0
+    (token_row,) = [
+        t for t in rest.client.get("/v1/tokens", headers=rest.admin).json() if t["kind"] == "join"
+    ]
+    assert token_row["uses_remaining"] == 1
+    # Still usable; used once, it is spent.
+    assert rest.request_svid(token, make_csr()[1]).status_code == 200
+    assert_problem(rest.request_svid(token, make_csr()[1]), 401)
+    assert rest.certificate_count() == 1
+
+
+def test_expired_join_token_is_401(rest: Rest, clock: FixedClock) -> None:
+    token = rest.join_token(rest.create_entry())
+    clock.advance(dt.timedelta(hours=1))
+
+    body = assert_problem(rest.request_svid(token, make_csr()[1]), 401)
+    assert "expired" in body["detail"]
+    assert rest.certificate_count() == 0
+
+
+def _big_svid_body(size: int) -> bytes:
+    body = json.dumps({"csr": "A" * size}).encode()
+    assert len(body) > MAX_BODY
+    return body
+
+
+def test_oversized_bodies_are_413_problems(rest: Rest) -> None:
+    token = rest.join_token(rest.create_entry())
+    big = _big_svid_body(MAX_BODY)
+    json_headers = {"Content-Type": "application/json"}
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    attempts = [
+        ("content-length/svid", "/v1/svid", big, bearer(token)),
+        ("content-length/admin", "/v1/entries", big, rest.admin),
+        ("content-length/unauthenticated", "/v1/entries", big, {}),
+        ("chunked/svid", "/v1/svid", chunks(), bearer(token)),
+    ]
+    for case, path, content, headers in attempts:
+        response = rest.client.post(path, content=content, headers=headers | json_headers)
+        assert response.status_code == 413, (case, response.text)
+        assert assert_problem(response, 413)["code"] == "payload-too-large"
+        if case.startswith("chunked"):
+            assert "content-length" not in response.request.headers
+
+    # Exactly 64 KiB passes the limit (and then fails validation: the CSR field is too long).
+    overhead = len(json.dumps({"csr": ""}).encode())
+    at_limit = json.dumps({"csr": "A" * (MAX_BODY - overhead)}).encode()
+    assert len(at_limit) == MAX_BODY
+    response = rest.client.post("/v1/svid", content=at_limit, headers=bearer(token) | json_headers)
+    assert assert_problem(response, 400)["code"] == "invalid-request"
+
+    assert rest.certificate_count() == 0
+    assert len(rest.client.get("/v1/entries", headers=rest.admin).json()) == 1
+    assert rest.request_svid(token, make_csr()[1]).status_code == 200
+
+
+def test_streamed_body_over_the_limit_gets_exactly_one_response(ctx: Context) -> None:
+    """Raw ASGI, several chunks and no Content-Length: the middleware answers 413 once and drops
+    whatever the application tries to send after being told the client went away."""
+    app = create_app(ctx)
+    chunk = b"x" * 20_000
+    incoming: list[dict[str, Any]] = [
+        {"type": "http.request", "body": chunk, "more_body": True} for _ in range(5)
+    ]
+    incoming[-1]["more_body"] = False
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/svid",
+        "raw_path": b"/v1/svid",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [413]
+    (body,) = [m for m in sent if m["type"] == "http.response.body"]
+    assert json.loads(body["body"])["status"] == 413
+    assert len(incoming) == 1  # stopped reading at the first chunk past the limit
