@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     public_url: str | None = None
     server_names: list[str] = []
     key_backend: str = "file"  # where new authorities keep their keys: file or vault
+    bundle_refresh_hint: int = 300  # seconds, published as spiffe_refresh_hint
 
     # Vault / OpenBao (the vault key backend; see docs/vault.md)
     vault_addr: str | None = None

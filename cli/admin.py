@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
 
 from api.schemas import CertificateOut, EntryOut, TokenCreated, TokenOut
 from ca import certs, entries, tokens
-from ca.authority import AuthorityParams, active_issuer, bundle_pem, init_authority
+from ca.authority import MESH, AuthorityParams, active_issuer, bundle_pem, init_authority
+from ca.bundle import read_bundle
 from ca.durations import Ttl
 from ca.errors import Conflict
 from ca.files import write_atomic, write_private
 from ca.identity import SpiffeId, TrustDomain
+from ca.jwks import bundle_jwks
 from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
@@ -351,12 +355,23 @@ def revoke(
 
 @bundle_app.command("show")
 def bundle_show(
-    format: Annotated[str, typer.Option("--format", help="pem")] = "pem",
+    format: Annotated[str, typer.Option("--format", help="pem or jwks")] = "pem",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None,
 ) -> None:
-    if format != "pem":
-        raise typer.BadParameter("only --format pem exists so far")
-    data = bundle_pem(STATE.context())
+    """The trust bundle: PEM roots, or the SPIFFE JWK Set with its sequence."""
+    ctx = STATE.context()
+    if format == "pem":
+        data = bundle_pem(ctx)
+    elif format == "jwks":
+        bundle = read_bundle(ctx, MESH)
+        document = bundle_jwks(
+            x509.load_pem_x509_certificates(bundle.pem),
+            bundle.sequence,
+            ctx.settings.bundle_refresh_hint,
+        )
+        data = json.dumps(document, indent=2).encode() + b"\n"
+    else:
+        raise typer.BadParameter("--format is pem or jwks")
     if out is not None:
         write_atomic(out, data)
     else:

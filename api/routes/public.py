@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import sqlalchemy as sa
-from fastapi import APIRouter, Response
+from cryptography import x509
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import CtxDep
 from api.problems import responses
 from api.schemas import Health
-from ca.authority import active_issuer, bundle_pem
+from ca.authority import MESH, active_issuer, bundle_pem
+from ca.bundle import read_bundle
 from ca.errors import TrellisError
+from ca.jwks import bundle_jwks
 from ca.scheduler import job_statuses
 
 router = APIRouter(tags=["public"])
@@ -27,6 +32,34 @@ router = APIRouter(tags=["public"])
 )
 def get_bundle(ctx: CtxDep) -> Response:
     return Response(bundle_pem(ctx), media_type="application/x-pem-file")
+
+
+@router.get(
+    "/v1/bundle.jwks",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/json": {}}, "description": "SPIFFE bundle (JWK Set)"},
+        304: {"description": "Not modified (If-None-Match)"},
+        **responses(503),
+    },
+    summary="The trust bundle in SPIFFE format: usable as Istio's spiffeBundleUrl and as a "
+    "federation bundle endpoint (https_web)",
+)
+def get_bundle_jwks(request: Request, ctx: CtxDep) -> Response:
+    bundle = read_bundle(ctx, MESH)
+    etag = f'"{bundle.sequence}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": f"public, max-age={min(ctx.settings.bundle_refresh_hint, 300)}",
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    document = bundle_jwks(
+        x509.load_pem_x509_certificates(bundle.pem),
+        bundle.sequence,
+        ctx.settings.bundle_refresh_hint,
+    )
+    return Response(json.dumps(document), media_type="application/json", headers=headers)
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")

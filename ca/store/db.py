@@ -83,10 +83,21 @@ def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision this code knows (idempotent)."""
     config = _config()
     try:
-        with engine.connect() as connection, _migration_lock(connection):
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-            connection.commit()
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # SQLite alters a table by copying it; with foreign keys enforced, dropping the
+                # old copy of a referenced table fails. Alembic's documented recipe: switch
+                # enforcement off for the migration (outside any transaction), then back on.
+                connection.commit()
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            with _migration_lock(connection):
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                connection.commit()
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
     except sa.exc.OperationalError as exc:
         raise Unavailable(f"cannot reach the database: {exc.orig}") from None
 

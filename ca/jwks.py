@@ -1,0 +1,140 @@
+"""SPIFFE bundles as JWK Sets (SPIFFE Trust Domain and Bundle §4).
+
+One JWK per CA certificate: ``use: "x509-svid"``, ``x5c`` holding exactly that certificate, the
+key parameters of that certificate's public key (go-spiffe rejects a mismatch), no ``kid``;
+``spiffe_sequence`` increases whenever the content changes and ``spiffe_refresh_hint`` tells
+pollers how often to come back. ``parse_jwks`` is the strict reader federation uses.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from ca.errors import InvalidInput
+from ca.pem import certs_pem
+
+__all__ = ["DEFAULT_REFRESH_HINT", "JwksBundle", "bundle_jwks", "jwk_for", "parse_jwks"]
+
+DEFAULT_REFRESH_HINT = 300
+MAX_BUNDLE_BYTES = 1024 * 1024
+_CURVES = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48)}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _int(value: int) -> str:
+    return _b64url(value.to_bytes((value.bit_length() + 7) // 8 or 1, "big"))
+
+
+def _key_params(key: object) -> dict[str, str]:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _CURVES:
+            raise InvalidInput(f"unsupported curve {key.curve.name}")
+        crv, size = _CURVES[key.curve.name]
+        numbers = key.public_numbers()
+        return {
+            "kty": "EC",
+            "crv": crv,
+            "x": _b64url(numbers.x.to_bytes(size, "big")),
+            "y": _b64url(numbers.y.to_bytes(size, "big")),
+        }
+    if isinstance(key, rsa.RSAPublicKey):
+        rsa_numbers = key.public_numbers()
+        return {"kty": "RSA", "n": _int(rsa_numbers.n), "e": _int(rsa_numbers.e)}
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+    raise InvalidInput(f"unsupported key type {type(key).__name__}")
+
+
+def jwk_for(cert: x509.Certificate) -> dict[str, Any]:
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return {
+        "use": "x509-svid",
+        **_key_params(cert.public_key()),
+        "x5c": [base64.b64encode(der).decode()],
+    }
+
+
+def bundle_jwks(certs: list[x509.Certificate], sequence: int, refresh_hint: int) -> dict[str, Any]:
+    return {
+        "keys": [jwk_for(cert) for cert in certs],
+        "spiffe_sequence": sequence,
+        "spiffe_refresh_hint": refresh_hint,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class JwksBundle:
+    """A validated X.509 bundle read from a JWK Set."""
+
+    certificates: tuple[x509.Certificate, ...]
+    sequence: int | None
+    refresh_hint: int | None
+
+    @property
+    def pem(self) -> bytes:
+        return certs_pem(self.certificates)
+
+
+def _fail(reason: str) -> InvalidInput:
+    return InvalidInput(f"invalid SPIFFE bundle: {reason}")
+
+
+def parse_jwks(data: bytes) -> JwksBundle:
+    """Strict: every x509-svid key must be one CA certificate whose key matches its JWK."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise _fail("larger than 1 MiB")
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise _fail("not JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise _fail("no 'keys' array")
+    sequence, hint = document.get("spiffe_sequence"), document.get("spiffe_refresh_hint")
+    for name, value in (("spiffe_sequence", sequence), ("spiffe_refresh_hint", hint)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise _fail(f"{name} must be a non-negative integer")
+    certs = []
+    for index, key in enumerate(document["keys"]):
+        if not isinstance(key, dict):
+            raise _fail(f"key {index} is not an object")
+        if key.get("use") != "x509-svid":
+            continue  # jwt-svid keys and unknown uses are not ours to judge (bundle spec §4.2)
+        x5c = key.get("x5c")
+        if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
+            raise _fail(f"key {index}: x5c must hold exactly one certificate")
+        try:
+            cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+        except ValueError:
+            raise _fail(f"key {index}: x5c is not a DER certificate") from None
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise _fail(f"key {index}: the certificate is not a CA")
+        expected = _key_params(cert.public_key())
+        if any(key.get(name) != value for name, value in expected.items()):
+            raise _fail(f"key {index}: the JWK parameters do not match its certificate")
+        certs.append(cert)
+    return JwksBundle(tuple(certs), sequence, hint)
+
+
+def decode_param(value: str) -> bytes:
+    return _unb64url(value)

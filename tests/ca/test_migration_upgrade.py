@@ -1,0 +1,86 @@
+"""Upgrading a populated database, as an operator's existing install is upgraded: every
+migration must carry the rows across (SQLite rebuilds altered tables by copying them)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+from ca.store import db
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _at_first_revision(url: str) -> sa.Engine:
+    engine = db.connect(url)
+    config = db._config()
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.commit()
+    return engine
+
+
+def _populate(engine: sa.Engine) -> None:
+    naive = engine.dialect.name == "sqlite"
+    when = NOW.replace(tzinfo=None) if naive else NOW
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO authority VALUES ('mesh', 'spiffe', 'example.org', 'file', 604800, 3600, :t)"
+            ),
+            {"t": when},
+        )
+        for ca_id, role, parent in ((1, "root", None), (2, "intermediate", 1)):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO ca (id, authority, role, state, serial, parent_id, subject, "
+                    "key_backend, key_ref, key_type, cert_pem, not_before, not_after, created_at) "
+                    "VALUES (:id, 'mesh', :role, 'active', :serial, :parent, 'CN=x', 'file', "
+                    ":ref, 'ec-p256', 'pem', :t, :t, :t)"
+                ),
+                {
+                    "id": ca_id,
+                    "role": role,
+                    "serial": f"{ca_id:x}",
+                    "parent": parent,
+                    "ref": f"k{ca_id}",
+                    "t": when,
+                },
+            )
+        connection.execute(
+            sa.text(
+                "INSERT INTO certificate (serial, authority, issuer_ca_id, profile, spiffe_id, "
+                "fingerprint_sha256, not_before, not_after, status, requested_by, cert_pem, "
+                "created_at) VALUES ('abc', 'mesh', 2, 'x509-svid', 'spiffe://example.org/w', "
+                "'f', :t, :t, 'active', 'test', 'pem', :t)"
+            ),
+            {"t": when},
+        )
+
+
+def test_a_populated_database_upgrades_to_head_keeping_every_row(database_url: str) -> None:
+    engine = _at_first_revision(database_url)
+    _populate(engine)
+    db.upgrade(engine)
+    current, head = db.schema_status(engine)
+    assert current == head
+    with engine.connect() as connection:
+        cas = connection.execute(
+            sa.text("SELECT id, parent_id, cross_for_id FROM ca ORDER BY id")
+        ).all()
+        assert [tuple(row) for row in cas] == [(1, None, None), (2, 1, None)]
+        assert connection.execute(sa.text("SELECT count(*) FROM certificate")).scalar() == 1
+    # Foreign keys are enforced again after the migration.
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO ca_event (authority, ca_id, event, at, actor) "
+                "VALUES ('mesh', 999, 'x', :t, 'test')"
+            ),
+            {"t": NOW.replace(tzinfo=None) if engine.dialect.name == "sqlite" else NOW},
+        )
+    engine.dispose()
