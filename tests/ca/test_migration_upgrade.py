@@ -30,7 +30,8 @@ def _populate(engine: sa.Engine) -> None:
     with engine.begin() as connection:
         connection.execute(
             sa.text(
-                "INSERT INTO authority VALUES ('mesh', 'spiffe', 'example.org', 'file', 604800, 3600, :t)"
+                "INSERT INTO authority VALUES "
+                "('mesh', 'spiffe', 'example.org', 'file', 604800, 3600, :t)"
             ),
             {"t": when},
         )
