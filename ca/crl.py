@@ -68,18 +68,9 @@ def _entry(
 
 
 def _revoked(session: Session, ca: CaRow, now: dt.datetime) -> list[x509.RevokedCertificate]:
-    """Revoked and not yet expired: expired certificates drop off (RFC 5280 §3.3 permits it)."""
-    if ca.role == "root":
-        cas = session.exec(
-            select(CaRow).where(
-                CaRow.parent_id == ca.id,
-                col(CaRow.revoked_at).is_not(None),
-                col(CaRow.not_after) > now,
-            )
-        ).all()
-        return [
-            _entry(c.serial, c.revoked_at, c.revocation_reason, None) for c in cas if c.revoked_at
-        ]
+    """Revoked and not yet expired: expired certificates drop off (RFC 5280 §3.3 permits it).
+    A root's CRL lists its revoked intermediates and anything else it signed (Istio plug-in
+    intermediates are recorded as certificates issued by the root)."""
     rows = session.execute(
         sa.select(
             col(CertificateRow.serial),
@@ -92,7 +83,19 @@ def _revoked(session: Session, ca: CaRow, now: dt.datetime) -> list[x509.Revoked
             col(CertificateRow.not_after) > now,
         )
     ).all()
-    return [_entry(serial, at, reason, invalid) for serial, at, reason, invalid in rows]
+    entries = [_entry(serial, at, reason, invalid) for serial, at, reason, invalid in rows]
+    if ca.role == "root":
+        cas = session.exec(
+            select(CaRow).where(
+                CaRow.parent_id == ca.id,
+                col(CaRow.revoked_at).is_not(None),
+                col(CaRow.not_after) > now,
+            )
+        ).all()
+        entries += [
+            _entry(c.serial, c.revoked_at, c.revocation_reason, None) for c in cas if c.revoked_at
+        ]
+    return entries
 
 
 def _locked_row(session: Session, ca_id: int, now: dt.datetime) -> CrlRow:

@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 from ca.bundle import sync_bundle
 from ca.config import Context
 from ca.crl import refresh_stale_crls
+from ca.istio import renew_due_clusters
 from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
 from ca.store.models import AuthorityRow, RenewalNonceRow
@@ -50,6 +51,11 @@ def renew_server_certificate(ctx: Context) -> str:
     return f"serving certificate in {tls.cert_path}"
 
 
+def renew_istio_intermediates(ctx: Context) -> str:
+    renewed = renew_due_clusters(ctx)
+    return "renewed " + ", ".join(renewed) if renewed else "nothing due"
+
+
 def prune_renewal_nonces(ctx: Context) -> str:
     """A spent proof's jti is only needed until the proof itself expires."""
     with Session(ctx.engine) as session:
@@ -72,6 +78,7 @@ JOBS = (
     Job("ca-rotation", 10, rotate_cas, "prepare, activate and retire intermediates; prune bundles"),
     Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
     Job("server-certificate", 10, renew_server_certificate, "renew the serving certificate"),
+    Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
     Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )
 

@@ -134,12 +134,12 @@ def _status(
     hex_serial = format(serial, "x")
     revoked_at: dt.datetime | None
     reason: str | None
+    child = None
     if ca.role == "root":
         child = session.exec(
             select(CaRow).where(CaRow.parent_id == ca.id, CaRow.serial == hex_serial)
         ).first()
-        if child is None:
-            return ocsp.OCSPCertStatus.UNKNOWN, None, None
+    if child is not None:
         revoked_at, reason = child.revoked_at, child.revocation_reason
     else:
         leaf = session.exec(

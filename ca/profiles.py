@@ -98,6 +98,8 @@ class CaSpec:
     path_length: int | None
     issuer: x509.Certificate | None = None
     urls: RevocationUrls | None = None  # only for intermediates: a root has no issuer to ask
+    # Istio's plug-in CA profile asks for digitalSignature too (istiod signs with this key).
+    digital_signature: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +156,7 @@ def ca_builder(spec: CaSpec) -> x509.CertificateBuilder:
         # X509-SVID §4.3: signing certificates assert keyCertSign; cRLSign lets them sign CRLs.
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False,
+                digital_signature=spec.digital_signature,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,

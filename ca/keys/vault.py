@@ -25,9 +25,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 import hvac
 import requests
@@ -100,7 +100,7 @@ class VaultAuth:
     time, so rotated secret IDs and projected service-account tokens are picked up."""
 
     method: str = "token"
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     token_file: Path | None = None
     role_id: str | None = None
     secret_id_file: Path | None = None
@@ -279,8 +279,10 @@ class VaultConnection:
                 f"Vault denied {needed!r} on {path}: the token's policy lacks that capability "
                 "(run 'trellis vault check'; see deploy/vault/trellis-policy.hcl)"
             )
-        if status == 503 and "sealed" in reasons:
+        if status == 503 and ("sealed" in reasons or data.get("sealed")):
             return Unavailable(f"Vault at {self.address} is sealed: unseal it")
+        if status == 501 and data.get("initialized") is False:
+            return Unavailable(f"Vault at {self.address} is not initialised")
         return Unavailable(
             f"Vault refused {method} {path} (HTTP {status}): {reasons or 'no reason given'}"
         )
@@ -391,12 +393,6 @@ def _digest(data: Buffer, algorithm: object, name: str) -> tuple[bytes, str]:
     return digest.finalize(), _HASH_NAMES[algorithm.name]
 
 
-def _not_exportable(name: str, what: str) -> NoReturn:
-    raise InternalError(
-        f"CA key {name} lives in Vault Transit and is not exportable: {what} is not available"
-    )
-
-
 class _Transit:
     """The one call a Transit-backed key makes: sign with a pinned version, then check it."""
 
@@ -416,7 +412,7 @@ class _Transit:
             raise InternalError(f"Transit answered for another version of {name} than v{version}")
         signature = base64.b64decode(value[len(prefix) :])
         try:
-            check(signature)  # never let a signature out that the CA certificate cannot verify
+            check(signature)  # never hand out a signature the CA certificate would not verify
         except InvalidSignature:
             raise InternalError(
                 f"Transit key {name}@v{version} returned a signature that does not verify"
@@ -424,13 +420,49 @@ class _Transit:
         return signature
 
 
-class TransitEcKey(ec.EllipticCurvePrivateKey):
-    """An ECDSA key in Transit, pinned to one version; DER (``asn1``) signatures of a digest."""
+class _Pinned:
+    """What every Transit-backed key shares: a name, a pinned version, nothing exportable.
+
+    A base of the cryptography classes below, so its methods fill their abstract slots."""
+
+    def __init__(self, transit: _Transit, name: str, version: int) -> None:
+        self._transit, self._name, self._version = transit, name, version
+
+    def _refuse(self, what: str) -> NoReturn:
+        raise InternalError(
+            f"CA key {self._name} lives in Vault Transit and is not exportable: "
+            f"{what} is not available"
+        )
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        self._refuse("private_bytes()")
+
+    def private_numbers(self) -> NoReturn:
+        self._refuse("private_numbers()")
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name}@v{self._version}>"
+
+
+class TransitEcKey(_Pinned, ec.EllipticCurvePrivateKey):
+    """ECDSA: the digest is signed, the signature comes back DER-encoded (``asn1``)."""
 
     def __init__(
         self, transit: _Transit, name: str, version: int, public: ec.EllipticCurvePublicKey
     ) -> None:
-        self._transit, self._name, self._version, self._public = transit, name, version, public
+        super().__init__(transit, name, version)
+        self._public = public
 
     def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         algorithm = signature_algorithm.algorithm
@@ -461,37 +493,17 @@ class TransitEcKey(ec.EllipticCurvePrivateKey):
         return self._public.key_size
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        _not_exportable(self._name, "ECDH")
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _not_exportable(self._name, "private_numbers()")
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_exportable(self._name, "private_bytes()")
-
-    def __copy__(self) -> TransitEcKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TransitEcKey:
-        return self
-
-    def __repr__(self) -> str:
-        return f"<TransitEcKey {self._name}@v{self._version}>"
+        self._refuse("ECDH")
 
 
-class TransitRsaKey(rsa.RSAPrivateKey):
-    """An RSA key in Transit, pinned to one version; PKCS#1 v1.5 signatures (what X.509 uses;
-    Transit's default would be PSS)."""
+class TransitRsaKey(_Pinned, rsa.RSAPrivateKey):
+    """RSA: PKCS#1 v1.5 over the digest, as X.509 uses (Transit's default would be PSS)."""
 
     def __init__(
         self, transit: _Transit, name: str, version: int, public: rsa.RSAPublicKey
     ) -> None:
-        self._transit, self._name, self._version, self._public = transit, name, version, public
+        super().__init__(transit, name, version)
+        self._public = public
 
     def sign(
         self,
@@ -524,69 +536,32 @@ class TransitRsaKey(rsa.RSAPrivateKey):
         return self._public.key_size
 
     def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
-        _not_exportable(self._name, "decrypt()")
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _not_exportable(self._name, "private_numbers()")
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_exportable(self._name, "private_bytes()")
-
-    def __copy__(self) -> TransitRsaKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TransitRsaKey:
-        return self
-
-    def __repr__(self) -> str:
-        return f"<TransitRsaKey {self._name}@v{self._version}>"
+        self._refuse("decrypt()")
 
 
-class TransitEd25519Key(ed25519.Ed25519PrivateKey):
-    """An Ed25519 key in Transit, pinned to one version; pure Ed25519 signs the message itself."""
+class TransitEd25519Key(_Pinned, ed25519.Ed25519PrivateKey):
+    """Ed25519: pure EdDSA signs the message itself, so the whole input goes to Transit."""
 
     def __init__(
         self, transit: _Transit, name: str, version: int, public: ed25519.Ed25519PublicKey
     ) -> None:
-        self._transit, self._name, self._version, self._public = transit, name, version, public
+        super().__init__(transit, name, version)
+        self._public = public
 
     def sign(self, data: Buffer) -> bytes:
         message = bytes(data)
-        body: dict[str, object] = {"input": base64.b64encode(message).decode()}
         return self._transit.sign(
             self._name,
             self._version,
-            body,
+            {"input": base64.b64encode(message).decode()},
             lambda signature: self._public.verify(signature, message),
         )
 
     def public_key(self) -> ed25519.Ed25519PublicKey:
         return self._public
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_exportable(self._name, "private_bytes()")
-
     def private_bytes_raw(self) -> bytes:
-        _not_exportable(self._name, "private_bytes_raw()")
-
-    def __copy__(self) -> TransitEd25519Key:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TransitEd25519Key:
-        return self
-
-    def __repr__(self) -> str:
-        return f"<TransitEd25519Key {self._name}@v{self._version}>"
+        self._refuse("private_bytes_raw()")
 
 
 def _public_key(key_type: KeyType, text: object, name: str) -> PublicKey:

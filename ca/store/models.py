@@ -21,6 +21,7 @@ __all__ = [
     "CertificateRow",
     "CrlRow",
     "EntryRow",
+    "IstioClusterRow",
     "JobRunRow",
     "OcspResponderRow",
     "RenewalNonceRow",
@@ -227,3 +228,20 @@ class RootRotationRow(SQLModel, table=True):
     step: str = Field(max_length=16)  # published | switched | retired
     started_at: dt.datetime = _time()
     switch_after: dt.datetime = _time()
+
+
+class IstioClusterRow(SQLModel, table=True):
+    """The plug-in CA intermediate Trellis issued to one Istio cluster, and where to renew it."""
+
+    __tablename__ = "istio_cluster"
+
+    cluster: str = Field(primary_key=True, max_length=63)
+    authority: str = Field(foreign_key="authority.name", max_length=64)
+    serial: str = Field(max_length=40)
+    not_before: dt.datetime = _time()
+    not_after: dt.datetime = _time()
+    key_type: str = Field(max_length=16)
+    ttl_seconds: int
+    output: str | None = Field(default=None, max_length=1024)
+    output_format: str = Field(max_length=32)
+    updated_at: dt.datetime = _time()
