@@ -129,7 +129,7 @@ class CertificateOut(BaseModel):
     def of(cls, info: CertificateInfo, *, with_pem: bool = False) -> CertificateOut:
         return cls(
             serial=info.serial.hex,
-            spiffe_id=str(info.spiffe_id),
+            spiffe_id=info.identity,
             status=info.status.value,
             profile=info.profile,
             not_before=info.not_before,

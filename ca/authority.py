@@ -7,11 +7,12 @@ An authority is one CA hierarchy with one purpose. This issue's only purpose is 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from cryptography import x509
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from ca.bundle import sync_bundle, trust_anchors
 from ca.checks import check_ca
@@ -23,7 +24,19 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, BundleStateRow, CaEventRow, CaRow, OcspResponderRow
+from ca.store.models import (
+    AuthorityRow,
+    BundleStateRow,
+    CaEventRow,
+    CaRow,
+    CertificateRow,
+    CrlRow,
+    EntryRow,
+    IstioClusterRow,
+    OcspResponderRow,
+    RootRotationRow,
+    TokenRow,
+)
 
 __all__ = [
     "MESH",
@@ -42,9 +55,17 @@ DEFAULT_CA_TTL = Ttl(7 * 86400)
 DEFAULT_SVID_TTL = Ttl(3600)
 
 
+PURPOSES = ("spiffe", "openvpn", "gateway")
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
 @dataclass(frozen=True, slots=True)
 class AuthorityParams:
-    trust_domain: TrustDomain
+    """One CA hierarchy. ``spiffe`` authorities have a trust domain and their CAs carry its
+    SPIFFE ID; ``openvpn`` and ``gateway`` ones have none, so nothing they issue can ever pass
+    as an SVID, and no SVID chains to them."""
+
+    trust_domain: TrustDomain | None
     root_key_type: KeyType = KeyType.EC_P384
     key_type: KeyType = KeyType.EC_P256
     ca_ttl: Ttl = DEFAULT_CA_TTL
@@ -53,6 +74,12 @@ class AuthorityParams:
     force: bool = False
     name: str = MESH
     key_backend: str | None = None  # None: the configured default (TRELLIS_KEY_BACKEND)
+    purpose: str = "spiffe"
+
+    @property
+    def label(self) -> str:
+        """What CA common names start with: the trust domain, or the authority name."""
+        return self.trust_domain.name if self.trust_domain else self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +88,7 @@ class Issuer:
 
     ca_id: int
     authority: str
-    trust_domain: TrustDomain
+    trust_domain: TrustDomain | None  # None for openvpn and gateway authorities
     certificate: x509.Certificate
     signer: Signer
     chain: tuple[x509.Certificate, ...]  # the issuing CA first, then cross-signed roots if any
@@ -70,6 +97,12 @@ class Issuer:
     bundle_pem: bytes
     bundle_sequence: int
     default_svid_ttl: Ttl
+
+    def spiffe_trust_domain(self) -> TrustDomain:
+        """The trust domain, for operations only SPIFFE authorities support."""
+        if self.trust_domain is None:
+            raise InvalidInput(f"authority {self.authority!r} issues no SPIFFE identities")
+        return self.trust_domain
 
 
 def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
@@ -81,6 +114,12 @@ def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
 
 
 def _validate(params: AuthorityParams) -> None:
+    if params.purpose not in PURPOSES:
+        raise InvalidInput(f"unknown authority purpose {params.purpose!r}")
+    if not _NAME.match(params.name):
+        raise InvalidInput("an authority name is lower-case letters, digits and '-', at most 32")
+    if (params.purpose == "spiffe") != (params.trust_domain is not None):
+        raise InvalidInput("a trust domain is required for SPIFFE authorities and only for them")
     # SPIRE's rule of thumb: an SVID should live at most a sixth of its issuer's life, otherwise
     # SVIDs get silently clamped to the CA's expiry and renew in a storm before every rotation.
     if params.svid_ttl.seconds * 6 > params.ca_ttl.seconds:
@@ -109,7 +148,7 @@ def sign_new_ca(
     spec = CaSpec(
         subject=ca_subject("Trellis", common_name),
         public_key=signer.public_key(),
-        spiffe_id=params.trust_domain.id(),
+        spiffe_id=params.trust_domain.id() if params.trust_domain else None,
         serial=Serial.random(),
         not_before=now - BACKDATE,
         not_after=not_after,
@@ -122,7 +161,11 @@ def sign_new_ca(
         ),
     )
     cert = sign(ca_builder(spec), signer if issuer is None else issuer[1])
-    check_ca(cert, cert if issuer is None else issuer[0], params.trust_domain.id())
+    check_ca(
+        cert,
+        cert if issuer is None else issuer[0],
+        params.trust_domain.id() if params.trust_domain else None,
+    )
     return cert
 
 
@@ -145,13 +188,30 @@ def ca_row_for(
     )
 
 
-def _wipe(session: Session, ctx: Context) -> list[KeyHandle]:
-    """``init --force``: forget every row; returns the old keys to destroy after commit."""
-    rows: list[CaRow | OcspResponderRow] = [*session.exec(select(CaRow)).all()]
-    rows += session.exec(select(OcspResponderRow)).all()
+def _wipe(session: Session, name: str) -> list[KeyHandle]:
+    """``init --force``: forget one authority's rows; returns its keys to destroy after commit."""
+    cas = session.exec(select(CaRow).where(CaRow.authority == name)).all()
+    ca_ids = [row.id for row in cas]
+    responders = session.exec(
+        select(OcspResponderRow).where(col(OcspResponderRow.ca_id).in_(ca_ids))
+    ).all()
+    rows: list[CaRow | OcspResponderRow] = [*cas, *responders]
     old = [KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)) for row in rows]
-    for table in reversed(SQLModel.metadata.sorted_tables):
-        session.execute(sa.delete(table))
+    entries = select(EntryRow.id).where(EntryRow.authority == name)
+    for statement in (
+        sa.delete(TokenRow).where(col(TokenRow.entry_id).in_(entries)),
+        sa.delete(EntryRow).where(col(EntryRow.authority) == name),
+        sa.delete(CaEventRow).where(col(CaEventRow.authority) == name),
+        sa.delete(CrlRow).where(col(CrlRow.ca_id).in_(ca_ids)),
+        sa.delete(OcspResponderRow).where(col(OcspResponderRow.ca_id).in_(ca_ids)),
+        sa.delete(CertificateRow).where(col(CertificateRow.authority) == name),
+        sa.delete(IstioClusterRow).where(col(IstioClusterRow.authority) == name),
+        sa.delete(RootRotationRow).where(col(RootRotationRow.authority) == name),
+        sa.delete(BundleStateRow).where(col(BundleStateRow.authority) == name),
+        sa.delete(CaRow).where(col(CaRow.authority) == name),
+        sa.delete(AuthorityRow).where(col(AuthorityRow.name) == name),
+    ):
+        session.execute(statement)
     return old
 
 
@@ -164,20 +224,19 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             if session.get(AuthorityRow, params.name) is not None and not params.force:
                 raise Conflict(
                     f"authority {params.name!r} already exists: use --force to replace it "
-                    "(this destroys every key, certificate, entry and token)"
+                    "(this destroys its keys, certificates and, for the mesh, entries and tokens)"
                 )
-            old_keys = _wipe(session, ctx) if params.force else []
+            old_keys = _wipe(session, params.name) if params.force else []
             now = ctx.clock.now()
             backend = params.key_backend or ctx.keys.default
             root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root", backend)
             created.append(root_key)
             int_key = ctx.keys.create(params.key_type, f"{params.name}-intermediate", backend)
             created.append(int_key)
-            td = params.trust_domain
             root = sign_new_ca(
                 ctx,
                 root_key,
-                common_name=f"{td} root",
+                common_name=f"{params.label} root",
                 params=params,
                 ttl=params.root_ttl,
                 issuer=None,
@@ -185,7 +244,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             intermediate = sign_new_ca(
                 ctx,
                 int_key,
-                common_name=f"{td} intermediate",
+                common_name=f"{params.label} intermediate",
                 params=params,
                 ttl=params.ca_ttl,
                 issuer=(root, ctx.keys.load(root_key)),
@@ -193,8 +252,8 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             session.add(
                 AuthorityRow(
                     name=params.name,
-                    purpose="spiffe",
-                    trust_domain=td.name,
+                    purpose=params.purpose,
+                    trust_domain=params.trust_domain.name if params.trust_domain else "",
                     key_backend=backend,
                     ca_ttl_seconds=params.ca_ttl.seconds,
                     svid_ttl_seconds=params.svid_ttl.seconds,
@@ -272,7 +331,7 @@ def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
     issuer = Issuer(
         ca_id=row.id,
         authority=name,
-        trust_domain=TrustDomain(authority.trust_domain),
+        trust_domain=TrustDomain(authority.trust_domain) if authority.trust_domain else None,
         certificate=certificate,
         signer=signer,
         chain=chain,

@@ -46,8 +46,12 @@ class CertStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CertificateInfo:
+    """An issued certificate as recorded. The store's ``spiffe_id`` column holds each
+    certificate's identity: a SPIFFE ID for SVIDs and Istio intermediates, a ``CN=...`` name for
+    OpenVPN and gateway certificates (those authorities have no trust domain)."""
+
     serial: Serial
-    spiffe_id: SpiffeId
+    identity: str  # the SPIFFE ID of an SVID; "CN=<name>" style for other profiles
     status: CertStatus
     profile: str
     not_before: dt.datetime
@@ -63,6 +67,10 @@ class CertificateInfo:
     issuer_ca_id: int
     certificate_pem: str
 
+    @property
+    def spiffe_id(self) -> SpiffeId | None:
+        return SpiffeId.parse(self.identity) if self.identity.startswith("spiffe://") else None
+
 
 def certificate_info(row: CertificateRow, now: dt.datetime) -> CertificateInfo:
     # "expired" is derived, not stored: it changes with time, not with any write.
@@ -71,7 +79,7 @@ def certificate_info(row: CertificateRow, now: dt.datetime) -> CertificateInfo:
         status = CertStatus.EXPIRED
     return CertificateInfo(
         serial=Serial.parse(row.serial),
-        spiffe_id=SpiffeId.parse(row.spiffe_id),
+        identity=row.spiffe_id,
         status=status,
         profile=row.profile,
         not_before=row.not_before,

@@ -61,7 +61,7 @@ def check_leaf(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: Spif
         raise _fail("empty subject with a non-critical SAN")
 
 
-def check_ca(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: SpiffeId) -> None:
+def check_ca(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: SpiffeId | None) -> None:
     """``issuer`` is ``cert`` itself for a root."""
     _issued_by(cert, issuer)
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -70,5 +70,11 @@ def check_ca(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: Spiffe
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
     if not usage.critical or not usage.value.key_cert_sign:
         raise _fail("CA keyUsage must be critical with keyCertSign")
+    if spiffe_id is None:
+        try:
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return
+        raise _fail("a CA outside the SPIFFE mesh carries no SAN")
     if spiffe_id_of(cert) != spiffe_id or not spiffe_id.is_trust_domain_id:
         raise _fail("CA URI SAN must be the trust domain ID")

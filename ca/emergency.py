@@ -77,16 +77,17 @@ def revoke_intermediate(
             )
             created.append(handle)
             params = AuthorityParams(
-                trust_domain=TrustDomain(auth.trust_domain),
+                trust_domain=TrustDomain(auth.trust_domain) if auth.trust_domain else None,
                 key_type=KeyType(old.key_type),
                 ca_ttl=Ttl(auth.ca_ttl_seconds),
                 svid_ttl=Ttl(auth.svid_ttl_seconds),
                 name=authority,
+                purpose=auth.purpose,
             )
             cert = sign_new_ca(
                 ctx,
                 handle,
-                common_name=f"{auth.trust_domain} intermediate",
+                common_name=f"{params.label} intermediate",
                 params=params,
                 ttl=params.ca_ttl,
                 issuer=(ca_certificate(ctx, root), ca_signer(ctx, root)),

@@ -92,9 +92,9 @@ def admin_grant(
     ctx: Context, spiffe_id: SpiffeId, actor: str, max_ttl: Ttl = DEFAULT_MAX_TTL
 ) -> Grant:
     issuer = active_issuer(ctx, MESH)
-    if not spiffe_id.member_of(issuer.trust_domain) or spiffe_id.is_trust_domain_id:
+    if not spiffe_id.member_of(issuer.spiffe_trust_domain()) or spiffe_id.is_trust_domain_id:
         raise PolicyViolation(
-            f"{spiffe_id} is not a workload ID in trust domain {issuer.trust_domain}"
+            f"{spiffe_id} is not a workload ID in trust domain {issuer.spiffe_trust_domain()}"
         )
     return Grant(
         spiffe_id=spiffe_id,
@@ -108,7 +108,7 @@ def server_grant(ctx: Context, dns_names: Sequence[str], ips: Sequence[str], ttl
     """Trellis's own serving certificate: ``spiffe://<td>/trellis/server``."""
     issuer = active_issuer(ctx, MESH)
     return Grant(
-        spiffe_id=SpiffeId.from_path(issuer.trust_domain, "/trellis/server"),
+        spiffe_id=SpiffeId.from_path(issuer.spiffe_trust_domain(), "/trellis/server"),
         default_ttl=ttl,
         max_ttl=ttl,
         requested_by="trellis:serve",

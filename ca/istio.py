@@ -156,7 +156,7 @@ def issue_istio_intermediate(
             raise NotInitialised(f"authority {params.authority!r} has no active root")
         root_cert = ca_certificate(ctx, root)
         key = params.key_type.generate()
-        td = issuer.trust_domain
+        td = issuer.spiffe_trust_domain()
         spec = CaSpec(
             subject=_subject(td.name, params.cluster),
             public_key=key.public_key(),

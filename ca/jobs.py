@@ -17,6 +17,8 @@ from sqlmodel import Session, col, select
 from ca.bundle import sync_bundle
 from ca.config import Context
 from ca.crl import refresh_stale_crls
+from ca.errors import Unavailable
+from ca.federation import list_federations, refresh_due
 from ca.istio import renew_due_clusters
 from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
@@ -56,6 +58,17 @@ def renew_istio_intermediates(ctx: Context) -> str:
     return "renewed " + ", ".join(renewed) if renewed else "nothing due"
 
 
+def refresh_federated_bundles(ctx: Context) -> str:
+    """Fetch each federated bundle whose refresh hint has elapsed. While any relationship's
+    last attempt failed (its last good bundle is kept) the run fails, so ``trellis jobs list``
+    and ``/readyz`` show it until the partner's endpoint answers again."""
+    results = refresh_due(ctx)
+    failing = [f"{f.trust_domain}: {f.last_error}" for f in list_federations(ctx) if f.last_error]
+    if failing:
+        raise Unavailable("; ".join(failing))
+    return ", ".join(f"{r.trust_domain} seq {r.sequence}" for r in results) or "nothing due"
+
+
 def prune_renewal_nonces(ctx: Context) -> str:
     """A spent proof's jti is only needed until the proof itself expires."""
     with Session(ctx.engine) as session:
@@ -79,6 +92,7 @@ JOBS = (
     Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
     Job("server-certificate", 10, renew_server_certificate, "renew the serving certificate"),
     Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
+    Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
     Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )
 

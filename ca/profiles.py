@@ -91,7 +91,9 @@ class CaSpec:
 
     subject: x509.Name
     public_key: PublicKey
-    spiffe_id: SpiffeId  # the trust domain ID: X509-SVID §4.1, signing certs carry an empty path
+    # The trust domain ID (X509-SVID §4.1: signing certs carry an empty path); None for CAs of
+    # authorities that issue no SVIDs.
+    spiffe_id: SpiffeId | None
     serial: Serial
     not_before: dt.datetime
     not_after: dt.datetime
@@ -172,11 +174,12 @@ def ca_builder(spec: CaSpec) -> x509.CertificateBuilder:
         .add_extension(aki, critical=False)
         # No EKU on CA certificates: Go's verifier (istiod, Envoy's control plane) treats an EKU on
         # a CA as a constraint on everything below it.
-        .add_extension(
+    )
+    if spec.spiffe_id is not None:
+        builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spec.spiffe_id))]),
             critical=False,
         )
-    )
     return _with_urls(builder, spec.urls)
 
 

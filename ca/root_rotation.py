@@ -47,11 +47,11 @@ def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
     """A certificate for ``subject``'s name and key, signed by ``issuer``: a second path to it."""
     subject_cert = ca_certificate(rotator.ctx, subject)
     issuer_cert = ca_certificate(rotator.ctx, issuer)
-    td = TrustDomain(rotator.auth.trust_domain)
+    td = TrustDomain(rotator.auth.trust_domain) if rotator.auth.trust_domain else None
     spec = CaSpec(
         subject=subject_cert.subject,
         public_key=subject_cert.public_key(),  # type: ignore[arg-type]
-        spiffe_id=td.id(),
+        spiffe_id=td.id() if td else None,
         serial=Serial.random(),
         not_before=rotator.now - BACKDATE,
         not_after=min(subject_cert.not_valid_after_utc, issuer_cert.not_valid_after_utc),
@@ -59,7 +59,7 @@ def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
         issuer=issuer_cert,
     )
     cert = sign(ca_builder(spec), ca_signer(rotator.ctx, issuer))
-    check_ca(cert, issuer_cert, td.id())
+    check_ca(cert, issuer_cert, td.id() if td else None)
     handle = KeyHandle(subject.key_backend, subject.key_ref, KeyType(subject.key_type))
     row = ca_row_for(rotator.auth.name, "cross", cert, handle, rotator.now)
     row.parent_id, row.cross_for_id = issuer.id, subject.id
@@ -155,12 +155,12 @@ def _publish(rotator: Rotator, overlap: Ttl, previous: RootRotationRow | None) -
     cert = sign_new_ca(
         rotator.ctx,
         handle,
-        common_name=f"{auth.trust_domain} root",
+        common_name=f"{params.label} root",
         params=params,
         ttl=life,
         issuer=None,
     )
-    validate_new_ca(cert, rotator.ctx.keys.load(handle), params.trust_domain)
+    validate_new_ca(cert, rotator.ctx.keys.load(handle))
     new = ca_row_for(auth.name, "root", cert, handle, rotator.now)
     new.state = "prepared"
     session.add(new)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
 from ca.authority import MESH, AuthorityParams, ca_row_for, record_event, sign_new_ca
@@ -29,9 +30,9 @@ from ca.cas import ca_certificate, ca_signer
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import InternalError, NotInitialised
-from ca.identity import SpiffeId, TrustDomain
+from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
-from ca.profiles import LeafSpec, leaf_builder, sign
+from ca.profiles import sign
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, RootRotationRow
 
@@ -91,21 +92,19 @@ def rotation_lock(session: Session, authority: str) -> bool:
     )
 
 
-def validate_new_ca(cert: x509.Certificate, signer: Signer, trust_domain: TrustDomain) -> None:
-    """SPIRE's rule: a new CA key proves itself by signing a throwaway leaf that then verifies."""
+def validate_new_ca(cert: x509.Certificate, signer: Signer) -> None:
+    """SPIRE's rule: a new CA key proves itself by signing a throwaway certificate that then
+    verifies against the new CA certificate, before anything depends on it."""
     probe = KeyType.EC_P256.generate()
     start = cert.not_valid_before_utc
     leaf = sign(
-        leaf_builder(
-            LeafSpec(
-                public_key=probe.public_key(),
-                spiffe_id=SpiffeId.from_path(trust_domain, "/trellis/ca-validation"),
-                serial=Serial.random(),
-                not_before=start,
-                not_after=min(start + dt.timedelta(minutes=1), cert.not_valid_after_utc),
-                issuer=cert,
-            )
-        ),
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trellis CA validation")]))
+        .issuer_name(cert.subject)
+        .public_key(probe.public_key())
+        .serial_number(Serial.random().value)
+        .not_valid_before(start)
+        .not_valid_after(min(start + dt.timedelta(minutes=1), cert.not_valid_after_utc)),
         signer,
     )
     try:
@@ -126,11 +125,12 @@ def ca_rows(session: Session, authority: str, role: str, state: str) -> list[CaR
 
 def authority_params(auth: AuthorityRow, key_type: KeyType) -> AuthorityParams:
     return AuthorityParams(
-        trust_domain=TrustDomain(auth.trust_domain),
+        trust_domain=TrustDomain(auth.trust_domain) if auth.trust_domain else None,
         key_type=key_type,
         ca_ttl=Ttl(auth.ca_ttl_seconds),
         svid_ttl=Ttl(auth.svid_ttl_seconds),
         name=auth.name,
+        purpose=auth.purpose,
     )
 
 
@@ -157,12 +157,12 @@ class Rotator:
         cert = sign_new_ca(
             self.ctx,
             handle,
-            common_name=f"{self.auth.trust_domain} intermediate",
+            common_name=f"{params.label} intermediate",
             params=params,
             ttl=params.ca_ttl,
             issuer=(ca_certificate(self.ctx, root), ca_signer(self.ctx, root)),
         )
-        validate_new_ca(cert, self.ctx.keys.load(handle), params.trust_domain)
+        validate_new_ca(cert, self.ctx.keys.load(handle))
         row = ca_row_for(self.auth.name, "intermediate", cert, handle, self.now)
         row.state, row.parent_id = "prepared", root.id
         self.session.add(row)

@@ -253,7 +253,7 @@ def token_revoke(token_id: str, json_out: JsonOpt = False) -> None:
 
 def _cert_rows(items: list[certs.CertificateInfo]) -> list[list[str]]:
     return [
-        [i.serial.hex, str(i.spiffe_id), i.status.value, when(i.not_before), when(i.not_after)]
+        [i.serial.hex, i.identity, i.status.value, when(i.not_before), when(i.not_after)]
         for i in items
     ]
 
@@ -287,7 +287,7 @@ def certs_show(serial: str, json_out: JsonOpt = False) -> None:
         return
     for label, value in [
         ("serial", info.serial.hex),
-        ("spiffe_id", str(info.spiffe_id)),
+        ("identity", info.identity),
         ("status", info.status.value),
         ("profile", info.profile),
         ("not_before", when(info.not_before)),
@@ -324,7 +324,7 @@ def revoke(
     if serial is not None:
         parsed = Serial.parse(serial)
         current = certs.get_certificate(ctx, parsed)
-        question = f"Revoke {current.serial} ({current.spiffe_id}, {current.status.value})"
+        question = f"Revoke {current.serial} ({current.identity}, {current.status.value})"
         if not yes and not typer.confirm(f"{question} for {why.value}?"):
             raise typer.Exit(1)
         revoked = [certs.revoke_certificate(ctx, parsed, why, "cli", request_id=request_id)]
@@ -348,7 +348,7 @@ def revoke(
         return
     for info in revoked:
         typer.echo(
-            f"revoked {info.serial} ({info.spiffe_id}) reason {why.value} "
+            f"revoked {info.serial} ({info.identity}) reason {why.value} "
             f"at {when(info.revoked_at)}"
         )
 

@@ -158,5 +158,5 @@ def authority_revoke_intermediate(
     if result.to_reissue:
         table(
             ["SERIAL", "SPIFFE ID", "NOT AFTER"],
-            [[i.serial.hex, str(i.spiffe_id), when(i.not_after)] for i in result.to_reissue],
+            [[i.serial.hex, i.identity, when(i.not_after)] for i in result.to_reissue],
         )

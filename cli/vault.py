@@ -43,8 +43,6 @@ def check(
         typer.echo(f"Vault at {report.address}")
         for item in report.items:
             typer.echo(f"  {'ok' if item.ok else 'FAILED':<7} {item.name:<14} {item.detail}")
-        for missing in report.missing:
-            typer.echo(f"  missing {', '.join(missing.capabilities)} on {missing.path}")
         if not report.ok:
             typer.echo("\nThe policy Trellis needs (deploy/vault/trellis-policy.hcl):\n")
             typer.echo(report.policy, nl=False)

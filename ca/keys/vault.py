@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -663,7 +664,7 @@ def render_policy(needed: tuple[Requirement, ...]) -> str:
         capabilities = ", ".join(f'"{c}"' for c in item.capabilities)
         lines += [
             "",
-            f"# {item.why}",
+            *(f"# {line}" for line in textwrap.wrap(item.why, 96)),
             f'path "{item.path}" {{',
             f"  capabilities = [{capabilities}]",
             "}",

@@ -21,6 +21,7 @@ __all__ = [
     "CertificateRow",
     "CrlRow",
     "EntryRow",
+    "FederatedBundleRow",
     "IstioClusterRow",
     "JobRunRow",
     "OcspResponderRow",
@@ -245,3 +246,33 @@ class IstioClusterRow(SQLModel, table=True):
     output: str | None = Field(default=None, max_length=1024)
     output_format: str = Field(max_length=32)
     updated_at: dt.datetime = _time()
+
+
+class FederatedBundleRow(SQLModel, table=True):
+    """A federation relationship (SPIFFE Federation §5, §6): a foreign trust domain, how to reach
+    and authenticate its bundle endpoint, and the last good bundle fetched from it.
+
+    ``bundle_pem`` is replaced only by a bundle that passed every check; a failed refresh only
+    records ``last_error``/``last_attempt``. ``sequence`` never goes backwards.
+    """
+
+    __tablename__ = "federated_bundle"
+
+    trust_domain: str = Field(primary_key=True, max_length=255)
+    url: str = Field(max_length=2048)
+    profile: str = Field(max_length=16)  # https_web | https_spiffe
+    endpoint_spiffe_id: str | None = Field(default=None, max_length=2048)
+    bootstrap_pem: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    web_ca_pem: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    bundle_pem: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    sequence: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True)
+    )
+    refresh_hint: int | None = None
+    digest: str | None = Field(default=None, max_length=64)
+    bundle_updated_at: dt.datetime | None = _time(nullable=True)
+    last_success: dt.datetime | None = _time(nullable=True)
+    last_attempt: dt.datetime | None = _time(nullable=True)
+    last_error: str | None = Field(default=None, max_length=512)
+    next_refresh: dt.datetime = _time()
+    created_at: dt.datetime = _time()

@@ -1,0 +1,579 @@
+"""SPIFFE Federation: fetching, validating and keeping foreign trust domains' bundles.
+
+A federation relationship (SPIFFE Federation §5.1) names a foreign trust domain, the URL of its
+bundle endpoint and the profile that authenticates that endpoint:
+
+- ``https_web`` (§5.2.1): the server certificate is validated with web PKI, against the system
+  store or, on private networks, the CA the operator gave (``--ca-file``), with hostname
+  checking (RFC 6125).
+- ``https_spiffe`` (§5.2.2, self-serving endpoints only): the server presents an X509-SVID whose
+  only URI SAN must equal the configured endpoint SPIFFE ID, and its chain must verify to the
+  LAST GOOD bundle of that trust domain (the operator's bootstrap bundle until a fetch has
+  succeeded), so the partner can rotate roots without breaking the relationship. The server is
+  identified by that SPIFFE ID, not by a host name: hostname checking is off.
+
+A fetched bundle replaces the stored one only if it parses strictly (``ca.jwks.parse_jwks``:
+JSON, CA certificates, JWK parameters matching their certificate), holds at least one X.509
+authority, names no other trust domain, and its ``spiffe_sequence`` does not go backwards (an
+equal sequence must mean equal authorities). On any failure the last good bundle stays and the
+failure is recorded (``last_error``, ``last_attempt``). Bundles of different trust domains are
+never merged (§4.2, §7.3): ``bundle_map`` publishes one JWK Set per trust domain.
+
+The network sits behind one function type (``Fetch``) so tests can swap it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session, col, select
+
+from ca.authority import MESH
+from ca.bundle import read_bundle
+from ca.config import Context
+from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
+from ca.identity import SpiffeId, TrustDomain
+from ca.jwks import (
+    DEFAULT_REFRESH_HINT,
+    MAX_BUNDLE_BYTES,
+    JwksBundle,
+    bundle_jwks,
+    jwk_for,
+    parse_jwks,
+)
+from ca.pem import certs_pem, load_certs
+from ca.store.models import AuthorityRow, FederatedBundleRow
+
+__all__ = [
+    "MIN_REFRESH",
+    "Endpoint",
+    "Federation",
+    "FederationParams",
+    "Fetch",
+    "Profile",
+    "RefreshResult",
+    "accept",
+    "add_federation",
+    "bundle_map",
+    "fetch_bundle",
+    "get_federation",
+    "list_federations",
+    "refresh_due",
+    "refresh_federation",
+    "refresh_federations",
+    "remove_federation",
+]
+
+log = logging.getLogger("trellis.federation")
+
+MIN_REFRESH = 10  # seconds: a tiny spiffe_refresh_hint must not turn polling into a flood
+TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+DEADLINE = 30.0  # seconds for a whole fetch, however slowly the body trickles in
+MAX_REDIRECTS = 3
+MAX_URL = 2048
+
+
+class Profile(StrEnum):
+    HTTPS_WEB = "https_web"
+    HTTPS_SPIFFE = "https_spiffe"
+
+    @classmethod
+    def parse(cls, value: str) -> Profile:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidInput(
+                f"unknown endpoint profile {value!r}: use https_web or https_spiffe"
+            ) from None
+
+
+def endpoint_url(value: str) -> str:
+    """§5.2.1.1 / §5.2.2.1: scheme https, no userinfo."""
+    if len(value) > MAX_URL:
+        raise InvalidInput(f"the bundle endpoint URL is longer than {MAX_URL} characters")
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError):
+        raise InvalidInput(f"{value[:200]!r} is not a URL") from None
+    if url.scheme != "https":
+        raise InvalidInput("a bundle endpoint URL must be https:// (SPIFFE Federation §5.2)")
+    if url.userinfo:
+        raise InvalidInput("a bundle endpoint URL must not include userinfo")
+    if not url.host:
+        raise InvalidInput("the bundle endpoint URL has no host")
+    return str(url)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def authorities(
+    certs: Sequence[x509.Certificate], trust_domain: TrustDomain, what: str
+) -> tuple[x509.Certificate, ...]:
+    """X.509 authorities of ``trust_domain``: at least one, all CAs, none naming another trust
+    domain (a CA carrying a foreign trust domain ID is another domain's bundle: §7.3)."""
+    if not certs:
+        raise InvalidInput(f"{what} holds no X.509 authority")
+    for cert in certs:
+        if not _is_ca(cert):
+            raise InvalidInput(f"{what}: {cert.subject.rfc4514_string()!r} is not a CA")
+        for uri in _uris(cert):
+            if uri[:9].lower() == "spiffe://" and not SpiffeId.parse(uri).member_of(trust_domain):
+                raise InvalidInput(f"{what}: an authority names {uri}, not {trust_domain.id()}")
+    return tuple(certs)
+
+
+def _bootstrap(data: bytes, trust_domain: TrustDomain) -> tuple[x509.Certificate, ...]:
+    """The operator's bundle for the first https_spiffe connection: PEM or a SPIFFE JWK Set."""
+    if data.lstrip().startswith(b"{"):
+        certs: Sequence[x509.Certificate] = parse_jwks(data).certificates
+    else:
+        try:
+            certs = load_certs(data)
+        except InvalidInput:
+            raise InvalidInput("the bootstrap bundle is neither PEM nor a SPIFFE JWK Set") from None
+    return authorities(certs, trust_domain, "the bootstrap bundle")
+
+
+def _web_ca(data: bytes) -> bytes:
+    try:
+        certs = load_certs(data)
+        ssl.create_default_context(cadata=certs_pem(certs).decode())
+    except (InvalidInput, ssl.SSLError, ValueError):
+        raise InvalidInput("the CA file is not a PEM certificate bundle") from None
+    return certs_pem(certs)
+
+
+@dataclass(frozen=True, slots=True)
+class FederationParams:
+    trust_domain: TrustDomain
+    url: str
+    profile: Profile
+    endpoint_spiffe_id: SpiffeId | None = None
+    bootstrap_bundle: bytes | None = None  # https_spiffe: PEM or JWK Set
+    web_ca: bytes | None = None  # https_web: PEM trust anchors instead of the system store
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", endpoint_url(self.url))
+        td = self.trust_domain
+        if self.profile is Profile.HTTPS_WEB:
+            if self.endpoint_spiffe_id is not None or self.bootstrap_bundle is not None:
+                raise InvalidInput(
+                    "--endpoint-spiffe-id and --bootstrap-bundle are for https_spiffe only"
+                )
+            return
+        if self.web_ca is not None:
+            raise InvalidInput("--ca-file is for https_web: https_spiffe trusts the bundle")
+        spiffe_id = self.endpoint_spiffe_id
+        if spiffe_id is None or self.bootstrap_bundle is None:
+            raise InvalidInput("https_spiffe needs --endpoint-spiffe-id and --bootstrap-bundle")
+        if not spiffe_id.member_of(td) or spiffe_id.is_trust_domain_id:
+            raise InvalidInput(
+                f"the endpoint SPIFFE ID {spiffe_id} must be a workload ID in {td} "
+                "(only self-serving https_spiffe endpoints are supported)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Federation:
+    """A relationship and its last good bundle (``authorities`` is empty before the first)."""
+
+    trust_domain: TrustDomain
+    url: str
+    profile: Profile
+    endpoint_spiffe_id: SpiffeId | None
+    authorities: tuple[x509.Certificate, ...]
+    sequence: int | None
+    refresh_hint: int | None
+    bundle_updated_at: dt.datetime | None
+    last_success: dt.datetime | None
+    last_attempt: dt.datetime | None
+    last_error: str | None
+    next_refresh: dt.datetime
+    created_at: dt.datetime
+
+    @property
+    def has_bundle(self) -> bool:
+        return bool(self.authorities)
+
+    def jwks(self) -> dict[str, Any]:
+        """The last good bundle as a SPIFFE JWK Set (sequence and hint as the partner sent)."""
+        document: dict[str, Any] = {"keys": [jwk_for(cert) for cert in self.authorities]}
+        if self.sequence is not None:
+            document["spiffe_sequence"] = self.sequence
+        if self.refresh_hint is not None:
+            document["spiffe_refresh_hint"] = self.refresh_hint
+        return document
+
+
+def _view(row: FederatedBundleRow) -> Federation:
+    return Federation(
+        trust_domain=TrustDomain(row.trust_domain),
+        url=row.url,
+        profile=Profile(row.profile),
+        endpoint_spiffe_id=SpiffeId.parse(row.endpoint_spiffe_id)
+        if row.endpoint_spiffe_id
+        else None,
+        authorities=tuple(load_certs(row.bundle_pem.encode())) if row.bundle_pem else (),
+        sequence=row.sequence,
+        refresh_hint=row.refresh_hint,
+        bundle_updated_at=row.bundle_updated_at,
+        last_success=row.last_success,
+        last_attempt=row.last_attempt,
+        last_error=row.last_error,
+        next_refresh=row.next_refresh,
+        created_at=row.created_at,
+    )
+
+
+def _own_trust_domain(session: Session) -> TrustDomain:
+    auth = session.get(AuthorityRow, MESH)
+    if auth is None:
+        raise NotInitialised("no trust domain yet: run 'trellis init' first")
+    return TrustDomain(auth.trust_domain)
+
+
+def add_federation(ctx: Context, params: FederationParams) -> Federation:
+    """Record a relationship; the refresh job fetches its bundle at its next run."""
+    td = params.trust_domain
+    bootstrap = None
+    if params.bootstrap_bundle is not None:
+        bootstrap = certs_pem(_bootstrap(params.bootstrap_bundle, td)).decode()
+    web_ca = _web_ca(params.web_ca).decode() if params.web_ca is not None else None
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        if td == _own_trust_domain(session):
+            raise InvalidInput(f"{td} is this Trellis's own trust domain: federate with others")
+        if session.get(FederatedBundleRow, td.name) is not None:
+            raise Conflict(f"trust domain {td} is already federated: remove it first")
+        row = FederatedBundleRow(
+            trust_domain=td.name,
+            url=params.url,
+            profile=params.profile.value,
+            endpoint_spiffe_id=str(params.endpoint_spiffe_id)
+            if params.endpoint_spiffe_id
+            else None,
+            bootstrap_pem=bootstrap,
+            web_ca_pem=web_ca,
+            next_refresh=now,
+            created_at=now,
+        )
+        session.add(row)
+        try:
+            session.commit()
+        except sa.exc.IntegrityError:
+            raise Conflict(f"trust domain {td} is already federated: remove it first") from None
+        session.refresh(row)
+        return _view(row)
+
+
+def list_federations(ctx: Context) -> list[Federation]:
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(FederatedBundleRow).order_by(col(FederatedBundleRow.trust_domain))
+        )
+        return [_view(row) for row in rows.all()]
+
+
+def get_federation(ctx: Context, trust_domain: TrustDomain) -> Federation:
+    with Session(ctx.engine) as session:
+        row = session.get(FederatedBundleRow, trust_domain.name)
+        if row is None:
+            raise NotFound(f"trust domain {trust_domain} is not federated")
+        return _view(row)
+
+
+def remove_federation(ctx: Context, trust_domain: TrustDomain) -> Federation:
+    """§6.3: forget the bundle and stop polling; validators drop it at their next read."""
+    with Session(ctx.engine) as session:
+        row = session.get(FederatedBundleRow, trust_domain.name)
+        if row is None:
+            raise NotFound(f"trust domain {trust_domain} is not federated")
+        removed = _view(row)
+        session.delete(row)
+        session.commit()
+    return removed
+
+
+# --- fetching ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What one fetch needs: where, how to authenticate the server, and whom to expect."""
+
+    trust_domain: TrustDomain
+    url: str
+    profile: Profile
+    endpoint_spiffe_id: SpiffeId | None
+    trust_pem: bytes | None  # https_spiffe: last good (else bootstrap) bundle; https_web: CA file
+
+
+Fetch = Callable[[Endpoint], bytes]
+
+
+def tls_context(endpoint: Endpoint) -> ssl.SSLContext:
+    if endpoint.profile is Profile.HTTPS_WEB:
+        # Hostname checking on (RFC 6125, §5.2.1.4); a CA file replaces the system store.
+        cadata = endpoint.trust_pem.decode() if endpoint.trust_pem else None
+        context = ssl.create_default_context(cadata=cadata)
+    else:
+        if not endpoint.trust_pem:
+            raise InvalidInput(f"no bundle to authenticate {endpoint.trust_domain}'s endpoint")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # §5.2.2.4: the server is identified by its SPIFFE ID (checked after the handshake),
+        # not by a host name; its chain must verify to the trust domain's bundle.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_flags |= ssl.VERIFY_X509_STRICT
+        context.load_verify_locations(cadata=endpoint.trust_pem.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _check_peer(response: httpx.Response, expected: SpiffeId) -> None:
+    """§5.2.2.4: the server certificate is an X509-SVID for exactly the endpoint SPIFFE ID."""
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise Unavailable("could not read the bundle endpoint's certificate")
+    cert = x509.load_der_x509_certificate(der)
+    uris = _uris(cert)
+    if _is_ca(cert) or uris != [str(expected)]:
+        raise Unavailable(
+            f"the bundle endpoint presented {', '.join(uris) or 'no SPIFFE ID'}, "
+            f"not an X509-SVID for {expected}"
+        )
+
+
+def _read_body(response: httpx.Response, deadline: float) -> bytes:
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BUNDLE_BYTES:
+        raise InvalidInput("invalid SPIFFE bundle: larger than 1 MiB")
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > MAX_BUNDLE_BYTES:
+            raise InvalidInput("invalid SPIFFE bundle: larger than 1 MiB")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the bundle endpoint took longer than {DEADLINE:.0f} s")
+    return bytes(body)
+
+
+def fetch_bundle(endpoint: Endpoint) -> bytes:
+    """GET the bundle over HTTPS as the profile demands; redirects are followed (at most 3)
+    only to URLs valid for the profile, with the same TLS checks (§5.2.1.4, §5.2.2.4)."""
+    context = tls_context(endpoint)
+    deadline = time.monotonic() + DEADLINE
+    url = endpoint.url
+    try:
+        with httpx.Client(verify=context, timeout=TIMEOUT, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                with client.stream("GET", url, headers={"Accept": "application/json"}) as response:
+                    if endpoint.endpoint_spiffe_id is not None:
+                        _check_peer(response, endpoint.endpoint_spiffe_id)
+                    if response.is_redirect:
+                        url = endpoint_url(str(response.url.join(response.headers["location"])))
+                        continue
+                    if response.status_code != 200:
+                        raise Unavailable(f"{url} answered HTTP {response.status_code}")
+                    return _read_body(response, deadline)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"cannot fetch {url}: {exc}") from None
+    raise Unavailable(f"more than {MAX_REDIRECTS} redirects from {endpoint.url}")
+
+
+def _endpoint(row: FederatedBundleRow) -> Endpoint:
+    profile = Profile(row.profile)
+    if profile is Profile.HTTPS_SPIFFE:
+        trust = row.bundle_pem or row.bootstrap_pem  # §5.2.2.4: the latest available bundle
+    else:
+        trust = row.web_ca_pem
+    return Endpoint(
+        trust_domain=TrustDomain(row.trust_domain),
+        url=row.url,
+        profile=profile,
+        endpoint_spiffe_id=SpiffeId.parse(row.endpoint_spiffe_id)
+        if row.endpoint_spiffe_id
+        else None,
+        trust_pem=trust.encode() if trust else None,
+    )
+
+
+# --- accepting a fetched bundle ----------------------------------------------------------------
+
+
+def _digest(certs: Sequence[x509.Certificate]) -> str:
+    """Of the set of authorities: order does not make a different bundle."""
+    ders = sorted(cert.public_bytes(serialization.Encoding.DER) for cert in certs)
+    return hashlib.sha256(b"".join(ders)).hexdigest()
+
+
+def accept(row: FederatedBundleRow, bundle: JwksBundle) -> bool:
+    """Whether ``bundle`` may replace the last good one of ``row`` (raises if not); returns
+    whether its authorities or sequence differ from what is stored."""
+    certs = authorities(bundle.certificates, TrustDomain(row.trust_domain), "the fetched bundle")
+    digest = _digest(certs)
+    if row.bundle_pem is not None and row.sequence is not None:
+        if bundle.sequence is None:
+            raise InvalidInput(
+                f"the bundle has no spiffe_sequence; the last good had {row.sequence}"
+            )
+        if bundle.sequence < row.sequence:
+            raise InvalidInput(
+                f"spiffe_sequence went backwards ({bundle.sequence} < {row.sequence})"
+            )
+        if bundle.sequence == row.sequence and digest != row.digest:
+            raise InvalidInput(
+                f"spiffe_sequence {bundle.sequence} is unchanged but the authorities changed"
+            )
+    return digest != row.digest or bundle.sequence != row.sequence
+
+
+def _interval(hint: int | None) -> int:
+    return max(MIN_REFRESH, DEFAULT_REFRESH_HINT if hint is None else hint)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    trust_domain: TrustDomain
+    ok: bool
+    changed: bool
+    sequence: int | None  # of the last good bundle after this attempt
+    error: str | None
+
+
+def refresh_federation(
+    ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle
+) -> RefreshResult:
+    """Fetch and validate one trust domain's bundle now. A failure never raises: it is recorded
+    and the last good bundle kept. No database transaction is open during the fetch."""
+    with Session(ctx.engine) as session:
+        row = session.get(FederatedBundleRow, trust_domain.name)
+        if row is None:
+            raise NotFound(f"trust domain {trust_domain} is not federated")
+        endpoint = _endpoint(row)
+    attempt = ctx.clock.now()
+    bundle: JwksBundle | None = None
+    error: str | None = None
+    try:
+        bundle = parse_jwks(fetch(endpoint))
+    except TrellisError as exc:
+        error = exc.detail
+    except (ssl.SSLError, OSError) as exc:  # e.g. an unusable stored trust bundle
+        error = f"{type(exc).__name__}: {exc}"
+    with Session(ctx.engine) as session:
+        # Take the row's write lock first, so concurrent refreshers (replicas, the CLI) apply
+        # their results one after the other, each against the other's outcome.
+        table = FederatedBundleRow
+        session.exec(
+            sa.update(table)
+            .where(col(table.trust_domain) == trust_domain.name)
+            .values(last_attempt=attempt)
+        )
+        row = session.get(table, trust_domain.name)
+        if row is None:
+            return RefreshResult(trust_domain, False, False, None, "removed during the refresh")
+        changed = False
+        if bundle is not None:
+            try:
+                changed = accept(row, bundle)
+            except InvalidInput as exc:
+                error = exc.detail
+            else:
+                if changed:
+                    row.bundle_pem = bundle.pem.decode()
+                    row.digest = _digest(bundle.certificates)
+                    row.sequence = bundle.sequence
+                    row.bundle_updated_at = attempt
+                row.refresh_hint = bundle.refresh_hint
+                row.last_success = attempt
+        row.last_error = error[:512] if error else None
+        row.last_attempt = attempt
+        row.next_refresh = attempt + dt.timedelta(seconds=_interval(row.refresh_hint))
+        session.add(row)
+        session.commit()
+        sequence = row.sequence
+    if error:
+        log.warning("federation %s: kept the last good bundle: %s", trust_domain, error)
+    elif changed:
+        log.info("federation %s: new bundle, sequence %s", trust_domain, sequence)
+    return RefreshResult(trust_domain, error is None, changed, sequence, error)
+
+
+def refresh_federations(
+    ctx: Context, trust_domains: Sequence[TrustDomain] = (), *, fetch: Fetch = fetch_bundle
+) -> list[RefreshResult]:
+    """Refresh the named trust domains (every federated one if none is named), due or not."""
+    names = list(trust_domains) or [f.trust_domain for f in list_federations(ctx)]
+    return [refresh_federation(ctx, td, fetch=fetch) for td in names]
+
+
+def refresh_due(ctx: Context, *, fetch: Fetch = fetch_bundle) -> list[RefreshResult]:
+    """The scheduler's job: refresh every relationship whose refresh hint has elapsed."""
+    with Session(ctx.engine) as session:
+        names = session.exec(
+            select(FederatedBundleRow.trust_domain).where(
+                col(FederatedBundleRow.next_refresh) <= ctx.clock.now()
+            )
+        ).all()
+    results = []
+    for name in names:
+        try:
+            results.append(refresh_federation(ctx, TrustDomain(name), fetch=fetch))
+        except NotFound:
+            continue  # removed since the query
+    return results
+
+
+# --- publishing --------------------------------------------------------------------------------
+
+
+def bundle_map(ctx: Context) -> dict[str, dict[str, Any]]:
+    """``{"spiffe://<td>": JWK Set}``: our own bundle and every federated trust domain's last
+    good bundle, each under its own trust domain (never merged)."""
+    with Session(ctx.engine) as session:
+        own = _own_trust_domain(session)
+        rows = session.exec(
+            select(FederatedBundleRow)
+            .where(col(FederatedBundleRow.bundle_pem).is_not(None))
+            .order_by(col(FederatedBundleRow.trust_domain))
+        ).all()
+        federated = [_view(row) for row in rows]
+    bundle = read_bundle(ctx, MESH)
+    result = {
+        str(own.id()): bundle_jwks(
+            x509.load_pem_x509_certificates(bundle.pem),
+            bundle.sequence,
+            ctx.settings.bundle_refresh_hint,
+        )
+    }
+    for federation in federated:
+        if federation.trust_domain != own:
+            result[str(federation.trust_domain.id())] = federation.jwks()
+    return result
