@@ -374,12 +374,24 @@ def _json(response: requests.Response) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+_REASONS = {
+    "Connection refused": "connection refused",
+    "Name or service not known": "unknown host name",
+    "CERTIFICATE_VERIFY_FAILED": "certificate verify failed (is TRELLIS_VAULT_CA_CERT right?)",
+    "certificate required": "Vault requires a client certificate (TRELLIS_VAULT_CLIENT_CERT)",
+}
+
+
 def _reason(error: requests.RequestException) -> str:
     text = str(error)
-    for marker in ("Connection refused", "Name or service not known", "CERTIFICATE_VERIFY_FAILED"):
+    for marker, reason in _REASONS.items():
         if marker in text:
-            return marker.lower().replace("_", " ")
-    return type(error).__name__
+            return reason
+    return (
+        "TLS handshake failed"
+        if isinstance(error, requests.exceptions.SSLError)
+        else type(error).__name__
+    )
 
 
 # -- keys whose private half stays in Transit ------------------------------------------------

@@ -93,7 +93,9 @@ def upgrade(engine: Engine) -> None:
                 connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             with _migration_lock(connection):
                 config.attributes["connection"] = connection
-                command.upgrade(config, "head")
+                # "heads": features developed in parallel add migrations as sibling branches
+                # off a common revision until a merge revision joins them.
+                command.upgrade(config, "heads")
                 connection.commit()
             if sqlite:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
@@ -103,8 +105,8 @@ def upgrade(engine: Engine) -> None:
 
 
 def schema_status(engine: Engine) -> tuple[str | None, str]:
-    """(current revision, newest revision this code knows)."""
-    head = ScriptDirectory.from_config(_config()).get_current_head()
+    """(current revision(s), newest revision(s) this code knows), comma-joined when branched."""
+    heads = ScriptDirectory.from_config(_config()).get_heads()
     with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-    return current, head or ""
+        current = MigrationContext.configure(connection).get_current_heads()
+    return (",".join(sorted(current)) or None), ",".join(sorted(heads))

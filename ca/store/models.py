@@ -265,9 +265,7 @@ class FederatedBundleRow(SQLModel, table=True):
     bootstrap_pem: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     web_ca_pem: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     bundle_pem: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
-    sequence: int | None = Field(
-        default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True)
-    )
+    sequence: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True))
     refresh_hint: int | None = None
     digest: str | None = Field(default=None, max_length=64)
     bundle_updated_at: dt.datetime | None = _time(nullable=True)
@@ -276,3 +274,8 @@ class FederatedBundleRow(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=512)
     next_refresh: dt.datetime = _time()
     created_at: dt.datetime = _time()
+
+
+# Feature tables live in their own modules; importing them here registers them on the metadata
+# that migrations and the schema test compare against.
+from ca.store import models_gateway, models_openvpn  # noqa: E402, F401
