@@ -10,7 +10,16 @@ from fastapi.openapi.utils import get_openapi
 from api import problems
 from api.limits import BodyLimit
 from api.requestid import request_id_middleware
-from api.routes import authorities, certificates, entries, public, revocation, svid, tokens
+from api.routes import (
+    authorities,
+    certificates,
+    entries,
+    federation,
+    public,
+    revocation,
+    svid,
+    tokens,
+)
 from ca.config import Context
 
 __all__ = ["create_app"]
@@ -25,7 +34,8 @@ def create_app(ctx: Context) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.routes = []
-    routers = [m.router for m in (svid, entries, tokens, certificates, authorities, public)]
+    modules = (svid, entries, tokens, certificates, authorities, public, federation)
+    routers = [m.router for m in modules]
     for router in [*routers, revocation.public, revocation.admin]:
         app.include_router(router)
         app.state.routes.extend(router.routes)

@@ -348,8 +348,7 @@ def revoke(
         return
     for info in revoked:
         typer.echo(
-            f"revoked {info.serial} ({info.identity}) reason {why.value} "
-            f"at {when(info.revoked_at)}"
+            f"revoked {info.serial} ({info.identity}) reason {why.value} at {when(info.revoked_at)}"
         )
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ca.errors import TrellisError
-from cli import admin, agent, authority, istio, revocation, server, vault, workload
+from cli import admin, agent, authority, federation, istio, revocation, server, vault, workload
 from cli.common import STATE, exit_code
 
 app = typer.Typer(
@@ -49,6 +49,7 @@ app.add_typer(authority.authority_app, name="authority")
 app.add_typer(authority.jobs_app, name="jobs")
 app.add_typer(vault.vault_app, name="vault")
 app.add_typer(istio.istio_app, name="istio")
+app.add_typer(federation.federation_app, name="federation")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-import ssl
-from pathlib import Path
+import os
 from typing import Annotated
 
 import typer
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from api.app import create_app
 from ca.authority import active_issuer
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
+from cli.tlsreload import ReloadingConfig
 
 
 def serve(
@@ -23,8 +24,11 @@ def serve(
     no_tls: Annotated[
         bool, typer.Option("--no-tls", help="Plain HTTP: only behind a TLS-terminating proxy")
     ] = False,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes (TRELLIS_WORKERS; 0 = one per core)")
+    ] = 1,
 ) -> None:
-    """Serve the REST API."""
+    """Serve the REST API (and run the scheduled jobs in this process)."""
     ctx = STATE.context(host=host, port=port)
     settings = ctx.settings
     issuer = active_issuer(ctx)  # refuses to start without a CA, with the init hint
@@ -35,42 +39,42 @@ def serve(
     if not no_tls:
         tls = ensure_server_certificate(ctx)
         tls_options = {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)}
+    count = workers if workers > 0 else (os.cpu_count() or 1)
     display_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    typer.echo(f"Trellis serving trust domain {issuer.trust_domain}")
-    typer.echo(f"  listening on   {scheme}://{display_host}:{settings.port}")
+    label = issuer.trust_domain or issuer.authority
+    typer.echo(f"Trellis serving {label}")
+    typer.echo(f"  listening on   {scheme}://{display_host}:{settings.port} ({count} worker(s))")
     typer.echo(f"  trust bundle   {settings.data_dir / 'bundle.pem'}")
     typer.echo(f"  admin token    {settings.admin_token_path}")
     typer.echo(f"  API reference  {scheme}://{display_host}:{settings.port}/docs")
-    config = uvicorn.Config(
-        create_app(ctx),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        access_log=False,
-        server_header=False,
-        **tls_options,  # type: ignore[arg-type]
-    )
-    config.load()
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "info",
+        "access_log": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": 10,
+        **tls_options,
+    }
+    if count == 1:
+        config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
+    else:
+        # Workers rebuild the context from the environment: hand them the effective settings.
+        os.environ["TRELLIS_DATA_DIR"] = str(settings.data_dir.resolve())
+        os.environ["TRELLIS_DATABASE_URL"] = settings.effective_database_url
+        config = ReloadingConfig(
+            "api.asgi:app_from_environment",
+            factory=True,
+            workers=count,
+            **common,  # type: ignore[arg-type]
+        )
     scheduler = start_scheduler(ctx)
-    if config.ssl is not None:
-        # uvicorn reads its certificate once; reload it into the live SSL context whenever the
-        # server-certificate job renews it (short-lived CAs rotate under a running server).
-        watch = _CertificateWatch(config.ssl, tls_options)
-        scheduler.add_job(watch.check, "interval", seconds=5, id="tls-reload")
+    server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run()
+        if count == 1:
+            server.run()
+        else:
+            # What uvicorn.run does for workers, but with our Config so each worker reloads TLS.
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
     finally:
         scheduler.shutdown(wait=False)
-
-
-class _CertificateWatch:
-    def __init__(self, context: ssl.SSLContext, files: dict[str, str]) -> None:
-        self.context, self.cert, self.key = context, files["ssl_certfile"], files["ssl_keyfile"]
-        self.mtime = Path(self.cert).stat().st_mtime
-
-    def check(self) -> None:
-        mtime = Path(self.cert).stat().st_mtime
-        if mtime != self.mtime:
-            self.context.load_cert_chain(self.cert, self.key)
-            self.mtime = mtime
-            logging.getLogger("trellis.serve").info("reloaded the serving certificate")

@@ -7,16 +7,25 @@ Rules cited are from RFC 5280 and spiffe/spiffe ``standards/X509-SVID.md``.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID
 
-__all__ = ["assert_is_ca", "assert_is_svid_leaf", "assert_serial", "uri_sans"]
+__all__ = [
+    "ExpectedUrls",
+    "assert_is_ca",
+    "assert_is_crl",
+    "assert_is_svid_leaf",
+    "assert_serial",
+    "uri_sans",
+]
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -28,7 +37,20 @@ CA_EXTENSIONS = {
     ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
 }
 LEAF_EXTENSIONS = CA_EXTENSIONS | {ExtensionOID.EXTENDED_KEY_USAGE}
+# Only with ``urls=``: a certificate carries revocation pointers only when Trellis has a public URL.
+URL_EXTENSIONS = {ExtensionOID.CRL_DISTRIBUTION_POINTS, ExtensionOID.AUTHORITY_INFORMATION_ACCESS}
+CRL_EXTENSIONS = {ExtensionOID.CRL_NUMBER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER}
 WEAK_HASHES = (hashes.SHA1, hashes.MD5)
+
+
+@dataclass(frozen=True)
+class ExpectedUrls:
+    """The revocation pointers a certificate must carry: its issuer's CRL (RFC 5280 §4.2.1.13),
+    the OCSP responder and the issuer certificate (§4.2.2.1 Authority Information Access)."""
+
+    crl: str
+    ocsp: str
+    ca_issuers: str
 
 
 def _key_usage_flags(usage: x509.KeyUsage) -> set[str]:
@@ -65,13 +87,51 @@ def assert_serial(cert: x509.Certificate) -> None:
     assert serial.bit_length() // 8 + 1 <= 20, f"serial {serial:x} does not fit in 20 octets"
 
 
-def _assert_common(cert: x509.Certificate, issuer: x509.Certificate, expected: set[object]) -> None:
+def _assert_urls(cert: x509.Certificate, urls: ExpectedUrls) -> None:
+    cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    assert not cdp.critical, "RFC 5280 §4.2.1.13: CRL distribution points SHOULD be non-critical"
+    points = list(cdp.value)
+    assert len(points) == 1, f"expected one distribution point, got {points}"
+    (point,) = points
+    assert point.full_name == [x509.UniformResourceIdentifier(urls.crl)], (
+        f"CRL distribution point {point.full_name}, expected {urls.crl}"
+    )
+    # A plain URL point: no partial-reason CRLs, no indirect CRL issuer.
+    assert point.relative_name is None and point.reasons is None and point.crl_issuer is None
+
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess)
+    assert not aia.critical, "RFC 5280 §4.2.2.1: AIA MUST be non-critical"
+    found = sorted(
+        (d.access_method.dotted_string, d.access_location.value)
+        for d in aia.value
+        if isinstance(d.access_location, x509.UniformResourceIdentifier)
+    )
+    assert len(found) == len(aia.value), f"non-URI access locations in {aia.value}"
+    wanted = sorted(
+        [
+            (AuthorityInformationAccessOID.OCSP.dotted_string, urls.ocsp),
+            (AuthorityInformationAccessOID.CA_ISSUERS.dotted_string, urls.ca_issuers),
+        ]
+    )
+    assert found == wanted, f"authority information access {found}, expected {wanted}"
+
+
+def _assert_common(
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    expected: set[object],
+    urls: ExpectedUrls | None = None,
+) -> None:
     assert cert.version is x509.Version.v3
     assert_serial(cert)
+    if urls is not None:
+        expected = expected | URL_EXTENSIONS
     present = {ext.oid for ext in cert.extensions}
     assert present == expected, (
         f"unexpected extension set: extra {present - expected}, missing {expected - present}"
     )
+    if urls is not None:
+        _assert_urls(cert, urls)
     algorithm = cert.signature_hash_algorithm
     assert not isinstance(algorithm, WEAK_HASHES), f"weak signature hash {algorithm}"
     try:
@@ -102,10 +162,12 @@ def assert_is_ca(
     trust_domain: str,
     path_length: int | None,
     issuer: x509.Certificate | None = None,
+    urls: ExpectedUrls | None = None,
 ) -> None:
-    """A Trellis signing certificate; ``issuer=None`` means a self-signed root."""
+    """A Trellis signing certificate; ``issuer=None`` means a self-signed root. CRL distribution
+    points and AIA are refused unless ``urls`` names exactly what they must hold."""
     issuer = cert if issuer is None else issuer
-    _assert_common(cert, issuer, CA_EXTENSIONS)
+    _assert_common(cert, issuer, CA_EXTENSIONS, urls)
     assert len(cert.subject) > 0, "CA certificates have a subject"
 
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -142,9 +204,11 @@ def assert_is_svid_leaf(
     issuer: x509.Certificate,
     dns_names: Iterable[str] = (),
     ip_addresses: Iterable[IpAddress] = (),
+    urls: ExpectedUrls | None = None,
 ) -> None:
-    """An X509-SVID leaf (X509-SVID §4 and §5) signed directly by ``issuer``."""
-    _assert_common(cert, issuer, LEAF_EXTENSIONS)
+    """An X509-SVID leaf (X509-SVID §4 and §5) signed directly by ``issuer``. CRL distribution
+    points and AIA are refused unless ``urls`` names exactly what they must hold."""
+    _assert_common(cert, issuer, LEAF_EXTENSIONS, urls)
     assert cert.subject != issuer.subject, "a leaf is not self-issued"
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -183,3 +247,53 @@ def assert_is_svid_leaf(
         oid.dotted_string
         for oid in (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
     ), f"EKU {purposes}, expected exactly serverAuth + clientAuth"
+
+
+def _crl_version(crl: x509.CertificateRevocationList) -> int | None:
+    """The TBSCertList's optional version INTEGER (RFC 5280 §5.1.2.1): 1 means v2, absent v1."""
+    tbs = crl.tbs_certlist_bytes
+    assert tbs[0] == 0x30, "TBSCertList is not a SEQUENCE"
+    at = 2 + (tbs[1] & 0x7F if tbs[1] & 0x80 else 0)  # skip the SEQUENCE header
+    if tbs[at] != 0x02:  # no INTEGER first: the AlgorithmIdentifier SEQUENCE, so v1
+        return None
+    return int.from_bytes(tbs[at + 2 : at + 2 + tbs[at + 1]], "big")
+
+
+def assert_is_crl(
+    crl: x509.CertificateRevocationList,
+    *,
+    issuer: x509.Certificate,
+    number: int | None = None,
+    this_update: dt.datetime | None = None,
+    lifetime: dt.timedelta | None = None,
+) -> None:
+    """A v2 CRL issued by ``issuer`` (RFC 5280 §5): every CRL extension checked, signature valid."""
+    assert _crl_version(crl) == 1, "RFC 5280 §5.1.2.1: a CRL with extensions MUST be v2"
+    assert crl.issuer == issuer.subject, f"CRL issuer {crl.issuer}, expected {issuer.subject}"
+    assert not isinstance(crl.signature_hash_algorithm, WEAK_HASHES)
+    assert crl.is_signature_valid(issuer.public_key()), "CRL signature does not verify"
+    present = {ext.oid for ext in crl.extensions}
+    assert present == CRL_EXTENSIONS, f"CRL extensions {present}, expected {CRL_EXTENSIONS}"
+
+    crl_number = crl.extensions.get_extension_for_class(x509.CRLNumber)
+    assert not crl_number.critical, "RFC 5280 §5.2.3: cRLNumber MUST be non-critical"
+    assert crl_number.value.crl_number > 0
+    if number is not None:
+        assert crl_number.value.crl_number == number, (
+            f"CRL number {crl_number.value.crl_number}, expected {number}"
+        )
+
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    assert not aki.critical, "RFC 5280 §5.2.1: the CRL's AKI MUST be non-critical"
+    issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.value.key_identifier == issuer_ski.digest, "CRL AKI is not the issuer's SKI"
+
+    # RFC 5280 §5.1.2.5: conforming CRL issuers MUST include nextUpdate.
+    assert crl.next_update_utc is not None, "nextUpdate is missing"
+    assert crl.last_update_utc < crl.next_update_utc
+    if this_update is not None:
+        assert crl.last_update_utc == this_update, f"thisUpdate {crl.last_update_utc}"
+        if lifetime is not None:
+            assert crl.next_update_utc == this_update + lifetime, (
+                f"nextUpdate {crl.next_update_utc}, expected {this_update + lifetime}"
+            )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
-
 from ca.clock import FixedClock
 from tests.api.restkit import Rest, assert_problem, make_csr
 

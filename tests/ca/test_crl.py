@@ -1,0 +1,645 @@
+"""Per-CA v2 CRLs (``ca.crl``) and certificate revocation (``ca.certs``): every CRL field checked
+with cryptography against the FixedClock, then real openssl verifying CRLs and refusing revoked
+SVIDs. Revocation-path properties (CRL numbers, conflicts, revoke-by-identity) run on SQLite and
+PostgreSQL; the content checks on SQLite only (the database never changes the signed bytes).
+
+Also here: the CRL Distribution Points / Authority Information Access pointers Trellis puts in
+certificates when ``Settings.public_url`` is set, and ``tests.certassert``'s checks of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import ca.crl
+from ca.authority import AuthorityParams, Issuer, active_issuer, init_authority
+from ca.certs import CertStatus, get_certificate, revoke_certificate, revoke_identity
+from ca.clock import FixedClock
+from ca.config import Context, Settings, build_context
+from ca.crl import CRL_LIFETIME, current_crl, refresh_stale_crls
+from ca.durations import Ttl
+from ca.emergency import revoke_intermediate
+from ca.errors import Conflict, NotFound
+from ca.identity import SpiffeId, TrustDomain
+from ca.jobs import resign_crls
+from ca.keys import KeyHandle, KeyType, Signer
+from ca.profiles import LeafSpec, RevocationUrls, leaf_builder, sign
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from tests.ca.svidkit import SQLITE_ONLY, add_entry, count_rows, enrol, join_secret, new_key
+from tests.certassert import ExpectedUrls, assert_is_ca, assert_is_crl, assert_is_svid_leaf
+
+TD = "example.org"
+MESH = "mesh"
+
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="the openssl binary is not installed"
+)
+
+
+# --- helpers shared with test_emergency.py ---------------------------------------------------
+
+
+def serial_of(cert: x509.Certificate) -> Serial:
+    return Serial(cert.serial_number)
+
+
+def crl_of(ctx: Context, selector: str = "intermediate") -> x509.CertificateRevocationList:
+    return x509.load_der_x509_crl(current_crl(ctx, MESH, selector).der)
+
+
+def listed(crl: x509.CertificateRevocationList) -> set[int]:
+    return {entry.serial_number for entry in crl}
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def root_of(issuer: Issuer) -> x509.Certificate:
+    (root,) = issuer.roots
+    return root
+
+
+def pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def crl_pem(*crls: x509.CertificateRevocationList) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls)
+
+
+def write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def openssl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def openssl_verify_with_crls(
+    tmp: Path,
+    leaf: x509.Certificate,
+    *,
+    root: x509.Certificate,
+    intermediate: x509.Certificate,
+    crls: list[x509.CertificateRevocationList],
+    check_all: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """``openssl verify`` of ``leaf`` to ``root`` through ``intermediate`` with CRL checking:
+    ``-crl_check_all`` checks every certificate in the chain, ``-crl_check`` the leaf only."""
+    tag = format(leaf.serial_number, "x")[:12]
+    args = [
+        "verify",
+        "-crl_check_all" if check_all else "-crl_check",
+        "-CAfile", write(tmp / f"root-{tag}.pem", pem(root)),
+        "-untrusted", write(tmp / f"int-{tag}.pem", pem(intermediate)),
+        "-CRLfile", write(tmp / f"crls-{tag}.pem", crl_pem(*crls)),
+        write(tmp / f"leaf-{tag}.pem", pem(leaf)),
+    ]  # fmt: skip
+    return openssl(*args)
+
+
+# --- the CRL itself --------------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+def test_a_fresh_crl_is_v2_signed_by_its_ca_with_exact_times(
+    ctx: Context, clock: FixedClock
+) -> None:
+    issuer = active_issuer(ctx)
+    now = clock.now()
+    for selector, ca_cert in (("intermediate", issuer.certificate), ("root", root_of(issuer))):
+        crl = current_crl(ctx, MESH, selector)
+        assert crl.number == 1 and crl.this_update == now and crl.next_update == now + CRL_LIFETIME
+        assert crl.ca_serial == serial_of(ca_cert).hex
+        parsed = x509.load_der_x509_crl(crl.der)
+        assert_is_crl(parsed, issuer=ca_cert, number=1, this_update=now, lifetime=CRL_LIFETIME)
+        assert len(parsed) == 0
+        # The PEM form is the same CRL.
+        assert x509.load_pem_x509_crl(crl.pem) == parsed
+        # Addressed by serial it is the same stored CRL, not a new one.
+        by_serial = current_crl(ctx, MESH, serial_of(ca_cert).hex.upper())
+        assert (by_serial.number, by_serial.der) == (1, crl.der)
+
+
+@SQLITE_ONLY
+def test_the_crl_signature_fails_for_any_other_key(ctx: Context) -> None:
+    issuer = active_issuer(ctx)
+    crl = crl_of(ctx)
+    assert not crl.is_signature_valid(root_of(issuer).public_key())
+    assert not crl.is_signature_valid(ec.generate_private_key(ec.SECP256R1()).public_key())
+
+
+def test_crl_number_grows_by_one_per_revocation_and_reads_do_not_bump_it(
+    ctx: Context, clock: FixedClock
+) -> None:
+    issuer = active_issuer(ctx)
+    workloads = [enrol(ctx, f"spiffe://{TD}/w{i}") for i in range(3)]
+    assert count_rows(ctx, "crl") == 0
+    for number, workload in enumerate(workloads, start=1):
+        clock.advance(dt.timedelta(minutes=1))
+        revoke_certificate(ctx, serial_of(workload.cert), RevocationReason.SUPERSEDED, "test")
+        # Re-signed inside the revoking transaction: the stored CRL already lists it.
+        assert count_rows(ctx, "crl") == 1
+        for _ in range(2):
+            crl = crl_of(ctx)
+            assert_is_crl(
+                crl,
+                issuer=issuer.certificate,
+                number=number,
+                this_update=clock.now(),
+                lifetime=CRL_LIFETIME,
+            )
+        assert listed(crl) == {w.cert.serial_number for w in workloads[:number]}
+
+
+@SQLITE_ONLY
+def test_every_reason_but_unspecified_is_stated_and_invalidity_dates_are_kept(
+    ctx: Context, clock: FixedClock
+) -> None:
+    now = clock.now()
+    # A zone other than UTC: the CRL must carry the same instant (GeneralizedTime is UTC).
+    compromised_at = (now - dt.timedelta(hours=5)).astimezone(dt.timezone(dt.timedelta(hours=2)))
+    revoked: dict[int, tuple[RevocationReason, dt.datetime | None]] = {}
+    for i, reason in enumerate(RevocationReason):
+        workload = enrol(ctx, f"spiffe://{TD}/reason-{i}")
+        invalidity = compromised_at if i % 2 == 0 else None
+        info = revoke_certificate(
+            ctx, serial_of(workload.cert), reason, "test", invalidity_date=invalidity
+        )
+        assert info.status is CertStatus.REVOKED and info.revocation_reason is reason
+        assert info.invalidity_date == invalidity
+        revoked[workload.cert.serial_number] = (reason, invalidity)
+
+    crl = crl_of(ctx)
+    assert listed(crl) == set(revoked)
+    for entry in crl:
+        reason, invalidity = revoked[entry.serial_number]
+        assert entry.revocation_date_utc == now
+        oids = {ext.oid for ext in entry.extensions}
+        if reason is RevocationReason.UNSPECIFIED:
+            # RFC 5280 §5.3.1: the reason code unspecified SHOULD be absent.
+            assert x509.CRLReason.oid not in oids
+        else:
+            ext = entry.extensions.get_extension_for_class(x509.CRLReason)
+            assert not ext.critical, "RFC 5280 §5.3.1: reasonCode MUST be non-critical"
+            assert ext.value.reason is reason.flag
+        if invalidity is None:
+            assert x509.InvalidityDate.oid not in oids
+        else:
+            ext_date = entry.extensions.get_extension_for_class(x509.InvalidityDate)
+            assert not ext_date.critical, "RFC 5280 §5.3.2: invalidityDate MUST be non-critical"
+            assert ext_date.value.invalidity_date_utc == invalidity
+        assert oids <= {x509.CRLReason.oid, x509.InvalidityDate.oid}
+
+
+@SQLITE_ONLY
+def test_revoked_certificates_drop_off_once_they_expire(ctx: Context, clock: FixedClock) -> None:
+    short = enrol(ctx, f"spiffe://{TD}/short")  # the authority default: 1h
+    long = enrol(ctx, f"spiffe://{TD}/long", ttl=Ttl(12 * 3600))
+    for workload in (short, long):
+        revoke_certificate(ctx, serial_of(workload.cert), RevocationReason.KEY_COMPROMISE, "t")
+    assert listed(crl_of(ctx)) == {short.cert.serial_number, long.cert.serial_number}
+
+    clock.advance(dt.timedelta(hours=9))  # the CRL is due (15h left): reading re-signs it
+    crl = crl_of(ctx)
+    assert crl.last_update_utc == clock.now()
+    assert listed(crl) == {long.cert.serial_number}
+
+    clock.advance(dt.timedelta(hours=4))  # the long one expired too; the next revocation re-signs
+    late = enrol(ctx, f"spiffe://{TD}/late")
+    revoke_certificate(ctx, serial_of(late.cert), RevocationReason.KEY_COMPROMISE, "t")
+    assert listed(crl_of(ctx)) == {late.cert.serial_number}
+    # Dropped from the CRL, still revoked in the store.
+    assert get_certificate(ctx, serial_of(long.cert)).status is CertStatus.REVOKED
+
+
+@SQLITE_ONLY
+def test_the_root_crl_lists_a_revoked_intermediate(ctx: Context, clock: FixedClock) -> None:
+    issuer = active_issuer(ctx)
+    root = root_of(issuer)
+    before = crl_of(ctx, "root")
+    assert len(before) == 0
+    clock.advance(dt.timedelta(minutes=5))
+    result = revoke_intermediate(ctx)
+
+    crl = crl_of(ctx, "root")
+    assert_is_crl(crl, issuer=root, number=crl_number(before) + 1, this_update=clock.now())
+    assert listed(crl) == {issuer.certificate.serial_number}
+    (entry,) = list(crl)
+    assert entry.revocation_date_utc == clock.now()
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason is x509.ReasonFlags.ca_compromise
+    assert result.new_serial.value not in listed(crl)
+    # The revoked intermediate keeps publishing its own CRL, by serial.
+    assert_is_crl(crl_of(ctx, result.revoked_serial.hex), issuer=issuer.certificate)
+
+
+def test_refresh_stale_crls_resigns_only_the_due_ones(ctx: Context, clock: FixedClock) -> None:
+    issuer = active_issuer(ctx)
+    t0 = clock.now()
+    first = refresh_stale_crls(ctx)  # nothing stored yet: both CAs get a CRL
+    assert sorted(c.ca_serial for c in first) == sorted(
+        serial_of(c).hex for c in (issuer.certificate, root_of(issuer))
+    )
+    assert all(c.number == 1 and c.this_update == t0 for c in first)
+    assert refresh_stale_crls(ctx) == []
+    assert resign_crls(ctx) == "re-signed 0 CRL(s)"
+
+    clock.advance(dt.timedelta(hours=4))
+    workload = enrol(ctx, f"spiffe://{TD}/web")
+    revoke_certificate(ctx, serial_of(workload.cert), RevocationReason.UNSPECIFIED, "t")  # int #2
+
+    clock.current = t0 + CRL_LIFETIME / 3 - dt.timedelta(seconds=1)  # root has > 16h left
+    assert refresh_stale_crls(ctx) == []
+
+    clock.current = t0 + CRL_LIFETIME / 3  # root: exactly 16h left, due; intermediate: 20h
+    (root_crl,) = refresh_stale_crls(ctx)
+    assert root_crl.ca_serial == serial_of(root_of(issuer)).hex
+    assert root_crl.number == 2 and root_crl.this_update == clock.now()
+    assert_is_crl(
+        x509.load_der_x509_crl(root_crl.der),
+        issuer=root_of(issuer),
+        number=2,
+        this_update=clock.now(),
+        lifetime=CRL_LIFETIME,
+    )
+    int_crl = current_crl(ctx, MESH, "intermediate")
+    assert int_crl.number == 2 and int_crl.this_update == t0 + dt.timedelta(hours=4)
+    assert listed(x509.load_der_x509_crl(int_crl.der)) == {workload.cert.serial_number}
+
+
+# --- revocation errors -----------------------------------------------------------------------
+
+
+def test_revoking_twice_is_a_conflict_and_leaves_the_crl_alone(
+    ctx: Context, clock: FixedClock
+) -> None:
+    workload = enrol(ctx, f"spiffe://{TD}/web")
+    serial = serial_of(workload.cert)
+    first = revoke_certificate(ctx, serial, RevocationReason.KEY_COMPROMISE, "first")
+    crl_before = current_crl(ctx, MESH, "intermediate")
+    clock.advance(dt.timedelta(minutes=1))
+    with pytest.raises(Conflict, match="already revoked"):
+        revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, "second")
+    after = get_certificate(ctx, serial)
+    assert (after.revoked_at, after.revocation_reason, after.revoked_by) == (
+        first.revoked_at,
+        RevocationReason.KEY_COMPROMISE,
+        "first",
+    )
+    crl_after = current_crl(ctx, MESH, "intermediate")
+    assert (crl_after.number, crl_after.der) == (crl_before.number, crl_before.der)
+
+
+@SQLITE_ONLY
+def test_an_unknown_serial_is_not_found_and_signs_nothing(ctx: Context) -> None:
+    with pytest.raises(NotFound, match="no certificate"):
+        revoke_certificate(ctx, Serial.random(), RevocationReason.KEY_COMPROMISE, "t")
+    assert count_rows(ctx, "crl") == 0
+
+
+def test_revoke_identity_revokes_every_live_certificate_in_one_step(
+    ctx: Context, clock: FixedClock
+) -> None:
+    from ca.grants import join_grant
+    from ca.issue import issue_svid
+    from tests.ca.svidkit import make_csr
+
+    web = f"spiffe://{TD}/web"
+    entry = add_entry(ctx, web)
+    _, secret = join_secret(ctx, entry, uses=4)
+
+    def issue(ttl: Ttl | None = None) -> x509.Certificate:
+        csr = make_csr(new_key(KeyType.EC_P256), uris=[web])
+        return issue_svid(ctx, join_grant(ctx, secret), csr, ttl).certificate
+
+    expired = issue(Ttl(60))
+    superseded, live_a, live_b = issue(), issue(), issue()
+    other = enrol(ctx, f"spiffe://{TD}/db").cert
+    revoke_certificate(ctx, serial_of(superseded), RevocationReason.SUPERSEDED, "earlier")
+    number_before = current_crl(ctx, MESH, "intermediate").number
+    clock.advance(dt.timedelta(minutes=2))  # ``expired`` is past its notAfter now
+
+    revoked = revoke_identity(
+        ctx, SpiffeId.parse(web), RevocationReason.KEY_COMPROMISE, "ops", request_id="req-1"
+    )
+
+    assert {i.serial.value for i in revoked} == {live_a.serial_number, live_b.serial_number}
+    for info in revoked:
+        assert info.status is CertStatus.REVOKED
+        assert info.revoked_at == clock.now()
+        assert info.revocation_reason is RevocationReason.KEY_COMPROMISE
+        assert (info.revoked_by, info.revocation_request_id) == ("ops", "req-1")
+    # Untouched: the one revoked earlier keeps its record, the expired and the other ID stay.
+    earlier = get_certificate(ctx, serial_of(superseded))
+    assert (earlier.revocation_reason, earlier.revoked_by) == (
+        RevocationReason.SUPERSEDED,
+        "earlier",
+    )
+    assert get_certificate(ctx, serial_of(expired)).status is CertStatus.EXPIRED
+    assert get_certificate(ctx, serial_of(other)).status is CertStatus.ACTIVE
+    # One step: a single re-signing lists all of them.
+    crl = crl_of(ctx)
+    assert crl_number(crl) == number_before + 1
+    assert listed(crl) == {c.serial_number for c in (superseded, live_a, live_b)}
+
+    with pytest.raises(NotFound, match="no live certificates"):
+        revoke_identity(ctx, SpiffeId.parse(web), RevocationReason.KEY_COMPROMISE, "ops")
+    with pytest.raises(NotFound):
+        revoke_identity(
+            ctx, SpiffeId.parse(f"spiffe://{TD}/nobody"), RevocationReason.UNSPECIFIED, "ops"
+        )
+    assert current_crl(ctx, MESH, "intermediate").number == number_before + 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+def test_concurrent_first_revocations_under_one_ca_both_succeed(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``refresh_crl`` used to lock the CRL row with SELECT ... FOR UPDATE, which
+    locks nothing while a CA has no CRL yet, so two first revocations both inserted number 1 and
+    the second died on the primary key (a failed revocation, a 500 over REST)."""
+    first, second = enrol(ctx, f"spiffe://{TD}/a"), enrol(ctx, f"spiffe://{TD}/b")
+    # Hold both transactions just after taking their lock, so the unsafe interleaving happens
+    # every time; where the lock works the second one blocks earlier and the barrier times out.
+    barrier = threading.Barrier(2)
+    original = ca.crl._revoked
+
+    def revoked_after_barrier(*args: object, **kwargs: object) -> list[x509.RevokedCertificate]:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ca.crl, "_revoked", revoked_after_barrier)
+    errors: list[BaseException] = []
+
+    def revoke(cert: x509.Certificate) -> None:
+        try:
+            revoke_certificate(ctx, serial_of(cert), RevocationReason.KEY_COMPROMISE, "race")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=revoke, args=(w.cert,)) for w in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    crl = crl_of(ctx)
+    assert crl_number(crl) == 2
+    assert listed(crl) == {first.cert.serial_number, second.cert.serial_number}
+
+
+# --- real openssl ----------------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_openssl_verifies_every_crl_and_only_with_its_own_ca(
+    ctx: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    issuer = active_issuer(ctx)
+    root = root_of(issuer)
+    victim = enrol(ctx, f"spiffe://{TD}/web")
+    revoke_certificate(ctx, serial_of(victim.cert), RevocationReason.KEY_COMPROMISE, "t")
+    old = issuer.certificate
+    result = revoke_intermediate(ctx)  # so the root CRL has an entry as well
+    new = active_issuer(ctx).certificate
+    assert serial_of(new) == result.new_serial
+
+    cases = [
+        ("root", root),
+        (serial_of(old).hex, old),
+        ("intermediate", new),
+    ]
+    for selector, ca_cert in cases:
+        crl_file = write(tmp_path / f"{selector}.crl", current_crl(ctx, MESH, selector).der)
+        # Only the CA's own certificate: the old and new intermediates share one subject name,
+        # so a CAfile holding both would let openssl pick either.
+        ca_file = write(tmp_path / f"{selector}-ca.pem", pem(ca_cert))
+        ok = openssl(
+            "crl", "-verify", "-inform", "DER", "-in", crl_file, "-CAfile", ca_file, "-noout"
+        )
+        assert ok.returncode == 0 and "verify OK" in ok.stderr, ok.stdout + ok.stderr
+        text = openssl("crl", "-inform", "DER", "-in", crl_file, "-noout", "-text").stdout
+        assert "Version 2 (0x1)" in text and "X509v3 CRL Number" in text, text
+        assert "X509v3 Authority Key Identifier" in text, text
+
+    # The old intermediate has the new one's subject name but another key: openssl finds it as
+    # the issuer by name and must refuse the signature.
+    crl_file = write(tmp_path / "new.crl", current_crl(ctx, MESH, "intermediate").der)
+    impostor = write(tmp_path / "impostor.pem", pem(old))
+    bad = openssl(
+        "crl", "-verify", "-inform", "DER", "-in", crl_file, "-CAfile", impostor, "-noout"
+    )
+    # (openssl 3.0's ``crl`` exits 0 even then: only its verdict line tells.)
+    assert "verify failure" in bad.stderr and "verify OK" not in bad.stderr, bad.stderr
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_openssl_crl_check_refuses_a_revoked_svid_and_accepts_a_good_one(
+    ctx: Context, tmp_path: Path
+) -> None:
+    issuer = active_issuer(ctx)
+    good = enrol(ctx, f"spiffe://{TD}/good")
+    bad = enrol(ctx, f"spiffe://{TD}/bad")
+    revoke_certificate(ctx, serial_of(bad.cert), RevocationReason.KEY_COMPROMISE, "t")
+    chain = {"root": root_of(issuer), "intermediate": issuer.certificate}
+    crls = [crl_of(ctx)]
+
+    ok = openssl_verify_with_crls(tmp_path, good.cert, **chain, crls=crls, check_all=False)
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
+    refused = openssl_verify_with_crls(tmp_path, bad.cert, **chain, crls=crls, check_all=False)
+    assert refused.returncode != 0
+    assert "certificate revoked" in refused.stdout + refused.stderr
+
+    # The whole chain, with the root's CRL too.
+    both = [*crls, crl_of(ctx, "root")]
+    assert openssl_verify_with_crls(tmp_path, good.cert, **chain, crls=both).returncode == 0
+    assert openssl_verify_with_crls(tmp_path, bad.cert, **chain, crls=both).returncode != 0
+
+
+# --- revocation pointers in issued certificates (Settings.public_url) ------------------------
+
+PUBLIC_URL = "https://ca.example.test:8443"
+
+
+@pytest.fixture
+def public_ctx(settings: Settings, clock: FixedClock) -> Iterator[Context]:
+    """An authority created while ``public_url`` is set (with a trailing slash to strip)."""
+    configured = settings.model_copy(update={"public_url": PUBLIC_URL + "/"})
+    ctx = build_context(configured, clock=clock)
+    init_authority(ctx, AuthorityParams(TrustDomain.parse(TD)))
+    yield ctx
+    ctx.close()
+
+
+def expected_urls(issuer: x509.Certificate) -> ExpectedUrls:
+    serial = format(issuer.serial_number, "x")
+    return ExpectedUrls(
+        crl=f"{PUBLIC_URL}/v1/crl/{MESH}/{serial}.crl",
+        ocsp=f"{PUBLIC_URL}/v1/ocsp",
+        ca_issuers=f"{PUBLIC_URL}/v1/ca/{MESH}/{serial}.crt",
+    )
+
+
+@SQLITE_ONLY
+def test_with_a_public_url_certificates_point_at_their_issuers_revocation_data(
+    public_ctx: Context,
+) -> None:
+    issuer = active_issuer(public_ctx)
+    root = root_of(issuer)
+    workload = enrol(public_ctx, f"spiffe://{TD}/web", dns_names=["web.example.org"])
+    assert_is_svid_leaf(
+        workload.cert,
+        spiffe_id=f"spiffe://{TD}/web",
+        issuer=issuer.certificate,
+        dns_names=["web.example.org"],
+        urls=expected_urls(issuer.certificate),
+    )
+    # The intermediate points at the root's CRL; the root has no issuer to point at.
+    assert_is_ca(
+        issuer.certificate, trust_domain=TD, path_length=0, issuer=root, urls=expected_urls(root)
+    )
+    assert_is_ca(root, trust_domain=TD, path_length=None)
+    # The CRL URL names a CRL that exists.
+    assert current_crl(public_ctx, MESH, serial_of(issuer.certificate).hex).number >= 1
+
+    # A new intermediate (emergency) points its leaves at its own CRL.
+    revoke_intermediate(public_ctx)
+    new = active_issuer(public_ctx).certificate
+    fresh = enrol(public_ctx, f"spiffe://{TD}/api")
+    assert_is_svid_leaf(
+        fresh.cert, spiffe_id=f"spiffe://{TD}/api", issuer=new, urls=expected_urls(new)
+    )
+    assert_is_ca(new, trust_domain=TD, path_length=0, issuer=root, urls=expected_urls(root))
+
+
+@SQLITE_ONLY
+def test_without_a_public_url_certificates_carry_no_pointers(ctx: Context) -> None:
+    issuer = active_issuer(ctx)
+    workload = enrol(ctx, f"spiffe://{TD}/web")
+    assert_is_svid_leaf(workload.cert, spiffe_id=f"spiffe://{TD}/web", issuer=issuer.certificate)
+    assert_is_ca(issuer.certificate, trust_domain=TD, path_length=0, issuer=root_of(issuer))
+
+
+# certassert's pointer checks must not weaken the default, and must catch wrong pointers.
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+_SIGNER = Signer(KeyHandle("test", "k", KeyType.EC_P256), _KEY)
+_WEB = f"spiffe://{TD}/web"
+_URLS = ExpectedUrls("https://a.test/crl", "https://a.test/ocsp", "https://a.test/ca.crt")
+
+
+def _leaf(
+    issuer: x509.Certificate, urls: RevocationUrls | None, **swap: object
+) -> x509.Certificate:
+    """A profile leaf signed by ``issuer``'s key, optionally with extensions swapped in."""
+    now = issuer.not_valid_before_utc + dt.timedelta(minutes=1)
+    spec = LeafSpec(
+        _KEY.public_key(), SpiffeId.parse(_WEB), Serial.random(), now,
+        now + dt.timedelta(minutes=5), issuer, urls=urls,
+    )  # fmt: skip
+    builder = leaf_builder(spec)
+    if swap:
+        built = sign(builder, _SIGNER)
+        builder = x509.CertificateBuilder(
+            issuer_name=built.issuer,
+            subject_name=built.subject,
+            public_key=built.public_key(),
+            serial_number=built.serial_number,
+            not_valid_before=built.not_valid_before_utc,
+            not_valid_after=built.not_valid_after_utc,
+        )
+        for ext in built.extensions:
+            replacement = swap.get(type(ext.value).__name__, (ext.value, ext.critical))
+            if replacement is not None:
+                builder = builder.add_extension(*replacement)  # type: ignore[misc]
+    return sign(builder, _SIGNER)
+
+
+@pytest.fixture(scope="module")
+def _self_issuer() -> x509.Certificate:
+    from ca.profiles import CaSpec, ca_builder, ca_subject
+
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    spec = CaSpec(
+        ca_subject("Trellis", f"{TD} root"), _KEY.public_key(), TrustDomain(TD).id(),
+        Serial.random(), now - dt.timedelta(hours=1), now + dt.timedelta(days=1), None,
+    )  # fmt: skip
+    return sign(ca_builder(spec), _SIGNER)
+
+
+_PROFILE_URLS = RevocationUrls(_URLS.crl, _URLS.ocsp, _URLS.ca_issuers)
+_CDP = x509.CRLDistributionPoints
+_AIA = x509.AuthorityInformationAccess
+_URI = x509.UniformResourceIdentifier
+
+
+def _cdp(*uris: str) -> _CDP:
+    return _CDP([x509.DistributionPoint([_URI(u) for u in uris], None, None, None)])
+
+
+def _aia(ocsp_url: str | None, ca_issuers: str | None) -> _AIA:
+    oid = x509.oid.AuthorityInformationAccessOID
+    items = [(oid.OCSP, ocsp_url), (oid.CA_ISSUERS, ca_issuers)]
+    return _AIA([x509.AccessDescription(m, _URI(u)) for m, u in items if u])
+
+
+URL_DEFECTS: dict[str, tuple[dict[str, object], str]] = {
+    "cdp/wrong-url": ({"CRLDistributionPoints": (_cdp("https://b.test/crl"), False)}, "CRL dist"),
+    "cdp/two-urls": ({"CRLDistributionPoints": (_cdp(_URLS.crl, _URLS.ocsp), False)}, "CRL dist"),
+    "cdp/critical": ({"CRLDistributionPoints": (_cdp(_URLS.crl), True)}, "SHOULD be non-crit"),
+    "cdp/missing": ({"CRLDistributionPoints": None}, "unexpected extension set"),
+    "aia/missing": ({"AuthorityInformationAccess": None}, "unexpected extension set"),
+    "aia/no-ocsp": (
+        {"AuthorityInformationAccess": (_aia(None, _URLS.ca_issuers), False)},
+        "authority information access",
+    ),
+    "aia/wrong-ocsp": (
+        {"AuthorityInformationAccess": (_aia("https://b.test/ocsp", _URLS.ca_issuers), False)},
+        "authority information access",
+    ),
+    "aia/critical": (
+        {"AuthorityInformationAccess": (_aia(_URLS.ocsp, _URLS.ca_issuers), True)},
+        "AIA MUST be non-critical",
+    ),
+}
+
+
+def test_certassert_accepts_exactly_the_expected_pointers(_self_issuer: x509.Certificate) -> None:
+    with_urls = _leaf(_self_issuer, _PROFILE_URLS)
+    assert_is_svid_leaf(with_urls, spiffe_id=_WEB, issuer=_self_issuer, urls=_URLS)
+    # The default still refuses pointers nobody asked for, and asking requires them.
+    with pytest.raises(AssertionError, match="unexpected extension set"):
+        assert_is_svid_leaf(with_urls, spiffe_id=_WEB, issuer=_self_issuer)
+    without = _leaf(_self_issuer, None)
+    with pytest.raises(AssertionError, match="unexpected extension set"):
+        assert_is_svid_leaf(without, spiffe_id=_WEB, issuer=_self_issuer, urls=_URLS)
+
+
+@pytest.mark.parametrize("defect", URL_DEFECTS, ids=[f"fail/{k}" for k in URL_DEFECTS])
+def test_certassert_catches_wrong_pointers(defect: str, _self_issuer: x509.Certificate) -> None:
+    swap, reason = URL_DEFECTS[defect]
+    cert = _leaf(_self_issuer, _PROFILE_URLS, **swap)
+    with pytest.raises(AssertionError, match=reason):
+        assert_is_svid_leaf(cert, spiffe_id=_WEB, issuer=_self_issuer, urls=_URLS)
+

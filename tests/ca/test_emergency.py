@@ -1,0 +1,191 @@
+"""Emergency revocation of the issuing intermediate (``ca.emergency.revoke_intermediate``): one
+transaction switches to a fresh intermediate under the same root, or nothing changes at all."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from sqlmodel import Session, select
+
+import ca.emergency
+from ca.authority import active_issuer, bundle_pem
+from ca.certs import revoke_certificate
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.crl import current_crl
+from ca.durations import Ttl
+from ca.emergency import revoke_intermediate
+from ca.errors import InternalError, NotFound
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from ca.store.models import CaRow
+from tests.ca.svidkit import SQLITE_ONLY, count_rows, enrol
+from tests.ca.test_crl import crl_of, listed, needs_openssl, openssl_verify_with_crls
+from tests.certassert import assert_is_ca, assert_is_svid_leaf
+
+TD = "example.org"
+
+
+def intermediates(ctx: Context) -> dict[str, CaRow]:
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(CaRow).where(CaRow.role == "intermediate")).all()
+    return {row.serial: row for row in rows}
+
+
+def key_files(ctx: Context) -> list[str]:
+    return sorted(path.name for path in (ctx.settings.data_dir / "keys").iterdir())
+
+
+def test_revoke_intermediate_switches_to_a_new_one_under_the_same_root(
+    ctx: Context, clock: FixedClock
+) -> None:
+    before = active_issuer(ctx)
+    old, root = before.certificate, before.roots[0]
+    bundle = bundle_pem(ctx)
+    live = [enrol(ctx, f"spiffe://{TD}/live-{i}") for i in range(2)]
+    gone = enrol(ctx, f"spiffe://{TD}/revoked")
+    revoke_certificate(ctx, Serial(gone.cert.serial_number), RevocationReason.SUPERSEDED, "t")
+    expired = enrol(ctx, f"spiffe://{TD}/expired", ttl=Ttl(60))
+    clock.advance(dt.timedelta(minutes=5))
+
+    result = revoke_intermediate(ctx)
+
+    assert result.revoked_serial == Serial(old.serial_number)
+    assert result.new_serial != result.revoked_serial
+    assert {i.serial.value for i in result.to_reissue} == {w.cert.serial_number for w in live}
+    assert expired.cert.serial_number not in {i.serial.value for i in result.to_reissue}
+    rows = intermediates(ctx)
+    assert len(rows) == 2
+    old_row, new_row = rows[result.revoked_serial.hex], rows[result.new_serial.hex]
+    assert (old_row.state, old_row.revoked_at) == ("revoked", clock.now())
+    assert old_row.revocation_reason == RevocationReason.CA_COMPROMISE.value
+    assert (new_row.state, new_row.revoked_at, new_row.parent_id) == (
+        "active",
+        None,
+        old_row.parent_id,
+    )
+
+    after = active_issuer(ctx)
+    new = after.certificate
+    assert new.serial_number == result.new_serial.value
+    assert_is_ca(new, trust_domain=TD, path_length=0, issuer=root)
+    assert new.public_key() != old.public_key()
+    assert after.roots == before.roots and bundle_pem(ctx) == bundle  # relying parties: no change
+    assert new.not_valid_before_utc <= clock.now() < new.not_valid_after_utc
+
+    fresh = enrol(ctx, f"spiffe://{TD}/fresh")
+    assert fresh.svid.issuer.certificate == new
+    assert_is_svid_leaf(fresh.cert, spiffe_id=f"spiffe://{TD}/fresh", issuer=new)
+    assert x509.load_pem_x509_certificates(fresh.full_chain_pem)[1] == new
+
+
+@SQLITE_ONLY
+def test_a_second_emergency_revokes_the_replacement_too(ctx: Context) -> None:
+    first = revoke_intermediate(ctx, reason=RevocationReason.KEY_COMPROMISE)
+    second = revoke_intermediate(ctx)
+    assert second.revoked_serial == first.new_serial
+    assert listed(crl_of(ctx, "root")) == {first.revoked_serial.value, second.revoked_serial.value}
+    states = sorted(row.state for row in intermediates(ctx).values())
+    assert states == ["active", "revoked", "revoked"]
+
+
+@SQLITE_ONLY
+def test_an_unknown_authority_is_not_found_and_creates_no_key(ctx: Context) -> None:
+    """Regression: this used to be NotInitialised (a retryable 503 over REST)."""
+    files = key_files(ctx)
+    with pytest.raises(NotFound, match="no authority"):
+        revoke_intermediate(ctx, authority="nope")
+    assert key_files(ctx) == files
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_openssl_refuses_old_svids_and_accepts_new_ones(ctx: Context, tmp_path: Path) -> None:
+    before = active_issuer(ctx)
+    old, root = before.certificate, before.roots[0]
+    old_svid = enrol(ctx, f"spiffe://{TD}/old").cert
+
+    result = revoke_intermediate(ctx)
+    new = active_issuer(ctx).certificate
+    new_svid = enrol(ctx, f"spiffe://{TD}/new").cert
+    root_crl = crl_of(ctx, "root")
+    old_crl, new_crl = crl_of(ctx, result.revoked_serial.hex), crl_of(ctx, "intermediate")
+
+    refused = openssl_verify_with_crls(
+        tmp_path, old_svid, root=root, intermediate=old, crls=[root_crl, old_crl]
+    )
+    assert refused.returncode != 0, refused.stdout
+    output = refused.stdout + refused.stderr
+    # error 23 (X509_V_ERR_CERT_REVOKED) at depth 1: the intermediate, not the leaf.
+    assert "error 23 at 1 depth lookup: certificate revoked" in output, output
+    # The leaf CRL alone says nothing against it: the root's CRL is what refuses it.
+    leaf_only = openssl_verify_with_crls(
+        tmp_path, old_svid, root=root, intermediate=old, crls=[old_crl], check_all=False
+    )
+    assert leaf_only.returncode == 0, leaf_only.stdout + leaf_only.stderr
+
+    accepted = openssl_verify_with_crls(
+        tmp_path, new_svid, root=root, intermediate=new, crls=[root_crl, new_crl]
+    )
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+
+def _fail_after(
+    real: Callable[..., object], calls: list[int], on_call: int
+) -> Callable[..., object]:
+    """Wrap ``real``: run it, then raise on the ``on_call``-th call (after its side effects)."""
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        value = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == on_call:
+            raise InternalError("injected failure")
+        return value
+
+    return wrapper
+
+
+# Where the failure is injected: (function in ca.emergency, which call fails).
+FAILURES = {
+    "after-signing-the-new-intermediate": ("sign_new_ca", 1),
+    "after-re-signing-the-root-crl": ("refresh_crl", 1),
+    "after-re-signing-the-old-intermediate-crl": ("refresh_crl", 2),
+}
+
+
+@pytest.mark.parametrize("where", list(FAILURES), ids=[f"fail/{w}" for w in FAILURES])
+def test_a_failure_midway_changes_nothing_and_leaves_no_key_behind(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    before = active_issuer(ctx)
+    live = enrol(ctx, f"spiffe://{TD}/web")
+    root_crl_before = current_crl(ctx, "mesh", "root")
+    files, ca_rows = key_files(ctx), count_rows(ctx, "ca")
+    name, on_call = FAILURES[where]
+    monkeypatch.setattr(
+        ca.emergency, name, _fail_after(getattr(ca.emergency, name), [], on_call)
+    )
+
+    with pytest.raises(InternalError, match="injected"):
+        revoke_intermediate(ctx)
+    monkeypatch.undo()
+
+    assert key_files(ctx) == files, "a key was left behind"
+    assert count_rows(ctx, "ca") == ca_rows
+    (row,) = intermediates(ctx).values()
+    assert (row.serial, row.state, row.revoked_at) == (
+        format(before.certificate.serial_number, "x"),
+        "active",
+        None,
+    )
+    root_crl = current_crl(ctx, "mesh", "root")
+    assert (root_crl.number, root_crl.der) == (root_crl_before.number, root_crl_before.der)
+    # Still issuing from the old intermediate, and a retry goes through.
+    assert enrol(ctx, f"spiffe://{TD}/after").svid.issuer.certificate == before.certificate
+    result = revoke_intermediate(ctx)
+    assert live.cert.serial_number in {i.serial.value for i in result.to_reissue}
+    assert len(key_files(ctx)) == len(files) + 1
