@@ -7,6 +7,7 @@ An authority is one CA hierarchy with one purpose. This issue's only purpose is 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ __all__ = [
     "load_authority",
     "record_event",
 ]
+
+log = logging.getLogger("trellis.authority")
 
 MESH = "mesh"
 DEFAULT_ROOT_TTL = Ttl(10 * 365 * 86400)
@@ -188,6 +191,16 @@ def ca_row_for(
     )
 
 
+def destroy_quietly(ctx: Context, handles: list[KeyHandle]) -> None:
+    """Clean up keys made by a failed operation without hiding why it failed (the backend that
+    failed may well fail the clean-up too; then the keys are logged for an operator)."""
+    for handle in handles:
+        try:
+            ctx.keys.destroy(handle)
+        except Exception:
+            log.warning("could not destroy key %s/%s after a failure", handle.backend, handle.ref)
+
+
 def _wipe(session: Session, name: str) -> list[KeyHandle]:
     """``init --force``: forget one authority's rows; returns its keys to destroy after commit."""
     cas = session.exec(select(CaRow).where(CaRow.authority == name)).all()
@@ -273,8 +286,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             sync_bundle(session, params.name, now)
             session.commit()
     except BaseException:
-        for handle in created:
-            ctx.keys.destroy(handle)
+        destroy_quietly(ctx, created)
         raise
     for handle in old_keys:
         ctx.keys.destroy(handle)

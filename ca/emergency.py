@@ -18,6 +18,7 @@ from ca.authority import (
     AuthorityParams,
     active_issuer,
     ca_row_for,
+    destroy_quietly,
     record_event,
     sign_new_ca,
 )
@@ -117,8 +118,7 @@ def revoke_intermediate(
             revoked_serial = Serial.parse(old.serial)
             session.commit()
     except BaseException:
-        for key in created:
-            ctx.keys.destroy(key)
+        destroy_quietly(ctx, created)
         raise
     ctx.cache.clear()
     issuer = active_issuer(ctx, authority)

@@ -359,7 +359,7 @@ def _check_peer(response: httpx.Response, expected: SpiffeId) -> None:
     """§5.2.2.4: the server certificate is an X509-SVID for exactly the endpoint SPIFFE ID."""
     stream = response.extensions.get("network_stream")
     ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    der = ssl_object.getpeercert(True) if ssl_object is not None else None
     if not der:
         raise Unavailable("could not read the bundle endpoint's certificate")
     cert = x509.load_der_x509_certificate(der)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from ca.authority import MESH, ca_row_for, sign_new_ca
+from ca.authority import MESH, ca_row_for, destroy_quietly, sign_new_ca
 from ca.bundle import sync_bundle
 from ca.cas import ca_certificate, ca_signer
 from ca.checks import check_ca
@@ -130,8 +130,7 @@ def rotate_root(
             session.commit()
     except BaseException:
         if rotator is not None:
-            for handle in rotator.created:
-                ctx.keys.destroy(handle)
+            destroy_quietly(ctx, rotator.created)
         raise
     return result
 

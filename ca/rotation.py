@@ -24,7 +24,14 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
-from ca.authority import MESH, AuthorityParams, ca_row_for, record_event, sign_new_ca
+from ca.authority import (
+    MESH,
+    AuthorityParams,
+    ca_row_for,
+    destroy_quietly,
+    record_event,
+    sign_new_ca,
+)
 from ca.bundle import sync_bundle, trust_anchors
 from ca.cas import ca_certificate, ca_signer
 from ca.config import Context
@@ -230,8 +237,7 @@ def rotate(
             session.commit()
     except BaseException:
         if rotator is not None:
-            for handle in rotator.created:
-                ctx.keys.destroy(handle)
+            destroy_quietly(ctx, rotator.created)
         raise
     return rotator.done
 

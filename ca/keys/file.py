@@ -42,6 +42,8 @@ class FileKeyBackend:
             raise InvalidInput("the key passphrase must be at least 12 characters")
         self._dir = directory
         self._passphrase = passphrase
+        # Created up front so readiness checks pass on instances whose keys all live in Vault.
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _path(self, ref: str) -> Path:
         if not _REF.match(ref):

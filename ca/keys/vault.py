@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ca.config import Settings
 
 __all__ = [
+    "TRANSIT_TYPES",
     "CheckItem",
     "Requirement",
     "TransitEcKey",

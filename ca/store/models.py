@@ -278,4 +278,4 @@ class FederatedBundleRow(SQLModel, table=True):
 
 # Feature tables live in their own modules; importing them here registers them on the metadata
 # that migrations and the schema test compare against.
-from ca.store import models_gateway, models_openvpn  # noqa: E402, F401
+from ca.store import models_audit, models_gateway, models_openvpn  # noqa: E402, F401

@@ -1,0 +1,788 @@
+"""API-gateway client certificates: partners ("consumers") authenticate to nginx, AWS API Gateway
+or Kong with a certificate from Trellis's ``gateway`` authority.
+
+    consumer rules (exists, enabled, fewer than two live certificates, TTL within policy)
+      → key: the public key of the partner's verified CSR, or a fresh key returned once as PKCS#12
+      → ``ca.tlsleaf.issue_tls_leaf`` (clientAuth only, CN = consumer, URN SAN; sign, self-check,
+        record)
+      → overlap re-check after the record is committed (see ``_settle``)
+
+The gateway authority is its own hierarchy (no SAN, no trust domain): nothing it issues chains to
+the mesh bundle and no SVID chains to it, so a mesh workload cannot call a partner API and a
+partner cannot pass as a workload. Truststores for each gateway are rendered here; nginx's carries
+a CRL for every CA in the path because ``ssl_crl`` turns on OpenSSL's CRL_CHECK_ALL.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import enum
+import hashlib
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from sqlmodel import Session, col, select
+
+from ca.authority import AuthorityParams, init_authority
+from ca.bundle import trust_anchors
+from ca.certs import CertificateInfo, certificate_info, revoke_certificate
+from ca.config import Context
+from ca.crl import current_crl
+from ca.durations import Ttl
+from ca.errors import (
+    Conflict,
+    InvalidCsr,
+    InvalidInput,
+    NotFound,
+    NotInitialised,
+    PermissionDenied,
+    PolicyViolation,
+)
+from ca.files import write_atomic
+from ca.keys import KeyType, PrivateKey, PublicKey, check_public_key
+from ca.pem import certs_pem
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from ca.store.models import AuthorityRow, CaRow, CertificateRow
+from ca.store.models_gateway import (
+    GatewayCertificateRow,
+    GatewayConfigRow,
+    GatewayConsumerRow,
+    GatewayTruststoreRow,
+)
+from ca.tlsleaf import TlsLeafRequest, Usage, issue_tls_leaf
+
+__all__ = [
+    "GATEWAY",
+    "CertRequest",
+    "Consumer",
+    "ConsumerName",
+    "Delivery",
+    "GatewayCertificate",
+    "GatewayParams",
+    "GatewayPolicy",
+    "IssuedGatewayCertificate",
+    "NginxSnippet",
+    "Truststore",
+    "TruststoreFormat",
+    "add_consumer",
+    "build_truststore",
+    "disable_consumer",
+    "gateway_policy",
+    "get_consumer",
+    "init_gateway",
+    "issue_certificate",
+    "list_consumers",
+    "nginx_snippet",
+    "refresh_truststores",
+    "revoke_gateway_certificate",
+    "show_certificate",
+    "write_truststore",
+    "x5t_s256",
+]
+
+GATEWAY = "gateway"
+PROFILE = "gateway-client"
+URN_PREFIX = "urn:trellis:gateway:consumer:"
+MAX_LIVE = 2  # the current certificate and its successor, during a renewal overlap
+DEFAULT_TTL = Ttl(90 * 86400)
+DEFAULT_MAX_TTL = Ttl(398 * 86400)  # the CA/Browser Forum ceiling: what partner tooling expects
+DEFAULT_CA_TTL = Ttl(3 * 365 * 86400)
+MIN_P12_PASSWORD = 8
+# OWASP's 2023 figure for PBKDF2-HMAC-SHA256; Windows writes 2000 for 3DES, old Java reads 2048.
+P12_ROUNDS, LEGACY_P12_ROUNDS = 600_000, 2048
+VERIFY_DEPTH = 2  # leaf → intermediate → root
+
+
+# ----------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ConsumerName:
+    """A partner's name: the certificate CN and Kong consumer username, so DNS-label-like."""
+
+    value: str
+    _PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+    def __post_init__(self) -> None:
+        if not self._PATTERN.match(self.value):
+            raise InvalidInput(
+                f"invalid consumer name {self.value[:70]!r}: lower-case letters, digits, '.', '_' "
+                "and '-', starting with a letter or digit, at most 64 characters"
+            )
+
+    @property
+    def identity(self) -> str:
+        """What the ``certificate`` table records (``ca.tlsleaf.TlsLeafRequest.identity``)."""
+        return f"CN={self.value}"
+
+    @property
+    def urn(self) -> str:
+        return URN_PREFIX + self.value
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Delivery(enum.Enum):
+    CSR = "csr"  # preferred: the private key never leaves the partner
+    PKCS12 = "pkcs12"  # AES-256-CBC, PBKDF2-HMAC-SHA256, HMAC-SHA256 MAC
+    PKCS12_LEGACY = "pkcs12-legacy"  # pbeWithSHA1And3-KeyTripleDES-CBC, SHA-1 MAC
+
+
+class TruststoreFormat(enum.Enum):
+    PEM = "pem"  # one file: intermediates, then roots
+    AWS = "aws"  # one file: every chain up to its root (API Gateway checks no revocation)
+    NGINX = "nginx"  # a directory: client-ca.pem and crl.pem (a CRL for every CA)
+    KONG = "kong"  # a directory: one PEM per CA certificate entity, and README.txt
+
+    @classmethod
+    def parse(cls, text: str) -> TruststoreFormat:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise InvalidInput("truststore format is one of pem, nginx, aws, kong") from None
+
+    @property
+    def is_directory(self) -> bool:
+        return self in (TruststoreFormat.NGINX, TruststoreFormat.KONG)
+
+
+def x5t_s256(cert: x509.Certificate) -> str:
+    """RFC 8705 §3.1: base64url of the SHA-256 of the DER certificate, without padding."""
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+# ----------------------------------------------------------------------------- the authority
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayParams:
+    key_type: KeyType = KeyType.EC_P256
+    root_key_type: KeyType = KeyType.EC_P384
+    key_backend: str | None = None
+    ca_ttl: Ttl = DEFAULT_CA_TTL
+    default_ttl: Ttl = DEFAULT_TTL
+    max_ttl: Ttl = DEFAULT_MAX_TTL
+
+    def __post_init__(self) -> None:
+        # AWS API Gateway truststores take RSA >= 2048 or ECDSA >= 256 only; many partner TLS
+        # stacks cannot verify an Ed25519 CA signature either.
+        if KeyType.ED25519 in (self.key_type, self.root_key_type):
+            raise InvalidInput(
+                "gateway CAs use EC or RSA keys: Ed25519 is not accepted by gateways"
+            )
+        if self.default_ttl > self.max_ttl:
+            raise InvalidInput(f"default TTL {self.default_ttl} exceeds the max {self.max_ttl}")
+        if self.max_ttl >= self.ca_ttl:
+            raise InvalidInput(f"max TTL {self.max_ttl} must be shorter than the CA TTL")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPolicy:
+    default_ttl: Ttl
+    max_ttl: Ttl
+
+
+def init_gateway(ctx: Context, params: GatewayParams) -> GatewayPolicy:
+    """Create the gateway root and intermediate, then record the issuance policy. Re-running after
+    a crash between the two steps completes the second one."""
+    with Session(ctx.engine) as session:
+        exists = session.get(AuthorityRow, GATEWAY) is not None
+        if session.get(GatewayConfigRow, GATEWAY) is not None:
+            raise Conflict("the gateway authority exists already")
+    if not exists:
+        init_authority(
+            ctx,
+            AuthorityParams(
+                None,
+                name=GATEWAY,
+                purpose="gateway",
+                key_type=params.key_type,
+                root_key_type=params.root_key_type,
+                key_backend=params.key_backend,
+                ca_ttl=params.ca_ttl,
+            ),
+        )
+    with Session(ctx.engine) as session:
+        session.add(
+            GatewayConfigRow(
+                authority=GATEWAY,
+                default_ttl_seconds=params.default_ttl.seconds,
+                max_ttl_seconds=params.max_ttl.seconds,
+                created_at=ctx.clock.now(),
+            )
+        )
+        session.commit()
+    return GatewayPolicy(params.default_ttl, params.max_ttl)
+
+
+def gateway_policy(ctx: Context) -> GatewayPolicy:
+    with Session(ctx.engine) as session:
+        row = session.get(GatewayConfigRow, GATEWAY)
+    if row is None:
+        raise NotInitialised("no gateway authority: run 'trellis gateway init' first")
+    return GatewayPolicy(Ttl(row.default_ttl_seconds), Ttl(row.max_ttl_seconds))
+
+
+# ----------------------------------------------------------------------------- consumers
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    name: ConsumerName
+    contact: str
+    created_at: dt.datetime
+    disabled_at: dt.datetime | None
+    live_certificates: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_at is None
+
+
+def _live_count(session: Session, name: ConsumerName, now: dt.datetime) -> int:
+    query = sa.select(sa.func.count()).where(
+        col(CertificateRow.authority) == GATEWAY,
+        col(CertificateRow.spiffe_id) == name.identity,
+        col(CertificateRow.status) == "active",
+        col(CertificateRow.not_after) > now,
+    )
+    return int(session.execute(query).scalar_one())
+
+
+def _consumer(session: Session, row: GatewayConsumerRow, now: dt.datetime) -> Consumer:
+    name = ConsumerName(row.name)
+    return Consumer(
+        name, row.contact, row.created_at, row.disabled_at, _live_count(session, name, now)
+    )
+
+
+def _consumer_row(session: Session, name: ConsumerName) -> GatewayConsumerRow:
+    row = session.get(GatewayConsumerRow, name.value)
+    if row is None:
+        raise NotFound(f"no gateway consumer {name}")
+    return row
+
+
+def add_consumer(ctx: Context, name: ConsumerName, contact: str = "") -> Consumer:
+    if len(contact) > 255 or any(ord(c) < 32 for c in contact):
+        raise InvalidInput("a contact is at most 255 printable characters")
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        session.add(GatewayConsumerRow(name=name.value, contact=contact, created_at=now))
+        try:
+            session.commit()
+        except sa.exc.IntegrityError:
+            raise Conflict(f"gateway consumer {name} exists already") from None
+        return _consumer(session, _consumer_row(session, name), now)
+
+
+def list_consumers(ctx: Context) -> list[Consumer]:
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(GatewayConsumerRow).order_by(GatewayConsumerRow.name)).all()
+        return [_consumer(session, row, now) for row in rows]
+
+
+def get_consumer(ctx: Context, name: ConsumerName) -> Consumer:
+    with Session(ctx.engine) as session:
+        return _consumer(session, _consumer_row(session, name), ctx.clock.now())
+
+
+def disable_consumer(ctx: Context, name: ConsumerName) -> Consumer:
+    """No new certificates from now on (idempotent). Live ones stay valid until revoked: offboard
+    with ``revoke_gateway_certificate`` for each (``Consumer.live_certificates`` says how many)."""
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        row = _consumer_row(session, name)
+        if row.disabled_at is None:
+            row.disabled_at = now
+            session.add(row)
+            session.commit()
+        return _consumer(session, row, now)
+
+
+# ----------------------------------------------------------------------------- issuance
+
+
+@dataclass(frozen=True, slots=True)
+class CertRequest:
+    """Exactly one of ``csr_pem`` (the partner keeps its key) or ``pkcs12_password`` (Trellis makes
+    a key and returns it once, encrypted, never storing it)."""
+
+    consumer: ConsumerName
+    requested_by: str
+    csr_pem: bytes | None = None
+    pkcs12_password: bytes | None = field(default=None, repr=False)
+    legacy_pkcs12: bool = False
+    key_type: KeyType | None = None  # of a generated key: EC P-256, or RSA-2048 for legacy stores
+    ttl: Ttl | None = None
+
+    def __post_init__(self) -> None:
+        if (self.csr_pem is None) == (self.pkcs12_password is None):
+            raise InvalidInput("give either a CSR or a PKCS#12 password, not both")
+        if self.csr_pem is not None and (self.legacy_pkcs12 or self.key_type is not None):
+            raise InvalidInput(
+                "a CSR brings its own key: key type and PKCS#12 options do not apply"
+            )
+        if self.pkcs12_password is not None and not (
+            MIN_P12_PASSWORD <= len(self.pkcs12_password) <= 1024
+        ):
+            raise InvalidInput(f"a PKCS#12 password has {MIN_P12_PASSWORD} to 1024 bytes")
+
+    @property
+    def delivery(self) -> Delivery:
+        if self.csr_pem is not None:
+            return Delivery.CSR
+        return Delivery.PKCS12_LEGACY if self.legacy_pkcs12 else Delivery.PKCS12
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedGatewayCertificate:
+    consumer: ConsumerName
+    certificate: x509.Certificate
+    chain_pem: bytes  # the issuing intermediate(s): what a client sends after its leaf
+    delivery: Delivery
+    requested_ttl: Ttl
+    pkcs12: bytes | None = field(default=None, repr=False)  # returned once, never stored
+
+    @property
+    def serial(self) -> Serial:
+        return Serial(self.certificate.serial_number)
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return certs_pem([self.certificate])
+
+    @property
+    def x5t_s256(self) -> str:
+        return x5t_s256(self.certificate)
+
+    @property
+    def clamped(self) -> bool:
+        """True when the issuing CA expires before the requested lifetime ends."""
+        life = self.certificate.not_valid_after_utc - self.certificate.not_valid_before_utc
+        return life < self.requested_ttl.delta
+
+
+def csr_public_key(pem: bytes) -> PublicKey:
+    """The key of a partner's CSR, after its signature proves possession. Unlike
+    ``ca.csr.parse_csr`` (built for SVIDs: it refuses non-SPIFFE URI SANs and e-mail SANs, which
+    partner CSRs often carry), every name and extension requested is ignored, not judged."""
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError:
+        raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
+    try:
+        signature_ok = csr.is_signature_valid
+    except Exception:  # unsupported signature algorithms raise from deep inside cryptography
+        signature_ok = False
+    if not signature_ok:
+        raise InvalidCsr("the CSR signature does not verify: it was not signed by its own key")
+    try:
+        key = csr.public_key()
+    except Exception:
+        raise InvalidCsr("the CSR public key cannot be read") from None
+    return check_public_key(key)
+
+
+def _pkcs12(
+    name: ConsumerName,
+    key: PrivateKey,
+    cert: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    password: bytes,
+    legacy: bool,
+) -> bytes:
+    builder = serialization.PrivateFormat.PKCS12.encryption_builder()
+    if legacy:  # what Java 8 keytool and Windows' certificate import read
+        builder = (
+            builder.kdf_rounds(LEGACY_P12_ROUNDS)
+            .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+            .hmac_hash(hashes.SHA1())  # noqa: S303 (the legacy MAC; the point of --legacy-p12)
+        )
+    else:
+        builder = (
+            builder.kdf_rounds(P12_ROUNDS)
+            .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+            .hmac_hash(hashes.SHA256())
+        )
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise InvalidInput("PKCS#12 delivery supports EC and RSA keys")
+    return pkcs12.serialize_key_and_certificates(
+        name.value.encode(), key, cert, list(chain), builder.build(password)
+    )
+
+
+def _check_policy(ctx: Context, request: CertRequest) -> Ttl:
+    """Cheap refusals before anything is signed."""
+    policy = gateway_policy(ctx)
+    ttl = request.ttl or policy.default_ttl
+    if ttl > policy.max_ttl:
+        raise PolicyViolation(f"TTL {ttl} exceeds the gateway maximum {policy.max_ttl}")
+    with Session(ctx.engine) as session:
+        consumer = _consumer(session, _consumer_row(session, request.consumer), ctx.clock.now())
+    if not consumer.enabled:
+        raise PermissionDenied(f"gateway consumer {consumer.name} is disabled")
+    if consumer.live_certificates >= MAX_LIVE:
+        raise Conflict(
+            f"gateway consumer {consumer.name} already holds {MAX_LIVE} valid certificates: "
+            "revoke one ('trellis gateway cert revoke SERIAL') before issuing another"
+        )
+    return ttl
+
+
+def _settle(ctx: Context, request: CertRequest, cert: x509.Certificate) -> None:
+    """Re-check the consumer rules once the new certificate is committed. Two concurrent issuances
+    can both pass ``_check_policy``; each certificate is committed before its own re-check, so
+    whichever re-check runs last sees both and withdraws its certificate (never handed out).
+    No lock spans the signing, and no interleaving leaves three live certificates."""
+    serial = format(cert.serial_number, "x")
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        row = _consumer_row(session, request.consumer)
+        live = _live_count(session, request.consumer, now)
+        problem: Exception | None = None
+        if row.disabled_at is not None:
+            problem = PermissionDenied(f"gateway consumer {request.consumer} is disabled")
+        elif live > MAX_LIVE:
+            problem = Conflict(
+                f"gateway consumer {request.consumer} already holds {MAX_LIVE} valid certificates"
+            )
+        else:
+            session.add(
+                GatewayCertificateRow(
+                    serial=serial,
+                    consumer=request.consumer.value,
+                    delivery=request.delivery.value,
+                    x5t_s256=x5t_s256(cert),
+                    created_at=now,
+                )
+            )
+            session.commit()
+            return
+    revoke_certificate(
+        ctx, Serial(cert.serial_number), RevocationReason.SUPERSEDED, "gateway:withdrawn"
+    )
+    raise problem
+
+
+def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertificate:
+    ttl = _check_policy(ctx, request)
+    key: PrivateKey | None = None
+    if request.csr_pem is not None:
+        public_key = csr_public_key(request.csr_pem)
+    else:
+        default = KeyType.RSA_2048 if request.legacy_pkcs12 else KeyType.EC_P256
+        key = (request.key_type or default).generate()
+        public_key = key.public_key()
+    issued = issue_tls_leaf(
+        ctx,
+        TlsLeafRequest(
+            authority=GATEWAY,
+            profile=PROFILE,
+            common_name=request.consumer.value,
+            usage=Usage.CLIENT,
+            public_key=public_key,
+            ttl=ttl,
+            requested_by=request.requested_by,
+            uri_sans=(request.consumer.urn,),
+        ),
+    )
+    _settle(ctx, request, issued.certificate)
+    bundle: bytes | None = None
+    if key is not None and request.pkcs12_password is not None:
+        bundle = _pkcs12(
+            request.consumer,
+            key,
+            issued.certificate,
+            issued.issuer.chain,
+            request.pkcs12_password,
+            request.legacy_pkcs12,
+        )
+    return IssuedGatewayCertificate(
+        request.consumer, issued.certificate, issued.issuer.chain_pem, request.delivery, ttl, bundle
+    )
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCertificate:
+    info: CertificateInfo
+    consumer: ConsumerName
+    delivery: Delivery | None  # None: recorded before its delivery was (a crash in between)
+    x5t_s256: str
+
+
+def show_certificate(ctx: Context, serial: Serial) -> GatewayCertificate:
+    with Session(ctx.engine) as session:
+        row = session.get(CertificateRow, serial.hex)
+        if row is None or row.authority != GATEWAY:
+            raise NotFound(f"no gateway certificate with serial {serial}")
+        extra = session.get(GatewayCertificateRow, serial.hex)
+    info = certificate_info(row, ctx.clock.now())
+    cert = x509.load_pem_x509_certificate(info.certificate_pem.encode())
+    return GatewayCertificate(
+        info,
+        ConsumerName(info.identity.removeprefix("CN=")),
+        Delivery(extra.delivery) if extra else None,
+        x5t_s256(cert),
+    )
+
+
+def revoke_gateway_certificate(
+    ctx: Context, serial: Serial, reason: RevocationReason, actor: str, request_id: str | None
+) -> tuple[GatewayCertificate, list[Path]]:
+    """Revoke (the issuer's CRL is re-signed in the same transaction), then rewrite the nginx
+    truststores recorded on this host so their ``crl.pem`` lists it. nginx reads ``ssl_crl`` only
+    at start and reload: the returned paths are what to reload for."""
+    show_certificate(ctx, serial)  # 404 for certificates of other authorities
+    revoke_certificate(ctx, serial, reason, actor, request_id=request_id)
+    written = refresh_truststores(ctx, formats=(TruststoreFormat.NGINX,))
+    return show_certificate(ctx, serial), written
+
+
+# ----------------------------------------------------------------------------- truststores
+
+
+@dataclass(frozen=True, slots=True)
+class Truststore:
+    format: TruststoreFormat
+    files: dict[str, bytes]  # name → content; a single-file format has one entry, "truststore.pem"
+
+
+def _trusted_cas(session: Session, now: dt.datetime) -> tuple[list[CaRow], list[CaRow]]:
+    """Every intermediate a live gateway certificate can chain through (prepared ones too, so
+    gateways trust a new intermediate before it issues), and the roots they chain to. Revoked
+    intermediates are left out: for gateways that check no CRL (AWS) that is their revocation."""
+    roots = trust_anchors(session, GATEWAY, now)
+    if not roots:
+        raise NotInitialised("no gateway authority: run 'trellis gateway init' first")
+    intermediates = session.exec(
+        select(CaRow)
+        .where(
+            CaRow.authority == GATEWAY,
+            CaRow.role == "intermediate",
+            CaRow.state != "revoked",
+            col(CaRow.revoked_at).is_(None),
+            col(CaRow.not_after) > now,
+            col(CaRow.parent_id).in_([r.id for r in roots]),
+        )
+        .order_by(col(CaRow.not_before).desc())
+    ).all()
+    return list(intermediates), roots
+
+
+def _pem(rows: Sequence[CaRow]) -> bytes:
+    return "".join(row.cert_pem for row in rows).encode()
+
+
+def _check_aws(rows: Sequence[CaRow]) -> None:
+    """API Gateway refuses truststores with other keys or SHA-1 signatures (its documentation:
+    RSA >= 2048 or ECDSA >= 256 bits, SHA-256 or stronger)."""
+    for row in rows:
+        cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
+        key = cert.public_key()
+        strong_key = (isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048) or (
+            isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size >= 256
+        )
+        digest = cert.signature_hash_algorithm
+        if not strong_key or not isinstance(digest, hashes.SHA256 | hashes.SHA384 | hashes.SHA512):
+            raise InvalidInput(f"CA {row.serial[:16]} does not meet AWS truststore requirements")
+
+
+_KONG_README = """\
+Kong mtls-auth trust for the Trellis gateway authority.
+
+Kong stores one certificate per CA Certificate entity: create one per PEM file here
+({files}), e.g. with the Admin API:
+
+{commands}
+
+then list every id in the plugin (mtls-auth needs the full chain unless allow_partial_chain):
+
+  curl -sS -X POST http://localhost:8001/plugins -d name=mtls-auth \\
+       -d config.ca_certificates=<root id> -d config.ca_certificates=<intermediate id>
+
+mtls-auth maps a certificate to a Kong consumer by its CN: create each Kong consumer with
+username = the Trellis gateway consumer name (trellis gateway consumer list).
+Revocation: Kong checks none by default (revocation_check_mode); revoke in Trellis, then
+remove the consumer in Kong or rely on short certificate lifetimes.
+"""
+
+
+def build_truststore(ctx: Context, format: TruststoreFormat) -> Truststore:
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        intermediates, roots = _trusted_cas(session, now)
+    if format is TruststoreFormat.PEM:
+        return Truststore(format, {"truststore.pem": _pem([*intermediates, *roots])})
+    if format is TruststoreFormat.AWS:
+        # A private CA's truststore holds the whole chain, issuing CA up to the root.
+        _check_aws([*intermediates, *roots])
+        return Truststore(format, {"truststore.pem": _pem([*intermediates, *roots])})
+    if format is TruststoreFormat.NGINX:
+        crls = [current_crl(ctx, GATEWAY, row.serial).pem for row in [*intermediates, *roots]]
+        # crl.pem first: a CA in client-ca.pem without its CRL would fail every client of it
+        return Truststore(
+            format, {"crl.pem": b"".join(crls), "client-ca.pem": _pem([*intermediates, *roots])}
+        )
+    files = {f"{row.role}-{row.serial[:16]}.pem": row.cert_pem.encode() for row in roots}
+    files |= {f"{row.role}-{row.serial[:16]}.pem": row.cert_pem.encode() for row in intermediates}
+    commands = "\n".join(
+        f"  curl -sS -X POST http://localhost:8001/ca_certificates -F cert=@{name}"
+        for name in files
+    )
+    files["README.txt"] = _KONG_README.format(files=", ".join(files), commands=commands).encode()
+    return Truststore(format, files)
+
+
+def _targets(format: TruststoreFormat, path: Path) -> Path:
+    if format.is_directory:
+        if path.exists() and not path.is_dir():
+            raise InvalidInput(f"{path} is not a directory: the {format.value} truststore is one")
+        return path
+    if path.is_dir():
+        raise InvalidInput(f"{path} is a directory: the {format.value} truststore is one file")
+    return path
+
+
+def _write(store: Truststore, path: Path) -> list[Path]:
+    """Write what changed, each file atomically; returns the files rewritten."""
+    written: list[Path] = []
+    for name, data in store.files.items():
+        target = path / name if store.format.is_directory else path
+        if not target.exists() or target.read_bytes() != data:
+            write_atomic(target, data)
+            written.append(target)
+    if store.format is TruststoreFormat.KONG:
+        for stale in path.glob("*.pem"):
+            if stale.name not in store.files and stale.name.startswith(("root-", "intermediate-")):
+                stale.unlink()
+    return written
+
+
+def write_truststore(ctx: Context, format: TruststoreFormat, path: Path) -> list[Path]:
+    """Write the truststore and record where, so revocations and refreshes rewrite it."""
+    path = _targets(format, path.absolute())
+    written = _write(build_truststore(ctx, format), path)
+    node, now = socket.gethostname(), ctx.clock.now()
+    with Session(ctx.engine) as session:
+        row = session.exec(
+            select(GatewayTruststoreRow).where(
+                GatewayTruststoreRow.node == node, GatewayTruststoreRow.path == str(path)
+            )
+        ).first() or GatewayTruststoreRow(node=node, path=str(path), format=format.value)
+        row.format, row.written_at = format.value, now
+        session.add(row)
+        session.commit()
+    return written
+
+
+def refresh_truststores(
+    ctx: Context, formats: Sequence[TruststoreFormat] = tuple(TruststoreFormat)
+) -> list[Path]:
+    """Rewrite this host's recorded truststores whose content changed (new CRLs, a rotated
+    intermediate). Run it at least every few hours: a CRL nginx holds expires after 24 hours,
+    and an expired CRL makes nginx refuse every client. A missing path is skipped."""
+    node = socket.gethostname()
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(GatewayTruststoreRow).where(
+                GatewayTruststoreRow.node == node,
+                col(GatewayTruststoreRow.format).in_([f.value for f in formats]),
+            )
+        ).all()
+    stores = {f: build_truststore(ctx, f) for f in {TruststoreFormat(r.format) for r in rows}}
+    written: list[Path] = []
+    for row in rows:
+        path = Path(row.path)
+        if path.exists() or path.parent.is_dir():
+            written += _write(stores[TruststoreFormat(row.format)], path)
+    return written
+
+
+# ----------------------------------------------------------------------------- nginx
+
+
+_UNSAFE = re.compile(r"[\s;{}\"'$\\#]")
+
+
+def _safe(value: str, what: str) -> str:
+    """nginx configuration is text: a value with whitespace, quotes or ';' would end a directive
+    and start another, so such values are refused rather than escaped."""
+    if not value or _UNSAFE.search(value):
+        raise InvalidInput(f"{what} {value[:64]!r} contains characters nginx would misread")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NginxSnippet:
+    upstream: str = "http://127.0.0.1:8080"
+    truststore: Path = Path("/etc/nginx/trellis-gateway")
+    server_name: str = "_"
+    listen: str = "443"
+    ssl_certificate: Path = Path("/etc/nginx/tls/server.crt")
+    ssl_certificate_key: Path = Path("/etc/nginx/tls/server.key")
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", self.upstream):
+            raise InvalidInput("the upstream is an http:// or https:// URL")
+        if not re.match(r"^(\[[0-9a-fA-F:.]+\]:|[0-9.]+:|[a-z0-9.-]+:)?[0-9]{1,5}$", self.listen):
+            raise InvalidInput("listen is [address:]port")
+        for value, what in (
+            (self.upstream, "upstream"),
+            (self.server_name, "server name"),
+            (str(self.truststore), "truststore path"),
+            (str(self.ssl_certificate), "certificate path"),
+            (str(self.ssl_certificate_key), "key path"),
+        ):
+            _safe(value, what)
+
+
+def nginx_snippet(params: NginxSnippet) -> str:
+    """A complete ``server`` block (inside ``http {}``) requiring a gateway client certificate."""
+    store = params.truststore
+    return f"""\
+# Trellis gateway mTLS: generated by 'trellis gateway nginx-snippet'.
+# Truststore: trellis gateway truststore --format nginx --out {store}
+# Reload nginx whenever it is rewritten (revocations, CRL refresh): nginx -s reload
+server {{
+    listen {params.listen} ssl;
+    server_name {params.server_name};
+
+    # the gateway's own server certificate (from your web PKI, not from Trellis)
+    ssl_certificate     {params.ssl_certificate};
+    ssl_certificate_key {params.ssl_certificate_key};
+    ssl_protocols       TLSv1.2 TLSv1.3;
+
+    # partners must present a certificate from the Trellis gateway authority
+    ssl_verify_client      on;
+    ssl_client_certificate {store / "client-ca.pem"};
+    ssl_crl                {store / "crl.pem"};
+    ssl_verify_depth       {VERIFY_DEPTH};
+
+    location / {{
+        proxy_pass {params.upstream};
+        # set here, so a client cannot smuggle its own values in
+        proxy_set_header X-SSL-Client-Cert   $ssl_client_escaped_cert;
+        proxy_set_header X-SSL-Client-Verify $ssl_client_verify;
+        proxy_set_header X-SSL-Client-S-DN   $ssl_client_s_dn;
+        proxy_set_header X-SSL-Client-Serial $ssl_client_serial;
+        proxy_set_header Host                $host;
+    }}
+}}
+"""
