@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.bundle import sync_bundle, trust_anchors
 from ca.checks import check_ca
 from ca.config import Context
@@ -301,6 +302,14 @@ def _certificate(row: CaRow) -> x509.Certificate:
 def record_event(session: Session, row: CaRow, event: str, actor: str, now: dt.datetime) -> None:
     assert row.id is not None
     session.add(CaEventRow(authority=row.authority, ca_id=row.id, event=event, at=now, actor=actor))
+    audit.record(
+        session,
+        f"ca.{event}",
+        f"{row.authority}/{row.role}/{row.serial}",
+        actor=actor,
+        at=now,
+        detail={"state": row.state, "not_after": row.not_after.isoformat()},
+    )
 
 
 def _chain_extras(session: Session, intermediate: CaRow, now: dt.datetime) -> list[CaRow]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.config import Context
 from ca.crl import refresh_crl
 from ca.errors import Conflict, InvalidInput, NotFound
@@ -174,6 +175,16 @@ def _revoke_rows(
             invalidity_date=revocation.invalidity_date,
         )
     )
+    for serial in serials:
+        audit.record(
+            session,
+            "certificate.revoked",
+            serial,
+            actor=revocation.actor,
+            at=now,
+            detail={"reason": revocation.reason.value},
+            request_id=revocation.request_id,
+        )
     issuers = session.exec(
         select(CertificateRow.issuer_ca_id)
         .where(col(CertificateRow.serial).in_(serials))

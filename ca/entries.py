@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.authority import MESH, load_authority
 from ca.config import Context
 from ca.csr import check_dns_name
@@ -69,7 +70,7 @@ def _entry(row: EntryRow) -> Entry:
     )
 
 
-def create_entry(ctx: Context, params: EntryParams) -> Entry:
+def create_entry(ctx: Context, params: EntryParams, *, actor: str = "local") -> Entry:
     authority = load_authority(ctx, MESH)
     trust_domain = TrustDomain(authority.trust_domain)
     spiffe_id = params.spiffe_id
@@ -99,6 +100,14 @@ def create_entry(ctx: Context, params: EntryParams) -> Entry:
         if session.exec(select(EntryRow).where(EntryRow.spiffe_id == row.spiffe_id)).first():
             raise Conflict(f"an entry for {spiffe_id} already exists")
         session.add(row)
+        audit.record(
+            session,
+            "entry.created",
+            row.spiffe_id,
+            actor=actor,
+            at=row.created_at,
+            detail={"id": row.id, "dns": row.dns_names, "ttl": row.ttl_seconds},
+        )
         try:
             session.commit()
         except sa.exc.IntegrityError:
@@ -128,7 +137,7 @@ def list_entries(ctx: Context) -> list[Entry]:
     return [_entry(row) for row in rows]
 
 
-def delete_entry(ctx: Context, entry_id: str) -> Entry:
+def delete_entry(ctx: Context, entry_id: str, *, actor: str = "local") -> Entry:
     """Delete an entry and its join tokens. Its certificates stay valid until they expire or are
     revoked, but can no longer be renewed (renewal requires the entry)."""
     with Session(ctx.engine) as session:
@@ -138,11 +147,19 @@ def delete_entry(ctx: Context, entry_id: str) -> Entry:
         entry = _entry(row)
         session.execute(sa.delete(TokenRow).where(col(TokenRow.entry_id) == row.id))
         session.delete(row)
+        audit.record(
+            session,
+            "entry.deleted",
+            row.spiffe_id,
+            actor=actor,
+            at=ctx.clock.now(),
+            detail={"id": row.id},
+        )
         session.commit()
     return entry
 
 
-def set_entry_enabled(ctx: Context, entry_id: str, enabled: bool) -> Entry:
+def set_entry_enabled(ctx: Context, entry_id: str, enabled: bool, *, actor: str = "local") -> Entry:
     """A disabled entry issues nothing (no join, no renewal) until enabled again: the way to stop
     a revoked identity from coming straight back with a fresh certificate."""
     with Session(ctx.engine) as session:
@@ -151,6 +168,14 @@ def set_entry_enabled(ctx: Context, entry_id: str, enabled: bool) -> Entry:
             raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
         row.disabled_at = None if enabled else (row.disabled_at or ctx.clock.now())
         session.add(row)
+        audit.record(
+            session,
+            "entry.enabled" if enabled else "entry.disabled",
+            row.spiffe_id,
+            actor=actor,
+            at=ctx.clock.now(),
+            detail={"id": row.id},
+        )
         session.commit()
         session.refresh(row)
         return _entry(row)

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session
 
+from ca import audit
 from ca.authority import MESH, Issuer, active_issuer
 from ca.checks import check_leaf
 from ca.config import Context
@@ -127,7 +128,7 @@ def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer)
     with Session(ctx.engine) as session:
         now = ctx.clock.now()
         if grant.join_token_id is not None:
-            consume_join_token(session, grant.join_token_id, now)
+            consume_join_token(session, grant.join_token_id, now, grant.requested_by)
         if grant.renewal_nonce is not None:
             jti, expires = grant.renewal_nonce
             session.add(RenewalNonceRow(jti=jti, expires_at=expires))
@@ -158,6 +159,19 @@ def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer)
                 cert_pem=certs_pem([cert]).decode(),
                 created_at=now,
             )
+        )
+        audit.record(
+            session,
+            "certificate.renewed" if grant.renews_serial else "certificate.issued",
+            str(grant.spiffe_id),
+            actor=grant.requested_by,
+            at=now,
+            detail={
+                "serial": format(cert.serial_number, "x"),
+                "profile": grant.profile,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "renews": grant.renews_serial,
+            },
         )
         session.commit()
 

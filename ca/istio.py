@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.authority import MESH, active_issuer
 from ca.cas import ca_certificate, ca_signer
 from ca.checks import check_ca
@@ -205,6 +206,18 @@ def issue_istio_intermediate(
                 output_format=params.output_format,
                 updated_at=now,
             )
+        )
+        audit.record(
+            session,
+            "certificate.issued",
+            str(td.id()),
+            actor=actor,
+            at=now,
+            detail={
+                "serial": format(cert.serial_number, "x"),
+                "profile": "istio-intermediate",
+                "cluster": params.cluster,
+            },
         )
         session.commit()
     return IstioIntermediate(params.cluster, cert, key, (cert, root_cert), issuer.roots)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.bundle import sync_bundle
 from ca.config import Context
 from ca.crl import refresh_stale_crls
 from ca.errors import Unavailable
 from ca.federation import list_federations, refresh_due
 from ca.istio import renew_due_clusters
+from ca.openvpn import crl_health, write_crl_files
 from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
 from ca.store.models import AuthorityRow, RenewalNonceRow
@@ -69,6 +71,11 @@ def refresh_federated_bundles(ctx: Context) -> str:
     return ", ".join(f"{r.trust_domain} seq {r.sequence}" for r in results) or "nothing due"
 
 
+def seal_audit(ctx: Context) -> str:
+    result = audit.seal(ctx)
+    return f"sealed {result.records} audit record(s)"
+
+
 def prune_renewal_nonces(ctx: Context) -> str:
     """A spent proof's jti is only needed until the proof itself expires."""
     with Session(ctx.engine) as session:
@@ -77,6 +84,15 @@ def prune_renewal_nonces(ctx: Context) -> str:
         )
         session.commit()
     return f"pruned {result.rowcount} spent renewal proof(s)"  # type: ignore[attr-defined]
+
+
+def write_openvpn_crls(ctx: Context) -> str:
+    """Keep OpenVPN CRL files current; fail while ``crl_health`` sees a problem (``/readyz``)."""
+    written = write_crl_files(ctx)
+    problem = crl_health(ctx)
+    if problem:
+        raise Unavailable(problem)
+    return f"{len(written)} OpenVPN CRL file(s) current"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +106,11 @@ class Job:
 JOBS = (
     Job("ca-rotation", 10, rotate_cas, "prepare, activate and retire intermediates; prune bundles"),
     Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
+    Job("openvpn-crl", 60, write_openvpn_crls, "rewrite OpenVPN CRL files before nextUpdate"),
     Job("server-certificate", 10, renew_server_certificate, "renew the serving certificate"),
     Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
+    Job("audit-seal", 10, seal_audit, "hash-chain and sign settled audit records"),
     Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session
 
+from ca import audit
 from ca.authority import Issuer, active_issuer
 from ca.config import Context
 from ca.durations import Ttl
@@ -173,6 +174,18 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
                 cert_pem=certs_pem([cert]).decode(),
                 created_at=now,
             )
+        )
+        audit.record(
+            session,
+            "certificate.issued",
+            request.identity,
+            actor=request.requested_by,
+            at=now,
+            detail={
+                "serial": format(cert.serial_number, "x"),
+                "profile": request.profile,
+                "authority": request.authority,
+            },
         )
         session.commit()
     return IssuedCertificate(cert, issuer)

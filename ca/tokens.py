@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
@@ -87,17 +88,25 @@ def _info(row: TokenRow) -> TokenInfo:
     )
 
 
-def _create(ctx: Context, session: Session, row: TokenRow) -> tuple[TokenInfo, str]:
+def _create(ctx: Context, session: Session, row: TokenRow, actor: str) -> tuple[TokenInfo, str]:
     secret = TokenKind(row.kind).prefix + secrets.token_urlsafe(32)
     row.secret_hash = hash_secret(secret)
     session.add(row)
+    audit.record(
+        session,
+        "token.created",
+        f"token:{row.id}",
+        actor=actor,
+        at=row.created_at,
+        detail={"kind": row.kind, "entry_id": row.entry_id, "uses": row.uses_remaining},
+    )
     session.commit()
     session.refresh(row)
     return _info(row), secret
 
 
 def create_admin_token(
-    ctx: Context, description: str = "", *, ttl: Ttl | None = None
+    ctx: Context, description: str = "", *, ttl: Ttl | None = None, actor: str = "local"
 ) -> tuple[TokenInfo, str]:
     """Admin tokens never expire unless given a TTL (the one `init` writes is revoked by hand)."""
     now = ctx.clock.now()
@@ -110,7 +119,7 @@ def create_admin_token(
             created_at=now,
             description=description[:255],
         )
-        return _create(ctx, session, row)
+        return _create(ctx, session, row, actor)
 
 
 def create_join_token(
@@ -120,6 +129,7 @@ def create_join_token(
     uses: int = 1,
     ttl: Ttl = DEFAULT_JOIN_TTL,
     description: str = "",
+    actor: str = "local",
 ) -> tuple[TokenInfo, str]:
     if not 1 <= uses <= MAX_JOIN_USES:
         raise InvalidInput(f"a join token allows 1 to {MAX_JOIN_USES} uses")
@@ -139,7 +149,7 @@ def create_join_token(
             created_at=now,
             description=description[:255],
         )
-        return _create(ctx, session, row)
+        return _create(ctx, session, row, actor)
 
 
 def find_token(ctx: Context, secret: str) -> TokenRow:
@@ -168,7 +178,7 @@ def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
     return AdminPrincipal(row.id)
 
 
-def consume_join_token(session: Session, token_id: str, now: dt.datetime) -> None:
+def consume_join_token(session: Session, token_id: str, now: dt.datetime, actor: str) -> None:
     """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
     redemptions of a single-use token race safely (only one of them changes a row)."""
     result = session.execute(
@@ -183,6 +193,7 @@ def consume_join_token(session: Session, token_id: str, now: dt.datetime) -> Non
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise AuthenticationFailed("the join token has already been used or has expired")
+    audit.record(session, "token.used", f"token:{token_id}", actor=actor, at=now)
 
 
 def list_tokens(ctx: Context) -> list[TokenInfo]:
@@ -193,7 +204,7 @@ def list_tokens(ctx: Context) -> list[TokenInfo]:
     return [_info(row) for row in rows]
 
 
-def revoke_token(ctx: Context, token_id: str) -> TokenInfo:
+def revoke_token(ctx: Context, token_id: str, *, actor: str = "local") -> TokenInfo:
     with Session(ctx.engine) as session:
         row = session.get(TokenRow, token_id)
         if row is None:
@@ -201,6 +212,9 @@ def revoke_token(ctx: Context, token_id: str) -> TokenInfo:
         if row.revoked_at is None:
             row.revoked_at = ctx.clock.now()
             session.add(row)
+            audit.record(
+                session, "token.revoked", f"token:{row.id}", actor=actor, at=row.revoked_at
+            )
             session.commit()
             session.refresh(row)
         return _info(row)

@@ -79,7 +79,7 @@ def init(
         if not json_out:
             typer.echo(f"A CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir}")
         return
-    _, secret = tokens.create_admin_token(ctx, "created by trellis init")
+    _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
     write_private(ctx.settings.admin_token_path, secret.encode() + b"\n")
     write_atomic(ctx.settings.data_dir / "bundle.pem", issuer.bundle_pem)
     root = issuer.roots[0]
@@ -121,6 +121,7 @@ def entry_create(
             ttl=Ttl.parse(ttl) if ttl else None,
             max_ttl=Ttl.parse(max_ttl) if max_ttl else None,
         ),
+        actor="cli",
     )
     if json_out:
         emit_json(EntryOut.of(entry))
@@ -162,7 +163,7 @@ def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
 
 @entry_app.command("delete")
 def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
-    entry = entries.delete_entry(STATE.context(), entry_id)
+    entry = entries.delete_entry(STATE.context(), entry_id, actor="cli")
     if json_out:
         emit_json(EntryOut.of(entry))
     else:
@@ -172,7 +173,7 @@ def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
 @entry_app.command("disable")
 def entry_disable(entry_id: str, json_out: JsonOpt = False) -> None:
     """Issue and renew nothing for this entry until it is enabled again."""
-    entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=False)
+    entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=False, actor="cli")
     if json_out:
         emit_json(EntryOut.of(entry))
     else:
@@ -181,7 +182,7 @@ def entry_disable(entry_id: str, json_out: JsonOpt = False) -> None:
 
 @entry_app.command("enable")
 def entry_enable(entry_id: str, json_out: JsonOpt = False) -> None:
-    entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=True)
+    entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=True, actor="cli")
     if json_out:
         emit_json(EntryOut.of(entry))
     else:
@@ -205,7 +206,7 @@ def token_create(
     ctx = STATE.context()
     if admin:
         info, secret = tokens.create_admin_token(
-            ctx, description, ttl=Ttl.parse(ttl) if ttl else None
+            ctx, description, ttl=Ttl.parse(ttl) if ttl else None, actor="cli"
         )
     else:
         assert entry is not None
@@ -215,6 +216,7 @@ def token_create(
             uses=uses,
             ttl=Ttl.parse(ttl) if ttl else tokens.DEFAULT_JOIN_TTL,
             description=description,
+            actor="cli",
         )
     if json_out:
         emit_json(TokenCreated(**TokenOut.of(info).model_dump(), token=secret))
@@ -244,7 +246,7 @@ def token_list(json_out: JsonOpt = False) -> None:
 
 @token_app.command("revoke")
 def token_revoke(token_id: str, json_out: JsonOpt = False) -> None:
-    info = tokens.revoke_token(STATE.context(), token_id)
+    info = tokens.revoke_token(STATE.context(), token_id, actor="cli")
     if json_out:
         emit_json(TokenOut.of(info))
     else:

@@ -20,14 +20,14 @@ router = APIRouter(prefix="/v1/tokens", tags=["tokens"], responses=PROBLEM_RESPO
     status_code=status.HTTP_201_CREATED,
     responses=responses(404),
 )
-def create_token(body: TokenCreate, ctx: CtxDep, _admin: AdminDep) -> TokenCreated:
+def create_token(body: TokenCreate, ctx: CtxDep, admin: AdminDep) -> TokenCreated:
     if body.admin == (body.entry_id is not None):
         raise InvalidInput("give either entry_id (a join token) or admin: true")
     if body.admin:
         if "uses" in body.model_fields_set:
             raise InvalidInput("'uses' applies to join tokens only")
         ttl = Ttl.parse(body.ttl) if body.ttl else None
-        info, secret = tokens.create_admin_token(ctx, body.description, ttl=ttl)
+        info, secret = tokens.create_admin_token(ctx, body.description, ttl=ttl, actor=str(admin))
     else:
         assert body.entry_id is not None
         info, secret = tokens.create_join_token(
@@ -36,6 +36,7 @@ def create_token(body: TokenCreate, ctx: CtxDep, _admin: AdminDep) -> TokenCreat
             uses=body.uses,
             ttl=Ttl.parse(body.ttl) if body.ttl else tokens.DEFAULT_JOIN_TTL,
             description=body.description,
+            actor=str(admin),
         )
     return TokenCreated(**TokenOut.of(info).model_dump(), token=secret)
 
@@ -46,5 +47,5 @@ def list_tokens(ctx: CtxDep, _admin: AdminDep) -> list[TokenOut]:
 
 
 @router.post("/{token_id}/revoke", response_model=TokenOut, responses=responses(404))
-def revoke_token(token_id: str, ctx: CtxDep, _admin: AdminDep) -> TokenOut:
-    return TokenOut.of(tokens.revoke_token(ctx, token_id))
+def revoke_token(token_id: str, ctx: CtxDep, admin: AdminDep) -> TokenOut:
+    return TokenOut.of(tokens.revoke_token(ctx, token_id, actor=str(admin)))

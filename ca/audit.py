@@ -1,0 +1,237 @@
+"""A tamper-evident audit trail.
+
+Every security-relevant change (issue, renew, revoke, token create/use/revoke, entry changes, CA
+transitions, ...) appends a row to ``audit_log`` *in the transaction of the change*: no change
+without its record, no record without its change.
+
+The hash chain is added after the fact by ``seal`` (a scheduled job): it takes the records that
+have settled, in id order, gives each the next ``seq`` and ``hash = SHA-256(canonical record ||
+previous hash)``, and signs the new head with the mesh's issuing CA key. Sealing afterwards keeps
+writers from serialising on the head of the chain (issuance runs thousands of transactions per
+second); the settle delay lets transactions that took an id earlier but committed later land
+first. ``verify`` recomputes the chain and checks the signatures, naming the first record that
+was edited, deleted or reordered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from sqlmodel import Session, col, select
+
+from ca.config import Context
+from ca.keys import PrivateKey
+from ca.store.models_audit import AuditRow, AuditSealRow
+
+__all__ = ["AuditEntry", "Verification", "list_audit", "record", "seal", "verify"]
+
+SETTLE = dt.timedelta(seconds=5)
+GENESIS = "0" * 64
+
+
+def record(
+    session: Session,
+    event: str,
+    subject: str,
+    *,
+    actor: str,
+    at: dt.datetime,
+    detail: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> None:
+    """Append one record inside the caller's transaction."""
+    session.add(
+        AuditRow(
+            at=at,
+            actor=actor[:255],
+            event=event[:64],
+            subject=subject[:2048],
+            detail=json.dumps(detail or {}, sort_keys=True, default=str),
+            request_id=request_id[:64] if request_id else None,
+        )
+    )
+
+
+def _digest(row: AuditRow, seq: int, previous: str) -> str:
+    canonical = json.dumps(
+        {
+            "seq": seq,
+            "id": row.id,
+            "at": row.at.isoformat(),
+            "actor": row.actor,
+            "event": row.event,
+            "subject": row.subject,
+            "detail": row.detail,
+            "request_id": row.request_id,
+            "prev": previous,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _sign(key: PrivateKey, data: bytes) -> bytes:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    return key.sign(data)
+
+
+def _check_signature(cert: x509.Certificate, signature: bytes, data: bytes) -> bool:
+    public = cert.public_key()
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, data)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    records: int
+    head_seq: int | None
+
+
+def seal(ctx: Context, *, settle: dt.timedelta | None = None) -> Sealed:
+    """Chain and sign every settled, unsealed record (idempotent; run by one replica at a time)."""
+    from ca.authority import MESH, active_issuer  # the audit module is imported by ca.authority
+
+    if settle is None:
+        settle = SETTLE if ctx.engine.dialect.name == "postgresql" else dt.timedelta(0)
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        head = session.exec(
+            select(AuditRow)
+            .where(col(AuditRow.seq).is_not(None))
+            .order_by(col(AuditRow.seq).desc())
+        ).first()
+        seq = head.seq if head and head.seq is not None else 0
+        previous = head.hash if head and head.hash else GENESIS
+        pending = session.exec(
+            select(AuditRow)
+            .where(col(AuditRow.seq).is_(None), col(AuditRow.at) <= now - settle)
+            .order_by(col(AuditRow.id))
+        ).all()
+        for row in pending:
+            seq += 1
+            row.seq, row.prev_hash = seq, previous
+            row.hash = previous = _digest(row, seq, previous)
+            session.add(row)
+        if pending:
+            try:
+                issuer = active_issuer(ctx, MESH)
+            except Exception:
+                issuer = None
+            if issuer is not None:
+                session.add(
+                    AuditSealRow(
+                        seq=seq,
+                        head_hash=previous,
+                        signed_at=now,
+                        signer_cert_pem=issuer.certificate.public_bytes(
+                            serialization.Encoding.PEM
+                        ).decode(),
+                        signature=_sign(issuer.signer.private_key, previous.encode()),
+                    )
+                )
+        session.commit()
+    return Sealed(len(pending), seq or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    ok: bool
+    sealed: int
+    unsealed: int
+    seals_checked: int
+    problems: tuple[str, ...]
+
+
+def verify(ctx: Context) -> Verification:
+    """Recompute the chain from the first record; report every break, first one first."""
+    problems: list[str] = []
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(AuditRow).where(col(AuditRow.seq).is_not(None)).order_by(col(AuditRow.seq))
+        ).all()
+        unsealed = session.execute(
+            sa.select(sa.func.count()).select_from(AuditRow).where(col(AuditRow.seq).is_(None))
+        ).scalar_one()
+        seals = session.exec(select(AuditSealRow).order_by(col(AuditSealRow.seq))).all()
+    previous, expected_seq = GENESIS, 1
+    hashes_by_seq: dict[int, str] = {}
+    for row in rows:
+        assert row.seq is not None
+        where = f"record seq {row.seq} (id {row.id}, {row.event})"
+        if row.seq != expected_seq:
+            problems.append(f"records seq {expected_seq}..{row.seq - 1} are missing before {where}")
+        if row.prev_hash != previous:
+            problems.append(f"{where}: does not follow the record before it (reordered or deleted)")
+        if row.hash != _digest(row, row.seq, row.prev_hash or GENESIS):
+            problems.append(f"{where}: its content does not match its hash (edited)")
+        previous, expected_seq = row.hash or "", row.seq + 1
+        hashes_by_seq[row.seq] = row.hash or ""
+    for seal_row in seals:
+        cert = x509.load_pem_x509_certificate(seal_row.signer_cert_pem.encode())
+        if hashes_by_seq.get(seal_row.seq) != seal_row.head_hash:
+            problems.append(
+                f"seal at seq {seal_row.seq}: the chain no longer ends in the sealed head"
+            )
+        elif not _check_signature(cert, seal_row.signature, seal_row.head_hash.encode()):
+            problems.append(f"seal at seq {seal_row.seq}: the CA signature does not verify")
+    return Verification(not problems, len(rows), int(unsealed), len(seals), tuple(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    seq: int | None
+    at: dt.datetime
+    actor: str
+    event: str
+    subject: str
+    detail: dict[str, Any]
+    request_id: str | None
+
+
+def list_audit(
+    ctx: Context, *, since: dt.datetime | None = None, event: str | None = None, limit: int = 100
+) -> list[AuditEntry]:
+    query = select(AuditRow)
+    if since is not None:
+        query = query.where(col(AuditRow.at) >= since)
+    if event is not None:
+        query = query.where(col(AuditRow.event).startswith(event))
+    with Session(ctx.engine) as session:
+        rows = session.exec(query.order_by(col(AuditRow.id).desc()).limit(min(limit, 10_000))).all()
+    return [
+        AuditEntry(
+            id=row.id or 0,
+            seq=row.seq,
+            at=row.at,
+            actor=row.actor,
+            event=row.event,
+            subject=row.subject,
+            detail=json.loads(row.detail),
+            request_id=row.request_id,
+        )
+        for row in rows
+    ]

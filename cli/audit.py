@@ -1,0 +1,97 @@
+"""``trellis audit``: read and verify the tamper-evident audit trail."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+import typer
+
+from ca import audit
+from ca.errors import InvalidInput
+from cli.common import STATE, emit_json, table, when
+
+audit_app = typer.Typer(
+    help="The audit trail of every security-relevant change.", no_args_is_help=True
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+def _since(text: str | None) -> dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"--since takes an ISO 8601 time, got {text[:40]!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+@audit_app.command("list")
+def list_cmd(
+    since: Annotated[
+        str | None, typer.Option(help="Only records at or after this time (ISO 8601)")
+    ] = None,
+    event: Annotated[
+        str | None, typer.Option(help="Event prefix, e.g. certificate. or token.used")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 100,
+    json_out: JsonOpt = False,
+) -> None:
+    entries = audit.list_audit(STATE.context(), since=_since(since), event=event, limit=limit)
+    if json_out:
+        emit_json(
+            {
+                "records": [
+                    {
+                        "id": e.id,
+                        "seq": e.seq,
+                        "at": e.at.isoformat(),
+                        "actor": e.actor,
+                        "event": e.event,
+                        "subject": e.subject,
+                        "detail": e.detail,
+                        "request_id": e.request_id,
+                    }
+                    for e in entries
+                ]
+            }
+        )
+        return
+    table(
+        ["SEQ", "AT", "EVENT", "SUBJECT", "ACTOR"],
+        [[str(e.seq or "-"), when(e.at), e.event, e.subject[:60], e.actor[:40]] for e in entries],
+    )
+
+
+@audit_app.command("seal")
+def seal_cmd() -> None:
+    """Chain and sign settled records now (the server does this every 10 seconds)."""
+    result = audit.seal(STATE.context())
+    typer.echo(f"sealed {result.records} record(s); head at seq {result.head_seq or '-'}")
+
+
+@audit_app.command("verify")
+def verify_cmd(json_out: JsonOpt = False) -> None:
+    """Recompute the hash chain and check the CA signatures; exit 1 on any break."""
+    result = audit.verify(STATE.context())
+    if json_out:
+        emit_json(
+            {
+                "ok": result.ok,
+                "sealed": result.sealed,
+                "unsealed": result.unsealed,
+                "seals_checked": result.seals_checked,
+                "problems": list(result.problems),
+            }
+        )
+    else:
+        for problem in result.problems:
+            typer.echo(f"BROKEN: {problem}", err=True)
+        verdict = "intact" if result.ok else "TAMPERED"
+        typer.echo(
+            f"audit trail {verdict}: {result.sealed} sealed record(s), {result.seals_checked} "
+            f"signed head(s) checked, {result.unsealed} not sealed yet"
+        )
+    if not result.ok:
+        raise typer.Exit(1)

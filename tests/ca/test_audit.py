@@ -1,0 +1,157 @@
+"""The audit trail: every change leaves a record in its own transaction, and the sealed hash
+chain exposes any edited, deleted or reordered record."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+
+from ca import audit
+from ca.certs import revoke_certificate
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.entries import EntryParams, create_entry, delete_entry
+from ca.errors import AuthenticationFailed
+from ca.grants import join_grant
+from ca.identity import SpiffeId
+from ca.issue import issue_svid
+from ca.keys import KeyType
+from ca.revocation import RevocationReason
+from ca.tokens import create_join_token
+from tests.ca.svidkit import make_csr
+
+WEB = "spiffe://example.org/ns/default/sa/web"
+
+
+def _events(ctx: Context) -> list[str]:
+    return [e.event for e in reversed(audit.list_audit(ctx, limit=1000))]
+
+
+def _activity(ctx: Context) -> str:
+    """Enrol a workload through the real pipeline, then revoke it; returns the serial."""
+    entry = create_entry(ctx, EntryParams(SpiffeId.parse(WEB)), actor="admin-token:t1")
+    _, secret = create_join_token(ctx, entry.id, actor="admin-token:t1")
+    svid = issue_svid(ctx, join_grant(ctx, secret), make_csr(KeyType.EC_P256.generate()))
+    revoke_certificate(
+        ctx, svid.serial, RevocationReason.KEY_COMPROMISE, "admin-token:t1", request_id="req-42"
+    )
+    return svid.serial.hex
+
+
+def _sealed(ctx: Context) -> None:
+    audit.seal(ctx, settle=dt.timedelta(0))
+
+
+def test_every_change_is_recorded_with_who_and_which_request(ctx: Context) -> None:
+    serial = _activity(ctx)
+    events = _events(ctx)
+    assert events[:2] == ["ca.created", "ca.created"]  # init: root and intermediate
+    assert events[-5:] == [
+        "entry.created",
+        "token.created",
+        "token.used",
+        "certificate.issued",
+        "certificate.revoked",
+    ]
+    revoked = audit.list_audit(ctx, event="certificate.revoked")[0]
+    assert (revoked.subject, revoked.actor, revoked.request_id) == (
+        serial,
+        "admin-token:t1",
+        "req-42",
+    )
+    assert revoked.detail == {"reason": "keyCompromise"}
+
+
+def test_a_refused_change_leaves_no_record(ctx: Context) -> None:
+    entry = create_entry(ctx, EntryParams(SpiffeId.parse(WEB)))
+    _, secret = create_join_token(ctx, entry.id, uses=1)
+    grant = join_grant(ctx, secret)
+    issue_svid(ctx, grant, make_csr(KeyType.EC_P256.generate()))
+    before = _events(ctx)
+    with pytest.raises(AuthenticationFailed):
+        issue_svid(ctx, grant, make_csr(KeyType.EC_P256.generate()))  # the token is spent
+    assert _events(ctx) == before
+
+
+def test_a_clean_trail_verifies_and_its_head_is_signed_by_the_ca(ctx: Context) -> None:
+    _activity(ctx)
+    _sealed(ctx)
+    result = audit.verify(ctx)
+    assert result.ok, result.problems
+    assert result.sealed == len(_events(ctx)) and result.unsealed == 0
+    assert result.seals_checked == 1
+    delete_entry(ctx, audit.list_audit(ctx, event="entry.created")[0].detail["id"])
+    _sealed(ctx)
+    again = audit.verify(ctx)
+    assert again.ok and again.seals_checked == 2 and again.sealed == result.sealed + 1
+
+
+def _execute(ctx: Context, statement: str, **params: object) -> None:
+    with ctx.engine.begin() as connection:
+        connection.execute(sa.text(statement), params)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        ("UPDATE audit_log SET actor = 'mallory' WHERE seq = 4", "record seq 4 "),
+        ("UPDATE audit_log SET detail = '{\"forged\": 1}' WHERE seq = 5", "record seq 5 "),
+        ("DELETE FROM audit_log WHERE seq = 4", "records seq 4..4 are missing"),
+        ("DELETE FROM audit_log WHERE seq = (SELECT max(seq) FROM audit_log)", "seal at seq"),
+    ],
+    ids=["fail/edited-actor", "fail/edited-detail", "fail/deleted", "fail/deleted-head"],
+)
+def test_tampering_is_detected_at_the_right_record(
+    ctx: Context, tamper: str, expected: str
+) -> None:
+    _activity(ctx)
+    _sealed(ctx)
+    assert audit.verify(ctx).ok
+    _execute(ctx, tamper)
+    result = audit.verify(ctx)
+    assert not result.ok
+    assert expected in result.problems[0], result.problems
+
+
+def test_swapping_two_records_is_detected(ctx: Context) -> None:
+    _activity(ctx)
+    _sealed(ctx)
+    # Exchange the content of records 3 and 4 while leaving their seq and hashes in place.
+    with ctx.engine.begin() as connection:
+        rows = {
+            row.seq: row
+            for row in connection.execute(
+                sa.text(
+                    "SELECT seq, actor, event, subject, detail FROM audit_log WHERE seq IN (3, 4)"
+                )
+            )
+        }
+        for target, source in ((3, rows[4]), (4, rows[3])):
+            connection.execute(
+                sa.text(
+                    "UPDATE audit_log SET actor = :a, event = :e, subject = :s, detail = :d "
+                    "WHERE seq = :seq"
+                ),
+                {
+                    "a": source.actor,
+                    "e": source.event,
+                    "s": source.subject,
+                    "d": source.detail,
+                    "seq": target,
+                },
+            )
+    result = audit.verify(ctx)
+    assert not result.ok
+    assert result.problems[0].startswith("record seq 3 ")
+
+
+def test_records_settle_before_they_are_sealed(ctx: Context, clock: FixedClock) -> None:
+    _activity(ctx)
+    first = audit.seal(ctx, settle=dt.timedelta(seconds=30))
+    assert first.records == 0  # written "now": not settled yet
+    clock.advance(dt.timedelta(seconds=31))
+    second = audit.seal(ctx, settle=dt.timedelta(seconds=30))
+    assert second.records == len(_events(ctx))
+    assert audit.seal(ctx, settle=dt.timedelta(0)).records == 0  # idempotent
