@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from ca import audit
+from ca import audit, metrics
 from ca.config import Context
 from ca.crl import refresh_crl
 from ca.errors import Conflict, InvalidInput, NotFound
@@ -185,6 +185,10 @@ def _revoke_rows(
             detail={"reason": revocation.reason.value},
             request_id=revocation.request_id,
         )
+    for authority in session.exec(
+        select(CertificateRow.authority).where(col(CertificateRow.serial).in_(serials))
+    ).all():
+        metrics.REVOKED.labels(authority, revocation.reason.value).inc()
     issuers = session.exec(
         select(CertificateRow.issuer_ca_id)
         .where(col(CertificateRow.serial).in_(serials))

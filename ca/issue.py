@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,13 +23,13 @@ import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session
 
-from ca import audit
+from ca import audit, metrics
 from ca.authority import MESH, Issuer, active_issuer
 from ca.checks import check_leaf
 from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
-from ca.errors import AuthenticationFailed, PolicyViolation, Unavailable
+from ca.errors import AuthenticationFailed, PolicyViolation, TrellisError, Unavailable
 from ca.identity import SpiffeId
 from ca.keys import PrivateKey, PublicKey
 from ca.pem import certs_pem, fingerprint
@@ -213,9 +214,19 @@ def issue_for_key(
 
 
 def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None) -> IssuedSvid:
-    csr = parse_csr(csr_pem)
-    dns_names = authorise(grant, csr)
-    return issue_for_key(ctx, grant, csr.public_key, ttl, dns_names)
+    started = time.perf_counter()
+    try:
+        csr = parse_csr(csr_pem)
+        dns_names = authorise(grant, csr)
+        svid = issue_for_key(ctx, grant, csr.public_key, ttl, dns_names)
+    except TrellisError as error:
+        metrics.ISSUED.labels(grant.authority, grant.profile, error.code).inc()
+        raise
+    metrics.ISSUED.labels(grant.authority, grant.profile, "issued").inc()
+    metrics.ISSUANCE_SECONDS.labels(grant.authority, grant.profile).observe(
+        time.perf_counter() - started
+    )
+    return svid
 
 
 def mint_svid(

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session
 
-from ca import audit
+from ca import audit, metrics
 from ca.authority import Issuer, active_issuer
 from ca.config import Context
 from ca.durations import Ttl
@@ -188,4 +188,5 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
             },
         )
         session.commit()
+    metrics.ISSUED.labels(request.authority, request.profile, "issued").inc()
     return IssuedCertificate(cert, issuer)

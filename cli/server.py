@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Annotated
 
 import typer
@@ -62,6 +63,11 @@ def serve(
         # Workers rebuild the context from the environment: hand them the effective settings.
         os.environ["TRELLIS_DATA_DIR"] = str(settings.data_dir.resolve())
         os.environ["TRELLIS_DATABASE_URL"] = settings.effective_database_url
+        # Event metrics from every worker are summed through files in this directory.
+        metrics_dir = settings.data_dir.resolve() / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         config = ReloadingConfig(
             "api.asgi:app_from_environment",
             factory=True,

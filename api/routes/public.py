@@ -8,10 +8,12 @@ import sqlalchemy as sa
 from cryptography import x509
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import CtxDep
 from api.problems import responses
 from api.schemas import Health
+from ca import metrics
 from ca.authority import MESH, active_issuer, bundle_pem
 from ca.bundle import read_bundle
 from ca.errors import TrellisError
@@ -60,6 +62,16 @@ def get_bundle_jwks(request: Request, ctx: CtxDep) -> Response:
         ctx.settings.bundle_refresh_hint,
     )
     return Response(json.dumps(document), media_type="application/json", headers=headers)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}},
+    summary="Prometheus metrics (no authentication: restrict by network policy)",
+)
+def get_metrics(ctx: CtxDep) -> Response:
+    return Response(metrics.render(ctx), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")

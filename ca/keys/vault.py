@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding, PKCS1v15
 from cryptography.utils import Buffer
 
+from ca import metrics
 from ca.errors import InternalError, InvalidInput, NotFound, TrellisError, Unavailable
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey, PublicKey
@@ -265,6 +266,7 @@ class VaultConnection:
                     return status, data
                 failure = self._failure(method, path, status, data, None)
             time.sleep(max(0.0, min(_BACKOFF * 2**attempt, deadline - time.monotonic())))
+        metrics.VAULT_ERRORS.labels(path.split("/", 1)[0]).inc()
         raise failure or Unavailable(
             f"Vault at {self.address} did not answer {method} {path} within {self.timeout:g} s"
         )
@@ -273,6 +275,7 @@ class VaultConnection:
         self, method: str, path: str, status: int, data: dict[str, Any], capability: str | None
     ) -> TrellisError:
         reasons = "; ".join(" ".join(str(e).split()) for e in data.get("errors") or [] if e)
+        metrics.VAULT_ERRORS.labels(path.split("/", 1)[0]).inc()
         if status == 404:
             return NotFound(f"{path} does not exist in Vault at {self.address}")
         if status == 403:

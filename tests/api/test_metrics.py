@@ -1,0 +1,54 @@
+"""/metrics: after issuing and revoking, the exposition shows it and parses as Prometheus text."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.restkit import Rest
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _samples(client: TestClient) -> Samples:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_issuance_and_revocation_show_in_metrics(rest: Rest) -> None:
+    before = _samples(rest.client)
+    issued = "trellis_certificates_issued_total"
+    base = _value(before, issued, authority="mesh", profile="x509-svid", result="issued")
+    serials = [rest.enrol(f"spiffe://example.org/w{i}").serial for i in range(3)]
+    token = rest.join_token(rest.create_entry("spiffe://example.org/refused"))
+    refused = rest.client.post(
+        "/v1/svid", json={"csr": "not a csr"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert refused.status_code == 400
+    revoked = rest.client.post(
+        f"/v1/certificates/{serials[0]}/revoke",
+        json={"reason": "keyCompromise"},
+        headers=rest.admin,
+    )
+    assert revoked.status_code == 200
+    after = _samples(rest.client)
+    assert _value(after, issued, authority="mesh", profile="x509-svid", result="issued") == base + 3
+    assert _value(after, issued, authority="mesh", profile="x509-svid", result="invalid-csr") >= 1
+    assert _value(after, "trellis_revocations_total", authority="mesh", reason="keyCompromise") >= 1
+    assert _value(after, "trellis_active_certificates", authority="mesh", profile="x509-svid") == 2
+    latency = [v for (n, _), v in after.items() if n == "trellis_issuance_seconds_count"]
+    assert sum(latency) >= 3
+    expiry = [v for (n, _), v in after.items() if n == "trellis_ca_expiry_seconds"]
+    assert len(expiry) == 2 and all(v > 0 for v in expiry)  # root and intermediate
+    crl = [v for (n, _), v in after.items() if n == "trellis_crl_next_update_seconds"]
+    assert crl and all(v > 0 for v in crl)  # the revocation signed the intermediate's CRL
