@@ -46,6 +46,7 @@ __all__ = [
     "Issuer",
     "active_issuer",
     "bundle_pem",
+    "check_keys",
     "init_authority",
     "load_authority",
     "record_event",
@@ -364,6 +365,17 @@ def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
     )
     ctx.cache[cache_key] = issuer
     return issuer
+
+
+def check_keys(ctx: Context) -> int:
+    """Unlock every CA key that may be used (active and prepared CAs of every authority), so a
+    missing key file or a wrong passphrase stops start-up instead of the first signature."""
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(CaRow).where(col(CaRow.state).in_(("active", "prepared")))).all()
+    for row in rows:
+        if row.role != "cross":
+            ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
+    return len(rows)
 
 
 def bundle_pem(ctx: Context, name: str = MESH) -> bytes:

@@ -12,7 +12,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from api.app import create_app
-from ca.authority import active_issuer
+from ca.authority import active_issuer, check_keys
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
@@ -33,6 +33,7 @@ def serve(
     ctx = STATE.context(host=host, port=port)
     settings = ctx.settings
     issuer = active_issuer(ctx)  # refuses to start without a CA, with the init hint
+    check_keys(ctx)  # and without every CA key it may need
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     scheme = "http" if no_tls else "https"

@@ -79,6 +79,18 @@ def _migration_lock(connection: sa.Connection) -> Iterator[None]:
         connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
 
 
+def _refuse_unknown_revisions(connection: sa.Connection, config: Config) -> None:
+    """A database migrated by a newer Trellis must not be touched by an older one."""
+    script = ScriptDirectory.from_config(config)
+    known = {revision.revision for revision in script.walk_revisions()}
+    unknown = set(MigrationContext.configure(connection).get_current_heads()) - known
+    if unknown:
+        raise Unavailable(
+            f"the database schema ({', '.join(sorted(unknown))}) is newer than this Trellis: "
+            "upgrade Trellis before starting it against this database"
+        )
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision this code knows (idempotent)."""
     config = _config()
@@ -92,6 +104,7 @@ def upgrade(engine: Engine) -> None:
                 connection.commit()
                 connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             with _migration_lock(connection):
+                _refuse_unknown_revisions(connection, config)
                 config.attributes["connection"] = connection
                 # "heads": features developed in parallel add migrations as sibling branches
                 # off a common revision until a merge revision joins them.

@@ -1,0 +1,42 @@
+"""``trellis backup`` and ``trellis restore``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ca.backup import backup as run_backup
+from ca.backup import restore as run_restore
+from cli.common import STATE, emit_json
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+def backup(
+    out: Annotated[Path, typer.Option(help="Archive to write (0600)")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Consistent snapshot of the database and the (still encrypted) CA keys: SQLite installs."""
+    result = run_backup(STATE.context(), out)
+    if json_out:
+        emit_json({"path": str(result.path), "schema": result.schema, "files": list(result.files)})
+        return
+    typer.echo(f"wrote {result.path}: {len(result.files)} file(s), schema {result.schema}")
+    typer.echo("the key passphrase is NOT in the backup: keep it somewhere else")
+
+
+def restore(
+    archive: Annotated[Path, typer.Argument(help="A file written by 'trellis backup'")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Restore into an empty data dir; start with the original key passphrase afterwards."""
+    result = run_restore(archive, STATE.settings())
+    if json_out:
+        emit_json({"path": str(result.path), "schema": result.schema, "files": list(result.files)})
+        return
+    typer.echo(f"restored {len(result.files)} file(s) (schema {result.schema}) from {result.path}")
+    typer.echo(
+        "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file), then 'trellis serve'"
+    )
