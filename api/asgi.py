@@ -11,9 +11,11 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from ca.config import Settings, build_context
+from ca.logs import configure_logging
 
 __all__ = ["app_from_environment"]
 
 
 def app_from_environment() -> FastAPI:
+    configure_logging()  # spawned workers start with no logging configuration
     return create_app(build_context(Settings(), migrate=False))

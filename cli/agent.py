@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +10,7 @@ import typer
 
 from ca.agent import Agent, AgentConfig
 from ca.keys import KeyType
+from ca.logs import configure_logging
 
 
 def agent(
@@ -31,7 +31,7 @@ def agent(
     key_type: Annotated[str, typer.Option(help="Workload key type")] = "ec-p256",
 ) -> None:
     """Obtain an SVID and keep it renewed (half-life, jitter), with the bundle kept fresh."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     config = AgentConfig(
         server=server,
         bundle=bundle,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from typing import Annotated
@@ -13,6 +12,7 @@ from uvicorn.supervisors import Multiprocess
 
 from api.app import create_app
 from ca.authority import active_issuer, check_keys
+from ca.logs import configure_logging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
@@ -34,8 +34,7 @@ def serve(
     settings = ctx.settings
     issuer = active_issuer(ctx)  # refuses to start without a CA, with the init hint
     check_keys(ctx)  # and without every CA key it may need
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    configure_logging()
     scheme = "http" if no_tls else "https"
     tls_options: dict[str, str] = {}
     if not no_tls:
@@ -52,7 +51,7 @@ def serve(
     common = {
         "host": settings.host,
         "port": settings.port,
-        "log_level": "info",
+        "log_config": None,  # keep the JSON/text handlers configure_logging installed
         "access_log": False,
         "server_header": False,
         "timeout_graceful_shutdown": 10,
