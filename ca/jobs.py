@@ -101,13 +101,22 @@ class Job:
     every_seconds: int
     run: Callable[[Context], str]
     description: str
+    # Cluster-wide jobs change shared state and run on one replica at a time; local ones (the
+    # replica's own serving certificate) must run on every replica.
+    cluster_wide: bool = True
 
 
 JOBS = (
     Job("ca-rotation", 10, rotate_cas, "prepare, activate and retire intermediates; prune bundles"),
     Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
     Job("openvpn-crl", 60, write_openvpn_crls, "rewrite OpenVPN CRL files before nextUpdate"),
-    Job("server-certificate", 10, renew_server_certificate, "renew the serving certificate"),
+    Job(
+        "server-certificate",
+        10,
+        renew_server_certificate,
+        "renew this replica's serving certificate",
+        cluster_wide=False,
+    ),
     Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
     Job("audit-seal", 10, seal_audit, "hash-chain and sign settled audit records"),

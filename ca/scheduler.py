@@ -53,7 +53,7 @@ def _record(ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: s
 def run_job(ctx: Context, job: Job) -> JobRunRow | None:
     """Run one job now, unless another replica holds its lock; returns the recorded run."""
     with ctx.engine.connect() as connection:
-        locking = connection.dialect.name == "postgresql"
+        locking = connection.dialect.name == "postgresql" and job.cluster_wide
         if locking:
             got = connection.execute(
                 sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _lock_key(job)}
