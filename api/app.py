@@ -15,6 +15,8 @@ from api.routes import (
     certificates,
     entries,
     federation,
+    gateway,
+    openvpn,
     public,
     revocation,
     svid,
@@ -34,9 +36,9 @@ def create_app(ctx: Context) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.routes = []
-    modules = (svid, entries, tokens, certificates, authorities, public, federation)
+    modules = (svid, entries, tokens, certificates, authorities, public, federation, gateway)
     routers = [m.router for m in modules]
-    for router in [*routers, revocation.public, revocation.admin]:
+    for router in [*routers, revocation.public, revocation.admin, openvpn.admin, openvpn.public]:
         app.include_router(router)
         app.state.routes.extend(router.routes)
     problems.install(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -12,11 +13,11 @@ from sqlmodel import Session, col, select
 from ca import audit, metrics
 from ca.config import Context
 from ca.crl import refresh_crl
-from ca.errors import Conflict, InvalidInput, NotFound
+from ca.errors import Conflict, InvalidInput, NotFound, TrellisError
 from ca.identity import SpiffeId
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from ca.store.models import CaRow, CertificateRow
+from ca.store.models import AuthorityRow, CaRow, CertificateRow
 
 __all__ = [
     "CertStatus",
@@ -25,9 +26,12 @@ __all__ = [
     "certificate_info",
     "get_certificate",
     "list_certificates",
+    "publish_revocations",
     "revoke_certificate",
     "revoke_identity",
 ]
+
+log = logging.getLogger("trellis.certs")
 
 MAX_PAGE = 1000
 
@@ -208,6 +212,7 @@ def revoke_certificate(
     *,
     request_id: str | None = None,
     invalidity_date: dt.datetime | None = None,
+    publish: bool = True,
 ) -> CertificateInfo:
     """Revoke once: a second revocation is a ``Conflict`` so scripts notice they were late.
 
@@ -227,7 +232,10 @@ def revoke_certificate(
         _revoke_rows(ctx, session, [row.serial], revocation, now)
         session.commit()
         session.refresh(row)
-        return certificate_info(row, now)
+        info = certificate_info(row, now)
+    if publish:  # callers that rewrite the files themselves (and report them) pass False
+        publish_revocations(ctx, {row.authority})
+    return info
 
 
 def revoke_identity(
@@ -257,4 +265,28 @@ def revoke_identity(
         session.commit()
         for row in rows:
             session.refresh(row)
-        return [certificate_info(row, now) for row in rows]
+        infos = [certificate_info(row, now) for row in rows]
+    publish_revocations(ctx, {row.authority for row in rows})
+    return infos
+
+
+def publish_revocations(ctx: Context, authorities: set[str]) -> None:
+    """Push fresh CRLs to the files programs read (OpenVPN's crl-verify, nginx's ssl_crl) right
+    after a revocation commits, whichever command revoked. Failures are logged, not raised: the
+    revocation stands, and the scheduled jobs retry the files."""
+    from ca import gateway, openvpn  # feature modules import this one
+
+    with Session(ctx.engine) as session:
+        purposes = {
+            name: row.purpose
+            for name in authorities
+            if (row := session.get(AuthorityRow, name)) is not None
+        }
+    for name, purpose in purposes.items():
+        try:
+            if purpose == "openvpn":
+                openvpn.write_crl_file(ctx, name)
+            elif purpose == "gateway":
+                gateway.refresh_truststores(ctx)
+        except TrellisError as error:
+            log.warning("revoked, but could not rewrite the %s CRL files: %s", name, error.detail)

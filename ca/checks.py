@@ -7,6 +7,7 @@ certificate in the wild that breaks the X509-SVID rules relying parties enforce.
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca.errors import InternalError
@@ -34,7 +35,7 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, InvalidSignature) as exc:
         raise _fail(f"signature does not verify against the issuer ({exc})") from None
     if cert.not_valid_after_utc > issuer.not_valid_after_utc:
         raise _fail("outlives its issuer")

@@ -99,7 +99,7 @@ class Profile(StrEnum):
             ) from None
 
 
-def endpoint_url(value: str) -> str:
+def _endpoint_url(value: str) -> str:
     """§5.2.1.1 / §5.2.2.1: scheme https, no userinfo."""
     if len(value) > MAX_URL:
         raise InvalidInput(f"the bundle endpoint URL is longer than {MAX_URL} characters")
@@ -131,7 +131,7 @@ def _uris(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def authorities(
+def _authorities(
     certs: Sequence[x509.Certificate], trust_domain: TrustDomain, what: str
 ) -> tuple[x509.Certificate, ...]:
     """X.509 authorities of ``trust_domain``: at least one, all CAs, none naming another trust
@@ -156,7 +156,7 @@ def _bootstrap(data: bytes, trust_domain: TrustDomain) -> tuple[x509.Certificate
             certs = load_certs(data)
         except InvalidInput:
             raise InvalidInput("the bootstrap bundle is neither PEM nor a SPIFFE JWK Set") from None
-    return authorities(certs, trust_domain, "the bootstrap bundle")
+    return _authorities(certs, trust_domain, "the bootstrap bundle")
 
 
 def _web_ca(data: bytes) -> bytes:
@@ -178,7 +178,7 @@ class FederationParams:
     web_ca: bytes | None = None  # https_web: PEM trust anchors instead of the system store
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "url", endpoint_url(self.url))
+        object.__setattr__(self, "url", _endpoint_url(self.url))
         td = self.trust_domain
         if self.profile is Profile.HTTPS_WEB:
             if self.endpoint_spiffe_id is not None or self.bootstrap_bundle is not None:
@@ -336,7 +336,7 @@ class Endpoint:
 Fetch = Callable[[Endpoint], bytes]
 
 
-def tls_context(endpoint: Endpoint) -> ssl.SSLContext:
+def _tls_context(endpoint: Endpoint) -> ssl.SSLContext:
     if endpoint.profile is Profile.HTTPS_WEB:
         # Hostname checking on (RFC 6125, §5.2.1.4); a CA file replaces the system store.
         cadata = endpoint.trust_pem.decode() if endpoint.trust_pem else None
@@ -388,7 +388,7 @@ def _read_body(response: httpx.Response, deadline: float) -> bytes:
 def fetch_bundle(endpoint: Endpoint) -> bytes:
     """GET the bundle over HTTPS as the profile demands; redirects are followed (at most 3)
     only to URLs valid for the profile, with the same TLS checks (§5.2.1.4, §5.2.2.4)."""
-    context = tls_context(endpoint)
+    context = _tls_context(endpoint)
     deadline = time.monotonic() + DEADLINE
     url = endpoint.url
     try:
@@ -398,12 +398,12 @@ def fetch_bundle(endpoint: Endpoint) -> bytes:
                     if endpoint.endpoint_spiffe_id is not None:
                         _check_peer(response, endpoint.endpoint_spiffe_id)
                     if response.is_redirect:
-                        url = endpoint_url(str(response.url.join(response.headers["location"])))
+                        url = _endpoint_url(str(response.url.join(response.headers["location"])))
                         continue
                     if response.status_code != 200:
                         raise Unavailable(f"{url} answered HTTP {response.status_code}")
                     return _read_body(response, deadline)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise Unavailable(f"cannot fetch {url}: {exc}") from None
     raise Unavailable(f"more than {MAX_REDIRECTS} redirects from {endpoint.url}")
 
@@ -437,7 +437,7 @@ def _digest(certs: Sequence[x509.Certificate]) -> str:
 def accept(row: FederatedBundleRow, bundle: JwksBundle) -> bool:
     """Whether ``bundle`` may replace the last good one of ``row`` (raises if not); returns
     whether its authorities or sequence differ from what is stored."""
-    certs = authorities(bundle.certificates, TrustDomain(row.trust_domain), "the fetched bundle")
+    certs = _authorities(bundle.certificates, TrustDomain(row.trust_domain), "the fetched bundle")
     digest = _digest(certs)
     if row.bundle_pem is not None and row.sequence is not None:
         if bundle.sequence is None:

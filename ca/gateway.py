@@ -27,12 +27,13 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlmodel import Session, col, select
 
-from ca.authority import AuthorityParams, init_authority
+from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import trust_anchors
 from ca.certs import CertificateInfo, certificate_info, revoke_certificate
 from ca.config import Context
@@ -70,19 +71,24 @@ __all__ = [
     "GatewayCertificate",
     "GatewayParams",
     "GatewayPolicy",
+    "GatewayStatus",
     "IssuedGatewayCertificate",
     "NginxSnippet",
     "Truststore",
     "TruststoreFormat",
     "add_consumer",
     "build_truststore",
+    "csr_public_key",
     "disable_consumer",
     "gateway_policy",
+    "gateway_status",
     "get_consumer",
     "init_gateway",
     "issue_certificate",
     "list_consumers",
+    "list_gateway_certificates",
     "nginx_snippet",
+    "refresh_job",
     "refresh_truststores",
     "revoke_gateway_certificate",
     "show_certificate",
@@ -95,10 +101,10 @@ PROFILE = "gateway-client"
 URN_PREFIX = "urn:trellis:gateway:consumer:"
 MAX_LIVE = 2  # the current certificate and its successor, during a renewal overlap
 DEFAULT_TTL = Ttl(90 * 86400)
-DEFAULT_MAX_TTL = Ttl(398 * 86400)  # the CA/Browser Forum ceiling: what partner tooling expects
+DEFAULT_MAX_TTL = Ttl(398 * 86400)  # the CA/Browser Forum limit for public TLS certificates
 DEFAULT_CA_TTL = Ttl(3 * 365 * 86400)
 MIN_P12_PASSWORD = 8
-# OWASP's 2023 figure for PBKDF2-HMAC-SHA256; Windows writes 2000 for 3DES, old Java reads 2048.
+# 600 000: OWASP's figure for PBKDF2-HMAC-SHA256; 2048: OpenSSL's own PKCS#12 default.
 P12_ROUNDS, LEGACY_P12_ROUNDS = 600_000, 2048
 VERIFY_DEPTH = 2  # leaf → intermediate → root
 
@@ -111,10 +117,10 @@ class ConsumerName:
     """A partner's name: the certificate CN and Kong consumer username, so DNS-label-like."""
 
     value: str
-    _PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    _PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
     def __post_init__(self) -> None:
-        if not self._PATTERN.match(self.value):
+        if not self._PATTERN.fullmatch(self.value):  # not match(): '$' accepts a final \n
             raise InvalidInput(
                 f"invalid consumer name {self.value[:70]!r}: lower-case letters, digits, '.', '_' "
                 "and '-', starting with a letter or digit, at most 64 characters"
@@ -194,7 +200,7 @@ class GatewayPolicy:
     max_ttl: Ttl
 
 
-def init_gateway(ctx: Context, params: GatewayParams) -> GatewayPolicy:
+def init_gateway(ctx: Context, params: GatewayParams) -> GatewayStatus:
     """Create the gateway root and intermediate, then record the issuance policy. Re-running after
     a crash between the two steps completes the second one."""
     with Session(ctx.engine) as session:
@@ -223,8 +229,35 @@ def init_gateway(ctx: Context, params: GatewayParams) -> GatewayPolicy:
                 created_at=ctx.clock.now(),
             )
         )
-        session.commit()
-    return GatewayPolicy(params.default_ttl, params.max_ttl)
+        try:
+            session.commit()
+        except sa.exc.IntegrityError:  # a concurrent init won
+            raise Conflict("the gateway authority exists already") from None
+    return gateway_status(ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStatus:
+    policy: GatewayPolicy
+    root: x509.Certificate
+    intermediate: x509.Certificate  # the one issuing now
+
+
+def gateway_status(ctx: Context) -> GatewayStatus:
+    policy = gateway_policy(ctx)
+    issuer = active_issuer(ctx, GATEWAY)
+    return GatewayStatus(policy, _parent(issuer.certificate, issuer.roots), issuer.certificate)
+
+
+def _parent(cert: x509.Certificate, roots: Sequence[x509.Certificate]) -> x509.Certificate:
+    """The root that signed ``cert`` (during a root rotation two roots share one name)."""
+    for root in roots:
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return root
+    raise NotInitialised("the gateway intermediate chains to no trusted root")
 
 
 def gateway_policy(ctx: Context) -> GatewayPolicy:
@@ -252,11 +285,16 @@ class Consumer:
 
 
 def _live_count(session: Session, name: ConsumerName, now: dt.datetime) -> int:
-    query = sa.select(sa.func.count()).where(
-        col(CertificateRow.authority) == GATEWAY,
-        col(CertificateRow.spiffe_id) == name.identity,
-        col(CertificateRow.status) == "active",
-        col(CertificateRow.not_after) > now,
+    """Settled (see ``_settle``), active and unexpired certificates of the consumer."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(GatewayCertificateRow)
+        .join(CertificateRow, col(CertificateRow.serial) == col(GatewayCertificateRow.serial))
+        .where(
+            col(GatewayCertificateRow.consumer) == name.value,
+            col(CertificateRow.status) == "active",
+            col(CertificateRow.not_after) > now,
+        )
     )
     return int(session.execute(query).scalar_one())
 
@@ -317,6 +355,14 @@ def disable_consumer(ctx: Context, name: ConsumerName) -> Consumer:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayCertificate:
+    info: CertificateInfo
+    consumer: ConsumerName
+    delivery: Delivery | None  # None: recorded before its delivery was (a crash in between)
+    x5t_s256: str
+
+
+@dataclass(frozen=True, slots=True)
 class CertRequest:
     """Exactly one of ``csr_pem`` (the partner keeps its key) or ``pkcs12_password`` (Trellis makes
     a key and returns it once, encrypted, never storing it)."""
@@ -340,6 +386,8 @@ class CertRequest:
             MIN_P12_PASSWORD <= len(self.pkcs12_password) <= 1024
         ):
             raise InvalidInput(f"a PKCS#12 password has {MIN_P12_PASSWORD} to 1024 bytes")
+        if self.key_type is KeyType.ED25519:  # Java and Windows key stores cannot hold one
+            raise InvalidInput("a generated key is EC or RSA (Ed25519 keys: send a CSR)")
 
     @property
     def delivery(self) -> Delivery:
@@ -350,10 +398,9 @@ class CertRequest:
 
 @dataclass(frozen=True, slots=True)
 class IssuedGatewayCertificate:
-    consumer: ConsumerName
+    record: GatewayCertificate  # as ``show_certificate`` reports it
     certificate: x509.Certificate
     chain_pem: bytes  # the issuing intermediate(s): what a client sends after its leaf
-    delivery: Delivery
     requested_ttl: Ttl
     pkcs12: bytes | None = field(default=None, repr=False)  # returned once, never stored
 
@@ -364,10 +411,6 @@ class IssuedGatewayCertificate:
     @property
     def certificate_pem(self) -> bytes:
         return certs_pem([self.certificate])
-
-    @property
-    def x5t_s256(self) -> str:
-        return x5t_s256(self.certificate)
 
     @property
     def clamped(self) -> bool:
@@ -406,7 +449,7 @@ def _pkcs12(
     legacy: bool,
 ) -> bytes:
     builder = serialization.PrivateFormat.PKCS12.encryption_builder()
-    if legacy:  # what Java 8 keytool and Windows' certificate import read
+    if legacy:  # what older Java and Windows certificate stores can read
         builder = (
             builder.kdf_rounds(LEGACY_P12_ROUNDS)
             .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
@@ -418,8 +461,6 @@ def _pkcs12(
             .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
             .hmac_hash(hashes.SHA256())
         )
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise InvalidInput("PKCS#12 delivery supports EC and RSA keys")
     return pkcs12.serialize_key_and_certificates(
         name.value.encode(), key, cert, list(chain), builder.build(password)
     )
@@ -444,26 +485,31 @@ def _check_policy(ctx: Context, request: CertRequest) -> Ttl:
 
 
 def _settle(ctx: Context, request: CertRequest, cert: x509.Certificate) -> None:
-    """Re-check the consumer rules once the new certificate is committed. Two concurrent issuances
-    can both pass ``_check_policy``; each certificate is committed before its own re-check, so
-    whichever re-check runs last sees both and withdraws its certificate (never handed out).
-    No lock spans the signing, and no interleaving leaves three live certificates."""
-    serial = format(cert.serial_number, "x")
+    """Re-check the consumer rules for a just-recorded certificate and, if they hold, settle it
+    (its ``gateway_certificate`` row is what makes it count and be handed out). Settlements of one
+    consumer run one at a time under the consumer's lock, so two concurrent issuances that both
+    passed ``_check_policy`` cannot make three live certificates: the one that loses is revoked
+    here (it was never handed out) and answers 409. Signing itself holds no lock."""
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
-        row = _consumer_row(session, request.consumer)
-        live = _live_count(session, request.consumer, now)
+        # A write first: a row lock on PostgreSQL, the database write lock on SQLite.
+        session.execute(
+            sa.update(GatewayConsumerRow)
+            .where(col(GatewayConsumerRow.name) == request.consumer.value)
+            .values(contact=GatewayConsumerRow.contact)
+        )
+        row = session.get(GatewayConsumerRow, request.consumer.value, populate_existing=True)
         problem: Exception | None = None
-        if row.disabled_at is not None:
+        if row is None or row.disabled_at is not None:
             problem = PermissionDenied(f"gateway consumer {request.consumer} is disabled")
-        elif live > MAX_LIVE:
+        elif _live_count(session, request.consumer, now) >= MAX_LIVE:
             problem = Conflict(
                 f"gateway consumer {request.consumer} already holds {MAX_LIVE} valid certificates"
             )
         else:
             session.add(
                 GatewayCertificateRow(
-                    serial=serial,
+                    serial=format(cert.serial_number, "x"),
                     consumer=request.consumer.value,
                     delivery=request.delivery.value,
                     x5t_s256=x5t_s256(cert),
@@ -500,31 +546,29 @@ def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertif
             uri_sans=(request.consumer.urn,),
         ),
     )
+    serial = Serial(issued.certificate.serial_number)
     _settle(ctx, request, issued.certificate)
     bundle: bytes | None = None
     if key is not None and request.pkcs12_password is not None:
-        bundle = _pkcs12(
-            request.consumer,
-            key,
-            issued.certificate,
-            issued.issuer.chain,
-            request.pkcs12_password,
-            request.legacy_pkcs12,
-        )
+        try:
+            bundle = _pkcs12(
+                request.consumer,
+                key,
+                issued.certificate,
+                issued.issuer.chain,
+                request.pkcs12_password,
+                request.legacy_pkcs12,
+            )
+        except Exception:  # a certificate whose key is lost must not stay live
+            revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, "gateway:withdrawn")
+            raise
+    record = show_certificate(ctx, serial)
     return IssuedGatewayCertificate(
-        request.consumer, issued.certificate, issued.issuer.chain_pem, request.delivery, ttl, bundle
+        record, issued.certificate, issued.issuer.chain_pem, ttl, bundle
     )
 
 
 # ----------------------------------------------------------------------------- inspection
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayCertificate:
-    info: CertificateInfo
-    consumer: ConsumerName
-    delivery: Delivery | None  # None: recorded before its delivery was (a crash in between)
-    x5t_s256: str
 
 
 def show_certificate(ctx: Context, serial: Serial) -> GatewayCertificate:
@@ -533,7 +577,12 @@ def show_certificate(ctx: Context, serial: Serial) -> GatewayCertificate:
         if row is None or row.authority != GATEWAY:
             raise NotFound(f"no gateway certificate with serial {serial}")
         extra = session.get(GatewayCertificateRow, serial.hex)
-    info = certificate_info(row, ctx.clock.now())
+    return _gateway_certificate(certificate_info(row, ctx.clock.now()), extra)
+
+
+def _gateway_certificate(
+    info: CertificateInfo, extra: GatewayCertificateRow | None
+) -> GatewayCertificate:
     cert = x509.load_pem_x509_certificate(info.certificate_pem.encode())
     return GatewayCertificate(
         info,
@@ -543,14 +592,43 @@ def show_certificate(ctx: Context, serial: Serial) -> GatewayCertificate:
     )
 
 
+def list_gateway_certificates(
+    ctx: Context, consumer: ConsumerName | None = None, *, live_only: bool = False
+) -> list[GatewayCertificate]:
+    """Newest first; ``live_only``: active and unexpired, i.e. what counts towards the overlap."""
+    now = ctx.clock.now()
+    query = select(CertificateRow).where(CertificateRow.authority == GATEWAY)
+    if consumer is not None:
+        query = query.where(CertificateRow.spiffe_id == consumer.identity)
+    if live_only:
+        query = query.where(CertificateRow.status == "active", col(CertificateRow.not_after) > now)
+    with Session(ctx.engine) as session:
+        rows = session.exec(query.order_by(col(CertificateRow.created_at).desc()).limit(1000))
+        found = [(row, session.get(GatewayCertificateRow, row.serial)) for row in rows.all()]
+    return [_gateway_certificate(certificate_info(row, now), extra) for row, extra in found]
+
+
 def revoke_gateway_certificate(
-    ctx: Context, serial: Serial, reason: RevocationReason, actor: str, request_id: str | None
+    ctx: Context,
+    serial: Serial,
+    reason: RevocationReason,
+    actor: str,
+    request_id: str | None,
+    invalidity_date: dt.datetime | None = None,
 ) -> tuple[GatewayCertificate, list[Path]]:
     """Revoke (the issuer's CRL is re-signed in the same transaction), then rewrite the nginx
     truststores recorded on this host so their ``crl.pem`` lists it. nginx reads ``ssl_crl`` only
     at start and reload: the returned paths are what to reload for."""
     show_certificate(ctx, serial)  # 404 for certificates of other authorities
-    revoke_certificate(ctx, serial, reason, actor, request_id=request_id)
+    revoke_certificate(
+        ctx,
+        serial,
+        reason,
+        actor,
+        request_id=request_id,
+        invalidity_date=invalidity_date,
+        publish=False,  # rewritten here, so the caller learns which files changed
+    )
     written = refresh_truststores(ctx, formats=(TruststoreFormat.NGINX,))
     return show_certificate(ctx, serial), written
 
@@ -709,10 +787,16 @@ def refresh_truststores(
     stores = {f: build_truststore(ctx, f) for f in {TruststoreFormat(r.format) for r in rows}}
     written: list[Path] = []
     for row in rows:
-        path = Path(row.path)
-        if path.exists() or path.parent.is_dir():
-            written += _write(stores[TruststoreFormat(row.format)], path)
+        path, format = Path(row.path), TruststoreFormat(row.format)
+        if path.is_dir() if format.is_directory else path.parent.is_dir():
+            written += _write(stores[format], path)
     return written
+
+
+def refresh_job(ctx: Context) -> str:
+    """``refresh_truststores`` in the shape of a ``ca.jobs.Job`` (ready to be scheduled)."""
+    written = refresh_truststores(ctx)
+    return "rewrote " + ", ".join(str(path) for path in written) if written else "nothing changed"
 
 
 # ----------------------------------------------------------------------------- nginx
@@ -739,9 +823,9 @@ class NginxSnippet:
     ssl_certificate_key: Path = Path("/etc/nginx/tls/server.key")
 
     def __post_init__(self) -> None:
-        if not re.match(r"^https?://[^/\s]+(/\S*)?$", self.upstream):
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", self.upstream):
             raise InvalidInput("the upstream is an http:// or https:// URL")
-        if not re.match(r"^(\[[0-9a-fA-F:.]+\]:|[0-9.]+:|[a-z0-9.-]+:)?[0-9]{1,5}$", self.listen):
+        if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]:|[0-9.]+:|[a-z0-9.-]+:)?[0-9]{1,5}", self.listen):
             raise InvalidInput("listen is [address:]port")
         for value, what in (
             (self.upstream, "upstream"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from ca import audit
+from ca import audit, gateway
 from ca.bundle import sync_bundle
 from ca.config import Context
 from ca.crl import refresh_stale_crls
@@ -26,7 +26,7 @@ from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
 from ca.store.models import AuthorityRow, RenewalNonceRow
 
-__all__ = ["JOBS", "Job", "job_named"]
+__all__ = ["JOBS", "Job", "catch_up", "job_named"]
 
 log = logging.getLogger("trellis.jobs")
 
@@ -42,6 +42,11 @@ def rotate_cas(ctx: Context) -> str:
             sync_bundle(session, name, ctx.clock.now())
             session.commit()
     return "; ".join(done) or "nothing due"
+
+
+def catch_up(ctx: Context) -> None:
+    """Start-up: perform overdue rotations before anything is issued (errors surface here)."""
+    log.info("job ca-rotation: %s", rotate_cas(ctx))
 
 
 def resign_crls(ctx: Context) -> str:
@@ -119,6 +124,7 @@ JOBS = (
     ),
     Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
+    Job("gateway-truststores", 300, gateway.refresh_job, "rewrite gateway truststores and CRLs"),
     Job("audit-seal", 10, seal_audit, "hash-chain and sign settled audit records"),
     Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )

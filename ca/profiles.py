@@ -31,6 +31,7 @@ __all__ = [
     "leaf_builder",
     "ocsp_responder_builder",
     "sign",
+    "with_revocation_urls",
 ]
 
 # Clock skew between Trellis and the relying party must not make a fresh certificate "not yet
@@ -60,7 +61,7 @@ class RevocationUrls:
         )
 
 
-def _with_urls(
+def with_revocation_urls(
     builder: x509.CertificateBuilder, urls: RevocationUrls | None
 ) -> x509.CertificateBuilder:
     if urls is None:
@@ -180,7 +181,7 @@ def ca_builder(spec: CaSpec) -> x509.CertificateBuilder:
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spec.spiffe_id))]),
             critical=False,
         )
-    return _with_urls(builder, spec.urls)
+    return with_revocation_urls(builder, spec.urls)
 
 
 def leaf_builder(spec: LeafSpec) -> x509.CertificateBuilder:
@@ -225,7 +226,7 @@ def leaf_builder(spec: LeafSpec) -> x509.CertificateBuilder:
         # X509-SVID §4.1 / RFC 5280 §4.2.1.6: with an empty subject the SAN must be critical.
         .add_extension(x509.SubjectAlternativeName(names), critical=len(spec.subject) == 0)
     )
-    return _with_urls(builder, spec.urls)
+    return with_revocation_urls(builder, spec.urls)
 
 
 def sign(builder: x509.CertificateBuilder, signer: Signer) -> x509.Certificate:

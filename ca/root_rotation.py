@@ -104,11 +104,9 @@ def rotate_root(
             rotator = Rotator(ctx, session, authority, actor)
             now = rotator.now
             state = session.get(RootRotationRow, authority)
-            if state is None or state.step == "retired":
-                if step:
-                    raise Conflict(
-                        "no root rotation in progress: run 'trellis authority rotate-root'"
-                    )
+            if state is None and step:
+                raise Conflict("no root rotation in progress: run 'trellis authority rotate-root'")
+            if state is None or (state.step == "retired" and not step):
                 state = _publish(rotator, overlap, state)
             elif step and state.step == "published":
                 if now < state.switch_after and not force:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
@@ -93,9 +94,7 @@ def rotation_lock(session: Session, authority: str) -> bool:
         return True
     key = 0x7E11 << 32 | zlib.crc32(authority.encode())
     return bool(
-        session.execute(
-            sa.text("SELECT pg_try_advisory_xactrotation_lock(:k)"), {"k": key}
-        ).scalar()
+        session.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar()
     )
 
 
@@ -116,7 +115,7 @@ def validate_new_ca(cert: x509.Certificate, signer: Signer) -> None:
     )
     try:
         leaf.verify_directly_issued_by(cert)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, InvalidSignature) as exc:
         raise InternalError(f"the new CA failed validation: {exc}") from None
 
 
@@ -218,8 +217,15 @@ def rotate(
             template = active or prepared
             key_type = KeyType(template.key_type) if template else KeyType.EC_P256
             backend = template.key_backend if template else ctx.keys.default
-            if prepared is not None and prepared.parent_id != root.id:
-                prepared = None  # prepared under a root that is no longer the issuing one
+            if prepared is not None and (
+                prepared.parent_id != root.id or prepared.not_after <= now
+            ):
+                # Prepared under a root that no longer issues, or outlived while this process
+                # was down: never activate it; prepare a fresh one instead.
+                prepared.state = "retired"
+                session.add(prepared)
+                rotator.event(prepared, "retired")
+                prepared = None
             due_prepare = active is None or now >= prepare_at(policy, active)
             due_activate = active is None or now >= policy.activate_at(
                 active.not_before, active.not_after

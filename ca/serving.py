@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from ca.authority import active_issuer
 from ca.config import Context
@@ -58,7 +59,7 @@ def _still_good(path: Path, ctx: Context, issuer_cert: x509.Certificate, names: 
     try:
         cert.verify_directly_issued_by(issuer_cert)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, TypeError, x509.ExtensionNotFound):
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         return False
     present = set(san.get_values_for_type(x509.DNSName))
     present |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session
@@ -26,7 +27,7 @@ from ca.errors import InternalError, InvalidInput
 from ca.issue import validity_window
 from ca.keys import PublicKey
 from ca.pem import certs_pem, fingerprint
-from ca.profiles import sign
+from ca.profiles import RevocationUrls, sign, with_revocation_urls
 from ca.serial import Serial
 from ca.store.models import CertificateRow
 
@@ -104,6 +105,7 @@ def tls_leaf_builder(
     issuer: x509.Certificate,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    urls: RevocationUrls | None = None,
 ) -> x509.CertificateBuilder:
     names = [x509.NameAttribute(NameOID.COMMON_NAME, request.common_name)]
     if request.organisation:
@@ -128,6 +130,8 @@ def tls_leaf_builder(
             critical=False,
         )
     )
+    if urls is not None:
+        builder = with_revocation_urls(builder, urls)
     general: list[x509.GeneralName] = [x509.DNSName(name) for name in request.dns_names]
     general += [x509.UniformResourceIdentifier(uri) for uri in request.uri_sans]
     if general:
@@ -138,7 +142,7 @@ def tls_leaf_builder(
 def _self_check(cert: x509.Certificate, issuer: x509.Certificate, usage: Usage) -> None:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, InvalidSignature) as exc:
         raise InternalError(f"self-check failed: signature ({exc})") from None
     eku = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -155,7 +159,16 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
         )
     now = ctx.clock.now()
     not_before, not_after = validity_window(now, request.ttl, issuer.certificate)
-    builder = tls_leaf_builder(request, Serial.random(), issuer.certificate, not_before, not_after)
+    urls = (
+        RevocationUrls.under(
+            ctx.settings.public_url, request.authority, issuer.certificate.serial_number
+        )
+        if ctx.settings.public_url
+        else None
+    )
+    builder = tls_leaf_builder(
+        request, Serial.random(), issuer.certificate, not_before, not_after, urls
+    )
     cert = sign(builder, issuer.signer)
     _self_check(cert, issuer.certificate, request.usage)
     with Session(ctx.engine) as session:

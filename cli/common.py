@@ -63,13 +63,15 @@ class State:
 STATE = State()
 
 
-def emit_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
+def emit_json(value: BaseModel | Sequence[BaseModel | dict[str, Any]] | dict[str, Any]) -> None:
     if isinstance(value, BaseModel):
         data: Any = value.model_dump(mode="json")
     elif isinstance(value, dict):
         data = value
     else:
-        data = [item.model_dump(mode="json") for item in value]
+        data = [
+            item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in value
+        ]
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

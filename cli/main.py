@@ -9,7 +9,21 @@ from typing import Annotated
 import typer
 
 from ca.errors import TrellisError
-from cli import admin, agent, authority, federation, istio, revocation, server, vault, workload
+from cli import (
+    admin,
+    agent,
+    audit,
+    authority,
+    federation,
+    gateway,
+    istio,
+    openvpn,
+    ops,
+    revocation,
+    server,
+    vault,
+    workload,
+)
 from cli.common import STATE, exit_code
 
 app = typer.Typer(
@@ -39,6 +53,8 @@ app.command()(admin.init)
 app.command()(server.serve)
 app.command()(admin.revoke)
 app.command()(agent.agent)
+app.command()(ops.backup)
+app.command()(ops.restore)
 app.add_typer(admin.entry_app, name="entry")
 app.add_typer(admin.token_app, name="token")
 app.add_typer(workload.svid_app, name="svid")
@@ -49,7 +65,10 @@ app.add_typer(authority.authority_app, name="authority")
 app.add_typer(authority.jobs_app, name="jobs")
 app.add_typer(vault.vault_app, name="vault")
 app.add_typer(istio.istio_app, name="istio")
+app.add_typer(audit.audit_app, name="audit")
 app.add_typer(federation.federation_app, name="federation")
+app.add_typer(gateway.gateway_app, name="gateway")
+app.add_typer(openvpn.openvpn_app, name="openvpn")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from api.app import create_app
-from ca.authority import active_issuer, check_keys
+from ca.authority import active_issuer, check_keys, load_authority
+from ca.jobs import catch_up
 from ca.logs import configure_logging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
@@ -32,9 +33,11 @@ def serve(
     """Serve the REST API (and run the scheduled jobs in this process)."""
     ctx = STATE.context(host=host, port=port)
     settings = ctx.settings
-    issuer = active_issuer(ctx)  # refuses to start without a CA, with the init hint
-    check_keys(ctx)  # and without every CA key it may need
     configure_logging()
+    load_authority(ctx)  # refuses to start without a CA, with the init hint
+    catch_up(ctx)  # a process that was down past a transition performs it before serving
+    issuer = active_issuer(ctx)
+    check_keys(ctx)  # and refuses without every CA key it may need
     scheme = "http" if no_tls else "https"
     tls_options: dict[str, str] = {}
     if not no_tls:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from api.deps import CtxDep
 from api.problems import responses
 from api.schemas import Health
-from ca import metrics
+from ca import metrics, openvpn
 from ca.authority import MESH, active_issuer, bundle_pem
 from ca.bundle import read_bundle
 from ca.errors import TrellisError
@@ -101,7 +101,13 @@ def readyz(ctx: CtxDep) -> Response:
         detail["keys"] = exc.detail
     except sa.exc.SQLAlchemyError:
         detail["keys"] = "unknown: database unavailable"
-    ok = all(value == "ok" for value in detail.values())
+    try:
+        crl_problem = openvpn.crl_health(ctx)
+        if crl_problem:
+            detail["openvpn_crl"] = crl_problem
+    except sa.exc.SQLAlchemyError:
+        pass
+    ok = all(value == "ok" for key, value in detail.items() if key != "openvpn_crl")
     # Failing jobs are reported but do not take the replica out of rotation: it still issues.
     try:
         failing = [

@@ -1,0 +1,934 @@
+"""OpenVPN: an own CA hierarchy, server and client certificates, complete inline client
+profiles with per-client tls-crypt-v2 keys, and a CRL file that is always current.
+
+    init_openvpn      root + intermediate (no SAN, purpose ``openvpn``) and the control-channel
+                      keys: the tls-crypt-v2 server key and a shared tls-crypt key
+    configure         where clients connect (remote, port, proto) and where the CRL file lives
+    issue_server_cert a serverAuth-only certificate and a fresh key
+    server_config     server.conf and every file it names
+    add_client        claim a name, issue a clientAuth-only certificate, render the .ovpn
+    renew_client      a fresh profile; the previous certificate is revoked as ``superseded``
+    revoke_client     revoke a name's live certificates and rewrite the CRL file at once
+    write_crl_files   the scheduled job: keep every CRL file current long before nextUpdate
+    crl_health        what ``/readyz`` should warn about
+
+OpenVPN's ``crl-verify`` checks every certificate of the chain (``X509_V_FLAG_CRL_CHECK_ALL``)
+and refuses everybody once a CRL expires, so the file holds a CRL for every unexpired CA of the
+authority (intermediates, including prepared and retired ones, then roots). OpenVPN re-reads it
+when its mtime or size changes, at the start of each handshake: no restart, and the file is
+replaced in one rename so it never reads half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from sqlmodel import Session, col, select
+
+from ca import audit, certs
+from ca.authority import AuthorityParams, Issuer, active_issuer, init_authority, load_authority
+from ca.config import Context
+from ca.crl import current_crl
+from ca.durations import Ttl
+from ca.errors import Conflict, InvalidInput, NotFound, Unavailable
+from ca.files import write_atomic, write_private
+from ca.keys import KeyType
+from ca.pem import private_key_pem
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from ca.store.models import AuthorityRow, CaRow, CertificateRow, CrlRow
+from ca.store.models_openvpn import OpenVpnClientRow, OpenVpnRow
+from ca.tlscryptv2 import Metadata, SecretVault, ServerKey, StaticKey, new_client_key
+from ca.tlsleaf import TlsLeafRequest, Usage, issue_tls_leaf
+
+__all__ = [
+    "CLIENT_PROFILE",
+    "OPENVPN",
+    "PRIVATE_FILES",
+    "SERVER_PROFILE",
+    "ClientInfo",
+    "ClientProfile",
+    "ClientRequest",
+    "ClientRevoked",
+    "ConfigureParams",
+    "InitParams",
+    "OpenVpnConfig",
+    "Proto",
+    "ServerCredentials",
+    "ServerRequest",
+    "TlsCrypt",
+    "VpnName",
+    "add_client",
+    "configure",
+    "crl_health",
+    "crl_pem",
+    "get_config",
+    "init_openvpn",
+    "issue_server_cert",
+    "list_clients",
+    "remote_host",
+    "renew_client",
+    "revoke_client",
+    "server_config",
+    "write_crl_file",
+    "write_crl_files",
+    "write_files",
+]
+
+OPENVPN = "vpn"
+CLIENT_PROFILE = "openvpn-client"
+SERVER_PROFILE = "openvpn-server"
+DEFAULT_CA_TTL = Ttl(365 * 86400)
+DEFAULT_CLIENT_TTL = Ttl(30 * 86400)
+DEFAULT_SERVER_TTL = Ttl(365 * 86400)
+# A crashed ``client add`` leaves its name claimed with no certificate; after this it is free.
+PENDING_TIMEOUT = dt.timedelta(minutes=5)
+# crl-resign re-signs at 16 h before nextUpdate and the file job runs every minute: a file with
+# less than this left means both have been failing for hours.
+CRL_WARN_BEFORE = dt.timedelta(hours=12)
+CRL_STALE_AFTER = dt.timedelta(minutes=5)
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+class Proto(enum.Enum):
+    UDP = "udp"
+    TCP = "tcp"
+
+    @classmethod
+    def parse(cls, text: str) -> Proto:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise InvalidInput("proto must be udp or tcp") from None
+
+
+class TlsCrypt(enum.Enum):
+    V2 = "v2"  # a tls-crypt-v2 key per client (OpenVPN 2.5+)
+    SHARED = "shared"  # the deployment's one tls-crypt key (older clients)
+
+    @classmethod
+    def parse(cls, text: str) -> TlsCrypt:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise InvalidInput("tls-crypt must be v2 or shared") from None
+
+
+@dataclass(frozen=True, slots=True)
+class VpnName:
+    """A client name or server CN. OpenVPN replaces characters outside ``[A-Za-z0-9._-]`` in
+    common names with '_' (``--compat-names`` aside) before scripts, ccd files and status lines
+    see them, and a leading '.' or '-' makes a hostile ccd file name or option: refuse them."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.value):
+            raise InvalidInput(
+                f"invalid name {self.value[:70]!r}: 1 to 64 of A-Z a-z 0-9 . _ -, "
+                "not starting with '.' or '-'"
+            )
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def remote_host(host: str) -> str:
+    """Where clients connect: an IP address or a DNS name (written into every profile)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not _HOST.fullmatch(host):
+        raise InvalidInput(f"invalid remote host {host[:70]!r}: a DNS name or an IP address")
+    return host.lower()
+
+
+# -- the deployment ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenVpnConfig:
+    authority: str
+    remote: str | None
+    port: int
+    proto: Proto
+    crl_path: Path | None
+    server_cn: str | None
+    secret_store: str  # "file" or the key backend holding the tls-crypt keys
+
+
+def _config_of(row: OpenVpnRow) -> OpenVpnConfig:
+    return OpenVpnConfig(
+        authority=row.authority,
+        remote=row.remote,
+        port=row.port,
+        proto=Proto(row.proto),
+        crl_path=Path(row.crl_path) if row.crl_path else None,
+        server_cn=row.server_cn,
+        secret_store=row.secret_store,
+    )
+
+
+def _row(session: Session, authority: str) -> OpenVpnRow:
+    row = session.get(OpenVpnRow, authority)
+    if row is None:
+        raise NotFound(f"no OpenVPN authority {authority!r}: run 'trellis openvpn init' first")
+    return row
+
+
+def get_config(ctx: Context, authority: str = OPENVPN) -> OpenVpnConfig:
+    with Session(ctx.engine) as session:
+        return _config_of(_row(session, authority))
+
+
+@dataclass(frozen=True, slots=True)
+class InitParams:
+    name: str = OPENVPN
+    key_type: KeyType = KeyType.EC_P256
+    root_key_type: KeyType = KeyType.EC_P384
+    key_backend: str | None = None
+    ca_ttl: Ttl = DEFAULT_CA_TTL
+    force: bool = False
+    actor: str = "cli"
+
+
+def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
+    """The CA hierarchy, then the control-channel keys in the same key store as the CA keys.
+    With ``force`` the previous deployment's rows and sealed keys go once the new one exists."""
+    with Session(ctx.engine) as session:
+        if session.get(OpenVpnRow, params.name) is not None and not params.force:
+            raise Conflict(f"OpenVPN authority {params.name!r} exists: --force replaces it")
+        other = session.get(AuthorityRow, params.name)
+        if other is not None and other.purpose != "openvpn":
+            # --force must never wipe the mesh (or a gateway) because of a name typed here
+            raise Conflict(f"authority {params.name!r} is a {other.purpose} authority")
+    init_authority(
+        ctx,
+        AuthorityParams(
+            None,
+            name=params.name,
+            purpose="openvpn",
+            key_type=params.key_type,
+            root_key_type=params.root_key_type,
+            key_backend=params.key_backend,
+            ca_ttl=params.ca_ttl,
+            svid_ttl=Ttl(max(params.ca_ttl.seconds // 12, 1)),  # unused: no SVIDs here
+            force=params.force,
+        ),
+    )
+    vault = SecretVault.for_backend(ctx, load_authority(ctx, params.name).key_backend)
+    created: list[str] = []
+    try:
+        created.append(
+            vault.put(f"openvpn-{params.name}-tls-crypt-v2-server", ServerKey.generate().raw)
+        )
+        created.append(vault.put(f"openvpn-{params.name}-tls-crypt", StaticKey.generate().raw))
+    except BaseException:
+        for ref in created:
+            vault.destroy(ref)
+        raise
+    v2_ref, shared_ref = created
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        old = session.get(OpenVpnRow, params.name)
+        stale = [(old.secret_store, old.tls_crypt_v2_ref, old.tls_crypt_ref)] if old else []
+        session.execute(
+            sa.delete(OpenVpnClientRow).where(col(OpenVpnClientRow.authority) == params.name)
+        )
+        if old is not None:
+            session.delete(old)
+            session.flush()
+        row = OpenVpnRow(
+            authority=params.name,
+            secret_store=vault.store,
+            tls_crypt_v2_ref=v2_ref,
+            tls_crypt_ref=shared_ref,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        detail = {"key_store": vault.store, "replaced": old is not None}
+        audit.record(
+            session, "openvpn.initialised", params.name, actor=params.actor, at=now, detail=detail
+        )
+        session.commit()
+        config = _config_of(row)
+    for store, *refs in stale:
+        for ref in refs:
+            SecretVault(ctx, store).destroy(ref)
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureParams:
+    remote: str | None = None
+    port: int | None = None
+    proto: Proto | None = None
+    crl_path: Path | None = None
+    server_cn: VpnName | None = None
+    actor: str = "cli"
+
+
+def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -> OpenVpnConfig:
+    """Change what is given, keep the rest; a new CRL path gets the current CRLs at once."""
+    if params.port is not None and not 1 <= params.port <= 65535:
+        raise InvalidInput("port must be between 1 and 65535")
+    with Session(ctx.engine) as session:
+        row = _row(session, authority)
+        if params.remote is not None:
+            row.remote = remote_host(params.remote)
+        if params.port is not None:
+            row.port = params.port
+        if params.proto is not None:
+            row.proto = params.proto.value
+        if params.crl_path is not None:
+            row.crl_path = str(_crl_target(params.crl_path))
+        if params.server_cn is not None:
+            _check_not_a_client(session, authority, params.server_cn)
+            row.server_cn = params.server_cn.value
+        row.updated_at = ctx.clock.now()
+        session.add(row)
+        config = _config_of(row)
+        detail = {
+            "remote": config.remote,
+            "port": config.port,
+            "proto": config.proto.value,
+            "crl_path": str(config.crl_path) if config.crl_path else None,
+            "server_cn": config.server_cn,
+        }
+        audit.record(
+            session,
+            "openvpn.configured",
+            authority,
+            actor=params.actor,
+            at=row.updated_at,
+            detail=detail,
+        )
+        session.commit()
+    if params.crl_path is not None:
+        write_crl_file(ctx, authority)
+    return config
+
+
+def _crl_target(path: Path) -> Path:
+    """The CRL path is written for ever after: refuse one that would clobber another file (the
+    REST API lets an admin token set it, and the Trellis host is not the token's to overwrite)."""
+    path = path.resolve()
+    if path.exists():
+        try:
+            data = path.read_bytes() if path.is_file() else None
+        except OSError as error:
+            raise InvalidInput(f"cannot read {path}: {error.strerror}") from None
+        if data is None or (data.strip() and _CRL_BLOCK.sub(b"", data).strip()):
+            raise InvalidInput(f"{path} exists and is not a CRL file: refusing to overwrite it")
+    return path
+
+
+def _check_not_a_client(session: Session, authority: str, name: VpnName) -> None:
+    if session.get(OpenVpnClientRow, (authority, name.value)) is not None:
+        raise Conflict(f"{name} is a client name: the server CN must differ from every client")
+
+
+def _openvpn_issuer(ctx: Context, authority: str) -> Issuer:
+    if load_authority(ctx, authority).purpose != "openvpn":
+        raise InvalidInput(f"authority {authority!r} is not an OpenVPN authority")
+    return active_issuer(ctx, authority)
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRequest:
+    authority: str = OPENVPN
+    common_name: VpnName | None = None  # default: the configured server CN, else the remote
+    key_type: KeyType = KeyType.EC_P256
+    ttl: Ttl = DEFAULT_SERVER_TTL
+    requested_by: str = "cli"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCredentials:
+    common_name: str
+    serial: Serial
+    not_after: dt.datetime
+    certificate_pem: bytes  # the leaf, then the chain: what OpenVPN's ``cert`` file holds
+    key_pem: bytes
+
+
+def issue_server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials:
+    """A serverAuth-only leaf (``remote-cert-tls server``) for the CN clients pin with
+    ``verify-x509-name``; the CN becomes the deployment's server CN."""
+    issuer = _openvpn_issuer(ctx, request.authority)
+    with Session(ctx.engine) as session:
+        row = _row(session, request.authority)
+        name = request.common_name or _default_server_cn(row)
+        _check_not_a_client(session, request.authority, name)
+    key = request.key_type.generate()
+    dns = [name.value] if _is_dns_name(name.value) else []
+    issued = issue_tls_leaf(
+        ctx,
+        TlsLeafRequest(
+            request.authority,
+            SERVER_PROFILE,
+            name.value,
+            Usage.SERVER,
+            key.public_key(),
+            request.ttl,
+            request.requested_by,
+            dns_names=dns,
+        ),
+    )
+    with Session(ctx.engine) as session:
+        row = _row(session, request.authority)
+        row.server_cn, row.updated_at = name.value, ctx.clock.now()
+        session.add(row)
+        session.commit()
+    return ServerCredentials(
+        common_name=name.value,
+        serial=issued.serial,
+        not_after=issued.certificate.not_valid_after_utc,
+        certificate_pem=issued.certificate_pem + issuer.chain_pem,
+        key_pem=private_key_pem(key),
+    )
+
+
+def _default_server_cn(row: OpenVpnRow) -> VpnName:
+    value = row.server_cn or row.remote
+    if value is None:
+        raise Conflict("no server CN yet: pass --cn, or run 'trellis openvpn configure --remote'")
+    return VpnName(value)
+
+
+def _is_dns_name(value: str) -> bool:
+    return bool(_HOST.fullmatch(value)) and not value.replace(".", "").isdigit()
+
+
+SERVER_CONF = """\
+# OpenVPN server configuration for the Trellis authority "{authority}".
+# File names are relative to the directory openvpn runs in (openvpn --cd DIR, as the
+# openvpn-server@.service unit does). Trellis rewrites the CRL file on every revocation.
+port {port}
+proto {proto}
+dev tun
+topology subnet
+server {network} {netmask}
+keepalive 10 60
+persist-key
+persist-tun
+ca ca.pem
+cert server.crt
+key server.key
+dh none
+tls-version-min 1.2
+remote-cert-tls client
+tls-crypt-v2 tls-crypt-v2.key
+# Only clients created with --tls-crypt shared use this key; delete the line if there are none.
+tls-crypt tls-crypt.key
+crl-verify {crl_verify}
+verb 3
+"""
+
+PRIVATE_FILES = frozenset({"server.key", "tls-crypt-v2.key", "tls-crypt.key"})
+
+
+def server_config(
+    ctx: Context,
+    request: ServerRequest,
+    network: ipaddress.IPv4Network | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, bytes]:
+    """Every file of a server directory, by name (``PRIVATE_FILES`` are secrets), with a freshly
+    issued server certificate. Given the directory the files will be written to, and no CRL path
+    configured yet, its ``crl.pem`` becomes the CRL file Trellis keeps current."""
+    network = network or ipaddress.IPv4Network("10.8.0.0/24")
+    credentials = issue_server_cert(ctx, request)
+    with Session(ctx.engine) as session:
+        row = _row(session, request.authority)
+        if out_dir is not None and row.crl_path is None:
+            row.crl_path = str((out_dir / "crl.pem").resolve())
+            session.add(row)
+            session.commit()
+        config = _config_of(row)
+        keys = SecretVault(ctx, row.secret_store)
+        v2, shared = keys.get(row.tls_crypt_v2_ref), keys.get(row.tls_crypt_ref)
+    here = out_dir is not None and config.crl_path == (out_dir / "crl.pem").resolve()
+    crl_verify = "crl.pem" if config.crl_path is None or here else str(config.crl_path)
+    issuer = active_issuer(ctx, request.authority)
+    conf = SERVER_CONF.format(
+        authority=request.authority,
+        port=config.port,
+        proto=config.proto.value,
+        network=network.network_address,
+        netmask=network.netmask,
+        crl_verify=crl_verify,
+    )
+    return {
+        "server.conf": conf.encode(),
+        "ca.pem": issuer.chain_pem + issuer.bundle_pem,
+        "server.crt": credentials.certificate_pem,
+        "server.key": credentials.key_pem,
+        "tls-crypt-v2.key": ServerKey(v2).pem,
+        "tls-crypt.key": StaticKey(shared).pem,
+        "crl.pem": crl_pem(ctx, request.authority),
+    }
+
+
+def write_files(files: dict[str, bytes], directory: Path) -> list[Path]:
+    """Secrets 0600 from their first byte, the rest 0644; each file replaced atomically."""
+    written = []
+    for name, data in files.items():
+        path = directory / name
+        (write_private if name in PRIVATE_FILES else write_atomic)(path, data)
+        written.append(path)
+    return written
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+CLIENT_OVPN = """\
+# OpenVPN client profile "{name}" from the Trellis authority "{authority}".
+# Certificate serial {serial}, valid until {not_after}. Keep this file private: it holds the key.
+client
+dev tun
+proto {proto}
+remote {remote} {port}
+nobind
+persist-key
+persist-tun
+remote-cert-tls server
+verify-x509-name {server_cn} name
+tls-version-min 1.2
+verb 3
+<ca>
+{ca}</ca>
+<cert>
+{cert}</cert>
+<key>
+{key}</key>
+<{wrap}>
+{wrap_key}</{wrap}>
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    name: VpnName
+    authority: str = OPENVPN
+    ttl: Ttl = DEFAULT_CLIENT_TTL
+    tls_crypt: TlsCrypt | None = None  # None: v2 for a new client, unchanged on renewal
+    key_type: KeyType = KeyType.EC_P256
+    requested_by: str = "cli"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientProfile:
+    name: str
+    serial: Serial
+    not_after: dt.datetime
+    tls_crypt: TlsCrypt
+    ovpn: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    name: str
+    status: str  # active | revoked | expired | pending (being issued)
+    serial: str | None
+    not_after: dt.datetime | None
+    revoked_at: dt.datetime | None
+    tls_crypt: TlsCrypt
+    created_at: dt.datetime
+
+
+def _identity(name: str) -> str:
+    return f"CN={name}"
+
+
+def _live_certificates(session: Session, authority: str, name: str, now: dt.datetime) -> list[str]:
+    return list(
+        session.exec(
+            select(CertificateRow.serial).where(
+                CertificateRow.authority == authority,
+                CertificateRow.profile == CLIENT_PROFILE,
+                CertificateRow.spiffe_id == _identity(name),
+                CertificateRow.status == "active",
+                col(CertificateRow.not_after) > now,
+            )
+        ).all()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    claimed_at: dt.datetime
+    previous: str | None  # the serial the name had, to supersede or to restore on failure
+    created: bool
+    tls_crypt: TlsCrypt
+
+
+def _claim(ctx: Context, request: ClientRequest, *, renew: bool) -> _Claim:
+    """Take the name for one issuance. A new row collides on the primary key; an existing row is
+    taken by compare-and-swap on (serial, claimed_at), so of two concurrent claims on any number
+    of replicas exactly one wins and the other gets ``Conflict`` (409)."""
+    authority, name, now = request.authority, request.name.value, ctx.clock.now()
+    with Session(ctx.engine) as session:
+        config = _row(session, authority)
+        if config.remote is None:
+            raise Conflict("where do clients connect? run 'trellis openvpn configure --remote'")
+        if name == config.server_cn:
+            raise Conflict(f"{name} is the server's CN: a client must have another name")
+        row = session.get(OpenVpnClientRow, (authority, name))
+        live = _live_certificates(session, authority, name, now)
+        if row is None:
+            if renew:
+                raise NotFound(f"no OpenVPN client {name!r}")
+            if live:
+                raise Conflict(f"client {name!r} already has a live certificate")
+            tls_crypt = request.tls_crypt or TlsCrypt.V2
+            session.add(
+                OpenVpnClientRow(
+                    authority=authority,
+                    name=name,
+                    serial=None,
+                    tls_crypt=tls_crypt.value,
+                    claimed_at=now,
+                    created_at=now,
+                )
+            )
+            try:
+                session.commit()
+            except sa.exc.IntegrityError:
+                raise Conflict(f"client {name!r} is being added right now") from None
+            return _Claim(now, None, True, tls_crypt)
+        pending = row.serial is None and now - row.claimed_at < PENDING_TIMEOUT
+        if pending:
+            raise Conflict(f"client {name!r} is being issued right now")
+        if not renew and live:
+            raise Conflict(f"client {name!r} already has a live certificate: renew or revoke it")
+        if renew and row.serial is not None:
+            current = session.get(CertificateRow, row.serial)
+            if current is not None and current.status == "revoked":
+                raise Conflict(f"client {name!r} was revoked: add it again to onboard it anew")
+        tls_crypt = request.tls_crypt or TlsCrypt(row.tls_crypt)
+        previous, claimed_at = row.serial, row.claimed_at  # the commit below expires ``row``
+        taken = session.execute(
+            sa.update(OpenVpnClientRow)
+            .where(
+                col(OpenVpnClientRow.authority) == authority,
+                col(OpenVpnClientRow.name) == name,
+                col(OpenVpnClientRow.claimed_at) == claimed_at,
+                (col(OpenVpnClientRow.serial) == previous)
+                if previous is not None
+                else col(OpenVpnClientRow.serial).is_(None),
+            )
+            .values(serial=None, claimed_at=now, tls_crypt=tls_crypt.value)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict(f"client {name!r} is being changed right now")
+        session.commit()
+        return _Claim(now, previous, False, tls_crypt)
+
+
+def _settle(ctx: Context, request: ClientRequest, claim: _Claim, serial: str | None) -> None:
+    """Record the issued serial, or give the claim back (``serial`` None) after a failure."""
+    key = (col(OpenVpnClientRow.authority) == request.authority) & (
+        col(OpenVpnClientRow.name) == request.name.value
+    )
+    with Session(ctx.engine) as session:
+        if serial is None and claim.created:
+            session.execute(sa.delete(OpenVpnClientRow).where(key))
+        else:
+            session.execute(
+                sa.update(OpenVpnClientRow)
+                .where(key, col(OpenVpnClientRow.claimed_at) == claim.claimed_at)
+                .values(serial=serial or claim.previous)
+            )
+        session.commit()
+
+
+def _issue_profile(ctx: Context, request: ClientRequest, claim: _Claim) -> ClientProfile:
+    issuer = _openvpn_issuer(ctx, request.authority)
+    with Session(ctx.engine) as session:
+        row = _row(session, request.authority)
+        config = _config_of(row)
+        keys = SecretVault(ctx, row.secret_store)
+        if claim.tls_crypt is TlsCrypt.V2:
+            server = ServerKey(keys.get(row.tls_crypt_v2_ref))
+            wrap_key = new_client_key(server, Metadata.timestamp(ctx.clock.now())).pem
+        else:
+            wrap_key = StaticKey(keys.get(row.tls_crypt_ref)).pem
+    key = request.key_type.generate()
+    issued = issue_tls_leaf(
+        ctx,
+        TlsLeafRequest(
+            request.authority,
+            CLIENT_PROFILE,
+            request.name.value,
+            Usage.CLIENT,
+            key.public_key(),
+            request.ttl,
+            request.requested_by,
+        ),
+    )
+    not_after = issued.certificate.not_valid_after_utc
+    ovpn = CLIENT_OVPN.format(
+        name=request.name,
+        authority=request.authority,
+        serial=issued.serial.hex,
+        not_after=not_after.isoformat().replace("+00:00", "Z"),
+        proto=config.proto.value,
+        remote=config.remote,
+        port=config.port,
+        server_cn=config.server_cn or config.remote,
+        ca=(issuer.chain_pem + issuer.bundle_pem).decode(),
+        cert=(issued.certificate_pem + issuer.chain_pem).decode(),
+        key=private_key_pem(key).decode(),
+        wrap="tls-crypt-v2" if claim.tls_crypt is TlsCrypt.V2 else "tls-crypt",
+        wrap_key=wrap_key.decode(),
+    )
+    return ClientProfile(
+        request.name.value, issued.serial, not_after, claim.tls_crypt, ovpn.encode()
+    )
+
+
+def add_client(ctx: Context, request: ClientRequest) -> ClientProfile:
+    """Onboard one user: claim the name (409 while it has a live certificate), issue, render."""
+    claim = _claim(ctx, request, renew=False)
+    try:
+        profile = _issue_profile(ctx, request, claim)
+    except BaseException:
+        _settle(ctx, request, claim, None)
+        raise
+    _settle(ctx, request, claim, profile.serial.hex)
+    return profile
+
+
+def renew_client(ctx: Context, request: ClientRequest) -> ClientProfile:
+    """A fresh key, certificate and tls-crypt key. The previous certificate is revoked
+    (``superseded``) once the new one exists, so a name never has two live certificates."""
+    claim = _claim(ctx, request, renew=True)
+    try:
+        profile = _issue_profile(ctx, request, claim)
+    except BaseException:
+        _settle(ctx, request, claim, None)
+        raise
+    _settle(ctx, request, claim, profile.serial.hex)
+    if claim.previous is not None:
+        try:
+            certs.revoke_certificate(
+                ctx,
+                Serial.parse(claim.previous),
+                RevocationReason.SUPERSEDED,
+                request.requested_by,
+            )
+        except Conflict:
+            pass  # already revoked by someone else: the outcome we wanted
+        else:
+            # The profile is what the caller needs now; crl_health reports a file left behind.
+            with contextlib.suppress(Unavailable):
+                write_crl_file(ctx, request.authority)
+    return profile
+
+
+def list_clients(ctx: Context, authority: str = OPENVPN) -> list[ClientInfo]:
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        _row(session, authority)
+        rows = session.exec(
+            select(OpenVpnClientRow, CertificateRow)
+            .join(
+                CertificateRow,
+                col(CertificateRow.serial) == col(OpenVpnClientRow.serial),
+                isouter=True,
+            )
+            .where(OpenVpnClientRow.authority == authority)
+            .order_by(col(OpenVpnClientRow.name))
+        ).all()
+    infos = []
+    for client, cert in rows:
+        info = certs.certificate_info(cert, now) if cert is not None else None
+        infos.append(
+            ClientInfo(
+                name=client.name,
+                status=info.status.value if info else "pending",
+                serial=client.serial,
+                not_after=info.not_after if info else None,
+                revoked_at=info.revoked_at if info else None,
+                tls_crypt=TlsCrypt(client.tls_crypt),
+                created_at=client.created_at,
+            )
+        )
+    return infos
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRevoked:
+    name: str
+    revoked: list[certs.CertificateInfo]
+    crl_path: Path | None  # the CRL file rewritten, if one is configured
+    crl_error: str | None = None  # why it could not be (the openvpn-crl job keeps trying)
+
+
+def revoke_client(
+    ctx: Context,
+    name: VpnName,
+    *,
+    authority: str = OPENVPN,
+    reason: RevocationReason = RevocationReason.CESSATION_OF_OPERATION,
+    actor: str = "cli",
+    request_id: str | None = None,
+) -> ClientRevoked:
+    """Offboard one user: every live certificate of the name is revoked (each re-signs its
+    issuer's CRL in its own transaction), then the CRL file is rewritten before returning."""
+    with Session(ctx.engine) as session:
+        _row(session, authority)
+        serials = _live_certificates(session, authority, name.value, ctx.clock.now())
+    if not serials:
+        raise NotFound(f"client {name} has no live certificate")
+    revoked = []
+    for serial in serials:
+        try:
+            revoked.append(
+                certs.revoke_certificate(
+                    ctx, Serial.parse(serial), reason, actor, request_id=request_id, publish=False
+                )
+            )
+        except Conflict:
+            continue  # revoked concurrently: it is on the CRL either way
+    try:
+        return ClientRevoked(name.value, revoked, write_crl_file(ctx, authority))
+    except Unavailable as error:
+        return ClientRevoked(name.value, revoked, get_config(ctx, authority).crl_path, error.detail)
+
+
+# -- the CRL file -----------------------------------------------------------------------------
+
+
+def _crl_cas(session: Session, authority: str, now: dt.datetime) -> list[CaRow]:
+    """Intermediates first (any state: retired ones still vouch for live certificates, prepared
+    ones soon will), then roots; expired CAs need no CRL."""
+    rows = session.exec(
+        select(CaRow).where(
+            CaRow.authority == authority,
+            col(CaRow.role).in_(("intermediate", "root")),
+            col(CaRow.not_after) > now,
+        )
+    ).all()
+    return sorted(rows, key=lambda r: (r.role != "intermediate", r.not_before, r.serial))
+
+
+def crl_pem(ctx: Context, authority: str = OPENVPN) -> bytes:
+    """One PEM CRL per unexpired CA of the authority, each re-signed first if it is due."""
+    with Session(ctx.engine) as session:
+        serials = [row.serial for row in _crl_cas(session, authority, ctx.clock.now())]
+    if not serials:
+        raise NotFound(f"authority {authority!r} has no CA")
+    return b"".join(current_crl(ctx, authority, serial).pem for serial in serials)
+
+
+def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
+    """Replace the configured CRL file atomically when its content changed; None if no path is
+    configured. An unchanged file keeps its mtime, so OpenVPN does not reload it for nothing."""
+    config = get_config(ctx, authority)
+    if config.crl_path is None:
+        return None
+    data = crl_pem(ctx, authority)
+    try:
+        unchanged = config.crl_path.read_bytes() == data
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        try:
+            write_atomic(config.crl_path, data)
+        except OSError as error:
+            raise Unavailable(f"cannot write the CRL file {config.crl_path}: {error}") from None
+    return config.crl_path
+
+
+def write_crl_files(ctx: Context) -> list[Path]:
+    """The scheduled job's work: every configured CRL file, current. One failing file does not
+    stop the others; the failures are raised together at the end."""
+    with Session(ctx.engine) as session:
+        names = list(
+            session.exec(select(OpenVpnRow.authority).where(col(OpenVpnRow.crl_path).is_not(None)))
+        )
+    written, failures = [], []
+    for name in names:
+        try:
+            path = write_crl_file(ctx, name)
+        except Unavailable as error:
+            failures.append(error.detail)
+            continue
+        if path is not None:
+            written.append(path)
+    if failures:
+        raise Unavailable("; ".join(failures))
+    return written
+
+
+def crl_health(ctx: Context) -> str | None:
+    """Why OpenVPN may soon refuse clients, or None: a CRL file that is missing, lacks a CRL for
+    a CA, expires within ``CRL_WARN_BEFORE``, or has been older than the stored CRLs for more
+    than ``CRL_STALE_AFTER`` (a revocation not yet written)."""
+    now = ctx.clock.now()
+    problems = []
+    with Session(ctx.engine) as session:
+        configs = session.exec(select(OpenVpnRow).where(col(OpenVpnRow.crl_path).is_not(None)))
+        for config in configs:
+            assert config.crl_path is not None
+            cas = _crl_cas(session, config.authority, now)
+            stored = {ca.id: session.get(CrlRow, ca.id) for ca in cas}
+            problem = _file_problem(Path(config.crl_path), cas, stored, now)
+            if problem:
+                problems.append(f"openvpn {config.authority}: {problem}")
+    return "; ".join(problems) or None
+
+
+def _key(cert: x509.Certificate) -> CertificateIssuerPublicKeyTypes:
+    return cert.public_key()  # type: ignore[return-value]  # CA keys are EC, RSA or Ed25519
+
+
+def _file_problem(
+    path: Path, cas: list[CaRow], stored: dict[int | None, CrlRow | None], now: dt.datetime
+) -> str | None:
+    try:
+        blocks = _CRL_BLOCK.findall(path.read_bytes())
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except OSError as error:
+        return f"cannot read the CRL file {path}: {error.strerror}"
+    except ValueError:
+        return f"the CRL file {path} does not parse"
+    soonest: dt.datetime | None = None
+    for ca in cas:
+        cert = x509.load_pem_x509_certificate(ca.cert_pem.encode())
+        mine = [c for c in crls if c.issuer == cert.subject and c.is_signature_valid(_key(cert))]
+        if not mine:
+            return f"{path} has no CRL for CA {ca.serial[:16]} (OpenVPN refuses its chain)"
+        crl = mine[0]
+        next_update = crl.next_update_utc
+        if next_update is not None:
+            soonest = next_update if soonest is None else min(soonest, next_update)
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        row = stored.get(ca.id)
+        if row is not None and row.number > number and now - row.this_update > CRL_STALE_AFTER:
+            return f"{path} holds CRL #{number} of CA {ca.serial[:16]}, #{row.number} exists"
+    if soonest is not None and soonest <= now:
+        return f"the CRL in {path} expired at {soonest.isoformat()}: OpenVPN refuses every client"
+    if soonest is not None and soonest - now < CRL_WARN_BEFORE:
+        return f"the CRL in {path} expires at {soonest.isoformat()}: is the crl job running?"
+    return None

@@ -1,0 +1,157 @@
+"""Helpers for the federation tests: a partner trust domain, SPIFFE bundle documents built by
+hand (good and broken), and ``BundleServer``, a tiny HTTPS server whose answer a test sets (a
+stand-in for a partner's bundle endpoint, honest or not)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from ca.authority import AuthorityParams, Issuer, init_authority
+from ca.clock import FixedClock
+from ca.config import Context, Settings, build_context
+from ca.durations import Ttl
+from ca.federation import Endpoint
+from ca.files import write_private
+from ca.grants import admin_grant, server_grant
+from ca.identity import SpiffeId, TrustDomain
+from ca.issue import IssuedSvid, issue_for_key, mint_svid
+from ca.jwks import bundle_jwks
+from ca.keys import KeyType
+from ca.pem import private_key_pem
+from ca.serving import ServerTls, ensure_server_certificate
+
+PASSPHRASE = "test-passphrase-not-secret"
+PARTNER = TrustDomain.parse("b.test")
+PARTNER_SERVER = SpiffeId.parse("spiffe://b.test/trellis/server")
+
+
+def make_context(data_dir: Path, clock: FixedClock, **settings: Any) -> Context:
+    return build_context(
+        Settings(
+            data_dir=data_dir,
+            database_url=f"sqlite:///{data_dir / 'trellis.db'}",
+            key_passphrase=PASSPHRASE,  # type: ignore[arg-type]
+            **settings,
+        ),
+        clock=clock,
+    )
+
+
+@dataclass
+class Partner:
+    """Another Trellis (its own data dir and database) for trust domain ``b.test``."""
+
+    ctx: Context
+    issuer: Issuer
+
+    @property
+    def roots(self) -> list[x509.Certificate]:
+        return list(self.issuer.roots)
+
+    def jwks(self, sequence: int | None = 1, certs: Sequence[x509.Certificate] = ()) -> bytes:
+        document = bundle_jwks(list(certs) or self.roots, sequence or 0, 300)
+        if sequence is None:
+            del document["spiffe_sequence"]
+        return json.dumps(document).encode()
+
+    def server_tls(self) -> ServerTls:
+        """Its serving certificate, ``spiffe://b.test/trellis/server`` with IP SAN 127.0.0.1."""
+        return ensure_server_certificate(self.ctx)
+
+    def server_cert(self, directory: Path, dns: Sequence[str]) -> tuple[Path, Path]:
+        """A ``spiffe://b.test/trellis/server`` SVID for the DNS names given and no IP address:
+        (chain file, key file)."""
+        key = KeyType.EC_P256.generate()
+        grant = server_grant(self.ctx, list(dns), [], Ttl(3600))
+        svid = issue_for_key(self.ctx, grant, key.public_key())
+        directory.mkdir(parents=True, exist_ok=True)
+        chain, key_file = directory / "tls.crt", directory / "tls.key"
+        chain.write_bytes(svid.certificate_pem + svid.chain_pem)
+        write_private(key_file, private_key_pem(key))
+        return chain, key_file
+
+    def mint(self, path: str = "/ns/default/sa/api") -> IssuedSvid:
+        spiffe_id = SpiffeId.from_path(PARTNER, path)
+        key = KeyType.EC_P256.generate()
+        return mint_svid(self.ctx, admin_grant(self.ctx, spiffe_id, "tests"), key)
+
+
+def make_partner(data_dir: Path, clock: FixedClock, trust_domain: TrustDomain = PARTNER) -> Partner:
+    ctx = make_context(data_dir, clock)
+    return Partner(ctx, init_authority(ctx, AuthorityParams(trust_domain)))
+
+
+@dataclass
+class FakeFetch:
+    """Answers every fetch with the next queued body and records the endpoints it was given."""
+
+    bodies: list[bytes] = field(default_factory=list)
+    seen: list[Endpoint] = field(default_factory=list)
+
+    def __call__(self, endpoint: Endpoint) -> bytes:
+        self.seen.append(endpoint)
+        return self.bodies.pop(0)
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = b"{}"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class BundleServer:
+    """HTTPS on 127.0.0.1 (a free port, or the one given) with the certificate and key given;
+    a GET gets ``self.routes[path]`` if there is one, else ``self.answer``."""
+
+    def __init__(self, cert: Path, key: Path, port: int = 0) -> None:
+        self.answer = Answer()
+        self.routes: dict[str, Answer] = {}
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests += 1
+                answer = outer.routes.get(self.path, outer.answer)
+                self.send_response(answer.status)
+                for name, value in {"Content-Type": "application/json", **answer.headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/bundle"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)

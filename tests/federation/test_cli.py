@@ -1,0 +1,83 @@
+"""``trellis federation``: the commands, their ``--json`` shapes, one-line errors and exit codes
+(docs/cli.md), run in-process through the real entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ca.config import Context
+from ca.pem import certs_pem
+from tests.conftest import PASSPHRASE, free_port
+from tests.federation.fedkit import Partner
+from tests.istio.istiokit import Cli
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def cli(ctx: Context, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", PASSPHRASE)
+    return Cli(ctx.settings.data_dir, ctx.settings.effective_database_url, capsys)
+
+
+def test_commands(cli: Cli, partner: Partner, tmp_path: Path) -> None:
+    bootstrap = tmp_path / "b.pem"
+    bootstrap.write_bytes(certs_pem(partner.roots))
+    url = f"https://127.0.0.1:{free_port()}/v1/bundle.jwks"
+    add = ("federation", "add", "--trust-domain", "b.test", "--url", url,
+           "--profile", "https_spiffe", "--endpoint-spiffe-id", "spiffe://b.test/trellis/server",
+           "--bootstrap-bundle", str(bootstrap))  # fmt: skip
+    added = json.loads(cli.ok(*add, "--json"))
+    assert added["trust_domain"] == "b.test" and added["has_bundle"] is False
+    assert added["profile"] == "https_spiffe" and added["url"] == url
+
+    listed = cli.ok("federation", "list").splitlines()
+    assert listed[0].split()[:3] == ["TRUST", "DOMAIN", "PROFILE"]
+    assert listed[1].split()[:3] == ["b.test", "https_spiffe", "-"]
+    assert [f["trust_domain"] for f in json.loads(cli.ok("federation", "list", "--json"))] == [
+        "b.test"
+    ]
+    assert cli.ok("federation", "show", "b.test").startswith(f"b.test https_spiffe {url}")
+
+    # nothing listens there: the refresh fails, is recorded, and the command says so
+    failed = cli("federation", "refresh")
+    assert failed.code == 8 and "b.test: FAILED: cannot fetch" in failed.out
+    assert failed.err.strip() == "trellis: refresh failed for b.test: kept their last good bundle"
+    shown = json.loads(cli.ok("federation", "show", "b.test", "--json"))
+    assert "cannot fetch" in shown["last_error"] and shown["last_attempt"]
+
+    assert cli.ok("federation", "remove", "b.test").strip() == "removed b.test"
+    assert json.loads(cli.ok("federation", "list", "--json")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "reason"),
+    [
+        (("--trust-domain", "example.org", "--profile", "https_web"), 2, "own trust domain"),
+        (("--trust-domain", "b.test", "--profile", "https_web", "--ca-file", "/nonexistent"),
+         2, "cannot read /nonexistent"),
+        (("--trust-domain", "b.test", "--profile", "https_spiffe"), 2, "needs --endpoint"),
+        (("--trust-domain", "b.test/x", "--profile", "https_web"), 2, "invalid character"),
+        (("--trust-domain", "b.test", "--profile", "spiffe"), 2, "https_web or https_spiffe"),
+    ],
+    ids=["fail/own", "fail/ca-file", "fail/spiffe-params", "fail/trust-domain", "fail/profile"],
+)  # fmt: skip
+def test_errors_are_one_line(cli: Cli, args: tuple[str, ...], code: int, reason: str) -> None:
+    result = cli("federation", "add", "--url", "https://bundle.b.test/", *args)
+    assert result.code == code, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.err
+
+
+def test_not_found_and_conflict(cli: Cli) -> None:
+    for command in (("show", "b.test"), ("remove", "b.test"), ("refresh", "b.test")):
+        result = cli("federation", *command)
+        assert result.code == 5 and "b.test is not federated" in result.err
+    add = ("federation", "add", "--trust-domain", "b.test", "--url", "https://b.test/",
+           "--profile", "https_web")  # fmt: skip
+    cli.ok(*add)
+    again = cli(*add)
+    assert again.code == 6 and "already federated" in again.err

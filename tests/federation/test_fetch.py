@@ -1,0 +1,180 @@
+"""Fetching over real HTTPS (a local ``BundleServer``): how each profile authenticates the
+endpoint, and the limits on what it may answer. The store plays no part here: SQLite only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.federation import (
+    Endpoint,
+    FederationParams,
+    Profile,
+    add_federation,
+    fetch_bundle,
+    get_federation,
+    refresh_federation,
+)
+from ca.identity import SpiffeId
+from ca.pem import certs_pem
+from tests.federation.fedkit import (
+    PARTNER,
+    PARTNER_SERVER,
+    Answer,
+    BundleServer,
+    Partner,
+    make_partner,
+)
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def endpoint(partner: Partner) -> Iterator[BundleServer]:
+    """The partner's bundle endpoint, served with its own serving certificate (IP 127.0.0.1)."""
+    tls = partner.server_tls()
+    server = BundleServer(tls.cert_path, tls.key_path)
+    server.answer = Answer(body=partner.jwks(1))
+    yield server
+    server.close()
+
+
+def spiffe(
+    ctx: Context,
+    partner: Partner,
+    url: str,
+    *,
+    endpoint_id: SpiffeId = PARTNER_SERVER,
+    bootstrap: bytes | None = None,
+) -> None:
+    params = FederationParams(
+        PARTNER,
+        url,
+        Profile.HTTPS_SPIFFE,
+        endpoint_spiffe_id=endpoint_id,
+        bootstrap_bundle=bootstrap or certs_pem(partner.roots),
+    )
+    add_federation(ctx, params)
+
+
+def web(ctx: Context, url: str, ca: bytes | None) -> None:
+    add_federation(ctx, FederationParams(PARTNER, url, Profile.HTTPS_WEB, web_ca=ca))
+
+
+def error_of(ctx: Context) -> str:
+    result = refresh_federation(ctx, PARTNER)
+    assert not result.ok and result.error
+    assert not get_federation(ctx, PARTNER).has_bundle
+    return result.error
+
+
+def test_https_spiffe(ctx: Context, partner: Partner, endpoint: BundleServer) -> None:
+    spiffe(ctx, partner, endpoint.url)
+    result = refresh_federation(ctx, PARTNER)
+    assert result.ok, result.error
+    assert get_federation(ctx, PARTNER).authorities == tuple(partner.roots)
+
+
+def test_https_spiffe_wants_exactly_the_endpoint_spiffe_id(
+    ctx: Context, partner: Partner, endpoint: BundleServer
+) -> None:
+    other = SpiffeId.parse("spiffe://b.test/bundle-server")
+    spiffe(ctx, partner, endpoint.url, endpoint_id=other)
+    error = error_of(ctx)
+    assert "presented spiffe://b.test/trellis/server" in error
+    assert "not an X509-SVID for spiffe://b.test/bundle-server" in error
+
+
+def test_https_spiffe_verifies_the_chain_to_the_bundle(
+    ctx: Context, partner: Partner, endpoint: BundleServer, tmp_path: Path, clock: FixedClock
+) -> None:
+    """An impostor CA for the same trust domain name: same names, other keys."""
+    impostor = make_partner(tmp_path / "impostor", clock)
+    try:
+        spiffe(ctx, partner, endpoint.url, bootstrap=certs_pem(impostor.roots))
+        assert "certificate verify failed" in error_of(ctx)
+    finally:
+        impostor.ctx.close()
+
+
+def test_https_spiffe_checks_no_host_name_https_web_does(
+    ctx: Context, partner: Partner, tmp_path: Path
+) -> None:
+    """A certificate for other.test only, served on 127.0.0.1: fine for https_spiffe (the
+    server is identified by its SPIFFE ID), refused for https_web (RFC 6125)."""
+    cert, key = partner.server_cert(tmp_path / "tls", ["other.test"])
+    server = BundleServer(cert, key)
+    server.answer = Answer(body=partner.jwks(1))
+    try:
+        spiffe_endpoint = Endpoint(
+            PARTNER, server.url, Profile.HTTPS_SPIFFE, PARTNER_SERVER, certs_pem(partner.roots)
+        )
+        assert fetch_bundle(spiffe_endpoint) == partner.jwks(1)
+        web(ctx, server.url, certs_pem(partner.roots))
+        assert "IP address mismatch" in error_of(ctx)
+    finally:
+        server.close()
+
+
+def test_https_web_with_a_ca_file(ctx: Context, partner: Partner, endpoint: BundleServer) -> None:
+    web(ctx, endpoint.url, certs_pem(partner.roots))
+    assert refresh_federation(ctx, PARTNER).ok
+
+
+def test_https_web_trusts_the_system_store_by_default(
+    ctx: Context, partner: Partner, endpoint: BundleServer
+) -> None:
+    web(ctx, endpoint.url, None)
+    assert "certificate verify failed" in error_of(ctx)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        pytest.param(Answer(status=500, body=b"oops"), "answered HTTP 500", id="fail/http-500"),
+        pytest.param(Answer(status=404), "answered HTTP 404", id="fail/http-404"),
+        pytest.param(
+            Answer(body=b"[" * (1024 * 1024 + 1)), "larger than 1 MiB", id="fail/over-1-MiB"
+        ),
+        pytest.param(
+            Answer(status=302, headers={"Location": "http://127.0.0.1/plain"}),
+            "must be https://",
+            id="fail/redirect-to-http",
+        ),
+        pytest.param(
+            Answer(status=307, headers={"Location": "/again"}),
+            "more than 3 redirects",
+            id="fail/redirect-loop",
+        ),
+    ],
+)
+def test_what_the_endpoint_may_answer(
+    ctx: Context, partner: Partner, endpoint: BundleServer, answer: Answer, reason: str
+) -> None:
+    endpoint.answer = answer
+    spiffe(ctx, partner, endpoint.url)
+    assert reason in error_of(ctx)
+
+
+def test_redirects_are_followed_with_the_same_checks(
+    ctx: Context, partner: Partner, endpoint: BundleServer
+) -> None:
+    """Federation §5.2.2.4: the target of a redirect must present the same SPIFFE ID (it is
+    checked on every hop; here the same server answers both)."""
+    endpoint.answer = Answer(status=307, headers={"Location": "/moved"})
+    endpoint.routes["/moved"] = Answer(body=partner.jwks(2))
+    spiffe(ctx, partner, endpoint.url)
+    result = refresh_federation(ctx, PARTNER)
+    assert result.ok and result.sequence == 2, result.error
+    assert endpoint.requests == 2
+
+
+def test_nothing_listens(ctx: Context, partner: Partner) -> None:
+    from tests.conftest import free_port
+
+    spiffe(ctx, partner, f"https://127.0.0.1:{free_port()}/bundle")
+    assert "cannot fetch" in error_of(ctx)

@@ -1,0 +1,124 @@
+"""``/v1/federation`` (admin) and ``/v1/bundles`` (public) over the in-process app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from ca.config import Context
+from ca.pem import certs_pem
+from ca.tokens import create_admin_token
+from tests.api.restkit import assert_problem, bearer
+from tests.conftest import free_port
+from tests.federation.fedkit import Answer, BundleServer, Partner
+
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def client(ctx: Context) -> Iterator[TestClient]:
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def admin(ctx: Context) -> dict[str, str]:
+    return bearer(create_admin_token(ctx, "tests/federation")[1])
+
+
+def body(partner: Partner, url: str, **changes: Any) -> dict[str, Any]:
+    return {
+        "trust_domain": "b.test",
+        "url": url,
+        "profile": "https_spiffe",
+        "endpoint_spiffe_id": "spiffe://b.test/trellis/server",
+        "bootstrap_bundle": certs_pem(partner.roots).decode(),
+        **changes,
+    }
+
+
+def test_federation_over_rest(client: TestClient, admin: dict[str, str], partner: Partner) -> None:
+    tls = partner.server_tls()
+    server = BundleServer(tls.cert_path, tls.key_path)
+    server.answer = Answer(body=partner.jwks(4))
+    try:
+        created = client.post("/v1/federation", json=body(partner, server.url), headers=admin)
+        assert created.status_code == 201, created.text
+        assert created.json()["has_bundle"] is False
+        assert created.json()["endpoint_spiffe_id"] == "spiffe://b.test/trellis/server"
+        assert list(client.get("/v1/bundles").json()) == ["spiffe://example.org"]
+
+        refreshed = client.post("/v1/federation/b.test/refresh", headers=admin)
+        assert refreshed.status_code == 200, refreshed.text
+        assert refreshed.json()["sequence"] == 4 and refreshed.json()["last_error"] is None
+
+        server.answer = Answer(body=b"garbage")
+        failed = assert_problem(client.post("/v1/federation/b.test/refresh", headers=admin), 503)
+        assert "the last good bundle is kept" in failed["detail"]
+        shown = client.get("/v1/federation/b.test", headers=admin).json()
+        assert shown["sequence"] == 4 and "not JSON" in shown["last_error"]
+        assert [f["trust_domain"] for f in client.get("/v1/federation", headers=admin).json()] == [
+            "b.test"
+        ]
+
+        bundles = client.get("/v1/bundles")  # no credential: like /v1/bundle
+        assert bundles.status_code == 200
+        assert bundles.headers["content-type"] == "application/json"
+        assert "max-age" in bundles.headers["cache-control"]
+        assert bundles.json()["spiffe://b.test"]["spiffe_sequence"] == 4
+
+        removed = client.delete("/v1/federation/b.test", headers=admin)
+        assert removed.status_code == 200 and removed.json()["trust_domain"] == "b.test"
+        assert_problem(client.delete("/v1/federation/b.test", headers=admin), 404)
+        assert list(client.get("/v1/bundles").json()) == ["spiffe://example.org"]
+    finally:
+        server.close()
+
+
+@SQLITE_ONLY
+def test_errors(client: TestClient, admin: dict[str, str], partner: Partner) -> None:
+    url = f"https://127.0.0.1:{free_port()}/bundle"
+    for path in ("/v1/federation", "/v1/federation/b.test"):
+        assert_problem(client.get(path), 401)
+    assert_problem(client.post("/v1/federation", json=body(partner, url)), 401)
+    cases = {
+        "own trust domain": {"trust_domain": "example.org", "url": url, "profile": "https_web"},
+        "unknown endpoint profile": body(partner, url, profile="https"),
+        "must be https://": body(partner, "http://127.0.0.1/bundle"),
+        "extra": body(partner, url, surprise=1),
+        "invalid SPIFFE ID": body(partner, url, endpoint_spiffe_id="spiffe://b.test/a/"),
+    }
+    for reason, document in cases.items():
+        problem = assert_problem(client.post("/v1/federation", json=document, headers=admin), 400)
+        assert reason in problem["detail"] or reason == "extra", (reason, problem)
+    assert client.post("/v1/federation", json=body(partner, url), headers=admin).status_code == 201
+    assert_problem(client.post("/v1/federation", json=body(partner, url), headers=admin), 409)
+    assert_problem(client.get("/v1/federation/c.test", headers=admin), 404)
+    assert_problem(client.post("/v1/federation/c.test/refresh", headers=admin), 404)
+    assert_problem(client.get("/v1/federation/Not_A..TD!", headers=admin), 400)
+    failed = assert_problem(client.post("/v1/federation/b.test/refresh", headers=admin), 503)
+    assert "cannot fetch" in failed["detail"]
+
+
+@SQLITE_ONLY
+def test_openapi_documents_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    bundles = paths["/v1/bundles"]["get"]
+    assert "security" not in bundles and {"200", "503"} <= set(bundles["responses"])
+    for path, method, statuses in [
+        ("/v1/federation", "post", {"400", "401", "403", "409", "413", "503"}),
+        ("/v1/federation", "get", {"401", "403"}),
+        ("/v1/federation/{trust_domain}", "get", {"401", "403", "404"}),
+        ("/v1/federation/{trust_domain}", "delete", {"401", "403", "404"}),
+        ("/v1/federation/{trust_domain}/refresh", "post", {"401", "403", "404", "503"}),
+    ]:
+        operation = paths[path][method]
+        assert operation["security"], (path, method)
+        assert statuses <= set(operation["responses"]), (path, method)
+        for status in statuses:
+            content = operation["responses"][status]["content"]
+            assert "application/problem+json" in content, (path, method, status)

@@ -1,0 +1,359 @@
+"""Federation rules without a network: what a relationship may be, which fetched bundles are
+accepted, that a rejected one never replaces the last good bundle, and when bundles are due.
+Every test runs on SQLite and PostgreSQL (the ``ctx`` fixture)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Callable
+
+import pytest
+from cryptography import x509
+
+from ca.authority import active_issuer
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, Unavailable
+from ca.federation import (
+    FederationParams,
+    Profile,
+    add_federation,
+    bundle_map,
+    get_federation,
+    list_federations,
+    refresh_due,
+    refresh_federation,
+    remove_federation,
+)
+from ca.identity import SpiffeId, TrustDomain
+from ca.jobs import job_named
+from ca.jwks import bundle_jwks
+from ca.pem import certs_pem
+from ca.root_rotation import rotate_root
+from tests.federation.fedkit import PARTNER, PARTNER_SERVER, FakeFetch, Partner
+
+URL = "https://bundle.b.test/v1/bundle.jwks"
+# What is stored and kept across refreshes (the sequence rules, progress, removal, the job) is
+# tested on both databases; rules that do not depend on the store run on SQLite only.
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def web(ctx: Context) -> None:
+    add_federation(ctx, FederationParams(PARTNER, URL, Profile.HTTPS_WEB))
+
+
+def roots_of(ctx: Context, td: TrustDomain = PARTNER) -> list[x509.Certificate]:
+    return list(get_federation(ctx, td).authorities)
+
+
+# --- what a relationship may be ------------------------------------------------------------
+
+Params = Callable[[Partner, Context], FederationParams]
+
+
+def _spiffe(**changes: object) -> Params:
+    def build(partner: Partner, ctx: Context) -> FederationParams:
+        values: dict[str, object] = {
+            "trust_domain": PARTNER,
+            "url": URL,
+            "profile": Profile.HTTPS_SPIFFE,
+            "endpoint_spiffe_id": PARTNER_SERVER,
+            "bootstrap_bundle": certs_pem(partner.roots),
+        }
+        values.update(changes)
+        return FederationParams(**values)  # type: ignore[arg-type]
+
+    return build
+
+
+def _leaf_pem(partner: Partner, ctx: Context) -> bytes:
+    return partner.mint().certificate_pem
+
+
+REFUSED: dict[str, tuple[Params, str]] = {
+    "fail/own-trust-domain": (
+        lambda p, c: FederationParams(TrustDomain("example.org"), URL, Profile.HTTPS_WEB),
+        "own trust domain",
+    ),
+    "fail/url/http": (_spiffe(url="http://bundle.b.test/"), "must be https://"),
+    "fail/url/userinfo": (_spiffe(url="https://user:pw@bundle.b.test/"), "userinfo"),
+    "fail/url/not-a-url": (_spiffe(url="https://[::1/"), "not a URL"),
+    "fail/spiffe/no-endpoint-id": (_spiffe(endpoint_spiffe_id=None), "needs --endpoint-spiffe-id"),
+    "fail/spiffe/no-bootstrap": (_spiffe(bootstrap_bundle=None), "--bootstrap-bundle"),
+    "fail/spiffe/endpoint-in-other-td": (
+        _spiffe(endpoint_spiffe_id=SpiffeId.parse("spiffe://c.test/server")),
+        "must be a workload ID in b.test",
+    ),
+    "fail/spiffe/endpoint-is-td-id": (
+        _spiffe(endpoint_spiffe_id=PARTNER.id()),
+        "must be a workload ID",
+    ),
+    "fail/spiffe/ca-file": (_spiffe(web_ca=b"x"), "--ca-file is for https_web"),
+    "fail/web/endpoint-id": (
+        lambda p, c: FederationParams(
+            PARTNER, URL, Profile.HTTPS_WEB, endpoint_spiffe_id=PARTNER_SERVER
+        ),
+        "for https_spiffe only",
+    ),
+    "fail/web/ca-file-garbage": (
+        lambda p, c: FederationParams(PARTNER, URL, Profile.HTTPS_WEB, web_ca=b"garbage"),
+        "not a PEM certificate bundle",
+    ),
+    "fail/bootstrap/garbage": (_spiffe(bootstrap_bundle=b"garbage"), "neither PEM nor"),
+    "fail/bootstrap/not-json": (_spiffe(bootstrap_bundle=b"{nope"), "not JSON"),
+    "fail/bootstrap/leaf": (
+        lambda p, c: _spiffe(bootstrap_bundle=_leaf_pem(p, c))(p, c),
+        "is not a CA",
+    ),
+    "fail/bootstrap/other-trust-domain": (
+        lambda p, c: _spiffe(bootstrap_bundle=active_issuer(c).bundle_pem)(p, c),
+        "names spiffe://example.org",
+    ),
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
+def test_refused_relationships(ctx: Context, partner: Partner, case: str) -> None:
+    build, reason = REFUSED[case]
+    with pytest.raises(InvalidInput) as caught:
+        add_federation(ctx, build(partner, ctx))
+    assert reason in caught.value.detail
+    assert list_federations(ctx) == []
+
+
+def test_profile_names_are_checked() -> None:
+    assert Profile.parse("https_spiffe") is Profile.HTTPS_SPIFFE
+    with pytest.raises(InvalidInput, match="https_web or https_spiffe"):
+        Profile.parse("http")
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("form", ["pem", "jwks"])
+def test_https_spiffe_relationship(ctx: Context, partner: Partner, form: str) -> None:
+    bootstrap = certs_pem(partner.roots) if form == "pem" else partner.jwks(7)
+    added = add_federation(ctx, _spiffe(bootstrap_bundle=bootstrap)(partner, ctx))
+    assert added.profile is Profile.HTTPS_SPIFFE
+    assert added.endpoint_spiffe_id == PARTNER_SERVER
+    # The bootstrap bundle only authenticates the first fetch: nothing is published yet.
+    assert not added.has_bundle and added.sequence is None
+    assert list(bundle_map(ctx)) == ["spiffe://example.org"]
+    with pytest.raises(Conflict):
+        add_federation(ctx, _spiffe()(partner, ctx))
+
+
+def test_remove(ctx: Context, partner: Partner) -> None:
+    web(ctx)
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(1)]))
+    assert "spiffe://b.test" in bundle_map(ctx)
+    assert remove_federation(ctx, PARTNER).trust_domain == PARTNER
+    assert list(bundle_map(ctx)) == ["spiffe://example.org"]
+    for operation in (remove_federation, get_federation):
+        with pytest.raises(NotFound):
+            operation(ctx, PARTNER)
+    with pytest.raises(NotFound):
+        refresh_federation(ctx, PARTNER, fetch=FakeFetch())
+
+
+@SQLITE_ONLY
+def test_nothing_without_our_own_authority(bare_ctx: Context) -> None:
+    with pytest.raises(NotInitialised):
+        add_federation(bare_ctx, FederationParams(PARTNER, URL, Profile.HTTPS_WEB))
+
+
+# --- fetched bundles: accepted, or rejected with the last good one kept ----------------------
+
+
+def _mismatched_jwk(partner: Partner) -> bytes:
+    document = json.loads(partner.jwks(6))
+    other = partner.mint().certificate.public_key().public_numbers()  # type: ignore[union-attr]
+    document["keys"][0]["x"] = base64.urlsafe_b64encode(other.x.to_bytes(48, "big")).decode()
+    return json.dumps(document).encode()
+
+
+def _non_ca(partner: Partner) -> bytes:
+    return json.dumps(bundle_jwks([partner.mint().certificate], 6, 300)).encode()
+
+
+def _intermediate(partner: Partner) -> x509.Certificate:
+    """A CA certificate of b.test that is not in its bundle: "other content"."""
+    return partner.issuer.certificate
+
+
+BROKEN: dict[str, tuple[Callable[[Partner, Context], bytes], str]] = {
+    "fail/not-json": (lambda p, c: b"<html>hello</html>", "not JSON"),
+    "fail/no-keys-array": (lambda p, c: b'{"spiffe_sequence": 6}', "no 'keys' array"),
+    "fail/non-ca-certificate": (lambda p, c: _non_ca(p), "not a CA"),
+    "fail/jwk-does-not-match-x5c": (lambda p, c: _mismatched_jwk(p), "do not match"),
+    "fail/lower-sequence": (lambda p, c: p.jwks(4), "went backwards (4 < 5)"),
+    "fail/equal-sequence-other-content": (
+        lambda p, c: p.jwks(5, [*p.roots, _intermediate(p)]),
+        "unchanged but the authorities changed",
+    ),
+    "fail/sequence-dropped": (lambda p, c: p.jwks(None), "no spiffe_sequence"),
+    "fail/no-authority": (lambda p, c: b'{"keys": [], "spiffe_sequence": 6}', "no X.509"),
+    "fail/other-trust-domains-root": (
+        lambda p, c: json.dumps(bundle_jwks(list(active_issuer(c).roots), 6, 300)).encode(),
+        "names spiffe://example.org",
+    ),
+    "fail/larger-than-1-MiB": (lambda p, c: b" " * (1024 * 1024 + 1), "larger than 1 MiB"),
+}
+
+
+# Parsing does not depend on the store: those cases run on SQLite; the sequence rules, which
+# compare with what is stored, run on both databases.
+STORE_SENSITIVE = {"fail/lower-sequence", "fail/equal-sequence-other-content"}
+BROKEN_CASES = [pytest.param("sqlite", case, id=f"sqlite-{case}") for case in BROKEN] + [
+    pytest.param("postgres", case, id=f"postgres-{case}", marks=pytest.mark.postgres)
+    for case in sorted(STORE_SENSITIVE)
+]
+
+
+@pytest.mark.parametrize(("database_url", "case"), BROKEN_CASES, indirect=["database_url"])
+def test_rejected_bundle_keeps_the_last_good_one(
+    ctx: Context, clock: FixedClock, partner: Partner, case: str
+) -> None:
+    make, reason = BROKEN[case]
+    web(ctx)
+    first = clock.now()
+    good = refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(5)]))
+    assert good.ok and good.changed and good.sequence == 5
+    good_map = bundle_map(ctx)["spiffe://b.test"]
+
+    clock.advance(dt.timedelta(seconds=301))
+    bad = refresh_federation(ctx, PARTNER, fetch=FakeFetch([make(partner, ctx)]))
+
+    assert not bad.ok and not bad.changed
+    assert bad.error is not None and reason in bad.error
+    kept = get_federation(ctx, PARTNER)
+    assert kept.authorities == tuple(partner.roots) and kept.sequence == 5
+    assert kept.last_error == bad.error
+    assert kept.last_success == first and kept.last_attempt == clock.now()
+    assert bundle_map(ctx)["spiffe://b.test"] == good_map
+
+
+@SQLITE_ONLY
+def test_network_failure_keeps_the_last_good_one(
+    ctx: Context, clock: FixedClock, partner: Partner
+) -> None:
+    def down(_endpoint: object) -> bytes:
+        raise Unavailable("cannot fetch https://bundle.b.test: connection refused")
+
+    web(ctx)
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(2)]))
+    result = refresh_federation(ctx, PARTNER, fetch=down)
+    assert not result.ok and "connection refused" in (result.error or "")
+    assert roots_of(ctx) == partner.roots
+
+
+def test_progress_is_accepted_and_clears_the_error(
+    ctx: Context, clock: FixedClock, partner: Partner
+) -> None:
+    web(ctx)
+    fetch = FakeFetch([partner.jwks(5), b"junk", partner.jwks(5), partner.jwks(6)])
+    assert refresh_federation(ctx, PARTNER, fetch=fetch).changed
+    assert not refresh_federation(ctx, PARTNER, fetch=fetch).ok
+    same = refresh_federation(ctx, PARTNER, fetch=fetch)
+    assert same.ok and not same.changed and get_federation(ctx, PARTNER).last_error is None
+    newer = refresh_federation(ctx, PARTNER, fetch=fetch)
+    assert newer.ok and newer.changed and newer.sequence == 6
+    assert bundle_map(ctx)["spiffe://b.test"]["spiffe_sequence"] == 6
+
+
+@SQLITE_ONLY
+def test_a_bundle_without_sequence_is_accepted_until_one_has_one(
+    ctx: Context, partner: Partner
+) -> None:
+    """Federation §4.2: without a sequence the most recently retrieved bundle is current."""
+    web(ctx)
+    fetch = FakeFetch([partner.jwks(None), partner.jwks(None), partner.jwks(1)])
+    assert refresh_federation(ctx, PARTNER, fetch=fetch).sequence is None
+    assert refresh_federation(ctx, PARTNER, fetch=fetch).ok
+    assert refresh_federation(ctx, PARTNER, fetch=fetch).sequence == 1
+    assert "spiffe_sequence" in bundle_map(ctx)["spiffe://b.test"]
+
+
+@SQLITE_ONLY
+def test_https_spiffe_trusts_the_bootstrap_then_the_last_good_bundle(
+    ctx: Context, partner: Partner
+) -> None:
+    add_federation(ctx, _spiffe()(partner, ctx))
+    rotate_root(partner.ctx)  # the partner publishes a second root
+    rotated = partner.jwks(2, list(active_issuer(partner.ctx).roots))
+    fetch = FakeFetch([rotated, b"junk", rotated])
+    refresh_federation(ctx, PARTNER, fetch=fetch)
+    refresh_federation(ctx, PARTNER, fetch=fetch)
+    refresh_federation(ctx, PARTNER, fetch=fetch)
+    first, after_good, after_bad = (e.trust_pem for e in fetch.seen)
+    assert first == certs_pem(partner.roots)
+    assert after_good == after_bad == certs_pem(active_issuer(partner.ctx).roots)
+    assert len(roots_of(ctx)) == 2
+    assert all(e.endpoint_spiffe_id == PARTNER_SERVER for e in fetch.seen)
+
+
+# --- publication: one bundle per trust domain, never merged -----------------------------------
+
+
+@SQLITE_ONLY
+def test_bundle_map_keeps_trust_domains_apart(ctx: Context, partner: Partner) -> None:
+    web(ctx)
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(3)]))
+    published = bundle_map(ctx)
+    assert list(published) == ["spiffe://example.org", "spiffe://b.test"]
+    own = active_issuer(ctx)
+    assert published["spiffe://example.org"]["spiffe_sequence"] == own.bundle_sequence
+    own_x5c = [k["x5c"] for k in published["spiffe://example.org"]["keys"]]
+    partner_x5c = [k["x5c"] for k in published["spiffe://b.test"]["keys"]]
+    assert len(own_x5c) == len(own.roots) and len(partner_x5c) == len(partner.roots)
+    assert not {x[0] for x in own_x5c} & {x[0] for x in partner_x5c}
+    assert published["spiffe://b.test"]["spiffe_refresh_hint"] == 300
+
+
+# --- when bundles are fetched ------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("hint", "interval"), [(300, 300), (3600, 3600), (1, 10), (0, 10), (None, 300)]
+)
+def test_refresh_is_due_after_the_hint_with_a_floor(
+    ctx: Context, clock: FixedClock, partner: Partner, hint: int | None, interval: int
+) -> None:
+    web(ctx)
+    document = json.loads(partner.jwks(1))
+    if hint is None:
+        del document["spiffe_refresh_hint"]
+    else:
+        document["spiffe_refresh_hint"] = hint
+    body = json.dumps(document).encode()
+    assert [r.trust_domain for r in refresh_due(ctx, fetch=FakeFetch([body]))] == [PARTNER]
+    assert get_federation(ctx, PARTNER).next_refresh == clock.now() + dt.timedelta(seconds=interval)
+    clock.advance(dt.timedelta(seconds=interval - 1))
+    assert refresh_due(ctx, fetch=FakeFetch()) == []
+    clock.advance(dt.timedelta(seconds=1))
+    assert len(refresh_due(ctx, fetch=FakeFetch([body]))) == 1
+
+
+@SQLITE_ONLY
+def test_a_failed_refresh_waits_for_the_next_interval(
+    ctx: Context, clock: FixedClock, partner: Partner
+) -> None:
+    """Federation §6.2: retry at the next polling interval, not aggressively."""
+    web(ctx)
+    refresh_due(ctx, fetch=FakeFetch([b"junk"]))
+    clock.advance(dt.timedelta(seconds=299))
+    assert refresh_due(ctx, fetch=FakeFetch()) == []
+
+
+def test_the_job_reports_failing_relationships(
+    ctx: Context, clock: FixedClock, partner: Partner
+) -> None:
+    job = job_named("federation-refresh")
+    assert job.every_seconds == 10
+    assert job.run(ctx) == "nothing due"
+    web(ctx)
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([b"junk"]))
+    with pytest.raises(Unavailable, match=r"b\.test: invalid SPIFFE bundle: not JSON"):
+        job.run(ctx)

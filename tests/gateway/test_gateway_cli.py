@@ -1,0 +1,137 @@
+"""``trellis gateway``: the commands, their ``--json`` shapes (the REST models) and exit codes.
+
+Run in-process through ``cli.main.main`` (the entry point's own error handling) to keep the
+suite fast; ``test_gateway_nginx.py`` runs the installed ``trellis`` as real processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from ca import gateway
+from cli.main import main
+from tests.conftest import PASSPHRASE
+from tests.gateway.gwkit import partner_csr
+
+CERT_KEYS = {
+    "serial", "consumer", "status", "delivery", "not_before", "not_after", "fingerprint_sha256",
+    "x5t#S256", "requested_by", "revoked_at", "revocation_reason", "certificate", "chain",
+    "pkcs12", "clamped",
+}  # fmt: skip
+
+
+class Cli:
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def run(self, *args: str, code: int = 0) -> str:
+        self.capsys.readouterr()
+        try:
+            main(list(args))
+            exit_code = 0
+        except SystemExit as exc:
+            exit_code = exc.code if isinstance(exc.code, int) else 1
+        out, err = self.capsys.readouterr()
+        assert exit_code == code, (args, out, err)
+        return out if code == 0 else err
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--json"))
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    monkeypatch.setenv("TRELLIS_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("TRELLIS_DATABASE_URL", f"sqlite:///{tmp_path / 'trellis.db'}")
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", PASSPHRASE)
+    return Cli(capsys)
+
+
+def test_onboarding_with_json_output(cli: Cli, tmp_path: Path) -> None:
+    init = cli.json("gateway", "init", "--max-ttl", "200d")
+    assert set(init) == {
+        "authority", "default_ttl", "max_ttl", "root_serial", "root_fingerprint_sha256",
+        "root_not_after", "intermediate_serial", "intermediate_not_after",
+    }  # fmt: skip
+    assert (init["default_ttl"], init["max_ttl"]) == ("90d", "200d")
+    assert "already" in cli.run("gateway", "init", code=6)
+
+    added = cli.json("gateway", "consumer", "add", "acme", "--contact", "api@acme.example")
+    assert added["name"] == "acme" and added["enabled"] is True
+    assert "added gateway consumer globex" in cli.run("gateway", "consumer", "add", "globex")
+    assert "invalid consumer name" in cli.run("gateway", "consumer", "add", "Nope", code=2)
+
+    (tmp_path / "acme.csr").write_bytes(partner_csr()[1])
+    issued = cli.json("gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "acme.csr"),
+                      "--out", str(tmp_path / "acme.pem"))  # fmt: skip
+    assert set(issued) == CERT_KEYS
+    assert (issued["delivery"], issued["requested_by"], issued["pkcs12"]) == ("csr", "cli", None)
+    written = x509.load_pem_x509_certificates((tmp_path / "acme.pem").read_bytes())
+    assert format(written[0].serial_number, "x") == issued["serial"]
+    assert len(written) == 2  # leaf, then the issuing intermediate
+
+    (tmp_path / "pw").write_text("correct horse battery\n")
+    text = cli.run("gateway", "cert", "issue", "acme", "--p12", str(tmp_path / "acme.p12"),
+                   "--p12-password-file", str(tmp_path / "pw"), "--legacy-p12")  # fmt: skip
+    assert "Trellis keeps no copy" in text and "x5t#S256" in text
+    assert (tmp_path / "acme.p12").stat().st_mode & 0o777 == 0o600
+    bundle = pkcs12.load_pkcs12((tmp_path / "acme.p12").read_bytes(), b"correct horse battery")
+    assert bundle.cert is not None and bundle.key is not None
+
+    shown = cli.json("gateway", "cert", "show", issued["serial"])
+    assert shown == issued | {"chain": None}
+    assert "x5t#S256      " + issued["x5t#S256"] in cli.run(
+        "gateway", "cert", "show", issued["serial"]
+    )
+    listed = cli.json("gateway", "cert", "list", "--consumer", "acme", "--live")
+    assert len(listed) == 2 and all(set(c) == CERT_KEYS for c in listed)
+    consumers = cli.json("gateway", "consumer", "list")
+    assert [(c["name"], c["live_certificates"]) for c in consumers] == [("acme", 2), ("globex", 0)]
+    assert "acme" in cli.run("gateway", "consumer", "list")
+
+    # the rules, as exit codes (docs/cli.md): 409 → 6, 403 → 4, 404 → 5, bad input → 2
+    again = ("gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "acme.csr"),
+             "--out", str(tmp_path / "again.pem"))  # fmt: skip
+    assert "already holds 2 valid certificates" in cli.run(*again, code=6)
+    assert not (tmp_path / "again.pem").exists()
+    revoked = cli.json("gateway", "cert", "revoke", issued["serial"], "--reason", "superseded")
+    assert set(revoked) == CERT_KEYS | {"rewritten"} and revoked["status"] == "revoked"
+    assert "already revoked" in cli.run("gateway", "cert", "revoke", issued["serial"], code=6)
+    disabled = cli.run("gateway", "consumer", "disable", "acme")
+    assert "still holds 1 valid certificate" in disabled
+    assert "disabled" in cli.run(*again, code=4)
+    (tmp_path / "bad.csr").write_text("not a csr")
+    bad = ("gateway", "cert", "issue", "globex", "--csr", str(tmp_path / "bad.csr"),
+           "--out", str(tmp_path / "bad.pem"))  # fmt: skip
+    assert "not a valid PEM" in cli.run(*bad, code=2)
+    assert "no gateway consumer" in cli.run("gateway", "consumer", "disable", "initech", code=5)
+    assert "--csr needs --out" in cli.run("gateway", "cert", "issue", "globex",
+                                          "--csr", str(tmp_path / "bad.csr"), code=2)  # fmt: skip
+    (tmp_path / "short").write_text("short\n")
+    short = ("gateway", "cert", "issue", "globex", "--p12", str(tmp_path / "g.p12"),
+             "--p12-password-file", str(tmp_path / "short"))  # fmt: skip
+    assert "8 to 1024" in cli.run(*short, code=2)
+
+
+def test_truststore_and_snippet_commands(cli: Cli, tmp_path: Path) -> None:
+    assert "trellis gateway init" in cli.run(
+        "gateway", "truststore", "--format", "pem", "--out", str(tmp_path / "ca.pem"), code=7
+    )
+    cli.run("gateway", "init")
+    out = cli.run("gateway", "truststore", "--format", "nginx", "--out", str(tmp_path / "ng"))
+    assert out.split() == ["wrote", str(tmp_path / "ng" / "crl.pem"),
+                           "wrote", str(tmp_path / "ng" / "client-ca.pem")]  # fmt: skip
+    assert cli.run("gateway", "truststore", "--refresh").strip() == "unchanged"
+    assert "give --format and --out" in cli.run("gateway", "truststore", "--format", "pem", code=2)
+    assert "pem, nginx, aws, kong" in cli.run(
+        "gateway", "truststore", "--format", "jks", "--out", str(tmp_path / "x"), code=2
+    )
+    assert cli.run("gateway", "nginx-snippet") == gateway.nginx_snippet(gateway.NginxSnippet())
+    assert "contains characters" in cli.run("gateway", "nginx-snippet", "--server-name", "a b",
+                                            code=2)  # fmt: skip

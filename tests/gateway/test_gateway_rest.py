@@ -1,0 +1,212 @@
+"""``/v1/gateway``: the REST adapter over ``ca.gateway``, its problem responses and OpenAPI."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from ca.config import Context
+from ca.tokens import create_admin_token
+from tests.api.restkit import assert_problem
+from tests.gateway.gwkit import partner_csr
+
+
+class Api:
+    def __init__(self, client: TestClient, token: str) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.get(f"/v1/gateway{path}", headers=self.headers, **kwargs)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        return self.client.post(f"/v1/gateway{path}", json=body or {}, headers=self.headers)
+
+    def issue(self, name: str = "acme", **body: Any) -> httpx.Response:
+        if "csr" not in body and "pkcs12" not in body:
+            body["csr"] = partner_csr()[1].decode()
+        return self.post(f"/consumers/{name}/certificates", body)
+
+
+def _api(ctx: Context) -> Iterator[Api]:
+    _, token = create_admin_token(ctx, "tests/gateway")
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        yield Api(client, token)
+
+
+@pytest.fixture
+def api(lite_ctx: Context) -> Iterator[Api]:
+    """SQLite, no gateway authority yet: the tests initialise it over REST."""
+    yield from _api(lite_ctx)
+
+
+@pytest.fixture
+def api_gw(gw_lite: Context) -> Iterator[Api]:
+    yield from _api(gw_lite)
+
+
+@pytest.fixture
+def api_both(gw: Context) -> Iterator[Api]:
+    """SQLite and PostgreSQL, gateway initialised, consumer ``acme``."""
+    yield from _api(gw)
+
+
+def test_onboarding_over_rest(api: Api) -> None:
+    assert assert_problem(api.get(""), 503)["code"] == "not-initialised"
+    created = api.post("/init", {"default_ttl": "30d", "max_ttl": "90d"})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert (body["authority"], body["default_ttl"], body["max_ttl"]) == ("gateway", "30d", "90d")
+    assert api.get("").json() == body
+    assert_problem(api.post("/init", {}), 409)
+    assert_problem(api.post("/init", {"key_type": "ed25519"}), 400)
+    assert_problem(api.post("/init", {"surprise": 1}), 400)
+
+    consumer = api.post("/consumers", {"name": "acme", "contact": "api@acme.example"})
+    assert consumer.status_code == 201
+    assert consumer.json() | {"created_at": None} == {
+        "name": "acme",
+        "contact": "api@acme.example",
+        "enabled": True,
+        "created_at": None,
+        "disabled_at": None,
+        "live_certificates": 0,
+    }
+    assert_problem(api.post("/consumers", {"name": "acme"}), 409)
+    assert (
+        "consumer name" in assert_problem(api.post("/consumers", {"name": "ACME"}), 400)["detail"]
+    )
+
+    issued = api.issue(ttl="7d")
+    assert issued.status_code == 201, issued.text
+    cert = issued.json()
+    assert set(cert) == {
+        "serial", "consumer", "status", "delivery", "not_before", "not_after",
+        "fingerprint_sha256", "x5t#S256", "requested_by", "revoked_at", "revocation_reason",
+        "certificate", "chain", "pkcs12", "clamped",
+    }  # fmt: skip
+    assert (cert["consumer"], cert["status"], cert["delivery"], cert["pkcs12"]) == (
+        "acme", "active", "csr", None,
+    )  # fmt: skip
+    assert cert["requested_by"].startswith("admin-token:")
+    leaf = x509.load_pem_x509_certificate(cert["certificate"].encode())
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 7
+    shown = api.get(f"/certificates/{cert['serial']}").json()
+    assert shown == cert | {"chain": None, "clamped": False}
+    assert_problem(api.issue(ttl="91d"), 400)
+
+
+def test_pkcs12_is_returned_once(api_gw: Api) -> None:
+    response = api_gw.issue(pkcs12={"password": "correct horse battery", "legacy": True})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["delivery"] == "pkcs12-legacy"
+    bundle = pkcs12.load_pkcs12(base64.b64decode(body["pkcs12"]), b"correct horse battery")
+    assert bundle.cert is not None
+    assert bundle.cert.certificate == x509.load_pem_x509_certificate(body["certificate"].encode())
+    assert api_gw.get(f"/certificates/{body['serial']}").json()["pkcs12"] is None
+    short = api_gw.issue(pkcs12={"password": "short"})
+    assert "password" in assert_problem(short, 400)["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        ({"csr": "not a csr"}, 400, "not a valid PEM"),
+        ({}, 400, "either a CSR"),
+        ({"csr": "x", "pkcs12": {"password": "correct horse battery"}}, 400, "not both"),
+        ({"csr": "x" * 60_001}, 400, "csr"),
+        ({"csr": "x", "extra": True}, 400, "extra"),
+    ],
+    ids=[
+        "fail/garbage-csr",
+        "fail/nothing",
+        "fail/both",
+        "fail/csr-too-long",
+        "fail/unknown-field",
+    ],
+)
+def test_bad_issue_requests_are_400(
+    api_gw: Api, body: dict[str, Any], status: int, text: str
+) -> None:
+    response = api_gw.post("/consumers/acme/certificates", body)
+    assert text in assert_problem(response, status)["detail"]
+    assert api_gw.get("/certificates").json() == []
+
+
+def test_consumer_rules_over_rest(api_both: Api) -> None:
+    """On both databases: 409 for a third live certificate, 403 once disabled, 404 unknown."""
+    api = api_both
+    first, second = api.issue(), api.issue()
+    assert first.status_code == second.status_code == 201
+    third = assert_problem(api.issue(), 409)
+    assert "2 valid certificates" in third["detail"]
+    live = api.get("/certificates", params={"consumer": "acme", "live": True}).json()
+    assert {c["serial"] for c in live} == {first.json()["serial"], second.json()["serial"]}
+
+    revoked = api.post(
+        f"/certificates/{first.json()['serial']}/revoke",
+        {"reason": "keyCompromise", "invalidity_date": "2026-01-01T00:00:00Z"},
+    )
+    assert revoked.status_code == 200, revoked.text
+    assert (revoked.json()["status"], revoked.json()["rewritten"]) == ("revoked", [])
+    assert revoked.json()["revocation_reason"] == "keyCompromise"
+    crl = x509.load_pem_x509_crl(api.get("/truststore/nginx").json()["files"]["crl.pem"].encode())
+    entry = crl.get_revoked_certificate_by_serial_number(int(first.json()["serial"], 16))
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.InvalidityDate).value.invalidity_date_utc
+
+    assert_problem(api.post(f"/certificates/{first.json()['serial']}/revoke", {}), 409)
+    assert api.issue().status_code == 201
+
+    disabled = api.post("/consumers/acme/disable")
+    assert disabled.json()["enabled"] is False and disabled.json()["live_certificates"] == 2
+    assert assert_problem(api.issue(), 403)["code"] == "forbidden"
+    assert_problem(api.issue("globex"), 404)
+    assert_problem(api.post("/consumers/globex/disable"), 404)
+    assert_problem(api.get("/certificates/abcdef"), 404)
+    assert_problem(api.get("/consumers/Not_Valid"), 400)
+
+
+def test_truststores_and_snippet_over_rest(api_gw: Api) -> None:
+    nginx = api_gw.get("/truststore/nginx").json()
+    assert nginx["format"] == "nginx" and set(nginx["files"]) == {"client-ca.pem", "crl.pem"}
+    assert nginx["files"]["crl.pem"].count("BEGIN X509 CRL") == 2
+    for format in ("pem", "aws"):
+        files = api_gw.get(f"/truststore/{format}").json()["files"]
+        assert len(x509.load_pem_x509_certificates(files["truststore.pem"].encode())) == 2
+    assert "README.txt" in api_gw.get("/truststore/kong").json()["files"]
+    assert_problem(api_gw.get("/truststore/jks"), 400)
+
+    snippet = api_gw.get("/nginx-snippet", params={"upstream": "http://10.0.0.5:8080"})
+    assert snippet.status_code == 200 and snippet.headers["content-type"].startswith("text/plain")
+    assert "proxy_pass http://10.0.0.5:8080;" in snippet.text
+    assert_problem(api_gw.get("/nginx-snippet", params={"server_name": "a;b"}), 400)
+
+
+def test_every_gateway_route_needs_the_admin_token(api_gw: Api) -> None:
+    spec = api_gw.client.get("/openapi.json").json()
+    paths = {p: item for p, item in spec["paths"].items() if p.startswith("/v1/gateway")}
+    assert len(paths) == 11
+    for path, item in paths.items():
+        for method, operation in item.items():
+            assert operation.get("security"), (method, path)
+            for code in ("401", "403"):
+                assert "application/problem+json" in operation["responses"][code]["content"]
+            url = (
+                path.replace("{name}", "acme").replace("{serial}", "ab").replace("{format}", "pem")
+            )
+            anonymous = api_gw.client.request(method.upper(), url)
+            assert_problem(anonymous, 401)
+    issue = paths["/v1/gateway/consumers/{name}/certificates"]["post"]["responses"]
+    assert {"201", "400", "401", "403", "404", "409", "413"} <= set(issue)
+    schema = spec["components"]["schemas"]["GatewayCertOut"]["properties"]
+    assert "x5t#S256" in schema

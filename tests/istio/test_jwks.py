@@ -1,0 +1,119 @@
+"""``GET /v1/bundle.jwks``: the SPIFFE bundle that istiod's ``spiffeBundleUrl`` and federation
+peers poll (SPIFFE Trust Domain and Bundle §4). Each key is checked against its certificate with
+PyJWT's JWK parser, an implementation independent of ``ca.jwks``."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi.testclient import TestClient
+from jwt import PyJWK
+
+from api.app import create_app
+from ca.authority import MESH, AuthorityParams, init_authority
+from ca.bundle import read_bundle
+from ca.config import Context
+from ca.keys import KeyType
+from ca.root_rotation import rotate_root
+from tests.conftest import TRUST_DOMAIN
+from tests.istio.conftest import SQLITE_ONLY
+from tests.istio.istiokit import Cli
+
+
+@pytest.fixture
+def client(ctx: Context) -> Iterator[TestClient]:
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def public_der(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def assert_is_spiffe_bundle(document: dict[str, Any], roots: list[x509.Certificate]) -> None:
+    assert set(document) == {"keys", "spiffe_sequence", "spiffe_refresh_hint"}
+    assert isinstance(document["spiffe_refresh_hint"], int) and document["spiffe_refresh_hint"] > 0
+    certs = []
+    for jwk in document["keys"]:
+        assert jwk["use"] == "x509-svid"
+        assert "kid" not in jwk  # X.509 authorities carry no kid (bundle spec §4.2.2)
+        assert len(jwk["x5c"]) == 1
+        cert = x509.load_der_x509_certificate(base64.b64decode(jwk["x5c"][0]))
+        parsed = PyJWK({k: v for k, v in jwk.items() if k not in ("use", "x5c")})
+        assert public_der(parsed.key) == public_der(cert.public_key())
+        certs.append(cert)
+    assert certs == roots
+
+
+def test_bundle_jwks(ctx: Context, client: TestClient) -> None:
+    response = client.get("/v1/bundle.jwks")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert "max-age" in response.headers["cache-control"]
+    document = response.json()
+    stored = read_bundle(ctx, MESH)
+    assert_is_spiffe_bundle(document, x509.load_pem_x509_certificates(stored.pem))
+    (jwk,) = document["keys"]
+    assert (jwk["kty"], jwk["crv"]) == ("EC", "P-384")  # the default root
+    assert document["spiffe_sequence"] == stored.sequence
+    assert document["spiffe_refresh_hint"] == ctx.settings.bundle_refresh_hint
+    etag = response.headers["etag"]
+    assert etag == f'"{stored.sequence}"'
+
+    cached = client.get("/v1/bundle.jwks", headers={"If-None-Match": etag})
+    assert cached.status_code == 304 and cached.content == b""
+    assert cached.headers["etag"] == etag
+
+
+ROTATION_DATABASES = [
+    pytest.param("sqlite"),
+    pytest.param("postgres", marks=[pytest.mark.postgres]),
+]
+
+
+@pytest.mark.parametrize("database_url", ROTATION_DATABASES, indirect=True)
+def test_sequence_follows_a_root_rotation(ctx: Context, client: TestClient) -> None:
+    """A new root is published: both are in the bundle, the sequence moves on, the ETag too."""
+    before = client.get("/v1/bundle.jwks")
+    sequence = before.json()["spiffe_sequence"]
+    rotate_root(ctx)
+    rotated = client.get("/v1/bundle.jwks", headers={"If-None-Match": before.headers["etag"]})
+    assert rotated.status_code == 200
+    document = rotated.json()
+    assert document["spiffe_sequence"] == sequence + 1 == read_bundle(ctx, MESH).sequence
+    assert rotated.headers["etag"] == f'"{sequence + 1}"'
+    assert_is_spiffe_bundle(document, x509.load_pem_x509_certificates(read_bundle(ctx, MESH).pem))
+    assert len(document["keys"]) == 2
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("root_key", "params"),
+    [(KeyType.RSA_2048, {"kty": "RSA"}), (KeyType.ED25519, {"kty": "OKP", "crv": "Ed25519"})],
+    ids=lambda value: value.value if isinstance(value, KeyType) else None,
+)
+def test_other_root_key_types(bare_ctx: Context, root_key: KeyType, params: dict[str, str]) -> None:
+    init_authority(bare_ctx, AuthorityParams(TRUST_DOMAIN, root_key_type=root_key))
+    with TestClient(create_app(bare_ctx)) as client:
+        document = client.get("/v1/bundle.jwks").json()
+    assert_is_spiffe_bundle(
+        document, x509.load_pem_x509_certificates(read_bundle(bare_ctx, MESH).pem)
+    )
+    (jwk,) = document["keys"]
+    assert params.items() <= jwk.items()
+
+
+@SQLITE_ONLY
+def test_bundle_show_prints_the_same_document(client: TestClient, cli: Cli) -> None:
+    served = client.get("/v1/bundle.jwks").json()
+    assert json.loads(cli.ok("bundle", "show", "--format", "jwks")) == served

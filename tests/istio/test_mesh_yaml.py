@@ -1,0 +1,61 @@
+"""``trellis istio root-configmap`` and ``mesh-config``: YAML a cluster applies as-is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+
+from ca.authority import active_issuer
+from ca.config import Context
+from ca.root_rotation import rotate_root
+from tests.istio.conftest import SQLITE_ONLY
+from tests.istio.istiokit import Cli
+
+pytestmark = SQLITE_ONLY
+
+
+def load(text: str) -> dict[str, Any]:
+    document = yaml.safe_load(text)
+    assert isinstance(document, dict)
+    return document
+
+
+def test_root_configmap(ctx: Context, cli: Cli) -> None:
+    document = load(cli.ok("istio", "root-configmap"))
+    assert document["apiVersion"] == "v1" and document["kind"] == "ConfigMap"
+    assert document["metadata"] == {"name": "istio-ca-root-cert", "namespace": "istio-system"}
+    assert document["data"]["root-cert.pem"].encode() == active_issuer(ctx).bundle_pem
+    other = load(cli.ok("istio", "root-configmap", "--namespace", "sleep"))
+    assert other["metadata"]["namespace"] == "sleep"
+
+
+def test_root_configmap_holds_both_roots_during_rotation(ctx: Context, cli: Cli) -> None:
+    """A -> A+B -> B: while the new root is published, workloads trust both."""
+    rotate_root(ctx)
+    document = load(cli.ok("istio", "root-configmap"))
+    roots = x509.load_pem_x509_certificates(document["data"]["root-cert.pem"].encode())
+    assert len(roots) == 2 and roots[0].public_key() != roots[1].public_key()
+
+
+def test_mesh_config_with_the_bundle_inline(ctx: Context, cli: Cli) -> None:
+    mesh = load(cli.ok("istio", "mesh-config"))["meshConfig"]
+    assert mesh["trustDomain"] == "example.org"
+    (source,) = mesh["caCertificates"]
+    bundle = active_issuer(ctx).bundle_pem.decode()
+    assert source == {"pem": bundle, "trustDomains": ["example.org"]}
+
+
+def test_mesh_config_polls_the_bundle_endpoint(
+    ctx: Context, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRELLIS_PUBLIC_URL", "https://trellis.example.org:8443/")
+    mesh = load(cli.ok("istio", "mesh-config"))["meshConfig"]
+    assert mesh["caCertificates"] == [
+        {
+            "spiffeBundleUrl": "https://trellis.example.org:8443/v1/bundle.jwks",
+            "trustDomains": ["example.org"],
+        }
+    ]

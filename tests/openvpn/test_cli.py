@@ -1,0 +1,116 @@
+"""``trellis openvpn ...``: --json shapes (the REST wire models), exit codes and files, run
+in-process through the Typer app on SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.routes.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ProfileOut
+from tests.openvpn.vpnkit import InProcessTrellis, crls_in, parse_profile
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> InProcessTrellis:
+    trellis = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    return trellis
+
+
+def _json(cli: InProcessTrellis, *args: str) -> Any:
+    return json.loads(cli.run(*args, "--json").stdout)
+
+
+def test_json_shapes_and_files(cli: InProcessTrellis, tmp_path: Path) -> None:
+    assert set(_json(cli, "openvpn", "init")) == set(OpenVpnOut.model_fields)
+    configured = _json(cli, "openvpn", "configure", "--remote", "vpn.example.org", "--proto", "tcp")
+    assert (configured["remote"], configured["proto"], configured["port"]) == (
+        "vpn.example.org",
+        "tcp",
+        1194,
+    )
+    server = _json(cli, "openvpn", "server-cert", "--out", str(tmp_path / "cert"))
+    assert set(server) == {"common_name", "serial", "expires_at", "written"}
+    assert (tmp_path / "cert" / "server.key").stat().st_mode & 0o777 == 0o600
+    directory = _json(cli, "openvpn", "server-config", "--out", str(tmp_path / "srv"))
+    assert directory["crl_path"] == str((tmp_path / "srv" / "crl.pem").resolve())
+    assert len(directory["files"]) == 7
+
+    out = tmp_path / "alice.ovpn"
+    added = _json(cli, "openvpn", "client", "add", "alice", "--ttl", "7d", "--out", str(out))
+    assert set(added) == set(ProfileOut.model_fields)
+    assert (added["name"], added["path"], added["tls_crypt"]) == ("alice", str(out), "v2")
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert "proto tcp" in parse_profile(out.read_bytes()).directives
+
+    listed = _json(cli, "openvpn", "client", "list")
+    assert [set(item) for item in listed] == [set(ClientOut.model_fields)]
+
+    renewed = _json(cli, "openvpn", "client", "renew", "alice", "--out", str(tmp_path / "a2.ovpn"))
+    assert renewed["serial"] != added["serial"]
+
+    revoked = _json(cli, "openvpn", "client", "revoke", "alice", "--yes")
+    assert set(revoked) == set(ClientRevokedOut.model_fields)
+    assert [c["serial"] for c in revoked["revoked"]] == [renewed["serial"]]
+    crl = Path(revoked["crl_path"])
+    assert {e.serial_number for c in crls_in(crl.read_bytes()) for e in c} == {
+        int(added["serial"], 16),
+        int(renewed["serial"], 16),
+    }
+    assert _json(cli, "openvpn", "crl") == {"path": str(crl), "health": "ok"}
+    copy = tmp_path / "copy.pem"
+    assert _json(cli, "openvpn", "crl", "--out", str(copy))["path"] == str(copy)
+    assert copy.read_bytes() == crl.read_bytes()
+
+
+def test_exit_codes_and_messages(cli: InProcessTrellis, tmp_path: Path) -> None:
+    assert cli.run("openvpn", "client", "list", ok=False).returncode != 0
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+    out = str(tmp_path / "x.ovpn")
+    cli.run("openvpn", "client", "add", "alice", "--out", out)
+    assert cli.run("openvpn", "client", "add", "alice", "--out", out, ok=False).returncode != 0
+    assert cli.run("openvpn", "client", "add", ".x", "--out", out, ok=False).returncode != 0
+    asked = cli.run("openvpn", "client", "revoke", "alice", ok=False)
+    assert asked.returncode != 0 and "Revoke every live certificate of alice?" in asked.stdout
+    text = cli.run("openvpn", "client", "revoke", "alice", "--yes").stdout
+    assert "no CRL file configured" in text
+    table = cli.run("openvpn", "client", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "SERIAL", "NOT", "AFTER", "TLS-CRYPT"]
+    assert table[1].split()[:2] == ["alice", "revoked"]
+
+
+def test_exit_codes_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``cli.main.main`` maps the domain errors: 409 Conflict is exit 6, bad input exit 2."""
+    from cli.main import main
+
+    env = {
+        "TRELLIS_DATA_DIR": str(tmp_path / "var"),
+        "TRELLIS_KEY_PASSPHRASE": "cli-test-passphrase",
+    }
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+
+    def exit_code(*argv: str) -> object:
+        with pytest.raises(SystemExit) as exited:
+            main(list(argv))
+        return exited.value.code
+
+    out = str(tmp_path / "a.ovpn")
+    try:
+        assert exit_code("openvpn", "init") == 0
+        assert exit_code("openvpn", "configure", "--remote", "vpn.example.org") == 0
+        assert exit_code("openvpn", "client", "add", "alice", "--out", out) == 0
+        assert exit_code("openvpn", "client", "add", "alice", "--out", out) == 6
+        assert exit_code("openvpn", "client", "add", "a b", "--out", out) == 2
+        assert exit_code("openvpn", "client", "revoke", "nobody", "--yes") == 5
+        assert "already has a live certificate" in capsys.readouterr().err
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

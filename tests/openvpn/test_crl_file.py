@@ -1,0 +1,169 @@
+"""The CRL file OpenVPN's crl-verify reads: a CRL for every CA of the chain, rewritten by the
+revoking command and by the ``openvpn-crl`` job, and ``crl_health`` for ``/readyz``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from ca import certs
+from ca.authority import active_issuer
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.errors import Unavailable
+from ca.jobs import job_named
+from ca.openvpn import ClientRequest, VpnName, add_client, crl_health, crl_pem, write_crl_file
+from ca.revocation import RevocationReason
+from ca.rotation import rotate
+from ca.serial import Serial
+from tests.openvpn.vpnkit import crls_in
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: nothing here depends on the database (test_clients.py and test_rest.py run
+    on both)."""
+    return f"sqlite:///{tmp_path / 'trellis.db'}"
+
+
+def _serial(ctx: Context, name: str) -> Serial:
+    return add_client(ctx, ClientRequest(VpnName(name))).serial
+
+
+def test_configuring_a_path_writes_the_file_at_once(vpn: Context, crl_file: Path) -> None:
+    assert crl_file.read_bytes() == crl_pem(vpn)
+    assert crl_health(vpn) is None
+
+
+def test_every_unexpired_ca_has_a_crl_even_mid_rotation(vpn: Context, crl_file: Path) -> None:
+    """A prepared intermediate issues nothing yet, but once it is activated its clients must
+    pass CRL_CHECK_ALL at once: its CRL is in the file from the moment it exists."""
+    old = active_issuer(vpn, "vpn").certificate
+    [transition] = rotate(vpn, "vpn", force=True)
+    assert transition.event == "prepared"
+    assert crl_health(vpn) is not None  # the file lacks the new CA's CRL until rewritten
+    write_crl_file(vpn)
+    issuers = [crl.issuer for crl in crls_in(crl_file.read_bytes())]
+    assert len(issuers) == 3 and issuers[0] == old.subject
+    assert crl_health(vpn) is None
+
+
+def test_the_job_rewrites_only_what_changed_and_reports_health(
+    vpn: Context, crl_file: Path, clock: FixedClock
+) -> None:
+    job = job_named("openvpn-crl")
+    assert job.run(vpn) == "1 OpenVPN CRL file(s) current"
+    mtime = crl_file.stat().st_mtime_ns
+    crl_file.touch()
+    touched = crl_file.stat().st_mtime_ns
+    job.run(vpn)
+    assert crl_file.stat().st_mtime_ns == touched  # unchanged content: not rewritten
+    # a revocation whose file write was missed (another replica): the job catches up
+    serial = _serial(vpn, "mallory")
+    # (publish=False: as if another replica revoked and this host's file was not rewritten)
+    certs.revoke_certificate(vpn, serial, RevocationReason.KEY_COMPROMISE, "test", publish=False)
+    assert crl_health(vpn) is None  # not stale yet: within CRL_STALE_AFTER
+    clock.advance(dt.timedelta(minutes=6))
+    assert "holds CRL #" in (crl_health(vpn) or "")
+    job.run(vpn)
+    assert crl_health(vpn) is None
+    listed = [entry.serial_number for crl in crls_in(crl_file.read_bytes()) for entry in crl]
+    assert listed == [serial.value]
+    assert mtime != crl_file.stat().st_mtime_ns
+
+
+def test_health_warns_before_openvpn_would_refuse_everybody(
+    vpn: Context, crl_file: Path, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock.advance(dt.timedelta(hours=11))
+    assert crl_health(vpn) is None
+    clock.advance(dt.timedelta(hours=2))  # 11 h of the 24 h left: the job has been failing
+    assert "expires at" in (crl_health(vpn) or "")
+    clock.advance(dt.timedelta(hours=12))
+    problem = crl_health(vpn) or ""
+    assert "expired" in problem and "refuses every client" in problem
+
+    def read_only(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("ca.openvpn.write_atomic", read_only)
+    with pytest.raises(Unavailable, match=r"cannot write the CRL file .*Read-only"):
+        job_named("openvpn-crl").run(vpn)
+    monkeypatch.undo()
+    job_named("openvpn-crl").run(vpn)  # writable again: re-signed, rewritten, healthy
+    assert crl_health(vpn) is None
+    first = crls_in(crl_file.read_bytes())[0]
+    assert first.next_update_utc == clock.now() + dt.timedelta(hours=24)
+
+
+def test_a_failed_write_does_not_hide_the_revocation(
+    vpn: Context, crl_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ca.openvpn import revoke_client
+
+    serial = _serial(vpn, "oscar")
+
+    def full(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ca.openvpn.write_atomic", full)
+    result = revoke_client(vpn, VpnName("oscar"))
+    assert [info.serial for info in result.revoked] == [serial]
+    assert "No space left" in (result.crl_error or "")
+    assert certs.get_certificate(vpn, serial).status is certs.CertStatus.REVOKED
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param(None, "cannot read", id="missing"),
+        pytest.param(b"garbage", "no CRL for CA", id="not-crls"),
+        pytest.param(
+            b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n", "parse", id="bad"
+        ),
+    ],
+)
+def test_health_names_a_broken_file(
+    vpn: Context, crl_file: Path, content: bytes | None, problem: str
+) -> None:
+    if content is None:
+        crl_file.unlink()
+    else:
+        crl_file.write_bytes(content)
+    assert problem in (crl_health(vpn) or "")
+    assert (crl_health(vpn) or "").startswith("openvpn vpn: ")
+
+
+def test_health_checks_signatures_not_just_names(
+    vpn: Context, crl_file: Path, tmp_path: Path
+) -> None:
+    """A CRL with the right issuer name from another key (say, of a re-initialised authority)
+    does not count."""
+    from ca.openvpn import InitParams, init_openvpn
+
+    stale = crl_file.read_bytes()
+    init_openvpn(vpn, InitParams(force=True))
+    from ca.openvpn import ConfigureParams, configure
+
+    configure(vpn, ConfigureParams(crl_path=crl_file))
+    assert crl_health(vpn) is None
+    crl_file.write_bytes(stale)
+    assert "no CRL for CA" in (crl_health(vpn) or "")
+
+
+def test_the_crl_path_never_clobbers_another_file(vpn: Context, tmp_path: Path) -> None:
+    from ca.errors import InvalidInput
+    from ca.openvpn import ConfigureParams, configure, get_config
+
+    precious = tmp_path / "passwd"
+    precious.write_text("root:x:0:0::/root:/bin/sh\n")
+    for target in (precious, tmp_path):
+        with pytest.raises(InvalidInput, match="not a CRL file"):
+            configure(vpn, ConfigureParams(crl_path=target))
+    assert precious.read_text().startswith("root:")
+    moved = tmp_path / "elsewhere" / "crl.pem"
+    configure(vpn, ConfigureParams(crl_path=moved))  # new files and CRL files are fine
+    configure(vpn, ConfigureParams(crl_path=moved))
+    assert get_config(vpn).crl_path == moved and crls_in(moved.read_bytes())

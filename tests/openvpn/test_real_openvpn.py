@@ -1,0 +1,262 @@
+"""The real programs: an ``openvpn`` server built from ``trellis openvpn server-config`` and
+``openvpn`` clients running the generated .ovpn as is, on 127.0.0.1.
+
+Server mode needs a tun device, so the server runs peer-to-peer TLS (``--tls-server``, ``--dev
+null``) over TCP with every security directive of the rendered server.conf (ca, cert, key, dh
+none, tls-version-min, remote-cert-tls client, tls-crypt-v2, tls-crypt, crl-verify) and only the
+server-mode lines replaced. A p2p TCP server serves one connection at a time and starts a fresh
+TLS session (re-reading crl-verify if the file changed) when a connection ends, in the same
+process; in server mode every new client gets a fresh session. Clients add ``--dev null`` (no
+tun) and ``--connect-retry-max 1`` (give up instead of retrying) on the command line; remote,
+proto and every inline block come from the profile.
+
+Trellis commands run in-process through the Typer app (``InProcessTrellis``) to keep the suite
+fast; the offboarding command runs as a real ``trellis`` process, as an operator types it.
+
+Skipped, saying why, only when the ``openvpn`` binary is missing (CI installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.openvpn.vpnkit import InProcessTrellis, openvpn_binary, parse_profile, replace_block
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(openvpn_binary() is None, reason="the openvpn binary is not installed"),
+]
+
+SERVER_CN = "vpn.example.org"
+CONNECTED = "Initialization Sequence Completed"
+LISTENING = "Listening for incoming TCP connection"
+# Directives a p2p TLS server cannot use (they need server mode and a tun device).
+SERVER_MODE_ONLY = {"port", "proto", "dev", "topology", "server", "keepalive", "persist-tun"}
+
+
+@dataclass
+class OpenVpn:
+    """One openvpn process; its log is a file we poll."""
+
+    args: list[str]
+    log: Path
+    cwd: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        handle = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [str(openvpn_binary()), *self.args], cwd=self.cwd, stdout=handle, stderr=handle
+        )
+        handle.close()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, self.text())) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} (x{count}) in {self.log}:\n{self.text()}")
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = 20) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"openvpn did not give up:\n{self.text()}") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Deployment:
+    trellis: InProcessTrellis
+    root: Path
+    server_dir: Path
+    port: int
+    svid: Path
+    logs: list[OpenVpn] = field(default_factory=list)
+
+    def add(self, name: str) -> Path:
+        out = self.root / f"{name}.ovpn"
+        self.trellis.run("openvpn", "client", "add", name, "--out", str(out))
+        return out
+
+    def server(self, name: str, proto: str = "tcp", **replace: str) -> OpenVpn:
+        """The rendered server.conf in p2p form; ``replace`` swaps a directive's value. Any
+        server still running (a failed test's) is stopped first: they share the port."""
+        for process in self.logs:
+            process.stop()
+        lines = (self.server_dir / "server.conf").read_text().splitlines()
+        kept = []
+        for line in lines:
+            if not line or line.startswith("#") or line.split()[0] in SERVER_MODE_ONLY:
+                continue
+            key = line.split()[0]
+            kept.append(f"{key} {replace[key]}" if key in replace else line)
+        p2p = self.root / f"{name}.conf"
+        p2p.write_text(
+            "\n".join(
+                [
+                    *kept,
+                    "dev null",
+                    "tls-server",
+                    "proto tcp-server" if proto == "tcp" else "proto udp",
+                    "local 127.0.0.1",
+                    f"lport {self.port}",
+                    "",
+                ]
+            )
+        )
+        server = OpenVpn(["--config", str(p2p)], self.root / f"{name}.log", self.server_dir)
+        self.logs.append(server)
+        server.wait_for(LISTENING if proto == "tcp" else "UDPv4 link local")
+        return server
+
+    def client(self, profile: Path, log: str) -> OpenVpn:
+        client = OpenVpn(
+            ["--config", str(profile), "--dev", "null", "--connect-retry-max", "1"],
+            self.root / f"{log}.log",
+            self.root,
+        )
+        self.logs.append(client)
+        return client
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """What an operator types: a mesh CA with one minted SVID, and an OpenVPN CA whose server
+    files are in ``server/`` and whose clients connect to 127.0.0.1 over TCP."""
+    root = tmp_path_factory.mktemp("openvpn-e2e")
+    trellis = InProcessTrellis(root / "var", f"sqlite:///{root / 'trellis.db'}")
+    trellis.run("init", "--trust-domain", "example.org")
+    trellis.run(
+        "svid",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/ns/default/sa/web",
+        "--out",
+        str(root / "web"),
+    )
+    port = free_port()
+    trellis.run("openvpn", "init")
+    trellis.run(
+        "openvpn", "configure", "--remote", "127.0.0.1", "--port", str(port), "--proto", "tcp"
+    )
+    server_dir = root / "server"
+    trellis.run("openvpn", "server-config", "--cn", SERVER_CN, "--out", str(server_dir))
+    deployment = Deployment(trellis, root, server_dir, port, root / "web")
+    yield deployment
+    for process in deployment.logs:
+        process.stop()
+
+
+def test_handshake_then_refused_after_revocation_without_restart(deployment: Deployment) -> None:
+    profile = deployment.add("alice")
+    server = deployment.server("server")
+    alice = deployment.client(profile, "alice-1")
+    alice.wait_for(CONNECTED)
+    assert "VERIFY X509NAME OK: CN=vpn.example.org" in alice.text()
+    assert "VERIFY OK: depth=0, CN=alice" in server.text()
+
+    deployment.trellis.process().run("openvpn", "client", "revoke", "alice", "--yes")
+    alice.stop()
+    server.wait_for(LISTENING, count=2)  # the same process, ready for the next connection
+    again = deployment.client(profile, "alice-2")
+    server.wait_for("VERIFY ERROR: depth=0, error=certificate revoked: CN=alice")
+    assert again.wait_exit() != 0
+    assert CONNECTED not in again.text()
+    assert server.process.poll() is None, "the server kept running"
+    assert "SIGHUP" not in server.text()
+    server.stop()
+
+
+def test_a_mesh_svid_is_not_a_vpn_client_certificate(deployment: Deployment) -> None:
+    """The .ovpn of a live client, with only <cert> and <key> swapped for a workload SVID and
+    its key (the tls-crypt-v2 key still gets the packets to TLS): the VPN CA did not issue it."""
+    text = deployment.add("svid-holder").read_text()
+    text = replace_block(text, "cert", (deployment.svid / "svid.pem").read_text())
+    text = replace_block(text, "key", (deployment.svid / "svid.key").read_text())
+    swapped = deployment.root / "svid.ovpn"
+    swapped.write_text(text)
+    server = deployment.server("server-svid")
+    client = deployment.client(swapped, "svid")
+    server.wait_for(r"VERIFY ERROR: depth=\d+, error=unable to get local issuer certificate")
+    assert client.wait_exit() != 0
+    assert CONNECTED not in client.text()
+    server.stop()
+
+
+def test_a_client_certificate_cannot_act_as_the_server(deployment: Deployment) -> None:
+    """A VPN client's certificate (clientAuth only) in the server's place: the client refuses it
+    before it compares names. OpenSSL's own purpose check (a TLS client wants serverAuth) fires
+    first; ``remote-cert-tls server`` would refuse it next, for the same missing EKU."""
+    stolen = parse_profile(deployment.add("rogue").read_text())
+    cert, key = deployment.root / "rogue.crt", deployment.root / "rogue.key"
+    cert.write_text(stolen.blocks["cert"])
+    key.write_text(stolen.blocks["key"])
+    key.chmod(0o600)
+    server = deployment.server("server-rogue", cert=str(cert), key=str(key))
+    victim = deployment.client(deployment.add("victim"), "victim")
+    assert victim.wait_exit() != 0
+    text = victim.text()
+    assert CONNECTED not in text
+    assert "VERIFY ERROR: depth=0, error=unsuitable certificate purpose: CN=rogue" in text, text
+    assert "VERIFY X509NAME" not in text
+    server.stop()
+
+
+def test_a_shared_tls_crypt_client_connects_too(deployment: Deployment) -> None:
+    out = deployment.root / "legacy.ovpn"
+    deployment.trellis.run(
+        "openvpn", "client", "add", "legacy", "--tls-crypt", "shared", "--out", str(out)
+    )
+    assert "<tls-crypt>" in out.read_text()
+    server = deployment.server("server-shared")
+    client = deployment.client(out, "legacy")
+    client.wait_for(CONNECTED)
+    client.stop()
+    server.stop()
+
+
+def test_the_default_udp_profile_connects(deployment: Deployment) -> None:
+    """UDP is the default proto: a profile made after ``configure --proto udp`` says so, and a
+    UDP server (same port number) takes it."""
+    deployment.trellis.run("openvpn", "configure", "--proto", "udp")
+    try:
+        profile = deployment.add("roamer")
+        assert "proto udp" in parse_profile(profile.read_text()).directives
+        server = deployment.server("server-udp", proto="udp")
+        client = deployment.client(profile, "roamer")
+        client.wait_for(CONNECTED)
+        assert "VERIFY OK: depth=0, CN=roamer" in server.text()
+        client.stop()
+        server.stop()
+    finally:
+        deployment.trellis.run("openvpn", "configure", "--proto", "tcp")
+
+
+def test_profiles_and_keys_are_private(deployment: Deployment) -> None:
+    assert (deployment.root / "alice.ovpn").stat().st_mode & 0o777 == 0o600
+    for name in ("server.key", "tls-crypt-v2.key", "tls-crypt.key"):
+        assert (deployment.server_dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert os.access(deployment.server_dir / "crl.pem", os.R_OK)

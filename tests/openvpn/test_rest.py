@@ -1,0 +1,139 @@
+"""``/v1/openvpn/...`` over HTTP (in-process ``TestClient``), on SQLite and PostgreSQL: the same
+operations as the CLI, problem documents for every refusal, the public CRL endpoint, and what
+OpenAPI says about them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.routes.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ServerConfigOut
+from ca.config import Context
+from ca.tokens import create_admin_token
+from tests.api.restkit import assert_problem, bearer
+from tests.openvpn.vpnkit import crls_in, parse_profile
+
+OVPN = "application/x-openvpn-profile"
+
+
+@pytest.fixture
+def api(ctx: Context) -> Iterator[TestClient]:
+    _info, secret = create_admin_token(ctx, "tests/openvpn")
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        client.headers.update(bearer(secret))
+        yield client
+
+
+def _ready(api: TestClient, crl: Path) -> None:
+    assert api.post("/v1/openvpn/init", json={}).status_code == 201
+    body = {"remote": "vpn.example.org", "port": 1194, "proto": "udp", "crl_path": str(crl)}
+    response = api.patch("/v1/openvpn", json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_onboarding_and_offboarding(api: TestClient, tmp_path: Path) -> None:
+    crl = tmp_path / "crl.pem"
+    _ready(api, crl)
+    shown = api.get("/v1/openvpn").json()
+    assert set(shown) == set(OpenVpnOut.model_fields)
+    assert shown["crl_path"] == str(crl.resolve()) and shown["key_store"] == "file"
+
+    created = api.post("/v1/openvpn/clients", json={"name": "alice"})
+    assert created.status_code == 201, created.text
+    assert created.headers["content-type"].startswith(OVPN)
+    assert created.headers["content-disposition"] == 'attachment; filename="alice.ovpn"'
+    assert created.headers["cache-control"] == "no-store"
+    profile = parse_profile(created.text)
+    assert "remote vpn.example.org 1194" in profile.directives
+    serial = format(profile.certificates("cert")[0].serial_number, "x")
+    assert created.headers["x-certificate-serial"] == serial
+
+    listed = api.get("/v1/openvpn/clients").json()
+    assert [set(item) for item in listed] == [set(ClientOut.model_fields)]
+    assert (listed[0]["name"], listed[0]["status"], listed[0]["serial"]) == (
+        "alice",
+        "active",
+        serial,
+    )
+
+    renewed = api.post("/v1/openvpn/clients/alice/renew", json={"ttl": "7d"})
+    assert renewed.status_code == 200 and renewed.headers["content-type"].startswith(OVPN)
+    new_serial = renewed.headers["x-certificate-serial"]
+    assert new_serial != serial
+
+    revoked = api.post("/v1/openvpn/clients/alice/revoke", json={"reason": "keyCompromise"})
+    assert revoked.status_code == 200, revoked.text
+    body = revoked.json()
+    assert set(body) == set(ClientRevokedOut.model_fields)
+    assert [c["serial"] for c in body["revoked"]] == [new_serial]
+    assert body["revoked"][0]["revoked_by"].startswith("admin-token:")
+    assert body["revoked"][0]["spiffe_id"] == "CN=alice"
+    assert body["crl_path"] == str(crl.resolve()) and body["crl_error"] is None
+    on_file = {entry.serial_number for c in crls_in(crl.read_bytes()) for entry in c}
+    assert on_file == {int(serial, 16), int(new_serial, 16)}
+
+    public = TestClient(api.app)  # no credential
+    pem = public.get("/v1/openvpn/crl.pem")
+    assert pem.status_code == 200 and pem.headers["content-type"] == "application/x-pem-file"
+    assert pem.content == crl.read_bytes()
+
+
+def test_refusals_are_problems(api: TestClient, tmp_path: Path) -> None:
+    assert_problem(api.get("/v1/openvpn"), 404)
+    assert_problem(api.post("/v1/openvpn/clients", json={"name": "alice"}), 404)
+    _ready(api, tmp_path / "crl.pem")
+    assert_problem(api.post("/v1/openvpn/init", json={}), 409)
+    assert api.post("/v1/openvpn/clients", json={"name": "alice"}).status_code == 201
+    duplicate = assert_problem(api.post("/v1/openvpn/clients", json={"name": "alice"}), 409)
+    assert "live certificate" in duplicate["detail"]
+    for bad in (
+        {"name": "-rf"},
+        {"name": "a b"},
+        {"name": "x", "tls_crypt": "v9"},
+        {"name": "x", "ttl": "forever"},
+        {"name": "x", "surprise": 1},
+    ):
+        assert_problem(api.post("/v1/openvpn/clients", json=bad), 400)
+    assert_problem(api.patch("/v1/openvpn", json={"port": 0}), 400)
+    assert_problem(api.patch("/v1/openvpn", json={"remote": "a b"}), 400)
+    assert_problem(api.post("/v1/openvpn/clients/bob/renew", json={}), 404)
+    assert_problem(api.post("/v1/openvpn/clients/bob/revoke", json={}), 404)
+    assert_problem(api.post("/v1/openvpn/clients/alice/revoke", json={"reason": "bored"}), 400)
+    assert_problem(api.post("/v1/openvpn/server-config", json={"network": "10.0.0.0/33"}), 400)
+    anonymous = TestClient(api.app)
+    assert_problem(anonymous.get("/v1/openvpn/clients"), 401)
+    assert_problem(anonymous.post("/v1/openvpn/clients", json={"name": "eve"}), 401)
+    assert_problem(anonymous.get("/v1/openvpn/crl.pem?authority=mesh2"), 404)
+
+
+def test_server_files(api: TestClient, tmp_path: Path) -> None:
+    _ready(api, tmp_path / "crl.pem")
+    assert_problem(api.post("/v1/openvpn/server-cert", json={"cn": "bad name"}), 400)
+    cert = api.post("/v1/openvpn/server-cert", json={"cn": "vpn.example.org"})
+    assert cert.status_code == 201, cert.text
+    assert set(cert.json()) == {"common_name", "serial", "expires_at", "certificate", "key"}
+    config = api.post("/v1/openvpn/server-config", json={"network": "10.7.0.0/24"})
+    assert config.status_code == 201, config.text
+    body: dict[str, Any] = config.json()
+    assert set(body) == set(ServerConfigOut.model_fields)
+    assert "server 10.7.0.0 255.255.255.0" in body["files"]["server.conf"]
+    assert body["private"] == ["server.key", "tls-crypt-v2.key", "tls-crypt.key"]
+    # clients pin the server CN given last
+    ovpn = api.post("/v1/openvpn/clients", json={"name": "bob", "tls_crypt": "shared"}).text
+    assert "verify-x509-name vpn.example.org name" in parse_profile(ovpn).directives
+
+
+def test_openapi_documents_the_openvpn_operations(api: TestClient) -> None:
+    spec = api.get("/openapi.json").json()
+    operations = spec["paths"]
+    add = operations["/v1/openvpn/clients"]["post"]["responses"]
+    assert {"201", "400", "401", "403", "409", "413"} <= set(add)
+    assert OVPN in add["201"]["content"]
+    assert "application/problem+json" in add["409"]["content"]
+    assert "security" not in operations["/v1/openvpn/crl.pem"]["get"]
+    assert "security" in operations["/v1/openvpn/clients/{name}/revoke"]["post"]

@@ -1,0 +1,196 @@
+"""Server certificates and the server directory; where the tls-crypt keys are held (sealed
+files, or Vault KV when the authority's keys are in Vault); ``init --force``."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from ca.authority import active_issuer
+from ca.config import Context, Settings, build_context
+from ca.errors import Conflict, Unavailable
+from ca.openvpn import (
+    PRIVATE_FILES,
+    ClientRequest,
+    InitParams,
+    ServerRequest,
+    VpnName,
+    add_client,
+    get_config,
+    init_openvpn,
+    issue_server_cert,
+    list_clients,
+    server_config,
+    write_files,
+)
+from ca.store.models_openvpn import OpenVpnRow
+from ca.tlscryptv2 import ServerKey, StaticKey
+from tests.openvpn.conftest import REMOTE
+from tests.openvpn.vpnkit import DATA, assert_vpn_leaf, crls_in, normalise
+from tests.vault.conftest import bao_path, close, openbao, vault_settings  # noqa: F401
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: nothing here depends on the database (test_clients.py and test_rest.py run
+    on both)."""
+    return f"sqlite:///{tmp_path / 'trellis.db'}"
+
+
+def test_server_certificate(vpn: Context) -> None:
+    credentials = issue_server_cert(vpn, ServerRequest())
+    leaf, *chain = x509.load_pem_x509_certificates(credentials.certificate_pem)
+    issuer = active_issuer(vpn, "vpn")
+    assert chain == [issuer.certificate]
+    assert_vpn_leaf(leaf, issuer.certificate, REMOTE, "server")
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [REMOTE]
+    issue_server_cert(vpn, ServerRequest(common_name=VpnName("vpn2.example.org")))
+    assert get_config(vpn).server_cn == "vpn2.example.org"  # new profiles pin the new name
+
+
+def test_server_directory(vpn: Context, tmp_path: Path) -> None:
+    out = tmp_path / "server"
+    files = server_config(vpn, ServerRequest(), ipaddress.IPv4Network("10.9.0.0/24"), out)
+    written = write_files(files, out)
+    assert [p.name for p in written] == [
+        "server.conf",
+        "ca.pem",
+        "server.crt",
+        "server.key",
+        "tls-crypt-v2.key",
+        "tls-crypt.key",
+        "crl.pem",
+    ]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in written}
+    assert {name for name, mode in modes.items() if mode == 0o600} == PRIVATE_FILES
+    golden = (DATA / "server.conf.golden").read_text(encoding="utf-8")
+    # a CRL path was configured elsewhere (the vpn fixture): server.conf names that file
+    assert normalise(files["server.conf"]).replace(str(get_config(vpn).crl_path), "CRL") == golden
+    issuer = active_issuer(vpn, "vpn")
+    assert x509.load_pem_x509_certificates(files["ca.pem"]) == [issuer.certificate, *issuer.roots]
+    assert len(crls_in(files["crl.pem"])) == 2
+    ServerKey.from_pem(files["tls-crypt-v2.key"])
+    StaticKey.from_pem(files["tls-crypt.key"])
+
+
+def test_the_first_server_directory_holds_the_crl_file(
+    vpn_unconfigured: Context, tmp_path: Path
+) -> None:
+    from ca.openvpn import ConfigureParams, configure
+
+    configure(vpn_unconfigured, ConfigureParams(remote=REMOTE))
+    files = server_config(vpn_unconfigured, ServerRequest(), out_dir=tmp_path / "srv")
+    assert b"\ncrl-verify crl.pem\n" in files["server.conf"]
+    assert get_config(vpn_unconfigured).crl_path == (tmp_path / "srv" / "crl.pem").resolve()
+
+
+def test_a_server_cn_needs_a_name(vpn_unconfigured: Context) -> None:
+    with pytest.raises(Conflict, match="no server CN"):
+        issue_server_cert(vpn_unconfigured, ServerRequest())
+
+
+def test_tls_crypt_keys_are_sealed_files(vpn: Context) -> None:
+    row = _row(vpn)
+    assert row.secret_store == "file"
+    secrets_dir = vpn.settings.data_dir / "secrets"
+    sealed = sorted(secrets_dir.iterdir())
+    assert [p.name for p in sealed] == sorted(
+        [f"{row.tls_crypt_v2_ref}.sealed", f"{row.tls_crypt_ref}.sealed"]
+    )
+    assert secrets_dir.stat().st_mode & 0o777 == 0o700
+    server = ServerKey.from_pem(server_config(vpn, ServerRequest())["tls-crypt-v2.key"])
+    for path in sealed:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert server.raw not in path.read_bytes()
+        assert b"TRELLIS SEALED SECRET" in path.read_bytes()
+    # another passphrase cannot open them
+    wrong = build_context(
+        Settings(
+            data_dir=vpn.settings.data_dir,
+            database_url=vpn.settings.database_url,
+            key_passphrase="another-passphrase-entirely",  # type: ignore[arg-type]
+        ),
+        migrate=False,
+    )
+    try:
+        with pytest.raises(Unavailable, match="wrong key passphrase"):
+            add_client(wrong, ClientRequest(VpnName("nobody")))
+    finally:
+        wrong.close()
+
+
+def test_init_force_replaces_the_deployment(vpn: Context) -> None:
+    add_client(vpn, ClientRequest(VpnName("alice")))
+    before = _row(vpn)
+    old_key = server_config(vpn, ServerRequest())["tls-crypt-v2.key"]
+    with pytest.raises(Conflict, match="--force"):
+        init_openvpn(vpn, InitParams())
+    init_openvpn(vpn, InitParams(force=True))
+    after = _row(vpn)
+    assert after.tls_crypt_v2_ref != before.tls_crypt_v2_ref
+    assert not (vpn.settings.data_dir / "secrets" / f"{before.tls_crypt_v2_ref}.sealed").exists()
+    assert list_clients(vpn) == []
+    assert after.remote is None  # configure again: the old settings went with the old CA
+    from ca.openvpn import ConfigureParams, configure
+
+    configure(vpn, ConfigureParams(remote=REMOTE))
+    assert server_config(vpn, ServerRequest())["tls-crypt-v2.key"] != old_key
+
+
+def test_init_never_takes_over_another_authority(ctx: Context) -> None:
+    for force in (False, True):
+        with pytest.raises(Conflict, match="spiffe authority"):
+            init_openvpn(ctx, InitParams(name="mesh", force=force))
+    assert active_issuer(ctx).trust_domain is not None  # the mesh is untouched
+
+
+def test_with_vault_the_keys_are_in_kv(
+    tmp_path: Path,
+    openbao: object,  # noqa: F811
+) -> None:
+    ctx = build_context(vault_settings(tmp_path, openbao))  # type: ignore[arg-type]
+    try:
+        init_openvpn(ctx, InitParams(key_backend="vault"))
+        row = _row(ctx)
+        assert row.secret_store == "vault"
+        assert not (ctx.settings.data_dir / "secrets").exists()
+        stored = openbao.api("GET", f"secret/data/trellis/{row.tls_crypt_v2_ref}")  # type: ignore[attr-defined]
+        assert stored["data"]["data"]["value"]
+        from ca.openvpn import ConfigureParams, configure
+
+        configure(ctx, ConfigureParams(remote=REMOTE))
+        ctx.cache.clear()  # read back from Vault, not from the process cache
+        files = server_config(ctx, ServerRequest())
+        assert len(ServerKey.from_pem(files["tls-crypt-v2.key"]).raw) == 128
+    finally:
+        close(ctx)
+
+
+def _row(ctx: Context) -> OpenVpnRow:
+    from sqlmodel import Session
+
+    with Session(ctx.engine) as session:
+        row = session.get(OpenVpnRow, "vpn")
+        assert row is not None
+        return row
+
+
+def test_the_openvpn_migration_is_a_branch_off_0004() -> None:
+    """Features add sibling migrations off 0004 (applied with ``upgrade heads``, later joined by
+    a merge revision): 0006 is on the way from every head down to base."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import ca.store.db
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(ca.store.db.__file__).parent / "migrations"))
+    script = ScriptDirectory.from_config(config)
+    revision = script.get_revision("0006")
+    assert revision is not None and revision.down_revision == "0004"
+    for head in script.get_heads():
+        assert "0006" in {r.revision for r in script.iterate_revisions(head, "base")}

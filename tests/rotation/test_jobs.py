@@ -1,0 +1,227 @@
+"""Scheduled jobs (docs/rotation.md "Scheduled jobs"): every job runs once at start-up, each run
+is recorded and shown by ``trellis jobs list``, failures back off and show up in ``/readyz``
+after three in a row without making the replica unready."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from ca import scheduler
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.jobs import JOBS, Job, job_named
+from ca.scheduler import FAILING_AFTER, job_statuses, run_job, start_scheduler
+from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests.conftest import PASSPHRASE, free_port
+from tests.rotation.rotkit import SQLITE_ONLY, cert_of, only
+
+# The jobs docs/rotation.md describes (other features add their own to ca.jobs.JOBS).
+ROTATION_JOBS = ("ca-rotation", "crl-resign", "server-certificate", "prune-renewal-nonces")
+
+
+def cli_for(ctx: Context) -> Trellis:
+    cli = Trellis(ctx.settings.data_dir, ctx.settings.effective_database_url)
+    cli.env["TRELLIS_KEY_PASSPHRASE"] = PASSPHRASE
+    return cli
+
+
+def jobs_json(ctx: Context) -> dict[str, dict[str, Any]]:
+    listed = cli_for(ctx).json("jobs", "list")
+    assert isinstance(listed, list)
+    return {job["name"]: job for job in listed}
+
+
+def parse_time(value: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@SQLITE_ONLY
+@pytest.mark.slow
+def test_every_job_runs_once_at_start_up_and_jobs_list_shows_it(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    before = jobs_json(drill_ctx)
+    assert set(before) == {job.name for job in JOBS} >= set(ROTATION_JOBS)
+    assert all(j["runs"] == 0 and j["last_ok"] is None for j in before.values())
+
+    # down past the intermediate's activation moment: the start-up run performs it at once
+    first = only(drill_ctx, "intermediate", "active")
+    clock.current = cert_of(first).not_valid_after_utc - dt.timedelta(seconds=5)
+    started = start_scheduler(drill_ctx)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(s.runs >= 1 for s in job_statuses(drill_ctx)):
+            assert time.monotonic() < deadline, job_statuses(drill_ctx)
+            time.sleep(0.1)
+    finally:
+        started.shutdown(wait=True)
+    assert only(drill_ctx, "intermediate", "active").serial != first.serial
+
+    listed = jobs_json(drill_ctx)
+    for job in JOBS:  # every job, including those other features add, ran at start-up
+        shown = listed[job.name]
+        assert shown["runs"] >= 1, shown
+        assert shown["every_seconds"] == job.every_seconds
+        assert parse_time(shown["last_started"]) == clock.now()
+        assert parse_time(shown["next_run"]) == clock.now() + dt.timedelta(
+            seconds=job.every_seconds
+        )
+        assert shown["node"]
+    for name in ROTATION_JOBS:
+        shown = listed[name]
+        assert (shown["last_ok"], shown["consecutive_failures"]) == (True, 0), shown
+    assert listed["prune-renewal-nonces"]["runs"] == 1  # hourly: only its start-up run
+    assert "activated" in listed["ca-rotation"]["last_result"]
+
+
+def test_each_run_is_recorded(ctx: Context, clock: FixedClock) -> None:
+    job = job_named("prune-renewal-nonces")
+    first = run_job(ctx, job)
+    assert first is not None
+    assert (first.runs, first.last_ok, first.consecutive_failures) == (1, True, 0)
+    assert first.last_result == "pruned 0 spent renewal proof(s)"
+    assert first.next_run is not None and first.last_started is not None
+    clock.advance(dt.timedelta(seconds=7))
+    second = run_job(ctx, job)
+    assert second is not None and second.runs == 2
+    (status,) = [s for s in job_statuses(ctx) if s.name == job.name]
+    assert status.runs == 2 and status.last_ok is True
+    assert status.last_started == clock.now()
+    assert status.next_run == clock.now() + dt.timedelta(hours=1)
+
+
+@dataclasses.dataclass
+class Breakable:
+    """``crl-resign`` replaced by a job that raises while ``broken``."""
+
+    broken: bool = True
+
+    def run(self, _ctx: Context) -> str:
+        if self.broken:
+            raise RuntimeError("disk on fire")
+        return "fine again"
+
+    @property
+    def job(self) -> Job:
+        return dataclasses.replace(job_named("crl-resign"), run=self.run)
+
+
+@pytest.fixture
+def failing(monkeypatch: pytest.MonkeyPatch) -> Breakable:
+    breakable = Breakable()
+    job = breakable.job
+    monkeypatch.setattr(scheduler, "JOBS", tuple(job if j.name == job.name else j for j in JOBS))
+    return breakable
+
+
+def test_a_failing_job_is_recorded_and_shown_in_readyz(
+    ctx: Context, failing: Breakable, caplog: pytest.LogCaptureFixture
+) -> None:
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        for n in range(1, FAILING_AFTER + 2):
+            row = run_job(ctx, failing.job)
+            assert row is not None
+            assert (row.last_ok, row.consecutive_failures, row.runs) == (False, n, n)
+            assert row.last_result == "RuntimeError: disk on fire"
+            ready = client.get("/readyz")
+            assert ready.status_code == 200, "a failing job made the replica unready"
+            body = ready.json()
+            assert body["status"] == "ok"
+            if n < FAILING_AFTER:
+                assert body["detail"]["jobs"] == "ok"
+            else:
+                assert body["detail"]["jobs"] == (
+                    f"failing: crl-resign ({n}x: RuntimeError: disk on fire)"
+                )
+        assert "job crl-resign failed" in caplog.text and "disk on fire" in caplog.text
+
+        shown = jobs_json(ctx)["crl-resign"]
+        assert (shown["last_ok"], shown["consecutive_failures"]) == (False, FAILING_AFTER + 1)
+
+        failing.broken = False
+        row = run_job(ctx, failing.job)
+        assert row is not None and (row.last_ok, row.consecutive_failures) == (True, 0)
+        assert client.get("/readyz").json()["detail"]["jobs"] == "ok"
+
+
+class RecordingScheduler:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def add_job(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append({"positional": args, **kwargs})
+
+
+@SQLITE_ONLY
+def test_failures_are_retried_with_exponential_backoff(ctx: Context, failing: Breakable) -> None:
+    recorder = RecordingScheduler()
+    delays = []
+    for _ in range(5):
+        before = dt.datetime.now(dt.UTC)
+        scheduler._tick(ctx, recorder, failing.job)  # type: ignore[arg-type]
+        call = recorder.calls[-1]
+        assert call["positional"][1] == "date" and call["id"] == "crl-resign-retry"
+        assert call["replace_existing"] is True
+        delays.append(round((call["run_date"] - before).total_seconds()))
+    assert delays == [10, 20, 40, 60, 60]  # capped at the job's interval (60 s)
+    failing.broken = False
+    scheduler._tick(ctx, recorder, failing.job)  # type: ignore[arg-type]
+    assert len(recorder.calls) == 5, "a successful run scheduled a retry"
+
+
+@pytest.mark.slow
+def test_serve_starts_after_downtime_past_the_intermediate_expiry(tmp_path: Path) -> None:
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    created = cli.json(
+        "init", "--trust-domain", "example.org", "--ca-ttl", "6s", "--svid-ttl", "1s"
+    )
+    assert isinstance(created, dict)
+    expires = parse_time(created["intermediate_not_after"])
+    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.5)
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [TRELLIS, "serve", "--port", str(port)],
+            env=cli.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    tls = ssl.create_default_context(cafile=str(cli.data_dir / "bundle.pem"))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"serve exited {process.returncode}: {log.read_text()}"
+            try:
+                if httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls, timeout=2).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        status = cli.json("authority", "status")
+        assert isinstance(status, dict)
+        active = [
+            c for c in status["cas"] if c["role"] == "intermediate" and c["state"] == "active"
+        ]
+        assert len(active) == 1 and parse_time(active[0]["not_after"]) > dt.datetime.now(dt.UTC)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)

@@ -1,0 +1,404 @@
+"""Root rotation by explicit steps (docs/rotation.md): publish → switch → retire, with
+cross-signing both ways so a relying party that trusts either root verifies SVIDs of either
+hierarchy; checked with real ``openssl verify -x509_strict -attime``."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from cryptography import x509
+
+from ca.authority import AuthorityParams, active_issuer, init_authority
+from ca.bundle import read_bundle
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.durations import Ttl
+from ca.errors import Conflict
+from ca.issue import IssuedSvid
+from ca.jobs import rotate_cas
+from ca.root_rotation import RootRotation, rotate_root
+from ca.rotation import authority_status, rotate
+from tests.ca.svidkit import enrol
+from tests.certassert import assert_is_ca
+from tests.conftest import TRUST_DOMAIN
+from tests.rotation.rotkit import (
+    BOTH_DATABASES,
+    CA_TTL,
+    SQLITE_ONLY,
+    SVID_TTL,
+    assert_rejected,
+    assert_verifies,
+    ca_rows,
+    cert_of,
+    events,
+    needs_openssl,
+    only,
+)
+
+SECOND = dt.timedelta(seconds=1)
+OVERLAP = Ttl.parse("1m")
+_ids = iter(range(10**6))
+
+
+def svid(ctx: Context) -> IssuedSvid:
+    return enrol(ctx, f"spiffe://example.org/r/{next(_ids)}").svid
+
+
+def bundle_certs(ctx: Context) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(read_bundle(ctx, "mesh").pem)
+
+
+def cross(ctx: Context, subject_id: int | None, issuer_id: int | None) -> x509.Certificate:
+    rows = [
+        r for r in ca_rows(ctx, "cross") if (r.cross_for_id, r.parent_id) == (subject_id, issuer_id)
+    ]
+    assert len(rows) == 1, f"expected one cross certificate {subject_id} by {issuer_id}"
+    return cert_of(rows[0])
+
+
+def publish(ctx: Context) -> RootRotation:
+    return rotate_root(ctx, overlap=OVERLAP)
+
+
+def switch_after(ctx: Context) -> dt.datetime:
+    moment = authority_status(ctx).root_switch_after
+    assert moment is not None
+    return moment
+
+
+def switch(ctx: Context, clock: FixedClock) -> RootRotation:
+    clock.current = switch_after(ctx)
+    return rotate_root(ctx, step=True)
+
+
+def latest_old_expiry(ctx: Context, old_root_id: int | None) -> dt.datetime:
+    with ctx.engine.connect() as connection:
+        value = connection.execute(
+            sa.text(
+                "SELECT max(c.not_after) FROM certificate c JOIN ca i ON c.issuer_ca_id = i.id "
+                "WHERE i.parent_id = :root AND c.status = 'active'"
+            ),
+            {"root": old_root_id},
+        ).scalar_one()
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    assert isinstance(value, dt.datetime)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+@BOTH_DATABASES
+def test_publish_adds_a_cross_signed_root_to_the_bundle(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    old = only(drill_ctx, "root", "active")
+    before = read_bundle(drill_ctx, "mesh")
+    issuing = only(drill_ctx, "intermediate", "active")
+
+    result = publish(drill_ctx)
+    new = only(drill_ctx, "root", "prepared")
+    assert (result.step, result.old_root, result.new_root) == ("published", old.serial, new.serial)
+    assert result.switch_after == clock.now() + OVERLAP.delta
+    assert [t.event for t in result.done] == ["root-published", "cross-signed", "cross-signed"]
+
+    after = read_bundle(drill_ctx, "mesh")
+    assert after.sequence == before.sequence + 1
+    assert bundle_certs(drill_ctx) == [cert_of(old), cert_of(new)]
+    assert_is_ca(cert_of(new), trust_domain=str(TRUST_DOMAIN), path_length=None)
+    assert cert_of(new).public_key() != cert_of(old).public_key()
+
+    # cross-signed both ways: each root's name and key, vouched for by the other root
+    new_by_old = cross(drill_ctx, new.id, old.id)
+    old_by_new = cross(drill_ctx, old.id, new.id)
+    assert_is_ca(new_by_old, trust_domain=str(TRUST_DOMAIN), path_length=None, issuer=cert_of(old))
+    assert_is_ca(old_by_new, trust_domain=str(TRUST_DOMAIN), path_length=None, issuer=cert_of(new))
+    assert new_by_old.public_key() == cert_of(new).public_key()
+    assert old_by_new.public_key() == cert_of(old).public_key()
+    assert len(ca_rows(drill_ctx, "cross")) == 2
+
+    # issuing is unchanged: the same intermediate under the old root
+    assert only(drill_ctx, "intermediate", "active").serial == issuing.serial
+    assert active_issuer(drill_ctx).certificate == cert_of(issuing)
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_an_svid_issued_after_publish_verifies_with_either_root(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    old_root = cert_of(only(drill_ctx, "root", "active"))
+    before = svid(drill_ctx)
+    publish(drill_ctx)
+    new_root = cert_of(only(drill_ctx, "root", "prepared"))
+    clock.advance(5 * SECOND)
+    issued = svid(drill_ctx)
+    old_by_new = cross(
+        drill_ctx, only(drill_ctx, "root", "active").id, only(drill_ctx, "root", "prepared").id
+    )
+    assert issued.issuer.chain == (cert_of(only(drill_ctx, "intermediate", "active")), old_by_new)
+
+    now = clock.now()
+    for anchors in ([old_root], [new_root], [old_root, new_root]):
+        assert_verifies(anchors, issued.certificate, issued.issuer.chain, now)
+    assert_verifies(
+        read_bundle(drill_ctx, "mesh").pem, issued.certificate, issued.issuer.chain, now
+    )
+    # control: without the cross certificate a new-root-only relying party cannot build a path
+    assert_rejected([new_root], before.certificate, before.issuer.chain, now)
+    assert_rejected([new_root], issued.certificate, issued.issuer.chain[:1], now)
+
+
+@BOTH_DATABASES
+def test_switch_is_refused_before_the_overlap_and_allowed_after(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    publish(drill_ctx)
+    switch_at = switch_after(drill_ctx)
+    old_issuing = only(drill_ctx, "intermediate", "active")
+    recorded = events(drill_ctx)
+
+    clock.current = switch_at - SECOND
+    with pytest.raises(Conflict, match="overlap lasts until"):
+        rotate_root(drill_ctx, step=True)
+    assert events(drill_ctx) == recorded
+    assert authority_status(drill_ctx).root_rotation == "published"
+    assert only(drill_ctx, "intermediate", "active").serial == old_issuing.serial
+
+    sequence = read_bundle(drill_ctx, "mesh").sequence
+    clock.current = switch_at
+    result = rotate_root(drill_ctx, step=True)
+    assert result.step == "switched"
+    new_issuing = only(drill_ctx, "intermediate", "active")
+    assert [(t.event, t.serial) for t in result.done] == [
+        ("root-switched", result.new_root),
+        ("prepared", new_issuing.serial),
+        ("retired", old_issuing.serial),
+        ("activated", new_issuing.serial),
+    ]
+    new_root = only(drill_ctx, "root", "active")
+    assert new_root.serial == result.new_root
+    assert new_issuing.parent_id == new_root.id
+    assert only(drill_ctx, "root", "retiring").serial == result.old_root
+    assert only(drill_ctx, "intermediate", "retired").serial == old_issuing.serial
+    # both roots stay published: the switch does not change the bundle
+    assert read_bundle(drill_ctx, "mesh").sequence == sequence
+    assert len(bundle_certs(drill_ctx)) == 2
+
+
+@SQLITE_ONLY
+def test_switch_with_force_ignores_the_overlap(drill_ctx: Context) -> None:
+    publish(drill_ctx)
+    assert rotate_root(drill_ctx, step=True, force=True).step == "switched"
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_after_the_switch_svids_chain_to_the_new_root_and_old_trust_still_works(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    old_root_row = only(drill_ctx, "root", "active")
+    publish(drill_ctx)
+    new_root_row = only(drill_ctx, "root", "prepared")
+    clock.current = switch_after(drill_ctx) - 5 * SECOND
+    from_old_hierarchy = svid(drill_ctx)
+    switch(drill_ctx, clock)
+    clock.advance(2 * SECOND)
+
+    issued = svid(drill_ctx)
+    new_issuing = cert_of(only(drill_ctx, "intermediate", "active"))
+    new_by_old = cross(drill_ctx, new_root_row.id, old_root_row.id)
+    assert issued.issuer.certificate == new_issuing
+    issued.certificate.verify_directly_issued_by(new_issuing)
+    new_issuing.verify_directly_issued_by(cert_of(new_root_row))
+    assert issued.issuer.chain == (new_issuing, new_by_old), "the cross certificate is missing"
+
+    old_root, new_root, now = cert_of(old_root_row), cert_of(new_root_row), clock.now()
+    for anchors in ([old_root], [new_root], [old_root, new_root]):
+        assert_verifies(anchors, issued.certificate, issued.issuer.chain, now)
+    # control: an old-root-only relying party needs that cross certificate
+    assert_rejected([old_root], issued.certificate, (new_issuing,), now)
+    # SVIDs of the old hierarchy keep verifying against the published bundle
+    published = read_bundle(drill_ctx, "mesh").pem
+    assert_verifies(published, from_old_hierarchy.certificate, from_old_hierarchy.issuer.chain, now)
+
+
+@BOTH_DATABASES
+def test_retire_waits_for_the_old_hierarchy_to_expire(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    old_root = only(drill_ctx, "root", "active")
+    publish(drill_ctx)
+    published_sequence = read_bundle(drill_ctx, "mesh").sequence
+    clock.advance(10 * SECOND)
+    svid(drill_ctx)  # old hierarchy
+    switch_at = switch_after(drill_ctx)
+    clock.current = switch_at - SECOND
+    last_old = svid(drill_ctx)  # the last SVID of the old hierarchy
+    clock.current = switch_at
+    rotate_root(drill_ctx, step=True)
+    svid(drill_ctx)  # new hierarchy: does not hold the retirement up
+
+    deadline = latest_old_expiry(drill_ctx, old_root.id)
+    assert deadline == last_old.expires_at == switch_at - SECOND + SVID_TTL.delta
+    recorded = events(drill_ctx)
+    clock.current = deadline - SECOND
+    with pytest.raises(Conflict, match="old hierarchy stay valid until"):
+        rotate_root(drill_ctx, step=True)
+    assert events(drill_ctx) == recorded
+    assert read_bundle(drill_ctx, "mesh").sequence == published_sequence
+
+    clock.current = deadline
+    result = rotate_root(drill_ctx, step=True)
+    assert result.step == "retired"
+    assert [(t.event, t.serial) for t in result.done] == [("root-retired", old_root.serial)]
+    assert only(drill_ctx, "root", "retired").serial == old_root.serial
+    new_root = only(drill_ctx, "root", "active")
+    assert bundle_certs(drill_ctx) == [cert_of(new_root)]
+    assert read_bundle(drill_ctx, "mesh").sequence == published_sequence + 1
+    # the cross certificate is no longer needed (its issuer is not trusted any more)
+    after = svid(drill_ctx)
+    assert after.issuer.chain == (cert_of(only(drill_ctx, "intermediate", "active")),)
+    assert authority_status(drill_ctx).root_rotation == "retired"
+
+
+@SQLITE_ONLY
+def test_retire_with_force_does_not_wait(drill_ctx: Context, clock: FixedClock) -> None:
+    publish(drill_ctx)
+    clock.current = switch_after(drill_ctx) - SECOND
+    svid(drill_ctx)
+    switch(drill_ctx, clock)
+    with pytest.raises(Conflict):
+        rotate_root(drill_ctx, step=True)
+    assert rotate_root(drill_ctx, step=True, force=True).step == "retired"
+    assert len(bundle_certs(drill_ctx)) == 1
+
+
+@BOTH_DATABASES
+def test_rerunning_a_step_with_nothing_to_do_reports_the_state(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    first = publish(drill_ctx)
+
+    def unchanged(expected_step: str) -> None:
+        rows, recorded = len(ca_rows(drill_ctx, "root")), events(drill_ctx)
+        sequence = read_bundle(drill_ctx, "mesh").sequence
+        again = rotate_root(drill_ctx, overlap=Ttl.parse("1h"))
+        assert (again.step, again.done) == (expected_step, ())
+        assert (again.old_root, again.new_root) == (first.old_root, first.new_root)
+        assert again.switch_after == first.switch_after, "a re-run moved the overlap"
+        assert len(ca_rows(drill_ctx, "root")) == rows
+        assert events(drill_ctx) == recorded
+        assert read_bundle(drill_ctx, "mesh").sequence == sequence
+
+    unchanged("published")
+    clock.advance(10 * SECOND)
+    unchanged("published")
+    switch(drill_ctx, clock)
+    unchanged("switched")
+
+
+@SQLITE_ONLY
+def test_rerunning_the_last_step_reports_retired(drill_ctx: Context, clock: FixedClock) -> None:
+    publish(drill_ctx)
+    switch(drill_ctx, clock)
+    done = rotate_root(drill_ctx, step=True)
+    assert done.step == "retired"
+    recorded = events(drill_ctx)
+    again = rotate_root(drill_ctx, step=True)
+    assert (again.step, again.done) == ("retired", ())
+    assert events(drill_ctx) == recorded
+
+
+@SQLITE_ONLY
+def test_step_without_a_rotation_is_refused(drill_ctx: Context) -> None:
+    with pytest.raises(Conflict, match="no root rotation in progress"):
+        rotate_root(drill_ctx, step=True)
+    assert ca_rows(drill_ctx, "cross") == []
+
+
+@SQLITE_ONLY
+def test_status_shows_the_root_rotation_step(drill_ctx: Context, clock: FixedClock) -> None:
+    assert authority_status(drill_ctx).root_rotation is None
+    published = publish(drill_ctx)
+    status = authority_status(drill_ctx)
+    assert (status.root_rotation, status.root_switch_after) == ("published", published.switch_after)
+    roots = {c.serial: c for c in status.cas if c.role == "root"}
+    assert roots[published.new_root].state == "prepared"
+    assert roots[published.new_root].next_transition is not None
+    assert "switch" in roots[published.new_root].next_transition
+    assert roots[published.new_root].next_at == published.switch_after
+    assert status.bundle_sequence == read_bundle(drill_ctx, "mesh").sequence
+
+    switch(drill_ctx, clock)
+    status = authority_status(drill_ctx)
+    roots = {c.serial: c for c in status.cas if c.role == "root"}
+    assert status.root_rotation == "switched"
+    assert (roots[published.old_root].state, roots[published.new_root].state) == (
+        "retiring",
+        "active",
+    )
+    assert "retire" in (roots[published.old_root].next_transition or "")
+
+    rotate_root(drill_ctx, step=True, force=True)
+    status = authority_status(drill_ctx)
+    assert status.root_rotation == "retired"
+    assert {c.serial: c.state for c in status.cas if c.role == "root"} == {
+        published.old_root: "retired",
+        published.new_root: "active",
+    }
+
+
+@SQLITE_ONLY
+def test_intermediates_rotated_during_the_overlap_stay_under_the_old_root(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    old_root = only(drill_ctx, "root", "active")
+    publish(drill_ctx)
+    new_root = only(drill_ctx, "root", "prepared")
+    rotate(drill_ctx, force=True)
+    rotate(drill_ctx, force=True)
+    issuing = only(drill_ctx, "intermediate", "active")
+    assert issuing.parent_id == old_root.id
+    issued = svid(drill_ctx)
+    assert issued.issuer.chain[1:] == (cross(drill_ctx, old_root.id, new_root.id),)
+
+    rotate(drill_ctx, force=True)  # prepared under the old root, then the switch happens
+    stale = only(drill_ctx, "intermediate", "prepared")
+    switch(drill_ctx, clock)
+    assert ca_rows(drill_ctx, state="prepared") == []
+    assert {r.serial for r in ca_rows(drill_ctx, state="retired")} >= {stale.serial}
+    assert only(drill_ctx, "intermediate", "active").parent_id == new_root.id
+    # and the scheduled rotation after the switch keeps to the new root
+    rotate(drill_ctx, force=True)
+    assert only(drill_ctx, "intermediate", "prepared").parent_id == new_root.id
+
+
+@SQLITE_ONLY
+def test_an_expired_root_leaves_the_bundle_an_hour_later(
+    bare_ctx: Context, clock: FixedClock
+) -> None:
+    params = AuthorityParams(
+        TRUST_DOMAIN, ca_ttl=CA_TTL, svid_ttl=SVID_TTL, root_ttl=Ttl.parse("1d")
+    )
+    init_authority(bare_ctx, params)
+    old = cert_of(only(bare_ctx, "root", "active"))
+    clock.advance(dt.timedelta(hours=2))
+    publish(bare_ctx)
+    new = cert_of(only(bare_ctx, "root", "prepared"))
+    assert new.not_valid_after_utc > old.not_valid_after_utc + dt.timedelta(hours=1)
+    switch(bare_ctx, clock)  # issuing under the new root; the old one is still published
+    sequence = read_bundle(bare_ctx, "mesh").sequence
+    assert len(bundle_certs(bare_ctx)) == 2
+
+    clock.current = old.not_valid_after_utc + dt.timedelta(hours=1) - SECOND
+    rotate_cas(bare_ctx)
+    assert read_bundle(bare_ctx, "mesh").sequence == sequence
+    assert len(bundle_certs(bare_ctx)) == 2
+
+    clock.current = old.not_valid_after_utc + dt.timedelta(hours=1)
+    rotate_cas(bare_ctx)
+    assert bundle_certs(bare_ctx) == [new]
+    assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
+    rotate_cas(bare_ctx)
+    assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
