@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TRUST_DOMAIN ?= example.org
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto
 
 .PHONY: run test lint clean
 
@@ -33,3 +33,9 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Issuance benchmark, Trellis against OpenBao PKI (docs/benchmarks.md); e.g. BENCH_ARGS='--seconds 3'.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m tests.bench.issuance $(BENCH_ARGS)
