@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.authority import MESH
 from ca.bundle import read_bundle
 from ca.config import Context
@@ -257,7 +258,7 @@ def _own_trust_domain(session: Session) -> TrustDomain:
     return TrustDomain(auth.trust_domain)
 
 
-def add_federation(ctx: Context, params: FederationParams) -> Federation:
+def add_federation(ctx: Context, params: FederationParams, *, actor: str = "local") -> Federation:
     """Record a relationship; the refresh job fetches its bundle at its next run."""
     td = params.trust_domain
     bootstrap = None
@@ -283,6 +284,14 @@ def add_federation(ctx: Context, params: FederationParams) -> Federation:
             created_at=now,
         )
         session.add(row)
+        audit.record(
+            session,
+            "federation.added",
+            str(td.id()),
+            actor=actor,
+            at=now,
+            detail={"url": params.url, "profile": params.profile.value},
+        )
         try:
             session.commit()
         except sa.exc.IntegrityError:
@@ -307,7 +316,9 @@ def get_federation(ctx: Context, trust_domain: TrustDomain) -> Federation:
         return _view(row)
 
 
-def remove_federation(ctx: Context, trust_domain: TrustDomain) -> Federation:
+def remove_federation(
+    ctx: Context, trust_domain: TrustDomain, *, actor: str = "local"
+) -> Federation:
     """§6.3: forget the bundle and stop polling; validators drop it at their next read."""
     with Session(ctx.engine) as session:
         row = session.get(FederatedBundleRow, trust_domain.name)
@@ -315,6 +326,9 @@ def remove_federation(ctx: Context, trust_domain: TrustDomain) -> Federation:
             raise NotFound(f"trust domain {trust_domain} is not federated")
         removed = _view(row)
         session.delete(row)
+        audit.record(
+            session, "federation.removed", str(trust_domain.id()), actor=actor, at=ctx.clock.now()
+        )
         session.commit()
     return removed
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlmodel import Session, col, select
 
+from ca import audit
 from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import trust_anchors
 from ca.certs import CertificateInfo, certificate_info, revoke_certificate
@@ -313,12 +314,15 @@ def _consumer_row(session: Session, name: ConsumerName) -> GatewayConsumerRow:
     return row
 
 
-def add_consumer(ctx: Context, name: ConsumerName, contact: str = "") -> Consumer:
+def add_consumer(
+    ctx: Context, name: ConsumerName, contact: str = "", *, actor: str = "local"
+) -> Consumer:
     if len(contact) > 255 or any(ord(c) < 32 for c in contact):
         raise InvalidInput("a contact is at most 255 printable characters")
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         session.add(GatewayConsumerRow(name=name.value, contact=contact, created_at=now))
+        audit.record(session, "gateway.consumer-added", name.value, actor=actor, at=now)
         try:
             session.commit()
         except sa.exc.IntegrityError:
@@ -338,7 +342,7 @@ def get_consumer(ctx: Context, name: ConsumerName) -> Consumer:
         return _consumer(session, _consumer_row(session, name), ctx.clock.now())
 
 
-def disable_consumer(ctx: Context, name: ConsumerName) -> Consumer:
+def disable_consumer(ctx: Context, name: ConsumerName, *, actor: str = "local") -> Consumer:
     """No new certificates from now on (idempotent). Live ones stay valid until revoked: offboard
     with ``revoke_gateway_certificate`` for each (``Consumer.live_certificates`` says how many)."""
     now = ctx.clock.now()
@@ -347,6 +351,7 @@ def disable_consumer(ctx: Context, name: ConsumerName) -> Consumer:
         if row.disabled_at is None:
             row.disabled_at = now
             session.add(row)
+            audit.record(session, "gateway.consumer-disabled", name.value, actor=actor, at=now)
             session.commit()
         return _consumer(session, row, now)
 

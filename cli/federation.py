@@ -65,7 +65,7 @@ def add(
         bootstrap_bundle=_read(bootstrap_bundle),
         web_ca=_read(ca_file),
     )
-    _show(federation.add_federation(STATE.context(), params), json_out)
+    _show(federation.add_federation(STATE.context(), params, actor="cli"), json_out)
 
 
 @federation_app.command("list")
@@ -100,7 +100,9 @@ def show(trust_domain: str, json_out: JsonOpt = False) -> None:
 @federation_app.command("remove")
 def remove(trust_domain: str, json_out: JsonOpt = False) -> None:
     """Stop trusting a trust domain: its bundle is no longer published or fetched."""
-    removed = federation.remove_federation(STATE.context(), TrustDomain.parse(trust_domain))
+    removed = federation.remove_federation(
+        STATE.context(), TrustDomain.parse(trust_domain), actor="cli"
+    )
     if json_out:
         emit_json(FederationOut.of(removed))
     else:

@@ -79,7 +79,9 @@ def consumer_add(
     json_out: JsonOpt = False,
 ) -> None:
     """Register an API partner."""
-    consumer = gateway.add_consumer(STATE.context(), gateway.ConsumerName(name), contact)
+    consumer = gateway.add_consumer(
+        STATE.context(), gateway.ConsumerName(name), contact, actor="cli"
+    )
     if json_out:
         emit_json(ConsumerOut.of(consumer))
     else:
@@ -110,7 +112,9 @@ def consumer_list(json_out: JsonOpt = False) -> None:
 @consumer_app.command("disable")
 def consumer_disable(name: str, json_out: JsonOpt = False) -> None:
     """No new certificates; live ones stay valid until revoked (trellis gateway cert revoke)."""
-    consumer = ConsumerOut.of(gateway.disable_consumer(STATE.context(), gateway.ConsumerName(name)))
+    consumer = ConsumerOut.of(
+        gateway.disable_consumer(STATE.context(), gateway.ConsumerName(name), actor="cli")
+    )
     if json_out:
         emit_json(consumer)
         return

@@ -94,7 +94,7 @@ ADMIN = {**PROBLEM_RESPONSES, **responses(404)}
     responses={**PROBLEM_RESPONSES, **responses(409)},
     summary="Federate with a foreign trust domain; its bundle is fetched by the refresh job",
 )
-def add_federation(body: FederationCreate, ctx: CtxDep, _admin: AdminDep) -> FederationOut:
+def add_federation(body: FederationCreate, ctx: CtxDep, admin: AdminDep) -> FederationOut:
     params = federation.FederationParams(
         trust_domain=TrustDomain.parse(body.trust_domain),
         url=body.url,
@@ -105,7 +105,7 @@ def add_federation(body: FederationCreate, ctx: CtxDep, _admin: AdminDep) -> Fed
         bootstrap_bundle=body.bootstrap_bundle.encode() if body.bootstrap_bundle else None,
         web_ca=body.ca_pem.encode() if body.ca_pem else None,
     )
-    return FederationOut.of(federation.add_federation(ctx, params))
+    return FederationOut.of(federation.add_federation(ctx, params, actor=str(admin)))
 
 
 @router.get("/v1/federation", response_model=list[FederationOut], responses=PROBLEM_RESPONSES)
@@ -119,9 +119,11 @@ def show_federation(trust_domain: str, ctx: CtxDep, _admin: AdminDep) -> Federat
 
 
 @router.delete("/v1/federation/{trust_domain}", response_model=FederationOut, responses=ADMIN)
-def remove_federation(trust_domain: str, ctx: CtxDep, _admin: AdminDep) -> FederationOut:
+def remove_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> FederationOut:
     """Forget the trust domain's bundle and stop polling it (SPIFFE Federation §6.3)."""
-    return FederationOut.of(federation.remove_federation(ctx, TrustDomain.parse(trust_domain)))
+    return FederationOut.of(
+        federation.remove_federation(ctx, TrustDomain.parse(trust_domain), actor=str(admin))
+    )
 
 
 @router.post(

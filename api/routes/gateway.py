@@ -229,9 +229,9 @@ def show(ctx: CtxDep, _admin: AdminDep) -> GatewayOut:
     status_code=status.HTTP_201_CREATED,
     responses=responses(409),
 )
-def add_consumer(body: ConsumerCreate, ctx: CtxDep, _admin: AdminDep) -> ConsumerOut:
+def add_consumer(body: ConsumerCreate, ctx: CtxDep, admin: AdminDep) -> ConsumerOut:
     name = gateway.ConsumerName(body.name)
-    return ConsumerOut.of(gateway.add_consumer(ctx, name, body.contact))
+    return ConsumerOut.of(gateway.add_consumer(ctx, name, body.contact, actor=str(admin)))
 
 
 @router.get("/consumers", response_model=list[ConsumerOut])
@@ -245,9 +245,11 @@ def show_consumer(name: ConsumerPath, ctx: CtxDep, _admin: AdminDep) -> Consumer
 
 
 @router.post("/consumers/{name}/disable", response_model=ConsumerOut, responses=responses(404))
-def disable_consumer(name: ConsumerPath, ctx: CtxDep, _admin: AdminDep) -> ConsumerOut:
+def disable_consumer(name: ConsumerPath, ctx: CtxDep, admin: AdminDep) -> ConsumerOut:
     """No new certificate from now on; revoke live ones separately to cut access at once."""
-    return ConsumerOut.of(gateway.disable_consumer(ctx, gateway.ConsumerName(name)))
+    return ConsumerOut.of(
+        gateway.disable_consumer(ctx, gateway.ConsumerName(name), actor=str(admin))
+    )
 
 
 @router.post(
