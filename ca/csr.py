@@ -18,7 +18,7 @@ from ca.errors import InvalidCsr, PolicyViolation
 from ca.identity import SpiffeId
 from ca.keys import PublicKey, check_public_key
 
-__all__ = ["ParsedCsr", "check_dns_name", "parse_csr"]
+__all__ = ["ParsedCsr", "check_dns_name", "load_verified_csr", "parse_csr"]
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -47,7 +47,8 @@ class ParsedCsr:
     sha256: bytes  # of the DER CSR: renewal proofs are bound to it
 
 
-def parse_csr(pem: bytes) -> ParsedCsr:
+def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
+    """A PEM CSR whose signature proves possession of its (acceptable) key; nothing else judged."""
     try:
         csr = x509.load_pem_x509_csr(pem)
     except ValueError:
@@ -62,7 +63,11 @@ def parse_csr(pem: bytes) -> ParsedCsr:
         public_key = csr.public_key()
     except Exception:
         raise InvalidCsr("the CSR public key cannot be read") from None
-    key = check_public_key(public_key)
+    return csr, check_public_key(public_key)
+
+
+def parse_csr(pem: bytes) -> ParsedCsr:
+    csr, key = load_verified_csr(pem)
     spiffe_id: SpiffeId | None = None
     dns: tuple[str, ...] = ()
     try:

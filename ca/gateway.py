@@ -39,10 +39,10 @@ from ca.bundle import trust_anchors
 from ca.certs import CertificateInfo, certificate_info, revoke_certificate
 from ca.config import Context
 from ca.crl import current_crl
+from ca.csr import load_verified_csr
 from ca.durations import Ttl
 from ca.errors import (
     Conflict,
-    InvalidCsr,
     InvalidInput,
     NotFound,
     NotInitialised,
@@ -50,7 +50,7 @@ from ca.errors import (
     PolicyViolation,
 )
 from ca.files import write_atomic
-from ca.keys import KeyType, PrivateKey, PublicKey, check_public_key
+from ca.keys import KeyType, PrivateKey, PublicKey
 from ca.pem import certs_pem
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -428,21 +428,7 @@ def csr_public_key(pem: bytes) -> PublicKey:
     """The key of a partner's CSR, after its signature proves possession. Unlike
     ``ca.csr.parse_csr`` (built for SVIDs: it refuses non-SPIFFE URI SANs and e-mail SANs, which
     partner CSRs often carry), every name and extension requested is ignored, not judged."""
-    try:
-        csr = x509.load_pem_x509_csr(pem)
-    except ValueError:
-        raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
-    try:
-        signature_ok = csr.is_signature_valid
-    except Exception:  # unsupported signature algorithms raise from deep inside cryptography
-        signature_ok = False
-    if not signature_ok:
-        raise InvalidCsr("the CSR signature does not verify: it was not signed by its own key")
-    try:
-        key = csr.public_key()
-    except Exception:
-        raise InvalidCsr("the CSR public key cannot be read") from None
-    return check_public_key(key)
+    return load_verified_csr(pem)[1]
 
 
 def _pkcs12(

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session
 
-from ca import audit, metrics
+from ca import metrics
 from ca.authority import MESH, Issuer, active_issuer
 from ca.checks import check_leaf
 from ca.config import Context
@@ -32,8 +32,9 @@ from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, PolicyViolation, TrellisError, Unavailable
 from ca.identity import SpiffeId
 from ca.keys import PrivateKey, PublicKey
-from ca.pem import certs_pem, fingerprint
+from ca.pem import certs_pem
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
+from ca.records import record_issued
 from ca.serial import Serial
 from ca.store.models import CertificateRow, RenewalNonceRow
 from ca.tokens import consume_join_token
@@ -144,35 +145,18 @@ def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer)
                 raise AuthenticationFailed(
                     "the certificate presented for renewal is no longer valid"
                 )
-        session.add(
-            CertificateRow(
-                serial=format(cert.serial_number, "x"),
-                authority=grant.authority,
-                issuer_ca_id=issuer.ca_id,
-                profile=grant.profile,
-                spiffe_id=str(grant.spiffe_id),
-                entry_id=grant.entry_id,
-                fingerprint_sha256=fingerprint(cert),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                status="active",
-                requested_by=grant.requested_by[:255],
-                cert_pem=certs_pem([cert]).decode(),
-                created_at=now,
-            )
-        )
-        audit.record(
+        record_issued(
             session,
-            "certificate.renewed" if grant.renews_serial else "certificate.issued",
-            str(grant.spiffe_id),
-            actor=grant.requested_by,
-            at=now,
-            detail={
-                "serial": format(cert.serial_number, "x"),
-                "profile": grant.profile,
-                "not_after": cert.not_valid_after_utc.isoformat(),
-                "renews": grant.renews_serial,
-            },
+            cert,
+            authority=grant.authority,
+            issuer_ca_id=issuer.ca_id,
+            profile=grant.profile,
+            identity=str(grant.spiffe_id),
+            requested_by=grant.requested_by,
+            now=now,
+            entry_id=grant.entry_id,
+            event="certificate.renewed" if grant.renews_serial else "certificate.issued",
+            detail={"renews": grant.renews_serial},
         )
         session.commit()
 

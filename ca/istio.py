@@ -23,7 +23,6 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
-from ca import audit
 from ca.authority import MESH, active_issuer
 from ca.cas import ca_certificate, ca_signer
 from ca.checks import check_ca
@@ -33,10 +32,11 @@ from ca.errors import InvalidInput, NotInitialised
 from ca.files import write_atomic, write_private
 from ca.identity import TrustDomain
 from ca.keys import KeyType, PrivateKey
-from ca.pem import certs_pem, fingerprint, private_key_pem
+from ca.pem import certs_pem, private_key_pem
 from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
+from ca.records import record_issued
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, CaRow, CertificateRow, IstioClusterRow
+from ca.store.models import AuthorityRow, CaRow, IstioClusterRow
 
 __all__ = [
     "FORMATS",
@@ -171,21 +171,16 @@ def issue_istio_intermediate(
         )
         cert = sign(ca_builder(spec), ca_signer(ctx, root))
         check_ca(cert, root_cert, td.id())
-        session.add(
-            CertificateRow(
-                serial=format(cert.serial_number, "x"),
-                authority=params.authority,
-                issuer_ca_id=root.id,
-                profile="istio-intermediate",
-                spiffe_id=str(td.id()),
-                fingerprint_sha256=fingerprint(cert),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                status="active",
-                requested_by=f"{actor} (istio cluster {params.cluster})"[:255],
-                cert_pem=certs_pem([cert]).decode(),
-                created_at=now,
-            )
+        record_issued(
+            session,
+            cert,
+            authority=params.authority,
+            issuer_ca_id=root.id,
+            profile="istio-intermediate",
+            identity=str(td.id()),
+            requested_by=f"{actor} (istio cluster {params.cluster})",
+            now=now,
+            detail={"cluster": params.cluster},
         )
         previous = session.get(IstioClusterRow, params.cluster)
         output = str(params.output.resolve()) if params.output else None
@@ -206,18 +201,6 @@ def issue_istio_intermediate(
                 output_format=params.output_format,
                 updated_at=now,
             )
-        )
-        audit.record(
-            session,
-            "certificate.issued",
-            str(td.id()),
-            actor=actor,
-            at=now,
-            detail={
-                "serial": format(cert.serial_number, "x"),
-                "profile": "istio-intermediate",
-                "cluster": params.cluster,
-            },
         )
         session.commit()
     return IstioIntermediate(params.cluster, cert, key, (cert, root_cert), issuer.roots)

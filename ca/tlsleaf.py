@@ -19,17 +19,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session
 
-from ca import audit, metrics
+from ca import metrics
 from ca.authority import Issuer, active_issuer
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import InternalError, InvalidInput
 from ca.issue import validity_window
 from ca.keys import PublicKey
-from ca.pem import certs_pem, fingerprint
+from ca.pem import certs_pem
 from ca.profiles import RevocationUrls, sign, with_revocation_urls
+from ca.records import record_issued
 from ca.serial import Serial
-from ca.store.models import CertificateRow
 
 __all__ = ["IssuedCertificate", "TlsLeafRequest", "Usage", "issue_tls_leaf", "tls_leaf_builder"]
 
@@ -172,33 +172,15 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
     cert = sign(builder, issuer.signer)
     _self_check(cert, issuer.certificate, request.usage)
     with Session(ctx.engine) as session:
-        session.add(
-            CertificateRow(
-                serial=format(cert.serial_number, "x"),
-                authority=request.authority,
-                issuer_ca_id=issuer.ca_id,
-                profile=request.profile,
-                spiffe_id=request.identity,
-                fingerprint_sha256=fingerprint(cert),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                status="active",
-                requested_by=request.requested_by[:255],
-                cert_pem=certs_pem([cert]).decode(),
-                created_at=now,
-            )
-        )
-        audit.record(
+        record_issued(
             session,
-            "certificate.issued",
-            request.identity,
-            actor=request.requested_by,
-            at=now,
-            detail={
-                "serial": format(cert.serial_number, "x"),
-                "profile": request.profile,
-                "authority": request.authority,
-            },
+            cert,
+            authority=request.authority,
+            issuer_ca_id=issuer.ca_id,
+            profile=request.profile,
+            identity=request.identity,
+            requested_by=request.requested_by,
+            now=now,
         )
         session.commit()
     metrics.ISSUED.labels(request.authority, request.profile, "issued").inc()

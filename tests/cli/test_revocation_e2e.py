@@ -12,7 +12,6 @@ import re
 import shutil
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.cli.test_walkthrough import TRELLIS, Trellis
-from tests.conftest import free_port
+from tests.cli.test_walkthrough import Trellis
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,49 +36,6 @@ CERTIFICATE_FIELDS = {
     "requested_by", "created_at", "revoked_at", "revocation_reason", "revoked_by",
     "revocation_request_id", "invalidity_date", "certificate",
 }  # fmt: skip
-
-
-@pytest.fixture
-def trellis(tmp_path: Path, database_url: str) -> Trellis:
-    cli = Trellis(tmp_path / "var", database_url)
-    cli.run("init", "--trust-domain", TD)
-    return cli
-
-
-@pytest.fixture
-def server(trellis: Trellis) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [TRELLIS, "serve", "--port", str(port)],
-        env=trellis.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"https://127.0.0.1:{port}"
-    tls = ssl.create_default_context(cafile=str(trellis.data_dir / "bundle.pem"))
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", verify=tls, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = process.stdout.read() if process.stdout else ""
-                raise AssertionError(f"server did not start: {output}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        if process.stdout:
-            process.stdout.close()
 
 
 def openssl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,53 +45,23 @@ class Trellis:
         return json.loads(self.run(*args, "--json").stdout)
 
 
-@pytest.fixture
-def trellis(tmp_path: Path, database_url: str) -> Trellis:
-    cli = Trellis(tmp_path / "var", database_url)
-    cli.run("init", "--trust-domain", "example.org")
-    return cli
-
-
-@pytest.fixture
-def server(trellis: Trellis) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [TRELLIS, "serve", "--port", str(port)],
-        env=trellis.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"https://127.0.0.1:{port}"
-    tls = ssl.create_default_context(cafile=str(trellis.data_dir / "bundle.pem"))
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", verify=tls, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = process.stdout.read() if process.stdout else ""
-                raise AssertionError(f"server did not start: {output}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if process.stdout:
-            process.stdout.close()
-
-
 def openssl_verify(bundle: Path, svid: Path, purpose: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", str(bundle),
-         "-untrusted", str(svid), str(svid)],
-        capture_output=True, text=True, check=False,
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            purpose,
+            "-CAfile",
+            str(bundle),
+            "-untrusted",
+            str(svid),
+            str(svid),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -124,8 +92,18 @@ def test_readme_walkthrough(trellis: Trellis, server: str, tmp_path: Path) -> No
     # 2. a join token; 3. the workload requests its SVID with it
     token = trellis.run("token", "create", "--entry", entry_id).stdout.strip()
     out = tmp_path / "web"
-    trellis.run("svid", "request", "--server", server, "--bundle", str(bundle),
-                "--token", token, "--out", str(out))
+    trellis.run(
+        "svid",
+        "request",
+        "--server",
+        server,
+        "--bundle",
+        str(bundle),
+        "--token",
+        token,
+        "--out",
+        str(out),
+    )
     assert (out / "svid.key").stat().st_mode & 0o777 == 0o600
     for purpose in ("sslclient", "sslserver"):
         result = openssl_verify(out / "bundle.pem", out / "svid.pem", purpose)
@@ -133,8 +111,19 @@ def test_readme_walkthrough(trellis: Trellis, server: str, tmp_path: Path) -> No
     first_serial = _serial(out / "svid.pem")
 
     # the token was single-use
-    again = trellis.run("svid", "request", "--server", server, "--bundle", str(bundle),
-                        "--token", token, "--out", str(tmp_path / "again"), ok=False)
+    again = trellis.run(
+        "svid",
+        "request",
+        "--server",
+        server,
+        "--bundle",
+        str(bundle),
+        "--token",
+        token,
+        "--out",
+        str(tmp_path / "again"),
+        ok=False,
+    )
     assert again.returncode == 3 and "already been used" in again.stderr
     assert not (tmp_path / "again").exists()
 

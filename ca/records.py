@@ -1,0 +1,64 @@
+"""Recording an issued certificate: the last step of every issuance pipeline (SVIDs, TLS
+leaves, Istio intermediates), in the caller's transaction, with its audit record."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from cryptography import x509
+from sqlmodel import Session
+
+from ca import audit
+from ca.pem import certs_pem, fingerprint
+from ca.store.models import CertificateRow
+
+__all__ = ["record_issued"]
+
+
+def record_issued(
+    session: Session,
+    cert: x509.Certificate,
+    *,
+    authority: str,
+    issuer_ca_id: int,
+    profile: str,
+    identity: str,
+    requested_by: str,
+    now: dt.datetime,
+    entry_id: str | None = None,
+    event: str = "certificate.issued",
+    detail: dict[str, Any] | None = None,
+) -> None:
+    serial = format(cert.serial_number, "x")
+    session.add(
+        CertificateRow(
+            serial=serial,
+            authority=authority,
+            issuer_ca_id=issuer_ca_id,
+            profile=profile,
+            spiffe_id=identity,
+            entry_id=entry_id,
+            fingerprint_sha256=fingerprint(cert),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            status="active",
+            requested_by=requested_by[:255],
+            cert_pem=certs_pem([cert]).decode(),
+            created_at=now,
+        )
+    )
+    audit.record(
+        session,
+        event,
+        identity,
+        actor=requested_by,
+        at=now,
+        detail={
+            "serial": serial,
+            "profile": profile,
+            "authority": authority,
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            **(detail or {}),
+        },
+    )
