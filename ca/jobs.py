@@ -21,7 +21,7 @@ from ca.crl import refresh_stale_crls
 from ca.errors import Unavailable
 from ca.federation import list_federations, refresh_due
 from ca.istio import renew_due_clusters
-from ca.openvpn import crl_health, write_crl_files
+from ca.openvpn import crl_health, renew_server_certificates, write_crl_files
 from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
 from ca.store.models import AuthorityRow, RenewalNonceRow
@@ -91,6 +91,11 @@ def prune_renewal_nonces(ctx: Context) -> str:
     return f"pruned {result.rowcount} spent renewal proof(s)"  # type: ignore[attr-defined]
 
 
+def _renew_openvpn_servers(ctx: Context) -> str:
+    renewed = renew_server_certificates(ctx)
+    return "renewed " + ", ".join(renewed) if renewed else "nothing due"
+
+
 def write_openvpn_crls(ctx: Context) -> str:
     """Keep OpenVPN CRL files current; fail while ``crl_health`` sees a problem (``/readyz``)."""
     written = write_crl_files(ctx)
@@ -115,6 +120,12 @@ JOBS = (
     Job("ca-rotation", 10, rotate_cas, "prepare, activate and retire intermediates; prune bundles"),
     Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
     Job("openvpn-crl", 60, write_openvpn_crls, "rewrite OpenVPN CRL files before nextUpdate"),
+    Job(
+        "openvpn-server-certificate",
+        300,
+        _renew_openvpn_servers,
+        "renew OpenVPN server certificates into their server-config directory",
+    ),
     Job(
         "server-certificate",
         10,

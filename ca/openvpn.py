@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import enum
 import ipaddress
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ __all__ = [
 
 OPENVPN = "vpn"
 CLIENT_PROFILE = "openvpn-client"
+log = logging.getLogger("trellis.openvpn")
 SERVER_PROFILE = "openvpn-server"
 DEFAULT_CA_TTL = Ttl(365 * 86400)
 DEFAULT_CLIENT_TTL = Ttl(30 * 86400)
@@ -459,8 +461,12 @@ def server_config(
     credentials = issue_server_cert(ctx, request)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
-        if out_dir is not None and row.crl_path is None:
-            row.crl_path = str((out_dir / "crl.pem").resolve())
+        if out_dir is not None:
+            if row.crl_path is None:
+                row.crl_path = str((out_dir / "crl.pem").resolve())
+            row.server_dir = str(out_dir.resolve())
+            row.server_ttl_seconds = request.ttl.seconds
+            row.server_key_type = request.key_type.value
             session.add(row)
             session.commit()
         config = _config_of(row)
@@ -486,6 +492,59 @@ def server_config(
         "tls-crypt.key": StaticKey(shared).pem,
         "crl.pem": crl_pem(ctx, request.authority),
     }
+
+
+RENEW_SERVER_AFTER = 2 / 3
+
+
+def renew_server_certificates(ctx: Context) -> list[str]:
+    """The scheduled job: re-issue each recorded server certificate past 2/3 of its life into
+    the directory server-config wrote it to. OpenVPN reads its certificate at start-up, so the
+    server must then be restarted (the CRL, by contrast, is re-read per handshake)."""
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(OpenVpnRow).where(col(OpenVpnRow.server_dir).is_not(None))).all()
+        due = []
+        for row in rows:
+            current = session.exec(
+                select(CertificateRow)
+                .where(
+                    CertificateRow.authority == row.authority,
+                    CertificateRow.profile == SERVER_PROFILE,
+                    CertificateRow.status == "active",
+                )
+                .order_by(col(CertificateRow.not_after).desc())
+            ).first()
+            if (
+                current is None
+                or now
+                >= current.not_before
+                + (current.not_after - current.not_before) * RENEW_SERVER_AFTER
+            ):
+                due.append(row)
+    renewed = []
+    for row in due:
+        assert row.server_dir is not None
+        credentials = issue_server_cert(
+            ctx,
+            ServerRequest(
+                authority=row.authority,
+                common_name=VpnName(row.server_cn) if row.server_cn else None,
+                key_type=KeyType(row.server_key_type or KeyType.EC_P256.value),
+                ttl=Ttl(row.server_ttl_seconds or DEFAULT_SERVER_TTL.seconds),
+                requested_by="scheduler",
+            ),
+        )
+        directory = Path(row.server_dir)
+        write_private(directory / "server.key", credentials.key_pem)
+        write_atomic(directory / "server.crt", credentials.certificate_pem)
+        log.warning(
+            "renewed the OpenVPN server certificate in %s (serial %s): restart openvpn to load it",
+            directory,
+            credentials.serial,
+        )
+        renewed.append(f"{row.authority}: {credentials.serial.hex[:12]}")
+    return renewed
 
 
 def write_files(files: dict[str, bytes], directory: Path) -> list[Path]:

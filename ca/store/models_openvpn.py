@@ -41,6 +41,10 @@ class OpenVpnRow(SQLModel, table=True):
     tls_crypt_ref: str = Field(max_length=255)
     created_at: dt.datetime = _time()
     updated_at: dt.datetime = _time()
+    # Where server-config last wrote the server's files: the server certificate is renewed there.
+    server_dir: str | None = Field(default=None, max_length=1024)
+    server_ttl_seconds: int | None = None
+    server_key_type: str | None = Field(default=None, max_length=16)
 
 
 class OpenVpnClientRow(SQLModel, table=True):
