@@ -49,16 +49,18 @@ def record(
     request_id: str | None = None,
 ) -> None:
     """Append one record inside the caller's transaction."""
-    session.add(
-        AuditRow(
-            at=at,
-            actor=actor[:255],
-            event=event[:64],
-            subject=subject[:2048],
-            detail=json.dumps(detail or {}, sort_keys=True, default=str),
-            request_id=request_id[:64] if request_id else None,
+    # No autoflush: the caller's pending changes keep their own flush (and error handling).
+    with session.no_autoflush:
+        session.execute(
+            sa.insert(AuditRow).values(
+                at=at,
+                actor=actor[:255],
+                event=event[:64],
+                subject=subject[:2048],
+                detail=json.dumps(detail or {}, sort_keys=True, default=str),
+                request_id=request_id[:64] if request_id else None,
+            )
         )
-    )
 
 
 def _digest(row: AuditRow, seq: int, previous: str) -> str:
@@ -118,13 +120,15 @@ def seal(ctx: Context, *, settle: dt.timedelta | None = None) -> Sealed:
         settle = SETTLE if ctx.engine.dialect.name == "postgresql" else dt.timedelta(0)
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
+        # Only the head: loading every sealed row here leaked memory and time on each run.
         head = session.exec(
-            select(AuditRow)
+            select(AuditRow.seq, AuditRow.hash)
             .where(col(AuditRow.seq).is_not(None))
             .order_by(col(AuditRow.seq).desc())
+            .limit(1)
         ).first()
-        seq = head.seq if head and head.seq is not None else 0
-        previous = head.hash if head and head.hash else GENESIS
+        seq = head[0] if head and head[0] is not None else 0
+        previous = head[1] if head and head[1] else GENESIS
         pending = session.exec(
             select(AuditRow)
             .where(col(AuditRow.seq).is_(None), col(AuditRow.at) <= now - settle)

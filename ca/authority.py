@@ -329,7 +329,28 @@ def _chain_extras(session: Session, intermediate: CaRow, now: dt.datetime) -> li
 
 def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
     """The issuing CA to sign with now; unlocked once and cached until the active CA or the
-    published bundle changes (so a rotation on another replica is picked up at the next call)."""
+    published bundle changes. Every call asks the database which CA is active (one small Core
+    query), so a rotation or an emergency revocation on another replica applies at once."""
+    with ctx.engine.connect() as connection:
+        current = connection.execute(
+            sa.select(col(CaRow.id), col(BundleStateRow.sequence))
+            .join(BundleStateRow, col(BundleStateRow.authority) == col(CaRow.authority))
+            .where(
+                col(CaRow.authority) == name,
+                col(CaRow.role) == "intermediate",
+                col(CaRow.state) == "active",
+            )
+            .order_by(col(CaRow.not_after).desc())
+            .limit(1)
+        ).first()
+    if current is not None:
+        cached = ctx.cache.get(("issuer", current[0], current[1]))
+        if isinstance(cached, Issuer):
+            return cached
+    return _load_active_issuer(ctx, name)
+
+
+def _load_active_issuer(ctx: Context, name: str) -> Issuer:
     with Session(ctx.engine) as session:
         row = session.exec(
             select(CaRow)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session
 
@@ -31,23 +32,26 @@ def record_issued(
     detail: dict[str, Any] | None = None,
 ) -> None:
     serial = format(cert.serial_number, "x")
-    session.add(
-        CertificateRow(
-            serial=serial,
-            authority=authority,
-            issuer_ca_id=issuer_ca_id,
-            profile=profile,
-            spiffe_id=identity,
-            entry_id=entry_id,
-            fingerprint_sha256=fingerprint(cert),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            status="active",
-            requested_by=requested_by[:255],
-            cert_pem=certs_pem([cert]).decode(),
-            created_at=now,
+    # A Core INSERT, not an ORM object: this runs once per issuance, and the unit of work
+    # (identity map, flush ordering) costs more than the statement itself.
+    with session.no_autoflush:
+        session.execute(
+            sa.insert(CertificateRow).values(
+                serial=serial,
+                authority=authority,
+                issuer_ca_id=issuer_ca_id,
+                profile=profile,
+                spiffe_id=identity,
+                entry_id=entry_id,
+                fingerprint_sha256=fingerprint(cert),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                status="active",
+                requested_by=requested_by[:255],
+                cert_pem=certs_pem([cert]).decode(),
+                created_at=now,
+            )
         )
-    )
     audit.record(
         session,
         event,

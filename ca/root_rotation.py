@@ -130,6 +130,7 @@ def rotate_root(
         if rotator is not None:
             destroy_quietly(ctx, rotator.created)
         raise
+    ctx.cache.clear()
     return result
 
 

@@ -245,6 +245,8 @@ def rotate(
         if rotator is not None:
             destroy_quietly(ctx, rotator.created)
         raise
+    if rotator.done:
+        ctx.cache.clear()  # this process sees its own transitions at once
     return rotator.done
 
 
