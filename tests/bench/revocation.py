@@ -62,6 +62,7 @@ from ca.ocsp import respond
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CaRow, CertificateRow
+from tests.pgserver import embedded_postgres_server, make_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 TRUST_DOMAIN = "example.org"
@@ -130,27 +131,8 @@ def machine_info() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
-    """An embedded PostgreSQL server (unix socket), as tests/conftest.py starts one."""
-    import embedded_postgres
-
-    parent = Path(tempfile.mkdtemp(prefix="trellis-bench-pg-"))
-    os.chmod(parent, 0o755)  # the server runs as an unprivileged user when we are root
-    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
-
-
-def make_postgres_database(server_uri: str) -> str:
-    name = "bench_" + uuid.uuid4().hex[:12]
-    admin = sa.create_engine(server_uri.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    base, _, query = server_uri.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
+    with embedded_postgres_server("trellis-bench-pg-") as (uri, _data):
+        yield uri
 
 
 def server_version(ctx: Context) -> str:

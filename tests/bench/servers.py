@@ -24,10 +24,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.pgserver import embedded_postgres_server
+from tests.pgserver import make_postgres_database as create_database
 
 __all__ = [
     "OpenBaoServer",
@@ -381,19 +382,9 @@ class OpenBaoServer:
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[str, Path]]:
-    """(server URI, data directory) of an embedded PostgreSQL, as tests/conftest.py starts it."""
-    import embedded_postgres
-
-    parent = Path(tempfile.mkdtemp(prefix="trellis-bench-pg-"))
-    os.chmod(parent, 0o755)  # the server runs as an unprivileged user when we are root
-    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
-    try:
-        yield server.get_uri(), parent / "data"
-    finally:
-        server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
+def postgres_server() -> contextlib.AbstractContextManager[tuple[str, Path]]:
+    """(server URI, data directory) of an embedded PostgreSQL, as the test fixtures start it."""
+    return embedded_postgres_server("trellis-bench-pg-")
 
 
 def postmaster_pid(data_dir: Path) -> int | None:
@@ -404,13 +395,12 @@ def postmaster_pid(data_dir: Path) -> int | None:
 
 def make_postgres_database(server_uri: str) -> tuple[str, dict[str, str]]:
     """A fresh database; returns its URL and the durability settings in force."""
-    name = "bench_" + uuid.uuid4().hex[:12]
-    admin = sa.create_engine(server_uri.replace("postgresql://", "postgresql+psycopg://", 1))
-    settings: dict[str, str] = {}
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        for setting in ("server_version", "fsync", "synchronous_commit", "wal_sync_method"):
-            settings[setting] = str(connection.execute(sa.text(f"SHOW {setting}")).scalar())
-    admin.dispose()
-    base, _, query = server_uri.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}?{query}", settings
+    url = create_database(server_uri, prefix="bench_")
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as connection:
+        settings = {
+            setting: str(connection.execute(sa.text(f"SHOW {setting}")).scalar())
+            for setting in ("server_version", "fsync", "synchronous_commit", "wal_sync_method")
+        }
+    engine.dispose()
+    return url, settings
