@@ -9,7 +9,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api import problems
 from api.limits import BodyLimit
-from api.requestid import request_id_middleware
+from api.requestid import RequestId
 from api.routes import (
     authorities,
     certificates,
@@ -42,8 +42,8 @@ def create_app(ctx: Context) -> FastAPI:
         app.include_router(router)
         app.state.routes.extend(router.routes)
     problems.install(app)
-    app.middleware("http")(request_id_middleware)
     app.add_middleware(BodyLimit)
+    app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

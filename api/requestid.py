@@ -1,5 +1,10 @@
 """A request id on every request: taken from ``X-Request-ID`` when it is sane, else generated;
-echoed in the response, put in problem bodies and recorded with revocations."""
+echoed in the response, put in problem bodies and log records, and recorded with revocations.
+
+A plain ASGI middleware rather than ``@app.middleware("http")``: the latter wraps every response
+in a streaming body and costs a few tenths of a millisecond per request, a measurable share of
+an issuance (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -7,39 +12,52 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
-from fastapi import Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ca.logs import REQUEST_ID
 
-__all__ = ["HEADER", "request_id_middleware"]
+__all__ = ["HEADER", "RequestId"]
 
 HEADER = "X-Request-ID"
+_HEADER_BYTES = HEADER.lower().encode()
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 access = logging.getLogger("trellis.access")
 
 
-async def request_id_middleware(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    given = request.headers.get(HEADER, "")
-    request.state.request_id = given if _SANE.match(given) else uuid.uuid4().hex
-    token = REQUEST_ID.set(request.state.request_id)
-    started = time.perf_counter()
-    try:
-        response = await call_next(request)
-        response.headers[HEADER] = request.state.request_id
-        access.info(
-            "%s %s %d",
-            request.method,
-            request.url.path,
-            response.status_code,
-            extra={
-                "status": response.status_code,
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-            },
-        )
-        return response
-    finally:
-        REQUEST_ID.reset(token)
+class RequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope.get("headers", []) if k == _HEADER_BYTES), b"")
+        text = given.decode("latin-1")
+        request_id = text if _SANE.match(text) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = REQUEST_ID.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k != _HEADER_BYTES]
+                headers.append((_HEADER_BYTES, request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access.info(
+                "%s %s %d",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                status,
+                extra={"status": status, "ms": round((time.perf_counter() - started) * 1000, 2)},
+            )
+            REQUEST_ID.reset(token)

@@ -10,7 +10,6 @@ import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from api.app import create_app
 from ca.authority import active_issuer, check_keys, load_authority
 from ca.jobs import catch_up
 from ca.logs import configure_logging
@@ -61,6 +60,8 @@ def serve(
         **tls_options,
     }
     if count == 1:
+        from api.app import create_app  # only a single-process server needs the app here
+
         config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
     else:
         # Workers rebuild the context from the environment: hand them the effective settings.
