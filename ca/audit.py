@@ -39,7 +39,7 @@ GENESIS = "0" * 64
 
 
 def record(
-    session: Session,
+    session: Session | sa.Connection,
     event: str,
     subject: str,
     *,
@@ -49,18 +49,20 @@ def record(
     request_id: str | None = None,
 ) -> None:
     """Append one record inside the caller's transaction."""
-    # No autoflush: the caller's pending changes keep their own flush (and error handling).
-    with session.no_autoflush:
-        session.execute(
-            sa.insert(AuditRow).values(
-                at=at,
-                actor=actor[:255],
-                event=event[:64],
-                subject=subject[:2048],
-                detail=json.dumps(detail or {}, sort_keys=True, default=str),
-                request_id=request_id[:64] if request_id else None,
-            )
-        )
+    statement = sa.insert(AuditRow).values(
+        at=at,
+        actor=actor[:255],
+        event=event[:64],
+        subject=subject[:2048],
+        detail=json.dumps(detail or {}, sort_keys=True, default=str),
+        request_id=request_id[:64] if request_id else None,
+    )
+    if isinstance(session, Session):
+        # No autoflush: the caller's pending changes keep their own flush (and error handling).
+        with session.no_autoflush:
+            session.execute(statement)
+    else:
+        session.execute(statement)
 
 
 def _digest(row: AuditRow, seq: int, previous: str) -> str:

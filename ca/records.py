@@ -18,7 +18,7 @@ __all__ = ["record_issued"]
 
 
 def record_issued(
-    session: Session,
+    session: Session | sa.Connection,
     cert: x509.Certificate,
     *,
     authority: str,
@@ -34,24 +34,26 @@ def record_issued(
     serial = format(cert.serial_number, "x")
     # A Core INSERT, not an ORM object: this runs once per issuance, and the unit of work
     # (identity map, flush ordering) costs more than the statement itself.
-    with session.no_autoflush:
-        session.execute(
-            sa.insert(CertificateRow).values(
-                serial=serial,
-                authority=authority,
-                issuer_ca_id=issuer_ca_id,
-                profile=profile,
-                spiffe_id=identity,
-                entry_id=entry_id,
-                fingerprint_sha256=fingerprint(cert),
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                status="active",
-                requested_by=requested_by[:255],
-                cert_pem=certs_pem([cert]).decode(),
-                created_at=now,
-            )
-        )
+    statement = sa.insert(CertificateRow).values(
+        serial=serial,
+        authority=authority,
+        issuer_ca_id=issuer_ca_id,
+        profile=profile,
+        spiffe_id=identity,
+        entry_id=entry_id,
+        fingerprint_sha256=fingerprint(cert),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        status="active",
+        requested_by=requested_by[:255],
+        cert_pem=certs_pem([cert]).decode(),
+        created_at=now,
+    )
+    if isinstance(session, Session):
+        with session.no_autoflush:  # the caller's pending changes keep their own flush
+            session.execute(statement)
+    else:
+        session.execute(statement)
     audit.record(
         session,
         event,

@@ -178,7 +178,9 @@ def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
     return AdminPrincipal(row.id)
 
 
-def consume_join_token(session: Session, token_id: str, now: dt.datetime, actor: str) -> None:
+def consume_join_token(
+    session: Session | sa.Connection, token_id: str, now: dt.datetime, actor: str
+) -> None:
     """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
     redemptions of a single-use token race safely (only one of them changes a row)."""
     result = session.execute(
