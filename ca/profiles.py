@@ -28,6 +28,7 @@ __all__ = [
     "ResponderSpec",
     "RevocationUrls",
     "ca_builder",
+    "key_usage",
     "leaf_builder",
     "ocsp_responder_builder",
     "sign",
@@ -121,6 +122,28 @@ class LeafSpec:
     urls: RevocationUrls | None = None
 
 
+def key_usage(
+    *,
+    digital_signature: bool = False,
+    key_encipherment: bool = False,
+    key_agreement: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
+    """The KeyUsage bits Trellis profiles use; everything else is always off."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(public_key)
 
@@ -158,17 +181,7 @@ def ca_builder(spec: CaSpec) -> x509.CertificateBuilder:
         .add_extension(x509.BasicConstraints(ca=True, path_length=spec.path_length), critical=True)
         # X509-SVID §4.3: signing certificates assert keyCertSign; cRLSign lets them sign CRLs.
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=spec.digital_signature,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(digital_signature=spec.digital_signature, key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(_ski(spec.public_key), critical=False)
@@ -201,17 +214,7 @@ def leaf_builder(spec: LeafSpec) -> x509.CertificateBuilder:
         # X509-SVID §4.3: critical, digitalSignature, never keyCertSign/cRLSign. keyEncipherment
         # only where the key can do it (RSA key transport).
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(digital_signature=True, key_encipherment=is_rsa),
             critical=True,
         )
         # X509-SVID §4.4: if EKU is present it must allow both TLS roles.
@@ -256,17 +259,7 @@ def ocsp_responder_builder(spec: ResponderSpec) -> x509.CertificateBuilder:
         .not_valid_after(spec.not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(digital_signature=True),
             critical=True,
         )
         # RFC 6960 §4.2.2.2: the delegation is the id-kp-OCSPSigning EKU.

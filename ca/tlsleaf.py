@@ -27,7 +27,7 @@ from ca.errors import InternalError, InvalidInput
 from ca.issue import validity_window
 from ca.keys import PublicKey
 from ca.pem import certs_pem
-from ca.profiles import RevocationUrls, sign, with_revocation_urls
+from ca.profiles import RevocationUrls, key_usage, sign, with_revocation_urls
 from ca.records import record_issued
 from ca.serial import Serial
 
@@ -86,16 +86,10 @@ class IssuedCertificate:
 def _key_usage(public_key: PublicKey, usage: Usage) -> x509.KeyUsage:
     """RSA keys transport keys (keyEncipherment); EC keys in a TLS server agree on them
     (keyAgreement, for static ECDH suites some OpenVPN builds still offer)."""
-    return x509.KeyUsage(
+    return key_usage(
         digital_signature=True,
-        content_commitment=False,
         key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-        data_encipherment=False,
         key_agreement=usage is Usage.SERVER and isinstance(public_key, ec.EllipticCurvePublicKey),
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
     )
 
 
