@@ -30,12 +30,14 @@ from sqlmodel import Session, col, select
 
 from ca.config import Context
 from ca.keys import PrivateKey
+from ca.store.core import table
 from ca.store.models_audit import AuditRow, AuditSealRow
 
 __all__ = ["AuditEntry", "Verification", "list_audit", "record", "seal", "verify"]
 
 SETTLE = dt.timedelta(seconds=5)
 GENESIS = "0" * 64
+_INSERT = sa.insert(table(AuditRow))  # built once: see ca.store.core
 
 
 def record(
@@ -49,20 +51,20 @@ def record(
     request_id: str | None = None,
 ) -> None:
     """Append one record inside the caller's transaction."""
-    statement = sa.insert(AuditRow).values(
-        at=at,
-        actor=actor[:255],
-        event=event[:64],
-        subject=subject[:2048],
-        detail=json.dumps(detail or {}, sort_keys=True, default=str),
-        request_id=request_id[:64] if request_id else None,
-    )
+    params = {
+        "at": at,
+        "actor": actor[:255],
+        "event": event[:64],
+        "subject": subject[:2048],
+        "detail": json.dumps(detail or {}, sort_keys=True, default=str),
+        "request_id": request_id[:64] if request_id else None,
+    }
     if isinstance(session, Session):
         # No autoflush: the caller's pending changes keep their own flush (and error handling).
         with session.no_autoflush:
-            session.execute(statement)
+            session.execute(_INSERT, params)
     else:
-        session.execute(statement)
+        session.execute(_INSERT, params)
 
 
 def _digest(row: AuditRow, seq: int, previous: str) -> str:

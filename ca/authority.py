@@ -26,6 +26,7 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
+from ca.store.core import table
 from ca.store.models import (
     AuthorityRow,
     BundleStateRow,
@@ -327,22 +328,27 @@ def _chain_extras(session: Session, intermediate: CaRow, now: dt.datetime) -> li
     return [row for row in crosses if row.parent_id in trusted]
 
 
+_CA, _BUNDLE = table(CaRow), table(BundleStateRow)
+# Built once (see ca.store.core): every issuance asks it.
+_ACTIVE = (
+    sa.select(_CA.c.id, _BUNDLE.c.sequence)
+    .join(_BUNDLE, _BUNDLE.c.authority == _CA.c.authority)
+    .where(
+        _CA.c.authority == sa.bindparam("authority"),
+        _CA.c.role == "intermediate",
+        _CA.c.state == "active",
+    )
+    .order_by(_CA.c.not_after.desc())
+    .limit(1)
+)
+
+
 def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
     """The issuing CA to sign with now; unlocked once and cached until the active CA or the
     published bundle changes. Every call asks the database which CA is active (one small Core
     query), so a rotation or an emergency revocation on another replica applies at once."""
     with ctx.engine.connect() as connection:
-        current = connection.execute(
-            sa.select(col(CaRow.id), col(BundleStateRow.sequence))
-            .join(BundleStateRow, col(BundleStateRow.authority) == col(CaRow.authority))
-            .where(
-                col(CaRow.authority) == name,
-                col(CaRow.role) == "intermediate",
-                col(CaRow.state) == "active",
-            )
-            .order_by(col(CaRow.not_after).desc())
-            .limit(1)
-        ).first()
+        current = connection.execute(_ACTIVE, {"authority": name}).first()
     if current is not None:
         cached = ctx.cache.get(("issuer", current[0], current[1]))
         if isinstance(cached, Issuer):

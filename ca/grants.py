@@ -11,8 +11,8 @@ import dataclasses
 import ipaddress
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from cryptography import x509
-from sqlmodel import Session
 
 from ca.authority import MESH, active_issuer
 from ca.config import Context
@@ -23,37 +23,75 @@ from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation
 from ca.identity import SpiffeId
 from ca.issue import Grant
 from ca.renewal import read_proof, unverified_serial
-from ca.store.models import CertificateRow, EntryRow
-from ca.tokens import TokenKind, find_token
+from ca.store.core import table
+from ca.store.models import CertificateRow, EntryRow, TokenRow
+from ca.tokens import TokenKind, check_live, valid_secret
 
 __all__ = ["admin_grant", "join_grant", "renewal_grant", "server_grant"]
 
+# One query per credential, built once (see ca.store.core): these run on every issuance.
+_TOKEN, _ENTRY, _CERT = table(TokenRow), table(EntryRow), table(CertificateRow)
+_ENTRY_COLUMNS = (
+    _ENTRY.c.id.label("entry_id"),
+    _ENTRY.c.spiffe_id,
+    _ENTRY.c.dns_names,
+    _ENTRY.c.ttl_seconds,
+    _ENTRY.c.max_ttl_seconds,
+    _ENTRY.c.disabled_at,
+)
+_JOIN = (
+    sa.select(
+        _TOKEN.c.id,
+        _TOKEN.c.kind,
+        _TOKEN.c.entry_id.label("token_entry_id"),
+        _TOKEN.c.uses_remaining,
+        _TOKEN.c.expires_at,
+        _TOKEN.c.revoked_at,
+        *_ENTRY_COLUMNS,
+    )
+    .select_from(_TOKEN.outerjoin(_ENTRY, _ENTRY.c.id == _TOKEN.c.entry_id))
+    .where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
+)
+_RENEWING = (
+    sa.select(
+        _CERT.c.profile,
+        _CERT.c.status,
+        _CERT.c.not_after,
+        _CERT.c.cert_pem,
+        _CERT.c.entry_id.label("cert_entry_id"),
+        *_ENTRY_COLUMNS,
+    )
+    .select_from(_CERT.outerjoin(_ENTRY, _ENTRY.c.id == _CERT.c.entry_id))
+    .where(_CERT.c.serial == sa.bindparam("serial"))
+)
 
-def _entry_grant(row: EntryRow, *, requested_by: str) -> Grant:
-    if row.disabled_at is not None:
-        raise PermissionDenied(f"the registration entry for {row.spiffe_id} is disabled")
+
+def _entry_grant(row: sa.RowMapping, *, requested_by: str) -> Grant:
+    if row["disabled_at"] is not None:
+        raise PermissionDenied(f"the registration entry for {row['spiffe_id']} is disabled")
     return Grant(
-        spiffe_id=SpiffeId.parse(row.spiffe_id),
-        default_ttl=Ttl(row.ttl_seconds),
-        max_ttl=Ttl(row.max_ttl_seconds),
+        spiffe_id=SpiffeId.parse(row["spiffe_id"]),
+        default_ttl=Ttl(row["ttl_seconds"]),
+        max_ttl=Ttl(row["max_ttl_seconds"]),
         requested_by=requested_by,
-        dns_names=tuple(name for name in row.dns_names.split(",") if name),
-        entry_id=row.id,
+        dns_names=tuple(name for name in row["dns_names"].split(",") if name),
+        entry_id=row["entry_id"],
     )
 
 
 def join_grant(ctx: Context, secret: str) -> Grant:
-    token = find_token(ctx, secret)
-    if token.kind != TokenKind.JOIN.value or token.entry_id is None:
+    digest = valid_secret(secret)
+    with ctx.engine.connect() as connection:
+        found = connection.execute(_JOIN, {"secret_hash": digest}).mappings().first()
+    token = check_live(found, ctx.clock.now())
+    if token["kind"] != TokenKind.JOIN.value or token["token_entry_id"] is None:
         raise PermissionDenied(
             "SVIDs are requested with a join token (admins use 'trellis svid mint')"
         )
-    with Session(ctx.engine) as session:
-        entry = session.get(EntryRow, token.entry_id)
-    if entry is None:
+    if token["entry_id"] is None:
         raise AuthenticationFailed("the join token's registration entry no longer exists")
-    grant = _entry_grant(entry, requested_by=f"join-token:{token.id}")
-    return dataclasses.replace(grant, join_token_id=token.id)
+    grant = _entry_grant(token, requested_by=f"join-token:{token['id']}")
+    return dataclasses.replace(grant, join_token_id=token["id"])
 
 
 def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
@@ -62,27 +100,24 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     serial = unverified_serial(proof)
     csr = parse_csr(csr_pem)
     now = ctx.clock.now()
-    with Session(ctx.engine) as session:
-        row = session.get(CertificateRow, serial.hex)
-        if row is None or row.profile != "x509-svid":
-            raise AuthenticationFailed("the renewal proof names an unknown certificate")
-        claims = read_proof(
-            proof, x509.load_pem_x509_certificate(row.cert_pem.encode()), csr.sha256, now
+    with ctx.engine.connect() as connection:
+        row = connection.execute(_RENEWING, {"serial": serial.hex}).mappings().first()
+    if row is None or row["profile"] != "x509-svid":
+        raise AuthenticationFailed("the renewal proof names an unknown certificate")
+    claims = read_proof(
+        proof, x509.load_pem_x509_certificate(row["cert_pem"].encode()), csr.sha256, now
+    )
+    if row["status"] != "active":
+        raise AuthenticationFailed(f"certificate {serial} is {row['status']}: it cannot be renewed")
+    if row["not_after"] <= now:
+        raise AuthenticationFailed(
+            f"certificate {serial} has expired: bootstrap again with a join token"
         )
-        if row.status != "active":
-            raise AuthenticationFailed(
-                f"certificate {serial} is {row.status}: it cannot be renewed"
-            )
-        if row.not_after <= now:
-            raise AuthenticationFailed(
-                f"certificate {serial} has expired: bootstrap again with a join token"
-            )
-        entry = session.get(EntryRow, row.entry_id) if row.entry_id else None
-    if entry is None:
+    if row["cert_entry_id"] is None or row["entry_id"] is None:
         raise PermissionDenied(
             "the certificate's registration entry was deleted: renewal is refused"
         )
-    grant = _entry_grant(entry, requested_by=f"renewal:{serial}")
+    grant = _entry_grant(row, requested_by=f"renewal:{serial}")
     return dataclasses.replace(
         grant, renewal_nonce=(claims.jti, claims.expires_at), renews_serial=serial.hex
     )

@@ -12,9 +12,13 @@ from sqlmodel import Session
 
 from ca import audit
 from ca.pem import certs_pem, fingerprint
+from ca.store.core import table
 from ca.store.models import CertificateRow
 
 __all__ = ["record_issued"]
+
+# Built once (see ca.store.core): this runs once per issuance.
+_INSERT = sa.insert(table(CertificateRow))
 
 
 def record_issued(
@@ -32,28 +36,26 @@ def record_issued(
     detail: dict[str, Any] | None = None,
 ) -> None:
     serial = format(cert.serial_number, "x")
-    # A Core INSERT, not an ORM object: this runs once per issuance, and the unit of work
-    # (identity map, flush ordering) costs more than the statement itself.
-    statement = sa.insert(CertificateRow).values(
-        serial=serial,
-        authority=authority,
-        issuer_ca_id=issuer_ca_id,
-        profile=profile,
-        spiffe_id=identity,
-        entry_id=entry_id,
-        fingerprint_sha256=fingerprint(cert),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        status="active",
-        requested_by=requested_by[:255],
-        cert_pem=certs_pem([cert]).decode(),
-        created_at=now,
-    )
+    params = {
+        "serial": serial,
+        "authority": authority,
+        "issuer_ca_id": issuer_ca_id,
+        "profile": profile,
+        "spiffe_id": identity,
+        "entry_id": entry_id,
+        "fingerprint_sha256": fingerprint(cert),
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "status": "active",
+        "requested_by": requested_by[:255],
+        "cert_pem": certs_pem([cert]).decode(),
+        "created_at": now,
+    }
     if isinstance(session, Session):
         with session.no_autoflush:  # the caller's pending changes keep their own flush
-            session.execute(statement)
+            session.execute(_INSERT, params)
     else:
-        session.execute(statement)
+        session.execute(_INSERT, params)
     audit.record(
         session,
         event,

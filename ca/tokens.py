@@ -20,6 +20,7 @@ from ca import audit
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
+from ca.store.core import table
 from ca.store.models import EntryRow, TokenRow
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TokenInfo",
     "TokenKind",
     "authenticate_admin",
+    "check_live",
     "consume_join_token",
     "create_admin_token",
     "create_join_token",
@@ -34,10 +36,25 @@ __all__ = [
     "hash_secret",
     "list_tokens",
     "revoke_token",
+    "valid_secret",
 ]
 
 DEFAULT_JOIN_TTL = Ttl(3600)
 MAX_JOIN_USES = 1000
+
+# Built once (see ca.store.core): every issuance with a join token runs these.
+_TOKEN = table(TokenRow)
+_FIND = sa.select(_TOKEN).where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
+_SPEND = (
+    sa.update(_TOKEN)
+    .where(
+        _TOKEN.c.id == sa.bindparam("token_id"),
+        _TOKEN.c.uses_remaining > 0,
+        _TOKEN.c.revoked_at.is_(None),
+        sa.or_(_TOKEN.c.expires_at.is_(None), _TOKEN.c.expires_at > sa.bindparam("now")),
+    )
+    .values(uses_remaining=_TOKEN.c.uses_remaining - 1)
+)
 
 
 class TokenKind(enum.Enum):
@@ -152,23 +169,30 @@ def create_join_token(
         return _create(ctx, session, row, actor)
 
 
-def find_token(ctx: Context, secret: str) -> TokenRow:
-    """The live token behind a presented secret, or ``AuthenticationFailed`` (one message for all
-    failure causes, so a caller cannot probe which tokens exist)."""
+def check_live(found: sa.RowMapping | None, now: dt.datetime) -> sa.RowMapping:
+    """The checks every presented secret passes (one message for unknown and revoked secrets,
+    so a caller cannot probe which tokens exist)."""
+    if found is None or found["revoked_at"] is not None:
+        raise AuthenticationFailed("missing or invalid bearer token")
+    if found["expires_at"] is not None and found["expires_at"] <= now:
+        raise AuthenticationFailed("the token has expired")
+    if found["uses_remaining"] is not None and found["uses_remaining"] <= 0:
+        raise AuthenticationFailed("the join token has already been used")
+    return found
+
+
+def valid_secret(secret: str) -> str:
     if not secret or len(secret) > 200:
         raise AuthenticationFailed("missing or invalid bearer token")
-    with Session(ctx.engine) as session:
-        row = session.exec(
-            select(TokenRow).where(TokenRow.secret_hash == hash_secret(secret))
-        ).first()
-    now = ctx.clock.now()
-    if row is None or row.revoked_at is not None:
-        raise AuthenticationFailed("missing or invalid bearer token")
-    if row.expires_at is not None and row.expires_at <= now:
-        raise AuthenticationFailed("the token has expired")
-    if row.uses_remaining is not None and row.uses_remaining <= 0:
-        raise AuthenticationFailed("the join token has already been used")
-    return row
+    return hash_secret(secret)
+
+
+def find_token(ctx: Context, secret: str) -> TokenRow:
+    """The live token behind a presented secret, or ``AuthenticationFailed``."""
+    digest = valid_secret(secret)
+    with ctx.engine.connect() as connection:
+        found = connection.execute(_FIND, {"secret_hash": digest}).mappings().first()
+    return TokenRow(**check_live(found, ctx.clock.now()))
 
 
 def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
@@ -183,16 +207,7 @@ def consume_join_token(
 ) -> None:
     """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
     redemptions of a single-use token race safely (only one of them changes a row)."""
-    result = session.execute(
-        sa.update(TokenRow)
-        .where(
-            col(TokenRow.id) == token_id,
-            col(TokenRow.uses_remaining) > 0,
-            col(TokenRow.revoked_at).is_(None),
-            sa.or_(col(TokenRow.expires_at).is_(None), col(TokenRow.expires_at) > now),
-        )
-        .values(uses_remaining=col(TokenRow.uses_remaining) - 1)
-    )
+    result = session.execute(_SPEND, {"token_id": token_id, "now": now})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise AuthenticationFailed("the join token has already been used or has expired")
     audit.record(session, "token.used", f"token:{token_id}", actor=actor, at=now)
