@@ -27,21 +27,25 @@ from ca.authority import MESH, active_issuer
 from ca.cas import ca_certificate, ca_signer
 from ca.checks import check_ca
 from ca.config import Context
+from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import InvalidInput, NotInitialised
+from ca.errors import InvalidInput, NotInitialised, TrellisError, Unavailable
 from ca.files import write_atomic, write_private
 from ca.identity import TrustDomain
+from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
+from ca.kubectl import KubeTarget, apply
 from ca.pem import certs_pem, private_key_pem
 from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
 from ca.records import record_issued
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, CaRow, IstioClusterRow
+from ca.store.models import AuthorityRow, CaRow, CertificateRow, IstioClusterRow
 
 __all__ = [
     "FORMATS",
     "IstioIntermediate",
     "IstioParams",
+    "deliver",
     "issue_istio_intermediate",
     "mesh_config",
     "render",
@@ -63,16 +67,34 @@ DEFAULT_TTL = Ttl(30 * 86400)
 # clamps workload TTLs to the intermediate's remaining life, so a third left is plenty.
 RENEW_AFTER = 2 / 3
 _CLUSTER = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# The CRL-only update of a kubectl target applies just ``data.ca-crl.pem``; under its own field
+# manager, because server-side apply would drop every other key the ``trellis`` manager owns.
+CRL_FIELD_MANAGER = "trellis-crl"
 
 
 @dataclass(frozen=True, slots=True)
 class IstioParams:
+    """One cluster's intermediate and where it goes.
+
+    The output is either a path (``output``: a YAML file, or a directory for ``files``) or a
+    ``kubectl apply`` target (``kubeconfig`` and optionally ``kube_context``), never both: the
+    key exists in exactly one place outside istiod, and with a kubeconfig that place is the
+    cluster's Secret store, not a local file next to it. With neither, a renewal keeps the
+    cluster's recorded output (API callers that write the result themselves).
+
+    ``with_crl`` adds ``ca-crl.pem`` (``ca.istio_crl``); istiod reads it only in the
+    ``cacerts`` form, so it is refused with ``tls-secret-yaml``.
+    """
+
     cluster: str
     key_type: KeyType = KeyType.EC_P256
     ttl: Ttl = DEFAULT_TTL
     output: Path | None = None
     output_format: str = "secret-yaml"
     authority: str = MESH
+    kubeconfig: Path | None = None
+    kube_context: str | None = None
+    with_crl: bool = False
 
     def __post_init__(self) -> None:
         if not _CLUSTER.match(self.cluster):
@@ -84,6 +106,23 @@ class IstioParams:
             )
         if self.output_format not in FORMATS:
             raise InvalidInput(f"--format is one of {', '.join(FORMATS)}")
+        if self.output is not None and self.kubeconfig is not None:
+            raise InvalidInput("give either --out or --kubeconfig: an output is one or the other")
+        if self.kube_context is not None and self.kubeconfig is None:
+            raise InvalidInput("--kube-context needs --kubeconfig")
+        if self.kubeconfig is not None and self.output_format == "files":
+            raise InvalidInput("--kubeconfig applies a Secret: use secret-yaml or tls-secret-yaml")
+        if self.with_crl and self.output_format == "tls-secret-yaml":
+            raise InvalidInput(
+                "--with-crl needs --format secret-yaml or files: istiod reads ca-crl.pem only "
+                "from the cacerts form (ca-cert.pem, ca-key.pem), never next to tls.crt/tls.key"
+            )
+
+    @property
+    def kube(self) -> KubeTarget | None:
+        if self.kubeconfig is None:
+            return None
+        return KubeTarget(self.kubeconfig, self.kube_context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +132,21 @@ class IstioIntermediate:
     key: PrivateKey
     chain: tuple[x509.Certificate, ...]  # the intermediate, then up to and including its root
     roots: tuple[x509.Certificate, ...]  # every current trust anchor (both during root rotation)
+    crl_pem: bytes | None = None  # ca-crl.pem: a CRL for each CA of the chain (--with-crl)
 
     @property
     def files(self) -> dict[str, bytes]:
-        """The ``cacerts`` keys istiod reads (all four present together)."""
-        return {
+        """The ``cacerts`` keys istiod reads (the four present together), and ``ca-crl.pem``
+        when it was asked for."""
+        files = {
             "ca-cert.pem": certs_pem([self.certificate]),
             "ca-key.pem": private_key_pem(self.key),
             "cert-chain.pem": certs_pem(self.chain),
             "root-cert.pem": certs_pem(self.roots),
         }
+        if self.crl_pem is not None:
+            files[CRL_FILE] = self.crl_pem
+        return files
 
     @property
     def tls_files(self) -> dict[str, bytes]:
@@ -140,37 +184,48 @@ def _subject(trust_domain: str, cluster: str) -> x509.Name:
     )
 
 
-def issue_istio_intermediate(
-    ctx: Context, params: IstioParams, actor: str = "cli"
-) -> IstioIntermediate:
-    issuer = active_issuer(ctx, params.authority)  # for the bundle and the trust domain
-    now = ctx.clock.now()
+def _active_root(ctx: Context, authority: str) -> CaRow:
     with Session(ctx.engine) as session:
         root = session.exec(
             select(CaRow)
-            .where(
-                CaRow.authority == params.authority, CaRow.role == "root", CaRow.state == "active"
-            )
+            .where(CaRow.authority == authority, CaRow.role == "root", CaRow.state == "active")
             .order_by(col(CaRow.not_after).desc())
         ).first()
-        if root is None or root.id is None:
-            raise NotInitialised(f"authority {params.authority!r} has no active root")
-        root_cert = ca_certificate(ctx, root)
-        key = params.key_type.generate()
-        td = issuer.spiffe_trust_domain()
-        spec = CaSpec(
-            subject=_subject(td.name, params.cluster),
-            public_key=key.public_key(),
-            spiffe_id=td.id(),
-            serial=Serial.random(),
-            not_before=now - BACKDATE,
-            not_after=min(now + params.ttl.delta, root_cert.not_valid_after_utc),
-            path_length=0,
-            issuer=root_cert,
-            digital_signature=True,
-        )
-        cert = sign(ca_builder(spec), ca_signer(ctx, root))
-        check_ca(cert, root_cert, td.id())
+    if root is None or root.id is None:
+        raise NotInitialised(f"authority {authority!r} has no active root")
+    return root
+
+
+def issue_istio_intermediate(
+    ctx: Context, params: IstioParams, actor: str = "cli"
+) -> IstioIntermediate:
+    """Sign a fresh intermediate (and, with ``with_crl``, its CRL) and record the cluster.
+
+    Nothing is delivered here: ``deliver`` writes or applies the result.
+    """
+    issuer = active_issuer(ctx, params.authority)  # for the bundle and the trust domain
+    now = ctx.clock.now()
+    root = _active_root(ctx, params.authority)
+    assert root.id is not None
+    root_crl = current_crl(ctx, params.authority, root.serial) if params.with_crl else None
+    root_cert = ca_certificate(ctx, root)
+    key = params.key_type.generate()
+    td = issuer.spiffe_trust_domain()
+    spec = CaSpec(
+        subject=_subject(td.name, params.cluster),
+        public_key=key.public_key(),
+        spiffe_id=td.id(),
+        serial=Serial.random(),
+        not_before=now - BACKDATE,
+        not_after=min(now + params.ttl.delta, root_cert.not_valid_after_utc),
+        path_length=0,
+        issuer=root_cert,
+        digital_signature=True,
+    )
+    cert = sign(ca_builder(spec), ca_signer(ctx, root))
+    check_ca(cert, root_cert, td.id())
+    own_crl = intermediate_crl(cert, key, params.key_type, now) if root_crl else None
+    with Session(ctx.engine) as session:
         record_issued(
             session,
             cert,
@@ -184,8 +239,13 @@ def issue_istio_intermediate(
         )
         previous = session.get(IstioClusterRow, params.cluster)
         output = str(params.output.resolve()) if params.output else None
+        kube = params.kube
+        kubeconfig = str(kube.kubeconfig.resolve()) if kube else None
+        kube_context = kube.context if kube else None
         if previous is not None:
-            output = output or previous.output
+            if output is None and kubeconfig is None:
+                output, kubeconfig = previous.output, previous.kubeconfig
+                kube_context = previous.kube_context
             session.delete(previous)
             session.flush()
         session.add(
@@ -200,10 +260,18 @@ def issue_istio_intermediate(
                 output=output,
                 output_format=params.output_format,
                 updated_at=now,
+                kubeconfig=kubeconfig,
+                kube_context=kube_context,
+                with_crl=params.with_crl,
+                intermediate_crl_pem=own_crl.decode() if own_crl else None,
+                root_crl_number=root_crl.number if root_crl else None,
             )
         )
         session.commit()
-    return IstioIntermediate(params.cluster, cert, key, (cert, root_cert), issuer.roots)
+    crl_pem = crl_bundle(own_crl, root_crl) if own_crl and root_crl else None
+    return IstioIntermediate(
+        params.cluster, cert, key, (cert, root_cert), issuer.roots, crl_pem=crl_pem
+    )
 
 
 def _secret(name: str, namespace: str, files: dict[str, bytes], kind: str) -> dict[str, Any]:
@@ -245,6 +313,47 @@ def write_output(intermediate: IstioIntermediate, output_format: str, out: Path)
     return written
 
 
+def _record_delivery(ctx: Context, cluster: str, error: str | None, **changes: Any) -> None:
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, cluster, with_for_update=True)
+        if row is None:
+            return
+        row.last_error = error[:512] if error else None
+        for name, value in changes.items():
+            setattr(row, name, value)
+        session.add(row)
+        session.commit()
+
+
+def _failure(exc: Exception) -> TrellisError:
+    if isinstance(exc, TrellisError):
+        return exc
+    detail = getattr(exc, "strerror", None) or type(exc).__name__
+    return Unavailable(f"the output could not be written: {detail}")
+
+
+def deliver(ctx: Context, intermediate: IstioIntermediate, params: IstioParams) -> list[str]:
+    """Put the intermediate where ``params`` say: written paths, or kubectl's summary.
+
+    A failure is recorded on the cluster (``istio list`` shows it) and re-raised as a
+    ``TrellisError``; the ``istio-intermediates`` job re-issues such a cluster on its next run
+    (the key of the undelivered intermediate is gone: it was never stored).
+    """
+    try:
+        if params.kube is not None:
+            manifest = render(intermediate, params.output_format)["cacerts.yaml"]
+            done = [f"{apply(params.kube, manifest)} ({params.kube.describe()})"]
+        elif params.output is not None:
+            done = [str(p) for p in write_output(intermediate, params.output_format, params.output)]
+        else:
+            done = []
+    except (TrellisError, OSError) as exc:
+        error = _failure(exc)
+        _record_delivery(ctx, intermediate.cluster, error.detail)
+        raise error from None
+    return done
+
+
 def root_configmap(ctx: Context, namespace: str = "istio-system", authority: str = MESH) -> str:
     """The ``istio-ca-root-cert`` ConfigMap workloads read their trust anchors from."""
     roots = active_issuer(ctx, authority).bundle_pem.decode()
@@ -280,29 +389,82 @@ def mesh_config(ctx: Context, authority: str = MESH) -> str:
     return _yaml(document)
 
 
+def _params(row: IstioClusterRow) -> IstioParams:
+    return IstioParams(
+        cluster=row.cluster,
+        key_type=KeyType(row.key_type),
+        ttl=Ttl(row.ttl_seconds),
+        output=Path(row.output) if row.output else None,
+        output_format=row.output_format,
+        authority=row.authority,
+        kubeconfig=Path(row.kubeconfig) if row.kubeconfig else None,
+        kube_context=row.kube_context,
+        with_crl=row.with_crl,
+    )
+
+
+def _refresh_crl(ctx: Context, row: IstioClusterRow) -> str | None:
+    """Put the root's current CRL into ``ca-crl.pem`` of the cluster's output if it changed
+    since it was delivered (a revocation, or the daily re-signing); the intermediate's own CRL,
+    kept from issue time, stays. Needs no key: the YAML forms are rewritten one data key at a
+    time, a kubectl target gets only ``data.ca-crl.pem`` applied."""
+    with Session(ctx.engine) as session:
+        issued = session.get(CertificateRow, row.serial)
+        root = session.get(CaRow, issued.issuer_ca_id) if issued else None
+    if root is None or row.intermediate_crl_pem is None:
+        return None
+    crl = current_crl(ctx, row.authority, root.serial)
+    if crl.number == row.root_crl_number:
+        return None
+    content = crl_bundle(row.intermediate_crl_pem.encode(), crl)
+    params = _params(row)
+    if params.kube is not None:
+        patch = _secret("cacerts", "istio-system", {CRL_FILE: content}, "Opaque")
+        del patch["type"]  # owned by the full apply; a partial apply leaves it alone
+        apply(params.kube, _yaml(patch).encode(), field_manager=CRL_FIELD_MANAGER)
+    elif params.output is not None and row.output_format == "files":
+        write_atomic(params.output / CRL_FILE, content)
+    elif params.output is not None:
+        document = yaml.safe_load(params.output.read_text())
+        if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+            raise Unavailable(f"{params.output} is not the cacerts Secret Trellis wrote")
+        document["data"][CRL_FILE] = base64.b64encode(content).decode()
+        write_private(params.output, _yaml(document).encode())
+    else:
+        return None
+    _record_delivery(ctx, row.cluster, None, root_crl_number=crl.number)
+    return f"{row.cluster}: {CRL_FILE} with root CRL #{crl.number}"
+
+
 def renew_due_clusters(ctx: Context) -> list[str]:
     """The scheduler's job: re-issue every recorded cluster's intermediate past 2/3 of its life,
-    into the output it was issued to (istiod hot-reloads an intermediate under the same root)."""
+    or whose last delivery failed, into the output it was issued to (istiod hot-reloads an
+    intermediate under the same root); for the others with ``ca-crl.pem``, refresh the root's
+    CRL in it. Clusters are independent: one failing is recorded on its row, the others go on,
+    and the run fails at the end (``trellis jobs list``, ``/readyz``) naming it."""
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
-        rows = [row for row in session.exec(select(IstioClusterRow)).all() if row.output]
-    renewed = []
+        rows = [
+            row
+            for row in session.exec(select(IstioClusterRow)).all()
+            if row.output or row.kubeconfig
+        ]
+    done, failed = [], []
     for row in rows:
         due = row.not_before + (row.not_after - row.not_before) * RENEW_AFTER
-        if now < due:
-            continue
-        assert row.output is not None
-        params = IstioParams(
-            cluster=row.cluster,
-            key_type=KeyType(row.key_type),
-            ttl=Ttl(row.ttl_seconds),
-            output=Path(row.output),
-            output_format=row.output_format,
-            authority=row.authority,
-        )
-        intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
-        write_output(intermediate, row.output_format, Path(row.output))
-        renewed.append(
-            f"{row.cluster} -> {format(intermediate.certificate.serial_number, 'x')[:12]}"
-        )
-    return renewed
+        try:
+            if now >= due or row.last_error is not None:
+                params = _params(row)
+                intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
+                deliver(ctx, intermediate, params)
+                serial = format(intermediate.certificate.serial_number, "x")
+                done.append(f"{row.cluster} -> {serial[:12]}")
+            elif row.with_crl and (refreshed := _refresh_crl(ctx, row)):
+                done.append(refreshed)
+        except (TrellisError, OSError) as exc:
+            error = _failure(exc)
+            _record_delivery(ctx, row.cluster, error.detail)
+            failed.append(f"{row.cluster}: {error.detail}")
+    if failed:
+        raise Unavailable("; ".join(failed))
+    return done

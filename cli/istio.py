@@ -11,10 +11,10 @@ from sqlmodel import Session, select
 from ca.durations import Ttl
 from ca.istio import (
     IstioParams,
+    deliver,
     issue_istio_intermediate,
     mesh_config,
     root_configmap,
-    write_output,
 )
 from ca.keys import KeyType
 from ca.pem import fingerprint
@@ -28,38 +28,61 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")
 @istio_app.command("issue")
 def issue(
     cluster: Annotated[str, typer.Option(help="Cluster name (a DNS label)")],
-    out: Annotated[Path, typer.Option(help="File (YAML formats) or directory (files format)")],
+    out: Annotated[
+        Path | None, typer.Option(help="File (YAML formats) or directory (files format)")
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Apply the Secret with kubectl using this kubeconfig (not with --out)"),
+    ] = None,
+    kube_context: Annotated[
+        str | None, typer.Option(help="Context in --kubeconfig (default: its current-context)")
+    ] = None,
     key_type: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048/3072/4096")] = "ec-p256",
     ttl: Annotated[str, typer.Option(help="Intermediate lifetime")] = "30d",
     format: Annotated[
         str, typer.Option("--format", help="secret-yaml, tls-secret-yaml or files")
     ] = "secret-yaml",
+    with_crl: Annotated[
+        bool, typer.Option("--with-crl", help="Add ca-crl.pem (a CRL for each CA of the chain)")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Issue the intermediate istiod signs with; the scheduler renews it into the same --out."""
+    """Issue the intermediate istiod signs with, into --out or with kubectl (--kubeconfig).
+
+    An output is either a path or a kubeconfig target, never both: the CA key should exist in
+    one place outside istiod, and applying it straight into the cluster keeps it off local disk.
+    The scheduler renews it into the same output.
+    """
+    if out is None and kubeconfig is None:
+        raise typer.BadParameter("give --out PATH or --kubeconfig PATH", param_hint="--out")
     params = IstioParams(
         cluster=cluster,
         key_type=KeyType.parse(key_type),
         ttl=Ttl.parse(ttl),
         output=out,
         output_format=format,
+        kubeconfig=kubeconfig,
+        kube_context=kube_context,
+        with_crl=with_crl,
     )
     intermediate = issue_istio_intermediate(STATE.context(), params)
-    written = write_output(intermediate, format, out)
+    delivered = deliver(STATE.context(), intermediate, params)
     cert = intermediate.certificate
     info = {
         "cluster": cluster,
         "serial": format_serial(cert.serial_number),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "sha256": fingerprint(cert),
-        "written": [str(path) for path in written],
+        "written": [] if kubeconfig else delivered,
+        "applied": delivered[0] if kubeconfig else None,
     }
     if json_out:
         emit_json(info)
         return
     typer.echo(f"issued istio-{cluster} intermediate {info['serial']}, expires {info['not_after']}")
-    for path in written:
-        typer.echo(f"  wrote {path}")
+    for line in delivered:
+        typer.echo(f"  {'applied' if kubeconfig else 'wrote'} {line}")
     typer.echo("  the private key is in that output only: Trellis does not keep it")
 
 
@@ -82,6 +105,10 @@ def list_clusters(json_out: JsonOpt = False) -> None:
                     "key_type": r.key_type,
                     "output": r.output,
                     "format": r.output_format,
+                    "kubeconfig": r.kubeconfig,
+                    "kube_context": r.kube_context,
+                    "with_crl": r.with_crl,
+                    "last_error": r.last_error,
                 }
                 for r in rows
             ]
@@ -89,8 +116,17 @@ def list_clusters(json_out: JsonOpt = False) -> None:
         return
     table(
         ["CLUSTER", "SERIAL", "NOT AFTER", "KEY", "OUTPUT"],
-        [[r.cluster, r.serial[:16], when(r.not_after), r.key_type, r.output or "-"] for r in rows],
+        [[r.cluster, r.serial[:16], when(r.not_after), r.key_type, _output(r)] for r in rows],
     )
+    for r in rows:
+        if r.last_error:
+            typer.echo(f"{r.cluster}: delivery failed, the scheduler retries: {r.last_error}")
+
+
+def _output(row: IstioClusterRow) -> str:
+    if row.kubeconfig:
+        return f"kubectl:{row.kubeconfig}" + (f"#{row.kube_context}" if row.kube_context else "")
+    return row.output or "-"
 
 
 @istio_app.command("root-configmap")

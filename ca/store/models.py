@@ -246,6 +246,20 @@ class IstioClusterRow(SQLModel, table=True):
     output: str | None = Field(default=None, max_length=1024)
     output_format: str = Field(max_length=32)
     updated_at: dt.datetime = _time()
+    # Or, instead of ``output``, a ``kubectl apply`` target: a kubeconfig and optional context.
+    kubeconfig: str | None = Field(default=None, max_length=1024)
+    kube_context: str | None = Field(default=None, max_length=253)
+    # ``ca-crl.pem`` in the output: the intermediate's own (empty) CRL, public and signed once at
+    # issue time, kept so the root's part can be refreshed without the key; and the number of
+    # the root CRL last delivered.
+    with_crl: bool = False
+    intermediate_crl_pem: str | None = Field(
+        default=None, sa_column=sa.Column(sa.Text(), nullable=True)
+    )
+    root_crl_number: int | None = None
+    # Why the last delivery to the output failed (None once one succeeds); such a cluster is
+    # re-issued on the job's next run.
+    last_error: str | None = Field(default=None, max_length=512)
 
 
 class FederatedBundleRow(SQLModel, table=True):

@@ -85,3 +85,34 @@ def test_a_populated_database_upgrades_to_head_keeping_every_row(database_url: s
             {"t": NOW.replace(tzinfo=None) if engine.dialect.name == "sqlite" else NOW},
         )
     engine.dispose()
+
+
+def test_istio_clusters_recorded_before_0011_keep_their_output(database_url: str) -> None:
+    """0011 adds the kubectl target and ``ca-crl.pem`` columns: an existing cluster keeps its
+    row, with no kubectl target, no CRL and no error."""
+    engine = db.connect(database_url)
+    config = db._config()
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0010")
+        connection.commit()
+    _populate(engine)
+    when = NOW.replace(tzinfo=None) if engine.dialect.name == "sqlite" else NOW
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO istio_cluster VALUES ('east', 'mesh', 'ab', :t, :t, 'ec-p256', "
+                "86400, '/srv/cacerts.yaml', 'secret-yaml', :t)"
+            ),
+            {"t": when},
+        )
+    db.upgrade(engine)
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.text(
+                "SELECT cluster, output, kubeconfig, kube_context, with_crl, "
+                "intermediate_crl_pem, root_crl_number, last_error FROM istio_cluster"
+            )
+        ).one()
+    assert tuple(row) == ("east", "/srv/cacerts.yaml", None, None, False, None, None, None)
+    engine.dispose()

@@ -97,6 +97,12 @@ def public_key_pem(path: Path, kind: str) -> str:
     return result.stdout
 
 
+def crls(pem: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL of a PEM file such as ``ca-crl.pem``, in order."""
+    marker = b"-----BEGIN X509 CRL-----"
+    return [x509.load_pem_x509_crl(marker + block) for block in pem.split(marker)[1:]]
+
+
 def load_key(data: bytes) -> PrivateKey:
     key = serialization.load_pem_private_key(data, None)
     assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)

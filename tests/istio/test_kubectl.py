@@ -1,0 +1,234 @@
+"""``trellis istio issue --kubeconfig``: the real ``kubectl`` server-side-applies the ``cacerts``
+Secret, the renewal job re-applies it, failures are typed and recorded.
+
+There is no Kubernetes API server on the test machines, so kubectl talks to the loopback
+stand-in in ``tests/istio/kubeapi.py`` (it answers kubectl's discovery and stores applied
+Secrets; it is not kube-apiserver). kubectl runs through a shim that logs its argv, to show the
+key is only ever in the request body; its discovery cache goes to a ``HOME`` under tmp_path, so
+the scan for key material covers every file the test run wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session
+
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.istio import IstioParams, deliver, issue_istio_intermediate
+from ca.jobs import job_named
+from ca.scheduler import run_job
+from ca.store.models import IstioClusterRow
+from tests.conftest import free_port
+from tests.istio.conftest import SQLITE_ONLY
+from tests.istio.istiokit import Cli, crls, load_key, openssl_verify
+from tests.istio.kubeapi import KubeApi, kubeconfig, serve
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = [
+    SQLITE_ONLY,
+    pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (Debian: kubernetes-client)"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary not installed"),
+]
+CACERTS = {"ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"}
+SECRET = ("istio-system", "cacerts")
+
+
+@pytest.fixture
+def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KubeApi]:
+    """The stand-in, a kubeconfig for it, and kubectl behind an argv-logging shim on PATH."""
+    api, server = serve(tmp_path / "kube")
+    shim = tmp_path / "bin" / "kubectl"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {tmp_path}/kubectl-argv.log\n'
+                    f'exec {KUBECTL} "$@"\n')  # fmt: skip
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}:/usr/bin:/bin")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    kubeconfig(tmp_path / "kubeconfig", api.url, api.ca_pem, context="east-admin")
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def applied(api: KubeApi) -> dict[str, bytes]:
+    secret = api.secrets[SECRET]
+    assert secret["type"] == "Opaque"
+    assert secret["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "trellis"}
+    return {name: base64.b64decode(value) for name, value in secret["data"].items()}
+
+
+def assert_valid_cacerts(data: dict[str, bytes], directory: Path, at: dt.datetime) -> None:
+    """The intermediate verifies to root-cert.pem through cert-chain.pem (openssl), and the key
+    is the certificate's (checked in memory: the key is never written to disk here)."""
+    directory.mkdir()
+    for name in CACERTS - {"ca-key.pem"}:
+        (directory / name).write_bytes(data[name])
+    verified = openssl_verify(
+        directory / "root-cert.pem", directory / "ca-cert.pem", directory / "cert-chain.pem", at=at
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    (cert,) = x509.load_pem_x509_certificates(data["ca-cert.pem"])
+    assert load_key(data["ca-key.pem"]).public_key() == cert.public_key()
+
+
+def key_material(key_pem: bytes) -> list[bytes]:
+    der = load_key(key_pem).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return [der, key_pem[40:90], base64.b64encode(key_pem)[20:80], base64.b64encode(der)[16:64]]
+
+
+def assert_nowhere_but_the_body(api: KubeApi, tmp_path: Path, key_pem: bytes) -> None:
+    secrets = key_material(key_pem)
+    for request in api.requests:
+        seen = f"{request.path}?{request.query}".encode()
+        assert not any(s in seen for s in secrets)
+        if request.method != "PATCH":
+            assert not any(s in request.body for s in secrets)
+    argv = (tmp_path / "kubectl-argv.log").read_bytes()
+    assert b"apply --server-side --field-manager=trellis --force-conflicts -f -" in argv
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert tmp_path / "kubectl-argv.log" in files and tmp_path / "kubeconfig" in files
+    for path in files:
+        content = path.read_bytes()
+        assert not any(s in content for s in secrets), path
+
+
+def test_issue_applies_the_cacerts_secret(
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path
+) -> None:
+    issued = json.loads(
+        cli.ok("istio", "issue", "--cluster", "east", "--kubeconfig", str(tmp_path / "kubeconfig"),
+               "--kube-context", "east-admin", "--json")
+    )  # fmt: skip
+    assert issued["written"] == []
+    assert issued["applied"].startswith("secret/cacerts serverside-applied (kubeconfig ")
+    data = applied(kube)
+    assert set(data) == CACERTS
+    assert_valid_cacerts(data, tmp_path / "check", ctx.clock.now())
+    (cert,) = x509.load_pem_x509_certificates(data["ca-cert.pem"])
+    assert format(cert.serial_number, "x") == issued["serial"]
+
+    (patch,) = [r for r in kube.requests if r.method == "PATCH"]
+    assert patch.path == "/api/v1/namespaces/istio-system/secrets/cacerts"
+    assert patch.content_type == "application/apply-patch+yaml"
+    assert patch.query["fieldManager"] == ["trellis"] and patch.query["force"] == ["true"]
+    assert any(s in patch.body for s in key_material(data["ca-key.pem"])[2:])  # only here
+    assert_nowhere_but_the_body(kube, tmp_path, data["ca-key.pem"])
+
+    (listed,) = json.loads(cli.ok("istio", "list", "--json"))
+    assert listed["output"] is None and listed["last_error"] is None
+    assert listed["kubeconfig"] == str((tmp_path / "kubeconfig").resolve())
+    assert listed["kube_context"] == "east-admin"
+
+
+def test_the_renewal_job_reapplies_a_new_intermediate(
+    ctx: Context, clock: FixedClock, kube: KubeApi, tmp_path: Path
+) -> None:
+    params = IstioParams("east", kubeconfig=tmp_path / "kubeconfig", with_crl=True)
+    deliver(ctx, issue_istio_intermediate(ctx, params), params)
+    first = applied(kube)
+    assert set(first) == CACERTS | {"ca-crl.pem"}
+
+    clock.advance(dt.timedelta(days=21))  # past 2/3 of the default 30 days
+    result = job_named("istio-intermediates").run(ctx)
+    renewed = applied(kube)
+    (cert,) = x509.load_pem_x509_certificates(renewed["ca-cert.pem"])
+    assert result == f"renewed east -> {format(cert.serial_number, 'x')[:12]}"
+    assert renewed["ca-key.pem"] != first["ca-key.pem"]
+    assert renewed["root-cert.pem"] == first["root-cert.pem"]
+    assert set(renewed) == CACERTS | {"ca-crl.pem"}
+    assert_valid_cacerts(renewed, tmp_path / "check", clock.now())
+    assert_nowhere_but_the_body(kube, tmp_path, renewed["ca-key.pem"])
+
+
+def test_a_revocation_reaches_ca_crl_pem_without_the_key(
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path
+) -> None:
+    """Only ``data.ca-crl.pem`` is applied, under its own field manager, so the keys the full
+    apply owns stay (server-side apply would drop them from a partial apply by ``trellis``)."""
+    issued = json.loads(
+        cli.ok("istio", "issue", "--cluster", "east", "--kubeconfig", str(tmp_path / "kubeconfig"),
+               "--with-crl", "--json")
+    )  # fmt: skip
+    before = applied(kube)
+    cli.ok("revoke", issued["serial"], "--yes")
+    assert job_named("istio-intermediates").run(ctx).endswith("ca-crl.pem with root CRL #2")
+    after = applied(kube)
+    assert {k: after[k] for k in CACERTS} == {k: before[k] for k in CACERTS}
+    _, root_crl = crls(after["ca-crl.pem"])
+    assert root_crl.get_revoked_certificate_by_serial_number(int(issued["serial"], 16))
+    crl_patch = [r for r in kube.requests if r.method == "PATCH"][-1]
+    assert crl_patch.query["fieldManager"] == ["trellis-crl"]
+    assert b"ca-key.pem" not in crl_patch.body
+
+
+def test_an_unreachable_server_fails_clearly_and_is_retried(
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path
+) -> None:
+    dead = kubeconfig(tmp_path / "kubeconfig", f"https://127.0.0.1:{free_port()}", kube.ca_pem)
+    result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(dead))
+    assert result.code == 8, result  # Unavailable
+    (line,) = result.err.strip().splitlines()
+    assert "kubectl apply (kubeconfig " in line and "failed (exit 1)" in line
+    assert "connection refused" in line.lower(), line
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.last_error and "connection refused" in row.last_error
+        first_serial = row.serial
+    assert "delivery failed, the scheduler retries" in cli.ok("istio", "list")
+
+    job = job_named("istio-intermediates")
+    run = run_job(ctx, job)
+    assert run is not None and not run.last_ok
+    assert run.last_result.startswith("Unavailable: east: kubectl apply")
+    assert SECRET not in kube.secrets
+
+    kubeconfig(tmp_path / "kubeconfig", kube.url, kube.ca_pem)  # the server is back
+    run = run_job(ctx, job)
+    assert run is not None and run.last_ok, run.last_result
+    assert run.last_result.startswith("renewed east -> ")
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.last_error is None and row.serial != first_serial
+    assert set(applied(kube)) == CACERTS
+
+
+def test_kubectl_missing_is_a_typed_error(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    config = tmp_path / "kubeconfig"
+    config.write_text("apiVersion: v1\nkind: Config\n")
+    result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(config))
+    assert result.code == 8
+    assert "kubectl is not installed" in result.err
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (("--out", "x.yaml", "--kubeconfig", "k"), "give either --out or --kubeconfig"),
+        (("--out", "x.yaml", "--kube-context", "c"), "--kube-context needs --kubeconfig"),
+        (("--kubeconfig", "k", "--format", "files"), "--kubeconfig applies a Secret"),
+    ],
+    ids=["fail/out-and-kubeconfig", "fail/context-alone", "fail/files"],
+)
+def test_refused(cli: Cli, tmp_path: Path, args: tuple[str, ...], reason: str) -> None:
+    result = cli("istio", "issue", "--cluster", "east", *args)
+    assert result.code == 2, result
+    assert reason in result.err
+    assert json.loads(cli.ok("istio", "list", "--json")) == []
