@@ -433,7 +433,7 @@ def _refresh_crl(ctx: Context, row: IstioClusterRow) -> str | None:
     else:
         return None
     _record_delivery(ctx, row.cluster, None, root_crl_number=crl.number)
-    return f"{row.cluster}: {CRL_FILE} with root CRL #{crl.number}"
+    return f"{row.cluster}: {CRL_FILE} now with root CRL #{crl.number}"
 
 
 def renew_due_clusters(ctx: Context) -> list[str]:
@@ -458,7 +458,7 @@ def renew_due_clusters(ctx: Context) -> list[str]:
                 intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
                 deliver(ctx, intermediate, params)
                 serial = format(intermediate.certificate.serial_number, "x")
-                done.append(f"{row.cluster} -> {serial[:12]}")
+                done.append(f"renewed {row.cluster} -> {serial[:12]}")
             elif row.with_crl and (refreshed := _refresh_crl(ctx, row)):
                 done.append(refreshed)
         except (TrellisError, OSError) as exc:

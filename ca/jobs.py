@@ -61,8 +61,8 @@ def renew_server_certificate(ctx: Context) -> str:
 
 
 def renew_istio_intermediates(ctx: Context) -> str:
-    renewed = renew_due_clusters(ctx)
-    return "renewed " + ", ".join(renewed) if renewed else "nothing due"
+    """Renew due intermediates and refresh the root's CRL in ``ca-crl.pem`` outputs."""
+    return ", ".join(renew_due_clusters(ctx)) or "nothing due"
 
 
 def refresh_federated_bundles(ctx: Context) -> str:

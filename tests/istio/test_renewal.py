@@ -59,7 +59,7 @@ def test_renewed_after_two_thirds_of_its_life_not_before(
     files = read(out, output_format)
     (cert,) = x509.load_pem_x509_certificates(files["ca-cert.pem"])
     assert cert.serial_number != first.certificate.serial_number
-    assert renewed == f"east -> {format(cert.serial_number, 'x')[:12]}"
+    assert renewed == f"renewed east -> {format(cert.serial_number, 'x')[:12]}"
     assert cert.not_valid_before_utc == clock.now() - BACKDATE
     assert cert.not_valid_after_utc == clock.now() + TTL.delta
     assert load_key(files["ca-key.pem"]).public_key() == cert.public_key()
