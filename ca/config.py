@@ -17,6 +17,7 @@ from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
 from ca.keys.store import KeyStore
 from ca.store import db
+from ca.store.batch import GroupCommit
 
 __all__ = ["Context", "Settings", "build_context"]
 
@@ -79,6 +80,11 @@ class Context:
     clock: Clock = field(default_factory=SystemClock)
     # Caches of unlocked signers and rendered PEM, keyed by CA row id (see ``ca.authority``).
     cache: dict[object, object] = field(default_factory=dict)
+    # Issuing transactions of concurrent requests, committed together (``ca.store.batch``).
+    writes: GroupCommit = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.writes = GroupCommit(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from cryptography import x509
-from sqlmodel import col
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ca import metrics
 from ca.authority import MESH, Issuer, active_issuer
@@ -36,12 +36,22 @@ from ca.pem import certs_pem
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.records import record_issued
 from ca.serial import Serial
+from ca.store.core import table
 from ca.store.models import CertificateRow, RenewalNonceRow
 from ca.tokens import consume_join_token
 
 __all__ = ["Grant", "IssuedSvid", "issue_for_key", "issue_svid", "mint_svid", "validity_window"]
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Built once (see ca.store.core). A replayed renewal proof inserts nothing (rowcount 0) instead
+# of failing the statement, which on PostgreSQL would abort a transaction shared with others.
+_NONCES, _CERTS = table(RenewalNonceRow), table(CertificateRow)
+_SPEND_NONCE = {
+    "sqlite": sqlite.insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.jti),
+    "postgresql": postgresql.insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.jti),
+}
+_STATUS = sa.select(_CERTS.c.status).where(_CERTS.c.serial == sa.bindparam("serial"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,29 +137,30 @@ def validity_window(
 
 
 def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> None:
-    """One transaction on one connection, Core statements only: this runs once per issuance,
-    and an ORM session's unit of work cost more than the statements themselves."""
+    """One unit of a group commit (``ca.store.batch``), Core statements only. Every refusal
+    comes from a conditional statement that changed nothing, so refusing one unit never undoes
+    another's; a single grant carries one credential to spend at most."""
+    if grant.join_token_id is not None and grant.renewal_nonce is not None:
+        raise AssertionError("a grant spends one credential")
     now = ctx.clock.now()
-    with ctx.engine.begin() as connection:
-        if grant.join_token_id is not None:
-            consume_join_token(connection, grant.join_token_id, now, grant.requested_by)
-        if grant.renewal_nonce is not None:
-            jti, expires = grant.renewal_nonce
-            try:
-                connection.execute(sa.insert(RenewalNonceRow).values(jti=jti, expires_at=expires))
-            except sa.exc.IntegrityError:
-                raise AuthenticationFailed("this renewal proof has already been used") from None
+
+    def write(connection: sa.Connection) -> None:
         if grant.renews_serial is not None:
             # Re-read inside the transaction: a revocation that landed after authentication wins.
-            status = connection.execute(
-                sa.select(col(CertificateRow.status)).where(
-                    col(CertificateRow.serial) == grant.renews_serial
-                )
-            ).scalar()
+            status = connection.execute(_STATUS, {"serial": grant.renews_serial}).scalar()
             if status != "active":
                 raise AuthenticationFailed(
                     "the certificate presented for renewal is no longer valid"
                 )
+        if grant.renewal_nonce is not None:
+            jti, expires = grant.renewal_nonce
+            spent = connection.execute(
+                _SPEND_NONCE[connection.dialect.name], {"jti": jti, "expires_at": expires}
+            )
+            if spent.first() is None:  # (rowcount is -1 here on psycopg)
+                raise AuthenticationFailed("this renewal proof has already been used")
+        if grant.join_token_id is not None:
+            consume_join_token(connection, grant.join_token_id, now, grant.requested_by)
         record_issued(
             connection,
             cert,
@@ -163,6 +174,8 @@ def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer)
             event="certificate.renewed" if grant.renews_serial else "certificate.issued",
             detail={"renews": grant.renews_serial},
         )
+
+    ctx.writes.run(write)
 
 
 def _urls(ctx: Context, issuer: Issuer) -> RevocationUrls | None:

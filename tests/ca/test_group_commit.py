@@ -1,0 +1,164 @@
+"""Group commit (``ca.store.batch``): concurrent issuances of one process share a transaction.
+
+The batches are made deterministic by holding the commit lock while the threads queue up, so
+every queued unit lands in one batch; the assertions are about what a batch must never do:
+lose a unit, let one unit's refusal or database error undo another's, or report success for a
+unit that did not commit. Both databases.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+
+from ca.config import Context
+from ca.errors import AuthenticationFailed
+from ca.grants import join_grant, renewal_grant
+from ca.issue import IssuedSvid, issue_svid
+from ca.keys import KeyType
+from ca.renewal import make_proof
+from ca.store.batch import GroupCommit
+from tests.ca.svidkit import (
+    add_entry,
+    count_rows,
+    csr_sha256,
+    enrol,
+    join_secret,
+    make_csr,
+    new_key,
+    uses_remaining,
+)
+
+WEB = "spiffe://example.org/web"
+
+
+@contextmanager
+def one_batch(writes: GroupCommit, expected: int) -> Iterator[None]:
+    """Hold the commit lock until ``expected`` units are queued: they then commit together."""
+    with writes._commit_lock:
+        yield
+        deadline = time.monotonic() + 20
+        while len(writes._pending) < expected:
+            assert time.monotonic() < deadline, f"only {len(writes._pending)} units queued"
+            time.sleep(0.005)
+
+
+def start(calls: list[Callable[[], object]]) -> Callable[[], list[object]]:
+    """Run each call in its own thread; the returned function waits and gives the outcomes
+    (a result or the exception raised), in the order of ``calls``."""
+    outcomes: list[object] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = calls[index]()
+        except Exception as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+
+    def join() -> list[object]:
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not any(thread.is_alive() for thread in threads)
+        return outcomes
+
+    return join
+
+
+def test_concurrent_issuances_commit_in_one_batch_and_refusals_touch_nothing_else(
+    ctx: Context,
+) -> None:
+    """Twelve issuances with a 12-use token and four racing one single-use token, one batch:
+    13 certificates recorded, three refused, every success readable afterwards."""
+    entry = add_entry(ctx, WEB)
+    many_id, many = join_secret(ctx, entry, uses=12)
+    single_id, single = join_secret(ctx, entry, uses=1)
+    grants = [join_grant(ctx, many) for _ in range(12)] + [join_grant(ctx, single)] * 4
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+    with one_batch(ctx.writes, len(grants)):
+        join = start(
+            [lambda g=g, c=c: issue_svid(ctx, g, c) for g, c in zip(grants, csrs, strict=True)]
+        )
+    outcomes = join()
+
+    issued = [o for o in outcomes if isinstance(o, IssuedSvid)]
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(issued) == 13
+    assert [type(o) for o in refused] == [AuthenticationFailed] * 3
+    assert ctx.writes.batches == batches + 1
+    assert count_rows(ctx, "certificate") == certificates + 13
+    assert uses_remaining(ctx, many_id) == 0
+    assert uses_remaining(ctx, single_id) == 0
+    with ctx.engine.connect() as connection:
+        stored = set(connection.execute(sa.text("SELECT serial FROM certificate")).scalars())
+        issued_events = connection.execute(
+            sa.text("SELECT count(*) FROM audit_log WHERE event = 'certificate.issued'")
+        ).scalar_one()
+    assert {svid.serial.hex for svid in issued} <= stored
+    assert issued_events == 13
+
+
+def test_replayed_renewal_proof_in_one_batch_is_refused_without_failing_the_batch(
+    ctx: Context,
+) -> None:
+    """Two renewals presenting one proof and a join-token issuance, one batch: one renewal and
+    the issuance commit; the replay is refused by a statement that changed nothing (on
+    PostgreSQL a failed INSERT would have aborted the shared transaction)."""
+    old = enrol(ctx, WEB)
+    csr = make_csr(new_key(KeyType.EC_P256), uris=[WEB])
+    proof = make_proof(old.cert, old.key, csr_sha256(csr), ctx.clock.now())
+    renewals = [renewal_grant(ctx, proof, csr) for _ in range(2)]
+    _, secret = join_secret(ctx, old.entry)
+    joining = join_grant(ctx, secret)
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+
+    with one_batch(ctx.writes, 3):
+        join = start(
+            [
+                lambda: issue_svid(ctx, renewals[0], csr),
+                lambda: issue_svid(ctx, renewals[1], csr),
+                lambda: issue_svid(ctx, joining, make_csr(new_key(KeyType.EC_P256))),
+            ]
+        )
+    outcomes = join()
+
+    assert sorted(type(o).__name__ for o in outcomes) == [
+        "AuthenticationFailed",
+        "IssuedSvid",
+        "IssuedSvid",
+    ]
+    assert ctx.writes.batches == batches + 1  # no fallback: the refusal wrote nothing
+    assert count_rows(ctx, "certificate") == certificates + 2
+    assert count_rows(ctx, "renewal_nonce") == 1
+
+
+def test_a_database_error_in_one_unit_is_that_unit_alone(ctx: Context) -> None:
+    """A unit whose statement fails (a duplicate primary key) fails the shared transaction; the
+    batch is retried one unit per transaction, so the other units still commit and only the
+    faulty one sees the error."""
+    nonce = sa.table("renewal_nonce", sa.column("jti"), sa.column("expires_at"))
+    now = ctx.clock.now()
+
+    def insert(jti: str) -> Callable[[], None]:
+        return lambda: ctx.writes.run(
+            lambda c: c.execute(sa.insert(nonce).values(jti=jti, expires_at=now))
+        )
+
+    ctx.writes.run(lambda c: c.execute(sa.insert(nonce).values(jti="taken", expires_at=now)))
+    with one_batch(ctx.writes, 3):
+        join = start([insert("first"), insert("taken"), insert("second")])
+    outcomes = join()
+
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], sa.exc.IntegrityError)
+    with ctx.engine.connect() as connection:
+        stored = set(connection.execute(sa.text("SELECT jti FROM renewal_nonce")).scalars())
+    assert stored == {"taken", "first", "second"}
