@@ -8,18 +8,30 @@ watches the file and loads a new chain into its live SSL context; new handshakes
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
 
 log = logging.getLogger("trellis.serve")
 WATCH_SECONDS = 5.0
+# The key and the certificate are two files, renewed one after the other (by the scheduler, even
+# while a worker starts): a load between the two writes sees a mismatched pair. Wait it out.
+LOAD_ATTEMPTS, LOAD_PAUSE = 40, 0.05
 
 
 class ReloadingConfig(uvicorn.Config):
     def load(self) -> None:
-        super().load()
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                super().load()
+                break
+            except ssl.SSLError as exc:
+                if "KEY_VALUES_MISMATCH" not in str(exc) or attempt == LOAD_ATTEMPTS - 1:
+                    raise
+                time.sleep(LOAD_PAUSE)
         if self.ssl is not None and self.ssl_certfile and self.ssl_keyfile:
             thread = threading.Thread(target=self._watch, name="tls-reload", daemon=True)
             thread.start()
