@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ca import errors
@@ -113,6 +114,26 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A lost or refused database connection is the server's state, not the caller's fault:
+    503, so clients retry (the pool replaces dead connections). Anything else stays a 500."""
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        log.error(
+            "database unavailable: %s",
+            type(exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc).__name__,
+        )
+        return problem_response(
+            503,
+            errors.Unavailable.code,
+            errors.Unavailable.title,
+            "the database cannot be reached right now",
+            request,
+        )
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return problem_response(
@@ -127,6 +148,7 @@ def install(app: object) -> None:
     app.add_exception_handler(errors.TrellisError, _trellis_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
