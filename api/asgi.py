@@ -2,20 +2,42 @@
 
 Each worker builds its own context from the environment ``trellis serve`` exported (settings
 are pydantic-settings, so ``TRELLIS_*`` variables carry everything); the database schema was
-already migrated by the parent, so workers do not migrate.
+already migrated by the parent, so workers do not migrate. One of the workers runs the scheduled
+jobs: whichever holds the data directory's scheduler lock (``ca.scheduler.elect_scheduler``).
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from api.app import create_app
 from ca.config import Settings, build_context
 from ca.logs import configure_logging
+from ca.scheduler import elect_scheduler
 
-__all__ = ["app_from_environment"]
+__all__ = ["SCHEDULER_LOCK", "app_from_environment"]
+
+SCHEDULER_LOCK = "scheduler.lock"
 
 
 def app_from_environment() -> FastAPI:
     configure_logging()  # spawned workers start with no logging configuration
-    return create_app(build_context(Settings(), migrate=False))
+    ctx = build_context(Settings(), migrate=False)
+    app = create_app(ctx)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(application: Any) -> AsyncIterator[Any]:
+        stop = elect_scheduler(ctx, ctx.settings.data_dir / SCHEDULER_LOCK)
+        try:
+            async with inner(application) as state:
+                yield state
+        finally:
+            stop()
+
+    app.router.lifespan_context = lifespan
+    return app

@@ -6,15 +6,24 @@
   transition performs it immediately.
 - Failures: logged with context, recorded in ``job_run`` (shown by ``trellis jobs list`` and in
   ``/readyz`` detail), and retried with exponential backoff (10 s, 20 s, … up to the interval).
+- One scheduler per ``trellis serve``: with several workers, the worker holding an exclusive lock
+  on ``<data dir>/scheduler.lock`` runs it (``elect_scheduler``); the lock dies with its process
+  and another worker takes over. The serve parent stays a small supervisor (memory: each process
+  that imports the CA costs ~100 MiB, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
+import os
 import socket
+import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -24,7 +33,7 @@ from ca.config import Context
 from ca.jobs import JOBS, Job
 from ca.store.models import JobRunRow
 
-__all__ = ["JobStatus", "job_statuses", "run_job", "start_scheduler"]
+__all__ = ["JobStatus", "elect_scheduler", "job_statuses", "run_job", "start_scheduler"]
 
 log = logging.getLogger("trellis.scheduler")
 BACKOFF_START = 10
@@ -108,6 +117,47 @@ def start_scheduler(ctx: Context) -> BackgroundScheduler:
         )
     scheduler.start()
     return scheduler
+
+
+ELECTION_RETRY_SECONDS = 5.0
+
+
+def elect_scheduler(
+    ctx: Context,
+    lock_path: Path,
+    *,
+    retry_seconds: float = ELECTION_RETRY_SECONDS,
+    start: Callable[[Context], BackgroundScheduler] = start_scheduler,
+) -> Callable[[], None]:
+    """Run the scheduler in this process while it holds ``lock_path`` (``flock``, so the kernel
+    releases it when the process dies, however it dies); until then, try again every
+    ``retry_seconds``. Returns the function that stops it (and gives the lock up)."""
+    stopping = threading.Event()
+
+    def campaign() -> None:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while not stopping.is_set():
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    stopping.wait(retry_seconds)
+                    continue
+                log.info("this worker (pid %d) runs the scheduled jobs", os.getpid())
+                scheduler = start(ctx)
+                stopping.wait()
+                scheduler.shutdown(wait=False)
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    thread = threading.Thread(target=campaign, name="scheduler-election", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        thread.join(timeout=10)
+
+    return stop
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Annotated
 
 import typer
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from ca.authority import active_issuer, check_keys, load_authority
 from ca.jobs import catch_up
@@ -16,6 +16,7 @@ from ca.logs import configure_logging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
+from cli.supervisor import command as supervisor_command
 from cli.tlsreload import ReloadingConfig
 
 
@@ -29,7 +30,7 @@ def serve(
         int, typer.Option(help="Worker processes (TRELLIS_WORKERS; 0 = one per core)")
     ] = 1,
 ) -> None:
-    """Serve the REST API (and run the scheduled jobs in this process)."""
+    """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""
     ctx = STATE.context(host=host, port=port)
     settings = ctx.settings
     configure_logging()
@@ -53,17 +54,10 @@ def serve(
     common = {
         "host": settings.host,
         "port": settings.port,
-        "log_config": None,  # keep the JSON/text handlers configure_logging installed
-        "access_log": False,
-        "server_header": False,
         "timeout_graceful_shutdown": 10,
         **tls_options,
     }
-    if count == 1:
-        from api.app import create_app  # only a single-process server needs the app here
-
-        config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
-    else:
+    if count > 1:
         # Workers rebuild the context from the environment: hand them the effective settings.
         os.environ["TRELLIS_DATA_DIR"] = str(settings.data_dir.resolve())
         os.environ["TRELLIS_DATABASE_URL"] = settings.effective_database_url
@@ -72,19 +66,23 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        config = ReloadingConfig(
-            "api.asgi:app_from_environment",
-            factory=True,
-            workers=count,
-            **common,  # type: ignore[arg-type]
-        )
+        ctx.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = supervisor_command({**common, "workers": count})
+        os.execv(argv[0], argv)  # noqa: S606 (our own interpreter and module)
+
+    from api.app import create_app  # only a single-process server needs the app here
+
+    config = ReloadingConfig(
+        create_app(ctx),  # type: ignore[arg-type]
+        log_config=None,  # keep the JSON/text handlers configure_logging installed
+        access_log=False,
+        server_header=False,
+        **common,  # type: ignore[arg-type]
+    )
     scheduler = start_scheduler(ctx)
-    server = uvicorn.Server(config)
     try:
-        if count == 1:
-            server.run()
-        else:
-            # What uvicorn.run does for workers, but with our Config so each worker reloads TLS.
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        uvicorn.Server(config).run()
     finally:
         scheduler.shutdown(wait=False)

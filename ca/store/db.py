@@ -6,16 +6,18 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine, make_url
 
 from ca.errors import InvalidInput, Unavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported by the functions that migrate, not here: workers never migrate, and the
+# import costs each of them 7 MiB (docs/benchmarks.md).
 
 __all__ = ["connect", "normalise_url", "schema_status", "upgrade"]
 
@@ -94,6 +96,8 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
 
 
 def _config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     return config
@@ -114,6 +118,9 @@ def _migration_lock(connection: sa.Connection) -> Iterator[None]:
 
 def _refuse_unknown_revisions(connection: sa.Connection, config: Config) -> None:
     """A database migrated by a newer Trellis must not be touched by an older one."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(config)
     known = {revision.revision for revision in script.walk_revisions()}
     unknown = set(MigrationContext.configure(connection).get_current_heads()) - known
@@ -126,6 +133,8 @@ def _refuse_unknown_revisions(connection: sa.Connection, config: Config) -> None
 
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision this code knows (idempotent)."""
+    from alembic import command
+
     config = _config()
     try:
         with engine.connect() as connection:
@@ -152,6 +161,9 @@ def upgrade(engine: Engine) -> None:
 
 def schema_status(engine: Engine) -> tuple[str | None, str]:
     """(current revision(s), newest revision(s) this code knows), comma-joined when branched."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     heads = ScriptDirectory.from_config(_config()).get_heads()
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_heads()
