@@ -14,13 +14,13 @@ from ca.tokens import AdminPrincipal, authenticate_admin
 _bearer = HTTPBearer(auto_error=False, description="Admin token, join token or renewal proof")
 
 
-def get_context(request: Request) -> Context:
+async def get_context(request: Request) -> Context:
     ctx = request.app.state.ctx
     assert isinstance(ctx, Context)
     return ctx
 
 
-def bearer(
+async def bearer(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     if credentials is None or not credentials.credentials:

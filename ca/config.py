@@ -86,6 +86,14 @@ class Context:
     def __post_init__(self) -> None:
         self.writes = GroupCommit(self.engine)
 
+    @property
+    def local_only(self) -> bool:
+        """Whether an issuance touches only local resources (an SQLite file, key files): then
+        it is a millisecond of CPU with no network wait, cheaper to run in place than to hand
+        to a thread. With PostgreSQL or Vault an issuance waits on the network (and on a hung
+        backend, for its timeout) and must not hold up anything else."""
+        return self.engine.dialect.name == "sqlite" and self.keys.names == ("file",)
+
     def close(self) -> None:
         self.engine.dispose()
 
