@@ -347,7 +347,7 @@ def active_issuer(ctx: Context, name: str = MESH) -> Issuer:
     """The issuing CA to sign with now; unlocked once and cached until the active CA or the
     published bundle changes. Every call asks the database which CA is active (one small Core
     query), so a rotation or an emergency revocation on another replica applies at once."""
-    with ctx.engine.connect() as connection:
+    with ctx.reads.connect() as connection:
         current = connection.execute(_ACTIVE, {"authority": name}).first()
     if current is not None:
         cached = ctx.cache.get(("issuer", current[0], current[1]))

@@ -81,7 +81,7 @@ def _entry_grant(row: sa.RowMapping, *, requested_by: str) -> Grant:
 
 def join_grant(ctx: Context, secret: str) -> Grant:
     digest = valid_secret(secret)
-    with ctx.engine.connect() as connection:
+    with ctx.reads.connect() as connection:
         found = connection.execute(_JOIN, {"secret_hash": digest}).mappings().first()
     token = check_live(found, ctx.clock.now())
     if token["kind"] != TokenKind.JOIN.value or token["token_entry_id"] is None:
@@ -100,7 +100,7 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     serial = unverified_serial(proof)
     csr = parse_csr(csr_pem)
     now = ctx.clock.now()
-    with ctx.engine.connect() as connection:
+    with ctx.reads.connect() as connection:
         row = connection.execute(_RENEWING, {"serial": serial.hex}).mappings().first()
     if row is None or row["profile"] != "x509-svid":
         raise AuthenticationFailed("the renewal proof names an unknown certificate")

@@ -190,7 +190,7 @@ def valid_secret(secret: str) -> str:
 def find_token(ctx: Context, secret: str) -> TokenRow:
     """The live token behind a presented secret, or ``AuthenticationFailed``."""
     digest = valid_secret(secret)
-    with ctx.engine.connect() as connection:
+    with ctx.reads.connect() as connection:
         found = connection.execute(_FIND, {"secret_hash": digest}).mappings().first()
     return TokenRow(**check_live(found, ctx.clock.now()))
 
