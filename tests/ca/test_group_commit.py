@@ -8,11 +8,15 @@ unit that did not commit. Both databases.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from ca.config import Context
@@ -162,3 +166,38 @@ def test_a_database_error_in_one_unit_is_that_unit_alone(ctx: Context) -> None:
     with ctx.engine.connect() as connection:
         stored = set(connection.execute(sa.text("SELECT jti FROM renewal_nonce")).scalars())
     assert stored == {"taken", "first", "second"}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sqlite_batches_hold_a_lock_other_processes_wait_on(ctx: Context) -> None:
+    """Across worker processes, SQLite writers queue on ``<db>.write-lock`` (a flock, which
+    wakes the next writer at once) instead of sleeping in SQLite's busy handler."""
+    lock = Path(f"{ctx.engine.url.database}.write-lock")
+    probe = [
+        sys.executable,
+        "-c",
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except BlockingIOError:\n    print('held')\nelse:\n    print('free')",
+        str(lock),
+    ]
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(connection: sa.Connection) -> None:
+        inside.set()
+        assert release.wait(20)
+
+    writer = threading.Thread(target=ctx.writes.run, args=(slow,))
+    writer.start()
+    try:
+        assert inside.wait(20)
+        seen = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=True)
+        assert seen.stdout.strip() == "held"
+    finally:
+        release.set()
+        writer.join(20)
+    assert lock.stat().st_mode & 0o777 == 0o600
+    after = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=True)
+    assert after.stdout.strip() == "free"
