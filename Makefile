@@ -38,4 +38,7 @@ clean:
 BENCH_ARGS ?=
 .PHONY: bench
 bench: $(VENV)/.installed-test
+	@# The load generator is Debian's wrk (the Python client is the fallback: --loadgen python).
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -q && apt-get install -y -q --no-install-recommends wrk) || true
 	$(BIN)/python -m tests.bench.issuance $(BENCH_ARGS)

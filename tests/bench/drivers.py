@@ -44,6 +44,7 @@ class Driver:
     tokens: list[list[dict[str, str]]] = field(default_factory=list)  # per entry: headers
     uses: list[int] = field(default_factory=list)  # per entry: uses handed out so far
     entry_ids: list[str] = field(default_factory=list)
+    csr_count: int = 0
 
     def prepare(self) -> int:
         """Before a cell: every Trellis entry keeps at least one full token's worth of uses
@@ -61,6 +62,24 @@ class Driver:
                 )
                 created += 1
         return created
+
+    def replay_requests(self) -> list[tuple[dict[str, str], bytes]]:
+        """The requests for one wrk cell, which replays them in a loop: ``build(i)`` for each
+        CSR, with Trellis given one fresh full token per entry first (a cell of up to
+        64,000 requests; the token is then considered spent)."""
+        if self.trellis is not None:
+            for e, entry_id in enumerate(self.entry_ids):
+                self.uses[e] = len(self.tokens[e]) * USES  # whatever is left: not used again
+                secret = self.trellis.admin(
+                    "POST", "/v1/tokens", {"entry_id": entry_id, "uses": USES, "ttl": "6h"}
+                )["token"]
+                self.tokens[e].append(
+                    {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+                )
+        requests = [self.target.build(i) for i in range(self.csr_count)]
+        if self.trellis is not None:
+            self.uses = [len(tokens) * USES for tokens in self.tokens]
+        return requests
 
 
 def _tls(url: str, context: ssl.SSLContext) -> dict[str, Any]:
@@ -115,6 +134,7 @@ def _trellis(name: str, server: TrellisServer, csrs: list[Csr], entries: int) ->
         tokens=[[] for _ in entry_ids],
         uses=[0 for _ in entry_ids],
         entry_ids=entry_ids,
+        csr_count=len(csrs),
     )
     driver.prepare()
     driver.info = {
@@ -148,6 +168,7 @@ def _openbao(name: str, server: OpenBaoServer, csrs: list[Csr]) -> Driver:
             certificate_of=lambda payload: str(payload["data"]["certificate"]),
         ),
         server_roots=[server.process.pid],
+        csr_count=len(csrs),
         info={
             "endpoint": f"POST /v1/pki/sign/{ROLE} (root token, no_store=false)",
             "storage": "integrated raft on disk" if server.mode == "raft" else "in-memory (-dev)",

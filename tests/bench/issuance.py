@@ -3,15 +3,17 @@
     .venv/bin/python -m tests.bench.issuance [--seconds 10] [--warmup 3]
         [--concurrency 1,16,64] [--repeats 3]
         [--systems trellis-sqlite,trellis-postgres,openbao-raft,openbao-dev]
-        [--inprocess-seconds 5] [--profile] [--json bench-results/issuance.json] [--docs PATH]
+        [--inprocess-seconds 5] [--loadgen auto|wrk|python] [--profile]
+        [--json bench-results/issuance.json] [--docs PATH]
 
 Starts every system as in production on 127.0.0.1, all of them HTTPS (see tests/bench/servers.py):
 ``trellis serve --workers <nproc>`` on SQLite and on PostgreSQL, OpenBao with raft storage and
 ``bao server -dev``. Then, in rounds (each round gives every system the same cell, one after the
 other, so drifting background load hits all systems alike): concurrency 1, 16, 64, then the
 largest concurrency again until it ran ``--repeats`` times (the memory-growth check). One cell
-is a warm-up followed by ``--seconds`` of measurement with an async HTTP/1.1 keep-alive client
-(tests/bench/loadgen.py) posting 512 distinct pre-generated P-256 CSRs.
+is a warm-up followed by ``--seconds`` of measurement, 512 distinct pre-generated P-256 CSRs
+posted over HTTP/1.1 keep-alive by wrk with a Lua script (tests/bench/wrk.py; the default when
+Debian's ``wrk`` is installed) or by an async Python client (tests/bench/loadgen.py).
 
 Also measures the ``ca`` issuance path in-process on one core against the bare ``cryptography``
 ceiling (tests/bench/inprocess.py). ``--profile`` adds, after the measured rounds, one
@@ -42,9 +44,11 @@ from typing import Any
 from tests.bench import report
 from tests.bench.drivers import SYSTEMS, Driver, start_system
 from tests.bench.inprocess import measure_inprocess
-from tests.bench.loadgen import CellResult, make_csrs, percentile, run_cell
+from tests.bench.loadgen import CellResult, make_csrs, run_cell
 from tests.bench.procstat import MemorySampler, SystemCpu, rss_by_process, tree_cpu_seconds
 from tests.bench.servers import postgres_server
+from tests.bench.wrk import available as wrk_available
+from tests.bench.wrk import run_cell_wrk
 
 REPO = Path(__file__).resolve().parents[2]
 CSRS = 512
@@ -92,7 +96,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def measure_cell(
-    driver: Driver, concurrency: int, warmup: float, seconds: float, identities: list[str]
+    driver: Driver,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    identities: list[str],
+    loadgen: str = "python",
 ) -> dict[str, Any]:
     """One cell: ``identities[i % len]`` is the SPIFFE ID CSR ``i`` asks for (checked)."""
     created = driver.prepare()
@@ -115,9 +124,13 @@ def measure_cell(
         return identities[i % len(identities)]
 
     try:
-        cell: CellResult = run_cell(
-            driver.target, concurrency, warmup, seconds, spiffe_id_of, on_window
-        )
+        if loadgen == "wrk":
+            cell: CellResult = run_cell_wrk(
+                driver.target, driver.replay_requests(), concurrency, warmup, seconds,
+                spiffe_id_of, on_window,
+            )  # fmt: skip
+        else:
+            cell = run_cell(driver.target, concurrency, warmup, seconds, spiffe_id_of, on_window)
     finally:
         sampler.stop()
     time.sleep(1.0)  # settle, then the steady RSS after the cell
@@ -129,7 +142,6 @@ def measure_cell(
     server = end["server"] - start["server"]
     database = end["database"] - start["database"]
     busy = end["busy"] - start["busy"]
-    lat = cell.latencies_ms
     return {
         "system": driver.name,
         "concurrency": concurrency,
@@ -139,11 +151,11 @@ def measure_cell(
         "error_samples": cell.error_samples,
         "checked": cell.checked,
         "sample_serial": cell.sample_serial,
-        "certs_per_s": cell.ok / seconds,
-        "p50_ms": percentile(lat, 50),
-        "p90_ms": percentile(lat, 90),
-        "p99_ms": percentile(lat, 99),
-        "max_ms": max(lat) if lat else float("nan"),
+        "certs_per_s": cell.ok / cell.seconds,
+        "p50_ms": cell.latency("p50"),
+        "p90_ms": cell.latency("p90"),
+        "p99_ms": cell.latency("p99"),
+        "max_ms": cell.latency("max"),
         "server_cpu_s": server,
         "database_cpu_s": database,
         "server_cores": (server + database) / wall,
@@ -177,7 +189,9 @@ def run_rounds(
     cells = []
     for concurrency, run in plan(args.concurrency, args.repeats):
         for driver in drivers:
-            result = measure_cell(driver, concurrency, args.warmup, args.seconds, identities)
+            result = measure_cell(
+                driver, concurrency, args.warmup, args.seconds, identities, args.loadgen
+            )
             result["run"] = run
             cells.append(result)
             log(
@@ -209,7 +223,7 @@ def profile_cells(
         if recorders is None:
             found["error"] = "py-spy is not installed: .venv/bin/pip install py-spy"
             return found
-        cell = measure_cell(driver, 16, args.warmup, args.seconds, identities)
+        cell = measure_cell(driver, 16, args.warmup, args.seconds, identities, args.loadgen)
         files = pyspy.wait(recorders)
         found[driver.name] = {
             "certs_per_s_while_sampled": cell["certs_per_s"],
@@ -230,6 +244,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--inprocess-seconds", type=float, default=5.0, help="0 skips it")
     parser.add_argument("--profile", action="store_true", help="py-spy + cProfile, see above")
+    parser.add_argument(
+        "--loadgen", choices=("auto", "wrk", "python"), default="auto",
+        help="auto: wrk when installed (apt-get install wrk), else the Python client",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=REPO / "bench-results" / "issuance.json")
     parser.add_argument("--docs", type=Path, default=None, help="rewrite this file's results")
     args = parser.parse_args(argv)
@@ -246,6 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         and args.inprocess_seconds > 0
         and not args.profile
     )
+    if args.loadgen == "auto":
+        args.loadgen = "wrk" if wrk_available() else "python"
+    elif args.loadgen == "wrk" and not wrk_available():
+        parser.error("--loadgen wrk: wrk is not installed (apt-get install wrk)")
     if args.docs is None and default_run:
         args.docs = REPO / "docs" / "benchmarks.md"
     return args
@@ -257,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds, "warmup": args.warmup, "concurrency": args.concurrency,
         "repeats": args.repeats, "workers": args.workers, "csrs": CSRS, "entries": ENTRIES,
         "transport": "HTTPS (TLS to 127.0.0.1) for every system, HTTP/1.1 keep-alive",
+        "loadgen": args.loadgen,
     }}  # fmt: skip
     progress(f"machine: {results['machine']['nproc']} cores, load {os.getloadavg()[0]:.2f}")
+    progress(f"load generator: {args.loadgen}")
     profile_dir = args.json.parent / "profile"
     if args.inprocess_seconds > 0:
         progress("in-process ca issuance vs the cryptography ceiling (one core)")

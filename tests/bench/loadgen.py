@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["CellResult", "Csr", "Target", "make_csrs", "percentile", "run_cell"]
+__all__ = ["CellResult", "Csr", "Target", "check_response", "make_csrs", "percentile", "run_cell"]
 
 CLIENT_POOL = 8
 
@@ -76,6 +76,15 @@ class CellResult:
     error_samples: list[str] = field(default_factory=list)
     checked: int = 0  # responses whose certificate was parsed and checked
     sample_serial: str | None = None
+    percentiles_ms: dict[str, float] | None = None  # when the generator keeps a histogram (wrk)
+
+    def latency(self, name: str) -> float:
+        """p50/p90/p99/max in ms."""
+        if self.percentiles_ms is not None:
+            return self.percentiles_ms[name]
+        if name == "max":
+            return max(self.latencies_ms) if self.latencies_ms else float("nan")
+        return percentile(self.latencies_ms, float(name[1:]))
 
     @property
     def rate(self) -> float:
@@ -90,7 +99,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def _check(target: Target, payload: Any, spiffe_id: str) -> str:
+def check_response(target: Target, payload: Any, spiffe_id: str) -> str:
     """Parse the returned leaf; its one URI SAN must be the requested SPIFFE ID. The serial."""
     leaf = x509.load_pem_x509_certificate(target.certificate_of(payload).encode())
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -157,7 +166,7 @@ async def _cell(
                     status, text = 0, repr(exc).encode()
                 done = time.perf_counter()
                 if status == 200 and checked < 3:  # a few full checks per cell, off the clock
-                    serial = _check(target, json.loads(text), spiffe_id_of(i))
+                    serial = check_response(target, json.loads(text), spiffe_id_of(i))
                     sample_serial = sample_serial or serial
                     checked += 1
                 # Throughput counts completions inside the window (steady state at both edges).
