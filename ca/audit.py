@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,8 @@ def record(
         session.execute(_INSERT, params)
 
 
-def _digest(row: AuditRow, seq: int, previous: str) -> str:
+def _digest(row: Any, seq: int, previous: str) -> str:
+    """``row``: an ``AuditRow`` or a Core row with its columns."""
     canonical = json.dumps(
         {
             "seq": seq,
@@ -116,52 +118,109 @@ class Sealed:
     head_seq: int | None
 
 
+_AUDIT, _SEALS = table(AuditRow), table(AuditSealRow)
+_HEAD = (
+    sa.select(_AUDIT.c.seq, _AUDIT.c.hash)
+    .where(_AUDIT.c.seq.is_not(None))
+    .order_by(_AUDIT.c.seq.desc())
+    .limit(1)
+)
+_PENDING = (
+    sa.select(
+        _AUDIT.c.id,
+        _AUDIT.c.at,
+        _AUDIT.c.actor,
+        _AUDIT.c.event,
+        _AUDIT.c.subject,
+        _AUDIT.c.detail,
+        _AUDIT.c.request_id,
+    )
+    .where(_AUDIT.c.seq.is_(None), _AUDIT.c.at <= sa.bindparam("cutoff"))
+    .order_by(_AUDIT.c.id)
+    .limit(sa.bindparam("chunk"))
+)
+_CHAIN = (
+    sa.update(_AUDIT)
+    .where(_AUDIT.c.id == sa.bindparam("row_id"), _AUDIT.c.seq.is_(None))
+    .values(
+        seq=sa.bindparam("new_seq"),
+        prev_hash=sa.bindparam("new_prev"),
+        hash=sa.bindparam("new_hash"),
+    )
+)
+# Records chained per write transaction. The sealer shares the database with issuance (about
+# two records per certificate): a chunk holds the write lock for milliseconds, where sealing
+# ten seconds of records in one transaction held it for seconds, stalling every issuance.
+SEAL_CHUNK = 1000
+
+
 def seal(ctx: Context, *, settle: dt.timedelta | None = None) -> Sealed:
-    """Chain and sign every settled, unsealed record (idempotent; run by one replica at a time)."""
+    """Chain and sign every settled, unsealed record (idempotent; run by one replica at a time).
+
+    Records are chained in chunks, each written as one unit of the group commit; the new head
+    is signed with the last chunk. Only one sealer runs at a time (the scheduler's lock), so
+    the head read before a chunk is still the head when it is written; ``seq`` is unique and
+    ``_CHAIN`` only touches unsealed rows, so a second sealer could fail but never fork the
+    chain."""
     from ca.authority import MESH, active_issuer  # the audit module is imported by ca.authority
 
     if settle is None:
         settle = SETTLE if ctx.engine.dialect.name == "postgresql" else dt.timedelta(0)
     now = ctx.clock.now()
-    with Session(ctx.engine) as session:
-        # Only the head: loading every sealed row here leaked memory and time on each run.
-        head = session.exec(
-            select(AuditRow.seq, AuditRow.hash)
-            .where(col(AuditRow.seq).is_not(None))
-            .order_by(col(AuditRow.seq).desc())
-            .limit(1)
-        ).first()
+    total, head_seq = 0, None
+    while True:
+        with ctx.reads.connect() as connection:
+            head = connection.execute(_HEAD).first()
+            pending = connection.execute(
+                _PENDING, {"cutoff": now - settle, "chunk": SEAL_CHUNK}
+            ).all()
+        if not pending:
+            break
         seq = head[0] if head and head[0] is not None else 0
         previous = head[1] if head and head[1] else GENESIS
-        pending = session.exec(
-            select(AuditRow)
-            .where(col(AuditRow.seq).is_(None), col(AuditRow.at) <= now - settle)
-            .order_by(col(AuditRow.id))
-        ).all()
+        chained = []
         for row in pending:
             seq += 1
-            row.seq, row.prev_hash = seq, previous
-            row.hash = previous = _digest(row, seq, previous)
-            session.add(row)
-        if pending:
-            try:
-                issuer = active_issuer(ctx, MESH)
-            except Exception:
-                issuer = None
-            if issuer is not None:
-                session.add(
-                    AuditSealRow(
-                        seq=seq,
-                        head_hash=previous,
-                        signed_at=now,
-                        signer_cert_pem=issuer.certificate.public_bytes(
-                            serialization.Encoding.PEM
-                        ).decode(),
-                        signature=_sign(issuer.signer.private_key, previous.encode()),
-                    )
-                )
-        session.commit()
-    return Sealed(len(pending), seq or None)
+            digest = _digest(row, seq, previous)
+            chained.append(
+                {"row_id": row.id, "new_seq": seq, "new_prev": previous, "new_hash": digest}
+            )
+            previous = digest
+        last = len(pending) < SEAL_CHUNK
+        signature = _seal_row(ctx, active_issuer, MESH, seq, previous, now) if last else None
+        ctx.writes.run(_chunk_writer(chained, signature))
+        total, head_seq = total + len(pending), seq
+        if last:
+            break
+    return Sealed(total, head_seq)
+
+
+def _chunk_writer(
+    chained: list[dict[str, Any]], signature: dict[str, Any] | None
+) -> Callable[[sa.Connection], None]:
+    def write(connection: sa.Connection) -> None:
+        connection.execute(_CHAIN, chained)
+        if signature is not None:
+            connection.execute(sa.insert(_SEALS), signature)
+
+    return write
+
+
+def _seal_row(
+    ctx: Context, active_issuer: Any, mesh: str, seq: int, head: str, now: dt.datetime
+) -> dict[str, Any] | None:
+    """The signed seal over ``head``, or None when no issuing CA can sign yet."""
+    try:
+        issuer = active_issuer(ctx, mesh)
+    except Exception:
+        return None
+    return {
+        "seq": seq,
+        "head_hash": head,
+        "signed_at": now,
+        "signer_cert_pem": issuer.certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        "signature": _sign(issuer.signer.private_key, head.encode()),
+    }
 
 
 @dataclass(frozen=True, slots=True)

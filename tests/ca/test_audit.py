@@ -155,3 +155,27 @@ def test_records_settle_before_they_are_sealed(ctx: Context, clock: FixedClock) 
     second = audit.seal(ctx, settle=dt.timedelta(seconds=30))
     assert second.records == len(_events(ctx))
     assert audit.seal(ctx, settle=dt.timedelta(0)).records == 0  # idempotent
+
+
+def test_sealing_in_chunks_chains_everything_and_signs_the_head_once(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are chained a chunk per write transaction (so the sealer never holds the write
+    lock long); one signed seal covers the new head."""
+    monkeypatch.setattr(audit, "SEAL_CHUNK", 3)
+    _activity(ctx)
+    with ctx.engine.begin() as connection:
+        for i in range(6):
+            audit.record(connection, "test.event", f"subject-{i}", actor="test", at=ctx.clock.now())
+    total = len(_events(ctx))
+    assert total > 3 * 2  # several chunks
+    before = ctx.writes.batches
+
+    sealed = audit.seal(ctx, settle=dt.timedelta(0))
+
+    assert sealed.records == total and sealed.head_seq == total
+    assert ctx.writes.batches - before == -(-total // 3)  # one write per chunk
+    result = audit.verify(ctx)
+    assert result.ok, result.problems
+    assert result.sealed == total and result.unsealed == 0 and result.seals_checked == 1
+    assert audit.seal(ctx, settle=dt.timedelta(0)).records == 0
