@@ -266,12 +266,19 @@ def certs_list(
     status: Annotated[str | None, typer.Option(help="active, revoked or expired")] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows")] = 100,
     after: Annotated[str | None, typer.Option(help="Serial to continue after")] = None,
+    expiring_within: Annotated[
+        str | None,
+        typer.Option(
+            help="Only live certificates expiring within this time (e.g. 24h), soonest first"
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     items = certs.list_certificates(
         STATE.context(),
         spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
         status=certs.CertStatus.parse(status) if status else None,
+        expiring_within=Ttl.parse(expiring_within).delta if expiring_within else None,
         limit=limit,
         after=Serial.parse(after) if after else None,
     )

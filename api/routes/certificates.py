@@ -10,6 +10,7 @@ from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import CertificateOut, CertificatePage, RevokeRequest
 from ca import certs
+from ca.durations import Ttl
 from ca.identity import SpiffeId
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -25,12 +26,21 @@ def list_certificates(
     status: Annotated[str | None, Query(pattern="^(active|revoked|expired)$")] = None,
     limit: Annotated[int, Query(ge=1, le=certs.MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
+    expiring_within: Annotated[
+        str | None,
+        Query(
+            max_length=16,
+            description="Only live certificates expiring within this duration (e.g. 24h), "
+            "soonest first",
+        ),
+    ] = None,
 ) -> CertificatePage:
     # One row more than asked tells whether another page exists, so the last page says so.
     items = certs.list_certificates(
         ctx,
         spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
         status=certs.CertStatus.parse(status) if status else None,
+        expiring_within=Ttl.parse(expiring_within).delta if expiring_within else None,
         limit=limit + 1,
         after=Serial.parse(after) if after else None,
     )

@@ -120,7 +120,13 @@ class TokenRow(SQLModel, table=True):
 
 class CertificateRow(SQLModel, table=True):
     __tablename__ = "certificate"
-    __table_args__ = (sa.Index("ix_certificate_issuer_status", "issuer_ca_id", "status"),)
+    __table_args__ = (
+        sa.Index("ix_certificate_issuer_status", "issuer_ca_id", "status"),
+        # Listing (ca.certs.list_certificates): keyset pages in serial order filtered by status
+        # (the primary key serves the unfiltered pages), or by expiry (migration 0012).
+        sa.Index("ix_certificate_status_serial", "status", "serial"),
+        sa.Index("ix_certificate_expiry_serial", "not_after", "serial"),
+    )
 
     serial: str = Field(primary_key=True, max_length=40)
     authority: str = Field(foreign_key="authority.name", max_length=64)
@@ -130,8 +136,8 @@ class CertificateRow(SQLModel, table=True):
     entry_id: str | None = Field(default=None, max_length=36)
     fingerprint_sha256: str = Field(unique=True, max_length=64)
     not_before: dt.datetime = _time()
-    not_after: dt.datetime = _time(index=True)
-    status: str = Field(max_length=16, index=True)
+    not_after: dt.datetime = _time()
+    status: str = Field(max_length=16)
     requested_by: str = Field(max_length=255)
     revoked_at: dt.datetime | None = _time(nullable=True)
     revocation_reason: str | None = Field(default=None, max_length=32)

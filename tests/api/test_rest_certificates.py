@@ -65,7 +65,7 @@ def test_list_pages_in_serial_order(rest: Rest) -> None:
             break
         assert after == page["items"][-1]["serial"]
         assert pages < 10
-    assert seen == sorted(issued, key=lambda serial: int(serial, 16))
+    assert seen == sorted(issued)  # the stored (hex) serials, in order
     assert pages == 3
 
 
@@ -167,3 +167,40 @@ def test_revoke_refusals_change_nothing(rest: Rest) -> None:
     (item,) = rest.certificates()
     assert item["status"] == "active"
     assert item["revoked_at"] is None
+
+
+def test_expiring_within_lists_live_certificates_soonest_first_and_pages(
+    rest: Rest, clock: FixedClock
+) -> None:
+    """Live certificates that expire within the window, ordered by expiry, paged by serial;
+    expired and revoked ones, and those expiring later, are not listed."""
+    entry_id = rest.create_entry("spiffe://example.org/expiring")
+    token = rest.join_token(entry_id, uses=5)
+    expiries = {}
+    for ttl in ("50m", "10m", "30m", "2h", "20m"):
+        body = rest.request_svid(token, make_csr()[1], ttl=ttl).json()
+        expiries[body["serial"]] = body["expires_at"]
+    later = sorted((e, s) for s, e in expiries.items())
+    revoked = later[0][1]  # the 10m one
+    assert rest.client.post(
+        f"/v1/certificates/{revoked}/revoke", json={"reason": "superseded"}, headers=rest.admin
+    ).is_success
+
+    seen, after = [], None
+    while True:
+        params = {"expiring_within": "1h", "limit": 2} | ({"after": after} if after else {})
+        page = rest.client.get("/v1/certificates", params=params, headers=rest.admin).json()
+        seen += [item["serial"] for item in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    # 20m, 30m, 50m: not the revoked 10m one, not the 2h one
+    assert seen == [s for e, s in later if s != revoked][:3]
+
+    refused = rest.client.get(
+        "/v1/certificates",
+        params={"expiring_within": "1h", "status": "revoked"},
+        headers=rest.admin,
+    )
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/problem+json"
