@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for database in databases:
         r = results[database]
-        print(f"\n{database}: {r['count']:,} stored certificates (inserted in {r['populate_s']:.0f} s)")
+        inserted = f"inserted in {r['populate_s']:.0f} s"
+        print(f"\n{database}: {r['count']:,} stored certificates ({inserted})")
         print(
             f"  issuance: {r['issuance_empty']['certs_per_cpu_s']:,.0f} -> "
             f"{r['issuance_full']['certs_per_cpu_s']:,.0f} certs/CPU-s "
