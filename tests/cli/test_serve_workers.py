@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import http.client
 import socket
-import ssl
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
-from tests.cli.test_walkthrough import TRELLIS, Trellis
-from tests.conftest import free_port
+from tests.cli.test_walkthrough import Trellis
 
 CONNECTIONS = 16
 
@@ -52,27 +46,9 @@ def children(pid: int) -> list[int]:
 def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
     cli.run("init", "--trust-domain", "example.org")
-    port, log = free_port(), tmp_path / "serve.log"
-    with log.open("w") as out:
-        serve = subprocess.Popen(
-            [TRELLIS, "serve", "--port", str(port), "--workers", "2"],
-            env=cli.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    tls = ssl.create_default_context(cafile=str(cli.data_dir / "bundle.pem"))
-    connections: list[http.client.HTTPSConnection] = []
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert serve.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    with cli.serving(tmp_path / "serve.log", "--workers", "2") as serve:
+        tls, port, pid = serve.tls, serve.port, serve.process.pid
+        connections = []
         # A burst, as wrk or a restarted Envoy opens them: every TCP connection is queued on
         # the server before any TLS handshake or request (then each is used once).
         raw = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
@@ -85,17 +61,14 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
             assert connection.getresponse().read()
 
         listen = sockets_on(port, "0A")
-        workers = [pid for pid in children(serve.pid) if socket_inodes(pid) & listen]
+        workers = [p for p in children(pid) if socket_inodes(p) & listen]
         assert len(workers) == 2
         # Each worker listens on a socket of its own (a shared one would be one inode in both).
-        listening = [socket_inodes(pid) & listen for pid in workers]
+        listening = [socket_inodes(p) & listen for p in workers]
         assert all(len(mine) == 1 for mine in listening) and listening[0] != listening[1]
         # And the kernel spread the burst over both (all on one: 2 in 65,536 by chance).
         established = sockets_on(port, "01")
-        held = {pid: len(socket_inodes(pid) & established) for pid in workers}
+        held = {p: len(socket_inodes(p) & established) for p in workers}
         assert sum(held.values()) == CONNECTIONS and min(held.values()) >= 1, held
-    finally:
         for connection in connections:
             connection.close()
-        serve.terminate()
-        serve.wait(30)

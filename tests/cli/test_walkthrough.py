@@ -3,12 +3,16 @@ HTTPS server, real openssl verifying the results; on SQLite and on PostgreSQL.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import ssl
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -43,6 +47,50 @@ class Trellis:
 
     def json(self, *args: str) -> object:
         return json.loads(self.run(*args, "--json").stdout)
+
+    @contextlib.contextmanager
+    def serving(self, log: Path, *args: str) -> Iterator[Serving]:
+        """``trellis serve`` on a free loopback port, once ``/readyz`` answers; stopped after
+        (SIGTERM, then SIGKILL). Its output goes to ``log``, shown when it fails to come up."""
+        port = free_port()
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [TRELLIS, "serve", "--port", str(port), *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        tls = ssl.create_default_context(cafile=str(self.data_dir / "bundle.pem"))
+        url = f"https://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert process.poll() is None, (
+                    f"serve exited {process.returncode}: {log.read_text()}"
+                )
+                try:
+                    if httpx.get(f"{url}/readyz", verify=tls, timeout=2).is_success:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            yield Serving(process, port, url, tls)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+@dataclass(frozen=True)
+class Serving:
+    process: subprocess.Popen[bytes]
+    port: int
+    url: str
+    tls: ssl.SSLContext
 
 
 def openssl_verify(bundle: Path, svid: Path, purpose: str) -> subprocess.CompletedProcess[str]:

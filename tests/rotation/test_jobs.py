@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -22,8 +19,8 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.jobs import JOBS, Job, job_named
 from ca.scheduler import FAILING_AFTER, job_statuses, run_job, start_scheduler
-from tests.cli.test_walkthrough import TRELLIS, Trellis
-from tests.conftest import PASSPHRASE, free_port
+from tests.cli.test_walkthrough import Trellis
+from tests.conftest import PASSPHRASE
 from tests.rotation.rotkit import SQLITE_ONLY, cert_of, only
 
 # The jobs docs/rotation.md describes (other features add their own to ca.jobs.JOBS).
@@ -191,37 +188,10 @@ def test_serve_starts_after_downtime_past_the_intermediate_expiry(tmp_path: Path
     expires = parse_time(created["intermediate_not_after"])
     time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.5)
 
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [TRELLIS, "serve", "--port", str(port)],
-            env=cli.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    tls = ssl.create_default_context(cafile=str(cli.data_dir / "bundle.pem"))
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, f"serve exited {process.returncode}: {log.read_text()}"
-            try:
-                if httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls, timeout=2).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
+    with cli.serving(tmp_path / "serve.log"):
         status = cli.json("authority", "status")
         assert isinstance(status, dict)
         active = [
             c for c in status["cas"] if c["role"] == "intermediate" and c["state"] == "active"
         ]
         assert len(active) == 1 and parse_time(active[0]["not_after"]) > dt.datetime.now(dt.UTC)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)

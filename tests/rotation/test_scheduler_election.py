@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import textwrap
@@ -21,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cli.test_walkthrough import TRELLIS, Trellis
-from tests.conftest import free_port
+from tests.cli.test_walkthrough import Trellis
 
 CANDIDATE = textwrap.dedent(
     """
@@ -107,22 +105,13 @@ def scheduler_leaders(log: Path) -> list[int]:
 def test_serve_with_workers_runs_one_scheduler_in_a_worker_and_replaces_it(tmp_path: Path) -> None:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
     cli.run("init", "--trust-domain", "example.org")
-    port, log = free_port(), tmp_path / "serve.log"
-    with log.open("w") as out:
-        serve = subprocess.Popen(
-            [TRELLIS, "serve", "--port", str(port), "--workers", "2"],
-            env=cli.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    tls = ssl.create_default_context(cafile=str(cli.data_dir / "bundle.pem"))
-    try:
+    log = tmp_path / "serve.log"
+    with cli.serving(log, "--workers", "2") as serving:
+        serve, port, tls = serving.process, serving.port, serving.tls
         deadline = time.monotonic() + 30
         while not scheduler_leaders(log):
-            assert serve.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        assert httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls).is_success
 
         assert cmdline(serve.pid)[1:3] == ["-m", "cli.supervisor"]  # the same pid, exec'd
         workers = {p for p in children(serve.pid) if "spawn_main" in " ".join(cmdline(p))}
@@ -139,6 +128,5 @@ def test_serve_with_workers_runs_one_scheduler_in_a_worker_and_replaces_it(tmp_p
         assert httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls).is_success
         jobs = cli.json("jobs", "list")
         assert isinstance(jobs, list) and all(job["runs"] >= 1 for job in jobs)
-    finally:
         serve.terminate()
-        assert serve.wait(30) == 0, log.read_text()
+        assert serve.wait(30) == 0, log.read_text()  # a clean stop of supervisor and workers
