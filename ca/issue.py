@@ -13,10 +13,11 @@ both succeed). Nothing is written unless everything before it succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -40,7 +41,15 @@ from ca.store.core import table
 from ca.store.models import CertificateRow, RenewalNonceRow
 from ca.tokens import consume_join_token
 
-__all__ = ["Grant", "IssuedSvid", "issue_for_key", "issue_svid", "mint_svid", "validity_window"]
+__all__ = [
+    "Grant",
+    "IssuedSvid",
+    "issue_for_key",
+    "issue_svid",
+    "issue_svid_async",
+    "mint_svid",
+    "validity_window",
+]
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -137,6 +146,12 @@ def validity_window(
 
 
 def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> None:
+    ctx.writes.run(_writer(ctx, grant, cert, issuer))
+
+
+def _writer(
+    ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer
+) -> Callable[[sa.Connection], None]:
     """One unit of a group commit (``ca.store.batch``), Core statements only. Every refusal
     comes from a conditional statement that changed nothing, so refusing one unit never undoes
     another's; a single grant carries one credential to spend at most."""
@@ -175,7 +190,7 @@ def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer)
             detail={"renews": grant.renews_serial},
         )
 
-    ctx.writes.run(write)
+    return write
 
 
 def _urls(ctx: Context, issuer: Issuer) -> RevocationUrls | None:
@@ -185,14 +200,14 @@ def _urls(ctx: Context, issuer: Issuer) -> RevocationUrls | None:
     return RevocationUrls.under(public_url, issuer.authority, issuer.certificate.serial_number)
 
 
-def issue_for_key(
+def _signed(
     ctx: Context,
     grant: Grant,
     public_key: PublicKey,
     ttl: Ttl | None = None,
     dns_names: Sequence[str] | None = None,
-) -> IssuedSvid:
-    """The pipeline after the CSR: for callers that already hold a verified public key."""
+) -> tuple[x509.Certificate, Issuer]:
+    """Template, sign, self-check: everything before the certificate is recorded."""
     issuer = active_issuer(ctx, grant.authority)
     not_before, not_after = validity_window(
         ctx.clock.now(), lifetime(grant, ttl), issuer.certificate
@@ -210,16 +225,27 @@ def issue_for_key(
     )
     cert = sign(leaf_builder(spec), issuer.signer)
     check_leaf(cert, issuer.certificate, grant.spiffe_id)
+    return cert, issuer
+
+
+def issue_for_key(
+    ctx: Context,
+    grant: Grant,
+    public_key: PublicKey,
+    ttl: Ttl | None = None,
+    dns_names: Sequence[str] | None = None,
+) -> IssuedSvid:
+    """The pipeline after the CSR: for callers that already hold a verified public key."""
+    cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
     _persist(ctx, grant, cert, issuer)
     return IssuedSvid(cert, issuer)
 
 
-def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None) -> IssuedSvid:
+@contextlib.contextmanager
+def _measured(grant: Grant) -> Iterator[None]:
     started = time.perf_counter()
     try:
-        csr = parse_csr(csr_pem)
-        dns_names = authorise(grant, csr)
-        svid = issue_for_key(ctx, grant, csr.public_key, ttl, dns_names)
+        yield
     except TrellisError as error:
         metrics.ISSUED.labels(grant.authority, grant.profile, error.code).inc()
         raise
@@ -227,7 +253,25 @@ def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = Non
     metrics.ISSUANCE_SECONDS.labels(grant.authority, grant.profile).observe(
         time.perf_counter() - started
     )
-    return svid
+
+
+def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None) -> IssuedSvid:
+    with _measured(grant):
+        csr = parse_csr(csr_pem)
+        return issue_for_key(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
+
+
+async def issue_svid_async(
+    ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None
+) -> IssuedSvid:
+    """``issue_svid`` for an event loop, when ``ctx.local_only``: the same steps in place, and
+    the certificate recorded in a commit shared with the other requests the loop has ready
+    (``GroupCommit.run_async``); returns once it is committed."""
+    with _measured(grant):
+        csr = parse_csr(csr_pem)
+        cert, issuer = _signed(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
+        await ctx.writes.run_async(_writer(ctx, grant, cert, issuer))
+        return IssuedSvid(cert, issuer)
 
 
 def mint_svid(

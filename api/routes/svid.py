@@ -3,8 +3,9 @@
 The two hottest routes. Where an issuance touches only local resources (``Context.local_only``:
 SQLite and key files) it runs in place on the event loop: it is about a millisecond of CPU, and
 handing it to a thread cost more than the issuance itself (1.1 ms of CPU per request, measured in
-docs/benchmarks.md). With PostgreSQL or Vault it waits on the network, so it runs in the thread
-pool, where concurrent issuances also share their commit (``ca.store.batch``).
+docs/benchmarks.md); the requests the loop has ready share one commit. With PostgreSQL or Vault
+it waits on the network, so it runs in the thread pool, where concurrent issuances also share
+their commit (``ca.store.batch``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
 from ca.grants import join_grant, renewal_grant
-from ca.issue import IssuedSvid, issue_svid
+from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 
 router = APIRouter(prefix="/v1/svid", tags=["svid"], responses=PROBLEM_RESPONSES)
 
@@ -36,18 +37,26 @@ def _render(svid: IssuedSvid, spiffe_id: str) -> SvidResponse:
     )
 
 
-async def _run(ctx: Context, issue: Callable[[], SvidResponse]) -> SvidResponse:
-    return issue() if ctx.local_only else await run_in_threadpool(issue)
+async def _issue(
+    ctx: Context, body: SvidRequest, authenticate: Callable[[bytes], Grant]
+) -> SvidResponse:
+    csr = body.csr.encode()
+    ttl = Ttl.parse(body.ttl) if body.ttl else None
+    if ctx.local_only:
+        grant = authenticate(csr)
+        svid = await issue_svid_async(ctx, grant, csr, ttl)
+        return _render(svid, str(grant.spiffe_id))
+
+    def in_thread() -> SvidResponse:
+        grant = authenticate(csr)
+        return _render(issue_svid(ctx, grant, csr, ttl), str(grant.spiffe_id))
+
+    return await run_in_threadpool(in_thread)
 
 
 @router.post("", response_model=SvidResponse, summary="Issue an X509-SVID with a join token")
 async def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> SvidResponse:
-    def issue() -> SvidResponse:
-        grant = join_grant(ctx, token)
-        ttl = Ttl.parse(body.ttl) if body.ttl else None
-        return _render(issue_svid(ctx, grant, body.csr.encode(), ttl), str(grant.spiffe_id))
-
-    return await _run(ctx, issue)
+    return await _issue(ctx, body, lambda _csr: join_grant(ctx, token))
 
 
 @router.post(
@@ -58,10 +67,4 @@ async def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> Svid
     "key, naming its serial, bound to this CSR's SHA-256, used once (see docs/api.md).",
 )
 async def renew_svid(body: SvidRequest, ctx: CtxDep, proof: BearerDep) -> SvidResponse:
-    def issue() -> SvidResponse:
-        csr = body.csr.encode()
-        grant = renewal_grant(ctx, proof, csr)
-        ttl = Ttl.parse(body.ttl) if body.ttl else None
-        return _render(issue_svid(ctx, grant, csr, ttl), str(grant.spiffe_id))
-
-    return await _run(ctx, issue)
+    return await _issue(ctx, body, lambda csr: renewal_grant(ctx, proof, csr))

@@ -17,6 +17,7 @@ transaction, so one unit's fault is never another's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -51,6 +52,8 @@ class GroupCommit:
         self._pending: list[_Unit] = []
         self._commit_lock = threading.Lock()  # one batch at a time per process
         self._between_processes = _sqlite_writer_lock(engine)
+        # run_async: the units each event loop has ready, committed at its next turn
+        self._ready: dict[asyncio.AbstractEventLoop, list[tuple[_Unit, asyncio.Future[None]]]] = {}
         self.batches = 0  # for tests and the benchmark: how many transactions were committed
 
     def run(self, work: Work) -> None:
@@ -69,6 +72,32 @@ class GroupCommit:
                 self._commit(batch)
         if unit.error is not None:
             raise unit.error
+
+    async def run_async(self, work: Work) -> None:
+        """``run`` for an event loop (local resources only: it commits in place, on the loop).
+        The commit is scheduled behind the callbacks the loop already has ready, so the requests
+        that arrived together are recorded in one transaction."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if loop not in self._ready:
+            self._ready[loop] = []
+            loop.call_soon(self._commit_ready, loop)
+        self._ready[loop].append((_Unit(work), future))
+        await future
+
+    def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+        ready = self._ready.pop(loop)
+        units = [unit for unit, _ in ready]
+        with self._commit_lock:  # shared with thread callers (the scheduler's audit sealer)
+            for start in range(0, len(units), self._max_batch):
+                self._commit(units[start : start + self._max_batch])
+        for unit, future in ready:
+            if future.cancelled():
+                continue
+            if unit.error is not None:
+                future.set_exception(unit.error)
+            else:
+                future.set_result(None)
 
     def _commit(self, batch: list[_Unit]) -> None:
         with self._between_processes:

@@ -8,6 +8,7 @@ unit that did not commit. Both databases.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import sqlalchemy as sa
 from ca.config import Context
 from ca.errors import AuthenticationFailed
 from ca.grants import join_grant, renewal_grant
-from ca.issue import IssuedSvid, issue_svid
+from ca.issue import IssuedSvid, issue_svid, issue_svid_async
 from ca.keys import KeyType
 from ca.renewal import make_proof
 from ca.store.batch import GroupCommit
@@ -201,3 +202,31 @@ def test_sqlite_batches_hold_a_lock_other_processes_wait_on(ctx: Context) -> Non
     assert lock.stat().st_mode & 0o777 == 0o600
     after = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=True)
     assert after.stdout.strip() == "free"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_issuances_ready_on_one_event_loop_share_one_commit(ctx: Context) -> None:
+    """``issue_svid_async`` (what the API runs in place with SQLite and key files): the
+    requests an event loop has ready at once are recorded in one transaction; a refused one
+    (a spent single-use token) is refused alone."""
+    entry = add_entry(ctx, WEB)
+    _, many = join_secret(ctx, entry, uses=6)
+    _, single = join_secret(ctx, entry, uses=1)
+    grants = [join_grant(ctx, many) for _ in range(6)] + [join_grant(ctx, single)] * 2
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+
+    async def all_at_once() -> list[object]:
+        return await asyncio.gather(
+            *(issue_svid_async(ctx, g, c) for g, c in zip(grants, csrs, strict=True)),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(all_at_once())
+
+    assert [type(o).__name__ for o in outcomes] == ["IssuedSvid"] * 7 + ["AuthenticationFailed"]
+    assert ctx.writes.batches == batches + 1
+    assert count_rows(ctx, "certificate") == certificates + 7
+    with ctx.engine.connect() as connection:
+        stored = set(connection.execute(sa.text("SELECT serial FROM certificate")).scalars())
+    assert {o.serial.hex for o in outcomes if isinstance(o, IssuedSvid)} <= stored
