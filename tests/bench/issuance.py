@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -219,6 +220,7 @@ def profile_cells(
             continue
         pids = driver.trellis.worker_pids()
         duration = int(args.warmup + args.seconds) + 1
+        shutil.rmtree(out / driver.name, ignore_errors=True)  # no samples of an earlier run
         recorders = pyspy.record(pids, out / driver.name, duration)
         if recorders is None:
             found["error"] = "py-spy is not installed: .venv/bin/pip install py-spy"
