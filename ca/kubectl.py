@@ -49,6 +49,10 @@ def apply_argv(target: KubeTarget, field_manager: str = FIELD_MANAGER) -> list[s
     if target.context:
         argv += ["--context", target.context]
     argv += ["apply", "--server-side", f"--field-manager={field_manager}", "--force-conflicts"]
+    # The manifest is Trellis's own (no stray fields for validation to catch). Without this,
+    # kubectl first fetches the server's OpenAPI documents, in a form that depends on its
+    # version: Debian 12's kubectl 1.20 wants protobuf OpenAPI v2, current ones v3.
+    argv += ["--validate=false"]
     return [*argv, "-f", "-"]
 
 
