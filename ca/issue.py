@@ -146,7 +146,12 @@ def validity_window(
 
 
 def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> None:
-    ctx.writes.run(_writer(ctx, grant, cert, issuer))
+    ctx.writes.run(_writer(ctx, grant, cert, issuer), _lock_key(grant))
+
+
+def _lock_key(grant: Grant) -> str:
+    """The shared row an issuance updates: its join token (see ``GroupCommit.run``)."""
+    return f"token:{grant.join_token_id}" if grant.join_token_id else ""
 
 
 def _writer(
@@ -270,7 +275,7 @@ async def issue_svid_async(
     with _measured(grant):
         csr = parse_csr(csr_pem)
         cert, issuer = _signed(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
-        await ctx.writes.run_async(_writer(ctx, grant, cert, issuer))
+        await ctx.writes.run_async(_writer(ctx, grant, cert, issuer), _lock_key(grant))
         return IssuedSvid(cert, issuer)
 
 

@@ -39,6 +39,7 @@ Work = Callable[[sa.Connection], None]
 @dataclass(slots=True)
 class _Unit:
     work: Work
+    lock_key: str = ""  # the shared row it updates, if any (see GroupCommit.run)
     error: BaseException | None = None
     committed: bool = False
     done: bool = False
@@ -56,10 +57,15 @@ class GroupCommit:
         self._ready: dict[asyncio.AbstractEventLoop, list[tuple[_Unit, asyncio.Future[None]]]] = {}
         self.batches = 0  # for tests and the benchmark: how many transactions were committed
 
-    def run(self, work: Work) -> None:
+    def run(self, work: Work, lock_key: str = "") -> None:
         """Run ``work`` in a transaction shared with whatever else is waiting; return once it
-        has committed, or raise its own error."""
-        unit = _Unit(work)
+        has committed, or raise its own error.
+
+        ``lock_key`` names the shared row the unit updates (a join token): a batch runs its
+        units in key order, so two processes' batches lock rows in the same order and never
+        wait on each other in a cycle (PostgreSQL ends such a deadlock only after
+        ``deadlock_timeout``, a second, by failing one of the batches)."""
+        unit = _Unit(work, lock_key)
         with self._queue_lock:
             self._pending.append(unit)
         while True:
@@ -73,7 +79,7 @@ class GroupCommit:
         if unit.error is not None:
             raise unit.error
 
-    async def run_async(self, work: Work) -> None:
+    async def run_async(self, work: Work, lock_key: str = "") -> None:
         """``run`` for an event loop (local resources only: it commits in place, on the loop).
         The commit is scheduled behind the callbacks the loop already has ready, so the requests
         that arrived together are recorded in one transaction."""
@@ -82,7 +88,7 @@ class GroupCommit:
         if loop not in self._ready:
             self._ready[loop] = []
             loop.call_soon(self._commit_ready, loop)
-        self._ready[loop].append((_Unit(work), future))
+        self._ready[loop].append((_Unit(work, lock_key), future))
         await future
 
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -110,7 +116,7 @@ class GroupCommit:
                 return
             try:
                 with self._engine.begin() as connection:
-                    for unit in batch:
+                    for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
                         try:
                             unit.work(connection)
                         except TrellisError as refused:  # wrote nothing, by contract

@@ -230,3 +230,20 @@ def test_issuances_ready_on_one_event_loop_share_one_commit(ctx: Context) -> Non
     with ctx.engine.connect() as connection:
         stored = set(connection.execute(sa.text("SELECT serial FROM certificate")).scalars())
     assert {o.serial.hex for o in outcomes if isinstance(o, IssuedSvid)} <= stored
+
+
+def test_a_batch_updates_shared_rows_in_key_order(ctx: Context) -> None:
+    """Units run in ``lock_key`` order (ties keep their arrival order): two processes' batches lock
+    the same join tokens in the same order and cannot deadlock (on PostgreSQL a deadlock cost a
+    second, ``deadlock_timeout``, and a failed batch)."""
+    ran: list[str] = []
+
+    def unit(name: str, key: str) -> Callable[[], None]:
+        return lambda: ctx.writes.run(lambda _c: ran.append(name), key)
+
+    with one_batch(ctx.writes, 4):
+        join = start(
+            [unit("b1", "token:b"), unit("a", "token:a"), unit("b2", "token:b"), unit("-", "")]
+        )
+    assert join() == [None] * 4
+    assert ran[:2] == ["-", "a"] and sorted(ran[2:]) == ["b1", "b2"]
