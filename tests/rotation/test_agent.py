@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,7 +28,6 @@ from ca.identity import SpiffeId
 from ca.tokens import create_join_token
 from tests.certassert import uri_sans
 from tests.cli.test_walkthrough import TRELLIS, Trellis
-from tests.conftest import free_port
 from tests.rotation.rotkit import needs_openssl, openssl_verify
 
 pytestmark = pytest.mark.slow
@@ -67,36 +65,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     base = tmp_path_factory.mktemp("agent-mesh")
     cli = Trellis(base / "var", f"sqlite:///{base / 'trellis.db'}")
     cli.run("init", "--trust-domain", "example.org", "--ca-ttl", "3m", "--svid-ttl", "20s")
-    port = free_port()
     log = base / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [TRELLIS, "serve", "--port", str(port)],
-            env=cli.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"https://127.0.0.1:{port}"
-    tls = ssl.create_default_context(cafile=str(cli.data_dir / "bundle.pem"))
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", verify=tls, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"trellis serve did not start: {log.read_text()}")
-            time.sleep(0.2)
-        yield Mesh(cli, url, cli.data_dir / "bundle.pem", log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    with cli.serving(log) as serving:
+        yield Mesh(cli, serving.url, cli.data_dir / "bundle.pem", log)
 
 
 class AgentProcess:
