@@ -162,37 +162,37 @@ def seal(ctx: Context, *, settle: dt.timedelta | None = None) -> Sealed:
     the head read before a chunk is still the head when it is written; ``seq`` is unique and
     ``_CHAIN`` only touches unsealed rows, so a second sealer could fail but never fork the
     chain."""
-    from ca.authority import MESH, active_issuer  # the audit module is imported by ca.authority
-
     if settle is None:
         settle = SETTLE if ctx.engine.dialect.name == "postgresql" else dt.timedelta(0)
     now = ctx.clock.now()
-    total, head_seq = 0, None
+    with ctx.reads.connect() as connection:
+        head = connection.execute(_HEAD).first()
+    seq = head[0] if head and head[0] is not None else 0
+    previous = head[1] if head and head[1] else GENESIS
+    total = 0
     while True:
+        # One row more than a chunk tells whether this chunk is the last (then it is signed).
         with ctx.reads.connect() as connection:
-            head = connection.execute(_HEAD).first()
             pending = connection.execute(
-                _PENDING, {"cutoff": now - settle, "chunk": SEAL_CHUNK}
+                _PENDING, {"cutoff": now - settle, "chunk": SEAL_CHUNK + 1}
             ).all()
-        if not pending:
-            break
-        seq = head[0] if head and head[0] is not None else 0
-        previous = head[1] if head and head[1] else GENESIS
+        last = len(pending) <= SEAL_CHUNK
         chained = []
-        for row in pending:
+        for row in pending[:SEAL_CHUNK]:
             seq += 1
             digest = _digest(row, seq, previous)
             chained.append(
                 {"row_id": row.id, "new_seq": seq, "new_prev": previous, "new_hash": digest}
             )
             previous = digest
-        last = len(pending) < SEAL_CHUNK
-        signature = _seal_row(ctx, active_issuer, MESH, seq, previous, now) if last else None
+        if not chained:
+            break
+        signature = _seal_row(ctx, seq, previous, now) if last else None
         ctx.writes.run(_chunk_writer(chained, signature))
-        total, head_seq = total + len(pending), seq
+        total += len(chained)
         if last:
             break
-    return Sealed(total, head_seq)
+    return Sealed(total, seq if total else None)
 
 
 def _chunk_writer(
@@ -206,12 +206,12 @@ def _chunk_writer(
     return write
 
 
-def _seal_row(
-    ctx: Context, active_issuer: Any, mesh: str, seq: int, head: str, now: dt.datetime
-) -> dict[str, Any] | None:
+def _seal_row(ctx: Context, seq: int, head: str, now: dt.datetime) -> dict[str, Any] | None:
     """The signed seal over ``head``, or None when no issuing CA can sign yet."""
+    from ca.authority import MESH, active_issuer  # the audit module is imported by ca.authority
+
     try:
-        issuer = active_issuer(ctx, mesh)
+        issuer = active_issuer(ctx, MESH)
     except Exception:
         return None
     return {

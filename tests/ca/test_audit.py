@@ -179,3 +179,16 @@ def test_sealing_in_chunks_chains_everything_and_signs_the_head_once(
     assert result.ok, result.problems
     assert result.sealed == total and result.unsealed == 0 and result.seals_checked == 1
     assert audit.seal(ctx, settle=dt.timedelta(0)).records == 0
+
+
+def test_a_last_chunk_exactly_full_is_still_signed(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _activity(ctx)
+    total = len(_events(ctx))
+    monkeypatch.setattr(audit, "SEAL_CHUNK", total)  # the records fill the chunk exactly
+
+    assert audit.seal(ctx, settle=dt.timedelta(0)).records == total
+
+    result = audit.verify(ctx)
+    assert result.ok and result.sealed == total and result.seals_checked == 1
