@@ -120,6 +120,19 @@ def list_certificates(
     if not 1 <= limit <= MAX_PAGE + 1:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
     now = ctx.clock.now()
+    with Session(ctx.engine) as session:  # the cursor row and the page: one checkout
+        return _page(session, now, spiffe_id, status, expiring_within, limit, after)
+
+
+def _page(
+    session: Session,
+    now: dt.datetime,
+    spiffe_id: SpiffeId | None,
+    status: CertStatus | None,
+    expiring_within: dt.timedelta | None,
+    limit: int,
+    after: Serial | None,
+) -> list[CertificateInfo]:
     query = select(CertificateRow)
     if spiffe_id is not None:
         query = query.where(CertificateRow.spiffe_id == str(spiffe_id))
@@ -138,8 +151,7 @@ def list_certificates(
         query = query.where(CertificateRow.status == "active", col(CertificateRow.not_after) <= now)
     if expiring_within is not None:
         if after is not None:
-            with Session(ctx.engine) as session:
-                last = session.get(CertificateRow, after.hex)
+            last = session.get(CertificateRow, after.hex)
             if last is None:
                 raise InvalidInput(f"certificate {after} is not there to page after")
             query = query.where(
@@ -155,8 +167,7 @@ def list_certificates(
         if after is not None:
             query = query.where(col(CertificateRow.serial) > after.hex)
         query = query.order_by(col(CertificateRow.serial)).limit(limit)
-    with Session(ctx.engine) as session:
-        rows = session.exec(query).all()
+    rows = session.exec(query).all()
     return [certificate_info(row, now) for row in rows]
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "issue_svid",
     "issue_svid_async",
     "mint_svid",
+    "revocation_urls",
     "validity_window",
 ]
 
@@ -198,7 +199,8 @@ def _writer(
     return write
 
 
-def _urls(ctx: Context, issuer: Issuer) -> RevocationUrls | None:
+def revocation_urls(ctx: Context, issuer: Issuer) -> RevocationUrls | None:
+    """CDP/AIA for what ``issuer`` signs, when Trellis has a public URL."""
     public_url = ctx.settings.public_url
     if not public_url:
         return None
@@ -226,7 +228,7 @@ def _signed(
         issuer=issuer.certificate,
         dns_names=tuple(grant.dns_names if dns_names is None else dns_names),
         ip_addresses=grant.ip_addresses,
-        urls=_urls(ctx, issuer),
+        urls=revocation_urls(ctx, issuer),
     )
     cert = sign(leaf_builder(spec), issuer.signer)
     check_leaf(cert, issuer.certificate, grant.spiffe_id)

@@ -21,15 +21,15 @@ from typing import Any
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from ca.authority import MESH, active_issuer
-from ca.cas import ca_certificate, ca_signer
+from ca.cas import ca_certificate, ca_signer, find_ca
 from ca.checks import check_ca
 from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import InvalidInput, NotInitialised, TrellisError, Unavailable
+from ca.errors import InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
 from ca.files import write_atomic, write_private
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
@@ -186,14 +186,10 @@ def _subject(trust_domain: str, cluster: str) -> x509.Name:
 
 def _active_root(ctx: Context, authority: str) -> CaRow:
     with Session(ctx.engine) as session:
-        root = session.exec(
-            select(CaRow)
-            .where(CaRow.authority == authority, CaRow.role == "root", CaRow.state == "active")
-            .order_by(col(CaRow.not_after).desc())
-        ).first()
-    if root is None or root.id is None:
-        raise NotInitialised(f"authority {authority!r} has no active root")
-    return root
+        try:
+            return find_ca(session, authority, "root")
+        except NotFound:
+            raise NotInitialised(f"authority {authority!r} has no active root") from None
 
 
 def issue_istio_intermediate(
@@ -206,7 +202,7 @@ def issue_istio_intermediate(
     issuer = active_issuer(ctx, params.authority)  # for the bundle and the trust domain
     now = ctx.clock.now()
     root = _active_root(ctx, params.authority)
-    assert root.id is not None
+    assert root.id is not None  # a stored row
     root_crl = current_crl(ctx, params.authority, root.serial) if params.with_crl else None
     root_cert = ca_certificate(ctx, root)
     key = params.key_type.generate()

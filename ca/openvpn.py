@@ -788,19 +788,15 @@ def renew_client(ctx: Context, request: ClientRequest) -> ClientProfile:
         raise
     _settle(ctx, request, claim, profile.serial.hex)
     if claim.previous is not None:
-        try:
+        # Already revoked by someone else is the outcome we wanted. The revocation rewrites the
+        # CRL file itself (ca.certs.publish_revocations).
+        with contextlib.suppress(Conflict):
             certs.revoke_certificate(
                 ctx,
                 Serial.parse(claim.previous),
                 RevocationReason.SUPERSEDED,
                 request.requested_by,
             )
-        except Conflict:
-            pass  # already revoked by someone else: the outcome we wanted
-        else:
-            # The profile is what the caller needs now; crl_health reports a file left behind.
-            with contextlib.suppress(Unavailable):
-                write_crl_file(ctx, request.authority)
     return profile
 
 

@@ -24,7 +24,7 @@ from ca.authority import Issuer, active_issuer
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import InternalError, InvalidInput
-from ca.issue import validity_window
+from ca.issue import revocation_urls, validity_window
 from ca.keys import PublicKey
 from ca.pem import certs_pem
 from ca.profiles import RevocationUrls, key_usage, sign, with_revocation_urls
@@ -153,15 +153,13 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
         )
     now = ctx.clock.now()
     not_before, not_after = validity_window(now, request.ttl, issuer.certificate)
-    urls = (
-        RevocationUrls.under(
-            ctx.settings.public_url, request.authority, issuer.certificate.serial_number
-        )
-        if ctx.settings.public_url
-        else None
-    )
     builder = tls_leaf_builder(
-        request, Serial.random(), issuer.certificate, not_before, not_after, urls
+        request,
+        Serial.random(),
+        issuer.certificate,
+        not_before,
+        not_after,
+        revocation_urls(ctx, issuer),
     )
     cert = sign(builder, issuer.signer)
     _self_check(cert, issuer.certificate, request.usage)

@@ -32,7 +32,6 @@ __all__ = [
     "consume_join_token",
     "create_admin_token",
     "create_join_token",
-    "find_token",
     "hash_secret",
     "list_tokens",
     "revoke_token",
@@ -44,7 +43,9 @@ MAX_JOIN_USES = 1000
 
 # Built once (see ca.store.core): every issuance with a join token runs these.
 _TOKEN = table(TokenRow)
-_FIND = sa.select(_TOKEN).where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
+_FIND = sa.select(
+    _TOKEN.c.id, _TOKEN.c.kind, _TOKEN.c.uses_remaining, _TOKEN.c.expires_at, _TOKEN.c.revoked_at
+).where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
 _SPEND = (
     sa.update(_TOKEN)
     .where(
@@ -187,19 +188,14 @@ def valid_secret(secret: str) -> str:
     return hash_secret(secret)
 
 
-def find_token(ctx: Context, secret: str) -> TokenRow:
-    """The live token behind a presented secret, or ``AuthenticationFailed``."""
+def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
     digest = valid_secret(secret)
     with ctx.reads.connect() as connection:
         found = connection.execute(_FIND, {"secret_hash": digest}).mappings().first()
-    return TokenRow(**check_live(found, ctx.clock.now()))
-
-
-def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
-    row = find_token(ctx, secret)
-    if row.kind != TokenKind.ADMIN.value:
+    token = check_live(found, ctx.clock.now())
+    if token["kind"] != TokenKind.ADMIN.value:
         raise PermissionDenied("this endpoint needs an admin token")
-    return AdminPrincipal(row.id)
+    return AdminPrincipal(token["id"])
 
 
 def consume_join_token(

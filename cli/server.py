@@ -54,6 +54,9 @@ def serve(
     common = {
         "host": settings.host,
         "port": settings.port,
+        "log_config": None,  # keep the JSON/text handlers configure_logging installed
+        "access_log": False,
+        "server_header": False,
         "timeout_graceful_shutdown": 10,
         **tls_options,
     }
@@ -74,13 +77,7 @@ def serve(
 
     from api.app import create_app  # only a single-process server needs the app here
 
-    config = ReloadingConfig(
-        create_app(ctx),  # type: ignore[arg-type]
-        log_config=None,  # keep the JSON/text handlers configure_logging installed
-        access_log=False,
-        server_header=False,
-        **common,  # type: ignore[arg-type]
-    )
+    config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
     scheduler = start_scheduler(ctx)
     try:
         uvicorn.Server(config).run()

@@ -113,9 +113,6 @@ def main(argv: list[str]) -> None:
     config = ReloadingConfig(
         "api.asgi:app_from_environment",
         factory=True,
-        log_config=None,  # keep the JSON/text handlers configure_logging installed
-        access_log=False,
-        server_header=False,
         **options,
     )
     sockets = listening_sockets(config.host, config.port, config.workers, config.backlog)
