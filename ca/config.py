@@ -94,12 +94,12 @@ class Context:
             self.reads = self.engine  # pysqlite begins no transaction for a SELECT anyway
 
     @property
-    def local_only(self) -> bool:
-        """Whether an issuance touches only local resources (an SQLite file, key files): then
-        it is a millisecond of CPU with no network wait, cheaper to run in place than to hand
-        to a thread. With PostgreSQL or Vault an issuance waits on the network (and on a hung
-        backend, for its timeout) and must not hold up anything else."""
-        return self.engine.dialect.name == "sqlite" and self.keys.names == ("file",)
+    def signs_locally(self) -> bool:
+        """Whether every issuing key is a file: then an issuance is CPU work plus short reads,
+        cheaper to run in place on an event loop than to hand to a thread, and its commit is
+        made apart (``GroupCommit.run_async``). A Vault signature waits on the network, for
+        its timeout when Vault hangs, and must not hold up anything else."""
+        return self.keys.names == ("file",)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -271,8 +271,8 @@ def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = Non
 async def issue_svid_async(
     ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None
 ) -> IssuedSvid:
-    """``issue_svid`` for an event loop, when ``ctx.local_only``: the same steps in place, and
-    the certificate recorded in a commit shared with the other requests the loop has ready
+    """``issue_svid`` for an event loop, when ``ctx.signs_locally``: the same steps in place,
+    and the certificate recorded in a commit shared with the other requests the loop has ready
     (``GroupCommit.run_async``); returns once it is committed."""
     with _measured(grant):
         csr = parse_csr(csr_pem)

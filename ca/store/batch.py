@@ -8,6 +8,10 @@ committing queue up, and the first of them to get the lock commits everything th
 one transaction: one fsync or one lock acquisition for many certificates, and no busy sleeps
 between threads of one process. Nothing is returned before its batch has committed.
 
+Requests served in place on an event loop (``run_async``) are batched by loop turn: SQLite's
+commit is made on the loop (no network, no fsync with ``synchronous=NORMAL``), PostgreSQL's on
+one committing thread while the loop goes on; what is ready when it is done is the next batch.
+
 The contract for a unit of work: it either raises a ``TrellisError`` *before writing anything*
 (a spent token, a revoked certificate, a reused renewal proof: checked by conditional statements
 that change no row when they refuse), which rejects that unit alone, or it succeeds. Any other
@@ -23,6 +27,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +60,12 @@ class GroupCommit:
         self._between_processes = _sqlite_writer_lock(engine)
         # run_async: the units each event loop has ready, committed at its next turn
         self._ready: dict[asyncio.AbstractEventLoop, list[tuple[_Unit, asyncio.Future[None]]]] = {}
+        # A commit that waits on the network (PostgreSQL's WAL flush) is not made on the loop:
+        # one thread commits what the loop had ready while the loop goes on serving; whatever is
+        # ready by the time it is done is the next batch.
+        self._in_place = engine.dialect.name == "sqlite"
+        self._committer: ThreadPoolExecutor | None = None
+        self._committing: set[asyncio.AbstractEventLoop] = set()
         self.batches = 0  # for tests and the benchmark: how many transactions were committed
 
     def run(self, work: Work, lock_key: str = "") -> None:
@@ -80,23 +91,47 @@ class GroupCommit:
             raise unit.error
 
     async def run_async(self, work: Work, lock_key: str = "") -> None:
-        """``run`` for an event loop (local resources only: it commits in place, on the loop).
-        The commit is scheduled behind the callbacks the loop already has ready, so the requests
-        that arrived together are recorded in one transaction."""
+        """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
+        already has ready, so the requests that arrived together are recorded in one
+        transaction: on SQLite in place, on the loop; elsewhere on one committing thread."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if loop not in self._ready:
             self._ready[loop] = []
-            loop.call_soon(self._commit_ready, loop)
+            if loop not in self._committing:
+                loop.call_soon(self._commit_ready, loop)
         self._ready[loop].append((_Unit(work, lock_key), future))
         await future
 
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
         ready = self._ready.pop(loop)
-        units = [unit for unit, _ in ready]
+        if self._in_place:
+            self._commit_units([unit for unit, _ in ready])
+            self._settle(ready)
+            return
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._committing.add(loop)
+        done = loop.run_in_executor(
+            self._committer, self._commit_units, [unit for unit, _ in ready]
+        )
+        done.add_done_callback(lambda _: self._committed(loop, ready))
+
+    def _committed(
+        self, loop: asyncio.AbstractEventLoop, ready: list[tuple[_Unit, asyncio.Future[None]]]
+    ) -> None:
+        self._committing.discard(loop)
+        self._settle(ready)
+        if loop in self._ready:  # arrived while that batch was committing
+            self._commit_ready(loop)
+
+    def _commit_units(self, units: list[_Unit]) -> None:
         with self._commit_lock:  # shared with thread callers (the scheduler's audit sealer)
             for start in range(0, len(units), self._max_batch):
                 self._commit(units[start : start + self._max_batch])
+
+    @staticmethod
+    def _settle(ready: list[tuple[_Unit, asyncio.Future[None]]]) -> None:
         for unit, future in ready:
             if future.cancelled():
                 continue

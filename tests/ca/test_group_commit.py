@@ -204,10 +204,9 @@ def test_sqlite_batches_hold_a_lock_other_processes_wait_on(ctx: Context) -> Non
     assert after.stdout.strip() == "free"
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_issuances_ready_on_one_event_loop_share_one_commit(ctx: Context) -> None:
-    """``issue_svid_async`` (what the API runs in place with SQLite and key files): the
-    requests an event loop has ready at once are recorded in one transaction; a refused one
+    """``issue_svid_async`` (what the API runs in place with key files, on either database):
+    the requests an event loop has ready at once are recorded in one transaction; a refused one
     (a spent single-use token) is refused alone."""
     entry = add_entry(ctx, WEB)
     _, many = join_secret(ctx, entry, uses=6)
@@ -247,3 +246,53 @@ def test_a_batch_updates_shared_rows_in_key_order(ctx: Context) -> None:
         )
     assert join() == [None] * 4
     assert ran[:2] == ["-", "a"] and sorted(ran[2:]) == ["b1", "b2"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None:
+    """On PostgreSQL a commit waits for a WAL flush, so ``run_async`` makes it on a committing
+    thread: the event loop goes on serving meanwhile, and what becomes ready during that commit
+    is the next batch, committed after it, not alongside it."""
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=6)
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(6)]
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+    # The first batch waits on the commit lock, held by another thread, until the loop has
+    # moved on (for at most 5 s: were the commit made on the loop, the loop would wait too).
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ctx.writes._commit_lock:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    order: list[str] = []
+
+    async def issue(label: str, csr: bytes) -> IssuedSvid:
+        svid = await issue_svid_async(ctx, join_grant(ctx, secret), csr)
+        order.append(label)
+        return svid
+
+    async def scenario() -> list[IssuedSvid]:
+        first = [asyncio.ensure_future(issue("first", c)) for c in csrs[:3]]
+        await asyncio.sleep(0.2)  # the loop runs while the first batch is stuck committing
+        assert not any(task.done() for task in first)
+        second = [asyncio.ensure_future(issue("second", c)) for c in csrs[3:]]
+        await asyncio.sleep(0.2)
+        assert not any(task.done() for task in second)
+        release.set()
+        return await asyncio.gather(*first, *second)
+
+    try:
+        issued = asyncio.run(scenario())
+    finally:
+        release.set()
+        holder.join(10)
+
+    assert order == ["first"] * 3 + ["second"] * 3
+    assert ctx.writes.batches == batches + 2
+    assert count_rows(ctx, "certificate") == certificates + 6
+    assert len({svid.serial.hex for svid in issued}) == 6

@@ -110,7 +110,7 @@ def test_svids_from_a_transit_ca_verify_with_openssl(
     assert issuer.signer.handle.backend == "vault"
     keys = ctx.settings.data_dir / "keys"
     assert not any(keys.iterdir())  # no CA private-key file anywhere (the dir exists, empty)
-    assert not ctx.local_only  # signing waits on Vault: the API issues in its thread pool
+    assert not ctx.signs_locally  # signing waits on Vault: the API issues in its thread pool
 
 
 def test_crls_signed_by_transit_verify_with_openssl(vault_ctx: Context, tmp_path: Path) -> None:
