@@ -32,9 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +55,13 @@ from ca.jwks import (
 )
 from ca.pem import certs_pem, load_certs
 from ca.store.models import AuthorityRow, FederatedBundleRow
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported where a bundle is fetched or a URL parsed, not here: with click installed
+# (the CLI's) it imports its own command line, rich and pygments with it, 5 MiB in every API
+# worker that never federates (docs/benchmarks.md).
 
 __all__ = [
     "MIN_REFRESH",
@@ -80,7 +86,7 @@ __all__ = [
 log = logging.getLogger("trellis.federation")
 
 MIN_REFRESH = 10  # seconds: a tiny spiffe_refresh_hint must not turn polling into a flood
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+TIMEOUT = (10.0, 5.0)  # seconds: for a read, write or pool wait; to connect
 DEADLINE = 30.0  # seconds for a whole fetch, however slowly the body trickles in
 MAX_REDIRECTS = 3
 MAX_URL = 2048
@@ -104,6 +110,8 @@ def _endpoint_url(value: str) -> str:
     """§5.2.1.1 / §5.2.2.1: scheme https, no userinfo."""
     if len(value) > MAX_URL:
         raise InvalidInput(f"the bundle endpoint URL is longer than {MAX_URL} characters")
+    import httpx
+
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError):
@@ -402,11 +410,14 @@ def _read_body(response: httpx.Response, deadline: float) -> bytes:
 def fetch_bundle(endpoint: Endpoint) -> bytes:
     """GET the bundle over HTTPS as the profile demands; redirects are followed (at most 3)
     only to URLs valid for the profile, with the same TLS checks (§5.2.1.4, §5.2.2.4)."""
+    import httpx
+
     context = _tls_context(endpoint)
     deadline = time.monotonic() + DEADLINE
     url = endpoint.url
+    timeout = httpx.Timeout(TIMEOUT[0], connect=TIMEOUT[1])
     try:
-        with httpx.Client(verify=context, timeout=TIMEOUT, follow_redirects=False) as client:
+        with httpx.Client(verify=context, timeout=timeout, follow_redirects=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
                 with client.stream("GET", url, headers={"Accept": "application/json"}) as response:
                     if endpoint.endpoint_spiffe_id is not None:
