@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api.app import create_app
+from api.app import create_app, freeze_startup_heap
 from ca.config import Settings, build_context
 from ca.logs import configure_logging
 from ca.scheduler import elect_scheduler
@@ -35,6 +35,7 @@ def app_from_environment() -> FastAPI:
         stop = elect_scheduler(ctx, ctx.settings.data_dir / SCHEDULER_LOCK)
         try:
             async with inner(application) as state:
+                freeze_startup_heap()
                 yield state
         finally:
             stop()

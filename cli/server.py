@@ -75,10 +75,11 @@ def serve(
         argv = supervisor_command({**common, "workers": count})
         os.execv(argv[0], argv)  # noqa: S606 (our own interpreter and module)
 
-    from api.app import create_app  # only a single-process server needs the app here
+    from api.app import create_app, freeze_startup_heap  # only a single process needs these
 
     config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
     scheduler = start_scheduler(ctx)
+    freeze_startup_heap()
     try:
         uvicorn.Server(config).run()
     finally:
