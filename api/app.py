@@ -28,7 +28,7 @@ from ca.config import Context
 __all__ = ["create_app", "freeze_startup_heap"]
 
 
-def create_app(ctx: Context) -> FastAPI:
+def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> FastAPI:
     app = FastAPI(
         title="Trellis",
         version="0.1.0",
@@ -42,6 +42,8 @@ def create_app(ctx: Context) -> FastAPI:
     for router in [*routers, revocation.public, revocation.admin, openvpn.admin, openvpn.public]:
         app.include_router(router)
         app.state.routes.extend(router.routes)
+    if plain_svid_routes:  # first: matched before anything else (see api.routes.svid)
+        app.router.routes[:0] = svid.plain_routes
     problems.install(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)  # outermost: even a 413 carries the request id

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from ca.config import Context
 from ca.errors import AuthenticationFailed
@@ -20,12 +21,24 @@ async def get_context(request: Request) -> Context:
     return ctx
 
 
+_MISSING_BEARER = "an 'Authorization: Bearer ...' credential is required"
+
+
 async def bearer(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     if credentials is None or not credentials.credentials:
-        raise AuthenticationFailed("an 'Authorization: Bearer ...' credential is required")
+        raise AuthenticationFailed(_MISSING_BEARER)
     return credentials.credentials
+
+
+def bearer_credential(authorization: str | None) -> str:
+    """``bearer`` for the plain routes (``api.routes.svid``), which run no dependencies: the
+    same rule as ``HTTPBearer`` then ``bearer``."""
+    scheme, credential = get_authorization_scheme_param(authorization)
+    if not credential or scheme.lower() != "bearer":
+        raise AuthenticationFailed(_MISSING_BEARER)
+    return credential
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

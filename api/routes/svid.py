@@ -1,6 +1,14 @@
 """Workload-facing issuance: bootstrap with a join token, renew with a proof of possession.
 
-The two hottest routes. Where the issuing keys are files (``Context.signs_locally``) an
+The two hottest routes, served twice over the same ``_issue``: as plain Starlette routes, which
+``create_app`` puts in front of every other route, and as the FastAPI operations below them,
+which document the contract in /openapi.json and answer only if the plain routes are left out
+(tests/api/test_svid_plain_routes.py sends both the same requests and compares the answers).
+FastAPI's per-request machinery (dependency solving, body and response-model validation,
+included-router dispatch) cost ~135 µs of CPU per issuance, a tenth of a whole request
+(docs/benchmarks.md).
+
+Where the issuing keys are files (``Context.signs_locally``) an
 issuance runs in place on the event loop: it is CPU work plus two short reads, and handing it to
 a thread cost more than the issuance itself (1.1 ms of CPU per request on SQLite; on PostgreSQL
 in-place issuance took c=16 from ~505 to ~710 certs/s; docs/benchmarks.md). The requests the
@@ -13,12 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from api.deps import BearerDep, CtxDep
+from api.deps import BearerDep, CtxDep, bearer_credential
 from api.problems import PROBLEM_RESPONSES
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
@@ -65,7 +81,7 @@ async def _issue(
 
 @router.post("", response_model=SvidResponse, summary="Issue an X509-SVID with a join token")
 async def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> SvidResponse:
-    return await _issue(ctx, body, lambda _csr: join_grant(ctx, token))
+    return await _issue(ctx, body, _by_join_token(ctx, token))
 
 
 @router.post(
@@ -76,4 +92,78 @@ async def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> Svid
     "key, naming its serial, bound to this CSR's SHA-256, used once (see docs/api.md).",
 )
 async def renew_svid(body: SvidRequest, ctx: CtxDep, proof: BearerDep) -> SvidResponse:
-    return await _issue(ctx, body, lambda csr: renewal_grant(ctx, proof, csr))
+    return await _issue(ctx, body, _by_renewal_proof(ctx, proof))
+
+
+# The plain routes: what FastAPI would do for the operations above, step for step and in the
+# same order (a body that is not JSON, then the credential, then the body's fields), and
+# nothing else.
+
+_ABSENT = object()
+
+
+def _json_body(raw: bytes, content_type: str | None) -> Any:
+    """FastAPI's reading of a JSON body: parsed only when declared JSON; otherwise the bytes,
+    which then fail validation."""
+    if not raw:
+        return _ABSENT
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    maintype, _, subtype = media.partition("/")
+    if maintype != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", error.pos), "msg": "JSON decode error"}]
+        ) from None
+
+
+def _svid_request(document: Any) -> SvidRequest:
+    if document is _ABSENT:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+        )
+    try:
+        return SvidRequest.model_validate(document)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        ) from None
+
+
+async def _plain(
+    request: Request, grant: Callable[[Context, str], Callable[[bytes], Grant]]
+) -> Response:
+    ctx = request.app.state.ctx
+    assert isinstance(ctx, Context)
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # e.g. cut off by the body limit, which has answered already
+        raise HTTPException(400, "There was an error parsing the body") from None
+    document = _json_body(raw, request.headers.get("content-type"))
+    credential = bearer_credential(request.headers.get("authorization"))
+    issued = await _issue(ctx, _svid_request(document), grant(ctx, credential))
+    return Response(issued.model_dump_json(), media_type="application/json")
+
+
+def _by_join_token(ctx: Context, token: str) -> Callable[[bytes], Grant]:
+    return lambda _csr: join_grant(ctx, token)
+
+
+def _by_renewal_proof(ctx: Context, proof: str) -> Callable[[bytes], Grant]:
+    return lambda csr: renewal_grant(ctx, proof, csr)
+
+
+async def _plain_request_svid(request: Request) -> Response:
+    return await _plain(request, _by_join_token)
+
+
+async def _plain_renew_svid(request: Request) -> Response:
+    return await _plain(request, _by_renewal_proof)
+
+
+plain_routes = [
+    Route("/v1/svid", _plain_request_svid, methods=["POST"], include_in_schema=False),
+    Route("/v1/svid/renew", _plain_renew_svid, methods=["POST"], include_in_schema=False),
+]

@@ -1,0 +1,135 @@
+"""POST /v1/svid and /v1/svid/renew are served by plain Starlette routes in front of the FastAPI
+operations that document them (``api.routes.svid``). Both are sent the same requests, good and
+bad, and must answer alike: status, problem code and detail, headers that matter, and the
+shape of a success. Both databases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.routes import svid
+from ca.config import Context
+from tests.api.restkit import Rest, make_csr
+
+Send = Callable[[TestClient], httpx.Response]
+
+
+@pytest.fixture
+def reference(ctx: Context) -> Iterator[TestClient]:
+    """The same application without the plain routes: FastAPI serves the operations."""
+    app = create_app(ctx, plain_svid_routes=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def _post(path: str, body: bytes | None, headers: dict[str, str]) -> Send:
+    return lambda client: client.post(path, content=body, headers=headers)
+
+
+def _comparable(response: httpx.Response) -> dict[str, Any]:
+    seen: dict[str, Any] = {
+        "status": response.status_code,
+        "content-type": response.headers.get("content-type"),
+        "www-authenticate": response.headers.get("www-authenticate"),
+        "allow": response.headers.get("allow"),
+    }
+    document = response.json()
+    if response.status_code == 200:
+        seen["fields"] = sorted(document)
+        seen["spiffe_id"] = document["spiffe_id"]
+    else:
+        seen["problem"] = {k: v for k, v in document.items() if k != "request_id"}
+    return seen
+
+
+def _requests(rest: Rest, token: str) -> dict[str, Send]:
+    _key, csr = make_csr()
+    good = json.dumps({"csr": csr}).encode()
+    as_json = {"Content-Type": "application/json"}
+    auth = {"Authorization": f"Bearer {token}"}
+    both = auth | as_json
+    cases: dict[str, Send] = {
+        "ok": _post("/v1/svid", good, both),
+        "ok/lower-case-scheme": _post(
+            "/v1/svid", good, {"Authorization": f"bearer {token}"} | as_json
+        ),
+        "ok/charset": _post(
+            "/v1/svid", good, auth | {"Content-Type": "application/json; charset=utf-8"}
+        ),
+        "ok/+json": _post(
+            "/v1/svid", good, auth | {"Content-Type": "application/merge-patch+json"}
+        ),
+        "ok/ttl": _post("/v1/svid", json.dumps({"csr": csr, "ttl": "10m"}).encode(), both),
+        "auth/none": _post("/v1/svid", good, as_json),
+        "auth/basic": _post("/v1/svid", good, {"Authorization": f"Basic {token}"} | as_json),
+        "auth/empty": _post("/v1/svid", good, {"Authorization": "Bearer "} | as_json),
+        "auth/scheme-only": _post("/v1/svid", good, {"Authorization": "Bearer"} | as_json),
+        "auth/unknown-token": _post("/v1/svid", good, {"Authorization": "Bearer nope"} | as_json),
+        "body/syntax": _post("/v1/svid", b'{"csr": ', both),
+        "body/syntax-before-auth": _post("/v1/svid", b'{"csr": ', as_json),
+        "body/fields-after-auth": _post("/v1/svid", b'{"ttl": "1h"}', as_json),
+        "body/empty": _post("/v1/svid", b"", both),
+        "body/no-content-type": _post("/v1/svid", good, auth),
+        "body/text-plain": _post("/v1/svid", good, auth | {"Content-Type": "text/plain"}),
+        "body/list": _post("/v1/svid", json.dumps([csr]).encode(), both),
+        "body/missing-csr": _post("/v1/svid", b'{"ttl": "1h"}', both),
+        "body/unknown-field": _post("/v1/svid", json.dumps({"csr": csr, "x": 1}).encode(), both),
+        "body/csr-not-string": _post("/v1/svid", b'{"csr": 42}', both),
+        "body/csr-too-long": _post("/v1/svid", json.dumps({"csr": "A" * 60_001}).encode(), both),
+        "body/csr-garbage": _post("/v1/svid", b'{"csr": "not a CSR"}', both),
+        "body/ttl-bad": _post("/v1/svid", json.dumps({"csr": csr, "ttl": "soon"}).encode(), both),
+        "body/ttl-over-max": _post(
+            "/v1/svid", json.dumps({"csr": csr, "ttl": "999h"}).encode(), both
+        ),
+        "method/get": lambda client: client.get("/v1/svid", headers=auth),
+        "renew/no-auth": _post("/v1/svid/renew", good, as_json),
+        "renew/garbage-proof": _post(
+            "/v1/svid/renew", good, {"Authorization": "Bearer x.y.z"} | as_json
+        ),
+        "renew/empty-body": _post(
+            "/v1/svid/renew", b"", {"Authorization": "Bearer x.y.z"} | as_json
+        ),
+    }
+    return cases
+
+
+def test_plain_routes_are_matched_first(client: TestClient) -> None:
+    assert client.app.router.routes[: len(svid.plain_routes)] == svid.plain_routes  # type: ignore[attr-defined]
+
+
+def test_plain_and_fastapi_routes_answer_alike(
+    rest: Rest, client: TestClient, reference: TestClient
+) -> None:
+    token = rest.join_token(rest.create_entry("spiffe://example.org/same"), uses=100)
+    for case, send in _requests(rest, token).items():
+        plain, fastapi = send(client), send(reference)
+        assert _comparable(plain) == _comparable(fastapi), case
+        if case.startswith("ok"):
+            assert plain.status_code == 200, (case, plain.text)
+        elif not case.startswith("method"):
+            assert plain.status_code in (400, 401), (case, plain.text)
+
+
+def test_renewal_answers_alike(rest: Rest, client: TestClient, reference: TestClient) -> None:
+    enrolled = rest.enrol("spiffe://example.org/renewing")
+    answers = []
+    for app in (client, reference):
+        _key, csr = make_csr()
+        proof = rest.proof(enrolled, csr)
+        first = app.post(
+            "/v1/svid/renew", json={"csr": csr}, headers={"Authorization": f"Bearer {proof}"}
+        )
+        replayed = app.post(
+            "/v1/svid/renew", json={"csr": csr}, headers={"Authorization": f"Bearer {proof}"}
+        )
+        answers.append((_comparable(first), _comparable(replayed)))
+    assert answers[0] == answers[1]
+    (ok, refused) = answers[0]
+    assert (ok["status"], refused["status"]) == (200, 401)
