@@ -82,16 +82,12 @@ class Context:
     cache: dict[object, object] = field(default_factory=dict)
     # Issuing transactions of concurrent requests, committed together (``ca.store.batch``).
     writes: GroupCommit = field(init=False, repr=False)
-    # For single-statement reads on the hot paths: autocommit, so PostgreSQL is asked one round
-    # trip instead of three (BEGIN, SELECT, ROLLBACK). The same pool as ``engine``.
+    # For single-statement reads on the hot paths (``ca.store.db.autocommit_engine``).
     reads: Engine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.writes = GroupCommit(self.engine)
-        if self.engine.dialect.name == "postgresql":
-            self.reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        else:
-            self.reads = self.engine  # pysqlite begins no transaction for a SELECT anyway
+        self.reads = db.autocommit_engine(self.engine)
 
     @property
     def signs_locally(self) -> bool:
@@ -103,6 +99,8 @@ class Context:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.reads is not self.engine:
+            self.reads.dispose()
 
 
 def build_context(
