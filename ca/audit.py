@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +30,24 @@ from sqlmodel import Session, col, select
 
 from ca.config import Context
 from ca.keys import PrivateKey
+from ca.store.batch import Rows, Work
 from ca.store.core import table
 from ca.store.models_audit import AuditRow, AuditSealRow
 
-__all__ = ["AuditEntry", "Verification", "list_audit", "record", "seal", "verify"]
+__all__ = [
+    "INSERT",
+    "AuditEntry",
+    "Verification",
+    "entry",
+    "list_audit",
+    "record",
+    "seal",
+    "verify",
+]
 
 SETTLE = dt.timedelta(seconds=5)
 GENESIS = "0" * 64
-_INSERT = sa.insert(table(AuditRow))  # built once: see ca.store.core
+INSERT = sa.insert(table(AuditRow))  # built once: see ca.store.core
 
 
 def record(
@@ -52,7 +61,26 @@ def record(
     request_id: str | None = None,
 ) -> None:
     """Append one record inside the caller's transaction."""
-    params = {
+    params = entry(event, subject, actor=actor, at=at, detail=detail, request_id=request_id)
+    if isinstance(session, Session):
+        # No autoflush: the caller's pending changes keep their own flush (and error handling).
+        with session.no_autoflush:
+            session.execute(INSERT, params)
+    else:
+        session.execute(INSERT, params)
+
+
+def entry(
+    event: str,
+    subject: str,
+    *,
+    actor: str,
+    at: dt.datetime,
+    detail: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """One record's row, for ``INSERT`` (what ``record`` executes; group commits batch it)."""
+    return {
         "at": at,
         "actor": actor[:255],
         "event": event[:64],
@@ -60,12 +88,6 @@ def record(
         "detail": json.dumps(detail or {}, sort_keys=True, default=str),
         "request_id": request_id[:64] if request_id else None,
     }
-    if isinstance(session, Session):
-        # No autoflush: the caller's pending changes keep their own flush (and error handling).
-        with session.no_autoflush:
-            session.execute(_INSERT, params)
-    else:
-        session.execute(_INSERT, params)
 
 
 def _digest(row: Any, seq: int, previous: str) -> str:
@@ -195,10 +217,8 @@ def seal(ctx: Context, *, settle: dt.timedelta | None = None) -> Sealed:
     return Sealed(total, seq if total else None)
 
 
-def _chunk_writer(
-    chained: list[dict[str, Any]], signature: dict[str, Any] | None
-) -> Callable[[sa.Connection], None]:
-    def write(connection: sa.Connection) -> None:
+def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | None) -> Work:
+    def write(connection: sa.Connection, _rows: Rows) -> None:
         connection.execute(_CHAIN, chained)
         if signature is not None:
             connection.execute(sa.insert(_SEALS), signature)

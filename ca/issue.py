@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -35,11 +35,12 @@ from ca.identity import SpiffeId
 from ca.keys import PrivateKey, PublicKey
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
-from ca.records import record_issued
+from ca.records import issued_rows
 from ca.serial import Serial
+from ca.store.batch import Rows, Work
 from ca.store.core import table
 from ca.store.models import CertificateRow, RenewalNonceRow
-from ca.tokens import consume_join_token
+from ca.tokens import spend_join_token
 
 __all__ = [
     "Grant",
@@ -155,9 +156,7 @@ def _lock_key(grant: Grant) -> str:
     return f"token:{grant.join_token_id}" if grant.join_token_id else ""
 
 
-def _writer(
-    ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer
-) -> Callable[[sa.Connection], None]:
+def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> Work:
     """One unit of a group commit (``ca.store.batch``), Core statements only. Every refusal
     comes from a conditional statement that changed nothing, so refusing one unit never undoes
     another's; a single grant carries one credential to spend at most."""
@@ -165,7 +164,7 @@ def _writer(
         raise AssertionError("a grant spends one credential")
     now = ctx.clock.now()
 
-    def write(connection: sa.Connection) -> None:
+    def write(connection: sa.Connection, rows: Rows) -> None:
         if grant.renews_serial is not None:
             # Re-read inside the transaction: a revocation that landed after authentication wins.
             status = connection.execute(_STATUS, {"serial": grant.renews_serial}).scalar()
@@ -181,9 +180,9 @@ def _writer(
             if spent.first() is None:  # (rowcount is -1 here on psycopg)
                 raise AuthenticationFailed("this renewal proof has already been used")
         if grant.join_token_id is not None:
-            consume_join_token(connection, grant.join_token_id, now, grant.requested_by)
-        record_issued(
-            connection,
+            used = spend_join_token(connection, grant.join_token_id, now, grant.requested_by)
+            rows.add(*used)
+        for statement, row in issued_rows(
             cert,
             authority=grant.authority,
             issuer_ca_id=issuer.ca_id,
@@ -194,7 +193,8 @@ def _writer(
             entry_id=grant.entry_id,
             event="certificate.renewed" if grant.renews_serial else "certificate.issued",
             detail={"renews": grant.renews_serial},
-        )
+        ):
+            rows.add(statement, row)
 
     return write
 

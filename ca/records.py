@@ -15,14 +15,16 @@ from ca.pem import certs_pem, fingerprint
 from ca.store.core import table
 from ca.store.models import CertificateRow
 
-__all__ = ["record_issued"]
+__all__ = ["Insert", "issued_rows", "record_issued"]
 
 # Built once (see ca.store.core): this runs once per issuance.
 _INSERT = sa.insert(table(CertificateRow))
 
 
-def record_issued(
-    session: Session | sa.Connection,
+Insert = tuple[sa.Insert, dict[str, Any]]
+
+
+def issued_rows(
     cert: x509.Certificate,
     *,
     authority: str,
@@ -34,9 +36,11 @@ def record_issued(
     entry_id: str | None = None,
     event: str = "certificate.issued",
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> tuple[Insert, Insert]:
+    """The certificate's row and its audit record, for the caller to insert (a group commit
+    inserts those of a whole batch together: ``ca.store.batch.Rows``)."""
     serial = format(cert.serial_number, "x")
-    params = {
+    row = {
         "serial": serial,
         "authority": authority,
         "issuer_ca_id": issuer_ca_id,
@@ -51,13 +55,7 @@ def record_issued(
         "cert_pem": certs_pem([cert]).decode(),
         "created_at": now,
     }
-    if isinstance(session, Session):
-        with session.no_autoflush:  # the caller's pending changes keep their own flush
-            session.execute(_INSERT, params)
-    else:
-        session.execute(_INSERT, params)
-    audit.record(
-        session,
+    record = audit.entry(
         event,
         identity,
         actor=requested_by,
@@ -70,3 +68,14 @@ def record_issued(
             **(detail or {}),
         },
     )
+    return (_INSERT, row), (audit.INSERT, record)
+
+
+def record_issued(session: Session | sa.Connection, cert: x509.Certificate, **fields: Any) -> None:
+    """``issued_rows`` inserted now, in the caller's transaction."""
+    for statement, row in issued_rows(cert, **fields):
+        if isinstance(session, Session):
+            with session.no_autoflush:  # the caller's pending changes keep their own flush
+                session.execute(statement, row)
+        else:
+            session.execute(statement, row)

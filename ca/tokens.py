@@ -12,6 +12,7 @@ import enum
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -29,12 +30,12 @@ __all__ = [
     "TokenKind",
     "authenticate_admin",
     "check_live",
-    "consume_join_token",
     "create_admin_token",
     "create_join_token",
     "hash_secret",
     "list_tokens",
     "revoke_token",
+    "spend_join_token",
     "valid_secret",
 ]
 
@@ -198,15 +199,16 @@ def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
     return AdminPrincipal(token["id"])
 
 
-def consume_join_token(
-    session: Session | sa.Connection, token_id: str, now: dt.datetime, actor: str
-) -> None:
+def spend_join_token(
+    connection: sa.Connection, token_id: str, now: dt.datetime, actor: str
+) -> tuple[sa.Insert, dict[str, Any]]:
     """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
-    redemptions of a single-use token race safely (only one of them changes a row)."""
-    result = session.execute(_SPEND, {"token_id": token_id, "now": now})
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    redemptions of a single-use token race safely (only one of them changes a row). Returns
+    the audit record of the use, for the caller to insert with the certificate's rows."""
+    result = connection.execute(_SPEND, {"token_id": token_id, "now": now})
+    if result.rowcount != 1:
         raise AuthenticationFailed("the join token has already been used or has expired")
-    audit.record(session, "token.used", f"token:{token_id}", actor=actor, at=now)
+    return audit.INSERT, audit.entry("token.used", f"token:{token_id}", actor=actor, at=now)
 
 
 def list_tokens(ctx: Context) -> list[TokenInfo]:

@@ -17,6 +17,11 @@ The contract for a unit of work: it either raises a ``TrellisError`` *before wri
 that change no row when they refuse), which rejects that unit alone, or it succeeds. Any other
 failure (a database error) fails the batch's transaction; the batch is then retried one unit per
 transaction, so one unit's fault is never another's.
+
+A unit runs its conditional statements itself and hands the rows it adds (the certificate, its
+audit records) to ``Rows``: those of every unit that succeeded are inserted after the last unit
+ran, one statement per table for the whole batch, in the units' order. On PostgreSQL every
+statement is a round trip and a parse/execute on the server: three fewer per certificate.
 """
 
 from __future__ import annotations
@@ -30,15 +35,37 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "Rows", "Work"]
 
-Work = Callable[[sa.Connection], None]
+
+class Rows:
+    """Rows to insert once the batch's units have run (see the module docstring)."""
+
+    __slots__ = ("_by_statement",)
+
+    def __init__(self) -> None:
+        self._by_statement: dict[sa.Insert, list[dict[str, Any]]] = {}
+
+    def add(self, statement: sa.Insert, row: dict[str, Any]) -> None:
+        self._by_statement.setdefault(statement, []).append(row)
+
+    def extend(self, other: Rows) -> None:
+        for statement, rows in other._by_statement.items():
+            self._by_statement.setdefault(statement, []).extend(rows)
+
+    def insert(self, connection: sa.Connection) -> None:
+        for statement, rows in self._by_statement.items():
+            connection.execute(statement, rows)
+
+
+Work = Callable[[sa.Connection, Rows], None]
 
 
 @dataclass(slots=True)
@@ -151,11 +178,16 @@ class GroupCommit:
                 return
             try:
                 with self._engine.begin() as connection:
+                    added = Rows()
                     for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
+                        rows = Rows()
                         try:
-                            unit.work(connection)
+                            unit.work(connection, rows)
                         except TrellisError as refused:  # wrote nothing, by contract
                             unit.error = refused
+                            continue
+                        added.extend(rows)
+                    added.insert(connection)
                 self.batches += 1
                 for unit in batch:
                     unit.committed = unit.error is None
@@ -172,7 +204,9 @@ class GroupCommit:
     def _alone(self, unit: _Unit) -> None:
         try:
             with self._engine.begin() as connection:
-                unit.work(connection)
+                rows = Rows()
+                unit.work(connection, rows)
+                rows.insert(connection)
             self.batches += 1
             unit.committed = True
         except Exception as error:

@@ -9,6 +9,7 @@ unit that did not commit. Both databases.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from ca.grants import join_grant, renewal_grant
 from ca.issue import IssuedSvid, issue_svid, issue_svid_async
 from ca.keys import KeyType
 from ca.renewal import make_proof
-from ca.store.batch import GroupCommit
+from ca.store.batch import GroupCommit, Rows
 from tests.ca.svidkit import (
     add_entry,
     count_rows,
@@ -154,10 +155,10 @@ def test_a_database_error_in_one_unit_is_that_unit_alone(ctx: Context) -> None:
 
     def insert(jti: str) -> Callable[[], None]:
         return lambda: ctx.writes.run(
-            lambda c: c.execute(sa.insert(nonce).values(jti=jti, expires_at=now))
+            lambda c, _rows: c.execute(sa.insert(nonce).values(jti=jti, expires_at=now))
         )
 
-    ctx.writes.run(lambda c: c.execute(sa.insert(nonce).values(jti="taken", expires_at=now)))
+    ctx.writes.run(lambda c, _rows: c.execute(sa.insert(nonce).values(jti="taken", expires_at=now)))
     with one_batch(ctx.writes, 3):
         join = start([insert("first"), insert("taken"), insert("second")])
     outcomes = join()
@@ -186,7 +187,7 @@ def test_sqlite_batches_hold_a_lock_other_processes_wait_on(ctx: Context) -> Non
     inside = threading.Event()
     release = threading.Event()
 
-    def slow(connection: sa.Connection) -> None:
+    def slow(connection: sa.Connection, _rows: Rows) -> None:
         inside.set()
         assert release.wait(20)
 
@@ -238,7 +239,7 @@ def test_a_batch_updates_shared_rows_in_key_order(ctx: Context) -> None:
     ran: list[str] = []
 
     def unit(name: str, key: str) -> Callable[[], None]:
-        return lambda: ctx.writes.run(lambda _c: ran.append(name), key)
+        return lambda: ctx.writes.run(lambda _c, _rows: ran.append(name), key)
 
     with one_batch(ctx.writes, 4):
         join = start(
@@ -296,3 +297,43 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
     assert ctx.writes.batches == batches + 2
     assert count_rows(ctx, "certificate") == certificates + 6
     assert len({svid.serial.hex for svid in issued}) == 6
+
+
+def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> None:
+    """The rows of a batch's units (certificates, audit records) are inserted together after the
+    units ran: one INSERT per table, whatever the batch size, audit records in the units' order
+    (each token use right before the certificate it paid for)."""
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=5)
+    grants = [join_grant(ctx, secret) for _ in range(5)]
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+    inserts: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            inserts.append(statement.split("(")[0].split()[-1].strip('"'))
+
+    async def all_at_once() -> list[IssuedSvid]:
+        return await asyncio.gather(
+            *(issue_svid_async(ctx, g, c) for g, c in zip(grants, csrs, strict=True))
+        )
+
+    with ctx.engine.connect() as connection:
+        first_new = connection.execute(
+            sa.text("SELECT coalesce(max(id), 0) FROM audit_log")
+        ).scalar()
+    sa.event.listen(ctx.engine, "before_cursor_execute", count)
+    try:
+        issued = asyncio.run(all_at_once())
+    finally:
+        sa.event.remove(ctx.engine, "before_cursor_execute", count)
+
+    assert sorted(inserts) == ["audit_log", "certificate"]
+    with ctx.engine.connect() as connection:
+        events = connection.execute(
+            sa.text("SELECT event, detail FROM audit_log WHERE id > :id ORDER BY id"),
+            {"id": first_new},
+        ).all()
+    assert [e.event for e in events] == ["token.used", "certificate.issued"] * 5
+    issued_serials = [svid.serial.hex for svid in issued]
+    assert [json.loads(e.detail)["serial"] for e in events[1::2]] == issued_serials
