@@ -138,6 +138,7 @@ def measure_cell(
     after = MemorySampler(groups)
     after.stop()
     processes = rss_by_process(driver.server_roots)
+    settle_s, settle_cpu_s = settle([*driver.server_roots, *driver.db_roots])
     start, end = marks["start"], marks["end"]
     wall = end["wall"] - start["wall"]
     server = end["server"] - start["server"]
@@ -171,7 +172,27 @@ def measure_cell(
         "rss_after_by_process_mib": processes,
         "tokens_created_before": created,
         "loadavg_1m": round(os.getloadavg()[0], 2),
+        "settle_s": round(settle_s, 1),
+        "settle_cpu_s": round(settle_cpu_s, 2),
     }
+
+
+def settle(roots: list[int], quiet_cores: float = 0.05, limit: float = 60.0) -> tuple[float, float]:
+    """Wait until the system just measured has finished the work its load left behind
+    (PostgreSQL's autovacuum and checkpoints, a server's background jobs), so that the next
+    cell, another system's, does not share the machine with it. (In one full run OpenBao raft's
+    cells, each right after a trellis-postgres cell, ran beside 0.95 cores of "other load" at
+    1,002 certs/s; raft alone measured 1,793. The cause was not pinned down.) Quiet: two
+    half-seconds in a row under ``quiet_cores``. Returns (seconds waited, CPU seconds spent)."""
+    started = time.monotonic()
+    first = previous = tree_cpu_seconds(roots)
+    calm = 0
+    while calm < 2 and time.monotonic() - started < limit:
+        time.sleep(0.5)
+        now = tree_cpu_seconds(roots)
+        calm = calm + 1 if now - previous < quiet_cores * 0.5 else 0
+        previous = now
+    return time.monotonic() - started, previous - first
 
 
 def plan(concurrencies: list[int], repeats: int) -> list[tuple[int, int]]:
@@ -201,6 +222,7 @@ def run_rounds(
                 f"p99 {result['p99_ms']:6.1f} ms  server {result['server_cores']:.2f} cores  "
                 f"client {result['client_cores']:.2f}  other {result['other_cores']:.2f}  "
                 f"rss {result['peak_rss_mib']:.0f} MiB  errors {result['errors']}"
+                + (f"  (settled {result['settle_s']:.0f} s)" if result["settle_s"] > 2 else "")
             )
             if result["errors"]:
                 log(f"  first errors: {result['error_samples'][:2]}")
