@@ -8,11 +8,12 @@ Trellis is asked with ``POST /v1/svid`` and a join token, OpenBao with
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tests.bench.servers import (
     TrellisServer,
     bao_binary,
     make_postgres_database,
+    postgres_counters,
     postmaster_pid,
 )
 
@@ -45,6 +47,9 @@ class Driver:
     uses: list[int] = field(default_factory=list)  # per entry: uses handed out so far
     entry_ids: list[str] = field(default_factory=list)
     csr_count: int = 0
+    # PostgreSQL's own counters (checkpoints, deadlocks, autovacuums), read before and after a
+    # cell so that a latency tail can be matched with what the database did meanwhile.
+    db_counters: Callable[[], dict[str, float]] | None = None
 
     def prepare(self) -> int:
         """Before a cell: every Trellis entry keeps at least one full token's worth of uses
@@ -206,6 +211,8 @@ def start_system(
             trellis.start()
             driver = _trellis(name, trellis, csrs, entries)
             driver.db_roots = db_roots
+            if database_url is not None:
+                driver.db_counters = functools.partial(postgres_counters, database_url)
             driver.info.update(db_info)
             yield driver
         finally:

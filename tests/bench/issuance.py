@@ -106,6 +106,7 @@ def measure_cell(
 ) -> dict[str, Any]:
     """One cell: ``identities[i % len]`` is the SPIFFE ID CSR ``i`` asks for (checked)."""
     created = driver.prepare()
+    db_before = driver.db_counters() if driver.db_counters else {}
     groups = {"server": driver.server_roots}
     if driver.db_roots:
         groups["database"] = driver.db_roots
@@ -138,6 +139,7 @@ def measure_cell(
     after = MemorySampler(groups)
     after.stop()
     processes = rss_by_process(driver.server_roots)
+    db_after = driver.db_counters() if driver.db_counters else {}  # after the 1 s above
     settle_s, settle_cpu_s = settle([*driver.server_roots, *driver.db_roots])
     start, end = marks["start"], marks["end"]
     wall = end["wall"] - start["wall"]
@@ -172,6 +174,7 @@ def measure_cell(
         "rss_after_by_process_mib": processes,
         "tokens_created_before": created,
         "loadavg_1m": round(os.getloadavg()[0], 2),
+        "database_events": {k: db_after[k] - db_before[k] for k in db_after if k in db_before},
         "settle_s": round(settle_s, 1),
         "settle_cpu_s": round(settle_cpu_s, 2),
     }
@@ -186,6 +189,7 @@ def settle(roots: list[int], quiet_cores: float = 0.05, limit: float = 60.0) -> 
     half-seconds in a row under ``quiet_cores``. Returns (seconds waited, CPU seconds spent)."""
     started = time.monotonic()
     first = previous = tree_cpu_seconds(roots)
+    os.sync()  # and the kernel's writeback of what they wrote, which no process tree shows
     calm = 0
     while calm < 2 and time.monotonic() - started < limit:
         time.sleep(0.5)
@@ -223,6 +227,11 @@ def run_rounds(
                 f"client {result['client_cores']:.2f}  other {result['other_cores']:.2f}  "
                 f"rss {result['peak_rss_mib']:.0f} MiB  errors {result['errors']}"
                 + (f"  (settled {result['settle_s']:.0f} s)" if result["settle_s"] > 2 else "")
+                + "".join(
+                    f"  {name} {count:g}"
+                    for name, count in result["database_events"].items()
+                    if count and name != "checkpoint_write_ms"
+                )
             )
             if result["errors"]:
                 log(f"  first errors: {result['error_samples'][:2]}")

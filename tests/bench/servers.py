@@ -351,3 +351,30 @@ def make_postgres_database(server_uri: str) -> tuple[str, dict[str, str]]:
         }
     engine.dispose()
     return url, settings
+
+
+_COUNTERS = {
+    "checkpoints": "SELECT num_timed + num_requested FROM pg_stat_checkpointer",
+    "checkpoint_write_ms": "SELECT write_time + sync_time FROM pg_stat_checkpointer",
+    "deadlocks": "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+    "autovacuums": "SELECT sum(autovacuum_count + autoanalyze_count) FROM pg_stat_user_tables",
+}
+
+
+def postgres_counters(url: str) -> dict[str, float]:
+    """Cumulative counters of the database server (statistics are flushed about every second,
+    so read them a second after the window closes). A counter this server version lacks is
+    left out."""
+    engine = sa.create_engine(
+        url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=sa.pool.NullPool
+    )
+    counters: dict[str, float] = {}
+    with engine.connect() as connection:
+        for name, query in _COUNTERS.items():
+            try:
+                with connection.begin_nested():
+                    counters[name] = float(connection.execute(sa.text(query)).scalar() or 0)
+            except sa.exc.DBAPIError:
+                continue
+    engine.dispose()
+    return counters
