@@ -574,12 +574,15 @@ def show_certificate(ctx: Context, serial: Serial) -> GatewayCertificate:
 def _gateway_certificate(
     info: CertificateInfo, extra: GatewayCertificateRow | None
 ) -> GatewayCertificate:
-    cert = x509.load_pem_x509_certificate(info.certificate_pem.encode())
+    if extra is not None:  # recorded at issuance
+        thumbprint = extra.x5t_s256
+    else:
+        thumbprint = x5t_s256(x509.load_pem_x509_certificate(info.certificate_pem.encode()))
     return GatewayCertificate(
         info,
         ConsumerName(info.identity.removeprefix("CN=")),
         Delivery(extra.delivery) if extra else None,
-        x5t_s256(cert),
+        thumbprint,
     )
 
 
@@ -588,14 +591,23 @@ def list_gateway_certificates(
 ) -> list[GatewayCertificate]:
     """Newest first; ``live_only``: active and unexpired, i.e. what counts towards the overlap."""
     now = ctx.clock.now()
-    query = select(CertificateRow).where(CertificateRow.authority == GATEWAY)
+    query = (
+        select(CertificateRow, GatewayCertificateRow)
+        .join(
+            GatewayCertificateRow,
+            col(GatewayCertificateRow.serial) == col(CertificateRow.serial),
+            isouter=True,
+        )
+        .where(CertificateRow.authority == GATEWAY)
+    )
     if consumer is not None:
         query = query.where(CertificateRow.spiffe_id == consumer.identity)
     if live_only:
         query = query.where(CertificateRow.status == "active", col(CertificateRow.not_after) > now)
-    with Session(ctx.engine) as session:
-        rows = session.exec(query.order_by(col(CertificateRow.created_at).desc()).limit(1000))
-        found = [(row, session.get(GatewayCertificateRow, row.serial)) for row in rows.all()]
+    with Session(ctx.engine) as session:  # one query, not one more per listed certificate
+        found = session.exec(
+            query.order_by(col(CertificateRow.created_at).desc()).limit(1000)
+        ).all()
     return [_gateway_certificate(certificate_info(row, now), extra) for row, extra in found]
 
 

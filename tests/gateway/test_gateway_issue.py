@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -447,3 +448,29 @@ def test_revoking_is_gateway_only(gw: Context) -> None:
         gateway.revoke_gateway_certificate(
             gw, issued.serial, RevocationReason.UNSPECIFIED, "t", None
         )
+
+
+def test_listing_is_one_query_and_shows_each_recorded_thumbprint(gw: Context) -> None:
+    """The thumbprints come from the rows recorded at issuance, in the listing's one query, not
+    from one more query and a PEM parse per listed certificate."""
+    for name in ("globex", "initech"):
+        gateway.add_consumer(gw, gateway.ConsumerName(name))
+    consumers = [ACME, ACME, gateway.ConsumerName("globex"), gateway.ConsumerName("initech")]
+    issued = [from_csr(gw, partner_csr()[1], consumer) for consumer in consumers]
+    selects: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    sa.event.listen(gw.engine, "before_cursor_execute", count)
+    try:
+        listed = gateway.list_gateway_certificates(gw)
+    finally:
+        sa.event.remove(gw.engine, "before_cursor_execute", count)
+
+    assert len(selects) == 1
+    assert {c.info.serial for c in listed} == {c.serial for c in issued}
+    for certificate in listed:
+        pem = certificate.info.certificate_pem.encode()
+        assert certificate.x5t_s256 == gateway.x5t_s256(x509.load_pem_x509_certificate(pem))
