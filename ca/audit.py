@@ -171,9 +171,11 @@ _CHAIN = (
     )
 )
 # Records chained per write transaction. The sealer shares the database with issuance (about
-# two records per certificate): a chunk holds the write lock for milliseconds, where sealing
-# ten seconds of records in one transaction held it for seconds, stalling every issuance.
-SEAL_CHUNK = 1000
+# two records per certificate): a chunk holds SQLite's write lock for a few milliseconds, where
+# sealing ten seconds of records in one transaction held it for seconds, stalling every
+# issuance. Chunks of 1,000 still added 6 to 12 ms to the c=16 p99 (26 to 33 ms, 19 to 21 ms
+# with no sealer); chunks of 250, 23 to 25 ms (docs/benchmarks.md).
+SEAL_CHUNK = 250
 
 
 def seal(ctx: Context, *, settle: dt.timedelta | None = None) -> Sealed:
