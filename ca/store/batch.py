@@ -133,8 +133,10 @@ class GroupCommit:
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
         ready = self._ready.pop(loop)
         if self._in_place:
-            self._commit_units([unit for unit, _ in ready])
-            self._settle(ready)
+            try:
+                self._commit_units([unit for unit, _ in ready])
+            finally:  # whatever happened, no request is left waiting
+                self._settle(ready)
             return
         if self._committer is None:
             self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
@@ -164,6 +166,8 @@ class GroupCommit:
                 continue
             if unit.error is not None:
                 future.set_exception(unit.error)
+            elif not unit.committed:  # the batch failed before it ran (no database, no lock)
+                future.set_exception(Unavailable("the issuing transaction did not complete"))
             else:
                 future.set_result(None)
 

@@ -337,3 +337,30 @@ def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> 
     assert [e.event for e in events] == ["token.used", "certificate.issued"] * 5
     issued_serials = [svid.serial.hex for svid in issued]
     assert [json.loads(e.detail)["serial"] for e in events[1::2]] == issued_serials
+
+
+def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever stops a batch before its transaction (the writer lock, the database gone), the
+    requests waiting on it get a 503, on the loop (SQLite) and from the committing thread
+    (PostgreSQL): never a success for what was not recorded, never a wait without end."""
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=3)
+    grants = [join_grant(ctx, secret) for _ in range(3)]
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+    certificates = count_rows(ctx, "certificate")
+
+    def broken(_self: GroupCommit, _batch: list[object]) -> None:
+        raise OSError("no writer lock")
+
+    monkeypatch.setattr(GroupCommit, "_commit", broken)
+
+    async def all_at_once() -> list[object]:
+        issuing = (issue_svid_async(ctx, g, c) for g, c in zip(grants, csrs, strict=True))
+        return await asyncio.wait_for(asyncio.gather(*issuing, return_exceptions=True), 20)
+
+    outcomes = asyncio.run(all_at_once())
+
+    assert [type(o).__name__ for o in outcomes] == ["Unavailable"] * 3
+    assert count_rows(ctx, "certificate") == certificates
