@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -43,6 +44,8 @@ from sqlalchemy.engine import Engine
 from ca.errors import TrellisError, Unavailable
 
 __all__ = ["GroupCommit", "Rows", "Work"]
+
+log = logging.getLogger("trellis.store")
 
 
 class Rows:
@@ -113,7 +116,7 @@ class GroupCommit:
                 with self._queue_lock:
                     batch = self._pending[: self._max_batch]
                     del self._pending[: self._max_batch]
-                self._commit(batch)
+                self._commit_or_fail(batch)
         if unit.error is not None:
             raise unit.error
 
@@ -157,7 +160,7 @@ class GroupCommit:
     def _commit_units(self, units: list[_Unit]) -> None:
         with self._commit_lock:  # shared with thread callers (the scheduler's audit sealer)
             for start in range(0, len(units), self._max_batch):
-                self._commit(units[start : start + self._max_batch])
+                self._commit_or_fail(units[start : start + self._max_batch])
 
     @staticmethod
     def _settle(ready: list[tuple[_Unit, asyncio.Future[None]]]) -> None:
@@ -170,6 +173,19 @@ class GroupCommit:
                 future.set_exception(Unavailable("the issuing transaction did not complete"))
             else:
                 future.set_result(None)
+
+    def _commit_or_fail(self, batch: list[_Unit]) -> None:
+        """Whatever stops a batch before its transaction (the writer lock, say), each of its
+        units ends, refused with a 503: never reported as recorded, never left waiting."""
+        try:
+            self._commit(batch)
+        except Exception:
+            log.exception("a group commit failed before its transaction")
+        finally:
+            for unit in batch:
+                if not unit.done:
+                    unit.error = Unavailable("the issuing transaction did not complete")
+                    unit.done = True
 
     def _commit(self, batch: list[_Unit]) -> None:
         with self._between_processes:

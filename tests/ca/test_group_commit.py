@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from ca.config import Context
 from ca.errors import AuthenticationFailed
 from ca.grants import join_grant, renewal_grant
-from ca.issue import IssuedSvid, issue_svid, issue_svid_async
+from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 from ca.keys import KeyType
 from ca.renewal import make_proof
 from ca.store.batch import GroupCommit, Rows
@@ -361,6 +361,23 @@ def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
         return await asyncio.wait_for(asyncio.gather(*issuing, return_exceptions=True), 20)
 
     outcomes = asyncio.run(all_at_once())
+    threaded: list[str] = []
+
+    def in_thread(grant: Grant, csr: bytes) -> None:
+        try:
+            issue_svid(ctx, grant, csr)
+            threaded.append("IssuedSvid")
+        except Exception as error:
+            threaded.append(type(error).__name__)
+
+    threads = [
+        threading.Thread(target=in_thread, args=(g, c)) for g, c in zip(grants, csrs, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
 
     assert [type(o).__name__ for o in outcomes] == ["Unavailable"] * 3
+    assert threaded == ["Unavailable"] * 3
     assert count_rows(ctx, "certificate") == certificates
