@@ -42,9 +42,9 @@ from ca.durations import Ttl
 from ca.grants import join_grant, renewal_grant
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 
-# Issuances that wait on PostgreSQL or Vault run here, not in the shared anyio thread pool (40
-# threads): past a few threads they only contend for the GIL. With 8, c=64 on PostgreSQL went
-# from 216 to ~380 certs/s and p99 from 2.4 to 1.2-1.3 s (docs/benchmarks.md).
+# Issuances whose signatures wait on Vault run here, not in the shared anyio thread pool (40
+# threads): past a few threads they only contend for the GIL (measured when PostgreSQL
+# issuances ran here too: with 8, c=64 went from 216 to ~380 certs/s; docs/benchmarks.md).
 _EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="issue")
 router = APIRouter(prefix="/v1/svid", tags=["svid"], responses=PROBLEM_RESPONSES)
 
