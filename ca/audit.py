@@ -31,7 +31,7 @@ from sqlmodel import Session, col, select
 from ca.config import Context
 from ca.keys import PrivateKey
 from ca.store.batch import Rows, Work
-from ca.store.core import table
+from ca.store.core import insert_now, table
 from ca.store.models_audit import AuditRow, AuditSealRow
 
 __all__ = [
@@ -61,13 +61,10 @@ def record(
     request_id: str | None = None,
 ) -> None:
     """Append one record inside the caller's transaction."""
-    params = entry(event, subject, actor=actor, at=at, detail=detail, request_id=request_id)
-    if isinstance(session, Session):
-        # No autoflush: the caller's pending changes keep their own flush (and error handling).
-        with session.no_autoflush:
-            session.execute(INSERT, params)
-    else:
-        session.execute(INSERT, params)
+    insert_now(
+        session,
+        (INSERT, entry(event, subject, actor=actor, at=at, detail=detail, request_id=request_id)),
+    )
 
 
 def entry(

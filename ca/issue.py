@@ -180,9 +180,8 @@ def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) 
             if spent.first() is None:  # (rowcount is -1 here on psycopg)
                 raise AuthenticationFailed("this renewal proof has already been used")
         if grant.join_token_id is not None:
-            used = spend_join_token(connection, grant.join_token_id, now, grant.requested_by)
-            rows.add(*used)
-        for statement, row in issued_rows(
+            rows.add(spend_join_token(connection, grant.join_token_id, now, grant.requested_by))
+        for insert in issued_rows(
             cert,
             authority=grant.authority,
             issuer_ca_id=issuer.ca_id,
@@ -194,7 +193,7 @@ def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) 
             event="certificate.renewed" if grant.renews_serial else "certificate.issued",
             detail={"renews": grant.renews_serial},
         ):
-            rows.add(statement, row)
+            rows.add(insert)
 
     return write
 

@@ -12,16 +12,13 @@ from sqlmodel import Session
 
 from ca import audit
 from ca.pem import certs_pem, fingerprint
-from ca.store.core import table
+from ca.store.core import Insert, insert_now, table
 from ca.store.models import CertificateRow
 
-__all__ = ["Insert", "issued_rows", "record_issued"]
+__all__ = ["issued_rows", "record_issued"]
 
 # Built once (see ca.store.core): this runs once per issuance.
 _INSERT = sa.insert(table(CertificateRow))
-
-
-Insert = tuple[sa.Insert, dict[str, Any]]
 
 
 def issued_rows(
@@ -73,9 +70,4 @@ def issued_rows(
 
 def record_issued(session: Session | sa.Connection, cert: x509.Certificate, **fields: Any) -> None:
     """``issued_rows`` inserted now, in the caller's transaction."""
-    for statement, row in issued_rows(cert, **fields):
-        if isinstance(session, Session):
-            with session.no_autoflush:  # the caller's pending changes keep their own flush
-                session.execute(statement, row)
-        else:
-            session.execute(statement, row)
+    insert_now(session, *issued_rows(cert, **fields))

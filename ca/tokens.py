@@ -12,7 +12,6 @@ import enum
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -21,7 +20,7 @@ from ca import audit
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
-from ca.store.core import table
+from ca.store.core import Insert, table
 from ca.store.models import EntryRow, TokenRow
 
 __all__ = [
@@ -201,7 +200,7 @@ def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
 
 def spend_join_token(
     connection: sa.Connection, token_id: str, now: dt.datetime, actor: str
-) -> tuple[sa.Insert, dict[str, Any]]:
+) -> Insert:
     """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
     redemptions of a single-use token race safely (only one of them changes a row). Returns
     the audit record of the use, for the caller to insert with the certificate's rows."""

@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
+from ca.store.core import Insert
 
 __all__ = ["GroupCommit", "Rows", "Work"]
 
@@ -56,7 +57,8 @@ class Rows:
     def __init__(self) -> None:
         self._by_statement: dict[sa.Insert, list[dict[str, Any]]] = {}
 
-    def add(self, statement: sa.Insert, row: dict[str, Any]) -> None:
+    def add(self, insert: Insert) -> None:
+        statement, row = insert
         self._by_statement.setdefault(statement, []).append(row)
 
     def extend(self, other: Rows) -> None:
