@@ -63,6 +63,7 @@ from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CaRow, CertificateRow
 from tests.pgserver import embedded_postgres_server, make_postgres_database
+from tests.processes import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 TRUST_DOMAIN = "example.org"
@@ -487,12 +488,7 @@ def http_server(settings: Settings) -> Iterator[str]:
                 time.sleep(0.2)
             yield base
         finally:
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            terminate(child)
 
 
 # --- one database -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from tests.pgserver import embedded_postgres_server
 from tests.pgserver import make_postgres_database as create_database
+from tests.processes import terminate
 from tests.tlsfiles import loopback_server_tls
 
 __all__ = [
@@ -71,13 +72,7 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM the process we started, then its whole session if anything is left."""
     if process is None:
         return
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    terminate(process, grace=20)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # leftovers of our own session only
 

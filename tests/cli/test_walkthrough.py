@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.processes import terminate
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +78,7 @@ class Trellis:
                 time.sleep(0.2)
             yield Serving(process, port, url, tls)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            terminate(process, grace=30)
 
 
 @dataclass(frozen=True)

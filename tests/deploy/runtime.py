@@ -18,6 +18,7 @@ import httpx
 from tests.conftest import free_port
 from tests.deploy.dockerfile import healthcheck_command
 from tests.deploy.manifests import K8S, Obj, load_set
+from tests.processes import terminate
 
 BIN = Path(sys.executable).parent
 TRELLIS = str(BIN / "trellis")
@@ -36,12 +37,7 @@ def running(
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, grace=15)
 
 
 def probe(port: int, action: Obj) -> int:

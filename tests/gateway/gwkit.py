@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from ca.gateway import URN_PREFIX
 from tests.conftest import free_port
+from tests.processes import terminate
 from tests.tlsfiles import loopback_server_tls
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -260,12 +261,7 @@ class Nginx:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        terminate(self.process)
 
     def error_log(self) -> str:
         path = self.directory / "err.log"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.openvpn.vpnkit import InProcessTrellis, openvpn_binary, parse_profile, replace_block
+from tests.processes import terminate
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,13 +78,7 @@ class OpenVpn:
             raise AssertionError(f"openvpn did not give up:\n{self.text()}") from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
 
 @dataclass

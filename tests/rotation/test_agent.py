@@ -28,6 +28,7 @@ from ca.identity import SpiffeId
 from ca.tokens import create_join_token
 from tests.certassert import uri_sans
 from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests.processes import terminate
 from tests.rotation.rotkit import needs_openssl, openssl_verify
 
 pytestmark = pytest.mark.slow
@@ -83,15 +84,9 @@ class AgentProcess:
         self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        status = terminate(self.process, grace=15)
         self._log.close()
-        return self.process.returncode
+        return status
 
     @property
     def log(self) -> str:

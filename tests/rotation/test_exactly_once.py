@@ -32,6 +32,7 @@ from ca.scheduler import run_job
 from ca.store.models import JobRunRow
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 from tests.conftest import PASSPHRASE, free_port, make_postgres_database
+from tests.processes import terminate
 from tests.rotation.rotkit import DRILL, activate_moment, ca_rows, only
 
 pytestmark = pytest.mark.postgres
@@ -166,13 +167,7 @@ class Replica:
         return self.process.poll() is None
 
     def stop(self) -> str:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        terminate(self.process, grace=15)
         self._log.close()
         return self.log_path.read_text()
 

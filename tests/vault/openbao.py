@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import free_port
+from tests.processes import terminate
 
 __all__ = ["OpenBao", "bao_binary"]
 
@@ -145,12 +146,7 @@ class OpenBao:
             return
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGCONT)  # in case a test paused it
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            terminate(self.process)
         self.process = None
 
     def pause(self) -> None:
