@@ -25,7 +25,7 @@ from cryptography import x509
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ca import metrics
-from ca.authority import MESH, Issuer, active_issuer
+from ca.authority import MESH, Issuer, IssuerChanged, StillActive, signing_issuer
 from ca.checks import check_leaf
 from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
@@ -148,7 +148,7 @@ def validity_window(
 
 
 def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> None:
-    ctx.writes.run(_writer(ctx, grant, cert, issuer), _lock_key(grant))
+    ctx.writes.run(_writer(ctx, grant, cert, issuer), _lock_key(grant), StillActive.of(ctx, issuer))
 
 
 def _lock_key(grant: Grant) -> str:
@@ -213,8 +213,9 @@ def _signed(
     ttl: Ttl | None = None,
     dns_names: Sequence[str] | None = None,
 ) -> tuple[x509.Certificate, Issuer]:
-    """Template, sign, self-check: everything before the certificate is recorded."""
-    issuer = active_issuer(ctx, grant.authority)
+    """Template, sign, self-check: everything before the certificate is recorded (which checks
+    that ``issuer`` is still the active CA: ``StillActive``)."""
+    issuer = signing_issuer(ctx, grant.authority)
     not_before, not_after = validity_window(
         ctx.clock.now(), lifetime(grant, ttl), issuer.certificate
     )
@@ -242,8 +243,12 @@ def issue_for_key(
     dns_names: Sequence[str] | None = None,
 ) -> IssuedSvid:
     """The pipeline after the CSR: for callers that already hold a verified public key."""
-    cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
-    _persist(ctx, grant, cert, issuer)
+    try:
+        cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
+        _persist(ctx, grant, cert, issuer)
+    except IssuerChanged:  # signed by a CA that was rotated meanwhile: once more, with the new
+        cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
+        _persist(ctx, grant, cert, issuer)
     return IssuedSvid(cert, issuer)
 
 
@@ -275,9 +280,18 @@ async def issue_svid_async(
     (``GroupCommit.run_async``); returns once it is committed."""
     with _measured(grant):
         csr = parse_csr(csr_pem)
-        cert, issuer = _signed(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
-        await ctx.writes.run_async(_writer(ctx, grant, cert, issuer), _lock_key(grant))
-        return IssuedSvid(cert, issuer)
+        dns_names = authorise(grant, csr)
+
+        async def sign_and_record() -> IssuedSvid:
+            cert, issuer = _signed(ctx, grant, csr.public_key, ttl, dns_names)
+            writer, guard = _writer(ctx, grant, cert, issuer), StillActive.of(ctx, issuer)
+            await ctx.writes.run_async(writer, _lock_key(grant), guard)
+            return IssuedSvid(cert, issuer)
+
+        try:
+            return await sign_and_record()
+        except IssuerChanged:  # as in issue_for_key
+            return await sign_and_record()
 
 
 def mint_svid(

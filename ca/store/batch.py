@@ -18,6 +18,10 @@ that change no row when they refuse), which rejects that unit alone, or it succe
 failure (a database error) fails the batch's transaction; the batch is then retried one unit per
 transaction, so one unit's fault is never another's.
 
+A unit may name a ``Guard``: a precondition it shares with other units (that the CA it was
+signed with is still the active one), checked once per batch inside the transaction, before
+the units that name it; when it fails, those units are refused with its error.
+
 A unit runs its conditional statements itself and hands the rows it adds (the certificate, its
 audit records) to ``Rows``: those of every unit that succeeded are inserted after the last unit
 ran, one statement per table for the whole batch, in the units' order. On PostgreSQL every
@@ -44,7 +48,7 @@ from sqlalchemy.engine import Engine
 from ca.errors import TrellisError, Unavailable
 from ca.store.core import Insert
 
-__all__ = ["GroupCommit", "Rows", "Work"]
+__all__ = ["GroupCommit", "Guard", "Rows", "Work"]
 
 log = logging.getLogger("trellis.store")
 
@@ -71,12 +75,16 @@ class Rows:
 
 
 Work = Callable[[sa.Connection, Rows], None]
+# Raises a TrellisError when the precondition does not hold. Hashable: units whose guards are
+# equal share one check per batch.
+Guard = Callable[[sa.Connection], None]
 
 
 @dataclass(slots=True)
 class _Unit:
     work: Work
     lock_key: str = ""  # the shared row it updates, if any (see GroupCommit.run)
+    guard: Guard | None = None
     error: BaseException | None = None
     committed: bool = False
     done: bool = False
@@ -100,15 +108,16 @@ class GroupCommit:
         self._committing: set[asyncio.AbstractEventLoop] = set()
         self.batches = 0  # for tests and the benchmark: how many transactions were committed
 
-    def run(self, work: Work, lock_key: str = "") -> None:
+    def run(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """Run ``work`` in a transaction shared with whatever else is waiting; return once it
         has committed, or raise its own error.
 
         ``lock_key`` names the shared row the unit updates (a join token): a batch runs its
         units in key order, so two processes' batches lock rows in the same order and never
         wait on each other in a cycle (PostgreSQL ends such a deadlock only after
-        ``deadlock_timeout``, a second, by failing one of the batches)."""
-        unit = _Unit(work, lock_key)
+        ``deadlock_timeout``, a second, by failing one of the batches). ``guard`` is checked
+        in the transaction before ``work`` runs, once for all the units that share it."""
+        unit = _Unit(work, lock_key, guard)
         with self._queue_lock:
             self._pending.append(unit)
         while True:
@@ -122,7 +131,7 @@ class GroupCommit:
         if unit.error is not None:
             raise unit.error
 
-    async def run_async(self, work: Work, lock_key: str = "") -> None:
+    async def run_async(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
         already has ready, so the requests that arrived together are recorded in one
         transaction: on SQLite in place, on the loop; elsewhere on one committing thread."""
@@ -132,7 +141,7 @@ class GroupCommit:
             self._ready[loop] = []
             if loop not in self._committing:
                 loop.call_soon(self._commit_ready, loop)
-        self._ready[loop].append((_Unit(work, lock_key), future))
+        self._ready[loop].append((_Unit(work, lock_key, guard), future))
         await future
 
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -201,9 +210,12 @@ class GroupCommit:
             try:
                 with self._engine.begin() as connection:
                     added = Rows()
+                    checked: dict[Guard, TrellisError | None] = {}
                     for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
                         rows = Rows()
                         try:
+                            if unit.guard is not None:
+                                _check_once(unit.guard, connection, checked)
                             unit.work(connection, rows)
                         except TrellisError as refused:  # wrote nothing, by contract
                             unit.error = refused
@@ -227,12 +239,28 @@ class GroupCommit:
         try:
             with self._engine.begin() as connection:
                 rows = Rows()
+                if unit.guard is not None:
+                    unit.guard(connection)
                 unit.work(connection, rows)
                 rows.insert(connection)
             self.batches += 1
             unit.committed = True
         except Exception as error:
             unit.error = error
+
+
+def _check_once(
+    guard: Guard, connection: sa.Connection, checked: dict[Guard, TrellisError | None]
+) -> None:
+    if guard not in checked:
+        try:
+            guard(connection)
+            checked[guard] = None
+        except TrellisError as refused:
+            checked[guard] = refused
+    failed = checked[guard]
+    if failed is not None:
+        raise failed
 
 
 class _FileLock:

@@ -7,10 +7,13 @@ computed here from the documented formulas, never through ``RotationPolicy``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,11 +25,13 @@ from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
 from ca.durations import Ttl
 from ca.errors import InternalError, InvalidInput, NotInitialised, Unavailable
-from ca.issue import IssuedSvid
+from ca.grants import join_grant
+from ca.issue import IssuedSvid, issue_svid_async
 from ca.jobs import rotate_cas
+from ca.keys import KeyType
 from ca.rotation import authority_status, rotate
 from ca.serving import ensure_server_certificate
-from tests.ca.svidkit import enrol
+from tests.ca.svidkit import add_entry, enrol, join_secret, make_csr, new_key
 from tests.certassert import assert_is_ca, assert_is_svid_leaf
 from tests.cli.test_walkthrough import Trellis
 from tests.conftest import TRUST_DOMAIN
@@ -472,3 +477,47 @@ def test_serving_certificate_follows_an_intermediate_rotation(drill_ctx: Context
     assert after.cert_path.read_bytes() != old
     leaf = x509.load_pem_x509_certificates(after.cert_path.read_bytes())[0]
     leaf.verify_directly_issued_by(active_issuer(drill_ctx).certificate)
+
+
+@BOTH_DATABASES
+def test_a_rotation_on_another_replica_is_caught_when_the_certificate_is_recorded(
+    settings: Settings, clock: FixedClock
+) -> None:
+    """This process signs with the issuer its last commit found active, without asking first;
+    the commit asks. So the first issuance after another replica activated a new intermediate
+    is signed twice, and only the new intermediate's certificate is recorded and returned."""
+    serving = build_context(settings, clock=clock)
+    other = build_context(settings, clock=clock)
+    try:
+        init_authority(serving, DRILL)
+        first = only(serving, "intermediate", "active")
+        assert svid(serving).issuer.certificate == cert_of(first)  # cached by this process
+        clock.current = prepare_moment(first)
+        rotate(other)
+        clock.current = activate_moment(first)
+        rotate(other)
+        second = only(other, "intermediate", "active")
+        issuers_before = _recorded_issuers(serving)
+
+        by_sync = svid(serving)
+        spiffe_id = "spiffe://example.org/w/async-after-rotation"
+        _, secret = join_secret(other, add_entry(other, spiffe_id))
+        csr = make_csr(new_key(KeyType.EC_P256), uris=[spiffe_id])
+        by_async = asyncio.run(issue_svid_async(serving, join_grant(serving, secret), csr))
+        for issued in (by_sync, by_async):
+            assert issued.issuer.ca_id == second.id
+            assert issued.certificate.issuer == cert_of(second).subject
+            issued.certificate.verify_directly_issued_by(cert_of(second))
+        # one new row per issuance, both issued by the new intermediate: the certificates
+        # signed by the old one were dropped
+        added = _recorded_issuers(serving) - issuers_before
+        assert added == Counter({second.id: 2})
+    finally:
+        other.close()
+        serving.close()
+
+
+def _recorded_issuers(ctx: Context) -> Counter[int]:
+    with ctx.engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT issuer_ca_id FROM certificate")).all()
+    return Counter(row[0] for row in rows)
