@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -11,12 +12,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ca import errors
 
 __all__ = [
     "PROBLEM_RESPONSES",
     "Problem",
+    "answering_problems",
     "install",
     "problem_response",
     "responses",
@@ -141,15 +145,38 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+    errors.TrellisError: _trellis_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+    sa_exc.DBAPIError: _database_error,
+    Exception: _unexpected,
+}
+
+
 def install(app: object) -> None:
     from fastapi import FastAPI
 
     assert isinstance(app, FastAPI)
-    app.add_exception_handler(errors.TrellisError, _trellis_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
-    app.add_exception_handler(Exception, _unexpected)
+    for cls, handler in _HANDLERS.items():
+        app.add_exception_handler(cls, handler)
+
+
+def answering_problems(endpoint: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+    """``endpoint`` as an ASGI app whose exceptions become the same problem responses the
+    application's handlers give (the closest class in the exception's MRO wins, as in
+    Starlette): for routes served outside the FastAPI middleware stack (``api.app``)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as exc:
+            handler = next(_HANDLERS[c] for c in type(exc).__mro__ if c in _HANDLERS)
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+    return app
 
 
 _DESCRIPTIONS = {

@@ -1,9 +1,10 @@
 """Workload-facing issuance: bootstrap with a join token, renew with a proof of possession.
 
-The two hottest routes, served twice over the same ``_issue``: as plain Starlette routes, which
-``create_app`` puts in front of every other route, and as the FastAPI operations below them,
-which document the contract in /openapi.json and answer only if the plain routes are left out
-(tests/api/test_svid_plain_routes.py sends both the same requests and compares the answers).
+The two hottest routes, served twice over the same ``_issue``: as plain handlers, which the
+application answers before its middleware stack (``api.app.TrellisApi``), and as the FastAPI
+operations below, which document the contract in /openapi.json and answer only if the plain
+handlers are left out (tests/api/test_svid_plain_routes.py sends both the same requests and
+compares the answers).
 FastAPI's per-request machinery (dependency solving, body and response-model validation,
 included-router dispatch) cost ~135 µs of CPU per issuance, a tenth of a whole request
 (docs/benchmarks.md).
@@ -32,10 +33,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from api.deps import BearerDep, CtxDep, bearer_credential
-from api.problems import PROBLEM_RESPONSES
+from api.limits import BodyLimit
+from api.problems import PROBLEM_RESPONSES, answering_problems
+from api.requestid import RequestId
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
@@ -163,7 +166,10 @@ async def _plain_renew_svid(request: Request) -> Response:
     return await _plain(request, _by_renewal_proof)
 
 
-plain_routes = [
-    Route("/v1/svid", _plain_request_svid, methods=["POST"], include_in_schema=False),
-    Route("/v1/svid/renew", _plain_renew_svid, methods=["POST"], include_in_schema=False),
-]
+def hot_routes() -> dict[tuple[str, str], ASGIApp]:
+    """The plain routes, each with what the application's middleware gives every request: a
+    request id and the access log line, the body limit, problem responses."""
+    return {
+        ("POST", "/v1/svid"): RequestId(BodyLimit(answering_problems(_plain_request_svid))),
+        ("POST", "/v1/svid/renew"): RequestId(BodyLimit(answering_problems(_plain_renew_svid))),
+    }

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.routes import svid
+from api.app import TrellisApi, create_app
+from api.limits import MAX_BODY
 from ca.config import Context
 from tests.api.restkit import Rest, make_csr
 
@@ -100,8 +100,31 @@ def _requests(rest: Rest, token: str) -> dict[str, Send]:
     return cases
 
 
-def test_plain_routes_are_matched_first(client: TestClient) -> None:
-    assert client.app.router.routes[: len(svid.plain_routes)] == svid.plain_routes  # type: ignore[attr-defined]
+def test_issuance_is_answered_before_the_fastapi_middleware_stack(
+    rest: Rest, client: TestClient
+) -> None:
+    """The plain handlers bring their own request id, body limit and problem responses."""
+    token = rest.join_token(rest.create_entry("spiffe://example.org/hot"), uses=10)
+    app = client.app
+    assert isinstance(app, TrellisApi)
+    assert set(app.hot) == {("POST", "/v1/svid"), ("POST", "/v1/svid/renew")}
+
+    async def unreachable(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError(f"{scope['method']} {scope['path']} went through the stack")
+
+    app.middleware_stack = unreachable  # type: ignore[assignment]
+    _key, csr = make_csr()
+    headers = {"Authorization": f"Bearer {token}", "X-Request-ID": "hot-1"}
+    issued = client.post("/v1/svid", json={"csr": csr}, headers=headers)
+    assert issued.status_code == 200, issued.text
+    assert issued.headers["x-request-id"] == "hot-1"
+    assert issued.json()["spiffe_id"] == "spiffe://example.org/hot"
+    too_big = client.post("/v1/svid", content=b"x" * (MAX_BODY + 1), headers=headers)
+    assert (too_big.status_code, too_big.json()["code"]) == (413, "payload-too-large")
+    refused = client.post("/v1/svid", json={"csr": csr}, headers={"X-Request-ID": "hot-2"})
+    assert refused.status_code == 401
+    assert refused.json()["request_id"] == "hot-2"
+    assert refused.headers["content-type"] == "application/problem+json"
 
 
 def test_plain_and_fastapi_routes_answer_alike(
