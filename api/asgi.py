@@ -26,7 +26,7 @@ SCHEDULER_LOCK = "scheduler.lock"
 
 def app_from_environment() -> FastAPI:
     configure_logging()  # spawned workers start with no logging configuration
-    ctx = build_context(Settings(), migrate=False)
+    ctx = build_context(Settings(), migrate=False, serving=True)
     app = create_app(ctx)
     inner = app.router.lifespan_context
 

@@ -84,6 +84,8 @@ class Context:
     writes: GroupCommit = field(init=False, repr=False)
     # For single-statement reads on the hot paths (``ca.store.db.autocommit_engine``).
     reads: Engine = field(init=False, repr=False)
+    # SQLite only, in servers: checkpoints the WAL off the event loop (``ca.store.db``).
+    checkpointer: db.Checkpointer | None = None
 
     def __post_init__(self) -> None:
         self.writes = GroupCommit(self.engine)
@@ -98,14 +100,21 @@ class Context:
         return self.keys.names == ("file",)
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.engine.dispose()
         if self.reads is not self.engine:
             self.reads.dispose()
 
 
 def build_context(
-    settings: Settings, *, clock: Clock | None = None, migrate: bool = True
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    migrate: bool = True,
+    serving: bool = False,
 ) -> Context:
+    """``serving``: for ``trellis serve``, which on SQLite checkpoints in a thread of its own."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.key_passphrase is not None:
         passphrase = settings.key_passphrase.get_secret_value().encode()
@@ -119,7 +128,11 @@ def build_context(
 
         backends["vault"] = VaultKeyBackend.from_settings(settings)
     keys = KeyStore(backends, default=settings.key_backend)
-    engine = db.connect(settings.effective_database_url)
+    engine = db.connect(settings.effective_database_url, background_checkpoints=serving)
     if migrate:
         db.upgrade(engine)
-    return Context(settings=settings, engine=engine, keys=keys, clock=clock or SystemClock())
+    ctx = Context(settings=settings, engine=engine, keys=keys, clock=clock or SystemClock())
+    database = engine.url.database
+    if serving and engine.dialect.name == "sqlite" and database and database != ":memory:":
+        ctx.checkpointer = db.Checkpointer(database).start()
+    return ctx

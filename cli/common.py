@@ -49,9 +49,9 @@ class State:
             values["database_url"] = self.database_url
         return Settings(**values)
 
-    def context(self, **overrides: Any) -> Context:
+    def context(self, *, serving: bool = False, **overrides: Any) -> Context:
         if self._ctx is None:
-            self._ctx = build_context(self.settings(**overrides))
+            self._ctx = build_context(self.settings(**overrides), serving=serving)
         return self._ctx
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ def serve(
     ] = 1,
 ) -> None:
     """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""
-    ctx = STATE.context(host=host, port=port)
+    ctx = STATE.context(serving=True, host=host, port=port)
     settings = ctx.settings
     configure_logging()
     load_authority(ctx)  # refuses to start without a CA, with the init hint
