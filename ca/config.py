@@ -17,7 +17,7 @@ from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
 from ca.keys.store import KeyStore
 from ca.store import db
-from ca.store.batch import GroupCommit
+from ca.store.batch import GroupCommit, GroupRead
 
 __all__ = ["Context", "Settings", "build_context"]
 
@@ -84,12 +84,15 @@ class Context:
     writes: GroupCommit = field(init=False, repr=False)
     # For single-statement reads on the hot paths (``ca.store.db.autocommit_engine``).
     reads: Engine = field(init=False, repr=False)
+    # Hot-path reads of the requests ready on an event loop, made together (``ca.store.batch``).
+    lookups: GroupRead = field(init=False, repr=False)
     # SQLite only, in servers: checkpoints the WAL off the event loop (``ca.store.db``).
     checkpointer: db.Checkpointer | None = None
 
     def __post_init__(self) -> None:
         self.writes = GroupCommit(self.engine)
         self.reads = db.autocommit_engine(self.engine)
+        self.lookups = GroupRead(self.reads)
 
     @property
     def signs_locally(self) -> bool:

@@ -8,6 +8,7 @@ local admin (``trellis svid mint``) → whatever ID the admin names, inside the 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import ipaddress
 from collections.abc import Sequence
 
@@ -23,11 +24,12 @@ from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation
 from ca.identity import SpiffeId
 from ca.issue import Grant
 from ca.renewal import read_proof, unverified_serial
+from ca.store.batch import Lookup
 from ca.store.core import table
 from ca.store.models import CertificateRow, EntryRow, TokenRow
 from ca.tokens import TokenKind, check_live, valid_secret
 
-__all__ = ["admin_grant", "join_grant", "renewal_grant", "server_grant"]
+__all__ = ["admin_grant", "join_grant", "join_grant_async", "renewal_grant", "server_grant"]
 
 # One query per credential, built once (see ca.store.core): these run on every issuance.
 _TOKEN, _ENTRY, _CERT = table(TokenRow), table(EntryRow), table(CertificateRow)
@@ -39,18 +41,20 @@ _ENTRY_COLUMNS = (
     _ENTRY.c.max_ttl_seconds,
     _ENTRY.c.disabled_at,
 )
-_JOIN = (
-    sa.select(
-        _TOKEN.c.id,
-        _TOKEN.c.kind,
-        _TOKEN.c.entry_id.label("token_entry_id"),
-        _TOKEN.c.uses_remaining,
-        _TOKEN.c.expires_at,
-        _TOKEN.c.revoked_at,
-        *_ENTRY_COLUMNS,
+_JOIN_ROW = sa.select(
+    _TOKEN.c.id,
+    _TOKEN.c.kind,
+    _TOKEN.c.entry_id.label("token_entry_id"),
+    _TOKEN.c.uses_remaining,
+    _TOKEN.c.expires_at,
+    _TOKEN.c.revoked_at,
+    *_ENTRY_COLUMNS,
+).select_from(_TOKEN.outerjoin(_ENTRY, _ENTRY.c.id == _TOKEN.c.entry_id))
+_JOIN = _JOIN_ROW.where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
+_JOINS = Lookup(
+    _JOIN_ROW.add_columns(_TOKEN.c.secret_hash.label("lookup_key")).where(
+        _TOKEN.c.secret_hash.in_(sa.bindparam("keys", expanding=True))
     )
-    .select_from(_TOKEN.outerjoin(_ENTRY, _ENTRY.c.id == _TOKEN.c.entry_id))
-    .where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
 )
 _RENEWING = (
     sa.select(
@@ -83,7 +87,18 @@ def join_grant(ctx: Context, secret: str) -> Grant:
     digest = valid_secret(secret)
     with ctx.reads.connect() as connection:
         found = connection.execute(_JOIN, {"secret_hash": digest}).mappings().first()
-    token = check_live(found, ctx.clock.now())
+    return _join_grant(found, ctx.clock.now())
+
+
+async def join_grant_async(ctx: Context, secret: str) -> Grant:
+    """``join_grant`` on an event loop: the lookup is shared with the other requests the loop
+    has ready (``ca.store.batch.GroupRead``)."""
+    digest = valid_secret(secret)
+    return _join_grant(await ctx.lookups.get(_JOINS, digest), ctx.clock.now())
+
+
+def _join_grant(found: sa.RowMapping | None, now: dt.datetime) -> Grant:
+    token = check_live(found, now)
     if token["kind"] != TokenKind.JOIN.value or token["token_entry_id"] is None:
         raise PermissionDenied(
             "SVIDs are requested with a join token (admins use 'trellis svid mint')"

@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
@@ -42,7 +43,7 @@ from api.requestid import RequestId
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
-from ca.grants import join_grant, renewal_grant
+from ca.grants import join_grant, join_grant_async, renewal_grant
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 
 # Issuances whose signatures wait on Vault run here, not in the shared anyio thread pool (40
@@ -63,18 +64,24 @@ def _render(svid: IssuedSvid, spiffe_id: str) -> SvidResponse:
     )
 
 
-async def _issue(
-    ctx: Context, body: SvidRequest, authenticate: Callable[[bytes], Grant]
-) -> SvidResponse:
+@dataclass(frozen=True, slots=True)
+class _Authenticate:
+    """A presented credential's grant for a CSR: in place on the loop, or in a thread."""
+
+    on_loop: Callable[[bytes], Awaitable[Grant]]
+    in_thread: Callable[[bytes], Grant]
+
+
+async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -> SvidResponse:
     csr = body.csr.encode()
     ttl = Ttl.parse(body.ttl) if body.ttl else None
     if ctx.signs_locally:
-        grant = authenticate(csr)
+        grant = await authenticate.on_loop(csr)
         svid = await issue_svid_async(ctx, grant, csr, ttl)
         return _render(svid, str(grant.spiffe_id))
 
     def in_thread() -> SvidResponse:
-        grant = authenticate(csr)
+        grant = authenticate.in_thread(csr)
         return _render(issue_svid(ctx, grant, csr, ttl), str(grant.spiffe_id))
 
     # With the request's context (its request id in the log lines), as anyio's pool would.
@@ -135,9 +142,7 @@ def _svid_request(document: Any) -> SvidRequest:
         ) from None
 
 
-async def _plain(
-    request: Request, grant: Callable[[Context, str], Callable[[bytes], Grant]]
-) -> Response:
+async def _plain(request: Request, grant: Callable[[Context, str], _Authenticate]) -> Response:
     ctx = request.app.state.ctx
     assert isinstance(ctx, Context)
     try:
@@ -150,12 +155,18 @@ async def _plain(
     return Response(issued.model_dump_json(), media_type="application/json")
 
 
-def _by_join_token(ctx: Context, token: str) -> Callable[[bytes], Grant]:
-    return lambda _csr: join_grant(ctx, token)
+def _by_join_token(ctx: Context, token: str) -> _Authenticate:
+    async def on_loop(_csr: bytes) -> Grant:
+        return await join_grant_async(ctx, token)
+
+    return _Authenticate(on_loop, lambda _csr: join_grant(ctx, token))
 
 
-def _by_renewal_proof(ctx: Context, proof: str) -> Callable[[bytes], Grant]:
-    return lambda csr: renewal_grant(ctx, proof, csr)
+def _by_renewal_proof(ctx: Context, proof: str) -> _Authenticate:
+    async def on_loop(csr: bytes) -> Grant:
+        return renewal_grant(ctx, proof, csr)
+
+    return _Authenticate(on_loop, lambda csr: renewal_grant(ctx, proof, csr))
 
 
 async def _plain_request_svid(request: Request) -> Response:

@@ -48,7 +48,7 @@ from sqlalchemy.engine import Engine
 from ca.errors import TrellisError, Unavailable
 from ca.store.core import Insert
 
-__all__ = ["GroupCommit", "Guard", "Rows", "Work"]
+__all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Work"]
 
 log = logging.getLogger("trellis.store")
 
@@ -261,6 +261,86 @@ def _check_once(
     failed = checked[guard]
     if failed is not None:
         raise failed
+
+
+@dataclass(frozen=True, eq=False)
+class Lookup:
+    """A SELECT of rows by one key, for many keys at once: ``statement`` has an expanding bind
+    parameter ``keys`` and returns the key as ``lookup_key``. Built once, module level."""
+
+    statement: sa.Select[Any]
+
+
+class GroupRead:
+    """The reads that requests ready on one event loop make with one ``Lookup``, made as one
+    query: on SQLite in place, at the loop's next turn; elsewhere on a reader thread while
+    the loop goes on (an issuance's credential lookup was a PostgreSQL round trip during which
+    the worker's loop waited, a fifth of its time; docs/benchmarks.md)."""
+
+    CHUNK = 256  # keys per query
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._in_place = engine.dialect.name == "sqlite"
+        self._waiting: dict[
+            tuple[asyncio.AbstractEventLoop, Lookup], list[tuple[Any, asyncio.Future[Any]]]
+        ] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self.queries = 0  # for tests
+
+    async def get(self, lookup: Lookup, key: Any) -> sa.RowMapping | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[sa.RowMapping | None] = loop.create_future()
+        slot = (loop, lookup)
+        waiting = self._waiting.get(slot)
+        if waiting is None:
+            waiting = self._waiting[slot] = []
+            loop.call_soon(self._flush, slot)
+        waiting.append((key, future))
+        return await future
+
+    def _flush(self, slot: tuple[asyncio.AbstractEventLoop, Lookup]) -> None:
+        waiting = self._waiting.pop(slot)
+        loop, lookup = slot
+        keys = list(dict.fromkeys(key for key, _ in waiting))
+        if self._in_place:
+            try:
+                found = self._fetch(lookup, keys)
+            except Exception as error:
+                self._settle(waiting, {}, error)
+            else:
+                self._settle(waiting, found, None)
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(2, thread_name_prefix="read")
+        done = loop.run_in_executor(self._reader, self._fetch, lookup, keys)
+        done.add_done_callback(
+            lambda f: self._settle(waiting, {} if f.exception() else f.result(), f.exception())
+        )
+
+    def _fetch(self, lookup: Lookup, keys: list[Any]) -> dict[Any, sa.RowMapping]:
+        found: dict[Any, sa.RowMapping] = {}
+        with self._engine.connect() as connection:
+            for start in range(0, len(keys), self.CHUNK):
+                chunk = keys[start : start + self.CHUNK]
+                for row in connection.execute(lookup.statement, {"keys": chunk}).mappings():
+                    found[row["lookup_key"]] = row
+                self.queries += 1
+        return found
+
+    @staticmethod
+    def _settle(
+        waiting: list[tuple[Any, asyncio.Future[Any]]],
+        found: dict[Any, sa.RowMapping],
+        error: BaseException | None,
+    ) -> None:
+        for key, future in waiting:
+            if future.cancelled():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(found.get(key))
 
 
 class _FileLock:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from ca.config import Context
 from ca.errors import AuthenticationFailed
-from ca.grants import join_grant, renewal_grant
+from ca.grants import join_grant, join_grant_async, renewal_grant
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 from ca.keys import KeyType
 from ca.renewal import make_proof
@@ -378,3 +378,51 @@ def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
     assert [type(o).__name__ for o in outcomes] == ["Unavailable"] * 3
     assert threaded == ["Unavailable"] * 3
     assert count_rows(ctx, "certificate") == certificates
+
+
+def test_credential_lookups_ready_on_one_loop_are_one_query(ctx: Context) -> None:
+    """``join_grant_async`` (what ``POST /v1/svid`` runs on the loop): the lookups of the
+    requests a loop has ready are one query (on PostgreSQL made on a reader thread), and each
+    request still gets its own token's grant, or its own refusal."""
+    web, api = add_entry(ctx, WEB), add_entry(ctx, "spiffe://example.org/api")
+    _, web_secret = join_secret(ctx, web, uses=5)
+    _, api_secret = join_secret(ctx, api, uses=5)
+    _, spent = join_secret(ctx, api, uses=1)
+    issue_svid(ctx, join_grant(ctx, spent), make_csr(new_key(KeyType.EC_P256)))  # its only use
+    secrets = [web_secret, api_secret, web_secret, "no-such-token", spent]
+    queries = ctx.lookups.queries
+
+    async def scenario() -> list[object]:
+        lookups = (join_grant_async(ctx, secret) for secret in secrets)
+        return await asyncio.gather(*lookups, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+
+    assert ctx.lookups.queries == queries + 1
+    granted = [str(o.spiffe_id) if isinstance(o, Grant) else type(o).__name__ for o in outcomes]
+    assert granted == [WEB, "spiffe://example.org/api", WEB] + ["AuthenticationFailed"] * 2
+    assert [o.join_token_id for o in outcomes[:3] if isinstance(o, Grant)] == [
+        join_grant(ctx, s).join_token_id for s in secrets[:3]
+    ]
+
+
+def test_a_failed_lookup_fails_every_request_that_waited_on_it(ctx: Context) -> None:
+    """A database error in the shared query reaches every request of the batch (a 503 each,
+    through the API's problem handlers), and none is left waiting."""
+    _, secret = join_secret(ctx, add_entry(ctx, WEB), uses=5)
+    ctx.reads.dispose()
+    original = ctx.lookups._engine
+    broken = sa.create_engine("sqlite:////nonexistent/dir/trellis.db")
+    ctx.lookups._engine = broken
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(
+            *(join_grant_async(ctx, secret) for _ in range(3)), return_exceptions=True
+        )
+
+    try:
+        outcomes = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        ctx.lookups._engine = original
+        broken.dispose()
+    assert [type(o).__name__ for o in outcomes] == ["OperationalError"] * 3
