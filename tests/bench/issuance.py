@@ -46,7 +46,13 @@ from tests.bench import report
 from tests.bench.drivers import SYSTEMS, Driver, start_system
 from tests.bench.inprocess import measure_inprocess
 from tests.bench.loadgen import CellResult, make_csrs, run_cell
-from tests.bench.procstat import MemorySampler, SystemCpu, rss_by_process, tree_cpu_seconds
+from tests.bench.procstat import (
+    MemorySampler,
+    SystemCpu,
+    cpu_by_process,
+    rss_by_process,
+    tree_cpu_seconds,
+)
 from tests.bench.servers import postgres_server
 from tests.bench.wrk import available as wrk_available
 from tests.bench.wrk import run_cell_wrk
@@ -140,7 +146,7 @@ def measure_cell(
     after.stop()
     processes = rss_by_process(driver.server_roots)
     db_after = driver.db_counters() if driver.db_counters else {}  # after the 1 s above
-    settle_s, settle_cpu_s = settle([*driver.server_roots, *driver.db_roots])
+    settle_s, settle_cpu_s, settle_by_process = settle([*driver.server_roots, *driver.db_roots])
     start, end = marks["start"], marks["end"]
     wall = end["wall"] - start["wall"]
     server = end["server"] - start["server"]
@@ -177,18 +183,23 @@ def measure_cell(
         "database_events": {k: db_after[k] - db_before[k] for k in db_after if k in db_before},
         "settle_s": round(settle_s, 1),
         "settle_cpu_s": round(settle_cpu_s, 2),
+        "settle_by_process": settle_by_process,
     }
 
 
-def settle(roots: list[int], quiet_cores: float = 0.05, limit: float = 60.0) -> tuple[float, float]:
+def settle(
+    roots: list[int], quiet_cores: float = 0.05, limit: float = 60.0
+) -> tuple[float, float, dict[str, float]]:
     """Wait until the system just measured has finished the work its load left behind
     (PostgreSQL's autovacuum and checkpoints, a server's background jobs), so that the next
     cell, another system's, does not share the machine with it. (In one full run OpenBao raft's
     cells, each right after a trellis-postgres cell, ran beside 0.95 cores of "other load" at
     1,002 certs/s; raft alone measured 1,793. The cause was not pinned down.) Quiet: two
-    half-seconds in a row under ``quiet_cores``. Returns (seconds waited, CPU seconds spent)."""
+    half-seconds in a row under ``quiet_cores``. Returns (seconds waited, CPU seconds spent,
+    the processes that spent more than 0.2 s of it, by CPU seconds)."""
     started = time.monotonic()
     first = previous = tree_cpu_seconds(roots)
+    before = cpu_by_process(roots)
     os.sync()  # and the kernel's writeback of what they wrote, which no process tree shows
     calm = 0
     while calm < 2 and time.monotonic() - started < limit:
@@ -196,7 +207,12 @@ def settle(roots: list[int], quiet_cores: float = 0.05, limit: float = 60.0) -> 
         now = tree_cpu_seconds(roots)
         calm = calm + 1 if now - previous < quiet_cores * 0.5 else 0
         previous = now
-    return time.monotonic() - started, previous - first
+    spent = {
+        label: round(cpu - before.get(label, 0.0), 2)
+        for label, cpu in cpu_by_process(roots).items()
+        if cpu - before.get(label, 0.0) > 0.2
+    }
+    return time.monotonic() - started, previous - first, spent
 
 
 def plan(concurrencies: list[int], repeats: int) -> list[tuple[int, int]]:
@@ -226,7 +242,18 @@ def run_rounds(
                 f"p99 {result['p99_ms']:6.1f} ms  server {result['server_cores']:.2f} cores  "
                 f"client {result['client_cores']:.2f}  other {result['other_cores']:.2f}  "
                 f"rss {result['peak_rss_mib']:.0f} MiB  errors {result['errors']}"
-                + (f"  (settled {result['settle_s']:.0f} s)" if result["settle_s"] > 2 else "")
+                + (
+                    f"  (settled {result['settle_s']:.0f} s: "
+                    + ", ".join(
+                        f"{label} {cpu:g} s"
+                        for label, cpu in sorted(
+                            result["settle_by_process"].items(), key=lambda item: -item[1]
+                        )[:2]
+                    )
+                    + ")"
+                    if result["settle_s"] > 2
+                    else ""
+                )
                 + "".join(
                     f"  {name} {count:g}"
                     for name, count in result["database_events"].items()

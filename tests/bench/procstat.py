@@ -81,6 +81,21 @@ def rss_kib(pids: Iterable[int]) -> int:
     return sum(_status_kib(pid, "VmRSS:") for pid in pids)
 
 
+def _label(pid: int) -> str:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    words = [a.decode(errors="replace") for a in argv if a][:4]
+    return f"{pid} {' '.join(words)[:60]}"
+
+
+def cpu_by_process(roots: Iterable[int]) -> dict[str, float]:
+    """CPU seconds so far of each process of the trees, keyed like ``rss_by_process``."""
+    out = {}
+    for pid in process_tree(roots):
+        with contextlib.suppress(OSError):
+            out[_label(pid)] = _cpu_ticks(pid) / _TICK
+    return out
+
+
 def rss_by_process(roots: Iterable[int]) -> dict[str, float]:
     """RSS (MiB) of each process of the trees, keyed by pid and a short command line."""
     out = {}
