@@ -6,6 +6,8 @@ certificate in the wild that breaks the X509-SVID rules relying parties enforce.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -43,21 +45,28 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
 
 def check_leaf(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: SpiffeId) -> None:
     _issued_by(cert, issuer)
-    ext = cert.extensions
-    if spiffe_id_of(cert) != spiffe_id:
+    # Each extension looked up once (get_extension_for_class walks the list on every call).
+    ext: dict[type[x509.ExtensionType], x509.Extension[Any]] = {
+        type(e.value): e for e in cert.extensions
+    }
+    missing = {x509.BasicConstraints, x509.KeyUsage, x509.ExtendedKeyUsage} - ext.keys()
+    if missing or x509.SubjectAlternativeName not in ext:
+        raise _fail("leaf lacks basicConstraints, keyUsage, extendedKeyUsage or a SAN")
+    san = ext[x509.SubjectAlternativeName]
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1 or SpiffeId.parse(uris[0]) != spiffe_id:
         raise _fail("URI SAN is not exactly the SPIFFE ID")
-    basic = ext.get_extension_for_class(x509.BasicConstraints)
+    basic = ext[x509.BasicConstraints]
     if basic.value.ca or not basic.critical:
         raise _fail("leaf must have critical basicConstraints cA=false")
-    usage = ext.get_extension_for_class(x509.KeyUsage)
+    usage = ext[x509.KeyUsage]
     if not usage.critical or not usage.value.digital_signature:
         raise _fail("leaf keyUsage must be critical with digitalSignature")
     if usage.value.key_cert_sign or usage.value.crl_sign:
         raise _fail("leaf keyUsage asserts keyCertSign or cRLSign")
-    eku = set(ext.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    eku = set(ext[x509.ExtendedKeyUsage].value)
     if {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} - eku:
         raise _fail("leaf EKU lacks serverAuth or clientAuth")
-    san = ext.get_extension_for_class(x509.SubjectAlternativeName)
     if len(cert.subject) == 0 and not san.critical:
         raise _fail("empty subject with a non-critical SAN")
 

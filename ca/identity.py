@@ -13,6 +13,7 @@ and emitted form is always the canonical lower-case one. The path stays case-sen
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 
@@ -121,24 +122,7 @@ class SpiffeId:
     @classmethod
     def parse(cls, value: str) -> SpiffeId:
         """Parse ``spiffe://<trust-domain><path>``, reporting the first rule the input breaks."""
-        if not value:
-            raise InvalidSpiffeId(value, "ID is empty")
-        if not value.isascii():  # §2.3: RFC 3986 URIs are ASCII only
-            raise InvalidSpiffeId(value, "non-ASCII characters are not allowed")
-        if len(value) > MAX_ID_BYTES:
-            raise InvalidSpiffeId(value, f"ID exceeds {MAX_ID_BYTES} bytes")
-        if value[: len(SCHEME)].lower() != SCHEME:
-            raise InvalidSpiffeId(value, "scheme must be spiffe (expected 'spiffe://')")
-        rest = value[len(SCHEME) :]
-        for char, rule in (("#", "fragment"), ("?", "query"), ("%", "percent-encoding")):
-            if char in rest:
-                raise InvalidSpiffeId(value, f"{rule} is not allowed")
-        authority, slash, path = rest.partition("/")
-        path = slash + path
-        reason = _trust_domain_problem(authority) or _path_problem(path)
-        if reason is not None:
-            raise InvalidSpiffeId(value, reason)
-        return cls(TrustDomain(authority), path)
+        return _parse_spiffe_id(value)
 
     @classmethod
     def from_path(cls, trust_domain: TrustDomain, path: str) -> SpiffeId:
@@ -156,3 +140,28 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.trust_domain}{self.path}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_spiffe_id(value: str) -> SpiffeId:
+    """``SpiffeId.parse``. Cached: an ID is an immutable value, and an issuance parsed the same
+    few IDs three times over (its entry's, its CSR's, its certificate's), ~10 µs each. Invalid
+    input raises, and exceptions are not cached."""
+    if not value:
+        raise InvalidSpiffeId(value, "ID is empty")
+    if not value.isascii():  # §2.3: RFC 3986 URIs are ASCII only
+        raise InvalidSpiffeId(value, "non-ASCII characters are not allowed")
+    if len(value) > MAX_ID_BYTES:
+        raise InvalidSpiffeId(value, f"ID exceeds {MAX_ID_BYTES} bytes")
+    if value[: len(SCHEME)].lower() != SCHEME:
+        raise InvalidSpiffeId(value, "scheme must be spiffe (expected 'spiffe://')")
+    rest = value[len(SCHEME) :]
+    for char, rule in (("#", "fragment"), ("?", "query"), ("%", "percent-encoding")):
+        if char in rest:
+            raise InvalidSpiffeId(value, f"{rule} is not allowed")
+    authority, slash, path = rest.partition("/")
+    path = slash + path
+    reason = _trust_domain_problem(authority) or _path_problem(path)
+    if reason is not None:
+        raise InvalidSpiffeId(value, reason)
+    return SpiffeId(TrustDomain(authority), path)
