@@ -40,7 +40,7 @@ from ca.serial import Serial
 from ca.store.batch import Rows, Work
 from ca.store.core import table
 from ca.store.models import CertificateRow, RenewalNonceRow
-from ca.tokens import spend_join_token
+from ca.tokens import join_token_use
 
 __all__ = [
     "Grant",
@@ -159,7 +159,8 @@ def _lock_key(grant: Grant) -> str:
 def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> Work:
     """One unit of a group commit (``ca.store.batch``), Core statements only. Every refusal
     comes from a conditional statement that changed nothing, so refusing one unit never undoes
-    another's; a single grant carries one credential to spend at most."""
+    another's; a single grant carries one credential to spend at most. A join token's use is
+    spent with the batch's other uses (``Rows.spend``): such a unit writes nothing itself."""
     if grant.join_token_id is not None and grant.renewal_nonce is not None:
         raise AssertionError("a grant spends one credential")
     now = ctx.clock.now()
@@ -180,7 +181,9 @@ def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) 
             if spent.first() is None:  # (rowcount is -1 here on psycopg)
                 raise AuthenticationFailed("this renewal proof has already been used")
         if grant.join_token_id is not None:
-            rows.add(spend_join_token(connection, grant.join_token_id, now, grant.requested_by))
+            spend, record = join_token_use(grant.join_token_id, now, grant.requested_by)
+            rows.spend(spend)
+            rows.add(record)
         for insert in issued_rows(
             cert,
             authority=grant.authority,

@@ -20,6 +20,7 @@ from ca import audit
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
+from ca.store.batch import Spend
 from ca.store.core import Insert, table
 from ca.store.models import EntryRow, TokenRow
 
@@ -32,9 +33,9 @@ __all__ = [
     "create_admin_token",
     "create_join_token",
     "hash_secret",
+    "join_token_use",
     "list_tokens",
     "revoke_token",
-    "spend_join_token",
     "valid_secret",
 ]
 
@@ -46,15 +47,16 @@ _TOKEN = table(TokenRow)
 _FIND = sa.select(
     _TOKEN.c.id, _TOKEN.c.kind, _TOKEN.c.uses_remaining, _TOKEN.c.expires_at, _TOKEN.c.revoked_at
 ).where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
+_USES = sa.bindparam("uses", type_=sa.Integer)
 _SPEND = (
     sa.update(_TOKEN)
     .where(
-        _TOKEN.c.id == sa.bindparam("token_id"),
-        _TOKEN.c.uses_remaining > 0,
+        _TOKEN.c.id == sa.bindparam("key"),
+        _TOKEN.c.uses_remaining >= _USES,
         _TOKEN.c.revoked_at.is_(None),
         sa.or_(_TOKEN.c.expires_at.is_(None), _TOKEN.c.expires_at > sa.bindparam("now")),
     )
-    .values(uses_remaining=_TOKEN.c.uses_remaining - 1)
+    .values(uses_remaining=_TOKEN.c.uses_remaining - _USES)
 )
 
 
@@ -198,16 +200,13 @@ def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
     return AdminPrincipal(token["id"])
 
 
-def spend_join_token(
-    connection: sa.Connection, token_id: str, now: dt.datetime, actor: str
-) -> Insert:
-    """Spend one use inside the caller's transaction; the conditional UPDATE makes concurrent
-    redemptions of a single-use token race safely (only one of them changes a row). Returns
-    the audit record of the use, for the caller to insert with the certificate's rows."""
-    result = connection.execute(_SPEND, {"token_id": token_id, "now": now})
-    if result.rowcount != 1:
-        raise AuthenticationFailed("the join token has already been used or has expired")
-    return audit.INSERT, audit.entry("token.used", f"token:{token_id}", actor=actor, at=now)
+def join_token_use(token_id: str, now: dt.datetime, actor: str) -> tuple[Spend, Insert]:
+    """One use of the join token, spent in the issuing transaction with the batch's other uses
+    (``ca.store.batch.Spend``), and the audit record of the use. The conditional UPDATE makes
+    concurrent redemptions of a single-use token race safely: only one of them changes a row."""
+    refusal = AuthenticationFailed("the join token has already been used or has expired")
+    record = audit.entry("token.used", f"token:{token_id}", actor=actor, at=now)
+    return Spend(_SPEND, token_id, now, refusal), (audit.INSERT, record)
 
 
 def list_tokens(ctx: Context) -> list[TokenInfo]:

@@ -25,13 +25,18 @@ the units that name it; when it fails, those units are refused with its error.
 A unit runs its conditional statements itself and hands the rows it adds (the certificate, its
 audit records) to ``Rows``: those of every unit that succeeded are inserted after the last unit
 ran, one statement per table for the whole batch, in the units' order. On PostgreSQL every
-statement is a round trip and a parse/execute on the server: three fewer per certificate.
+statement is a round trip and a parse/execute on the server: three fewer per certificate. The
+uses of join tokens the units spend (``Spend``) are spent together too, before the inserts, one
+UPDATE per token in one executemany; should a token have fewer uses left than the batch wants,
+the transaction is rolled back and made again with each unit's uses spent in its turn, which
+refuses exactly the units that came too late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -48,26 +53,73 @@ from sqlalchemy.engine import Engine
 from ca.errors import TrellisError, Unavailable
 from ca.store.core import Insert
 
-__all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Work"]
+__all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Spend", "Work"]
 
 log = logging.getLogger("trellis.store")
 
 
-class Rows:
-    """Rows to insert once the batch's units have run (see the module docstring)."""
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """One use of a counted credential (a join token), spent together with the other uses of
+    the batch. ``statement`` is an UPDATE of the credential's row, bind parameters ``key``,
+    ``uses`` and ``now``, that takes ``uses`` uses if the row still has them and otherwise
+    changes nothing; ``refusal`` is the unit's error when its use cannot be spent."""
 
-    __slots__ = ("_by_statement",)
+    statement: sa.Update
+    key: str
+    now: dt.datetime
+    refusal: TrellisError
+
+
+class _SpendsShort(Exception):
+    """A credential had fewer uses left than the batch wanted (see ``GroupCommit``)."""
+
+
+class Rows:
+    """What a unit writes once the batch's units have run (see the module docstring): rows to
+    insert, and uses of credentials to spend."""
+
+    __slots__ = ("_by_statement", "_spends")
 
     def __init__(self) -> None:
         self._by_statement: dict[sa.Insert, list[dict[str, Any]]] = {}
+        self._spends: list[Spend] = []
 
     def add(self, insert: Insert) -> None:
         statement, row = insert
         self._by_statement.setdefault(statement, []).append(row)
 
+    def spend(self, spend: Spend) -> None:
+        self._spends.append(spend)
+
     def extend(self, other: Rows) -> None:
         for statement, rows in other._by_statement.items():
             self._by_statement.setdefault(statement, []).extend(rows)
+        self._spends.extend(other._spends)
+
+    def spend_all(self, connection: sa.Connection) -> None:
+        """Every use at once: one UPDATE per credential, in key order (two processes' batches
+        then lock shared rows in the same order), all of them one executemany (one round trip
+        on PostgreSQL, where each unit's own UPDATE had been one each)."""
+        wanted: dict[tuple[sa.Update, str], tuple[int, dt.datetime]] = {}
+        for spend in self._spends:
+            uses, now = wanted.get((spend.statement, spend.key), (0, spend.now))
+            wanted[(spend.statement, spend.key)] = (uses + 1, max(now, spend.now))
+        by_statement: dict[sa.Update, list[dict[str, Any]]] = {}
+        for (statement, key), (uses, now) in sorted(wanted.items(), key=lambda w: w[0][1]):
+            by_statement.setdefault(statement, []).append({"key": key, "uses": uses, "now": now})
+        for statement, params in by_statement.items():
+            if connection.execute(statement, params).rowcount != len(params):
+                raise _SpendsShort
+
+    def spend_each(self, connection: sa.Connection) -> None:
+        """One use at a time, for a unit alone: its refusal when one cannot be spent."""
+        for spend in self._spends:
+            spent = connection.execute(
+                spend.statement, {"key": spend.key, "uses": 1, "now": spend.now}
+            )
+            if spent.rowcount != 1:
+                raise spend.refusal
 
     def insert(self, connection: sa.Connection) -> None:
         for statement, rows in self._by_statement.items():
@@ -208,20 +260,12 @@ class GroupCommit:
                 self._alone(batch[0])
                 return
             try:
-                with self._engine.begin() as connection:
-                    added = Rows()
-                    checked: dict[Guard, TrellisError | None] = {}
-                    for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
-                        rows = Rows()
-                        try:
-                            if unit.guard is not None:
-                                _check_once(unit.guard, connection, checked)
-                            unit.work(connection, rows)
-                        except TrellisError as refused:  # wrote nothing, by contract
-                            unit.error = refused
-                            continue
-                        added.extend(rows)
-                    added.insert(connection)
+                try:
+                    self._transaction(batch, spend_together=True)
+                except _SpendsShort:  # rolled back: again, each unit's uses spent in its turn
+                    for unit in batch:
+                        unit.error = None
+                    self._transaction(batch, spend_together=False)
                 self.batches += 1
                 for unit in batch:
                     unit.committed = unit.error is None
@@ -235,6 +279,26 @@ class GroupCommit:
                     unit.error = Unavailable("the issuing transaction did not complete")
                 unit.done = True
 
+    def _transaction(self, batch: list[_Unit], *, spend_together: bool) -> None:
+        with self._engine.begin() as connection:
+            added = Rows()
+            checked: dict[Guard, TrellisError | None] = {}
+            for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
+                rows = Rows()
+                try:
+                    if unit.guard is not None:
+                        _check_once(unit.guard, connection, checked)
+                    unit.work(connection, rows)
+                    if not spend_together:
+                        rows.spend_each(connection)
+                except TrellisError as refused:  # wrote nothing, by contract
+                    unit.error = refused
+                    continue
+                added.extend(rows)
+            if spend_together:
+                added.spend_all(connection)
+            added.insert(connection)
+
     def _alone(self, unit: _Unit) -> None:
         try:
             with self._engine.begin() as connection:
@@ -242,6 +306,7 @@ class GroupCommit:
                 if unit.guard is not None:
                     unit.guard(connection)
                 unit.work(connection, rows)
+                rows.spend_each(connection)
                 rows.insert(connection)
             self.batches += 1
             unit.committed = True

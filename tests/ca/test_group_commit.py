@@ -340,6 +340,31 @@ def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> 
     assert [json.loads(e.detail)["serial"] for e in events[1::2]] == issued_serials
 
 
+def test_a_batch_spends_its_join_token_uses_in_one_statement(ctx: Context) -> None:
+    """Six issuances over three tokens, one batch: the uses are spent by one UPDATE statement
+    (an executemany with one row per token, taking two uses each), not one per issuance."""
+    tokens = [join_secret(ctx, add_entry(ctx, f"{WEB}/{i}"), uses=3) for i in range(3)]
+    grants = [join_grant(ctx, secret) for _, secret in tokens for _ in range(2)]
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+    updates: list[tuple[str, int]] = []
+
+    def count(
+        _conn: object, _cursor: object, statement: str, params: object, _c: object, many: bool
+    ) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TOKEN"):
+            updates.append((statement, len(cast(list[object], params)) if many else 1))
+
+    sa.event.listen(ctx.engine, "before_cursor_execute", count)
+    try:
+        outcomes = issue_on_one_loop(ctx, grants, csrs)
+    finally:
+        sa.event.remove(ctx.engine, "before_cursor_execute", count)
+
+    assert [type(o).__name__ for o in outcomes] == ["IssuedSvid"] * 6
+    assert [rows for _, rows in updates] == [3]
+    assert [uses_remaining(ctx, token_id) for token_id, _ in tokens] == [1, 1, 1]
+
+
 def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
