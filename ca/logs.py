@@ -59,3 +59,6 @@ def configure_logging(*, json_lines: bool | None = None, level: int = logging.IN
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # trellis.access logs each request, with its request id; uvicorn's line would repeat it.
+    # Without a handler of its own or propagation, uvicorn does not even format it.
+    logging.getLogger("uvicorn.access").propagate = False

@@ -6,6 +6,7 @@ kernel which process holds each established connection."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 from pathlib import Path
 
@@ -72,3 +73,21 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
         assert sum(held.values()) == CONNECTIONS and min(held.values()) >= 1, held
         for connection in connections:
             connection.close()
+
+
+def test_workers_log_each_request_once(tmp_path: Path) -> None:
+    """Trellis writes one access line per request (``trellis.access``, with the request id);
+    uvicorn's own access logger, which workers would otherwise propagate to the same handler,
+    writes none."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    log = tmp_path / "serve.log"
+    with cli.serving(log, "--workers", "2") as serve:
+        for _ in range(4):
+            connection = http.client.HTTPSConnection("127.0.0.1", serve.port, context=serve.tls)
+            connection.request("GET", "/healthz", headers={"X-Request-ID": "logged-once"})
+            assert connection.getresponse().status == 200
+            connection.close()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "logged-once"]
+    assert [line["logger"] for line in mine] == ["trellis.access"] * 4
