@@ -25,6 +25,16 @@ class AuditRow(SQLModel, table=True):
     """
 
     __tablename__ = "audit_log"
+    __table_args__ = (
+        # What the sealer asks for: the oldest unsealed records. Without this index
+        # PostgreSQL walked every sealed record before the first unsealed one, once per chunk:
+        # tens of seconds of CPU for one run of the sealer under load, and second-long
+        # issuance stalls beside it (migration 0013, docs/benchmarks.md). SQLite finds them
+        # through the unique index on seq (NULLs first) and needs none.
+        sa.Index(
+            "ix_audit_log_unsealed", "id", postgresql_where=sa.text("seq IS NULL")
+        ).ddl_if(dialect="postgresql"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = _time(index=True)

@@ -192,3 +192,29 @@ def test_a_last_chunk_exactly_full_is_still_signed(
 
     result = audit.verify(ctx)
     assert result.ok and result.sealed == total and result.seals_checked == 1
+
+
+def test_the_sealer_finds_unsealed_records_without_walking_sealed_ones(ctx: Context) -> None:
+    """The sealer's query for the oldest unsealed records reads only unsealed ones: PostgreSQL
+    from a partial index of them (ordered by id over the primary key instead, it walked every
+    sealed record first, once per chunk: seconds of CPU per sealer run under load), SQLite
+    through the unique index on seq, where they are the NULLs."""
+    with ctx.engine.begin() as connection:
+        connection.execute(
+            sa.insert(audit._AUDIT),
+            [
+                {"at": ctx.clock.now(), "actor": "t", "event": "e", "subject": "s", "detail": "{}"}
+                for _ in range(500)
+            ],
+        )
+    audit.seal(ctx, settle=dt.timedelta(0))
+    compiled = audit._PENDING.compile(dialect=ctx.engine.dialect)
+    values = compiled.construct_params({"cutoff": ctx.clock.now().isoformat(), "chunk": 251})
+    params = tuple(values[n] for n in compiled.positiontup or ()) if compiled.positional else values
+    explain = "EXPLAIN QUERY PLAN " if ctx.engine.dialect.name == "sqlite" else "EXPLAIN "
+    with ctx.engine.begin() as connection:
+        connection.exec_driver_sql("ANALYZE")
+        found = connection.exec_driver_sql(explain + str(compiled), params)
+        plan = " ".join(str(row) for row in found)
+    wanted = "(seq=?)" if ctx.engine.dialect.name == "sqlite" else "ix_audit_log_unsealed"
+    assert wanted in plan and "SCAN audit_log" not in plan, plan

@@ -17,12 +17,29 @@ from ca.store import db
 # The tables every later revision builds on; the full set is whatever the models declare.
 CORE_TABLES = {"authority", "ca", "entry", "token", "certificate", "renewal_nonce"}
 TABLES = set(SQLModel.metadata.tables)
+ONLY_ON = {
+    index.name: index._ddl_if.dialect
+    for table in SQLModel.metadata.tables.values()
+    for index in table.indexes
+    if index._ddl_if is not None
+}
 
 
 def schema_diff(engine: sa.Engine, metadata: sa.MetaData = SQLModel.metadata) -> list[Any]:
+    def created_here(_obj: Any, name: Any, type_: str, _reflected: Any, _other: Any) -> bool:
+        """An index the models create on one database only (``.ddl_if``) is not missing on
+        the others."""
+        only_on = ONLY_ON.get(name) if type_ == "index" else None
+        return only_on is None or only_on == engine.dialect.name
+
     with engine.connect() as connection:
         context = MigrationContext.configure(
-            connection, opts={"compare_type": True, "compare_server_default": True}
+            connection,
+            opts={
+                "compare_type": True,
+                "compare_server_default": True,
+                "include_object": created_here,
+            },
         )
         return list(compare_metadata(context, metadata))
 
