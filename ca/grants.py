@@ -17,19 +17,27 @@ from cryptography import x509
 
 from ca.authority import MESH, active_issuer
 from ca.config import Context
-from ca.csr import parse_csr
+from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
 from ca.entries import DEFAULT_MAX_TTL
 from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation
 from ca.identity import SpiffeId
 from ca.issue import Grant
 from ca.renewal import read_proof, unverified_serial
+from ca.serial import Serial
 from ca.store.batch import Lookup
 from ca.store.core import table
 from ca.store.models import CertificateRow, EntryRow, TokenRow
 from ca.tokens import TokenKind, check_live, valid_secret
 
-__all__ = ["admin_grant", "join_grant", "join_grant_async", "renewal_grant", "server_grant"]
+__all__ = [
+    "admin_grant",
+    "join_grant",
+    "join_grant_async",
+    "renewal_grant",
+    "renewal_grant_async",
+    "server_grant",
+]
 
 # One query per credential, built once (see ca.store.core): these run on every issuance.
 _TOKEN, _ENTRY, _CERT = table(TokenRow), table(EntryRow), table(CertificateRow)
@@ -56,17 +64,19 @@ _JOINS = Lookup(
         _TOKEN.c.secret_hash.in_(sa.bindparam("keys", expanding=True))
     )
 )
-_RENEWING = (
-    sa.select(
-        _CERT.c.profile,
-        _CERT.c.status,
-        _CERT.c.not_after,
-        _CERT.c.cert_pem,
-        _CERT.c.entry_id.label("cert_entry_id"),
-        *_ENTRY_COLUMNS,
+_RENEWING_ROW = sa.select(
+    _CERT.c.profile,
+    _CERT.c.status,
+    _CERT.c.not_after,
+    _CERT.c.cert_pem,
+    _CERT.c.entry_id.label("cert_entry_id"),
+    *_ENTRY_COLUMNS,
+).select_from(_CERT.outerjoin(_ENTRY, _ENTRY.c.id == _CERT.c.entry_id))
+_RENEWING = _RENEWING_ROW.where(_CERT.c.serial == sa.bindparam("serial"))
+_RENEWINGS = Lookup(
+    _RENEWING_ROW.add_columns(_CERT.c.serial.label("lookup_key")).where(
+        _CERT.c.serial.in_(sa.bindparam("keys", expanding=True))
     )
-    .select_from(_CERT.outerjoin(_ENTRY, _ENTRY.c.id == _CERT.c.entry_id))
-    .where(_CERT.c.serial == sa.bindparam("serial"))
 )
 
 
@@ -114,9 +124,23 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     the same SPIFFE ID, with the lifetimes its registration entry allows today."""
     serial = unverified_serial(proof)
     csr = parse_csr(csr_pem)
-    now = ctx.clock.now()
     with ctx.reads.connect() as connection:
         row = connection.execute(_RENEWING, {"serial": serial.hex}).mappings().first()
+    return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+
+
+async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
+    """``renewal_grant`` on an event loop: the certificate lookup is shared with the other
+    requests the loop has ready, and on PostgreSQL made off the loop (``GroupRead``)."""
+    serial = unverified_serial(proof)
+    csr = parse_csr(csr_pem)
+    row = await ctx.lookups.get(_RENEWINGS, serial.hex)
+    return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+
+
+def _renewal_grant(
+    row: sa.RowMapping | None, proof: str, serial: Serial, csr: ParsedCsr, now: dt.datetime
+) -> Grant:
     if row is None or row["profile"] != "x509-svid":
         raise AuthenticationFailed("the renewal proof names an unknown certificate")
     claims = read_proof(

@@ -43,7 +43,7 @@ from api.requestid import RequestId
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
-from ca.grants import join_grant, join_grant_async, renewal_grant
+from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 
 # Issuances whose signatures wait on Vault run here, not in the shared anyio thread pool (40
@@ -164,7 +164,7 @@ def _by_join_token(ctx: Context, token: str) -> _Authenticate:
 
 def _by_renewal_proof(ctx: Context, proof: str) -> _Authenticate:
     async def on_loop(csr: bytes) -> Grant:
-        return renewal_grant(ctx, proof, csr)
+        return await renewal_grant_async(ctx, proof, csr)
 
     return _Authenticate(on_loop, lambda csr: renewal_grant(ctx, proof, csr))
 

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from ca.config import Context
 from ca.errors import AuthenticationFailed
-from ca.grants import join_grant, join_grant_async, renewal_grant
+from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 from ca.keys import KeyType
 from ca.renewal import make_proof
@@ -429,6 +429,30 @@ def test_credential_lookups_ready_on_one_loop_are_one_query(ctx: Context) -> Non
     assert [o.join_token_id for o in outcomes[:3] if isinstance(o, Grant)] == [
         join_grant(ctx, s).join_token_id for s in secrets[:3]
     ]
+
+
+def test_renewal_lookups_ready_on_one_loop_are_one_query(ctx: Context) -> None:
+    """``renewal_grant_async``: the certificate lookups of the renewals a loop has ready are one
+    query, and each proof still gets the grant of the certificate it names (or its refusal)."""
+    web, api = enrol(ctx, WEB), enrol(ctx, "spiffe://example.org/api")
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(3)]
+    proofs = [
+        make_proof(old.cert, old.key, csr_sha256(csr), ctx.clock.now())
+        for old, csr in zip((web, api, web), csrs, strict=True)
+    ]
+    queries = ctx.lookups.queries
+
+    async def scenario() -> list[object]:
+        renewals = [renewal_grant_async(ctx, p, c) for p, c in zip(proofs, csrs, strict=True)]
+        unknown = renewal_grant_async(ctx, proofs[0], make_csr(new_key(KeyType.EC_P256)))
+        return await asyncio.gather(*renewals, unknown, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+
+    assert ctx.lookups.queries == queries + 1
+    granted = [o.renews_serial if isinstance(o, Grant) else type(o).__name__ for o in outcomes]
+    serials = [format(old.cert.serial_number, "x") for old in (web, api, web)]
+    assert granted == [*serials, "AuthenticationFailed"]  # a proof bound to another CSR
 
 
 def test_a_failed_lookup_fails_every_request_that_waited_on_it(ctx: Context) -> None:
