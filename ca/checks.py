@@ -28,6 +28,10 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
+    return _spiffe_id_in(san)
+
+
+def _spiffe_id_in(san: x509.SubjectAlternativeName) -> SpiffeId | None:
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         return None
@@ -53,8 +57,7 @@ def check_leaf(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: Spif
     if missing or x509.SubjectAlternativeName not in ext:
         raise _fail("leaf lacks basicConstraints, keyUsage, extendedKeyUsage or a SAN")
     san = ext[x509.SubjectAlternativeName]
-    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1 or SpiffeId.parse(uris[0]) != spiffe_id:
+    if _spiffe_id_in(san.value) != spiffe_id:
         raise _fail("URI SAN is not exactly the SPIFFE ID")
     basic = ext[x509.BasicConstraints]
     if basic.value.ca or not basic.critical:

@@ -39,7 +39,9 @@ __all__ = [
     "server_grant",
 ]
 
-# One query per credential, built once (see ca.store.core): these run on every issuance.
+# One query per credential, built once (see ca.store.core): these run on every issuance, for one
+# request (``join_grant``) or for all those an event loop has ready (``join_grant_async``,
+# ``ca.store.batch.GroupRead``).
 _TOKEN, _ENTRY, _CERT = table(TokenRow), table(EntryRow), table(CertificateRow)
 _ENTRY_COLUMNS = (
     _ENTRY.c.id.label("entry_id"),
@@ -49,34 +51,28 @@ _ENTRY_COLUMNS = (
     _ENTRY.c.max_ttl_seconds,
     _ENTRY.c.disabled_at,
 )
-_JOIN_ROW = sa.select(
-    _TOKEN.c.id,
-    _TOKEN.c.kind,
-    _TOKEN.c.entry_id.label("token_entry_id"),
-    _TOKEN.c.uses_remaining,
-    _TOKEN.c.expires_at,
-    _TOKEN.c.revoked_at,
-    *_ENTRY_COLUMNS,
-).select_from(_TOKEN.outerjoin(_ENTRY, _ENTRY.c.id == _TOKEN.c.entry_id))
-_JOIN = _JOIN_ROW.where(_TOKEN.c.secret_hash == sa.bindparam("secret_hash"))
-_JOINS = Lookup(
-    _JOIN_ROW.add_columns(_TOKEN.c.secret_hash.label("lookup_key")).where(
-        _TOKEN.c.secret_hash.in_(sa.bindparam("keys", expanding=True))
-    )
+_JOINS = Lookup.by(
+    sa.select(
+        _TOKEN.c.id,
+        _TOKEN.c.kind,
+        _TOKEN.c.entry_id.label("token_entry_id"),
+        _TOKEN.c.uses_remaining,
+        _TOKEN.c.expires_at,
+        _TOKEN.c.revoked_at,
+        *_ENTRY_COLUMNS,
+    ).select_from(_TOKEN.outerjoin(_ENTRY, _ENTRY.c.id == _TOKEN.c.entry_id)),
+    _TOKEN.c.secret_hash,
 )
-_RENEWING_ROW = sa.select(
-    _CERT.c.profile,
-    _CERT.c.status,
-    _CERT.c.not_after,
-    _CERT.c.cert_pem,
-    _CERT.c.entry_id.label("cert_entry_id"),
-    *_ENTRY_COLUMNS,
-).select_from(_CERT.outerjoin(_ENTRY, _ENTRY.c.id == _CERT.c.entry_id))
-_RENEWING = _RENEWING_ROW.where(_CERT.c.serial == sa.bindparam("serial"))
-_RENEWINGS = Lookup(
-    _RENEWING_ROW.add_columns(_CERT.c.serial.label("lookup_key")).where(
-        _CERT.c.serial.in_(sa.bindparam("keys", expanding=True))
-    )
+_RENEWINGS = Lookup.by(
+    sa.select(
+        _CERT.c.profile,
+        _CERT.c.status,
+        _CERT.c.not_after,
+        _CERT.c.cert_pem,
+        _CERT.c.entry_id.label("cert_entry_id"),
+        *_ENTRY_COLUMNS,
+    ).select_from(_CERT.outerjoin(_ENTRY, _ENTRY.c.id == _CERT.c.entry_id)),
+    _CERT.c.serial,
 )
 
 
@@ -96,7 +92,7 @@ def _entry_grant(row: sa.RowMapping, *, requested_by: str) -> Grant:
 def join_grant(ctx: Context, secret: str) -> Grant:
     digest = valid_secret(secret)
     with ctx.reads.connect() as connection:
-        found = connection.execute(_JOIN, {"secret_hash": digest}).mappings().first()
+        found = _JOINS.one(connection, digest)
     return _join_grant(found, ctx.clock.now())
 
 
@@ -125,7 +121,7 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     serial = unverified_serial(proof)
     csr = parse_csr(csr_pem)
     with ctx.reads.connect() as connection:
-        row = connection.execute(_RENEWING, {"serial": serial.hex}).mappings().first()
+        row = _RENEWINGS.one(connection, serial.hex)
     return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
 
 

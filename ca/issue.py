@@ -246,13 +246,16 @@ def issue_for_key(
     dns_names: Sequence[str] | None = None,
 ) -> IssuedSvid:
     """The pipeline after the CSR: for callers that already hold a verified public key."""
+
+    def sign_and_record() -> IssuedSvid:
+        cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
+        _persist(ctx, grant, cert, issuer)
+        return IssuedSvid(cert, issuer)
+
     try:
-        cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
-        _persist(ctx, grant, cert, issuer)
+        return sign_and_record()
     except IssuerChanged:  # signed by a CA that was rotated meanwhile: once more, with the new
-        cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
-        _persist(ctx, grant, cert, issuer)
-    return IssuedSvid(cert, issuer)
+        return sign_and_record()
 
 
 @contextlib.contextmanager

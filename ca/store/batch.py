@@ -330,10 +330,25 @@ def _check_once(
 
 @dataclass(frozen=True, eq=False)
 class Lookup:
-    """A SELECT of rows by one key, for many keys at once: ``statement`` has an expanding bind
-    parameter ``keys`` and returns the key as ``lookup_key``. Built once, module level."""
+    """A SELECT of rows by one key column, for one key or many at once. Built once, at module
+    level, with ``by``."""
 
     statement: sa.Select[Any]
+
+    @classmethod
+    def by(cls, rows: sa.Select[Any], key: sa.ColumnElement[Any]) -> Lookup:
+        """``rows`` whose ``key`` is among the keys asked for, each carrying it as
+        ``lookup_key``."""
+        keys: sa.BindParameter[Any] = sa.bindparam("keys", expanding=True)
+        return cls(rows.add_columns(key.label("lookup_key")).where(key.in_(keys)))
+
+    def many(self, connection: sa.Connection, keys: list[Any]) -> dict[Any, sa.RowMapping]:
+        found = connection.execute(self.statement, {"keys": keys}).mappings()
+        return {row["lookup_key"]: row for row in found}
+
+    def one(self, connection: sa.Connection, key: Any) -> sa.RowMapping | None:
+        """One key, now, on the caller's connection (outside an event loop)."""
+        return self.many(connection, [key]).get(key)
 
 
 class GroupRead:
@@ -387,9 +402,7 @@ class GroupRead:
         found: dict[Any, sa.RowMapping] = {}
         with self._engine.connect() as connection:
             for start in range(0, len(keys), self.CHUNK):
-                chunk = keys[start : start + self.CHUNK]
-                for row in connection.execute(lookup.statement, {"keys": chunk}).mappings():
-                    found[row["lookup_key"]] = row
+                found.update(lookup.many(connection, keys[start : start + self.CHUNK]))
                 self.queries += 1
         return found
 
