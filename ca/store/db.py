@@ -130,10 +130,28 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
     return _postgresql(url, pool_size=10, max_overflow=10)
 
 
+# libpq connection settings a URL may override. Without them a connection whose server or
+# network went away silently (a failover, a partition: no FIN, no RST) is given up only after
+# the kernel's retransmissions, ~15 minutes, and an idle one is first probed after 2 hours;
+# meanwhile the issuances waiting on it wait too (a commit holds a worker's whole batch).
+# With them: unacknowledged data for 30 s fails the connection, and an idle one is probed
+# after 30 s and dropped after three unanswered probes. They apply to TCP connections only
+# (not to a Unix socket), and cannot detect a server that is up but hung: its kernel still
+# acknowledges.
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+
+
 def _postgresql(url: str | sa.URL, **options: Any) -> Engine:
-    engine = sa.create_engine(
-        url, pool_recycle=3600, connect_args={"connect_timeout": 10}, **options
-    )
+    url = make_url(url)
+    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in url.query}
+    engine = sa.create_engine(url, pool_recycle=3600, connect_args=defaults, **options)
     sa.event.listen(engine, "checkin", _note_checkin)
     sa.event.listen(engine, "checkout", _ping_if_idle)
     return engine
