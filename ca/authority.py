@@ -158,7 +158,7 @@ def sign_new_ca(
         subject=ca_subject("Trellis", common_name),
         public_key=signer.public_key(),
         spiffe_id=params.trust_domain.id() if params.trust_domain else None,
-        serial=Serial.random(),
+        serial=Serial.generate(),
         not_before=now - BACKDATE,
         not_after=not_after,
         path_length=None if issuer is None else 0,

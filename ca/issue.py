@@ -225,7 +225,7 @@ def _signed(
     spec = LeafSpec(
         public_key=public_key,
         spiffe_id=grant.spiffe_id,
-        serial=Serial.random(),
+        serial=Serial.generate(),
         not_before=not_before,
         not_after=not_after,
         issuer=issuer.certificate,

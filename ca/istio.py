@@ -211,7 +211,7 @@ def issue_istio_intermediate(
         subject=_subject(td.name, params.cluster),
         public_key=key.public_key(),
         spiffe_id=td.id(),
-        serial=Serial.random(),
+        serial=Serial.generate(),
         not_before=now - BACKDATE,
         not_after=min(now + params.ttl.delta, root_cert.not_valid_after_utc),
         path_length=0,

@@ -100,7 +100,7 @@ def _new_responder(ctx: Context, ca: CaRow, now: dt.datetime) -> tuple[x509.Cert
         spec = ResponderSpec(
             public_key=signer.public_key(),
             common_name=f"{issuer.subject.rfc4514_string()[:40]} OCSP responder",
-            serial=Serial.random(),
+            serial=Serial.generate(),
             not_before=max(now - BACKDATE, issuer.not_valid_before_utc),
             not_after=min(now + RESPONDER_TTL, issuer.not_valid_after_utc),
             issuer=issuer,

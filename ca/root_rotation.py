@@ -52,7 +52,7 @@ def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
         subject=subject_cert.subject,
         public_key=subject_cert.public_key(),  # type: ignore[arg-type]
         spiffe_id=td.id() if td else None,
-        serial=Serial.random(),
+        serial=Serial.generate(),
         not_before=rotator.now - BACKDATE,
         not_after=min(subject_cert.not_valid_after_utc, issuer_cert.not_valid_after_utc),
         path_length=None,

@@ -108,7 +108,7 @@ def validate_new_ca(cert: x509.Certificate, signer: Signer) -> None:
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trellis CA validation")]))
         .issuer_name(cert.subject)
         .public_key(probe.public_key())
-        .serial_number(Serial.random().value)
+        .serial_number(Serial.generate().value)
         .not_valid_before(start)
         .not_valid_after(min(start + dt.timedelta(minutes=1), cert.not_valid_after_utc)),
         signer,

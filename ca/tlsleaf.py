@@ -155,7 +155,7 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
     not_before, not_after = validity_window(now, request.ttl, issuer.certificate)
     builder = tls_leaf_builder(
         request,
-        Serial.random(),
+        Serial.generate(),
         issuer.certificate,
         not_before,
         not_after,

@@ -169,8 +169,8 @@ def test_a_selector_with_a_valid_prefix_or_suffix_is_still_a_400(rest: Rest, sel
 
 def _request_with_awkward_base64(leaf: x509.Certificate, issuer: x509.Certificate) -> bytes:
     """A request whose standard base64 has '+', '/' and padding: what URL-encoding is for."""
-    for _ in range(500):
-        der = request_der(leaf, issuer, hashes.SHA256(), nonce=os.urandom(16))
+    for attempt in range(500):  # nonces of 16 to 18 octets: padding whatever the serial's length
+        der = request_der(leaf, issuer, hashes.SHA256(), nonce=os.urandom(16 + attempt % 3))
         text = base64.b64encode(der).decode()
         if "+" in text and "/" in text and text.endswith("="):
             return der

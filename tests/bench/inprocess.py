@@ -245,7 +245,7 @@ def _stages(ctx: Context, pems: list[bytes], grant: Any, tokens: _Tokens) -> dic
         return LeafSpec(
             public_key=parsed[i % len(parsed)].public_key,
             spiffe_id=grant.spiffe_id,
-            serial=Serial.random(),
+            serial=Serial.generate(),
             not_before=now,
             not_after=now + grant.default_ttl.delta,
             issuer=issuer.certificate,

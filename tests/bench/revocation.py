@@ -157,7 +157,7 @@ class Population:
 
 
 def _new_serial(rng: random.Random, known: set[int]) -> int:
-    while True:  # as Serial.random(): 159 random bits, never below 2**64
+    while True:  # random, as serials were before change 34; CRL size does not depend on it
         value = rng.getrandbits(159)
         if value >= 2**64 and value not in known:
             known.add(value)

@@ -70,13 +70,14 @@ def populate(ctx: Context, count: int, pem: str, now: dt.datetime) -> None:
     while done < count:
         rows = []
         for _ in range(min(BATCH, count - done)):
-            serial = Serial.random().hex
             expired = rng.random() < 0.95
             not_after = (
                 now - dt.timedelta(seconds=rng.randint(1, 365 * 86400))
                 if expired
                 else now + dt.timedelta(seconds=rng.randint(1, 3600))
             )
+            # as issued then: serials start with their issuance time (ca.serial)
+            serial = Serial.generate(at=(not_after - dt.timedelta(hours=1)).timestamp()).hex
             revoked = not expired and rng.random() < 0.05
             rows.append(
                 {

@@ -31,7 +31,7 @@ def _root(key: ec.EllipticCurvePrivateKey = ROOT_KEY) -> x509.Certificate:
         subject=ca_subject("Trellis", "example.org root"),
         public_key=key.public_key(),
         spiffe_id=TrustDomain("example.org").id(),
-        serial=Serial.random(),
+        serial=Serial.generate(),
         not_before=NOW - dt.timedelta(days=1),
         not_after=NOW + dt.timedelta(days=30),
         path_length=None,
@@ -70,7 +70,7 @@ def build_leaf(**change: Any) -> x509.Certificate:
     public_key = change.pop("public_key", LEAF_KEY.public_key())
     fields = {
         "subject": x509.Name([]),
-        "serial": Serial.random().value,
+        "serial": Serial.generate().value,
         "not_after": NOW + dt.timedelta(hours=1),
         "signing_key": ROOT_KEY,
     }
@@ -107,7 +107,7 @@ def test_the_profile_leaf_is_valid() -> None:
     spec = LeafSpec(
         LEAF_KEY.public_key(),
         SpiffeId.parse(WEB),
-        Serial.random(),
+        Serial.generate(),
         NOW,
         NOW + dt.timedelta(hours=1),
         ROOT,

@@ -310,7 +310,7 @@ def test_revoking_twice_is_a_conflict_and_leaves_the_crl_alone(
 @SQLITE_ONLY
 def test_an_unknown_serial_is_not_found_and_signs_nothing(ctx: Context) -> None:
     with pytest.raises(NotFound, match="no certificate"):
-        revoke_certificate(ctx, Serial.random(), RevocationReason.KEY_COMPROMISE, "t")
+        revoke_certificate(ctx, Serial.generate(), RevocationReason.KEY_COMPROMISE, "t")
     assert count_rows(ctx, "crl") == 0
 
 
@@ -555,7 +555,7 @@ def _leaf(
     """A profile leaf signed by ``issuer``'s key, optionally with extensions swapped in."""
     now = issuer.not_valid_before_utc + dt.timedelta(minutes=1)
     spec = LeafSpec(
-        _KEY.public_key(), SpiffeId.parse(_WEB), Serial.random(), now,
+        _KEY.public_key(), SpiffeId.parse(_WEB), Serial.generate(), now,
         now + dt.timedelta(minutes=5), issuer, urls=urls,
     )  # fmt: skip
     builder = leaf_builder(spec)
@@ -583,7 +583,7 @@ def _self_issuer() -> x509.Certificate:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     spec = CaSpec(
         ca_subject("Trellis", f"{TD} root"), _KEY.public_key(), TrustDomain(TD).id(),
-        Serial.random(), now - dt.timedelta(hours=1), now + dt.timedelta(days=1), None,
+        Serial.generate(), now - dt.timedelta(hours=1), now + dt.timedelta(days=1), None,
     )  # fmt: skip
     return sign(ca_builder(spec), _SIGNER)
 
@@ -642,4 +642,3 @@ def test_certassert_catches_wrong_pointers(defect: str, _self_issuer: x509.Certi
     cert = _leaf(_self_issuer, _PROFILE_URLS, **swap)
     with pytest.raises(AssertionError, match=reason):
         assert_is_svid_leaf(cert, spiffe_id=_WEB, issuer=_self_issuer, urls=_URLS)
-

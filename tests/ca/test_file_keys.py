@@ -102,7 +102,7 @@ class TestKeyBackendContract:
             subject=ca_subject("Trellis", "proof"),
             public_key=signer.public_key(),
             spiffe_id=TrustDomain("example.org").id(),
-            serial=Serial.random(),
+            serial=Serial.generate(),
             not_before=NOW,
             not_after=NOW + dt.timedelta(hours=1),
             path_length=None,

@@ -124,7 +124,9 @@ def test_status_is_good_then_revoked_and_unknown_for_strangers(
     assert revoked.revocation_reason is x509.ReasonFlags.key_compromise
     assert_signed_by_delegate(revoked, issuer)
 
-    stranger = request_for_serial(workload.cert, issuer, Serial.random().value, HASHES[algorithm]())
+    stranger = request_for_serial(
+        workload.cert, issuer, Serial.generate().value, HASHES[algorithm]()
+    )
     unknown = ask(ctx, stranger)
     assert_single(unknown, request=stranger, status=Status.UNKNOWN, now=clock.now())
     assert_signed_by_delegate(unknown, issuer)

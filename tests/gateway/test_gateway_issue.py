@@ -436,7 +436,7 @@ def test_a_certificate_whose_pkcs12_failed_is_withdrawn(
 
 
 def test_revoking_is_gateway_only(gw: Context) -> None:
-    other = Serial.random()
+    other = Serial.generate()
     with pytest.raises(NotFound, match="no gateway certificate"):
         gateway.revoke_gateway_certificate(gw, other, RevocationReason.UNSPECIFIED, "t", None)
     issued = from_csr(gw, partner_csr()[1])

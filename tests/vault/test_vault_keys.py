@@ -189,7 +189,7 @@ class TestTransitKeys:
                 subject=ca_subject("Trellis", "builders"),
                 public_key=signer.public_key(),
                 spiffe_id=TrustDomain("example.org").id(),
-                serial=Serial.random(),
+                serial=Serial.generate(),
                 not_before=NOW,
                 not_after=NOW + dt.timedelta(hours=1),
                 path_length=None,
