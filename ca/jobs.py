@@ -77,7 +77,7 @@ def refresh_federated_bundles(ctx: Context) -> str:
 
 
 def seal_audit(ctx: Context) -> str:
-    result = audit.seal(ctx)
+    result = audit.seal(ctx, sign_every=audit.SIGN_EVERY)
     return f"sealed {result.records} audit record(s)"
 
 
@@ -136,7 +136,7 @@ JOBS = (
     Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
     Job("gateway-truststores", 300, gateway.refresh_job, "rewrite gateway truststores and CRLs"),
-    Job("audit-seal", 10, seal_audit, "hash-chain and sign settled audit records"),
+    Job("audit-seal", 2, seal_audit, "hash-chain settled audit records, sign the head every 10 s"),
     Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )
 

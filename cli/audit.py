@@ -66,7 +66,8 @@ def list_cmd(
 
 @audit_app.command("seal")
 def seal_cmd() -> None:
-    """Chain and sign settled records now (the server does this every 10 seconds)."""
+    """Chain settled records and sign the head now (the server chains every 2 seconds and
+    signs every 10)."""
     result = audit.seal(STATE.context())
     typer.echo(f"sealed {result.records} record(s); head at seq {result.head_seq or '-'}")
 
@@ -82,6 +83,7 @@ def verify_cmd(json_out: JsonOpt = False) -> None:
                 "sealed": result.sealed,
                 "unsealed": result.unsealed,
                 "seals_checked": result.seals_checked,
+                "unsigned": result.unsigned,
                 "problems": list(result.problems),
             }
         )
@@ -91,7 +93,8 @@ def verify_cmd(json_out: JsonOpt = False) -> None:
         verdict = "intact" if result.ok else "TAMPERED"
         typer.echo(
             f"audit trail {verdict}: {result.sealed} sealed record(s), {result.seals_checked} "
-            f"signed head(s) checked, {result.unsealed} not sealed yet"
+            f"signed head(s) checked, {result.unsigned} chained after the last signed head, "
+            f"{result.unsealed} not sealed yet"
         )
     if not result.ok:
         raise typer.Exit(1)

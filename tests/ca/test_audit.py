@@ -4,6 +4,7 @@ chain exposes any edited, deleted or reordered record."""
 from __future__ import annotations
 
 import datetime as dt
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -218,3 +219,67 @@ def test_the_sealer_finds_unsealed_records_without_walking_sealed_ones(ctx: Cont
         plan = " ".join(str(row) for row in found)
     wanted = "(seq=?)" if ctx.engine.dialect.name == "sqlite" else "ix_audit_log_unsealed"
     assert wanted in plan and "SCAN audit_log" not in plan, plan
+
+
+def test_the_job_chains_every_run_but_signs_the_head_at_most_every_sign_every(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """The audit-seal job runs every 2 s; a signed seal (with the CA certificate) every run
+    would be a row every 2 s, so the head is signed when the last signature is SIGN_EVERY old.
+    What is chained in between is counted by verify until a signature covers it."""
+    every = audit.SIGN_EVERY
+    _activity(ctx)
+    first = audit.seal(ctx, settle=dt.timedelta(0), sign_every=every)
+    assert first.records > 0 and audit.verify(ctx).seals_checked == 1  # no seal yet: signed
+
+    clock.advance(dt.timedelta(seconds=2))
+    with ctx.engine.begin() as connection:
+        for i in range(3):
+            audit.record(connection, "test.event", f"s-{i}", actor="t", at=clock.now())
+    second = audit.seal(ctx, settle=dt.timedelta(0), sign_every=every)
+    assert second.records == 3  # chained...
+    result = audit.verify(ctx)
+    assert result.ok, result.problems
+    assert (result.seals_checked, result.unsigned, result.unsealed) == (1, 3, 0)  # ...not signed
+
+    clock.advance(every)
+    third = audit.seal(ctx, settle=dt.timedelta(0), sign_every=every)
+    assert third.records == 0  # nothing new to chain, but the head is now signed
+    result = audit.verify(ctx)
+    assert result.ok, result.problems
+    assert (result.seals_checked, result.unsigned) == (2, 0)
+    assert audit.seal(ctx, settle=dt.timedelta(0), sign_every=every).records == 0
+    assert audit.verify(ctx).seals_checked == 2  # nothing to sign: no new seal
+
+
+def test_the_signed_head_is_what_an_unsigned_tail_can_be_rewritten_after(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """A tail chained but not signed yet can be rewritten consistently (hashes recomputed)
+    without verify noticing, as unsealed records always could: it is reported, not hidden."""
+    _activity(ctx)
+    audit.seal(ctx, settle=dt.timedelta(0), sign_every=audit.SIGN_EVERY)
+    with ctx.engine.begin() as connection:
+        audit.record(connection, "test.event", "tail", actor="t", at=clock.now())
+    audit.seal(ctx, settle=dt.timedelta(0), sign_every=audit.SIGN_EVERY)
+    with ctx.engine.begin() as connection:  # rewritten, its hash recomputed: no key needed
+        tail = connection.execute(
+            sa.select(audit._AUDIT).where(audit._AUDIT.c.subject == "tail")
+        ).one()
+        forged = SimpleNamespace(**{**tail._asdict(), "actor": "forger"})
+        connection.execute(
+            sa.update(audit._AUDIT)
+            .where(audit._AUDIT.c.id == tail.id)
+            .values(actor="forger", hash=audit._digest(forged, tail.seq, tail.prev_hash))
+        )
+    before = audit.verify(ctx)
+    assert before.ok and before.unsigned == 1  # undetectable, but reported as unsigned
+
+    clock.advance(audit.SIGN_EVERY)
+    audit.seal(ctx, settle=dt.timedelta(0), sign_every=audit.SIGN_EVERY)
+    with ctx.engine.begin() as connection:  # now signed: editing it breaks the chain
+        connection.execute(
+            sa.update(audit._AUDIT).where(audit._AUDIT.c.subject == "tail").values(actor="t")
+        )
+    after = audit.verify(ctx)
+    assert not after.ok and "edited" in after.problems[0]
