@@ -36,11 +36,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tests.bench import report
 from tests.bench.drivers import SYSTEMS, Driver, start_system
@@ -49,6 +51,7 @@ from tests.bench.loadgen import CellResult, make_csrs, run_cell
 from tests.bench.procstat import (
     MemorySampler,
     SystemCpu,
+    connections_by_process,
     cpu_by_process,
     rss_by_process,
     tree_cpu_seconds,
@@ -118,6 +121,10 @@ def measure_cell(
         groups["database"] = driver.db_roots
     sampler = MemorySampler(groups).start()
     marks: dict[str, dict[str, float]] = {}
+    workers = driver.trellis.worker_pids() if driver.trellis is not None else []
+    port = urlsplit(driver.target.url).port or 443
+    spread: dict[int, int] = {}
+    worker_cpu: dict[str, dict[int, float]] = {}
 
     def on_window(which: str) -> None:
         wall, busy = SystemCpu.now()
@@ -127,6 +134,14 @@ def measure_cell(
             "server": tree_cpu_seconds(driver.server_roots),
             "database": tree_cpu_seconds(driver.db_roots) if driver.db_roots else 0.0,
         }
+        worker_cpu[which] = {pid: tree_cpu_seconds([pid]) for pid in workers}
+        if which == "start" and workers:  # mid-window: every connection is open by then
+            sample = threading.Timer(seconds / 2, lambda: spread.update(connections()))
+            sample.daemon = True
+            sample.start()
+
+    def connections() -> dict[int, int]:
+        return connections_by_process(workers, port)
 
     def spiffe_id_of(i: int) -> str:
         return identities[i % len(identities)]
@@ -184,6 +199,14 @@ def measure_cell(
         "settle_s": round(settle_s, 1),
         "settle_cpu_s": round(settle_cpu_s, 2),
         "settle_by_process": settle_by_process,
+        # SO_REUSEPORT spreads connections over the workers by a hash: at c=16, 8/8 or 4/12
+        # from one cell to the next, and a worker with few connections commits small batches.
+        "connections_by_worker": [spread.get(pid, 0) for pid in workers],
+        "cores_by_worker": [
+            round((worker_cpu["end"][pid] - worker_cpu["start"][pid]) / wall, 2)
+            for pid in workers
+            if pid in worker_cpu.get("end", {}) and pid in worker_cpu.get("start", {})
+        ],
     }
 
 
@@ -242,6 +265,11 @@ def run_rounds(
                 f"p99 {result['p99_ms']:6.1f} ms  server {result['server_cores']:.2f} cores  "
                 f"client {result['client_cores']:.2f}  other {result['other_cores']:.2f}  "
                 f"rss {result['peak_rss_mib']:.0f} MiB  errors {result['errors']}"
+                + (
+                    "  connections " + "/".join(map(str, result["connections_by_worker"]))
+                    if result["connections_by_worker"]
+                    else ""
+                )
                 + (
                     f"  (settled {result['settle_s']:.0f} s: "
                     + ", ".join(

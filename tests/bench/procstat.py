@@ -20,6 +20,7 @@ from pathlib import Path
 __all__ = [
     "MemorySampler",
     "SystemCpu",
+    "connections_by_process",
     "process_tree",
     "rss_by_process",
     "rss_kib",
@@ -94,6 +95,35 @@ def cpu_by_process(roots: Iterable[int]) -> dict[str, float]:
         with contextlib.suppress(OSError):
             out[_label(pid)] = _cpu_ticks(pid) / _TICK
     return out
+
+
+def connections_by_process(pids: Iterable[int], port: int) -> dict[int, int]:
+    """Established TCP connections to local ``port`` held by each of ``pids``: how the
+    kernel's SO_REUSEPORT hashing spread a load generator's connections over the workers."""
+    established: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    established.add(fields[9])  # the socket's inode
+    counts = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            counts[pid] = sum(
+                1 for fd in Path(f"/proc/{pid}/fd").iterdir() if _inode(fd) in established
+            )
+    return counts
+
+
+def _inode(fd: Path) -> str:
+    """'12345' for a link 'socket:[12345]'; '' for anything else, or an fd closed meanwhile."""
+    try:
+        link = os.readlink(fd)
+    except OSError:
+        return ""
+    return link[8:-1] if link.startswith("socket:[") else ""
 
 
 def rss_by_process(roots: Iterable[int]) -> dict[str, float]:

@@ -160,6 +160,7 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{c['peak_rss_mib']:.0f}",
                 f"{c['client_cores']:.2f}",
                 f"{c['other_cores']:.2f}",
+                "/".join(map(str, c.get("connections_by_worker") or [])) or "-",
                 str(c["errors"]),
             ]
         )
@@ -169,7 +170,7 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
 HEADERS = [
     "system", "c", "run", "certs/s", "p50 ms", "p99 ms", "server CPU (cores)",
     "server CPU ms/cert", "server peak RSS MiB", "client CPU (cores)", "other load (cores)",
-    "errors",
+    "connections per worker", "errors",
 ]  # fmt: skip
 # "server CPU" includes PostgreSQL's processes for trellis-postgres; "server peak RSS" does not
 # (its shared buffers would swamp it): see database_peak_rss_mib in the JSON.
