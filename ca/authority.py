@@ -26,7 +26,7 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
-from ca.store.core import table
+from ca.store.core import prepared, table
 from ca.store.models import (
     AuthorityRow,
     BundleStateRow,
@@ -396,7 +396,7 @@ class StillActive:
         return cls(ctx, issuer.authority, issuer.ca_id, issuer.bundle_sequence)
 
     def __call__(self, connection: sa.Connection) -> None:
-        current = connection.execute(_ACTIVE, {"authority": self.authority}).first()
+        current = prepared(_ACTIVE).first(connection, {"authority": self.authority})
         if current is None or (current[0], current[1]) != (self.ca_id, self.bundle_sequence):
             self.ctx.cache.pop(("active", self.authority), None)
             raise IssuerChanged(f"the active CA of {self.authority!r} changed during issuance")

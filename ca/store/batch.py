@@ -51,7 +51,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
-from ca.store.core import Insert
+from ca.store.core import Insert, prepared
 
 __all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Spend", "Work"]
 
@@ -109,21 +109,23 @@ class Rows:
         for (statement, key), (uses, now) in sorted(wanted.items(), key=lambda w: w[0][1]):
             by_statement.setdefault(statement, []).append({"key": key, "uses": uses, "now": now})
         for statement, params in by_statement.items():
-            if connection.execute(statement, params).rowcount != len(params):
+            if prepared(statement).executemany(connection, params) != len(params):
                 raise _SpendsShort
 
     def spend_each(self, connection: sa.Connection) -> None:
         """One use at a time, for a unit alone: its refusal when one cannot be spent."""
         for spend in self._spends:
-            spent = connection.execute(
-                spend.statement, {"key": spend.key, "uses": 1, "now": spend.now}
-            )
-            if spent.rowcount != 1:
+            params = {"key": spend.key, "uses": 1, "now": spend.now}
+            if prepared(spend.statement).executemany(connection, [params]) != 1:
                 raise spend.refusal
 
     def insert(self, connection: sa.Connection) -> None:
         for statement, rows in self._by_statement.items():
-            connection.execute(statement, rows)
+            by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for row in rows:
+                by_keys.setdefault(tuple(row), []).append(row)
+            for same in by_keys.values():
+                prepared(statement).executemany(connection, same)
 
 
 Work = Callable[[sa.Connection, Rows], None]
