@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -76,7 +77,7 @@ _RENEWINGS = Lookup.by(
 )
 
 
-def _entry_grant(row: sa.RowMapping, *, requested_by: str) -> Grant:
+def _entry_grant(row: Mapping[str, Any], *, requested_by: str) -> Grant:
     if row["disabled_at"] is not None:
         raise PermissionDenied(f"the registration entry for {row['spiffe_id']} is disabled")
     return Grant(
@@ -103,7 +104,7 @@ async def join_grant_async(ctx: Context, secret: str) -> Grant:
     return _join_grant(await ctx.lookups.get(_JOINS, digest), ctx.clock.now())
 
 
-def _join_grant(found: sa.RowMapping | None, now: dt.datetime) -> Grant:
+def _join_grant(found: Mapping[str, Any] | None, now: dt.datetime) -> Grant:
     token = check_live(found, now)
     if token["kind"] != TokenKind.JOIN.value or token["token_entry_id"] is None:
         raise PermissionDenied(
@@ -135,7 +136,7 @@ async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant
 
 
 def _renewal_grant(
-    row: sa.RowMapping | None, proof: str, serial: Serial, csr: ParsedCsr, now: dt.datetime
+    row: Mapping[str, Any] | None, proof: str, serial: Serial, csr: ParsedCsr, now: dt.datetime
 ) -> Grant:
     if row is None or row["profile"] != "x509-svid":
         raise AuthenticationFailed("the renewal proof names an unknown certificate")

@@ -11,7 +11,9 @@ import datetime as dt
 import enum
 import hashlib
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -172,7 +174,7 @@ def create_join_token(
         return _create(ctx, session, row, actor)
 
 
-def check_live(found: sa.RowMapping | None, now: dt.datetime) -> sa.RowMapping:
+def check_live(found: Mapping[Any, Any] | None, now: dt.datetime) -> Mapping[Any, Any]:
     """The checks every presented secret passes (one message for unknown and revoked secrets,
     so a caller cannot probe which tokens exist)."""
     if found is None or found["revoked_at"] is not None:

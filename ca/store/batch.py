@@ -41,7 +41,7 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
-from ca.store.core import Insert, prepared
+from ca.store.core import Insert, PreparedLookup, prepared
 
 __all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Spend", "Work"]
 
@@ -335,20 +335,20 @@ class Lookup:
     """A SELECT of rows by one key column, for one key or many at once. Built once, at module
     level, with ``by``."""
 
-    statement: sa.Select[Any]
+    statement: PreparedLookup
 
     @classmethod
     def by(cls, rows: sa.Select[Any], key: sa.ColumnElement[Any]) -> Lookup:
         """``rows`` whose ``key`` is among the keys asked for, each carrying it as
         ``lookup_key``."""
         keys: sa.BindParameter[Any] = sa.bindparam("keys", expanding=True)
-        return cls(rows.add_columns(key.label("lookup_key")).where(key.in_(keys)))
+        statement = rows.add_columns(key.label("lookup_key")).where(key.in_(keys))
+        return cls(PreparedLookup(statement, "keys"))
 
-    def many(self, connection: sa.Connection, keys: list[Any]) -> dict[Any, sa.RowMapping]:
-        found = connection.execute(self.statement, {"keys": keys}).mappings()
-        return {row["lookup_key"]: row for row in found}
+    def many(self, connection: sa.Connection, keys: list[Any]) -> dict[Any, Mapping[str, Any]]:
+        return {row["lookup_key"]: row for row in self.statement.mappings(connection, keys)}
 
-    def one(self, connection: sa.Connection, key: Any) -> sa.RowMapping | None:
+    def one(self, connection: sa.Connection, key: Any) -> Mapping[str, Any] | None:
         """One key, now, on the caller's connection (outside an event loop)."""
         return self.many(connection, [key]).get(key)
 
@@ -370,9 +370,9 @@ class GroupRead:
         self._reader: ThreadPoolExecutor | None = None
         self.queries = 0  # for tests
 
-    async def get(self, lookup: Lookup, key: Any) -> sa.RowMapping | None:
+    async def get(self, lookup: Lookup, key: Any) -> Mapping[str, Any] | None:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[sa.RowMapping | None] = loop.create_future()
+        future: asyncio.Future[Mapping[str, Any] | None] = loop.create_future()
         slot = (loop, lookup)
         waiting = self._waiting.get(slot)
         if waiting is None:
@@ -400,8 +400,8 @@ class GroupRead:
             lambda f: self._settle(waiting, {} if f.exception() else f.result(), f.exception())
         )
 
-    def _fetch(self, lookup: Lookup, keys: list[Any]) -> dict[Any, sa.RowMapping]:
-        found: dict[Any, sa.RowMapping] = {}
+    def _fetch(self, lookup: Lookup, keys: list[Any]) -> dict[Any, Mapping[str, Any]]:
+        found: dict[Any, Mapping[str, Any]] = {}
         with self._engine.connect() as connection:
             for start in range(0, len(keys), self.CHUNK):
                 found.update(lookup.many(connection, keys[start : start + self.CHUNK]))
@@ -411,7 +411,7 @@ class GroupRead:
     @staticmethod
     def _settle(
         waiting: list[tuple[Any, asyncio.Future[Any]]],
-        found: dict[Any, sa.RowMapping],
+        found: dict[Any, Mapping[str, Any]],
         error: BaseException | None,
     ) -> None:
         for key, future in waiting:

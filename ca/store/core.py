@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlmodel import Session, SQLModel
 
-__all__ = ["Insert", "Prepared", "insert_now", "prepared", "table"]
+__all__ = ["Insert", "Prepared", "PreparedLookup", "insert_now", "prepared", "table"]
 
 # A row to add with one of those statements: executed at once (``insert_now``) or with the rest
 # of a group-commit batch (``ca.store.batch.Rows``).
@@ -47,8 +47,8 @@ class Prepared:
     path (a batch's token spends, its inserts, the active-CA check) added 8 % to an issuance
     in batches of two and 4 % in batches of sixteen (docs/benchmarks.md, change 36). Here the
     values go through the same type processors SQLAlchemy applies (``bind_processor`` of each
-    parameter's type for the dialect), and driver errors come out as SQLAlchemy's exceptions,
-    with the connection invalidated on a disconnect, as ``execute`` would: callers and the
+    parameter's type for the dialect), and driver errors are handled as ``execute`` handles
+    them (its exceptions, its events, the pool invalidated on a disconnect): callers and the
     HTTP problem mapping see no difference. Only for statements whose results need no
     processing (counts, integers). A connection whose engine has cursor-execute listeners
     (instrumentation) runs them through ``execute``, so that those still see every statement."""
@@ -120,6 +120,77 @@ class Prepared:
         return cast("tuple[Any, ...] | None", _run(connection, sql, bound, call))
 
 
+class PreparedLookup:
+    """A SELECT with one expanding parameter (``IN :keys``) run on the DBAPI cursor: compiled
+    once per dialect and number of keys, its rows read back through the result processors
+    SQLAlchemy would apply (SQLite's datetimes are text until then). The per-statement cost of
+    ``execute`` is the same as for ``Prepared``, and a worker runs one such lookup per batch
+    (``ca.store.batch.GroupRead``)."""
+
+    __slots__ = ("_compiled", "_name", "_readers", "statement")
+
+    def __init__(self, statement: sa.Select[Any], name: str) -> None:
+        self.statement = statement
+        self._name = name
+        self._compiled: dict[tuple[str, int], tuple[str, list[Any], bool]] = {}
+        self._readers: dict[tuple[str, tuple[Any, ...]], list[tuple[str, Any]]] = {}
+
+    def _for(self, dialect: sa.Dialect, count: int) -> tuple[str, list[Any], bool]:
+        found = self._compiled.get((dialect.name, count))
+        if found is None:
+            compiled = self.statement.params({self._name: [None] * count}).compile(
+                dialect=dialect, compile_kwargs={"render_postcompile": True}
+            )
+            expanded = {f"{self._name}_{i + 1}": i for i in range(count)}
+            names = list(compiled.positiontup or ()) if compiled.positional else list(expanded)
+            others = set(compiled.binds) - set(expanded) - {self._name}
+            if set(names) - set(expanded) or others:
+                raise ValueError(f"{self.statement} has parameters other than {self._name}")
+            process = compiled.binds[self._name].type.dialect_impl(dialect).bind_processor(dialect)
+            found = self._compiled[(dialect.name, count)] = (
+                compiled.string,
+                [(name, expanded[name], process) for name in names],
+                compiled.positional,
+            )
+        return found
+
+    def _reader(self, dialect: sa.Dialect, description: Any) -> list[tuple[str, Any]]:
+        type_codes = tuple(column[1] for column in description)
+        found = self._readers.get((dialect.name, type_codes))
+        if found is None:
+            found = self._readers[(dialect.name, type_codes)] = [
+                (key, column.type.dialect_impl(dialect).result_processor(dialect, type_code))
+                for (key, column), type_code in zip(
+                    self.statement.selected_columns.items(), type_codes, strict=True
+                )
+            ]
+        return found
+
+    def mappings(self, connection: sa.Connection, values: list[Any]) -> list[dict[str, Any]]:
+        """The rows whose parameter is among ``values``, each as a dict by column key."""
+        if _observed(connection):
+            found = connection.execute(self.statement, {self._name: values}).mappings()
+            return [dict(row) for row in found]
+        sql, processors, positional = self._for(connection.dialect, len(values))
+        bound_values = [
+            (name, process(values[i]) if process else values[i]) for name, i, process in processors
+        ]
+        bound = tuple(v for _, v in bound_values) if positional else dict(bound_values)
+        dialect = connection.dialect
+
+        def call(cursor: Any) -> list[dict[str, Any]]:
+            cursor.execute(sql, bound)
+            rows = cursor.fetchall()
+            reader = self._reader(dialect, cursor.description)
+            return [
+                {key: convert(value) if convert else value
+                 for (key, convert), value in zip(reader, row, strict=True)}
+                for row in rows
+            ]  # fmt: skip
+
+        return cast("list[dict[str, Any]]", _run(connection, sql, bound, call))
+
+
 def _observed(connection: sa.Connection) -> bool:
     """Whether something listens to the statements this connection runs (SQL instrumentation,
     a test counting them): then they go through ``execute`` and its events, as before."""
@@ -128,24 +199,17 @@ def _observed(connection: sa.Connection) -> bool:
 
 
 def _run(connection: sa.Connection, sql: str, params: Any, call: Callable[[Any], Any]) -> Any:
-    dialect = connection.dialect
     dbapi_connection = connection.connection.dbapi_connection
     assert dbapi_connection is not None
     cursor = dbapi_connection.cursor()
     try:
         return call(cursor)
-    except dialect.loaded_dbapi.Error as error:
-        invalidated = dialect.is_disconnect(error, dbapi_connection, cursor)
-        if invalidated:
-            connection.invalidate(error)
-        raise sa.exc.DBAPIError.instance(
-            sql,
-            params,
-            error,
-            dialect.loaded_dbapi.Error,
-            connection_invalidated=invalidated,
-            dialect=dialect,
-        ) from error
+    except connection.dialect.loaded_dbapi.Error as error:
+        # What execute does with a driver error: SQLAlchemy's exception, the handle_error
+        # events (ca.store.db resets the other pool on a disconnect), and on a disconnect the
+        # connection and every pooled one older than it invalidated. SQLAlchemy has no public
+        # entry point for this; tests/api/test_database_outage.py covers it.
+        connection._handle_dbapi_exception(error, sql, params, cursor, None)
     finally:
         cursor.close()
 

@@ -13,10 +13,11 @@ import sqlalchemy as sa
 from ca import audit
 from ca.authority import _ACTIVE, MESH, active_issuer
 from ca.config import Context
+from ca.grants import _JOINS
 from ca.records import _INSERT as CERTIFICATE_INSERT
 from ca.store.core import prepared, table
 from ca.store.models import CertificateRow
-from ca.tokens import _SPEND
+from ca.tokens import _SPEND, hash_secret
 from tests.ca.svidkit import add_entry, join_secret, uses_remaining
 
 WEB = "spiffe://example.org/ns/default/sa/web"
@@ -147,3 +148,21 @@ def test_with_a_listener_on_the_engine_the_statements_go_through_execute(ctx: Co
     assert seen == ["INSERT", "SELECT"]
     assert active is not None and active[0] == active_issuer(ctx).ca_id
     assert _stored(ctx, "d1")["requested_by"] == "token:é✓"
+
+
+def test_lookups_read_back_what_execute_reads_datetimes_included(ctx: Context) -> None:
+    secrets = [join_secret(ctx, add_entry(ctx, f"{WEB}/{i}"), uses=2)[1] for i in range(3)]
+    keys = [hash_secret(secret) for secret in secrets[:2]] + ["not-a-token"]
+    statement = _JOINS.statement.statement
+    with ctx.engine.connect() as connection:
+        expected = {
+            row["lookup_key"]: dict(row)
+            for row in connection.execute(statement, {"keys": keys}).mappings()
+        }
+        found = {key: dict(row) for key, row in _JOINS.many(connection, keys).items()}
+        one = _JOINS.one(connection, keys[1])
+    assert set(found) == set(keys[:2])
+    assert found == expected
+    assert isinstance(found[keys[0]]["expires_at"], dt.datetime)
+    assert found[keys[0]]["expires_at"].tzinfo is not None
+    assert one is not None and dict(one) == expected[keys[1]]
