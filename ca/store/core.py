@@ -120,6 +120,11 @@ class Prepared:
         return cast("tuple[Any, ...] | None", _run(connection, sql, bound, call))
 
 
+# One compiled form per number of keys is kept up to this many keys (GroupRead asks for at most
+# 256 at once): a few hundred kilobytes of SQL per statement at most.
+CACHED_KEYS = 256
+
+
 class PreparedLookup:
     """A SELECT with one expanding parameter (``IN :keys``) run on the DBAPI cursor: compiled
     once per dialect and number of keys, its rows read back through the result processors
@@ -147,11 +152,13 @@ class PreparedLookup:
             if set(names) - set(expanded) or others:
                 raise ValueError(f"{self.statement} has parameters other than {self._name}")
             process = compiled.binds[self._name].type.dialect_impl(dialect).bind_processor(dialect)
-            found = self._compiled[(dialect.name, count)] = (
+            found = (
                 compiled.string,
                 [(name, expanded[name], process) for name in names],
                 compiled.positional,
             )
+            if count <= CACHED_KEYS:
+                self._compiled[(dialect.name, count)] = found
         return found
 
     def _reader(self, dialect: sa.Dialect, description: Any) -> list[tuple[str, Any]]:

@@ -15,7 +15,7 @@ from ca.authority import _ACTIVE, MESH, active_issuer
 from ca.config import Context
 from ca.grants import _JOINS
 from ca.records import _INSERT as CERTIFICATE_INSERT
-from ca.store.core import prepared, table
+from ca.store.core import CACHED_KEYS, PreparedLookup, prepared, table
 from ca.store.models import CertificateRow
 from ca.tokens import _SPEND, hash_secret
 from tests.ca.svidkit import add_entry, join_secret, uses_remaining
@@ -166,3 +166,12 @@ def test_lookups_read_back_what_execute_reads_datetimes_included(ctx: Context) -
     assert isinstance(found[keys[0]]["expires_at"], dt.datetime)
     assert found[keys[0]]["expires_at"].tzinfo is not None
     assert one is not None and dict(one) == expected[keys[1]]
+
+
+def test_a_lookup_keeps_compiled_forms_only_up_to_a_bound(ctx: Context) -> None:
+    """One compiled form per number of keys: bounded, whatever number of keys is asked for."""
+    lookup = PreparedLookup(_JOINS.statement.statement, "keys")
+    with ctx.engine.connect() as connection:
+        for count in (1, 2, CACHED_KEYS, CACHED_KEYS + 1, 3 * CACHED_KEYS):
+            assert lookup.mappings(connection, [f"k{i}" for i in range(count)]) == []
+    assert sorted(n for _, n in lookup._compiled) == [1, 2, CACHED_KEYS]
