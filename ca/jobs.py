@@ -136,7 +136,12 @@ JOBS = (
     Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
     Job("gateway-truststores", 300, gateway.refresh_job, "rewrite gateway truststores and CRLs"),
-    Job("audit-seal", 2, seal_audit, "hash-chain settled audit records, sign the head every 10 s"),
+    Job(
+        "audit-seal",
+        2,
+        seal_audit,
+        f"hash-chain settled audit records, sign the head every {audit.SIGN_EVERY.seconds} s",
+    ),
     Job("prune-renewal-nonces", 3600, prune_renewal_nonces, "forget expired renewal proofs"),
 )
 

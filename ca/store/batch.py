@@ -51,7 +51,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
-from ca.store.core import Insert, PreparedLookup, prepared
+from ca.store.core import Insert, Prepared, prepared
 
 __all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Spend", "Work"]
 
@@ -121,11 +121,7 @@ class Rows:
 
     def insert(self, connection: sa.Connection) -> None:
         for statement, rows in self._by_statement.items():
-            by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for row in rows:
-                by_keys.setdefault(tuple(row), []).append(row)
-            for same in by_keys.values():
-                prepared(statement).executemany(connection, same)
+            prepared(statement).executemany(connection, rows)
 
 
 Work = Callable[[sa.Connection, Rows], None]
@@ -335,18 +331,18 @@ class Lookup:
     """A SELECT of rows by one key column, for one key or many at once. Built once, at module
     level, with ``by``."""
 
-    statement: PreparedLookup
+    query: Prepared
 
     @classmethod
     def by(cls, rows: sa.Select[Any], key: sa.ColumnElement[Any]) -> Lookup:
         """``rows`` whose ``key`` is among the keys asked for, each carrying it as
         ``lookup_key``."""
         keys: sa.BindParameter[Any] = sa.bindparam("keys", expanding=True)
-        statement = rows.add_columns(key.label("lookup_key")).where(key.in_(keys))
-        return cls(PreparedLookup(statement, "keys"))
+        return cls(Prepared(rows.add_columns(key.label("lookup_key")).where(key.in_(keys))))
 
     def many(self, connection: sa.Connection, keys: list[Any]) -> dict[Any, Mapping[str, Any]]:
-        return {row["lookup_key"]: row for row in self.statement.mappings(connection, keys)}
+        found = self.query.rows(connection, {"keys": list(keys)})
+        return {row["lookup_key"]: row for row in found}
 
     def one(self, connection: sa.Connection, key: Any) -> Mapping[str, Any] | None:
         """One key, now, on the caller's connection (outside an event loop)."""

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlmodel import Session, SQLModel
 
-__all__ = ["Insert", "Prepared", "PreparedLookup", "insert_now", "prepared", "table"]
+__all__ = ["Insert", "Prepared", "insert_now", "prepared", "table"]
 
 # A row to add with one of those statements: executed at once (``insert_now``) or with the rest
 # of a group-commit batch (``ca.store.batch.Rows``).
@@ -38,152 +38,113 @@ def insert_now(session: Session | sa.Connection, *inserts: Insert) -> None:
             session.execute(statement, row)
 
 
+# One compiled form per number of keys of an expanding parameter is kept up to this many keys
+# (GroupRead asks for at most 256 at once): a few hundred kilobytes of SQL per statement at most.
+CACHED_KEYS = 256
+
+# (rendered parameter, parameter given, index in its list or None, fixed value, processor)
+_Slot = tuple[str, str | None, int | None, Any, Any]
+
+
 class Prepared:
     """One of those statements compiled once per dialect and run on the DBAPI cursor of the
     caller's connection, in its transaction.
 
     ``connection.execute`` still spends ~30 µs of Python per statement on a statement it has
     cached (parameter processing, an execution context, a result), which on the group commit's
-    path (a batch's token spends, its inserts, the active-CA check) added 8 % to an issuance
-    in batches of two and 4 % in batches of sixteen (docs/benchmarks.md, change 36). Here the
-    values go through the same type processors SQLAlchemy applies (``bind_processor`` of each
-    parameter's type for the dialect), and driver errors are handled as ``execute`` handles
-    them (its exceptions, its events, the pool invalidated on a disconnect): callers and the
-    HTTP problem mapping see no difference. Only for statements whose results need no
-    processing (counts, integers). A connection whose engine has cursor-execute listeners
-    (instrumentation) runs them through ``execute``, so that those still see every statement."""
+    path (a batch's token lookups and spends, its inserts, the active-CA check) added 8 % to an
+    issuance in batches of two and 4 % in batches of sixteen (docs/benchmarks.md, changes 36
+    and 37). Values go through the type processors SQLAlchemy applies (``bind_processor`` of
+    each parameter's type for the dialect, ``result_processor`` of each selected column: SQLite's
+    datetimes are text until then), and driver errors are handled as ``execute`` handles them
+    (its exceptions, its events, the pool invalidated on a disconnect): callers and the HTTP
+    problem mapping see no difference. A parameter given as a list is an expanding one
+    (``IN :keys``), compiled once per length. A connection whose engine has cursor-execute
+    listeners (instrumentation) runs the statement through ``execute``, so that those still
+    see every statement."""
 
-    __slots__ = ("_compiled", "statement")
+    __slots__ = ("_compiled", "_readers", "statement")
 
     def __init__(self, statement: sa.sql.expression.ClauseElement) -> None:
         self.statement = statement
-        self._compiled: dict[tuple[str, tuple[str, ...]], tuple[str, list[Any], bool]] = {}
+        self._compiled: dict[Any, tuple[str, list[_Slot], bool]] = {}
+        self._readers: dict[tuple[str, tuple[Any, ...]], list[tuple[str, Any]]] = {}
 
-    def _for(self, dialect: sa.Dialect, keys: tuple[str, ...]) -> tuple[str, list[Any], bool]:
-        found = self._compiled.get((dialect.name, keys))
-        if found is None:
-            compiled = cast(
-                SQLCompiler, self.statement.compile(dialect=dialect, column_keys=list(keys))
-            )
-            binds = compiled.binds
-            names = list(compiled.positiontup or ()) if compiled.positional else list(binds)
-            # Values the statement carries (``role == "intermediate"``, ``LIMIT 1``) are bound
-            # as given; a column default SQLAlchemy would compute is refused.
-            given = set(keys)
-            if (
-                compiled.insert_prefetch
-                or compiled.update_prefetch
-                or any(binds[name].required for name in names if name not in given)
-            ):
+    def _for(self, dialect: sa.Dialect, params: dict[str, Any]) -> tuple[str, list[_Slot], bool]:
+        lengths = tuple((name, len(v)) for name, v in params.items() if isinstance(v, list))
+        key = (dialect.name, tuple(params), lengths)
+        found = self._compiled.get(key)
+        if found is not None:
+            return found
+        statement = self.statement
+        if lengths:
+            statement = statement.params({name: [None] * n for name, n in lengths})
+        compiled = cast(
+            SQLCompiler,
+            statement.compile(
+                dialect=dialect,
+                column_keys=list(params),
+                compile_kwargs={"render_postcompile": True},
+            ),
+        )
+        binds = compiled.binds
+        expanded = {f"{name}_{i + 1}": (name, i) for name, n in lengths for i in range(n)}
+        names = (
+            list(compiled.positiontup or ())
+            if compiled.positional
+            else [*(b for b in binds if b not in dict(lengths) and b not in expanded), *expanded]
+        )
+        # Values the statement carries (``role == "intermediate"``, ``LIMIT 1``) are bound as
+        # given; a column default SQLAlchemy would compute is refused.
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            raise ValueError(f"{self.statement} needs parameters that were not given")
+        slots: list[_Slot] = []
+        for name in names:
+            source, index = expanded.get(name, (name, None))
+            bind = binds[source]
+            if source not in params and bind.required:
                 raise ValueError(f"{self.statement} needs parameters that were not given")
-            processors = [
+            slots.append(
                 (
                     name,
-                    binds[name].type.dialect_impl(dialect).bind_processor(dialect),
-                    name in given,
-                    binds[name].effective_value,
+                    source if source in params else None,
+                    index,
+                    bind.effective_value,
+                    bind.type.dialect_impl(dialect).bind_processor(dialect),
                 )
-                for name in names
-            ]
-            found = self._compiled[(dialect.name, keys)] = (
-                compiled.string,
-                processors,
-                compiled.positional,
             )
+        found = (compiled.string, slots, compiled.positional)
+        if sum(n for _, n in lengths) <= CACHED_KEYS:
+            self._compiled[key] = found
         return found
 
     def executemany(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> int:
-        """Every row (all with the same keys); the number of rows changed, summed."""
+        """Every row; the number of rows changed, summed."""
         if _observed(connection):
             return int(connection.execute(cast(Any, self.statement), rows).rowcount)
-        sql, processors, positional = self._for(connection.dialect, tuple(rows[0]))
-        params = [_bound(processors, positional, row) for row in rows]
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            by_keys.setdefault(tuple(row), []).append(row)
+        changed = 0
+        for same in by_keys.values():
+            sql, slots, positional = self._for(connection.dialect, same[0])
+            params = [_bound(slots, positional, row) for row in same]
 
-        def call(cursor: Any) -> int:
-            cursor.executemany(sql, params)
-            return int(cursor.rowcount)
+            def call(cursor: Any, sql: str = sql, params: list[Any] = params) -> int:
+                cursor.executemany(sql, params)
+                return int(cursor.rowcount)
 
-        return cast(int, _run(connection, sql, params, call))
+            changed += cast(int, _run(connection, sql, params, call))
+        return changed
 
-    def first(self, connection: sa.Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    def rows(self, connection: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of a SELECT, each as a dict by column key."""
         if _observed(connection):
-            row = connection.execute(cast(Any, self.statement), params).first()
-            return None if row is None else tuple(row)
-        sql, processors, positional = self._for(connection.dialect, tuple(params))
-        bound = _bound(processors, positional, params)
-
-        def call(cursor: Any) -> tuple[Any, ...] | None:
-            cursor.execute(sql, bound)
-            row = cursor.fetchone()
-            return None if row is None else tuple(row)
-
-        return cast("tuple[Any, ...] | None", _run(connection, sql, bound, call))
-
-
-# One compiled form per number of keys is kept up to this many keys (GroupRead asks for at most
-# 256 at once): a few hundred kilobytes of SQL per statement at most.
-CACHED_KEYS = 256
-
-
-class PreparedLookup:
-    """A SELECT with one expanding parameter (``IN :keys``) run on the DBAPI cursor: compiled
-    once per dialect and number of keys, its rows read back through the result processors
-    SQLAlchemy would apply (SQLite's datetimes are text until then). The per-statement cost of
-    ``execute`` is the same as for ``Prepared``, and a worker runs one such lookup per batch
-    (``ca.store.batch.GroupRead``)."""
-
-    __slots__ = ("_compiled", "_name", "_readers", "statement")
-
-    def __init__(self, statement: sa.Select[Any], name: str) -> None:
-        self.statement = statement
-        self._name = name
-        self._compiled: dict[tuple[str, int], tuple[str, list[Any], bool]] = {}
-        self._readers: dict[tuple[str, tuple[Any, ...]], list[tuple[str, Any]]] = {}
-
-    def _for(self, dialect: sa.Dialect, count: int) -> tuple[str, list[Any], bool]:
-        found = self._compiled.get((dialect.name, count))
-        if found is None:
-            compiled = self.statement.params({self._name: [None] * count}).compile(
-                dialect=dialect, compile_kwargs={"render_postcompile": True}
-            )
-            expanded = {f"{self._name}_{i + 1}": i for i in range(count)}
-            names = list(compiled.positiontup or ()) if compiled.positional else list(expanded)
-            others = set(compiled.binds) - set(expanded) - {self._name}
-            if set(names) - set(expanded) or others:
-                raise ValueError(f"{self.statement} has parameters other than {self._name}")
-            process = compiled.binds[self._name].type.dialect_impl(dialect).bind_processor(dialect)
-            found = (
-                compiled.string,
-                [(name, expanded[name], process) for name in names],
-                compiled.positional,
-            )
-            if count <= CACHED_KEYS:
-                self._compiled[(dialect.name, count)] = found
-        return found
-
-    def _reader(self, dialect: sa.Dialect, description: Any) -> list[tuple[str, Any]]:
-        type_codes = tuple(column[1] for column in description)
-        found = self._readers.get((dialect.name, type_codes))
-        if found is None:
-            found = self._readers[(dialect.name, type_codes)] = [
-                (key, column.type.dialect_impl(dialect).result_processor(dialect, type_code))
-                for (key, column), type_code in zip(
-                    self.statement.selected_columns.items(), type_codes, strict=True
-                )
-            ]
-        return found
-
-    def mappings(self, connection: sa.Connection, values: list[Any]) -> list[dict[str, Any]]:
-        """The rows whose parameter is among ``values``, each as a dict by column key."""
-        if _observed(connection):
-            found = connection.execute(self.statement, {self._name: values}).mappings()
+            found = connection.execute(cast(Any, self.statement), params).mappings()
             return [dict(row) for row in found]
-        sql, processors, positional = self._for(connection.dialect, len(values))
-        bound_values = [
-            (name, process(values[i]) if process else values[i]) for name, i, process in processors
-        ]
-        bound = tuple(v for _, v in bound_values) if positional else dict(bound_values)
         dialect = connection.dialect
+        sql, slots, positional = self._for(dialect, params)
+        bound = _bound(slots, positional, params)
 
         def call(cursor: Any) -> list[dict[str, Any]]:
             cursor.execute(sql, bound)
@@ -196,6 +157,33 @@ class PreparedLookup:
             ]  # fmt: skip
 
         return cast("list[dict[str, Any]]", _run(connection, sql, bound, call))
+
+    def first(self, connection: sa.Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        found = self.rows(connection, params)
+        return tuple(found[0].values()) if found else None
+
+    def _reader(self, dialect: sa.Dialect, description: Any) -> list[tuple[str, Any]]:
+        type_codes = tuple(column[1] for column in description)
+        found = self._readers.get((dialect.name, type_codes))
+        if found is None:
+            columns = cast("sa.Select[Any]", self.statement).selected_columns.items()
+            found = self._readers[(dialect.name, type_codes)] = [
+                (key, column.type.dialect_impl(dialect).result_processor(dialect, type_code))
+                for (key, column), type_code in zip(columns, type_codes, strict=True)
+            ]
+        return found
+
+
+def _bound(slots: list[_Slot], positional: bool, params: dict[str, Any]) -> Any:
+    values = []
+    for name, source, index, fixed, process in slots:
+        value = fixed if source is None else params[source]
+        if index is not None:
+            value = value[index]
+        values.append((name, process(value) if process else value))
+    if positional:
+        return tuple(value for _, value in values)
+    return dict(values)
 
 
 def _observed(connection: sa.Connection) -> bool:
@@ -219,16 +207,6 @@ def _run(connection: sa.Connection, sql: str, params: Any, call: Callable[[Any],
         connection._handle_dbapi_exception(error, sql, params, cursor, None)
     finally:
         cursor.close()
-
-
-def _bound(processors: list[Any], positional: bool, row: dict[str, Any]) -> Any:
-    values = [
-        (name, row[name] if from_row else fixed, process)
-        for name, process, from_row, fixed in processors
-    ]
-    if positional:
-        return tuple(process(v) if process else v for _, v, process in values)
-    return {name: process(v) if process else v for name, v, process in values}
 
 
 _PREPARED: dict[sa.sql.expression.ClauseElement, Prepared] = {}

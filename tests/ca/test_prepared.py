@@ -15,7 +15,7 @@ from ca.authority import _ACTIVE, MESH, active_issuer
 from ca.config import Context
 from ca.grants import _JOINS
 from ca.records import _INSERT as CERTIFICATE_INSERT
-from ca.store.core import CACHED_KEYS, PreparedLookup, prepared, table
+from ca.store.core import CACHED_KEYS, Prepared, prepared, table
 from ca.store.models import CertificateRow
 from ca.tokens import _SPEND, hash_secret
 from tests.ca.svidkit import add_entry, join_secret, uses_remaining
@@ -153,7 +153,7 @@ def test_with_a_listener_on_the_engine_the_statements_go_through_execute(ctx: Co
 def test_lookups_read_back_what_execute_reads_datetimes_included(ctx: Context) -> None:
     secrets = [join_secret(ctx, add_entry(ctx, f"{WEB}/{i}"), uses=2)[1] for i in range(3)]
     keys = [hash_secret(secret) for secret in secrets[:2]] + ["not-a-token"]
-    statement = _JOINS.statement.statement
+    statement = _JOINS.query.statement
     with ctx.engine.connect() as connection:
         expected = {
             row["lookup_key"]: dict(row)
@@ -170,8 +170,8 @@ def test_lookups_read_back_what_execute_reads_datetimes_included(ctx: Context) -
 
 def test_a_lookup_keeps_compiled_forms_only_up_to_a_bound(ctx: Context) -> None:
     """One compiled form per number of keys: bounded, whatever number of keys is asked for."""
-    lookup = PreparedLookup(_JOINS.statement.statement, "keys")
+    lookup = Prepared(_JOINS.query.statement)
     with ctx.engine.connect() as connection:
         for count in (1, 2, CACHED_KEYS, CACHED_KEYS + 1, 3 * CACHED_KEYS):
-            assert lookup.mappings(connection, [f"k{i}" for i in range(count)]) == []
-    assert sorted(n for _, n in lookup._compiled) == [1, 2, CACHED_KEYS]
+            assert lookup.rows(connection, {"keys": [f"k{i}" for i in range(count)]}) == []
+    assert sorted(n for _, _, ((_, n),) in lookup._compiled) == [1, 2, CACHED_KEYS]
