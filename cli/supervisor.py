@@ -9,20 +9,37 @@ jobs (``api.asgi``).
 
 Invoked as ``python -m cli.supervisor '<json>'`` with uvicorn's options.
 
-Each worker listens on a socket of its own, all bound to the same port with ``SO_REUSEPORT``, so
-the kernel spreads new connections over the workers. With one shared socket, whichever worker
-woke first accepted every queued connection: 16 keep-alive clients connecting at once all landed
-on one worker, which then did all the work on one core while the other idled (seen in the
-benchmark as a throughput that halved from one run to the next).
+The supervisor alone accepts connections and hands each to the worker holding the fewest
+(``Dispatcher``; the descriptor travels over a Unix socket pair, ``SCM_RIGHTS``), which then does
+the TLS handshake and serves it. Clients keep their connections open for many requests, so where
+a connection lands decides a worker's share of the load for as long as it lives:
+
+* one listening socket shared by the workers: whichever woke first accepted every queued
+  connection, so 16 keep-alive clients connecting at once all landed on one worker, which did all
+  the work on one core while the other idled;
+* a listening socket per worker (``SO_REUSEPORT``, used before): the kernel picks one by a hash
+  of the addresses, so the 16 split 8/8 one time and 3/13 the next, and an API gateway's two
+  pooled connections often shared a worker.
+
+Counting is exact without asking the workers anything: the supervisor counts what it handed out
+and each worker counts, in shared memory, the connections it is done with.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import multiprocessing
+import select
 import socket
 import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
+import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
@@ -32,44 +49,132 @@ from cli.tlsreload import ReloadingConfig
 
 logger = logging.getLogger("uvicorn.error")
 
-__all__ = ["PerWorkerSockets", "command", "listening_sockets", "main"]
+__all__ = ["Dispatcher", "HandingSupervisor", "command", "listening_socket", "main"]
+
+# How often the dispatcher looks up from accept() to notice a shutdown.
+POLL_SECONDS = 0.2
+# A worker that does not take a connection from its socket pair within this (hung, or its
+# buffer full) loses it to the next worker.
+HAND_TIMEOUT = 1.0
 
 
-def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
-    """``count`` sockets listening on one address; the kernel balances connections over them."""
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.set_inheritable(True)
-        sockets.append(sock)
-    return sockets
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    return sock
 
 
-class PerWorkerSockets(Multiprocess):
-    """uvicorn's supervisor (signals, health pings, restarts), with worker ``i`` always given
-    socket ``i``: the three places uvicorn 0.54 creates a worker, slot-aware."""
+# --- in the supervisor --------------------------------------------------------------------------
 
-    def __init__(self, config: ReloadingConfig, sockets: list[socket.socket]) -> None:
-        super().__init__(config, sockets)
-        self.slot_sockets = sockets
 
-    def _worker(self, slot: int) -> Process:
-        process = Process(self.config, [self.slot_sockets[slot]])
+@dataclass
+class Slot:
+    """One worker as the dispatcher sees it: where to send connections and how many it holds."""
+
+    channel: socket.socket  # the supervisor's end of the worker's socket pair
+    finished: Any  # the worker's count of connections it is done with (shared memory)
+    handed: int = field(default=0)
+
+    @property
+    def load(self) -> int:
+        return self.handed - int(self.finished.value)
+
+
+class Dispatcher(threading.Thread):
+    """Accepts every connection and hands it to the worker with the fewest open ones."""
+
+    def __init__(self, listener: socket.socket, slots: int) -> None:
+        super().__init__(name="dispatcher", daemon=True)
+        self.listener = listener
+        self.slots: list[Slot | None] = [None] * slots
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def install(self, index: int, slot: Slot) -> None:
+        """Route new connections for position ``index`` to ``slot`` (a new or restarted worker)."""
+        with self.lock:
+            old, self.slots[index] = self.slots[index], slot
+        if old is not None:
+            old.channel.close()
+
+    def stop(self) -> None:
+        """No more connections: the kernel refuses them from now on instead of queueing them."""
+        self.stopping.set()
+        self.join(timeout=2 * POLL_SECONDS + 1)
+        self.listener.close()
+
+    def run(self) -> None:
+        self.listener.setblocking(False)
+        while not self.stopping.is_set():
+            readable, _, _ = select.select([self.listener], [], [], POLL_SECONDS)
+            if not readable:
+                continue
+            while True:
+                try:
+                    connection, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # EMFILE and the like: log, back off, keep serving
+                    logger.warning("cannot accept a connection: %s", exc)
+                    self.stopping.wait(POLL_SECONDS)
+                    break
+                with connection:
+                    try:
+                        self.hand(connection)
+                    except Exception:  # never let one connection stop the accepting
+                        logger.exception("cannot hand a connection to a worker")
+
+    def hand(self, connection: socket.socket) -> bool:
+        with self.lock:
+            candidates = sorted(
+                (slot for slot in self.slots if slot is not None), key=lambda s: s.load
+            )
+        for slot in candidates:
+            try:
+                socket.send_fds(slot.channel, [b"c"], [connection.fileno()])
+            except OSError:  # that worker is gone or stuck; its restart installs a new slot
+                continue
+            slot.handed += 1
+            return True
+        logger.warning("no worker took a connection; closed it")
+        return False
+
+
+class HandingSupervisor(Multiprocess):
+    """uvicorn's supervisor (signals, health pings, restarts) with a ``Dispatcher`` in front: the
+    three places uvicorn 0.54 creates a worker give it a socket pair and install it."""
+
+    def __init__(self, config: ReloadingConfig, listener: socket.socket) -> None:
+        super().__init__(config, [])
+        self.dispatcher = Dispatcher(listener, self.processes_num)
+
+    def _worker(self) -> tuple[Process, Slot]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine.settimeout(HAND_TIMEOUT)
+        finished = multiprocessing.get_context("spawn").RawValue("Q", 0)
+        process = HandedProcess(self.config, theirs, finished)
         process.start()
-        return process
+        theirs.close()  # the worker has its own copy now
+        return process, Slot(mine, finished)
 
     def init_processes(self) -> None:
-        self.processes = [self._worker(slot) for slot in range(self.processes_num)]
+        for index in range(self.processes_num):
+            process, slot = self._worker()
+            self.processes.append(process)
+            self.dispatcher.install(index, slot)
+        self.dispatcher.start()
+
+    def terminate_all(self) -> None:
+        self.dispatcher.stop()
+        super().terminate_all()
 
     def keep_subprocess_alive(self) -> None:
-        for slot, process in enumerate(self.processes):
+        for index, process in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
             if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
@@ -81,21 +186,131 @@ class PerWorkerSockets(Multiprocess):
                 self.should_exit.set()
                 return
             logger.info("worker [%s] died; starting another", process.pid)
-            self.processes[slot] = self._worker(slot)
+            self.processes[index], slot = self._worker()
+            self.dispatcher.install(index, slot)
 
     def restart_all(self) -> None:
-        """SIGHUP: replace each worker in turn, the new one on the same socket."""
-        for slot, old in enumerate(self.processes):
+        """SIGHUP: replace each worker in turn; new connections go to the new one once it is
+        ready, the old one finishes the requests it has."""
+        for index, old in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
-            new = self._worker(slot)
+            new, slot = self._worker()
             if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
                 new.kill()
                 new.join()
+                slot.channel.close()
                 return
+            self.dispatcher.install(index, slot)
             old.terminate()
             old.join()
-            self.processes[slot] = new
+            self.processes[index] = new
+
+
+# --- in a worker -------------------------------------------------------------------------------
+
+
+class HandedProcess(Process):
+    """A uvicorn worker process whose server takes connections from the supervisor."""
+
+    def __init__(self, config: uvicorn.Config, channel: socket.socket, finished: Any) -> None:
+        self.finished = finished  # before start(): the process object travels to the child
+        super().__init__(config, [channel])
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = HandedServer(self.config, self.finished)
+        return self._server
+
+
+class HandedServer(uvicorn.Server):
+    """uvicorn's server, with no listening socket: it serves the connections that arrive on its
+    socket pair, exactly as it would serve accepted ones."""
+
+    def __init__(self, config: uvicorn.Config, finished: Any) -> None:
+        super().__init__(config)
+        self.finished = finished
+        self.channel: socket.socket | None = None
+        self.adopting: set[asyncio.Task[None]] = set()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        (channel,) = sockets or []
+        await super().startup(sockets=[])  # the lifespan (the app's start-up); no listener
+        finished = self.finished
+        base: Any = self.config.http_protocol_class
+
+        class Counted(base):  # type: ignore[misc]
+            """Counts itself done however the connection ends."""
+
+            made = False
+
+            def connection_made(self, transport: Any) -> None:
+                self.made = True
+                super().connection_made(transport)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    finished.value += 1
+
+        self.protocol_class = Counted
+        channel.setblocking(False)
+        self.channel = channel
+        asyncio.get_running_loop().add_reader(channel.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        assert self.channel is not None
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(self.channel, 1, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                fds = []
+                logger.error("lost the supervisor's socket pair: %s", exc)
+            if not fds:  # the supervisor is gone: nobody hands out connections any more
+                self._close_channel()
+                self.should_exit = True
+                return
+            connection = socket.socket(fileno=fds[0])
+            task = asyncio.get_running_loop().create_task(self._adopt(connection))
+            self.adopting.add(task)
+            task.add_done_callback(self.adopting.discard)
+
+    async def _adopt(self, connection: socket.socket) -> None:
+        config, protocol = self.config, None
+
+        def create_protocol() -> asyncio.Protocol:
+            nonlocal protocol
+            protocol = self.protocol_class(
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+            return protocol
+
+        with contextlib.suppress(OSError):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                create_protocol, connection, ssl=config.ssl
+            )
+        except Exception as exc:  # a client that fails its handshake is routine
+            logger.debug("connection failed before its first request: %s", exc)
+            connection.close()
+            if protocol is None or not protocol.made:
+                self.finished.value += 1
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            self.channel.close()
+            self.channel = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._close_channel()
+        await super().shutdown(sockets=[])
 
 
 def command(options: dict[str, object]) -> list[str]:
@@ -115,8 +330,8 @@ def main(argv: list[str]) -> None:
         factory=True,
         **options,
     )
-    sockets = listening_sockets(config.host, config.port, config.workers, config.backlog)
-    PerWorkerSockets(config, sockets).run()
+    listener = listening_socket(config.host, config.port, config.backlog)
+    HandingSupervisor(config, listener).run()
 
 
 if __name__ == "__main__":
