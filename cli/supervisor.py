@@ -36,6 +36,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,11 @@ __all__ = ["Dispatcher", "HandingSupervisor", "command", "listening_socket", "ma
 
 # How often the dispatcher looks up from accept() to notice a shutdown.
 POLL_SECONDS = 0.2
+# The first connection after a quiet spell waits this long before it is handed out. Clients that
+# reconnect (a restarted gateway, a load generator's next run) close their old connections a few
+# milliseconds before opening new ones, and a worker counts a close only when its loop next
+# turns: handed out at once, the new connections would go by counts still holding the old ones.
+QUIET_SECONDS, SETTLE_SECONDS = 0.5, 0.02
 # A worker that does not take a connection from its socket pair within this (hung, or its
 # buffer full) loses it to the next worker.
 HAND_TIMEOUT = 1.0
@@ -110,10 +116,14 @@ class Dispatcher(threading.Thread):
 
     def run(self) -> None:
         self.listener.setblocking(False)
+        last = 0.0
         while not self.stopping.is_set():
             readable, _, _ = select.select([self.listener], [], [], POLL_SECONDS)
             if not readable:
                 continue
+            if time.monotonic() - last > QUIET_SECONDS:
+                self.stopping.wait(SETTLE_SECONDS)
+            last = time.monotonic()
             while True:
                 try:
                     connection, _ = self.listener.accept()
