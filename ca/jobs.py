@@ -77,7 +77,7 @@ def refresh_federated_bundles(ctx: Context) -> str:
 
 
 def seal_audit(ctx: Context) -> str:
-    result = audit.seal(ctx, sign_every=audit.SIGN_EVERY)
+    result = audit.seal(ctx, sign_every=audit.SIGN_EVERY, pause=True)
     return f"sealed {result.records} audit record(s)"
 
 

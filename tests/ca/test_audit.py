@@ -4,7 +4,8 @@ chain exposes any edited, deleted or reordered record."""
 from __future__ import annotations
 
 import datetime as dt
-from types import SimpleNamespace
+import hashlib
+import json
 
 import pytest
 import sqlalchemy as sa
@@ -266,7 +267,7 @@ def test_the_signed_head_is_what_an_unsigned_tail_can_be_rewritten_after(
         tail = connection.execute(
             sa.select(audit._AUDIT).where(audit._AUDIT.c.subject == "tail")
         ).one()
-        forged = SimpleNamespace(**{**tail._asdict(), "actor": "forger"})
+        forged = {**tail._asdict(), "actor": "forger"}
         connection.execute(
             sa.update(audit._AUDIT)
             .where(audit._AUDIT.c.id == tail.id)
@@ -283,3 +284,20 @@ def test_the_signed_head_is_what_an_unsigned_tail_can_be_rewritten_after(
         )
     after = audit.verify(ctx)
     assert not after.ok and "edited" in after.problems[0]
+
+
+def test_the_digest_is_the_sorted_canonical_json_chains_were_sealed_with() -> None:
+    """Chains sealed before keep verifying: the record hash is SHA-256 of the record's JSON with
+    sorted keys and no spaces, whichever way it is built."""
+    row = {
+        "id": 41,
+        "at": dt.datetime(2026, 11, 26, 12, 0, 1, 250_000, tzinfo=dt.UTC),
+        "actor": "token:3f2a",
+        "event": "certificate.issued",
+        "subject": "spiffe://example.org/ns/default/sa/web",
+        "detail": '{"serial":"5f00","profile":"x509-svid"}',
+        "request_id": None,
+    }
+    document = {**row, "at": row["at"].isoformat(), "seq": 7, "prev": "ab" * 32}
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    assert audit._digest(row, 7, "ab" * 32) == hashlib.sha256(canonical).hexdigest()
