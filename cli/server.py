@@ -57,6 +57,7 @@ def serve(
         "log_config": None,  # keep the JSON/text handlers configure_logging installed
         "access_log": False,
         "server_header": False,
+        "http": "cli.http:CorkedHttpToolsProtocol",  # one write per response
         "timeout_graceful_shutdown": 10,
         **tls_options,
     }
