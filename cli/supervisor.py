@@ -21,8 +21,8 @@ a connection lands decides a worker's share of the load for as long as it lives:
   of the addresses, so the 16 split 8/8 one time and 3/13 the next, and an API gateway's two
   pooled connections often shared a worker.
 
-Counting is exact without asking the workers anything: the supervisor counts what it handed out
-and each worker counts, in shared memory, the connections it is done with.
+Counting needs no round trip: the supervisor counts what it handed out and each worker counts,
+in shared memory, the connections it is done with, as soon as its loop sees them end.
 """
 
 from __future__ import annotations
@@ -140,17 +140,19 @@ class Dispatcher(threading.Thread):
                         logger.exception("cannot hand a connection to a worker")
 
     def hand(self, connection: socket.socket) -> bool:
+        # Under the lock throughout: a channel closed by ``install`` while a send is under way
+        # could have its descriptor number reused by the next socket pair.
         with self.lock:
             candidates = sorted(
                 (slot for slot in self.slots if slot is not None), key=lambda s: s.load
             )
-        for slot in candidates:
-            try:
-                socket.send_fds(slot.channel, [b"c"], [connection.fileno()])
-            except OSError:  # that worker is gone or stuck; its restart installs a new slot
-                continue
-            slot.handed += 1
-            return True
+            for slot in candidates:
+                try:
+                    socket.send_fds(slot.channel, [b"c"], [connection.fileno()])
+                except OSError:  # that worker is gone or stuck; its restart installs a new slot
+                    continue
+                slot.handed += 1
+                return True
         logger.warning("no worker took a connection; closed it")
         return False
 
