@@ -276,16 +276,20 @@ class HandedServer(uvicorn.Server):
         assert self.channel is not None
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(self.channel, 1, 1)
+                data, fds, _, _ = socket.recv_fds(self.channel, 1, 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                fds = []
+                data, fds = b"", []
                 logger.error("lost the supervisor's socket pair: %s", exc)
-            if not fds:  # the supervisor is gone: nobody hands out connections any more
+            if not data:  # the supervisor is gone: nobody hands out connections any more
                 self._close_channel()
                 self.should_exit = True
                 return
+            if not fds:  # dropped by the kernel (this process is out of descriptors)
+                logger.warning("a connection handed over was lost: no descriptor left")
+                self.finished.value += 1
+                continue
             connection = socket.socket(fileno=fds[0])
             task = asyncio.get_running_loop().create_task(self._adopt(connection))
             self.adopting.add(task)

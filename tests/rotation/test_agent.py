@@ -265,6 +265,10 @@ def test_agents_keep_mutual_tls_working_through_renewals_and_an_activation(
         for name in "ab"
     }
     stop = threading.Event()
+    # The server stops after the client: a handshake the client began just as the test ended
+    # would otherwise wait out its timeout against a server that no longer accepts.
+    server_stop = threading.Event()
+    server: threading.Thread | None = None
     threads: list[threading.Thread] = []
     samples = {name: Samples() for name in "ab"}
     record = Handshakes()
@@ -280,11 +284,10 @@ def test_agents_keep_mutual_tls_working_through_renewals_and_an_activation(
             threading.Thread(target=sample, args=(tmp_path / n, samples[n], stop), daemon=True)
             for n in "ab"
         ]
-        threads.append(
-            threading.Thread(
-                target=tls_server, args=(tmp_path / "a", listener, record, stop), daemon=True
-            )
+        server = threading.Thread(
+            target=tls_server, args=(tmp_path / "a", listener, record, server_stop), daemon=True
         )
+        server.start()
         threads.append(
             threading.Thread(target=client, args=(tmp_path / "b", port, record, stop), daemon=True)
         )
@@ -323,6 +326,9 @@ def test_agents_keep_mutual_tls_working_through_renewals_and_an_activation(
         stop.set()
         for thread in threads:
             thread.join(timeout=10)
+        server_stop.set()
+        if server is not None:
+            server.join(timeout=10)
         listener.close()
         codes = {name: agent.stop() for name, agent in agents.items()}
     logs = {name: agent.log for name, agent in agents.items()}
