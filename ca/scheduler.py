@@ -84,13 +84,27 @@ def run_job(ctx: Context, job: Job) -> JobRunRow | None:
                 connection.commit()
 
 
+# The last result logged at info, per job. Jobs run every 2 to 300 s and mostly find nothing to
+# do: "job audit-seal: sealed 0 audit record(s)" every 2 s buried the lines that matter. A result
+# is logged at info when it differs from the job's previous one, at debug when it repeats;
+# failures are always logged (``run_job``), and every run is recorded (``trellis jobs list``).
+_LAST_LOGGED: dict[str, str] = {}
+
+
+def _log_result(job: Job, result: str) -> None:
+    repeated = _LAST_LOGGED.get(job.name) == result
+    _LAST_LOGGED[job.name] = result
+    log.log(logging.DEBUG if repeated else logging.INFO, "job %s: %s", job.name, result)
+
+
 def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
     row = run_job(ctx, job)
     if row is None:
         return
     if row.last_ok:
-        log.info("job %s: %s", job.name, row.last_result)
+        _log_result(job, row.last_result)
         return
+    _LAST_LOGGED.pop(job.name, None)  # the next success is news
     delay = min(BACKOFF_START * 2 ** (row.consecutive_failures - 1), job.every_seconds)
     scheduler.add_job(
         _tick,

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -195,3 +197,27 @@ def test_serve_starts_after_downtime_past_the_intermediate_expiry(tmp_path: Path
             c for c in status["cas"] if c["role"] == "intermediate" and c["state"] == "active"
         ]
         assert len(active) == 1 and parse_time(active[0]["not_after"]) > dt.datetime.now(dt.UTC)
+
+
+def test_a_job_result_is_logged_at_info_only_when_it_changes(
+    ctx: Context, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run is recorded; the log says what changed. A job that finds the same nothing to do
+    every few seconds repeats itself at debug, not info."""
+    monkeypatch.setattr(scheduler, "_LAST_LOGGED", {})  # as in a process that just started
+    job = job_named("prune-renewal-nonces")
+    idle = BackgroundScheduler()
+    caplog.set_level(logging.DEBUG, logger="trellis.scheduler")
+    for _ in range(3):
+        scheduler._tick(ctx, idle, job)
+    levels = [r.levelno for r in caplog.records if r.getMessage().startswith("job prune")]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    (status,) = [s for s in job_statuses(ctx) if s.name == job.name]
+    assert status.runs == 3
+
+    caplog.clear()  # a different result is news again, and so is the same one after it changed
+    noisy = dataclasses.replace(job, run=lambda _ctx: "pruned 2 spent renewal proof(s)")
+    scheduler._tick(ctx, idle, noisy)
+    scheduler._tick(ctx, idle, job)
+    levels = [r.levelno for r in caplog.records if r.getMessage().startswith("job prune")]
+    assert levels == [logging.INFO, logging.INFO]
