@@ -37,7 +37,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -50,7 +50,7 @@ from cli.tlsreload import ReloadingConfig
 
 logger = logging.getLogger("uvicorn.error")
 
-__all__ = ["Dispatcher", "HandingSupervisor", "command", "listening_socket", "main"]
+__all__ = ["Dispatcher", "HandingSupervisor", "command", "main"]
 
 # How often the dispatcher looks up from accept() to notice a shutdown.
 POLL_SECONDS = 0.2
@@ -64,17 +64,6 @@ QUIET_SECONDS, SETTLE_SECONDS = 0.5, 0.02
 HAND_TIMEOUT = 1.0
 
 
-def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(backlog)
-    return sock
-
-
 # --- in the supervisor --------------------------------------------------------------------------
 
 
@@ -84,7 +73,7 @@ class Slot:
 
     channel: socket.socket  # the supervisor's end of the worker's socket pair
     finished: Any  # the worker's count of connections it is done with (shared memory)
-    handed: int = field(default=0)
+    handed: int = 0
 
     @property
     def load(self) -> int:
@@ -346,7 +335,8 @@ def main(argv: list[str]) -> None:
         factory=True,
         **options,
     )
-    listener = listening_socket(config.host, config.port, config.backlog)
+    listener = config.bind_socket()  # uvicorn's: exits with STARTUP_FAILURE if the port is taken
+    listener.listen(config.backlog)
     HandingSupervisor(config, listener).run()
 
 
