@@ -9,7 +9,10 @@ unit that did not commit. Both databases.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -28,6 +31,7 @@ from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
 from ca.keys import KeyType
 from ca.renewal import make_proof
+from ca.store import batch
 from ca.store.batch import GroupCommit, Rows
 from tests.ca.svidkit import (
     add_entry,
@@ -305,6 +309,119 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
     assert len({svid.serial.hex for svid in issued}) == 6
 
 
+@contextmanager
+def write_lock_held(ctx: Context, by: str) -> Iterator[Callable[[], None]]:
+    """The SQLite write lock, taken by another worker process (``by="process"``: the flock on
+    its own descriptor) or by this process's audit sealer (``"sealer"``: the commit lock, from
+    a thread). Yields the release; it is released after 5 s in any case."""
+    released = threading.Event()
+    if by == "process":
+        descriptor = os.open(f"{ctx.engine.url.database}.write-lock", os.O_RDWR)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+        backstop = threading.Timer(5, release)
+        backstop.start()
+        try:
+            yield release
+        finally:
+            backstop.cancel()
+            release()
+            os.close(descriptor)
+        return
+    held = threading.Event()
+
+    def sealer() -> None:
+        with ctx.writes._commit_lock:
+            held.set()
+            released.wait(5)
+
+    holder = threading.Thread(target=sealer)
+    holder.start()
+    assert held.wait(5)
+    try:
+        yield released.set
+    finally:
+        released.set()
+        holder.join(10)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("by", ["process", "sealer"])
+def test_a_sqlite_batch_waits_for_the_write_lock_without_stopping_its_loop(
+    ctx: Context, by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another worker (or this worker's audit sealer) holds SQLite's write lock, the loop
+    whose batch is ready goes on: it serves the next request, which joins the waiting batch,
+    and it is the loop itself that releases the lock here. Were the loop blocked on the lock,
+    only the 5 s backstop would release it, and the two issuances would be two batches."""
+    monkeypatch.setattr(batch, "LOCK_WAIT_TURNS", 25_000)  # ~5 s of turns: never given up here
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=2)
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(2)]
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+
+    async def scenario(release: Callable[[], None]) -> list[IssuedSvid]:
+        first = asyncio.ensure_future(issue_svid_async(ctx, join_grant(ctx, secret), csrs[0]))
+        await asyncio.sleep(0.1)  # its batch is ready, and finds the lock taken
+        assert not first.done()
+        second = asyncio.ensure_future(issue_svid_async(ctx, join_grant(ctx, secret), csrs[1]))
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        release()
+        return await asyncio.wait_for(asyncio.gather(first, second), 20)
+
+    started = time.monotonic()
+    with write_lock_held(ctx, by) as release:
+        issued = asyncio.run(scenario(release))
+
+    assert time.monotonic() - started < 4
+    assert ctx.writes.batches == batches + 1
+    assert count_rows(ctx, "certificate") == certificates + 2
+    assert len({svid.serial.hex for svid in issued}) == 2
+    assert not ctx.writes._lock_waits
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_sqlite_batch_that_waited_its_turns_blocks_on_the_lock_and_commits(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock held past ``LOCK_WAIT_TURNS``: the batch then waits on it as a thread would (the
+    loop stops) and commits as soon as it is free; no request is dropped or left waiting."""
+    monkeypatch.setattr(batch, "LOCK_WAIT_TURNS", 3)
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=1)
+    csr = make_csr(new_key(KeyType.EC_P256))
+    certificates = count_rows(ctx, "certificate")
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> IssuedSvid:
+        beat = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.05)
+        try:
+            return await asyncio.wait_for(issue_svid_async(ctx, join_grant(ctx, secret), csr), 20)
+        finally:
+            beat.cancel()
+
+    with write_lock_held(ctx, "process") as release:
+        threading.Timer(0.5, release).start()
+        issued = asyncio.run(scenario())
+
+    assert isinstance(issued, IssuedSvid)
+    assert count_rows(ctx, "certificate") == certificates + 1
+    assert max(b - a for a, b in itertools.pairwise(ticks)) > 0.3  # the loop did wait
+    assert not ctx.writes._lock_waits
+
+
 def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> None:
     """The rows of a batch's units (certificates, audit records) are inserted together after the
     units ran: one INSERT per table, whatever the batch size, audit records in the units' order
@@ -377,7 +494,7 @@ def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
     csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
     certificates = count_rows(ctx, "certificate")
 
-    def broken(_self: GroupCommit, _batch: list[object]) -> None:
+    def broken(_self: GroupCommit, _batch: list[object], **_: object) -> None:
         raise OSError("no writer lock")
 
     monkeypatch.setattr(GroupCommit, "_commit", broken)
