@@ -246,8 +246,10 @@ class GroupCommit:
                 try:
                     self._commit_chunks(units, locked=True)
                 finally:
-                    self._between_processes.release()
-                    self._commit_lock.release()
+                    try:
+                        self._between_processes.release()
+                    finally:
+                        self._commit_lock.release()
             else:  # waited long enough: block on the lock, as a thread would
                 self._commit_units(units)
         finally:  # whatever happened, no request is left waiting
