@@ -212,11 +212,12 @@ def seal(
     (the job passes ``SIGN_EVERY``); by default, whenever the head is not signed yet.
     ``pause``: yield to the process's other threads as it goes (the job, see ``PAUSE_EVERY``).
 
-    Records are chained in chunks, each written as one unit of the group commit; the new head
-    is signed with the last chunk. Only one sealer runs at a time (the scheduler's lock), so
-    the head read before a chunk is still the head when it is written; ``seq`` is unique and
-    ``_CHAIN`` only touches unsealed rows, so a second sealer could fail but never fork the
-    chain."""
+    Records are chained in chunks, each written in a transaction of its own
+    (``GroupCommit.run_apart``: beside the batches of requests on PostgreSQL, through the one
+    write lock on SQLite); the new head is signed with the last chunk. Only one sealer runs at
+    a time (the scheduler's lock), so the head read before a chunk is still the head when it is
+    written; ``seq`` is unique and ``_CHAIN`` only touches unsealed rows, so a second sealer
+    could fail but never fork the chain."""
     if settle is None:
         settle = SETTLE if ctx.engine.dialect.name == "postgresql" else dt.timedelta(0)
     now = ctx.clock.now()
@@ -248,14 +249,14 @@ def seal(
         if not chained:
             break
         signature = _seal_row(ctx, seq, previous, now) if last and sign else None
-        ctx.writes.run(_chunk_writer(chained, signature))
+        ctx.writes.run_apart(_chunk_writer(chained, signature))
         total += len(chained)
         if last:
             break
     if not total and sign and seq > signed_seq:  # chained by an earlier run, not signed yet
         signature = _seal_row(ctx, seq, previous, now)
         if signature is not None:
-            ctx.writes.run(_chunk_writer([], signature))
+            ctx.writes.run_apart(_chunk_writer([], signature))
     return Sealed(total, seq if total else None)
 
 

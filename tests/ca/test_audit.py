@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -301,3 +302,53 @@ def test_the_digest_is_the_sorted_canonical_json_chains_were_sealed_with() -> No
     document = {**row, "at": row["at"].isoformat(), "seq": 7, "prev": "ab" * 32}
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     assert audit._digest(row, 7, "ab" * 32) == hashlib.sha256(canonical).hexdigest()
+
+
+def test_a_sealer_chunk_in_progress_holds_up_issuance_only_on_sqlite(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the sealer's chunks are transactions of their own
+    (``GroupCommit.run_apart``): an issuance commits while one is still open. Through the group
+    commit, a chunk held the process's commit lock and every batch of requests waited behind
+    it. SQLite has one write lock, so there the issuance waits for the chunk."""
+    _activity(ctx)  # records to seal
+    inside, release = threading.Event(), threading.Event()
+    real_writer = audit._chunk_writer
+
+    def held_writer(chained: list[dict[str, object]], signature: object) -> object:
+        write = real_writer(chained, signature)  # type: ignore[arg-type]
+
+        def held(connection: sa.Connection, rows: object) -> None:
+            write(connection, rows)  # type: ignore[arg-type]
+            inside.set()
+            release.wait(10)
+
+        return held
+
+    entry = create_entry(ctx, EntryParams(SpiffeId.parse(f"{WEB}-2")))
+    _, secret = create_join_token(ctx, entry.id)
+    grant = join_grant(ctx, secret)
+    csr = make_csr(KeyType.EC_P256.generate())
+    monkeypatch.setattr(audit, "_chunk_writer", held_writer)
+    sealer = threading.Thread(target=_sealed, args=(ctx,))
+    sealer.start()
+    issued_while_open = False
+    try:
+        assert inside.wait(10)
+        done = threading.Event()
+
+        def issue() -> None:
+            issue_svid(ctx, grant, csr)
+            done.set()
+
+        issuer = threading.Thread(target=issue)
+        issuer.start()
+        issued_while_open = done.wait(2)
+        release.set()
+        issuer.join(20)
+        assert done.is_set()
+    finally:
+        release.set()
+        sealer.join(20)
+    assert issued_while_open == (ctx.engine.dialect.name == "postgresql")
+    assert audit.verify(ctx).ok
