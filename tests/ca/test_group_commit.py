@@ -93,6 +93,48 @@ def start(calls: list[Callable[[], object]]) -> Callable[[], list[object]]:
     return join
 
 
+@contextmanager
+def write_lock_held(ctx: Context, by: str) -> Iterator[Callable[[], None]]:
+    """The group commit's write lock, taken by another worker process (``by="process"``: the
+    SQLite flock, on a descriptor of its own) or by a thread of this process such as the audit
+    sealer (``"sealer"``: the commit lock). Yields the release; it is released after 5 s in
+    any case."""
+    released = threading.Event()
+    if by == "process":
+        descriptor = os.open(f"{ctx.engine.url.database}.write-lock", os.O_RDWR)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+        backstop = threading.Timer(5, release)
+        backstop.start()
+        try:
+            yield release
+        finally:
+            backstop.cancel()
+            release()
+            os.close(descriptor)
+        return
+    held = threading.Event()
+
+    def sealer() -> None:
+        with ctx.writes._commit_lock:
+            held.set()
+            released.wait(5)
+
+    holder = threading.Thread(target=sealer)
+    holder.start()
+    assert held.wait(5)
+    try:
+        yield released.set
+    finally:
+        released.set()
+        holder.join(10)
+
+
 def test_concurrent_issuances_commit_in_one_batch_and_refusals_touch_nothing_else(
     ctx: Context,
 ) -> None:
@@ -270,16 +312,6 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
     certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
     # The first batch waits on the commit lock, held by another thread, until the loop has
     # moved on (for at most 5 s: were the commit made on the loop, the loop would wait too).
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with ctx.writes._commit_lock:
-            held.set()
-            release.wait(5)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(5)
     order: list[str] = []
 
     async def issue(label: str, csr: bytes) -> IssuedSvid:
@@ -287,67 +319,23 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
         order.append(label)
         return svid
 
-    async def scenario() -> list[IssuedSvid]:
+    async def scenario(release: Callable[[], None]) -> list[IssuedSvid]:
         first = [asyncio.ensure_future(issue("first", c)) for c in csrs[:3]]
         await asyncio.sleep(0.2)  # the loop runs while the first batch is stuck committing
         assert not any(task.done() for task in first)
         second = [asyncio.ensure_future(issue("second", c)) for c in csrs[3:]]
         await asyncio.sleep(0.2)
         assert not any(task.done() for task in second)
-        release.set()
+        release()
         return await asyncio.gather(*first, *second)
 
-    try:
-        issued = asyncio.run(scenario())
-    finally:
-        release.set()
-        holder.join(10)
+    with write_lock_held(ctx, "sealer") as release:
+        issued = asyncio.run(scenario(release))
 
     assert order == ["first"] * 3 + ["second"] * 3
     assert ctx.writes.batches == batches + 2
     assert count_rows(ctx, "certificate") == certificates + 6
     assert len({svid.serial.hex for svid in issued}) == 6
-
-
-@contextmanager
-def write_lock_held(ctx: Context, by: str) -> Iterator[Callable[[], None]]:
-    """The SQLite write lock, taken by another worker process (``by="process"``: the flock on
-    its own descriptor) or by this process's audit sealer (``"sealer"``: the commit lock, from
-    a thread). Yields the release; it is released after 5 s in any case."""
-    released = threading.Event()
-    if by == "process":
-        descriptor = os.open(f"{ctx.engine.url.database}.write-lock", os.O_RDWR)
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-
-        def release() -> None:
-            if not released.is_set():
-                released.set()
-                fcntl.flock(descriptor, fcntl.LOCK_UN)
-
-        backstop = threading.Timer(5, release)
-        backstop.start()
-        try:
-            yield release
-        finally:
-            backstop.cancel()
-            release()
-            os.close(descriptor)
-        return
-    held = threading.Event()
-
-    def sealer() -> None:
-        with ctx.writes._commit_lock:
-            held.set()
-            released.wait(5)
-
-    holder = threading.Thread(target=sealer)
-    holder.start()
-    assert held.wait(5)
-    try:
-        yield released.set
-    finally:
-        released.set()
-        holder.join(10)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
