@@ -203,12 +203,10 @@ class GroupCommit:
         if self._in_place:
             self.run(work)
             return
-        with self._engine.begin() as connection:
-            rows = Rows()
-            work(connection, rows)
-            rows.spend_each(connection)
-            rows.insert(connection)
-        self.batches += 1
+        unit = _Unit(work)
+        self._alone(unit)
+        if unit.error is not None:
+            raise unit.error
 
     async def run_async(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
@@ -251,30 +249,27 @@ class GroupCommit:
         then the batch stays ready, and what ``run_async`` adds to it meanwhile commits with
         it."""
         turns = self._lock_waits.pop(loop, 0)
-        locked = turns < LOCK_WAIT_TURNS and self._try_lock()
-        if not locked and turns < LOCK_WAIT_TURNS:
+        waited_enough = turns >= LOCK_WAIT_TURNS
+        if not waited_enough and not self._try_lock():
             self._lock_waits[loop] = turns + 1
             self._ready[loop] = ready
             loop.call_later(LOCK_WAIT_SECONDS, self._commit_ready, loop)
             return
         units = [unit for unit, _ in ready]
         try:
-            if locked:
-                try:
-                    self._commit_chunks(units, locked=True)
-                finally:
-                    try:
-                        self._between_processes.release()
-                    finally:
-                        self._commit_lock.release()
-            else:  # waited long enough: block on the lock, as a thread would
+            if waited_enough:  # block on the locks, as a thread would
                 self._commit_units(units)
+            else:
+                try:
+                    self._commit_chunks(units)
+                finally:
+                    self._unlock()
         finally:  # whatever happened, no request is left waiting
             self._settle(ready)
 
     def _try_lock(self) -> bool:
         """Both locks ``_commit_units`` takes, without waiting: this process's and the one
-        between processes."""
+        between processes (which ``_commit`` then finds already held)."""
         if not self._commit_lock.acquire(blocking=False):
             return False
         if not self._between_processes.try_acquire():
@@ -282,13 +277,19 @@ class GroupCommit:
             return False
         return True
 
+    def _unlock(self) -> None:
+        try:
+            self._between_processes.release()
+        finally:
+            self._commit_lock.release()
+
     def _commit_units(self, units: list[_Unit]) -> None:
         with self._commit_lock:  # shared with thread callers (the scheduler's audit sealer)
-            self._commit_chunks(units, locked=False)
+            self._commit_chunks(units)
 
-    def _commit_chunks(self, units: list[_Unit], *, locked: bool) -> None:
+    def _commit_chunks(self, units: list[_Unit]) -> None:
         for start in range(0, len(units), self._max_batch):
-            self._commit_or_fail(units[start : start + self._max_batch], locked=locked)
+            self._commit_or_fail(units[start : start + self._max_batch])
 
     @staticmethod
     def _settle(ready: list[tuple[_Unit, asyncio.Future[None]]]) -> None:
@@ -302,12 +303,11 @@ class GroupCommit:
             else:
                 future.set_result(None)
 
-    def _commit_or_fail(self, batch: list[_Unit], *, locked: bool = False) -> None:
+    def _commit_or_fail(self, batch: list[_Unit]) -> None:
         """Whatever stops a batch before its transaction (the writer lock, say), each of its
-        units ends, refused with a 503: never reported as recorded, never left waiting.
-        ``locked``: the caller holds the lock between processes."""
+        units ends, refused with a 503: never reported as recorded, never left waiting."""
         try:
-            self._commit(batch, locked=locked)
+            self._commit(batch)
         except Exception:
             log.exception("a group commit failed before its transaction")
         finally:
@@ -316,10 +316,7 @@ class GroupCommit:
                     unit.error = Unavailable("the issuing transaction did not complete")
                     unit.done = True
 
-    def _commit(self, batch: list[_Unit], *, locked: bool = False) -> None:
-        if locked:
-            self._commit_batch(batch)
-            return
+    def _commit(self, batch: list[_Unit]) -> None:
         with self._between_processes:
             self._commit_batch(batch)
 
@@ -498,9 +495,14 @@ class _FileLock:
 
     def __init__(self, path: Path) -> None:
         self._descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Taken only under the group commit's own lock, so one holder in this process at a
+        # time: entering it again (a loop's batch that took it with ``try_acquire``) is free.
+        self._depth = 0
 
     def __enter__(self) -> None:
-        fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+        if self._depth == 0:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+        self._depth += 1
 
     def __exit__(self, *_: object) -> None:
         self.release()
@@ -510,10 +512,13 @@ class _FileLock:
             fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # held elsewhere; any other failure recurs, and is reported, on __enter__
             return False
+        self._depth = 1
         return True
 
     def release(self) -> None:
-        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
 
 
 class _NoLock:

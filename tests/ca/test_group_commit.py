@@ -482,7 +482,7 @@ def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
     csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
     certificates = count_rows(ctx, "certificate")
 
-    def broken(_self: GroupCommit, _batch: list[object], **_: object) -> None:
+    def broken(_self: GroupCommit, _batch: list[object]) -> None:
         raise OSError("no writer lock")
 
     monkeypatch.setattr(GroupCommit, "_commit", broken)
