@@ -134,7 +134,7 @@ class CertificateRow(SQLModel, table=True):
     profile: str = Field(max_length=32)
     spiffe_id: str = Field(index=True, max_length=2048)
     entry_id: str | None = Field(default=None, max_length=36)
-    fingerprint_sha256: str = Field(unique=True, max_length=64)
+    fingerprint_sha256: str = Field(max_length=64)  # not unique: migration 0014
     not_before: dt.datetime = _time()
     not_after: dt.datetime = _time()
     status: str = Field(max_length=16)
