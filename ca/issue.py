@@ -87,6 +87,12 @@ class Grant:
 class IssuedSvid:
     certificate: x509.Certificate
     issuer: Issuer = field(repr=False)
+    # Encoded once, for the certificate's row and for the response (given, or made here).
+    certificate_pem: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.certificate_pem:
+            object.__setattr__(self, "certificate_pem", certs_pem([self.certificate]))
 
     @property
     def serial(self) -> Serial:
@@ -95,10 +101,6 @@ class IssuedSvid:
     @property
     def expires_at(self) -> dt.datetime:
         return self.certificate.not_valid_after_utc
-
-    @property
-    def certificate_pem(self) -> bytes:
-        return certs_pem([self.certificate])
 
     @property
     def chain_pem(self) -> bytes:
@@ -147,8 +149,8 @@ def validity_window(
     return not_before, not_after
 
 
-def _persist(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> None:
-    ctx.writes.run(_writer(ctx, grant, cert, issuer), _lock_key(grant), StillActive.of(ctx, issuer))
+def _persist(ctx: Context, grant: Grant, svid: IssuedSvid) -> None:
+    ctx.writes.run(_writer(ctx, grant, svid), _lock_key(grant), StillActive.of(ctx, svid.issuer))
 
 
 def _lock_key(grant: Grant) -> str:
@@ -156,14 +158,36 @@ def _lock_key(grant: Grant) -> str:
     return f"token:{grant.join_token_id}" if grant.join_token_id else ""
 
 
-def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) -> Work:
+def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
     """One unit of a group commit (``ca.store.batch``), Core statements only. Every refusal
     comes from a conditional statement that changed nothing, so refusing one unit never undoes
     another's; a single grant carries one credential to spend at most. A join token's use is
-    spent with the batch's other uses (``Rows.spend``): such a unit writes nothing itself."""
+    spent with the batch's other uses (``Rows.spend``): such a unit writes nothing itself.
+
+    The rows are made here, before the transaction: a batch's units run while it holds the
+    write lock (SQLite has one for all workers), and what needs no database (PEM, fingerprint,
+    JSON) need not make the other workers wait."""
     if grant.join_token_id is not None and grant.renewal_nonce is not None:
         raise AssertionError("a grant spends one credential")
     now = ctx.clock.now()
+    token_use = (
+        join_token_use(grant.join_token_id, now, grant.requested_by)
+        if grant.join_token_id is not None
+        else None
+    )
+    inserts = issued_rows(
+        svid.certificate,
+        pem=svid.certificate_pem,
+        authority=grant.authority,
+        issuer_ca_id=svid.issuer.ca_id,
+        profile=grant.profile,
+        identity=str(grant.spiffe_id),
+        requested_by=grant.requested_by,
+        now=now,
+        entry_id=grant.entry_id,
+        event="certificate.renewed" if grant.renews_serial else "certificate.issued",
+        detail={"renews": grant.renews_serial},
+    )
 
     def write(connection: sa.Connection, rows: Rows) -> None:
         if grant.renews_serial is not None:
@@ -180,22 +204,11 @@ def _writer(ctx: Context, grant: Grant, cert: x509.Certificate, issuer: Issuer) 
             )
             if spent.first() is None:  # (rowcount is -1 here on psycopg)
                 raise AuthenticationFailed("this renewal proof has already been used")
-        if grant.join_token_id is not None:
-            spend, record = join_token_use(grant.join_token_id, now, grant.requested_by)
+        if token_use is not None:
+            spend, record = token_use
             rows.spend(spend)
             rows.add(record)
-        for insert in issued_rows(
-            cert,
-            authority=grant.authority,
-            issuer_ca_id=issuer.ca_id,
-            profile=grant.profile,
-            identity=str(grant.spiffe_id),
-            requested_by=grant.requested_by,
-            now=now,
-            entry_id=grant.entry_id,
-            event="certificate.renewed" if grant.renews_serial else "certificate.issued",
-            detail={"renews": grant.renews_serial},
-        ):
+        for insert in inserts:
             rows.add(insert)
 
     return write
@@ -248,9 +261,9 @@ def issue_for_key(
     """The pipeline after the CSR: for callers that already hold a verified public key."""
 
     def sign_and_record() -> IssuedSvid:
-        cert, issuer = _signed(ctx, grant, public_key, ttl, dns_names)
-        _persist(ctx, grant, cert, issuer)
-        return IssuedSvid(cert, issuer)
+        svid = IssuedSvid(*_signed(ctx, grant, public_key, ttl, dns_names))
+        _persist(ctx, grant, svid)
+        return svid
 
     try:
         return sign_and_record()
@@ -289,10 +302,10 @@ async def issue_svid_async(
         dns_names = authorise(grant, csr)
 
         async def sign_and_record() -> IssuedSvid:
-            cert, issuer = _signed(ctx, grant, csr.public_key, ttl, dns_names)
-            writer, guard = _writer(ctx, grant, cert, issuer), StillActive.of(ctx, issuer)
+            svid = IssuedSvid(*_signed(ctx, grant, csr.public_key, ttl, dns_names))
+            writer, guard = _writer(ctx, grant, svid), StillActive.of(ctx, svid.issuer)
             await ctx.writes.run_async(writer, _lock_key(grant), guard)
-            return IssuedSvid(cert, issuer)
+            return svid
 
         try:
             return await sign_and_record()

@@ -24,6 +24,7 @@ _INSERT = sa.insert(table(CertificateRow))
 def issued_rows(
     cert: x509.Certificate,
     *,
+    pem: bytes | None = None,
     authority: str,
     issuer_ca_id: int,
     profile: str,
@@ -49,7 +50,7 @@ def issued_rows(
         "not_after": cert.not_valid_after_utc,
         "status": "active",
         "requested_by": requested_by[:255],
-        "cert_pem": certs_pem([cert]).decode(),
+        "cert_pem": (pem or certs_pem([cert])).decode(),
         "created_at": now,
     }
     record = audit.entry(

@@ -45,7 +45,7 @@ from ca.csr import parse_csr
 from ca.entries import EntryParams, create_entry
 from ca.grants import admin_grant, join_grant, join_grant_async
 from ca.identity import SpiffeId, TrustDomain
-from ca.issue import _persist, issue_svid, issue_svid_async
+from ca.issue import IssuedSvid, _persist, issue_svid, issue_svid_async
 from ca.profiles import LeafSpec, leaf_builder, sign
 from ca.serial import Serial
 from ca.tokens import MAX_JOIN_USES, create_join_token
@@ -251,8 +251,8 @@ def _stages(ctx: Context, pems: list[bytes], grant: Any, tokens: _Tokens) -> dic
             issuer=issuer.certificate,
         )
 
-    certs = [sign(leaf_builder(spec(i)), issuer.signer) for i in range(n + 50)]
-    more = [sign(leaf_builder(spec(i)), issuer.signer) for i in range(n + 50)]
+    certs = [IssuedSvid(sign(leaf_builder(spec(i)), issuer.signer), issuer) for i in range(n + 50)]
+    more = [IssuedSvid(sign(leaf_builder(spec(i)), issuer.signer), issuer) for i in range(n + 50)]
     _, secret = create_join_token(ctx, tokens.entry_id, uses=MAX_JOIN_USES)
     join = join_grant(ctx, secret)
     return {
@@ -263,13 +263,13 @@ def _stages(ctx: Context, pems: list[bytes], grant: Any, tokens: _Tokens) -> dic
         "join_grant (token + entry queries)": _mean_us(lambda i: join_grant(ctx, secret), n),
         "leaf_builder + sign": _mean_us(lambda i: sign(leaf_builder(spec(i)), issuer.signer), n),
         "check_leaf (verify + extensions)": _mean_us(
-            lambda i: check_leaf(certs[i], issuer.certificate, grant.spiffe_id), n
+            lambda i: check_leaf(certs[i].certificate, issuer.certificate, grant.spiffe_id), n
         ),
         "_persist, admin grant (certificate + audit rows, commit)": _mean_us(
-            lambda i: _persist(ctx, grant, certs[i], issuer), n
+            lambda i: _persist(ctx, grant, certs[i]), n
         ),
         "_persist, join grant (+ token use and its audit row)": _mean_us(
-            lambda i: _persist(ctx, join, more[i], issuer), n
+            lambda i: _persist(ctx, join, more[i]), n
         ),
     }
 
