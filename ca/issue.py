@@ -87,12 +87,11 @@ class Grant:
 class IssuedSvid:
     certificate: x509.Certificate
     issuer: Issuer = field(repr=False)
-    # Encoded once, for the certificate's row and for the response (given, or made here).
-    certificate_pem: bytes = field(default=b"", repr=False)
+    # Encoded once, for the certificate's row and for the response.
+    certificate_pem: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.certificate_pem:
-            object.__setattr__(self, "certificate_pem", certs_pem([self.certificate]))
+        object.__setattr__(self, "certificate_pem", certs_pem([self.certificate]))
 
     @property
     def serial(self) -> Serial:
