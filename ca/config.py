@@ -105,6 +105,7 @@ class Context:
     def close(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        self.writes.close()
         self.engine.dispose()
         if self.reads is not self.engine:
             self.reads.dispose()

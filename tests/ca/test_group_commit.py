@@ -263,6 +263,48 @@ def test_sqlite_batches_hold_a_lock_other_processes_wait_on(ctx: Context) -> Non
     assert after.stdout.strip() == "free"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sqlite_transactions_run_on_one_kept_connection(ctx: Context) -> None:
+    """SQLite commits one transaction at a time: they share one connection, so no batch checks
+    one out of the pool (and back) while it holds the write lock."""
+    entry = add_entry(ctx, WEB)
+    token, secret = join_secret(ctx, entry, uses=12)
+    committed_on: list[sa.Connection] = []  # kept alive, so no two are the same by accident
+    sa.event.listen(ctx.engine, "commit", committed_on.append)
+    batches = ctx.writes.batches
+
+    for _ in range(3):  # three batches on a loop, three single units from threads
+        grants = [join_grant(ctx, secret) for _ in range(3)]
+        outcomes = issue_on_one_loop(ctx, grants, [make_csr(new_key(KeyType.EC_P256))] * 3)
+        assert [type(o).__name__ for o in outcomes] == ["IssuedSvid"] * 3
+        issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
+
+    assert ctx.writes.batches == batches + 6
+    assert len(committed_on) == 6
+    assert all(connection is committed_on[0] for connection in committed_on)
+    assert uses_remaining(ctx, token) == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_kept_sqlite_connection_that_failed_is_replaced(ctx: Context) -> None:
+    """A connection the pool invalidated (a driver error that means it is broken) is not used
+    again: the next transaction opens another and commits."""
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=2)
+    issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
+    broken = ctx.writes._connection
+    assert broken is not None
+    broken.invalidate()
+    certificates = count_rows(ctx, "certificate")
+
+    issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
+
+    assert count_rows(ctx, "certificate") == certificates + 1
+    assert ctx.writes._connection is not None and ctx.writes._connection is not broken
+    ctx.writes.close()
+    assert ctx.writes._connection is None
+
+
 def test_issuances_ready_on_one_event_loop_share_one_commit(ctx: Context) -> None:
     """``issue_svid_async`` (what the API runs in place with key files, on either database):
     the requests an event loop has ready at once are recorded in one transaction; a refused one
