@@ -375,12 +375,15 @@ class GroupCommit:
         the pool and back for each was work done while holding the write lock the other
         workers wait for (1.4 % of a worker's samples). Two workers at c=16, ten alternated
         pairs: 2,599 -> 2,717 certs/s on average, p99 14.4 -> 13.1 ms (docs/benchmarks.md,
-        change 45). A connection the pool has invalidated (a failure) is replaced."""
+        change 45). A connection the pool has invalidated (a failure), or one left inside a
+        transaction (its rollback failed), is replaced."""
         if not self._in_place:
             with self._engine.begin() as connection:
                 yield connection
             return
         kept = self._connection
+        if kept is not None and not kept.closed and kept.in_transaction():
+            kept.invalidate()  # never reuse what an earlier transaction may have left behind
         if kept is None or kept.closed or kept.invalidated:
             kept = self._connection = self._engine.connect()
         with kept.begin():

@@ -287,10 +287,10 @@ def test_sqlite_transactions_run_on_one_kept_connection(ctx: Context) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_kept_sqlite_connection_that_failed_is_replaced(ctx: Context) -> None:
-    """A connection the pool invalidated (a driver error that means it is broken) is not used
-    again: the next transaction opens another and commits."""
+    """A connection the pool invalidated (a driver error that means it is broken), or one left
+    inside a transaction, is not used again: the next transaction opens another and commits."""
     entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry, uses=2)
+    _, secret = join_secret(ctx, entry, uses=3)
     issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
     broken = ctx.writes._connection
     assert broken is not None
@@ -300,7 +300,13 @@ def test_a_kept_sqlite_connection_that_failed_is_replaced(ctx: Context) -> None:
     issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
 
     assert count_rows(ctx, "certificate") == certificates + 1
-    assert ctx.writes._connection is not None and ctx.writes._connection is not broken
+    replaced = ctx.writes._connection
+    assert replaced is not None and replaced is not broken
+
+    replaced.begin()  # as if an earlier rollback had failed: a transaction left open
+    issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
+    assert count_rows(ctx, "certificate") == certificates + 2
+    assert ctx.writes._connection is not replaced and replaced.invalidated
     ctx.writes.close()
     assert ctx.writes._connection is None
 
