@@ -37,7 +37,7 @@ from ca.pem import certs_pem
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.records import issued_rows
 from ca.serial import Serial
-from ca.store.batch import Rows, Work
+from ca.store.batch import Guard, Rows, Work
 from ca.store.core import table
 from ca.store.models import CertificateRow, RenewalNonceRow
 from ca.tokens import join_token_use
@@ -149,12 +149,15 @@ def validity_window(
 
 
 def _persist(ctx: Context, grant: Grant, svid: IssuedSvid) -> None:
-    ctx.writes.run(_writer(ctx, grant, svid), _lock_key(grant), StillActive.of(ctx, svid.issuer))
+    ctx.writes.run(*_recording(ctx, grant, svid))
 
 
-def _lock_key(grant: Grant) -> str:
-    """The shared row an issuance updates: its join token (see ``GroupCommit.run``)."""
-    return f"token:{grant.join_token_id}" if grant.join_token_id else ""
+def _recording(ctx: Context, grant: Grant, svid: IssuedSvid) -> tuple[Work, str, Guard]:
+    """What ``GroupCommit.run`` and ``run_async`` take to record ``svid``: its unit of work, the
+    shared row it updates (its join token: see ``GroupCommit.run``), and the check that its
+    issuer is still the active CA."""
+    lock_key = f"token:{grant.join_token_id}" if grant.join_token_id else ""
+    return _writer(ctx, grant, svid), lock_key, StillActive.of(ctx, svid.issuer)
 
 
 def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
@@ -302,8 +305,7 @@ async def issue_svid_async(
 
         async def sign_and_record() -> IssuedSvid:
             svid = IssuedSvid(*_signed(ctx, grant, csr.public_key, ttl, dns_names))
-            writer, guard = _writer(ctx, grant, svid), StillActive.of(ctx, svid.issuer)
-            await ctx.writes.run_async(writer, _lock_key(grant), guard)
+            await ctx.writes.run_async(*_recording(ctx, grant, svid))
             return svid
 
         try:

@@ -382,9 +382,9 @@ class GroupCommit:
                 yield connection
             return
         kept = self._connection
-        if kept is not None and not kept.closed and kept.in_transaction():
-            kept.invalidate()  # never reuse what an earlier transaction may have left behind
-        if kept is None or kept.closed or kept.invalidated:
+        if kept is None or kept.closed or kept.invalidated or kept.in_transaction():
+            if kept is not None and not kept.closed:
+                kept.invalidate()  # never reuse what an earlier transaction may have left behind
             kept = self._connection = self._engine.connect()
         with kept.begin():
             yield kept
