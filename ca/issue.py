@@ -50,6 +50,7 @@ __all__ = [
     "issue_svid_async",
     "mint_svid",
     "revocation_urls",
+    "under_way",
     "validity_window",
 ]
 
@@ -291,6 +292,16 @@ def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = Non
     with _measured(grant):
         csr = parse_csr(csr_pem)
         return issue_for_key(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
+
+
+@contextlib.contextmanager
+def under_way(ctx: Context) -> Iterator[None]:
+    """Around an issuance on an event loop, from its credential lookup to
+    ``issue_svid_async``: the loop's group commit then knows one more certificate is coming,
+    and a PostgreSQL batch ready meanwhile waits a little for it instead of committing without
+    it (``GroupCommit.expecting``)."""
+    with ctx.writes.expecting():
+        yield
 
 
 async def issue_svid_async(

@@ -44,7 +44,7 @@ from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
 from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
-from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
+from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, under_way
 
 # Issuances whose signatures wait on Vault run here, not in the shared anyio thread pool (40
 # threads): past a few threads they only contend for the GIL (measured when PostgreSQL
@@ -76,8 +76,9 @@ async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -
     csr = body.csr.encode()
     ttl = Ttl.parse(body.ttl) if body.ttl else None
     if ctx.signs_locally:
-        grant = await authenticate.on_loop(csr)
-        svid = await issue_svid_async(ctx, grant, csr, ttl)
+        with under_way(ctx):
+            grant = await authenticate.on_loop(csr)
+            svid = await issue_svid_async(ctx, grant, csr, ttl)
         return _render(svid, str(grant.spiffe_id))
 
     def in_thread() -> SvidResponse:

@@ -11,6 +11,8 @@ between threads of one process. Nothing is returned before its batch has committ
 Requests served in place on an event loop (``run_async``) are batched by loop turn: SQLite's
 commit is made on the loop (no network, no fsync with ``synchronous=NORMAL``), PostgreSQL's on
 one committing thread while the loop goes on; what is ready when it is done is the next batch.
+A PostgreSQL batch first waits briefly for the issuances its loop has under way
+(``expecting``): fewer, larger commits.
 A SQLite batch whose write lock is taken (another worker, or this one's audit sealer, is
 committing) waits for it without blocking its loop, for a while (``LOCK_WAIT_TURNS``): the
 requests that come meanwhile are read, signed and join the batch.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import fcntl
 import logging
@@ -67,6 +70,12 @@ log = logging.getLogger("trellis.store")
 # waiting on the loop, they join the batch. Two workers at c=16, seven alternated pairs:
 # 2,355 -> 2,511 certs/s on average, p99 17.3 -> 15.9 ms (docs/benchmarks.md, change 41).
 LOCK_WAIT_SECONDS, LOCK_WAIT_TURNS = 0.0002, 10
+
+# How a PostgreSQL batch waits for the units its loop expects (``GroupCommit.expecting``):
+# while any is still on its way (its lookup or its signature under way), the batch waits
+# COMING_WAIT_SECONDS at a time, up to COMING_WAIT_TURNS times, or until the last of them
+# arrives. See ``GroupCommit._commit_ready``.
+COMING_WAIT_SECONDS, COMING_WAIT_TURNS = 0.0003, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +150,27 @@ Work = Callable[[sa.Connection, Rows], None]
 Guard = Callable[[sa.Connection], None]
 
 
+class _Expected:
+    """A unit of work a loop will have ready soon (``GroupCommit.expecting``), until it
+    arrives in ``run_async`` or its issuance ends without one."""
+
+    __slots__ = ("group", "loop", "pending")
+
+    def __init__(self, group: GroupCommit, loop: asyncio.AbstractEventLoop) -> None:
+        self.group, self.loop, self.pending = group, loop, True
+
+    def arrive(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.group._arrived(self.loop)
+
+
+# The expectation of the request (the asyncio task) under way, if it declared one.
+_EXPECTED: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar(
+    "trellis_expected_unit", default=None
+)
+
+
 @dataclass(slots=True)
 class _Unit:
     work: Work
@@ -172,6 +202,11 @@ class GroupCommit:
         self.batches = 0  # for tests and the benchmark: how many transactions were committed
         # SQLite: the one connection every transaction of this group commit runs on (_begin)
         self._connection: sa.Connection | None = None
+        # PostgreSQL: per loop, the units expected and not arrived yet (``expecting``), and
+        # the ready batch waiting for them: how many turns it has waited, and its timer
+        self._coming: dict[asyncio.AbstractEventLoop, int] = {}
+        self._coming_waits: dict[asyncio.AbstractEventLoop, tuple[int, asyncio.Handle]] = {}
+        self.waits = 0  # for tests: how often a ready batch waited for expected units
 
     def run(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """Run ``work`` in a transaction shared with whatever else is waiting; return once it
@@ -211,6 +246,34 @@ class GroupCommit:
         if unit.error is not None:
             raise unit.error
 
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Declares, on the running loop, a unit of work that this request will hand to
+        ``run_async`` (an issuance, from its credential lookup on), so that a PostgreSQL batch
+        ready meanwhile waits for it a little (``_commit_ready``). Ends when the unit arrives
+        or, if it never does (a refused credential, a bad CSR), when the block does."""
+        loop = asyncio.get_running_loop()
+        expected = _Expected(self, loop)
+        self._coming[loop] = self._coming.get(loop, 0) + 1
+        token = _EXPECTED.set(expected)
+        try:
+            yield
+        finally:
+            _EXPECTED.reset(token)
+            expected.arrive()
+
+    def _arrived(self, loop: asyncio.AbstractEventLoop) -> None:
+        left = self._coming[loop] - 1
+        if left:
+            self._coming[loop] = left
+            return
+        del self._coming[loop]
+        waiting = self._coming_waits.get(loop)
+        if waiting is not None:  # the ready batch waits for this one: no need to wait longer
+            turns, timer = waiting
+            timer.cancel()
+            self._coming_waits[loop] = (turns, loop.call_soon(self._commit_ready, loop))
+
     async def run_async(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
         already has ready, so the requests that arrived together are recorded in one
@@ -222,12 +285,33 @@ class GroupCommit:
             if loop not in self._committing:
                 loop.call_soon(self._commit_ready, loop)
         self._ready[loop].append((_Unit(work, lock_key, guard), future))
+        expected = _EXPECTED.get()
+        if expected is not None and expected.group is self:
+            expected.arrive()
         await future
 
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On PostgreSQL, a ready batch whose loop still expects units (``expecting``) waits
+        for them, a few tenths of a millisecond at a time (``COMING_WAIT_TURNS``), before it
+        goes to the committing thread. A commit costs the worker and PostgreSQL about the same
+        whatever its size (the thread handoffs, the round trips, the transaction and its WAL
+        flush), and taking whatever was ready the moment the thread was free made batches of
+        one to eight at c=16, four on average; the requests still being looked up or signed
+        were ready a fraction of a millisecond later, and waited a whole commit for the next
+        batch. Waiting for them, two workers at c=16, six alternated pairs: 1,577 -> 1,759
+        certs/s on average, p99 23.9 -> 20.8 ms; c=64, three pairs: 1,937 -> 2,215
+        (docs/benchmarks.md, change 46). A loop with nothing else under way (c=1) commits at
+        once."""
         ready = self._ready.pop(loop)
         if self._in_place:
             self._commit_in_place(loop, ready)
+            return
+        turns, _ = self._coming_waits.pop(loop, (0, None))
+        if loop in self._coming and turns < COMING_WAIT_TURNS and len(ready) < self._max_batch:
+            self._ready[loop] = ready
+            timer = loop.call_later(COMING_WAIT_SECONDS, self._commit_ready, loop)
+            self._coming_waits[loop] = (turns + 1, timer)
+            self.waits += 1
             return
         if self._committer is None:
             self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")

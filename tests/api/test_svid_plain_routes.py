@@ -128,7 +128,7 @@ def test_issuance_is_answered_before_the_fastapi_middleware_stack(
 
 
 def test_plain_and_fastapi_routes_answer_alike(
-    rest: Rest, client: TestClient, reference: TestClient
+    rest: Rest, client: TestClient, reference: TestClient, ctx: Context
 ) -> None:
     token = rest.join_token(rest.create_entry("spiffe://example.org/same"), uses=100)
     for case, send in _requests(rest, token).items():
@@ -138,6 +138,9 @@ def test_plain_and_fastapi_routes_answer_alike(
             assert plain.status_code == 200, (case, plain.text)
         elif not case.startswith("method"):
             assert plain.status_code in (400, 401), (case, plain.text)
+    # Every issuance declared under way ended, refused or not: none is waited for any more
+    # (``ca.issue.under_way``).
+    assert not ctx.writes._coming
 
 
 def test_renewal_answers_alike(rest: Rest, client: TestClient, reference: TestClient) -> None:

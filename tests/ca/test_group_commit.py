@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from ca.config import Context
 from ca.errors import AuthenticationFailed
 from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
-from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async
+from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, under_way
 from ca.keys import KeyType
 from ca.renewal import make_proof
 from ca.store import batch
@@ -384,6 +384,115 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
     assert ctx.writes.batches == batches + 2
     assert count_rows(ctx, "certificate") == certificates + 6
     assert len({svid.serial.hex for svid in issued}) == 6
+
+
+async def issue_under_way(
+    ctx: Context, secret: str, csr: bytes, lookup_seconds: float = 0.0
+) -> IssuedSvid:
+    """What the API does on a loop: the issuance declared under way from its credential lookup
+    (which takes ``lookup_seconds`` more here) to its commit."""
+    with under_way(ctx):
+        await asyncio.sleep(lookup_seconds)
+        grant = await join_grant_async(ctx, secret)
+        return await issue_svid_async(ctx, grant, csr)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_postgresql_batch_waits_for_the_issuances_under_way_on_its_loop(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch ready while another issuance on its loop is still being looked up and signed
+    waits for it, and both commit in one transaction; the wait ends when it arrives, not when
+    the turns run out."""
+    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", 0.02)
+    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", 250)  # up to 5 s: never reached here
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=2)
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(2)]
+    certificates, batches, waits = count_rows(ctx, "certificate"), ctx.writes.batches, 0
+
+    async def scenario() -> list[IssuedSvid]:
+        nonlocal waits
+        first = asyncio.ensure_future(issue_under_way(ctx, secret, csrs[0]))
+        second = asyncio.ensure_future(issue_under_way(ctx, secret, csrs[1], 0.3))
+        await asyncio.sleep(0.2)
+        assert not first.done()  # ready, and waiting for the second
+        waits = ctx.writes.waits
+        return await asyncio.wait_for(asyncio.gather(first, second), 20)
+
+    started = time.monotonic()
+    issued = asyncio.run(scenario())
+
+    assert time.monotonic() - started < 3
+    assert waits >= 5  # turns of 20 ms while the second was looked up
+    assert ctx.writes.batches == batches + 1
+    assert count_rows(ctx, "certificate") == certificates + 2
+    assert len({svid.serial.hex for svid in issued}) == 2
+    assert not ctx.writes._coming and not ctx.writes._coming_waits
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_postgresql_batch_stops_waiting_for_an_issuance_that_fails(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An issuance under way that ends without a unit (a refused credential) is no longer
+    waited for: the ready batch commits then, not after its turns."""
+    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", 0.02)
+    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", 250)
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=1)
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(2)]
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+
+    async def scenario() -> list[object]:
+        first = issue_under_way(ctx, secret, csrs[0])
+        refused = issue_under_way(ctx, "not-a-token-" + secret, csrs[1], 0.3)
+        return await asyncio.wait_for(asyncio.gather(first, refused, return_exceptions=True), 20)
+
+    started = time.monotonic()
+    outcomes = asyncio.run(scenario())
+
+    assert time.monotonic() - started < 3
+    assert isinstance(outcomes[0], IssuedSvid)
+    assert isinstance(outcomes[1], AuthenticationFailed)
+    assert ctx.writes.batches == batches + 1
+    assert count_rows(ctx, "certificate") == certificates + 1
+    assert not ctx.writes._coming and not ctx.writes._coming_waits
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_postgresql_batch_waits_its_turns_at_most(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An issuance that takes longer than ``COMING_WAIT_TURNS`` turns is not waited for: the
+    ready batch commits without it, and it commits in the next one. A lone issuance (c=1)
+    does not wait at all."""
+    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", 3)
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=3)
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(3)]
+    certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
+
+    async def scenario() -> tuple[IssuedSvid, IssuedSvid, int]:
+        first = asyncio.ensure_future(issue_under_way(ctx, secret, csrs[0]))
+        slow = asyncio.ensure_future(issue_under_way(ctx, secret, csrs[1], 1.0))
+        done, _ = await asyncio.wait([first, slow], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {first}
+        waited = ctx.writes.waits
+        await slow
+        return first.result(), slow.result(), waited
+
+    first, slow, waited = asyncio.run(scenario())
+
+    assert waited == 3
+    assert ctx.writes.batches == batches + 2
+    assert count_rows(ctx, "certificate") == certificates + 2
+    assert first.serial != slow.serial
+    alone = asyncio.run(issue_under_way(ctx, secret, csrs[2]))
+    assert isinstance(alone, IssuedSvid)
+    assert ctx.writes.waits == waited  # nothing else was under way: no wait
+    assert not ctx.writes._coming and not ctx.writes._coming_waits
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
