@@ -397,6 +397,17 @@ async def issue_under_way(
         return await issue_svid_async(ctx, grant, csr)
 
 
+def issuing_with_waits(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch, seconds: float, turns: int, uses: int
+) -> tuple[str, list[bytes]]:
+    """A PostgreSQL batch's wait for the issuances under way set to ``turns`` of ``seconds``;
+    a join token with ``uses`` uses, and as many CSRs."""
+    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", seconds)
+    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", turns)
+    _, secret = join_secret(ctx, add_entry(ctx, WEB), uses=uses)
+    return secret, [make_csr(new_key(KeyType.EC_P256)) for _ in range(uses)]
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_postgresql_batch_waits_for_the_issuances_under_way_on_its_loop(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
@@ -404,11 +415,7 @@ def test_a_postgresql_batch_waits_for_the_issuances_under_way_on_its_loop(
     """A batch ready while another issuance on its loop is still being looked up and signed
     waits for it, and both commit in one transaction; the wait ends when it arrives, not when
     the turns run out."""
-    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", 0.02)
-    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", 250)  # up to 5 s: never reached here
-    entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry, uses=2)
-    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(2)]
+    secret, csrs = issuing_with_waits(ctx, monkeypatch, 0.02, 250, uses=2)  # 5 s: not reached
     certificates, batches, waits = count_rows(ctx, "certificate"), ctx.writes.batches, 0
 
     async def scenario() -> list[IssuedSvid]:
@@ -437,11 +444,7 @@ def test_a_postgresql_batch_stops_waiting_for_an_issuance_that_fails(
 ) -> None:
     """An issuance under way that ends without a unit (a refused credential) is no longer
     waited for: the ready batch commits then, not after its turns."""
-    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", 0.02)
-    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", 250)
-    entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry, uses=1)
-    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(2)]
+    secret, csrs = issuing_with_waits(ctx, monkeypatch, 0.02, 250, uses=2)
     certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
 
     async def scenario() -> list[object]:
@@ -467,11 +470,7 @@ def test_a_postgresql_batch_waits_its_turns_at_most(
     """An issuance that takes longer than ``COMING_WAIT_TURNS`` turns is not waited for: the
     ready batch commits without it, and it commits in the next one. A lone issuance (c=1)
     does not wait at all."""
-    monkeypatch.setattr(batch, "COMING_WAIT_SECONDS", 0.01)
-    monkeypatch.setattr(batch, "COMING_WAIT_TURNS", 3)
-    entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry, uses=3)
-    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(3)]
+    secret, csrs = issuing_with_waits(ctx, monkeypatch, 0.01, 3, uses=3)
     certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
 
     async def scenario() -> tuple[IssuedSvid, IssuedSvid, int]:
