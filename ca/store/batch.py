@@ -303,10 +303,10 @@ class GroupCommit:
         flush), and taking whatever was ready the moment the thread was free made batches of
         one to eight at c=16, four on average; the requests still being looked up or signed
         were ready a fraction of a millisecond later, and waited a whole commit for the next
-        batch. Waiting for them, two workers at c=16, six alternated pairs: 1,577 -> 1,759
-        certs/s on average, p99 23.9 -> 20.8 ms; c=64, three pairs: 1,937 -> 2,215
-        (docs/benchmarks.md, change 46). A loop with nothing else under way (c=1) commits at
-        once."""
+        batch. Waiting for them, two workers at c=16, eight alternated pairs
+        (``tests.bench.pairs``): 1,345 -> 1,556 certs/s on average, faster in all eight, p99
+        29.1 -> 24.3 ms; c=64, three pairs: 1,937 -> 2,215 (docs/benchmarks.md, change 46). A
+        loop with nothing else under way (c=1) commits at once."""
         ready = self._ready.pop(loop)
         if self._in_place:
             self._commit_in_place(loop, ready)
