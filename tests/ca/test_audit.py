@@ -287,17 +287,27 @@ def test_the_signed_head_is_what_an_unsigned_tail_can_be_rewritten_after(
     assert not after.ok and "edited" in after.problems[0]
 
 
-def test_the_digest_is_the_sorted_canonical_json_chains_were_sealed_with() -> None:
+@pytest.mark.parametrize(
+    ("subject", "request_id"),
+    [
+        ("spiffe://example.org/ns/default/sa/web", None),
+        ('CN=é "quoted" \\ back\tslash\n\u2028', "req-1"),
+        ("\x00\x1f\x7f \U0001f600 </script>", 'ünïcode"id'),
+    ],
+)
+def test_the_digest_is_the_sorted_canonical_json_chains_were_sealed_with(
+    subject: str, request_id: str | None
+) -> None:
     """Chains sealed before keep verifying: the record hash is SHA-256 of the record's JSON with
-    sorted keys and no spaces, whichever way it is built."""
+    sorted keys and no spaces (``json.dumps``'s escaping), whichever way it is built."""
     row = {
         "id": 41,
         "at": dt.datetime(2026, 11, 26, 12, 0, 1, 250_000, tzinfo=dt.UTC),
         "actor": "token:3f2a",
         "event": "certificate.issued",
-        "subject": "spiffe://example.org/ns/default/sa/web",
-        "detail": '{"serial":"5f00","profile":"x509-svid"}',
-        "request_id": None,
+        "subject": subject,
+        "detail": json.dumps({"serial": "5f00", "profile": "x509-svid", "note": subject}),
+        "request_id": request_id,
     }
     document = {**row, "at": row["at"].isoformat(), "seq": 7, "prev": "ab" * 32}
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
