@@ -294,14 +294,12 @@ def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = Non
         return issue_for_key(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
 
 
-@contextlib.contextmanager
-def under_way(ctx: Context) -> Iterator[None]:
+def under_way(ctx: Context) -> contextlib.AbstractContextManager[None]:
     """Around an issuance on an event loop, from its credential lookup to
     ``issue_svid_async``: the loop's group commit then knows one more certificate is coming,
     and a PostgreSQL batch ready meanwhile waits a little for it instead of committing without
     it (``GroupCommit.expecting``)."""
-    with ctx.writes.expecting():
-        yield
+    return ctx.writes.expecting()
 
 
 async def issue_svid_async(

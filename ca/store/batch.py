@@ -246,17 +246,19 @@ class GroupCommit:
         if unit.error is not None:
             raise unit.error
 
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
+    def expecting(self) -> contextlib.AbstractContextManager[None]:
         """Declares, on the running loop, a unit of work that this request will hand to
         ``run_async`` (an issuance, from its credential lookup on), so that a PostgreSQL batch
         ready meanwhile waits for it a little (``_commit_ready``). Ends when the unit arrives
         or, if it never does (a refused credential, a bad CSR), when the block does. On SQLite,
         whose batches commit on the loop, nothing waits for it: the same wait made no
-        difference there (docs/benchmarks.md, change 46)."""
+        difference there (docs/benchmarks.md, change 46), so nothing is counted either."""
         if self._in_place:
-            yield
-            return
+            return contextlib.nullcontext()
+        return self._expecting()
+
+    @contextlib.contextmanager
+    def _expecting(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()
         expected = _Expected(self, loop)
         self._coming[loop] = self._coming.get(loop, 0) + 1
