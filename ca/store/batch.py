@@ -9,8 +9,10 @@ one transaction: one fsync or one lock acquisition for many certificates, and no
 between threads of one process. Nothing is returned before its batch has committed.
 
 Requests served in place on an event loop (``run_async``) are batched by loop turn: SQLite's
-commit is made on the loop (no network, no fsync with ``synchronous=NORMAL``), PostgreSQL's on
-one committing thread while the loop goes on; what is ready when it is done is the next batch.
+commit is made on the loop (no network, no fsync with ``synchronous=NORMAL``), PostgreSQL's by
+a task of the loop through the asynchronous driver, the loop going on meanwhile; what is ready
+when it is done is the next batch. Threads' batches (``run``) commit through the engine's pool,
+one at a time per process; on PostgreSQL beside the loops' batches.
 A PostgreSQL batch first waits briefly for the issuances its loop has under way
 (``expecting``): fewer, larger commits.
 A SQLite batch whose write lock is taken (another worker, or this one's audit sealer, is
@@ -47,17 +49,22 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
+from ca.store import db
 from ca.store.core import Insert, Prepared, prepared
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Spend", "Work"]
 
@@ -181,6 +188,10 @@ class _Unit:
     done: bool = False
 
 
+# The units an event loop has ready, each with the future its request awaits.
+_Ready = list[tuple[_Unit, "asyncio.Future[None]"]]
+
+
 class GroupCommit:
     def __init__(self, engine: Engine, max_batch: int = 64) -> None:
         self._engine = engine
@@ -190,13 +201,22 @@ class GroupCommit:
         self._commit_lock = threading.Lock()  # one batch at a time per process
         self._between_processes = _sqlite_writer_lock(engine)
         # run_async: the units each event loop has ready, committed at its next turn
-        self._ready: dict[asyncio.AbstractEventLoop, list[tuple[_Unit, asyncio.Future[None]]]] = {}
-        # A commit that waits on the network (PostgreSQL's WAL flush) is not made on the loop:
-        # one thread commits what the loop had ready while the loop goes on serving; whatever is
-        # ready by the time it is done is the next batch.
+        self._ready: dict[asyncio.AbstractEventLoop, _Ready] = {}
+        # A commit that waits on the network (PostgreSQL's WAL flush) does not stop the loop: a
+        # task of the loop commits what it had ready through the asynchronous driver while the
+        # loop goes on serving; whatever is ready by the time it is done is the next batch.
         self._in_place = engine.dialect.name == "sqlite"
-        self._committer: ThreadPoolExecutor | None = None
         self._committing: set[asyncio.AbstractEventLoop] = set()
+        # PostgreSQL: per loop, the task committing its batches and the queue it takes them
+        # from (``_commit_on_loop``); when a connection to the database was last seen lost
+        # (the tasks' connections older than that are replaced)
+        self._committers: dict[
+            asyncio.AbstractEventLoop, tuple[asyncio.Queue[_Ready], asyncio.Task[None]]
+        ] = {}
+        self._lost_at = -1.0
+        if not self._in_place:
+            sa.event.listen(engine, "engine_disposed", self._lost)
+            sa.event.listen(engine, "handle_error", self._maybe_lost)
         # SQLite: the loops whose ready batch is waiting for the write lock, and how many turns
         self._lock_waits: dict[asyncio.AbstractEventLoop, int] = {}
         self.batches = 0  # for tests and the benchmark: how many transactions were committed
@@ -284,7 +304,8 @@ class GroupCommit:
     async def run_async(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
         already has ready, so the requests that arrived together are recorded in one
-        transaction: on SQLite in place, on the loop; elsewhere on one committing thread."""
+        transaction: on SQLite in place, on the loop; elsewhere by the loop's committing task
+        (``_commit_on_loop``)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if loop not in self._ready:
@@ -300,9 +321,9 @@ class GroupCommit:
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
         """On PostgreSQL, a ready batch whose loop still expects units (``expecting``) waits
         for them, a few tenths of a millisecond at a time (``COMING_WAIT_TURNS``), before it
-        goes to the committing thread. A commit costs the worker and PostgreSQL about the same
+        goes to the loop's committing task. A commit costs the worker and PostgreSQL about the same
         whatever its size (the thread handoffs, the round trips, the transaction and its WAL
-        flush), and taking whatever was ready the moment the thread was free made batches of
+        flush), and taking whatever was ready the moment the committer was free made batches of
         one to eight at c=16, four on average; the requests still being looked up or signed
         were ready a fraction of a millisecond later, and waited a whole commit for the next
         batch. Waiting for them, two workers at c=16, eight alternated pairs
@@ -320,25 +341,92 @@ class GroupCommit:
             self._coming_waits[loop] = (turns + 1, timer)
             self.waits += 1
             return
-        if self._committer is None:
-            self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
         self._committing.add(loop)
-        done = loop.run_in_executor(
-            self._committer, self._commit_units, [unit for unit, _ in ready]
-        )
-        done.add_done_callback(lambda _: self._committed(loop, ready))
+        self._committer(loop).put_nowait(ready)
 
-    def _committed(
-        self, loop: asyncio.AbstractEventLoop, ready: list[tuple[_Unit, asyncio.Future[None]]]
+    def _committer(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[_Ready]:
+        found = self._committers.get(loop)
+        if found is None or found[1].done():
+            queue: asyncio.Queue[_Ready] = asyncio.Queue()
+            task = loop.create_task(self._commit_on_loop(loop, queue), name="trellis-commit")
+            found = self._committers[loop] = (queue, task)
+        return found[0]
+
+    async def _commit_on_loop(
+        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_Ready]
     ) -> None:
+        """Commits the loop's batches one after the other, each through ``_commit_chunks`` as
+        a thread would, on a connection of the asynchronous driver (SQLAlchemy runs the
+        synchronous code in a greenlet and awaits the driver's I/O on the loop). It replaced a
+        committing thread: the loop handed every batch over and took the results back, and
+        the two took turns at the GIL. Two workers at c=16, five runs of alternated pairs
+        (``tests.bench.pairs``): +3.9 % on average (docs/benchmarks.md, change 48).
+
+        The task keeps its engine and connection while the loop lives: ``asyncio.run``
+        cancels it when its main coroutine ends, and it closes them then, on its loop (a
+        connection of the asynchronous driver cannot be closed from another loop or none;
+        SQLAlchemy's asynchronous engines belong to one loop too, their first connection
+        takes a lock of that loop). A batch in flight at that moment ends with a 503, as the
+        requests waiting on it are cancelled anyway."""
+        engine = db.loop_engine(self._engine)
+        connection: AsyncConnection | None = None
+        opened = used = 0.0
+        try:
+            while True:
+                ready = await queue.get()
+                try:
+                    connection, opened = await self._usable(engine, connection, opened, used)
+                    await connection.run_sync(self._commit_on, [unit for unit, _ in ready])
+                except Exception:  # no connection: the units were not committed (a 503 each)
+                    log.exception("a group commit failed before its transaction")
+                finally:
+                    used = time.monotonic()
+                    self._committed(loop, ready)
+        finally:
+            if self._committers.get(loop, (None, None))[1] is asyncio.current_task():
+                del self._committers[loop]
+            self._committing.discard(loop)
+            while not queue.empty():  # ready when the task was cancelled: never left waiting
+                self._settle(queue.get_nowait())
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+            await engine.dispose()
+
+    async def _usable(
+        self, engine: AsyncEngine, connection: AsyncConnection | None, opened: float, used: float
+    ) -> tuple[AsyncConnection, float]:
+        """The loop's connection, checked as ``ca.store.db`` checks its pools' connections:
+        replaced if it or any other connection to the database was lost since it was opened,
+        pinged if it idled longer than ``IDLE_PING_SECONDS``. (connection, when opened)"""
+        if connection is not None:
+            stale = connection.invalidated or opened <= self._lost_at
+            if not stale and time.monotonic() - used > db.IDLE_PING_SECONDS:
+                try:
+                    await connection.exec_driver_sql("SELECT 1")
+                    await connection.rollback()
+                except Exception:
+                    stale = True
+            if not stale:
+                return connection, opened
+            with contextlib.suppress(Exception):
+                await connection.close()
+        return await engine.connect(), time.monotonic()
+
+    def _lost(self, _engine: Engine | None = None) -> None:
+        self._lost_at = time.monotonic()
+
+    def _maybe_lost(self, context: sa.engine.ExceptionContext) -> None:
+        if context.is_disconnect:
+            self._lost()
+
+    def _committed(self, loop: asyncio.AbstractEventLoop, ready: _Ready) -> None:
         self._committing.discard(loop)
         self._settle(ready)
         if loop in self._ready:  # arrived while that batch was committing
             self._commit_ready(loop)
 
-    def _commit_in_place(
-        self, loop: asyncio.AbstractEventLoop, ready: list[tuple[_Unit, asyncio.Future[None]]]
-    ) -> None:
+    def _commit_in_place(self, loop: asyncio.AbstractEventLoop, ready: _Ready) -> None:
         """Commit on the loop once the write lock is free (see ``LOCK_WAIT_TURNS``); until
         then the batch stays ready, and what ``run_async`` adds to it meanwhile commits with
         it."""
@@ -381,12 +469,15 @@ class GroupCommit:
         with self._commit_lock:  # shared with thread callers (the scheduler's audit sealer)
             self._commit_chunks(units)
 
-    def _commit_chunks(self, units: list[_Unit]) -> None:
+    def _commit_chunks(self, units: list[_Unit], connection: sa.Connection | None = None) -> None:
         for start in range(0, len(units), self._max_batch):
-            self._commit_or_fail(units[start : start + self._max_batch])
+            self._commit_or_fail(units[start : start + self._max_batch], connection)
+
+    def _commit_on(self, connection: sa.Connection, units: list[_Unit]) -> None:
+        self._commit_chunks(units, connection)
 
     @staticmethod
-    def _settle(ready: list[tuple[_Unit, asyncio.Future[None]]]) -> None:
+    def _settle(ready: _Ready) -> None:
         for unit, future in ready:
             if future.cancelled():
                 continue
@@ -397,11 +488,11 @@ class GroupCommit:
             else:
                 future.set_result(None)
 
-    def _commit_or_fail(self, batch: list[_Unit]) -> None:
+    def _commit_or_fail(self, batch: list[_Unit], connection: sa.Connection | None = None) -> None:
         """Whatever stops a batch before its transaction (the writer lock, say), each of its
         units ends, refused with a 503: never reported as recorded, never left waiting."""
         try:
-            self._commit(batch)
+            self._commit(batch, connection)
         except Exception:
             log.exception("a group commit failed before its transaction")
         finally:
@@ -410,37 +501,41 @@ class GroupCommit:
                     unit.error = Unavailable("the issuing transaction did not complete")
                     unit.done = True
 
-    def _commit(self, batch: list[_Unit]) -> None:
+    def _commit(self, batch: list[_Unit], connection: sa.Connection | None = None) -> None:
+        """``connection``: the transactions' (an event loop's, ``_commit_on_loop``); by
+        default one of the engine's (``_begin``)."""
         with self._between_processes:
-            self._commit_batch(batch)
+            self._commit_batch(batch, connection)
 
-    def _commit_batch(self, batch: list[_Unit]) -> None:
+    def _commit_batch(self, batch: list[_Unit], connection: sa.Connection | None) -> None:
         try:
             if len(batch) == 1:
-                self._alone(batch[0])
+                self._alone(batch[0], connection)
                 return
             try:
                 try:
-                    self._transaction(batch, spend_together=True)
+                    self._transaction(batch, connection, spend_together=True)
                 except _SpendsShort:  # rolled back: again, each unit's uses spent in its turn
                     for unit in batch:
                         unit.error = None
-                    self._transaction(batch, spend_together=False)
+                    self._transaction(batch, connection, spend_together=False)
                 self.batches += 1
                 for unit in batch:
                     unit.committed = unit.error is None
             except Exception:
                 for unit in batch:
                     unit.error = None
-                    self._alone(unit)
+                    self._alone(unit, connection)
         finally:
             for unit in batch:
                 if not unit.committed and unit.error is None:  # interrupted before it ended
                     unit.error = Unavailable("the issuing transaction did not complete")
                 unit.done = True
 
-    def _transaction(self, batch: list[_Unit], *, spend_together: bool) -> None:
-        with self._begin() as connection:
+    def _transaction(
+        self, batch: list[_Unit], on: sa.Connection | None, *, spend_together: bool
+    ) -> None:
+        with self._begin(on) as connection:
             added = Rows()
             checked: dict[Guard, TrellisError | None] = {}
             for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
@@ -460,14 +555,20 @@ class GroupCommit:
             added.insert(connection)
 
     @contextlib.contextmanager
-    def _begin(self) -> Iterator[sa.Connection]:
+    def _begin(self, on: sa.Connection | None = None) -> Iterator[sa.Connection]:
         """A transaction. On SQLite every one runs on the same connection, kept open: they are
         made one at a time anyway (under ``_commit_lock``), and checking a connection out of
         the pool and back for each was work done while holding the write lock the other
         workers wait for (1.4 % of a worker's samples). Two workers at c=16, ten alternated
         pairs: 2,599 -> 2,717 certs/s on average, p99 14.4 -> 13.1 ms (docs/benchmarks.md,
         change 45). A connection the pool has invalidated (a failure), or one left inside a
-        transaction (its rollback failed), is replaced."""
+        transaction (its rollback failed), is replaced. ``on``: an event loop's connection
+        (``_commit_on_loop``); one lost there is replaced by SQLAlchemy when the transaction
+        begins (the retries of a failed batch's units alone reconnect)."""
+        if on is not None:
+            with on.begin():
+                yield on
+            return
         if not self._in_place:
             with self._engine.begin() as connection:
                 yield connection
@@ -481,15 +582,19 @@ class GroupCommit:
             yield kept
 
     def close(self) -> None:
-        """Closes the kept SQLite connection (``Context.close``), after any commit under way."""
+        """Closes the kept SQLite connection (``Context.close``), after any commit under way;
+        on PostgreSQL, ends the loops' committing tasks, which close their connections."""
+        for loop, (_, task) in list(self._committers.items()):
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: so did the task
+                loop.call_soon_threadsafe(task.cancel)
         with self._commit_lock:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
 
-    def _alone(self, unit: _Unit) -> None:
+    def _alone(self, unit: _Unit, on: sa.Connection | None = None) -> None:
         try:
-            with self._begin() as connection:
+            with self._begin(on) as connection:
                 rows = Rows()
                 if unit.guard is not None:
                     unit.guard(connection)

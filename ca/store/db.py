@@ -19,6 +19,7 @@ from ca.errors import InvalidInput, Unavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # Alembic is imported by the functions that migrate, not here: workers never migrate, and the
 # import costs each of them 7 MiB (docs/benchmarks.md).
@@ -27,6 +28,7 @@ __all__ = [
     "Checkpointer",
     "autocommit_engine",
     "connect",
+    "loop_engine",
     "normalise_url",
     "schema_status",
     "upgrade",
@@ -171,7 +173,24 @@ def autocommit_engine(engine: Engine) -> Engine:
     # replaced whole, so the next request does not meet a dead connection there.
     for seen, other in ((engine, reads), (reads, engine)):
         sa.event.listen(seen, "handle_error", _dispose_on_disconnect(other))
+    # A connection lost on an event loop (``loop_engine``) disposes ``engine``: then this one too.
+    sa.event.listen(engine, "engine_disposed", lambda _engine: reads.dispose())
     return reads
+
+
+def loop_engine(engine: Engine) -> AsyncEngine:
+    """``engine``'s database through psycopg's asynchronous driver, for what an event loop
+    commits itself (``ca.store.batch``): the same settings, and no pool, since a pool's
+    connections belong to one loop and tests run one loop after another; each loop keeps the
+    one connection it commits on. A connection lost there disposes ``engine`` (and with it
+    ``autocommit_engine``'s pool): the server went away for all of them."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = engine.url
+    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in url.query}
+    loop = create_async_engine(url, poolclass=sa.pool.NullPool, connect_args=defaults)
+    sa.event.listen(loop.sync_engine, "handle_error", _dispose_on_disconnect(engine))
+    return loop
 
 
 def _dispose_on_disconnect(other: Engine) -> Any:

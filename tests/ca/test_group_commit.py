@@ -69,6 +69,17 @@ def one_batch(writes: GroupCommit, expected: int) -> Iterator[None]:
             time.sleep(0.005)
 
 
+@contextmanager
+def statements_seen(listener: Callable[..., None]) -> Iterator[None]:
+    """``listener`` on ``before_cursor_execute`` of every engine: on PostgreSQL an event loop
+    commits through an engine of its own (``GroupCommit._commit_on_loop``)."""
+    sa.event.listen(sa.Engine, "before_cursor_execute", listener)
+    try:
+        yield
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", listener)
+
+
 def start(calls: list[Callable[[], object]]) -> Callable[[], list[object]]:
     """Run each call in its own thread; the returned function waits and gives the outcomes
     (a result or the exception raised), in the order of ``calls``."""
@@ -349,17 +360,33 @@ def test_a_batch_updates_shared_rows_in_key_order(ctx: Context) -> None:
     assert ran[:2] == ["-", "a"] and sorted(ran[2:]) == ["b1", "b2"]
 
 
+@contextmanager
+def row_locked(ctx: Context, table: str, key: str) -> Iterator[Callable[[], None]]:
+    """The row of ``table`` whose id is ``key`` locked by a transaction of another connection
+    (as another worker's batch spending the same join token holds it): a batch that updates
+    it waits until that transaction ends. Yields the release (a rollback)."""
+    other = sa.create_engine(ctx.engine.url, poolclass=sa.pool.NullPool)
+    connection = other.connect()
+    connection.execute(sa.text(f"SELECT id FROM {table} WHERE id = :id FOR UPDATE"), {"id": key})
+    try:
+        yield connection.rollback
+    finally:
+        connection.close()
+        other.dispose()
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None:
-    """On PostgreSQL a commit waits for a WAL flush, so ``run_async`` makes it on a committing
-    thread: the event loop goes on serving meanwhile, and what becomes ready during that commit
-    is the next batch, committed after it, not alongside it."""
+    """On PostgreSQL a batch waits on the network (its statements, the WAL flush of its
+    commit, here a row lock), so ``run_async`` never makes the loop wait for it: the loop goes
+    on serving meanwhile, and what becomes ready during that batch is the next batch,
+    committed after it, not alongside it."""
     entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry, uses=6)
+    token_id, secret = join_secret(ctx, entry, uses=6)
     csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in range(6)]
     certificates, batches = count_rows(ctx, "certificate"), ctx.writes.batches
-    # The first batch waits on the commit lock, held by another thread, until the loop has
-    # moved on (for at most 5 s: were the commit made on the loop, the loop would wait too).
+    # The first batch waits for the token's row, held by another transaction, until the loop
+    # has moved on (were the batch made on the loop, the loop would wait too, for ever).
     order: list[str] = []
 
     async def issue(label: str, csr: bytes) -> IssuedSvid:
@@ -369,21 +396,62 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
 
     async def scenario(release: Callable[[], None]) -> list[IssuedSvid]:
         first = [asyncio.ensure_future(issue("first", c)) for c in csrs[:3]]
-        await asyncio.sleep(0.2)  # the loop runs while the first batch is stuck committing
+        await asyncio.sleep(0.3)  # the loop runs while the first batch is stuck
         assert not any(task.done() for task in first)
         second = [asyncio.ensure_future(issue("second", c)) for c in csrs[3:]]
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         assert not any(task.done() for task in second)
         release()
-        return await asyncio.gather(*first, *second)
+        return await asyncio.wait_for(asyncio.gather(*first, *second), 20)
 
-    with write_lock_held(ctx, "sealer") as release:
+    with row_locked(ctx, "token", token_id) as release:
         issued = asyncio.run(scenario(release))
 
     assert order == ["first"] * 3 + ["second"] * 3
     assert ctx.writes.batches == batches + 2
     assert count_rows(ctx, "certificate") == certificates + 6
     assert len({svid.serial.hex for svid in issued}) == 6
+    assert uses_remaining(ctx, token_id) == 0
+
+
+def backends(ctx: Context) -> int:
+    """Server processes serving this database, the asking one aside."""
+    with ctx.engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_loop_commits_on_one_postgresql_connection_and_closes_it_when_it_ends(
+    ctx: Context,
+) -> None:
+    """An event loop commits its batches on a connection of its own, kept while the loop
+    lives; when the loop ends (``asyncio.run`` returns) the connection is closed with it, so
+    loops run one after another (tests, TestClient's portals) leave none behind."""
+    _, secret = join_secret(ctx, add_entry(ctx, WEB), uses=8)
+
+    async def two_batches() -> int:
+        for _ in range(2):
+            await issue_svid_async(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
+        return await asyncio.to_thread(backends, ctx)
+
+    batches = ctx.writes.batches
+    asyncio.run(two_batches())  # the pools' connections opened: the baseline after this
+    baseline = backends(ctx)
+    during = [asyncio.run(two_batches()) for _ in range(3)]
+
+    assert ctx.writes.batches == batches + 8
+    assert during == [baseline + 1] * 3  # the loop's own connection, one for both batches
+    deadline = time.monotonic() + 5  # a backend leaves pg_stat_activity once it has exited
+    while backends(ctx) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backends(ctx) == baseline
 
 
 async def issue_under_way(
@@ -584,11 +652,8 @@ def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> 
         first_new = connection.execute(
             sa.text("SELECT coalesce(max(id), 0) FROM audit_log")
         ).scalar()
-    sa.event.listen(ctx.engine, "before_cursor_execute", count)
-    try:
+    with statements_seen(count):
         issued = cast(list[IssuedSvid], issue_on_one_loop(ctx, grants, csrs))
-    finally:
-        sa.event.remove(ctx.engine, "before_cursor_execute", count)
 
     assert sorted(inserts) == ["audit_log", "certificate"]
     with ctx.engine.connect() as connection:
@@ -615,11 +680,8 @@ def test_a_batch_spends_its_join_token_uses_in_one_statement(ctx: Context) -> No
         if statement.lstrip().upper().startswith("UPDATE TOKEN"):
             updates.append((statement, len(cast(list[object], params)) if many else 1))
 
-    sa.event.listen(ctx.engine, "before_cursor_execute", count)
-    try:
+    with statements_seen(count):
         outcomes = issue_on_one_loop(ctx, grants, csrs)
-    finally:
-        sa.event.remove(ctx.engine, "before_cursor_execute", count)
 
     assert [type(o).__name__ for o in outcomes] == ["IssuedSvid"] * 6
     assert [rows for _, rows in updates] == [3]
@@ -638,7 +700,7 @@ def test_a_batch_that_cannot_start_fails_its_requests_instead_of_leaving_them(
     csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
     certificates = count_rows(ctx, "certificate")
 
-    def broken(_self: GroupCommit, _batch: list[object]) -> None:
+    def broken(_self: GroupCommit, _batch: list[object], *_on: object) -> None:
         raise OSError("no writer lock")
 
     monkeypatch.setattr(GroupCommit, "_commit", broken)
