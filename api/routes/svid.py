@@ -14,8 +14,9 @@ issuance runs in place on the event loop: it is CPU work plus two short reads, a
 a thread cost more than the issuance itself (1.1 ms of CPU per request on SQLite; on PostgreSQL
 in-place issuance took c=16 from ~505 to ~710 certs/s; docs/benchmarks.md). The requests the
 loop has ready share one commit, made on the loop for SQLite and, for PostgreSQL, by a task of
-the loop through the asynchronous driver (``ca.store.batch``). With Vault every signature waits on the network, so those
-issuances run on a small thread pool of their own, where concurrent ones also share a commit.
+the loop through the asynchronous driver (``ca.store.batch``). With Vault every signature waits
+on the network, so those issuances run on a small thread pool of their own, where concurrent
+ones also share a commit.
 """
 
 from __future__ import annotations
