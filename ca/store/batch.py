@@ -84,6 +84,9 @@ LOCK_WAIT_SECONDS, LOCK_WAIT_TURNS = 0.0002, 10
 # arrives. See ``GroupCommit._commit_ready``.
 COMING_WAIT_SECONDS, COMING_WAIT_TURNS = 0.0003, 4
 
+# How long a loop's committing task waits for its connection to close when the loop ends.
+CLOSE_SECONDS = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class Spend:
@@ -366,11 +369,14 @@ class GroupCommit:
         cancels it when its main coroutine ends, and it closes them then, on its loop (a
         connection of the asynchronous driver cannot be closed from another loop or none;
         SQLAlchemy's asynchronous engines belong to one loop too, their first connection
-        takes a lock of that loop). A batch in flight at that moment ends with a 503, as the
-        requests waiting on it are cancelled anyway."""
+        takes a lock of that loop). A batch in flight at that moment is cancelled: psycopg
+        cancels its statement in the server, the transaction is rolled back, and its units end
+        with a 503 (their requests are being cancelled anyway). uvicorn cancels only after its
+        graceful shutdown, once no request is left or after ``timeout_graceful_shutdown``."""
         engine = db.loop_engine(self._engine)
         connection: AsyncConnection | None = None
         opened = used = 0.0
+        task = asyncio.current_task()
         try:
             while True:
                 ready = await queue.get()
@@ -382,6 +388,8 @@ class GroupCommit:
                 finally:
                     used = time.monotonic()
                     self._committed(loop, ready)
+                if task is not None and task.cancelling():  # an error took the cancellation's place
+                    raise asyncio.CancelledError
         finally:
             if self._committers.get(loop, (None, None))[1] is asyncio.current_task():
                 del self._committers[loop]
@@ -389,8 +397,8 @@ class GroupCommit:
             while not queue.empty():  # ready when the task was cancelled: never left waiting
                 self._settle(queue.get_nowait())
             if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.close()
+                with contextlib.suppress(Exception):  # a timeout too: a server that hangs
+                    await asyncio.wait_for(connection.close(), CLOSE_SECONDS)
             await engine.dispose()
 
     async def _usable(

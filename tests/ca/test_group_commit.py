@@ -454,6 +454,38 @@ def test_a_loop_commits_on_one_postgresql_connection_and_closes_it_when_it_ends(
     assert backends(ctx) == baseline
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_loop_that_ends_while_its_postgresql_batch_waits_cancels_it(ctx: Context) -> None:
+    """A loop ending while its batch waits in the server (here on a row lock; at shutdown, on
+    a server that does not answer) does not wait for it: the statement is cancelled in the
+    server, the transaction rolled back, its connection closed, and nothing is written."""
+    token_id, secret = join_secret(ctx, add_entry(ctx, WEB), uses=3)
+    grants = [join_grant(ctx, secret) for _ in range(3)]
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+    certificates = count_rows(ctx, "certificate")
+    outcomes: list[asyncio.Task[IssuedSvid]] = []
+
+    async def leave_them_waiting() -> None:
+        for grant, csr in zip(grants, csrs, strict=True):
+            outcomes.append(asyncio.ensure_future(issue_svid_async(ctx, grant, csr)))
+        await asyncio.sleep(0.5)  # the batch is in the server, waiting for the row
+        assert not any(task.done() for task in outcomes)
+
+    baseline = backends(ctx)
+    with row_locked(ctx, "token", token_id):
+        started = time.monotonic()
+        asyncio.run(leave_them_waiting())  # ends: asyncio.run cancels what is left
+        assert time.monotonic() - started < 5
+        assert all(task.cancelled() for task in outcomes)
+    deadline = time.monotonic() + 5
+    while backends(ctx) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert backends(ctx) == baseline
+    assert count_rows(ctx, "certificate") == certificates
+    assert uses_remaining(ctx, token_id) == 3
+
+
 async def issue_under_way(
     ctx: Context, secret: str, csr: bytes, lookup_seconds: float = 0.0
 ) -> IssuedSvid:
