@@ -324,15 +324,15 @@ class GroupCommit:
     def _commit_ready(self, loop: asyncio.AbstractEventLoop) -> None:
         """On PostgreSQL, a ready batch whose loop still expects units (``expecting``) waits
         for them, a few tenths of a millisecond at a time (``COMING_WAIT_TURNS``), before it
-        goes to the loop's committing task. A commit costs the worker and PostgreSQL about the same
-        whatever its size (the thread handoffs, the round trips, the transaction and its WAL
-        flush), and taking whatever was ready the moment the committer was free made batches of
-        one to eight at c=16, four on average; the requests still being looked up or signed
-        were ready a fraction of a millisecond later, and waited a whole commit for the next
-        batch. Waiting for them, two workers at c=16, eight alternated pairs
-        (``tests.bench.pairs``): 1,345 -> 1,556 certs/s on average, faster in all eight, p99
-        29.1 -> 24.3 ms; c=64, three pairs: 1,937 -> 2,215 (docs/benchmarks.md, change 46). A
-        loop with nothing else under way (c=1) commits at once."""
+        goes to the loop's committing task. A commit costs the worker and PostgreSQL about the
+        same whatever its size (the round trips, the transaction and its WAL flush; then also
+        a handoff to a committing thread), and taking whatever was ready the moment the
+        committer was free made batches of one to eight at c=16, four on average; the requests
+        still being looked up or signed were ready a fraction of a millisecond later, and
+        waited a whole commit for the next batch. Waiting for them, two workers at c=16, eight
+        alternated pairs (``tests.bench.pairs``): 1,345 -> 1,556 certs/s on average, faster in
+        all eight, p99 29.1 -> 24.3 ms; c=64, three pairs: 1,937 -> 2,215 (docs/benchmarks.md,
+        change 46). A loop with nothing else under way (c=1) commits at once."""
         ready = self._ready.pop(loop)
         if self._in_place:
             self._commit_in_place(loop, ready)
@@ -391,7 +391,7 @@ class GroupCommit:
                 if task is not None and task.cancelling():  # an error took the cancellation's place
                     raise asyncio.CancelledError
         finally:
-            if self._committers.get(loop, (None, None))[1] is asyncio.current_task():
+            if self._committers.get(loop, (None, None))[1] is task:
                 del self._committers[loop]
             self._committing.discard(loop)
             while not queue.empty():  # ready when the task was cancelled: never left waiting
@@ -477,12 +477,13 @@ class GroupCommit:
         with self._commit_lock:  # shared with thread callers (the scheduler's audit sealer)
             self._commit_chunks(units)
 
-    def _commit_chunks(self, units: list[_Unit], connection: sa.Connection | None = None) -> None:
+    def _commit_chunks(self, units: list[_Unit], on: sa.Connection | None = None) -> None:
         for start in range(0, len(units), self._max_batch):
-            self._commit_or_fail(units[start : start + self._max_batch], connection)
+            self._commit_or_fail(units[start : start + self._max_batch], on)
 
-    def _commit_on(self, connection: sa.Connection, units: list[_Unit]) -> None:
-        self._commit_chunks(units, connection)
+    def _commit_on(self, on: sa.Connection, units: list[_Unit]) -> None:
+        """``_commit_chunks`` in the argument order ``AsyncConnection.run_sync`` calls with."""
+        self._commit_chunks(units, on)
 
     @staticmethod
     def _settle(ready: _Ready) -> None:
@@ -496,11 +497,11 @@ class GroupCommit:
             else:
                 future.set_result(None)
 
-    def _commit_or_fail(self, batch: list[_Unit], connection: sa.Connection | None = None) -> None:
+    def _commit_or_fail(self, batch: list[_Unit], on: sa.Connection | None = None) -> None:
         """Whatever stops a batch before its transaction (the writer lock, say), each of its
         units ends, refused with a 503: never reported as recorded, never left waiting."""
         try:
-            self._commit(batch, connection)
+            self._commit(batch, on)
         except Exception:
             log.exception("a group commit failed before its transaction")
         finally:
@@ -509,31 +510,31 @@ class GroupCommit:
                     unit.error = Unavailable("the issuing transaction did not complete")
                     unit.done = True
 
-    def _commit(self, batch: list[_Unit], connection: sa.Connection | None = None) -> None:
-        """``connection``: the transactions' (an event loop's, ``_commit_on_loop``); by
-        default one of the engine's (``_begin``)."""
+    def _commit(self, batch: list[_Unit], on: sa.Connection | None = None) -> None:
+        """``on``: the connection of the transactions (an event loop's, ``_commit_on_loop``);
+        by default one of the engine's (``_begin``)."""
         with self._between_processes:
-            self._commit_batch(batch, connection)
+            self._commit_batch(batch, on)
 
-    def _commit_batch(self, batch: list[_Unit], connection: sa.Connection | None) -> None:
+    def _commit_batch(self, batch: list[_Unit], on: sa.Connection | None) -> None:
         try:
             if len(batch) == 1:
-                self._alone(batch[0], connection)
+                self._alone(batch[0], on)
                 return
             try:
                 try:
-                    self._transaction(batch, connection, spend_together=True)
+                    self._transaction(batch, on, spend_together=True)
                 except _SpendsShort:  # rolled back: again, each unit's uses spent in its turn
                     for unit in batch:
                         unit.error = None
-                    self._transaction(batch, connection, spend_together=False)
+                    self._transaction(batch, on, spend_together=False)
                 self.batches += 1
                 for unit in batch:
                     unit.committed = unit.error is None
             except Exception:
                 for unit in batch:
                     unit.error = None
-                    self._alone(unit, connection)
+                    self._alone(unit, on)
         finally:
             for unit in batch:
                 if not unit.committed and unit.error is None:  # interrupted before it ended

@@ -150,10 +150,14 @@ CONNECTION_DEFAULTS: dict[str, int] = {
 }
 
 
+def _connect_args(url: sa.URL) -> dict[str, int]:
+    """``CONNECTION_DEFAULTS`` that the URL does not set itself."""
+    return {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in url.query}
+
+
 def _postgresql(url: str | sa.URL, **options: Any) -> Engine:
     url = make_url(url)
-    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in url.query}
-    engine = sa.create_engine(url, pool_recycle=3600, connect_args=defaults, **options)
+    engine = sa.create_engine(url, pool_recycle=3600, connect_args=_connect_args(url), **options)
     sa.event.listen(engine, "checkin", _note_checkin)
     sa.event.listen(engine, "checkout", _ping_if_idle)
     return engine
@@ -186,9 +190,9 @@ def loop_engine(engine: Engine) -> AsyncEngine:
     ``autocommit_engine``'s pool): the server went away for all of them."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    url = engine.url
-    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in url.query}
-    loop = create_async_engine(url, poolclass=sa.pool.NullPool, connect_args=defaults)
+    loop = create_async_engine(
+        engine.url, poolclass=sa.pool.NullPool, connect_args=_connect_args(engine.url)
+    )
     sa.event.listen(loop.sync_engine, "handle_error", _dispose_on_disconnect(engine))
     return loop
 
