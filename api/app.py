@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -51,7 +54,17 @@ class TrellisApi(FastAPI):
 
 
 def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        # The scheduler's audit sealer runs on this loop while it serves (ca.jobs.seal_audit).
+        ctx.serving_loop = asyncio.get_running_loop()
+        try:
+            yield
+        finally:
+            ctx.serving_loop = None
+
     app = TrellisApi(
+        lifespan=lifespan,
         title="Trellis",
         version="0.1.0",
         summary="mTLS certificate authority and SPIFFE workload identity",

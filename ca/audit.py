@@ -23,14 +23,15 @@ undetected, as unsealed ones always were: ``verify`` counts both.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -191,12 +192,13 @@ _CHAIN = (
 SEAL_CHUNK = 250
 
 
-# The job runs in a thread of a serving worker and shares the GIL with its event loop. Hashing
-# records back to back, it kept the GIL for up to the 5 ms switch interval each time the loop
-# let go of it for a system call, several times per request: requests in flight during a run
-# waited (c=16 p99 19 to 27 ms against 14 to 19 ms with no sealer). Pausing 0.5 ms every 25
-# records (about 0.2 ms of hashing) hands the loop the GIL at once: 16 to 21 ms
-# (docs/benchmarks.md, change 39). A run at 2,000 issuances a second takes ~0.15 s longer.
+# How often the sealer lets the rest of its process go first: every 25 records (about 0.2 ms
+# of hashing). On a serving worker's loop (``seal_on_loop``) that is a turn of the loop, so the
+# requests ready meanwhile are served between two runs of 25. A sealer in a thread of a worker
+# (``seal`` with ``pause``, how the job ran before change 49) shared the GIL with the loop and,
+# hashing back to back, kept it for up to the 5 ms switch interval each time the loop let go of
+# it for a system call: c=16 p99 19 to 27 ms against 14 to 19 with no sealer; sleeping 0.5 ms
+# every 25 records gave 16 to 21 ms (docs/benchmarks.md, change 39).
 PAUSE_EVERY, PAUSE_SECONDS = 25, 0.0005
 
 
@@ -210,7 +212,8 @@ def seal(
     """Chain every settled, unsealed record and sign the new head (idempotent; run by one
     replica at a time). ``sign_every``: sign only if the last signature is at least that old
     (the job passes ``SIGN_EVERY``); by default, whenever the head is not signed yet.
-    ``pause``: yield to the process's other threads as it goes (the job, see ``PAUSE_EVERY``).
+    ``pause``: sleep now and then, so that the process's other threads get the GIL (see
+    ``PAUSE_EVERY``); a server's job seals on its event loop instead (``seal_on_loop``).
 
     Records are chained in chunks, each written in a transaction of its own
     (``GroupCommit.run_apart``: beside the batches of requests on PostgreSQL, through the one
@@ -218,28 +221,111 @@ def seal(
     a time (the scheduler's lock), so the head read before a chunk is still the head when it is
     written; ``seq`` is unique and ``_CHAIN`` only touches unsealed rows, so a second sealer
     could fail but never fork the chain."""
+    steps = _sealing(ctx, settle, sign_every)
+    answer: Any = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration as done:
+            return cast(Sealed, done.value)
+        answer = None
+        if isinstance(step, _Read):
+            with ctx.reads.connect() as connection:
+                answer = step.query(connection)
+        elif isinstance(step, _Write):
+            ctx.writes.run_apart(step.work)
+        elif isinstance(step, _Sign):
+            answer = _seal_row(ctx, *step.head)
+        elif pause:
+            time.sleep(PAUSE_SECONDS)
+
+
+async def seal_on_loop(
+    ctx: Context, *, settle: dt.timedelta | None = None, sign_every: dt.timedelta | None = None
+) -> Sealed:
+    """``seal`` made by a serving worker's event loop, ``PAUSE_EVERY`` records at a time
+    between its requests: the reads and the signature in the loop's executor (a read on
+    PostgreSQL waits on the network, a Vault key signs over it), each chunk's write committed
+    with the loop's next batch of issuances (``GroupCommit.run_async``) instead of in a
+    transaction of its own. The job ran ``seal`` in a scheduler thread of that worker, which
+    took the GIL from the loop every time the loop let go of it. Two workers at c=16, three
+    runs of eight alternated pairs each (``tests.bench.pairs``): SQLite +5.2 % on average,
+    PostgreSQL +11.5 % (docs/benchmarks.md, change 49)."""
+    loop = asyncio.get_running_loop()
+    steps = _sealing(ctx, settle, sign_every)
+    answer: Any = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration as done:
+            return cast(Sealed, done.value)
+        answer = None
+        if isinstance(step, _Read):
+            answer = await loop.run_in_executor(None, _read, ctx, step.query)
+        elif isinstance(step, _Write):
+            await ctx.writes.run_async(step.work)
+        elif isinstance(step, _Sign):
+            answer = await loop.run_in_executor(None, _seal_row, ctx, *step.head)
+        else:
+            await asyncio.sleep(0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    query: Callable[[sa.Connection], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    work: Work
+
+
+@dataclass(frozen=True, slots=True)
+class _Sign:
+    head: tuple[int, str, dt.datetime]
+
+
+class _Pause:
+    pass
+
+
+_Step = _Read | _Write | _Sign | _Pause
+
+
+def _read(ctx: Context, query: Callable[[sa.Connection], Any]) -> Any:
+    with ctx.reads.connect() as connection:
+        return query(connection)
+
+
+def _sealing(
+    ctx: Context, settle: dt.timedelta | None, sign_every: dt.timedelta | None
+) -> Generator[_Step, Any, Sealed]:
+    """The sealer's steps, whoever makes them (``seal``, ``seal_on_loop``): what to read, write
+    and sign, and where to let the process's other work go first."""
     if settle is None:
         settle = SETTLE if ctx.engine.dialect.name == "postgresql" else dt.timedelta(0)
     now = ctx.clock.now()
-    with ctx.reads.connect() as connection:
-        head = connection.execute(_HEAD).first()
-        last_seal = connection.execute(_LAST_SEAL).first()
+    head, last_seal = yield _Read(
+        lambda connection: (
+            connection.execute(_HEAD).first(),
+            connection.execute(_LAST_SEAL).first(),
+        )
+    )
     seq = head[0] if head and head[0] is not None else 0
     previous = head[1] if head and head[1] else GENESIS
     signed_seq = last_seal[0] if last_seal else 0
     sign = sign_every is None or last_seal is None or now - last_seal[1] >= sign_every
+    pending_rows = prepared(_PENDING)
+    # One row more than a chunk tells whether this chunk is the last (then it is signed).
+    chunk = {"cutoff": now - settle, "chunk": SEAL_CHUNK + 1}
     total = 0
     while True:
-        # One row more than a chunk tells whether this chunk is the last (then it is signed).
-        with ctx.reads.connect() as connection:
-            pending = prepared(_PENDING).rows(
-                connection, {"cutoff": now - settle, "chunk": SEAL_CHUNK + 1}
-            )
+        pending = yield _Read(lambda connection: pending_rows.rows(connection, chunk))
         last = len(pending) <= SEAL_CHUNK
         chained = []
         for index, row in enumerate(pending[:SEAL_CHUNK]):
-            if pause and index % PAUSE_EVERY == 0:
-                time.sleep(PAUSE_SECONDS)
+            if index % PAUSE_EVERY == 0:
+                yield _PAUSE
             seq += 1
             digest = _digest(row, seq, previous)
             chained.append(
@@ -248,16 +334,19 @@ def seal(
             previous = digest
         if not chained:
             break
-        signature = _seal_row(ctx, seq, previous, now) if last and sign else None
-        ctx.writes.run_apart(_chunk_writer(chained, signature))
+        signature = (yield _Sign((seq, previous, now))) if last and sign else None
+        yield _Write(_chunk_writer(chained, signature))
         total += len(chained)
         if last:
             break
     if not total and sign and seq > signed_seq:  # chained by an earlier run, not signed yet
-        signature = _seal_row(ctx, seq, previous, now)
+        signature = yield _Sign((seq, previous, now))
         if signature is not None:
-            ctx.writes.run_apart(_chunk_writer([], signature))
+            yield _Write(_chunk_writer([], signature))
     return Sealed(total, seq if total else None)
+
+
+_PAUSE = _Pause()
 
 
 def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | None) -> Work:

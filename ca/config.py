@@ -5,6 +5,7 @@ and passed down.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class Context:
     lookups: GroupRead = field(init=False, repr=False)
     # SQLite only, in servers: checkpoints the WAL off the event loop (``ca.store.db``).
     checkpointer: db.Checkpointer | None = None
+    # In a server, the event loop serving requests, while it does (``ca.jobs.seal_audit``).
+    serving_loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.writes = GroupCommit(self.engine)

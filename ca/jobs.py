@@ -7,6 +7,7 @@ ran twice would change nothing twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,7 +78,14 @@ def refresh_federated_bundles(ctx: Context) -> str:
 
 
 def seal_audit(ctx: Context) -> str:
-    result = audit.seal(ctx, sign_every=audit.SIGN_EVERY, pause=True)
+    """In a server, the loop serving requests seals, between them (``audit.seal_on_loop``);
+    this thread only waits for it. Elsewhere (no loop, or it has stopped) this thread seals."""
+    loop = ctx.serving_loop
+    if loop is not None and loop.is_running():
+        sealing = audit.seal_on_loop(ctx, sign_every=audit.SIGN_EVERY)
+        result = asyncio.run_coroutine_threadsafe(sealing, loop).result()
+    else:
+        result = audit.seal(ctx, sign_every=audit.SIGN_EVERY, pause=True)
     return f"sealed {result.records} audit record(s)"
 
 

@@ -5,13 +5,16 @@ is used; and what it built at start-up is exempt from the cyclic collector's ful
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import create_app
 from ca.config import Context
 
 # alembic: only the parent migrates. httpx: with click installed it imports its own command line,
@@ -57,3 +60,15 @@ def test_a_started_worker_has_frozen_its_start_up_heap(ctx: Context) -> None:
     before, frozen, health = started.stdout.split()
     assert (int(before), health) == (0, "200")
     assert int(frozen) > 50_000
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_serving_app_names_its_loop_for_the_audit_sealer(ctx: Context) -> None:
+    """The audit-seal job has the loop that serves requests seal (``ca.jobs.seal_audit``):
+    the app's lifespan names it while it serves, and no longer once it has stopped."""
+    assert ctx.serving_loop is None
+    with TestClient(create_app(ctx)) as client:
+        loop = ctx.serving_loop
+        assert isinstance(loop, asyncio.AbstractEventLoop) and loop.is_running()
+        assert client.get("/healthz").status_code == 200
+    assert ctx.serving_loop is None

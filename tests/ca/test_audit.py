@@ -3,15 +3,18 @@ chain exposes any edited, deleted or reordered record."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
-from ca import audit
+from ca import audit, jobs
 from ca.certs import revoke_certificate
 from ca.clock import FixedClock
 from ca.config import Context
@@ -361,4 +364,115 @@ def test_a_sealer_chunk_in_progress_holds_up_issuance_only_on_sqlite(
         release.set()
         sealer.join(20)
     assert issued_while_open == (ctx.engine.dialect.name == "postgresql")
+    assert audit.verify(ctx).ok
+
+
+def _records(ctx: Context, count: int) -> None:
+    with ctx.engine.begin() as connection:
+        for i in range(count):
+            audit.record(connection, "test.event", f"s-{i}", actor="t", at=ctx.clock.now())
+
+
+def test_sealing_on_a_loop_lets_it_serve_every_few_records_and_chains_as_the_thread_does(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving worker's loop seals between its requests (``seal_on_loop``): it lets the
+    loop's other work run at least every ``PAUSE_EVERY`` records, and commits each chunk
+    through the loop's group commit. What it chains verifies as ``seal``'s chain does."""
+    monkeypatch.setattr(audit, "SEAL_CHUNK", 40)
+    _activity(ctx)
+    _records(ctx, 90)
+    total = len(_events(ctx))
+    ticks = 0
+    at_digest: list[int] = []
+    digest = audit._digest
+
+    def counted(*args: object) -> str:
+        at_digest.append(ticks)
+        return digest(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit, "_digest", counted)
+
+    async def serving() -> audit.Sealed:
+        nonlocal ticks
+        sealing = asyncio.ensure_future(audit.seal_on_loop(ctx, settle=dt.timedelta(0)))
+        while not sealing.done():
+            ticks += 1
+            await asyncio.sleep(0)
+        return sealing.result()
+
+    before = ctx.writes.batches
+    sealed = asyncio.run(serving())
+
+    assert sealed.records == total and sealed.head_seq == total
+    assert ctx.writes.batches - before == -(-total // 40)  # one commit per chunk
+    assert len(at_digest) == total
+    held = audit.PAUSE_EVERY  # the loop's other work ran within every PAUSE_EVERY records
+    assert all(at_digest[i] < at_digest[i + held] for i in range(total - held)), at_digest
+    result = audit.verify(ctx)
+    assert result.ok, result.problems
+    assert (result.sealed, result.unsealed, result.seals_checked) == (total, 0, 1)
+    _records(ctx, 3)
+    assert audit.seal(ctx, settle=dt.timedelta(0)).records == 3  # the thread goes on from it
+    assert audit.verify(ctx).ok
+
+
+@contextlib.contextmanager
+def _serving_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a thread, as a worker's, until the block ends (``asyncio.run``,
+    so that the loop's committing task closes its connection)."""
+    started = threading.Event()
+    found: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        found.append((asyncio.get_running_loop(), stop))
+        started.set()
+        await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    assert started.wait(10)
+    loop, stop = found[0]
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(20)
+
+
+def test_the_job_seals_on_the_serving_loop_while_there_is_one(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """In a server the audit-seal job (a scheduler thread) has the serving loop seal
+    (``seal_on_loop``): a thread hashing records took the GIL from the loop each time it let
+    go of it, and requests in flight waited (docs/benchmarks.md, change 49). Without a loop,
+    as in the CLI, the job seals in its own thread."""
+    _activity(ctx)
+    clock.advance(audit.SETTLE + dt.timedelta(seconds=1))
+    total = len(_events(ctx))
+    busy = threading.Event()
+    with _serving_loop() as loop:
+        ctx.serving_loop = loop
+        try:
+            loop.call_soon_threadsafe(busy.wait, 20)  # the loop is busy until `busy` is set
+            outcome: list[str] = []
+            job = threading.Thread(target=lambda: outcome.append(jobs.seal_audit(ctx)))
+            job.start()
+            job.join(1)
+            assert job.is_alive()  # waiting for the loop
+            assert audit.verify(ctx).unsealed == total
+            busy.set()
+            job.join(20)
+            assert outcome == [f"sealed {total} audit record(s)"]
+        finally:
+            busy.set()
+            ctx.serving_loop = None
+    result = audit.verify(ctx)
+    assert result.ok and result.sealed == total, result.problems
+
+    clock.advance(dt.timedelta(seconds=10))
+    _records(ctx, 2)
+    clock.advance(audit.SETTLE + dt.timedelta(seconds=1))
+    assert jobs.seal_audit(ctx) == "sealed 2 audit record(s)"  # no loop: in this thread
     assert audit.verify(ctx).ok
