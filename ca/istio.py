@@ -336,18 +336,21 @@ def deliver(ctx: Context, intermediate: IstioIntermediate, params: IstioParams) 
     (the key of the undelivered intermediate is gone: it was never stored).
     """
     try:
-        if params.kube is not None:
-            manifest = render(intermediate, params.output_format)["cacerts.yaml"]
-            done = [f"{apply(params.kube, manifest)} ({params.kube.describe()})"]
-        elif params.output is not None:
-            done = [str(p) for p in write_output(intermediate, params.output_format, params.output)]
-        else:
-            done = []
+        return _deliver(intermediate, params)
     except (TrellisError, OSError) as exc:
         error = _failure(exc)
         _record_delivery(ctx, intermediate.cluster, error.detail)
         raise error from None
-    return done
+
+
+def _deliver(intermediate: IstioIntermediate, params: IstioParams) -> list[str]:
+    """``deliver`` without recording a failure, for callers that record it themselves."""
+    if params.kube is not None:
+        manifest = render(intermediate, params.output_format)["cacerts.yaml"]
+        return [f"{apply(params.kube, manifest)} ({params.kube.describe()})"]
+    if params.output is not None:
+        return [str(p) for p in write_output(intermediate, params.output_format, params.output)]
+    return []
 
 
 def root_configmap(ctx: Context, namespace: str = "istio-system", authority: str = MESH) -> str:
@@ -452,7 +455,7 @@ def renew_due_clusters(ctx: Context) -> list[str]:
             if now >= due or row.last_error is not None:
                 params = _params(row)
                 intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
-                deliver(ctx, intermediate, params)
+                _deliver(intermediate, params)  # a failure is recorded once, below
                 serial = format(intermediate.certificate.serial_number, "x")
                 done.append(f"renewed {row.cluster} -> {serial[:12]}")
             elif row.with_crl and (refreshed := _refresh_crl(ctx, row)):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
@@ -192,8 +193,22 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     assert "delivery failed, the scheduler retries" in cli.ok("istio", "list")
 
     job = job_named("istio-intermediates")
-    run = run_job(ctx, job)
+    on_the_row: list[str] = []
+
+    def seen(*args: object) -> None:
+        statement = " ".join(str(args[2]).split())
+        if "istio_cluster" in statement:
+            on_the_row.append(statement)
+
+    sa.event.listen(ctx.engine, "before_cursor_execute", seen)
+    try:
+        run = run_job(ctx, job)
+    finally:
+        sa.event.remove(ctx.engine, "before_cursor_execute", seen)
     assert run is not None and not run.last_ok
+    # The failure is recorded once: its UPDATE is the last statement on the cluster's row (a
+    # second recording of the same error read the row again, for an UPDATE with no change).
+    assert on_the_row[-1].startswith("UPDATE istio_cluster SET last_error="), on_the_row
     assert run.last_result.startswith("Unavailable: east: kubectl apply")
     assert SECRET not in kube.secrets
 
