@@ -222,22 +222,19 @@ def seal(
     written; ``seq`` is unique and ``_CHAIN`` only touches unsealed rows, so a second sealer
     could fail but never fork the chain."""
     steps = _sealing(ctx, settle, sign_every)
-    answer: Any = None
-    while True:
-        try:
-            step = steps.send(answer)
-        except StopIteration as done:
-            return cast(Sealed, done.value)
-        answer = None
+    step = _advance(steps, None)
+    while not isinstance(step, Sealed):
+        answer: Any = None
         if isinstance(step, _Read):
-            with ctx.reads.connect() as connection:
-                answer = step.query(connection)
+            answer = _read(ctx, step.query)
         elif isinstance(step, _Write):
             ctx.writes.run_apart(step.work)
         elif isinstance(step, _Sign):
             answer = _seal_row(ctx, *step.head)
         elif pause:
             time.sleep(PAUSE_SECONDS)
+        step = _advance(steps, answer)
+    return step
 
 
 async def seal_on_loop(
@@ -253,13 +250,9 @@ async def seal_on_loop(
     PostgreSQL +11.5 % (docs/benchmarks.md, change 49)."""
     loop = asyncio.get_running_loop()
     steps = _sealing(ctx, settle, sign_every)
-    answer: Any = None
-    while True:
-        try:
-            step = steps.send(answer)
-        except StopIteration as done:
-            return cast(Sealed, done.value)
-        answer = None
+    step = _advance(steps, None)
+    while not isinstance(step, Sealed):
+        answer: Any = None
         if isinstance(step, _Read):
             answer = await loop.run_in_executor(None, _read, ctx, step.query)
         elif isinstance(step, _Write):
@@ -268,6 +261,8 @@ async def seal_on_loop(
             answer = await loop.run_in_executor(None, _seal_row, ctx, *step.head)
         else:
             await asyncio.sleep(0)
+        step = _advance(steps, answer)
+    return step
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +285,14 @@ class _Pause:
 
 
 _Step = _Read | _Write | _Sign | _Pause
+
+
+def _advance(steps: Generator[_Step, Any, Sealed], answer: Any) -> _Step | Sealed:
+    """The sealer's next step, given the answer to the last one; its outcome once done."""
+    try:
+        return steps.send(answer)
+    except StopIteration as done:
+        return cast(Sealed, done.value)
 
 
 def _read(ctx: Context, query: Callable[[sa.Connection], Any]) -> Any:
