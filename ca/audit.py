@@ -280,11 +280,8 @@ class _Sign:
     head: tuple[int, str, dt.datetime]
 
 
-class _Pause:
-    pass
-
-
-_Step = _Read | _Write | _Sign | _Pause
+# A step of None: let the process's other work go first (``PAUSE_EVERY``).
+_Step = _Read | _Write | _Sign | None
 
 
 def _advance(steps: Generator[_Step, Any, Sealed], answer: Any) -> _Step | Sealed:
@@ -328,7 +325,7 @@ def _sealing(
         chained = []
         for index, row in enumerate(pending[:SEAL_CHUNK]):
             if index % PAUSE_EVERY == 0:
-                yield _PAUSE
+                yield None
             seq += 1
             digest = _digest(row, seq, previous)
             chained.append(
@@ -347,9 +344,6 @@ def _sealing(
         if signature is not None:
             yield _Write(_chunk_writer([], signature))
     return Sealed(total, seq if total else None)
-
-
-_PAUSE = _Pause()
 
 
 def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | None) -> Work:

@@ -50,6 +50,12 @@ def _sealed(ctx: Context) -> None:
     audit.seal(ctx, settle=dt.timedelta(0))
 
 
+def _records(ctx: Context, count: int) -> None:
+    with ctx.engine.begin() as connection:
+        for i in range(count):
+            audit.record(connection, "test.event", f"s-{i}", actor="t", at=ctx.clock.now())
+
+
 def test_every_change_is_recorded_with_who_and_which_request(ctx: Context) -> None:
     serial = _activity(ctx)
     events = _events(ctx)
@@ -170,9 +176,7 @@ def test_sealing_in_chunks_chains_everything_and_signs_the_head_once(
     lock long); one signed seal covers the new head."""
     monkeypatch.setattr(audit, "SEAL_CHUNK", 3)
     _activity(ctx)
-    with ctx.engine.begin() as connection:
-        for i in range(6):
-            audit.record(connection, "test.event", f"subject-{i}", actor="test", at=ctx.clock.now())
+    _records(ctx, 6)
     total = len(_events(ctx))
     assert total > 3 * 2  # several chunks
     before = ctx.writes.batches
@@ -238,9 +242,7 @@ def test_the_job_chains_every_run_but_signs_the_head_at_most_every_sign_every(
     assert first.records > 0 and audit.verify(ctx).seals_checked == 1  # no seal yet: signed
 
     clock.advance(dt.timedelta(seconds=2))
-    with ctx.engine.begin() as connection:
-        for i in range(3):
-            audit.record(connection, "test.event", f"s-{i}", actor="t", at=clock.now())
+    _records(ctx, 3)
     second = audit.seal(ctx, settle=dt.timedelta(0), sign_every=every)
     assert second.records == 3  # chained...
     result = audit.verify(ctx)
@@ -365,12 +367,6 @@ def test_a_sealer_chunk_in_progress_holds_up_issuance_only_on_sqlite(
         sealer.join(20)
     assert issued_while_open == (ctx.engine.dialect.name == "postgresql")
     assert audit.verify(ctx).ok
-
-
-def _records(ctx: Context, count: int) -> None:
-    with ctx.engine.begin() as connection:
-        for i in range(count):
-            audit.record(connection, "test.event", f"s-{i}", actor="t", at=ctx.clock.now())
 
 
 def test_sealing_on_a_loop_lets_it_serve_every_few_records_and_chains_as_the_thread_does(
