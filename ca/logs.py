@@ -13,6 +13,8 @@ __all__ = ["REQUEST_ID", "configure_logging"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# One encoder for every record: ``json.dumps(..., default=str)`` builds a new one per call.
+_ENCODE = json.JSONEncoder(default=str).encode
 
 
 class _RequestId(logging.Filter):
@@ -29,16 +31,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        document.update(
-            {
-                key: value
-                for key, value in vars(record).items()
-                if key not in _STANDARD and value is not None
-            }
-        )
+        for key, value in vars(record).items():
+            if value is not None and key not in _STANDARD:
+                document[key] = value
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, default=str)
+        return _ENCODE(document)
 
 
 def configure_logging(*, json_lines: bool | None = None, level: int = logging.INFO) -> None:
@@ -51,6 +49,14 @@ def configure_logging(*, json_lines: bool | None = None, level: int = logging.IN
         if json_lines
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
+    # Neither format shows where a call was made from, nor the thread, process or task: not
+    # looking them up saves a fifth of a record's cost, which the access log pays per request
+    # (the logging HOWTO's "Optimization" section names these switches).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined,unused-ignore]  # 3.12 on
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
