@@ -29,7 +29,7 @@ from api.routes import (
 )
 from ca.config import Context
 
-__all__ = ["TrellisApi", "create_app", "freeze_startup_heap"]
+__all__ = ["YOUNG_THRESHOLD", "TrellisApi", "create_app", "freeze_startup_heap"]
 
 
 class TrellisApi(FastAPI):
@@ -99,11 +99,23 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
     return app
 
 
+# The cyclic collector's first threshold in a server process: Python's 700 is crossed by the
+# objects of the requests in flight alone (each holds a CSR, a certificate, its rows and
+# coroutines until its response goes out), so at c=16 a worker collected 140 times a second,
+# scanned objects that were about to be freed by their reference counts anyway, promoted them,
+# and so ran 1 to 2 full collections a second: 21 to 29 µs of CPU per certificate. Above that
+# peak, collections are left to what they are for: garbage in reference cycles, of which
+# issuance makes little (one collection in 8 s at c=16 with 10,000; docs/benchmarks.md,
+# change 50). At most ~10,000 unreachable objects wait for it: a few MiB.
+YOUNG_THRESHOLD = 10_000
+
+
 def freeze_startup_heap() -> None:
     """Called once a server process has built everything it keeps (modules, app, context): the
     objects made so far live as long as the process, so the cyclic collector stops scanning
     them. Otherwise each of its full collections walks them all, some 70 ms with the worker's
     ~130,000 objects, and every request in flight at the time waits that long (the p99 tail in
-    docs/benchmarks.md)."""
+    docs/benchmarks.md). From then on it collects at ``YOUNG_THRESHOLD``."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
