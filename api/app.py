@@ -101,12 +101,12 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
 
 # The cyclic collector's first threshold in a server process: Python's 700 is crossed by the
 # objects of the requests in flight alone (each holds a CSR, a certificate, its rows and
-# coroutines until its response goes out), so at c=16 a worker collected 140 times a second,
-# scanned objects that were about to be freed by their reference counts anyway, promoted them,
-# and so ran 1 to 2 full collections a second: 21 to 29 µs of CPU per certificate. Above that
-# peak, collections are left to what they are for: garbage in reference cycles, of which
-# issuance makes little (one collection in 8 s at c=16 with 10,000; docs/benchmarks.md,
-# change 50). At most ~10,000 unreachable objects wait for it: a few MiB.
+# coroutines until its response goes out), so at c=16 two workers collected ~140 times a
+# second between them, scanned objects that their reference counts were about to free anyway,
+# promoted them, and so ran more than one full collection a second: 21 to 29 µs of CPU per
+# certificate. Above that peak, collections are left to what they are for: garbage in
+# reference cycles, of which issuance makes little (one collection in 8 s at c=16 with 10,000;
+# docs/benchmarks.md, change 50). At most ~10,000 unreachable objects wait for it: a few MiB.
 YOUNG_THRESHOLD = 10_000
 
 

@@ -132,8 +132,8 @@ asyncio.run(main())
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_requests_in_flight_do_not_set_off_the_cyclic_collector(ctx: Context) -> None:
     """With Python's threshold (700 objects) the objects of 16 issuances in flight set off a
-    young collection every ~10 certificates, and through the promotions full ones each second:
-    21 to 29 µs of CPU a certificate in the benchmark. A worker raises it once started
+    young collection every 5 to 10 certificates, and through the promotions a full one every
+    second or so: 21 to 29 µs of CPU a certificate in the benchmark. A worker raises it once started
     (``freeze_startup_heap``); 320 certificates, 16 at a time, then set off at most one."""
     entry = create_entry(ctx, EntryParams(spiffe_id=SpiffeId.parse("spiffe://example.org/gc")))
     _, token = create_join_token(ctx, entry.id, uses=1000)
