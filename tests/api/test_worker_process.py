@@ -26,6 +26,18 @@ from tests.bench.loadgen import make_csrs
 NOT_IN_A_WORKER = ("alembic", "httpx", "click", "rich", "pygments", "typer", "hvac")
 
 
+def _worker_env(ctx: Context) -> dict[str, str]:
+    """What ``trellis serve`` exports to its workers, for a worker started by hand."""
+    passphrase = ctx.settings.key_passphrase
+    assert passphrase is not None
+    return {
+        **os.environ,
+        "TRELLIS_DATA_DIR": str(ctx.settings.data_dir),
+        "TRELLIS_DATABASE_URL": ctx.settings.effective_database_url,
+        "TRELLIS_KEY_PASSPHRASE": passphrase.get_secret_value(),
+    }
+
+
 def test_a_worker_imports_no_cli_migration_or_http_client_modules() -> None:
     probe = (
         "import json, sys; import api.asgi; "
@@ -49,14 +61,7 @@ def test_a_started_worker_has_frozen_its_start_up_heap(ctx: Context) -> None:
         "print(before, gc.get_freeze_count(), client.get('/healthz').status_code); "
         "client.__exit__(None, None, None)"
     )
-    passphrase = ctx.settings.key_passphrase
-    assert passphrase is not None
-    env = {
-        **os.environ,
-        "TRELLIS_DATA_DIR": str(ctx.settings.data_dir),
-        "TRELLIS_DATABASE_URL": ctx.settings.effective_database_url,
-        "TRELLIS_KEY_PASSPHRASE": passphrase.get_secret_value(),
-    }
+    env = _worker_env(ctx)
     started = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env
     )
@@ -138,14 +143,7 @@ def test_requests_in_flight_do_not_set_off_the_cyclic_collector(ctx: Context) ->
     entry = create_entry(ctx, EntryParams(spiffe_id=SpiffeId.parse("spiffe://example.org/gc")))
     _, token = create_join_token(ctx, entry.id, uses=1000)
     csrs = [c.pem for c in make_csrs(16, ["spiffe://example.org/gc"])]
-    passphrase = ctx.settings.key_passphrase
-    assert passphrase is not None
-    env = {
-        **os.environ,
-        "TRELLIS_DATA_DIR": str(ctx.settings.data_dir),
-        "TRELLIS_DATABASE_URL": ctx.settings.effective_database_url,
-        "TRELLIS_KEY_PASSPHRASE": passphrase.get_secret_value(),
-    }
+    env = _worker_env(ctx)
     burst = subprocess.run(
         [sys.executable, "-c", _BURST, token, json.dumps(csrs), "20"],
         capture_output=True, text=True, timeout=120, env=env,
