@@ -77,6 +77,7 @@ IDLE_LEAVES = (
     "wait (threading.py)",
     "Connection._recv (multiprocessing/connection.py)",
     "EpollSelector.select (selectors.py)",
+    "_worker (concurrent/futures/thread.py)",  # an executor's thread waiting for work
 )
 # Where a worker's CPU goes: (label, functions that mark it when on the stack), first match
 # wins, so a stage of the issuance is found before the layers around it. Markers are
@@ -92,14 +93,18 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("audit sealer", ("(ca/audit.py)",)),
     ("SQLite checkpoints (thread)", ("Checkpointer._run",)),
     ("scheduler jobs", ("(ca/scheduler.py)", "BackgroundScheduler._main_loop")),
+    # PostgreSQL's batches run in greenlets, whose stacks do not show the group commit.
+    ("database driver (psycopg, SQLAlchemy)", ("(psycopg/", "(sqlalchemy/")),
     ("sending responses (TLS, socket)", ("Corked.write", "Corked._flush")),
     ("logging (the access log)", ("(logging/__init__.py)", "(ca/logs.py)")),
     ("rest of the route (authorise, render, metrics)", ("(api/routes/",)),
     ("HTTP around the route (uvicorn, middlewares)", ("run_asgi (uvicorn/",)),
     ("reading requests (TLS, HTTP parsing)", ("data_received (uvicorn/", "SSLObject.")),
 )
-# Samples whose innermost Python frame is the event loop's: uvloop's own C (epoll, socket
-# reads, its TLS protocol), which py-spy without ``--native`` cannot see into.
+# Samples whose innermost Python frame is the event loop's: uvloop's own C (socket reads, its
+# TLS protocol), which py-spy without ``--native`` cannot see into, and its waits in epoll,
+# which py-spy does not always tell from work: on PostgreSQL, whose loops wait on the
+# database, a fifth of the samples.
 _LOOP_LEAF = "Runner.run (asyncio/runners.py)"
 
 
@@ -108,7 +113,7 @@ def _category(frames: list[str]) -> str:
         if any(marker in frame for frame in frames for marker in markers):
             return name
     if frames[-1] == _LOOP_LEAF:
-        return "event loop in C (uvloop: epoll, sockets, TLS)"
+        return "event loop in C (uvloop: sockets, TLS, and epoll waits)"
     return "other"
 
 
