@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ END = "<!-- end of results -->"
 BASELINE = "openbao-raft"
 TRELLIS = ("trellis-sqlite", "trellis-postgres")
 RSS_LIMIT_MIB = 300
+GOAL_CONCURRENCY = 16  # the throughput and p99 goals' cell
 GROWTH_MIB = 10  # RSS after the last c=max run more than this above the first: "growing"
 
 
@@ -78,35 +80,42 @@ def _ratio(value: float, limit: float) -> str:
     return f"{shown}x"
 
 
+def _over_rounds(median: float, limit: float, rounds: list[dict[str, Any]], key: str) -> str:
+    if len(rounds) == 1:
+        return _ratio(median, limit)
+    each = ", ".join(_ratio(r[key], limit) for r in sorted(rounds, key=lambda r: r["run"]))
+    return f"{_ratio(median, limit)} (median of {each})"
+
+
 def _goals(
     results: dict[str, Any], ratios: list[dict[str, Any]], memory: dict[str, Any]
 ) -> list[dict[str, Any]]:
     goals = []
     for system in TRELLIS:
-        ratio = next(
-            (
-                r
-                for r in ratios
-                if r["system"] == system
-                and r["baseline"] == BASELINE
-                and r["concurrency"] == 16
-                and r["run"] == 1
-            ),
-            None,
-        )
-        if ratio is not None:
+        # Each round's ratio pairs cells run one after the other; the goal is judged on the
+        # median round, so that one round's noise neither meets nor misses it.
+        rounds = [
+            r
+            for r in ratios
+            if r["system"] == system
+            and r["baseline"] == BASELINE
+            and r["concurrency"] == GOAL_CONCURRENCY
+        ]
+        if rounds:
+            throughput = statistics.median(r["throughput_ratio"] for r in rounds)
+            p99 = statistics.median(r["p99_ratio"] for r in rounds)
             goals.append(
                 {
-                    "goal": f"{system} c=16 throughput >= 1.5x {BASELINE}",
-                    "measured": _ratio(ratio["throughput_ratio"], 1.5),
-                    "met": ratio["throughput_ratio"] >= 1.5,
+                    "goal": f"{system} c={GOAL_CONCURRENCY} throughput >= 1.5x {BASELINE}",
+                    "measured": _over_rounds(throughput, 1.5, rounds, "throughput_ratio"),
+                    "met": throughput >= 1.5,
                 }
             )
             goals.append(
                 {
-                    "goal": f"{system} c=16 p99 <= {BASELINE}'s",
-                    "measured": f"{_ratio(ratio['p99_ratio'], 1.0)} OpenBao's p99",
-                    "met": ratio["p99_ratio"] <= 1.0,
+                    "goal": f"{system} c={GOAL_CONCURRENCY} p99 <= {BASELINE}'s",
+                    "measured": _over_rounds(p99, 1.0, rounds, "p99_ratio") + " OpenBao's p99",
+                    "met": p99 <= 1.0,
                 }
             )
         if system in memory:
