@@ -241,8 +241,9 @@ def settle(
 
 def plan(concurrencies: list[int], repeats: int) -> list[tuple[int, int]]:
     """(concurrency, run number): each once, then the goals' concurrency and the largest, in
-    turn, until each ran ``repeats`` times. One c=16 cell decides little on a shared machine,
-    where one run of a cell moves by up to a tenth from the next (docs/benchmarks.md)."""
+    turn, until each ran ``repeats`` times. One c=16 round decides little on a shared machine:
+    in one run the same code's ratio to OpenBao was 1.497x, 1.22x and 1.30x in its three rounds
+    (docs/benchmarks.md, change 51)."""
     goal = {c for c in concurrencies if c == report.GOAL_CONCURRENCY}
     again = sorted(goal | {max(concurrencies)})
     cells = [(c, 1) for c in concurrencies]
