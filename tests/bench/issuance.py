@@ -244,8 +244,7 @@ def plan(concurrencies: list[int], repeats: int) -> list[tuple[int, int]]:
     turn, until each ran ``repeats`` times. One c=16 round decides little on a shared machine:
     in one run the same code's ratio to OpenBao was 1.497x, 1.22x and 1.30x in its three rounds
     (docs/benchmarks.md, change 51)."""
-    goal = {c for c in concurrencies if c == report.GOAL_CONCURRENCY}
-    again = sorted(goal | {max(concurrencies)})
+    again = sorted({report.GOAL_CONCURRENCY} & set(concurrencies) | {max(concurrencies)})
     cells = [(c, 1) for c in concurrencies]
     cells += [(c, run) for run in range(2, repeats + 1) for c in again]
     return cells
