@@ -173,11 +173,7 @@ def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
     if grant.join_token_id is not None and grant.renewal_nonce is not None:
         raise AssertionError("a grant spends one credential")
     now = ctx.clock.now()
-    token_use = (
-        join_token_use(grant.join_token_id, now, grant.requested_by)
-        if grant.join_token_id is not None
-        else None
-    )
+    spend = join_token_use(grant.join_token_id, now) if grant.join_token_id is not None else None
     inserts = issued_rows(
         svid.certificate,
         pem=svid.certificate_pem,
@@ -207,10 +203,8 @@ def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
             )
             if spent.first() is None:  # (rowcount is -1 here on psycopg)
                 raise AuthenticationFailed("this renewal proof has already been used")
-        if token_use is not None:
-            spend, record = token_use
+        if spend is not None:
             rows.spend(spend)
-            rows.add(record)
         for insert in inserts:
             rows.add(insert)
 

@@ -23,7 +23,7 @@ from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
 from ca.store.batch import Spend
-from ca.store.core import Insert, table
+from ca.store.core import table
 from ca.store.models import EntryRow, TokenRow
 
 __all__ = [
@@ -202,13 +202,16 @@ def authenticate_admin(ctx: Context, secret: str) -> AdminPrincipal:
     return AdminPrincipal(token["id"])
 
 
-def join_token_use(token_id: str, now: dt.datetime, actor: str) -> tuple[Spend, Insert]:
+def join_token_use(token_id: str, now: dt.datetime) -> Spend:
     """One use of the join token, spent in the issuing transaction with the batch's other uses
-    (``ca.store.batch.Spend``), and the audit record of the use. The conditional UPDATE makes
-    concurrent redemptions of a single-use token race safely: only one of them changes a row."""
+    (``ca.store.batch.Spend``). The conditional UPDATE makes concurrent redemptions of a
+    single-use token race safely: only one of them changes a row.
+
+    A use has no audit record of its own: the record of the certificate it paid for names the
+    token as its actor (``join-token:<id>``) and the certificate's serial, which a separate
+    "token.used" record did not, at the cost of a second record and its chaining per issuance."""
     refusal = AuthenticationFailed("the join token has already been used or has expired")
-    record = audit.entry("token.used", f"token:{token_id}", actor=actor, at=now)
-    return Spend(_SPEND, token_id, now, refusal), (audit.INSERT, record)
+    return Spend(_SPEND, token_id, now, refusal)
 
 
 def list_tokens(ctx: Context) -> list[TokenInfo]:

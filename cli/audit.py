@@ -33,7 +33,7 @@ def list_cmd(
         str | None, typer.Option(help="Only records at or after this time (ISO 8601)")
     ] = None,
     event: Annotated[
-        str | None, typer.Option(help="Event prefix, e.g. certificate. or token.used")
+        str | None, typer.Option(help="Event prefix, e.g. certificate. or token.revoked")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 100,
     json_out: JsonOpt = False,
