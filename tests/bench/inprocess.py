@@ -288,7 +288,7 @@ def _stages(ctx: Context, pems: list[bytes], grant: Any, tokens: _Tokens) -> dic
         "_persist, admin grant (certificate + audit rows, commit)": _mean_us(
             lambda i: _persist(ctx, grant, certs[i]), n
         ),
-        "_persist, join grant (+ token use and its audit row)": _mean_us(
+        "_persist, join grant (+ the token's use)": _mean_us(
             lambda i: _persist(ctx, join, more[i]), n
         ),
     }
