@@ -671,7 +671,7 @@ def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> 
     units ran: one INSERT per table, whatever the batch size, audit records in the units' order,
     one per certificate, naming the join token that paid for it."""
     entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry, uses=5)
+    token_id, secret = join_secret(ctx, entry, uses=5)
     grants = [join_grant(ctx, secret) for _ in range(5)]
     csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
     inserts: list[str] = []
@@ -690,10 +690,11 @@ def test_a_batch_inserts_its_rows_with_one_statement_per_table(ctx: Context) -> 
     assert sorted(inserts) == ["audit_log", "certificate"]
     with ctx.engine.connect() as connection:
         events = connection.execute(
-            sa.text("SELECT event, detail FROM audit_log WHERE id > :id ORDER BY id"),
+            sa.text("SELECT event, actor, detail FROM audit_log WHERE id > :id ORDER BY id"),
             {"id": first_new},
         ).all()
     assert [e.event for e in events] == ["certificate.issued"] * 5
+    assert {e.actor for e in events} == {f"join-token:{token_id}"}
     issued_serials = [svid.serial.hex for svid in issued]
     assert [json.loads(e.detail)["serial"] for e in events] == issued_serials
 
