@@ -165,7 +165,8 @@ def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
     """One unit of a group commit (``ca.store.batch``), Core statements only. Every refusal
     comes from a conditional statement that changed nothing, so refusing one unit never undoes
     another's; a single grant carries one credential to spend at most. A join token's use is
-    spent with the batch's other uses (``Rows.spend``): such a unit writes nothing itself.
+    spent with the batch's other uses (``Rows.spend``): the unit does not update the token
+    itself.
 
     The rows are made here, before the transaction: a batch's units run while it holds the
     write lock (SQLite has one for all workers), and what needs no database (PEM, fingerprint,
