@@ -1,7 +1,7 @@
 """X509-SVID issuance as one visible pipeline.
 
     authorise (Grant + CSR → identity, names, lifetime)
-      → template (``ca.profiles.leaf_builder``)
+      → template (``ca.profiles.leaf_builder``, rendered from the issuer's DER: ``ca.leafder``)
       → sign (the active issuer's ``Signer``)
       → self-check (``ca.checks.check_leaf``)
       → persist (one transaction: spend the credential, record the certificate)
@@ -33,8 +33,9 @@ from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, PolicyViolation, TrellisError, Unavailable
 from ca.identity import SpiffeId
 from ca.keys import PrivateKey, PublicKey
+from ca.leafder import signed_leaf
 from ca.pem import certs_pem
-from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
+from ca.profiles import BACKDATE, LeafSpec, RevocationUrls
 from ca.records import issued_rows
 from ca.serial import Serial
 from ca.store.batch import Guard, Rows, Work
@@ -244,7 +245,7 @@ def _signed(
         ip_addresses=grant.ip_addresses,
         urls=revocation_urls(ctx, issuer),
     )
-    cert = sign(leaf_builder(spec), issuer.signer)
+    cert = signed_leaf(spec, issuer.signer)
     check_leaf(cert, issuer.certificate, grant.spiffe_id)
     return cert, issuer
 

@@ -17,6 +17,7 @@ from ca.checks import check_leaf
 from ca.config import Context
 from ca.errors import InternalError
 from ca.identity import SpiffeId
+from ca.profiles import ca_subject
 
 WEB = SpiffeId.parse("spiffe://example.org/web")
 
@@ -35,13 +36,14 @@ def _leaf(
     san_critical: bool = True,
     lifetime: dt.timedelta = dt.timedelta(hours=1),
     signing_key: ec.EllipticCurvePrivateKey | None = None,
+    issuer_name: x509.Name | None = None,
 ) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
-        .issuer_name(issuer.certificate.subject)
+        .issuer_name(issuer.certificate.subject if issuer_name is None else issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(seconds=30))
@@ -78,6 +80,7 @@ def test_an_svid_shaped_leaf_passes(ctx: Context) -> None:
         ("non-critical SAN, empty subject", {"san_critical": False}),
         ("outlives its issuer", {"lifetime": dt.timedelta(days=3650)}),
         ("signed by another key", {"signing_key": ec.generate_private_key(ec.SECP256R1())}),
+        ("another issuer's name", {"issuer_name": ca_subject("Trellis", "another CA")}),
     ],
 )
 def test_a_leaf_that_breaks_the_profile_is_refused(
