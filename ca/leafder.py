@@ -38,6 +38,7 @@ _SKI_OID = bytes.fromhex("0603551d0e")  # id-ce-subjectKeyIdentifier, encoded
 _SAN_OID = bytes.fromhex("0603551d11")  # id-ce-subjectAltName, encoded
 _CRITICAL = bytes.fromhex("0101ff")  # BOOLEAN TRUE; FALSE is the default, never encoded
 _EMPTY_NAME = bytes.fromhex("3000")
+_PKCS1 = padding.PKCS1v15()
 _VERSION = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2: v3
 
 # The signature AlgorithmIdentifier of each CA key type that signs with a hash (RFC 5758
@@ -92,8 +93,11 @@ def _time(moment: dt.datetime) -> bytes:
     if moment.tzinfo is not None:
         moment = moment.astimezone(dt.UTC)
     if 1950 <= moment.year < 2050:
-        return _tlv(0x17, moment.strftime("%y%m%d%H%M%SZ").encode())
-    return _tlv(0x18, moment.strftime("%Y%m%d%H%M%SZ").encode())
+        tag, year = 0x17, b"%02d" % (moment.year % 100)
+    else:
+        tag, year = 0x18, b"%04d" % moment.year
+    clock = (moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    return _tlv(tag, year + b"%02d%02d%02d%02d%02dZ" % clock)  # a third of strftime's time
 
 
 def _integer(value: int) -> bytes:
@@ -110,6 +114,8 @@ class _Template:
     before_ski: bytes  # basicConstraints, keyUsage, EKU
     between: bytes  # the authority key identifier
     after_san: bytes  # CRL distribution point and AIA, if any
+    digest: hashes.HashAlgorithm  # what the CA key signs with, made once: not per signature
+    ecdsa: ec.ECDSA
 
     def render(self, spec: LeafSpec, spki: bytes) -> bytes | None:
         """The TBSCertificate, or None when a name is not ASCII (``leaf_builder`` then says
@@ -165,8 +171,8 @@ def _template(spec: LeafSpec, key_type: KeyType) -> _Template | None:
 def _made(spec: LeafSpec, key_type: KeyType) -> _Template | None:
     """Cut apart a leaf that ``leaf_builder`` made for this issuer and this kind of key.
     The prototype is signed by a throwaway key: only its TBS, not its signature, is used."""
-    algorithm = _ALGORITHMS.get(key_type)
-    if algorithm is None:
+    algorithm, digest = _ALGORITHMS.get(key_type), key_type.signature_hash()
+    if algorithm is None or digest is None:
         return None
     if not _prototype_key:
         _prototype_key.append(ec.generate_private_key(ec.SECP256R1()))
@@ -187,6 +193,8 @@ def _made(spec: LeafSpec, key_type: KeyType) -> _Template | None:
         before_ski=b"".join(extensions[:ski]),
         between=b"".join(extensions[ski + 1 : san]),
         after_san=b"".join(extensions[san + 1 :]),
+        digest=digest,
+        ecdsa=ec.ECDSA(digest),
     )
 
 
@@ -194,14 +202,14 @@ def signed_leaf(spec: LeafSpec, signer: Signer) -> x509.Certificate:
     """``sign(leaf_builder(spec), signer)``, the same certificate, made from the issuer's
     template where there is one."""
     template = _template(spec, signer.handle.key_type)
-    key, algorithm = signer.private_key, signer.hash_algorithm
     tbs = None if template is None else template.render(spec, _spki(spec.public_key))
-    if tbs is None or template is None or algorithm is None:
+    if tbs is None or template is None:
         return sign(leaf_builder(spec), signer)
+    key = signer.private_key
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        signature = key.sign(tbs, ec.ECDSA(algorithm))
+        signature = key.sign(tbs, template.ecdsa)
     elif isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(tbs, padding.PKCS1v15(), algorithm)
+        signature = key.sign(tbs, _PKCS1, template.digest)
     else:
         return sign(leaf_builder(spec), signer)
     signed = _tlv(0x30, tbs + template.algorithm + _tlv(0x03, b"\x00" + signature))

@@ -86,7 +86,10 @@ IDLE_LEAVES = (
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("join_grant (token + entry lookups)", ("join_grant",)),
     ("parse_csr (load + verify)", ("parse_csr (ca/csr.py)",)),
-    ("leaf build + sign", ("sign (ca/profiles.py)", "leaf_builder (ca/profiles.py)")),
+    (
+        "leaf build + sign",
+        ("signed_leaf (ca/leafder.py)", "sign (ca/profiles.py)", "leaf_builder (ca/profiles.py)"),
+    ),
     ("check_leaf (self-check)", ("check_leaf (ca/checks.py)",)),
     ("group commit (token use, certificate + audit rows)", ("GroupCommit.", "_persist (ca/")),
     ("grouped reads (credential and entry lookups)", ("GroupRead.",)),
