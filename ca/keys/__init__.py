@@ -7,7 +7,7 @@ builders work unchanged and issuing code never learns which backend it has.
 """
 
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
-from ca.keys.types import KeyType, PrivateKey, PublicKey, check_public_key
+from ca.keys.types import KeyType, PrivateKey, PublicKey, check_public_key, verify_signed
 
 __all__ = [
     "KeyBackend",
@@ -17,4 +17,5 @@ __all__ = [
     "PublicKey",
     "Signer",
     "check_public_key",
+    "verify_signed",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import enum
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from ca.errors import InvalidCsr, InvalidInput
 
-__all__ = ["KeyType", "PrivateKey", "PublicKey", "check_public_key"]
+__all__ = ["KeyType", "PrivateKey", "PublicKey", "check_public_key", "verify_signed"]
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -90,3 +93,33 @@ def check_public_key(key: object) -> PublicKey:
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key
     raise InvalidCsr(f"key type {type(key).__name__} is not accepted")
+
+
+def verify_signed(
+    key: CertificatePublicKeyTypes,
+    signed: x509.Certificate | x509.CertificateSigningRequest,
+    data: bytes,
+) -> None:
+    """That ``key`` made the signature of ``signed`` (a certificate over its TBS, a CSR over
+    its CertificationRequestInfo: ``data``), with the algorithm ``signed`` names: what
+    ``verify_directly_issued_by`` and ``is_signature_valid`` check, with a key object the
+    caller holds already instead of one loaded again from a certificate or a CSR on every
+    call (~10 µs each: docs/benchmarks.md, change 53). Raises ``InvalidSignature``, or
+    ``TypeError`` when the algorithm does not fit the key."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        parameters = signed.signature_algorithm_parameters
+        if not isinstance(parameters, ec.ECDSA):
+            raise TypeError("an EC key with a signature that is not ECDSA")
+        key.verify(signed.signature, data, parameters)
+    elif isinstance(key, rsa.RSAPublicKey):
+        parameters = signed.signature_algorithm_parameters
+        digest = signed.signature_hash_algorithm
+        if not isinstance(parameters, padding.PKCS1v15 | padding.PSS) or digest is None:
+            raise TypeError("an RSA key with a signature that is not RSA")
+        key.verify(signed.signature, data, parameters, digest)
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        if signed.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
+            raise TypeError("an Ed25519 key with a signature that is not Ed25519")
+        key.verify(signed.signature, data)
+    else:
+        raise TypeError(f"a key of type {type(key).__name__}")
