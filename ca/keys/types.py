@@ -104,7 +104,7 @@ def verify_signed(
     its CertificationRequestInfo: ``data``), with the algorithm ``signed`` names: what
     ``verify_directly_issued_by`` and ``is_signature_valid`` check, with a key object the
     caller holds already instead of one loaded again from a certificate or a CSR on every
-    call (~10 µs each: docs/benchmarks.md, change 53). Raises ``InvalidSignature``, or
+    call (~10 µs each: docs/benchmarks.md, changes 53 and 54). Raises ``InvalidSignature``, or
     ``TypeError`` when the algorithm does not fit the key."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         parameters = signed.signature_algorithm_parameters
