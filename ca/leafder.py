@@ -20,6 +20,7 @@ What the template cannot render (an Ed25519 CA key, a name that is not ASCII) go
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from ca.der import contents, elements, public_key_bits, tlv
 from ca.keys import KeyType, PublicKey, Signer
 from ca.profiles import LeafSpec, RevocationUrls, leaf_builder, sign
 
@@ -52,42 +54,6 @@ _ALGORITHMS = {
 }
 
 
-def _length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(octets),)) + octets
-
-
-def _tlv(tag: int, contents: bytes) -> bytes:
-    return bytes((tag,)) + _length(len(contents)) + contents
-
-
-def _split(contents: bytes) -> list[bytes]:
-    """The encoded elements one after the other in ``contents`` (single-octet tags: all
-    X.509 uses)."""
-    elements, at = [], 0
-    while at < len(contents):
-        start, first = at, contents[at + 1]
-        at += 2
-        if first < 0x80:
-            size = first
-        else:
-            size = int.from_bytes(contents[at : at + (first & 0x7F)], "big")
-            at += first & 0x7F
-        at += size
-        elements.append(contents[start:at])
-    if at != len(contents):
-        raise ValueError("truncated DER")
-    return elements
-
-
-def _inside(element: bytes) -> bytes:
-    """An element's contents, without its tag and length."""
-    first = element[1]
-    return element[2 + (first & 0x7F if first >= 0x80 else 0) :]
-
-
 def _time(moment: dt.datetime) -> bytes:
     """RFC 5280 §4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050; whole seconds."""
     if moment.tzinfo is not None:
@@ -97,12 +63,12 @@ def _time(moment: dt.datetime) -> bytes:
     else:
         tag, year = 0x18, b"%04d" % moment.year
     clock = (moment.month, moment.day, moment.hour, moment.minute, moment.second)
-    return _tlv(tag, year + b"%02d%02d%02d%02d%02dZ" % clock)  # a third of strftime's time
+    return tlv(tag, year + b"%02d%02d%02d%02d%02dZ" % clock)  # a third of strftime's time
 
 
 def _integer(value: int) -> bytes:
     """A non-negative INTEGER, in the fewest octets that keep its sign bit clear."""
-    return _tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+    return tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,28 +87,27 @@ class _Template:
         """The TBSCertificate, or None when a name is not ASCII (``leaf_builder`` then says
         what is wrong with it)."""
         try:
-            names = [_tlv(0x86, str(spec.spiffe_id).encode("ascii"))]
-            names += [_tlv(0x82, name.encode("ascii")) for name in spec.dns_names]
+            names = [tlv(0x86, str(spec.spiffe_id).encode("ascii"))]
+            names += [tlv(0x82, name.encode("ascii")) for name in spec.dns_names]
         except UnicodeEncodeError:
             return None
-        names += [_tlv(0x87, address.packed) for address in spec.ip_addresses]
+        names += [tlv(0x87, address.packed) for address in spec.ip_addresses]
         subject = _EMPTY_NAME if len(spec.subject) == 0 else spec.subject.public_bytes()
-        key_bits = _inside(_split(_inside(spki))[1])[1:]  # subjectPublicKey, unused bits dropped
         # RFC 5280 §4.2.1.2, method 1: an identifier, not a security function
-        key_id = hashlib.sha1(key_bits, usedforsecurity=False).digest()
-        ski = _tlv(0x30, _SKI_OID + _tlv(0x04, _tlv(0x04, key_id)))
+        key_id = hashlib.sha1(public_key_bits(spki), usedforsecurity=False).digest()
+        ski = tlv(0x30, _SKI_OID + tlv(0x04, tlv(0x04, key_id)))
         critical = _CRITICAL if subject == _EMPTY_NAME else b""
-        san = _tlv(0x30, _SAN_OID + critical + _tlv(0x04, _tlv(0x30, b"".join(names))))
+        san = tlv(0x30, _SAN_OID + critical + tlv(0x04, tlv(0x30, b"".join(names))))
         extensions = self.before_ski + ski + self.between + san + self.after_san
-        return _tlv(
+        return tlv(
             0x30,
             _VERSION
             + _integer(spec.serial.value)
             + self.middle
-            + _tlv(0x30, _time(spec.not_before) + _time(spec.not_after))
+            + tlv(0x30, _time(spec.not_before) + _time(spec.not_after))
             + subject
             + spki
-            + _tlv(0xA3, _tlv(0x30, extensions)),
+            + tlv(0xA3, tlv(0x30, extensions)),
         )
 
 
@@ -150,7 +115,6 @@ _TemplateKey = tuple[x509.Certificate, RevocationUrls | None, bool, KeyType]
 _templates: dict[_TemplateKey, _Template | None] = {}
 _templates_lock = threading.Lock()
 _MAX_TEMPLATES = 64  # issuers in use at once are a handful; past this the cache starts again
-_prototype_key: list[ec.EllipticCurvePrivateKey] = []
 
 
 def _template(spec: LeafSpec, key_type: KeyType) -> _Template | None:
@@ -168,20 +132,23 @@ def _template(spec: LeafSpec, key_type: KeyType) -> _Template | None:
     return made
 
 
+@functools.cache
+def _prototype_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
 def _made(spec: LeafSpec, key_type: KeyType) -> _Template | None:
     """Cut apart a leaf that ``leaf_builder`` made for this issuer and this kind of key.
     The prototype is signed by a throwaway key: only its TBS, not its signature, is used."""
     algorithm, digest = _ALGORITHMS.get(key_type), key_type.signature_hash()
     if algorithm is None or digest is None:
         return None
-    if not _prototype_key:
-        _prototype_key.append(ec.generate_private_key(ec.SECP256R1()))
-    prototype = leaf_builder(spec).sign(_prototype_key[0], hashes.SHA256())
-    fields = _split(_inside(prototype.tbs_certificate_bytes))
+    prototype = leaf_builder(spec).sign(_prototype_key(), hashes.SHA256())
+    fields = elements(contents(prototype.tbs_certificate_bytes))
     if len(fields) != 8 or fields[0] != _VERSION:
         return None
-    issuer_name, extensions = fields[3], _split(_inside(_inside(fields[7])))
-    oids = [_split(_inside(extension))[0] for extension in extensions]
+    issuer_name, extensions = fields[3], elements(contents(contents(fields[7])))
+    oids = [elements(contents(extension))[0] for extension in extensions]
     if oids.count(_SKI_OID) != 1 or oids.count(_SAN_OID) != 1:
         return None
     ski, san = oids.index(_SKI_OID), oids.index(_SAN_OID)
@@ -212,7 +179,7 @@ def signed_leaf(spec: LeafSpec, signer: Signer) -> x509.Certificate:
         signature = key.sign(tbs, _PKCS1, template.digest)
     else:
         return sign(leaf_builder(spec), signer)
-    signed = _tlv(0x30, tbs + template.algorithm + _tlv(0x03, b"\x00" + signature))
+    signed = tlv(0x30, tbs + template.algorithm + tlv(0x03, b"\x00" + signature))
     return x509.load_der_x509_certificate(signed)
 
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from sqlmodel import Session, col, select
 
+from ca import der
 from ca.cas import ca_certificate, ca_signer
 from ca.config import Context
 from ca.keys import KeyHandle, KeyType, Signer
@@ -38,25 +39,13 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 
-def _der_length(data: bytes, at: int) -> tuple[int, int]:
-    first = data[at]
-    if first < 0x80:
-        return first, at + 1
-    count = first & 0x7F
-    return int.from_bytes(data[at + 1 : at + 1 + count], "big"), at + 1 + count
-
-
 def public_key_bits(cert: x509.Certificate) -> bytes:
     """The subjectPublicKey BIT STRING contents, which OCSP's issuerKeyHash covers (RFC 6960
-    §4.1.1), from the DER SubjectPublicKeyInfo: SEQUENCE { AlgorithmIdentifier, BIT STRING }."""
+    §4.1.1)."""
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _, at = _der_length(spki, 1)  # into the outer SEQUENCE
-    length, body = _der_length(spki, at + 1)  # the AlgorithmIdentifier
-    at = body + length
-    length, body = _der_length(spki, at + 1)  # the BIT STRING
-    return spki[body + 1 : body + length]  # drop the unused-bits octet
+    return der.public_key_bits(spki)
 
 
 def _match(ctx: Context, session: Session, request: ocsp.OCSPRequest) -> CaRow | None:
