@@ -326,10 +326,33 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
     return config
 
 
+# What a path written into server.conf may hold: OpenVPN splits a directive's arguments at
+# whitespace, reads quotes and backslashes, and a line break would start a directive of the
+# caller's choosing ("crl-verify /x\nscript-security 2").
+_CONF_PATH_UNSAFE = re.compile(r"[\x00-\x20\x7f\"'\\#;]")
+
+
+def conf_path(path: Path, what: str) -> Path:
+    """``path`` (absolute, resolved) if it can be written into server.conf as it is."""
+    text = str(path)
+    if not path.is_absolute():
+        raise InvalidInput(f"{what} must be an absolute path, not {text[:80]!r}")
+    if _CONF_PATH_UNSAFE.search(text):
+        raise InvalidInput(
+            f"{what} {text[:80]!r} is written into OpenVPN's server.conf: it may not hold"
+            " spaces, control characters, quotes, backslashes, '#' or ';'"
+        )
+    resolved = path.resolve()
+    if _CONF_PATH_UNSAFE.search(str(resolved)):  # a symlink on the way leads somewhere odd
+        raise InvalidInput(f"{what} {text[:80]!r} resolves to a path server.conf cannot hold")
+    return resolved
+
+
 def _crl_target(path: Path) -> Path:
     """The CRL path is written for ever after: refuse one that would clobber another file (the
-    REST API lets an admin token set it, and the Trellis host is not the token's to overwrite)."""
-    path = path.resolve()
+    REST API lets an admin token set it, and the Trellis host is not the token's to overwrite),
+    or one that server.conf cannot hold (``conf_path``)."""
+    path = conf_path(path, "the CRL path")
     if path.exists():
         try:
             data = path.read_bytes() if path.is_file() else None
@@ -463,7 +486,7 @@ def server_config(
         row = _row(session, request.authority)
         if out_dir is not None:
             if row.crl_path is None:
-                row.crl_path = str((out_dir / "crl.pem").resolve())
+                row.crl_path = str(conf_path((out_dir / "crl.pem").absolute(), "the CRL path"))
             row.server_dir = str(out_dir.resolve())
             row.server_ttl_seconds = request.ttl.seconds
             row.server_key_type = request.key_type.value

@@ -74,7 +74,7 @@ def configure(
         remote=remote,
         port=port,
         proto=openvpn.Proto.parse(proto) if proto else None,
-        crl_path=crl_path,
+        crl_path=crl_path.absolute() if crl_path else None,  # relative to the shell's directory
         server_cn=openvpn.VpnName(server_cn) if server_cn else None,
     )
     config = openvpn.configure(STATE.context(), params, authority)

@@ -114,3 +114,19 @@ def test_exit_codes_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_a_relative_crl_path_is_the_shells_and_a_line_break_is_refused(
+    cli: InProcessTrellis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.run("openvpn", "init")
+    monkeypatch.chdir(tmp_path)
+    configured = _json(cli, "openvpn", "configure", "--crl-path", "vpn/crl.pem")
+    assert configured["crl_path"] == str((tmp_path / "vpn" / "crl.pem").resolve())
+    assert crls_in((tmp_path / "vpn" / "crl.pem").read_bytes())
+    # the real command (the in-process runner skips the entry point's error mapping)
+    refused = cli.process().run(
+        "openvpn", "configure", "--crl-path", "x\nscript-security 2", ok=False
+    )
+    assert refused.returncode == 2 and "server.conf" in refused.stderr, refused
+    assert _json(cli, "openvpn", "configure")["crl_path"] == configured["crl_path"]  # unchanged

@@ -111,6 +111,36 @@ def test_refusals_are_problems(api: TestClient, tmp_path: Path) -> None:
     assert_problem(anonymous.get("/v1/openvpn/crl.pem?authority=mesh2"), 404)
 
 
+def test_a_crl_path_that_server_conf_cannot_hold_is_refused_and_changes_nothing(
+    api: TestClient, tmp_path: Path
+) -> None:
+    """The CRL path goes into server.conf as ``crl-verify PATH`` and is written by a job for
+    ever after: a line break in it would add a directive of the caller's choosing."""
+    crl = tmp_path / "crl.pem"
+    _ready(api, crl)
+    before, files = api.get("/v1/openvpn").json(), sorted(tmp_path.rglob("*"))
+    for bad in (
+        f"{tmp_path}/x\ncrl-verify /etc/passwd",
+        f"{tmp_path}/x\nscript-security 2",
+        f"{tmp_path}/a b/crl.pem",
+        f"{tmp_path}/tab\there",
+        f'{tmp_path}/"quoted"',
+        f"{tmp_path}/back\\slash",
+        f"{tmp_path}/#comment",
+        "relative/crl.pem",
+        "crl.pem",
+    ):
+        problem = assert_problem(api.patch("/v1/openvpn", json={"crl_path": bad}), 400)
+        assert "server.conf" in problem["detail"] or "absolute" in problem["detail"], problem
+    assert api.get("/v1/openvpn").json() == before
+    assert sorted(tmp_path.rglob("*")) == files  # nothing written anywhere
+    conf = api.post("/v1/openvpn/server-config", json={"cn": "vpnserver"})
+    assert conf.status_code == 201, conf.text
+    server_conf = conf.json()["files"]["server.conf"]
+    assert f"crl-verify {crl.resolve()}" in server_conf
+    assert "/etc/passwd" not in server_conf and "script-security" not in server_conf
+
+
 def test_server_files(api: TestClient, tmp_path: Path) -> None:
     _ready(api, tmp_path / "crl.pem")
     assert_problem(api.post("/v1/openvpn/server-cert", json={"cn": "bad name"}), 400)
