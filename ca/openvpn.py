@@ -481,6 +481,10 @@ def server_config(
     issued server certificate. Given the directory the files will be written to, and no CRL path
     configured yet, its ``crl.pem`` becomes the CRL file Trellis keeps current."""
     network = network or ipaddress.IPv4Network("10.8.0.0/24")
+    stored = get_config(ctx, request.authority).crl_path
+    if stored is not None and (out_dir is None or stored != (out_dir / "crl.pem").resolve()):
+        # stored before paths were checked (``conf_path``): refused before anything is issued
+        conf_path(stored, "the configured CRL path (set another with configure)")
     credentials = issue_server_cert(ctx, request)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
@@ -925,6 +929,8 @@ def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
     config = get_config(ctx, authority)
     if config.crl_path is None:
         return None
+    # stored before paths were checked (``conf_path``): written nowhere until set again
+    conf_path(config.crl_path, "the configured CRL path (set another with configure)")
     data = crl_pem(ctx, authority)
     try:
         unchanged = config.crl_path.read_bytes() == data

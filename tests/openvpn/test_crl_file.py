@@ -167,3 +167,32 @@ def test_the_crl_path_never_clobbers_another_file(vpn: Context, tmp_path: Path) 
     configure(vpn, ConfigureParams(crl_path=moved))  # new files and CRL files are fine
     configure(vpn, ConfigureParams(crl_path=moved))
     assert get_config(vpn).crl_path == moved and crls_in(moved.read_bytes())
+
+
+def test_a_crl_path_stored_before_paths_were_checked_is_neither_written_nor_rendered(
+    vpn: Context, tmp_path: Path
+) -> None:
+    """A row written by an earlier version, whose path would add a directive to server.conf."""
+    from sqlmodel import Session, func, select
+
+    from ca.errors import InvalidInput
+    from ca.openvpn import OPENVPN, ServerRequest, server_config
+    from ca.store.models import CertificateRow
+    from ca.store.models_openvpn import OpenVpnRow
+
+    bad = f"{tmp_path}/x\ncrl-verify /etc/passwd"
+    with Session(vpn.engine) as session:
+        row = session.get(OpenVpnRow, OPENVPN)
+        assert row is not None
+        row.crl_path = bad
+        session.add(row)
+        session.commit()
+    with pytest.raises(InvalidInput, match=r"server\.conf"):
+        write_crl_file(vpn)
+    with Session(vpn.engine) as session:
+        issued = session.exec(select(func.count()).select_from(CertificateRow)).one()
+    with pytest.raises(InvalidInput, match=r"server\.conf"):
+        server_config(vpn, ServerRequest(common_name=VpnName("vpnserver")))
+    with Session(vpn.engine) as session:  # refused before a server certificate was issued
+        assert session.exec(select(func.count()).select_from(CertificateRow)).one() == issued
+    assert not (tmp_path / "x\ncrl-verify ").exists()
