@@ -129,6 +129,8 @@ def _json_body(raw: bytes, content_type: str | None) -> Any:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", error.pos), "msg": "JSON decode error"}]
         ) from None
+    except (ValueError, RecursionError):  # not UTF-8, nested too deep: FastAPI's answer too
+        raise HTTPException(400, "There was an error parsing the body") from None
 
 
 def _svid_request(document: Any) -> SvidRequest:

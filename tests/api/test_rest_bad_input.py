@@ -133,7 +133,14 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
         response = rest.client.post("/v1/svid", json=body(), headers=bearer(token))
         assert response.status_code == status, (case, response.text)
         assert assert_problem(response, status)["code"] == code, case
-    for case, raw in [("json/syntax", b'{"csr": '), ("json/empty-body", b"")]:
+    malformed = [
+        ("json/syntax", b'{"csr": '),
+        ("json/empty-body", b""),
+        ("json/not-utf-8", b'\xff\xfe{"csr":1}'),
+        ("json/lone-byte", b'"\xff"'),
+        ("json/nested-too-deep", b"[" * 5000 + b"]" * 5000),
+    ]
+    for case, raw in malformed:
         response = rest.client.post(
             "/v1/svid",
             content=raw,
@@ -141,6 +148,11 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
         )
         assert response.status_code == 400, (case, response.text)
         assert_problem(response, 400)
+        renewal = rest.client.post(  # the same reading, before any proof is looked at
+            "/v1/svid/renew", content=raw, headers={"Content-Type": "application/json"}
+        )
+        assert renewal.status_code in (400, 401), (case, renewal.text)
+        assert_problem(renewal, renewal.status_code)
 
     assert rest.certificate_count() == 0
     (token_row,) = [
