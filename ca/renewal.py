@@ -21,9 +21,17 @@ from ca.errors import AuthenticationFailed
 from ca.keys import PrivateKey, PublicKey
 from ca.serial import Serial
 
-__all__ = ["AUDIENCE", "MAX_PROOF_LIFETIME", "RenewalClaims", "make_proof", "read_proof"]
+__all__ = [
+    "AUDIENCE",
+    "MAX_PROOF_LIFETIME",
+    "PROOF_TYPE",
+    "RenewalClaims",
+    "make_proof",
+    "read_proof",
+]
 
 AUDIENCE = "trellis:svid-renew"
+PROOF_TYPE = "trellis-renew+jwt"  # the JWS header's typ
 MAX_PROOF_LIFETIME = dt.timedelta(minutes=5)
 CLOCK_SKEW = dt.timedelta(seconds=60)
 
@@ -51,7 +59,7 @@ def make_proof(cert: x509.Certificate, key: PrivateKey, csr_sha256: bytes, now: 
         "jti": secrets.token_urlsafe(24),
         "csr": _b64(csr_sha256),
     }
-    return jwt.encode(claims, key, algorithm=_algorithm(key), headers={"typ": "trellis-renew+jwt"})
+    return jwt.encode(claims, key, algorithm=_algorithm(key), headers={"typ": PROOF_TYPE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,11 @@ def read_proof(
 ) -> RenewalClaims:
     public_key = cert.public_key()
     try:
+        # Explicit typing (RFC 8725 §3.11): a JWT the workload signed for something else is
+        # not a renewal proof, however its claims read.
+        kind = str(jwt.get_unverified_header(proof).get("typ", "")).lower()
+        if kind.removeprefix("application/") != PROOF_TYPE:
+            raise AuthenticationFailed(f"the renewal proof's typ must be {PROOF_TYPE}")
         claims = jwt.decode(
             proof,
             public_key,  # type: ignore[arg-type]
@@ -92,13 +105,29 @@ def read_proof(
         raise AuthenticationFailed(
             "the renewal proof does not verify with the certificate's key"
         ) from None
-    issued = dt.datetime.fromtimestamp(int(claims["iat"]), dt.UTC)
-    expires = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+    issued, expires = _instant(claims["iat"]), _instant(claims["exp"])
     if expires <= now or issued > now + CLOCK_SKEW or expires - issued > MAX_PROOF_LIFETIME:
         raise AuthenticationFailed("the renewal proof is expired or not yet valid")
     if claims["csr"] != _b64(csr_sha256):
         raise AuthenticationFailed("the renewal proof was made for a different CSR")
-    jti = str(claims["jti"])
-    if not 16 <= len(jti) <= 64:
+    jti, subject = claims["jti"], claims["sub"]
+    if not isinstance(jti, str) or not 16 <= len(jti) <= 64:
         raise AuthenticationFailed("the renewal proof has an invalid jti")
-    return RenewalClaims(Serial.parse(str(claims["sub"])), jti, expires)
+    if not isinstance(subject, str):
+        raise AuthenticationFailed("the renewal proof's sub is not a serial number")
+    return RenewalClaims(Serial.parse(subject), jti, expires)
+
+
+# NumericDate (RFC 7519 §2) bounds a proof can hold: a signed proof with "iat": "abc" or an
+# "exp" past year 9999 is refused like an expired one, not failed on.
+_EARLIEST, _LATEST = 0, 253_402_300_799  # 1970-01-01, 9999-12-31T23:59:59Z
+
+
+def _instant(value: object) -> dt.datetime:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not _EARLIEST <= value <= _LATEST  # NaN fails this too
+    ):
+        raise AuthenticationFailed("the renewal proof is expired or not yet valid")
+    return dt.datetime.fromtimestamp(int(value), dt.UTC)

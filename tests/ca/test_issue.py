@@ -7,6 +7,7 @@ Every refusal is checked twice: the right ``ca.errors`` class, and nothing writt
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import secrets
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -40,7 +42,7 @@ from ca.identity import TrustDomain
 from ca.issue import Grant, IssuedSvid, issue_svid
 from ca.keys import KeyType, PrivateKey
 from ca.profiles import BACKDATE
-from ca.renewal import CLOCK_SKEW, make_proof
+from ca.renewal import AUDIENCE, CLOCK_SKEW, PROOF_TYPE, make_proof
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.tokens import create_admin_token, revoke_token
@@ -693,6 +695,30 @@ def _stale_proof(ctx: Context, old: Workload) -> RenewalAttempt:
     return attempt
 
 
+def _crafted(
+    headers: dict[str, object] | None = None, **claims: object
+) -> Callable[[Context, Workload], RenewalAttempt]:
+    """A proof signed with the SVID's own key, with claims or a header ``make_proof`` would not
+    write (a hand-made client's mistakes, or an attacker holding a stolen key's proof format)."""
+
+    def attempt(ctx: Context, old: Workload) -> RenewalAttempt:
+        csr = make_csr(new_key(KeyType.EC_P256))
+        now = int(ctx.clock.now().timestamp())
+        body: dict[str, object] = {
+            "aud": AUDIENCE,
+            "sub": format(old.cert.serial_number, "x"),
+            "iat": now,
+            "exp": now + 60,
+            "jti": secrets.token_urlsafe(24),
+            "csr": base64.urlsafe_b64encode(csr_sha256(csr)).rstrip(b"=").decode(),
+            **claims,
+        }
+        header = {"typ": PROOF_TYPE} if headers is None else headers
+        return RenewalAttempt(jwt.encode(body, old.key, algorithm="ES256", headers=header), csr)
+
+    return attempt
+
+
 Attempt = Callable[[Context, Workload], RenewalAttempt]
 
 RenewalRefusal = tuple[str, Attempt, type[TrellisError], str]
@@ -721,6 +747,22 @@ BAD_PROOFS: list[RenewalRefusal] = [
     ),
     ("fail/proof-not-a-jwt", _not_a_jwt, AuthenticationFailed, "malformed"),
     ("fail/proof-expired", _stale_proof, AuthenticationFailed, "expired or not yet valid"),
+    *[
+        (f"fail/proof-{name}", _crafted(**claims), AuthenticationFailed, "expired or not yet")
+        for name, claims in [
+            ("iat-a-string", {"iat": "abc"}),
+            ("iat-a-list", {"iat": [1]}),
+            ("iat-before-1970", {"iat": -(10**12)}),
+            ("iat-a-bool", {"iat": True}),
+            ("exp-a-string", {"exp": "1e999"}),
+            ("exp-past-9999", {"exp": 10**20}),
+            ("exp-a-float-overflow", {"exp": 1e300}),
+        ]
+    ],
+    ("fail/proof-jti-a-list", _crafted(jti=["x" * 20]), AuthenticationFailed, "does not verify"),
+    ("fail/proof-sub-a-number", _crafted(sub=12345), AuthenticationFailed, "unknown certificate"),
+    ("fail/proof-typ-jwt", _crafted(headers={"typ": "JWT"}), AuthenticationFailed, "typ"),
+    ("fail/proof-no-typ", _crafted(headers={}), AuthenticationFailed, "typ"),
 ]
 
 # A valid proof refused because of what the store says: both stores.
