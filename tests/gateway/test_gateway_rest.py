@@ -61,6 +61,12 @@ def api_both(gw: Context) -> Iterator[Api]:
 
 def test_onboarding_over_rest(api: Api) -> None:
     assert assert_problem(api.get(""), 503)["code"] == "not-initialised"
+    # a backend no Trellis has is the caller's mistake (400); vault unconfigured is the server's
+    unknown = assert_problem(api.post("/init", {"key_backend": "s3"}), 400)
+    assert "unknown key backend" in unknown["detail"]
+    unconfigured = assert_problem(api.post("/init", {"key_backend": "vault"}), 503)
+    assert "TRELLIS_VAULT_ADDR" in unconfigured["detail"]
+    assert assert_problem(api.get(""), 503)["code"] == "not-initialised"  # nothing was made
     created = api.post("/init", {"default_ttl": "30d", "max_ttl": "90d"})
     assert created.status_code == 201, created.text
     body = created.json()
