@@ -248,6 +248,13 @@ def revoke_certificate(
     now = ctx.clock.now()
     if invalidity_date is not None and invalidity_date.tzinfo is None:
         raise InvalidInput("the invalidity date needs a time zone")
+    # RFC 5280 §5.3.2: when the key is known or suspected to have been compromised, or the
+    # certificate otherwise became invalid: a date still to come says neither.
+    if invalidity_date is not None and invalidity_date > now:
+        raise InvalidInput(
+            f"the invalidity date {invalidity_date.isoformat()} is in the future: it is when"
+            " the key was (or may have been) compromised"
+        )
     revocation = Revocation(reason, actor, request_id, invalidity_date)
     with Session(ctx.engine) as session:
         row = session.get(CertificateRow, serial.hex, with_for_update=True)

@@ -346,6 +346,19 @@ def test_an_invalidity_date_without_a_zone_is_a_400_and_revokes_nothing(rest: Re
     assert shown["status"] == "active"
 
 
+def test_an_invalidity_date_in_the_future_is_a_400_and_revokes_nothing(rest: Rest) -> None:
+    """RFC 5280 §5.3.2: the date the key was, or may have been, compromised."""
+    (svid,) = issue(rest, WEB, 1)
+    response = rest.client.post(
+        f"/v1/certificates/{svid.serial}/revoke",
+        json={"reason": "keyCompromise", "invalidity_date": "2999-01-01T00:00:00Z"},
+        headers=rest.admin,
+    )
+    assert "in the future" in assert_problem(response, 400)["detail"]
+    shown = rest.client.get(f"/v1/certificates/{svid.serial}", headers=rest.admin).json()
+    assert shown["status"] == "active" and shown["invalidity_date"] is None
+
+
 # --- disabled entries ------------------------------------------------------------------------
 
 
