@@ -676,7 +676,9 @@ def _claim(ctx: Context, request: ClientRequest, *, renew: bool) -> _Claim:
         config = _row(session, authority)
         if config.remote is None:
             raise Conflict("where do clients connect? run 'trellis openvpn configure --remote'")
-        if name == config.server_cn:
+        # Profiles verify the server as the configured CN, else the remote host: either way a
+        # client holding that name could pose as the server to the other clients.
+        if name == (config.server_cn or config.remote):
             raise Conflict(f"{name} is the server's CN: a client must have another name")
         row = session.get(OpenVpnClientRow, (authority, name))
         live = _live_certificates(session, authority, name, now)

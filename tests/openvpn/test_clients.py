@@ -106,6 +106,21 @@ def test_a_name_has_one_live_certificate(vpn: Context, clock: FixedClock) -> Non
     assert statuses == [("Alice", "expired"), ("alice", "active")]
 
 
+def test_the_remote_host_is_never_a_client_name_while_it_is_the_default_server_cn(
+    vpn_unconfigured: Context,
+) -> None:
+    """No server CN configured: profiles pin the remote host, and the server certificate will
+    be issued for it, so a client may not take that name (it could pose as the server)."""
+    from ca.openvpn import ConfigureParams, configure, issue_server_cert
+
+    configure(vpn_unconfigured, ConfigureParams(remote=REMOTE))
+    with pytest.raises(Conflict, match="server's CN"):
+        _add(vpn_unconfigured, REMOTE)
+    assert list_clients(vpn_unconfigured) == []
+    issued = issue_server_cert(vpn_unconfigured, ServerRequest())  # the default CN is free
+    assert issued.common_name == REMOTE
+
+
 def test_the_server_cn_is_never_a_client_name(vpn: Context) -> None:
     with pytest.raises(Conflict, match="server's CN"):
         _add(vpn, REMOTE)
