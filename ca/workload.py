@@ -110,7 +110,8 @@ def _csr(key: PrivateKey) -> bytes:
 
 class WorkloadClient:
     def __init__(self, server: str, bundle: Path, clock: Clock | None = None) -> None:
-        if not server.startswith(("https://", "http://")):
+        # The join token and the renewal proof travel in a header: never in cleartext.
+        if not server.lower().startswith("https://"):
             raise errors.InvalidInput("--server must be an https:// URL")
         self._server = server.rstrip("/")
         try:

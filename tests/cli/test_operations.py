@@ -151,3 +151,27 @@ def test_postgresql_backup_is_pg_dump_and_restores_the_same_ca(
     with engine.connect() as connection:
         assert connection.execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one() >= 3
     engine.dispose()
+
+
+def test_svid_request_never_sends_a_join_token_over_plain_http(
+    trellis: Trellis, tmp_path: Path
+) -> None:
+    """The token is a bearer credential: an http:// server is refused before anything is sent."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        for scheme in ("http", "HTTP"):
+            result = trellis.run(
+                "svid", "request", "--server", f"{scheme}://127.0.0.1:{port}",
+                "--bundle", str(trellis.data_dir / "bundle.pem"),
+                "--token", "trellis-join-SECRETSECRET", "--out", str(tmp_path / "w"),
+                ok=False,
+            )  # fmt: skip
+            assert result.returncode == 2 and "https://" in result.stderr, result
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert not (tmp_path / "w").exists()
