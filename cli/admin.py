@@ -23,7 +23,7 @@ from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, confirm, emit_json, table, when
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -334,22 +334,16 @@ def revoke(
         parsed = Serial.parse(serial)
         current = certs.get_certificate(ctx, parsed)
         question = f"Revoke {current.serial} ({current.identity}, {current.status.value})"
-        if not yes and not typer.confirm(f"{question} for {why.value}?"):
-            raise typer.Exit(1)
+        if not yes:
+            confirm(f"{question} for {why.value}?")
         revoked = [certs.revoke_certificate(ctx, parsed, why, "cli", request_id=request_id)]
     else:
         identity = SpiffeId.parse(spiffe_id or "")
         live = certs.list_certificates(
             ctx, spiffe_id=identity, status=certs.CertStatus.ACTIVE, limit=certs.MAX_PAGE
         )
-        if (
-            live
-            and not yes
-            and not typer.confirm(
-                f"Revoke {len(live)} live certificate(s) of {identity} for {why.value}?"
-            )
-        ):
-            raise typer.Exit(1)
+        if live and not yes:
+            confirm(f"Revoke {len(live)} live certificate(s) of {identity} for {why.value}?")
         revoked = certs.revoke_identity(ctx, identity, why, "cli", request_id=request_id)
     if json_out:
         out = [CertificateOut.of(info) for info in revoked]

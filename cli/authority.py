@@ -14,7 +14,7 @@ from ca.revocation import RevocationReason
 from ca.root_rotation import rotate_root
 from ca.rotation import authority_status, rotate
 from ca.scheduler import job_statuses
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, confirm, emit_json, table, when
 
 authority_app = typer.Typer(
     help="The CA hierarchy: status, rotation, emergencies.", no_args_is_help=True
@@ -143,10 +143,11 @@ def authority_revoke_intermediate(
 ) -> None:
     """Emergency: revoke the active intermediate and activate a fresh one at once."""
     why = RevocationReason.parse(reason)
-    if not yes and not typer.confirm(
-        f"Revoke the active intermediate of {authority!r} ({why.value}) and switch to a new one?"
-    ):
-        raise typer.Exit(1)
+    if not yes:
+        confirm(
+            f"Revoke the active intermediate of {authority!r} ({why.value})"
+            " and switch to a new one?"
+        )
     result = revoke_intermediate(STATE.context(), authority=authority, reason=why)
     if json_out:
         emit_json(IntermediateRevokedOut.of(result))

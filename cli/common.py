@@ -63,6 +63,18 @@ class State:
 STATE = State()
 
 
+def confirm(question: str) -> None:
+    """Go on only if a person at a terminal says yes (docs/cli.md): without a terminal (a pipe,
+    cron, CI) refuse and point at ``--yes``. The question goes to stderr, so that ``--json``
+    stays one document on stdout. Declined or refused: exit 1."""
+    if not sys.stdin.isatty():
+        typer.echo("trellis: not confirmed: no terminal to ask on (pass --yes)", err=True)
+        raise typer.Exit(1)
+    if not typer.confirm(question, err=True):
+        typer.echo("trellis: not confirmed", err=True)
+        raise typer.Exit(1)
+
+
 def emit_json(value: BaseModel | Sequence[BaseModel | dict[str, Any]] | dict[str, Any]) -> None:
     if isinstance(value, BaseModel):
         data: Any = value.model_dump(mode="json")

@@ -15,7 +15,7 @@ from ca.errors import InvalidInput, Unavailable
 from ca.files import write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, confirm, emit_json, table, when
 
 openvpn_app = typer.Typer(
     help="OpenVPN: an own CA, server files and complete client profiles.", no_args_is_help=True
@@ -266,7 +266,7 @@ def client_revoke(
     vpn_name = openvpn.VpnName(name)
     parsed = RevocationReason.parse(reason)
     if not yes:
-        typer.confirm(f"Revoke every live certificate of {name}?", abort=True)
+        confirm(f"Revoke every live certificate of {name}?")
     revoked = openvpn.revoke_client(STATE.context(), vpn_name, authority=authority, reason=parsed)
     if json_out:
         emit_json(ClientRevokedOut.of(revoked))

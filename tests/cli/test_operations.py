@@ -175,3 +175,24 @@ def test_svid_request_never_sends_a_join_token_over_plain_http(
         with pytest.raises(TimeoutError):
             listener.accept()
     assert not (tmp_path / "w").exists()
+
+
+def test_revocation_without_yes_and_without_a_terminal_is_refused(
+    trellis: Trellis, tmp_path: Path
+) -> None:
+    """A "y" piped in is not a person: docs/cli.md says such a run refuses (exit 1), and nothing
+    is revoked; the refusal is one line on stderr and stdout stays empty for --json."""
+    trellis.run(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w")
+    )
+    serial = _serial(tmp_path / "w" / "svid.pem")
+    for args in (["revoke", serial, "--reason", "superseded", "--json"],
+                 ["revoke", "--spiffe-id", "spiffe://example.org/w", "--reason", "superseded"],
+                 ["authority", "revoke-intermediate"]):  # fmt: skip
+        piped = subprocess.run(
+            [TRELLIS, *args], env=trellis.env, input="y\n", capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert piped.returncode == 1, piped
+        assert piped.stdout == "" and "pass --yes" in piped.stderr, piped
+    assert trellis.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]
