@@ -23,7 +23,7 @@ from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, confirm, emit_json, table, when
+from cli.common import STATE, confirm, emit_json, out_file, table, when
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -358,7 +358,9 @@ def revoke(
 @bundle_app.command("show")
 def bundle_show(
     format: Annotated[str, typer.Option("--format", help="pem or jwks")] = "pem",
-    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write to this file instead of stdout", callback=out_file)
+    ] = None,
 ) -> None:
     """The trust bundle: PEM roots, or the SPIFFE JWK Set with its sequence."""
     ctx = STATE.context()

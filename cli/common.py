@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,35 @@ EXIT_CODES: dict[type[errors.TrellisError], int] = {
     errors.Unavailable: 8,
     errors.InternalError: 1,
 }
+
+
+def _writable(path: Path, *, directory: bool) -> Path:
+    """``path`` if it can be written (or created) as a file or directory. Checked before a
+    command issues or spends anything: a certificate whose key could not be written, or a join
+    token spent for it, is lost for good."""
+    target = path.absolute()
+    if directory and target.exists() and not target.is_dir():
+        raise errors.InvalidInput(f"--out {path}: exists and is not a directory")
+    if not directory and target.is_dir():
+        raise errors.InvalidInput(f"--out {path}: is a directory, not a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise errors.InvalidInput(f"--out {path}: not writable")
+    existing = target if directory else target.parent
+    while not existing.exists():  # created when written, as far up as needed
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise errors.InvalidInput(f"--out {path}: cannot write under {existing}")
+    return path
+
+
+def out_dir(value: Path | None) -> Path | None:
+    """An option callback: the directory a command writes its files to."""
+    return None if value is None else _writable(value, directory=True)
+
+
+def out_file(value: Path | None) -> Path | None:
+    """An option callback: the file a command writes."""
+    return None if value is None else _writable(value, directory=False)
 
 
 def exit_code(error: errors.TrellisError) -> int:

@@ -24,7 +24,7 @@ from ca.files import write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, emit_json, out_file, table, when
 
 gateway_app = typer.Typer(
     help="API-gateway client certificates: partners, truststores, nginx.", no_args_is_help=True
@@ -138,9 +138,14 @@ def _password(path: Path) -> bytes:
 def cert_issue(
     name: Annotated[str, typer.Argument(help="Consumer name")],
     csr: Annotated[Path | None, typer.Option(help="The partner's PEM CSR (preferred)")] = None,
-    out: Annotated[Path | None, typer.Option(help="With --csr: where to write the PEM")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="With --csr: where to write the PEM", callback=out_file)
+    ] = None,
     p12: Annotated[
-        Path | None, typer.Option("--p12", help="Generate the key here; write PKCS#12 (0600)")
+        Path | None,
+        typer.Option(
+            "--p12", help="Generate the key here; write PKCS#12 (0600)", callback=out_file
+        ),
     ] = None,
     p12_password_file: Annotated[
         Path | None, typer.Option(help="File holding the PKCS#12 password (>= 8 characters)")

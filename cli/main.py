@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import sqlalchemy as sa
 import typer
 
-from ca.errors import TrellisError
+from ca.errors import TrellisError, Unavailable
 from cli import (
     admin,
     agent,
@@ -24,7 +25,7 @@ from cli import (
     vault,
     workload,
 )
-from cli.common import STATE, exit_code
+from cli.common import EXIT_CODES, STATE, exit_code
 
 app = typer.Typer(
     help="Trellis: mTLS certificate authority and SPIFFE workload identity.",
@@ -79,5 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     except TrellisError as error:
         typer.echo(f"trellis: {error.detail}", err=True)
         sys.exit(exit_code(error))
+    except OSError as error:  # a file the command reads or writes (an --out checked earlier)
+        where = f"{error.filename}: " if error.filename else ""
+        typer.echo(f"trellis: {where}{error.strerror or error}", err=True)
+        sys.exit(EXIT_CODES[Unavailable])
+    except sa.exc.DatabaseError as error:  # not a database, or a damaged one
+        typer.echo(f"trellis: the database cannot be used: {error.orig}", err=True)
+        sys.exit(EXIT_CODES[Unavailable])
     finally:
         STATE.close()

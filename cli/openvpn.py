@@ -15,7 +15,7 @@ from ca.errors import InvalidInput, Unavailable
 from ca.files import write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
-from cli.common import STATE, confirm, emit_json, table, when
+from cli.common import STATE, confirm, emit_json, out_dir, out_file, table, when
 
 openvpn_app = typer.Typer(
     help="OpenVPN: an own CA, server files and complete client profiles.", no_args_is_help=True
@@ -99,7 +99,9 @@ def _server_request(
 
 @openvpn_app.command("server-cert")
 def server_cert(
-    out: Annotated[Path, typer.Option(help="Directory for server.crt and server.key")],
+    out: Annotated[
+        Path, typer.Option(help="Directory for server.crt and server.key", callback=out_dir)
+    ],
     cn: CnOpt = None,
     key_type: KeyTypeOpt = "ec-p256",
     ttl: Annotated[str, typer.Option(help="Lifetime (capped by the intermediate)")] = "1y",
@@ -123,7 +125,9 @@ def server_cert(
 
 @openvpn_app.command("server-config")
 def server_config(
-    out: Annotated[Path, typer.Option(help="Directory for server.conf and its files")],
+    out: Annotated[
+        Path, typer.Option(help="Directory for server.conf and its files", callback=out_dir)
+    ],
     cn: CnOpt = None,
     network: Annotated[str, typer.Option(help="Client address pool")] = "10.8.0.0/24",
     key_type: KeyTypeOpt = "ec-p256",
@@ -160,7 +164,9 @@ def server_config(
 
 @openvpn_app.command("crl")
 def crl(
-    out: Annotated[Path | None, typer.Option(help="Write here instead of the CRL file")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write here instead of the CRL file", callback=out_file)
+    ] = None,
     authority: AuthorityOpt = openvpn.OPENVPN,
     json_out: JsonOpt = False,
 ) -> None:
@@ -195,7 +201,7 @@ def _write_profile(profile: openvpn.ClientProfile, out: Path, json_out: bool, ve
 @client_app.command("add")
 def client_add(
     name: Annotated[str, typer.Argument(help="The user; becomes the certificate CN")],
-    out: Annotated[Path, typer.Option(help="The .ovpn file to write (0600)")],
+    out: Annotated[Path, typer.Option(help="The .ovpn file to write (0600)", callback=out_file)],
     ttl: Annotated[str, typer.Option(help="Certificate lifetime")] = "30d",
     tls_crypt: Annotated[
         str, typer.Option("--tls-crypt", help="v2 (a key per client) or shared")
@@ -234,7 +240,7 @@ def client_list(authority: AuthorityOpt = openvpn.OPENVPN, json_out: JsonOpt = F
 @client_app.command("renew")
 def client_renew(
     name: Annotated[str, typer.Argument(help="The user")],
-    out: Annotated[Path, typer.Option(help="The new .ovpn file (0600)")],
+    out: Annotated[Path, typer.Option(help="The new .ovpn file (0600)", callback=out_file)],
     ttl: Annotated[str, typer.Option(help="Certificate lifetime")] = "30d",
     tls_crypt: Annotated[
         str | None, typer.Option("--tls-crypt", help="v2 or shared (default: as before)")

@@ -9,13 +9,13 @@ import typer
 
 from ca.backup import backup as run_backup
 from ca.backup import restore as run_restore
-from cli.common import STATE, emit_json
+from cli.common import STATE, emit_json, out_file
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 
 def backup(
-    out: Annotated[Path, typer.Option(help="Archive to write (0600)")],
+    out: Annotated[Path, typer.Option(help="Archive to write (0600)", callback=out_file)],
     json_out: JsonOpt = False,
 ) -> None:
     """Consistent snapshot of the database and the (still encrypted) CA keys: SQLite installs."""

@@ -11,7 +11,7 @@ from cryptography import x509
 from ca.authority import MESH
 from ca.crl import current_crl
 from ca.files import write_atomic
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, emit_json, out_file, table, when
 
 crl_app = typer.Typer(help="Certificate revocation lists.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -52,7 +52,7 @@ def crl_show(
 
 @crl_app.command("fetch")
 def crl_fetch(
-    out: Annotated[Path, typer.Option(help="File to write")],
+    out: Annotated[Path, typer.Option(help="File to write", callback=out_file)],
     authority: AuthorityOpt = MESH,
     ca: CaOpt = "intermediate",
     pem: Annotated[bool, typer.Option("--pem", help="PEM instead of DER")] = False,

@@ -13,7 +13,7 @@ from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
 from ca.workload import Received, SvidFiles, WorkloadClient, write_svid
-from cli.common import STATE, emit_json
+from cli.common import STATE, emit_json, out_dir
 
 svid_app = typer.Typer(help="Obtain, renew or mint X509-SVIDs.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -45,7 +45,10 @@ def request(
     server: Annotated[str, typer.Option(help="https://host:port of Trellis")],
     bundle: Annotated[Path, typer.Option(help="Trust bundle to recognise the server by")],
     token: Annotated[str, typer.Option(help="Join token", envvar="TRELLIS_JOIN_TOKEN")],
-    out: Annotated[Path, typer.Option(help="Directory for svid.pem, svid.key, bundle.pem")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Directory for svid.pem, svid.key, bundle.pem", callback=out_dir),
+    ],
     key_type: Annotated[str, typer.Option(help="Workload key type")] = "ec-p256",
     ttl: Annotated[
         str | None, typer.Option(help="Requested lifetime (capped by the entry)")
@@ -74,7 +77,10 @@ def renew(
 @svid_app.command("mint")
 def mint(
     spiffe_id: Annotated[str, typer.Option(help="spiffe://<td>/<path>")],
-    out: Annotated[Path, typer.Option(help="Directory for svid.pem, svid.key, bundle.pem")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Directory for svid.pem, svid.key, bundle.pem", callback=out_dir),
+    ],
     ttl: Annotated[str | None, typer.Option(help="Lifetime (default: the CA's SVID TTL)")] = None,
     key_type: Annotated[str, typer.Option(help="Key type")] = "ec-p256",
     json_out: JsonOpt = False,

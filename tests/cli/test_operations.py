@@ -153,8 +153,16 @@ def test_postgresql_backup_is_pg_dump_and_restores_the_same_ca(
     engine.dispose()
 
 
+@pytest.fixture
+def local(tmp_path: Path) -> Trellis:
+    """An initialised CA on SQLite: for refusals that happen before the store is involved."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    return cli
+
+
 def test_svid_request_never_sends_a_join_token_over_plain_http(
-    trellis: Trellis, tmp_path: Path
+    local: Trellis, tmp_path: Path
 ) -> None:
     """The token is a bearer credential: an http:// server is refused before anything is sent."""
     import socket
@@ -165,9 +173,9 @@ def test_svid_request_never_sends_a_join_token_over_plain_http(
         listener.settimeout(0.5)
         port = listener.getsockname()[1]
         for scheme in ("http", "HTTP"):
-            result = trellis.run(
+            result = local.run(
                 "svid", "request", "--server", f"{scheme}://127.0.0.1:{port}",
-                "--bundle", str(trellis.data_dir / "bundle.pem"),
+                "--bundle", str(local.data_dir / "bundle.pem"),
                 "--token", "trellis-join-SECRETSECRET", "--out", str(tmp_path / "w"),
                 ok=False,
             )  # fmt: skip
@@ -178,21 +186,73 @@ def test_svid_request_never_sends_a_join_token_over_plain_http(
 
 
 def test_revocation_without_yes_and_without_a_terminal_is_refused(
-    trellis: Trellis, tmp_path: Path
+    local: Trellis, tmp_path: Path
 ) -> None:
     """A "y" piped in is not a person: docs/cli.md says such a run refuses (exit 1), and nothing
     is revoked; the refusal is one line on stderr and stdout stays empty for --json."""
-    trellis.run(
-        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w")
-    )
+    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
     serial = _serial(tmp_path / "w" / "svid.pem")
     for args in (["revoke", serial, "--reason", "superseded", "--json"],
                  ["revoke", "--spiffe-id", "spiffe://example.org/w", "--reason", "superseded"],
                  ["authority", "revoke-intermediate"]):  # fmt: skip
         piped = subprocess.run(
-            [TRELLIS, *args], env=trellis.env, input="y\n", capture_output=True, text=True,
+            [TRELLIS, *args], env=local.env, input="y\n", capture_output=True, text=True,
             timeout=60, check=False,
         )  # fmt: skip
         assert piped.returncode == 1, piped
         assert piped.stdout == "" and "pass --yes" in piped.stderr, piped
-    assert trellis.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]
+    assert local.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]
+
+
+def _certificates(trellis: Trellis) -> list[str]:
+    listed = trellis.json("certs", "list")
+    assert isinstance(listed, list)
+    return sorted(c["serial"] for c in listed)
+
+
+def test_an_unwritable_out_is_refused_before_anything_is_issued(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """A certificate whose key cannot be written is lost for good (and counts against limits):
+    the --out target is checked first, with one line and exit 2, and nothing is issued."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    local.run("openvpn", "init")
+    local.run("openvpn", "configure", "--remote", "vpn.example.org")
+    before = _certificates(local)
+    attempts = [
+        ["svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(a_file)],
+        ["svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", f"{a_file}/d"],
+        ["openvpn", "client", "add", "bob", "--out", f"{a_file}/bob.ovpn"],
+        ["openvpn", "client", "add", "bob", "--out", str(tmp_path)],  # a directory
+        ["openvpn", "server-cert", "--out", str(a_file)],
+        ["openvpn", "server-config", "--out", f"{a_file}/srv"],
+        ["crl", "fetch", "--out", f"{a_file}/x.crl"],
+        ["bundle", "show", "--out", f"{a_file}/b.pem"],
+    ]
+    for args in attempts:
+        result = local.run(*args, ok=False)
+        assert result.returncode == 2, (args, result)
+        assert result.stderr.startswith("trellis: --out ") and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert _certificates(local) == before
+    assert local.json("openvpn", "client", "list") == []
+    # a file it cannot read or write after all: one line, exit 8, not a traceback
+    local.run("gateway", "init")
+    local.run("gateway", "consumer", "add", "acme", "--contact", "a@acme.example")
+    unreadable = local.run(
+        "gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "none.csr"),
+        "--out", str(tmp_path / "acme.pem"), ok=False,
+    )  # fmt: skip
+    assert unreadable.returncode in (2, 8) and "Traceback" not in unreadable.stderr, unreadable
+    assert unreadable.stderr.startswith("trellis: ") and unreadable.stderr.count("\n") == 1
+
+
+def test_a_damaged_database_is_one_line_and_exit_8(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    data.mkdir()
+    (data / "trellis.db").write_bytes(b"garbage, not SQLite\n" * 100)
+    cli = Trellis(data, f"sqlite:///{data / 'trellis.db'}")
+    result = cli.run("certs", "list", ok=False)
+    assert result.returncode == 8, result
+    assert result.stderr.startswith("trellis: ") and "Traceback" not in result.stderr, result
