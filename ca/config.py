@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import Engine
 
 from ca.clock import Clock, SystemClock
+from ca.errors import Unavailable
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
 from ca.keys.store import KeyStore
@@ -126,7 +127,14 @@ def build_context(
     if settings.key_passphrase is not None:
         passphrase = settings.key_passphrase.get_secret_value().encode()
     else:
-        passphrase = load_or_create_passphrase(settings.data_dir / "key-passphrase")
+        passphrase_file, keys_dir = settings.data_dir / "key-passphrase", settings.data_dir / "keys"
+        if not passphrase_file.exists() and keys_dir.is_dir() and any(keys_dir.iterdir()):
+            # A new random passphrase would open none of them (a restored data dir, say).
+            raise Unavailable(
+                f"the CA keys in {keys_dir} are encrypted, and {passphrase_file} is missing:"
+                " put it back, or set TRELLIS_KEY_PASSPHRASE"
+            )
+        passphrase = load_or_create_passphrase(passphrase_file)
     backends: dict[str, KeyBackend] = {
         "file": FileKeyBackend(settings.data_dir / "keys", passphrase)
     }

@@ -57,7 +57,7 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Create the trust domain's root and issuing CA, and a first admin token."""
-    ctx = STATE.context()
+    ctx = STATE.context(create=True)
     trust_domain = trust_domain or ctx.settings.trust_domain
     if not trust_domain:
         raise typer.BadParameter("--trust-domain (or TRELLIS_TRUST_DOMAIN) is required")

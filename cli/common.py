@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 
 from ca import errors
 from ca.config import Context, Settings, build_context
@@ -64,6 +65,19 @@ def exit_code(error: errors.TrellisError) -> int:
     return 1
 
 
+def _require_set_up(settings: Settings) -> None:
+    hint = (
+        "set one up with 'trellis init' (or 'trellis gateway init', 'trellis openvpn init'),"
+        " or 'trellis restore' a backup"
+    )
+    if not settings.data_dir.is_dir():
+        raise errors.NotInitialised(f"no Trellis data dir at {settings.data_dir}: {hint}")
+    url = make_url(settings.effective_database_url)
+    database = url.database if url.get_backend_name() == "sqlite" else None
+    if database not in (None, "", ":memory:") and not Path(str(database)).exists():
+        raise errors.NotInitialised(f"no Trellis database at {database}: {hint}")
+
+
 class State:
     """Global options, set by the root callback; the context is built on first use."""
 
@@ -79,9 +93,15 @@ class State:
             values["database_url"] = self.database_url
         return Settings(**values)
 
-    def context(self, *, serving: bool = False, **overrides: Any) -> Context:
+    def context(self, *, serving: bool = False, create: bool = False, **overrides: Any) -> Context:
+        """``create``: the command sets a data dir up (the ``init`` commands). Any other
+        refuses one that does not exist yet instead of making an empty one and answering from
+        it (an empty certificate list, a working admin token for a CA that is not there)."""
         if self._ctx is None:
-            self._ctx = build_context(self.settings(**overrides), serving=serving)
+            settings = self.settings(**overrides)
+            if not create:
+                _require_set_up(settings)
+            self._ctx = build_context(settings, serving=serving)
         return self._ctx
 
     def close(self) -> None:

@@ -57,7 +57,7 @@ def init(
         default_ttl=default_ttl,
         max_ttl=max_ttl,
     )
-    out = GatewayOut.of(gateway.init_gateway(STATE.context(), init_params(body)))
+    out = GatewayOut.of(gateway.init_gateway(STATE.context(create=True), init_params(body)))
     if json_out:
         emit_json(out)
         return

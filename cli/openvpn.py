@@ -48,7 +48,7 @@ def init(
         ca_ttl=Ttl.parse(ca_ttl),
         force=force,
     )
-    config = openvpn.init_openvpn(STATE.context(), params)
+    config = openvpn.init_openvpn(STATE.context(create=True), params)
     if json_out:
         emit_json(OpenVpnOut.of(config))
         return

@@ -256,3 +256,34 @@ def test_a_damaged_database_is_one_line_and_exit_8(tmp_path: Path) -> None:
     result = cli.run("certs", "list", ok=False)
     assert result.returncode == 8, result
     assert result.stderr.startswith("trellis: ") and "Traceback" not in result.stderr, result
+
+
+def test_commands_on_a_data_dir_that_is_not_there_exit_7_and_create_nothing(
+    tmp_path: Path,
+) -> None:
+    """Before, an empty CA was made on the spot: `certs list` answered [] and `token create
+    --admin` printed a working admin token for a CA that did not exist."""
+    cli = Trellis(tmp_path / "nowhere", f"sqlite:///{tmp_path / 'nowhere' / 'trellis.db'}")
+    for args in (["certs", "list", "--json"], ["token", "create", "--admin"], ["audit", "list"]):
+        result = cli.run(*args, ok=False)
+        assert result.returncode == 7 and "trellis init" in result.stderr, (args, result)
+        assert result.stdout == ""
+    assert not (tmp_path / "nowhere").exists()
+    cli.run("init", "--trust-domain", "example.org")  # what sets one up
+    assert cli.json("certs", "list") == []
+
+
+def test_a_restored_data_dir_without_its_passphrase_gets_no_new_one(tmp_path: Path) -> None:
+    """The archive leaves the passphrase out on purpose; a fresh random one written in its place
+    would open none of the restored keys, and hide the file that is missing."""
+    source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
+    source.run("init", "--trust-domain", "example.org")
+    source.run("backup", "--out", str(tmp_path / "b.tgz"))
+    restored = Trellis(tmp_path / "r", f"sqlite:///{tmp_path / 'r' / 'trellis.db'}")
+    del restored.env["TRELLIS_KEY_PASSPHRASE"]
+    restored.run("restore", str(tmp_path / "b.tgz"))
+    result = restored.run("certs", "list", ok=False)
+    assert result.returncode == 8 and "key-passphrase is missing" in result.stderr, result
+    assert not (tmp_path / "r" / "key-passphrase").exists()
+    restored.env["TRELLIS_KEY_PASSPHRASE"] = source.env["TRELLIS_KEY_PASSPHRASE"]
+    assert restored.json("certs", "list") == []  # with the passphrase given, it opens
