@@ -50,6 +50,7 @@ __all__ = [
     "active_issuer",
     "bundle_pem",
     "check_keys",
+    "check_params",
     "init_authority",
     "load_authority",
     "record_event",
@@ -120,6 +121,11 @@ def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
     if row is None:
         raise NotInitialised(f"authority {name!r} does not exist: run 'trellis init' first")
     return row
+
+
+def check_params(params: AuthorityParams) -> None:
+    """What ``init_authority`` refuses, for a caller that checks before it sets anything up."""
+    _validate(params)
 
 
 def _validate(params: AuthorityParams) -> None:

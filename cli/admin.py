@@ -12,14 +12,22 @@ from cryptography import x509
 
 from api.schemas import CertificateOut, EntryOut, TokenCreated, TokenOut
 from ca import certs, entries, tokens
-from ca.authority import MESH, AuthorityParams, active_issuer, bundle_pem, init_authority
+from ca.authority import (
+    MESH,
+    AuthorityParams,
+    active_issuer,
+    bundle_pem,
+    check_params,
+    init_authority,
+)
 from ca.bundle import read_bundle
 from ca.durations import Ttl
-from ca.errors import Conflict
+from ca.errors import Conflict, InvalidInput
 from ca.files import write_atomic, write_private
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import bundle_jwks
 from ca.keys import KeyType
+from ca.keys.store import KNOWN_BACKENDS
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -57,8 +65,8 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Create the trust domain's root and issuing CA, and a first admin token."""
-    ctx = STATE.context(create=True)
-    trust_domain = trust_domain or ctx.settings.trust_domain
+    # Everything given is checked before the data dir is set up: a refused init leaves none.
+    trust_domain = trust_domain or STATE.settings().trust_domain
     if not trust_domain:
         raise typer.BadParameter("--trust-domain (or TRELLIS_TRUST_DOMAIN) is required")
     params = AuthorityParams(
@@ -70,13 +78,24 @@ def init(
         force=force,
         key_backend=key_backend,
     )
+    check_params(params)
+    if key_backend is not None and key_backend not in KNOWN_BACKENDS:
+        raise InvalidInput(f"unknown key backend {key_backend[:40]!r}: file or vault")
+    ctx = STATE.context(create=True)
     try:
         issuer = init_authority(ctx, params)
     except Conflict:
         if not exists_ok:
             raise
         issuer = active_issuer(ctx)
-        if not json_out:
+        if issuer.trust_domain != params.trust_domain:
+            raise Conflict(
+                f"a CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir},"
+                f" not for {params.trust_domain}: --exists-ok accepts only the same trust domain"
+            ) from None
+        if json_out:
+            emit_json({"trust_domain": str(issuer.trust_domain), "created": False})
+        else:
             typer.echo(f"A CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir}")
         return
     _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
@@ -84,6 +103,7 @@ def init(
     write_atomic(ctx.settings.data_dir / "bundle.pem", issuer.bundle_pem)
     root = issuer.roots[0]
     info = {
+        "created": True,
         "trust_domain": str(issuer.trust_domain),
         "root_fingerprint_sha256": fingerprint(root),
         "root_not_after": root.not_valid_after_utc.isoformat(),

@@ -287,3 +287,19 @@ def test_a_restored_data_dir_without_its_passphrase_gets_no_new_one(tmp_path: Pa
     assert not (tmp_path / "r" / "key-passphrase").exists()
     restored.env["TRELLIS_KEY_PASSPHRASE"] = source.env["TRELLIS_KEY_PASSPHRASE"]
     assert restored.json("certs", "list") == []  # with the passphrase given, it opens
+
+
+def test_a_refused_init_sets_nothing_up_and_exists_ok_is_for_the_same_trust_domain(
+    tmp_path: Path,
+) -> None:
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'var' / 'trellis.db'}")
+    for bad in (["--key-type", "dsa"], ["--key-backend", "s3"], ["--svid-ttl", "7d"]):
+        result = cli.run("init", "--trust-domain", "example.org", *bad, ok=False)
+        assert result.returncode == 2 and result.stderr.startswith("trellis: "), (bad, result)
+        assert not (tmp_path / "var").exists(), bad
+    created = cli.json("init", "--trust-domain", "example.org")
+    assert isinstance(created, dict) and created["created"] is True
+    again = cli.json("init", "--trust-domain", "example.org", "--exists-ok")
+    assert again == {"created": False, "trust_domain": "example.org"}
+    other = cli.run("init", "--trust-domain", "other.org", "--exists-ok", ok=False)
+    assert other.returncode == 6 and "not for other.org" in other.stderr, other
