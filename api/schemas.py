@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from ca.certs import CertificateInfo
 from ca.emergency import IntermediateRevoked
@@ -72,8 +72,9 @@ class EntryOut(BaseModel):
 class TokenCreate(BaseModel):
     model_config = _STRICT
     entry_id: str | None = Field(default=None, description="Join token for this entry")
-    admin: bool = Field(default=False, description="Create an admin token instead")
-    uses: int = Field(default=1, ge=1, le=1000)
+    # Strict: "admin": "yes" or 1 is a mistake to refuse, not a wish to grant.
+    admin: StrictBool = Field(default=False, description="Create an admin token instead")
+    uses: StrictInt = Field(default=1, ge=1, le=1000)
     ttl: str | None = Field(default=None, examples=["1h"])
     description: str = Field(default="", max_length=255)
 

@@ -13,7 +13,7 @@ from pathlib import Path as FsPath
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
@@ -104,7 +104,7 @@ class ConsumerOut(BaseModel):
 class Pkcs12Options(BaseModel):
     model_config = _STRICT
     password: str = Field(min_length=gateway.MIN_P12_PASSWORD, max_length=1024)
-    legacy: bool = Field(
+    legacy: StrictBool = Field(
         default=False,
         description="pbeWithSHA1And3-KeyTripleDES-CBC for old Java/Windows stores, instead of "
         "AES-256-CBC with PBKDF2-HMAC-SHA256",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
@@ -57,7 +57,7 @@ class OpenVpnInit(BaseModel):
 class OpenVpnConfigure(BaseModel):
     model_config = _STRICT
     remote: str | None = Field(default=None, max_length=253, examples=["vpn.example.org"])
-    port: int | None = Field(default=None, ge=1, le=65535)
+    port: StrictInt | None = Field(default=None, ge=1, le=65535)
     proto: str | None = Field(default=None, examples=["udp"])
     crl_path: str | None = Field(
         default=None, max_length=1024, description="CRL file on the Trellis host, kept current"

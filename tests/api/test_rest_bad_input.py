@@ -256,3 +256,22 @@ def test_streamed_body_over_the_limit_gets_exactly_one_response(ctx: Context) ->
     (body,) = [m for m in sent if m["type"] == "http.response.body"]
     assert json.loads(body["body"])["status"] == 413
     assert len(incoming) == 1  # stopped reading at the first chunk past the limit
+
+
+def test_token_requests_take_no_look_alike_values(rest: Rest) -> None:
+    """ "admin": "yes" (or 1) was read as true and minted an admin token; "uses": "2" as 2."""
+    entry = rest.create_entry(GOOD)
+    before = rest.client.get("/v1/tokens", headers=rest.admin).json()
+    for body in (
+        {"admin": "yes"},
+        {"admin": 1},
+        {"admin": "true"},
+        {"entry_id": entry, "uses": "2"},
+        {"entry_id": entry, "uses": True},
+        {"entry_id": entry, "uses": 2.0},
+    ):
+        response = rest.client.post("/v1/tokens", json=body, headers=rest.admin)
+        assert_problem(response, 400)
+    assert rest.client.get("/v1/tokens", headers=rest.admin).json() == before
+    made = rest.client.post("/v1/tokens", json={"admin": True}, headers=rest.admin)
+    assert made.status_code == 201 and made.json()["kind"] == "admin", made.text
