@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from sqlmodel import Session, col, select
 
 from ca.config import Context
+from ca.errors import InvalidInput
 from ca.keys import PrivateKey
 from ca.store.batch import Rows, Work
 from ca.store.core import insert_now, prepared, table
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 SETTLE = dt.timedelta(seconds=5)
+MAX_LIST = 10_000  # records a listing returns at most
 SIGN_EVERY = dt.timedelta(seconds=10)
 GENESIS = "0" * 64
 INSERT = sa.insert(table(AuditRow))  # built once: see ca.store.core
@@ -437,13 +439,15 @@ class AuditEntry:
 def list_audit(
     ctx: Context, *, since: dt.datetime | None = None, event: str | None = None, limit: int = 100
 ) -> list[AuditEntry]:
+    if not 1 <= limit <= MAX_LIST:  # SQLite reads a negative LIMIT as none at all
+        raise InvalidInput(f"limit must be between 1 and {MAX_LIST}")
     query = select(AuditRow)
     if since is not None:
         query = query.where(col(AuditRow.at) >= since)
     if event is not None:
         query = query.where(col(AuditRow.event).startswith(event))
     with Session(ctx.engine) as session:
-        rows = session.exec(query.order_by(col(AuditRow.id).desc()).limit(min(limit, 10_000))).all()
+        rows = session.exec(query.order_by(col(AuditRow.id).desc()).limit(limit)).all()
     return [
         AuditEntry(
             id=row.id or 0,

@@ -40,22 +40,20 @@ def list_cmd(
 ) -> None:
     entries = audit.list_audit(STATE.context(), since=_since(since), event=event, limit=limit)
     if json_out:
-        emit_json(
-            {
-                "records": [
-                    {
-                        "id": e.id,
-                        "seq": e.seq,
-                        "at": e.at.isoformat(),
-                        "actor": e.actor,
-                        "event": e.event,
-                        "subject": e.subject,
-                        "detail": e.detail,
-                        "request_id": e.request_id,
-                    }
-                    for e in entries
-                ]
-            }
+        emit_json(  # a list is a JSON array (docs/cli.md)
+            [
+                {
+                    "id": e.id,
+                    "seq": e.seq,
+                    "at": e.at.isoformat(),
+                    "actor": e.actor,
+                    "event": e.event,
+                    "subject": e.subject,
+                    "detail": e.detail,
+                    "request_id": e.request_id,
+                }
+                for e in entries
+            ]
         )
         return
     table(

@@ -303,3 +303,12 @@ def test_a_refused_init_sets_nothing_up_and_exists_ok_is_for_the_same_trust_doma
     assert again == {"created": False, "trust_domain": "example.org"}
     other = cli.run("init", "--trust-domain", "other.org", "--exists-ok", ok=False)
     assert other.returncode == 6 and "not for other.org" in other.stderr, other
+
+
+def test_audit_list_is_a_json_array_and_refuses_a_limit_out_of_range(local: Trellis) -> None:
+    records = local.json("audit", "list", "--limit", "2")
+    assert isinstance(records, list) and len(records) == 2
+    assert {"id", "seq", "at", "actor", "event", "subject", "detail"} <= set(records[0])
+    for bad in ("-5", "0", "10001"):
+        result = local.run("audit", "list", "--limit", bad, ok=False)
+        assert result.returncode == 2 and "limit must be between" in result.stderr, result
