@@ -72,6 +72,9 @@ class KeyType(enum.Enum):
         return hashes.SHA256()
 
 
+RSA_EXPONENT = 65537
+
+
 def check_public_key(key: object) -> PublicKey:
     """Accept the subject keys Trellis certifies: EC P-256/P-384, Ed25519, RSA >= 2048 bits.
 
@@ -89,6 +92,13 @@ def check_public_key(key: object) -> PublicKey:
             )
         if key.key_size > 8192:
             raise InvalidCsr(f"RSA key of {key.key_size} bits is larger than 8192")
+        # e = 3 and other small exponents are where RSA's padding attacks live; every key
+        # generator in use makes 65537 (Let's Encrypt accepts only it, the CA/B Forum
+        # recommends 2^16+1 or more).
+        if key.public_numbers().e != RSA_EXPONENT:
+            raise InvalidCsr(
+                f"RSA public exponent {key.public_numbers().e} is not accepted: use 65537"
+            )
         return key
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key

@@ -78,6 +78,12 @@ SVID_REFUSALS: list[tuple[str, int, str, Callable[[], Any]]] = [
         ),
     ),
     (
+        "csr/rsa-exponent-3",
+        400,
+        "invalid-csr",
+        lambda: _csr_body(make_csr(rsa.generate_private_key(public_exponent=3, key_size=2048))[1]),
+    ),
+    (
         "csr/p521",
         400,
         "invalid-csr",
