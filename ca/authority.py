@@ -249,7 +249,8 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             if session.get(AuthorityRow, params.name) is not None and not params.force:
                 raise Conflict(
                     f"authority {params.name!r} already exists: use --force to replace it "
-                    "(this destroys its keys, certificates and, for the mesh, entries and tokens)"
+                    "(this destroys its keys, certificates and, for the mesh, entries and their"
+                    " join tokens; admin tokens serve the whole instance and stay valid)"
                 )
             old_keys = _wipe(session, params.name) if params.force else []
             now = ctx.clock.now()
