@@ -11,6 +11,7 @@ import datetime as dt
 import enum
 import hashlib
 import secrets
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,10 @@ def create_join_token(
         raise InvalidInput(f"a join token allows 1 to {MAX_JOIN_USES} uses")
     if ttl.seconds > 30 * 86400:
         raise InvalidInput("a join token may live at most 30d")
+    try:  # as ca.entries reads an entry id: any case, braces or not
+        entry_id = str(uuid.UUID(entry_id))
+    except ValueError:
+        raise NotFound(f"registration entry {entry_id[:40]!r} does not exist") from None
     with Session(ctx.engine) as session:
         if session.get(EntryRow, entry_id) is None:
             raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")

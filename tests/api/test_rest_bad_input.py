@@ -281,3 +281,16 @@ def test_token_requests_take_no_look_alike_values(rest: Rest) -> None:
     assert rest.client.get("/v1/tokens", headers=rest.admin).json() == before
     made = rest.client.post("/v1/tokens", json={"admin": True}, headers=rest.admin)
     assert made.status_code == 201 and made.json()["kind"] == "admin", made.text
+
+
+def test_an_entry_id_is_read_the_same_way_everywhere(rest: Rest) -> None:
+    """An entry found as GET /v1/entries/{ID in upper case} gets a token by that id too."""
+    entry = rest.create_entry(GOOD)
+    upper = entry.upper()
+    assert rest.client.get(f"/v1/entries/{upper}", headers=rest.admin).status_code == 200
+    token = rest.client.post("/v1/tokens", json={"entry_id": upper}, headers=rest.admin)
+    assert token.status_code == 201, token.text
+    assert token.json()["entry_id"] == entry
+    assert rest.request_svid(token.json()["token"], make_csr()[1]).status_code == 200
+    missing = rest.client.post("/v1/tokens", json={"entry_id": "not-an-id"}, headers=rest.admin)
+    assert_problem(missing, 404)
