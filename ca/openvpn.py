@@ -481,16 +481,20 @@ def server_config(
     issued server certificate. Given the directory the files will be written to, and no CRL path
     configured yet, its ``crl.pem`` becomes the CRL file Trellis keeps current."""
     network = network or ipaddress.IPv4Network("10.8.0.0/24")
+    # Every path is judged before anything is issued (``conf_path``): the one stored before
+    # paths were checked, or the directory's crl.pem that is about to become the CRL file.
     stored = get_config(ctx, request.authority).crl_path
-    if stored is not None and (out_dir is None or stored != (out_dir / "crl.pem").resolve()):
-        # stored before paths were checked (``conf_path``): refused before anything is issued
+    own_crl = None if out_dir is None else (out_dir / "crl.pem").absolute()
+    if stored is None and own_crl is not None:
+        own_crl = conf_path(own_crl, "the server directory's crl.pem (the CRL file from now on)")
+    elif stored is not None and (own_crl is None or stored != own_crl.resolve()):
         conf_path(stored, "the configured CRL path (set another with configure)")
     credentials = issue_server_cert(ctx, request)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
         if out_dir is not None:
             if row.crl_path is None:
-                row.crl_path = str(conf_path((out_dir / "crl.pem").absolute(), "the CRL path"))
+                row.crl_path = str(own_crl)
             row.server_dir = str(out_dir.resolve())
             row.server_ttl_seconds = request.ttl.seconds
             row.server_key_type = request.key_type.value

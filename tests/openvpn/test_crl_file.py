@@ -196,3 +196,26 @@ def test_a_crl_path_stored_before_paths_were_checked_is_neither_written_nor_rend
     with Session(vpn.engine) as session:  # refused before a server certificate was issued
         assert session.exec(select(func.count()).select_from(CertificateRow)).one() == issued
     assert not (tmp_path / "x\ncrl-verify ").exists()
+
+
+def test_a_server_directory_server_conf_cannot_name_is_refused_before_issuing(
+    vpn_unconfigured: Context, tmp_path: Path
+) -> None:
+    """With no CRL path yet, the directory's crl.pem becomes the CRL file: judged first."""
+    from sqlmodel import Session, func, select
+
+    from ca.errors import InvalidInput
+    from ca.openvpn import ConfigureParams, ServerRequest, configure, get_config, server_config
+    from ca.store.models import CertificateRow
+
+    configure(vpn_unconfigured, ConfigureParams(remote="vpn.example.org"))
+    with Session(vpn_unconfigured.engine) as session:
+        issued = session.exec(select(func.count()).select_from(CertificateRow)).one()
+    with pytest.raises(InvalidInput, match=r"server\.conf"):
+        server_config(vpn_unconfigured, ServerRequest(), out_dir=tmp_path / "my server")
+    with Session(vpn_unconfigured.engine) as session:
+        assert session.exec(select(func.count()).select_from(CertificateRow)).one() == issued
+    assert get_config(vpn_unconfigured).crl_path is None
+    files = server_config(vpn_unconfigured, ServerRequest(), out_dir=tmp_path / "srv")
+    assert b"crl-verify crl.pem" in files["server.conf"]
+    assert get_config(vpn_unconfigured).crl_path == (tmp_path / "srv" / "crl.pem").resolve()
