@@ -22,12 +22,12 @@ from ca.authority import (
 )
 from ca.bundle import read_bundle
 from ca.durations import Ttl
-from ca.errors import Conflict, InvalidInput
+from ca.errors import Conflict
 from ca.files import write_atomic, write_private
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import bundle_jwks
 from ca.keys import KeyType
-from ca.keys.store import KNOWN_BACKENDS
+from ca.keys.store import check_backend_name
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -79,8 +79,8 @@ def init(
         key_backend=key_backend,
     )
     check_params(params)
-    if key_backend is not None and key_backend not in KNOWN_BACKENDS:
-        raise InvalidInput(f"unknown key backend {key_backend[:40]!r}: file or vault")
+    if key_backend is not None:
+        check_backend_name(key_backend)
     ctx = STATE.context(create=True)
     try:
         issuer = init_authority(ctx, params)

@@ -9,10 +9,15 @@ from ca.errors import InvalidInput, Unavailable
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
 from ca.keys.types import KeyType
 
-__all__ = ["KNOWN_BACKENDS", "KeyStore"]
+__all__ = ["KNOWN_BACKENDS", "KeyStore", "check_backend_name"]
 
 # What a CA row or a request may name; whether each is configured is the server's business.
 KNOWN_BACKENDS = ("file", "vault")
+
+
+def check_backend_name(name: str) -> None:
+    if name not in KNOWN_BACKENDS:
+        raise InvalidInput(f"unknown key backend {name[:40]!r}: {' or '.join(KNOWN_BACKENDS)}")
 
 
 class KeyStore:
@@ -31,10 +36,7 @@ class KeyStore:
         try:
             return self._backends[name]
         except KeyError:
-            if name not in KNOWN_BACKENDS:  # the caller's mistake, not the server's state
-                raise InvalidInput(
-                    f"unknown key backend {name[:40]!r}: {' or '.join(KNOWN_BACKENDS)}"
-                ) from None
+            check_backend_name(name)  # an unknown one is the caller's mistake, not our state
             hint = " (set TRELLIS_VAULT_ADDR and its auth settings)" if name == "vault" else ""
             raise Unavailable(f"key backend {name!r} is not configured{hint}") from None
 
