@@ -36,6 +36,12 @@ def check_dns_name(name: str) -> str:
         or not all(_LABEL.match(x) for x in labels)
     ):
         raise PolicyViolation(f"invalid DNS name {name[:64]!r}")
+    # No top-level domain is all digits (RFC 3696 §2): "10.0.0.1" is an address, and an
+    # address in a dNSName is matched by no verifier; it belongs in an iPAddress SAN.
+    if labels[-1].isdigit():
+        raise PolicyViolation(
+            f"{name[:64]!r} is not a host name (an IP address belongs in the IP addresses)"
+        )
     return candidate
 
 

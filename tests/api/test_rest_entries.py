@@ -82,6 +82,11 @@ INVALID_ENTRIES = [
     ("non-ascii", {"spiffe_id": "spiffe://example.org/café"}, "invalid-spiffe-id"),
     ("too-long", {"spiffe_id": "spiffe://example.org/" + "a" * 2100}, "invalid-request"),
     ("bad-dns", {"spiffe_id": "spiffe://example.org/d", "dns_names": ["a_b"]}, "policy-violation"),
+    (
+        "ip-as-dns",
+        {"spiffe_id": "spiffe://example.org/d", "dns_names": ["10.0.0.1"]},
+        "policy-violation",
+    ),
     ("ttl-over-max", {"spiffe_id": "spiffe://example.org/t", "ttl": "2d"}, "invalid-input"),
     ("bad-ttl", {"spiffe_id": "spiffe://example.org/t", "ttl": "1 hour"}, "invalid-input"),
     ("zero-ttl", {"spiffe_id": "spiffe://example.org/t", "max_ttl": "0s"}, "invalid-input"),

@@ -399,6 +399,14 @@ REQUEST_REFUSALS: list[Refusal] = [
         PolicyViolation,
         "invalid DNS name",
     ),
+    (
+        "fail/san/ip-address-as-dns",
+        _fresh,
+        _with(dns_names=["10.0.0.1"]),
+        None,
+        PolicyViolation,
+        "not a host name",
+    ),
 ]
 
 # Who is asking: decided by token rows and the issuing transaction, so run on both stores.
