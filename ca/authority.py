@@ -124,11 +124,7 @@ def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
 
 
 def check_params(params: AuthorityParams) -> None:
-    """What ``init_authority`` refuses, for a caller that checks before it sets anything up."""
-    _validate(params)
-
-
-def _validate(params: AuthorityParams) -> None:
+    """What ``init_authority`` refuses; callable first by whoever must set nothing up before."""
     if params.purpose not in PURPOSES:
         raise InvalidInput(f"unknown authority purpose {params.purpose!r}")
     if not _NAME.match(params.name):
@@ -242,7 +238,7 @@ def _wipe(session: Session, name: str) -> list[KeyHandle]:
 
 def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     """Create root and issuing intermediate in one transaction; a failure leaves no keys behind."""
-    _validate(params)
+    check_params(params)
     created: list[KeyHandle] = []
     try:
         with Session(ctx.engine) as session:

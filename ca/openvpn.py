@@ -503,7 +503,7 @@ def server_config(
         config = _config_of(row)
         keys = SecretVault(ctx, row.secret_store)
         v2, shared = keys.get(row.tls_crypt_v2_ref), keys.get(row.tls_crypt_ref)
-    here = out_dir is not None and config.crl_path == (out_dir / "crl.pem").resolve()
+    here = own_crl is not None and config.crl_path == own_crl.resolve()
     crl_verify = "crl.pem" if config.crl_path is None or here else str(config.crl_path)
     issuer = active_issuer(ctx, request.authority)
     conf = SERVER_CONF.format(

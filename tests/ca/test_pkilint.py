@@ -15,9 +15,11 @@ checks it is reported for them (so that a pkilint that stops reporting it is not
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from ca import ocsp as trellis_ocsp
 from ca.config import Settings, build_context
-from tests.openvpn.vpnkit import InProcessTrellis
+from tests.openvpn.vpnkit import InProcessTrellis, crls_in, parse_profile
 
 pkilint = pytest.importorskip("pkilint", reason="pkilint is in the test extras")
 
@@ -43,7 +45,6 @@ WEB = "spiffe://example.org/ns/default/sa/web"
 # The finding pkilint raises for every URI that is not a web URL (see the module docstring).
 URI_SYNTAX = "pkix.invalid_uri_syntax"
 NON_WEB_URI = re.compile(r'^Invalid URI syntax: "(spiffe://|urn:)')
-_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\n.*?-----END \1-----\n", re.S)
 
 
 @dataclass
@@ -56,20 +57,12 @@ class Issued:
     links: list[tuple[str, str]]
 
 
-def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
-    return [m.group(0) for m in _PEM.finditer(data) if m.group(1) == label]
-
-
-def _certs(data: bytes) -> list[x509.Certificate]:
-    return [x509.load_pem_x509_certificate(b) for b in _pem_blocks(data, b"CERTIFICATE")]
+def _certs_in(path: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(path.read_bytes())
 
 
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
-
-
-def _crls(data: bytes) -> list[x509.CertificateRevocationList]:
-    return [x509.load_pem_x509_crl(b) for b in _pem_blocks(data, b"X509 CRL")]
 
 
 def _cn(cert: x509.Certificate | x509.CertificateRevocationList) -> str:
@@ -101,16 +94,15 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Issued:
             "--out", str(root / "acme.pem"))  # fmt: skip
     cli.run("istio", "issue", "--cluster", "c1", "--out", str(root / "istio.yaml"), "--with-crl")
 
-    svid, mesh_intermediate = _certs((root / "svid" / "svid.pem").read_bytes())
-    (mesh_root,) = _certs((root / "svid" / "bundle.pem").read_bytes())
-    vpn_server, vpn_intermediate = _certs((root / "vpn" / "server.crt").read_bytes())
-    profile = (root / "alice.ovpn").read_bytes()
-    vpn_client = _certs(re.search(rb"<cert>\n(.*?)</cert>", profile, re.S).group(1))[0]  # type: ignore[union-attr]
-    vpn_root = _certs(re.search(rb"<ca>\n(.*?)</ca>", profile, re.S).group(1))[-1]  # type: ignore[union-attr]
-    gateway_client, gateway_intermediate = _certs((root / "acme.pem").read_bytes())
+    svid, mesh_intermediate = _certs_in(root / "svid" / "svid.pem")
+    (mesh_root,) = _certs_in(root / "svid" / "bundle.pem")
+    vpn_server, vpn_intermediate = _certs_in(root / "vpn" / "server.crt")
+    profile = parse_profile((root / "alice.ovpn").read_bytes())
+    vpn_client, vpn_root = profile.certificates("cert")[0], profile.certificates("ca")[-1]
+    gateway_client, gateway_intermediate = _certs_in(root / "acme.pem")
     secret = yaml.safe_load((root / "istio.yaml").read_text())["data"]
-    istio = _certs(base64.b64decode(secret["ca-cert.pem"]))[0]
-    istio_crls = _crls(base64.b64decode(secret["ca-crl.pem"]))
+    istio = x509.load_pem_x509_certificates(base64.b64decode(secret["ca-cert.pem"]))[0]
+    istio_crls = crls_in(base64.b64decode(secret["ca-crl.pem"]))
 
     # Revoked, so that each CRL has an entry with its reason, and OCSP answers "revoked".
     cli.run("revoke", format(svid.serial_number, "x"), "--reason", "keyCompromise", "--yes")
@@ -126,7 +118,7 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Issued:
         "mesh root CRL": (root / "mesh-root.crl").read_bytes(),
     }
     for source in (root / "vpn-crl.pem", root / "nginx" / "crl.pem"):
-        for found in _crls(source.read_bytes()):
+        for found in crls_in(source.read_bytes()):
             crls[f"{_cn(found)} CRL"] = found.public_bytes(serialization.Encoding.DER)
     for found in istio_crls:
         crls[f"istio secret: {_cn(found)} CRL"] = found.public_bytes(serialization.Encoding.DER)
@@ -298,11 +290,11 @@ def test_ocsp_responses_pass_the_rfc_6960_linter(issued: Issued, label: str) -> 
     assert counted == [] and set_aside == [], f"{label}: {counted + set_aside}"
 
 
-def test_the_linter_reports_what_it_is_trusted_to_find(issued: Issued) -> None:
+def test_the_linter_reports_what_it_is_trusted_to_find() -> None:
     """The same validators on a certificate with known defects: a CA certificate whose
     basicConstraints is not critical and that lacks a subject key identifier (RFC 5280
     4.2.1.9, 4.2.1.2), signed by a throwaway key."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key, now = ec.generate_private_key(ec.SECP256R1()), dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "defective CA")])
     cert = (
         x509.CertificateBuilder()
@@ -310,12 +302,8 @@ def test_the_linter_reports_what_it_is_trusted_to_find(issued: Issued) -> None:
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(
-            x509.load_der_x509_certificate(issued.certificates["SVID"]).not_valid_before_utc
-        )
-        .not_valid_after(
-            x509.load_der_x509_certificate(issued.certificates["SVID"]).not_valid_after_utc
-        )
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=False)
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
