@@ -1,0 +1,250 @@
+"""``trellis backup`` and ``trellis restore``: what the archive holds, and restores that are
+refused (a bad archive, a database that holds a CA) or fail part-way, which leave the data dir
+and the database as they were.
+
+In-process through ``cli.main.main`` (the entry point's own error handling), as
+tests/gateway/test_gateway_cli.py does; tests/cli/test_operations.py runs the round trip as
+real processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ca.config import Settings, build_context
+from ca.serving import ensure_server_certificate
+from tests.conftest import PASSPHRASE
+from tests.gateway.test_gateway_cli import Cli
+
+Files = dict[str, bytes | None]  # a member's content; None: a symbolic link
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backup of a CA with an OpenVPN authority (its tls-crypt keys are sealed files under
+    secrets/) and a serving certificate (server/)."""
+    root = tmp_path_factory.mktemp("source")
+    data = root / "var"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRELLIS_DATABASE_URL", raising=False)
+        patch.setenv("TRELLIS_KEY_PASSPHRASE", PASSPHRASE)
+        for args in (
+            ["init", "--trust-domain", "example.org"],
+            ["openvpn", "init"],
+            ["openvpn", "configure", "--remote", "vpn.example.org"],
+            ["openvpn", "client", "add", "alice", "--out", str(root / "alice.ovpn")],
+        ):
+            _main("--data-dir", str(data), *args)
+        ctx = build_context(Settings(data_dir=data))
+        try:
+            ensure_server_certificate(ctx)  # what 'trellis serve' does first
+        finally:
+            ctx.close()
+        _main("--data-dir", str(data), "backup", "--out", str(root / "backup.tgz"))
+    return root / "backup.tgz"
+
+
+def _main(*args: str) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+        raise SystemExit(0)
+    assert exited.value.code in (0, None), args
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    monkeypatch.delenv("TRELLIS_DATABASE_URL", raising=False)
+    monkeypatch.delenv("TRELLIS_DATA_DIR", raising=False)
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", PASSPHRASE)
+    return Cli(capsys)
+
+
+def test_the_archive_holds_secrets_and_a_restored_openvpn_authority_issues(
+    archive: Path, cli: Cli, tmp_path: Path
+) -> None:
+    """secrets/ was left out: the restored instance could not make another .ovpn profile (the
+    tls-crypt-v2 server key was missing). Restored files are 0600 (the bundle and the serving
+    certificate 0644), directories 0700 (server/ was 0755)."""
+    with tarfile.open(archive) as opened:
+        names = set(opened.getnames())
+    assert any(name.startswith("secrets/") and name.endswith(".sealed") for name in names)
+    assert {"server/tls.crt", "server/tls.key"} <= names
+    restored = tmp_path / "restored"
+    cli.run("--data-dir", str(restored), "restore", str(archive))
+    cli.run("--data-dir", str(restored), "openvpn", "client", "add", "bob",
+            "--out", str(tmp_path / "bob.ovpn"))  # fmt: skip
+    assert (tmp_path / "bob.ovpn").read_text().count("<tls-crypt-v2>") == 1
+    public = {"bundle.pem", "server/tls.crt"}
+    for path in [restored, *restored.rglob("*")]:
+        name = path.relative_to(restored).as_posix()
+        wanted = 0o700 if path.is_dir() else 0o644 if name in public else 0o600
+        assert path.stat().st_mode & 0o777 == wanted, name
+    assert {"keys", "secrets", "server"} <= {p.name for p in restored.iterdir() if p.is_dir()}
+
+
+def test_restore_never_replaces_a_database_that_holds_a_ca(
+    archive: Path, cli: Cli, tmp_path: Path
+) -> None:
+    """The database may live outside the data dir: an empty data dir with TRELLIS_DATABASE_URL
+    pointing at another CA's database overwrote that CA (exit 0)."""
+    cli.run("--data-dir", str(tmp_path / "other"), "init", "--trust-domain", "other.example")
+    other = tmp_path / "other" / "trellis.db"
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not SQLite, but someone's file\n" * 100)
+    for database in (other, garbage):
+        before = database.read_bytes()
+        refused = cli.run("--data-dir", str(tmp_path / "new"), "--database-url",
+                          f"sqlite:///{database}", "restore", str(archive), code=6)  # fmt: skip
+        assert f"the database {database} already exists" in refused, refused
+        assert refused.count("\n") == 1
+        assert database.read_bytes() == before
+        assert not (tmp_path / "new").exists()
+    with sqlite3.connect(other) as connection:
+        assert connection.execute("SELECT trust_domain FROM authority").fetchall() == [
+            ("other.example",)
+        ]
+    # PostgreSQL restores with pg_restore (docs/operations.md): refused before connecting.
+    postgres = "postgresql://trellis@127.0.0.1:1/trellis"
+    assert "pg_dump" in cli.run("--data-dir", str(tmp_path / "new"), "--database-url", postgres,
+                                "restore", str(archive), code=2)  # fmt: skip
+    # An empty file where the database goes holds nothing: it is replaced.
+    empty = tmp_path / "elsewhere" / "trellis.db"
+    empty.parent.mkdir()
+    empty.touch()
+    cli.run("--data-dir", str(tmp_path / "new"), "--database-url", f"sqlite:///{empty}",
+            "restore", str(archive))  # fmt: skip
+    assert cli.run("--data-dir", str(tmp_path / "new"), "--database-url", f"sqlite:///{empty}",
+                   "bundle", "show").startswith("-----BEGIN CERTIFICATE")  # fmt: skip
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _listed(name: str, data: bytes | None = b"x") -> Callable[[Files, dict[str, Any]], object]:
+    """A case: ``name`` in the archive (``data``) and in the manifest with its digest."""
+
+    def edit(files: Files, manifest: dict[str, Any]) -> None:
+        files[name] = data
+        manifest["files"][name] = _sha(data or b"")
+
+    return edit
+
+
+def _duplicate(files: Files, manifest: dict[str, Any]) -> bytes:
+    pairs = [*manifest["files"].items(), ("bundle.pem", manifest["files"]["bundle.pem"])]
+    listed = ", ".join(f'"{name}": "{digest}"' for name, digest in pairs)
+    return f'{{"format": "{manifest["format"]}", "schema": null, "files": {{{listed}}}}}'.encode()
+
+
+def _without_database(files: Files, manifest: dict[str, Any]) -> None:
+    del files["trellis.db"], manifest["files"]["trellis.db"]
+
+
+BAD_ARCHIVES: dict[str, Callable[[Files, dict[str, Any]], object]] = {
+    "manifest/no-files": lambda files, manifest: manifest.pop("files"),
+    "manifest/a-list": lambda files, manifest: json.dumps([manifest]).encode(),
+    "manifest/files-a-list": lambda files, manifest: manifest.update(files=list(files)),
+    "manifest/not-json": lambda files, manifest: b"{files: none",
+    "manifest/name-twice": _duplicate,
+    "manifest/digest-not-hex": lambda files, manifest: manifest["files"].update(
+        {"bundle.pem": "not-a-digest"}
+    ),
+    "name/dot": _listed("."),
+    "name/dot-dot": _listed("../escaped"),
+    "name/inner-dot-dot": _listed("keys/../../escaped"),
+    "name/absolute": _listed("/tmp/trellis-restore-escaped"),
+    "name/keys-as-a-file": _listed("keys"),
+    "name/file-under-a-file": _listed("bundle.pem/x"),
+    "name/wal-beside-the-database": _listed("trellis.db-wal"),
+    "name/key-passphrase": _listed("key-passphrase"),
+    "member/missing": lambda files, manifest: manifest["files"].update({"keys/gone.pem": "0" * 64}),
+    "member/symlink": _listed("keys/link.pem", None),
+    "member/checksum": lambda files, manifest: files.update({"bundle.pem": b"tampered"}),
+    "database/missing": _without_database,
+}
+
+
+def _tampered(archive: Path, out: Path, edit: Callable[[Files, dict[str, Any]], object]) -> Path:
+    with tarfile.open(archive) as opened:
+        files: Files = {}
+        for member in opened.getmembers():
+            handle = opened.extractfile(member)
+            assert handle is not None
+            files[member.name] = handle.read()
+    manifest = json.loads(files.pop("manifest.json") or b"")
+    raw = edit(files, manifest)
+    files["manifest.json"] = raw if isinstance(raw, bytes) else json.dumps(manifest).encode()
+    with tarfile.open(out, "w:gz") as written:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                written.addfile(info)
+            else:
+                info.size = len(data)
+                written.addfile(info, io.BytesIO(data))
+    return out
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Path]:
+    """A directory whose listing a refused restore must not change (nothing staged beside the
+    data dir, nothing left in it)."""
+    place = tmp_path / "place"
+    place.mkdir()
+    (place / "empty").mkdir(mode=0o700)
+    yield place
+
+
+@pytest.mark.parametrize("case", list(BAD_ARCHIVES))
+def test_a_bad_archive_is_refused_whole_and_writes_nothing(
+    case: str, archive: Path, cli: Cli, tmp_path: Path, workspace: Path
+) -> None:
+    """Each was a traceback (exit 1), a half-restored data dir that a retry then found "not
+    empty" (exit 8), or a success without a database (exit 0)."""
+    bad = _tampered(archive, tmp_path / "bad.tgz", BAD_ARCHIVES[case])
+    for data_dir in (workspace / "absent", workspace / "empty"):
+        refused = cli.run("--data-dir", str(data_dir), "restore", str(bad), code=2)
+        assert refused.startswith("trellis: ") and refused.count("\n") == 1, refused
+        assert sorted(p.name for p in workspace.iterdir()) == ["empty"], case
+        assert list((workspace / "empty").iterdir()) == []
+    assert not Path("/tmp/trellis-restore-escaped").exists()
+    assert not (tmp_path / "escaped").exists()
+    cli.run("--data-dir", str(workspace / "empty"), "restore", str(archive))  # a retry works
+
+
+def test_a_restore_that_fails_while_writing_leaves_nothing_behind(
+    archive: Path, cli: Cli, tmp_path: Path, workspace: Path
+) -> None:
+    """A file where the database's directory should be: exit 8, and the data dir is absent
+    again (nothing staged is left, inside it or beside it)."""
+    (tmp_path / "a-file").write_text("not a directory\n")
+    database = f"sqlite:///{tmp_path / 'a-file' / 'trellis.db'}"
+    failed = cli.run("--data-dir", str(workspace / "absent"), "--database-url", database,
+                     "restore", str(archive), code=8)  # fmt: skip
+    assert failed.startswith("trellis: ") and failed.count("\n") == 1, failed
+    assert sorted(p.name for p in workspace.iterdir()) == ["empty"]
+    cli.run("--data-dir", str(workspace / "absent"), "restore", str(archive))
+
+
+def test_a_backup_path_that_is_not_a_file_is_a_usage_error(cli: Cli, tmp_path: Path) -> None:
+    """docs/cli.md: a path that is not there is the argument's mistake (exit 2); a file there
+    that cannot be read would be exit 8."""
+    for path in (tmp_path / "nonexistent.tgz", tmp_path):
+        refused = cli.run("--data-dir", str(tmp_path / "var"), "restore", str(path), code=2)
+        assert refused == f"trellis: {path}: no such backup file\n"
+    unreadable = cli.run("--data-dir", str(tmp_path / "var"), "restore", "/proc/self/mem", code=8)
+    assert unreadable.startswith("trellis: /proc/self/mem: cannot be read"), unreadable
+    assert not (tmp_path / "var").exists()
