@@ -95,6 +95,9 @@ def rotate_root(
        under the new root; the old root is "retiring" but still trusted.
     3. ``rotate_root(step=True)`` — retire: the old root leaves the bundle (refused while
        certificates from the old hierarchy are still valid, unless ``force``).
+
+    Concurrent calls are serialised by ``rotation_lock``; one that finds the lock held raises
+    ``Conflict``, and one that waited sees the state the other left.
     """
     rotator: Rotator | None = None
     try:

@@ -88,9 +88,18 @@ class Transition:
 
 
 def rotation_lock(session: Session, authority: str) -> bool:
-    """Hold the authority's rotation lock until the transaction ends (PostgreSQL); SQLite runs
-    single-node and serialises writers anyway."""
-    if session.get_bind().dialect.name != "postgresql":
+    """Hold the authority's rotation lock until the transaction ends; False if another process
+    holds it (or, on SQLite, keeps the database busy past the busy timeout).
+
+    PostgreSQL: an advisory lock for the authority. SQLite: the database's write lock, taken
+    before the state is read (``BEGIN IMMEDIATE``). pysqlite begins a transaction only at the
+    first write, so without it two processes would both read "no rotation yet", both publish,
+    and the second would fail on the unique ``root_rotation`` row (or do a step twice)."""
+    if session.get_bind().dialect.name == "sqlite":
+        try:
+            session.execute(sa.text("BEGIN IMMEDIATE"))
+        except sa.exc.OperationalError:
+            return False
         return True
     key = 0x7E11 << 32 | zlib.crc32(authority.encode())
     return bool(

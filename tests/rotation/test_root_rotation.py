@@ -5,6 +5,7 @@ hierarchy; checked with real ``openssl verify -x509_strict -attime``."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +19,7 @@ from ca.durations import Ttl
 from ca.errors import Conflict
 from ca.issue import IssuedSvid
 from ca.jobs import rotate_cas
+from ca.keys import KeyHandle
 from ca.root_rotation import RootRotation, rotate_root
 from ca.rotation import authority_status, rotate
 from tests.ca.svidkit import enrol
@@ -402,3 +404,50 @@ def test_an_expired_root_leaves_the_bundle_an_hour_later(
     assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
     rotate_cas(bare_ctx)
     assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
+
+
+@SQLITE_ONLY
+def test_a_concurrent_publish_waits_and_reports_the_state(
+    drill_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two publishes at once: the second waits for the first and reports the rotation it made
+    (docs/rotation.md: a re-run "reports the state and changes nothing"); no key is left
+    behind and no database error escapes."""
+    keys_dir = drill_ctx.settings.data_dir / "keys"
+    keys_before = set(keys_dir.iterdir())
+    inside, go = threading.Event(), threading.Event()
+    create = drill_ctx.keys.create
+
+    def slow_create(*args: object, **kwargs: object) -> KeyHandle:
+        if threading.current_thread().name == "first":
+            inside.set()
+            go.wait(10)
+        return create(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(drill_ctx.keys, "create", slow_create)
+    results: dict[str, RootRotation | BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = publish(drill_ctx)
+        except BaseException as exc:
+            results[name] = exc
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    second = threading.Thread(target=run, args=("second",), name="second")
+    first.start()
+    assert inside.wait(10)
+    second.start()
+    second.join(1.0)  # the first is mid-publish: the second must not get past the state read
+    go.set()
+    first.join(30)
+    second.join(30)
+
+    done, waited = results["first"], results["second"]
+    assert isinstance(done, RootRotation), done
+    assert isinstance(waited, RootRotation), waited
+    assert done.step == waited.step == "published"
+    assert (waited.old_root, waited.new_root, waited.done) == (done.old_root, done.new_root, ())
+    assert len(ca_rows(drill_ctx, "root")) == 2
+    assert len(ca_rows(drill_ctx, "cross")) == 2
+    assert len(set(keys_dir.iterdir()) - keys_before) == 1, "a key was left behind"
