@@ -5,17 +5,23 @@ serves the same bytes with the same sequence, and the sequence changes exactly w
 does (SPIFFE bundle ``spiffe_sequence`` semantics). ``sync_bundle`` recomputes it inside the
 transaction that changed a CA's state, and the rotation job calls it so time-based pruning of
 expired roots also bumps the sequence.
+
+``<data dir>/bundle.pem`` is the mesh bundle as a file, for operators and relying parties on the
+host; every command that changes the mesh's trust anchors rewrites it (``write_bundle_file``), so
+it is current whether or not a server is running.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from pathlib import Path
 
 from sqlmodel import Session, col, select
 
 from ca.config import Context
 from ca.errors import NotInitialised
+from ca.files import write_atomic
 from ca.store.models import BundleStateRow, CaRow
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "read_bundle",
     "sync_bundle",
     "trust_anchors",
+    "write_bundle_file",
 ]
 
 # Roots stay in the bundle this long after expiring, so a relying party's clock skew or a stale
@@ -86,3 +93,17 @@ def read_bundle(ctx: Context, authority: str) -> Bundle:
     if state is None:
         raise NotInitialised(f"authority {authority!r} has no trust bundle: run 'trellis init'")
     return Bundle(authority, state.sequence, state.pem.encode())
+
+
+def write_bundle_file(ctx: Context) -> Path:
+    """Write the mesh bundle to ``<data dir>/bundle.pem`` unless it holds those bytes already
+    (the scheduled jobs call this every few seconds: no rewrite, no fsync, when nothing changed)."""
+    path = ctx.settings.data_dir / "bundle.pem"
+    pem = read_bundle(ctx, "mesh").pem
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current != pem:
+        write_atomic(path, pem)
+    return path

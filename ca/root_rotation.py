@@ -8,6 +8,8 @@
 3. retire: the old root leaves the bundle, refused while certificates chaining only to it are
    still valid (unless forced).
 
+Every step rewrites ``<data dir>/bundle.pem`` for the mesh (``ca.bundle.write_bundle_file``).
+
 ``trellis authority status`` shows the step and when the next one may run. See docs/rotation.md.
 """
 
@@ -20,7 +22,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from ca.authority import MESH, ca_row_for, destroy_quietly, sign_new_ca
-from ca.bundle import sync_bundle
+from ca.bundle import sync_bundle, write_bundle_file
 from ca.cas import ca_certificate, ca_signer
 from ca.checks import check_ca
 from ca.config import Context
@@ -134,6 +136,8 @@ def rotate_root(
             destroy_quietly(ctx, rotator.created)
         raise
     ctx.cache.clear()
+    if authority == MESH:
+        write_bundle_file(ctx)
     return result
 
 

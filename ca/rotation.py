@@ -33,7 +33,7 @@ from ca.authority import (
     record_event,
     sign_new_ca,
 )
-from ca.bundle import sync_bundle, trust_anchors
+from ca.bundle import sync_bundle, trust_anchors, write_bundle_file
 from ca.cas import ca_certificate, ca_signer
 from ca.config import Context
 from ca.durations import Ttl
@@ -256,6 +256,8 @@ def rotate(
         raise
     if rotator.done:
         ctx.cache.clear()  # this process sees its own transitions at once
+    if authority == MESH:
+        write_bundle_file(ctx)  # pruning an expired root changes the bundle
     return rotator.done
 
 

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from ca.authority import active_issuer
+from ca.bundle import write_bundle_file
 from ca.config import Context
 from ca.durations import Ttl
 from ca.files import write_atomic, write_private
@@ -68,18 +69,15 @@ def _still_good(path: Path, ctx: Context, issuer_cert: x509.Certificate, names: 
 
 def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> ServerTls:
     directory = ctx.settings.server_tls_dir
-    tls = ServerTls(
-        directory / "tls.crt", directory / "tls.key", ctx.settings.data_dir / "bundle.pem"
-    )
     issuer = active_issuer(ctx)
     wanted = ["localhost", "127.0.0.1", *ctx.settings.server_names, *extra_names]
     if ctx.settings.host not in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
         wanted.append(ctx.settings.host)
     dns, ips = _split_names(wanted)
+    tls = ServerTls(directory / "tls.crt", directory / "tls.key", write_bundle_file(ctx))
     if not _still_good(tls.cert_path, ctx, issuer.certificate, set(dns) | set(ips)):
         key = KeyType.EC_P256.generate()
         svid = issue_for_key(ctx, server_grant(ctx, dns, ips, SERVER_TTL), key.public_key())
         write_private(tls.key_path, private_key_pem(key))
         write_atomic(tls.cert_path, svid.certificate_pem + svid.chain_pem)
-    write_atomic(tls.bundle_path, issuer.bundle_pem)
     return tls

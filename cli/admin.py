@@ -20,7 +20,7 @@ from ca.authority import (
     check_params,
     init_authority,
 )
-from ca.bundle import read_bundle
+from ca.bundle import read_bundle, write_bundle_file
 from ca.durations import Ttl
 from ca.errors import Conflict
 from ca.files import write_atomic, write_private
@@ -100,7 +100,7 @@ def init(
         return
     _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
     write_private(ctx.settings.admin_token_path, secret.encode() + b"\n")
-    write_atomic(ctx.settings.data_dir / "bundle.pem", issuer.bundle_pem)
+    bundle_path = write_bundle_file(ctx)
     root = issuer.roots[0]
     info = {
         "created": True,
@@ -108,7 +108,7 @@ def init(
         "root_fingerprint_sha256": fingerprint(root),
         "root_not_after": root.not_valid_after_utc.isoformat(),
         "intermediate_not_after": issuer.certificate.not_valid_after_utc.isoformat(),
-        "bundle_path": str(ctx.settings.data_dir / "bundle.pem"),
+        "bundle_path": str(bundle_path),
         "admin_token_path": str(ctx.settings.admin_token_path),
     }
     if json_out:

@@ -407,6 +407,27 @@ def test_an_expired_root_leaves_the_bundle_an_hour_later(
 
 
 @SQLITE_ONLY
+def test_every_step_rewrites_the_data_dir_bundle_file(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    """``<data dir>/bundle.pem`` follows the stored bundle without a running server."""
+    bundle_file = drill_ctx.settings.data_dir / "bundle.pem"
+
+    def on_disk() -> list[x509.Certificate]:
+        assert bundle_file.read_bytes() == read_bundle(drill_ctx, "mesh").pem
+        return x509.load_pem_x509_certificates(bundle_file.read_bytes())
+
+    old = cert_of(only(drill_ctx, "root", "active"))
+    publish(drill_ctx)
+    new = cert_of(only(drill_ctx, "root", "prepared"))
+    assert on_disk() == [old, new]
+    switch(drill_ctx, clock)
+    assert on_disk() == [old, new]
+    rotate_root(drill_ctx, step=True, force=True)
+    assert on_disk() == [new]
+
+
+@SQLITE_ONLY
 def test_a_concurrent_publish_waits_and_reports_the_state(
     drill_ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
