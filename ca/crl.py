@@ -146,8 +146,12 @@ def build_crl(
     return builder.sign(key, hash_algorithm).public_bytes(serialization.Encoding.DER)
 
 
-def refresh_crl(ctx: Context, session: Session, ca: CaRow) -> CrlRow:
+def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = False) -> CrlRow:
     """Build and store a new CRL for ``ca`` inside the caller's transaction.
+
+    ``final``: the last CRL of a CA whose key is about to be destroyed (a retired root), valid
+    until the CA itself expires, since nothing can re-sign it (RFC 5280 §5.1.2.5 lets nextUpdate
+    be any later time); ``refresh_stale_crls`` never finds it due.
 
     The row lock (PostgreSQL) orders concurrent revocations on several replicas so CRL numbers
     stay strictly increasing; SQLite serialises writers anyway.
@@ -157,17 +161,19 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow) -> CrlRow:
     current = _locked_row(session, ca.id, now)
     number = current.number + 1
     signer = ca_signer(ctx, ca)
+    issuer = ca_certificate(ctx, ca)
+    next_update = issuer.not_valid_after_utc if final else now + CRL_LIFETIME
     der = build_crl(
-        ca_certificate(ctx, ca),
+        issuer,
         signer.private_key,
         signer.hash_algorithm,
         number=number,
         this_update=now,
-        next_update=now + CRL_LIFETIME,
+        next_update=next_update,
         revoked=_revoked(session, ca, now),
     )
     current.number, current.this_update = number, now
-    current.next_update, current.der = now + CRL_LIFETIME, der
+    current.next_update, current.der = next_update, der
     session.add(current)
     session.flush()
     return current
@@ -195,7 +201,11 @@ def refresh_stale_crls(ctx: Context) -> list[Crl]:
     refreshed: list[Crl] = []
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
-        cas = session.exec(select(CaRow).where(col(CaRow.not_after) > now)).all()
+        # A cross certificate issues nothing of its own: its subject root's CRL covers what that
+        # key signed (and a retired root's key, which a cross certificate names, is destroyed).
+        cas = session.exec(
+            select(CaRow).where(col(CaRow.not_after) > now, CaRow.role != "cross")
+        ).all()
         for ca in cas:
             row = session.get(CrlRow, ca.id)
             if row is None or row.next_update - now <= REFRESH_BEFORE:

@@ -6,7 +6,8 @@
 2. switch (after the overlap): issuing moves to a fresh intermediate under the new root; the old
    root is "retiring", still trusted;
 3. retire: the old root leaves the bundle, refused while certificates chaining only to it are
-   still valid (unless forced).
+   still valid (unless forced); both cross certificates are revoked (listed on their issuers'
+   CRLs) and the old root's key is destroyed, so nothing can chain to the old root any more.
 
 Every step rewrites ``<data dir>/bundle.pem`` for the mesh (``ca.bundle.write_bundle_file``).
 
@@ -16,6 +17,7 @@ Every step rewrites ``<data dir>/bundle.pem`` for the mesh (``ca.bundle.write_bu
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -26,11 +28,13 @@ from ca.bundle import sync_bundle, write_bundle_file
 from ca.cas import ca_certificate, ca_signer
 from ca.checks import check_ca
 from ca.config import Context
+from ca.crl import refresh_crl
 from ca.durations import Ttl
 from ca.errors import Conflict
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
 from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
+from ca.revocation import RevocationReason
 from ca.rotation import (
     Rotator,
     Transition,
@@ -43,6 +47,8 @@ from ca.serial import Serial
 from ca.store.models import CaRow, CertificateRow, RootRotationRow
 
 __all__ = ["RootRotation", "rotate_root"]
+
+log = logging.getLogger("trellis.authority")
 
 
 def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
@@ -96,12 +102,14 @@ def rotate_root(
     2. ``rotate_root(step=True)`` after ``overlap`` — switch: issuing moves to a new intermediate
        under the new root; the old root is "retiring" but still trusted.
     3. ``rotate_root(step=True)`` — retire: the old root leaves the bundle (refused while
-       certificates from the old hierarchy are still valid, unless ``force``).
+       certificates from the old hierarchy are still valid, unless ``force``), its cross
+       certificates are revoked and its key destroyed.
 
     Concurrent calls are serialised by ``rotation_lock``; one that finds the lock held raises
     ``Conflict``, and one that waited sees the state the other left.
     """
     rotator: Rotator | None = None
+    retired_key: KeyHandle | None = None
     try:
         with Session(ctx.engine) as session:
             if not rotation_lock(session, authority):
@@ -121,7 +129,7 @@ def rotate_root(
                     )
                 _switch(rotator, state)
             elif step and state.step == "switched":
-                _retire(rotator, state, force)
+                retired_key = _retire(rotator, state, force)
             sync_bundle(session, authority, now)
             result = RootRotation(
                 step=state.step,
@@ -136,9 +144,24 @@ def rotate_root(
             destroy_quietly(ctx, rotator.created)
         raise
     ctx.cache.clear()
+    if retired_key is not None:
+        _destroy_retired(ctx, retired_key)
     if authority == MESH:
         write_bundle_file(ctx)
     return result
+
+
+def _destroy_retired(ctx: Context, handle: KeyHandle) -> None:
+    """The retirement has committed: a failure to destroy the key must not undo it or hide it
+    (a re-run has nothing left to do), so it is logged for an operator to remove the key."""
+    try:
+        ctx.keys.destroy(handle)
+    except Exception:
+        log.error(
+            "the retired root's key %s/%s could not be destroyed: remove it by hand",
+            handle.backend,
+            handle.ref,
+        )
 
 
 def _serial(session: Session, ca_id: int) -> str:
@@ -208,7 +231,8 @@ def _switch(rotator: Rotator, state: RootRotationRow) -> None:
     session.add(state)
 
 
-def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> None:
+def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
+    """Retire the old root; returns its key, to destroy once this commits."""
     session, now = rotator.session, rotator.now
     old = session.get(CaRow, state.old_root_id)
     assert old is not None
@@ -233,5 +257,37 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> None:
     old.state = "retired"
     session.add(old)
     rotator.event(old, "root-retired")
+    _end_cross_certificates(rotator, old)
     state.step = "retired"
     session.add(state)
+    return KeyHandle(old.key_backend, old.key_ref, KeyType(old.key_type))
+
+
+def _end_cross_certificates(rotator: Rotator, old: CaRow) -> None:
+    """Retiring the old root ends every trust path through it. "Old signed by new" would
+    otherwise let anyone holding the old key mint certificates that verify against the new root
+    alone until the cross certificate expires (years): it is revoked and listed on the new root's
+    CRL (and OCSP), like "new signed by old" on the old root's final CRL. RFC 5280 §5.3.1:
+    cessationOfOperation, the certificate is no longer needed for its purpose. The old key is
+    destroyed once this commits, so it can sign nothing more."""
+    session, now = rotator.session, rotator.now
+    crosses = session.exec(
+        select(CaRow).where(
+            CaRow.role == "cross",
+            sa.or_(col(CaRow.cross_for_id) == old.id, col(CaRow.parent_id) == old.id),
+            col(CaRow.revoked_at).is_(None),
+        )
+    ).all()
+    issuers = {old.id: old}
+    for row in crosses:
+        row.state, row.revoked_at = "revoked", now
+        row.revocation_reason = RevocationReason.CESSATION_OF_OPERATION.value
+        session.add(row)
+        session.flush()
+        rotator.event(row, "cross-revoked")
+        if row.parent_id is not None and row.parent_id not in issuers:
+            issuer = session.get(CaRow, row.parent_id)
+            assert issuer is not None
+            issuers[row.parent_id] = issuer
+    for issuer in issuers.values():
+        refresh_crl(rotator.ctx, session, issuer, final=issuer is old)

@@ -83,6 +83,7 @@ def prepare_at(policy: RotationPolicy, row: CaRow) -> dt.datetime:
 @dataclass(frozen=True, slots=True)
 class Transition:
     event: str  # prepared | activated | retired | root-published | root-switched | root-retired
+    # | cross-signed | cross-revoked
     serial: str
     at: dt.datetime
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -15,14 +16,21 @@ from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import read_bundle
 from ca.clock import FixedClock
 from ca.config import Context
+from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import Conflict
+from ca.errors import Conflict, NotFound
+from ca.identity import SpiffeId
 from ca.issue import IssuedSvid
 from ca.jobs import rotate_cas
-from ca.keys import KeyHandle
+from ca.keys import KeyHandle, KeyType
+from ca.profiles import LeafSpec, leaf_builder, sign
+from ca.revocation import RevocationReason
 from ca.root_rotation import RootRotation, rotate_root
 from ca.rotation import authority_status, rotate
-from tests.ca.svidkit import enrol
+from ca.serial import Serial
+from ca.store.models import CaRow
+from tests.ca.svidkit import enrol, new_key
+from tests.ca.test_crl import openssl_verify_with_crls
 from tests.certassert import assert_is_ca
 from tests.conftest import TRUST_DOMAIN
 from tests.rotation.rotkit import (
@@ -253,9 +261,12 @@ def test_retire_waits_for_the_old_hierarchy_to_expire(
     clock.current = deadline
     result = rotate_root(drill_ctx, step=True)
     assert result.step == "retired"
-    assert [(t.event, t.serial) for t in result.done] == [("root-retired", old_root.serial)]
-    assert only(drill_ctx, "root", "retired").serial == old_root.serial
     new_root = only(drill_ctx, "root", "active")
+    crosses = {r.serial for r in ca_rows(drill_ctx, "cross")}
+    assert [t.event for t in result.done] == ["root-retired", "cross-revoked", "cross-revoked"]
+    assert result.done[0].serial == old_root.serial
+    assert {t.serial for t in result.done[1:]} == crosses
+    assert only(drill_ctx, "root", "retired").serial == old_root.serial
     assert bundle_certs(drill_ctx) == [cert_of(new_root)]
     assert read_bundle(drill_ctx, "mesh").sequence == published_sequence + 1
     # the cross certificate is no longer needed (its issuer is not trusted any more)
@@ -404,6 +415,62 @@ def test_an_expired_root_leaves_the_bundle_an_hour_later(
     assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
     rotate_cas(bare_ctx)
     assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
+
+
+def _handle(row: CaRow) -> KeyHandle:
+    return KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_retiring_the_old_root_ends_every_trust_path_through_it(
+    drill_ctx: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """Someone holding the retired root's key mints a leaf; "old signed by new" would make it
+    verify against the new root alone (for years): it is revoked on the new root's CRL, and
+    the old key is destroyed."""
+    old_row = only(drill_ctx, "root", "active")
+    old_key = drill_ctx.keys.load(_handle(old_row))  # what a thief would have kept
+    publish(drill_ctx)
+    new_row = only(drill_ctx, "root", "prepared")
+    old_by_new = cross(drill_ctx, old_row.id, new_row.id)
+    switch(drill_ctx, clock)
+    rotate_root(drill_ctx, step=True, force=True)
+
+    crosses = ca_rows(drill_ctx, "cross")
+    assert {(r.state, r.revocation_reason) for r in crosses} == {
+        ("revoked", RevocationReason.CESSATION_OF_OPERATION.value)
+    }
+    new_crl = x509.load_der_x509_crl(current_crl(drill_ctx, "mesh", new_row.serial).der)
+    old_crl = x509.load_der_x509_crl(current_crl(drill_ctx, "mesh", old_row.serial).der)
+    listed = new_crl.get_revoked_certificate_by_serial_number(old_by_new.serial_number)
+    assert listed is not None
+    assert listed.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.cessation_of_operation
+    )
+    # "new signed by old" is on the old root's last CRL, valid as long as the old root
+    assert {r.serial_number for r in old_crl} == {cert_of(r).serial_number for r in crosses} - {
+        old_by_new.serial_number
+    }
+    assert old_crl.next_update_utc == cert_of(old_row).not_valid_after_utc
+    with pytest.raises(NotFound):
+        drill_ctx.keys.load(_handle(old_row))
+
+    now = clock.now()
+    spec = LeafSpec(
+        new_key(KeyType.EC_P256).public_key(),
+        SpiffeId.parse("spiffe://example.org/evil"),
+        Serial.generate(),
+        now - SECOND,
+        now + dt.timedelta(minutes=5),
+        cert_of(old_row),
+    )
+    evil = sign(leaf_builder(spec), old_key)
+    result = openssl_verify_with_crls(
+        tmp_path, evil, root=cert_of(new_row), intermediate=old_by_new, crls=[new_crl, old_crl]
+    )
+    assert result.returncode != 0, f"openssl accepted it: {result.stdout}"
+    assert "certificate revoked" in result.stdout + result.stderr
 
 
 @SQLITE_ONLY
