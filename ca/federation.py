@@ -15,9 +15,10 @@ bundle endpoint and the profile that authenticates that endpoint:
 A fetched bundle replaces the stored one only if it parses strictly (``ca.jwks.parse_jwks``:
 JSON, CA certificates, JWK parameters matching their certificate), holds at least one X.509
 authority, names no other trust domain, and its ``spiffe_sequence`` does not go backwards (an
-equal sequence must mean equal authorities). On any failure the last good bundle stays and the
-failure is recorded (``last_error``, ``last_attempt``). Bundles of different trust domains are
-never merged (§4.2, §7.3): ``bundle_map`` publishes one JWK Set per trust domain.
+equal sequence must mean equal authorities). On any failure, foreseen or not, the last good
+bundle stays, the failure is recorded (``last_error``, ``last_attempt``) and the next attempt
+waits for the usual interval. Bundles of different trust domains are never merged (§4.2, §7.3):
+``bundle_map`` publishes one JWK Set per trust domain.
 
 The network sits behind one function type (``Fetch``) so tests can swap it.
 """
@@ -28,7 +29,6 @@ import datetime as dt
 import hashlib
 import logging
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,6 +50,7 @@ from ca.jwks import (
     MAX_BUNDLE_BYTES,
     JwksBundle,
     bundle_jwks,
+    checked_certificate,
     jwk_for,
     parse_jwks,
 )
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
 # worker that never federates (docs/benchmarks.md).
 
 __all__ = [
+    "MAX_REFRESH",
     "MIN_REFRESH",
     "Endpoint",
     "Federation",
@@ -86,8 +88,11 @@ __all__ = [
 log = logging.getLogger("trellis.federation")
 
 MIN_REFRESH = 10  # seconds: a tiny spiffe_refresh_hint must not turn polling into a flood
+# A larger hint is clamped to this, as SPIRE clamps hints: a partner must not be able to stop
+# us polling it for months (and miss its next root rotation) by announcing a huge interval.
+MAX_REFRESH = 86_400
 TIMEOUT = (10.0, 5.0)  # seconds: for a read, write or pool wait; to connect
-DEADLINE = 30.0  # seconds for a whole fetch, however slowly the body trickles in
+DEADLINE = 30.0  # seconds for a whole fetch: connecting, headers, redirects, body, all of it
 MAX_REDIRECTS = 3
 MAX_URL = 2048
 
@@ -114,14 +119,18 @@ def _endpoint_url(value: str) -> str:
 
     try:
         url = httpx.URL(value)
-    except (httpx.InvalidURL, TypeError):
+        host, port = url.host, url.port  # the host is IDNA-decoded: xn--a is no host name
+    except (httpx.InvalidURL, TypeError, UnicodeError):  # UnicodeError: idna.IDNAError
         raise InvalidInput(f"{value[:200]!r} is not a URL") from None
     if url.scheme != "https":
         raise InvalidInput("a bundle endpoint URL must be https:// (SPIFFE Federation §5.2)")
     if url.userinfo:
         raise InvalidInput("a bundle endpoint URL must not include userinfo")
-    if not url.host:
+    if not host:
         raise InvalidInput("the bundle endpoint URL has no host")
+    if port is not None and not 1 <= port <= 65535:
+        # httpx keeps any number, and the socket layer would connect to it modulo 65536
+        raise InvalidInput(f"the bundle endpoint URL's port {port} is not in 1..65535")
     return str(url)
 
 
@@ -143,17 +152,20 @@ def _uris(cert: x509.Certificate) -> list[str]:
 def _authorities(
     certs: Sequence[x509.Certificate], trust_domain: TrustDomain, what: str
 ) -> tuple[x509.Certificate, ...]:
-    """X.509 authorities of ``trust_domain``: at least one, all CAs, none naming another trust
-    domain (a CA carrying a foreign trust domain ID is another domain's bundle: §7.3)."""
+    """X.509 authorities of ``trust_domain``: at least one, all well-formed CAs, none naming
+    another trust domain (a CA carrying a foreign trust domain ID is another domain's bundle:
+    §7.3); a certificate listed twice is one authority."""
     if not certs:
         raise InvalidInput(f"{what} holds no X.509 authority")
-    for cert in certs:
+    unique = {cert.public_bytes(serialization.Encoding.DER): cert for cert in certs}
+    for cert in unique.values():
+        checked_certificate(cert, what)
         if not _is_ca(cert):
             raise InvalidInput(f"{what}: {cert.subject.rfc4514_string()!r} is not a CA")
         for uri in _uris(cert):
             if uri[:9].lower() == "spiffe://" and not SpiffeId.parse(uri).member_of(trust_domain):
                 raise InvalidInput(f"{what}: an authority names {uri}, not {trust_domain.id()}")
-    return tuple(certs)
+    return tuple(unique.values())
 
 
 def _bootstrap(data: bytes, trust_domain: TrustDomain) -> tuple[x509.Certificate, ...]:
@@ -393,33 +405,30 @@ def _check_peer(response: httpx.Response, expected: SpiffeId) -> None:
         )
 
 
-def _read_body(response: httpx.Response, deadline: float) -> bytes:
+async def _read_body(response: httpx.Response) -> bytes:
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BUNDLE_BYTES:
         raise InvalidInput("invalid SPIFFE bundle: larger than 1 MiB")
     body = bytearray()
-    for chunk in response.iter_bytes():
+    async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > MAX_BUNDLE_BYTES:
             raise InvalidInput("invalid SPIFFE bundle: larger than 1 MiB")
-        if time.monotonic() > deadline:
-            raise Unavailable(f"the bundle endpoint took longer than {DEADLINE:.0f} s")
     return bytes(body)
 
 
-def fetch_bundle(endpoint: Endpoint) -> bytes:
-    """GET the bundle over HTTPS as the profile demands; redirects are followed (at most 3)
-    only to URLs valid for the profile, with the same TLS checks (§5.2.1.4, §5.2.2.4)."""
+async def _get(endpoint: Endpoint, context: ssl.SSLContext) -> bytes:
     import httpx
 
-    context = _tls_context(endpoint)
-    deadline = time.monotonic() + DEADLINE
     url = endpoint.url
     timeout = httpx.Timeout(TIMEOUT[0], connect=TIMEOUT[1])
     try:
-        with httpx.Client(verify=context, timeout=timeout, follow_redirects=False) as client:
+        async with httpx.AsyncClient(
+            verify=context, timeout=timeout, follow_redirects=False
+        ) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                with client.stream("GET", url, headers={"Accept": "application/json"}) as response:
+                request = client.stream("GET", url, headers={"Accept": "application/json"})
+                async with request as response:
                     if endpoint.endpoint_spiffe_id is not None:
                         _check_peer(response, endpoint.endpoint_spiffe_id)
                     if response.is_redirect:
@@ -427,10 +436,28 @@ def fetch_bundle(endpoint: Endpoint) -> bytes:
                         continue
                     if response.status_code != 200:
                         raise Unavailable(f"{url} answered HTTP {response.status_code}")
-                    return _read_body(response, deadline)
+                    return await _read_body(response)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise Unavailable(f"cannot fetch {url}: {exc}") from None
     raise Unavailable(f"more than {MAX_REDIRECTS} redirects from {endpoint.url}")
+
+
+def fetch_bundle(endpoint: Endpoint) -> bytes:
+    """GET the bundle over HTTPS as the profile demands; redirects are followed (at most 3)
+    only to URLs valid for the profile, with the same TLS checks (§5.2.1.4, §5.2.2.4).
+
+    httpx's timeouts bound each connect and each read, not the whole: a server answering one
+    byte at a time, headers included, would hold the refresh (and with it every other
+    relationship's) for as long as it liked. The fetch runs on its own event loop under
+    ``DEADLINE``, which cancels it wherever it is."""
+    import asyncio
+
+    context = _tls_context(endpoint)
+    deadline = DEADLINE
+    try:
+        return asyncio.run(asyncio.wait_for(_get(endpoint, context), deadline))
+    except TimeoutError:
+        raise Unavailable(f"{endpoint.url} took longer than {deadline:g} s to answer") from None
 
 
 def _endpoint(row: FederatedBundleRow) -> Endpoint:
@@ -481,7 +508,7 @@ def accept(row: FederatedBundleRow, bundle: JwksBundle) -> bool:
 
 
 def _interval(hint: int | None) -> int:
-    return max(MIN_REFRESH, DEFAULT_REFRESH_HINT if hint is None else hint)
+    return min(MAX_REFRESH, max(MIN_REFRESH, DEFAULT_REFRESH_HINT if hint is None else hint))
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,14 +523,45 @@ class RefreshResult:
 def refresh_federation(
     ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle
 ) -> RefreshResult:
-    """Fetch and validate one trust domain's bundle now. A failure never raises: it is recorded
-    and the last good bundle kept. No database transaction is open during the fetch."""
+    """Fetch and validate one trust domain's bundle now. A failure never raises: it is recorded,
+    the last good bundle kept, and the next attempt waits for the usual interval (§6.2). That
+    holds for a failure nobody foresaw as well (a bug, a value the database refuses): it is
+    logged with its traceback and recorded like any other, so that one relationship can never
+    be retried in a loop ahead of the others. No database transaction is open during the fetch.
+    """
     with Session(ctx.engine) as session:
         row = session.get(FederatedBundleRow, trust_domain.name)
         if row is None:
             raise NotFound(f"trust domain {trust_domain} is not federated")
         endpoint = _endpoint(row)
     attempt = ctx.clock.now()
+    try:
+        return _attempt(ctx, endpoint, attempt, fetch)
+    except Exception as exc:
+        log.exception("federation %s: the refresh failed unexpectedly", trust_domain)
+        error = f"unexpected {type(exc).__name__} (see the server log): {exc}"
+        return _record_failure(ctx, trust_domain, attempt, error)
+
+
+def _record_failure(
+    ctx: Context, trust_domain: TrustDomain, attempt: dt.datetime, error: str
+) -> RefreshResult:
+    """Record a failed attempt and nothing else, in a transaction of its own."""
+    with Session(ctx.engine) as session:
+        row = session.get(FederatedBundleRow, trust_domain.name, with_for_update=True)
+        if row is None:
+            return RefreshResult(trust_domain, False, False, None, "removed during the refresh")
+        row.last_error = error[:512]
+        row.last_attempt = attempt
+        row.next_refresh = attempt + dt.timedelta(seconds=_interval(row.refresh_hint))
+        session.add(row)
+        session.commit()
+        sequence = row.sequence
+    return RefreshResult(trust_domain, False, False, sequence, error)
+
+
+def _attempt(ctx: Context, endpoint: Endpoint, attempt: dt.datetime, fetch: Fetch) -> RefreshResult:
+    trust_domain = endpoint.trust_domain
     bundle: JwksBundle | None = None
     error: str | None = None
     try:
@@ -536,7 +594,8 @@ def refresh_federation(
                     row.digest = _digest(bundle.certificates)
                     row.sequence = bundle.sequence
                     row.bundle_updated_at = attempt
-                row.refresh_hint = bundle.refresh_hint
+                hint = bundle.refresh_hint
+                row.refresh_hint = None if hint is None else min(hint, MAX_REFRESH)
                 row.last_success = attempt
         row.last_error = error[:512] if error else None
         row.last_attempt = attempt

@@ -14,16 +14,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ca.errors import InvalidInput
 from ca.pem import certs_pem
 
-__all__ = ["DEFAULT_REFRESH_HINT", "JwksBundle", "bundle_jwks", "jwk_for", "parse_jwks"]
+__all__ = [
+    "DEFAULT_REFRESH_HINT",
+    "MAX_SEQUENCE",
+    "JwksBundle",
+    "bundle_jwks",
+    "checked_certificate",
+    "jwk_for",
+    "parse_jwks",
+]
 
 DEFAULT_REFRESH_HINT = 300
 MAX_BUNDLE_BYTES = 1024 * 1024
+# What the store's signed 64-bit INTEGER/BIGINT column holds: a larger spiffe_sequence could be
+# neither stored nor compared with the next one.
+MAX_SEQUENCE = 2**63 - 1
 _CURVES = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48)}
 
 
@@ -94,14 +106,34 @@ def _fail(reason: str) -> InvalidInput:
     return InvalidInput(f"invalid SPIFFE bundle: {reason}")
 
 
+def checked_certificate(cert: x509.Certificate, what: str) -> x509.Certificate:
+    """``cert`` once its extensions and public key parse. cryptography decodes both lazily, so a
+    certificate that loaded can still raise on first use (a SAN that is not a GeneralNames, an
+    extension present twice, an unknown key algorithm): that is the sender's malformed input and
+    is refused here, where it is read, rather than wherever it would first be looked at."""
+    try:
+        _ = cert.extensions
+        cert.public_key()
+    except (
+        ValueError,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+        UnsupportedAlgorithm,
+    ) as exc:
+        raise InvalidInput(f"{what}: the certificate is malformed ({exc})") from None
+    return cert
+
+
 def parse_jwks(data: bytes) -> JwksBundle:
     """Strict: every x509-svid key must be one CA certificate whose key matches its JWK."""
     if len(data) > MAX_BUNDLE_BYTES:
         raise _fail("larger than 1 MiB")
     try:
         document = json.loads(data)
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         raise _fail("not JSON") from None
+    except RecursionError:  # arrays nested deeper than the interpreter's stack
+        raise _fail("nested too deeply") from None
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise _fail("no 'keys' array")
     sequence, hint = document.get("spiffe_sequence"), document.get("spiffe_refresh_hint")
@@ -110,7 +142,9 @@ def parse_jwks(data: bytes) -> JwksBundle:
             isinstance(value, bool) or not isinstance(value, int) or value < 0
         ):
             raise _fail(f"{name} must be a non-negative integer")
-    certs = []
+    if sequence is not None and sequence > MAX_SEQUENCE:
+        raise _fail(f"spiffe_sequence is larger than {MAX_SEQUENCE} (2^63-1)")
+    certs: dict[bytes, x509.Certificate] = {}  # by DER: a certificate listed twice is one
     for index, key in enumerate(document["keys"]):
         if not isinstance(key, dict):
             raise _fail(f"key {index} is not an object")
@@ -123,6 +157,7 @@ def parse_jwks(data: bytes) -> JwksBundle:
             cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
         except ValueError:
             raise _fail(f"key {index}: x5c is not a DER certificate") from None
+        checked_certificate(cert, f"invalid SPIFFE bundle: key {index}")
         try:
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         except x509.ExtensionNotFound:
@@ -132,8 +167,8 @@ def parse_jwks(data: bytes) -> JwksBundle:
         expected = _key_params(cert.public_key())
         if any(key.get(name) != value for name, value in expected.items()):
             raise _fail(f"key {index}: the JWK parameters do not match its certificate")
-        certs.append(cert)
-    return JwksBundle(tuple(certs), sequence, hint)
+        certs.setdefault(cert.public_bytes(serialization.Encoding.DER), cert)
+    return JwksBundle(tuple(certs.values()), sequence, hint)
 
 
 def decode_param(value: str) -> bytes:

@@ -1,12 +1,15 @@
 """Helpers for the federation tests: a partner trust domain, SPIFFE bundle documents built by
-hand (good and broken), and ``BundleServer``, a tiny HTTPS server whose answer a test sets (a
-stand-in for a partner's bundle endpoint, honest or not)."""
+hand (good and broken), CA certificates that load but are malformed inside, and
+``BundleServer``, a tiny HTTPS server whose answer a test sets (a stand-in for a partner's
+bundle endpoint, honest or not)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ca.authority import AuthorityParams, Issuer, init_authority
 from ca.clock import FixedClock
@@ -90,6 +96,47 @@ def make_partner(data_dir: Path, clock: FixedClock, trust_domain: TrustDomain = 
     return Partner(ctx, init_authority(ctx, AuthorityParams(trust_domain)))
 
 
+def nested(depth: int) -> bytes:
+    """A JWK Set whose ``keys`` is ``depth`` arrays deep: small, but deeper than the JSON
+    parser's recursion limit."""
+    return b'{"keys":' + b"[" * depth + b"]" * depth + b"}"
+
+
+# (extension OID, its DER value) added before signing; basic-constraints-twice renames its
+# stand-in extension 2.5.29.99 to 2.5.29.19 (BasicConstraints) after signing.
+_MALFORMED = {
+    "bad-san": ("2.5.29.17", b"\x30\x03\x02\x01\x00"),  # a SEQUENCE of INTEGER, not GeneralNames
+    "basic-constraints-twice": ("2.5.29.99", b"\x30\x03\x01\x01\xff"),
+}
+
+
+def malformed_ca(kind: str) -> x509.Certificate:
+    """A self-signed CA certificate that loads but whose extensions do not parse (cryptography
+    decodes them on first use): ``bad-san`` or ``basic-constraints-twice``."""
+    oid, value = _MALFORMED[kind]
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"malformed {kind}")])
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), False)
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if kind == "basic-constraints-twice":  # the signature breaks; nothing checks it that far
+        stand_in, basic_constraints = bytes.fromhex("0603551d63"), bytes.fromhex("0603551d13")
+        assert der.count(stand_in) == 1
+        der = der.replace(stand_in, basic_constraints)
+    return x509.load_der_x509_certificate(der)
+
+
 @dataclass
 class FakeFetch:
     """Answers every fetch with the next queued body and records the endpoints it was given."""
@@ -107,6 +154,7 @@ class Answer:
     status: int = 200
     body: bytes = b"{}"
     headers: dict[str, str] = field(default_factory=dict)
+    drip: float = 0.0  # seconds between bytes of the status line and headers (a slow server)
 
 
 class BundleServer:
@@ -127,8 +175,24 @@ class BundleServer:
                 for name, value in {"Content-Type": "application/json", **answer.headers}.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(answer.body)))
+                if answer.drip:
+                    self._drip(b"".join(self._headers_buffer) + b"\r\n", answer)
+                    return
                 self.end_headers()
                 self.wfile.write(answer.body)
+
+            def _drip(self, head: bytes, answer: Answer) -> None:
+                """At most 30 s of it, and only while the client is there."""
+                stop = time.monotonic() + 30
+                try:
+                    for index in range(len(head)):
+                        if time.monotonic() > stop:
+                            return
+                        self.wfile.write(head[index : index + 1])
+                        time.sleep(answer.drip)
+                    self.wfile.write(answer.body)
+                except OSError:
+                    pass  # the client gave up
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

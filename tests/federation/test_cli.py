@@ -11,7 +11,7 @@ import pytest
 from ca.config import Context
 from ca.pem import certs_pem
 from tests.conftest import PASSPHRASE, free_port
-from tests.federation.fedkit import Partner
+from tests.federation.fedkit import Answer, BundleServer, Partner, malformed_ca, nested
 from tests.istio.istiokit import Cli
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -81,3 +81,57 @@ def test_not_found_and_conflict(cli: Cli) -> None:
     cli.ok(*add)
     again = cli(*add)
     assert again.code == 6 and "already federated" in again.err
+
+
+ADD_SPIFFE = ("federation", "add", "--trust-domain", "b.test", "--profile", "https_spiffe",
+              "--endpoint-spiffe-id", "spiffe://b.test/trellis/server")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "bootstrap", "reason"),
+    [
+        ("https://xn--a.org/b", None, "is not a URL"),
+        ("https://xn--zz.org/b", None, "is not a URL"),
+        ("https://127.0.0.1:99999/b/cur", None, "port 99999 is not in 1..65535"),
+        ("https://127.0.0.1:0/b", None, "port 0 is not in 1..65535"),
+        ("https://b.test/", "bad-san", "the certificate is malformed"),
+        ("https://b.test/", "basic-constraints-twice", "the certificate is malformed"),
+        ("https://b.test/", "nested", "nested too deeply"),
+    ],
+    ids=["fail/idna-xn--a", "fail/idna-xn--zz", "fail/port-99999", "fail/port-0",
+         "fail/bootstrap-bad-san", "fail/bootstrap-bc-twice", "fail/bootstrap-nested"],
+)  # fmt: skip
+def test_malformed_url_or_bootstrap_is_exit_2(
+    cli: Cli, partner: Partner, tmp_path: Path, url: str, bootstrap: str | None, reason: str
+) -> None:
+    file = tmp_path / "bootstrap"
+    if bootstrap == "nested":
+        file.write_bytes(nested(20000))
+    elif bootstrap is not None:
+        file.write_bytes(certs_pem([malformed_ca(bootstrap)]))
+    else:
+        file.write_bytes(certs_pem(partner.roots))
+    result = cli(*ADD_SPIFFE, "--url", url, "--bootstrap-bundle", str(file))
+    assert result.code == 2, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.err
+    assert json.loads(cli.ok("federation", "list", "--json")) == []
+
+
+def test_a_hostile_bundle_fails_the_refresh_with_exit_8(
+    cli: Cli, partner: Partner, tmp_path: Path
+) -> None:
+    tls = partner.server_tls()
+    server = BundleServer(tls.cert_path, tls.key_path)
+    server.answer = Answer(body=nested(100_000))
+    bootstrap = tmp_path / "b.pem"
+    bootstrap.write_bytes(certs_pem(partner.roots))
+    try:
+        cli.ok(*ADD_SPIFFE, "--url", server.url, "--bootstrap-bundle", str(bootstrap))
+        failed = cli("federation", "refresh")
+        assert failed.code == 8, failed
+        assert "b.test: FAILED: invalid SPIFFE bundle: nested too deeply" in failed.out
+        shown = json.loads(cli.ok("federation", "show", "b.test", "--json"))
+        assert shown["last_error"] == "invalid SPIFFE bundle: nested too deeply"
+    finally:
+        server.close()

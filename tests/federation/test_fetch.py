@@ -3,11 +3,13 @@ endpoint, and the limits on what it may answer. The store plays no part here: SQ
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ca import federation
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.federation import (
@@ -178,3 +180,19 @@ def test_nothing_listens(ctx: Context, partner: Partner) -> None:
 
     spiffe(ctx, partner, f"https://127.0.0.1:{free_port()}/bundle")
     assert "cannot fetch" in error_of(ctx)
+
+
+def test_the_deadline_covers_the_headers(
+    ctx: Context, partner: Partner, endpoint: BundleServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server sending its status line and headers one byte at a time, each within the read
+    timeout, is cut off at the deadline for the whole fetch (30 s; 1 s here) like one dripping
+    its body: otherwise it holds the refresh job, and every other relationship, for as long as
+    it likes."""
+    monkeypatch.setattr(federation, "DEADLINE", 1.0)
+    endpoint.answer = Answer(body=partner.jwks(1), drip=0.05)  # ~5 s of headers
+    spiffe(ctx, partner, endpoint.url)
+    started = time.monotonic()
+    error = error_of(ctx)
+    assert time.monotonic() - started < 3
+    assert error == f"{endpoint.url} took longer than 1 s to answer"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,11 +11,12 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from ca.config import Context
+from ca.jwks import bundle_jwks
 from ca.pem import certs_pem
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
 from tests.conftest import free_port
-from tests.federation.fedkit import Answer, BundleServer, Partner
+from tests.federation.fedkit import Answer, BundleServer, Partner, malformed_ca, nested
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -102,6 +104,72 @@ def test_errors(client: TestClient, admin: dict[str, str], partner: Partner) -> 
     assert_problem(client.get("/v1/federation/Not_A..TD!", headers=admin), 400)
     failed = assert_problem(client.post("/v1/federation/b.test/refresh", headers=admin), 503)
     assert "cannot fetch" in failed["detail"]
+
+
+def bootstrap_of(partner: Partner, kind: str | None) -> str:
+    if kind == "nested":
+        return nested(20000).decode()
+    return certs_pem([malformed_ca(kind)] if kind else partner.roots).decode()
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("url", "bootstrap", "reason"),
+    [
+        ("https://xn--a.org/b", None, "is not a URL"),
+        ("https://xn--zz.org/b", None, "is not a URL"),
+        ("https://127.0.0.1:99999/b/cur", None, "port 99999 is not in 1..65535"),
+        ("https://127.0.0.1:0/b", None, "port 0 is not in 1..65535"),
+        ("https://b.test/", "bad-san", "the certificate is malformed"),
+        ("https://b.test/", "basic-constraints-twice", "the certificate is malformed"),
+        ("https://b.test/", "nested", "nested too deeply"),
+    ],
+    ids=["fail/idna-xn--a", "fail/idna-xn--zz", "fail/port-99999", "fail/port-0",
+         "fail/bootstrap-bad-san", "fail/bootstrap-bc-twice", "fail/bootstrap-nested"],
+)  # fmt: skip
+def test_malformed_url_or_bootstrap_is_400(
+    client: TestClient,
+    admin: dict[str, str],
+    partner: Partner,
+    url: str,
+    bootstrap: str | None,
+    reason: str,
+) -> None:
+    document = body(partner, url, bootstrap_bundle=bootstrap_of(partner, bootstrap))
+    problem = assert_problem(client.post("/v1/federation", json=document, headers=admin), 400)
+    assert reason in problem["detail"]
+    assert client.get("/v1/federation", headers=admin).json() == []
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        lambda p: nested(100_000),
+        lambda p: json.dumps(bundle_jwks([malformed_ca("bad-san")], 2, 300)).encode(),
+        lambda p: p.jwks(2**63),
+    ],
+    ids=["fail/nested", "fail/bad-san", "fail/sequence-2^63"],
+)
+def test_a_hostile_bundle_is_a_503_and_recorded(
+    client: TestClient,
+    admin: dict[str, str],
+    partner: Partner,
+    hostile: Callable[[Partner], bytes],
+) -> None:
+    tls = partner.server_tls()
+    server = BundleServer(tls.cert_path, tls.key_path)
+    server.answer = Answer(body=hostile(partner))
+    try:
+        created = client.post("/v1/federation", json=body(partner, server.url), headers=admin)
+        assert created.status_code == 201, created.text
+        failed = assert_problem(client.post("/v1/federation/b.test/refresh", headers=admin), 503)
+        shown = client.get("/v1/federation/b.test", headers=admin).json()
+        assert shown["last_error"].startswith("invalid SPIFFE bundle: ")
+        assert shown["last_error"] in failed["detail"] and shown["last_attempt"]
+        assert shown["next_refresh"] > shown["last_attempt"]
+    finally:
+        server.close()
 
 
 @SQLITE_ONLY

@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -17,6 +18,8 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, Unavailable
 from ca.federation import (
+    MAX_REFRESH,
+    Endpoint,
     FederationParams,
     Profile,
     add_federation,
@@ -32,7 +35,15 @@ from ca.jobs import job_named
 from ca.jwks import bundle_jwks
 from ca.pem import certs_pem
 from ca.root_rotation import rotate_root
-from tests.federation.fedkit import PARTNER, PARTNER_SERVER, FakeFetch, Partner
+from tests.federation.fedkit import (
+    PARTNER,
+    PARTNER_SERVER,
+    FakeFetch,
+    Partner,
+    make_partner,
+    malformed_ca,
+    nested,
+)
 
 URL = "https://bundle.b.test/v1/bundle.jwks"
 # What is stored and kept across refreshes (the sequence rules, progress, removal, the job) is
@@ -80,6 +91,10 @@ REFUSED: dict[str, tuple[Params, str]] = {
     "fail/url/http": (_spiffe(url="http://bundle.b.test/"), "must be https://"),
     "fail/url/userinfo": (_spiffe(url="https://user:pw@bundle.b.test/"), "userinfo"),
     "fail/url/not-a-url": (_spiffe(url="https://[::1/"), "not a URL"),
+    "fail/url/idna-xn--a": (_spiffe(url="https://xn--a.org/b"), "not a URL"),
+    "fail/url/idna-xn--zz": (_spiffe(url="https://xn--zz.org/b"), "not a URL"),
+    "fail/url/port-99999": (_spiffe(url="https://127.0.0.1:99999/b"), "port 99999 is not in"),
+    "fail/url/port-0": (_spiffe(url="https://127.0.0.1:0/b"), "port 0 is not in 1..65535"),
     "fail/spiffe/no-endpoint-id": (_spiffe(endpoint_spiffe_id=None), "needs --endpoint-spiffe-id"),
     "fail/spiffe/no-bootstrap": (_spiffe(bootstrap_bundle=None), "--bootstrap-bundle"),
     "fail/spiffe/endpoint-in-other-td": (
@@ -103,6 +118,15 @@ REFUSED: dict[str, tuple[Params, str]] = {
     ),
     "fail/bootstrap/garbage": (_spiffe(bootstrap_bundle=b"garbage"), "neither PEM nor"),
     "fail/bootstrap/not-json": (_spiffe(bootstrap_bundle=b"{nope"), "not JSON"),
+    "fail/bootstrap/nested-jwks": (_spiffe(bootstrap_bundle=nested(20000)), "nested too deep"),
+    "fail/bootstrap/ca-with-garbage-san": (
+        _spiffe(bootstrap_bundle=certs_pem([malformed_ca("bad-san")])),
+        "the certificate is malformed",
+    ),
+    "fail/bootstrap/basic-constraints-twice": (
+        _spiffe(bootstrap_bundle=certs_pem([malformed_ca("basic-constraints-twice")])),
+        "the certificate is malformed",
+    ),
     "fail/bootstrap/leaf": (
         lambda p, c: _spiffe(bootstrap_bundle=_leaf_pem(p, c))(p, c),
         "is not a CA",
@@ -199,6 +223,20 @@ BROKEN: dict[str, tuple[Callable[[Partner, Context], bytes], str]] = {
         "names spiffe://example.org",
     ),
     "fail/larger-than-1-MiB": (lambda p, c: b" " * (1024 * 1024 + 1), "larger than 1 MiB"),
+    "fail/nested-too-deeply": (lambda p, c: nested(100_000), "nested too deeply"),
+    "fail/ca-with-garbage-san": (
+        lambda p, c: json.dumps(bundle_jwks([malformed_ca("bad-san")], 6, 300)).encode(),
+        "key 0: the certificate is malformed",
+    ),
+    "fail/ca-with-basic-constraints-twice": (
+        lambda p, c: json.dumps(
+            bundle_jwks([malformed_ca("basic-constraints-twice")], 6, 300)
+        ).encode(),
+        "key 0: the certificate is malformed",
+    ),
+    # the store holds signed 64-bit integers
+    "fail/sequence-2^63": (lambda p, c: p.jwks(2**63), "larger than 9223372036854775807"),
+    "fail/sequence-2^70": (lambda p, c: p.jwks(2**70), "larger than 9223372036854775807"),
 }
 
 
@@ -316,7 +354,18 @@ def test_bundle_map_keeps_trust_domains_apart(ctx: Context, partner: Partner) ->
 
 @SQLITE_ONLY
 @pytest.mark.parametrize(
-    ("hint", "interval"), [(300, 300), (3600, 3600), (1, 10), (0, 10), (None, 300)]
+    ("hint", "interval"),
+    [
+        (300, 300),
+        (3600, 3600),
+        (1, 10),
+        (0, 10),
+        (None, 300),
+        (MAX_REFRESH, MAX_REFRESH),
+        (10**12, MAX_REFRESH),
+        (2**63 - 1, MAX_REFRESH),
+        (10**20, MAX_REFRESH),
+    ],
 )
 def test_refresh_is_due_after_the_hint_with_a_floor(
     ctx: Context, clock: FixedClock, partner: Partner, hint: int | None, interval: int
@@ -330,10 +379,41 @@ def test_refresh_is_due_after_the_hint_with_a_floor(
     body = json.dumps(document).encode()
     assert [r.trust_domain for r in refresh_due(ctx, fetch=FakeFetch([body]))] == [PARTNER]
     assert get_federation(ctx, PARTNER).next_refresh == clock.now() + dt.timedelta(seconds=interval)
+    # a hint above the maximum is clamped: stored and republished as the interval polled at
+    published = None if hint is None else min(hint, MAX_REFRESH)
+    assert get_federation(ctx, PARTNER).refresh_hint == published
+    assert bundle_map(ctx)["spiffe://b.test"].get("spiffe_refresh_hint") == published
     clock.advance(dt.timedelta(seconds=interval - 1))
     assert refresh_due(ctx, fetch=FakeFetch()) == []
     clock.advance(dt.timedelta(seconds=1))
     assert len(refresh_due(ctx, fetch=FakeFetch([body]))) == 1
+
+
+@SQLITE_ONLY
+def test_a_bundle_listing_a_root_twice_holds_it_once(ctx: Context, partner: Partner) -> None:
+    """Certificates are compared by DER: a repeated one is one authority, and a bundle that
+    repeats one with the same sequence is the same bundle, not "authorities changed"."""
+    web(ctx)
+    twice = [*partner.roots, *partner.roots]
+    first = refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(5, twice)]))
+    assert first.ok and first.changed, first.error
+    assert roots_of(ctx) == partner.roots
+    assert len(bundle_map(ctx)["spiffe://b.test"]["keys"]) == len(partner.roots)
+    again = refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(5, twice)]))
+    assert again.ok and not again.changed, again.error
+    plain = refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(5)]))
+    assert plain.ok and not plain.changed, plain.error
+
+
+@SQLITE_ONLY
+def test_a_bootstrap_bundle_listing_a_root_twice_holds_it_once(
+    ctx: Context, partner: Partner
+) -> None:
+    twice = certs_pem([*partner.roots, *partner.roots])
+    add_federation(ctx, _spiffe(bootstrap_bundle=twice)(partner, ctx))
+    fetch = FakeFetch([b"junk"])
+    refresh_federation(ctx, PARTNER, fetch=fetch)
+    assert fetch.seen[0].trust_pem == certs_pem(partner.roots)
 
 
 @SQLITE_ONLY
@@ -357,3 +437,38 @@ def test_the_job_reports_failing_relationships(
     refresh_federation(ctx, PARTNER, fetch=FakeFetch([b"junk"]))
     with pytest.raises(Unavailable, match=r"b\.test: invalid SPIFFE bundle: not JSON"):
         job.run(ctx)
+
+
+def test_an_unexpected_failure_is_recorded_and_starves_no_one(
+    ctx: Context, clock: FixedClock, partner: Partner, tmp_path: Path
+) -> None:
+    """A refresh that fails in a way nobody foresaw (here the fetch raises a bug) is recorded
+    like any failure and waits for the next interval; the job goes on to the next relationship
+    instead of retrying the broken one every run."""
+    third = TrustDomain.parse("c.test")
+    other = make_partner(tmp_path / "c", clock, third)
+    try:
+        web(ctx)
+        add_federation(ctx, FederationParams(third, URL, Profile.HTTPS_WEB))
+
+        def fetch(endpoint: Endpoint) -> bytes:
+            if endpoint.trust_domain == PARTNER:
+                raise RuntimeError("a bug")
+            return other.jwks(1)
+
+        results = {r.trust_domain: r for r in refresh_due(ctx, fetch=fetch)}
+        assert set(results) == {PARTNER, third}
+        assert results[third].ok
+        broken = get_federation(ctx, PARTNER)
+        assert broken.last_error == "unexpected RuntimeError (see the server log): a bug"
+        assert broken.last_attempt == clock.now()
+        assert broken.next_refresh == clock.now() + dt.timedelta(seconds=300)
+        assert not broken.has_bundle
+        assert get_federation(ctx, third).sequence == 1
+
+        clock.advance(dt.timedelta(seconds=10))
+        assert refresh_due(ctx, fetch=fetch) == []
+        with pytest.raises(Unavailable, match=r"b\.test: unexpected RuntimeError"):
+            job_named("federation-refresh").run(ctx)
+    finally:
+        other.ctx.close()
