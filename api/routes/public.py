@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api.conditional import none_match
 from api.deps import CtxDep
 from api.problems import responses
 from api.schemas import Health
@@ -36,12 +37,13 @@ def get_bundle(ctx: CtxDep) -> Response:
     return Response(bundle_pem(ctx), media_type="application/x-pem-file")
 
 
+@router.head("/v1/bundle.jwks", include_in_schema=False)  # a cacheable resource: as GET
 @router.get(
     "/v1/bundle.jwks",
     response_class=Response,
     responses={
         200: {"content": {"application/json": {}}, "description": "SPIFFE bundle (JWK Set)"},
-        304: {"description": "Not modified (If-None-Match)"},
+        304: {"description": "Not modified (If-None-Match, RFC 9110 §13.1.2)"},
         **responses(503),
     },
     summary="The trust bundle in SPIFFE format: usable as Istio's spiffeBundleUrl and as a "
@@ -54,7 +56,7 @@ def get_bundle_jwks(request: Request, ctx: CtxDep) -> Response:
         "ETag": etag,
         "Cache-Control": f"public, max-age={min(ctx.settings.bundle_refresh_hint, 300)}",
     }
-    if request.headers.get("if-none-match") == etag:
+    if none_match(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     document = bundle_jwks(
         x509.load_pem_x509_certificates(bundle.pem),

@@ -75,6 +75,39 @@ def test_bundle_jwks(ctx: Context, client: TestClient) -> None:
     assert cached.headers["etag"] == etag
 
 
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("if_none_match", "status"),
+    [
+        ('W/"{n}"', 304),  # weak comparison (RFC 9110 §13.1.2)
+        ('"0", "{n}"', 304),  # a list
+        ('"0",W/"{n}" ', 304),
+        ("*", 304),  # any current representation
+        ('"0"', 200),
+        ('"{n}0"', 200),
+        ("{n}", 200),  # not an entity tag: ignored
+        ('"{n}" junk', 200),
+    ],
+)
+def test_if_none_match(ctx: Context, client: TestClient, if_none_match: str, status: int) -> None:
+    header = if_none_match.replace("{n}", str(read_bundle(ctx, MESH).sequence))
+    response = client.get("/v1/bundle.jwks", headers={"If-None-Match": header})
+    assert response.status_code == status, header
+    assert response.headers["etag"] == f'"{read_bundle(ctx, MESH).sequence}"'
+    assert (response.content == b"") == (status == 304)
+
+
+@SQLITE_ONLY
+def test_head(ctx: Context, client: TestClient) -> None:
+    """A cacheable resource answers HEAD like GET (the server sends no body)."""
+    got = client.get("/v1/bundle.jwks")
+    head = client.head("/v1/bundle.jwks")
+    assert head.status_code == 200
+    for name in ("etag", "cache-control", "content-type", "content-length"):
+        assert head.headers[name] == got.headers[name]
+    assert client.head("/v1/bundle.jwks", headers={"If-None-Match": "*"}).status_code == 304
+
+
 ROTATION_DATABASES = [
     pytest.param("sqlite"),
     pytest.param("postgres", marks=[pytest.mark.postgres]),
