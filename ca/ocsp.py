@@ -31,6 +31,8 @@ RESPONDER_TTL = dt.timedelta(days=7)
 RESPONSE_VALIDITY = dt.timedelta(hours=1)
 # A single-certificate request with a nonce is ~100 bytes; anything near this is not OCSP.
 MAX_REQUEST = 8192
+# RFC 9654 §2.1: a nonce of 0 octets or of more than 128 is refused with malformedRequest.
+NONCE_OCTETS = range(1, 129)
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
@@ -158,10 +160,16 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
             raise ValueError("empty or oversized OCSP request")
         request = ocsp.load_der_ocsp_request(request_der)
         algorithm = _HASHES[request.hash_algorithm.name]
+        if request.serial_number < 0:
+            # RFC 5280 §4.1.2.2: serials are positive. A CertID with a negative one names no
+            # certificate, and cryptography cannot echo it in a response's CertID.
+            raise ValueError("negative serial number")
         nonce = None
         for extension in request.extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 nonce = extension.value
+                if len(nonce.nonce) not in NONCE_OCTETS:
+                    raise ValueError("nonce length outside 1..128 octets")
     except (
         ValueError,
         KeyError,

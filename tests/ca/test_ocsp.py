@@ -298,3 +298,47 @@ def test_the_root_responder_answers_for_intermediates(ctx: Context, clock: Fixed
     answer = ask(ctx, request_der(leaf, new))
     assert answer.certificate_status is Status.GOOD
     assert_signed_by_delegate(answer, new)
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("octets", [1, 16, 32, 128], ids=lambda n: f"ok/nonce-{n}")
+def test_a_nonce_of_1_to_128_octets_is_echoed(ctx: Context, octets: int) -> None:
+    nonce = os.urandom(octets)
+    response = ask(ctx, request_der(enrol(ctx, f"spiffe://{TD}/web").cert,
+                                    active_issuer(ctx).certificate, nonce=nonce))  # fmt: skip
+    assert response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("octets", [0, 129, 200, 4000], ids=lambda n: f"fail/nonce-{n}")
+def test_a_nonce_of_0_or_over_128_octets_is_malformed(ctx: Context, octets: int) -> None:
+    """RFC 9654 §2.1 (obsoleting RFC 8954): a responder rejects a nonce of 0 octets or of
+    more than 128 octets with malformedRequest."""
+    der = request_der(enrol(ctx, f"spiffe://{TD}/web").cert, active_issuer(ctx).certificate,
+                      nonce=b"n" * octets)  # fmt: skip
+    assert ask(ctx, der).response_status is Outcome.MALFORMED_REQUEST
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("serial", "status"),
+    [(0, Status.UNKNOWN), (2**159, Status.UNKNOWN), (2**160, Status.UNKNOWN), (-5, None)],
+    ids=["unknown/zero", "unknown/20-octets", "unknown/21-octets", "malformed/negative"],
+)
+def test_serials_trellis_never_issues(
+    ctx: Context, clock: FixedClock, serial: int, status: ocsp.OCSPCertStatus | None
+) -> None:
+    """RFC 5280 §4.1.2.2: serials are positive, at most 20 octets. Any other names no
+    certificate of ours: ``unknown``. A negative one cannot be echoed in a response's CertID
+    (cryptography refuses to encode it), so it is ``malformedRequest``."""
+    issuer = active_issuer(ctx).certificate
+    cert = enrol(ctx, f"spiffe://{TD}/web").cert
+    if status is not None:
+        der = request_for_serial(cert, issuer, serial, hashes.SHA1())
+        assert_single(ask(ctx, der), request=der, status=status, now=clock.now())
+        return
+    five = request_for_serial(cert, issuer, 5, hashes.SHA1())
+    assert five.count(b"\x02\x01\x05") == 1
+    der = five.replace(b"\x02\x01\x05", b"\x02\x01" + serial.to_bytes(1, "big", signed=True))
+    assert ocsp.load_der_ocsp_request(der).serial_number == serial
+    assert ask(ctx, der).response_status is Outcome.MALFORMED_REQUEST
