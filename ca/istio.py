@@ -13,7 +13,6 @@ no EKU on the CA), the key matches, it is a CA, nothing is expired; Ed25519 keys
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from ca.files import write_atomic, write_private
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
-from ca.kubectl import KubeTarget, apply
+from ca.kubectl import KubeTarget, apply, dns_label
 from ca.pem import certs_pem, private_key_pem
 from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
 from ca.records import record_issued
@@ -66,7 +65,6 @@ DEFAULT_TTL = Ttl(30 * 86400)
 # Renew when this share of an intermediate's life has passed; istiod hot-reloads the Secret and
 # clamps workload TTLs to the intermediate's remaining life, so a third left is plenty.
 RENEW_AFTER = 2 / 3
-_CLUSTER = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # The CRL-only update of a kubectl target applies just ``data.ca-crl.pem``; under its own field
 # manager, because server-side apply would drop every other key the ``trellis`` manager owns.
 CRL_FIELD_MANAGER = "trellis-crl"
@@ -97,8 +95,7 @@ class IstioParams:
     with_crl: bool = False
 
     def __post_init__(self) -> None:
-        if not _CLUSTER.match(self.cluster):
-            raise InvalidInput("a cluster name is a DNS label: a-z, 0-9 and '-', at most 63")
+        dns_label(self.cluster, "a cluster name")
         if self.key_type not in ISTIO_KEY_TYPES:
             raise InvalidInput(
                 f"istiod does not support {self.key_type.value} CA keys: use ec-p256, ec-p384 "
@@ -355,6 +352,7 @@ def _deliver(intermediate: IstioIntermediate, params: IstioParams) -> list[str]:
 
 def root_configmap(ctx: Context, namespace: str = "istio-system", authority: str = MESH) -> str:
     """The ``istio-ca-root-cert`` ConfigMap workloads read their trust anchors from."""
+    dns_label(namespace, "--namespace")
     roots = active_issuer(ctx, authority).bundle_pem.decode()
     document = {
         "apiVersion": "v1",

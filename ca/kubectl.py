@@ -13,6 +13,7 @@ the object are left alone.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -20,10 +21,24 @@ from pathlib import Path
 
 from ca.errors import InvalidInput, Unavailable
 
-__all__ = ["FIELD_MANAGER", "KubeTarget", "apply", "apply_argv"]
+__all__ = ["FIELD_MANAGER", "KubeTarget", "apply", "apply_argv", "dns_label"]
 
 FIELD_MANAGER = "trellis"
 TIMEOUT_SECONDS = 60
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def dns_label(value: str, what: str) -> str:
+    """``value`` if it is an RFC 1123 label as Kubernetes names namespaces (and Trellis names
+    Istio clusters): 1 to 63 of a-z, 0-9 and '-', starting and ending with a letter or digit.
+    Anything else would make a manifest the API server refuses (or, unchecked, one that names
+    something else)."""
+    if not _DNS_LABEL.fullmatch(value):
+        raise InvalidInput(
+            f"{what} is a DNS label (RFC 1123): 1 to 63 of a-z, 0-9 and '-', starting and "
+            f"ending with a letter or digit, not {value[:70]!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,30 @@ def test_root_configmap(ctx: Context, cli: Cli) -> None:
     assert other["metadata"]["namespace"] == "sleep"
 
 
+@pytest.mark.parametrize(
+    "namespace",
+    ["Bad_NS", "", "a" * 64, "-sleep", "sleep-", "sle.ep", "sleep\nkind: Secret"],
+    ids=["fail/upper-and-underscore", "fail/empty", "fail/64-chars", "fail/leading-dash",
+         "fail/trailing-dash", "fail/dot", "fail/newline"],
+)  # fmt: skip
+def test_root_configmap_refuses_a_namespace_kubernetes_would(cli: Cli, namespace: str) -> None:
+    """A namespace is an RFC 1123 label (1 to 63 of a-z, 0-9, '-'): anything else is a
+    ConfigMap the API server refuses."""
+    result = cli("istio", "root-configmap", "--namespace", namespace)
+    assert result.code == 2, result
+    assert result.out == ""
+    (line,) = result.err.strip().splitlines()
+    assert "--namespace is a DNS label (RFC 1123)" in line, line
+
+
+def test_root_configmap_takes_a_63_character_namespace(cli: Cli) -> None:
+    namespace = "a" + "-0" * 31
+    assert load(cli.ok("istio", "root-configmap", "--namespace", namespace))["metadata"] == {
+        "name": "istio-ca-root-cert",
+        "namespace": namespace,
+    }
+
+
 def test_root_configmap_holds_both_roots_during_rotation(ctx: Context, cli: Cli) -> None:
     """A -> A+B -> B: while the new root is published, workloads trust both."""
     rotate_root(ctx)
