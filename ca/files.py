@@ -6,7 +6,41 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_private"]
+from ca.errors import InvalidInput
+
+__all__ = ["check_writable", "write_atomic", "write_private"]
+
+
+def check_writable(path: Path, *, directory: bool, what: str | None = None) -> Path:
+    """``path`` if it can be written (or created) as a file or, with ``directory``, as a
+    directory the writers below put files in; ``InvalidInput`` naming ``what`` (the path itself
+    by default) otherwise. Callers check before they issue or spend anything: a certificate
+    whose key cannot be written, or a join token spent for it, is lost for good.
+
+    The nearest existing directory is probed by creating (and removing) a temporary file there,
+    as ``write_atomic`` will: permission bits do not tell root, nor a read-only or virtual file
+    system such as ``/proc``, where ``os.access`` says yes and writing fails.
+    """
+    name = what or str(path)
+    target = path.absolute()
+    if directory and target.exists() and not target.is_dir():
+        raise InvalidInput(f"{name}: exists and is not a directory")
+    if not directory and target.is_dir():
+        raise InvalidInput(f"{name}: is a directory, not a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InvalidInput(f"{name}: not writable")
+    existing = target if directory else target.parent
+    while not existing.exists() and not existing.is_symlink():  # created when written
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInput(f"{name}: cannot write under {existing}: not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".trellis-probe-")
+    except OSError as exc:
+        raise InvalidInput(f"{name}: cannot write under {existing}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -13,6 +13,8 @@ no EKU on the CA), the key matches, it is a CA, nothing is expired; Ed25519 keys
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
-from ca.files import write_atomic, write_private
+from ca.files import check_writable, write_atomic, write_private
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
@@ -42,8 +44,10 @@ from ca.store.models import AuthorityRow, CaRow, CertificateRow, IstioClusterRow
 
 __all__ = [
     "FORMATS",
+    "RENEWAL_INTERVAL",
     "IstioIntermediate",
     "IstioParams",
+    "check_output",
     "deliver",
     "issue_istio_intermediate",
     "mesh_config",
@@ -65,6 +69,13 @@ DEFAULT_TTL = Ttl(30 * 86400)
 # Renew when this share of an intermediate's life has passed; istiod hot-reloads the Secret and
 # clamps workload TTLs to the intermediate's remaining life, so a third left is plenty.
 RENEW_AFTER = 2 / 3
+# How often the ``istio-intermediates`` job runs, and how soon a cluster whose delivery failed
+# gets another intermediate: not at each of the scheduler's quicker retries of the failed run
+# (10 s, 20 s, ...), since every attempt issues an active CA certificate whose key is lost if
+# the delivery fails again. The slack lets the next scheduled run, which starts one interval
+# after the previous run started (the failed issuance came a little later), retry it.
+RENEWAL_INTERVAL = dt.timedelta(minutes=5)
+_RETRY_SLACK = dt.timedelta(seconds=30)
 # The CRL-only update of a kubectl target applies just ``data.ca-crl.pem``; under its own field
 # manager, because server-side apply would drop every other key the ``trellis`` manager owns.
 CRL_FIELD_MANAGER = "trellis-crl"
@@ -189,13 +200,29 @@ def _active_root(ctx: Context, authority: str) -> CaRow:
             raise NotInitialised(f"authority {authority!r} has no active root") from None
 
 
+def check_output(params: IstioParams) -> None:
+    """Refuse an output the intermediate could not be delivered to, before one is issued: its
+    key exists only in that delivery, so an intermediate issued for a path that cannot be
+    written (a directory where the YAML file goes, a file where the ``files`` directory goes, a
+    read-only place) would be an active CA certificate whose key is lost. A kubeconfig must be
+    a readable file; whether its cluster answers only applying tells."""
+    if params.output is not None:
+        directory = params.output_format == "files"
+        check_writable(params.output, directory=directory, what=f"the output {params.output}")
+    kubeconfig = params.kubeconfig
+    if kubeconfig is not None and not (kubeconfig.is_file() and os.access(kubeconfig, os.R_OK)):
+        raise InvalidInput(f"--kubeconfig {kubeconfig}: not a readable file")
+
+
 def issue_istio_intermediate(
     ctx: Context, params: IstioParams, actor: str = "cli"
 ) -> IstioIntermediate:
     """Sign a fresh intermediate (and, with ``with_crl``, its CRL) and record the cluster.
 
-    Nothing is delivered here: ``deliver`` writes or applies the result.
+    Nothing is delivered here: ``deliver`` writes or applies the result. The output is checked
+    first (``check_output``), so none is issued that could not be delivered.
     """
+    check_output(params)
     issuer = active_issuer(ctx, params.authority)  # for the bundle and the trust domain
     now = ctx.clock.now()
     root = _active_root(ctx, params.authority)
@@ -329,8 +356,9 @@ def deliver(ctx: Context, intermediate: IstioIntermediate, params: IstioParams) 
     """Put the intermediate where ``params`` say: written paths, or kubectl's summary.
 
     A failure is recorded on the cluster (``istio list`` shows it) and re-raised as a
-    ``TrellisError``; the ``istio-intermediates`` job re-issues such a cluster on its next run
-    (the key of the undelivered intermediate is gone: it was never stored).
+    ``TrellisError``; the ``istio-intermediates`` job re-issues such a cluster on its run
+    ``RENEWAL_INTERVAL`` later (the key of the undelivered intermediate is gone: it was never
+    stored).
     """
     try:
         return _deliver(intermediate, params)
@@ -435,10 +463,12 @@ def _refresh_crl(ctx: Context, row: IstioClusterRow) -> str | None:
 
 def renew_due_clusters(ctx: Context) -> list[str]:
     """The scheduler's job: re-issue every recorded cluster's intermediate past 2/3 of its life,
-    or whose last delivery failed, into the output it was issued to (istiod hot-reloads an
-    intermediate under the same root); for the others with ``ca-crl.pem``, refresh the root's
-    CRL in it. Clusters are independent: one failing is recorded on its row, the others go on,
-    and the run fails at the end (``trellis jobs list``, ``/readyz``) naming it."""
+    or whose last delivery failed at least ``RENEWAL_INTERVAL`` ago, into the output it was
+    issued to (istiod hot-reloads an intermediate under the same root); for the others with
+    ``ca-crl.pem``, refresh the root's CRL in it. An output that cannot be written fails its
+    cluster without an intermediate being issued. Clusters are independent: one failing is
+    recorded on its row, the others go on, and the run fails at the end (``trellis jobs list``,
+    ``/readyz``) naming every cluster whose delivery is still failing."""
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         rows = [
@@ -449,8 +479,11 @@ def renew_due_clusters(ctx: Context) -> list[str]:
     done, failed = [], []
     for row in rows:
         due = row.not_before + (row.not_after - row.not_before) * RENEW_AFTER
+        retry = row.updated_at + RENEWAL_INTERVAL - _RETRY_SLACK
         try:
-            if now >= due or row.last_error is not None:
+            if row.last_error is not None and now < retry:
+                failed.append(f"{row.cluster}: {row.last_error} (retried from {retry:%H:%M:%S})")
+            elif now >= due or row.last_error is not None:
                 params = _params(row)
                 intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
                 _deliver(intermediate, params)  # a failure is recorded once, below

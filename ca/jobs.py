@@ -21,7 +21,7 @@ from ca.config import Context
 from ca.crl import refresh_stale_crls
 from ca.errors import Unavailable
 from ca.federation import list_federations, refresh_due
-from ca.istio import renew_due_clusters
+from ca.istio import RENEWAL_INTERVAL, renew_due_clusters
 from ca.openvpn import crl_health, renew_server_certificates, write_crl_files
 from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
@@ -141,7 +141,12 @@ JOBS = (
         "renew this replica's serving certificate",
         cluster_wide=False,
     ),
-    Job("istio-intermediates", 300, renew_istio_intermediates, "renew Istio plug-in intermediates"),
+    Job(
+        "istio-intermediates",
+        int(RENEWAL_INTERVAL.total_seconds()),
+        renew_istio_intermediates,
+        "renew Istio plug-in intermediates",
+    ),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
     Job("gateway-truststores", 300, gateway.refresh_job, "rewrite gateway truststores and CRLs"),
     Job(

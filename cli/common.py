@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from ca import errors
 from ca.config import Context, Settings, build_context
+from ca.files import check_writable
 
 # The one place errors become exit codes (documented in docs/cli.md). 2 is click's usage error.
 EXIT_CODES: dict[type[errors.TrellisError], int] = {
@@ -30,22 +30,8 @@ EXIT_CODES: dict[type[errors.TrellisError], int] = {
 
 
 def _writable(path: Path, *, directory: bool) -> Path:
-    """``path`` if it can be written (or created) as a file or directory. Checked before a
-    command issues or spends anything: a certificate whose key could not be written, or a join
-    token spent for it, is lost for good."""
-    target = path.absolute()
-    if directory and target.exists() and not target.is_dir():
-        raise errors.InvalidInput(f"--out {path}: exists and is not a directory")
-    if not directory and target.is_dir():
-        raise errors.InvalidInput(f"--out {path}: is a directory, not a file")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise errors.InvalidInput(f"--out {path}: not writable")
-    existing = target if directory else target.parent
-    while not existing.exists():  # created when written, as far up as needed
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise errors.InvalidInput(f"--out {path}: cannot write under {existing}")
-    return path
+    """``ca.files.check_writable`` for an ``--out`` option."""
+    return check_writable(path, directory=directory, what=f"--out {path}")
 
 
 def out_dir(value: Path | None) -> Path | None:

@@ -19,7 +19,7 @@ from ca.istio import (
 from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.store.models import IstioClusterRow
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, emit_json, out_dir, out_file, table, when
 
 istio_app = typer.Typer(help="Istio plug-in CA intermediates and mesh trust.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -66,6 +66,7 @@ def issue(
         kube_context=kube_context,
         with_crl=with_crl,
     )
+    (out_dir if format == "files" else out_file)(out)  # before anything is issued
     intermediate = issue_istio_intermediate(STATE.context(), params)
     delivered = deliver(STATE.context(), intermediate, params)
     cert = intermediate.certificate

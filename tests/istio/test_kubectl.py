@@ -25,7 +25,7 @@ from sqlmodel import Session
 
 from ca.clock import FixedClock
 from ca.config import Context
-from ca.istio import IstioParams, deliver, issue_istio_intermediate
+from ca.istio import RENEWAL_INTERVAL, IstioParams, deliver, issue_istio_intermediate
 from ca.jobs import job_named
 from ca.scheduler import run_job
 from ca.store.models import IstioClusterRow
@@ -178,7 +178,7 @@ def test_a_revocation_reaches_ca_crl_pem_without_the_key(
 
 
 def test_an_unreachable_server_fails_clearly_and_is_retried(
-    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path, clock: FixedClock
 ) -> None:
     dead = kubeconfig(tmp_path / "kubeconfig", f"https://127.0.0.1:{free_port()}", kube.ca_pem)
     result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(dead))
@@ -193,6 +193,7 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     assert "delivery failed, the scheduler retries" in cli.ok("istio", "list")
 
     job = job_named("istio-intermediates")
+    clock.advance(RENEWAL_INTERVAL)  # the job's next scheduled run retries it
     on_the_row: list[str] = []
 
     def seen(*args: object) -> None:
@@ -213,6 +214,10 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     assert SECRET not in kube.secrets
 
     kubeconfig(tmp_path / "kubeconfig", kube.url, kube.ca_pem)  # the server is back
+    clock.advance(dt.timedelta(seconds=10))  # the scheduler's first retry: too soon to issue
+    run = run_job(ctx, job)
+    assert run is not None and not run.last_ok and "retried from" in run.last_result
+    clock.advance(RENEWAL_INTERVAL)
     run = run_job(ctx, job)
     assert run is not None and run.last_ok, run.last_result
     assert run.last_result.startswith("renewed east -> ")

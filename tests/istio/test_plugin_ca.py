@@ -14,9 +14,11 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlmodel import Session, select
 
 from ca.authority import active_issuer
 from ca.config import Context
+from ca.store.models import CertificateRow
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import Cli, load_key, openssl_verify, public_key_pem
 
@@ -175,3 +177,44 @@ def test_refused(cli: Cli, tmp_path: Path, args: tuple[str, ...], reason: str) -
     assert len(lines) == 1 and reason in lines[0], result.err
     assert not out.exists()
     assert json.loads(cli.ok("istio", "list", "--json")) == []
+
+
+def _istio_certificates(ctx: Context) -> int:
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(CertificateRow).where(CertificateRow.profile == "istio-intermediate")
+        ).all()
+    return len(rows)
+
+
+@pytest.mark.parametrize(
+    ("out", "output_format", "reason"),
+    [
+        ("adir", "secret-yaml", "is a directory, not a file"),
+        ("afile/sub", "files", "cannot write under"),
+        ("afile", "files", "exists and is not a directory"),
+        ("afile/x.yaml", "secret-yaml", "cannot write under"),
+        ("/proc/x.yaml", "secret-yaml", "cannot write under /proc"),
+    ],
+    ids=["fail/dir-for-yaml", "fail/under-a-file", "fail/file-for-files", "fail/yaml-under-a-file",
+         "fail/proc"],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_issues_nothing(
+    ctx: Context, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    out: str, output_format: str, reason: str,
+) -> None:  # fmt: skip
+    """docs/cli.md: an --out path is checked before anything is issued (exit 2, one line), or
+    an active CA certificate whose key was never delivered would be recorded."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "adir").mkdir()
+    (work / "afile").write_text("a file\n")
+    result = cli("istio", "issue", "--cluster", "east", "--out", out, "--format", output_format)
+    assert result.code == 2, result
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith(f"trellis: --out {out}: ") and reason in line, line
+    assert json.loads(cli.ok("istio", "list", "--json")) == []
+    assert _istio_certificates(ctx) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["adir", "afile"]
+    assert list((work / "adir").iterdir()) == []

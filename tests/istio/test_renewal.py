@@ -7,18 +7,22 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography import x509
+from sqlmodel import Session, select
 
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
+from ca.errors import Unavailable
 from ca.istio import IstioParams, issue_istio_intermediate, renew_due_clusters, write_output
 from ca.jobs import job_named
 from ca.profiles import BACKDATE
+from ca.store.models import CertificateRow, IstioClusterRow
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import load_key, openssl_verify
 
@@ -81,3 +85,82 @@ def test_clusters_without_an_output_are_not_renewed(ctx: Context, clock: FixedCl
     issue_istio_intermediate(ctx, IstioParams("east", ttl=TTL))
     clock.advance(TTL.delta)
     assert renew_due_clusters(ctx) == []
+
+
+def _issued(ctx: Context) -> dict[str, int]:
+    """Istio intermediates issued so far, per cluster."""
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(CertificateRow).where(CertificateRow.profile == "istio-intermediate")
+        ).all()
+    return dict(Counter(row.requested_by.split("istio cluster ")[1].rstrip(")") for row in rows))
+
+
+def _run(ctx: Context) -> str:
+    """One run of the job; its failure message, or "ok: <result>"."""
+    try:
+        return "ok: " + job_named("istio-intermediates").run(ctx)
+    except Unavailable as exc:
+        return exc.detail
+
+
+def test_an_output_that_cannot_be_written_fails_without_issuing(
+    ctx: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """The recorded output is judged before a renewal is issued: an intermediate for a path
+    that cannot be written is an active CA certificate whose key is lost."""
+    east = tmp_path / "east"
+    issue_istio_intermediate(ctx, IstioParams("east", ttl=TTL, output=east, output_format="files"))
+    clock.advance(TTL.delta * 2 / 3 + dt.timedelta(seconds=1))  # east is due
+    west = tmp_path / "west.yaml"
+    issue_istio_intermediate(ctx, IstioParams("west", ttl=TTL, output=west))  # west is not
+    east.write_text("a file where the directory was\n")
+
+    for _ in range(3):  # the scheduled run, then the scheduler's quicker retries
+        message = _run(ctx)
+        assert message.startswith(f"east: the output {east}: exists and is not a directory")
+        assert "west" not in message
+        assert _issued(ctx) == {"east": 1, "west": 1}
+        clock.advance(dt.timedelta(seconds=10))
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.last_error and "not a directory" in row.last_error
+
+    east.unlink()  # repaired: the next run delivers a new intermediate
+    assert _run(ctx).startswith("ok: renewed east -> ")
+    assert _issued(ctx) == {"east": 2, "west": 1}
+    assert sorted(p.name for p in east.iterdir()) == sorted(read(east, "files"))
+    assert _run(ctx) == "ok: nothing due"
+
+
+def test_a_failed_delivery_is_retried_on_the_next_scheduled_run(
+    ctx: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """docs/istio.md: the job's next run (5 minutes) issues a new intermediate for a cluster
+    whose delivery failed; the scheduler's retries of the failed run in between (10 s, 20 s,
+    40 s, ...) report the failure without issuing another undeliverable intermediate, and
+    re-issue no other cluster."""
+    east, west = tmp_path / "east", tmp_path / "west.yaml"
+    issue_istio_intermediate(ctx, IstioParams("east", ttl=TTL, output=east, output_format="files"))
+    issue_istio_intermediate(ctx, IstioParams("west", ttl=TTL, output=west))
+    (east / "ca-key.pem").mkdir(parents=True)  # writable directory, but the key cannot land
+    clock.advance(TTL.delta * 2 / 3 + dt.timedelta(seconds=1))  # both are due
+
+    first, failed_at = _run(ctx), clock.now()
+    assert first.startswith("east: the output could not be written: Is a directory"), first
+    assert _issued(ctx) == {"east": 2, "west": 2}
+    assert (west.exists(), (east / "ca-cert.pem").exists()) == (True, True)
+    for retry in (10, 30, 70, 150):  # the scheduler's retries: 10 s, 20 s, 40 s, 80 s apart
+        clock.current = failed_at + dt.timedelta(seconds=retry)
+        message = _run(ctx)
+        assert message.startswith("east: the output could not be written: Is a directory")
+        assert "retried from" in message
+        assert _issued(ctx) == {"east": 2, "west": 2}, retry
+    clock.current = failed_at + dt.timedelta(seconds=300)  # the next scheduled run
+    assert _run(ctx).startswith("east: the output could not be written")
+    assert _issued(ctx) == {"east": 3, "west": 2}
+
+    (east / "ca-key.pem").rmdir()
+    clock.advance(dt.timedelta(minutes=5))
+    assert _run(ctx).startswith("ok: renewed east -> ")
+    assert _issued(ctx) == {"east": 4, "west": 2}
