@@ -19,6 +19,7 @@ import base64
 import datetime as dt
 import enum
 import hashlib
+import ipaddress
 import re
 import socket
 from collections.abc import Sequence
@@ -816,6 +817,26 @@ def _safe(value: str, what: str) -> str:
     return value
 
 
+_LISTEN = re.compile(r"(?:(\[[0-9a-fA-F:.]+\]|[0-9.]+|[a-z0-9.-]+):)?([0-9]{1,5})")
+
+
+def _listen(value: str) -> None:
+    """``[address:]port`` as nginx's ``listen`` takes it, with a port of 1 to 65535 (nginx
+    refuses others when it loads the configuration, long after the snippet was made)."""
+    match = _LISTEN.fullmatch(value)
+    port = int(match[2]) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        raise InvalidInput(f"listen is [address:]port, the port 1 to 65535, not {value[:64]!r}")
+    address = match[1]
+    if address is not None and (address[0] == "[" or address.replace(".", "").isdigit()):
+        try:
+            ipaddress.ip_address(address.strip("[]"))
+        except ValueError:
+            raise InvalidInput(f"listen: {address[:64]!r} is not an IP address") from None
+        if address[0] == "[" and ":" not in address:
+            raise InvalidInput(f"listen: {address[:64]!r} in brackets is not an IPv6 address")
+
+
 @dataclass(frozen=True, slots=True)
 class NginxSnippet:
     upstream: str = "http://127.0.0.1:8080"
@@ -828,8 +849,19 @@ class NginxSnippet:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", self.upstream):
             raise InvalidInput("the upstream is an http:// or https:// URL")
-        if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]:|[0-9.]+:|[a-z0-9.-]+:)?[0-9]{1,5}", self.listen):
-            raise InvalidInput("listen is [address:]port")
+        _listen(self.listen)
+        for path, what in (
+            (self.truststore, "truststore path"),
+            (self.ssl_certificate, "certificate path"),
+            (self.ssl_certificate_key, "key path"),
+        ):
+            # An empty path arrives as Path("."); nginx reads a relative one from its own
+            # prefix, not from where 'trellis gateway truststore --out' wrote it.
+            if not path.is_absolute():
+                raise InvalidInput(
+                    f"the {what} {str(path)[:64]!r} is empty or relative: give an absolute path"
+                    " (nginx reads a relative one from its own prefix directory)"
+                )
         for value, what in (
             (self.upstream, "upstream"),
             (self.server_name, "server name"),

@@ -135,3 +135,5 @@ def test_truststore_and_snippet_commands(cli: Cli, tmp_path: Path) -> None:
     assert cli.run("gateway", "nginx-snippet") == gateway.nginx_snippet(gateway.NginxSnippet())
     assert "contains characters" in cli.run("gateway", "nginx-snippet", "--server-name", "a b",
                                             code=2)  # fmt: skip
+    assert "the port 1 to 65535" in cli.run("gateway", "nginx-snippet", "--listen", "99999", code=2)
+    assert "is empty or relative" in cli.run("gateway", "nginx-snippet", "--truststore", "", code=2)

@@ -196,6 +196,8 @@ def test_truststores_and_snippet_over_rest(api_gw: Api) -> None:
     assert snippet.status_code == 200 and snippet.headers["content-type"].startswith("text/plain")
     assert "proxy_pass http://10.0.0.5:8080;" in snippet.text
     assert_problem(api_gw.get("/nginx-snippet", params={"server_name": "a;b"}), 400)
+    for bad in ({"listen": "99999"}, {"listen": "0"}, {"truststore": ""}, {"server_name": ""}):
+        assert_problem(api_gw.get("/nginx-snippet", params=bad), 400)
 
 
 def test_every_gateway_route_needs_the_admin_token(api_gw: Api) -> None:

@@ -235,11 +235,31 @@ def test_nginx_snippet_renders_the_mtls_server_block() -> None:
         {"ssl_certificate": Path("/x/$host")},
         {"listen": "443 ssl; include /etc/passwd"},
         {"listen": "443\n"},
+        {"listen": "99999"},
+        {"listen": "0"},
+        {"listen": "65536"},
+        {"listen": "127.0.0.1:0"},
+        {"listen": "300.1.1.1:443"},
+        {"listen": "[127.0.0.1]:443"},
+        {"truststore": Path("")},
+        {"truststore": Path("partners")},
+        {"ssl_certificate": Path("")},
+        {"ssl_certificate_key": Path("tls/server.key")},
     ],
     ids=["fail/upstream-directive", "fail/upstream-scheme", "fail/upstream-newline",
          "fail/name-space", "fail/name-semicolon", "fail/path-space", "fail/path-variable",
-         "fail/listen-directive", "fail/listen-newline"],
+         "fail/listen-directive", "fail/listen-newline", "fail/listen-port-too-big",
+         "fail/listen-port-0", "fail/listen-port-65536", "fail/listen-address-port-0",
+         "fail/listen-bad-ipv4", "fail/listen-ipv4-in-brackets", "fail/truststore-empty",
+         "fail/truststore-relative", "fail/certificate-empty", "fail/key-relative"],
 )  # fmt: skip
 def test_nginx_snippet_refuses_what_would_inject(fields: dict[str, object]) -> None:
     with pytest.raises(InvalidInput):
         gateway.NginxSnippet(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("listen", ["1", "65535", "127.0.0.1:8443", "[::1]:8443", "gw.local:443"])
+def test_nginx_snippet_listens_on_a_port_or_address_and_port(listen: str) -> None:
+    assert f"    listen {listen} ssl;\n" in gateway.nginx_snippet(
+        gateway.NginxSnippet(listen=listen)
+    )
