@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,6 +21,7 @@ from sqlmodel import Session, col, select
 from ca import der
 from ca.cas import ca_certificate, ca_signer
 from ca.config import Context
+from ca.errors import NotFound, TrellisError, Unavailable
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.profiles import BACKDATE, ResponderSpec, ocsp_responder_builder, sign
 from ca.revocation import RevocationReason
@@ -27,6 +30,7 @@ from ca.store.models import CaRow, CertificateRow, OcspResponderRow
 
 __all__ = ["MAX_REQUEST", "RESPONSE_VALIDITY", "respond"]
 
+log = logging.getLogger("trellis.ocsp")
 RESPONDER_TTL = dt.timedelta(days=7)
 RESPONSE_VALIDITY = dt.timedelta(hours=1)
 # A single-certificate request with a nonce is ~100 bytes; anything near this is not OCSP.
@@ -62,28 +66,41 @@ def _match(ctx: Context, session: Session, request: ocsp.OCSPRequest) -> CaRow |
 
 
 def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certificate, Signer]:
+    """The CA's current responder, made (or renewed) when it has none with a third of its life
+    left. Raises ``Unavailable`` or ``NotFound`` when its key cannot be had here."""
     now = ctx.clock.now()
     row = session.exec(
         select(OcspResponderRow)
         .where(OcspResponderRow.ca_id == ca.id, col(OcspResponderRow.not_after) > now)
-        .order_by(col(OcspResponderRow.not_after).desc())
+        .order_by(col(OcspResponderRow.generation).desc())
     ).first()
     if row is not None:
         cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         if cert.not_valid_after_utc - now > life / 3:
-            cache_key = ("ocsp-signer", row.id)
-            signer = ctx.cache.get(cache_key)
-            if not isinstance(signer, Signer):
-                signer = ctx.keys.load(
-                    KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
-                )
-                ctx.cache[cache_key] = signer
-            return cert, signer
-    return _new_responder(ctx, ca, now)
+            return cert, _signer(ctx, row)
+    latest = session.exec(
+        select(sa.func.max(OcspResponderRow.generation)).where(OcspResponderRow.ca_id == ca.id)
+    ).one()
+    return _new_responder(ctx, ca, now, (latest or 0) + 1)
 
 
-def _new_responder(ctx: Context, ca: CaRow, now: dt.datetime) -> tuple[x509.Certificate, Signer]:
+def _signer(ctx: Context, row: OcspResponderRow) -> Signer:
+    cache_key = ("ocsp-signer", row.id)
+    signer = ctx.cache.get(cache_key)
+    if not isinstance(signer, Signer):
+        signer = ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
+        ctx.cache[cache_key] = signer
+    return signer
+
+
+def _new_responder(
+    ctx: Context, ca: CaRow, now: dt.datetime, generation: int
+) -> tuple[x509.Certificate, Signer]:
+    """Make responder ``generation`` of ``ca``: once across processes. Replicas that find the
+    CA without a current responder at the same moment each make one, but only the first insert
+    of (CA, generation) commits (a unique constraint); the others destroy the key they made and
+    use the winner's, so a CA has one responder at a time and its answers one signer."""
     issuer = ca_certificate(ctx, ca)
     handle = ctx.keys.create(KeyType.EC_P256, f"{ca.authority}-ocsp", ca.key_backend)
     try:
@@ -99,12 +116,12 @@ def _new_responder(ctx: Context, ca: CaRow, now: dt.datetime) -> tuple[x509.Cert
         cert = sign(ocsp_responder_builder(spec), ca_signer(ctx, ca))
         cert.verify_directly_issued_by(issuer)
         assert ca.id is not None
-        with Session(
-            ctx.engine
-        ) as session:  # its own transaction: the responder outlives this call
+        # Its own transaction: the responder outlives this request.
+        with Session(ctx.engine) as session:
             session.add(
                 OcspResponderRow(
                     ca_id=ca.id,
+                    generation=generation,
                     key_backend=handle.backend,
                     key_ref=handle.ref,
                     key_type=handle.key_type.value,
@@ -113,10 +130,29 @@ def _new_responder(ctx: Context, ca: CaRow, now: dt.datetime) -> tuple[x509.Cert
                 )
             )
             session.commit()
+    except sa.exc.IntegrityError:
+        ctx.keys.destroy(handle)
+        winner = _winner(ctx, ca, generation)
+        if winner is None:  # not the race this constraint settles
+            raise
+        return winner
     except BaseException:
         ctx.keys.destroy(handle)
         raise
     return cert, signer
+
+
+def _winner(ctx: Context, ca: CaRow, generation: int) -> tuple[x509.Certificate, Signer] | None:
+    """The responder another process made first, if there is one."""
+    with Session(ctx.engine) as session:
+        row = session.exec(
+            select(OcspResponderRow).where(
+                OcspResponderRow.ca_id == ca.id, OcspResponderRow.generation == generation
+            )
+        ).first()
+    if row is None:
+        return None
+    return x509.load_pem_x509_certificate(row.cert_pem.encode()), _signer(ctx, row)
 
 
 def _status(
@@ -185,7 +221,10 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
         if ca is None:  # RFC 6960 §2.3: not a CA this responder is authoritative for
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         status, revoked_at, reason = _status(session, ca, request.serial_number)
-        responder_cert, signer = _responder(ctx, session, ca)
+        try:
+            responder_cert, signer = _responder(ctx, session, ca)
+        except (NotFound, Unavailable, OSError) as exc:
+            return _cannot_sign(ca, exc)
     builder = (
         ocsp.OCSPResponseBuilder()
         .add_response_by_hash(
@@ -204,5 +243,19 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
     )
     if nonce is not None:
         builder = builder.add_extension(nonce, critical=False)
-    response = builder.sign(signer.private_key, signer.hash_algorithm)
+    try:
+        response = builder.sign(signer.private_key, signer.hash_algorithm)
+    except Unavailable as exc:  # a remote key (Vault) that does not answer
+        return _cannot_sign(ca, exc)
     return response.public_bytes(serialization.Encoding.DER)
+
+
+def _cannot_sign(ca: CaRow, exc: Exception) -> bytes:
+    """RFC 6960 §2.3 ``tryLater``: the responder's key cannot be used here now (missing from
+    this replica's key store, or the store unavailable). A relying party reads an OCSP error
+    response, not an HTTP problem body, and may ask again or another replica."""
+    detail = exc.detail if isinstance(exc, TrellisError) else type(exc).__name__
+    log.warning(
+        "OCSP for CA %s answered tryLater: the responder cannot sign: %s", ca.serial, detail
+    )
+    return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)

@@ -173,9 +173,15 @@ class OcspResponderRow(SQLModel, table=True):
     """A delegated OCSP signing certificate (id-kp-OCSPSigning) for one CA, and its key."""
 
     __tablename__ = "ocsp_responder"
+    # One responder per CA and generation: replicas racing to make a CA's next responder insert
+    # the same (ca_id, generation), and only the first commits (ca.ocsp._new_responder).
+    __table_args__ = (
+        sa.UniqueConstraint("ca_id", "generation", name="uq_ocsp_responder_ca_generation"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     ca_id: int = Field(foreign_key="ca.id", index=True)
+    generation: int  # 1 for a CA's first responder, then one more for each renewal
     key_backend: str = Field(max_length=32)
     key_ref: str = Field(max_length=255)
     key_type: str = Field(max_length=16)

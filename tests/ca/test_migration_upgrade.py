@@ -116,3 +116,50 @@ def test_istio_clusters_recorded_before_0011_keep_their_output(database_url: str
         ).one()
     assert tuple(row) == ("east", "/srv/cacerts.yaml", None, None, False, None, None, None)
     engine.dispose()
+
+
+def test_ocsp_responders_recorded_before_0015_are_numbered_per_ca(database_url: str) -> None:
+    """0015 numbers each CA's responders in the order they expire (``id`` breaks a tie, as two
+    made by the race 0015 closes would have) and then makes (CA, generation) unique."""
+    engine = db.connect(database_url)
+    config = db._config()
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0014")
+        connection.commit()
+    _populate(engine)
+    naive = engine.dialect.name == "sqlite"
+    responders = [  # (id, ca_id, days after NOW it expires)
+        (1, 2, 7), (2, 2, 14), (3, 2, 14), (4, 1, 7), (5, 2, 3),
+    ]  # fmt: skip
+    with engine.begin() as connection:
+        for id_, ca_id, days in responders:
+            when = NOW + dt.timedelta(days=days)
+            connection.execute(
+                sa.text(
+                    "INSERT INTO ocsp_responder (id, ca_id, key_backend, key_ref, key_type, "
+                    "cert_pem, not_after) VALUES (:id, :ca, 'file', :ref, 'ec-p256', 'pem', :t)"
+                ),
+                {
+                    "id": id_,
+                    "ca": ca_id,
+                    "ref": f"r{id_}",
+                    "t": when.replace(tzinfo=None) if naive else when,
+                },
+            )
+    db.upgrade(engine)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT id, ca_id, generation FROM ocsp_responder ORDER BY id")
+        ).all()
+    assert [tuple(row) for row in rows] == [(1, 2, 2), (2, 2, 3), (3, 2, 4), (4, 1, 1), (5, 2, 1)]
+    with pytest.raises(sa.exc.IntegrityError, match="generation"), engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO ocsp_responder (id, ca_id, generation, key_backend, key_ref, "
+                "key_type, cert_pem, not_after) "
+                "VALUES (6, 2, 4, 'file', 'r6', 'ec-p256', 'pem', :t)"
+            ),
+            {"t": NOW.replace(tzinfo=None) if naive else NOW},
+        )
+    engine.dispose()
