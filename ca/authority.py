@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 
 from ca import audit
 from ca.bundle import sync_bundle, trust_anchors
+from ca.cas import ca_handle
 from ca.checks import check_ca
 from ca.config import Context
 from ca.durations import Ttl
@@ -422,8 +423,8 @@ def _load_active_issuer(ctx: Context, name: str) -> Issuer:
         authority = session.get(AuthorityRow, name)
         assert authority is not None
         extras = _chain_extras(session, row, ctx.clock.now())
-    signer = ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
     certificate = _certificate(row)
+    signer = ctx.keys.load(ca_handle(row), certified=certificate.public_key())
     chain = (certificate, *(_certificate(extra) for extra in extras))
     bundle = state.pem.encode()
     issuer = Issuer(
@@ -450,7 +451,7 @@ def check_keys(ctx: Context) -> int:
         rows = session.exec(select(CaRow).where(col(CaRow.state).in_(("active", "prepared")))).all()
     for row in rows:
         if row.role != "cross":
-            ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
+            ctx.keys.load(ca_handle(row), certified=_certificate(row).public_key())
     return len(rows)
 
 

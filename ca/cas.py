@@ -12,7 +12,25 @@ from ca.errors import NotFound
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.store.models import CaRow
 
-__all__ = ["ca_certificate", "ca_certificate_der", "ca_signer", "find_ca"]
+__all__ = [
+    "ca_certificate",
+    "ca_certificate_der",
+    "ca_handle",
+    "ca_signer",
+    "find_ca",
+    "load_ca_key",
+]
+
+
+def ca_handle(row: CaRow) -> KeyHandle:
+    return KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
+
+
+def load_ca_key(ctx: Context, row: CaRow) -> Signer:
+    """The CA's key, proven to be the private half of the CA certificate's public key: every
+    signature it makes is then checked against the certificate relying parties hold
+    (docs/vault.md), not against whatever key the store now keeps under the name."""
+    return ctx.keys.load(ca_handle(row), certified=ca_certificate(ctx, row).public_key())
 
 
 def ca_signer(ctx: Context, row: CaRow) -> Signer:
@@ -20,7 +38,7 @@ def ca_signer(ctx: Context, row: CaRow) -> Signer:
     cached = ctx.cache.get(key)
     if isinstance(cached, Signer):
         return cached
-    signer = ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
+    signer = load_ca_key(ctx, row)
     ctx.cache[key] = signer
     return signer
 

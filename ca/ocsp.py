@@ -78,18 +78,21 @@ def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certific
         cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         if cert.not_valid_after_utc - now > life / 3:
-            return cert, _signer(ctx, row)
+            return cert, _signer(ctx, row, cert)
     latest = session.exec(
         select(sa.func.max(OcspResponderRow.generation)).where(OcspResponderRow.ca_id == ca.id)
     ).one()
     return _new_responder(ctx, ca, now, (latest or 0) + 1)
 
 
-def _signer(ctx: Context, row: OcspResponderRow) -> Signer:
+def _signer(ctx: Context, row: OcspResponderRow, cert: x509.Certificate) -> Signer:
     cache_key = ("ocsp-signer", row.id)
     signer = ctx.cache.get(cache_key)
     if not isinstance(signer, Signer):
-        signer = ctx.keys.load(KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)))
+        signer = ctx.keys.load(
+            KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)),
+            certified=cert.public_key(),
+        )
         ctx.cache[cache_key] = signer
     return signer
 
@@ -152,7 +155,8 @@ def _winner(ctx: Context, ca: CaRow, generation: int) -> tuple[x509.Certificate,
         ).first()
     if row is None:
         return None
-    return x509.load_pem_x509_certificate(row.cert_pem.encode()), _signer(ctx, row)
+    cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
+    return cert, _signer(ctx, row, cert)
 
 
 def _status(

@@ -3,13 +3,18 @@ instance can hold file-backed and Vault-backed authorities side by side."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
-from ca.errors import InvalidInput, Unavailable
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
 from ca.keys.types import KeyType
 
 __all__ = ["KNOWN_BACKENDS", "KeyStore", "check_backend_name"]
+
+log = logging.getLogger("trellis.keys")
 
 # What a CA row or a request may name; whether each is configured is the server's business.
 KNOWN_BACKENDS = ("file", "vault")
@@ -43,8 +48,32 @@ class KeyStore:
     def create(self, key_type: KeyType, label: str, backend: str | None = None) -> KeyHandle:
         return self.backend(backend).create(key_type, label)
 
-    def load(self, handle: KeyHandle) -> Signer:
-        return self.backend(handle.backend).load(handle)
+    def load(
+        self, handle: KeyHandle, *, certified: CertificatePublicKeyTypes | None = None
+    ) -> Signer:
+        """Unlock a key the CA needs. ``certified``: the public key of the certificate the key
+        signs as; a key that is not its private half (a Transit key deleted and re-created
+        under its name, a key file from another instance) is refused here, before anything is
+        signed with it, because its signatures would verify against itself and against no
+        certificate. A missing key is this server's damage, not the caller's: ``Unavailable``
+        (503, exit 8), and where it was looked for (a path on this server) goes to the log
+        only."""
+        backend = self.backend(handle.backend)
+        try:
+            signer = backend.load(handle)
+        except NotFound as error:
+            log.error("CA key %s: %s", handle.ref, error.detail)
+            raise Unavailable(
+                f"CA key {handle.ref} is missing from the {handle.backend} key store"
+            ) from None
+        if certified is not None and signer.public_key() != certified:
+            log.error("CA key %s does not match its CA certificate's public key", handle.ref)
+            raise Unavailable(
+                f"CA key {handle.ref} in the {handle.backend} key store is not the key of its CA "
+                "certificate (replaced, or restored from another instance): nothing is signed "
+                "with it"
+            )
+        return signer
 
     def destroy(self, handle: KeyHandle) -> None:
         self.backend(handle.backend).destroy(handle)

@@ -431,8 +431,11 @@ class _Transit:
         try:
             check(signature)  # never hand out a signature the CA certificate would not verify
         except InvalidSignature:
-            raise InternalError(
-                f"Transit key {name}@v{version} returned a signature that does not verify"
+            # The pinned public key is the CA certificate's (``KeyStore.load``): Transit now
+            # holds another key under this name. The key store is unusable, not Trellis wrong.
+            raise Unavailable(
+                f"Transit key {name}@v{version} returned a signature that does not verify "
+                "against its CA certificate: the key was replaced in Transit"
             ) from None
         return signature
 

@@ -1,0 +1,100 @@
+"""A Transit key that is gone, or was replaced under the same name, is the key store's damage:
+``Unavailable`` (503, exit 8), and nothing signed with a replaced key is published or stored.
+Every signature is verified against the CA certificate's public key, not Transit's."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from api.app import create_app
+from ca.authority import check_keys
+from ca.certs import CertStatus, get_certificate, revoke_certificate
+from ca.config import Context
+from ca.crl import current_crl
+from ca.errors import Unavailable
+from ca.keys import KeyType
+from ca.revocation import RevocationReason
+from ca.serial import Serial
+from ca.store.models import CaRow
+from tests.api.restkit import assert_problem, bearer
+from tests.ca.svidkit import (
+    add_entry,
+    count_rows,
+    enrol,
+    join_secret,
+    make_csr,
+    new_key,
+    uses_remaining,
+)
+from tests.conftest import TRUST_DOMAIN
+from tests.vault.openbao import OpenBao
+
+
+def intermediate_key_name(ctx: Context) -> str:
+    with Session(ctx.engine) as session:
+        row = session.exec(
+            select(CaRow).where(CaRow.role == "intermediate", CaRow.state == "active")
+        ).one()
+    return row.key_ref.split("@", 1)[0]
+
+
+def delete_transit_key(openbao: OpenBao, name: str) -> None:
+    openbao.api("POST", f"transit/keys/{name}/config", {"deletion_allowed": True})
+    openbao.api("DELETE", f"transit/keys/{name}")
+
+
+def replace_transit_key(openbao: OpenBao, name: str) -> None:
+    """Same name, same type, another key: version 1 again, so the CA row's pin still parses."""
+    delete_transit_key(openbao, name)
+    openbao.api("POST", f"transit/keys/{name}", {"type": "ecdsa-p256"})
+
+
+def refused_svid(ctx: Context, client: TestClient, label: str) -> str:
+    spiffe_id = f"spiffe://{TRUST_DOMAIN.name}/{label}"
+    token_id, secret = join_secret(ctx, add_entry(ctx, spiffe_id))
+    csr = make_csr(new_key(KeyType.EC_P256), uris=[spiffe_id])
+    certificates = count_rows(ctx, "certificate")
+    response = client.post("/v1/svid", json={"csr": csr.decode()}, headers=bearer(secret))
+    body = assert_problem(response, 503)
+    assert count_rows(ctx, "certificate") == certificates
+    assert uses_remaining(ctx, token_id) == 1
+    return str(body["detail"])
+
+
+@pytest.mark.parametrize("started", ["before", "after"], ids=["cached-signer", "new-process"])
+def test_a_replaced_transit_key_signs_nothing(
+    vault_ctx: Context, openbao: OpenBao, started: str
+) -> None:
+    """``before``: the process loaded the key before it was replaced (its signatures are checked
+    against the certificate); ``after``: a process that loads the replaced key refuses it."""
+    ctx = vault_ctx
+    workload = enrol(ctx, f"spiffe://{TRUST_DOMAIN.name}/before")
+    serial = Serial(workload.cert.serial_number)
+    crl_before = current_crl(ctx, "mesh", "intermediate").der
+    replace_transit_key(openbao, intermediate_key_name(ctx))
+    if started == "after":
+        ctx.cache.clear()
+    reason = "does not verify against its CA certificate|not the key of its CA certificate"
+
+    with pytest.raises(Unavailable, match=reason):
+        revoke_certificate(ctx, serial, RevocationReason.KEY_COMPROMISE, "test")
+    assert get_certificate(ctx, serial).status is CertStatus.ACTIVE
+    assert current_crl(ctx, "mesh", "intermediate").der == crl_before
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        assert "CA certificate" in refused_svid(ctx, client, "after")
+    if started == "after":
+        with pytest.raises(Unavailable, match="not the key of its CA certificate"):
+            check_keys(ctx)  # trellis serve refuses to start: exit 8
+
+
+def test_a_deleted_transit_key_is_unavailable(vault_ctx: Context, openbao: OpenBao) -> None:
+    ctx = vault_ctx
+    enrol(ctx, f"spiffe://{TRUST_DOMAIN.name}/before")
+    delete_transit_key(openbao, intermediate_key_name(ctx))
+    ctx.cache.clear()
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        assert "is missing from the vault key store" in refused_svid(ctx, client, "after")
+    with pytest.raises(Unavailable, match="missing from the vault key store"):
+        check_keys(ctx)
