@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from sqlmodel import Session, col, select
 
 from ca.config import Context
-from ca.errors import InvalidInput
+from ca.errors import InternalError, InvalidInput, NotInitialised, TrellisError, Unavailable
 from ca.keys import PrivateKey
 from ca.store.batch import Rows, Work
 from ca.store.core import insert_now, prepared, table
@@ -224,6 +224,7 @@ def seal(
     written; ``seq`` is unique and ``_CHAIN`` only touches unsealed rows, so a second sealer
     could fail but never fork the chain."""
     steps = _sealing(ctx, settle, sign_every)
+    signing = _Signing(ctx)
     step = _advance(steps, None)
     while not isinstance(step, Sealed):
         answer: Any = None
@@ -232,11 +233,11 @@ def seal(
         elif isinstance(step, _Write):
             ctx.writes.run_apart(step.work)
         elif isinstance(step, _Sign):
-            answer = _seal_row(ctx, *step.head)
+            answer = signing.sign(*step.head)
         elif pause:
             time.sleep(PAUSE_SECONDS)
         step = _advance(steps, answer)
-    return step
+    return signing.outcome(step)
 
 
 async def seal_on_loop(
@@ -252,6 +253,7 @@ async def seal_on_loop(
     PostgreSQL +11.5 % (docs/benchmarks.md, change 49)."""
     loop = asyncio.get_running_loop()
     steps = _sealing(ctx, settle, sign_every)
+    signing = _Signing(ctx)
     step = _advance(steps, None)
     while not isinstance(step, Sealed):
         answer: Any = None
@@ -260,11 +262,11 @@ async def seal_on_loop(
         elif isinstance(step, _Write):
             await ctx.writes.run_async(step.work)
         elif isinstance(step, _Sign):
-            answer = await loop.run_in_executor(None, _seal_row, ctx, *step.head)
+            answer = await loop.run_in_executor(None, signing.sign, *step.head)
         else:
             await asyncio.sleep(0)
         step = _advance(steps, answer)
-    return step
+    return signing.outcome(step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,13 +360,41 @@ def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | Non
     return write
 
 
+class _Signing:
+    """The signatures of one sealing run. Chaining needs no key, so a head that cannot be signed
+    (the key store unreachable, a key that is not its certificate's) does not stop it: the
+    records are chained and written unsigned, and the run then fails saying so, because
+    sealing means "chain and sign now" and a run reported as done must have signed."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.failed: tuple[int, TrellisError] | None = None
+
+    def sign(self, seq: int, head: str, now: dt.datetime) -> dict[str, Any] | None:
+        try:
+            return _seal_row(self.ctx, seq, head, now)
+        except TrellisError as error:
+            self.failed = (seq, error)
+            return None
+
+    def outcome(self, sealed: Sealed) -> Sealed:
+        if self.failed is None:
+            return sealed
+        seq, error = self.failed
+        detail = (
+            f"chained {sealed.records} record(s), head at seq {seq}, but could not sign the "
+            f"head: {error.detail}"
+        )
+        raise Unavailable(detail) if isinstance(error, Unavailable) else InternalError(detail)
+
+
 def _seal_row(ctx: Context, seq: int, head: str, now: dt.datetime) -> dict[str, Any] | None:
-    """The signed seal over ``head``, or None when no issuing CA can sign yet."""
+    """The signed seal over ``head``, or None when there is no mesh CA to sign with yet."""
     from ca.authority import MESH, active_issuer  # the audit module is imported by ca.authority
 
     try:
         issuer = active_issuer(ctx, MESH)
-    except Exception:
+    except NotInitialised:
         return None
     return {
         "seq": seq,

@@ -4,14 +4,18 @@ Every signature is verified against the CA certificate's public key, not Transit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
 from api.app import create_app
+from ca import audit
 from ca.authority import check_keys
 from ca.certs import CertStatus, get_certificate, revoke_certificate
-from ca.config import Context
+from ca.clock import FixedClock
+from ca.config import Context, build_context
 from ca.crl import current_crl
 from ca.errors import Unavailable
 from ca.keys import KeyType
@@ -28,7 +32,8 @@ from tests.ca.svidkit import (
     new_key,
     uses_remaining,
 )
-from tests.conftest import TRUST_DOMAIN
+from tests.conftest import TRUST_DOMAIN, free_port
+from tests.vault.conftest import close, vault_settings
 from tests.vault.openbao import OpenBao
 
 
@@ -98,3 +103,22 @@ def test_a_deleted_transit_key_is_unavailable(vault_ctx: Context, openbao: OpenB
         assert "is missing from the vault key store" in refused_svid(ctx, client, "after")
     with pytest.raises(Unavailable, match="missing from the vault key store"):
         check_keys(ctx)
+
+
+def test_a_seal_that_cannot_sign_fails_and_keeps_the_chain(
+    vault_ctx: Context, tmp_path: Path, openbao: OpenBao, clock: FixedClock
+) -> None:
+    """``audit seal`` means chain and sign now: with Vault unreachable it chains (no key needed)
+    and then fails, instead of reporting records sealed that no signature covers."""
+    enrol(vault_ctx, f"spiffe://{TRUST_DOMAIN.name}/audited")
+    settings = vault_settings(tmp_path, openbao, vault_addr=f"http://127.0.0.1:{free_port()}")
+    cut_off = build_context(settings, clock=clock)  # the same instance, Vault out of reach
+    try:
+        with pytest.raises(Unavailable, match=r"chained \d+ record\(s\), head at seq \d+, but"):
+            audit.seal(cut_off)
+    finally:
+        close(cut_off)
+    result = audit.verify(vault_ctx)
+    assert result.ok and result.unsealed == 0 and result.unsigned == result.sealed > 0
+    audit.seal(vault_ctx)  # Vault reachable again: the head is signed
+    assert audit.verify(vault_ctx).unsigned == 0
