@@ -185,6 +185,11 @@ class IntermediateRevokedOut(BaseModel):
     to_reissue: list[CertificateOut] = Field(
         description="Live certificates issued by the revoked intermediate: re-issue them"
     )
+    final_crl_skipped: str | None = Field(
+        default=None,
+        description="Why the revoked intermediate's own final CRL was not signed (its key is "
+        "missing or unusable); null when it was",
+    )
 
     @classmethod
     def of(cls, result: IntermediateRevoked) -> IntermediateRevokedOut:
@@ -192,6 +197,7 @@ class IntermediateRevokedOut(BaseModel):
             revoked_serial=result.revoked_serial.hex,
             new_serial=result.new_serial.hex,
             to_reissue=[CertificateOut.of(info) for info in result.to_reissue],
+            final_crl_skipped=result.final_crl_skipped,
         )
 
 

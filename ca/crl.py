@@ -9,6 +9,7 @@ replicas agree as soon as they read the database. A scheduled job re-signs CRLs 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from sqlmodel import Session, col, select
 
 from ca.cas import ca_certificate, ca_signer, find_ca
 from ca.config import Context
+from ca.errors import Unavailable
 from ca.keys import PrivateKey
 from ca.revocation import RevocationReason
 from ca.store.models import CaRow, CertificateRow, CrlRow
@@ -32,6 +34,8 @@ __all__ = [
     "refresh_crl",
     "refresh_stale_crls",
 ]
+
+log = logging.getLogger("trellis.crl")
 
 CRL_LIFETIME = dt.timedelta(hours=24)
 # Re-sign when less than this much of a CRL's life is left; the scheduler runs far more often.
@@ -197,7 +201,9 @@ def current_crl(ctx: Context, authority: str, selector: str) -> Crl:
 
 
 def refresh_stale_crls(ctx: Context) -> list[Crl]:
-    """The scheduled job: re-sign every unexpired CA's CRL that is missing or due."""
+    """The scheduled job: re-sign every unexpired CA's CRL that is missing or due. A revoked
+    CA whose key is gone (an emergency revocation after the key was deleted) cannot sign one
+    and is skipped, logged: the root's CRL lists it, and it must not hold back the others."""
     refreshed: list[Crl] = []
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
@@ -209,6 +215,14 @@ def refresh_stale_crls(ctx: Context) -> list[Crl]:
         for ca in cas:
             row = session.get(CrlRow, ca.id)
             if row is None or row.next_update - now <= REFRESH_BEFORE:
+                if ca.state == "revoked":
+                    try:
+                        ca_signer(ctx, ca)
+                    except Unavailable as error:
+                        log.warning(
+                            "CRL of revoked CA %s not re-signed: %s", ca.serial, error.detail
+                        )
+                        continue
                 refreshed.append(_as_crl(ca, refresh_crl(ctx, session, ca)))
         session.commit()
     return refreshed

@@ -5,10 +5,16 @@ the same root becomes active, and the root's CRL is re-signed to list the old on
 moment without an active intermediate: either the whole switch commits or nothing changes. The
 trust bundle (roots) is unchanged, so relying parties need no update; workloads holding SVIDs
 from the old intermediate must get new ones (the result lists them).
+
+Only the root's key is needed: a compromised intermediate's key may well be gone (deleted from
+Vault, its file removed) or replaced, and that must not stop its revocation. The old CA's own
+final CRL (listing what it issued and revoked) is signed when its key is still usable, and
+otherwise skipped, saying why (``final_crl_skipped``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
@@ -27,7 +33,7 @@ from ca.certs import CertificateInfo, CertStatus, certificate_info
 from ca.config import Context
 from ca.crl import refresh_crl
 from ca.durations import Ttl
-from ca.errors import NotFound, NotInitialised
+from ca.errors import NotFound, NotInitialised, Unavailable
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
 from ca.revocation import RevocationReason
@@ -36,12 +42,15 @@ from ca.store.models import AuthorityRow, CaRow, CertificateRow
 
 __all__ = ["IntermediateRevoked", "revoke_intermediate"]
 
+log = logging.getLogger("trellis.emergency")
+
 
 @dataclass(frozen=True, slots=True)
 class IntermediateRevoked:
     revoked_serial: Serial
     new_serial: Serial
     to_reissue: tuple[CertificateInfo, ...]  # live certificates the revoked intermediate issued
+    final_crl_skipped: str | None = None  # why the old CA's own CRL was not re-signed
 
 
 def revoke_intermediate(
@@ -102,7 +111,7 @@ def revoke_intermediate(
             record_event(session, old, "revoked", "emergency", now)
             record_event(session, new, "activated", "emergency", now)
             refresh_crl(ctx, session, root)
-            refresh_crl(ctx, session, old)
+            skipped = _final_crl(ctx, session, old)
             live = session.exec(
                 select(CertificateRow).where(
                     CertificateRow.issuer_ca_id == old.id,
@@ -122,4 +131,18 @@ def revoke_intermediate(
         raise
     ctx.cache.clear()
     issuer = active_issuer(ctx, authority)
-    return IntermediateRevoked(revoked_serial, Serial(issuer.certificate.serial_number), to_reissue)
+    return IntermediateRevoked(
+        revoked_serial, Serial(issuer.certificate.serial_number), to_reissue, skipped
+    )
+
+
+def _final_crl(ctx: Context, session: Session, old: CaRow) -> str | None:
+    """Re-sign the revoked CA's own CRL if its key can still sign; else say why not. The key is
+    loaded first, so a missing one leaves nothing of the CRL behind in the transaction."""
+    try:
+        ca_signer(ctx, old)
+    except Unavailable as error:
+        log.warning("revoked intermediate %s: final CRL not signed: %s", old.serial, error.detail)
+        return error.detail
+    refresh_crl(ctx, session, old)
+    return None

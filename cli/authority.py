@@ -155,6 +155,12 @@ def authority_revoke_intermediate(
     typer.echo(
         f"revoked intermediate {result.revoked_serial}; now issuing from {result.new_serial}"
     )
+    if result.final_crl_skipped:
+        typer.echo(
+            "warning: the revoked intermediate's own final CRL was not signed "
+            f"({result.final_crl_skipped}); the root's CRL lists the intermediate",
+            err=True,
+        )
     typer.echo(f"{len(result.to_reissue)} live certificate(s) must be re-issued:")
     if result.to_reissue:
         table(

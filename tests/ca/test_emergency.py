@@ -16,7 +16,7 @@ from ca.authority import active_issuer, bundle_pem
 from ca.certs import revoke_certificate
 from ca.clock import FixedClock
 from ca.config import Context
-from ca.crl import current_crl
+from ca.crl import CRL_LIFETIME, current_crl, refresh_stale_crls
 from ca.durations import Ttl
 from ca.emergency import revoke_intermediate
 from ca.errors import InternalError, NotFound
@@ -94,6 +94,33 @@ def test_a_second_emergency_revokes_the_replacement_too(ctx: Context) -> None:
 
 
 @SQLITE_ONLY
+def test_an_intermediate_whose_key_is_gone_is_still_revoked_onto_the_roots_crl(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """The compromised key deleted first (the file removed): only the root's key is needed. The
+    old CA's own final CRL is skipped, saying why, and the CRL job goes on for the others."""
+    old_row = next(row for row in intermediates(ctx).values() if row.state == "active")
+    old_crl = current_crl(ctx, "mesh", old_row.serial)
+    (ctx.settings.data_dir / "keys" / f"{old_row.key_ref}.pem").unlink()
+    ctx.cache.clear()
+
+    result = revoke_intermediate(ctx)
+
+    assert result.revoked_serial == Serial.parse(old_row.serial)
+    assert result.final_crl_skipped is not None
+    assert "missing from the file key store" in result.final_crl_skipped
+    assert result.revoked_serial.value in listed(crl_of(ctx, "root"))
+    assert current_crl(ctx, "mesh", old_row.serial).der == old_crl.der  # not re-signed
+    assert enrol(ctx, f"spiffe://{TD}/fresh").svid.issuer.certificate.serial_number == (
+        result.new_serial.value
+    )
+    clock.advance(CRL_LIFETIME)  # every CRL due: the job skips the keyless one, signs the rest
+    refreshed = {crl.ca_serial for crl in refresh_stale_crls(ctx)}
+    assert old_row.serial not in refreshed
+    assert result.new_serial.hex in refreshed
+
+
+@SQLITE_ONLY
 def test_an_unknown_authority_is_not_found_and_creates_no_key(ctx: Context) -> None:
     """Regression: this used to be NotInitialised (a retryable 503 over REST)."""
     files = key_files(ctx)
@@ -166,9 +193,7 @@ def test_a_failure_midway_changes_nothing_and_leaves_no_key_behind(
     root_crl_before = current_crl(ctx, "mesh", "root")
     files, ca_rows = key_files(ctx), count_rows(ctx, "ca")
     name, on_call = FAILURES[where]
-    monkeypatch.setattr(
-        ca.emergency, name, _fail_after(getattr(ca.emergency, name), [], on_call)
-    )
+    monkeypatch.setattr(ca.emergency, name, _fail_after(getattr(ca.emergency, name), [], on_call))
 
     with pytest.raises(InternalError, match="injected"):
         revoke_intermediate(ctx)
