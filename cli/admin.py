@@ -15,6 +15,7 @@ from ca import certs, entries, tokens
 from ca.authority import (
     MESH,
     AuthorityParams,
+    Issuer,
     active_issuer,
     bundle_pem,
     check_params,
@@ -81,12 +82,14 @@ def init(
     check_params(params)
     if key_backend is not None:
         check_backend_name(key_backend)
-    ctx = STATE.context(create=True)
-    try:
-        issuer = init_authority(ctx, params)
-    except Conflict:
-        if not exists_ok:
-            raise
+    with STATE.setting_up() as ctx:
+        try:
+            created: Issuer | None = init_authority(ctx, params)
+        except Conflict:
+            if not exists_ok:
+                raise
+            created = None
+    if created is None:
         issuer = active_issuer(ctx)
         if issuer.trust_domain != params.trust_domain:
             raise Conflict(
@@ -98,6 +101,7 @@ def init(
         else:
             typer.echo(f"A CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir}")
         return
+    issuer = created
     _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
     write_private(ctx.settings.admin_token_path, secret.encode() + b"\n")
     bundle_path = write_bundle_file(ctx)

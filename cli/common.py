@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +93,69 @@ class State:
             self._ctx = build_context(settings, serving=serving)
         return self._ctx
 
+    @contextlib.contextmanager
+    def setting_up(self) -> Iterator[Context]:
+        """The context of an init command, around the part that sets the CA up. If that fails,
+        what it made in the file system is removed again, as docs/cli.md promises ("a refused
+        init leaves nothing behind"): the data dir if it was not there, otherwise only the
+        entries it did not hold (what a dir held stays), and a SQLite database file outside it
+        that was not there. Keys it made in Vault are destroyed by the init itself."""
+        made = _Made.before(self.settings())
+        try:
+            yield self.context(create=True)
+        except BaseException:
+            self.close()  # the database file is closed before it is removed
+            made.remove()
+            raise
+
     def close(self) -> None:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    """What existed before an init, so that a failed one can take away only what it made."""
+
+    data_dir: Path
+    new_root: Path | None  # the outermost directory of data_dir's path that did not exist
+    held: frozenset[str]  # the names data_dir held
+    new_files: tuple[Path, ...]  # a SQLite database outside data_dir, and its journals
+
+    @classmethod
+    def before(cls, settings: Settings) -> _Made:
+        data_dir = settings.data_dir.absolute()
+        new_root = None
+        for path in (data_dir, *data_dir.parents):
+            if path.exists():
+                break
+            new_root = path
+        held = frozenset(p.name for p in data_dir.iterdir()) if new_root is None else frozenset()
+        url = make_url(settings.effective_database_url)
+        files: tuple[Path, ...] = ()
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            database = Path(str(url.database)).absolute()
+            if not database.is_relative_to(data_dir):
+                candidates = [
+                    Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")
+                ]
+                files = tuple(path for path in candidates if not path.exists())
+        return cls(data_dir, new_root, held, files)
+
+    def remove(self) -> None:
+        if self.new_root is not None:
+            shutil.rmtree(self.new_root, ignore_errors=True)
+        else:
+            for path in self.data_dir.iterdir():
+                if path.name in self.held:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for path in self.new_files:
+            path.unlink(missing_ok=True)
 
 
 STATE = State()

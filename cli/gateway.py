@@ -57,7 +57,9 @@ def init(
         default_ttl=default_ttl,
         max_ttl=max_ttl,
     )
-    out = GatewayOut.of(gateway.init_gateway(STATE.context(create=True), init_params(body)))
+    params = init_params(body)
+    with STATE.setting_up() as ctx:
+        out = GatewayOut.of(gateway.init_gateway(ctx, params))
     if json_out:
         emit_json(out)
         return

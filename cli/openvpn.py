@@ -48,7 +48,8 @@ def init(
         ca_ttl=Ttl.parse(ca_ttl),
         force=force,
     )
-    config = openvpn.init_openvpn(STATE.context(create=True), params)
+    with STATE.setting_up() as ctx:
+        config = openvpn.init_openvpn(ctx, params)
     if json_out:
         emit_json(OpenVpnOut.of(config))
         return

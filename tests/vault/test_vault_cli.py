@@ -1,0 +1,94 @@
+"""The CLI on a Vault-backed instance, as an operator runs it (real ``trellis`` processes, the
+session's OpenBao): a refused init leaves nothing behind, a seal that cannot sign says so, and an
+intermediate whose Transit key is gone can still be revoked."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.cli.test_walkthrough import Trellis
+from tests.conftest import TRUST_DOMAIN, free_port
+from tests.vault.conftest import POLICY_FILE
+from tests.vault.openbao import OpenBao
+
+pytestmark = pytest.mark.slow
+
+
+def vault_cli(data_dir: Path, openbao: OpenBao, token: str) -> Trellis:
+    cli = Trellis(data_dir, f"sqlite:///{data_dir / 'trellis.db'}")
+    cli.env.pop("TRELLIS_KEY_PASSPHRASE")  # the file backend's own passphrase file, as by default
+    cli.env |= {
+        "TRELLIS_KEY_BACKEND": "vault",
+        "TRELLIS_VAULT_ADDR": openbao.address,
+        "TRELLIS_VAULT_TOKEN": token,
+        "TRELLIS_VAULT_TIMEOUT": "5",
+    }
+    return cli
+
+
+def transit_keys(openbao: OpenBao) -> set[str]:
+    try:
+        return set(openbao.api("LIST", "transit/keys")["data"]["keys"])
+    except RuntimeError:  # 404: no key at all
+        return set()
+
+
+def test_a_refused_vault_init_leaves_nothing_behind(openbao: OpenBao, tmp_path: Path) -> None:
+    cannot_sign = POLICY_FILE.read_text().replace("/sign/", "/sign-not/")
+    openbao.put_policy("trellis-cannot-sign", cannot_sign)
+    tokens = {"bogus": "bogus", "no-sign": openbao.create_token("trellis-cannot-sign", ttl="1h")}
+    keys = transit_keys(openbao)
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "notes.txt").write_text("the operator's\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name, token in tokens.items():
+        for data_dir in (tmp_path / "new" / name, empty, held):
+            result = vault_cli(data_dir, openbao, token).run(
+                "init", "--trust-domain", TRUST_DOMAIN.name, ok=False
+            )
+            assert result.returncode == 8, (name, data_dir, result)
+            assert result.stderr.startswith("trellis: "), result.stderr
+            assert transit_keys(openbao) == keys, "a Transit key was left behind"
+        assert not (tmp_path / "new").exists()  # nor the parent it made
+        assert empty.is_dir() and list(empty.iterdir()) == []
+        assert [p.name for p in held.iterdir()] == ["notes.txt"]
+
+
+def test_audit_seal_without_vault_exits_8_and_revoking_a_keyless_intermediate_works(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    cli.run("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/web")
+
+    cut_off = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cut_off.env["TRELLIS_VAULT_ADDR"] = f"http://127.0.0.1:{free_port()}"
+    sealing = cut_off.run("audit", "seal", ok=False)
+    assert sealing.returncode == 8, sealing
+    assert "but could not sign the head: cannot reach Vault" in sealing.stderr, sealing.stderr
+    assert "sealed" not in sealing.stdout
+    cli.run("audit", "seal")
+    verified = cli.json("audit", "verify")
+    assert isinstance(verified, dict) and verified["ok"] and verified["unsigned"] == 0
+
+    with sqlite3.connect(tmp_path / "var" / "trellis.db") as db:
+        serial, key_ref = db.execute(
+            "SELECT serial, key_ref FROM ca WHERE role = 'intermediate' AND state = 'active'"
+        ).fetchone()
+    name = key_ref.split("@", 1)[0]
+    openbao.api("POST", f"transit/keys/{name}/config", {"deletion_allowed": True})
+    openbao.api("DELETE", f"transit/keys/{name}")
+    revoked = cli.run("authority", "revoke-intermediate", "--yes")
+    assert f"revoked intermediate {serial}" in revoked.stdout.replace(":", "").lower(), revoked
+    assert "own final CRL was not signed" in revoked.stderr, revoked.stderr
+    assert "missing from the vault key store" in revoked.stderr, revoked.stderr
+    cli.run("crl", "fetch", "--ca", "root", "--out", str(tmp_path / "root.crl"))
+    root_crl = x509.load_der_x509_crl((tmp_path / "root.crl").read_bytes())
+    listed = root_crl.get_revoked_certificate_by_serial_number(int(serial, 16))
+    assert listed is not None
