@@ -19,6 +19,7 @@ from ca.authority import MESH, active_issuer, bundle_pem
 from ca.bundle import read_bundle
 from ca.errors import TrellisError
 from ca.jwks import bundle_jwks
+from ca.readiness import check_issuing_keys
 from ca.scheduler import job_statuses
 
 router = APIRouter(tags=["public"])
@@ -96,8 +97,8 @@ def readyz(ctx: CtxDep) -> Response:
     except sa.exc.SQLAlchemyError as exc:
         detail["database"] = f"unavailable: {type(exc).__name__}"
     try:
-        ctx.keys.check()
         active_issuer(ctx)
+        check_issuing_keys(ctx)
         detail["keys"] = "ok"
     except TrellisError as exc:
         detail["keys"] = exc.detail

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca.keys.types import KeyType, PrivateKey, PublicKey
 
@@ -53,6 +55,9 @@ class KeyBackend(Protocol):
         """Remove a key that was created but never recorded (so a failed init leaves no orphan)."""
         ...
 
-    def check(self) -> None:
-        """Raise ``Unavailable`` if the backend cannot sign right now (for ``/readyz``)."""
+    def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:
+        """Raise ``Unavailable`` if the backend cannot sign right now with each of ``keys`` (a
+        handle and its CA certificate's public key), for ``/readyz``: cheaply, signing nothing.
+        Each key must still exist and be usable; a backend that can tell a key's public half
+        without unlocking it also checks that it is still the certificate's."""
         ...

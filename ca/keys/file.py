@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.files import write_private
@@ -80,6 +82,13 @@ class FileKeyBackend:
     def destroy(self, handle: KeyHandle) -> None:
         self._path(handle.ref).unlink(missing_ok=True)
 
-    def check(self) -> None:
+    def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:
+        """A stat per key: whether a file is still its certificate's key takes decrypting it,
+        which ``KeyStore.load`` does once per process."""
         if not os.access(self._dir, os.R_OK | os.X_OK):
-            raise Unavailable(f"key directory {self._dir} is not readable")
+            raise Unavailable("the file key store's directory is not readable")
+        for handle, _public in keys:
+            if not os.access(self._path(handle.ref), os.R_OK):
+                raise Unavailable(
+                    f"CA key {handle.ref} is missing from the file key store, or unreadable"
+                )

@@ -4,7 +4,7 @@ instance can hold file-backed and Vault-backed authorities side by side."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
@@ -78,6 +78,10 @@ class KeyStore:
     def destroy(self, handle: KeyHandle) -> None:
         self.backend(handle.backend).destroy(handle)
 
-    def check(self) -> None:
-        for backend in self._backends.values():
-            backend.check()
+    def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:
+        """Every configured backend can sign now, each with the ``keys`` it holds (for
+        ``/readyz``). Failures are ``Unavailable``, and name no path on this server."""
+        for handle, _ in keys:
+            self.backend(handle.backend)  # a key in a backend that is not configured
+        for name, backend in self._backends.items():
+            backend.check([key for key in keys if key[0].backend == name])

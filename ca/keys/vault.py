@@ -25,7 +25,7 @@ import secrets
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Self
@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding, PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.utils import Buffer
 
 from ca import metrics
@@ -668,7 +669,7 @@ def requirements(
         Requirement(
             "sys/capabilities-self",
             ("update",),
-            "trellis vault check (also in the default policy)",
+            "trellis vault check and /readyz (also in the default policy)",
         ),
     )
 
@@ -806,8 +807,37 @@ class VaultKeyBackend:
         )
         self.connection.call("DELETE", f"{self.transit_mount}/keys/{name}")
 
-    def check(self) -> None:
-        self.connection.token_info()
+    def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:
+        """One ``sys/capabilities-self`` call for the keys' sign paths (a token whose policy may
+        not sign fails every signature while Vault answers everything else), then one read per
+        key: it still exists, and the pinned version is still the certificate's key."""
+        if not keys:
+            self.connection.token_info()
+            return
+        paths = {
+            handle.ref: f"{self.transit_mount}/sign/{_parse_ref(handle.ref)[0]}"
+            for handle, _ in keys
+        }
+        data = self.connection.call(
+            "POST", "sys/capabilities-self", {"paths": sorted(set(paths.values()))}
+        )
+        granted = data.get("data") or data
+        for path in paths.values():
+            have = set(granted.get(path) or [])
+            if not have & {"update", "root", "sudo"}:
+                raise Unavailable(
+                    f"Vault's token may not sign with {path.rsplit('/', 1)[1]}: its policy lacks "
+                    f"'update' on {path} (run 'trellis vault check')"
+                )
+        for handle, public in keys:
+            try:
+                signer = self.load(handle)
+            except NotFound:
+                raise Unavailable(
+                    f"CA key {handle.ref} is missing from the vault key store"
+                ) from None
+            if signer.public_key() != public:
+                raise Unavailable(f"CA key {handle.ref} is not the key of its CA certificate")
 
     def store_secret(self, path: str, data: bytes) -> None:
         """Keep ``data`` (a key Trellis hands out) at ``<kv>/data/<prefix>/<path>``, as a new

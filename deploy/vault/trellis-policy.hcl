@@ -33,7 +33,7 @@ path "auth/token/renew-self" {
   capabilities = ["update"]
 }
 
-# trellis vault check (also in the default policy)
+# trellis vault check and /readyz (also in the default policy)
 path "sys/capabilities-self" {
   capabilities = ["update"]
 }

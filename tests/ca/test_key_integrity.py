@@ -11,7 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+import ca.readiness
 from api.app import create_app
+from ca import gateway
 from ca.authority import active_issuer, check_keys
 from ca.certs import CertStatus, get_certificate, revoke_certificate
 from ca.config import Context
@@ -38,10 +40,12 @@ pytestmark = SQLITE_ONLY
 TD = "example.org"
 
 
-def intermediate_key_file(ctx: Context) -> Path:
+def intermediate_key_file(ctx: Context, authority: str = "mesh") -> Path:
     with Session(ctx.engine) as session:
         row = session.exec(
-            select(CaRow).where(CaRow.role == "intermediate", CaRow.state == "active")
+            select(CaRow).where(
+                CaRow.authority == authority, CaRow.role == "intermediate", CaRow.state == "active"
+            )
         ).one()
     return ctx.settings.data_dir / "keys" / f"{row.key_ref}.pem"
 
@@ -109,3 +113,28 @@ def test_a_key_file_that_is_not_the_certificates_key_is_refused_before_signing(
     assert count_rows(ctx, "certificate") == certificates
     assert ready.status_code == 503
     assert "not the key of its CA certificate" in ready.json()["detail"]["keys"]
+
+
+def test_readiness_checks_every_issuing_key(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's intermediate key gone (replaced on another replica, say) while the mesh's is
+    here: every gateway issuance would fail, so the replica is not ready."""
+    gateway.init_gateway(ctx, gateway.GatewayParams())
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        intermediate_key_file(ctx, "gateway").unlink()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        keys = ready.json()["detail"]["keys"]
+        assert "is missing from the file key store" in keys
+        assert str(ctx.settings.data_dir) not in keys
+        assert ready.json()["detail"]["database"] == "ok"
+
+
+def test_readiness_reuses_its_verdict_for_a_few_seconds(ctx: Context) -> None:
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        intermediate_key_file(ctx).unlink()
+        assert client.get("/readyz").status_code == 200  # polled: not a stat per probe
+        ctx.cache.pop(("readiness", "issuing-keys"))
+        assert client.get("/readyz").status_code == 503

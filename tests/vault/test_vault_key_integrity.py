@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+import ca.readiness
 from api.app import create_app
 from ca import audit
 from ca.authority import check_keys
@@ -33,7 +34,7 @@ from tests.ca.svidkit import (
     uses_remaining,
 )
 from tests.conftest import TRUST_DOMAIN, free_port
-from tests.vault.conftest import close, vault_settings
+from tests.vault.conftest import POLICY_FILE, close, vault_settings
 from tests.vault.openbao import OpenBao
 
 
@@ -122,3 +123,40 @@ def test_a_seal_that_cannot_sign_fails_and_keeps_the_chain(
     assert result.ok and result.unsealed == 0 and result.unsigned == result.sealed > 0
     audit.seal(vault_ctx)  # Vault reachable again: the head is signed
     assert audit.verify(vault_ctx).unsigned == 0
+
+
+def test_readiness_fails_when_the_token_may_not_sign(
+    vault_ctx: Context, openbao: OpenBao, tmp_path: Path, clock: FixedClock
+) -> None:
+    """Vault answers, the token is alive, but its policy lacks transit/sign: every issuance is
+    a 503, so /readyz is too (``trellis vault check`` says the same)."""
+    openbao.put_policy("trellis-no-sign", POLICY_FILE.read_text().replace("/sign/", "/sign-not/"))
+    token = openbao.create_token("trellis-no-sign", ttl="1h")
+    restricted = build_context(vault_settings(tmp_path, openbao, vault_token=token), clock=clock)
+    try:
+        with TestClient(create_app(restricted), raise_server_exceptions=False) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "may not sign" in ready.json()["detail"]["keys"]
+            assert "transit/sign" in refused_svid(restricted, client, "denied")
+    finally:
+        close(restricted)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200  # the full policy's token is ready
+
+
+def test_readiness_fails_when_the_transit_key_goes_while_serving(
+    vault_ctx: Context, openbao: OpenBao, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        name = intermediate_key_name(vault_ctx)
+        delete_transit_key(openbao, name)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "is missing from the vault key store" in ready.json()["detail"]["keys"]
+        openbao.api("POST", f"transit/keys/{name}", {"type": "ecdsa-p256"})  # another key
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "not the key of its CA certificate" in ready.json()["detail"]["keys"]
