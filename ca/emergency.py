@@ -142,7 +142,8 @@ def _final_crl(ctx: Context, session: Session, old: CaRow) -> str | None:
     try:
         ca_signer(ctx, old)
     except Unavailable as error:
-        log.warning("revoked intermediate %s: final CRL not signed: %s", old.serial, error.detail)
+        # The caller reports it (the CLI's warning, final_crl_skipped); a server logs it too.
+        log.info("revoked intermediate %s: final CRL not signed: %s", old.serial, error.detail)
         return error.detail
     refresh_crl(ctx, session, old)
     return None

@@ -62,12 +62,11 @@ class KeyStore:
         try:
             signer = backend.load(handle)
         except NotFound as error:
-            log.error("CA key %s: %s", handle.ref, error.detail)
+            log.error("%s", error.detail)
             raise Unavailable(
                 f"CA key {handle.ref} is missing from the {handle.backend} key store"
             ) from None
         if certified is not None and signer.public_key() != certified:
-            log.error("CA key %s does not match its CA certificate's public key", handle.ref)
             raise Unavailable(
                 f"CA key {handle.ref} in the {handle.backend} key store is not the key of its CA "
                 "certificate (replaced, or restored from another instance): nothing is signed "
