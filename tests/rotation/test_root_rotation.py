@@ -18,7 +18,7 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import Conflict, NotFound
+from ca.errors import Conflict, Unavailable
 from ca.identity import SpiffeId
 from ca.issue import IssuedSvid
 from ca.jobs import rotate_cas
@@ -453,7 +453,7 @@ def test_retiring_the_old_root_ends_every_trust_path_through_it(
         old_by_new.serial_number
     }
     assert old_crl.next_update_utc == cert_of(old_row).not_valid_after_utc
-    with pytest.raises(NotFound):
+    with pytest.raises(Unavailable, match="is missing from the file key store"):
         drill_ctx.keys.load(_handle(old_row))
 
     now = clock.now()
