@@ -62,7 +62,9 @@ class KeyStore:
         try:
             signer = backend.load(handle)
         except NotFound as error:
-            log.error("%s", error.detail)
+            # INFO: a server logs it (the path is for its operators, not its clients); a CLI
+            # command, which logs nothing below WARNING, says it once, in its error line.
+            log.info("%s", error.detail)
             raise Unavailable(
                 f"CA key {handle.ref} is missing from the {handle.backend} key store"
             ) from None

@@ -36,6 +36,7 @@ from tests.ca.svidkit import (
 )
 from tests.ca.svidkit import new_key as new_subject_key
 from tests.ca.test_ocsp import request_der
+from tests.cli.test_walkthrough import Trellis
 
 pytestmark = SQLITE_ONLY
 TD = "example.org"
@@ -144,3 +145,20 @@ def test_readiness_reuses_its_verdict_for_a_few_seconds(ctx: Context) -> None:
         assert client.get("/readyz").status_code == 200  # polled: not a stat per probe
         ctx.cache.pop(("readiness", "issuing-keys"))
         assert client.get("/readyz").status_code == 503
+
+
+def test_a_missing_key_is_one_line_on_the_cli(database_url: str, tmp_path: Path) -> None:
+    """A CLI command logs nothing below WARNING, and its error line says what is missing: the
+    path (which a server logs, at INFO, for its operators) was a second line before. A real
+    process: under pytest the root logger has a handler, and nothing reaches stderr."""
+    cli = Trellis(tmp_path / "var", database_url)
+    cli.run("init", "--trust-domain", TD)
+    (key,) = (tmp_path / "var" / "keys").glob("mesh-intermediate-*.pem")
+    key.unlink()
+    minted = cli.run(
+        "svid", "mint", "--spiffe-id", f"spiffe://{TD}/a", "--out", str(tmp_path / "a"), ok=False
+    )
+    assert minted.returncode == 8
+    assert minted.stderr.splitlines() == [
+        f"trellis: CA key {key.stem} is missing from the file key store"
+    ]
