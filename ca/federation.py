@@ -438,7 +438,8 @@ async def _get(endpoint: Endpoint, context: ssl.SSLContext) -> bytes:
                         raise Unavailable(f"{url} answered HTTP {response.status_code}")
                     return await _read_body(response)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise Unavailable(f"cannot fetch {url}: {exc}") from None
+        # httpx's timeouts can carry no message: name the exception then, never leave it blank
+        raise Unavailable(f"cannot fetch {url}: {str(exc) or type(exc).__name__}") from None
     raise Unavailable(f"more than {MAX_REDIRECTS} redirects from {endpoint.url}")
 
 

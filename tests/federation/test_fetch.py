@@ -3,6 +3,7 @@ endpoint, and the limits on what it may answer. The store plays no part here: SQ
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,17 @@ def test_the_deadline_covers_the_headers(
     error = error_of(ctx)
     assert time.monotonic() - started < 3
     assert error == f"{endpoint.url} took longer than 1 s to answer"
+
+
+def test_a_handshake_that_never_ends_is_named(
+    ctx: Context, partner: Partner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts the connection and never answers the TLS handshake runs into the
+    connect timeout, whose exception carries no message: the recorded reason still says what
+    happened (it ended in "cannot fetch <url>: ", nothing after the colon)."""
+    monkeypatch.setattr(federation, "TIMEOUT", (federation.TIMEOUT[0], 0.3))
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"https://127.0.0.1:{silent.getsockname()[1]}/bundle"
+        spiffe(ctx, partner, url)
+        error = error_of(ctx)
+    assert error == f"cannot fetch {url}: ConnectTimeout"
