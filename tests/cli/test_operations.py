@@ -3,8 +3,10 @@ refusing bad configuration with a clear message."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -217,6 +219,9 @@ def test_an_unwritable_out_is_refused_before_anything_is_issued(
     the --out target is checked first, with one line and exit 2, and nothing is issued."""
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory\n")
+    a_fifo, a_link = tmp_path / "a-fifo", tmp_path / "a-link"
+    os.mkfifo(a_fifo)
+    a_link.symlink_to(a_fifo)
     local.run("openvpn", "init")
     local.run("openvpn", "configure", "--remote", "vpn.example.org")
     before = _certificates(local)
@@ -229,6 +234,10 @@ def test_an_unwritable_out_is_refused_before_anything_is_issued(
         ["openvpn", "server-config", "--out", f"{a_file}/srv"],
         ["crl", "fetch", "--out", f"{a_file}/x.crl"],
         ["bundle", "show", "--out", f"{a_file}/b.pem"],
+        # a device or a pipe is not replaced by a regular file (a key where /dev/null was)
+        ["crl", "fetch", "--out", str(a_fifo)],
+        ["backup", "--out", str(a_fifo)],
+        ["openvpn", "client", "add", "bob", "--out", str(a_link)],
     ]
     for args in attempts:
         result = local.run(*args, ok=False)
@@ -237,6 +246,7 @@ def test_an_unwritable_out_is_refused_before_anything_is_issued(
         assert result.stderr.count("\n") == 1, result.stderr
     assert _certificates(local) == before
     assert local.json("openvpn", "client", "list") == []
+    assert stat.S_ISFIFO(a_fifo.lstat().st_mode) and a_link.is_symlink()
     # a file it cannot read or write after all: one line, exit 8, not a traceback
     local.run("gateway", "init")
     local.run("gateway", "consumer", "add", "acme", "--contact", "a@acme.example")
