@@ -27,6 +27,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
@@ -38,30 +39,49 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from ca.config import Context
-from ca.errors import InternalError, InvalidInput, NotInitialised, TrellisError, Unavailable
+from ca.errors import (
+    AuditTampered,
+    InternalError,
+    InvalidInput,
+    NotInitialised,
+    TrellisError,
+    Unavailable,
+)
 from ca.keys import PrivateKey
 from ca.store.batch import Rows, Work
 from ca.store.core import insert_now, prepared, table
+from ca.store.models import UtcDateTime
 from ca.store.models_audit import AuditRow, AuditSealRow
 
 __all__ = [
     "INSERT",
+    "LATE",
+    "Anchors",
     "AuditEntry",
     "Verification",
     "entry",
     "list_audit",
     "record",
     "seal",
+    "stored_anchors",
     "verify",
 ]
+
+log = logging.getLogger("trellis.audit")
 
 SETTLE = dt.timedelta(seconds=5)
 MAX_LIST = 10_000  # records a listing returns at most
 SIGN_EVERY = dt.timedelta(seconds=10)
 GENESIS = "0" * 64
+# How far behind the chain a record may be and still be chained or left unsigned. The server
+# chains every 2 s (after a settle delay of 5 s on PostgreSQL) and signs every 10 s, so a record
+# honestly left behind is seconds behind; ten minutes leaves room for a slow transaction (an
+# ``init`` generating RSA keys) and clock jitter between replicas. A record further behind the
+# chain's head or its newest signature had its chain or seal removed (see ``verify``).
+LATE = dt.timedelta(minutes=10)
 INSERT = sa.insert(table(AuditRow))  # built once: see ca.store.core
 
 
@@ -156,7 +176,7 @@ class Sealed:
 
 _AUDIT, _SEALS = table(AuditRow), table(AuditSealRow)
 _HEAD = (
-    sa.select(_AUDIT.c.seq, _AUDIT.c.hash)
+    sa.select(_AUDIT.c.seq, _AUDIT.c.hash, _AUDIT.c.id, _AUDIT.c.at)
     .where(_AUDIT.c.seq.is_not(None))
     .order_by(_AUDIT.c.seq.desc())
     .limit(1)
@@ -319,6 +339,16 @@ def _sealing(
     previous = head[1] if head and head[1] else GENESIS
     signed_seq = last_seal[0] if last_seal else 0
     sign = sign_every is None or last_seal is None or now - last_seal[1] >= sign_every
+    # A record that sits before the chain's head by id (SQLite commits in id order; PostgreSQL
+    # may commit a slow transaction's lower id later, what the settle delay is for) or is older
+    # than the head or the last signature by more than LATE was unchained or inserted behind
+    # the chain's back: signing it would bless a rewritten history. One comparison a record.
+    newest = max(
+        (at for at in (head[3] if head else None, last_seal[1] if last_seal else None) if at),
+        default=None,
+    )
+    floor = newest - LATE if newest is not None else None
+    head_id = head[2] if head and ctx.engine.dialect.name != "postgresql" else None
     pending_rows = prepared(_PENDING)
     # One row more than a chunk tells whether this chunk is the last (then it is signed).
     chunk = {"cutoff": now - settle, "chunk": SEAL_CHUNK + 1}
@@ -330,6 +360,10 @@ def _sealing(
         for index, row in enumerate(pending[:SEAL_CHUNK]):
             if index % PAUSE_EVERY == 0:
                 yield None
+            if (floor is not None and row["at"] < floor) or (
+                head_id is not None and row["id"] < head_id
+            ):
+                raise _refused(row, head, last_seal)
             seq += 1
             digest = _digest(row, seq, previous)
             chained.append(
@@ -340,6 +374,8 @@ def _sealing(
             break
         signature = (yield _Sign((seq, previous, now))) if last and sign else None
         yield _Write(_chunk_writer(chained, signature))
+        if signature is not None:
+            _witness(seq, previous)
         total += len(chained)
         if last:
             break
@@ -347,7 +383,31 @@ def _sealing(
         signature = yield _Sign((seq, previous, now))
         if signature is not None:
             yield _Write(_chunk_writer([], signature))
+            _witness(seq, previous)
     return Sealed(total, seq if total else None)
+
+
+def _witness(seq: int, head: str) -> None:
+    """A truncated tail (the last records and their seals deleted) leaves a consistent chain:
+    only a copy of a signed head kept elsewhere shows it. Shipped logs are that copy
+    (``trellis audit verify --head SEQ:HASH``)."""
+    log.info("audit head signed: seq %d hash %s", seq, head)
+
+
+def _refused(row: Mapping[str, Any], head: Any, last_seal: Any) -> AuditTampered:
+    chain = (
+        f"the chain's head is record id {head[2]} (seq {head[0]}, {head[3].isoformat()})"
+        if head is not None
+        else "the chain is empty"
+    )
+    signed = f"last signed at seq {last_seal[0]} ({last_seal[1].isoformat()})" if last_seal else ""
+    return AuditTampered(
+        f"refused to chain audit record id {row['id']} ({row['event']}, "
+        f"{row['at'].isoformat()}): {chain}{', ' + signed if signed else ''}, and a record "
+        f"sitting before it or older than it by more than {int(LATE.total_seconds() // 60)} "
+        "minutes had its chain removed or was inserted behind the chain's back; nothing was "
+        "signed: run 'trellis audit verify'"
+    )
 
 
 def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | None) -> Work:
@@ -413,45 +473,301 @@ class Verification:
     seals_checked: int
     problems: tuple[str, ...]
     unsigned: int = 0  # chained after the last signed head
+    anchors: str = ""  # where the trust anchors the seals were checked against came from
 
 
-def verify(ctx: Context) -> Verification:
-    """Recompute the chain from the first record; report every break, first one first."""
-    problems: list[str] = []
+@dataclass(frozen=True, slots=True)
+class Anchors:
+    """The certificates a seal's signer must chain to, and where they came from (said in
+    ``verify``'s report: anchors read from the database being checked prove less than a bundle
+    kept elsewhere)."""
+
+    certificates: tuple[x509.Certificate, ...]
+    source: str
+
+
+def _time_of(value: Any) -> dt.datetime | None:
+    """A time column as stored, read without the ORM's parsing (which raises on a damaged
+    value): SQLite hands back its text, PostgreSQL a datetime."""
+    if isinstance(value, dt.datetime):
+        parsed = value
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
+
+
+def _raw(column: sa.Column[Any]) -> Any:
+    return sa.type_coerce(column, sa.String()) if isinstance(column.type, UtcDateTime) else column
+
+
+_RECORD_COLUMNS = ("id", "seq", "prev_hash", "hash", "at", "actor", "event", "subject", "detail")
+_RECORDS = sa.select(
+    *(_raw(_AUDIT.c[name]) for name in _RECORD_COLUMNS), _AUDIT.c.request_id
+).where(_AUDIT.c.seq.is_not(None))
+_UNSEALED = sa.select(_AUDIT.c.id, _raw(_AUDIT.c.at)).where(_AUDIT.c.seq.is_(None))
+_SEAL_ROWS = sa.select(
+    _SEALS.c.seq,
+    _SEALS.c.head_hash,
+    _raw(_SEALS.c.signed_at),
+    _SEALS.c.signer_cert_pem,
+    _SEALS.c.signature,
+).order_by(_SEALS.c.seq, _SEALS.c.id)
+
+
+def stored_anchors(ctx: Context) -> Anchors:
+    """The mesh's roots as this database stores them, in every state (a seal made before a
+    root rotation was signed under the root of its time)."""
+    from ca.authority import MESH  # the audit module is imported by ca.authority
+    from ca.store.models import CaRow
+
     with Session(ctx.engine) as session:
-        rows = session.exec(
-            select(AuditRow).where(col(AuditRow.seq).is_not(None)).order_by(col(AuditRow.seq))
+        pems = session.exec(
+            select(CaRow.cert_pem).where(CaRow.authority == MESH, CaRow.role == "root")
         ).all()
-        unsealed = session.execute(
-            sa.select(sa.func.count()).select_from(AuditRow).where(col(AuditRow.seq).is_(None))
-        ).scalar_one()
-        seals = session.exec(select(AuditSealRow).order_by(col(AuditSealRow.seq))).all()
+    return Anchors(
+        tuple(x509.load_pem_x509_certificate(pem.encode()) for pem in pems),
+        "the mesh roots stored in this database (the one being verified: "
+        "pass --bundle for anchors kept elsewhere)",
+    )
+
+
+def _mesh_certificates(ctx: Context) -> list[x509.Certificate]:
+    from ca.authority import MESH
+    from ca.store.models import CaRow
+
+    with Session(ctx.engine) as session:
+        pems = session.exec(select(CaRow.cert_pem).where(CaRow.authority == MESH)).all()
+    return [x509.load_pem_x509_certificate(pem.encode()) for pem in pems]
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return constraints.ca and usage.key_cert_sign
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+class _Signers:
+    """Whether a seal's signer is a CA that chains, signatures verified, to the anchors; each
+    signer's path is built once (a server signs a seal every 10 s, all with a few CAs)."""
+
+    def __init__(self, anchors: Anchors, pool: list[x509.Certificate]) -> None:
+        self.anchors = anchors
+        self.pool = [cert for cert in pool if _is_ca(cert)]
+        self.paths: dict[bytes, list[x509.Certificate] | None] = {}
+
+    def problem(self, cert: x509.Certificate, at: dt.datetime) -> str | None:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if der not in self.paths:
+            self.paths[der] = self._path(cert)
+        path = self.paths[der]
+        name = cert.subject.rfc4514_string()[:120]
+        if path is None:
+            return (
+                f"its signer ({name}) is not a CA certificate chaining to the trust anchors "
+                f"({self.anchors.source})"
+            )
+        for link in path:
+            if not link.not_valid_before_utc <= at <= link.not_valid_after_utc:
+                return (
+                    f"its signer's certificate {link.subject.rfc4514_string()[:120]} was not "
+                    f"valid at the seal's time {at.isoformat()}"
+                )
+        return None
+
+    def _path(self, cert: x509.Certificate) -> list[x509.Certificate] | None:
+        if not _is_ca(cert):
+            return None
+        path, current = [cert], cert
+        for _ in range(8):
+            if any(
+                current == anchor or (_is_ca(anchor) and _issued_by(current, anchor))
+                for anchor in self.anchors.certificates
+            ):
+                return path
+            parent = next((c for c in self.pool if c != current and _issued_by(current, c)), None)
+            if parent is None or parent in path:
+                return None
+            path.append(parent)
+            current = parent
+        return None
+
+
+def _span(ids: list[int]) -> str:
+    return f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}..{ids[-1]} ({len(ids)} records)"
+
+
+def verify(
+    ctx: Context, *, anchors: Anchors | None = None, heads: tuple[tuple[int, str], ...] = ()
+) -> Verification:
+    """Recompute the chain from the first record; report every break, first one first.
+
+    Seals count only if signed by a CA certificate chaining to ``anchors`` (by default the
+    mesh roots stored in the database) and valid when it signed. ``heads``: (seq, hash) of
+    signed heads witnessed elsewhere (the sealer logs each): a chain cut short before one of
+    them, and re-signed, is consistent in the database alone.
+
+    Records left behind the chain are reported too (``LATE``): the sealer chains every record
+    within seconds of the records and signature after it, so one unchained or unsigned while
+    the chain went on for more than ``LATE`` had its chain or seal removed."""
+    anchors = anchors if anchors is not None else stored_anchors(ctx)
+    signers = _Signers(anchors, _mesh_certificates(ctx) + list(anchors.certificates))
+    now = ctx.clock.now()
+    problems: list[str] = []
+    with ctx.reads.connect() as connection:
+        rows = connection.execute(_RECORDS.order_by(_AUDIT.c.seq)).mappings().all()
+        unsealed = connection.execute(_UNSEALED.order_by(_AUDIT.c.id)).all()
+        seals = connection.execute(_SEAL_ROWS).all()
     previous, expected_seq = GENESIS, 1
     hashes_by_seq: dict[int, str] = {}
+    times_by_seq: dict[int, dt.datetime] = {}
     for row in rows:
-        assert row.seq is not None
-        where = f"record seq {row.seq} (id {row.id}, {row.event})"
-        if row.seq != expected_seq:
-            problems.append(f"records seq {expected_seq}..{row.seq - 1} are missing before {where}")
-        if row.prev_hash != previous:
+        seq = row["seq"]
+        where = f"record seq {seq} (id {row['id']}, {row['event']})"
+        if seq != expected_seq:
+            problems.append(f"records seq {expected_seq}..{seq - 1} are missing before {where}")
+        if row["prev_hash"] != previous:
             problems.append(f"{where}: does not follow the record before it (reordered or deleted)")
-        if row.hash != _digest(vars(row), row.seq, row.prev_hash or GENESIS):
+        at = _time_of(row["at"])
+        if at is None:
+            problems.append(f"{where}: its time is damaged ({str(row['at'])[:40]!r})")
+        elif row["hash"] != _digest({**row, "at": at}, seq, row["prev_hash"] or GENESIS):
             problems.append(f"{where}: its content does not match its hash (edited)")
-        previous, expected_seq = row.hash or "", row.seq + 1
-        hashes_by_seq[row.seq] = row.hash or ""
-    for seal_row in seals:
-        cert = x509.load_pem_x509_certificate(seal_row.signer_cert_pem.encode())
-        if hashes_by_seq.get(seal_row.seq) != seal_row.head_hash:
+        else:
+            times_by_seq[seq] = at
+        previous, expected_seq = row["hash"] or "", seq + 1
+        hashes_by_seq[seq] = row["hash"] or ""
+    signed: tuple[int, dt.datetime] | None = None  # the newest seal that verifies
+    last_signed_at: dt.datetime | None = None  # the newest seal's time, verified or not
+    for seal_seq, head_hash, signed_raw, cert_pem, signature in seals:
+        where = f"seal at seq {seal_seq}"
+        signed_at = _time_of(signed_raw)
+        if signed_at is not None and (last_signed_at is None or signed_at > last_signed_at):
+            last_signed_at = signed_at
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        except ValueError:
+            problems.append(f"{where}: its signer certificate is damaged")
+            continue
+        if signed_at is None:
+            problems.append(f"{where}: its time is damaged ({str(signed_raw)[:40]!r})")
+        elif hashes_by_seq.get(seal_seq) != head_hash:
+            problems.append(f"{where}: the chain no longer ends in the sealed head")
+        elif (untrusted := signers.problem(cert, signed_at)) is not None:
+            problems.append(f"{where}: {untrusted}")
+        elif not _check_signature(cert, signature, head_hash.encode()):
+            problems.append(f"{where}: the CA signature does not verify")
+        elif signed is None or seal_seq >= signed[0]:
+            signed = (seal_seq, signed_at)
+    for seq, head_hash in heads:
+        if hashes_by_seq.get(seq) != head_hash:
             problems.append(
-                f"seal at seq {seal_row.seq}: the chain no longer ends in the sealed head"
+                f"the chain does not hold the witnessed head seq {seq} ({head_hash[:16]}...): "
+                "records were removed or rewritten up to it"
             )
-        elif not _check_signature(cert, seal_row.signature, seal_row.head_hash.encode()):
-            problems.append(f"seal at seq {seal_row.seq}: the CA signature does not verify")
-    signed_up_to = max((seal_row.seq for seal_row in seals), default=0)
-    unsigned = sum(1 for row in rows if row.seq is not None and row.seq > signed_up_to)
-    return Verification(
-        not problems, len(rows), int(unsealed), len(seals), tuple(problems), unsigned
+    signed_up_to = signed[0] if signed else 0
+    unsigned = sum(1 for row in rows if row["seq"] > signed_up_to)
+    problems += _left_behind(
+        ctx, rows, times_by_seq, unsealed, signed, last_signed_at, now, bool(seals)
     )
+    return Verification(
+        not problems,
+        len(rows),
+        len(unsealed),
+        len(seals),
+        tuple(problems),
+        unsigned,
+        anchors.source,
+    )
+
+
+def _left_behind(
+    ctx: Context,
+    rows: Any,
+    times_by_seq: dict[int, dt.datetime],
+    unsealed: Any,
+    signed: tuple[int, dt.datetime] | None,
+    last_signed_at: dt.datetime | None,
+    now: dt.datetime,
+    any_seals: bool,
+) -> list[str]:
+    """Records the chain or its signatures went past (see ``LATE``): an honest sealer chains
+    every settled record in id order and, when it signs, covers all it chained. Not
+    detectable here: the newest records and their seals removed together (a tail cut short),
+    or every seal and chain column removed (then the trail looks like one never sealed, as
+    that of a CLI-only installation is): for those, ``heads`` witnessed elsewhere."""
+    problems: list[str] = []
+    minutes = f"{int(LATE.total_seconds() // 60)} minutes"
+    head_id = max((row["id"] for row in rows), default=None)
+    head_at = times_by_seq.get(rows[-1]["seq"]) if rows else None
+    newest = max((at for at in (head_at, last_signed_at) if at), default=None)
+    damaged, before, late = [], [], []
+    for record_id, raw in unsealed:
+        at = _time_of(raw)
+        if at is None:
+            damaged.append(record_id)
+        elif (
+            head_id is not None and record_id < head_id and ctx.engine.dialect.name != "postgresql"
+        ):
+            before.append(record_id)
+        elif newest is not None and at < newest - LATE:
+            late.append(record_id)
+    if damaged:
+        problems.append(f"unsealed record {_span(damaged)}: its time is damaged")
+    if before:
+        problems.append(
+            f"record {_span(before)} not chained, though records after it are: "
+            "its chain was removed (a reset chain)"
+        )
+    if late:
+        problems.append(
+            f"record {_span(late)} not chained, though the chain went on more than {minutes} "
+            "past it: its chain was removed"
+        )
+    unsigned = [row for row in rows if signed is None or row["seq"] > signed[0]]
+    if not unsigned:
+        return problems
+    seqs = [row["seq"] for row in unsigned]
+    times = [times_by_seq[seq] for seq in seqs if seq in times_by_seq]
+    span = f"records seq {seqs[0]}..{seqs[-1]}" if len(seqs) > 1 else f"record seq {seqs[0]}"
+    if signed is not None and times and min(times) < signed[1] - LATE:
+        problems.append(
+            f"{span} chained after the last signed head (seq {signed[0]}, "
+            f"{signed[1].isoformat()}) though older than it by more than {minutes}: "
+            "a seal covering them was removed"
+        )
+    elif signed is not None and times and max(times) > signed[1] + LATE:
+        problems.append(
+            f"{span} chained but not signed, more than {minutes} after the last signed head "
+            f"(seq {signed[0]}, {signed[1].isoformat()}): a seal was removed, or the head "
+            "could not be signed since (the audit-seal job fails saying why; "
+            "'trellis audit seal' signs it)"
+        )
+    elif signed is None and not any_seals and times and min(times) < now - LATE and _has_mesh(ctx):
+        # Without a mesh CA (a gateway-only installation) the sealer chains and cannot sign.
+        problems.append(
+            f"{span} chained but no signed head is left, the oldest more than {minutes} "
+            "ago: the seals were removed, or the head was never signed (the audit-seal "
+            "job fails saying why; 'trellis audit seal' signs it)"
+        )
+    return problems
+
+
+def _has_mesh(ctx: Context) -> bool:
+    return bool(_mesh_certificates(ctx))
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,25 +785,40 @@ class AuditEntry:
 def list_audit(
     ctx: Context, *, since: dt.datetime | None = None, event: str | None = None, limit: int = 100
 ) -> list[AuditEntry]:
+    """Newest first. A record the database holds damaged (a time or detail that does not
+    parse) is a damaged store: ``Unavailable``, naming the record, not a traceback."""
     if not 1 <= limit <= MAX_LIST:  # SQLite reads a negative LIMIT as none at all
         raise InvalidInput(f"limit must be between 1 and {MAX_LIST}")
-    query = select(AuditRow)
+    query = sa.select(*(_raw(_AUDIT.c[name]) for name in _RECORD_COLUMNS), _AUDIT.c.request_id)
     if since is not None:
-        query = query.where(col(AuditRow.at) >= since)
+        query = query.where(_AUDIT.c.at >= since)
     if event is not None:
-        query = query.where(col(AuditRow.event).startswith(event))
-    with Session(ctx.engine) as session:
-        rows = session.exec(query.order_by(col(AuditRow.id).desc()).limit(limit)).all()
-    return [
-        AuditEntry(
-            id=row.id or 0,
-            seq=row.seq,
-            at=row.at,
-            actor=row.actor,
-            event=row.event,
-            subject=row.subject,
-            detail=json.loads(row.detail),
-            request_id=row.request_id,
+        query = query.where(_AUDIT.c.event.startswith(event))
+    with ctx.reads.connect() as connection:
+        rows = connection.execute(query.order_by(_AUDIT.c.id.desc()).limit(limit)).mappings()
+        return [_entry(row) for row in rows]
+
+
+def _entry(row: Any) -> AuditEntry:
+    at = _time_of(row["at"])
+    if at is None:
+        raise Unavailable(
+            f"the audit trail is damaged: record id {row['id']} has the time "
+            f"{str(row['at'])[:40]!r}"
         )
-        for row in rows
-    ]
+    try:
+        detail = json.loads(row["detail"])
+    except ValueError:
+        raise Unavailable(
+            f"the audit trail is damaged: the detail of record id {row['id']} is not JSON"
+        ) from None
+    return AuditEntry(
+        id=row["id"],
+        seq=row["seq"],
+        at=at,
+        actor=row["actor"],
+        event=row["event"],
+        subject=row["subject"],
+        detail=detail if isinstance(detail, dict) else {"value": detail},
+        request_id=row["request_id"],
+    )

@@ -210,10 +210,34 @@ def destroy_quietly(ctx: Context, handles: list[KeyHandle]) -> None:
             log.warning("could not destroy key %s/%s after a failure", handle.backend, handle.ref)
 
 
-def _wipe(session: Session, name: str) -> list[KeyHandle]:
-    """``init --force``: forget one authority's rows; returns its keys to destroy after commit."""
+def _wipe(session: Session, name: str, *, actor: str, now: dt.datetime) -> list[KeyHandle]:
+    """``init --force``: forget one authority's rows; returns its keys to destroy after commit.
+    What it forgot is recorded in the audit trail, in the same transaction."""
     cas = session.exec(select(CaRow).where(CaRow.authority == name)).all()
     ca_ids = [row.id for row in cas]
+    replaced = session.get(AuthorityRow, name)
+    entry_count = session.execute(
+        sa.select(sa.func.count()).select_from(EntryRow).where(col(EntryRow.authority) == name)
+    ).scalar_one()
+    token_count = session.execute(
+        sa.select(sa.func.count())
+        .select_from(TokenRow)
+        .where(col(TokenRow.entry_id).in_(select(EntryRow.id).where(EntryRow.authority == name)))
+    ).scalar_one()
+    if replaced is not None or cas:
+        audit.record(
+            session,
+            "authority.reinitialised",
+            name,
+            actor=actor,
+            at=now,
+            detail={
+                "old_trust_domain": replaced.trust_domain if replaced else None,
+                "entries_removed": entry_count,
+                "join_tokens_removed": token_count,
+                "old_cas": [f"{row.role}/{row.serial}" for row in cas],
+            },
+        )
     responders = session.exec(
         select(OcspResponderRow).where(col(OcspResponderRow.ca_id).in_(ca_ids))
     ).all()
@@ -237,8 +261,9 @@ def _wipe(session: Session, name: str) -> list[KeyHandle]:
     return old
 
 
-def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
-    """Create root and issuing intermediate in one transaction; a failure leaves no keys behind."""
+def init_authority(ctx: Context, params: AuthorityParams, *, actor: str = "init") -> Issuer:
+    """Create root and issuing intermediate in one transaction; a failure leaves no keys behind.
+    ``actor``: who replaced an existing authority (``force``), for the audit trail."""
     check_params(params)
     created: list[KeyHandle] = []
     try:
@@ -249,8 +274,8 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
                     "(this destroys its keys, certificates and, for the mesh, entries and their"
                     " join tokens; admin tokens serve the whole instance and stay valid)"
                 )
-            old_keys = _wipe(session, params.name) if params.force else []
             now = ctx.clock.now()
+            old_keys = _wipe(session, params.name, actor=actor, now=now) if params.force else []
             backend = params.key_backend or ctx.keys.default
             root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root", backend)
             created.append(root_key)

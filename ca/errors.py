@@ -15,11 +15,13 @@ problem responses and ``cli.main`` to exit codes. The core never knows about eit
     ├── NotInitialised          no authority yet: run ``trellis init``
     ├── Unavailable             a backend (database, key store) cannot be reached right now
     └── InternalError           Trellis caught itself about to do something wrong (a bug)
+        └── AuditTampered       the audit trail was tampered with: the sealer refuses to sign it
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuditTampered",
     "AuthenticationFailed",
     "Conflict",
     "InternalError",
@@ -110,3 +112,10 @@ class InternalError(TrellisError):
 
     code = "internal"
     title = "Internal error"
+
+
+class AuditTampered(InternalError):
+    """Records the sealer will not chain: signing them would bless a rewritten history."""
+
+    code = "audit-tampered"
+    title = "Audit trail tampered with"

@@ -84,7 +84,7 @@ def init(
         check_backend_name(key_backend)
     with STATE.setting_up() as ctx:
         try:
-            created: Issuer | None = init_authority(ctx, params)
+            created: Issuer | None = init_authority(ctx, params, actor="cli:init")
         except Conflict:
             if not exists_ok:
                 raise

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
 
 from ca import audit
 from ca.errors import InvalidInput
@@ -70,10 +73,44 @@ def seal_cmd() -> None:
     typer.echo(f"sealed {result.records} record(s); head at seq {result.head_seq or '-'}")
 
 
+def _anchors(path: Path | None) -> audit.Anchors | None:
+    if path is None:
+        return None
+    text = path.read_bytes()  # unreadable: OSError, exit 8 (cli.main)
+    try:
+        certificates = x509.load_pem_x509_certificates(text)
+    except ValueError:
+        raise InvalidInput(f"--bundle {path}: not a PEM file of certificates") from None
+    return audit.Anchors(tuple(certificates), f"the bundle {path}")
+
+
+def _head(text: str) -> tuple[int, str]:
+    found = re.fullmatch(r"([0-9]{1,18}):([0-9a-f]{64})", text.strip().lower())
+    if found is None:
+        raise InvalidInput(
+            f"--head takes SEQ:HASH (a signed head the log shows), got {text[:80]!r}"
+        )
+    return int(found[1]), found[2]
+
+
 @audit_app.command("verify")
-def verify_cmd(json_out: JsonOpt = False) -> None:
+def verify_cmd(
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Trust anchors (PEM) the seals' signer must chain to, kept apart from the "
+            "database; by default the mesh roots stored in the database itself"
+        ),
+    ] = None,
+    head: Annotated[
+        list[str] | None,
+        typer.Option(help="SEQ:HASH of a signed head logged by the sealer: the chain must hold it"),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Recompute the hash chain and check the CA signatures; exit 1 on any break."""
-    result = audit.verify(STATE.context())
+    heads = tuple(_head(text) for text in head or ())
+    result = audit.verify(STATE.context(), anchors=_anchors(bundle), heads=heads)
     if json_out:
         emit_json(
             {
@@ -82,6 +119,7 @@ def verify_cmd(json_out: JsonOpt = False) -> None:
                 "unsealed": result.unsealed,
                 "seals_checked": result.seals_checked,
                 "unsigned": result.unsigned,
+                "anchors": result.anchors,
                 "problems": list(result.problems),
             }
         )
@@ -92,7 +130,7 @@ def verify_cmd(json_out: JsonOpt = False) -> None:
         typer.echo(
             f"audit trail {verdict}: {result.sealed} sealed record(s), {result.seals_checked} "
             f"signed head(s) checked, {result.unsigned} chained after the last signed head, "
-            f"{result.unsealed} not sealed yet"
+            f"{result.unsealed} not sealed yet; signatures checked against {result.anchors}"
         )
     if not result.ok:
         raise typer.Exit(1)
