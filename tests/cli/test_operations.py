@@ -322,3 +322,34 @@ def test_audit_list_is_a_json_array_and_refuses_a_limit_out_of_range(local: Trel
     for bad in ("-5", "0", "10001"):
         result = local.run("audit", "list", "--limit", bad, ok=False)
         assert result.returncode == 2 and "limit must be between" in result.stderr, result
+
+
+def test_audit_verify_and_list_on_a_damaged_trail_say_so_in_one_line(
+    local: Trellis, tmp_path: Path
+) -> None:
+    local.run("audit", "seal")
+    database = sa.create_engine(f"sqlite:///{tmp_path / 'trellis.db'}")
+    bundle = tmp_path / "var" / "bundle.pem"
+    intact = local.run("audit", "verify", "--bundle", str(bundle))
+    assert f"signatures checked against the bundle {bundle}" in intact.stdout, intact
+    assert "stored in this database" in local.run("audit", "verify").stdout
+    bad_head = local.run("audit", "verify", "--head", "3:nothex", ok=False)
+    assert bad_head.returncode == 2 and "--head takes SEQ:HASH" in bad_head.stderr, bad_head
+    with database.begin() as connection:
+        connection.execute(sa.text("UPDATE audit_seal SET signer_cert_pem = 'garbage'"))
+        connection.execute(sa.text("UPDATE audit_log SET detail = 'not json' WHERE seq = 2"))
+    database.dispose()
+    for json_out in ([], ["--json"]):
+        broken = local.run("audit", "verify", *json_out, ok=False)
+        assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken
+        assert "signer certificate is damaged" in broken.stdout + broken.stderr
+    listed = local.run("audit", "list", ok=False)
+    assert listed.returncode == 8 and "Traceback" not in listed.stderr, listed
+    assert listed.stderr.count("\n") == 1 and "is not JSON" in listed.stderr
+
+
+def test_init_force_leaves_an_audit_record_of_what_it_replaced(local: Trellis) -> None:
+    local.run("init", "--trust-domain", "other.org", "--force")
+    [record] = local.json("audit", "list", "--event", "authority.reinitialised")
+    assert record["actor"] == "cli:init"
+    assert record["detail"]["old_trust_domain"] == "example.org"
