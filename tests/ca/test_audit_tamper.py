@@ -22,6 +22,7 @@ from ca.entries import EntryParams, create_entry
 from ca.errors import AuditTampered, Unavailable
 from ca.identity import SpiffeId, TrustDomain
 from ca.tokens import create_join_token
+from tests.ca.svidkit import SQLITE_ONLY
 from tests.ca.test_audit import _execute, _records, _sealed
 
 SEALED = dt.timedelta(0)
@@ -175,9 +176,8 @@ def test_a_reset_chain_is_broken_and_the_sealer_will_not_sign_it(
     assert again.seals_checked == 2 and again.sealed == 0  # nothing chained, nothing signed
 
 
+@SQLITE_ONLY  # PostgreSQL may commit a lower id later: only time tells there
 def test_a_record_unchained_behind_the_head_is_refused_on_sqlite(ctx: Context) -> None:
-    if ctx.engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL may commit a lower id later: only time tells there")
     _records(ctx, 5)
     _sealed(ctx)
     _execute(ctx, "DELETE FROM audit_seal")
@@ -220,9 +220,8 @@ def test_a_damaged_seal_or_record_is_broken_not_a_traceback(ctx: Context) -> Non
         audit.list_audit(ctx)
 
 
+@SQLITE_ONLY  # PostgreSQL stores a timestamp, not text: it cannot hold a damaged one
 def test_a_damaged_time_is_broken_not_a_traceback(ctx: Context) -> None:
-    if ctx.engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL stores a timestamp, not text")
     _records(ctx, 4)
     _sealed(ctx)
     _execute(ctx, "UPDATE audit_log SET at = 'yesterday' WHERE seq = 3")
