@@ -106,8 +106,12 @@ def rotate_root(
        certificates are revoked and its key destroyed.
 
     Concurrent calls are serialised by ``rotation_lock``; one that finds the lock held raises
-    ``Conflict``, and one that waited sees the state the other left.
+    ``Conflict``. The step a call takes is the one after the state it read before waiting for
+    the lock (a compare-and-set): one that waited while another acted finds the state moved,
+    reports it and changes nothing, so two ``--step`` runs at once cannot switch and retire.
     """
+    with Session(ctx.engine) as session:
+        expected = _position(session.get(RootRotationRow, authority))
     rotator: Rotator | None = None
     retired_key: KeyHandle | None = None
     try:
@@ -117,9 +121,12 @@ def rotate_root(
             rotator = Rotator(ctx, session, authority, actor)
             now = rotator.now
             state = session.get(RootRotationRow, authority)
+            moved = _position(state) != expected  # another run acted while this one waited
             if state is None and step:
                 raise Conflict("no root rotation in progress: run 'trellis authority rotate-root'")
-            if state is None or (state.step == "retired" and not step):
+            if state is not None and moved:
+                pass  # report the state the other run left
+            elif state is None or (state.step == "retired" and not step):
                 state = _publish(rotator, overlap, state)
             elif step and state.step == "published":
                 if now < state.switch_after and not force:
@@ -149,6 +156,11 @@ def rotate_root(
     if authority == MESH:
         write_bundle_file(ctx)
     return result
+
+
+def _position(state: RootRotationRow | None) -> tuple[int, str] | None:
+    """Where a rotation stands: its new root and step (a later rotation has another root)."""
+    return None if state is None else (state.new_root_id, state.step)
 
 
 def _destroy_retired(ctx: Context, handle: KeyHandle) -> None:

@@ -539,3 +539,51 @@ def test_a_concurrent_publish_waits_and_reports_the_state(
     assert len(ca_rows(drill_ctx, "root")) == 2
     assert len(ca_rows(drill_ctx, "cross")) == 2
     assert len(set(keys_dir.iterdir()) - keys_before) == 1, "a key was left behind"
+
+
+@SQLITE_ONLY
+def test_two_concurrent_steps_take_one_step(
+    drill_ctx: Context, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``--step`` runs at once, both having read "published": the first switches, the
+    second waits for the lock, finds the state moved and reports it instead of retiring the
+    old root (and destroying its key) right after the switch (docs/rotation.md)."""
+    publish(drill_ctx)
+    old_root = only(drill_ctx, "root", "active")
+    clock.current = switch_after(drill_ctx)
+    inside, go = threading.Event(), threading.Event()
+    create = drill_ctx.keys.create
+
+    def slow_create(*args: object, **kwargs: object) -> KeyHandle:
+        if threading.current_thread().name == "first":
+            inside.set()
+            go.wait(10)
+        return create(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(drill_ctx.keys, "create", slow_create)
+    results: dict[str, RootRotation | BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = rotate_root(drill_ctx, step=True)
+        except BaseException as exc:
+            results[name] = exc
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    second = threading.Thread(target=run, args=("second",), name="second")
+    first.start()
+    assert inside.wait(10)  # the first holds the lock, mid-switch
+    second.start()
+    second.join(1.0)  # the second has read "published" and waits for the lock
+    assert second.is_alive()
+    go.set()
+    first.join(30)
+    second.join(30)
+
+    done, waited = results["first"], results["second"]
+    assert isinstance(done, RootRotation), done
+    assert isinstance(waited, RootRotation), waited
+    assert (done.step, waited.step, waited.done) == ("switched", "switched", ())
+    assert only(drill_ctx, "root", "retiring").serial == old_root.serial
+    drill_ctx.keys.load(_handle(old_root))  # not destroyed
+    assert authority_status(drill_ctx).root_rotation == "switched"
