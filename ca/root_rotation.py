@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -44,7 +45,7 @@ from ca.rotation import (
     validate_new_ca,
 )
 from ca.serial import Serial
-from ca.store.models import CaRow, CertificateRow, RootRotationRow
+from ca.store.models import CaRow, CertificateRow, IstioClusterRow, RootRotationRow
 
 __all__ = ["RootRotation", "rotate_root"]
 
@@ -241,10 +242,34 @@ def _switch(rotator: Rotator, state: RootRotationRow) -> None:
     rotator.activate(prepared, active)
     state.step = "switched"
     session.add(state)
+    _warn_istio_clusters(session, old)
+
+
+def _warn_istio_clusters(session: Session, old: CaRow) -> None:
+    """Istio clusters keep signing with the intermediate they hold, under the old root, until
+    it is re-issued (the renewal job does so only at 2/3 of its life): the retirement waits for
+    it, so the operator should re-issue them now (docs/istio.md)."""
+    clusters = session.exec(
+        select(IstioClusterRow.cluster)
+        .join(CertificateRow, col(CertificateRow.serial) == col(IstioClusterRow.serial))
+        .where(IstioClusterRow.authority == old.authority, CertificateRow.issuer_ca_id == old.id)
+        .order_by(col(IstioClusterRow.cluster))
+    ).all()
+    if clusters:
+        log.warning(
+            "Istio cluster(s) %s still have an intermediate under the old root: re-issue them "
+            "under the new root ('trellis istio issue --cluster NAME') before retiring it",
+            ", ".join(clusters),
+        )
 
 
 def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
-    """Retire the old root; returns its key, to destroy once this commits."""
+    """Retire the old root; returns its key, to destroy once this commits.
+
+    Refused (unless ``force``) while a certificate of the old hierarchy is valid: one issued by
+    an intermediate under the old root (SVIDs), or one the old root signed itself (an Istio
+    cluster's intermediate, recorded with the root as its issuer). The CA rows the rotation
+    manages (its intermediates, the cross certificates) are not issued certificates."""
     session, now = rotator.session, rotator.now
     old = session.get(CaRow, state.old_root_id)
     assert old is not None
@@ -254,17 +279,22 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
             select(CaRow).where(CaRow.parent_id == old.id, CaRow.role == "intermediate")
         ).all()
     ]
+    valid = (CertificateRow.status == "active", col(CertificateRow.not_after) > now)
     still_valid = session.exec(
         select(sa.func.max(CertificateRow.not_after)).where(
-            col(CertificateRow.issuer_ca_id).in_(under_old),
-            CertificateRow.status == "active",
-            col(CertificateRow.not_after) > now,
+            col(CertificateRow.issuer_ca_id).in_([*under_old, old.id]), *valid
         )
     ).first()
     if still_valid is not None and not force:
+        direct = session.exec(
+            select(CertificateRow)
+            .where(CertificateRow.issuer_ca_id == old.id, *valid)
+            .order_by(col(CertificateRow.not_after))
+        ).all()
         raise Conflict(
             f"certificates from the old hierarchy stay valid until {still_valid.isoformat()}: "
             "retiring the old root now would break them (wait, or use --force)"
+            + _signed_by_old_root(direct)
         )
     old.state = "retired"
     session.add(old)
@@ -273,6 +303,21 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
     state.step = "retired"
     session.add(state)
     return KeyHandle(old.key_backend, old.key_ref, KeyType(old.key_type))
+
+
+def _signed_by_old_root(rows: Sequence[CertificateRow]) -> str:
+    """Names what the old root signed itself: Istio intermediates live 30 days by default, so
+    waiting is seldom the answer; re-issuing the cluster under the new root is."""
+    if not rows:
+        return ""
+    named = [f"{r.profile} {r.serial[:16]} ({r.requested_by})" for r in rows[:5]]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return (
+        "; signed by the old root itself: " + ", ".join(named) + more + " (re-issue Istio "
+        "clusters under the new root with 'trellis istio issue --cluster NAME', then revoke "
+        "the replaced intermediates with 'trellis revoke SERIAL' once their workload "
+        "certificates have been renewed)"
+    )
 
 
 def _end_cross_certificates(rotator: Rotator, old: CaRow) -> None:

@@ -5,6 +5,7 @@ hierarchy; checked with real ``openssl verify -x509_strict -attime``."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cryptography import x509
 
 from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import read_bundle
+from ca.certs import revoke_certificate
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.crl import current_crl
@@ -21,6 +23,7 @@ from ca.durations import Ttl
 from ca.errors import Conflict, Unavailable
 from ca.identity import SpiffeId
 from ca.issue import IssuedSvid
+from ca.istio import IstioParams, issue_istio_intermediate
 from ca.jobs import rotate_cas
 from ca.keys import KeyHandle, KeyType
 from ca.profiles import LeafSpec, leaf_builder, sign
@@ -587,3 +590,38 @@ def test_two_concurrent_steps_take_one_step(
     assert only(drill_ctx, "root", "retiring").serial == old_root.serial
     drill_ctx.keys.load(_handle(old_root))  # not destroyed
     assert authority_status(drill_ctx).root_rotation == "switched"
+
+
+@SQLITE_ONLY
+def test_retire_waits_for_istio_intermediates_signed_by_the_old_root(
+    drill_ctx: Context, clock: FixedClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Istio cluster's intermediate is signed by the root itself: retiring the old root while
+    it is valid would leave istiod signing with a CA nothing trusts (and its root key gone)."""
+    params = IstioParams(
+        "east", ttl=Ttl.parse("30d"), output=tmp_path / "east", output_format="files"
+    )
+    under_old = issue_istio_intermediate(drill_ctx, params)
+    publish(drill_ctx)
+    old_root = only(drill_ctx, "root", "active")
+    with caplog.at_level("WARNING", logger="trellis.authority"):
+        switch(drill_ctx, clock)
+    assert "Istio cluster(s) east still have an intermediate under the old root" in caplog.text
+    recorded = events(drill_ctx)
+    old_serial = format(under_old.certificate.serial_number, "x")
+    named = f"signed by the old root itself: istio-intermediate {old_serial[:16]} "
+    with pytest.raises(Conflict, match=re.escape(named + "(cli (istio cluster east))")):
+        rotate_root(drill_ctx, step=True)
+    assert events(drill_ctx) == recorded
+    assert only(drill_ctx, "root", "retiring").serial == old_root.serial
+
+    # re-issued under the new root, the replaced intermediate still holds the retirement up
+    # until it is revoked (or expires)
+    under_new = issue_istio_intermediate(drill_ctx, params)
+    assert under_new.chain[1] == cert_of(only(drill_ctx, "root", "active"))
+    with pytest.raises(Conflict, match="istio-intermediate"):
+        rotate_root(drill_ctx, step=True)
+    revoke_certificate(
+        drill_ctx, Serial(under_old.certificate.serial_number), RevocationReason.SUPERSEDED, "t"
+    )
+    assert rotate_root(drill_ctx, step=True).step == "retired"
