@@ -4,9 +4,10 @@ FastAPI offers outside ``StaticFiles``."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
-__all__ = ["none_match"]
+__all__ = ["content_etag", "none_match"]
 
 # entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE (RFC 9110 §8.8.3). etagc excludes DQUOTE but not
 # the comma, so the list is checked as a whole and its tags are its quoted strings.
@@ -28,3 +29,11 @@ def none_match(if_none_match: str | None, etag: str) -> bool:
         return False
     ours = etag.removeprefix("W/")
     return ours in re.findall(_OPAQUE, if_none_match)
+
+
+def content_etag(label: str | int, body: bytes) -> str:
+    """A strong entity tag for ``body``: RFC 9110 §8.8.3 wants it to change whenever the
+    representation does. A sequence or CRL number alone restarts at 1 for a new CA (``init
+    --force``), and a client revalidating with the old tag would get 304 and keep trusting the
+    replaced root, so a digest of the served bytes follows the readable label."""
+    return f'"{label}-{hashlib.sha256(body).hexdigest()[:16]}"'

@@ -274,6 +274,9 @@ def init_authority(ctx: Context, params: AuthorityParams, *, actor: str = "init"
                     "(this destroys its keys, certificates and, for the mesh, entries and their"
                     " join tokens; admin tokens serve the whole instance and stay valid)"
                 )
+            replaced = session.exec(
+                select(BundleStateRow.sequence).where(BundleStateRow.authority == params.name)
+            ).first()
             now = ctx.clock.now()
             old_keys = _wipe(session, params.name, actor=actor, now=now) if params.force else []
             backend = params.key_backend or ctx.keys.default
@@ -318,7 +321,7 @@ def init_authority(ctx: Context, params: AuthorityParams, *, actor: str = "init"
             session.flush()
             for row in (root_row, int_row):
                 record_event(session, row, "created", "init", now)
-            sync_bundle(session, params.name, now)
+            sync_bundle(session, params.name, now, after=replaced or 0)
             session.commit()
     except BaseException:
         destroy_quietly(ctx, created)

@@ -64,14 +64,20 @@ def trust_anchors(session: Session, authority: str, now: dt.datetime) -> list[Ca
     )
 
 
-def sync_bundle(session: Session, authority: str, now: dt.datetime) -> BundleStateRow:
-    """Recompute the bundle in the caller's transaction; bump the sequence only on change."""
+def sync_bundle(
+    session: Session, authority: str, now: dt.datetime, *, after: int = 0
+) -> BundleStateRow:
+    """Recompute the bundle in the caller's transaction; bump the sequence only on change.
+
+    A new bundle starts at ``after + 1``: ``init --force`` passes the replaced bundle's
+    sequence, as a SPIFFE federation peer refuses a bundle of the same trust domain whose
+    sequence went backwards."""
     pem = "".join(row.cert_pem for row in trust_anchors(session, authority, now))
     digest = hashlib.sha256(pem.encode()).hexdigest()
     state = session.get(BundleStateRow, authority, with_for_update=True)
     if state is None:
         state = BundleStateRow(
-            authority=authority, sequence=1, digest=digest, pem=pem, updated_at=now
+            authority=authority, sequence=after + 1, digest=digest, pem=pem, updated_at=now
         )
     elif state.digest != digest:
         state.sequence, state.digest, state.pem, state.updated_at = (

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.conditional import none_match
+from api.conditional import content_etag, none_match
 from api.deps import CtxDep
 from api.problems import responses
 from api.schemas import Health
@@ -52,19 +52,20 @@ def get_bundle(ctx: CtxDep) -> Response:
 )
 def get_bundle_jwks(request: Request, ctx: CtxDep) -> Response:
     bundle = read_bundle(ctx, MESH)
-    etag = f'"{bundle.sequence}"'
+    document = bundle_jwks(
+        x509.load_pem_x509_certificates(bundle.pem),
+        bundle.sequence,
+        ctx.settings.bundle_refresh_hint,
+    )
+    body = json.dumps(document).encode()
+    etag = content_etag(bundle.sequence, body)
     headers = {
         "ETag": etag,
         "Cache-Control": f"public, max-age={min(ctx.settings.bundle_refresh_hint, 300)}",
     }
     if none_match(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    document = bundle_jwks(
-        x509.load_pem_x509_certificates(bundle.pem),
-        bundle.sequence,
-        ctx.settings.bundle_refresh_hint,
-    )
-    return Response(json.dumps(document), media_type="application/json", headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.get(

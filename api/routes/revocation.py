@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
+from api.conditional import content_etag
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import CertificateOut, IdentityRevokeRequest, IntermediateRevokedOut
@@ -36,7 +37,9 @@ CRL_CACHE = "public, max-age=300"
 )
 def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
     crl = current_crl(ctx, authority, ca)
-    return Response(crl.der, media_type="application/pkix-crl", headers=_crl_headers(crl.number))
+    return Response(
+        crl.der, media_type="application/pkix-crl", headers=_crl_headers(crl.number, crl.der)
+    )
 
 
 @public.get(
@@ -47,11 +50,15 @@ def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
 )
 def crl_pem(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
     crl = current_crl(ctx, authority, ca)
-    return Response(crl.pem, media_type="application/x-pem-file", headers=_crl_headers(crl.number))
+    return Response(
+        crl.pem, media_type="application/x-pem-file", headers=_crl_headers(crl.number, crl.pem)
+    )
 
 
-def _crl_headers(number: int) -> dict[str, str]:
-    return {"Cache-Control": CRL_CACHE, "ETag": f'"crl-{number}"'}
+def _crl_headers(number: int, body: bytes) -> dict[str, str]:
+    """The CRL number restarts at 1 for a new CA (and ``root`` names whichever is current), so
+    the tag also carries a digest of the bytes (``api.conditional.content_etag``)."""
+    return {"Cache-Control": CRL_CACHE, "ETag": content_etag(f"crl-{number}", body)}
 
 
 @public.get(

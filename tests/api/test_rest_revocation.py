@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import os
 import urllib.parse
 from typing import Any
@@ -18,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from ca.authority import active_issuer
+from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.crl import CRL_LIFETIME
@@ -26,6 +27,7 @@ from tests.api.restkit import Rest, Svid, assert_problem, bearer, make_csr
 from tests.ca.svidkit import SQLITE_ONLY
 from tests.ca.test_ocsp import request_der
 from tests.certassert import ExpectedUrls, assert_is_crl, assert_is_svid_leaf
+from tests.conftest import TRUST_DOMAIN
 
 WEB = "spiffe://example.org/web"
 OCSP_RESPONSE = "application/ocsp-response"
@@ -92,7 +94,7 @@ def test_crls_are_served_as_der_and_pem_without_authentication(
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/pkix-crl"
     assert response.headers["cache-control"] == "public, max-age=300"
-    assert response.headers["etag"] == '"crl-1"'
+    assert response.headers["etag"] == crl_etag(1, response.content)
     crl = x509.load_der_x509_crl(response.content)
     assert_is_crl(
         crl, issuer=issuer.certificate, number=1, this_update=clock.now(), lifetime=CRL_LIFETIME
@@ -100,6 +102,7 @@ def test_crls_are_served_as_der_and_pem_without_authentication(
 
     as_pem = rest.client.get("/v1/crl/mesh/intermediate.pem")
     assert as_pem.status_code == 200
+    assert as_pem.headers["etag"] == crl_etag(1, as_pem.content)
     assert as_pem.headers["content-type"].startswith("application/x-pem-file")
     assert as_pem.text.startswith("-----BEGIN X509 CRL-----")
     assert x509.load_pem_x509_crl(as_pem.content) == crl
@@ -115,10 +118,25 @@ def test_crls_are_served_as_der_and_pem_without_authentication(
     )  # fmt: skip
     assert revoked.status_code == 200, revoked.text
     after = rest.client.get("/v1/crl/mesh/intermediate.crl")
-    assert after.headers["etag"] == '"crl-2"'
+    assert after.headers["etag"] == crl_etag(2, after.content)
     crl = x509.load_der_x509_crl(after.content)
     assert_is_crl(crl, issuer=issuer.certificate, number=2)
     assert [entry.serial_number for entry in crl] == [int(svid.serial, 16)]
+
+
+def crl_etag(number: int, body: bytes) -> str:
+    return f'"crl-{number}-{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
+@SQLITE_ONLY
+def test_a_new_ca_s_first_crl_has_another_etag(rest: Rest, ctx: Context) -> None:
+    """CRL numbers restart at 1 for a new CA (``init --force``), and ``root`` names whichever
+    root is current: the tag of a different CRL must differ (RFC 9110 §8.8.3)."""
+    before = rest.client.get("/v1/crl/mesh/root.crl")
+    init_authority(ctx, AuthorityParams(TRUST_DOMAIN, force=True))
+    after = rest.client.get("/v1/crl/mesh/root.crl")
+    assert after.status_code == 200 and after.content != before.content
+    assert after.headers["etag"] == crl_etag(1, after.content) != before.headers["etag"]
 
 
 @SQLITE_ONLY

@@ -5,6 +5,7 @@ PyJWT's JWK parser, an implementation independent of ``ca.jwks``."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,11 @@ def public_der(key: Any) -> bytes:
     )
 
 
+def etag_of(sequence: int, body: bytes) -> str:
+    """The sequence for people, a digest of the served bytes for RFC 9110 §8.8.3."""
+    return f'"{sequence}-{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
 def assert_is_spiffe_bundle(document: dict[str, Any], roots: list[x509.Certificate]) -> None:
     assert set(document) == {"keys", "spiffe_sequence", "spiffe_refresh_hint"}
     assert isinstance(document["spiffe_refresh_hint"], int) and document["spiffe_refresh_hint"] > 0
@@ -68,7 +74,7 @@ def test_bundle_jwks(ctx: Context, client: TestClient) -> None:
     assert document["spiffe_sequence"] == stored.sequence
     assert document["spiffe_refresh_hint"] == ctx.settings.bundle_refresh_hint
     etag = response.headers["etag"]
-    assert etag == f'"{stored.sequence}"'
+    assert etag == etag_of(stored.sequence, response.content)
 
     cached = client.get("/v1/bundle.jwks", headers={"If-None-Match": etag})
     assert cached.status_code == 304 and cached.content == b""
@@ -90,10 +96,11 @@ def test_bundle_jwks(ctx: Context, client: TestClient) -> None:
     ],
 )
 def test_if_none_match(ctx: Context, client: TestClient, if_none_match: str, status: int) -> None:
-    header = if_none_match.replace("{n}", str(read_bundle(ctx, MESH).sequence))
+    etag = client.get("/v1/bundle.jwks").headers["etag"]
+    header = if_none_match.replace("{n}", etag.strip('"'))
     response = client.get("/v1/bundle.jwks", headers={"If-None-Match": header})
     assert response.status_code == status, header
-    assert response.headers["etag"] == f'"{read_bundle(ctx, MESH).sequence}"'
+    assert response.headers["etag"] == etag
     assert (response.content == b"") == (status == 304)
 
 
@@ -124,9 +131,24 @@ def test_sequence_follows_a_root_rotation(ctx: Context, client: TestClient) -> N
     assert rotated.status_code == 200
     document = rotated.json()
     assert document["spiffe_sequence"] == sequence + 1 == read_bundle(ctx, MESH).sequence
-    assert rotated.headers["etag"] == f'"{sequence + 1}"'
+    assert rotated.headers["etag"] == etag_of(sequence + 1, rotated.content)
     assert_is_spiffe_bundle(document, x509.load_pem_x509_certificates(read_bundle(ctx, MESH).pem))
     assert len(document["keys"]) == 2
+
+
+@SQLITE_ONLY
+def test_a_new_ca_gets_a_new_etag_and_a_later_sequence(ctx: Context, client: TestClient) -> None:
+    """``init --force`` replaces the CA: a client revalidating with the old tag must get the new
+    roots, not 304, and the new bundle's sequence continues the old one (a SPIFFE federation
+    peer refuses a sequence going backwards for the same trust domain)."""
+    before = client.get("/v1/bundle.jwks")
+    sequence = before.json()["spiffe_sequence"]
+    init_authority(ctx, AuthorityParams(TRUST_DOMAIN, force=True))
+    after = client.get("/v1/bundle.jwks", headers={"If-None-Match": before.headers["etag"]})
+    assert after.status_code == 200
+    assert after.json()["spiffe_sequence"] == sequence + 1 == read_bundle(ctx, MESH).sequence
+    assert after.headers["etag"] == etag_of(sequence + 1, after.content) != before.headers["etag"]
+    assert after.json()["keys"] != before.json()["keys"]
 
 
 @SQLITE_ONLY
