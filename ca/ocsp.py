@@ -65,9 +65,10 @@ def _match(ctx: Context, session: Session, request: ocsp.OCSPRequest) -> CaRow |
     return None
 
 
-def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certificate, Signer]:
+def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certificate, Signer] | None:
     """The CA's current responder, made (or renewed) when it has none with a third of its life
-    left. Raises ``Unavailable`` or ``NotFound`` when its key cannot be had here."""
+    left; None for a retired or revoked CA whose key is gone (``_ended``). Raises
+    ``Unavailable`` or ``NotFound`` when its key cannot be had here."""
     now = ctx.clock.now()
     row = session.exec(
         select(OcspResponderRow)
@@ -79,10 +80,36 @@ def _responder(ctx: Context, session: Session, ca: CaRow) -> tuple[x509.Certific
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         if cert.not_valid_after_utc - now > life / 3:
             return cert, _signer(ctx, row, cert)
+    if _ended(ctx, ca):
+        return None
     latest = session.exec(
         select(sa.func.max(OcspResponderRow.generation)).where(OcspResponderRow.ca_id == ca.id)
     ).one()
     return _new_responder(ctx, ca, now, (latest or 0) + 1)
+
+
+def _ended(ctx: Context, ca: CaRow) -> bool:
+    """A retired or revoked CA whose key is gone: a retired root's key is destroyed on purpose
+    (``ca.root_rotation``), so no responder can be certified for it again, now or later. Not a
+    fault to log per request (tryLater would have clients ask forever): this responder is no
+    longer authoritative for it (RFC 6960 §2.3 ``unauthorized``); its final CRL still answers.
+    A retired intermediate whose key is kept goes on answering while its certificates live.
+    The verdict is cached: a destroyed key does not come back."""
+    if ca.state not in ("retired", "revoked"):
+        return False
+    cache_key = ("ocsp-ca-ended", ca.id)
+    if ctx.cache.get(cache_key):
+        return True
+    handle = KeyHandle(ca.key_backend, ca.key_ref, KeyType(ca.key_type))
+    try:
+        ctx.keys.backend(handle.backend).load(handle)  # quietly: KeyStore.load logs an error
+    except NotFound:
+        log.info(
+            "OCSP for CA %s answers unauthorized: it is %s and its key is gone", ca.serial, ca.state
+        )
+        ctx.cache[cache_key] = True
+        return True
+    return False
 
 
 def _signer(ctx: Context, row: OcspResponderRow, cert: x509.Certificate) -> Signer:
@@ -226,9 +253,12 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         status, revoked_at, reason = _status(session, ca, request.serial_number)
         try:
-            responder_cert, signer = _responder(ctx, session, ca)
+            responder = _responder(ctx, session, ca)
         except (NotFound, Unavailable, OSError) as exc:
             return _cannot_sign(ca, exc)
+        if responder is None:  # RFC 6960 §2.3: no longer authoritative for this CA
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        responder_cert, signer = responder
     builder = (
         ocsp.OCSPResponseBuilder()
         .add_response_by_hash(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.x509 import ocsp
 
 from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import read_bundle
@@ -34,6 +35,7 @@ from ca.serial import Serial
 from ca.store.models import CaRow
 from tests.ca.svidkit import enrol, new_key
 from tests.ca.test_crl import openssl_verify_with_crls
+from tests.ca.test_ocsp import ask, request_der
 from tests.certassert import assert_is_ca
 from tests.conftest import TRUST_DOMAIN
 from tests.rotation.rotkit import (
@@ -625,3 +627,30 @@ def test_retire_waits_for_istio_intermediates_signed_by_the_old_root(
         drill_ctx, Serial(under_old.certificate.serial_number), RevocationReason.SUPERSEDED, "t"
     )
     assert rotate_root(drill_ctx, step=True).step == "retired"
+
+
+@SQLITE_ONLY
+def test_ocsp_for_a_retired_root_whose_key_is_gone_is_unauthorized(
+    drill_ctx: Context, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retired root's key is destroyed on purpose: no responder can be certified for it
+    again, so OCSP for what it signed answers ``unauthorized`` (RFC 6960 §2.3), not
+    ``tryLater`` with an error logged on every request. The retired intermediate under it
+    keeps its key and goes on answering for its SVIDs."""
+    old_row = only(drill_ctx, "root", "active")
+    old_svid = svid(drill_ctx)
+    publish(drill_ctx)
+    new_row = only(drill_ctx, "root", "prepared")
+    new_by_old = cross(drill_ctx, new_row.id, old_row.id)
+    switch(drill_ctx, clock)
+    rotate_root(drill_ctx, step=True, force=True)
+
+    with caplog.at_level("DEBUG"):
+        for _ in range(2):
+            answer = ask(drill_ctx, request_der(new_by_old, cert_of(old_row)))
+            assert answer.response_status is ocsp.OCSPResponseStatus.UNAUTHORIZED
+    assert [r.levelname for r in caplog.records if r.levelno >= 30] == []
+    retired_intermediate = old_svid.issuer.certificate
+    answer = ask(drill_ctx, request_der(old_svid.certificate, retired_intermediate))
+    assert answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
