@@ -10,14 +10,16 @@ it is left out, is listed in docs/operations.md.
 
 A restore goes into an empty data directory and an empty database only (never merge two CAs);
 the restored instance serves the same bundle and continues serial and CRL numbering, because
-both live in the restored database. The archive is checked whole before anything is written,
-and the files are written to a staging directory and moved into place last, so a refused or
-failed restore leaves the data dir as it found it. PostgreSQL deployments back up with
-``pg_dump`` (docs/operations.md).
+both live in the restored database. The archive is checked before anything is moved into
+place (names, sizes within limits, digests, the database's schema), and the files are written
+to a staging directory and moved into place last, so a refused or failed restore leaves the
+data dir as it found it. PostgreSQL deployments back up with ``pg_dump`` (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import hashlib
 import io
 import json
@@ -28,10 +30,11 @@ import sqlite3
 import tarfile
 import tempfile
 import zlib
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 from sqlalchemy.engine import make_url
 
@@ -106,21 +109,155 @@ def backup(ctx: Context, out: Path) -> BackupResult:
 
 def restore(archive_path: Path, settings: Settings) -> BackupResult:
     """Into an empty data dir and an empty database only (never merge two CAs). The archive is
-    checked whole first (manifest, names, every file's digest); nothing is written unless all
-    of it can be, and a failure part-way removes what was written."""
+    checked first (manifest, names, sizes, every small file's digest); the database is checked
+    (its digest, that it is a Trellis schema this code knows) once staged beside its target.
+    Nothing is moved into place unless all of it can be, and a failure part-way removes what
+    was written."""
     target_db = _sqlite_path(settings)
     data_dir = settings.data_dir
-    _check_data_dir_empty(data_dir)
+    _check_data_dir_empty(data_dir, target_db)
     _check_database_empty(target_db)
-    contents, schema = _verified_contents(archive_path)
-    _check_database_apart(target_db, data_dir, contents)
-    _install(contents, data_dir, target_db)
-    return BackupResult(archive_path, tuple(sorted(contents)), schema)
+    handle = _opened(archive_path)
+    with (
+        handle,
+        _unreadable_as_invalid(archive_path),
+        tarfile.open(fileobj=handle, mode="r:gz") as archive,
+    ):
+        members = _members(archive, archive_path)
+        if "manifest.json" not in members:
+            raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
+        digests, schema = _manifest(_read(archive, members["manifest.json"]))
+        contents = _verified_contents(archive, members, digests)
+        _check_database_apart(target_db, data_dir, digests)
+        database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
+        _install(contents, database, data_dir, target_db)
+    return BackupResult(archive_path, tuple(sorted(digests)), schema)
 
 
-def _check_data_dir_empty(data_dir: Path) -> None:
+# Sizes no real installation comes near (docs/operations.md): they stop an archive that
+# inflates to more than the disk or the memory holds, before it is read. The database is
+# streamed to disk (millions of certificates make gigabytes); every other file is a key, a
+# sealed secret, a certificate or a token of a few kilobytes, read into memory.
+MAX_DATABASE_BYTES = 256 * 2**30
+MAX_FILE_BYTES = 2**20
+MAX_FILES = 10_000
+MAX_FILES_TOTAL_BYTES = 256 * 2**20
+_MAX_NAME_BYTES = 1024
+_MAX_PART_BYTES = 255  # NAME_MAX of every file system Trellis runs on
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# Tables every Trellis schema has had since the first revision.
+_CORE_TABLES = frozenset({"alembic_version", "authority", "ca", "entry", "token", "certificate"})
+
+
+def _shown(name: str) -> str:
+    """A name from the archive, short enough for a one-line message."""
+    return repr(name if len(name) <= 80 else f"{name[:60]}...{name[-10:]}")
+
+
+def _size(count: int) -> str:
+    if count >= 2**30:
+        return f"{count / 2**30:g} GiB"
+    return f"{count / 2**20:g} MiB" if count >= 2**20 else f"{count} bytes"
+
+
+def _opened(archive_path: Path) -> BinaryIO:
+    """The archive, open and readable. A path that is not there is the caller's mistake (exit
+    2); a file that is there but cannot be read is ``Unavailable`` (exit 8)."""
+    try:
+        handle = archive_path.open("rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise InvalidInput(f"{archive_path}: no such backup file") from None
+    except OSError as error:
+        raise Unavailable(f"{archive_path}: cannot be read: {error.strerror or error}") from None
+    try:
+        handle.read(1)
+        handle.seek(0)
+    except OSError as error:
+        handle.close()
+        raise Unavailable(f"{archive_path}: cannot be read: {error.strerror or error}") from None
+    return handle
+
+
+@contextmanager
+def _unreadable_as_invalid(archive_path: Path) -> Iterator[None]:
+    """A gzip or tar stream that breaks off or does not parse is not a Trellis backup."""
+    try:
+        yield
+    except (EOFError, zlib.error, tarfile.TarError, gzip.BadGzipFile):
+        raise InvalidInput(f"{archive_path} is not a readable Trellis backup") from None
+
+
+def _members(archive: tarfile.TarFile, archive_path: Path) -> dict[str, tarfile.TarInfo]:
+    """The archive's regular files by name, each header checked before the next is read: the
+    next header is found by reading past this member's data, which is what a bomb inflates."""
+    by_name: dict[str, tarfile.TarInfo] = {}
+    seen: set[str] = set()
+    total = 0
+    for member in archive:
+        if member.name in seen:
+            raise InvalidInput(f"{archive_path} has two members of the same name")
+        seen.add(member.name)
+        if len(seen) > MAX_FILES + 2:
+            raise InvalidInput(
+                f"{archive_path} has more than {MAX_FILES} files: not a Trellis backup"
+            )
+        limit = MAX_DATABASE_BYTES if member.name == _DB_NAME else MAX_FILE_BYTES
+        if member.size > limit:
+            raise InvalidInput(
+                f"backup entry {_shown(member.name)} is larger than a Trellis backup holds"
+                f" ({_size(limit)}): not restored"
+            )
+        if member.name != _DB_NAME:
+            total += member.size
+            if total > MAX_FILES_TOTAL_BYTES:
+                raise InvalidInput(
+                    f"{archive_path} holds more than {_size(MAX_FILES_TOTAL_BYTES)} besides the"
+                    " database: not a Trellis backup"
+                )
+        if member.isfile():
+            by_name[member.name] = member
+    return by_name
+
+
+def _verified_contents(
+    archive: tarfile.TarFile, members: dict[str, tarfile.TarInfo], digests: dict[str, str]
+) -> dict[str, bytes]:
+    """Every file the manifest lists but the database, read and checked against its digest."""
+    contents: dict[str, bytes] = {}
+    for name, digest in digests.items():
+        if name not in members:
+            raise InvalidInput(f"backup entry {_shown(name)} is missing or not a regular file")
+        if name == _DB_NAME:
+            continue
+        data = _read(archive, members[name])
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise InvalidInput(f"backup entry {_shown(name)} is corrupt (checksum mismatch)")
+        contents[name] = data
+    return contents
+
+
+def _leftovers(data_dir: Path, target_db: Path) -> list[Path]:
+    """What a restore killed part-way (no ``finally`` runs on SIGKILL) leaves: its staging
+    directory in the data dir and its staged copy of the database beside the target."""
+    found: list[Path] = []
+    if data_dir.is_dir():
+        found += sorted(data_dir.glob(".restore-*"))
+    if target_db.parent.is_dir():
+        found += sorted(target_db.parent.glob(f".{glob.escape(target_db.name)}.????????"))
+    return found
+
+
+def _check_data_dir_empty(data_dir: Path, target_db: Path) -> None:
     if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
         what = "is not empty" if data_dir.is_dir() else "is not a directory"
+        leftovers = _leftovers(data_dir, target_db) if data_dir.is_dir() else []
+        if leftovers:
+            left = [p.name if p.parent == data_dir else str(p) for p in leftovers]
+            outside = [str(p) for p in leftovers if p.parent != data_dir]
+            raise Conflict(
+                f"{data_dir} is not empty: a restore was interrupted and left {', '.join(left)};"
+                f" remove {' and '.join([str(data_dir), *outside])} and restore again"
+            )
         raise Conflict(f"{data_dir} {what}: restore only into an empty data directory")
 
 
@@ -163,51 +300,18 @@ def _check_database_empty(path: Path) -> None:
         )
 
 
-def _check_database_apart(target_db: Path, data_dir: Path, contents: dict[str, bytes]) -> None:
+def _check_database_apart(target_db: Path, data_dir: Path, names: dict[str, str]) -> None:
     """A database URL pointing into the data dir at a name the archive also fills (say
     ``sqlite:///var/keys``) would have one overwrite the other."""
     try:
         inside = target_db.resolve().relative_to(data_dir.resolve()).parts
     except ValueError:
         return
-    taken = {name.split("/")[0] for name in contents if name != _DB_NAME}
+    taken = {name.split("/")[0] for name in names if name != _DB_NAME}
     if not inside or inside[0] in taken:
         raise InvalidInput(
             f"the database {target_db} would take the place of the data dir or of a file in it"
         )
-
-
-def _verified_contents(archive_path: Path) -> tuple[dict[str, bytes], str | None]:
-    """The archive's files by name, each checked against a manifest checked first. A path that
-    is not there is the caller's mistake (exit 2); a file that is there but cannot be read is
-    ``Unavailable`` (exit 8); anything wrong inside it is not a backup (exit 2)."""
-    try:
-        raw = archive_path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise InvalidInput(f"{archive_path}: no such backup file") from None
-    except OSError as error:
-        raise Unavailable(f"{archive_path}: cannot be read: {error.strerror or error}") from None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as archive:
-            members = archive.getmembers()
-            names = [member.name for member in members]
-            if len(set(names)) != len(names):
-                raise InvalidInput(f"{archive_path} has two members of the same name")
-            by_name = {member.name: member for member in members if member.isfile()}
-            if "manifest.json" not in by_name:
-                raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
-            digests, schema = _manifest(_read(archive, by_name["manifest.json"]))
-            contents: dict[str, bytes] = {}
-            for name, digest in digests.items():
-                if name not in by_name:
-                    raise InvalidInput(f"backup entry {name!r} is missing or not a regular file")
-                data = _read(archive, by_name[name])
-                if hashlib.sha256(data).hexdigest() != digest:
-                    raise InvalidInput(f"backup entry {name!r} is corrupt (checksum mismatch)")
-                contents[name] = data
-    except (OSError, EOFError, zlib.error, tarfile.TarError):
-        raise InvalidInput(f"{archive_path} is not a readable Trellis backup") from None
-    return contents, schema
 
 
 def _manifest(raw: bytes) -> tuple[dict[str, str], str | None]:
@@ -233,11 +337,22 @@ def _manifest(raw: bytes) -> tuple[dict[str, str], str | None]:
         raise InvalidInput("the backup manifest's schema is not a string")
     if not isinstance(files, dict):
         raise InvalidInput("the backup manifest has no files object")
+    if len(files) > MAX_FILES:
+        raise InvalidInput(f"the backup manifest lists more than {MAX_FILES} files")
     for name, digest in files.items():
         if not _restorable(name):
-            raise InvalidInput(f"backup entry {name[:80]!r} is not a file a Trellis backup holds")
+            raise InvalidInput(f"backup entry {_shown(name)} is not a file a Trellis backup holds")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise InvalidInput(f"backup entry {name!r} has no SHA-256 digest")
+            raise InvalidInput(f"backup entry {_shown(name)} has no SHA-256 digest")
+    for name in files:
+        # "keys/a" and "keys/a/b": one would have to be a file and a directory at once.
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in files:
+                raise InvalidInput(
+                    f"backup entries {_shown('/'.join(parts[:depth]))} and {_shown(name)}"
+                    " cannot both be restored: one is a file, the other under it"
+                )
     if _DB_NAME not in files:
         raise InvalidInput(f"the backup has no database ({_DB_NAME})")
     return files, schema
@@ -246,8 +361,17 @@ def _manifest(raw: bytes) -> tuple[dict[str, str], str | None]:
 def _restorable(name: str) -> bool:
     """A relative path inside the data dir, of a file ``backup`` takes: the database, a file of
     ``_FILES`` or one under ``_DIRECTORIES``. Nothing else (no ``.``, ``..``, absolute or empty
-    parts, no WAL beside the database, no ``key-passphrase``) is written."""
+    parts, no WAL beside the database, no ``key-passphrase``) is written, nor a name no file
+    system takes (not UTF-8, a part over 255 bytes, the whole over ``_MAX_NAME_BYTES``)."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        return False
     parts = name.split("/")
+    if len(encoded) > _MAX_NAME_BYTES or any(
+        len(part.encode()) > _MAX_PART_BYTES for part in parts
+    ):
+        return False
     if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
         return False
     if len(parts) == 1:
@@ -255,27 +379,109 @@ def _restorable(name: str) -> bool:
     return parts[0] in _DIRECTORIES
 
 
-def _install(contents: dict[str, bytes], data_dir: Path, target_db: Path) -> None:
-    """Write everything into a staging directory inside the data dir and the database beside
-    its target, then move each into place; on any failure, remove all of it (the data dir and
-    the database's directory too, if this made them)."""
+@dataclass(frozen=True, slots=True)
+class _Database:
+    """The archive's database member, streamed to a staged file and checked there."""
+
+    archive: tarfile.TarFile
+    member: tarfile.TarInfo
+    digest: str
+    archive_path: Path
+
+    def write_to(self, out: BinaryIO) -> None:
+        """Copy in chunks, hashing as it goes; stop at the first chunk that cannot be SQLite
+        or once more than the header announced (and the cap) has come."""
+        source = self.archive.extractfile(self.member)
+        if source is None:
+            raise InvalidInput(f"backup entry {_DB_NAME!r} cannot be read")
+        sha, written = hashlib.sha256(), 0
+        with source:
+            while chunk := self._next_chunk(source):
+                if written == 0 and not chunk.startswith(_SQLITE_HEADER):
+                    raise InvalidInput(
+                        f"backup entry {_DB_NAME!r} is not an SQLite database: not a Trellis backup"
+                    )
+                written += len(chunk)
+                if written > min(self.member.size, MAX_DATABASE_BYTES):
+                    raise InvalidInput(f"backup entry {_DB_NAME!r} is larger than it says")
+                sha.update(chunk)
+                out.write(chunk)
+        if sha.hexdigest() != self.digest:
+            raise InvalidInput(f"backup entry {_DB_NAME!r} is corrupt (checksum mismatch)")
+
+    def _next_chunk(self, source: IO[bytes]) -> bytes:
+        """Read errors are the archive's (exit 2, or 8 for an I/O error); write errors, outside
+        this, are the target's (exit 8)."""
+        with _unreadable_as_invalid(self.archive_path):
+            try:
+                return source.read(2**20)
+            except OSError as error:
+                if isinstance(error, gzip.BadGzipFile):
+                    raise
+                raise Unavailable(
+                    f"{self.archive_path}: cannot be read: {error.strerror or error}"
+                ) from None
+
+
+def _check_schema(path: Path) -> None:
+    """A database whose digest matches is what the backup's maker put there, not necessarily
+    a Trellis database: every later command would fail on it (exit 8). Its schema must be one
+    this code knows how to run or migrate: one made by a newer Trellis is refused too."""
+    try:
+        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"  # no journal files beside it
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            tables = {
+                str(name)
+                for (name,) in connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+            revisions = (
+                {
+                    str(row[0])
+                    for row in connection.execute("SELECT version_num FROM alembic_version")
+                }
+                if "alembic_version" in tables
+                else set()
+            )
+    except sqlite3.Error:
+        raise InvalidInput(
+            f"backup entry {_DB_NAME!r} is not an SQLite database: not a Trellis backup"
+        ) from None
+    if not tables >= _CORE_TABLES or not revisions:
+        raise InvalidInput(f"backup entry {_DB_NAME!r} has no Trellis schema: not a Trellis backup")
+    unknown = revisions - db.known_revisions()
+    if unknown:
+        raise InvalidInput(
+            f"the backup's database schema ({_shown(', '.join(sorted(unknown)))}) is newer than"
+            " this Trellis: restore it with the Trellis version that made it, or a newer one"
+        )
+
+
+def _install(
+    contents: dict[str, bytes], database: _Database, data_dir: Path, target_db: Path
+) -> None:
+    """Stage the database beside its target (streamed, then checked) and the files in a
+    staging directory inside the data dir, then move each into place, the database last; on
+    any failure, remove all of it (the data dir and the database's directory too, if this
+    made them)."""
     made: list[Path] = []
     try:
         made += _make_dirs(data_dir)
         staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=".restore-"))
         made.append(staging)
-        for name, data in contents.items():
-            if name != _DB_NAME:
-                target = staging / name
-                _make_dirs(target.parent, private_parents=True)
-                write_atomic(target, data, 0o644 if name in _PUBLIC else 0o600)
         made += _make_dirs(target_db.parent)
         fd, staged_db = tempfile.mkstemp(dir=target_db.parent, prefix=f".{target_db.name}.")
         made.append(Path(staged_db))
         with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600
-            handle.write(contents[_DB_NAME])
+            database.write_to(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        _check_schema(Path(staged_db))
+        for name, data in contents.items():
+            target = staging / name
+            _make_dirs(target.parent, private_parents=True)
+            write_atomic(target, data, 0o644 if name in _PUBLIC else 0o600)
         for entry in sorted(staging.iterdir()):
             made.append(data_dir / entry.name)
             entry.rename(data_dir / entry.name)
@@ -302,7 +508,15 @@ def _make_dirs(directory: Path, *, private_parents: bool = False) -> list[Path]:
 
 
 def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A small file, never more than ``MAX_FILE_BYTES`` whatever its header says."""
     handle = archive.extractfile(member)
     if handle is None:
-        raise InvalidInput(f"backup entry {member.name!r} cannot be read")
-    return handle.read()
+        raise InvalidInput(f"backup entry {_shown(member.name)} cannot be read")
+    with handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidInput(
+            f"backup entry {_shown(member.name)} is larger than a Trellis backup holds"
+            f" ({_size(MAX_FILE_BYTES)}): not restored"
+        )
+    return data

@@ -252,19 +252,24 @@ def _migration_lock(connection: sa.Connection) -> Iterator[None]:
         connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
 
 
-def _refuse_unknown_revisions(connection: sa.Connection, config: Config) -> None:
+def _refuse_unknown_revisions(connection: sa.Connection) -> None:
     """A database migrated by a newer Trellis must not be touched by an older one."""
     from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory.from_config(config)
-    known = {revision.revision for revision in script.walk_revisions()}
-    unknown = set(MigrationContext.configure(connection).get_current_heads()) - known
+    unknown = set(MigrationContext.configure(connection).get_current_heads()) - known_revisions()
     if unknown:
         raise Unavailable(
             f"the database schema ({', '.join(sorted(unknown))}) is newer than this Trellis: "
             "upgrade Trellis before starting it against this database"
         )
+
+
+def known_revisions() -> frozenset[str]:
+    """Every schema revision this code can migrate from (its own and all older ones)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_config())
+    return frozenset(revision.revision for revision in script.walk_revisions())
 
 
 def upgrade(engine: Engine) -> None:
@@ -282,7 +287,7 @@ def upgrade(engine: Engine) -> None:
                 connection.commit()
                 connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             with _migration_lock(connection):
-                _refuse_unknown_revisions(connection, config)
+                _refuse_unknown_revisions(connection)
                 config.attributes["connection"] = connection
                 # "heads": features developed in parallel add migrations as sibling branches
                 # off a common revision until a merge revision joins them.

@@ -12,14 +12,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ca import backup
 from ca.config import Settings, build_context
 from ca.serving import ensure_server_certificate
 from tests.conftest import PASSPHRASE
@@ -152,6 +158,36 @@ def _without_database(files: Files, manifest: dict[str, Any]) -> None:
     del files["trellis.db"], manifest["files"]["trellis.db"]
 
 
+def _database(edit: Callable[[sqlite3.Connection], object] | None = None) -> Callable[..., None]:
+    """A case: the archive's database replaced by what ``edit`` makes of it (a database of
+    its own when ``edit`` is None), with the right digest: the digest says nothing about
+    whether it is a Trellis database."""
+
+    def replace(files: Files, manifest: dict[str, Any]) -> None:
+        with closing(sqlite3.connect(":memory:")) as connection:
+            if edit is None:
+                connection.execute("CREATE TABLE notes (body TEXT)")
+                connection.execute("INSERT INTO notes VALUES ('someone else''s')")
+            else:
+                snapshot = bytearray(files["trellis.db"] or b"")
+                snapshot[18:20] = b"\x01\x01"  # the rollback journal: no WAL in memory
+                connection.deserialize(bytes(snapshot))
+                edit(connection)
+            connection.commit()
+            data = connection.serialize()
+        _listed("trellis.db", data)(files, manifest)
+
+    return replace
+
+
+def _future_schema(connection: sqlite3.Connection) -> None:
+    connection.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+
+
+def _no_core_tables(connection: sqlite3.Connection) -> None:
+    connection.execute("DROP TABLE certificate")
+
+
 BAD_ARCHIVES: dict[str, Callable[[Files, dict[str, Any]], object]] = {
     "manifest/no-files": lambda files, manifest: manifest.pop("files"),
     "manifest/a-list": lambda files, manifest: json.dumps([manifest]).encode(),
@@ -173,6 +209,27 @@ BAD_ARCHIVES: dict[str, Callable[[Files, dict[str, Any]], object]] = {
     "member/symlink": _listed("keys/link.pem", None),
     "member/checksum": lambda files, manifest: files.update({"bundle.pem": b"tampered"}),
     "database/missing": _without_database,
+    # Each was restored (exit 0), and every later command then failed (exit 8).
+    "database/not-sqlite": _listed("trellis.db", b"not a database at all" * 100),
+    "database/another-schema": _database(),
+    "database/no-certificate-table": _database(_no_core_tables),
+    "database/newer-schema": _database(_future_schema),
+    # Each was exit 8, naming the staging directory ("File exists", "File name too long",
+    # the latter in a message kilobytes long).
+    "name/file-and-directory": lambda files, manifest: [
+        _listed("keys/a")(files, manifest),
+        _listed("keys/a/b")(files, manifest),
+    ],
+    "name/directory-and-file": lambda files, manifest: [
+        _listed("keys/a/b")(files, manifest),
+        _listed("keys/a")(files, manifest),
+    ],
+    "name/part-too-long": _listed("keys/" + "A" * 300),
+    "name/too-long": _listed("keys/" + "/".join(["d" * 200] * 25)),
+    "name/too-deep": _listed("keys/" + "/".join(["d"] * 2000)),
+    "name/not-utf-8": _listed("keys/\udcff"),
+    # Read into memory whole: a 7 MB archive inflating to 1.5 GiB took 1.7 GB of memory.
+    "member/larger-than-a-key": _listed("keys/big.pem", b"0" * (2**20 + 1)),
 }
 
 
@@ -218,6 +275,7 @@ def test_a_bad_archive_is_refused_whole_and_writes_nothing(
     for data_dir in (workspace / "absent", workspace / "empty"):
         refused = cli.run("--data-dir", str(data_dir), "restore", str(bad), code=2)
         assert refused.startswith("trellis: ") and refused.count("\n") == 1, refused
+        assert len(refused) < 300 and ".restore-" not in refused, refused
         assert sorted(p.name for p in workspace.iterdir()) == ["empty"], case
         assert list((workspace / "empty").iterdir()) == []
     assert not Path("/tmp/trellis-restore-escaped").exists()
@@ -248,3 +306,65 @@ def test_a_backup_path_that_is_not_a_file_is_a_usage_error(cli: Cli, tmp_path: P
     unreadable = cli.run("--data-dir", str(tmp_path / "var"), "restore", "/proc/self/mem", code=8)
     assert unreadable.startswith("trellis: /proc/self/mem: cannot be read"), unreadable
     assert not (tmp_path / "var").exists()
+
+
+def test_an_archive_over_the_limits_is_refused_before_it_is_read(
+    archive: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch, workspace: Path
+) -> None:
+    """The limits (docs/operations.md) are checked on each tar header, before its member is
+    read: the real ones are far above this archive, so they are lowered here."""
+    for limit, value in (
+        ("MAX_DATABASE_BYTES", 4096),
+        ("MAX_FILES_TOTAL_BYTES", 1024),
+        ("MAX_FILES", 3),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(backup, limit, value)
+            refused = cli.run("--data-dir", str(workspace / "empty"), "restore", str(archive),
+                              code=2)  # fmt: skip
+        assert refused.startswith("trellis: ") and refused.count("\n") == 1, refused
+        assert sorted(p.name for p in workspace.iterdir()) == ["empty"], limit
+        assert list((workspace / "empty").iterdir()) == [], limit
+
+
+KILLED_AFTER_TWO_MOVES = """
+import os, pathlib, signal, sys
+from cli.main import main
+rename, moved = pathlib.Path.rename, []
+def killing(self, target):
+    result = rename(self, target)
+    moved.append(target)
+    if len(moved) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+pathlib.Path.rename = killing
+main(sys.argv[1:])
+"""
+
+
+def test_a_restore_killed_part_way_is_named_by_the_retry(
+    archive: Path, cli: Cli, tmp_path: Path
+) -> None:
+    """kill -9 runs no clean-up: the retry said only "is not empty". It now says a restore
+    was interrupted, and what to remove (the staged database copy lies beside a database
+    outside the data dir); once removed, the retry goes ahead."""
+    data_dir, database = tmp_path / "var", tmp_path / "db" / "trellis.db"
+    args = ["--data-dir", str(data_dir), "--database-url", f"sqlite:///{database}"]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_TWO_MOVES, *args, "restore", str(archive)],
+        env={**os.environ, "TRELLIS_KEY_PASSPHRASE": PASSPHRASE},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert killed.returncode == -9, killed
+    staged = [p for p in database.parent.iterdir() if p.name.startswith(".trellis.db.")]
+    assert len(staged) == 1 and not database.exists()
+    refused = cli.run(*args, "restore", str(archive), code=6)
+    assert refused.count("\n") == 1, refused
+    assert "a restore was interrupted and left .restore-" in refused, refused
+    assert f"remove {data_dir} and {staged[0]} and restore again" in refused, refused
+    shutil.rmtree(data_dir)
+    staged[0].unlink()
+    cli.run(*args, "restore", str(archive))
+    assert cli.run(*args, "bundle", "show").startswith("-----BEGIN CERTIFICATE")
