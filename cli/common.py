@@ -99,7 +99,8 @@ class State:
         what it made in the file system is removed again, as docs/cli.md promises ("a refused
         init leaves nothing behind"): the data dir if it was not there, otherwise only the
         entries it did not hold (what a dir held stays), and a SQLite database file outside it
-        that was not there. Keys it made in Vault are destroyed by the init itself."""
+        that was not there, with its journals, its write lock and the directories made for it.
+        Keys it made in Vault are destroyed by the init itself."""
         made = _Made.before(self.settings())
         try:
             yield self.context(create=True)
@@ -121,7 +122,8 @@ class _Made:
     data_dir: Path
     new_root: Path | None  # the outermost directory of data_dir's path that did not exist
     held: frozenset[str]  # the names data_dir held
-    new_files: tuple[Path, ...]  # a SQLite database outside data_dir, and its journals
+    new_files: tuple[Path, ...]  # a SQLite database outside data_dir, its journals and lock
+    new_database_root: Path | None  # the outermost directory made for that database
 
     @classmethod
     def before(cls, settings: Settings) -> _Made:
@@ -134,14 +136,18 @@ class _Made:
         held = frozenset(p.name for p in data_dir.iterdir()) if new_root is None else frozenset()
         url = make_url(settings.effective_database_url)
         files: tuple[Path, ...] = ()
+        database_root = None
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
             database = Path(str(url.database)).absolute()
             if not database.is_relative_to(data_dir):
-                candidates = [
-                    Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")
-                ]
+                suffixes = ("", "-wal", "-shm", "-journal", ".write-lock")
+                candidates = [Path(f"{database}{suffix}") for suffix in suffixes]
                 files = tuple(path for path in candidates if not path.exists())
-        return cls(data_dir, new_root, held, files)
+                for path in database.parents:
+                    if path.exists():
+                        break
+                    database_root = path
+        return cls(data_dir, new_root, held, files, database_root)
 
     def remove(self) -> None:
         if self.new_root is not None:
@@ -156,6 +162,8 @@ class _Made:
                     path.unlink(missing_ok=True)
         for path in self.new_files:
             path.unlink(missing_ok=True)
+        if self.new_database_root is not None:
+            shutil.rmtree(self.new_database_root, ignore_errors=True)
 
 
 STATE = State()

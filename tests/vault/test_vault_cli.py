@@ -58,6 +58,13 @@ def test_a_refused_vault_init_leaves_nothing_behind(openbao: OpenBao, tmp_path: 
         assert not (tmp_path / "new").exists()  # nor the parent it made
         assert empty.is_dir() and list(empty.iterdir()) == []
         assert [p.name for p in held.iterdir()] == ["notes.txt"]
+        # A database outside the data dir, in a directory that was not there: its write lock
+        # (made on the first write) and that directory were left behind.
+        apart = vault_cli(tmp_path / "var", openbao, token)
+        apart.env["TRELLIS_DATABASE_URL"] = f"sqlite:///{tmp_path / 'db' / 'here' / 'x.db'}"
+        result = apart.run("init", "--trust-domain", TRUST_DOMAIN.name, ok=False)
+        assert result.returncode == 8, (name, result)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "held"], name
 
 
 def test_audit_seal_without_vault_exits_8_and_revoking_a_keyless_intermediate_works(
