@@ -250,8 +250,11 @@ def _leftovers(data_dir: Path, target_db: Path) -> list[Path]:
 def _check_data_dir_empty(data_dir: Path, target_db: Path) -> None:
     if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
         what = "is not empty" if data_dir.is_dir() else "is not a directory"
+        # An interrupted restore never installed the database (it goes last): with a database
+        # there, the data dir is an instance's, and no one is told to remove it.
+        installed = target_db.exists() and target_db.stat().st_size > 0
         leftovers = _leftovers(data_dir, target_db) if data_dir.is_dir() else []
-        if leftovers:
+        if leftovers and not installed:
             left = [p.name if p.parent == data_dir else str(p) for p in leftovers]
             outside = [str(p) for p in leftovers if p.parent != data_dir]
             raise Conflict(

@@ -368,3 +368,7 @@ def test_a_restore_killed_part_way_is_named_by_the_retry(
     staged[0].unlink()
     cli.run(*args, "restore", str(archive))
     assert cli.run(*args, "bundle", "show").startswith("-----BEGIN CERTIFICATE")
+    # A working instance (its database is there) is never taken for leftovers to remove.
+    (database.parent / ".trellis.db.abcd1234").write_bytes(b"stale")
+    refused = cli.run(*args, "restore", str(archive), code=6)
+    assert refused.endswith("is not empty: restore only into an empty data directory\n")
