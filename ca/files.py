@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from ca.errors import InvalidInput
 
-__all__ = ["check_writable", "write_atomic", "write_private"]
+__all__ = [
+    "check_private_directory",
+    "check_writable",
+    "private_directory",
+    "write_atomic",
+    "write_private",
+]
+
+_PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
 
 
-def check_writable(path: Path, *, directory: bool, what: str | None = None) -> Path:
+def check_writable(
+    path: Path, *, directory: bool, private: bool = False, what: str | None = None
+) -> Path:
     """``path`` if it can be written (or created) as a file or, with ``directory``, as a
     directory the writers below put files in; ``InvalidInput`` naming ``what`` (the path itself
     by default) otherwise. Callers check before they issue or spend anything: a certificate
@@ -20,6 +32,9 @@ def check_writable(path: Path, *, directory: bool, what: str | None = None) -> P
     The nearest existing directory is probed by creating (and removing) a temporary file there,
     as ``write_atomic`` will: permission bits do not tell root, nor a read-only or virtual file
     system such as ``/proc``, where ``os.access`` says yes and writing fails.
+
+    With ``private`` (a directory that will hold private keys), an existing directory that
+    others may write to is refused, as ``private_directory`` will refuse it.
     """
     name = what or str(path)
     target = path.absolute()
@@ -30,6 +45,8 @@ def check_writable(path: Path, *, directory: bool, what: str | None = None) -> P
         raise InvalidInput(f"{name}: exists and is not a regular file")
     if directory and target.exists() and not target.is_dir():
         raise InvalidInput(f"{name}: exists and is not a directory")
+    if directory and private:
+        check_private_directory(target, what=name)
     if not directory and target.is_dir():
         raise InvalidInput(f"{name}: is a directory, not a file")
     if target.exists() and not os.access(target, os.W_OK):
@@ -48,9 +65,56 @@ def check_writable(path: Path, *, directory: bool, what: str | None = None) -> P
     return path
 
 
+def check_private_directory(path: Path, *, what: str | None = None) -> None:
+    """Refuse an existing directory, meant to hold private keys, that its group or others may
+    write to (``InvalidInput``). Whoever can write a directory can rename entries in it: swap
+    a key (or the ``..data`` symlink of the SVID files) for one of their own, or move it away.
+    It is refused rather than tightened because it is not Trellis's to change: a shared
+    directory may be group-writable on purpose (like ``ssh`` and ``StrictModes``). A missing
+    directory passes: ``private_directory`` creates it 0700."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing (or under a file): whoever creates it reports what is wrong
+        return
+    if stat.S_ISDIR(mode) and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InvalidInput(
+            f"{what or path}: the directory is writable by its group or others "
+            f"(mode {stat.S_IMODE(mode):04o}) and would hold private keys: "
+            f"run 'chmod go-w {path}' or choose another directory"
+        )
+
+
+def _make_directory(path: Path, *, private: bool, exclusive: bool = False) -> None:
+    """Create ``path`` if it is missing, and its missing parents, none of them writable by
+    others whatever the umask (``mkdir -p`` under umask 000 makes them 0777: anyone could then
+    move a directory away and put their own in its place). A private one is 0700 exactly: set
+    again after ``mkdir``, which masks its mode. An existing ``path`` is left as it is."""
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another writer
+                parent.mkdir(mode=_PUBLIC_PARENT)
+    try:
+        path.mkdir(mode=0o700 if private else _PUBLIC_PARENT)
+    except FileExistsError:
+        if exclusive:
+            raise
+        return
+    if private:
+        os.chmod(path, 0o700)
+
+
+def private_directory(path: Path, *, exclusive: bool = False) -> Path:
+    """The directory for private keys at ``path``: created 0700 if missing, whatever the umask;
+    an existing one is refused if others may write to it (``check_private_directory``), or at
+    all with ``exclusive`` (a staging directory must be the one just made, not one planted)."""
+    _make_directory(path, private=True, exclusive=exclusive)
+    check_private_directory(path)
+    return path
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` in one rename so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directory(path.parent, private=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
@@ -65,6 +129,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write key material: 0600 from the first byte (the temp file is created 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Write key material: 0600 from the first byte (the temp file is created 0600), in a
+    directory created 0700 if it is missing."""
+    _make_directory(path.parent, private=True)
     write_atomic(path, data, mode=0o600)

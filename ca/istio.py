@@ -31,7 +31,7 @@ from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
-from ca.files import check_writable, write_atomic, write_private
+from ca.files import check_writable, private_directory, write_atomic, write_private
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
@@ -208,7 +208,12 @@ def check_output(params: IstioParams) -> None:
     a readable file; whether its cluster answers only applying tells."""
     if params.output is not None:
         directory = params.output_format == "files"
-        check_writable(params.output, directory=directory, what=f"the output {params.output}")
+        check_writable(
+            params.output,
+            directory=directory,
+            private=directory,  # the files hold ca-key.pem
+            what=f"the output {params.output}",
+        )
     kubeconfig = params.kubeconfig
     if kubeconfig is not None and not (kubeconfig.is_file() and os.access(kubeconfig, os.R_OK)):
         raise InvalidInput(f"--kubeconfig {kubeconfig}: not a readable file")
@@ -325,6 +330,7 @@ def write_output(intermediate: IstioIntermediate, output_format: str, out: Path)
     if output_format != "files":
         write_private(out, rendered["cacerts.yaml"])
         return [out]
+    private_directory(out)  # before ca-cert.pem, whose write_atomic would make it 0755
     written = []
     for name, content in rendered.items():
         path = out / name

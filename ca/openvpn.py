@@ -41,7 +41,7 @@ from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput, NotFound, Unavailable
-from ca.files import write_atomic, write_private
+from ca.files import private_directory, write_atomic, write_private
 from ca.keys import KeyType
 from ca.pem import private_key_pem
 from ca.revocation import RevocationReason
@@ -566,7 +566,7 @@ def renew_server_certificates(ctx: Context) -> list[str]:
                 requested_by="scheduler",
             ),
         )
-        directory = Path(row.server_dir)
+        directory = private_directory(Path(row.server_dir))
         write_private(directory / "server.key", credentials.key_pem)
         write_atomic(directory / "server.crt", credentials.certificate_pem)
         log.warning(
@@ -579,7 +579,9 @@ def renew_server_certificates(ctx: Context) -> list[str]:
 
 
 def write_files(files: dict[str, bytes], directory: Path) -> list[Path]:
-    """Secrets 0600 from their first byte, the rest 0644; each file replaced atomically."""
+    """Secrets 0600 from their first byte, the rest 0644; each file replaced atomically, in a
+    directory created 0700 (refused if others may write to it)."""
+    private_directory(directory)
     written = []
     for name, data in files.items():
         path = directory / name

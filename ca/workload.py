@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from ca import errors
 from ca.clock import Clock, SystemClock
 from ca.csr import parse_csr
-from ca.files import write_atomic, write_private
+from ca.files import private_directory, write_atomic, write_private
 from ca.keys import KeyType, PrivateKey
 from ca.pem import load_certs, private_key_pem
 from ca.renewal import make_proof
@@ -72,11 +72,9 @@ def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: 
     it. ``svid.pem``, ``svid.key`` and ``bundle.pem`` are symlinks through ``..data``, so a reader
     resolving them sees either the old set or the new one, never a key from one and a
     certificate from the other."""
-    directory = files.directory
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = private_directory(files.directory)
     stamp = f"..{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(4)}"
-    staging = directory / stamp
-    staging.mkdir(mode=0o755)
+    staging = private_directory(directory / stamp, exclusive=True)
     write_private(staging / "svid.key", private_key_pem(key))
     write_atomic(staging / "svid.pem", chain_pem)
     write_atomic(staging / "bundle.pem", bundle_pem)

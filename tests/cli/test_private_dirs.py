@@ -1,0 +1,137 @@
+"""Directories that hold private keys are 0700 whatever the umask, and one that others may write
+to is refused: run in-process (the Typer app) so that the test's ``os.umask`` applies."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ca.errors import InvalidInput
+from ca.keys import KeyType
+from ca.workload import SvidFiles, write_svid
+from tests.openvpn.vpnkit import InProcessTrellis
+
+
+@pytest.fixture(params=[0o000, 0o022], ids=["umask-000", "umask-022"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> InProcessTrellis:
+    trellis = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    trellis.run("init", "--trust-domain", "example.org")
+    trellis.run("openvpn", "init")
+    trellis.run("openvpn", "configure", "--remote", "vpn.example.org")
+    return trellis
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# Each command with the key file(s) its --out directory gets.
+COMMANDS = {
+    "svid-mint": (["svid", "mint", "--spiffe-id", "spiffe://example.org/web"], ["svid.key"]),
+    "openvpn-server-cert": (["openvpn", "server-cert"], ["server.key"]),
+    "openvpn-server-config": (
+        ["openvpn", "server-config"],
+        ["server.key", "tls-crypt.key", "tls-crypt-v2.key"],
+    ),
+    "istio-files": (["istio", "issue", "--cluster", "west", "--format", "files"], ["ca-key.pem"]),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_out_directories_are_0700_whatever_the_umask(
+    cli: InProcessTrellis, tmp_path: Path, umask: int, command: str
+) -> None:
+    args, keys = COMMANDS[command]
+    out = tmp_path / "new" / "out"  # its parent is missing too
+    cli.run(*args, "--out", str(out))
+    assert _mode(out) == 0o700
+    assert _mode(out.parent) & 0o022 == 0  # a parent made on the way: nobody else writes it
+    for name in keys:
+        assert _mode(out / name) == 0o600
+        assert _mode((out / name).resolve().parent) == 0o700  # the svid staging dir too
+
+
+def test_svid_staging_directory_is_0700(tmp_path: Path, umask: int) -> None:
+    """The agent and ``svid request`` publish through ``write_svid``: a new ``..<stamp>`` dir
+    per renewal, which holds the key."""
+    files = SvidFiles(tmp_path / "web")
+    key = KeyType.EC_P256.generate()
+    write_svid(files, b"chain", key, b"bundle")
+    write_svid(files, b"chain", key, b"bundle")  # a renewal: a new staging dir
+    staging = files.directory / os.readlink(files.directory / "..data")
+    assert (_mode(files.directory), _mode(staging), _mode(files.key.resolve())) == (
+        0o700,
+        0o700,
+        0o600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "loose"),
+    [(command, 0o777) for command in COMMANDS] + [("svid-mint", 0o770), ("svid-mint", 0o1777)],
+)
+def test_an_existing_directory_others_may_write_is_refused(
+    cli: InProcessTrellis, tmp_path: Path, command: str, loose: int
+) -> None:
+    """Exit 2 before anything is issued; the real entry point maps the error."""
+    args, _ = COMMANDS[command]
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(loose)
+    before = cli.run("certs", "list", "--json").stdout
+    result = cli.process().run(*args, "--out", str(out), ok=False)
+    assert result.returncode == 2, result.stderr
+    assert f"the directory is writable by its group or others (mode {loose:04o})" in result.stderr
+    assert f"chmod go-w {out}" in result.stderr
+    assert list(out.iterdir()) == []  # nothing written
+    assert _mode(out) == loose  # not Trellis's to change
+    assert cli.run("certs", "list", "--json").stdout == before
+
+
+def test_an_existing_directory_readable_by_others_is_used_as_it_is(
+    cli: InProcessTrellis, tmp_path: Path
+) -> None:
+    out = tmp_path / "srv"
+    out.mkdir(mode=0o755)
+    out.chmod(0o755)
+    cli.run("openvpn", "server-config", "--out", str(out))
+    assert _mode(out) == 0o755
+    assert _mode(out / "server.key") == 0o600
+
+
+def test_write_svid_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
+    """The agent's renewals write through ``write_svid`` long after ``--dir`` was checked."""
+    directory = tmp_path / "web"
+    directory.mkdir()
+    directory.chmod(0o777)
+    with pytest.raises(InvalidInput, match="writable by its group or others"):
+        write_svid(SvidFiles(directory), b"chain", KeyType.EC_P256.generate(), b"bundle")
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["svid", "renew", "--server", "https://127.0.0.1:1"], ["agent"]])
+def test_dir_option_others_may_write_is_refused(tmp_path: Path, args: list[str]) -> None:
+    directory = tmp_path / "web"
+    directory.mkdir()
+    directory.chmod(0o777)
+    (directory / "bundle.pem").write_text("")
+    extra = ["--server", "https://127.0.0.1:1", "--bundle", str(directory / "bundle.pem")]
+    cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    result = cli.process().run(
+        *args, *(extra if args == ["agent"] else []), "--dir", str(directory), ok=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"--dir {directory}: the directory is writable by its group or others" in result.stderr
