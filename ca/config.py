@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from ca.clock import Clock, SystemClock
 from ca.errors import Unavailable
+from ca.files import data_directory
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
 from ca.keys.store import KeyStore
@@ -123,7 +124,9 @@ def build_context(
     serving: bool = False,
 ) -> Context:
     """``serving``: for ``trellis serve``, which on SQLite checkpoints in a thread of its own."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_directory(settings.data_dir)
+    for name in ("secrets", "server"):  # keys/: FileKeyBackend below; these when first used
+        data_directory(settings.data_dir / name, create=False)
     if settings.key_passphrase is not None:
         passphrase = settings.key_passphrase.get_secret_value().encode()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import tempfile
@@ -13,10 +14,13 @@ from ca.errors import InvalidInput
 __all__ = [
     "check_private_directory",
     "check_writable",
+    "data_directory",
     "private_directory",
     "write_atomic",
     "write_private",
 ]
+
+log = logging.getLogger("trellis.files")
 
 _PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
 
@@ -109,6 +113,39 @@ def private_directory(path: Path, *, exclusive: bool = False) -> Path:
     all with ``exclusive`` (a staging directory must be the one just made, not one planted)."""
     _make_directory(path, private=True, exclusive=exclusive)
     check_private_directory(path)
+    return path
+
+
+def data_directory(path: Path, *, create: bool = True) -> Path:
+    """A directory of Trellis's own data that holds keys or secrets (the data dir, ``keys/``,
+    ``secrets/``, ``server/``): created 0700 if missing (with ``create``), and an existing one
+    that its group or others may use is tightened to 0700, with a warning, if this user owns
+    it. Unlike an ``--out`` directory it is not refused: it is Trellis's, and refusing would
+    leave an instance that cannot start until someone runs the ``chmod`` that this does. One
+    owned by another user (a volume's root under Kubernetes' ``fsGroup``, say) cannot be
+    changed here: a warning says so."""
+    if create:
+        _make_directory(path, private=True)
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return path
+    mode = stat.S_IMODE(status.st_mode)
+    if not stat.S_ISDIR(status.st_mode) or not mode & 0o077:
+        return path
+    if status.st_uid == os.geteuid():
+        os.chmod(path, 0o700)
+        log.warning("%s was mode %04o: tightened to 0700 (it holds keys or secrets)", path, mode)
+    else:
+        log.warning(
+            "%s is mode %04o and owned by uid %d, not this user (%d): Trellis cannot tighten it;"
+            " it holds keys or secrets, so run 'chmod 0700 %s' as its owner",
+            path,
+            mode,
+            status.st_uid,
+            os.geteuid(),
+            path,
+        )
     return path
 
 

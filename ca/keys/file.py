@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca.errors import InvalidInput, NotFound, Unavailable
-from ca.files import write_private
+from ca.files import data_directory, write_private
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey
 
@@ -45,7 +45,7 @@ class FileKeyBackend:
         self._dir = directory
         self._passphrase = passphrase
         # Created up front so readiness checks pass on instances whose keys all live in Vault.
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_directory(directory)
 
     def _path(self, ref: str) -> Path:
         if not _REF.match(ref):

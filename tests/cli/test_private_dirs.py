@@ -3,6 +3,7 @@ to is refused: run in-process (the Typer app) so that the test's ``os.umask`` ap
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from ca.config import Settings, build_context
 from ca.errors import InvalidInput
+from ca.files import data_directory
 from ca.keys import KeyType
 from ca.workload import SvidFiles, write_svid
 from tests.openvpn.vpnkit import InProcessTrellis
@@ -135,3 +138,50 @@ def test_dir_option_others_may_write_is_refused(tmp_path: Path, args: list[str])
     )
     assert result.returncode == 2, result.stderr
     assert f"--dir {directory}: the directory is writable by its group or others" in result.stderr
+
+
+def test_init_and_serve_tighten_loose_data_directories(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data dir, ``keys/``, ``secrets/`` and ``server/`` Trellis owns are made 0700 with a
+    warning, by ``init`` and by every start (``serve`` builds its context the same way)."""
+    data = tmp_path / "var"
+    for each in (data, data / "keys", data / "secrets"):
+        each.mkdir()
+        each.chmod(0o777)
+    cli = InProcessTrellis(data, f"sqlite:///{tmp_path / 'trellis.db'}")
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        cli.run("init", "--trust-domain", "pre.org")
+    for each in (data, data / "keys", data / "secrets"):
+        assert _mode(each) == 0o700, each
+        assert f"{each} was mode 0777: tightened to 0700" in caplog.text
+
+    caplog.clear()
+    (data / "server").mkdir()  # made by the first serve
+    for each in (data, data / "keys", data / "server"):
+        each.chmod(0o755)
+    settings = Settings(
+        data_dir=data,
+        database_url=f"sqlite:///{tmp_path / 'trellis.db'}",
+        key_passphrase=cli.env["TRELLIS_KEY_PASSPHRASE"],  # type: ignore[arg-type]
+    )
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        build_context(settings, serving=True).close()
+    for each in (data, data / "keys", data / "server"):
+        assert _mode(each) == 0o700, each
+        assert f"{each} was mode 0755: tightened to 0700" in caplog.text
+
+
+def test_a_data_directory_owned_by_another_user_is_left_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such as a volume's root under Kubernetes' fsGroup: chmod would fail, so it only warns."""
+    data = tmp_path / "var"
+    data.mkdir()
+    data.chmod(0o775)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(data).st_uid + 1)
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        data_directory(data)
+    assert _mode(data) == 0o775
+    assert f"{data} is mode 0775 and owned by uid" in caplog.text
+    assert f"run 'chmod 0700 {data}' as its owner" in caplog.text
