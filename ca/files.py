@@ -12,7 +12,6 @@ from pathlib import Path
 from ca.errors import InvalidInput
 
 __all__ = [
-    "check_private_directory",
     "check_writable",
     "data_directory",
     "private_directory",
@@ -25,9 +24,7 @@ log = logging.getLogger("trellis.files")
 _PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
 
 
-def check_writable(
-    path: Path, *, directory: bool, private: bool = False, what: str | None = None
-) -> Path:
+def check_writable(path: Path, *, directory: bool, what: str | None = None) -> Path:
     """``path`` if it can be written (or created) as a file or, with ``directory``, as a
     directory the writers below put files in; ``InvalidInput`` naming ``what`` (the path itself
     by default) otherwise. Callers check before they issue or spend anything: a certificate
@@ -36,9 +33,6 @@ def check_writable(
     The nearest existing directory is probed by creating (and removing) a temporary file there,
     as ``write_atomic`` will: permission bits do not tell root, nor a read-only or virtual file
     system such as ``/proc``, where ``os.access`` says yes and writing fails.
-
-    With ``private`` (a directory that will hold private keys), an existing directory that
-    others may write to is refused, as ``private_directory`` will refuse it.
     """
     name = what or str(path)
     target = path.absolute()
@@ -49,8 +43,6 @@ def check_writable(
         raise InvalidInput(f"{name}: exists and is not a regular file")
     if directory and target.exists() and not target.is_dir():
         raise InvalidInput(f"{name}: exists and is not a directory")
-    if directory and private:
-        check_private_directory(target, what=name)
     if not directory and target.is_dir():
         raise InvalidInput(f"{name}: is a directory, not a file")
     if target.exists() and not os.access(target, os.W_OK):
@@ -67,25 +59,6 @@ def check_writable(
     os.close(fd)
     os.unlink(probe)
     return path
-
-
-def check_private_directory(path: Path, *, what: str | None = None) -> None:
-    """Refuse an existing directory, meant to hold private keys, that its group or others may
-    write to (``InvalidInput``). Whoever can write a directory can rename entries in it: swap
-    a key (or the ``..data`` symlink of the SVID files) for one of their own, or move it away.
-    It is refused rather than tightened because it is not Trellis's to change: a shared
-    directory may be group-writable on purpose (like ``ssh`` and ``StrictModes``). A missing
-    directory passes: ``private_directory`` creates it 0700."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:  # missing (or under a file): whoever creates it reports what is wrong
-        return
-    if stat.S_ISDIR(mode) and mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InvalidInput(
-            f"{what or path}: the directory is writable by its group or others "
-            f"(mode {stat.S_IMODE(mode):04o}) and would hold private keys: "
-            f"run 'chmod go-w {path}' or choose another directory"
-        )
 
 
 def _make_directory(path: Path, *, private: bool, exclusive: bool = False) -> None:
@@ -108,45 +81,59 @@ def _make_directory(path: Path, *, private: bool, exclusive: bool = False) -> No
 
 
 def private_directory(path: Path, *, exclusive: bool = False) -> Path:
-    """The directory for private keys at ``path``: created 0700 if missing, whatever the umask;
-    an existing one is refused if others may write to it (``check_private_directory``), or at
-    all with ``exclusive`` (a staging directory must be the one just made, not one planted)."""
+    """A directory for private keys that Trellis writes on request (an ``--out`` or ``--dir``):
+    created 0700 if missing, whatever the umask; an existing one that its group or others may
+    write to loses those bits (``_tighten``): whoever can write a directory can rename entries
+    in it, swapping a key, or the ``..data`` symlink of the SVID files, for one of their own.
+    Read bits stay: the keys are 0600, and the certificates beside them are often shared on
+    purpose. With ``exclusive`` an existing one is an error (``FileExistsError``): a staging
+    directory must be the one just made, not one planted."""
     _make_directory(path, private=True, exclusive=exclusive)
-    check_private_directory(path)
+    _tighten(path, stat.S_IWGRP | stat.S_IWOTH)
     return path
 
 
 def data_directory(path: Path, *, create: bool = True) -> Path:
     """A directory of Trellis's own data that holds keys or secrets (the data dir, ``keys/``,
     ``secrets/``, ``server/``): created 0700 if missing (with ``create``), and an existing one
-    that its group or others may use is tightened to 0700, with a warning, if this user owns
-    it. Unlike an ``--out`` directory it is not refused: it is Trellis's, and refusing would
-    leave an instance that cannot start until someone runs the ``chmod`` that this does. One
-    owned by another user (a volume's root under Kubernetes' ``fsGroup``, say) cannot be
-    changed here: a warning says so."""
+    that its group or others may use at all is tightened to 0700 (``_tighten``)."""
     if create:
         _make_directory(path, private=True)
+    _tighten(path, 0o077)
+    return path
+
+
+def _tighten(path: Path, loose: int) -> None:
+    """Clear the ``loose`` bits of an existing directory, with a warning naming its old mode,
+    if this user owns it. It is tightened rather than refused: that ``chmod`` is what the
+    operator would be told to run, and Trellis made most such directories itself (an older
+    version made them with the umask's mode). One owned by another user cannot be changed here
+    and is used with a warning: a Kubernetes emptyDir shared by the agent and the workload is
+    root's and 0777 (2777 with ``fsGroup``), and refusing it would stop every such pod."""
     try:
         status = path.stat()
-    except FileNotFoundError:
-        return path
+    except OSError:  # missing (or under a file): whoever writes there reports what is wrong
+        return
     mode = stat.S_IMODE(status.st_mode)
-    if not stat.S_ISDIR(status.st_mode) or not mode & 0o077:
-        return path
+    if not stat.S_ISDIR(status.st_mode) or not mode & loose:
+        return
     if status.st_uid == os.geteuid():
-        os.chmod(path, 0o700)
-        log.warning("%s was mode %04o: tightened to 0700 (it holds keys or secrets)", path, mode)
+        os.chmod(path, mode & ~loose)
+        log.warning(
+            "%s was mode %04o: tightened to %04o (it holds private keys)", path, mode, mode & ~loose
+        )
     else:
         log.warning(
-            "%s is mode %04o and owned by uid %d, not this user (%d): Trellis cannot tighten it;"
-            " it holds keys or secrets, so run 'chmod 0700 %s' as its owner",
+            "%s is mode %04o and owned by uid %d, not this user (%d): Trellis cannot tighten it"
+            " and uses it as it is; it holds private keys, so its owner should run"
+            " 'chmod %s %s'",
             path,
             mode,
             status.st_uid,
             os.geteuid(),
+            "0700" if loose == 0o077 else "go-w",
             path,
         )
-    return path
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -208,12 +208,7 @@ def check_output(params: IstioParams) -> None:
     a readable file; whether its cluster answers only applying tells."""
     if params.output is not None:
         directory = params.output_format == "files"
-        check_writable(
-            params.output,
-            directory=directory,
-            private=directory,  # the files hold ca-key.pem
-            what=f"the output {params.output}",
-        )
+        check_writable(params.output, directory=directory, what=f"the output {params.output}")
     kubeconfig = params.kubeconfig
     if kubeconfig is not None and not (kubeconfig.is_file() and os.access(kubeconfig, os.R_OK)):
         raise InvalidInput(f"--kubeconfig {kubeconfig}: not a readable file")

@@ -11,17 +11,13 @@ import typer
 from ca.agent import Agent, AgentConfig
 from ca.keys import KeyType
 from ca.logs import configure_logging
-from cli.common import key_dir
 
 
 def agent(
     server: Annotated[str, typer.Option(help="https://host:port of Trellis")],
     bundle: Annotated[Path, typer.Option(help="Trust bundle to recognise the server by at first")],
     dir: Annotated[
-        Path,
-        typer.Option(
-            "--dir", help="Directory for svid.pem, svid.key, bundle.pem", callback=key_dir
-        ),
+        Path, typer.Option("--dir", help="Directory for svid.pem, svid.key, bundle.pem")
     ],
     token: Annotated[
         str | None, typer.Option(help="Join token, to bootstrap", envvar="TRELLIS_JOIN_TOKEN")

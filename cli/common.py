@@ -34,19 +34,12 @@ EXIT_CODES: dict[type[errors.TrellisError], int] = {
 
 def _writable(path: Path, *, directory: bool) -> Path:
     """``ca.files.check_writable`` for an ``--out`` option."""
-    return check_writable(path, directory=directory, private=directory, what=f"--out {path}")
+    return check_writable(path, directory=directory, what=f"--out {path}")
 
 
 def out_dir(value: Path | None) -> Path | None:
-    """An option callback: the directory a command writes its files to, private keys among
-    them: refused if others may write to it."""
+    """An option callback: the directory a command writes its files to."""
     return None if value is None else _writable(value, directory=True)
-
-
-def key_dir(value: Path) -> Path:
-    """An option callback for ``--dir``, the SVID directory the agent and ``svid renew`` keep:
-    refused, before anything is requested, if others may write to it."""
-    return check_writable(value, directory=True, private=True, what=f"--dir {value}")
 
 
 def out_file(value: Path | None) -> Path | None:

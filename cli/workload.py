@@ -13,7 +13,7 @@ from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
 from ca.workload import Received, SvidFiles, WorkloadClient, write_svid
-from cli.common import STATE, emit_json, key_dir, out_dir
+from cli.common import STATE, emit_json, out_dir
 
 svid_app = typer.Typer(help="Obtain, renew or mint X509-SVIDs.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -65,10 +65,7 @@ def request(
 @svid_app.command("renew")
 def renew(
     server: Annotated[str, typer.Option(help="https://host:port of Trellis")],
-    dir: Annotated[
-        Path,
-        typer.Option("--dir", help="Directory holding the current SVID", callback=key_dir),
-    ],
+    dir: Annotated[Path, typer.Option("--dir", help="Directory holding the current SVID")],
     ttl: Annotated[str | None, typer.Option(help="Requested lifetime")] = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from ca.config import Settings, build_context
-from ca.errors import InvalidInput
 from ca.files import data_directory
 from ca.keys import KeyType
 from ca.workload import SvidFiles, write_svid
@@ -86,58 +85,71 @@ def test_svid_staging_directory_is_0700(tmp_path: Path, umask: int) -> None:
     ("command", "loose"),
     [(command, 0o777) for command in COMMANDS] + [("svid-mint", 0o770), ("svid-mint", 0o1777)],
 )
-def test_an_existing_directory_others_may_write_is_refused(
-    cli: InProcessTrellis, tmp_path: Path, command: str, loose: int
+def test_an_existing_directory_others_may_write_loses_those_bits(
+    cli: InProcessTrellis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    command: str,
+    loose: int,
 ) -> None:
-    """Exit 2 before anything is issued; the real entry point maps the error."""
-    args, _ = COMMANDS[command]
+    """Such as one an older Trellis made under umask 000: whoever could write it swapped the
+    key (the ``..data`` symlink) for their own. Read bits stay; the keys are 0600."""
+    args, keys = COMMANDS[command]
     out = tmp_path / "shared"
     out.mkdir()
     out.chmod(loose)
-    before = cli.run("certs", "list", "--json").stdout
-    result = cli.process().run(*args, "--out", str(out), ok=False)
-    assert result.returncode == 2, result.stderr
-    assert f"the directory is writable by its group or others (mode {loose:04o})" in result.stderr
-    assert f"chmod go-w {out}" in result.stderr
-    assert list(out.iterdir()) == []  # nothing written
-    assert _mode(out) == loose  # not Trellis's to change
-    assert cli.run("certs", "list", "--json").stdout == before
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        cli.run(*args, "--out", str(out))
+    tight = loose & ~0o022
+    assert _mode(out) == tight
+    assert f"{out} was mode {loose:04o}: tightened to {tight:04o}" in caplog.text
+    for name in keys:
+        assert _mode(out / name) == 0o600
 
 
 def test_an_existing_directory_readable_by_others_is_used_as_it_is(
-    cli: InProcessTrellis, tmp_path: Path
+    cli: InProcessTrellis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "srv"
-    out.mkdir(mode=0o755)
+    out.mkdir()
     out.chmod(0o755)
-    cli.run("openvpn", "server-config", "--out", str(out))
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        cli.run("openvpn", "server-config", "--out", str(out))
     assert _mode(out) == 0o755
     assert _mode(out / "server.key") == 0o600
+    assert "tightened" not in caplog.text
 
 
-def test_write_svid_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
-    """The agent's renewals write through ``write_svid`` long after ``--dir`` was checked."""
-    directory = tmp_path / "web"
-    directory.mkdir()
-    directory.chmod(0o777)
-    with pytest.raises(InvalidInput, match="writable by its group or others"):
-        write_svid(SvidFiles(directory), b"chain", KeyType.EC_P256.generate(), b"bundle")
-    assert list(directory.iterdir()) == []
+def test_the_agent_tightens_its_directory_on_every_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's renewals write through ``write_svid``, long after it started."""
+    files = SvidFiles(tmp_path / "web")
+    key = KeyType.EC_P256.generate()
+    write_svid(files, b"chain", key, b"bundle")
+    files.directory.chmod(0o777)  # loosened meanwhile
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        write_svid(files, b"chain", key, b"bundle")
+    assert _mode(files.directory) == 0o755
+    assert f"{files.directory} was mode 0777: tightened to 0755" in caplog.text
 
 
-@pytest.mark.parametrize("args", [["svid", "renew", "--server", "https://127.0.0.1:1"], ["agent"]])
-def test_dir_option_others_may_write_is_refused(tmp_path: Path, args: list[str]) -> None:
-    directory = tmp_path / "web"
-    directory.mkdir()
-    directory.chmod(0o777)
-    (directory / "bundle.pem").write_text("")
-    extra = ["--server", "https://127.0.0.1:1", "--bundle", str(directory / "bundle.pem")]
-    cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    result = cli.process().run(
-        *args, *(extra if args == ["agent"] else []), "--dir", str(directory), ok=False
-    )
-    assert result.returncode == 2, result.stderr
-    assert f"--dir {directory}: the directory is writable by its group or others" in result.stderr
+def test_a_key_directory_of_another_user_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes emptyDir the agent shares with its workload is root's and 0777 (2777 with
+    fsGroup): chmod would fail, and refusing it would stop the pod."""
+    files = SvidFiles(tmp_path / "run-svid")
+    files.directory.mkdir()
+    files.directory.chmod(0o2777)
+    monkeypatch.setattr(os, "geteuid", lambda: files.directory.stat().st_uid + 1)
+    with caplog.at_level(logging.WARNING, logger="trellis.files"):
+        write_svid(files, b"chain", KeyType.EC_P256.generate(), b"bundle")
+    assert _mode(files.directory) == 0o2777
+    assert f"{files.directory} is mode 2777 and owned by uid" in caplog.text
+    assert f"its owner should run 'chmod go-w {files.directory}'" in caplog.text
+    assert _mode(files.key) == 0o600
+    assert _mode(files.key.resolve().parent) == 0o700  # the staging dir, Trellis's own
 
 
 def test_init_and_serve_tighten_loose_data_directories(
@@ -184,4 +196,4 @@ def test_a_data_directory_owned_by_another_user_is_left_with_a_warning(
         data_directory(data)
     assert _mode(data) == 0o775
     assert f"{data} is mode 0775 and owned by uid" in caplog.text
-    assert f"run 'chmod 0700 {data}' as its owner" in caplog.text
+    assert f"its owner should run 'chmod 0700 {data}'" in caplog.text

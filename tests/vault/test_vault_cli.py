@@ -43,10 +43,10 @@ def test_a_refused_vault_init_leaves_nothing_behind(openbao: OpenBao, tmp_path: 
     tokens = {"bogus": "bogus", "no-sign": openbao.create_token("trellis-cannot-sign", ttl="1h")}
     keys = transit_keys(openbao)
     held = tmp_path / "held"
-    held.mkdir()
+    held.mkdir(mode=0o700)  # a looser one would be tightened, with a warning first on stderr
     (held / "notes.txt").write_text("the operator's\n")
     empty = tmp_path / "empty"
-    empty.mkdir()
+    empty.mkdir(mode=0o700)
     for name, token in tokens.items():
         for data_dir in (tmp_path / "new" / name, empty, held):
             result = vault_cli(data_dir, openbao, token).run(
