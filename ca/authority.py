@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -86,6 +87,7 @@ class AuthorityParams:
     name: str = MESH
     key_backend: str | None = None  # None: the configured default (TRELLIS_KEY_BACKEND)
     purpose: str = "spiffe"
+    actor: str = "init"  # who set it up, in the audit trail: ``cli`` or ``admin-token:<id>``
 
     @property
     def label(self) -> str:
@@ -261,9 +263,10 @@ def _wipe(session: Session, name: str, *, actor: str, now: dt.datetime) -> list[
     return old
 
 
-def init_authority(ctx: Context, params: AuthorityParams, *, actor: str = "init") -> Issuer:
+def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     """Create root and issuing intermediate in one transaction; a failure leaves no keys behind.
-    ``actor``: who replaced an existing authority (``force``), for the audit trail."""
+    ``params.actor`` is who created it (and, with ``force``, replaced the old one) in the audit
+    trail."""
     check_params(params)
     created: list[KeyHandle] = []
     try:
@@ -278,7 +281,9 @@ def init_authority(ctx: Context, params: AuthorityParams, *, actor: str = "init"
                 select(BundleStateRow.sequence).where(BundleStateRow.authority == params.name)
             ).first()
             now = ctx.clock.now()
-            old_keys = _wipe(session, params.name, actor=actor, now=now) if params.force else []
+            old_keys = (
+                _wipe(session, params.name, actor=params.actor, now=now) if params.force else []
+            )
             backend = params.key_backend or ctx.keys.default
             root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root", backend)
             created.append(root_key)
@@ -320,7 +325,7 @@ def init_authority(ctx: Context, params: AuthorityParams, *, actor: str = "init"
             session.add(int_row)
             session.flush()
             for row in (root_row, int_row):
-                record_event(session, row, "created", "init", now)
+                record_event(session, row, "created", params.actor, now)
             sync_bundle(session, params.name, now, after=replaced or 0)
             session.commit()
     except BaseException:
@@ -336,7 +341,16 @@ def _certificate(row: CaRow) -> x509.Certificate:
     return x509.load_pem_x509_certificate(row.cert_pem.encode())
 
 
-def record_event(session: Session, row: CaRow, event: str, actor: str, now: dt.datetime) -> None:
+def record_event(
+    session: Session,
+    row: CaRow,
+    event: str,
+    actor: str,
+    now: dt.datetime,
+    *,
+    request_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
     assert row.id is not None
     session.add(CaEventRow(authority=row.authority, ca_id=row.id, event=event, at=now, actor=actor))
     audit.record(
@@ -345,7 +359,8 @@ def record_event(session: Session, row: CaRow, event: str, actor: str, now: dt.d
         f"{row.authority}/{row.role}/{row.serial}",
         actor=actor,
         at=now,
-        detail={"state": row.state, "not_after": row.not_after.isoformat()},
+        detail={"state": row.state, "not_after": row.not_after.isoformat(), **(detail or {})},
+        request_id=request_id,
     )
 
 

@@ -56,9 +56,14 @@ class IntermediateRevoked:
 def revoke_intermediate(
     ctx: Context,
     *,
+    actor: str,
     authority: str = MESH,
     reason: RevocationReason = RevocationReason.CA_COMPROMISE,
+    request_id: str | None = None,
 ) -> IntermediateRevoked:
+    """``actor`` and ``request_id`` go into the audit trail as for any revocation (``cli`` or
+    ``admin-token:<id>``, and the caller's ``X-Request-ID``); the records say it was an
+    emergency, and why, in their detail."""
     now = ctx.clock.now()
     created: list[KeyHandle] = []
     try:
@@ -108,8 +113,9 @@ def revoke_intermediate(
             new.parent_id = root.id
             session.add(new)
             session.flush()
-            record_event(session, old, "revoked", "emergency", now)
-            record_event(session, new, "activated", "emergency", now)
+            why = {"emergency": True, "reason": reason.value}
+            record_event(session, old, "revoked", actor, now, request_id=request_id, detail=why)
+            record_event(session, new, "activated", actor, now, request_id=request_id, detail=why)
             refresh_crl(ctx, session, root)
             skipped = _final_crl(ctx, session, old)
             live = session.exec(

@@ -202,9 +202,10 @@ class GatewayPolicy:
     max_ttl: Ttl
 
 
-def init_gateway(ctx: Context, params: GatewayParams) -> GatewayStatus:
+def init_gateway(ctx: Context, params: GatewayParams, *, actor: str = "cli") -> GatewayStatus:
     """Create the gateway root and intermediate, then record the issuance policy. Re-running after
-    a crash between the two steps completes the second one."""
+    a crash between the two steps completes the second one. ``actor`` (``cli`` or
+    ``admin-token:<id>``) is recorded on the CAs and on ``gateway.initialised``."""
     with Session(ctx.engine) as session:
         exists = session.get(AuthorityRow, GATEWAY) is not None
         if session.get(GatewayConfigRow, GATEWAY) is not None:
@@ -220,17 +221,21 @@ def init_gateway(ctx: Context, params: GatewayParams) -> GatewayStatus:
                 root_key_type=params.root_key_type,
                 key_backend=params.key_backend,
                 ca_ttl=params.ca_ttl,
+                actor=actor,
             ),
         )
+    now = ctx.clock.now()
     with Session(ctx.engine) as session:
         session.add(
             GatewayConfigRow(
                 authority=GATEWAY,
                 default_ttl_seconds=params.default_ttl.seconds,
                 max_ttl_seconds=params.max_ttl.seconds,
-                created_at=ctx.clock.now(),
+                created_at=now,
             )
         )
+        detail = {"default_ttl": str(params.default_ttl), "max_ttl": str(params.max_ttl)}
+        audit.record(session, "gateway.initialised", GATEWAY, actor=actor, at=now, detail=detail)
         try:
             session.commit()
         except sa.exc.IntegrityError:  # a concurrent init won

@@ -230,6 +230,7 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
             ca_ttl=params.ca_ttl,
             svid_ttl=Ttl(max(params.ca_ttl.seconds // 12, 1)),  # unused: no SVIDs here
             force=params.force,
+            actor=params.actor,
         ),
     )
     vault = SecretVault.for_backend(ctx, load_authority(ctx, params.name).key_backend)

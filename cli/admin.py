@@ -78,13 +78,14 @@ def init(
         svid_ttl=Ttl.parse(svid_ttl),
         force=force,
         key_backend=key_backend,
+        actor="cli:init",
     )
     check_params(params)
     if key_backend is not None:
         check_backend_name(key_backend)
     with STATE.setting_up() as ctx:
         try:
-            created: Issuer | None = init_authority(ctx, params, actor="cli:init")
+            created: Issuer | None = init_authority(ctx, params)
         except Conflict:
             if not exists_ok:
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 import typer
@@ -148,7 +149,13 @@ def authority_revoke_intermediate(
             f"Revoke the active intermediate of {authority!r} ({why.value})"
             " and switch to a new one?"
         )
-    result = revoke_intermediate(STATE.context(), authority=authority, reason=why)
+    result = revoke_intermediate(
+        STATE.context(),
+        actor="cli",
+        authority=authority,
+        reason=why,
+        request_id=f"cli-{uuid.uuid4().hex[:16]}",  # as `trellis revoke` records
+    )
     if json_out:
         emit_json(IntermediateRevokedOut.of(result))
         return

@@ -213,9 +213,9 @@ def init_params(body: GatewayInit) -> gateway.GatewayParams:
     status_code=status.HTTP_201_CREATED,
     responses=responses(409),
 )
-def init(body: GatewayInit, ctx: CtxDep, _admin: AdminDep) -> GatewayOut:
+def init(body: GatewayInit, ctx: CtxDep, admin: AdminDep) -> GatewayOut:
     """Create the gateway authority: its own root and intermediate, unrelated to the mesh."""
-    return GatewayOut.of(gateway.init_gateway(ctx, init_params(body)))
+    return GatewayOut.of(gateway.init_gateway(ctx, init_params(body), actor=str(admin)))
 
 
 @router.get("", response_model=GatewayOut)

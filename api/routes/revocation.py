@@ -133,7 +133,17 @@ def revoke_identity(
     summary="Emergency: revoke the active intermediate and switch to a new one at once",
 )
 def emergency(
-    authority: Authority, ctx: CtxDep, _principal: AdminDep, reason: str = "cACompromise"
+    authority: Authority,
+    request: Request,
+    ctx: CtxDep,
+    principal: AdminDep,
+    reason: str = "cACompromise",
 ) -> IntermediateRevokedOut:
-    result = revoke_intermediate(ctx, authority=authority, reason=RevocationReason.parse(reason))
+    result = revoke_intermediate(
+        ctx,
+        actor=str(principal),
+        authority=authority,
+        reason=RevocationReason.parse(reason),
+        request_id=request.state.request_id,
+    )
     return IntermediateRevokedOut.of(result)

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from ca import audit
 from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.clock import FixedClock
 from ca.config import Context
@@ -462,6 +463,29 @@ def test_the_emergency_switch_keeps_the_service_answering(rest: Rest, ctx: Conte
     renewed = rest.renew(svids[0], csr_pem)
     assert renewed.status_code == 200, renewed.text
     assert issuer_of(renewed.json()) == new
+
+
+@SQLITE_ONLY
+def test_the_emergency_switch_records_who_asked_and_the_request_id(
+    rest: Rest, ctx: Context
+) -> None:
+    """Regression: the audit trail said actor "emergency" and no request id, whoever asked."""
+    response = rest.client.post(
+        "/v1/authorities/mesh/revoke-intermediate",
+        params={"reason": "keyCompromise"},
+        headers={**rest.admin, "X-Request-ID": "probe-emergency-1"},
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    records = {r.event: r for r in audit.list_audit(ctx, event="ca.") if r.event != "ca.created"}
+    assert set(records) == {"ca.revoked", "ca.activated"}
+    actor = f"admin-token:{admin_token_id(rest)}"
+    for event, serial in (("ca.revoked", "revoked_serial"), ("ca.activated", "new_serial")):
+        record = records[event]
+        assert (record.actor, record.request_id) == (actor, "probe-emergency-1")
+        assert record.subject.endswith(result[serial])
+        assert record.detail["emergency"] is True
+        assert record.detail["reason"] == "keyCompromise"
 
 
 @SQLITE_ONLY

@@ -241,7 +241,7 @@ def test_init_force_records_what_it_replaced(ctx: Context) -> None:
             for role, serial in connection.execute(sa.text("SELECT role, serial FROM ca"))
         )
     init_authority(
-        ctx, AuthorityParams(TrustDomain.parse("other.org"), force=True), actor="cli:init"
+        ctx, AuthorityParams(TrustDomain.parse("other.org"), force=True, actor="cli:init")
     )
     [record] = audit.list_audit(ctx, event="authority.reinitialised")
     assert (record.subject, record.actor) == ("mesh", "cli:init")

@@ -236,7 +236,7 @@ def test_the_root_crl_lists_a_revoked_intermediate(ctx: Context, clock: FixedClo
     before = crl_of(ctx, "root")
     assert len(before) == 0
     clock.advance(dt.timedelta(minutes=5))
-    result = revoke_intermediate(ctx)
+    result = revoke_intermediate(ctx, actor="test")
 
     crl = crl_of(ctx, "root")
     assert_is_crl(crl, issuer=root, number=crl_number(before) + 1, this_update=clock.now())
@@ -420,7 +420,7 @@ def test_openssl_verifies_every_crl_and_only_with_its_own_ca(
     victim = enrol(ctx, f"spiffe://{TD}/web")
     revoke_certificate(ctx, serial_of(victim.cert), RevocationReason.KEY_COMPROMISE, "t")
     old = issuer.certificate
-    result = revoke_intermediate(ctx)  # so the root CRL has an entry as well
+    result = revoke_intermediate(ctx, actor="test")  # so the root CRL has an entry as well
     new = active_issuer(ctx).certificate
     assert serial_of(new) == result.new_serial
 
@@ -524,7 +524,7 @@ def test_with_a_public_url_certificates_point_at_their_issuers_revocation_data(
     assert current_crl(public_ctx, MESH, serial_of(issuer.certificate).hex).number >= 1
 
     # A new intermediate (emergency) points its leaves at its own CRL.
-    revoke_intermediate(public_ctx)
+    revoke_intermediate(public_ctx, actor="test")
     new = active_issuer(public_ctx).certificate
     fresh = enrol(public_ctx, f"spiffe://{TD}/api")
     assert_is_svid_leaf(

@@ -52,7 +52,7 @@ def test_revoke_intermediate_switches_to_a_new_one_under_the_same_root(
     expired = enrol(ctx, f"spiffe://{TD}/expired", ttl=Ttl(60))
     clock.advance(dt.timedelta(minutes=5))
 
-    result = revoke_intermediate(ctx)
+    result = revoke_intermediate(ctx, actor="test")
 
     assert result.revoked_serial == Serial(old.serial_number)
     assert result.new_serial != result.revoked_serial
@@ -85,8 +85,8 @@ def test_revoke_intermediate_switches_to_a_new_one_under_the_same_root(
 
 @SQLITE_ONLY
 def test_a_second_emergency_revokes_the_replacement_too(ctx: Context) -> None:
-    first = revoke_intermediate(ctx, reason=RevocationReason.KEY_COMPROMISE)
-    second = revoke_intermediate(ctx)
+    first = revoke_intermediate(ctx, actor="test", reason=RevocationReason.KEY_COMPROMISE)
+    second = revoke_intermediate(ctx, actor="test")
     assert second.revoked_serial == first.new_serial
     assert listed(crl_of(ctx, "root")) == {first.revoked_serial.value, second.revoked_serial.value}
     states = sorted(row.state for row in intermediates(ctx).values())
@@ -104,7 +104,7 @@ def test_an_intermediate_whose_key_is_gone_is_still_revoked_onto_the_roots_crl(
     (ctx.settings.data_dir / "keys" / f"{old_row.key_ref}.pem").unlink()
     ctx.cache.clear()
 
-    result = revoke_intermediate(ctx)
+    result = revoke_intermediate(ctx, actor="test")
 
     assert result.revoked_serial == Serial.parse(old_row.serial)
     assert result.final_crl_skipped is not None
@@ -125,7 +125,7 @@ def test_an_unknown_authority_is_not_found_and_creates_no_key(ctx: Context) -> N
     """Regression: this used to be NotInitialised (a retryable 503 over REST)."""
     files = key_files(ctx)
     with pytest.raises(NotFound, match="no authority"):
-        revoke_intermediate(ctx, authority="nope")
+        revoke_intermediate(ctx, actor="test", authority="nope")
     assert key_files(ctx) == files
 
 
@@ -136,7 +136,7 @@ def test_openssl_refuses_old_svids_and_accepts_new_ones(ctx: Context, tmp_path: 
     old, root = before.certificate, before.roots[0]
     old_svid = enrol(ctx, f"spiffe://{TD}/old").cert
 
-    result = revoke_intermediate(ctx)
+    result = revoke_intermediate(ctx, actor="test")
     new = active_issuer(ctx).certificate
     new_svid = enrol(ctx, f"spiffe://{TD}/new").cert
     root_crl = crl_of(ctx, "root")
@@ -196,7 +196,7 @@ def test_a_failure_midway_changes_nothing_and_leaves_no_key_behind(
     monkeypatch.setattr(ca.emergency, name, _fail_after(getattr(ca.emergency, name), [], on_call))
 
     with pytest.raises(InternalError, match="injected"):
-        revoke_intermediate(ctx)
+        revoke_intermediate(ctx, actor="test")
     monkeypatch.undo()
 
     assert key_files(ctx) == files, "a key was left behind"
@@ -211,6 +211,6 @@ def test_a_failure_midway_changes_nothing_and_leaves_no_key_behind(
     assert (root_crl.number, root_crl.der) == (root_crl_before.number, root_crl_before.der)
     # Still issuing from the old intermediate, and a retry goes through.
     assert enrol(ctx, f"spiffe://{TD}/after").svid.issuer.certificate == before.certificate
-    result = revoke_intermediate(ctx)
+    result = revoke_intermediate(ctx, actor="test")
     assert live.cert.serial_number in {i.serial.value for i in result.to_reissue}
     assert len(key_files(ctx)) == len(files) + 1

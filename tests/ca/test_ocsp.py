@@ -282,7 +282,7 @@ def test_the_root_responder_answers_for_intermediates(ctx: Context, clock: Fixed
     assert_signed_by_delegate(good, root)
 
     clock.advance(dt.timedelta(minutes=3))
-    result = revoke_intermediate(ctx)
+    result = revoke_intermediate(ctx, actor="test")
     revoked = ask(ctx, der)
     assert_single(revoked, request=der, status=Status.REVOKED, now=clock.now())
     assert revoked.revocation_time_utc == clock.now()

@@ -353,3 +353,18 @@ def test_init_force_leaves_an_audit_record_of_what_it_replaced(local: Trellis) -
     [record] = local.json("audit", "list", "--event", "authority.reinitialised")
     assert record["actor"] == "cli:init"
     assert record["detail"]["old_trust_domain"] == "example.org"
+
+
+def test_an_emergency_revocation_records_the_cli_and_a_request_id(local: Trellis) -> None:
+    """Regression: it was recorded as actor "emergency", with no request id."""
+    local.run("authority", "revoke-intermediate", "--reason", "keyCompromise", "--yes")
+    records = local.json("audit", "list", "--event", "ca.")
+    assert isinstance(records, list)
+    switched = [r for r in records if r["event"] in ("ca.revoked", "ca.activated")]
+    assert sorted(r["event"] for r in switched) == ["ca.activated", "ca.revoked"]
+    for record in switched:
+        assert record["actor"] == "cli"
+        assert record["request_id"].startswith("cli-")
+        assert record["detail"]["emergency"] is True
+        assert record["detail"]["reason"] == "keyCompromise"
+    assert switched[0]["request_id"] == switched[1]["request_id"]  # one request, both records

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from ca.audit import list_audit
 from ca.config import Context
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem
@@ -20,8 +21,10 @@ from tests.gateway.gwkit import partner_csr
 
 
 class Api:
-    def __init__(self, client: TestClient, token: str) -> None:
+    def __init__(self, client: TestClient, token: str, ctx: Context, token_id: str) -> None:
         self.client = client
+        self.ctx = ctx
+        self.token_id = token_id
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
@@ -37,9 +40,9 @@ class Api:
 
 
 def _api(ctx: Context) -> Iterator[Api]:
-    _, token = create_admin_token(ctx, "tests/gateway")
+    info, token = create_admin_token(ctx, "tests/gateway")
     with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
-        yield Api(client, token)
+        yield Api(client, token, ctx, str(info.id))
 
 
 @pytest.fixture
@@ -69,6 +72,10 @@ def test_onboarding_over_rest(api: Api) -> None:
     assert assert_problem(api.get(""), 503)["code"] == "not-initialised"  # nothing was made
     created = api.post("/init", {"default_ttl": "30d", "max_ttl": "90d"})
     assert created.status_code == 201, created.text
+    # who initialised it is recorded (it was "init" on the CAs, and no gateway record at all)
+    records = [r for r in list_audit(api.ctx) if r.event in ("ca.created", "gateway.initialised")]
+    assert sorted(r.event for r in records) == ["ca.created", "ca.created", "gateway.initialised"]
+    assert {r.actor for r in records} == {f"admin-token:{api.token_id}"}
     body = created.json()
     assert (body["authority"], body["default_ttl"], body["max_ttl"]) == ("gateway", "30d", "90d")
     assert api.get("").json() == body

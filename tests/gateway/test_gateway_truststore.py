@@ -143,7 +143,7 @@ def test_rotation_and_emergencies_reach_every_truststore(gw_lite: Context, tmp_p
     assert len(load_crls((tmp_path / "nginx" / "crl.pem").read_bytes())) == 3
     assert len(list((tmp_path / "kong").glob("*.pem"))) == 3
 
-    revoke_intermediate(gw_lite, authority="gateway")
+    revoke_intermediate(gw_lite, actor="test", authority="gateway")
     gateway.refresh_truststores(gw_lite)
     trusted = pem_certs((tmp_path / "aws.pem").read_bytes())
     assert before not in trusted and len(trusted) == 3  # new active, the prepared one, the root
