@@ -36,7 +36,8 @@ def check_writable(path: Path, *, directory: bool, what: str | None = None) -> P
     """
     name = what or str(path)
     target = path.absolute()
-    if not directory and (target.exists() or target.is_symlink()) and not target.is_file():
+    exists = target.exists() or target.is_symlink()
+    if not directory and exists and not (target.is_file() or target.is_dir()):
         # A device, a pipe, a socket, or a link to one (``/dev/null``, ``/dev/stdout``): the
         # file is written beside it and renamed over it, which would replace a system file
         # with a regular one holding what was written (a private key, say).
