@@ -149,7 +149,12 @@ def _renewal_grant(
         raise AuthenticationFailed(
             f"certificate {serial} has expired: bootstrap again with a join token"
         )
-    if row["cert_entry_id"] is None or row["entry_id"] is None:
+    if row["cert_entry_id"] is None:  # minted by an admin: no entry says what it may renew to
+        raise PermissionDenied(
+            f"certificate {serial} has no registration entry (it was minted, not requested with"
+            " a join token): minted SVIDs are not renewable, mint a new one"
+        )
+    if row["entry_id"] is None:
         raise PermissionDenied(
             "the certificate's registration entry was deleted: renewal is refused"
         )

@@ -37,9 +37,9 @@ from ca.errors import (
     TrellisError,
     Unavailable,
 )
-from ca.grants import join_grant, renewal_grant
-from ca.identity import TrustDomain
-from ca.issue import Grant, IssuedSvid, issue_svid
+from ca.grants import admin_grant, join_grant, renewal_grant
+from ca.identity import SpiffeId, TrustDomain
+from ca.issue import Grant, IssuedSvid, issue_svid, mint_svid
 from ca.keys import KeyType, PrivateKey
 from ca.profiles import BACKDATE
 from ca.renewal import AUDIENCE, CLOCK_SKEW, PROOF_TYPE, make_proof
@@ -690,6 +690,16 @@ def _delete_entry(ctx: Context, old: Workload) -> None:
     delete_entry(ctx, old.entry.id)
 
 
+def _minted(ctx: Context, old: Workload) -> RenewalAttempt:
+    """An SVID from ``trellis svid mint``: it never had an entry, so none was deleted."""
+    key = new_key(KeyType.EC_P256)
+    minted = mint_svid(ctx, admin_grant(ctx, SpiffeId.parse(WEB), "cli:mint"), key)
+    csr = make_csr(new_key(KeyType.EC_P256))
+    return RenewalAttempt(
+        make_proof(minted.certificate, key, csr_sha256(csr), ctx.clock.now()), csr
+    )
+
+
 def _forged_serial(ctx: Context, old: Workload) -> RenewalAttempt:
     forged = old.svid.issuer.certificate  # a real certificate, but not an SVID in the store
     csr = make_csr(new_key(KeyType.EC_P256))
@@ -779,6 +789,7 @@ REFUSED_RENEWALS: list[RenewalRefusal] = [
     ("fail/svid-revoked", _then(_revoke), AuthenticationFailed, "is revoked"),
     ("fail/svid-expired", _expired_svid, AuthenticationFailed, "has expired"),
     ("fail/entry-deleted", _then(_delete_entry), PermissionDenied, "entry was deleted"),
+    ("fail/svid-minted", _minted, PermissionDenied, "minted SVIDs are not renewable, mint a new"),
 ]
 
 
