@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter
 
 from ca.durations import Ttl
 from ca.grants import admin_grant
@@ -17,6 +19,9 @@ from cli.common import STATE, emit_json, out_dir
 
 svid_app = typer.Typer(help="Obtain, renew or mint X509-SVIDs.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+# REST's rendering of a time (``SvidResponse.expires_at``), which request and renew pass on:
+# a minted SVID's expires_at has the same shape ("...Z", not "...+00:00").
+_WIRE_TIME = TypeAdapter(dt.datetime)
 
 
 def _report(received: Received, json_out: bool, verb: str) -> None:
@@ -38,6 +43,10 @@ def _report(received: Received, json_out: bool, verb: str) -> None:
     typer.echo(
         f"  wrote {received.files.svid}, {received.files.key} (0600), {received.files.bundle}"
     )
+
+
+def _wire_time(value: dt.datetime) -> str:
+    return str(_WIRE_TIME.dump_python(value, mode="json"))
 
 
 @svid_app.command("request")
@@ -92,5 +101,5 @@ def mint(
     svid = mint_svid(ctx, grant, key, Ttl.parse(ttl) if ttl else None)
     files = SvidFiles(out)
     write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
-    received = Received(str(grant.spiffe_id), svid.serial.hex, svid.expires_at.isoformat(), files)
+    received = Received(str(grant.spiffe_id), svid.serial.hex, _wire_time(svid.expires_at), files)
     _report(received, json_out, "minted")

@@ -236,3 +236,33 @@ def _serial(path: Path) -> str:
     from cryptography import x509
 
     return format(x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number, "x")
+
+
+def test_minted_svid_json_is_shaped_like_requested_and_is_not_renewable(
+    trellis: Trellis, server: str, tmp_path: Path
+) -> None:
+    from cryptography import x509
+
+    minted_dir = tmp_path / "minted"
+    minted = trellis.json(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/m", "--out", str(minted_dir)
+    )
+    entry_id = trellis.run("entry", "create", "--spiffe-id", "spiffe://example.org/r").stdout
+    token = trellis.run("token", "create", "--entry", entry_id.strip()).stdout.strip()
+    bundle = str(trellis.data_dir / "bundle.pem")
+    requested_dir = tmp_path / "requested"
+    requested = trellis.json(
+        "svid", "request", "--server", server, "--bundle", bundle, "--token", token,
+        "--out", str(requested_dir),
+    )  # fmt: skip
+    assert isinstance(minted, dict) and isinstance(requested, dict)
+    assert minted.keys() == requested.keys()
+    # REST's shape (what request passes on): "...Z", not isoformat's "...+00:00"
+    for document, directory in ((minted, minted_dir), (requested, requested_dir)):
+        cert = x509.load_pem_x509_certificates((directory / "svid.pem").read_bytes())[0]
+        assert document["expires_at"] == cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    refused = trellis.run("svid", "renew", "--server", server, "--dir", str(minted_dir), ok=False)
+    assert refused.returncode == 4, refused.stderr
+    assert "minted SVIDs are not renewable, mint a new one" in refused.stderr
+    assert "deleted" not in refused.stderr
