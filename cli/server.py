@@ -27,7 +27,12 @@ def serve(
         bool, typer.Option("--no-tls", help="Plain HTTP: only behind a TLS-terminating proxy")
     ] = False,
     workers: Annotated[
-        int, typer.Option(help="Worker processes (TRELLIS_WORKERS; 0 = one per core)")
+        int,
+        typer.Option(
+            help="Worker processes (TRELLIS_WORKERS; 0 = one per core)",
+            envvar="TRELLIS_WORKERS",
+            min=0,
+        ),
     ] = 1,
 ) -> None:
     """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""

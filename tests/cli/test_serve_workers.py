@@ -10,12 +10,16 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.cli.test_walkthrough import Serving, Trellis
+import pytest
+
+from tests.cli.test_walkthrough import TRELLIS, Serving, Trellis
+from tests.conftest import free_port
 
 CONNECTIONS = 16
 
@@ -175,3 +179,24 @@ def test_workers_log_each_request_once(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     mine = [line for line in lines if line.get("request_id") == "logged-once"]
     assert [line["logger"] for line in mine] == ["trellis.access"] * 4
+
+
+def test_trellis_workers_sets_the_worker_count(tmp_path: Path) -> None:
+    """``TRELLIS_WORKERS`` as serve --help and docs/deploy.md say; a bad value is a usage
+    error before anything starts."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    for bad in ("-1", "two"):
+        cli.env["TRELLIS_WORKERS"] = bad
+        args = [TRELLIS, "serve", "--port", str(free_port())]
+        try:
+            refused = subprocess.run(args, env=cli.env, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"TRELLIS_WORKERS={bad} was not refused: serve started")
+        assert refused.returncode == 2, refused.stderr
+        assert "TRELLIS_WORKERS" in refused.stderr
+    cli.env["TRELLIS_WORKERS"] = "2"
+    log = tmp_path / "serve.log"
+    with cli.serving(log) as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+    assert "(2 worker(s))" in log.read_text()
