@@ -8,8 +8,12 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
 - refresh the bundle on every renewal and every ``bundle_refresh`` in between, so a rotated or
   added root is known before anything is signed by it;
 - publish files atomically (``ca.workload.write_svid``), run the reload command after each change;
-- on errors back off exponentially (1 s … 60 s) and keep the old SVID until a new one is in hand;
-  once it has expired, fall back to the join token if it still works, else give up (exit 1).
+- on errors back off exponentially (1 s … 60 s), but never by more than a quarter of the time the
+  SVID has left (at least 1 s), so retries come closer together as it nears expiry and one lands
+  soon after the server is back; keep the old SVID until a new one is in hand; once it has
+  expired, fall back to the join token if it still works, else give up (exit 1);
+- wait in short slices, so a stop (SIGTERM from a kubelet with a 30-second grace) is seen
+  within a second, even in the middle of a back-off.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import datetime as dt
 import logging
 import random
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -32,13 +37,47 @@ from ca.clock import Clock, SystemClock
 from ca.keys import KeyType
 from ca.workload import SvidFiles, WorkloadClient, write_bundle
 
-__all__ = ["Agent", "AgentConfig"]
+__all__ = ["Agent", "AgentConfig", "ReloadCommand"]
 
 log = logging.getLogger("trellis.agent")
 
 RENEW_FRACTION = 0.5
 JITTER = 0.05
 MAX_BACKOFF = 60.0
+MIN_RETRY = 1.0  # the closest retries come together as expiry nears
+EXPIRY_SHARE = 0.25  # a retry waits at most this share of the SVID's remaining life
+SLICE = 0.5  # the longest stretch of sleep between two looks at the stop flag
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadCommand:
+    """The ``--exec`` hook. Parsed and looked up when the agent starts, so that a typo is
+    reported before a join token is spent; once running, a hook that fails or cannot run is a
+    warning: the SVID is on disk either way, and the agent must go on renewing it."""
+
+    argv: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> ReloadCommand:
+        try:
+            argv = tuple(shlex.split(text))
+        except ValueError as exc:
+            raise errors.InvalidInput(f"--exec {text!r}: {exc}") from None
+        if not argv:
+            raise errors.InvalidInput("--exec is empty: give the command to run after a change")
+        if shutil.which(argv[0]) is None:
+            where = "is not an executable file" if "/" in argv[0] else "is not on PATH"
+            raise errors.InvalidInput(f"--exec: {argv[0]} {where}")
+        return cls(argv)
+
+    def run(self) -> None:
+        try:
+            result = subprocess.run(self.argv, check=False)
+        except OSError as exc:  # removed or made unexecutable since the agent started
+            log.warning("reload command %s cannot run: %s", self.argv[0], exc.strerror or exc)
+            return
+        if result.returncode != 0:
+            log.warning("reload command exited %d", result.returncode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +86,7 @@ class AgentConfig:
     bundle: Path  # the trust bundle to recognise the server by at bootstrap
     directory: Path
     token: str | None = None
-    exec_command: str | None = None
+    exec_command: ReloadCommand | None = None
     key_type: KeyType = KeyType.EC_P256
     bundle_refresh: dt.timedelta = dt.timedelta(minutes=5)
 
@@ -102,10 +141,8 @@ class Agent:
 
     def _changed(self, what: str) -> None:
         log.info("%s: %s", what, self.files.svid)
-        if self.config.exec_command:
-            result = subprocess.run(shlex.split(self.config.exec_command), check=False)
-            if result.returncode != 0:
-                log.warning("reload command exited %d", result.returncode)
+        if self.config.exec_command is not None:
+            self.config.exec_command.run()
 
     def bootstrap(self) -> Held:
         held = self.current()
@@ -167,15 +204,36 @@ class Agent:
                     next_bundle = self.clock.now() + self.config.bundle_refresh
                     backoff = 1.0
                 except errors.TrellisError as exc:
-                    log.warning("%s; retrying in %.0f s", exc.detail, backoff)
                     if self.clock.now() >= held.not_after:
                         held = self._recover(exc)
                         renew_at = held.renew_at(self.rng)
-                    self.sleep(backoff)
+                        next_bundle = self.clock.now() + self.config.bundle_refresh
+                        backoff = 1.0
+                        continue
+                    pause = self._retry_pause(backoff, held)
+                    log.warning("%s; retrying in %.0f s", exc.detail, pause)
+                    self._pause(pause, stop)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue
             wait = min(renew_at, next_bundle) - self.clock.now()
-            self.sleep(max(0.05, min(wait.total_seconds(), 1.0)))
+            self.sleep(max(0.05, min(wait.total_seconds(), SLICE)))
+
+    def _retry_pause(self, backoff: float, held: Held) -> float:
+        """The back-off, but no more than a share of the life the SVID has left: a server back
+        shortly before notAfter is tried again in time, instead of after a 32-second back-off
+        that outlasts the SVID and costs a join-token use (or, with the token spent, the
+        workload's identity)."""
+        left = (held.not_after - self.clock.now()).total_seconds()
+        return max(MIN_RETRY, min(backoff, left * EXPIRY_SHARE))
+
+    def _pause(self, seconds: float, stop: Callable[[], bool]) -> None:
+        """Sleep in slices: a signal handler can only set a flag, and a sleep it interrupts
+        resumes (PEP 475), so one long sleep would hold a SIGTERM for the whole back-off."""
+        remaining = seconds
+        while remaining > 0 and not stop():
+            step = min(remaining, SLICE)
+            self.sleep(step)
+            remaining -= step
 
     def _recover(self, cause: errors.TrellisError) -> Held:
         """The SVID expired before it could be renewed: the join token is the only way back."""
@@ -184,4 +242,7 @@ class Agent:
                 f"the SVID expired and could not be renewed ({cause.detail}); "
                 "no --token to bootstrap again"
             )
+        log.warning(
+            "%s; the SVID has expired: bootstrapping again with the join token", cause.detail
+        )
         return self.bootstrap()

@@ -8,16 +8,26 @@ from typing import Annotated
 
 import typer
 
-from ca.agent import Agent, AgentConfig
+from ca.agent import Agent, AgentConfig, ReloadCommand
+from ca.files import check_writable
 from ca.keys import KeyType
 from ca.logs import configure_logging
+
+
+def _svid_dir(value: Path) -> Path:
+    """Checked before the join token is spent: a certificate whose key cannot be written is
+    lost, and so is the token's use (``svid request --out`` checks the same way)."""
+    return check_writable(value, directory=True, what=f"--dir {value}")
 
 
 def agent(
     server: Annotated[str, typer.Option(help="https://host:port of Trellis")],
     bundle: Annotated[Path, typer.Option(help="Trust bundle to recognise the server by at first")],
     dir: Annotated[
-        Path, typer.Option("--dir", help="Directory for svid.pem, svid.key, bundle.pem")
+        Path,
+        typer.Option(
+            "--dir", help="Directory for svid.pem, svid.key, bundle.pem", callback=_svid_dir
+        ),
     ],
     token: Annotated[
         str | None, typer.Option(help="Join token, to bootstrap", envvar="TRELLIS_JOIN_TOKEN")
@@ -37,7 +47,7 @@ def agent(
         bundle=bundle,
         directory=dir,
         token=token,
-        exec_command=exec_command,
+        exec_command=ReloadCommand.parse(exec_command) if exec_command is not None else None,
         key_type=KeyType.parse(key_type),
     )
     stopping: list[bool] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -28,6 +29,7 @@ from ca.identity import SpiffeId
 from ca.tokens import create_join_token
 from tests.certassert import uri_sans
 from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests.conftest import free_port
 from tests.processes import terminate
 from tests.rotation.rotkit import needs_openssl, openssl_verify
 
@@ -416,3 +418,96 @@ def test_agent_once_with_a_spent_token_fails_clearly(mesh: Mesh, tmp_path: Path)
     assert result.returncode == 3, result.stderr
     assert "already been used" in result.stderr
     assert not (tmp_path / "second" / "svid.pem").exists()
+
+
+def _spends_nothing(mesh: Mesh, tmp_path: Path, *bad: str) -> str:
+    """The agent refuses ``bad`` at start-up: exit 2, one line, and the join token it was given
+    is still unused (an SVID obtained with it afterwards), no files written."""
+    token = mesh.token(f"spiffe://example.org/agent/{tmp_path.name}")
+    out = tmp_path / "svid"
+    args = ("--dir", str(out), *bad) if "--dir" not in bad else bad
+    refused = subprocess.run(
+        [TRELLIS, "agent", "--server", mesh.url, "--bundle", str(mesh.bundle), *args,
+         "--token", token, "--once"],
+        env={k: v for k, v in mesh.cli.env.items() if k != "TRELLIS_JOIN_TOKEN"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trellis: "), refused.stderr
+    assert not out.exists() or not any(out.iterdir())
+    fresh = tmp_path / "fresh"
+    assert run_agent(mesh, fresh, "--once", token=token).returncode == 0, "the token was spent"
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("exec_command", "reason"),
+    [
+        pytest.param("echo 'unbalanced", "No closing quotation", id="fail/unbalanced-quote"),
+        pytest.param("no-such-reload-cmd -s reload", "not on PATH", id="fail/not-on-path"),
+        pytest.param("./no-such-hook", "not an executable file", id="fail/no-such-file"),
+        pytest.param("", "--exec is empty", id="fail/empty"),
+    ],
+)
+def test_agent_refuses_a_bad_exec_before_spending_the_token(
+    mesh: Mesh, tmp_path: Path, exec_command: str, reason: str
+) -> None:
+    line = _spends_nothing(mesh, tmp_path, "--exec", exec_command)
+    assert reason in line and "--exec" in line
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below", "/proc/x"])
+def test_agent_refuses_a_bad_dir_before_spending_the_token(
+    mesh: Mesh, tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "a-file").touch()
+    directory = where if where.startswith("/") else str(tmp_path / where)
+    line = _spends_nothing(mesh, tmp_path, "--dir", directory)
+    assert f"--dir {directory}" in line
+
+
+def test_a_reload_hook_that_cannot_run_is_a_warning(mesh: Mesh, tmp_path: Path) -> None:
+    """The hook is found at start-up but cannot be executed when the SVID changes (here: its
+    interpreter is missing): the agent warns, like for a hook exiting non-zero, and goes on."""
+    hook = tmp_path / "hook"
+    hook.write_text("#!/no/such/interpreter\n")
+    hook.chmod(0o755)
+    out = tmp_path / "svid"
+    token = mesh.token("spiffe://example.org/agent/hook")
+    result = run_agent(mesh, out, "--exec", str(hook), "--once", token=token)
+    assert result.returncode == 0, result.stderr
+    assert f"reload command {hook} cannot run: No such file or directory" in result.stderr
+    cert, _chain, key = read_pair(out)
+    assert matches(cert, key)
+
+
+def test_sigterm_stops_the_agent_during_a_back_off(tmp_path: Path) -> None:
+    """A sidecar gets 30 s between SIGTERM and SIGKILL: the agent stops within a second or so,
+    even while it waits to retry a renewal (the server is down)."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org", "--ca-ttl", "1h", "--svid-ttl", "5m")
+    out = tmp_path / "svid"
+    cli.run(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(out), "--ttl", "60s"
+    )
+    log_path = tmp_path / "agent.log"
+    args = [TRELLIS, "agent", "--server", f"https://127.0.0.1:{free_port()}"]
+    args += ["--bundle", str(out / "bundle.pem"), "--dir", str(out)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(args, env=cli.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Renewal at about 30 s; connection refused; retries after 1, 2, 4 s, then a longer one.
+        deadline = time.monotonic() + 50
+        while not re.search(r"retrying in ([5-9]|\d\d) s", log_path.read_text()):
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        process.terminate()
+        status = process.wait(30)
+        took = time.monotonic() - signalled
+    finally:
+        terminate(process)
+    assert status == 0, log_path.read_text()
+    assert took < 3, f"exited {took:.1f} s after SIGTERM: {log_path.read_text()}"
