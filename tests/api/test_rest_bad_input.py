@@ -12,29 +12,17 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from api.app import create_app
 from api.limits import MAX_BODY
 from ca.clock import FixedClock
 from ca.config import Context
 from tests.api.restkit import Rest, assert_problem, bearer, make_csr, tamper_signature
+from tests.selfsigned import self_signed
 
 
 def _certificate_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a csr")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, _ = self_signed("not a csr")
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 

@@ -9,9 +9,7 @@ import logging
 import pytest
 import sqlalchemy as sa
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from ca import audit
 from ca.authority import AuthorityParams, init_authority
@@ -24,30 +22,18 @@ from ca.identity import SpiffeId, TrustDomain
 from ca.tokens import create_join_token
 from tests.ca.svidkit import SQLITE_ONLY
 from tests.ca.test_audit import _execute, _records, _sealed
+from tests.selfsigned import CA_KEY_USAGE, Key, self_signed
 
 SEALED = dt.timedelta(0)
 
 
-def _self_signed_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example.org intermediate")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
+def _self_signed_ca() -> tuple[x509.Certificate, Key]:
+    return self_signed(
+        "example.org intermediate",
+        extensions=[(x509.BasicConstraints(ca=True, path_length=None), True), (CA_KEY_USAGE, True)],
+        valid_from=-dt.timedelta(days=1),
+        lifetime=dt.timedelta(days=2),
     )
-    return cert, key
 
 
 def _rewrite(ctx: Context, record_id: int, actor: str) -> None:

@@ -14,12 +14,14 @@ from ca.store import db
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
-def _at_first_revision(url: str) -> sa.Engine:
+def _at_revision(url: str, revision: str = "0001") -> sa.Engine:
+    """The database at ``url`` migrated up to ``revision`` only: an install made by that
+    release, before the migrations under test."""
     engine = db.connect(url)
     config = db._config()
     with engine.connect() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+        command.upgrade(config, revision)
         connection.commit()
     return engine
 
@@ -64,7 +66,7 @@ def _populate(engine: sa.Engine) -> None:
 
 
 def test_a_populated_database_upgrades_to_head_keeping_every_row(database_url: str) -> None:
-    engine = _at_first_revision(database_url)
+    engine = _at_revision(database_url)
     _populate(engine)
     db.upgrade(engine)
     current, head = db.schema_status(engine)
@@ -90,12 +92,7 @@ def test_a_populated_database_upgrades_to_head_keeping_every_row(database_url: s
 def test_istio_clusters_recorded_before_0011_keep_their_output(database_url: str) -> None:
     """0011 adds the kubectl target and ``ca-crl.pem`` columns: an existing cluster keeps its
     row, with no kubectl target, no CRL and no error."""
-    engine = db.connect(database_url)
-    config = db._config()
-    with engine.connect() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0010")
-        connection.commit()
+    engine = _at_revision(database_url, "0010")
     _populate(engine)
     when = NOW.replace(tzinfo=None) if engine.dialect.name == "sqlite" else NOW
     with engine.begin() as connection:
@@ -121,12 +118,7 @@ def test_istio_clusters_recorded_before_0011_keep_their_output(database_url: str
 def test_ocsp_responders_recorded_before_0015_are_numbered_per_ca(database_url: str) -> None:
     """0015 numbers each CA's responders in the order they expire (``id`` breaks a tie, as two
     made by the race 0015 closes would have) and then makes (CA, generation) unique."""
-    engine = db.connect(database_url)
-    config = db._config()
-    with engine.connect() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0014")
-        connection.commit()
+    engine = _at_revision(database_url, "0014")
     _populate(engine)
     naive = engine.dialect.name == "sqlite"
     responders = [  # (id, ca_id, days after NOW it expires)

@@ -15,7 +15,6 @@ checks it is reported for them (so that a pkilint that stops reporting it is not
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from ca import ocsp as trellis_ocsp
 from ca.config import Settings, build_context
 from tests.openvpn.vpnkit import InProcessTrellis, crls_in, parse_profile
+from tests.selfsigned import CA_KEY_USAGE, self_signed
 
 pkilint = pytest.importorskip("pkilint", reason="pkilint is in the test extras")
 
@@ -294,22 +294,12 @@ def test_the_linter_reports_what_it_is_trusted_to_find() -> None:
     """The same validators on a certificate with known defects: a CA certificate whose
     basicConstraints is not critical and that lacks a subject key identifier (RFC 5280
     4.2.1.9, 4.2.1.2), signed by a throwaway key."""
-    key, now = ec.generate_private_key(ec.SECP256R1()), dt.datetime.now(dt.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "defective CA")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=False)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
+    cert, _ = self_signed(
+        "defective CA",
+        extensions=[
+            (x509.BasicConstraints(ca=True, path_length=None), False),  # not critical: a defect
+            (CA_KEY_USAGE, True),
+        ],
     )
     document = loader.RFC5280CertificateDocumentLoader().load_der_document(_der(cert), "bad")
     codes = {code for code, _, _ in _findings(_certificate_validator().validate(document.root))}

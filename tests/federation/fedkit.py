@@ -16,10 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from ca.authority import AuthorityParams, Issuer, init_authority
 from ca.clock import FixedClock
@@ -34,6 +33,7 @@ from ca.jwks import bundle_jwks
 from ca.keys import KeyType
 from ca.pem import private_key_pem
 from ca.serving import ServerTls, ensure_server_certificate
+from tests.selfsigned import self_signed
 
 PASSPHRASE = "test-passphrase-not-secret"
 PARTNER = TrustDomain.parse("b.test")
@@ -110,24 +110,38 @@ _MALFORMED = {
 }
 
 
+# Relationships ``federation add`` refuses for their URL or bootstrap bundle (REST: 400, CLI:
+# exit 2): hosts that are no IDNA, ports outside 1..65535, bootstrap CAs that do not parse.
+# ``bootstrap``: None for the partner's roots, a ``malformed_ca`` kind, or "nested" (a JWK Set
+# nested too deeply).
+MALFORMED_ADDS = pytest.mark.parametrize(
+    ("url", "bootstrap", "reason"),
+    [
+        ("https://xn--a.org/b", None, "is not a URL"),
+        ("https://xn--zz.org/b", None, "is not a URL"),
+        ("https://127.0.0.1:99999/b/cur", None, "port 99999 is not in 1..65535"),
+        ("https://127.0.0.1:0/b", None, "port 0 is not in 1..65535"),
+        ("https://b.test/", "bad-san", "the certificate is malformed"),
+        ("https://b.test/", "basic-constraints-twice", "the certificate is malformed"),
+        ("https://b.test/", "nested", "nested too deeply"),
+    ],
+    ids=["fail/idna-xn--a", "fail/idna-xn--zz", "fail/port-99999", "fail/port-0",
+         "fail/bootstrap-bad-san", "fail/bootstrap-bc-twice", "fail/bootstrap-nested"],
+)  # fmt: skip
+
+
 def malformed_ca(kind: str) -> x509.Certificate:
     """A self-signed CA certificate that loads but whose extensions do not parse (cryptography
     decodes them on first use): ``bad-san`` or ``basic-constraints-twice``."""
     oid, value = _MALFORMED[kind]
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"malformed {kind}")])
-    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), False)
-        .sign(key, hashes.SHA256())
+    cert, _ = self_signed(
+        f"malformed {kind}",
+        extensions=[
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), False),
+        ],
+        valid_from=-dt.timedelta(days=1),
+        lifetime=dt.timedelta(days=30),
     )
     der = cert.public_bytes(serialization.Encoding.DER)
     if kind == "basic-constraints-twice":  # the signature breaks; nothing checks it that far

@@ -11,7 +11,14 @@ import pytest
 from ca.config import Context
 from ca.pem import certs_pem
 from tests.conftest import PASSPHRASE, free_port
-from tests.federation.fedkit import Answer, BundleServer, Partner, malformed_ca, nested
+from tests.federation.fedkit import (
+    MALFORMED_ADDS,
+    Answer,
+    BundleServer,
+    Partner,
+    malformed_ca,
+    nested,
+)
 from tests.istio.istiokit import Cli
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -87,20 +94,7 @@ ADD_SPIFFE = ("federation", "add", "--trust-domain", "b.test", "--profile", "htt
               "--endpoint-spiffe-id", "spiffe://b.test/trellis/server")  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("url", "bootstrap", "reason"),
-    [
-        ("https://xn--a.org/b", None, "is not a URL"),
-        ("https://xn--zz.org/b", None, "is not a URL"),
-        ("https://127.0.0.1:99999/b/cur", None, "port 99999 is not in 1..65535"),
-        ("https://127.0.0.1:0/b", None, "port 0 is not in 1..65535"),
-        ("https://b.test/", "bad-san", "the certificate is malformed"),
-        ("https://b.test/", "basic-constraints-twice", "the certificate is malformed"),
-        ("https://b.test/", "nested", "nested too deeply"),
-    ],
-    ids=["fail/idna-xn--a", "fail/idna-xn--zz", "fail/port-99999", "fail/port-0",
-         "fail/bootstrap-bad-san", "fail/bootstrap-bc-twice", "fail/bootstrap-nested"],
-)  # fmt: skip
+@MALFORMED_ADDS
 def test_malformed_url_or_bootstrap_is_exit_2(
     cli: Cli, partner: Partner, tmp_path: Path, url: str, bootstrap: str | None, reason: str
 ) -> None:

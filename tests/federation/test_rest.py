@@ -16,7 +16,14 @@ from ca.pem import certs_pem
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
 from tests.conftest import free_port
-from tests.federation.fedkit import Answer, BundleServer, Partner, malformed_ca, nested
+from tests.federation.fedkit import (
+    MALFORMED_ADDS,
+    Answer,
+    BundleServer,
+    Partner,
+    malformed_ca,
+    nested,
+)
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -113,20 +120,7 @@ def bootstrap_of(partner: Partner, kind: str | None) -> str:
 
 
 @SQLITE_ONLY
-@pytest.mark.parametrize(
-    ("url", "bootstrap", "reason"),
-    [
-        ("https://xn--a.org/b", None, "is not a URL"),
-        ("https://xn--zz.org/b", None, "is not a URL"),
-        ("https://127.0.0.1:99999/b/cur", None, "port 99999 is not in 1..65535"),
-        ("https://127.0.0.1:0/b", None, "port 0 is not in 1..65535"),
-        ("https://b.test/", "bad-san", "the certificate is malformed"),
-        ("https://b.test/", "basic-constraints-twice", "the certificate is malformed"),
-        ("https://b.test/", "nested", "nested too deeply"),
-    ],
-    ids=["fail/idna-xn--a", "fail/idna-xn--zz", "fail/port-99999", "fail/port-0",
-         "fail/bootstrap-bad-san", "fail/bootstrap-bc-twice", "fail/bootstrap-nested"],
-)  # fmt: skip
+@MALFORMED_ADDS
 def test_malformed_url_or_bootstrap_is_400(
     client: TestClient,
     admin: dict[str, str],

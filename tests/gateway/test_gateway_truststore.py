@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from ca import gateway
 from ca.authority import active_issuer
@@ -25,6 +24,7 @@ from ca.rotation import rotate
 from ca.store.models import CaRow
 from tests.gateway.conftest import ACME
 from tests.gateway.gwkit import load_crls, openssl, partner_csr
+from tests.selfsigned import self_signed
 
 F = gateway.TruststoreFormat
 
@@ -59,19 +59,7 @@ def test_aws_refuses_what_api_gateway_refuses(lite_ctx: Context) -> None:
 
 
 def _rsa1024_ca_pem() -> str:
-    key = rsa.generate_private_key(65537, 1024)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, _ = self_signed("old CA", key=rsa.generate_private_key(65537, 1024), serial=1)
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 

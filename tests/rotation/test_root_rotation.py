@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -499,6 +500,46 @@ def test_every_step_rewrites_the_data_dir_bundle_file(
     assert on_disk() == [new]
 
 
+def _race(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch, action: Callable[[], RootRotation]
+) -> tuple[RootRotation, RootRotation]:
+    """``action`` in two threads at once, overlapping the same way every time: the first holds
+    the rotation lock while it creates a key, the second starts then and must still be waiting
+    a second later; the first then goes on. (the first's result, the second's)"""
+    inside, go = threading.Event(), threading.Event()
+    create = ctx.keys.create
+
+    def slow_create(*args: object, **kwargs: object) -> KeyHandle:
+        if threading.current_thread().name == "first":
+            inside.set()
+            go.wait(10)
+        return create(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ctx.keys, "create", slow_create)
+    results: dict[str, RootRotation | BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = action()
+        except BaseException as exc:
+            results[name] = exc
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    second = threading.Thread(target=run, args=("second",), name="second")
+    first.start()
+    assert inside.wait(10)  # the first holds the lock
+    second.start()
+    second.join(1.0)  # the second must not get past the state read while the first acts
+    assert second.is_alive()
+    go.set()
+    first.join(30)
+    second.join(30)
+    done, waited = results["first"], results["second"]
+    assert isinstance(done, RootRotation), done
+    assert isinstance(waited, RootRotation), waited
+    return done, waited
+
+
 @SQLITE_ONLY
 def test_a_concurrent_publish_waits_and_reports_the_state(
     drill_ctx: Context, monkeypatch: pytest.MonkeyPatch
@@ -508,37 +549,7 @@ def test_a_concurrent_publish_waits_and_reports_the_state(
     behind and no database error escapes."""
     keys_dir = drill_ctx.settings.data_dir / "keys"
     keys_before = set(keys_dir.iterdir())
-    inside, go = threading.Event(), threading.Event()
-    create = drill_ctx.keys.create
-
-    def slow_create(*args: object, **kwargs: object) -> KeyHandle:
-        if threading.current_thread().name == "first":
-            inside.set()
-            go.wait(10)
-        return create(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(drill_ctx.keys, "create", slow_create)
-    results: dict[str, RootRotation | BaseException] = {}
-
-    def run(name: str) -> None:
-        try:
-            results[name] = publish(drill_ctx)
-        except BaseException as exc:
-            results[name] = exc
-
-    first = threading.Thread(target=run, args=("first",), name="first")
-    second = threading.Thread(target=run, args=("second",), name="second")
-    first.start()
-    assert inside.wait(10)
-    second.start()
-    second.join(1.0)  # the first is mid-publish: the second must not get past the state read
-    go.set()
-    first.join(30)
-    second.join(30)
-
-    done, waited = results["first"], results["second"]
-    assert isinstance(done, RootRotation), done
-    assert isinstance(waited, RootRotation), waited
+    done, waited = _race(drill_ctx, monkeypatch, lambda: publish(drill_ctx))
     assert done.step == waited.step == "published"
     assert (waited.old_root, waited.new_root, waited.done) == (done.old_root, done.new_root, ())
     assert len(ca_rows(drill_ctx, "root")) == 2
@@ -556,38 +567,7 @@ def test_two_concurrent_steps_take_one_step(
     publish(drill_ctx)
     old_root = only(drill_ctx, "root", "active")
     clock.current = switch_after(drill_ctx)
-    inside, go = threading.Event(), threading.Event()
-    create = drill_ctx.keys.create
-
-    def slow_create(*args: object, **kwargs: object) -> KeyHandle:
-        if threading.current_thread().name == "first":
-            inside.set()
-            go.wait(10)
-        return create(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(drill_ctx.keys, "create", slow_create)
-    results: dict[str, RootRotation | BaseException] = {}
-
-    def run(name: str) -> None:
-        try:
-            results[name] = rotate_root(drill_ctx, step=True)
-        except BaseException as exc:
-            results[name] = exc
-
-    first = threading.Thread(target=run, args=("first",), name="first")
-    second = threading.Thread(target=run, args=("second",), name="second")
-    first.start()
-    assert inside.wait(10)  # the first holds the lock, mid-switch
-    second.start()
-    second.join(1.0)  # the second has read "published" and waits for the lock
-    assert second.is_alive()
-    go.set()
-    first.join(30)
-    second.join(30)
-
-    done, waited = results["first"], results["second"]
-    assert isinstance(done, RootRotation), done
-    assert isinstance(waited, RootRotation), waited
+    done, waited = _race(drill_ctx, monkeypatch, lambda: rotate_root(drill_ctx, step=True))
     assert (done.step, waited.step, waited.done) == ("switched", "switched", ())
     assert only(drill_ctx, "root", "retiring").serial == old_root.serial
     drill_ctx.keys.load(_handle(old_root))  # not destroyed
