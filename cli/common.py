@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import typer
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
@@ -67,6 +68,16 @@ def _require_set_up(settings: Settings) -> None:
         raise errors.NotInitialised(f"no Trellis database at {database}: {hint}")
 
 
+def _bad_setting(error: pydantic.ValidationError, *, given: dict[str, Any]) -> str:
+    """One line for the first bad setting, named as the operator set it: the option's value
+    when a command passed one, else the ``TRELLIS_*`` variable (pydantic's report is a dozen
+    lines and a URL)."""
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    name = f"--{field.replace('_', '-')}" if field in given else f"TRELLIS_{field.upper()}"
+    return f"{name}={str(first.get('input'))[:80]!r}: {first['msg']}"
+
+
 class State:
     """Global options, set by the root callback; the context is built on first use."""
 
@@ -80,7 +91,10 @@ class State:
             values["data_dir"] = self.data_dir
         if self.database_url is not None:
             values["database_url"] = self.database_url
-        return Settings(**values)
+        try:
+            return Settings(**values)
+        except pydantic.ValidationError as error:  # a TRELLIS_* variable (or an option) is bad
+            raise errors.InvalidInput(_bad_setting(error, given=values)) from None
 
     def context(self, *, serving: bool = False, create: bool = False, **overrides: Any) -> Context:
         """``create``: the command sets a data dir up (the ``init`` commands). Any other

@@ -368,3 +368,13 @@ def test_an_emergency_revocation_records_the_cli_and_a_request_id(local: Trellis
         assert record["detail"]["emergency"] is True
         assert record["detail"]["reason"] == "keyCompromise"
     assert switched[0]["request_id"] == switched[1]["request_id"]  # one request, both records
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(local: Trellis) -> None:
+    """A TRELLIS_* value the settings refuse was pydantic's report, a dozen lines and a URL,
+    on a traceback (exit 1)."""
+    local.env["TRELLIS_PORT"] = "abc"
+    result = local.run("certs", "list", ok=False)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("trellis: TRELLIS_PORT='abc': "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
