@@ -244,7 +244,7 @@ def _wipe(session: Session, name: str, *, actor: str, now: dt.datetime) -> list[
         select(OcspResponderRow).where(col(OcspResponderRow.ca_id).in_(ca_ids))
     ).all()
     rows: list[CaRow | OcspResponderRow] = [*cas, *responders]
-    old = [KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)) for row in rows]
+    old = [ca_handle(row) for row in rows]
     entries = select(EntryRow.id).where(EntryRow.authority == name)
     for statement in (
         sa.delete(TokenRow).where(col(TokenRow.entry_id).in_(entries)),

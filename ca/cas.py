@@ -3,6 +3,8 @@ process: a key is never decrypted per request)."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, col, select
@@ -22,7 +24,15 @@ __all__ = [
 ]
 
 
-def ca_handle(row: CaRow) -> KeyHandle:
+class _KeyColumns(Protocol):
+    """A row that names a key (a CA's, an OCSP responder's): where it lives and its type."""
+
+    key_backend: str
+    key_ref: str
+    key_type: str
+
+
+def ca_handle(row: _KeyColumns) -> KeyHandle:
     return KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type))
 
 

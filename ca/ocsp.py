@@ -19,10 +19,10 @@ from cryptography.x509 import ocsp
 from sqlmodel import Session, col, select
 
 from ca import der
-from ca.cas import ca_certificate, ca_signer
+from ca.cas import ca_certificate, ca_handle, ca_signer
 from ca.config import Context
 from ca.errors import NotFound, TrellisError, Unavailable
-from ca.keys import KeyHandle, KeyType, Signer
+from ca.keys import KeyType, Signer
 from ca.profiles import BACKDATE, ResponderSpec, ocsp_responder_builder, sign
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -100,9 +100,11 @@ def _ended(ctx: Context, ca: CaRow) -> bool:
     cache_key = ("ocsp-ca-ended", ca.id)
     if ctx.cache.get(cache_key):
         return True
-    handle = KeyHandle(ca.key_backend, ca.key_ref, KeyType(ca.key_type))
+    handle = ca_handle(ca)
     try:
-        ctx.keys.backend(handle.backend).load(handle)  # quietly: KeyStore.load logs an error
+        # From the backend: KeyStore.load makes "not there" and "store down" one Unavailable,
+        # and only the first means the CA has ended.
+        ctx.keys.backend(handle.backend).load(handle)
     except NotFound:
         log.info(
             "OCSP for CA %s answers unauthorized: it is %s and its key is gone", ca.serial, ca.state
@@ -116,10 +118,7 @@ def _signer(ctx: Context, row: OcspResponderRow, cert: x509.Certificate) -> Sign
     cache_key = ("ocsp-signer", row.id)
     signer = ctx.cache.get(cache_key)
     if not isinstance(signer, Signer):
-        signer = ctx.keys.load(
-            KeyHandle(row.key_backend, row.key_ref, KeyType(row.key_type)),
-            certified=cert.public_key(),
-        )
+        signer = ctx.keys.load(ca_handle(row), certified=cert.public_key())
         ctx.cache[cache_key] = signer
     return signer
 

@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 
 from ca.authority import MESH, ca_row_for, destroy_quietly, sign_new_ca
 from ca.bundle import sync_bundle, write_bundle_file
-from ca.cas import ca_certificate, ca_signer
+from ca.cas import ca_certificate, ca_handle, ca_signer
 from ca.checks import check_ca
 from ca.config import Context
 from ca.crl import refresh_crl
@@ -69,7 +69,7 @@ def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
     )
     cert = sign(ca_builder(spec), ca_signer(rotator.ctx, issuer))
     check_ca(cert, issuer_cert, td.id() if td else None)
-    handle = KeyHandle(subject.key_backend, subject.key_ref, KeyType(subject.key_type))
+    handle = ca_handle(subject)
     row = ca_row_for(rotator.auth.name, "cross", cert, handle, rotator.now)
     row.parent_id, row.cross_for_id = issuer.id, subject.id
     rotator.session.add(row)
@@ -302,7 +302,7 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
     _end_cross_certificates(rotator, old)
     state.step = "retired"
     session.add(state)
-    return KeyHandle(old.key_backend, old.key_ref, KeyType(old.key_type))
+    return ca_handle(old)
 
 
 def _signed_by_old_root(rows: Sequence[CertificateRow]) -> str:

@@ -9,15 +9,13 @@ from typing import Annotated
 import typer
 
 from ca.agent import Agent, AgentConfig, ReloadCommand
-from ca.files import check_writable
 from ca.keys import KeyType
 from ca.logs import configure_logging
+from cli.common import writable
 
-
-def _svid_dir(value: Path) -> Path:
-    """Checked before the join token is spent: a certificate whose key cannot be written is
-    lost, and so is the token's use (``svid request --out`` checks the same way)."""
-    return check_writable(value, directory=True, what=f"--dir {value}")
+# Checked before the join token is spent: a certificate whose key cannot be written is lost,
+# and so is the token's use (``svid request --out`` checks the same way).
+_svid_dir = writable("--dir", directory=True)
 
 
 def agent(

@@ -6,7 +6,7 @@ import contextlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,19 +33,20 @@ EXIT_CODES: dict[type[errors.TrellisError], int] = {
 }
 
 
-def _writable(path: Path, *, directory: bool) -> Path:
-    """``ca.files.check_writable`` for an ``--out`` option."""
-    return check_writable(path, directory=directory, what=f"--out {path}")
+def writable(option: str, *, directory: bool) -> Callable[[Path | None], Path | None]:
+    """An option callback: ``ca.files.check_writable`` for the file (or, with ``directory``,
+    the directory) a command writes, named as ``option`` in the refusal."""
+
+    def check(value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        return check_writable(value, directory=directory, what=f"{option} {value}")
+
+    return check
 
 
-def out_dir(value: Path | None) -> Path | None:
-    """An option callback: the directory a command writes its files to."""
-    return None if value is None else _writable(value, directory=True)
-
-
-def out_file(value: Path | None) -> Path | None:
-    """An option callback: the file a command writes."""
-    return None if value is None else _writable(value, directory=False)
+out_dir = writable("--out", directory=True)  # the directory a command writes its files to
+out_file = writable("--out", directory=False)  # the file a command writes
 
 
 def exit_code(error: errors.TrellisError) -> int:
