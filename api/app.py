@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import problems
+from api import deps, problems
 from api.limits import BodyLimit
 from api.requestid import RequestId
 from api.routes import (
@@ -69,6 +69,7 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
         version="0.1.0",
         summary="mTLS certificate authority and SPIFFE workload identity",
         description="Errors are RFC 9457 problem documents (application/problem+json).",
+        dependencies=[Depends(deps.no_nul_in_url)],
     )
     app.state.ctx = ctx
     app.state.routes = []

@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
 from ca.config import Context
-from ca.errors import AuthenticationFailed
+from ca.errors import AuthenticationFailed, InvalidInput, NotFound
 from ca.tokens import AdminPrincipal, authenticate_admin
 
 _bearer = HTTPBearer(auto_error=False, description="Admin token, join token or renewal proof")
@@ -39,6 +39,17 @@ def bearer_credential(authorization: str | None) -> str:
     if not credential or scheme.lower() != "bearer":
         raise AuthenticationFailed(_MISSING_BEARER)
     return credential
+
+
+async def no_nul_in_url(request: Request) -> None:
+    """``api.schemas.RequestBody``'s rule for the URL, run before every routed operation:
+    U+0000 (``%00``) in a path parameter names nothing, so 404 as for any unknown id, before
+    it reaches a lookup PostgreSQL cannot run; in a query parameter it is malformed input."""
+    if any("\x00" in str(value) for value in request.path_params.values()):
+        raise NotFound("no such object: the path holds NUL (U+0000)")
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name or "\x00" in value:
+            raise InvalidInput(f"query parameter {name[:32]!r} holds NUL (U+0000)")
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

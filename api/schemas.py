@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 
 from ca.certs import CertificateInfo
 from ca.emergency import IntermediateRevoked
@@ -15,11 +16,36 @@ from ca.rotation import AuthorityStatus
 from ca.scheduler import JobStatus
 from ca.tokens import TokenInfo
 
-_STRICT = ConfigDict(extra="forbid")
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return False  # numbers, booleans, times; a nested RequestBody has checked its own fields
 
 
-class SvidRequest(BaseModel):
-    model_config = _STRICT
+class RequestBody(BaseModel):
+    """What every request body is: unknown fields are refused (a misspelt field is a mistake,
+    not a wish to ignore), and so is U+0000 in any string, here once for every body rather
+    than field by field. PostgreSQL's text cannot hold NUL (the write failed with a 500) while
+    SQLite stored it; no Trellis value has a use for it, and the C programs that read values
+    back (openssl, nginx, OpenVPN) would stop at it. ``api.deps.no_nul_in_url`` is the same
+    rule for paths and query strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        if _holds_nul(value):
+            raise PydanticCustomError("nul_character", "must not contain NUL (U+0000)")
+        return value
+
+
+class SvidRequest(RequestBody):
     csr: str = Field(
         max_length=60_000, description="PEM PKCS#10 request signed by the workload key"
     )
@@ -37,8 +63,7 @@ class SvidResponse(BaseModel):
     bundle: str = Field(description="Trust bundle (roots), PEM")
 
 
-class EntryCreate(BaseModel):
-    model_config = _STRICT
+class EntryCreate(RequestBody):
     spiffe_id: str = Field(max_length=2048, examples=["spiffe://example.org/ns/default/sa/web"])
     dns_names: list[str] = Field(default_factory=list, max_length=32)
     ttl: str | None = Field(default=None, examples=["1h"])
@@ -69,8 +94,7 @@ class EntryOut(BaseModel):
         )
 
 
-class TokenCreate(BaseModel):
-    model_config = _STRICT
+class TokenCreate(RequestBody):
     entry_id: str | None = Field(default=None, description="Join token for this entry")
     # Strict: "admin": "yes" or 1 is a mistake to refuse, not a wish to grant.
     admin: StrictBool = Field(default=False, description="Create an admin token instead")
@@ -152,8 +176,7 @@ class CertificatePage(BaseModel):
     next_after: str | None = Field(description="Pass as ?after= for the next page; null at the end")
 
 
-class RevokeRequest(BaseModel):
-    model_config = _STRICT
+class RevokeRequest(RequestBody):
     reason: str = Field(default="unspecified", examples=["keyCompromise"])
     invalidity_date: dt.datetime | None = Field(
         default=None,
@@ -173,8 +196,7 @@ class Health(BaseModel):
     detail: dict[str, str] = Field(default_factory=dict)
 
 
-class IdentityRevokeRequest(BaseModel):
-    model_config = _STRICT
+class IdentityRevokeRequest(RequestBody):
     spiffe_id: str = Field(max_length=2048)
     reason: str = Field(default="unspecified", examples=["keyCompromise"])
 

@@ -11,10 +11,11 @@ import datetime as dt
 import json
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
+from api.schemas import RequestBody
 from ca import federation
 from ca.errors import Unavailable
 from ca.identity import SpiffeId, TrustDomain
@@ -25,8 +26,7 @@ __all__ = ["FederationCreate", "FederationOut", "router"]
 router = APIRouter(tags=["federation"])
 
 
-class FederationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FederationCreate(RequestBody):
     trust_domain: str = Field(max_length=255, examples=["partner.org"])
     url: str = Field(max_length=2048, examples=["https://bundle.partner.org/v1/bundle.jwks"])
     profile: str = Field(examples=["https_spiffe"], description="https_web or https_spiffe")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import RevokeRequest
+from api.schemas import RequestBody, RevokeRequest
 from ca import gateway
 from ca.durations import Ttl
 from ca.keys import KeyType
@@ -37,12 +37,10 @@ __all__ = [
 ]
 
 router = APIRouter(prefix="/v1/gateway", tags=["gateway"], responses=PROBLEM_RESPONSES)
-_STRICT = ConfigDict(extra="forbid")
 ConsumerPath = Annotated[str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 
 
-class GatewayInit(BaseModel):
-    model_config = _STRICT
+class GatewayInit(RequestBody):
     key_type: str | None = Field(default=None, examples=["ec-p256"], description="Intermediate")
     root_key_type: str | None = Field(default=None, examples=["ec-p384"])
     key_backend: str | None = Field(default=None, examples=["file"], description="file or vault")
@@ -75,8 +73,7 @@ class GatewayOut(BaseModel):
         )
 
 
-class ConsumerCreate(BaseModel):
-    model_config = _STRICT
+class ConsumerCreate(RequestBody):
     name: str = Field(max_length=64, examples=["acme-payments"])
     contact: str = Field(default="", max_length=255, examples=["api-team@acme.example"])
 
@@ -101,8 +98,7 @@ class ConsumerOut(BaseModel):
         )
 
 
-class Pkcs12Options(BaseModel):
-    model_config = _STRICT
+class Pkcs12Options(RequestBody):
     password: str = Field(min_length=gateway.MIN_P12_PASSWORD, max_length=1024)
     legacy: StrictBool = Field(
         default=False,
@@ -114,10 +110,9 @@ class Pkcs12Options(BaseModel):
     )
 
 
-class CertIssueRequest(BaseModel):
+class CertIssueRequest(RequestBody):
     """Exactly one of ``csr`` (preferred: the key never leaves the partner) or ``pkcs12``."""
 
-    model_config = _STRICT
     csr: str | None = Field(default=None, max_length=60_000, description="PEM PKCS#10")
     pkcs12: Pkcs12Options | None = Field(
         default=None, description="Generate the key here and return it once, encrypted"

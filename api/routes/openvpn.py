@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, Field, StrictInt
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import CertificateOut
+from api.schemas import CertificateOut, RequestBody
 from ca import openvpn
 from ca.durations import Ttl
 from ca.errors import InvalidInput
@@ -43,19 +43,16 @@ AuthorityQuery = Annotated[
     str, Query(max_length=32, pattern="^[a-z][a-z0-9-]*$", description="The OpenVPN authority")
 ]
 OVPN = "application/x-openvpn-profile"
-_STRICT = ConfigDict(extra="forbid")
 
 
-class OpenVpnInit(BaseModel):
-    model_config = _STRICT
+class OpenVpnInit(RequestBody):
     key_type: str | None = Field(default=None, description="Default: ec-p256 (intermediate)")
     root_key_type: str | None = Field(default=None, description="Default: key_type or ec-p384")
     key_backend: str | None = Field(default=None, examples=["file", "vault"])
     ca_ttl: str = Field(default="1y", description="Intermediate lifetime (rotated on schedule)")
 
 
-class OpenVpnConfigure(BaseModel):
-    model_config = _STRICT
+class OpenVpnConfigure(RequestBody):
     remote: str | None = Field(default=None, max_length=253, examples=["vpn.example.org"])
     port: StrictInt | None = Field(default=None, ge=1, le=65535)
     proto: str | None = Field(default=None, examples=["udp"])
@@ -87,8 +84,7 @@ class OpenVpnOut(BaseModel):
         )
 
 
-class ServerCertRequest(BaseModel):
-    model_config = _STRICT
+class ServerCertRequest(RequestBody):
     cn: str | None = Field(default=None, max_length=64, description="Default: the server CN")
     key_type: str = "ec-p256"
     ttl: str = "1y"
@@ -127,16 +123,14 @@ class ServerConfigOut(BaseModel):
     private: list[str] = Field(description="Files to write with mode 0600")
 
 
-class ClientCreate(BaseModel):
-    model_config = _STRICT
+class ClientCreate(RequestBody):
     name: str = Field(max_length=64, examples=["alice"], description="Becomes the certificate CN")
     ttl: str = "30d"
     tls_crypt: str = Field(default="v2", description="v2 (a key per client) or shared")
     key_type: str = "ec-p256"
 
 
-class ClientRenew(BaseModel):
-    model_config = _STRICT
+class ClientRenew(RequestBody):
     ttl: str = "30d"
     tls_crypt: str | None = Field(default=None, description="Default: as before")
     key_type: str = "ec-p256"
@@ -184,8 +178,7 @@ class ProfileOut(BaseModel):
         )
 
 
-class ClientRevoke(BaseModel):
-    model_config = _STRICT
+class ClientRevoke(RequestBody):
     reason: str = "cessationOfOperation"
 
 
