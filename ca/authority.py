@@ -22,7 +22,7 @@ from ca.cas import ca_handle
 from ca.checks import check_ca
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import Conflict, InvalidInput, NotInitialised, Unavailable
+from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, Unavailable
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
@@ -44,6 +44,7 @@ from ca.store.models import (
 )
 
 __all__ = [
+    "GATEWAY",
     "MESH",
     "AuthorityParams",
     "Issuer",
@@ -55,6 +56,7 @@ __all__ = [
     "check_params",
     "init_authority",
     "load_authority",
+    "no_such_authority",
     "record_event",
     "signing_issuer",
 ]
@@ -62,6 +64,11 @@ __all__ = [
 log = logging.getLogger("trellis.authority")
 
 MESH = "mesh"
+GATEWAY = "gateway"
+# The authorities an instance knows by name before they exist: asking for one before its init
+# command ran is asking a Trellis not set up yet (503, naming the command). Any other name with
+# no authority row names nothing (404): an OpenVPN authority is named by its init.
+_INIT_COMMANDS = {MESH: "trellis init", GATEWAY: "trellis gateway init"}
 DEFAULT_ROOT_TTL = Ttl(10 * 365 * 86400)
 DEFAULT_CA_TTL = Ttl(7 * 86400)
 DEFAULT_SVID_TTL = Ttl(3600)
@@ -118,11 +125,19 @@ class Issuer:
         return self.trust_domain
 
 
+def no_such_authority(name: str) -> NotInitialised | NotFound:
+    """The error for an authority that has no row (``_INIT_COMMANDS``)."""
+    command = _INIT_COMMANDS.get(name)
+    if command is not None:
+        return NotInitialised(f"authority {name!r} does not exist: run '{command}' first")
+    return NotFound(f"no authority named {name[:64]!r}")
+
+
 def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
     with Session(ctx.engine) as session:
         row = session.get(AuthorityRow, name)
     if row is None:
-        raise NotInitialised(f"authority {name!r} does not exist: run 'trellis init' first")
+        raise no_such_authority(name)
     return row
 
 
@@ -458,6 +473,8 @@ def _load_active_issuer(ctx: Context, name: str) -> Issuer:
         ).first()
         state = session.get(BundleStateRow, name)
         if row is None or row.id is None or state is None:
+            if session.get(AuthorityRow, name) is None:
+                raise no_such_authority(name)
             raise NotInitialised(f"authority {name!r} has no active issuing CA: run 'trellis init'")
         cache_key = ("issuer", row.id, state.sequence)
         cached = ctx.cache.get(cache_key)

@@ -25,6 +25,7 @@ from ca.authority import (
     active_issuer,
     ca_row_for,
     destroy_quietly,
+    no_such_authority,
     record_event,
     sign_new_ca,
 )
@@ -33,7 +34,7 @@ from ca.certs import CertificateInfo, CertStatus, certificate_info
 from ca.config import Context
 from ca.crl import refresh_crl
 from ca.durations import Ttl
-from ca.errors import NotFound, NotInitialised, Unavailable
+from ca.errors import NotInitialised, Unavailable
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
 from ca.revocation import RevocationReason
@@ -80,7 +81,7 @@ def revoke_intermediate(
             ).first()
             auth = session.get(AuthorityRow, authority)
             if auth is None:
-                raise NotFound(f"no authority named {authority[:64]!r}")
+                raise no_such_authority(authority)
             if old is None or old.parent_id is None:
                 raise NotInitialised(
                     f"authority {authority!r} has no active intermediate to revoke"

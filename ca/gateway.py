@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlmodel import Session, col, select
 
 from ca import audit
-from ca.authority import AuthorityParams, active_issuer, init_authority
+from ca.authority import GATEWAY, AuthorityParams, active_issuer, init_authority
 from ca.bundle import trust_anchors
 from ca.certs import CertificateInfo, certificate_info, revoke_certificate
 from ca.config import Context
@@ -98,7 +98,6 @@ __all__ = [
     "x5t_s256",
 ]
 
-GATEWAY = "gateway"
 PROFILE = "gateway-client"
 URN_PREFIX = "urn:trellis:gateway:consumer:"
 MAX_LIVE = 2  # the current certificate and its successor, during a renewal overlap

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlmodel import Session, select
 
-from ca.authority import MESH, active_issuer
+from ca.authority import MESH, active_issuer, no_such_authority
 from ca.cas import ca_certificate, ca_signer, find_ca
 from ca.checks import check_ca
 from ca.config import Context
@@ -398,7 +398,7 @@ def mesh_config(ctx: Context, authority: str = MESH) -> str:
     with Session(ctx.engine) as session:
         auth = session.get(AuthorityRow, authority)
     if auth is None:
-        raise NotInitialised(f"authority {authority!r} does not exist")
+        raise no_such_authority(authority)
     td = TrustDomain(auth.trust_domain)
     if ctx.settings.public_url:
         source: dict[str, Any] = {

@@ -30,6 +30,7 @@ from ca.authority import (
     AuthorityParams,
     ca_row_for,
     destroy_quietly,
+    no_such_authority,
     record_event,
     sign_new_ca,
 )
@@ -156,7 +157,7 @@ class Rotator:
     def __init__(self, ctx: Context, session: Session, authority: str, actor: str) -> None:
         auth = session.get(AuthorityRow, authority)
         if auth is None:
-            raise NotInitialised(f"authority {authority!r} does not exist: run 'trellis init'")
+            raise no_such_authority(authority)
         self.ctx, self.session, self.auth, self.actor = ctx, session, auth, actor
         self.now = ctx.clock.now()
         self.created: list[KeyHandle] = []
@@ -300,7 +301,7 @@ def authority_status(
     with Session(ctx.engine) as session:
         auth = session.get(AuthorityRow, authority)
         if auth is None:
-            raise NotInitialised(f"authority {authority!r} does not exist: run 'trellis init'")
+            raise no_such_authority(authority)
         rows = session.exec(
             select(CaRow)
             .where(CaRow.authority == authority, col(CaRow.not_after) > now - dt.timedelta(days=1))
