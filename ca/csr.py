@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.errors import InvalidCsr, PolicyViolation
 from ca.identity import SpiffeId
-from ca.keys import PublicKey, check_public_key, verify_signed
+from ca.keys import PublicKey, RefusedSignatureAlgorithm, check_public_key, verify_signed
 
 __all__ = ["ParsedCsr", "check_dns_name", "load_verified_csr", "parse_csr"]
 
@@ -54,9 +54,10 @@ class ParsedCsr:
 
 
 def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
-    """A PEM CSR whose signature proves possession of its (acceptable) key; nothing else judged.
-    The key is read once and the signature verified with it (``verify_signed``), rather than
-    by ``is_signature_valid``, which reads the key again: ~8 µs a request."""
+    """A PEM CSR whose signature proves possession of its (acceptable) key, made with an
+    acceptable algorithm (SHA-256/384/512 or Ed25519: ``verify_signed``); nothing else judged.
+    The key is read once and the signature verified with it, rather than by
+    ``is_signature_valid``, which reads the key again (~8 µs a request) and accepts SHA-224."""
     try:
         csr = x509.load_pem_x509_csr(pem)
     except ValueError:
@@ -68,6 +69,11 @@ def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, Publi
     key = check_public_key(public_key)
     try:
         verify_signed(key, csr, csr.tbs_certrequest_bytes)
+    except RefusedSignatureAlgorithm as refused:
+        raise InvalidCsr(
+            f"the CSR is signed with {refused.name}, which is not accepted: sign it with "
+            "SHA-256, SHA-384 or SHA-512 (or an Ed25519 key)"
+        ) from None
     except Exception:  # unsupported signature algorithms raise from deep inside cryptography
         raise InvalidCsr(
             "the CSR signature does not verify: it was not signed by its own key"

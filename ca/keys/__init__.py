@@ -7,7 +7,14 @@ builders work unchanged and issuing code never learns which backend it has.
 """
 
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
-from ca.keys.types import KeyType, PrivateKey, PublicKey, check_public_key, verify_signed
+from ca.keys.types import (
+    KeyType,
+    PrivateKey,
+    PublicKey,
+    RefusedSignatureAlgorithm,
+    check_public_key,
+    verify_signed,
+)
 
 __all__ = [
     "KeyBackend",
@@ -15,6 +22,7 @@ __all__ = [
     "KeyType",
     "PrivateKey",
     "PublicKey",
+    "RefusedSignatureAlgorithm",
     "Signer",
     "check_public_key",
     "verify_signed",

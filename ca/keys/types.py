@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -12,7 +13,14 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from ca.errors import InvalidCsr, InvalidInput
 
-__all__ = ["KeyType", "PrivateKey", "PublicKey", "check_public_key", "verify_signed"]
+__all__ = [
+    "KeyType",
+    "PrivateKey",
+    "PublicKey",
+    "RefusedSignatureAlgorithm",
+    "check_public_key",
+    "verify_signed",
+]
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -105,26 +113,68 @@ def check_public_key(key: object) -> PublicKey:
     raise InvalidCsr(f"key type {type(key).__name__} is not accepted")
 
 
+# The digests a signature Trellis verifies may use: SHA-2 of 256 bits and more (RFC 5758 §3.2,
+# RFC 4055 §5, RFC 8017). MD5 and SHA-1 signatures can be forged by collision (the 2008 rogue
+# MD5 CA, SHAttered, the SHA-1 chosen-prefix collision of 2020); SHA-224 and SHA-3 are refused
+# too, as no client Trellis serves makes them and the CA/B Forum allows neither.
+_DIGESTS = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+class RefusedSignatureAlgorithm(TypeError):
+    """A signature made with an algorithm Trellis does not accept; ``name`` says which."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"signature algorithm {name} is not accepted")
+        self.name = name
+
+
+def _refused(
+    signed: x509.Certificate | x509.CertificateSigningRequest,
+    digest: hashes.HashAlgorithm | None = None,
+) -> RefusedSignatureAlgorithm:
+    """Named as RFC 5280 and openssl name it (sha1WithRSAEncryption, ecdsa-with-SHA1), else by
+    its OID; RSASSA-PSS carries its digest in its parameters."""
+    oid = signed.signature_algorithm_oid
+    name = oid.dotted_string if oid._name == "Unknown OID" else oid._name
+    if oid == SignatureAlgorithmOID.RSASSA_PSS and digest is not None:
+        name = f"{name} with {digest.name.upper()}"
+    return RefusedSignatureAlgorithm(name)
+
+
+def _digest(signed: x509.Certificate | x509.CertificateSigningRequest) -> hashes.HashAlgorithm:
+    try:
+        digest = signed.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        raise _refused(signed) from None
+    if not isinstance(digest, _DIGESTS):
+        raise _refused(signed, digest)
+    return digest
+
+
 def verify_signed(
     key: CertificatePublicKeyTypes,
     signed: x509.Certificate | x509.CertificateSigningRequest,
     data: bytes,
 ) -> None:
     """That ``key`` made the signature of ``signed`` (a certificate over its TBS, a CSR over
-    its CertificationRequestInfo: ``data``), with the algorithm ``signed`` names: what
-    ``verify_directly_issued_by`` and ``is_signature_valid`` check, with a key object the
-    caller holds already instead of one loaded again from a certificate or a CSR on every
-    call (~10 µs each: docs/benchmarks.md, changes 53 and 54). Raises ``InvalidSignature``, or
-    ``TypeError`` when the algorithm does not fit the key."""
+    its CertificationRequestInfo: ``data``), with the algorithm ``signed`` names, which must be
+    ECDSA or RSA (PKCS #1 v1.5 or PSS) with SHA-256, SHA-384 or SHA-512, or Ed25519
+    (``_DIGESTS``). That is what ``verify_directly_issued_by`` and ``is_signature_valid``
+    check, and stricter: they accept SHA-224 and SHA-3. It uses a key object the
+    caller holds already instead of one loaded again from a certificate or a CSR on every call
+    (~10 µs each: docs/benchmarks.md, changes 53 and 54). Raises ``InvalidSignature``,
+    ``RefusedSignatureAlgorithm`` for a digest outside ``_DIGESTS`` or an unknown algorithm,
+    or ``TypeError`` when the algorithm does not fit the key."""
     if isinstance(key, ec.EllipticCurvePublicKey):
+        _digest(signed)
         parameters = signed.signature_algorithm_parameters
         if not isinstance(parameters, ec.ECDSA):
             raise TypeError("an EC key with a signature that is not ECDSA")
         key.verify(signed.signature, data, parameters)
     elif isinstance(key, rsa.RSAPublicKey):
+        digest = _digest(signed)
         parameters = signed.signature_algorithm_parameters
-        digest = signed.signature_hash_algorithm
-        if not isinstance(parameters, padding.PKCS1v15 | padding.PSS) or digest is None:
+        if not isinstance(parameters, padding.PKCS1v15 | padding.PSS):
             raise TypeError("an RSA key with a signature that is not RSA")
         key.verify(signed.signature, data, parameters, digest)
     elif isinstance(key, ed25519.Ed25519PublicKey):

@@ -1,9 +1,14 @@
 """The CSR's proof of possession (``ca.csr.load_verified_csr``) verifies the signature with the
 key it read once (``ca.keys.verify_signed``). Its verdict must be cryptography's own
 (``is_signature_valid``) for every key type and signature scheme a CSR may use, signed or
-tampered with, in the signature or in the signed request."""
+tampered with, in the signature or in the signed request; and it refuses, naming the algorithm,
+every digest but SHA-256, SHA-384 and SHA-512 (MD5 and SHA-1 signatures can be forged)."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -25,6 +30,8 @@ SCHEMES = [
     ("ec-p384-sha384", KeyType.EC_P384, hashes.SHA384(), None),
     ("rsa-2048-pkcs1", KeyType.RSA_2048, hashes.SHA256(), None),
     ("rsa-2048-pss", KeyType.RSA_2048, hashes.SHA256(), PSS),
+    ("rsa-2048-sha512", KeyType.RSA_2048, hashes.SHA512(), None),
+    ("ec-p384-sha512", KeyType.EC_P384, hashes.SHA512(), None),
     ("ed25519", KeyType.ED25519, None, None),
 ]
 
@@ -103,3 +110,50 @@ def test_a_csr_naming_another_key_is_refused() -> None:
     assert not claimed.is_signature_valid
     with pytest.raises(InvalidCsr, match="signature does not verify"):
         load_verified_csr(claimed.public_bytes(serialization.Encoding.PEM))
+
+
+# (id, key type, openssl digest option, the algorithm the refusal names). openssl signs with
+# MD5 and SHA-1, which cryptography refuses to; SHA-224 and SHA-3 it verifies but Trellis refuses.
+WEAK = [
+    ("rsa/sha1", KeyType.RSA_2048, "-sha1", "sha1WithRSAEncryption"),
+    ("rsa/md5", KeyType.RSA_2048, "-md5", "md5WithRSAEncryption"),
+    ("rsa/sha224", KeyType.RSA_2048, "-sha224", "sha224WithRSAEncryption"),
+    ("rsa/sha3-256", KeyType.RSA_2048, "-sha3-256", "2.16.840.1.101.3.4.3.14"),
+    (
+        "rsa-pss/sha1",
+        KeyType.RSA_2048,
+        "-sha1 -sigopt rsa_padding_mode:pss",
+        "rsassaPss with SHA1",
+    ),
+    ("ec/sha1", KeyType.EC_P256, "-sha1", "ecdsa-with-SHA1"),
+    ("ec/sha224", KeyType.EC_P256, "-sha224", "ecdsa-with-SHA224"),
+]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl binary is not installed")
+@pytest.mark.parametrize(
+    ("key_type", "options", "name"), [w[1:] for w in WEAK], ids=[w[0] for w in WEAK]
+)
+def test_a_csr_signed_with_a_weak_digest_is_refused_naming_it(
+    key_type: KeyType, options: str, name: str, tmp_path: Path
+) -> None:
+    """Regression: an RSA CSR signed with SHA-1 was accepted (``is_signature_valid`` said
+    False), and ECDSA-SHA1 and MD5-RSA ones were refused as "not signed by its own key"."""
+    key = tmp_path / "key.pem"
+    key.write_bytes(
+        key_type.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    signed = subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), *options.split(), "-subj", "/CN=web"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    with pytest.raises(InvalidCsr) as refused:
+        load_verified_csr(signed.stdout)
+    assert f"signed with {name}, which is not accepted" in refused.value.detail
+    assert "SHA-256" in refused.value.detail
