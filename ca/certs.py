@@ -116,7 +116,8 @@ def list_certificates(
     """One page, in serial order; or, with ``expiring_within``, the live certificates that
     expire within that time, soonest first (what operators scan for). Paging continues after
     the serial of a page's last item either way (keyset pagination: a page costs the same at
-    row 10 or at row 1,000,000; indexes in migration 0012)."""
+    row 10 or at row 1,000,000; indexes in migration 0012), which must be a stored certificate's
+    (``InvalidInput`` otherwise)."""
     if not 1 <= limit <= MAX_PAGE + 1:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
     now = ctx.clock.now()
@@ -149,11 +150,14 @@ def _page(
         query = query.where(CertificateRow.status == "active", col(CertificateRow.not_after) > now)
     elif status is CertStatus.EXPIRED:
         query = query.where(CertificateRow.status == "active", col(CertificateRow.not_after) <= now)
+    # The cursor is a serial a page ended with, so it names a stored certificate: compared
+    # with the stored (hex text) serials, any other value orders as text, not as the number it
+    # is ("abcdef" sorted after every serial of 38 digits, "0x10" before them all).
+    last = None if after is None else session.get(CertificateRow, after.hex)
+    if after is not None and last is None:
+        raise InvalidInput(f"certificate {after} is not there to page after")
     if expiring_within is not None:
-        if after is not None:
-            last = session.get(CertificateRow, after.hex)
-            if last is None:
-                raise InvalidInput(f"certificate {after} is not there to page after")
+        if last is not None:
             query = query.where(
                 sa.tuple_(col(CertificateRow.not_after), col(CertificateRow.serial))
                 > sa.tuple_(sa.literal(last.not_after, UtcDateTime()), sa.literal(last.serial))
@@ -164,8 +168,8 @@ def _page(
         # Ordered by the stored serial (hex text): any total order pages stably, and this one
         # is the primary key's, so a page is an index range at any depth. (Random serials have
         # no meaningful order; numeric order would need an expression index.)
-        if after is not None:
-            query = query.where(col(CertificateRow.serial) > after.hex)
+        if last is not None:
+            query = query.where(col(CertificateRow.serial) > last.serial)
         query = query.order_by(col(CertificateRow.serial)).limit(limit)
     rows = session.exec(query).all()
     return [certificate_info(row, now) for row in rows]

@@ -69,6 +69,31 @@ def test_list_pages_in_serial_order(rest: Rest) -> None:
     assert pages == 3
 
 
+def test_the_cursor_must_be_a_listed_serial(rest: Rest) -> None:
+    """Regression: ?after= was compared as text with the stored serials, so "abcdef" (a valid
+    serial, below every issued one) gave an empty list and "0x10" all of them. A serial a page
+    ended with pages on, however it is written; any other one is refused."""
+    issued = sorted(_issue(rest, "spiffe://example.org/cursor", count=3))
+    first = issued[0]
+    for spelling in (
+        first,
+        first.upper(),
+        "0x" + first,
+        ":".join(first[i : i + 2] for i in range(0, len(first), 2)),
+    ):
+        response = rest.client.get(
+            "/v1/certificates", params={"after": spelling}, headers=rest.admin
+        )
+        assert response.status_code == 200, (spelling, response.text)
+        assert [item["serial"] for item in response.json()["items"]] == issued[1:]
+    for cursor in ("abcdef", "0x10", "7" + "f" * 39, issued[-1][:-1]):
+        for extra in ({}, {"expiring_within": "1d"}):
+            response = rest.client.get(
+                "/v1/certificates", params={"after": cursor, **extra}, headers=rest.admin
+            )
+            assert "not there to page after" in assert_problem(response, 400)["detail"], cursor
+
+
 def test_a_full_last_page_says_it_is_the_end(rest: Rest) -> None:
     _issue(rest, "spiffe://example.org/two", count=2)
     response = rest.client.get("/v1/certificates", params={"limit": 2}, headers=rest.admin)

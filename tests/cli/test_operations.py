@@ -315,6 +315,18 @@ def test_a_refused_init_sets_nothing_up_and_exists_ok_is_for_the_same_trust_doma
     assert other.returncode == 6 and "not for other.org" in other.stderr, other
 
 
+def test_certs_list_pages_after_a_listed_serial_only(local: Trellis, tmp_path: Path) -> None:
+    """``--after`` is REST's ``?after=``: a serial not listed is exit 2, not an empty page."""
+    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    listed = local.json("certs", "list")
+    assert isinstance(listed, list) and listed
+    first = listed[0]["serial"]
+    assert local.json("certs", "list", "--after", first.upper()) == listed[1:]
+    for cursor in ("abcdef", "0x10"):
+        result = local.run("certs", "list", "--after", cursor, ok=False)
+        assert result.returncode == 2 and "not there to page after" in result.stderr, result
+
+
 def test_audit_list_is_a_json_array_and_refuses_a_limit_out_of_range(local: Trellis) -> None:
     records = local.json("audit", "list", "--limit", "2")
     assert isinstance(records, list) and len(records) == 2
