@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import json
-
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import problem_response
 
 __all__ = ["MAX_BODY", "BodyLimit"]
 
 MAX_BODY = 64 * 1024
 
 
-async def _reply_413(send: Send) -> None:
-    body = json.dumps(
-        {
-            "type": "https://trellis.dev/problems/payload-too-large",
-            "title": "Payload too large",
-            "status": 413,
-            "detail": f"request bodies are limited to {MAX_BODY} bytes",
-            "code": "payload-too-large",
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
+async def _reply_413(scope: Scope, receive: Receive, send: Send) -> None:
+    """The problem every other refusal is (``api.problems``), request id included; the
+    connection closes, as the rest of the body is never read."""
+    response = problem_response(
+        413,
+        "payload-too-large",
+        "Payload too large",
+        f"request bodies are limited to {MAX_BODY} bytes",
+        Request(scope),
     )
-    await send({"type": "http.response.body", "body": body})
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 class BodyLimit:
@@ -46,7 +37,7 @@ class BodyLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _reply_413(send)
+                await _reply_413(scope, receive, send)
                 return
         seen = 0
         refused = False
@@ -62,7 +53,7 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     refused = True
-                    await _reply_413(send)
+                    await _reply_413(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 

@@ -192,7 +192,12 @@ def test_oversized_bodies_are_413_problems(rest: Rest) -> None:
     for case, path, content, headers in attempts:
         response = rest.client.post(path, content=content, headers=headers | json_headers)
         assert response.status_code == 413, (case, response.text)
-        assert assert_problem(response, 413)["code"] == "payload-too-large"
+        problem = assert_problem(response, 413)
+        assert problem["code"] == "payload-too-large"
+        # Rendered as every other problem is (api.problems), with the request id docs/api.md
+        # says every problem body repeats (it had none, and other JSON spacing).
+        assert problem["request_id"] == response.headers["x-request-id"], case
+        assert response.content == json.dumps(problem, separators=(",", ":")).encode(), case
         if case.startswith("chunked"):
             assert "content-length" not in response.request.headers
 
@@ -249,6 +254,7 @@ def test_streamed_body_over_the_limit_gets_exactly_one_response(ctx: Context) ->
     assert [m["status"] for m in starts] == [413]
     (body,) = [m for m in sent if m["type"] == "http.response.body"]
     assert json.loads(body["body"])["status"] == 413
+    assert json.loads(body["body"])["request_id"]
     assert len(incoming) == 1  # stopped reading at the first chunk past the limit
 
 
