@@ -24,7 +24,15 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 def check_dns_name(name: str) -> str:
-    """A lower-case hostname (RFC 1123), optionally with one leading wildcard label."""
+    """A lower-case hostname (RFC 1123), optionally with one leading wildcard label. ASCII is
+    checked before lower-casing: str.lower maps some non-ASCII letters to ASCII ones (U+212A
+    KELVIN SIGN to "k"), which turned such a name into another one instead of refusing it.
+    An internationalised name is given in its A-label form (xn--...)."""
+    if not name.isascii():
+        raise PolicyViolation(
+            f"invalid DNS name {name[:64]!r}: not ASCII (give an internationalised name as "
+            "its xn-- A-label)"
+        )
     candidate = name.strip().lower().rstrip(".")
     labels = candidate.split(".")
     if labels and labels[0] == "*":

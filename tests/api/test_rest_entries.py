@@ -83,6 +83,22 @@ INVALID_ENTRIES = [
     ("too-long", {"spiffe_id": "spiffe://example.org/" + "a" * 2100}, "invalid-request"),
     ("bad-dns", {"spiffe_id": "spiffe://example.org/d", "dns_names": ["a_b"]}, "policy-violation"),
     (
+        "non-ascii-dns",
+        {"spiffe_id": "spiffe://example.org/d", "dns_names": ["ünï.org"]},
+        "policy-violation",
+    ),
+    # U+212A KELVIN SIGN lower-cases to an ASCII "k": it was stored as "k.org", not refused.
+    (
+        "kelvin-dns",
+        {"spiffe_id": "spiffe://example.org/d", "dns_names": ["\u212a.org"]},
+        "policy-violation",
+    ),
+    (
+        "dotless-i-dns",
+        {"spiffe_id": "spiffe://example.org/d", "dns_names": ["\u0130.org"]},
+        "policy-violation",
+    ),
+    (
         "ip-as-dns",
         {"spiffe_id": "spiffe://example.org/d", "dns_names": ["10.0.0.1"]},
         "policy-violation",
