@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
@@ -44,12 +45,16 @@ def bearer_credential(authorization: str | None) -> str:
 async def no_nul_in_url(request: Request) -> None:
     """``api.schemas.RequestBody``'s rule for the URL, run before every routed operation:
     U+0000 (``%00``) in a path parameter names nothing, so 404 as for any unknown id, before
-    it reaches a lookup PostgreSQL cannot run; in a query parameter it is malformed input."""
+    it reaches a lookup PostgreSQL cannot run; in a query parameter the operation reads it is
+    malformed input, 400 (those it does not read reach nothing)."""
     if any("\x00" in str(value) for value in request.path_params.values()):
         raise NotFound("no such object: the path holds NUL (U+0000)")
-    for name, value in request.query_params.multi_items():
-        if "\x00" in name or "\x00" in value:
-            raise InvalidInput(f"query parameter {name[:32]!r} holds NUL (U+0000)")
+    route = request.scope.get("route")
+    if not request.scope["query_string"] or not isinstance(route, APIRoute):
+        return
+    for parameter in route.dependant.query_params:
+        if any("\x00" in value for value in request.query_params.getlist(parameter.alias)):
+            raise InvalidInput(f"query parameter {parameter.alias!r} holds NUL (U+0000)")
 
 
 CtxDep = Annotated[Context, Depends(get_context)]
