@@ -24,6 +24,7 @@ def get_status(authority: Authority, ctx: CtxDep, _admin: AdminDep) -> Authority
 @router.post(
     "/authorities/{authority}/rotate",
     response_model=list[TransitionOut],
+    responses=responses(404),
     summary="Perform due transitions; force=true performs the next one now",
 )
 def rotate_now(

@@ -311,7 +311,7 @@ def revoke(
     return GatewayRevokedOut(**out, rewritten=[str(path) for path in written])
 
 
-@router.get("/truststore/{format}", response_model=TruststoreOut)
+@router.get("/truststore/{format}", response_model=TruststoreOut, responses=responses(404))
 def truststore(
     format: Annotated[str, Path(pattern="^(pem|nginx|aws|kong)$")], ctx: CtxDep, _admin: AdminDep
 ) -> TruststoreOut:

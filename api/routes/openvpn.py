@@ -309,7 +309,7 @@ def server_config(
     "/clients",
     response_class=Response,
     status_code=status.HTTP_201_CREATED,
-    responses={201: _PROFILE, **responses(409)},
+    responses={201: _PROFILE, **responses(404, 409)},
     summary="Onboard a user: a certificate with CN = name, in a complete .ovpn profile",
 )
 def add_client(
@@ -392,7 +392,7 @@ def revoke_client(
     response_class=Response,
     responses={
         200: {"content": {"application/x-pem-file": {}}, "description": "One CRL per CA"},
-        **responses(404),
+        **responses(400, 404),
     },
     summary="What crl-verify reads: a PEM CRL for every CA of the chain (no authentication)",
 )

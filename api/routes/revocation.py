@@ -32,7 +32,7 @@ CRL_CACHE = "public, max-age=300"
 @public.get(
     "/v1/crl/{authority}/{ca}.crl",
     response_class=Response,
-    responses={200: {"content": {"application/pkix-crl": {}}}, **responses(404)},
+    responses={200: {"content": {"application/pkix-crl": {}}}, **responses(400, 404)},
     summary="A CA's current CRL (DER). `ca` is a CA serial, `root` or `intermediate`",
 )
 def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
@@ -45,7 +45,7 @@ def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
 @public.get(
     "/v1/crl/{authority}/{ca}.pem",
     response_class=Response,
-    responses={200: {"content": {"application/x-pem-file": {}}}, **responses(404)},
+    responses={200: {"content": {"application/x-pem-file": {}}}, **responses(400, 404)},
     summary="A CA's current CRL (PEM)",
 )
 def crl_pem(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
@@ -64,7 +64,7 @@ def _crl_headers(number: int, body: bytes) -> dict[str, str]:
 @public.get(
     "/v1/ca/{authority}/{ca}.crt",
     response_class=Response,
-    responses={200: {"content": {"application/pkix-cert": {}}}, **responses(404)},
+    responses={200: {"content": {"application/pkix-cert": {}}}, **responses(400, 404)},
     summary="A CA certificate (DER), the target of caIssuers in issued certificates",
 )
 def ca_cert(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
@@ -88,7 +88,8 @@ async def ocsp_post(request: Request, ctx: CtxDep) -> Response:
 @public.get(
     "/v1/ocsp/{encoded:path}",
     response_class=Response,
-    responses=_OCSP,  # type: ignore[arg-type]
+    # A malformed request is answered in OCSP (malformedRequest); only a NUL is 404.
+    responses={**_OCSP, **responses(404)},  # type: ignore[dict-item]
     summary="OCSP (RFC 6960 §A.1 GET): base64 of the DER OCSPRequest, URL-encoded",
 )
 def ocsp_get(encoded: str, ctx: CtxDep) -> Response:

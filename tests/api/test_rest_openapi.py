@@ -28,11 +28,27 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("GET", "/v1/certificates"): {400, 401, 403},
     ("GET", "/v1/certificates/{serial}"): {400, 401, 403, 404},
     ("POST", "/v1/certificates/{serial}/revoke"): {400, 401, 403, 404, 409, 413},
+    ("POST", "/v1/authorities/{authority}/rotate"): {400, 401, 403, 404},
+    ("GET", "/v1/ca/{authority}/{ca}.crt"): {400, 404},
+    ("GET", "/v1/crl/{authority}/{ca}.crl"): {400, 404},
+    ("GET", "/v1/crl/{authority}/{ca}.pem"): {400, 404},
+    ("GET", "/v1/ocsp/{encoded}"): {404},
+    ("POST", "/v1/openvpn/clients"): {400, 401, 403, 404, 409},
+    ("GET", "/v1/openvpn/crl.pem"): {400, 404},
     ("GET", "/v1/bundle"): {503},
     ("GET", "/healthz"): set(),
     ("GET", "/readyz"): {503},
 }
-PUBLIC = {("GET", "/v1/bundle"), ("GET", "/healthz"), ("GET", "/readyz")}
+PUBLIC = {
+    ("GET", "/v1/bundle"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/v1/ca/{authority}/{ca}.crt"),
+    ("GET", "/v1/crl/{authority}/{ca}.crl"),
+    ("GET", "/v1/crl/{authority}/{ca}.pem"),
+    ("GET", "/v1/ocsp/{encoded}"),
+    ("GET", "/v1/openvpn/crl.pem"),
+}
 
 
 def _operations(spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -98,6 +114,21 @@ def test_every_error_status_an_operation_answers_is_documented(spec: dict[str, A
         for key, expected in ERRORS.items()
     }
     assert {key: statuses for key, statuses in missing.items() if statuses} == {}
+
+
+def test_every_operation_documents_its_url_refusals(spec: dict[str, Any]) -> None:
+    """Any path parameter can be 404 (also U+0000 in it: tests/api/test_rest_nul.py), and any
+    query parameter 400 (U+0000, or a value its pattern refuses), for operations added later
+    too."""
+    missing = {}
+    for key, operation in _operations(spec).items():
+        places = {parameter["in"] for parameter in operation.get("parameters", [])}
+        expected = ({"404"} if "path" in places else set()) | (
+            {"400"} if "query" in places else set()
+        )
+        if expected - set(operation["responses"]):
+            missing[key] = sorted(expected - set(operation["responses"]))
+    assert missing == {}
 
 
 def test_documented_errors_are_the_problems_actually_sent(spec: dict[str, Any]) -> None:
