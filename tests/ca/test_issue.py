@@ -777,7 +777,16 @@ BAD_PROOFS: list[RenewalRefusal] = [
             ("exp-a-float-overflow", {"exp": 1e300}),
         ]
     ],
-    ("fail/proof-jti-a-list", _crafted(jti=["x" * 20]), AuthenticationFailed, "does not verify"),
+    # Named, not "does not verify": the signature does (a hand-made client's mistake).
+    *[
+        (f"fail/proof-jti-{name}", _crafted(jti=jti), AuthenticationFailed, "invalid jti")
+        for name, jti in [
+            ("a-list", ["x" * 20]),
+            ("an-integer", 12345678901234567890),
+            ("short", "x"),
+        ]
+    ],
+    ("fail/proof-no-csr-claim", _crafted(csr=None), AuthenticationFailed, "no 'csr' claim"),
     ("fail/proof-sub-a-number", _crafted(sub=12345), AuthenticationFailed, "unknown certificate"),
     ("fail/proof-typ-jwt", _crafted(headers={"typ": "JWT"}), AuthenticationFailed, "typ"),
     ("fail/proof-no-typ", _crafted(headers={}), AuthenticationFailed, "typ"),
