@@ -10,8 +10,9 @@ from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, col, select
 
 from ca.config import Context
-from ca.errors import NotFound
+from ca.errors import InvalidInput, NotFound
 from ca.keys import KeyHandle, KeyType, Signer
+from ca.serial import Serial
 from ca.store.models import CaRow
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ca_handle",
     "ca_signer",
     "find_ca",
+    "find_crl_issuer",
     "load_ca_key",
 ]
 
@@ -64,15 +66,37 @@ def ca_certificate(ctx: Context, row: CaRow) -> x509.Certificate:
 
 
 def find_ca(session: Session, authority: str, selector: str) -> CaRow:
-    """``root`` and ``intermediate`` name the active ones; anything else is a CA serial (hex)."""
+    """``root`` and ``intermediate`` name the active ones; anything else is a CA serial in hex,
+    written as operators paste serials (``0x…``, colons, any case: ``Serial.parse``)."""
     query = select(CaRow).where(CaRow.authority == authority)
     if selector in ("root", "intermediate"):
         query = query.where(CaRow.role == selector, CaRow.state == "active")
     else:
-        query = query.where(CaRow.serial == selector.lower().replace(":", ""))
+        try:
+            serial = Serial.parse(selector)
+        except InvalidInput:
+            raise InvalidInput(
+                f"invalid CA {selector[:48]!r}: root, intermediate or a CA serial in hex"
+            ) from None
+        query = query.where(CaRow.serial == serial.hex)
     row = session.exec(query.order_by(col(CaRow.not_after).desc())).first()
     if row is None:
         raise NotFound(f"no CA {selector[:48]!r} in authority {authority[:32]!r}")
+    return row
+
+
+def find_crl_issuer(session: Session, authority: str, selector: str) -> CaRow:
+    """``find_ca`` for CRLs: a cross certificate is a second certificate of another root's
+    key and name, not a CRL issuer. A CRL for it would be signed by that root under the
+    root's name and key identifier with a CRL-number sequence of its own, one that lists
+    nothing: RFC 5280 §5.2.3 wants one increasing sequence per issuer, and such a CRL, with
+    a genuine signature, could be passed off as the root's to hide a revocation."""
+    row = find_ca(session, authority, selector)
+    if row.role == "cross":
+        raise NotFound(
+            f"no CRL for {selector[:48]!r} in authority {authority[:32]!r}: it is a cross"
+            " certificate, and its subject root's CRL covers what that key signs"
+        )
     return row
 
 

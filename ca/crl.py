@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from ca.cas import ca_certificate, ca_signer, find_ca
+from ca.cas import ca_certificate, ca_signer, find_crl_issuer
 from ca.config import Context
 from ca.errors import Unavailable
 from ca.keys import PrivateKey
@@ -190,7 +190,7 @@ def _as_crl(ca: CaRow, row: CrlRow) -> Crl:
 def current_crl(ctx: Context, authority: str, selector: str) -> Crl:
     """The stored CRL, created or re-signed first if it is missing or due."""
     with Session(ctx.engine) as session:
-        ca = find_ca(session, authority, selector)
+        ca = find_crl_issuer(session, authority, selector)
         row = session.get(CrlRow, ca.id)
         if row is not None and row.next_update - ctx.clock.now() > REFRESH_BEFORE:
             return _as_crl(ca, row)

@@ -25,7 +25,9 @@ public = APIRouter(tags=["revocation"])
 admin = APIRouter(prefix="/v1", tags=["revocation"], responses=PROBLEM_RESPONSES)
 
 Authority = Annotated[str, Path(max_length=64, pattern="^[a-z0-9-]+$")]
-CaName = Annotated[str, Path(max_length=64, pattern="^([0-9a-fA-F:]+|root|intermediate)$")]
+CaName = Annotated[
+    str, Path(max_length=64, pattern="^((0[xX])?[0-9a-fA-F:]+|root|intermediate)$")
+]
 CRL_CACHE = "public, max-age=300"
 
 

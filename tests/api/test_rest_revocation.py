@@ -495,6 +495,21 @@ def test_the_emergency_switch_of_an_unknown_authority_is_a_404(rest: Rest) -> No
     assert_problem(response, 404)
 
 
+@SQLITE_ONLY
+def test_a_ca_serial_may_be_written_with_0x_and_colons(rest: Rest, ctx: Context) -> None:
+    """Regression: ``0x<serial>`` was a 400, though serials are accepted "with or without
+    colons or 0x" everywhere else."""
+    serial = format(active_issuer(ctx).certificate.serial_number, "X")
+    colons = ":".join(serial[i : i + 2] for i in range(0, len(serial), 2))
+    expected = rest.client.get("/v1/crl/mesh/intermediate.crl").content
+    for written in (f"0x{serial}", f"0X{serial.lower()}", colons):
+        response = rest.client.get(f"/v1/crl/mesh/{written}.crl")
+        assert response.status_code == 200, response.text
+        assert response.content == expected
+        assert rest.client.get(f"/v1/ca/mesh/{written}.crt").status_code == 200
+    assert_problem(rest.client.get("/v1/crl/mesh/0x.crl"), 400)
+
+
 # --- revocation pointers resolve against this API --------------------------------------------
 
 

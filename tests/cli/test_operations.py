@@ -206,6 +206,20 @@ def test_revocation_without_yes_and_without_a_terminal_is_refused(
     assert local.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]
 
 
+def test_crl_show_takes_a_ca_serial_as_operators_write_it(local: Trellis) -> None:
+    """Regression: ``--ca 0x<SERIAL>`` was "no CA" (exit 5), though serials are accepted with or
+    without colons or 0x (docs/cli.md)."""
+    shown = local.json("crl", "show", "--ca", "intermediate")
+    assert isinstance(shown, dict)
+    serial = str(shown["ca_serial"]).upper()
+    colons = ":".join(serial[i : i + 2] for i in range(0, len(serial), 2))
+    for written in (f"0x{serial}", colons):
+        again = local.json("crl", "show", "--ca", written)
+        assert isinstance(again, dict) and again["ca_serial"] == shown["ca_serial"]
+    refused = local.run("crl", "show", "--ca", "0xnot-hex", ok=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused
+
+
 def _certificates(trellis: Trellis) -> list[str]:
     listed = trellis.json("certs", "list")
     assert isinstance(listed, list)

@@ -14,7 +14,9 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.x509 import ocsp
+from fastapi.testclient import TestClient
 
+from api.app import create_app
 from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import read_bundle
 from ca.certs import revoke_certificate
@@ -22,7 +24,7 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import Conflict, Unavailable
+from ca.errors import Conflict, NotFound, Unavailable
 from ca.identity import SpiffeId
 from ca.issue import IssuedSvid
 from ca.istio import IstioParams, issue_istio_intermediate
@@ -421,6 +423,39 @@ def test_an_expired_root_leaves_the_bundle_an_hour_later(
     assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
     rotate_cas(bare_ctx)
     assert read_bundle(bare_ctx, "mesh").sequence == sequence + 1
+
+
+@SQLITE_ONLY
+def test_a_cross_certificate_has_no_crl_of_its_own(drill_ctx: Context, clock: FixedClock) -> None:
+    """Regression: ``GET /v1/crl/mesh/<cross serial>.pem`` (no authentication) made the issuing
+    root sign an empty CRL under its own name and key identifier, numbered from 1 again: a
+    genuine CRL of that root that hides the revocation of "old signed by new". A cross
+    certificate is no CRL issuer: 404, and nothing is signed or stored, before and after the
+    retire step revokes it."""
+    publish(drill_ctx)
+    new_row = only(drill_ctx, "root", "prepared")
+    switch(drill_ctx, clock)
+    rotate_root(drill_ctx, step=True, force=True)
+    root_crl = current_crl(drill_ctx, "mesh", new_row.serial)
+    crosses = ca_rows(drill_ctx, "cross")
+    assert len(crosses) == 2
+
+    with TestClient(create_app(drill_ctx), raise_server_exceptions=False) as client:
+        for row in crosses:
+            with pytest.raises(NotFound, match="cross certificate"):
+                current_crl(drill_ctx, "mesh", row.serial)
+            for form in ("crl", "pem"):
+                response = client.get(f"/v1/crl/mesh/{row.serial}.{form}")
+                assert response.status_code == 404, response.text
+                assert "cross certificate" in response.json()["detail"]
+            # the certificate itself is still served (caIssuers)
+            assert client.get(f"/v1/ca/mesh/{row.serial}.crt").status_code == 200
+    with drill_ctx.engine.connect() as connection:
+        stored = connection.execute(
+            sa.text("SELECT count(*) FROM crl JOIN ca ON crl.ca_id = ca.id WHERE ca.role = 'cross'")
+        ).scalar_one()
+    assert stored == 0
+    assert current_crl(drill_ctx, "mesh", new_row.serial) == root_crl
 
 
 def _handle(row: CaRow) -> KeyHandle:
