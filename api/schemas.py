@@ -171,6 +171,22 @@ class CertificateOut(BaseModel):
         )
 
 
+class RevokedCertificateOut(CertificateOut):
+    """The answer to a revocation: the certificate, and whether its issuer's CRL lists it."""
+
+    crl_skipped: str | None = Field(
+        default=None,
+        description="Why the issuer's CRL was not re-signed to list this certificate (the "
+        "issuer is a revoked CA whose key is gone: the root's CRL lists the issuer); null when "
+        "it was",
+    )
+
+    @classmethod
+    def of(cls, info: CertificateInfo, *, with_pem: bool = False) -> RevokedCertificateOut:
+        base = CertificateOut.of(info, with_pem=with_pem).model_dump()
+        return cls(**base, crl_skipped=info.crl_skipped)
+
+
 class CertificatePage(BaseModel):
     items: list[CertificateOut]
     next_after: str | None = Field(description="Pass as ?after= for the next page; null at the end")

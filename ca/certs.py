@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import logging
@@ -12,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from ca import audit, metrics
 from ca.config import Context
-from ca.crl import refresh_crl
+from ca.crl import refresh_crl_if_signable
 from ca.errors import Conflict, InvalidInput, NotFound, TrellisError
 from ca.identity import SpiffeId
 from ca.revocation import RevocationReason
@@ -71,6 +72,9 @@ class CertificateInfo:
     invalidity_date: dt.datetime | None
     issuer_ca_id: int
     certificate_pem: str
+    # Set only on the answer to a revocation: why the issuer's CRL was not re-signed to list it
+    # (the issuer is revoked itself and its key is gone: ``ca.crl.refresh_crl_if_signable``).
+    crl_skipped: str | None = None
 
     @property
     def spiffe_id(self) -> SpiffeId | None:
@@ -195,8 +199,11 @@ class Revocation:
 
 def _revoke_rows(
     ctx: Context, session: Session, serials: list[str], revocation: Revocation, now: dt.datetime
-) -> None:
-    """Mark rows revoked and re-sign their issuers' CRLs in the caller's transaction."""
+) -> dict[int, str]:
+    """Mark rows revoked and re-sign their issuers' CRLs in the caller's transaction. Returns,
+    per issuer whose CRL could not be signed (a revoked CA whose key is gone), why: the
+    certificates are revoked all the same, their status (and OCSP) says so, and the root's CRL
+    already lists their issuer."""
     session.execute(
         sa.update(CertificateRow)
         .where(col(CertificateRow.serial).in_(serials), col(CertificateRow.status) == "active")
@@ -228,10 +235,20 @@ def _revoke_rows(
         .where(col(CertificateRow.serial).in_(serials))
         .distinct()
     ).all()
+    skipped: dict[int, str] = {}
     for ca_id in issuers:
         ca = session.get(CaRow, ca_id)
         assert ca is not None
-        refresh_crl(ctx, session, ca)
+        if (why := refresh_crl_if_signable(ctx, session, ca)) is not None:
+            skipped[ca_id] = why
+    return skipped
+
+
+def _revoked_info(
+    row: CertificateRow, now: dt.datetime, skipped: dict[int, str]
+) -> CertificateInfo:
+    info = certificate_info(row, now)
+    return dataclasses.replace(info, crl_skipped=skipped.get(row.issuer_ca_id))
 
 
 def revoke_certificate(
@@ -247,7 +264,8 @@ def revoke_certificate(
     """Revoke once: a second revocation is a ``Conflict`` so scripts notice they were late.
 
     The issuer's CRL is re-signed in the same transaction: when this returns, CRL and OCSP
-    already say "revoked".
+    already say "revoked". The one exception is an issuer revoked itself whose key is gone: its
+    CRL cannot be signed, and the answer's ``crl_skipped`` says why.
     """
     now = ctx.clock.now()
     if invalidity_date is not None and invalidity_date.tzinfo is None:
@@ -266,10 +284,10 @@ def revoke_certificate(
             raise NotFound(f"no certificate with serial {serial}")
         if row.status != "active":
             raise Conflict(f"certificate {serial} is already revoked")
-        _revoke_rows(ctx, session, [row.serial], revocation, now)
+        skipped = _revoke_rows(ctx, session, [row.serial], revocation, now)
         session.commit()
         session.refresh(row)
-        info = certificate_info(row, now)
+        info = _revoked_info(row, now, skipped)
     if publish:  # callers that rewrite the files themselves (and report them) pass False
         publish_revocations(ctx, {row.authority})
     return info
@@ -298,11 +316,11 @@ def revoke_identity(
         ).all()
         if not rows:
             raise NotFound(f"no live certificates for {spiffe_id}")
-        _revoke_rows(ctx, session, [row.serial for row in rows], revocation, now)
+        skipped = _revoke_rows(ctx, session, [row.serial for row in rows], revocation, now)
         session.commit()
         for row in rows:
             session.refresh(row)
-        infos = [certificate_info(row, now) for row in rows]
+        infos = [_revoked_info(row, now, skipped) for row in rows]
     publish_revocations(ctx, {row.authority for row in rows})
     return infos
 

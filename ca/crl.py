@@ -32,6 +32,7 @@ __all__ = [
     "build_crl",
     "current_crl",
     "refresh_crl",
+    "refresh_crl_if_signable",
     "refresh_stale_crls",
 ]
 
@@ -183,6 +184,25 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = Fals
     return current
 
 
+def refresh_crl_if_signable(ctx: Context, session: Session, ca: CaRow) -> str | None:
+    """Re-sign ``ca``'s CRL in the caller's transaction; or, for a revoked CA whose key cannot
+    be had (an emergency revocation after the key was deleted), skip it and say why.
+
+    Only the root's key is needed to revoke an intermediate (docs/revocation.md): the root's CRL
+    lists it, so verifiers refuse everything under it whatever its own CRL says, and revoking
+    what it issued must not fail because that CRL cannot be signed. The key is tried first, so
+    a skipped CA leaves nothing of a CRL behind in the transaction. An active CA is never
+    skipped: its CRL is what verifiers read, so a revocation it cannot publish fails."""
+    if ca.state == "revoked":
+        try:
+            ca_signer(ctx, ca)
+        except Unavailable as error:
+            log.warning("CRL of revoked CA %s not re-signed: %s", ca.serial, error.detail)
+            return error.detail
+    refresh_crl(ctx, session, ca)
+    return None
+
+
 def _as_crl(ca: CaRow, row: CrlRow) -> Crl:
     return Crl(ca.serial, row.number, row.this_update, row.next_update, row.der)
 
@@ -202,8 +222,8 @@ def current_crl(ctx: Context, authority: str, selector: str) -> Crl:
 
 def refresh_stale_crls(ctx: Context) -> list[Crl]:
     """The scheduled job: re-sign every unexpired CA's CRL that is missing or due. A revoked
-    CA whose key is gone (an emergency revocation after the key was deleted) cannot sign one
-    and is skipped, logged: the root's CRL lists it, and it must not hold back the others."""
+    CA whose key is gone cannot sign one and is skipped, logged (``refresh_crl_if_signable``):
+    it must not hold back the others."""
     refreshed: list[Crl] = []
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
@@ -214,15 +234,10 @@ def refresh_stale_crls(ctx: Context) -> list[Crl]:
         ).all()
         for ca in cas:
             row = session.get(CrlRow, ca.id)
-            if row is None or row.next_update - now <= REFRESH_BEFORE:
-                if ca.state == "revoked":
-                    try:
-                        ca_signer(ctx, ca)
-                    except Unavailable as error:
-                        log.warning(
-                            "CRL of revoked CA %s not re-signed: %s", ca.serial, error.detail
-                        )
-                        continue
-                refreshed.append(_as_crl(ca, refresh_crl(ctx, session, ca)))
+            due = row is None or row.next_update - now <= REFRESH_BEFORE
+            if due and refresh_crl_if_signable(ctx, session, ca) is None:
+                row = session.get(CrlRow, ca.id)
+                assert row is not None
+                refreshed.append(_as_crl(ca, row))
         session.commit()
     return refreshed

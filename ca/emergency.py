@@ -14,7 +14,6 @@ otherwise skipped, saying why (``final_crl_skipped``).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
@@ -32,9 +31,9 @@ from ca.authority import (
 from ca.cas import ca_certificate, ca_signer
 from ca.certs import CertificateInfo, CertStatus, certificate_info
 from ca.config import Context
-from ca.crl import refresh_crl
+from ca.crl import refresh_crl, refresh_crl_if_signable
 from ca.durations import Ttl
-from ca.errors import NotInitialised, Unavailable
+from ca.errors import NotInitialised
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
 from ca.revocation import RevocationReason
@@ -42,8 +41,6 @@ from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow
 
 __all__ = ["IntermediateRevoked", "revoke_intermediate"]
-
-log = logging.getLogger("trellis.emergency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +115,7 @@ def revoke_intermediate(
             record_event(session, old, "revoked", actor, now, request_id=request_id, detail=why)
             record_event(session, new, "activated", actor, now, request_id=request_id, detail=why)
             refresh_crl(ctx, session, root)
-            skipped = _final_crl(ctx, session, old)
+            skipped = refresh_crl_if_signable(ctx, session, old)  # old is revoked by now
             live = session.exec(
                 select(CertificateRow).where(
                     CertificateRow.issuer_ca_id == old.id,
@@ -141,16 +138,3 @@ def revoke_intermediate(
     return IntermediateRevoked(
         revoked_serial, Serial(issuer.certificate.serial_number), to_reissue, skipped
     )
-
-
-def _final_crl(ctx: Context, session: Session, old: CaRow) -> str | None:
-    """Re-sign the revoked CA's own CRL if its key can still sign; else say why not. The key is
-    loaded first, so a missing one leaves nothing of the CRL behind in the transaction."""
-    try:
-        ca_signer(ctx, old)
-    except Unavailable as error:
-        # The caller reports it (the CLI's warning, final_crl_skipped); a server logs it too.
-        log.info("revoked intermediate %s: final CRL not signed: %s", old.serial, error.detail)
-        return error.detail
-    refresh_crl(ctx, session, old)
-    return None

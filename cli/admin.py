@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from cryptography import x509
 
-from api.schemas import CertificateOut, EntryOut, TokenCreated, TokenOut
+from api.schemas import CertificateOut, EntryOut, RevokedCertificateOut, TokenCreated, TokenOut
 from ca import certs, entries, tokens
 from ca.authority import (
     MESH,
@@ -371,12 +371,18 @@ def revoke(
             confirm(f"Revoke {len(live)} live certificate(s) of {identity} for {why.value}?")
         revoked = certs.revoke_identity(ctx, identity, why, "cli", request_id=request_id)
     if json_out:
-        out = [CertificateOut.of(info) for info in revoked]
+        out = [RevokedCertificateOut.of(info) for info in revoked]
         emit_json(out[0] if serial is not None else out)
         return
     for info in revoked:
         typer.echo(
             f"revoked {info.serial} ({info.identity}) reason {why.value} at {when(info.revoked_at)}"
+        )
+    for skipped in sorted({info.crl_skipped for info in revoked if info.crl_skipped}):
+        typer.echo(
+            f"warning: the issuer's CRL was not re-signed ({skipped}); the issuer is revoked"
+            " and listed on the root's CRL, and the certificates' status (OCSP) says revoked",
+            err=True,
         )
 
 

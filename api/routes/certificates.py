@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import CertificateOut, CertificatePage, RevokeRequest
+from api.schemas import CertificateOut, CertificatePage, RevokedCertificateOut, RevokeRequest
 from ca import certs
 from ca.durations import Ttl
 from ca.identity import SpiffeId
@@ -56,12 +56,12 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateO
 
 @router.post(
     "/{serial}/revoke",
-    response_model=CertificateOut,
+    response_model=RevokedCertificateOut,
     responses=responses(404, 409),
 )
 def revoke_certificate(
     serial: str, body: RevokeRequest, request: Request, ctx: CtxDep, admin: AdminDep
-) -> CertificateOut:
+) -> RevokedCertificateOut:
     info = certs.revoke_certificate(
         ctx,
         Serial.parse(serial),
@@ -70,4 +70,4 @@ def revoke_certificate(
         request_id=request.state.request_id,
         invalidity_date=body.invalidity_date,
     )
-    return CertificateOut.of(info)
+    return RevokedCertificateOut.of(info)

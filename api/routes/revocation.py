@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Request, Response
 from api.conditional import content_etag
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import CertificateOut, IdentityRevokeRequest, IntermediateRevokedOut
+from api.schemas import IdentityRevokeRequest, IntermediateRevokedOut, RevokedCertificateOut
 from ca import certs
 from ca.cas import ca_certificate_der
 from ca.crl import current_crl
@@ -112,13 +112,13 @@ def _ocsp(ctx: CtxDep, der: bytes) -> Response:
 
 @admin.post(
     "/revocations",
-    response_model=list[CertificateOut],
+    response_model=list[RevokedCertificateOut],
     responses=responses(404),
     summary="Revoke every live certificate of one SPIFFE ID",
 )
 def revoke_identity(
     body: IdentityRevokeRequest, request: Request, ctx: CtxDep, principal: AdminDep
-) -> list[CertificateOut]:
+) -> list[RevokedCertificateOut]:
     revoked = certs.revoke_identity(
         ctx,
         SpiffeId.parse(body.spiffe_id),
@@ -126,7 +126,7 @@ def revoke_identity(
         str(principal),
         request_id=request.state.request_id,
     )
-    return [CertificateOut.of(info) for info in revoked]
+    return [RevokedCertificateOut.of(info) for info in revoked]
 
 
 @admin.post(

@@ -510,6 +510,37 @@ def test_a_ca_serial_may_be_written_with_0x_and_colons(rest: Rest, ctx: Context)
     assert_problem(rest.client.get("/v1/crl/mesh/0x.crl"), 400)
 
 
+@SQLITE_ONLY
+def test_revoking_under_an_intermediate_revoked_without_its_key(
+    rest: Rest, ctx: Context, clock: FixedClock
+) -> None:
+    """Regression: 503, the SVID stayed active and renewable. It is revoked, saying that its
+    issuer's CRL was not re-signed; that issuer's last CRL is served until it expires."""
+    one, two = issue(rest, WEB, 2)
+    keys = ctx.settings.data_dir / "keys"
+    for path in keys.iterdir():  # the intermediate's key: the one file the root key is not
+        if "intermediate" in path.name:
+            path.unlink()
+    ctx.cache.clear()
+    emergency = rest.client.post("/v1/authorities/mesh/revoke-intermediate", headers=rest.admin)
+    assert emergency.status_code == 200, emergency.text
+    assert emergency.json()["final_crl_skipped"]
+
+    revoked = rest.client.post(
+        f"/v1/certificates/{one.serial}/revoke", json={"reason": "keyCompromise"},
+        headers=rest.admin,
+    )  # fmt: skip
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["status"] == "revoked"
+    assert "missing from the file key store" in revoked.json()["crl_skipped"]
+    by_id = rest.client.post("/v1/revocations", json={"spiffe_id": WEB}, headers=rest.admin)
+    assert by_id.status_code == 200, by_id.text
+    assert [(c["serial"], c["status"]) for c in by_id.json()] == [(two.serial, "revoked")]
+    assert by_id.json()[0]["crl_skipped"] == revoked.json()["crl_skipped"]
+    renewed = rest.renew(one, make_csr()[1])
+    assert_problem(renewed, 401)
+
+
 # --- revocation pointers resolve against this API --------------------------------------------
 
 

@@ -206,6 +206,24 @@ def test_revocation_without_yes_and_without_a_terminal_is_refused(
     assert local.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]
 
 
+def test_a_certificate_of_an_intermediate_revoked_without_its_key_is_revoked(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """Regression: exit 8 ("CA key ... is missing"), for one serial and for --spiffe-id alike,
+    and the SVID stayed renewable. It is revoked; the skipped CRL is a warning and in --json."""
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        local.run("svid", "mint", "--spiffe-id", f"spiffe://example.org/{name}", "--out", out)
+    for key in (local.data_dir / "keys").glob("mesh-intermediate-*"):
+        key.unlink()
+    local.run("authority", "revoke-intermediate", "--yes")
+    one = local.run("revoke", _serial(tmp_path / "a" / "svid.pem"), "--yes")
+    assert "warning: the issuer's CRL was not re-signed" in one.stderr, one
+    assert "missing from the file key store" in one.stderr
+    (two,) = local.json("revoke", "--spiffe-id", "spiffe://example.org/b", "--yes")  # type: ignore[misc]
+    assert two["status"] == "revoked" and "missing" in two["crl_skipped"]
+
+
 def test_crl_show_takes_a_ca_serial_as_operators_write_it(local: Trellis) -> None:
     """Regression: ``--ca 0x<SERIAL>`` was "no CA" (exit 5), though serials are accepted with or
     without colons or 0x (docs/cli.md)."""

@@ -30,11 +30,12 @@ pytestmark = [
 ]
 
 TD = "example.org"
-# What `trellis revoke --json` prints for each certificate (api.schemas.CertificateOut).
+# What `trellis revoke --json` prints for each certificate (api.schemas.RevokedCertificateOut:
+# CertificateOut and whether the issuer's CRL was re-signed).
 CERTIFICATE_FIELDS = {
     "serial", "spiffe_id", "status", "profile", "not_before", "not_after", "fingerprint_sha256",
     "requested_by", "created_at", "revoked_at", "revocation_reason", "revoked_by",
-    "revocation_request_id", "invalidity_date", "certificate",
+    "revocation_request_id", "invalidity_date", "certificate", "crl_skipped",
 }  # fmt: skip
 
 
@@ -144,6 +145,7 @@ def _assert_certificate_json(item: Any, **expected: object) -> None:
     for key, value in expected.items():
         assert item[key] == value, (key, item[key])
     assert item["revoked_at"] and item["revoked_by"] == "cli"
+    assert item["crl_skipped"] is None  # the issuer's CRL lists it
     assert re.fullmatch(r"cli-[0-9a-f]{16}", item["revocation_request_id"]), item
 
 
