@@ -208,14 +208,35 @@ def _as_crl(ca: CaRow, row: CrlRow) -> Crl:
 
 
 def current_crl(ctx: Context, authority: str, selector: str) -> Crl:
-    """The stored CRL, created or re-signed first if it is missing or due."""
+    """The stored CRL, created or re-signed first if it is missing or due.
+
+    A stored CRL that is due but still valid is served as it is when the CA's key cannot sign a
+    new one (a revoked CA whose key is gone, a key store that is down): it is still the CA's
+    latest word, and relying parties are better served by it than by an error until it
+    expires. Only a missing or expired one makes the read fail."""
+    now = ctx.clock.now()
     with Session(ctx.engine) as session:
         ca = find_crl_issuer(session, authority, selector)
         row = session.get(CrlRow, ca.id)
-        if row is not None and row.next_update - ctx.clock.now() > REFRESH_BEFORE:
+        if row is not None and row.next_update - now > REFRESH_BEFORE:
             return _as_crl(ca, row)
-        row = refresh_crl(ctx, session, ca)
-        crl = _as_crl(ca, row)
+        stored = _as_crl(ca, row) if row is not None and row.number > 0 else None
+        try:
+            crl = _as_crl(ca, refresh_crl(ctx, session, ca))
+        except Unavailable as error:
+            if stored is None or stored.next_update <= now:
+                raise
+            # A revoked CA's key that is gone is an expected state (logged when it was skipped),
+            # not a fault to report on every read.
+            log.log(
+                logging.INFO if ca.state == "revoked" else logging.WARNING,
+                "CRL #%d of CA %s served as stored (valid until %s): not re-signed: %s",
+                stored.number,
+                ca.serial,
+                stored.next_update.isoformat(),
+                error.detail,
+            )
+            return stored
         session.commit()
         return crl
 

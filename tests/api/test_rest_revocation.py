@@ -517,6 +517,8 @@ def test_revoking_under_an_intermediate_revoked_without_its_key(
     """Regression: 503, the SVID stayed active and renewable. It is revoked, saying that its
     issuer's CRL was not re-signed; that issuer's last CRL is served until it expires."""
     one, two = issue(rest, WEB, 2)
+    old = issuer_of(one.body)
+    last = rest.client.get(f"/v1/crl/mesh/{old.serial_number:x}.crl")
     keys = ctx.settings.data_dir / "keys"
     for path in keys.iterdir():  # the intermediate's key: the one file the root key is not
         if "intermediate" in path.name:
@@ -539,6 +541,11 @@ def test_revoking_under_an_intermediate_revoked_without_its_key(
     assert by_id.json()[0]["crl_skipped"] == revoked.json()["crl_skipped"]
     renewed = rest.renew(one, make_csr()[1])
     assert_problem(renewed, 401)
+
+    clock.advance(CRL_LIFETIME / 2)  # due for re-signing, still valid
+    served = rest.client.get(f"/v1/crl/mesh/{old.serial_number:x}.crl")
+    assert served.status_code == 200, served.text
+    assert served.content == last.content
 
 
 # --- revocation pointers resolve against this API --------------------------------------------

@@ -177,6 +177,21 @@ def test_what_an_intermediate_revoked_without_its_key_issued_can_be_revoked(
 
 
 @SQLITE_ONLY
+def test_the_last_crl_of_a_ca_revoked_without_its_key_is_served_until_it_expires(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """Regression: once due for re-signing (16 h before nextUpdate) every read tried to sign,
+    failed, and answered 503 though the stored CRL was still valid (docs/revocation.md)."""
+    old, last = _revoked_without_its_key(ctx)
+    clock.advance(CRL_LIFETIME - dt.timedelta(hours=15))  # due, 15 hours of validity left
+    assert current_crl(ctx, "mesh", old.serial) == last
+    assert current_crl(ctx, "mesh", "root").this_update == clock.now()  # the others: re-signed
+    clock.current = last.next_update
+    with pytest.raises(Unavailable, match="missing from the file key store"):
+        current_crl(ctx, "mesh", old.serial)
+
+
+@SQLITE_ONLY
 def test_an_unknown_authority_is_not_found_and_creates_no_key(ctx: Context) -> None:
     """Regression: this used to be NotInitialised (a retryable 503 over REST)."""
     files = key_files(ctx)
