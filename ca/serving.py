@@ -2,7 +2,8 @@
 
 Clients pin the trust bundle, so no web PKI is involved: ``spiffe://<td>/trellis/server`` with
 ``localhost``, ``127.0.0.1`` and any configured names, renewed at start-up when a third of its
-life is left or when the active issuer changed.
+life is left, when the active issuer changed, or when it was revoked (a revoked serving
+certificate's key is suspect: the new one has a new key).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from sqlmodel import Session
 
 from ca.authority import active_issuer
 from ca.bundle import write_bundle_file
@@ -24,6 +26,7 @@ from ca.grants import server_grant
 from ca.issue import issue_for_key
 from ca.keys import KeyType
 from ca.pem import private_key_pem
+from ca.store.models import CertificateRow
 
 __all__ = ["ServerTls", "ensure_server_certificate"]
 
@@ -64,7 +67,15 @@ def _still_good(path: Path, ctx: Context, issuer_cert: x509.Certificate, names: 
         return False
     present = set(san.get_values_for_type(x509.DNSName))
     present |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    return names <= present
+    return names <= present and not _revoked(ctx, cert)
+
+
+def _revoked(ctx: Context, cert: x509.Certificate) -> bool:
+    """Whether an admin revoked it (``trellis revoke``): clients that check revocation refuse
+    it, and its key may be in other hands, so it is replaced, not kept until it ages out."""
+    with Session(ctx.engine) as session:
+        row = session.get(CertificateRow, format(cert.serial_number, "x"))
+    return row is not None and row.status == "revoked"
 
 
 def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> ServerTls:

@@ -32,11 +32,12 @@ from ca.durations import Ttl
 from ca.emergency import revoke_intermediate
 from ca.errors import Conflict, NotFound
 from ca.identity import SpiffeId, TrustDomain
-from ca.jobs import resign_crls
+from ca.jobs import renew_server_certificate, resign_crls
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.profiles import LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+from ca.serving import ensure_server_certificate
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, count_rows, enrol, join_secret, new_key
 from tests.certassert import ExpectedUrls, assert_is_ca, assert_is_crl, assert_is_svid_leaf
 
@@ -312,6 +313,27 @@ def test_an_unknown_serial_is_not_found_and_signs_nothing(ctx: Context) -> None:
     with pytest.raises(NotFound, match="no certificate"):
         revoke_certificate(ctx, Serial.generate(), RevocationReason.KEY_COMPROMISE, "t")
     assert count_rows(ctx, "crl") == 0
+
+
+@SQLITE_ONLY
+def test_a_revoked_serving_certificate_is_replaced_with_a_new_key(ctx: Context) -> None:
+    """Regression: the server kept presenting a certificate an admin revoked (keyCompromise),
+    even after a restart, as only its lifetime, issuer and names were checked. Start-up and the
+    ``server-certificate`` job (``ensure_server_certificate`` both) replace it, with a new key;
+    a certificate that is still good is kept."""
+    tls = ensure_server_certificate(ctx)
+    first = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())[0]
+    key = tls.key_path.read_bytes()
+    ensure_server_certificate(ctx)
+    assert tls.key_path.read_bytes() == key  # unchanged while good
+
+    revoke_certificate(ctx, serial_of(first), RevocationReason.KEY_COMPROMISE, "t")
+    renew_server_certificate(ctx)  # the job
+    second = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())[0]
+    assert second.serial_number != first.serial_number
+    assert tls.key_path.read_bytes() != key
+    assert second.public_key() != first.public_key()
+    assert get_certificate(ctx, serial_of(second)).status is CertStatus.ACTIVE
 
 
 def test_revoke_identity_revokes_every_live_certificate_in_one_step(
