@@ -212,6 +212,10 @@ class Health(BaseModel):
     detail: dict[str, str] = Field(default_factory=dict)
 
 
+class IntermediateRevokeRequest(RequestBody):
+    reason: str = Field(default="cACompromise", examples=["keyCompromise"])
+
+
 class IdentityRevokeRequest(RequestBody):
     spiffe_id: str = Field(max_length=2048)
     reason: str = Field(default="unspecified", examples=["keyCompromise"])

@@ -7,16 +7,22 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from api.conditional import content_etag
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import IdentityRevokeRequest, IntermediateRevokedOut, RevokedCertificateOut
+from api.schemas import (
+    IdentityRevokeRequest,
+    IntermediateRevokedOut,
+    IntermediateRevokeRequest,
+    RevokedCertificateOut,
+)
 from ca import certs
 from ca.cas import ca_certificate_der
 from ca.crl import current_crl
 from ca.emergency import revoke_intermediate
+from ca.errors import InvalidInput
 from ca.identity import SpiffeId
 from ca.ocsp import MAX_REQUEST, respond
 from ca.revocation import RevocationReason
@@ -25,9 +31,7 @@ public = APIRouter(tags=["revocation"])
 admin = APIRouter(prefix="/v1", tags=["revocation"], responses=PROBLEM_RESPONSES)
 
 Authority = Annotated[str, Path(max_length=64, pattern="^[a-z0-9-]+$")]
-CaName = Annotated[
-    str, Path(max_length=64, pattern="^((0[xX])?[0-9a-fA-F:]+|root|intermediate)$")
-]
+CaName = Annotated[str, Path(max_length=64, pattern="^((0[xX])?[0-9a-fA-F:]+|root|intermediate)$")]
 CRL_CACHE = "public, max-age=300"
 
 
@@ -140,13 +144,21 @@ def emergency(
     request: Request,
     ctx: CtxDep,
     principal: AdminDep,
-    reason: str = "cACompromise",
+    body: IntermediateRevokeRequest | None = None,
+    reason: Annotated[
+        str | None, Query(description="The reason, for callers without a body (older form)")
+    ] = None,
 ) -> IntermediateRevokedOut:
+    """The body is read like every revocation's (unknown fields refused): this cannot be
+    undone, so a request that says more than Trellis understands must change nothing."""
+    if body is not None and reason is not None:
+        raise InvalidInput("give the reason in the body or in the query, not both")
+    why = body.reason if body is not None else reason or IntermediateRevokeRequest().reason
     result = revoke_intermediate(
         ctx,
         actor=str(principal),
         authority=authority,
-        reason=RevocationReason.parse(reason),
+        reason=RevocationReason.parse(why),
         request_id=request.state.request_id,
     )
     return IntermediateRevokedOut.of(result)

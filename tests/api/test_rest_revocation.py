@@ -496,6 +496,32 @@ def test_the_emergency_switch_of_an_unknown_authority_is_a_404(rest: Rest) -> No
 
 
 @SQLITE_ONLY
+def test_the_emergency_switch_reads_its_body_and_refuses_what_it_does_not_know(
+    rest: Rest, ctx: Context
+) -> None:
+    """Regression: the body was ignored, so {"reason": "keyCompromise", "bogus": 1} revoked the
+    intermediate (for good) as cACompromise. The body is read like every revocation's."""
+    path = "/v1/authorities/mesh/revoke-intermediate"
+    old = active_issuer(ctx).certificate
+    for body, params in (
+        ({"reason": "keyCompromise", "bogus": 1}, {}),
+        ({"reason": "oops"}, {}),
+        ({"reason": "keyCompromise"}, {"reason": "keyCompromise"}),
+    ):
+        response = rest.client.post(path, json=body, params=params, headers=rest.admin)
+        assert_problem(response, 400)
+        assert active_issuer(ctx).certificate == old  # nothing changed
+    response = rest.client.post(path, json={"reason": "keyCompromise"}, headers=rest.admin)
+    assert response.status_code == 200, response.text
+    (record,) = audit.list_audit(ctx, event="ca.revoked")
+    assert record.detail["reason"] == "keyCompromise"
+    again = rest.client.post(path, json={}, headers=rest.admin)  # the default reason
+    assert again.status_code == 200, again.text
+    reasons = sorted(r.detail["reason"] for r in audit.list_audit(ctx, event="ca.revoked"))
+    assert reasons == ["cACompromise", "keyCompromise"]
+
+
+@SQLITE_ONLY
 def test_a_ca_serial_may_be_written_with_0x_and_colons(rest: Rest, ctx: Context) -> None:
     """Regression: ``0x<serial>`` was a 400, though serials are accepted "with or without
     colons or 0x" everywhere else."""
