@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
 from ca import der
@@ -123,6 +124,19 @@ def _signer(ctx: Context, row: OcspResponderRow, cert: x509.Certificate) -> Sign
     return signer
 
 
+_RESPONDER_SUFFIX = " OCSP responder"
+
+
+def responder_common_name(issuer: x509.Certificate) -> str:
+    """The issuer's common name (the attribute's value, not an RFC 4514 string of the whole
+    name, whose cut could fall inside an attribute) followed by "OCSP responder", within the
+    64 characters X.520 allows a common name (ub-common-name, RFC 5280 Appendix A)."""
+    names = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else None
+    label = value if isinstance(value, str) and value else f"CA {issuer.serial_number:x}"
+    return label[: 64 - len(_RESPONDER_SUFFIX)].rstrip() + _RESPONDER_SUFFIX
+
+
 def _new_responder(
     ctx: Context, ca: CaRow, now: dt.datetime, generation: int
 ) -> tuple[x509.Certificate, Signer]:
@@ -136,7 +150,7 @@ def _new_responder(
         signer = ctx.keys.load(handle)
         spec = ResponderSpec(
             public_key=signer.public_key(),
-            common_name=f"{issuer.subject.rfc4514_string()[:40]} OCSP responder",
+            common_name=responder_common_name(issuer),
             serial=Serial.generate(),
             not_before=max(now - BACKDATE, issuer.not_valid_before_utc),
             not_after=min(now + RESPONDER_TTL, issuer.not_valid_after_utc),
