@@ -358,6 +358,8 @@ def revoke(
     if serial is not None:
         parsed = Serial.parse(serial)
         current = certs.get_certificate(ctx, parsed)
+        if current.status is certs.CertStatus.REVOKED:  # before asking: no answer would help
+            raise Conflict(f"certificate {current.serial} is already revoked")
         question = f"Revoke {current.serial} ({current.identity}, {current.status.value})"
         if not yes:
             confirm(f"{question} for {why.value}?")

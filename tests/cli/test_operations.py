@@ -4,6 +4,7 @@ refusing bad configuration with a clear message."""
 from __future__ import annotations
 
 import os
+import pty
 import shutil
 import sqlite3
 import stat
@@ -204,6 +205,27 @@ def test_revocation_without_yes_and_without_a_terminal_is_refused(
         assert piped.returncode == 1, piped
         assert piped.stdout == "" and "pass --yes" in piped.stderr, piped
     assert local.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]
+
+
+def test_revoking_a_revoked_certificate_at_a_terminal_fails_before_asking(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """Regression: the question came first and the refusal (exit 6) only after a "y"."""
+    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    serial = _serial(tmp_path / "w" / "svid.pem")
+    local.run("revoke", serial, "--yes")
+    terminal, stdin = pty.openpty()
+    try:
+        os.write(terminal, b"y\n")
+        result = subprocess.run(
+            [TRELLIS, "revoke", serial, "--reason", "superseded"], env=local.env, stdin=stdin,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(terminal)
+        os.close(stdin)
+    assert result.returncode == 6, result
+    assert result.stderr == f"trellis: certificate {serial} is already revoked\n", result
 
 
 def test_a_certificate_of_an_intermediate_revoked_without_its_key_is_revoked(
