@@ -51,6 +51,7 @@ from ca.errors import (
     PolicyViolation,
 )
 from ca.files import write_atomic
+from ca.keepers import check_free, truststore_footprint, truststore_keeper
 from ca.keys import KeyType, PrivateKey, PublicKey
 from ca.pem import certs_pem
 from ca.revocation import RevocationReason
@@ -762,10 +763,20 @@ def _write(store: Truststore, path: Path) -> list[Path]:
 
 
 def write_truststore(ctx: Context, format: TruststoreFormat, path: Path) -> list[Path]:
-    """Write the truststore and record where, so revocations and refreshes rewrite it."""
+    """Write the truststore and record where, so revocations and refreshes rewrite it. A path
+    whose files another truststore or an OpenVPN authority keeps current is refused
+    (``ca.keepers``): the two would overwrite each other for ever."""
     path = _targets(format, path.absolute())
+    node = socket.gethostname()
+    with Session(ctx.engine) as session:
+        check_free(
+            session,
+            truststore_keeper(node, path),
+            truststore_footprint(format.value, path),
+            f"the truststore path {path}",
+        )
     written = _write(build_truststore(ctx, format), path)
-    node, now = socket.gethostname(), ctx.clock.now()
+    now = ctx.clock.now()
     with Session(ctx.engine) as session:
         row = session.exec(
             select(GatewayTruststoreRow).where(

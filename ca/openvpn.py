@@ -13,10 +13,12 @@ profiles with per-client tls-crypt-v2 keys, and a CRL file that is always curren
     crl_health        what ``/readyz`` should warn about
 
 OpenVPN's ``crl-verify`` checks every certificate of the chain (``X509_V_FLAG_CRL_CHECK_ALL``)
-and refuses everybody once a CRL expires, so the file holds a CRL for every unexpired CA of the
-authority (intermediates, including prepared and retired ones, then roots). OpenVPN re-reads it
-when its mtime or size changes, at the start of each handshake: no restart, and the file is
-replaced in one rename so it never reads half a file.
+and refuses everybody once a CRL expires, but a CA with no CRL in the file only gets a VERIFY
+WARNING and its clients, revoked or not, are accepted. So the file holds a CRL for every
+unexpired CA of the authority (intermediates, including prepared and retired ones, then roots),
+is checked before it is written, and is kept by one authority only (``ca.keepers``). OpenVPN
+re-reads it when its mtime or size changes, at the start of each handshake: no restart, and the
+file is replaced in one rename so it never reads half a file.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput, NotFound, Unavailable
 from ca.files import private_directory, write_atomic, write_private
+from ca.keepers import Footprint, check_free, openvpn_keeper
 from ca.keys import KeyType
 from ca.pem import private_key_pem
 from ca.revocation import RevocationReason
@@ -55,6 +58,7 @@ __all__ = [
     "CLIENT_PROFILE",
     "OPENVPN",
     "PRIVATE_FILES",
+    "SERVER_DIR_FILES",
     "SERVER_PROFILE",
     "ClientInfo",
     "ClientProfile",
@@ -69,6 +73,8 @@ __all__ = [
     "TlsCrypt",
     "VpnName",
     "add_client",
+    "check_pool",
+    "client_pool",
     "configure",
     "crl_health",
     "crl_pem",
@@ -299,32 +305,36 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
         if params.proto is not None:
             row.proto = params.proto.value
         if params.crl_path is not None:
-            row.crl_path = str(_crl_target(params.crl_path))
+            target = _crl_target(params.crl_path)
+            check_free(session, openvpn_keeper(authority), Footprint.of([target]), "the CRL path")
+            row.crl_path = str(target)
         if params.server_cn is not None:
             _check_not_a_client(session, authority, params.server_cn)
             row.server_cn = params.server_cn.value
         row.updated_at = ctx.clock.now()
         session.add(row)
         config = _config_of(row)
-        detail = {
-            "remote": config.remote,
-            "port": config.port,
-            "proto": config.proto.value,
-            "crl_path": str(config.crl_path) if config.crl_path else None,
-            "server_cn": config.server_cn,
-        }
-        audit.record(
-            session,
-            "openvpn.configured",
-            authority,
-            actor=params.actor,
-            at=row.updated_at,
-            detail=detail,
-        )
+        _record_configured(session, row, params.actor)
         session.commit()
     if params.crl_path is not None:
         write_crl_file(ctx, authority)
     return config
+
+
+def _record_configured(session: Session, row: OpenVpnRow, actor: str) -> None:
+    """``openvpn.configured`` with the whole configuration as it now stands, whichever command
+    changed it (configure, or server-config recording its CN, directory and CRL file)."""
+    detail = {
+        "remote": row.remote,
+        "port": row.port,
+        "proto": row.proto,
+        "crl_path": row.crl_path,
+        "server_cn": row.server_cn,
+        "server_dir": row.server_dir,
+    }
+    audit.record(
+        session, "openvpn.configured", row.authority, actor=actor, at=row.updated_at, detail=detail
+    )
 
 
 # What a path written into server.conf may hold: OpenVPN splits a directive's arguments at
@@ -397,8 +407,9 @@ class ServerCredentials:
 
 
 def issue_server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials:
-    """A serverAuth-only leaf (``remote-cert-tls server``) for the CN clients pin with
-    ``verify-x509-name``; the CN becomes the deployment's server CN."""
+    """A serverAuth-only leaf (``remote-cert-tls server``), by default for the CN profiles pin
+    with ``verify-x509-name``. Another CN (a second server's) leaves the pinned one alone: only
+    ``configure --server-cn`` and ``server-config --cn`` change what every profile trusts."""
     issuer = _openvpn_issuer(ctx, request.authority)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
@@ -419,11 +430,6 @@ def issue_server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials
             dns_names=dns,
         ),
     )
-    with Session(ctx.engine) as session:
-        row = _row(session, request.authority)
-        row.server_cn, row.updated_at = name.value, ctx.clock.now()
-        session.add(row)
-        session.commit()
     return ServerCredentials(
         common_name=name.value,
         serial=issued.serial,
@@ -470,6 +476,39 @@ verb 3
 """
 
 PRIVATE_FILES = frozenset({"server.key", "tls-crypt-v2.key", "tls-crypt.key"})
+SERVER_DIR_FILES = (
+    "server.conf",
+    "ca.pem",
+    "server.crt",
+    "server.key",
+    "tls-crypt-v2.key",
+    "tls-crypt.key",
+    "crl.pem",
+)
+DEFAULT_POOL = ipaddress.IPv4Network("10.8.0.0/24")
+
+
+def client_pool(text: str) -> ipaddress.IPv4Network:
+    """The ``server NETWORK NETMASK`` pool from ``10.8.0.0/24``, as OpenVPN accepts it."""
+    try:
+        network = ipaddress.IPv4Network(text.strip())
+    except ValueError:
+        raise InvalidInput(
+            f"network {text[:40]!r} is not an IPv4 network such as 10.8.0.0/24"
+            " (host bits zero; OpenVPN's server directive takes no IPv6)"
+        ) from None
+    check_pool(network)
+    return network
+
+
+def check_pool(network: ipaddress.IPv4Network) -> None:
+    """What OpenVPN 2.6's ``server`` directive refuses at start-up (helper.c, checked against the
+    binary): with ``dev tun`` a pool smaller than /29 or larger than /16, and a network address
+    of 0.0.0.0, which it fails to parse."""
+    if not 16 <= network.prefixlen <= 29:
+        raise InvalidInput(f"network {network}: OpenVPN's server directive takes a /16 to /29 pool")
+    if int(network.network_address) == 0:
+        raise InvalidInput(f"network {network}: OpenVPN cannot parse a 0.0.0.0 server network")
 
 
 def server_config(
@@ -479,9 +518,12 @@ def server_config(
     out_dir: Path | None = None,
 ) -> dict[str, bytes]:
     """Every file of a server directory, by name (``PRIVATE_FILES`` are secrets), with a freshly
-    issued server certificate. Given the directory the files will be written to, and no CRL path
-    configured yet, its ``crl.pem`` becomes the CRL file Trellis keeps current."""
-    network = network or ipaddress.IPv4Network("10.8.0.0/24")
+    issued server certificate. Given the directory the files will be written to, it becomes the
+    directory the ``openvpn-server-certificate`` job renews into and, with no CRL path configured
+    yet, its ``crl.pem`` the CRL file Trellis keeps current. A ``--cn`` becomes the CN profiles
+    pin. Each change of the configuration is in the audit trail (``openvpn.configured``)."""
+    network = network or DEFAULT_POOL
+    check_pool(network)
     # Every path is judged before anything is issued (``conf_path``): the one stored before
     # paths were checked, or the directory's crl.pem that is about to become the CRL file.
     stored = get_config(ctx, request.authority).crl_path
@@ -490,17 +532,33 @@ def server_config(
         own_crl = conf_path(own_crl, "the server directory's crl.pem (the CRL file from now on)")
     elif stored is not None and (own_crl is None or stored != own_crl.resolve()):
         conf_path(stored, "the configured CRL path (set another with configure)")
+    if out_dir is not None:
+        # Nothing another authority or a truststore keeps current may be written over: this
+        # directory's certificate is renewed here from now on, and maybe its crl.pem.
+        with Session(ctx.engine) as session:
+            check_free(
+                session,
+                openvpn_keeper(request.authority),
+                Footprint.of(out_dir.absolute() / name for name in SERVER_DIR_FILES),
+                f"the server directory {out_dir}",
+            )
     credentials = issue_server_cert(ctx, request)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
+        before = (row.server_cn, row.crl_path, row.server_dir)
+        if request.common_name is not None or row.server_cn is None:
+            row.server_cn = credentials.common_name
         if out_dir is not None:
             if row.crl_path is None:
                 row.crl_path = str(own_crl)
             row.server_dir = str(out_dir.resolve())
             row.server_ttl_seconds = request.ttl.seconds
             row.server_key_type = request.key_type.value
-            session.add(row)
-            session.commit()
+        if (row.server_cn, row.crl_path, row.server_dir) != before:
+            row.updated_at = ctx.clock.now()
+            _record_configured(session, row, request.requested_by)
+        session.add(row)
+        session.commit()
         config = _config_of(row)
         keys = SecretVault(ctx, row.secret_store)
         v2, shared = keys.get(row.tls_crypt_v2_ref), keys.get(row.tls_crypt_ref)
@@ -515,7 +573,7 @@ def server_config(
         netmask=network.netmask,
         crl_verify=crl_verify,
     )
-    return {
+    files = {
         "server.conf": conf.encode(),
         "ca.pem": issuer.chain_pem + issuer.bundle_pem,
         "server.crt": credentials.certificate_pem,
@@ -524,44 +582,39 @@ def server_config(
         "tls-crypt.key": StaticKey(shared).pem,
         "crl.pem": crl_pem(ctx, request.authority),
     }
+    assert tuple(files) == SERVER_DIR_FILES
+    return files
 
 
 RENEW_SERVER_AFTER = 2 / 3
 
 
 def renew_server_certificates(ctx: Context) -> list[str]:
-    """The scheduled job: re-issue each recorded server certificate past 2/3 of its life into
-    the directory server-config wrote it to. OpenVPN reads its certificate at start-up, so the
-    server must then be restarted (the CRL, by contrast, is re-read per handshake)."""
+    """The scheduled job: re-issue the certificate in each recorded server directory past 2/3
+    of its life, with its own CN, into that directory. It is judged by the ``server.crt`` found
+    there, not by the authority's newest server certificate: a second server's certificate
+    (``server-cert --out elsewhere``) says nothing about this one. A directory without a
+    readable ``server.crt`` gets a fresh one for the deployment's CN; one holding a certificate
+    this authority did not issue is left alone (logged). OpenVPN reads its certificate at
+    start-up, so the server must then be restarted (the CRL, by contrast, is re-read per
+    handshake)."""
     now = ctx.clock.now()
+    due: list[tuple[OpenVpnRow, VpnName | None]] = []
     with Session(ctx.engine) as session:
         rows = session.exec(select(OpenVpnRow).where(col(OpenVpnRow.server_dir).is_not(None))).all()
-        due = []
         for row in rows:
-            current = session.exec(
-                select(CertificateRow)
-                .where(
-                    CertificateRow.authority == row.authority,
-                    CertificateRow.profile == SERVER_PROFILE,
-                    CertificateRow.status == "active",
-                )
-                .order_by(col(CertificateRow.not_after).desc())
-            ).first()
-            if (
-                current is None
-                or now
-                >= current.not_before
-                + (current.not_after - current.not_before) * RENEW_SERVER_AFTER
-            ):
-                due.append(row)
+            assert row.server_dir is not None
+            renewal = _renewal(session, row.authority, Path(row.server_dir), now)
+            if renewal is not None:
+                due.append((row, renewal.cn))
     renewed = []
-    for row in due:
+    for row, cn in due:
         assert row.server_dir is not None
         credentials = issue_server_cert(
             ctx,
             ServerRequest(
                 authority=row.authority,
-                common_name=VpnName(row.server_cn) if row.server_cn else None,
+                common_name=cn,
                 key_type=KeyType(row.server_key_type or KeyType.EC_P256.value),
                 ttl=Ttl(row.server_ttl_seconds or DEFAULT_SERVER_TTL.seconds),
                 requested_by="scheduler",
@@ -577,6 +630,33 @@ def renew_server_certificates(ctx: Context) -> list[str]:
         )
         renewed.append(f"{row.authority}: {credentials.serial.hex[:12]}")
     return renewed
+
+
+@dataclass(frozen=True, slots=True)
+class _Renewal:
+    cn: VpnName | None  # the installed certificate's CN; None: the deployment's
+
+
+def _renewal(
+    session: Session, authority: str, directory: Path, now: dt.datetime
+) -> _Renewal | None:
+    """Whether the server certificate in ``directory`` is due, judged by its own record."""
+    try:
+        leaf = x509.load_pem_x509_certificates((directory / "server.crt").read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return _Renewal(None)  # gone or unreadable: a fresh one for the deployment
+    row = session.get(CertificateRow, format(leaf.serial_number, "x"))
+    if row is None or row.authority != authority or row.profile != SERVER_PROFILE:
+        log.warning(
+            "%s holds no server certificate of OpenVPN authority %r: not renewing it",
+            directory / "server.crt",
+            authority,
+        )
+        return None
+    renew_at = row.not_before + (row.not_after - row.not_before) * RENEW_SERVER_AFTER
+    if row.status != "active" or now >= renew_at:
+        return _Renewal(VpnName(row.spiffe_id.removeprefix("CN=")))
+    return None
 
 
 def write_files(files: dict[str, bytes], directory: Path) -> list[Path]:
@@ -889,7 +969,11 @@ def revoke_client(
     with Session(ctx.engine) as session:
         _row(session, authority)
         serials = _live_certificates(session, authority, name.value, ctx.clock.now())
+        client = session.get(OpenVpnClientRow, (authority, name.value))
+        current = session.get(CertificateRow, client.serial) if client and client.serial else None
     if not serials:
+        if current is not None and current.status == "revoked":
+            raise Conflict(f"client {name} is already revoked")
         raise NotFound(f"client {name} has no live certificate")
     revoked = []
     for serial in serials:
@@ -924,12 +1008,21 @@ def _crl_cas(session: Session, authority: str, now: dt.datetime) -> list[CaRow]:
 
 
 def crl_pem(ctx: Context, authority: str = OPENVPN) -> bytes:
-    """One PEM CRL per unexpired CA of the authority, each re-signed first if it is due."""
+    """One PEM CRL per unexpired CA of the authority, each re-signed first if it is due. Checked
+    before anyone writes it: OpenVPN lets a client in with only a warning when a CA of its chain
+    has no CRL, so a file short of one would silently un-revoke that CA's clients."""
     with Session(ctx.engine) as session:
-        serials = [row.serial for row in _crl_cas(session, authority, ctx.clock.now())]
-    if not serials:
+        cas = _crl_cas(session, authority, ctx.clock.now())
+    if not cas:
         raise NotFound(f"authority {authority!r} has no CA")
-    return b"".join(current_crl(ctx, authority, serial).pem for serial in serials)
+    data = b"".join(current_crl(ctx, authority, ca.serial).pem for ca in cas)
+    uncovered = _uncovered(cas, [x509.load_pem_x509_crl(b) for b in _CRL_BLOCK.findall(data)])
+    if uncovered is not None:
+        raise Unavailable(
+            f"the CRLs of OpenVPN authority {authority!r} lack one for CA {uncovered.serial[:16]}:"
+            " not written (OpenVPN would accept that CA's revoked clients)"
+        )
+    return data
 
 
 def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
@@ -940,6 +1033,16 @@ def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
         return None
     # stored before paths were checked (``conf_path``): written nowhere until set again
     conf_path(config.crl_path, "the configured CRL path (set another with configure)")
+    with Session(ctx.engine) as session:
+        try:  # set before keepers were checked (``ca.keepers``): never fight over the file
+            check_free(
+                session,
+                openvpn_keeper(authority),
+                Footprint.of([config.crl_path]),
+                f"the CRL file of OpenVPN authority {authority!r}",
+            )
+        except InvalidInput as error:
+            raise Unavailable(f"{error.detail}: not written (set another with configure)") from None
     data = crl_pem(ctx, authority)
     try:
         unchanged = config.crl_path.read_bytes() == data
@@ -996,6 +1099,20 @@ def _key(cert: x509.Certificate) -> CertificateIssuerPublicKeyTypes:
     return cert.public_key()  # type: ignore[return-value]  # CA keys are EC, RSA or Ed25519
 
 
+def _crls_of(
+    ca: CaRow, crls: list[x509.CertificateRevocationList]
+) -> list[x509.CertificateRevocationList]:
+    cert = x509.load_pem_x509_certificate(ca.cert_pem.encode())
+    return [c for c in crls if c.issuer == cert.subject and c.is_signature_valid(_key(cert))]
+
+
+def _uncovered(cas: list[CaRow], crls: list[x509.CertificateRevocationList]) -> CaRow | None:
+    """The first CA without a CRL it signed among ``crls``. OpenVPN 2.6 sets OpenSSL's
+    CRL_CHECK_ALL but lets "unable to get certificate CRL" pass with a VERIFY WARNING, so such
+    a CA's revoked certificates (for the root: its revoked intermediates) are accepted."""
+    return next((ca for ca in cas if not _crls_of(ca, crls)), None)
+
+
 def _file_problem(
     path: Path, cas: list[CaRow], stored: dict[int | None, CrlRow | None], now: dt.datetime
 ) -> str | None:
@@ -1006,13 +1123,15 @@ def _file_problem(
         return f"cannot read the CRL file {path}: {error.strerror}"
     except ValueError:
         return f"the CRL file {path} does not parse"
+    uncovered = _uncovered(cas, crls)
+    if uncovered is not None:
+        return (
+            f"{path} has no CRL for CA {uncovered.serial[:16]}: OpenVPN accepts that CA's"
+            " revoked clients (it only warns)"
+        )
     soonest: dt.datetime | None = None
     for ca in cas:
-        cert = x509.load_pem_x509_certificate(ca.cert_pem.encode())
-        mine = [c for c in crls if c.issuer == cert.subject and c.is_signature_valid(_key(cert))]
-        if not mine:
-            return f"{path} has no CRL for CA {ca.serial[:16]} (OpenVPN refuses its chain)"
-        crl = mine[0]
+        crl = _crls_of(ca, crls)[0]
         next_update = crl.next_update_utc
         if next_update is not None:
             soonest = next_update if soonest is None else min(soonest, next_update)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Annotated
 
@@ -76,7 +75,7 @@ def configure(
         port=port,
         proto=openvpn.Proto.parse(proto) if proto else None,
         crl_path=crl_path.absolute() if crl_path else None,  # relative to the shell's directory
-        server_cn=openvpn.VpnName(server_cn) if server_cn else None,
+        server_cn=openvpn.VpnName(server_cn) if server_cn is not None else None,
     )
     config = openvpn.configure(STATE.context(), params, authority)
     if json_out:
@@ -91,7 +90,7 @@ def _server_request(
 ) -> openvpn.ServerRequest:
     return openvpn.ServerRequest(
         authority=authority,
-        common_name=openvpn.VpnName(cn) if cn else None,
+        common_name=openvpn.VpnName(cn) if cn is not None else None,  # '' is refused
         key_type=KeyType.parse(key_type),
         ttl=Ttl.parse(ttl),
         requested_by="cli",
@@ -138,10 +137,7 @@ def server_config(
 ) -> None:
     """Write server.conf, ca.pem, server.crt, server.key, tls-crypt-v2.key, tls-crypt.key and
     crl.pem (which becomes the CRL file Trellis keeps current, unless one is configured)."""
-    try:
-        pool = ipaddress.IPv4Network(network)
-    except ValueError:
-        raise InvalidInput("--network must be an IPv4 network such as 10.8.0.0/24") from None
+    pool = openvpn.client_pool(network)
     ctx = STATE.context()
     files = openvpn.server_config(
         ctx, _server_request(authority, cn, key_type, ttl), pool, out_dir=out

@@ -8,7 +8,6 @@ same ones for ``--json``.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +19,6 @@ from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import CertificateOut, RequestBody
 from ca import openvpn
 from ca.durations import Ttl
-from ca.errors import InvalidInput
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 
@@ -93,7 +91,7 @@ class ServerCertRequest(RequestBody):
     def params(self, authority: str, principal: object) -> openvpn.ServerRequest:
         return openvpn.ServerRequest(
             authority=authority,
-            common_name=openvpn.VpnName(self.cn) if self.cn else None,
+            common_name=openvpn.VpnName(self.cn) if self.cn is not None else None,
             key_type=KeyType.parse(self.key_type),
             ttl=Ttl.parse(self.ttl),
             requested_by=str(principal),
@@ -259,7 +257,7 @@ def configure(
         port=body.port,
         proto=openvpn.Proto.parse(body.proto) if body.proto else None,
         crl_path=Path(body.crl_path) if body.crl_path else None,
-        server_cn=openvpn.VpnName(body.server_cn) if body.server_cn else None,
+        server_cn=openvpn.VpnName(body.server_cn) if body.server_cn is not None else None,
         actor=str(principal),
     )
     return OpenVpnOut.of(openvpn.configure(ctx, params, authority))
@@ -294,10 +292,7 @@ def server_config(
     principal: AdminDep,
     authority: AuthorityQuery = openvpn.OPENVPN,
 ) -> ServerConfigOut:
-    try:
-        network = ipaddress.IPv4Network(body.network) if body.network else None
-    except ValueError:
-        raise InvalidInput("network must be an IPv4 network such as 10.8.0.0/24") from None
+    network = openvpn.client_pool(body.network) if body.network is not None else None
     files = openvpn.server_config(ctx, body.params(authority, principal), network)
     return ServerConfigOut(
         files={name: data.decode() for name, data in files.items()},
@@ -365,7 +360,7 @@ def renew_client(
 @admin.post(
     "/clients/{name}/revoke",
     response_model=ClientRevokedOut,
-    responses=responses(404),
+    responses=responses(404, 409),
     summary="Offboard a user: revoke every live certificate and rewrite the CRL file",
 )
 def revoke_client(

@@ -130,3 +130,36 @@ def test_a_relative_crl_path_is_the_shells_and_a_line_break_is_refused(
     )
     assert refused.returncode == 2 and "server.conf" in refused.stderr, refused
     assert _json(cli, "openvpn", "configure")["crl_path"] == configured["crl_path"]  # unchanged
+
+
+def test_refusals_and_their_exit_codes(cli: InProcessTrellis, tmp_path: Path) -> None:
+    """What the probe found exiting 0 or with the wrong code (docs/cli.md: 2 bad input, 6
+    already revoked, 5 not found)."""
+    cli.run("init", "--trust-domain", "example.org")
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "configure", "--remote", "127.0.0.1")
+    cli.run("openvpn", "client", "add", "alice", "--out", str(tmp_path / "alice.ovpn"))
+    operator = cli.process()
+    for network in ("10.8.0.0/31", "0.0.0.0/0", "10.0.0.0/8"):
+        refused = operator.run(
+            "openvpn",
+            "server-config",
+            "--network",
+            network,
+            "--out",
+            str(tmp_path / "nt"),
+            ok=False,
+        )
+        assert refused.returncode == 2 and "network" in refused.stderr, refused.stderr
+    assert not (tmp_path / "nt").exists()
+    refused = operator.run(
+        "openvpn", "server-cert", "--cn", "", "--out", str(tmp_path / "d"), ok=False
+    )
+    assert refused.returncode == 2 and "invalid name ''" in refused.stderr
+    operator.run("openvpn", "client", "revoke", "alice", "--yes")
+    again = operator.run("openvpn", "client", "revoke", "alice", "--yes", ok=False)
+    assert again.returncode == 6 and "already revoked" in again.stderr
+    unknown = operator.run("openvpn", "client", "revoke", "nobody", "--yes", ok=False)
+    assert unknown.returncode == 5
+    listed = json.loads(operator.run("certs", "list", "--json").stdout)
+    assert [c for c in listed if c.get("profile") == "openvpn-server"] == []  # nothing issued

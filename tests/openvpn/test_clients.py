@@ -228,8 +228,10 @@ def test_revocation_rewrites_the_crl_file_at_once(vpn: Context, crl_file: Path) 
     reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
     assert reason is x509.ReasonFlags.key_compromise
     assert crl_file.stat().st_mode & 0o777 == 0o644
-    with pytest.raises(NotFound, match="no live certificate"):
+    with pytest.raises(Conflict, match="client alice is already revoked"):  # exit 6, 409
         revoke_client(vpn, VpnName("alice"))
+    with pytest.raises(NotFound, match="no live certificate"):
+        revoke_client(vpn, VpnName("nobody"))
     assert [(c.name, c.status) for c in list_clients(vpn)] == [
         ("alice", "revoked"),
         ("bob", "active"),

@@ -254,3 +254,118 @@ def test_profiles_and_keys_are_private(deployment: Deployment) -> None:
     for name in ("server.key", "tls-crypt-v2.key", "tls-crypt.key"):
         assert (deployment.server_dir / name).stat().st_mode & 0o777 == 0o600, name
     assert os.access(deployment.server_dir / "crl.pem", os.R_OK)
+
+
+REVOKED = r"VERIFY ERROR: depth=0, error=certificate revoked: CN=dave"
+
+
+def _refused(deployment: Deployment, server: OpenVpn, profile: Path, attempt: int) -> None:
+    """One more connection of the revoked ``dave``: refused for being revoked."""
+    client = deployment.client(profile, f"dave-{attempt}")
+    server.wait_for(REVOKED, count=attempt)
+    assert client.wait_exit() != 0
+    assert CONNECTED not in client.text()
+    assert "unable to get certificate CRL" not in server.text()
+    server.wait_for(LISTENING, count=attempt + 1)
+
+
+def test_a_revoked_client_stays_refused_whatever_rewrites_the_crl_file(
+    deployment: Deployment,
+) -> None:
+    """Every path that rewrites the CRL file (or is refused from doing so) leaves one OpenVPN
+    keeps reading, without restart, with a CRL for every CA: the revoked client stays out."""
+    from ca.config import Settings, build_context
+    from ca.jobs import job_named
+
+    profile = deployment.add("dave")
+    trellis, crl = deployment.trellis, deployment.server_dir / "crl.pem"
+    trellis.process().run("openvpn", "client", "revoke", "dave", "--yes")
+    server = deployment.server("server-crl-paths")
+    attempt = 1
+    _refused(deployment, server, profile, attempt)
+
+    def job() -> None:
+        settings = Settings(
+            data_dir=trellis.data_dir,
+            database_url=trellis.env["TRELLIS_DATABASE_URL"],
+            key_passphrase=trellis.env["TRELLIS_KEY_PASSPHRASE"],  # type: ignore[arg-type]
+        )
+        ctx = build_context(settings)
+        try:
+            job_named("openvpn-crl").run(ctx)
+        finally:
+            ctx.close()
+
+    other = deployment.root / "erin.ovpn"
+    rewrites = [
+        (
+            "configure --crl-path",
+            lambda: trellis.run("openvpn", "configure", "--crl-path", str(crl)),
+        ),
+        ("openvpn crl", lambda: trellis.run("openvpn", "crl")),
+        ("the openvpn-crl job", job),
+        (
+            "server-config",
+            lambda: trellis.run("openvpn", "server-config", "--out", str(deployment.server_dir)),
+        ),
+        (
+            "another client's revocation",
+            lambda: (
+                trellis.run("openvpn", "client", "add", "erin", "--out", str(other)),
+                trellis.run("openvpn", "client", "revoke", "erin", "--yes"),
+            ),
+        ),
+        (
+            "a second authority's claim",
+            lambda: (
+                trellis.run("openvpn", "init", "--name", "vpn2"),
+                trellis.run(
+                    "openvpn", "configure", "--authority", "vpn2", "--crl-path", str(crl), ok=False
+                ),
+            ),
+        ),
+        (
+            "the gateway's claim",
+            lambda: (
+                trellis.run("gateway", "init"),
+                trellis.run(
+                    "gateway",
+                    "truststore",
+                    "--format",
+                    "nginx",
+                    "--out",
+                    str(deployment.server_dir),
+                    ok=False,
+                ),
+            ),
+        ),
+    ]
+    for what, rewrite in rewrites:
+        rewrite()
+        assert crl.read_bytes().count(b"BEGIN X509 CRL") == 2, what
+        attempt += 1
+        _refused(deployment, server, profile, attempt)
+    server.stop()
+
+
+def test_without_the_intermediate_crl_openvpn_lets_a_revoked_client_in(
+    deployment: Deployment,
+) -> None:
+    """Why a CRL file short of a CA's CRL is refused, not warned about (ca.openvpn.crl_pem):
+    OpenVPN 2.6 logs a VERIFY WARNING for a CA without a CRL and accepts the client."""
+    profile = deployment.add("frank")
+    trellis, crl = deployment.trellis, deployment.server_dir / "crl.pem"
+    trellis.run("openvpn", "client", "revoke", "frank", "--yes")
+    full = crl.read_bytes()
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----\n", full, re.S)
+    crl.write_bytes(blocks[-1])  # the root's only: what another authority's file amounts to
+    try:
+        server = deployment.server("server-no-crl")
+        client = deployment.client(profile, "frank")
+        client.wait_for(CONNECTED)
+        assert "VERIFY WARNING: depth=0, unable to get certificate CRL: CN=frank" in server.text()
+        client.stop()
+        server.stop()
+    finally:
+        trellis.run("openvpn", "crl")
+    assert crl.read_bytes() == full

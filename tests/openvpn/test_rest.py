@@ -170,3 +170,16 @@ def test_openapi_documents_the_openvpn_operations(api: TestClient) -> None:
     assert "application/problem+json" in add["409"]["content"]
     assert "security" not in operations["/v1/openvpn/crl.pem"]["get"]
     assert "security" in operations["/v1/openvpn/clients/{name}/revoke"]["post"]
+
+
+def test_refusals_over_rest(api: TestClient, tmp_path: Path) -> None:
+    _ready(api, tmp_path / "crl.pem")
+    for network in ("10.8.0.0/31", "0.0.0.0/0", "fd00::/64", ""):
+        response = api.post("/v1/openvpn/server-config", json={"network": network})
+        assert_problem(response, 400)
+    assert_problem(api.post("/v1/openvpn/server-cert", json={"cn": ""}), 400)
+    assert_problem(api.patch("/v1/openvpn", json={"server_cn": ""}), 400)
+    assert api.post("/v1/openvpn/clients", json={"name": "alice"}).status_code == 201
+    assert api.post("/v1/openvpn/clients/alice/revoke", json={}).status_code == 200
+    assert_problem(api.post("/v1/openvpn/clients/alice/revoke", json={}), 409)
+    assert_problem(api.post("/v1/openvpn/clients/nobody/revoke", json={}), 404)

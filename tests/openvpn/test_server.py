@@ -8,17 +8,22 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from sqlmodel import Session, select
 
+from ca.audit import list_audit
 from ca.authority import active_issuer
 from ca.config import Context, Settings, build_context
-from ca.errors import Conflict, Unavailable
+from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.openvpn import (
     PRIVATE_FILES,
     ClientRequest,
+    ConfigureParams,
     InitParams,
     ServerRequest,
     VpnName,
     add_client,
+    client_pool,
+    configure,
     get_config,
     init_openvpn,
     issue_server_cert,
@@ -26,6 +31,7 @@ from ca.openvpn import (
     server_config,
     write_files,
 )
+from ca.store.models import CertificateRow
 from ca.store.models_openvpn import OpenVpnRow
 from ca.tlscryptv2 import ServerKey, StaticKey
 from tests.openvpn.conftest import REMOTE
@@ -48,8 +54,10 @@ def test_server_certificate(vpn: Context) -> None:
     assert_vpn_leaf(leaf, issuer.certificate, REMOTE, "server")
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [REMOTE]
-    issue_server_cert(vpn, ServerRequest(common_name=VpnName("vpn2.example.org")))
-    assert get_config(vpn).server_cn == "vpn2.example.org"  # new profiles pin the new name
+    # a second server's certificate: profiles keep pinning the deployment's CN
+    second = issue_server_cert(vpn, ServerRequest(common_name=VpnName("vpn2.example.org")))
+    assert second.common_name == "vpn2.example.org"
+    assert get_config(vpn).server_cn == REMOTE
 
 
 def test_server_directory(vpn: Context, tmp_path: Path) -> None:
@@ -135,8 +143,6 @@ def test_init_force_replaces_the_deployment(vpn: Context) -> None:
     assert not (vpn.settings.data_dir / "secrets" / f"{before.tls_crypt_v2_ref}.sealed").exists()
     assert list_clients(vpn) == []
     assert after.remote is None  # configure again: the old settings went with the old CA
-    from ca.openvpn import ConfigureParams, configure
-
     configure(vpn, ConfigureParams(remote=REMOTE))
     assert server_config(vpn, ServerRequest())["tls-crypt-v2.key"] != old_key
 
@@ -194,3 +200,60 @@ def test_the_openvpn_migration_is_a_branch_off_0004() -> None:
     assert revision is not None and revision.down_revision == "0004"
     for head in script.get_heads():
         assert "0006" in {r.revision for r in script.iterate_revisions(head, "base")}
+
+
+def _configured(vpn: Context) -> list[dict[str, object]]:
+    return [e.detail for e in list_audit(vpn, event="openvpn.configured")]
+
+
+def test_server_config_records_what_it_changes_in_the_audit_trail(
+    vpn: Context, tmp_path: Path
+) -> None:
+    """docs/openvpn.md: every configuration change is in the audit log, whichever command made
+    it; a second server's certificate changes nothing there."""
+    vpn2 = tmp_path / "vpn2"
+    init_openvpn(vpn, InitParams(name="vpn2"))
+    configure(vpn, ConfigureParams(remote="vpn2.example.org"), "vpn2")
+    count = len(_configured(vpn))
+    request = ServerRequest(authority="vpn2", common_name=VpnName("gw.example.org"))
+    server_config(vpn, request, out_dir=vpn2)
+    latest = _configured(vpn)[0]
+    assert len(_configured(vpn)) == count + 1
+    assert latest["server_cn"] == "gw.example.org"
+    assert latest["crl_path"] == str((vpn2 / "crl.pem").resolve())
+    assert latest["server_dir"] == str(vpn2.resolve())
+    assert get_config(vpn, "vpn2").server_cn == "gw.example.org"
+    issue_server_cert(vpn, ServerRequest(authority="vpn2", common_name=VpnName("b.example")))
+    server_config(vpn, ServerRequest(authority="vpn2"), out_dir=vpn2)  # nothing changes
+    assert len(_configured(vpn)) == count + 1
+
+
+@pytest.mark.parametrize(
+    "network",
+    ["10.8.0.0/31", "10.8.0.0/30", "10.8.0.0/32", "10.0.0.0/8", "0.0.0.0/0", "0.0.0.0/24"],
+)
+def test_a_pool_openvpn_refuses_is_refused_before_issuing(
+    vpn: Context, tmp_path: Path, network: str
+) -> None:
+    """OpenVPN 2.6 refuses ``server`` with a pool smaller than /29 or larger than /16 and cannot
+    parse a 0.0.0.0 network (checked against the binary)."""
+    with pytest.raises(InvalidInput, match="network"):
+        client_pool(network)
+    with pytest.raises(InvalidInput, match="network"):
+        server_config(vpn, ServerRequest(), ipaddress.IPv4Network(network), tmp_path / "nt")
+    with Session(vpn.engine) as session:
+        row = session.get(OpenVpnRow, "vpn")
+        assert row is not None and row.server_dir is None
+        assert not session.exec(
+            select(CertificateRow).where(CertificateRow.profile == "openvpn-server")
+        ).all()
+
+
+@pytest.mark.parametrize("network", ["10.8.0.0/29", "10.8.0.0/16", "192.168.7.0/24"])
+def test_pools_openvpn_takes(network: str) -> None:
+    assert client_pool(network) == ipaddress.IPv4Network(network)
+
+
+def test_an_empty_cn_is_refused(vpn: Context) -> None:
+    with pytest.raises(InvalidInput, match="invalid name ''"):
+        issue_server_cert(vpn, ServerRequest(common_name=VpnName("")))

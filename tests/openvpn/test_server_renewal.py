@@ -12,7 +12,16 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
 from ca.jobs import job_named
-from ca.openvpn import ServerRequest, renew_server_certificates, server_config, write_files
+from ca.openvpn import (
+    ServerRequest,
+    VpnName,
+    get_config,
+    issue_server_cert,
+    renew_server_certificates,
+    server_config,
+    write_files,
+)
+from tests.selfsigned import self_signed
 
 
 def _serial(directory: Path) -> int:
@@ -39,3 +48,53 @@ def test_server_certificate_is_renewed_in_place_after_two_thirds(
     assert (out / "server.key").stat().st_mode & 0o777 == 0o600
     assert cert.not_valid_after_utc - clock.now() > dt.timedelta(days=29)  # same 30-day lifetime
     assert renew_server_certificates(vpn) == []  # and not again
+
+
+def _cn(directory: Path) -> str:
+    leaf = x509.load_pem_x509_certificates((directory / "server.crt").read_bytes())[0]
+    return str(leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+
+def test_the_recorded_directory_is_judged_by_its_own_certificate(
+    vpn: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """A second server's certificate (``server-cert --cn --out B``, a year) says nothing about
+    the one in the recorded directory A (3 minutes): A's is renewed, with A's own CN."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    request = ServerRequest(common_name=VpnName("vpn-a.example"), ttl=Ttl.parse("3m"))
+    write_files(server_config(vpn, request, out_dir=a), a)
+    second = issue_server_cert(vpn, ServerRequest(common_name=VpnName("vpn-b.example")))
+    write_files({"server.crt": second.certificate_pem, "server.key": second.key_pem}, b)
+    first = _serial(a)
+    clock.advance(dt.timedelta(minutes=2, seconds=30))
+    assert len(renew_server_certificates(vpn)) == 1
+    assert _serial(a) != first and _cn(a) == "vpn-a.example"
+    assert _serial(b) == second.serial.value  # not touched
+
+
+def test_a_second_server_with_a_shorter_life_does_not_rename_the_first(
+    vpn: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    three = Ttl.parse("3m")
+    request = ServerRequest(common_name=VpnName("vpn-a.example"), ttl=three)
+    write_files(server_config(vpn, request, out_dir=a), a)
+    second = issue_server_cert(vpn, ServerRequest(common_name=VpnName("vpn-b.example"), ttl=three))
+    write_files({"server.crt": second.certificate_pem, "server.key": second.key_pem}, b)
+    assert get_config(vpn).server_cn == "vpn-a.example"  # what profiles pin
+    clock.advance(dt.timedelta(minutes=2, seconds=30))
+    renew_server_certificates(vpn)
+    assert _cn(a) == "vpn-a.example"
+    assert get_config(vpn).server_cn == "vpn-a.example"
+
+
+def test_a_foreign_certificate_in_the_directory_is_left_alone(
+    vpn: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    a = tmp_path / "a"
+    write_files(server_config(vpn, ServerRequest(ttl=Ttl.parse("3m")), out_dir=a), a)
+    cert = self_signed("elsewhere")[0].public_bytes(serialization.Encoding.PEM)
+    (a / "server.crt").write_bytes(cert)
+    clock.advance(dt.timedelta(minutes=5))
+    assert renew_server_certificates(vpn) == []
+    assert (a / "server.crt").read_bytes() == cert

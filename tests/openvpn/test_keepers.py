@@ -1,0 +1,133 @@
+"""One file, one keeper (``ca.keepers``): an OpenVPN authority's CRL file cannot be taken over by
+another authority or a gateway truststore, nor the other way round, whatever path spells it (a
+symlink, ``..``), over REST or the CLI; the refusal is 400 / exit 2 and changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from api.app import create_app
+from ca import gateway
+from ca.config import Context
+from ca.errors import InvalidInput, Unavailable
+from ca.openvpn import get_config, write_crl_file
+from ca.store.models_openvpn import OpenVpnRow
+from ca.tokens import create_admin_token
+from tests.api.restkit import assert_problem, bearer
+from tests.openvpn.vpnkit import InProcessTrellis
+
+
+@pytest.fixture
+def api(vpn: Context) -> Iterator[TestClient]:
+    _info, secret = create_admin_token(vpn, "tests/openvpn")
+    with TestClient(create_app(vpn), raise_server_exceptions=False) as client:
+        client.headers.update(bearer(secret))
+        yield client
+
+
+def _spellings(crl: Path, tmp_path: Path) -> list[Path]:
+    """The same file: as it is, through ``..``, through a symlinked directory, as a symlink."""
+    (tmp_path / "linked-dir").symlink_to(crl.parent)
+    (tmp_path / "linked-file.pem").symlink_to(crl)
+    return [
+        crl,
+        crl.parent / ".." / crl.parent.name / crl.name,
+        tmp_path / "linked-dir" / crl.name,
+        tmp_path / "linked-file.pem",
+    ]
+
+
+def test_a_second_authority_cannot_take_over_the_crl_file(
+    vpn: Context, api: TestClient, crl_file: Path, tmp_path: Path
+) -> None:
+    assert api.post("/v1/openvpn/init?authority=vpn2", json={}).status_code == 201
+    before = crl_file.read_bytes()
+    for path in _spellings(crl_file, tmp_path):
+        response = api.patch("/v1/openvpn?authority=vpn2", json={"crl_path": str(path)})
+        problem = assert_problem(response, 400)
+        assert "OpenVPN authority 'vpn'" in problem["detail"], problem
+    assert get_config(vpn, "vpn2").crl_path is None
+    assert crl_file.read_bytes() == before
+    # its own path again is no conflict
+    assert api.patch("/v1/openvpn", json={"crl_path": str(crl_file)}).status_code == 200
+
+
+def test_an_nginx_truststore_and_a_crl_file_exclude_each_other(
+    vpn: Context, api: TestClient, crl_file: Path, tmp_path: Path
+) -> None:
+    gateway.init_gateway(vpn, gateway.GatewayParams())
+    before = crl_file.read_bytes()
+    with pytest.raises(InvalidInput, match="kept current by OpenVPN authority 'vpn'"):
+        gateway.write_truststore(vpn, gateway.TruststoreFormat.NGINX, crl_file.parent)
+    (tmp_path / "linked.pem").symlink_to(crl_file)
+    with pytest.raises(InvalidInput, match="kept current by OpenVPN authority 'vpn'"):
+        gateway.write_truststore(vpn, gateway.TruststoreFormat.PEM, tmp_path / "linked.pem")
+    assert crl_file.read_bytes() == before
+    assert not (crl_file.parent / "client-ca.pem").exists()
+
+    store = tmp_path / "nginx"
+    gateway.write_truststore(vpn, gateway.TruststoreFormat.NGINX, store)
+    nginx_crl = (store / "crl.pem").read_bytes()
+    assert api.post("/v1/openvpn/init?authority=vpn2", json={}).status_code == 201
+    response = api.patch("/v1/openvpn?authority=vpn2", json={"crl_path": str(store / "crl.pem")})
+    assert "the gateway truststore written to" in assert_problem(response, 400)["detail"]
+    response = api.patch("/v1/openvpn", json={"crl_path": str(store / "crl.pem")})
+    assert_problem(response, 400)
+    assert (store / "crl.pem").read_bytes() == nginx_crl
+    assert get_config(vpn).crl_path == crl_file.resolve()
+    # another truststore over one of its files: refused too
+    with pytest.raises(InvalidInput, match="the gateway truststore written to"):
+        gateway.write_truststore(vpn, gateway.TruststoreFormat.PEM, store / "client-ca.pem")
+    # the same truststore written again is its own keeper
+    gateway.write_truststore(vpn, gateway.TruststoreFormat.NGINX, store)
+
+
+def test_a_conflict_recorded_before_the_check_is_not_written(
+    vpn: Context, crl_file: Path, tmp_path: Path
+) -> None:
+    """Rows from before keepers were checked: the job refuses to write, loudly."""
+    from ca.openvpn import InitParams, init_openvpn
+
+    init_openvpn(vpn, InitParams(name="vpn2"))
+    with Session(vpn.engine) as session:
+        row = session.get(OpenVpnRow, "vpn2")
+        assert row is not None
+        row.crl_path = str(crl_file.resolve())
+        session.add(row)
+        session.commit()
+    before = crl_file.read_bytes()
+    with pytest.raises(Unavailable, match="kept current by OpenVPN authority 'vpn'"):
+        write_crl_file(vpn, "vpn2")
+    assert crl_file.read_bytes() == before
+
+
+def test_the_cli_refuses_with_exit_2_and_changes_nothing(tmp_path: Path) -> None:
+    cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "configure", "--remote", "127.0.0.1")
+    srv = tmp_path / "srv"
+    cli.run("openvpn", "server-config", "--out", str(srv))
+    crl = (srv / "crl.pem").read_bytes()
+    cli.run("openvpn", "init", "--name", "vpn2")
+    operator = cli.process()  # a real process: exit codes and stderr as an operator sees them
+    refused = operator.run("openvpn", "configure", "--authority", "vpn2", "--crl-path",
+                      str(srv / "crl.pem"), ok=False)  # fmt: skip
+    assert refused.returncode == 2 and "kept current by OpenVPN authority 'vpn'" in refused.stderr
+    refused = operator.run("openvpn", "server-config", "--authority", "vpn2", "--out", str(srv),
+                      ok=False)  # fmt: skip
+    assert refused.returncode == 2 and "kept current by OpenVPN authority 'vpn'" in refused.stderr
+    cli.run("gateway", "init")
+    refused = operator.run(
+        "gateway", "truststore", "--format", "nginx", "--out", str(srv), ok=False
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert (srv / "crl.pem").read_bytes() == crl and not (srv / "client-ca.pem").exists()
+    assert (
+        cli.run("openvpn", "configure", "--authority", "vpn2", "--json").stdout.count("null") >= 2
+    )
