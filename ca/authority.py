@@ -152,6 +152,12 @@ def check_params(params: AuthorityParams) -> None:
     # SPIRE's rule of thumb: an SVID should live at most a sixth of its issuer's life, otherwise
     # SVIDs get silently clamped to the CA's expiry and renew in a storm before every rotation.
     if params.svid_ttl.seconds * 6 > params.ca_ttl.seconds:
+        if params.purpose != "spiffe":  # no SVIDs, no --svid-ttl: only --ca-ttl can change
+            raise InvalidInput(
+                f"the CA TTL {params.ca_ttl} is too short for the {params.purpose} authority"
+                f" {params.name!r}:"
+                f" give --ca-ttl {Ttl(params.svid_ttl.seconds * 6)} or more"
+            )
         raise InvalidInput(
             f"SVID TTL {params.svid_ttl} is more than a sixth of the CA TTL {params.ca_ttl}: "
             "raise --ca-ttl or lower --svid-ttl"

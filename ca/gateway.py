@@ -852,6 +852,51 @@ def _listen(value: str) -> None:
             raise InvalidInput(f"listen: {address[:64]!r} in brackets is not an IPv6 address")
 
 
+_UPSTREAM = re.compile(r"https?://([^/?#\s]+)(/\S*)?")
+_UPSTREAM_UNIX = re.compile(r"https?://unix:/[^\s:]+(:/\S*)?")  # nginx's socket form
+_UPSTREAM_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def _upstream(value: str) -> None:
+    """``proxy_pass``'s URL as nginx loads it (``ngx_parse_url``): http or https, then a host
+    name (or an upstream block's name), an IPv4 address or a bracketed IPv6 one, an optional
+    port of 1 to 65535, and no ``user:password@``; or ``unix:/socket``. nginx refuses the rest
+    when it loads the configuration, long after the snippet was made."""
+    if _UPSTREAM_UNIX.fullmatch(value):
+        return
+    match = _UPSTREAM.fullmatch(value)
+    if match is None:
+        raise InvalidInput(f"the upstream {value[:64]!r} is not an http:// or https:// URL")
+    authority = match[1]
+    if "@" in authority:
+        raise InvalidInput("the upstream may not hold user:password@ (nginx refuses it)")
+    if authority.startswith("["):
+        host, bracket, port = authority[1:].partition("]")
+        try:
+            valid = bool(bracket) and ipaddress.ip_address(host).version == 6
+        except ValueError:
+            valid = False
+        if not valid or (port and not port.startswith(":")):
+            raise InvalidInput(f"the upstream's host {authority[:64]!r} is not an IPv6 address")
+        port = port[1:] if port else None
+    else:
+        host, colon, port_text = authority.partition(":")
+        port = port_text if colon else None
+        if not host.isascii() or not _UPSTREAM_HOST.fullmatch(host):
+            raise InvalidInput(
+                f"the upstream's host {host[:64]!r} is not an ASCII host name or IPv4 address"
+                " (write an internationalised name in its xn-- form)"
+            )
+        if host.replace(".", "").isdigit():
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                message = f"the upstream's host {host[:64]!r} is not an IPv4 address"
+                raise InvalidInput(message) from None
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise InvalidInput(f"the upstream's port {port[:16]!r} is not 1 to 65535")
+
+
 @dataclass(frozen=True, slots=True)
 class NginxSnippet:
     upstream: str = "http://127.0.0.1:8080"
@@ -862,8 +907,7 @@ class NginxSnippet:
     ssl_certificate_key: Path = Path("/etc/nginx/tls/server.key")
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", self.upstream):
-            raise InvalidInput("the upstream is an http:// or https:// URL")
+        _upstream(self.upstream)
         _listen(self.listen)
         for path, what in (
             (self.truststore, "truststore path"),

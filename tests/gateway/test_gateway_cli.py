@@ -137,3 +137,17 @@ def test_truststore_and_snippet_commands(cli: Cli, tmp_path: Path) -> None:
                                             code=2)  # fmt: skip
     assert "the port 1 to 65535" in cli.run("gateway", "nginx-snippet", "--listen", "99999", code=2)
     assert "is empty or relative" in cli.run("gateway", "nginx-snippet", "--truststore", "", code=2)
+
+
+@pytest.mark.parametrize("upstream", ["http://127.0.0.1:99999", "http://user:pw@127.0.0.1"])
+def test_an_upstream_nginx_refuses_is_exit_2(cli: Cli, upstream: str) -> None:
+    assert "upstream" in cli.run("gateway", "nginx-snippet", "--upstream", upstream, code=2)
+
+
+def test_init_names_the_option_to_change(cli: Cli) -> None:
+    """The gateway has no SVIDs and no --svid-ttl: the message names --ca-ttl."""
+    err = cli.run(
+        "gateway", "init", "--ca-ttl", "5s", "--default-ttl", "1s", "--max-ttl", "2s", code=2
+    )
+    assert "SVID" not in err and "--svid-ttl" not in err
+    assert "give --ca-ttl 6h or more" in err

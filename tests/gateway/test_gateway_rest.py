@@ -225,3 +225,29 @@ def test_every_gateway_route_needs_the_admin_token(api_gw: Api) -> None:
     assert {"201", "400", "401", "403", "404", "409", "413"} <= set(issue)
     schema = spec["components"]["schemas"]["GatewayCertOut"]["properties"]
     assert "x5t#S256" in schema
+
+
+BAD_UPSTREAMS = [
+    "http://127.0.0.1:99999",
+    "http://127.0.0.1:0",
+    "http://127.0.0.1:",
+    "http://user:pw@127.0.0.1",
+    "http://ünï.example",
+    "http://[::1",
+    "http://[127.0.0.1]:80",
+    "http://1.2.3.4.5",
+]
+
+
+@pytest.mark.parametrize("upstream", BAD_UPSTREAMS)
+def test_an_upstream_nginx_refuses_is_400(api_gw: Api, upstream: str) -> None:
+    assert_problem(api_gw.get("/nginx-snippet", params={"upstream": upstream}), 400)
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    ["http://backend", "https://10.0.0.5:8443/api", "http://[::1]:8080", "http://unix:/run/a.sock"],
+)
+def test_upstreams_nginx_takes_are_rendered(api_gw: Api, upstream: str) -> None:
+    snippet = api_gw.get("/nginx-snippet", params={"upstream": upstream})
+    assert f"proxy_pass {upstream};" in snippet.text
