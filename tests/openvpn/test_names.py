@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 
 from ca.config import Context
+from ca.durations import Ttl
 from ca.errors import InvalidInput
-from ca.openvpn import ConfigureParams, Proto, TlsCrypt, VpnName, configure, remote_host
+from ca.openvpn import (
+    ConfigureParams,
+    InitParams,
+    Proto,
+    TlsCrypt,
+    VpnName,
+    configure,
+    init_openvpn,
+    remote_host,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,3 +90,10 @@ def test_enums_parse() -> None:
         Proto.parse("sctp")
     with pytest.raises(InvalidInput):
         TlsCrypt.parse("v1")
+
+
+def test_too_short_a_ca_ttl_names_the_option_openvpn_init_has(bare_ctx: Context) -> None:
+    """openvpn init has no SVIDs and no --svid-ttl: the refusal names --ca-ttl."""
+    with pytest.raises(InvalidInput, match=r"give --ca-ttl 6s or more") as refused:
+        init_openvpn(bare_ctx, InitParams(ca_ttl=Ttl.parse("5s")))
+    assert "SVID" not in refused.value.detail
