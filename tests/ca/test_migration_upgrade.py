@@ -155,3 +155,36 @@ def test_ocsp_responders_recorded_before_0015_are_numbered_per_ca(database_url: 
             {"t": NOW.replace(tzinfo=None) if naive else NOW},
         )
     engine.dispose()
+
+
+def test_crls_stored_under_a_cross_certificate_are_deleted_by_0016(database_url: str) -> None:
+    """Before 0016 a GET for a cross-certificate's CRL made the root sign one, stored under the
+    cross row; 0016 deletes those and keeps every issuer's own CRL."""
+    engine = _at_revision(database_url, "0015")
+    _populate(engine)
+    naive = engine.dialect.name == "sqlite"
+    when = NOW.replace(tzinfo=None) if naive else NOW
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO ca (id, authority, role, state, serial, parent_id, subject, "
+                "key_backend, key_ref, key_type, cert_pem, not_before, not_after, created_at) "
+                "VALUES (3, 'mesh', 'cross', 'active', '3', 1, 'CN=x', 'file', 'k1', "
+                "'ec-p256', 'pem', :t, :t, :t)"
+            ),
+            {"t": when},
+        )
+        for ca_id in (1, 2, 3):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO crl (ca_id, number, this_update, next_update, der) "
+                    "VALUES (:ca, 1, :t, :t, :der)"
+                ),
+                {"ca": ca_id, "t": when, "der": b"crl"},
+            )
+    db.upgrade(engine)
+    with engine.connect() as connection:
+        kept = connection.execute(sa.text("SELECT ca_id FROM crl ORDER BY ca_id")).scalars()
+        assert list(kept) == [1, 2]
+        assert connection.execute(sa.text("SELECT COUNT(*) FROM ca")).scalar_one() == 3
+    engine.dispose()
