@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from api.routes.federation import FederationOut
+from api.schemas.federation import FederationOut
 from ca import federation
 from ca.errors import InvalidInput, Unavailable
 from ca.identity import SpiffeId, TrustDomain

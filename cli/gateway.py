@@ -1,5 +1,5 @@
 """``trellis gateway``: client certificates for API partners behind nginx, AWS API Gateway or
-Kong (docs/gateway.md). ``--json`` renders the REST models of ``api.routes.gateway``."""
+Kong (docs/gateway.md). ``--json`` renders the REST models of ``api.schemas.gateway``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from api.routes.gateway import (
+from api.schemas.gateway import (
     ConsumerOut,
     GatewayCertOut,
     GatewayInit,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from api.routes.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ProfileOut, ServerCertOut
+from api.schemas.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ProfileOut, ServerCertOut
 from ca import openvpn
 from ca.durations import Ttl
 from ca.errors import InvalidInput, Unavailable

@@ -1,87 +1,25 @@
 """SPIFFE federation: relationships with foreign trust domains (admin) and the bundle map
 (no authentication, like ``/v1/bundle``).
 
-The wire models live here rather than in ``api/schemas.py`` only because this router was added
-while that module was being edited; ``cli/federation.py`` renders the same ones.
+The wire models are in ``api/schemas/federation.py``; ``cli/federation.py`` renders the same ones.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel, Field
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import RequestBody
+from api.schemas.federation import FederationCreate, FederationOut
 from ca import federation
 from ca.errors import Unavailable
 from ca.identity import SpiffeId, TrustDomain
-from ca.pem import fingerprint
 
-__all__ = ["FederationCreate", "FederationOut", "router"]
+__all__ = ["router"]
 
 router = APIRouter(tags=["federation"])
-
-
-class FederationCreate(RequestBody):
-    trust_domain: str = Field(max_length=255, examples=["partner.org"])
-    url: str = Field(max_length=2048, examples=["https://bundle.partner.org/v1/bundle.jwks"])
-    profile: str = Field(examples=["https_spiffe"], description="https_web or https_spiffe")
-    endpoint_spiffe_id: str | None = Field(
-        default=None,
-        max_length=2048,
-        examples=["spiffe://partner.org/trellis/server"],
-        description="https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry",
-    )
-    bootstrap_bundle: str | None = Field(
-        default=None,
-        max_length=60_000,
-        description="https_spiffe: the partner's bundle (PEM or JWK Set) for the first fetch",
-    )
-    ca_pem: str | None = Field(
-        default=None,
-        max_length=60_000,
-        description="https_web: PEM CA(s) to trust instead of the system store (private networks)",
-    )
-
-
-class FederationOut(BaseModel):
-    trust_domain: str
-    url: str
-    profile: str
-    endpoint_spiffe_id: str | None
-    has_bundle: bool = Field(description="A good bundle has been fetched and is published")
-    sequence: int | None = Field(description="spiffe_sequence of the last good bundle")
-    refresh_hint: int | None
-    authorities_sha256: list[str] = Field(description="Root certificates of the last good bundle")
-    bundle_updated_at: dt.datetime | None
-    last_success: dt.datetime | None
-    last_attempt: dt.datetime | None
-    last_error: str | None = Field(description="Why the last attempt failed (bundle kept)")
-    next_refresh: dt.datetime
-    created_at: dt.datetime
-
-    @classmethod
-    def of(cls, value: federation.Federation) -> FederationOut:
-        return cls(
-            trust_domain=str(value.trust_domain),
-            url=value.url,
-            profile=value.profile.value,
-            endpoint_spiffe_id=str(value.endpoint_spiffe_id) if value.endpoint_spiffe_id else None,
-            has_bundle=value.has_bundle,
-            sequence=value.sequence,
-            refresh_hint=value.refresh_hint,
-            authorities_sha256=[fingerprint(cert) for cert in value.authorities],
-            bundle_updated_at=value.bundle_updated_at,
-            last_success=value.last_success,
-            last_attempt=value.last_attempt,
-            last_error=value.last_error,
-            next_refresh=value.next_refresh,
-            created_at=value.created_at,
-        )
 
 
 ADMIN = {**PROBLEM_RESPONSES, **responses(404)}

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from api.routes.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ProfileOut
+from api.schemas.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ProfileOut
 from tests.openvpn.vpnkit import InProcessTrellis, crls_in, parse_profile
 
 

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.routes.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ServerConfigOut
+from api.schemas.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ServerConfigOut
 from ca.config import Context
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer

@@ -1,4 +1,9 @@
-"""Wire models: strings at the edge, turned into ``ca`` value types by the routes."""
+"""Wire models: strings at the edge, turned into ``ca`` value types by the routes.
+
+The CLI renders the same models for ``--json``, so this package imports only pydantic and ``ca``,
+never FastAPI (``tests/cli/test_startup.py``); the federation, gateway and OpenVPN models are in
+modules of their own here.
+"""
 
 from __future__ import annotations
 
