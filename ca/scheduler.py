@@ -24,14 +24,20 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from apscheduler.schedulers.background import BackgroundScheduler
 from sqlmodel import Session
 
 from ca.config import Context
 from ca.jobs import JOBS, Job
 from ca.store.models import JobRunRow
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+# APScheduler is imported where the scheduler starts: every CLI command imports this module (for
+# job statuses) and only ``trellis serve`` runs jobs on a schedule.
 
 __all__ = ["JobStatus", "elect_scheduler", "job_statuses", "run_job", "start_scheduler"]
 
@@ -117,6 +123,8 @@ def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
 
 
 def start_scheduler(ctx: Context) -> BackgroundScheduler:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     scheduler = BackgroundScheduler(timezone=dt.UTC)
     for job in JOBS:
         scheduler.add_job(

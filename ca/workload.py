@@ -13,9 +13,8 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -27,9 +26,15 @@ from ca.keys import KeyType, PrivateKey
 from ca.pem import load_certs, private_key_pem
 from ca.renewal import make_proof
 
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported where a request is made (as in ca.federation): its package imports its own
+# command line, rich and pygments, ~0.1 s of CPU that every other CLI command would pay.
+
 __all__ = ["Received", "SvidFiles", "WorkloadClient", "write_bundle", "write_svid"]
 
-TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+TIMEOUT = (15.0, 5.0)  # seconds: for a read, write or pool wait; to connect
 
 _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
     400: errors.InvalidInput,
@@ -118,16 +123,19 @@ class WorkloadClient:
             raise errors.InvalidInput(f"cannot read the trust bundle {bundle}") from None
         self._clock = clock or SystemClock()
 
-    def _post(self, path: str, credential: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        import httpx
+
+        timeout = httpx.Timeout(TIMEOUT[0], connect=TIMEOUT[1])
         try:
-            with httpx.Client(verify=self._tls, timeout=TIMEOUT) as client:
-                response = client.post(
-                    self._server + path,
-                    json=body,
-                    headers={"Authorization": f"Bearer {credential}"},
-                )
+            with httpx.Client(verify=self._tls, timeout=timeout) as client:
+                return client.request(method, self._server + path, **options)
         except httpx.HTTPError as exc:
             raise errors.Unavailable(f"cannot reach {self._server}: {exc}") from None
+
+    def _post(self, path: str, credential: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {credential}"}
+        response = self._request("POST", path, json=body, headers=headers)
         if response.status_code == 200:
             data: dict[str, Any] = response.json()
             return data
@@ -141,11 +149,7 @@ class WorkloadClient:
 
     def fetch_bundle(self) -> bytes:
         """The server's current trust bundle (PEM), fetched over the pinned TLS connection."""
-        try:
-            with httpx.Client(verify=self._tls, timeout=TIMEOUT) as client:
-                response = client.get(self._server + "/v1/bundle")
-        except httpx.HTTPError as exc:
-            raise errors.Unavailable(f"cannot reach {self._server}: {exc}") from None
+        response = self._request("GET", "/v1/bundle")
         if response.status_code != 200:
             raise errors.Unavailable(f"bundle fetch answered {response.status_code}")
         load_certs(response.content)

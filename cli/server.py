@@ -8,7 +8,6 @@ import sys
 from typing import Annotated
 
 import typer
-import uvicorn
 
 from ca.authority import active_issuer, check_keys, load_authority
 from ca.jobs import catch_up
@@ -16,8 +15,9 @@ from ca.logs import configure_logging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from cli.common import STATE
-from cli.supervisor import command as supervisor_command
-from cli.tlsreload import ReloadingConfig
+
+# uvicorn, the supervisor and the API are imported inside ``serve``: every other command would pay
+# for them on each start (tests/cli/test_startup.py).
 
 
 def serve(
@@ -78,10 +78,15 @@ def serve(
         ctx.close()
         sys.stdout.flush()
         sys.stderr.flush()
+        from cli.supervisor import command as supervisor_command
+
         argv = supervisor_command({**common, "workers": count})
         os.execv(argv[0], argv)  # noqa: S606 (our own interpreter and module)
 
+    import uvicorn
+
     from api.app import create_app, freeze_startup_heap  # only a single process needs these
+    from cli.tlsreload import ReloadingConfig
 
     config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
     scheduler = start_scheduler(ctx)

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
-import hvac
-import requests
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
@@ -45,7 +43,12 @@ from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey, PublicKey
 
 if TYPE_CHECKING:
+    import requests
+
     from ca.config import Settings
+
+# hvac (and requests under it) is imported where a connection is made: every CLI command imports
+# this module through the key backends, and most never talk to Vault.
 
 __all__ = [
     "TRANSIT_TYPES",
@@ -191,6 +194,8 @@ class VaultConnection:
         self.address = address.rstrip("/")
         self.timeout = timeout
         self.auth = auth
+        import hvac
+
         # One hvac client, so one requests Session and one TLS connection pool for every call.
         self._client = hvac.Client(
             url=self.address,
@@ -244,6 +249,8 @@ class VaultConnection:
         self, method: str, path: str, body: Mapping[str, object] | None, deadline: float
     ) -> tuple[int, dict[str, Any]]:
         """One request with bounded retries and backoff: (status, JSON body) or ``Unavailable``."""
+        import requests
+
         failure: TrellisError | None = None
         for attempt in range(_ATTEMPTS):
             remaining = deadline - time.monotonic()
@@ -388,6 +395,8 @@ _REASONS = {
 
 
 def _reason(error: requests.RequestException) -> str:
+    import requests
+
     text = str(error)
     for marker, reason in _REASONS.items():
         if marker in text:
