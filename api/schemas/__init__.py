@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
-from ca.certs import CertificateInfo
-from ca.emergency import IntermediateRevoked
-from ca.entries import Entry
-from ca.root_rotation import RootRotation
-from ca.rotation import AuthorityStatus
-from ca.scheduler import JobStatus
-from ca.tokens import TokenInfo
+if TYPE_CHECKING:  # only the ``of`` constructors name them: a command imports what it uses
+    from ca.certs import CertificateInfo
+    from ca.emergency import IntermediateRevoked
+    from ca.entries import Entry
+    from ca.root_rotation import RootRotation
+    from ca.rotation import AuthorityStatus
+    from ca.scheduler import JobStatus
+    from ca.tokens import TokenInfo
 
 
 def _holds_nul(value: object) -> bool:

@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import COMMANDS, app
 from tests.cli.test_walkthrough import Trellis
 
 # fastapi/starlette: the wire models the CLI renders live in api.schemas, which imports neither.
@@ -17,31 +19,30 @@ from tests.cli.test_walkthrough import Trellis
 # connection. httpx (and the rich and pygments its command line pulls): only a request.
 SERVER_SIDE = ("fastapi", "starlette", "uvicorn", "apscheduler", "hvac", "requests", "httpx")
 
-_LOADED = "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:]))))"
 
-
-def _loaded_after(code: str, env: dict[str, str] | None = None) -> list[str]:
-    probe = f"import json, sys\n{code}\n{_LOADED}"
+def _modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """Every module a fresh interpreter holds once ``code`` has run."""
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
-        [sys.executable, "-c", probe, *SERVER_SIDE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    loaded: list[str] = json.loads(result.stdout.splitlines()[-1])
-    return loaded
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def _server_side(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules} & set(SERVER_SIDE)
 
 
 def test_importing_the_cli_loads_no_server_side_module() -> None:
-    assert _loaded_after("import cli.main") == []
+    assert _server_side(_modules_after("import cli.main")) == set()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_plain_command_loads_no_server_side_module(trellis: Trellis) -> None:
     """``certs list`` run to completion, as ``trellis`` runs it (``main`` exits through
-    ``SystemExit``, caught here so the modules can be listed after it)."""
+    ``SystemExit``, caught here so the modules can be listed after it); of the sub-command
+    modules, only its own is imported."""
     run = (
         "from cli.main import main\n"
         "try:\n"
@@ -49,4 +50,23 @@ def test_a_plain_command_loads_no_server_side_module(trellis: Trellis) -> None:
         "except SystemExit as done:\n"
         "    assert not done.code, done.code"
     )
-    assert _loaded_after(run, trellis.env) == []
+    modules = _modules_after(run, trellis.env)
+    assert _server_side(modules) == set()
+    assert {name for name in modules if name.startswith("cli.")} == {
+        "cli.admin",
+        "cli.common",
+        "cli.main",
+    }
+
+
+def test_every_command_of_the_table_loads_with_its_help() -> None:
+    """The root's sub-commands are built from ``cli.main.COMMANDS`` when first used: a name
+    pointing nowhere would fail only when an operator typed it."""
+    runner = CliRunner()
+    listed = runner.invoke(app, ["--help"], prog_name="trellis")
+    assert listed.exit_code == 0, listed.output
+    for name in COMMANDS:
+        shown = runner.invoke(app, [name, "--help"], prog_name="trellis")
+        assert shown.exit_code == 0, shown.output
+        assert f"Usage: trellis {name} [OPTIONS]" in shown.output
+        assert f"\n  {name} " in listed.output
