@@ -154,6 +154,11 @@ def elect_scheduler(
     """Run the scheduler in this process while it holds ``lock_path`` (``flock``, so the kernel
     releases it when the process dies, however it dies); until then, try again every
     ``retry_seconds``. Returns the function that stops it (and gives the lock up)."""
+    # APScheduler is imported here, not when the campaign's thread wins: an API worker freezes
+    # its start-up heap once this returns (api.asgi), and modules imported later in that thread
+    # would leave their objects to the cyclic collector while requests are served.
+    import apscheduler.schedulers.background  # noqa: F401
+
     stopping = threading.Event()
 
     def campaign() -> None:
