@@ -3,11 +3,14 @@ PostgreSQL, and upgrading is idempotent."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
 import ca.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -68,6 +71,28 @@ def test_schema_status_reports_head(bare_ctx: Context) -> None:
     current, head = db.schema_status(bare_ctx.engine)
     assert head
     assert current == head
+
+
+def test_the_heads_upgrade_compares_with_first_are_alembic_s() -> None:
+    """``db.SCHEMA_HEADS`` spares every command the import of each migration script; a new
+    migration must move it, or databases would stop at the revision before."""
+    heads = ScriptDirectory.from_config(db._config()).get_heads()
+    assert frozenset(heads) == db.SCHEMA_HEADS
+
+
+def test_an_up_to_date_database_is_not_handed_to_alembic(ctx: Context) -> None:
+    """The check every command runs first reads the revision with one query; loading Alembic
+    and its scripts (~0.3 s of CPU) is for a database that needs a migration."""
+    url = ctx.engine.url.render_as_string(hide_password=False)
+    probe = (
+        "import sys; from ca.store import db; "
+        f"db.upgrade(db.connect({url!r})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "[]", loaded
 
 
 def test_upgrade_is_idempotent_and_keeps_data(ctx: Context) -> None:
