@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_MAX_TTL",
     "Entry",
     "EntryParams",
+    "check_not_reserved",
     "create_entry",
     "delete_entry",
     "get_entry",
@@ -33,6 +34,13 @@ DEFAULT_MAX_TTL = Ttl(24 * 3600)
 MAX_DNS_NAMES = 32
 # Identities Trellis issues to itself (its serving certificate); nobody may register them.
 RESERVED_PREFIX = "/trellis"
+
+
+def check_not_reserved(spiffe_id: SpiffeId) -> None:
+    """Refuse Trellis's own identities: an SVID for ``/trellis/server`` would let its holder
+    pose as the CA's serving endpoint to every client that pins the bundle."""
+    if spiffe_id.path == RESERVED_PREFIX or spiffe_id.path.startswith(RESERVED_PREFIX + "/"):
+        raise PolicyViolation(f"paths under {RESERVED_PREFIX}/ are reserved for Trellis itself")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +86,7 @@ def create_entry(ctx: Context, params: EntryParams, *, actor: str = "local") -> 
         raise PolicyViolation(f"{spiffe_id} is not in this CA's trust domain {trust_domain}")
     if spiffe_id.is_trust_domain_id:
         raise PolicyViolation("a workload identity needs a path: spiffe://<td> names the CA itself")
-    if spiffe_id.path == RESERVED_PREFIX or spiffe_id.path.startswith(RESERVED_PREFIX + "/"):
-        raise PolicyViolation(f"paths under {RESERVED_PREFIX}/ are reserved for Trellis itself")
+    check_not_reserved(spiffe_id)
     if len(params.dns_names) > MAX_DNS_NAMES:
         raise InvalidInput(f"at most {MAX_DNS_NAMES} DNS names per entry")
     dns = tuple(dict.fromkeys(check_dns_name(name) for name in params.dns_names))

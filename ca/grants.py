@@ -20,7 +20,7 @@ from ca.authority import MESH, active_issuer
 from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
-from ca.entries import DEFAULT_MAX_TTL
+from ca.entries import DEFAULT_MAX_TTL, check_not_reserved
 from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation
 from ca.identity import SpiffeId
 from ca.issue import Grant
@@ -172,6 +172,7 @@ def admin_grant(
         raise PolicyViolation(
             f"{spiffe_id} is not a workload ID in trust domain {issuer.spiffe_trust_domain()}"
         )
+    check_not_reserved(spiffe_id)
     return Grant(
         spiffe_id=spiffe_id,
         default_ttl=issuer.default_svid_ttl,

@@ -155,6 +155,23 @@ def test_validity_window_is_exact(
 
 
 @SQLITE_ONLY
+@pytest.mark.parametrize(
+    "spiffe_id",
+    [
+        pytest.param("spiffe://example.org/trellis/server", id="fail/serving-identity"),
+        pytest.param("spiffe://example.org/trellis", id="fail/reserved-root"),
+        pytest.param("spiffe://example.org/trellis/agent", id="fail/reserved-subpath"),
+    ],
+)
+def test_admin_mint_refuses_trellis_reserved_ids(ctx: Context, spiffe_id: str) -> None:
+    """docs/differences.md: ``/trellis/...`` is Trellis's own (its serving certificate is
+    serverAuth + clientAuth): a minted SVID for it would impersonate the server."""
+    with pytest.raises(PolicyViolation, match="reserved for Trellis"):
+        admin_grant(ctx, SpiffeId.parse(spiffe_id), "cli:mint")
+    assert count_rows(ctx, "certificate") == 0
+
+
+@SQLITE_ONLY
 def test_lifetime_is_capped_at_the_issuer_expiry(ctx: Context, clock: FixedClock) -> None:
     issuer = active_issuer(ctx).certificate
     entry = add_entry(ctx, WEB)
