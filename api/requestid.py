@@ -1,5 +1,6 @@
 """A request id on every request: taken from ``X-Request-ID`` when it is sane, else generated;
-echoed in the response, put in problem bodies and log records, and recorded with revocations.
+echoed in the response, put in problem bodies and log records, and recorded with revocations and
+in every audit record of the request (``ca.audit.entry`` reads ``ca.logs.REQUEST_ID``).
 
 A plain ASGI middleware rather than ``@app.middleware("http")``: the latter wraps every response
 in a streaming body and costs a few tenths of a millisecond per request, a measurable share of

@@ -51,6 +51,7 @@ from ca.errors import (
     Unavailable,
 )
 from ca.keys import PrivateKey
+from ca.logs import REQUEST_ID
 from ca.store.batch import Rows, Work
 from ca.store.core import insert_now, prepared, table
 from ca.store.models import UtcDateTime
@@ -111,7 +112,14 @@ def entry(
     detail: dict[str, Any] | None = None,
     request_id: str | None = None,
 ) -> dict[str, Any]:
-    """One record's row, for ``INSERT`` (what ``record`` executes; group commits batch it)."""
+    """One record's row, for ``INSERT`` (what ``record`` executes; group commits batch it).
+
+    Without an explicit ``request_id`` the record takes the id of the request being served
+    (``ca.logs.REQUEST_ID``, set by ``api.requestid`` for every REST request, None in the CLI
+    and the scheduler's jobs): every change made over REST names its request (docs/
+    operations.md), with no parameter threaded through each route and core function, and
+    issuance pays one context-variable read."""
+    request_id = request_id or REQUEST_ID.get()
     return {
         "at": at,
         "actor": actor[:255],
