@@ -21,9 +21,9 @@ from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
 from ca.entries import DEFAULT_MAX_TTL, check_not_reserved
-from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation
+from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation, TrellisError
 from ca.identity import SpiffeId
-from ca.issue import Grant
+from ca.issue import Grant, refused
 from ca.renewal import read_proof, unverified_serial
 from ca.serial import Serial
 from ca.store.batch import Lookup
@@ -90,18 +90,30 @@ def _entry_grant(row: Mapping[str, Any], *, requested_by: str) -> Grant:
     )
 
 
+# Each way in counts its refusals in the issuance metric (``ca.issue.refused``): they happen
+# before there is a grant, so ``issue_svid`` never sees them. A try costs nothing until it raises.
+
+
 def join_grant(ctx: Context, secret: str) -> Grant:
-    digest = valid_secret(secret)
-    with ctx.reads.connect() as connection:
-        found = _JOINS.one(connection, digest)
-    return _join_grant(found, ctx.clock.now())
+    try:
+        digest = valid_secret(secret)
+        with ctx.reads.connect() as connection:
+            found = _JOINS.one(connection, digest)
+        return _join_grant(found, ctx.clock.now())
+    except TrellisError as error:
+        refused(error)
+        raise
 
 
 async def join_grant_async(ctx: Context, secret: str) -> Grant:
     """``join_grant`` on an event loop: the lookup is shared with the other requests the loop
     has ready (``ca.store.batch.GroupRead``)."""
-    digest = valid_secret(secret)
-    return _join_grant(await ctx.lookups.get(_JOINS, digest), ctx.clock.now())
+    try:
+        digest = valid_secret(secret)
+        return _join_grant(await ctx.lookups.get(_JOINS, digest), ctx.clock.now())
+    except TrellisError as error:
+        refused(error)
+        raise
 
 
 def _join_grant(found: Mapping[str, Any] | None, now: dt.datetime) -> Grant:
@@ -119,20 +131,28 @@ def _join_grant(found: Mapping[str, Any] | None, now: dt.datetime) -> Grant:
 def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     """Only the holder of a live (unexpired, unrevoked) SVID's key may renew it, and only into
     the same SPIFFE ID, with the lifetimes its registration entry allows today."""
-    serial = unverified_serial(proof)
-    csr = parse_csr(csr_pem)
-    with ctx.reads.connect() as connection:
-        row = _RENEWINGS.one(connection, serial.hex)
-    return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+    try:
+        serial = unverified_serial(proof)
+        csr = parse_csr(csr_pem)
+        with ctx.reads.connect() as connection:
+            row = _RENEWINGS.one(connection, serial.hex)
+        return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+    except TrellisError as error:
+        refused(error)
+        raise
 
 
 async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     """``renewal_grant`` on an event loop: the certificate lookup is shared with the other
     requests the loop has ready, and on PostgreSQL made off the loop (``GroupRead``)."""
-    serial = unverified_serial(proof)
-    csr = parse_csr(csr_pem)
-    row = await ctx.lookups.get(_RENEWINGS, serial.hex)
-    return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+    try:
+        serial = unverified_serial(proof)
+        csr = parse_csr(csr_pem)
+        row = await ctx.lookups.get(_RENEWINGS, serial.hex)
+        return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+    except TrellisError as error:
+        refused(error)
+        raise
 
 
 def _renewal_grant(

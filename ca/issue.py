@@ -50,6 +50,7 @@ __all__ = [
     "issue_svid",
     "issue_svid_async",
     "mint_svid",
+    "refused",
     "revocation_urls",
     "under_way",
     "validity_window",
@@ -268,6 +269,13 @@ def issue_for_key(
         return sign_and_record()
     except IssuerChanged:  # signed by a CA that was rotated meanwhile: once more, with the new
         return sign_and_record()
+
+
+def refused(error: TrellisError, authority: str = MESH, profile: str = "x509-svid") -> None:
+    """Counts an issuance refused before it had a grant (``ca.grants``: a spent, unknown or
+    revoked credential, a malformed proof): ``unauthenticated`` is a result like the others
+    (docs/operations.md), and an alert on it sees credential stuffing."""
+    metrics.ISSUED.labels(authority, profile, error.code).inc()
 
 
 @contextlib.contextmanager

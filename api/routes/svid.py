@@ -44,8 +44,9 @@ from api.requestid import RequestId
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
+from ca.errors import AuthenticationFailed
 from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
-from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, under_way
+from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, refused, under_way
 
 # Issuances whose signatures wait on Vault run here, not in the shared anyio thread pool (40
 # threads): past a few threads they only contend for the GIL (measured when PostgreSQL
@@ -154,7 +155,11 @@ async def _plain(request: Request, grant: Callable[[Context, str], _Authenticate
     except ClientDisconnect:  # e.g. cut off by the body limit, which has answered already
         raise HTTPException(400, "There was an error parsing the body") from None
     document = _json_body(raw, request.headers.get("content-type"))
-    credential = bearer_credential(request.headers.get("authorization"))
+    try:
+        credential = bearer_credential(request.headers.get("authorization"))
+    except AuthenticationFailed as error:  # counted as ca.grants counts a bad credential
+        refused(error)
+        raise
     issued = await _issue(ctx, _svid_request(document), grant(ctx, credential))
     return Response(issued.model_dump_json(), media_type="application/json")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.restkit import Rest
+from tests.api.restkit import Rest, make_csr
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -52,3 +52,30 @@ def test_issuance_and_revocation_show_in_metrics(rest: Rest) -> None:
     assert len(expiry) == 2 and all(v > 0 for v in expiry)  # root and intermediate
     crl = [v for (n, _), v in after.items() if n == "trellis_crl_next_update_seconds"]
     assert crl and all(v > 0 for v in crl)  # the revocation signed the intermediate's CRL
+
+
+def test_refused_credentials_count_as_unauthenticated(rest: Rest) -> None:
+    """docs/operations.md lists ``unauthenticated`` as a result: a spent or unknown join token, a
+    malformed renewal proof, renewing a revoked SVID and no credential at all are all 401."""
+    issued = "trellis_certificates_issued_total"
+    labels = {"authority": "mesh", "profile": "x509-svid", "result": "unauthenticated"}
+    base = _value(_samples(rest.client), issued, **labels)
+    token = rest.join_token(rest.create_entry("spiffe://example.org/once"))
+    _key, csr = make_csr()
+    assert rest.request_svid(token, csr).status_code == 200
+    svid = rest.enrol("spiffe://example.org/revoked")
+    revoked = rest.client.post(
+        f"/v1/certificates/{svid.serial}/revoke",
+        json={"reason": "keyCompromise"},
+        headers=rest.admin,
+    )
+    assert revoked.status_code == 200, revoked.text
+    refusals = [
+        rest.request_svid(token, csr),  # used
+        rest.request_svid("no-such-token", csr),  # unknown
+        rest.renew(svid, csr, proof="not.a.jwt"),  # malformed proof
+        rest.renew(svid, csr),  # a revoked SVID
+        rest.client.post("/v1/svid", json={"csr": csr}),  # no credential
+    ]
+    assert [r.status_code for r in refusals] == [401] * 5, [r.text for r in refusals]
+    assert _value(_samples(rest.client), issued, **labels) == base + 5
