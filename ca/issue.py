@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ __all__ = [
     "under_way",
     "validity_window",
 ]
+
+log = logging.getLogger("trellis.issue")
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -232,9 +235,16 @@ def _signed(
     """Template, sign, self-check: everything before the certificate is recorded (which checks
     that ``issuer`` is still the active CA: ``StillActive``)."""
     issuer = signing_issuer(ctx, grant.authority)
-    not_before, not_after = validity_window(
-        ctx.clock.now(), lifetime(grant, ttl), issuer.certificate
-    )
+    now, granted = ctx.clock.now(), lifetime(grant, ttl)
+    not_before, not_after = validity_window(now, granted, issuer.certificate)
+    if not_after < now + granted.delta:
+        # As SPIRE does: issued, shorter, and said (the answer's expires_at shows it too).
+        log.warning(
+            "%s: lifetime %s cut to the issuing CA's notAfter %s",
+            grant.spiffe_id,
+            granted,
+            not_after.isoformat(),
+        )
     spec = LeafSpec(
         public_key=public_key,
         spiffe_id=grant.spiffe_id,

@@ -172,13 +172,21 @@ def test_admin_mint_refuses_trellis_reserved_ids(ctx: Context, spiffe_id: str) -
 
 
 @SQLITE_ONLY
-def test_lifetime_is_capped_at_the_issuer_expiry(ctx: Context, clock: FixedClock) -> None:
+def test_lifetime_is_capped_at_the_issuer_expiry(
+    ctx: Context, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issued, shorter, and logged, as SPIRE does (docs/differences.md)."""
     issuer = active_issuer(ctx).certificate
     entry = add_entry(ctx, WEB)
     clock.current = issuer.not_valid_after_utc - dt.timedelta(minutes=10)
     _, secret = join_secret(ctx, entry)  # created now, so the token itself is live
-    svid = issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
+    with caplog.at_level("WARNING", logger="trellis.issue"):
+        svid = issue_svid(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
     assert svid.certificate.not_valid_after_utc == issuer.not_valid_after_utc
+    (warning,) = [r for r in caplog.records if r.name == "trellis.issue"]
+    assert (
+        WEB in warning.getMessage() and "cut to the issuing CA's notAfter" in warning.getMessage()
+    )
     assert svid.certificate.not_valid_before_utc == clock.now() - BACKDATE
     assert_is_svid_leaf(svid.certificate, spiffe_id=WEB, issuer=issuer)
 
