@@ -13,7 +13,7 @@ from ca.config import Context
 from ca.errors import InvalidInput, NotFound
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.serial import Serial
-from ca.store.models import CaRow
+from ca.store.models import AuthorityRow, CaRow
 
 __all__ = [
     "ca_certificate",
@@ -81,6 +81,11 @@ def find_ca(session: Session, authority: str, selector: str) -> CaRow:
         query = query.where(CaRow.serial == serial.hex)
     row = session.exec(query.order_by(col(CaRow.not_after).desc())).first()
     if row is None:
+        from ca.authority import no_such_authority  # ca.authority imports this module
+
+        # No CA because no authority: say which (mesh and gateway before their init: 7 / 503).
+        if session.get(AuthorityRow, authority) is None:
+            raise no_such_authority(authority)
         raise NotFound(f"no CA {selector[:48]!r} in authority {authority[:32]!r}")
     return row
 

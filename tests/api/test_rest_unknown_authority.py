@@ -33,6 +33,11 @@ def test_an_unknown_authority_is_404_and_a_known_uninitialised_one_503(rest: Res
     gateway = assert_problem(rest.client.get("/v1/authorities/gateway", headers=rest.admin), 503)
     assert gateway["code"] == "not-initialised"
     assert "trellis gateway init" in gateway["detail"]
+    for path in ("/v1/crl/gateway/intermediate.crl", "/v1/crl/gateway/root.pem"):
+        crl = assert_problem(rest.client.get(path), 503)
+        assert "trellis gateway init" in crl["detail"], path
+    for path in ("/v1/crl/nope/intermediate.crl", "/v1/crl/nope/intermediate.pem"):
+        assert assert_problem(rest.client.get(path), 404)["detail"] == "no authority named 'nope'"
     assert rest.client.get("/v1/authorities/mesh", headers=rest.admin).status_code == 200
 
 
@@ -54,10 +59,22 @@ def test_the_cli_exits_5_for_an_unknown_authority(tmp_path: Path, database_url: 
         ("authority", "rotate", "--authority", "nope", "--now"),
         ("authority", "revoke-intermediate", "--authority", "nope", "--yes"),
         ("openvpn", "server-cert", "--authority", "nope", "--out", str(tmp_path / "server")),
+        ("crl", "show", "--authority", "nope"),
+        ("crl", "fetch", "--authority", "nope", "--out", str(tmp_path / "nope.crl")),
     ):
         result = cli.run(*args, ok=False)
         assert result.returncode == 5, (args, result.stderr)
         assert result.stderr.startswith("trellis: ") and "nope" in result.stderr, args
-    gateway = cli.run("authority", "status", "--authority", "gateway", ok=False)
-    assert gateway.returncode == 7 and "trellis gateway init" in gateway.stderr
+    assert (
+        "no authority named 'nope'"
+        in cli.run("crl", "show", "--authority", "nope", ok=False).stderr
+    )
+    for args in (
+        ("authority", "status", "--authority", "gateway"),
+        ("crl", "show", "--authority", "gateway"),
+        ("crl", "fetch", "--authority", "gateway", "--out", str(tmp_path / "gateway.crl")),
+    ):
+        gateway = cli.run(*args, ok=False)
+        assert gateway.returncode == 7 and "trellis gateway init" in gateway.stderr, args
+    assert not (tmp_path / "nope.crl").exists() and not (tmp_path / "gateway.crl").exists()
     assert not (tmp_path / "server").exists()
