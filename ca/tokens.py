@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 from ca import audit
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import AuthenticationFailed, InvalidInput, NotFound, PermissionDenied
+from ca.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, PermissionDenied
 from ca.store.batch import Spend
 from ca.store.core import table
 from ca.store.models import EntryRow, TokenRow
@@ -233,12 +233,11 @@ def revoke_token(ctx: Context, token_id: str, *, actor: str = "local") -> TokenI
         row = session.get(TokenRow, token_id)
         if row is None:
             raise NotFound(f"token {token_id[:40]!r} does not exist")
-        if row.revoked_at is None:
-            row.revoked_at = ctx.clock.now()
-            session.add(row)
-            audit.record(
-                session, "token.revoked", f"token:{row.id}", actor=actor, at=row.revoked_at
-            )
-            session.commit()
-            session.refresh(row)
+        if row.revoked_at is not None:  # as for certificates: the first revocation stands
+            raise Conflict(f"token {row.id} is already revoked")
+        row.revoked_at = ctx.clock.now()
+        session.add(row)
+        audit.record(session, "token.revoked", f"token:{row.id}", actor=actor, at=row.revoked_at)
+        session.commit()
+        session.refresh(row)
         return _info(row)

@@ -218,7 +218,9 @@ def entry_enable(entry_id: str, json_out: JsonOpt = False) -> None:
 def token_create(
     entry: Annotated[str | None, typer.Option(help="Entry id: create a join token for it")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Create an admin token")] = False,
-    uses: Annotated[int, typer.Option(help="How many SVIDs the join token may obtain")] = 1,
+    uses: Annotated[
+        int | None, typer.Option(help="How many SVIDs the join token may obtain (default 1)")
+    ] = None,
     ttl: Annotated[
         str | None, typer.Option(help="Lifetime (join: default 1h; admin: default none)")
     ] = None,
@@ -228,6 +230,8 @@ def token_create(
     """Print a new token secret (shown once; only its hash is stored)."""
     if admin == (entry is not None):
         raise typer.BadParameter("give exactly one of --entry ID or --admin")
+    if admin and uses is not None:  # an admin token has no uses to count: not silently dropped
+        raise typer.BadParameter("--uses applies to join tokens only")
     ctx = STATE.context()
     if admin:
         info, secret = tokens.create_admin_token(
@@ -238,7 +242,7 @@ def token_create(
         info, secret = tokens.create_join_token(
             ctx,
             entry,
-            uses=uses,
+            uses=1 if uses is None else uses,
             ttl=Ttl.parse(ttl) if ttl else tokens.DEFAULT_JOIN_TTL,
             description=description,
             actor="cli",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from ca import audit
 from ca.clock import FixedClock
+from ca.config import Context
 from tests.api.restkit import Rest, assert_problem, bearer, make_csr
 
 
-def test_admin_token_create_list_revoke(rest: Rest, admin_token: str) -> None:
+def test_admin_token_create_list_revoke(rest: Rest, admin_token: str, ctx: Context) -> None:
     created = rest.client.post(
         "/v1/tokens", json={"admin": True, "description": "ci"}, headers=rest.admin
     )
@@ -33,9 +35,12 @@ def test_admin_token_create_list_revoke(rest: Rest, admin_token: str) -> None:
     assert "token" not in revoked.json()
 
     assert_problem(rest.client.get("/v1/entries", headers=new_admin), 401)
-    # Revoking twice is idempotent; the original admin is unaffected.
+    # Revoking twice is a conflict, as for certificates (docs/cli.md: exit 6): the first
+    # revocation stands, with its one audit record; the original admin is unaffected.
     again = rest.client.post(f"/v1/tokens/{body['id']}/revoke", headers=rest.admin)
-    assert again.status_code == 200 and again.json() == revoked.json()
+    assert "already revoked" in assert_problem(again, 409)["detail"]
+    assert rest.token(body["id"])["revoked_at"] == revoked.json()["revoked_at"]
+    assert len(audit.list_audit(ctx, event="token.revoked")) == 1
 
 
 def test_join_token_list_never_shows_secrets(rest: Rest) -> None:
