@@ -6,15 +6,21 @@ and passed down.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import Engine
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
-from ca.errors import Unavailable
+from ca.csr import check_dns_name
+from ca.errors import TrellisError, Unavailable
 from ca.files import data_directory
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
@@ -31,13 +37,16 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = None
     host: str = "127.0.0.1"
-    port: int = 8443
+    port: int = Field(8443, ge=1, le=65535)
+    workers: int = Field(1, ge=0)  # trellis serve's worker processes; 0: one per core
     trust_domain: str | None = None
     key_passphrase: SecretStr | None = None
     public_url: str | None = None
-    server_names: list[str] = []
+    # NoDecode: parsed by the validator below, so that a value that is not JSON is a
+    # validation error naming the variable, not pydantic-settings' SettingsError.
+    server_names: Annotated[list[str], NoDecode] = []
     key_backend: str = "file"  # where new authorities keep their keys: file or vault
-    bundle_refresh_hint: int = 300  # seconds, published as spiffe_refresh_hint
+    bundle_refresh_hint: int = Field(300, gt=0)  # seconds, published as spiffe_refresh_hint
 
     # Vault / OpenBao (the vault key backend; see docs/vault.md)
     vault_addr: str | None = None
@@ -58,6 +67,86 @@ class Settings(BaseSettings):
     vault_namespace: str | None = None
     vault_timeout: float = 10.0
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            driver = make_url(value).drivername
+        except ArgumentError:
+            raise ValueError("not a database URL (sqlite:///path or postgresql://...)") from None
+        if driver not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
+            raise ValueError(f"unsupported database {driver[:40]!r}: use sqlite or postgresql")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        """An address to bind, or a name resolving to one; it also goes into the serving
+        certificate (``ca.serving``), so a name must be a DNS name."""
+        if not _is_host(value):
+            raise ValueError("not an IP address or a host name")
+        return value
+
+    @field_validator("server_names", mode="before")
+    @classmethod
+    def _server_names_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+            if not isinstance(value, list):
+                raise ValueError("not a JSON list of names ('[\"trellis.example.org\"]')")
+        return value
+
+    @field_validator("server_names")
+    @classmethod
+    def _server_names(cls, value: list[str]) -> list[str]:
+        """Each goes into the serving certificate as an iPAddress or a dNSName SAN (RFC 5280
+        §4.2.1.6: a dNSName is a preferred name syntax host name, never empty)."""
+        names = []
+        for name in value:
+            try:
+                names.append(str(ipaddress.ip_address(name)))
+                continue
+            except ValueError:
+                pass
+            try:
+                names.append(check_dns_name(name))
+            except TrellisError as error:
+                raise ValueError(f"{error.detail}: give DNS names or IP addresses") from None
+        return names
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        """The base of the CRL, OCSP and caIssuers URLs in every certificate issued
+        (``RevocationUrls.under`` appends ``/v1/...``) and of Istio's ``spiffeBundleUrl``:
+        clients fetch them over HTTP(S), so no query or fragment (the appended path would
+        land inside it) and no user:password@ (it would be published in every certificate)."""
+        if value is None or value == "":
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError("not a URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an absolute http:// or https:// URL with a host")
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            raise ValueError("a query or fragment: give a base URL such as https://ca.example.org")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "a user name or password in the URL: it is published in every certificate"
+            )
+        if any(ch.isspace() for ch in value) or not value.isascii():
+            raise ValueError("spaces or non-ASCII characters: not a URL")
+        if not _is_host(parts.hostname):
+            raise ValueError(f"{parts.hostname[:64]!r} is not a host name or an IP address")
+        return value
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -71,6 +160,20 @@ class Settings(BaseSettings):
     @property
     def server_tls_dir(self) -> Path:
         return self.data_dir / "server"
+
+
+def _is_host(value: str) -> bool:
+    """An IP address or a host name (no wildcard)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    try:
+        check_dns_name(value)
+    except TrellisError:
+        return False
+    return "*" not in value
 
 
 @dataclass

@@ -76,7 +76,8 @@ def _bad_setting(error: pydantic.ValidationError, *, given: dict[str, Any]) -> s
     first = error.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "?"
     name = f"--{field.replace('_', '-')}" if field in given else f"TRELLIS_{field.upper()}"
-    return f"{name}={str(first.get('input'))[:80]!r}: {first['msg']}"
+    message = str(first["msg"]).removeprefix("Value error, ")  # a validator's own ValueError
+    return f"{name}={str(first.get('input'))[:80]!r}: {message}"
 
 
 class State:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from typing import Annotated
 
 import typer
 
 from ca.authority import active_issuer, check_keys, load_authority
+from ca.errors import Unavailable
 from ca.jobs import catch_up
 from ca.logs import configure_logging
 from ca.scheduler import start_scheduler
@@ -20,6 +22,24 @@ from cli.common import STATE
 # for them on each start (tests/cli/test_startup.py).
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the banner says where Trellis listens: a port in use
+    or an address this host does not have is one line and exit 8 (uvicorn would log a JSON
+    line and exit 3, the code of a failed authentication). It is inheritable: ``--workers``
+    hands it to the supervisor across ``exec``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise Unavailable(f"cannot listen on {where}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Listen address (TRELLIS_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (TRELLIS_PORT)")] = None,
@@ -27,17 +47,15 @@ def serve(
         bool, typer.Option("--no-tls", help="Plain HTTP: only behind a TLS-terminating proxy")
     ] = False,
     workers: Annotated[
-        int,
-        typer.Option(
-            help="Worker processes (TRELLIS_WORKERS; 0 = one per core)",
-            envvar="TRELLIS_WORKERS",
-            min=0,
-        ),
-    ] = 1,
+        int | None,
+        typer.Option(help="Worker processes (TRELLIS_WORKERS, default 1; 0 = one per core)"),
+    ] = None,
 ) -> None:
     """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""
-    ctx = STATE.context(serving=True, host=host, port=port)
+    # Host, port and workers are checked with the other settings, before anything is done.
+    ctx = STATE.context(serving=True, host=host, port=port, workers=workers)
     settings = ctx.settings
+    listener = listen(settings.host, settings.port)  # first: a port in use changes nothing
     configure_logging()
     load_authority(ctx)  # refuses to start without a CA, with the init hint
     catch_up(ctx)  # a process that was down past a transition performs it before serving
@@ -48,7 +66,7 @@ def serve(
     if not no_tls:
         tls = ensure_server_certificate(ctx)
         tls_options = {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)}
-    count = workers if workers > 0 else (os.cpu_count() or 1)
+    count = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
     display_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     label = issuer.trust_domain or issuer.authority
     typer.echo(f"Trellis serving {label}")
@@ -80,7 +98,7 @@ def serve(
         sys.stderr.flush()
         from cli.supervisor import command as supervisor_command
 
-        argv = supervisor_command({**common, "workers": count})
+        argv = supervisor_command({**common, "workers": count}, listener.fileno())
         os.execv(argv[0], argv)  # noqa: S606 (our own interpreter and module)
 
     import uvicorn
@@ -92,6 +110,6 @@ def serve(
     scheduler = start_scheduler(ctx)
     freeze_startup_heap()
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         scheduler.shutdown(wait=False)

@@ -7,7 +7,8 @@ this module, which imports only uvicorn: it binds the socket, starts the workers
 that die and stops them on SIGTERM. The workers serve requests and one of them runs the scheduled
 jobs (``api.asgi``).
 
-Invoked as ``python -m cli.supervisor '<json>'`` with uvicorn's options.
+Invoked as ``python -m cli.supervisor '<json>' FD`` with uvicorn's options and the listening
+socket ``serve`` bound (and reported failing to bind) before it replaced itself.
 
 The supervisor alone accepts connections and hands each to the worker holding the fewest
 (``Dispatcher``; the descriptor travels over a Unix socket pair, ``SCM_RIGHTS``), which then does
@@ -318,13 +319,13 @@ class HandedServer(uvicorn.Server):
         await super().shutdown(sockets=[])
 
 
-def command(options: dict[str, object]) -> list[str]:
-    """The argv ``serve`` execs into."""
-    return [sys.executable, "-m", "cli.supervisor", json.dumps(options)]
+def command(options: dict[str, object], listener: int) -> list[str]:
+    """The argv ``serve`` execs into; ``listener``: the descriptor of its bound socket."""
+    return [sys.executable, "-m", "cli.supervisor", json.dumps(options), str(listener)]
 
 
 def main(argv: list[str]) -> None:
-    (encoded,) = argv
+    encoded, descriptor = argv
     options = json.loads(encoded)
     configure_logging()
     logging.getLogger("trellis.serve").info(
@@ -335,7 +336,7 @@ def main(argv: list[str]) -> None:
         factory=True,
         **options,
     )
-    listener = config.bind_socket()  # uvicorn's: exits with STARTUP_FAILURE if the port is taken
+    listener = socket.socket(fileno=int(descriptor))
     listener.listen(config.backlog)
     HandingSupervisor(config, listener).run()
 

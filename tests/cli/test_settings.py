@@ -1,0 +1,117 @@
+"""Settings the CLI refuses: every bad ``TRELLIS_*`` value (or option overriding one) is one
+line naming it and exit 2, before anything is done (docs/configuration.md)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_walkthrough import Trellis
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Trellis:
+    """No CA: settings are judged before the data dir is looked at."""
+    return Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Trellis:
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    return cli
+
+
+def _one_line(result: object, starts: str) -> None:
+    stderr = getattr(result, "stderr", "")
+    assert getattr(result, "returncode", None) == 2, result
+    assert stderr.startswith(f"trellis: {starts}"), stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # RFC 5280 §4.2.1.6: a dNSName is a host name, never empty; they went into the
+        # serving certificate as DNS:bad name!, DNS:
+        ("TRELLIS_SERVER_NAMES", '["bad name!"]'),
+        ("TRELLIS_SERVER_NAMES", '["trellis.example.org", ""]'),
+        ("TRELLIS_SERVER_NAMES", "notjson"),  # pydantic-settings' SettingsError, a traceback
+        ("TRELLIS_SERVER_NAMES", '"trellis.example.org"'),
+        # Every certificate's CRL, OCSP and caIssuers URLs are built on it.
+        ("TRELLIS_PUBLIC_URL", "not a url"),
+        ("TRELLIS_PUBLIC_URL", "ftp://ca.example.org"),
+        ("TRELLIS_PUBLIC_URL", "https://ca.example.org/?y"),
+        ("TRELLIS_PUBLIC_URL", "https://ca.example.org/#z"),
+        ("TRELLIS_PUBLIC_URL", "https://user:pw@ca.example.org"),
+        ("TRELLIS_PUBLIC_URL", "https:///v1"),
+        ("TRELLIS_DATABASE_URL", "garbage"),  # sqlalchemy's ArgumentError, a traceback
+        ("TRELLIS_DATABASE_URL", "mysql://u@h/db"),
+        ("TRELLIS_BUNDLE_REFRESH_HINT", "-5"),  # published as spiffe_refresh_hint
+        ("TRELLIS_BUNDLE_REFRESH_HINT", "0"),
+        ("TRELLIS_WORKERS", "abc"),
+        ("TRELLIS_WORKERS", "-1"),
+        ("TRELLIS_PORT", "-1"),
+        ("TRELLIS_PORT", "70000"),
+        ("TRELLIS_HOST", "999.1.1.1"),
+        ("TRELLIS_HOST", "bad host"),
+    ],
+)
+def test_a_bad_setting_stops_every_command_in_one_line(
+    bare: Trellis, variable: str, value: str
+) -> None:
+    bare.env[variable] = value
+    for command in (["certs", "list"], ["serve"]):
+        _one_line(bare.run(*command, ok=False), f"{variable}={value!r}: ")
+    assert not bare.data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--port", "70000"), ("--port", "0"), ("--host", "999.1.1.1"), ("--workers", "-2")],
+)
+def test_a_bad_serve_option_is_one_line_before_the_banner(
+    bare: Trellis, option: str, value: str
+) -> None:
+    """--port 70000 printed "listening on https://127.0.0.1:70000" and listened on 4464."""
+    result = bare.run("serve", option, value, ok=False)
+    _one_line(result, f"{option}={value!r}: ")
+    assert result.stdout == ""
+
+
+def test_good_settings_are_accepted(bare: Trellis) -> None:
+    bare.env.update(
+        TRELLIS_SERVER_NAMES='["trellis.example.org", "*.mesh.example.org", "10.0.0.1", "::1"]',
+        TRELLIS_PUBLIC_URL="https://ca.example.org:8443/pki/",
+        TRELLIS_HOST="::",
+        TRELLIS_WORKERS="0",
+    )
+    bare.run("init", "--trust-domain", "example.org")
+    bare.run("certs", "list")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_exit_8_in_one_line_without_the_banner(
+    local: Trellis, workers: str
+) -> None:
+    """It printed "listening on ..." and then exited 3 (authentication failed) with a uvicorn
+    JSON log line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = local.run("serve", "--port", str(port), "--workers", workers, ok=False)
+    assert result.returncode == 8, result
+    assert result.stderr == f"trellis: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert "listening on" not in result.stdout
+
+
+def test_an_address_this_host_does_not_have_is_exit_8(local: Trellis) -> None:
+    result = local.run("serve", "--host", "192.0.2.1", "--port", "8443", ok=False)
+    assert result.returncode == 8, result
+    assert result.stderr.startswith("trellis: cannot listen on 192.0.2.1:8443: ")
+    assert result.stderr.count("\n") == 1 and "listening on" not in result.stdout
