@@ -23,7 +23,7 @@ from ca.authority import (
 )
 from ca.bundle import read_bundle, write_bundle_file
 from ca.durations import Ttl
-from ca.errors import Conflict
+from ca.errors import Conflict, InvalidInput
 from ca.files import write_atomic, write_private
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import bundle_jwks
@@ -69,7 +69,7 @@ def init(
     # Everything given is checked before the data dir is set up: a refused init leaves none.
     trust_domain = trust_domain or STATE.settings().trust_domain
     if not trust_domain:
-        raise typer.BadParameter("--trust-domain (or TRELLIS_TRUST_DOMAIN) is required")
+        raise InvalidInput("--trust-domain (or TRELLIS_TRUST_DOMAIN) is required")
     params = AuthorityParams(
         trust_domain=TrustDomain.parse(trust_domain),
         key_type=KeyType.parse(key_type) if key_type else KeyType.EC_P256,
@@ -229,9 +229,9 @@ def token_create(
 ) -> None:
     """Print a new token secret (shown once; only its hash is stored)."""
     if admin == (entry is not None):
-        raise typer.BadParameter("give exactly one of --entry ID or --admin")
+        raise InvalidInput("give exactly one of --entry ID or --admin")
     if admin and uses is not None:  # an admin token has no uses to count: not silently dropped
-        raise typer.BadParameter("--uses applies to join tokens only")
+        raise InvalidInput("--uses applies to join tokens only")
     ctx = STATE.context()
     if admin:
         info, secret = tokens.create_admin_token(
@@ -354,8 +354,10 @@ def revoke(
     json_out: JsonOpt = False,
 ) -> None:
     """Revoke one certificate by serial, or all live certificates of a SPIFFE ID."""
-    if (serial is None) == (spiffe_id is None):
-        raise typer.BadParameter("give a SERIAL or --spiffe-id, not both")
+    if serial is None and spiffe_id is None:
+        raise InvalidInput("give a SERIAL or --spiffe-id")
+    if serial is not None and spiffe_id is not None:
+        raise InvalidInput("give a SERIAL or --spiffe-id, not both")
     why = RevocationReason.parse(reason)
     ctx = STATE.context()
     request_id = f"cli-{uuid.uuid4().hex[:16]}"
@@ -400,6 +402,8 @@ def bundle_show(
     ] = None,
 ) -> None:
     """The trust bundle: PEM roots, or the SPIFFE JWK Set with its sequence."""
+    if format not in ("pem", "jwks"):
+        raise InvalidInput(f"--format {format[:20]!r}: pem or jwks")
     ctx = STATE.context()
     if format == "pem":
         data = bundle_pem(ctx)
@@ -411,8 +415,6 @@ def bundle_show(
             ctx.settings.bundle_refresh_hint,
         )
         data = json.dumps(document, indent=2).encode() + b"\n"
-    else:
-        raise typer.BadParameter("--format is pem or jwks")
     if out is not None:
         write_atomic(out, data)
     else:

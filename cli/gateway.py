@@ -164,11 +164,9 @@ def cert_issue(
     """Issue a clientAuth certificate with CN = NAME, from a CSR or as a PKCS#12 bundle."""
     if csr is not None:
         if out is None or p12 is not None or p12_password_file is not None or legacy_p12:
-            raise typer.BadParameter("--csr needs --out and no --p12 options")
+            raise InvalidInput("--csr needs --out and no --p12 options")
     elif p12 is None or p12_password_file is None or out is not None:
-        raise typer.BadParameter(
-            "give --csr FILE --out CERT.pem, or --p12 OUT --p12-password-file F"
-        )
+        raise InvalidInput("give --csr FILE --out CERT.pem, or --p12 OUT --p12-password-file F")
     ctx = STATE.context()
     request = gateway.CertRequest(
         consumer=gateway.ConsumerName(name),
@@ -289,10 +287,10 @@ def truststore(
     ctx = STATE.context()
     if refresh:
         if format is not None or out is not None:
-            raise typer.BadParameter("--refresh takes no --format or --out")
+            raise InvalidInput("--refresh takes no --format or --out")
         written = gateway.refresh_truststores(ctx)
     elif format is None or out is None:
-        raise typer.BadParameter("give --format and --out (or --refresh)")
+        raise InvalidInput("give --format and --out (or --refresh)")
     else:
         written = gateway.write_truststore(ctx, gateway.TruststoreFormat.parse(format), out)
     for path in written:

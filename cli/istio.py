@@ -9,6 +9,7 @@ import typer
 from sqlmodel import Session, select
 
 from ca.durations import Ttl
+from ca.errors import InvalidInput
 from ca.istio import (
     IstioParams,
     deliver,
@@ -55,7 +56,7 @@ def issue(
     The scheduler renews it into the same output.
     """
     if out is None and kubeconfig is None:
-        raise typer.BadParameter("give --out PATH or --kubeconfig PATH", param_hint="--out")
+        raise InvalidInput("give --out PATH or --kubeconfig PATH")
     params = IstioParams(
         cluster=cluster,
         key_type=KeyType.parse(key_type),

@@ -115,3 +115,21 @@ def test_an_address_this_host_does_not_have_is_exit_8(local: Trellis) -> None:
     assert result.returncode == 8, result
     assert result.stderr.startswith("trellis: cannot listen on 192.0.2.1:8443: ")
     assert result.stderr.count("\n") == 1 and "listening on" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["token", "create"], "give exactly one of --entry ID or --admin"),
+        (["revoke", "--yes"], "give a SERIAL or --spiffe-id\n"),  # it said "not both"
+        (["bundle", "show", "--format", "bogus"], "--format 'bogus': pem or jwks"),
+        (["init"], "--trust-domain (or TRELLIS_TRUST_DOMAIN) is required"),
+        (["istio", "issue", "--cluster", "c1"], "give --out PATH or --kubeconfig PATH"),
+    ],
+)
+def test_trellis_own_usage_checks_are_one_line(
+    local: Trellis, args: list[str], message: str
+) -> None:
+    """They went through click: Usage, Try and Error, three lines (docs/cli.md: one line)."""
+    result = local.run(*args, ok=False)
+    _one_line(result, message)
