@@ -43,7 +43,7 @@ from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.files import write_atomic, write_private
 from ca.store import db
 
-__all__ = ["BackupResult", "backup", "restore"]
+__all__ = ["BackupResult", "backup", "check_backup", "restore"]
 
 FORMAT = "trellis-backup/1"
 _DB_NAME = "trellis.db"
@@ -76,6 +76,12 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes, mode: int = 0o600) ->
     info.size, info.mode = len(data), mode
     archive.addfile(info, io.BytesIO(data))
     return hashlib.sha256(data).hexdigest()
+
+
+def check_backup(settings: Settings) -> None:
+    """Before the store is opened: a PostgreSQL database is refused (exit 2) without being
+    connected to, so that a database that is down does not hide that pg_dump is the tool."""
+    _sqlite_path(settings)
 
 
 def backup(ctx: Context, out: Path) -> BackupResult:
@@ -115,9 +121,13 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
     was written."""
     target_db = _sqlite_path(settings)
     data_dir = settings.data_dir
-    _check_data_dir_empty(data_dir, target_db)
-    _check_database_empty(target_db)
-    handle = _opened(archive_path)
+    handle = _opened(archive_path)  # first: a file that is not there is the argument's fault
+    try:
+        _check_data_dir_empty(data_dir, target_db)
+        _check_database_empty(target_db)
+    except BaseException:
+        handle.close()
+        raise
     with (
         handle,
         _unreadable_as_invalid(archive_path),

@@ -120,7 +120,7 @@ class WorkloadClient:
         try:
             self._tls = ssl.create_default_context(cafile=str(bundle))
         except (OSError, ssl.SSLError):
-            raise errors.InvalidInput(f"cannot read the trust bundle {bundle}") from None
+            raise errors.InvalidInput(f"--bundle {bundle}: cannot read the trust bundle") from None
         self._clock = clock or SystemClock()
 
     def _request(self, method: str, path: str, **options: Any) -> httpx.Response:

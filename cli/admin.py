@@ -83,6 +83,13 @@ def init(
     check_params(params)
     if key_backend is not None:
         check_backend_name(key_backend)
+    settings = STATE.settings()
+    if (key_backend or settings.key_backend) == "vault" and not settings.vault_addr:
+        # The operator asked for Vault without saying where it is: their mistake, not an outage.
+        raise InvalidInput(
+            "the vault key backend needs TRELLIS_VAULT_ADDR and its auth settings"
+            " (TRELLIS_VAULT_TOKEN, or TRELLIS_VAULT_AUTH_METHOD and its own: docs/vault.md)"
+        )
     with STATE.setting_up() as ctx:
         try:
             created: Issuer | None = init_authority(ctx, params)

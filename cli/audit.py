@@ -76,7 +76,10 @@ def seal_cmd() -> None:
 def _anchors(path: Path | None) -> audit.Anchors | None:
     if path is None:
         return None
-    text = path.read_bytes()  # unreadable: OSError, exit 8 (cli.main)
+    try:
+        text = path.read_bytes()  # unreadable (permissions, I/O): OSError, exit 8 (cli.main)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise InvalidInput(f"--bundle {path}: no such file") from None
     try:
         certificates = x509.load_pem_x509_certificates(text)
     except ValueError:

@@ -110,20 +110,25 @@ def root(
     STATE.database_url = database_url
 
 
+def _one_line(message: str) -> str:
+    """A message from below (libpq's spans lines, tab-indented) as the one line promised."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Domain failures leave as one line on stderr and a documented exit code (docs/cli.md);
     usage errors keep click's usual message and exit 2."""
     try:
         app(args=argv, prog_name="trellis")
     except TrellisError as error:
-        typer.echo(f"trellis: {error.detail}", err=True)
+        typer.echo(f"trellis: {_one_line(error.detail)}", err=True)
         sys.exit(exit_code(error))
     except OSError as error:  # a file the command reads or writes (an --out checked earlier)
         where = f"{error.filename}: " if error.filename else ""
-        typer.echo(f"trellis: {where}{error.strerror or error}", err=True)
+        typer.echo(f"trellis: {_one_line(f'{where}{error.strerror or error}')}", err=True)
         sys.exit(EXIT_CODES[Unavailable])
     except sa.exc.DatabaseError as error:  # not a database, or a damaged one
-        typer.echo(f"trellis: the database cannot be used: {error.orig}", err=True)
+        typer.echo(f"trellis: the database cannot be used: {_one_line(str(error.orig))}", err=True)
         sys.exit(EXIT_CODES[Unavailable])
     finally:
         STATE.close()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ca.backup import backup as run_backup
+from ca.backup import check_backup
 from ca.backup import restore as run_restore
 from cli.common import STATE, emit_json, out_file
 
@@ -19,6 +20,7 @@ def backup(
     json_out: JsonOpt = False,
 ) -> None:
     """Consistent snapshot of the database and the (still encrypted) CA keys: SQLite installs."""
+    check_backup(STATE.settings())
     result = run_backup(STATE.context(), out)
     if json_out:
         emit_json({"path": str(result.path), "schema": result.schema, "files": list(result.files)})

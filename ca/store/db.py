@@ -314,7 +314,9 @@ def upgrade(engine: Engine) -> None:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
     except sa.exc.OperationalError as exc:
-        raise Unavailable(f"cannot reach the database: {exc.orig}") from None
+        # libpq's message spans lines, tab-indented ("connection to server ... failed:\n\t...").
+        reason = " ".join(str(exc.orig).split())
+        raise Unavailable(f"cannot reach the database: {reason}") from None
 
 
 def schema_status(engine: Engine) -> tuple[str | None, str]:

@@ -133,3 +133,57 @@ def test_trellis_own_usage_checks_are_one_line(
     """They went through click: Usage, Try and Error, three lines (docs/cli.md: one line)."""
     result = local.run(*args, ok=False)
     _one_line(result, message)
+
+
+def test_backup_refuses_postgresql_before_connecting_and_messages_are_one_line(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """backup connected first (exit 8, libpq's two lines); docs/operations.md: exit 2."""
+    down = "postgresql://u:p@127.0.0.1:1/db"
+    local.env["TRELLIS_DATABASE_URL"] = down
+    _one_line(
+        local.run("backup", "--out", str(tmp_path / "x.tgz"), ok=False),
+        "trellis backup covers SQLite installations",
+    )
+    unreachable = local.run("certs", "list", ok=False)
+    assert unreachable.returncode == 8, unreachable
+    assert unreachable.stderr.startswith("trellis: cannot reach the database: ")
+    assert unreachable.stderr.count("\n") == 1 and "\t" not in unreachable.stderr
+
+
+def test_init_with_vault_but_no_vault_settings_is_the_operators_mistake(bare: Trellis) -> None:
+    _one_line(
+        bare.run("init", "--trust-domain", "example.org", "--key-backend", "vault", ok=False),
+        "the vault key backend needs TRELLIS_VAULT_ADDR",
+    )
+    assert not bare.data_dir.exists()
+
+
+def test_a_bundle_that_is_not_there_is_exit_2_naming_bundle(local: Trellis, tmp_path: Path) -> None:
+    missing = tmp_path / "nonexist.pem"
+    _one_line(
+        local.run("audit", "verify", "--bundle", str(missing), ok=False),
+        f"--bundle {missing}: no such file",
+    )
+    request = local.run(
+        "svid",
+        "request",
+        "--server",
+        "https://127.0.0.1:1",
+        "--bundle",
+        str(missing),
+        "--token",
+        "t",
+        "--out",
+        str(tmp_path / "out"),
+        ok=False,
+    )
+    _one_line(request, f"--bundle {missing}: cannot read the trust bundle")
+
+
+def test_restore_of_a_file_that_is_not_there_is_exit_2_before_the_data_dir(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """A non-empty data dir was reported (exit 6) for an archive that does not exist."""
+    missing = tmp_path / "nonexist.tgz"
+    _one_line(local.run("restore", str(missing), ok=False), f"{missing}: no such backup file")
