@@ -179,7 +179,11 @@ def _check_signature(cert: x509.Certificate, signature: bytes, data: bytes) -> b
 @dataclass(frozen=True, slots=True)
 class Sealed:
     records: int
-    head_seq: int | None
+    head_seq: int | None  # the head this run chained to, None when it chained nothing
+    # The chain's head after the run (seq, hash), None while the chain is empty, and the seq
+    # of the newest signed head: what an operator compares with a witnessed one (``--head``).
+    head: tuple[int, str] | None = None
+    signed_seq: int | None = None
 
 
 _AUDIT, _SEALS = table(AuditRow), table(AuditSealRow)
@@ -384,6 +388,7 @@ def _sealing(
         yield _Write(_chunk_writer(chained, signature))
         if signature is not None:
             _witness(seq, previous)
+            signed_seq = seq
         total += len(chained)
         if last:
             break
@@ -392,7 +397,10 @@ def _sealing(
         if signature is not None:
             yield _Write(_chunk_writer([], signature))
             _witness(seq, previous)
-    return Sealed(total, seq if total else None)
+            signed_seq = seq
+    return Sealed(
+        total, seq if total else None, (seq, previous) if seq else None, signed_seq or None
+    )
 
 
 def _witness(seq: int, head: str) -> None:

@@ -32,7 +32,7 @@ from ca.keys.store import check_backend_name
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, confirm, emit_json, out_file, table, when
+from cli.common import STATE, confirm, emit_json, iso, out_file, table, when
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -118,8 +118,8 @@ def init(
         "created": True,
         "trust_domain": str(issuer.trust_domain),
         "root_fingerprint_sha256": fingerprint(root),
-        "root_not_after": root.not_valid_after_utc.isoformat(),
-        "intermediate_not_after": issuer.certificate.not_valid_after_utc.isoformat(),
+        "root_not_after": iso(root.not_valid_after_utc),
+        "intermediate_not_after": iso(issuer.certificate.not_valid_after_utc),
         "bundle_path": str(bundle_path),
         "admin_token_path": str(ctx.settings.admin_token_path),
     }

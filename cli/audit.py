@@ -12,7 +12,7 @@ from cryptography import x509
 
 from ca import audit
 from ca.errors import InvalidInput
-from cli.common import STATE, emit_json, table, when
+from cli.common import STATE, emit_json, iso, table, when
 
 audit_app = typer.Typer(
     help="The audit trail of every security-relevant change.", no_args_is_help=True
@@ -48,7 +48,7 @@ def list_cmd(
                 {
                     "id": e.id,
                     "seq": e.seq,
-                    "at": e.at.isoformat(),
+                    "at": iso(e.at),
                     "actor": e.actor,
                     "event": e.event,
                     "subject": e.subject,
@@ -66,11 +66,24 @@ def list_cmd(
 
 
 @audit_app.command("seal")
-def seal_cmd() -> None:
+def seal_cmd(json_out: JsonOpt = False) -> None:
     """Chain settled records and sign the head now (the server chains every 2 seconds and
     signs every 10)."""
     result = audit.seal(STATE.context())
-    typer.echo(f"sealed {result.records} record(s); head at seq {result.head_seq or '-'}")
+    head_seq, head_hash = result.head or (None, None)
+    if json_out:
+        emit_json(
+            {
+                "records": result.records,
+                "head_seq": head_seq,
+                "head_hash": head_hash,
+                "signed_seq": result.signed_seq,
+            }
+        )
+        return
+    head = f"head at seq {head_seq} ({head_hash})" if head_seq else "the chain is empty"
+    signed = f", signed at seq {result.signed_seq}" if result.signed_seq else ", not signed yet"
+    typer.echo(f"sealed {result.records} record(s); {head}{signed}")
 
 
 def _anchors(path: Path | None) -> audit.Anchors | None:

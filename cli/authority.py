@@ -15,7 +15,7 @@ from ca.revocation import RevocationReason
 from ca.root_rotation import rotate_root
 from ca.rotation import authority_status, rotate
 from ca.scheduler import job_statuses
-from cli.common import STATE, confirm, emit_json, table, when
+from cli.common import STATE, confirm, emit_json, iso, table, when
 
 authority_app = typer.Typer(
     help="The CA hierarchy: status, rotation, emergencies.", no_args_is_help=True
@@ -65,11 +65,7 @@ def rotate_now(
     done = rotate(STATE.context(), authority, force=now, actor="cli")
     if json_out:
         emit_json(
-            {
-                "transitions": [
-                    {"event": t.event, "serial": t.serial, "at": t.at.isoformat()} for t in done
-                ]
-            }
+            {"transitions": [{"event": t.event, "serial": t.serial, "at": iso(t.at)} for t in done]}
         )
         return
     for transition in done:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import shutil
 import sys
@@ -221,3 +222,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def when(value: object) -> str:
     return "-" if value is None else str(value).replace("+00:00", "Z")
+
+
+def iso(value: dt.datetime) -> str:
+    """An instant in ``--json`` output as the REST models write it (``2026-11-27T15:30:54Z``,
+    docs/cli.md), for the documents the CLI builds itself; a naive one is UTC, as stored."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")

@@ -20,7 +20,7 @@ from ca.istio import (
 from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.store.models import IstioClusterRow
-from cli.common import STATE, emit_json, out_dir, out_file, table, when
+from cli.common import STATE, emit_json, iso, out_dir, out_file, table, when
 
 istio_app = typer.Typer(help="Istio plug-in CA intermediates and mesh trust.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -74,7 +74,7 @@ def issue(
     info = {
         "cluster": cluster,
         "serial": format_serial(cert.serial_number),
-        "not_after": cert.not_valid_after_utc.isoformat(),
+        "not_after": iso(cert.not_valid_after_utc),
         "sha256": fingerprint(cert),
         "written": [] if kubeconfig else delivered,
         "applied": delivered[0] if kubeconfig else None,
@@ -103,7 +103,7 @@ def list_clusters(json_out: JsonOpt = False) -> None:
                 {
                     "cluster": r.cluster,
                     "serial": r.serial,
-                    "not_after": r.not_after.isoformat(),
+                    "not_after": iso(r.not_after),
                     "key_type": r.key_type,
                     "output": r.output,
                     "format": r.output_format,

@@ -11,7 +11,7 @@ from cryptography import x509
 from ca.authority import MESH
 from ca.crl import current_crl
 from ca.files import write_atomic
-from cli.common import STATE, emit_json, out_file, table, when
+from cli.common import STATE, emit_json, iso, out_file, table, when
 
 crl_app = typer.Typer(help="Certificate revocation lists.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -27,7 +27,7 @@ def crl_show(
     crl = current_crl(STATE.context(), authority, ca)
     parsed = x509.load_der_x509_crl(crl.der)
     entries = [
-        {"serial": format(r.serial_number, "x"), "revoked_at": r.revocation_date_utc.isoformat()}
+        {"serial": format(r.serial_number, "x"), "revoked_at": iso(r.revocation_date_utc)}
         for r in parsed
     ]
     if json_out:
@@ -36,8 +36,8 @@ def crl_show(
                 "authority": authority,
                 "ca_serial": crl.ca_serial,
                 "number": crl.number,
-                "this_update": crl.this_update.isoformat(),
-                "next_update": crl.next_update.isoformat(),
+                "this_update": iso(crl.this_update),
+                "next_update": iso(crl.next_update),
                 "issuer": parsed.issuer.rfc4514_string(),
                 "revoked": entries,
             }
