@@ -26,6 +26,27 @@ def _at_revision(url: str, revision: str = "0001") -> sa.Engine:
     return engine
 
 
+def _insert_ca(
+    connection: sa.Connection, ca_id: int, role: str, parent: int | None, when: dt.datetime
+) -> None:
+    connection.execute(
+        sa.text(
+            "INSERT INTO ca (id, authority, role, state, serial, parent_id, subject, "
+            "key_backend, key_ref, key_type, cert_pem, not_before, not_after, created_at) "
+            "VALUES (:id, 'mesh', :role, 'active', :serial, :parent, 'CN=x', 'file', "
+            ":ref, 'ec-p256', 'pem', :t, :t, :t)"
+        ),
+        {
+            "id": ca_id,
+            "role": role,
+            "serial": f"{ca_id:x}",
+            "parent": parent,
+            "ref": f"k{ca_id}",
+            "t": when,
+        },
+    )
+
+
 def _populate(engine: sa.Engine) -> None:
     naive = engine.dialect.name == "sqlite"
     when = NOW.replace(tzinfo=None) if naive else NOW
@@ -38,22 +59,7 @@ def _populate(engine: sa.Engine) -> None:
             {"t": when},
         )
         for ca_id, role, parent in ((1, "root", None), (2, "intermediate", 1)):
-            connection.execute(
-                sa.text(
-                    "INSERT INTO ca (id, authority, role, state, serial, parent_id, subject, "
-                    "key_backend, key_ref, key_type, cert_pem, not_before, not_after, created_at) "
-                    "VALUES (:id, 'mesh', :role, 'active', :serial, :parent, 'CN=x', 'file', "
-                    ":ref, 'ec-p256', 'pem', :t, :t, :t)"
-                ),
-                {
-                    "id": ca_id,
-                    "role": role,
-                    "serial": f"{ca_id:x}",
-                    "parent": parent,
-                    "ref": f"k{ca_id}",
-                    "t": when,
-                },
-            )
+            _insert_ca(connection, ca_id, role, parent, when)
         connection.execute(
             sa.text(
                 "INSERT INTO certificate (serial, authority, issuer_ca_id, profile, spiffe_id, "
@@ -165,15 +171,7 @@ def test_crls_stored_under_a_cross_certificate_are_deleted_by_0016(database_url:
     naive = engine.dialect.name == "sqlite"
     when = NOW.replace(tzinfo=None) if naive else NOW
     with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "INSERT INTO ca (id, authority, role, state, serial, parent_id, subject, "
-                "key_backend, key_ref, key_type, cert_pem, not_before, not_after, created_at) "
-                "VALUES (3, 'mesh', 'cross', 'active', '3', 1, 'CN=x', 'file', 'k1', "
-                "'ec-p256', 'pem', :t, :t, :t)"
-            ),
-            {"t": when},
-        )
+        _insert_ca(connection, 3, "cross", 1, when)
         for ca_id in (1, 2, 3):
             connection.execute(
                 sa.text(
