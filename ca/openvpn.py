@@ -29,6 +29,7 @@ import enum
 import ipaddress
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ __all__ = [
     "TlsCrypt",
     "VpnName",
     "add_client",
+    "check_out_dir",
     "check_pool",
     "client_pool",
     "configure",
@@ -406,6 +408,19 @@ class ServerCredentials:
     key_pem: bytes
 
 
+def check_out_dir(ctx: Context, authority: str, out_dir: Path, names: Iterable[str]) -> None:
+    """Refuse, before anything is issued, to write ``names`` into ``out_dir`` when another
+    authority or a truststore keeps one of those files current (``ca.keepers``): the two would
+    overwrite each other, and the other's server would present this one's certificate."""
+    with Session(ctx.engine) as session:
+        check_free(
+            session,
+            openvpn_keeper(authority),
+            Footprint.of(out_dir.absolute() / name for name in names),
+            f"the server directory {out_dir}",
+        )
+
+
 def issue_server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials:
     """A serverAuth-only leaf (``remote-cert-tls server``), by default for the CN profiles pin
     with ``verify-x509-name``. Another CN (a second server's) leaves the pinned one alone: only
@@ -533,15 +548,8 @@ def server_config(
     elif stored is not None and (own_crl is None or stored != own_crl.resolve()):
         conf_path(stored, "the configured CRL path (set another with configure)")
     if out_dir is not None:
-        # Nothing another authority or a truststore keeps current may be written over: this
-        # directory's certificate is renewed here from now on, and maybe its crl.pem.
-        with Session(ctx.engine) as session:
-            check_free(
-                session,
-                openvpn_keeper(request.authority),
-                Footprint.of(out_dir.absolute() / name for name in SERVER_DIR_FILES),
-                f"the server directory {out_dir}",
-            )
+        # this directory's certificate is renewed here from now on, and maybe its crl.pem
+        check_out_dir(ctx, request.authority, out_dir, SERVER_DIR_FILES)
     credentials = issue_server_cert(ctx, request)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)

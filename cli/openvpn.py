@@ -110,9 +110,12 @@ def server_cert(
 ) -> None:
     """Issue a server certificate (serverAuth only): DIR/server.crt (leaf+chain), server.key."""
     request = _server_request(authority, cn, key_type, ttl)
-    credentials = openvpn.issue_server_cert(STATE.context(), request)
+    ctx = STATE.context()
+    files = ("server.crt", "server.key")
+    openvpn.check_out_dir(ctx, authority, out, files)
+    credentials = openvpn.issue_server_cert(ctx, request)
     written = openvpn.write_files(
-        {"server.crt": credentials.certificate_pem, "server.key": credentials.key_pem}, out
+        dict(zip(files, (credentials.certificate_pem, credentials.key_pem), strict=True)), out
     )
     if json_out:
         out_model = ServerCertOut.of(credentials)

@@ -122,6 +122,13 @@ def test_the_cli_refuses_with_exit_2_and_changes_nothing(tmp_path: Path) -> None
     refused = operator.run("openvpn", "server-config", "--authority", "vpn2", "--out", str(srv),
                       ok=False)  # fmt: skip
     assert refused.returncode == 2 and "kept current by OpenVPN authority 'vpn'" in refused.stderr
+    serving = (srv / "server.crt").read_bytes()
+    certificates = cli.run("certs", "list", "--json").stdout
+    refused = operator.run("openvpn", "server-cert", "--authority", "vpn2", "--out", str(srv),
+                      ok=False)  # fmt: skip
+    assert refused.returncode == 2 and "kept current by OpenVPN authority 'vpn'" in refused.stderr
+    assert (srv / "server.crt").read_bytes() == serving  # and nothing was issued
+    assert cli.run("certs", "list", "--json").stdout == certificates
     cli.run("gateway", "init")
     refused = operator.run(
         "gateway", "truststore", "--format", "nginx", "--out", str(srv), ok=False
