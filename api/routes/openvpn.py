@@ -232,7 +232,7 @@ def revoke_client(
     response_class=Response,
     responses={
         200: {"content": {"application/x-pem-file": {}}, "description": "One CRL per CA"},
-        **responses(400, 404),
+        **responses(400, 404, 503),
     },
     summary="What crl-verify reads: a PEM CRL for every CA of the chain (no authentication)",
 )

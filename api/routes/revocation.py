@@ -38,7 +38,7 @@ CRL_CACHE = "public, max-age=300"
 @public.get(
     "/v1/crl/{authority}/{ca}.crl",
     response_class=Response,
-    responses={200: {"content": {"application/pkix-crl": {}}}, **responses(400, 404)},
+    responses={200: {"content": {"application/pkix-crl": {}}}, **responses(400, 404, 503)},
     summary="A CA's current CRL (DER). `ca` is a CA serial, `root` or `intermediate`",
 )
 def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
@@ -51,7 +51,7 @@ def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
 @public.get(
     "/v1/crl/{authority}/{ca}.pem",
     response_class=Response,
-    responses={200: {"content": {"application/x-pem-file": {}}}, **responses(400, 404)},
+    responses={200: {"content": {"application/x-pem-file": {}}}, **responses(400, 404, 503)},
     summary="A CA's current CRL (PEM)",
 )
 def crl_pem(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
@@ -70,7 +70,7 @@ def _crl_headers(number: int, body: bytes) -> dict[str, str]:
 @public.get(
     "/v1/ca/{authority}/{ca}.crt",
     response_class=Response,
-    responses={200: {"content": {"application/pkix-cert": {}}}, **responses(400, 404)},
+    responses={200: {"content": {"application/pkix-cert": {}}}, **responses(400, 404, 503)},
     summary="A CA certificate (DER), the target of caIssuers in issued certificates",
 )
 def ca_cert(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
