@@ -88,7 +88,11 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
     tls = ServerTls(directory / "tls.crt", directory / "tls.key", write_bundle_file(ctx))
     if not _still_good(tls.cert_path, ctx, issuer.certificate, set(dns) | set(ips)):
         key = KeyType.EC_P256.generate()
-        svid = issue_for_key(ctx, server_grant(ctx, dns, ips, SERVER_TTL), key.public_key())
+        # Asked for no longer than the issuer lives: it would be cut there anyway, and issuance
+        # warns about a cut lifetime (meant for a workload's, not this expected one).
+        left = issuer.certificate.not_valid_after_utc - ctx.clock.now()
+        ttl = Ttl(min(SERVER_TTL.seconds, max(int(left.total_seconds()), 60)))
+        svid = issue_for_key(ctx, server_grant(ctx, dns, ips, ttl), key.public_key())
         write_private(tls.key_path, private_key_pem(key))
         write_atomic(tls.cert_path, svid.certificate_pem + svid.chain_pem)
     return tls

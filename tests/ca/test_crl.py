@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import shutil
 import subprocess
 import threading
@@ -334,6 +335,19 @@ def test_a_revoked_serving_certificate_is_replaced_with_a_new_key(ctx: Context) 
     assert tls.key_path.read_bytes() != key
     assert second.public_key() != first.public_key()
     assert get_certificate(ctx, serial_of(second)).status is CertStatus.ACTIVE
+
+
+def test_the_serving_certificate_asks_for_no_more_than_its_issuer_lives(
+    ctx: Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It lives as long as its issuer (7 days by default, under its 30); asking for 30 days
+    had every start warn "lifetime 30d cut to the issuing CA's notAfter", a warning meant for
+    workloads whose entries ask for more than the CA can give."""
+    with caplog.at_level(logging.WARNING, logger="trellis.issue"):
+        tls = ensure_server_certificate(ctx)
+    assert not [r for r in caplog.records if r.name == "trellis.issue"], caplog.records
+    served = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())
+    assert served[0].not_valid_after_utc <= served[1].not_valid_after_utc
 
 
 def test_revoke_identity_revokes_every_live_certificate_in_one_step(
