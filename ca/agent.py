@@ -104,6 +104,17 @@ class Held:
         return self.seen_at + (self.not_after - self.seen_at) * fraction
 
 
+def _retryable(raised: errors.TrellisError | OSError) -> errors.TrellisError:
+    """A file the agent could not write (a full disk, a volume gone read-only) is retried like
+    a server that cannot be reached: the SVID directory is swapped whole (``..data``), so the
+    one on disk is still the last good one, and it stays usable while it lives. The agent
+    exited on it, and with it the workload's renewals."""
+    if isinstance(raised, errors.TrellisError):
+        return raised
+    where = f"{raised.filename}: " if raised.filename else ""
+    return errors.Unavailable(f"cannot write the SVID files: {where}{raised.strerror or raised}")
+
+
 class Agent:
     def __init__(
         self,
@@ -203,7 +214,8 @@ class Agent:
                         self.refresh_bundle()
                     next_bundle = self.clock.now() + self.config.bundle_refresh
                     backoff = 1.0
-                except errors.TrellisError as exc:
+                except (errors.TrellisError, OSError) as raised:
+                    exc = _retryable(raised)
                     if self.clock.now() >= held.not_after:
                         held = self._recover(exc)
                         renew_at = held.renew_at(self.rng)

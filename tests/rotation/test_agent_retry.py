@@ -5,7 +5,9 @@ sleeping is replaced by moving the clock."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import itertools
+import logging
 import random
 from pathlib import Path
 
@@ -67,3 +69,38 @@ def test_retries_close_in_on_expiry_while_the_server_is_down(
         left = (not_after - earlier).total_seconds()
         gap = (later - earlier).total_seconds()
         assert gap <= max(2.0, left / 2), (earlier, later, agent.attempts)
+
+
+class FullDisk(Agent):
+    """The first renewal's files cannot be written (ENOSPC); later ones reach the closed port."""
+
+    attempts: list[dt.datetime]
+
+    def renew(self) -> Held:
+        self.attempts.append(self.clock.now())
+        if len(self.attempts) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.files.directory))
+        return super().renew()
+
+
+@SQLITE_ONLY
+def test_a_file_it_cannot_write_is_retried_not_fatal(
+    drill_ctx: Context, clock: FixedClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk at a renewal ended the agent (an OSError out of run), and with it the
+    workload's renewals; it is now a warning and a retry like an unreachable server."""
+    key = KeyType.EC_P256.generate()
+    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
+    svid = mint_svid(drill_ctx, grant, key, Ttl(120))
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
+    config = AgentConfig(f"https://127.0.0.1:{free_port()}", files.bundle, files.directory)
+    agent = FullDisk(
+        config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
+        rng=random.Random(7),
+    )  # fmt: skip
+    agent.attempts = []
+    with caplog.at_level(logging.WARNING, logger="trellis.agent"):
+        agent.run(stop=lambda: len(agent.attempts) >= 3)
+    assert len(agent.attempts) == 3
+    assert any("No space left on device" in r.getMessage() for r in caplog.records), caplog.text
