@@ -12,6 +12,7 @@ from ca import openvpn
 from ca.durations import Ttl
 from ca.errors import InvalidInput, Unavailable
 from ca.files import write_atomic, write_private
+from ca.keepers import SERVER_FILES
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from cli.common import STATE, confirm, emit_json, out_dir, out_file, table, when
@@ -111,11 +112,10 @@ def server_cert(
     """Issue a server certificate (serverAuth only): DIR/server.crt (leaf+chain), server.key."""
     request = _server_request(authority, cn, key_type, ttl)
     ctx = STATE.context()
-    files = ("server.crt", "server.key")
-    openvpn.check_out_dir(ctx, authority, out, files)
+    openvpn.check_out_dir(ctx, authority, out, SERVER_FILES)
     credentials = openvpn.issue_server_cert(ctx, request)
     written = openvpn.write_files(
-        dict(zip(files, (credentials.certificate_pem, credentials.key_pem), strict=True)), out
+        {"server.crt": credentials.certificate_pem, "server.key": credentials.key_pem}, out
     )
     if json_out:
         out_model = ServerCertOut.of(credentials)
