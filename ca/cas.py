@@ -23,6 +23,7 @@ __all__ = [
     "find_ca",
     "find_crl_issuer",
     "load_ca_key",
+    "signing_keys",
 ]
 
 
@@ -43,6 +44,20 @@ def load_ca_key(ctx: Context, row: CaRow) -> Signer:
     signature it makes is then checked against the certificate relying parties hold
     (docs/vault.md), not against whatever key the store now keeps under the name."""
     return ctx.keys.load(ca_handle(row), certified=ca_certificate(ctx, row).public_key())
+
+
+def signing_keys(ctx: Context, backend: str) -> list[KeyHandle]:
+    """The keys in ``backend`` of every CA that may still sign (active or prepared, never
+    revoked), each once: what ``trellis vault check`` looks at."""
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(CaRow).where(
+                CaRow.key_backend == backend,
+                col(CaRow.state).in_(("active", "prepared")),
+                col(CaRow.revoked_at).is_(None),
+            )
+        ).all()
+    return list(dict.fromkeys(ca_handle(row) for row in rows))
 
 
 def ca_signer(ctx: Context, row: CaRow) -> Signer:

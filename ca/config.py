@@ -80,6 +80,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported database {driver[:40]!r}: use sqlite or postgresql")
         return value
 
+    @field_validator("vault_token")
+    @classmethod
+    def _vault_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """It goes into an HTTP header (X-Vault-Token), which carries printable ASCII only;
+        Vault's tokens are. The error never repeats the value."""
+        if value is not None and not _is_header_value(value.get_secret_value()):
+            raise ValueError("not a Vault token: only printable ASCII characters, no spaces")
+        return value
+
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
@@ -160,6 +169,10 @@ class Settings(BaseSettings):
     @property
     def server_tls_dir(self) -> Path:
         return self.data_dir / "server"
+
+
+def _is_header_value(value: str) -> bool:
+    return value.isascii() and value.isprintable() and " " not in value
 
 
 def _is_host(value: str) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 import typer
 
-from ca.errors import InvalidInput, Unavailable
+from ca.cas import signing_keys
+from ca.errors import InvalidInput, NotInitialised, Unavailable
+from ca.keys import KeyHandle
 from ca.keys.vault import VaultKeyBackend, VaultReport
 from cli.common import STATE, emit_json
 
@@ -27,14 +30,18 @@ def _as_json(report: VaultReport) -> dict[str, Any]:
 def check(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Connectivity, login, the transit and KV v2 mounts, and every capability Trellis needs;
-    prints what is missing and the policy that grants it (exit 8 unless all is well)."""
+    """Connectivity, login, the transit and KV v2 mounts, every capability Trellis needs and
+    none it must not have, and the keys of this instance's CAs; prints what is wrong and the
+    policy that grants what is needed (exit 8 unless all is well)."""
     settings = STATE.settings()
     if not settings.vault_addr:
         raise InvalidInput("TRELLIS_VAULT_ADDR is not set: there is no Vault to check")
     backend = VaultKeyBackend.from_settings(settings)
+    keys: list[KeyHandle] = []
+    with contextlib.suppress(NotInitialised):  # before the first init: no CA keys yet
+        keys = signing_keys(STATE.context(), backend.name)
     try:
-        report = backend.diagnose()
+        report = backend.diagnose(keys)
     finally:
         backend.connection.close()
     if json_out:

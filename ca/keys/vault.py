@@ -82,8 +82,10 @@ _HASH_NAMES = {
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_-]{0,127})(@v(?P<version>[1-9][0-9]{0,8}))?$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _CAPABILITY = {"GET": "read", "POST": "update", "PUT": "update", "DELETE": "delete"}
-# 429: rate limited; 5xx: a standby without a leader, a restarting node, a proxy in front.
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# 429: rate limited; 502-504: a standby without a leader, a restarting node, a proxy in front.
+# Not 500: Vault answers it for what its engine refuses for good (Transit's "requested version
+# for signing is less than the minimum encryption key version"), and asking again changes nothing.
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _ATTEMPTS = 3
 _BACKOFF = 0.1  # seconds, doubled per attempt, never past the call's deadline
 AUTH_METHODS = ("token", "approle", "kubernetes")
@@ -94,6 +96,8 @@ def _read_secret_file(path: Path, what: str) -> str:
         value = path.read_text().strip()
     except OSError as error:
         raise Unavailable(f"cannot read the Vault {what} file {path}: {error.strerror}") from None
+    except ValueError:  # not UTF-8
+        raise Unavailable(f"the Vault {what} file {path} is not text") from None
     if not value:
         raise Unavailable(f"the Vault {what} file {path} is empty")
     return value
@@ -161,7 +165,11 @@ class VaultAuth:
 
     def static_token(self) -> str:
         if self.token_file is not None:
-            return _read_secret_file(self.token_file, "token")
+            token = _read_secret_file(self.token_file, "token")
+            # It goes into a header, which carries printable ASCII only (Vault's tokens are).
+            if not (token.isascii() and token.isprintable() and " " not in token):
+                raise Unavailable(f"the Vault token file {self.token_file} holds no Vault token")
+            return token
         assert self.token is not None
         return self.token
 
@@ -194,6 +202,9 @@ class VaultConnection:
         self.address = address.rstrip("/")
         self.timeout = timeout
         self.auth = auth
+        # Sent by ``_send`` rather than by hvac, which puts it on every request: ``sys/health``
+        # is a root-namespace path that OpenBao refuses inside a namespace.
+        self.namespace = namespace or None
         import hvac
 
         # One hvac client, so one requests Session and one TLS connection pool for every call.
@@ -202,7 +213,6 @@ class VaultConnection:
             verify=str(ca_cert) if ca_cert else True,
             cert=(str(client_cert), str(client_key)) if client_cert and client_key else None,
             timeout=timeout,
-            namespace=namespace,
             adapter=hvac.adapters.RawAdapter,
         )
         self._lock = threading.Lock()
@@ -222,23 +232,40 @@ class VaultConnection:
         *,
         capability: str | None = None,
         authenticated: bool = True,
+        missing_ok: bool = False,
+        namespaced: bool = True,
     ) -> dict[str, Any]:
         """``method`` on ``/v1/<path>``: the decoded answer, or a ``TrellisError``.
 
         A 403 is either a dead token (expired, revoked: log in again and retry once) or a
         capability the policy lacks (``capability`` names it in the error; default by method).
+        A 404 is ``NotFound`` only where the caller asks for a thing that may be absent
+        (``missing_ok``: a key or secret by name); anywhere else it means the mount or namespace
+        Trellis is configured with is not there, which is Vault's state, not the caller's
+        mistake: ``Unavailable``.
         """
         deadline = time.monotonic() + self.timeout
         if authenticated:
             self._ensure_token(deadline)
         token = self._token
-        status, data = self._send(method, path, body, deadline)
+        status, data = self._send(method, path, body, deadline, namespaced=namespaced)
         if status == 403 and authenticated and not self._token_alive(deadline):
             self._replace_dead_token(token, deadline)
-            status, data = self._send(method, path, body, deadline)
+            status, data = self._send(method, path, body, deadline, namespaced=namespaced)
         if status < 300:
             return data
+        if status == 404 and missing_ok:
+            raise NotFound(f"{path} does not exist in Vault at {self.address}")
         raise self._failure(method, path, status, data, capability)
+
+    def permits(self, method: str, path: str, body: Mapping[str, object] | None = None) -> bool:
+        """Whether Vault's ACL lets the token make this request: anything but a 403. Only for
+        requests that change nothing when allowed (``diagnose`` asks them of a key that does
+        not exist): Vault checks the policy, parameters included, before the engine runs."""
+        deadline = time.monotonic() + self.timeout
+        self._ensure_token(deadline)
+        status, _ = self._send(method, path, body, deadline)
+        return status != 403
 
     def token_info(self) -> dict[str, Any]:
         """``auth/token/lookup-self`` of the current token, logging in first if needed."""
@@ -246,11 +273,18 @@ class VaultConnection:
         return data
 
     def _send(
-        self, method: str, path: str, body: Mapping[str, object] | None, deadline: float
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None,
+        deadline: float,
+        *,
+        namespaced: bool = True,
     ) -> tuple[int, dict[str, Any]]:
         """One request with bounded retries and backoff: (status, JSON body) or ``Unavailable``."""
         import requests
 
+        headers = {"X-Vault-Namespace": self.namespace} if self.namespace and namespaced else {}
         failure: TrellisError | None = None
         for attempt in range(_ATTEMPTS):
             remaining = deadline - time.monotonic()
@@ -261,6 +295,7 @@ class VaultConnection:
                     method,
                     f"/v1/{path}",
                     json=body,
+                    headers=headers,
                     raise_exception=False,
                     timeout=(min(remaining, 5.0), remaining),
                 )
@@ -285,7 +320,11 @@ class VaultConnection:
         reasons = "; ".join(" ".join(str(e).split()) for e in data.get("errors") or [] if e)
         metrics.VAULT_ERRORS.labels(path.split("/", 1)[0]).inc()
         if status == 404:
-            return NotFound(f"{path} does not exist in Vault at {self.address}")
+            where = f" (namespace {self.namespace})" if self.namespace else ""
+            return Unavailable(
+                f"{path} does not exist in Vault at {self.address}{where}: is the mount or "
+                "namespace Trellis is configured with there? (run 'trellis vault check')"
+            )
         if status == 403:
             needed = capability or _CAPABILITY.get(method, method.lower())
             return Unavailable(
@@ -610,13 +649,19 @@ def _public_key(key_type: KeyType, text: object, name: str) -> PublicKey:
 # -- what Trellis needs from Vault: the policy and ``trellis vault check`` --------------------
 
 
+Parameter = tuple[str, tuple[str | bool, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    """Capabilities Trellis needs on one policy path, and why."""
+    """Capabilities Trellis needs on one policy path, and why. ``allowed``: the request fields
+    (and their values) the policy lets through there (``allowed_parameters``), where the path
+    rule alone would grant more than Trellis needs."""
 
     path: str
     capabilities: tuple[str, ...]
     why: str
+    allowed: tuple[Parameter, ...] = ()
 
     @property
     def probe(self) -> str:
@@ -652,12 +697,19 @@ def requirements(
             f"{transit}/keys/{prefix}*",
             ("create", "read", "update", "delete"),
             "create CA keys (exportable=false; a create is an update to Transit), read their "
-            "public keys, delete keys that were never recorded",
-        ),
-        Requirement(
-            f"{transit}/keys/{prefix}*/config",
-            ("update",),
-            "set deletion_allowed just before deleting such a key",
+            "public keys, set deletion_allowed on and delete keys that were never recorded. "
+            "The trailing * also matches <key>/config, /trim, /rotate and /import_version, and "
+            "a policy cannot take them out again (Vault applies only the most specific rule, "
+            "and no rule is more specific for a key name of Trellis's choosing): the allowed "
+            "parameters below are what keeps the token from making a key exportable, trimming "
+            "or importing versions, or changing which versions may sign. A rotation (no "
+            "parameters) stays possible and harms nothing: every CA pins its key version.",
+            (
+                ("type", tuple(TRANSIT_TYPES.values())),
+                ("exportable", (False,)),
+                ("allow_plaintext_backup", (False,)),
+                ("deletion_allowed", (True,)),
+            ),
         ),
         Requirement(
             f"{transit}/sign/{prefix}*",
@@ -696,9 +748,52 @@ def render_policy(needed: tuple[Requirement, ...]) -> str:
             *(f"# {line}" for line in textwrap.wrap(item.why, 96)),
             f'path "{item.path}" {{',
             f"  capabilities = [{capabilities}]",
-            "}",
         ]
+        if item.allowed:
+            lines.append("  allowed_parameters = {")
+            for name, values in item.allowed:
+                lines.append(f'    "{name}" = [{", ".join(_hcl(v) for v in values)}]')
+            lines.append("  }")
+        lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _hcl(value: str | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"'
+
+
+# What Trellis's token must not be able to do with its keys (docs/vault.md, "The policy"): each
+# would let a CA key leave Vault or destroy versions a CA pins. ``diagnose`` asks each of a key
+# that does not exist (``{key}``): Vault's ACL, allowed_parameters included, answers 403 before
+# Transit looks the key up, and a request it lets through fails on the missing key, changing
+# nothing. ``sys/capabilities-self`` cannot tell: it does not weigh allowed_parameters.
+_FORBIDDEN: tuple[tuple[str, str, str, dict[str, object] | None], ...] = (
+    ("make keys exportable", "POST", "keys/{key}/config", {"exportable": True}),
+    ("allow plaintext backups", "POST", "keys/{key}/config", {"allow_plaintext_backup": True}),
+    ("raise min_encryption_version", "POST", "keys/{key}/config", {"min_encryption_version": 9}),
+    ("trim key versions", "POST", "keys/{key}/trim", {"min_available_version": 9}),
+    ("import key versions", "POST", "keys/{key}/import_version", {"ciphertext": "AA=="}),
+    ("export keys", "GET", "export/signing-key/{key}", None),
+    ("back up keys", "GET", "backup/{key}", None),
+    ("export wrapped keys (BYOK)", "GET", "byok-export/{key}/{key}", None),
+)
+# Settings that let a Transit key's private half leave Vault: Trellis creates its keys with
+# neither (docs/vault.md, "What lives where"), so one found set was set behind its back.
+_LEAKY = ("exportable", "allow_plaintext_backup")
+
+
+def _leaks(info: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(f"{flag}=true" for flag in _LEAKY if info.get(flag))
+
+
+def _leak_message(ref: str, leaks: Sequence[str]) -> str:
+    return (
+        f"CA key {ref} is {' and '.join(leaks)} in Transit, which Trellis never sets: its "
+        "private key may have left Vault; treat it as compromised and replace the CA "
+        "(docs/vault.md)"
+    )
 
 
 # -- the backend -----------------------------------------------------------------------------
@@ -774,6 +869,13 @@ class VaultKeyBackend:
         )
 
     def create(self, key_type: KeyType, label: str) -> KeyHandle:
+        # Another engine at the mount would take the create body as something else to keep (a
+        # cubbyhole or KV v1 stores it as a secret), so the mount is checked first.
+        mount = self._mount_item("transit mount", self.transit_mount, "transit")
+        if not mount.ok:
+            raise Unavailable(
+                f"Vault cannot hold CA keys at TRELLIS_VAULT_TRANSIT_MOUNT: {mount.detail}"
+            )
         name = f"{self.key_prefix}{re.sub(r'[^a-z0-9-]', '-', label.lower())[:60]}"
         name = f"{name}-{secrets.token_hex(6)}"
         wanted = TRANSIT_TYPES[key_type]
@@ -786,6 +888,10 @@ class VaultKeyBackend:
         return KeyHandle(self.name, f"{name}@v1", key_type)
 
     def load(self, handle: KeyHandle) -> Signer:
+        return self._load(handle)[0]
+
+    def _load(self, handle: KeyHandle) -> tuple[Signer, dict[str, Any]]:
+        """The signer and what Transit says of its key (``check`` looks at its settings)."""
         name, version = _parse_ref(handle.ref)
         info = self._key(name)
         if version is None:  # an unpinned handle would follow rotations: never sign with one
@@ -794,7 +900,19 @@ class VaultKeyBackend:
             raise Unavailable(f"CA key {handle.ref} is not of type {handle.key_type.value}")
         entry = (info.get("keys") or {}).get(str(version))
         if not isinstance(entry, dict) or "public_key" not in entry:
-            raise NotFound(f"version {version} of Transit key {name} no longer exists (trimmed?)")
+            # The key is there, its version is not: said as such, not as a missing key.
+            raise Unavailable(
+                f"version {version} of Transit key {name} no longer exists (trimmed with "
+                "min_available_version): the CA that pins it cannot sign"
+            )
+        minimum = int(info.get("min_encryption_version") or 0)
+        if minimum > version:
+            # Transit would refuse every signature with this version (HTTP 500, for good).
+            raise Unavailable(
+                f"Transit key {name} signs with no version below {minimum} "
+                f"(min_encryption_version), and the CA pins v{version}: set "
+                f"min_encryption_version back to {version} or less"
+            )
         public = _public_key(handle.key_type, entry["public_key"], handle.ref)
         key: PrivateKey
         if isinstance(public, ec.EllipticCurvePublicKey):
@@ -803,7 +921,7 @@ class VaultKeyBackend:
             key = TransitRsaKey(self._transit, name, version, public)
         else:
             key = TransitEd25519Key(self._transit, name, version, public)
-        return Signer(handle, key)
+        return Signer(handle, key), info
 
     def destroy(self, handle: KeyHandle) -> None:
         name, _ = _parse_ref(handle.ref)
@@ -840,13 +958,15 @@ class VaultKeyBackend:
                 )
         for handle, public in keys:
             try:
-                signer = self.load(handle)
+                signer, info = self._load(handle)
             except NotFound:
                 raise Unavailable(
                     f"CA key {handle.ref} is missing from the vault key store"
                 ) from None
             if signer.public_key() != public:
                 raise Unavailable(f"CA key {handle.ref} is not the key of its CA certificate")
+            if leaks := _leaks(info):
+                raise Unavailable(_leak_message(handle.ref, leaks))
 
     def store_secret(self, path: str, data: bytes) -> None:
         """Keep ``data`` (a key Trellis hands out) at ``<kv>/data/<prefix>/<path>``, as a new
@@ -856,7 +976,7 @@ class VaultKeyBackend:
 
     def read_secret(self, path: str) -> bytes:
         try:
-            data = self.connection.call("GET", self._kv_path(path))
+            data = self.connection.call("GET", self._kv_path(path), missing_ok=True)
         except NotFound:
             raise NotFound(f"no secret {path[:80]!r} in Vault KV mount {self.kv_mount}") from None
         value = ((data.get("data") or {}).get("data") or {}).get("value")
@@ -872,7 +992,7 @@ class VaultKeyBackend:
 
     def _key(self, name: str) -> dict[str, Any]:
         try:
-            data = self.connection.call("GET", f"{self.transit_mount}/keys/{name}")
+            data = self.connection.call("GET", f"{self.transit_mount}/keys/{name}", missing_ok=True)
         except NotFound:
             raise NotFound(
                 f"CA key {name} is missing from Vault Transit mount {self.transit_mount}"
@@ -882,9 +1002,10 @@ class VaultKeyBackend:
 
     # -- trellis vault check -----------------------------------------------------------------
 
-    def diagnose(self) -> VaultReport:
-        """Connectivity, login, mounts and capabilities, each as one item; stops at the first
-        step later ones depend on."""
+    def diagnose(self, keys: Sequence[KeyHandle] = ()) -> VaultReport:
+        """Connectivity, login, mounts, capabilities, rights Trellis must not have, and the
+        ``keys`` an instance records, each as one item; stops at the first step later ones
+        depend on."""
         items: list[CheckItem] = []
         policy = render_policy(self.requirements)
 
@@ -893,7 +1014,10 @@ class VaultKeyBackend:
 
         try:
             health = self.connection.call(
-                "GET", "sys/health?standbyok=true&perfstandbyok=true", authenticated=False
+                "GET",
+                "sys/health?standbyok=true&perfstandbyok=true",
+                authenticated=False,
+                namespaced=False,  # a root-namespace path: OpenBao refuses it in a namespace
             )
             items.append(
                 CheckItem(
@@ -940,7 +1064,52 @@ class VaultKeyBackend:
                 f"missing {detail}" if missing else f"all {len(self.requirements)} paths granted",
             )
         )
+        items.append(self._excess_item())
+        if keys:
+            items.append(self._keys_item(keys))
         return report(tuple(missing))
+
+    def _excess_item(self) -> CheckItem:
+        """A failure, not a warning: with any of these rights, whoever holds the token can take
+        or destroy the CA keys, which the vault backend exists to prevent."""
+        key = f"{self.key_prefix}check-{secrets.token_hex(6)}"  # no such key: nothing changes
+        try:
+            granted = [
+                what
+                for what, method, path, body in _FORBIDDEN
+                if self.connection.permits(
+                    method, f"{self.transit_mount}/{path.format(key=key)}", body
+                )
+            ]
+        except TrellisError as error:
+            return CheckItem("excess rights", False, error.detail)
+        if granted:
+            return CheckItem(
+                "excess rights",
+                False,
+                f"the token may also {', '.join(granted)} on {self.transit_mount}/: Trellis "
+                "needs none of it, and whoever holds the token could take or destroy the CA "
+                "keys (use the policy below, and no root token)",
+            )
+        return CheckItem("excess rights", True, "the token cannot export, trim or reconfigure keys")
+
+    def _keys_item(self, keys: Sequence[KeyHandle]) -> CheckItem:
+        problems: list[str] = []
+        for handle in keys:
+            try:
+                _, info = self._load(handle)
+            except NotFound:
+                problems.append(f"CA key {handle.ref} is missing from Transit")
+            except TrellisError as error:
+                problems.append(error.detail)
+            else:
+                if leaks := _leaks(info):
+                    problems.append(_leak_message(handle.ref, leaks))
+        if problems:
+            return CheckItem("ca keys", False, "; ".join(problems))
+        return CheckItem(
+            "ca keys", True, f"{len(keys)} recorded, each present, pinned and not exportable"
+        )
 
     def _mount_item(self, label: str, mount: str, kind: str) -> CheckItem:
         try:

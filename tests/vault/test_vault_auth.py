@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -275,6 +276,54 @@ def test_the_shipped_policy_is_the_one_trellis_asks_for() -> None:
     assert POLICY_FILE.read_text() == render_policy(requirements())
 
 
+def without_delete(policy: str) -> str:
+    """The variant docs/vault.md describes for operators who keep deletion to themselves."""
+    variant = policy.replace(', "delete"]', "]").replace('    "deletion_allowed" = [true]\n', "")
+    assert variant.count("delete") < policy.count("delete")
+    return variant
+
+
+@pytest.mark.parametrize("variant", ["shipped", "no-delete"])
+def test_the_policy_lets_no_key_leave_vault_or_lose_a_version(
+    openbao: OpenBao, backends: list[VaultKeyBackend], variant: str
+) -> None:
+    """The key rule's trailing * also matches <key>/config, /trim and /import_version: the
+    token may create, read, sign with (and in the shipped policy delete) its keys, and make none
+    exportable, trim none, import nothing and stop no version from signing."""
+    policy = POLICY_FILE.read_text()
+    openbao.put_policy(
+        f"trellis-{variant}", policy if variant == "shipped" else without_delete(policy)
+    )
+    token = openbao.create_token(f"trellis-{variant}", ttl="1h", no_default_policy=True)
+    backend = backend_for(openbao, vault_token=token)
+    backends.append(backend)
+    handle = backend.create(KeyType.EC_P256, "guarded")
+    name = handle.ref.split("@", 1)[0]
+    openbao.api("POST", f"transit/keys/{name}/rotate")  # by an operator: a v2 to trim down to
+    refused = [
+        ("POST", f"keys/{name}/config", {"exportable": True}),
+        ("POST", f"keys/{name}/config", {"allow_plaintext_backup": True}),
+        ("POST", f"keys/{name}/config", {"min_encryption_version": 2}),
+        ("POST", f"keys/{name}/trim", {"min_available_version": 2}),
+        ("POST", f"keys/{name}/import_version", {"ciphertext": "AA=="}),
+        ("GET", f"export/signing-key/{name}", None),
+        ("GET", f"backup/{name}", None),
+    ]
+    for method, path, body in refused:
+        with pytest.raises(RuntimeError, match="HTTP 403"):
+            openbao.api(method, f"transit/{path}", body, token=token)
+    info = openbao.transit_key(name)
+    assert info["exportable"] is False and info["allow_plaintext_backup"] is False
+    assert info["min_encryption_version"] == 0 and sorted(info["keys"]) == ["1", "2"]
+    sign_once(backend, handle)
+    if variant == "shipped":
+        backend.destroy(handle)
+        assert name not in openbao.api("LIST", "transit/keys")["data"]["keys"]
+    else:
+        with pytest.raises(Unavailable, match="Vault denied"):
+            backend.destroy(handle)
+
+
 @pytest.fixture(scope="module")
 def token_without_sign(openbao: OpenBao) -> str:
     partial = tuple(r for r in requirements() if not r.path.startswith("transit/sign/"))
@@ -317,8 +366,34 @@ def test_vault_check_passes_with_the_shipped_policy(
     report = json.loads(out)
     assert code == 0 and report["ok"] is True and report["missing"] == [], report
     assert [c["name"] for c in report["checks"]] == [
-        "connectivity", "auth", "transit mount", "kv mount", "capabilities"
+        "connectivity", "auth", "transit mount", "kv mount", "capabilities", "excess rights"
     ]  # fmt: skip
+
+
+def test_vault_check_works_in_a_namespace(
+    openbao: OpenBao, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sys/health is a root-namespace path: asked inside the namespace, OpenBao refuses it."""
+    namespace = "trellis-ns"
+
+    def api(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"X-Vault-Token": openbao.root_token, "X-Vault-Namespace": namespace}
+        response = httpx.request(
+            method, f"{openbao.address}/v1/{path}", json=body, headers=headers, timeout=30
+        )
+        assert response.status_code < 300, response.text
+        return response.json() if response.content else {}
+
+    openbao.api("POST", f"sys/namespaces/{namespace}", {})
+    api("POST", "sys/mounts/transit", {"type": "transit"})
+    api("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}})
+    api("PUT", "sys/policies/acl/trellis", {"policy": POLICY_FILE.read_text()})
+    body = {"policies": ["trellis"], "ttl": "1h", "no_default_policy": True}
+    token = api("POST", "auth/token/create", body)["auth"]["client_token"]
+    env = {"vault_addr": openbao.address, "vault_token": token, "vault_namespace": namespace}
+    code, out, err = run_check(monkeypatch, capsys, "--json", **env)
+    report = json.loads(out)
+    assert code == 0 and report["ok"] is True, (report, err)
 
 
 def test_vault_check_names_the_missing_capability_and_the_policy(
@@ -348,8 +423,17 @@ def test_vault_check_names_the_missing_capability_and_the_policy(
         ({"vault_kv_mount": "nokv"}, "kv mount", "nokv/ is not mounted"),
         ({"vault_transit_mount": "secret"}, "transit mount", "secret/ is kv v2, not transit"),
         ({"vault_addr": "unreachable"}, "connectivity", "connection refused"),
+        ({}, "excess rights", "may also make keys exportable, allow plaintext backups"),
+        ({"vault_token": "s.bad\u20ac"}, "", "TRELLIS_VAULT_TOKEN"),
     ],
-    ids=["fail/bad-token", "fail/no-kv-mount", "fail/transit-is-kv", "fail/unreachable"],
+    ids=[
+        "fail/bad-token",
+        "fail/no-kv-mount",
+        "fail/transit-is-kv",
+        "fail/unreachable",
+        "fail/root-token-may-export",
+        "fail/token-not-latin-1",
+    ],
 )
 def test_vault_check_reports_what_fails(
     openbao: OpenBao,
@@ -363,8 +447,11 @@ def test_vault_check_reports_what_fails(
     if values["vault_addr"] == "unreachable":
         values["vault_addr"] = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    code, out, _ = run_check(monkeypatch, capsys, "--json", **values)
+    code, out, err = run_check(monkeypatch, capsys, "--json", **values)
     assert time.monotonic() - started < 5
+    if not failed:  # a setting that cannot be used: one line naming it, before anything
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and detail in err, err
+        return
     report = json.loads(out)
     assert code == 8 and report["ok"] is False
     check = {c["name"]: c for c in report["checks"]}[failed]

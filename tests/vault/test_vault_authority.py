@@ -23,6 +23,7 @@ from ca.crl import current_crl
 from ca.keys import KeyType
 from ca.ocsp import respond
 from ca.revocation import RevocationReason
+from ca.rotation import rotate
 from ca.serial import Serial
 from ca.store.models import CaRow, OcspResponderRow
 from tests.ca.svidkit import Workload, enrol
@@ -207,3 +208,25 @@ def test_init_force_destroys_the_old_transit_keys(vault_ctx: Context, openbao: O
     assert len(new) == 2 and not new & old
     remaining = set(openbao.api("LIST", "transit/keys")["data"]["keys"])
     assert new <= remaining and not old & remaining
+
+
+def test_an_authority_lives_on_the_shipped_policy_alone(
+    openbao: OpenBao, tmp_path: Path, clock: FixedClock
+) -> None:
+    """deploy/vault/trellis-policy.hcl grants exactly what Trellis does: init, issue, rotate an
+    intermediate (a new Transit key, never a Transit rotation), init --force deleting keys."""
+    token = openbao.create_token("trellis", ttl="1h", no_default_policy=True)
+    ctx = build_context(vault_settings(tmp_path, openbao, vault_token=token), clock=clock)
+    try:
+        init_authority(ctx, AuthorityParams(TRUST_DOMAIN))
+        assert_openssl_verifies(tmp_path, ctx, enrol(ctx, f"spiffe://{TRUST_DOMAIN.name}/a"))
+        rotate(ctx, force=True)  # prepares the next intermediate
+        rotate(ctx, force=True)  # activates it
+        assert_openssl_verifies(tmp_path, ctx, enrol(ctx, f"spiffe://{TRUST_DOMAIN.name}/b"))
+        old = set(transit_names(ctx))
+        assert len(old) == 3
+        init_authority(ctx, AuthorityParams(TRUST_DOMAIN, force=True))
+        remaining = set(openbao.api("LIST", "transit/keys")["data"]["keys"])
+        assert not old & remaining
+    finally:
+        close(ctx)

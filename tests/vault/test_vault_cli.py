@@ -99,3 +99,24 @@ def test_audit_seal_without_vault_exits_8_and_revoking_a_keyless_intermediate_wo
     root_crl = x509.load_der_x509_crl((tmp_path / "root.crl").read_bytes())
     listed = root_crl.get_revoked_certificate_by_serial_number(int(serial, 16))
     assert listed is not None
+
+
+@pytest.mark.parametrize(
+    ("mount", "said"),
+    [("cubbyhole", "cubbyhole/ is cubbyhole, not transit"), ("nope", "nope/ is not mounted")],
+    ids=["fail/not-transit", "fail/no-mount"],
+)
+def test_init_on_a_mount_that_is_no_transit_engine_exits_8_and_leaves_nothing(
+    openbao: OpenBao, tmp_path: Path, mount: str, said: str
+) -> None:
+    """A cubbyhole (or KV v1) would keep the create body as a secret; a missing mount was
+    reported as not found (exit 5). Both are Vault not set up as configured: exit 8."""
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cli.env["TRELLIS_VAULT_TRANSIT_MOUNT"] = mount
+    result = cli.run("init", "--trust-domain", TRUST_DOMAIN.name, ok=False)
+    assert result.returncode == 8, result
+    assert result.stderr.startswith("trellis: ") and said in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "var").exists()
+    with pytest.raises(RuntimeError, match="HTTP 404"):
+        openbao.api("LIST", f"{mount}/keys")

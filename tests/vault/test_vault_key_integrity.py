@@ -4,6 +4,8 @@ Every signature is verified against the CA certificate's public key, not Transit
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ from sqlmodel import Session, select
 
 import ca.readiness
 from api.app import create_app
-from ca import audit
-from ca.authority import check_keys
+from ca import audit, metrics
+from ca.authority import AuthorityParams, check_keys, init_authority
 from ca.certs import CertStatus, get_certificate, revoke_certificate
 from ca.clock import FixedClock
 from ca.config import Context, build_context
@@ -36,6 +38,7 @@ from tests.ca.svidkit import (
 from tests.conftest import TRUST_DOMAIN, free_port
 from tests.vault.conftest import POLICY_FILE, close, vault_settings
 from tests.vault.openbao import OpenBao
+from tests.vault.test_vault_auth import run_check
 
 
 def intermediate_key_name(ctx: Context) -> str:
@@ -160,3 +163,88 @@ def test_readiness_fails_when_the_transit_key_goes_while_serving(
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert "not the key of its CA certificate" in ready.json()["detail"]["keys"]
+
+
+def test_a_key_made_exportable_behind_trellis_s_back_is_not_ready(
+    vault_ctx: Context,
+    openbao: OpenBao,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/vault.md: CA keys are exportable=false, allow_plaintext_backup=false. One that can
+    leave Vault is a compromise indicator: /readyz is 503 naming it, and so is ``trellis vault
+    check``; signing (a final CRL, a revocation) still works."""
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    name = intermediate_key_name(vault_ctx)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        openbao.api(
+            "POST",
+            f"transit/keys/{name}/config",
+            {"exportable": True, "allow_plaintext_backup": True},
+        )
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        detail = ready.json()["detail"]["keys"]
+        assert name in detail and "exportable=true and allow_plaintext_backup=true" in detail
+    settings = vault_ctx.settings
+    code, out, _ = run_check(
+        monkeypatch,
+        capsys,
+        "--json",
+        vault_addr=openbao.address,
+        vault_token=openbao.root_token,
+        data_dir=str(settings.data_dir),
+        database_url=settings.effective_database_url,
+    )
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 8 and checks["ca keys"]["ok"] is False, checks
+    assert f"{name}@v1 is exportable=true" in checks["ca keys"]["detail"]
+
+
+def test_a_pinned_version_below_min_encryption_version_is_not_ready_and_not_retried(
+    vault_ctx: Context, openbao: OpenBao, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transit refuses every signature with a version under min_encryption_version (HTTP 500,
+    for good): /readyz says so, and a signature is asked once, not three times."""
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    name = intermediate_key_name(vault_ctx)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200  # the signer is loaded and cached
+        openbao.api("POST", f"transit/keys/{name}/rotate")
+        openbao.api("POST", f"transit/keys/{name}/config", {"min_encryption_version": 2})
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert "min_encryption_version" in ready.json()["detail"]["keys"]
+        errors = metrics.VAULT_ERRORS.labels("transit")
+        before = errors._value.get()
+        started = time.monotonic()
+        assert "minimum encryption key version" in refused_svid(vault_ctx, client, "refused")
+        assert errors._value.get() - before == 1  # one request, one error
+        assert time.monotonic() - started < 0.3  # no 0.1 + 0.2 s of backoff
+    vault_ctx.cache.clear()  # a process that loads the key now is told why at once
+    with pytest.raises(Unavailable, match="min_encryption_version"):
+        check_keys(vault_ctx)
+
+
+def test_a_missing_transit_mount_is_unavailable_not_not_found(
+    openbao: OpenBao, tmp_path: Path, clock: FixedClock
+) -> None:
+    """A 404 from a sign means the mount (or namespace) is gone: Vault's state, 503, not a
+    404 telling the client its certificate does not exist; nothing is recorded. (A mount of
+    the test's own: the session's transit/ serves the other tests meanwhile.)"""
+    openbao.mount("transit-gone", "transit")
+    settings = vault_settings(tmp_path, openbao, vault_transit_mount="transit-gone")
+    ctx = build_context(settings, clock=clock)
+    try:
+        init_authority(ctx, AuthorityParams(TRUST_DOMAIN))
+        workload = enrol(ctx, f"spiffe://{TRUST_DOMAIN.name}/before")
+        openbao.api("DELETE", "sys/mounts/transit-gone")
+        with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+            assert "does not exist in Vault" in refused_svid(ctx, client, "after")
+        serial = Serial(workload.cert.serial_number)
+        with pytest.raises(Unavailable):
+            revoke_certificate(ctx, serial, RevocationReason.KEY_COMPROMISE, "test")
+        assert get_certificate(ctx, serial).status is CertStatus.ACTIVE
+    finally:
+        close(ctx)
