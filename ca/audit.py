@@ -24,14 +24,18 @@ undetected, as unsealed ones always were: ``verify`` counts both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
+from pathlib import Path
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -44,6 +48,7 @@ from sqlmodel import Session, select
 from ca.config import Context
 from ca.errors import (
     AuditTampered,
+    Conflict,
     InternalError,
     InvalidInput,
     NotInitialised,
@@ -236,6 +241,44 @@ SEAL_CHUNK = 250
 PAUSE_EVERY, PAUSE_SECONDS = 25, 0.0005
 
 
+# The PostgreSQL advisory lock every sealer holds (``one_sealer``); apart from the jobs' own keys
+# (``ca.scheduler._lock_key``), which the audit-seal job already holds on another connection.
+_SEAL_LOCK = 0x7E12_5EA1
+
+
+@contextlib.contextmanager
+def one_sealer(ctx: Context) -> Iterator[None]:
+    """Held by every sealer for its whole run, across processes: the server's job and
+    ``trellis audit seal`` both read the chain's head, then write the records after it. Two at
+    once chained the same records twice over: the second's writes matched no unsealed row (its
+    count was wrong) or took a ``seq`` the first had used (a UNIQUE failure reported as a
+    damaged database). A sealer that finds another running waits for it and then finds nothing
+    or little left to do. PostgreSQL: a session advisory lock; SQLite: a ``flock`` on a file
+    beside the database (the same way batches take its write lock)."""
+    if ctx.engine.dialect.name == "postgresql":
+        with ctx.engine.connect() as connection:
+            connection.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _SEAL_LOCK})
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _SEAL_LOCK})
+                connection.commit()
+        return
+    database = ctx.engine.url.database
+    if not database or database == ":memory:":  # private to this process
+        yield
+        return
+    descriptor = os.open(
+        Path(f"{database}.seal-lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
 def seal(
     ctx: Context,
     *,
@@ -252,9 +295,16 @@ def seal(
     Records are chained in chunks, each written in a transaction of its own
     (``GroupCommit.run_apart``: beside the batches of requests on PostgreSQL, through the one
     write lock on SQLite); the new head is signed with the last chunk. Only one sealer runs at
-    a time (the scheduler's lock), so the head read before a chunk is still the head when it is
-    written; ``seq`` is unique and ``_CHAIN`` only touches unsealed rows, so a second sealer
-    could fail but never fork the chain."""
+    a time (``one_sealer``), so the head read before a chunk is still the head when it is
+    written; should that ever fail, ``seq`` is unique and ``_CHAIN`` only touches unsealed rows,
+    and a chunk that chains fewer rows than it read is rolled back (``_chunk_writer``)."""
+    with one_sealer(ctx):
+        return _seal(ctx, settle, sign_every, pause)
+
+
+def _seal(
+    ctx: Context, settle: dt.timedelta | None, sign_every: dt.timedelta | None, pause: bool
+) -> Sealed:
     steps = _sealing(ctx, settle, sign_every)
     signing = _Signing(ctx)
     step = _advance(steps, None)
@@ -282,7 +332,8 @@ async def seal_on_loop(
     transaction of its own. The job ran ``seal`` in a scheduler thread of that worker, which
     took the GIL from the loop every time the loop let go of it. Two workers at c=16, three
     runs of eight alternated pairs each (``tests.bench.pairs``): SQLite +5.2 % on average,
-    PostgreSQL +11.5 % (docs/benchmarks.md, change 49)."""
+    PostgreSQL +11.5 % (docs/benchmarks.md, change 49). Its caller holds ``one_sealer``: a
+    blocking lock has no place on the loop."""
     loop = asyncio.get_running_loop()
     steps = _sealing(ctx, settle, sign_every)
     signing = _Signing(ctx)
@@ -428,8 +479,10 @@ def _refused(row: Mapping[str, Any], head: Any, last_seal: Any) -> AuditTampered
 
 def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | None) -> Work:
     def write(connection: sa.Connection, _rows: Rows) -> None:
-        if chained:
-            prepared(_CHAIN).executemany(connection, chained)
+        if chained and prepared(_CHAIN).executemany(connection, chained) != len(chained):
+            # Chained by another sealer meanwhile: what this one computed follows a head that
+            # is no longer the head. Nothing of the chunk is written.
+            raise Conflict("another sealer chained these audit records first: run it again")
         if signature is not None:
             connection.execute(sa.insert(_SEALS), signature)
 

@@ -82,8 +82,9 @@ def seal_audit(ctx: Context) -> str:
     this thread only waits for it. Elsewhere (no loop, or it has stopped) this thread seals."""
     loop = ctx.serving_loop
     if loop is not None and loop.is_running():
-        sealing = audit.seal_on_loop(ctx, sign_every=audit.SIGN_EVERY)
-        result = asyncio.run_coroutine_threadsafe(sealing, loop).result()
+        with audit.one_sealer(ctx):  # taken here: the loop must not wait for it
+            sealing = audit.seal_on_loop(ctx, sign_every=audit.SIGN_EVERY)
+            result = asyncio.run_coroutine_threadsafe(sealing, loop).result()
     else:
         result = audit.seal(ctx, sign_every=audit.SIGN_EVERY, pause=True)
     return f"sealed {result.records} audit record(s)"

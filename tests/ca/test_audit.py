@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from ca import audit, jobs
 from ca.certs import revoke_certificate
 from ca.clock import FixedClock
-from ca.config import Context
+from ca.config import Context, Settings, build_context
 from ca.entries import EntryParams, create_entry, delete_entry
 from ca.errors import AuthenticationFailed
 from ca.grants import join_grant
@@ -476,3 +476,41 @@ def test_the_job_seals_on_the_serving_loop_while_there_is_one(
     clock.advance(audit.SETTLE + dt.timedelta(seconds=1))
     assert jobs.seal_audit(ctx) == "sealed 2 audit record(s)"  # no loop: in this thread
     assert audit.verify(ctx).ok
+
+
+def test_two_sealers_at_once_chain_each_record_once(
+    ctx: Context, settings: Settings, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``trellis audit seal`` beside the server's job (two processes, here two contexts on one
+    database): each waits for the other, so every record is chained once and counted once. The
+    second used to read the same head and chain the same records again: a wrong count or a
+    UNIQUE failure on ``seq`` reported as a damaged database."""
+    monkeypatch.setattr(audit, "SEAL_CHUNK", 5)  # many chunks: the runs would interleave
+    _records(ctx, 300)
+    total = len(_events(ctx))
+    other = build_context(settings, clock=clock)
+    start = threading.Barrier(2)
+    results: list[audit.Sealed] = []
+    failures: list[BaseException] = []
+
+    def run(context: Context) -> None:
+        start.wait()
+        try:
+            results.append(audit.seal(context, settle=dt.timedelta(0)))
+        except BaseException as error:  # reported by the assertion below
+            failures.append(error)
+
+    try:
+        threads = [threading.Thread(target=run, args=(c,)) for c in (ctx, other)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        other.close()
+
+    assert failures == []
+    assert sorted(r.records for r in results) == [0, total]
+    verified = audit.verify(ctx)
+    assert verified.ok, verified.problems
+    assert verified.sealed == total and verified.unsealed == 0
