@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
-from ca.files import write_atomic, write_private
+from ca.files import make_directory, write_atomic, write_private
 from ca.store import db
 
 __all__ = ["BackupResult", "backup", "check_backup", "restore"]
@@ -480,10 +480,10 @@ def _install(
     made them)."""
     made: list[Path] = []
     try:
-        made += _make_dirs(data_dir)
+        made += make_directory(data_dir, private=True)
         staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=".restore-"))
         made.append(staging)
-        made += _make_dirs(target_db.parent)
+        made += make_directory(target_db.parent, private=True)
         fd, staged_db = tempfile.mkstemp(dir=target_db.parent, prefix=f".{target_db.name}.")
         made.append(Path(staged_db))
         with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600
@@ -493,7 +493,10 @@ def _install(
         _check_schema(Path(staged_db))
         for name, data in contents.items():
             target = staging / name
-            _make_dirs(target.parent, private_parents=True)
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                # keys/, secrets/, server/ and what is under them: 0700 each, as a data dir's
+                make_directory(staging.joinpath(*parts[:depth]), private=True)
             write_atomic(target, data, 0o644 if name in _PUBLIC else 0o600)
         for entry in sorted(staging.iterdir()):
             made.append(data_dir / entry.name)
@@ -509,15 +512,6 @@ def _install(
             else:
                 path.unlink(missing_ok=True)
         raise
-
-
-def _make_dirs(directory: Path, *, private_parents: bool = False) -> list[Path]:
-    """Create ``directory`` (0700) and any missing parents (0700 too if ``private_parents``,
-    else the umask's mode, as ``mkdir -p``); returns those made, outermost first."""
-    missing = list(reversed([d for d in (directory, *directory.parents) if not d.exists()]))
-    for each in missing:
-        each.mkdir(mode=0o700 if private_parents or each == directory else 0o777)
-    return missing
 
 
 def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

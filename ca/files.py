@@ -14,6 +14,7 @@ from ca.errors import InvalidInput
 __all__ = [
     "check_writable",
     "data_directory",
+    "make_directory",
     "private_directory",
     "write_atomic",
     "write_private",
@@ -62,23 +63,27 @@ def check_writable(path: Path, *, directory: bool, what: str | None = None) -> P
     return path
 
 
-def _make_directory(path: Path, *, private: bool, exclusive: bool = False) -> None:
+def make_directory(path: Path, *, private: bool, exclusive: bool = False) -> list[Path]:
     """Create ``path`` if it is missing, and its missing parents, none of them writable by
     others whatever the umask (``mkdir -p`` under umask 000 makes them 0777: anyone could then
     move a directory away and put their own in its place). A private one is 0700 exactly: set
-    again after ``mkdir``, which masks its mode. An existing ``path`` is left as it is."""
+    again after ``mkdir``, which masks its mode. An existing ``path`` is left as it is. Returns
+    the directories made, outermost first, for a caller that removes them again on failure."""
+    made: list[Path] = []
     for parent in reversed(path.parents):
         if not parent.exists():
             with contextlib.suppress(FileExistsError):  # made meanwhile by another writer
                 parent.mkdir(mode=_PUBLIC_PARENT)
+                made.append(parent)
     try:
         path.mkdir(mode=0o700 if private else _PUBLIC_PARENT)
     except FileExistsError:
         if exclusive:
             raise
-        return
+        return made
     if private:
         os.chmod(path, 0o700)
+    return [*made, path]
 
 
 def private_directory(path: Path, *, exclusive: bool = False) -> Path:
@@ -89,7 +94,7 @@ def private_directory(path: Path, *, exclusive: bool = False) -> Path:
     Read bits stay: the keys are 0600, and the certificates beside them are often shared on
     purpose. With ``exclusive`` an existing one is an error (``FileExistsError``): a staging
     directory must be the one just made, not one planted."""
-    _make_directory(path, private=True, exclusive=exclusive)
+    make_directory(path, private=True, exclusive=exclusive)
     _tighten(path, stat.S_IWGRP | stat.S_IWOTH)
     return path
 
@@ -99,7 +104,7 @@ def data_directory(path: Path, *, create: bool = True) -> Path:
     ``secrets/``, ``server/``): created 0700 if missing (with ``create``), and an existing one
     that its group or others may use at all is tightened to 0700 (``_tighten``)."""
     if create:
-        _make_directory(path, private=True)
+        make_directory(path, private=True)
     _tighten(path, 0o077)
     return path
 
@@ -139,7 +144,7 @@ def _tighten(path: Path, loose: int) -> None:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` in one rename so a reader never sees a half-written file."""
-    _make_directory(path.parent, private=False)
+    make_directory(path.parent, private=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
@@ -156,5 +161,5 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def write_private(path: Path, data: bytes) -> None:
     """Write key material: 0600 from the first byte (the temp file is created 0600), in a
     directory created 0700 if it is missing."""
-    _make_directory(path.parent, private=True)
+    make_directory(path.parent, private=True)
     write_atomic(path, data, mode=0o600)

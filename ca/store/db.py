@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from ca.errors import InvalidInput, Unavailable
+from ca.files import make_directory
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -120,7 +121,9 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
         database = make_url(url).database
         if database and database != ":memory:":
             path = Path(database)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # 0700 if missing, parents at most 0755 whatever the umask: whoever could write
+            # one could put a database of their own in its place.
+            make_directory(path.parent, private=True)
             # Certificates, token hashes and the audit trail: readable by Trellis alone.
             path.touch(mode=0o600, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
@@ -328,3 +331,4 @@ def schema_status(engine: Engine) -> tuple[str | None, str]:
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_heads()
     return (",".join(sorted(current)) or None), ",".join(sorted(heads))
+
