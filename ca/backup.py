@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
-from ca.files import make_directory, write_atomic, write_private
+from ca.files import make_directory, replacing, write_atomic
 from ca.store import db
 
 __all__ = ["BackupResult", "backup", "check_backup", "restore"]
@@ -52,6 +52,7 @@ _DIRECTORIES = ("keys", "secrets", "server")
 _FILES = ("bundle.pem", "admin-token")
 _PUBLIC = ("bundle.pem", "server/tls.crt")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 2**20  # what a file is read and copied in, backing up and restoring
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,37 @@ def _sqlite_path(settings: Settings) -> Path:
     return Path(url.database)
 
 
-def _add(archive: tarfile.TarFile, name: str, data: bytes, mode: int = 0o600) -> str:
+def _add(archive: tarfile.TarFile, name: str, data: bytes, mode: int) -> str:
     info = tarfile.TarInfo(name)
     info.size, info.mode = len(data), mode
     archive.addfile(info, io.BytesIO(data))
     return hashlib.sha256(data).hexdigest()
+
+
+class _Hashing(io.BufferedReader):
+    """A file read once, hashed as tarfile copies it out in chunks."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        super().__init__(raw, _CHUNK)
+        self.sha = hashlib.sha256()
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        self.sha.update(data)
+        return data
+
+
+def _add_file(archive: tarfile.TarFile, name: str, path: Path, mode: int | None = None) -> str:
+    """``path`` as the member ``name`` (with its own permission bits unless ``mode``), copied
+    from its file object and hashed in the same pass: the archive holds the bytes its digest
+    was taken of, and a database of gigabytes is never in memory."""
+    with _Hashing(io.FileIO(path, "r")) as source:
+        status = os.fstat(source.fileno())
+        info = tarfile.TarInfo(name)
+        info.size = status.st_size
+        info.mode = status.st_mode & 0o777 if mode is None else mode
+        archive.addfile(info, source)
+        return source.sha.hexdigest()
 
 
 def check_backup(settings: Settings) -> None:
@@ -85,31 +112,32 @@ def check_backup(settings: Settings) -> None:
 
 
 def backup(ctx: Context, out: Path) -> BackupResult:
+    """Snapshot the database into a private temporary directory, then stream the archive into
+    a 0600 temporary file beside ``out`` and rename it into place: memory stays flat whatever
+    the database's size, and a failure part-way removes the temporary file, leaving ``out``
+    as it was."""
     source = _sqlite_path(ctx.settings)
     schema, _ = db.schema_status(ctx.engine)
+    digests: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as scratch:
         snapshot = Path(scratch) / _DB_NAME
         with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(snapshot)) as copy:
             live.backup(copy)  # a consistent copy, taken while writers may be running
-        copy_data = snapshot.read_bytes()
-    digests: dict[str, str] = {}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        digests[_DB_NAME] = _add(archive, _DB_NAME, copy_data)
-        data_dir = ctx.settings.data_dir
-        for name in (*_DIRECTORIES, *_FILES):
-            path = data_dir / name
-            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-                if file.is_file():
-                    relative = file.relative_to(data_dir).as_posix()
-                    digests[relative] = _add(
-                        archive, relative, file.read_bytes(), file.stat().st_mode & 0o777
-                    )
-        manifest = {"format": FORMAT, "schema": schema, "files": digests}
-        _add(
-            archive, "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode(), 0o644
-        )
-    write_private(out, buffer.getvalue())
+        with (
+            replacing(out, 0o600, private=True) as handle,
+            tarfile.open(fileobj=handle, mode="w:gz") as archive,
+        ):
+            digests[_DB_NAME] = _add_file(archive, _DB_NAME, snapshot, 0o600)
+            data_dir = ctx.settings.data_dir
+            for name in (*_DIRECTORIES, *_FILES):
+                path = data_dir / name
+                for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                    if file.is_file():
+                        relative = file.relative_to(data_dir).as_posix()
+                        digests[relative] = _add_file(archive, relative, file)
+            manifest = {"format": FORMAT, "schema": schema, "files": digests}
+            raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            _add(archive, "manifest.json", raw, 0o644)
     return BackupResult(out, tuple(sorted(digests)), schema)
 
 
@@ -427,7 +455,7 @@ class _Database:
         this, are the target's (exit 8)."""
         with _unreadable_as_invalid(self.archive_path):
             try:
-                return source.read(2**20)
+                return source.read(_CHUNK)
             except OSError as error:
                 if isinstance(error, gzip.BadGzipFile):
                     raise

@@ -7,7 +7,9 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ca.errors import InvalidInput
 
@@ -16,6 +18,7 @@ __all__ = [
     "data_directory",
     "make_directory",
     "private_directory",
+    "replacing",
     "write_atomic",
     "write_private",
 ]
@@ -142,14 +145,20 @@ def _tighten(path: Path, loose: int) -> None:
         )
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` in one rename so a reader never sees a half-written file."""
-    make_directory(path.parent, private=False)
+@contextlib.contextmanager
+def replacing(path: Path, mode: int = 0o644, *, private: bool = False) -> Iterator[BinaryIO]:
+    """A file to write that replaces ``path`` in one rename when the block ends, so a reader
+    never sees a half-written file; if the block raises, the file is removed and ``path`` is
+    left as it was. It is a temporary file beside ``path`` (the rename stays on one file
+    system), created 0600 and set to ``mode`` before the first byte, flushed to disk before the
+    rename. With ``private``, a missing directory for it is made 0700. Callers stream into it:
+    a backup of a database of gigabytes is never held in memory."""
+    make_directory(path.parent, private=private)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -158,8 +167,14 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` in one rename so a reader never sees a half-written file."""
+    with replacing(path, mode) as handle:
+        handle.write(data)
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write key material: 0600 from the first byte (the temp file is created 0600), in a
     directory created 0700 if it is missing."""
-    make_directory(path.parent, private=True)
-    write_atomic(path, data, mode=0o600)
+    with replacing(path, 0o600, private=True) as handle:
+        handle.write(data)

@@ -4,7 +4,8 @@ and the database as they were.
 
 In-process through ``cli.main.main`` (the entry point's own error handling), as
 tests/gateway/test_gateway_cli.py does; tests/cli/test_operations.py runs the round trip as
-real processes.
+real processes, and tests/cli/test_backup_processes.py what only a process shows (its peak
+memory, a write that fails part-way, the umask).
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """``trellis backup`` and ``trellis restore`` as real processes, for what only a process shows:
-the modes of the directories it makes under the umask it was started with.
-tests/cli/test_backup.py checks the archive's content and refusals in-process."""
+its peak memory, a write failing part-way (a file size limit), and the modes of the
+directories it makes under the umask it was started with. tests/cli/test_backup.py checks the
+archive's content and refusals in-process."""
 
 from __future__ import annotations
 
+import os
+import resource
+import sqlite3
 import stat
 import subprocess
+import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,110 @@ import pytest
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 
 pytestmark = pytest.mark.slow
+
+MiB = 2**20
+
+PEAK_RSS = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=False)
+sys.stderr.write(done.stderr)
+print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def _peak_rss(cli: Trellis, *args: str) -> int:
+    """The peak resident memory of ``trellis ARGS``, in bytes: measured in a fresh Python, whose
+    RUSAGE_CHILDREN holds that one process alone (this one's holds every child it waited for)."""
+    measured = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, TRELLIS, *args],
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    code, peak = measured.stdout.split()
+    assert code == "0", measured.stderr
+    return int(peak) * 1024  # Linux counts ru_maxrss in KiB
+
+
+def _grow(database: Path, mebibytes: int) -> int:
+    """A filler table of 1 MiB blobs, half random (what gzip cannot shrink, so that an archive
+    held in memory would show) and half zeros (quick to compress); the database's new size."""
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE filler (body BLOB)")
+        connection.executemany(
+            "INSERT INTO filler VALUES (CASE WHEN ? % 2 THEN randomblob(?) ELSE zeroblob(?) END)",
+            [(i, MiB, MiB) for i in range(mebibytes)],
+        )
+        connection.commit()
+    return database.stat().st_size
+
+
+def test_a_backup_streams_the_database_and_the_archive_then_restores(tmp_path: Path) -> None:
+    """The snapshot was read whole (read_bytes) and the archive built in a BytesIO before it
+    was written: peak memory grew by twice the database's size (a 64 MiB database: +128 MiB),
+    and a CA of millions of certificates (gigabytes) met the OOM killer. Both are streamed
+    now: the peak is the same for 270 KiB and 64 MiB. The archive still restores."""
+    database = tmp_path / "a" / "trellis.db"
+    source = Trellis(tmp_path / "a", f"sqlite:///{database}")
+    source.run("init", "--trust-domain", "example.org")
+    small = _peak_rss(source, "backup", "--out", str(tmp_path / "small.tgz"))
+    size = _grow(database, 64)
+    assert size > 64 * MiB
+    big = _peak_rss(source, "backup", "--out", str(tmp_path / "big.tgz"))
+    assert big - small < size // 4, (small, big, size)
+    assert (tmp_path / "big.tgz").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "big.tgz", "small.tgz"]
+
+    restored = Trellis(tmp_path / "b", f"sqlite:///{tmp_path / 'b' / 'trellis.db'}")
+    restored.run("restore", str(tmp_path / "big.tgz"))
+    with closing(sqlite3.connect(tmp_path / "b" / "trellis.db")) as connection:
+        assert connection.execute("SELECT count(*), sum(length(body)) FROM filler").fetchone() == (
+            64,
+            64 * MiB,
+        )
+
+
+def _file_size_limit(limit: int) -> None:
+    """In the child: writes past ``limit`` bytes fail with EFBIG (Python ignores SIGXFSZ)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_backup_whose_writing_fails_part_way_leaves_the_earlier_one_and_no_temporary_file(
+    tmp_path: Path,
+) -> None:
+    """The archive is now written as it is made, into a temporary file beside ``--out``: a
+    write that fails part-way (here a file size limit, as a full disk would) must remove it,
+    and the snapshot in the temporary directory, and leave an earlier backup at ``--out`` as
+    it was."""
+    source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
+    source.run("init", "--trust-domain", "example.org")
+    # 2 MiB gzip cannot shrink, so that the archive outgrows the limit while the snapshot
+    # (~270 KiB) stays under it.
+    (tmp_path / "a" / "keys" / "filler.bin").write_bytes(os.urandom(2 * MiB))
+    backups, scratch = tmp_path / "backups", tmp_path / "tmp"
+    backups.mkdir()
+    scratch.mkdir()
+    out = backups / "trellis.tgz"
+    out.write_bytes(b"an earlier backup\n")
+    failed = subprocess.run(
+        [TRELLIS, "backup", "--out", str(out)],
+        env={**source.env, "TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: _file_size_limit(MiB),
+    )
+    assert failed.returncode == 8, failed
+    assert failed.stderr.startswith("trellis: ") and failed.stderr.count("\n") == 1, failed
+    assert "File too large" in failed.stderr, failed
+    assert [p.name for p in backups.iterdir()] == ["trellis.tgz"]
+    assert out.read_bytes() == b"an earlier backup\n"
+    assert list(scratch.iterdir()) == []  # the snapshot's directory is gone too
+    source.run("backup", "--out", str(out))  # without the limit, the same backup is written
+    assert out.stat().st_size > 2 * MiB
 
 
 def _mode(path: Path) -> int:
