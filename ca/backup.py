@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from ca.config import Context, Settings
@@ -164,11 +165,11 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
         members = _members(archive, archive_path)
         if "manifest.json" not in members:
             raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
-        digests, schema = _manifest(_read(archive, members["manifest.json"]))
+        digests = _manifest(_read(archive, members["manifest.json"]))
         contents = _verified_contents(archive, members, digests)
         _check_database_apart(target_db, data_dir, digests)
         database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
-        _install(contents, database, data_dir, target_db)
+        schema = _install(contents, database, data_dir, target_db)
     return BackupResult(archive_path, tuple(sorted(digests)), schema)
 
 
@@ -355,9 +356,10 @@ def _check_database_apart(target_db: Path, data_dir: Path, names: dict[str, str]
         )
 
 
-def _manifest(raw: bytes) -> tuple[dict[str, str], str | None]:
-    """The manifest's files (name → SHA-256) and schema, refused unless every part has the
-    shape ``backup`` writes: a restore must not find out half-way that it cannot go on."""
+def _manifest(raw: bytes) -> dict[str, str]:
+    """The manifest's files (name → SHA-256), refused unless every part has the shape
+    ``backup`` writes (its schema a string or null): a restore must not find out half-way that
+    it cannot go on. The schema a restore reports is read from the database itself."""
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [key for key, _ in pairs]
@@ -396,7 +398,7 @@ def _manifest(raw: bytes) -> tuple[dict[str, str], str | None]:
                 )
     if _DB_NAME not in files:
         raise InvalidInput(f"the backup has no database ({_DB_NAME})")
-    return files, schema
+    return files
 
 
 def _restorable(name: str) -> bool:
@@ -464,13 +466,16 @@ class _Database:
                 ) from None
 
 
-def _check_schema(path: Path) -> None:
-    """A database whose digest matches is what the backup's maker put there, not necessarily
-    a Trellis database: every later command would fail on it (exit 8). Its schema must be one
-    this code knows how to run or migrate: one made by a newer Trellis is refused too."""
+def _check_schema(path: Path) -> str:
+    """The staged database's schema revision(s), comma-joined, once it is found to be a
+    database Trellis can run on. One whose digest matches is what the backup's maker put
+    there, not necessarily a Trellis database: every later command would fail on it (exit 8).
+    Its revision must be one this code knows how to run or migrate (one made by a newer
+    Trellis is refused too), and it must hold every table and column that revision has
+    (``_missing_after_migration``). The revision reported is the database's own, not the
+    manifest's, which nothing checks."""
     try:
-        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"  # no journal files beside it
-        with closing(sqlite3.connect(uri, uri=True)) as connection:
+        with closing(sqlite3.connect(_read_only(path), uri=True)) as connection:
             tables = {
                 str(name)
                 for (name,) in connection.execute(
@@ -497,15 +502,74 @@ def _check_schema(path: Path) -> None:
             f"the backup's database schema ({_shown(', '.join(sorted(unknown)))}) is newer than"
             " this Trellis: restore it with the Trellis version that made it, or a newer one"
         )
+    schema = ",".join(sorted(revisions))
+    missing = _missing_after_migration(path, revisions)
+    if missing:
+        raise InvalidInput(
+            f"backup entry {_DB_NAME!r} lacks Trellis tables or columns of its schema {schema}"
+            f" ({_shown(', '.join(missing))}): not a Trellis backup"
+        )
+    return schema
+
+
+def _read_only(path: Path) -> str:
+    return f"{path.resolve().as_uri()}?mode=ro&immutable=1"  # no journal files beside it
+
+
+def _missing_after_migration(path: Path, revisions: set[str]) -> list[str]:
+    """What the database at ``path`` lacks of the schema Trellis runs on, once migrated from
+    its own revision(s) as the first ``trellis serve`` will migrate it.
+
+    The models describe the newest revision only: a database at an older one rightly lacks
+    what later migrations add, and the migrations are what must work on it, so the comparison
+    (``db.missing_from_models``) is made after migrating. What is migrated is the schema alone,
+    in a scratch database made from the staged one's DDL and revision: the migrations alter
+    tables and columns whatever rows they hold, so rows decide nothing here, and migrating a
+    copy of the data would take as much disk and time again as a database of gigabytes does.
+    A schema the migrations fail on is as bad as one that lacks a table."""
+    order = {"table": 0, "index": 1, "view": 2, "trigger": 3}
+    with tempfile.TemporaryDirectory() as scratch:
+        shape = Path(scratch) / "schema.db"
+        try:
+            with (
+                closing(sqlite3.connect(_read_only(path), uri=True)) as source,
+                closing(sqlite3.connect(shape)) as copy,
+            ):
+                ddl = source.execute(
+                    "SELECT type, sql FROM sqlite_master WHERE sql IS NOT NULL"
+                    " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+                ).fetchall()
+                for _, statement in sorted(ddl, key=lambda row: order.get(str(row[0]), 4)):
+                    copy.execute(str(statement))
+                copy.executemany(
+                    "INSERT INTO alembic_version (version_num) VALUES (?)",
+                    [(revision,) for revision in sorted(revisions)],
+                )
+                copy.commit()
+        except sqlite3.Error:
+            raise InvalidInput(
+                f"backup entry {_DB_NAME!r} has no Trellis schema: not a Trellis backup"
+            ) from None
+        engine = sa.create_engine(f"sqlite:///{shape}")
+        try:
+            db.upgrade(engine)
+            return db.missing_from_models(engine)
+        except Exception:  # the schema is the archive's: whatever a migration fails on is too
+            raise InvalidInput(
+                f"backup entry {_DB_NAME!r}: its schema cannot be migrated to this Trellis's:"
+                " not a Trellis backup"
+            ) from None
+        finally:
+            engine.dispose()
 
 
 def _install(
     contents: dict[str, bytes], database: _Database, data_dir: Path, target_db: Path
-) -> None:
+) -> str:
     """Stage the database beside its target (streamed, then checked) and the files in a
     staging directory inside the data dir, then move each into place, the database last; on
     any failure, remove all of it (the data dir and the database's directory too, if this
-    made them)."""
+    made them). Returns the database's schema revision."""
     made: list[Path] = []
     try:
         made += make_directory(data_dir, private=True)
@@ -518,7 +582,7 @@ def _install(
             database.write_to(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        _check_schema(Path(staged_db))
+        schema = _check_schema(Path(staged_db))
         for name, data in contents.items():
             target = staging / name
             parts = name.split("/")
@@ -540,6 +604,7 @@ def _install(
             else:
                 path.unlink(missing_ok=True)
         raise
+    return schema
 
 
 def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

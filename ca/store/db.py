@@ -332,3 +332,24 @@ def schema_status(engine: Engine) -> tuple[str | None, str]:
         current = MigrationContext.configure(connection).get_current_heads()
     return (",".join(sorted(current)) or None), ",".join(sorted(heads))
 
+
+def missing_from_models(engine: Engine) -> list[str]:
+    """The tables (``table``) and columns (``table.column``) the models declare that the
+    database lacks: Trellis's commands would fail on it ("no such table", exit 8) whatever its
+    ``alembic_version`` says. Tables and columns it has beyond them are no matter."""
+    from sqlmodel import SQLModel
+
+    import ca.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+    inspector = sa.inspect(engine)
+    present = set(inspector.get_table_names())
+    missing: list[str] = []
+    for name, table in sorted(SQLModel.metadata.tables.items()):
+        if name not in present:
+            missing.append(name)
+            continue
+        columns = {column["name"] for column in inspector.get_columns(name)}
+        missing += [
+            f"{name}.{column.name}" for column in table.columns if column.name not in columns
+        ]
+    return missing

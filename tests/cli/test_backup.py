@@ -29,6 +29,7 @@ import pytest
 from ca import backup
 from ca.config import Settings, build_context
 from ca.serving import ensure_server_certificate
+from tests.ca.test_migration_upgrade import _at_revision
 from tests.conftest import PASSPHRASE
 from tests.gateway.test_gateway_cli import Cli
 
@@ -189,6 +190,14 @@ def _no_core_tables(connection: sqlite3.Connection) -> None:
     connection.execute("DROP TABLE certificate")
 
 
+def _no_audit_seal_table(connection: sqlite3.Connection) -> None:
+    connection.execute("DROP TABLE audit_seal")
+
+
+def _no_requested_by_column(connection: sqlite3.Connection) -> None:
+    connection.execute("ALTER TABLE certificate DROP COLUMN requested_by")
+
+
 BAD_ARCHIVES: dict[str, Callable[[Files, dict[str, Any]], object]] = {
     "manifest/no-files": lambda files, manifest: manifest.pop("files"),
     "manifest/a-list": lambda files, manifest: json.dumps([manifest]).encode(),
@@ -215,6 +224,10 @@ BAD_ARCHIVES: dict[str, Callable[[Files, dict[str, Any]], object]] = {
     "database/another-schema": _database(),
     "database/no-certificate-table": _database(_no_core_tables),
     "database/newer-schema": _database(_future_schema),
+    # Restored (exit 0): only six core tables were checked, and audit verify and audit seal
+    # then failed on "no such table: audit_seal" (exit 8).
+    "database/no-audit-seal-table": _database(_no_audit_seal_table),
+    "database/no-certificate-column": _database(_no_requested_by_column),
     # Each was exit 8, naming the staging directory ("File exists", "File name too long",
     # the latter in a message kilobytes long).
     "name/file-and-directory": lambda files, manifest: [
@@ -282,6 +295,22 @@ def test_a_bad_archive_is_refused_whole_and_writes_nothing(
     assert not Path("/tmp/trellis-restore-escaped").exists()
     assert not (tmp_path / "escaped").exists()
     cli.run("--data-dir", str(workspace / "empty"), "restore", str(archive))  # a retry works
+
+
+def test_restore_reports_the_database_s_schema_and_takes_an_older_one(
+    archive: Path, cli: Cli, tmp_path: Path
+) -> None:
+    """A database at 0008 (tables later revisions add are missing, as they should be) in an
+    archive whose manifest says otherwise: restored, and reported as 0008, not as the
+    manifest's revision, which nothing checks (it said "schema 0016", --json too)."""
+    older = tmp_path / "older.db"
+    _at_revision(f"sqlite:///{older}", "0008").dispose()
+    bad = _tampered(archive, tmp_path / "older.tgz", _listed("trellis.db", older.read_bytes()))
+    with tarfile.open(bad) as opened:
+        manifest = json.loads(opened.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert manifest["schema"] not in (None, "0008")
+    restored = cli.json("--data-dir", str(tmp_path / "restored"), "restore", str(bad))
+    assert restored["schema"] == "0008"
 
 
 def test_a_restore_that_fails_while_writing_leaves_nothing_behind(
