@@ -61,15 +61,15 @@ def _grow(database: Path, mebibytes: int) -> int:
 
 def test_a_backup_streams_the_database_and_the_archive_then_restores(tmp_path: Path) -> None:
     """The snapshot was read whole (read_bytes) and the archive built in a BytesIO before it
-    was written: peak memory grew by twice the database's size (a 64 MiB database: +128 MiB),
+    was written: peak memory grew by twice the database's size (a 32 MiB database: +64 MiB),
     and a CA of millions of certificates (gigabytes) met the OOM killer. Both are streamed
-    now: the peak is the same for 270 KiB and 64 MiB. The archive still restores."""
+    now: the peak is the same for 270 KiB and 32 MiB. The archive still restores."""
     database = tmp_path / "a" / "trellis.db"
     source = Trellis(tmp_path / "a", f"sqlite:///{database}")
     source.run("init", "--trust-domain", "example.org")
     small = _peak_rss(source, "backup", "--out", str(tmp_path / "small.tgz"))
-    size = _grow(database, 64)
-    assert size > 64 * MiB
+    size = _grow(database, 32)
+    assert size > 32 * MiB
     big = _peak_rss(source, "backup", "--out", str(tmp_path / "big.tgz"))
     assert big - small < size // 4, (small, big, size)
     assert (tmp_path / "big.tgz").stat().st_mode & 0o777 == 0o600
@@ -79,8 +79,8 @@ def test_a_backup_streams_the_database_and_the_archive_then_restores(tmp_path: P
     restored.run("restore", str(tmp_path / "big.tgz"))
     with closing(sqlite3.connect(tmp_path / "b" / "trellis.db")) as connection:
         assert connection.execute("SELECT count(*), sum(length(body)) FROM filler").fetchone() == (
-            64,
-            64 * MiB,
+            32,
+            32 * MiB,
         )
 
 
