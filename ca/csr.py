@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca.errors import InvalidCsr, PolicyViolation
 from ca.identity import SpiffeId
-from ca.keys import PublicKey, RefusedSignatureAlgorithm, check_public_key, verify_signed
+from ca.keys import KeyType, PublicKey, RefusedSignatureAlgorithm, check_public_key, verify_signed
 
 __all__ = ["ParsedCsr", "check_dns_name", "load_verified_csr", "parse_csr"]
 
@@ -89,8 +90,23 @@ def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, Publi
     return csr, key
 
 
+# An X509-SVID's RSA key is one of Trellis's RSA key types, not any size ``check_public_key``
+# accepts: ``svid renew`` and the agent renew into a fresh key of the SVID's KeyType, so an SVID
+# for a 3000-bit key could be issued and never renewed. SPIRE's agents likewise rotate within a
+# closed set of key types; keys outside it come only from minting, which is not renewed.
+_SVID_RSA_BITS = tuple(int(k.value.removeprefix("rsa-")) for k in KeyType if k.is_rsa)
+
+
 def parse_csr(pem: bytes) -> ParsedCsr:
+    """A CSR for an X509-SVID: ``load_verified_csr``, an RSA key of a KeyType size, and only a
+    URI SAN (at most one) and DNS names."""
     csr, key = load_verified_csr(pem)
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size not in _SVID_RSA_BITS:
+        *first, last = (str(bits) for bits in _SVID_RSA_BITS)
+        raise InvalidCsr(
+            f"RSA key of {key.key_size} bits is not accepted for an X509-SVID: use "
+            f"{', '.join(first)} or {last} bits, the sizes it can be renewed with"
+        )
     spiffe_id: SpiffeId | None = None
     dns: tuple[str, ...] = ()
     try:

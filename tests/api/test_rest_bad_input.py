@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from api.app import create_app
 from api.limits import MAX_BODY
 from ca.clock import FixedClock
 from ca.config import Context
+from ca.renewal import make_proof
 from tests.api.restkit import Rest, assert_problem, bearer, make_csr, tamper_signature
 from tests.selfsigned import self_signed
 
@@ -157,6 +159,32 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
     assert rest.request_svid(token, make_csr()[1]).status_code == 200
     assert_problem(rest.request_svid(token, make_csr()[1]), 401)
     assert rest.certificate_count() == 1
+
+
+def test_svid_keys_trellis_must_not_certify_are_refused_naming_the_accepted_ones(
+    rest: Rest,
+) -> None:
+    """Regression: an RSA key of a size that is no KeyType (2056 bits) was certified, but
+    ``svid renew`` and the agent renew into a fresh key of the SVID's KeyType and failed on it.
+    It is a 400 that names what is accepted, at bootstrap and at renewal, and writes nothing."""
+    svid = rest.enrol("spiffe://example.org/renewing")
+    token = rest.join_token(rest.create_entry(GOOD))
+    odd = make_csr(rsa.generate_private_key(public_exponent=65537, key_size=2056))[1]
+    cases = [
+        ("rsa-2056", odd, "RSA key of 2056 bits", "2048, 3072 or 4096"),
+    ]
+    for case, csr, refused, accepted in cases:
+        der = x509.load_pem_x509_csr(csr.encode()).public_bytes(serialization.Encoding.DER)
+        proof = make_proof(
+            svid.certificate, svid.key, hashlib.sha256(der).digest(), rest.clock.now()
+        )
+        for path, credential in (("/v1/svid", token), ("/v1/svid/renew", proof)):
+            response = rest.client.post(path, json={"csr": csr}, headers=bearer(credential))
+            problem = assert_problem(response, 400)
+            assert problem["code"] == "invalid-csr", (case, path, problem)
+            assert refused in problem["detail"] and accepted in problem["detail"], (case, path)
+    assert rest.certificate_count() == 1  # the enrolled SVID only
+    assert rest.request_svid(token, make_csr()[1]).status_code == 200  # the token kept its use
 
 
 def test_expired_join_token_is_401(rest: Rest, clock: FixedClock) -> None:

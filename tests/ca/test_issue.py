@@ -39,7 +39,7 @@ from ca.errors import (
 )
 from ca.grants import admin_grant, join_grant, renewal_grant
 from ca.identity import SpiffeId, TrustDomain
-from ca.issue import Grant, IssuedSvid, issue_svid, mint_svid
+from ca.issue import Grant, IssuedSvid, issue_for_key, issue_svid, mint_svid
 from ca.keys import KeyType, PrivateKey
 from ca.profiles import BACKDATE
 from ca.renewal import AUDIENCE, CLOCK_SKEW, PROOF_TYPE, make_proof
@@ -570,13 +570,19 @@ def test_multi_use_join_token_counts_down(ctx: Context) -> None:
 
 
 @SQLITE_ONLY
-def test_rsa_key_of_an_unlisted_size_is_issued(ctx: Context) -> None:
-    """Regression: check_public_key accepts any RSA size in 2048..8192, but the leaf profile
-    used to look the key up in KeyType (2048/3072/4096 only) and raised a bare ValueError."""
+def test_rsa_key_of_an_unlisted_size_is_refused_but_the_profile_takes_it(ctx: Context) -> None:
+    """An RSA size that is no KeyType (2304 bits) is refused in a CSR: the SVID could not be
+    renewed, as renewal makes a fresh key of the SVID's KeyType. The leaf profile still takes
+    any RSA key (regression: it used to look the key up in KeyType and raise a bare
+    ValueError)."""
     entry = add_entry(ctx, WEB)
-    _, secret = join_secret(ctx, entry)
+    token_id, secret = join_secret(ctx, entry)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2304)
-    svid = issue_svid(ctx, join_grant(ctx, secret), make_csr(key, uris=[WEB]))
+    with pytest.raises(InvalidCsr, match=r"2304 bits is not accepted.*2048, 3072 or 4096"):
+        issue_svid(ctx, join_grant(ctx, secret), make_csr(key, uris=[WEB]))
+    assert count_rows(ctx, "certificate") == 0
+    assert uses_remaining(ctx, token_id) == 1
+    svid = issue_for_key(ctx, join_grant(ctx, secret), key.public_key())
     # assert_is_svid_leaf also demands keyEncipherment, as for every RSA subject key.
     assert_is_svid_leaf(svid.certificate, spiffe_id=WEB, issuer=active_issuer(ctx).certificate)
     assert svid.certificate.public_key() == key.public_key()
