@@ -62,6 +62,31 @@ class ParsedCsr:
     sha256: bytes  # of the DER CSR: renewal proofs are bound to it
 
 
+_RSASSA_PSS = bytes.fromhex("06092a864886f70d01010a")  # the DER OID 1.2.840.113549.1.1.10
+
+
+def _inside(der: bytes, at: int) -> tuple[int, int]:
+    """Where the contents of the DER element at ``at`` start and end (short or long length)."""
+    length, start = der[at + 1], at + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length, start = int.from_bytes(der[start : start + count]), start + count
+    return start, start + length
+
+
+def _key_algorithm(info: bytes) -> bytes:
+    """The DER OID of the key's algorithm in a CertificationRequestInfo (RFC 2986 §4.1:
+    SEQUENCE { version, subject, subjectPKInfo SEQUENCE { algorithm SEQUENCE { OID, ... } ... }
+    ... }), which cryptography parsed already. Read from the DER because cryptography's typed
+    CSR interface does not expose it (only its certificates have ``public_key_algorithm_oid``)."""
+    at = _inside(info, 0)[0]
+    at = _inside(info, at)[1]  # past the version
+    at = _inside(info, at)[1]  # past the subject
+    at = _inside(info, at)[0]  # into subjectPKInfo
+    at = _inside(info, at)[0]  # into its AlgorithmIdentifier
+    return info[at : _inside(info, at)[1]]
+
+
 def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
     """A PEM CSR whose signature proves possession of its (acceptable) key, made with an
     acceptable algorithm (SHA-256/384/512 or Ed25519: ``verify_signed``); nothing else judged.
@@ -71,6 +96,15 @@ def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, Publi
         csr = x509.load_pem_x509_csr(pem)
     except ValueError:
         raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
+    # cryptography reads an id-RSASSA-PSS key as a plain RSA key, so a certificate built from it
+    # would say rsaEncryption and drop the restriction to PSS signatures its holder asked for
+    # (RFC 4055 §1.2). Keeping it would mean copying the CSR's SPKI and its parameters, leaving
+    # out keyEncipherment, and PS256 renewal proofs: refused instead, as no client needs it.
+    if _key_algorithm(csr.tbs_certrequest_bytes) == _RSASSA_PSS:
+        raise InvalidCsr(
+            "the CSR's key is an RSA-PSS key (id-RSASSA-PSS), which is not accepted: use an RSA "
+            "key (rsaEncryption), EC P-256/P-384 or Ed25519"
+        )
     try:
         public_key = csr.public_key()
     except Exception:

@@ -7,7 +7,9 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -161,17 +163,40 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
     assert rest.certificate_count() == 1
 
 
+def _rsa_pss_csr(directory: Path) -> str:
+    """A CSR for an RSA-PSS-only key (SPKI id-RSASSA-PSS, RFC 4055), which cryptography cannot
+    generate: made by openssl, as a workload would."""
+    key = directory / "pss.key"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA-PSS", "-out", str(key)],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    made = subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=web"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+        text=True,
+    )
+    return made.stdout
+
+
 def test_svid_keys_trellis_must_not_certify_are_refused_naming_the_accepted_ones(
-    rest: Rest,
+    rest: Rest, tmp_path: Path
 ) -> None:
     """Regression: an RSA key of a size that is no KeyType (2056 bits) was certified, but
-    ``svid renew`` and the agent renew into a fresh key of the SVID's KeyType and failed on it.
-    It is a 400 that names what is accepted, at bootstrap and at renewal, and writes nothing."""
+    ``svid renew`` and the agent renew into a fresh key of the SVID's KeyType and failed on it;
+    an RSA-PSS-only key was certified as plain rsaEncryption with keyEncipherment, dropping the
+    PSS-only restriction its holder asked for (RFC 4055 §1.2). Both are 400s that name what is
+    accepted, at bootstrap and at renewal, and write nothing."""
     svid = rest.enrol("spiffe://example.org/renewing")
     token = rest.join_token(rest.create_entry(GOOD))
     odd = make_csr(rsa.generate_private_key(public_exponent=65537, key_size=2056))[1]
     cases = [
         ("rsa-2056", odd, "RSA key of 2056 bits", "2048, 3072 or 4096"),
+        ("rsa-pss", _rsa_pss_csr(tmp_path), "RSA-PSS", "rsaEncryption"),
     ]
     for case, csr, refused, accepted in cases:
         der = x509.load_pem_x509_csr(csr.encode()).public_bytes(serialization.Encoding.DER)

@@ -157,3 +157,26 @@ def test_a_csr_signed_with_a_weak_digest_is_refused_naming_it(
         load_verified_csr(signed.stdout)
     assert f"signed with {name}, which is not accepted" in refused.value.detail
     assert "SHA-256" in refused.value.detail
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl binary is not installed")
+def test_a_csr_for_an_rsa_pss_only_key_is_refused(tmp_path: Path) -> None:
+    """Regression: a key made by ``openssl genpkey -algorithm RSA-PSS`` (SPKI id-RSASSA-PSS)
+    was read as a plain RSA key and certified as rsaEncryption with keyEncipherment, dropping
+    the restriction to PSS signatures (RFC 4055 §1.2). A PSS signature by an rsaEncryption key
+    stays accepted (``SCHEMES``)."""
+    key = tmp_path / "pss.key"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA-PSS", "-out", str(key)],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    signed = subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=web"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    with pytest.raises(InvalidCsr, match=r"RSA-PSS key \(id-RSASSA-PSS\), which is not accepted"):
+        load_verified_csr(signed.stdout)
