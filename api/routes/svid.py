@@ -74,18 +74,25 @@ class _Authenticate:
     in_thread: Callable[[bytes], Grant]
 
 
+def _ttl(body: SvidRequest) -> Ttl | None:
+    return Ttl.parse(body.ttl) if body.ttl else None
+
+
 async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -> SvidResponse:
+    """The credential is judged before the body's fields (the TTL here; the CSR in
+    ``issue_svid``, or with a renewal proof, which is bound to it): an unauthenticated caller
+    learns nothing about its body and is counted as ``unauthenticated``. Authenticating spends
+    nothing, so a TTL refused after it leaves the join token or the renewal proof unused."""
     csr = body.csr.encode()
-    ttl = Ttl.parse(body.ttl) if body.ttl else None
     if ctx.signs_locally:
         with under_way(ctx):
             grant = await authenticate.on_loop(csr)
-            svid = await issue_svid_async(ctx, grant, csr, ttl)
+            svid = await issue_svid_async(ctx, grant, csr, _ttl(body))
         return _render(svid, str(grant.spiffe_id))
 
     def in_thread() -> SvidResponse:
         grant = authenticate.in_thread(csr)
-        return _render(issue_svid(ctx, grant, csr, ttl), str(grant.spiffe_id))
+        return _render(issue_svid(ctx, grant, csr, _ttl(body)), str(grant.spiffe_id))
 
     # With the request's context (its request id in the log lines), as anyio's pool would.
     context = contextvars.copy_context()

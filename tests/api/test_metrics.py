@@ -56,7 +56,8 @@ def test_issuance_and_revocation_show_in_metrics(rest: Rest) -> None:
 
 def test_refused_credentials_count_as_unauthenticated(rest: Rest) -> None:
     """docs/operations.md lists ``unauthenticated`` as a result: a spent or unknown join token, a
-    malformed renewal proof, renewing a revoked SVID and no credential at all are all 401."""
+    malformed renewal proof, renewing a revoked SVID and no credential at all are all 401, also
+    with a body whose fields are bad (regression: a bad ``ttl`` was judged first, 400)."""
     issued = "trellis_certificates_issued_total"
     labels = {"authority": "mesh", "profile": "x509-svid", "result": "unauthenticated"}
     base = _value(_samples(rest.client), issued, **labels)
@@ -76,6 +77,9 @@ def test_refused_credentials_count_as_unauthenticated(rest: Rest) -> None:
         rest.renew(svid, csr, proof="not.a.jwt"),  # malformed proof
         rest.renew(svid, csr),  # a revoked SVID
         rest.client.post("/v1/svid", json={"csr": csr}),  # no credential
+        # A bad credential with a bad body: the credential is judged first.
+        rest.request_svid("no-such-token", "x", ttl="bogus"),
+        rest.renew(svid, "x", proof="not.a.jwt", ttl="bogus"),
     ]
-    assert [r.status_code for r in refusals] == [401] * 5, [r.text for r in refusals]
-    assert _value(_samples(rest.client), issued, **labels) == base + 5
+    assert [r.status_code for r in refusals] == [401] * 7, [r.text for r in refusals]
+    assert _value(_samples(rest.client), issued, **labels) == base + 7

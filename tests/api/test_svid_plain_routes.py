@@ -159,3 +159,17 @@ def test_renewal_answers_alike(rest: Rest, client: TestClient, reference: TestCl
     assert answers[0] == answers[1]
     (ok, refused) = answers[0]
     assert (ok["status"], refused["status"]) == (200, 401)
+
+
+def test_the_credential_is_judged_before_the_body_fields(
+    client: TestClient, reference: TestClient
+) -> None:
+    """Regression: a bad ``ttl`` was parsed before the credential, so an unauthenticated caller
+    got 400 invalid-input for its body instead of 401, on the plain routes and the FastAPI
+    operations alike."""
+    body = {"csr": "x", "ttl": "bogus"}
+    for app in (client, reference):
+        for path in ("/v1/svid", "/v1/svid/renew"):
+            response = app.post(path, json=body, headers={"Authorization": "Bearer bogus"})
+            assert response.status_code == 401, (path, response.text)
+            assert response.headers["www-authenticate"].lower().startswith("bearer")
