@@ -18,6 +18,7 @@ from api.app import create_app, freeze_startup_heap
 from ca.config import Settings, build_context
 from ca.logs import configure_logging
 from ca.scheduler import elect_scheduler
+from ca.store.db import SchemaPolicy
 
 __all__ = ["SCHEDULER_LOCK", "app_from_environment"]
 
@@ -26,7 +27,7 @@ SCHEDULER_LOCK = "scheduler.lock"
 
 def app_from_environment() -> FastAPI:
     configure_logging()  # spawned workers start with no logging configuration
-    ctx = build_context(Settings(), migrate=False, serving=True)
+    ctx = build_context(Settings(), schema=SchemaPolicy.TRUSTED, serving=True)
     app = create_app(ctx)
     inner = app.router.lifespan_context
 

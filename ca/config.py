@@ -236,10 +236,12 @@ def build_context(
     settings: Settings,
     *,
     clock: Clock | None = None,
-    migrate: bool = True,
+    schema: db.SchemaPolicy = db.SchemaPolicy.MIGRATE,
     serving: bool = False,
 ) -> Context:
-    """``serving``: for ``trellis serve``, which on SQLite checkpoints in a thread of its own."""
+    """``schema``: what opening the store may do to an older schema (``db.SchemaPolicy``: the
+    CLI's commands other than ``serve`` and ``migrate`` leave one alone). ``serving``: for
+    ``trellis serve``, which on SQLite checkpoints in a thread of its own."""
     data_directory(settings.data_dir)
     for name in ("secrets", "server"):  # keys/: FileKeyBackend below; these when first used
         data_directory(settings.data_dir / name, create=False)
@@ -263,8 +265,11 @@ def build_context(
         backends["vault"] = VaultKeyBackend.from_settings(settings)
     keys = KeyStore(backends, default=settings.key_backend)
     engine = db.connect(settings.effective_database_url, background_checkpoints=serving)
-    if migrate:
-        db.upgrade(engine)
+    try:
+        db.settle_schema(engine, schema)
+    except BaseException:
+        engine.dispose()
+        raise
     ctx = Context(settings=settings, engine=engine, keys=keys, clock=clock or SystemClock())
     database = engine.url.database
     if serving and engine.dialect.name == "sqlite" and database and database != ":memory:":

@@ -32,6 +32,7 @@ from ca.keys.store import check_backend_name
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+from ca.store.db import SchemaPolicy
 from cli.common import STATE, confirm, emit_json, iso, out_file, table, when
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -90,7 +91,11 @@ def init(
             "the vault key backend needs TRELLIS_VAULT_ADDR and its auth settings"
             " (TRELLIS_VAULT_TOKEN, or TRELLIS_VAULT_AUTH_METHOD and its own: docs/vault.md)"
         )
-    with STATE.setting_up() as ctx:
+    # --exists-ok is the step deploy/ runs just before 'serve', with the same version: it
+    # migrates as 'serve' would. A plain init does not change the schema of a database it
+    # then refuses (a CA exists: exit 6).
+    policy = SchemaPolicy.MIGRATE if exists_ok else SchemaPolicy.REQUIRE_CURRENT
+    with STATE.setting_up(policy) as ctx:
         try:
             created: Issuer | None = init_authority(ctx, params)
         except Conflict:

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from ca import errors
 from ca.config import Context, Settings, build_context
 from ca.files import check_writable
+from ca.store.db import SchemaPolicy
 
 # The one place errors become exit codes (documented in docs/cli.md). 2 is click's usage error.
 EXIT_CODES: dict[type[errors.TrellisError], int] = {
@@ -57,7 +58,7 @@ def exit_code(error: errors.TrellisError) -> int:
     return 1
 
 
-def _require_set_up(settings: Settings) -> None:
+def require_set_up(settings: Settings) -> None:
     hint = (
         "set one up with 'trellis init' (or 'trellis gateway init', 'trellis openvpn init'),"
         " or 'trellis restore' a backup"
@@ -99,19 +100,27 @@ class State:
         except pydantic.ValidationError as error:  # a TRELLIS_* variable (or an option) is bad
             raise errors.InvalidInput(_bad_setting(error, given=values)) from None
 
-    def context(self, *, serving: bool = False, create: bool = False, **overrides: Any) -> Context:
+    def context(
+        self,
+        *,
+        serving: bool = False,
+        create: bool = False,
+        schema: SchemaPolicy = SchemaPolicy.REQUIRE_CURRENT,
+        **overrides: Any,
+    ) -> Context:
         """``create``: the command sets a data dir up (the ``init`` commands). Any other
         refuses one that does not exist yet instead of making an empty one and answering from
-        it (an empty certificate list, a working admin token for a CA that is not there)."""
+        it (an empty certificate list, a working admin token for a CA that is not there).
+        ``schema``: only ``serve``, ``migrate`` and ``init --exists-ok`` migrate an older one."""
         if self._ctx is None:
             settings = self.settings(**overrides)
             if not create:
-                _require_set_up(settings)
-            self._ctx = build_context(settings, serving=serving)
+                require_set_up(settings)
+            self._ctx = build_context(settings, serving=serving, schema=schema)
         return self._ctx
 
     @contextlib.contextmanager
-    def setting_up(self) -> Iterator[Context]:
+    def setting_up(self, schema: SchemaPolicy = SchemaPolicy.REQUIRE_CURRENT) -> Iterator[Context]:
         """The context of an init command, around the part that sets the CA up. If that fails,
         what it made in the file system is removed again, as docs/cli.md promises ("a refused
         init leaves nothing behind"): the data dir if it was not there, otherwise only the
@@ -120,7 +129,7 @@ class State:
         Keys it made in Vault are destroyed by the init itself."""
         made = _Made.before(self.settings())
         try:
-            yield self.context(create=True)
+            yield self.context(create=True, schema=schema)
         except BaseException:
             self.close()  # the database file is closed before it is removed
             made.remove()

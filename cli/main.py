@@ -23,6 +23,7 @@ COMMANDS = {
     "agent": ("cli.agent", "agent"),
     "backup": ("cli.ops", "backup"),
     "restore": ("cli.ops", "restore"),
+    "migrate": ("cli.ops", "migrate"),
     "entry": ("cli.admin", "entry_app"),
     "token": ("cli.admin", "token_app"),
     "svid": ("cli.workload", "svid_app"),

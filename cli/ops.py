@@ -1,4 +1,4 @@
-"""``trellis backup`` and ``trellis restore``."""
+"""``trellis backup``, ``trellis restore`` and ``trellis migrate``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import typer
 from ca.backup import backup as run_backup
 from ca.backup import check_backup
 from ca.backup import restore as run_restore
-from cli.common import STATE, emit_json, out_file
+from ca.store.db import SchemaPolicy
+from ca.store.db import migrate as run_migrate
+from cli.common import STATE, emit_json, out_file, require_set_up
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -21,7 +23,8 @@ def backup(
 ) -> None:
     """Consistent snapshot of the database and the (still encrypted) CA keys: SQLite installs."""
     check_backup(STATE.settings())
-    result = run_backup(STATE.context(), out)
+    # An older schema is backed up as it is: the backup before an upgrade is the way back.
+    result = run_backup(STATE.context(schema=SchemaPolicy.AS_IS), out)
     if json_out:
         emit_json({"path": str(result.path), "schema": result.schema, "files": list(result.files)})
         return
@@ -42,3 +45,19 @@ def restore(
     typer.echo(
         "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file), then 'trellis serve'"
     )
+
+
+def migrate(json_out: JsonOpt = False) -> None:
+    """Bring the database schema to this Trellis's revision (take a backup first)."""
+    settings = STATE.settings()
+    require_set_up(settings)
+    migration = run_migrate(settings.effective_database_url)
+    if json_out:
+        emit_json({"from": migration.before, "to": migration.after, "migrated": migration.changed})
+        return
+    if not migration.changed:
+        typer.echo(f"the database schema is already at {migration.after}: nothing to do")
+    elif migration.before is None:
+        typer.echo(f"created the database schema at {migration.after}")
+    else:
+        typer.echo(f"migrated the database schema from {migration.before} to {migration.after}")

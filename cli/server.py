@@ -16,6 +16,7 @@ from ca.jobs import catch_up
 from ca.logs import configure_logging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
+from ca.store.db import SchemaPolicy
 from cli.common import STATE
 
 # uvicorn, the supervisor and the API are imported inside ``serve``: every other command would pay
@@ -53,7 +54,9 @@ def serve(
 ) -> None:
     """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""
     # Host, port and workers are checked with the other settings, before anything is done.
-    ctx = STATE.context(serving=True, host=host, port=port, workers=workers)
+    ctx = STATE.context(
+        serving=True, schema=SchemaPolicy.MIGRATE, host=host, port=port, workers=workers
+    )
     settings = ctx.settings
     listener = listen(settings.host, settings.port)  # first: a port in use changes nothing
     configure_logging()

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from ca.errors import InvalidInput, Unavailable
+from ca.errors import InvalidInput, NotInitialised, Unavailable
 from ca.files import make_directory
 
 if TYPE_CHECKING:
@@ -26,12 +28,17 @@ if TYPE_CHECKING:
 # import costs each of them 7 MiB (docs/benchmarks.md).
 
 __all__ = [
+    "SCHEMA_HEADS",
     "Checkpointer",
+    "Migration",
+    "SchemaPolicy",
     "autocommit_engine",
     "connect",
     "loop_engine",
+    "migrate",
     "normalise_url",
     "schema_status",
+    "settle_schema",
     "upgrade",
 ]
 
@@ -276,50 +283,148 @@ def known_revisions() -> frozenset[str]:
 
 
 # The newest schema revision(s). Alembic learns them by importing every migration script, ~0.3 s
-# of CPU that every CLI command paid before doing anything; ``upgrade`` compares the database's
-# revision with this first. tests/ca/test_migrations.py holds it to Alembic's own heads.
+# of CPU that every CLI command paid before doing anything; ``settle_schema`` compares the
+# database's revision with this first. tests/ca/test_migrations.py holds it to Alembic's own heads.
 SCHEMA_HEADS = frozenset({"0016"})
 
 
-def _up_to_date(engine: Engine) -> bool:
+class SchemaPolicy(enum.Enum):
+    """What opening the store may do about the database's schema revision. Every policy but
+    ``TRUSTED`` creates the schema in a database that has none (nothing there to roll back, no
+    older Trellis using it) and refuses one made by a newer Trellis (``Unavailable``). They
+    differ over an older revision, because migrating one is what makes a rollback impossible:
+    an older Trellis refuses the newer schema, and on PostgreSQL the replicas still running the
+    older version stop working. So only a deliberate step migrates (docs/operations.md)."""
+
+    MIGRATE = "migrate"
+    """``trellis migrate``, ``trellis serve``, and ``init --exists-ok``, which deploy/ runs just
+    before ``serve`` with the same version."""
+    REQUIRE_CURRENT = "require-current"
+    """Every other command: an older revision is refused untouched (``NotInitialised``), naming
+    ``trellis migrate``."""
+    AS_IS = "as-is"
+    """``trellis backup``: an older revision is used as it is, so that the backup taken before
+    an upgrade can be restored by the version that made it."""
+    TRUSTED = "trusted"
+    """No check, not even the query: a worker of ``trellis serve``, which settled the schema
+    before starting it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """The schema revision before and after ``settle_schema`` (comma-joined when branched);
+    ``before`` is None for a database that had no schema."""
+
+    before: str | None
+    after: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def _joined(revisions: Iterable[str]) -> str:
+    return ",".join(sorted(revisions))
+
+
+def _revisions(engine: Engine) -> frozenset[str] | None:
+    """The database's revision(s) with one query; None without an ``alembic_version`` table."""
     try:
         with engine.connect() as connection:
             rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
     except sa.exc.SQLAlchemyError:
-        return False  # no schema yet, or a database upgrade() itself reports on
-    return {row[0] for row in rows} == SCHEMA_HEADS
+        return None  # no schema yet, or a database the slow path reports on
+    return frozenset(row[0] for row in rows)
 
 
-def upgrade(engine: Engine) -> None:
+def _outdated(before: str) -> NotInitialised:
+    return NotInitialised(
+        f"the database schema ({before}) is older than this Trellis ({_joined(SCHEMA_HEADS)}):"
+        " take a backup, then run 'trellis migrate' (or start 'trellis serve')"
+    )
+
+
+def settle_schema(engine: Engine, policy: SchemaPolicy) -> Migration | None:
+    """Bring the schema where ``policy`` allows (idempotent); None for ``TRUSTED``. A database
+    already at ``SCHEMA_HEADS`` costs one query, without loading Alembic."""
+    if policy is SchemaPolicy.TRUSTED:
+        return None
+    return _settle(engine, policy)
+
+
+def upgrade(engine: Engine) -> Migration:
     """Bring the schema to the newest revision this code knows (idempotent)."""
-    if _up_to_date(engine):
-        return
+    return _settle(engine, SchemaPolicy.MIGRATE)
+
+
+def _settle(engine: Engine, policy: SchemaPolicy) -> Migration:
+    current = _revisions(engine)
+    if current == SCHEMA_HEADS:
+        return Migration(_joined(current), _joined(current))
+    if current and policy is not SchemaPolicy.MIGRATE:
+        # Decided before any lock or pragma: a refusal or a backup leaves everything as it was.
+        with _reachable(), engine.connect() as connection:
+            _refuse_unknown_revisions(connection)
+        if policy is SchemaPolicy.REQUIRE_CURRENT:
+            raise _outdated(_joined(current))
+        return Migration(_joined(current), _joined(current))
+    return _upgrade(engine, policy)
+
+
+def migrate(url: str) -> Migration:
+    """``trellis migrate``: the database at ``url`` brought to the newest revision, without
+    opening anything else (the key store is not needed to change the schema)."""
+    engine = connect(url)
+    try:
+        return upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        # libpq's message spans lines, tab-indented ("connection to server ... failed:\n\t...").
+        reason = " ".join(str(exc.orig).split())
+        raise Unavailable(f"cannot reach the database: {reason}") from None
+
+
+def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     config = _config()
-    try:
-        with engine.connect() as connection:
-            sqlite = connection.dialect.name == "sqlite"
-            if sqlite:
-                # SQLite alters a table by copying it; with foreign keys enforced, dropping the
-                # old copy of a referenced table fails. Alembic's documented recipe: switch
-                # enforcement off for the migration (outside any transaction), then back on.
-                connection.commit()
-                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    with _reachable(), engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite alters a table by copying it; with foreign keys enforced, dropping the
+            # old copy of a referenced table fails. Alembic's documented recipe: switch
+            # enforcement off for the migration (outside any transaction), then back on.
+            connection.commit()
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        try:
             with _migration_lock(connection):
                 _refuse_unknown_revisions(connection)
+                before = _joined(MigrationContext.configure(connection).get_current_heads())
+                older = before and before != _joined(SCHEMA_HEADS)
+                if older and policy is not SchemaPolicy.MIGRATE:
+                    # An older Trellis gave the database its schema meanwhile: as above.
+                    if policy is SchemaPolicy.REQUIRE_CURRENT:
+                        raise _outdated(before)
+                    return Migration(before, before)
                 config.attributes["connection"] = connection
                 # "heads": features developed in parallel add migrations as sibling branches
                 # off a common revision until a merge revision joins them.
                 command.upgrade(config, "heads")
                 connection.commit()
+        finally:
             if sqlite:
+                connection.rollback()
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
-    except sa.exc.OperationalError as exc:
-        # libpq's message spans lines, tab-indented ("connection to server ... failed:\n\t...").
-        reason = " ".join(str(exc.orig).split())
-        raise Unavailable(f"cannot reach the database: {reason}") from None
+    return Migration(before or None, _joined(SCHEMA_HEADS))
 
 
 def schema_status(engine: Engine) -> tuple[str | None, str]:

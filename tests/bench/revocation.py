@@ -61,6 +61,7 @@ from ca.identity import TrustDomain
 from ca.ocsp import respond
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+from ca.store.db import SchemaPolicy
 from ca.store.models import CaRow, CertificateRow
 from tests.pgserver import embedded_postgres_server, make_postgres_database
 from tests.processes import terminate
@@ -435,7 +436,7 @@ def serve_ocsp() -> None:
     from api.app import create_app
 
     settings = Settings()
-    ctx = build_context(settings, migrate=False)
+    ctx = build_context(settings, schema=SchemaPolicy.TRUSTED)
     uvicorn.run(
         create_app(ctx),
         host="127.0.0.1",

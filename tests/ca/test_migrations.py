@@ -7,6 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -15,6 +16,7 @@ from sqlmodel import SQLModel
 
 import ca.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from ca.config import Context
+from ca.errors import NotInitialised
 from ca.store import db
 
 # The tables every later revision builds on; the full set is whatever the models declare.
@@ -126,5 +128,29 @@ def test_fresh_database_reports_no_revision(tmp_path: Any) -> None:
         assert (current, bool(head)) == (None, True)
         db.upgrade(engine)
         assert db.schema_status(engine) == (head, head)
+    finally:
+        engine.dispose()
+
+
+def test_only_migrate_changes_an_older_schema(database_url: str) -> None:
+    """``trellis migrate`` and ``serve`` migrate; other commands refuse an older schema
+    untouched (``NotInitialised``, naming the command), and ``backup`` takes it as it is."""
+    from alembic import command
+
+    engine = db.connect(database_url)
+    config = db._config()
+    try:
+        with engine.connect() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0012")
+            connection.commit()
+        with pytest.raises(NotInitialised, match=r"\(0012\) is older .* 'trellis migrate'"):
+            db.settle_schema(engine, db.SchemaPolicy.REQUIRE_CURRENT)
+        assert db.settle_schema(engine, db.SchemaPolicy.AS_IS) == db.Migration("0012", "0012")
+        assert db.settle_schema(engine, db.SchemaPolicy.TRUSTED) is None
+        assert db.schema_status(engine)[0] == "0012"
+        head = ",".join(sorted(db.SCHEMA_HEADS))
+        assert db.upgrade(engine) == db.Migration("0012", head)
+        assert db.settle_schema(engine, db.SchemaPolicy.REQUIRE_CURRENT) == db.Migration(head, head)
     finally:
         engine.dispose()

@@ -25,6 +25,7 @@ from api.app import create_app
 from ca.authority import active_issuer
 from ca.config import Context, Settings, build_context
 from ca.ocsp import respond
+from ca.store.db import SchemaPolicy
 from ca.store.models import OcspResponderRow
 from tests.ca.svidkit import SQLITE_ONLY, enrol
 from tests.ca.test_ocsp import TD, assert_signed_by_delegate, request_der
@@ -48,7 +49,7 @@ def _replica(
             database_url=database_url,
             key_passphrase=SecretStr(PASSPHRASE),
         )
-        ctx = build_context(settings, migrate=False)
+        ctx = build_context(settings, schema=SchemaPolicy.TRUSTED)
         make: Callable[..., Any] = ca.ocsp._new_responder
 
         def after_the_other_looked(*args: Any) -> Any:

@@ -31,6 +31,7 @@ from ca.openvpn import (
     server_config,
     write_files,
 )
+from ca.store.db import SchemaPolicy
 from ca.store.models import CertificateRow
 from ca.store.models_openvpn import OpenVpnRow
 from ca.tlscryptv2 import ServerKey, StaticKey
@@ -122,7 +123,7 @@ def test_tls_crypt_keys_are_sealed_files(vpn: Context) -> None:
             database_url=vpn.settings.database_url,
             key_passphrase="another-passphrase-entirely",  # type: ignore[arg-type]
         ),
-        migrate=False,
+        schema=SchemaPolicy.TRUSTED,
     )
     try:
         with pytest.raises(Unavailable, match="wrong key passphrase"):

@@ -26,6 +26,7 @@ from ca.config import Settings, build_context
 from ca.durations import Ttl
 from ca.entries import EntryParams, create_entry
 from ca.identity import SpiffeId
+from ca.store.db import SchemaPolicy
 from ca.tokens import create_join_token
 from tests.certassert import uri_sans
 from tests.cli.test_walkthrough import TRELLIS, Trellis
@@ -51,7 +52,7 @@ class Mesh:
             database_url=self.cli.env["TRELLIS_DATABASE_URL"],
             key_passphrase=SecretStr(self.cli.env["TRELLIS_KEY_PASSPHRASE"]),
         )
-        ctx = build_context(settings, migrate=False)
+        ctx = build_context(settings, schema=SchemaPolicy.TRUSTED)
         try:
             entry = create_entry(
                 ctx, EntryParams(SpiffeId.parse(spiffe_id), (), ttl=TTL, max_ttl=TTL)

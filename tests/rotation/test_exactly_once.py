@@ -29,6 +29,7 @@ from ca.config import Context, Settings, build_context
 from ca.jobs import Job
 from ca.rotation import Transition, rotate
 from ca.scheduler import run_job
+from ca.store.db import SchemaPolicy
 from ca.store.models import JobRunRow
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 from tests.conftest import PASSPHRASE, free_port, make_postgres_database
@@ -192,7 +193,7 @@ def test_two_serve_replicas_rotate_each_intermediate_exactly_once(
     settings = Settings(
         data_dir=tmp_path / "observer", database_url=pg_url, key_passphrase=SecretStr(PASSPHRASE)
     )
-    observer = build_context(settings, migrate=False)
+    observer = build_context(settings, schema=SchemaPolicy.TRUSTED)
     try:
         _run_and_count(observer, first, second, tmp_path)
     finally:
