@@ -294,7 +294,8 @@ class SchemaPolicy(enum.Enum):
     older Trellis using it) and refuses one made by a newer Trellis (``Unavailable``). They
     differ over an older revision, because migrating one is what makes a rollback impossible:
     an older Trellis refuses the newer schema, and on PostgreSQL the replicas still running the
-    older version stop working. So only a deliberate step migrates (docs/operations.md)."""
+    older version are left on a schema they do not know. So only a deliberate step migrates
+    (docs/operations.md)."""
 
     MIGRATE = "migrate"
     """``trellis migrate``, ``trellis serve``, and ``init --exists-ok``, which deploy/ runs just
