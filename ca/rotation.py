@@ -35,7 +35,7 @@ from ca.authority import (
     sign_new_ca,
 )
 from ca.bundle import sync_bundle, trust_anchors, write_bundle_file
-from ca.cas import ca_certificate, ca_signer
+from ca.cas import ca_certificate, ca_signer, load_ca_key
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import InternalError, NotInitialised
@@ -188,6 +188,10 @@ class Rotator:
         return row
 
     def activate(self, new: CaRow, old: CaRow | None) -> None:
+        """``new`` issues from now on: its key is loaded first, afresh (a prepared key file
+        may have been replaced, or a Transit key deleted, since it was validated), so that a
+        key that cannot sign stops the rotation, with the old intermediate still active."""
+        load_ca_key(self.ctx, new)
         new.state = "active"
         self.session.add(new)
         if old is not None:

@@ -70,6 +70,14 @@ class FileKeyBackend:
             raise NotFound(f"CA key {handle.ref} is missing from {self._dir}") from None
         try:
             key = serialization.load_pem_private_key(data, self._passphrase)
+        except TypeError:
+            # cryptography's answer for a key that is not encrypted. Trellis writes none, so
+            # the file was replaced (by ``openssl genpkey``'s output, say): the same damage as
+            # a foreign key, not a fault of this code.
+            raise Unavailable(
+                f"CA key {handle.ref} is not encrypted with the key passphrase, as Trellis"
+                " writes its keys: the file was replaced"
+            ) from None
         except ValueError:
             raise Unavailable(
                 f"cannot decrypt CA key {handle.ref}: wrong key passphrase?"

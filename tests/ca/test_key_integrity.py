@@ -5,6 +5,7 @@ anything is signed or recorded, and without this server's paths in what clients 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from ca.crl import current_crl
 from ca.errors import Unavailable
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
+from ca.rotation import rotate
 from ca.serial import Serial
 from ca.store.models import CaRow
 from tests.api.restkit import assert_problem, bearer
@@ -31,6 +33,7 @@ from tests.ca.svidkit import (
     count_rows,
     enrol,
     join_secret,
+    key_pem,
     make_csr,
     uses_remaining,
 )
@@ -42,14 +45,38 @@ pytestmark = SQLITE_ONLY
 TD = "example.org"
 
 
-def intermediate_key_file(ctx: Context, authority: str = "mesh") -> Path:
+def intermediate_key_file(ctx: Context, authority: str = "mesh", state: str = "active") -> Path:
     with Session(ctx.engine) as session:
         row = session.exec(
             select(CaRow).where(
-                CaRow.authority == authority, CaRow.role == "intermediate", CaRow.state == "active"
+                CaRow.authority == authority, CaRow.role == "intermediate", CaRow.state == state
             )
         ).one()
     return ctx.settings.data_dir / "keys" / f"{row.key_ref}.pem"
+
+
+def intermediate_serials(ctx: Context) -> dict[str, str]:
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(CaRow).where(CaRow.role == "intermediate")).all()
+        return {row.serial: row.state for row in rows}
+
+
+def replace_with_stranger(ctx: Context, path: Path) -> None:
+    """Same type, same passphrase, another key: a restore from another instance."""
+    stranger = ctx.keys.create(KeyType.EC_P256, "stranger")
+    shutil.copyfile(ctx.settings.data_dir / "keys" / f"{stranger.ref}.pem", path)
+
+
+def replace_with_unencrypted(_ctx: Context, path: Path) -> None:
+    """What ``openssl genpkey`` writes: PKCS#8, not encrypted."""
+    path.write_bytes(key_pem(new_subject_key(KeyType.EC_P256)))
+
+
+REPLACEMENTS = pytest.mark.parametrize(
+    "replace",
+    [replace_with_stranger, replace_with_unencrypted],
+    ids=["fail/another-instances-key", "fail/unencrypted"],
+)
 
 
 def post_svid(ctx: Context, client: TestClient, label: str) -> tuple[str, dict[str, object]]:
@@ -98,11 +125,7 @@ def test_a_key_file_that_is_not_the_certificates_key_is_refused_before_signing(
     workload = enrol(ctx, f"spiffe://{TD}/before")
     serial = Serial(workload.cert.serial_number)
     crl_before = current_crl(ctx, "mesh", "intermediate").der
-    # Same type, same passphrase, another key: what a restore from another instance looks like.
-    stranger = ctx.keys.create(KeyType.EC_P256, "stranger")
-    shutil.copyfile(
-        ctx.settings.data_dir / "keys" / f"{stranger.ref}.pem", intermediate_key_file(ctx)
-    )
+    replace_with_stranger(ctx, intermediate_key_file(ctx))
     ctx.cache.clear()
 
     with pytest.raises(Unavailable, match="not the key of its CA certificate"):
@@ -120,6 +143,50 @@ def test_a_key_file_that_is_not_the_certificates_key_is_refused_before_signing(
     assert count_rows(ctx, "certificate") == certificates
     assert ready.status_code == 503
     assert "not the key of its CA certificate" in ready.json()["detail"]["keys"]
+
+
+def test_an_unencrypted_key_file_is_unavailable_not_a_crash(ctx: Context) -> None:
+    """cryptography raises ``TypeError`` (not ``ValueError``) for a key given a passphrase it
+    does not need: that was a traceback on the CLI and a 500 on ``/v1/svid`` and ``/readyz``."""
+    workload = enrol(ctx, f"spiffe://{TD}/before")
+    serial = Serial(workload.cert.serial_number)
+    replace_with_unencrypted(ctx, intermediate_key_file(ctx))
+    ctx.cache.clear()
+
+    with pytest.raises(Unavailable, match="is not encrypted with the key passphrase"):
+        check_keys(ctx)
+    with pytest.raises(Unavailable, match="is not encrypted"):
+        revoke_certificate(ctx, serial, RevocationReason.KEY_COMPROMISE, "test")
+    assert get_certificate(ctx, serial).status is CertStatus.ACTIVE
+    certificates = count_rows(ctx, "certificate")
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        token_id, body = post_svid(ctx, client, "after")
+        ready = client.get("/readyz")
+    assert body["code"] == "unavailable" and "is not encrypted" in str(body["detail"])
+    assert str(ctx.settings.data_dir) not in str(body["detail"])
+    assert uses_remaining(ctx, token_id) == 1
+    assert count_rows(ctx, "certificate") == certificates
+    assert ready.status_code == 503
+    assert "is not encrypted" in ready.json()["detail"]["keys"]
+
+
+@REPLACEMENTS
+def test_a_prepared_intermediate_whose_key_cannot_be_loaded_is_not_activated(
+    ctx: Context, replace: Callable[[Context, Path], None]
+) -> None:
+    """``authority rotate --now`` twice: prepare, then activate. A prepared key file replaced in
+    between must stop the activation, with the old intermediate still issuing, rather than make
+    active a CA that cannot sign (every issuance and ``/readyz`` failing from then on)."""
+    rotate(ctx, force=True, actor="test")  # prepare
+    before = intermediate_serials(ctx)
+    assert sorted(before.values()) == ["active", "prepared"]
+    replace(ctx, intermediate_key_file(ctx, state="prepared"))
+    ctx.cache.clear()
+
+    with pytest.raises(Unavailable, match="CA key mesh-intermediate-"):
+        rotate(ctx, force=True, actor="test")  # activate
+    assert intermediate_serials(ctx) == before
+    enrol(ctx, f"spiffe://{TD}/still-issuing")  # the active intermediate signs on
 
 
 def test_readiness_checks_every_issuing_key(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,18 +214,31 @@ def test_readiness_reuses_its_verdict_for_a_few_seconds(ctx: Context) -> None:
         assert client.get("/readyz").status_code == 503
 
 
-def test_a_missing_key_is_one_line_on_the_cli(database_url: str, tmp_path: Path) -> None:
-    """A CLI command logs nothing below WARNING, and its error line says what is missing: the
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (Path.unlink, "is missing from the file key store"),
+        (
+            lambda key: key.write_bytes(key_pem(new_subject_key(KeyType.EC_P256))),
+            "is not encrypted with the key passphrase, as Trellis writes its keys: the file was"
+            " replaced",
+        ),
+    ],
+    ids=["fail/missing", "fail/unencrypted"],
+)
+def test_a_damaged_key_is_one_line_on_the_cli(
+    database_url: str, tmp_path: Path, damage: Callable[[Path], object], message: str
+) -> None:
+    """A CLI command logs nothing below WARNING, and its error line says what is wrong: the
     path (which a server logs, at INFO, for its operators) was a second line before. A real
     process: under pytest the root logger has a handler, and nothing reaches stderr."""
     cli = Trellis(tmp_path / "var", database_url)
     cli.run("init", "--trust-domain", TD)
     (key,) = (tmp_path / "var" / "keys").glob("mesh-intermediate-*.pem")
-    key.unlink()
+    damage(key)
     minted = cli.run(
         "svid", "mint", "--spiffe-id", f"spiffe://{TD}/a", "--out", str(tmp_path / "a"), ok=False
     )
     assert minted.returncode == 8
-    assert minted.stderr.splitlines() == [
-        f"trellis: CA key {key.stem} is missing from the file key store"
-    ]
+    assert minted.stderr.splitlines() == [f"trellis: CA key {key.stem} {message}"]
+    assert not (tmp_path / "a").exists()
