@@ -52,7 +52,15 @@ from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, CrlRow
 from ca.store.models_openvpn import OpenVpnClientRow, OpenVpnRow
-from ca.tlscryptv2 import Metadata, SecretVault, ServerKey, StaticKey, new_client_key
+from ca.tlscryptv2 import (
+    SERVER_KEY_LEN,
+    STATIC_KEY_LEN,
+    Metadata,
+    SecretVault,
+    ServerKey,
+    StaticKey,
+    new_client_key,
+)
 from ca.tlsleaf import TlsLeafRequest, Usage, issue_tls_leaf
 
 __all__ = [
@@ -569,7 +577,8 @@ def server_config(
         session.commit()
         config = _config_of(row)
         keys = SecretVault(ctx, row.secret_store)
-        v2, shared = keys.get(row.tls_crypt_v2_ref), keys.get(row.tls_crypt_ref)
+        v2 = keys.get(row.tls_crypt_v2_ref, length=SERVER_KEY_LEN)
+        shared = keys.get(row.tls_crypt_ref, length=STATIC_KEY_LEN)
     here = own_crl is not None and config.crl_path == own_crl.resolve()
     crl_verify = "crl.pem" if config.crl_path is None or here else str(config.crl_path)
     issuer = active_issuer(ctx, request.authority)
@@ -851,10 +860,10 @@ def _issue_profile(ctx: Context, request: ClientRequest, claim: _Claim) -> Clien
         config = _config_of(row)
         keys = SecretVault(ctx, row.secret_store)
         if claim.tls_crypt is TlsCrypt.V2:
-            server = ServerKey(keys.get(row.tls_crypt_v2_ref))
+            server = ServerKey(keys.get(row.tls_crypt_v2_ref, length=SERVER_KEY_LEN))
             wrap_key = new_client_key(server, Metadata.timestamp(ctx.clock.now())).pem
         else:
-            wrap_key = StaticKey(keys.get(row.tls_crypt_ref)).pem
+            wrap_key = StaticKey(keys.get(row.tls_crypt_ref, length=STATIC_KEY_LEN)).pem
     key = request.key_type.generate()
     issued = issue_tls_leaf(
         ctx,

@@ -28,6 +28,7 @@ import binascii
 import datetime as dt
 import enum
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -51,6 +52,7 @@ __all__ = [
     "CLIENT_KEY_LEN",
     "MAX_METADATA_LEN",
     "SERVER_KEY_LEN",
+    "STATIC_KEY_LEN",
     "ClientKey",
     "Metadata",
     "MetadataType",
@@ -62,6 +64,8 @@ __all__ = [
     "unwrap_client_key",
     "wrap_client_key",
 ]
+
+log = logging.getLogger("trellis.openvpn")
 
 SERVER_KEY_LEN = 128
 CLIENT_KEY_LEN = 256
@@ -330,19 +334,35 @@ class SecretVault:
             self._remote().store_secret(ref, data)
         return ref
 
-    def get(self, ref: str) -> bytes:
+    def get(self, ref: str, *, length: int) -> bytes:
+        """The secret ``ref``, which is ``length`` bytes. Every secret is written by ``put``
+        and referenced by a row of this server's database, so one that is missing, does not
+        open, or is not ``length`` bytes (a sealed file emptied or truncated, a KV value written
+        by hand) is this server's damage, never the caller's mistake: ``Unavailable`` (503,
+        exit 8), before anything is issued with it. Where it was looked for goes to the log
+        only, as for CA keys (``KeyStore.load``)."""
         cache_key = ("secret", self.store, ref)
         cached = self.ctx.cache.get(cache_key)
         if isinstance(cached, bytes):
             return cached
-        if self.store == "file":
-            try:
-                sealed = self._path(ref).read_bytes()
-            except FileNotFoundError:
-                raise NotFound(f"secret {ref} is missing from {self._path(ref).parent}") from None
-            data = self._open(ref, sealed)
-        else:
-            data = self._remote().read_secret(ref)
+        try:
+            if self.store == "file":
+                data = self._open(ref, self._path(ref).read_bytes())
+            else:
+                data = self._remote().read_secret(ref)
+        except (FileNotFoundError, NotFound) as error:
+            log.info("secret %s is missing: %s", ref, error)
+            raise Unavailable(
+                f"secret {ref} is missing from the {self.store} secret store"
+            ) from None
+        except OSError as error:  # a directory in its place, unreadable: not the caller's
+            log.info("secret %s cannot be read: %s", ref, error)
+            raise Unavailable(f"secret {ref} cannot be read: {error.strerror}") from None
+        if len(data) != length:
+            raise Unavailable(
+                f"secret {ref} in the {self.store} secret store is {len(data)} bytes, not"
+                f" {length}: it was not written by Trellis"
+            )
         self.ctx.cache[cache_key] = data
         return data
 
@@ -379,9 +399,12 @@ class SecretVault:
         return _armour(_SEALED, bytes([_SEAL_VERSION]) + salt + nonce + sealed)
 
     def _open(self, ref: str, pem: bytes) -> bytes:
-        raw = _unarmour(_SEALED, pem)
+        try:
+            raw = _unarmour(_SEALED, pem)
+        except InvalidInput:  # empty, truncated or overwritten: not what _seal wrote
+            raw = b""
         if len(raw) < 1 + 16 + 12 + 16 or raw[0] != _SEAL_VERSION:
-            raise Unavailable(f"secret {ref} is not a sealed Trellis secret")
+            raise Unavailable(f"secret {ref} is not a sealed Trellis secret (damaged)")
         salt, nonce, sealed = raw[1:17], raw[17:29], raw[29:]
         try:
             return AESGCM(self._key(salt)).decrypt(nonce, sealed, ref.encode())

@@ -980,9 +980,12 @@ class VaultKeyBackend:
         except NotFound:
             raise NotFound(f"no secret {path[:80]!r} in Vault KV mount {self.kv_mount}") from None
         value = ((data.get("data") or {}).get("data") or {}).get("value")
-        if not isinstance(value, str):
-            raise Unavailable(f"secret {path[:80]!r} in Vault was not written by Trellis")
-        return base64.b64decode(value)
+        try:
+            if isinstance(value, str):
+                return base64.b64decode(value, validate=True)
+        except ValueError:  # binascii.Error: not base64, so not what store_secret wrote
+            pass
+        raise Unavailable(f"secret {path[:80]!r} in Vault was not written by Trellis")
 
     def _kv_path(self, path: str) -> str:
         parts = path.split("/")

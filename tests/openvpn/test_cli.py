@@ -84,7 +84,8 @@ def test_exit_codes_and_messages(cli: InProcessTrellis, tmp_path: Path) -> None:
 
 
 def test_exit_codes_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``cli.main.main`` maps the domain errors: 409 Conflict is exit 6, bad input exit 2."""
+    """``cli.main.main`` maps the domain errors: 409 Conflict is exit 6, bad input exit 2, a
+    damaged stored secret (Unavailable) exit 8."""
     from cli.main import main
 
     env = {
@@ -108,6 +109,14 @@ def test_exit_codes_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert exit_code("openvpn", "client", "add", "a b", "--out", out) == 2
         assert exit_code("openvpn", "client", "revoke", "nobody", "--yes") == 5
         assert "already has a live certificate" in capsys.readouterr().err
+        # The server's own stored secret damaged: exit 8, not 2 (the caller's input is fine).
+        (sealed,) = (tmp_path / "var" / "secrets").glob("openvpn-vpn-tls-crypt-v2-server-*")
+        sealed.write_bytes(b"garbage\n")
+        assert exit_code("openvpn", "client", "add", "bob", "--out", str(tmp_path / "b")) == 8
+        assert capsys.readouterr().err == (
+            f"trellis: secret {sealed.stem} is not a sealed Trellis secret (damaged)\n"
+        )
+        assert not (tmp_path / "b").exists()
     finally:
         for key, value in old.items():
             if value is None:

@@ -3,13 +3,17 @@ files, or Vault KV when the authority's keys are in Vault); ``init --force``."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+from api.app import create_app
 from ca.audit import list_audit
 from ca.authority import active_issuer
 from ca.config import Context, Settings, build_context
@@ -35,6 +39,9 @@ from ca.store.db import SchemaPolicy
 from ca.store.models import CertificateRow
 from ca.store.models_openvpn import OpenVpnRow
 from ca.tlscryptv2 import ServerKey, StaticKey
+from ca.tokens import create_admin_token
+from tests.api.restkit import assert_problem, bearer
+from tests.ca.svidkit import count_rows
 from tests.openvpn.conftest import REMOTE
 from tests.openvpn.vpnkit import DATA, assert_vpn_leaf, crls_in, normalise
 from tests.vault.conftest import bao_path, close, openbao, vault_settings  # noqa: F401
@@ -130,6 +137,74 @@ def test_tls_crypt_keys_are_sealed_files(vpn: Context) -> None:
             add_client(wrong, ClientRequest(VpnName("nobody")))
     finally:
         wrong.close()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _append_key(path: Path) -> None:
+    """Still valid armour and base64, now longer: it no longer opens."""
+    path.write_bytes(path.read_bytes().replace(b"\n-----END", b"QUJD\n-----END"))
+
+
+SEALED_FILE_DAMAGE: dict[str, Callable[[Path], object]] = {
+    "fail/garbage": lambda path: path.write_bytes(b"garbage\n"),
+    "fail/empty": lambda path: path.write_bytes(b""),
+    "fail/truncated": _truncate,
+    "fail/other-bytes": _append_key,
+    "fail/missing": Path.unlink,
+    "fail/directory": lambda path: (path.unlink(), path.mkdir()),
+}
+
+
+def _assert_refused_as_damage(ctx: Context, name: str) -> None:
+    """``openvpn client add`` over the domain and over REST: the server's fault (503, exit 8
+    through ``cli.main``'s one mapping), never a client's mistake (400) or a 500; nothing is
+    issued and the name stays free."""
+    certificates = count_rows(ctx, "certificate")
+    ctx.cache.clear()  # a process started after the damage
+    with pytest.raises(Unavailable, match=r"secret .?openvpn-vpn-tls-crypt-v2-server-"):
+        add_client(ctx, ClientRequest(VpnName(name)))
+    _info, secret = create_admin_token(ctx, "tests/openvpn")
+    with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+        response = client.post("/v1/openvpn/clients", json={"name": name}, headers=bearer(secret))
+    body = assert_problem(response, 503)
+    assert body["code"] == "unavailable"
+    assert str(ctx.settings.data_dir) not in str(body["detail"])
+    assert count_rows(ctx, "certificate") == certificates
+    assert [c.name for c in list_clients(ctx)] == []
+
+
+@pytest.mark.parametrize("damage", list(SEALED_FILE_DAMAGE.values()), ids=list(SEALED_FILE_DAMAGE))
+def test_a_damaged_sealed_secret_is_the_servers_fault(
+    vpn: Context, damage: Callable[[Path], object]
+) -> None:
+    row = _row(vpn)
+    damage(vpn.settings.data_dir / "secrets" / f"{row.tls_crypt_v2_ref}.sealed")
+    _assert_refused_as_damage(vpn, "erin")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["!!notbase64%%", base64.b64encode(b"ABC").decode(), None],
+    ids=["fail/not-base64", "fail/3-bytes", "fail/no-value"],
+)
+def test_a_damaged_kv_secret_is_the_servers_fault(
+    tmp_path: Path,
+    openbao: object,  # noqa: F811
+    value: str | None,
+) -> None:
+    ctx = build_context(vault_settings(tmp_path, openbao))  # type: ignore[arg-type]
+    try:
+        init_openvpn(ctx, InitParams(key_backend="vault"))
+        configure(ctx, ConfigureParams(remote=REMOTE))
+        data = {"other": "x"} if value is None else {"value": value}
+        path = f"secret/data/trellis/{_row(ctx).tls_crypt_v2_ref}"
+        openbao.api("POST", path, {"data": data})  # type: ignore[attr-defined]
+        _assert_refused_as_damage(ctx, "bob")
+    finally:
+        close(ctx)
 
 
 def test_init_force_replaces_the_deployment(vpn: Context) -> None:
