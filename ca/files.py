@@ -18,6 +18,7 @@ __all__ = [
     "data_directory",
     "make_directory",
     "private_directory",
+    "private_file",
     "replacing",
     "write_atomic",
     "write_private",
@@ -112,35 +113,51 @@ def data_directory(path: Path, *, create: bool = True) -> Path:
     return path
 
 
-def _tighten(path: Path, loose: int) -> None:
-    """Clear the ``loose`` bits of an existing directory, with a warning naming its old mode,
-    if this user owns it. It is tightened rather than refused: that ``chmod`` is what the
-    operator would be told to run, and Trellis made most such directories itself (an older
-    version made them with the umask's mode). One owned by another user cannot be changed here
-    and is used with a warning: a Kubernetes emptyDir shared by the agent and the workload is
-    root's and 0777 (2777 with ``fsGroup``), and refusing it would stop every such pod."""
+def private_file(path: Path) -> Path:
+    """A file of Trellis's own data that holds a secret (a CA key file, ``key-passphrase``, a
+    sealed secret), before it is read: one its group or others may use at all is tightened to
+    0600 (``_tighten``). Trellis writes them 0600; a looser one was put there by hand (``cp``
+    without ``-p``, an archive unpacked under a loose umask). Its directory is 0700 and keeps
+    others out, until it is copied somewhere with its mode."""
+    _tighten(path, 0o077, directory=False)
+    return path
+
+
+def _tighten(path: Path, loose: int, *, directory: bool = True) -> None:
+    """Clear the ``loose`` bits of an existing directory (or, not ``directory``, a regular
+    file), with a warning naming its old mode, if this user owns it. It is tightened rather
+    than refused: that ``chmod`` is what the operator would be told to run, and Trellis made
+    most such directories itself (an older version made them with the umask's mode). One owned
+    by another user cannot be changed here and is used with a warning: a Kubernetes emptyDir
+    shared by the agent and the workload is root's and 0777 (2777 with ``fsGroup``), and
+    refusing it would stop every such pod."""
     try:
         status = path.stat()
     except OSError:  # missing (or under a file): whoever writes there reports what is wrong
         return
     mode = stat.S_IMODE(status.st_mode)
-    if not stat.S_ISDIR(status.st_mode) or not mode & loose:
+    kind = stat.S_ISDIR if directory else stat.S_ISREG
+    if not kind(status.st_mode) or not mode & loose:
         return
     if status.st_uid == os.geteuid():
         os.chmod(path, mode & ~loose)
         log.warning(
-            "%s was mode %04o: tightened to %04o (it holds private keys)", path, mode, mode & ~loose
+            "%s was mode %04o: tightened to %04o (%s)",
+            path,
+            mode,
+            mode & ~loose,
+            "it holds private keys" if directory else "it is a secret",
         )
     else:
         log.warning(
             "%s is mode %04o and owned by uid %d, not this user (%d): Trellis cannot tighten it"
-            " and uses it as it is; it holds private keys, so its owner should run"
-            " 'chmod %s %s'",
+            " and uses it as it is; %s, so its owner should run 'chmod %s %s'",
             path,
             mode,
             status.st_uid,
             os.geteuid(),
-            "0700" if loose == 0o077 else "go-w",
+            "it holds private keys" if directory else "it is a secret",
+            ("0700" if directory else "0600") if loose == 0o077 else "go-w",
             path,
         )
 

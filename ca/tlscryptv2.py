@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ca.config import Context
 from ca.errors import InvalidInput, NotFound, Unavailable
-from ca.files import write_private
+from ca.files import private_file, write_private
 from ca.keys.file import load_or_create_passphrase
 
 __all__ = [
@@ -347,7 +347,7 @@ class SecretVault:
             return cached
         try:
             if self.store == "file":
-                data = self._open(ref, self._path(ref).read_bytes())
+                data = self._open(ref, private_file(self._path(ref)).read_bytes())
             else:
                 data = self._remote().read_secret(ref)
         except (FileNotFoundError, NotFound) as error:

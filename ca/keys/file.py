@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca.errors import InvalidInput, NotFound, Unavailable
-from ca.files import data_directory, write_private
+from ca.files import data_directory, private_file, write_private
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey
 
@@ -26,22 +26,38 @@ __all__ = ["FileKeyBackend", "load_or_create_passphrase"]
 _REF = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
 
 
+MIN_PASSPHRASE = 12  # bytes
+
+
 def load_or_create_passphrase(path: Path) -> bytes:
-    """Read the key-encryption passphrase file, creating it (0600, 256 random bits) if absent."""
+    """Read the key-encryption passphrase file, creating it (0600, 256 random bits) if absent.
+
+    A file that is there but cannot be read, or holds no usable passphrase (emptied, cut
+    short), is damage to this server's data, not a setting to correct: ``Unavailable`` (exit 8)
+    naming the file. It is never replaced: a new passphrase would open none of the keys."""
     try:
-        return path.read_bytes().strip()
+        value = private_file(path).read_bytes().strip()
     except FileNotFoundError:
         value = secrets.token_urlsafe(32).encode()
         write_private(path, value + b"\n")
         return value
+    except OSError as error:
+        raise Unavailable(f"cannot read the key passphrase file {path}: {error.strerror}") from None
+    if len(value) < MIN_PASSPHRASE:
+        raise Unavailable(
+            f"the key passphrase file {path} is empty or shorter than {MIN_PASSPHRASE}"
+            " characters: put back the passphrase the CA keys were encrypted with, or set"
+            " TRELLIS_KEY_PASSPHRASE"
+        )
+    return value
 
 
 class FileKeyBackend:
     name = "file"
 
     def __init__(self, directory: Path, passphrase: bytes) -> None:
-        if len(passphrase) < 12:
-            raise InvalidInput("the key passphrase must be at least 12 characters")
+        if len(passphrase) < MIN_PASSPHRASE:
+            raise InvalidInput(f"the key passphrase must be at least {MIN_PASSPHRASE} characters")
         self._dir = directory
         self._passphrase = passphrase
         # Created up front so readiness checks pass on instances whose keys all live in Vault.
@@ -65,7 +81,7 @@ class FileKeyBackend:
 
     def load(self, handle: KeyHandle) -> Signer:
         try:
-            data = self._path(handle.ref).read_bytes()
+            data = private_file(self._path(handle.ref)).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"CA key {handle.ref} is missing from {self._dir}") from None
         try:

@@ -8,6 +8,7 @@ fixture. ``TestFileKeyBackend`` holds what only files can promise (modes, encryp
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -214,6 +215,36 @@ class TestFileKeyBackend:
         with pytest.raises(InvalidInput):
             backend.destroy(KeyHandle("file", ref, KeyType.EC_P256))
 
+    def test_an_unencrypted_key_file_is_unavailable(self, tmp_path: Path) -> None:
+        """cryptography's ``TypeError`` for a key given a passphrase it does not need was a
+        traceback (exit 1, HTTP 500)."""
+        backend = file_backend(tmp_path)
+        handle = backend.create(KeyType.EC_P256, "replaced")
+        (path,) = (tmp_path / "keys").iterdir()
+        path.write_bytes(
+            KeyType.EC_P256.generate().private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        with pytest.raises(Unavailable, match="is not encrypted with the key passphrase"):
+            backend.load(handle)
+
+    def test_a_loose_key_file_is_tightened_with_a_warning(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """As the directories are (``ca.files.data_directory``): a key file copied in by hand
+        without its mode is made 0600 when it is read, and the operator is told."""
+        backend = file_backend(tmp_path)
+        handle = backend.create(KeyType.EC_P256, "copied")
+        (path,) = (tmp_path / "keys").iterdir()
+        path.chmod(0o644)
+        with caplog.at_level(logging.WARNING, logger="trellis.files"):
+            backend.load(handle)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert f"{path} was mode 0644: tightened to 0600 (it is a secret)" in caplog.text
+
     def test_generated_passphrase_file(self, tmp_path: Path) -> None:
         path = tmp_path / "key-passphrase"
         first = load_or_create_passphrase(path)
@@ -221,3 +252,40 @@ class TestFileKeyBackend:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert load_or_create_passphrase(path) == first
         FileKeyBackend(tmp_path / "keys", first)  # long enough for the backend
+
+    def test_a_loose_passphrase_file_is_tightened_with_a_warning(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        path = tmp_path / "key-passphrase"
+        first = load_or_create_passphrase(path)
+        path.chmod(0o664)
+        with caplog.at_level(logging.WARNING, logger="trellis.files"):
+            assert load_or_create_passphrase(path) == first
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert f"{path} was mode 0664: tightened to 0600" in caplog.text
+
+    @pytest.mark.parametrize(
+        ("content", "message"),
+        [
+            (b"", "is empty or shorter than 12 characters"),
+            (b"\n", "is empty or shorter than 12 characters"),
+            (b"elevenchars\n", "is empty or shorter than 12 characters"),
+            (None, "cannot read the key passphrase file"),
+        ],
+        ids=["fail/empty", "fail/blank-line", "fail/11-characters", "fail/directory"],
+    )
+    def test_a_damaged_passphrase_file_is_unavailable_naming_it(
+        self, tmp_path: Path, content: bytes | None, message: str
+    ) -> None:
+        """Damage to the server's data (exit 8), not a setting to correct (exit 2), and named:
+        it said "the key passphrase must be at least 12 characters". Never replaced: a new
+        passphrase would open none of the keys."""
+        path = tmp_path / "key-passphrase"
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        with pytest.raises(Unavailable, match=message) as refused:
+            load_or_create_passphrase(path)
+        assert str(path) in refused.value.detail
+        assert path.is_dir() if content is None else path.read_bytes() == content

@@ -353,6 +353,23 @@ def test_a_restored_data_dir_without_its_passphrase_gets_no_new_one(tmp_path: Pa
     assert restored.json("certs", "list") == []  # with the passphrase given, it opens
 
 
+def test_an_emptied_passphrase_file_is_exit_8_naming_it(tmp_path: Path) -> None:
+    """Not "the key passphrase must be at least 12 characters", exit 2, as if a setting were
+    wrong: the file is the data dir's, and damaged. It is left as it is."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'var' / 'trellis.db'}")
+    del cli.env["TRELLIS_KEY_PASSPHRASE"]
+    cli.run("init", "--trust-domain", "example.org")
+    passphrase = tmp_path / "var" / "key-passphrase"
+    passphrase.write_bytes(b"")
+    result = cli.run("certs", "list", ok=False)
+    assert result.returncode == 8, result
+    assert result.stderr.splitlines() == [
+        f"trellis: the key passphrase file {passphrase} is empty or shorter than 12 characters:"
+        " put back the passphrase the CA keys were encrypted with, or set TRELLIS_KEY_PASSPHRASE"
+    ]
+    assert passphrase.read_bytes() == b""
+
+
 def test_a_refused_init_sets_nothing_up_and_exists_ok_is_for_the_same_trust_domain(
     tmp_path: Path,
 ) -> None:
