@@ -37,6 +37,14 @@ uses of join tokens the units spend (``Spend``) are spent together too, before t
 UPDATE per token in one executemany; should a token have fewer uses left than the batch wants,
 the transaction is rolled back and made again with each unit's uses spent in its turn, which
 refuses exactly the units that came too late.
+
+A batch is committed by whichever request got there first: in its thread (``run``), or by a
+loop callback and committing task its ``run_async`` scheduled, which would run in its context
+(``contextvars``), under its request id (``ca.logs.REQUEST_ID``). A unit's audit records are
+made before it is handed over (``ca.records.issued_rows`` in ``ca.issue._writer``), in its own
+request's context, so each names its own request. What a batch does for all its units runs in
+an empty context (``_batch_context``): its log lines (a failed commit) name no request, rather
+than the one that happened to start it.
 """
 
 from __future__ import annotations
@@ -175,6 +183,12 @@ class _Expected:
             self.group._arrived(self.loop)
 
 
+def _batch_context() -> contextvars.Context:
+    """The context a batch runs in for all its units: none of its requests' (see the module
+    docstring). Empty: a request's context vars are all the request's."""
+    return contextvars.Context()
+
+
 # The expectation of the request (the asyncio task) under way, if it declared one.
 _EXPECTED: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar(
     "trellis_expected_unit", default=None
@@ -250,7 +264,7 @@ class GroupCommit:
                 with self._queue_lock:
                     batch = self._pending[: self._max_batch]
                     del self._pending[: self._max_batch]
-                self._commit_or_fail(batch)
+                _batch_context().run(self._commit_or_fail, batch)
         if unit.error is not None:
             raise unit.error
 
@@ -302,7 +316,8 @@ class GroupCommit:
         if waiting is not None:  # the ready batch waits for this one: no need to wait longer
             turns, timer = waiting
             timer.cancel()
-            self._coming_waits[loop] = (turns, loop.call_soon(self._commit_ready, loop))
+            call = loop.call_soon(self._commit_ready, loop, context=_batch_context())
+            self._coming_waits[loop] = (turns, call)
 
     async def run_async(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
         """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
@@ -313,8 +328,8 @@ class GroupCommit:
         future: asyncio.Future[None] = loop.create_future()
         if loop not in self._ready:
             self._ready[loop] = []
-            if loop not in self._committing:
-                loop.call_soon(self._commit_ready, loop)
+            if loop not in self._committing:  # the loop's committing task is in no request
+                loop.call_soon(self._commit_ready, loop, context=_batch_context())
         self._ready[loop].append((_Unit(work, lock_key, guard), future))
         expected = _EXPECTED.get()
         if expected is not None and expected.group is self:

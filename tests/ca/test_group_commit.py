@@ -9,9 +9,11 @@ unit that did not commit. Both databases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,11 +27,13 @@ from typing import cast
 import pytest
 import sqlalchemy as sa
 
+from ca import audit
 from ca.config import Context
-from ca.errors import AuthenticationFailed
+from ca.errors import AuthenticationFailed, Unavailable
 from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, under_way
 from ca.keys import KeyType
+from ca.logs import REQUEST_ID
 from ca.renewal import make_proof
 from ca.store import batch
 from ca.store.batch import GroupCommit, Rows
@@ -831,3 +835,64 @@ def test_a_failed_lookup_fails_every_request_that_waited_on_it(ctx: Context) -> 
         ctx.lookups._engine = original
         broken.dispose()
     assert [type(o).__name__ for o in outcomes] == ["OperationalError"] * 3
+
+
+def test_a_batch_records_each_request_s_id_and_its_own_log_lines_name_none(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is committed by a callback or task that the first of its requests started (or
+    by the thread of one of them), in that request's context. Each ``certificate.issued``
+    record still names its own request (it is made before the unit is handed over); a line
+    the batch logs for all of them (here a failure before its transaction) names none: it
+    named the request that happened to start the batch, on the loop and in threads alike."""
+    entry = add_entry(ctx, WEB)
+    _, secret = join_secret(ctx, entry, uses=9)
+    grants = [join_grant(ctx, secret) for _ in range(9)]
+    csrs = [make_csr(new_key(KeyType.EC_P256)) for _ in grants]
+
+    async def as_request(request_id: str, grant: Grant, csr: bytes) -> IssuedSvid:
+        REQUEST_ID.set(request_id)  # what api.requestid does, in this request's task
+        return await issue_svid_async(ctx, grant, csr)
+
+    def on_one_loop(first: int, last: int) -> list[object]:
+        async def all_at_once() -> list[object]:
+            issuing = (as_request(f"rid-{i}", grants[i], csrs[i]) for i in range(first, last))
+            return await asyncio.wait_for(asyncio.gather(*issuing, return_exceptions=True), 20)
+
+        return asyncio.run(all_at_once())
+
+    issued = on_one_loop(0, 3)
+    serials = {o.serial.hex: f"rid-{i}" for i, o in enumerate(issued) if isinstance(o, IssuedSvid)}
+    assert len(serials) == 3, issued
+    records = audit.list_audit(ctx, event="certificate.issued")
+    assert {r.detail["serial"]: r.request_id for r in records} == serials
+
+    seen: list[str | None] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(REQUEST_ID.get())
+
+    def broken(_self: GroupCommit, _batch: list[object], *_on: object) -> None:
+        raise OSError("no writer lock")
+
+    monkeypatch.setattr(GroupCommit, "_commit", broken)
+    handler = Seen()
+    logging.getLogger("trellis.store").addHandler(handler)
+    try:
+        assert {type(o).__name__ for o in on_one_loop(3, 6)} == {"Unavailable"}
+
+        def in_thread(index: int) -> None:
+            REQUEST_ID.set(f"rid-{index}")
+            with contextlib.suppress(Unavailable):
+                issue_svid(ctx, grants[index], csrs[index])
+
+        threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(6, 9)]
+        with one_batch(ctx.writes, 3):
+            for thread in threads:
+                thread.start()
+        for thread in threads:
+            thread.join(20)
+    finally:
+        logging.getLogger("trellis.store").removeHandler(handler)
+    assert len(seen) >= 2 and set(seen) == {None}, seen
