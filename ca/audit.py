@@ -120,10 +120,10 @@ def entry(
     """One record's row, for ``INSERT`` (what ``record`` executes; group commits batch it).
 
     Without an explicit ``request_id`` the record takes the id of the request being served
-    (``ca.logs.REQUEST_ID``, set by ``api.requestid`` for every REST request, None in the CLI
-    and the scheduler's jobs): every change made over REST names its request (docs/
-    operations.md), with no parameter threaded through each route and core function, and
-    issuance pays one context-variable read."""
+    (``ca.logs.REQUEST_ID``, set by ``api.requestid`` for every REST request and by
+    ``cli.common.State`` to ``cli-<hex>`` for a CLI command, None in the scheduler's jobs):
+    every change names its request (docs/operations.md), with no parameter threaded through
+    each route and core function, and issuance pays one context-variable read."""
     request_id = request_id or REQUEST_ID.get()
     return {
         "at": at,

@@ -369,7 +369,6 @@ def record_event(
     actor: str,
     now: dt.datetime,
     *,
-    request_id: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
     assert row.id is not None
@@ -381,7 +380,6 @@ def record_event(
         actor=actor,
         at=now,
         detail={"state": row.state, "not_after": row.not_after.isoformat(), **(detail or {})},
-        request_id=request_id,
     )
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -16,6 +16,7 @@ from ca.config import Context
 from ca.crl import refresh_crl_if_signable
 from ca.errors import Conflict, InvalidInput, NotFound, TrellisError
 from ca.identity import SpiffeId
+from ca.logs import REQUEST_ID
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, UtcDateTime
@@ -189,12 +190,16 @@ def get_certificate(ctx: Context, serial: Serial) -> CertificateInfo:
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
-    """Who revokes, why, and under which request: recorded on every revoked certificate."""
+    """Who revokes, why, and under which request: recorded on every revoked certificate and in
+    its audit record. The request is the one being served when this is made
+    (``ca.logs.REQUEST_ID``: a REST request's id, set by ``api.requestid``, or a CLI command's
+    ``cli-<hex>``, set by ``cli.common``), so no caller passes it down and none can name
+    another request's."""
 
     reason: RevocationReason
     actor: str
-    request_id: str | None = None
     invalidity_date: dt.datetime | None = None
+    request_id: str | None = field(default_factory=REQUEST_ID.get, init=False)
 
 
 def _revoke_rows(
@@ -257,7 +262,6 @@ def revoke_certificate(
     reason: RevocationReason,
     actor: str,
     *,
-    request_id: str | None = None,
     invalidity_date: dt.datetime | None = None,
     publish: bool = True,
 ) -> CertificateInfo:
@@ -277,7 +281,7 @@ def revoke_certificate(
             f"the invalidity date {invalidity_date.isoformat()} is in the future: it is when"
             " the key was (or may have been) compromised"
         )
-    revocation = Revocation(reason, actor, request_id, invalidity_date)
+    revocation = Revocation(reason, actor, invalidity_date)
     with Session(ctx.engine) as session:
         row = session.get(CertificateRow, serial.hex, with_for_update=True)
         if row is None:
@@ -298,12 +302,10 @@ def revoke_identity(
     spiffe_id: SpiffeId,
     reason: RevocationReason,
     actor: str,
-    *,
-    request_id: str | None = None,
 ) -> list[CertificateInfo]:
     """Revoke every live (active, unexpired) certificate of one identity, all or nothing."""
     now = ctx.clock.now()
-    revocation = Revocation(reason, actor, request_id)
+    revocation = Revocation(reason, actor)
     with Session(ctx.engine) as session:
         rows = session.exec(
             select(CertificateRow)

@@ -57,10 +57,10 @@ def revoke_intermediate(
     actor: str,
     authority: str = MESH,
     reason: RevocationReason = RevocationReason.CA_COMPROMISE,
-    request_id: str | None = None,
 ) -> IntermediateRevoked:
-    """``actor`` and ``request_id`` go into the audit trail as for any revocation (``cli`` or
-    ``admin-token:<id>``, and the caller's ``X-Request-ID``); the records say it was an
+    """``actor`` and the request being served go into the audit trail as for any revocation
+    (``cli`` or ``admin-token:<id>``, and the caller's ``X-Request-ID`` or the command's
+    ``cli-<hex>``: ``ca.audit.entry`` reads ``ca.logs.REQUEST_ID``); the records say it was an
     emergency, and why, in their detail."""
     now = ctx.clock.now()
     created: list[KeyHandle] = []
@@ -112,8 +112,8 @@ def revoke_intermediate(
             session.add(new)
             session.flush()
             why = {"emergency": True, "reason": reason.value}
-            record_event(session, old, "revoked", actor, now, request_id=request_id, detail=why)
-            record_event(session, new, "activated", actor, now, request_id=request_id, detail=why)
+            record_event(session, old, "revoked", actor, now, detail=why)
+            record_event(session, new, "activated", actor, now, detail=why)
             refresh_crl(ctx, session, root)
             skipped = refresh_crl_if_signable(ctx, session, old)  # old is revoked by now
             live = session.exec(

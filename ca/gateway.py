@@ -23,7 +23,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -622,24 +622,24 @@ def revoke_gateway_certificate(
     serial: Serial,
     reason: RevocationReason,
     actor: str,
-    request_id: str | None,
     invalidity_date: dt.datetime | None = None,
 ) -> tuple[GatewayCertificate, list[Path]]:
     """Revoke (the issuer's CRL is re-signed in the same transaction), then rewrite the nginx
     truststores recorded on this host so their ``crl.pem`` lists it. nginx reads ``ssl_crl`` only
-    at start and reload: the returned paths are what to reload for."""
-    show_certificate(ctx, serial)  # 404 for certificates of other authorities
-    revoke_certificate(
+    at start and reload: the returned paths are what to reload for. The certificate's
+    ``info.crl_skipped`` says why its issuer's CRL was not re-signed, if it was not (a revoked
+    intermediate whose key is gone: ``ca.certs.revoke_certificate``)."""
+    shown = show_certificate(ctx, serial)  # 404 for certificates of other authorities
+    revoked = revoke_certificate(
         ctx,
         serial,
         reason,
         actor,
-        request_id=request_id,
         invalidity_date=invalidity_date,
         publish=False,  # rewritten here, so the caller learns which files changed
     )
     written = refresh_truststores(ctx, formats=(TruststoreFormat.NGINX,))
-    return show_certificate(ctx, serial), written
+    return replace(shown, info=revoked), written
 
 
 # ----------------------------------------------------------------------------- truststores

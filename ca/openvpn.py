@@ -967,6 +967,7 @@ def list_clients(ctx: Context, authority: str = OPENVPN) -> list[ClientInfo]:
 @dataclass(frozen=True, slots=True)
 class ClientRevoked:
     name: str
+    # each with crl_skipped: why its issuer's CRL was not re-signed (a revoked CA, key gone)
     revoked: list[certs.CertificateInfo]
     crl_path: Path | None  # the CRL file rewritten, if one is configured
     crl_error: str | None = None  # why it could not be (the openvpn-crl job keeps trying)
@@ -979,7 +980,6 @@ def revoke_client(
     authority: str = OPENVPN,
     reason: RevocationReason = RevocationReason.CESSATION_OF_OPERATION,
     actor: str = "cli",
-    request_id: str | None = None,
 ) -> ClientRevoked:
     """Offboard one user: every live certificate of the name is revoked (each re-signs its
     issuer's CRL in its own transaction), then the CRL file is rewritten before returning."""
@@ -996,9 +996,7 @@ def revoke_client(
     for serial in serials:
         try:
             revoked.append(
-                certs.revoke_certificate(
-                    ctx, Serial.parse(serial), reason, actor, request_id=request_id, publish=False
-                )
+                certs.revoke_certificate(ctx, Serial.parse(serial), reason, actor, publish=False)
             )
         except Conflict:
             continue  # revoked concurrently: it is on the CRL either way

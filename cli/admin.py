@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,7 @@ from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.db import SchemaPolicy
-from cli.common import STATE, confirm, emit_json, iso, out_file, table, when
+from cli.common import STATE, confirm, emit_json, iso, out_file, table, warn_crl_skipped, when
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -372,7 +371,6 @@ def revoke(
         raise InvalidInput("give a SERIAL or --spiffe-id, not both")
     why = RevocationReason.parse(reason)
     ctx = STATE.context()
-    request_id = f"cli-{uuid.uuid4().hex[:16]}"
     if serial is not None:
         parsed = Serial.parse(serial)
         current = certs.get_certificate(ctx, parsed)
@@ -381,7 +379,7 @@ def revoke(
         question = f"Revoke {current.serial} ({current.identity}, {current.status.value})"
         if not yes:
             confirm(f"{question} for {why.value}?")
-        revoked = [certs.revoke_certificate(ctx, parsed, why, "cli", request_id=request_id)]
+        revoked = [certs.revoke_certificate(ctx, parsed, why, "cli")]
     else:
         identity = SpiffeId.parse(spiffe_id or "")
         live = certs.list_certificates(
@@ -389,7 +387,7 @@ def revoke(
         )
         if live and not yes:
             confirm(f"Revoke {len(live)} live certificate(s) of {identity} for {why.value}?")
-        revoked = certs.revoke_identity(ctx, identity, why, "cli", request_id=request_id)
+        revoked = certs.revoke_identity(ctx, identity, why, "cli")
     if json_out:
         out = [RevokedCertificateOut.of(info) for info in revoked]
         emit_json(out[0] if serial is not None else out)
@@ -398,12 +396,7 @@ def revoke(
         typer.echo(
             f"revoked {info.serial} ({info.identity}) reason {why.value} at {when(info.revoked_at)}"
         )
-    for skipped in sorted({info.crl_skipped for info in revoked if info.crl_skipped}):
-        typer.echo(
-            f"warning: the issuer's CRL was not re-signed ({skipped}); the issuer is revoked"
-            " and listed on the root's CRL, and the certificates' status (OCSP) says revoked",
-            err=True,
-        )
+    warn_crl_skipped(revoked)
 
 
 @bundle_app.command("show")

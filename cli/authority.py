@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated
 
 import typer
@@ -145,13 +144,7 @@ def authority_revoke_intermediate(
             f"Revoke the active intermediate of {authority!r} ({why.value})"
             " and switch to a new one?"
         )
-    result = revoke_intermediate(
-        STATE.context(),
-        actor="cli",
-        authority=authority,
-        reason=why,
-        request_id=f"cli-{uuid.uuid4().hex[:16]}",  # as `trellis revoke` records
-    )
+    result = revoke_intermediate(STATE.context(), actor="cli", authority=authority, reason=why)
     if json_out:
         emit_json(IntermediateRevokedOut.of(result))
         return

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 import typer
@@ -20,7 +22,11 @@ from sqlalchemy.engine import make_url
 from ca import errors
 from ca.config import Context, Settings, build_context
 from ca.files import check_writable
+from ca.logs import REQUEST_ID
 from ca.store.db import SchemaPolicy
+
+if TYPE_CHECKING:
+    from ca.certs import CertificateInfo
 
 # The one place errors become exit codes (documented in docs/cli.md). 2 is click's usage error.
 EXIT_CODES: dict[type[errors.TrellisError], int] = {
@@ -88,6 +94,7 @@ class State:
     data_dir: Path | None = None
     database_url: str | None = None
     _ctx: Context | None = None
+    _request: contextvars.Token[str | None] | None = None
 
     def settings(self, **overrides: Any) -> Settings:
         values = {k: v for k, v in overrides.items() if v is not None}
@@ -111,12 +118,19 @@ class State:
         """``create``: the command sets a data dir up (the ``init`` commands). Any other
         refuses one that does not exist yet instead of making an empty one and answering from
         it (an empty certificate list, a working admin token for a CA that is not there).
-        ``schema``: only ``serve``, ``migrate`` and ``init --exists-ok`` migrate an older one."""
+        ``schema``: only ``serve``, ``migrate`` and ``init --exists-ok`` migrate an older one.
+
+        A command that opens the CA is one request: what it changes records the id
+        ``cli-<16 hex>`` (``ca.logs.REQUEST_ID``, which ``ca`` reads where a REST request's id
+        would be, ``X-Request-ID``), until ``close``. ``serving``: ``trellis serve`` is no
+        request; each it serves sets its own id."""
         if self._ctx is None:
             settings = self.settings(**overrides)
             if not create:
                 require_set_up(settings)
             self._ctx = build_context(settings, serving=serving, schema=schema)
+            if not serving and self._request is None:
+                self._request = REQUEST_ID.set(f"cli-{uuid.uuid4().hex[:16]}")
         return self._ctx
 
     @contextlib.contextmanager
@@ -139,6 +153,9 @@ class State:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
+        if self._request is not None:
+            REQUEST_ID.reset(self._request)
+            self._request = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +222,19 @@ def confirm(question: str) -> None:
     if not typer.confirm(question, err=True):
         typer.echo("trellis: not confirmed", err=True)
         raise typer.Exit(1)
+
+
+def warn_crl_skipped(revoked: Iterable[CertificateInfo]) -> None:
+    """What a revocation command prints, on stderr, for each issuer whose CRL could not be
+    re-signed to list what it revoked (a revoked intermediate whose key is gone: the
+    certificates are revoked all the same, ``ca.certs.revoke_certificate``); ``--json`` has it
+    as ``crl_skipped``."""
+    for skipped in sorted({info.crl_skipped for info in revoked if info.crl_skipped}):
+        typer.echo(
+            f"warning: the issuer's CRL was not re-signed ({skipped}); the issuer is revoked"
+            " and listed on the root's CRL, and the certificates' status (OCSP) says revoked",
+            err=True,
+        )
 
 
 def emit_json(value: BaseModel | Sequence[BaseModel | dict[str, Any]] | dict[str, Any]) -> None:

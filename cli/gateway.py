@@ -3,7 +3,6 @@ Kong (docs/gateway.md). ``--json`` renders the REST models of ``api.schemas.gate
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,7 @@ from ca.files import write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, emit_json, out_file, table, when
+from cli.common import STATE, emit_json, out_file, table, warn_crl_skipped, when
 
 gateway_app = typer.Typer(
     help="API-gateway client certificates: partners, truststores, nginx.", no_args_is_help=True
@@ -258,11 +257,8 @@ def cert_revoke(
         Serial.parse(serial),
         RevocationReason.parse(reason),
         "cli",
-        f"cli-{uuid.uuid4().hex[:16]}",
     )
-    out = GatewayRevokedOut(
-        **GatewayCertOut.of(cert).model_dump(by_alias=False), rewritten=[str(p) for p in written]
-    )
+    out = GatewayRevokedOut.revoked(cert, written)
     if json_out:
         emit_json(out)
         return
@@ -270,6 +266,7 @@ def cert_revoke(
     for path in written:
         typer.echo(f"  rewrote {path}")
     typer.echo("  reload each nginx using it (nginx -s reload): it reads ssl_crl only then")
+    warn_crl_skipped([cert.info])
 
 
 @gateway_app.command("truststore")

@@ -15,7 +15,7 @@ from ca.files import write_atomic, write_private
 from ca.keepers import SERVER_FILES
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
-from cli.common import STATE, confirm, emit_json, out_dir, out_file, table, when
+from cli.common import STATE, confirm, emit_json, out_dir, out_file, table, warn_crl_skipped, when
 
 openvpn_app = typer.Typer(
     help="OpenVPN: an own CA, server files and complete client profiles.", no_args_is_help=True
@@ -279,6 +279,7 @@ def client_revoke(
     else:
         for info in revoked.revoked:
             typer.echo(f"revoked {info.serial} ({parsed.value})")
+        warn_crl_skipped(revoked.revoked)
     if revoked.crl_error:
         # Revoked, but OpenVPN still reads the old file: that must not look like success.
         raise Unavailable(f"revoked, but the CRL file was not rewritten: {revoked.crl_error}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
@@ -60,14 +60,13 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateO
     responses=responses(404, 409),
 )
 def revoke_certificate(
-    serial: str, body: RevokeRequest, request: Request, ctx: CtxDep, admin: AdminDep
+    serial: str, body: RevokeRequest, ctx: CtxDep, admin: AdminDep
 ) -> RevokedCertificateOut:
     info = certs.revoke_certificate(
         ctx,
         Serial.parse(serial),
         RevocationReason.parse(body.reason),
         str(admin),
-        request_id=request.state.request_id,
         invalidity_date=body.invalidity_date,
     )
     return RevokedCertificateOut.of(info)

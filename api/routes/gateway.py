@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path as FsPath
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
@@ -130,9 +130,7 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> GatewayCertO
     response_model=GatewayRevokedOut,
     responses=responses(404, 409),
 )
-def revoke(
-    serial: str, body: RevokeRequest, request: Request, ctx: CtxDep, admin: AdminDep
-) -> GatewayRevokedOut:
+def revoke(serial: str, body: RevokeRequest, ctx: CtxDep, admin: AdminDep) -> GatewayRevokedOut:
     """The gateway CRL is re-signed in the revoking transaction; recorded nginx truststores on
     the server's host are rewritten (reload nginx after)."""
     cert, written = gateway.revoke_gateway_certificate(
@@ -140,11 +138,9 @@ def revoke(
         Serial.parse(serial),
         RevocationReason.parse(body.reason),
         str(admin),
-        request.state.request_id,
         body.invalidity_date,
     )
-    out = GatewayCertOut.of(cert).model_dump(by_alias=False)
-    return GatewayRevokedOut(**out, rewritten=[str(path) for path in written])
+    return GatewayRevokedOut.revoked(cert, written)
 
 
 @router.get("/truststore/{format}", response_model=TruststoreOut, responses=responses(404))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Response, status
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
@@ -211,7 +211,6 @@ def renew_client(
 def revoke_client(
     name: str,
     body: ClientRevoke,
-    request: Request,
     ctx: CtxDep,
     principal: AdminDep,
     authority: AuthorityQuery = openvpn.OPENVPN,
@@ -222,7 +221,6 @@ def revoke_client(
         authority=authority,
         reason=RevocationReason.parse(body.reason),
         actor=str(principal),
-        request_id=request.state.request_id,
     )
     return ClientRevokedOut.of(revoked)
 

@@ -121,14 +121,13 @@ def _ocsp(ctx: CtxDep, der: bytes) -> Response:
     summary="Revoke every live certificate of one SPIFFE ID",
 )
 def revoke_identity(
-    body: IdentityRevokeRequest, request: Request, ctx: CtxDep, principal: AdminDep
+    body: IdentityRevokeRequest, ctx: CtxDep, principal: AdminDep
 ) -> list[RevokedCertificateOut]:
     revoked = certs.revoke_identity(
         ctx,
         SpiffeId.parse(body.spiffe_id),
         RevocationReason.parse(body.reason),
         str(principal),
-        request_id=request.state.request_id,
     )
     return [RevokedCertificateOut.of(info) for info in revoked]
 
@@ -141,7 +140,6 @@ def revoke_identity(
 )
 def emergency(
     authority: Authority,
-    request: Request,
     ctx: CtxDep,
     principal: AdminDep,
     body: IntermediateRevokeRequest | None = None,
@@ -159,6 +157,5 @@ def emergency(
         actor=str(principal),
         authority=authority,
         reason=RevocationReason.parse(why),
-        request_id=request.state.request_id,
     )
     return IntermediateRevokedOut.of(result)

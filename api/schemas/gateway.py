@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -168,6 +169,20 @@ class GatewayRevokedOut(GatewayCertOut):
         default_factory=list,
         description="Truststore files rewritten on the server's host: reload those gateways",
     )
+    crl_skipped: str | None = Field(
+        default=None,
+        description="Why the issuer's CRL was not re-signed to list this certificate (the "
+        "issuer is a revoked CA whose key is gone: the root's CRL lists the issuer); null when "
+        "it was",
+    )
+
+    @classmethod
+    def revoked(cls, cert: gateway.GatewayCertificate, written: list[Path]) -> GatewayRevokedOut:
+        return cls(
+            **GatewayCertOut.of(cert).model_dump(by_alias=False),
+            rewritten=[str(path) for path in written],
+            crl_skipped=cert.info.crl_skipped,
+        )
 
 
 class TruststoreOut(BaseModel):

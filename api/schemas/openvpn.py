@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, StrictInt
 
-from api.schemas import CertificateOut, RequestBody
+from api.schemas import RequestBody, RevokedCertificateOut
 from ca import openvpn
 from ca.durations import Ttl
 from ca.keys import KeyType
@@ -168,7 +168,9 @@ class ClientRevoke(RequestBody):
 
 class ClientRevokedOut(BaseModel):
     name: str
-    revoked: list[CertificateOut]
+    revoked: list[RevokedCertificateOut] = Field(
+        description="Each with crl_skipped: why its issuer's CRL was not re-signed, or null"
+    )
     crl_path: str | None = Field(description="The CRL file rewritten, if one is configured")
     crl_error: str | None = Field(
         default=None, description="Why the CRL file could not be rewritten (the job retries)"
@@ -178,7 +180,7 @@ class ClientRevokedOut(BaseModel):
     def of(cls, value: openvpn.ClientRevoked) -> ClientRevokedOut:
         return cls(
             name=value.name,
-            revoked=[CertificateOut.of(info) for info in value.revoked],
+            revoked=[RevokedCertificateOut.of(info) for info in value.revoked],
             crl_path=str(value.crl_path) if value.crl_path else None,
             crl_error=value.crl_error,
         )

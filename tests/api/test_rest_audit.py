@@ -70,6 +70,7 @@ def test_every_rest_change_records_its_request_id(rest: Rest, ctx: Context) -> N
 
 
 def test_a_change_outside_a_request_records_no_request_id(ctx: Context) -> None:
-    """The CLI's changes (other than revocations, which make a ``cli-<hex>`` id) have none."""
+    """In-process changes outside a request (the scheduler's jobs) have none; a CLI command sets
+    its ``cli-<hex>`` id (tests/cli/test_operations.py)."""
     create_entry(ctx, EntryParams(SpiffeId.parse("spiffe://example.org/cli")), actor="cli")
     assert _ids(ctx)["entry.created"] == {None}

@@ -311,6 +311,8 @@ def test_revoking_a_spiffe_id_needs_an_admin_and_records_who_and_which_request(
             assert record["revoked_by"] == actor
             assert record["revocation_request_id"] == "incident-42"
             assert record["revoked_at"] is not None
+    recorded = {r.subject: r.request_id for r in audit.list_audit(ctx, event="certificate.rev")}
+    assert recorded == {s.serial: "incident-42" for s in svids}
     assert {entry.serial_number for entry in get_crl(rest)} == {int(s.serial, 16) for s in svids}
     status = {c["serial"]: c["status"] for c in rest.certificates()}
     assert status[other.serial] == "active"
@@ -319,7 +321,9 @@ def test_revoking_a_spiffe_id_needs_an_admin_and_records_who_and_which_request(
 
 
 @SQLITE_ONLY
-def test_a_single_revocation_records_its_request_id_and_invalidity_date(rest: Rest) -> None:
+def test_a_single_revocation_records_its_request_id_and_invalidity_date(
+    rest: Rest, ctx: Context
+) -> None:
     a, b = issue(rest, WEB, 2)
     response = rest.client.post(
         f"/v1/certificates/{a.serial}/revoke",
@@ -347,6 +351,8 @@ def test_a_single_revocation_records_its_request_id_and_invalidity_date(rest: Re
     shown = rest.client.get(f"/v1/certificates/{b.serial}", headers=rest.admin).json()
     assert shown["revocation_request_id"] == generated
     assert shown["invalidity_date"] is None
+    recorded = {r.subject: r.request_id for r in audit.list_audit(ctx, event="certificate.rev")}
+    assert recorded == {a.serial: "req.a:1", b.serial: generated}
 
 
 @SQLITE_ONLY

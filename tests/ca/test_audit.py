@@ -24,6 +24,7 @@ from ca.grants import join_grant
 from ca.identity import SpiffeId
 from ca.issue import issue_svid
 from ca.keys import KeyType
+from ca.logs import REQUEST_ID
 from ca.revocation import RevocationReason
 from ca.tokens import create_join_token
 from tests.ca.svidkit import make_csr
@@ -40,9 +41,11 @@ def _activity(ctx: Context) -> str:
     entry = create_entry(ctx, EntryParams(SpiffeId.parse(WEB)), actor="admin-token:t1")
     _, secret = create_join_token(ctx, entry.id, actor="admin-token:t1")
     svid = issue_svid(ctx, join_grant(ctx, secret), make_csr(KeyType.EC_P256.generate()))
-    revoke_certificate(
-        ctx, svid.serial, RevocationReason.KEY_COMPROMISE, "admin-token:t1", request_id="req-42"
-    )
+    request = REQUEST_ID.set("req-42")  # as api.requestid sets it for a REST request
+    try:
+        revoke_certificate(ctx, svid.serial, RevocationReason.KEY_COMPROMISE, "admin-token:t1")
+    finally:
+        REQUEST_ID.reset(request)
     return svid.serial.hex
 
 

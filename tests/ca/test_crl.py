@@ -35,6 +35,7 @@ from ca.errors import Conflict, NotFound
 from ca.identity import SpiffeId, TrustDomain
 from ca.jobs import renew_server_certificate, resign_crls
 from ca.keys import KeyHandle, KeyType, Signer
+from ca.logs import REQUEST_ID
 from ca.profiles import LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -372,9 +373,11 @@ def test_revoke_identity_revokes_every_live_certificate_in_one_step(
     number_before = current_crl(ctx, MESH, "intermediate").number
     clock.advance(dt.timedelta(minutes=2))  # ``expired`` is past its notAfter now
 
-    revoked = revoke_identity(
-        ctx, SpiffeId.parse(web), RevocationReason.KEY_COMPROMISE, "ops", request_id="req-1"
-    )
+    request = REQUEST_ID.set("req-1")  # as api.requestid sets it for a REST request
+    try:
+        revoked = revoke_identity(ctx, SpiffeId.parse(web), RevocationReason.KEY_COMPROMISE, "ops")
+    finally:
+        REQUEST_ID.reset(request)
 
     assert {i.serial.value for i in revoked} == {live_a.serial_number, live_b.serial_number}
     for info in revoked:

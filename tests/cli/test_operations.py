@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import shutil
 import sqlite3
 import stat
@@ -451,6 +452,29 @@ def test_an_emergency_revocation_records_the_cli_and_a_request_id(local: Trellis
         assert record["detail"]["emergency"] is True
         assert record["detail"]["reason"] == "keyCompromise"
     assert switched[0]["request_id"] == switched[1]["request_id"]  # one request, both records
+
+
+def test_a_command_records_its_cli_request_id_on_what_it_changes(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """A command is one request (cli.common.State.context): ``trellis revoke`` records its
+    ``cli-<hex>`` id on the certificate row and in its audit record, as a REST revocation does
+    its X-Request-ID; so does every other change, each command under an id of its own."""
+    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    serial = _serial(tmp_path / "w" / "svid.pem")
+    revoked = local.json("revoke", serial, "--yes")
+    assert isinstance(revoked, dict)
+    request_id = revoked["revocation_request_id"]
+    assert re.fullmatch(r"cli-[0-9a-f]{16}", request_id), revoked
+    shown = local.json("certs", "show", serial)
+    assert isinstance(shown, dict) and shown["revocation_request_id"] == request_id
+    records = local.json("audit", "list", "--event", "certificate.")
+    assert isinstance(records, list)
+    by_event = {r["event"]: r for r in records}
+    record = by_event["certificate.revoked"]
+    assert (record["subject"], record["request_id"]) == (serial, request_id)
+    minted = by_event["certificate.issued"]["request_id"]
+    assert re.fullmatch(r"cli-[0-9a-f]{16}", minted) and minted != request_id
 
 
 def test_a_bad_setting_is_one_line_naming_the_variable(local: Trellis) -> None:

@@ -29,6 +29,7 @@ CERT_KEYS = {
 class Cli:
     def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
         self.capsys = capsys
+        self.err = ""  # the last command's stderr
 
     def run(self, *args: str, code: int = 0) -> str:
         self.capsys.readouterr()
@@ -38,6 +39,7 @@ class Cli:
         except SystemExit as exc:
             exit_code = exc.code if isinstance(exc.code, int) else 1
         out, err = self.capsys.readouterr()
+        self.err = err
         assert exit_code == code, (args, out, err)
         return out if code == 0 else err
 
@@ -101,7 +103,8 @@ def test_onboarding_with_json_output(cli: Cli, tmp_path: Path) -> None:
     assert "already holds 2 valid certificates" in cli.run(*again, code=6)
     assert not (tmp_path / "again.pem").exists()
     revoked = cli.json("gateway", "cert", "revoke", issued["serial"], "--reason", "superseded")
-    assert set(revoked) == CERT_KEYS | {"rewritten"} and revoked["status"] == "revoked"
+    assert set(revoked) == CERT_KEYS | {"rewritten", "crl_skipped"}
+    assert (revoked["status"], revoked["crl_skipped"]) == ("revoked", None)
     assert "already revoked" in cli.run("gateway", "cert", "revoke", issued["serial"], code=6)
     disabled = cli.run("gateway", "consumer", "disable", "acme")
     assert "still holds 1 valid certificate" in disabled
@@ -151,3 +154,27 @@ def test_init_names_the_option_to_change(cli: Cli) -> None:
     )
     assert "SVID" not in err and "--svid-ttl" not in err
     assert "give --ca-ttl 6h or more" in err
+
+
+def test_revoking_under_an_intermediate_revoked_without_its_key_says_so(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Regression: the skipped CRL was only logged. It is revoked all the same (the root's CRL
+    lists its issuer); the warning and --json's crl_skipped say so, as for trellis revoke."""
+    cli.run("gateway", "init")
+    cli.run("gateway", "consumer", "add", "acme")
+    (tmp_path / "acme.csr").write_bytes(partner_csr()[1])
+    serials = [
+        cli.json("gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "acme.csr"),
+                 "--out", str(tmp_path / f"{i}.pem"))["serial"]
+        for i in range(2)
+    ]  # fmt: skip
+    for key in (tmp_path / "var" / "keys").glob("gateway-intermediate-*"):
+        key.unlink()
+    cli.run("authority", "revoke-intermediate", "--authority", "gateway", "--yes")
+    assert f"revoked {serials[0]} (acme)" in cli.run("gateway", "cert", "revoke", serials[0])
+    assert "warning: the issuer's CRL was not re-signed" in cli.err
+    assert "missing from the file key store" in cli.err
+    revoked = cli.json("gateway", "cert", "revoke", serials[1])
+    assert revoked["status"] == "revoked"
+    assert "missing from the file key store" in revoked["crl_skipped"]

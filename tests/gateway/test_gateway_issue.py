@@ -227,7 +227,7 @@ def test_two_live_certificates_at_most(gw: Context, clock: FixedClock) -> None:
         from_csr(gw, partner_csr()[1])
     assert gateway.get_consumer(gw, ACME).live_certificates == 2
 
-    gateway.revoke_gateway_certificate(gw, second.serial, RevocationReason.SUPERSEDED, "t", None)
+    gateway.revoke_gateway_certificate(gw, second.serial, RevocationReason.SUPERSEDED, "t")
     third = from_csr(gw, partner_csr()[1])
     with pytest.raises(Conflict):
         from_csr(gw, partner_csr()[1])
@@ -338,9 +338,7 @@ def test_csr_with_ed25519_and_rsa_keys(gw_lite: Context) -> None:
         csr = builder.sign(key, digest).public_bytes(serialization.Encoding.PEM)
         issued = from_csr(gw_lite, csr)
         assert issued.certificate.public_key() == key.public_key()
-        gateway.revoke_gateway_certificate(
-            gw_lite, issued.serial, RevocationReason.SUPERSEDED, "t", None
-        )
+        gateway.revoke_gateway_certificate(gw_lite, issued.serial, RevocationReason.SUPERSEDED, "t")
 
 
 @pytest.mark.parametrize(
@@ -438,16 +436,14 @@ def test_a_certificate_whose_pkcs12_failed_is_withdrawn(
 def test_revoking_is_gateway_only(gw: Context) -> None:
     other = Serial.generate()
     with pytest.raises(NotFound, match="no gateway certificate"):
-        gateway.revoke_gateway_certificate(gw, other, RevocationReason.UNSPECIFIED, "t", None)
+        gateway.revoke_gateway_certificate(gw, other, RevocationReason.UNSPECIFIED, "t")
     issued = from_csr(gw, partner_csr()[1])
     cert, written = gateway.revoke_gateway_certificate(
-        gw, issued.serial, RevocationReason.KEY_COMPROMISE, "t", "req-1"
+        gw, issued.serial, RevocationReason.KEY_COMPROMISE, "t"
     )
     assert cert.info.status is CertStatus.REVOKED and written == []
     with pytest.raises(Conflict, match="already revoked"):
-        gateway.revoke_gateway_certificate(
-            gw, issued.serial, RevocationReason.UNSPECIFIED, "t", None
-        )
+        gateway.revoke_gateway_certificate(gw, issued.serial, RevocationReason.UNSPECIFIED, "t")
 
 
 def test_listing_is_one_query_and_shows_each_recorded_thumbprint(gw: Context) -> None:

@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from ca.audit import list_audit
+from ca.certs import get_certificate
 from ca.config import Context
+from ca.serial import Serial
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem
 from tests.gateway.gwkit import partner_csr
@@ -30,8 +32,13 @@ class Api:
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.client.get(f"/v1/gateway{path}", headers=self.headers, **kwargs)
 
-    def post(self, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        return self.client.post(f"/v1/gateway{path}", json=body or {}, headers=self.headers)
+    def post(
+        self, path: str, body: dict[str, Any] | None = None, request_id: str | None = None
+    ) -> httpx.Response:
+        headers = (
+            self.headers if request_id is None else {**self.headers, "X-Request-ID": request_id}
+        )
+        return self.client.post(f"/v1/gateway{path}", json=body or {}, headers=headers)
 
     def issue(self, name: str = "acme", **body: Any) -> httpx.Response:
         if "csr" not in body and "pkcs12" not in body:
@@ -168,10 +175,15 @@ def test_consumer_rules_over_rest(api_both: Api) -> None:
     revoked = api.post(
         f"/certificates/{first.json()['serial']}/revoke",
         {"reason": "keyCompromise", "invalidity_date": "2026-01-01T00:00:00Z"},
+        request_id="gw-revoke-1",
     )
     assert revoked.status_code == 200, revoked.text
     assert (revoked.json()["status"], revoked.json()["rewritten"]) == ("revoked", [])
     assert revoked.json()["revocation_reason"] == "keyCompromise"
+    row = get_certificate(api.ctx, Serial.parse(first.json()["serial"]))
+    assert row.revocation_request_id == "gw-revoke-1"
+    (record,) = list_audit(api.ctx, event="certificate.revoked")
+    assert (record.subject, record.request_id) == (first.json()["serial"], "gw-revoke-1")
     crl = x509.load_pem_x509_crl(api.get("/truststore/nginx").json()["files"]["crl.pem"].encode())
     entry = crl.get_revoked_certificate_by_serial_number(int(first.json()["serial"], 16))
     assert entry is not None
@@ -251,3 +263,22 @@ def test_an_upstream_nginx_refuses_is_400(api_gw: Api, upstream: str) -> None:
 def test_upstreams_nginx_takes_are_rendered(api_gw: Api, upstream: str) -> None:
     snippet = api_gw.get("/nginx-snippet", params={"upstream": upstream})
     assert f"proxy_pass {upstream};" in snippet.text
+
+
+def test_revoking_under_an_intermediate_revoked_without_its_key_says_so(api_gw: Api) -> None:
+    """Regression: the skipped CRL was only logged. The certificate is revoked all the same
+    (the root's CRL lists its issuer); crl_skipped says why, as
+    POST /v1/certificates/{serial}/revoke's does."""
+    issued = api_gw.issue()
+    assert issued.status_code == 201, issued.text
+    for key in (api_gw.ctx.settings.data_dir / "keys").glob("gateway-intermediate-*"):
+        key.unlink()
+    api_gw.ctx.cache.clear()
+    emergency = api_gw.client.post(
+        "/v1/authorities/gateway/revoke-intermediate", headers=api_gw.headers
+    )
+    assert emergency.status_code == 200, emergency.text
+    revoked = api_gw.post(f"/certificates/{issued.json()['serial']}/revoke")
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["status"] == "revoked"
+    assert "missing from the file key store" in revoked.json()["crl_skipped"]

@@ -67,9 +67,7 @@ def test_nginx_has_a_crl_for_every_ca_in_the_path(gw: Context, tmp_path: Path) -
     """``openssl verify -crl_check_all`` is what nginx's ssl_crl does: with the intermediate's
     CRL only, every client fails ("unable to get certificate CRL")."""
     live, revoked = issue(gw), issue(gw)
-    gateway.revoke_gateway_certificate(
-        gw, revoked.serial, RevocationReason.KEY_COMPROMISE, "t", None
-    )
+    gateway.revoke_gateway_certificate(gw, revoked.serial, RevocationReason.KEY_COMPROMISE, "t")
     status = gateway.gateway_status(gw)
     written = gateway.write_truststore(gw, F.NGINX, tmp_path / "nginx")
     assert written == [tmp_path / "nginx" / "crl.pem", tmp_path / "nginx" / "client-ca.pem"]
@@ -153,7 +151,7 @@ def test_revocation_and_refresh_rewrite_recorded_crls(
 
     issued = issue(gw)
     _, written = gateway.revoke_gateway_certificate(
-        gw, issued.serial, RevocationReason.KEY_COMPROMISE, "t", None
+        gw, issued.serial, RevocationReason.KEY_COMPROMISE, "t"
     )
     assert written == [store / "crl.pem"]
     crls = load_crls((store / "crl.pem").read_bytes())

@@ -172,3 +172,24 @@ def test_refusals_and_their_exit_codes(cli: InProcessTrellis, tmp_path: Path) ->
     assert unknown.returncode == 5
     listed = json.loads(operator.run("certs", "list", "--json").stdout)
     assert [c for c in listed if c.get("profile") == "openvpn-server"] == []  # nothing issued
+
+
+def test_revoking_a_client_of_an_intermediate_revoked_without_its_key_says_so(
+    cli: InProcessTrellis, tmp_path: Path
+) -> None:
+    """Regression: the skipped CRL was only logged. The client is revoked all the same (the
+    root's CRL lists its issuer); the warning and --json's crl_skipped say so, as for
+    trellis revoke."""
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+    for name in ("alice", "bob"):
+        cli.run("openvpn", "client", "add", name, "--out", str(tmp_path / f"{name}.ovpn"))
+    for key in (cli.data_dir / "keys").glob("vpn-intermediate-*"):
+        key.unlink()
+    cli.run("authority", "revoke-intermediate", "--authority", "vpn", "--yes")
+    text = cli.run("openvpn", "client", "revoke", "alice", "--yes").stdout  # stdout and stderr
+    assert "warning: the issuer's CRL was not re-signed" in text, text
+    assert "missing from the file key store" in text
+    (revoked,) = _json(cli, "openvpn", "client", "revoke", "bob", "--yes")["revoked"]
+    assert revoked["status"] == "revoked"
+    assert "missing from the file key store" in revoked["crl_skipped"]

@@ -13,9 +13,11 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.schemas.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ServerConfigOut
+from ca.audit import list_audit
 from ca.config import Context
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
+from tests.ca.svidkit import SQLITE_ONLY
 from tests.openvpn.vpnkit import crls_in, parse_profile
 
 OVPN = "application/x-openvpn-profile"
@@ -36,7 +38,7 @@ def _ready(api: TestClient, crl: Path) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_onboarding_and_offboarding(api: TestClient, tmp_path: Path) -> None:
+def test_onboarding_and_offboarding(api: TestClient, ctx: Context, tmp_path: Path) -> None:
     crl = tmp_path / "crl.pem"
     _ready(api, crl)
     shown = api.get("/v1/openvpn").json()
@@ -66,12 +68,19 @@ def test_onboarding_and_offboarding(api: TestClient, tmp_path: Path) -> None:
     new_serial = renewed.headers["x-certificate-serial"]
     assert new_serial != serial
 
-    revoked = api.post("/v1/openvpn/clients/alice/revoke", json={"reason": "keyCompromise"})
+    revoked = api.post(
+        "/v1/openvpn/clients/alice/revoke",
+        json={"reason": "keyCompromise"},
+        headers={"X-Request-ID": "offboard-alice"},
+    )
     assert revoked.status_code == 200, revoked.text
     body = revoked.json()
     assert set(body) == set(ClientRevokedOut.model_fields)
     assert [c["serial"] for c in body["revoked"]] == [new_serial]
     assert body["revoked"][0]["revoked_by"].startswith("admin-token:")
+    assert body["revoked"][0]["revocation_request_id"] == "offboard-alice"
+    (record,) = [r for r in list_audit(ctx, event="certificate.revoked") if r.subject == new_serial]
+    assert record.request_id == "offboard-alice"
     assert body["revoked"][0]["spiffe_id"] == "CN=alice"
     assert body["crl_path"] == str(crl.resolve()) and body["crl_error"] is None
     on_file = {entry.serial_number for c in crls_in(crl.read_bytes()) for entry in c}
@@ -183,3 +192,24 @@ def test_refusals_over_rest(api: TestClient, tmp_path: Path) -> None:
     assert api.post("/v1/openvpn/clients/alice/revoke", json={}).status_code == 200
     assert_problem(api.post("/v1/openvpn/clients/alice/revoke", json={}), 409)
     assert_problem(api.post("/v1/openvpn/clients/nobody/revoke", json={}), 404)
+
+
+@SQLITE_ONLY
+def test_revoking_a_client_of_an_intermediate_revoked_without_its_key_says_so(
+    api: TestClient, ctx: Context, tmp_path: Path
+) -> None:
+    """Regression: the skipped CRL was only logged. The client is revoked all the same (the
+    root's CRL lists its issuer); each revoked certificate's crl_skipped says why, as
+    POST /v1/certificates/{serial}/revoke's does."""
+    _ready(api, tmp_path / "crl.pem")
+    assert api.post("/v1/openvpn/clients", json={"name": "alice"}).status_code == 201
+    for key in (ctx.settings.data_dir / "keys").glob("vpn-intermediate-*"):
+        key.unlink()
+    ctx.cache.clear()
+    emergency = api.post("/v1/authorities/vpn/revoke-intermediate")
+    assert emergency.status_code == 200, emergency.text
+    revoked = api.post("/v1/openvpn/clients/alice/revoke", json={})
+    assert revoked.status_code == 200, revoked.text
+    (item,) = revoked.json()["revoked"]
+    assert item["status"] == "revoked"
+    assert "missing from the file key store" in item["crl_skipped"]
