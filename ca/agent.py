@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from ca import errors
 from ca.clock import Clock, SystemClock
 from ca.keys import KeyType
+from ca.serverconn import ServerUrl
 from ca.workload import SvidFiles, WorkloadClient, write_bundle
 
 __all__ = ["Agent", "AgentConfig", "ReloadCommand"]
@@ -133,8 +134,12 @@ class Agent:
 
     def _client(self) -> WorkloadClient:
         # Once files exist, their bundle (kept fresh) is what recognises the server.
-        bundle = self.files.bundle if self.files.bundle.exists() else self.config.bundle
-        return WorkloadClient(self.config.server, bundle, clock=self.clock)
+        if self.files.bundle.exists():
+            bundle, name = self.files.bundle, str(self.files.bundle)
+        else:
+            bundle, name = self.config.bundle, f"--bundle {self.config.bundle}"
+        server = ServerUrl.parse(self.config.server)
+        return WorkloadClient(server, bundle, clock=self.clock, bundle_name=name)
 
     def current(self) -> Held | None:
         """The SVID on disk, if it is readable, matches its key and has not expired."""

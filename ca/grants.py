@@ -22,7 +22,7 @@ from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
 from ca.entries import DEFAULT_MAX_TTL, check_not_reserved
 from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation, TrellisError
-from ca.identity import SpiffeId
+from ca.identity import SERVER_PATH, SpiffeId
 from ca.issue import Grant, refused
 from ca.renewal import read_proof, unverified_serial
 from ca.serial import Serial
@@ -205,7 +205,7 @@ def server_grant(ctx: Context, dns_names: Sequence[str], ips: Sequence[str], ttl
     """Trellis's own serving certificate: ``spiffe://<td>/trellis/server``."""
     issuer = active_issuer(ctx, MESH)
     return Grant(
-        spiffe_id=SpiffeId.from_path(issuer.spiffe_trust_domain(), "/trellis/server"),
+        spiffe_id=SpiffeId.from_path(issuer.spiffe_trust_domain(), SERVER_PATH),
         default_ttl=ttl,
         max_ttl=ttl,
         requested_by="trellis:serve",

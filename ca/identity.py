@@ -19,11 +19,15 @@ from dataclasses import dataclass
 
 from ca.errors import InvalidSpiffeId
 
-__all__ = ["MAX_ID_BYTES", "MAX_TRUST_DOMAIN_BYTES", "SpiffeId", "TrustDomain"]
+__all__ = ["MAX_ID_BYTES", "MAX_TRUST_DOMAIN_BYTES", "SERVER_PATH", "SpiffeId", "TrustDomain"]
 
 SCHEME = "spiffe://"
 MAX_ID_BYTES = 2048  # §2.3: implementations must support, and should not generate, more
 MAX_TRUST_DOMAIN_BYTES = 255  # §2.3: the RFC 3986 host limit
+# Trellis's own serving identity, spiffe://<td>/trellis/server: issued only to ``trellis serve``
+# (``ca.entries.check_not_reserved`` keeps it out of entries) and required of the server by
+# workload clients (``ca.serverconn``).
+SERVER_PATH = "/trellis/server"
 _TD_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-_")
 _SEGMENT_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
 

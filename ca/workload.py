@@ -1,19 +1,20 @@
 """The workload side: get an SVID with a join token, renew it by proving possession of its key.
 
-Used by ``trellis svid request|renew`` (and later the agent). It speaks to the REST API over
-HTTPS, trusting only the bundle it was given: the bundle is how a workload recognises Trellis.
+Used by ``trellis svid request|renew`` and the agent. It speaks to the REST API over HTTPS,
+trusting only the bundle it was given and, within it, only Trellis's own server identity
+(``ca.serverconn``): the bundle is how a workload recognises Trellis.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,16 +26,9 @@ from ca.files import private_directory, write_atomic, write_private
 from ca.keys import KeyType, PrivateKey
 from ca.pem import load_certs, private_key_pem
 from ca.renewal import make_proof
-
-if TYPE_CHECKING:
-    import httpx
-
-# httpx is imported where a request is made (as in ca.federation): its package imports its own
-# command line, rich and pygments, ~0.1 s of CPU that every other CLI command would pay.
+from ca.serverconn import ServerConnection, ServerUrl
 
 __all__ = ["Received", "SvidFiles", "WorkloadClient", "write_bundle", "write_svid"]
-
-TIMEOUT = (15.0, 5.0)  # seconds: for a read, write or pool wait; to connect
 
 _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
     400: errors.InvalidInput,
@@ -112,48 +106,44 @@ def _csr(key: PrivateKey) -> bytes:
 
 
 class WorkloadClient:
-    def __init__(self, server: str, bundle: Path, clock: Clock | None = None) -> None:
-        # The join token and the renewal proof travel in a header: never in cleartext.
-        if not server.lower().startswith("https://"):
-            raise errors.InvalidInput("--server must be an https:// URL")
-        self._server = server.rstrip("/")
-        try:
-            self._tls = ssl.create_default_context(cafile=str(bundle))
-        except (OSError, ssl.SSLError):
-            raise errors.InvalidInput(f"--bundle {bundle}: cannot read the trust bundle") from None
+    def __init__(
+        self,
+        server: ServerUrl,
+        bundle: Path,
+        clock: Clock | None = None,
+        *,
+        bundle_name: str | None = None,
+    ) -> None:
+        """``bundle_name`` is how a message names the bundle file: the ``--bundle`` option by
+        default, or the file itself when a command has no such option (``svid renew``)."""
+        self._server = ServerConnection(server, bundle, bundle_name or f"--bundle {bundle}")
         self._clock = clock or SystemClock()
 
-    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
-        import httpx
-
-        timeout = httpx.Timeout(TIMEOUT[0], connect=TIMEOUT[1])
-        try:
-            with httpx.Client(verify=self._tls, timeout=timeout) as client:
-                return client.request(method, self._server + path, **options)
-        except httpx.HTTPError as exc:
-            raise errors.Unavailable(f"cannot reach {self._server}: {exc}") from None
-
     def _post(self, path: str, credential: str, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {credential}"}
-        response = self._request("POST", path, json=body, headers=headers)
-        if response.status_code == 200:
-            data: dict[str, Any] = response.json()
+        headers = {
+            "Authorization": f"Bearer {credential}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        answer = self._server.exchange("POST", path, json.dumps(body).encode(), headers)
+        if answer.status == 200:
+            data: dict[str, Any] = json.loads(answer.body)
             return data
         try:
-            detail = str(response.json().get("detail", response.text))
+            detail = str(json.loads(answer.body).get("detail", answer.body.decode()))
         except ValueError:
-            detail = response.text[:200]
-        raise _STATUS_ERRORS.get(response.status_code, errors.Unavailable)(
-            f"server refused ({response.status_code}): {detail}"
+            detail = answer.body[:200].decode(errors="replace")
+        raise _STATUS_ERRORS.get(answer.status, errors.Unavailable)(
+            f"server refused ({answer.status}): {detail}"
         )
 
     def fetch_bundle(self) -> bytes:
         """The server's current trust bundle (PEM), fetched over the pinned TLS connection."""
-        response = self._request("GET", "/v1/bundle")
-        if response.status_code != 200:
-            raise errors.Unavailable(f"bundle fetch answered {response.status_code}")
-        load_certs(response.content)
-        return response.content
+        answer = self._server.exchange("GET", "/v1/bundle")
+        if answer.status != 200:
+            raise errors.Unavailable(f"bundle fetch answered {answer.status}")
+        load_certs(answer.body)
+        return answer.body
 
     def _store(self, data: dict[str, Any], key: PrivateKey, out: Path) -> Received:
         chain = (data["certificate"] + data["chain"]).encode()

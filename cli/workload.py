@@ -14,6 +14,7 @@ from ca.grants import admin_grant
 from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
+from ca.serverconn import ServerUrl
 from ca.workload import Received, SvidFiles, WorkloadClient, write_svid
 from cli.common import STATE, emit_json, out_dir
 
@@ -67,7 +68,7 @@ def request(
     """Generate a key here, send a CSR with a join token, write the SVID files."""
     if ttl:
         Ttl.parse(ttl)
-    client = WorkloadClient(server, bundle)
+    client = WorkloadClient(ServerUrl.parse(server), bundle)
     _report(client.request(token, out, KeyType.parse(key_type), ttl), json_out, "obtained")
 
 
@@ -79,7 +80,8 @@ def renew(
     json_out: JsonOpt = False,
 ) -> None:
     """Renew with a fresh key, authenticated only by the current SVID's key."""
-    client = WorkloadClient(server, SvidFiles(dir).bundle)
+    bundle = SvidFiles(dir).bundle
+    client = WorkloadClient(ServerUrl.parse(server), bundle, bundle_name=str(bundle))
     _report(client.renew(dir, ttl), json_out, "renewed")
 
 

@@ -1,0 +1,115 @@
+"""The workload client authenticates the server as ``spiffe://<td>/trellis/server`` before it
+sends anything: a workload whose entry lists the server's DNS name holds an SVID that chains to
+the bundle and matches the host name, and posed as Trellis to harvest join tokens."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ca.agent import Agent, AgentConfig
+from ca.config import Context
+from ca.errors import InvalidInput, Unavailable
+from ca.pem import private_key_pem
+from ca.serverconn import ServerUrl
+from ca.serving import ensure_server_certificate
+from ca.workload import SvidFiles, WorkloadClient, write_svid
+from tests.ca.svidkit import SQLITE_ONLY, add_entry, enrol, join_secret
+from tests.cli.test_walkthrough import TRELLIS
+from tests.fakeserver import FakeServer, fake_server, http_answer
+from tests.tlsfiles import loopback_server_tls
+
+
+@dataclass
+class Impostor:
+    """A workload of the trust domain with ``localhost`` in its SVID, serving TLS with it."""
+
+    server: FakeServer
+    bundle: Path
+    victim_token: str
+
+
+@pytest.fixture
+def impostor(ctx: Context, tmp_path: Path) -> Iterator[Impostor]:
+    fake = enrol(ctx, "spiffe://example.org/fake-server", dns_names=["localhost"])
+    (tmp_path / "fake.pem").write_bytes(fake.full_chain_pem)
+    (tmp_path / "fake.key").write_bytes(private_key_pem(fake.key))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(fake.svid.bundle_pem)
+    _, token = join_secret(ctx, add_entry(ctx, "spiffe://example.org/victim"))
+    answer = http_answer(b'{"detail": "teapot"}', "418 I'm a teapot")
+    with fake_server(tmp_path / "fake.pem", tmp_path / "fake.key", answer=answer) as server:
+        yield Impostor(server, bundle, token)
+
+
+@SQLITE_ONLY
+def test_a_workload_svid_is_not_the_server_and_gets_no_token(
+    impostor: Impostor, tmp_path: Path
+) -> None:
+    client = WorkloadClient(ServerUrl.parse(impostor.server.url), impostor.bundle)
+    with pytest.raises(Unavailable, match="is not Trellis") as refused:
+        client.request(impostor.victim_token, tmp_path / "victim")
+    assert "spiffe://example.org/fake-server" in refused.value.detail
+    assert "spiffe://example.org/trellis/server" in refused.value.detail
+    assert impostor.server.handshakes == 1  # the chain and host name did verify
+    assert impostor.server.everything == b"", "the client sent a request to the impostor"
+    assert not (tmp_path / "victim").exists()
+
+
+@SQLITE_ONLY
+def test_the_cli_refuses_the_impostor_in_one_line(impostor: Impostor, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [TRELLIS, "svid", "request", "--server", impostor.server.url,
+         "--bundle", str(impostor.bundle), "--token", impostor.victim_token,
+         "--out", str(tmp_path / "victim")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 8, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not Trellis" in lines[0], result.stderr
+    assert impostor.server.everything == b""
+    assert impostor.victim_token not in result.stderr
+
+
+@SQLITE_ONLY
+def test_renewal_and_agent_refuse_the_impostor_too(
+    ctx: Context, impostor: Impostor, tmp_path: Path
+) -> None:
+    """A renewal proof and the agent's bundle refresh go to the same check."""
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = SvidFiles(tmp_path / "web")
+    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    client = WorkloadClient(ServerUrl.parse(impostor.server.url), files.bundle)
+    with pytest.raises(Unavailable, match="is not Trellis"):
+        client.renew(files.directory)
+    with pytest.raises(Unavailable, match="is not Trellis"):
+        client.fetch_bundle()
+    config = AgentConfig(
+        impostor.server.url, impostor.bundle, tmp_path / "agent", token=impostor.victim_token
+    )
+    with pytest.raises(Unavailable, match="is not Trellis"):
+        Agent(config).run(once=True)
+    assert impostor.server.everything == b""
+
+
+@SQLITE_ONLY
+def test_the_real_server_identity_is_accepted(ctx: Context, tmp_path: Path) -> None:
+    """The control: the same harness with Trellis's serving certificate receives the request,
+    credential and all, so the refusals above are the identity check's doing."""
+    tls = ensure_server_certificate(ctx)
+    answer = http_answer(b'{"detail": "teapot"}', "418 I'm a teapot")
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        client = WorkloadClient(ServerUrl.parse(server.url), tls.bundle_path)
+        with pytest.raises(Unavailable, match="teapot"):
+            client.request("trellis-join-secret", tmp_path / "out")
+    assert b"Authorization: Bearer trellis-join-secret" in server.everything
+
+
+def test_a_bundle_without_a_spiffe_root_is_refused(tmp_path: Path) -> None:
+    ca, _chain, _key = loopback_server_tls(tmp_path)
+    with pytest.raises(InvalidInput, match="not a Trellis bundle"):
+        WorkloadClient(ServerUrl.parse("https://localhost:1"), ca)
