@@ -13,7 +13,8 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
   soon after the server is back; keep the old SVID until a new one is in hand; once it has
   expired, fall back to the join token if it still works, else give up (exit 1);
 - wait in short slices, so a stop (SIGTERM from a kubelet with a 30-second grace) is seen
-  within a second, even in the middle of a back-off.
+  within a second, even in the middle of a back-off; a request in progress is abandoned too
+  (``ca.serverconn``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from ca import errors
 from ca.clock import Clock, SystemClock
 from ca.keys import KeyType
-from ca.serverconn import ServerUrl
+from ca.serverconn import ServerUrl, Stopped
 from ca.workload import SvidFiles, WorkloadClient, write_bundle
 
 __all__ = ["Agent", "AgentConfig", "ReloadCommand"]
@@ -131,6 +132,7 @@ class Agent:
         self.sleep = sleep
         self.rng = rng or random.Random()  # noqa: S311 (jitter, not secrecy)
         self.renewals = 0
+        self._stop: Callable[[], bool] = lambda: False
 
     def _client(self) -> WorkloadClient:
         # Once files exist, their bundle (kept fresh) is what recognises the server.
@@ -139,7 +141,7 @@ class Agent:
         else:
             bundle, name = self.config.bundle, f"--bundle {self.config.bundle}"
         server = ServerUrl.parse(self.config.server)
-        return WorkloadClient(server, bundle, clock=self.clock, bundle_name=name)
+        return WorkloadClient(server, bundle, clock=self.clock, bundle_name=name, stop=self._stop)
 
     def current(self) -> Held | None:
         """The SVID on disk, if it is readable, matches its key and has not expired."""
@@ -202,6 +204,14 @@ class Agent:
         return True
 
     def run(self, *, once: bool = False, stop: Callable[[], bool] = lambda: False) -> None:
+        """Until ``stop()``: also in the middle of a request (``ca.serverconn.Stopped``)."""
+        self._stop = stop
+        try:
+            self._run(once, stop)
+        except Stopped:
+            log.info("stopped")
+
+    def _run(self, once: bool, stop: Callable[[], bool]) -> None:
         held = self.bootstrap()
         if once:
             return

@@ -17,10 +17,13 @@ environment.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,11 +33,17 @@ from cryptography import x509
 from ca import errors
 from ca.identity import SERVER_PATH, SpiffeId
 
-__all__ = ["Answer", "ServerConnection", "ServerUrl"]
+__all__ = ["Answer", "ServerConnection", "ServerUrl", "Stopped"]
 
 CONNECT_TIMEOUT = 5.0  # seconds, for the TCP connection and each step of the handshake
 READ_TIMEOUT = 15.0  # seconds, for each read or write once connected
+TOTAL_TIMEOUT = 30.0  # seconds, for a whole request: connection, handshake, request, answer
+POLL = 0.1  # seconds between two looks at the stop flag while a request runs
 MAX_ANSWER = 1 << 20  # bytes: an SVID with its chain and bundle is a few kB
+
+
+class Stopped(Exception):
+    """A request abandoned because the caller's ``stop()`` became true (the agent's SIGTERM)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +104,16 @@ def _spiffe_id(uri: str) -> SpiffeId | None:
 class ServerConnection:
     """Requests to one Trellis server, trusting only ``bundle`` and only its server identity."""
 
-    def __init__(self, url: ServerUrl, bundle: Path, bundle_name: str) -> None:
+    def __init__(
+        self, url: ServerUrl, bundle: Path, bundle_name: str, total_timeout: float = TOTAL_TIMEOUT
+    ) -> None:
         self.url = url
+        self.total_timeout = total_timeout
         unreadable = errors.InvalidInput(f"{bundle_name}: cannot read the trust bundle")
         try:
             pem = bundle.read_bytes()
             roots = x509.load_pem_x509_certificates(pem)
-            self._tls = ssl.create_default_context(cadata=pem.decode("ascii"))
+            self.tls = ssl.create_default_context(cadata=pem.decode("ascii"))
         except (OSError, ValueError, ssl.SSLError):  # UnicodeDecodeError is a ValueError
             raise unreadable from None
         ids = {_spiffe_id(uri) for root in roots for uri in _uri_sans(root)}
@@ -112,7 +124,7 @@ class ServerConnection:
             )
         self.server_ids = frozenset(SpiffeId.from_path(td, SERVER_PATH) for td in domains)
 
-    def _authenticate(self, tls: ssl.SSLSocket) -> None:
+    def authenticate(self, tls: ssl.SSLSocket) -> None:
         """The authorizer: the verified peer must be Trellis's server identity."""
         der = tls.getpeercert(binary_form=True)
         uris = _uri_sans(x509.load_der_x509_certificate(der)) if der else []
@@ -125,40 +137,106 @@ class ServerConnection:
             "nothing was sent to it"
         )
 
-    def _connect(self) -> ssl.SSLSocket:
-        raw = socket.create_connection((self.url.host, self.url.port), timeout=CONNECT_TIMEOUT)
-        try:
-            tls = self._tls.wrap_socket(raw, server_hostname=self.url.host)
-        except BaseException:
-            raw.close()
-            raise
-        return tls
-
     def exchange(
         self,
         method: str,
         path: str,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        *,
+        stop: Callable[[], bool] = lambda: False,
     ) -> Answer:
-        """One request on a fresh connection whose peer was authenticated first."""
+        """One request on a fresh connection whose peer was authenticated first.
+
+        It runs in a worker thread while this one watches the clock and ``stop``: the socket's
+        timeouts are per operation, so a peer trickling a byte every few seconds would hold a
+        request for ever, and a signal handler can only set a flag, which a blocked read does
+        not look at. Past ``total_timeout``, or once ``stop()`` is true, the socket is shut down
+        under the worker (which then ends) and :class:`Stopped` or ``Unavailable`` is raised."""
+        call = _Call(self, method, path, body, dict(headers or {}))
+        worker = threading.Thread(target=call.run, name="trellis-request", daemon=True)
+        worker.start()
+        deadline = time.monotonic() + self.total_timeout
+        while not call.done.wait(POLL):
+            if stop():
+                call.abort()
+                raise Stopped
+            if time.monotonic() >= deadline:
+                call.abort()
+                raise errors.Unavailable(
+                    f"{self.url} gave no complete answer within {self.total_timeout:g} s"
+                )
+        if call.failure is not None:
+            raise call.failure
+        assert call.answer is not None
+        return call.answer
+
+
+class _Call:
+    """One request, run by a worker thread; ``abort`` may be called from another."""
+
+    def __init__(
+        self, server: ServerConnection, method: str, path: str, body: bytes | None,
+        headers: dict[str, str],
+    ) -> None:  # fmt: skip
+        self.server = server
+        self.request = (method, server.url.path + path, body, headers)
+        self.done = threading.Event()
+        self.answer: Answer | None = None
+        self.failure: errors.TrellisError | None = None
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._watch: socket.socket | None = None  # a duplicate of the connection's descriptor
+
+    def abort(self) -> None:
+        """Shut the connection down: shutdown(2) acts on the connection, not on the descriptor,
+        so doing it through a duplicate ends a read blocked in the worker, without touching the
+        SSL object the worker is using."""
+        with self._lock:
+            self._aborted = True
+            if self._watch is not None:
+                with contextlib.suppress(OSError):  # the worker was done with it already
+                    self._watch.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        url = self.server.url
         try:
-            tls = self._connect()
-        except OSError as exc:  # ssl.SSLCertVerificationError included: no trusted chain
-            raise errors.Unavailable(f"cannot reach {self.url}: {exc}") from None
-        connection = http.client.HTTPConnection(self.url.host, self.url.port)
+            self.answer = self._exchange()
+        except errors.TrellisError as exc:
+            self.failure = exc
+        except (OSError, http.client.HTTPException) as exc:  # SSLCertVerificationError too
+            self.failure = errors.Unavailable(f"cannot reach {url}: {exc}")
+        finally:
+            with self._lock:
+                if self._watch is not None:
+                    self._watch.close()
+            self.done.set()
+
+    def _exchange(self) -> Answer:
+        url = self.server.url
+        raw = socket.create_connection((url.host, url.port), timeout=CONNECT_TIMEOUT)
+        with self._lock:
+            if self._aborted:
+                raw.close()
+                raise errors.Unavailable("aborted")
+            self._watch = raw.dup()
+        try:
+            tls = self.server.tls.wrap_socket(raw, server_hostname=url.host)
+        except BaseException:
+            raw.close()
+            raise
+        connection = http.client.HTTPConnection(url.host, url.port)
         connection.auto_open = 0  # never a second, unchecked connection
         connection.sock = tls
         try:
-            self._authenticate(tls)
+            self.server.authenticate(tls)
             tls.settimeout(READ_TIMEOUT)
-            connection.request(method, self.url.path + path, body=body, headers=dict(headers or {}))
+            method, target, body, headers = self.request
+            connection.request(method, target, body=body, headers=headers)
             response = connection.getresponse()
             content = response.read(MAX_ANSWER + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            raise errors.Unavailable(f"cannot reach {self.url}: {exc}") from None
         finally:
             connection.close()
         if len(content) > MAX_ANSWER:
-            raise errors.Unavailable(f"{self.url} answered more than {MAX_ANSWER} bytes")
+            raise errors.Unavailable(f"{url} answered more than {MAX_ANSWER} bytes")
         return Answer(response.status, content)

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,14 @@ class WorkloadClient:
         clock: Clock | None = None,
         *,
         bundle_name: str | None = None,
+        stop: Callable[[], bool] = lambda: False,
     ) -> None:
         """``bundle_name`` is how a message names the bundle file: the ``--bundle`` option by
-        default, or the file itself when a command has no such option (``svid renew``)."""
+        default, or the file itself when a command has no such option (``svid renew``).
+        ``stop`` abandons a request in progress (``ca.serverconn.Stopped``)."""
         self._server = ServerConnection(server, bundle, bundle_name or f"--bundle {bundle}")
         self._clock = clock or SystemClock()
+        self._stop = stop
 
     def _post(self, path: str, credential: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {
@@ -125,7 +129,9 @@ class WorkloadClient:
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
-        answer = self._server.exchange("POST", path, json.dumps(body).encode(), headers)
+        answer = self._server.exchange(
+            "POST", path, json.dumps(body).encode(), headers, stop=self._stop
+        )
         if answer.status == 200:
             data: dict[str, Any] = json.loads(answer.body)
             return data
@@ -139,7 +145,7 @@ class WorkloadClient:
 
     def fetch_bundle(self) -> bytes:
         """The server's current trust bundle (PEM), fetched over the pinned TLS connection."""
-        answer = self._server.exchange("GET", "/v1/bundle")
+        answer = self._server.exchange("GET", "/v1/bundle", stop=self._stop)
         if answer.status != 200:
             raise errors.Unavailable(f"bundle fetch answered {answer.status}")
         load_certs(answer.body)

@@ -33,6 +33,7 @@ class FakeServer:
     trickle: float | None = None  # seconds between the answer's bytes; None: all at once
     silent: bool = False  # accept, then say nothing (not even the TLS handshake)
     received: list[bytes] = field(default_factory=list)  # per connection, after the handshake
+    accepted: int = 0  # TCP connections
     handshakes: int = 0
 
     @property
@@ -82,6 +83,7 @@ def _accept(
             raw, _ = listener.accept()
         except TimeoutError:
             continue
+        server.accepted += 1
         if server.silent:
             stop.wait()
             raw.close()
