@@ -39,6 +39,8 @@ _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
     409: errors.Conflict,
     413: errors.InvalidInput,
 }
+# What a 200 from /v1/svid and /v1/svid/renew holds (api.schemas.SvidResponse), all strings.
+_SVID_FIELDS = ("spiffe_id", "serial", "expires_at", "certificate", "chain", "bundle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class WorkloadClient:
         self._clock = clock or SystemClock()
         self._stop = stop
 
-    def _post(self, path: str, credential: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, credential: str, body: dict[str, Any]) -> dict[str, str]:
         headers = {
             "Authorization": f"Bearer {credential}",
             "Content-Type": "application/json",
@@ -132,30 +134,48 @@ class WorkloadClient:
         answer = self._server.exchange(
             "POST", path, json.dumps(body).encode(), headers, stop=self._stop
         )
-        if answer.status == 200:
-            data: dict[str, Any] = json.loads(answer.body)
-            return data
         try:
-            detail = str(json.loads(answer.body).get("detail", answer.body.decode()))
-        except ValueError:
+            data = json.loads(answer.body)
+        except ValueError:  # UnicodeDecodeError included
+            data = None
+        if answer.status == 200:
+            if isinstance(data, dict) and all(isinstance(data.get(f), str) for f in _SVID_FIELDS):
+                return {f: data[f] for f in _SVID_FIELDS}
+            raise self._not_an_svid("not the JSON document of an SVID")
+        if isinstance(data, dict) and isinstance(data.get("detail"), str):
+            detail = data["detail"]
+        else:
             detail = answer.body[:200].decode(errors="replace")
         raise _STATUS_ERRORS.get(answer.status, errors.Unavailable)(
-            f"server refused ({answer.status}): {detail}"
+            f"server refused ({answer.status}): {' '.join(detail.split())[:500]}"
         )
+
+    def _not_an_svid(self, why: str) -> errors.Unavailable:
+        """A 200 that is not what Trellis answers (a proxy's maintenance page, a truncated or
+        foreign document) is the server side's fault, retried by the agent like an outage."""
+        return errors.Unavailable(f"{self._server.url} answered 200 with {why}")
 
     def fetch_bundle(self) -> bytes:
         """The server's current trust bundle (PEM), fetched over the pinned TLS connection."""
         answer = self._server.exchange("GET", "/v1/bundle", stop=self._stop)
         if answer.status != 200:
             raise errors.Unavailable(f"bundle fetch answered {answer.status}")
-        load_certs(answer.body)
+        try:
+            load_certs(answer.body)
+        except errors.InvalidInput:
+            raise self._not_an_svid("a bundle that is not PEM certificates") from None
         return answer.body
 
-    def _store(self, data: dict[str, Any], key: PrivateKey, out: Path) -> Received:
+    def _store(self, data: dict[str, str], key: PrivateKey, out: Path) -> Received:
         chain = (data["certificate"] + data["chain"]).encode()
         bundle = data["bundle"].encode()
-        load_certs(chain)
-        load_certs(bundle)
+        try:
+            leaf = load_certs(chain)[0]
+            load_certs(bundle)[0]
+        except (errors.InvalidInput, IndexError):
+            raise self._not_an_svid("a certificate or bundle that is not PEM") from None
+        if leaf.public_key() != key.public_key():
+            raise self._not_an_svid("a certificate for another key than the one sent")
         files = SvidFiles(out)
         write_svid(files, chain, key, bundle)
         return Received(data["spiffe_id"], data["serial"], data["expires_at"], files)

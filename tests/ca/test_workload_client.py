@@ -1,0 +1,122 @@
+"""What the workload client does with a server's answer it cannot use: a 200 that is not an SVID
+(a proxy's maintenance page, a list, missing fields, a certificate that is not PEM) is the
+server side's fault, one line and exit 8, with nothing written; the agent backs off and retries
+it like an outage instead of ending with a traceback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ca.agent import Agent, AgentConfig, Held
+from ca.clock import FixedClock
+from ca.config import Context
+from ca.errors import Unavailable
+from ca.serverconn import ServerUrl
+from ca.serving import ensure_server_certificate
+from ca.workload import SvidFiles, WorkloadClient, write_svid
+from tests.ca.svidkit import SQLITE_ONLY, enrol
+from tests.cli.test_walkthrough import TRELLIS
+from tests.fakeserver import fake_server, http_answer
+
+PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+FIELDS = {
+    "spiffe_id": "spiffe://example.org/w",
+    "serial": "01",
+    "expires_at": "2030-01-01T00:00:00Z",
+    "certificate": PEM_CERT,
+    "chain": "",
+    "bundle": PEM_CERT,
+}
+
+BAD_ANSWERS = [
+    pytest.param(b"<html>maintenance</html>", id="fail/not-json"),
+    pytest.param(b"[1]", id="fail/a-list"),
+    pytest.param(b'{"spiffe_id": "x"}', id="fail/missing-fields"),
+    pytest.param(json.dumps({**FIELDS, "serial": 1}).encode(), id="fail/not-a-string"),
+    pytest.param(json.dumps({**FIELDS, "certificate": "garbage"}).encode(), id="fail/not-pem"),
+    pytest.param(json.dumps(FIELDS).encode(), id="fail/bad-der"),
+    pytest.param(b"\xff\xfe", id="fail/not-utf8"),
+]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("body", BAD_ANSWERS)
+def test_a_200_that_is_not_an_svid_is_the_servers_fault(
+    ctx: Context, tmp_path: Path, body: bytes
+) -> None:
+    tls = ensure_server_certificate(ctx)
+    with fake_server(tls.cert_path, tls.key_path, answer=http_answer(body)) as server:
+        client = WorkloadClient(ServerUrl.parse(server.url), tls.bundle_path)
+        with pytest.raises(Unavailable, match="answered 200 with"):
+            client.request("trellis-join-secret", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@SQLITE_ONLY
+def test_a_certificate_for_another_key_is_refused(ctx: Context, tmp_path: Path) -> None:
+    other = enrol(ctx, "spiffe://example.org/other")
+    document = {
+        **FIELDS,
+        "certificate": other.svid.certificate_pem.decode(),
+        "chain": other.svid.chain_pem.decode(),
+        "bundle": other.svid.bundle_pem.decode(),
+    }
+    tls = ensure_server_certificate(ctx)
+    answer = http_answer(json.dumps(document).encode())
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        client = WorkloadClient(ServerUrl.parse(server.url), tls.bundle_path)
+        with pytest.raises(Unavailable, match="for another key"):
+            client.request("trellis-join-secret", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@SQLITE_ONLY
+def test_the_cli_says_so_in_one_line_exit_8(ctx: Context, tmp_path: Path) -> None:
+    tls = ensure_server_certificate(ctx)
+    with fake_server(tls.cert_path, tls.key_path, answer=http_answer(b"[1]")) as server:
+        result = subprocess.run(
+            [TRELLIS, "svid", "request", "--server", server.url, "--bundle", str(tls.bundle_path),
+             "--token", "trellis-join-secret", "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 8, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "answered 200 with" in lines[0], result.stderr
+
+
+class Recording(Agent):
+    attempts: list[dt.datetime]
+
+    def renew(self) -> Held:
+        self.attempts.append(self.clock.now())
+        return super().renew()
+
+
+@SQLITE_ONLY
+def test_the_agent_backs_off_and_retries(
+    ctx: Context, clock: FixedClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    tls = ensure_server_certificate(ctx)
+    answer = http_answer(b"<html>maintenance</html>")
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        config = AgentConfig(server.url, tls.bundle_path, files.directory)
+        agent = Recording(
+            config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
+            rng=random.Random(7),
+        )  # fmt: skip
+        agent.attempts = []
+        with caplog.at_level(logging.WARNING, logger="trellis.agent"):
+            agent.run(stop=lambda: len(agent.attempts) >= 3)
+    assert len(agent.attempts) >= 3
+    assert "answered 200 with not the JSON document of an SVID; retrying in" in caplog.text
+    assert files.svid.read_bytes() == web.full_chain_pem  # the SVID on disk is kept
