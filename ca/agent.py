@@ -30,14 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from ca import errors
 from ca.clock import Clock, SystemClock
 from ca.keys import KeyType
 from ca.serverconn import ServerUrl, Stopped
-from ca.workload import SvidFiles, WorkloadClient, write_bundle
+from ca.workload import SvidFiles, WorkloadClient, read_svid, write_bundle
 
 __all__ = ["Agent", "AgentConfig", "ReloadCommand"]
 
@@ -132,6 +129,7 @@ class Agent:
         self.sleep = sleep
         self.rng = rng or random.Random()  # noqa: S311 (jitter, not secrecy)
         self.renewals = 0
+        self.unusable = "none there"  # why the SVID on disk is not used, for messages
         self._stop: Callable[[], bool] = lambda: False
 
     def _client(self) -> WorkloadClient:
@@ -144,16 +142,16 @@ class Agent:
         return WorkloadClient(server, bundle, clock=self.clock, bundle_name=name, stop=self._stop)
 
     def current(self) -> Held | None:
-        """The SVID on disk, if it is readable, matches its key and has not expired."""
+        """The SVID on disk, if it is readable, matches its key and has not expired; else None,
+        with the reason in ``self.unusable``."""
         try:
-            cert = x509.load_pem_x509_certificates(self.files.svid.read_bytes())[0]
-            key = serialization.load_pem_private_key(self.files.key.read_bytes(), None)
-        except (OSError, ValueError, IndexError):
-            return None
-        if cert.public_key() != key.public_key():
+            cert, _key = read_svid(self.files)
+        except errors.InvalidInput as exc:
+            self.unusable = exc.detail
             return None
         now = self.clock.now()
         if cert.not_valid_after_utc <= now:
+            self.unusable = f"the SVID in {self.config.directory} has expired"
             return None
         return Held(now, cert.not_valid_after_utc, cert.serial_number)
 
@@ -168,7 +166,8 @@ class Agent:
             return held
         if not self.config.token:
             raise errors.InvalidInput(
-                f"no valid SVID in {self.config.directory} and no --token to bootstrap with"
+                f"no valid SVID in {self.config.directory} ({self.unusable}) "
+                "and no --token to bootstrap with"
             )
         received = self._client().request(
             self.config.token, self.config.directory, self.config.key_type

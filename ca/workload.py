@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca import errors
@@ -29,7 +30,14 @@ from ca.pem import load_certs, private_key_pem
 from ca.renewal import make_proof
 from ca.serverconn import ServerConnection, ServerUrl
 
-__all__ = ["Received", "SvidFiles", "WorkloadClient", "write_bundle", "write_svid"]
+__all__ = [
+    "Received",
+    "SvidFiles",
+    "WorkloadClient",
+    "read_svid",
+    "write_bundle",
+    "write_svid",
+]
 
 _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
     400: errors.InvalidInput,
@@ -95,11 +103,37 @@ def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: 
         shutil.rmtree(directory / previous, ignore_errors=True)
 
 
+def read_svid(files: SvidFiles) -> tuple[x509.Certificate, PrivateKey]:
+    """The SVID in ``files`` and its key, or ``InvalidInput`` saying what is wrong with them
+    locally: a key file that is encrypted, of a type Trellis does not issue, or not the
+    certificate's, is the caller's problem (exit 2), not one to send to the server."""
+    try:
+        cert = load_certs(files.svid.read_bytes())[0]
+        key = serialization.load_pem_private_key(files.key.read_bytes(), None)
+    except (OSError, errors.InvalidInput, IndexError):
+        raise errors.InvalidInput(
+            f"no readable svid.pem and svid.key in {files.directory}"
+        ) from None
+    except TypeError:  # cryptography's "Password was not given but private key is encrypted"
+        raise errors.InvalidInput(
+            f"{files.key} is encrypted: an SVID key is kept unencrypted (its file is 0600)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise errors.InvalidInput(f"{files.key} is not a readable private key") from None
+    try:
+        KeyType.of(key)  # type: ignore[arg-type]
+    except errors.InvalidInput as exc:
+        raise errors.InvalidInput(f"{files.key}: {exc.detail}") from None
+    if cert.public_key() != key.public_key():
+        raise errors.InvalidInput(f"{files.key} is not the key of {files.svid}")
+    return cert, key  # type: ignore[return-value]
+
+
 def write_bundle(files: SvidFiles, bundle_pem: bytes) -> None:
     """Refresh only the bundle, keeping the current certificate and key (same atomic swap)."""
     chain = files.svid.read_bytes()
-    key = serialization.load_pem_private_key(files.key.read_bytes(), None)
-    write_svid(files, chain, key, bundle_pem)  # type: ignore[arg-type]
+    _cert, key = read_svid(files)
+    write_svid(files, chain, key, bundle_pem)
 
 
 def _csr(key: PrivateKey) -> bytes:
@@ -188,15 +222,9 @@ class WorkloadClient:
         return self._store(data, key, out)
 
     def renew(self, directory: Path, ttl: str | None = None) -> Received:
-        files = SvidFiles(directory)
-        try:
-            current = load_certs(files.svid.read_bytes())[0]
-            old_key = serialization.load_pem_private_key(files.key.read_bytes(), None)
-        except (OSError, ValueError, IndexError):
-            raise errors.InvalidInput(f"no readable svid.pem and svid.key in {directory}") from None
-        key_type = KeyType.of(old_key)  # type: ignore[arg-type]
-        key = key_type.generate()  # a fresh key on every renewal: rotation, not just re-dating
+        current, old_key = read_svid(SvidFiles(directory))
+        key = KeyType.of(old_key).generate()  # a fresh key each time: rotation, not re-dating
         csr = _csr(key)
-        proof = make_proof(current, old_key, parse_csr(csr).sha256, self._clock.now())  # type: ignore[arg-type]
+        proof = make_proof(current, old_key, parse_csr(csr).sha256, self._clock.now())
         data = self._post("/v1/svid/renew", proof, {"csr": csr.decode(), "ttl": ttl})
         return self._store(data, key, directory)

@@ -48,7 +48,10 @@ class KeyType(enum.Enum):
     @classmethod
     def of(cls, key: PrivateKey | PublicKey) -> KeyType:
         if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-            return {"secp256r1": cls.EC_P256, "secp384r1": cls.EC_P384}[key.curve.name]
+            curves = {"secp256r1": cls.EC_P256, "secp384r1": cls.EC_P384}
+            if key.curve.name not in curves:
+                raise InvalidInput(f"EC keys on {key.curve.name} are not a Trellis key type")
+            return curves[key.curve.name]
         if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
             try:
                 return cls(f"rsa-{key.key_size}")
@@ -56,7 +59,10 @@ class KeyType(enum.Enum):
                 raise InvalidInput(
                     f"RSA keys of {key.key_size} bits are not a Trellis key type"
                 ) from None
-        return cls.ED25519
+        if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+            return cls.ED25519
+        # Ed448, X25519, DSA ...: not taken for Ed25519 (a renewal then failed as "authentication")
+        raise InvalidInput(f"{type(key).__name__.removeprefix('_')} is not a Trellis key type")
 
     @property
     def is_rsa(self) -> bool:

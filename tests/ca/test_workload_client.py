@@ -8,16 +8,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
 
 from ca.agent import Agent, AgentConfig, Held
 from ca.clock import FixedClock
 from ca.config import Context
-from ca.errors import Unavailable
+from ca.errors import InvalidInput, Unavailable
+from ca.keys import PrivateKey
 from ca.serverconn import ServerUrl
 from ca.serving import ensure_server_certificate
 from ca.workload import SvidFiles, WorkloadClient, write_svid
@@ -120,3 +125,83 @@ def test_the_agent_backs_off_and_retries(
     assert len(agent.attempts) >= 3
     assert "answered 200 with not the JSON document of an SVID; retrying in" in caplog.text
     assert files.svid.read_bytes() == web.full_chain_pem  # the SVID on disk is kept
+
+
+# --- the SVID files a renewal starts from ---------------------------------------------------------
+
+
+def _encrypted(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+
+
+def _foreign(key: object) -> bytes:
+    return key.private_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+BAD_KEYS = [
+    pytest.param(_encrypted, "is encrypted", id="fail/encrypted"),
+    pytest.param(
+        lambda _k: _foreign(ec.generate_private_key(ec.SECP521R1())),
+        "EC keys on secp521r1 are not a Trellis key type",
+        id="fail/p-521",
+    ),
+    pytest.param(
+        lambda _k: _foreign(ed448.Ed448PrivateKey.generate()),
+        "Ed448PrivateKey is not a Trellis key type",
+        id="fail/ed448",
+    ),
+    pytest.param(
+        lambda _k: _foreign(x25519.X25519PrivateKey.generate()),
+        "X25519PrivateKey is not a Trellis key type",
+        id="fail/x25519",
+    ),
+    pytest.param(
+        lambda _k: _foreign(ec.generate_private_key(ec.SECP256R1())),
+        "is not the key of",
+        id="fail/another-key",
+    ),
+    pytest.param(lambda _k: b"garbage", "is not a readable private key", id="fail/garbage"),
+]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(("key_pem", "reason"), BAD_KEYS)
+def test_a_key_file_it_cannot_use_is_invalid_input(
+    ctx: Context, tmp_path: Path, key_pem: Callable[[PrivateKey], bytes], reason: str
+) -> None:
+    """Not a traceback (TypeError, KeyError) nor exit 3 'authentication failed' after asking the
+    server: the file is checked here."""
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    Path(os.path.realpath(files.key)).write_bytes(key_pem(web.key))
+    client = WorkloadClient(ServerUrl.parse("https://127.0.0.1:1"), files.bundle)
+    with pytest.raises(InvalidInput, match=reason):
+        client.renew(files.directory)
+    agent = Agent(AgentConfig("https://127.0.0.1:1", files.bundle, files.directory))
+    with pytest.raises(InvalidInput, match=f"no valid SVID .*{reason}.*no --token"):
+        agent.run(once=True)
+
+
+@SQLITE_ONLY
+def test_svid_renew_with_an_encrypted_key_is_exit_2(ctx: Context, tmp_path: Path) -> None:
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    Path(os.path.realpath(files.key)).write_bytes(_encrypted(web.key))
+    result = subprocess.run(
+        [TRELLIS, "svid", "renew", "--server", "https://127.0.0.1:1",
+         "--dir", str(files.directory)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"trellis: {files.key} is encrypted: an SVID key is kept unencrypted (its file is 0600)"
+    ]
