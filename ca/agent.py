@@ -81,7 +81,7 @@ class ReloadCommand:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    server: str
+    server: ServerUrl  # parsed when the agent starts: a bad one is exit 2, not a retry at half-life
     bundle: Path  # the trust bundle to recognise the server by at bootstrap
     directory: Path
     token: str | None = None
@@ -138,8 +138,9 @@ class Agent:
             bundle, name = self.files.bundle, str(self.files.bundle)
         else:
             bundle, name = self.config.bundle, f"--bundle {self.config.bundle}"
-        server = ServerUrl.parse(self.config.server)
-        return WorkloadClient(server, bundle, clock=self.clock, bundle_name=name, stop=self._stop)
+        return WorkloadClient(
+            self.config.server, bundle, clock=self.clock, bundle_name=name, stop=self._stop
+        )
 
     def current(self) -> Held | None:
         """The SVID on disk, if it is readable, matches its key and has not expired; else None,

@@ -11,6 +11,7 @@ import typer
 from ca.agent import Agent, AgentConfig, ReloadCommand
 from ca.keys import KeyType
 from ca.logs import configure_logging
+from ca.serverconn import ServerUrl
 from cli.common import writable
 
 # Checked before the join token is spent: a certificate whose key cannot be written is lost,
@@ -41,7 +42,7 @@ def agent(
     """Obtain an SVID and keep it renewed (half-life, jitter), with the bundle kept fresh."""
     configure_logging()
     config = AgentConfig(
-        server=server,
+        server=ServerUrl.parse(server),
         bundle=bundle,
         directory=dir,
         token=token,

@@ -89,7 +89,10 @@ def test_renewal_and_agent_refuse_the_impostor_too(
     with pytest.raises(Unavailable, match="is not Trellis"):
         client.fetch_bundle()
     config = AgentConfig(
-        impostor.server.url, impostor.bundle, tmp_path / "agent", token=impostor.victim_token
+        ServerUrl.parse(impostor.server.url),
+        impostor.bundle,
+        tmp_path / "agent",
+        token=impostor.victim_token,
     )
     with pytest.raises(Unavailable, match="is not Trellis"):
         Agent(config).run(once=True)

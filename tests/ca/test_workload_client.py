@@ -114,7 +114,7 @@ def test_the_agent_backs_off_and_retries(
     tls = ensure_server_certificate(ctx)
     answer = http_answer(b"<html>maintenance</html>")
     with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
-        config = AgentConfig(server.url, tls.bundle_path, files.directory)
+        config = AgentConfig(ServerUrl.parse(server.url), tls.bundle_path, files.directory)
         agent = Recording(
             config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
             rng=random.Random(7),
@@ -184,7 +184,9 @@ def test_a_key_file_it_cannot_use_is_invalid_input(
     client = WorkloadClient(ServerUrl.parse("https://127.0.0.1:1"), files.bundle)
     with pytest.raises(InvalidInput, match=reason):
         client.renew(files.directory)
-    agent = Agent(AgentConfig("https://127.0.0.1:1", files.bundle, files.directory))
+    agent = Agent(
+        AgentConfig(ServerUrl.parse("https://127.0.0.1:1"), files.bundle, files.directory)
+    )
     with pytest.raises(InvalidInput, match=f"no valid SVID .*{reason}.*no --token"):
         agent.run(once=True)
 
@@ -204,4 +206,41 @@ def test_svid_renew_with_an_encrypted_key_is_exit_2(ctx: Context, tmp_path: Path
     lines = result.stderr.splitlines()
     assert lines == [
         f"trellis: {files.key} is encrypted: an SVID key is kept unencrypted (its file is 0600)"
+    ]
+
+
+# --- --server and --dir, checked at start-up ------------------------------------------------------
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    "server", ["http://127.0.0.1:1", "https://", "https://host:port", "ftp://x"], ids=str
+)
+def test_the_agent_refuses_a_bad_server_at_start_with_an_svid_on_disk(
+    ctx: Context, tmp_path: Path, server: str
+) -> None:
+    """It started quietly and retried the bad URL at half-life as if the server were down."""
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    result = subprocess.run(
+        [TRELLIS, "agent", "--server", server, "--bundle", str(files.bundle),
+         "--dir", str(files.directory)],
+        capture_output=True, text=True, timeout=10, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"trellis: --server {server!r} must be an https:// URL with a host (https://host:port)"
+    ]
+
+
+def test_svid_renew_names_no_bundle_option(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexist"
+    result = subprocess.run(
+        [TRELLIS, "svid", "renew", "--server", "https://127.0.0.1:1", "--dir", str(missing)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"trellis: {missing / 'bundle.pem'}: cannot read the trust bundle"
     ]

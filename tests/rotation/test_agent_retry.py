@@ -22,6 +22,7 @@ from ca.grants import admin_grant
 from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
+from ca.serverconn import ServerUrl
 from ca.workload import SvidFiles, write_svid
 from tests.conftest import TRUST_DOMAIN, free_port
 from tests.rotation.rotkit import SQLITE_ONLY
@@ -50,7 +51,9 @@ def test_retries_close_in_on_expiry_while_the_server_is_down(
     files = SvidFiles(tmp_path / "svid")
     write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
     not_after = svid.certificate.not_valid_after_utc
-    config = AgentConfig(f"https://127.0.0.1:{free_port()}", files.bundle, files.directory)
+    config = AgentConfig(
+        ServerUrl.parse(f"https://127.0.0.1:{free_port()}"), files.bundle, files.directory
+    )
     agent = Recording(
         config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
         rng=random.Random(7),
@@ -94,7 +97,9 @@ def test_a_file_it_cannot_write_is_retried_not_fatal(
     svid = mint_svid(drill_ctx, grant, key, Ttl(120))
     files = SvidFiles(tmp_path / "svid")
     write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
-    config = AgentConfig(f"https://127.0.0.1:{free_port()}", files.bundle, files.directory)
+    config = AgentConfig(
+        ServerUrl.parse(f"https://127.0.0.1:{free_port()}"), files.bundle, files.directory
+    )
     agent = FullDisk(
         config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
         rng=random.Random(7),
