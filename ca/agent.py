@@ -1,8 +1,11 @@
 """``trellis agent``: keeps a workload's SVID files valid, with no human in the loop.
 
 The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
-- bootstrap: use the SVID already in the directory if it is valid, else request one with the
-  join token; without either, fail at once with a clear message;
+- bootstrap: renew the SVID already in the directory if it is unexpired and matches its key (the
+  server's answer tells whether it is still valid: not revoked, its entry still there), else
+  request one with the join token; without either, fail at once with a clear message;
+- a renewal refused for good (401, 403) is not retried: the join token bootstraps again at once,
+  or, without one, the agent exits with that refusal;
 - renew at half the lifetime with ±5 % jitter (Istio's 0.5 ± 0.01, a little wider so a fleet
   restarted together spreads out), with a fresh key each time;
 - refresh the bundle on every renewal and every ``bundle_refresh`` in between, so a rotated or
@@ -46,6 +49,9 @@ MAX_BACKOFF = 60.0
 MIN_RETRY = 1.0  # the closest retries come together as expiry nears
 EXPIRY_SHARE = 0.25  # a retry waits at most this share of the SVID's remaining life
 SLICE = 0.5  # the longest stretch of sleep between two looks at the stop flag
+# Refusals a retry cannot change (401: revoked, expired, unknown; 403: minted, entry deleted or
+# disabled), unlike a server that cannot be reached.
+_PERMANENT = (errors.AuthenticationFailed, errors.PermissionDenied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +168,31 @@ class Agent:
             self.config.exec_command.run()
 
     def bootstrap(self) -> Held:
+        """At start: the SVID on disk if the server still renews it, else one from the token.
+
+        An unexpired SVID whose key matches is not enough: it may have been revoked, or its
+        entry deleted or disabled, which only the server knows. Renewing it at once asks (and
+        hands the workload a full lifetime): a permanent refusal (401, 403) is treated as in the
+        loop (``_replace``). A server it cannot reach leaves the question open: the SVID on
+        disk is used, with a warning, and renewed on the usual schedule."""
         held = self.current()
-        if held is not None:
+        if held is None:
+            return self._enrol()
+        try:
+            return self.renew()
+        except _PERMANENT as refused:
+            return self._replace(refused)
+        except (errors.TrellisError, OSError) as raised:
+            log.warning(
+                "%s; using the SVID in %s (serial %x) until it can be renewed",
+                _retryable(raised).detail,
+                self.config.directory,
+                held.serial,
+            )
             return held
+
+    def _enrol(self) -> Held:
+        """A new SVID with the join token."""
         if not self.config.token:
             raise errors.InvalidInput(
                 f"no valid SVID in {self.config.directory} ({self.unusable}) "
@@ -179,6 +207,18 @@ class Agent:
         if held is None:
             raise errors.InternalError("the SVID just written cannot be read back")
         return held
+
+    def _replace(self, refused: errors.TrellisError) -> Held:
+        """The server refuses for good to renew the SVID (revoked, minted, its entry deleted or
+        disabled): retrying until notAfter would keep a revoked certificate in use for the rest
+        of its life. The join token is the only way to a valid one, at once."""
+        if not self.config.token:
+            raise type(refused)(
+                f"{refused.detail}; the SVID cannot be renewed and there is no --token to "
+                "bootstrap again"
+            )
+        log.warning("%s; bootstrapping again with the join token", refused.detail)
+        return self._enrol()
 
     def renew(self) -> Held:
         received = self._client().renew(self.config.directory)
@@ -229,6 +269,12 @@ class Agent:
                         self.refresh_bundle()
                     next_bundle = self.clock.now() + self.config.bundle_refresh
                     backoff = 1.0
+                except _PERMANENT as refused:
+                    held = self._replace(refused)
+                    renew_at = held.renew_at(self.rng)
+                    next_bundle = self.clock.now() + self.config.bundle_refresh
+                    backoff = 1.0
+                    continue
                 except (errors.TrellisError, OSError) as raised:
                     exc = _retryable(raised)
                     if self.clock.now() >= held.not_after:
@@ -272,4 +318,4 @@ class Agent:
         log.warning(
             "%s; the SVID has expired: bootstrapping again with the join token", cause.detail
         )
-        return self.bootstrap()
+        return self._enrol()

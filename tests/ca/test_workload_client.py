@@ -21,14 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
 from ca.agent import Agent, AgentConfig, Held
 from ca.clock import FixedClock
 from ca.config import Context
-from ca.errors import InvalidInput, Unavailable
+from ca.errors import AuthenticationFailed, InvalidInput, Unavailable
 from ca.keys import PrivateKey
 from ca.serverconn import ServerUrl
 from ca.serving import ensure_server_certificate
 from ca.workload import SvidFiles, WorkloadClient, write_svid
 from tests.ca.svidkit import SQLITE_ONLY, enrol
 from tests.cli.test_walkthrough import TRELLIS
-from tests.fakeserver import fake_server, http_answer
+from tests.fakeserver import FakeServer, fake_server, http_answer
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 FIELDS = {
@@ -244,3 +244,54 @@ def test_svid_renew_names_no_bundle_option(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"trellis: {missing / 'bundle.pem'}: cannot read the trust bundle"
     ]
+
+
+# --- a renewal refused for good -------------------------------------------------------------------
+
+REVOKED = http_answer(
+    b'{"detail": "certificate 1f is revoked: it cannot be renewed"}', "401 Unauthorized"
+)
+
+
+class RevokedOnSecond(Agent):
+    """The server is down at start; at the next renewal it refuses the SVID for good."""
+
+    attempts: list[dt.datetime]
+    server: FakeServer
+
+    def renew(self) -> Held:
+        self.attempts.append(self.clock.now())
+        if len(self.attempts) == 2:
+            self.server.answer = REVOKED
+        return super().renew()
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("token", [None, "trellis-join-secret"], ids=["no-token", "token"])
+def test_a_permanent_refusal_is_not_retried_until_expiry(
+    ctx: Context, clock: FixedClock, tmp_path: Path, token: str | None
+) -> None:
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    tls = ensure_server_certificate(ctx)
+    down = http_answer(b'{"detail": "down"}', "503 Service Unavailable")
+    with fake_server(tls.cert_path, tls.key_path, answer=down) as server:
+        config = AgentConfig(
+            ServerUrl.parse(server.url), tls.bundle_path, files.directory, token=token
+        )
+        agent = RevokedOnSecond(
+            config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
+            rng=random.Random(7),
+        )  # fmt: skip
+        agent.attempts, agent.server = [], server
+        with pytest.raises(AuthenticationFailed, match="is revoked") as refused:
+            agent.run()
+        requests = [r for r in server.received if r]
+    assert len(agent.attempts) == 2, agent.attempts
+    assert agent.attempts[1] < web.cert.not_valid_after_utc - dt.timedelta(minutes=5)
+    if token is None:
+        assert "no --token" in refused.value.detail
+    else:  # the token was tried at once (the fake server refuses it too)
+        assert requests[-1].startswith(b"POST /v1/svid ")
+        assert f"Bearer {token}".encode() in requests[-1]

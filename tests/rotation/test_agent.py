@@ -46,7 +46,7 @@ class Mesh:
     bundle: Path
     log: Path
 
-    def token(self, spiffe_id: str) -> str:
+    def token(self, spiffe_id: str, uses: int = 1) -> str:
         settings = Settings(
             data_dir=self.cli.data_dir,
             database_url=self.cli.env["TRELLIS_DATABASE_URL"],
@@ -57,7 +57,7 @@ class Mesh:
             entry = create_entry(
                 ctx, EntryParams(SpiffeId.parse(spiffe_id), (), ttl=TTL, max_ttl=TTL)
             )
-            _info, secret = create_join_token(ctx, entry.id)
+            _info, secret = create_join_token(ctx, entry.id, uses=uses)
         finally:
             ctx.close()
         return secret
@@ -394,10 +394,36 @@ def test_agent_once_obtains_a_valid_svid_and_exits(mesh: Mesh, tmp_path: Path) -
     assert os.stat(os.path.realpath(out / "svid.key")).st_mode & 0o777 == 0o600
     assert all((out / n).is_symlink() for n in ("svid.pem", "svid.key", "bundle.pem"))
 
-    # a restarted init container finds a valid SVID and needs no token (the token is spent)
+    # a restarted init container finds a valid SVID and needs no token (the token is spent): it
+    # renews it, which is how it learns that the SVID is still valid (not revoked)
     again = run_agent(mesh, out, "--once")
     assert again.returncode == 0, again.stderr
-    assert read_pair(out)[0].serial_number == cert.serial_number
+    renewed = read_pair(out)[0]
+    assert renewed.serial_number != cert.serial_number
+    assert uri_sans(renewed) == ["spiffe://example.org/agent/once"]
+
+
+def test_agent_once_does_not_keep_a_revoked_svid(mesh: Mesh, tmp_path: Path) -> None:
+    """--once reported success with a revoked SVID on disk, and the agent retried the refusal
+    of its renewal until notAfter: it bootstraps again with the token at once, or exits."""
+    out = tmp_path / "svid"
+    token = mesh.token("spiffe://example.org/agent/revoked", uses=2)
+    assert run_agent(mesh, out, "--once", token=token).returncode == 0
+    revoked = read_pair(out)[0]
+    serial = format(revoked.serial_number, "x")
+    mesh.cli.run("revoke", serial, "--reason", "keyCompromise", "--yes")
+
+    refused = run_agent(mesh, out, "--once")
+    assert refused.returncode == 3, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "is revoked" in last and "no --token" in last, refused.stderr
+
+    replaced = run_agent(mesh, out, "--once", token=token)
+    assert replaced.returncode == 0, replaced.stderr
+    assert "bootstrapping again with the join token" in replaced.stderr
+    fresh = read_pair(out)[0]
+    assert fresh.serial_number != revoked.serial_number
+    assert uri_sans(fresh) == ["spiffe://example.org/agent/revoked"]
 
 
 def test_agent_without_token_or_svid_fails_at_once(mesh: Mesh, tmp_path: Path) -> None:
