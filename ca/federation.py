@@ -521,6 +521,60 @@ class RefreshResult:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Relationship:
+    """The relationship a fetch was made for. The fetch runs with no transaction open, for up to
+    ``DEADLINE``; meanwhile the relationship may be removed and another added for the same
+    trust domain (the way to change one: there is no update). The result belongs to the
+    relationship whose endpoint it came from and whose bundle authenticated that endpoint, and
+    to no other: what decides whom we trust (§7.1: URL, profile, endpoint ID, bootstrap or CA
+    file) and the moment it was added identify it, since a trust domain name does not."""
+
+    trust_domain: str
+    created_at: dt.datetime
+    url: str
+    profile: str
+    endpoint_spiffe_id: str | None
+    bootstrap_pem: str | None
+    web_ca_pem: str | None
+
+    @classmethod
+    def of(cls, row: FederatedBundleRow) -> _Relationship:
+        return cls(
+            row.trust_domain,
+            row.created_at,
+            row.url,
+            row.profile,
+            row.endpoint_spiffe_id,
+            row.bootstrap_pem,
+            row.web_ca_pem,
+        )
+
+    def lock(self, session: Session, attempt: dt.datetime) -> FederatedBundleRow | None:
+        """The row, write-locked, if it is still this relationship; else None. The identity is
+        compared in the UPDATE that takes the lock, so that no remove and re-add can come
+        between the check and the write (PostgreSQL re-checks the condition on the row it
+        waited for). Taking the lock first also makes concurrent refreshers (replicas, the CLI)
+        apply their results one after the other, each against the other's outcome."""
+        table = FederatedBundleRow
+        taken = session.execute(
+            sa.update(table)
+            .where(
+                col(table.trust_domain) == self.trust_domain,
+                col(table.created_at) == self.created_at,
+                col(table.url) == self.url,
+                col(table.profile) == self.profile,
+                col(table.endpoint_spiffe_id).is_not_distinct_from(self.endpoint_spiffe_id),
+                col(table.bootstrap_pem).is_not_distinct_from(self.bootstrap_pem),
+                col(table.web_ca_pem).is_not_distinct_from(self.web_ca_pem),
+            )
+            .values(last_attempt=attempt)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        return session.get(table, self.trust_domain)
+
+
 def refresh_federation(
     ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle
 ) -> RefreshResult:
@@ -528,30 +582,39 @@ def refresh_federation(
     the last good bundle kept, and the next attempt waits for the usual interval (§6.2). That
     holds for a failure nobody foresaw as well (a bug, a value the database refuses): it is
     logged with its traceback and recorded like any other, so that one relationship can never
-    be retried in a loop ahead of the others. No database transaction is open during the fetch.
+    be retried in a loop ahead of the others. No database transaction is open during the fetch;
+    its result is applied only to the relationship it was fetched for (``_Relationship``).
     """
     with Session(ctx.engine) as session:
         row = session.get(FederatedBundleRow, trust_domain.name)
         if row is None:
             raise NotFound(f"trust domain {trust_domain} is not federated")
         endpoint = _endpoint(row)
+        relationship = _Relationship.of(row)
     attempt = ctx.clock.now()
     try:
-        return _attempt(ctx, endpoint, attempt, fetch)
+        return _attempt(ctx, relationship, endpoint, attempt, fetch)
     except Exception as exc:
         log.exception("federation %s: the refresh failed unexpectedly", trust_domain)
         error = f"unexpected {type(exc).__name__} (see the server log): {exc}"
-        return _record_failure(ctx, trust_domain, attempt, error)
+        return _record_failure(ctx, relationship, attempt, error)
+
+
+def _dropped(trust_domain: TrustDomain) -> RefreshResult:
+    error = "the relationship was removed or replaced during the refresh: its result was dropped"
+    log.warning("federation %s: %s", trust_domain, error)
+    return RefreshResult(trust_domain, False, False, None, error)
 
 
 def _record_failure(
-    ctx: Context, trust_domain: TrustDomain, attempt: dt.datetime, error: str
+    ctx: Context, relationship: _Relationship, attempt: dt.datetime, error: str
 ) -> RefreshResult:
     """Record a failed attempt and nothing else, in a transaction of its own."""
+    trust_domain = TrustDomain(relationship.trust_domain)
     with Session(ctx.engine) as session:
-        row = session.get(FederatedBundleRow, trust_domain.name, with_for_update=True)
+        row = relationship.lock(session, attempt)
         if row is None:
-            return RefreshResult(trust_domain, False, False, None, "removed during the refresh")
+            return _dropped(trust_domain)
         row.last_error = error[:512]
         row.last_attempt = attempt
         row.next_refresh = attempt + dt.timedelta(seconds=_interval(row.refresh_hint))
@@ -561,7 +624,13 @@ def _record_failure(
     return RefreshResult(trust_domain, False, False, sequence, error)
 
 
-def _attempt(ctx: Context, endpoint: Endpoint, attempt: dt.datetime, fetch: Fetch) -> RefreshResult:
+def _attempt(
+    ctx: Context,
+    relationship: _Relationship,
+    endpoint: Endpoint,
+    attempt: dt.datetime,
+    fetch: Fetch,
+) -> RefreshResult:
     trust_domain = endpoint.trust_domain
     bundle: JwksBundle | None = None
     error: str | None = None
@@ -572,17 +641,9 @@ def _attempt(ctx: Context, endpoint: Endpoint, attempt: dt.datetime, fetch: Fetc
     except (ssl.SSLError, OSError) as exc:  # e.g. an unusable stored trust bundle
         error = f"{type(exc).__name__}: {exc}"
     with Session(ctx.engine) as session:
-        # Take the row's write lock first, so concurrent refreshers (replicas, the CLI) apply
-        # their results one after the other, each against the other's outcome.
-        table = FederatedBundleRow
-        session.exec(
-            sa.update(table)
-            .where(col(table.trust_domain) == trust_domain.name)
-            .values(last_attempt=attempt)
-        )
-        row = session.get(table, trust_domain.name)
+        row = relationship.lock(session, attempt)
         if row is None:
-            return RefreshResult(trust_domain, False, False, None, "removed during the refresh")
+            return _dropped(trust_domain)
         changed = False
         if bundle is not None:
             try:

@@ -169,6 +169,7 @@ class Answer:
     body: bytes = b"{}"
     headers: dict[str, str] = field(default_factory=dict)
     drip: float = 0.0  # seconds between bytes of the status line and headers (a slow server)
+    hold: threading.Event | None = None  # answer only once it is set (at most 10 s): in flight
 
 
 class BundleServer:
@@ -185,6 +186,8 @@ class BundleServer:
             def do_GET(self) -> None:
                 outer.requests += 1
                 answer = outer.routes.get(self.path, outer.answer)
+                if answer.hold is not None:
+                    answer.hold.wait(10)
                 self.send_response(answer.status)
                 for name, value in {"Content-Type": "application/json", **answer.headers}.items():
                     self.send_header(name, value)

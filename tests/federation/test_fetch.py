@@ -3,7 +3,9 @@ endpoint, and the limits on what it may answer. The store plays no part here: SQ
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +19,12 @@ from ca.federation import (
     Endpoint,
     FederationParams,
     Profile,
+    RefreshResult,
     add_federation,
     fetch_bundle,
     get_federation,
     refresh_federation,
+    remove_federation,
 )
 from ca.identity import SpiffeId
 from ca.pem import certs_pem
@@ -211,3 +215,44 @@ def test_a_handshake_that_never_ends_is_named(
         spiffe(ctx, partner, url)
         error = error_of(ctx)
     assert error == f"cannot fetch {url}: ConnectTimeout"
+
+
+def test_a_fetch_in_flight_lands_in_no_relationship_added_since(
+    ctx: Context, partner: Partner, endpoint: BundleServer, tmp_path: Path, clock: FixedClock
+) -> None:
+    """A refresh fetches with no transaction open. An operator who removes a suspicious
+    relationship and adds the right one meanwhile must not find the bundle fetched from the
+    old endpoint (authenticated with the old bootstrap bundle) in the new relationship: an
+    attacker's CA, published at /v1/bundles, with a sequence the partner cannot reach."""
+    hostile = make_partner(tmp_path / "hostile", clock)  # any CA: its roots in the bundle
+    try:
+        released = threading.Event()
+        endpoint.routes["/evil"] = Answer(
+            body=partner.jwks(40, [*partner.roots, *hostile.roots]), hold=released
+        )
+        spiffe(ctx, partner, endpoint.url.replace("/bundle", "/evil"))
+        results: list[RefreshResult] = []
+        slow = threading.Thread(target=lambda: results.append(refresh_federation(ctx, PARTNER)))
+        slow.start()
+        try:
+            deadline = time.monotonic() + 5
+            while endpoint.requests == 0:  # the fetch is in flight
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            remove_federation(ctx, PARTNER)
+            clock.advance(dt.timedelta(seconds=1))
+            spiffe(ctx, partner, endpoint.url)
+        finally:
+            released.set()
+            slow.join(10)
+        (result,) = results
+        assert not result.ok and "removed or replaced during the refresh" in (result.error or "")
+        fresh = get_federation(ctx, PARTNER)
+        assert fresh.url == endpoint.url
+        assert not fresh.has_bundle and fresh.sequence is None
+        assert fresh.last_attempt is None and fresh.last_error is None
+        # the new relationship's own fetch is not held back by the stale one
+        assert refresh_federation(ctx, PARTNER).sequence == 1
+        assert get_federation(ctx, PARTNER).authorities == tuple(partner.roots)
+    finally:
+        hostile.ctx.close()

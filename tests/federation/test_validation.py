@@ -331,6 +331,47 @@ def test_https_spiffe_trusts_the_bootstrap_then_the_last_good_bundle(
     assert all(e.endpoint_spiffe_id == PARTNER_SERVER for e in fetch.seen)
 
 
+def test_a_fetch_lands_only_in_the_relationship_it_was_made_for(
+    ctx: Context, clock: FixedClock, partner: Partner, tmp_path: Path
+) -> None:
+    """Removed and added again while a fetch is in flight: the fetch was made from the old
+    endpoint and authenticated with the old relationship's bundle, so its result is dropped,
+    even when the new relationship has the same parameters (the old last good bundle may be
+    why the operator started over). Both databases: the check is in the locking UPDATE."""
+    hostile = make_partner(tmp_path / "hostile", clock)
+    try:
+        web(ctx)
+        assert refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(5)])).ok
+
+        def fetch(_endpoint: Endpoint) -> bytes:
+            remove_federation(ctx, PARTNER)
+            clock.advance(dt.timedelta(seconds=1))
+            web(ctx)
+            return partner.jwks(40, [*partner.roots, *hostile.roots])
+
+        clock.advance(dt.timedelta(seconds=301))
+        result = refresh_federation(ctx, PARTNER, fetch=fetch)
+        assert not result.ok and not result.changed
+        assert "removed or replaced during the refresh" in (result.error or "")
+        fresh = get_federation(ctx, PARTNER)
+        assert not fresh.has_bundle and fresh.sequence is None
+        assert fresh.last_attempt is None and fresh.last_error is None
+        assert fresh.next_refresh == clock.now()  # still due at once, for its own first fetch
+        assert list(bundle_map(ctx)) == ["spiffe://example.org"]
+
+        def unexpected(_endpoint: Endpoint) -> bytes:  # the same for a failure nobody foresaw
+            remove_federation(ctx, PARTNER)
+            clock.advance(dt.timedelta(seconds=1))
+            web(ctx)
+            raise RuntimeError("a bug")
+
+        result = refresh_federation(ctx, PARTNER, fetch=unexpected)
+        assert "removed or replaced" in (result.error or "")
+        assert get_federation(ctx, PARTNER).last_error is None
+    finally:
+        hostile.ctx.close()
+
+
 # --- publication: one bundle per trust domain, never merged -----------------------------------
 
 
