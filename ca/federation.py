@@ -431,12 +431,20 @@ async def _get(endpoint: Endpoint, context: ssl.SSLContext) -> bytes:
                 async with request as response:
                     if endpoint.endpoint_spiffe_id is not None:
                         _check_peer(response, endpoint.endpoint_spiffe_id)
+                    status = response.status_code
                     if response.is_redirect:
-                        url = _endpoint_url(str(response.url.join(response.headers["location"])))
+                        location = response.headers.get("location")
+                        if not location:
+                            raise Unavailable(f"{url} answered HTTP {status} without Location")
+                        url = _endpoint_url(str(response.url.join(location)))
                         continue
-                    if response.status_code != 200:
-                        raise Unavailable(f"{url} answered HTTP {response.status_code}")
+                    if status != 200:
+                        raise Unavailable(f"{url} answered HTTP {status}")
                     return await _read_body(response)
+    except UnicodeError:
+        # idna.IDNAError: httpx reads a redirect's Location (to offer it as next_request) even
+        # when it follows none, and decodes its host there, before _endpoint_url can refuse it
+        raise Unavailable(f"{url} redirected to an invalid host name") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         # httpx's timeouts can carry no message: name the exception then, never leave it blank
         raise Unavailable(f"cannot fetch {url}: {str(exc) or type(exc).__name__}") from None
