@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from ca import audit
 from ca.authority import MESH
 from ca.bundle import read_bundle
 from ca.config import Context
+from ca.csr import check_dns_name
 from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import (
@@ -128,10 +130,31 @@ def _endpoint_url(value: str) -> str:
         raise InvalidInput("a bundle endpoint URL must not include userinfo")
     if not host:
         raise InvalidInput("the bundle endpoint URL has no host")
+    # httpx keeps any host it can percent-encode ("exa mple.org", "a..b"): such a relationship
+    # would only fail later, as a DNS error in last_error. The raw host is the A-label form.
+    if not _is_host(url.raw_host.decode("ascii", "replace")):
+        raise InvalidInput(
+            f"the bundle endpoint URL's host {host[:64]!r} is not a host name or an IP address"
+        )
     if port is not None and not 1 <= port <= 65535:
         # httpx keeps any number, and the socket layer would connect to it modulo 65536
         raise InvalidInput(f"the bundle endpoint URL's port {port} is not in 1..65535")
     return str(url)
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a host name by the rules of DNS SANs (``check_dns_name``), no
+    wildcard."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        check_dns_name(host)
+    except TrellisError:
+        return False
+    return "*" not in host
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -121,11 +121,15 @@ MALFORMED_ADDS = pytest.mark.parametrize(
         ("https://xn--zz.org/b", None, "is not a URL"),
         ("https://127.0.0.1:99999/b/cur", None, "port 99999 is not in 1..65535"),
         ("https://127.0.0.1:0/b", None, "port 0 is not in 1..65535"),
+        ("https://exa mple.org/b", None, "'exa%20mple.org' is not a host name or an IP"),
+        ("https://a..b/b", None, "'a..b' is not a host name or an IP address"),
+        ("https://exa_mple.org/b", None, "'exa_mple.org' is not a host name or an IP address"),
         ("https://b.test/", "bad-san", "the certificate is malformed"),
         ("https://b.test/", "basic-constraints-twice", "the certificate is malformed"),
         ("https://b.test/", "nested", "nested too deeply"),
     ],
     ids=["fail/idna-xn--a", "fail/idna-xn--zz", "fail/port-99999", "fail/port-0",
+         "fail/host-space", "fail/host-empty-label", "fail/host-underscore",
          "fail/bootstrap-bad-san", "fail/bootstrap-bc-twice", "fail/bootstrap-nested"],
 )  # fmt: skip
 

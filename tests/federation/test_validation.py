@@ -95,6 +95,9 @@ REFUSED: dict[str, tuple[Params, str]] = {
     "fail/url/idna-xn--zz": (_spiffe(url="https://xn--zz.org/b"), "not a URL"),
     "fail/url/port-99999": (_spiffe(url="https://127.0.0.1:99999/b"), "port 99999 is not in"),
     "fail/url/port-0": (_spiffe(url="https://127.0.0.1:0/b"), "port 0 is not in 1..65535"),
+    "fail/url/host-space": (_spiffe(url="https://exa mple.org/b"), "is not a host name"),
+    "fail/url/host-empty-label": (_spiffe(url="https://a..b/b"), "is not a host name"),
+    "fail/url/host-underscore": (_spiffe(url="https://exa_mple.org/b"), "is not a host name"),
     "fail/spiffe/no-endpoint-id": (_spiffe(endpoint_spiffe_id=None), "needs --endpoint-spiffe-id"),
     "fail/spiffe/no-bootstrap": (_spiffe(bootstrap_bundle=None), "--bootstrap-bundle"),
     "fail/spiffe/endpoint-in-other-td": (
