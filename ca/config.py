@@ -22,6 +22,7 @@ from ca.clock import Clock, SystemClock
 from ca.csr import check_dns_name
 from ca.errors import TrellisError, Unavailable
 from ca.files import data_directory
+from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, load_or_create_passphrase
 from ca.keys.store import KeyStore
@@ -46,7 +47,8 @@ class Settings(BaseSettings):
     # validation error naming the variable, not pydantic-settings' SettingsError.
     server_names: Annotated[list[str], NoDecode] = []
     key_backend: str = "file"  # where new authorities keep their keys: file or vault
-    bundle_refresh_hint: int = Field(300, gt=0)  # seconds, published as spiffe_refresh_hint
+    # seconds, published as spiffe_refresh_hint (at most a day: ca.jwks.MAX_REFRESH_HINT)
+    bundle_refresh_hint: int = Field(DEFAULT_REFRESH_HINT, gt=0, le=MAX_REFRESH_HINT)
 
     # Vault / OpenBao (the vault key backend; see docs/vault.md)
     vault_addr: str | None = None

@@ -50,6 +50,7 @@ from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import (
     DEFAULT_REFRESH_HINT,
     MAX_BUNDLE_BYTES,
+    MAX_REFRESH_HINT,
     JwksBundle,
     bundle_jwks,
     checked_certificate,
@@ -92,7 +93,7 @@ log = logging.getLogger("trellis.federation")
 MIN_REFRESH = 10  # seconds: a tiny spiffe_refresh_hint must not turn polling into a flood
 # A larger hint is clamped to this, as SPIRE clamps hints: a partner must not be able to stop
 # us polling it for months (and miss its next root rotation) by announcing a huge interval.
-MAX_REFRESH = 86_400
+MAX_REFRESH = MAX_REFRESH_HINT
 TIMEOUT = (10.0, 5.0)  # seconds: for a read, write or pool wait; to connect
 DEADLINE = 30.0  # seconds for a whole fetch: connecting, headers, redirects, body, all of it
 MAX_REDIRECTS = 3

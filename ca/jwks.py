@@ -23,6 +23,7 @@ from ca.pem import certs_pem
 
 __all__ = [
     "DEFAULT_REFRESH_HINT",
+    "MAX_REFRESH_HINT",
     "MAX_SEQUENCE",
     "JwksBundle",
     "bundle_jwks",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 DEFAULT_REFRESH_HINT = 300
+# A day. Federation polls no less often whatever hint a partner announces (ca.federation clamps
+# to it), and the hint we publish is held to it: go-spiffe and SPIRE read it as an int64, and a
+# peer polling us less than daily would miss a root rotation.
+MAX_REFRESH_HINT = 86_400
 MAX_BUNDLE_BYTES = 1024 * 1024
 # What the store's signed 64-bit INTEGER/BIGINT column holds: a larger spiffe_sequence could be
 # neither stored nor compared with the next one.

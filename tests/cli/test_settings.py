@@ -53,6 +53,7 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_DATABASE_URL", "mysql://u@h/db"),
         ("TRELLIS_BUNDLE_REFRESH_HINT", "-5"),  # published as spiffe_refresh_hint
         ("TRELLIS_BUNDLE_REFRESH_HINT", "0"),
+        ("TRELLIS_BUNDLE_REFRESH_HINT", "86401"),  # go-spiffe reads it as an int64; a day
         ("TRELLIS_WORKERS", "abc"),
         ("TRELLIS_WORKERS", "-1"),
         ("TRELLIS_PORT", "-1"),
