@@ -394,16 +394,25 @@ def root_configmap(ctx: Context, namespace: str = "istio-system", authority: str
 
 def mesh_config(ctx: Context, authority: str = MESH) -> str:
     """The ``meshConfig`` for a mesh that trusts Trellis: its trust domain, and the bundle to
-    trust, polled from the SPIFFE bundle endpoint when Trellis has a public URL."""
+    trust, polled from the SPIFFE bundle endpoint when Trellis has a public URL (https only)."""
     with Session(ctx.engine) as session:
         auth = session.get(AuthorityRow, authority)
     if auth is None:
         raise no_such_authority(authority)
     td = TrustDomain(auth.trust_domain)
-    if ctx.settings.public_url:
-        source: dict[str, Any] = {
-            "spiffeBundleUrl": f"{ctx.settings.public_url.rstrip('/')}/v1/bundle.jwks"
-        }
+    public_url = ctx.settings.public_url
+    if public_url and not public_url.lower().startswith("https://"):
+        # istiod (pkg/spiffe RetrieveSpiffeBundleRootCerts) puts https:// before any endpoint
+        # not starting with it: http://ca.example.org would be fetched from the host "http",
+        # and the mesh would load no trust anchors. Trust anchors over plain HTTP are no
+        # better; the inline PEM is one unset variable away.
+        raise InvalidInput(
+            f"TRELLIS_PUBLIC_URL {public_url[:80]!r} is not https://, and istiod fetches "
+            "spiffeBundleUrl over https only: give an https:// public URL, or run with "
+            "TRELLIS_PUBLIC_URL= for the bundle inline (pem)"
+        )
+    if public_url:
+        source: dict[str, Any] = {"spiffeBundleUrl": f"{public_url.rstrip('/')}/v1/bundle.jwks"}
     else:
         source = {"pem": active_issuer(ctx, authority).bundle_pem.decode()}
     document = {

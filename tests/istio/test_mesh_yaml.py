@@ -83,3 +83,18 @@ def test_mesh_config_polls_the_bundle_endpoint(
             "trustDomains": ["example.org"],
         }
     ]
+
+
+def test_mesh_config_refuses_an_http_public_url(
+    ctx: Context, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """istiod puts https:// before a spiffeBundleUrl that does not start with it: an http://
+    one would be fetched from the host "http", and the mesh would have no trust anchors."""
+    monkeypatch.setenv("TRELLIS_PUBLIC_URL", "http://ca.example.org")
+    result = cli("istio", "mesh-config")
+    assert result.code == 2, result
+    assert result.out == ""
+    (line,) = result.err.strip().splitlines()
+    assert "'http://ca.example.org' is not https://" in line and "TRELLIS_PUBLIC_URL=" in line
+    monkeypatch.setenv("TRELLIS_PUBLIC_URL", "")  # the way out the message gives
+    assert "pem" in load(cli.ok("istio", "mesh-config"))["meshConfig"]["caCertificates"][0]
