@@ -5,7 +5,8 @@
 - Survives restarts: every job runs once at start-up, so a process that was down past a
   transition performs it immediately.
 - Failures: logged with context, recorded in ``job_run`` (shown by ``trellis jobs list`` and in
-  ``/readyz`` detail), and retried with exponential backoff (10 s, 20 s, … up to the interval).
+  ``/readyz`` detail), and retried with exponential backoff (10 s, 20 s, … while shorter than
+  the job's interval; then the regular run is the retry).
 - One scheduler per ``trellis serve``: with several workers, the worker holding an exclusive lock
   on ``<data dir>/scheduler.lock`` runs it (``elect_scheduler``); the lock dies with its process
   and another worker takes over. The serve parent stays a small supervisor (memory: each process
@@ -30,6 +31,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from ca.config import Context
+from ca.errors import TrellisError
 from ca.jobs import JOBS, Job
 from ca.store.models import JobRunRow
 
@@ -80,9 +82,16 @@ def run_job(ctx: Context, job: Job) -> JobRunRow | None:
             started = ctx.clock.now()
             try:
                 result, ok = job.run(ctx), True
-            except Exception as exc:
-                log.exception("job %s failed", job.name)
+            except TrellisError as exc:
+                # Foreseen and recorded (a partner's bundle endpoint refusing, a CRL file that
+                # cannot be written): the reason is the news, not a traceback, and only when it
+                # changes; a job fails this way every run until the cause is gone.
                 result, ok = f"{type(exc).__name__}: {exc}", False
+                _log_result(job, result, failed=True)
+            except Exception as exc:
+                log.exception("job %s failed", job.name)  # nobody foresaw it: a bug
+                result, ok = f"{type(exc).__name__}: {exc}", False
+                _LAST_LOGGED.pop(job.name, None)  # the next outcome is news
             return _record(ctx, job, started=started, ok=ok, result=result)
         finally:
             if locking:
@@ -90,17 +99,20 @@ def run_job(ctx: Context, job: Job) -> JobRunRow | None:
                 connection.commit()
 
 
-# The last result logged at info, per job. Jobs run every 2 to 300 s and mostly find nothing to
-# do: "job audit-seal: sealed 0 audit record(s)" every 2 s buried the lines that matter. A result
-# is logged at info when it differs from the job's previous one, at debug when it repeats;
-# failures are always logged (``run_job``), and every run is recorded (``trellis jobs list``).
+# The last outcome logged, per job. Jobs run every 2 to 300 s and mostly find nothing to do:
+# "job audit-seal: sealed 0 audit record(s)" every 2 s buried the lines that matter. A result is
+# logged at info (a foreseen failure at warning) when it differs from the job's previous
+# outcome, at debug when it repeats; an unforeseen failure is logged with its traceback every
+# time (``run_job``), and every run is recorded (``trellis jobs list``).
 _LAST_LOGGED: dict[str, str] = {}
 
 
-def _log_result(job: Job, result: str) -> None:
-    repeated = _LAST_LOGGED.get(job.name) == result
-    _LAST_LOGGED[job.name] = result
-    log.log(logging.DEBUG if repeated else logging.INFO, "job %s: %s", job.name, result)
+def _log_result(job: Job, result: str, *, failed: bool = False) -> None:
+    line = f"job {job.name} failed: {result}" if failed else f"job {job.name}: {result}"
+    repeated = _LAST_LOGGED.get(job.name) == line
+    _LAST_LOGGED[job.name] = line
+    news = logging.WARNING if failed else logging.INFO
+    log.log(logging.DEBUG if repeated else news, "%s", line)
 
 
 def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
@@ -110,8 +122,11 @@ def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
     if row.last_ok:
         _log_result(job, row.last_result)
         return
-    _LAST_LOGGED.pop(job.name, None)  # the next success is news
-    delay = min(BACKOFF_START * 2 ** (row.consecutive_failures - 1), job.every_seconds)
+    delay = BACKOFF_START * 2 ** (row.consecutive_failures - 1)
+    if delay >= job.every_seconds:
+        # The next regular run comes as soon or sooner: it is the retry. Scheduling one as well
+        # ran the job twice within milliseconds, every interval, for as long as it failed.
+        return
     scheduler.add_job(
         _tick,
         "date",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -516,3 +517,39 @@ def test_an_unexpected_failure_is_recorded_and_starves_no_one(
             job_named("federation-refresh").run(ctx)
     finally:
         other.ctx.close()
+
+
+def test_a_failing_relationship_is_news_once_in_the_log(
+    ctx: Context,
+    partner: Partner,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job fails on every run (every 10 s) while a relationship's last fetch failed, which
+    can last a day: one warning when it starts and an info line when it recovers, repeats at
+    debug, never a traceback; and no back-off retry next to the regular run (it is every 10 s:
+    the two ran within milliseconds of each other)."""
+    from ca import scheduler
+    from tests.rotation.test_jobs import RecordingScheduler
+
+    monkeypatch.setattr(scheduler, "_LAST_LOGGED", {})
+    job = job_named("federation-refresh")
+    web(ctx)
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([b"junk"]))
+    recorder = RecordingScheduler()
+    caplog.set_level(logging.DEBUG, logger="trellis.scheduler")
+    for _ in range(3):
+        scheduler._tick(ctx, recorder, job)  # type: ignore[arg-type]
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(1)]))
+    scheduler._tick(ctx, recorder, job)  # type: ignore[arg-type]
+
+    logged = [r for r in caplog.records if r.getMessage().startswith("job federation-refresh")]
+    assert [r.levelno for r in logged] == [
+        logging.WARNING,
+        logging.DEBUG,
+        logging.DEBUG,
+        logging.INFO,
+    ]
+    assert "b.test: invalid SPIFFE bundle: not JSON" in logged[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records)
+    assert recorder.calls == []

@@ -170,14 +170,17 @@ def test_failures_are_retried_with_exponential_backoff(ctx: Context, failing: Br
     for _ in range(5):
         before = dt.datetime.now(dt.UTC)
         scheduler._tick(ctx, recorder, failing.job)  # type: ignore[arg-type]
-        call = recorder.calls[-1]
-        assert call["positional"][1] == "date" and call["id"] == "crl-resign-retry"
-        assert call["replace_existing"] is True
-        delays.append(round((call["run_date"] - before).total_seconds()))
-    assert delays == [10, 20, 40, 60, 60]  # capped at the job's interval (60 s)
+        if len(recorder.calls) > len(delays):
+            call = recorder.calls[-1]
+            assert call["positional"][1] == "date" and call["id"] == "crl-resign-retry"
+            assert call["replace_existing"] is True
+            delays.append(round((call["run_date"] - before).total_seconds()))
+    # while shorter than the job's interval (60 s): then the regular run is the retry, and one
+    # scheduled as well would run next to it
+    assert delays == [10, 20, 40]
     failing.broken = False
     scheduler._tick(ctx, recorder, failing.job)  # type: ignore[arg-type]
-    assert len(recorder.calls) == 5, "a successful run scheduled a retry"
+    assert len(recorder.calls) == 3, "a successful run scheduled a retry"
 
 
 @pytest.mark.slow
