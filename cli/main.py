@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from ca.errors import TrellisError, Unavailable
 from cli.common import EXIT_CODES, STATE, exit_code
+from cli.launch import imports_done
 
 # name: (module, attribute), a command function or a sub-command Typer, in ``--help`` order.
 COMMANDS = {
@@ -107,6 +108,7 @@ def root(
         typer.Option(help="Database URL (TRELLIS_DATABASE_URL, default SQLite in the data dir)"),
     ] = None,
 ) -> None:
+    imports_done()  # click calls this once the sub-command is resolved (its module imported)
     STATE.data_dir = data_dir
     STATE.database_url = database_url
 
