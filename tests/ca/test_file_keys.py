@@ -215,6 +215,23 @@ class TestFileKeyBackend:
         with pytest.raises(InvalidInput):
             backend.destroy(KeyHandle("file", ref, KeyType.EC_P256))
 
+    def test_a_key_of_a_type_trellis_never_writes_is_unavailable(self, tmp_path: Path) -> None:
+        """A key file replaced by another encrypted with the same passphrase, on a curve Trellis
+        has no key type for: ``KeyType.of`` refuses it as invalid input, which was exit 2 / 400
+        as if the caller had made a mistake; the damage is the server's (exit 8 / 503)."""
+        backend = file_backend(tmp_path)
+        handle = backend.create(KeyType.EC_P256, "other-curve")
+        (path,) = (tmp_path / "keys").iterdir()
+        path.write_bytes(
+            ec.generate_private_key(ec.SECP521R1()).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(PASSPHRASE),
+            )
+        )
+        with pytest.raises(Unavailable, match="not of type ec-p256"):
+            backend.load(handle)
+
     def test_an_unencrypted_key_file_is_unavailable(self, tmp_path: Path) -> None:
         """cryptography's ``TypeError`` for a key given a passphrase it does not need was a
         traceback (exit 1, HTTP 500)."""
