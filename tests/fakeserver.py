@@ -35,6 +35,15 @@ class FakeServer:
     received: list[bytes] = field(default_factory=list)  # per connection, after the handshake
     accepted: int = 0  # TCP connections
     handshakes: int = 0
+    finished: int = 0  # connections done with, by either side
+
+    def settled(self, timeout: float = 5.0) -> None:
+        """Wait until every accepted connection is done with: a client that refused the
+        certificate returns while this side may still be finishing its handshake."""
+        deadline = time.monotonic() + timeout
+        while self.finished < self.accepted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.finished == self.accepted, (self.accepted, self.finished)
 
     @property
     def url(self) -> str:
@@ -95,6 +104,8 @@ def _accept(
                 _serve_one(server, tls, stop)
         except (OSError, ssl.SSLError):  # a client that refused our certificate
             raw.close()
+        finally:
+            server.finished += 1
 
 
 @contextmanager

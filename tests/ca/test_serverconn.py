@@ -55,6 +55,7 @@ def test_a_workload_svid_is_not_the_server_and_gets_no_token(
         client.request(impostor.victim_token, tmp_path / "victim")
     assert "spiffe://example.org/fake-server" in refused.value.detail
     assert "spiffe://example.org/trellis/server" in refused.value.detail
+    impostor.server.settled()
     assert impostor.server.handshakes == 1  # the chain and host name did verify
     assert impostor.server.everything == b"", "the client sent a request to the impostor"
     assert not (tmp_path / "victim").exists()
@@ -71,6 +72,7 @@ def test_the_cli_refuses_the_impostor_in_one_line(impostor: Impostor, tmp_path: 
     assert result.returncode == 8, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not Trellis" in lines[0], result.stderr
+    impostor.server.settled()
     assert impostor.server.everything == b""
     assert impostor.victim_token not in result.stderr
 
@@ -96,6 +98,7 @@ def test_renewal_and_agent_refuse_the_impostor_too(
     )
     with pytest.raises(Unavailable, match="is not Trellis"):
         Agent(config).run(once=True)
+    impostor.server.settled()
     assert impostor.server.everything == b""
 
 
