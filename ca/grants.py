@@ -136,7 +136,7 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
         csr = parse_csr(csr_pem)
         with ctx.reads.connect() as connection:
             row = _RENEWINGS.one(connection, serial.hex)
-        return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+        return _renewal_grant(row, proof, serial, csr_pem, csr, ctx.clock.now())
     except TrellisError as error:
         refused(error)
         raise
@@ -149,14 +149,19 @@ async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant
         serial = unverified_serial(proof)
         csr = parse_csr(csr_pem)
         row = await ctx.lookups.get(_RENEWINGS, serial.hex)
-        return _renewal_grant(row, proof, serial, csr, ctx.clock.now())
+        return _renewal_grant(row, proof, serial, csr_pem, csr, ctx.clock.now())
     except TrellisError as error:
         refused(error)
         raise
 
 
 def _renewal_grant(
-    row: Mapping[str, Any] | None, proof: str, serial: Serial, csr: ParsedCsr, now: dt.datetime
+    row: Mapping[str, Any] | None,
+    proof: str,
+    serial: Serial,
+    csr_pem: bytes,
+    csr: ParsedCsr,
+    now: dt.datetime,
 ) -> Grant:
     if row is None or row["profile"] != "x509-svid":
         raise AuthenticationFailed("the renewal proof names an unknown certificate")
@@ -180,7 +185,10 @@ def _renewal_grant(
         )
     grant = _entry_grant(row, requested_by=f"renewal:{serial}")
     return dataclasses.replace(
-        grant, renewal_nonce=(claims.jti, claims.expires_at), renews_serial=serial.hex
+        grant,
+        renewal_nonce=(claims.jti, claims.expires_at),
+        renews_serial=serial.hex,
+        checked_csr=(csr_pem, csr),
     )
 
 

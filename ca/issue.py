@@ -87,6 +87,10 @@ class Grant:
     renews_serial: str | None = None
     profile: str = "x509-svid"
     authority: str = MESH
+    # The CSR a renewal proof was checked against (it is bound to it), as sent and as parsed
+    # then: issuing those same bytes needs no second parse (its load and signature check,
+    # ~100 µs of a renewal's CPU).
+    checked_csr: tuple[bytes, ParsedCsr] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,9 +306,15 @@ def _measured(grant: Grant) -> Iterator[None]:
     )
 
 
+def _parsed(grant: Grant, csr_pem: bytes) -> ParsedCsr:
+    if grant.checked_csr is not None and grant.checked_csr[0] == csr_pem:
+        return grant.checked_csr[1]
+    return parse_csr(csr_pem)
+
+
 def issue_svid(ctx: Context, grant: Grant, csr_pem: bytes, ttl: Ttl | None = None) -> IssuedSvid:
     with _measured(grant):
-        csr = parse_csr(csr_pem)
+        csr = _parsed(grant, csr_pem)
         return issue_for_key(ctx, grant, csr.public_key, ttl, authorise(grant, csr))
 
 
@@ -323,7 +333,7 @@ async def issue_svid_async(
     and the certificate recorded in a commit shared with the other requests the loop has ready
     (``GroupCommit.run_async``); returns once it is committed."""
     with _measured(grant):
-        csr = parse_csr(csr_pem)
+        csr = _parsed(grant, csr_pem)
         dns_names = authorise(grant, csr)
 
         async def sign_and_record() -> IssuedSvid:
