@@ -178,15 +178,17 @@ class CertificateOut(BaseModel):
         )
 
 
+# Every revocation answer's ``crl_skipped`` (certificates, OpenVPN clients, gateway consumers).
+CRL_SKIPPED = (
+    "Why the issuer's CRL was not re-signed to list this certificate (the issuer is a revoked "
+    "CA whose key is gone: the root's CRL lists the issuer); null when it was"
+)
+
+
 class RevokedCertificateOut(CertificateOut):
     """The answer to a revocation: the certificate, and whether its issuer's CRL lists it."""
 
-    crl_skipped: str | None = Field(
-        default=None,
-        description="Why the issuer's CRL was not re-signed to list this certificate (the "
-        "issuer is a revoked CA whose key is gone: the root's CRL lists the issuer); null when "
-        "it was",
-    )
+    crl_skipped: str | None = Field(default=None, description=CRL_SKIPPED)
 
     @classmethod
     def of(cls, info: CertificateInfo, *, with_pem: bool = False) -> RevokedCertificateOut:

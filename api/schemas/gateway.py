@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from api.schemas import RequestBody
+from api.schemas import CRL_SKIPPED, RequestBody
 from ca import gateway
 from ca.durations import Ttl
 from ca.keys import KeyType
@@ -169,12 +169,7 @@ class GatewayRevokedOut(GatewayCertOut):
         default_factory=list,
         description="Truststore files rewritten on the server's host: reload those gateways",
     )
-    crl_skipped: str | None = Field(
-        default=None,
-        description="Why the issuer's CRL was not re-signed to list this certificate (the "
-        "issuer is a revoked CA whose key is gone: the root's CRL lists the issuer); null when "
-        "it was",
-    )
+    crl_skipped: str | None = Field(default=None, description=CRL_SKIPPED)
 
     @classmethod
     def revoked(cls, cert: gateway.GatewayCertificate, written: list[Path]) -> GatewayRevokedOut:

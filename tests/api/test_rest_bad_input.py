@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.renewal import make_proof
 from tests.api.restkit import Rest, assert_problem, bearer, make_csr, tamper_signature
+from tests.ca.svidkit import openssl_rsa_pss_csr
 from tests.selfsigned import self_signed
 
 
@@ -163,26 +163,6 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
     assert rest.certificate_count() == 1
 
 
-def _rsa_pss_csr(directory: Path) -> str:
-    """A CSR for an RSA-PSS-only key (SPKI id-RSASSA-PSS, RFC 4055), which cryptography cannot
-    generate: made by openssl, as a workload would."""
-    key = directory / "pss.key"
-    subprocess.run(
-        ["openssl", "genpkey", "-algorithm", "RSA-PSS", "-out", str(key)],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-    made = subprocess.run(
-        ["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=web"],
-        capture_output=True,
-        timeout=30,
-        check=True,
-        text=True,
-    )
-    return made.stdout
-
-
 def test_svid_keys_trellis_must_not_certify_are_refused_naming_the_accepted_ones(
     rest: Rest, tmp_path: Path
 ) -> None:
@@ -196,7 +176,7 @@ def test_svid_keys_trellis_must_not_certify_are_refused_naming_the_accepted_ones
     odd = make_csr(rsa.generate_private_key(public_exponent=65537, key_size=2056))[1]
     cases = [
         ("rsa-2056", odd, "RSA key of 2056 bits", "2048, 3072 or 4096"),
-        ("rsa-pss", _rsa_pss_csr(tmp_path), "RSA-PSS", "rsaEncryption"),
+        ("rsa-pss", openssl_rsa_pss_csr(tmp_path).decode(), "RSA-PSS", "rsaEncryption"),
     ]
     for case, csr, refused, accepted in cases:
         der = x509.load_pem_x509_csr(csr.encode()).public_bytes(serialization.Encoding.DER)

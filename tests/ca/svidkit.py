@@ -4,8 +4,10 @@ through the real pipeline (entry → join token → grant → ``issue_svid``) an
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -150,3 +152,21 @@ def uses_remaining(ctx: Context, token_id: str) -> int | None:
             sa.text("SELECT uses_remaining FROM token WHERE id = :id"), {"id": token_id}
         ).scalar_one()
     return None if value is None else int(value)
+
+
+def openssl_rsa_pss_csr(directory: Path) -> bytes:
+    """A CSR for an RSA-PSS-only key (SPKI id-RSASSA-PSS, RFC 4055), which cryptography cannot
+    generate: made by openssl, as a workload would."""
+    key = directory / "pss.key"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA-PSS", "-out", str(key)],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    return subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=web"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    ).stdout

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 from ca.csr import load_verified_csr
 from ca.errors import InvalidCsr
 from ca.keys import KeyType, PrivateKey
-from tests.ca.svidkit import tamper_signature
+from tests.ca.svidkit import openssl_rsa_pss_csr, tamper_signature
 
 WEB = "spiffe://example.org/web"
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
@@ -165,18 +165,6 @@ def test_a_csr_for_an_rsa_pss_only_key_is_refused(tmp_path: Path) -> None:
     was read as a plain RSA key and certified as rsaEncryption with keyEncipherment, dropping
     the restriction to PSS signatures (RFC 4055 §1.2). A PSS signature by an rsaEncryption key
     stays accepted (``SCHEMES``)."""
-    key = tmp_path / "pss.key"
-    subprocess.run(
-        ["openssl", "genpkey", "-algorithm", "RSA-PSS", "-out", str(key)],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-    signed = subprocess.run(
-        ["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=web"],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
+    csr = openssl_rsa_pss_csr(tmp_path)
     with pytest.raises(InvalidCsr, match=r"RSA-PSS key \(id-RSASSA-PSS\), which is not accepted"):
-        load_verified_csr(signed.stdout)
+        load_verified_csr(csr)
