@@ -23,6 +23,15 @@ def _fail(what: str) -> InternalError:
     return InternalError(f"self-check failed on a just-signed certificate: {what}")
 
 
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    """Every URI SAN of the certificate; none without the extension."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:
     """The certificate's SPIFFE ID, or None; more than one URI SAN is not an SVID at all."""
     try:

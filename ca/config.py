@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
-from ca.csr import check_dns_name
+from ca.csr import check_dns_name, is_host
 from ca.errors import TrellisError, Unavailable
 from ca.files import data_directory
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     def _host(cls, value: str) -> str:
         """An address to bind, or a name resolving to one; it also goes into the serving
         certificate (``ca.serving``), so a name must be a DNS name."""
-        if not _is_host(value):
+        if not is_host(value):
             raise ValueError("not an IP address or a host name")
         return value
 
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
             )
         if any(ch.isspace() for ch in value) or not value.isascii():
             raise ValueError("spaces or non-ASCII characters: not a URL")
-        if not _is_host(parts.hostname):
+        if not is_host(parts.hostname):
             raise ValueError(f"{parts.hostname[:64]!r} is not a host name or an IP address")
         return value
 
@@ -175,20 +175,6 @@ class Settings(BaseSettings):
 
 def _is_header_value(value: str) -> bool:
     return value.isascii() and value.isprintable() and " " not in value
-
-
-def _is_host(value: str) -> bool:
-    """An IP address or a host name (no wildcard)."""
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        pass
-    try:
-        check_dns_name(value)
-    except TrellisError:
-        return False
-    return "*" not in value
 
 
 @dataclass

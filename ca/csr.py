@@ -8,6 +8,7 @@ requester is entitled to; every other extension it asks for is ignored (the prof
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -52,6 +53,22 @@ def check_dns_name(name: str) -> str:
             f"{name[:64]!r} is not a host name (an IP address belongs in the IP addresses)"
         )
     return candidate
+
+
+def is_host(value: str) -> bool:
+    """An IP address, or a host name by the rules of DNS SANs (``check_dns_name``) with no
+    wildcard: what a URL or a listening address may name (TRELLIS_HOST, TRELLIS_PUBLIC_URL, a
+    federation endpoint)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    try:
+        check_dns_name(value)
+    except PolicyViolation:
+        return False
+    return "*" not in value
 
 
 @dataclass(frozen=True, slots=True)

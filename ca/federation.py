@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -43,8 +42,9 @@ from sqlmodel import Session, col, select
 from ca import audit
 from ca.authority import MESH
 from ca.bundle import read_bundle
+from ca.checks import uri_sans
 from ca.config import Context
-from ca.csr import check_dns_name
+from ca.csr import is_host
 from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import (
@@ -133,7 +133,7 @@ def _endpoint_url(value: str) -> str:
         raise InvalidInput("the bundle endpoint URL has no host")
     # httpx keeps any host it can percent-encode ("exa mple.org", "a..b"): such a relationship
     # would only fail later, as a DNS error in last_error. The raw host is the A-label form.
-    if not _is_host(url.raw_host.decode("ascii", "replace")):
+    if not is_host(url.raw_host.decode("ascii", "replace")):
         raise InvalidInput(
             f"the bundle endpoint URL's host {host[:64]!r} is not a host name or an IP address"
         )
@@ -143,34 +143,11 @@ def _endpoint_url(value: str) -> str:
     return str(url)
 
 
-def _is_host(host: str) -> bool:
-    """An IP address, or a host name by the rules of DNS SANs (``check_dns_name``), no
-    wildcard."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    try:
-        check_dns_name(host)
-    except TrellisError:
-        return False
-    return "*" not in host
-
-
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
-
-
-def _uris(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 def _authorities(
@@ -186,7 +163,7 @@ def _authorities(
         checked_certificate(cert, what)
         if not _is_ca(cert):
             raise InvalidInput(f"{what}: {cert.subject.rfc4514_string()!r} is not a CA")
-        for uri in _uris(cert):
+        for uri in uri_sans(cert):
             if uri[:9].lower() == "spiffe://" and not SpiffeId.parse(uri).member_of(trust_domain):
                 raise InvalidInput(f"{what}: an authority names {uri}, not {trust_domain.id()}")
     return tuple(unique.values())
@@ -421,7 +398,7 @@ def _check_peer(response: httpx.Response, expected: SpiffeId) -> None:
     if not der:
         raise Unavailable("could not read the bundle endpoint's certificate")
     cert = x509.load_der_x509_certificate(der)
-    uris = _uris(cert)
+    uris = uri_sans(cert)
     if _is_ca(cert) or uris != [str(expected)]:
         raise Unavailable(
             f"the bundle endpoint presented {', '.join(uris) or 'no SPIFFE ID'}, "

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from ca import errors
+from ca.checks import uri_sans
 from ca.identity import SERVER_PATH, SpiffeId
 
 __all__ = ["Answer", "ServerConnection", "ServerUrl", "Stopped"]
@@ -86,14 +87,6 @@ class Answer:
     body: bytes
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
 def _spiffe_id(uri: str) -> SpiffeId | None:
     try:
         return SpiffeId.parse(uri)
@@ -116,7 +109,7 @@ class ServerConnection:
             self.tls = ssl.create_default_context(cadata=pem.decode("ascii"))
         except (OSError, ValueError, ssl.SSLError):  # UnicodeDecodeError is a ValueError
             raise unreadable from None
-        ids = {_spiffe_id(uri) for root in roots for uri in _uri_sans(root)}
+        ids = {_spiffe_id(uri) for root in roots for uri in uri_sans(root)}
         domains = {i.trust_domain for i in ids if i is not None and i.is_trust_domain_id}
         if not domains:
             raise errors.InvalidInput(
@@ -127,7 +120,7 @@ class ServerConnection:
     def authenticate(self, tls: ssl.SSLSocket) -> None:
         """The authorizer: the verified peer must be Trellis's server identity."""
         der = tls.getpeercert(binary_form=True)
-        uris = _uri_sans(x509.load_der_x509_certificate(der)) if der else []
+        uris = uri_sans(x509.load_der_x509_certificate(der)) if der else []
         if len(uris) == 1 and _spiffe_id(uris[0]) in self.server_ids:
             return
         expected = " or ".join(sorted(str(i) for i in self.server_ids))

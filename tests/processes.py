@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["terminate"]
+__all__ = ["stopped_by_sigterm", "terminate"]
 
 
 def terminate(process: subprocess.Popen[Any], grace: float = 10.0) -> int:
@@ -18,3 +21,29 @@ def terminate(process: subprocess.Popen[Any], grace: float = 10.0) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait(10)
+
+
+def stopped_by_sigterm(
+    process: subprocess.Popen[Any],
+    ready: Callable[[], bool],
+    log: Path,
+    *,
+    within: float,
+    settle: float = 0.0,
+) -> tuple[int, float]:
+    """Once ``ready()`` (at most ``within`` seconds; the process must not exit meanwhile) and
+    ``settle`` seconds more, SIGTERM ``process``: its exit status and how many seconds it took
+    to exit. ``log`` (the process's output) is what a failed wait shows."""
+    try:
+        deadline = time.monotonic() + within
+        while not ready():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(settle)
+        signalled = time.monotonic()
+        process.terminate()
+        status = process.wait(30)
+        return status, time.monotonic() - signalled
+    finally:
+        terminate(process)

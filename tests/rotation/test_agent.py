@@ -31,7 +31,7 @@ from ca.tokens import create_join_token
 from tests.certassert import uri_sans
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 from tests.conftest import free_port
-from tests.processes import terminate
+from tests.processes import stopped_by_sigterm, terminate
 from tests.rotation.rotkit import needs_openssl, openssl_verify
 
 pytestmark = pytest.mark.slow
@@ -523,19 +523,13 @@ def test_sigterm_stops_the_agent_during_a_back_off(tmp_path: Path) -> None:
     args += ["--bundle", str(out / "bundle.pem"), "--dir", str(out)]
     with log_path.open("w") as log:
         process = subprocess.Popen(args, env=cli.env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # Renewal at about 20 s; connection refused; retries after 1, 2, then 4 s (a quarter of
-        # the ~17 s left caps the back-off there).
-        deadline = time.monotonic() + 40
-        while not re.search(r"retrying in ([4-9]|\d\d) s", log_path.read_text()):
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        signalled = time.monotonic()
-        process.terminate()
-        status = process.wait(30)
-        took = time.monotonic() - signalled
-    finally:
-        terminate(process)
+    # Renewal at about 20 s; connection refused; retries after 1, 2, then 4 s (a quarter of the
+    # ~17 s left caps the back-off there).
+    status, took = stopped_by_sigterm(
+        process,
+        lambda: bool(re.search(r"retrying in ([4-9]|\d\d) s", log_path.read_text())),
+        log_path,
+        within=40,
+    )
     assert status == 0, log_path.read_text()
     assert took < 2.5, f"exited {took:.1f} s after SIGTERM: {log_path.read_text()}"

@@ -16,7 +16,7 @@ from ca.serverconn import ServerConnection, ServerUrl
 from ca.serving import ServerTls, ensure_server_certificate
 from tests.cli.test_walkthrough import TRELLIS
 from tests.fakeserver import FakeServer, fake_server, http_answer
-from tests.processes import terminate
+from tests.processes import stopped_by_sigterm
 from tests.rotation.rotkit import SQLITE_ONLY
 
 ANSWER = http_answer(b'{"detail": "' + b"x" * 200 + b'"}', "503 Service Unavailable")
@@ -30,20 +30,14 @@ def _sigterm_during_request(tls: ServerTls, server: FakeServer, tmp_path: Path) 
     log = tmp_path / "agent.log"
     with log.open("w") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
+    status, took = stopped_by_sigterm(
+        process,
         # connected to the silent peer; or the request sent, its answer trickling
-        while not (server.accepted if server.silent else b"\r\n\r\n" in server.everything):
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        time.sleep(0.5)
-        signalled = time.monotonic()
-        process.terminate()
-        status = process.wait(30)
-        took = time.monotonic() - signalled
-    finally:
-        terminate(process)
+        lambda: bool(server.accepted if server.silent else b"\r\n\r\n" in server.everything),
+        log,
+        within=20,
+        settle=0.5,
+    )
     assert status == 0, log.read_text()
     return took
 
