@@ -81,18 +81,30 @@ def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: 
     all three go into a fresh hidden directory, then one rename swaps the ``..data`` symlink to
     it. ``svid.pem``, ``svid.key`` and ``bundle.pem`` are symlinks through ``..data``, so a reader
     resolving them sees either the old set or the new one, never a key from one and a
-    certificate from the other."""
+    certificate from the other.
+
+    A write that fails or is interrupted (a full disk, Ctrl-C) before the swap leaves the
+    directory as it was: the staged directory, which may hold the new key, is removed, where
+    it stayed behind unreferenced, one more on each of the agent's retries."""
     directory = private_directory(files.directory)
     stamp = f"..{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(4)}"
     staging = private_directory(directory / stamp, exclusive=True)
-    write_private(staging / "svid.key", private_key_pem(key))
-    write_atomic(staging / "svid.pem", chain_pem)
-    write_atomic(staging / "bundle.pem", bundle_pem)
     data = directory / "..data"
     previous = os.readlink(data) if data.is_symlink() else None
     temporary = directory / f"..data.{secrets.token_hex(4)}"
-    os.symlink(stamp, temporary)
-    os.replace(temporary, data)
+    try:
+        write_private(staging / "svid.key", private_key_pem(key))
+        write_atomic(staging / "svid.pem", chain_pem)
+        write_atomic(staging / "bundle.pem", bundle_pem)
+        os.symlink(stamp, temporary)
+        os.replace(temporary, data)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        # Decided by what ..data names, not by how far the code got: an interrupt may land
+        # just after the rename, and the staged directory is then the published one.
+        if not (data.is_symlink() and os.readlink(data) == stamp):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     for name in ("svid.pem", "svid.key", "bundle.pem"):
         link = directory / name
         if not (link.is_symlink() and os.readlink(link) == f"..data/{name}"):

@@ -4,6 +4,7 @@ through the real pipeline (entry → join token → grant → ``issue_svid``) an
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,3 +171,19 @@ def openssl_rsa_pss_csr(directory: Path) -> bytes:
         timeout=30,
         check=True,
     ).stdout
+
+
+def svid_dir_listing(directory: Path) -> dict[str, bytes | str]:
+    """Every entry under an SVID directory (``ca.workload.write_svid``'s ``..data`` link, the
+    name links, the staged directories and the files in them): a link's target, a file's
+    bytes. Equal before and after: the directory was left exactly as it was."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(directory.rglob("*")):
+        name = str(path.relative_to(directory))
+        if path.is_symlink():
+            found[name] = os.readlink(path)
+        elif path.is_file():
+            found[name] = path.read_bytes()
+        else:
+            found[name] = "directory"
+    return found

@@ -6,6 +6,7 @@ it like an outage instead of ending with a traceback."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ from ca.agent import Agent, AgentConfig, Held
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.errors import AuthenticationFailed, InvalidInput, Unavailable
+from ca.files import write_atomic
 from ca.keys import PrivateKey
 from ca.serverconn import ServerUrl
 from ca.serving import ensure_server_certificate
 from ca.workload import SvidFiles, WorkloadClient, write_svid
-from tests.ca.svidkit import SQLITE_ONLY, enrol
+from tests.ca.svidkit import SQLITE_ONLY, enrol, svid_dir_listing
 from tests.cli.test_walkthrough import TRELLIS
 from tests.fakeserver import FakeServer, fake_server, http_answer
 
@@ -244,6 +246,62 @@ def test_svid_renew_names_no_bundle_option(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"trellis: {missing / 'bundle.pem'}: cannot read the trust bundle"
     ]
+
+
+# --- writing the SVID files ----------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    "failure",
+    [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")],
+    ids=["fail/interrupted", "fail/full-disk"],
+)
+def test_a_write_that_fails_before_the_swap_leaves_the_directory_as_it_was(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """Ctrl-C or a full disk while the new set is staged (here: at its last file): the staged
+    directory, with the new key in it, stayed behind, one more on each of the agent's retries."""
+    old = enrol(ctx, "spiffe://example.org/old")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, old.full_chain_pem, old.key, old.svid.bundle_pem)
+    before = svid_dir_listing(files.directory)
+
+    def staging_fails(path: Path, data: bytes, mode: int = 0o644) -> None:
+        if path.name == "bundle.pem":
+            raise failure
+        write_atomic(path, data, mode)
+
+    monkeypatch.setattr("ca.workload.write_atomic", staging_fails)
+    new = enrol(ctx, "spiffe://example.org/new")
+    with pytest.raises(type(failure)):
+        write_svid(files, new.full_chain_pem, new.key, new.svid.bundle_pem)
+    assert svid_dir_listing(files.directory) == before
+
+
+@SQLITE_ONLY
+def test_a_write_interrupted_just_after_the_swap_keeps_what_it_published(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename of ``..data`` is done when the interrupt lands: the staged directory is the
+    published one and stays (removing it would leave ``..data`` pointing at nothing)."""
+    old = enrol(ctx, "spiffe://example.org/old")
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, old.full_chain_pem, old.key, old.svid.bundle_pem)
+    rename = os.replace
+
+    def interrupted_after(source: Path, target: Path) -> None:
+        rename(source, target)
+        if Path(target).name == "..data":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    new = enrol(ctx, "spiffe://example.org/new")
+    with pytest.raises(KeyboardInterrupt):
+        write_svid(files, new.full_chain_pem, new.key, new.svid.bundle_pem)
+    monkeypatch.undo()
+    assert files.svid.read_bytes() == new.full_chain_pem
+    assert files.key.exists() and files.bundle.exists()
 
 
 # --- a renewal refused for good -------------------------------------------------------------------
