@@ -1,5 +1,15 @@
-"""The ``trellis`` command's entry point: the imports of a command run without Python's cyclic
-garbage collector.
+"""The ``trellis`` command's entry point: Ctrl-C is one line and exit 130, and the imports of a
+command run without Python's cyclic garbage collector.
+
+SIGINT raises :class:`Interrupted` instead of ``KeyboardInterrupt`` from the first line of
+``main``: a command spends most of a second importing, where a ``KeyboardInterrupt`` ended in a
+traceback, and once it runs Typer turns a ``KeyboardInterrupt`` into a silent exit 130 of its
+own. ``Interrupted`` is neither, so it reaches ``main`` wherever it was raised, after the
+``finally`` and ``except BaseException`` blocks on its way have removed what the command left
+half done (a temporary file, a staged SVID directory, a data dir an init was setting up). A
+second Ctrl-C while they run is ignored: it would interrupt the clean-up itself. A SIGINT that
+the parent ignores (a background job of a script, ``nohup``) stays ignored. ``trellis agent``
+installs its own handler: a stop request, exit 0 (docs/rotation.md).
 
 A command spends most of its CPU importing (SQLAlchemy, SQLModel's tables, pydantic's models,
 cryptography): ~0.8 s, during which the collector runs again and again over tens of thousands
@@ -14,9 +24,34 @@ as usual from then on.
 from __future__ import annotations
 
 import gc
+import signal
+import sys
+from types import FrameType
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command Ctrl-C ended
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT). A ``BaseException`` as ``KeyboardInterrupt`` is, so that no
+    ``except Exception`` takes it for a failure to report or retry."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up on the way out runs to its end
+    raise Interrupted
 
 
 def main() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        _run()
+    except Interrupted:
+        sys.stderr.write("trellis: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run() -> None:
     gc.disable()
     try:
         from cli.main import main as run

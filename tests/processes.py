@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,10 +31,12 @@ def stopped_by_sigterm(
     *,
     within: float,
     settle: float = 0.0,
+    signum: signal.Signals = signal.SIGTERM,
 ) -> tuple[int, float]:
     """Once ``ready()`` (at most ``within`` seconds; the process must not exit meanwhile) and
-    ``settle`` seconds more, SIGTERM ``process``: its exit status and how many seconds it took
-    to exit. ``log`` (the process's output) is what a failed wait shows."""
+    ``settle`` seconds more, SIGTERM ``process`` (or send it ``signum``: SIGINT is Ctrl-C): its
+    exit status and how many seconds it took to exit. ``log`` (the process's output) is what a
+    failed wait shows."""
     try:
         deadline = time.monotonic() + within
         while not ready():
@@ -42,7 +45,7 @@ def stopped_by_sigterm(
             time.sleep(0.05)
         time.sleep(settle)
         signalled = time.monotonic()
-        process.terminate()
+        process.send_signal(signum)
         status = process.wait(30)
         return status, time.monotonic() - signalled
     finally:
