@@ -5,7 +5,9 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
   server's answer tells whether it is still valid: not revoked, its entry still there), else
   request one with the join token; without either, fail at once with a clear message;
 - a renewal refused for good (401, 403) is not retried: the join token bootstraps again at once,
-  or, without one, the agent exits with that refusal;
+  or, without one, the agent exits with that refusal; a server that cannot be reached for that
+  bootstrap (or once the SVID has expired) is retried with the back-off, only the token's own
+  refusal ends the agent;
 - renew at half the lifetime with ±5 % jitter (Istio's 0.5 ± 0.01, a little wider so a fleet
   restarted together spreads out), with a fresh key each time;
 - refresh the bundle on every renewal and every ``bundle_refresh`` in between, so a rotated or
@@ -14,7 +16,7 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
 - on errors back off exponentially (1 s … 60 s), but never by more than a quarter of the time the
   SVID has left (at least 1 s), so retries come closer together as it nears expiry and one lands
   soon after the server is back; keep the old SVID until a new one is in hand; once it has
-  expired, fall back to the join token if it still works, else give up (exit 1);
+  expired, fall back to the join token (retried as above), or without one give up (exit 3);
 - wait in short slices, so a stop (SIGTERM from a kubelet with a 30-second grace) is seen
   within a second, even in the middle of a back-off; a request in progress is abandoned too
   (``ca.serverconn``).
@@ -192,7 +194,10 @@ class Agent:
             return held
 
     def _enrol(self) -> Held:
-        """A new SVID with the join token."""
+        """A new SVID with the join token. At start without a usable SVID it is tried once: a
+        server it cannot reach then (a wrong ``--server``, one not deployed yet) is exit 8 for
+        the operator or the supervisor to see. Once the agent has run into a refusal or an
+        expiry, ``_enrol_again`` retries it."""
         if not self.config.token:
             raise errors.InvalidInput(
                 f"no valid SVID in {self.config.directory} ({self.unusable}) "
@@ -218,7 +223,26 @@ class Agent:
                 "bootstrap again"
             )
         log.warning("%s; bootstrapping again with the join token", refused.detail)
-        return self._enrol()
+        return self._enrol_again()
+
+    def _enrol_again(self) -> Held:
+        """The join token, for an agent whose SVID was refused or has expired. A server it
+        cannot reach, an answer that is not an SVID or files it cannot write are retried with
+        the back-off (1 s ... 60 s), as they are for a renewal: the agent exited 8 on them,
+        although the token may well work once the server is back. Only a refusal of the token
+        itself (401, 403: spent, expired, its entry gone) ends it, as nothing else could."""
+        backoff = 1.0
+        while True:
+            try:
+                return self._enrol()
+            except _PERMANENT:
+                raise
+            except (errors.TrellisError, OSError) as raised:
+                log.warning("%s; retrying in %.0f s", _retryable(raised).detail, backoff)
+                self._pause(backoff, self._stop)
+                if self._stop():
+                    raise Stopped from None
+                backoff = min(backoff * 2, MAX_BACKOFF)
 
     def renew(self) -> Held:
         received = self._client().renew(self.config.directory)
@@ -318,4 +342,4 @@ class Agent:
         log.warning(
             "%s; the SVID has expired: bootstrapping again with the join token", cause.detail
         )
-        return self._enrol()
+        return self._enrol_again()

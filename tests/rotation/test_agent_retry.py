@@ -4,11 +4,13 @@ sleeping is replaced by moving the clock."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
 from ca.serverconn import ServerUrl
+from ca.serving import ensure_server_certificate
 from ca.workload import SvidFiles, write_svid
 from tests.conftest import TRUST_DOMAIN, free_port
+from tests.fakeserver import FakeServer, fake_server, http_answer
 from tests.rotation.rotkit import SQLITE_ONLY
 
 
@@ -109,3 +113,101 @@ def test_a_file_it_cannot_write_is_retried_not_fatal(
         agent.run(stop=lambda: len(agent.attempts) >= 3)
     assert len(agent.attempts) == 3
     assert any("No space left on device" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# --- bootstrapping again while the server cannot be reached ------------------------------------
+
+DOWN = http_answer(b'{"detail": "down"}', "503 Service Unavailable")
+REVOKED = http_answer(
+    b'{"detail": "certificate 1f is revoked: it cannot be renewed"}', "401 Unauthorized"
+)
+
+
+class RefusedThenGone(Agent):
+    """Renewal ``refused_at`` is refused for good (revoked), the ones before find the server
+    down; once refused, the server is gone (its port closed) when the join token is tried."""
+
+    attempts: list[dt.datetime]
+    refused_at: int
+    server: FakeServer
+    gone: Callable[[], None]
+
+    def renew(self) -> Held:
+        self.attempts.append(self.clock.now())
+        if len(self.attempts) == self.refused_at:
+            self.server.answer = REVOKED
+        try:
+            return super().renew()
+        finally:
+            if len(self.attempts) == self.refused_at:
+                self.gone()
+
+
+def _retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "; retrying in" in r.getMessage()]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("refused_at", [1, 2], ids=["at-start", "at-a-renewal"])
+def test_a_bootstrap_again_that_cannot_reach_the_server_is_retried(
+    drill_ctx: Context,
+    clock: FixedClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    refused_at: int,
+) -> None:
+    """A renewal refused for good sends the agent to its join token at once; a server it could
+    not reach for that ended the agent (exit 8) instead of the back-off any outage gets."""
+    key = KeyType.EC_P256.generate()
+    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
+    svid = mint_svid(drill_ctx, grant, key, Ttl(120))
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
+    tls = ensure_server_certificate(drill_ctx)
+    with contextlib.ExitStack() as running:
+        server = running.enter_context(fake_server(tls.cert_path, tls.key_path, answer=DOWN))
+        config = AgentConfig(
+            ServerUrl.parse(server.url), tls.bundle_path, files.directory, token="join-secret"
+        )
+        agent = RefusedThenGone(
+            config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
+            rng=random.Random(7),
+        )  # fmt: skip
+        agent.attempts, agent.refused_at, agent.server = [], refused_at, server
+        agent.gone = running.close
+        with caplog.at_level(logging.WARNING, logger="trellis.agent"):
+            agent.run(stop=lambda: len(_retries(caplog)) >= 3)  # returns once stopped: no exit
+    assert len(agent.attempts) == refused_at, agent.attempts
+    assert "bootstrapping again with the join token" in caplog.text
+    again = _retries(caplog)
+    assert all("Connection refused" in line for line in again), again
+    assert [line.rsplit(" ", 2)[-2] for line in again] == ["1", "2", "4"], again
+
+
+@SQLITE_ONLY
+def test_a_bootstrap_after_expiry_that_cannot_reach_the_server_is_retried(
+    drill_ctx: Context, clock: FixedClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SVID expires during the outage: the join token is tried, and the outage goes on. The
+    agent exited 8 on it, although the token would work once the server is back."""
+    key = KeyType.EC_P256.generate()
+    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
+    svid = mint_svid(drill_ctx, grant, key, Ttl(60))
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
+    not_after = svid.certificate.not_valid_after_utc
+    config = AgentConfig(
+        ServerUrl.parse(f"https://127.0.0.1:{free_port()}"),
+        files.bundle,
+        files.directory,
+        token="join-secret",
+    )
+    agent = Agent(
+        config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
+        rng=random.Random(7),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="trellis.agent"):
+        agent.run(stop=lambda: clock.now() > not_after + dt.timedelta(minutes=5))
+    assert "the SVID has expired: bootstrapping again with the join token" in caplog.text
+    after = caplog.text.split("bootstrapping again with the join token", 1)[1]
+    assert after.count("; retrying in") >= 5, caplog.text
