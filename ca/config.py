@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
     key_backend: str = "file"  # where new authorities keep their keys: file or vault
     # seconds, published as spiffe_refresh_hint (at most a day: ca.jwks.MAX_REFRESH_HINT)
     bundle_refresh_hint: int = Field(DEFAULT_REFRESH_HINT, gt=0, le=MAX_REFRESH_HINT)
+    # The node whose files this process keeps (gateway truststores) and whose node-scoped jobs
+    # it runs (``ca.jobs.Scope.NODE``): two replicas sharing a file system must share it, two
+    # on different machines must not. The host name fits, except where it is a pod's, which
+    # changes with every pod: files on a hostPath outlive it (docs/configuration.md).
+    node_name: str = Field(default_factory=socket.gethostname)
 
     # Vault / OpenBao (the vault key backend; see docs/vault.md)
     vault_addr: str | None = None
@@ -89,6 +95,15 @@ class Settings(BaseSettings):
         Vault's tokens are. The error never repeats the value."""
         if value is not None and not _is_header_value(value.get_secret_value()):
             raise ValueError("not a Vault token: only printable ASCII characters, no spaces")
+        return value
+
+    @field_validator("node_name")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        """Recorded with each truststore and shown by ``trellis jobs list`` (128 characters,
+        ``job_run.node``); a space or control character there would only ever be a typo."""
+        if not 1 <= len(value) <= 128 or not _is_header_value(value):
+            raise ValueError("1 to 128 printable ASCII characters, no spaces")
         return value
 
     @field_validator("host")

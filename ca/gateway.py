@@ -21,7 +21,6 @@ import enum
 import hashlib
 import ipaddress
 import re
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -767,7 +766,7 @@ def write_truststore(ctx: Context, format: TruststoreFormat, path: Path) -> list
     whose files another truststore or an OpenVPN authority keeps current is refused
     (``ca.keepers``): the two would overwrite each other for ever."""
     path = _targets(format, path.absolute())
-    node = socket.gethostname()
+    node = ctx.settings.node_name
     with Session(ctx.engine) as session:
         check_free(
             session,
@@ -792,10 +791,12 @@ def write_truststore(ctx: Context, format: TruststoreFormat, path: Path) -> list
 def refresh_truststores(
     ctx: Context, formats: Sequence[TruststoreFormat] = tuple(TruststoreFormat)
 ) -> list[Path]:
-    """Rewrite this host's recorded truststores whose content changed (new CRLs, a rotated
-    intermediate). Run it at least every few hours: a CRL nginx holds expires after 24 hours,
-    and an expired CRL makes nginx refuse every client. A missing path is skipped."""
-    node = socket.gethostname()
+    """Rewrite the truststores recorded on this node (``Settings.node_name``) whose content
+    changed (new CRLs, a rotated intermediate). Run it at least every few hours on every node
+    that has some: a CRL nginx holds expires after 24 hours, and an expired CRL makes nginx
+    refuse every client. The ``gateway-truststores`` job is node-scoped for that reason
+    (``ca.jobs.Scope.NODE``). A missing path is skipped."""
+    node = ctx.settings.node_name
     with Session(ctx.engine) as session:
         rows = session.exec(
             select(GatewayTruststoreRow).where(

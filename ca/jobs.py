@@ -1,13 +1,16 @@
 """Scheduled maintenance, run inside ``trellis serve`` (see ``ca.scheduler``) and by hand.
 
-Every job is idempotent. On PostgreSQL a job runs on one replica at a time (an advisory lock per
-job); the transitions it performs re-check their state under their own lock, so even a job that
-ran twice would change nothing twice.
+Every job is idempotent. Each ``trellis serve`` runs every job (``ca.scheduler``); on PostgreSQL
+a run first takes an advisory lock of the job's ``Scope``, so that a cluster-wide job runs on one
+replica at a time and a node's job on one process of that node at a time. The transitions a job
+performs re-check their state under their own lock, so even a job that ran twice would change
+nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from ca.rotation import rotate
 from ca.serving import ensure_server_certificate
 from ca.store.models import AuthorityRow, RenewalNonceRow
 
-__all__ = ["JOBS", "Job", "catch_up", "job_named"]
+__all__ = ["JOBS", "Job", "Scope", "catch_up", "job_named"]
 
 log = logging.getLogger("trellis.jobs")
 
@@ -114,33 +117,52 @@ def write_openvpn_crls(ctx: Context) -> str:
     return f"{len(written)} OpenVPN CRL file(s) current"
 
 
+class Scope(enum.Enum):
+    """What one run of a job keeps current, so where it must run and what excludes it."""
+
+    # Shared state (the database, CA keys): any one replica's run does it for all, so a run is
+    # skipped while another replica's is in progress.
+    CLUSTER = "cluster"
+    # Files on the node it runs on (``Settings.node_name``): a gateway truststore, an OpenVPN
+    # CRL file or server directory read by a server beside it. No other node's run writes them,
+    # so each node runs it; only another process of the same node skips it meanwhile.
+    NODE = "node"
+    # The process's own files (its serving certificate in its data directory): every replica.
+    REPLICA = "replica"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     name: str
     every_seconds: int
     run: Callable[[Context], str]
     description: str
-    # Cluster-wide jobs change shared state and run on one replica at a time; local ones (the
-    # replica's own serving certificate) must run on every replica.
-    cluster_wide: bool = True
+    scope: Scope = Scope.CLUSTER
 
 
 JOBS = (
     Job("ca-rotation", 10, rotate_cas, "prepare, activate and retire intermediates; prune bundles"),
     Job("crl-resign", 60, resign_crls, "re-sign CRLs well before nextUpdate"),
-    Job("openvpn-crl", 60, write_openvpn_crls, "rewrite OpenVPN CRL files before nextUpdate"),
+    Job(
+        "openvpn-crl",
+        60,
+        write_openvpn_crls,
+        "rewrite OpenVPN CRL files before nextUpdate",
+        Scope.NODE,
+    ),
     Job(
         "openvpn-server-certificate",
         300,
         _renew_openvpn_servers,
         "renew OpenVPN server certificates into their server-config directory",
+        Scope.NODE,
     ),
     Job(
         "server-certificate",
         10,
         renew_server_certificate,
         "renew this replica's serving certificate",
-        cluster_wide=False,
+        Scope.REPLICA,
     ),
     Job(
         "istio-intermediates",
@@ -149,7 +171,13 @@ JOBS = (
         "renew Istio plug-in intermediates",
     ),
     Job("federation-refresh", 10, refresh_federated_bundles, "fetch federated trust bundles"),
-    Job("gateway-truststores", 300, gateway.refresh_job, "rewrite gateway truststores and CRLs"),
+    Job(
+        "gateway-truststores",
+        300,
+        gateway.refresh_job,
+        "rewrite this node's gateway truststores and CRLs",
+        Scope.NODE,
+    ),
     Job(
         "audit-seal",
         2,

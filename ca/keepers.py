@@ -11,8 +11,9 @@ content: an OpenVPN server reading another CA's CRLs lets that authority's revok
 (OpenVPN only warns about a CA without a CRL), nginx reading a VPN CRL refuses every partner. So a
 new keeper is refused (``InvalidInput``) when a file it would keep is already kept by another.
 Paths are compared resolved (a symlink or ``..`` names the same file). A truststore path on one
-node is another file than the same path on another node; an OpenVPN CRL file is written by
-whichever replica runs the job, so it collides with a truststore on any node.
+node is another file than the same path on another node; an OpenVPN CRL file is written on
+every node that runs ``trellis serve`` (the ``openvpn-crl`` job is node-scoped), so it collides
+with a truststore on any node.
 """
 
 from __future__ import annotations

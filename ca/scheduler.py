@@ -1,7 +1,9 @@
 """Running the maintenance jobs on APScheduler, with a shared record of every run.
 
 - Exactly once across replicas: on PostgreSQL each run first takes a session-level advisory lock
-  for its job (``pg_try_advisory_lock``); a replica that does not get it skips that run.
+  for its job (``pg_try_advisory_lock``); a replica that does not get it skips that run. A job
+  of a node's files (``Scope.NODE``) locks only against the other processes of its node: a
+  run on another node writes none of its files, so skipping for it would leave them to age.
 - Survives restarts: every job runs once at start-up, so a process that was down past a
   transition performs it immediately.
 - Failures: logged with context, recorded in ``job_run`` (shown by ``trellis jobs list`` and in
@@ -19,7 +21,6 @@ import datetime as dt
 import fcntl
 import logging
 import os
-import socket
 import threading
 import zlib
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from sqlmodel import Session
 
 from ca.config import Context
 from ca.errors import TrellisError
-from ca.jobs import JOBS, Job
+from ca.jobs import JOBS, Job, Scope
 from ca.store.models import JobRunRow
 
 if TYPE_CHECKING:
@@ -41,15 +42,24 @@ if TYPE_CHECKING:
 # APScheduler is imported where the scheduler starts: every CLI command imports this module (for
 # job statuses) and only ``trellis serve`` runs jobs on a schedule.
 
-__all__ = ["JobStatus", "elect_scheduler", "job_statuses", "run_job", "start_scheduler"]
+__all__ = [
+    "JobStatus",
+    "elect_scheduler",
+    "job_statuses",
+    "lock_key",
+    "run_job",
+    "start_scheduler",
+]
 
 log = logging.getLogger("trellis.scheduler")
 BACKOFF_START = 10
 FAILING_AFTER = 3
 
 
-def _lock_key(job: Job) -> int:
-    return 0x7E12 << 32 | zlib.crc32(job.name.encode())
+def lock_key(job: Job, node: str) -> int:
+    """The advisory lock a run of ``job`` on ``node`` takes (``Scope.REPLICA`` takes none)."""
+    scoped = f"{job.name}@{node}" if job.scope is Scope.NODE else job.name
+    return 0x7E12 << 32 | zlib.crc32(scoped.encode())
 
 
 def _record(ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: str) -> JobRunRow:
@@ -60,7 +70,7 @@ def _record(ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: s
         row.runs += 1
         row.consecutive_failures = 0 if ok else row.consecutive_failures + 1
         row.next_run = started + dt.timedelta(seconds=job.every_seconds)
-        row.node = socket.gethostname()[:128]
+        row.node = ctx.settings.node_name[:128]
         session.add(row)
         session.commit()
         session.refresh(row)
@@ -70,10 +80,11 @@ def _record(ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: s
 def run_job(ctx: Context, job: Job) -> JobRunRow | None:
     """Run one job now, unless another replica holds its lock; returns the recorded run."""
     with ctx.engine.connect() as connection:
-        locking = connection.dialect.name == "postgresql" and job.cluster_wide
+        locking = connection.dialect.name == "postgresql" and job.scope is not Scope.REPLICA
+        key = lock_key(job, ctx.settings.node_name)
         if locking:
             got = connection.execute(
-                sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _lock_key(job)}
+                sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}
             ).scalar()
             connection.commit()
             if not got:
@@ -95,7 +106,7 @@ def run_job(ctx: Context, job: Job) -> JobRunRow | None:
             return _record(ctx, job, started=started, ok=ok, result=result)
         finally:
             if locking:
-                connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(job)})
+                connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 connection.commit()
 
 

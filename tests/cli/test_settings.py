@@ -60,6 +60,10 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_PORT", "70000"),
         ("TRELLIS_HOST", "999.1.1.1"),
         ("TRELLIS_HOST", "bad host"),
+        # recorded with each gateway truststore, shown by 'trellis jobs list'
+        ("TRELLIS_NODE_NAME", ""),
+        ("TRELLIS_NODE_NAME", "node a"),
+        ("TRELLIS_NODE_NAME", "nöde-a"),
     ],
 )
 def test_a_bad_setting_stops_every_command_in_one_line(
@@ -90,6 +94,7 @@ def test_good_settings_are_accepted(bare: Trellis) -> None:
         TRELLIS_PUBLIC_URL="https://ca.example.org:8443/pki/",
         TRELLIS_HOST="::",
         TRELLIS_WORKERS="0",
+        TRELLIS_NODE_NAME="worker-3.example.org",
     )
     bare.run("init", "--trust-domain", "example.org")
     bare.run("certs", "list")
