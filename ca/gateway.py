@@ -624,7 +624,7 @@ def revoke_gateway_certificate(
     invalidity_date: dt.datetime | None = None,
 ) -> tuple[GatewayCertificate, list[Path]]:
     """Revoke (the issuer's CRL is re-signed in the same transaction), then rewrite the nginx
-    truststores recorded on this host so their ``crl.pem`` lists it. nginx reads ``ssl_crl`` only
+    truststores recorded on this node so their ``crl.pem`` lists it. nginx reads ``ssl_crl`` only
     at start and reload: the returned paths are what to reload for. The certificate's
     ``info.crl_skipped`` says why its issuer's CRL was not re-signed, if it was not (a revoked
     intermediate whose key is gone: ``ca.certs.revoke_certificate``)."""

@@ -277,7 +277,9 @@ def truststore(
     ] = None,
     refresh: Annotated[
         bool,
-        typer.Option(help="Rewrite every truststore recorded on this host (run it from cron)"),
+        typer.Option(
+            help="Rewrite every truststore recorded on this node (TRELLIS_NODE_NAME); from cron"
+        ),
     ] = False,
 ) -> None:
     """Write what a gateway trusts; the path is recorded so revocations rewrite nginx CRLs."""

@@ -132,7 +132,7 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> GatewayCertO
 )
 def revoke(serial: str, body: RevokeRequest, ctx: CtxDep, admin: AdminDep) -> GatewayRevokedOut:
     """The gateway CRL is re-signed in the revoking transaction; recorded nginx truststores on
-    the server's host are rewritten (reload nginx after)."""
+    the server's node are rewritten (reload nginx after)."""
     cert, written = gateway.revoke_gateway_certificate(
         ctx,
         Serial.parse(serial),

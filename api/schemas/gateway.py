@@ -167,7 +167,7 @@ class GatewayCertOut(BaseModel):
 class GatewayRevokedOut(GatewayCertOut):
     rewritten: list[str] = Field(
         default_factory=list,
-        description="Truststore files rewritten on the server's host: reload those gateways",
+        description="Truststore files rewritten on the server's node: reload those gateways",
     )
     crl_skipped: str | None = Field(default=None, description=CRL_SKIPPED)
 
