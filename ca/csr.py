@@ -20,7 +20,15 @@ from ca.errors import InvalidCsr, PolicyViolation
 from ca.identity import SpiffeId
 from ca.keys import KeyType, PublicKey, RefusedSignatureAlgorithm, check_public_key, verify_signed
 
-__all__ = ["ParsedCsr", "check_dns_name", "load_verified_csr", "parse_csr"]
+__all__ = [
+    "DecodedCsr",
+    "ParsedCsr",
+    "check_dns_name",
+    "decode_csr",
+    "load_verified_csr",
+    "parse_csr",
+    "svid_csr",
+]
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -72,6 +80,31 @@ def is_host(value: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodedCsr:
+    """A CSR decoded from its PEM, nothing in it checked: its structure is DER, that is all.
+    What a renewal proof is bound to (the SHA-256 of the DER), known before the proof is
+    judged, so that a caller whose proof does not verify learns nothing about its CSR."""
+
+    request: x509.CertificateSigningRequest
+    sha256: bytes
+
+
+def decode_csr(pem: bytes) -> DecodedCsr:
+    """The PEM's CSR, structure only (a few µs: no key is read and no signature verified)."""
+    request = _decoded(pem)
+    return DecodedCsr(
+        request, hashlib.sha256(request.public_bytes(serialization.Encoding.DER)).digest()
+    )
+
+
+def _decoded(pem: bytes) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_pem_x509_csr(pem)
+    except ValueError:
+        raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedCsr:
     public_key: PublicKey
     spiffe_id: SpiffeId | None
@@ -109,10 +142,12 @@ def load_verified_csr(pem: bytes) -> tuple[x509.CertificateSigningRequest, Publi
     acceptable algorithm (SHA-256/384/512 or Ed25519: ``verify_signed``); nothing else judged.
     The key is read once and the signature verified with it, rather than by
     ``is_signature_valid``, which reads the key again (~8 µs a request) and accepts SHA-224."""
-    try:
-        csr = x509.load_pem_x509_csr(pem)
-    except ValueError:
-        raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
+    return _verified(_decoded(pem))
+
+
+def _verified(
+    csr: x509.CertificateSigningRequest,
+) -> tuple[x509.CertificateSigningRequest, PublicKey]:
     # cryptography reads an id-RSASSA-PSS key as a plain RSA key, so a certificate built from it
     # would say rsaEncryption and drop the restriction to PSS signatures its holder asked for
     # (RFC 4055 §1.2). Keeping it would mean copying the CSR's SPKI and its parameters, leaving
@@ -149,9 +184,15 @@ _SVID_RSA_BITS = tuple(int(k.value.removeprefix("rsa-")) for k in KeyType if k.i
 
 
 def parse_csr(pem: bytes) -> ParsedCsr:
-    """A CSR for an X509-SVID: ``load_verified_csr``, an RSA key of a KeyType size, and only a
-    URI SAN (at most one) and DNS names."""
-    csr, key = load_verified_csr(pem)
+    """A CSR for an X509-SVID (``svid_csr``) from its PEM."""
+    return svid_csr(decode_csr(pem))
+
+
+def svid_csr(decoded: DecodedCsr) -> ParsedCsr:
+    """A CSR for an X509-SVID: its signature proves possession of an acceptable key
+    (``load_verified_csr``), an RSA key is of a KeyType size, and it asks for only a URI SAN
+    (at most one) and DNS names."""
+    csr, key = _verified(decoded.request)
     if isinstance(key, rsa.RSAPublicKey) and key.key_size not in _SVID_RSA_BITS:
         *first, last = (str(bits) for bits in _SVID_RSA_BITS)
         raise InvalidCsr(
@@ -178,5 +219,4 @@ def parse_csr(pem: bytes) -> ParsedCsr:
         if uris:
             spiffe_id = SpiffeId.parse(uris[0])
         dns = tuple(check_dns_name(name) for name in san.get_values_for_type(x509.DNSName))
-    der = csr.public_bytes(serialization.Encoding.DER)
-    return ParsedCsr(key, spiffe_id, dns, hashlib.sha256(der).digest())
+    return ParsedCsr(key, spiffe_id, dns, decoded.sha256)

@@ -18,10 +18,16 @@ from cryptography import x509
 
 from ca.authority import MESH, active_issuer
 from ca.config import Context
-from ca.csr import ParsedCsr, parse_csr
+from ca.csr import DecodedCsr, decode_csr, svid_csr
 from ca.durations import Ttl
 from ca.entries import DEFAULT_MAX_TTL, check_not_reserved
-from ca.errors import AuthenticationFailed, PermissionDenied, PolicyViolation, TrellisError
+from ca.errors import (
+    AuthenticationFailed,
+    InvalidCsr,
+    PermissionDenied,
+    PolicyViolation,
+    TrellisError,
+)
 from ca.identity import SERVER_PATH, SpiffeId
 from ca.issue import Grant, refused
 from ca.renewal import read_proof, unverified_serial
@@ -130,10 +136,14 @@ def _join_grant(found: Mapping[str, Any] | None, now: dt.datetime) -> Grant:
 
 def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
     """Only the holder of a live (unexpired, unrevoked) SVID's key may renew it, and only into
-    the same SPIFFE ID, with the lifetimes its registration entry allows today."""
+    the same SPIFFE ID, with the lifetimes its registration entry allows today.
+
+    The proof is judged before the CSR it is bound to: the CSR is only decoded for its hash
+    until then, so a caller whose proof does not verify is 401 (and counted as
+    ``unauthenticated``) whatever its CSR, and learns nothing about it."""
     try:
         serial = unverified_serial(proof)
-        csr = parse_csr(csr_pem)
+        csr = _decoded(csr_pem)
         with ctx.reads.connect() as connection:
             row = _RENEWINGS.one(connection, serial.hex)
         return _renewal_grant(row, proof, serial, csr_pem, csr, ctx.clock.now())
@@ -147,7 +157,7 @@ async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant
     requests the loop has ready, and on PostgreSQL made off the loop (``GroupRead``)."""
     try:
         serial = unverified_serial(proof)
-        csr = parse_csr(csr_pem)
+        csr = _decoded(csr_pem)
         row = await ctx.lookups.get(_RENEWINGS, serial.hex)
         return _renewal_grant(row, proof, serial, csr_pem, csr, ctx.clock.now())
     except TrellisError as error:
@@ -155,18 +165,29 @@ async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant
         raise
 
 
+def _decoded(csr_pem: bytes) -> DecodedCsr | InvalidCsr:
+    """The CSR for its hash, or why it has none: raised only once the proof is judged."""
+    try:
+        return decode_csr(csr_pem)
+    except InvalidCsr as error:
+        return error
+
+
 def _renewal_grant(
     row: Mapping[str, Any] | None,
     proof: str,
     serial: Serial,
     csr_pem: bytes,
-    csr: ParsedCsr,
+    csr: DecodedCsr | InvalidCsr,
     now: dt.datetime,
 ) -> Grant:
     if row is None or row["profile"] != "x509-svid":
         raise AuthenticationFailed("the renewal proof names an unknown certificate")
     claims = read_proof(
-        proof, x509.load_pem_x509_certificate(row["cert_pem"].encode()), csr.sha256, now
+        proof,
+        x509.load_pem_x509_certificate(row["cert_pem"].encode()),
+        csr.sha256 if isinstance(csr, DecodedCsr) else None,
+        now,
     )
     if row["status"] != "active":
         raise AuthenticationFailed(f"certificate {serial} is {row['status']}: it cannot be renewed")
@@ -184,11 +205,14 @@ def _renewal_grant(
             "the certificate's registration entry was deleted: renewal is refused"
         )
     grant = _entry_grant(row, requested_by=f"renewal:{serial}")
+    # Authenticated and allowed: now the CSR is judged (400), and kept for issuing.
+    if isinstance(csr, InvalidCsr):
+        raise csr
     return dataclasses.replace(
         grant,
         renewal_nonce=(claims.jti, claims.expires_at),
         renews_serial=serial.hex,
-        checked_csr=(csr_pem, csr),
+        checked_csr=(csr_pem, svid_csr(csr)),
     )
 
 

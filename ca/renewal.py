@@ -79,8 +79,12 @@ def unverified_serial(proof: str) -> Serial:
 
 
 def read_proof(
-    proof: str, cert: x509.Certificate, csr_sha256: bytes, now: dt.datetime
+    proof: str, cert: x509.Certificate, csr_sha256: bytes | None, now: dt.datetime
 ) -> RenewalClaims:
+    """The proof's claims, once it verifies with ``cert``'s key, is live and was made for the
+    CSR whose DER has ``csr_sha256``. None: the request holds no CSR to bind (its PEM does not
+    decode); the caller refuses that once the proof and its certificate are otherwise judged,
+    so that only the holder of a live SVID's key learns that its CSR is bad."""
     public_key = cert.public_key()
     try:
         # Explicit typing (RFC 8725 §3.11): a JWT the workload signed for something else is
@@ -115,7 +119,7 @@ def read_proof(
     issued, expires = _instant(claims["iat"]), _instant(claims["exp"])
     if expires <= now or issued > now + CLOCK_SKEW or expires - issued > MAX_PROOF_LIFETIME:
         raise AuthenticationFailed("the renewal proof is expired or not yet valid")
-    if claims["csr"] != _b64(csr_sha256):
+    if csr_sha256 is not None and claims["csr"] != _b64(csr_sha256):
         raise AuthenticationFailed("the renewal proof was made for a different CSR")
     jti, subject = claims["jti"], claims["sub"]
     if not isinstance(jti, str) or not 16 <= len(jti) <= 64:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.restkit import Rest, make_csr
+from ca.csr import parse_csr
+from ca.renewal import make_proof
+from tests.api.restkit import Rest, make_csr, new_key
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -71,6 +73,9 @@ def test_refused_credentials_count_as_unauthenticated(rest: Rest) -> None:
         headers=rest.admin,
     )
     assert revoked.status_code == 200, revoked.text
+    forged = make_proof(
+        svid.certificate, new_key(), parse_csr(csr.encode()).sha256, rest.clock.now()
+    )
     refusals = [
         rest.request_svid(token, csr),  # used
         rest.request_svid("no-such-token", csr),  # unknown
@@ -80,6 +85,9 @@ def test_refused_credentials_count_as_unauthenticated(rest: Rest) -> None:
         # A bad credential with a bad body: the credential is judged first.
         rest.request_svid("no-such-token", "x", ttl="bogus"),
         rest.renew(svid, "x", proof="not.a.jwt", ttl="bogus"),
+        # A well-formed proof signed by another key, with a CSR that is not one: the proof's
+        # signature is checked before the CSR is judged.
+        rest.renew(svid, "x", proof=forged),
     ]
-    assert [r.status_code for r in refusals] == [401] * 7, [r.text for r in refusals]
-    assert _value(_samples(rest.client), issued, **labels) == base + 7
+    assert [r.status_code for r in refusals] == [401] * 8, [r.text for r in refusals]
+    assert _value(_samples(rest.client), issued, **labels) == base + 8

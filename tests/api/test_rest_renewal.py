@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ca.clock import FixedClock
 from ca.config import Context
+from ca.renewal import make_proof
 from tests.api.restkit import (
     Rest,
     Svid,
@@ -18,6 +21,7 @@ from tests.api.restkit import (
     make_csr,
     new_key,
     post_csr,
+    tamper_signature,
 )
 from tests.certassert import assert_is_svid_leaf
 
@@ -185,3 +189,50 @@ def test_renewal_csr_must_not_ask_for_another_identity(rest: Rest) -> None:
 
     assert assert_problem(rest.renew(svid, csr_pem), 400)["code"] == "policy-violation"
     assert rest.certificate_count() == 1
+
+
+def _bound_digest(csr_pem: str) -> bytes:
+    """What a proof for ``csr_pem`` names: the SHA-256 of its DER, or, for a body no DER can be
+    decoded from, of the bytes sent (any digest: nothing can match it)."""
+    try:
+        der = x509.load_pem_x509_csr(csr_pem.encode()).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        der = csr_pem.encode()
+    return hashlib.sha256(der).digest()
+
+
+BAD_CSRS = [
+    ("not-pem", "not a CSR", "invalid-csr"),
+    (
+        "pem-of-garbage",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        "invalid-csr",
+    ),
+    ("bad-signature", tamper_signature(make_csr()[1]), "invalid-csr"),
+    ("another-identity", make_csr(uris=["spiffe://example.org/admin"])[1], "policy-violation"),
+]
+
+
+def test_the_proof_is_judged_before_the_csr(rest: Rest) -> None:
+    """Regression: the CSR was parsed and judged before the proof's signature was checked, so a
+    forged proof with a bad CSR was 400 (telling a caller who proved nothing about its body) and
+    counted as ``invalid-csr``, not ``unauthenticated``. A proof that does not verify is 401
+    whatever the CSR; one that verifies, for a live SVID, lets the CSR be judged: 400."""
+    svid = rest.enrol("spiffe://example.org/web")
+    revoked = rest.enrol("spiffe://example.org/revoked")
+    revocation = rest.client.post(
+        f"/v1/certificates/{revoked.serial}/revoke", json={}, headers=rest.admin
+    )
+    assert revocation.status_code == 200, revocation.text
+    for case, csr_pem, code in BAD_CSRS:
+        digest = _bound_digest(csr_pem)
+        forged = make_proof(svid.certificate, new_key(), digest, rest.clock.now())
+        body = assert_problem(rest.renew(svid, csr_pem, forged), 401)
+        assert "does not verify" in body["detail"], case
+        of_revoked = make_proof(revoked.certificate, revoked.key, digest, rest.clock.now())
+        assert "revoked" in assert_problem(rest.renew(revoked, csr_pem, of_revoked), 401)["detail"]
+        genuine = make_proof(svid.certificate, svid.key, digest, rest.clock.now())
+        assert assert_problem(rest.renew(svid, csr_pem, genuine), 400)["code"] == code, case
+    assert rest.certificate_count() == 2
+    # The refusals spent nothing: a good CSR renews.
+    assert rest.renew(svid, make_csr()[1]).status_code == 200

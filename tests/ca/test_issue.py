@@ -644,20 +644,27 @@ def test_renewal(ctx: Context, clock: FixedClock) -> None:
 def test_a_renewal_loads_and_checks_its_csr_once(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The proof is bound to the CSR, so authenticating parses it; issuing the same bytes
-    takes that parse (its load and signature check are ~100 µs) instead of making it again.
-    Other bytes than the proof was checked against are parsed, and refused, as ever."""
+    """The proof is bound to the CSR, so authenticating decodes it (for its hash) and, once the
+    proof verified, checks it; issuing the same bytes takes that parse (its load and signature
+    check are ~100 µs) instead of making it again. Other bytes than the proof was checked
+    against are parsed, and refused, as ever."""
     old = enrol(ctx, WEB)
     loads: list[bytes] = []
-    load = csr_module.load_verified_csr
+    checks: list[bytes] = []
+    load, check = csr_module._decoded, csr_module._verified
 
-    def counted(pem: bytes) -> Any:
+    def counted_load(pem: bytes) -> Any:
         loads.append(pem)
         return load(pem)
 
-    monkeypatch.setattr(csr_module, "load_verified_csr", counted)
+    def counted_check(csr: x509.CertificateSigningRequest) -> Any:
+        checks.append(csr.public_bytes(serialization.Encoding.PEM))
+        return check(csr)
+
+    monkeypatch.setattr(csr_module, "_decoded", counted_load)
+    monkeypatch.setattr(csr_module, "_verified", counted_check)
     cert = renew(ctx, old)
-    assert len(loads) == 1
+    assert (len(loads), len(checks)) == (1, 1)
     assert_is_svid_leaf(cert, spiffe_id=WEB, issuer=active_issuer(ctx).certificate)
 
     csr = make_csr(new_key(KeyType.EC_P256), uris=[WEB])
@@ -665,7 +672,7 @@ def test_a_renewal_loads_and_checks_its_csr_once(
     other = make_csr(new_key(KeyType.EC_P256), uris=["spiffe://example.org/other"])
     with pytest.raises(PolicyViolation):
         issue_svid(ctx, grant, other)
-    assert loads[-1] == other
+    assert loads[-1] == checks[-1] == other
 
 
 @SQLITE_ONLY
