@@ -286,9 +286,10 @@ def issue_for_key(
 
 
 def refused(error: TrellisError, authority: str = MESH, profile: str = "x509-svid") -> None:
-    """Counts an issuance refused before it had a grant (``ca.grants``: a spent, unknown or
-    revoked credential, a malformed proof): ``unauthenticated`` is a result like the others
-    (docs/operations.md), and an alert on it sees credential stuffing."""
+    """Counts an issuance refused outside ``issue_svid``'s measured pipeline: before it had a
+    grant (``ca.grants``: a spent, unknown or revoked credential, a malformed proof), where
+    ``unauthenticated`` is a result like the others (docs/operations.md) and an alert on it sees
+    credential stuffing, or with one but a request field that does not parse (a bad ``ttl``)."""
     metrics.ISSUED.labels(authority, profile, error.code).inc()
 
 

@@ -44,7 +44,7 @@ from api.requestid import RequestId
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import AuthenticationFailed
+from ca.errors import AuthenticationFailed, TrellisError
 from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, refused, under_way
 
@@ -74,8 +74,16 @@ class _Authenticate:
     in_thread: Callable[[bytes], Grant]
 
 
-def _ttl(body: SvidRequest) -> Ttl | None:
-    return Ttl.parse(body.ttl) if body.ttl else None
+def _ttl(body: SvidRequest, grant: Grant) -> Ttl | None:
+    """Read once the credential is judged (see ``_issue``), outside ``issue_svid``'s measured
+    pipeline: a bad one is counted here as that would count it (``invalid-input``)."""
+    if not body.ttl:
+        return None
+    try:
+        return Ttl.parse(body.ttl)
+    except TrellisError as error:
+        refused(error, grant.authority, grant.profile)
+        raise
 
 
 async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -> SvidResponse:
@@ -87,12 +95,12 @@ async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -
     if ctx.signs_locally:
         with under_way(ctx):
             grant = await authenticate.on_loop(csr)
-            svid = await issue_svid_async(ctx, grant, csr, _ttl(body))
+            svid = await issue_svid_async(ctx, grant, csr, _ttl(body, grant))
         return _render(svid, str(grant.spiffe_id))
 
     def in_thread() -> SvidResponse:
         grant = authenticate.in_thread(csr)
-        return _render(issue_svid(ctx, grant, csr, _ttl(body)), str(grant.spiffe_id))
+        return _render(issue_svid(ctx, grant, csr, _ttl(body, grant)), str(grant.spiffe_id))
 
     # With the request's context (its request id in the log lines), as anyio's pool would.
     context = contextvars.copy_context()

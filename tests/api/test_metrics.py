@@ -91,3 +91,25 @@ def test_refused_credentials_count_as_unauthenticated(rest: Rest) -> None:
     ]
     assert [r.status_code for r in refusals] == [401] * 8, [r.text for r in refusals]
     assert _value(_samples(rest.client), issued, **labels) == base + 8
+
+
+def test_a_bad_ttl_with_a_valid_credential_counts_as_invalid_input(rest: Rest) -> None:
+    """Regression: a join token or a renewal proof that authenticated, with a ``ttl`` that is no
+    duration, was 400 but counted under no result (the TTL was parsed outside the measured
+    issuance), unlike a TTL above the maximum (``policy-violation``)."""
+    issued = "trellis_certificates_issued_total"
+    labels = {"authority": "mesh", "profile": "x509-svid"}
+    before = _samples(rest.client)
+    svid = rest.enrol("spiffe://example.org/ttl")
+    token = rest.join_token(rest.create_entry("spiffe://example.org/ttl-token"))
+    _key, csr = make_csr()
+    refusals = [
+        rest.request_svid(token, csr, ttl="soon"),
+        rest.renew(svid, csr, ttl="soon"),
+        rest.renew(svid, csr, ttl="999h"),
+    ]
+    assert [r.status_code for r in refusals] == [400] * 3, [r.text for r in refusals]
+    after = _samples(rest.client)
+    for result, more in (("invalid-input", 2), ("policy-violation", 1), ("issued", 1)):
+        counted = _value(after, issued, **labels, result=result)
+        assert counted == _value(before, issued, **labels, result=result) + more, result
