@@ -21,11 +21,11 @@ from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
 from ca.csr import check_dns_name, is_host
-from ca.errors import TrellisError, Unavailable
+from ca.errors import TrellisError
 from ca.files import data_directory
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
-from ca.keys.file import FileKeyBackend, load_or_create_passphrase
+from ca.keys.file import FileKeyBackend, KeyPassphrase
 from ca.keys.store import KeyStore
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
@@ -199,6 +199,8 @@ class Context:
     settings: Settings
     engine: Engine
     keys: KeyStore
+    # Of the file key backend and of sealed secrets: read when one of them first needs it.
+    passphrase: KeyPassphrase
     clock: Clock = field(default_factory=SystemClock)
     # Caches of unlocked signers and rendered PEM, keyed by CA row id (see ``ca.authority``).
     cache: dict[object, object] = field(default_factory=dict)
@@ -248,17 +250,15 @@ def build_context(
     data_directory(settings.data_dir)
     for name in ("secrets", "server"):  # keys/: FileKeyBackend below; these when first used
         data_directory(settings.data_dir / name, create=False)
-    if settings.key_passphrase is not None:
-        passphrase = settings.key_passphrase.get_secret_value().encode()
-    else:
-        passphrase_file, keys_dir = settings.data_dir / "key-passphrase", settings.data_dir / "keys"
-        if not passphrase_file.exists() and keys_dir.is_dir() and any(keys_dir.iterdir()):
-            # A new random passphrase would open none of them (a restored data dir, say).
-            raise Unavailable(
-                f"the CA keys in {keys_dir} are encrypted, and {passphrase_file} is missing:"
-                " put it back, or set TRELLIS_KEY_PASSPHRASE"
-            )
-        passphrase = load_or_create_passphrase(passphrase_file)
+    given = settings.key_passphrase
+    passphrase = KeyPassphrase(
+        settings.data_dir, given.get_secret_value().encode() if given is not None else None
+    )
+    if settings.key_backend == "file":
+        # New keys go to files: a passphrase that cannot be had stops every command now (exit
+        # 8, naming the file), not the first one that makes a key. With the vault backend it is
+        # read only when a file key or a sealed secret is used (docs/vault.md).
+        passphrase.get()
     backends: dict[str, KeyBackend] = {
         "file": FileKeyBackend(settings.data_dir / "keys", passphrase)
     }
@@ -273,7 +273,13 @@ def build_context(
     except BaseException:
         engine.dispose()
         raise
-    ctx = Context(settings=settings, engine=engine, keys=keys, clock=clock or SystemClock())
+    ctx = Context(
+        settings=settings,
+        engine=engine,
+        keys=keys,
+        passphrase=passphrase,
+        clock=clock or SystemClock(),
+    )
     database = engine.url.database
     if serving and engine.dialect.name == "sqlite" and database and database != ":memory:":
         ctx.checkpointer = db.Checkpointer(database).start()

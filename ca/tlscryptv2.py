@@ -18,7 +18,8 @@ Both are PEM-armoured with ``-----BEGIN OpenVPN tls-crypt-v2 server key-----`` /
 The server key and the shared static key are held like CA keys (``SecretVault``): in the
 authority's key backend when it can hold raw secrets (the Vault backend's KV v2 store), otherwise
 sealed in a 0600 file under ``<data dir>/secrets``, encrypted with the passphrase the file key
-backend uses (``TRELLIS_KEY_PASSPHRASE`` or the generated ``key-passphrase`` file).
+backend uses (``TRELLIS_KEY_PASSPHRASE`` or the generated ``key-passphrase`` file, read when a
+secret is first sealed or opened: ``ca.keys.file.KeyPassphrase``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from ca.config import Context
 from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.files import private_file, write_private
-from ca.keys.file import load_or_create_passphrase
 
 __all__ = [
     "CLIENT_KEY_LEN",
@@ -384,11 +384,7 @@ class SecretVault:
         return self.ctx.settings.data_dir / "secrets" / f"{ref}.sealed"
 
     def _key(self, salt: bytes) -> bytes:
-        settings = self.ctx.settings
-        if settings.key_passphrase is not None:
-            passphrase = settings.key_passphrase.get_secret_value().encode()
-        else:
-            passphrase = load_or_create_passphrase(settings.data_dir / "key-passphrase")
+        passphrase = self.ctx.passphrase.get()
         return Scrypt(salt=salt, length=32, n=2**14, r=8, p=1).derive(passphrase)
 
     def _seal(self, ref: str, data: bytes) -> bytes:

@@ -2,7 +2,8 @@
 
 The passphrase comes from ``TRELLIS_KEY_PASSPHRASE`` or, when unset, a generated 0600 file beside
 the keys: good enough for a single node whose disk is protected, and the reason the Vault backend
-exists for everyone else.
+exists for everyone else. It is read when a file key or a sealed secret is first used
+(``KeyPassphrase``), so an instance whose keys all live in Vault runs without one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from ca.files import data_directory, private_file, write_private
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey
 
-__all__ = ["FileKeyBackend", "load_or_create_passphrase"]
+__all__ = ["FileKeyBackend", "KeyPassphrase", "load_or_create_passphrase"]
 
 _REF = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
 
@@ -52,14 +54,58 @@ def load_or_create_passphrase(path: Path) -> bytes:
     return value
 
 
+class KeyPassphrase:
+    """The passphrase of the file key backend and of sealed secrets (``ca.tlscryptv2``), read
+    when first needed and then kept for the process.
+
+    Only what encrypts or decrypts with it asks for it: a file key created or loaded, a secret
+    sealed or opened. An instance whose CA keys and secrets all live in Vault never does, and
+    needs neither ``TRELLIS_KEY_PASSPHRASE`` nor a usable ``key-passphrase`` file. A failure
+    (``Unavailable`` naming the file) is not kept: the next use reads the file again, so a
+    passphrase put back is picked up without a restart.
+    """
+
+    def __init__(self, data_dir: Path, given: bytes | None = None) -> None:
+        """``given``: ``TRELLIS_KEY_PASSPHRASE``, a setting, checked here (``InvalidInput``);
+        without it, ``<data_dir>/key-passphrase``, generated when first needed if nothing
+        encrypted with an earlier one is there."""
+        if given is not None and len(given) < MIN_PASSPHRASE:
+            raise InvalidInput(f"the key passphrase must be at least {MIN_PASSPHRASE} characters")
+        self.file = data_dir / "key-passphrase"
+        self._encrypted = (("CA keys", data_dir / "keys"), ("sealed secrets", data_dir / "secrets"))
+        self._value = given
+        self._lock = threading.Lock()  # one passphrase generated, even by concurrent first uses
+
+    @classmethod
+    def fixed(cls, value: bytes) -> KeyPassphrase:
+        return cls(Path(), value)
+
+    def get(self) -> bytes:
+        with self._lock:
+            if self._value is None:
+                self._value = self._read()
+            return self._value
+
+    def _read(self) -> bytes:
+        if not self.file.exists():
+            for what, directory in self._encrypted:
+                if directory.is_dir() and any(directory.iterdir()):
+                    # A new random passphrase would open none of them (a restored data dir).
+                    raise Unavailable(
+                        f"the {what} in {directory} are encrypted, and {self.file} is missing:"
+                        " put it back, or set TRELLIS_KEY_PASSPHRASE"
+                    )
+        return load_or_create_passphrase(self.file)
+
+
 class FileKeyBackend:
     name = "file"
 
-    def __init__(self, directory: Path, passphrase: bytes) -> None:
-        if len(passphrase) < MIN_PASSPHRASE:
-            raise InvalidInput(f"the key passphrase must be at least {MIN_PASSPHRASE} characters")
+    def __init__(self, directory: Path, passphrase: KeyPassphrase | bytes) -> None:
         self._dir = directory
-        self._passphrase = passphrase
+        self._passphrase = (
+            passphrase if isinstance(passphrase, KeyPassphrase) else KeyPassphrase.fixed(passphrase)
+        )
         # Created up front so readiness checks pass on instances whose keys all live in Vault.
         data_directory(directory)
 
@@ -69,12 +115,13 @@ class FileKeyBackend:
         return self._dir / f"{ref}.pem"
 
     def create(self, key_type: KeyType, label: str) -> KeyHandle:
+        passphrase = self._passphrase.get()  # before an RSA key is made for nothing
         ref = f"{re.sub(r'[^a-z0-9-]', '-', label.lower())[:60]}-{secrets.token_hex(6)}"
         key = key_type.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(self._passphrase),
+            serialization.BestAvailableEncryption(passphrase),
         )
         write_private(self._path(ref), pem)
         return KeyHandle(self.name, ref, key_type)
@@ -84,8 +131,9 @@ class FileKeyBackend:
             data = private_file(self._path(handle.ref)).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"CA key {handle.ref} is missing from {self._dir}") from None
+        passphrase = self._passphrase.get()
         try:
-            key = serialization.load_pem_private_key(data, self._passphrase)
+            key = serialization.load_pem_private_key(data, passphrase)
         except TypeError:
             # cryptography's answer for a key that is not encrypted. Trellis writes none, so
             # the file was replaced (by ``openssl genpkey``'s output, say): the same damage as

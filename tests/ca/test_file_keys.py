@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.identity import TrustDomain
 from ca.keys import KeyBackend, KeyHandle, KeyType, PublicKey, Signer
-from ca.keys.file import FileKeyBackend, load_or_create_passphrase
+from ca.keys.file import FileKeyBackend, KeyPassphrase, load_or_create_passphrase
 from ca.profiles import CaSpec, ca_builder, ca_subject, sign
 from ca.serial import Serial
 from tests.certassert import assert_is_ca
@@ -306,3 +306,45 @@ class TestFileKeyBackend:
             load_or_create_passphrase(path)
         assert str(path) in refused.value.detail
         assert path.is_dir() if content is None else path.read_bytes() == content
+
+    def test_the_passphrase_is_read_when_a_key_first_needs_it(self, tmp_path: Path) -> None:
+        """An instance whose keys all live in Vault has a file backend it never uses: the
+        passphrase file is neither read nor made until a file key is created or loaded, and a
+        failure is not kept (the file put back is read at the next use)."""
+        data = tmp_path / "var"
+        passphrase = KeyPassphrase(data)
+        backend = FileKeyBackend(data / "keys", passphrase)
+        backend.check()
+        assert not passphrase.file.exists()
+        passphrase.file.write_bytes(b"")
+        passphrase.file.chmod(0o600)
+        with pytest.raises(Unavailable, match="is empty or shorter than 12") as refused:
+            backend.create(KeyType.EC_P256, "file-ca")
+        assert str(passphrase.file) in refused.value.detail
+        assert list((data / "keys").iterdir()) == []
+        passphrase.file.unlink()
+        handle = backend.create(KeyType.EC_P256, "file-ca")
+        assert stat.S_IMODE(passphrase.file.stat().st_mode) == 0o600
+        again = FileKeyBackend(data / "keys", KeyPassphrase(data))
+        assert again.load(handle).public_key() == backend.load(handle).public_key()
+
+    @pytest.mark.parametrize(
+        ("directory", "what"),
+        [("keys", "CA keys"), ("secrets", "sealed secrets")],
+        ids=["fail/keys", "fail/sealed-secrets"],
+    )
+    def test_a_missing_passphrase_file_is_not_made_again_over_what_it_encrypted(
+        self, tmp_path: Path, directory: str, what: str
+    ) -> None:
+        data = tmp_path / "var"
+        (data / directory).mkdir(parents=True)
+        (data / directory / "x").write_bytes(b"encrypted with the lost passphrase")
+        passphrase = KeyPassphrase(data)
+        with pytest.raises(Unavailable) as refused:
+            passphrase.get()
+        assert refused.value.detail == (
+            f"the {what} in {data / directory} are encrypted, and {passphrase.file} is missing:"
+            " put it back, or set TRELLIS_KEY_PASSPHRASE"
+        )
+        assert not passphrase.file.exists()
+        assert KeyPassphrase(data, PASSPHRASE).get() == PASSPHRASE  # the setting needs no file

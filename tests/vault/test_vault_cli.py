@@ -5,6 +5,7 @@ intermediate whose Transit key is gone can still be revoked."""
 from __future__ import annotations
 
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,72 @@ def test_init_on_a_mount_that_is_no_transit_engine_exits_8_and_leaves_nothing(
     assert not (tmp_path / "var").exists()
     with pytest.raises(RuntimeError, match="HTTP 404"):
         openbao.api("LIST", f"{mount}/keys")
+
+
+def test_a_vault_only_instance_needs_no_key_passphrase(openbao: OpenBao, tmp_path: Path) -> None:
+    """Every key and secret is in Vault, so nothing reads the file backend's passphrase: an
+    emptied ``key-passphrase`` was exit 8 for every command, ``serve`` included."""
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    passphrase = tmp_path / "var" / "key-passphrase"
+    assert not passphrase.exists()  # nothing is encrypted with one, so none is made
+    passphrase.write_bytes(b"")
+    cli.run("openvpn", "init")  # its tls-crypt keys go to the KV store, not sealed files
+    cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+    cli.run("openvpn", "client", "add", "alice", "--out", str(tmp_path / "alice.ovpn"))
+    entry = cli.run("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/web")
+    token = cli.run("token", "create", "--entry", entry.stdout.strip()).stdout.strip()
+    with cli.serving(tmp_path / "serve.log") as served:
+        bundle = str(tmp_path / "var" / "bundle.pem")
+        out = tmp_path / "web"
+        cli.run("svid", "request", "--server", served.url, "--bundle", bundle, "--token", token,
+                "--out", str(out))  # fmt: skip
+    assert x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())
+    assert passphrase.read_bytes() == b""  # neither read nor replaced
+    assert not (tmp_path / "var" / "secrets").exists()
+
+
+def test_a_file_key_on_a_vault_instance_needs_the_passphrase_where_it_is_used(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    """An authority kept in files beside Vault ones (``--key-backend file``) needs the
+    passphrase for its keys and sealed secrets: unusable, that is exit 8 naming the file where
+    they are used, and at ``serve``'s start; the Vault authorities go on working."""
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    passphrase = tmp_path / "var" / "key-passphrase"
+    passphrase.touch(mode=0o600)  # not looser: that would add a warning to stderr
+    passphrase.write_bytes(b"short\n")
+    damaged = (
+        f"trellis: the key passphrase file {passphrase} is empty or shorter than 12 characters:"
+        " put back the passphrase the CA keys were encrypted with, or set TRELLIS_KEY_PASSPHRASE"
+    )
+    refused = cli.run("openvpn", "init", "--key-backend", "file", ok=False)
+    assert refused.returncode == 8 and refused.stderr.splitlines() == [damaged], refused
+    assert list((tmp_path / "var" / "keys").iterdir()) == []
+    assert cli.run("openvpn", "client", "list", ok=False).returncode == 5  # no authority
+
+    passphrase.unlink()
+    cli.run("openvpn", "init", "--key-backend", "file")  # makes one, as a file instance does
+    assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
+    cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+    kept = passphrase.read_bytes()
+    passphrase.write_bytes(b"short\n")
+    add = ("openvpn", "client", "add", "bob", "--out", str(tmp_path / "bob.ovpn"))
+    refused = cli.run(*add, ok=False)
+    assert refused.returncode == 8 and refused.stderr.splitlines() == [damaged], refused
+    assert not (tmp_path / "bob.ovpn").exists()
+    serve = cli.run("serve", "--port", str(free_port()), ok=False)
+    assert serve.returncode == 8 and serve.stderr.splitlines()[-1] == damaged, serve  # after logs
+    cli.run("svid", "mint", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/w",
+            "--out", str(tmp_path / "w"))  # fmt: skip
+    passphrase.unlink()
+    missing = cli.run(*add, ok=False)
+    assert missing.returncode == 8, missing
+    assert missing.stderr.splitlines() == [
+        f"trellis: the CA keys in {tmp_path / 'var' / 'keys'} are encrypted, and {passphrase}"
+        " is missing: put it back, or set TRELLIS_KEY_PASSPHRASE"
+    ]
+    assert not passphrase.exists()  # no new one in its place
+    passphrase.write_bytes(kept)
+    cli.run(*add)

@@ -21,6 +21,7 @@ from ca.clock import FixedClock
 from ca.config import Context, build_context
 from ca.crl import current_crl
 from ca.errors import Unavailable
+from ca.gateway import GatewayParams, init_gateway
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -248,3 +249,38 @@ def test_a_missing_transit_mount_is_unavailable_not_not_found(
         assert get_certificate(ctx, serial).status is CertStatus.ACTIVE
     finally:
         close(ctx)
+
+
+def test_readyz_names_an_unusable_passphrase_of_file_keys_beside_vault_ones(
+    tmp_path: Path, openbao: OpenBao, clock: FixedClock
+) -> None:
+    """The gateway's keys are files on an instance whose mesh is in Vault: the passphrase is
+    needed for those only, so a damaged one no longer stops the whole instance (the context
+    could not be built); /readyz names it, and the mesh goes on issuing."""
+    settings = vault_settings(tmp_path, openbao, key_passphrase=None)
+    ctx = build_context(settings, clock=clock)
+    try:
+        init_authority(ctx, AuthorityParams(TRUST_DOMAIN))
+        init_gateway(ctx, GatewayParams(key_backend="file"))
+    finally:
+        close(ctx)
+    passphrase = settings.data_dir / "key-passphrase"
+    passphrase.write_bytes(b"")
+    ctx = build_context(settings, clock=clock)
+    try:
+        with TestClient(create_app(ctx), raise_server_exceptions=False) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["detail"]["keys"] == (
+                f"the key passphrase file {passphrase} is empty or shorter than 12 characters:"
+                " put back the passphrase the CA keys were encrypted with, or set"
+                " TRELLIS_KEY_PASSPHRASE"
+            )
+            spiffe_id = f"spiffe://{TRUST_DOMAIN.name}/web"
+            _token, secret = join_secret(ctx, add_entry(ctx, spiffe_id))
+            csr = make_csr(new_key(KeyType.EC_P256), uris=[spiffe_id])
+            issued = client.post("/v1/svid", json={"csr": csr.decode()}, headers=bearer(secret))
+            assert issued.status_code == 200, issued.text
+    finally:
+        close(ctx)
+    assert passphrase.read_bytes() == b""
