@@ -31,6 +31,7 @@ from tests.ca.test_file_keys import raw_sign, verify
 from tests.conftest import free_port
 from tests.vault.conftest import POLICY_FILE
 from tests.vault.openbao import OpenBao
+from tests.vault.test_vault_cli import transit_keys
 
 K8S_MOUNT = "k8s-jwt"
 SERVICE_ACCOUNT = "system:serviceaccount:trellis:trellis-ca"
@@ -360,6 +361,7 @@ def test_vault_check_passes_with_the_shipped_policy(
     openbao: OpenBao, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     token = openbao.create_token("trellis", ttl="1h", no_default_policy=True)
+    keys = transit_keys(openbao)
     code, out, _ = run_check(
         monkeypatch, capsys, "--json", vault_addr=openbao.address, vault_token=token
     )
@@ -368,6 +370,13 @@ def test_vault_check_passes_with_the_shipped_policy(
     assert [c["name"] for c in report["checks"]] == [
         "connectivity", "auth", "transit mount", "kv mount", "capabilities", "excess rights"
     ]  # fmt: skip
+    # The key rule's * covers <key>/rotate, which no policy rule can take out again: said,
+    # so that the line does not claim more than the policy holds, and harmless (pinned versions).
+    assert report["checks"][-1]["detail"] == (
+        "the token cannot export, trim or reconfigure keys; it can rotate them, which changes"
+        " no CA (each signs with the key version it pinned)"
+    )
+    assert transit_keys(openbao) == keys  # the probes made none
 
 
 def test_vault_check_works_in_a_namespace(
