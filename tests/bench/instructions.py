@@ -11,11 +11,13 @@ the disk, the kernel's side of a system call), so it answers "does this change a
 issuance", not "is it faster served"; a change that passes here and still moves pairs is about
 memory or waiting.
 
-Each tree's workload (``instructions_load.py``: 16 join-token issuances at once on one loop, on
-SQLite, through the ``ca`` path or the ASGI application) is run twice under cachegrind, with no
-measured batches and with ``--batches``; the difference divided by the issuances it made is
-what one issuance costs, with set-up, imports and the warm-up subtracted. Two valgrinds run at
-a time, one per core: ~3 minutes a mode on two cores.
+Each tree's workload (``instructions_load.py``: 16 issuances at once on one loop, on SQLite:
+join-token issuances through the ``ca`` path or the ASGI application, or renewals through the
+ASGI application) is run twice under cachegrind, with no measured batches and with
+``--batches``; the difference divided by the issuances it made is what one issuance costs, with
+set-up, imports and the warm-up subtracted. Two valgrinds run at a time, one per core: ~3
+minutes a mode on two cores. Counts of the same code differ by up to ~1 % from run to run
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tests.bench.pairs import worktree
 ROOT = Path(__file__).resolve().parents[2]
 LOAD = Path(__file__).with_name("instructions_load.py")
 AT_ONCE = 16  # instructions_load.AT_ONCE (not imported: that module runs as a script)
-MODES = ("ca", "asgi")
+MODES = ("ca", "asgi", "renew")
 
 
 def count(tree: Path, mode: str, batches: int, out: Path) -> int:
@@ -87,11 +89,11 @@ def per_issuance(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the revision to compare with (git)")
-    parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
-    parser.add_argument("--batches", type=int, default=25, help="measured batches of 16")
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    parser.add_argument("--batches", type=int, default=25, help="measured batches of 16 (<= 30)")
     parser.add_argument("--json", type=Path, help="also write the counts here")
     args = parser.parse_args(argv)
-    modes = list(MODES) if args.mode == "both" else [args.mode]
+    modes = list(MODES) if args.mode == "all" else [args.mode]
     with (
         worktree(args.base) as (tree, commit),
         tempfile.TemporaryDirectory(prefix="trellis-bench-instructions-") as tmp,

@@ -15,9 +15,9 @@ def _load() -> dict[str, Any]:
     return runpy.run_path(str(LOAD), run_name="instructions_load")
 
 
-@pytest.mark.parametrize("mode", ["ca", "asgi"])
+@pytest.mark.parametrize("mode", ["ca", "asgi", "renew"])
 def test_the_workload_issues(mode: str) -> None:
-    _load()["main"](mode, 1)
+    _load()["main"](mode, 1, most=1)
 
 
 def test_a_refused_issuance_fails_the_workload() -> None:
