@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -113,18 +113,18 @@ def check_backup(settings: Settings) -> None:
 
 
 def backup(ctx: Context, out: Path) -> BackupResult:
-    """Snapshot the database into a private temporary directory, then stream the archive into
-    a 0600 temporary file beside ``out`` and rename it into place: memory stays flat whatever
-    the database's size, and a failure part-way removes the temporary file, leaving ``out``
-    as it was."""
+    """Snapshot the database into a 0600 temporary file beside ``out``, then stream the archive
+    into another and rename it into place: memory stays flat whatever the database's size, the
+    snapshot takes room where the archive goes (not in ``TMPDIR``, which is memory where /tmp
+    is a tmpfs), and a failure part-way removes both temporary files and the directories made
+    for ``out``, leaving everything as it was."""
     source = _sqlite_path(ctx.settings)
     schema, _ = db.schema_status(ctx.engine)
     digests: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        snapshot = Path(scratch) / _DB_NAME
-        with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(snapshot)) as copy:
-            live.backup(copy)  # a consistent copy, taken while writers may be running
+    made = make_directory(out.parent, private=True)
+    try:
         with (
+            _snapshot(source, out) as snapshot,
             replacing(out, 0o600, private=True) as handle,
             tarfile.open(fileobj=handle, mode="w:gz") as archive,
         ):
@@ -139,7 +139,29 @@ def backup(ctx: Context, out: Path) -> BackupResult:
             manifest = {"format": FORMAT, "schema": schema, "files": digests}
             raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
             _add(archive, "manifest.json", raw, 0o644)
+    except BaseException:
+        for directory in reversed(made):
+            with suppress(OSError):  # not empty: someone else's file arrived meanwhile
+                directory.rmdir()
+        raise
     return BackupResult(out, tuple(sorted(digests)), schema)
+
+
+@contextmanager
+def _snapshot(source: Path, out: Path) -> Iterator[Path]:
+    """A consistent copy of the database at ``source`` (taken while writers may be running),
+    in a 0600 temporary file beside ``out``, removed when the block ends, with the rollback
+    journal SQLite writes beside it while copying."""
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.snapshot-")
+    os.close(fd)
+    snapshot = Path(name)
+    try:
+        with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(snapshot)) as copy:
+            live.backup(copy)
+        yield snapshot
+    finally:
+        snapshot.unlink(missing_ok=True)
+        Path(f"{snapshot}-journal").unlink(missing_ok=True)
 
 
 def restore(archive_path: Path, settings: Settings) -> BackupResult:

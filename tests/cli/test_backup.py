@@ -10,6 +10,7 @@ memory, a write that fails part-way, the umask).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -336,6 +338,44 @@ def test_a_backup_path_that_is_not_a_file_is_a_usage_error(cli: Cli, tmp_path: P
     unreadable = cli.run("--data-dir", str(tmp_path / "var"), "restore", "/proc/self/mem", code=8)
     assert unreadable.startswith("trellis: /proc/self/mem: cannot be read"), unreadable
     assert not (tmp_path / "var").exists()
+
+
+def test_the_snapshot_is_taken_beside_the_archive_not_in_tmpdir(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The snapshot went to TMPDIR: memory where /tmp is a tmpfs (a database of gigabytes in
+    RAM), and maybe another file system than --out's. A TMPDIR that cannot be used is no
+    matter now; the snapshot's temporary file is gone afterwards."""
+    cli.run("--data-dir", str(tmp_path / "var"), "init", "--trust-domain", "example.org")
+    unusable = tmp_path / "not-a-directory"
+    unusable.write_text("TMPDIR points here\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(unusable))
+    out = tmp_path / "backups" / "b.tgz"
+    cli.run("--data-dir", str(tmp_path / "var"), "backup", "--out", str(out))
+    assert [p.name for p in out.parent.iterdir()] == ["b.tgz"]
+    with tarfile.open(out) as opened:
+        assert "trellis.db" in opened.getnames()
+
+
+def test_a_failed_backup_removes_the_directories_it_made_for_the_archive(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A backup failing part-way (here the disk filling up while the archive is written)
+    removed its temporary files but left the missing parents of --out it had made."""
+    cli.run("--data-dir", str(tmp_path / "var"), "init", "--trust-domain", "example.org")
+
+    def full(*_: object, **__: object) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(backup, "_add_file", full)
+    failed = cli.run("--data-dir", str(tmp_path / "var"), "backup",
+                     "--out", str(tmp_path / "new" / "deep" / "b.tgz"), code=8)  # fmt: skip
+    assert failed.startswith("trellis: ") and failed.count("\n") == 1, failed
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    cli.run("--data-dir", str(tmp_path / "var"), "backup",
+            "--out", str(tmp_path / "kept" / "b.tgz"), code=8)  # fmt: skip
+    assert list((tmp_path / "kept").iterdir()) == []  # an existing directory stays
 
 
 def test_an_archive_over_the_limits_is_refused_before_it_is_read(

@@ -94,8 +94,7 @@ def test_a_backup_whose_writing_fails_part_way_leaves_the_earlier_one_and_no_tem
 ) -> None:
     """The archive is now written as it is made, into a temporary file beside ``--out``: a
     write that fails part-way (here a file size limit, as a full disk would) must remove it,
-    and the snapshot in the temporary directory, and leave an earlier backup at ``--out`` as
-    it was."""
+    and the snapshot taken beside it, and leave an earlier backup at ``--out`` as it was."""
     source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
     source.run("init", "--trust-domain", "example.org")
     # 2 MiB gzip cannot shrink, so that the archive outgrows the limit while the snapshot
@@ -120,7 +119,7 @@ def test_a_backup_whose_writing_fails_part_way_leaves_the_earlier_one_and_no_tem
     assert "File too large" in failed.stderr, failed
     assert [p.name for p in backups.iterdir()] == ["trellis.tgz"]
     assert out.read_bytes() == b"an earlier backup\n"
-    assert list(scratch.iterdir()) == []  # the snapshot's directory is gone too
+    assert list(scratch.iterdir()) == []  # the snapshot is never in TMPDIR
     source.run("backup", "--out", str(out))  # without the limit, the same backup is written
     assert out.stat().st_size > 2 * MiB
 
