@@ -255,11 +255,31 @@ def _migration_lock(connection: sa.Connection) -> Iterator[None]:
     if connection.dialect.name != "postgresql":
         yield
         return
+    unlock = sa.text("SELECT pg_advisory_unlock(:k)")
     connection.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK})
     try:
         yield
-    finally:
-        connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
+    except BaseException:
+        # The migration's error is the one to report, not the unlock's. A failed statement
+        # aborted the transaction (the unlock is refused until a rollback); a broken connection
+        # took its session, and the lock with it, away (an unlock would open a new session).
+        # An unlock that fails all the same discards the connection, which ends the session:
+        # returned to the pool, it would keep the lock (session-level, kept across a rollback)
+        # that every other replica's migration waits for.
+        if connection.invalidated:
+            raise
+        try:
+            connection.rollback()
+            connection.execute(unlock, {"k": _MIGRATION_LOCK})
+        except Exception as error:
+            log.warning(
+                "could not release the migration lock after the migration failed (%s):"
+                " the connection is closed instead, which releases it",
+                " ".join(str(getattr(error, "orig", None) or error).split()),
+            )
+            connection.invalidate()
+        raise
+    connection.execute(unlock, {"k": _MIGRATION_LOCK})
 
 
 def _refuse_unknown_revisions(connection: sa.Connection) -> None:

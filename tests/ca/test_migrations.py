@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -16,8 +18,11 @@ from sqlmodel import SQLModel
 
 import ca.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from ca.config import Context
-from ca.errors import NotInitialised
+from ca.errors import NotInitialised, Unavailable
 from ca.store import db
+from tests.pgserver import make_postgres_database
+
+LOCK = 0x7E11150001  # ca.store.db's migration lock
 
 # The tables every later revision builds on; the full set is whatever the models declare.
 CORE_TABLES = {"authority", "ca", "entry", "token", "certificate", "renewal_nonce"}
@@ -154,3 +159,93 @@ def test_only_migrate_changes_an_older_schema(database_url: str) -> None:
         assert db.settle_schema(engine, db.SchemaPolicy.REQUIRE_CURRENT) == db.Migration(head, head)
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_failed_postgresql_migration_reports_its_own_error_and_frees_the_lock(
+    postgres_server: str,
+) -> None:
+    """The advisory lock was released in a ``finally``: after a migration's statement failed,
+    PostgreSQL refused the unlock ("current transaction is aborted"), and that error replaced
+    the migration's own. Now the migration's error is raised, and the lock is free for the
+    next replica (checked from another session)."""
+    engine = db.connect(make_postgres_database(postgres_server))
+    try:
+        _at_revision_on(engine, "0011")
+        with engine.connect() as connection:
+            # What 0012 creates, already there: its CREATE INDEX fails.
+            connection.execute(
+                sa.text("CREATE INDEX ix_certificate_status_serial ON certificate (serial)")
+            )
+            connection.commit()
+        with pytest.raises(sa.exc.ProgrammingError, match="already exists"):
+            db.upgrade(engine)
+        with engine.connect() as other:
+            free = other.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK})
+            assert free.scalar() is True
+            other.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK})
+        assert db.schema_status(engine)[0] == "0011"  # rolled back as a whole
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_migration_whose_connection_breaks_reports_that(
+    postgres_server: str,
+) -> None:
+    """The connection ended under the migration (here terminated by an administrator while
+    0012 waits for a table lock): the unlock on it failed ("Can't reconnect until invalid
+    transaction is rolled back", exit 1 with a traceback) and replaced the migration's error,
+    which is reported now (exit 8). The lock ended with the session."""
+    engine = db.connect(make_postgres_database(postgres_server))
+    try:
+        _at_revision_on(engine, "0011")
+        with engine.connect() as blocker:
+            blocker.execute(sa.text("LOCK TABLE certificate IN ACCESS EXCLUSIVE MODE"))
+            holder = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+
+            def terminate_the_waiting_migration() -> None:
+                """The backend waiting for the table lock; if none comes (a loaded machine),
+                the blocker's after two minutes, so that the test fails instead of hanging."""
+                deadline = time.monotonic() + 120
+                with engine.connect() as admin:
+                    while True:
+                        waiting = admin.execute(
+                            sa.text(
+                                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                " AND datname = current_database() AND pid <> pg_backend_pid()"
+                            )
+                        ).scalars().all()  # fmt: skip
+                        admin.rollback()  # pg_stat_activity is a snapshot per transaction
+                        if waiting or time.monotonic() > deadline:
+                            pid = waiting[0] if waiting else holder
+                            admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                            return
+                        time.sleep(0.05)
+
+            killer = threading.Thread(target=terminate_the_waiting_migration)
+            killer.start()
+            try:
+                with pytest.raises(Unavailable) as failed:
+                    db.upgrade(engine)
+            finally:
+                killer.join()
+                blocker.rollback()
+        assert "terminating connection due to administrator command" in str(failed.value)
+        with engine.connect() as other:
+            free = other.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK})
+            assert free.scalar() is True
+            other.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK})
+        assert db.schema_status(engine)[0] == "0011"
+    finally:
+        engine.dispose()
+
+
+def _at_revision_on(engine: sa.Engine, revision: str) -> None:
+    from alembic import command
+
+    config = db._config()
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        connection.commit()
