@@ -528,6 +528,9 @@ class RefreshResult:
     changed: bool
     sequence: int | None  # of the last good bundle after this attempt
     error: str | None
+    # Removed (or removed and added again) while the refresh ran: nothing was applied, and
+    # nothing failed either; the operator's own removal is no partner's fault.
+    dropped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,10 +612,14 @@ def refresh_federation(
         return _record_failure(ctx, relationship, attempt, error)
 
 
-def _dropped(trust_domain: TrustDomain) -> RefreshResult:
-    error = "the relationship was removed or replaced during the refresh: its result was dropped"
+def _dropped(trust_domain: TrustDomain, *, fetched: bool = True) -> RefreshResult:
+    error = (
+        "the relationship was removed or replaced during the refresh: its result was dropped"
+        if fetched
+        else "the relationship was removed before its refresh: skipped"
+    )
     log.warning("federation %s: %s", trust_domain, error)
-    return RefreshResult(trust_domain, False, False, None, error)
+    return RefreshResult(trust_domain, False, False, None, error, dropped=True)
 
 
 def _record_failure(
@@ -684,9 +691,20 @@ def _attempt(
 def refresh_federations(
     ctx: Context, trust_domains: Sequence[TrustDomain] = (), *, fetch: Fetch = fetch_bundle
 ) -> list[RefreshResult]:
-    """Refresh the named trust domains (every federated one if none is named), due or not."""
-    names = list(trust_domains) or [f.trust_domain for f in list_federations(ctx)]
-    return [refresh_federation(ctx, td, fetch=fetch) for td in names]
+    """Refresh the named trust domains (every federated one if none is named), due or not. A
+    name that is not federated is refused (``NotFound``) before anything is fetched; one
+    removed once the refresh has begun (it fetches one relationship after the other, each for
+    up to ``DEADLINE``) is a ``dropped`` result, as one removed during its own fetch is."""
+    names = list(trust_domains)
+    for name in names:
+        get_federation(ctx, name)
+    results = []
+    for name in names or [f.trust_domain for f in list_federations(ctx)]:
+        try:
+            results.append(refresh_federation(ctx, name, fetch=fetch))
+        except NotFound:
+            results.append(_dropped(name, fetched=False))
+    return results
 
 
 def refresh_due(ctx: Context, *, fetch: Fetch = fetch_bundle) -> list[RefreshResult]:

@@ -9,7 +9,8 @@ import typer
 
 from api.schemas.federation import FederationOut
 from ca import federation
-from ca.errors import InvalidInput, Unavailable
+from ca.config import Context
+from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.identity import SpiffeId, TrustDomain
 from cli.common import STATE, emit_json, table, when
 
@@ -116,17 +117,32 @@ def refresh(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Fetch bundles now, due or not; exits 8 if any fetch failed (its last good bundle stays)."""
+    """Fetch bundles now, due or not; exits 8 if any fetch failed (its last good bundle stays).
+    One removed while the command runs is skipped (a warning on stderr; not in --json)."""
     ctx = STATE.context()
     names = [TrustDomain.parse(name) for name in trust_domains or ()]
     results = federation.refresh_federations(ctx, names)
+    for r in results:
+        if r.dropped:
+            typer.echo(f"warning: {r.trust_domain}: {r.error}", err=True)
     if json_out:
-        current = [federation.get_federation(ctx, r.trust_domain) for r in results]
-        emit_json([FederationOut.of(item) for item in current])
+        current = [_current(ctx, r.trust_domain) for r in results if not r.dropped]
+        emit_json([FederationOut.of(item) for item in current if item is not None])
     else:
         for r in results:
-            outcome = ("updated" if r.changed else "unchanged") if r.ok else f"FAILED: {r.error}"
-            typer.echo(f"{r.trust_domain}: {outcome} (sequence {r.sequence})")
-    failed = [str(r.trust_domain) for r in results if not r.ok]
+            if not r.dropped:
+                ok = "updated" if r.changed else "unchanged"
+                outcome = ok if r.ok else f"FAILED: {r.error}"
+                typer.echo(f"{r.trust_domain}: {outcome} (sequence {r.sequence})")
+    failed = [str(r.trust_domain) for r in results if not r.ok and not r.dropped]
     if failed:
         raise Unavailable(f"refresh failed for {', '.join(failed)}: kept their last good bundle")
+
+
+def _current(ctx: Context, trust_domain: TrustDomain) -> federation.Federation | None:
+    """The relationship as it is now; None once removed (after its refresh, before this)."""
+    try:
+        return federation.get_federation(ctx, trust_domain)
+    except NotFound:
+        typer.echo(f"warning: {trust_domain}: removed after its refresh", err=True)
+        return None

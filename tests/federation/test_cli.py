@@ -4,18 +4,25 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from ca.clock import FixedClock
 from ca.config import Context
+from ca.federation import remove_federation
+from ca.identity import TrustDomain
 from ca.pem import certs_pem
 from tests.conftest import PASSPHRASE, free_port
 from tests.federation.fedkit import (
     MALFORMED_ADDS,
+    PARTNER,
     Answer,
     BundleServer,
     Partner,
+    make_partner,
     malformed_ca,
     nested,
 )
@@ -129,3 +136,73 @@ def test_a_hostile_bundle_fails_the_refresh_with_exit_8(
         assert shown["last_error"] == "invalid SPIFFE bundle: nested too deeply"
     finally:
         server.close()
+
+
+def test_a_relationship_removed_during_the_refresh_is_skipped(
+    cli: Cli, ctx: Context, partner: Partner, clock: FixedClock, tmp_path: Path
+) -> None:
+    """Removed while its fetch was in flight: 'refresh --json' exited 5 (not found), and the
+    text output called it FAILED with exit 8, though nothing failed and the other trust
+    domains were refreshed. It is skipped now: a warning on stderr, left out of --json, exit 0
+    when the others succeed."""
+    other = make_partner(tmp_path / "other", clock, TrustDomain.parse("c.test"))
+    in_flight = threading.Event()
+    servers: list[BundleServer] = []
+    try:
+        for each, answer in (
+            (partner, Answer(body=partner.jwks(1), hold=in_flight)),
+            (other, Answer(body=other.jwks(1))),
+        ):
+            tls = each.server_tls()
+            servers.append(BundleServer(tls.cert_path, tls.key_path))
+            servers[-1].answer = answer
+        held = servers[0]
+
+        def add() -> None:
+            for each, server in zip((partner, other), servers, strict=True):
+                td = each.issuer.trust_domain
+                bootstrap = tmp_path / f"{td}.pem"
+                bootstrap.write_bytes(certs_pem(each.roots))
+                cli.ok("federation", "add", "--trust-domain", str(td), "--profile",
+                       "https_spiffe", "--endpoint-spiffe-id", f"spiffe://{td}/trellis/server",
+                       "--url", server.url, "--bootstrap-bundle", str(bootstrap))  # fmt: skip
+
+        def remove_b_while_in_flight() -> None:
+            deadline = time.monotonic() + 30
+            while held.requests == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            remove_federation(ctx, PARTNER)
+            in_flight.set()
+
+        for mode in ("--json", None):
+            in_flight.clear()
+            held.requests = 0
+            add()
+            remover = threading.Thread(target=remove_b_while_in_flight)
+            remover.start()
+            refreshed = cli("federation", "refresh", *([mode] if mode else []))
+            remover.join()
+            assert refreshed.code == 0, refreshed
+            assert refreshed.err == (
+                "warning: b.test: the relationship was removed or replaced during the refresh:"
+                " its result was dropped\n"
+            )
+            if mode:
+                shown = json.loads(refreshed.out)
+                assert [(f["trust_domain"], f["sequence"]) for f in shown] == [("c.test", 1)]
+            else:
+                assert refreshed.out == "c.test: updated (sequence 1)\n"
+            assert [f["trust_domain"] for f in json.loads(cli.ok("federation", "list", "--json"))
+                    ] == ["c.test"]  # fmt: skip
+            cli.ok("federation", "remove", "c.test")
+        # A name that is not federated is refused before anything is fetched.
+        add()
+        servers[1].requests = 0
+        refused = cli("federation", "refresh", "c.test", "a.test")
+        assert refused.code == 5 and "a.test is not federated" in refused.err, refused
+        assert servers[1].requests == 0
+    finally:
+        in_flight.set()
+        for server in servers:
+            server.close()
+        other.ctx.close()
