@@ -18,11 +18,13 @@ data dir as it found it. PostgreSQL deployments back up with ``pg_dump`` (docs/o
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -45,6 +47,8 @@ from ca.files import make_directory, replacing, write_atomic
 from ca.store import db
 
 __all__ = ["BackupResult", "backup", "check_backup", "restore"]
+
+log = logging.getLogger("trellis.backup")
 
 FORMAT = "trellis-backup/1"
 _DB_NAME = "trellis.db"
@@ -173,13 +177,20 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
     target_db = _sqlite_path(settings)
     data_dir = settings.data_dir
     handle = _opened(archive_path)  # first: a file that is not there is the argument's fault
+    locks = _Locks()
     try:
+        for directory in (data_dir, target_db.parent):
+            if directory.is_dir():
+                locks.hold(directory)
+        _remove_stale_staging(data_dir, target_db, locks)
         _check_data_dir_empty(data_dir, target_db)
         _check_database_empty(target_db)
     except BaseException:
         handle.close()
+        locks.release()
         raise
     with (
+        locks,
         handle,
         _unreadable_as_invalid(archive_path),
         tarfile.open(fileobj=handle, mode="r:gz") as archive,
@@ -191,8 +202,94 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
         contents = _verified_contents(archive, members, digests)
         _check_database_apart(target_db, data_dir, digests)
         database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
-        schema = _install(contents, database, data_dir, target_db)
+        schema = _install(contents, database, data_dir, target_db, locks)
     return BackupResult(archive_path, tuple(sorted(digests)), schema)
+
+
+class _Locks:
+    """``flock``s a restore holds, for as long as it runs, on the data dir and on the
+    database's directory: where it stages files. Another restore finding staging files there
+    that it cannot lock knows they are a running restore's; ones it can lock were left by a
+    restore that died (the kernel drops a dead process's locks), which it removes. A file
+    system without ``flock`` (some network ones) leaves a directory unlocked and its staging
+    files to the operator (``_check_data_dir_empty`` names them)."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, int], int] = {}  # (device, inode) → descriptor
+
+    def hold(self, directory: Path) -> None:
+        """Lock ``directory`` unless held already (it may be both the data dir and the
+        database's: a second descriptor of it would conflict with the first)."""
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return  # checked and reported by whoever writes there
+        status = os.fstat(fd)
+        key = (status.st_dev, status.st_ino)
+        if key in self._held:
+            os.close(fd)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(
+                f"a restore into {directory} is running: wait for it to end, then look again"
+            ) from None
+        except OSError:
+            os.close(fd)
+            return
+        self._held[key] = fd
+
+    def holds(self, directory: Path) -> bool:
+        try:
+            status = directory.stat()
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) in self._held
+
+    def release(self) -> None:
+        for fd in self._held.values():
+            os.close(fd)  # releases the flock
+        self._held.clear()
+
+    def __enter__(self) -> _Locks:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> None:
+    """Remove what a restore that died (``kill -9``, a power cut: no clean-up ran) left before
+    it moved anything into place: its staging directory in the data dir and its staged copy of
+    the database beside the target, by their names only, in directories this restore holds
+    locked (so no restore is running there), and only while no database is installed and the
+    data dir holds nothing else. Had it begun moving files in, the data dir holds some of them:
+    they are not told from an operator's by their names, and ``_check_data_dir_empty`` asks
+    for the data dir to be removed instead."""
+    if target_db.exists() and target_db.stat().st_size > 0:
+        return
+    staged_db: list[Path] = []
+    if target_db.parent.is_dir():
+        if not locks.holds(target_db.parent):
+            return
+        staged_db = sorted(target_db.parent.glob(f".{glob.escape(target_db.name)}.????????"))
+    staging: list[Path] = []
+    if data_dir.is_dir():
+        if not locks.holds(data_dir):
+            return
+        for entry in sorted(data_dir.iterdir()):
+            if _STAGING.fullmatch(entry.name):
+                staging.append(entry)
+            elif entry not in staged_db:  # the database is staged in the data dir by default
+                return
+    for path in [*staging, *staged_db]:
+        log.warning("removing %s, left by a restore that was interrupted", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # Sizes no real installation comes near (docs/operations.md): they stop an archive that
@@ -297,12 +394,16 @@ def _verified_contents(
     return contents
 
 
+_STAGING_PREFIX = ".restore-"
+_STAGING = re.compile(re.escape(_STAGING_PREFIX) + r"[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+
+
 def _leftovers(data_dir: Path, target_db: Path) -> list[Path]:
     """What a restore killed part-way (no ``finally`` runs on SIGKILL) leaves: its staging
     directory in the data dir and its staged copy of the database beside the target."""
     found: list[Path] = []
     if data_dir.is_dir():
-        found += sorted(data_dir.glob(".restore-*"))
+        found += sorted(data_dir.glob(f"{_STAGING_PREFIX}*"))
     if target_db.parent.is_dir():
         found += sorted(target_db.parent.glob(f".{glob.escape(target_db.name)}.????????"))
     return found
@@ -586,7 +687,7 @@ def _missing_after_migration(path: Path, revisions: set[str]) -> list[str]:
 
 
 def _install(
-    contents: dict[str, bytes], database: _Database, data_dir: Path, target_db: Path
+    contents: dict[str, bytes], database: _Database, data_dir: Path, target_db: Path, locks: _Locks
 ) -> str:
     """Stage the database beside its target (streamed, then checked) and the files in a
     staging directory inside the data dir, then move each into place, the database last; on
@@ -594,10 +695,16 @@ def _install(
     made them). Returns the database's schema revision."""
     made: list[Path] = []
     try:
-        made += make_directory(data_dir, private=True)
-        staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=".restore-"))
+        # Each directory is locked before it is staged in, and before it counts as made: one
+        # that another restore locked first is that restore's to remove.
+        made_now = make_directory(data_dir, private=True)
+        locks.hold(data_dir)
+        made += made_now
+        staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=_STAGING_PREFIX))
         made.append(staging)
-        made += make_directory(target_db.parent, private=True)
+        made_now = make_directory(target_db.parent, private=True)
+        locks.hold(target_db.parent)
+        made += made_now
         fd, staged_db = tempfile.mkstemp(dir=target_db.parent, prefix=f".{target_db.name}.")
         made.append(Path(staged_db))
         with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600

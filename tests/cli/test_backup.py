@@ -11,6 +11,7 @@ memory, a write that fails part-way, the umask).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -442,3 +443,54 @@ def test_a_restore_killed_part_way_is_named_by_the_retry(
     (database.parent / ".trellis.db.abcd1234").write_bytes(b"stale")
     refused = cli.run(*args, "restore", str(archive), code=6)
     assert refused.endswith("is not empty: restore only into an empty data directory\n")
+
+
+KILLED_WHILE_STAGING = """
+import os, signal, sys
+from ca import backup
+from cli.main import main
+def killing(path):
+    os.kill(os.getpid(), signal.SIGKILL)
+backup._check_schema = killing  # once the database is staged, before anything is moved
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("database", ["inside", "outside"])
+def test_the_staging_files_of_a_restore_killed_before_moving_are_removed_by_the_next(
+    archive: Path, cli: Cli, tmp_path: Path, database: str
+) -> None:
+    """kill -9 while the database was being staged (the long part: gigabytes) left the
+    staging directory and the staged database copy, and every retry refused until they were
+    removed by hand. The next restore removes them itself (they are a restore's own names, and
+    no restore holds its lock on their directories), unless a restore is running there."""
+    data_dir = tmp_path / "var"
+    target = data_dir / "trellis.db" if database == "inside" else tmp_path / "db" / "trellis.db"
+    args = ["--data-dir", str(data_dir), "--database-url", f"sqlite:///{target}"]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_STAGING, *args, "restore", str(archive)],
+        env={**os.environ, "TRELLIS_KEY_PASSPHRASE": PASSPHRASE},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert killed.returncode == -9, killed
+
+    def listing() -> list[str]:
+        return sorted({p.name for p in [*data_dir.iterdir(), *target.parent.iterdir()]})
+
+    left = listing()
+    assert [name[:9] for name in left] == [".restore-", ".trellis."], left
+    # A restore running there holds the lock: its files are not taken for leftovers.
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        refused = cli.run(*args, "restore", str(archive), code=6)
+    finally:
+        os.close(fd)
+    assert refused == f"trellis: a restore into {data_dir} is running: wait for it to end," \
+        " then look again\n"  # fmt: skip
+    assert listing() == left
+    cli.run(*args, "restore", str(archive))
+    assert not [name for name in listing() if name.startswith((".restore-", ".trellis.db."))]
+    assert cli.run(*args, "bundle", "show").startswith("-----BEGIN CERTIFICATE")
