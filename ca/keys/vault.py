@@ -796,6 +796,23 @@ def _leak_message(ref: str, leaks: Sequence[str]) -> str:
     )
 
 
+def _exposure(ref: str, info: Mapping[str, Any], mount: str) -> str | None:
+    """Why a recorded CA key's Transit settings put it at risk, if they do: one that may have
+    left Vault, or one a single DELETE destroys (Trellis sets deletion_allowed only on keys no CA
+    records, just before deleting them)."""
+    if leaks := _leaks(info):
+        return _leak_message(ref, leaks)
+    if info.get("deletion_allowed"):
+        name = ref.split("@", 1)[0]
+        return (
+            f"CA key {ref} is deletion_allowed=true in Transit, which Trellis sets only on keys "
+            "no CA records: one request can destroy it and the CA with it; set it back "
+            f"(vault write {mount}/keys/{name}/config deletion_allowed=false) and find "
+            "who set it (docs/vault.md)"
+        )
+    return None
+
+
 # -- the backend -----------------------------------------------------------------------------
 
 
@@ -965,8 +982,8 @@ class VaultKeyBackend:
                 ) from None
             if signer.public_key() != public:
                 raise Unavailable(f"CA key {handle.ref} is not the key of its CA certificate")
-            if leaks := _leaks(info):
-                raise Unavailable(_leak_message(handle.ref, leaks))
+            if exposure := _exposure(handle.ref, info, self.transit_mount):
+                raise Unavailable(exposure)
 
     def store_secret(self, path: str, data: bytes) -> None:
         """Keep ``data`` (a key Trellis hands out) at ``<kv>/data/<prefix>/<path>``, as a new
@@ -1121,12 +1138,14 @@ class VaultKeyBackend:
             except TrellisError as error:
                 problems.append(error.detail)
             else:
-                if leaks := _leaks(info):
-                    problems.append(_leak_message(handle.ref, leaks))
+                if exposure := _exposure(handle.ref, info, self.transit_mount):
+                    problems.append(exposure)
         if problems:
             return CheckItem("ca keys", False, "; ".join(problems))
         return CheckItem(
-            "ca keys", True, f"{len(keys)} recorded, each present, pinned and not exportable"
+            "ca keys",
+            True,
+            f"{len(keys)} recorded, each present, pinned, not exportable and not deletable",
         )
 
     def _mount_item(self, label: str, mount: str, kind: str) -> CheckItem:

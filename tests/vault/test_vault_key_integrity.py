@@ -284,3 +284,41 @@ def test_readyz_names_an_unusable_passphrase_of_file_keys_beside_vault_ones(
     finally:
         close(ctx)
     assert passphrase.read_bytes() == b""
+
+
+def test_a_recorded_key_made_deletable_is_not_ready(
+    vault_ctx: Context,
+    openbao: OpenBao,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """deletion_allowed=true leaves a CA key one DELETE from destroyed (Trellis sets it only on
+    keys no CA records): /readyz is 503 naming it, as for one made exportable, and so is
+    ``trellis vault check``; the CA still signs."""
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    name = intermediate_key_name(vault_ctx)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        openbao.api("POST", f"transit/keys/{name}/config", {"deletion_allowed": True})
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["detail"]["keys"] == (
+            f"CA key {name}@v1 is deletion_allowed=true in Transit, which Trellis sets only on "
+            "keys no CA records: one request can destroy it and the CA with it; set it back "
+            f"(vault write transit/keys/{name}/config deletion_allowed=false) and find who set "
+            "it (docs/vault.md)"
+        )
+    assert enrol(vault_ctx, f"spiffe://{TRUST_DOMAIN.name}/still-signs")
+    settings = vault_ctx.settings
+    code, out, _ = run_check(
+        monkeypatch,
+        capsys,
+        "--json",
+        vault_addr=openbao.address,
+        vault_token=openbao.root_token,
+        data_dir=str(settings.data_dir),
+        database_url=settings.effective_database_url,
+    )
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 8 and checks["ca keys"]["ok"] is False, checks
+    assert f"{name}@v1 is deletion_allowed=true" in checks["ca keys"]["detail"]
