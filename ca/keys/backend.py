@@ -52,7 +52,10 @@ class KeyBackend(Protocol):
         ...
 
     def destroy(self, handle: KeyHandle) -> None:
-        """Remove a key that was created but never recorded (so a failed init leaves no orphan)."""
+        """Remove a key no CA records (so a failed init leaves no orphan). A backend that may
+        not delete keys (Vault under the shipped policy) leaves it, with one warning naming it
+        and how to delete it, and raises nothing: the operation that cleans up reports its own
+        outcome."""
         ...
 
     def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:

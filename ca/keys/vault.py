@@ -20,6 +20,7 @@ re-login and error messages in a single place.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import secrets
 import textwrap
@@ -89,6 +90,7 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _ATTEMPTS = 3
 _BACKOFF = 0.1  # seconds, doubled per attempt, never past the call's deadline
 AUTH_METHODS = ("token", "approle", "kubernetes")
+log = logging.getLogger("trellis.keys")
 
 
 def _read_secret_file(path: Path, what: str) -> str:
@@ -244,6 +246,38 @@ class VaultConnection:
         Trellis is configured with is not there, which is Vault's state, not the caller's
         mistake: ``Unavailable``.
         """
+        status, data = self._answer(
+            method, path, body, authenticated=authenticated, namespaced=namespaced
+        )
+        if status < 300:
+            return data
+        if status == 404 and missing_ok:
+            raise NotFound(f"{path} does not exist in Vault at {self.address}")
+        raise self._failure(method, path, status, data, capability)
+
+    def call_unless_denied(
+        self, method: str, path: str, body: Mapping[str, object] | None = None
+    ) -> bool:
+        """``call``, except that the token's policy refusing the request (403 from a live token)
+        is ``False`` instead of an error: for requests a policy may deny on purpose (the shipped
+        one denies deleting keys, ``VaultKeyBackend.destroy``)."""
+        status, data = self._answer(method, path, body)
+        if status < 300:
+            return True
+        if status == 403:
+            return False
+        raise self._failure(method, path, status, data, None)
+
+    def _answer(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None,
+        *,
+        authenticated: bool = True,
+        namespaced: bool = True,
+    ) -> tuple[int, dict[str, Any]]:
+        """(status, JSON body), after one new login and retry if a 403 came from a dead token."""
         deadline = time.monotonic() + self.timeout
         if authenticated:
             self._ensure_token(deadline)
@@ -252,11 +286,7 @@ class VaultConnection:
         if status == 403 and authenticated and not self._token_alive(deadline):
             self._replace_dead_token(token, deadline)
             status, data = self._send(method, path, body, deadline, namespaced=namespaced)
-        if status < 300:
-            return data
-        if status == 404 and missing_ok:
-            raise NotFound(f"{path} does not exist in Vault at {self.address}")
-        raise self._failure(method, path, status, data, capability)
+        return status, data
 
     def permits(self, method: str, path: str, body: Mapping[str, object] | None = None) -> bool:
         """Whether Vault's ACL lets the token make this request: anything but a 403. Only for
@@ -650,6 +680,12 @@ def _public_key(key_type: KeyType, text: object, name: str) -> PublicKey:
 
 
 Parameter = tuple[str, tuple[str | bool, ...]]
+# What a create may ask for, and what config may never turn on (docs/vault.md, "The policy").
+_KEY_PARAMETERS: tuple[Parameter, ...] = (
+    ("type", tuple(TRANSIT_TYPES.values())),
+    ("exportable", (False,)),
+    ("allow_plaintext_backup", (False,)),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,28 +725,44 @@ class VaultReport:
 
 
 def requirements(
-    transit: str = "transit", kv: str = "secret", prefix: str = "trellis-"
+    transit: str = "transit", kv: str = "secret", prefix: str = "trellis-", *, cleanup: bool = False
 ) -> tuple[Requirement, ...]:
+    """What Trellis's token needs. ``cleanup``: the opt-in variant whose token may also delete
+    Trellis's Transit keys, for Trellis to remove the ones it made and never recorded
+    (deploy/vault/trellis-policy-cleanup.hcl); a policy cannot tell those from CA keys, so that
+    token can destroy every CA key, and ``diagnose`` fails it (docs/vault.md, "The policy")."""
     base = prefix.rstrip("-_") or "trellis"
-    return (
-        Requirement(
+    keys_why = (
+        "The trailing * also matches <key>/config, /trim, /rotate and /import_version, and a "
+        "policy cannot take them out again (Vault applies only the most specific rule, and no "
+        "rule is more specific for a key name of Trellis's choosing): the allowed parameters "
+        "below are what keeps the token from making a key exportable, trimming or importing "
+        "versions, or changing which versions may sign. A rotation (no parameters) stays "
+        "possible and harms nothing: every CA pins its key version."
+    )
+    if cleanup:
+        keys = Requirement(
             f"{transit}/keys/{prefix}*",
             ("create", "read", "update", "delete"),
-            "create CA keys (exportable=false; a create is an update to Transit), read their "
-            "public keys, set deletion_allowed on and delete keys that were never recorded. "
-            "The trailing * also matches <key>/config, /trim, /rotate and /import_version, and "
-            "a policy cannot take them out again (Vault applies only the most specific rule, "
-            "and no rule is more specific for a key name of Trellis's choosing): the allowed "
-            "parameters below are what keeps the token from making a key exportable, trimming "
-            "or importing versions, or changing which versions may sign. A rotation (no "
-            "parameters) stays possible and harms nothing: every CA pins its key version.",
-            (
-                ("type", tuple(TRANSIT_TYPES.values())),
-                ("exportable", (False,)),
-                ("allow_plaintext_backup", (False,)),
-                ("deletion_allowed", (True,)),
-            ),
-        ),
+            "OPT-IN VARIANT: as trellis-policy.hcl, and set deletion_allowed on and delete keys, "
+            "so that Trellis removes keys no CA records (made by a failed init or rotation, or "
+            "replaced by init --force). A policy cannot tell those from the CA keys: this token "
+            "can destroy every CA key, and "
+            "'trellis vault check' fails on it. " + keys_why,
+            (*_KEY_PARAMETERS, ("deletion_allowed", (True,))),
+        )
+    else:
+        keys = Requirement(
+            f"{transit}/keys/{prefix}*",
+            ("create", "read", "update"),
+            "create CA keys (exportable=false; a create is an update to Transit) and read their "
+            "public keys; never delete one (deletion_allowed can only be false): keys no CA "
+            "records (made by a failed init or rotation, or replaced by init --force) are left "
+            "for an operator to delete, and Trellis names them. " + keys_why,
+            (*_KEY_PARAMETERS, ("deletion_allowed", (False,))),
+        )
+    return (
+        keys,
         Requirement(
             f"{transit}/sign/{prefix}*",
             ("update",),
@@ -769,7 +821,14 @@ def _hcl(value: str | bool) -> str:
 # that does not exist (``{key}``): Vault's ACL, allowed_parameters included, answers 403 before
 # Transit looks the key up, and a request it lets through fails on the missing key, changing
 # nothing. ``sys/capabilities-self`` cannot tell: it does not weigh allowed_parameters.
-_FORBIDDEN: tuple[tuple[str, str, str, dict[str, object] | None], ...] = (
+Forbidden = tuple[str, str, str, dict[str, object] | None]
+# The right to destroy a CA key: the opt-in clean-up policy grants it (``requirements``), for
+# keys Trellis never recorded, but no policy can keep it off the CA keys.
+_DELETION: tuple[Forbidden, ...] = (
+    ("set deletion_allowed on keys", "POST", "keys/{key}/config", {"deletion_allowed": True}),
+    ("delete keys", "DELETE", "keys/{key}", None),
+)
+_FORBIDDEN: tuple[Forbidden, ...] = (
     ("make keys exportable", "POST", "keys/{key}/config", {"exportable": True}),
     ("allow plaintext backups", "POST", "keys/{key}/config", {"allow_plaintext_backup": True}),
     ("raise min_encryption_version", "POST", "keys/{key}/config", {"min_encryption_version": 9}),
@@ -778,6 +837,7 @@ _FORBIDDEN: tuple[tuple[str, str, str, dict[str, object] | None], ...] = (
     ("export keys", "GET", "export/signing-key/{key}", None),
     ("back up keys", "GET", "backup/{key}", None),
     ("export wrapped keys (BYOK)", "GET", "byok-export/{key}/{key}", None),
+    *_DELETION,
 )
 # Settings that let a Transit key's private half leave Vault: Trellis creates its keys with
 # neither (docs/vault.md, "What lives where"), so one found set was set behind its back.
@@ -941,15 +1001,31 @@ class VaultKeyBackend:
         return Signer(handle, key), info
 
     def destroy(self, handle: KeyHandle) -> None:
+        """Delete a key no CA records. The shipped policy denies it (only the opt-in clean-up
+        policy grants delete, docs/vault.md): then the key stays, and one warning names it and
+        how to delete it by hand, so that the operation this cleans up after still reports its
+        own outcome, not this refusal."""
         name, _ = _parse_ref(handle.ref)
         try:
             self._key(name)
         except NotFound:
             return
-        self.connection.call(
-            "POST", f"{self.transit_mount}/keys/{name}/config", {"deletion_allowed": True}
+        path = f"{self.transit_mount}/keys/{name}"
+        if self.connection.call_unless_denied(
+            "POST", f"{path}/config", {"deletion_allowed": True}
+        ) and self.connection.call_unless_denied("DELETE", path):
+            return
+        namespace = f" -namespace={self.connection.namespace}" if self.connection.namespace else ""
+        log.warning(
+            "Transit key %s is left in Vault: no CA uses it, and Trellis's Vault policy does not "
+            "let it delete keys; delete it by hand: vault write%s %s/config deletion_allowed=true "
+            "&& vault delete%s %s",
+            name,
+            namespace,
+            path,
+            namespace,
+            path,
         )
-        self.connection.call("DELETE", f"{self.transit_mount}/keys/{name}")
 
     def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:
         """One ``sys/capabilities-self`` call for the keys' sign paths (a token whose policy may
@@ -1109,6 +1185,15 @@ class VaultKeyBackend:
             )
         except TrellisError as error:
             return CheckItem("excess rights", False, error.detail)
+        deletion = {what for what, *_ in _DELETION}
+        if granted and set(granted) <= deletion:
+            return CheckItem(
+                "excess rights",
+                False,
+                f"the token may also {' and '.join(granted)} on {self.transit_mount}/: that is "
+                "the right to destroy every CA key, which no policy can keep to the keys Trellis "
+                "never recorded (the opt-in clean-up policy grants it; use the policy below)",
+            )
         if granted:
             return CheckItem(
                 "excess rights",
@@ -1121,11 +1206,13 @@ class VaultKeyBackend:
             return CheckItem(
                 "excess rights",
                 True,
-                "the token cannot export, trim or reconfigure keys; it can rotate them, which "
-                "changes no CA (each signs with the key version it pinned)",
+                "the token cannot export, trim, reconfigure or delete keys; it can rotate them, "
+                "which changes no CA (each signs with the key version it pinned)",
             )
         return CheckItem(
-            "excess rights", True, "the token cannot export, trim, reconfigure or rotate keys"
+            "excess rights",
+            True,
+            "the token cannot export, trim, reconfigure, delete or rotate keys",
         )
 
     def _keys_item(self, keys: Sequence[KeyHandle]) -> CheckItem:

@@ -22,6 +22,7 @@ from tests.conftest import TRUST_DOMAIN
 from tests.vault.openbao import OpenBao, bao_binary
 
 POLICY_FILE = Path(__file__).parents[2] / "deploy" / "vault" / "trellis-policy.hcl"
+CLEANUP_POLICY_FILE = POLICY_FILE.with_name("trellis-policy-cleanup.hcl")
 PASSPHRASE = "test-passphrase-not-secret"
 
 

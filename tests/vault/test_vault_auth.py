@@ -10,6 +10,7 @@ token" ourselves with a key whose public half the auth method is configured with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from ca.keys.vault import VaultKeyBackend, render_policy, requirements
 from cli.main import main
 from tests.ca.test_file_keys import raw_sign, verify
 from tests.conftest import free_port
-from tests.vault.conftest import POLICY_FILE
+from tests.vault.conftest import CLEANUP_POLICY_FILE, POLICY_FILE
 from tests.vault.openbao import OpenBao
 from tests.vault.test_vault_cli import transit_keys
 
@@ -273,28 +274,24 @@ def test_kubernetes_login_for_another_service_account_is_refused(
 # -- what the policy lacks --------------------------------------------------------------------
 
 
-def test_the_shipped_policy_is_the_one_trellis_asks_for() -> None:
+def test_the_shipped_policies_are_the_ones_trellis_asks_for() -> None:
     assert POLICY_FILE.read_text() == render_policy(requirements())
+    assert CLEANUP_POLICY_FILE.read_text() == render_policy(requirements(cleanup=True))
 
 
-def without_delete(policy: str) -> str:
-    """The variant docs/vault.md describes for operators who keep deletion to themselves."""
-    variant = policy.replace(', "delete"]', "]").replace('    "deletion_allowed" = [true]\n', "")
-    assert variant.count("delete") < policy.count("delete")
-    return variant
-
-
-@pytest.mark.parametrize("variant", ["shipped", "no-delete"])
+@pytest.mark.parametrize("variant", ["shipped", "cleanup"])
 def test_the_policy_lets_no_key_leave_vault_or_lose_a_version(
-    openbao: OpenBao, backends: list[VaultKeyBackend], variant: str
+    openbao: OpenBao,
+    backends: list[VaultKeyBackend],
+    caplog: pytest.LogCaptureFixture,
+    variant: str,
 ) -> None:
     """The key rule's trailing * also matches <key>/config, /trim and /import_version: the
-    token may create, read, sign with (and in the shipped policy delete) its keys, and make none
-    exportable, trim none, import nothing and stop no version from signing."""
-    policy = POLICY_FILE.read_text()
-    openbao.put_policy(
-        f"trellis-{variant}", policy if variant == "shipped" else without_delete(policy)
-    )
+    token may create, read and sign with its keys, and make none exportable, trim none, import
+    nothing and stop no version from signing. Only the opt-in clean-up policy lets it delete
+    one; under the shipped one, ``destroy`` leaves the key and says how to delete it by hand."""
+    policy = (POLICY_FILE if variant == "shipped" else CLEANUP_POLICY_FILE).read_text()
+    openbao.put_policy(f"trellis-{variant}", policy)
     token = openbao.create_token(f"trellis-{variant}", ttl="1h", no_default_policy=True)
     backend = backend_for(openbao, vault_token=token)
     backends.append(backend)
@@ -317,12 +314,26 @@ def test_the_policy_lets_no_key_leave_vault_or_lose_a_version(
     assert info["exportable"] is False and info["allow_plaintext_backup"] is False
     assert info["min_encryption_version"] == 0 and sorted(info["keys"]) == ["1", "2"]
     sign_once(backend, handle)
-    if variant == "shipped":
-        backend.destroy(handle)
+    caplog.set_level(logging.WARNING, logger="trellis.keys")
+    backend.destroy(handle)
+    if variant == "cleanup":
         assert name not in transit_keys(openbao)  # LIST is a 404 once no key is left
-    else:
-        with pytest.raises(Unavailable, match="Vault denied"):
-            backend.destroy(handle)
+        assert caplog.messages == []
+        return
+    assert openbao.transit_key(name)["deletion_allowed"] is False
+    sign_once(backend, handle)  # still there, and still a key that signs
+    assert caplog.messages == [
+        f"Transit key {name} is left in Vault: no CA uses it, and Trellis's Vault policy does "
+        f"not let it delete keys; delete it by hand: vault write transit/keys/{name}/config "
+        f"deletion_allowed=true && vault delete transit/keys/{name}"
+    ]
+    for method, path, body in [
+        ("POST", f"keys/{name}/config", {"deletion_allowed": True}),
+        ("DELETE", f"keys/{name}", None),
+    ]:
+        with pytest.raises(RuntimeError, match="HTTP 403"):
+            openbao.api(method, f"transit/{path}", body, token=token)
+    openbao.api("POST", f"transit/keys/{name}/config", {"deletion_allowed": False}, token=token)
 
 
 @pytest.fixture(scope="module")
@@ -373,10 +384,36 @@ def test_vault_check_passes_with_the_shipped_policy(
     # The key rule's * covers <key>/rotate, which no policy rule can take out again: said,
     # so that the line does not claim more than the policy holds, and harmless (pinned versions).
     assert report["checks"][-1]["detail"] == (
-        "the token cannot export, trim or reconfigure keys; it can rotate them, which changes"
-        " no CA (each signs with the key version it pinned)"
+        "the token cannot export, trim, reconfigure or delete keys; it can rotate them, which"
+        " changes no CA (each signs with the key version it pinned)"
     )
     assert transit_keys(openbao) == keys  # the probes made none
+
+
+def test_vault_check_fails_a_token_that_may_delete_keys(
+    openbao: OpenBao, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Setting deletion_allowed, then DELETE, destroys a CA key: the opt-in clean-up policy
+    grants both (no policy can keep them to keys Trellis never recorded), and the check says so
+    and fails, probing on a key that does not exist."""
+    openbao.put_policy("trellis-cleanup", CLEANUP_POLICY_FILE.read_text())
+    token = openbao.create_token("trellis-cleanup", ttl="1h", no_default_policy=True)
+    keys = transit_keys(openbao)
+    code, out, err = run_check(
+        monkeypatch, capsys, "--json", vault_addr=openbao.address, vault_token=token
+    )
+    report = json.loads(out)
+    assert code == 8 and report["ok"] is False and report["missing"] == [], report
+    checks = {c["name"]: c for c in report["checks"]}
+    assert [name for name, c in checks.items() if not c["ok"]] == ["excess rights"]
+    assert checks["excess rights"]["detail"] == (
+        "the token may also set deletion_allowed on keys and delete keys on transit/: that is "
+        "the right to destroy every CA key, which no policy can keep to the keys Trellis never "
+        "recorded (the opt-in clean-up policy grants it; use the policy below)"
+    )
+    assert report["policy"] == POLICY_FILE.read_text()
+    assert err.strip() == "trellis: Vault is not ready for Trellis: excess rights failed"
+    assert transit_keys(openbao) == keys  # the probes made and deleted none
 
 
 def test_vault_check_works_in_a_namespace(

@@ -4,6 +4,7 @@ breaks the CA (handles are pinned to the version they were created with)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from ca.serial import Serial
 from ca.store.models import CaRow, OcspResponderRow
 from tests.ca.svidkit import Workload, enrol
 from tests.conftest import TRUST_DOMAIN
-from tests.vault.conftest import close, vault_settings
+from tests.vault.conftest import CLEANUP_POLICY_FILE, close, vault_settings
 from tests.vault.openbao import OpenBao
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -210,12 +211,19 @@ def test_init_force_destroys_the_old_transit_keys(vault_ctx: Context, openbao: O
     assert new <= remaining and not old & remaining
 
 
+@pytest.mark.parametrize("policy", ["trellis", "trellis-cleanup"])
 def test_an_authority_lives_on_the_shipped_policy_alone(
-    openbao: OpenBao, tmp_path: Path, clock: FixedClock
+    openbao: OpenBao,
+    tmp_path: Path,
+    clock: FixedClock,
+    caplog: pytest.LogCaptureFixture,
+    policy: str,
 ) -> None:
     """deploy/vault/trellis-policy.hcl grants exactly what Trellis does: init, issue, rotate an
-    intermediate (a new Transit key, never a Transit rotation), init --force deleting keys."""
-    token = openbao.create_token("trellis", ttl="1h", no_default_policy=True)
+    intermediate (a new Transit key, never a Transit rotation), init --force, whose old keys it
+    may not delete (each is named in one warning); the opt-in clean-up policy deletes them."""
+    openbao.put_policy("trellis-cleanup", CLEANUP_POLICY_FILE.read_text())
+    token = openbao.create_token(policy, ttl="1h", no_default_policy=True)
     ctx = build_context(vault_settings(tmp_path, openbao, vault_token=token), clock=clock)
     try:
         init_authority(ctx, AuthorityParams(TRUST_DOMAIN))
@@ -225,8 +233,18 @@ def test_an_authority_lives_on_the_shipped_policy_alone(
         assert_openssl_verifies(tmp_path, ctx, enrol(ctx, f"spiffe://{TRUST_DOMAIN.name}/b"))
         old = set(transit_names(ctx))
         assert len(old) == 3
+        caplog.set_level(logging.WARNING)
         init_authority(ctx, AuthorityParams(TRUST_DOMAIN, force=True))
         remaining = set(openbao.api("LIST", "transit/keys")["data"]["keys"])
-        assert not old & remaining
+        if policy == "trellis-cleanup":
+            assert not old & remaining and caplog.messages == []
+            return
+        assert old <= remaining
+        assert sorted(caplog.messages) == sorted(
+            f"Transit key {name} is left in Vault: no CA uses it, and Trellis's Vault policy "
+            f"does not let it delete keys; delete it by hand: vault write transit/keys/{name}/"
+            f"config deletion_allowed=true && vault delete transit/keys/{name}"
+            for name in old
+        )
     finally:
         close(ctx)

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from tests.cli.test_walkthrough import Trellis
 from tests.conftest import TRUST_DOMAIN, free_port
-from tests.vault.conftest import POLICY_FILE
+from tests.vault.conftest import CLEANUP_POLICY_FILE, POLICY_FILE
 from tests.vault.openbao import OpenBao
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def transit_keys(openbao: OpenBao) -> set[str]:
 
 
 def test_a_refused_vault_init_leaves_nothing_behind(openbao: OpenBao, tmp_path: Path) -> None:
-    cannot_sign = POLICY_FILE.read_text().replace("/sign/", "/sign-not/")
+    """With the opt-in clean-up policy, which lets Trellis delete the keys it made."""
+    cannot_sign = CLEANUP_POLICY_FILE.read_text().replace("/sign/", "/sign-not/")
     openbao.put_policy("trellis-cannot-sign", cannot_sign)
     tokens = {"bogus": "bogus", "no-sign": openbao.create_token("trellis-cannot-sign", ttl="1h")}
     keys = transit_keys(openbao)
@@ -66,6 +67,41 @@ def test_a_refused_vault_init_leaves_nothing_behind(openbao: OpenBao, tmp_path: 
         result = apart.run("init", "--trust-domain", TRUST_DOMAIN.name, ok=False)
         assert result.returncode == 8, (name, result)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "held"], name
+
+
+def test_a_refused_vault_init_under_the_shipped_policy_names_the_key_it_leaves(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    """The shipped policy may not delete keys: the key a failed init made stays in Transit, one
+    warning names it and the commands that delete it, and the error is still the init's own."""
+    openbao.put_policy(
+        "trellis-shipped-cannot-sign", POLICY_FILE.read_text().replace("/sign/", "/x/")
+    )
+    token = openbao.create_token("trellis-shipped-cannot-sign", ttl="1h")
+    keys = transit_keys(openbao)
+    result = vault_cli(tmp_path / "var", openbao, token).run(
+        "init", "--trust-domain", TRUST_DOMAIN.name, ok=False
+    )
+    assert result.returncode == 8, result
+    left = transit_keys(openbao) - keys
+    assert sorted(k.split("-")[2] for k in left) == ["intermediate", "root"]  # trellis-mesh-…
+    [root] = (k for k in left if "-root-" in k)
+    [intermediate] = left - {root}
+    assert result.stderr.splitlines() == [
+        *(
+            f"Transit key {key} is left in Vault: no CA uses it, and Trellis's Vault policy does "
+            f"not let it delete keys; delete it by hand: vault write transit/keys/{key}/config "
+            f"deletion_allowed=true && vault delete transit/keys/{key}"
+            for key in (root, intermediate)  # one warning each, in the order init made them
+        ),
+        f"trellis: Vault denied 'update' on transit/sign/{root}: the token's policy lacks that "
+        "capability (run 'trellis vault check'; see deploy/vault/trellis-policy.hcl)",
+    ]
+    assert not (tmp_path / "var").exists()
+    for key in left:
+        assert openbao.transit_key(key)["deletion_allowed"] is False
+        openbao.api("POST", f"transit/keys/{key}/config", {"deletion_allowed": True})
+        openbao.api("DELETE", f"transit/keys/{key}")
 
 
 def test_audit_seal_without_vault_exits_8_and_revoking_a_keyless_intermediate_works(
