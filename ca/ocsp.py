@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from sqlmodel import Session, col, select
 
 from ca import der
+from ca.authority import destroy_quietly
 from ca.cas import ca_certificate, ca_handle, ca_signer
 from ca.config import Context
 from ca.errors import NotFound, TrellisError, Unavailable
@@ -174,13 +175,13 @@ def _new_responder(
             )
             session.commit()
     except sa.exc.IntegrityError:
-        ctx.keys.destroy(handle)
+        destroy_quietly(ctx, [handle])
         winner = _winner(ctx, ca, generation)
         if winner is None:  # not the race this constraint settles
             raise
         return winner
     except BaseException:
-        ctx.keys.destroy(handle)
+        destroy_quietly(ctx, [handle])  # the failure to report is the one that got us here
         raise
     return cert, signer
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 from fastapi.testclient import TestClient
@@ -24,9 +25,10 @@ import ca.ocsp
 from api.app import create_app
 from ca.authority import active_issuer
 from ca.config import Context, Settings, build_context
+from ca.errors import Unavailable
 from ca.ocsp import respond
 from ca.store.db import SchemaPolicy
-from ca.store.models import OcspResponderRow
+from ca.store.models import CaRow, OcspResponderRow
 from tests.ca.svidkit import SQLITE_ONLY, enrol
 from tests.ca.test_ocsp import TD, assert_signed_by_delegate, request_der
 from tests.conftest import PASSPHRASE
@@ -125,3 +127,27 @@ def test_a_responder_whose_key_is_missing_here_answers_try_later(ctx: Context) -
     status = ocsp.load_der_ocsp_response(http.content).response_status
     assert status is ocsp.OCSPResponseStatus.TRY_LATER
     assert len(_responders(ctx)) == 1
+
+
+@SQLITE_ONLY
+def test_a_responder_that_fails_reports_its_own_error_when_its_key_cannot_be_destroyed(
+    ctx: Context, monkeypatch: Any
+) -> None:
+    """The clean-up of the key made for a responder that could not be recorded may fail too
+    (the Vault that failed the signature is down for the destroy as well): the error reported
+    is the one that stopped the responder, and the key is named in a warning."""
+    with Session(ctx.engine) as session:
+        row = session.get(CaRow, active_issuer(ctx).ca_id)
+    assert row is not None
+
+    def no_signature(*_: Any) -> Any:
+        raise Unavailable("the issuer's key backend refused to sign")
+
+    def no_destroy(*_: Any) -> None:
+        raise Unavailable("the key backend is unreachable")
+
+    monkeypatch.setattr(ca.ocsp, "sign", no_signature)
+    monkeypatch.setattr(ctx.keys, "destroy", no_destroy)
+    with pytest.raises(Unavailable, match="refused to sign"):
+        ca.ocsp._new_responder(ctx, row, ctx.clock.now(), 1)
+    assert _responders(ctx) == []
