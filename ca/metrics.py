@@ -70,11 +70,16 @@ class StateCollector(Collector):
             "Seconds until each CRL's nextUpdate",
             labels=["authority", "serial"],
         )
+        # ``node`` is empty for a cluster-wide job, whichever replica ran it: one series
         job_ok = GaugeMetricFamily(
-            "trellis_job_last_success", "1 if the job's last run succeeded", labels=["job"]
+            "trellis_job_last_success",
+            "1 if the job's last run (on the node, for a node job) succeeded",
+            labels=["job", "node"],
         )
         job_failures = GaugeMetricFamily(
-            "trellis_job_consecutive_failures", "Failed runs in a row", labels=["job"]
+            "trellis_job_consecutive_failures",
+            "Failed runs in a row (on the node, for a node job)",
+            labels=["job", "node"],
         )
         with Session(self.ctx.engine) as session:
             counts = session.execute(
@@ -102,8 +107,8 @@ class StateCollector(Collector):
                         [ca.authority, ca.serial], (crl.next_update - now).total_seconds()
                     )
             for job in session.exec(select(JobRunRow)).all():
-                job_ok.add_metric([job.name], 1.0 if job.last_ok else 0.0)
-                job_failures.add_metric([job.name], job.consecutive_failures)
+                job_ok.add_metric([job.name, job.node], 1.0 if job.last_ok else 0.0)
+                job_failures.add_metric([job.name, job.node], job.consecutive_failures)
         yield from (active, expiry, crl_age, crl_left, job_ok, job_failures)
 
 

@@ -6,9 +6,10 @@
   run on another node writes none of its files, so skipping for it would leave them to age.
 - Survives restarts: every job runs once at start-up, so a process that was down past a
   transition performs it immediately.
-- Failures: logged with context, recorded in ``job_run`` (shown by ``trellis jobs list`` and in
-  ``/readyz`` detail), and retried with exponential backoff (10 s, 20 s, … while shorter than
-  the job's interval; then the regular run is the retry).
+- Failures: logged with context, recorded in ``job_run`` (a record per node for node and replica
+  jobs, ``record_node``; shown by ``trellis jobs list``, in ``/readyz`` detail and the metrics),
+  and retried with exponential backoff (10 s, 20 s, … while shorter than the job's interval;
+  then the regular run is the retry).
 - One scheduler per ``trellis serve``: with several workers, the worker holding an exclusive lock
   on ``<data dir>/scheduler.lock`` runs it (``elect_scheduler``); the lock dies with its process
   and another worker takes over. The serve parent stays a small supervisor (memory: each process
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from ca.config import Context
 from ca.errors import TrellisError
@@ -47,6 +48,7 @@ __all__ = [
     "elect_scheduler",
     "job_statuses",
     "lock_key",
+    "record_node",
     "run_job",
     "start_scheduler",
 ]
@@ -62,16 +64,53 @@ def lock_key(job: Job, node: str) -> int:
     return 0x7E12 << 32 | zlib.crc32(scoped.encode())
 
 
+def record_node(job: Job, node: str) -> str:
+    """The node whose record (``job_run``) a run of ``job`` on ``node`` updates: a cluster-wide
+    job has one record for all nodes (``""``); a job of a node's or a replica's own files has one
+    per node, as its failing on one node is not mended by its succeeding on another."""
+    return "" if job.scope is Scope.CLUSTER else node
+
+
+# A node's record of a node job that no run has updated for this long is forgotten by the next
+# run of that job on another node: the node was removed or renamed (a Kubernetes node name
+# comes and goes), or someone ran the job once by hand on their own machine; kept, a failure
+# there would stay on every list, readiness detail and alert for ever.
+FORGET_NODE_AFTER = dt.timedelta(days=1)
+
+
 def _record(ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: str) -> JobRunRow:
+    try:
+        return _record_once(ctx, job, started=started, ok=ok, result=result)
+    except sa.exc.IntegrityError:
+        # Another process of the node made the node's first record meanwhile (replica jobs take
+        # no lock): this run is added to it.
+        return _record_once(ctx, job, started=started, ok=ok, result=result)
+
+
+def _record_once(
+    ctx: Context, job: Job, *, started: dt.datetime, ok: bool, result: str
+) -> JobRunRow:
+    node = ctx.settings.node_name[:128]
+    recorded = record_node(job, node)
     with Session(ctx.engine) as session:
-        row = session.get(JobRunRow, job.name, with_for_update=True) or JobRunRow(name=job.name)
+        key = {"name": job.name, "node": recorded}
+        row = session.get(JobRunRow, key, with_for_update=True)
+        row = row or JobRunRow(name=job.name, node=recorded)
         row.last_started, row.last_finished = started, ctx.clock.now()
         row.last_ok, row.last_result = ok, result[:512]
         row.runs += 1
         row.consecutive_failures = 0 if ok else row.consecutive_failures + 1
         row.next_run = started + dt.timedelta(seconds=job.every_seconds)
-        row.node = ctx.settings.node_name[:128]
+        row.ran_on = node
         session.add(row)
+        if job.scope is not Scope.CLUSTER:
+            session.execute(
+                sa.delete(JobRunRow).where(
+                    col(JobRunRow.name) == job.name,
+                    col(JobRunRow.node) != recorded,
+                    col(JobRunRow.last_started) < started - FORGET_NODE_AFTER,
+                )
+            )
         session.commit()
         session.refresh(row)
         return row
@@ -215,9 +254,13 @@ def elect_scheduler(
 
 @dataclass(frozen=True, slots=True)
 class JobStatus:
+    """The record of a job: of a cluster-wide job, its last run on any node (``node``); of a
+    node or replica job, its last run on ``node``. ``node`` is empty for a job never run."""
+
     name: str
     description: str
     every_seconds: int
+    scope: Scope
     last_started: dt.datetime | None
     last_finished: dt.datetime | None
     last_ok: bool | None
@@ -231,26 +274,47 @@ class JobStatus:
     def failing(self) -> bool:
         return self.consecutive_failures >= FAILING_AFTER
 
+    @property
+    def label(self) -> str:
+        """The job's name, and the node for the record of one node."""
+        return (
+            self.name
+            if self.scope is Scope.CLUSTER or not self.node
+            else f"{self.name} on {self.node}"
+        )
 
-def job_statuses(ctx: Context) -> list[JobStatus]:
+
+def job_statuses(ctx: Context, *, node: str | None = None) -> list[JobStatus]:
+    """Every job's record, in ``JOBS`` order: one for a cluster-wide job, one per node that ran
+    it for a node or replica job (one empty record while none has). With ``node``, only the
+    records that concern that node: the cluster-wide jobs and its own runs."""
     with Session(ctx.engine) as session:
-        rows = {job.name: session.get(JobRunRow, job.name) for job in JOBS}
+        rows = session.exec(select(JobRunRow).order_by(col(JobRunRow.node))).all()
     statuses = []
     for job in JOBS:
-        row = rows[job.name]
-        statuses.append(
-            JobStatus(
-                name=job.name,
-                description=job.description,
-                every_seconds=job.every_seconds,
-                last_started=row.last_started if row else None,
-                last_finished=row.last_finished if row else None,
-                last_ok=row.last_ok if row else None,
-                last_result=row.last_result if row else "",
-                consecutive_failures=row.consecutive_failures if row else 0,
-                runs=row.runs if row else 0,
-                next_run=row.next_run if row else None,
-                node=row.node if row else "",
-            )
-        )
+        records = [
+            row
+            for row in rows
+            if row.name == job.name
+            and (row.node == "") is (job.scope is Scope.CLUSTER)
+            and (node is None or row.node in ("", node))
+        ]
+        statuses += [_status(job, row) for row in records] or [_status(job, None)]
     return statuses
+
+
+def _status(job: Job, row: JobRunRow | None) -> JobStatus:
+    return JobStatus(
+        name=job.name,
+        description=job.description,
+        every_seconds=job.every_seconds,
+        scope=job.scope,
+        last_started=row.last_started if row else None,
+        last_finished=row.last_finished if row else None,
+        last_ok=row.last_ok if row else None,
+        last_result=row.last_result if row else "",
+        consecutive_failures=row.consecutive_failures if row else 0,
+        runs=row.runs if row else 0,
+        next_run=row.next_run if row else None,
+        node=row.ran_on if row else "",
+    )

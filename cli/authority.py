@@ -107,16 +107,18 @@ def rotate_root_cmd(
 
 @jobs_app.command("list")
 def jobs_list(json_out: JsonOpt = False) -> None:
-    """Each job's last run, result and next run (shared by all replicas)."""
+    """Each job's last run, result and next run (shared by all replicas), per node for the jobs
+    of a node's files."""
     statuses = job_statuses(STATE.context())
     if json_out:
         emit_json([JobOut.of(s) for s in statuses])
         return
     table(
-        ["JOB", "EVERY", "LAST RUN", "OK", "RESULT", "NEXT RUN"],
+        ["JOB", "NODE", "EVERY", "LAST RUN", "OK", "RESULT", "NEXT RUN"],
         [
             [
                 s.name,
+                s.node or "-",
                 f"{s.every_seconds}s",
                 when(s.last_started),
                 "-"

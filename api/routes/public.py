@@ -114,9 +114,9 @@ def readyz(ctx: CtxDep) -> Response:
     ok = all(value == "ok" for key, value in detail.items() if key != "openvpn_crl")
     # Failing jobs are reported but do not take the replica out of rotation: it still issues.
     try:
-        failing = [
-            f"{j.name} ({j.consecutive_failures}x: {j.last_result[:80]})"
-            for j in job_statuses(ctx)
+        failing = [  # this replica's concern: the cluster's jobs and its own node's
+            f"{j.label} ({j.consecutive_failures}x: {j.last_result[:80]})"
+            for j in job_statuses(ctx, node=ctx.settings.node_name)
             if j.failing
         ]
         detail["jobs"] = "failing: " + "; ".join(failing) if failing else "ok"

@@ -313,6 +313,10 @@ class JobOut(BaseModel):
     name: str
     description: str
     every_seconds: int
+    scope: str = Field(
+        description="cluster: one record, the last run on any node; node or replica: one"
+        " record per node (the node it ran on is 'node')"
+    )
     last_started: dt.datetime | None
     last_finished: dt.datetime | None
     last_ok: bool | None
@@ -324,4 +328,5 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, status: JobStatus) -> JobOut:
-        return cls(**{f.name: getattr(status, f.name) for f in dataclasses.fields(status)})
+        fields = {f.name: getattr(status, f.name) for f in dataclasses.fields(status)}
+        return cls(**fields | {"scope": status.scope.value})

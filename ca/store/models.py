@@ -215,11 +215,14 @@ class BundleStateRow(SQLModel, table=True):
 
 
 class JobRunRow(SQLModel, table=True):
-    """The last run of each scheduled job, shared by all replicas."""
+    """The last run of a scheduled job, shared by all replicas: one record of a cluster-wide job
+    (``node`` empty), one per node of a job that keeps a node's or a replica's own files
+    (``ca.jobs.Scope``), so that a node failing is not reset by another node succeeding."""
 
     __tablename__ = "job_run"
 
     name: str = Field(primary_key=True, max_length=64)
+    node: str = Field(default="", primary_key=True, max_length=128)
     last_started: dt.datetime | None = _time(nullable=True)
     last_finished: dt.datetime | None = _time(nullable=True)
     last_result: str = Field(default="", max_length=512)
@@ -227,7 +230,7 @@ class JobRunRow(SQLModel, table=True):
     consecutive_failures: int = 0
     runs: int = 0
     next_run: dt.datetime | None = _time(nullable=True)
-    node: str = Field(default="", max_length=128)
+    ran_on: str = Field(default="", max_length=128)  # the node of the last run
 
 
 class RootRotationRow(SQLModel, table=True):

@@ -186,3 +186,47 @@ def test_crls_stored_under_a_cross_certificate_are_deleted_by_0016(database_url:
         assert list(kept) == [1, 2]
         assert connection.execute(sa.text("SELECT COUNT(*) FROM ca")).scalar_one() == 3
     engine.dispose()
+
+
+def test_job_runs_recorded_before_0017_are_keyed_per_node_for_node_jobs(database_url: str) -> None:
+    """0017 keys ``job_run`` on (name, node): a cluster-wide job keeps its one record (node
+    empty, the node of its last run in ``ran_on``); a node job's record becomes that of the node
+    that ran it last, so its failures stay that node's; then other nodes add their own."""
+    engine = _at_revision(database_url, "0016")
+    naive = engine.dialect.name == "sqlite"
+    when = NOW.replace(tzinfo=None) if naive else NOW
+    with engine.begin() as connection:
+        for name, node, failures in (("crl-resign", "a", 0), ("openvpn-crl", "b", 4)):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO job_run (name, last_started, last_finished, last_result, "
+                    "last_ok, consecutive_failures, runs, next_run, node) "
+                    "VALUES (:name, :t, :t, 'r', :ok, :failures, 9, :t, :node)"
+                ),
+                {"name": name, "t": when, "ok": failures == 0, "failures": failures, "node": node},
+            )
+    db.upgrade(engine)
+    with engine.begin() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT name, node, ran_on, consecutive_failures, runs FROM job_run ORDER BY name"
+            )
+        ).all()
+        assert [tuple(row) for row in rows] == [
+            ("crl-resign", "", "a", 0, 9),
+            ("openvpn-crl", "b", "b", 4, 9),
+        ]
+        connection.execute(
+            sa.text(
+                "INSERT INTO job_run (name, node, ran_on, last_result, last_ok, "
+                "consecutive_failures, runs) VALUES ('openvpn-crl', 'a', 'a', 'r', true, 0, 1)"
+            )
+        )
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO job_run (name, node, ran_on, last_result, last_ok, "
+                "consecutive_failures, runs) VALUES ('openvpn-crl', 'b', 'b', 'r', true, 0, 1)"
+            )
+        )
+    engine.dispose()

@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from ca import scheduler
 from ca.clock import FixedClock
-from ca.config import Context
+from ca.config import Context, build_context
+from ca.errors import Unavailable
 from ca.jobs import JOBS, Job, job_named
 from ca.scheduler import FAILING_AFTER, job_statuses, run_job, start_scheduler
+from tests.api.test_metrics import _samples, _value
 from tests.cli.test_walkthrough import Trellis
 from tests.conftest import PASSPHRASE
 from tests.rotation.rotkit import SQLITE_ONLY, cert_of, only
@@ -224,3 +227,92 @@ def test_a_job_result_is_logged_at_info_only_when_it_changes(
     scheduler._tick(ctx, idle, job)
     levels = [r.levelno for r in caplog.records if r.getMessage().startswith("job prune")]
     assert levels == [logging.INFO, logging.INFO]
+
+
+@pytest.fixture
+def node_b(ctx: Context, clock: FixedClock) -> Iterator[Context]:
+    """A second node on ``ctx``'s database (``TRELLIS_NODE_NAME=node-b``)."""
+    other = build_context(ctx.settings.model_copy(update={"node_name": "node-b"}), clock=clock)
+    yield other
+    other.close()
+
+
+def failing_on(node: str, job: Job) -> Job:
+    def run(ctx: Context) -> str:
+        if ctx.settings.node_name == node:
+            raise Unavailable(f"cannot write the CRL file on {node}")
+        return "1 OpenVPN CRL file(s) current"
+
+    return dataclasses.replace(job, run=run)
+
+
+def test_a_node_job_failing_on_one_node_stays_failing_while_another_node_succeeds(
+    ctx: Context, node_b: Context, clock: FixedClock
+) -> None:
+    """Node and replica jobs are recorded per node: node B failing is not reset by node A's
+    successes between B's runs (one record per job showed it only until A's next run). The
+    cluster-wide jobs keep one record, the last run on any node."""
+    node_a = ctx.settings.node_name
+    job = failing_on("node-b", job_named("openvpn-crl"))
+    for _ in range(FAILING_AFTER + 1):
+        for node in (ctx, node_b):
+            clock.advance(dt.timedelta(seconds=30))
+            assert run_job(node, job) is not None
+    for node in (node_b, ctx):
+        assert run_job(node, job_named("prune-renewal-nonces")) is not None
+
+    records = {(s.name, s.node): s for s in job_statuses(ctx)}
+    assert records[("openvpn-crl", node_a)].consecutive_failures == 0
+    on_b = records[("openvpn-crl", "node-b")]
+    assert (on_b.last_ok, on_b.consecutive_failures, on_b.runs) == (False, FAILING_AFTER + 1, 4)
+    assert [s.node for s in job_statuses(ctx) if s.name == "prune-renewal-nonces"] == [node_a]
+
+    listed = cli_for(ctx).json("jobs", "list")
+    assert isinstance(listed, list)
+    shown = {(j["name"], j["node"]): j for j in listed if j["name"] == "openvpn-crl"}
+    assert set(shown) == {("openvpn-crl", node_a), ("openvpn-crl", "node-b")}
+    assert shown[("openvpn-crl", "node-b")]["consecutive_failures"] == FAILING_AFTER + 1
+    assert {j["scope"] for j in shown.values()} == {"node"}
+    table = cli_for(ctx).run("jobs", "list").stdout
+    rows = {tuple(line.split()[:2]): line for line in table.splitlines()}
+    assert f"NO ({FAILING_AFTER + 1})" in rows[("openvpn-crl", "node-b")]
+    assert " yes " in rows[("openvpn-crl", node_a)]
+
+    reason = "Unavailable: cannot write the CRL file on node-b"
+    with TestClient(create_app(node_b)) as on_node_b, TestClient(create_app(ctx)) as on_node_a:
+        # each replica's readiness names the failing jobs that concern it: not node B's on A
+        assert on_node_b.get("/readyz").json()["detail"]["jobs"] == (
+            f"failing: openvpn-crl on node-b ({FAILING_AFTER + 1}x: {reason})"
+        )
+        assert on_node_a.get("/readyz").json()["detail"]["jobs"] == "ok"
+        samples = _samples(on_node_a)  # every replica reports every node's records
+    failures = "trellis_job_consecutive_failures"
+    assert _value(samples, failures, job="openvpn-crl", node="node-b") == FAILING_AFTER + 1
+    assert _value(samples, failures, job="openvpn-crl", node=node_a) == 0
+    assert ((failures, frozenset({("job", "prune-renewal-nonces"), ("node", "")}))) in samples
+
+    # node B's record clears when node B succeeds, not before
+    assert run_job(node_b, job_named("prune-renewal-nonces")) is not None
+    fixed = run_job(node_b, dataclasses.replace(job, run=lambda _: "1 OpenVPN CRL file(s) current"))
+    assert fixed is not None and (fixed.last_ok, fixed.consecutive_failures) == (True, 0)
+    with TestClient(create_app(node_b)) as on_node_b:
+        assert on_node_b.get("/readyz").json()["detail"]["jobs"] == "ok"
+
+
+def test_a_node_that_stopped_running_a_node_job_is_forgotten_after_a_day(
+    ctx: Context, node_b: Context, clock: FixedClock
+) -> None:
+    """Node B was removed (or its name changed, or someone ran the job once by hand on their
+    machine): its last, failing record would stay on every list and alert for ever."""
+    job = failing_on("node-b", job_named("openvpn-crl"))
+    for _ in range(FAILING_AFTER):
+        assert run_job(node_b, job) is not None
+    clock.advance(scheduler.FORGET_NODE_AFTER)
+    assert run_job(ctx, job) is not None
+    assert {s.node for s in job_statuses(ctx) if s.name == job.name} == {
+        "node-b",
+        ctx.settings.node_name,
+    }
+    clock.advance(dt.timedelta(seconds=1))
+    assert run_job(ctx, job) is not None
+    assert [s.node for s in job_statuses(ctx) if s.name == job.name] == [ctx.settings.node_name]
