@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -31,6 +33,7 @@ __all__ = [
     "publish_revocations",
     "revoke_certificate",
     "revoke_identity",
+    "withdrawn_unless_delivered",
 ]
 
 log = logging.getLogger("trellis.certs")
@@ -254,6 +257,21 @@ def _revoked_info(
 ) -> CertificateInfo:
     info = certificate_info(row, now)
     return dataclasses.replace(info, crl_skipped=skipped.get(row.issuer_ca_id))
+
+
+@contextlib.contextmanager
+def withdrawn_unless_delivered(ctx: Context, serial: Serial, actor: str) -> Iterator[None]:
+    """Around what hands an issued certificate over (with its key, where Trellis generated one
+    and keeps no copy): if it fails, the certificate is revoked (superseded) and the failure
+    re-raised, whatever it is. Ctrl-C (``cli.launch.Interrupted``) and other ``BaseException``
+    included: a certificate its requester never got, or whose key is lost, must not stay live,
+    counted against a consumer's limit or a VPN name, and trusted until it expires."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Conflict):  # already withdrawn on the way out
+            revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, actor)
+        raise
 
 
 def revoke_certificate(

@@ -36,7 +36,12 @@ from sqlmodel import Session, col, select
 from ca import audit
 from ca.authority import GATEWAY, AuthorityParams, active_issuer, init_authority
 from ca.bundle import trust_anchors
-from ca.certs import CertificateInfo, certificate_info, revoke_certificate
+from ca.certs import (
+    CertificateInfo,
+    certificate_info,
+    revoke_certificate,
+    withdrawn_unless_delivered,
+)
 from ca.config import Context
 from ca.crl import current_crl
 from ca.csr import load_verified_csr
@@ -66,6 +71,7 @@ from ca.tlsleaf import TlsLeafRequest, Usage, issue_tls_leaf
 
 __all__ = [
     "GATEWAY",
+    "WITHDRAWN_BY",
     "CertRequest",
     "Consumer",
     "ConsumerName",
@@ -101,6 +107,7 @@ __all__ = [
 PROFILE = "gateway-client"
 URN_PREFIX = "urn:trellis:gateway:consumer:"
 MAX_LIVE = 2  # the current certificate and its successor, during a renewal overlap
+WITHDRAWN_BY = "gateway:withdrawn"  # who revoked a certificate never handed over
 DEFAULT_TTL = Ttl(90 * 86400)
 DEFAULT_MAX_TTL = Ttl(398 * 86400)  # the CA/Browser Forum limit for public TLS certificates
 DEFAULT_CA_TTL = Ttl(3 * 365 * 86400)
@@ -484,8 +491,9 @@ def _settle(ctx: Context, request: CertRequest, cert: x509.Certificate) -> None:
     """Re-check the consumer rules for a just-recorded certificate and, if they hold, settle it
     (its ``gateway_certificate`` row is what makes it count and be handed out). Settlements of one
     consumer run one at a time under the consumer's lock, so two concurrent issuances that both
-    passed ``_check_policy`` cannot make three live certificates: the one that loses is revoked
-    here (it was never handed out) and answers 409. Signing itself holds no lock."""
+    passed ``_check_policy`` cannot make three live certificates: the one that loses answers 409
+    and is revoked by ``issue_certificate`` (it was never handed out). Signing itself holds no
+    lock."""
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         # A write first: a row lock on PostgreSQL, the database write lock on SQLite.
@@ -514,10 +522,7 @@ def _settle(ctx: Context, request: CertRequest, cert: x509.Certificate) -> None:
             )
             session.commit()
             return
-    revoke_certificate(
-        ctx, Serial(cert.serial_number), RevocationReason.SUPERSEDED, "gateway:withdrawn"
-    )
-    raise problem
+    raise problem  # the certificate is withdrawn by the caller (issue_certificate)
 
 
 def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertificate:
@@ -543,10 +548,10 @@ def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertif
         ),
     )
     serial = Serial(issued.certificate.serial_number)
-    _settle(ctx, request, issued.certificate)
-    bundle: bytes | None = None
-    if key is not None and request.pkcs12_password is not None:
-        try:
+    with withdrawn_unless_delivered(ctx, serial, WITHDRAWN_BY):
+        _settle(ctx, request, issued.certificate)
+        bundle: bytes | None = None
+        if key is not None and request.pkcs12_password is not None:
             bundle = _pkcs12(
                 request.consumer,
                 key,
@@ -555,10 +560,7 @@ def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertif
                 request.pkcs12_password,
                 request.legacy_pkcs12,
             )
-        except Exception:  # a certificate whose key is lost must not stay live
-            revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, "gateway:withdrawn")
-            raise
-    record = show_certificate(ctx, serial)
+        record = show_certificate(ctx, serial)
     return IssuedGatewayCertificate(
         record, issued.certificate, issued.issuer.chain_pem, ttl, bundle
     )

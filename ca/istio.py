@@ -367,6 +367,11 @@ def deliver(ctx: Context, intermediate: IstioIntermediate, params: IstioParams) 
         error = _failure(exc)
         _record_delivery(ctx, intermediate.cluster, error.detail)
         raise error from None
+    except BaseException as exc:
+        # Ctrl-C (``cli.launch.Interrupted``) or a bug: recorded all the same, or the cluster
+        # would pass for delivered and the job leave it until its intermediate is due.
+        _record_delivery(ctx, intermediate.cluster, f"not delivered: {type(exc).__name__}")
+        raise
 
 
 def _deliver(intermediate: IstioIntermediate, params: IstioParams) -> list[str]:

@@ -69,6 +69,7 @@ __all__ = [
     "PRIVATE_FILES",
     "SERVER_DIR_FILES",
     "SERVER_PROFILE",
+    "WITHDRAWN_BY",
     "ClientInfo",
     "ClientProfile",
     "ClientRequest",
@@ -102,6 +103,7 @@ __all__ = [
 ]
 
 OPENVPN = "vpn"
+WITHDRAWN_BY = "openvpn:withdrawn"  # who revoked a certificate never handed over
 CLIENT_PROFILE = "openvpn-client"
 log = logging.getLogger("trellis.openvpn")
 SERVER_PROFILE = "openvpn-server"
@@ -878,48 +880,50 @@ def _issue_profile(ctx: Context, request: ClientRequest, claim: _Claim) -> Clien
         ),
     )
     not_after = issued.certificate.not_valid_after_utc
-    ovpn = CLIENT_OVPN.format(
-        name=request.name,
-        authority=request.authority,
-        serial=issued.serial.hex,
-        not_after=not_after.isoformat().replace("+00:00", "Z"),
-        proto=config.proto.value,
-        remote=config.remote,
-        port=config.port,
-        server_cn=config.server_cn or config.remote,
-        ca=(issuer.chain_pem + issuer.bundle_pem).decode(),
-        cert=(issued.certificate_pem + issuer.chain_pem).decode(),
-        key=private_key_pem(key).decode(),
-        wrap="tls-crypt-v2" if claim.tls_crypt is TlsCrypt.V2 else "tls-crypt",
-        wrap_key=wrap_key.decode(),
-    )
+    with certs.withdrawn_unless_delivered(ctx, issued.serial, WITHDRAWN_BY):
+        ovpn = CLIENT_OVPN.format(
+            name=request.name,
+            authority=request.authority,
+            serial=issued.serial.hex,
+            not_after=not_after.isoformat().replace("+00:00", "Z"),
+            proto=config.proto.value,
+            remote=config.remote,
+            port=config.port,
+            server_cn=config.server_cn or config.remote,
+            ca=(issuer.chain_pem + issuer.bundle_pem).decode(),
+            cert=(issued.certificate_pem + issuer.chain_pem).decode(),
+            key=private_key_pem(key).decode(),
+            wrap="tls-crypt-v2" if claim.tls_crypt is TlsCrypt.V2 else "tls-crypt",
+            wrap_key=wrap_key.decode(),
+        )
     return ClientProfile(
         request.name.value, issued.serial, not_after, claim.tls_crypt, ovpn.encode()
     )
 
 
-def add_client(ctx: Context, request: ClientRequest) -> ClientProfile:
-    """Onboard one user: claim the name (409 while it has a live certificate), issue, render."""
-    claim = _claim(ctx, request, renew=False)
+def _issue_settled(ctx: Context, request: ClientRequest, claim: _Claim) -> ClientProfile:
+    """Issue and record the serial under the name, or give the claim back and leave no
+    certificate live (``withdrawn_unless_delivered``), whatever stops it."""
     try:
         profile = _issue_profile(ctx, request, claim)
+        with certs.withdrawn_unless_delivered(ctx, profile.serial, WITHDRAWN_BY):
+            _settle(ctx, request, claim, profile.serial.hex)
     except BaseException:
         _settle(ctx, request, claim, None)
         raise
-    _settle(ctx, request, claim, profile.serial.hex)
     return profile
+
+
+def add_client(ctx: Context, request: ClientRequest) -> ClientProfile:
+    """Onboard one user: claim the name (409 while it has a live certificate), issue, render."""
+    return _issue_settled(ctx, request, _claim(ctx, request, renew=False))
 
 
 def renew_client(ctx: Context, request: ClientRequest) -> ClientProfile:
     """A fresh key, certificate and tls-crypt key. The previous certificate is revoked
     (``superseded``) once the new one exists, so a name never has two live certificates."""
     claim = _claim(ctx, request, renew=True)
-    try:
-        profile = _issue_profile(ctx, request, claim)
-    except BaseException:
-        _settle(ctx, request, claim, None)
-        raise
-    _settle(ctx, request, claim, profile.serial.hex)
+    profile = _issue_settled(ctx, request, claim)
     if claim.previous is not None:
         # Already revoked by someone else is the outcome we wanted. The revocation rewrites the
         # CRL file itself (ca.certs.publish_revocations).

@@ -17,6 +17,7 @@ from api.schemas.gateway import (
     init_params,
 )
 from ca import gateway
+from ca.certs import withdrawn_unless_delivered
 from ca.durations import Ttl
 from ca.errors import InvalidInput
 from ca.files import write_atomic, write_private
@@ -177,13 +178,14 @@ def cert_issue(
         ttl=Ttl.parse(ttl) if ttl else None,
     )
     issued = gateway.issue_certificate(ctx, request)
-    if issued.pkcs12 is not None and p12 is not None:
-        write_private(p12, issued.pkcs12)
-        written = p12
-    else:
-        assert out is not None
-        write_atomic(out, issued.certificate_pem + issued.chain_pem)
-        written = out
+    with withdrawn_unless_delivered(ctx, issued.serial, gateway.WITHDRAWN_BY):
+        if issued.pkcs12 is not None and p12 is not None:
+            write_private(p12, issued.pkcs12)
+            written = p12
+        else:
+            assert out is not None
+            write_atomic(out, issued.certificate_pem + issued.chain_pem)
+            written = out
     result = GatewayCertOut.issued(issued, with_pkcs12=False)
     if json_out:
         emit_json(result)

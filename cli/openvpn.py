@@ -9,6 +9,7 @@ import typer
 
 from api.schemas.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ProfileOut, ServerCertOut
 from ca import openvpn
+from ca.certs import withdrawn_unless_delivered
 from ca.durations import Ttl
 from ca.errors import InvalidInput, Unavailable
 from ca.files import write_atomic, write_private
@@ -190,7 +191,8 @@ def crl(
 
 
 def _write_profile(profile: openvpn.ClientProfile, out: Path, json_out: bool, verb: str) -> None:
-    write_private(out, profile.ovpn)
+    with withdrawn_unless_delivered(STATE.context(), profile.serial, openvpn.WITHDRAWN_BY):
+        write_private(out, profile.ovpn)  # the profile's key exists nowhere else
     if json_out:
         emit_json(ProfileOut.of(profile, out))
         return

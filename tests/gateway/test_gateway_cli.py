@@ -15,6 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ca import gateway
+from cli import gateway as cli_gateway
+from cli.common import STATE
+from cli.launch import Interrupted
 from cli.main import main
 from tests.conftest import PASSPHRASE
 from tests.gateway.gwkit import partner_csr
@@ -178,3 +181,26 @@ def test_revoking_under_an_intermediate_revoked_without_its_key_says_so(
     revoked = cli.json("gateway", "cert", "revoke", serials[1])
     assert revoked["status"] == "revoked"
     assert "missing from the file key store" in revoked["crl_skipped"]
+
+
+def test_a_pkcs12_interrupted_on_its_way_to_the_file_is_withdrawn(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a full disk) while ``--p12`` is written: the key exists nowhere else, so the
+    certificate is revoked before the command ends; it stayed live and counted against the
+    consumer's limit."""
+    cli.run("gateway", "init")
+    cli.run("gateway", "consumer", "add", "acme")
+    (tmp_path / "pw").write_text("correct horse battery\n")
+
+    def interrupted(path: Path, data: bytes) -> None:
+        raise Interrupted
+
+    with monkeypatch.context() as patched, pytest.raises(Interrupted):
+        patched.setattr(cli_gateway, "write_private", interrupted)
+        main(["gateway", "cert", "issue", "acme", "--p12", str(tmp_path / "acme.p12"),
+              "--p12-password-file", str(tmp_path / "pw")])  # fmt: skip
+    STATE.close()
+    (cert,) = cli.json("gateway", "cert", "list", "--consumer", "acme")
+    assert (cert["status"], cert["revocation_reason"]) == ("revoked", "superseded")
+    assert cli.json("gateway", "consumer", "list")[0]["live_certificates"] == 0

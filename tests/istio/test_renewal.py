@@ -19,10 +19,18 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import Unavailable
-from ca.istio import IstioParams, issue_istio_intermediate, renew_due_clusters, write_output
+from ca.istio import (
+    RENEWAL_INTERVAL,
+    IstioParams,
+    deliver,
+    issue_istio_intermediate,
+    renew_due_clusters,
+    write_output,
+)
 from ca.jobs import job_named
 from ca.profiles import BACKDATE
 from ca.store.models import CertificateRow, IstioClusterRow
+from cli.launch import Interrupted
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import load_key, openssl_verify
 
@@ -164,3 +172,27 @@ def test_a_failed_delivery_is_retried_on_the_next_scheduled_run(
     clock.advance(dt.timedelta(minutes=5))
     assert _run(ctx).startswith("ok: renewed east -> ")
     assert _issued(ctx) == {"east": 4, "west": 2}
+
+
+def test_a_delivery_interrupted_is_recorded_and_retried(
+    ctx: Context, clock: FixedClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (``cli.launch.Interrupted``, a ``BaseException``) while ``trellis istio issue``
+    writes the output: nothing was recorded, so the cluster passed for delivered and the job
+    left it, its intermediate's key lost, until that intermediate was due."""
+    east = tmp_path / "east"
+    params = IstioParams("east", ttl=TTL, output=east, output_format="files")
+    intermediate = issue_istio_intermediate(ctx, params)
+
+    def interrupted(*_args: object) -> list[Path]:
+        raise Interrupted
+
+    with monkeypatch.context() as patched, pytest.raises(Interrupted):
+        patched.setattr("ca.istio.write_output", interrupted)
+        deliver(ctx, intermediate, params)
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.last_error == "not delivered: Interrupted"
+    clock.advance(RENEWAL_INTERVAL)
+    assert _run(ctx).startswith("ok: renewed east -> ")
+    assert _issued(ctx) == {"east": 2}

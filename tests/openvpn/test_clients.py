@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from ca import certs
 from ca.authority import active_issuer
@@ -17,7 +17,9 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.errors import Conflict, InternalError, InvalidInput, NotFound
 from ca.openvpn import (
+    CLIENT_PROFILE,
     PENDING_TIMEOUT,
+    WITHDRAWN_BY,
     ClientRequest,
     ServerRequest,
     TlsCrypt,
@@ -31,8 +33,10 @@ from ca.openvpn import (
 from ca.pem import certs_pem
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+from ca.store.models import CertificateRow
 from ca.store.models_openvpn import OpenVpnClientRow
 from ca.tlscryptv2 import ClientKey, MetadataType, ServerKey, StaticKey, unwrap_client_key
+from cli.launch import Interrupted
 from tests.openvpn.conftest import REMOTE
 from tests.openvpn.vpnkit import DATA, assert_vpn_leaf, crls_in, normalise, parse_profile
 
@@ -162,6 +166,32 @@ def test_a_failed_issuance_gives_the_name_back(
     with pytest.raises(InternalError):
         _add(vpn, "dave")
     monkeypatch.undo()
+    assert list_clients(vpn) == []
+    _add(vpn, "dave")
+
+
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("out of memory"), Interrupted()], ids=["error", "ctrl-c"]
+)
+def test_a_profile_that_fails_after_its_certificate_withdraws_it(
+    vpn: Context, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """The certificate was issued, its key (generated here, kept nowhere) never reached a
+    profile: it stayed live, the name was given back, and a second live certificate could be
+    issued under it."""
+
+    def broken(*_args: object) -> bytes:
+        raise failure
+
+    monkeypatch.setattr("ca.openvpn.private_key_pem", broken)
+    with pytest.raises(type(failure)):
+        _add(vpn, "dave")
+    monkeypatch.undo()
+    with Session(vpn.engine) as session:
+        (withdrawn,) = session.exec(
+            select(CertificateRow).where(CertificateRow.profile == CLIENT_PROFILE)
+        ).all()
+    assert (withdrawn.status, withdrawn.revoked_by) == ("revoked", WITHDRAWN_BY)
     assert list_clients(vpn) == []
     _add(vpn, "dave")
 
