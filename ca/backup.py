@@ -66,6 +66,13 @@ class BackupResult:
     files: tuple[str, ...]
     schema: str | None
 
+    @property
+    def needs_key_passphrase(self) -> bool:
+        """Whether it holds what the key passphrase decrypts: CA key files (``keys/``) or sealed
+        secrets (``secrets/``). An instance whose keys are all in Vault has neither and needs
+        no passphrase (docs/vault.md, "The key passphrase")."""
+        return any(name.startswith(("keys/", "secrets/")) for name in self.files)
+
 
 def _sqlite_path(settings: Settings) -> Path:
     url = make_url(db.normalise_url(settings.effective_database_url))

@@ -36,15 +36,28 @@ def restore(
     archive: Annotated[Path, typer.Argument(help="A file written by 'trellis backup'")],
     json_out: JsonOpt = False,
 ) -> None:
-    """Restore into an empty data dir; start with the original key passphrase afterwards."""
+    """Restore into an empty data dir; start with the original key passphrase afterwards, where
+    file keys or sealed secrets need one."""
     result = run_restore(archive, STATE.settings())
     if json_out:
-        emit_json({"path": str(result.path), "schema": result.schema, "files": list(result.files)})
+        emit_json(
+            {
+                "path": str(result.path),
+                "schema": result.schema,
+                "files": list(result.files),
+                "needs_key_passphrase": result.needs_key_passphrase,
+            }
+        )
         return
     typer.echo(f"restored {len(result.files)} file(s) (schema {result.schema}) from {result.path}")
-    typer.echo(
-        "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file), then 'trellis serve'"
-    )
+    if result.needs_key_passphrase:
+        typer.echo(
+            "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file), then 'trellis serve'"
+        )
+    else:  # all keys in Vault: a passphrase would decrypt nothing
+        typer.echo(
+            "no key file or sealed secret restored: no key passphrase needed; 'trellis serve'"
+        )
 
 
 def migrate(json_out: JsonOpt = False) -> None:

@@ -104,6 +104,17 @@ def test_the_archive_holds_secrets_and_a_restored_openvpn_authority_issues(
     assert {"keys", "secrets", "server"} <= {p.name for p in restored.iterdir() if p.is_dir()}
 
 
+def test_restore_asks_for_the_key_passphrase_of_what_it_restored(
+    archive: Path, cli: Cli, tmp_path: Path
+) -> None:
+    """File keys and sealed secrets (keys/, secrets/) are what the passphrase decrypts; a Vault
+    instance's archive has neither (tests/vault/test_vault_cli.py)."""
+    said = cli.run("--data-dir", str(tmp_path / "restored"), "restore", str(archive))
+    assert "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file)" in said
+    shown = cli.json("--data-dir", str(tmp_path / "again"), "restore", str(archive))
+    assert shown["needs_key_passphrase"] is True
+
+
 def test_restore_never_replaces_a_database_that_holds_a_ca(
     archive: Path, cli: Cli, tmp_path: Path
 ) -> None:

@@ -19,9 +19,11 @@ from tests.deploy.manifests import (
     REPO,
     ManifestSet,
     Obj,
+    containers,
     kustomize_dirs,
     load_set,
     trellis_containers,
+    workloads,
 )
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -75,76 +77,213 @@ def _pod(body: Obj) -> Obj:
 
 # (case id, set, kind, name, edit, check, expected fragment of a problem)
 BROKEN: list[tuple[str, str, str, str, Callable[[Obj], object], str, str]] = [
-    ("fail/selector/service-mismatch", "single", "Service", "trellis",
-     lambda b: b["spec"]["selector"].update({"app.kubernetes.io/name": "trellis-typo"}),
-     "selectors", "matches no pod template"),
-    ("fail/selector/workload-mismatch", "ha", "Deployment", "trellis",
-     lambda b: b["spec"]["selector"]["matchLabels"].update({"app.kubernetes.io/component": "x"}),
-     "selectors", "does not match its pods"),
-    ("fail/selector/pdb", "ha", "PodDisruptionBudget", "trellis",
-     lambda b: b["spec"]["selector"]["matchLabels"].update({"app.kubernetes.io/name": "nope"}),
-     "selectors", "matches no pod template"),
-    ("fail/port/service-target", "single", "Service", "trellis",
-     lambda b: b["spec"]["ports"][0].update({"targetPort": "http"}),
-     "ports", "does not reach"),
-    ("fail/port/configmap", "single", "ConfigMap", "trellis-config",
-     lambda b: b["data"].update({"TRELLIS_PORT": "9443"}),
-     "ports", "TRELLIS_PORT 9443"),
-    ("fail/port/probe", "ha", "Deployment", "trellis",
-     lambda b: _container(b, "trellis")["livenessProbe"]["httpGet"].update({"port": 9000}),
-     "ports", "livenessProbe port 9000"),
-    ("fail/probe/path", "single", "StatefulSet", "trellis",
-     lambda b: _container(b, "trellis")["readinessProbe"]["httpGet"].update({"path": "/ready"}),
-     "probes", "/ready is not a public API route"),
-    ("fail/probe/scheme", "ha", "Deployment", "trellis",
-     lambda b: _container(b, "trellis")["livenessProbe"]["httpGet"].update({"scheme": "HTTP"}),
-     "probes", "HTTPS GET of /healthz"),
-    ("fail/reference/secret", "single", "StatefulSet", "trellis",
-     lambda b: _container(b, "init")["env"][0]["valueFrom"]["secretKeyRef"].update(
-         {"name": "trellis-secret"}),
-     "references", "Secret trellis-secret is neither"),
-    ("fail/reference/secret-key", "ha", "Deployment", "trellis",
-     lambda b: _container(b, "trellis")["env"][0]["valueFrom"]["secretKeyRef"].update(
-         {"key": "DATABASE_URL"}),
-     "references", "has no key DATABASE_URL"),
-    ("fail/reference/configmap", "agent", "Deployment", "web",
-     lambda b: _pod(b)["volumes"].append({"name": "x", "configMap": {"name": "missing"}}),
-     "references", "ConfigMap missing is neither"),
-    ("fail/reference/volume", "single", "StatefulSet", "trellis",
-     lambda b: _container(b, "trellis")["volumeMounts"][0].update({"name": "state"}),
-     "references", "volumeMount state has no volume"),
-    ("fail/security/read-only-root", "single", "StatefulSet", "trellis",
-     lambda b: _container(b, "init")["securityContext"].pop("readOnlyRootFilesystem"),
-     "security", "readOnlyRootFilesystem"),
-    ("fail/security/capabilities", "agent", "Job", "report",
-     lambda b: _container(b, "report")["securityContext"]["capabilities"].update({"drop": []}),
-     "security", "drop ALL"),
-    ("fail/security/seccomp", "ha", "Deployment", "trellis",
-     lambda b: (_pod(b)["securityContext"].pop("seccompProfile"),
-                _container(b, "trellis")["securityContext"].pop("seccompProfile")),
-     "security", "seccompProfile"),
-    ("fail/security/root", "agent", "Deployment", "web",
-     lambda b: _pod(b)["securityContext"].update({"runAsUser": 0}),
-     "security", "runs as root"),
-    ("fail/security/limits", "ha", "Deployment", "trellis",
-     lambda b: _container(b, "trellis")["resources"].pop("limits"),
-     "security", "resources.limits"),
-    ("fail/image/latest", "agent", "Deployment", "web",
-     lambda b: _container(b, "web").update({"image": "nginxinc/nginx-unprivileged:latest"}),
-     "images", "needs a fixed tag"),
-    ("fail/image/untagged", "single", "StatefulSet", "trellis",
-     lambda b: _container(b, "trellis").update({"image": "registry.example.org/trellis"}),
-     "images", "needs a fixed tag"),
-    ("fail/settings/typo", "single", "ConfigMap", "trellis-config",
-     lambda b: b["data"].update({"TRELLIS_TRUSTDOMAIN": "example.org"}),
-     "settings", "TRELLIS_TRUSTDOMAIN is not a Trellis setting"),
-    ("fail/settings/service-links", "ha", "Deployment", "trellis",
-     lambda b: _pod(b).pop("enableServiceLinks"),
-     "settings", "enableServiceLinks must be false"),
-    ("fail/settings/literal-secret", "single", "StatefulSet", "trellis",
-     lambda b: _container(b, "trellis")["env"].append(
-         {"name": "TRELLIS_KEY_PASSPHRASE", "value": "hunter2hunter2"}),
-     "settings", "must come from a Secret"),
+    (
+        "fail/selector/service-mismatch",
+        "single",
+        "Service",
+        "trellis",
+        lambda b: b["spec"]["selector"].update({"app.kubernetes.io/name": "trellis-typo"}),
+        "selectors",
+        "matches no pod template",
+    ),
+    (
+        "fail/selector/workload-mismatch",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: b["spec"]["selector"]["matchLabels"].update({"app.kubernetes.io/component": "x"}),
+        "selectors",
+        "does not match its pods",
+    ),
+    (
+        "fail/selector/pdb",
+        "ha",
+        "PodDisruptionBudget",
+        "trellis",
+        lambda b: b["spec"]["selector"]["matchLabels"].update({"app.kubernetes.io/name": "nope"}),
+        "selectors",
+        "matches no pod template",
+    ),
+    (
+        "fail/port/service-target",
+        "single",
+        "Service",
+        "trellis",
+        lambda b: b["spec"]["ports"][0].update({"targetPort": "http"}),
+        "ports",
+        "does not reach",
+    ),
+    (
+        "fail/port/configmap",
+        "single",
+        "ConfigMap",
+        "trellis-config",
+        lambda b: b["data"].update({"TRELLIS_PORT": "9443"}),
+        "ports",
+        "TRELLIS_PORT 9443",
+    ),
+    (
+        "fail/port/probe",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: _container(b, "trellis")["livenessProbe"]["httpGet"].update({"port": 9000}),
+        "ports",
+        "livenessProbe port 9000",
+    ),
+    (
+        "fail/probe/path",
+        "single",
+        "StatefulSet",
+        "trellis",
+        lambda b: _container(b, "trellis")["readinessProbe"]["httpGet"].update({"path": "/ready"}),
+        "probes",
+        "/ready is not a public API route",
+    ),
+    (
+        "fail/probe/scheme",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: _container(b, "trellis")["livenessProbe"]["httpGet"].update({"scheme": "HTTP"}),
+        "probes",
+        "HTTPS GET of /healthz",
+    ),
+    (
+        "fail/reference/secret",
+        "single",
+        "StatefulSet",
+        "trellis",
+        lambda b: _container(b, "init")["env"][0]["valueFrom"]["secretKeyRef"].update(
+            {"name": "trellis-secret"}
+        ),
+        "references",
+        "Secret trellis-secret is neither",
+    ),
+    (
+        "fail/reference/secret-key",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: _container(b, "trellis")["env"][0]["valueFrom"]["secretKeyRef"].update(
+            {"key": "DATABASE_URL"}
+        ),
+        "references",
+        "has no key DATABASE_URL",
+    ),
+    (
+        "fail/reference/configmap",
+        "agent",
+        "Deployment",
+        "web",
+        lambda b: _pod(b)["volumes"].append({"name": "x", "configMap": {"name": "missing"}}),
+        "references",
+        "ConfigMap missing is neither",
+    ),
+    (
+        "fail/reference/volume",
+        "single",
+        "StatefulSet",
+        "trellis",
+        lambda b: _container(b, "trellis")["volumeMounts"][0].update({"name": "state"}),
+        "references",
+        "volumeMount state has no volume",
+    ),
+    (
+        "fail/security/read-only-root",
+        "single",
+        "StatefulSet",
+        "trellis",
+        lambda b: _container(b, "init")["securityContext"].pop("readOnlyRootFilesystem"),
+        "security",
+        "readOnlyRootFilesystem",
+    ),
+    (
+        "fail/security/capabilities",
+        "agent",
+        "Job",
+        "report",
+        lambda b: _container(b, "report")["securityContext"]["capabilities"].update({"drop": []}),
+        "security",
+        "drop ALL",
+    ),
+    (
+        "fail/security/seccomp",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: (
+            _pod(b)["securityContext"].pop("seccompProfile"),
+            _container(b, "trellis")["securityContext"].pop("seccompProfile"),
+        ),
+        "security",
+        "seccompProfile",
+    ),
+    (
+        "fail/security/root",
+        "agent",
+        "Deployment",
+        "web",
+        lambda b: _pod(b)["securityContext"].update({"runAsUser": 0}),
+        "security",
+        "runs as root",
+    ),
+    (
+        "fail/security/limits",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: _container(b, "trellis")["resources"].pop("limits"),
+        "security",
+        "resources.limits",
+    ),
+    (
+        "fail/image/latest",
+        "agent",
+        "Deployment",
+        "web",
+        lambda b: _container(b, "web").update({"image": "nginxinc/nginx-unprivileged:latest"}),
+        "images",
+        "needs a fixed tag",
+    ),
+    (
+        "fail/image/untagged",
+        "single",
+        "StatefulSet",
+        "trellis",
+        lambda b: _container(b, "trellis").update({"image": "registry.example.org/trellis"}),
+        "images",
+        "needs a fixed tag",
+    ),
+    (
+        "fail/settings/typo",
+        "single",
+        "ConfigMap",
+        "trellis-config",
+        lambda b: b["data"].update({"TRELLIS_TRUSTDOMAIN": "example.org"}),
+        "settings",
+        "TRELLIS_TRUSTDOMAIN is not a Trellis setting",
+    ),
+    (
+        "fail/settings/service-links",
+        "ha",
+        "Deployment",
+        "trellis",
+        lambda b: _pod(b).pop("enableServiceLinks"),
+        "settings",
+        "enableServiceLinks must be false",
+    ),
+    (
+        "fail/settings/literal-secret",
+        "single",
+        "StatefulSet",
+        "trellis",
+        lambda b: _container(b, "trellis")["env"].append(
+            {"name": "TRELLIS_KEY_PASSPHRASE", "value": "hunter2hunter2"}
+        ),
+        "settings",
+        "must come from a Secret",
+    ),
 ]
 
 
@@ -173,9 +312,11 @@ def test_an_unlisted_manifest_is_caught(tmp_path: Path) -> None:
 
 
 def _server_config(directory: str) -> dict[str, str]:
-    data: dict[str, str] = load_set(REPO / "deploy" / "k8s" / directory).defined(
-        "ConfigMap", "trellis-config"
-    ).body["data"]  # type: ignore[union-attr]
+    data: dict[str, str] = (
+        load_set(REPO / "deploy" / "k8s" / directory)
+        .defined("ConfigMap", "trellis-config")
+        .body["data"]
+    )  # type: ignore[union-attr]
     return data
 
 
@@ -215,3 +356,25 @@ def test_the_documented_build_command_is_the_dockerfiles() -> None:
     command = "docker build -f deploy/docker/Dockerfile"
     assert command in DEPLOY_DOC
     assert command in (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+
+
+def _passphrase_refs(directory: str) -> list[Obj]:
+    manifests = load_set(REPO / "deploy" / "k8s" / directory)
+    return [
+        variable["valueFrom"]["secretKeyRef"]
+        for _, spec in workloads(manifests)
+        for container in containers(spec)
+        for variable in container.get("env", [])
+        if variable["name"] == "TRELLIS_KEY_PASSPHRASE"
+    ]
+
+
+def test_the_key_passphrase_is_optional_where_vault_is_the_recommended_backend() -> None:
+    """docs/vault.md: an instance whose keys are all in Vault reads no passphrase, yet the HA
+    Deployment (Vault recommended) would not start without the Secret key. There a file-key
+    replica without it still refuses to start, naming it (its key files exist); the single
+    node keeps it required: with file keys, its first init would otherwise make one beside the
+    keys on the volume."""
+    ha, single = _passphrase_refs("ha"), _passphrase_refs("single")
+    assert ha and all(ref.get("optional") is True for ref in ha), ha
+    assert len(single) == 2 and not any(ref.get("optional") for ref in single), single

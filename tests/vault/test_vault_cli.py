@@ -226,3 +226,20 @@ def test_a_file_key_on_a_vault_instance_needs_the_passphrase_where_it_is_used(
     assert not passphrase.exists()  # no new one in its place
     passphrase.write_bytes(kept)
     cli.run(*add)
+
+
+def test_restoring_a_vault_only_instance_asks_for_no_key_passphrase(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    """The archive of an instance whose keys are all in Vault holds no key file and no sealed
+    secret: restore told it, as every instance, to set TRELLIS_KEY_PASSPHRASE."""
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    cli.run("backup", "--out", str(tmp_path / "backup.tgz"))
+    restored = vault_cli(tmp_path / "restored", openbao, openbao.root_token)
+    said = restored.run("restore", str(tmp_path / "backup.tgz")).stdout
+    assert "TRELLIS_KEY_PASSPHRASE" not in said and "no key passphrase needed" in said, said
+    again = vault_cli(tmp_path / "again", openbao, openbao.root_token)
+    shown = again.json("restore", str(tmp_path / "backup.tgz"))
+    assert isinstance(shown, dict) and shown["needs_key_passphrase"] is False
+    restored.run("certs", "list")  # and it runs without one
