@@ -28,6 +28,7 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
 from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
 from ca.serial import Serial
+from ca.store import db
 from ca.store.core import prepared, table
 from ca.store.models import (
     AuthorityRow,
@@ -59,6 +60,7 @@ __all__ = [
     "no_such_authority",
     "record_event",
     "signing_issuer",
+    "trust_domain_as_is",
 ]
 
 log = logging.getLogger("trellis.authority")
@@ -410,6 +412,21 @@ _ACTIVE = (
     .order_by(_CA.c.not_after.desc())
     .limit(1)
 )
+
+
+def trust_domain_as_is(url: str) -> TrustDomain | None:
+    """The mesh CA's trust domain in the database at ``url``, or None where it has none, read
+    before its schema is settled: ``trellis init --exists-ok`` refuses another trust domain
+    without migrating an older schema, which cannot be undone (``db.SchemaPolicy``). The
+    ``authority`` table is as revision 0001 made it, so this reads any revision."""
+    with db.read_as_is(url) as connection:
+        if connection is None or not sa.inspect(connection).has_table("authority"):
+            return None
+        authority = table(AuthorityRow)
+        name = connection.execute(
+            sa.select(authority.c.trust_domain).where(authority.c.name == MESH)
+        ).scalar()
+    return TrustDomain.parse(name) if name else None
 
 
 def active_issuer(ctx: Context, name: str = MESH) -> Issuer:

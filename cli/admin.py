@@ -19,6 +19,7 @@ from ca.authority import (
     bundle_pem,
     check_params,
     init_authority,
+    trust_domain_as_is,
 )
 from ca.bundle import read_bundle, write_bundle_file
 from ca.durations import Ttl
@@ -91,8 +92,13 @@ def init(
             " (TRELLIS_VAULT_TOKEN, or TRELLIS_VAULT_AUTH_METHOD and its own: docs/vault.md)"
         )
     # --exists-ok is the step deploy/ runs just before 'serve', with the same version: it
-    # migrates as 'serve' would. A plain init does not change the schema of a database it
-    # then refuses (a CA exists: exit 6).
+    # migrates as 'serve' would. No init changes the schema of a database it then refuses (a
+    # CA exists: exit 6): a plain one requires it current, and --exists-ok looks at the trust
+    # domain there before it migrates.
+    if exists_ok and not force:
+        existing = trust_domain_as_is(settings.effective_database_url)
+        if existing is not None and existing != params.trust_domain:
+            raise _other_trust_domain(existing, params.trust_domain, settings.data_dir)
     policy = SchemaPolicy.MIGRATE if exists_ok else SchemaPolicy.REQUIRE_CURRENT
     with STATE.setting_up(policy) as ctx:
         try:
@@ -103,11 +109,8 @@ def init(
             created = None
     if created is None:
         issuer = active_issuer(ctx)
-        if issuer.trust_domain != params.trust_domain:
-            raise Conflict(
-                f"a CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir},"
-                f" not for {params.trust_domain}: --exists-ok accepts only the same trust domain"
-            ) from None
+        if issuer.trust_domain != params.trust_domain:  # made since it was looked at above
+            raise _other_trust_domain(issuer.trust_domain, params.trust_domain, settings.data_dir)
         if json_out:
             emit_json({"trust_domain": str(issuer.trust_domain), "created": False})
         else:
@@ -138,6 +141,13 @@ def init(
     typer.echo(f"  issuing CA    expires {info['intermediate_not_after']}")
     typer.echo(f"  trust bundle  {info['bundle_path']}")
     typer.echo(f"  admin token   {info['admin_token_path']} (0600)")
+
+
+def _other_trust_domain(existing: TrustDomain, asked: TrustDomain, data_dir: Path) -> Conflict:
+    return Conflict(
+        f"a CA for {existing} already exists in {data_dir},"
+        f" not for {asked}: --exists-ok accepts only the same trust domain"
+    )
 
 
 @entry_app.command("create")

@@ -37,6 +37,7 @@ __all__ = [
     "loop_engine",
     "migrate",
     "normalise_url",
+    "read_as_is",
     "schema_status",
     "settle_schema",
     "upgrade",
@@ -398,6 +399,26 @@ def migrate(url: str) -> Migration:
     engine = connect(url)
     try:
         return upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def read_as_is(url: str) -> Iterator[sa.Connection | None]:
+    """A connection to the database at ``url`` with its schema as it is: nothing settled and
+    nothing made, for a question to answer before deciding whether to migrate. None where
+    there is no database yet: ``connect`` would create a SQLite file that does not exist."""
+    parsed = make_url(normalise_url(url))
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and (
+        database in (None, "", ":memory:") or not Path(str(database)).exists()
+    ):
+        yield None
+        return
+    engine = connect(url)
+    try:
+        with _reachable(), engine.connect() as connection:
+            yield connection
     finally:
         engine.dispose()
 

@@ -101,6 +101,16 @@ def test_init_exists_ok_migrates_as_serve_does(older: Trellis) -> None:
     assert _revision(_url(older)) == HEAD
 
 
+def test_init_exists_ok_refused_leaves_the_older_schema(older: Trellis) -> None:
+    """Regression: ``init --exists-ok`` for another trust domain migrated the schema, then
+    refused (a CA for example.org exists): the one step that cannot be undone, for nothing.
+    Only an init that goes on migrates."""
+    refused = older.run("init", "--exists-ok", "--trust-domain", "other.org", ok=False)
+    assert refused.returncode == 6
+    assert "a CA for example.org already exists" in refused.stderr
+    assert _revision(_url(older)) == OLDER
+
+
 def test_serve_migrates(older: Trellis, tmp_path: Path) -> None:
     with older.serving(tmp_path / "serve.log"):
         assert _revision(_url(older)) == HEAD
