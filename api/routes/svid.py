@@ -27,11 +27,11 @@ import json
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import SkipValidation, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -86,20 +86,32 @@ def _ttl(body: SvidRequest, grant: Grant) -> Ttl | None:
         raise
 
 
-async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -> SvidResponse:
-    """The credential is judged before the body's fields (the TTL here; the CSR in
-    ``issue_svid``, or with a renewal proof, which is bound to it): an unauthenticated caller
-    learns nothing about its body and is counted as ``unauthenticated``. Authenticating spends
-    nothing, so a TTL refused after it leaves the join token or the renewal proof unused."""
-    csr = body.csr.encode()
+def _csr(document: Any) -> bytes:
+    """The body's CSR before its fields are checked, for the renewal proof bound to it: one
+    that is no string is a CSR that does not decode, which no proof names (``ca.grants``).
+    Once the fields are checked it is the CSR issued for (the same string)."""
+    csr = document.get("csr") if isinstance(document, dict) else None
+    # A lone surrogate is no PEM: it fails to decode here, and the fields' check refuses it.
+    return csr.encode(errors="surrogatepass") if isinstance(csr, str) else b""
+
+
+async def _issue(ctx: Context, document: Any, authenticate: _Authenticate) -> SvidResponse:
+    """``document`` is the JSON body, its fields unchecked: the credential is judged before
+    them (the schema's here, then the TTL; the CSR in ``issue_svid``, or with a renewal proof,
+    which is bound to it), so an unauthenticated caller learns nothing about its body and is
+    counted as ``unauthenticated``. Authenticating spends nothing, so a body refused after it
+    leaves the join token or the renewal proof unused."""
+    csr = _csr(document)
     if ctx.signs_locally:
         with under_way(ctx):
             grant = await authenticate.on_loop(csr)
+            body = _svid_request(document)
             svid = await issue_svid_async(ctx, grant, csr, _ttl(body, grant))
         return _render(svid, str(grant.spiffe_id))
 
     def in_thread() -> SvidResponse:
         grant = authenticate.in_thread(csr)
+        body = _svid_request(document)
         return _render(issue_svid(ctx, grant, csr, _ttl(body, grant)), str(grant.spiffe_id))
 
     # With the request's context (its request id in the log lines), as anyio's pool would.
@@ -107,8 +119,13 @@ async def _issue(ctx: Context, body: SvidRequest, authenticate: _Authenticate) -
     return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, context.run, in_thread)
 
 
+# The body as sent, once FastAPI has found one and parsed it: its fields are checked in
+# ``_issue``, after the credential. /openapi.json shows SvidRequest's schema for it.
+_Unchecked = Annotated[SkipValidation[SvidRequest], Body(title="SvidRequest")]
+
+
 @router.post("", response_model=SvidResponse, summary="Issue an X509-SVID with a join token")
-async def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> SvidResponse:
+async def request_svid(body: _Unchecked, ctx: CtxDep, token: BearerDep) -> SvidResponse:
     return await _issue(ctx, body, _by_join_token(ctx, token))
 
 
@@ -119,13 +136,13 @@ async def request_svid(body: SvidRequest, ctx: CtxDep, token: BearerDep) -> Svid
     description="The bearer credential is a renewal proof: a JWT signed with the current SVID's "
     "key, naming its serial, bound to this CSR's SHA-256, used once (see docs/api.md).",
 )
-async def renew_svid(body: SvidRequest, ctx: CtxDep, proof: BearerDep) -> SvidResponse:
+async def renew_svid(body: _Unchecked, ctx: CtxDep, proof: BearerDep) -> SvidResponse:
     return await _issue(ctx, body, _by_renewal_proof(ctx, proof))
 
 
 # The plain routes: what FastAPI would do for the operations above, step for step and in the
-# same order (a body that is not JSON, then the credential, then the body's fields), and
-# nothing else.
+# same order (a body that is not JSON, then the credential's form, then no body at all, then
+# ``_issue``), and nothing else.
 
 _ABSENT = object()
 
@@ -150,10 +167,6 @@ def _json_body(raw: bytes, content_type: str | None) -> Any:
 
 
 def _svid_request(document: Any) -> SvidRequest:
-    if document is _ABSENT:
-        raise RequestValidationError(
-            [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
-        )
     try:
         return SvidRequest.model_validate(document)
     except ValidationError as error:
@@ -175,7 +188,11 @@ async def _plain(request: Request, grant: Callable[[Context, str], _Authenticate
     except AuthenticationFailed as error:  # counted as ca.grants counts a bad credential
         refused(error)
         raise
-    issued = await _issue(ctx, _svid_request(document), grant(ctx, credential))
+    if document is _ABSENT:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+        )
+    issued = await _issue(ctx, document, grant(ctx, credential))
     return Response(issued.model_dump_json(), media_type="application/json")
 
 

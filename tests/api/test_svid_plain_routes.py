@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import TrellisApi, create_app
 from api.limits import MAX_BODY
@@ -97,6 +98,21 @@ def _requests(rest: Rest, token: str) -> dict[str, Send]:
             "/v1/svid/renew", b"", {"Authorization": "Bearer x.y.z"} | as_json
         ),
     }
+    # Bodies whose fields are bad, with a credential that fails and with one that passes.
+    bad_fields = {
+        "csr-not-string": b'{"csr": 42}',
+        "ttl-not-string": json.dumps({"csr": csr, "ttl": 5}).encode(),
+        "unknown-field": json.dumps({"csr": csr, "x": 1}).encode(),
+        "missing-csr": b'{"ttl": "1h"}',
+        "list": json.dumps([csr]).encode(),
+        "text-plain": good,
+    }
+    for name, body in bad_fields.items():
+        content = {"Content-Type": "text/plain"} if name == "text-plain" else as_json
+        for path in ("/v1/svid", "/v1/svid/renew"):
+            for credential in ("nope", "x.y.z", token):
+                headers = {"Authorization": f"Bearer {credential}"} | content
+                cases[f"fields/{name}{path}/{credential[:4]}"] = _post(path, body, headers)
     return cases
 
 
@@ -173,3 +189,51 @@ def test_the_credential_is_judged_before_the_body_fields(
             response = app.post(path, json=body, headers={"Authorization": "Bearer bogus"})
             assert response.status_code == 401, (path, response.text)
             assert response.headers["www-authenticate"].lower().startswith("bearer")
+
+
+def _unauthenticated(client: TestClient) -> float:
+    wanted = {"authority": "mesh", "profile": "x509-svid", "result": "unauthenticated"}
+    exposition = text_string_to_metric_families(client.get("/metrics").text)
+    return sum(
+        sample.value
+        for family in exposition
+        for sample in family.samples
+        if sample.name == "trellis_certificates_issued_total" and sample.labels == wanted
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"csr": "x", "ttl": 5},
+        {"csr": 5},
+        {"csr": ["x"]},
+        {"csr": "x", "unknown": 1},
+        {"ttl": "1h"},
+        ["x"],
+        "x",
+    ],
+    ids=["ttl-number", "csr-number", "csr-list", "unknown-field", "no-csr", "list", "string"],
+)
+def test_a_bad_credential_is_401_whatever_the_body_fields(
+    client: TestClient, reference: TestClient, body: Any
+) -> None:
+    """Regression: the body's fields were checked against the schema before the credential, so
+    a bad one with a body whose fields have the wrong type, are missing or unknown was 400
+    invalid-request (telling the caller about its body) and not counted as unauthenticated.
+    A join token needs nothing from the body; a renewal proof binds a CSR, and a ``csr`` that is
+    not a string is one that does not decode (``ca.grants``)."""
+    before = _unauthenticated(client)
+    for app in (client, reference):
+        for path, credential in (("/v1/svid", "bogus"), ("/v1/svid/renew", "x.y.z")):
+            response = app.post(
+                path,
+                content=json.dumps(body),
+                headers={
+                    "Authorization": f"Bearer {credential}",
+                    "Content-Type": "application/json",
+                },
+            )
+            assert response.status_code == 401, (path, response.text)
+            assert response.json()["code"] == "unauthenticated"
+    assert _unauthenticated(client) == before + 4
