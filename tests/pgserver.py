@@ -48,12 +48,15 @@ def _settings(server_uri: str, *statements: str) -> None:
     admin.dispose()
 
 
-def make_postgres_database(server_uri: str, prefix: str = "t_") -> str:
-    """A fresh, empty database on the server; its URL."""
+def make_postgres_database(server_uri: str, prefix: str = "t_", *, template: str = "") -> str:
+    """A fresh database on the server, empty or a copy of the database named ``template``
+    (which no one may be connected to meanwhile): PostgreSQL copies it block by block, in about
+    the time it takes to make an empty one; its URL."""
     name = prefix + uuid.uuid4().hex[:16]
+    copy = f' TEMPLATE "{template}"' if template else ""
     admin = sa.create_engine(server_uri.replace("postgresql://", "postgresql+psycopg://", 1))
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"{copy}'))
     admin.dispose()
     base, _, query = server_uri.partition("?")
     return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
