@@ -72,17 +72,25 @@ def migrated_sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def _opened_by_bare_ctx(request: pytest.FixtureRequest) -> bool:
+    return "bare_ctx" in request.fixturenames
+
+
+def sqlite_database(request: pytest.FixtureRequest, path: Path) -> str:
+    """``database_url`` on SQLite, for a module that takes no other: see there."""
+    return migrated_sqlite(path) if _opened_by_bare_ctx(request) else f"sqlite:///{path}"
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new database, empty, or with the current schema where the test opens it with
     ``bare_ctx``, which would migrate it first thing: a copy of one migrated once per worker
     (``migrated_sqlite``, ``postgres_template``). The tests of the migrations and of a new
     database's first command take it empty."""
-    migrated = "bare_ctx" in request.fixturenames
     if request.param == "sqlite":
-        path = tmp_path / "trellis.db"
-        return migrated_sqlite(path) if migrated else f"sqlite:///{path}"
+        return sqlite_database(request, tmp_path / "trellis.db")
     server = request.getfixturevalue("postgres_server")
+    migrated = _opened_by_bare_ctx(request)
     template = request.getfixturevalue("postgres_template") if migrated else ""
     return make_postgres_database(server, template=template)
 

@@ -12,6 +12,7 @@ from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
 from ca.identity import TrustDomain
 from ca.keys import KeyType, PrivateKey
+from tests.conftest import migrated_sqlite
 
 TRUST_DOMAIN = TrustDomain.parse("example.org")  # the same as tests/conftest.py's
 PASSPHRASE = "test-passphrase-not-secret"
@@ -45,7 +46,7 @@ def cached_big_rsa(
 def make_context(data_dir: Path, clock: FixedClock, passphrase: str = PASSPHRASE) -> Context:
     settings = Settings(
         data_dir=data_dir,
-        database_url=f"sqlite:///{data_dir / 'trellis.db'}",
+        database_url=migrated_sqlite(data_dir / "trellis.db"),
         key_passphrase=passphrase,  # type: ignore[arg-type]
     )
     return build_context(settings, clock=clock)

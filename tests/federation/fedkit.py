@@ -33,6 +33,7 @@ from ca.jwks import bundle_jwks
 from ca.keys import KeyType
 from ca.pem import private_key_pem
 from ca.serving import ServerTls, ensure_server_certificate
+from tests.conftest import migrated_sqlite
 from tests.selfsigned import self_signed
 
 PASSPHRASE = "test-passphrase-not-secret"
@@ -44,7 +45,7 @@ def make_context(data_dir: Path, clock: FixedClock, **settings: Any) -> Context:
     return build_context(
         Settings(
             data_dir=data_dir,
-            database_url=f"sqlite:///{data_dir / 'trellis.db'}",
+            database_url=migrated_sqlite(data_dir / "trellis.db"),
             key_passphrase=PASSPHRASE,  # type: ignore[arg-type]
             **settings,
         ),

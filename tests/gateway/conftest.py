@@ -15,7 +15,7 @@ import pytest
 from ca import gateway
 from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, migrated_sqlite
 
 ACME = gateway.ConsumerName("acme")
 
@@ -36,7 +36,7 @@ def lite_ctx(tmp_path: Path, clock: FixedClock) -> Iterator[Context]:
     """A migrated SQLite store with no authority at all."""
     settings = Settings(
         data_dir=tmp_path / "var",
-        database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        database_url=migrated_sqlite(tmp_path / "gateway.db"),
         key_passphrase=PASSPHRASE,  # type: ignore[arg-type]
     )
     ctx = build_context(settings, clock=clock)

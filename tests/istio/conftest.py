@@ -15,7 +15,7 @@ from ca.grants import admin_grant
 from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
-from tests.conftest import PASSPHRASE, TRUST_DOMAIN
+from tests.conftest import PASSPHRASE, TRUST_DOMAIN, migrated_sqlite
 from tests.istio.istiokit import Cli, Peer
 
 # The certificates do not depend on the database: these suites run on SQLite, except the JWKS
@@ -49,7 +49,7 @@ def foreign_ctx(tmp_path: Path, clock: FixedClock) -> Iterator[Context]:
     data_dir = tmp_path / "foreign"
     settings = Settings(
         data_dir=data_dir,
-        database_url=f"sqlite:///{data_dir / 'trellis.db'}",
+        database_url=migrated_sqlite(data_dir / "trellis.db"),
         key_passphrase=PASSPHRASE,  # type: ignore[arg-type]
     )
     ctx = build_context(settings, clock=clock)

@@ -18,14 +18,15 @@ from ca.openvpn import ClientRequest, VpnName, add_client, crl_health, crl_pem, 
 from ca.revocation import RevocationReason
 from ca.rotation import rotate
 from ca.serial import Serial
+from tests.conftest import sqlite_database
 from tests.openvpn.vpnkit import crls_in
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """SQLite only: nothing here depends on the database (test_clients.py and test_rest.py run
     on both)."""
-    return f"sqlite:///{tmp_path / 'trellis.db'}"
+    return sqlite_database(request, tmp_path / "trellis.db")
 
 
 def _serial(ctx: Context, name: str) -> Serial:

@@ -19,6 +19,7 @@ from ca.openvpn import (
     init_openvpn,
     remote_host,
 )
+from tests.conftest import sqlite_database
 
 
 @pytest.mark.parametrize(
@@ -69,10 +70,10 @@ def test_remote_hosts_refused(remote: str) -> None:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """SQLite only: nothing here depends on the database (test_clients.py and test_rest.py run
     on both)."""
-    return f"sqlite:///{tmp_path / 'trellis.db'}"
+    return sqlite_database(request, tmp_path / "trellis.db")
 
 
 def test_configure_refuses_bad_values(vpn_unconfigured: Context) -> None:

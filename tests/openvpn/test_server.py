@@ -42,16 +42,17 @@ from ca.tlscryptv2 import ServerKey, StaticKey
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
 from tests.ca.svidkit import count_rows
+from tests.conftest import sqlite_database
 from tests.openvpn.conftest import REMOTE
 from tests.openvpn.vpnkit import DATA, assert_vpn_leaf, crls_in, normalise
 from tests.vault.conftest import bao_path, close, openbao, vault_settings  # noqa: F401
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """SQLite only: nothing here depends on the database (test_clients.py and test_rest.py run
     on both)."""
-    return f"sqlite:///{tmp_path / 'trellis.db'}"
+    return sqlite_database(request, tmp_path / "trellis.db")
 
 
 def test_server_certificate(vpn: Context) -> None:

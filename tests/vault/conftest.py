@@ -18,7 +18,7 @@ from ca.authority import AuthorityParams, init_authority
 from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
 from ca.keys.vault import VaultKeyBackend
-from tests.conftest import TRUST_DOMAIN
+from tests.conftest import TRUST_DOMAIN, migrated_sqlite
 from tests.vault.openbao import OpenBao, bao_binary
 
 POLICY_FILE = Path(__file__).parents[2] / "deploy" / "vault" / "trellis-policy.hcl"
@@ -94,7 +94,8 @@ def vault_backend(openbao: OpenBao) -> Iterator[VaultKeyBackend]:
 @pytest.fixture
 def vault_ctx(tmp_path: Path, openbao: OpenBao, clock: FixedClock) -> Iterator[Context]:
     """An example.org mesh authority whose root and intermediate keys live in Transit."""
-    ctx = build_context(vault_settings(tmp_path, openbao), clock=clock)
+    database_url = migrated_sqlite(tmp_path / "trellis.db")  # where vault_settings puts it
+    ctx = build_context(vault_settings(tmp_path, openbao, database_url=database_url), clock=clock)
     init_authority(ctx, AuthorityParams(TRUST_DOMAIN))
     yield ctx
     close(ctx)
