@@ -21,7 +21,11 @@ from ca.config import Context, Settings, build_context
 from ca.files import make_directory
 from ca.identity import TrustDomain
 from ca.store import db
-from tests.pgserver import embedded_postgres_server, make_postgres_database
+from tests.pgserver import (
+    drop_postgres_database,
+    embedded_postgres_server,
+    make_postgres_database,
+)
 
 TRUST_DOMAIN = TrustDomain.parse("example.org")
 PASSPHRASE = "test-passphrase-not-secret"
@@ -82,17 +86,20 @@ def sqlite_database(request: pytest.FixtureRequest, path: Path) -> str:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A new database, empty, or with the current schema where the test opens it with
     ``bare_ctx``, which would migrate it first thing: a copy of one migrated once per worker
     (``migrated_sqlite``, ``postgres_template``). The tests of the migrations and of a new
-    database's first command take it empty."""
+    database's first command take it empty. A PostgreSQL one is dropped after the test."""
     if request.param == "sqlite":
-        return sqlite_database(request, tmp_path / "trellis.db")
+        yield sqlite_database(request, tmp_path / "trellis.db")
+        return
     server = request.getfixturevalue("postgres_server")
     migrated = _opened_by_bare_ctx(request)
     template = request.getfixturevalue("postgres_template") if migrated else ""
-    return make_postgres_database(server, template=template)
+    url = make_postgres_database(server, template=template)
+    yield url
+    drop_postgres_database(server, url)
 
 
 @pytest.fixture
