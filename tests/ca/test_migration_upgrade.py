@@ -230,3 +230,47 @@ def test_job_runs_recorded_before_0017_are_keyed_per_node_for_node_jobs(database
             )
         )
     engine.dispose()
+
+
+def _job_run_schema(engine: sa.Engine) -> tuple[list[tuple[str, str, bool]], list[str]]:
+    inspector = sa.inspect(engine)
+    columns = [
+        (c["name"], str(c["type"]), bool(c["nullable"])) for c in inspector.get_columns("job_run")
+    ]
+    return columns, inspector.get_pk_constraint("job_run")["constrained_columns"]
+
+
+def test_0017_downgrades_to_the_schema_of_0016(database_url: str) -> None:
+    """One record per job again, the last run's, in the very table 0016 made: on SQLite the
+    downgrade rebuilds it, and the rebuild had left ``node`` nullable."""
+    engine = _at_revision(database_url, "0016")
+    expected = _job_run_schema(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO job_run (name, last_result, last_ok, consecutive_failures, runs, "
+                "node) VALUES ('openvpn-crl', 'r', true, 0, 1, 'a')"
+            )
+        )
+    db.upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO job_run (name, node, ran_on, last_started, last_result, last_ok, "
+                "consecutive_failures, runs) VALUES ('openvpn-crl', 'b', 'b', :t, 'r', false, "
+                "3, 2)"
+            ),
+            {"t": NOW.replace(tzinfo=None) if engine.dialect.name == "sqlite" else NOW},
+        )
+    config = db._config()
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0016")
+        connection.commit()
+    assert _job_run_schema(engine) == expected
+    with engine.begin() as connection:
+        rows = connection.execute(
+            sa.text("SELECT name, node, consecutive_failures FROM job_run")
+        ).all()
+    assert [tuple(row) for row in rows] == [("openvpn-crl", "b", 3)]  # the last run's
+    engine.dispose()

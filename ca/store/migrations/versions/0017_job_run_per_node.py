@@ -48,7 +48,7 @@ def _rebuilt_on_sqlite(key: list[str]) -> sa.Table:
         sa.Column("consecutive_failures", sa.Integer(), nullable=False),
         sa.Column("runs", sa.Integer(), nullable=False),
         sa.Column("next_run", UtcDateTime(), nullable=True),
-        sa.Column("node", sa.String(128), primary_key="node" in key),
+        sa.Column("node", sa.String(128), primary_key="node" in key, nullable=False),
         sa.Column("ran_on", sa.String(128), nullable=True),
     )
 
