@@ -21,6 +21,13 @@ from tests.processes import stopped_by_sigterm
 INTERRUPTED = ["trellis: interrupted"]
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """A command started in the background by a non-interactive shell (``make test &``, a CI
+    runner's job) inherits SIGINT ignored, which ``trellis`` rightly keeps ignored: the tests
+    start it as a terminal would, with SIGINT's default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(
     args: list[str],
     ready: Callable[[Path], bool],
@@ -31,7 +38,13 @@ def _interrupt(
     lines of its stderr."""
     log = tmp_path / "stderr.log"
     with log.open("w") as err:
-        process = subprocess.Popen([TRELLIS, *args], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        process = subprocess.Popen(
+            [TRELLIS, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            preexec_fn=_sigint_as_at_a_terminal,
+        )
     status, _took = stopped_by_sigterm(
         process, lambda: ready(log), log, within=30, signum=signal.SIGINT
     )
