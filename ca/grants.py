@@ -134,7 +134,7 @@ def _join_grant(found: Mapping[str, Any] | None, now: dt.datetime) -> Grant:
     return dataclasses.replace(grant, join_token_id=token["id"])
 
 
-def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
+def renewal_grant(ctx: Context, proof: str, csr_pem: bytes | None) -> Grant:
     """Only the holder of a live (unexpired, unrevoked) SVID's key may renew it, and only into
     the same SPIFFE ID, with the lifetimes its registration entry allows today.
 
@@ -152,7 +152,7 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
         raise
 
 
-async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant:
+async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes | None) -> Grant:
     """``renewal_grant`` on an event loop: the certificate lookup is shared with the other
     requests the loop has ready, and on PostgreSQL made off the loop (``GroupRead``)."""
     try:
@@ -165,8 +165,12 @@ async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes) -> Grant
         raise
 
 
-def _decoded(csr_pem: bytes) -> DecodedCsr | InvalidCsr:
-    """The CSR for its hash, or why it has none: raised only once the proof is judged."""
+def _decoded(csr_pem: bytes | None) -> DecodedCsr | InvalidCsr | None:
+    """The CSR for its hash, or why it has none: raised only once the proof is judged. None: the
+    request carries no CSR at all (its body is no request: the caller refuses that, 400, once
+    the proof is judged; the grant it gets issues nothing, see ``ca.issue._parsed``)."""
+    if csr_pem is None:
+        return None
     try:
         return decode_csr(csr_pem)
     except InvalidCsr as error:
@@ -177,8 +181,8 @@ def _renewal_grant(
     row: Mapping[str, Any] | None,
     proof: str,
     serial: Serial,
-    csr_pem: bytes,
-    csr: DecodedCsr | InvalidCsr,
+    csr_pem: bytes | None,
+    csr: DecodedCsr | InvalidCsr | None,
     now: dt.datetime,
 ) -> Grant:
     if row is None or row["profile"] != "x509-svid":
@@ -212,7 +216,7 @@ def _renewal_grant(
         grant,
         renewal_nonce=(claims.jti, claims.expires_at),
         renews_serial=serial.hex,
-        checked_csr=(csr_pem, svid_csr(csr)),
+        checked_csr=None if csr is None or csr_pem is None else (csr_pem, svid_csr(csr)),
     )
 
 

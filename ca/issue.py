@@ -31,7 +31,13 @@ from ca.checks import check_leaf
 from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
 from ca.durations import Ttl
-from ca.errors import AuthenticationFailed, PolicyViolation, TrellisError, Unavailable
+from ca.errors import (
+    AuthenticationFailed,
+    InternalError,
+    PolicyViolation,
+    TrellisError,
+    Unavailable,
+)
 from ca.identity import SpiffeId
 from ca.keys import PrivateKey, PublicKey
 from ca.leafder import signed_leaf
@@ -308,8 +314,12 @@ def _measured(grant: Grant) -> Iterator[None]:
 
 
 def _parsed(grant: Grant, csr_pem: bytes) -> ParsedCsr:
+    """A renewal issues only for the CSR its proof was checked against (``ca.grants``): the
+    proof is bound to those bytes, and any others would bypass that binding."""
     if grant.checked_csr is not None and grant.checked_csr[0] == csr_pem:
         return grant.checked_csr[1]
+    if grant.renews_serial is not None:
+        raise InternalError("a renewal is issued only for the CSR its proof was checked against")
     return parse_csr(csr_pem)
 
 

@@ -44,7 +44,7 @@ from api.requestid import RequestId
 from api.schemas import SvidRequest, SvidResponse
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import AuthenticationFailed, TrellisError
+from ca.errors import AuthenticationFailed, InternalError, TrellisError
 from ca.grants import join_grant, join_grant_async, renewal_grant, renewal_grant_async
 from ca.issue import Grant, IssuedSvid, issue_svid, issue_svid_async, refused, under_way
 
@@ -70,8 +70,8 @@ def _render(svid: IssuedSvid, spiffe_id: str) -> SvidResponse:
 class _Authenticate:
     """A presented credential's grant for a CSR: in place on the loop, or in a thread."""
 
-    on_loop: Callable[[bytes], Awaitable[Grant]]
-    in_thread: Callable[[bytes], Grant]
+    on_loop: Callable[[bytes | None], Awaitable[Grant]]
+    in_thread: Callable[[bytes | None], Grant]
 
 
 def _ttl(body: SvidRequest, grant: Grant) -> Ttl | None:
@@ -86,13 +86,22 @@ def _ttl(body: SvidRequest, grant: Grant) -> Ttl | None:
         raise
 
 
-def _csr(document: Any) -> bytes:
-    """The body's CSR before its fields are checked, for the renewal proof bound to it: one
-    that is no string is a CSR that does not decode, which no proof names (``ca.grants``).
-    Once the fields are checked it is the CSR issued for (the same string)."""
+def _csr(document: Any) -> bytes | None:
+    """The body's CSR before its fields are checked, for the renewal proof bound to it. None:
+    the body holds no string ``csr``, so it is no request; a renewal proof is then judged
+    without one (``ca.grants``) and the body refused after it, as for a join token. Once the
+    fields are checked it is the CSR issued for (the same string)."""
     csr = document.get("csr") if isinstance(document, dict) else None
     # A lone surrogate is no PEM: it fails to decode here, and the fields' check refuses it.
-    return csr.encode(errors="surrogatepass") if isinstance(csr, str) else b""
+    return csr.encode(errors="surrogatepass") if isinstance(csr, str) else None
+
+
+def _checked(document: Any, csr: bytes | None) -> tuple[SvidRequest, bytes]:
+    """The body's fields, checked once the credential is (400 ``invalid-request``)."""
+    body = _svid_request(document)
+    if csr is None:  # a body whose fields check out holds a string csr (``_csr``)
+        raise InternalError("the request's CSR was lost between its reading and its check")
+    return body, csr
 
 
 async def _issue(ctx: Context, document: Any, authenticate: _Authenticate) -> SvidResponse:
@@ -105,14 +114,14 @@ async def _issue(ctx: Context, document: Any, authenticate: _Authenticate) -> Sv
     if ctx.signs_locally:
         with under_way(ctx):
             grant = await authenticate.on_loop(csr)
-            body = _svid_request(document)
-            svid = await issue_svid_async(ctx, grant, csr, _ttl(body, grant))
+            body, pem = _checked(document, csr)
+            svid = await issue_svid_async(ctx, grant, pem, _ttl(body, grant))
         return _render(svid, str(grant.spiffe_id))
 
     def in_thread() -> SvidResponse:
         grant = authenticate.in_thread(csr)
-        body = _svid_request(document)
-        return _render(issue_svid(ctx, grant, csr, _ttl(body, grant)), str(grant.spiffe_id))
+        body, pem = _checked(document, csr)
+        return _render(issue_svid(ctx, grant, pem, _ttl(body, grant)), str(grant.spiffe_id))
 
     # With the request's context (its request id in the log lines), as anyio's pool would.
     context = contextvars.copy_context()
@@ -197,14 +206,14 @@ async def _plain(request: Request, grant: Callable[[Context, str], _Authenticate
 
 
 def _by_join_token(ctx: Context, token: str) -> _Authenticate:
-    async def on_loop(_csr: bytes) -> Grant:
+    async def on_loop(_csr: bytes | None) -> Grant:
         return await join_grant_async(ctx, token)
 
     return _Authenticate(on_loop, lambda _csr: join_grant(ctx, token))
 
 
 def _by_renewal_proof(ctx: Context, proof: str) -> _Authenticate:
-    async def on_loop(csr: bytes) -> Grant:
+    async def on_loop(csr: bytes | None) -> Grant:
         return await renewal_grant_async(ctx, proof, csr)
 
     return _Authenticate(on_loop, lambda csr: renewal_grant(ctx, proof, csr))

@@ -18,6 +18,7 @@ from api.app import TrellisApi, create_app
 from api.limits import MAX_BODY
 from ca.config import Context
 from tests.api.restkit import Rest, make_csr
+from tests.ca.svidkit import SQLITE_ONLY
 
 Send = Callable[[TestClient], httpx.Response]
 
@@ -237,3 +238,44 @@ def test_a_bad_credential_is_401_whatever_the_body_fields(
             assert response.status_code == 401, (path, response.text)
             assert response.json()["code"] == "unauthenticated"
     assert _unauthenticated(client) == before + 4
+
+
+def _issued(client: TestClient) -> float:
+    exposition = text_string_to_metric_families(client.get("/metrics").text)
+    return sum(
+        sample.value
+        for family in exposition
+        for sample in family.samples
+        if sample.name == "trellis_certificates_issued_total"
+    )
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    "body",
+    [{"ttl": "1h"}, {"csr": 42}, None, [1]],
+    ids=["no-csr", "csr-a-number", "null", "a-list"],
+)
+def test_a_renewal_whose_body_is_no_request_is_refused_as_such(
+    rest: Rest, client: TestClient, reference: TestClient, body: Any
+) -> None:
+    """Regression: with a proof that verifies, a body that is no request was 400 invalid-csr
+    and counted as one, where /v1/svid answers 400 invalid-request and counts nothing (a body
+    with no string csr was taken for a CSR that does not decode). The proof stays unused."""
+    enrolled = rest.enrol("spiffe://example.org/no-request")
+    _key, csr = make_csr()
+    proof = rest.proof(enrolled, csr)
+    for app in (client, reference):
+        before = _issued(client)
+        response = app.post(
+            "/v1/svid/renew",
+            content=json.dumps(body),
+            headers={"Authorization": f"Bearer {proof}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "invalid-request", response.text
+        assert _issued(client) == before
+    renewed = client.post(
+        "/v1/svid/renew", json={"csr": csr}, headers={"Authorization": f"Bearer {proof}"}
+    )
+    assert renewed.status_code == 200, renewed.text
