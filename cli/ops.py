@@ -26,10 +26,18 @@ def backup(
     # An older schema is backed up as it is: the backup before an upgrade is the way back.
     result = run_backup(STATE.context(schema=SchemaPolicy.AS_IS), out)
     if json_out:
-        emit_json({"path": str(result.path), "schema": result.schema, "files": list(result.files)})
+        emit_json(
+            {
+                "path": str(result.path),
+                "schema": result.schema,
+                "files": list(result.files),
+                "needs_key_passphrase": result.needs_key_passphrase,
+            }
+        )
         return
     typer.echo(f"wrote {result.path}: {len(result.files)} file(s), schema {result.schema}")
-    typer.echo("the key passphrase is NOT in the backup: keep it somewhere else")
+    if result.needs_key_passphrase:  # an instance with all its keys in Vault has none to keep
+        typer.echo("the key passphrase is NOT in the backup: keep it somewhere else")
 
 
 def restore(

@@ -113,6 +113,9 @@ def test_restore_asks_for_the_key_passphrase_of_what_it_restored(
     assert "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file)" in said
     shown = cli.json("--data-dir", str(tmp_path / "again"), "restore", str(archive))
     assert shown["needs_key_passphrase"] is True
+    again = tmp_path / "again.tgz"
+    said = cli.run("--data-dir", str(tmp_path / "restored"), "backup", "--out", str(again))
+    assert "the key passphrase is NOT in the backup: keep it somewhere else" in said
 
 
 def test_restore_never_replaces_a_database_that_holds_a_ca(

@@ -235,7 +235,8 @@ def test_restoring_a_vault_only_instance_asks_for_no_key_passphrase(
     secret: restore told it, as every instance, to set TRELLIS_KEY_PASSPHRASE."""
     cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
     cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
-    cli.run("backup", "--out", str(tmp_path / "backup.tgz"))
+    backed_up = cli.run("backup", "--out", str(tmp_path / "backup.tgz")).stdout
+    assert "passphrase" not in backed_up, backed_up  # it has none to keep
     restored = vault_cli(tmp_path / "restored", openbao, openbao.root_token)
     said = restored.run("restore", str(tmp_path / "backup.tgz")).stdout
     assert "TRELLIS_KEY_PASSPHRASE" not in said and "no key passphrase needed" in said, said
