@@ -55,6 +55,7 @@ def writable(option: str, *, directory: bool) -> Callable[[Path | None], Path | 
 
 out_dir = writable("--out", directory=True)  # the directory a command writes its files to
 out_file = writable("--out", directory=False)  # the file a command writes
+p12_file = writable("--p12", directory=False)  # the PKCS#12 file gateway cert issue writes
 
 
 def exit_code(error: errors.TrellisError) -> int:

@@ -123,6 +123,9 @@ def test_onboarding_with_json_output(cli: Cli, tmp_path: Path) -> None:
     short = ("gateway", "cert", "issue", "globex", "--p12", str(tmp_path / "g.p12"),
              "--p12-password-file", str(tmp_path / "short"))  # fmt: skip
     assert "8 to 1024" in cli.run(*short, code=2)
+    (tmp_path / "adir").mkdir()
+    into_a_directory = ("gateway", "cert", "issue", "globex", "--p12", str(tmp_path / "adir"))
+    assert f"--p12 {tmp_path / 'adir'}: is a directory" in cli.run(*into_a_directory, code=2)
 
 
 def test_truststore_and_snippet_commands(cli: Cli, tmp_path: Path) -> None:
