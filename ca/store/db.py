@@ -459,7 +459,18 @@ def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
                 config.attributes["connection"] = connection
                 # "heads": features developed in parallel add migrations as sibling branches
                 # off a common revision until a merge revision joins them.
-                command.upgrade(config, "heads")
+                try:
+                    command.upgrade(config, "heads")
+                except sa.exc.DBAPIError as exc:
+                    if isinstance(exc, sa.exc.OperationalError):
+                        raise  # the database went away: ``_reachable`` says so
+                    # The database refused a statement (an object made by hand in the way, a
+                    # row a constraint refuses): this server's data, not the command's input,
+                    # one line naming it (exit 8), not SQLAlchemy's traceback.
+                    reason = " ".join(str(exc.orig).split())
+                    raise Unavailable(
+                        f"the schema migration from revision {before or 'none'} failed: {reason}"
+                    ) from None
                 connection.commit()
         finally:
             if sqlite:
