@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -188,17 +189,7 @@ def test_a_key_made_exportable_behind_trellis_s_back_is_not_ready(
         assert ready.status_code == 503, ready.text
         detail = ready.json()["detail"]["keys"]
         assert name in detail and "exportable=true and allow_plaintext_backup=true" in detail
-    settings = vault_ctx.settings
-    code, out, _ = run_check(
-        monkeypatch,
-        capsys,
-        "--json",
-        vault_addr=openbao.address,
-        vault_token=openbao.root_token,
-        data_dir=str(settings.data_dir),
-        database_url=settings.effective_database_url,
-    )
-    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    code, checks = _checked(vault_ctx, openbao, monkeypatch, capsys)
     assert code == 8 and checks["ca keys"]["ok"] is False, checks
     assert f"{name}@v1 is exportable=true" in checks["ca keys"]["detail"]
 
@@ -309,16 +300,26 @@ def test_a_recorded_key_made_deletable_is_not_ready(
             "it (docs/vault.md)"
         )
     assert enrol(vault_ctx, f"spiffe://{TRUST_DOMAIN.name}/still-signs")
-    settings = vault_ctx.settings
+    code, checks = _checked(vault_ctx, openbao, monkeypatch, capsys)
+    assert code == 8 and checks["ca keys"]["ok"] is False, checks
+    assert f"{name}@v1 is deletion_allowed=true" in checks["ca keys"]["detail"]
+
+
+def _checked(
+    ctx: Context,
+    openbao: OpenBao,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[int, dict[str, Any]]:
+    """``trellis vault check --json`` of ``ctx``'s instance, with the root token: its exit
+    status and its checks by name."""
     code, out, _ = run_check(
         monkeypatch,
         capsys,
         "--json",
         vault_addr=openbao.address,
         vault_token=openbao.root_token,
-        data_dir=str(settings.data_dir),
-        database_url=settings.effective_database_url,
+        data_dir=str(ctx.settings.data_dir),
+        database_url=ctx.settings.effective_database_url,
     )
-    checks = {c["name"]: c for c in json.loads(out)["checks"]}
-    assert code == 8 and checks["ca keys"]["ok"] is False, checks
-    assert f"{name}@v1 is deletion_allowed=true" in checks["ca keys"]["detail"]
+    return code, {c["name"]: c for c in json.loads(out)["checks"]}
