@@ -12,11 +12,7 @@ from ca.agent import Agent, AgentConfig, ReloadCommand
 from ca.keys import KeyType
 from ca.logs import configure_logging
 from ca.serverconn import ServerUrl
-from cli.common import writable
-
-# Checked before the join token is spent: a certificate whose key cannot be written is lost,
-# and so is the token's use (``svid request --out`` checks the same way).
-_svid_dir = writable("--dir", directory=True)
+from cli.common import out_dir
 
 
 def agent(
@@ -25,7 +21,11 @@ def agent(
     dir: Annotated[
         Path,
         typer.Option(
-            "--dir", help="Directory for svid.pem, svid.key, bundle.pem", callback=_svid_dir
+            "--dir",
+            help="Directory for svid.pem, svid.key, bundle.pem",
+            # Checked before the join token is spent: a certificate whose key cannot be
+            # written is lost, and so is the token's use (``svid request --out`` likewise).
+            callback=out_dir,
         ),
     ],
     token: Annotated[

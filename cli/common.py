@@ -41,21 +41,21 @@ EXIT_CODES: dict[type[errors.TrellisError], int] = {
 }
 
 
-def writable(option: str, *, directory: bool) -> Callable[[Path | None], Path | None]:
+def writable(*, directory: bool) -> Callable[[typer.CallbackParam, Path | None], Path | None]:
     """An option callback: ``ca.files.check_writable`` for the file (or, with ``directory``,
-    the directory) a command writes, named as ``option`` in the refusal."""
+    the directory) a command writes, refused under the option's own name (``--out``,
+    ``--p12``, ``--dir``)."""
 
-    def check(value: Path | None) -> Path | None:
+    def check(param: typer.CallbackParam, value: Path | None) -> Path | None:
         if value is None:
             return None
-        return check_writable(value, directory=directory, what=f"{option} {value}")
+        return check_writable(value, directory=directory, what=f"{param.opts[0]} {value}")
 
     return check
 
 
-out_dir = writable("--out", directory=True)  # the directory a command writes its files to
-out_file = writable("--out", directory=False)  # the file a command writes
-p12_file = writable("--p12", directory=False)  # the PKCS#12 file gateway cert issue writes
+out_dir = writable(directory=True)  # the directory a command writes its files to
+out_file = writable(directory=False)  # the file a command writes
 
 
 def exit_code(error: errors.TrellisError) -> int:

@@ -24,7 +24,7 @@ from ca.files import write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, emit_json, out_file, p12_file, table, warn_crl_skipped, when
+from cli.common import STATE, emit_json, out_file, table, warn_crl_skipped, when
 
 gateway_app = typer.Typer(
     help="API-gateway client certificates: partners, truststores, nginx.", no_args_is_help=True
@@ -146,7 +146,7 @@ def cert_issue(
     p12: Annotated[
         Path | None,
         typer.Option(
-            "--p12", help="Generate the key here; write PKCS#12 (0600)", callback=p12_file
+            "--p12", help="Generate the key here; write PKCS#12 (0600)", callback=out_file
         ),
     ] = None,
     p12_password_file: Annotated[

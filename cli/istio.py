@@ -10,6 +10,7 @@ from sqlmodel import Session, select
 
 from ca.durations import Ttl
 from ca.errors import InvalidInput
+from ca.files import check_writable
 from ca.istio import (
     IstioParams,
     deliver,
@@ -20,7 +21,7 @@ from ca.istio import (
 from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.store.models import IstioClusterRow
-from cli.common import STATE, emit_json, iso, out_dir, out_file, table, when
+from cli.common import STATE, emit_json, iso, table, when
 
 istio_app = typer.Typer(help="Istio plug-in CA intermediates and mesh trust.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -67,7 +68,8 @@ def issue(
         kube_context=kube_context,
         with_crl=with_crl,
     )
-    (out_dir if format == "files" else out_file)(out)  # before anything is issued
+    if out is not None:  # before anything is issued; what kind of path depends on --format
+        check_writable(out, directory=format == "files", what=f"--out {out}")
     intermediate = issue_istio_intermediate(STATE.context(), params)
     delivered = deliver(STATE.context(), intermediate, params)
     cert = intermediate.certificate
