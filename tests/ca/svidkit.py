@@ -24,6 +24,7 @@ from ca.identity import SpiffeId
 from ca.issue import IssuedSvid, issue_svid
 from ca.keys import KeyType, PrivateKey
 from ca.tokens import create_join_token
+from ca.workload import SvidFiles, write_svid
 
 # The database decides only how rows are stored, never what is signed: tests about certificate
 # bytes and key types run on SQLite alone (the store-sensitive tests run on both databases).
@@ -106,6 +107,13 @@ class Workload:
     def full_chain_der(self) -> bytes:
         certs = [self.cert, *self.svid.issuer.chain]
         return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+    def on_disk(self, directory: Path) -> SvidFiles:
+        """Its SVID, key and bundle in ``directory``, as the agent and ``svid renew`` keep
+        them."""
+        files = SvidFiles(directory)
+        write_svid(files, self.full_chain_pem, self.key, self.svid.bundle_pem)
+        return files
 
 
 def add_entry(

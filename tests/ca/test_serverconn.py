@@ -17,7 +17,7 @@ from ca.errors import InvalidInput, Unavailable
 from ca.pem import private_key_pem
 from ca.serverconn import ServerUrl
 from ca.serving import ensure_server_certificate
-from ca.workload import SvidFiles, WorkloadClient, write_svid
+from ca.workload import WorkloadClient
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, enrol, join_secret
 from tests.cli.test_walkthrough import TRELLIS
 from tests.fakeserver import FakeServer, fake_server, http_answer
@@ -83,8 +83,7 @@ def test_renewal_and_agent_refuse_the_impostor_too(
 ) -> None:
     """A renewal proof and the agent's bundle refresh go to the same check."""
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "web")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "web")
     client = WorkloadClient(ServerUrl.parse(impostor.server.url), files.bundle)
     with pytest.raises(Unavailable, match="is not Trellis"):
         client.renew(files.directory)

@@ -27,10 +27,11 @@ from ca.files import write_atomic
 from ca.keys import PrivateKey
 from ca.serverconn import ServerUrl
 from ca.serving import ensure_server_certificate
-from ca.workload import SvidFiles, WorkloadClient, write_svid
+from ca.workload import WorkloadClient, write_svid
 from tests.ca.svidkit import SQLITE_ONLY, enrol, svid_dir_listing
 from tests.cli.test_walkthrough import TRELLIS
 from tests.fakeserver import FakeServer, fake_server, http_answer
+from tests.rotation.test_agent_retry import Recording
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 FIELDS = {
@@ -98,21 +99,12 @@ def test_the_cli_says_so_in_one_line_exit_8(ctx: Context, tmp_path: Path) -> Non
     assert len(lines) == 1 and "answered 200 with" in lines[0], result.stderr
 
 
-class Recording(Agent):
-    attempts: list[dt.datetime]
-
-    def renew(self) -> Held:
-        self.attempts.append(self.clock.now())
-        return super().renew()
-
-
 @SQLITE_ONLY
 def test_the_agent_backs_off_and_retries(
     ctx: Context, clock: FixedClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "svid")
     tls = ensure_server_certificate(ctx)
     answer = http_answer(b"<html>maintenance</html>")
     with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
@@ -180,8 +172,7 @@ def test_a_key_file_it_cannot_use_is_invalid_input(
     """Not a traceback (TypeError, KeyError) nor exit 3 'authentication failed' after asking the
     server: the file is checked here."""
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "svid")
     Path(os.path.realpath(files.key)).write_bytes(key_pem(web.key))
     client = WorkloadClient(ServerUrl.parse("https://127.0.0.1:1"), files.bundle)
     with pytest.raises(InvalidInput, match=reason):
@@ -196,8 +187,7 @@ def test_a_key_file_it_cannot_use_is_invalid_input(
 @SQLITE_ONLY
 def test_svid_renew_with_an_encrypted_key_is_exit_2(ctx: Context, tmp_path: Path) -> None:
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "svid")
     Path(os.path.realpath(files.key)).write_bytes(_encrypted(web.key))
     result = subprocess.run(
         [TRELLIS, "svid", "renew", "--server", "https://127.0.0.1:1",
@@ -223,8 +213,7 @@ def test_the_agent_refuses_a_bad_server_at_start_with_an_svid_on_disk(
 ) -> None:
     """It started quietly and retried the bad URL at half-life as if the server were down."""
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "svid")
     result = subprocess.run(
         [TRELLIS, "agent", "--server", server, "--bundle", str(files.bundle),
          "--dir", str(files.directory)],
@@ -263,8 +252,7 @@ def test_a_write_that_fails_before_the_swap_leaves_the_directory_as_it_was(
     """Ctrl-C or a full disk while the new set is staged (here: at its last file): the staged
     directory, with the new key in it, stayed behind, one more on each of the agent's retries."""
     old = enrol(ctx, "spiffe://example.org/old")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, old.full_chain_pem, old.key, old.svid.bundle_pem)
+    files = old.on_disk(tmp_path / "svid")
     before = svid_dir_listing(files.directory)
 
     def staging_fails(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -286,8 +274,7 @@ def test_a_write_interrupted_just_after_the_swap_keeps_what_it_published(
     """The rename of ``..data`` is done when the interrupt lands: the staged directory is the
     published one and stays (removing it would leave ``..data`` pointing at nothing)."""
     old = enrol(ctx, "spiffe://example.org/old")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, old.full_chain_pem, old.key, old.svid.bundle_pem)
+    files = old.on_disk(tmp_path / "svid")
     rename = os.replace
 
     def interrupted_after(source: Path, target: Path) -> None:
@@ -330,8 +317,7 @@ def test_a_permanent_refusal_is_not_retried_until_expiry(
     ctx: Context, clock: FixedClock, tmp_path: Path, token: str | None
 ) -> None:
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "svid")
     tls = ensure_server_certificate(ctx)
     down = http_answer(b'{"detail": "down"}', "503 Service Unavailable")
     with fake_server(tls.cert_path, tls.key_path, answer=down) as server:

@@ -427,6 +427,18 @@ main(sys.argv[1:])
 """
 
 
+def _restore_killed(script: str, args: list[str], archive: Path) -> None:
+    """``trellis *args restore archive`` run by ``script``, which SIGKILLs it part way."""
+    killed = subprocess.run(
+        [sys.executable, "-c", script, *args, "restore", str(archive)],
+        env={**os.environ, "TRELLIS_KEY_PASSPHRASE": PASSPHRASE},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert killed.returncode == -9, killed
+
+
 def test_a_restore_killed_part_way_is_named_by_the_retry(
     archive: Path, cli: Cli, tmp_path: Path
 ) -> None:
@@ -435,14 +447,7 @@ def test_a_restore_killed_part_way_is_named_by_the_retry(
     outside the data dir); once removed, the retry goes ahead."""
     data_dir, database = tmp_path / "var", tmp_path / "db" / "trellis.db"
     args = ["--data-dir", str(data_dir), "--database-url", f"sqlite:///{database}"]
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_TWO_MOVES, *args, "restore", str(archive)],
-        env={**os.environ, "TRELLIS_KEY_PASSPHRASE": PASSPHRASE},
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
-    assert killed.returncode == -9, killed
+    _restore_killed(KILLED_AFTER_TWO_MOVES, args, archive)
     staged = [p for p in database.parent.iterdir() if p.name.startswith(".trellis.db.")]
     assert len(staged) == 1 and not database.exists()
     refused = cli.run(*args, "restore", str(archive), code=6)
@@ -481,14 +486,7 @@ def test_the_staging_files_of_a_restore_killed_before_moving_are_removed_by_the_
     data_dir = tmp_path / "var"
     target = data_dir / "trellis.db" if database == "inside" else tmp_path / "db" / "trellis.db"
     args = ["--data-dir", str(data_dir), "--database-url", f"sqlite:///{target}"]
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_WHILE_STAGING, *args, "restore", str(archive)],
-        env={**os.environ, "TRELLIS_KEY_PASSPHRASE": PASSPHRASE},
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
-    assert killed.returncode == -9, killed
+    _restore_killed(KILLED_WHILE_STAGING, args, archive)
 
     def listing() -> list[str]:
         return sorted({p.name for p in [*data_dir.iterdir(), *target.parent.iterdir()]})

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ca.config import Context
 from ca.serving import ensure_server_certificate
-from ca.workload import SvidFiles, write_svid
 from tests.ca.svidkit import SQLITE_ONLY, enrol, svid_dir_listing
 from tests.cli.test_walkthrough import TRELLIS
 from tests.fakeserver import fake_server
@@ -56,8 +55,7 @@ def test_svid_renew_interrupted_while_the_server_is_silent(ctx: Context, tmp_pat
     """The peer accepts and never answers: Ctrl-C was exit 130 with nothing said (Typer's own
     handling), or a traceback while the command was still importing."""
     web = enrol(ctx, "spiffe://example.org/web")
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, web.full_chain_pem, web.key, web.svid.bundle_pem)
+    files = web.on_disk(tmp_path / "svid")
     before = svid_dir_listing(files.directory)
     tls = ensure_server_certificate(ctx)
     with fake_server(tls.cert_path, tls.key_path, silent=True) as server:

@@ -32,6 +32,17 @@ from tests.fakeserver import FakeServer, fake_server, http_answer
 from tests.rotation.rotkit import SQLITE_ONLY
 
 
+def _minted_on_disk(ctx: Context, tmp_path: Path, seconds: int) -> tuple[SvidFiles, dt.datetime]:
+    """An SVID of ``seconds`` for ``spiffe://<td>/w`` in the agent's directory: its files and
+    its notAfter."""
+    key = KeyType.EC_P256.generate()
+    grant = admin_grant(ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
+    svid = mint_svid(ctx, grant, key, Ttl(seconds))
+    files = SvidFiles(tmp_path / "svid")
+    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
+    return files, svid.certificate.not_valid_after_utc
+
+
 class Recording(Agent):
     """Notes when each renewal is attempted."""
 
@@ -49,12 +60,7 @@ def test_retries_close_in_on_expiry_while_the_server_is_down(
     """A 2-minute SVID, the server down from before the renewal: exponential back-off alone
     (1, 2, 4 … 32 s) slept past notAfter, so a server back 22 s before it was never tried
     again in time. The retries come closer as expiry nears, and none sleeps past it."""
-    key = KeyType.EC_P256.generate()
-    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
-    svid = mint_svid(drill_ctx, grant, key, Ttl(120))
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
-    not_after = svid.certificate.not_valid_after_utc
+    files, not_after = _minted_on_disk(drill_ctx, tmp_path, 120)
     config = AgentConfig(
         ServerUrl.parse(f"https://127.0.0.1:{free_port()}"), files.bundle, files.directory
     )
@@ -96,11 +102,7 @@ def test_a_file_it_cannot_write_is_retried_not_fatal(
 ) -> None:
     """A full disk at a renewal ended the agent (an OSError out of run), and with it the
     workload's renewals; it is now a warning and a retry like an unreachable server."""
-    key = KeyType.EC_P256.generate()
-    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
-    svid = mint_svid(drill_ctx, grant, key, Ttl(120))
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
+    files, _ = _minted_on_disk(drill_ctx, tmp_path, 120)
     config = AgentConfig(
         ServerUrl.parse(f"https://127.0.0.1:{free_port()}"), files.bundle, files.directory
     )
@@ -158,11 +160,7 @@ def test_a_bootstrap_again_that_cannot_reach_the_server_is_retried(
 ) -> None:
     """A renewal refused for good sends the agent to its join token at once; a server it could
     not reach for that ended the agent (exit 8) instead of the back-off any outage gets."""
-    key = KeyType.EC_P256.generate()
-    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
-    svid = mint_svid(drill_ctx, grant, key, Ttl(120))
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
+    files, _ = _minted_on_disk(drill_ctx, tmp_path, 120)
     tls = ensure_server_certificate(drill_ctx)
     with contextlib.ExitStack() as running:
         server = running.enter_context(fake_server(tls.cert_path, tls.key_path, answer=DOWN))
@@ -190,12 +188,7 @@ def test_a_bootstrap_after_expiry_that_cannot_reach_the_server_is_retried(
 ) -> None:
     """The SVID expires during the outage: the join token is tried, and the outage goes on. The
     agent exited 8 on it, although the token would work once the server is back."""
-    key = KeyType.EC_P256.generate()
-    grant = admin_grant(drill_ctx, SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/w"), "test")
-    svid = mint_svid(drill_ctx, grant, key, Ttl(60))
-    files = SvidFiles(tmp_path / "svid")
-    write_svid(files, svid.certificate_pem + svid.chain_pem, key, svid.bundle_pem)
-    not_after = svid.certificate.not_valid_after_utc
+    files, not_after = _minted_on_disk(drill_ctx, tmp_path, 60)
     config = AgentConfig(
         ServerUrl.parse(f"https://127.0.0.1:{free_port()}"),
         files.bundle,
