@@ -61,15 +61,20 @@ def held(serve: Serving) -> dict[int, int]:
     return {p: len(socket_inodes(p) & established) for p in workers_of(serve.process.pid)}
 
 
+# Connections ``connect`` made, by the served port, for ``two_workers`` to close.
+_opened: dict[int, list[http.client.HTTPSConnection]] = {}
+
+
 def connect(serve: Serving, count: int) -> list[http.client.HTTPSConnection]:
     """A burst, as wrk or a restarted Envoy opens them: every TCP connection is queued on the
     server before any TLS handshake or request; then each is used once and kept open."""
     raw = [socket.create_connection(("127.0.0.1", serve.port)) for _ in range(count)]
-    connections = []
+    connections: list[http.client.HTTPSConnection] = []
     for sock in raw:
         connection = http.client.HTTPSConnection("127.0.0.1", serve.port, context=serve.tls)
         connection.sock = serve.tls.wrap_socket(sock, server_hostname="127.0.0.1")
         connections.append(connection)
+    _opened.setdefault(serve.port, []).extend(connections)
     for connection in connections:
         connection.request("GET", "/healthz")
         assert connection.getresponse().read()
@@ -83,13 +88,34 @@ def wait_for(condition: object, what: str, seconds: float = 20) -> None:
         time.sleep(0.05)
 
 
+def settled(serve: Serving) -> None:
+    """Waits until the server holds no connection but its listener, then a little longer.
+
+    ``serving`` polls ``/readyz`` until a worker answers; a poll handed to a worker still
+    starting waits in its socket pair and is counted out only once that worker adopts it and
+    sees the client gone. Until then the dispatcher counts it as held, and a burst made then
+    splits unevenly by design (3/1 where a test expects 2/2). A descriptor in flight or held
+    by a worker is still in the kernel's table with its inode; a closed one is not."""
+    listening = sockets_on(serve.port, "0A")
+    wait_for(lambda: sockets_on(serve.port) - {"0"} <= listening, "no connection held")
+    time.sleep(0.3)  # the worker counts a close when its loop next turns
+
+
 @contextmanager
 def two_workers(tmp_path: Path) -> Iterator[Serving]:
+    """A ``serve --workers 2`` with nothing held; connections the test made with ``connect``
+    are closed at the end even when it fails (else their garbage collection fails a later
+    test in the same process with ``ResourceWarning``)."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
     cli.run("init", "--trust-domain", "example.org")
     with cli.serving(tmp_path / "serve.log", "--workers", "2") as serve:
         wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
-        yield serve
+        settled(serve)
+        try:
+            yield serve
+        finally:
+            for connection in _opened.pop(serve.port, []):
+                connection.close()
 
 
 def test_a_burst_of_connections_is_split_evenly(tmp_path: Path) -> None:
@@ -148,6 +174,7 @@ def test_a_killed_worker_is_replaced_and_takes_new_connections(tmp_path: Path) -
     with two_workers(tmp_path) as serve:
         connections = connect(serve, 4)
         victim, survivor = workers_of(serve.process.pid)
+        assert held(serve) == {victim: 2, survivor: 2}
         os.kill(victim, signal.SIGKILL)
         wait_for(
             lambda: len(set(workers_of(serve.process.pid)) - {survivor, victim}) == 1,
