@@ -87,12 +87,9 @@ def read_proof(
     so that only the holder of a live SVID's key learns that its CSR is bad."""
     public_key = cert.public_key()
     try:
-        # Explicit typing (RFC 8725 §3.11): a JWT the workload signed for something else is
-        # not a renewal proof, however its claims read.
-        kind = str(jwt.get_unverified_header(proof).get("typ", "")).lower()
-        if kind.removeprefix("application/") != PROOF_TYPE:
-            raise AuthenticationFailed(f"the renewal proof's typ must be {PROOF_TYPE}")
-        claims = jwt.decode(
+        # One parse for the header and the claims (``get_unverified_header`` parsed it again,
+        # ~30 µs a renewal).
+        decoded = jwt.decode_complete(
             proof,
             public_key,  # type: ignore[arg-type]
             algorithms=[_algorithm(public_key)],  # type: ignore[arg-type]
@@ -109,6 +106,12 @@ def read_proof(
                 "verify_sub": False,
             },
         )
+        # Explicit typing (RFC 8725 §3.11): a JWT the workload signed for something else is
+        # not a renewal proof, however its claims read.
+        kind = str(decoded["header"].get("typ", "")).lower()
+        if kind.removeprefix("application/") != PROOF_TYPE:
+            raise AuthenticationFailed(f"the renewal proof's typ must be {PROOF_TYPE}")
+        claims = decoded["payload"]
     except jwt.MissingRequiredClaimError as missing:
         # Raised only once the signature verified: naming the claim tells no forger anything.
         raise AuthenticationFailed(f"the renewal proof has no {missing.claim!r} claim") from None
