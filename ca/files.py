@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +22,7 @@ __all__ = [
     "private_directory",
     "private_file",
     "replacing",
+    "replacing_together",
     "write_atomic",
     "write_private",
 ]
@@ -182,6 +185,61 @@ def replacing(path: Path, mode: int = 0o644, *, private: bool = False) -> Iterat
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replacing_together(files: Mapping[Path, tuple[bytes, int]]) -> Iterator[None]:
+    """Replace several files that only work together (a key and its certificate) all or none:
+    each ``path: (data, mode)`` is staged beside its target (as ``replacing`` does, flushed to
+    disk; a private mode makes a missing directory 0700), then the targets are replaced, in
+    order, and the block runs: it is where a caller records what it delivered. If staging, a
+    rename or the block fails, Ctrl-C included, the staged files are removed and every target
+    already replaced gets its previous content back (or is removed, if it had none): a new key
+    beside the old certificate is a server that no longer starts, and a key written without
+    its certificate is a key lost."""
+    staged: dict[Path, Path] = {}
+    kept: dict[Path, Path] = {}  # target: a link to what it held before
+    try:
+        for path, (data, mode) in files.items():
+            make_directory(path.parent, private=not mode & 0o077)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            staged[path] = Path(name)
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path in staged:
+            if path.is_file():
+                kept[path] = _kept_copy(path)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+        yield
+    except BaseException:
+        # Decided by what is on disk, not by how far the loop got: an interrupt may land just
+        # after a rename. A staged file that is gone was renamed over its target.
+        for path, tmp in staged.items():
+            if tmp.exists():
+                tmp.unlink()
+            elif path in kept:
+                os.replace(kept.pop(path), path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for previous in kept.values():
+            previous.unlink(missing_ok=True)
+
+
+def _kept_copy(path: Path) -> Path:
+    """A second name for ``path``'s current content, to put back if a later rename fails: a
+    hard link, or a copy (mode included) where the file system has none."""
+    keep = path.with_name(f".{path.name}.previous.{secrets.token_hex(4)}")
+    try:
+        os.link(path, keep)
+    except OSError:
+        shutil.copy2(path, keep)
+    return keep
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -44,8 +44,8 @@ from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput, NotFound, Unavailable
-from ca.files import private_directory, write_atomic, write_private
-from ca.keepers import Footprint, check_free, openvpn_keeper
+from ca.files import check_writable, private_directory, replacing_together, write_atomic
+from ca.keepers import SERVER_FILES, Footprint, check_free, openvpn_keeper
 from ca.keys import KeyType
 from ca.pem import private_key_pem
 from ca.revocation import RevocationReason
@@ -89,6 +89,7 @@ __all__ = [
     "configure",
     "crl_health",
     "crl_pem",
+    "deliver_server_cert",
     "get_config",
     "init_openvpn",
     "issue_server_cert",
@@ -419,9 +420,15 @@ class ServerCredentials:
 
 
 def check_out_dir(ctx: Context, authority: str, out_dir: Path, names: Iterable[str]) -> None:
-    """Refuse, before anything is issued, to write ``names`` into ``out_dir`` when another
-    authority or a truststore keeps one of those files current (``ca.keepers``): the two would
-    overwrite each other, and the other's server would present this one's certificate."""
+    """Refuse, before anything is issued, to write ``names`` into ``out_dir`` when one of them
+    cannot be written there (``check_writable``: a directory in its place, a path through a
+    regular file, a read-only file system), or when another authority or a truststore keeps one
+    of them current (``ca.keepers``): the two would overwrite each other, and the other's
+    server would present this one's certificate. A certificate issued for a directory it
+    cannot reach would be withdrawn again (``deliver_server_cert``), its key lost."""
+    check_writable(out_dir, directory=True, what=f"the server directory {out_dir}")
+    for name in names:
+        check_writable(out_dir / name, directory=False)
     with Session(ctx.engine) as session:
         check_free(
             session,
@@ -543,10 +550,12 @@ def server_config(
     out_dir: Path | None = None,
 ) -> dict[str, bytes]:
     """Every file of a server directory, by name (``PRIVATE_FILES`` are secrets), with a freshly
-    issued server certificate. Given the directory the files will be written to, it becomes the
-    directory the ``openvpn-server-certificate`` job renews into and, with no CRL path configured
-    yet, its ``crl.pem`` the CRL file Trellis keeps current. A ``--cn`` becomes the CN profiles
-    pin. Each change of the configuration is in the audit trail (``openvpn.configured``)."""
+    issued server certificate. Given ``out_dir``, the files are written there, all or none
+    (``write_files``), and it becomes the directory the ``openvpn-server-certificate`` job
+    renews into and, with no CRL path configured yet, its ``crl.pem`` the CRL file Trellis
+    keeps current. A ``--cn`` becomes the CN profiles pin. Each change of the configuration is
+    in the audit trail (``openvpn.configured``). If the files are not delivered, whatever stops
+    them, the certificate is withdrawn and nothing is recorded: its key existed only here."""
     network = network or DEFAULT_POOL
     check_pool(network)
     # Every path is judged before anything is issued (``conf_path``): the one stored before
@@ -560,9 +569,19 @@ def server_config(
     if out_dir is not None:
         # this directory's certificate is renewed here from now on, and maybe its crl.pem
         check_out_dir(ctx, request.authority, out_dir, SERVER_DIR_FILES)
+    issuer = active_issuer(ctx, request.authority)
+    crl = crl_pem(ctx, request.authority)
     credentials = issue_server_cert(ctx, request)
-    with Session(ctx.engine) as session:
+    with (
+        certs.withdrawn_unless_delivered(ctx, credentials.serial, WITHDRAWN_BY),
+        Session(ctx.engine) as session,
+    ):
         row = _row(session, request.authority)
+        # Read before the row changes: a query would flush the change and take the
+        # database's write lock while the files are staged.
+        keys = SecretVault(ctx, row.secret_store)
+        v2 = keys.get(row.tls_crypt_v2_ref, length=SERVER_KEY_LEN)
+        shared = keys.get(row.tls_crypt_ref, length=STATIC_KEY_LEN)
         before = (row.server_cn, row.crl_path, row.server_dir)
         if request.common_name is not None or row.server_cn is None:
             row.server_cn = credentials.common_name
@@ -576,32 +595,31 @@ def server_config(
             row.updated_at = ctx.clock.now()
             _record_configured(session, row, request.requested_by)
         session.add(row)
-        session.commit()
         config = _config_of(row)
-        keys = SecretVault(ctx, row.secret_store)
-        v2 = keys.get(row.tls_crypt_v2_ref, length=SERVER_KEY_LEN)
-        shared = keys.get(row.tls_crypt_ref, length=STATIC_KEY_LEN)
-    here = own_crl is not None and config.crl_path == own_crl.resolve()
-    crl_verify = "crl.pem" if config.crl_path is None or here else str(config.crl_path)
-    issuer = active_issuer(ctx, request.authority)
-    conf = SERVER_CONF.format(
-        authority=request.authority,
-        port=config.port,
-        proto=config.proto.value,
-        network=network.network_address,
-        netmask=network.netmask,
-        crl_verify=crl_verify,
-    )
-    files = {
-        "server.conf": conf.encode(),
-        "ca.pem": issuer.chain_pem + issuer.bundle_pem,
-        "server.crt": credentials.certificate_pem,
-        "server.key": credentials.key_pem,
-        "tls-crypt-v2.key": ServerKey(v2).pem,
-        "tls-crypt.key": StaticKey(shared).pem,
-        "crl.pem": crl_pem(ctx, request.authority),
-    }
-    assert tuple(files) == SERVER_DIR_FILES
+        here = own_crl is not None and config.crl_path == own_crl.resolve()
+        crl_verify = "crl.pem" if config.crl_path is None or here else str(config.crl_path)
+        conf = SERVER_CONF.format(
+            authority=request.authority,
+            port=config.port,
+            proto=config.proto.value,
+            network=network.network_address,
+            netmask=network.netmask,
+            crl_verify=crl_verify,
+        )
+        files = {
+            "server.conf": conf.encode(),
+            "ca.pem": issuer.chain_pem + issuer.bundle_pem,
+            "server.crt": credentials.certificate_pem,
+            "server.key": credentials.key_pem,
+            "tls-crypt-v2.key": ServerKey(v2).pem,
+            "tls-crypt.key": StaticKey(shared).pem,
+            "crl.pem": crl,
+        }
+        assert tuple(files) == SERVER_DIR_FILES
+        # The directory, CN and CRL file are recorded once the files are in place, and the
+        # files are put back if that fails: nothing delivered, nothing changed.
+        with _replacing(files, out_dir):
+            session.commit()
     return files
 
 
@@ -627,8 +645,17 @@ def renew_server_certificates(ctx: Context) -> list[str]:
             if renewal is not None:
                 due.append((row, renewal.cn))
     renewed = []
+    failing = []
     for row, cn in due:
         assert row.server_dir is not None
+        directory = Path(row.server_dir)
+        try:
+            # Before anything is issued: a directory that cannot take the files would get a
+            # certificate, withdrawn at once, on every run of the job.
+            check_out_dir(ctx, row.authority, directory, SERVER_FILES)
+        except InvalidInput as exc:
+            failing.append(f"{row.authority}: {exc.detail}")
+            continue
         credentials = issue_server_cert(
             ctx,
             ServerRequest(
@@ -639,15 +666,16 @@ def renew_server_certificates(ctx: Context) -> list[str]:
                 requested_by="scheduler",
             ),
         )
-        directory = private_directory(Path(row.server_dir))
-        write_private(directory / "server.key", credentials.key_pem)
-        write_atomic(directory / "server.crt", credentials.certificate_pem)
+        deliver_server_cert(ctx, credentials, directory)
         log.warning(
             "renewed the OpenVPN server certificate in %s (serial %s): restart openvpn to load it",
             directory,
             credentials.serial,
         )
         renewed.append(f"{row.authority}: {credentials.serial.hex[:12]}")
+    if failing:
+        # The server's files, not the caller's input: the job fails (``/readyz``) until fixed.
+        raise Unavailable("cannot renew the OpenVPN server certificate: " + "; ".join(failing))
     return renewed
 
 
@@ -679,15 +707,38 @@ def _renewal(
 
 
 def write_files(files: dict[str, bytes], directory: Path) -> list[Path]:
-    """Secrets 0600 from their first byte, the rest 0644; each file replaced atomically, in a
-    directory created 0700 (refused if others may write to it)."""
+    """Secrets 0600 from their first byte, the rest 0644, in a directory created 0700 (refused
+    if others may write to it); the files replace those there all together or not at all
+    (``replacing_together``): a new ``server.key`` beside the old ``server.crt`` is a server
+    that no longer starts."""
+    with _replacing(files, directory):
+        pass
+    return [directory / name for name in files]
+
+
+def _replacing(
+    files: dict[str, bytes], directory: Path | None
+) -> contextlib.AbstractContextManager[None]:
+    if directory is None:
+        return contextlib.nullcontext()
     private_directory(directory)
-    written = []
-    for name, data in files.items():
-        path = directory / name
-        (write_private if name in PRIVATE_FILES else write_atomic)(path, data)
-        written.append(path)
-    return written
+    return replacing_together(
+        {
+            directory / name: (data, 0o600 if name in PRIVATE_FILES else 0o644)
+            for name, data in files.items()
+        }
+    )
+
+
+def deliver_server_cert(
+    ctx: Context, credentials: ServerCredentials, directory: Path
+) -> list[Path]:
+    """``server.crt`` and ``server.key`` into ``directory`` (``write_files``), or the
+    certificate withdrawn (revoked ``superseded``, actor ``openvpn:withdrawn``) if they do not
+    get there, Ctrl-C included: Trellis keeps no copy of the key."""
+    files = {"server.crt": credentials.certificate_pem, "server.key": credentials.key_pem}
+    with certs.withdrawn_unless_delivered(ctx, credentials.serial, WITHDRAWN_BY):
+        return write_files(files, directory)
 
 
 # -- clients ----------------------------------------------------------------------------------

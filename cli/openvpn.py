@@ -115,9 +115,7 @@ def server_cert(
     ctx = STATE.context()
     openvpn.check_out_dir(ctx, authority, out, SERVER_FILES)
     credentials = openvpn.issue_server_cert(ctx, request)
-    written = openvpn.write_files(
-        {"server.crt": credentials.certificate_pem, "server.key": credentials.key_pem}, out
-    )
+    written = openvpn.deliver_server_cert(ctx, credentials, out)
     if json_out:
         out_model = ServerCertOut.of(credentials)
         fields = out_model.model_dump(mode="json", exclude={"key", "certificate"})
@@ -146,7 +144,7 @@ def server_config(
     files = openvpn.server_config(
         ctx, _server_request(authority, cn, key_type, ttl), pool, out_dir=out
     )
-    written = openvpn.write_files(files, out)
+    written = [out / name for name in files]
     config = openvpn.get_config(ctx, authority)
     if json_out:
         emit_json(

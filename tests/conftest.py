@@ -21,6 +21,7 @@ from ca.config import Context, Settings, build_context
 from ca.files import make_directory
 from ca.identity import TrustDomain
 from ca.store import db
+from cli.launch import Interrupted
 from tests.pgserver import (
     drop_postgres_database,
     embedded_postgres_server,
@@ -29,6 +30,25 @@ from tests.pgserver import (
 
 TRUST_DOMAIN = TrustDomain.parse("example.org")
 PASSPHRASE = "test-passphrase-not-secret"
+
+
+def interrupt_a_rename(monkeypatch: pytest.MonkeyPatch, directory: Path, *, after: int) -> None:
+    """Ctrl-C (``cli.launch.Interrupted``) instead of the rename into ``directory`` that follows
+    ``after`` others there, once: a write of a set of files (a key and its certificate) stopped
+    between two of them. Renames into other directories (a CRL file) and of files put back
+    afterwards go through."""
+    rename = os.replace
+    seen = 0
+
+    def replace(source: str | Path, target: str | Path) -> None:
+        nonlocal seen
+        if Path(target).parent == directory and not Path(target).name.startswith("."):
+            seen += 1
+            if seen == after + 1:
+                raise Interrupted
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def free_port() -> int:

@@ -193,3 +193,27 @@ def test_revoking_a_client_of_an_intermediate_revoked_without_its_key_says_so(
     (revoked,) = _json(cli, "openvpn", "client", "revoke", "bob", "--yes")["revoked"]
     assert revoked["status"] == "revoked"
     assert "missing from the file key store" in revoked["crl_skipped"]
+
+
+@pytest.mark.parametrize(
+    ("command", "in_the_way"),
+    [("server-cert", "server.key"), ("server-config", "tls-crypt.key")],
+)
+def test_a_server_file_that_cannot_be_written_is_refused_before_issuing(
+    cli: InProcessTrellis, tmp_path: Path, command: str, in_the_way: str
+) -> None:
+    """A directory where one of the files goes: the certificate was issued, the files before
+    it written, the key lost (exit 8), and the certificate stayed live; server-config had
+    also recorded the directory and its crl.pem as the CRL file. Now: exit 2 naming the file,
+    nothing issued, written or recorded."""
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+    out = tmp_path / "srv"
+    (out / in_the_way).mkdir(parents=True)
+    refused = cli.process().run("openvpn", command, "--out", str(out), ok=False)
+    assert refused.returncode == 2, refused
+    assert f"{out / in_the_way}: is a directory" in refused.stderr
+    assert [path.name for path in out.iterdir()] == [in_the_way]
+    listed = json.loads(cli.run("certs", "list", "--json").stdout)
+    assert [c for c in listed if c.get("profile") == "openvpn-server"] == []
+    assert _json(cli, "openvpn", "configure")["crl_path"] is None

@@ -20,6 +20,8 @@ from ca.config import Context, Settings, build_context
 from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.openvpn import (
     PRIVATE_FILES,
+    SERVER_PROFILE,
+    WITHDRAWN_BY,
     ClientRequest,
     ConfigureParams,
     InitParams,
@@ -40,9 +42,10 @@ from ca.store.models import CertificateRow
 from ca.store.models_openvpn import OpenVpnRow
 from ca.tlscryptv2 import ServerKey, StaticKey
 from ca.tokens import create_admin_token
+from cli.launch import Interrupted
 from tests.api.restkit import assert_problem, bearer
 from tests.ca.svidkit import count_rows
-from tests.conftest import sqlite_database
+from tests.conftest import interrupt_a_rename, sqlite_database
 from tests.openvpn.conftest import REMOTE
 from tests.openvpn.vpnkit import DATA, assert_vpn_leaf, crls_in, normalise
 from tests.vault.conftest import bao_path, close, openbao, vault_settings  # noqa: F401
@@ -103,6 +106,30 @@ def test_the_first_server_directory_holds_the_crl_file(
     files = server_config(vpn_unconfigured, ServerRequest(), out_dir=tmp_path / "srv")
     assert b"\ncrl-verify crl.pem\n" in files["server.conf"]
     assert get_config(vpn_unconfigured).crl_path == (tmp_path / "srv" / "crl.pem").resolve()
+
+
+def test_a_server_directory_stopped_between_its_files_changes_nothing(
+    vpn: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after three of the seven files were replaced: the directory held a new
+    server.crt beside the old server.key, the new CN was already what profiles pin, and the new
+    certificate stayed live with its key lost. Now the files and the configuration are as
+    they were, and the certificate is withdrawn."""
+    out = tmp_path / "server"
+    write_files(server_config(vpn, ServerRequest(), out_dir=out), out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    configured = get_config(vpn)
+    interrupt_a_rename(monkeypatch, out, after=3)
+    request = ServerRequest(common_name=VpnName("gw.example.org"))
+    with pytest.raises(Interrupted):
+        write_files(server_config(vpn, request, out_dir=out), out)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert get_config(vpn) == configured
+    with Session(vpn.engine) as session:
+        rows = session.exec(select(CertificateRow).where(CertificateRow.profile == SERVER_PROFILE))
+        statuses = sorted((row.status, row.revoked_by) for row in rows)
+    assert statuses == [("active", None), ("revoked", WITHDRAWN_BY)]
 
 
 def test_a_server_cn_needs_a_name(vpn_unconfigured: Context) -> None:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session, select
 
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
+from ca.errors import Unavailable
 from ca.jobs import job_named
 from ca.openvpn import (
+    SERVER_PROFILE,
+    WITHDRAWN_BY,
     ServerRequest,
     VpnName,
     get_config,
@@ -21,6 +26,9 @@ from ca.openvpn import (
     server_config,
     write_files,
 )
+from ca.store.models import CertificateRow
+from cli.launch import Interrupted
+from tests.conftest import interrupt_a_rename
 from tests.selfsigned import self_signed
 
 
@@ -98,3 +106,49 @@ def test_a_foreign_certificate_in_the_directory_is_left_alone(
     clock.advance(dt.timedelta(minutes=5))
     assert renew_server_certificates(vpn) == []
     assert (a / "server.crt").read_bytes() == cert
+
+
+def _server_certificates(ctx: Context) -> list[CertificateRow]:
+    with Session(ctx.engine) as session:
+        rows = session.exec(select(CertificateRow).where(CertificateRow.profile == SERVER_PROFILE))
+        return sorted(rows.all(), key=lambda row: row.not_before)
+
+
+def test_a_directory_that_cannot_take_the_files_gets_no_certificate(
+    vpn: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """The recorded directory replaced by a regular file: each run of the job issued a
+    certificate, failed to write its key, and left it live, one more every 5 minutes. Now the
+    job fails (``/readyz``) before issuing anything, naming the directory."""
+    out = tmp_path / "server"
+    write_files(server_config(vpn, ServerRequest(), out_dir=out), out)
+    for name in list(out.iterdir()):
+        name.unlink()
+    out.rmdir()
+    out.write_text("not a directory\n")
+    for _ in range(2):
+        with pytest.raises(Unavailable, match="server directory"):
+            job_named("openvpn-server-certificate").run(vpn)
+        clock.advance(dt.timedelta(minutes=5))
+    assert len(_server_certificates(vpn)) == 1  # the first, from server-config
+
+
+def test_a_renewal_stopped_between_its_files_withdraws_the_certificate(
+    vpn: Context, clock: FixedClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after one of server.crt and server.key was replaced: the new key stood beside
+    the old certificate (openvpn no longer starts), and the new certificate stayed live with
+    its key lost. Now both files are as they were and the certificate is revoked."""
+    out = tmp_path / "server"
+    write_files(server_config(vpn, ServerRequest(ttl=Ttl.parse("3m")), out_dir=out), out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    clock.advance(dt.timedelta(minutes=2, seconds=30))
+    interrupt_a_rename(monkeypatch, out, after=1)
+    with pytest.raises(Interrupted):
+        renew_server_certificates(vpn)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # nothing staged
+    first, withdrawn = _server_certificates(vpn)
+    assert first.status == "active"
+    assert (withdrawn.status, withdrawn.revoked_by) == ("revoked", WITHDRAWN_BY)
+    assert len(renew_server_certificates(vpn)) == 1  # the next run renews it
