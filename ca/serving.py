@@ -19,18 +19,21 @@ from sqlmodel import Session
 
 from ca.authority import active_issuer
 from ca.bundle import write_bundle_file
+from ca.certs import withdrawn_unless_delivered
 from ca.config import Context
 from ca.durations import Ttl
-from ca.files import write_atomic, write_private
+from ca.errors import InvalidInput, Unavailable
+from ca.files import check_writable, replacing_together
 from ca.grants import server_grant
 from ca.issue import issue_for_key
 from ca.keys import KeyType
 from ca.pem import private_key_pem
 from ca.store.models import CertificateRow
 
-__all__ = ["ServerTls", "ensure_server_certificate"]
+__all__ = ["WITHDRAWN_BY", "ServerTls", "ensure_server_certificate"]
 
 SERVER_TTL = Ttl(30 * 86400)
+WITHDRAWN_BY = "serving:withdrawn"  # who revoked a serving certificate never written
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,12 @@ def _revoked(ctx: Context, cert: x509.Certificate) -> bool:
 
 
 def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> ServerTls:
+    """The serving certificate and key in the data directory, issued anew (``_still_good``)
+    only where both files can be written: its key is kept nowhere else. The two replace the
+    old ones together or not at all (``replacing_together``), key first, as the listener
+    reloads on the certificate's change (``cli.tlsreload``); a certificate they do not reach,
+    whatever stops them, is withdrawn (revoked ``superseded``, actor ``serving:withdrawn``)
+    and the previous pair stays in place."""
     directory = ctx.settings.server_tls_dir
     issuer = active_issuer(ctx)
     wanted = ["localhost", "127.0.0.1", *ctx.settings.server_names, *extra_names]
@@ -87,12 +96,21 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
     dns, ips = _split_names(wanted)
     tls = ServerTls(directory / "tls.crt", directory / "tls.key", write_bundle_file(ctx))
     if not _still_good(tls.cert_path, ctx, issuer.certificate, set(dns) | set(ips)):
+        for path in (tls.key_path, tls.cert_path):
+            try:
+                check_writable(path, directory=False)
+            except InvalidInput as exc:  # Trellis's own data directory: the server's fault
+                raise Unavailable(f"cannot write the serving certificate: {exc.detail}") from None
         key = KeyType.EC_P256.generate()
         # Asked for no longer than the issuer lives: it would be cut there anyway, and issuance
         # warns about a cut lifetime (meant for a workload's, not this expected one).
         left = issuer.certificate.not_valid_after_utc - ctx.clock.now()
         ttl = Ttl(min(SERVER_TTL.seconds, max(int(left.total_seconds()), 60)))
         svid = issue_for_key(ctx, server_grant(ctx, dns, ips, ttl), key.public_key())
-        write_private(tls.key_path, private_key_pem(key))
-        write_atomic(tls.cert_path, svid.certificate_pem + svid.chain_pem)
+        files = {
+            tls.key_path: (private_key_pem(key), 0o600),
+            tls.cert_path: (svid.certificate_pem + svid.chain_pem, 0o644),
+        }
+        with withdrawn_unless_delivered(ctx, svid.serial, WITHDRAWN_BY), replacing_together(files):
+            pass
     return tls
