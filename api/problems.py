@@ -83,9 +83,12 @@ def problem_response(
 async def _trellis_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.TrellisError)
     status = status_for(exc)
+    # The caller is told ``public``; where on this server the fault is goes to the log only.
     if status >= 500:
         log.error("request failed: %s", exc.detail)
-    return problem_response(status, exc.code, exc.title, exc.detail, request)
+    elif exc.public != exc.detail:
+        log.info("request refused: %s", exc.detail)
+    return problem_response(status, exc.code, exc.title, exc.public, request)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -197,8 +197,9 @@ def refresh_crl_if_signable(ctx: Context, session: Session, ca: CaRow) -> str | 
         try:
             ca_signer(ctx, ca)
         except Unavailable as error:
+            # The reason is also the answer of a REST revocation: the path is in the log only.
             log.warning("CRL of revoked CA %s not re-signed: %s", ca.serial, error.detail)
-            return error.detail
+            return error.public
     refresh_crl(ctx, session, ca)
     return None
 

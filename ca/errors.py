@@ -40,16 +40,23 @@ __all__ = [
 class TrellisError(Exception):
     """Root of every error the core raises on purpose.
 
-    ``code`` is a stable slug (used in problem ``type`` URIs and ``--json`` output); ``detail`` is
-    one human sentence that is safe to show to the caller (never key material or token secrets).
+    ``code`` is a stable slug (used in problem ``type`` URIs and ``--json`` output). ``detail`` is
+    one human sentence for whoever runs Trellis: the CLI's error line and the server's log. It
+    may name where on this server something is (a key file, the passphrase file, a CRL file),
+    because that is what its operator has to go and mend. ``public`` is what a client over HTTP
+    is told instead (a problem's ``detail``, ``/readyz``): the same sentence, unless the raiser
+    gives one that names none of the server's paths, nor its database's URL, which are no
+    client's business and help whoever probes it. Neither ever holds key material or a token
+    secret.
     """
 
     code = "error"
     title = "Trellis error"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, public: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.public = detail if public is None else public
 
 
 class InvalidInput(TrellisError):

@@ -113,7 +113,7 @@ def write_openvpn_crls(ctx: Context) -> str:
     written = write_crl_files(ctx)
     problem = crl_health(ctx)
     if problem:
-        raise Unavailable(problem)
+        raise problem
     return f"{len(written)} OpenVPN CRL file(s) current"
 
 

@@ -29,7 +29,7 @@ import enum
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1112,7 +1112,10 @@ def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
                 f"the CRL file of OpenVPN authority {authority!r}",
             )
         except InvalidInput as error:
-            raise Unavailable(f"{error.detail}: not written (set another with configure)") from None
+            raise Unavailable(
+                f"{error.detail}: not written (set another with configure)",
+                public=f"the CRL file of OpenVPN authority {authority!r} is another's: not written",
+            ) from None
     data = crl_pem(ctx, authority)
     try:
         unchanged = config.crl_path.read_bytes() == data
@@ -1122,7 +1125,11 @@ def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
         try:
             write_atomic(config.crl_path, data)
         except OSError as error:
-            raise Unavailable(f"cannot write the CRL file {config.crl_path}: {error}") from None
+            raise Unavailable(
+                f"cannot write the CRL file {config.crl_path}: {error}",
+                public=f"cannot write the CRL file of OpenVPN authority {authority!r}:"
+                f" {error.strerror or type(error).__name__}",
+            ) from None
     return config.crl_path
 
 
@@ -1138,19 +1145,22 @@ def write_crl_files(ctx: Context) -> list[Path]:
         try:
             path = write_crl_file(ctx, name)
         except Unavailable as error:
-            failures.append(error.detail)
+            failures.append(error)
             continue
         if path is not None:
             written.append(path)
     if failures:
-        raise Unavailable("; ".join(failures))
+        raise Unavailable(
+            "; ".join(f.detail for f in failures), public="; ".join(f.public for f in failures)
+        )
     return written
 
 
-def crl_health(ctx: Context) -> str | None:
+def crl_health(ctx: Context) -> Unavailable | None:
     """Why OpenVPN may soon refuse clients, or None: a CRL file that is missing, lacks a CRL for
     a CA, expires within ``CRL_WARN_BEFORE``, or has been older than the stored CRLs for more
-    than ``CRL_STALE_AFTER`` (a revocation not yet written)."""
+    than ``CRL_STALE_AFTER`` (a revocation not yet written). The operator's ``detail`` names the
+    file; the ``public`` one, for ``/readyz``, which anyone may read, does not."""
     now = ctx.clock.now()
     problems = []
     with Session(ctx.engine) as session:
@@ -1159,10 +1169,19 @@ def crl_health(ctx: Context) -> str | None:
             assert config.crl_path is not None
             cas = _crl_cas(session, config.authority, now)
             stored = {ca.id: session.get(CrlRow, ca.id) for ca in cas}
-            problem = _file_problem(Path(config.crl_path), cas, stored, now)
+            path = Path(config.crl_path)
+            problem = _file_problem(path, cas, stored, now)
             if problem:
-                problems.append(f"openvpn {config.authority}: {problem}")
-    return "; ".join(problems) or None
+                where = f"openvpn {config.authority}: "
+                problems.append(
+                    (where + problem(f"the CRL file {path}"), where + problem("the CRL file"))
+                )
+    if not problems:
+        return None
+    return Unavailable(
+        "; ".join(detail for detail, _ in problems),
+        public="; ".join(public for _, public in problems),
+    )
 
 
 def _key(cert: x509.Certificate) -> CertificateIssuerPublicKeyTypes:
@@ -1185,19 +1204,23 @@ def _uncovered(cas: list[CaRow], crls: list[x509.CertificateRevocationList]) -> 
 
 def _file_problem(
     path: Path, cas: list[CaRow], stored: dict[int | None, CrlRow | None], now: dt.datetime
-) -> str | None:
+) -> Callable[[str], str] | None:
+    """The problem of the CRL file at ``path``, as a sentence about the file by whatever name
+    it is given: its path for the operator, none for ``/readyz``."""
     try:
         blocks = _CRL_BLOCK.findall(path.read_bytes())
         crls = [x509.load_pem_x509_crl(block) for block in blocks]
     except OSError as error:
-        return f"cannot read the CRL file {path}: {error.strerror}"
+        strerror = error.strerror
+        return lambda file: f"cannot read {file}: {strerror}"
     except ValueError:
-        return f"the CRL file {path} does not parse"
+        return lambda file: f"{file} does not parse"
     uncovered = _uncovered(cas, crls)
     if uncovered is not None:
-        return (
-            f"{path} has no CRL for CA {uncovered.serial[:16]}: OpenVPN accepts that CA's"
-            " revoked clients (it only warns)"
+        serial = uncovered.serial[:16]
+        return lambda file: (
+            f"{file} has no CRL for CA {serial}: OpenVPN accepts that CA's revoked clients"
+            " (it only warns)"
         )
     soonest: dt.datetime | None = None
     for ca in cas:
@@ -1208,9 +1231,12 @@ def _file_problem(
         number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         row = stored.get(ca.id)
         if row is not None and row.number > number and now - row.this_update > CRL_STALE_AFTER:
-            return f"{path} holds CRL #{number} of CA {ca.serial[:16]}, #{row.number} exists"
+            held = f"CRL #{number} of CA {ca.serial[:16]}, #{row.number} exists"
+            return lambda file: f"{file} holds {held}"
     if soonest is not None and soonest <= now:
-        return f"the CRL in {path} expired at {soonest.isoformat()}: OpenVPN refuses every client"
+        when = soonest.isoformat()
+        return lambda file: f"the CRL in {file} expired at {when}: OpenVPN refuses every client"
     if soonest is not None and soonest - now < CRL_WARN_BEFORE:
-        return f"the CRL in {path} expires at {soonest.isoformat()}: is the crl job running?"
+        when = soonest.isoformat()
+        return lambda file: f"the CRL in {file} expires at {when}: is the crl job running?"
     return None

@@ -181,11 +181,11 @@ def crl(
             raise InvalidInput("no CRL file configured: pass --out or run configure --crl-path")
     problem = openvpn.crl_health(ctx)
     if json_out:
-        emit_json({"path": str(path), "health": problem or "ok"})
+        emit_json({"path": str(path), "health": problem.detail if problem else "ok"})
     else:
         typer.echo(f"CRLs written to {path}")
     if problem:
-        raise Unavailable(problem)
+        raise problem
 
 
 def _write_profile(profile: openvpn.ClientProfile, out: Path, json_out: bool, verb: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -17,10 +18,13 @@ from api.schemas import Health
 from ca import metrics, openvpn
 from ca.authority import MESH, active_issuer, bundle_pem
 from ca.bundle import read_bundle
+from ca.config import Context
 from ca.errors import TrellisError
 from ca.jwks import bundle_jwks
 from ca.readiness import check_issuing_keys
 from ca.scheduler import job_statuses
+
+log = logging.getLogger("trellis.api")
 
 router = APIRouter(tags=["public"])
 
@@ -101,14 +105,17 @@ def readyz(ctx: CtxDep) -> Response:
         active_issuer(ctx)
         check_issuing_keys(ctx)
         detail["keys"] = "ok"
+        ctx.cache.pop(("readyz", "keys"), None)
     except TrellisError as exc:
-        detail["keys"] = exc.detail
+        detail["keys"] = _unready(ctx, "keys", exc)
     except sa.exc.SQLAlchemyError:
         detail["keys"] = "unknown: database unavailable"
     try:
         crl_problem = openvpn.crl_health(ctx)
         if crl_problem:
-            detail["openvpn_crl"] = crl_problem
+            detail["openvpn_crl"] = _unready(ctx, "openvpn_crl", crl_problem)
+        else:
+            ctx.cache.pop(("readyz", "openvpn_crl"), None)
     except sa.exc.SQLAlchemyError:
         pass
     ok = all(value == "ok" for key, value in detail.items() if key != "openvpn_crl")
@@ -124,3 +131,14 @@ def readyz(ctx: CtxDep) -> Response:
         detail["jobs"] = "unknown"
     body = Health(status="ok" if ok else "unavailable", detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _unready(ctx: Context, part: str, problem: TrellisError) -> str:
+    """``problem`` as an unauthenticated prober may read it (``public``: no path on this
+    server); the operator's version, with the path to mend, goes to the log, once a change (the
+    probe comes every few seconds)."""
+    logged = ("readyz", part)
+    if ctx.cache.get(logged) != problem.detail:
+        ctx.cache[logged] = problem.detail
+        log.warning("not ready: %s", problem.detail)
+    return problem.public

@@ -44,12 +44,16 @@ def load_or_create_passphrase(path: Path) -> bytes:
         write_private(path, value + b"\n")
         return value
     except OSError as error:
-        raise Unavailable(f"cannot read the key passphrase file {path}: {error.strerror}") from None
+        raise Unavailable(
+            f"cannot read the key passphrase file {path}: {error.strerror}",
+            public="the key passphrase file cannot be read",
+        ) from None
     if len(value) < MIN_PASSPHRASE:
         raise Unavailable(
             f"the key passphrase file {path} is empty or shorter than {MIN_PASSPHRASE}"
             " characters: put back the passphrase the CA keys were encrypted with, or set"
-            " TRELLIS_KEY_PASSPHRASE"
+            " TRELLIS_KEY_PASSPHRASE",
+            public="the key passphrase file holds no usable passphrase",
         )
     return value
 
@@ -93,7 +97,8 @@ class KeyPassphrase:
                     # A new random passphrase would open none of them (a restored data dir).
                     raise Unavailable(
                         f"the {what} in {directory} are encrypted, and {self.file} is missing:"
-                        " put it back, or set TRELLIS_KEY_PASSPHRASE"
+                        " put it back, or set TRELLIS_KEY_PASSPHRASE",
+                        public=f"the {what} are encrypted, and the key passphrase file is missing",
                     )
         return load_or_create_passphrase(self.file)
 
@@ -130,7 +135,10 @@ class FileKeyBackend:
         try:
             data = private_file(self._path(handle.ref)).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"CA key {handle.ref} is missing from {self._dir}") from None
+            raise NotFound(
+                f"CA key {handle.ref} is missing from {self._dir}",
+                public=f"CA key {handle.ref} is missing from the file key store",
+            ) from None
         passphrase = self._passphrase.get()
         try:
             key = serialization.load_pem_private_key(data, passphrase)

@@ -7,7 +7,9 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import create_app
 from ca import certs
 from ca.authority import active_issuer
 from ca.clock import FixedClock
@@ -17,6 +19,7 @@ from ca.jobs import job_named
 from ca.openvpn import ClientRequest, VpnName, add_client, crl_health, crl_pem, write_crl_file
 from ca.revocation import RevocationReason
 from ca.rotation import rotate
+from ca.scheduler import FAILING_AFTER, run_job
 from ca.serial import Serial
 from tests.conftest import sqlite_database
 from tests.openvpn.vpnkit import crls_in
@@ -27,6 +30,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """SQLite only: nothing here depends on the database (test_clients.py and test_rest.py run
     on both)."""
     return sqlite_database(request, tmp_path / "trellis.db")
+
+
+def _health(ctx: Context) -> str:
+    """What ``crl_health`` tells the operator ("" for nothing)."""
+    problem = crl_health(ctx)
+    return problem.detail if problem else ""
 
 
 def _serial(ctx: Context, name: str) -> Serial:
@@ -67,7 +76,7 @@ def test_the_job_rewrites_only_what_changed_and_reports_health(
     certs.revoke_certificate(vpn, serial, RevocationReason.KEY_COMPROMISE, "test", publish=False)
     assert crl_health(vpn) is None  # not stale yet: within CRL_STALE_AFTER
     clock.advance(dt.timedelta(minutes=6))
-    assert "holds CRL #" in (crl_health(vpn) or "")
+    assert "holds CRL #" in _health(vpn)
     job.run(vpn)
     assert crl_health(vpn) is None
     listed = [entry.serial_number for crl in crls_in(crl_file.read_bytes()) for entry in crl]
@@ -81,9 +90,9 @@ def test_health_warns_before_openvpn_would_refuse_everybody(
     clock.advance(dt.timedelta(hours=11))
     assert crl_health(vpn) is None
     clock.advance(dt.timedelta(hours=2))  # 11 h of the 24 h left: the job has been failing
-    assert "expires at" in (crl_health(vpn) or "")
+    assert "expires at" in _health(vpn)
     clock.advance(dt.timedelta(hours=12))
-    problem = crl_health(vpn) or ""
+    problem = _health(vpn)
     assert "expired" in problem and "refuses every client" in problem
 
     def read_only(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -133,8 +142,33 @@ def test_health_names_a_broken_file(
         crl_file.unlink()
     else:
         crl_file.write_bytes(content)
-    assert problem in (crl_health(vpn) or "")
-    assert (crl_health(vpn) or "").startswith("openvpn vpn: ")
+    assert problem in _health(vpn)
+    assert _health(vpn).startswith("openvpn vpn: ")
+
+
+def test_readyz_says_what_is_wrong_with_a_crl_file_not_where_it_is(
+    vpn: Context, crl_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``/readyz`` is anybody's to read: its ``openvpn_crl`` and the failing ``openvpn-crl`` job
+    it lists say which authority's CRL file is wrong and how; where the file is, only the log
+    says. Both gave its path."""
+
+    def read_only(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError(30, "Read-only file system")
+
+    crl_file.unlink()
+    monkeypatch.setattr("ca.openvpn.write_atomic", read_only)
+    for _ in range(FAILING_AFTER):
+        run_job(vpn, job_named("openvpn-crl"))
+    with TestClient(create_app(vpn), raise_server_exceptions=False) as client:
+        ready = client.get("/readyz")
+    detail = ready.json()["detail"]
+    assert detail["openvpn_crl"] == (
+        "openvpn vpn: cannot read the CRL file: No such file or directory"
+    )
+    assert str(crl_file.parent) not in ready.text
+    assert f"cannot read the CRL file {crl_file}" in caplog.text  # for the operator
+    assert f"cannot write the CRL file {crl_file}: " in caplog.text
 
 
 def test_health_checks_signatures_not_just_names(
@@ -151,7 +185,7 @@ def test_health_checks_signatures_not_just_names(
     configure(vpn, ConfigureParams(crl_path=crl_file))
     assert crl_health(vpn) is None
     crl_file.write_bytes(stale)
-    assert "no CRL for CA" in (crl_health(vpn) or "")
+    assert "no CRL for CA" in _health(vpn)
 
 
 def test_the_crl_path_never_clobbers_another_file(vpn: Context, tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 
@@ -226,6 +228,35 @@ def test_a_file_key_on_a_vault_instance_needs_the_passphrase_where_it_is_used(
     assert not passphrase.exists()  # no new one in its place
     passphrase.write_bytes(kept)
     cli.run(*add)
+
+
+def test_a_server_names_no_path_of_its_own_to_clients(openbao: OpenBao, tmp_path: Path) -> None:
+    """A file authority made beside the Vault ones while ``serve`` runs (it read no passphrase
+    at its start), then the passphrase file damaged: ``/readyz``, which anyone may read, and an
+    admin's problem response say what is wrong without the path of the file, which only the
+    server's log names. Both gave the file's full path."""
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    admin = {"Authorization": "Bearer " + cli.run("token", "create", "--admin").stdout.strip()}
+    passphrase = tmp_path / "var" / "key-passphrase"
+    log = tmp_path / "serve.log"
+    with cli.serving(log) as served:
+        cli.run("openvpn", "init", "--key-backend", "file")
+        cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+        passphrase.write_bytes(b"short\n")
+        deadline = time.monotonic() + 15  # past the passing verdict /readyz reuses (READY_FOR)
+        while (ready := httpx.get(f"{served.url}/readyz", verify=served.tls)).is_success:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.5)
+        added = httpx.post(
+            f"{served.url}/v1/openvpn/clients", json={"name": "carol"}, headers=admin,
+            verify=served.tls,
+        )  # fmt: skip
+    keys = ready.json()["detail"]["keys"]
+    assert keys == "the key passphrase file holds no usable passphrase", ready.text
+    assert added.status_code == 503, added.text
+    assert added.json()["detail"] == "the key passphrase file holds no usable passphrase"
+    assert f"the key passphrase file {passphrase} is empty" in log.read_text()  # for its operator
 
 
 def test_restoring_a_vault_only_instance_asks_for_no_key_passphrase(
