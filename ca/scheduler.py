@@ -135,12 +135,15 @@ def run_job(ctx: Context, job: Job) -> JobRunRow | None:
             except TrellisError as exc:
                 # Foreseen and recorded (a partner's bundle endpoint refusing, a CRL file that
                 # cannot be written): the reason is the news, not a traceback, and only when it
-                # changes; a job fails this way every run until the cause is gone.
-                result, ok = f"{type(exc).__name__}: {exc}", False
-                _log_result(job, result, failed=True)
+                # changes; a job fails this way every run until the cause is gone. The record
+                # is read over HTTP (``/readyz`` by anyone, ``GET /v1/jobs``): it keeps the
+                # public reason, and the log where on this server to mend it.
+                result, ok = f"{type(exc).__name__}: {exc.public}", False
+                _log_result(job, f"{type(exc).__name__}: {exc.detail}", failed=True)
             except Exception as exc:
                 log.exception("job %s failed", job.name)  # nobody foresaw it: a bug
-                result, ok = f"{type(exc).__name__}: {exc}", False
+                # Its text is anybody's (an OSError names its file): the log has it.
+                result, ok = f"{type(exc).__name__} (see the server's log)", False
                 _LAST_LOGGED.pop(job.name, None)  # the next outcome is news
             return _record(ctx, job, started=started, ok=ok, result=result)
         finally:

@@ -166,6 +166,10 @@ def test_readyz_says_what_is_wrong_with_a_crl_file_not_where_it_is(
     assert detail["openvpn_crl"] == (
         "openvpn vpn: cannot read the CRL file: No such file or directory"
     )
+    assert (
+        f"({FAILING_AFTER}x: Unavailable: cannot write the CRL file of OpenVPN authority 'vpn'"
+        in detail["jobs"]
+    ), detail
     assert str(crl_file.parent) not in ready.text
     assert f"cannot read the CRL file {crl_file}" in caplog.text  # for the operator
     assert f"cannot write the CRL file {crl_file}: " in caplog.text
