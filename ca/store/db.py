@@ -252,7 +252,18 @@ def _config() -> Config:
 
 @contextlib.contextmanager
 def _migration_lock(connection: sa.Connection) -> Iterator[None]:
-    """Serialise migrations when several replicas start against one PostgreSQL at once."""
+    """Serialise migrations when several replicas start against one PostgreSQL at once, or
+    several processes against one SQLite file."""
+    if connection.dialect.name == "sqlite":
+        # pysqlite begins a transaction only before INSERT, UPDATE or DELETE: each CREATE,
+        # DROP or ALTER before one was committed on its own, so a migration failing at its
+        # second statement left its first applied under the old revision (and the next run
+        # failed on it). SQLite's DDL is transactional: begun here, the whole upgrade is one
+        # transaction, as on PostgreSQL; IMMEDIATE takes the write lock before the revision
+        # is read, so a second process waits for it and then finds nothing left to do.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
+        return
     if connection.dialect.name != "postgresql":
         yield
         return
@@ -462,15 +473,9 @@ def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
                 try:
                     command.upgrade(config, "heads")
                 except sa.exc.DBAPIError as exc:
-                    if isinstance(exc, sa.exc.OperationalError):
+                    if exc.connection_invalidated:
                         raise  # the database went away: ``_reachable`` says so
-                    # The database refused a statement (an object made by hand in the way, a
-                    # row a constraint refuses): this server's data, not the command's input,
-                    # one line naming it (exit 8), not SQLAlchemy's traceback.
-                    reason = " ".join(str(exc.orig).split())
-                    raise Unavailable(
-                        f"the schema migration from revision {before or 'none'} failed: {reason}"
-                    ) from None
+                    raise _refused(exc, before) from None
                 connection.commit()
         finally:
             if sqlite:
@@ -478,6 +483,38 @@ def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
     return Migration(before or None, _joined(SCHEMA_HEADS))
+
+
+def _refused(error: sa.exc.DBAPIError, before: str) -> Unavailable:
+    """The database refused a migration's statement (an object made by hand in its way, a row
+    a new constraint refuses; SQLite calls both an OperationalError): this server's data, not
+    the command's input, so one line (exit 8) naming the revision whose script failed, where
+    the rolled-back database stays, and the database's reason, not SQLAlchemy's traceback."""
+    failed = _failing_revision(error)
+    step = f"to revision {failed}" if failed else f"from revision {before or 'none'}"
+    stays = f"at revision {before}" if before else "without a schema"
+    lines = str(error.orig).strip().splitlines()
+    reason = " ".join(lines[0].split()) if lines else type(error.orig).__name__
+    return Unavailable(
+        f"the schema migration {step} failed and was rolled back (the database stays"
+        f" {stays}): {reason}"
+    )
+
+
+def _failing_revision(error: BaseException) -> str | None:
+    """The revision whose script raised ``error``: the script's frame is on the traceback, and
+    its module names its ``revision``. Alembic reports no step before it runs it, and the
+    upgrade path is no single chain (0005 to 0008 are siblings). None for an error outside
+    the scripts (the update of ``alembic_version``)."""
+    scripts = str(_MIGRATIONS / "versions")
+    failed = None
+    trace = error.__traceback__
+    while trace is not None:
+        frame = trace.tb_frame
+        if frame.f_code.co_filename.startswith(scripts):
+            failed = frame.f_globals.get("revision")
+        trace = trace.tb_next
+    return failed if isinstance(failed, str) else None
 
 
 def schema_status(engine: Engine) -> tuple[str | None, str]:

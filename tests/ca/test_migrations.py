@@ -161,6 +161,87 @@ def test_only_migrate_changes_an_older_schema(database_url: str) -> None:
         engine.dispose()
 
 
+# (revision the database is at, what an administrator did to it by hand, the revision whose
+# migration then fails, what the database says)
+REFUSED = {
+    # 0012's first index is made, then its second is in the way: on SQLite the first stayed
+    # (pysqlite commits each CREATE INDEX on its own) under revision 0011.
+    "index-in-the-way": (
+        "0011",
+        ["CREATE INDEX ix_certificate_expiry_serial ON certificate (serial)"],
+        "0012",
+        "already exists",
+    ),
+    # 0012 to 0014 succeed (0014 rebuilds the certificate table on SQLite), 0015 fails.
+    "column-in-the-way": (
+        "0011",
+        ["ALTER TABLE ocsp_responder ADD COLUMN generation INTEGER"],
+        "0015",
+        "generation",
+    ),
+    # 0017 gives every cluster-wide job the node '': a unique index made by hand refuses it.
+    "rows-a-constraint-refuses": (
+        "0016",
+        [
+            "INSERT INTO job_run (name, last_result, last_ok, consecutive_failures, runs, node)"
+            " VALUES ('crl', 'ok', true, 0, 1, 'a'), ('ocsp', 'ok', true, 0, 1, 'b')",
+            "CREATE UNIQUE INDEX ix_job_run_node ON job_run (node)",
+        ],
+        "0017",
+        "unique",
+    ),
+}
+
+
+@pytest.mark.parametrize(("at", "by_hand", "failing", "says"), REFUSED.values(), ids=REFUSED)
+def test_a_migration_the_database_refuses_is_one_line_and_changes_nothing(
+    database_url: str, at: str, by_hand: list[str], failing: str, says: str
+) -> None:
+    """A statement the database refuses was SQLAlchemy's error (SQLite's "cannot reach the
+    database: index ... already exists", PostgreSQL's ProgrammingError with a traceback), and
+    on SQLite what the migrations had done before it stayed. Now: ``Unavailable`` (exit 8),
+    one line naming the revision that failed, where the database stays and the database's
+    reason; the schema and rows are as they were, on both databases."""
+    engine = db.connect(database_url)
+    try:
+        _at_revision_on(engine, at)
+        with engine.begin() as connection:
+            for statement in by_hand:
+                connection.exec_driver_sql(statement)
+        before = _snapshot(engine)
+        with pytest.raises(Unavailable) as refused:
+            db.upgrade(engine)
+        message = str(refused.value)
+        assert message.startswith(
+            f"the schema migration to revision {failing} failed and was rolled back"
+            f" (the database stays at revision {at}): "
+        ), message
+        assert says in message.lower() and "\n" not in message
+        assert _snapshot(engine) == before
+    finally:
+        engine.dispose()
+
+
+def _snapshot(engine: sa.Engine) -> dict[str, Any]:
+    """The revision, every table's columns, indexes and constraints, and ``job_run``'s rows."""
+    inspector = sa.inspect(engine)
+    tables = {
+        name: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)],
+            inspector.get_pk_constraint(name)["constrained_columns"],
+            sorted((i["name"] or "", i["column_names"]) for i in inspector.get_indexes(name)),
+            sorted(
+                (u["name"] or "", u["column_names"]) for u in inspector.get_unique_constraints(name)
+            ),
+        )
+        for name in sorted(inspector.get_table_names())
+    }
+    with engine.connect() as connection:
+        revision = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        jobs = connection.exec_driver_sql("SELECT * FROM job_run ORDER BY name").all()
+    return {"revision": revision, "tables": tables, "job_run": jobs}
+
+
 @pytest.mark.postgres
 def test_a_failed_postgresql_migration_reports_its_own_error_and_frees_the_lock(
     postgres_server: str,
@@ -180,7 +261,7 @@ def test_a_failed_postgresql_migration_reports_its_own_error_and_frees_the_lock(
             )
             connection.commit()
         with pytest.raises(
-            Unavailable, match=r"migration from revision 0011 failed: .*already exists"
+            Unavailable, match=r"migration to revision 0012 failed .* 0011\): .*already exists"
         ):
             db.upgrade(engine)
         with engine.connect() as other:

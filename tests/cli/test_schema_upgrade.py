@@ -17,6 +17,7 @@ from alembic import command
 
 from ca.store import db
 from tests.cli.test_walkthrough import Trellis
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +158,33 @@ def test_a_database_without_a_schema_is_given_one(tmp_path: Path, database_url: 
         engine.dispose()
     assert cli.json("migrate") == {"from": None, "to": HEAD, "migrated": True}
     assert _revision(database_url) == HEAD
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("migrate",), ("init", "--exists-ok", "--trust-domain", "example.org"), ("serve",)],
+    ids=["migrate", "init-exists-ok", "serve"],
+)
+def test_a_migration_the_database_refuses_is_one_line_exit_8(
+    older: Trellis, args: tuple[str, ...]
+) -> None:
+    """A column made by hand where 0015 adds its own: SQLAlchemy's error came out (on SQLite
+    as 'cannot reach the database', on PostgreSQL as a traceback, exit 1). Now one line naming
+    the revision that failed and where the database stays, exit 8, and it stays there."""
+    engine = db.connect(_url(older))
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("ALTER TABLE ocsp_responder ADD COLUMN generation INTEGER")
+    finally:
+        engine.dispose()
+    if args == ("serve",):
+        args = ("serve", "--port", str(free_port()))
+    refused = older.run(*args, ok=False)
+    prefix = (
+        f"trellis: the schema migration to revision 0015 failed and was rolled back (the"
+        f" database stays at revision {OLDER}): "
+    )
+    assert (refused.returncode, refused.stdout) == (8, "")
+    assert refused.stderr.startswith(prefix) and refused.stderr.count("\n") == 1, refused.stderr
+    assert "generation" in refused.stderr
+    assert _revision(_url(older)) == OLDER
