@@ -85,6 +85,7 @@ __all__ = [
     "refresh_due",
     "refresh_federation",
     "refresh_federations",
+    "refreshed_federation",
     "remove_federation",
 ]
 
@@ -705,6 +706,35 @@ def refresh_federations(
         except NotFound:
             results.append(_dropped(name, fetched=False))
     return results
+
+
+def refreshed_federation(
+    ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle
+) -> Federation:
+    """``refresh_federation`` for a caller who named one trust domain and waits for it
+    (``POST /v1/federation/{td}/refresh``): the relationship as the refresh left it, or why
+    not. A relationship removed during its fetch is ``NotFound``, as one removed before it:
+    the operator's removal is nobody's outage (``trellis federation refresh`` skips it). One
+    removed and added again meanwhile is ``Conflict``: the result was dropped, and the new
+    relationship, which exists, was not refreshed. A fetch that failed is ``Unavailable``."""
+    result = refresh_federation(ctx, trust_domain, fetch=fetch)
+    if result.dropped:
+        try:
+            get_federation(ctx, trust_domain)
+        except NotFound:
+            raise NotFound(
+                f"trust domain {trust_domain} is not federated: the relationship was removed"
+                " during its refresh"
+            ) from None
+        raise Conflict(
+            f"the relationship with {trust_domain} was replaced during its refresh: the result"
+            " was dropped, and the new relationship was not refreshed (refresh it again)"
+        )
+    if not result.ok:
+        raise Unavailable(
+            f"refreshing {trust_domain} failed, the last good bundle is kept: {result.error}"
+        )
+    return get_federation(ctx, trust_domain)
 
 
 def refresh_due(ctx: Context, *, fetch: Fetch = fetch_bundle) -> list[RefreshResult]:

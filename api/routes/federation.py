@@ -14,7 +14,6 @@ from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas.federation import FederationCreate, FederationOut
 from ca import federation
-from ca.errors import Unavailable
 from ca.identity import SpiffeId, TrustDomain
 
 __all__ = ["router"]
@@ -67,15 +66,12 @@ def remove_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> Federa
 @router.post(
     "/v1/federation/{trust_domain}/refresh",
     response_model=FederationOut,
-    responses=ADMIN,
+    responses={**ADMIN, **responses(409)},
     summary="Fetch the trust domain's bundle now; 503 if that fails (the last good one is kept)",
 )
 def refresh_federation(trust_domain: str, ctx: CtxDep, _admin: AdminDep) -> FederationOut:
     td = TrustDomain.parse(trust_domain)
-    result = federation.refresh_federation(ctx, td)
-    if not result.ok:
-        raise Unavailable(f"refreshing {td} failed, the last good bundle is kept: {result.error}")
-    return FederationOut.of(federation.get_federation(ctx, td))
+    return FederationOut.of(federation.refreshed_federation(ctx, td))
 
 
 @router.get(

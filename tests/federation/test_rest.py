@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from ca.clock import FixedClock
 from ca.config import Context
 from ca.jwks import bundle_jwks
 from ca.pem import certs_pem
@@ -166,6 +170,58 @@ def test_a_hostile_bundle_is_a_503_and_recorded(
         server.close()
 
 
+@pytest.mark.parametrize("readded", [False, True], ids=["removed", "replaced"])
+def test_a_relationship_removed_during_its_refresh_is_404_or_409(
+    client: TestClient, admin: dict[str, str], partner: Partner, clock: FixedClock, readded: bool
+) -> None:
+    """Removed while its bundle was in flight: the refresh was 503, "refreshing b.test failed",
+    though nothing failed; the CLI skips such a relationship. Now 404, as for a trust domain
+    that is not federated, and nothing is recorded; one removed and added again (the way to
+    change a relationship) is 409: the result was dropped, the new one fetches its own."""
+    tls = partner.server_tls()
+    server = BundleServer(tls.cert_path, tls.key_path)
+    in_flight = threading.Event()
+    server.answer = Answer(body=partner.jwks(4), hold=in_flight)
+    document = body(partner, server.url)
+
+    def remove_while_in_flight() -> None:
+        deadline = time.monotonic() + 30
+        while server.requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.delete("/v1/federation/b.test", headers=admin).status_code == 200
+        if readded:
+            clock.advance(dt.timedelta(seconds=1))  # a relationship is told apart by its time
+            assert client.post("/v1/federation", json=document, headers=admin).status_code == 201
+        in_flight.set()
+
+    remover = threading.Thread(target=remove_while_in_flight)
+    try:
+        assert client.post("/v1/federation", json=document, headers=admin).status_code == 201
+        remover.start()
+        refreshed = client.post("/v1/federation/b.test/refresh", headers=admin)
+        remover.join()
+        if readded:
+            problem = assert_problem(refreshed, 409)
+            assert "replaced during its refresh" in problem["detail"], problem
+            shown = client.get("/v1/federation/b.test", headers=admin).json()
+            assert (shown["has_bundle"], shown["last_attempt"], shown["last_error"]) == (
+                False,
+                None,
+                None,
+            )
+        else:
+            problem = assert_problem(refreshed, 404)
+            assert problem["detail"] == (
+                "trust domain b.test is not federated: the relationship was removed during its"
+                " refresh"
+            )
+            assert_problem(client.get("/v1/federation/b.test", headers=admin), 404)
+    finally:
+        in_flight.set()
+        remover.join()
+        server.close()
+
+
 @SQLITE_ONLY
 def test_openapi_documents_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
@@ -176,7 +232,7 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
         ("/v1/federation", "get", {"401", "403"}),
         ("/v1/federation/{trust_domain}", "get", {"401", "403", "404"}),
         ("/v1/federation/{trust_domain}", "delete", {"401", "403", "404"}),
-        ("/v1/federation/{trust_domain}/refresh", "post", {"401", "403", "404", "503"}),
+        ("/v1/federation/{trust_domain}/refresh", "post", {"401", "403", "404", "409", "503"}),
     ]:
         operation = paths[path][method]
         assert operation["security"], (path, method)
