@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from cryptography import x509
 from sqlmodel import Session, select
 
+from ca.certs import revoke_certificate
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
@@ -29,6 +31,8 @@ from ca.istio import (
 )
 from ca.jobs import job_named
 from ca.profiles import BACKDATE
+from ca.revocation import RevocationReason
+from ca.serial import Serial
 from ca.store.models import CertificateRow, IstioClusterRow
 from cli.launch import Interrupted
 from tests.istio.conftest import SQLITE_ONLY
@@ -196,3 +200,40 @@ def test_a_delivery_interrupted_is_recorded_and_retried(
     clock.advance(RENEWAL_INTERVAL)
     assert _run(ctx).startswith("ok: renewed east -> ")
     assert _issued(ctx) == {"east": 2}
+
+
+def test_one_cluster_failing_unforeseen_is_recorded_and_the_others_renew(
+    ctx: Context, clock: FixedClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure that is no TrellisError or OSError, here the codec's UnicodeDecodeError from a
+    cacerts.yaml overwritten with bytes that are not UTF-8 (its ca-crl.pem due a new root CRL),
+    escaped the job: the clusters after it were not renewed, and nothing was recorded on it.
+    Now it is recorded on its cluster (its traceback logged), the others renew, and the run
+    fails naming it."""
+    east, west = tmp_path / "east.yaml", tmp_path / "west"
+    east_params = IstioParams("east", ttl=Ttl(4 * TTL.seconds), output=east, with_crl=True)
+    write_output(issue_istio_intermediate(ctx, east_params), "secret-yaml", east)
+    west_params = IstioParams("west", ttl=TTL, output=west, output_format="files")
+    revoked = issue_istio_intermediate(ctx, west_params)
+    write_output(revoked, "files", west)
+    serial = Serial(revoked.certificate.serial_number)
+    revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, "tests/istio")  # new root CRL
+    east.write_bytes(b"\xff\xfe not the cacerts Secret\n")
+    clock.advance(TTL.delta * 2 / 3 + dt.timedelta(seconds=1))  # west is due, east is not
+
+    with caplog.at_level(logging.ERROR, logger="trellis.istio"):
+        message = _run(ctx)
+    assert message == "east: unexpected UnicodeDecodeError (see the server log)", message
+    assert _issued(ctx) == {"east": 1, "west": 2}
+    assert x509.load_pem_x509_certificate((west / "ca-cert.pem").read_bytes()).serial_number != (
+        revoked.certificate.serial_number
+    )
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert (
+            row is not None
+            and row.last_error == "unexpected UnicodeDecodeError (see the server log)"
+        )
+    (logged,) = [r for r in caplog.records if r.name == "trellis.istio"]
+    assert logged.exc_info is not None and logged.exc_info[0] is UnicodeDecodeError
+    assert "east" in logged.getMessage()
