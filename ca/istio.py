@@ -468,9 +468,18 @@ def _refresh_crl(ctx: Context, row: IstioClusterRow) -> str | None:
     elif params.output is not None and row.output_format == "files":
         write_atomic(params.output / CRL_FILE, content)
     elif params.output is not None:
-        document = yaml.safe_load(params.output.read_text())
+        not_ours = Unavailable(
+            f"{params.output} is not the cacerts Secret Trellis wrote",
+            public=f"cluster {row.cluster}: its output is not the cacerts Secret Trellis wrote",
+        )
+        try:
+            document = yaml.safe_load(params.output.read_text())
+        except yaml.YAMLError:
+            # Not chained: a YAML error quotes the lines around it, which in this file
+            # are the base64 of ca-key.pem, and the scheduler logs a failure's traceback.
+            raise not_ours from None
         if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
-            raise Unavailable(f"{params.output} is not the cacerts Secret Trellis wrote")
+            raise not_ours
         document["data"][CRL_FILE] = base64.b64encode(content).decode()
         write_private(params.output, _yaml(document).encode())
     else:

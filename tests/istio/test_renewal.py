@@ -237,3 +237,33 @@ def test_one_cluster_failing_unforeseen_is_recorded_and_the_others_renew(
     (logged,) = [r for r in caplog.records if r.name == "trellis.istio"]
     assert logged.exc_info is not None and logged.exc_info[0] is UnicodeDecodeError
     assert "east" in logged.getMessage()
+
+
+def test_a_cacerts_yaml_broken_by_hand_is_refused_without_quoting_its_key(
+    ctx: Context, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cacerts.yaml someone edited into invalid YAML, due a new root CRL: PyYAML's error
+    quotes the line it stopped on, here ``ca-key.pem``'s base64, and the job logged that error's
+    traceback. Now the cluster is failed as not holding the Secret Trellis wrote, and no part of
+    the key reaches a log record."""
+    east = tmp_path / "east.yaml"
+    params = IstioParams("east", ttl=TTL, output=east, with_crl=True)
+    intermediate = issue_istio_intermediate(ctx, params)
+    write_output(intermediate, "secret-yaml", east)
+    key = yaml.safe_load(east.read_text())["data"]["ca-key.pem"]
+    east.write_text(east.read_text().replace(f"ca-key.pem: {key}", f"ca-key.pem: {key}: x"))
+    with pytest.raises(yaml.YAMLError, match="mapping values"):
+        yaml.safe_load(east.read_text())
+    other = issue_istio_intermediate(ctx, IstioParams("west", ttl=TTL))
+    revoke_certificate(  # a new root CRL: east's ca-crl.pem is due
+        ctx, Serial(other.certificate.serial_number), RevocationReason.SUPERSEDED, "tests/istio"
+    )
+
+    with caplog.at_level(logging.DEBUG):
+        message = _run(ctx)
+    assert message == f"east: {east} is not the cacerts Secret Trellis wrote", message
+    quoted = [key[i : i + 24] for i in range(0, len(key) - 24, 8) if key[i : i + 24] in caplog.text]
+    assert not quoted
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.last_error == message.removeprefix("east: ")
