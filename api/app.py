@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import deps, problems
+from api.conditional import HeadAsGet
 from api.limits import BodyLimit
 from api.requestid import RequestId
 from api.routes import (
@@ -80,6 +81,7 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
         app.state.routes.extend(router.routes)
     app.hot = svid.hot_routes() if plain_svid_routes else {}
     problems.install(app)
+    app.add_middleware(HeadAsGet)  # innermost: problem answers to a HEAD lose their body too
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
 

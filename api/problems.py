@@ -106,6 +106,8 @@ def _allowed_methods(request: Request) -> str:
     for route in getattr(request.app.state, "routes", ()):
         if route.path_regex.match(request.scope["path"]):
             methods |= set(route.methods or ())
+    if "GET" in methods:  # answered by api.conditional.HeadAsGet
+        methods.add("HEAD")
     return ", ".join(sorted(methods))
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.conditional import content_etag, none_match
+from api.conditional import cacheable, content_etag
 from api.deps import CtxDep
 from api.problems import responses
 from api.schemas import Health
@@ -42,7 +42,6 @@ def get_bundle(ctx: CtxDep) -> Response:
     return Response(bundle_pem(ctx), media_type="application/x-pem-file")
 
 
-@router.head("/v1/bundle.jwks", include_in_schema=False)  # a cacheable resource: as GET
 @router.get(
     "/v1/bundle.jwks",
     response_class=Response,
@@ -62,14 +61,13 @@ def get_bundle_jwks(request: Request, ctx: CtxDep) -> Response:
         ctx.settings.bundle_refresh_hint,
     )
     body = json.dumps(document).encode()
-    etag = content_etag(bundle.sequence, body)
-    headers = {
-        "ETag": etag,
-        "Cache-Control": f"public, max-age={min(ctx.settings.bundle_refresh_hint, 300)}",
-    }
-    if none_match(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+    return cacheable(
+        request,
+        body,
+        etag=content_etag(bundle.sequence, body),
+        media_type="application/json",
+        cache_control=f"public, max-age={min(ctx.settings.bundle_refresh_hint, 300)}",
+    )
 
 
 @router.get(

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from api.conditional import content_etag
+from api.conditional import cacheable, content_etag
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import (
@@ -35,36 +35,49 @@ CaName = Annotated[str, Path(max_length=64, pattern="^((0[xX])?[0-9a-fA-F:]+|roo
 CRL_CACHE = "public, max-age=300"
 
 
+_NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match, RFC 9110 §13.1.2)"}}
+
+
 @public.get(
     "/v1/crl/{authority}/{ca}.crl",
     response_class=Response,
-    responses={200: {"content": {"application/pkix-crl": {}}}, **responses(400, 404, 503)},
+    responses={
+        200: {"content": {"application/pkix-crl": {}}},
+        **_NOT_MODIFIED,
+        **responses(400, 404, 503),
+    },
     summary="A CA's current CRL (DER). `ca` is a CA serial, `root` or `intermediate`",
 )
-def crl_der(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
+def crl_der(authority: Authority, ca: CaName, request: Request, ctx: CtxDep) -> Response:
     crl = current_crl(ctx, authority, ca)
-    return Response(
-        crl.der, media_type="application/pkix-crl", headers=_crl_headers(crl.number, crl.der)
-    )
+    return _crl_response(request, crl.number, crl.der, "application/pkix-crl")
 
 
 @public.get(
     "/v1/crl/{authority}/{ca}.pem",
     response_class=Response,
-    responses={200: {"content": {"application/x-pem-file": {}}}, **responses(400, 404, 503)},
+    responses={
+        200: {"content": {"application/x-pem-file": {}}},
+        **_NOT_MODIFIED,
+        **responses(400, 404, 503),
+    },
     summary="A CA's current CRL (PEM)",
 )
-def crl_pem(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
+def crl_pem(authority: Authority, ca: CaName, request: Request, ctx: CtxDep) -> Response:
     crl = current_crl(ctx, authority, ca)
-    return Response(
-        crl.pem, media_type="application/x-pem-file", headers=_crl_headers(crl.number, crl.pem)
-    )
+    return _crl_response(request, crl.number, crl.pem, "application/x-pem-file")
 
 
-def _crl_headers(number: int, body: bytes) -> dict[str, str]:
+def _crl_response(request: Request, number: int, body: bytes, media_type: str) -> Response:
     """The CRL number restarts at 1 for a new CA (and ``root`` names whichever is current), so
     the tag also carries a digest of the bytes (``api.conditional.content_etag``)."""
-    return {"Cache-Control": CRL_CACHE, "ETag": content_etag(f"crl-{number}", body)}
+    return cacheable(
+        request,
+        body,
+        etag=content_etag(f"crl-{number}", body),
+        media_type=media_type,
+        cache_control=CRL_CACHE,
+    )
 
 
 @public.get(

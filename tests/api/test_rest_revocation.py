@@ -130,6 +130,71 @@ def crl_etag(number: int, body: bytes) -> str:
 
 
 @SQLITE_ONLY
+@pytest.mark.parametrize("form", ["crl", "pem"])
+def test_a_crl_is_revalidated_with_if_none_match(rest: Rest, form: str) -> None:
+    """RFC 9110 §13.1.2: a client holding the current CRL gets 304, with the tag and the cache
+    headers and no body; once a revocation changes it, the old tag gets the new CRL."""
+    path = f"/v1/crl/mesh/intermediate.{form}"
+    first = rest.client.get(path)
+    etag = first.headers["etag"]
+    for if_none_match in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        for method in ("GET", "HEAD"):
+            again = rest.client.request(method, path, headers={"If-None-Match": if_none_match})
+            assert again.status_code == 304, (method, if_none_match)
+            assert again.content == b""
+            assert again.headers["etag"] == etag
+            assert again.headers["cache-control"] == "public, max-age=300"
+    assert rest.client.get(path, headers={"If-None-Match": '"other"'}).content == first.content
+
+    (svid,) = issue(rest, WEB, 1)
+    revoked = rest.client.post(
+        f"/v1/certificates/{svid.serial}/revoke", json={}, headers=rest.admin
+    )
+    assert revoked.status_code == 200, revoked.text
+    changed = rest.client.get(path, headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != etag and changed.content != first.content
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("path", "same_bytes"),
+    [
+        ("/v1/crl/mesh/root.crl", True),
+        ("/v1/crl/mesh/intermediate.pem", True),
+        ("/v1/ca/mesh/root.crt", True),
+        ("/v1/bundle", True),
+        ("/v1/bundle.jwks", True),
+        ("/v1/bundles", True),
+        ("/healthz", True),
+        ("/readyz", True),
+        ("/v1/ocsp/MAo=", False),  # signed anew for each request
+        ("/metrics", False),
+        ("/v1/crl/other/root.crl", True),  # a problem answer: its headers, no body
+    ],
+)
+def test_every_public_get_answers_head(rest: Rest, path: str, same_bytes: bool) -> None:
+    """RFC 9110 §9.1: HEAD is GET without the body, status and headers alike."""
+    got = rest.client.get(path)
+    head = rest.client.head(path)
+    assert head.status_code == got.status_code, head.text
+    assert head.content == b""
+    names = ["content-type", "etag", "cache-control"]
+    names += ["content-length"] if same_bytes else []
+    for name in names:
+        assert head.headers.get(name) == got.headers.get(name), name
+    assert head.headers["x-request-id"]
+
+
+@SQLITE_ONLY
+def test_a_405_names_head_where_get_is_allowed(rest: Rest) -> None:
+    response = rest.client.put("/v1/crl/mesh/root.crl")
+    assert_problem(response, 405)
+    assert response.headers["allow"] == "GET, HEAD"
+    assert rest.client.head("/v1/ocsp").status_code == 405  # POST only: no GET to answer as
+
+
+@SQLITE_ONLY
 def test_a_new_ca_s_first_crl_has_another_etag(rest: Rest, ctx: Context) -> None:
     """CRL numbers restart at 1 for a new CA (``init --force``), and ``root`` names whichever
     root is current: the tag of a different CRL must differ (RFC 9110 §8.8.3)."""
