@@ -192,13 +192,18 @@ def refresh_crl_if_signable(ctx: Context, session: Session, ca: CaRow) -> str | 
     lists it, so verifiers refuse everything under it whatever its own CRL says, and revoking
     what it issued must not fail because that CRL cannot be signed. The key is tried first, so
     a skipped CA leaves nothing of a CRL behind in the transaction. An active CA is never
-    skipped: its CRL is what verifiers read, so a revocation it cannot publish fails."""
+    skipped: its CRL is what verifiers read, so a revocation it cannot publish fails.
+
+    The skip is logged at info, as an expected state: a revocation hands the reason to whoever
+    asked (``crl_skipped``, the CLI's one ``warning:`` line, docs/revocation.md), and the
+    scheduled job meets that CA every minute. A warning here also reached a CLI command's
+    stderr as a bare line (Python's last-resort handler) beside that command's own."""
     if ca.state == "revoked":
         try:
             ca_signer(ctx, ca)
         except Unavailable as error:
             # The reason is also the answer of a REST revocation: the path is in the log only.
-            log.warning("CRL of revoked CA %s not re-signed: %s", ca.serial, error.detail)
+            log.info("CRL of revoked CA %s not re-signed: %s", ca.serial, error.detail)
             return error.public
     refresh_crl(ctx, session, ca)
     return None
