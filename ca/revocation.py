@@ -30,6 +30,11 @@ class RevocationReason(enum.Enum):
             if reason.value.lower() == wanted:
                 return reason
         names = ", ".join(r.value for r in cls)
+        if wanted == "removefromcrl":  # RFC 5280 §5.3.1 code 8: a real code, so say why not
+            raise InvalidInput(
+                "removeFromCRL is not a reason to revoke: in a delta CRL it takes a certificate"
+                f" on hold back off the list (RFC 5280 §5.3.1); use one of {names}"
+            )
         raise InvalidInput(f"unknown revocation reason {text[:40]!r}: use one of {names}")
 
     @property

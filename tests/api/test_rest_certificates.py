@@ -186,6 +186,10 @@ def test_revoke_refusals_change_nothing(rest: Rest) -> None:
         response = rest.client.post(url, json=body, headers=rest.admin)
         assert response.status_code == status, (case, response.text)
         assert_problem(response, status)
+    removal = rest.client.post(
+        f"/v1/certificates/{issued}/revoke", json={"reason": "removeFromCRL"}, headers=rest.admin
+    )  # an RFC 5280 code, only not one to revoke with: not "unknown"
+    assert "removeFromCRL is not a reason to revoke" in assert_problem(removal, 400)["detail"]
     for serial, status in (("abcdef0123456789", 404), ("not-a-serial", 400)):
         assert_problem(rest.client.get(f"/v1/certificates/{serial}", headers=rest.admin), status)
 

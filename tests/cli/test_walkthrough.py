@@ -215,6 +215,7 @@ def test_cli_errors_are_one_line_and_non_zero(trellis: Trellis) -> None:
         (("revoke", "zz-not-hex", "--yes"), 2, "invalid serial"),
         (("revoke", "abcdef", "--yes"), 5, "no certificate"),
         (("revoke", "abcdef", "--reason", "because", "--yes"), 2, "unknown revocation reason"),
+        (("revoke", "abcdef", "--reason", "removeFromCRL", "--yes"), 2, "not a reason to revoke"),
         (("init", "--trust-domain", "example.org"), 6, "already exists"),
         (("token", "create", "--entry", "nope"), 5, "does not exist"),
     ]
