@@ -306,6 +306,14 @@ def revoke_certificate(
             raise NotFound(f"no certificate with serial {serial}")
         if row.status != "active":
             raise Conflict(f"certificate {serial} is already revoked")
+        # The date a key of this certificate was compromised, or the certificate became
+        # invalid: before its validity began, neither had happened yet (RFC 5280 §5.3.2).
+        if invalidity_date is not None and invalidity_date < row.not_before:
+            raise InvalidInput(
+                f"the invalidity date {invalidity_date.isoformat()} is before the certificate"
+                f" was valid (notBefore {row.not_before.isoformat()}): it is when the key was"
+                " (or may have been) compromised"
+            )
         skipped = _revoke_rows(ctx, session, [row.serial], revocation, now)
         session.commit()
         session.refresh(row)

@@ -390,19 +390,21 @@ def test_a_single_revocation_records_its_request_id_and_invalidity_date(
     rest: Rest, ctx: Context
 ) -> None:
     a, b = issue(rest, WEB, 2)
+    compromised = rest.clock.now().replace(microsecond=0) - dt.timedelta(seconds=10)
+    local = compromised.astimezone(dt.timezone(dt.timedelta(hours=2)))
     response = rest.client.post(
         f"/v1/certificates/{a.serial}/revoke",
-        json={"reason": "keyCompromise", "invalidity_date": "2025-06-01T12:00:00+02:00"},
+        json={"reason": "keyCompromise", "invalidity_date": local.isoformat()},
         headers={**rest.admin, "X-Request-ID": "req.a:1"},
     )
     assert response.status_code == 200, response.text
     assert response.headers["x-request-id"] == "req.a:1"
     shown = rest.client.get(f"/v1/certificates/{a.serial}", headers=rest.admin).json()
     assert shown["revocation_request_id"] == "req.a:1"
-    assert shown["invalidity_date"] == "2025-06-01T10:00:00Z"
+    assert shown["invalidity_date"] == compromised.strftime("%Y-%m-%dT%H:%M:%SZ")
     (entry,) = list(get_crl(rest))
     invalidity = entry.extensions.get_extension_for_class(x509.InvalidityDate).value
-    assert invalidity.invalidity_date_utc == dt.datetime(2025, 6, 1, 10, tzinfo=dt.UTC)
+    assert invalidity.invalidity_date_utc == compromised
 
     # A request id that is not sane is replaced; the generated one is echoed and recorded.
     response = rest.client.post(
@@ -428,8 +430,10 @@ def test_a_single_revocation_records_its_request_id_and_invalidity_date(
         ("2025-06-01T12:00:00", "invalidity_date"),
         # RFC 5280 5.3.2: the date the key was, or may have been, compromised.
         ("2999-01-01T00:00:00Z", "in the future"),
+        # ... of this certificate's key: not before the certificate was valid.
+        ("0001-01-01T00:00:00Z", "before the certificate was valid"),
     ],
-    ids=["without-a-zone", "in-the-future"],
+    ids=["without-a-zone", "in-the-future", "before-not-before"],
 )
 def test_a_bad_invalidity_date_is_a_400_and_revokes_nothing(
     rest: Rest, invalidity_date: str, said: str
@@ -443,6 +447,7 @@ def test_a_bad_invalidity_date_is_a_400_and_revokes_nothing(
     assert said in assert_problem(response, 400)["detail"]
     shown = rest.client.get(f"/v1/certificates/{svid.serial}", headers=rest.admin).json()
     assert shown["status"] == "active" and shown["invalidity_date"] is None
+    assert list(get_crl(rest)) == []
 
 
 # --- disabled entries ------------------------------------------------------------------------

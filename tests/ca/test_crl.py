@@ -176,8 +176,9 @@ def test_every_reason_but_unspecified_is_stated_and_invalidity_dates_are_kept(
     ctx: Context, clock: FixedClock
 ) -> None:
     now = clock.now()
-    # A zone other than UTC: the CRL must carry the same instant (GeneralizedTime is UTC).
-    compromised_at = (now - dt.timedelta(hours=5)).astimezone(dt.timezone(dt.timedelta(hours=2)))
+    # A zone other than UTC: the CRL must carry the same instant (GeneralizedTime is UTC). Not
+    # before the certificates were valid (notBefore is backdated 30 s; RFC 5280 §5.3.2).
+    compromised_at = (now - dt.timedelta(seconds=20)).astimezone(dt.timezone(dt.timedelta(hours=2)))
     revoked: dict[int, tuple[RevocationReason, dt.datetime | None]] = {}
     for i, reason in enumerate(RevocationReason):
         workload = enrol(ctx, f"spiffe://{TD}/reason-{i}")

@@ -174,7 +174,7 @@ def test_consumer_rules_over_rest(api_both: Api) -> None:
 
     revoked = api.post(
         f"/certificates/{first.json()['serial']}/revoke",
-        {"reason": "keyCompromise", "invalidity_date": "2026-01-01T00:00:00Z"},
+        {"reason": "keyCompromise", "invalidity_date": api.ctx.clock.now().isoformat()},
         request_id="gw-revoke-1",
     )
     assert revoked.status_code == 200, revoked.text
