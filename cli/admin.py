@@ -191,6 +191,7 @@ def _entry_rows(items: list[entries.Entry]) -> list[list[str]]:
 
 @entry_app.command("list")
 def entry_list(json_out: JsonOpt = False) -> None:
+    """Registration entries: the SPIFFE IDs that may be issued, with their DNS names and TTLs."""
     items = entries.list_entries(STATE.context())
     if json_out:
         emit_json([EntryOut.of(e) for e in items])
@@ -200,6 +201,7 @@ def entry_list(json_out: JsonOpt = False) -> None:
 
 @entry_app.command("show")
 def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
+    """One registration entry."""
     entry = entries.get_entry(STATE.context(), entry_id)
     if json_out:
         emit_json(EntryOut.of(entry))
@@ -209,6 +211,7 @@ def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
 
 @entry_app.command("delete")
 def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
+    """Delete an entry and its join tokens; its certificates stay valid but cannot renew."""
     entry = entries.delete_entry(STATE.context(), entry_id, actor="cli")
     if json_out:
         emit_json(EntryOut.of(entry))
@@ -228,6 +231,7 @@ def entry_disable(entry_id: str, json_out: JsonOpt = False) -> None:
 
 @entry_app.command("enable")
 def entry_enable(entry_id: str, json_out: JsonOpt = False) -> None:
+    """Let a disabled entry be issued and renewed again."""
     entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=True, actor="cli")
     if json_out:
         emit_json(EntryOut.of(entry))
@@ -276,6 +280,7 @@ def token_create(
 
 @token_app.command("list")
 def token_list(json_out: JsonOpt = False) -> None:
+    """Join and admin tokens, without their secrets."""
     items = tokens.list_tokens(STATE.context())
     if json_out:
         emit_json([TokenOut.of(i) for i in items])
@@ -296,6 +301,7 @@ def token_list(json_out: JsonOpt = False) -> None:
 
 @token_app.command("revoke")
 def token_revoke(token_id: str, json_out: JsonOpt = False) -> None:
+    """Revoke a join or admin token: it is refused from now on."""
     info = tokens.revoke_token(STATE.context(), token_id, actor="cli")
     if json_out:
         emit_json(TokenOut.of(info))
@@ -324,6 +330,7 @@ def certs_list(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
+    """Issued certificates, one page in serial order (or soonest expiry first)."""
     items = certs.list_certificates(
         STATE.context(),
         spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
@@ -340,6 +347,7 @@ def certs_list(
 
 @certs_app.command("show")
 def certs_show(serial: str, json_out: JsonOpt = False) -> None:
+    """One certificate: its status, who revoked it and why, and its PEM."""
     info = certs.get_certificate(STATE.context(), Serial.parse(serial))
     if json_out:
         emit_json(CertificateOut.of(info, with_pem=True))

@@ -41,6 +41,7 @@ def list_cmd(
     limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 100,
     json_out: JsonOpt = False,
 ) -> None:
+    """Audit records, newest first."""
     entries = audit.list_audit(STATE.context(), since=_since(since), event=event, limit=limit)
     if json_out:
         emit_json(  # a list is a JSON array (docs/cli.md)

@@ -92,6 +92,7 @@ def consumer_add(
 
 @consumer_app.command("list")
 def consumer_list(json_out: JsonOpt = False) -> None:
+    """API-gateway consumers."""
     consumers = [ConsumerOut.of(c) for c in gateway.list_consumers(STATE.context())]
     if json_out:
         emit_json(consumers)
@@ -233,6 +234,7 @@ def cert_list(
     live: Annotated[bool, typer.Option("--live", help="Only active, unexpired ones")] = False,
     json_out: JsonOpt = False,
 ) -> None:
+    """API-gateway client certificates."""
     name = gateway.ConsumerName(consumer) if consumer else None
     found = gateway.list_gateway_certificates(STATE.context(), name, live_only=live)
     certs = [GatewayCertOut.of(c) for c in found]

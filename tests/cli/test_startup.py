@@ -75,6 +75,23 @@ def test_every_command_of_the_table_loads_with_its_help() -> None:
         assert f"\n  {name} " in listed.output
 
 
+def test_every_command_says_what_it_does_in_its_help() -> None:
+    """``--help`` starts with a line saying what the command does: ``certs list`` and ``certs
+    show`` had none (their functions had no docstring), only their options."""
+    runner = CliRunner()
+    groups = [[name] for name in COMMANDS]
+    while groups:
+        path = groups.pop()
+        shown = runner.invoke(app, [*path, "--help"], prog_name="trellis", terminal_width=200)
+        assert shown.exit_code == 0, shown.output
+        usage, _, rest = shown.output.partition("\n\n")
+        assert usage.startswith(f"Usage: trellis {' '.join(path)} ")
+        described = rest.lstrip()
+        assert described and not described.startswith(("Options:", "Arguments:")), path
+        listing = shown.output.partition("\nCommands:\n")[2].partition("\n\n")[0]
+        groups += [[*path, line.split()[0]] for line in listing.splitlines() if line[2] != " "]
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_command_s_imports_run_without_the_collector_and_its_body_with_it(
     trellis: Trellis,
