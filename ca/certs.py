@@ -26,8 +26,10 @@ from ca.store.models import AuthorityRow, CaRow, CertificateRow, UtcDateTime
 __all__ = [
     "CertStatus",
     "CertificateInfo",
+    "Page",
     "Revocation",
     "certificate_info",
+    "certificate_page",
     "get_certificate",
     "list_certificates",
     "publish_revocations",
@@ -181,6 +183,40 @@ def _page(
         query = query.order_by(col(CertificateRow.serial)).limit(limit)
     rows = session.exec(query).all()
     return [certificate_info(row, now) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing, and the serial to continue after (None on the last page)."""
+
+    items: list[CertificateInfo]
+    next_after: Serial | None
+
+
+def certificate_page(
+    ctx: Context,
+    *,
+    spiffe_id: SpiffeId | None = None,
+    status: CertStatus | None = None,
+    expiring_within: dt.timedelta | None = None,
+    limit: int = 100,
+    after: Serial | None = None,
+) -> Page:
+    """``list_certificates`` for a reader who pages (REST, ``trellis certs list``): one row
+    more than asked tells whether another page exists, so the last page says it is the last
+    and a full one never leaves the reader guessing."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+    items = list_certificates(
+        ctx,
+        spiffe_id=spiffe_id,
+        status=status,
+        expiring_within=expiring_within,
+        limit=limit + 1,
+        after=after,
+    )
+    more, items = len(items) > limit, items[:limit]
+    return Page(items, items[-1].serial if more else None)
 
 
 def get_certificate(ctx: Context, serial: Serial) -> CertificateInfo:

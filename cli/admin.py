@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -331,7 +332,7 @@ def certs_list(
     json_out: JsonOpt = False,
 ) -> None:
     """Issued certificates, one page in serial order (or soonest expiry first)."""
-    items = certs.list_certificates(
+    page = certs.certificate_page(
         STATE.context(),
         spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
         status=certs.CertStatus.parse(status) if status else None,
@@ -339,10 +340,17 @@ def certs_list(
         limit=limit,
         after=Serial.parse(after) if after else None,
     )
-    if json_out:
-        emit_json([CertificateOut.of(i) for i in items])
+    if json_out:  # an array, as docs/cli.md promises: the cursor goes to stderr as below
+        emit_json([CertificateOut.of(i) for i in page.items])
     else:
-        table(["SERIAL", "SPIFFE ID", "STATUS", "NOT BEFORE", "NOT AFTER"], _cert_rows(items))
+        rows = _cert_rows(page.items)
+        table(["SERIAL", "SPIFFE ID", "STATUS", "NOT BEFORE", "NOT AFTER"], rows)
+    if page.next_after is not None:
+        given = {"--spiffe-id": spiffe_id, "--status": status, "--expiring-within": expiring_within}
+        again = [f"{name} {shlex.quote(value)}" for name, value in given.items() if value]
+        again += [f"--limit {limit}", "--json"] if json_out else [f"--limit {limit}"]
+        command = " ".join(["trellis certs list", *again])
+        typer.echo(f"more: {command} --after {page.next_after}", err=True)
 
 
 @certs_app.command("show")

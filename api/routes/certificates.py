@@ -35,18 +35,18 @@ def list_certificates(
         ),
     ] = None,
 ) -> CertificatePage:
-    # One row more than asked tells whether another page exists, so the last page says so.
-    items = certs.list_certificates(
+    page = certs.certificate_page(
         ctx,
         spiffe_id=SpiffeId.parse(spiffe_id) if spiffe_id else None,
         status=certs.CertStatus.parse(status) if status else None,
         expiring_within=Ttl.parse(expiring_within).delta if expiring_within else None,
-        limit=limit + 1,
+        limit=limit,
         after=Serial.parse(after) if after else None,
     )
-    more, items = len(items) > limit, items[:limit]
-    next_after = items[-1].serial.hex if more else None
-    return CertificatePage(items=[CertificateOut.of(i) for i in items], next_after=next_after)
+    return CertificatePage(
+        items=[CertificateOut.of(i) for i in page.items],
+        next_after=page.next_after.hex if page.next_after else None,
+    )
 
 
 @router.get("/{serial}", response_model=CertificateOut, responses=responses(404))

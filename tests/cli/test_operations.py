@@ -406,6 +406,27 @@ def test_certs_list_pages_after_a_listed_serial_only(local: Trellis, tmp_path: P
         assert result.returncode == 2 and "not there to page after" in result.stderr, result
 
 
+def test_certs_list_says_how_to_get_the_next_page(local: Trellis, tmp_path: Path) -> None:
+    """A full page said nothing of the rows after it. The next page's command goes to stderr,
+    filters kept; --json stays the documented array (docs/cli.md), with the same line."""
+    web = "spiffe://example.org/w"
+    for name in ("a", "b", "c"):
+        local.run("svid", "mint", "--spiffe-id", web, "--out", str(tmp_path / name))
+    serials = sorted(c["serial"] for c in local.json("certs", "list"))  # type: ignore[union-attr]
+    first = local.run("certs", "list", "--spiffe-id", web, "--limit", "2")
+    assert [line.split()[0] for line in first.stdout.splitlines()[1:]] == serials[:2]
+    again = f"trellis certs list --spiffe-id {web} --limit 2"
+    assert first.stderr == f"more: {again} --after {serials[1]}\n"
+    as_json = local.run("certs", "list", "--spiffe-id", web, "--limit", "2", "--json")
+    assert [c["serial"] for c in json.loads(as_json.stdout)] == serials[:2]
+    assert as_json.stderr == f"more: {again} --json --after {serials[1]}\n"
+    last = local.run(*again.split()[1:], "--after", serials[1])
+    assert [line.split()[0] for line in last.stdout.splitlines()[1:]] == serials[2:]
+    assert last.stderr == ""
+    exact = local.run("certs", "list", "--spiffe-id", web, "--limit", "3")
+    assert exact.stderr == ""  # a page that holds the rest is the last
+
+
 def test_audit_list_is_a_json_array_and_refuses_a_limit_out_of_range(local: Trellis) -> None:
     records = local.json("audit", "list", "--limit", "2")
     assert isinstance(records, list) and len(records) == 2
