@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
@@ -12,6 +12,17 @@ from fastapi.security.utils import get_authorization_scheme_param
 from ca.config import Context
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound
 from ca.tokens import AdminPrincipal, authenticate_admin
+
+# Path parameters the ``ca`` lookups judge, each with one message for every bad value: a
+# pattern here answered some values with pydantic's wording and its regex, and the rest with
+# Trellis's (``/v1/crl/mesh/zz.crl`` and ``/00.crl``, ``MESH`` and ``nope``).
+AuthorityName = Annotated[
+    str, Path(description="The authority's name (mesh, ...): one that does not exist is 404")
+]
+CaSelector = Annotated[
+    str,
+    Path(description="root, intermediate (the active ones) or a CA serial in hex: else 400"),
+]
 
 _bearer = HTTPBearer(auto_error=False, description="Admin token, join token or renewal proof")
 

@@ -95,7 +95,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    detail = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body"
+    said = first.get("msg", "invalid request")
+    if first.get("type") == "string_pattern_mismatch":  # pydantic's message is its regex
+        said = f"{str(first.get('input'))[:64]!r} is not a valid value"
+    detail = f"{where}: {said}" if where else "invalid request body"
     return problem_response(400, "invalid-request", "Invalid request", detail, request)
 
 

@@ -53,7 +53,9 @@ class CertStatus(enum.Enum):
         try:
             return cls(text.strip().lower())
         except ValueError:
-            raise InvalidInput("status must be one of active, revoked, expired") from None
+            raise InvalidInput(
+                f"invalid status {text[:20]!r}: active, revoked or expired"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)

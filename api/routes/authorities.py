@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter
 
-from fastapi import APIRouter, Path
-
-from api.deps import AdminDep, CtxDep
+from api.deps import AdminDep, AuthorityName, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import AuthorityStatusOut, JobOut, TransitionOut
 from ca.rotation import authority_status, rotate
 from ca.scheduler import job_statuses
 
 router = APIRouter(prefix="/v1", tags=["authorities"], responses=PROBLEM_RESPONSES)
-Authority = Annotated[str, Path(max_length=64, pattern="^[a-z0-9-]+$")]
 
 
 @router.get("/authorities/{authority}", response_model=AuthorityStatusOut, responses=responses(404))
-def get_status(authority: Authority, ctx: CtxDep, _admin: AdminDep) -> AuthorityStatusOut:
+def get_status(authority: AuthorityName, ctx: CtxDep, _admin: AdminDep) -> AuthorityStatusOut:
     return AuthorityStatusOut.of(authority_status(ctx, authority))
 
 
@@ -28,7 +25,7 @@ def get_status(authority: Authority, ctx: CtxDep, _admin: AdminDep) -> Authority
     summary="Perform due transitions; force=true performs the next one now",
 )
 def rotate_now(
-    authority: Authority, ctx: CtxDep, admin: AdminDep, force: bool = False
+    authority: AuthorityName, ctx: CtxDep, admin: AdminDep, force: bool = False
 ) -> list[TransitionOut]:
     done = rotate(ctx, authority, force=force, actor=str(admin))
     return [TransitionOut(event=t.event, serial=t.serial, at=t.at) for t in done]

@@ -7,10 +7,10 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from api.conditional import cacheable, content_etag
-from api.deps import AdminDep, CtxDep
+from api.deps import AdminDep, AuthorityName, CaSelector, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import (
     IdentityRevokeRequest,
@@ -30,8 +30,6 @@ from ca.revocation import RevocationReason
 public = APIRouter(tags=["revocation"])
 admin = APIRouter(prefix="/v1", tags=["revocation"], responses=PROBLEM_RESPONSES)
 
-Authority = Annotated[str, Path(max_length=64, pattern="^[a-z0-9-]+$")]
-CaName = Annotated[str, Path(max_length=64, pattern="^((0[xX])?[0-9a-fA-F:]+|root|intermediate)$")]
 CRL_CACHE = "public, max-age=300"
 
 
@@ -48,7 +46,7 @@ _NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match, RFC 9110 §1
     },
     summary="A CA's current CRL (DER). `ca` is a CA serial, `root` or `intermediate`",
 )
-def crl_der(authority: Authority, ca: CaName, request: Request, ctx: CtxDep) -> Response:
+def crl_der(authority: AuthorityName, ca: CaSelector, request: Request, ctx: CtxDep) -> Response:
     crl = current_crl(ctx, authority, ca)
     return _crl_response(request, crl.number, crl.der, "application/pkix-crl")
 
@@ -63,7 +61,7 @@ def crl_der(authority: Authority, ca: CaName, request: Request, ctx: CtxDep) -> 
     },
     summary="A CA's current CRL (PEM)",
 )
-def crl_pem(authority: Authority, ca: CaName, request: Request, ctx: CtxDep) -> Response:
+def crl_pem(authority: AuthorityName, ca: CaSelector, request: Request, ctx: CtxDep) -> Response:
     crl = current_crl(ctx, authority, ca)
     return _crl_response(request, crl.number, crl.pem, "application/x-pem-file")
 
@@ -86,7 +84,7 @@ def _crl_response(request: Request, number: int, body: bytes, media_type: str) -
     responses={200: {"content": {"application/pkix-cert": {}}}, **responses(400, 404, 503)},
     summary="A CA certificate (DER), the target of caIssuers in issued certificates",
 )
-def ca_cert(authority: Authority, ca: CaName, ctx: CtxDep) -> Response:
+def ca_cert(authority: AuthorityName, ca: CaSelector, ctx: CtxDep) -> Response:
     return Response(ca_certificate_der(ctx, authority, ca), media_type="application/pkix-cert")
 
 
@@ -152,7 +150,7 @@ def revoke_identity(
     summary="Emergency: revoke the active intermediate and switch to a new one at once",
 )
 def emergency(
-    authority: Authority,
+    authority: AuthorityName,
     ctx: CtxDep,
     principal: AdminDep,
     body: IntermediateRevokeRequest | None = None,

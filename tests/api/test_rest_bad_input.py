@@ -321,3 +321,11 @@ def test_an_entry_id_is_read_the_same_way_everywhere(rest: Rest) -> None:
     assert rest.request_svid(token.json()["token"], make_csr()[1]).status_code == 200
     missing = rest.client.post("/v1/tokens", json={"entry_id": "not-an-id"}, headers=rest.admin)
     assert_problem(missing, 404)
+
+
+def test_a_value_its_pattern_refuses_is_named_without_the_pattern(rest: Rest) -> None:
+    """The patterns left on parameters (a gateway consumer's name) are the server's business:
+    the detail named the regex, as pydantic words it."""
+    response = rest.client.get("/v1/gateway/consumers/Not%20A%20Name", headers=rest.admin)
+    problem = assert_problem(response, 400)
+    assert problem["detail"] == "path.name: 'Not A Name' is not a valid value"

@@ -235,9 +235,44 @@ def test_an_unknown_ca_is_a_404_problem(rest: Rest, path: str, said: str) -> Non
 
 
 @SQLITE_ONLY
-def test_a_ca_selector_that_is_neither_a_name_nor_hex_is_a_400(rest: Rest) -> None:
-    assert_problem(rest.client.get("/v1/crl/mesh/nonsense.crl"), 400)
-    assert_problem(rest.client.get("/v1/crl/Mesh/root.crl"), 400)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/crl/mesh/nonsense.crl",
+        "/v1/crl/mesh/zz.crl",
+        "/v1/crl/mesh/ROOT.crl",
+        "/v1/crl/mesh/00.crl",
+        f"/v1/crl/mesh/{'a' * 65}.pem",
+        "/v1/ca/mesh/zz.crt",
+        "/v1/ca/mesh/Intermediate.crt",
+    ],
+)
+def test_a_ca_selector_that_is_neither_a_name_nor_hex_is_a_400(rest: Rest, path: str) -> None:
+    """Regression: some values got pydantic's 'invalid-request' with the path's regex, others
+    (00) Trellis's own: one parser decides, one message."""
+    problem = assert_problem(rest.client.get(path), 400)
+    assert problem["code"] == "invalid-input"
+    assert problem["detail"].endswith(": root, intermediate or a CA serial in hex"), problem
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    "path", ["/v1/crl/MESH/root.crl", "/v1/crl/Mesh/root.pem", "/v1/ca/MESH/root.crt"]
+)
+def test_an_authority_name_in_another_case_names_no_authority(rest: Rest, path: str) -> None:
+    """An authority name that does not exist is 404 (docs/api.md), in capitals too (it was
+    400 with the pattern of a name); the admin routes with {authority} alike."""
+    authority = path.split("/")[3]
+    problem = assert_problem(rest.client.get(path), 404)
+    assert problem["detail"] == f"no authority named {authority!r}"
+    assert_problem(rest.client.get(f"/v1/authorities/{authority}", headers=rest.admin), 404)
+
+
+@SQLITE_ONLY
+def test_a_status_filter_that_is_no_status_is_named(rest: Rest) -> None:
+    response = rest.client.get("/v1/certificates", params={"status": "bogus"}, headers=rest.admin)
+    problem = assert_problem(response, 400)
+    assert problem["detail"] == "invalid status 'bogus': active, revoked or expired"
 
 
 @SQLITE_ONLY
