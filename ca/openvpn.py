@@ -83,6 +83,7 @@ __all__ = [
     "TlsCrypt",
     "VpnName",
     "add_client",
+    "check_crl_destination",
     "check_out_dir",
     "check_pool",
     "client_pool",
@@ -100,6 +101,7 @@ __all__ = [
     "server_config",
     "write_crl_file",
     "write_crl_files",
+    "write_crl_to",
     "write_files",
 ]
 
@@ -318,9 +320,8 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
         if params.proto is not None:
             row.proto = params.proto.value
         if params.crl_path is not None:
-            target = _crl_target(params.crl_path)
-            check_free(session, openvpn_keeper(authority), Footprint.of([target]), "the CRL path")
-            row.crl_path = str(target)
+            target = conf_path(params.crl_path, "the CRL path")
+            row.crl_path = str(check_crl_destination(session, authority, target, "the CRL path"))
         if params.server_cn is not None:
             _check_not_a_client(session, authority, params.server_cn)
             row.server_cn = params.server_cn.value
@@ -372,11 +373,14 @@ def conf_path(path: Path, what: str) -> Path:
     return resolved
 
 
-def _crl_target(path: Path) -> Path:
-    """The CRL path is written for ever after: refuse one that would clobber another file (the
-    REST API lets an admin token set it, and the Trellis host is not the token's to overwrite),
-    or one that server.conf cannot hold (``conf_path``)."""
-    path = conf_path(path, "the CRL path")
+def check_crl_destination(session: Session, authority: str, path: Path, what: str) -> Path:
+    """``path``, resolved, if the authority's CRLs may be written there: by ``configure
+    --crl-path`` (for ever after) or ``trellis openvpn crl --out`` (once). An existing file that
+    is not a CRL file (an empty one aside) is never overwritten: the REST API lets an admin
+    token set the path, and neither it nor a mistyped ``--out`` may turn a key, a database or a
+    gateway's ``client-ca.pem`` into a file of CRLs. Nor may a file another authority or a
+    gateway truststore keeps current (``ca.keepers``): their readers would get these CRLs."""
+    path = path.resolve()  # a symlink or '..' names the file it leads to
     if path.exists():
         try:
             data = path.read_bytes() if path.is_file() else None
@@ -384,6 +388,16 @@ def _crl_target(path: Path) -> Path:
             raise InvalidInput(f"cannot read {path}: {error.strerror}") from None
         if data is None or (data.strip() and _CRL_BLOCK.sub(b"", data).strip()):
             raise InvalidInput(f"{path} exists and is not a CRL file: refusing to overwrite it")
+    check_free(session, openvpn_keeper(authority), Footprint.of([path]), what)
+    return path
+
+
+def write_crl_to(ctx: Context, path: Path, authority: str = OPENVPN) -> Path:
+    """Write the authority's CRLs to ``path`` once (``trellis openvpn crl --out``), where
+    ``check_crl_destination`` allows it; nothing is recorded."""
+    with Session(ctx.engine) as session:
+        check_crl_destination(session, authority, path, f"the output {path}")
+    write_atomic(path, crl_pem(ctx, authority))
     return path
 
 

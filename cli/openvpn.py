@@ -12,7 +12,7 @@ from ca import openvpn
 from ca.certs import withdrawn_unless_delivered
 from ca.durations import Ttl
 from ca.errors import InvalidInput, Unavailable
-from ca.files import write_atomic, write_private
+from ca.files import write_private
 from ca.keepers import SERVER_FILES
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
@@ -173,8 +173,7 @@ def crl(
     'trellis serve' runs the openvpn-crl job. Exit 8 if crl_health finds a problem."""
     ctx = STATE.context()
     if out is not None:
-        write_atomic(out, openvpn.crl_pem(ctx, authority))
-        path: Path | None = out
+        path: Path | None = openvpn.write_crl_to(ctx, out, authority)
     else:
         path = openvpn.write_crl_file(ctx, authority)
         if path is None:

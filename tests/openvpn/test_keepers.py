@@ -138,3 +138,42 @@ def test_the_cli_refuses_with_exit_2_and_changes_nothing(tmp_path: Path) -> None
     assert (
         cli.run("openvpn", "configure", "--authority", "vpn2", "--json").stdout.count("null") >= 2
     )
+
+
+def test_crl_out_overwrites_only_a_crl_file_no_other_keeper_keeps(tmp_path: Path) -> None:
+    """``openvpn crl --out`` applies configure --crl-path's rules (docs/openvpn.md, CRL care):
+    it turned any file (a 0600 secret, a truststore's client-ca.pem, the data dir's own files)
+    into a 0644 file of CRLs."""
+    cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "init", "--name", "vpn2")
+    cli.run("openvpn", "configure", "--authority", "vpn2", "--crl-path", str(tmp_path / "v2.pem"))
+    cli.run("gateway", "init")
+    store = tmp_path / "nginx"
+    cli.run("gateway", "truststore", "--format", "nginx", "--out", str(store))
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"secret\n")
+    precious.chmod(0o600)
+    (tmp_path / "linked").symlink_to(precious)
+    operator = cli.process()
+    refusals = {
+        precious: "exists and is not a CRL file",
+        tmp_path / "linked": "exists and is not a CRL file",
+        tmp_path / "var" / "admin-token": "exists and is not a CRL file",
+        tmp_path / "trellis.db": "exists and is not a CRL file",
+        store / "client-ca.pem": "exists and is not a CRL file",
+        store / "crl.pem": "is kept current by the gateway truststore",
+        tmp_path / "v2.pem": "is kept current by OpenVPN authority 'vpn2'",
+    }
+    for path, why in refusals.items():
+        before = path.read_bytes(), path.stat().st_mode
+        refused = operator.run("openvpn", "crl", "--out", str(path), ok=False)
+        assert refused.returncode == 2 and why in refused.stderr, (path, refused)
+        assert (path.read_bytes(), path.stat().st_mode) == before
+    old = tmp_path / "old-crl.pem"
+    cli.run("openvpn", "crl", "--out", str(old))  # a new file, then a CRL file: both fine
+    cli.run("openvpn", "crl", "--out", str(old))
+    (tmp_path / "empty.pem").touch()
+    cli.run("openvpn", "crl", "--out", str(tmp_path / "empty.pem"))
+    assert b"BEGIN X509 CRL" in (tmp_path / "empty.pem").read_bytes()
