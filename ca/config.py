@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError
 from ca.clock import Clock, SystemClock
 from ca.csr import check_dns_name, is_host
 from ca.errors import TrellisError
-from ca.files import data_directory
+from ca.files import OwnData, data_directory
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, KeyPassphrase
@@ -30,14 +30,67 @@ from ca.keys.store import KeyStore
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
-__all__ = ["Context", "Settings", "build_context"]
+__all__ = ["Context", "DataPaths", "Settings", "build_context"]
 
 
-class Settings(BaseSettings):
+# What Trellis keeps in the data dir (docs/configuration.md, "The data directory"): made and
+# rewritten by Trellis alone, so no output option may name them (``ca.files.OwnData``).
+_OWN_NAMES = frozenset(
+    {
+        "keys",  # CA key files (ca.keys.file)
+        "secrets",  # sealed secrets (ca.tlscryptv2)
+        "server",  # the serving certificate and key (ca.serving)
+        "metrics",  # serve --workers' counters (cli.server)
+        "key-passphrase",
+        "admin-token",
+        "bundle.pem",  # rewritten by the scheduled jobs (ca.bundle.write_bundle_file)
+        "scheduler.lock",  # api.asgi
+    }
+)
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock")
+
+
+class DataPaths(BaseSettings):
+    """Where Trellis keeps its data: the part of ``Settings`` that commands which never open
+    the CA read too (the workload commands and the agent check their outputs against it), so
+    that a ``TRELLIS_*`` variable they have no use for and cannot parse (Kubernetes sets
+    ``TRELLIS_PORT=tcp://...`` in pods beside a service named trellis) does not stop them."""
+
     model_config = SettingsConfigDict(env_prefix="TRELLIS_", extra="ignore")
 
     data_dir: Path = Path("./var")
     database_url: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            driver = make_url(value).drivername
+        except ArgumentError:
+            raise ValueError("not a database URL (sqlite:///path or postgresql://...)") from None
+        if driver not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
+            raise ValueError(f"unsupported database {driver[:40]!r}: use sqlite or postgresql")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'trellis.db').resolve()}"
+
+    def own_data(self) -> OwnData:
+        """Trellis's own files: the data dir's, and a SQLite database outside it."""
+        files: frozenset[Path] = frozenset()
+        url = make_url(self.effective_database_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            files = frozenset(Path(f"{url.database}{suffix}") for suffix in _SQLITE_SUFFIXES)
+        names = _OWN_NAMES | {f"trellis.db{suffix}" for suffix in _SQLITE_SUFFIXES}
+        return OwnData(self.data_dir, names, files)
+
+
+class Settings(DataPaths):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=1, le=65535)
     workers: int = Field(1, ge=0)  # trellis serve's worker processes; 0: one per core
@@ -74,19 +127,6 @@ class Settings(BaseSettings):
     vault_client_key: Path | None = None
     vault_namespace: str | None = None
     vault_timeout: float = 10.0
-
-    @field_validator("database_url")
-    @classmethod
-    def _database_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            driver = make_url(value).drivername
-        except ArgumentError:
-            raise ValueError("not a database URL (sqlite:///path or postgresql://...)") from None
-        if driver not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
-            raise ValueError(f"unsupported database {driver[:40]!r}: use sqlite or postgresql")
-        return value
 
     @field_validator("vault_token")
     @classmethod
@@ -172,12 +212,6 @@ class Settings(BaseSettings):
         if not is_host(parts.hostname):
             raise ValueError(f"{parts.hostname[:64]!r} is not a host name or an IP address")
         return value
-
-    @property
-    def effective_database_url(self) -> str:
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.data_dir / 'trellis.db').resolve()}"
 
     @property
     def admin_token_path(self) -> Path:

@@ -10,12 +10,14 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from ca.errors import InvalidInput
 
 __all__ = [
+    "OwnData",
     "check_writable",
     "data_directory",
     "make_directory",
@@ -32,11 +34,40 @@ log = logging.getLogger("trellis.files")
 _PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
 
 
-def check_writable(path: Path, *, directory: bool, what: str | None = None) -> Path:
+@dataclass(frozen=True, slots=True)
+class OwnData:
+    """Trellis's own files and directories (``ca.config.DataPaths.own_data``), which no output a
+    command is asked for may name: ``--out`` written over ``key-passphrase``, the database or
+    ``admin-token``, or into ``keys/``, breaks the instance, and a key written there is lost
+    to the next backup or restore. Other names in the data dir stay free (a backup archive
+    kept there, say); the data dir itself is no output directory, as what a command writes
+    into one (``bundle.pem``) would land beside, or on, Trellis's own."""
+
+    data_dir: Path
+    names: frozenset[str]  # the entries of the data dir that are Trellis's
+    files: frozenset[Path] = frozenset()  # outside it: a SQLite database, its journals
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` is, or is under, one of them; paths are compared resolved: a
+        symlink or ``..`` leads to the same file."""
+        target = path.resolve()
+        data_dir = self.data_dir.resolve()
+        if target == data_dir or target in {file.resolve() for file in self.files}:
+            return True
+        if not target.is_relative_to(data_dir):
+            return False
+        return target.relative_to(data_dir).parts[0] in self.names
+
+
+def check_writable(
+    path: Path, *, directory: bool, what: str | None = None, own: OwnData | None = None
+) -> Path:
     """``path`` if it can be written (or created) as a file or, with ``directory``, as a
     directory the writers below put files in; ``InvalidInput`` naming ``what`` (the path itself
     by default) otherwise. Callers check before they issue or spend anything: a certificate
-    whose key cannot be written, or a join token spent for it, is lost for good.
+    whose key cannot be written, or a join token spent for it, is lost for good. With ``own``,
+    a path that is Trellis's own data (``OwnData``) is refused too: what a caller writes on
+    request never goes there.
 
     The nearest existing directory is probed by creating (and removing) a temporary file there,
     as ``write_atomic`` will: permission bits do not tell root, nor a read-only or virtual file
@@ -44,6 +75,11 @@ def check_writable(path: Path, *, directory: bool, what: str | None = None) -> P
     """
     name = what or str(path)
     target = path.absolute()
+    if own is not None and own.holds(target):
+        raise InvalidInput(
+            f"{name}: is Trellis's own data (of the data dir {own.data_dir} or its database):"
+            " choose another path"
+        )
     exists = target.exists() or target.is_symlink()
     if not directory and exists and not (target.is_file() or target.is_dir()):
         # A device, a pipe, a socket, or a link to one (``/dev/null``, ``/dev/stdout``): the

@@ -44,7 +44,13 @@ from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput, NotFound, Unavailable
-from ca.files import check_writable, private_directory, replacing_together, write_atomic
+from ca.files import (
+    OwnData,
+    check_writable,
+    private_directory,
+    replacing_together,
+    write_atomic,
+)
 from ca.keepers import SERVER_FILES, Footprint, check_free, openvpn_keeper
 from ca.keys import KeyType
 from ca.pem import private_key_pem
@@ -321,7 +327,10 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
             row.proto = params.proto.value
         if params.crl_path is not None:
             target = conf_path(params.crl_path, "the CRL path")
-            row.crl_path = str(check_crl_destination(session, authority, target, "the CRL path"))
+            own = ctx.settings.own_data()
+            row.crl_path = str(
+                check_crl_destination(session, authority, target, "the CRL path", own)
+            )
         if params.server_cn is not None:
             _check_not_a_client(session, authority, params.server_cn)
             row.server_cn = params.server_cn.value
@@ -373,14 +382,19 @@ def conf_path(path: Path, what: str) -> Path:
     return resolved
 
 
-def check_crl_destination(session: Session, authority: str, path: Path, what: str) -> Path:
+def check_crl_destination(
+    session: Session, authority: str, path: Path, what: str, own: OwnData
+) -> Path:
     """``path``, resolved, if the authority's CRLs may be written there: by ``configure
     --crl-path`` (for ever after) or ``trellis openvpn crl --out`` (once). An existing file that
     is not a CRL file (an empty one aside) is never overwritten: the REST API lets an admin
     token set the path, and neither it nor a mistyped ``--out`` may turn a key, a database or a
     gateway's ``client-ca.pem`` into a file of CRLs. Nor may a file another authority or a
-    gateway truststore keeps current (``ca.keepers``): their readers would get these CRLs."""
+    gateway truststore keeps current (``ca.keepers``): their readers would get these CRLs.
+    Nor, empty or missing, a name of Trellis's own data (``own``)."""
     path = path.resolve()  # a symlink or '..' names the file it leads to
+    if own.holds(path):
+        raise InvalidInput(f"{what}: {path} is Trellis's own data: choose another path")
     if path.exists():
         try:
             data = path.read_bytes() if path.is_file() else None
@@ -396,7 +410,9 @@ def write_crl_to(ctx: Context, path: Path, authority: str = OPENVPN) -> Path:
     """Write the authority's CRLs to ``path`` once (``trellis openvpn crl --out``), where
     ``check_crl_destination`` allows it; nothing is recorded."""
     with Session(ctx.engine) as session:
-        check_crl_destination(session, authority, path, f"the output {path}")
+        check_crl_destination(
+            session, authority, path, f"the output {path}", ctx.settings.own_data()
+        )
     write_atomic(path, crl_pem(ctx, authority))
     return path
 

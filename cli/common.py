@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
 from ca import errors
-from ca.config import Context, Settings, build_context
-from ca.files import check_writable
+from ca.config import Context, DataPaths, Settings, build_context
+from ca.files import OwnData, check_writable
 from ca.logs import REQUEST_ID
 from ca.store.db import SchemaPolicy
 
@@ -44,12 +44,13 @@ EXIT_CODES: dict[type[errors.TrellisError], int] = {
 def writable(*, directory: bool) -> Callable[[typer.CallbackParam, Path | None], Path | None]:
     """An option callback: ``ca.files.check_writable`` for the file (or, with ``directory``,
     the directory) a command writes, refused under the option's own name (``--out``,
-    ``--p12``, ``--dir``)."""
+    ``--p12``, ``--dir``), as is a path of Trellis's own data (``STATE.own_data``)."""
 
     def check(param: typer.CallbackParam, value: Path | None) -> Path | None:
         if value is None:
             return None
-        return check_writable(value, directory=directory, what=f"{param.opts[0]} {value}")
+        what = f"{param.opts[0]} {value}"
+        return check_writable(value, directory=directory, what=what, own=STATE.own_data())
 
     return check
 
@@ -107,6 +108,18 @@ class State:
             return Settings(**values)
         except pydantic.ValidationError as error:  # a TRELLIS_* variable (or an option) is bad
             raise errors.InvalidInput(_bad_setting(error, given=values)) from None
+
+    def own_data(self) -> OwnData:
+        """Trellis's own files, which no output option may name (docs/cli.md). Option
+        callbacks run after the root callback has set the global options. Only the data dir
+        and the database are read: a command that never opens the CA (the workload commands,
+        the agent) is not stopped by another ``TRELLIS_*`` variable it has no use for."""
+        values = {"data_dir": self.data_dir, "database_url": self.database_url}
+        given = {key: value for key, value in values.items() if value is not None}
+        try:
+            return DataPaths(**given).own_data()
+        except pydantic.ValidationError as error:
+            raise errors.InvalidInput(_bad_setting(error, given=given)) from None
 
     def context(
         self,

@@ -20,7 +20,7 @@ from ca import gateway
 from ca.certs import withdrawn_unless_delivered
 from ca.durations import Ttl
 from ca.errors import InvalidInput
-from ca.files import write_atomic, write_private
+from ca.files import check_writable, write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -295,7 +295,10 @@ def truststore(
     elif format is None or out is None:
         raise InvalidInput("give --format and --out (or --refresh)")
     else:
-        written = gateway.write_truststore(ctx, gateway.TruststoreFormat.parse(format), out)
+        kind = gateway.TruststoreFormat.parse(format)
+        # as an --out callback would, had the format not decided between a file and a directory
+        check_writable(out, directory=kind.is_directory, what=f"--out {out}", own=STATE.own_data())
+        written = gateway.write_truststore(ctx, kind, out)
     for path in written:
         typer.echo(f"wrote {path}")
     if not written:

@@ -69,7 +69,8 @@ def issue(
         with_crl=with_crl,
     )
     if out is not None:  # before anything is issued; what kind of path depends on --format
-        check_writable(out, directory=format == "files", what=f"--out {out}")
+        own = STATE.own_data()
+        check_writable(out, directory=format == "files", what=f"--out {out}", own=own)
     intermediate = issue_istio_intermediate(STATE.context(), params)
     delivered = deliver(STATE.context(), intermediate, params)
     cert = intermediate.certificate
