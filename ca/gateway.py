@@ -71,6 +71,8 @@ from ca.tlsleaf import TlsLeafRequest, Usage, issue_tls_leaf
 
 __all__ = [
     "GATEWAY",
+    "MAX_P12_PASSWORD",
+    "MIN_P12_PASSWORD",
     "WITHDRAWN_BY",
     "CertRequest",
     "Consumer",
@@ -86,6 +88,7 @@ __all__ = [
     "TruststoreFormat",
     "add_consumer",
     "build_truststore",
+    "check_pkcs12_password",
     "csr_public_key",
     "disable_consumer",
     "gateway_policy",
@@ -96,6 +99,7 @@ __all__ = [
     "list_consumers",
     "list_gateway_certificates",
     "nginx_snippet",
+    "password_file",
     "refresh_job",
     "refresh_truststores",
     "revoke_gateway_certificate",
@@ -111,7 +115,7 @@ WITHDRAWN_BY = "gateway:withdrawn"  # who revoked a certificate never handed ove
 DEFAULT_TTL = Ttl(90 * 86400)
 DEFAULT_MAX_TTL = Ttl(398 * 86400)  # the CA/Browser Forum limit for public TLS certificates
 DEFAULT_CA_TTL = Ttl(3 * 365 * 86400)
-MIN_P12_PASSWORD = 8
+MIN_P12_PASSWORD, MAX_P12_PASSWORD = 8, 1024  # characters, not bytes: 'éééé' is four
 # 600 000: OWASP's figure for PBKDF2-HMAC-SHA256; 2048: OpenSSL's own PKCS#12 default.
 P12_ROUNDS, LEGACY_P12_ROUNDS = 600_000, 2048
 VERIFY_DEPTH = 2  # leaf → intermediate → root
@@ -379,6 +383,38 @@ class GatewayCertificate:
     x5t_s256: str
 
 
+def check_pkcs12_password(password: bytes) -> bytes:
+    """A PKCS#12 password as REST and the CLI both take it: UTF-8 text of 8 to 1024 characters
+    (counted as REST's JSON string is, not in bytes), without NUL, which OpenSSL's ``-passin``
+    and cryptography's loader (a panic) cannot take: a file they cannot open is a key lost."""
+    try:
+        text = password.decode()
+    except UnicodeDecodeError:
+        raise InvalidInput("a PKCS#12 password is UTF-8 text") from None
+    if "\x00" in text:
+        raise InvalidInput("a PKCS#12 password must not contain NUL (U+0000)")
+    if not MIN_P12_PASSWORD <= len(text) <= MAX_P12_PASSWORD:
+        raise InvalidInput(
+            f"a PKCS#12 password has {MIN_P12_PASSWORD} to {MAX_P12_PASSWORD} characters"
+        )
+    return password
+
+
+def password_file(data: bytes) -> bytes:
+    """The password a password file holds, read as ``openssl pkcs12 -passin file:`` reads it
+    (docs/gateway.md checks the file with that): one line, its ``\\n`` not part of it. A file
+    of more lines is refused, not cut to its first: whoever wrote a second line meant it to
+    count. So is a carriage return, which OpenSSL would keep in the password (a file saved with
+    CRLF line ends), and whatever ``check_pkcs12_password`` refuses."""
+    password = data.removesuffix(b"\n")
+    if b"\n" in password or b"\r" in password:
+        raise InvalidInput(
+            "the password file holds more than one line, or a carriage return (CRLF line ends):"
+            " OpenSSL's '-passin file:' reads the first line, up to its LF, as the password"
+        )
+    return check_pkcs12_password(password)
+
+
 @dataclass(frozen=True, slots=True)
 class CertRequest:
     """Exactly one of ``csr_pem`` (the partner keeps its key) or ``pkcs12_password`` (Trellis makes
@@ -399,10 +435,8 @@ class CertRequest:
             raise InvalidInput(
                 "a CSR brings its own key: key type and PKCS#12 options do not apply"
             )
-        if self.pkcs12_password is not None and not (
-            MIN_P12_PASSWORD <= len(self.pkcs12_password) <= 1024
-        ):
-            raise InvalidInput(f"a PKCS#12 password has {MIN_P12_PASSWORD} to 1024 bytes")
+        if self.pkcs12_password is not None:
+            check_pkcs12_password(self.pkcs12_password)
         if self.key_type is KeyType.ED25519:  # Java and Windows key stores cannot hold one
             raise InvalidInput("a generated key is EC or RSA (Ed25519 keys: send a CSR)")
 

@@ -59,6 +59,16 @@ out_dir = writable(directory=True)  # the directory a command writes its files t
 out_file = writable(directory=False)  # the file a command writes
 
 
+def read_input(option: str, path: Path) -> bytes:
+    """The content of a file named by ``option``. One that is not there (or is a directory) is
+    a wrong argument, exit 2, as click's own checks of arguments are; one that is there but
+    cannot be read (permissions, an I/O error) is exit 8, like any file (docs/cli.md)."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise errors.InvalidInput(f"{option} {path}: no such file") from None
+
+
 def exit_code(error: errors.TrellisError) -> int:
     for cls in type(error).__mro__:
         if cls in EXIT_CODES:

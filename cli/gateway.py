@@ -24,7 +24,7 @@ from ca.files import check_writable, write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, emit_json, out_file, table, warn_crl_skipped, when
+from cli.common import STATE, emit_json, out_file, read_input, table, warn_crl_skipped, when
 
 gateway_app = typer.Typer(
     help="API-gateway client certificates: partners, truststores, nginx.", no_args_is_help=True
@@ -129,14 +129,6 @@ def consumer_disable(name: str, json_out: JsonOpt = False) -> None:
         )
 
 
-def _password(path: Path) -> bytes:
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
-    return text.rstrip(b"\r\n")
-
-
 @cert_app.command("issue")
 def cert_issue(
     name: Annotated[str, typer.Argument(help="Consumer name")],
@@ -172,8 +164,12 @@ def cert_issue(
     request = gateway.CertRequest(
         consumer=gateway.ConsumerName(name),
         requested_by="cli",
-        csr_pem=csr.read_bytes() if csr is not None else None,
-        pkcs12_password=_password(p12_password_file) if p12_password_file else None,
+        csr_pem=read_input("--csr", csr) if csr is not None else None,
+        pkcs12_password=(
+            gateway.password_file(read_input("--p12-password-file", p12_password_file))
+            if p12_password_file is not None
+            else None
+        ),
         legacy_pkcs12=legacy_p12,
         key_type=KeyType.parse(key_type) if key_type else None,
         ttl=Ttl.parse(ttl) if ttl else None,

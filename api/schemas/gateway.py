@@ -88,7 +88,7 @@ class ConsumerOut(BaseModel):
 
 
 class Pkcs12Options(RequestBody):
-    password: str = Field(min_length=gateway.MIN_P12_PASSWORD, max_length=1024)
+    password: str = Field(min_length=gateway.MIN_P12_PASSWORD, max_length=gateway.MAX_P12_PASSWORD)
     legacy: StrictBool = Field(
         default=False,
         description="pbeWithSHA1And3-KeyTripleDES-CBC for old Java/Windows stores, instead of "

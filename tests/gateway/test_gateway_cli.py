@@ -7,6 +7,7 @@ suite fast; ``test_gateway_nginx.py`` runs the installed ``trellis`` as real pro
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,57 @@ def test_a_pkcs12_interrupted_on_its_way_to_the_file_is_withdrawn(
     (cert,) = cli.json("gateway", "cert", "list", "--consumer", "acme")
     assert (cert["status"], cert["revocation_reason"]) == ("revoked", "superseded")
     assert cli.json("gateway", "consumer", "list")[0]["live_certificates"] == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        pytest.param(b"pass\x00word12\n", "must not contain NUL", id="fail/nul"),
+        pytest.param("éééé\n".encode(), "8 to 1024 characters", id="fail/4-characters-8-bytes"),
+        pytest.param(b"password1\nsecond line\n", "more than one line", id="fail/two-lines"),
+        pytest.param(b"password1\r\n", "carriage return", id="fail/crlf"),
+        pytest.param(b"\xffpassword1\n", "UTF-8", id="fail/not-utf8"),
+    ],
+)
+def test_a_password_file_rest_or_openssl_would_read_otherwise_is_refused(
+    cli: Cli, tmp_path: Path, content: bytes, why: str
+) -> None:
+    """The REST rules (characters, no NUL; ca.gateway.check_pkcs12_password) and OpenSSL's
+    '-passin file:' reading (one line, docs/gateway.md): exit 2 before anything is issued."""
+    cli.run("gateway", "init")
+    cli.run("gateway", "consumer", "add", "acme")
+    (tmp_path / "pw").write_bytes(content)
+    refused = cli.run("gateway", "cert", "issue", "acme", "--p12", str(tmp_path / "a.p12"),
+                      "--p12-password-file", str(tmp_path / "pw"), code=2)  # fmt: skip
+    assert why in refused
+    assert cli.json("gateway", "cert", "list") == [] and not (tmp_path / "a.p12").exists()
+
+
+def test_the_password_is_the_file_s_one_line_as_openssl_reads_it(cli: Cli, tmp_path: Path) -> None:
+    cli.run("gateway", "init")
+    cli.run("gateway", "consumer", "add", "acme")
+    for name, content in [("lf", "éééééééé\n"), ("bare", "éééééééé")]:
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        p12 = tmp_path / f"{name}.p12"
+        cli.run("gateway", "cert", "issue", "acme", "--p12", str(p12),
+                "--p12-password-file", str(tmp_path / name))  # fmt: skip
+        checked = subprocess.run(
+            ["openssl", "pkcs12", "-info", "-noout", "-in", str(p12),
+             "-passin", f"file:{tmp_path / name}"],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_a_missing_input_file_is_exit_2(cli: Cli, tmp_path: Path) -> None:
+    """A file named on the command line that is not there is a wrong argument (docs/cli.md),
+    for --csr as for --p12-password-file; --csr was exit 8."""
+    cli.run("gateway", "init")
+    cli.run("gateway", "consumer", "add", "acme")
+    missing = tmp_path / "missing"
+    refused = cli.run("gateway", "cert", "issue", "acme", "--csr", str(missing),
+                      "--out", str(tmp_path / "a.pem"), code=2)  # fmt: skip
+    assert refused == f"trellis: --csr {missing}: no such file\n"
+    refused = cli.run("gateway", "cert", "issue", "acme", "--p12", str(tmp_path / "a.p12"),
+                      "--p12-password-file", str(missing), code=2)  # fmt: skip
+    assert refused == f"trellis: --p12-password-file {missing}: no such file\n"
