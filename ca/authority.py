@@ -291,6 +291,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     ``params.actor`` is who created it (and, with ``force``, replaced the old one) in the audit
     trail."""
     check_params(params)
+    backend = ctx.keys.new_keys_backend(params.key_backend)  # 400, not 503: see its docstring
     created: list[KeyHandle] = []
     try:
         with Session(ctx.engine) as session:
@@ -307,7 +308,6 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             old_keys = (
                 _wipe(session, params.name, actor=params.actor, now=now) if params.force else []
             )
-            backend = params.key_backend or ctx.keys.default
             root_key = ctx.keys.create(params.root_key_type, f"{params.name}-root", backend)
             created.append(root_key)
             int_key = ctx.keys.create(params.key_type, f"{params.name}-intermediate", backend)

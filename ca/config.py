@@ -26,7 +26,7 @@ from ca.files import OwnData, data_directory
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import FileKeyBackend, KeyPassphrase
-from ca.keys.store import KeyStore
+from ca.keys.store import KeyStore, check_backend_name, unconfigured_backend
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
@@ -212,6 +212,15 @@ class Settings(DataPaths):
         if not is_host(parts.hostname):
             raise ValueError(f"{parts.hostname[:64]!r} is not a host name or an IP address")
         return value
+
+    def check_new_key_backend(self, name: str | None) -> None:
+        """What ``KeyStore.new_keys_backend`` would refuse, before an init sets anything up (a
+        refused init leaves nothing behind): an unknown backend, or Vault without its
+        address, named with the settings to give (exit 2)."""
+        chosen = name or self.key_backend
+        check_backend_name(chosen)
+        if chosen == "vault" and not self.vault_addr:
+            raise unconfigured_backend(chosen)
 
     @property
     def admin_token_path(self) -> Path:

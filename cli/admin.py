@@ -29,7 +29,6 @@ from ca.files import write_atomic, write_private
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import bundle_jwks
 from ca.keys import KeyType
-from ca.keys.store import check_backend_name
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
@@ -83,15 +82,8 @@ def init(
         actor="cli:init",
     )
     check_params(params)
-    if key_backend is not None:
-        check_backend_name(key_backend)
     settings = STATE.settings()
-    if (key_backend or settings.key_backend) == "vault" and not settings.vault_addr:
-        # The operator asked for Vault without saying where it is: their mistake, not an outage.
-        raise InvalidInput(
-            "the vault key backend needs TRELLIS_VAULT_ADDR and its auth settings"
-            " (TRELLIS_VAULT_TOKEN, or TRELLIS_VAULT_AUTH_METHOD and its own: docs/vault.md)"
-        )
+    settings.check_new_key_backend(key_backend)
     # --exists-ok is the step deploy/ runs just before 'serve', with the same version: it
     # migrates as 'serve' would. No init changes the schema of a database it then refuses (a
     # CA exists: exit 6): a plain one requires it current, and --exists-ok looks at the trust

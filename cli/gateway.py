@@ -58,6 +58,7 @@ def init(
         max_ttl=max_ttl,
     )
     params = init_params(body)
+    STATE.settings().check_new_key_backend(key_backend)  # before anything is set up
     with STATE.setting_up() as ctx:
         out = GatewayOut.of(gateway.init_gateway(ctx, params))
     if json_out:

@@ -49,6 +49,7 @@ def init(
         ca_ttl=Ttl.parse(ca_ttl),
         force=force,
     )
+    STATE.settings().check_new_key_backend(key_backend)  # before anything is set up
     with STATE.setting_up() as ctx:
         config = openvpn.init_openvpn(ctx, params)
     if json_out:

@@ -12,7 +12,7 @@ from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
 from ca.keys.types import KeyType
 
-__all__ = ["KNOWN_BACKENDS", "KeyStore", "check_backend_name"]
+__all__ = ["KNOWN_BACKENDS", "KeyStore", "check_backend_name", "unconfigured_backend"]
 
 log = logging.getLogger("trellis.keys")
 
@@ -23,6 +23,17 @@ KNOWN_BACKENDS = ("file", "vault")
 def check_backend_name(name: str) -> None:
     if name not in KNOWN_BACKENDS:
         raise InvalidInput(f"unknown key backend {name[:40]!r}: {' or '.join(KNOWN_BACKENDS)}")
+
+
+def unconfigured_backend(name: str) -> InvalidInput:
+    """An init asking for new keys in a backend this instance has no settings for: the
+    operator's (or the REST caller's) mistake, which no retry mends, named with what to set."""
+    if name == "vault":
+        return InvalidInput(
+            "the vault key backend needs TRELLIS_VAULT_ADDR and its auth settings"
+            " (TRELLIS_VAULT_TOKEN, or TRELLIS_VAULT_AUTH_METHOD and its own: docs/vault.md)"
+        )
+    return InvalidInput(f"key backend {name!r} is not configured")
 
 
 class KeyStore:
@@ -44,6 +55,16 @@ class KeyStore:
             check_backend_name(name)  # an unknown one is the caller's mistake, not our state
             hint = " (set TRELLIS_VAULT_ADDR and its auth settings)" if name == "vault" else ""
             raise Unavailable(f"key backend {name!r} is not configured{hint}") from None
+
+    def new_keys_backend(self, name: str | None = None) -> str:
+        """The backend new CA keys go to (``name``, else the default), if it is configured.
+        One that is not is the caller's choice to mend (400, exit 2), whereas ``backend`` finds
+        an existing key's backend gone: this server's damage (503, exit 8)."""
+        name = name or self.default
+        check_backend_name(name)
+        if name not in self._backends:
+            raise unconfigured_backend(name)
+        return name
 
     def create(self, key_type: KeyType, label: str, backend: str | None = None) -> KeyHandle:
         return self.backend(backend).create(key_type, label)

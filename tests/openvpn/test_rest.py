@@ -96,6 +96,9 @@ def test_refusals_are_problems(api: TestClient, tmp_path: Path) -> None:
     assert_problem(api.get("/v1/openvpn"), 404)
     unknown = assert_problem(api.post("/v1/openvpn/init", json={"key_backend": "s3"}), 400)
     assert "unknown key backend" in unknown["detail"]
+    # a backend this server has no settings for: the caller's choice to mend, not an outage
+    novault = assert_problem(api.post("/v1/openvpn/init", json={"key_backend": "vault"}), 400)
+    assert "needs TRELLIS_VAULT_ADDR" in novault["detail"]
     assert_problem(api.get("/v1/openvpn"), 404)  # nothing was made
     assert_problem(api.post("/v1/openvpn/clients", json={"name": "alice"}), 404)
     _ready(api, tmp_path / "crl.pem")
