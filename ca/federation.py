@@ -619,7 +619,9 @@ def _dropped(trust_domain: TrustDomain, *, fetched: bool = True) -> RefreshResul
         if fetched
         else "the relationship was removed before its refresh: skipped"
     )
-    log.warning("federation %s: %s", trust_domain, error)
+    # At info: every caller tells whoever asked (the CLI's 'warning:' line, REST's 404 or
+    # 409), and it is an operator's removal, nobody's fault.
+    log.info("federation %s: %s", trust_domain, error)
     return RefreshResult(trust_domain, False, False, None, error, dropped=True)
 
 
@@ -683,7 +685,10 @@ def _attempt(
         session.commit()
         sequence = row.sequence
     if error:
-        log.warning("federation %s: kept the last good bundle: %s", trust_domain, error)
+        # At info: the caller reports it (the CLI's FAILED line and exit 8, REST's 503), and in
+        # a server the failing job logs it as a warning, once while it lasts (ca.scheduler). A
+        # warning here was the same news again on a command's stderr.
+        log.info("federation %s: kept the last good bundle: %s", trust_domain, error)
     elif changed:
         log.info("federation %s: new bundle, sequence %s", trust_domain, sequence)
     return RefreshResult(trust_domain, error is None, changed, sequence, error)

@@ -19,11 +19,19 @@ the CLI hundreds of times. The collector comes back, with the start-up objects f
 way as a server's are (``api.app.freeze_startup_heap``), once the command is resolved
 (``imports_done``, from the root callback): a long-running command (``trellis agent``) collects
 as usual from then on.
+
+What ``ca`` logs for an operator (a CRL file that could not be rewritten after a revocation, a
+key left behind) reaches a command's stderr as one line, ``warning: ...`` or ``error: ...``
+(``OneLineLog``): with no handler of its own it went through Python's last-resort handler,
+as a bare line that read as if it were the command's output, with a traceback for an
+``exception``. ``trellis serve`` and ``trellis agent`` replace it with the server's log
+(``ca.logs.configure_logging``).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import signal
 import sys
 from types import FrameType
@@ -41,9 +49,30 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise Interrupted
 
 
+class OneLineLog(logging.Handler):
+    """A record of WARNING and above as one line on stderr, its level's name first, as the
+    command's own ``warning:`` lines read (cli.common). No traceback: a command's failure is
+    its one ``trellis:`` line (cli.main), and a log record's traceback is for a server's log.
+    The messages are those written for a server's operator, which name no secret."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            message = " ".join(record.getMessage().split())  # libpq's text spans lines
+            sys.stderr.write(f"{level}: {message}\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
+    # On the root logger, so that configure_logging (serve, agent) replaces it.
+    logging.getLogger().addHandler(OneLineLog())
     try:
         _run()
     except Interrupted:

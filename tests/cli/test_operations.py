@@ -254,6 +254,46 @@ def test_a_certificate_of_an_intermediate_revoked_without_its_key_is_revoked(
     assert revoked["status"] == "revoked" and "missing" in revoked["crl_skipped"]
 
 
+def test_what_a_command_logs_is_one_warning_line(local: Trellis, tmp_path: Path) -> None:
+    """A revocation whose OpenVPN CRL file cannot be rewritten (its directory replaced by a
+    file) logs a warning for the operator: it reached stderr as a bare line through Python's
+    last-resort handler, with --json the only line there, as if it were output. Now it is
+    one ``warning:`` line; the revocation stands (exit 0)."""
+    crl = tmp_path / "openvpn" / "crl.pem"
+    local.run("openvpn", "init")
+    local.run("openvpn", "configure", "--remote", "vpn.example.org", "--crl-path", str(crl))
+    serials = []
+    for name in ("alice", "bob"):
+        profile = str(tmp_path / f"{name}.ovpn")
+        added = local.json("openvpn", "client", "add", name, "--out", profile)
+        serials.append(added["serial"])  # type: ignore[index]
+    shutil.rmtree(crl.parent)
+    crl.parent.write_text("a file where the directory was\n")
+    warning = "warning: revoked, but could not rewrite the vpn CRL files: cannot write the CRL"
+    warning += f" file {crl}: "
+    text = local.run("revoke", serials[0], "--yes")
+    assert text.stdout.startswith(f"revoked {serials[0]} ")
+    assert text.stderr.startswith(warning) and text.stderr.count("\n") == 1, text.stderr
+    as_json = local.run("revoke", serials[1], "--yes", "--json")
+    assert json.loads(as_json.stdout)["status"] == "revoked"
+    assert as_json.stderr.startswith(warning) and as_json.stderr.count("\n") == 1, as_json
+
+
+def test_a_failed_federation_refresh_is_said_once(local: Trellis) -> None:
+    """The refresh's failure is the command's news (its FAILED line, exit 8): the log's
+    'kept the last good bundle' warning said it again on stderr, with --json as a bare line."""
+    url = f"https://127.0.0.1:{free_port()}/bundle"  # nothing listens there
+    local.run("federation", "add", "--trust-domain", "partner.test", "--url", url,
+              "--profile", "https_web")  # fmt: skip
+    failed = "trellis: refresh failed for partner.test: kept their last good bundle\n"
+    text = local.run("federation", "refresh", ok=False)
+    assert text.stdout.startswith(f"partner.test: FAILED: cannot fetch {url}: "), text
+    assert text.returncode == 8 and text.stderr == failed, text
+    as_json = local.run("federation", "refresh", "--json", ok=False)
+    assert json.loads(as_json.stdout)[0]["last_error"].startswith(f"cannot fetch {url}: ")
+    assert as_json.returncode == 8 and as_json.stderr == failed, as_json
+
+
 def test_crl_show_takes_a_ca_serial_as_operators_write_it(local: Trellis) -> None:
     """Regression: ``--ca 0x<SERIAL>`` was "no CA" (exit 5), though serials are accepted with or
     without colons or 0x (docs/cli.md)."""
