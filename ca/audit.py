@@ -67,7 +67,9 @@ __all__ = [
     "LATE",
     "Anchors",
     "AuditEntry",
+    "AuditPage",
     "Verification",
+    "audit_page",
     "entry",
     "list_audit",
     "record",
@@ -852,17 +854,67 @@ class AuditEntry:
 
 
 def list_audit(
-    ctx: Context, *, since: dt.datetime | None = None, event: str | None = None, limit: int = 100
+    ctx: Context,
+    *,
+    since: dt.datetime | None = None,
+    event: str | None = None,
+    limit: int = 100,
+    after: int | None = None,
 ) -> list[AuditEntry]:
-    """Newest first. A record the database holds damaged (a time or detail that does not
+    """Newest first; ``after``: only records older than that record id, where a listing that
+    ended with it goes on. A record the database holds damaged (a time or detail that does not
     parse) is a damaged store: ``Unavailable``, naming the record, not a traceback."""
+    _check_limit(limit)
+    return _records(ctx, since, event, limit, after)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """One page of the trail, and the record id to continue after (None on the last page)."""
+
+    items: list[AuditEntry]
+    next_after: int | None
+
+
+def audit_page(
+    ctx: Context,
+    *,
+    since: dt.datetime | None = None,
+    event: str | None = None,
+    limit: int = 100,
+    after: int | None = None,
+) -> AuditPage:
+    """``list_audit`` for a reader who pages (``trellis audit list``), as
+    ``ca.certs.certificate_page``: one record more than asked tells whether another page
+    exists."""
+    _check_limit(limit)
+    items = _records(ctx, since, event, limit + 1, after)
+    more, items = len(items) > limit, items[:limit]
+    return AuditPage(items, items[-1].id if more else None)
+
+
+def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_LIST:  # SQLite reads a negative LIMIT as none at all
         raise InvalidInput(f"limit must be between 1 and {MAX_LIST}")
+
+
+def _records(
+    ctx: Context,
+    since: dt.datetime | None,
+    event: str | None,
+    limit: int,
+    after: int | None,
+) -> list[AuditEntry]:
     query = sa.select(*(_raw(_AUDIT.c[name]) for name in _RECORD_COLUMNS), _AUDIT.c.request_id)
     if since is not None:
         query = query.where(_AUDIT.c.at >= since)
     if event is not None:
         query = query.where(_AUDIT.c.event.startswith(event))
+    if after is not None:
+        # Ids start at 1, and a number past 64 bits was SQLite's OverflowError, a traceback.
+        if not 1 <= after < 2**63:
+            raise InvalidInput(f"no audit record has the id {after} to page after")
+        query = query.where(_AUDIT.c.id < after)
     with ctx.reads.connect() as connection:
         rows = connection.execute(query.order_by(_AUDIT.c.id.desc()).limit(limit)).mappings()
         return [_entry(row) for row in rows]

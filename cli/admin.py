@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,17 @@ from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.db import SchemaPolicy
-from cli.common import STATE, confirm, emit_json, iso, out_file, table, warn_crl_skipped, when
+from cli.common import (
+    STATE,
+    confirm,
+    emit_json,
+    iso,
+    more,
+    out_file,
+    table,
+    warn_crl_skipped,
+    when,
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -337,12 +346,8 @@ def certs_list(
     else:
         rows = _cert_rows(page.items)
         table(["SERIAL", "SPIFFE ID", "STATUS", "NOT BEFORE", "NOT AFTER"], rows)
-    if page.next_after is not None:
-        given = {"--spiffe-id": spiffe_id, "--status": status, "--expiring-within": expiring_within}
-        again = [f"{name} {shlex.quote(value)}" for name, value in given.items() if value]
-        again += [f"--limit {limit}", "--json"] if json_out else [f"--limit {limit}"]
-        command = " ".join(["trellis certs list", *again])
-        typer.echo(f"more: {command} --after {page.next_after}", err=True)
+    given = {"--spiffe-id": spiffe_id, "--status": status, "--expiring-within": expiring_within}
+    more("trellis certs list", given, limit=limit, json_out=json_out, next_after=page.next_after)
 
 
 @certs_app.command("show")

@@ -12,7 +12,7 @@ from cryptography import x509
 
 from ca import audit
 from ca.errors import InvalidInput
-from cli.common import STATE, emit_json, iso, table, when
+from cli.common import STATE, emit_json, iso, more, table, when
 
 audit_app = typer.Typer(
     help="The audit trail of every security-relevant change.", no_args_is_help=True
@@ -39,12 +39,17 @@ def list_cmd(
         str | None, typer.Option(help="Event prefix, e.g. certificate. or token.revoked")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 100,
+    after: Annotated[
+        int | None, typer.Option(help="Record id to continue after (older records)")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Audit records, newest first."""
-    entries = audit.list_audit(STATE.context(), since=_since(since), event=event, limit=limit)
+    page = audit.audit_page(
+        STATE.context(), since=_since(since), event=event, limit=limit, after=after
+    )
     if json_out:
-        emit_json(  # a list is a JSON array (docs/cli.md)
+        emit_json(  # a list is a JSON array (docs/cli.md); the cursor goes to stderr as below
             [
                 {
                     "id": e.id,
@@ -56,14 +61,19 @@ def list_cmd(
                     "detail": e.detail,
                     "request_id": e.request_id,
                 }
-                for e in entries
+                for e in page.items
             ]
         )
-        return
-    table(
-        ["SEQ", "AT", "EVENT", "SUBJECT", "ACTOR"],
-        [[str(e.seq or "-"), when(e.at), e.event, e.subject[:60], e.actor[:40]] for e in entries],
-    )
+    else:
+        table(
+            ["SEQ", "AT", "EVENT", "SUBJECT", "ACTOR"],
+            [
+                [str(e.seq or "-"), when(e.at), e.event, e.subject[:60], e.actor[:40]]
+                for e in page.items
+            ],
+        )
+    given = {"--since": since, "--event": event}
+    more("trellis audit list", given, limit=limit, json_out=json_out, next_after=page.next_after)
 
 
 @audit_app.command("seal")

@@ -6,10 +6,11 @@ import contextlib
 import contextvars
 import datetime as dt
 import json
+import shlex
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,6 +260,25 @@ def warn_crl_skipped(revoked: Iterable[CertificateInfo]) -> None:
             " and listed on the root's CRL, and the certificates' status (OCSP) says revoked",
             err=True,
         )
+
+
+def more(
+    command: str,
+    given: Mapping[str, str | None],
+    *,
+    limit: int,
+    json_out: bool,
+    next_after: object | None,
+) -> None:
+    """End a page that has more after it (``next_after``, the cursor of a ``ca`` page) with
+    the command for the next one on stderr (docs/cli.md): ``command``, the filters ``given``
+    (option: value, those set), ``--limit``, ``--json`` and ``--after``. Stderr, so that
+    ``--json`` stays the array promised; a last page says nothing."""
+    if next_after is None:
+        return
+    again = [f"{name} {shlex.quote(value)}" for name, value in given.items() if value]
+    again += [f"--limit {limit}", "--json"] if json_out else [f"--limit {limit}"]
+    typer.echo(f"more: {' '.join([command, *again])} --after {next_after}", err=True)
 
 
 def emit_json(value: BaseModel | Sequence[BaseModel | dict[str, Any]] | dict[str, Any]) -> None:

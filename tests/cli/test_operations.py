@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import shutil
 import sqlite3
 import stat
@@ -474,6 +475,44 @@ def test_audit_list_is_a_json_array_and_refuses_a_limit_out_of_range(local: Trel
     for bad in ("-5", "0", "10001"):
         result = local.run("audit", "list", "--limit", bad, ok=False)
         assert result.returncode == 2 and "limit must be between" in result.stderr, result
+
+
+def test_audit_list_says_how_to_get_the_next_page(local: Trellis) -> None:
+    """'audit list --limit N' said nothing of the records after a full page, nor could it go
+    on from one: it ends such a page as 'certs list' does, with the next page's command on
+    stderr (--after the last record's id, filters, --limit and --json kept)."""
+    for _ in range(2):
+        local.run("token", "create", "--admin", "--ttl", "1h")
+    ids = [r["id"] for r in local.json("audit", "list")]  # type: ignore[union-attr]
+    assert len(ids) >= 5 and ids == sorted(ids, reverse=True)
+    seen, args, pages = [], ["audit", "list", "--limit", "2", "--json"], 0
+    while True:  # as a script would: run the line it is given until there is none
+        page = local.run(*args)
+        seen += [r["id"] for r in json.loads(page.stdout)]
+        pages += 1
+        if not page.stderr:
+            break
+        assert page.stderr == f"more: trellis audit list --limit 2 --json --after {seen[-1]}\n"
+        args = shlex.split(page.stderr.removeprefix("more: trellis "))
+    assert seen == ids and pages == -(-len(ids) // 2)  # a page holding the rest is the last
+
+    tokens = [r["id"] for r in local.json("audit", "list", "--event", "token.")]  # type: ignore[union-attr]
+    assert len(tokens) >= 3
+    first = local.run("audit", "list", "--event", "token.", "--limit", "1")
+    assert first.stdout.count("token.") == 1
+    assert (
+        first.stderr == f"more: trellis audit list --event token. --limit 1 --after {tokens[0]}\n"
+    )
+    last = local.run("audit", "list", "--event", "token.", "--after", str(tokens[-2]))
+    assert last.stdout.count("token.") == 1 and last.stderr == ""
+    since = "2000-01-01T00:00:00+00:00"
+    assert local.run("audit", "list", "--since", since, "--limit", "1").stderr == (
+        f"more: trellis audit list --since {since} --limit 1 --after {ids[0]}\n"
+    )
+    for bad in ("0", "-1", str(2**63)):
+        refused = local.run("audit", "list", "--after", bad, ok=False)
+        assert refused.returncode == 2, refused
+        assert refused.stderr == f"trellis: no audit record has the id {bad} to page after\n"
 
 
 def test_audit_verify_and_list_on_a_damaged_trail_say_so_in_one_line(
