@@ -32,7 +32,13 @@ from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
 from ca.errors import InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
-from ca.files import check_writable, private_directory, write_atomic, write_private
+from ca.files import (
+    check_writable,
+    private_directory,
+    replacing_together,
+    write_atomic,
+    write_private,
+)
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
@@ -323,18 +329,26 @@ def render(intermediate: IstioIntermediate, output_format: str) -> dict[str, byt
 
 
 def write_output(intermediate: IstioIntermediate, output_format: str, out: Path) -> list[Path]:
-    """Write atomically: a file for the YAML forms, a directory for ``files``; keys 0600."""
+    """Write atomically: a file for the YAML forms, a directory for ``files``; keys 0600.
+
+    The files of a directory replace the old ones together or not at all
+    (``replacing_together``), whatever stops them, Ctrl-C included: written one after the
+    other, a failure part way left a new ``ca-key.pem`` beside the old ``ca-cert.pem``, a pair
+    istiod cannot load. The key goes first, so that a reload on the certificate's change finds
+    it. The intermediate of a failed write is not revoked: the caller records the failure and
+    the job issues another (``deliver``, ``renew_due_clusters``)."""
     rendered = render(intermediate, output_format)
     if output_format != "files":
         write_private(out, rendered["cacerts.yaml"])
         return [out]
-    private_directory(out)  # before ca-cert.pem, whose write_atomic would make it 0755
-    written = []
-    for name, content in rendered.items():
-        path = out / name
-        (write_private if name.endswith("key.pem") else write_atomic)(path, content)
-        written.append(path)
-    return written
+    private_directory(out)  # 0700, or an existing one that others may write to tightened
+    order = sorted(rendered, key=lambda name: not name.endswith("key.pem"))
+    files = {
+        out / name: (rendered[name], 0o600 if name.endswith("key.pem") else 0o644) for name in order
+    }
+    with replacing_together(files):
+        pass
+    return [out / name for name in rendered]
 
 
 def _record_delivery(ctx: Context, cluster: str, error: str | None, **changes: Any) -> None:

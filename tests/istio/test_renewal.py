@@ -35,6 +35,7 @@ from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CertificateRow, IstioClusterRow
 from cli.launch import Interrupted
+from tests.conftest import interrupt_a_rename
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import load_key, openssl_verify
 
@@ -161,7 +162,8 @@ def test_a_failed_delivery_is_retried_on_the_next_scheduled_run(
     first, failed_at = _run(ctx), clock.now()
     assert first.startswith("east: the output could not be written: Is a directory"), first
     assert _issued(ctx) == {"east": 2, "west": 2}
-    assert (west.exists(), (east / "ca-cert.pem").exists()) == (True, True)
+    # west delivered; east's ca-cert.pem, which stood there without its key, is not written
+    assert (west.exists(), (east / "ca-cert.pem").exists()) == (True, False)
     for retry in (10, 30, 70, 150):  # the scheduler's retries: 10 s, 20 s, 40 s, 80 s apart
         clock.current = failed_at + dt.timedelta(seconds=retry)
         message = _run(ctx)
@@ -200,6 +202,30 @@ def test_a_delivery_interrupted_is_recorded_and_retried(
     clock.advance(RENEWAL_INTERVAL)
     assert _run(ctx).startswith("ok: renewed east -> ")
     assert _issued(ctx) == {"east": 2}
+
+
+@pytest.mark.parametrize("after", [1, 2, 4])
+def test_a_write_stopped_part_way_leaves_the_old_files_whole(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """--format files wrote ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem and
+    ca-crl.pem one after the other: Ctrl-C (or a full disk) between two left a new key beside
+    the old certificate, which istiod cannot load. Now the old set stays, every file of it,
+    nothing staged is left, and the failure is recorded for the job to re-issue."""
+    east = tmp_path / "east"
+    params = IstioParams("east", ttl=TTL, output=east, output_format="files", with_crl=True)
+    write_output(issue_istio_intermediate(ctx, params), "files", east)
+    before = read(east, "files")
+    assert len(before) == 5
+    with monkeypatch.context() as patched, pytest.raises(Interrupted):
+        interrupt_a_rename(patched, east, after=after)
+        deliver(ctx, issue_istio_intermediate(ctx, params), params)
+    assert read(east, "files") == before  # hidden staged or kept files would show here
+    cert = x509.load_pem_x509_certificate(before["ca-cert.pem"])
+    assert load_key(before["ca-key.pem"]).public_key() == cert.public_key()
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.last_error == "not delivered: Interrupted"
 
 
 def test_one_cluster_failing_unforeseen_is_recorded_and_the_others_renew(
