@@ -52,7 +52,7 @@ def test_the_mesh_before_init_is_503(bare_ctx: Context) -> None:
 @SQLITE_ONLY  # the CLI calls what REST calls, tested above on both databases
 def test_the_cli_exits_5_for_an_unknown_authority(tmp_path: Path, database_url: str) -> None:
     cli = Trellis(tmp_path / "var", database_url)
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     for args in (
         ("authority", "status", "--authority", "nope"),
         ("authority", "rotate", "--authority", "nope"),

@@ -38,12 +38,12 @@ def _crl_number(cli: Trellis) -> int:
 
 def test_sqlite_backup_and_restore_round_trip(tmp_path: Path) -> None:
     source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
-    source.run("init", "--trust-domain", "example.org")
-    source.run(
+    source.set_up("init", "--trust-domain", "example.org")
+    source.set_up(
         "svid", "mint", "--spiffe-id", "spiffe://example.org/w1", "--out", str(tmp_path / "w1")
     )
     revoked = _serial(tmp_path / "w1" / "svid.pem")
-    source.run("revoke", revoked, "--reason", "keyCompromise", "--yes")
+    source.set_up("revoke", revoked, "--reason", "keyCompromise", "--yes")
     number = _crl_number(source)
     archive = tmp_path / "backup.tgz"
     source.run("backup", "--out", str(archive))
@@ -163,7 +163,7 @@ def test_postgresql_backup_is_pg_dump_and_restores_the_same_ca(
 def local(tmp_path: Path) -> Trellis:
     """An initialised CA on SQLite: for refusals that happen before the store is involved."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     return cli
 
 
@@ -196,7 +196,9 @@ def test_revocation_without_yes_and_without_a_terminal_is_refused(
 ) -> None:
     """A "y" piped in is not a person: docs/cli.md says such a run refuses (exit 1), and nothing
     is revoked; the refusal is one line on stderr and stdout stays empty for --json."""
-    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    local.set_up(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w")
+    )
     serial = _serial(tmp_path / "w" / "svid.pem")
     for args in (["revoke", serial, "--reason", "superseded", "--json"],
                  ["revoke", "--spiffe-id", "spiffe://example.org/w", "--reason", "superseded"],
@@ -214,9 +216,11 @@ def test_revoking_a_revoked_certificate_at_a_terminal_fails_before_asking(
     local: Trellis, tmp_path: Path
 ) -> None:
     """Regression: the question came first and the refusal (exit 6) only after a "y"."""
-    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    local.set_up(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w")
+    )
     serial = _serial(tmp_path / "w" / "svid.pem")
-    local.run("revoke", serial, "--yes")
+    local.set_up("revoke", serial, "--yes")
     terminal, stdin = pty.openpty()
     try:
         os.write(terminal, b"y\n")
@@ -238,7 +242,7 @@ def test_a_certificate_of_an_intermediate_revoked_without_its_key_is_revoked(
     and the SVID stayed renewable. It is revoked; the skipped CRL is a warning and in --json."""
     for name in ("a", "b"):
         out = str(tmp_path / name)
-        local.run("svid", "mint", "--spiffe-id", f"spiffe://example.org/{name}", "--out", out)
+        local.set_up("svid", "mint", "--spiffe-id", f"spiffe://example.org/{name}", "--out", out)
     for key in (local.data_dir / "keys").glob("mesh-intermediate-*"):
         key.unlink()
     switched = local.run("authority", "revoke-intermediate", "--yes")
@@ -325,8 +329,8 @@ def test_an_unwritable_out_is_refused_before_anything_is_issued(
     a_fifo, a_link = tmp_path / "a-fifo", tmp_path / "a-link"
     os.mkfifo(a_fifo)
     a_link.symlink_to(a_fifo)
-    local.run("openvpn", "init")
-    local.run("openvpn", "configure", "--remote", "vpn.example.org")
+    local.set_up("openvpn", "init")
+    local.set_up("openvpn", "configure", "--remote", "vpn.example.org")
     before = _certificates(local)
     attempts = [
         ["svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(a_file)],
@@ -351,8 +355,8 @@ def test_an_unwritable_out_is_refused_before_anything_is_issued(
     assert local.json("openvpn", "client", "list") == []
     assert stat.S_ISFIFO(a_fifo.lstat().st_mode) and a_link.is_symlink()
     # a file it cannot read or write after all: one line, exit 8, not a traceback
-    local.run("gateway", "init")
-    local.run("gateway", "consumer", "add", "acme", "--contact", "a@acme.example")
+    local.set_up("gateway", "init")
+    local.set_up("gateway", "consumer", "add", "acme", "--contact", "a@acme.example")
     unreadable = local.run(
         "gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "none.csr"),
         "--out", str(tmp_path / "acme.pem"), ok=False,
@@ -437,7 +441,9 @@ def test_a_refused_init_sets_nothing_up_and_exists_ok_is_for_the_same_trust_doma
 
 def test_certs_list_pages_after_a_listed_serial_only(local: Trellis, tmp_path: Path) -> None:
     """``--after`` is REST's ``?after=``: a serial not listed is exit 2, not an empty page."""
-    local.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    local.set_up(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w")
+    )
     listed = local.json("certs", "list")
     assert isinstance(listed, list) and listed
     first = listed[0]["serial"]
@@ -518,7 +524,7 @@ def test_audit_list_says_how_to_get_the_next_page(local: Trellis) -> None:
 def test_audit_verify_and_list_on_a_damaged_trail_say_so_in_one_line(
     local: Trellis, tmp_path: Path
 ) -> None:
-    local.run("audit", "seal")
+    local.set_up("audit", "seal")
     database = sa.create_engine(f"sqlite:///{tmp_path / 'trellis.db'}")
     bundle = tmp_path / "var" / "bundle.pem"
     intact = local.run("audit", "verify", "--bundle", str(bundle))

@@ -22,7 +22,7 @@ def bare(tmp_path: Path) -> Trellis:
 @pytest.fixture
 def local(tmp_path: Path) -> Trellis:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     return cli
 
 
