@@ -92,7 +92,7 @@ class Trellis:
                 except httpx.HTTPError:
                     pass
                 assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
+                time.sleep(0.05)  # a late poll keeps a test waiting for a server already up
             yield Serving(process, port, url, tls)
         finally:
             terminate(process, grace=30)
