@@ -160,8 +160,8 @@ def test_crl_out_overwrites_only_a_crl_file_no_other_keeper_keeps(tmp_path: Path
     refusals = {
         precious: "exists and is not a CRL file",
         tmp_path / "linked": "exists and is not a CRL file",
-        tmp_path / "var" / "admin-token": "exists and is not a CRL file",
-        tmp_path / "trellis.db": "exists and is not a CRL file",
+        tmp_path / "var" / "admin-token": "is Trellis's own data",
+        tmp_path / "trellis.db": "is Trellis's own data",
         store / "client-ca.pem": "exists and is not a CRL file",
         store / "crl.pem": "is kept current by the gateway truststore",
         tmp_path / "v2.pem": "is kept current by OpenVPN authority 'vpn2'",

@@ -91,7 +91,8 @@ def test_a_refused_vault_init_under_the_shipped_policy_names_the_key_it_leaves(
     [intermediate] = left - {root}
     assert result.stderr.splitlines() == [
         *(
-            f"Transit key {key} is left in Vault: no CA uses it, and Trellis's Vault policy does "
+            f"warning: Transit key {key} is left in Vault: no CA uses it, and Trellis's Vault "
+            "policy does "
             f"not let it delete keys; delete it by hand: vault write transit/keys/{key}/config "
             f"deletion_allowed=true && vault delete transit/keys/{key}"
             for key in (root, intermediate)  # one warning each, in the order init made them
