@@ -299,9 +299,11 @@ def build_context(
     )
     if settings.key_backend == "file":
         # New keys go to files: a passphrase that cannot be had stops every command now (exit
-        # 8, naming the file), not the first one that makes a key. With the vault backend it is
-        # read only when a file key or a sealed secret is used (docs/vault.md).
-        passphrase.get()
+        # 8, naming the file), not the first one that makes a key. A missing one is generated
+        # only by the first key or secret it encrypts, as ``init --key-backend vault`` and the
+        # commands that encrypt nothing would leave one behind for nothing. With the vault
+        # backend it is read only when a file key or a sealed secret is used (docs/vault.md).
+        passphrase.check()
     backends: dict[str, KeyBackend] = {
         "file": FileKeyBackend(settings.data_dir / "keys", passphrase)
     }

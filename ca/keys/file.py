@@ -90,17 +90,31 @@ class KeyPassphrase:
                 self._value = self._read()
             return self._value
 
+    def check(self) -> None:
+        """What ``get`` would refuse, refused now, without generating a missing file: the file
+        backend's commands stop at their start on a passphrase that cannot be had, but one that
+        writes no file key and seals nothing (``init --key-backend vault``, ``entry list``)
+        leaves no ``key-passphrase`` behind, for nothing encrypted with it."""
+        with self._lock:
+            if self._value is None and self.file.exists():
+                self._value = load_or_create_passphrase(self.file)
+            elif self._value is None:
+                self._refuse_over_encrypted()
+
     def _read(self) -> bytes:
         if not self.file.exists():
-            for what, directory in self._encrypted:
-                if directory.is_dir() and any(directory.iterdir()):
-                    # A new random passphrase would open none of them (a restored data dir).
-                    raise Unavailable(
-                        f"the {what} in {directory} are encrypted, and {self.file} is missing:"
-                        " put it back, or set TRELLIS_KEY_PASSPHRASE",
-                        public=f"the {what} are encrypted, and the key passphrase file is missing",
-                    )
+            self._refuse_over_encrypted()
         return load_or_create_passphrase(self.file)
+
+    def _refuse_over_encrypted(self) -> None:
+        for what, directory in self._encrypted:
+            if directory.is_dir() and any(directory.iterdir()):
+                # A new random passphrase would open none of them (a restored data dir).
+                raise Unavailable(
+                    f"the {what} in {directory} are encrypted, and {self.file} is missing:"
+                    " put it back, or set TRELLIS_KEY_PASSPHRASE",
+                    public=f"the {what} are encrypted, and the key passphrase file is missing",
+                )
 
 
 class FileKeyBackend:

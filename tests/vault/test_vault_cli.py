@@ -185,6 +185,29 @@ def test_a_vault_only_instance_needs_no_key_passphrase(openbao: OpenBao, tmp_pat
     assert not (tmp_path / "var" / "secrets").exists()
 
 
+def test_vault_init_under_the_default_file_backend_makes_no_key_passphrase(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    """docs/vault.md's set-up as written: ``init --key-backend vault`` without
+    ``TRELLIS_KEY_BACKEND=vault``. Every command then starts under the file backend, which
+    checks the passphrase at its start; it generated ``key-passphrase`` there (init, and
+    ``entry list`` after an ``rm``), though nothing was ever encrypted with it."""
+    cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
+    del cli.env["TRELLIS_KEY_BACKEND"]
+    passphrase = tmp_path / "var" / "key-passphrase"
+    cli.run("init", "--trust-domain", TRUST_DOMAIN.name, "--key-backend", "vault")
+    assert list((tmp_path / "var" / "keys").iterdir()) == []
+    assert not passphrase.exists()
+    cli.run("entry", "list")
+    cli.run("svid", "mint", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/w",
+            "--out", str(tmp_path / "w"))  # fmt: skip
+    with cli.serving(tmp_path / "serve.log"):
+        pass
+    assert not passphrase.exists()
+    cli.run("openvpn", "init", "--key-backend", "file")  # the first file key makes it
+    assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
+
+
 def test_a_file_key_on_a_vault_instance_needs_the_passphrase_where_it_is_used(
     openbao: OpenBao, tmp_path: Path
 ) -> None:
