@@ -20,6 +20,7 @@ import datetime as dt
 import enum
 import hashlib
 import ipaddress
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,8 @@ __all__ = [
     "write_truststore",
     "x5t_s256",
 ]
+
+log = logging.getLogger("trellis.gateway")
 
 PROFILE = "gateway-client"
 URN_PREFIX = "urn:trellis:gateway:consumer:"
@@ -850,9 +853,13 @@ def refresh_truststores(
 
 
 def refresh_job(ctx: Context) -> str:
-    """``refresh_truststores`` in the shape of a ``ca.jobs.Job`` (ready to be scheduled)."""
+    """``refresh_truststores`` in the shape of a ``ca.jobs.Job`` (ready to be scheduled). The
+    result is read over HTTP (``GET /v1/jobs``): the files it wrote are named in the log only."""
     written = refresh_truststores(ctx)
-    return "rewrote " + ", ".join(str(path) for path in written) if written else "nothing changed"
+    if not written:
+        return "nothing changed"
+    log.info("rewrote the gateway truststore files %s", ", ".join(str(path) for path in written))
+    return f"rewrote {len(written)} gateway truststore file(s)"
 
 
 # ----------------------------------------------------------------------------- nginx

@@ -59,9 +59,13 @@ def resign_crls(ctx: Context) -> str:
 
 
 def renew_server_certificate(ctx: Context) -> str:
-    """Keep the serving certificate fresh (files on disk; uvicorn reads them at its next start)."""
+    """Keep the serving certificate fresh (files on disk; the listener reloads them). The result
+    is read over HTTP (``GET /v1/jobs``): where the files are goes to the log only."""
     tls = ensure_server_certificate(ctx)
-    return f"serving certificate in {tls.cert_path}"
+    if tls.issued is None:
+        return "serving certificate current"
+    log.info("renewed the serving certificate in %s (serial %s)", tls.cert_path, tls.issued)
+    return f"renewed the serving certificate: serial {tls.issued.hex[:12]}"
 
 
 def renew_istio_intermediates(ctx: Context) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +28,7 @@ from ca.grants import server_grant
 from ca.issue import issue_for_key
 from ca.keys import KeyType
 from ca.pem import private_key_pem
+from ca.serial import Serial
 from ca.store.models import CertificateRow
 
 __all__ = ["WITHDRAWN_BY", "ServerTls", "ensure_server_certificate"]
@@ -41,6 +42,7 @@ class ServerTls:
     cert_path: Path  # leaf then chain
     key_path: Path
     bundle_path: Path
+    issued: Serial | None = None  # the certificate this call put in place; None: it was good
 
 
 def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -113,4 +115,5 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
         }
         with withdrawn_unless_delivered(ctx, svid.serial, WITHDRAWN_BY), replacing_together(files):
             pass
+        return replace(tls, issued=svid.serial)
     return tls

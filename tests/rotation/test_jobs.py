@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
+from cryptography import x509
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -102,6 +103,31 @@ def test_each_run_is_recorded(ctx: Context, clock: FixedClock) -> None:
     assert status.runs == 2 and status.last_ok is True
     assert status.last_started == clock.now()
     assert status.next_run == clock.now() + dt.timedelta(hours=1)
+
+
+def test_a_serving_certificate_run_records_no_path(
+    ctx: Context, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The record is read over HTTP (``GET /v1/jobs``); it said 'serving certificate in
+    /srv/.../server/tls.crt'. Where the files are is for the log, when they change."""
+    job = job_named("server-certificate")
+    with caplog.at_level(logging.INFO, logger="trellis.jobs"):
+        renewed = run_job(ctx, job)
+    assert renewed is not None and renewed.last_ok
+    issued = cert_of_file(ctx.settings.server_tls_dir / "tls.crt")
+    assert renewed.last_result == f"renewed the serving certificate: serial {issued[:12]}"
+    assert str(ctx.settings.server_tls_dir / "tls.crt") in caplog.text
+    clock.advance(dt.timedelta(seconds=10))
+    current = run_job(ctx, job)
+    assert current is not None and current.last_result == "serving certificate current"
+    shown = jobs_json(ctx)["server-certificate"]
+    assert shown["last_result"] == "serving certificate current"
+    assert str(ctx.settings.data_dir) not in str(shown)
+
+
+def cert_of_file(path: Path) -> str:
+    """The serial (hex) of the first certificate in a PEM file."""
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
 
 
 @dataclasses.dataclass
