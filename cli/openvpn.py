@@ -264,7 +264,7 @@ def client_renew(
 def client_revoke(
     name: Annotated[str, typer.Argument(help="The user")],
     reason: Annotated[str, typer.Option(help="RFC 5280 reason")] = "cessationOfOperation",
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     authority: AuthorityOpt = openvpn.OPENVPN,
     json_out: JsonOpt = False,
 ) -> None:

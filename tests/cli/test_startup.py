@@ -92,6 +92,26 @@ def test_every_command_says_what_it_does_in_its_help() -> None:
         groups += [[*path, line.split()[0]] for line in listing.splitlines() if line[2] != " "]
 
 
+def test_every_command_that_confirms_takes_y_for_yes() -> None:
+    """docs/cli.md describes the commands that ask together, ``-y, --yes``: ``openvpn client
+    revoke`` took ``--yes`` only."""
+    runner = CliRunner()
+    groups, confirming = [[name] for name in COMMANDS], []
+    while groups:
+        path = groups.pop()
+        shown = runner.invoke(app, [*path, "--help"], prog_name="trellis", terminal_width=200)
+        if "--yes" in shown.output:
+            confirming.append(" ".join(path))
+            assert "-y, --yes" in shown.output, path
+        listing = shown.output.partition("\nCommands:\n")[2].partition("\n\n")[0]
+        groups += [[*path, line.split()[0]] for line in listing.splitlines() if line[2] != " "]
+    assert sorted(confirming) == [
+        "authority revoke-intermediate",
+        "openvpn client revoke",
+        "revoke",
+    ]
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_command_s_imports_run_without_the_collector_and_its_body_with_it(
     trellis: Trellis,
