@@ -68,6 +68,13 @@ def spec(client: TestClient) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_documented_api_reference_pages_are_served(client: TestClient, page: str) -> None:
+    """docs/api.md names both, each rendering ``/openapi.json``."""
+    response = client.get(page)
+    assert response.status_code == 200 and "/openapi.json" in response.text
+
+
 def test_every_route_is_documented_and_nothing_else(
     client: TestClient, spec: dict[str, Any]
 ) -> None:
