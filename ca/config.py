@@ -11,26 +11,33 @@ import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
 from ca.csr import check_dns_name, is_host
-from ca.errors import TrellisError
+from ca.errors import InvalidInput, TrellisError
 from ca.files import OwnData, data_directory
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
-from ca.keys.file import FileKeyBackend, KeyPassphrase
-from ca.keys.store import KeyStore, check_backend_name, unconfigured_backend
+from ca.keys.file import MIN_PASSPHRASE, FileKeyBackend, KeyPassphrase
+from ca.keys.store import KNOWN_BACKENDS, KeyStore, check_backend_name, unconfigured_backend
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
-__all__ = ["Context", "DataPaths", "Settings", "build_context"]
+__all__ = [
+    "Context",
+    "DataPaths",
+    "Settings",
+    "build_context",
+    "load_data_paths",
+    "load_settings",
+]
 
 
 # What Trellis keeps in the data dir (docs/configuration.md, "The data directory"): made and
@@ -100,7 +107,6 @@ class Settings(DataPaths):
     # NoDecode: parsed by the validator below, so that a value that is not JSON is a
     # validation error naming the variable, not pydantic-settings' SettingsError.
     server_names: Annotated[list[str], NoDecode] = []
-    key_backend: str = "file"  # where new authorities keep their keys: file or vault
     # seconds, published as spiffe_refresh_hint (at most a day: ca.jwks.MAX_REFRESH_HINT)
     bundle_refresh_hint: int = Field(DEFAULT_REFRESH_HINT, gt=0, le=MAX_REFRESH_HINT)
     # The node whose files this process keeps (gateway truststores) and whose node-scoped jobs
@@ -111,7 +117,7 @@ class Settings(DataPaths):
 
     # Vault / OpenBao (the vault key backend; see docs/vault.md)
     vault_addr: str | None = None
-    vault_auth_method: str = "token"  # token | approle | kubernetes
+    vault_auth_method: Literal["token", "approle", "kubernetes"] = "token"
     vault_token: SecretStr | None = None
     vault_token_file: Path | None = None
     vault_role_id: str | None = None
@@ -126,7 +132,29 @@ class Settings(DataPaths):
     vault_client_cert: Path | None = None
     vault_client_key: Path | None = None
     vault_namespace: str | None = None
-    vault_timeout: float = 10.0
+    vault_timeout: float = Field(10.0, gt=0, allow_inf_nan=False)
+    # Where new authorities keep their keys: file or vault. After the Vault settings, so that
+    # its validator sees TRELLIS_VAULT_ADDR.
+    key_backend: str = "file"
+
+    @field_validator("key_passphrase")
+    @classmethod
+    def _key_passphrase(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_PASSPHRASE:
+            raise ValueError(f"at least {MIN_PASSPHRASE} characters")
+        return value
+
+    @field_validator("key_backend")
+    @classmethod
+    def _key_backend(cls, value: str, info: ValidationInfo) -> str:
+        if value not in KNOWN_BACKENDS:
+            raise ValueError(f"not a key backend: {' or '.join(KNOWN_BACKENDS)}")
+        if value == "vault" and not info.data.get("vault_addr"):
+            raise ValueError(
+                "the vault key backend needs TRELLIS_VAULT_ADDR and its auth settings"
+                " (TRELLIS_VAULT_TOKEN, or TRELLIS_VAULT_AUTH_METHOD and its own: docs/vault.md)"
+            )
+        return value
 
     @field_validator("vault_token")
     @classmethod
@@ -233,6 +261,36 @@ class Settings(DataPaths):
 
 def _is_header_value(value: str) -> bool:
     return value.isascii() and value.isprintable() and " " not in value
+
+
+_Loaded = TypeVar("_Loaded", bound=DataPaths)
+
+
+def load_settings(**given: Any) -> Settings:
+    """The settings, ``given`` (a command's options) over the ``TRELLIS_*`` variables. A bad
+    one is one ``InvalidInput`` line (exit 2) for the first, named as the operator set it: the
+    option when a command passed one, else the variable (pydantic's report is a dozen lines and
+    a URL). A secret's value is never repeated: the line goes to a terminal or a log."""
+    return _loaded(Settings, given)
+
+
+def load_data_paths(**given: Any) -> DataPaths:
+    """``load_settings`` for the data dir and the database alone (``DataPaths``)."""
+    return _loaded(DataPaths, given)
+
+
+def _loaded(model: type[_Loaded], given: dict[str, Any]) -> _Loaded:
+    try:
+        return model(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        name = f"--{field.replace('_', '-')}" if field in given else f"TRELLIS_{field.upper()}"
+        message = str(first["msg"]).removeprefix("Value error, ")  # a validator's own ValueError
+        info = model.model_fields.get(field)
+        if info is not None and SecretStr in (info.annotation, *get_args(info.annotation)):
+            raise InvalidInput(f"{name}: {message}") from None
+        raise InvalidInput(f"{name}={str(first.get('input'))[:80]!r}: {message}") from None
 
 
 @dataclass

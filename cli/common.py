@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pydantic
 import typer
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
 from ca import errors
-from ca.config import Context, DataPaths, Settings, build_context
+from ca.config import Context, Settings, build_context, load_data_paths, load_settings
 from ca.files import OwnData, check_writable
 from ca.logs import REQUEST_ID
 from ca.store.db import SchemaPolicy
@@ -90,17 +89,6 @@ def require_set_up(settings: Settings) -> None:
         raise errors.NotInitialised(f"no Trellis database at {database}: {hint}")
 
 
-def _bad_setting(error: pydantic.ValidationError, *, given: dict[str, Any]) -> str:
-    """One line for the first bad setting, named as the operator set it: the option's value
-    when a command passed one, else the ``TRELLIS_*`` variable (pydantic's report is a dozen
-    lines and a URL)."""
-    first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "?"
-    name = f"--{field.replace('_', '-')}" if field in given else f"TRELLIS_{field.upper()}"
-    message = str(first["msg"]).removeprefix("Value error, ")  # a validator's own ValueError
-    return f"{name}={str(first.get('input'))[:80]!r}: {message}"
-
-
 class State:
     """Global options, set by the root callback; the context is built on first use."""
 
@@ -115,10 +103,7 @@ class State:
             values["data_dir"] = self.data_dir
         if self.database_url is not None:
             values["database_url"] = self.database_url
-        try:
-            return Settings(**values)
-        except pydantic.ValidationError as error:  # a TRELLIS_* variable (or an option) is bad
-            raise errors.InvalidInput(_bad_setting(error, given=values)) from None
+        return load_settings(**values)
 
     def own_data(self) -> OwnData:
         """Trellis's own files, which no output option may name (docs/cli.md). Option
@@ -127,10 +112,7 @@ class State:
         the agent) is not stopped by another ``TRELLIS_*`` variable it has no use for."""
         values = {"data_dir": self.data_dir, "database_url": self.database_url}
         given = {key: value for key, value in values.items() if value is not None}
-        try:
-            return DataPaths(**given).own_data()
-        except pydantic.ValidationError as error:
-            raise errors.InvalidInput(_bad_setting(error, given=given)) from None
+        return load_data_paths(**given).own_data()
 
     def context(
         self,

@@ -64,6 +64,14 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_NODE_NAME", ""),
         ("TRELLIS_NODE_NAME", "node a"),
         ("TRELLIS_NODE_NAME", "nöde-a"),
+        # said "key backend 'foo' is not configured", naming no variable
+        ("TRELLIS_KEY_BACKEND", "foo"),
+        ("TRELLIS_KEY_BACKEND", "vault"),  # without TRELLIS_VAULT_ADDR
+        # accepted (exit 0) without TRELLIS_VAULT_ADDR, unnamed with it
+        ("TRELLIS_VAULT_TIMEOUT", "-1"),
+        ("TRELLIS_VAULT_TIMEOUT", "0"),
+        ("TRELLIS_VAULT_TIMEOUT", "inf"),
+        ("TRELLIS_VAULT_AUTH_METHOD", "bogus"),
     ],
 )
 def test_a_bad_setting_stops_every_command_in_one_line(
@@ -72,6 +80,26 @@ def test_a_bad_setting_stops_every_command_in_one_line(
     bare.env[variable] = value
     for command in (["certs", "list"], ["serve"]):
         _one_line(bare.run(*command, ok=False), f"{variable}={value!r}: ")
+    assert not bare.data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TRELLIS_KEY_PASSPHRASE", "short", "at least 12 characters"),
+        ("TRELLIS_VAULT_TOKEN", "sec ret", "not a Vault token: only printable ASCII characters"),
+    ],
+)
+def test_a_bad_secret_setting_is_named_but_not_repeated(
+    bare: Trellis, variable: str, value: str, message: str
+) -> None:
+    """The line goes to a terminal or a log: the passphrase was unnamed ("the key passphrase
+    must be at least 12 characters"), the Vault token repeated (TRELLIS_VAULT_TOKEN='sec ret')."""
+    bare.env[variable] = value
+    for command in (["certs", "list"], ["serve"]):
+        result = bare.run(*command, ok=False)
+        _one_line(result, f"{variable}: {message}")
+        assert value not in result.stderr
     assert not bare.data_dir.exists()
 
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.config import Settings
 from ca.errors import InvalidInput, Unavailable
 from ca.keys import KeyType
-from ca.keys.vault import VaultKeyBackend, render_policy, requirements
+from ca.keys.vault import VaultAuth, VaultKeyBackend, render_policy, requirements
 from cli.main import main
 from tests.ca.test_file_keys import raw_sign, verify
 from tests.conftest import free_port
@@ -512,8 +512,6 @@ def test_settings_errors_name_the_missing_setting() -> None:
             Settings(vault_addr="http://127.0.0.1:1", vault_auth_method="approle")
         )
     with pytest.raises(InvalidInput, match="unknown Vault auth method"):
-        VaultKeyBackend.from_settings(
-            Settings(vault_addr="http://127.0.0.1:1", vault_auth_method="ldap")
-        )
+        VaultAuth(method="ldap")  # the settings refuse it first (tests/cli/test_settings.py)
     with pytest.raises(InvalidInput, match="TRELLIS_VAULT_TOKEN or TRELLIS_VAULT_TOKEN_FILE"):
         VaultKeyBackend.from_settings(Settings(vault_addr="http://127.0.0.1:1"))
