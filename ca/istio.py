@@ -517,13 +517,16 @@ def renew_due_clusters(ctx: Context) -> list[str]:
             for row in session.exec(select(IstioClusterRow)).all()
             if row.output or row.kubeconfig
         ]
-    done, failed = [], []
+    # Each failing cluster twice: for the log and the CLI (its detail, which can name its
+    # output's path) and for the run's record, read over HTTP (/readyz, GET /v1/jobs).
+    done, failed, failing = [], [], []
     for row in rows:
         due = row.not_before + (row.not_after - row.not_before) * RENEW_AFTER
         retry = row.updated_at + RENEWAL_INTERVAL - _RETRY_SLACK
         try:
             if row.last_error is not None and now < retry:
                 failed.append(f"{row.cluster}: {row.last_error} (retried from {retry:%H:%M:%S})")
+                failing.append(f"{row.cluster} (retried from {retry:%H:%M:%S})")
             elif now >= due or row.last_error is not None:
                 params = _params(row)
                 intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
@@ -536,6 +539,7 @@ def renew_due_clusters(ctx: Context) -> list[str]:
             error = _failure(exc)
             _record_delivery(ctx, row.cluster, error.detail)
             failed.append(f"{row.cluster}: {error.detail}")
+            failing.append(row.cluster)
         except Exception as exc:
             # Nobody foresaw it (a bug, a library's error): escaping, it skipped the clusters
             # after this one and left this one unrecorded, passing for delivered, so neither
@@ -545,6 +549,10 @@ def renew_due_clusters(ctx: Context) -> list[str]:
             detail = f"unexpected {type(exc).__name__} (see the server log)"
             _record_delivery(ctx, row.cluster, detail)
             failed.append(f"{row.cluster}: {detail}")
+            failing.append(row.cluster)
     if failed:
-        raise Unavailable("; ".join(failed))
+        raise Unavailable(
+            "; ".join(failed),
+            public=f"delivery failing: {', '.join(failing)} (trellis istio list)",
+        )
     return done

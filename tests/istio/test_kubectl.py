@@ -210,7 +210,8 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     # The failure is recorded once: its UPDATE is the last statement on the cluster's row (a
     # second recording of the same error read the row again, for an UPDATE with no change).
     assert on_the_row[-1].startswith("UPDATE istio_cluster SET last_error="), on_the_row
-    assert run.last_result.startswith("Unavailable: east: kubectl apply")
+    # Read over HTTP: the cluster, not its kubeconfig's path (the row and the log have that).
+    assert run.last_result == "Unavailable: delivery failing: east (trellis istio list)"
     assert SECRET not in kube.secrets
 
     kubeconfig(tmp_path / "kubeconfig", kube.url, kube.ca_pem)  # the server is back

@@ -293,3 +293,8 @@ def test_a_cacerts_yaml_broken_by_hand_is_refused_without_quoting_its_key(
     with Session(ctx.engine) as session:
         row = session.get(IstioClusterRow, "east")
         assert row is not None and row.last_error == message.removeprefix("east: ")
+    # What /readyz and GET /v1/jobs show of the run names the cluster, not the file.
+    with pytest.raises(Unavailable) as again:
+        job_named("istio-intermediates").run(ctx)
+    assert again.value.public.startswith("delivery failing: east (retried from ")
+    assert str(east) in again.value.detail
