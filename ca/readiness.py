@@ -1,4 +1,9 @@
-"""What ``/readyz`` asks of the keys: can every issuing key this instance serves sign now?
+"""What ``/readyz`` asks of the issuing CAs: can every one this instance serves issue now?
+
+Two questions. Is every active intermediate valid at this moment (``check_issuing_cas``)? An
+expired one (its successor's activation failed, or the scheduler could not run) or one not valid
+yet (this host's clock is behind) refuses every issuance, however usable its key is. And can
+every issuing key sign now (``check_issuing_keys``)?
 
 Every authority's active intermediate (the mesh, and the gateway's and OpenVPN's where they are
 set up) is checked, not only the mesh's: a replica whose gateway key file is missing (revoked and
@@ -17,10 +22,12 @@ import time
 from sqlmodel import Session, select
 
 from ca.cas import ca_certificate, ca_handle, ca_signer
+from ca.clock import utc
 from ca.config import Context
+from ca.errors import Unavailable
 from ca.store.models import CaRow
 
-__all__ = ["READY_FOR", "check_issuing_keys"]
+__all__ = ["READY_FOR", "check_issuing_cas", "check_issuing_keys"]
 
 READY_FOR = 5.0  # seconds
 _KEY = ("readiness", "issuing-keys")
@@ -38,11 +45,37 @@ def check_issuing_keys(ctx: Context) -> None:
     ctx.cache[_KEY] = now
 
 
-def _check(ctx: Context) -> None:
+def check_issuing_cas(ctx: Context) -> None:
+    """Raise ``Unavailable`` if some authority's active intermediate is outside its validity
+    at this moment: ``ca.issue.validity_window`` refuses every issuance then, so the replica is
+    not ready. Asked at every probe (one small query), never cached: expiry comes with the clock,
+    not with a change anyone makes."""
+    now = ctx.clock.now()
+    for row in _active(ctx):
+        which = f"the issuing CA of authority {row.authority!r} ({row.serial[:12]})"
+        if now < utc(row.not_before):
+            raise Unavailable(
+                f"{which} is not valid until {utc(row.not_before).isoformat()}: "
+                "is this host's clock behind?"
+            )
+        if now >= utc(row.not_after):
+            raise Unavailable(
+                f"{which} expired at {utc(row.not_after).isoformat()}: "
+                "nothing can be issued until it rotates"
+            )
+
+
+def _active(ctx: Context) -> list[CaRow]:
     with Session(ctx.engine) as session:
-        rows = session.exec(
-            select(CaRow).where(CaRow.role == "intermediate", CaRow.state == "active")
-        ).all()
+        return list(
+            session.exec(
+                select(CaRow).where(CaRow.role == "intermediate", CaRow.state == "active")
+            ).all()
+        )
+
+
+def _check(ctx: Context) -> None:
+    rows = _active(ctx)
     for row in rows:
         ca_signer(ctx, row)
     ctx.keys.check([(ca_handle(row), ca_certificate(ctx, row).public_key()) for row in rows])

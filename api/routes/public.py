@@ -21,7 +21,7 @@ from ca.bundle import read_bundle
 from ca.config import Context
 from ca.errors import TrellisError
 from ca.jwks import bundle_jwks
-from ca.readiness import check_issuing_keys
+from ca.readiness import check_issuing_cas, check_issuing_keys
 from ca.scheduler import job_statuses
 
 log = logging.getLogger("trellis.api")
@@ -88,8 +88,13 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    responses={503: {"model": Health, "description": "Database or keys unreachable"}},
-    summary="The database answers and the issuing key can be used",
+    responses={
+        503: {
+            "model": Health,
+            "description": "Database or keys unreachable, or an issuing CA not valid now",
+        }
+    },
+    summary="The database answers and every issuing CA can issue",
 )
 def readyz(ctx: CtxDep) -> Response:
     detail: dict[str, str] = {}
@@ -108,6 +113,14 @@ def readyz(ctx: CtxDep) -> Response:
         detail["keys"] = _unready(ctx, "keys", exc)
     except sa.exc.SQLAlchemyError:
         detail["keys"] = "unknown: database unavailable"
+    try:
+        check_issuing_cas(ctx)
+        detail["ca"] = "ok"
+        ctx.cache.pop(("readyz", "ca"), None)
+    except TrellisError as exc:
+        detail["ca"] = _unready(ctx, "ca", exc)
+    except sa.exc.SQLAlchemyError:
+        detail["ca"] = "unknown: database unavailable"
     try:
         crl_problem = openvpn.crl_health(ctx)
         if crl_problem:
