@@ -107,9 +107,10 @@ def rotate_root(
        certificates are revoked and its key destroyed.
 
     Concurrent calls are serialised by ``rotation_lock``; one that finds the lock held raises
-    ``Conflict``. The step a call takes is the one after the state it read before waiting for
-    the lock (a compare-and-set): one that waited while another acted finds the state moved,
-    reports it and changes nothing, so two ``--step`` runs at once cannot switch and retire.
+    ``RotationInProgress`` (a ``Conflict``). The step a call takes is the one after the state it
+    read before waiting for the lock (a compare-and-set): one that waited while another acted
+    finds the state moved, reports it and changes nothing, so two ``--step`` runs at once cannot
+    switch and retire.
     """
     with Session(ctx.engine) as session:
         expected = _position(session.get(RootRotationRow, authority))
@@ -117,8 +118,7 @@ def rotate_root(
     retired_key: KeyHandle | None = None
     try:
         with Session(ctx.engine) as session:
-            if not rotation_lock(session, authority):
-                raise Conflict("another rotation of this authority is running: try again")
+            rotation_lock(session, authority)
             rotator = Rotator(ctx, session, authority, actor)
             now = rotator.now
             state = session.get(RootRotationRow, authority)

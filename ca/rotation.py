@@ -38,7 +38,7 @@ from ca.bundle import sync_bundle, trust_anchors, write_bundle_file
 from ca.cas import ca_certificate, ca_signer, load_ca_key
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import InternalError, NotInitialised
+from ca.errors import Conflict, InternalError, NotInitialised
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.profiles import sign
@@ -48,6 +48,7 @@ from ca.store.models import AuthorityRow, CaRow, RootRotationRow
 __all__ = [
     "AuthorityStatus",
     "CaStatus",
+    "RotationInProgress",
     "RotationPolicy",
     "Rotator",
     "Transition",
@@ -89,9 +90,17 @@ class Transition:
     at: dt.datetime
 
 
-def rotation_lock(session: Session, authority: str) -> bool:
-    """Hold the authority's rotation lock until the transaction ends; False if another process
-    holds it (or, on SQLite, keeps the database busy past the busy timeout).
+class RotationInProgress(Conflict):
+    """The authority's rotation lock is held elsewhere (another replica's or command's rotation,
+    or on SQLite any writer holding the database past the busy timeout). A caller is told to try
+    again (409, exit 6), never that nothing was due: it does not know. The scheduled job skips
+    its run, as it does while another replica runs the job: the next one comes in seconds."""
+
+
+def rotation_lock(session: Session, authority: str) -> None:
+    """Hold the authority's rotation lock until the transaction ends, or raise
+    ``RotationInProgress`` if another process holds it (or, on SQLite, keeps the database busy
+    past the busy timeout).
 
     PostgreSQL: an advisory lock for the authority. SQLite: the database's write lock, taken
     before the state is read (``BEGIN IMMEDIATE``). pysqlite begins a transaction only at the
@@ -101,11 +110,16 @@ def rotation_lock(session: Session, authority: str) -> bool:
         try:
             session.execute(sa.text("BEGIN IMMEDIATE"))
         except sa.exc.OperationalError:
-            return False
-        return True
+            raise _in_progress(authority, "the database stayed busy for the busy timeout") from None
+        return
     key = 0x7E11 << 32 | zlib.crc32(authority.encode())
-    return bool(
-        session.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar()
+    if not session.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar():
+        raise _in_progress(authority, "its lock is held")
+
+
+def _in_progress(authority: str, why: str) -> RotationInProgress:
+    return RotationInProgress(
+        f"another rotation of authority {authority!r} is running ({why}): try again"
     )
 
 
@@ -213,14 +227,14 @@ def rotate(
     """Do whatever transitions are due now (idempotent); ``force`` does the next one regardless.
 
     A process that was down past a transition catches up here: an expired or missing active
-    intermediate is replaced at once.
+    intermediate is replaced at once. Raises ``RotationInProgress`` if another process holds
+    the authority's rotation lock: whether anything was due is then unknown.
     """
     policy = policy or RotationPolicy()
     rotator: Rotator | None = None
     try:
         with Session(ctx.engine) as session:
-            if not rotation_lock(session, authority):
-                return []  # another replica is rotating this authority right now
+            rotation_lock(session, authority)
             rotator = Rotator(ctx, session, authority, actor)
             now = rotator.now
             roots = ca_rows(session, authority, "root", "active")

@@ -21,7 +21,7 @@ def get_status(authority: AuthorityName, ctx: CtxDep, _admin: AdminDep) -> Autho
 @router.post(
     "/authorities/{authority}/rotate",
     response_model=list[TransitionOut],
-    responses=responses(404),
+    responses=responses(404, 409),
     summary="Perform due transitions; force=true performs the next one now",
 )
 def rotate_now(

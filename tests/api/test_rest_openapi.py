@@ -28,7 +28,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("GET", "/v1/certificates"): {400, 401, 403},
     ("GET", "/v1/certificates/{serial}"): {400, 401, 403, 404},
     ("POST", "/v1/certificates/{serial}/revoke"): {400, 401, 403, 404, 409, 413},
-    ("POST", "/v1/authorities/{authority}/rotate"): {400, 401, 403, 404},
+    ("POST", "/v1/authorities/{authority}/rotate"): {400, 401, 403, 404, 409},
     ("GET", "/v1/ca/{authority}/{ca}.crt"): {400, 404},
     ("GET", "/v1/crl/{authority}/{ca}.crl"): {400, 404, 503},
     ("GET", "/v1/crl/{authority}/{ca}.pem"): {400, 404, 503},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlmodel import Session
 
 from ca import rotation
 from ca.authority import AuthorityParams, active_issuer, init_authority, load_authority
@@ -24,7 +26,7 @@ from ca.bundle import read_bundle
 from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
 from ca.durations import Ttl
-from ca.errors import InternalError, InvalidInput, NotInitialised, Unavailable
+from ca.errors import Conflict, InternalError, InvalidInput, NotInitialised, Unavailable
 from ca.grants import join_grant
 from ca.issue import IssuedSvid, issue_svid_async
 from ca.jobs import rotate_cas
@@ -317,6 +319,41 @@ def test_force_does_exactly_one_transition_per_call(drill_ctx: Context) -> None:
         current = prepared
     assert len(ca_rows(drill_ctx)) == 3
     assert len(events(drill_ctx, "prepared")) == 2 and len(events(drill_ctx, "activated")) == 2
+
+
+@BOTH_DATABASES
+def test_a_rotation_that_cannot_take_the_lock_is_a_conflict(drill_ctx: Context) -> None:
+    """Another process holds the authority's rotation lock (on SQLite, the database's write
+    lock, given up after the 10-second busy timeout): the caller cannot know whether anything
+    was due, so it is told to try again, not that nothing was; the scheduled job skips the
+    authority for this run without failing (docs/rotation.md)."""
+    with Session(drill_ctx.engine) as holder:
+        rotation.rotation_lock(holder, "mesh")
+        with pytest.raises(rotation.RotationInProgress, match="another rotation") as raised:
+            rotate(drill_ctx, force=True, actor="cli")
+        assert isinstance(raised.value, Conflict)  # 409, exit 6
+        assert rotate_cas(drill_ctx) == "mesh: skipped, another rotation is running"
+        holder.rollback()
+    assert ca_rows(drill_ctx, state="prepared") == [] and events(drill_ctx, "prepared") == []
+    assert [t.event for t in rotate(drill_ctx, force=True)] == ["prepared"]
+
+
+@pytest.mark.slow
+def test_cli_rotate_while_the_database_is_locked_exits_6(tmp_path: Path) -> None:
+    database = tmp_path / "trellis.db"
+    cli = Trellis(tmp_path / "var", f"sqlite:///{database}")
+    cli.run("init", "--trust-domain", "example.org", "--ca-ttl", "3m", "--svid-ttl", "30s")
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        result = cli.run("authority", "rotate", "--now", ok=False)
+    finally:
+        holder.close()
+    assert result.returncode == 6, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another rotation of authority 'mesh' is running" in lines[0]
+    assert cli.run("authority", "rotate", "--now").stdout.startswith("prepared ")
 
 
 @BOTH_DATABASES
