@@ -22,7 +22,7 @@ from ca.cas import ca_handle
 from ca.checks import check_ca
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, Unavailable
+from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
@@ -525,15 +525,34 @@ def _load_active_issuer(ctx: Context, name: str) -> Issuer:
     return issuer
 
 
-def check_keys(ctx: Context) -> int:
+def check_keys(ctx: Context) -> list[TrellisError]:
     """Unlock every CA key that may be used (active and prepared CAs of every authority), so a
-    missing key file or a wrong passphrase stops start-up instead of the first signature."""
+    missing key file or a wrong passphrase stops start-up instead of the first signature.
+
+    An active CA's key that cannot be used is raised: that authority cannot issue (or sign its
+    CRLs, or prepare the next intermediate). A prepared intermediate's is returned instead: the
+    active one issues on, and the activation that would need the key stops when due
+    (``Rotator.activate``), which the ``ca-rotation`` job reports; refusing to start would take
+    away a server that can issue."""
     with Session(ctx.engine) as session:
         rows = session.exec(select(CaRow).where(col(CaRow.state).in_(("active", "prepared")))).all()
+    problems: list[TrellisError] = []
     for row in rows:
-        if row.role != "cross":
+        if row.role == "cross":
+            continue
+        try:
             ctx.keys.load(ca_handle(row), certified=_certificate(row).public_key())
-    return len(rows)
+        except TrellisError as exc:
+            if row.state != "prepared":
+                raise
+            log.warning(
+                "%s: the prepared intermediate %s cannot be activated: %s",
+                row.authority,
+                row.serial[:12],
+                exc.detail,
+            )
+            problems.append(exc)
+    return problems
 
 
 def bundle_pem(ctx: Context, name: str = MESH) -> bytes:

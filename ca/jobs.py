@@ -22,10 +22,11 @@ from ca import audit, gateway
 from ca.bundle import sync_bundle
 from ca.config import Context
 from ca.crl import refresh_stale_crls
-from ca.errors import Unavailable
+from ca.errors import TrellisError, Unavailable
 from ca.federation import list_federations, refresh_due
 from ca.istio import RENEWAL_INTERVAL, renew_due_clusters
 from ca.openvpn import crl_health, renew_server_certificates, write_crl_files
+from ca.readiness import check_issuing_cas
 from ca.rotation import RotationInProgress, rotate
 from ca.serving import ensure_server_certificate
 from ca.store.models import AuthorityRow, RenewalNonceRow
@@ -41,25 +42,48 @@ def rotate_cas(ctx: Context) -> str:
     An authority whose rotation lock is held elsewhere (an operator's ``authority rotate``,
     another replica) is skipped this run, not failed: like a job whose lock another replica
     holds, it is no fault to alert on, and the next run, seconds later, does what is due."""
-    with Session(ctx.engine) as session:
-        names = list(session.exec(select(AuthorityRow.name)).all())
     done = []
-    for name in names:
-        try:
-            transitions = rotate(ctx, name)
-        except RotationInProgress:
-            done.append(f"{name}: skipped, another rotation is running")
-            continue
-        done += [f"{name}: {t.event} {t.serial[:12]}" for t in transitions]
-        with Session(ctx.engine) as session:
-            sync_bundle(session, name, ctx.clock.now())
-            session.commit()
+    for name in _authorities(ctx):
+        done += _rotate_authority(ctx, name)
     return "; ".join(done) or "nothing due"
 
 
+def _authorities(ctx: Context) -> list[str]:
+    with Session(ctx.engine) as session:
+        return list(session.exec(select(AuthorityRow.name)).all())
+
+
+def _rotate_authority(ctx: Context, name: str) -> list[str]:
+    try:
+        transitions = rotate(ctx, name)
+    except RotationInProgress:
+        return [f"{name}: skipped, another rotation is running"]
+    with Session(ctx.engine) as session:
+        sync_bundle(session, name, ctx.clock.now())
+        session.commit()
+    return [f"{name}: {t.event} {t.serial[:12]}" for t in transitions]
+
+
 def catch_up(ctx: Context) -> None:
-    """Start-up: perform overdue rotations before anything is issued (errors surface here)."""
-    log.info("job ca-rotation: %s", rotate_cas(ctx))
+    """Start-up: perform overdue rotations before anything is issued.
+
+    A transition that fails while the authority's active intermediate still issues (a prepared
+    key replaced since it was validated stops its activation, docs/rotation.md) is logged, and
+    start-up goes on, as a running server goes on issuing: the ``ca-rotation`` job, which the
+    scheduler runs at once, retries and records it. Only a failure that leaves the authority
+    nothing to issue with (its active intermediate expired or missing) stops start-up."""
+    done = []
+    for name in _authorities(ctx):
+        try:
+            done += _rotate_authority(ctx, name)
+        except TrellisError as exc:
+            try:
+                check_issuing_cas(ctx, name)
+            except Unavailable:
+                raise exc from None
+            log.warning("job ca-rotation: %s: %s: %s", name, type(exc).__name__, exc.detail)
+            done.append(f"{name}: failed, its active intermediate issues on")
+    log.info("job ca-rotation: %s", "; ".join(done) or "nothing due")
 
 
 def resign_crls(ctx: Context) -> str:

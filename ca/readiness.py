@@ -45,13 +45,16 @@ def check_issuing_keys(ctx: Context) -> None:
     ctx.cache[_KEY] = now
 
 
-def check_issuing_cas(ctx: Context) -> None:
-    """Raise ``Unavailable`` if some authority's active intermediate is outside its validity
-    at this moment: ``ca.issue.validity_window`` refuses every issuance then, so the replica is
-    not ready. Asked at every probe (one small query), never cached: expiry comes with the clock,
-    not with a change anyone makes."""
+def check_issuing_cas(ctx: Context, authority: str | None = None) -> None:
+    """Raise ``Unavailable`` if some authority's (or ``authority``'s) active intermediate is
+    missing or outside its validity at this moment: ``ca.issue.validity_window`` refuses every
+    issuance then, so the replica is not ready. Asked at every probe (one small query), never
+    cached: expiry comes with the clock, not with a change anyone makes."""
     now = ctx.clock.now()
-    for row in _active(ctx):
+    rows = [row for row in _active(ctx) if authority in (None, row.authority)]
+    if authority is not None and not rows:
+        raise Unavailable(f"authority {authority!r} has no active issuing CA")
+    for row in rows:
         which = f"the issuing CA of authority {row.authority!r} ({row.serial[:12]})"
         if now < utc(row.not_before):
             raise Unavailable(

@@ -63,7 +63,7 @@ def serve(
     load_authority(ctx)  # refuses to start without a CA, with the init hint
     catch_up(ctx)  # a process that was down past a transition performs it before serving
     issuer = active_issuer(ctx)
-    check_keys(ctx)  # and refuses without every CA key it may need
+    check_keys(ctx)  # and refuses without every active CA key (a prepared one is logged)
     scheme = "http" if no_tls else "https"
     tls_options: dict[str, str] = {}
     if not no_tls:

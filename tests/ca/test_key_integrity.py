@@ -18,9 +18,11 @@ from api.app import create_app
 from ca import gateway
 from ca.authority import active_issuer, check_keys
 from ca.certs import CertStatus, get_certificate, revoke_certificate
+from ca.clock import FixedClock, utc
 from ca.config import Context
 from ca.crl import current_crl
 from ca.errors import Unavailable
+from ca.jobs import catch_up
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.rotation import rotate
@@ -40,6 +42,7 @@ from tests.ca.svidkit import (
 from tests.ca.svidkit import new_key as new_subject_key
 from tests.ca.test_ocsp import request_der
 from tests.cli.test_walkthrough import Trellis
+from tests.rotation.rotkit import activate_moment, only, prepare_moment
 
 pytestmark = SQLITE_ONLY
 TD = "example.org"
@@ -187,6 +190,35 @@ def test_a_prepared_intermediate_whose_key_cannot_be_loaded_is_not_activated(
         rotate(ctx, force=True, actor="test")  # activate
     assert intermediate_serials(ctx) == before
     enrol(ctx, f"spiffe://{TD}/still-issuing")  # the active intermediate signs on
+
+
+@REPLACEMENTS
+def test_start_up_goes_on_while_a_broken_prepared_intermediate_is_due(
+    ctx: Context, clock: FixedClock, replace: Callable[[Context, Path], None]
+) -> None:
+    """What ``trellis serve`` does at start (``catch_up``, then ``check_keys``) with a prepared
+    intermediate whose key was replaced, due for activation while the active one is valid: as
+    the running job, it logs the stopped activation and goes on (the active one issues); it
+    refused to start (exit 8). Once the active one has expired too, nothing can issue: refused."""
+    active = only(ctx, "intermediate", "active")
+    clock.current = prepare_moment(active)
+    assert [t.event for t in rotate(ctx, actor="test")] == ["prepared"]
+    before = intermediate_serials(ctx)
+    replace(ctx, intermediate_key_file(ctx, state="prepared"))
+    ctx.cache.clear()
+    clock.current = activate_moment(active)
+
+    catch_up(ctx)
+    problems = check_keys(ctx)
+    assert [type(p) for p in problems] == [Unavailable]
+    assert "CA key mesh-intermediate-" in problems[0].detail
+    assert intermediate_serials(ctx) == before
+    enrol(ctx, f"spiffe://{TD}/still-issuing")
+
+    clock.current = utc(active.not_after)
+    with pytest.raises(Unavailable, match="CA key mesh-intermediate-"):
+        catch_up(ctx)
+    assert intermediate_serials(ctx) == before
 
 
 def test_readiness_checks_every_issuing_key(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
