@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, AuthorityName, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
-from api.schemas import AuthorityStatusOut, JobOut, TransitionOut
+from api.schemas import AuthorityStatusOut, JobOut, RotateRequest, TransitionOut
+from ca.errors import InvalidInput
 from ca.rotation import authority_status, rotate
 from ca.scheduler import job_statuses
 
@@ -25,9 +28,21 @@ def get_status(authority: AuthorityName, ctx: CtxDep, _admin: AdminDep) -> Autho
     summary="Perform due transitions; force=true performs the next one now",
 )
 def rotate_now(
-    authority: AuthorityName, ctx: CtxDep, admin: AdminDep, force: bool = False
+    authority: AuthorityName,
+    ctx: CtxDep,
+    admin: AdminDep,
+    body: RotateRequest | None = None,
+    force: Annotated[
+        bool | None, Query(description="The same as the body's force, for callers without one")
+    ] = None,
 ) -> list[TransitionOut]:
-    done = rotate(ctx, authority, force=force, actor=str(admin))
+    """The body is read as revoke-intermediate's is (unknown fields, or JSON that does not
+    parse, refused): ignored, {"force": true} was a silent no-op."""
+    given = body is not None and "force" in body.model_fields_set
+    if given and force is not None:
+        raise InvalidInput("give force in the body or in the query, not both")
+    forced = body.force if body is not None and given else bool(force)
+    done = rotate(ctx, authority, force=forced, actor=str(admin))
     return [TransitionOut(event=t.event, serial=t.serial, at=t.at) for t in done]
 
 

@@ -225,6 +225,10 @@ class IntermediateRevokeRequest(RequestBody):
     reason: str = Field(default="cACompromise", examples=["keyCompromise"])
 
 
+class RotateRequest(RequestBody):
+    force: StrictBool = Field(default=False, description="Perform the next transition now")
+
+
 class IdentityRevokeRequest(RequestBody):
     spiffe_id: str = Field(max_length=2048)
     reason: str = Field(default="unspecified", examples=["keyCompromise"])

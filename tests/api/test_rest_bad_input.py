@@ -22,6 +22,7 @@ from ca.config import Context
 from ca.renewal import make_proof
 from tests.api.restkit import Rest, assert_problem, bearer, make_csr, tamper_signature
 from tests.ca.svidkit import openssl_rsa_pss_csr
+from tests.rotation.rotkit import ca_rows
 from tests.selfsigned import self_signed
 
 
@@ -329,3 +330,32 @@ def test_a_value_its_pattern_refuses_is_named_without_the_pattern(rest: Rest) ->
     response = rest.client.get("/v1/gateway/consumers/Not%20A%20Name", headers=rest.admin)
     problem = assert_problem(response, 400)
     assert problem["detail"] == "path.name: 'Not A Name' is not a valid value"
+
+
+def test_rotate_reads_its_body_as_revoke_intermediate_does(rest: Rest, ctx: Context) -> None:
+    """Regression: the body was ignored, so {"force": true} answered 200 [] having done
+    nothing, and JSON that does not parse was 200. It is read like revoke-intermediate's: an
+    optional {"force": bool}, unknown fields, non-booleans and bad JSON refused (400), changing
+    nothing; ?force= stays for callers without a body, but not beside one."""
+    path = "/v1/authorities/mesh/rotate"
+    json_type = {**rest.admin, "content-type": "application/json"}
+    refused: list[dict[str, Any]] = [
+        {"content": b"{nope", "headers": json_type},
+        {"content": b"{nope", "headers": rest.admin},  # curl -d: form-encoded
+        {"json": {"force": True, "bogus": 1}, "headers": rest.admin},
+        {"json": {"force": "yes"}, "headers": rest.admin},
+        {"json": [True], "headers": rest.admin},
+        {"json": {"force": True}, "params": {"force": "true"}, "headers": rest.admin},
+    ]
+    for request in refused:
+        assert_problem(rest.client.post(path, **request), 400)
+    assert [row.state for row in ca_rows(ctx)] == ["active"], "a refused request rotated"
+
+    prepared = rest.client.post(path, json={"force": True}, headers=rest.admin)
+    assert prepared.status_code == 200, prepared.text
+    assert [t["event"] for t in prepared.json()] == ["prepared"]
+    activated = rest.client.post(path, json={}, params={"force": "true"}, headers=rest.admin)
+    assert sorted(t["event"] for t in activated.json()) == ["activated", "retired"]
+    for nothing_due in ({"json": {}}, {"json": {"force": False}}, {}):
+        answer = rest.client.post(path, headers=rest.admin, **nothing_due)
+        assert answer.status_code == 200 and answer.json() == [], answer.text
