@@ -133,7 +133,7 @@ def readyz(ctx: CtxDep) -> Response:
     # Failing jobs are reported but do not take the replica out of rotation: it still issues.
     try:
         failing = [  # this replica's concern: the cluster's jobs and its own node's
-            f"{j.label} ({j.consecutive_failures}x: {j.last_result[:80]})"
+            f"{j.label} ({j.consecutive_failures}x: {_shortened(j.last_result)})"
             for j in job_statuses(ctx, node=ctx.settings.node_name)
             if j.failing
         ]
@@ -142,6 +142,18 @@ def readyz(ctx: CtxDep) -> Response:
         detail["jobs"] = "unknown"
     body = Health(status="ok" if ok else "unavailable", detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _shortened(reason: str, limit: int = 80) -> str:
+    """A failing job's reason in ``/readyz``, cut at the last word that fits and marked "…"
+    (``trellis jobs list`` and ``GET /v1/jobs`` have it whole): cut mid-word without a mark,
+    it read as the whole reason."""
+    if len(reason) <= limit:
+        return reason
+    cut = reason[: limit - 1]
+    if reason[limit - 1] != " " and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]  # a word the limit cut into
+    return cut.rstrip(" ,;:") + "…"
 
 
 def _unready(ctx: Context, part: str, problem: TrellisError) -> str:

@@ -186,6 +186,28 @@ def test_a_failing_job_is_recorded_and_shown_in_readyz(
         assert client.get("/readyz").json()["detail"]["jobs"] == "ok"
 
 
+def test_readyz_shortens_a_long_failure_at_a_word_with_an_ellipsis(ctx: Context) -> None:
+    """Regression: the reason was cut at 80 characters mid-word and unmarked ("... is not )")."""
+    reason = (
+        "CA key mesh-intermediate-ae4ec158f959 in the file key store is not the key of its CA "
+        "certificate (replaced, or restored from another instance): nothing is signed with it"
+    )
+
+    def broken(_ctx: Context) -> str:
+        raise Unavailable(reason)
+
+    job = dataclasses.replace(job_named("crl-resign"), run=broken)
+    for _ in range(FAILING_AFTER):
+        run_job(ctx, job)
+    with TestClient(create_app(ctx)) as client:
+        jobs = client.get("/readyz").json()["detail"]["jobs"]
+    assert jobs == (
+        f"failing: crl-resign ({FAILING_AFTER}x: Unavailable: CA key mesh-intermediate-ae4ec158f959"
+        " in the file key store is not…)"
+    )
+    assert jobs_json(ctx)["crl-resign"]["last_result"] == f"Unavailable: {reason}"  # whole
+
+
 class RecordingScheduler:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
