@@ -7,7 +7,8 @@ traceback, and once it runs Typer turns a ``KeyboardInterrupt`` into a silent ex
 own. ``Interrupted`` is neither, so it reaches ``main`` wherever it was raised, after the
 ``finally`` and ``except BaseException`` blocks on its way have removed what the command left
 half done (a temporary file, a staged SVID directory, a data dir an init was setting up). A
-second Ctrl-C while they run is ignored: it would interrupt the clean-up itself. A SIGINT that
+second Ctrl-C while they run is ignored: it would interrupt the clean-up itself. So is one
+after the command is done (``finished``): it exits with its own status. A SIGINT that
 the parent ignores (a background job of a script, ``nohup``) stays ignored. ``trellis agent``
 installs its own handler: a stop request, exit 0 (docs/rotation.md).
 
@@ -47,6 +48,19 @@ class Interrupted(BaseException):
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up on the way out runs to its end
     raise Interrupted
+
+
+def finished() -> None:
+    """The command is done: its result is out (printed, or its ``trellis:`` line) and its work
+    committed. A Ctrl-C from here on is ignored, and the command exits with its own status,
+    quietly: what is left is closing the database (the pool's connections) and the
+    interpreter's shutdown, where ``Interrupted`` came out as a traceback from inside
+    SQLAlchemy's pool, and after Python's shutdown restored SIGINT's default, as a death by
+    SIGINT; and exit 130 would tell a script that a command it should not repeat (a token
+    created, a certificate revoked) did not run. Only our own handler is replaced: a SIGINT
+    the parent ignored stays ignored, and ``trellis agent``'s stop request is its own."""
+    if signal.getsignal(signal.SIGINT) is _interrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class OneLineLog(logging.Handler):

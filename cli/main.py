@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from ca.errors import TrellisError, Unavailable
 from cli.common import EXIT_CODES, STATE, exit_code
-from cli.launch import imports_done
+from cli.launch import finished, imports_done
 
 # name: (module, attribute), a command function or a sub-command Typer, in ``--help`` order.
 COMMANDS = {
@@ -134,4 +134,5 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"trellis: the database cannot be used: {_one_line(str(error.orig))}", err=True)
         sys.exit(EXIT_CODES[Unavailable])
     finally:
+        finished()  # a Ctrl-C while the database closes changes nothing: ignored
         STATE.close()

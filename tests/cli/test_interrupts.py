@@ -4,6 +4,7 @@ never answers), with nothing half-written; ``trellis agent`` takes it as a stop 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from ca.config import Context
 from ca.serving import ensure_server_certificate
 from tests.ca.svidkit import SQLITE_ONLY, enrol, svid_dir_listing
 from tests.cli.test_walkthrough import TRELLIS
+from tests.conftest import PASSPHRASE
 from tests.fakeserver import fake_server
 from tests.processes import stopped_by_sigterm
 
@@ -103,3 +105,59 @@ def test_sigint_stops_the_agent_during_a_request(ctx: Context, tmp_path: Path) -
     assert status == 0, lines
     assert "stopped" in lines[-1], lines
     assert not (tmp_path / "svid" / "svid.pem").exists()
+
+
+# Runs ``trellis`` in-process with a SIGINT sent to itself as the command finishes: while the
+# database is closed (``Context.close``: the pool's connections) or from an atexit hook, in the
+# interpreter's shutdown. The moment is what a Ctrl-C at a terminal hits only by chance.
+_LANDING = """
+import atexit, os, signal, sys
+from ca.config import Context
+from cli.launch import main
+
+def sigint():
+    os.kill(os.getpid(), signal.SIGINT)
+
+if sys.argv[1] == "closing":
+    close = Context.close
+    def closing(self):
+        sigint()
+        close(self)
+    Context.close = closing
+else:
+    atexit.register(sigint)
+sys.argv = ["trellis", *sys.argv[2:]]
+main()
+"""
+
+
+@SQLITE_ONLY
+def test_a_sigint_once_the_command_is_done_is_ignored(ctx: Context, tmp_path: Path) -> None:
+    """Regression: a Ctrl-C landing as a command finished (its answer printed, its work
+    committed) was a traceback from inside SQLAlchemy's pool and 'trellis: interrupted', exit
+    130, or a death by SIGINT: the command exits with its own status, nothing more said."""
+    settings = ctx.settings
+    env = {
+        **os.environ,
+        "TRELLIS_DATA_DIR": str(settings.data_dir),
+        "TRELLIS_DATABASE_URL": settings.database_url,
+        "TRELLIS_KEY_PASSPHRASE": PASSPHRASE,
+    }
+    python = str(Path(TRELLIS).with_name("python"))
+    for moment in ("closing", "shutdown"):
+        for args, status in ((["authority", "status", "--json"], 0), (["certs", "show", "00"], 2)):
+            done = subprocess.run(
+                [python, "-c", _LANDING, moment, *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=_sigint_as_at_a_terminal,
+                check=False,
+            )
+            assert done.returncode == status, (moment, args, done.stderr)
+            assert "Traceback" not in done.stderr and "interrupted" not in done.stderr
+            if status == 0:
+                assert json.loads(done.stdout)["name"] == "mesh" and done.stderr == ""
+            else:
+                assert done.stderr.startswith("trellis: ") and len(done.stderr.splitlines()) == 1
