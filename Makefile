@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TRUST_DOMAIN ?= example.org
-PYTEST_ARGS ?= -n auto
+# worksteal: a worker that runs out of tests takes some of the other's queue. With the default
+# scheduler a worker left with the tens-of-seconds process tests ran them alone at the end
+# (9 min 7 s against 8 min 36 s for the same 2,249 tests on this 2-core machine, one run each).
+PYTEST_ARGS ?= -n auto --dist worksteal
 
 .PHONY: run test lint clean
 
