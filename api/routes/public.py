@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -104,23 +105,8 @@ def readyz(ctx: CtxDep) -> Response:
         detail["database"] = "ok"
     except sa.exc.SQLAlchemyError as exc:
         detail["database"] = f"unavailable: {type(exc).__name__}"
-    try:
-        active_issuer(ctx)
-        check_issuing_keys(ctx)
-        detail["keys"] = "ok"
-        ctx.cache.pop(("readyz", "keys"), None)
-    except TrellisError as exc:
-        detail["keys"] = _unready(ctx, "keys", exc)
-    except sa.exc.SQLAlchemyError:
-        detail["keys"] = "unknown: database unavailable"
-    try:
-        check_issuing_cas(ctx)
-        detail["ca"] = "ok"
-        ctx.cache.pop(("readyz", "ca"), None)
-    except TrellisError as exc:
-        detail["ca"] = _unready(ctx, "ca", exc)
-    except sa.exc.SQLAlchemyError:
-        detail["ca"] = "unknown: database unavailable"
+    detail["keys"] = _checked(ctx, "keys", lambda: (active_issuer(ctx), check_issuing_keys(ctx)))
+    detail["ca"] = _checked(ctx, "ca", lambda: check_issuing_cas(ctx))
     try:
         crl_problem = openvpn.crl_health(ctx)
         if crl_problem:
@@ -154,6 +140,19 @@ def _shortened(reason: str, limit: int = 80) -> str:
     if reason[limit - 1] != " " and " " in cut:
         cut = cut.rsplit(" ", 1)[0]  # a word the limit cut into
     return cut.rstrip(" ,;:") + "…"
+
+
+def _checked(ctx: Context, part: str, check: Callable[[], object]) -> str:
+    """``part``'s line in ``/readyz``: "ok" once ``check`` passes (forgetting the logged
+    problem, so that its return is logged again), else what ``_unready`` makes of it."""
+    try:
+        check()
+    except TrellisError as exc:
+        return _unready(ctx, part, exc)
+    except sa.exc.SQLAlchemyError:
+        return "unknown: database unavailable"
+    ctx.cache.pop(("readyz", part), None)
+    return "ok"
 
 
 def _unready(ctx: Context, part: str, problem: TrellisError) -> str:
