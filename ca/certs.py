@@ -130,8 +130,23 @@ def list_certificates(
     the serial of a page's last item either way (keyset pagination: a page costs the same at
     row 10 or at row 1,000,000; indexes in migration 0012), which must be a stored certificate's
     (``InvalidInput`` otherwise)."""
-    if not 1 <= limit <= MAX_PAGE + 1:
+    _check_limit(limit)
+    return _listed(ctx, spiffe_id, status, expiring_within, limit, after)
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+
+
+def _listed(
+    ctx: Context,
+    spiffe_id: SpiffeId | None,
+    status: CertStatus | None,
+    expiring_within: dt.timedelta | None,
+    limit: int,
+    after: Serial | None,
+) -> list[CertificateInfo]:
     now = ctx.clock.now()
     with Session(ctx.engine) as session:  # the cursor row and the page: one checkout
         return _page(session, now, spiffe_id, status, expiring_within, limit, after)
@@ -207,16 +222,8 @@ def certificate_page(
     """``list_certificates`` for a reader who pages (REST, ``trellis certs list``): one row
     more than asked tells whether another page exists, so the last page says it is the last
     and a full one never leaves the reader guessing."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
-    items = list_certificates(
-        ctx,
-        spiffe_id=spiffe_id,
-        status=status,
-        expiring_within=expiring_within,
-        limit=limit + 1,
-        after=after,
-    )
+    _check_limit(limit)
+    items = _listed(ctx, spiffe_id, status, expiring_within, limit + 1, after)
     more, items = len(items) > limit, items[:limit]
     return Page(items, items[-1].serial if more else None)
 
