@@ -65,10 +65,12 @@ def list_cmd(
             ]
         )
     else:
+        # ID is what --after and the more: line take; SEQ is the record's place in the sealed
+        # chain (none until the sealer has chained it), what audit verify --head names.
         table(
-            ["SEQ", "AT", "EVENT", "SUBJECT", "ACTOR"],
+            ["ID", "SEQ", "AT", "EVENT", "SUBJECT", "ACTOR"],
             [
-                [str(e.seq or "-"), when(e.at), e.event, e.subject[:60], e.actor[:40]]
+                [str(e.id), str(e.seq or "-"), when(e.at), e.event, e.subject[:60], e.actor[:40]]
                 for e in page.items
             ],
         )

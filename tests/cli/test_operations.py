@@ -506,6 +506,9 @@ def test_audit_list_says_how_to_get_the_next_page(local: Trellis) -> None:
     assert len(tokens) >= 3
     first = local.run("audit", "list", "--event", "token.", "--limit", "1")
     assert first.stdout.count("token.") == 1
+    # The table shows the id the more: line names (its SEQ column is the chain's, not --after's).
+    header, row = first.stdout.splitlines()
+    assert header.split()[:2] == ["ID", "SEQ"] and row.split()[0] == str(tokens[0])
     assert (
         first.stderr == f"more: trellis audit list --event token. --limit 1 --after {tokens[0]}\n"
     )
