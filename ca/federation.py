@@ -609,7 +609,7 @@ def refresh_federation(
         return _attempt(ctx, relationship, endpoint, attempt, fetch)
     except Exception as exc:
         log.exception("federation %s: the refresh failed unexpectedly", trust_domain)
-        error = f"unexpected {type(exc).__name__} (see the server log): {exc}"
+        error = f"unexpected {type(exc).__name__} (logged with its traceback): {exc}"
         return _record_failure(ctx, relationship, attempt, error)
 
 

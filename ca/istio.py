@@ -546,7 +546,7 @@ def renew_due_clusters(ctx: Context) -> list[str]:
             # retried nor alerted on. Its traceback is for the server log; the row and the
             # run's result (``istio list``, ``trellis jobs list``) get its type only.
             log.exception("istio cluster %s: the renewal failed unexpectedly", row.cluster)
-            detail = f"unexpected {type(exc).__name__} (see the server log)"
+            detail = f"unexpected {type(exc).__name__} (logged with its traceback)"
             _record_delivery(ctx, row.cluster, detail)
             failed.append(f"{row.cluster}: {detail}")
             failing.append(row.cluster)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -67,26 +68,46 @@ class OneLineLog(logging.Handler):
     """A record of WARNING and above as one line on stderr, its level's name first, as the
     command's own ``warning:`` lines read (cli.common). No traceback: a command's failure is
     its one ``trellis:`` line (cli.main), and a log record's traceback is for a server's log.
-    The messages are those written for a server's operator, which name no secret."""
+    The messages are those written for a server's operator, which name no secret.
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+    A record made with a traceback (an unforeseen failure ``ca`` caught and recorded, such as a
+    federation refresh's) says how to see it: with ``TRELLIS_DEBUG=1`` in the environment the
+    command's log has INFO records too and each traceback after its line, since a command run
+    by hand has no server log to look in."""
+
+    def __init__(self, debug: bool = False) -> None:
+        super().__init__(logging.INFO if debug else logging.WARNING)
+        self.debug = debug
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            level = "error" if record.levelno >= logging.ERROR else "warning"
+            level = logging.getLevelName(record.levelno).lower()
             message = " ".join(record.getMessage().split())  # libpq's text spans lines
+            if record.exc_info and not self.debug:
+                message += f" ({DEBUG_VARIABLE}=1 shows its traceback)"
             sys.stderr.write(f"{level}: {message}\n")
+            if record.exc_info and self.debug:
+                sys.stderr.write(logging.Formatter().formatException(record.exc_info) + "\n")
             sys.stderr.flush()
         except Exception:
             self.handleError(record)
+
+
+DEBUG_VARIABLE = "TRELLIS_DEBUG"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
 def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     # On the root logger, so that configure_logging (serve, agent) replaces it.
-    logging.getLogger().addHandler(OneLineLog())
+    debug = debugging()
+    logging.getLogger().addHandler(OneLineLog(debug))
+    if debug:  # Trellis's own: Alembic's and httpx's INFO lines are noise here
+        logging.getLogger("trellis").setLevel(logging.INFO)
     try:
         _run()
     except Interrupted:

@@ -505,7 +505,7 @@ def test_an_unexpected_failure_is_recorded_and_starves_no_one(
         assert set(results) == {PARTNER, third}
         assert results[third].ok
         broken = get_federation(ctx, PARTNER)
-        assert broken.last_error == "unexpected RuntimeError (see the server log): a bug"
+        assert broken.last_error == "unexpected RuntimeError (logged with its traceback): a bug"
         assert broken.last_attempt == clock.now()
         assert broken.next_refresh == clock.now() + dt.timedelta(seconds=300)
         assert not broken.has_bundle

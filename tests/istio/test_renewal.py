@@ -249,7 +249,7 @@ def test_one_cluster_failing_unforeseen_is_recorded_and_the_others_renew(
 
     with caplog.at_level(logging.ERROR, logger="trellis.istio"):
         message = _run(ctx)
-    assert message == "east: unexpected UnicodeDecodeError (see the server log)", message
+    assert message == "east: unexpected UnicodeDecodeError (logged with its traceback)", message
     assert _issued(ctx) == {"east": 1, "west": 2}
     assert x509.load_pem_x509_certificate((west / "ca-cert.pem").read_bytes()).serial_number != (
         revoked.certificate.serial_number
@@ -258,7 +258,7 @@ def test_one_cluster_failing_unforeseen_is_recorded_and_the_others_renew(
         row = session.get(IstioClusterRow, "east")
         assert (
             row is not None
-            and row.last_error == "unexpected UnicodeDecodeError (see the server log)"
+            and row.last_error == "unexpected UnicodeDecodeError (logged with its traceback)"
         )
     (logged,) = [r for r in caplog.records if r.name == "trellis.istio"]
     assert logged.exc_info is not None and logged.exc_info[0] is UnicodeDecodeError
