@@ -19,11 +19,13 @@ from ca.crl import refresh_crl_if_signable
 from ca.errors import Conflict, InvalidInput, NotFound, TrellisError
 from ca.identity import SpiffeId
 from ca.logs import REQUEST_ID
+from ca.paging import MAX_PAGE, Page, check_limit, page
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, UtcDateTime
 
 __all__ = [
+    "MAX_PAGE",
     "CertStatus",
     "CertificateInfo",
     "Page",
@@ -39,8 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("trellis.certs")
-
-MAX_PAGE = 1000
 
 
 class CertStatus(enum.Enum):
@@ -130,13 +130,8 @@ def list_certificates(
     the serial of a page's last item either way (keyset pagination: a page costs the same at
     row 10 or at row 1,000,000; indexes in migration 0012), which must be a stored certificate's
     (``InvalidInput`` otherwise)."""
-    _check_limit(limit)
+    check_limit(limit)
     return _listed(ctx, spiffe_id, status, expiring_within, limit, after)
-
-
-def _check_limit(limit: int) -> None:
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
 
 
 def _listed(
@@ -202,14 +197,6 @@ def _page(
     return [certificate_info(row, now) for row in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of a listing, and the serial to continue after (None on the last page)."""
-
-    items: list[CertificateInfo]
-    next_after: Serial | None
-
-
 def certificate_page(
     ctx: Context,
     *,
@@ -218,14 +205,14 @@ def certificate_page(
     expiring_within: dt.timedelta | None = None,
     limit: int = 100,
     after: Serial | None = None,
-) -> Page:
-    """``list_certificates`` for a reader who pages (REST, ``trellis certs list``): one row
-    more than asked tells whether another page exists, so the last page says it is the last
-    and a full one never leaves the reader guessing."""
-    _check_limit(limit)
-    items = _listed(ctx, spiffe_id, status, expiring_within, limit + 1, after)
-    more, items = len(items) > limit, items[:limit]
-    return Page(items, items[-1].serial if more else None)
+) -> Page[CertificateInfo]:
+    """``list_certificates`` for a reader who pages (REST, ``trellis certs list``),
+    through ``ca.paging.page``."""
+
+    def read(n: int) -> list[CertificateInfo]:
+        return _listed(ctx, spiffe_id, status, expiring_within, n, after)
+
+    return page(limit, read, lambda info: info.serial)
 
 
 def get_certificate(ctx: Context, serial: Serial) -> CertificateInfo:
