@@ -58,10 +58,11 @@ from ca.errors import (
 from ca.files import write_atomic
 from ca.keepers import check_free, truststore_footprint, truststore_keeper
 from ca.keys import KeyType, PrivateKey, PublicKey
+from ca.paging import Page, check_limit, page
 from ca.pem import certs_pem
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, CaRow, CertificateRow
+from ca.store.models import AuthorityRow, CaRow, CertificateRow, UtcDateTime
 from ca.store.models_gateway import (
     GatewayCertificateRow,
     GatewayConfigRow,
@@ -92,6 +93,7 @@ __all__ = [
     "check_pkcs12_password",
     "csr_public_key",
     "disable_consumer",
+    "gateway_certificate_page",
     "gateway_policy",
     "gateway_status",
     "get_consumer",
@@ -631,9 +633,45 @@ def _gateway_certificate(
 
 
 def list_gateway_certificates(
-    ctx: Context, consumer: ConsumerName | None = None, *, live_only: bool = False
+    ctx: Context,
+    consumer: ConsumerName | None = None,
+    *,
+    live_only: bool = False,
+    limit: int = 100,
+    after: Serial | None = None,
 ) -> list[GatewayCertificate]:
-    """Newest first; ``live_only``: active and unexpired, i.e. what counts towards the overlap."""
+    """Newest first; ``live_only``: active and unexpired, i.e. what counts towards the overlap.
+    Paging continues after the serial of a page's last item, which must be a stored gateway
+    certificate's (``InvalidInput`` otherwise)."""
+    check_limit(limit)
+    return _listed(ctx, consumer, live_only, limit, after)
+
+
+def gateway_certificate_page(
+    ctx: Context,
+    consumer: ConsumerName | None = None,
+    *,
+    live_only: bool = False,
+    limit: int = 100,
+    after: Serial | None = None,
+) -> Page[GatewayCertificate]:
+    """``list_gateway_certificates`` for a reader who pages (REST, ``trellis gateway cert
+    list``), as ``ca.certs.certificate_page``: a listing no longer ends at a fixed row count
+    with nothing to say there is more."""
+
+    def read(n: int) -> list[GatewayCertificate]:
+        return _listed(ctx, consumer, live_only, n, after)
+
+    return page(limit, read, lambda cert: cert.info.serial)
+
+
+def _listed(
+    ctx: Context,
+    consumer: ConsumerName | None,
+    live_only: bool,
+    limit: int,
+    after: Serial | None,
+) -> list[GatewayCertificate]:
     now = ctx.clock.now()
     query = (
         select(CertificateRow, GatewayCertificateRow)
@@ -648,10 +686,24 @@ def list_gateway_certificates(
         query = query.where(CertificateRow.spiffe_id == consumer.identity)
     if live_only:
         query = query.where(CertificateRow.status == "active", col(CertificateRow.not_after) > now)
-    with Session(ctx.engine) as session:  # one query, not one more per listed certificate
-        found = session.exec(
-            query.order_by(col(CertificateRow.created_at).desc()).limit(1000)
-        ).all()
+    # Newest first, and the serial among those created in the same second (the clock's
+    # resolution), so that the order is total and a page boundary inside such a tie neither
+    # repeats nor skips a certificate.
+    position = sa.tuple_(col(CertificateRow.created_at), col(CertificateRow.serial))
+    with Session(ctx.engine) as session:  # the cursor row and the page: one checkout
+        if after is not None:
+            # The cursor names a stored certificate, not a position: its row gives the
+            # position, whatever the filters say of it now (revoked or expired since).
+            last = session.get(CertificateRow, after.hex)
+            if last is None or last.authority != GATEWAY:
+                raise InvalidInput(f"gateway certificate {after} is not there to page after")
+            query = query.where(
+                position
+                < sa.tuple_(sa.literal(last.created_at, UtcDateTime()), sa.literal(last.serial))
+            )
+        order = (col(CertificateRow.created_at).desc(), col(CertificateRow.serial).desc())
+        # one query, not one more per listed certificate
+        found = session.exec(query.order_by(*order).limit(limit)).all()
     return [_gateway_certificate(certificate_info(row, now), extra) for row, extra in found]
 
 

@@ -246,7 +246,7 @@ def warn_crl_skipped(revoked: Iterable[CertificateInfo]) -> None:
 
 def more(
     command: str,
-    given: Mapping[str, str | None],
+    given: Mapping[str, str | bool | None],
     *,
     limit: int,
     json_out: bool,
@@ -254,11 +254,15 @@ def more(
 ) -> None:
     """End a page that has more after it (``next_after``, the cursor of a ``ca`` page) with
     the command for the next one on stderr (docs/cli.md): ``command``, the filters ``given``
-    (option: value, those set), ``--limit``, ``--json`` and ``--after``. Stderr, so that
-    ``--json`` stays the array promised; a last page says nothing."""
+    (option: value, those set; a flag set: True), ``--limit``, ``--json`` and ``--after``.
+    Stderr, so that ``--json`` stays the array promised; a last page says nothing."""
     if next_after is None:
         return
-    again = [f"{name} {shlex.quote(value)}" for name, value in given.items() if value]
+    again = [
+        name if value is True else f"{name} {shlex.quote(value)}"
+        for name, value in given.items()
+        if value
+    ]
     again += [f"--limit {limit}", "--json"] if json_out else [f"--limit {limit}"]
     typer.echo(f"more: {' '.join([command, *again])} --after {next_after}", err=True)
 

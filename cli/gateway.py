@@ -24,7 +24,16 @@ from ca.files import check_writable, write_atomic, write_private
 from ca.keys import KeyType
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from cli.common import STATE, emit_json, out_file, read_input, table, warn_crl_skipped, when
+from cli.common import (
+    STATE,
+    emit_json,
+    more,
+    out_file,
+    read_input,
+    table,
+    warn_crl_skipped,
+    when,
+)
 
 gateway_app = typer.Typer(
     help="API-gateway client certificates: partners, truststores, nginx.", no_args_is_help=True
@@ -229,18 +238,33 @@ def cert_show(serial: str, json_out: JsonOpt = False) -> None:
 def cert_list(
     consumer: Annotated[str | None, typer.Option(help="Only this consumer's")] = None,
     live: Annotated[bool, typer.Option("--live", help="Only active, unexpired ones")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many rows")] = 100,
+    after: Annotated[str | None, typer.Option(help="Serial to continue after")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """API-gateway client certificates."""
-    name = gateway.ConsumerName(consumer) if consumer else None
-    found = gateway.list_gateway_certificates(STATE.context(), name, live_only=live)
-    certs = [GatewayCertOut.of(c) for c in found]
-    if json_out:
+    """API-gateway client certificates, one page, newest first."""
+    found = gateway.gateway_certificate_page(
+        STATE.context(),
+        gateway.ConsumerName(consumer) if consumer else None,
+        live_only=live,
+        limit=limit,
+        after=Serial.parse(after) if after else None,
+    )
+    certs = [GatewayCertOut.of(c) for c in found.items]
+    if json_out:  # an array, as docs/cli.md promises: the cursor goes to stderr as below
         emit_json(certs)
-        return
-    table(
-        ["SERIAL", "CONSUMER", "STATUS", "NOT AFTER", "X5T#S256"],
-        [[c.serial, c.consumer, c.status, when(c.not_after), c.x5t_s256] for c in certs],
+    else:
+        table(
+            ["SERIAL", "CONSUMER", "STATUS", "NOT AFTER", "X5T#S256"],
+            [[c.serial, c.consumer, c.status, when(c.not_after), c.x5t_s256] for c in certs],
+        )
+    given = {"--consumer": consumer, "--live": live}
+    more(
+        "trellis gateway cert list",
+        given,
+        limit=limit,
+        json_out=json_out,
+        next_after=found.next_after,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path as FsPath
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
@@ -29,6 +29,7 @@ from api.schemas.gateway import (
 from ca import gateway
 from ca.durations import Ttl
 from ca.keys import KeyType
+from ca.paging import MAX_PAGE
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 
@@ -110,14 +111,29 @@ def issue(
 
 @router.get("/certificates", response_model=list[GatewayCertOut])
 def list_certificates(
+    request: Request,
+    response: Response,
     ctx: CtxDep,
     _admin: AdminDep,
     consumer: Annotated[str | None, Query(max_length=64)] = None,
     live: Annotated[bool, Query(description="Only active, unexpired ones")] = False,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
 ) -> list[GatewayCertOut]:
-    name = gateway.ConsumerName(consumer) if consumer else None
-    found = gateway.list_gateway_certificates(ctx, name, live_only=live)
-    return [GatewayCertOut.of(cert) for cert in found]
+    """Newest first, one page. The body stays the array it always was; a page with more after
+    it says where the next begins in ``Link: <...&after=SERIAL>; rel="next"`` (RFC 8288), the
+    ``next_after`` of ``/v1/certificates``."""
+    found = gateway.gateway_certificate_page(
+        ctx,
+        gateway.ConsumerName(consumer) if consumer else None,
+        live_only=live,
+        limit=limit,
+        after=Serial.parse(after) if after else None,
+    )
+    if found.next_after is not None:
+        url = request.url.include_query_params(limit=limit, after=found.next_after.hex)
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    return [GatewayCertOut.of(cert) for cert in found.items]
 
 
 @router.get("/certificates/{serial}", response_model=GatewayCertOut, responses=responses(404))

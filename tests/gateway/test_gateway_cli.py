@@ -262,3 +262,51 @@ def test_a_missing_input_file_is_exit_2(cli: Cli, tmp_path: Path) -> None:
     refused = cli.run("gateway", "cert", "issue", "acme", "--p12", str(tmp_path / "a.p12"),
                       "--p12-password-file", str(missing), code=2)  # fmt: skip
     assert refused == f"trellis: --p12-password-file {missing}: no such file\n"
+
+
+def test_cert_list_says_how_to_get_the_next_page(cli: Cli, tmp_path: Path) -> None:
+    """Regression: the list stopped at 1,000 certificates, silently. As ``certs list``: a page
+    with more after it ends with the next page's command on stderr (filters, --limit and --json
+    kept), --json stays the array; followed, it reaches every certificate once, newest first."""
+    cli.run("gateway", "init")
+    for name in ("acme", "globex", "initech"):
+        cli.run("gateway", "consumer", "add", name)
+    (tmp_path / "p.csr").write_bytes(partner_csr()[1])
+    for i, name in enumerate(["acme", "globex", "acme", "initech", "globex"]):
+        cli.run("gateway", "cert", "issue", name, "--csr", str(tmp_path / "p.csr"),
+                "--out", str(tmp_path / f"{i}.pem"))  # fmt: skip
+    every = cli.json("gateway", "cert", "list")
+    assert len(every) == 5 and cli.err == ""
+
+    seen, args, pages = [], ["gateway", "cert", "list", "--limit", "2", "--json"], 0
+    while True:  # as a script would: run the line it is given until there is none
+        page = json.loads(cli.run(*args))
+        seen += page
+        pages += 1
+        if not cli.err:
+            break
+        assert len(page) == 2
+        assert cli.err == (
+            f"more: trellis gateway cert list --limit 2 --json --after {page[-1]['serial']}\n"
+        )
+        args = cli.err.split()[2:]
+    assert pages == 3 and seen == every
+
+    text = cli.run("gateway", "cert", "list", "--consumer", "acme", "--live", "--limit", "1")
+    acme = [c["serial"] for c in every if c["consumer"] == "acme"]
+    assert [line.split()[0] for line in text.splitlines()[1:]] == acme[:1]
+    again = "trellis gateway cert list --consumer acme --live --limit 1"
+    assert cli.err == f"more: {again} --after {acme[0]}\n"
+    last = cli.run(*again.split()[1:], "--after", acme[0])
+    assert [line.split()[0] for line in last.splitlines()[1:]] == acme[1:] and cli.err == ""
+
+
+def test_cert_list_refuses_bad_paging_with_exit_2(cli: Cli) -> None:
+    cli.run("gateway", "init")
+    for args, message in [
+        (("--limit", "0"), "limit must be between 1 and 1000"),
+        (("--limit", "1001"), "limit must be between 1 and 1000"),
+        (("--after", "not-hex"), "invalid serial"),
+        (("--after", "abcdef"), "not there to page after"),
+    ]:
+        assert message in cli.run("gateway", "cert", "list", *args, code=2), args

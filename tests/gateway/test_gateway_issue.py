@@ -33,6 +33,9 @@ from ca.errors import (
     PermissionDenied,
     PolicyViolation,
 )
+from ca.grants import admin_grant
+from ca.identity import SpiffeId
+from ca.issue import mint_svid
 from ca.keys import KeyType
 from ca.profiles import BACKDATE
 from ca.revocation import RevocationReason
@@ -477,3 +480,78 @@ def test_listing_is_one_query_and_shows_each_recorded_thumbprint(gw: Context) ->
     for certificate in listed:
         pem = certificate.info.certificate_pem.encode()
         assert certificate.x5t_s256 == gateway.x5t_s256(x509.load_pem_x509_certificate(pem))
+
+
+def _issued_over_time(gw: Context, clock: FixedClock) -> list[gateway.IssuedGatewayCertificate]:
+    """Five certificates over three consumers, a minute apart but the third and fourth,
+    created in the same second (the clock's resolution): a tie that pages of two split."""
+    for name in ("globex", "initech"):
+        gateway.add_consumer(gw, gateway.ConsumerName(name))
+    issued = []
+    for i, name in enumerate(["acme", "globex", "acme", "initech", "globex"]):
+        if i != 3:
+            clock.advance(dt.timedelta(minutes=1))
+        issued.append(from_csr(gw, partner_csr()[1], gateway.ConsumerName(name)))
+    return issued
+
+
+def test_listing_pages_newest_first_reaching_every_certificate_once(
+    gw: Context, clock: FixedClock
+) -> None:
+    """Regression: the listing stopped at 1,000 rows, with nothing to say there were more and
+    no way to go on. Pages follow ``next_after`` as ``ca.certs.certificate_page``'s do."""
+    issued = _issued_over_time(gw, clock)
+    seen: list[gateway.GatewayCertificate] = []
+    after, pages = None, 0
+    while True:
+        page = gateway.gateway_certificate_page(gw, limit=2, after=after)
+        seen += page.items
+        pages += 1
+        if page.next_after is None:
+            break
+        assert page.next_after == page.items[-1].info.serial and len(page.items) == 2
+        after = page.next_after
+    assert pages == 3
+    serials = [c.info.serial for c in seen]
+    assert len(serials) == len(set(serials)) and set(serials) == {c.serial for c in issued}
+    created = [c.info.created_at for c in seen]
+    assert created == sorted(created, reverse=True)
+    # the newest first, the tie (issued[2], issued[3]) split by the first page's end
+    assert serials[0] == issued[4].serial
+    assert set(serials[1:3]) == {issued[2].serial, issued[3].serial}
+    assert serials[3:] == [issued[1].serial, issued[0].serial]
+    # one page that holds everything is the last; the filters page the same way
+    whole = gateway.gateway_certificate_page(gw, limit=5)
+    assert [c.info.serial for c in whole.items] == serials and whole.next_after is None
+    first = gateway.gateway_certificate_page(gw, ACME, limit=1)
+    assert [c.info.serial for c in first.items] == [issued[2].serial]
+    rest = gateway.gateway_certificate_page(gw, ACME, limit=1, after=first.next_after)
+    assert [c.info.serial for c in rest.items] == [issued[0].serial]
+    assert rest.next_after is None
+
+
+def test_a_page_goes_on_after_its_last_certificate_left_the_filter(
+    gw: Context, clock: FixedClock
+) -> None:
+    """The cursor names a certificate, not a filter's row: revoked since, it still marks where
+    the next page of live certificates begins."""
+    issued = _issued_over_time(gw, clock)
+    first = gateway.gateway_certificate_page(gw, live_only=True, limit=3)
+    assert first.next_after is not None
+    gateway.revoke_gateway_certificate(gw, first.next_after, RevocationReason.SUPERSEDED, "t")
+    rest = gateway.gateway_certificate_page(gw, live_only=True, limit=3, after=first.next_after)
+    assert [c.info.serial for c in rest.items] == [issued[1].serial, issued[0].serial]
+
+
+def test_listing_refuses_a_limit_out_of_range_and_a_cursor_it_never_listed(gw: Context) -> None:
+    from_csr(gw, partner_csr()[1])
+    for limit in (0, -1, 1001):
+        with pytest.raises(InvalidInput, match="limit must be between 1 and 1000"):
+            gateway.gateway_certificate_page(gw, limit=limit)
+        with pytest.raises(InvalidInput, match="limit must be between 1 and 1000"):
+            gateway.list_gateway_certificates(gw, limit=limit)
+    mesh = mint_svid(gw, admin_grant(gw, SpiffeId.parse("spiffe://example.org/w"), "t"),
+                     KeyType.EC_P256.generate())  # fmt: skip
+    for cursor in (Serial.generate(), mesh.serial):  # none at all; not a gateway certificate
+        with pytest.raises(InvalidInput, match="not there to page after"):
+            gateway.gateway_certificate_page(gw, after=cursor)

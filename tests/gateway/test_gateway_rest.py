@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from ca.audit import list_audit
 from ca.certs import get_certificate
+from ca.clock import FixedClock
 from ca.config import Context
 from ca.serial import Serial
 from ca.tokens import create_admin_token
@@ -283,3 +285,66 @@ def test_revoking_under_an_intermediate_revoked_without_its_key_says_so(api_gw: 
     assert revoked.status_code == 200, revoked.text
     assert revoked.json()["status"] == "revoked"
     assert "missing from the file key store" in revoked.json()["crl_skipped"]
+
+
+def _issue_over_time(api: Api, clock: FixedClock) -> list[str]:
+    """Five certificates, oldest first, a minute apart but the third and fourth (one second)."""
+    for name in ("globex", "initech"):
+        assert api.post("/consumers", {"name": name}).status_code == 201
+    serials = []
+    for i, name in enumerate(["acme", "globex", "acme", "initech", "globex"]):
+        if i != 3:
+            clock.advance(dt.timedelta(minutes=1))
+        issued = api.issue(name)
+        assert issued.status_code == 201, issued.text
+        serials.append(issued.json()["serial"])
+    return serials
+
+
+def test_listing_pages_through_the_link_header(api_gw: Api, clock: FixedClock) -> None:
+    """Regression: the list stopped at 1,000 certificates, silently. The body stays the array
+    it was; a page with more after it says where the next begins (RFC 8288 ``rel="next"``,
+    ``after`` = its last serial, as ``/v1/certificates``'s ``next_after``)."""
+    serials = _issue_over_time(api_gw, clock)
+    seen: list[dict[str, Any]] = []
+    response = api_gw.get("/certificates", params={"limit": 2})
+    while True:
+        assert response.status_code == 200, response.text
+        assert isinstance(response.json(), list)
+        seen += response.json()
+        if "next" not in response.links:
+            break
+        assert len(response.json()) == 2
+        following = httpx.URL(response.links["next"]["url"])
+        assert following.path == "/v1/gateway/certificates"
+        assert following.params["after"] == response.json()[-1]["serial"]
+        response = api_gw.client.get(str(following), headers=api_gw.headers)
+    listed = [c["serial"] for c in seen]  # newest first, every one once; the tie split
+    assert sorted(listed) == sorted(serials) and len(set(listed)) == 5
+    assert listed[0] == serials[4] and set(listed[1:3]) == set(serials[2:4])
+    assert listed[3:] == [serials[1], serials[0]]
+    whole = api_gw.get("/certificates", params={"limit": 1000})
+    assert [c["serial"] for c in whole.json()] == listed and "link" not in whole.headers
+
+    # the filters are kept in the next page's link
+    first = api_gw.get("/certificates", params={"consumer": "acme", "live": True, "limit": 1})
+    assert [c["serial"] for c in first.json()] == [serials[2]]
+    following = httpx.URL(first.links["next"]["url"])
+    assert dict(following.params) == {
+        "consumer": "acme", "live": "true", "limit": "1", "after": serials[2]
+    }  # fmt: skip
+    rest = api_gw.client.get(str(following), headers=api_gw.headers)
+    assert [c["serial"] for c in rest.json()] == [serials[0]] and "next" not in rest.links
+
+
+def test_listing_refuses_bad_paging(api_gw: Api) -> None:
+    assert api_gw.issue().status_code == 201
+    for query, detail in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=two", "limit"),
+        ("after=not-hex", "invalid serial"),
+        (f"after={Serial.generate().hex}", "not there to page after"),
+    ]:
+        problem = assert_problem(api_gw.get(f"/certificates?{query}"), 400)
+        assert detail in problem["detail"], (query, problem)
