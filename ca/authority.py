@@ -26,7 +26,15 @@ from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, TrellisE
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.pem import certs_pem
-from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_subject, sign
+from ca.profiles import (
+    BACKDATE,
+    CaSpec,
+    RevocationUrls,
+    ca_builder,
+    ca_common_name,
+    ca_subject,
+    sign,
+)
 from ca.serial import Serial
 from ca.store import db
 from ca.store.core import prepared, table
@@ -315,7 +323,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             root = sign_new_ca(
                 ctx,
                 root_key,
-                common_name=f"{params.label} root",
+                common_name=ca_common_name(params.label, "root"),
                 params=params,
                 ttl=params.root_ttl,
                 issuer=None,
@@ -323,7 +331,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             intermediate = sign_new_ca(
                 ctx,
                 int_key,
-                common_name=f"{params.label} intermediate",
+                common_name=ca_common_name(params.label, "intermediate"),
                 params=params,
                 ttl=params.ca_ttl,
                 issuer=(root, ctx.keys.load(root_key)),

@@ -36,6 +36,7 @@ from ca.durations import Ttl
 from ca.errors import NotInitialised
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
+from ca.profiles import ca_common_name
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow
@@ -100,7 +101,7 @@ def revoke_intermediate(
             cert = sign_new_ca(
                 ctx,
                 handle,
-                common_name=f"{params.label} intermediate",
+                common_name=ca_common_name(params.label, "intermediate"),
                 params=params,
                 ttl=params.ca_ttl,
                 issuer=(ca_certificate(ctx, root), ca_signer(ctx, root)),

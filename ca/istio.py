@@ -44,7 +44,7 @@ from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
 from ca.kubectl import KubeTarget, apply, dns_label
 from ca.pem import certs_pem, private_key_pem
-from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
+from ca.profiles import BACKDATE, UB_NAME, CaSpec, ca_builder, fitted_name, sign
 from ca.records import record_issued
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, IstioClusterRow
@@ -195,8 +195,15 @@ def _subject(trust_domain: str, cluster: str) -> x509.Name:
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"istio {trust_domain}"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"istio-{cluster}"),
+            x509.NameAttribute(
+                NameOID.ORGANIZATIONAL_UNIT_NAME, fitted_name(f"istio {trust_domain}")
+            ),
+            # A cluster name is a DNS label of up to 63 characters: alone when the prefix would
+            # not fit, never cut, so that two clusters' intermediates never share a subject.
+            x509.NameAttribute(
+                NameOID.COMMON_NAME,
+                f"istio-{cluster}" if len(cluster) <= UB_NAME - len("istio-") else cluster,
+            ),
         ]
     )
 

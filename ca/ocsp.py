@@ -25,7 +25,7 @@ from ca.cas import ca_certificate, ca_handle, ca_signer
 from ca.config import Context
 from ca.errors import NotFound, TrellisError, Unavailable
 from ca.keys import KeyType, Signer
-from ca.profiles import BACKDATE, ResponderSpec, ocsp_responder_builder, sign
+from ca.profiles import BACKDATE, ResponderSpec, fitted_name, ocsp_responder_builder, sign
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CaRow, CertificateRow, OcspResponderRow
@@ -135,7 +135,7 @@ def responder_common_name(issuer: x509.Certificate) -> str:
     names = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else None
     label = value if isinstance(value, str) and value else f"CA {issuer.serial_number:x}"
-    return label[: 64 - len(_RESPONDER_SUFFIX)].rstrip() + _RESPONDER_SUFFIX
+    return fitted_name(label, _RESPONDER_SUFFIX)
 
 
 def _new_responder(

@@ -28,6 +28,8 @@ __all__ = [
     "ResponderSpec",
     "RevocationUrls",
     "ca_builder",
+    "ca_common_name",
+    "fitted_name",
     "key_usage",
     "leaf_builder",
     "ocsp_responder_builder",
@@ -151,6 +153,23 @@ def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:
 def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+UB_NAME = 64  # ub-common-name, ub-organization-name, ub-organizational-unit-name: RFC 5280 App. A
+
+
+def fitted_name(head: str, tail: str = "") -> str:
+    """``head + tail`` within the 64 characters X.520 allows the name attributes Trellis sets,
+    ``head`` cut where it must be: a trust domain may be 255 bytes and a cluster name 63
+    characters, and cryptography refuses a longer value, which failed ``init`` for any trust
+    domain of 52 characters or more. The names are for people; the SPIFFE ID stays whole in
+    the URI SAN."""
+    return head[: UB_NAME - len(tail)].rstrip() + tail
+
+
+def ca_common_name(label: str, role: str) -> str:
+    """A CA's common name: its trust domain (or authority name) and its role."""
+    return fitted_name(label, f" {role}")
 
 
 def ca_subject(organisation: str, common_name: str) -> x509.Name:

@@ -34,7 +34,7 @@ from ca.durations import Ttl
 from ca.errors import Conflict
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
-from ca.profiles import BACKDATE, CaSpec, ca_builder, sign
+from ca.profiles import BACKDATE, CaSpec, ca_builder, ca_common_name, sign
 from ca.revocation import RevocationReason
 from ca.rotation import (
     Rotator,
@@ -196,7 +196,7 @@ def _publish(rotator: Rotator, overlap: Ttl, previous: RootRotationRow | None) -
     cert = sign_new_ca(
         rotator.ctx,
         handle,
-        common_name=f"{params.label} root",
+        common_name=ca_common_name(params.label, "root"),
         params=params,
         ttl=life,
         issuer=None,

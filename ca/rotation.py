@@ -41,7 +41,7 @@ from ca.durations import Ttl
 from ca.errors import Conflict, InternalError, NotInitialised
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType, Signer
-from ca.profiles import sign
+from ca.profiles import ca_common_name, sign
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, RootRotationRow
 
@@ -188,7 +188,7 @@ class Rotator:
         cert = sign_new_ca(
             self.ctx,
             handle,
-            common_name=f"{params.label} intermediate",
+            common_name=ca_common_name(params.label, "intermediate"),
             params=params,
             ttl=params.ca_ttl,
             issuer=(ca_certificate(self.ctx, root), ca_signer(self.ctx, root)),
