@@ -122,6 +122,10 @@ def read_proof(
     issued, expires = _instant(claims["iat"]), _instant(claims["exp"])
     if expires <= now or issued > now + CLOCK_SKEW or expires - issued > MAX_PROOF_LIFETIME:
         raise AuthenticationFailed("the renewal proof is expired or not yet valid")
+    # nbf is optional, but a proof that carries one is not accepted before it (RFC 7519
+    # §4.1.5), with the same skew allowance as iat.
+    if "nbf" in claims and _instant(claims["nbf"]) > now + CLOCK_SKEW:
+        raise AuthenticationFailed("the renewal proof is expired or not yet valid")
     if csr_sha256 is not None and claims["csr"] != _b64(csr_sha256):
         raise AuthenticationFailed("the renewal proof was made for a different CSR")
     jti, subject = claims["jti"], claims["sub"]

@@ -849,6 +849,9 @@ BAD_PROOFS: list[RenewalRefusal] = [
             ("exp-a-string", {"exp": "1e999"}),
             ("exp-past-9999", {"exp": 10**20}),
             ("exp-a-float-overflow", {"exp": 1e300}),
+            # RFC 7519 §4.1.5: not accepted before its nbf (it was ignored).
+            ("nbf-in-2286", {"nbf": 10**10}),
+            ("nbf-a-string", {"nbf": "abc"}),
         ]
     ],
     # Named, not "does not verify": the signature does (a hand-made client's mistake).
@@ -961,3 +964,29 @@ def test_renewal_proof_from_a_client_clock_ahead(
         issue_svid(ctx, renewal_grant(ctx, proof, csr), csr)
     assert count_rows(ctx, "certificate") == 1
     assert count_rows(ctx, "renewal_nonce") == 0
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("nbf", "accepted"),
+    [
+        pytest.param(dt.timedelta(0), True, id="ok/nbf-now"),
+        pytest.param(-dt.timedelta(seconds=30), True, id="ok/nbf-past"),
+        pytest.param(CLOCK_SKEW, True, id="ok/nbf-at-the-skew-allowance"),
+        pytest.param(CLOCK_SKEW + dt.timedelta(seconds=1), False, id="fail/nbf-beyond-it"),
+    ],
+)
+def test_a_proof_is_not_accepted_before_its_nbf(
+    ctx: Context, clock: FixedClock, nbf: dt.timedelta, accepted: bool
+) -> None:
+    """Regression: read_proof switched PyJWT's nbf check off (times are checked against the
+    injected clock) and had none of its own, so a proof valid only from the future renewed."""
+    old = enrol(ctx, WEB)
+    attempt = _crafted(nbf=int((clock.now() + nbf).timestamp()))(ctx, old)
+    if accepted:
+        issue_svid(ctx, renewal_grant(ctx, attempt.proof, attempt.csr), attempt.csr)
+        assert count_rows(ctx, "certificate") == 2
+        return
+    with pytest.raises(AuthenticationFailed, match="not yet valid"):
+        issue_svid(ctx, renewal_grant(ctx, attempt.proof, attempt.csr), attempt.csr)
+    assert count_rows(ctx, "certificate") == 1
