@@ -61,7 +61,8 @@ def test_a_seal_re_signed_with_any_other_key_is_broken(ctx: Context) -> None:
     _sealed(ctx)
     _records(ctx, 3)
     _sealed(ctx)
-    first = ctx.engine.connect().execute(sa.select(sa.func.min(audit._AUDIT.c.id))).scalar_one()
+    with ctx.engine.connect() as connection:
+        first = connection.execute(sa.select(sa.func.min(audit._AUDIT.c.id))).scalar_one()
     _rewrite(ctx, first + 2, "rewritten")
     cert, key = _self_signed_ca()
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
