@@ -418,17 +418,31 @@ def test_the_loop_goes_on_while_a_postgresql_batch_commits(ctx: Context) -> None
     assert uses_remaining(ctx, token_id) == 0
 
 
-def backends(ctx: Context) -> int:
-    """Server processes serving this database, the asking one aside."""
+def backends(ctx: Context) -> set[int]:
+    """Server processes serving this database, the asking one aside: their pids, so that a
+    test tells a new connection from one that closed a moment ago and whose backend has not
+    left pg_stat_activity yet (counting them, a test took such a one for part of its baseline)."""
     with ctx.engine.connect() as connection:
-        return int(
-            connection.execute(
+        return {
+            int(pid)
+            for pid in connection.execute(
                 sa.text(
-                    "SELECT count(*) FROM pg_stat_activity "
+                    "SELECT pid FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
-            ).scalar_one()
-        )
+            ).scalars()
+        }
+
+
+def gone(ctx: Context, pids: set[int], seconds: float = 5) -> bool:
+    """Whether every one of ``pids`` has left within ``seconds``: a backend leaves
+    pg_stat_activity only once it has exited, a moment after its connection closed."""
+    deadline = time.monotonic() + seconds
+    while backends(ctx) & pids:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -440,31 +454,19 @@ def test_a_loop_commits_on_one_postgresql_connection_and_closes_it_when_it_ends(
     loops run one after another (tests, TestClient's portals) leave none behind."""
     _, secret = join_secret(ctx, add_entry(ctx, WEB), uses=8)
 
-    def settled(at_most: int) -> int:
-        # A backend leaves pg_stat_activity only once it has exited: one closed a moment ago
-        # (the last loop's, a pool's overflow connection) can still be counted. One the loop
-        # keeps open stays, and fails the test after the deadline.
-        deadline = time.monotonic() + 5
-        while (count := backends(ctx)) > at_most and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return count
-
-    async def two_batches(at_most: int) -> int:
+    async def two_batches() -> set[int]:
         for _ in range(2):
             await issue_svid_async(ctx, join_grant(ctx, secret), make_csr(new_key(KeyType.EC_P256)))
-        return await asyncio.to_thread(settled, at_most)
+        return await asyncio.to_thread(backends, ctx)
 
     batches = ctx.writes.batches
-    asyncio.run(two_batches(10**6))  # the pools' connections opened: the baseline after this
-    baseline = backends(ctx)
-    during = [asyncio.run(two_batches(baseline + 1)) for _ in range(3)]
-
+    asyncio.run(two_batches())  # the pools' connections opened: the baseline after this
+    for _ in range(3):
+        before = backends(ctx)
+        new = asyncio.run(two_batches()) - before
+        assert len(new) == 1, new  # the loop's own connection, one for both batches
+        assert gone(ctx, new), "the loop's connection outlived the loop"
     assert ctx.writes.batches == batches + 8
-    assert during == [baseline + 1] * 3  # the loop's own connection, one for both batches
-    deadline = time.monotonic() + 5  # a backend leaves pg_stat_activity once it has exited
-    while backends(ctx) > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert backends(ctx) == baseline
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -490,11 +492,7 @@ def test_a_loop_that_ends_while_its_postgresql_batch_waits_cancels_it(ctx: Conte
         asyncio.run(leave_them_waiting())  # ends: asyncio.run cancels what is left
         assert time.monotonic() - started < 5
         assert all(task.cancelled() for task in outcomes)
-    deadline = time.monotonic() + 5
-    while backends(ctx) > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-    assert backends(ctx) == baseline
+    assert gone(ctx, backends(ctx) - baseline)  # the loop's connection too
     assert count_rows(ctx, "certificate") == certificates
     assert uses_remaining(ctx, token_id) == 3
 
