@@ -249,11 +249,7 @@ class _Locks:
         self._held[key] = fd
 
     def holds(self, directory: Path) -> bool:
-        try:
-            status = directory.stat()
-        except OSError:
-            return False
-        return (status.st_dev, status.st_ino) in self._held
+        return _identity(directory) in self._held
 
     def release(self) -> None:
         for fd in self._held.values():
@@ -282,6 +278,14 @@ def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> Non
         if not locks.holds(target_db.parent):
             return
         staged_db = sorted(target_db.parent.glob(f".{glob.escape(target_db.name)}.????????"))
+    # The database is staged in the data dir by default. Its path is resolved
+    # (``Settings.effective_database_url``) where the data dir's may be relative (./var):
+    # entries are told apart by directory and name, whichever way either path is spelt.
+    staged_here = (
+        {path.name for path in staged_db}
+        if _identity(data_dir) == _identity(target_db.parent)
+        else set()
+    )
     staging: list[Path] = []
     if data_dir.is_dir():
         if not locks.holds(data_dir):
@@ -289,7 +293,7 @@ def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> Non
         for entry in sorted(data_dir.iterdir()):
             if _STAGING.fullmatch(entry.name):
                 staging.append(entry)
-            elif entry not in staged_db:  # the database is staged in the data dir by default
+            elif entry.name not in staged_here:
                 return
     for path in [*staging, *staged_db]:
         log.warning("removing %s, left by a restore that was interrupted", path)
@@ -297,6 +301,15 @@ def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> Non
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """A directory's (device, inode): the same directory, however its path is spelt."""
+    try:
+        status = directory.stat()
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
 
 
 # Sizes no real installation comes near (docs/operations.md): they stop an archive that

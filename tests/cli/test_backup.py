@@ -427,7 +427,7 @@ main(sys.argv[1:])
 """
 
 
-def _restore_killed(script: str, args: list[str], archive: Path) -> None:
+def _restore_killed(script: str, args: list[str], archive: Path, cwd: Path | None = None) -> None:
     """``trellis *args restore archive`` run by ``script``, which SIGKILLs it part way."""
     killed = subprocess.run(
         [sys.executable, "-c", script, *args, "restore", str(archive)],
@@ -435,6 +435,7 @@ def _restore_killed(script: str, args: list[str], archive: Path) -> None:
         capture_output=True,
         check=False,
         timeout=60,
+        cwd=cwd,
     )
     assert killed.returncode == -9, killed
 
@@ -475,18 +476,28 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("database", ["inside", "outside"])
+@pytest.mark.parametrize("database", ["inside", "outside", "default-relative"])
 def test_the_staging_files_of_a_restore_killed_before_moving_are_removed_by_the_next(
-    archive: Path, cli: Cli, tmp_path: Path, database: str
+    archive: Path,
+    cli: Cli,
+    tmp_path: Path,
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """kill -9 while the database was being staged (the long part: gigabytes) left the
     staging directory and the staged database copy, and every retry refused until they were
     removed by hand. The next restore removes them itself (they are a restore's own names, and
-    no restore holds its lock on their directories), unless a restore is running there."""
+    no restore holds its lock on their directories), unless a restore is running there.
+    default-relative: a relative --data-dir (the default ./var is one) with the database in it
+    by default; the staged copy's path, resolved, was compared with the data dir's relative
+    entries, so it was taken for someone else's file and the retry refused (exit 6)."""
     data_dir = tmp_path / "var"
-    target = data_dir / "trellis.db" if database == "inside" else tmp_path / "db" / "trellis.db"
+    target = data_dir / "trellis.db" if database != "outside" else tmp_path / "db" / "trellis.db"
     args = ["--data-dir", str(data_dir), "--database-url", f"sqlite:///{target}"]
-    _restore_killed(KILLED_WHILE_STAGING, args, archive)
+    if database == "default-relative":
+        monkeypatch.chdir(tmp_path)
+        args = ["--data-dir", "var"]
+    _restore_killed(KILLED_WHILE_STAGING, args, archive, cwd=tmp_path)
 
     def listing() -> list[str]:
         return sorted({p.name for p in [*data_dir.iterdir(), *target.parent.iterdir()]})
@@ -500,7 +511,7 @@ def test_the_staging_files_of_a_restore_killed_before_moving_are_removed_by_the_
         refused = cli.run(*args, "restore", str(archive), code=6)
     finally:
         os.close(fd)
-    assert refused == f"trellis: a restore into {data_dir} is running: wait for it to end," \
+    assert refused == f"trellis: a restore into {args[1]} is running: wait for it to end," \
         " then look again\n"  # fmt: skip
     assert listing() == left
     cli.run(*args, "restore", str(archive))
