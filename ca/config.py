@@ -31,6 +31,7 @@ from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
 __all__ = [
+    "SQLITE_SUFFIXES",
     "Context",
     "DataPaths",
     "Settings",
@@ -54,7 +55,10 @@ _OWN_NAMES = frozenset(
         "scheduler.lock",  # api.asgi
     }
 )
-_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock")
+# Files beside a SQLite database: its journals, and the flocks of its one writer at a time
+# (ca.store.batch) and its one audit sealer (ca.audit.one_sealer). A lock file replaced under a
+# holder's flock no longer excludes anyone: they are as much Trellis's as the database is.
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock", ".seal-lock")
 
 
 class DataPaths(BaseSettings):
@@ -92,8 +96,8 @@ class DataPaths(BaseSettings):
         files: frozenset[Path] = frozenset()
         url = make_url(self.effective_database_url)
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            files = frozenset(Path(f"{url.database}{suffix}") for suffix in _SQLITE_SUFFIXES)
-        names = _OWN_NAMES | {f"trellis.db{suffix}" for suffix in _SQLITE_SUFFIXES}
+            files = frozenset(Path(f"{url.database}{suffix}") for suffix in SQLITE_SUFFIXES)
+        names = _OWN_NAMES | {f"trellis.db{suffix}" for suffix in SQLITE_SUFFIXES}
         return OwnData(self.data_dir, names, files)
 
 

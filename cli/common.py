@@ -20,7 +20,14 @@ from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
 from ca import errors
-from ca.config import Context, Settings, build_context, load_data_paths, load_settings
+from ca.config import (
+    SQLITE_SUFFIXES,
+    Context,
+    Settings,
+    build_context,
+    load_data_paths,
+    load_settings,
+)
 from ca.files import OwnData, check_writable
 from ca.logs import REQUEST_ID
 from ca.store.db import SchemaPolicy
@@ -190,8 +197,7 @@ class _Made:
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
             database = Path(str(url.database)).absolute()
             if not database.is_relative_to(data_dir):
-                suffixes = ("", "-wal", "-shm", "-journal", ".write-lock")
-                candidates = [Path(f"{database}{suffix}") for suffix in suffixes]
+                candidates = [Path(f"{database}{suffix}") for suffix in SQLITE_SUFFIXES]
                 files = tuple(path for path in candidates if not path.exists())
                 for path in database.parents:
                     if path.exists():

@@ -43,6 +43,11 @@ def instance(tmp_path: Path) -> InProcessTrellis:
             "gateway cert issue acme --p12-password-file pw --p12", "var/server/a.p12", id="p12"
         ),
         pytest.param("backup --out", "var/secrets/backup.tgz", id="backup"),
+        # The one-sealer flock's file: a backup renamed over it left a holder's flock on the
+        # old inode, and 'audit seal' ran beside the server's sealer.
+        pytest.param("backup --out", "db/main.db.seal-lock", id="seal-lock"),
+        pytest.param("bundle show --out", "var/trellis.db.seal-lock", id="seal-lock-in-data-dir"),
+        pytest.param("crl fetch --out", "db/main.db.write-lock", id="write-lock"),
     ],
 )
 def test_an_output_into_trellis_own_data_is_refused(
