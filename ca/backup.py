@@ -167,8 +167,14 @@ def _snapshot(source: Path, out: Path) -> Iterator[Path]:
     os.close(fd)
     snapshot = Path(name)
     try:
-        with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(snapshot)) as copy:
-            live.backup(copy)
+        try:
+            with (
+                closing(sqlite3.connect(source)) as live,
+                closing(sqlite3.connect(snapshot)) as copy,
+            ):
+                live.backup(copy)
+        except sqlite3.Error as error:  # a full disk where --out goes, most likely (exit 8)
+            raise Unavailable(f"the database snapshot for {out} cannot be taken: {error}") from None
         yield snapshot
     finally:
         snapshot.unlink(missing_ok=True)

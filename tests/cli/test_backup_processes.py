@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -162,3 +163,51 @@ def test_directories_made_under_umask_000_are_never_writable_by_others(tmp_path:
     private = {"nd/x", "idb/a/b", "bx/deep", "rx/deep/dd", "dbdir/a/b", "ry/deep/dd"}
     assert modes == {path: 0o700 if path in private else 0o755 for path in modes}
     assert _mode(tmp_path / "dbdir" / "a" / "b" / "t.db") == 0o600
+
+
+def _can_mount_tmpfs() -> str | None:
+    """Why a tmpfs cannot be mounted in a mount namespace of its own here, or None."""
+    if os.geteuid() != 0:
+        return "mounting a small tmpfs (unshare -m) needs root"
+    if shutil.which("unshare") is None:
+        return "no unshare(1)"
+    tried = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    return None if tried.returncode == 0 else f"unshare -m cannot mount: {tried.stderr.strip()}"
+
+
+@pytest.mark.parametrize("full", ["tmpfs", "file-size-limit"])
+def test_a_backup_whose_snapshot_cannot_be_written_is_one_line_and_exit_8(
+    tmp_path: Path, full: str
+) -> None:
+    """The snapshot (SQLite's online backup API, beside --out) hitting a full disk raised a raw
+    sqlite3.OperationalError: a traceback and exit 1, where a full disk is one line and exit 8
+    (docs/operations.md). tmpfs: a real full file system (64 KiB, under the ~270 KiB snapshot);
+    file-size-limit: a write SQLite sees fail (EFBIG) without root."""
+    source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
+    source.run("init", "--trust-domain", "example.org")
+    small = tmp_path / "small"
+    small.mkdir()
+    out = small / "x.tgz"
+    if full == "tmpfs":
+        if reason := _can_mount_tmpfs():
+            pytest.skip(reason)
+        command = ["unshare", "-m", "sh", "-c",
+                   'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"',
+                   str(small), TRELLIS, "backup", "--out", str(out)]  # fmt: skip
+        limit = None
+    else:
+        command = [TRELLIS, "backup", "--out", str(out)]
+        limit = 64 * 1024
+    failed = subprocess.run(
+        command, env=source.env, capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=None if limit is None else lambda: _file_size_limit(limit),
+    )  # fmt: skip
+    assert failed.returncode == 8, failed
+    assert (
+        failed.stderr.startswith("trellis: the database snapshot for ")
+        and failed.stderr.count("\n") == 1
+    ), failed
+    assert list(small.iterdir()) == []  # nothing left (the tmpfs is gone with its namespace)
