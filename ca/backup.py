@@ -43,7 +43,7 @@ from sqlalchemy.engine import make_url
 
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
-from ca.files import make_directory, replacing, write_atomic
+from ca.files import data_directory, make_directory, replacing, write_atomic
 from ca.store import db
 
 __all__ = ["BackupResult", "backup", "check_backup", "restore"]
@@ -724,6 +724,7 @@ def _install(
         # Each directory is locked before it is staged in, and before it counts as made: one
         # that another restore locked first is that restore's to remove.
         made_now = make_directory(data_dir, private=True)
+        data_directory(data_dir, create=False)  # an existing one, 0777 say, as other commands
         locks.hold(data_dir)
         made += made_now
         staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=_STAGING_PREFIX))

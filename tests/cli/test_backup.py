@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -517,3 +518,21 @@ def test_the_staging_files_of_a_restore_killed_before_moving_are_removed_by_the_
     cli.run(*args, "restore", str(archive))
     assert not [name for name in listing() if name.startswith((".restore-", ".trellis.db."))]
     assert cli.run(*args, "bundle", "show").startswith("-----BEGIN CERTIFICATE")
+
+
+def test_a_restore_into_an_existing_loose_data_dir_tightens_it(
+    archive: Path, cli: Cli, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An existing empty data dir is restored into as it was found: one left 0777 stayed so,
+    with the keys under it, until the next command tightened it. docs/cli.md: the data dir is
+    0700; restore tightens it, with the warning every other command gives."""
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    data_dir.chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="trellis"):
+        cli.run("--data-dir", str(data_dir), "restore", str(archive))
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert f"{data_dir} was mode 0777: tightened to 0700" in caplog.text, caplog.text
+    caplog.clear()
+    cli.run("--data-dir", str(data_dir), "bundle", "show")
+    assert "tightened" not in caplog.text
