@@ -41,6 +41,7 @@ from typing import IO, Any, BinaryIO
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from ca import tarheaders
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.files import data_directory, make_directory, replacing, write_atomic
@@ -202,20 +203,17 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
         handle.close()
         locks.release()
         raise
-    with (
-        locks,
-        handle,
-        _unreadable_as_invalid(archive_path),
-        tarfile.open(fileobj=handle, mode="r:gz") as archive,
-    ):
-        members = _members(archive, archive_path)
-        if "manifest.json" not in members:
-            raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
-        digests = _manifest(_read(archive, members["manifest.json"]))
-        contents = _verified_contents(archive, members, digests)
-        _check_database_apart(target_db, data_dir, digests)
-        database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
-        schema = _install(contents, database, data_dir, target_db, locks)
+    with locks, handle, _unreadable_as_invalid(archive_path):
+        _walk_headers(handle, archive_path)
+        with tarfile.open(fileobj=handle, mode="r:gz") as archive:
+            members = _members(archive, archive_path)
+            if "manifest.json" not in members:
+                raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
+            digests = _manifest(_read(archive, members["manifest.json"]))
+            contents = _verified_contents(archive, members, digests)
+            _check_database_apart(target_db, data_dir, digests)
+            database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
+            schema = _install(contents, database, data_dir, target_db, locks)
     return BackupResult(archive_path, tuple(sorted(digests)), schema)
 
 
@@ -369,6 +367,19 @@ def _unreadable_as_invalid(archive_path: Path) -> Iterator[None]:
         yield
     except (EOFError, zlib.error, tarfile.TarError, gzip.BadGzipFile):
         raise InvalidInput(f"{archive_path} is not a readable Trellis backup") from None
+
+
+def _walk_headers(handle: BinaryIO, archive_path: Path) -> None:
+    """Every tar header, before ``tarfile`` reads one (``ca.tarheaders``: it would read an
+    extended header whole, whatever size it declares); ``handle`` is rewound after."""
+    with gzip.GzipFile(fileobj=handle, mode="rb") as stream:
+        tarheaders.walk(
+            stream,
+            str(archive_path),
+            max_members=MAX_FILES + 2,
+            max_member_bytes=max(MAX_DATABASE_BYTES, MAX_FILE_BYTES),
+        )
+    handle.seek(0)
 
 
 def _members(archive: tarfile.TarFile, archive_path: Path) -> dict[str, tarfile.TarInfo]:
