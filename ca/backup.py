@@ -44,7 +44,14 @@ from sqlalchemy.engine import make_url
 from ca import tarheaders
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
-from ca.files import data_directory, make_directory, replacing, write_atomic
+from ca.files import (
+    data_directory,
+    held_temporary,
+    make_directory,
+    remove_if_abandoned,
+    replacing,
+    write_atomic,
+)
 from ca.store import db
 
 __all__ = ["BackupResult", "backup", "check_backup", "restore"]
@@ -134,6 +141,7 @@ def backup(ctx: Context, out: Path) -> BackupResult:
     schema, _ = db.schema_status(ctx.engine)
     digests: dict[str, str] = {}
     made = make_directory(out.parent, private=True)
+    _remove_abandoned(out)
     try:
         with (
             _snapshot(source, out) as snapshot,
@@ -164,9 +172,7 @@ def _snapshot(source: Path, out: Path) -> Iterator[Path]:
     """A consistent copy of the database at ``source`` (taken while writers may be running),
     in a 0600 temporary file beside ``out``, removed when the block ends, with the rollback
     journal SQLite writes beside it while copying."""
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.snapshot-")
-    os.close(fd)
-    snapshot = Path(name)
+    fd, snapshot = held_temporary(out.parent, f".{out.name}.snapshot-")
     try:
         try:
             with (
@@ -180,6 +186,32 @@ def _snapshot(source: Path, out: Path) -> Iterator[Path]:
     finally:
         snapshot.unlink(missing_ok=True)
         Path(f"{snapshot}-journal").unlink(missing_ok=True)
+        os.close(fd)  # its flock last: until then, no clean-up takes these for abandoned
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove what a backup to ``out`` killed part-way (``kill -9``, ``timeout -s KILL`` in a
+    cron job: no clean-up runs) left beside it: its snapshot (a copy of the database), the
+    snapshot's rollback journal, and the partial archive, each as large as the database, which
+    every such run would add to until the disk is full. Only by their names (``held_temporary``'s
+    for ``out``) and only those whose lock no process holds: a backup to the same ``out``
+    running meanwhile keeps its own."""
+    temporary = re.compile(re.escape(f".{out.name}.") + r"(?:snapshot-)?[a-z0-9_]{8}")
+    journal = re.compile(re.escape(f".{out.name}.snapshot-") + r"[a-z0-9_]{8}-journal")
+    try:
+        names = sorted(entry.name for entry in os.scandir(out.parent))
+    except OSError:
+        return  # the archive's writing reports what is wrong with its directory
+    removed = [name for name in names if temporary.fullmatch(name)
+               and remove_if_abandoned(out.parent / name)]  # fmt: skip
+    for name in names:
+        # SQLite's, unlocked: abandoned once its snapshot is gone (removed just now, say).
+        if journal.fullmatch(name) and not (out.parent / name[: -len("-journal")]).exists():
+            with suppress(FileNotFoundError):
+                (out.parent / name).unlink()
+                removed.append(name)
+    for name in removed:
+        log.warning("removed %s, left by a backup that was interrupted", out.parent / name)
 
 
 def restore(archive_path: Path, settings: Settings) -> BackupResult:

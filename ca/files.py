@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -20,9 +21,11 @@ __all__ = [
     "OwnData",
     "check_writable",
     "data_directory",
+    "held_temporary",
     "make_directory",
     "private_directory",
     "private_file",
+    "remove_if_abandoned",
     "replacing",
     "replacing_together",
     "write_atomic",
@@ -210,17 +213,70 @@ def replacing(path: Path, mode: int = 0o644, *, private: bool = False) -> Iterat
     rename. With ``private``, a missing directory for it is made 0700. Callers stream into it:
     a backup of a database of gigabytes is never held in memory."""
     make_directory(path.parent, private=private)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = held_temporary(path.parent, f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # before the flock goes with the descriptor
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def held_temporary(directory: Path, prefix: str) -> tuple[int, Path]:
+    """A new file (``mkstemp``: 0600, ``prefix`` and 8 random characters) with an exclusive
+    ``flock`` on its descriptor, held until that is closed: a writer killed with SIGKILL runs no
+    clean-up, and its temporary file (a backup's: as large as the database) stays; the lock
+    tells the next one's clean-up (``remove_if_abandoned``) a file whose writer is gone, whose
+    lock the kernel dropped, from one still being written. A clean-up that took the file
+    between ``mkstemp`` and the lock has removed it: then another is made."""
+    while True:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no flock here (some network file systems): nor can a clean-up
+                return fd, Path(name)
+            if _still_named(fd, Path(name)):
+                return fd, Path(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    try:
+        named = path.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def remove_if_abandoned(path: Path) -> bool:
+    """Remove ``path``, a temporary file of ``held_temporary``'s, if no process holds its
+    lock (its writer died); whether it did. Not a regular file, one that cannot be opened or
+    locked (a file system without ``flock``), or one held: left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _still_named(fd, path):
+            return False
+        path.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -536,3 +536,59 @@ def test_a_restore_into_an_existing_loose_data_dir_tightens_it(
     caplog.clear()
     cli.run("--data-dir", str(data_dir), "bundle", "show")
     assert "tightened" not in caplog.text
+
+
+KILLED_WHILE_ARCHIVING = """
+import os, signal, sys
+from ca import backup
+from cli.main import main
+def killing(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+backup._add_file = killing  # once the snapshot is taken and the archive begun
+main(sys.argv[1:])
+"""
+
+
+def test_the_temporary_files_of_a_backup_killed_part_way_are_removed_by_the_next(
+    cli: Cli, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 (a cron job under 'timeout -s KILL') left the snapshot, a 0600 copy of the
+    database, and the partial archive beside --out, and nothing removed them: each such run
+    took as much disk again. The next backup to that --out removes them, with a warning
+    naming each, but never one a backup still running holds (its flock)."""
+    data_dir, out = tmp_path / "var", tmp_path / "backups" / "y.tgz"
+    cli.run("--data-dir", str(data_dir), "init", "--trust-domain", "example.org")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_ARCHIVING, "--data-dir", str(data_dir), "backup",
+         "--out", str(out)],
+        env={**os.environ, "TRELLIS_KEY_PASSPHRASE": PASSPHRASE},
+        capture_output=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed
+    left = sorted(p.name for p in out.parent.iterdir())  # a partial archive and a snapshot
+    assert len(left) == 2 and all(name.startswith(".y.tgz.") for name in left), left
+    assert len([name for name in left if name.startswith(".y.tgz.snapshot-")]) == 1, left
+    # The snapshot's rollback journal, left where SQLite was killed while copying.
+    left.append(".y.tgz.snapshot-zz99zz99-journal")
+    (out.parent / left[-1]).write_bytes(b"journal")
+    # What a backup running meanwhile holds, and a file of someone else's, stay.
+    running = out.parent / ".y.tgz.abcd1234"
+    running.write_bytes(b"being written")
+    (out.parent / ".y.tgz.notmine").write_bytes(b"x")
+    fd = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with caplog.at_level(logging.WARNING, logger="trellis"):
+            cli.run("--data-dir", str(data_dir), "backup", "--out", str(out))
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        ".y.tgz.abcd1234",
+        ".y.tgz.notmine",
+        "y.tgz",
+    ]
+    for name in left:
+        assert f"removed {out.parent / name}, left by a backup that was interrupted" in (
+            caplog.text
+        ), caplog.text
+    assert "abcd1234" not in caplog.text
