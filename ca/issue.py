@@ -45,8 +45,9 @@ from ca.pem import certs_pem
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls
 from ca.records import issued_rows
 from ca.serial import Serial
-from ca.store.batch import Guard, Rows, Work
+from ca.store.batch import Guard, Lookup, Need, Rows, Work
 from ca.store.core import table
+from ca.store.locks import certificate_name, identity_name
 from ca.store.models import CertificateRow, RenewalNonceRow
 from ca.tokens import join_token_use
 
@@ -74,7 +75,9 @@ _SPEND_NONCE = {
     "sqlite": sqlite.insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.jti),
     "postgresql": postgresql.insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.jti),
 }
-_STATUS = sa.select(_CERTS.c.status).where(_CERTS.c.serial == sa.bindparam("serial"))
+# What an issuance relies on still standing when it is recorded (``ca.store.batch.Need``),
+# read for all the units of a batch at once.
+_ACTIVE = Lookup.by(sa.select(_CERTS.c.serial).where(_CERTS.c.status == "active"), _CERTS.c.serial)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +171,31 @@ def _persist(ctx: Context, grant: Grant, svid: IssuedSvid) -> None:
     ctx.writes.run(*_recording(ctx, grant, svid))
 
 
-def _recording(ctx: Context, grant: Grant, svid: IssuedSvid) -> tuple[Work, str, Guard]:
+def _recording(
+    ctx: Context, grant: Grant, svid: IssuedSvid
+) -> tuple[Work, str, Guard, tuple[Need, ...]]:
     """What ``GroupCommit.run`` and ``run_async`` take to record ``svid``: its unit of work, the
-    shared row it updates (its join token: see ``GroupCommit.run``), and the check that its
-    issuer is still the active CA."""
+    shared row it updates (its join token: see ``GroupCommit.run``), the check that its
+    issuer is still the active CA, and what it needs still standing (``_needs``)."""
     lock_key = f"token:{grant.join_token_id}" if grant.join_token_id else ""
-    return _writer(ctx, grant, svid), lock_key, StillActive.of(ctx, svid.issuer)
+    return _writer(ctx, grant, svid), lock_key, StillActive.of(ctx, svid.issuer), _needs(grant)
+
+
+def _needs(grant: Grant) -> tuple[Need, ...]:
+    """Checked again in the transaction that records the certificate, and claimed against the
+    writes that withdraw them (``ca.store.locks``): a revocation that landed after
+    authentication wins (docs/revocation.md: a revoked SVID cannot be renewed)."""
+    needs: list[Need] = []
+    if grant.renews_serial is not None:
+        needs.append(
+            Need(
+                _ACTIVE,
+                grant.renews_serial,
+                AuthenticationFailed("the certificate presented for renewal is no longer valid"),
+                (certificate_name(grant.renews_serial), identity_name(str(grant.spiffe_id))),
+            )
+        )
+    return tuple(needs)
 
 
 def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
@@ -205,13 +227,7 @@ def _writer(ctx: Context, grant: Grant, svid: IssuedSvid) -> Work:
     )
 
     def write(connection: sa.Connection, rows: Rows) -> None:
-        if grant.renews_serial is not None:
-            # Re-read inside the transaction: a revocation that landed after authentication wins.
-            status = connection.execute(_STATUS, {"serial": grant.renews_serial}).scalar()
-            if status != "active":
-                raise AuthenticationFailed(
-                    "the certificate presented for renewal is no longer valid"
-                )
+        # The certificate renewed and the entry were checked by the batch (``_needs``).
         if grant.renewal_nonce is not None:
             jti, expires = grant.renewal_nonce
             spent = connection.execute(

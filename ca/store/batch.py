@@ -29,6 +29,14 @@ A unit may name a ``Guard``: a precondition it shares with other units (that the
 signed with is still the active one), checked once per batch inside the transaction, before
 the units that name it; when it fails, those units are refused with its error.
 
+A unit may also name ``Need``s: rows it relies on still standing (the certificate a renewal
+renews still active, the registration entry still there and enabled), which a revocation or an
+entry's deletion may be withdrawing at that moment. The batch claims them all
+(``ca.store.locks``: it waits for such a write under way to commit, and such a write waits for
+it), then reads which still stand, one query per kind for all its units; a unit whose need
+does not is refused with the need's error before it runs. A SQLite batch begins with the write
+lock taken (``locks.begin_write``), so nothing commits between its reads and its writes.
+
 A unit runs its conditional statements itself and hands the rows it adds (the certificate, its
 audit records) to ``Rows``: those of every unit that succeeded are inserted after the last unit
 ran, one statement per table for the whole batch, in the units' order. On PostgreSQL every
@@ -68,13 +76,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ca.errors import TrellisError, Unavailable
-from ca.store import db
+from ca.store import db, locks
 from ca.store.core import Insert, Prepared, prepared
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Rows", "Spend", "Work"]
+__all__ = ["GroupCommit", "GroupRead", "Guard", "Lookup", "Need", "Rows", "Spend", "Work"]
 
 log = logging.getLogger("trellis.store")
 
@@ -107,6 +115,19 @@ class Spend:
     key: str
     now: dt.datetime
     refusal: TrellisError
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """A row a unit relies on still standing when it commits (see the module docstring):
+    ``standing`` finds, of the keys asked, those whose rows still stand; ``refusal`` is the
+    unit's error when ``key`` is not among them; ``claims`` are the names a write withdrawing
+    the row locks (``ca.store.locks``)."""
+
+    standing: Lookup
+    key: Any
+    refusal: TrellisError
+    claims: tuple[str, ...]
 
 
 class _SpendsShort(Exception):
@@ -200,6 +221,7 @@ class _Unit:
     work: Work
     lock_key: str = ""  # the shared row it updates, if any (see GroupCommit.run)
     guard: Guard | None = None
+    needs: tuple[Need, ...] = ()
     error: BaseException | None = None
     committed: bool = False
     done: bool = False
@@ -245,7 +267,13 @@ class GroupCommit:
         self._coming_waits: dict[asyncio.AbstractEventLoop, tuple[int, asyncio.Handle]] = {}
         self.waits = 0  # for tests: how often a ready batch waited for expected units
 
-    def run(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
+    def run(
+        self,
+        work: Work,
+        lock_key: str = "",
+        guard: Guard | None = None,
+        needs: tuple[Need, ...] = (),
+    ) -> None:
         """Run ``work`` in a transaction shared with whatever else is waiting; return once it
         has committed, or raise its own error.
 
@@ -253,8 +281,9 @@ class GroupCommit:
         units in key order, so two processes' batches lock rows in the same order and never
         wait on each other in a cycle (PostgreSQL ends such a deadlock only after
         ``deadlock_timeout``, a second, by failing one of the batches). ``guard`` is checked
-        in the transaction before ``work`` runs, once for all the units that share it."""
-        unit = _Unit(work, lock_key, guard)
+        in the transaction before ``work`` runs, once for all the units that share it; so are
+        ``needs``, together with every other unit's (see the module docstring)."""
+        unit = _Unit(work, lock_key, guard, needs)
         with self._queue_lock:
             self._pending.append(unit)
         while True:
@@ -319,7 +348,13 @@ class GroupCommit:
             call = loop.call_soon(self._commit_ready, loop, context=_batch_context())
             self._coming_waits[loop] = (turns, call)
 
-    async def run_async(self, work: Work, lock_key: str = "", guard: Guard | None = None) -> None:
+    async def run_async(
+        self,
+        work: Work,
+        lock_key: str = "",
+        guard: Guard | None = None,
+        needs: tuple[Need, ...] = (),
+    ) -> None:
         """``run`` for an event loop. The commit is scheduled behind the callbacks the loop
         already has ready, so the requests that arrived together are recorded in one
         transaction: on SQLite in place, on the loop; elsewhere by the loop's committing task
@@ -330,7 +365,7 @@ class GroupCommit:
             self._ready[loop] = []
             if loop not in self._committing:  # the loop's committing task is in no request
                 loop.call_soon(self._commit_ready, loop, context=_batch_context())
-        self._ready[loop].append((_Unit(work, lock_key, guard), future))
+        self._ready[loop].append((_Unit(work, lock_key, guard, needs), future))
         expected = _EXPECTED.get()
         if expected is not None and expected.group is self:
             expected.arrive()
@@ -562,9 +597,11 @@ class GroupCommit:
         with self._begin(on) as connection:
             added = Rows()
             checked: dict[Guard, TrellisError | None] = {}
+            standing = _standing(connection, batch)
             for unit in sorted(batch, key=lambda u: u.lock_key):  # stable: ties in order
                 rows = Rows()
                 try:
+                    _check_needs(unit, standing)
                     if unit.guard is not None:
                         _check_once(unit.guard, connection, checked)
                     unit.work(connection, rows)
@@ -603,6 +640,7 @@ class GroupCommit:
                 kept.invalidate()  # never reuse what an earlier transaction may have left behind
             kept = self._connection = self._engine.connect()
         with kept.begin():
+            locks.begin_write(kept)
             yield kept
 
     def close(self) -> None:
@@ -620,6 +658,7 @@ class GroupCommit:
         try:
             with self._begin(on) as connection:
                 rows = Rows()
+                _check_needs(unit, _standing(connection, [unit]))
                 if unit.guard is not None:
                     unit.guard(connection)
                 unit.work(connection, rows)
@@ -629,6 +668,25 @@ class GroupCommit:
             unit.committed = True
         except Exception as error:
             unit.error = error
+
+
+def _standing(connection: sa.Connection, units: list[_Unit]) -> dict[Lookup, set[Any]]:
+    """Of the rows the units need, the keys of those that still stand, per kind: one claim of
+    all their names, then one query per kind (see the module docstring)."""
+    needs = [need for unit in units for need in unit.needs]
+    if not needs:
+        return {}
+    locks.claim(connection, (name for need in needs for name in need.claims), shared=True)
+    keys: dict[Lookup, set[Any]] = {}
+    for need in needs:
+        keys.setdefault(need.standing, set()).add(need.key)
+    return {lookup: set(lookup.many(connection, sorted(k))) for lookup, k in keys.items()}
+
+
+def _check_needs(unit: _Unit, standing: dict[Lookup, set[Any]]) -> None:
+    for need in unit.needs:
+        if need.key not in standing[need.standing]:
+            raise need.refusal
 
 
 def _check_once(
