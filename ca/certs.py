@@ -336,7 +336,7 @@ def revoke_certificate(
     with Session(ctx.engine) as session:
         # Before the status is read: a second revocation waits for this one and is refused, and
         # a renewal of this certificate either commits first or sees it revoked (ca.store.locks)
-        _locked(session, locks.certificate_name(serial.hex))
+        locks.withdrawing(session.connection(), locks.certificate_name(serial.hex))
         row = session.get(CertificateRow, serial.hex, with_for_update=True)
         if row is None:
             raise NotFound(f"no certificate with serial {serial}")
@@ -372,7 +372,7 @@ def revoke_identity(
         # Before the certificates are read: a renewal of one of them under way commits first,
         # and its certificate is revoked with the others, or it waits and is refused. A
         # SELECT ... FOR UPDATE alone could not lock what it committed later (ca.store.locks).
-        _locked(session, locks.identity_name(str(spiffe_id)))
+        locks.withdrawing(session.connection(), locks.identity_name(str(spiffe_id)))
         rows = session.exec(
             select(CertificateRow)
             .where(
@@ -391,14 +391,6 @@ def revoke_identity(
         infos = [_revoked_info(row, now, skipped) for row in rows]
     publish_revocations(ctx, {row.authority for row in rows})
     return infos
-
-
-def _locked(session: Session, name: str) -> None:
-    """The first thing ``session`` does: take the locks a revocation of ``name`` holds against
-    the issuances that rely on it (``ca.store.locks``)."""
-    connection = session.connection()
-    locks.begin_write(connection)
-    locks.claim(connection, [name], shared=False)
 
 
 def publish_revocations(ctx: Context, authorities: set[str]) -> None:

@@ -17,6 +17,7 @@ from ca.csr import check_dns_name
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput, NotFound, PolicyViolation
 from ca.identity import SpiffeId, TrustDomain
+from ca.store import locks
 from ca.store.models import EntryRow, TokenRow
 
 __all__ = [
@@ -146,9 +147,15 @@ def list_entries(ctx: Context) -> list[Entry]:
 
 def delete_entry(ctx: Context, entry_id: str, *, actor: str = "local") -> Entry:
     """Delete an entry and its join tokens. Its certificates stay valid until they expire or are
-    revoked, but can no longer be renewed (renewal requires the entry)."""
+    revoked, but can no longer be renewed (renewal requires the entry).
+
+    An issuance under way for the entry (a join, a renewal) is recorded before the deletion
+    commits or waits for it and is refused: none is recorded after (``ca.store.locks``). A
+    second deletion waits for the first and finds nothing to delete (404)."""
+    entry_id = _parse_id(entry_id)
     with Session(ctx.engine) as session:
-        row = session.get(EntryRow, _parse_id(entry_id))
+        locks.withdrawing(session.connection(), locks.entry_name(entry_id))
+        row = session.get(EntryRow, entry_id)
         if row is None:
             raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
         entry = _entry(row)
@@ -168,9 +175,13 @@ def delete_entry(ctx: Context, entry_id: str, *, actor: str = "local") -> Entry:
 
 def set_entry_enabled(ctx: Context, entry_id: str, enabled: bool, *, actor: str = "local") -> Entry:
     """A disabled entry issues nothing (no join, no renewal) until enabled again: the way to stop
-    a revoked identity from coming straight back with a fresh certificate."""
+    a revoked identity from coming straight back with a fresh certificate. An issuance under
+    way for it is recorded before the change commits or waits for it and is refused
+    (``ca.store.locks``)."""
+    entry_id = _parse_id(entry_id)
     with Session(ctx.engine) as session:
-        row = session.get(EntryRow, _parse_id(entry_id))
+        locks.withdrawing(session.connection(), locks.entry_name(entry_id))
+        row = session.get(EntryRow, entry_id)
         if row is None:
             raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
         row.disabled_at = None if enabled else (row.disabled_at or ctx.clock.now())

@@ -34,6 +34,7 @@ from ca.durations import Ttl
 from ca.errors import (
     AuthenticationFailed,
     InternalError,
+    PermissionDenied,
     PolicyViolation,
     TrellisError,
     Unavailable,
@@ -47,8 +48,8 @@ from ca.records import issued_rows
 from ca.serial import Serial
 from ca.store.batch import Guard, Lookup, Need, Rows, Work
 from ca.store.core import table
-from ca.store.locks import certificate_name, identity_name
-from ca.store.models import CertificateRow, RenewalNonceRow
+from ca.store.locks import certificate_name, entry_name, identity_name
+from ca.store.models import CertificateRow, EntryRow, RenewalNonceRow
 from ca.tokens import join_token_use
 
 __all__ = [
@@ -70,7 +71,7 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Built once (see ca.store.core). A replayed renewal proof inserts nothing (rowcount 0) instead
 # of failing the statement, which on PostgreSQL would abort a transaction shared with others.
-_NONCES, _CERTS = table(RenewalNonceRow), table(CertificateRow)
+_NONCES, _CERTS, _ENTRIES = table(RenewalNonceRow), table(CertificateRow), table(EntryRow)
 _SPEND_NONCE = {
     "sqlite": sqlite.insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.jti),
     "postgresql": postgresql.insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.jti),
@@ -78,6 +79,9 @@ _SPEND_NONCE = {
 # What an issuance relies on still standing when it is recorded (``ca.store.batch.Need``),
 # read for all the units of a batch at once.
 _ACTIVE = Lookup.by(sa.select(_CERTS.c.serial).where(_CERTS.c.status == "active"), _CERTS.c.serial)
+_ENABLED = Lookup.by(
+    sa.select(_ENTRIES.c.id).where(_ENTRIES.c.disabled_at.is_(None)), _ENTRIES.c.id
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +187,9 @@ def _recording(
 
 def _needs(grant: Grant) -> tuple[Need, ...]:
     """Checked again in the transaction that records the certificate, and claimed against the
-    writes that withdraw them (``ca.store.locks``): a revocation that landed after
-    authentication wins (docs/revocation.md: a revoked SVID cannot be renewed)."""
+    writes that withdraw them (``ca.store.locks``): a revocation, a deletion or a disabling
+    that landed after authentication wins (docs/revocation.md: a revoked SVID cannot be
+    renewed, a disabled entry gets nothing)."""
     needs: list[Need] = []
     if grant.renews_serial is not None:
         needs.append(
@@ -193,6 +198,17 @@ def _needs(grant: Grant) -> tuple[Need, ...]:
                 grant.renews_serial,
                 AuthenticationFailed("the certificate presented for renewal is no longer valid"),
                 (certificate_name(grant.renews_serial), identity_name(str(grant.spiffe_id))),
+            )
+        )
+    if grant.entry_id is not None:
+        needs.append(
+            Need(
+                _ENABLED,
+                grant.entry_id,
+                PermissionDenied(
+                    f"the registration entry for {grant.spiffe_id} was deleted or disabled"
+                ),
+                (entry_name(grant.entry_id),),
             )
         )
     return tuple(needs)

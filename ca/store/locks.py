@@ -30,7 +30,14 @@ from collections.abc import Iterable
 
 import sqlalchemy as sa
 
-__all__ = ["begin_write", "certificate_name", "claim", "entry_name", "identity_name"]
+__all__ = [
+    "begin_write",
+    "certificate_name",
+    "claim",
+    "entry_name",
+    "identity_name",
+    "withdrawing",
+]
 
 _SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(k) FROM unnest(CAST(:keys AS bigint[])) k")
 _EXCLUSIVE = sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) k")
@@ -62,6 +69,15 @@ def begin_write(connection: sa.Connection) -> None:
     issued no BEGIN of its own yet. PostgreSQL locks what it must with ``claim``."""
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def withdrawing(connection: sa.Connection, name: str) -> None:
+    """The first statements of a transaction that withdraws ``name`` (revokes it, deletes or
+    disables it): the write lock on SQLite, ``name`` claimed exclusively on PostgreSQL. Every
+    check it makes after this sees the issuances that relied on ``name`` committed, and none
+    commits until it has."""
+    begin_write(connection)
+    claim(connection, [name], shared=False)
 
 
 def claim(connection: sa.Connection, names: Iterable[str], *, shared: bool) -> None:
