@@ -23,6 +23,7 @@ from ca import audit
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, PermissionDenied
+from ca.store import locks
 from ca.store.batch import Spend
 from ca.store.core import table
 from ca.store.models import EntryRow, TokenRow
@@ -163,6 +164,13 @@ def create_join_token(
     except ValueError:
         raise NotFound(f"registration entry {entry_id[:40]!r} does not exist") from None
     with Session(ctx.engine) as session:
+        # Before the entry is read: a deletion under way commits first (this is then a 404) or
+        # waits for the token and deletes it with the entry (ca.store.locks). Checked and then
+        # inserted without it, the token met a deleted entry's foreign key (a 500 here, or the
+        # deletion's on PostgreSQL, which then deleted nothing).
+        connection = session.connection()
+        locks.begin_write(connection)
+        locks.claim(connection, [locks.entry_name(entry_id)], shared=True)
         if session.get(EntryRow, entry_id) is None:
             raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
         now = ctx.clock.now()
