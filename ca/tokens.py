@@ -237,8 +237,12 @@ def list_tokens(ctx: Context) -> list[TokenInfo]:
 
 
 def revoke_token(ctx: Context, token_id: str, *, actor: str = "local") -> TokenInfo:
+    """Revoke once: a second revocation, even one made at the same moment, is a ``Conflict``.
+    The row is read with the write lock taken (SQLite) or locked (PostgreSQL): read before, two
+    revocations both found it live, and both were answered 200 and recorded."""
     with Session(ctx.engine) as session:
-        row = session.get(TokenRow, token_id)
+        locks.begin_write(session.connection())
+        row = session.get(TokenRow, token_id, with_for_update=True)
         if row is None:
             raise NotFound(f"token {token_id[:40]!r} does not exist")
         if row.revoked_at is not None:  # as for certificates: the first revocation stands
