@@ -18,6 +18,7 @@ data dir as it found it. PostgreSQL deployments back up with ``pg_dump`` (docs/o
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import gzip
@@ -54,7 +55,7 @@ from ca.files import (
 )
 from ca.store import db
 
-__all__ = ["BackupResult", "backup", "check_backup", "restore"]
+__all__ = ["BackupResult", "backup", "check_backup", "restore", "setting_up"]
 
 log = logging.getLogger("trellis.backup")
 
@@ -260,9 +261,11 @@ class _Locks:
     def __init__(self) -> None:
         self._held: dict[tuple[int, int], int] = {}  # (device, inode) → descriptor
 
-    def hold(self, directory: Path) -> None:
+    def hold(self, directory: Path, *, shared: bool = False) -> None:
         """Lock ``directory`` unless held already (it may be both the data dir and the
-        database's: a second descriptor of it would conflict with the first)."""
+        database's: a second descriptor of it would conflict with the first). A restore holds
+        it exclusively; ``shared``, an init setting the data dir up (``setting_up``): inits
+        do not exclude each other, a restore and an init do."""
         try:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -273,11 +276,12 @@ class _Locks:
             os.close(fd)
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            running = "a restore" if shared else "a restore or an init"
             raise Conflict(
-                f"a restore into {directory} is running: wait for it to end, then look again"
+                f"{running} into {directory} is running: wait for it to end, then look again"
             ) from None
         except OSError:
             os.close(fd)
@@ -297,6 +301,19 @@ class _Locks:
 
     def __exit__(self, *_: object) -> None:
         self.release()
+
+
+@contextmanager
+def setting_up(settings: Settings) -> Iterator[None]:
+    """Around an init: the data dir (made if missing) is locked shared, so that no restore
+    runs while the init writes keys into it, and an init is refused (``Conflict``, exit 6)
+    while a restore runs there. A restore moves its files in at the end and, failing, removes
+    what it moved: an init beside it had its keys removed under a CA it had just recorded."""
+    locks = _Locks()
+    make_directory(settings.data_dir, private=True)
+    locks.hold(settings.data_dir, shared=True)
+    with locks:
+        yield
 
 
 def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> None:
@@ -761,20 +778,26 @@ def _install(
     """Stage the database beside its target (streamed, then checked) and the files in a
     staging directory inside the data dir, then move each into place, the database last; on
     any failure, remove all of it (the data dir and the database's directory too, if this
-    made them). Returns the database's schema revision."""
-    made: list[Path] = []
+    made them and nothing else is in them: what another process put there stays). Returns
+    the database's schema revision."""
+    made: list[Path] = []  # this restore's own files and trees: removed whole on failure
+    directories: list[Path] = []  # made for the data dir and the database: removed if empty
     try:
         # Each directory is locked before it is staged in, and before it counts as made: one
         # that another restore locked first is that restore's to remove.
         made_now = make_directory(data_dir, private=True)
         data_directory(data_dir, create=False)  # an existing one, 0777 say, as other commands
         locks.hold(data_dir)
-        made += made_now
-        staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=_STAGING_PREFIX))
-        made.append(staging)
+        directories += made_now
         made_now = make_directory(target_db.parent, private=True)
         locks.hold(target_db.parent)
-        made += made_now
+        directories += made_now
+        # Checked again under the locks: an init may have set the data dir up since the first
+        # look (it takes the same lock, so none can from here on).
+        _check_data_dir_empty(data_dir, target_db)
+        _check_database_empty(target_db)
+        staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=_STAGING_PREFIX))
+        made.append(staging)
         fd, staged_db = tempfile.mkstemp(dir=target_db.parent, prefix=f".{target_db.name}.")
         made.append(Path(staged_db))
         with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600
@@ -790,8 +813,8 @@ def _install(
                 make_directory(staging.joinpath(*parts[:depth]), private=True)
             write_atomic(target, data, 0o644 if name in _PUBLIC else 0o600)
         for entry in sorted(staging.iterdir()):
-            made.append(data_dir / entry.name)
-            entry.rename(data_dir / entry.name)
+            _move_in(entry, data_dir / entry.name)
+            made.append(data_dir / entry.name)  # only once it is this restore's
         staging.rmdir()
         for sidecar in ("-wal", "-shm", "-journal"):  # of the empty database replaced, if any
             Path(f"{target_db}{sidecar}").unlink(missing_ok=True)
@@ -802,8 +825,49 @@ def _install(
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+        for directory in reversed(directories):
+            with suppress(OSError):  # not empty: another's file arrived meanwhile
+                directory.rmdir()
         raise
     return schema
+
+
+def _move_in(entry: Path, target: Path) -> None:
+    """Move a staged file or directory to ``target``, which must not exist: a rename would
+    replace a file there (and a directory that is empty), and a failure after would remove
+    it, though not this restore's. A file is linked (which refuses an existing name) and its
+    staged name removed; a directory goes in place of an empty one made for it, which a
+    rename replaces only while it stays empty."""
+    refusal = Conflict(f"{target} appeared while restoring: restore only into an empty data dir")
+    if entry.is_dir():
+        try:
+            target.mkdir(mode=0o700)
+        except FileExistsError:
+            raise refusal from None
+        try:
+            entry.rename(target)
+        except OSError:
+            with suppress(OSError):
+                target.rmdir()  # still empty: ours; otherwise no longer only ours
+            raise
+        return
+    try:
+        os.link(entry, target)
+    except FileExistsError:
+        raise refusal from None
+    except OSError as error:
+        if error.errno not in _NO_LINKS:
+            raise
+        # A file system without hard links (vfat, some FUSE ones): looked at, then renamed,
+        # under the data dir's lock (no init writes there meanwhile).
+        if target.exists() or target.is_symlink():
+            raise refusal from None
+        entry.rename(target)
+        return
+    entry.unlink()
+
+
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 
 def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

@@ -19,7 +19,7 @@ import typer
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
-from ca import errors
+from ca import backup, errors
 from ca.config import (
     SQLITE_SUFFIXES,
     Context,
@@ -154,14 +154,18 @@ class State:
         init leaves nothing behind"): the data dir if it was not there, otherwise only the
         entries it did not hold (what a dir held stays), and a SQLite database file outside it
         that was not there, with its journals, its write lock and the directories made for it.
-        Keys it made in Vault are destroyed by the init itself."""
-        made = _Made.before(self.settings())
-        try:
-            yield self.context(create=True, schema=schema)
-        except BaseException:
-            self.close()  # the database file is closed before it is removed
-            made.remove()
-            raise
+        Keys it made in Vault are destroyed by the init itself. A restore running into the
+        data dir refuses the init (exit 6) before anything is made or removed, and no restore
+        starts there until the init ends (``ca.backup.setting_up``)."""
+        settings = self.settings()
+        made = _Made.before(settings)
+        with backup.setting_up(settings):
+            try:
+                yield self.context(create=True, schema=schema)
+            except BaseException:
+                self.close()  # the database file is closed before it is removed
+                made.remove()
+                raise
 
     def close(self) -> None:
         if self._ctx is not None:

@@ -512,8 +512,8 @@ def test_the_staging_files_of_a_restore_killed_before_moving_are_removed_by_the_
         refused = cli.run(*args, "restore", str(archive), code=6)
     finally:
         os.close(fd)
-    assert refused == f"trellis: a restore into {args[1]} is running: wait for it to end," \
-        " then look again\n"  # fmt: skip
+    assert refused == f"trellis: a restore or an init into {args[1]} is running: wait for" \
+        " it to end, then look again\n"  # fmt: skip
     assert listing() == left
     cli.run(*args, "restore", str(archive))
     assert not [name for name in listing() if name.startswith((".restore-", ".trellis.db."))]
