@@ -18,6 +18,7 @@ data dir as it found it. PostgreSQL deployments back up with ``pg_dump`` (docs/o
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import fcntl
 import glob
@@ -35,14 +36,14 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ca import tarheaders
+from ca import restored, tarheaders
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.files import (
@@ -74,6 +75,9 @@ class BackupResult:
     path: Path
     files: tuple[str, ...]
     schema: str | None
+    # A restore's: what the restored instance acts on outside its data dir, as the instance
+    # the backup was taken of does (docs/operations.md: only one of them may run).
+    acts_on: restored.ActsOn = field(default_factory=restored.ActsOn)
 
     @property
     def needs_key_passphrase(self) -> bool:
@@ -246,8 +250,8 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
             contents = _verified_contents(archive, members, digests)
             _check_database_apart(target_db, data_dir, digests)
             database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
-            schema = _install(contents, database, data_dir, target_db, locks)
-    return BackupResult(archive_path, tuple(sorted(digests)), schema)
+            schema, acts_on = _install(contents, database, data_dir, target_db, locks)
+    return BackupResult(archive_path, tuple(sorted(digests)), schema, acts_on)
 
 
 class _Locks:
@@ -774,12 +778,13 @@ def _missing_after_migration(path: Path, revisions: set[str]) -> list[str]:
 
 def _install(
     contents: dict[str, bytes], database: _Database, data_dir: Path, target_db: Path, locks: _Locks
-) -> str:
+) -> tuple[str, restored.ActsOn]:
     """Stage the database beside its target (streamed, then checked) and the files in a
     staging directory inside the data dir, then move each into place, the database last; on
     any failure, remove all of it (the data dir and the database's directory too, if this
     made them and nothing else is in them: what another process put there stays). Returns
-    the database's schema revision."""
+    the database's schema revision and what the restored instance acts on (``ca.restored``),
+    whose Vault keys it records in ``restored.json``."""
     made: list[Path] = []  # this restore's own files and trees: removed whole on failure
     directories: list[Path] = []  # made for the data dir and the database: removed if empty
     try:
@@ -805,6 +810,13 @@ def _install(
             handle.flush()
             os.fsync(handle.fileno())
         schema = _check_schema(Path(staged_db))
+        acts_on = restored.acts_on(Path(staged_db))
+        # The Vault keys the original signs with, which this instance must never destroy.
+        at = dt.datetime.now(dt.UTC)
+        contents = {
+            **contents,
+            restored.MARKER: restored.marker(database.archive_path, at, acts_on),
+        }
         for name, data in contents.items():
             target = staging / name
             parts = name.split("/")
@@ -829,7 +841,7 @@ def _install(
             with suppress(OSError):  # not empty: another's file arrived meanwhile
                 directory.rmdir()
         raise
-    return schema
+    return schema, acts_on
 
 
 def _move_in(entry: Path, target: Path) -> None:

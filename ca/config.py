@@ -27,6 +27,7 @@ from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import MIN_PASSPHRASE, FileKeyBackend, KeyPassphrase
 from ca.keys.store import KNOWN_BACKENDS, KeyStore, check_backend_name, unconfigured_backend
+from ca.restored import shared_keys
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
@@ -373,7 +374,7 @@ def build_context(
         from ca.keys.vault import VaultKeyBackend  # only imported where Vault is configured
 
         backends["vault"] = VaultKeyBackend.from_settings(settings)
-    keys = KeyStore(backends, default=settings.key_backend)
+    keys = KeyStore(backends, default=settings.key_backend, shared=shared_keys(settings.data_dir))
     engine = db.connect(settings.effective_database_url, background_checkpoints=serving)
     try:
         db.settle_schema(engine, schema)

@@ -40,6 +40,19 @@ def backup(
         typer.echo("the key passphrase is NOT in the backup: keep it somewhere else")
 
 
+ONLY_ONE = (
+    "only one of this instance and the one the backup was taken of may run: stop that one for"
+    " good first (docs/operations.md, 'Backup and restore')"
+)
+_ACTS_ON = (  # the order of ActsOn's fields
+    "Vault key",
+    "OpenVPN CRL file",
+    "OpenVPN server dir",
+    "gateway truststore",
+    "Istio output",
+)
+
+
 def restore(
     archive: Annotated[Path, typer.Argument(help="A file written by 'trellis backup'")],
     json_out: JsonOpt = False,
@@ -54,10 +67,18 @@ def restore(
                 "schema": result.schema,
                 "files": list(result.files),
                 "needs_key_passphrase": result.needs_key_passphrase,
+                "acts_on": result.acts_on.as_dict(),
+                "warning": ONLY_ONE,
             }
         )
         return
     typer.echo(f"restored {len(result.files)} file(s) (schema {result.schema}) from {result.path}")
+    if result.acts_on:
+        typer.echo("it acts on what the instance the backup was taken of acts on:")
+        for label, values in zip(_ACTS_ON, result.acts_on.as_dict().values(), strict=True):
+            for value in values:
+                typer.echo(f"  {label:<20} {value}")
+    typer.echo(f"warning: {ONLY_ONE}")
     if result.needs_key_passphrase:
         typer.echo(
             "set TRELLIS_KEY_PASSPHRASE (or restore the key-passphrase file), then 'trellis serve'"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
@@ -12,7 +13,13 @@ from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
 from ca.keys.types import KeyType
 
-__all__ = ["KNOWN_BACKENDS", "KeyStore", "check_backend_name", "unconfigured_backend"]
+__all__ = [
+    "KNOWN_BACKENDS",
+    "KeyStore",
+    "SharedKeys",
+    "check_backend_name",
+    "unconfigured_backend",
+]
 
 log = logging.getLogger("trellis.keys")
 
@@ -36,12 +43,33 @@ def unconfigured_backend(name: str) -> InvalidInput:
     return InvalidInput(f"key backend {name!r} is not configured")
 
 
+@dataclass(frozen=True, slots=True)
+class SharedKeys:
+    """Keys outside the data dir that another instance may sign with too: an instance restored
+    from a backup inherited them from the one the backup was taken of (``ca.restored``). A key
+    file is the instance's own copy and never shared."""
+
+    refs: frozenset[str] = frozenset()
+    every: bool = False  # which is not known: every key outside the data dir
+
+    def __contains__(self, handle: object) -> bool:
+        if not isinstance(handle, KeyHandle) or handle.backend == "file":
+            return False
+        return self.every or handle.ref in self.refs
+
+
 class KeyStore:
-    def __init__(self, backends: Mapping[str, KeyBackend], default: str = "file") -> None:
+    def __init__(
+        self,
+        backends: Mapping[str, KeyBackend],
+        default: str = "file",
+        shared: SharedKeys = SharedKeys(),
+    ) -> None:
         if default not in backends:
             raise InvalidInput(f"key backend {default!r} is not configured")
         self._backends = dict(backends)
         self.default = default
+        self.shared = shared
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -98,6 +126,18 @@ class KeyStore:
         return signer
 
     def destroy(self, handle: KeyHandle) -> None:
+        """Destroy a key no CA of this instance uses any more, unless another instance may still
+        sign with it (``shared``): that one is left, with a warning that says why and gives no
+        command to delete it, since deleting it would take the other instance's CA away."""
+        if handle in self.shared:
+            log.warning(
+                "%s key %s is left in place: this instance was restored from a backup, and the"
+                " instance the backup was taken of may still sign with it; delete it only once"
+                " no instance uses it",
+                handle.backend,
+                handle.ref,
+            )
+            return
         self.backend(handle.backend).destroy(handle)
 
     def check(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()) -> None:

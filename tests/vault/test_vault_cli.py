@@ -299,3 +299,55 @@ def test_restoring_a_vault_only_instance_asks_for_no_key_passphrase(
     shown = again.json("restore", str(tmp_path / "backup.tgz"))
     assert isinstance(shown, dict) and shown["needs_key_passphrase"] is False
     restored.run("certs", "list")  # and it runs without one
+
+
+def _ca_keys(database: Path) -> set[str]:
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute("SELECT key_ref FROM ca WHERE key_backend = 'vault'").fetchall()
+    return {str(ref).split("@")[0] for (ref,) in rows}
+
+
+def test_a_restored_copy_never_destroys_the_vault_keys_of_the_instance_it_came_from(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    """'init --force' on a restored copy, with the clean-up policy, deleted the Transit keys of
+    the instance the backup was taken of (which then failed: "CA key ... is missing from the
+    vault key store"); with the shipped policy it said they were used by no CA and how to
+    delete them. The keys the copy inherited now stay, with a warning that the original may
+    still sign with them and no command to delete them; keys the copy made itself after the
+    restore are cleaned up as on any instance."""
+    openbao.put_policy("trellis-cleanup", CLEANUP_POLICY_FILE.read_text())
+    cleanup = openbao.create_token("trellis-cleanup", ttl="1h")
+    shipped = openbao.create_token("trellis", ttl="1h")
+    original = vault_cli(tmp_path / "var", openbao, shipped)
+    original.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    original.run("backup", "--out", str(tmp_path / "backup.tgz"))
+    inherited = _ca_keys(tmp_path / "var" / "trellis.db")
+    assert len(inherited) == 2 and inherited <= transit_keys(openbao)
+
+    copy = vault_cli(tmp_path / "copy", openbao, cleanup)
+    said = copy.run("restore", str(tmp_path / "backup.tgz")).stdout
+    for key in inherited:
+        assert f"  Vault key            {key}@v1\n" in said, said
+    assert "warning: only one of this instance and the one the backup was taken of may run" in said
+    forced = copy.run("init", "--trust-domain", "v5.test", "--force")
+    assert inherited <= transit_keys(openbao)
+    warnings = sorted(line for line in forced.stderr.splitlines() if line.startswith("warning:"))
+    assert warnings == sorted(
+        f"warning: vault key {key}@v1 is left in place: this instance was restored from a"
+        " backup, and the instance the backup was taken of may still sign with it; delete it"
+        " only once no instance uses it"
+        for key in inherited
+    ), forced.stderr
+    assert "no CA uses it" not in forced.stderr and "vault delete" not in forced.stderr
+    original.run("vault", "check")
+    original.run("svid", "mint", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/after",
+                 "--out", str(tmp_path / "minted"))  # fmt: skip
+
+    own = _ca_keys(tmp_path / "copy" / "trellis.db")
+    assert own and not own & inherited and own <= transit_keys(openbao)
+    again = copy.run("init", "--trust-domain", "v5.test", "--force")
+    assert not own & transit_keys(openbao), "the copy's own keys were left"
+    assert inherited <= transit_keys(openbao)
+    assert all(key not in again.stderr for key in own), again.stderr
+    original.run("vault", "check")
