@@ -9,8 +9,10 @@ place than the backups, or a stolen backup is a stolen CA. What else a data dir 
 it is left out, is listed in docs/operations.md.
 
 A restore goes into an empty data directory and an empty database only (never merge two CAs);
-the restored instance serves the same bundle and continues serial and CRL numbering, because
-both live in the restored database. The archive is checked before anything is moved into
+the restored instance serves the same bundle and goes on with the same CAs, which live in the
+restored database: it is a copy of the original, and acts on what the original acts on outside
+its data dir (``ca.restored``: only one of them may run). Its CRL numbers go on from the
+restore's time, above the original's. The archive is checked before anything is moved into
 place (names, sizes within limits, digests, the database's schema), and the files are written
 to a staging directory and moved into place last, so a refused or failed restore leaves the
 data dir as it found it. PostgreSQL deployments back up with ``pg_dump`` (docs/operations.md).

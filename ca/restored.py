@@ -26,7 +26,15 @@ from pathlib import Path
 
 from ca.keys.store import SharedKeys
 
-__all__ = ["MARKER", "ActsOn", "acts_on", "marker", "shared_keys"]
+__all__ = [
+    "MARKER",
+    "ActsOn",
+    "acts_on",
+    "crl_number_floor",
+    "crl_numbers_from",
+    "marker",
+    "shared_keys",
+]
 
 log = logging.getLogger("trellis.restored")
 
@@ -91,14 +99,38 @@ def acts_on(database: Path) -> ActsOn:
     return ActsOn(**found)
 
 
+def crl_numbers_from(at: dt.datetime) -> int:
+    """The least CRL number a CA signs after a restore at ``at``: microseconds since the epoch.
+
+    RFC 5280 §5.2.3 wants a CA's CRL numbers to increase, and a restore rolls the database, and
+    with it each CA's last number, back to the backup's: the restored copy would sign numbers
+    the original already used, for CRLs that lack its later revocations. No CA signs more than
+    one CRL a microsecond, and a CA that was never restored counts from 1: every number issued
+    by time T is below T in microseconds (after a restore too, counting from this floor), so
+    the first CRL after the restore outnumbers every CRL the original signed before it. It
+    takes the restoring host's clock to be right; the original must not sign after it."""
+    return int(at.timestamp() * 1_000_000)
+
+
 def marker(archive: Path, at: dt.datetime, inherited: ActsOn) -> bytes:
     """The content of ``restored.json``."""
     body = {
         "restored_from": str(archive),
         "restored_at": at.isoformat(),
+        "crl_numbers_from": crl_numbers_from(at),
         "inherited_vault_keys": list(inherited.vault_keys),
     }
     return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def crl_number_floor(data_dir: Path) -> int:
+    """``crl_numbers_from`` of this instance's restore; 0 if it was not restored (or the
+    marker cannot be read: ``shared_keys`` warns of that)."""
+    try:
+        floor = json.loads((data_dir / MARKER).read_bytes())["crl_numbers_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return floor if isinstance(floor, int) and not isinstance(floor, bool) and floor > 0 else 0
 
 
 def shared_keys(data_dir: Path) -> SharedKeys:
