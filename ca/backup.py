@@ -235,8 +235,9 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
         for directory in (data_dir, target_db.parent):
             if directory.is_dir():
                 locks.hold(directory)
-        _remove_stale_staging(data_dir, target_db, locks)
-        _check_data_dir_empty(data_dir, target_db)
+        ignored = _not_counted(data_dir, archive_path)
+        _remove_stale_staging(data_dir, target_db, locks, ignored)
+        _check_data_dir_empty(data_dir, target_db, ignored)
         _check_database_empty(target_db)
     except BaseException:
         handle.close()
@@ -249,10 +250,11 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
             if "manifest.json" not in members:
                 raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
             digests = _manifest(_read(archive, members["manifest.json"]))
+            _check_archive_apart(archive_path, ignored, digests)
             contents = _verified_contents(archive, members, digests)
             _check_database_apart(target_db, data_dir, digests)
             database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
-            schema, acts_on = _install(contents, database, data_dir, target_db, locks)
+            schema, acts_on = _install(contents, database, data_dir, target_db, locks, ignored)
     return BackupResult(archive_path, tuple(sorted(digests)), schema, acts_on)
 
 
@@ -322,7 +324,9 @@ def setting_up(settings: Settings) -> Iterator[None]:
         yield
 
 
-def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> None:
+def _remove_stale_staging(
+    data_dir: Path, target_db: Path, locks: _Locks, ignored: frozenset[str]
+) -> None:
     """Remove what a restore that died (``kill -9``, a power cut: no clean-up ran) left before
     it moved anything into place: its staging directory in the data dir and its staged copy of
     the database beside the target, by their names only, in directories this restore holds
@@ -350,6 +354,8 @@ def _remove_stale_staging(data_dir: Path, target_db: Path, locks: _Locks) -> Non
         if not locks.holds(data_dir):
             return
         for entry in sorted(data_dir.iterdir()):
+            if entry.name in ignored:
+                continue
             if _STAGING.fullmatch(entry.name):
                 staging.append(entry)
             elif entry.name not in staged_here:
@@ -501,8 +507,45 @@ def _leftovers(data_dir: Path, target_db: Path) -> list[Path]:
     return found
 
 
-def _check_data_dir_empty(data_dir: Path, target_db: Path) -> None:
-    if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
+_LOST_AND_FOUND = "lost+found"
+
+
+def _not_counted(data_dir: Path, archive_path: Path) -> frozenset[str]:
+    """Names in the data dir that do not make it "not empty": ``lost+found``, which
+    ``mkfs.ext4`` puts at the root of a volume (a Kubernetes PersistentVolume mounted as the
+    data dir), and the archive itself where it lies in the data dir: in the shipped container
+    the data dir is the one place a file can be copied to (docs/deploy.md). A restore leaves
+    both as they are."""
+    names: set[str] = set()
+    found = data_dir / _LOST_AND_FOUND
+    if found.is_dir() and not found.is_symlink():
+        names.add(_LOST_AND_FOUND)
+    with suppress(OSError):
+        if archive_path.resolve().parent == data_dir.resolve():
+            names.add(archive_path.resolve().name)
+    return frozenset(names)
+
+
+def _check_archive_apart(
+    archive_path: Path, ignored: frozenset[str], names: dict[str, str]
+) -> None:
+    """An archive in the data dir under a name the restore writes would be in its way."""
+    taken = {name.split("/")[0] for name in names} | {restored.MARKER}
+    with suppress(OSError):
+        name = archive_path.resolve().name
+        if name in ignored and name in taken:
+            raise InvalidInput(
+                f"{archive_path} is in the data dir under a name the restore writes:"
+                " move it to another name, then restore again"
+            )
+
+
+def _check_data_dir_empty(
+    data_dir: Path, target_db: Path, ignored: frozenset[str] = frozenset()
+) -> None:
+    if data_dir.exists() and (
+        not data_dir.is_dir() or any(entry.name not in ignored for entry in data_dir.iterdir())
+    ):
         what = "is not empty" if data_dir.is_dir() else "is not a directory"
         # An interrupted restore never installed the database (it goes last): with a database
         # there, the data dir is an instance's, and no one is told to remove it.
@@ -779,7 +822,12 @@ def _missing_after_migration(path: Path, revisions: set[str]) -> list[str]:
 
 
 def _install(
-    contents: dict[str, bytes], database: _Database, data_dir: Path, target_db: Path, locks: _Locks
+    contents: dict[str, bytes],
+    database: _Database,
+    data_dir: Path,
+    target_db: Path,
+    locks: _Locks,
+    ignored: frozenset[str],
 ) -> tuple[str, restored.ActsOn]:
     """Stage the database beside its target (streamed, then checked) and the files in a
     staging directory inside the data dir, then move each into place, the database last; on
@@ -801,7 +849,7 @@ def _install(
         directories += made_now
         # Checked again under the locks: an init may have set the data dir up since the first
         # look (it takes the same lock, so none can from here on).
-        _check_data_dir_empty(data_dir, target_db)
+        _check_data_dir_empty(data_dir, target_db, ignored)
         _check_database_empty(target_db)
         staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=_STAGING_PREFIX))
         made.append(staging)

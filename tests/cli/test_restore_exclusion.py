@@ -183,3 +183,34 @@ def test_a_file_system_without_hard_links_restores_too(
     cli.run("--data-dir", str(data_dir), "restore", str(archive), code=6)
     assert sorted(p.name for p in data_dir.iterdir()) == ["bundle.pem"]
     assert (data_dir / "bundle.pem").read_text() == "someone else's\n"
+
+
+def test_a_volume_root_with_lost_found_and_the_archive_in_it_restores(
+    archive: Path,  # noqa: F811
+    cli: Cli,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """In the shipped container the data dir is the volume's root and the one writable place
+    (docs/deploy.md): an ext4 volume has lost+found there, and the archive can only be copied
+    in beside it. Restore refused both ("not empty"); it now leaves them where they are."""
+    data_dir = tmp_path / "volume"
+    (data_dir / "lost+found").mkdir(parents=True, mode=0o700)
+    copied = data_dir / "backup.tgz"
+    copied.write_bytes(archive.read_bytes())
+    cli.run("--data-dir", str(data_dir), "restore", str(copied))
+    assert (data_dir / "lost+found").is_dir() and copied.read_bytes() == archive.read_bytes()
+    assert cli.run("--data-dir", str(data_dir), "bundle", "show").startswith("-----BEGIN")
+    # Only those two: anything else still makes the data dir not empty.
+    other = tmp_path / "other"
+    (other / "lost+found").mkdir(parents=True)
+    (other / "notes.txt").write_text("the operator's\n")
+    refused = cli.run("--data-dir", str(other), "restore", str(archive), code=6)
+    assert refused.endswith("is not empty: restore only into an empty data directory\n")
+    # An archive under a name the restore writes is in its way: refused before anything.
+    third = tmp_path / "third"
+    third.mkdir()
+    in_the_way = third / "bundle.pem"
+    in_the_way.write_bytes(archive.read_bytes())
+    refused = cli.run("--data-dir", str(third), "restore", str(in_the_way), code=2)
+    assert "is in the data dir under a name the restore writes" in refused, refused
+    assert [p.name for p in third.iterdir()] == ["bundle.pem"]
