@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -224,7 +224,13 @@ class Settings(DataPaths):
         """The base of the CRL, OCSP and caIssuers URLs in every certificate issued
         (``RevocationUrls.under`` appends ``/v1/...``) and of Istio's ``spiffeBundleUrl``:
         clients fetch them over HTTP(S), so no query or fragment (the appended path would
-        land inside it) and no user:password@ (it would be published in every certificate)."""
+        land inside it) and no user:password@ (it would be published in every certificate).
+
+        Scheme and host are case-insensitive (RFC 3986 §6.2.2.1), but not to every reader:
+        istiod tests a ``spiffeBundleUrl`` for ``https://`` case-sensitively and puts
+        ``https://`` before one that fails (``HTTPS://x`` is fetched from ``https://HTTPS://x``),
+        so both are kept in their lower-case, normal form; the path is case-sensitive and
+        kept as given."""
         if value is None or value == "":
             return None
         try:
@@ -244,7 +250,8 @@ class Settings(DataPaths):
             raise ValueError("spaces or non-ASCII characters: not a URL")
         if not is_host(parts.hostname):
             raise ValueError(f"{parts.hostname[:64]!r} is not a host name or an IP address")
-        return value
+        # No user information (refused above): the netloc is the host and port only.
+        return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, "", ""))
 
     def check_new_key_backend(self, name: str | None) -> None:
         """What ``KeyStore.new_keys_backend`` would refuse, before an init sets anything up (a

@@ -573,6 +573,49 @@ def test_with_a_public_url_certificates_point_at_their_issuers_revocation_data(
     assert_is_ca(new, trust_domain=TD, path_length=0, issuer=root, urls=expected_urls(root))
 
 
+@pytest.mark.parametrize(
+    "given",
+    ["HTTPS://CA.Example.TEST:8443", "Https://ca.EXAMPLE.test:8443/"],
+    ids=["ok/upper-case", "ok/mixed-case-trailing-slash"],
+)
+@SQLITE_ONLY
+def test_a_public_url_is_written_with_its_scheme_and_host_in_lower_case(
+    settings: Settings, clock: FixedClock, given: str
+) -> None:
+    """Scheme and host are case-insensitive (RFC 3986 §6.2.2.1) but not to every client
+    (istiod's spiffeBundleUrl check is case-sensitive): certificates carry the normal form."""
+    configured = Settings.model_validate({**settings.model_dump(), "public_url": given})
+    assert configured.public_url is not None
+    assert configured.public_url.rstrip("/") == PUBLIC_URL
+    ctx = build_context(configured, clock=clock)
+    try:
+        init_authority(ctx, AuthorityParams(TrustDomain.parse(TD)))
+        issuer = active_issuer(ctx)
+        workload = enrol(ctx, f"spiffe://{TD}/web")
+        assert_is_svid_leaf(
+            workload.cert,
+            spiffe_id=f"spiffe://{TD}/web",
+            issuer=issuer.certificate,
+            urls=expected_urls(issuer.certificate),
+        )
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("https://ca.example.test/PKI/Trellis", "https://ca.example.test/PKI/Trellis"),
+     ("HTTP://[2001:DB8::1]:8080/Pki", "http://[2001:db8::1]:8080/Pki")],
+    ids=["ok/path-case-kept", "ok/ipv6-host"],
+)  # fmt: skip
+@SQLITE_ONLY
+def test_a_public_url_keeps_the_case_of_its_path(settings: Settings, given: str, kept: str) -> None:
+    """The path is case-sensitive (RFC 3986 §6.2.2.1): only scheme and host are folded."""
+    assert (
+        Settings.model_validate({**settings.model_dump(), "public_url": given}).public_url == kept
+    )
+
+
 @SQLITE_ONLY
 def test_without_a_public_url_certificates_carry_no_pointers(ctx: Context) -> None:
     issuer = active_issuer(ctx)

@@ -85,6 +85,21 @@ def test_mesh_config_polls_the_bundle_endpoint(
     ]
 
 
+def test_mesh_config_writes_an_https_scheme_istiod_recognises(
+    ctx: Context, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """istiod (pkg/spiffe) tests for "https://" case-sensitively and puts https:// before
+    anything else: HTTPS://X was fetched from https://HTTPS://X, a host named "https"."""
+    monkeypatch.setenv("TRELLIS_PUBLIC_URL", "HTTPS://Trellis.Example.ORG:8443/Pki")
+    mesh = load(cli.ok("istio", "mesh-config"))["meshConfig"]
+    assert mesh["caCertificates"] == [
+        {
+            "spiffeBundleUrl": "https://trellis.example.org:8443/Pki/v1/bundle.jwks",
+            "trustDomains": ["example.org"],
+        }
+    ]
+
+
 def test_mesh_config_refuses_an_http_public_url(
     ctx: Context, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
