@@ -51,6 +51,7 @@ from ca.store.models import AuthorityRow, CaRow, CertificateRow, IstioClusterRow
 
 __all__ = [
     "FORMATS",
+    "MIN_TTL",
     "RENEWAL_INTERVAL",
     "IstioIntermediate",
     "IstioParams",
@@ -75,6 +76,10 @@ ISTIO_KEY_TYPES = (
     KeyType.RSA_4096,
 )
 DEFAULT_TTL = Ttl(30 * 86400)
+# The shortest intermediate: the job renews at 2/3 of its life and runs every 5 minutes
+# (``RENEWAL_INTERVAL``), so an hour leaves 20 minutes, four runs, to renew and deliver in; a
+# shorter one (10 s was accepted) expired before any run could renew it, and istiod with it.
+MIN_TTL = Ttl(3600)
 # Renew when this share of an intermediate's life has passed; istiod hot-reloads the Secret and
 # clamps workload TTLs to the intermediate's remaining life, so a third left is plenty.
 RENEW_AFTER = 2 / 3
@@ -116,6 +121,11 @@ class IstioParams:
 
     def __post_init__(self) -> None:
         dns_label(self.cluster, "a cluster name")
+        if self.ttl.seconds < MIN_TTL.seconds:
+            raise InvalidInput(
+                f"--ttl {self.ttl} is too short for an Istio intermediate: at least {MIN_TTL}, "
+                "so that the istio-intermediates job (every 5 minutes) renews it in time"
+            )
         if self.key_type not in ISTIO_KEY_TYPES:
             raise InvalidInput(
                 f"istiod does not support {self.key_type.value} CA keys: use ec-p256, ec-p384 "
@@ -457,7 +467,8 @@ def _params(row: IstioClusterRow) -> IstioParams:
     return IstioParams(
         cluster=row.cluster,
         key_type=KeyType(row.key_type),
-        ttl=Ttl(row.ttl_seconds),
+        # A cluster recorded before MIN_TTL existed is renewed with at least it.
+        ttl=Ttl(max(row.ttl_seconds, MIN_TTL.seconds)),
         output=Path(row.output) if row.output else None,
         output_format=row.output_format,
         authority=row.authority,

@@ -4,6 +4,7 @@ and cryptography, in every output format."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlmodel import Session, select
 
 from ca.authority import active_issuer
 from ca.config import Context
+from ca.profiles import BACKDATE
 from ca.store.models import CertificateRow
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import Cli, load_key, openssl_verify, public_key_pem
@@ -164,8 +166,12 @@ def test_tls_secret_yaml(ctx: Context, cli: Cli, tmp_path: Path) -> None:
         (("--key-type", "ed25519"), "istiod does not support ed25519 CA keys"),
         (("--cluster", "East_1"), "a cluster name is a DNS label"),
         (("--format", "pkcs12"), "--format is one of"),
+        # The job runs every 5 minutes and renews at 2/3 of the life: a 10 s intermediate
+        # expired, and istiod with it, before any run could renew it.
+        (("--ttl", "10s"), "--ttl 10s is too short for an Istio intermediate: at least 1h"),
+        (("--ttl", "59m"), "--ttl 59m is too short for an Istio intermediate: at least 1h"),
     ],
-    ids=["fail/ed25519", "fail/cluster-name", "fail/format"],
+    ids=["fail/ed25519", "fail/cluster-name", "fail/format", "fail/ttl-10s", "fail/ttl-59m"],
 )
 def test_refused(cli: Cli, tmp_path: Path, args: tuple[str, ...], reason: str) -> None:
     out = tmp_path / "out"
@@ -177,6 +183,19 @@ def test_refused(cli: Cli, tmp_path: Path, args: tuple[str, ...], reason: str) -
     assert len(lines) == 1 and reason in lines[0], result.err
     assert not out.exists()
     assert json.loads(cli.ok("istio", "list", "--json")) == []
+
+
+def test_the_shortest_ttl_is_an_hour(ctx: Context, cli: Cli, tmp_path: Path) -> None:
+    issued = json.loads(
+        cli.ok("istio", "issue", "--cluster", "east", "--out", str(tmp_path / "c.yaml"),
+               "--ttl", "1h", "--json")
+    )  # fmt: skip
+    (cert,) = x509.load_pem_x509_certificates(
+        base64.b64decode(secret(tmp_path / "c.yaml")["data"]["ca-cert.pem"])
+    )
+    assert format(cert.serial_number, "x") == issued["serial"]
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert life == dt.timedelta(hours=1) + BACKDATE
 
 
 def _istio_certificates(ctx: Context) -> int:

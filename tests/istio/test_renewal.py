@@ -22,6 +22,7 @@ from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import Unavailable
 from ca.istio import (
+    MIN_TTL,
     RENEWAL_INTERVAL,
     IstioParams,
     deliver,
@@ -98,6 +99,30 @@ def test_clusters_without_an_output_are_not_renewed(ctx: Context, clock: FixedCl
     issue_istio_intermediate(ctx, IstioParams("east", ttl=TTL))
     clock.advance(TTL.delta)
     assert renew_due_clusters(ctx) == []
+
+
+def test_a_cluster_recorded_with_a_ttl_below_the_minimum_is_renewed_with_it(
+    ctx: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """A cluster recorded before MIN_TTL (an hour) existed, with a 10 s intermediate, is
+    renewed with an hour, not refused at every run."""
+    out = tmp_path / "cacerts.yaml"
+    params = IstioParams("east", ttl=TTL, output=out)
+    deliver(ctx, issue_istio_intermediate(ctx, params), params)
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None
+        row.ttl_seconds = 10
+        session.add(row)
+        session.commit()
+    clock.advance(TTL.delta)
+    (renewed,) = renew_due_clusters(ctx)
+    (cert,) = x509.load_pem_x509_certificates(read(out, "secret-yaml")["ca-cert.pem"])
+    assert renewed == f"renewed east -> {format(cert.serial_number, 'x')[:12]}"
+    assert cert.not_valid_after_utc == clock.now() + MIN_TTL.delta
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.ttl_seconds == MIN_TTL.seconds and row.last_error is None
 
 
 def _issued(ctx: Context) -> dict[str, int]:
