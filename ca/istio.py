@@ -42,7 +42,7 @@ from ca.files import (
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
-from ca.kubectl import KubeTarget, apply, dns_label
+from ca.kubectl import KubeTarget, apply, check_target, dns_label
 from ca.pem import certs_pem, private_key_pem
 from ca.profiles import BACKDATE, UB_NAME, CaSpec, ca_builder, fitted_name, sign
 from ca.records import record_issued
@@ -230,14 +230,20 @@ def check_output(params: IstioParams) -> None:
     """Refuse an output the intermediate could not be delivered to, before one is issued: its
     key exists only in that delivery, so an intermediate issued for a path that cannot be
     written (a directory where the YAML file goes, a file where the ``files`` directory goes, a
-    read-only place) would be an active CA certificate whose key is lost. A kubeconfig must be
-    a readable file; whether its cluster answers only applying tells."""
+    read-only place) would be an active CA certificate whose key is lost. A kubectl target
+    needs what can be known without the cluster (``ca.kubectl.check_target``): a readable
+    kubeconfig that kubectl loads, kubectl on the PATH, the context in it; whether the cluster
+    answers only applying tells. The job judges a recorded cluster the same way each run, so a
+    kubeconfig whose context was removed costs no intermediate per run."""
     if params.output is not None:
         directory = params.output_format == "files"
         check_writable(params.output, directory=directory, what=f"the output {params.output}")
-    kubeconfig = params.kubeconfig
-    if kubeconfig is not None and not (kubeconfig.is_file() and os.access(kubeconfig, os.R_OK)):
-        raise InvalidInput(f"--kubeconfig {kubeconfig}: not a readable file")
+    kube = params.kube
+    if kube is None:
+        return
+    if not (kube.kubeconfig.is_file() and os.access(kube.kubeconfig, os.R_OK)):
+        raise InvalidInput(f"--kubeconfig {kube.kubeconfig}: not a readable file")
+    check_target(kube)
 
 
 def issue_istio_intermediate(

@@ -13,6 +13,7 @@ the object are left alone.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -21,10 +22,13 @@ from pathlib import Path
 
 from ca.errors import InvalidInput, Unavailable
 
-__all__ = ["FIELD_MANAGER", "KubeTarget", "apply", "apply_argv", "dns_label"]
+__all__ = ["FIELD_MANAGER", "KubeTarget", "apply", "apply_argv", "check_target", "dns_label"]
 
 FIELD_MANAGER = "trellis"
 TIMEOUT_SECONDS = 60
+# ``kubectl config view`` reads a local file and contacts nobody.
+CONFIG_TIMEOUT_SECONDS = 15
+_QUOTED = re.compile(r"`[^`]*`")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -58,6 +62,60 @@ class KubeTarget:
         return f"{where}, context {self.context}" if self.context else where
 
 
+def _kubectl() -> str:
+    executable = shutil.which("kubectl")
+    if executable is None:
+        raise Unavailable("kubectl is not installed (not found on PATH)")
+    return executable
+
+
+def check_target(target: KubeTarget) -> None:
+    """Refuse a target kubectl would refuse before it reaches the cluster: no kubectl on the
+    PATH (``Unavailable``), a kubeconfig kubectl cannot load, a context not in it (the given
+    one, else its ``current-context``), or one whose cluster it does not define with a server
+    (``InvalidInput``). Only the cluster can tell whether it answers and lets us apply.
+
+    Read with ``kubectl config view``, which parses the file as every later ``apply`` will
+    (exec plug-ins and all) and contacts nobody; it prints credentials redacted, and only the
+    names are looked at."""
+    where = f"--kubeconfig {target.kubeconfig}"
+    argv = [_kubectl(), "--kubeconfig", str(target.kubeconfig), "config", "view", "-o", "json"]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, timeout=CONFIG_TIMEOUT_SECONDS, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise Unavailable(
+            f"kubectl config view ({where}) timed out after {CONFIG_TIMEOUT_SECONDS} s"
+        ) from None
+    except OSError as exc:
+        raise Unavailable(f"kubectl could not be run: {exc.strerror}") from None
+    if done.returncode != 0:
+        reason = " ".join(done.stderr.decode(errors="replace").split()).removeprefix("error: ")
+        # go-yaml quotes the value it could not read in backquotes: that could be a token.
+        reason = _QUOTED.sub("`...`", reason)[:300]
+        raise InvalidInput(f"{where}: kubectl cannot load it: {reason or 'no message'}")
+    try:
+        config = json.loads(done.stdout)
+        contexts = {c["name"]: c.get("context") or {} for c in config.get("contexts") or []}
+        clusters = {c["name"]: c.get("cluster") or {} for c in config.get("clusters") or []}
+        current = config.get("current-context") or None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise InvalidInput(f"{where}: kubectl config view printed no kubeconfig") from None
+    named = target.context or current
+    if named is None:
+        raise InvalidInput(f"{where} has no current-context: give --kube-context")
+    if named not in contexts:
+        known = ", ".join(sorted(contexts)[:10]) or "none"
+        which = "--kube-context" if target.context else "its current-context"
+        raise InvalidInput(
+            f"{where}: {which} {named[:100]!r} does not exist in it (contexts: {known[:300]})"
+        )
+    cluster = contexts[named].get("cluster")
+    if not cluster or not (clusters.get(cluster) or {}).get("server"):
+        raise InvalidInput(f"{where}: context {named[:100]!r} names no cluster with a server in it")
+
+
 def apply_argv(target: KubeTarget, field_manager: str = FIELD_MANAGER) -> list[str]:
     """The command line: the manifest is read from stdin (``-f -``)."""
     argv = ["kubectl", "--kubeconfig", str(target.kubeconfig)]
@@ -78,9 +136,7 @@ def apply(target: KubeTarget, manifest: bytes, field_manager: str = FIELD_MANAGE
     shortened, is the detail), so the scheduler records the failure and tries again.
     """
     argv = apply_argv(target, field_manager)
-    executable = shutil.which(argv[0])
-    if executable is None:
-        raise Unavailable("kubectl is not installed (not found on PATH)")
+    executable = _kubectl()
     try:
         # A fixed argv, no shell; the manifest only on stdin.
         done = subprocess.run(

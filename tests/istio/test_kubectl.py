@@ -19,20 +19,21 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.istio import RENEWAL_INTERVAL, IstioParams, deliver, issue_istio_intermediate
 from ca.jobs import job_named
 from ca.scheduler import run_job
-from ca.store.models import IstioClusterRow
+from ca.store.models import CertificateRow, IstioClusterRow
 from tests.conftest import free_port
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import Cli, crls, load_key, openssl_verify
-from tests.istio.kubeapi import KubeApi, kubeconfig, serve
+from tests.istio.kubeapi import TOKEN, KubeApi, kubeconfig, serve
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = [
@@ -228,16 +229,91 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     assert set(applied(kube)) == CACERTS
 
 
-def test_kubectl_missing_is_a_typed_error(
-    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _istio_certificates(ctx: Context) -> int:
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(CertificateRow).where(CertificateRow.profile == "istio-intermediate")
+        ).all()
+    return len(rows)
+
+
+def test_kubectl_missing_is_a_typed_error_before_anything_is_issued(
+    ctx: Context, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """It was found only when applying: an intermediate was issued (its key lost) and the
+    cluster recorded, so the job issued another every 5 minutes."""
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     config = tmp_path / "kubeconfig"
     config.write_text("apiVersion: v1\nkind: Config\n")
     result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(config))
     assert result.code == 8
-    assert "kubectl is not installed" in result.err
+    (line,) = result.err.strip().splitlines()
+    assert "kubectl is not installed" in line, line
+    assert json.loads(cli.ok("istio", "list", "--json")) == []
+    assert _istio_certificates(ctx) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "config", "reason"),
+    [
+        (("--kube-context", "nosuch"), None,
+         "--kube-context 'nosuch' does not exist in it (contexts: east-admin)"),
+        ((), {"current-context": ""}, "has no current-context: give --kube-context"),
+        ((), {"current-context": "gone"},
+         "its current-context 'gone' does not exist in it (contexts: east-admin)"),
+        (("--kube-context", "east-admin"), {"clusters": []},
+         "context 'east-admin' names no cluster with a server in it"),
+        ((), "clusters: [\n", "kubectl cannot load it: error loading config file"),
+    ],
+    ids=["fail/no-such-context", "fail/no-current-context", "fail/current-context-missing",
+         "fail/no-cluster", "fail/not-yaml"],
+)  # fmt: skip
+def test_a_kubeconfig_kubectl_would_refuse_issues_nothing(
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path,
+    options: tuple[str, ...], config: dict[str, object] | str | None, reason: str,
+) -> None:  # fmt: skip
+    """What kubectl says without asking the cluster is asked before an intermediate is issued
+    (exit 2, nothing issued or recorded): a failed apply loses the key, and a recorded cluster
+    whose context does not exist cost a new intermediate every 5 minutes, forever."""
+    path = tmp_path / "kubeconfig"
+    if isinstance(config, str):
+        path.write_text(config)
+    elif config is not None:
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **config}))
+    result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(path), *options)
+    assert result.code == 2, result
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith(f"trellis: --kubeconfig {path}") and reason in line, line
+    assert "REDACTED" not in line and TOKEN not in line
+    assert json.loads(cli.ok("istio", "list", "--json")) == []
+    assert _istio_certificates(ctx) == 0
+    assert not [r for r in kube.requests if r.method == "PATCH"]
+
+
+def test_the_job_issues_nothing_for_a_context_that_is_gone(
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path, clock: FixedClock
+) -> None:
+    """A recorded cluster whose kubeconfig lost its context fails each run without an
+    intermediate being issued; it is renewed once the context is back."""
+    path = tmp_path / "kubeconfig"
+    params = IstioParams("east", kubeconfig=path, kube_context="east-admin")
+    deliver(ctx, issue_istio_intermediate(ctx, params), params)
+    kubeconfig(path, kube.url, kube.ca_pem, context="renamed")
+    clock.advance(dt.timedelta(days=21))  # due
+    job = job_named("istio-intermediates")
+    for _ in range(3):
+        run = run_job(ctx, job)
+        assert run is not None and not run.last_ok
+        assert run.last_result == "Unavailable: delivery failing: east (trellis istio list)"
+        clock.advance(RENEWAL_INTERVAL)
+    assert _istio_certificates(ctx) == 1
+    (listed,) = json.loads(cli.ok("istio", "list", "--json"))
+    assert "--kube-context 'east-admin' does not exist in it" in listed["last_error"]
+    kubeconfig(path, kube.url, kube.ca_pem, context="east-admin")
+    run = run_job(ctx, job)
+    assert run is not None and run.last_ok and run.last_result.startswith("renewed east -> ")
+    assert _istio_certificates(ctx) == 2
 
 
 @pytest.mark.parametrize(
