@@ -160,6 +160,9 @@ class IstioIntermediate:
     chain: tuple[x509.Certificate, ...]  # the intermediate, then up to and including its root
     roots: tuple[x509.Certificate, ...]  # every current trust anchor (both during root rotation)
     crl_pem: bytes | None = None  # ca-crl.pem: a CRL for each CA of the chain (--with-crl)
+    # The cluster was not recorded before this issuance: if this first delivery fails, the
+    # cluster is forgotten again rather than retried (``deliver``).
+    new_cluster: bool = False
 
     @property
     def files(self) -> dict[str, bytes]:
@@ -290,6 +293,7 @@ def issue_istio_intermediate(
             detail={"cluster": params.cluster},
         )
         previous = session.get(IstioClusterRow, params.cluster)
+        new_cluster = previous is None
         output = str(params.output.resolve()) if params.output else None
         kube = params.kube
         kubeconfig = str(kube.kubeconfig.resolve()) if kube else None
@@ -322,7 +326,13 @@ def issue_istio_intermediate(
         session.commit()
     crl_pem = crl_bundle(own_crl, root_crl) if own_crl and root_crl else None
     return IstioIntermediate(
-        params.cluster, cert, key, (cert, root_cert), issuer.roots, crl_pem=crl_pem
+        params.cluster,
+        cert,
+        key,
+        (cert, root_cert),
+        issuer.roots,
+        crl_pem=crl_pem,
+        new_cluster=new_cluster,
     )
 
 
@@ -396,22 +406,48 @@ def _failure(exc: Exception) -> TrellisError:
 def deliver(ctx: Context, intermediate: IstioIntermediate, params: IstioParams) -> list[str]:
     """Put the intermediate where ``params`` say: written paths, or kubectl's summary.
 
-    A failure is recorded on the cluster (``istio list`` shows it) and re-raised as a
-    ``TrellisError``; the ``istio-intermediates`` job re-issues such a cluster on its run
-    ``RENEWAL_INTERVAL`` later (the key of the undelivered intermediate is gone: it was never
-    stored).
+    A failure is re-raised as a ``TrellisError``. For a cluster Trellis already serves (a
+    re-issue) it is recorded on the cluster (``istio list`` shows it), and the
+    ``istio-intermediates`` job re-issues it on its run ``RENEWAL_INTERVAL`` later: istiod
+    holds the previous intermediate and needs the next one. A cluster's first delivery is
+    different: nothing of it reached istiod that Trellis knows of, and the command said it
+    failed (exit 8), so the cluster is not kept (``_forget``), as a failed ``step ca
+    certificate`` leaves nothing behind; else a target that never worked (a cluster that does
+    not exist, a kubeconfig for another one) got a new intermediate every 5 minutes, forever.
+    Either way the key of the undelivered intermediate is gone (it was never stored) and its
+    certificate stays recorded, to be revoked if wanted.
     """
     try:
         return _deliver(intermediate, params)
     except (TrellisError, OSError) as exc:
         error = _failure(exc)
+        if intermediate.new_cluster and _forget(ctx, intermediate):
+            note = f"cluster {intermediate.cluster} is not recorded (issue it again)"
+            error.detail, error.public = f"{error.detail}; {note}", f"{error.public}; {note}"
+            error.args = (error.detail,)
+            raise error from None
         _record_delivery(ctx, intermediate.cluster, error.detail)
         raise error from None
     except BaseException as exc:
-        # Ctrl-C (``cli.launch.Interrupted``) or a bug: recorded all the same, or the cluster
-        # would pass for delivered and the job leave it until its intermediate is due.
-        _record_delivery(ctx, intermediate.cluster, f"not delivered: {type(exc).__name__}")
+        # Ctrl-C (``cli.launch.Interrupted``) or a bug: a re-issue is recorded all the same, or
+        # the cluster would pass for delivered and the job leave it until its intermediate is
+        # due; a first delivery is forgotten, as when it fails.
+        if not (intermediate.new_cluster and _forget(ctx, intermediate)):
+            _record_delivery(ctx, intermediate.cluster, f"not delivered: {type(exc).__name__}")
         raise
+
+
+def _forget(ctx: Context, intermediate: IstioIntermediate) -> bool:
+    """Drop the cluster recorded by ``intermediate``'s issuance, unless another issuance has
+    replaced it since (its serial differs: that one's delivery decides)."""
+    serial = format(intermediate.certificate.serial_number, "x")
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, intermediate.cluster, with_for_update=True)
+        if row is None or row.serial != serial:
+            return False
+        session.delete(row)
+        session.commit()
+    return True
 
 
 def _deliver(intermediate: IstioIntermediate, params: IstioParams) -> list[str]:

@@ -178,15 +178,43 @@ def test_a_revocation_reaches_ca_crl_pem_without_the_key(
     assert b"ca-key.pem" not in crl_patch.body
 
 
-def test_an_unreachable_server_fails_clearly_and_is_retried(
+def test_a_first_delivery_that_fails_records_no_cluster(
     ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path, clock: FixedClock
 ) -> None:
+    """exit 8 said the issue failed, yet the cluster was recorded, and the job issued it a new
+    intermediate every 5 minutes, forever, for a target that never worked. A cluster whose
+    first delivery fails is not kept; its certificate is (the issuance happened)."""
     dead = kubeconfig(tmp_path / "kubeconfig", f"https://127.0.0.1:{free_port()}", kube.ca_pem)
     result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(dead))
     assert result.code == 8, result  # Unavailable
     (line,) = result.err.strip().splitlines()
     assert "kubectl apply (kubeconfig " in line and "failed (exit 1)" in line
     assert "connection refused" in line.lower(), line
+    assert line.endswith("; cluster east is not recorded (issue it again)"), line
+    assert json.loads(cli.ok("istio", "list", "--json")) == []
+    assert _istio_certificates(ctx) == 1
+    for _ in range(3):
+        clock.advance(RENEWAL_INTERVAL)
+        assert job_named("istio-intermediates").run(ctx) == "nothing due"
+    assert _istio_certificates(ctx) == 1
+    kubeconfig(tmp_path / "kubeconfig", kube.url, kube.ca_pem)  # the server is there
+    cli.ok("istio", "issue", "--cluster", "east", "--kubeconfig", str(dead))
+    assert set(applied(kube)) == CACERTS
+
+
+def test_an_unreachable_server_fails_clearly_and_is_retried(
+    ctx: Context, cli: Cli, kube: KubeApi, tmp_path: Path, clock: FixedClock
+) -> None:
+    """A cluster Trellis already serves: the failure is recorded and the job retries it."""
+    config = tmp_path / "kubeconfig"
+    cli.ok("istio", "issue", "--cluster", "east", "--kubeconfig", str(config))
+    delivered = applied(kube)
+    dead = kubeconfig(config, f"https://127.0.0.1:{free_port()}", kube.ca_pem)
+    result = cli("istio", "issue", "--cluster", "east", "--kubeconfig", str(dead))
+    assert result.code == 8, result  # Unavailable
+    (line,) = result.err.strip().splitlines()
+    assert "kubectl apply (kubeconfig " in line and "failed (exit 1)" in line
+    assert "connection refused" in line.lower() and "not recorded" not in line, line
     with Session(ctx.engine) as session:
         row = session.get(IstioClusterRow, "east")
         assert row is not None and row.last_error and "connection refused" in row.last_error
@@ -213,7 +241,7 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     assert on_the_row[-1].startswith("UPDATE istio_cluster SET last_error="), on_the_row
     # Read over HTTP: the cluster, not its kubeconfig's path (the row and the log have that).
     assert run.last_result == "Unavailable: delivery failing: east (trellis istio list)"
-    assert SECRET not in kube.secrets
+    assert applied(kube) == delivered
 
     kubeconfig(tmp_path / "kubeconfig", kube.url, kube.ca_pem)  # the server is back
     clock.advance(dt.timedelta(seconds=10))  # the scheduler's first retry: too soon to issue
@@ -226,7 +254,7 @@ def test_an_unreachable_server_fails_clearly_and_is_retried(
     with Session(ctx.engine) as session:
         row = session.get(IstioClusterRow, "east")
         assert row is not None and row.last_error is None and row.serial != first_serial
-    assert set(applied(kube)) == CACERTS
+    assert set(applied(kube)) == CACERTS and applied(kube) != delivered
 
 
 def _istio_certificates(ctx: Context) -> int:

@@ -209,10 +209,12 @@ def test_a_delivery_interrupted_is_recorded_and_retried(
     ctx: Context, clock: FixedClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C (``cli.launch.Interrupted``, a ``BaseException``) while ``trellis istio issue``
-    writes the output: nothing was recorded, so the cluster passed for delivered and the job
-    left it, its intermediate's key lost, until that intermediate was due."""
+    writes the output of a cluster it serves: nothing was recorded, so the cluster passed for
+    delivered and the job left it, its intermediate's key lost, until that intermediate was
+    due."""
     east = tmp_path / "east"
     params = IstioParams("east", ttl=TTL, output=east, output_format="files")
+    deliver(ctx, issue_istio_intermediate(ctx, params), params)
     intermediate = issue_istio_intermediate(ctx, params)
 
     def interrupted(*_args: object) -> list[Path]:
@@ -226,7 +228,56 @@ def test_a_delivery_interrupted_is_recorded_and_retried(
         assert row is not None and row.last_error == "not delivered: Interrupted"
     clock.advance(RENEWAL_INTERVAL)
     assert _run(ctx).startswith("ok: renewed east -> ")
-    assert _issued(ctx) == {"east": 2}
+    assert _issued(ctx) == {"east": 3}
+
+
+@pytest.mark.parametrize("stop", ["interrupted", "failed"])
+def test_a_first_delivery_stopped_records_no_cluster(
+    ctx: Context, clock: FixedClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """The cluster's first delivery, stopped (Ctrl-C) or failed: the command said so, and the
+    cluster is not kept for the job to issue to every 5 minutes; its certificate is."""
+    east = tmp_path / "east"
+    params = IstioParams("east", ttl=TTL, output=east, output_format="files")
+    intermediate = issue_istio_intermediate(ctx, params)
+
+    def stopped(*_args: object) -> list[Path]:
+        raise Interrupted if stop == "interrupted" else OSError(28, "No space left on device")
+
+    expected = Interrupted if stop == "interrupted" else Unavailable
+    with monkeypatch.context() as patched, pytest.raises(expected) as raised:
+        patched.setattr("ca.istio.write_output", stopped)
+        deliver(ctx, intermediate, params)
+    if stop == "failed":
+        assert str(raised.value) == (
+            "the output could not be written: No space left on device; "
+            "cluster east is not recorded (issue it again)"
+        )
+    with Session(ctx.engine) as session:
+        assert session.exec(select(IstioClusterRow)).all() == []
+    clock.advance(RENEWAL_INTERVAL)
+    assert _run(ctx) == "ok: nothing due"
+    assert _issued(ctx) == {"east": 1}
+
+
+def test_a_first_delivery_does_not_forget_an_issuance_that_replaced_it(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``istio issue`` of a new cluster at once: the first one's failed delivery leaves
+    the second one's record alone (that one's delivery decides)."""
+    east = tmp_path / "east.yaml"
+    params = IstioParams("east", ttl=TTL, output=east)
+    first = issue_istio_intermediate(ctx, params)
+    second = issue_istio_intermediate(ctx, params)
+    with monkeypatch.context() as patched, pytest.raises(Unavailable) as raised:
+        patched.setattr(
+            "ca.istio.write_output", lambda *_: (_ for _ in ()).throw(OSError(5, "EIO"))
+        )
+        deliver(ctx, first, params)
+    assert "not recorded" not in str(raised.value)
+    with Session(ctx.engine) as session:
+        row = session.get(IstioClusterRow, "east")
+        assert row is not None and row.serial == format(second.certificate.serial_number, "x")
 
 
 @pytest.mark.parametrize("after", [1, 2, 4])
