@@ -31,7 +31,14 @@ from ca.checks import check_ca
 from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
+from ca.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    NotInitialised,
+    TrellisError,
+    Unavailable,
+)
 from ca.files import (
     check_writable,
     private_directory,
@@ -249,13 +256,20 @@ def check_output(params: IstioParams) -> None:
     check_target(kube)
 
 
+class _Superseded(Conflict):
+    """The record a renewal was made for is gone (``trellis istio remove``) or was replaced (an
+    ``istio issue``) while the job worked: the renewal is dropped, nothing recorded."""
+
+
 def issue_istio_intermediate(
-    ctx: Context, params: IstioParams, actor: str = "cli"
+    ctx: Context, params: IstioParams, actor: str = "cli", *, renewal_of: str | None = None
 ) -> IstioIntermediate:
     """Sign a fresh intermediate (and, with ``with_crl``, its CRL) and record the cluster.
 
     Nothing is delivered here: ``deliver`` writes or applies the result. The output is checked
-    first (``check_output``), so none is issued that could not be delivered.
+    first (``check_output``), so none is issued that could not be delivered. ``renewal_of``
+    (the job's) is the serial the cluster's record held when the job read it: the renewal is
+    recorded only if it still does, so a removed cluster is not recorded again.
     """
     check_output(params)
     issuer = active_issuer(ctx, params.authority)  # for the bundle and the trust domain
@@ -292,8 +306,10 @@ def issue_istio_intermediate(
             now=now,
             detail={"cluster": params.cluster},
         )
-        previous = session.get(IstioClusterRow, params.cluster)
+        previous = session.get(IstioClusterRow, params.cluster, with_for_update=True)
         new_cluster = previous is None
+        if renewal_of is not None and (previous is None or previous.serial != renewal_of):
+            raise _Superseded(f"cluster {params.cluster}: removed or re-issued meanwhile")
         output = str(params.output.resolve()) if params.output else None
         kube = params.kube
         kubeconfig = str(kube.kubeconfig.resolve()) if kube else None
@@ -589,12 +605,16 @@ def renew_due_clusters(ctx: Context) -> list[str]:
                 failing.append(f"{row.cluster} (retried from {retry:%H:%M:%S})")
             elif now >= due or row.last_error is not None:
                 params = _params(row)
-                intermediate = issue_istio_intermediate(ctx, params, actor="scheduler")
+                intermediate = issue_istio_intermediate(
+                    ctx, params, actor="scheduler", renewal_of=row.serial
+                )
                 _deliver(intermediate, params)  # a failure is recorded once, below
                 serial = format(intermediate.certificate.serial_number, "x")
                 done.append(f"renewed {row.cluster} -> {serial[:12]}")
             elif row.with_crl and (refreshed := _refresh_crl(ctx, row)):
                 done.append(refreshed)
+        except _Superseded:
+            continue  # its record says what to do now, at the next run
         except (TrellisError, OSError) as exc:
             error = _failure(exc)
             _record_delivery(ctx, row.cluster, error.detail)

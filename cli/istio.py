@@ -18,10 +18,11 @@ from ca.istio import (
     mesh_config,
     root_configmap,
 )
+from ca.istio_clusters import remove_cluster
 from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.store.models import IstioClusterRow
-from cli.common import STATE, emit_json, iso, table, when
+from cli.common import STATE, confirm, emit_json, iso, table, warn_crl_skipped, when
 
 istio_app = typer.Typer(help="Istio plug-in CA intermediates and mesh trust.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -132,6 +133,52 @@ def _output(row: IstioClusterRow) -> str:
     if row.kubeconfig:
         return f"kubectl:{row.kubeconfig}" + (f"#{row.kube_context}" if row.kube_context else "")
     return row.output or "-"
+
+
+@istio_app.command("remove")
+def remove(
+    cluster: Annotated[str, typer.Option(help="Cluster name, as in 'trellis istio list'")],
+    revoke: Annotated[
+        bool,
+        typer.Option(
+            "--revoke",
+            help="Also revoke its unexpired intermediates (istiod's workloads stop verifying)",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stop renewing a cluster's intermediate; its output is left as it is.
+
+    istiod keeps signing with the current intermediate until it expires. --revoke also puts
+    every unexpired intermediate of the cluster on the root's CRL (cessationOfOperation).
+    """
+    if not yes:
+        also = " and revoke its intermediates" if revoke else ""
+        confirm(f"Stop renewing Istio cluster {cluster}{also}?")
+    removed = remove_cluster(STATE.context(), cluster, revoke=revoke)
+    if json_out:
+        emit_json(
+            {
+                "cluster": removed.cluster,
+                "serial": removed.serial,
+                "not_after": iso(removed.not_after),
+                "output": removed.output,
+                "kubeconfig": removed.kubeconfig,
+                "revoked": [str(info.serial) for info in removed.revoked],
+            }
+        )
+        return
+    typer.echo(
+        f"removed cluster {removed.cluster}: intermediate {removed.serial[:16]} is no longer "
+        f"renewed (expires {iso(removed.not_after)})"
+    )
+    for info in removed.revoked:
+        typer.echo(f"  revoked {info.serial} (cessationOfOperation)")
+    warn_crl_skipped(removed.revoked)
+    where = f"kubectl:{removed.kubeconfig}" if removed.kubeconfig else removed.output
+    if where:
+        typer.echo(f"  its output {where} is left as it is")
 
 
 @istio_app.command("root-configmap")
