@@ -107,6 +107,7 @@ def test_every_command_that_confirms_takes_y_for_yes() -> None:
         groups += [[*path, line.split()[0]] for line in listing.splitlines() if line[2] != " "]
     assert sorted(confirming) == [
         "authority revoke-intermediate",
+        "istio remove",
         "openvpn client revoke",
         "revoke",
     ]
