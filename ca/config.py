@@ -79,11 +79,21 @@ class DataPaths(BaseSettings):
         if value is None:
             return None
         try:
-            driver = make_url(value).drivername
+            url = make_url(value)
         except ArgumentError:
             raise ValueError("not a database URL (sqlite:///path or postgresql://...)") from None
+        driver = url.drivername
         if driver not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
             raise ValueError(f"unsupported database {driver[:40]!r}: use sqlite or postgresql")
+        # An in-memory database is gone when the command exits: 'init' "succeeded" and left
+        # keys and an admin token for a CA no later command could find.
+        database = url.database or ""
+        if driver == "sqlite" and (
+            database in ("", ":memory:")
+            or database.startswith("file::memory:")
+            or url.query.get("mode") == "memory"
+        ):
+            raise ValueError("an in-memory database keeps nothing: use sqlite:///path")
         return value
 
     @property

@@ -84,6 +84,20 @@ def test_a_bad_setting_stops_every_command_in_one_line(
 
 
 @pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"]
+)
+def test_an_in_memory_database_is_refused(bare: Trellis, url: str) -> None:
+    """'init' said "Initialised" (exit 0), wrote keys and an admin token, and the database
+    went with the process; each further init "succeeded" and left more orphan keys."""
+    bare.env["TRELLIS_DATABASE_URL"] = url
+    _one_line(
+        bare.run("init", "--trust-domain", "example.com", ok=False),
+        f"TRELLIS_DATABASE_URL={url!r}: an in-memory database keeps nothing",
+    )
+    assert not bare.data_dir.exists()
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
         ("TRELLIS_KEY_PASSPHRASE", "short", "at least 12 characters"),
