@@ -73,6 +73,15 @@ class DataPaths(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = None
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, value: Any) -> Any:
+        # Path("") is the current directory: an empty variable (a template's unset value) put
+        # the CA in whatever directory the command ran from and made that directory 0700.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: name the data directory (./var when not set)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:

@@ -99,7 +99,7 @@ def require_set_up(settings: Settings) -> None:
 class State:
     """Global options, set by the root callback; the context is built on first use."""
 
-    data_dir: Path | None = None
+    data_dir: str | None = None  # as given: ca.config refuses an empty one
     database_url: str | None = None
     _ctx: Context | None = None
     _request: contextvars.Token[str | None] | None = None

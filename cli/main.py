@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Iterator, MutableMapping
-from pathlib import Path
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -100,8 +99,9 @@ app = typer.Typer(
 
 @app.callback()
 def root(
+    # A string, not a Path: Path("") is ".", and an empty --data-dir is refused (ca.config).
     data_dir: Annotated[
-        Path | None, typer.Option(help="Data directory (TRELLIS_DATA_DIR, default ./var)")
+        str | None, typer.Option(help="Data directory (TRELLIS_DATA_DIR, default ./var)")
     ] = None,
     database_url: Annotated[
         str | None,

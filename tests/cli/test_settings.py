@@ -4,11 +4,12 @@ line naming it and exit 2, before anything is done (docs/configuration.md)."""
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cli.test_walkthrough import Trellis
+from tests.cli.test_walkthrough import TRELLIS, Trellis
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +96,27 @@ def test_an_in_memory_database_is_refused(bare: Trellis, url: str) -> None:
         f"TRELLIS_DATABASE_URL={url!r}: an in-memory database keeps nothing",
     )
     assert not bare.data_dir.exists()
+
+
+@pytest.mark.parametrize(("where", "name"), [("env", "TRELLIS_DATA_DIR"), ("option", "--data-dir")])
+def test_an_empty_data_dir_is_refused(bare: Trellis, tmp_path: Path, where: str, name: str) -> None:
+    """An empty TRELLIS_DATA_DIR (or --data-dir "") was the current directory: init wrote the CA
+    there and made it 0700."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(mode=0o755)
+    env = {**bare.env, "TRELLIS_DATA_DIR": "" if where == "env" else str(bare.data_dir)}
+    given = ["--data-dir", ""] if where == "option" else []
+    result = subprocess.run(
+        [TRELLIS, *given, "init", "--trust-domain", "example.com"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    _one_line(result, f"{name}='': empty")
+    assert list(cwd.iterdir()) == [] and cwd.stat().st_mode & 0o777 == 0o755
 
 
 @pytest.mark.parametrize(
