@@ -2,19 +2,22 @@
 
 Clients pin the trust bundle, so no web PKI is involved: ``spiffe://<td>/trellis/server`` with
 ``localhost``, ``127.0.0.1`` and any configured names, renewed at start-up when a third of its
-life is left, when the active issuer changed, or when it was revoked (a revoked serving
-certificate's key is suspect: the new one has a new key).
+life is left, when the active issuer changed, when it was revoked (a revoked serving
+certificate's key is suspect: the new one has a new key), or when its key file is missing,
+unreadable or not its key (with a warning naming the file).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
 
 from ca.authority import active_issuer
@@ -33,6 +36,7 @@ from ca.store.models import CertificateRow
 
 __all__ = ["WITHDRAWN_BY", "ServerTls", "ensure_server_certificate"]
 
+log = logging.getLogger("trellis.serving")
 SERVER_TTL = Ttl(30 * 86400)
 WITHDRAWN_BY = "serving:withdrawn"  # who revoked a serving certificate never written
 
@@ -56,9 +60,11 @@ def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(dns)), list(dict.fromkeys(ips))
 
 
-def _still_good(path: Path, ctx: Context, issuer_cert: x509.Certificate, names: set[str]) -> bool:
+def _still_good(
+    tls: ServerTls, ctx: Context, issuer_cert: x509.Certificate, names: set[str]
+) -> bool:
     try:
-        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        cert = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())[0]
     except (OSError, ValueError, IndexError):
         return False
     now = ctx.clock.now()
@@ -72,7 +78,32 @@ def _still_good(path: Path, ctx: Context, issuer_cert: x509.Certificate, names: 
         return False
     present = set(san.get_values_for_type(x509.DNSName))
     present |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    return names <= present and not _revoked(ctx, cert)
+    if not names <= present or _revoked(ctx, cert):
+        return False
+    problem = _key_problem(tls, cert)
+    if problem is not None:
+        log.warning("issuing a new serving certificate: %s", problem)
+        return False
+    return True
+
+
+def _key_problem(tls: ServerTls, cert: x509.Certificate) -> str | None:
+    """What keeps the key file from serving ``cert``, if anything. Left alone, a key removed,
+    damaged or replaced (a kill between ``replacing_together``'s two renames, an operator's
+    slip) beside a good certificate stopped every start at the listener, naming no file,
+    until someone removed the certificate too."""
+    try:
+        key = serialization.load_pem_private_key(tls.key_path.read_bytes(), password=None)
+    except FileNotFoundError:
+        return f"its key {tls.key_path} is missing"
+    except OSError as exc:
+        return f"its key {tls.key_path} cannot be read: {exc.strerror or exc}"
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return f"its key {tls.key_path} is not a private key in PEM"
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        return f"its key {tls.key_path} does not match the certificate {tls.cert_path}"
+    return None
 
 
 def _revoked(ctx: Context, cert: x509.Certificate) -> bool:
@@ -97,7 +128,7 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
         wanted.append(ctx.settings.host)
     dns, ips = _split_names(wanted)
     tls = ServerTls(directory / "tls.crt", directory / "tls.key", write_bundle_file(ctx))
-    if not _still_good(tls.cert_path, ctx, issuer.certificate, set(dns) | set(ips)):
+    if not _still_good(tls, ctx, issuer.certificate, set(dns) | set(ips)):
         for path in (tls.key_path, tls.cert_path):
             try:
                 check_writable(path, directory=False)

@@ -3,12 +3,19 @@ written, and the key and certificate replaced together or not at all."""
 
 from __future__ import annotations
 
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, col, select
 
 from ca.config import Context
 from ca.errors import Unavailable
+from ca.pem import private_key_pem
 from ca.serving import WITHDRAWN_BY, ensure_server_certificate
 from ca.store.models import CertificateRow
 from cli.launch import Interrupted
@@ -53,3 +60,45 @@ def test_a_renewal_stopped_between_key_and_certificate_keeps_the_old_pair(
     served = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())[0]
     assert (first.serial, first.status) == (format(served.serial_number, "x"), "active")
     assert (withdrawn.status, withdrawn.revoked_by) == ("revoked", WITHDRAWN_BY)
+
+
+def _damage_missing(key: Path) -> None:
+    key.unlink()
+
+
+def _damage_another_key(key: Path) -> None:
+    key.write_bytes(private_key_pem(ec.generate_private_key(ec.SECP256R1())))
+
+
+def _damage_garbage(key: Path) -> None:
+    key.write_bytes(b"not a key\n")
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_damage_missing, "is missing"),
+        (_damage_another_key, "does not match the certificate"),
+        (_damage_garbage, "is not a private key in PEM"),
+    ],
+    ids=["missing", "another-key", "garbage"],
+)
+def test_a_good_certificate_beside_a_bad_key_is_issued_anew(
+    ctx: Context, caplog: pytest.LogCaptureFixture, damage: Callable[[Path], None], reason: str
+) -> None:
+    """Only the certificate was checked: beside a missing or foreign key it was kept, and
+    every 'trellis serve' stopped at the listener ("No such file or directory" or
+    KEY_VALUES_MISMATCH, naming no file) until someone removed the certificate too."""
+    tls = ensure_server_certificate(ctx)
+    assert ensure_server_certificate(ctx).issued is None  # a good pair is kept
+    damage(tls.key_path)
+    with caplog.at_level(logging.WARNING, logger="trellis.serving"):
+        again = ensure_server_certificate(ctx)
+    assert again.issued is not None and again.issued != tls.issued
+    assert [r.getMessage() for r in caplog.records] == [
+        f"issuing a new serving certificate: its key {tls.key_path} {reason}"
+        + (f" {tls.cert_path}" if reason.startswith("does not") else "")
+    ]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(again.cert_path, again.key_path)  # the pair loads
