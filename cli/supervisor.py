@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import select
 import socket
 import sys
@@ -47,7 +48,7 @@ from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from ca.logs import configure_logging
-from cli.tlsreload import ReloadingConfig
+from cli.tlsreload import ReloadingConfig, ServingTlsUnusable
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -63,6 +64,9 @@ QUIET_SECONDS, SETTLE_SECONDS = 0.5, 0.02
 # A worker that does not take a connection from its socket pair within this (hung, or its
 # buffer full) loses it to the next worker.
 HAND_TIMEOUT = 1.0
+# A worker could not start: 'trellis serve' fails as a single process does on the same cause
+# (cli.common.EXIT_CODES[Unavailable]; that module is too heavy to import here).
+EXIT_UNAVAILABLE = 8
 
 
 # --- in the supervisor --------------------------------------------------------------------------
@@ -154,6 +158,7 @@ class HandingSupervisor(Multiprocess):
     def __init__(self, config: ReloadingConfig, listener: socket.socket) -> None:
         super().__init__(config, [])
         self.dispatcher = Dispatcher(listener, self.processes_num)
+        self.failed = False  # a worker could not start: the service exits EXIT_UNAVAILABLE
 
     def _worker(self) -> tuple[Process, Slot]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -184,7 +189,10 @@ class HandingSupervisor(Multiprocess):
             process.kill()
             process.join()
             if process.exitcode == STARTUP_FAILURE:  # broken app, TLS or bind: would repeat
-                logger.error("worker [%s] failed to start, stopping", process.pid)
+                logger.error(
+                    "worker [%s] cannot start (its line above says why): stopping", process.pid
+                )
+                self.failed = True
                 self.should_exit.set()
                 return
             logger.info("worker [%s] died; starting another", process.pid)
@@ -224,6 +232,22 @@ class HandedProcess(Process):
         if self._server is None:
             self._server = HandedServer(self.config, self.finished)
         return self._server
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        """The worker's life, its failures as log lines: Python printed an uncaught exception
+        as a raw traceback among the JSON lines. One that would repeat on every start (the
+        serving certificate cannot be loaded) is ``STARTUP_FAILURE``, which stops the
+        supervisor; restarted, the worker died again every second, forever, and systemd's
+        ``Restart=on-failure`` never saw the service fail."""
+        configure_logging()  # what it logs before the app's factory configures it
+        try:
+            super().target(sockets)
+        except ServingTlsUnusable as exc:
+            logger.error("worker [%d] cannot start: %s", os.getpid(), exc.detail)
+            sys.exit(STARTUP_FAILURE)
+        except Exception:
+            logger.exception("worker [%d] failed", os.getpid())
+            sys.exit(1)
 
 
 class HandedServer(uvicorn.Server):
@@ -338,7 +362,10 @@ def main(argv: list[str]) -> None:
     )
     listener = socket.socket(fileno=int(descriptor))
     listener.listen(config.backlog)
-    HandingSupervisor(config, listener).run()
+    supervisor = HandingSupervisor(config, listener)
+    supervisor.run()
+    if supervisor.failed:
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 if __name__ == "__main__":

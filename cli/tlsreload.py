@@ -3,6 +3,10 @@
 uvicorn reads its certificate once per process. Trellis renews its own serving certificate (and
 short-lived CAs rotate under a running server), so each process, worker processes included,
 watches the file and loads a new chain into its live SSL context; new handshakes use it.
+
+A pair that cannot be loaded at start-up is ``ServingTlsUnusable``, naming the file: ssl's own
+errors did not (``No such file or directory``), and a worker of ``serve --workers N`` that
+died of one was started again, forever, each time with a traceback (``cli.supervisor``).
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+
+from ca.errors import Unavailable
 
 log = logging.getLogger("trellis.serve")
 WATCH_SECONDS = 5.0
@@ -22,16 +30,19 @@ WATCH_SECONDS = 5.0
 LOAD_ATTEMPTS, LOAD_PAUSE = 40, 0.05
 
 
+class ServingTlsUnusable(Unavailable):
+    """The serving certificate and key cannot be loaded: every start would fail the same way
+    until someone (or ``serve``, which re-issues them) puts a good pair in place."""
+
+
 class ReloadingConfig(uvicorn.Config):
+    def __init__(self, app: Any, **options: Any) -> None:
+        if options.get("ssl_certfile") and "ssl_context_factory" not in options:
+            options["ssl_context_factory"] = _load_tls
+        super().__init__(app, **options)
+
     def load(self) -> None:
-        for attempt in range(LOAD_ATTEMPTS):
-            try:
-                super().load()
-                break
-            except ssl.SSLError as exc:
-                if "KEY_VALUES_MISMATCH" not in str(exc) or attempt == LOAD_ATTEMPTS - 1:
-                    raise
-                time.sleep(LOAD_PAUSE)
+        super().load()
         if self.ssl is not None and self.ssl_certfile and self.ssl_keyfile:
             thread = threading.Thread(target=self._watch, name="tls-reload", daemon=True)
             thread.start()
@@ -49,3 +60,37 @@ class ReloadingConfig(uvicorn.Config):
                     log.info("reloaded the serving certificate")
             except (OSError, ValueError) as exc:  # mid-rename or a bad file: try again later
                 log.warning("cannot reload the serving certificate: %s", exc)
+
+
+def _load_tls(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's context, with a mismatched pair waited for (a renewal under way) and any
+    other failure named: ``ServingTlsUnusable``."""
+    for attempt in range(LOAD_ATTEMPTS):
+        try:
+            return default()
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc) and attempt < LOAD_ATTEMPTS - 1:
+                time.sleep(LOAD_PAUSE)
+                continue
+            raise ServingTlsUnusable(
+                f"cannot load the serving certificate: {_why(config, exc)}"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ServingTlsUnusable(
+                f"cannot load the serving certificate: {_why(config, exc)}"
+            ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _why(config: uvicorn.Config, exc: Exception) -> str:
+    """``exc`` with the file it is about: ssl names none."""
+    cert, key = str(config.ssl_certfile), str(config.ssl_keyfile or config.ssl_certfile)
+    for path in dict.fromkeys((cert, key)):
+        try:
+            Path(path).read_bytes()
+        except OSError as error:
+            return f"{path}: {error.strerror or error}"
+    if isinstance(exc, ssl.SSLError) and "KEY_VALUES_MISMATCH" in str(exc):
+        return f"the key {key} does not match the certificate {cert}"
+    reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+    return f"{cert} with the key {key}: {reason}"

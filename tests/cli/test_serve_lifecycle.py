@@ -4,12 +4,16 @@ Each test runs the real command."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.pem import private_key_pem
+from tests.cli.test_serve_workers import wait_for, workers_of
 from tests.cli.test_walkthrough import Trellis
 
 
@@ -38,3 +42,30 @@ def test_serve_repairs_a_serving_key_that_is_gone_or_foreign(tmp_path: Path) -> 
         with cli.serving(log) as serve:
             assert httpx.get(f"{serve.url}/healthz", verify=serve.tls).is_success
         assert f"issuing a new serving certificate: its key {key} {reason}" in log.read_text()
+
+
+def test_a_worker_that_cannot_load_the_serving_key_stops_the_service(tmp_path: Path) -> None:
+    """A worker restarted after server/tls.key went away died of FileNotFoundError and was
+    started again, twice a second, forever, each with a raw traceback: the service never
+    exited, so systemd's Restart=on-failure never fired. Now the worker says why in one log
+    line and exits STARTUP_FAILURE, and the supervisor stops with exit 8."""
+    cli = _initialised(tmp_path)
+    log = tmp_path / "serve.log"
+    key = cli.data_dir / "server" / "tls.key"
+    with cli.serving(log, "--workers", "2") as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        key.unlink()
+        os.kill(workers_of(serve.process.pid)[0], signal.SIGKILL)
+        assert serve.process.wait(30) == 8, log.read_text()
+    lines = log.read_text().splitlines()
+    banner = [line for line in lines if not line.startswith("{")]
+    assert len(banner) == 5 and banner[0] == "Trellis serving example.org", banner
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    errors = [r["message"] for r in records if r["level"] == "error"]
+    assert len(errors) == 2, errors
+    assert errors[0].endswith(
+        f"cannot start: cannot load the serving certificate: {key}: No such file or directory"
+    )
+    assert errors[1].endswith("cannot start (its line above says why): stopping")
+    # the killed worker's replacement, and no more
+    assert sum("starting another" in r["message"] for r in records) == 1

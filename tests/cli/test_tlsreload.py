@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.tlsreload import ReloadingConfig
+from cli.tlsreload import ReloadingConfig, ServingTlsUnusable
 from tests.tlsfiles import loopback_server_tls
 
 
@@ -44,5 +44,22 @@ def test_a_pair_that_never_matches_still_fails(
     monkeypatch.setattr("cli.tlsreload.LOAD_ATTEMPTS", 3)
     _, old_cert, _ = loopback_server_tls(tmp_path / "old")
     _, _, new_key = loopback_server_tls(tmp_path / "new")
-    with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH"):
+    with pytest.raises(ServingTlsUnusable) as failed:
         config(old_cert, new_key).load()
+    assert failed.value.detail == (
+        f"cannot load the serving certificate: the key {new_key} does not match the"
+        f" certificate {old_cert}"
+    )
+
+
+def test_a_key_that_is_not_there_is_named(tmp_path: Path) -> None:
+    """ssl said "No such file or directory", naming neither file: a single 'trellis serve'
+    printed it as its one line, and a worker of 'serve --workers N' died of it again and
+    again (cli.supervisor)."""
+    _, cert, key = loopback_server_tls(tmp_path)
+    key.unlink()
+    with pytest.raises(ServingTlsUnusable) as failed:
+        config(cert, key).load()
+    assert failed.value.detail == (
+        f"cannot load the serving certificate: {key}: No such file or directory"
+    )
