@@ -104,15 +104,14 @@ def serve(
         argv = supervisor_command({**common, "workers": count}, listener.fileno())
         os.execv(argv[0], argv)  # noqa: S606 (our own interpreter and module)
 
-    import uvicorn
-
     from api.app import create_app, freeze_startup_heap  # only a single process needs these
+    from cli.single import SingleServer
     from cli.tlsreload import ReloadingConfig
 
     config = ReloadingConfig(create_app(ctx), **common)  # type: ignore[arg-type]
     scheduler = start_scheduler(ctx)
     freeze_startup_heap()
     try:
-        uvicorn.Server(config).run(sockets=[listener])
+        SingleServer(config).run(sockets=[listener])  # SIGHUP, and exit 0 on a stop
     finally:
         scheduler.shutdown(wait=False)

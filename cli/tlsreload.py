@@ -47,6 +47,22 @@ class ReloadingConfig(uvicorn.Config):
             thread = threading.Thread(target=self._watch, name="tls-reload", daemon=True)
             thread.start()
 
+    def reload_tls(self) -> None:
+        """Loads the pair on disk into the live context now (the watcher does so within
+        ``WATCH_SECONDS`` of a change); a pair that does not load leaves the old one serving:
+        it is tried on a context of its own first, as a failed load can leave a new
+        certificate beside the old key in the live one."""
+        if self.ssl is None or not self.ssl_certfile:
+            return
+        pair = (str(self.ssl_certfile), self.ssl_keyfile)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*pair)
+            self.ssl.load_cert_chain(*pair)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot reload the serving certificate: %s", _why(self, exc))
+        else:
+            log.info("reloaded the serving certificate")
+
     def _watch(self) -> None:
         cert, key = Path(str(self.ssl_certfile)), Path(str(self.ssl_keyfile))
         seen = cert.stat().st_mtime
