@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.pem import private_key_pem
@@ -86,3 +87,20 @@ def test_sighup_reloads_a_single_process_instead_of_killing_it(tmp_path: Path) -
             assert client.get(f"{serve.url}/healthz").is_success  # on the same connection
         assert serve.process.poll() is None, log.read_text()
     assert "SIGHUP: a single process has no workers to replace" in log.read_text()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+def test_a_stop_asked_for_by_a_signal_is_exit_0(
+    tmp_path: Path, workers: str, signum: signal.Signals
+) -> None:
+    """A single process died of SIGTERM (uvicorn raised it again after its graceful stop) and
+    exited 130 on SIGINT, where 'serve --workers 2' exited 0 on both: the same stop looked
+    like a failure or not by the worker count. A graceful stop is exit 0 (docs/operations.md)."""
+    cli = _initialised(tmp_path)
+    log = tmp_path / "serve.log"
+    with cli.serving(log, "--workers", workers) as serve:
+        serve.process.send_signal(signum)
+        assert serve.process.wait(30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+    assert "trellis: interrupted" not in log.read_text()
