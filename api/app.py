@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import deps, problems
+from api import deps, problems, reference
 from api.conditional import HeadAsGet
 from api.limits import BodyLimit
 from api.requestid import RequestId
@@ -71,7 +71,10 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
         summary="mTLS certificate authority and SPIFFE workload identity",
         description="Errors are RFC 9457 problem documents (application/problem+json).",
         dependencies=[Depends(deps.no_nul_in_url)],
+        docs_url=None,  # api.reference serves both, with pinned and hashed scripts
+        redoc_url=None,
     )
+    reference.install(app)
     app.state.ctx = ctx
     app.state.routes = []
     modules = (svid, entries, tokens, certificates, authorities, public, federation, gateway)

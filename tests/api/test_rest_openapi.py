@@ -3,6 +3,7 @@ every credentialed operation, and every error status an operation can answer."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -73,6 +74,23 @@ def test_the_documented_api_reference_pages_are_served(client: TestClient, page:
     """docs/api.md names both, each rendering ``/openapi.json``."""
     response = client.get(page)
     assert response.status_code == 200 and "/openapi.json" in response.text
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_reference_pages_load_pinned_scripts_with_integrity(
+    client: TestClient, page: str
+) -> None:
+    """/docs, where an admin pastes the admin token, loaded swagger-ui-dist@5 (a floating major
+    version) from a CDN with no integrity hash: whatever the CDN served ran beside the token.
+    Every script and stylesheet from elsewhere is now an exact version with its SHA-384."""
+    html = client.get(page).text
+    tags = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"https://[^>]*>", html)
+    assets = [t for t in tags if 'rel="shortcut icon"' not in t]
+    assert assets, html
+    for tag in assets:
+        assert re.search(r"@\d+\.\d+\.\d+/", tag), tag
+        assert re.search(r' integrity="sha384-[A-Za-z0-9+/]{64}" crossorigin="anonymous"', tag), tag
+    assert "fonts.googleapis.com" not in html
 
 
 def test_every_route_is_documented_and_nothing_else(
