@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from ca.identity import SpiffeId
 from tests.deploy.manifests import DEPLOY, K8S, load_docs, load_set, selects, workloads
@@ -259,3 +260,32 @@ def test_trellis_stays_out_of_the_mesh() -> None:
         for doc, _ in workloads(load_set(K8S / directory)):
             annotations = doc.body["spec"]["template"]["metadata"]["annotations"]
             assert annotations["sidecar.istio.io/inject"] == "false", doc.ref
+
+
+def _optional_egress(path: Any) -> list[dict[str, Any]]:
+    """The commented egress rules at the end of a policy, uncommented as an operator would."""
+    text = path.read_text()
+    begin, end = "# --- optional egress: begin ---\n", "# --- optional egress: end ---"
+    assert begin in text and end in text, "no commented egress rules for federation and Istio"
+    block = text.split(begin, 1)[1].split(end, 1)[0]
+    lines = [re.sub(r"^(\s*)# ?", r"\1", line) for line in block.splitlines()]
+    rules = yaml.safe_load("\n".join(lines))
+    assert isinstance(rules, list) and rules
+    return rules
+
+
+def test_the_commented_egress_rules_admit_federation_and_istio_targets() -> None:
+    """As shipped, both policies blocked the federation refresh's bundle fetches and an Istio
+    kubectl target's deliveries, and docs/deploy.md said only to edit the database and Vault
+    peers. Each now ends with commented rules for them that are valid once uncommented."""
+    rules = _optional_egress(K8S / "network-policy.yaml")
+    assert _ports(rules) == {("TCP", 443), ("TCP", 8443), ("TCP", 6443)}
+    assert all(peer.keys() == {"ipBlock"} for rule in rules for peer in rule["to"])
+
+    calico_rules = _optional_egress(K8S / "calico" / "network-policy.yaml")
+    calico = copy.deepcopy(CALICO)
+    calico["spec"]["egress"].extend(calico_rules)
+    jsonschema.validate(calico, CALICO_SCHEMA)
+    ports = {port for rule in calico_rules for port in rule["destination"]["ports"]}
+    assert ports == {443, 8443, 6443}
+    assert all(rule["destination"]["nets"] for rule in calico_rules)
