@@ -7,6 +7,7 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from sqlmodel import Session, col, select
 
 from ca.config import Context
@@ -16,6 +17,7 @@ from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow
 
 __all__ = [
+    "CertifiedKey",
     "ca_certificate",
     "ca_certificate_der",
     "ca_handle",
@@ -25,6 +27,10 @@ __all__ = [
     "load_ca_key",
     "signing_keys",
 ]
+
+
+# A key and the public key of the certificate it signs as (``KeyStore.check``).
+CertifiedKey = tuple[KeyHandle, CertificatePublicKeyTypes]
 
 
 class _KeyColumns(Protocol):
@@ -46,9 +52,10 @@ def load_ca_key(ctx: Context, row: CaRow) -> Signer:
     return ctx.keys.load(ca_handle(row), certified=ca_certificate(ctx, row).public_key())
 
 
-def signing_keys(ctx: Context, backend: str) -> list[KeyHandle]:
+def signing_keys(ctx: Context, backend: str) -> list[CertifiedKey]:
     """The keys in ``backend`` of every CA that may still sign (active or prepared, never
-    revoked), each once: what ``trellis vault check`` looks at."""
+    revoked), each once and paired with the public key of its CA certificate: what ``trellis
+    vault check`` looks at."""
     with Session(ctx.engine) as session:
         rows = session.exec(
             select(CaRow).where(
@@ -57,7 +64,10 @@ def signing_keys(ctx: Context, backend: str) -> list[KeyHandle]:
                 col(CaRow.revoked_at).is_(None),
             )
         ).all()
-    return list(dict.fromkeys(ca_handle(row) for row in rows))
+    keys: dict[KeyHandle, CertificatePublicKeyTypes] = {}
+    for row in rows:
+        keys.setdefault(ca_handle(row), ca_certificate(ctx, row).public_key())
+    return list(keys.items())
 
 
 def ca_signer(ctx: Context, row: CaRow) -> Signer:

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ca.cas import signing_keys
+from ca.cas import CertifiedKey, signing_keys
 from ca.errors import InvalidInput, NotInitialised, Unavailable
-from ca.keys import KeyHandle
 from ca.keys.vault import VaultKeyBackend, VaultReport
 from cli.common import STATE, emit_json
 
@@ -31,13 +30,14 @@ def check(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Connectivity, login, the transit and KV v2 mounts, every capability Trellis needs and
-    none it must not have, and the keys of this instance's CAs; prints what is wrong and the
-    policy that grants what is needed (exit 8 unless all is well)."""
+    none it must not have, and every key this instance signs with (its CAs' and their OCSP
+    responders': each there, the key of its certificate, not exportable, not deletable); prints
+    what is wrong and the policy that grants what is needed (exit 8 unless all is well)."""
     settings = STATE.settings()
     if not settings.vault_addr:
         raise InvalidInput("TRELLIS_VAULT_ADDR is not set: there is no Vault to check")
     backend = VaultKeyBackend.from_settings(settings)
-    keys: list[KeyHandle] = []
+    keys: list[CertifiedKey] = []
     with contextlib.suppress(NotInitialised):  # before the first init: no CA keys yet
         keys = signing_keys(STATE.context(), backend.name)
     try:

@@ -1050,16 +1050,22 @@ class VaultKeyBackend:
                     f"'update' on {path} (run 'trellis vault check')"
                 )
         for handle, public in keys:
-            try:
-                signer, info = self._load(handle)
-            except NotFound:
-                raise Unavailable(
-                    f"CA key {handle.ref} is missing from the vault key store"
-                ) from None
-            if signer.public_key() != public:
-                raise Unavailable(f"CA key {handle.ref} is not the key of its CA certificate")
-            if exposure := _exposure(handle.ref, info, self.transit_mount):
-                raise Unavailable(exposure)
+            self.check_key(handle, public)
+
+    def check_key(self, handle: KeyHandle, public: CertificatePublicKeyTypes) -> None:
+        """Raise ``Unavailable`` if the key cannot sign as its certificate (gone, its pinned
+        version trimmed or below ``min_encryption_version``, or another key under its name) or
+        is at risk (``_exposure``): ``/readyz`` (``check``) and ``trellis vault check``
+        (``diagnose``) ask this one question, so that neither says a key is fine that the other
+        refuses."""
+        try:
+            signer, info = self._load(handle)
+        except NotFound:
+            raise Unavailable(f"CA key {handle.ref} is missing from the vault key store") from None
+        if signer.public_key() != public:
+            raise Unavailable(f"CA key {handle.ref} is not the key of its CA certificate")
+        if exposure := _exposure(handle.ref, info, self.transit_mount):
+            raise Unavailable(exposure)
 
     def store_secret(self, path: str, data: bytes) -> None:
         """Keep ``data`` (a key Trellis hands out) at ``<kv>/data/<prefix>/<path>``, as a new
@@ -1098,10 +1104,12 @@ class VaultKeyBackend:
 
     # -- trellis vault check -----------------------------------------------------------------
 
-    def diagnose(self, keys: Sequence[KeyHandle] = ()) -> VaultReport:
+    def diagnose(
+        self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]] = ()
+    ) -> VaultReport:
         """Connectivity, login, mounts, capabilities, rights Trellis must not have, and the
-        ``keys`` an instance records, each as one item; stops at the first step later ones
-        depend on."""
+        ``keys`` an instance signs with (each with its certificate's public key: ``check_key``),
+        each as one item; stops at the first step later ones depend on."""
         items: list[CheckItem] = []
         policy = render_policy(self.requirements)
 
@@ -1215,24 +1223,20 @@ class VaultKeyBackend:
             "the token cannot export, trim, reconfigure, delete or rotate keys",
         )
 
-    def _keys_item(self, keys: Sequence[KeyHandle]) -> CheckItem:
+    def _keys_item(self, keys: Sequence[tuple[KeyHandle, CertificatePublicKeyTypes]]) -> CheckItem:
         problems: list[str] = []
-        for handle in keys:
+        for handle, public in keys:
             try:
-                _, info = self._load(handle)
-            except NotFound:
-                problems.append(f"CA key {handle.ref} is missing from Transit")
+                self.check_key(handle, public)
             except TrellisError as error:
                 problems.append(error.detail)
-            else:
-                if exposure := _exposure(handle.ref, info, self.transit_mount):
-                    problems.append(exposure)
         if problems:
             return CheckItem("ca keys", False, "; ".join(problems))
         return CheckItem(
             "ca keys",
             True,
-            f"{len(keys)} recorded, each present, pinned, not exportable and not deletable",
+            f"{len(keys)} recorded, each present, pinned, the key of its certificate, "
+            "not exportable and not deletable",
         )
 
     def _mount_item(self, label: str, mount: str, kind: str) -> CheckItem:

@@ -189,7 +189,7 @@ def test_a_key_made_exportable_behind_trellis_s_back_is_not_ready(
         assert ready.status_code == 503, ready.text
         detail = ready.json()["detail"]["keys"]
         assert name in detail and "exportable=true and allow_plaintext_backup=true" in detail
-    code, checks = _checked(vault_ctx, openbao, monkeypatch, capsys)
+    code, checks = vault_check(vault_ctx, openbao, monkeypatch, capsys)
     assert code == 8 and checks["ca keys"]["ok"] is False, checks
     assert f"{name}@v1 is exportable=true" in checks["ca keys"]["detail"]
 
@@ -300,12 +300,12 @@ def test_a_recorded_key_made_deletable_is_not_ready(
             "it (docs/vault.md)"
         )
     assert enrol(vault_ctx, f"spiffe://{TRUST_DOMAIN.name}/still-signs")
-    code, checks = _checked(vault_ctx, openbao, monkeypatch, capsys)
+    code, checks = vault_check(vault_ctx, openbao, monkeypatch, capsys)
     assert code == 8 and checks["ca keys"]["ok"] is False, checks
     assert f"{name}@v1 is deletion_allowed=true" in checks["ca keys"]["detail"]
 
 
-def _checked(
+def vault_check(
     ctx: Context,
     openbao: OpenBao,
     monkeypatch: pytest.MonkeyPatch,
