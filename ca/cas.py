@@ -14,7 +14,7 @@ from ca.config import Context
 from ca.errors import InvalidInput, NotFound
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.serial import Serial
-from ca.store.models import AuthorityRow, CaRow
+from ca.store.models import AuthorityRow, CaRow, OcspResponderRow
 
 __all__ = [
     "CertifiedKey",
@@ -52,22 +52,43 @@ def load_ca_key(ctx: Context, row: CaRow) -> Signer:
     return ctx.keys.load(ca_handle(row), certified=ca_certificate(ctx, row).public_key())
 
 
-def signing_keys(ctx: Context, backend: str) -> list[CertifiedKey]:
-    """The keys in ``backend`` of every CA that may still sign (active or prepared, never
-    revoked), each once and paired with the public key of its CA certificate: what ``trellis
-    vault check`` looks at."""
+def signing_keys(
+    ctx: Context, backend: str | None = None, *, prepared: bool = True
+) -> list[CertifiedKey]:
+    """Every key this instance signs with, each once and paired with the public key of the
+    certificate it signs as: what ``trellis vault check`` (``backend``: its keys only) and
+    ``/readyz`` (``prepared=False``: the keys that sign now) look at, with one rule for both.
+
+    The keys of the CAs that may sign (roots and intermediates, active and, unless ``prepared``
+    is false, prepared; never revoked: a cross certificate is a second certificate of a root's
+    key, which its root's row covers) and of those CAs' OCSP responders still valid: a delegated
+    id-pkix-ocsp-nocheck responder's key is as much a CA key as the CA's own (whoever has it can
+    answer "good" for a revoked certificate until the responder expires), docs/vault.md. Not a
+    file-backed responder's: its key lives on the replica that made it, and another replica
+    that lacks it answers OCSP ``tryLater`` and serves everything else (docs/revocation.md)."""
+    states = ("active", "prepared") if prepared else ("active",)
     with Session(ctx.engine) as session:
         rows = session.exec(
             select(CaRow).where(
-                CaRow.key_backend == backend,
-                col(CaRow.state).in_(("active", "prepared")),
+                col(CaRow.role).in_(("root", "intermediate")),
+                col(CaRow.state).in_(states),
                 col(CaRow.revoked_at).is_(None),
+            )
+        ).all()
+        responders = session.exec(
+            select(OcspResponderRow).where(
+                col(OcspResponderRow.ca_id).in_([row.id for row in rows]),
+                col(OcspResponderRow.not_after) > ctx.clock.now(),
+                OcspResponderRow.key_backend != "file",
             )
         ).all()
     keys: dict[KeyHandle, CertificatePublicKeyTypes] = {}
     for row in rows:
         keys.setdefault(ca_handle(row), ca_certificate(ctx, row).public_key())
-    return list(keys.items())
+    for responder in responders:
+        cert = x509.load_pem_x509_certificate(responder.cert_pem.encode())
+        keys.setdefault(ca_handle(responder), cert.public_key())
+    return [key for key in keys.items() if backend in (None, key[0].backend)]
 
 
 def ca_signer(ctx: Context, row: CaRow) -> Signer:

@@ -3,14 +3,18 @@
 Two questions. Is every active intermediate valid at this moment (``check_issuing_cas``)? An
 expired one (its successor's activation failed, or the scheduler could not run) or one not valid
 yet (this host's clock is behind) refuses every issuance, however usable its key is. And can
-every issuing key sign now (``check_issuing_keys``)?
+every key this instance signs with sign now, and is none of them at risk
+(``check_issuing_keys``)?
 
-Every authority's active intermediate (the mesh, and the gateway's and OpenVPN's where they are
-set up) is checked, not only the mesh's: a replica whose gateway key file is missing (revoked and
-replaced on another replica) fails every gateway issuance while the mesh issues fine. The check
-signs nothing: each key is unlocked once per process (``ca_signer``, which proves it is the
-certificate's key), and each backend then checks cheaply that it can still sign with it (a stat
-per key file; for Vault, one ``capabilities-self`` call and a read per key). ``/readyz`` is
+Every authority's keys (the mesh's, and the gateway's and OpenVPN's where they are set up) are
+checked, not only the mesh's: a replica whose gateway key file is missing (revoked and replaced
+on another replica) fails every gateway issuance while the mesh issues fine. The check signs
+nothing: each active intermediate's key is unlocked once per process (``ca_signer``, which
+proves it is the certificate's key), and each backend then checks cheaply every key that signs
+now (``ca.cas.signing_keys``: the active roots and intermediates, and their OCSP responders'
+keys in Vault): a stat per key file; for Vault, one ``capabilities-self`` call and a read per
+key, which finds a key gone, replaced, or made exportable or deletable behind Trellis's back
+(``VaultKeyBackend.check_key``, the question ``trellis vault check`` asks too). ``/readyz`` is
 polled, so a passing verdict is reused for ``READY_FOR`` seconds; a failing one is not, so that
 a replica is back in rotation at the first probe after its key store is.
 """
@@ -21,7 +25,7 @@ import time
 
 from sqlmodel import Session, select
 
-from ca.cas import ca_certificate, ca_handle, ca_signer
+from ca.cas import ca_signer, signing_keys
 from ca.clock import utc
 from ca.config import Context
 from ca.errors import Unavailable
@@ -78,7 +82,6 @@ def _active(ctx: Context) -> list[CaRow]:
 
 
 def _check(ctx: Context) -> None:
-    rows = _active(ctx)
-    for row in rows:
+    for row in _active(ctx):
         ca_signer(ctx, row)
-    ctx.keys.check([(ca_handle(row), ca_certificate(ctx, row).public_key()) for row in rows])
+    ctx.keys.check(signing_keys(ctx, prepared=False))

@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+import ca.readiness
+from api.app import create_app
 from ca.authority import active_issuer
 from ca.config import Context
 from ca.ocsp import respond
@@ -49,6 +52,58 @@ def root_key_name(ctx: Context) -> str:
     with Session(ctx.engine) as session:
         row = session.exec(select(CaRow).where(CaRow.role == "root")).one()
     return row.key_ref.split("@", 1)[0]
+
+
+@pytest.mark.parametrize("which", ["root", "ocsp-responder"])
+def test_an_exposed_root_or_responder_key_is_not_ready_and_fails_vault_check(
+    vault_ctx: Context,
+    openbao: OpenBao,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    which: str,
+) -> None:
+    """A key made exportable behind Trellis's back may have left Vault: whichever key it is,
+    /readyz answers 503 naming it and ``trellis vault check`` fails (not "each ... not
+    exportable"); signing goes on, so the CA can still be replaced."""
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    name = root_key_name(vault_ctx) if which == "root" else responder_key_name(vault_ctx)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        openbao.api("POST", f"transit/keys/{name}/config", EXPOSED)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        detail = ready.json()["detail"]["keys"]
+        assert f"{name}@v1 is exportable=true and allow_plaintext_backup=true" in detail
+    code, checks = vault_check(vault_ctx, openbao, monkeypatch, capsys)
+    assert code == 8 and checks["ca keys"]["ok"] is False, checks
+    assert f"{name}@v1 is exportable=true" in checks["ca keys"]["detail"]
+    workload = enrol(vault_ctx, f"spiffe://{TRUST_DOMAIN.name}/still-signs")
+    assert ocsp_status(vault_ctx, workload) is ocsp.OCSPResponseStatus.SUCCESSFUL
+
+
+def test_a_replaced_responder_key_is_not_ready_and_fails_vault_check(
+    vault_ctx: Context,
+    openbao: OpenBao,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Deleted and re-created under its name and type: every OCSP answer is tryLater, and both
+    checks say why rather than "ok"."""
+    monkeypatch.setattr(ca.readiness, "READY_FOR", 0.0)
+    name = responder_key_name(vault_ctx)
+    with TestClient(create_app(vault_ctx), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        replace_transit_key(openbao, name)
+        workload = enrol(vault_ctx, f"spiffe://{TRUST_DOMAIN.name}/after")
+        assert ocsp_status(vault_ctx, workload) is ocsp.OCSPResponseStatus.TRY_LATER
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["detail"]["keys"] == (
+            f"CA key {name}@v1 is not the key of its CA certificate"
+        )
+    code, checks = vault_check(vault_ctx, openbao, monkeypatch, capsys)
+    assert code == 8 and checks["ca keys"]["ok"] is False, checks
+    assert checks["ca keys"]["detail"] == f"CA key {name}@v1 is not the key of its CA certificate"
 
 
 def test_vault_check_fails_a_replaced_intermediate_key(
