@@ -327,7 +327,9 @@ class VaultConnection:
                     json=body,
                     headers=headers,
                     raise_exception=False,
-                    timeout=(min(remaining, 5.0), remaining),
+                    # Connect and read each get what is left: a connect timeout shorter than
+                    # that gave up with time to spare, and a retry would ask the same address.
+                    timeout=remaining,
                 )
             except requests.Timeout:
                 break  # the deadline is spent: a hanging Vault must not hang the caller
@@ -340,8 +342,10 @@ class VaultConnection:
                 failure = self._failure(method, path, status, data, None)
             time.sleep(max(0.0, min(_BACKOFF * 2**attempt, deadline - time.monotonic())))
         metrics.VAULT_ERRORS.labels(path.split("/", 1)[0]).inc()
+        # Every deadline is the call's start plus ``timeout``: this is how long it waited.
+        waited = round(time.monotonic() - (deadline - self.timeout), 1)
         raise failure or Unavailable(
-            f"Vault at {self.address} did not answer {method} {path} within {self.timeout:g} s"
+            f"Vault at {self.address} did not answer {method} {path} within {waited:g} s"
         )
 
     def _failure(

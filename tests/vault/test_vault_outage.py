@@ -9,6 +9,7 @@ never rebuilt, issues again under the same CA.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from ca.errors import Unavailable
 from ca.grants import join_grant
 from ca.issue import issue_svid
 from ca.keys import KeyType
-from ca.keys.vault import VaultKeyBackend
+from ca.keys.vault import VaultAuth, VaultConnection, VaultKeyBackend
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from tests.api.restkit import assert_problem, bearer
@@ -124,3 +125,37 @@ def test_issuance_fails_fast_while_vault_is_down_and_resumes_after(
     revoke_certificate(outage_ctx, before, RevocationReason.KEY_COMPROMISE, "test")
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
+
+
+def test_a_vault_that_accepts_no_connection_fails_at_the_deadline_saying_so() -> None:
+    """A paused Vault whose listen queue is full lets no connection through (the second
+    request to a hung server): the connect wait, capped at 5 s, used to end the call then,
+    half a 10 s deadline unused, with a message that claimed the whole deadline. It now waits
+    for the deadline, and the message says how long it waited."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    queued: list[socket.socket] = []
+    try:
+        while True:  # fill the listen queue: the next connect gets no answer at all
+            client = socket.socket()
+            client.settimeout(0.3)
+            try:
+                client.connect(listener.getsockname())
+            except OSError:
+                client.close()
+                break
+            queued.append(client)
+        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        connection = VaultConnection(address, VaultAuth(token="t"), timeout=6.0)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as failure:
+            connection.call("GET", "auth/token/lookup-self")
+        waited = time.monotonic() - started
+        connection.close()
+    finally:
+        for client in queued:
+            client.close()
+        listener.close()
+    assert 5.9 <= waited < 6.0 + SLACK
+    assert failure.value.detail == (
+        f"Vault at {address} did not answer GET auth/token/lookup-self within 6 s"
+    )
