@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,41 @@ class Settings(DataPaths):
         Vault's tokens are. The error never repeats the value."""
         if value is not None and not _is_header_value(value.get_secret_value()):
             raise ValueError("not a Vault token: only printable ASCII characters, no spaces")
+        return value
+
+    @field_validator("vault_token_file")
+    @classmethod
+    def _vault_token_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Both a token and a file: which is meant? The file used to win, silently."""
+        if value is not None and info.data.get("vault_token") is not None:
+            raise ValueError("TRELLIS_VAULT_TOKEN is set too: give the token or the file, not both")
+        return value
+
+    @field_validator(
+        "vault_namespace", "vault_kubernetes_mount", "vault_transit_mount", "vault_kv_mount"
+    )
+    @classmethod
+    def _vault_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A request path or header, and part of the commands Trellis suggests: ``../x`` or a
+        newline got as far as Vault (``cannot reach Vault: InvalidHeader``, exit 8). An empty
+        namespace is the root namespace."""
+        from ca.keys.vault import is_vault_path  # hvac and requests stay unimported
+
+        if value is None or (value == "" and info.field_name == "vault_namespace"):
+            return value
+        if not is_vault_path(value):
+            raise ValueError(
+                "not a Vault path: names of letters, digits, '.', '_' and '-' between slashes"
+            )
+        return value
+
+    @field_validator("vault_ca_cert", "vault_client_cert", "vault_client_key")
+    @classmethod
+    def _vault_tls_file(cls, value: Path | None) -> Path | None:
+        """Read by every connection: one that cannot be read failed each call with requests'
+        own words (exit 8), not as the setting it is."""
+        if value is not None and not (value.is_file() and os.access(value, os.R_OK)):
+            raise ValueError("no such file, or it cannot be read")
         return value
 
     @field_validator("node_name")

@@ -23,6 +23,7 @@ import base64
 import logging
 import re
 import secrets
+import shlex
 import textwrap
 import threading
 import time
@@ -62,6 +63,7 @@ __all__ = [
     "VaultConnection",
     "VaultKeyBackend",
     "VaultReport",
+    "is_vault_path",
     "render_policy",
     "requirements",
 ]
@@ -137,6 +139,13 @@ class VaultAuth:
                 self.kubernetes_role and self.kubernetes_token_file,
             ),
         }
+        if self.token is not None and self.token_file is not None:
+            # Which one is meant? The file used to win, silently.
+            raise InvalidInput(
+                "TRELLIS_VAULT_TOKEN and TRELLIS_VAULT_TOKEN_FILE are both set: give one"
+            )
+        for what, mount in (("Kubernetes", self.kubernetes_mount), ("AppRole", self.approle_mount)):
+            _mount(mount, f"{what} auth")
         if self.method not in needs:
             raise InvalidInput(
                 f"unknown Vault auth method {self.method[:32]!r}: use {', '.join(AUTH_METHODS)}"
@@ -201,6 +210,8 @@ class VaultConnection:
             raise InvalidInput("the Vault timeout must be positive")
         if (client_cert is None) != (client_key is None):
             raise InvalidInput("a Vault client certificate needs its key, and the key its cert")
+        if namespace and not is_vault_path(namespace):
+            raise InvalidInput(f"invalid Vault namespace {namespace[:40]!r}")
         self.address = address.rstrip("/")
         self.timeout = timeout
         self.auth = auth
@@ -888,11 +899,19 @@ def _parse_ref(ref: str) -> tuple[str, int | None]:
     return match["name"], int(match["version"]) if match["version"] else None
 
 
-def _mount(value: str, what: str) -> str:
+def is_vault_path(value: str) -> bool:
+    """A mount or namespace: segments of letters, digits, ``.``, ``_`` and ``-`` (none ``.`` or
+    ``..``) between slashes. It goes into request paths and the ``X-Vault-Namespace`` header,
+    and into the ``vault`` commands Trellis suggests: ``../x`` would address another path, a
+    newline is no header value, and a space or quote would break the command."""
     value = value.strip("/")
-    if not value or not all(_SEGMENT.match(part) for part in value.split("/")):
-        raise InvalidInput(f"invalid Vault {what} mount {value[:40]!r}")
-    return value
+    return bool(value) and all(_SEGMENT.match(part) for part in value.split("/"))
+
+
+def _mount(value: str, what: str) -> str:
+    if not is_vault_path(value):
+        raise InvalidInput(f"invalid Vault {what} mount {value.strip('/')[:40]!r}")
+    return value.strip("/")
 
 
 class VaultKeyBackend:
@@ -1019,7 +1038,8 @@ class VaultKeyBackend:
             "POST", f"{path}/config", {"deletion_allowed": True}
         ) and self.connection.call_unless_denied("DELETE", path):
             return
-        namespace = f" -namespace={self.connection.namespace}" if self.connection.namespace else ""
+        namespace = self.connection.namespace
+        namespace = f" -namespace={shlex.quote(namespace)}" if namespace else ""
         log.warning(
             "Transit key %s is left in Vault: no CA uses it, and Trellis's Vault policy does not "
             "let it delete keys; delete it by hand: vault write%s %s/config deletion_allowed=true "

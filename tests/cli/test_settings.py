@@ -73,6 +73,16 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_VAULT_TIMEOUT", "0"),
         ("TRELLIS_VAULT_TIMEOUT", "inf"),
         ("TRELLIS_VAULT_AUTH_METHOD", "bogus"),
+        # went into the X-Vault-Namespace header ("cannot reach Vault: InvalidHeader", exit 8)
+        # and unquoted into the vault command a warning suggests
+        ("TRELLIS_VAULT_NAMESPACE", "team\nx"),
+        ("TRELLIS_VAULT_NAMESPACE", "team a"),
+        ("TRELLIS_VAULT_NAMESPACE", "../admin"),
+        ("TRELLIS_VAULT_KUBERNETES_MOUNT", "../x"),  # the transit and KV mounts were checked
+        ("TRELLIS_VAULT_TRANSIT_MOUNT", "../x"),  # ... but not named as the variable
+        # requests' own words at the first Vault call, exit 8
+        ("TRELLIS_VAULT_CA_CERT", "/nonexistent/vault-ca.pem"),
+        ("TRELLIS_VAULT_CLIENT_CERT", "/nonexistent/client.pem"),
     ],
 )
 def test_a_bad_setting_stops_every_command_in_one_line(
@@ -136,6 +146,26 @@ def test_a_bad_secret_setting_is_named_but_not_repeated(
         result = bare.run(*command, ok=False)
         _one_line(result, f"{variable}: {message}")
         assert value not in result.stderr
+    assert not bare.data_dir.exists()
+
+
+def test_a_vault_token_and_a_token_file_are_refused_together(bare: Trellis) -> None:
+    """The file won, silently: which token Trellis used was not the one the operator read."""
+    token_file = bare.data_dir.parent / "vault-token"
+    token_file.write_text("hvs.from-the-file\n")
+    bare.env.update(
+        TRELLIS_VAULT_ADDR="http://127.0.0.1:1",
+        TRELLIS_VAULT_TOKEN="hvs.from-the-variable",
+        TRELLIS_VAULT_TOKEN_FILE=str(token_file),
+    )
+    for command in (["certs", "list"], ["vault", "check"]):
+        result = bare.run(*command, ok=False)
+        _one_line(
+            result,
+            f"TRELLIS_VAULT_TOKEN_FILE={str(token_file)[:80]!r}: TRELLIS_VAULT_TOKEN is set too:"
+            " give the token or the file, not both",
+        )
+        assert "hvs.from-the-variable" not in result.stderr
     assert not bare.data_dir.exists()
 
 
