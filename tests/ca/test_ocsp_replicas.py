@@ -107,8 +107,9 @@ def test_two_processes_make_one_responder_for_a_ca(ctx: Context) -> None:
 @SQLITE_ONLY
 def test_a_responder_whose_key_is_missing_here_answers_try_later(ctx: Context) -> None:
     """Another replica made the responder, and its key is in that replica's key store: this
-    one answers ``tryLater`` with HTTP 200 and the OCSP content type, and makes no second
-    responder."""
+    one answers ``tryLater`` with HTTP 200 and the OCSP content type, makes no second
+    responder, and stays ready (``/readyz`` checks the responder keys of shared stores only,
+    ``ca.cas.signing_keys``): it issues as well as the replica that has the key."""
     issuer = active_issuer(ctx).certificate
     der = request_der(enrol(ctx, f"spiffe://{TD}/web").cert, issuer)
     assert_signed_by_delegate(ocsp.load_der_ocsp_response(respond(ctx, der)), issuer)
@@ -122,11 +123,13 @@ def test_a_responder_whose_key_is_missing_here_answers_try_later(ctx: Context) -
         http = client.post(
             "/v1/ocsp", content=der, headers={"Content-Type": "application/ocsp-request"}
         )
+        ready = client.get("/readyz")
     assert http.status_code == 200, http.text
     assert http.headers["content-type"] == "application/ocsp-response"
     status = ocsp.load_der_ocsp_response(http.content).response_status
     assert status is ocsp.OCSPResponseStatus.TRY_LATER
     assert len(_responders(ctx)) == 1
+    assert ready.status_code == 200, ready.text
 
 
 @SQLITE_ONLY
