@@ -114,12 +114,22 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+# Starlette's and FastAPI's own refusals. A 400 is a body they could not read (not UTF-8, JSON
+# nested past the parser's recursion limit): the same ``invalid-request`` as one that does not
+# parse or validate (``_validation_error``), whichever route read it.
+_HTTP_CODES = {
+    400: ("invalid-request", "Invalid request"),
+    404: ("not-found", None),
+    405: ("method-not-allowed", None),
+    413: ("payload-too-large", None),
+}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
-        exc.status_code, "http-error"
-    )
-    response = problem_response(exc.status_code, code, str(exc.detail), str(exc.detail), request)
+    code, title = _HTTP_CODES.get(exc.status_code, ("http-error", None))
+    detail = str(exc.detail)
+    response = problem_response(exc.status_code, code, title or detail, detail, request)
     response.headers.update(exc.headers or {})
     if exc.status_code == 405:
         response.headers["Allow"] = _allowed_methods(request)

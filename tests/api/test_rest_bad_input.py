@@ -146,12 +146,14 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
             headers=bearer(token) | {"Content-Type": "application/json"},
         )
         assert response.status_code == 400, (case, response.text)
-        assert_problem(response, 400)
+        assert assert_problem(response, 400)["code"] == "invalid-request", case
         renewal = rest.client.post(  # the same reading, before any proof is looked at
             "/v1/svid/renew", content=raw, headers={"Content-Type": "application/json"}
         )
         assert renewal.status_code in (400, 401), (case, renewal.text)
-        assert_problem(renewal, renewal.status_code)
+        problem = assert_problem(renewal, renewal.status_code)
+        if renewal.status_code == 400:
+            assert problem["code"] == "invalid-request", case
 
     assert rest.certificate_count() == 0
     (token_row,) = [
@@ -162,6 +164,24 @@ def test_svid_refusals_write_nothing_and_keep_the_token(rest: Rest) -> None:
     assert rest.request_svid(token, make_csr()[1]).status_code == 200
     assert_problem(rest.request_svid(token, make_csr()[1]), 401)
     assert rest.certificate_count() == 1
+
+
+def test_a_body_fastapi_cannot_read_is_invalid_request(rest: Rest) -> None:
+    """Regression: JSON nested past the parser's recursion limit was 400 with code
+    ``http-error`` and FastAPI's message as its title on the routes FastAPI reads, where
+    docs/api.md promises ``invalid-request`` for a body that does not parse."""
+    for path in ("/v1/entries", "/v1/tokens", "/v1/revocations"):
+        for case, raw in [
+            ("json/nested-too-deep", b"[" * 30_000 + b"]" * 30_000),
+            ("json/nested-objects", b'{"a":' * 5000 + b"1" + b"}" * 5000),
+            ("json/syntax", b'{"spiffe_id": '),
+        ]:
+            response = rest.client.post(
+                path, content=raw, headers=rest.admin | {"Content-Type": "application/json"}
+            )
+            problem = assert_problem(response, 400)
+            got = (problem["code"], problem["title"])
+            assert got == ("invalid-request", "Invalid request"), (path, case, problem)
 
 
 def test_svid_keys_trellis_must_not_certify_are_refused_naming_the_accepted_ones(
