@@ -9,16 +9,36 @@ the loop (``100 Continue``, a streamed body still to come) is written at the end
 Only heads wait: holding every write to the end of the turn delayed responses behind whatever
 else the loop had ready (with PostgreSQL, the signing of the next requests), and cost 10 % of
 the throughput there (docs/benchmarks.md, change 40).
+
+``CorkedHttpToolsProtocol`` also bounds the request head a client can make the server hold,
+which uvicorn's httptools protocol does not (its h11 limit does not apply here): a head (request
+line and headers) over ``MAX_HEAD`` bytes or ``MAX_HEADERS`` fields is answered 431 (414 for the
+URL alone) as soon as it is seen, and the connection closed, with a problem document like the
+application's (``api.problems``), as is a request that does not parse (400).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
+import logging
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["Corked", "CorkedHttpToolsProtocol"]
+from api.problems import problem_response
+
+__all__ = ["MAX_HEAD", "MAX_HEADERS", "Corked", "CorkedHttpToolsProtocol"]
+
+log = logging.getLogger("trellis.serve")
+
+# A request head's bytes (request line and header fields), nginx's default for a whole head
+# (large_client_header_buffers 4 8k); Trellis's own requests send a few hundred. Counted as
+# received, so that a connection holds at most this much of a head plus one read.
+MAX_HEAD = 32 * 1024
+# Header fields in a head: each costs Python objects worth ~20 times its smallest size.
+MAX_HEADERS = 100
 
 
 class Corked:
@@ -55,6 +75,112 @@ class Corked:
         return getattr(self._transport, name)
 
 
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a head that is refused: the arguments
+    of ``problem_response``."""
+
+    def __init__(self, status: int, code: str, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.problem = (status, code, title, detail)
+
+
+def _head_too_large(detail: str) -> _Refused:
+    return _Refused(431, "header-too-large", "Request header too large", detail)
+
+
 class CorkedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = "idle"  # "head": from a message's first byte; "body": after its head
+        self._head_bytes = 0  # of the head being received, counted per read while incomplete
+        self._header_bytes = 0  # of its header fields, counted as the parser completes them
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(Corked(transport))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # refused: the rest is never read
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as error:
+            if not isinstance(error.__context__, _Refused):
+                raise
+            log.info("refused a request: %s", error.__context__)
+            self._refuse(*error.__context__.problem)
+            return
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._phase == "head":
+            # Still incomplete: the parser holds the partial field, which its callbacks have not
+            # counted yet. (A read that also ended a pipelined request before counts whole.)
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._refuse(
+                    *_head_too_large(f"request heads are limited to {MAX_HEAD} bytes").problem
+                )
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, "invalid-request", "Invalid request", msg)
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase, self._head_bytes, self._header_bytes = "head", 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > MAX_HEAD:
+            raise _Refused(
+                414, "uri-too-long", "URI too long", f"request URLs are limited to {MAX_HEAD} bytes"
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if len(self.headers) >= MAX_HEADERS:
+            raise _head_too_large(f"requests are limited to {MAX_HEADERS} header fields")
+        if len(self.url) + self._header_bytes > MAX_HEAD:
+            raise _head_too_large(f"request heads are limited to {MAX_HEAD} bytes")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._phase = "body"
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = "idle"
+        super().on_message_complete()
+
+    # Refusals
+
+    def _refuse(self, status: int, code: str, title: str, detail: str) -> None:
+        """Answer ``status`` with a problem document unless a response is under way (one of an
+        earlier, pipelined request's: it would be cut into), and close the connection. The
+        request's application task, if any, sees the client gone."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()
+                return
+            cycle.disconnected = True  # whatever the application still sends is dropped
+            cycle.message_event.set()
+        if not self.transport.is_closing():
+            body = problem_response(status, code, title, detail).body
+            head = (
+                f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+                "content-type: application/problem+json\r\n"
+                f"content-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode("ascii") + bytes(body))
+            self.transport.close()
