@@ -33,6 +33,8 @@ from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
 __all__ = [
+    "MAX_CONNECTIONS",
+    "REQUEST_TIMEOUT",
     "SQLITE_SUFFIXES",
     "Context",
     "DataPaths",
@@ -61,6 +63,15 @@ _OWN_NAMES = frozenset(
 # (ca.store.batch) and its one audit sealer (ca.audit.one_sealer). A lock file replaced under a
 # holder's flock no longer excludes anyone: they are as much Trellis's as the database is.
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock", ".seal-lock")
+
+# What one ``trellis serve`` process holds for its clients (cli/http.py, docs/configuration.md).
+# Open connections: under the 1,024 descriptors a process gets by default (systemd's and most
+# shells' soft limit), with room for its database, log and TLS files. 500 connections each
+# holding 30 KiB of an unfinished head took a worker's RSS from 109 to 165 MiB: two workers so
+# held fit a pod of 512 MiB.
+MAX_CONNECTIONS = 512
+# Seconds a client has to send a request's head, and then as long for its body (at most 64 KiB).
+REQUEST_TIMEOUT = 20.0
 
 
 class DataPaths(BaseSettings):
@@ -126,6 +137,8 @@ class Settings(DataPaths):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=1, le=65535)
     workers: int = Field(1, ge=0)  # trellis serve's worker processes; 0: one per core
+    max_connections: int = Field(MAX_CONNECTIONS, ge=1)  # per serve process (worker)
+    request_timeout: float = Field(REQUEST_TIMEOUT, gt=0, le=3600, allow_inf_nan=False)
     trust_domain: str | None = None
     key_passphrase: SecretStr | None = None
     public_url: str | None = None

@@ -10,11 +10,19 @@ Only heads wait: holding every write to the end of the turn delayed responses be
 else the loop had ready (with PostgreSQL, the signing of the next requests), and cost 10 % of
 the throughput there (docs/benchmarks.md, change 40).
 
-``CorkedHttpToolsProtocol`` also bounds the request head a client can make the server hold,
-which uvicorn's httptools protocol does not (its h11 limit does not apply here): a head (request
-line and headers) over ``MAX_HEAD`` bytes or ``MAX_HEADERS`` fields is answered 431 (414 for the
-URL alone) as soon as it is seen, and the connection closed, with a problem document like the
-application's (``api.problems``), as is a request that does not parse (400).
+``CorkedHttpToolsProtocol`` also bounds what a client can make the server hold, which uvicorn's
+httptools protocol does not (its h11 limit does not apply here, and it has no read deadline):
+
+* a request head (request line and headers) over ``MAX_HEAD`` bytes or ``MAX_HEADERS`` fields is
+  answered 431 (414 for the URL alone) as soon as it is seen, and the connection closed;
+* a head must arrive within ``request_timeout`` seconds of the connection's handshake or of its
+  first byte after the previous response (until then uvicorn's keep-alive timeout applies), and
+  the body within as long again after the head: else 408 and the connection is closed;
+* past ``max_connections`` open connections in this process a new one is answered 503 and
+  closed, before it can hold a descriptor for longer.
+
+These refusals are problem documents like the application's (``api.problems``), as is a
+request that does not parse (400).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.problems import problem_response
+from ca.config import MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 __all__ = ["MAX_HEAD", "MAX_HEADERS", "Corked", "CorkedHttpToolsProtocol"]
 
@@ -39,6 +48,10 @@ log = logging.getLogger("trellis.serve")
 MAX_HEAD = 32 * 1024
 # Header fields in a head: each costs Python objects worth ~20 times its smallest size.
 MAX_HEADERS = 100
+# Seconds a refused connection is given to take its answer and close: a TLS transport closing
+# waits for the client's close_notify, for 30 s, holding the descriptor; a client that sends
+# none is cut off after this.
+CLOSE_GRACE = 2.0
 
 
 class Corked:
@@ -91,17 +104,35 @@ def _head_too_large(detail: str) -> _Refused:
 class CorkedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # ``cli.tlsreload.ReloadingConfig`` carries Trellis's settings; a plain uvicorn Config
+        # gets the defaults.
+        self.request_timeout: float = getattr(self.config, "request_timeout", REQUEST_TIMEOUT)
+        self.max_connections: int = getattr(self.config, "max_connections", MAX_CONNECTIONS)
+        self._deadline: asyncio.TimerHandle | None = None
         self._phase = "idle"  # "head": from a message's first byte; "body": after its head
         self._head_bytes = 0  # of the head being received, counted per read while incomplete
         self._header_bytes = 0  # of its header fields, counted as the parser completes them
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(Corked(transport))  # type: ignore[arg-type]
+        if len(self.connections) > self.max_connections:
+            log.warning("refused a connection: %d open", len(self.connections) - 1)
+            self._refuse(503, "too-many-connections", "Too many connections", "retry later")
+            return
+        self._arm()  # the head deadline: nothing has arrived yet
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._disarm()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
-            return  # refused: the rest is never read
+            return  # refused or timed out: the rest is never read
         self._unset_keepalive_if_required()
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # a head begins, after the keep-alive wait or on a new connection
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as error:
@@ -137,6 +168,8 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._phase, self._head_bytes, self._header_bytes = "head", 0, 0
+        if self._deadline is None:
+            self._arm()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -155,22 +188,50 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._phase = "body"
+        self._arm()  # the body deadline, from the end of the head
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._phase = "idle"
+        self._disarm()
         super().on_message_complete()
 
-    # Refusals
+    # Deadlines and refusals
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.request_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        what = "body" if self._phase == "body" else "head"
+        log.info("closed a connection: no complete request %s in %gs", what, self.request_timeout)
+        if self._phase == "body" and self.cycle is not None and self.cycle.response_started:
+            self._close()  # answered already (without waiting for the body)
+            return
+        self._refuse(
+            408,
+            "request-timeout",
+            "Request timeout",
+            f"the request {what} did not arrive within {self.request_timeout:g} seconds",
+        )
 
     def _refuse(self, status: int, code: str, title: str, detail: str) -> None:
         """Answer ``status`` with a problem document unless a response is under way (one of an
         earlier, pipelined request's: it would be cut into), and close the connection. The
         request's application task, if any, sees the client gone."""
+        self._disarm()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if cycle.response_started:
-                self.transport.close()
+                self._close()
                 return
             cycle.disconnected = True  # whatever the application still sends is dropped
             cycle.message_event.set()
@@ -183,4 +244,12 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
                 "connection: close\r\n\r\n"
             )
             self.transport.write(head.encode("ascii") + bytes(body))
-            self.transport.close()
+            self._close()
+
+    def _close(self) -> None:
+        self.transport.close()
+        self.loop.call_later(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        if not self._lost:
+            self.transport.abort()

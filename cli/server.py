@@ -85,6 +85,8 @@ def serve(
         "server_header": False,
         "http": "cli.http:CorkedHttpToolsProtocol",  # one write per response
         "timeout_graceful_shutdown": 10,
+        "max_connections": settings.max_connections,  # cli.http
+        "request_timeout": settings.request_timeout,
         **tls_options,
     }
     if count > 1:

@@ -7,6 +7,9 @@ watches the file and loads a new chain into its live SSL context; new handshakes
 A pair that cannot be loaded at start-up is ``ServingTlsUnusable``, naming the file: ssl's own
 errors did not (``No such file or directory``), and a worker of ``serve --workers N`` that
 died of one was started again, forever, each time with a traceback (``cli.supervisor``).
+
+It also carries the limits ``cli.http``'s protocol enforces, which uvicorn's Config has no
+options for, to every process that serves: the supervisor builds its workers' from JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import uvicorn
 
+from ca.config import MAX_CONNECTIONS, REQUEST_TIMEOUT
 from ca.errors import Unavailable
 
 log = logging.getLogger("trellis.serve")
@@ -36,10 +40,19 @@ class ServingTlsUnusable(Unavailable):
 
 
 class ReloadingConfig(uvicorn.Config):
-    def __init__(self, app: Any, **options: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        **options: Any,
+    ) -> None:
         if options.get("ssl_certfile") and "ssl_context_factory" not in options:
             options["ssl_context_factory"] = _load_tls
         super().__init__(app, **options)
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
 
     def load(self) -> None:
         super().load()

@@ -1,6 +1,7 @@
 """What a client can make ``trellis serve`` hold (cli/http.py): a request head is refused past
-``MAX_HEAD`` bytes as soon as it gets there. Real ``trellis serve`` processes, real TLS
-connections, raw bytes."""
+``MAX_HEAD`` bytes as soon as it gets there, a request that stops arriving is answered 408 and
+closed after ``TRELLIS_REQUEST_TIMEOUT``, and connections past ``TRELLIS_MAX_CONNECTIONS`` are
+answered 503. Real ``trellis serve`` processes, real TLS connections, raw bytes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import select
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +143,71 @@ def test_an_endless_head_is_refused_once_past_the_limit(serving: Serving) -> Non
     assert sent < 1024 * 1024, sent
     got, problem = status_and_problem(response)
     assert (got, problem["code"]) == (431, "header-too-large")
+
+
+def test_a_request_that_stops_arriving_is_answered_408_and_closed(
+    trellis: Trellis, tmp_path: Path
+) -> None:
+    """Before, each of these connections stayed open for as long as the client liked: 984 of
+    them took the last descriptors of a process under ``ulimit -n 1024``."""
+    trellis.env["TRELLIS_REQUEST_TIMEOUT"] = "1"
+    stalls = {
+        "nothing": b"",
+        "half-a-head": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half",
+        "part-of-a-body": (
+            b"POST /v1/svid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"csr": '
+        ),
+    }
+    # Two workers: the setting reaches the processes the supervisor starts (the other tests
+    # run one process).
+    with trellis.serving(tmp_path / "serve.log", "--workers", "2") as server:
+        conns = {name: connect(server) for name in stalls}
+        try:
+            started = time.monotonic()
+            for name, sent in stalls.items():
+                conns[name].sendall(sent)
+            answers = {name: read_to_close(conn, timeout=8) for name, conn in conns.items()}
+            elapsed = time.monotonic() - started
+            # A request sent in time, over a connection that waited once for its first byte.
+            with connect(server) as conn:
+                time.sleep(0.5)
+                ok = request(conn, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        finally:
+            for conn in conns.values():
+                conn.close()
+    assert elapsed < 6, elapsed  # 1 s, on a busy machine
+    for name, answer in answers.items():
+        got, problem = status_and_problem(answer)
+        assert (got, problem["code"]) == (408, "request-timeout"), name
+    assert "body" in str(problem["detail"])
+    assert ok.startswith(b"HTTP/1.1 200 "), ok[:200]
+
+
+def served(server: Serving) -> ssl.SSLSocket:
+    """A connection that has been served a request, once the server has room for one (the
+    connections of the readiness probe, or of the test, may take a moment to go)."""
+    deadline = time.monotonic() + 10
+    while True:
+        conn = connect(server)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        if conn.recv(65536).startswith(b"HTTP/1.1 200 "):
+            return conn
+        conn.close()
+        assert time.monotonic() < deadline, "no connection served"
+        time.sleep(0.1)
+
+
+def test_connections_past_the_limit_are_answered_503(trellis: Trellis, tmp_path: Path) -> None:
+    trellis.env["TRELLIS_MAX_CONNECTIONS"] = "2"
+    with trellis.serving(tmp_path / "serve.log") as server:
+        held = [served(server), served(server)]
+        try:
+            with connect(server) as third:
+                got, problem = status_and_problem(read_to_close(third))
+            assert (got, problem["code"]) == (503, "too-many-connections")
+            held.pop().close()
+            held.append(served(server))  # room again
+        finally:
+            for conn in held:
+                conn.close()

@@ -31,6 +31,7 @@ def test_the_unit_is_hardened() -> None:
                      "ReadWritePaths", id="fail/writable-etc"),
         pytest.param("User=trellis", "User=root", "User", id="fail/root"),
         pytest.param("PrivateTmp=yes\n", "", "PrivateTmp", id="fail/shared-tmp"),
+        pytest.param("LimitNOFILE=65536\n", "", "LimitNOFILE", id="fail/default-descriptors"),
     ],
 )
 def test_a_weakened_unit_is_caught(old: str, new: str, expected: str) -> None:

@@ -3,6 +3,7 @@ reads them, and the hardening the unit must keep (problems listed, empty: fine).
 
 from __future__ import annotations
 
+from ca.config import MAX_CONNECTIONS
 from tests.deploy.manifests import DEPLOY
 
 UNIT = DEPLOY / "systemd" / "trellis.service"
@@ -54,6 +55,11 @@ def unit_problems(text: str) -> list[str]:
     writable = " ".join(service.get("ReadWritePaths", [])).split()
     if writable != ["/var/lib/trellis"]:
         problems.append(f"ReadWritePaths= must be exactly /var/lib/trellis, not {writable}")
+    # A serving process holds MAX_CONNECTIONS connections, as many again in their handshakes,
+    # and its own files; its seccomp filter (~@resources) stops it raising its own limit.
+    nofile = (last("LimitNOFILE") or "0").split(":")[0]
+    if nofile != "infinity" and int(nofile) < 2 * MAX_CONNECTIONS + 1024:
+        problems.append(f"LimitNOFILE= must be at least {2 * MAX_CONNECTIONS + 1024}")
     if not (last("ExecStart") or "").endswith("/trellis serve"):
         problems.append("ExecStart= must run `trellis serve`")
     if unit.get("Install", {}).get("WantedBy") != ["multi-user.target"]:
