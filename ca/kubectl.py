@@ -69,6 +69,21 @@ def _kubectl() -> str:
     return executable
 
 
+def _run(
+    argv: list[str], stdin: bytes | None, timeout: int, what: str
+) -> subprocess.CompletedProcess[bytes]:
+    """kubectl with ``argv`` (a fixed argv, no shell; a manifest only on stdin), its failures
+    to run or to finish in time as ``Unavailable``: the scheduler records them and retries."""
+    try:
+        return subprocess.run(
+            [_kubectl(), *argv], input=stdin, capture_output=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{what} timed out after {timeout} s") from None
+    except OSError as exc:
+        raise Unavailable(f"kubectl could not be run: {exc.strerror}") from None
+
+
 def check_target(target: KubeTarget) -> None:
     """Refuse a target kubectl would refuse before it reaches the cluster: no kubectl on the
     PATH (``Unavailable``), a kubeconfig kubectl cannot load, a context not in it (the given
@@ -79,17 +94,8 @@ def check_target(target: KubeTarget) -> None:
     (exec plug-ins and all) and contacts nobody; it prints credentials redacted, and only the
     names are looked at."""
     where = f"--kubeconfig {target.kubeconfig}"
-    argv = [_kubectl(), "--kubeconfig", str(target.kubeconfig), "config", "view", "-o", "json"]
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, timeout=CONFIG_TIMEOUT_SECONDS, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise Unavailable(
-            f"kubectl config view ({where}) timed out after {CONFIG_TIMEOUT_SECONDS} s"
-        ) from None
-    except OSError as exc:
-        raise Unavailable(f"kubectl could not be run: {exc.strerror}") from None
+    argv = ["--kubeconfig", str(target.kubeconfig), "config", "view", "-o", "json"]
+    done = _run(argv, None, CONFIG_TIMEOUT_SECONDS, f"kubectl config view ({where})")
     if done.returncode != 0:
         reason = " ".join(done.stderr.decode(errors="replace").split()).removeprefix("error: ")
         # go-yaml quotes the value it could not read in backquotes: that could be a token.
@@ -136,22 +142,7 @@ def apply(target: KubeTarget, manifest: bytes, field_manager: str = FIELD_MANAGE
     shortened, is the detail), so the scheduler records the failure and tries again.
     """
     argv = apply_argv(target, field_manager)
-    executable = _kubectl()
-    try:
-        # A fixed argv, no shell; the manifest only on stdin.
-        done = subprocess.run(
-            [executable, *argv[1:]],
-            input=manifest,
-            capture_output=True,
-            timeout=TIMEOUT_SECONDS,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise Unavailable(
-            f"kubectl apply ({target.describe()}) timed out after {TIMEOUT_SECONDS} s"
-        ) from None
-    except OSError as exc:
-        raise Unavailable(f"kubectl could not be run: {exc.strerror}") from None
+    done = _run(argv[1:], manifest, TIMEOUT_SECONDS, f"kubectl apply ({target.describe()})")
     if done.returncode != 0:
         reason = " ".join(done.stderr.decode(errors="replace").split())[:300]
         raise Unavailable(
