@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
+from ca.connlimits import MAX_CONNECTIONS, REQUEST_TIMEOUT
 from ca.csr import check_dns_name, is_host
 from ca.errors import InvalidInput, TrellisError
 from ca.files import OwnData, data_directory
@@ -65,13 +66,6 @@ _OWN_NAMES = frozenset(
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock", ".seal-lock")
 
 # What one ``trellis serve`` process holds for its clients (cli/http.py, docs/configuration.md).
-# Open connections: under the 1,024 descriptors a process gets by default (systemd's and most
-# shells' soft limit), with room for its database, log and TLS files. 500 connections each
-# holding 30 KiB of an unfinished head took a worker's RSS from 109 to 165 MiB: two workers so
-# held fit a pod of 512 MiB.
-MAX_CONNECTIONS = 512
-# Seconds a client has to send a request's head, and then as long for its body (at most 64 KiB).
-REQUEST_TIMEOUT = 20.0
 
 
 class DataPaths(BaseSettings):

@@ -36,7 +36,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.problems import problem_response
-from ca.config import MAX_CONNECTIONS, REQUEST_TIMEOUT
+from ca.connlimits import MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 __all__ = ["MAX_HEAD", "MAX_HEADERS", "Corked", "CorkedHttpToolsProtocol"]
 

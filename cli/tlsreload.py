@@ -24,7 +24,7 @@ from typing import Any
 
 import uvicorn
 
-from ca.config import MAX_CONNECTIONS, REQUEST_TIMEOUT
+from ca.connlimits import MAX_CONNECTIONS, REQUEST_TIMEOUT
 from ca.errors import Unavailable
 
 log = logging.getLogger("trellis.serve")
