@@ -29,7 +29,7 @@ from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import MIN_PASSPHRASE, FileKeyBackend, KeyPassphrase
 from ca.keys.store import KNOWN_BACKENDS, KeyStore, check_backend_name, unconfigured_backend
-from ca.restored import shared_keys
+from ca.restored import read_marker
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
 
@@ -377,6 +377,9 @@ class Context:
     # Of the file key backend and of sealed secrets: read when one of them first needs it.
     passphrase: KeyPassphrase
     clock: Clock = field(default_factory=SystemClock)
+    # Above any CRL number the instance a backup was taken of signed before it was restored
+    # here (``ca.restored``); 0 for an instance never restored.
+    crl_floor: int = 0
     # Caches of unlocked signers and rendered PEM, keyed by CA row id (see ``ca.authority``).
     cache: dict[object, object] = field(default_factory=dict)
     # Issuing transactions of concurrent requests, committed together (``ca.store.batch``).
@@ -443,7 +446,8 @@ def build_context(
         from ca.keys.vault import VaultKeyBackend  # only imported where Vault is configured
 
         backends["vault"] = VaultKeyBackend.from_settings(settings)
-    keys = KeyStore(backends, default=settings.key_backend, shared=shared_keys(settings.data_dir))
+    restored = read_marker(settings.data_dir)
+    keys = KeyStore(backends, default=settings.key_backend, shared=restored.shared)
     engine = db.connect(settings.effective_database_url, background_checkpoints=serving)
     try:
         db.settle_schema(engine, schema)
@@ -456,6 +460,7 @@ def build_context(
         keys=keys,
         passphrase=passphrase,
         clock=clock or SystemClock(),
+        crl_floor=restored.crl_floor,
     )
     database = engine.url.database
     if serving and engine.dialect.name == "sqlite" and database and database != ":memory:":

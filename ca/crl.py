@@ -23,7 +23,6 @@ from ca.cas import ca_certificate, ca_signer, find_crl_issuer
 from ca.config import Context
 from ca.errors import Unavailable
 from ca.keys import PrivateKey
-from ca.restored import crl_number_floor
 from ca.revocation import RevocationReason
 from ca.store.models import CaRow, CertificateRow, CrlRow
 
@@ -166,7 +165,7 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = Fals
     now = ctx.clock.now()
     current = _locked_row(session, ca.id, now)
     # Above any number the instance a backup was taken of signed before it was restored here.
-    number = max(current.number + 1, crl_number_floor(ctx.settings.data_dir))
+    number = max(current.number + 1, ctx.crl_floor)
     signer = ca_signer(ctx, ca)
     issuer = ca_certificate(ctx, ca)
     next_update = issuer.not_valid_after_utc if final else now + CRL_LIFETIME

@@ -21,7 +21,7 @@ import json
 import logging
 import sqlite3
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ca.keys.store import SharedKeys
@@ -29,10 +29,11 @@ from ca.keys.store import SharedKeys
 __all__ = [
     "MARKER",
     "ActsOn",
+    "Restored",
     "acts_on",
-    "crl_number_floor",
     "crl_numbers_from",
     "marker",
+    "read_marker",
     "shared_keys",
 ]
 
@@ -123,32 +124,40 @@ def marker(archive: Path, at: dt.datetime, inherited: ActsOn) -> bytes:
     return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def crl_number_floor(data_dir: Path) -> int:
-    """``crl_numbers_from`` of this instance's restore; 0 if it was not restored (or the
-    marker cannot be read: ``shared_keys`` warns of that)."""
-    try:
-        floor = json.loads((data_dir / MARKER).read_bytes())["crl_numbers_from"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return floor if isinstance(floor, int) and not isinstance(floor, bool) and floor > 0 else 0
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What ``restored.json`` tells a process, read once when its context is built
+    (``ca.config.build_context``): a restore fills only an empty data dir, so the marker does
+    not change under a running process."""
+
+    shared: SharedKeys = field(default_factory=SharedKeys)  # inherited from the one backed up
+    crl_floor: int = 0  # ``crl_numbers_from`` of the restore; 0 if there was none
 
 
-def shared_keys(data_dir: Path) -> SharedKeys:
-    """The keys this instance inherited from a restore: none without ``restored.json``. One
-    that cannot be read or parsed is taken to share every key outside the data dir: a key
-    kept by mistake costs a ``vault delete`` by hand, one destroyed by mistake a CA."""
+def read_marker(data_dir: Path) -> Restored:
+    """None without ``restored.json``. One that cannot be read or parsed is taken to share
+    every key outside the data dir (a key kept by mistake costs a ``vault delete`` by hand, one
+    destroyed by mistake a CA) and to set no CRL floor."""
     try:
         raw = (data_dir / MARKER).read_bytes()
     except FileNotFoundError:
-        return SharedKeys()
+        return Restored()
     except OSError as error:
         log.warning("%s cannot be read (%s): no Vault key is destroyed", MARKER, error.strerror)
-        return SharedKeys(every=True)
+        return Restored(SharedKeys(every=True))
     try:
-        refs = json.loads(raw)["inherited_vault_keys"]
+        body = json.loads(raw)
+        refs = body["inherited_vault_keys"]
         if not isinstance(refs, list) or not all(isinstance(ref, str) for ref in refs):
             raise TypeError
     except (ValueError, KeyError, TypeError):
         log.warning("%s is not what restore wrote: no Vault key is destroyed", MARKER)
-        return SharedKeys(every=True)
-    return SharedKeys(frozenset(refs))
+        return Restored(SharedKeys(every=True))
+    floor = body.get("crl_numbers_from")
+    valid = isinstance(floor, int) and not isinstance(floor, bool) and floor > 0
+    return Restored(SharedKeys(frozenset(refs)), floor if valid else 0)
+
+
+def shared_keys(data_dir: Path) -> SharedKeys:
+    """The keys this instance inherited from a restore: none without ``restored.json``."""
+    return read_marker(data_dir).shared
