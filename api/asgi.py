@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.app import create_app, freeze_startup_heap
-from ca.config import Settings, build_context
+from ca.config import build_context, load_settings
 from ca.logs import configure_logging
 from ca.scheduler import elect_scheduler
 from ca.store.db import SchemaPolicy
@@ -27,7 +27,9 @@ SCHEDULER_LOCK = "scheduler.lock"
 
 def app_from_environment() -> FastAPI:
     configure_logging()  # spawned workers start with no logging configuration
-    ctx = build_context(Settings(), schema=SchemaPolicy.TRUSTED, serving=True)
+    # load_settings: a bad variable is one line naming it (cli.supervisor logs it), not pydantic's
+    # dozen lines and a URL.
+    ctx = build_context(load_settings(), schema=SchemaPolicy.TRUSTED, serving=True)
     app = create_app(ctx)
     inner = app.router.lifespan_context
 

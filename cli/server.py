@@ -90,9 +90,14 @@ def serve(
         **tls_options,
     }
     if count > 1:
-        # Workers rebuild the context from the environment: hand them the effective settings.
+        # Workers rebuild the context from the environment: hand them the effective settings,
+        # the options too. A variable an option overrode (TRELLIS_WORKERS=two beside --workers
+        # 2) was read by every worker, which could not start: the service never served.
         os.environ["TRELLIS_DATA_DIR"] = str(settings.data_dir.resolve())
         os.environ["TRELLIS_DATABASE_URL"] = settings.effective_database_url
+        os.environ["TRELLIS_HOST"] = settings.host
+        os.environ["TRELLIS_PORT"] = str(settings.port)
+        os.environ["TRELLIS_WORKERS"] = str(settings.workers)
         # Event metrics from every worker are summed through files in this directory.
         metrics_dir = settings.data_dir.resolve() / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -47,8 +47,9 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
+from ca.errors import TrellisError
 from ca.logs import configure_logging
-from cli.tlsreload import ReloadingConfig, ServingTlsUnusable
+from cli.tlsreload import ReloadingConfig
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -163,8 +164,9 @@ class HandingSupervisor(Multiprocess):
     def _worker(self) -> tuple[Process, Slot]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         mine.settimeout(HAND_TIMEOUT)
-        finished = multiprocessing.get_context("spawn").RawValue("Q", 0)
-        process = HandedProcess(self.config, theirs, finished)
+        spawn = multiprocessing.get_context("spawn")
+        finished, ready = spawn.RawValue("Q", 0), spawn.RawValue("B", 0)
+        process = HandedProcess(self.config, theirs, finished, ready)
         process.start()
         theirs.close()  # the worker has its own copy now
         return process, Slot(mine, finished)
@@ -181,6 +183,12 @@ class HandingSupervisor(Multiprocess):
         super().terminate_all()
 
     def keep_subprocess_alive(self) -> None:
+        """Replaces a worker that died after it was ready. One that exited by itself before
+        (a failure of its own, not a signal) would fail the same way on every start, as
+        gunicorn's "Worker failed to boot" does: its settings, its data dir, its passphrase or
+        its code. Restarted, it failed again every few seconds, forever, and the service never
+        exited for systemd's ``Restart=on-failure`` to see. A worker killed by a signal while it
+        started (an operator, the OOM killer) is replaced as before."""
         for index, process in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
@@ -188,7 +196,8 @@ class HandingSupervisor(Multiprocess):
                 continue
             process.kill()
             process.join()
-            if process.exitcode == STARTUP_FAILURE:  # broken app, TLS or bind: would repeat
+            status = process.exitcode or 0
+            if status == STARTUP_FAILURE or (status > 0 and not process.ready.value):
                 logger.error(
                     "worker [%s] cannot start (its line above says why): stopping", process.pid
                 )
@@ -223,40 +232,54 @@ class HandingSupervisor(Multiprocess):
 class HandedProcess(Process):
     """A uvicorn worker process whose server takes connections from the supervisor."""
 
-    def __init__(self, config: uvicorn.Config, channel: socket.socket, finished: Any) -> None:
-        self.finished = finished  # before start(): the process object travels to the child
+    def __init__(
+        self, config: uvicorn.Config, channel: socket.socket, finished: Any, ready: Any
+    ) -> None:
+        # Before start(): the process object travels to the child. ``ready``, shared memory,
+        # is set once the worker has started and serves: the supervisor's only sure way to
+        # tell a worker that never started from one that crashed after serving.
+        self.finished, self.ready = finished, ready
         super().__init__(config, [channel])
 
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
-            self._server = HandedServer(self.config, self.finished)
+            self._server = HandedServer(self.config, self.finished, self.ready)
         return self._server
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:
         """The worker's life, its failures as log lines: Python printed an uncaught exception
         as a raw traceback among the JSON lines. One that would repeat on every start (the
-        serving certificate cannot be loaded) is ``STARTUP_FAILURE``, which stops the
-        supervisor; restarted, the worker died again every second, forever, and systemd's
-        ``Restart=on-failure`` never saw the service fail."""
+        serving certificate cannot be loaded, or anything else before it is ready) is
+        ``STARTUP_FAILURE``, which stops the supervisor; restarted, the worker died again every
+        second, forever, and systemd's ``Restart=on-failure`` never saw the service fail. The
+        reason is one line: a Trellis error's own sentence, else the exception's type and text
+        with its traceback attached (a bug, or an install broken under the service)."""
         configure_logging()  # what it logs before the app's factory configures it
         try:
             super().target(sockets)
-        except ServingTlsUnusable as exc:
-            logger.error("worker [%d] cannot start: %s", os.getpid(), exc.detail)
+        except Exception as exc:
+            if self.ready.value:
+                logger.exception("worker [%d] failed", os.getpid())
+                sys.exit(1)
+            known = isinstance(exc, TrellisError)
+            reason = exc.detail if known else f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "worker [%d] cannot start: %s",
+                os.getpid(),
+                " ".join(reason.split()),  # pydantic's and libpq's texts span lines
+                exc_info=None if known else exc,
+            )
             sys.exit(STARTUP_FAILURE)
-        except Exception:
-            logger.exception("worker [%d] failed", os.getpid())
-            sys.exit(1)
 
 
 class HandedServer(uvicorn.Server):
     """uvicorn's server, with no listening socket: it serves the connections that arrive on its
     socket pair, exactly as it would serve accepted ones."""
 
-    def __init__(self, config: uvicorn.Config, finished: Any) -> None:
+    def __init__(self, config: uvicorn.Config, finished: Any, ready: Any) -> None:
         super().__init__(config)
-        self.finished = finished
+        self.finished, self.ready = finished, ready
         self.channel: socket.socket | None = None
         self.adopting: set[asyncio.Task[None]] = set()
 
@@ -285,6 +308,7 @@ class HandedServer(uvicorn.Server):
         channel.setblocking(False)
         self.channel = channel
         asyncio.get_running_loop().add_reader(channel.fileno(), self._receive)
+        self.ready.value = 1
 
     def _receive(self) -> None:
         assert self.channel is not None

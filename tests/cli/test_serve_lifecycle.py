@@ -109,3 +109,48 @@ def test_a_stop_asked_for_by_a_signal_is_exit_0(
         assert serve.process.wait(30) == 0, log.read_text()
     assert "Traceback" not in log.read_text()
     assert "trellis: interrupted" not in log.read_text()
+
+
+def _worker_errors(log: Path) -> list[str]:
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [r["message"] for r in records if r["level"] == "error" and "start" in r["message"]]
+
+
+def test_a_worker_that_fails_before_it_is_ready_stops_the_service(tmp_path: Path) -> None:
+    """A worker that crashed after serving is replaced; its replacement could not start (here
+    the passphrase file is no longer readable: a volume not mounted, a file moved) and exited
+    1, and the supervisor started another every few seconds, forever, each with a traceback:
+    the service never exited, so systemd's Restart=on-failure never fired. Now the worker says
+    why in one line and the supervisor stops with exit 8, as for a serving key it cannot load."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    del cli.env["TRELLIS_KEY_PASSPHRASE"]  # init writes var/key-passphrase, which serve reads
+    cli.set_up("init", "--trust-domain", "example.org")
+    log = tmp_path / "serve.log"
+    passphrase = cli.data_dir / "key-passphrase"
+    with cli.serving(log, "--workers", "2") as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        passphrase.rename(tmp_path / "moved-away")
+        passphrase.mkdir()
+        os.kill(workers_of(serve.process.pid)[0], signal.SIGKILL)
+        assert serve.process.wait(30) == 8, log.read_text()
+    errors = _worker_errors(log)
+    assert len(errors) == 2, errors
+    assert f"cannot start: cannot read the key passphrase file {passphrase}" in errors[0], errors
+    assert errors[1].endswith("cannot start (its line above says why): stopping")
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert sum("starting another" in r["message"] for r in records) == 1
+    assert "Traceback" not in log.read_text()
+
+
+def test_workers_take_the_options_over_the_variables_they_override(tmp_path: Path) -> None:
+    """``--workers 2`` beside a ``TRELLIS_WORKERS`` that is not a number: serve read the option,
+    its workers the variable, which they refused; they were started again and again, and the
+    service never served. The workers take what serve took."""
+    cli = _initialised(tmp_path)
+    cli.env.update(TRELLIS_WORKERS="two", TRELLIS_PORT="not-a-port")
+    log = tmp_path / "serve.log"
+    with cli.serving(log, "--workers", "2") as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        assert httpx.get(f"{serve.url}/healthz", verify=serve.tls).is_success
+    assert _worker_errors(log) == []
+
