@@ -27,6 +27,12 @@ key left behind) reaches a command's stderr as one line, ``warning: ...`` or ``e
 as a bare line that read as if it were the command's output, with a traceback for an
 ``exception``. ``trellis serve`` and ``trellis agent`` replace it with the server's log
 (``ca.logs.configure_logging``).
+
+``trellis serve`` ignores SIGHUP from here until it serves: its handler (``cli.single``, the
+supervisor's) is installed only once the server starts, a second or more after the process, and
+until then SIGHUP's default killed it. An ignored signal stays ignored across the ``exec`` into
+``cli.supervisor``, whose interpreter would otherwise start with the default again. A SIGHUP
+asks a running server to take a new certificate or code; one that is starting loads both anyway.
 """
 
 from __future__ import annotations
@@ -100,9 +106,26 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
+# cli.main.root's options that take a value: what comes after one is not the command.
+ROOT_OPTIONS_WITH_VALUES = ("--data-dir", "--database-url")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names, read before Click has been imported."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ROOT_OPTIONS_WITH_VALUES:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
+    if command_of(sys.argv[1:]) == "serve" and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # On the root logger, so that configure_logging (serve, agent) replaces it.
     debug = debugging()
     logging.getLogger().addHandler(OneLineLog(debug))

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.pem import private_key_pem
 from tests.cli.test_serve_workers import wait_for, workers_of
-from tests.cli.test_walkthrough import Trellis
+from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests.conftest import free_port
+from tests.processes import terminate
 
 
 def _initialised(tmp_path: Path) -> Trellis:
@@ -154,3 +159,65 @@ def test_workers_take_the_options_over_the_variables_they_override(tmp_path: Pat
         assert httpx.get(f"{serve.url}/healthz", verify=serve.tls).is_success
     assert _worker_errors(log) == []
 
+
+def _hangup_taken(pid: int) -> bool:
+    """SIGHUP is ignored or caught by ``pid``: no longer its default, which kills."""
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    bit = 1 << (signal.SIGHUP - 1)
+    return bool((int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & bit)
+
+
+def _default_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a service manager starts it
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_while_serve_starts_never_kills_it(tmp_path: Path, workers: str) -> None:
+    """SIGHUP was left at its default (death) until the server started: in the second or more
+    ``serve`` spends importing, checking the CA, issuing its certificate and (``--workers``)
+    starting the supervisor, a ``systemctl reload`` or a ``kill -HUP`` killed it. It is
+    ignored from the entry point on, across the supervisor's ``exec``, until the server's own
+    handler takes it."""
+    cli = _initialised(tmp_path)
+    log = tmp_path / "serve.log"
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [TRELLIS, "serve", "--port", str(port), "--workers", workers],
+            env=cli.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_default_hangup,
+        )
+    tls = ssl.create_default_context(cafile=str(cli.data_dir / "bundle.pem"))
+
+    def banner() -> bool:
+        return "Trellis serving" in log.read_text()
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls, timeout=2).is_success
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(
+            lambda: process.poll() is not None or _hangup_taken(process.pid) or banner(), "start"
+        )
+        assert process.poll() is None and not banner(), log.read_text()
+        assert _hangup_taken(process.pid), "SIGHUP would kill serve while it starts"
+        process.send_signal(signal.SIGHUP)  # while it imports and checks the CA
+        wait_for(lambda: process.poll() is not None or banner(), "the banner", seconds=30)
+        process.send_signal(signal.SIGHUP)  # while the server (the supervisor) starts
+        wait_for(lambda: process.poll() is not None or ready(), "ready", seconds=30)
+        assert process.poll() is None, log.read_text()
+        process.send_signal(signal.SIGHUP)  # once it serves, as before: it goes on serving
+        time.sleep(0.5)
+        wait_for(lambda: process.poll() is not None or ready(), "ready again", seconds=30)
+        assert process.poll() is None, log.read_text()
+        process.terminate()
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        terminate(process)

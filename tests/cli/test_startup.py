@@ -162,3 +162,24 @@ def test_the_serving_supervisor_s_modules_stay_light() -> None:
     done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == []
+
+
+def test_serve_is_recognised_before_click_parses_the_command_line() -> None:
+    """``cli.launch`` ignores SIGHUP for ``serve`` before Click is imported, so it reads the
+    command itself: its list of the root options that take a value must be Click's."""
+    import typer.main
+
+    from cli.launch import ROOT_OPTIONS_WITH_VALUES, command_of
+    from cli.main import app
+
+    root = typer.main.get_command(app)
+    valued = {
+        name
+        for param in root.params
+        if param.param_type_name == "option" and getattr(param, "is_flag", True) is False
+        for name in param.opts
+    }
+    assert valued == set(ROOT_OPTIONS_WITH_VALUES)
+    assert command_of(["--data-dir", "serve", "certs", "list"]) == "certs"
+    assert command_of(["--database-url=sqlite://", "serve", "--workers", "2"]) == "serve"
+    assert command_of(["--help"]) is None
