@@ -95,6 +95,8 @@ def renew_server_certificate(ctx: Context) -> str:
     """Keep the serving certificate fresh (files on disk; the listener reloads them). The result
     is read over HTTP (``GET /v1/jobs``): where the files are goes to the log only."""
     tls = ensure_server_certificate(ctx)
+    if tls.rechained:
+        return "wrote the issuer's current chain after the serving certificate"
     if tls.issued is None:
         return "serving certificate current"
     log.info("renewed the serving certificate in %s (serial %s)", tls.cert_path, tls.issued)

@@ -4,7 +4,9 @@ Clients pin the trust bundle, so no web PKI is involved: ``spiffe://<td>/trellis
 ``localhost``, ``127.0.0.1`` and any configured names, renewed at start-up when a third of its
 life is left, when the active issuer changed, when it was revoked (a revoked serving
 certificate's key is suspect: the new one has a new key), or when its key file is missing,
-unreadable or not its key (with a warning naming the file).
+unreadable or not its key (with a warning naming the file). A good certificate whose chain is
+no longer its issuer's (a root rotation adds a cross certificate at publish and the switch, and
+takes it away at retire) gets the current chain written after it, leaf and key kept.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
 
-from ca.authority import active_issuer
+from ca.authority import Issuer, active_issuer
 from ca.bundle import write_bundle_file
 from ca.certs import withdrawn_unless_delivered
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import InvalidInput, Unavailable
-from ca.files import check_writable, replacing_together
+from ca.files import check_writable, replacing_together, write_atomic
 from ca.grants import server_grant
 from ca.issue import issue_for_key
 from ca.keys import KeyType
-from ca.pem import private_key_pem
+from ca.pem import certs_pem, private_key_pem
 from ca.serial import Serial
 from ca.store.models import CertificateRow
 
@@ -47,6 +49,7 @@ class ServerTls:
     key_path: Path
     bundle_path: Path
     issued: Serial | None = None  # the certificate this call put in place; None: it was good
+    rechained: bool = False  # the good certificate got its issuer's current chain written
 
 
 def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -60,13 +63,24 @@ def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(dns)), list(dict.fromkeys(ips))
 
 
-def _still_good(
-    tls: ServerTls, ctx: Context, issuer_cert: x509.Certificate, names: set[str]
-) -> bool:
+def _served(tls: ServerTls) -> list[x509.Certificate]:
+    """The certificates in ``tls.crt``, leaf first; none where it is missing or unreadable."""
     try:
-        cert = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
+        return x509.load_pem_x509_certificates(tls.cert_path.read_bytes())
+    except (OSError, ValueError):
+        return []
+
+
+def _still_good(
+    tls: ServerTls,
+    ctx: Context,
+    served: Sequence[x509.Certificate],
+    issuer_cert: x509.Certificate,
+    names: set[str],
+) -> bool:
+    if not served:
         return False
+    cert = served[0]
     now = ctx.clock.now()
     life = cert.not_valid_after_utc - cert.not_valid_before_utc
     if cert.not_valid_after_utc - now < life / 3 or cert.issuer != issuer_cert.subject:
@@ -114,13 +128,37 @@ def _revoked(ctx: Context, cert: x509.Certificate) -> bool:
     return row is not None and row.status == "revoked"
 
 
+def _checked_writable(path: Path) -> None:
+    try:
+        check_writable(path, directory=False)
+    except InvalidInput as exc:  # Trellis's own data directory: the server's fault
+        raise Unavailable(f"cannot write the serving certificate: {exc.detail}") from None
+
+
+def _rechain(tls: ServerTls, served: Sequence[x509.Certificate], issuer: Issuer) -> bool:
+    """Write the issuer's current chain after a good leaf, if the file holds another one;
+    whether it did. The chain was written once, with the leaf, and the leaf is renewed only at
+    a third of its life left (days): after a root rotation's retire the listener went on
+    presenting "B signed by A", the cross certificate the retire had just revoked
+    (docs/rotation.md: retiring "ends every trust path through it"), and after the publish it
+    lacked "A signed by B", which a client trusting only the new root needs. The key is not
+    touched, so the certificate file alone is replaced, in one rename."""
+    if tuple(served[1:]) == issuer.chain:
+        return False
+    _checked_writable(tls.cert_path)
+    write_atomic(tls.cert_path, certs_pem(served[:1]) + issuer.chain_pem)
+    log.info("wrote the issuer's current chain after the serving certificate %s", tls.cert_path)
+    return True
+
+
 def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> ServerTls:
     """The serving certificate and key in the data directory, issued anew (``_still_good``)
     only where both files can be written: its key is kept nowhere else. The two replace the
     old ones together or not at all (``replacing_together``), key first, as the listener
     reloads on the certificate's change (``cli.tlsreload``); a certificate they do not reach,
     whatever stops them, is withdrawn (revoked ``superseded``, actor ``serving:withdrawn``)
-    and the previous pair stays in place."""
+    and the previous pair stays in place. A good certificate is followed by the issuer's
+    current chain (``_rechain``), which the listener reloads the same way."""
     directory = ctx.settings.server_tls_dir
     issuer = active_issuer(ctx)
     wanted = ["localhost", "127.0.0.1", *ctx.settings.server_names, *extra_names]
@@ -128,12 +166,10 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
         wanted.append(ctx.settings.host)
     dns, ips = _split_names(wanted)
     tls = ServerTls(directory / "tls.crt", directory / "tls.key", write_bundle_file(ctx))
-    if not _still_good(tls, ctx, issuer.certificate, set(dns) | set(ips)):
+    served = _served(tls)
+    if not _still_good(tls, ctx, served, issuer.certificate, set(dns) | set(ips)):
         for path in (tls.key_path, tls.cert_path):
-            try:
-                check_writable(path, directory=False)
-            except InvalidInput as exc:  # Trellis's own data directory: the server's fault
-                raise Unavailable(f"cannot write the serving certificate: {exc.detail}") from None
+            _checked_writable(path)
         key = KeyType.EC_P256.generate()
         # Asked for no longer than the issuer lives: it would be cut there anyway, and issuance
         # warns about a cut lifetime (meant for a workload's, not this expected one).
@@ -147,4 +183,4 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
         with withdrawn_unless_delivered(ctx, svid.serial, WITHDRAWN_BY), replacing_together(files):
             pass
         return replace(tls, issued=svid.serial)
-    return tls
+    return replace(tls, rechained=_rechain(tls, served, issuer))

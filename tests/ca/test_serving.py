@@ -4,7 +4,10 @@ written, and the key and certificate replaced together or not at all."""
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,14 +16,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, col, select
 
+from ca.authority import active_issuer
 from ca.config import Context
+from ca.durations import Ttl
 from ca.errors import Unavailable
+from ca.jobs import renew_server_certificate
 from ca.pem import private_key_pem
-from ca.serving import WITHDRAWN_BY, ensure_server_certificate
+from ca.root_rotation import rotate_root
+from ca.serving import WITHDRAWN_BY, ServerTls, ensure_server_certificate
 from ca.store.models import CertificateRow
 from cli.launch import Interrupted
 from tests.ca.svidkit import SQLITE_ONLY
 from tests.conftest import interrupt_a_rename
+from tests.rotation.rotkit import needs_openssl
 
 
 def _serving_certificates(ctx: Context) -> list[CertificateRow]:
@@ -102,3 +110,67 @@ def test_a_good_certificate_beside_a_bad_key_is_issued_anew(
     ]
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(again.cert_path, again.key_path)  # the pair loads
+
+
+def _presented(tls: ServerTls) -> list[x509.Certificate]:
+    """What a client is sent: the pair served by Python's ssl (as uvicorn serves it), read
+    with ``openssl s_client -showcerts``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert_path, tls.key_path)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+
+        def serve_one() -> None:
+            connection, _ = listener.accept()
+            try:
+                with context.wrap_socket(connection, server_side=True) as tls_connection:
+                    tls_connection.recv(1)  # until the client closes
+            except (OSError, ssl.SSLError):
+                pass
+
+        server = threading.Thread(target=serve_one, daemon=True)
+        server.start()
+        port = listener.getsockname()[1]
+        shown = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts"],
+            input=b"",
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        server.join(30)
+    return x509.load_pem_x509_certificates(shown.stdout)
+
+
+@needs_openssl
+@SQLITE_ONLY
+def test_the_served_chain_follows_a_root_rotation_to_its_retirement(ctx: Context) -> None:
+    """The chain was written once, with the leaf, which is renewed at a third of its life left
+    (days): after the retire the server went on sending "B signed by A", the cross certificate
+    the retire had just revoked, and after the publish it lacked "A signed by B". Now each
+    run writes the issuer's current chain after a good leaf, leaf and key untouched."""
+    tls = ensure_server_certificate(ctx)
+    assert len(_presented(tls)) == 2  # leaf, intermediate under A
+
+    rotate_root(ctx, overlap=Ttl.parse("1h"))  # publish: the chain gains "A signed by B"
+    leaf, key = _presented(tls)[0], tls.key_path.read_bytes()
+    result = renew_server_certificate(ctx)
+    assert _presented(tls) == [leaf, *active_issuer(ctx).chain]
+    assert len(active_issuer(ctx).chain) == 2
+    assert result == "wrote the issuer's current chain after the serving certificate"
+    assert tls.key_path.read_bytes() == key
+
+    rotate_root(ctx, step=True, force=True)  # switch: a new issuer, so a new certificate
+    switched = ensure_server_certificate(ctx)
+    assert switched.issued is not None
+    leaf, key = _presented(tls)[0], tls.key_path.read_bytes()
+    b_signed_by_a = active_issuer(ctx).chain[1]
+    assert _presented(tls) == [leaf, *active_issuer(ctx).chain]
+
+    rotate_root(ctx, step=True, force=True)  # retire: "B signed by A" is revoked
+    again = ensure_server_certificate(ctx)
+    assert _presented(tls) == [leaf, active_issuer(ctx).certificate]
+    assert b_signed_by_a not in _presented(tls)
+    assert (again.issued, again.rechained) == (None, True)
+    assert tls.key_path.read_bytes() == key
+    assert renew_server_certificate(ctx) == "serving certificate current"
