@@ -44,6 +44,9 @@ NGINX_FILES = ("crl.pem", "client-ca.pem")
 KONG_FILES = ("README.txt",)
 KONG_PATTERNS = ("root-*.pem", "intermediate-*.pem")  # and stale ones of these are deleted
 SERVER_FILES = ("server.crt", "server.key")
+# What the job keeps current in a recorded server directory: its certificate, and the chain in
+# ca.pem that a root rotation changes (``ca.openvpn.renew_server_certificates``).
+SERVER_DIR_KEPT = (*SERVER_FILES, "ca.pem")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +119,7 @@ def truststore_footprint(format: str, path: Path) -> Footprint:
 def _openvpn_footprint(row: OpenVpnRow) -> Footprint:
     files = [Path(row.crl_path)] if row.crl_path else []
     if row.server_dir:
-        files += [Path(row.server_dir) / name for name in SERVER_FILES]
+        files += [Path(row.server_dir) / name for name in SERVER_DIR_KEPT]
     return Footprint.of(files)
 
 

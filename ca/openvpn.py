@@ -35,6 +35,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from sqlmodel import Session, col, select
 
@@ -43,7 +44,7 @@ from ca.authority import AuthorityParams, Issuer, active_issuer, init_authority,
 from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
-from ca.errors import Conflict, InvalidInput, NotFound, Unavailable
+from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, Unavailable
 from ca.files import (
     OwnData,
     check_writable,
@@ -53,7 +54,7 @@ from ca.files import (
 )
 from ca.keepers import SERVER_FILES, Footprint, check_free, openvpn_keeper
 from ca.keys import KeyType
-from ca.pem import private_key_pem
+from ca.pem import certs_pem, private_key_pem
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, CrlRow
@@ -658,24 +659,34 @@ RENEW_SERVER_AFTER = 2 / 3
 
 def renew_server_certificates(ctx: Context) -> list[str]:
     """The scheduled job: re-issue the certificate in each recorded server directory past 2/3
-    of its life, with its own CN, into that directory. It is judged by the ``server.crt`` found
-    there, not by the authority's newest server certificate: a second server's certificate
-    (``server-cert --out elsewhere``) says nothing about this one. A directory without a
-    readable ``server.crt`` gets a fresh one for the deployment's CN; one holding a certificate
-    this authority did not issue is left alone (logged). OpenVPN reads its certificate at
-    start-up, so the server must then be restarted (the CRL, by contrast, is re-read per
-    handshake)."""
+    of its life, or once issuing has moved to another root (a root rotation's switch), with its
+    own CN, into that directory. It is judged by the ``server.crt`` found there, not by the
+    authority's newest server certificate: a second server's certificate (``server-cert --out
+    elsewhere``) says nothing about this one. A directory without a readable ``server.crt`` gets
+    a fresh one for the deployment's CN; one holding a certificate this authority did not issue
+    is left alone (logged). The others then get their ``ca.pem`` and chain brought up to date
+    (``_current_chains``). OpenVPN reads these files at start-up, so the server must then be
+    restarted (the CRL, by contrast, is re-read per handshake)."""
     now = ctx.clock.now()
     due: list[tuple[OpenVpnRow, VpnName | None]] = []
+    ours: list[OpenVpnRow] = []
+    failing: dict[str, str] = {}  # authority: what stops its renewal
     with Session(ctx.engine) as session:
         rows = session.exec(select(OpenVpnRow).where(col(OpenVpnRow.server_dir).is_not(None))).all()
-        for row in rows:
-            assert row.server_dir is not None
-            renewal = _renewal(session, row.authority, Path(row.server_dir), now)
-            if renewal is not None:
+    for row in rows:
+        assert row.server_dir is not None
+        try:
+            issuer = active_issuer(ctx, row.authority)
+        except (NotInitialised, Unavailable) as exc:  # one authority's: the others go on
+            failing[row.authority] = exc.detail
+            continue
+        with Session(ctx.engine) as session:
+            renewal = _renewal(session, row.authority, Path(row.server_dir), now, issuer)
+        if renewal is not None:
+            ours.append(row)
+            if renewal.due:
                 due.append((row, renewal.cn))
     renewed = []
-    failing = []
     for row, cn in due:
         assert row.server_dir is not None
         directory = Path(row.server_dir)
@@ -684,7 +695,7 @@ def renew_server_certificates(ctx: Context) -> list[str]:
             # certificate, withdrawn at once, on every run of the job.
             check_out_dir(ctx, row.authority, directory, SERVER_FILES)
         except InvalidInput as exc:
-            failing.append(f"{row.authority}: {exc.detail}")
+            failing[row.authority] = exc.detail
             continue
         credentials = issue_server_cert(
             ctx,
@@ -703,21 +714,79 @@ def renew_server_certificates(ctx: Context) -> list[str]:
             credentials.serial,
         )
         renewed.append(f"{row.authority}: {credentials.serial.hex[:12]}")
+    for row in ours:
+        assert row.server_dir is not None
+        if row.authority in failing:
+            continue
+        try:
+            rewritten = _current_chains(ctx, row.authority, Path(row.server_dir))
+        except InvalidInput as exc:
+            failing[row.authority] = exc.detail
+            continue
+        if rewritten:
+            renewed.append(f"{row.authority}: {' and '.join(rewritten)}")
     if failing:
         # The server's files, not the caller's input: the job fails (``/readyz``) until fixed.
-        raise Unavailable("cannot renew the OpenVPN server certificate: " + "; ".join(failing))
+        raise Unavailable(
+            "cannot renew the OpenVPN server certificate: "
+            + "; ".join(f"{name}: {detail}" for name, detail in failing.items())
+        )
     return renewed
+
+
+def _current_chains(ctx: Context, authority: str, directory: Path) -> list[str]:
+    """Bring what ``server-config`` wrote once up to date with the active issuer: ``ca.pem``
+    (its chain, then the bundle) and the chain after a ``server.crt`` it issued; what was
+    rewritten. A root rotation changes both while the certificate stays good: left alone,
+    after the retire ``ca.pem`` still trusted only the retired root, so the server refused every
+    client issued since, and ``server.crt`` went on sending "B signed by A", the cross
+    certificate the retire revoked (docs/rotation.md: retiring "ends every trust path through
+    it"). The key is not touched: each file is replaced alone, in one rename."""
+    issuer = active_issuer(ctx, authority)
+    wanted = {"ca.pem": issuer.chain_pem + issuer.bundle_pem}
+    try:
+        served = x509.load_pem_x509_certificates((directory / "server.crt").read_bytes())
+    except (OSError, ValueError):
+        served = []
+    if served and served[0].issuer == issuer.certificate.subject:
+        with contextlib.suppress(ValueError, TypeError, InvalidSignature):
+            served[0].verify_directly_issued_by(issuer.certificate)
+            wanted["server.crt"] = certs_pem(served[:1]) + issuer.chain_pem
+    stale: dict[str, bytes] = {}
+    for name, data in wanted.items():
+        try:
+            if (directory / name).read_bytes() == data:
+                continue
+        except OSError:
+            pass
+        stale[name] = data
+    if not stale:
+        return []
+    check_out_dir(ctx, authority, directory, stale)
+    for name, data in stale.items():
+        write_atomic(directory / name, data)
+    log.warning(
+        "wrote the current chain of OpenVPN authority %r into %s in %s: restart openvpn to load it",
+        authority,
+        " and ".join(stale),
+        directory,
+    )
+    return [f"{name} chain" for name in stale]
 
 
 @dataclass(frozen=True, slots=True)
 class _Renewal:
     cn: VpnName | None  # the installed certificate's CN; None: the deployment's
+    due: bool = True
 
 
 def _renewal(
-    session: Session, authority: str, directory: Path, now: dt.datetime
+    session: Session, authority: str, directory: Path, now: dt.datetime, issuer: Issuer
 ) -> _Renewal | None:
-    """Whether the server certificate in ``directory`` is due, judged by its own record."""
+    """Whether the server certificate in ``directory`` is due, judged by its own record; None
+    for a certificate this authority did not issue. One issued under another root than the
+    active issuer's is due (a root rotation's switch): once the old root is retired nothing
+    chains it to the root that profiles issued since trust."""
     try:
         leaf = x509.load_pem_x509_certificates((directory / "server.crt").read_bytes())[0]
     except (OSError, ValueError, IndexError):
@@ -731,9 +800,16 @@ def _renewal(
         )
         return None
     renew_at = row.not_before + (row.not_after - row.not_before) * RENEW_SERVER_AFTER
-    if row.status != "active" or now >= renew_at:
-        return _Renewal(VpnName(row.spiffe_id.removeprefix("CN=")))
-    return None
+    cn = VpnName(row.spiffe_id.removeprefix("CN="))
+    return _Renewal(
+        cn, due=row.status != "active" or now >= renew_at or _moved(session, row, issuer)
+    )
+
+
+def _moved(session: Session, row: CertificateRow, issuer: Issuer) -> bool:
+    """Whether ``row`` was issued under another root than the one ``issuer`` is under."""
+    signed_by, active = session.get(CaRow, row.issuer_ca_id), session.get(CaRow, issuer.ca_id)
+    return signed_by is None or active is None or signed_by.parent_id != active.parent_id
 
 
 def write_files(files: dict[str, bytes], directory: Path) -> list[Path]:

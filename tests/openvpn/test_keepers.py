@@ -15,7 +15,7 @@ from api.app import create_app
 from ca import gateway
 from ca.config import Context
 from ca.errors import InvalidInput, Unavailable
-from ca.openvpn import get_config, write_crl_file
+from ca.openvpn import ServerRequest, get_config, server_config, write_crl_file, write_files
 from ca.store.models_openvpn import OpenVpnRow
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
@@ -85,6 +85,21 @@ def test_an_nginx_truststore_and_a_crl_file_exclude_each_other(
         gateway.write_truststore(vpn, gateway.TruststoreFormat.PEM, store / "client-ca.pem")
     # the same truststore written again is its own keeper
     gateway.write_truststore(vpn, gateway.TruststoreFormat.NGINX, store)
+
+
+def test_a_truststore_cannot_take_the_ca_pem_the_server_job_keeps(
+    vpn: Context, tmp_path: Path
+) -> None:
+    """The ``openvpn-server-certificate`` job rewrites ``ca.pem`` in the recorded server
+    directory when a root rotation changes the chain: a truststore written there would be
+    overwritten by it, and the other way round."""
+    out = tmp_path / "server"
+    write_files(server_config(vpn, ServerRequest(), out_dir=out), out)
+    gateway.init_gateway(vpn, gateway.GatewayParams())
+    before = (out / "ca.pem").read_bytes()
+    with pytest.raises(InvalidInput, match="kept current by OpenVPN authority 'vpn'"):
+        gateway.write_truststore(vpn, gateway.TruststoreFormat.PEM, out / "ca.pem")
+    assert (out / "ca.pem").read_bytes() == before
 
 
 def test_a_conflict_recorded_before_the_check_is_not_written(

@@ -10,25 +10,32 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, select
 
+from ca.authority import active_issuer
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import Unavailable
 from ca.jobs import job_named
 from ca.openvpn import (
+    OPENVPN,
     SERVER_PROFILE,
     WITHDRAWN_BY,
+    ClientRequest,
     ServerRequest,
     VpnName,
+    add_client,
     get_config,
     issue_server_cert,
     renew_server_certificates,
     server_config,
     write_files,
 )
+from ca.root_rotation import rotate_root
 from ca.store.models import CertificateRow
 from cli.launch import Interrupted
 from tests.conftest import interrupt_a_rename
+from tests.openvpn.vpnkit import parse_profile
+from tests.rotation.rotkit import needs_openssl, openssl_verify
 from tests.selfsigned import self_signed
 
 
@@ -152,3 +159,48 @@ def test_a_renewal_stopped_between_its_files_withdraws_the_certificate(
     assert first.status == "active"
     assert (withdrawn.status, withdrawn.revoked_by) == ("revoked", WITHDRAWN_BY)
     assert len(renew_server_certificates(vpn)) == 1  # the next run renews it
+
+
+def _chain(path: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(path.read_bytes())
+
+
+@needs_openssl
+def test_the_server_directory_follows_a_root_rotation_to_its_retirement(
+    vpn: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """``ca.pem`` and the chain in ``server.crt`` were written once, by ``server-config``:
+    after the retire the server trusted only the retired root, so it refused every client
+    issued since, and sent the "B signed by A" the retire had revoked. Now the job re-issues
+    the certificate at the switch and writes the current chains after each step."""
+    out = tmp_path / "server"
+    write_files(server_config(vpn, ServerRequest(ttl=Ttl.parse("30d")), out_dir=out), out)
+    rotate_root(vpn, OPENVPN, overlap=Ttl.parse("1h"))  # publish: B and "A signed by B"
+    key = (out / "server.key").read_bytes()
+    assert renew_server_certificates(vpn) == ["vpn: ca.pem chain and server.crt chain"]
+    issuer = active_issuer(vpn, OPENVPN)
+    assert _chain(out / "ca.pem") == [*issuer.chain, *issuer.roots]
+    assert _chain(out / "server.crt")[1:] == list(issuer.chain)
+    assert (out / "server.key").read_bytes() == key
+
+    rotate_root(vpn, OPENVPN, step=True, force=True)  # switch: issuing under B
+    before = _serial(out)
+    renewed = renew_server_certificates(vpn)
+    assert _serial(out) != before and renewed[0] == f"vpn: {format(_serial(out), 'x')[:12]}"
+    b_signed_by_a = active_issuer(vpn, OPENVPN).chain[1]
+
+    rotate_root(vpn, OPENVPN, step=True, force=True)  # retire: "B signed by A" is revoked
+    leaf, key = _chain(out / "server.crt")[0], (out / "server.key").read_bytes()
+    renew_server_certificates(vpn)
+    issuer = active_issuer(vpn, OPENVPN)
+    profile = parse_profile(add_client(vpn, ClientRequest(VpnName("alice"))).ovpn)
+    client, *client_chain = profile.certificates("cert")
+    accepted = openssl_verify((out / "ca.pem").read_bytes(), client, client_chain, clock.now())
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr  # the server takes alice
+    assert _chain(out / "server.crt") == [leaf, issuer.certificate]
+    assert b_signed_by_a not in _chain(out / "server.crt") + _chain(out / "ca.pem")
+    trusted = profile.blocks["ca"].encode()  # and alice takes the server
+    accepted = openssl_verify(trusted, leaf, [issuer.certificate], clock.now(), "sslserver")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert (out / "server.key").read_bytes() == key
+    assert renew_server_certificates(vpn) == []
