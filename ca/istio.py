@@ -51,7 +51,15 @@ from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
 from ca.keys import KeyType, PrivateKey
 from ca.kubectl import KubeTarget, apply, check_target, dns_label
 from ca.pem import certs_pem, private_key_pem
-from ca.profiles import BACKDATE, UB_NAME, CaSpec, ca_builder, fitted_name, sign
+from ca.profiles import (
+    BACKDATE,
+    UB_NAME,
+    CaSpec,
+    RevocationUrls,
+    ca_builder,
+    fitted_name,
+    sign,
+)
 from ca.records import record_issued
 from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, IstioClusterRow
@@ -290,6 +298,14 @@ def issue_istio_intermediate(
         path_length=0,
         issuer=root_cert,
         digital_signature=True,
+        # docs/revocation.md: intermediates point at the root's CRL, as ``ca.authority``'s
+        # do; istiod's were the one kind that did not, so a relying party that follows CDP
+        # or OCSP found nothing to ask about a revoked cluster intermediate.
+        urls=(
+            RevocationUrls.under(ctx.settings.public_url, params.authority, root_cert.serial_number)
+            if ctx.settings.public_url
+            else None
+        ),
     )
     cert = sign(ca_builder(spec), ca_signer(ctx, root))
     check_ca(cert, root_cert, td.id())

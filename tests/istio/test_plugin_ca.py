@@ -17,12 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlmodel import Session, select
 
-from ca.authority import active_issuer
-from ca.config import Context
+from ca.authority import AuthorityParams, active_issuer, init_authority
+from ca.clock import FixedClock
+from ca.config import Context, Settings, build_context
+from ca.istio import IstioParams, issue_istio_intermediate
 from ca.profiles import BACKDATE
 from ca.store.models import CertificateRow
+from tests.conftest import TRUST_DOMAIN
 from tests.istio.conftest import SQLITE_ONLY
-from tests.istio.istiokit import Cli, load_key, openssl_verify, public_key_pem
+from tests.istio.istiokit import Cli, load_key, openssl, openssl_verify, public_key_pem
 
 pytestmark = [
     SQLITE_ONLY,
@@ -237,3 +240,38 @@ def test_an_output_that_cannot_be_written_issues_nothing(
     assert _istio_certificates(ctx) == 0
     assert sorted(p.name for p in work.iterdir()) == ["adir", "afile"]
     assert list((work / "adir").iterdir()) == []
+
+
+def test_with_a_public_url_the_intermediate_points_at_the_roots_revocation_data(
+    settings: Settings, clock: FixedClock, tmp_path: Path
+) -> None:
+    """docs/revocation.md: "Intermediates point at the root's CRL the same way". The plug-in
+    intermediates were the one kind that did not: no CRL Distribution Points, no AIA, so a
+    relying party that follows them found nothing to ask about a revoked cluster."""
+    public = "https://ca.example.test:8443"
+    ctx = build_context(settings.model_copy(update={"public_url": public}), clock=clock)
+    try:
+        init_authority(ctx, AuthorityParams(TRUST_DOMAIN))
+        issued = issue_istio_intermediate(
+            ctx, IstioParams("east", output=tmp_path / "east", output_format="files")
+        )
+        root = active_issuer(ctx).roots[0]
+    finally:
+        ctx.close()
+    serial = format(root.serial_number, "x")
+    (cert_file := tmp_path / "ca-cert.pem").write_bytes(
+        issued.certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    shown = openssl(
+        "x509", "-in", str(cert_file), "-noout", "-ext", "crlDistributionPoints,authorityInfoAccess"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert [line.strip() for line in shown.stdout.splitlines() if line.strip()] == [
+        "X509v3 CRL Distribution Points:",
+        "Full Name:",
+        f"URI:{public}/v1/crl/mesh/{serial}.crl",
+        "Authority Information Access:",
+        f"OCSP - URI:{public}/v1/ocsp",
+        f"CA Issuers - URI:{public}/v1/ca/mesh/{serial}.crt",
+    ]
+    assert_is_istio_intermediate(issued.certificate, root)
