@@ -159,10 +159,15 @@ def emergency(
     ] = None,
 ) -> IntermediateRevokedOut:
     """The body is read like every revocation's (unknown fields refused): this cannot be
-    undone, so a request that says more than Trellis understands must change nothing."""
+    undone, so a request that says more than Trellis understands must change nothing. An
+    empty ``?reason=`` is a reason given, and judged as the body's ``""`` and the CLI's
+    ``--reason ""`` are (400); it once fell back to the default and revoked."""
     if body is not None and reason is not None:
         raise InvalidInput("give the reason in the body or in the query, not both")
-    why = body.reason if body is not None else reason or IntermediateRevokeRequest().reason
+    if body is not None:
+        why = body.reason
+    else:
+        why = reason if reason is not None else IntermediateRevokeRequest().reason
     result = revoke_intermediate(
         ctx,
         actor=str(principal),

@@ -174,6 +174,7 @@ REVOKE_REFUSALS = [
     ("too-long-serial", "f" * 41, {"reason": "keyCompromise"}, 400),
     ("bad-reason", "ISSUED", {"reason": "bored"}, 400),
     ("remove-from-crl", "ISSUED", {"reason": "removeFromCRL"}, 400),
+    ("certificate-hold", "ISSUED", {"reason": "certificateHold"}, 400),
     ("unknown-field", "ISSUED", {"reason": "keyCompromise", "by": "me"}, 400),
     ("reason-not-a-string", "ISSUED", {"reason": 7}, 400),
 ]
@@ -190,6 +191,10 @@ def test_revoke_refusals_change_nothing(rest: Rest) -> None:
         f"/v1/certificates/{issued}/revoke", json={"reason": "removeFromCRL"}, headers=rest.admin
     )  # an RFC 5280 code, only not one to revoke with: not "unknown"
     assert "removeFromCRL is not a reason to revoke" in assert_problem(removal, 400)["detail"]
+    hold = rest.client.post(
+        f"/v1/certificates/{issued}/revoke", json={"reason": "certificateHold"}, headers=rest.admin
+    )  # a reversible reason, and a Trellis revocation is not: said so, not "unknown"
+    assert "certificateHold is not a reason" in assert_problem(hold, 400)["detail"]
     for serial, status in (("abcdef0123456789", 404), ("not-a-serial", 400)):
         assert_problem(rest.client.get(f"/v1/certificates/{serial}", headers=rest.admin), status)
 

@@ -633,6 +633,29 @@ def test_the_emergency_switch_reads_its_body_and_refuses_what_it_does_not_know(
 
 
 @SQLITE_ONLY
+def test_the_emergency_switch_refuses_an_empty_reason_and_certificate_hold(
+    rest: Rest, ctx: Context
+) -> None:
+    """Regression: ``?reason=`` (empty) revoked the intermediate, for good, as cACompromise,
+    while the body's ``""`` and the CLI's ``--reason ""`` were refused; and certificateHold, the
+    one reason RFC 5280 §5.3.1 makes reversible, was accepted for a revocation nothing undoes.
+    Each is refused as the CLI refuses it (tests/cli/test_walkthrough.py), and nothing changes."""
+    path = "/v1/authorities/mesh/revoke-intermediate"
+    old = active_issuer(ctx).certificate
+    hold = "certificateHold is not a reason Trellis revokes for"
+    for request, said in (
+        ({"params": {"reason": ""}}, "unknown revocation reason ''"),
+        ({"json": {"reason": ""}}, "unknown revocation reason ''"),
+        ({"params": {"reason": "certificateHold"}}, hold),
+        ({"json": {"reason": "certificate-hold"}}, hold),
+    ):
+        response = rest.client.post(path, headers=rest.admin, **request)
+        assert said in assert_problem(response, 400)["detail"], request
+    assert active_issuer(ctx).certificate == old
+    assert audit.list_audit(ctx, event="ca.revoked") == []
+
+
+@SQLITE_ONLY
 def test_a_ca_serial_may_be_written_with_0x_and_colons(rest: Rest, ctx: Context) -> None:
     """Regression: ``0x<serial>`` was a 400, though serials are accepted "with or without
     colons or 0x" everywhere else."""

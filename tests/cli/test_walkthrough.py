@@ -224,6 +224,11 @@ def test_readme_walkthrough(trellis: Trellis, server: str, tmp_path: Path) -> No
     assert served.text.strip() == trellis.run("bundle", "show").stdout.strip()
 
 
+# The details REST answers for the same reasons (tests/api/test_rest_revocation.py).
+HOLD = "certificateHold is not a reason Trellis revokes for"
+EMPTY_REASON = "unknown revocation reason ''"
+
+
 def test_cli_errors_are_one_line_and_non_zero(trellis: Trellis) -> None:
     cases = [
         (("entry", "create", "--spiffe-id", "spiffe://example.org/a/"), 2, "trailing slash"),
@@ -233,6 +238,9 @@ def test_cli_errors_are_one_line_and_non_zero(trellis: Trellis) -> None:
         (("revoke", "abcdef", "--yes"), 5, "no certificate"),
         (("revoke", "abcdef", "--reason", "because", "--yes"), 2, "unknown revocation reason"),
         (("revoke", "abcdef", "--reason", "removeFromCRL", "--yes"), 2, "not a reason to revoke"),
+        (("revoke", "abcdef", "--reason", "certificateHold", "--yes"), 2, HOLD),
+        (("authority", "revoke-intermediate", "--reason", "certificateHold", "--yes"), 2, HOLD),
+        (("authority", "revoke-intermediate", "--reason", "", "--yes"), 2, EMPTY_REASON),
         (("init", "--trust-domain", "example.org"), 6, "already exists"),
         (("token", "create", "--entry", "nope"), 5, "does not exist"),
     ]
