@@ -70,7 +70,7 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
         version="0.1.0",
         summary="mTLS certificate authority and SPIFFE workload identity",
         description="Errors are RFC 9457 problem documents (application/problem+json).",
-        dependencies=[Depends(deps.no_nul_in_url)],
+        dependencies=[Depends(deps.well_formed_url)],
         docs_url=None,  # api.reference serves both, with pinned and hashed scripts
         redoc_url=None,
     )

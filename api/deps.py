@@ -8,6 +8,8 @@ from fastapi import Depends, Path, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from ca.config import Context
 from ca.errors import AuthenticationFailed, InvalidInput, NotFound
@@ -53,19 +55,39 @@ def bearer_credential(authorization: str | None) -> str:
     return credential
 
 
-async def no_nul_in_url(request: Request) -> None:
+async def well_formed_url(request: Request) -> None:
     """``api.schemas.RequestBody``'s rule for the URL, run before every routed operation:
     U+0000 (``%00``) in a path parameter names nothing, so 404 as for any unknown id, before
     it reaches a lookup PostgreSQL cannot run; in a query parameter the operation reads it is
-    malformed input, 400 (those it does not read reach nothing)."""
+    malformed input, 400 (those it does not read reach nothing).
+
+    A query parameter the operation reads may also be given only once: FastAPI keeps the last
+    value, so ``?force=false&force=true`` forced a rotation that a reader of the first value
+    (a proxy's log, a policy check) saw refused. Trellis declares no list-valued one."""
     if any("\x00" in str(value) for value in request.path_params.values()):
         raise NotFound("no such object: the path holds NUL (U+0000)")
     route = request.scope.get("route")
     if not request.scope["query_string"] or not isinstance(route, APIRoute):
         return
     for parameter in route.dependant.query_params:
-        if any("\x00" in value for value in request.query_params.getlist(parameter.alias)):
+        values = request.query_params.getlist(parameter.alias)
+        if any("\x00" in value for value in values):
             raise InvalidInput(f"query parameter {parameter.alias!r} holds NUL (U+0000)")
+        if len(values) > 1:
+            raise InvalidInput(
+                f"query parameter {parameter.alias!r} is given {len(values)} times: give it once"
+            )
+
+
+def _true_or_false(value: object) -> object:
+    if value == "true" or value == "false":
+        return value == "true"
+    raise PydanticCustomError("bool_parsing", "give true or false")
+
+
+# A boolean query parameter, spelt as OpenAPI and docs/api.md spell it: pydantic's bool also
+# took yes, on, 1 and TRUE, so ``?force=yes`` rotated while the body's {"force": "yes"} is 400.
+QueryBool = Annotated[bool, BeforeValidator(_true_or_false)]
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import AdminDep, AuthorityName, CtxDep
+from api.deps import AdminDep, AuthorityName, CtxDep, QueryBool
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import AuthorityStatusOut, JobOut, RotateRequest, TransitionOut
 from ca.errors import InvalidInput
@@ -33,11 +33,13 @@ def rotate_now(
     admin: AdminDep,
     body: RotateRequest | None = None,
     force: Annotated[
-        bool | None, Query(description="The same as the body's force, for callers without one")
+        QueryBool | None,
+        Query(description="true or false: the body's force, for callers without one"),
     ] = None,
 ) -> list[TransitionOut]:
     """The body is read as revoke-intermediate's is (unknown fields, or JSON that does not
-    parse, refused): ignored, {"force": true} was a silent no-op."""
+    parse, refused): ignored, {"force": true} was a silent no-op. The query is as strict as
+    the body's JSON boolean (``api.deps.QueryBool``)."""
     given = body is not None and "force" in body.model_fields_set
     if given and force is not None:
         raise InvalidInput("give force in the body or in the query, not both")

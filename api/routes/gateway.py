@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from api.deps import AdminDep, CtxDep
+from api.deps import AdminDep, CtxDep, QueryBool
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import RevokeRequest
 from api.schemas.gateway import (
@@ -116,7 +116,7 @@ def list_certificates(
     ctx: CtxDep,
     _admin: AdminDep,
     consumer: Annotated[str | None, Query(max_length=64)] = None,
-    live: Annotated[bool, Query(description="Only active, unexpired ones")] = False,
+    live: Annotated[QueryBool, Query(description="true: only active, unexpired ones")] = False,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
 ) -> list[GatewayCertOut]:

@@ -39,7 +39,7 @@ class RequestBody(BaseModel):
     not a wish to ignore), and so is U+0000 in any string, here once for every body rather
     than field by field. PostgreSQL's text cannot hold NUL (the write failed with a 500) while
     SQLite stored it; no Trellis value has a use for it, and the C programs that read values
-    back (openssl, nginx, OpenVPN) would stop at it. ``api.deps.no_nul_in_url`` is the same
+    back (openssl, nginx, OpenVPN) would stop at it. ``api.deps.well_formed_url`` is the same
     rule for paths and query strings."""
 
     model_config = ConfigDict(extra="forbid")

@@ -379,3 +379,29 @@ def test_rotate_reads_its_body_as_revoke_intermediate_does(rest: Rest, ctx: Cont
     for nothing_due in ({"json": {}}, {"json": {"force": False}}, {}):
         answer = rest.client.post(path, headers=rest.admin, **nothing_due)
         assert answer.status_code == 200 and answer.json() == [], answer.text
+
+
+def test_a_query_boolean_is_true_or_false_given_once(rest: Rest, ctx: Context) -> None:
+    """Regression: ``?force=`` took whatever pydantic's bool takes (yes, 1, TRUE, on), so each
+    forced a rotation while the body's {"force": "yes"} or {"force": 1} is 400; and of
+    ``?force=false&force=true`` the last won, forcing. docs/api.md promises ``?force=true``.
+    Every query parameter an operation reads is given once at most (the emergency switch's
+    ``reason`` too), so what a proxy logged is what was done."""
+    path = "/v1/authorities/mesh/rotate"
+    for query in ("force=yes", "force=1", "force=TRUE", "force=True", "force=on", "force="):
+        problem = assert_problem(rest.client.post(f"{path}?{query}", headers=rest.admin), 400)
+        assert problem["detail"] == "query.force: give true or false", (query, problem)
+    for query in ("force=false&force=true", "force=true&force=true"):
+        problem = assert_problem(rest.client.post(f"{path}?{query}", headers=rest.admin), 400)
+        assert problem["detail"] == "query parameter 'force' is given 2 times: give it once"
+    twice = "/v1/authorities/mesh/revoke-intermediate?reason=superseded&reason=keyCompromise"
+    assert (
+        "given 2 times"
+        in assert_problem(rest.client.post(twice, headers=rest.admin), 400)["detail"]
+    )
+    assert [row.state for row in ca_rows(ctx)] == ["active"], "a refused request changed the CA"
+
+    nothing = rest.client.post(f"{path}?force=false", headers=rest.admin)
+    assert nothing.status_code == 200 and nothing.json() == [], nothing.text
+    prepared = rest.client.post(f"{path}?force=true", headers=rest.admin)
+    assert [t["event"] for t in prepared.json()] == ["prepared"], prepared.text

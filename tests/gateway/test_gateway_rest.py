@@ -345,6 +345,10 @@ def test_listing_refuses_bad_paging(api_gw: Api) -> None:
         ("limit=two", "limit"),
         ("after=not-hex", "invalid serial"),
         (f"after={Serial.generate().hex}", "not there to page after"),
+        ("live=yes", "query.live: give true or false"),  # pydantic's bool took it
+        ("live=1", "query.live: give true or false"),
+        ("live=false&live=true", "'live' is given 2 times"),  # the last one won
+        ("limit=1&limit=1000", "'limit' is given 2 times"),
     ]:
         problem = assert_problem(api_gw.get(f"/certificates?{query}"), 400)
         assert detail in problem["detail"], (query, problem)
