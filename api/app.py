@@ -73,6 +73,10 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
         dependencies=[Depends(deps.well_formed_url)],
         docs_url=None,  # api.reference serves both, with pinned and hashed scripts
         redoc_url=None,
+        # No path is served with a trailing slash, so one is an unknown path (404 problem).
+        # Starlette's redirect answered it before authentication, with a Location built from
+        # the Host header: ``Host: evil.example`` sent the client to https://evil.example/...
+        redirect_slashes=False,
     )
     reference.install(app)
     app.state.ctx = ctx

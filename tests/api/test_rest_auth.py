@@ -155,3 +155,27 @@ def test_unknown_routes_and_methods_are_problems(rest: Rest) -> None:
     assert_problem(response, 405)
     # RFC 9110 §15.5.6: a 405 names the methods the resource does allow.
     assert {m.strip() for m in response.headers["allow"].split(",")} >= {"GET", "POST"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/entries/"),
+        ("POST", "/v1/tokens/"),
+        ("GET", "/v1/bundle/"),
+        ("POST", "/v1/svid/"),  # beside the plain route, answered before FastAPI's stack
+        ("POST", "/v1/svid/renew/"),
+    ],
+)
+def test_a_trailing_slash_is_an_unknown_path_not_a_redirect(
+    rest: Rest, method: str, path: str
+) -> None:
+    """Regression: Starlette answered a trailing slash, before any credential was read, with a
+    307 whose Location it built from the Host header (``Host: evil.example`` →
+    ``https://evil.example/v1/entries``). No Trellis path ends in one: 404, as any unknown path."""
+    response = rest.client.request(
+        method, path, headers={"Host": "evil.example"}, follow_redirects=False
+    )
+    problem = assert_problem(response, 404)
+    assert problem["code"] == "not-found"
+    assert "location" not in response.headers
