@@ -98,7 +98,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     said = first.get("msg", "invalid request")
     if first.get("type") == "string_pattern_mismatch":  # pydantic's message is its regex
         said = f"{str(first.get('input'))[:64]!r} is not a valid value"
-    detail = f"{where}: {said}" if where else "invalid request body"
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        detail = "a request body is required: a JSON object"  # was only "invalid request body"
+    else:
+        detail = f"{where}: {said}" if where else "invalid request body"
     return problem_response(400, "invalid-request", "Invalid request", detail, request)
 
 

@@ -146,15 +146,19 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> GatewayCertO
     response_model=GatewayRevokedOut,
     responses=responses(404, 409),
 )
-def revoke(serial: str, body: RevokeRequest, ctx: CtxDep, admin: AdminDep) -> GatewayRevokedOut:
+def revoke(
+    serial: str, ctx: CtxDep, admin: AdminDep, body: RevokeRequest | None = None
+) -> GatewayRevokedOut:
     """The gateway CRL is re-signed in the revoking transaction; recorded nginx truststores on
-    the server's node are rewritten (reload nginx after)."""
+    the server's node are rewritten (reload nginx after). No body is ``{}``, as for
+    ``/v1/certificates/{serial}/revoke``: every field is optional."""
+    given = body or RevokeRequest()
     cert, written = gateway.revoke_gateway_certificate(
         ctx,
         Serial.parse(serial),
-        RevocationReason.parse(body.reason),
+        RevocationReason.parse(given.reason),
         str(admin),
-        body.invalidity_date,
+        given.invalidity_date,
     )
     return GatewayRevokedOut.revoked(cert, written)
 

@@ -210,16 +210,17 @@ def renew_client(
 )
 def revoke_client(
     name: str,
-    body: ClientRevoke,
     ctx: CtxDep,
     principal: AdminDep,
+    body: ClientRevoke | None = None,
     authority: AuthorityQuery = openvpn.OPENVPN,
 ) -> ClientRevokedOut:
+    """No body is ``{}`` (docs/openvpn.md: ``{reason?}``), as for the other revocations."""
     revoked = openvpn.revoke_client(
         ctx,
         openvpn.VpnName(name),
         authority=authority,
-        reason=RevocationReason.parse(body.reason),
+        reason=RevocationReason.parse((body or ClientRevoke()).reason),
         actor=str(principal),
     )
     return ClientRevokedOut.of(revoked)

@@ -166,6 +166,24 @@ def test_revoke_once_then_conflict(rest: Rest) -> None:
     assert default.json()["revocation_reason"] == "unspecified"
 
 
+def test_revoke_takes_no_body_as_an_empty_one(rest: Rest) -> None:
+    """Regression: no body was 400 "invalid request body", though docs/api.md documents
+    ``{"reason"?, "invalidity_date"?}`` and the emergency switch and rotate take none."""
+    (serial,) = _issue(rest, "spiffe://example.org/bodiless")
+    revoked = rest.client.post(f"/v1/certificates/{serial}/revoke", headers=rest.admin)
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["status"] == "revoked"
+    assert revoked.json()["revocation_reason"] == "unspecified"
+
+
+def test_a_missing_body_where_one_is_required_is_named(rest: Rest) -> None:
+    """Regression: the detail was "invalid request body", as for a body of the wrong shape."""
+    for path in ("/v1/entries", "/v1/tokens", "/v1/revocations"):
+        problem = assert_problem(rest.client.post(path, headers=rest.admin), 400)
+        assert problem["detail"] == "a request body is required: a JSON object", (path, problem)
+    assert not rest.client.get("/v1/entries", headers=rest.admin).json()
+
+
 REVOKE_REFUSALS = [
     # (case, serial or ISSUED, body, status)
     ("unknown-serial", "abcdef0123456789", {"reason": "keyCompromise"}, 404),
