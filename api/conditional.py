@@ -51,7 +51,10 @@ def cacheable(
     names it: without the body, but with the ``ETag`` and ``Cache-Control`` the 200 would have
     carried (RFC 9110 §15.4.5), so a cache refreshes what it holds."""
     headers = {"ETag": etag, "Cache-Control": cache_control}
-    if none_match(request.headers.get("if-none-match"), etag):
+    # RFC 9110 §5.3: a list field sent on several lines is one list, the lines joined by
+    # commas; ``headers.get`` read the first line only, and a tag on the second got a 200.
+    fields = request.headers.getlist("if-none-match")
+    if none_match(", ".join(fields) if fields else None, etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=media_type, headers=headers)
 

@@ -38,18 +38,33 @@ async def get_context(request: Request) -> Context:
 _MISSING_BEARER = "an 'Authorization: Bearer ...' credential is required"
 
 
+def one_authorization(request: Request) -> str | None:
+    """The request's one ``Authorization`` field. RFC 9110 §11.6.2 allows one credential, and
+    Starlette's ``headers.get`` read only the first of two: a good token first and anything
+    second was served, while a proxy or a log reading the last saw the other. Two are 400,
+    whatever they hold."""
+    fields = request.headers.getlist("authorization")
+    if len(fields) > 1:
+        raise InvalidInput(
+            f"{len(fields)} Authorization header fields: send one (RFC 9110 §11.6.2)"
+        )
+    return fields[0] if fields else None
+
+
 async def bearer(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
+    one_authorization(request)
     if credentials is None or not credentials.credentials:
         raise AuthenticationFailed(_MISSING_BEARER)
     return credentials.credentials
 
 
-def bearer_credential(authorization: str | None) -> str:
+def bearer_credential(request: Request) -> str:
     """``bearer`` for the plain routes (``api.routes.svid``), which run no dependencies: the
-    same rule as ``HTTPBearer`` then ``bearer``."""
-    scheme, credential = get_authorization_scheme_param(authorization)
+    same rules as ``one_authorization``, ``HTTPBearer`` then ``bearer``."""
+    scheme, credential = get_authorization_scheme_param(one_authorization(request))
     if not credential or scheme.lower() != "bearer":
         raise AuthenticationFailed(_MISSING_BEARER)
     return credential

@@ -193,7 +193,7 @@ async def _plain(request: Request, grant: Callable[[Context, str], _Authenticate
         raise HTTPException(400, "There was an error parsing the body") from None
     document = _json_body(raw, request.headers.get("content-type"))
     try:
-        credential = bearer_credential(request.headers.get("authorization"))
+        credential = bearer_credential(request)
     except AuthenticationFailed as error:  # counted as ca.grants counts a bad credential
         refused(error)
         raise

@@ -179,3 +179,30 @@ def test_a_trailing_slash_is_an_unknown_path_not_a_redirect(
     problem = assert_problem(response, 404)
     assert problem["code"] == "not-found"
     assert "location" not in response.headers
+
+
+def test_two_authorization_fields_are_refused_whatever_they_hold(
+    rest: Rest, admin_token: str, world: dict[str, str]
+) -> None:
+    """Regression: only the first ``Authorization`` field was read, so a good admin token
+    followed by junk was served (and one reading the last field, a proxy or a log, saw the
+    junk). RFC 9110 §11.6.2 allows one credential: two are 400 and nothing is done, on the
+    admin routes and on both ``/v1/svid`` routes (plain and FastAPI alike,
+    tests/api/test_svid_plain_routes.py), where the join token keeps its use."""
+    good, junk = f"Bearer {admin_token}", "Bearer junk"
+    for pair in ((good, junk), (junk, good), (good, good)):
+        headers = [("Authorization", value) for value in pair]
+        for operation in ADMIN_OPERATIONS:
+            response = _call(rest, operation, world, headers=headers)
+            problem = assert_problem(response, 400)
+            assert problem["detail"] == "2 Authorization header fields: send one (RFC 9110 §11.6.2)"
+    _unchanged(rest, world)
+    join = f"Bearer {world['join']}"
+    twice = [("Authorization", join), ("Authorization", join)]
+    uses = rest.token(world["token"])["uses_remaining"]
+    for path in ("/v1/svid", "/v1/svid/renew"):
+        response = rest.client.post(path, json={"csr": make_csr()[1]}, headers=twice)
+        assert "Authorization header fields" in assert_problem(response, 400)["detail"]
+    assert rest.token(world["token"])["uses_remaining"] == uses
+    assert rest.certificate_count() == 1
+    assert rest.client.get("/v1/entries", headers=rest.admin).status_code == 200

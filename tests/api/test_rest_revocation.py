@@ -157,6 +157,21 @@ def test_a_crl_is_revalidated_with_if_none_match(rest: Rest, form: str) -> None:
 
 
 @SQLITE_ONLY
+@pytest.mark.parametrize("path", ["/v1/crl/mesh/intermediate.crl", "/v1/bundle.jwks"])
+def test_if_none_match_on_several_lines_is_one_list(rest: Rest, path: str) -> None:
+    """Regression: only the first ``If-None-Match`` line was read, so a client whose current
+    tag was on the second got the whole body again. RFC 9110 §5.3: the lines are one list."""
+    etag = rest.client.get(path).headers["etag"]
+    for lines in (['"other"', etag], ['"other", "more"', f"W/{etag}"]):
+        headers = [("If-None-Match", line) for line in lines]
+        again = rest.client.get(path, headers=headers)
+        assert again.status_code == 304, lines
+        assert again.headers["etag"] == etag
+    stale = rest.client.get(path, headers=[("If-None-Match", '"a"'), ("If-None-Match", '"b"')])
+    assert stale.status_code == 200 and stale.headers["etag"] == etag
+
+
+@SQLITE_ONLY
 @pytest.mark.parametrize(
     ("path", "same_bytes"),
     [

@@ -31,7 +31,7 @@ def reference(ctx: Context) -> Iterator[TestClient]:
         yield client
 
 
-def _post(path: str, body: bytes | None, headers: dict[str, str]) -> Send:
+def _post(path: str, body: bytes | None, headers: dict[str, str] | list[tuple[str, str]]) -> Send:
     return lambda client: client.post(path, content=body, headers=headers)
 
 
@@ -74,6 +74,18 @@ def _requests(rest: Rest, token: str) -> dict[str, Send]:
         "auth/empty": _post("/v1/svid", good, {"Authorization": "Bearer "} | as_json),
         "auth/scheme-only": _post("/v1/svid", good, {"Authorization": "Bearer"} | as_json),
         "auth/unknown-token": _post("/v1/svid", good, {"Authorization": "Bearer nope"} | as_json),
+        "auth/twice": _post(
+            "/v1/svid",
+            good,
+            [
+                ("Authorization", f"Bearer {token}"),
+                ("Authorization", "Bearer nope"),
+                *as_json.items(),
+            ],
+        ),
+        "auth/twice-before-no-body": _post(
+            "/v1/svid", b"", [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer x")]
+        ),
         "body/syntax": _post("/v1/svid", b'{"csr": ', both),
         "body/syntax-before-auth": _post("/v1/svid", b'{"csr": ', as_json),
         "body/fields-after-auth": _post("/v1/svid", b'{"ttl": "1h"}', as_json),
