@@ -69,6 +69,7 @@ from ca.store.models_gateway import (
     GatewayConsumerRow,
     GatewayTruststoreRow,
 )
+from ca.text import free_text
 from ca.tlsleaf import TlsLeafRequest, Usage, issue_tls_leaf
 
 __all__ = [
@@ -338,8 +339,7 @@ def _consumer_row(session: Session, name: ConsumerName) -> GatewayConsumerRow:
 def add_consumer(
     ctx: Context, name: ConsumerName, contact: str = "", *, actor: str = "local"
 ) -> Consumer:
-    if len(contact) > 255 or any(ord(c) < 32 for c in contact):
-        raise InvalidInput("a contact is at most 255 printable characters")
+    contact = free_text(contact, "a contact")
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         session.add(GatewayConsumerRow(name=name.value, contact=contact, created_at=now))

@@ -27,6 +27,7 @@ from ca.store import locks
 from ca.store.batch import Spend
 from ca.store.core import table
 from ca.store.models import EntryRow, TokenRow
+from ca.text import free_text
 
 __all__ = [
     "AdminPrincipal",
@@ -133,6 +134,7 @@ def create_admin_token(
     ctx: Context, description: str = "", *, ttl: Ttl | None = None, actor: str = "local"
 ) -> tuple[TokenInfo, str]:
     """Admin tokens never expire unless given a TTL (the one `init` writes is revoked by hand)."""
+    description = free_text(description, "a token description")
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         row = TokenRow(
@@ -141,7 +143,7 @@ def create_admin_token(
             secret_hash="",
             expires_at=now + ttl.delta if ttl is not None else None,
             created_at=now,
-            description=description[:255],
+            description=description,
         )
         return _create(ctx, session, row, actor)
 
@@ -155,6 +157,7 @@ def create_join_token(
     description: str = "",
     actor: str = "local",
 ) -> tuple[TokenInfo, str]:
+    description = free_text(description, "a token description")
     if not 1 <= uses <= MAX_JOIN_USES:
         raise InvalidInput(f"a join token allows 1 to {MAX_JOIN_USES} uses")
     if ttl.seconds > 30 * 86400:
@@ -182,7 +185,7 @@ def create_join_token(
             uses_remaining=uses,
             expires_at=now + ttl.delta,
             created_at=now,
-            description=description[:255],
+            description=description,
         )
         return _create(ctx, session, row, actor)
 
