@@ -206,14 +206,16 @@ class FederationParams:
         if self.profile is Profile.HTTPS_WEB:
             if self.endpoint_spiffe_id is not None or self.bootstrap_bundle is not None:
                 raise InvalidInput(
-                    "--endpoint-spiffe-id and --bootstrap-bundle are for https_spiffe only"
+                    "an endpoint SPIFFE ID and a bootstrap bundle are for https_spiffe only"
                 )
             return
         if self.web_ca is not None:
-            raise InvalidInput("--ca-file is for https_web: https_spiffe trusts the bundle")
+            raise InvalidInput(
+                "a CA for the endpoint's TLS is for https_web only: https_spiffe trusts the bundle"
+            )
         spiffe_id = self.endpoint_spiffe_id
         if spiffe_id is None or self.bootstrap_bundle is None:
-            raise InvalidInput("https_spiffe needs --endpoint-spiffe-id and --bootstrap-bundle")
+            raise InvalidInput("https_spiffe needs an endpoint SPIFFE ID and a bootstrap bundle")
         if not spiffe_id.member_of(td) or spiffe_id.is_trust_domain_id:
             raise InvalidInput(
                 f"the endpoint SPIFFE ID {spiffe_id} must be a workload ID in {td} "

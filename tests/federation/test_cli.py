@@ -73,7 +73,7 @@ def test_commands(cli: Cli, partner: Partner, tmp_path: Path) -> None:
         (("--trust-domain", "example.org", "--profile", "https_web"), 2, "own trust domain"),
         (("--trust-domain", "b.test", "--profile", "https_web", "--ca-file", "/nonexistent"),
          2, "cannot read /nonexistent"),
-        (("--trust-domain", "b.test", "--profile", "https_spiffe"), 2, "needs --endpoint"),
+        (("--trust-domain", "b.test", "--profile", "https_spiffe"), 2, "needs an endpoint SPIFFE"),
         (("--trust-domain", "b.test/x", "--profile", "https_web"), 2, "invalid character"),
         (("--trust-domain", "b.test", "--profile", "spiffe"), 2, "https_web or https_spiffe"),
     ],

@@ -104,10 +104,21 @@ def test_errors(client: TestClient, admin: dict[str, str], partner: Partner) -> 
         "must be https://": body(partner, "http://127.0.0.1/bundle"),
         "extra": body(partner, url, surprise=1),
         "invalid SPIFFE ID": body(partner, url, endpoint_spiffe_id="spiffe://b.test/a/"),
+        # ca's reasons, which named the CLI's flags (--endpoint-spiffe-id) to REST callers too
+        "https_spiffe needs an endpoint SPIFFE ID and a bootstrap bundle": body(
+            partner, url, bootstrap_bundle=None
+        ),
+        "an endpoint SPIFFE ID and a bootstrap bundle are for https_spiffe only": body(
+            partner, url, profile="https_web"
+        ),
+        "a CA for the endpoint's TLS is for https_web only": body(
+            partner, url, ca_pem="-----BEGIN CERTIFICATE-----"
+        ),
     }
     for reason, document in cases.items():
         problem = assert_problem(client.post("/v1/federation", json=document, headers=admin), 400)
         assert reason in problem["detail"] or reason == "extra", (reason, problem)
+        assert " --" not in problem["detail"], problem
     assert client.post("/v1/federation", json=body(partner, url), headers=admin).status_code == 201
     assert_problem(client.post("/v1/federation", json=body(partner, url), headers=admin), 409)
     assert_problem(client.get("/v1/federation/c.test", headers=admin), 404)

@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,8 @@ URL = "https://bundle.b.test/v1/bundle.jwks"
 # What is stored and kept across refreshes (the sequence rules, progress, removal, the job) is
 # tested on both databases; rules that do not depend on the store run on SQLite only.
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# "--endpoint-spiffe-id", not the "--" inside an A-label such as xn--a.
+CLI_FLAG = re.compile(r"(?<![\w-])--[a-z]")
 
 
 def web(ctx: Context) -> None:
@@ -99,8 +102,11 @@ REFUSED: dict[str, tuple[Params, str]] = {
     "fail/url/host-space": (_spiffe(url="https://exa mple.org/b"), "is not a host name"),
     "fail/url/host-empty-label": (_spiffe(url="https://a..b/b"), "is not a host name"),
     "fail/url/host-underscore": (_spiffe(url="https://exa_mple.org/b"), "is not a host name"),
-    "fail/spiffe/no-endpoint-id": (_spiffe(endpoint_spiffe_id=None), "needs --endpoint-spiffe-id"),
-    "fail/spiffe/no-bootstrap": (_spiffe(bootstrap_bundle=None), "--bootstrap-bundle"),
+    "fail/spiffe/no-endpoint-id": (
+        _spiffe(endpoint_spiffe_id=None),
+        "https_spiffe needs an endpoint SPIFFE ID and a bootstrap bundle",
+    ),
+    "fail/spiffe/no-bootstrap": (_spiffe(bootstrap_bundle=None), "and a bootstrap bundle"),
     "fail/spiffe/endpoint-in-other-td": (
         _spiffe(endpoint_spiffe_id=SpiffeId.parse("spiffe://c.test/server")),
         "must be a workload ID in b.test",
@@ -109,12 +115,12 @@ REFUSED: dict[str, tuple[Params, str]] = {
         _spiffe(endpoint_spiffe_id=PARTNER.id()),
         "must be a workload ID",
     ),
-    "fail/spiffe/ca-file": (_spiffe(web_ca=b"x"), "--ca-file is for https_web"),
+    "fail/spiffe/ca-file": (_spiffe(web_ca=b"x"), "TLS is for https_web only"),
     "fail/web/endpoint-id": (
         lambda p, c: FederationParams(
             PARTNER, URL, Profile.HTTPS_WEB, endpoint_spiffe_id=PARTNER_SERVER
         ),
-        "for https_spiffe only",
+        "an endpoint SPIFFE ID and a bootstrap bundle are for https_spiffe only",
     ),
     "fail/web/ca-file-garbage": (
         lambda p, c: FederationParams(PARTNER, URL, Profile.HTTPS_WEB, web_ca=b"garbage"),
@@ -149,6 +155,8 @@ def test_refused_relationships(ctx: Context, partner: Partner, case: str) -> Non
     with pytest.raises(InvalidInput) as caught:
         add_federation(ctx, build(partner, ctx))
     assert reason in caught.value.detail
+    # The REST API gives the same reason: it names what is wrong, never a CLI flag.
+    assert not CLI_FLAG.search(caught.value.detail), caught.value.detail
     assert list_federations(ctx) == []
 
 
