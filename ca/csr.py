@@ -97,7 +97,32 @@ def decode_csr(pem: bytes) -> DecodedCsr:
     )
 
 
+# RFC 7468 §7 (and the legacy "NEW CERTIFICATE REQUEST" label it names).
+_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
+
+
+def _one_block(pem: bytes) -> bool:
+    """Nothing but whitespace around one BEGIN/END pair of a CSR label (a few string scans:
+    every issuance and renewal runs this)."""
+    text = pem.strip()
+    return text.count(b"-----") == 4 and any(
+        text.startswith(b"-----BEGIN " + label + b"-----")
+        and text.endswith(b"-----END " + label + b"-----")
+        for label in _LABELS
+    )
+
+
 def _decoded(pem: bytes) -> x509.CertificateSigningRequest:
+    """Exactly one PEM CSR. cryptography reads the first PEM block it finds and ignores what
+    surrounds it: a second request, or text after the first, was accepted and dropped, so what
+    was judged and signed was not all the caller sent."""
+    if not _one_block(pem):
+        blocks = pem.count(b"-----BEGIN ")
+        raise InvalidCsr(
+            "the CSR is not a valid PEM certificate request: send exactly one BEGIN/END "
+            "CERTIFICATE REQUEST block and nothing else"
+            + (f" (this holds {blocks} PEM blocks)" if blocks > 1 else "")
+        )
     try:
         return x509.load_pem_x509_csr(pem)
     except ValueError:
