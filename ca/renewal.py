@@ -120,7 +120,14 @@ def read_proof(
             "the renewal proof does not verify with the certificate's key"
         ) from None
     issued, expires = _instant(claims["iat"]), _instant(claims["exp"])
-    if expires <= now or issued > now + CLOCK_SKEW or expires - issued > MAX_PROOF_LIFETIME:
+    # Named apart from expiry: a client that writes exp = iat + 1 hour is refused at once, and
+    # should be told why rather than look for a clock to blame.
+    if expires - issued > MAX_PROOF_LIFETIME:
+        most = int(MAX_PROOF_LIFETIME.total_seconds())
+        raise AuthenticationFailed(
+            f"the renewal proof lives longer than {most} s: exp may be at most {most} s after iat"
+        )
+    if expires <= now or issued > now + CLOCK_SKEW:
         raise AuthenticationFailed("the renewal proof is expired or not yet valid")
     # nbf is optional, but a proof that carries one is not accepted before it (RFC 7519
     # §4.1.5), with the same skew allowance as iat.
@@ -131,8 +138,13 @@ def read_proof(
     jti, subject = claims["jti"], claims["sub"]
     if not isinstance(jti, str) or not 16 <= len(jti) <= 64:
         raise AuthenticationFailed("the renewal proof has an invalid jti")
-    if not isinstance(subject, str):
-        raise AuthenticationFailed("the renewal proof's sub is not a serial number")
+    # One spelling, the one every answer and listing uses: the serial was looked up from a
+    # lenient parse (``unverified_serial``), but "0A:1B" or "0x0a1b" is no proof's sub.
+    if not isinstance(subject, str) or subject != format(cert.serial_number, "x"):
+        raise AuthenticationFailed(
+            "the renewal proof's sub must be the certificate's serial in lower-case hex, "
+            "without leading zeros"
+        )
     return RenewalClaims(Serial.parse(subject), jti, expires)
 
 

@@ -813,6 +813,23 @@ def _crafted(
 
 Attempt = Callable[[Context, Workload], RenewalAttempt]
 
+
+def _sub_spelt(spell: Callable[[int], str]) -> Attempt:
+    """A proof whose ``sub`` names the SVID's serial in a spelling ``Serial.parse`` reads but
+    docs/api.md does not allow (it was accepted)."""
+    return lambda ctx, old: _crafted(sub=spell(old.cert.serial_number))(ctx, old)
+
+
+def _lasting(seconds: int) -> Attempt:
+    """A fresh proof, made now, whose exp is ``seconds`` after its iat."""
+
+    def attempt(ctx: Context, old: Workload) -> RenewalAttempt:
+        now = int(ctx.clock.now().timestamp())
+        return _crafted(iat=now, exp=now + seconds)(ctx, old)
+
+    return attempt
+
+
 RenewalRefusal = tuple[str, Attempt, type[TrellisError], str]
 
 # The proof itself does not verify: pure cryptography, checked on SQLite.
@@ -865,6 +882,18 @@ BAD_PROOFS: list[RenewalRefusal] = [
     ],
     ("fail/proof-no-csr-claim", _crafted(csr=None), AuthenticationFailed, "no 'csr' claim"),
     ("fail/proof-sub-a-number", _crafted(sub=12345), AuthenticationFailed, "unknown certificate"),
+    *[
+        (f"fail/proof-sub-{name}", _sub_spelt(spell), AuthenticationFailed, "lower-case hex")
+        for name, spell in [
+            ("upper-case", lambda n: format(n, "X")),
+            ("leading-zero", lambda n: "0" + format(n, "x")),
+            ("0x", lambda n: "0x" + format(n, "x")),
+            ("colons", lambda n: ":".join(format(n, "x")[i : i + 2] for i in range(0, 38, 2))),
+        ]
+    ],
+    # Named apart from "expired or not yet valid": the proof is fresh, only too long-lived.
+    ("fail/proof-lives-an-hour", _lasting(3600), AuthenticationFailed, "lives longer than 300 s"),
+    ("fail/proof-lives-301-s", _lasting(301), AuthenticationFailed, "lives longer than 300 s"),
     ("fail/proof-typ-jwt", _crafted(headers={"typ": "JWT"}), AuthenticationFailed, "typ"),
     ("fail/proof-no-typ", _crafted(headers={}), AuthenticationFailed, "typ"),
 ]
@@ -903,6 +932,22 @@ def test_bad_renewal_proofs_write_nothing(
     ctx: Context, attempt: Attempt, error: type[TrellisError], reason: str
 ) -> None:
     check_renewal_refusal(ctx, attempt, error, reason)
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        pytest.param(_lasting(300), id="ok/lives-exactly-300-s"),
+        # RFC 7519 §4.1.3: aud may be an array; the proof is for Trellis if it names Trellis.
+        pytest.param(_crafted(aud=["https://other.example", AUDIENCE]), id="ok/aud-a-list"),
+    ],
+)
+def test_proofs_within_the_rules_renew(ctx: Context, attempt: Attempt) -> None:
+    old = enrol(ctx, WEB)
+    request = attempt(ctx, old)
+    cert = issue_svid(ctx, renewal_grant(ctx, request.proof, request.csr), request.csr)
+    assert_is_svid_leaf(cert.certificate, spiffe_id=WEB, issuer=active_issuer(ctx).certificate)
 
 
 @pytest.mark.parametrize(
