@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
+from ca.identity import MAX_ID_BYTES
+from ca.text import MAX_FREE_TEXT
+
 if TYPE_CHECKING:  # only the ``of`` constructors name them: a command imports what it uses
     from ca.certs import CertificateInfo
     from ca.emergency import IntermediateRevoked
@@ -32,6 +35,15 @@ def _holds_nul(value: object) -> bool:
     if isinstance(value, dict):
         return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
     return False  # numbers, booleans, times; a nested RequestBody has checked its own fields
+
+
+def decided_by_ca(**bounds: int) -> dict[str, int]:
+    """JSON Schema bounds (``maxLength``, ``maxItems``, ``maximum``) for ``/openapi.json`` that
+    pydantic does not enforce: ``ca`` checks the same bound where it parses the value, so a
+    caller over it gets ``ca``'s reason, the one the CLI gives for the same input, instead of
+    pydantic's "String should have at most 2048 characters". The body limit (``api.limits``,
+    64 KiB) bounds what reaches ``ca``. Pass as ``Field(json_schema_extra=...)``."""
+    return bounds
 
 
 class RequestBody(BaseModel):
@@ -71,8 +83,14 @@ class SvidResponse(BaseModel):
 
 
 class EntryCreate(RequestBody):
-    spiffe_id: str = Field(max_length=2048, examples=["spiffe://example.org/ns/default/sa/web"])
-    dns_names: list[str] = Field(default_factory=list, max_length=32)
+    spiffe_id: str = Field(
+        json_schema_extra=decided_by_ca(maxLength=MAX_ID_BYTES),
+        examples=["spiffe://example.org/ns/default/sa/web"],
+    )
+    dns_names: list[str] = Field(
+        default_factory=list,
+        json_schema_extra=decided_by_ca(maxItems=32),  # ca.entries
+    )
     ttl: str | None = Field(default=None, examples=["1h"])
     max_ttl: str | None = Field(default=None, examples=["24h"])
 
@@ -105,9 +123,16 @@ class TokenCreate(RequestBody):
     entry_id: str | None = Field(default=None, description="Join token for this entry")
     # Strict: "admin": "yes" or 1 is a mistake to refuse, not a wish to grant.
     admin: StrictBool = Field(default=False, description="Create an admin token instead")
-    uses: StrictInt = Field(default=1, ge=1, le=1000)
+    uses: StrictInt = Field(
+        default=1,
+        json_schema_extra=decided_by_ca(minimum=1, maximum=1000),  # ca.tokens
+    )
     ttl: str | None = Field(default=None, examples=["1h"])
-    description: str = Field(default="", max_length=255)
+    description: str = Field(
+        default="",
+        json_schema_extra=decided_by_ca(maxLength=MAX_FREE_TEXT),
+        description="Printable: no control or format characters",
+    )
 
 
 class TokenOut(BaseModel):
@@ -230,7 +255,7 @@ class RotateRequest(RequestBody):
 
 
 class IdentityRevokeRequest(RequestBody):
-    spiffe_id: str = Field(max_length=2048)
+    spiffe_id: str = Field(json_schema_extra=decided_by_ca(maxLength=MAX_ID_BYTES))
     reason: str = Field(default="unspecified", examples=["keyCompromise"])
 
 

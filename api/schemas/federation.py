@@ -7,20 +7,27 @@ import datetime as dt
 
 from pydantic import BaseModel, Field
 
-from api.schemas import RequestBody
+from api.schemas import RequestBody, decided_by_ca
 from ca import federation
+from ca.identity import MAX_ID_BYTES, MAX_TRUST_DOMAIN_BYTES
 from ca.pem import fingerprint
 
 __all__ = ["FederationCreate", "FederationOut"]
 
 
 class FederationCreate(RequestBody):
-    trust_domain: str = Field(max_length=255, examples=["partner.org"])
-    url: str = Field(max_length=2048, examples=["https://bundle.partner.org/v1/bundle.jwks"])
+    trust_domain: str = Field(
+        json_schema_extra=decided_by_ca(maxLength=MAX_TRUST_DOMAIN_BYTES),
+        examples=["partner.org"],
+    )
+    url: str = Field(
+        json_schema_extra=decided_by_ca(maxLength=federation.MAX_URL),
+        examples=["https://bundle.partner.org/v1/bundle.jwks"],
+    )
     profile: str = Field(examples=["https_spiffe"], description="https_web or https_spiffe")
     endpoint_spiffe_id: str | None = Field(
         default=None,
-        max_length=2048,
+        json_schema_extra=decided_by_ca(maxLength=MAX_ID_BYTES),
         examples=["spiffe://partner.org/trellis/server"],
         description="https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry",
     )

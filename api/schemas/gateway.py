@@ -9,11 +9,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from api.schemas import CRL_SKIPPED, RequestBody
+from api.schemas import CRL_SKIPPED, RequestBody, decided_by_ca
 from ca import gateway
 from ca.durations import Ttl
 from ca.keys import KeyType
 from ca.pem import fingerprint
+from ca.text import MAX_FREE_TEXT
 
 __all__ = [
     "CertIssueRequest",
@@ -63,8 +64,13 @@ class GatewayOut(BaseModel):
 
 
 class ConsumerCreate(RequestBody):
-    name: str = Field(max_length=64, examples=["acme-payments"])
-    contact: str = Field(default="", max_length=255, examples=["api-team@acme.example"])
+    name: str = Field(json_schema_extra=decided_by_ca(maxLength=64), examples=["acme-payments"])
+    contact: str = Field(
+        default="",
+        json_schema_extra=decided_by_ca(maxLength=MAX_FREE_TEXT),
+        examples=["api-team@acme.example"],
+        description="Printable: no control or format characters",
+    )
 
 
 class ConsumerOut(BaseModel):
@@ -88,7 +94,11 @@ class ConsumerOut(BaseModel):
 
 
 class Pkcs12Options(RequestBody):
-    password: str = Field(min_length=gateway.MIN_P12_PASSWORD, max_length=gateway.MAX_P12_PASSWORD)
+    password: str = Field(
+        json_schema_extra=decided_by_ca(
+            minLength=gateway.MIN_P12_PASSWORD, maxLength=gateway.MAX_P12_PASSWORD
+        )
+    )
     legacy: StrictBool = Field(
         default=False,
         description="pbeWithSHA1And3-KeyTripleDES-CBC for old Java/Windows stores, instead of "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, StrictInt
 
-from api.schemas import RequestBody, RevokedCertificateOut
+from api.schemas import RequestBody, RevokedCertificateOut, decided_by_ca
 from ca import openvpn
 from ca.durations import Ttl
 from ca.keys import KeyType
@@ -37,13 +37,17 @@ class OpenVpnInit(RequestBody):
 
 
 class OpenVpnConfigure(RequestBody):
-    remote: str | None = Field(default=None, max_length=253, examples=["vpn.example.org"])
+    remote: str | None = Field(
+        default=None,
+        json_schema_extra=decided_by_ca(maxLength=253),
+        examples=["vpn.example.org"],
+    )
     port: StrictInt | None = Field(default=None, ge=1, le=65535)
     proto: str | None = Field(default=None, examples=["udp"])
     crl_path: str | None = Field(
         default=None, max_length=1024, description="CRL file on the Trellis host, kept current"
     )
-    server_cn: str | None = Field(default=None, max_length=64)
+    server_cn: str | None = Field(default=None, json_schema_extra=decided_by_ca(maxLength=64))
 
 
 class OpenVpnOut(BaseModel):
@@ -69,7 +73,11 @@ class OpenVpnOut(BaseModel):
 
 
 class ServerCertRequest(RequestBody):
-    cn: str | None = Field(default=None, max_length=64, description="Default: the server CN")
+    cn: str | None = Field(
+        default=None,
+        json_schema_extra=decided_by_ca(maxLength=64),
+        description="Default: the server CN",
+    )
     key_type: str = "ec-p256"
     ttl: str = "1y"
     network: str | None = Field(default=None, examples=["10.8.0.0/24"], description="config only")
@@ -108,7 +116,11 @@ class ServerConfigOut(BaseModel):
 
 
 class ClientCreate(RequestBody):
-    name: str = Field(max_length=64, examples=["alice"], description="Becomes the certificate CN")
+    name: str = Field(
+        json_schema_extra=decided_by_ca(maxLength=64),
+        examples=["alice"],
+        description="Becomes the certificate CN",
+    )
     ttl: str = "30d"
     tls_crypt: str = Field(default="v2", description="v2 (a key per client) or shared")
     key_type: str = "ec-p256"
