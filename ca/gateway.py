@@ -54,6 +54,7 @@ from ca.errors import (
     NotInitialised,
     PermissionDenied,
     PolicyViolation,
+    Unavailable,
 )
 from ca.files import write_atomic
 from ca.keepers import check_free, truststore_footprint, truststore_keeper
@@ -87,6 +88,7 @@ __all__ = [
     "GatewayStatus",
     "IssuedGatewayCertificate",
     "NginxSnippet",
+    "RecordedTruststore",
     "Truststore",
     "TruststoreFormat",
     "add_consumer",
@@ -106,6 +108,7 @@ __all__ = [
     "password_file",
     "refresh_job",
     "refresh_truststores",
+    "remove_truststore",
     "revoke_gateway_certificate",
     "show_certificate",
     "write_truststore",
@@ -739,6 +742,8 @@ def revoke_gateway_certificate(
 class Truststore:
     format: TruststoreFormat
     files: dict[str, bytes]  # name → content; a single-file format has one entry, "truststore.pem"
+    # Kong: every CA file a truststore of this authority ever held, by name (see ``_write``).
+    earlier: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 def _trusted_cas(session: Session, now: dt.datetime) -> tuple[list[CaRow], list[CaRow]]:
@@ -817,14 +822,25 @@ def build_truststore(ctx: Context, format: TruststoreFormat) -> Truststore:
         return Truststore(
             format, {"crl.pem": b"".join(crls), "client-ca.pem": _pem([*intermediates, *roots])}
         )
-    files = {f"{row.role}-{row.serial[:16]}.pem": row.cert_pem.encode() for row in roots}
-    files |= {f"{row.role}-{row.serial[:16]}.pem": row.cert_pem.encode() for row in intermediates}
+    files = {_kong_name(row): row.cert_pem.encode() for row in roots}
+    files |= {_kong_name(row): row.cert_pem.encode() for row in intermediates}
     commands = "\n".join(
         f"  curl -sS -X POST http://localhost:8001/ca_certificates -F cert=@{name}"
         for name in files
     )
     files["README.txt"] = _KONG_README.format(files=", ".join(files), commands=commands).encode()
-    return Truststore(format, files)
+    with Session(ctx.engine) as session:
+        every = session.exec(
+            select(CaRow).where(CaRow.authority == GATEWAY, col(CaRow.role).in_(_KONG_ROLES))
+        ).all()
+    return Truststore(format, files, {_kong_name(row): row.cert_pem.encode() for row in every})
+
+
+_KONG_ROLES = ("root", "intermediate")
+
+
+def _kong_name(row: CaRow) -> str:
+    return f"{row.role}-{row.serial[:16]}.pem"
 
 
 def _targets(format: TruststoreFormat, path: Path) -> Path:
@@ -838,18 +854,29 @@ def _targets(format: TruststoreFormat, path: Path) -> Path:
 
 
 def _write(store: Truststore, path: Path) -> list[Path]:
-    """Write what changed, each file atomically; returns the files rewritten."""
+    """Write what changed, each file atomically; returns the files rewritten. A Kong directory
+    loses the CA files Trellis wrote there before and no longer writes (an expired or revoked
+    CA's): a file is taken for Trellis's only if it has the name Trellis gives a CA of this
+    authority and holds exactly that CA's certificate. The directory is the operator's, and a
+    ``root-*.pem`` of their own in it (another CA for Kong, a backup) is theirs to keep."""
     written: list[Path] = []
     for name, data in store.files.items():
         target = path / name if store.format.is_directory else path
         if not target.exists() or target.read_bytes() != data:
             write_atomic(target, data)
             written.append(target)
-    if store.format is TruststoreFormat.KONG:
-        for stale in path.glob("*.pem"):
-            if stale.name not in store.files and stale.name.startswith(("root-", "intermediate-")):
-                stale.unlink()
+    for name, data in store.earlier.items():
+        stale = path / name
+        if name not in store.files and _holds(stale, data):
+            stale.unlink()
     return written
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def write_truststore(ctx: Context, format: TruststoreFormat, path: Path) -> list[Path]:
@@ -886,8 +913,17 @@ def refresh_truststores(
     changed (new CRLs, a rotated intermediate). Run it at least every few hours on every node
     that has some: a CRL nginx holds expires after 24 hours, and an expired CRL makes nginx
     refuse every client. The ``gateway-truststores`` job is node-scoped for that reason
-    (``ca.jobs.Scope.NODE``). A missing path is skipped."""
+    (``ca.jobs.Scope.NODE``). A missing path is skipped, and so, with a warning, is one whose
+    files another keeper keeps (``_refresh``)."""
+    return _refresh(ctx, formats)[0]
+
+
+def _refresh(ctx: Context, formats: Sequence[TruststoreFormat]) -> tuple[list[Path], list[str]]:
+    """The files rewritten, and why each truststore left alone was. One whose files another
+    keeper keeps (``ca.keepers``), recorded before that was checked (a truststore written over
+    an OpenVPN server directory's ``ca.pem``), is not written: never fought over."""
     node = ctx.settings.node_name
+    refused: list[str] = []
     with Session(ctx.engine) as session:
         rows = session.exec(
             select(GatewayTruststoreRow).where(
@@ -895,23 +931,87 @@ def refresh_truststores(
                 col(GatewayTruststoreRow.format).in_([f.value for f in formats]),
             )
         ).all()
-    stores = {f: build_truststore(ctx, f) for f in {TruststoreFormat(r.format) for r in rows}}
+        free = []
+        for row in rows:
+            try:
+                check_free(
+                    session,
+                    truststore_keeper(row.node, row.path),
+                    truststore_footprint(row.format, Path(row.path)),
+                    f"the truststore path {row.path}",
+                )
+            except InvalidInput as error:
+                why = error.detail.removesuffix("; choose another path")
+                refused.append(
+                    f"{why}: not rewritten (forget this truststore with"
+                    f" 'trellis gateway truststore remove --out {row.path}')"
+                )
+                log.warning("%s", refused[-1])
+                continue
+            free.append(row)
+    stores = {f: build_truststore(ctx, f) for f in {TruststoreFormat(r.format) for r in free}}
     written: list[Path] = []
-    for row in rows:
+    for row in free:
         path, format = Path(row.path), TruststoreFormat(row.format)
         if path.is_dir() if format.is_directory else path.parent.is_dir():
             written += _write(stores[format], path)
-    return written
+    return written, refused
 
 
 def refresh_job(ctx: Context) -> str:
     """``refresh_truststores`` in the shape of a ``ca.jobs.Job`` (ready to be scheduled). The
-    result is read over HTTP (``GET /v1/jobs``): the files it wrote are named in the log only."""
-    written = refresh_truststores(ctx)
+    result is read over HTTP (``GET /v1/jobs``): the files it wrote are named in the log only.
+    A truststore whose files another keeper keeps fails the run once the others are written,
+    as a CRL file does the ``openvpn-crl`` job, so that it shows."""
+    written, refused = _refresh(ctx, tuple(TruststoreFormat))
+    if written:
+        log.info("rewrote the gateway truststore files %s", ", ".join(map(str, written)))
+    if refused:
+        raise Unavailable(
+            "; ".join(refused),
+            public=f"{len(refused)} gateway truststore(s) overlap files another keeper keeps:"
+            " not rewritten",
+        )
     if not written:
         return "nothing changed"
-    log.info("rewrote the gateway truststore files %s", ", ".join(str(path) for path in written))
     return f"rewrote {len(written)} gateway truststore file(s)"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTruststore:
+    node: str
+    path: Path
+    format: TruststoreFormat
+
+
+def remove_truststore(ctx: Context, path: Path, *, actor: str = "cli") -> RecordedTruststore:
+    """Forget the truststore recorded at ``path`` (any spelling of it: a symlink, ``..``) on
+    this node: revocations and refreshes stop rewriting it, and its files are free for another
+    keeper again. Its files are left where they are: a gateway may still be reading them. For a
+    stale destination, or one that should never have been a truststore (written over an OpenVPN
+    server's file before ``ca.keepers`` refused that)."""
+    node = ctx.settings.node_name
+    wanted = path.absolute()
+    now = ctx.clock.now()
+    with Session(ctx.engine) as session:
+        rows = session.exec(
+            select(GatewayTruststoreRow)
+            .where(GatewayTruststoreRow.node == node)
+            .order_by(col(GatewayTruststoreRow.id))
+        ).all()
+        exact = [row for row in rows if Path(row.path) == wanted]
+        found = exact or [row for row in rows if Path(row.path).resolve() == wanted.resolve()]
+        if not found:
+            raise NotFound(f"no gateway truststore is recorded at {path} on node {node}")
+        row = found[0]
+        removed = RecordedTruststore(row.node, Path(row.path), TruststoreFormat(row.format))
+        session.delete(row)
+        detail = {"node": row.node, "path": row.path, "format": row.format}
+        audit.record(
+            session, "gateway.truststore-removed", row.path, actor=actor, at=now, detail=detail
+        )
+        session.commit()
+    return removed
 
 
 # ----------------------------------------------------------------------------- nginx

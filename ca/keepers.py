@@ -1,14 +1,17 @@
 """Files Trellis keeps rewriting on its own, and who keeps each one.
 
     OpenVPN authority A   its CRL file (``openvpn.crl_path``, rewritten by every revocation and
-                          each minute by the ``openvpn-crl`` job) and ``server.crt`` and
-                          ``server.key`` in its server directory (``openvpn-server-certificate``)
+                          each minute by the ``openvpn-crl`` job) and every file
+                          ``trellis openvpn server-config`` wrote to its server directory
+                          (``SERVER_DIR_FILES``; the ``openvpn-server-certificate`` job rewrites
+                          ``server.crt`` and ``server.key``, server-config run again all of them)
     gateway truststore    what ``trellis gateway truststore --out`` wrote on one node (rewritten by
                           revocations and the ``gateway-truststores`` job)
 
 Two keepers of one file overwrite each other for ever, and the loser's readers get the winner's
 content: an OpenVPN server reading another CA's CRLs lets that authority's revoked clients in
-(OpenVPN only warns about a CA without a CRL), nginx reading a VPN CRL refuses every partner. So a
+(OpenVPN only warns about a CA without a CRL), nginx reading a VPN CRL refuses every partner, an
+OpenVPN server whose ``ca.pem`` is a gateway truststore lets every gateway partner connect. So a
 new keeper is refused (``InvalidInput``) when a file it would keep is already kept by another.
 Paths are compared resolved (a symlink or ``..`` names the same file). A truststore path on one
 node is another file than the same path on another node; an OpenVPN CRL file is written on
@@ -31,6 +34,8 @@ from ca.store.models_openvpn import OpenVpnRow
 
 __all__ = [
     "NGINX_FILES",
+    "SERVER_DIR_FILES",
+    "SERVER_FILES",
     "Footprint",
     "Keeper",
     "check_free",
@@ -43,10 +48,19 @@ __all__ = [
 NGINX_FILES = ("crl.pem", "client-ca.pem")
 KONG_FILES = ("README.txt",)
 KONG_PATTERNS = ("root-*.pem", "intermediate-*.pem")  # and stale ones of these are deleted
-SERVER_FILES = ("server.crt", "server.key")
-# What the job keeps current in a recorded server directory: its certificate, and the chain in
-# ca.pem that a root rotation changes (``ca.openvpn.renew_server_certificates``).
-SERVER_DIR_KEPT = (*SERVER_FILES, "ca.pem")
+SERVER_FILES = ("server.crt", "server.key")  # what the renewal job rewrites
+# What ``ca.openvpn.server_config`` writes to a server directory: OpenVPN reads each of them, so
+# the authority keeps them all, not only those a job rewrites (server-config, run again,
+# rewrites every one, and until then OpenVPN trusts whatever ``ca.pem`` holds).
+SERVER_DIR_FILES = (
+    "server.conf",
+    "ca.pem",
+    "server.crt",
+    "server.key",
+    "tls-crypt-v2.key",
+    "tls-crypt.key",
+    "crl.pem",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +133,7 @@ def truststore_footprint(format: str, path: Path) -> Footprint:
 def _openvpn_footprint(row: OpenVpnRow) -> Footprint:
     files = [Path(row.crl_path)] if row.crl_path else []
     if row.server_dir:
-        files += [Path(row.server_dir) / name for name in SERVER_DIR_KEPT]
+        files += [Path(row.server_dir) / name for name in SERVER_DIR_FILES]
     return Footprint.of(files)
 
 

@@ -52,7 +52,7 @@ from ca.files import (
     replacing_together,
     write_atomic,
 )
-from ca.keepers import SERVER_FILES, Footprint, check_free, openvpn_keeper
+from ca.keepers import SERVER_DIR_FILES, SERVER_FILES, Footprint, check_free, openvpn_keeper
 from ca.keys import KeyType
 from ca.pem import certs_pem, private_key_pem
 from ca.revocation import RevocationReason
@@ -539,15 +539,6 @@ verb 3
 """
 
 PRIVATE_FILES = frozenset({"server.key", "tls-crypt-v2.key", "tls-crypt.key"})
-SERVER_DIR_FILES = (
-    "server.conf",
-    "ca.pem",
-    "server.crt",
-    "server.key",
-    "tls-crypt-v2.key",
-    "tls-crypt.key",
-    "crl.pem",
-)
 DEFAULT_POOL = ipaddress.IPv4Network("10.8.0.0/24")
 
 

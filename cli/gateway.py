@@ -294,8 +294,16 @@ def cert_revoke(
     warn_crl_skipped([cert.info])
 
 
-@gateway_app.command("truststore")
+truststore_app = typer.Typer(
+    help="Write what a gateway trusts; the path is recorded so revocations rewrite nginx CRLs.",
+    invoke_without_command=True,
+)
+gateway_app.add_typer(truststore_app, name="truststore")
+
+
+@truststore_app.callback()
 def truststore(
+    context: typer.Context,
     format: Annotated[str | None, typer.Option("--format", help="pem, nginx, aws or kong")] = None,
     out: Annotated[
         Path | None, typer.Option(help="File (pem, aws) or directory (nginx, kong)")
@@ -308,6 +316,10 @@ def truststore(
     ] = False,
 ) -> None:
     """Write what a gateway trusts; the path is recorded so revocations rewrite nginx CRLs."""
+    if context.invoked_subcommand is not None:
+        if format is not None or out is not None or refresh:
+            raise InvalidInput(f"give the options after '{context.invoked_subcommand}'")
+        return
     ctx = STATE.context()
     if refresh:
         if format is not None or out is not None:
@@ -324,6 +336,19 @@ def truststore(
         typer.echo(f"wrote {path}")
     if not written:
         typer.echo("unchanged")
+
+
+@truststore_app.command("remove")
+def truststore_remove(
+    out: Annotated[Path, typer.Option(help="The path the truststore was written to")],
+) -> None:
+    """Stop keeping a truststore on this node (a stale destination): its files are left as they
+    are, no longer rewritten by revocations or refreshes."""
+    removed = gateway.remove_truststore(STATE.context(), out, actor="cli")
+    typer.echo(
+        f"forgot the {removed.format.value} truststore at {removed.path} on node {removed.node}"
+    )
+    typer.echo("  its files are left in place: delete them once no gateway reads them")
 
 
 @gateway_app.command("nginx-snippet")

@@ -139,6 +139,40 @@ def test_rotation_and_emergencies_reach_every_truststore(gw_lite: Context, tmp_p
     assert len(list((tmp_path / "kong").glob("*.pem"))) == 3
 
 
+def test_kong_removes_only_the_ca_files_trellis_wrote(gw_lite: Context, tmp_path: Path) -> None:
+    """The directory is the operator's: a ``root-*.pem`` or ``intermediate-*.pem`` of their own
+    stays, at every write and refresh; a CA file Trellis wrote and no longer writes (a revoked
+    intermediate's) goes. Every ``*.pem`` of those prefixes was deleted."""
+    kong = tmp_path / "kong"
+    kong.mkdir()
+    other_ca, _ = self_signed("partner CA", serial=7)
+    theirs = {
+        "root-partner.pem": other_ca.public_bytes(serialization.Encoding.PEM),
+        "intermediate-backup.pem": b"an operator's notes\n",
+    }
+    before = gateway.gateway_status(gw_lite).intermediate
+    retired = f"intermediate-{format(before.serial_number, 'x')[:16]}.pem"
+    for name, data in theirs.items():
+        (kong / name).write_bytes(data)
+    gateway.write_truststore(gw_lite, F.KONG, kong)
+    assert (kong / retired).exists()
+    rotate(gw_lite, "gateway", force=True)
+    revoke_intermediate(gw_lite, actor="test", authority="gateway")
+    gateway.refresh_truststores(gw_lite)
+    assert not (kong / retired).exists()  # Trellis's, the revoked intermediate's: gone
+    assert gateway.refresh_job(gw_lite) == "nothing changed"
+    for name, data in theirs.items():
+        assert (kong / name).read_bytes() == data, name
+    ours = {p.name for p in kong.glob("*.pem")} - set(theirs)
+    assert len(ours) == 3  # the root, the new active intermediate and the prepared one
+
+    # under a name Trellis gives, but not what Trellis wrote there: the operator's file
+    edited = before.public_bytes(serialization.Encoding.PEM) + b"# kept for the audit\n"
+    (kong / retired).write_bytes(edited)
+    gateway.write_truststore(gw_lite, F.KONG, kong)
+    assert (kong / retired).read_bytes() == edited
+
+
 def test_revocation_and_refresh_rewrite_recorded_crls(
     gw: Context, clock: FixedClock, tmp_path: Path
 ) -> None:

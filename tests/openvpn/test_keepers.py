@@ -9,13 +9,21 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from api.app import create_app
 from ca import gateway
 from ca.config import Context
-from ca.errors import InvalidInput, Unavailable
-from ca.openvpn import ServerRequest, get_config, server_config, write_crl_file, write_files
+from ca.errors import InvalidInput, NotFound, Unavailable
+from ca.openvpn import (
+    SERVER_DIR_FILES,
+    ServerRequest,
+    get_config,
+    server_config,
+    write_crl_file,
+    write_files,
+)
+from ca.store.models_gateway import GatewayTruststoreRow
 from ca.store.models_openvpn import OpenVpnRow
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
@@ -192,3 +200,93 @@ def test_crl_out_overwrites_only_a_crl_file_no_other_keeper_keeps(tmp_path: Path
     (tmp_path / "empty.pem").touch()
     cli.run("openvpn", "crl", "--out", str(tmp_path / "empty.pem"))
     assert b"BEGIN X509 CRL" in (tmp_path / "empty.pem").read_bytes()
+
+
+def test_no_file_of_a_server_directory_can_become_a_truststore(
+    vpn: Context, tmp_path: Path
+) -> None:
+    """server-config writes ca.pem, server.conf and the tls-crypt keys too, and OpenVPN reads
+    them all: a gateway truststore over ``ca.pem`` made the server trust every gateway partner
+    (a consumer's certificate in a VPN profile connected). Only server.crt and server.key, and
+    the CRL file, were refused."""
+    srv = tmp_path / "srv"
+    server_config(vpn, ServerRequest(), out_dir=srv)
+    gateway.init_gateway(vpn, gateway.GatewayParams())
+    files = {name: (srv / name).read_bytes() for name in SERVER_DIR_FILES}
+    for name in SERVER_DIR_FILES:
+        for format in (gateway.TruststoreFormat.AWS, gateway.TruststoreFormat.PEM):
+            with pytest.raises(InvalidInput, match="kept current by OpenVPN authority 'vpn'"):
+                gateway.write_truststore(vpn, format, srv / ".." / "srv" / name)
+    assert {name: (srv / name).read_bytes() for name in SERVER_DIR_FILES} == files
+    with Session(vpn.engine) as session:
+        assert session.exec(select(GatewayTruststoreRow)).all() == []
+
+
+def test_a_truststore_recorded_over_a_server_file_is_left_alone_and_can_be_forgotten(
+    vpn: Context, tmp_path: Path
+) -> None:
+    """A record from before the check (or from a ca.pem written before its directory became a
+    server directory) is not refreshed over OpenVPN's file, the job says why, and
+    ``remove_truststore`` forgets it, after which server-config may write the directory again
+    (it refused for ever: no command removed a truststore record)."""
+    srv = tmp_path / "srv"
+    server_config(vpn, ServerRequest(), out_dir=srv)
+    gateway.init_gateway(vpn, gateway.GatewayParams())
+    ca_pem = (srv / "ca.pem").read_bytes()
+    with Session(vpn.engine) as session:
+        session.add(
+            GatewayTruststoreRow(
+                node=vpn.settings.node_name,
+                path=str(srv / "ca.pem"),
+                format="aws",
+                written_at=vpn.clock.now(),
+            )
+        )
+        session.commit()
+    assert gateway.refresh_truststores(vpn) == []
+    with pytest.raises(Unavailable, match="kept current by OpenVPN authority 'vpn'") as failed:
+        gateway.refresh_job(vpn)
+    assert "trellis gateway truststore remove --out" in failed.value.detail
+    assert str(srv) not in failed.value.public  # /v1/jobs and /readyz name no server path
+    assert (srv / "ca.pem").read_bytes() == ca_pem
+    with pytest.raises(InvalidInput, match="kept current by the gateway truststore"):
+        server_config(vpn, ServerRequest(), out_dir=srv)
+
+    with pytest.raises(NotFound, match="no gateway truststore is recorded"):
+        gateway.remove_truststore(vpn, srv / "server.crt")
+    (tmp_path / "link").symlink_to(srv)
+    removed = gateway.remove_truststore(vpn, tmp_path / "link" / "ca.pem")  # any spelling
+    assert (removed.path, removed.format) == (srv / "ca.pem", gateway.TruststoreFormat.AWS)
+    with Session(vpn.engine) as session:
+        assert session.exec(select(GatewayTruststoreRow)).all() == []
+    assert (srv / "ca.pem").read_bytes() == ca_pem  # the record goes, the file stays
+    server_config(vpn, ServerRequest(), out_dir=srv)
+    assert gateway.refresh_job(vpn) == "nothing changed"
+
+
+def test_the_cli_forgets_a_truststore_that_holds_a_server_directory(tmp_path: Path) -> None:
+    """The order the probe met it in: a truststore written to DIR/ca.pem first keeps DIR from
+    becoming a server directory, until ``gateway truststore remove`` forgets it."""
+    cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.run("init", "--trust-domain", "example.org")
+    cli.run("openvpn", "init")
+    cli.run("openvpn", "configure", "--remote", "127.0.0.1")
+    cli.run("gateway", "init")
+    srv = tmp_path / "srv"
+    srv.mkdir(mode=0o700)
+    cli.run("gateway", "truststore", "--format", "aws", "--out", str(srv / "ca.pem"))
+    operator = cli.process()
+    refused = operator.run("openvpn", "server-config", "--out", str(srv), ok=False)
+    assert refused.returncode == 2 and "kept current by the gateway truststore" in refused.stderr
+    missing = operator.run("gateway", "truststore", "remove", "--out", str(srv), ok=False)
+    assert missing.returncode == 5 and "no gateway truststore is recorded" in missing.stderr
+    removed = operator.run("gateway", "truststore", "remove", "--out", str(srv / "ca.pem"))
+    assert f"forgot the aws truststore at {srv / 'ca.pem'}" in removed.stdout
+    cli.run("openvpn", "server-config", "--out", str(srv))
+    ca_pem = (srv / "ca.pem").read_bytes()
+    refused = operator.run(
+        "gateway", "truststore", "--format", "aws", "--out", str(srv / "ca.pem"), ok=False
+    )
+    assert refused.returncode == 2 and "kept current by OpenVPN authority 'vpn'" in refused.stderr
+    assert operator.run("gateway", "truststore", "--refresh").stdout == "unchanged\n"
+    assert (srv / "ca.pem").read_bytes() == ca_pem
