@@ -335,6 +335,10 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
         if params.server_cn is not None:
             _check_not_a_client(session, authority, params.server_cn)
             row.server_cn = params.server_cn.value
+        remote = row.remote or ""
+        if params.remote is not None and row.server_cn is None and not _NAME.fullmatch(remote):
+            fix = "give --server-cn NAME with it (server_cn over REST)"
+            raise InvalidInput(_remote_not_a_cn(remote, fix))
         row.updated_at = ctx.clock.now()
         session.add(row)
         config = _config_of(row)
@@ -503,10 +507,24 @@ def issue_server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials
 
 
 def _default_server_cn(row: OpenVpnRow) -> VpnName:
-    value = row.server_cn or row.remote
-    if value is None:
+    """The CN profiles pin (``verify-x509-name``): the configured server CN, else the remote
+    host. A remote that cannot be a CN (an IPv6 address, a host name over 64 characters) pins a
+    name no server certificate can carry: every client of such a profile would fail."""
+    if row.server_cn is not None:
+        return VpnName(row.server_cn)
+    if row.remote is None:
         raise Conflict("no server CN yet: pass --cn, or run 'trellis openvpn configure --remote'")
-    return VpnName(value)
+    if not _NAME.fullmatch(row.remote):
+        fix = "set one with 'trellis openvpn configure --server-cn NAME' (server_cn over REST)"
+        raise Conflict(_remote_not_a_cn(row.remote, fix))
+    return VpnName(row.remote)
+
+
+def _remote_not_a_cn(remote: str, fix: str) -> str:
+    return (
+        f"the remote {remote[:70]!r} cannot be the server's CN (1 to 64 of A-Z a-z 0-9 . _ -),"
+        f" which profiles pin with verify-x509-name when no server CN is set: {fix}"
+    )
 
 
 def _is_dns_name(value: str) -> bool:
@@ -932,7 +950,7 @@ def _claim(ctx: Context, request: ClientRequest, *, renew: bool) -> _Claim:
             raise Conflict("where do clients connect? run 'trellis openvpn configure --remote'")
         # Profiles verify the server as the configured CN, else the remote host: either way a
         # client holding that name could pose as the server to the other clients.
-        if name == (config.server_cn or config.remote):
+        if name == _default_server_cn(config).value:
             raise Conflict(f"{name} is the server's CN: a client must have another name")
         row = session.get(OpenVpnClientRow, (authority, name))
         live = _live_certificates(session, authority, name, now)
@@ -1008,6 +1026,7 @@ def _issue_profile(ctx: Context, request: ClientRequest, claim: _Claim) -> Clien
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
         config = _config_of(row)
+        server_cn = _default_server_cn(row)
         keys = SecretVault(ctx, row.secret_store)
         if claim.tls_crypt is TlsCrypt.V2:
             server = ServerKey(keys.get(row.tls_crypt_v2_ref, length=SERVER_KEY_LEN))
@@ -1037,7 +1056,7 @@ def _issue_profile(ctx: Context, request: ClientRequest, claim: _Claim) -> Clien
             proto=config.proto.value,
             remote=config.remote,
             port=config.port,
-            server_cn=config.server_cn or config.remote,
+            server_cn=server_cn,
             ca=(issuer.chain_pem + issuer.bundle_pem).decode(),
             cert=(issued.certificate_pem + issuer.chain_pem).decode(),
             key=private_key_pem(key).decode(),

@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlmodel import Session
 
 from api.app import create_app
 from api.schemas.openvpn import ClientOut, ClientRevokedOut, OpenVpnOut, ServerConfigOut
 from ca.audit import list_audit
+from ca.certs import list_certificates
 from ca.config import Context
+from ca.store.models_openvpn import OpenVpnRow
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem, bearer
 from tests.ca.svidkit import SQLITE_ONLY
@@ -218,3 +221,38 @@ def test_revoking_a_client_of_an_intermediate_revoked_without_its_key_says_so(
     (item,) = revoked.json()["revoked"]
     assert item["status"] == "revoked"
     assert "missing from the file key store" in item["crl_skipped"]
+
+
+def test_a_remote_that_cannot_be_a_cn_needs_a_server_cn(
+    api: TestClient, ctx: Context, tmp_path: Path
+) -> None:
+    """Profiles pin the server CN, else the remote: an IPv6 remote pinned ``verify-x509-name ::1
+    name``, a name no server certificate can have (server-config refuses it as a CN), so every
+    client profile failed. configure refuses such a remote without a server CN, and a remote
+    stored before that (or by an older version) stops client add before anything is issued."""
+    assert api.post("/v1/openvpn/init", json={}).status_code == 201
+    for remote in ("::1", "2001:db8::7", "a" * 63 + "." + "b" * 10):
+        refused = assert_problem(api.patch("/v1/openvpn", json={"remote": remote}), 400)
+        assert "cannot be the server's CN" in refused["detail"], refused
+    assert api.get("/v1/openvpn").json()["remote"] is None
+    body = {"remote": "::1", "server_cn": "vpn6.example", "crl_path": str(tmp_path / "crl.pem")}
+    assert api.patch("/v1/openvpn", json=body).status_code == 200
+    created = api.post("/v1/openvpn/clients", json={"name": "carol"})
+    assert created.status_code == 201, created.text
+    directives = parse_profile(created.text).directives
+    assert "verify-x509-name vpn6.example name" in directives and "remote ::1 1194" in directives
+
+    with Session(ctx.engine) as session:  # as stored before configure checked it
+        row = session.get(OpenVpnRow, "vpn")
+        assert row is not None
+        row.server_cn = None
+        session.add(row)
+        session.commit()
+    issued = list_certificates(ctx, limit=1000)
+    refused = assert_problem(api.post("/v1/openvpn/clients", json={"name": "dave"}), 409)
+    assert "'::1' cannot be the server's CN" in refused["detail"]
+    assert "--server-cn" in refused["detail"]
+    refused = assert_problem(api.post("/v1/openvpn/server-config", json={}), 409)
+    assert "'::1' cannot be the server's CN" in refused["detail"]
+    assert list_certificates(ctx, limit=1000) == issued  # nothing issued
+    assert [c["name"] for c in api.get("/v1/openvpn/clients").json()] == ["carol"]
