@@ -343,6 +343,7 @@ def add_consumer(
     ctx: Context, name: ConsumerName, contact: str = "", *, actor: str = "local"
 ) -> Consumer:
     contact = free_text(contact, "a contact")
+    gateway_policy(ctx)  # NotInitialised before 'gateway init', as issuing and truststores are
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         session.add(GatewayConsumerRow(name=name.value, contact=contact, created_at=now))
@@ -437,7 +438,9 @@ class CertRequest:
     ttl: Ttl | None = None
 
     def __post_init__(self) -> None:
-        if (self.csr_pem is None) == (self.pkcs12_password is None):
+        if self.csr_pem is None and self.pkcs12_password is None:
+            raise InvalidInput("give a CSR or a PKCS#12 password")
+        if self.csr_pem is not None and self.pkcs12_password is not None:
             raise InvalidInput("give either a CSR or a PKCS#12 password, not both")
         if self.csr_pem is not None and (self.legacy_pkcs12 or self.key_type is not None):
             raise InvalidInput(
@@ -568,11 +571,13 @@ def _settle(ctx: Context, request: CertRequest, cert: x509.Certificate) -> None:
 
 
 def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertificate:
-    ttl = _check_policy(ctx, request)
+    """The request is judged before the policy (a bad CSR is 400 whatever the consumer holds),
+    and a key is generated only once the policy allows a certificate."""
     key: PrivateKey | None = None
     if request.csr_pem is not None:
         public_key = csr_public_key(request.csr_pem)
-    else:
+    ttl = _check_policy(ctx, request)
+    if request.csr_pem is None:
         default = KeyType.RSA_2048 if request.legacy_pkcs12 else KeyType.EC_P256
         key = (request.key_type or default).generate()
         public_key = key.public_key()

@@ -36,7 +36,8 @@ from ca.serial import Serial
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/gateway", tags=["gateway"], responses=PROBLEM_RESPONSES)
-ConsumerPath = Annotated[str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+# Judged by ``gateway.ConsumerName`` (docs/api.md: one message for every bad value, no pattern).
+ConsumerPath = Annotated[str, Path(description="[a-z0-9][a-z0-9._-]{0,63}")]
 
 
 @router.post(
@@ -165,7 +166,9 @@ def revoke(
 
 @router.get("/truststore/{format}", response_model=TruststoreOut, responses=responses(404))
 def truststore(
-    format: Annotated[str, Path(pattern="^(pem|nginx|aws|kong)$")], ctx: CtxDep, _admin: AdminDep
+    format: Annotated[str, Path(description="pem, nginx, aws or kong")],
+    ctx: CtxDep,
+    _admin: AdminDep,
 ) -> TruststoreOut:
     """What each gateway trusts: pem/aws one file, nginx client-ca.pem + crl.pem (a CRL for every
     CA), kong one PEM per CA certificate entity and a README."""

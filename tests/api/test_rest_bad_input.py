@@ -348,11 +348,12 @@ def test_an_entry_id_is_read_the_same_way_everywhere(rest: Rest) -> None:
 
 
 def test_a_value_its_pattern_refuses_is_named_without_the_pattern(rest: Rest) -> None:
-    """The patterns left on parameters (a gateway consumer's name) are the server's business:
-    the detail named the regex, as pydantic words it."""
-    response = rest.client.get("/v1/gateway/consumers/Not%20A%20Name", headers=rest.admin)
+    """The patterns left on parameters (the OpenVPN authority of ``?authority=``) are the
+    server's business: the detail named the regex, as pydantic words it. (A gateway consumer's
+    name in the path, the example here before, is judged by ``ConsumerName`` now.)"""
+    response = rest.client.get("/v1/openvpn?authority=Not%20A%20Name", headers=rest.admin)
     problem = assert_problem(response, 400)
-    assert problem["detail"] == "path.name: 'Not A Name' is not a valid value"
+    assert problem["detail"] == "query.authority: 'Not A Name' is not a valid value"
 
 
 def test_rotate_reads_its_body_as_revoke_intermediate_does(rest: Rest, ctx: Context) -> None:

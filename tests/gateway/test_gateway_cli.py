@@ -310,3 +310,11 @@ def test_cert_list_refuses_bad_paging_with_exit_2(cli: Cli) -> None:
         (("--after", "abcdef"), "not there to page after"),
     ]:
         assert message in cli.run("gateway", "cert", "list", *args, code=2), args
+
+
+def test_consumer_add_before_init_is_exit_7_as_truststore_is(cli: Cli, tmp_path: Path) -> None:
+    cli.run("init", "--trust-domain", "example.org")
+    refused = cli.run("gateway", "consumer", "add", "acme", code=7)
+    assert "trellis gateway init" in refused
+    cli.run("gateway", "truststore", "--format", "pem", "--out", str(tmp_path / "t.pem"), code=7)
+    assert cli.json("gateway", "consumer", "list") == []

@@ -125,8 +125,11 @@ def test_gateway_params_refuse(fields: dict[str, object], match: str) -> None:
         gateway.GatewayParams(**fields)  # type: ignore[arg-type]
 
 
-def test_nothing_is_issued_before_init(lite_ctx: Context) -> None:
-    gateway.add_consumer(lite_ctx, ACME)
+def test_nothing_is_added_or_issued_before_init(lite_ctx: Context) -> None:
+    """A consumer was added before init, while issuing and truststores said to run init."""
+    with pytest.raises(NotInitialised, match="trellis gateway init"):
+        gateway.add_consumer(lite_ctx, ACME)
+    assert gateway.list_consumers(lite_ctx) == []
     _, csr = partner_csr()
     with pytest.raises(NotInitialised, match="trellis gateway init"):
         from_csr(lite_ctx, csr)
@@ -348,7 +351,7 @@ def test_csr_with_ed25519_and_rsa_keys(gw_lite: Context) -> None:
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({}, "either a CSR or a PKCS#12 password"),
+        ({}, "^give a CSR or a PKCS#12 password$"),
         ({"csr_pem": b"x", "pkcs12_password": PASSWORD}, "not both"),
         ({"pkcs12_password": b"short"}, "8 to 1024"),
         ({"csr_pem": b"x", "legacy_pkcs12": True}, "brings its own key"),

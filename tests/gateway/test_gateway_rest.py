@@ -14,10 +14,12 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from ca import gateway
 from ca.audit import list_audit
 from ca.certs import get_certificate
 from ca.clock import FixedClock
 from ca.config import Context
+from ca.errors import InvalidInput
 from ca.serial import Serial
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem
@@ -144,7 +146,7 @@ def test_pkcs12_is_returned_once(api_gw: Api) -> None:
     ("body", "status", "text"),
     [
         ({"csr": "not a csr"}, 400, "not a valid PEM"),
-        ({}, 400, "either a CSR"),
+        ({}, 400, "give a CSR or a PKCS#12 password"),
         ({"csr": "x", "pkcs12": {"password": "correct horse battery"}}, 400, "not both"),
         ({"csr": "x" * 60_001}, 400, "csr"),
         ({"csr": "x", "extra": True}, 400, "extra"),
@@ -355,3 +357,35 @@ def test_listing_refuses_bad_paging(api_gw: Api) -> None:
     ]:
         problem = assert_problem(api_gw.get(f"/certificates?{query}"), 400)
         assert detail in problem["detail"], (query, problem)
+
+
+def test_a_bad_consumer_name_in_the_path_gets_the_parser_s_message(api_gw: Api) -> None:
+    """docs/api.md: a path parameter is judged by the same parser as everywhere. The path said
+    "path.name: 'ACME' is not a valid value" (a pattern), the body "invalid consumer name"."""
+    for name in ("ACME", "x" * 65, "-acme"):
+        with pytest.raises(InvalidInput) as parsed:
+            gateway.ConsumerName(name)
+        expected = parsed.value.detail
+        for response in (
+            api_gw.get(f"/consumers/{name}"),
+            api_gw.post(f"/consumers/{name}/disable"),
+            api_gw.issue(name),
+        ):
+            assert assert_problem(response, 400)["detail"] == expected
+    jks = assert_problem(api_gw.get("/truststore/jks"), 400)["detail"]
+    assert jks == "truststore format is one of pem, nginx, aws, kong"
+
+
+def test_a_bad_csr_is_400_before_the_two_certificate_rule(api_gw: Api) -> None:
+    """The input is judged first: a garbage CSR for a consumer holding two certificates was
+    409 "already holds 2 valid certificates", as if a good one would have been issued."""
+    assert api_gw.issue().status_code == api_gw.issue().status_code == 201
+    refused = assert_problem(api_gw.issue(csr="not a csr"), 400)
+    assert "not a valid PEM" in refused["detail"]
+    assert "2 valid certificates" in assert_problem(api_gw.issue(), 409)["detail"]
+
+
+def test_consumers_wait_for_init_as_everything_else_does(api: Api) -> None:
+    refused = assert_problem(api.post("/consumers", {"name": "acme"}), 503)
+    assert refused["code"] == "not-initialised" and "trellis gateway init" in refused["detail"]
+    assert api.get("/consumers").json() == []
