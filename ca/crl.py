@@ -23,6 +23,7 @@ from ca.cas import ca_certificate, ca_signer, find_crl_issuer
 from ca.config import Context
 from ca.errors import Unavailable
 from ca.keys import PrivateKey
+from ca.profiles import BACKDATE
 from ca.revocation import RevocationReason
 from ca.store.models import CaRow, CertificateRow, CrlRow
 
@@ -106,7 +107,7 @@ def _revoked(session: Session, ca: CaRow, now: dt.datetime) -> list[x509.Revoked
     return entries
 
 
-def _locked_row(session: Session, ca_id: int, now: dt.datetime) -> CrlRow:
+def _locked_row(session: Session, ca_id: int, this_update: dt.datetime) -> CrlRow:
     """The CA's CRL row, locked. A missing row is created first with INSERT ... ON CONFLICT DO
     NOTHING: locking a row that does not exist yet would lock nothing, and two first revocations
     would both try to insert number 1."""
@@ -114,7 +115,7 @@ def _locked_row(session: Session, ca_id: int, now: dt.datetime) -> CrlRow:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.execute(
         insert(CrlRow)
-        .values(ca_id=ca_id, number=0, this_update=now, next_update=now, der=b"")
+        .values(ca_id=ca_id, number=0, this_update=this_update, next_update=this_update, der=b"")
         .on_conflict_do_nothing(index_elements=["ca_id"])
     )
     row = session.get(CrlRow, ca_id, with_for_update=True, populate_existing=True)
@@ -160,25 +161,37 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = Fals
 
     The row lock (PostgreSQL) orders concurrent revocations on several replicas so CRL numbers
     stay strictly increasing; SQLite serialises writers anyway.
+
+    thisUpdate is backdated by ``BACKDATE``, as issued certificates' notBefore is, and for the
+    same reason: a CRL is checked by the relying party's clock, and OpenVPN's ``crl-verify``
+    and nginx's ``ssl_crl`` (OpenSSL, no leeway) refuse one whose thisUpdate is still ahead of
+    it as "not yet valid", and with it every client of the CA until that clock catches up. A
+    CRL is re-signed on every revocation, so a relying party a few seconds behind would refuse
+    everyone after each one. RFC 5280 §5.1.2.4 calls thisUpdate the CRL's issue date and sets no
+    bound on it; it is never before the CA's own notBefore. The entries revoked in the last
+    ``BACKDATE`` have a revocationDate after it, which nothing in §5.1.2.4 or §5.3 forbids.
+    nextUpdate counts from the signing time, so a CRL's validity ends ``CRL_LIFETIME`` after it
+    was signed, as documented.
     """
     assert ca.id is not None
     now = ctx.clock.now()
-    current = _locked_row(session, ca.id, now)
-    # Above any number the instance a backup was taken of signed before it was restored here.
-    number = max(current.number + 1, ctx.crl_floor)
     signer = ca_signer(ctx, ca)
     issuer = ca_certificate(ctx, ca)
+    this_update = max(now - BACKDATE, issuer.not_valid_before_utc)
+    current = _locked_row(session, ca.id, this_update)
+    # Above any number the instance a backup was taken of signed before it was restored here.
+    number = max(current.number + 1, ctx.crl_floor)
     next_update = issuer.not_valid_after_utc if final else now + CRL_LIFETIME
     der = build_crl(
         issuer,
         signer.private_key,
         signer.hash_algorithm,
         number=number,
-        this_update=now,
+        this_update=this_update,
         next_update=next_update,
         revoked=_revoked(session, ca, now),
     )
-    current.number, current.this_update = number, now
+    current.number, current.this_update = number, this_update
     current.next_update, current.der = next_update, der
     session.add(current)
     session.flush()

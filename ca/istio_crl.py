@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.crl import Crl, build_crl
 from ca.keys import KeyType, PrivateKey
+from ca.profiles import BACKDATE
 
 __all__ = ["CRL_FILE", "crl_bundle", "intermediate_crl"]
 
@@ -32,7 +33,9 @@ CRL_FILE = "ca-crl.pem"
 def intermediate_crl(
     cert: x509.Certificate, key: PrivateKey, key_type: KeyType, now: dt.datetime
 ) -> bytes:
-    """The intermediate's empty CRL (PEM), nextUpdate = the intermediate's notAfter.
+    """The intermediate's empty CRL (PEM), nextUpdate = the intermediate's notAfter and
+    thisUpdate its notBefore (``now`` backdated, as ``ca.crl.refresh_crl`` does: a proxy whose
+    clock lags must not find it "not yet valid").
 
     RFC 5280 §5.2.3 wants CRL numbers to increase per CRL issuer; every renewal of a cluster's
     intermediate has the same subject (a new key), so the number is the issue time in seconds,
@@ -43,7 +46,7 @@ def intermediate_crl(
         key,
         key_type.signature_hash(),
         number=int(now.timestamp()),
-        this_update=now,
+        this_update=max(now - BACKDATE, cert.not_valid_before_utc),
         next_update=cert.not_valid_after_utc,
     )
     return x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)

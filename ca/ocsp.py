@@ -235,7 +235,15 @@ def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
 
 
 def respond(ctx: Context, request_der: bytes) -> bytes:
-    """Answer one DER OCSPRequest with a DER OCSPResponse; never raises for bad input."""
+    """Answer one DER OCSPRequest with a DER OCSPResponse; never raises for bad input.
+
+    thisUpdate is backdated by ``BACKDATE``, as certificates' notBefore and CRLs' thisUpdate
+    are: a relying party whose clock lags must not find the answer "not yet valid". OpenSSL
+    (``openssl ocsp``, nginx's stapling) allows 5 minutes of skew there, other clients may allow
+    none, and one rule for every signed time is easier to reason about. A revoked status is
+    never dated before its revocation: RFC 6960 §4.2.2.1 makes thisUpdate the latest time the
+    status is known to have been correct, and before the revocation it was ``good``. nextUpdate
+    counts from now, as a CRL's does."""
     try:
         if not request_der or len(request_der) > MAX_REQUEST:
             raise ValueError("empty or oversized OCSP request")
@@ -273,6 +281,7 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
         if responder is None:  # RFC 6960 §2.3: no longer authoritative for this CA
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         responder_cert, signer = responder
+    this_update = now - BACKDATE if revoked_at is None else max(now - BACKDATE, revoked_at)
     builder = (
         ocsp.OCSPResponseBuilder()
         .add_response_by_hash(
@@ -281,7 +290,7 @@ def respond(ctx: Context, request_der: bytes) -> bytes:
             serial_number=request.serial_number,
             algorithm=algorithm(),
             cert_status=status,
-            this_update=now,
+            this_update=this_update,
             next_update=now + RESPONSE_VALIDITY,
             revocation_time=revoked_at,
             revocation_reason=reason,

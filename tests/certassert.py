@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID
 
+from ca.profiles import BACKDATE
+
 __all__ = [
     "ExpectedUrls",
     "assert_is_ca",
@@ -264,10 +266,12 @@ def assert_is_crl(
     *,
     issuer: x509.Certificate,
     number: int | None = None,
-    this_update: dt.datetime | None = None,
+    signed_at: dt.datetime | None = None,
     lifetime: dt.timedelta | None = None,
 ) -> None:
-    """A v2 CRL issued by ``issuer`` (RFC 5280 §5): every CRL extension checked, signature valid."""
+    """A v2 CRL issued by ``issuer`` (RFC 5280 §5): every CRL extension checked, signature valid.
+    ``signed_at``: when Trellis signed it; thisUpdate is ``BACKDATE`` before (relying parties
+    whose clocks lag must not find it "not yet valid"), nextUpdate ``lifetime`` after."""
     assert _crl_version(crl) == 1, "RFC 5280 §5.1.2.1: a CRL with extensions MUST be v2"
     assert crl.issuer == issuer.subject, f"CRL issuer {crl.issuer}, expected {issuer.subject}"
     assert not isinstance(crl.signature_hash_algorithm, WEAK_HASHES)
@@ -291,9 +295,10 @@ def assert_is_crl(
     # RFC 5280 §5.1.2.5: conforming CRL issuers MUST include nextUpdate.
     assert crl.next_update_utc is not None, "nextUpdate is missing"
     assert crl.last_update_utc < crl.next_update_utc
-    if this_update is not None:
-        assert crl.last_update_utc == this_update, f"thisUpdate {crl.last_update_utc}"
+    if signed_at is not None:
+        expected = signed_at - BACKDATE
+        assert crl.last_update_utc == expected, f"thisUpdate {crl.last_update_utc}, not {expected}"
         if lifetime is not None:
-            assert crl.next_update_utc == this_update + lifetime, (
-                f"nextUpdate {crl.next_update_utc}, expected {this_update + lifetime}"
+            assert crl.next_update_utc == signed_at + lifetime, (
+                f"nextUpdate {crl.next_update_utc}, expected {signed_at + lifetime}"
             )

@@ -98,7 +98,7 @@ def test_crls_are_served_as_der_and_pem_without_authentication(
     assert response.headers["etag"] == crl_etag(1, response.content)
     crl = x509.load_der_x509_crl(response.content)
     assert_is_crl(
-        crl, issuer=issuer.certificate, number=1, this_update=clock.now(), lifetime=CRL_LIFETIME
+        crl, issuer=issuer.certificate, number=1, signed_at=clock.now(), lifetime=CRL_LIFETIME
     )
 
     as_pem = rest.client.get("/v1/crl/mesh/intermediate.pem")

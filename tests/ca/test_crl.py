@@ -36,7 +36,7 @@ from ca.identity import SpiffeId, TrustDomain
 from ca.jobs import renew_server_certificate, resign_crls
 from ca.keys import KeyHandle, KeyType, Signer
 from ca.logs import REQUEST_ID
-from ca.profiles import LeafSpec, RevocationUrls, leaf_builder, sign
+from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.serving import ensure_server_certificate
@@ -102,12 +102,16 @@ def openssl_verify_with_crls(
     intermediate: x509.Certificate,
     crls: list[x509.CertificateRevocationList],
     check_all: bool = True,
+    attime: dt.datetime | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``openssl verify`` of ``leaf`` to ``root`` through ``intermediate`` with CRL checking:
-    ``-crl_check_all`` checks every certificate in the chain, ``-crl_check`` the leaf only."""
+    ``-crl_check_all`` checks every certificate in the chain, ``-crl_check`` the leaf only;
+    ``attime``: the verifier's clock, if not the host's."""
     tag = format(leaf.serial_number, "x")[:12]
+    at = ["-attime", str(int(attime.timestamp()))] if attime is not None else []
     args = [
         "verify",
+        *at,
         "-crl_check_all" if check_all else "-crl_check",
         "-CAfile", write(tmp / f"root-{tag}.pem", pem(root)),
         "-untrusted", write(tmp / f"int-{tag}.pem", pem(intermediate)),
@@ -128,10 +132,14 @@ def test_a_fresh_crl_is_v2_signed_by_its_ca_with_exact_times(
     now = clock.now()
     for selector, ca_cert in (("intermediate", issuer.certificate), ("root", root_of(issuer))):
         crl = current_crl(ctx, MESH, selector)
-        assert crl.number == 1 and crl.this_update == now and crl.next_update == now + CRL_LIFETIME
+        assert (crl.number, crl.this_update, crl.next_update) == (
+            1,
+            now - BACKDATE,
+            now + CRL_LIFETIME,
+        )
         assert crl.ca_serial == serial_of(ca_cert).hex
         parsed = x509.load_der_x509_crl(crl.der)
-        assert_is_crl(parsed, issuer=ca_cert, number=1, this_update=now, lifetime=CRL_LIFETIME)
+        assert_is_crl(parsed, issuer=ca_cert, number=1, signed_at=now, lifetime=CRL_LIFETIME)
         assert len(parsed) == 0
         # The PEM form is the same CRL.
         assert x509.load_pem_x509_crl(crl.pem) == parsed
@@ -165,7 +173,7 @@ def test_crl_number_grows_by_one_per_revocation_and_reads_do_not_bump_it(
                 crl,
                 issuer=issuer.certificate,
                 number=number,
-                this_update=clock.now(),
+                signed_at=clock.now(),
                 lifetime=CRL_LIFETIME,
             )
         assert listed(crl) == {w.cert.serial_number for w in workloads[:number]}
@@ -222,7 +230,7 @@ def test_revoked_certificates_drop_off_once_they_expire(ctx: Context, clock: Fix
 
     clock.advance(dt.timedelta(hours=9))  # the CRL is due (15h left): reading re-signs it
     crl = crl_of(ctx)
-    assert crl.last_update_utc == clock.now()
+    assert crl.last_update_utc == clock.now() - BACKDATE
     assert listed(crl) == {long.cert.serial_number}
 
     clock.advance(dt.timedelta(hours=4))  # the long one expired too; the next revocation re-signs
@@ -243,7 +251,7 @@ def test_the_root_crl_lists_a_revoked_intermediate(ctx: Context, clock: FixedClo
     result = revoke_intermediate(ctx, actor="test")
 
     crl = crl_of(ctx, "root")
-    assert_is_crl(crl, issuer=root, number=crl_number(before) + 1, this_update=clock.now())
+    assert_is_crl(crl, issuer=root, number=crl_number(before) + 1, signed_at=clock.now())
     assert listed(crl) == {issuer.certificate.serial_number}
     (entry,) = list(crl)
     assert entry.revocation_date_utc == clock.now()
@@ -261,7 +269,7 @@ def test_refresh_stale_crls_resigns_only_the_due_ones(ctx: Context, clock: Fixed
     assert sorted(c.ca_serial for c in first) == sorted(
         serial_of(c).hex for c in (issuer.certificate, root_of(issuer))
     )
-    assert all(c.number == 1 and c.this_update == t0 for c in first)
+    assert all(c.number == 1 and c.this_update == t0 - BACKDATE for c in first)
     assert refresh_stale_crls(ctx) == []
     assert resign_crls(ctx) == "re-signed 0 CRL(s)"
 
@@ -275,16 +283,16 @@ def test_refresh_stale_crls_resigns_only_the_due_ones(ctx: Context, clock: Fixed
     clock.current = t0 + CRL_LIFETIME / 3  # root: exactly 16h left, due; intermediate: 20h
     (root_crl,) = refresh_stale_crls(ctx)
     assert root_crl.ca_serial == serial_of(root_of(issuer)).hex
-    assert root_crl.number == 2 and root_crl.this_update == clock.now()
+    assert root_crl.number == 2 and root_crl.this_update == clock.now() - BACKDATE
     assert_is_crl(
         x509.load_der_x509_crl(root_crl.der),
         issuer=root_of(issuer),
         number=2,
-        this_update=clock.now(),
+        signed_at=clock.now(),
         lifetime=CRL_LIFETIME,
     )
     int_crl = current_crl(ctx, MESH, "intermediate")
-    assert int_crl.number == 2 and int_crl.this_update == t0 + dt.timedelta(hours=4)
+    assert int_crl.number == 2 and int_crl.this_update == t0 + dt.timedelta(hours=4) - BACKDATE
     assert listed(x509.load_der_x509_crl(int_crl.der)) == {workload.cert.serial_number}
 
 
@@ -515,6 +523,35 @@ def test_openssl_crl_check_refuses_a_revoked_svid_and_accepts_a_good_one(
     both = [*crls, crl_of(ctx, "root")]
     assert openssl_verify_with_crls(tmp_path, good.cert, **chain, crls=both).returncode == 0
     assert openssl_verify_with_crls(tmp_path, bad.cert, **chain, crls=both).returncode != 0
+
+
+@SQLITE_ONLY
+@needs_openssl
+def test_openssl_a_few_seconds_behind_accepts_a_crl_signed_just_now(
+    ctx: Context, clock: FixedClock, tmp_path: Path
+) -> None:
+    """Regression: a CRL's thisUpdate was the second it was signed, and a CRL is re-signed on
+    every revocation, so OpenVPN's ``crl-verify`` or nginx's ``ssl_crl`` on a host 3 s behind
+    (OpenSSL, no leeway) refused every client with "CRL is not yet valid" after each one. It
+    is backdated as certificates are; the revoked client is still refused."""
+    issuer = active_issuer(ctx)
+    good = enrol(ctx, f"spiffe://{TD}/good")
+    bad = enrol(ctx, f"spiffe://{TD}/bad")
+    clock.advance(dt.timedelta(minutes=5))
+    revoke_certificate(ctx, serial_of(bad.cert), RevocationReason.KEY_COMPROMISE, "t")
+    chain = {"root": root_of(issuer), "intermediate": issuer.certificate}
+    crls = [crl_of(ctx), crl_of(ctx, "root")]  # both signed at clock.now()
+    behind = clock.now() - dt.timedelta(seconds=3)
+
+    ok = openssl_verify_with_crls(tmp_path, good.cert, **chain, crls=crls, attime=behind)
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
+    refused = openssl_verify_with_crls(tmp_path, bad.cert, **chain, crls=crls, attime=behind)
+    assert refused.returncode != 0
+    assert "certificate revoked" in refused.stdout + refused.stderr, refused.stdout
+    # A clock further behind than the backdating is still refused: the CRL is not stale-dated.
+    too_far = clock.now() - BACKDATE - dt.timedelta(seconds=5)
+    early = openssl_verify_with_crls(tmp_path, good.cert, **chain, crls=crls, attime=too_far)
+    assert early.returncode != 0 and "CRL is not yet valid" in early.stdout + early.stderr
 
 
 # --- revocation pointers in issued certificates (Settings.public_url) ------------------------

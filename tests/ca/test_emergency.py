@@ -22,6 +22,7 @@ from ca.durations import Ttl
 from ca.emergency import revoke_intermediate
 from ca.errors import AuthenticationFailed, InternalError, NotFound, Unavailable
 from ca.identity import SpiffeId
+from ca.profiles import BACKDATE
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CaRow
@@ -185,7 +186,8 @@ def test_the_last_crl_of_a_ca_revoked_without_its_key_is_served_until_it_expires
     old, last = _revoked_without_its_key(ctx)
     clock.advance(CRL_LIFETIME - dt.timedelta(hours=15))  # due, 15 hours of validity left
     assert current_crl(ctx, "mesh", old.serial) == last
-    assert current_crl(ctx, "mesh", "root").this_update == clock.now()  # the others: re-signed
+    # The others: re-signed (thisUpdate is backdated, as certificates' notBefore is).
+    assert current_crl(ctx, "mesh", "root").this_update == clock.now() - BACKDATE
     clock.current = last.next_update
     with pytest.raises(Unavailable, match="missing from the file key store"):
         current_crl(ctx, "mesh", old.serial)

@@ -25,6 +25,7 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.emergency import revoke_intermediate
 from ca.ocsp import MAX_REQUEST, RESPONSE_VALIDITY, respond, responder_common_name
+from ca.profiles import BACKDATE
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from tests.ca.svidkit import SQLITE_ONLY, enrol
@@ -86,8 +87,11 @@ def assert_single(
     request: bytes,
     status: ocsp.OCSPCertStatus,
     now: dt.datetime,
+    this_update: dt.datetime | None = None,
 ) -> None:
-    """The one SingleResponse echoes the CertID and is valid from now for RESPONSE_VALIDITY."""
+    """The one SingleResponse echoes the CertID, is dated ``this_update``, by default
+    ``BACKDATE`` before now (as certificates and CRLs are), and valid until RESPONSE_VALIDITY
+    after now."""
     asked = ocsp.load_der_ocsp_request(request)
     assert response.response_status is Outcome.SUCCESSFUL
     assert len(list(response.responses)) == 1
@@ -96,7 +100,7 @@ def assert_single(
     assert response.issuer_name_hash == asked.issuer_name_hash
     assert response.issuer_key_hash == asked.issuer_key_hash
     assert type(response.hash_algorithm) is type(asked.hash_algorithm)
-    assert response.this_update_utc == now
+    assert response.this_update_utc == (now - BACKDATE if this_update is None else this_update)
     assert response.next_update_utc == now + RESPONSE_VALIDITY
 
 
@@ -131,6 +135,27 @@ def test_status_is_good_then_revoked_and_unknown_for_strangers(
     unknown = ask(ctx, stranger)
     assert_single(unknown, request=stranger, status=Status.UNKNOWN, now=clock.now())
     assert_signed_by_delegate(unknown, issuer)
+
+
+@SQLITE_ONLY
+def test_a_fresh_revocation_is_not_dated_before_it_happened(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """thisUpdate is backdated, but a revoked status was not yet true before the revocation
+    (RFC 6960 §4.2.2.1: the latest time the status is known to have been correct)."""
+    issuer = active_issuer(ctx).certificate
+    workload = enrol(ctx, f"spiffe://{TD}/web")
+    der = request_der(workload.cert, issuer)
+    clock.advance(dt.timedelta(minutes=10))
+    revoked_at = clock.now()
+    revoke_certificate(
+        ctx, Serial(workload.cert.serial_number), RevocationReason.KEY_COMPROMISE, "test"
+    )
+    clock.advance(dt.timedelta(seconds=10))
+    response = ask(ctx, der)
+    assert response.certificate_status is Status.REVOKED
+    assert response.this_update_utc == revoked_at == clock.now() - dt.timedelta(seconds=10)
+    assert response.next_update_utc == clock.now() + RESPONSE_VALIDITY
 
 
 @SQLITE_ONLY
@@ -302,7 +327,9 @@ def test_the_root_responder_answers_for_intermediates(ctx: Context, clock: Fixed
     clock.advance(dt.timedelta(minutes=3))
     result = revoke_intermediate(ctx, actor="test")
     revoked = ask(ctx, der)
-    assert_single(revoked, request=der, status=Status.REVOKED, now=clock.now())
+    # Revoked this very second: not dated before it.
+    now = clock.now()
+    assert_single(revoked, request=der, status=Status.REVOKED, now=now, this_update=now)
     assert revoked.revocation_time_utc == clock.now()
     assert revoked.revocation_reason is x509.ReasonFlags.ca_compromise
     assert_signed_by_delegate(revoked, root)

@@ -58,7 +58,9 @@ def verify_workload(files: dict[str, bytes], directory: Path) -> tuple[int, str]
 
 def assert_crl_per_ca(files: dict[str, bytes]) -> None:
     """RFC 5280 §5: one CRL per CA of the chain, each naming its issuer, with the issuer's key
-    identifier as AKI, a CRL number, a valid signature; the intermediate's lasts as long as it."""
+    identifier as AKI, a CRL number, a valid signature; the intermediate's lasts as long as it
+    and is dated from its notBefore, backdated alike (a proxy whose clock lags must not find
+    it "not yet valid")."""
     intermediate, root = x509.load_pem_x509_certificates(files["cert-chain.pem"])
     own, root_crl = crls(files["ca-crl.pem"])
     for crl, ca in ((own, intermediate), (root_crl, root)):
@@ -68,6 +70,7 @@ def assert_crl_per_ca(files: dict[str, bytes]) -> None:
         assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     assert len(own) == 0
     assert own.next_update_utc == intermediate.not_valid_after_utc
+    assert own.last_update_utc == intermediate.not_valid_before_utc
 
 
 def issue(cli: Cli, out: Path, *args: str) -> dict[str, str]:
