@@ -245,7 +245,9 @@ def destroy_quietly(ctx: Context, handles: list[KeyHandle]) -> None:
 
 def _wipe(session: Session, name: str, *, actor: str, now: dt.datetime) -> list[KeyHandle]:
     """``init --force``: forget one authority's rows; returns its keys to destroy after commit.
-    What it forgot is recorded in the audit trail, in the same transaction."""
+    What it forgot is recorded in the audit trail, in the same transaction. The CRL number
+    counters of its CAs' names (``CrlIssuerRow``) stay: the new CAs bear the same names and
+    must number their CRLs above the old ones' (RFC 5280 §5.2.3)."""
     cas = session.exec(select(CaRow).where(CaRow.authority == name)).all()
     ca_ids = [row.id for row in cas]
     replaced = session.get(AuthorityRow, name)

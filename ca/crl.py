@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from ca.cas import ca_certificate, ca_signer, find_crl_issuer
 from ca.config import Context
@@ -25,7 +25,7 @@ from ca.errors import Unavailable
 from ca.keys import PrivateKey
 from ca.profiles import BACKDATE
 from ca.revocation import RevocationReason
-from ca.store.models import CaRow, CertificateRow, CrlRow
+from ca.store.models import CaRow, CertificateRow, CrlIssuerRow, CrlRow
 
 __all__ = [
     "CRL_LIFETIME",
@@ -107,14 +107,40 @@ def _revoked(session: Session, ca: CaRow, now: dt.datetime) -> list[x509.Revoked
     return entries
 
 
+def _insert(session: Session, table: type[SQLModel]) -> postgresql.Insert | sqlite.Insert:
+    """INSERT with the ON CONFLICT clauses of the session's database."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _next_number(session: Session, issuer_name: str, floor: int) -> int:
+    """The next CRL number under ``issuer_name``, in one statement that also locks the name's
+    counter until commit (``CrlIssuerRow``: RFC 5280 §5.2.3 counts per issuer name, which the
+    CAs that succeed one another share). Concurrent signers under one name, on one replica or
+    several, get increasing numbers in commit order; a name's first CRL is numbered 1.
+
+    ``floor``: above any number the instance a backup was taken of signed before it was
+    restored here (``ca.restored.crl_numbers_from``)."""
+    bumped = col(CrlIssuerRow.number) + 1
+    statement = (
+        _insert(session, CrlIssuerRow)
+        .values(name=issuer_name, number=max(1, floor))
+        .on_conflict_do_update(
+            index_elements=["name"], set_={"number": sa.case((bumped > floor, bumped), else_=floor)}
+        )
+        .returning(col(CrlIssuerRow.number))
+    )
+    number: int = session.execute(statement).scalar_one()
+    return number
+
+
 def _locked_row(session: Session, ca_id: int, this_update: dt.datetime) -> CrlRow:
     """The CA's CRL row, locked. A missing row is created first with INSERT ... ON CONFLICT DO
-    NOTHING: locking a row that does not exist yet would lock nothing, and two first revocations
-    would both try to insert number 1."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    NOTHING: locking a row that does not exist yet would lock nothing. Its number 0 says "no CRL
+    yet" until the caller stores the first one, in the same transaction."""
     session.execute(
-        insert(CrlRow)
+        _insert(session, CrlRow)
         .values(ca_id=ca_id, number=0, this_update=this_update, next_update=this_update, der=b"")
         .on_conflict_do_nothing(index_elements=["ca_id"])
     )
@@ -159,8 +185,10 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = Fals
     until the CA itself expires, since nothing can re-sign it (RFC 5280 §5.1.2.5 lets nextUpdate
     be any later time); ``refresh_stale_crls`` never finds it due.
 
-    The row lock (PostgreSQL) orders concurrent revocations on several replicas so CRL numbers
-    stay strictly increasing; SQLite serialises writers anyway.
+    The number comes from the counter of the CA's issuer name (``_next_number``), whose row
+    lock (PostgreSQL) orders concurrent revocations on several replicas, and re-signings by the
+    CAs that share the name, so CRL numbers under a name stay strictly increasing; SQLite
+    serialises writers anyway. The key is loaded before any lock is taken.
 
     thisUpdate is backdated by ``BACKDATE``, as issued certificates' notBefore is, and for the
     same reason: a CRL is checked by the relying party's clock, and OpenVPN's ``crl-verify``
@@ -178,9 +206,8 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = Fals
     signer = ca_signer(ctx, ca)
     issuer = ca_certificate(ctx, ca)
     this_update = max(now - BACKDATE, issuer.not_valid_before_utc)
+    number = _next_number(session, ca.subject, ctx.crl_floor)
     current = _locked_row(session, ca.id, this_update)
-    # Above any number the instance a backup was taken of signed before it was restored here.
-    number = max(current.number + 1, ctx.crl_floor)
     next_update = issuer.not_valid_after_utc if final else now + CRL_LIFETIME
     der = build_crl(
         issuer,

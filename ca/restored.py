@@ -101,15 +101,16 @@ def acts_on(database: Path) -> ActsOn:
 
 
 def crl_numbers_from(at: dt.datetime) -> int:
-    """The least CRL number a CA signs after a restore at ``at``: microseconds since the epoch.
+    """The least CRL number signed after a restore at ``at``: microseconds since the epoch.
 
-    RFC 5280 §5.2.3 wants a CA's CRL numbers to increase, and a restore rolls the database, and
-    with it each CA's last number, back to the backup's: the restored copy would sign numbers
-    the original already used, for CRLs that lack its later revocations. No CA signs more than
-    one CRL a microsecond, and a CA that was never restored counts from 1: every number issued
-    by time T is below T in microseconds (after a restore too, counting from this floor), so
-    the first CRL after the restore outnumbers every CRL the original signed before it. It
-    takes the restoring host's clock to be right; the original must not sign after it."""
+    RFC 5280 §5.2.3 wants an issuer name's CRL numbers to increase, and a restore rolls the
+    database, and with it each name's last number (``CrlIssuerRow``), back to the backup's: the
+    restored copy would sign numbers the original already used, for CRLs that lack its later
+    revocations. No name gets more than one CRL a microsecond, and a name never restored counts
+    from 1: every number issued by time T is below T in microseconds (after a restore too,
+    counting from this floor), so the first CRL after the restore outnumbers every CRL the
+    original signed before it. It takes the restoring host's clock to be right; the original
+    must not sign after it."""
     return int(at.timestamp() * 1_000_000)
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "CaEventRow",
     "CaRow",
     "CertificateRow",
+    "CrlIssuerRow",
     "CrlRow",
     "EntryRow",
     "FederatedBundleRow",
@@ -167,6 +168,21 @@ class CrlRow(SQLModel, table=True):
     this_update: dt.datetime = _time()
     next_update: dt.datetime = _time()
     der: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
+
+
+class CrlIssuerRow(SQLModel, table=True):
+    """The highest CRL number signed under one issuer name (``CaRow.subject``), by whichever CA
+    bears it. RFC 5280 §5.2.3 wants CRL numbers to increase per CRL issuer, and §5.2.1 makes one
+    name with several keys one issuer: a rotated CA, its emergency replacement and the CA of an
+    ``init --force`` take their predecessor's name, and the predecessor may go on signing CRLs
+    while its certificates live. Every CRL takes its number from this row (locked until commit),
+    so the numbers under a name only grow, whichever CA signs; the row outlives the CAs (``init
+    --force`` deletes their CRLs, not this)."""
+
+    __tablename__ = "crl_issuer"
+
+    name: str = Field(primary_key=True, max_length=512)
+    number: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
 
 
 class OcspResponderRow(SQLModel, table=True):

@@ -38,6 +38,7 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.logs import REQUEST_ID
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.revocation import RevocationReason
+from ca.rotation import rotate
 from ca.serial import Serial
 from ca.serving import ensure_server_certificate
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, count_rows, enrol, join_secret, new_key
@@ -552,6 +553,80 @@ def test_openssl_a_few_seconds_behind_accepts_a_crl_signed_just_now(
     too_far = clock.now() - BACKDATE - dt.timedelta(seconds=5)
     early = openssl_verify_with_crls(tmp_path, good.cert, **chain, crls=crls, attime=too_far)
     assert early.returncode != 0 and "CRL is not yet valid" in early.stdout + early.stderr
+
+
+# --- CRL numbers under one issuer name (RFC 5280 §5.2.3, §5.2.1) ------------------------------
+
+
+def revoke_new(ctx: Context, name: str) -> None:
+    """Enrol a workload and revoke its SVID: its issuer signs a CRL."""
+    cert = enrol(ctx, f"spiffe://{TD}/{name}").cert
+    revoke_certificate(ctx, serial_of(cert), RevocationReason.UNSPECIFIED, "t")
+
+
+def test_a_rotated_intermediate_numbers_its_crls_above_its_predecessor_s(
+    ctx: Context, clock: FixedClock
+) -> None:
+    """Regression: every CA counted its CRL numbers from 1, and a rotated intermediate bears
+    its predecessor's name, so its first CRLs reused numbers signed under that name. The
+    numbers under one name only grow, whichever CA signs: the retired intermediate goes on
+    signing CRLs (its certificates live on) and numbers them above its successor's."""
+    old = active_issuer(ctx).certificate
+    workloads = [enrol(ctx, f"spiffe://{TD}/w{i}") for i in range(3)]
+    for workload in workloads[:2]:
+        revoke_certificate(ctx, serial_of(workload.cert), RevocationReason.SUPERSEDED, "t")
+    old_number = crl_number(crl_of(ctx))
+    assert old_number == 2
+
+    clock.advance(dt.timedelta(minutes=1))
+    rotate(ctx, force=True)  # prepare
+    rotate(ctx, force=True)  # activate
+    new = active_issuer(ctx).certificate
+    assert new.subject == old.subject and new.serial_number != old.serial_number
+    first = crl_of(ctx)
+    assert_is_crl(first, issuer=new, number=old_number + 1, signed_at=clock.now())
+
+    revoke_certificate(ctx, serial_of(workloads[2].cert), RevocationReason.SUPERSEDED, "t")
+    retired = crl_of(ctx, serial_of(old).hex)
+    assert_is_crl(retired, issuer=old, number=old_number + 2)
+    assert listed(retired) == {w.cert.serial_number for w in workloads}
+    revoke_new(ctx, "n")
+    assert crl_number(crl_of(ctx)) == old_number + 3
+
+
+def test_an_emergency_replacement_numbers_its_crls_above_the_revoked_one_s(ctx: Context) -> None:
+    revoke_new(ctx, "w")
+    result = revoke_intermediate(ctx, actor="test")  # re-signs the old one's CRL: its 2nd
+    assert crl_number(crl_of(ctx, result.revoked_serial.hex)) == 2
+    assert crl_number(crl_of(ctx)) == 3
+
+
+def test_init_force_numbers_the_new_cas_crls_above_the_old_ones(ctx: Context) -> None:
+    """``init --force`` deletes the old CAs and their CRLs, but its new root and intermediate
+    bear the old names: their numbers go on from the highest ever signed under each."""
+    revoke_new(ctx, "w")
+    before = {selector: crl_number(crl_of(ctx, selector)) for selector in ("root", "intermediate")}
+    assert before == {"root": 1, "intermediate": 1}
+    init_authority(ctx, AuthorityParams(TrustDomain.parse(TD), force=True))
+    issuer = active_issuer(ctx)
+    assert_is_crl(crl_of(ctx, "root"), issuer=root_of(issuer), number=before["root"] + 1)
+    assert_is_crl(crl_of(ctx), issuer=issuer.certificate, number=before["intermediate"] + 1)
+
+
+@SQLITE_ONLY
+def test_the_restore_floor_numbers_a_name_s_first_crl_and_the_next_goes_on_by_one(
+    settings: Settings, clock: FixedClock
+) -> None:
+    floor = 1_700_000_000_000_000
+    ctx = build_context(settings, clock=clock)
+    ctx.crl_floor = floor  # as restored.json sets it (ca.restored.read_marker)
+    try:
+        init_authority(ctx, AuthorityParams(TrustDomain.parse(TD)))
+        assert crl_number(crl_of(ctx)) == floor
+        revoke_new(ctx, "w")
+        assert crl_number(crl_of(ctx)) == floor + 1
+    finally:
+        ctx.close()
 
 
 # --- revocation pointers in issued certificates (Settings.public_url) ------------------------

@@ -274,3 +274,30 @@ def test_0017_downgrades_to_the_schema_of_0016(database_url: str) -> None:
         ).all()
     assert [tuple(row) for row in rows] == [("openvpn-crl", "b", 3)]  # the last run's
     engine.dispose()
+
+
+def test_0018_counts_crl_numbers_per_issuer_name_from_the_highest_stored(
+    database_url: str,
+) -> None:
+    """0018 counts CRL numbers per issuer name: each name starts from the highest number any
+    CA bearing it has stored (here an intermediate and its successor, and the root)."""
+    engine = _at_revision(database_url, "0017")
+    _populate(engine)
+    naive = engine.dialect.name == "sqlite"
+    when = NOW.replace(tzinfo=None) if naive else NOW
+    with engine.begin() as connection:
+        _insert_ca(connection, 3, "intermediate", 1, when)
+        connection.execute(sa.text("UPDATE ca SET subject = 'CN=root' WHERE id = 1"))
+        for ca_id, number in ((1, 4), (2, 9), (3, 2)):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO crl (ca_id, number, this_update, next_update, der) "
+                    "VALUES (:ca, :number, :t, :t, :der)"
+                ),
+                {"ca": ca_id, "number": number, "t": when, "der": b"crl"},
+            )
+    db.upgrade(engine)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT name, number FROM crl_issuer ORDER BY name"))
+        assert [tuple(row) for row in rows] == [("CN=root", 4), ("CN=x", 9)]
+    engine.dispose()
