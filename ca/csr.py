@@ -102,25 +102,24 @@ _LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
 
 
 def _one_block(pem: bytes) -> bool:
-    """Nothing but whitespace around one BEGIN/END pair of a CSR label (a few string scans:
-    every issuance and renewal runs this)."""
-    text = pem.strip()
-    return text.count(b"-----") == 4 and any(
-        text.startswith(b"-----BEGIN " + label + b"-----")
-        and text.endswith(b"-----END " + label + b"-----")
+    """One BEGIN/END pair, of a CSR label, and no other PEM block; explanatory text around it is
+    allowed, as RFC 7468 §5.2 asks of parsers (``openssl req -text`` writes the request's text
+    before it). A few string scans: every issuance and renewal runs this."""
+    return pem.count(b"-----") == 4 and any(
+        b"-----BEGIN " + label + b"-----" in pem and b"-----END " + label + b"-----" in pem
         for label in _LABELS
     )
 
 
 def _decoded(pem: bytes) -> x509.CertificateSigningRequest:
-    """Exactly one PEM CSR. cryptography reads the first PEM block it finds and ignores what
-    surrounds it: a second request, or text after the first, was accepted and dropped, so what
+    """Exactly one PEM CSR. cryptography reads the first PEM block it finds and ignores the
+    rest: a second request (or a certificate) after the first was accepted and dropped, so what
     was judged and signed was not all the caller sent."""
     if not _one_block(pem):
         blocks = pem.count(b"-----BEGIN ")
         raise InvalidCsr(
             "the CSR is not a valid PEM certificate request: send exactly one BEGIN/END "
-            "CERTIFICATE REQUEST block and nothing else"
+            "CERTIFICATE REQUEST block and no other PEM block"
             + (f" (this holds {blocks} PEM blocks)" if blocks > 1 else "")
         )
     try:

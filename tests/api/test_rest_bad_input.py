@@ -61,9 +61,9 @@ SVID_REFUSALS: list[tuple[str, int, str, Callable[[], Any]]] = [
         lambda: _csr_body(make_csr()[1].replace("\n", "", 3)[:200]),
     ),
     ("csr/a-certificate", 400, "invalid-csr", lambda: _csr_body(_certificate_pem())),
-    # Only the first of these was read: a second CSR, or text after it, was ignored.
+    # Only the first of these was read: a second CSR, or a certificate after it, was ignored.
     ("csr/two-requests", 400, "invalid-csr", lambda: _csr_body(make_csr()[1] + make_csr()[1])),
-    ("csr/trailing-text", 400, "invalid-csr", lambda: _csr_body(make_csr()[1] + "garbage")),
+    ("csr/then-a-cert", 400, "invalid-csr", lambda: _csr_body(make_csr()[1] + _certificate_pem())),
     ("csr/bad-signature", 400, "invalid-csr", lambda: _csr_body(tamper_signature(make_csr()[1]))),
     (
         "csr/rsa-1024",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from ca import gateway
 from ca.config import Context, Settings
@@ -24,6 +25,7 @@ from ca.tokens import list_tokens
 from cli.main import main
 from tests.api.restkit import Rest, assert_problem, make_csr
 from tests.conftest import PASSPHRASE
+from tests.selfsigned import self_signed
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 CLI_EXIT_INVALID = 2
@@ -242,6 +244,11 @@ def test_join_token_uses_are_refused_alike(
         _same_reason(rest_said, cli_said, "a join token allows 1 to 1000 uses")
 
 
+def _certificate_pem() -> str:
+    cert, _ = self_signed("not a csr")
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def _two_csrs() -> str:
     return make_csr()[1] + make_csr()[1]
 
@@ -251,7 +258,7 @@ def _two_csrs() -> str:
     "csr",
     [
         pytest.param(_two_csrs, id="two-csrs"),
-        pytest.param(lambda: make_csr()[1] + "trailing garbage\n", id="trailing-garbage"),
+        pytest.param(lambda: make_csr()[1] + _certificate_pem(), id="csr-then-certificate"),
     ],
 )
 def test_a_gateway_csr_is_exactly_one_request(

@@ -1,6 +1,6 @@
-"""A CSR's PEM is one request and nothing else (``ca.csr._decoded``): cryptography reads the
-first PEM block it finds and drops what surrounds it, so a second request or trailing text was
-accepted and ignored."""
+"""A CSR's PEM is one request and no other PEM block (``ca.csr._decoded``): cryptography reads
+the first PEM block it finds and drops what follows, so a second request was accepted and
+ignored. Explanatory text around the block is allowed (RFC 7468 §5.2)."""
 
 from __future__ import annotations
 
@@ -30,19 +30,20 @@ ACCEPTED: dict[str, Callable[[], str]] = {
     "ok/crlf": lambda: _csr().replace("\n", "\r\n"),
     # RFC 7468 §7: parsers may accept the label older tools (Netscape, openssl -newhdr) wrote.
     "ok/legacy-label": lambda: _csr().replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"),
+    # RFC 7468 §5.2: parsers must not fail on explanatory text (openssl req -text writes it).
+    "ok/leading-text": lambda: "Certificate Request:\n    Data:\n" + _csr(),
+    "ok/trailing-text": lambda: _csr() + "and a note\n",
 }
 
 REFUSED: dict[str, tuple[Callable[[], str], str]] = {
     "fail/two-csrs": (lambda: _csr() + _csr(), "this holds 2 PEM blocks"),
     "fail/csr-then-certificate": (lambda: _csr() + _certificate(), "this holds 2 PEM blocks"),
     "fail/certificate-then-csr": (lambda: _certificate() + _csr(), "this holds 2 PEM blocks"),
-    "fail/trailing-text": (lambda: _csr() + "and something else\n", "nothing else"),
-    "fail/leading-text": (lambda: "Certificate Request:\n" + _csr(), "nothing else"),
     "fail/labels-differ": (
         lambda: _csr().replace("END CERTIFICATE REQUEST", "END NEW CERTIFICATE REQUEST"),
-        "nothing else",
+        "no other PEM block",
     ),
-    "fail/empty": (lambda: "", "nothing else"),
+    "fail/empty": (lambda: "", "no other PEM block"),
 }
 
 
