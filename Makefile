@@ -29,6 +29,7 @@ run: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check ca api cli tests
+	$(BIN)/ruff format --check ca api cli tests
 	$(BIN)/mypy
 
 test: lint

@@ -31,9 +31,9 @@ class AuditRow(SQLModel, table=True):
         # tens of seconds of CPU for one run of the sealer under load, and second-long
         # issuance stalls beside it (migration 0013, docs/benchmarks.md). SQLite finds them
         # through the unique index on seq (NULLs first) and needs none.
-        sa.Index(
-            "ix_audit_log_unsealed", "id", postgresql_where=sa.text("seq IS NULL")
-        ).ddl_if(dialect="postgresql"),
+        sa.Index("ix_audit_log_unsealed", "id", postgresql_where=sa.text("seq IS NULL")).ddl_if(
+            dialect="postgresql"
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -285,7 +285,8 @@ def env_problems(manifests: ManifestSet, settings_fields: set[str]) -> list[str]
         if name.removeprefix("TRELLIS_").lower() not in settings_fields:
             problems.append(f"{where}: {name} is not a Trellis setting")
     linked = [
-        s.name for s in manifests.of_kind("Service")
+        s.name
+        for s in manifests.of_kind("Service")
         if s.name.upper().replace("-", "_").startswith("TRELLIS")
     ]
     for doc, spec in workloads(manifests):

@@ -84,7 +84,9 @@ def dockerfile_problems(text: str) -> list[str]:
     ]:
         problems.append('ENTRYPOINT must be ["trellis"]')
     if _exec_form(values(final, "CMD")[-1] if values(final, "CMD") else "") != [
-        "serve", "--host", "0.0.0.0"
+        "serve",
+        "--host",
+        "0.0.0.0",
     ]:
         problems.append('CMD must be ["serve", "--host", "0.0.0.0"]')
     if "8443" not in " ".join(values(final, "EXPOSE")).split():

@@ -71,8 +71,9 @@ def healthcheck(environ: dict[str, str]) -> int:
 
 
 def container(spec: Obj, name: str) -> Obj:
-    found: Obj = next(c for c in spec.get("initContainers", []) + spec["containers"]
-                      if c["name"] == name)
+    found: Obj = next(
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name
+    )
     return found
 
 
@@ -95,8 +96,14 @@ class SingleNode:
         return self.environ["TRELLIS_DATA_DIR"] + "/bundle.pem"
 
     def run(self, *args: str) -> str:
-        result = subprocess.run([TRELLIS, *args], env=self.environ, capture_output=True,
-                                text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [TRELLIS, *args],
+            env=self.environ,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 

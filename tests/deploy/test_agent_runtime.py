@@ -67,9 +67,14 @@ def obtain(node: SingleNode, args: list[str], svid: Path, account: str, dns: str
         dns_args = ["--dns", dns] if dns else []
         entries[spiffe_id] = node.run("entry", "create", "--spiffe-id", spiffe_id, *dns_args)
     token = node.run("token", "create", "--entry", entries[spiffe_id].strip()).strip()
-    result = subprocess.run(local(node, args, svid),
-                            env={**clean_environ(), "TRELLIS_JOIN_TOKEN": token},
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        local(node, args, svid),
+        env={**clean_environ(), "TRELLIS_JOIN_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert {p.name for p in svid.iterdir()} >= {"svid.pem", "svid.key", "bundle.pem"}
 
@@ -79,13 +84,15 @@ def test_the_sidecar_starts_from_the_init_containers_svid(node: SingleNode, tmp_
     obtain(node, WEB["initContainers"][0]["args"], svid, "web", WEB_HOST)
     # The sidecar's command line, stopped after its first step: it needs no token here...
     sidecar = [*local(node, container(WEB, "trellis-agent")["args"], svid), "--once"]
-    started = subprocess.run(sidecar, env=clean_environ(), capture_output=True, text=True,
-                             timeout=60, check=False)
+    started = subprocess.run(
+        sidecar, env=clean_environ(), capture_output=True, text=True, timeout=60, check=False
+    )
     assert started.returncode == 0, started.stderr
     # ... and without the init container's SVID (and no token) it refuses at once.
     empty = [*local(node, container(WEB, "trellis-agent")["args"], tmp_path / "empty"), "--once"]
-    refused = subprocess.run(empty, env=clean_environ(), capture_output=True, text=True,
-                             timeout=60, check=False)
+    refused = subprocess.run(
+        empty, env=clean_environ(), capture_output=True, text=True, timeout=60, check=False
+    )
     assert refused.returncode != 0 and "no --token" in refused.stderr, refused.stderr
 
 

@@ -85,11 +85,16 @@ def test_init_containers_and_sidecars_differ_only_as_intended() -> None:
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        pytest.param(["agent", "--server", "https://t:8443", "--bundle", "b", "--dir", "d",
-                      "--one"], "No such option", id="fail/misspelt-option"),
-        pytest.param(["agent", "--server", "https://t:8443", "--dir", "d"],
-                     "Missing parameter: bundle",
-                     id="fail/missing-required"),
+        pytest.param(
+            ["agent", "--server", "https://t:8443", "--bundle", "b", "--dir", "d", "--one"],
+            "No such option",
+            id="fail/misspelt-option",
+        ),
+        pytest.param(
+            ["agent", "--server", "https://t:8443", "--dir", "d"],
+            "Missing parameter: bundle",
+            id="fail/missing-required",
+        ),
         pytest.param(["serve", "--port", "https"], "valid integer", id="fail/bad-value"),
     ],
 )

@@ -31,23 +31,37 @@ def test_the_dockerfile_passes_every_check() -> None:
     [
         pytest.param("USER 10001:10001", "USER root", "numeric non-root", id="fail/user-root"),
         pytest.param("USER 10001:10001", "USER 0", "numeric non-root", id="fail/user-zero"),
-        pytest.param("python:3.12-slim-bookworm AS runtime", "python:latest AS runtime",
-                     "fixed tag", id="fail/latest"),
-        pytest.param("python:3.12-slim-bookworm AS build", "python AS build", "fixed tag",
-                     id="fail/untagged"),
+        pytest.param(
+            "python:3.12-slim-bookworm AS runtime",
+            "python:latest AS runtime",
+            "fixed tag",
+            id="fail/latest",
+        ),
+        pytest.param(
+            "python:3.12-slim-bookworm AS build", "python AS build", "fixed tag", id="fail/untagged"
+        ),
         pytest.param("HEALTHCHECK", "# HEALTHCHECK", "HEALTHCHECK", id="fail/no-healthcheck"),
-        pytest.param('ENTRYPOINT ["trellis"]', "ENTRYPOINT trellis", "ENTRYPOINT",
-                     id="fail/shell-entrypoint"),
+        pytest.param(
+            'ENTRYPOINT ["trellis"]', "ENTRYPOINT trellis", "ENTRYPOINT", id="fail/shell-entrypoint"
+        ),
         pytest.param("EXPOSE 8443", "EXPOSE 8080", "EXPOSE", id="fail/port"),
-        pytest.param('VOLUME ["/var/lib/trellis"]', 'VOLUME ["/data"]', "VOLUME",
-                     id="fail/volume"),
+        pytest.param('VOLUME ["/var/lib/trellis"]', 'VOLUME ["/data"]', "VOLUME", id="fail/volume"),
         pytest.param("TMPDIR=/var/lib/trellis", "TMPDIR=/tmp", "TMPDIR", id="fail/tmpdir"),
-        pytest.param("PYTHONUNBUFFERED=1", "PYTHONUNBUFFERED=1 TRELLIS_KEY_PASSPHRASE=x",
-                     "looks like a secret", id="fail/secret-env"),
-        pytest.param("COPY cli/ cli/", "COPY client/ client/", "does not exist",
-                     id="fail/copy-missing"),
-        pytest.param("--mount=type=bind,from=build,", "--mount=type=bind,", "nothing from",
-                     id="fail/not-using-build-stage"),
+        pytest.param(
+            "PYTHONUNBUFFERED=1",
+            "PYTHONUNBUFFERED=1 TRELLIS_KEY_PASSPHRASE=x",
+            "looks like a secret",
+            id="fail/secret-env",
+        ),
+        pytest.param(
+            "COPY cli/ cli/", "COPY client/ client/", "does not exist", id="fail/copy-missing"
+        ),
+        pytest.param(
+            "--mount=type=bind,from=build,",
+            "--mount=type=bind,",
+            "nothing from",
+            id="fail/not-using-build-stage",
+        ),
     ],
 )
 def test_a_broken_dockerfile_is_caught(old: str, new: str, expected: str) -> None:
@@ -57,7 +71,7 @@ def test_a_broken_dockerfile_is_caught(old: str, new: str, expected: str) -> Non
 
 
 def test_single_stage_is_caught() -> None:
-    single = TEXT[TEXT.index("FROM python:3.12-slim-bookworm AS runtime"):]
+    single = TEXT[TEXT.index("FROM python:3.12-slim-bookworm AS runtime") :]
     assert dockerfile_problems(single) == [
         "not multi-stage: build the wheel in one stage, install it in another"
     ]
@@ -87,15 +101,22 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 def test_the_ignore_file_keeps_what_the_build_copies_and_drops_the_rest() -> None:
     patterns = [
-        line.strip() for line in IGNORE_FILE.read_text().splitlines()
+        line.strip()
+        for line in IGNORE_FILE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for source in copied_sources(TEXT):
         assert not _ignored(source, patterns), source
         if (REPO / source).is_dir():
             assert not _ignored(f"{source}/module.py", patterns), source
-    for dropped in (".venv/bin/python", ".git/HEAD", "var/admin-token", "tests/conftest.py",
-                    "ca/__pycache__/x.pyc", "deploy/k8s/ha/secret-example.yaml"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "var/admin-token",
+        "tests/conftest.py",
+        "ca/__pycache__/x.pyc",
+        "deploy/k8s/ha/secret-example.yaml",
+    ):
         assert _ignored(dropped, patterns), dropped
 
 

@@ -50,8 +50,18 @@ def test_the_pinned_version_is_bundled() -> None:
 
 def test_every_manifest_file_is_covered() -> None:
     kinds = {doc.kind for doc in DOCS}
-    assert {"StatefulSet", "Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy",
-            "PodDisruptionBudget", "ServiceAccount", "Namespace", "Job"} <= kinds
+    assert {
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "Namespace",
+        "Job",
+    } <= kinds
 
 
 @pytest.mark.parametrize("version", [PINNED, NEWEST])
@@ -101,7 +111,10 @@ def test_kustomize_renders_valid_namespaced_objects(directory: Path) -> None:
     every namespaced object lands in the kustomization's namespace."""
     assert KUBECTL is not None
     result = subprocess.run(
-        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60,
+        [KUBECTL, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr

@@ -57,8 +57,12 @@ def test_network_policy_admits_only_the_api_port_from_client_namespaces() -> Non
 
 
 def test_network_policy_egress_is_dns_postgresql_and_vault_only() -> None:
-    assert _ports(POLICY["spec"]["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 5432),
-                                                ("TCP", 8200)}
+    assert _ports(POLICY["spec"]["egress"]) == {
+        ("UDP", 53),
+        ("TCP", 53),
+        ("TCP", 5432),
+        ("TCP", 8200),
+    }
     for rule in POLICY["spec"]["egress"]:
         assert rule["to"], "an egress rule without peers would admit every destination"
 
@@ -80,10 +84,12 @@ _ENTITY = {
         "ports": {
             "type": "array",
             "minItems": 1,
-            "items": {"anyOf": [
-                {"type": "integer", "minimum": 1, "maximum": 65535},
-                {"type": "string", "pattern": r"^(\d+:\d+|[a-z0-9-]+)$"},
-            ]},
+            "items": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 1, "maximum": 65535},
+                    {"type": "string", "pattern": r"^(\d+:\d+|[a-z0-9-]+)$"},
+                ]
+            },
         },
     },
 }
@@ -135,10 +141,13 @@ def test_calico_policy_has_calicos_shape() -> None:
     "edit",
     [
         pytest.param(lambda p: p["spec"].update({"podSelector": {}}), id="fail/k8s-field"),
-        pytest.param(lambda p: p["spec"]["ingress"][0].update({"action": "allow"}),
-                     id="fail/action"),
-        pytest.param(lambda p: p["spec"]["ingress"][0]["destination"].update({"ports": ["x y"]}),
-                     id="fail/port"),
+        pytest.param(
+            lambda p: p["spec"]["ingress"][0].update({"action": "allow"}), id="fail/action"
+        ),
+        pytest.param(
+            lambda p: p["spec"]["ingress"][0]["destination"].update({"ports": ["x y"]}),
+            id="fail/port",
+        ),
     ],
 )
 def test_calico_shape_check_rejects_a_broken_copy(edit: Any) -> None:
@@ -154,8 +163,10 @@ def _calico_ports(rules: list[dict[str, Any]]) -> set[tuple[str, int]]:
 
 def test_calico_policy_is_the_kubernetes_policy() -> None:
     spec = CALICO["spec"]
-    assert CALICO["metadata"] == {"name": POLICY["metadata"]["name"],
-                                  "namespace": POLICY["metadata"]["namespace"]}
+    assert CALICO["metadata"] == {
+        "name": POLICY["metadata"]["name"],
+        "namespace": POLICY["metadata"]["namespace"],
+    }
     assert spec["types"] == POLICY["spec"]["policyTypes"]
     wanted = POLICY["spec"]["podSelector"]["matchLabels"]
     assert set(re.findall(r"([\w./-]+) == '([^']*)'", spec["selector"])) == set(wanted.items())
@@ -192,26 +203,56 @@ _ISTIO_SCHEMAS: dict[str, dict[str, Any]] = {
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
-                        "from": {"type": "array", "items": {
-                            "type": "object", "additionalProperties": False,
-                            "properties": {"source": {
-                                "type": "object", "additionalProperties": False,
-                                "properties": {k: {"type": "array", "items": {"type": "string"}}
-                                               for k in ("principals", "notPrincipals",
-                                                         "namespaces", "notNamespaces",
-                                                         "ipBlocks", "requestPrincipals")},
-                            }},
-                        }},
-                        "to": {"type": "array", "items": {
-                            "type": "object", "additionalProperties": False,
-                            "properties": {"operation": {
-                                "type": "object", "additionalProperties": False,
-                                "properties": {k: {"type": "array", "items": {"type": "string"}}
-                                               for k in ("hosts", "ports", "methods", "paths",
-                                                         "notHosts", "notPorts", "notMethods",
-                                                         "notPaths")},
-                            }},
-                        }},
+                        "from": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "source": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            k: {"type": "array", "items": {"type": "string"}}
+                                            for k in (
+                                                "principals",
+                                                "notPrincipals",
+                                                "namespaces",
+                                                "notNamespaces",
+                                                "ipBlocks",
+                                                "requestPrincipals",
+                                            )
+                                        },
+                                    }
+                                },
+                            },
+                        },
+                        "to": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "operation": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            k: {"type": "array", "items": {"type": "string"}}
+                                            for k in (
+                                                "hosts",
+                                                "ports",
+                                                "methods",
+                                                "paths",
+                                                "notHosts",
+                                                "notPorts",
+                                                "notMethods",
+                                                "notPaths",
+                                            )
+                                        },
+                                    }
+                                },
+                            },
+                        },
                         "when": {"type": "array"},
                     },
                 },

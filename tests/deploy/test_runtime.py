@@ -40,9 +40,18 @@ def _can_make_read_only_root() -> bool:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
     probe_run = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         "mount -o remount,bind,ro / && ! touch /.trellis-ro-probe 2>/dev/null"],
-        capture_output=True, timeout=30, check=False,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -o remount,bind,ro / && ! touch /.trellis-ro-probe 2>/dev/null",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
     )
     return probe_run.returncode == 0
 
@@ -106,7 +115,11 @@ exec {sys.executable} {driver}
 """
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        env=environ, capture_output=True, text=True, timeout=180, check=False,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert {"bundle.pem", "admin-token", "keys", "server", "trellis.db"} <= {

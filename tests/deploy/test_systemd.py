@@ -21,14 +21,24 @@ def test_the_unit_is_hardened() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        pytest.param("ProtectSystem=strict", "ProtectSystem=full", "ProtectSystem",
-                     id="fail/protect-system"),
-        pytest.param("CapabilityBoundingSet=\n", "CapabilityBoundingSet=CAP_NET_ADMIN\n",
-                     "CapabilityBoundingSet", id="fail/capabilities"),
-        pytest.param("NoNewPrivileges=yes", "NoNewPrivileges=no", "NoNewPrivileges",
-                     id="fail/new-privileges"),
-        pytest.param("ReadWritePaths=/var/lib/trellis", "ReadWritePaths=/var/lib/trellis /etc",
-                     "ReadWritePaths", id="fail/writable-etc"),
+        pytest.param(
+            "ProtectSystem=strict", "ProtectSystem=full", "ProtectSystem", id="fail/protect-system"
+        ),
+        pytest.param(
+            "CapabilityBoundingSet=\n",
+            "CapabilityBoundingSet=CAP_NET_ADMIN\n",
+            "CapabilityBoundingSet",
+            id="fail/capabilities",
+        ),
+        pytest.param(
+            "NoNewPrivileges=yes", "NoNewPrivileges=no", "NoNewPrivileges", id="fail/new-privileges"
+        ),
+        pytest.param(
+            "ReadWritePaths=/var/lib/trellis",
+            "ReadWritePaths=/var/lib/trellis /etc",
+            "ReadWritePaths",
+            id="fail/writable-etc",
+        ),
         pytest.param("User=trellis", "User=root", "User", id="fail/root"),
         pytest.param("PrivateTmp=yes\n", "", "PrivateTmp", id="fail/shared-tmp"),
         pytest.param("LimitNOFILE=65536\n", "", "LimitNOFILE", id="fail/default-descriptors"),
@@ -71,7 +81,10 @@ def _verify(tmp_path: Path, text: str) -> str:
     unit.write_text(text.replace("/opt/trellis/bin/trellis", "/bin/true"))
     result = subprocess.run(
         [SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return "\n".join(
         line for line in (result.stdout + result.stderr).splitlines() if "trellis.service" in line
