@@ -393,10 +393,11 @@ def revoke_identity(
     return infos
 
 
-def publish_revocations(ctx: Context, authorities: set[str]) -> None:
+def publish_revocations(ctx: Context, authorities: set[str]) -> list[str]:
     """Push fresh CRLs to the files programs read (OpenVPN's crl-verify, nginx's ssl_crl) right
     after a revocation commits, whichever command revoked. Failures are logged, not raised: the
-    revocation stands, and the scheduled jobs retry the files."""
+    revocation stands, and the scheduled jobs retry the files. Returned, each as a sentence that
+    names no server path (``TrellisError.public``), for callers whose answer reports them."""
     from ca import gateway, openvpn  # feature modules import this one
 
     with Session(ctx.engine) as session:
@@ -405,6 +406,7 @@ def publish_revocations(ctx: Context, authorities: set[str]) -> None:
             for name in authorities
             if (row := session.get(AuthorityRow, name)) is not None
         }
+    failures = []
     for name, purpose in purposes.items():
         try:
             if purpose == "openvpn":
@@ -413,3 +415,5 @@ def publish_revocations(ctx: Context, authorities: set[str]) -> None:
                 gateway.refresh_truststores(ctx)
         except TrellisError as error:
             log.warning("revoked, but could not rewrite the %s CRL files: %s", name, error.detail)
+            failures.append(f"the {name} CRL files were not rewritten: {error.public}")
+    return failures

@@ -4,7 +4,10 @@ One transaction: the active intermediate is marked revoked, a freshly keyed inte
 the same root becomes active, and the root's CRL is re-signed to list the old one. There is no
 moment without an active intermediate: either the whole switch commits or nothing changes. The
 trust bundle (roots) is unchanged, so relying parties need no update; workloads holding SVIDs
-from the old intermediate must get new ones (the result lists them).
+from the old intermediate must get new ones (the result lists them). Once it commits, the files
+programs read their CRLs from (OpenVPN's CRL file, a gateway's nginx truststore) are rewritten
+at once, as after any revocation (``ca.certs.publish_revocations``): until then the revoked
+intermediate's clients still get in, and the scheduled jobs may be an hour away.
 
 Only the root's key is needed: a compromised intermediate's key may well be gone (deleted from
 Vault, its file removed) or replaced, and that must not stop its revocation. The old CA's own
@@ -29,7 +32,7 @@ from ca.authority import (
     sign_new_ca,
 )
 from ca.cas import ca_certificate, ca_signer
-from ca.certs import CertificateInfo, CertStatus, certificate_info
+from ca.certs import CertificateInfo, CertStatus, certificate_info, publish_revocations
 from ca.config import Context
 from ca.crl import refresh_crl, refresh_crl_if_signable
 from ca.durations import Ttl
@@ -50,6 +53,8 @@ class IntermediateRevoked:
     new_serial: Serial
     to_reissue: tuple[CertificateInfo, ...]  # live certificates the revoked intermediate issued
     final_crl_skipped: str | None = None  # why the old CA's own CRL was not re-signed
+    # why a CRL file or truststore was not rewritten at once (no server path; the jobs retry)
+    publish_error: str | None = None
 
 
 def revoke_intermediate(
@@ -136,6 +141,12 @@ def revoke_intermediate(
         raise
     ctx.cache.clear()
     issuer = active_issuer(ctx, authority)
+    # After the commit, and never undoing it: a file that cannot be written is reported.
+    failures = publish_revocations(ctx, {authority})
     return IntermediateRevoked(
-        revoked_serial, Serial(issuer.certificate.serial_number), to_reissue, skipped
+        revoked_serial,
+        Serial(issuer.certificate.serial_number),
+        to_reissue,
+        skipped,
+        "; ".join(failures) or None,
     )

@@ -270,6 +270,12 @@ class IntermediateRevokedOut(BaseModel):
         description="Why the revoked intermediate's own final CRL was not signed (its key is "
         "missing or unusable); null when it was",
     )
+    publish_error: str | None = Field(
+        default=None,
+        description="Why a CRL file or truststore Trellis keeps (OpenVPN's crl-verify, a "
+        "gateway's nginx files) was not rewritten at once: the revocation stands and the "
+        "scheduled jobs retry; null when every one was",
+    )
 
     @classmethod
     def of(cls, result: IntermediateRevoked) -> IntermediateRevokedOut:
@@ -278,6 +284,7 @@ class IntermediateRevokedOut(BaseModel):
             new_serial=result.new_serial.hex,
             to_reissue=[CertificateOut.of(info) for info in result.to_reissue],
             final_crl_skipped=result.final_crl_skipped,
+            publish_error=result.publish_error,
         )
 
 

@@ -173,6 +173,23 @@ def test_kong_removes_only_the_ca_files_trellis_wrote(gw_lite: Context, tmp_path
     assert (kong / retired).read_bytes() == edited
 
 
+def test_an_emergency_revocation_rewrites_the_truststores_at_once(
+    gw: Context, tmp_path: Path
+) -> None:
+    """Regression: revoke-intermediate left client-ca.pem and crl.pem as they were until the
+    gateway-truststores job ran (up to an hour with cron): nginx let the revoked intermediate's
+    clients in until then. Now it publishes like every other revocation."""
+    store = tmp_path / "nginx"
+    gateway.write_truststore(gw, F.NGINX, store)
+    before = gateway.gateway_status(gw).intermediate
+    result = revoke_intermediate(gw, actor="test", authority="gateway")
+    trusted = pem_certs((store / "client-ca.pem").read_bytes())
+    assert before not in trusted and gateway.gateway_status(gw).intermediate in trusted
+    root_crl = load_crls((store / "crl.pem").read_bytes())[-1]
+    assert root_crl.get_revoked_certificate_by_serial_number(before.serial_number) is not None
+    assert result.publish_error is None
+
+
 def test_revocation_and_refresh_rewrite_recorded_crls(
     gw: Context, clock: FixedClock, tmp_path: Path
 ) -> None:
