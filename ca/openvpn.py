@@ -15,8 +15,9 @@ profiles with per-client tls-crypt-v2 keys, and a CRL file that is always curren
 OpenVPN's ``crl-verify`` checks every certificate of the chain (``X509_V_FLAG_CRL_CHECK_ALL``)
 and refuses everybody once a CRL expires, but a CA with no CRL in the file only gets a VERIFY
 WARNING and its clients, revoked or not, are accepted. So the file holds a CRL for every
-unexpired CA of the authority (intermediates, including prepared and retired ones, then roots),
-is checked before it is written, and is kept by one authority only (``ca.keepers``). OpenVPN
+unexpired CA of the authority (intermediates, including prepared and retired ones but not
+revoked ones, which the root's CRL refuses, then roots), is checked before it is written, and is
+kept by one authority only (``ca.keepers``). OpenVPN
 re-reads it when its mtime or size changes, at the start of each handshake: no restart, and the
 file is replaced in one rename so it never reads half a file.
 """
@@ -91,6 +92,7 @@ __all__ = [
     "VpnName",
     "add_client",
     "check_crl_destination",
+    "check_crl_directory",
     "check_out_dir",
     "check_pool",
     "client_pool",
@@ -332,6 +334,7 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
             row.crl_path = str(
                 check_crl_destination(session, authority, target, "the CRL path", own)
             )
+            check_crl_directory(target, "the CRL path")
         if params.server_cn is not None:
             _check_not_a_client(session, authority, params.server_cn)
             row.server_cn = params.server_cn.value
@@ -411,10 +414,23 @@ def check_crl_destination(
     return path
 
 
+def check_crl_directory(path: Path, what: str) -> None:
+    """Refuse a CRL path whose directory does not exist, when it is set and on every write: the
+    directory is the operator's (OpenVPN's, on its server). Making it would turn a mistyped
+    ``--crl-path`` into a file no server reads, and a directory gone since (OpenVPN removed, a
+    volume not mounted yet) into a tree of Trellis's own, the job reporting "ok" all along."""
+    if not path.parent.is_dir():
+        raise InvalidInput(
+            f"{what} {path}: {path.parent} is not an existing directory (Trellis does not"
+            " create it: create it, or set another path with configure)"
+        )
+
+
 def write_crl_to(ctx: Context, path: Path, authority: str = OPENVPN) -> Path:
     """Write the authority's CRLs to ``path`` once (``trellis openvpn crl --out``), where
     ``check_crl_destination`` allows it; nothing is recorded."""
     with Session(ctx.engine) as session:
+        _row(session, authority)
         check_crl_destination(
             session, authority, path, f"the output {path}", ctx.settings.own_data()
         )
@@ -1174,19 +1190,32 @@ def revoke_client(
     try:
         return ClientRevoked(name.value, revoked, write_crl_file(ctx, authority))
     except Unavailable as error:
-        return ClientRevoked(name.value, revoked, get_config(ctx, authority).crl_path, error.detail)
+        # The answer goes to REST callers too, who are told no server path (docs/api.md): the
+        # whole sentence, with the file and the temporary file's names, is the log's.
+        log.warning("revoked %s, but the CRL file was not rewritten: %s", name, error.detail)
+        return ClientRevoked(name.value, revoked, get_config(ctx, authority).crl_path, error.public)
 
 
 # -- the CRL file -----------------------------------------------------------------------------
 
 
 def _crl_cas(session: Session, authority: str, now: dt.datetime) -> list[CaRow]:
-    """Intermediates first (any state: retired ones still vouch for live certificates, prepared
-    ones soon will), then roots; expired CAs need no CRL."""
+    """Intermediates first (retired ones still vouch for live certificates, prepared ones soon
+    will), then roots; expired CAs need no CRL, nor do revoked intermediates.
+
+    A revoked intermediate is listed on its root's CRL, which is in the file: with CRL_CHECK_ALL
+    OpenVPN refuses every chain through it at that entry ("certificate revoked" at depth 1,
+    tests/openvpn/test_real_openvpn.py), whatever its own CRL would say; a CRL missing at depth
+    0 is at worst a VERIFY WARNING, never a pass. Its own CRL would do harm: after an
+    emergency revocation its key is often gone, so once its last CRL is due nothing can re-sign
+    it, and a file that must hold it could not be written at all; every revocation after that
+    would stay out of the file, and within 48 hours every CRL in it expired."""
     rows = session.exec(
         select(CaRow).where(
             CaRow.authority == authority,
             col(CaRow.role).in_(("intermediate", "root")),
+            CaRow.state != "revoked",
+            col(CaRow.revoked_at).is_(None),
             col(CaRow.not_after) > now,
         )
     ).all()
@@ -1198,6 +1227,7 @@ def crl_pem(ctx: Context, authority: str = OPENVPN) -> bytes:
     before anyone writes it: OpenVPN lets a client in with only a warning when a CA of its chain
     has no CRL, so a file short of one would silently un-revoke that CA's clients."""
     with Session(ctx.engine) as session:
+        _row(session, authority)  # not the mesh's, nor a gateway's: not an OpenVPN authority
         cas = _crl_cas(session, authority, ctx.clock.now())
     if not cas:
         raise NotFound(f"authority {authority!r} has no CA")
@@ -1220,17 +1250,23 @@ def write_crl_file(ctx: Context, authority: str = OPENVPN) -> Path | None:
     # stored before paths were checked (``conf_path``): written nowhere until set again
     conf_path(config.crl_path, "the configured CRL path (set another with configure)")
     with Session(ctx.engine) as session:
-        try:  # set before keepers were checked (``ca.keepers``): never fight over the file
-            check_free(
+        # Judged on every write, not only when the path was set: a file can become something
+        # else after ``configure`` (a key moved there, another keeper, a path stored before
+        # these checks existed), and the job and every revocation write it unattended.
+        try:
+            check_crl_destination(
                 session,
-                openvpn_keeper(authority),
-                Footprint.of([config.crl_path]),
+                authority,
+                config.crl_path,
                 f"the CRL file of OpenVPN authority {authority!r}",
+                ctx.settings.own_data(),
             )
+            check_crl_directory(config.crl_path, "the CRL path")
         except InvalidInput as error:
             raise Unavailable(
                 f"{error.detail}: not written (set another with configure)",
-                public=f"the CRL file of OpenVPN authority {authority!r} is another's: not written",
+                public=f"the configured CRL path of OpenVPN authority {authority!r} may not be"
+                " written (the server log says why): not written",
             ) from None
     data = crl_pem(ctx, authority)
     try:

@@ -268,6 +268,7 @@ def test_what_a_command_logs_is_one_warning_line(local: Trellis, tmp_path: Path)
     last-resort handler, with --json the only line there, as if it were output. Now it is
     one ``warning:`` line; the revocation stands (exit 0)."""
     crl = tmp_path / "openvpn" / "crl.pem"
+    crl.parent.mkdir()
     local.run("openvpn", "init")
     local.run("openvpn", "configure", "--remote", "vpn.example.org", "--crl-path", str(crl))
     serials = []
@@ -277,8 +278,8 @@ def test_what_a_command_logs_is_one_warning_line(local: Trellis, tmp_path: Path)
         serials.append(added["serial"])  # type: ignore[index]
     shutil.rmtree(crl.parent)
     crl.parent.write_text("a file where the directory was\n")
-    warning = "warning: revoked, but could not rewrite the vpn CRL files: cannot write the CRL"
-    warning += f" file {crl}: "
+    warning = "warning: revoked, but could not rewrite the vpn CRL files: the CRL path"
+    warning += f" {crl}: {crl.parent} is not an existing directory"
     text = local.run("revoke", serials[0], "--yes")
     assert text.stdout.startswith(f"revoked {serials[0]} ")
     assert text.stderr.startswith(warning) and text.stderr.count("\n") == 1, text.stderr

@@ -15,6 +15,8 @@ REMOTE = "vpn.example.org"
 
 @pytest.fixture
 def crl_file(tmp_path: Path) -> Path:
+    """In a directory of its own that exists: Trellis does not create a CRL path's directory."""
+    (tmp_path / "openvpn").mkdir()
     return tmp_path / "openvpn" / "crl.pem"
 
 

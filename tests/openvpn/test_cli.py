@@ -130,6 +130,7 @@ def test_a_relative_crl_path_is_the_shells_and_a_line_break_is_refused(
 ) -> None:
     cli.run("openvpn", "init")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "vpn").mkdir()
     configured = _json(cli, "openvpn", "configure", "--crl-path", "vpn/crl.pem")
     assert configured["crl_path"] == str((tmp_path / "vpn" / "crl.pem").resolve())
     assert crls_in((tmp_path / "vpn" / "crl.pem").read_bytes())
@@ -217,3 +218,19 @@ def test_a_server_file_that_cannot_be_written_is_refused_before_issuing(
     listed = json.loads(cli.run("certs", "list", "--json").stdout)
     assert [c for c in listed if c.get("profile") == "openvpn-server"] == []
     assert _json(cli, "openvpn", "configure")["crl_path"] is None
+
+
+def test_crl_of_an_authority_that_is_not_openvpn_is_refused(
+    cli: InProcessTrellis, tmp_path: Path
+) -> None:
+    """Regression: ``crl --authority mesh --out F`` wrote the mesh CA's CRLs, where every other
+    openvpn command says there is no such OpenVPN authority (exit 5)."""
+    cli.run("init", "--trust-domain", "example.org")
+    cli.run("openvpn", "init")
+    out = tmp_path / "mesh-crl.pem"
+    refused = cli.process().run(
+        "openvpn", "crl", "--authority", "mesh", "--out", str(out), ok=False
+    )
+    assert refused.returncode == 5, refused
+    assert "no OpenVPN authority 'mesh'" in refused.stderr
+    assert not out.exists()

@@ -203,6 +203,10 @@ def test_the_crl_path_never_clobbers_another_file(vpn: Context, tmp_path: Path) 
             configure(vpn, ConfigureParams(crl_path=target))
     assert precious.read_text().startswith("root:")
     moved = tmp_path / "elsewhere" / "crl.pem"
+    with pytest.raises(InvalidInput, match="not an existing directory"):  # a mistyped directory
+        configure(vpn, ConfigureParams(crl_path=moved))
+    assert not moved.parent.exists() and get_config(vpn).crl_path != moved
+    moved.parent.mkdir()
     configure(vpn, ConfigureParams(crl_path=moved))  # new files and CRL files are fine
     configure(vpn, ConfigureParams(crl_path=moved))
     assert get_config(vpn).crl_path == moved and crls_in(moved.read_bytes())
@@ -258,3 +262,101 @@ def test_a_server_directory_server_conf_cannot_name_is_refused_before_issuing(
     files = server_config(vpn_unconfigured, ServerRequest(), out_dir=tmp_path / "srv")
     assert b"crl-verify crl.pem" in files["server.conf"]
     assert get_config(vpn_unconfigured).crl_path == (tmp_path / "srv" / "crl.pem").resolve()
+
+
+def _lose_the_intermediate_key_and_revoke_it(ctx: Context) -> None:
+    """What docs/revocation.md supports: the compromised intermediate's key already gone."""
+    from ca.emergency import revoke_intermediate
+
+    for key in (ctx.settings.data_dir / "keys").glob("vpn-intermediate-*.pem"):
+        key.unlink()
+    ctx.cache.clear()  # the signer this process holds is gone with its file
+    result = revoke_intermediate(ctx, actor="cli", authority="vpn")
+    assert result.final_crl_skipped is not None
+
+
+def test_an_intermediate_revoked_with_its_key_lost_keeps_the_file_current(
+    vpn: Context, crl_file: Path, clock: FixedClock
+) -> None:
+    """Regression: the file had to hold the revoked intermediate's CRL, which nothing could
+    re-sign once due: from +25 h no write succeeded (the job failed, every ``client revoke``
+    answered crl_error), and at +49 h every CRL in the file had expired: OpenVPN refused
+    everybody. The root's CRL, which lists the intermediate, is what refuses its clients."""
+    from ca.openvpn import revoke_client
+
+    old = active_issuer(vpn, "vpn").certificate
+    _serial(vpn, "alice")
+    _lose_the_intermediate_key_and_revoke_it(vpn)
+    new = active_issuer(vpn, "vpn").certificate
+    start = clock.now()
+    for hours in (0, 9, 17, 25, 49):
+        clock.current = start + dt.timedelta(hours=hours)
+        assert write_crl_file(vpn) == crl_file.resolve(), hours
+        assert crl_health(vpn) is None, hours
+        crls = crls_in(crl_file.read_bytes())
+        assert [crl.issuer for crl in crls] == [new.subject, old.issuer], hours
+        assert all(crl.next_update_utc > clock.now() for crl in crls), hours
+        assert [entry.serial_number for entry in crls[1]] == [old.serial_number], hours
+    bob = _serial(vpn, "bob")
+    revoked = revoke_client(vpn, VpnName("bob"))
+    assert revoked.crl_error is None
+    assert [e.serial_number for e in crls_in(crl_file.read_bytes())[0]] == [bob.value]
+    assert job_named("openvpn-crl").run(vpn) == "1 OpenVPN CRL file(s) current"
+
+
+def test_an_emergency_revocation_rewrites_the_crl_file_at_once(
+    vpn: Context, crl_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: revoke-intermediate left the file as it was until the openvpn-crl job ran
+    (a minute with serve, an hour with cron): OpenVPN let the revoked intermediate's clients in
+    until then. A file that cannot be written is reported, and the revocation stands."""
+    from ca.emergency import revoke_intermediate
+
+    old = active_issuer(vpn, "vpn").certificate
+    result = revoke_intermediate(vpn, actor="cli", authority="vpn")
+    root_crl = crls_in(crl_file.read_bytes())[-1]
+    assert root_crl.get_revoked_certificate_by_serial_number(old.serial_number) is not None
+    assert result.publish_error is None
+
+    def full(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ca.openvpn.write_atomic", full)
+    again = revoke_intermediate(vpn, actor="cli", authority="vpn")
+    assert again.publish_error == (
+        "the vpn CRL files were not rewritten: cannot write the CRL file of OpenVPN authority"
+        " 'vpn': No space left on device"
+    )
+    assert active_issuer(vpn, "vpn").certificate.serial_number == again.new_serial.value
+
+
+KEY = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize("content", [KEY, b"not a crl\n"], ids=["a-key", "text"])
+def test_a_crl_path_that_became_another_file_is_never_overwritten(
+    vpn: Context, crl_file: Path, content: bytes
+) -> None:
+    """Regression: only configure and ``crl --out`` judged the file; the job and every
+    revocation overwrote whatever stood at the configured path since, and the job said "ok"."""
+    from ca.openvpn import revoke_client
+
+    crl_file.write_bytes(content)
+    with pytest.raises(Unavailable, match=r"exists and is not a CRL file") as refused:
+        job_named("openvpn-crl").run(vpn)
+    assert str(crl_file.parent) not in refused.value.public
+    assert crl_file.read_bytes() == content
+    _serial(vpn, "carol")
+    revoked = revoke_client(vpn, VpnName("carol"))
+    assert revoked.crl_error is not None and "may not be written" in revoked.crl_error
+    assert crl_file.read_bytes() == content
+
+
+def test_a_crl_path_whose_directory_is_gone_is_not_recreated(vpn: Context, crl_file: Path) -> None:
+    """Regression: the write made the missing directories again (an unmounted volume, an
+    uninstalled OpenVPN), and the job said "ok" about a file no server reads."""
+    crl_file.unlink()
+    crl_file.parent.rmdir()
+    with pytest.raises(Unavailable, match="not an existing directory"):
+        job_named("openvpn-crl").run(vpn)
+    assert not crl_file.parent.exists()

@@ -140,7 +140,22 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """What an operator types: a mesh CA with one minted SVID, and an OpenVPN CA whose server
     files are in ``server/`` and whose clients connect to 127.0.0.1 over TCP."""
-    root = tmp_path_factory.mktemp("openvpn-e2e")
+    deployment = _deploy(tmp_path_factory.mktemp("openvpn-e2e"))
+    yield deployment
+    for process in deployment.logs:
+        process.stop()
+
+
+@pytest.fixture
+def own_deployment(tmp_path: Path) -> Iterator[Deployment]:
+    """A deployment of the test's own, for what changes the CA hierarchy."""
+    deployment = _deploy(tmp_path)
+    yield deployment
+    for process in deployment.logs:
+        process.stop()
+
+
+def _deploy(root: Path) -> Deployment:
     trellis = InProcessTrellis(root / "var", f"sqlite:///{root / 'trellis.db'}")
     trellis.run("init", "--trust-domain", "example.org")
     trellis.run(
@@ -158,10 +173,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     )
     server_dir = root / "server"
     trellis.run("openvpn", "server-config", "--cn", SERVER_CN, "--out", str(server_dir))
-    deployment = Deployment(trellis, root, server_dir, port, root / "web")
-    yield deployment
-    for process in deployment.logs:
-        process.stop()
+    return Deployment(trellis, root, server_dir, port, root / "web")
 
 
 def test_handshake_then_refused_after_revocation_without_restart(deployment: Deployment) -> None:
@@ -370,3 +382,42 @@ def test_without_the_intermediate_crl_openvpn_lets_a_revoked_client_in(
     finally:
         trellis.run("openvpn", "crl")
     assert crl.read_bytes() == full
+
+
+def test_an_emergency_revocation_refuses_the_old_intermediates_clients_at_once(
+    own_deployment: Deployment,
+) -> None:
+    """docs/revocation.md's emergency with the intermediate's key lost, against the real
+    OpenVPN: the command itself rewrites the CRL file (no job run), which from then on holds
+    no CRL for the revoked intermediate (nothing could re-sign it: ca.openvpn._crl_cas). Its
+    client is refused at depth 1, where the root's CRL lists its intermediate; a client of the
+    new intermediate connects."""
+    deployment = own_deployment
+    trellis, crl = deployment.trellis, deployment.server_dir / "crl.pem"
+    alice = deployment.add("alice")
+    server = deployment.server("server-emergency")
+    first = deployment.client(alice, "alice-1")
+    first.wait_for(CONNECTED)
+
+    for key in (trellis.data_dir / "keys").glob("vpn-intermediate-*.pem"):
+        key.unlink()
+    trellis.process().run("authority", "revoke-intermediate", "--authority", "vpn", "--yes")
+    assert crl.read_bytes().count(b"BEGIN X509 CRL") == 2  # the new intermediate's, the root's
+    # the session after this connection reads the file (see the module's docstring)
+    first.stop()
+    server.wait_for(LISTENING, count=2)
+    again = deployment.client(alice, "alice-2")
+    server.wait_for(
+        r"VERIFY ERROR: depth=1, error=certificate revoked: O=Trellis, CN=vpn intermediate"
+    )
+    assert again.wait_exit() != 0
+    assert CONNECTED not in again.text()
+    assert server.text().count("VERIFY OK: depth=0, CN=alice") == 1  # the first time only
+
+    server.wait_for(LISTENING, count=3)
+    bob = deployment.client(deployment.add("bob"), "bob")
+    bob.wait_for(CONNECTED)
+    assert "VERIFY OK: depth=0, CN=bob" in server.text()
+    assert "unable to get certificate CRL: CN=bob" not in server.text()
+    bob.stop()
+    server.stop()

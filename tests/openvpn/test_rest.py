@@ -127,6 +127,10 @@ def test_refusals_are_problems(api: TestClient, tmp_path: Path) -> None:
     assert_problem(anonymous.get("/v1/openvpn/clients"), 401)
     assert_problem(anonymous.post("/v1/openvpn/clients", json={"name": "eve"}), 401)
     assert_problem(anonymous.get("/v1/openvpn/crl.pem?authority=mesh2"), 404)
+    # Regression: the mesh CA's CRLs were served as if mesh were an OpenVPN authority.
+    mesh = assert_problem(anonymous.get("/v1/openvpn/crl.pem?authority=mesh"), 404)
+    assert mesh["detail"].startswith("no OpenVPN authority 'mesh'")
+    assert mesh["detail"] == assert_problem(api.get("/v1/openvpn?authority=mesh"), 404)["detail"]
 
 
 def test_a_crl_path_that_server_conf_cannot_hold_is_refused_and_changes_nothing(
@@ -256,3 +260,30 @@ def test_a_remote_that_cannot_be_a_cn_needs_a_server_cn(
     assert "'::1' cannot be the server's CN" in refused["detail"]
     assert list_certificates(ctx, limit=1000) == issued  # nothing issued
     assert [c["name"] for c in api.get("/v1/openvpn/clients").json()] == ["carol"]
+
+
+def test_a_crl_file_not_rewritten_is_reported_without_its_path(
+    api: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: crl_error was the operator's sentence, with the CRL file's path and the
+    temporary file's name in it; answers name no server path (docs/api.md). The log has it."""
+    crl = tmp_path / "crl.pem"
+    _ready(api, crl)
+    assert api.post("/v1/openvpn/clients", json={"name": "alice"}).status_code == 201
+    staged = tmp_path / ".crl.pem.x1y2z3"
+
+    def denied(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise PermissionError(13, "Permission denied", str(staged))
+
+    monkeypatch.setattr("ca.openvpn.write_atomic", denied)
+    revoked = api.post("/v1/openvpn/clients/alice/revoke", json={})
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["crl_error"] == (
+        "cannot write the CRL file of OpenVPN authority 'vpn': Permission denied"
+    )
+    assert str(tmp_path) not in revoked.json()["crl_error"]
+    assert f"cannot write the CRL file {crl.resolve()}: " in caplog.text
+    assert str(staged) in caplog.text

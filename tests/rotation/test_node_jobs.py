@@ -148,6 +148,7 @@ def test_a_node_rewrites_its_openvpn_crl_file_while_another_node_runs_the_job(
     file system, so B's copy is made stale by hand)."""
     a, b = nodes
     crl_file = tmp_path / "openvpn" / "crl.pem"
+    crl_file.parent.mkdir()
     init_openvpn(a, InitParams())
     configure(a, ConfigureParams(remote="vpn.example.org", crl_path=crl_file))
     serial = add_client(a, ClientRequest(VpnName("alice"))).serial
