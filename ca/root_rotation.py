@@ -239,7 +239,7 @@ def _switch(rotator: Rotator, state: RootRotationRow) -> None:
         stale.state = "retired"  # prepared under the old root: never used
         session.add(stale)
     prepared = rotator.prepare_intermediate(new, key_type, backend)
-    rotator.activate(prepared, active)
+    rotator.activate(prepared)
     state.step = "switched"
     session.add(state)
     _warn_istio_clusters(session, old)

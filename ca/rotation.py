@@ -9,8 +9,10 @@ Intermediate timeline, lifetime L (defaults; both configurable in ``RotationPoli
            (still valid: SVIDs it issued keep verifying until they expire)
     notAfter
 
-Every transition runs in one transaction that first takes a PostgreSQL advisory lock for the
-authority and re-reads the state, so replicas running the same job do each transition once.
+Every transition runs in one transaction that first takes the authority's rotation lock
+(``rotation_lock``) and re-reads the state, so replicas running the same job do each transition
+once. The emergency revocation (``ca.emergency``) and the root rotation's steps take the same
+lock: a rotation never retires a CA just revoked, nor activates a successor it discarded.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ca.serial import Serial
 from ca.store.models import AuthorityRow, CaRow, RootRotationRow
 
 __all__ = [
+    "LOCK_WAIT",
     "AuthorityStatus",
     "CaStatus",
     "RotationInProgress",
@@ -90,6 +93,11 @@ class Transition:
     at: dt.datetime
 
 
+# How long an emergency revocation waits for the rotation lock on PostgreSQL: SQLite's busy
+# timeout (ca.store.db), far longer than any transition holds it.
+LOCK_WAIT = 10.0
+
+
 class RotationInProgress(Conflict):
     """The authority's rotation lock is held elsewhere (another replica's or command's rotation,
     or on SQLite any writer holding the database past the busy timeout). A caller is told to try
@@ -97,15 +105,22 @@ class RotationInProgress(Conflict):
     its run, as it does while another replica runs the job: the next one comes in seconds."""
 
 
-def rotation_lock(session: Session, authority: str) -> None:
+def rotation_lock(session: Session, authority: str, *, wait: bool = False) -> None:
     """Hold the authority's rotation lock until the transaction ends, or raise
     ``RotationInProgress`` if another process holds it (or, on SQLite, keeps the database busy
-    past the busy timeout).
+    past the busy timeout). Every CA transition of the authority takes it first and reads the
+    state after it (docs/rotation.md): prepare, activate, retire, the root rotation's steps and
+    the emergency revocation, so none acts on a state another has just changed.
 
-    PostgreSQL: an advisory lock for the authority. SQLite: the database's write lock, taken
-    before the state is read (``BEGIN IMMEDIATE``). pysqlite begins a transaction only at the
-    first write, so without it two processes would both read "no rotation yet", both publish,
-    and the second would fail on the unique ``root_rotation`` row (or do a step twice)."""
+    PostgreSQL: an advisory lock for the authority, tried (``wait`` false: a rotation that does
+    not get it is told to try again, the scheduled job skips a run) or waited for up to
+    ``LOCK_WAIT`` (``wait``: an emergency revocation, which must not be turned away by a
+    routine rotation; an operator told "try again" might retry after the lock holder changed
+    what "the active intermediate" is). SQLite: the database's write lock, taken before the
+    state is read (``BEGIN IMMEDIATE``), waited for up to the busy timeout either way. pysqlite
+    begins a transaction only at the first write, so without it two processes would both read
+    "no rotation yet", both publish, and the second would fail on the unique ``root_rotation``
+    row (or do a step twice)."""
     if session.get_bind().dialect.name == "sqlite":
         try:
             session.execute(sa.text("BEGIN IMMEDIATE"))
@@ -113,6 +128,14 @@ def rotation_lock(session: Session, authority: str) -> None:
             raise _in_progress(authority, "the database stayed busy for the busy timeout") from None
         return
     key = 0x7E11 << 32 | zlib.crc32(authority.encode())
+    if wait:
+        # SET LOCAL: the timeout ends with this transaction, like the lock.
+        session.execute(sa.text(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT * 1000)}ms'"))
+        try:
+            session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        except sa.exc.OperationalError:
+            raise _in_progress(authority, f"its lock was held for {LOCK_WAIT:g} s") from None
+        return
     if not session.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar():
         raise _in_progress(authority, "its lock is held")
 
@@ -201,17 +224,22 @@ class Rotator:
         self.event(row, "prepared")
         return row
 
-    def activate(self, new: CaRow, old: CaRow | None) -> None:
+    def activate(self, new: CaRow) -> None:
         """``new`` issues from now on: its key is loaded first, afresh (a prepared key file
         may have been replaced, or a Transit key deleted, since it was validated), so that a
-        key that cannot sign stops the rotation, with the old intermediate still active."""
+        key that cannot sign stops the rotation, with the old intermediate still active.
+
+        Every intermediate of the authority that is active at this moment (read under the
+        rotation lock) is retired, and only those: a revoked one stays revoked, and there is
+        never more than one active (the ``uq_ca_one_active_intermediate`` index holds it)."""
         load_ca_key(self.ctx, new)
-        new.state = "active"
-        self.session.add(new)
-        if old is not None:
+        for old in ca_rows(self.session, self.auth.name, "intermediate", "active"):
             old.state = "retired"
             self.session.add(old)
+            self.session.flush()  # before the successor's activation: the unique index
             self.event(old, "retired")
+        new.state = "active"
+        self.session.add(new)
         self.session.flush()
         self.event(new, "activated")
 
@@ -267,7 +295,7 @@ def rotate(
             if prepared is None and due_prepare:
                 prepared = rotator.prepare_intermediate(root, key_type, backend)
             if prepared is not None and due_activate:
-                rotator.activate(prepared, active)
+                rotator.activate(prepared)
             sync_bundle(session, authority, now)
             session.commit()
     except BaseException:

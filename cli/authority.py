@@ -153,6 +153,8 @@ def authority_revoke_intermediate(
     typer.echo(
         f"revoked intermediate {result.revoked_serial}; now issuing from {result.new_serial}"
     )
+    for serial in result.also_revoked:
+        typer.echo(f"also revoked intermediate {serial} (keyed before the emergency)")
     if result.final_crl_skipped:
         typer.echo(
             "warning: the revoked intermediate's own final CRL was not signed "

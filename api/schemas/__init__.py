@@ -276,6 +276,12 @@ class IntermediateRevokedOut(BaseModel):
         "gateway's nginx files) was not rewritten at once: the revocation stands and the "
         "scheduled jobs retry; null when every one was",
     )
+    also_revoked: list[str] = Field(
+        default_factory=list,
+        description="Intermediates keyed before the emergency and revoked with it: a successor "
+        "prepared for the next rotation (its key destroyed), or one a rotation activated while "
+        "the request waited",
+    )
 
     @classmethod
     def of(cls, result: IntermediateRevoked) -> IntermediateRevokedOut:
@@ -285,6 +291,7 @@ class IntermediateRevokedOut(BaseModel):
             to_reissue=[CertificateOut.of(info) for info in result.to_reissue],
             final_crl_skipped=result.final_crl_skipped,
             publish_error=result.publish_error,
+            also_revoked=[serial.hex for serial in result.also_revoked],
         )
 
 

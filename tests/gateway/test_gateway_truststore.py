@@ -129,14 +129,15 @@ def test_rotation_and_emergencies_reach_every_truststore(gw_lite: Context, tmp_p
     assert len(load_crls((tmp_path / "nginx" / "crl.pem").read_bytes())) == 3
     assert len(list((tmp_path / "kong").glob("*.pem"))) == 3
 
+    # the prepared one, keyed before the emergency, is revoked with it (docs/revocation.md)
     revoke_intermediate(gw_lite, actor="test", authority="gateway")
     gateway.refresh_truststores(gw_lite)
     trusted = pem_certs((tmp_path / "aws.pem").read_bytes())
-    assert before not in trusted and len(trusted) == 3  # new active, the prepared one, the root
+    assert before not in trusted and len(trusted) == 2  # the new active one, the root
     assert before.serial_number not in {
         c.serial_number for c in pem_certs((tmp_path / "nginx" / "client-ca.pem").read_bytes())
     }
-    assert len(list((tmp_path / "kong").glob("*.pem"))) == 3
+    assert len(list((tmp_path / "kong").glob("*.pem"))) == 2
 
 
 def test_kong_removes_only_the_ca_files_trellis_wrote(gw_lite: Context, tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_kong_removes_only_the_ca_files_trellis_wrote(gw_lite: Context, tmp_path
     for name, data in theirs.items():
         assert (kong / name).read_bytes() == data, name
     ours = {p.name for p in kong.glob("*.pem")} - set(theirs)
-    assert len(ours) == 3  # the root, the new active intermediate and the prepared one
+    assert len(ours) == 2  # the root and the new active one (the prepared one was revoked)
 
     # under a name Trellis gives, but not what Trellis wrote there: the operator's file
     edited = before.public_bytes(serialization.Encoding.PEM) + b"# kept for the audit\n"
