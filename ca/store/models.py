@@ -69,8 +69,23 @@ class AuthorityRow(SQLModel, table=True):
     created_at: dt.datetime = _time()
 
 
+_ONE_ACTIVE = "role = 'intermediate' AND state = 'active'"
+
+
 class CaRow(SQLModel, table=True):
     __tablename__ = "ca"
+    __table_args__ = (
+        # At most one issuing intermediate per authority (migration 0019): every transition
+        # holds the rotation lock (ca.rotation), and this makes a race that slipped past it fail
+        # instead of leaving a second active CA to expire and fail /readyz on every replica.
+        sa.Index(
+            "uq_ca_one_active_intermediate",
+            "authority",
+            unique=True,
+            sqlite_where=sa.text(_ONE_ACTIVE),
+            postgresql_where=sa.text(_ONE_ACTIVE),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     authority: str = Field(foreign_key="authority.name", index=True, max_length=64)

@@ -300,4 +300,53 @@ def test_0018_counts_crl_numbers_per_issuer_name_from_the_highest_stored(
     with engine.connect() as connection:
         rows = connection.execute(sa.text("SELECT name, number FROM crl_issuer ORDER BY name"))
         assert [tuple(row) for row in rows] == [("CN=root", 4), ("CN=x", 9)]
+
+
+def test_0019_mends_what_racing_transitions_left_and_allows_one_active_intermediate(
+    database_url: str,
+) -> None:
+    """Before every CA transition took the rotation lock, an emergency revocation racing an
+    activation left several active intermediates of one authority (the latest to expire is the
+    one that issues) and a revoked one back in state ``retired``. 0019 retires the strays,
+    makes the revoked one ``revoked`` again, and then refuses a second active intermediate."""
+    engine = _at_revision(database_url, "0018")
+    _populate(engine)  # root 1, intermediate 2 (active)
+    naive = engine.dialect.name == "sqlite"
+    when = NOW.replace(tzinfo=None) if naive else NOW
+    with engine.begin() as connection:
+        for ca_id, later in ((3, dt.timedelta(days=2)), (4, dt.timedelta(days=1))):
+            _insert_ca(connection, ca_id, "intermediate", 1, when)
+            connection.execute(
+                sa.text("UPDATE ca SET not_after = :t WHERE id = :id"),
+                {"t": when + later, "id": ca_id},
+            )
+        _insert_ca(connection, 5, "intermediate", 1, when)
+        connection.execute(
+            sa.text(
+                "UPDATE ca SET state = 'retired', revoked_at = :t, "
+                "revocation_reason = 'keyCompromise' WHERE id = 5"
+            ),
+            {"t": when},
+        )
+    db.upgrade(engine)
+    with engine.connect() as connection:
+        states = connection.execute(sa.text("SELECT id, state FROM ca ORDER BY id")).all()
+    assert [tuple(row) for row in states] == [
+        (1, "active"),
+        (2, "retired"),
+        (3, "active"),  # the latest to expire: the one that was issuing
+        (4, "retired"),
+        (5, "revoked"),
+    ]
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+        connection.execute(sa.text("UPDATE ca SET state = 'active' WHERE id = 2"))
+    with engine.begin() as connection:  # another authority's, and a root, are not in its way
+        connection.execute(
+            sa.text(
+                "INSERT INTO authority VALUES ('gateway', 'gateway', '', 'file', 604800, 3600, :t)"
+            ),
+            {"t": when},
+        )
+        connection.execute(sa.text("UPDATE ca SET authority = 'gateway' WHERE id = 4"))
+        connection.execute(sa.text("UPDATE ca SET state = 'active' WHERE id IN (4, 1)"))
     engine.dispose()
