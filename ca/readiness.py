@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from ca.cas import ca_signer, signing_keys
 from ca.clock import utc
@@ -50,12 +50,12 @@ def check_issuing_keys(ctx: Context) -> None:
 
 
 def check_issuing_cas(ctx: Context, authority: str | None = None) -> None:
-    """Raise ``Unavailable`` if some authority's (or ``authority``'s) active intermediate is
+    """Raise ``Unavailable`` if some authority's (or ``authority``'s) issuing intermediate is
     missing or outside its validity at this moment: ``ca.issue.validity_window`` refuses every
     issuance then, so the replica is not ready. Asked at every probe (one small query), never
     cached: expiry comes with the clock, not with a change anyone makes."""
     now = ctx.clock.now()
-    rows = [row for row in _active(ctx) if authority in (None, row.authority)]
+    rows = [row for row in _issuing(ctx) if authority in (None, row.authority)]
     if authority is not None and not rows:
         raise Unavailable(f"authority {authority!r} has no active issuing CA")
     for row in rows:
@@ -72,16 +72,25 @@ def check_issuing_cas(ctx: Context, authority: str | None = None) -> None:
             )
 
 
-def _active(ctx: Context) -> list[CaRow]:
+def _issuing(ctx: Context) -> list[CaRow]:
+    """Each authority's issuing CA: its active intermediate, the one ``ca.authority``'s
+    ``active_issuer`` signs with (the latest to expire) should there ever be more than one.
+    A stray active row (left by a transition that raced, before every transition took the
+    rotation lock) is not what issues, so its expiry must not make every replica unready for
+    good."""
     with Session(ctx.engine) as session:
-        return list(
-            session.exec(
-                select(CaRow).where(CaRow.role == "intermediate", CaRow.state == "active")
-            ).all()
-        )
+        rows = session.exec(
+            select(CaRow)
+            .where(CaRow.role == "intermediate", CaRow.state == "active")
+            .order_by(col(CaRow.not_after).desc())
+        ).all()
+    issuing: dict[str, CaRow] = {}
+    for row in rows:
+        issuing.setdefault(row.authority, row)
+    return list(issuing.values())
 
 
 def _check(ctx: Context) -> None:
-    for row in _active(ctx):
+    for row in _issuing(ctx):
         ca_signer(ctx, row)
     ctx.keys.check(signing_keys(ctx, prepared=False))
