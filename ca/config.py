@@ -392,6 +392,9 @@ class Context:
     checkpointer: db.Checkpointer | None = None
     # In a server, the event loop serving requests, while it does (``ca.jobs.seal_audit``).
     serving_loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    # What building the context did to the schema (None: ``SchemaPolicy.TRUSTED`` asked
+    # nothing), for ``trellis serve`` to log once its logging is set up.
+    migration: db.Migration | None = None
 
     def __post_init__(self) -> None:
         self.writes = GroupCommit(self.engine)
@@ -450,7 +453,7 @@ def build_context(
     keys = KeyStore(backends, default=settings.key_backend, shared=restored.shared)
     engine = db.connect(settings.effective_database_url, background_checkpoints=serving)
     try:
-        db.settle_schema(engine, schema)
+        migration = db.settle_schema(engine, schema)
     except BaseException:
         engine.dispose()
         raise
@@ -461,6 +464,7 @@ def build_context(
         passphrase=passphrase,
         clock=clock or SystemClock(),
         crl_floor=restored.crl_floor,
+        migration=migration,
     )
     database = engine.url.database
     if serving and engine.dialect.name == "sqlite" and database and database != ":memory:":

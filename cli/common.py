@@ -83,17 +83,26 @@ def exit_code(error: errors.TrellisError) -> int:
     return 1
 
 
+_SET_UP_HINT = (
+    "set one up with 'trellis init' (or 'trellis gateway init', 'trellis openvpn init'),"
+    " or 'trellis restore' a backup"
+)
+
+
 def require_set_up(settings: Settings) -> None:
-    hint = (
-        "set one up with 'trellis init' (or 'trellis gateway init', 'trellis openvpn init'),"
-        " or 'trellis restore' a backup"
-    )
     if not settings.data_dir.is_dir():
-        raise errors.NotInitialised(f"no Trellis data dir at {settings.data_dir}: {hint}")
+        raise errors.NotInitialised(f"no Trellis data dir at {settings.data_dir}: {_SET_UP_HINT}")
+    require_database(settings)
+
+
+def require_database(settings: Settings) -> None:
+    """A SQLite database file must exist (opening one would create it, empty); a PostgreSQL
+    database is asked for by connecting. ``trellis migrate`` needs nothing else: the data dir
+    holds keys and files, which the schema does not involve."""
     url = make_url(settings.effective_database_url)
     database = url.database if url.get_backend_name() == "sqlite" else None
     if database not in (None, "", ":memory:") and not Path(str(database)).exists():
-        raise errors.NotInitialised(f"no Trellis database at {database}: {hint}")
+        raise errors.NotInitialised(f"no Trellis database at {database}: {_SET_UP_HINT}")
 
 
 class State:

@@ -12,7 +12,7 @@ from ca.backup import check_backup
 from ca.backup import restore as run_restore
 from ca.store.db import SchemaPolicy
 from ca.store.db import migrate as run_migrate
-from cli.common import STATE, emit_json, out_file, require_set_up
+from cli.common import STATE, emit_json, out_file, require_database
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -92,7 +92,7 @@ def restore(
 def migrate(json_out: JsonOpt = False) -> None:
     """Bring the database schema to this Trellis's revision (take a backup first)."""
     settings = STATE.settings()
-    require_set_up(settings)
+    require_database(settings)  # not the data dir: a PostgreSQL replica's is its own scratch
     migration = run_migrate(settings.effective_database_url)
     if json_out:
         emit_json({"from": migration.before, "to": migration.after, "migrated": migration.changed})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ from typing import Annotated
 import typer
 
 from ca.authority import active_issuer, check_keys, load_authority
+from ca.config import Context
 from ca.errors import Unavailable
 from ca.jobs import catch_up
 from ca.logs import configure_logging
@@ -19,6 +21,7 @@ from ca.serving import ensure_server_certificate
 from ca.store.db import SchemaPolicy
 from cli.common import STATE
 
+log = logging.getLogger("trellis.serve")
 # uvicorn, the supervisor and the API are imported inside ``serve``: every other command would pay
 # for them on each start (tests/cli/test_startup.py).
 
@@ -41,6 +44,24 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _log_migration(ctx: Context) -> None:
+    """Which replica migrated the shared database, and from which revision to which: the one
+    line that dates a rolling upgrade's schema change (the others find nothing to do)."""
+    migration = ctx.migration
+    if migration is None or not migration.changed:
+        return
+    where = f"node {ctx.settings.node_name}, host {socket.gethostname()}, pid {os.getpid()}"
+    if migration.before is None:
+        log.info("created the database schema at %s (%s)", migration.after, where)
+    else:
+        log.info(
+            "migrated the database schema from %s to %s (%s)",
+            migration.before,
+            migration.after,
+            where,
+        )
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Listen address (TRELLIS_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (TRELLIS_PORT)")] = None,
@@ -60,6 +81,7 @@ def serve(
     settings = ctx.settings
     listener = listen(settings.host, settings.port)  # first: a port in use changes nothing
     configure_logging()
+    _log_migration(ctx)
     load_authority(ctx)  # refuses to start without a CA, with the init hint
     catch_up(ctx)  # a process that was down past a transition performs it before serving
     issuer = active_issuer(ctx)

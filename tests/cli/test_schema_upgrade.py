@@ -8,6 +8,7 @@ processes, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import socket
 import tarfile
 from pathlib import Path
 
@@ -112,9 +113,44 @@ def test_init_exists_ok_refused_leaves_the_older_schema(older: Trellis) -> None:
     assert _revision(_url(older)) == OLDER
 
 
-def test_serve_migrates(older: Trellis, tmp_path: Path) -> None:
-    with older.serving(tmp_path / "serve.log"):
+def test_serve_migrates_and_logs_which_replica_did(older: Trellis, tmp_path: Path) -> None:
+    """Regression: the schema changed under the other replicas without a line in any log."""
+    log = tmp_path / "serve.log"
+    with older.serving(log):
         assert _revision(_url(older)) == HEAD
+    logged = [line for line in log.read_text().splitlines() if "database schema" in line]
+    assert len(logged) == 1, log.read_text()
+    assert f"migrated the database schema from {OLDER} to {HEAD} (node " in logged[0]
+    assert f", host {socket.gethostname()}, pid " in logged[0]
+
+    with older.serving(tmp_path / "again.log"):  # nothing to migrate: nothing said
+        pass
+    assert "database schema" not in (tmp_path / "again.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_migrate_needs_the_database_only(older: Trellis, tmp_path: Path) -> None:
+    """docs/cli.md: "It needs the database only". With a PostgreSQL URL and no data dir (a
+    migration run from a Job or an operator's laptop) it stopped with exit 7, "no Trellis data
+    dir"; the data dir holds keys and files, which no migration touches."""
+    elsewhere = Trellis(tmp_path / "no-such-dir", _url(older))
+    del elsewhere.env["TRELLIS_KEY_PASSPHRASE"]
+    migrated = elsewhere.run("migrate", ok=False)
+    assert (migrated.returncode, migrated.stderr) == (0, "")
+    assert migrated.stdout == f"migrated the database schema from {OLDER} to {HEAD}\n"
+    assert _revision(_url(older)) == HEAD
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_migrate_without_a_sqlite_database_creates_none(tmp_path: Path) -> None:
+    """On SQLite the database is a file: a missing one is refused, not made empty."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'nothing.db'}")
+    refused = cli.run("migrate", ok=False)
+    assert refused.returncode == 7
+    assert refused.stderr.startswith(f"trellis: no Trellis database at {tmp_path / 'nothing.db'}")
+    assert not (tmp_path / "nothing.db").exists()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
