@@ -1,10 +1,11 @@
 """Scheduled maintenance, run inside ``trellis serve`` (see ``ca.scheduler``) and by hand.
 
-Every job is idempotent. Each ``trellis serve`` runs every job (``ca.scheduler``); on PostgreSQL
-a run first takes an advisory lock of the job's ``Scope``, so that a cluster-wide job runs on one
-replica at a time and a node's job on one process of that node at a time. The transitions a job
-performs re-check their state under their own lock, so even a job that ran twice would change
-nothing twice.
+Every job is idempotent. Each ``trellis serve`` schedules every job (``ca.scheduler``); on
+PostgreSQL a run first takes an advisory lock of the job's ``Scope`` and reads the job's record
+under it, so that a cluster-wide job runs about once per interval across the replicas, one run
+at a time, and a node's job once per interval on each node. The transitions a job performs
+re-check their state under their own lock, so even a job that ran twice would change nothing
+twice.
 """
 
 from __future__ import annotations
@@ -160,11 +161,12 @@ class Scope(enum.Enum):
     """What one run of a job keeps current, so where it must run and what excludes it."""
 
     # Shared state (the database, CA keys): any one replica's run does it for all, so a run is
-    # skipped while another replica's is in progress.
+    # skipped while another replica's is in progress, or when one ran within the interval.
     CLUSTER = "cluster"
     # Files on the node it runs on (``Settings.node_name``): a gateway truststore, an OpenVPN
     # CRL file or server directory read by a server beside it. No other node's run writes them,
-    # so each node runs it; only another process of the same node skips it meanwhile.
+    # so each node runs it; only another process of the same node skips it meanwhile (or when
+    # one ran it within the interval).
     NODE = "node"
     # The process's own files (its serving certificate in its data directory): every replica.
     REPLICA = "replica"

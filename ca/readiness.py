@@ -17,6 +17,10 @@ key, which finds a key gone, replaced, or made exportable or deletable behind Tr
 (``VaultKeyBackend.check_key``, the question ``trellis vault check`` asks too). ``/readyz`` is
 polled, so a passing verdict is reused for ``READY_FOR`` seconds; a failing one is not, so that
 a replica is back in rotation at the first probe after its key store is.
+
+And is the database's schema still this code's (``check_schema``)? During a rolling upgrade the
+first new replica migrates it while the old ones run on: those are taken out of rotation, and
+stop their scheduled jobs (``ca.scheduler``), until the rollout replaces them.
 """
 
 from __future__ import annotations
@@ -29,12 +33,35 @@ from ca.cas import ca_signer, signing_keys
 from ca.clock import utc
 from ca.config import Context
 from ca.errors import Unavailable
+from ca.store.db import SCHEMA_HEADS, newer_schema
 from ca.store.models import CaRow
 
-__all__ = ["READY_FOR", "check_issuing_cas", "check_issuing_keys"]
+__all__ = ["READY_FOR", "check_issuing_cas", "check_issuing_keys", "check_schema"]
 
 READY_FOR = 5.0  # seconds
 _KEY = ("readiness", "issuing-keys")
+_SCHEMA_KEY = ("readiness", "schema")
+
+
+def check_schema(ctx: Context) -> None:
+    """Raise ``Unavailable`` if a newer Trellis has migrated the database since this process
+    started: its code no longer matches the tables (its jobs failed on ``job_run`` every 2 s
+    and rewrote the new replicas' records). Asked by every scheduler tick and ``/readyz``
+    probe, so a passing verdict is reused for ``READY_FOR`` seconds: one small query at most
+    that often. Raises SQLAlchemy's error when the database cannot be reached."""
+    now = time.monotonic()
+    passed = ctx.cache.get(_SCHEMA_KEY)
+    if isinstance(passed, float) and now - passed < READY_FOR:
+        return
+    ctx.cache.pop(_SCHEMA_KEY, None)
+    newer = newer_schema(ctx.reads)
+    if newer is not None:
+        ours = ",".join(sorted(SCHEMA_HEADS))
+        raise Unavailable(
+            f"the database schema {newer} is newer than this version's {ours}:"
+            " this replica is outdated"
+        )
+    ctx.cache[_SCHEMA_KEY] = now
 
 
 def check_issuing_keys(ctx: Context) -> None:

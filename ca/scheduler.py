@@ -1,15 +1,24 @@
 """Running the maintenance jobs on APScheduler, with a shared record of every run.
 
-- Exactly once across replicas: on PostgreSQL each run first takes a session-level advisory lock
-  for its job (``pg_try_advisory_lock``); a replica that does not get it skips that run. A job
-  of a node's files (``Scope.NODE``) locks only against the other processes of its node: a
-  run on another node writes none of its files, so skipping for it would leave them to age.
-- Survives restarts: every job runs once at start-up, so a process that was down past a
-  transition performs it immediately.
+- Once per interval across replicas: on PostgreSQL each scheduled run first takes a
+  session-level advisory lock for its job (``pg_try_advisory_lock``; a replica that does not get
+  it skips that run), then reads the job's record under it and skips the run if another replica
+  ran the job less than its interval ago (``due``). Every replica schedules every job, so the
+  lock alone only kept runs from overlapping: three replicas ran ``audit-seal`` 89 times a
+  minute instead of 30. A job of a node's files (``Scope.NODE``) locks, and reads its record,
+  only for its node: a run on another node writes none of its files, so skipping for it would
+  leave them to age.
+- Survives restarts: every job runs at start-up unless its record shows a run within its
+  interval, so a process that was down past a transition performs it immediately.
 - Failures: logged with context, recorded in ``job_run`` (a record per node for node and replica
   jobs, ``record_node``; shown by ``trellis jobs list``, in ``/readyz`` detail and the metrics),
   and retried with exponential backoff (10 s, 20 s, … while shorter than the job's interval;
-  then the regular run is the retry).
+  then the regular run is the retry). A run that cannot reach the database cannot record
+  itself: it is one log line naming the job and the database's reason, and is retried the same
+  way (``_unreachable``).
+- A replica older than the schema stops its jobs: once a newer Trellis has migrated the
+  database (a rolling upgrade's first new replica), this code's writes to ``job_run`` and the
+  rest no longer fit it (``ca.readiness.check_schema``; ``/readyz`` says so too).
 - One scheduler per ``trellis serve``: with several workers, the worker holding an exclusive lock
   on ``<data dir>/scheduler.lock`` runs it (``elect_scheduler``); the lock dies with its process
   and another worker takes over. The serve parent stays a small supervisor (memory: each process
@@ -33,8 +42,9 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from ca.config import Context
-from ca.errors import TrellisError
+from ca.errors import TrellisError, Unavailable
 from ca.jobs import JOBS, Job, Scope
+from ca.readiness import check_schema
 from ca.store.models import JobRunRow
 
 if TYPE_CHECKING:
@@ -100,7 +110,7 @@ def _record_once(
         row.last_ok, row.last_result = ok, result[:512]
         row.runs += 1
         row.consecutive_failures = 0 if ok else row.consecutive_failures + 1
-        row.next_run = started + dt.timedelta(seconds=job.every_seconds)
+        row.next_run = started + dt.timedelta(seconds=_wait(job, row.consecutive_failures))
         row.ran_on = node
         session.add(row)
         if job.scope is not Scope.CLUSTER:
@@ -116,8 +126,12 @@ def _record_once(
         return row
 
 
-def run_job(ctx: Context, job: Job) -> JobRunRow | None:
-    """Run one job now, unless another replica holds its lock; returns the recorded run."""
+def run_job(ctx: Context, job: Job, *, when_due: bool = False) -> JobRunRow | None:
+    """Run one job now, unless another replica holds its lock; returns the recorded run.
+    ``when_due`` (the scheduler's runs): not if its record, read under the lock, shows a run
+    (on any replica) less than its interval ago, or less than the back-off after a failure;
+    without it the job runs now regardless. A database that cannot be reached raises
+    (``sqlalchemy.exc.SQLAlchemyError``): nothing can record that run."""
     with ctx.engine.connect() as connection:
         locking = connection.dialect.name == "postgresql" and job.scope is not Scope.REPLICA
         key = lock_key(job, ctx.settings.node_name)
@@ -129,27 +143,90 @@ def run_job(ctx: Context, job: Job) -> JobRunRow | None:
             if not got:
                 return None
         try:
-            started = ctx.clock.now()
-            try:
-                result, ok = job.run(ctx), True
-            except TrellisError as exc:
-                # Foreseen and recorded (a partner's bundle endpoint refusing, a CRL file that
-                # cannot be written): the reason is the news, not a traceback, and only when it
-                # changes; a job fails this way every run until the cause is gone. The record
-                # is read over HTTP (``/readyz`` by anyone, ``GET /v1/jobs``): it keeps the
-                # public reason, and the log where on this server to mend it.
-                result, ok = f"{type(exc).__name__}: {exc.public}", False
-                _log_result(job, f"{type(exc).__name__}: {exc.detail}", failed=True)
-            except Exception as exc:
-                log.exception("job %s failed", job.name)  # nobody foresaw it: a bug
-                # Its text is anybody's (an OSError names its file): the log has it.
-                result, ok = f"{type(exc).__name__} (see the server's log)", False
-                _LAST_LOGGED.pop(job.name, None)  # the next outcome is news
-            return _record(ctx, job, started=started, ok=ok, result=result)
+            # Only where replicas share the record: on SQLite one process runs the jobs, and
+            # its scheduler's own interval is the schedule.
+            if when_due and locking and not _due(ctx, job, connection):
+                return None
+            return _run(ctx, job)
         finally:
             if locking:
-                connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                connection.commit()
+                _unlock(connection, key)
+
+
+# A run is due this much (at most a tenth of the job's interval) before its record's
+# ``next_run``: the replica that ran it last ticks again one interval later, a few milliseconds
+# either side of the time it recorded, and would otherwise skip its own next run half the time
+# and leave it to a later replica's tick.
+DUE_EARLY = dt.timedelta(seconds=1)
+
+
+def _due(ctx: Context, job: Job, connection: sa.Connection) -> bool:
+    """Whether the job's record (the cluster's, or this node's for a node job) shows no run
+    within its interval: the advisory lock only keeps runs from overlapping, and every replica
+    schedules every job, so without this each ran it once per interval (audit-seal, every 2 s:
+    89 runs a minute on three replicas)."""
+    recorded = record_node(job, ctx.settings.node_name[:128])
+    next_run = connection.execute(
+        sa.select(col(JobRunRow.next_run)).where(
+            col(JobRunRow.name) == job.name, col(JobRunRow.node) == recorded
+        )
+    ).scalar()
+    connection.commit()  # not idle in a transaction while the job runs
+    if next_run is None:
+        return True
+    early = min(DUE_EARLY, dt.timedelta(seconds=job.every_seconds / 10))
+    return ctx.clock.now() >= next_run - early
+
+
+def _unlock(connection: sa.Connection, key: int) -> None:
+    try:
+        connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        connection.commit()
+    except sa.exc.SQLAlchemyError:
+        # The database went away during the run (its session, and the lock, with it), or the
+        # unlock failed all the same: closing the connection ends the session, which releases
+        # the lock; back in the pool it would keep it, and this job would never run again.
+        connection.invalidate()
+
+
+def _run(ctx: Context, job: Job) -> JobRunRow:
+    started = ctx.clock.now()
+    try:
+        result, ok = job.run(ctx), True
+    except TrellisError as exc:
+        # Foreseen and recorded (a partner's bundle endpoint refusing, a CRL file that
+        # cannot be written): the reason is the news, not a traceback, and only when it
+        # changes; a job fails this way every run until the cause is gone. The record
+        # is read over HTTP (``/readyz`` by anyone, ``GET /v1/jobs``): it keeps the
+        # public reason, and the log where on this server to mend it.
+        result, ok = f"{type(exc).__name__}: {exc.public}", False
+        _log_result(job, f"{type(exc).__name__}: {exc.detail}", failed=True)
+    except Exception as exc:
+        if _unreachable_database(exc):
+            raise  # not the job's fault, and there is nowhere to record it: ``_tick`` says so
+        log.exception("job %s failed", job.name)  # nobody foresaw it: a bug
+        # Its text is anybody's (an OSError names its file): the log has it.
+        result, ok = f"{type(exc).__name__} (see the server's log)", False
+        _LAST_LOGGED.pop(job.name, None)  # the next outcome is news
+    return _record(ctx, job, started=started, ok=ok, result=result)
+
+
+def _unreachable_database(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not be used at all (refused, gone, restarting,
+    a lost connection), as opposed to a statement it refused."""
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(
+        error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
+    )
+
+
+def _wait(job: Job, failures: int) -> int:
+    """Seconds from a run to the next: the job's interval, or after ``failures`` failures in a
+    row the back-off (10 s, 20 s, …) while that is shorter."""
+    if failures == 0:
+        return job.every_seconds
+    return min(job.every_seconds, BACKOFF_START << (failures - 1))
 
 
 # The last outcome logged, per job. Jobs run every 2 to 300 s and mostly find nothing to do:
@@ -169,13 +246,26 @@ def _log_result(job: Job, result: str, *, failed: bool = False) -> None:
 
 
 def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
-    row = run_job(ctx, job)
+    try:
+        if _outdated(ctx):
+            return
+        row = run_job(ctx, job, when_due=True)
+    except sa.exc.SQLAlchemyError as exc:
+        if not _unreachable_database(exc):
+            raise  # a statement refused: a bug, with APScheduler's traceback
+        _unreachable(ctx, scheduler, job, exc)
+        return
+    ctx.cache.pop((_UNREACHED, job.name), None)
     if row is None:
         return
     if row.last_ok:
         _log_result(job, row.last_result)
         return
-    delay = BACKOFF_START * 2 ** (row.consecutive_failures - 1)
+    _retry(scheduler, ctx, job, row.consecutive_failures)
+
+
+def _retry(scheduler: BackgroundScheduler, ctx: Context, job: Job, failures: int) -> None:
+    delay = _wait(job, failures)
     if delay >= job.every_seconds:
         # The next regular run comes as soon or sooner: it is the retry. Scheduling one as well
         # ran the job twice within milliseconds, every interval, for as long as it failed.
@@ -188,6 +278,47 @@ def _tick(ctx: Context, scheduler: BackgroundScheduler, job: Job) -> None:
         id=f"{job.name}-retry",
         replace_existing=True,
     )
+
+
+_UNREACHED = "scheduler-unreached"  # ctx.cache: a job's runs in a row that found no database
+
+
+def _unreachable(
+    ctx: Context, scheduler: BackgroundScheduler, job: Job, error: sa.exc.SQLAlchemyError
+) -> None:
+    """A run that could not use the database (an outage, a failover): one line naming the job
+    and the database's reason, once while it repeats (at debug then), its traceback at debug
+    once; then the back-off of a failure. Left to APScheduler, it was a traceback every tick,
+    under the name of ``_tick``. The record cannot be written, and is not written later:
+    ``/readyz`` reports the database meanwhile, and the first run after records its outcome."""
+    key = (_UNREACHED, job.name)
+    before = ctx.cache.get(key)
+    failures = (before if isinstance(before, int) else 0) + 1
+    ctx.cache[key] = failures
+    reason = " ".join(str(getattr(error, "orig", None) or error).split())  # libpq's spans lines
+    line = f"cannot reach the database: {type(error).__name__}: {reason}"
+    if _LAST_LOGGED.get(job.name) != f"job {job.name} failed: {line}":
+        log.debug("job %s: the database error", job.name, exc_info=error)
+    _log_result(job, line, failed=True)
+    _retry(scheduler, ctx, job, failures)
+
+
+_OUTDATED = "scheduler-outdated"  # ctx.cache: the reason logged when the jobs stopped
+
+
+def _outdated(ctx: Context) -> bool:
+    """Whether the database's schema is newer than this code's (``check_schema``): then no job
+    runs, as their writes no longer fit the tables (old replicas of a rolling upgrade failed
+    on ``job_run`` every 2 s and rewrote the new replicas' records). One line when it starts."""
+    try:
+        check_schema(ctx)
+    except Unavailable as outdated:
+        if ctx.cache.get(_OUTDATED) != outdated.detail:
+            ctx.cache[_OUTDATED] = outdated.detail
+            log.warning("%s: its scheduled jobs stop", outdated.detail)
+        return True
+    ctx.cache.pop(_OUTDATED, None)
+    return False
 
 
 def start_scheduler(ctx: Context) -> BackgroundScheduler:

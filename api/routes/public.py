@@ -22,7 +22,7 @@ from ca.bundle import read_bundle
 from ca.config import Context
 from ca.errors import TrellisError
 from ca.jwks import bundle_jwks
-from ca.readiness import check_issuing_cas, check_issuing_keys
+from ca.readiness import check_issuing_cas, check_issuing_keys, check_schema
 from ca.scheduler import job_statuses
 
 log = logging.getLogger("trellis.api")
@@ -92,7 +92,10 @@ def healthz() -> Health:
     responses={
         503: {
             "model": Health,
-            "description": "Database or keys unreachable, or an issuing CA not valid now",
+            "description": (
+                "Database or keys unreachable, an issuing CA not valid now, or a database"
+                " schema newer than this replica's code"
+            ),
         }
     },
     summary="The database answers and every issuing CA can issue",
@@ -105,6 +108,8 @@ def readyz(ctx: CtxDep) -> Response:
         detail["database"] = "ok"
     except sa.exc.SQLAlchemyError as exc:
         detail["database"] = f"unavailable: {type(exc).__name__}"
+    # A newer replica migrated the database during a rolling upgrade: this one is outdated.
+    detail["schema"] = _checked(ctx, "schema", lambda: check_schema(ctx))
     detail["keys"] = _checked(ctx, "keys", lambda: (active_issuer(ctx), check_issuing_keys(ctx)))
     detail["ca"] = _checked(ctx, "ca", lambda: check_issuing_cas(ctx))
     try:

@@ -36,6 +36,7 @@ __all__ = [
     "connect",
     "loop_engine",
     "migrate",
+    "newer_schema",
     "normalise_url",
     "read_as_is",
     "schema_status",
@@ -306,6 +307,7 @@ def _refuse_unknown_revisions(connection: sa.Connection) -> None:
         )
 
 
+@functools.cache
 def known_revisions() -> frozenset[str]:
     """Every schema revision this code can migrate from (its own and all older ones)."""
     from alembic.script import ScriptDirectory
@@ -368,6 +370,20 @@ def _revisions(engine: Engine) -> frozenset[str] | None:
     except sa.exc.SQLAlchemyError:
         return None  # no schema yet, or a database the slow path reports on
     return frozenset(row[0] for row in rows)
+
+
+def newer_schema(engine: Engine) -> str | None:
+    """The database's revision(s) if a newer Trellis has migrated it past every revision this
+    code knows (the first new replica of a rolling upgrade did, and this process is one of the
+    old ones still running), else None. One query while the schema is this code's own;
+    Alembic's scripts are read (once per process) only when it is not. Raises SQLAlchemy's
+    error when the database cannot be reached."""
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    current = frozenset(str(row[0]) for row in rows)
+    if current == SCHEMA_HEADS or not current - known_revisions():
+        return None
+    return _joined(current)
 
 
 def _outdated(before: str) -> NotInitialised:

@@ -142,7 +142,7 @@ def test_public_endpoints_need_no_credential(rest: Rest) -> None:
     assert readyz.status_code == 200, readyz.text
     assert readyz.json() == {
         "status": "ok",
-        "detail": {"database": "ok", "keys": "ok", "ca": "ok", "jobs": "ok"},
+        "detail": {"database": "ok", "schema": "ok", "keys": "ok", "ca": "ok", "jobs": "ok"},
     }
 
     # A bad credential on a public endpoint is ignored, not an error.

@@ -529,6 +529,7 @@ def test_an_unexpected_failure_is_recorded_and_starves_no_one(
 
 def test_a_failing_relationship_is_news_once_in_the_log(
     ctx: Context,
+    clock: FixedClock,
     partner: Partner,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -546,8 +547,10 @@ def test_a_failing_relationship_is_news_once_in_the_log(
     refresh_federation(ctx, PARTNER, fetch=FakeFetch([b"junk"]))
     recorder = RecordingScheduler()
     caplog.set_level(logging.DEBUG, logger="trellis.scheduler")
+    every = dt.timedelta(seconds=job.every_seconds)  # each tick finds the job due again
     for _ in range(3):
         scheduler._tick(ctx, recorder, job)  # type: ignore[arg-type]
+        clock.advance(every)
     refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(1)]))
     scheduler._tick(ctx, recorder, job)  # type: ignore[arg-type]
 

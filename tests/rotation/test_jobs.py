@@ -256,7 +256,10 @@ def test_serve_starts_after_downtime_past_the_intermediate_expiry(tmp_path: Path
 
 
 def test_a_job_result_is_logged_at_info_only_when_it_changes(
-    ctx: Context, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    ctx: Context,
+    clock: FixedClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every run is recorded; the log says what changed. A job that finds the same nothing to do
     every few seconds repeats itself at debug, not info."""
@@ -264,8 +267,10 @@ def test_a_job_result_is_logged_at_info_only_when_it_changes(
     job = job_named("prune-renewal-nonces")
     idle = BackgroundScheduler()
     caplog.set_level(logging.DEBUG, logger="trellis.scheduler")
+    every = dt.timedelta(seconds=job.every_seconds)  # each tick finds the job due again
     for _ in range(3):
         scheduler._tick(ctx, idle, job)
+        clock.advance(every)
     levels = [r.levelno for r in caplog.records if r.getMessage().startswith("job prune")]
     assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
     (status,) = [s for s in job_statuses(ctx) if s.name == job.name]
@@ -274,6 +279,7 @@ def test_a_job_result_is_logged_at_info_only_when_it_changes(
     caplog.clear()  # a different result is news again, and so is the same one after it changed
     noisy = dataclasses.replace(job, run=lambda _ctx: "pruned 2 spent renewal proof(s)")
     scheduler._tick(ctx, idle, noisy)
+    clock.advance(every)
     scheduler._tick(ctx, idle, job)
     levels = [r.levelno for r in caplog.records if r.getMessage().startswith("job prune")]
     assert levels == [logging.INFO, logging.INFO]
