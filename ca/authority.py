@@ -36,7 +36,7 @@ from ca.profiles import (
     sign,
 )
 from ca.serial import Serial
-from ca.store import db
+from ca.store import db, locks
 from ca.store.core import prepared, table
 from ca.store.models import (
     AuthorityRow,
@@ -55,6 +55,7 @@ from ca.store.models import (
 __all__ = [
     "GATEWAY",
     "MESH",
+    "AuthorityExists",
     "AuthorityParams",
     "Issuer",
     "IssuerChanged",
@@ -64,9 +65,11 @@ __all__ = [
     "check_keys",
     "check_params",
     "init_authority",
+    "initialising",
     "load_authority",
     "no_such_authority",
     "record_event",
+    "roots_of",
     "signing_issuer",
     "trust_domain_as_is",
 ]
@@ -296,20 +299,61 @@ def _wipe(session: Session, name: str, *, actor: str, now: dt.datetime) -> list[
     return old
 
 
+class AuthorityExists(Conflict):
+    """The authority an init would create exists (``trellis init --exists-ok`` is content with
+    that), or, for ``force``, is no longer the one the init set out to replace."""
+
+
+def roots_of(session: Session, name: str) -> frozenset[str]:
+    """Which authority ``name`` is, as an init sees it: its roots' serials (random, so a
+    re-initialised authority never has the old ones); empty while there is none."""
+    serials = session.exec(
+        select(CaRow.serial).where(CaRow.authority == name, CaRow.role == "root")
+    ).all()
+    return frozenset(serials)
+
+
+def initialising(session: Session, name: str) -> None:
+    """The first statements of a transaction that creates or replaces authority ``name``: the
+    database's write lock on SQLite, the authority's advisory lock on PostgreSQL
+    (``ca.store.locks``). Two inits at once (replicas starting together, two REST calls) then
+    take turns, and the second sees what the first committed before it makes anything: a check
+    before the lock let both make keys and the second fail on the primary key, or two
+    ``--force`` both replace the CA and both report their own root."""
+    connection = session.connection()
+    locks.begin_write(connection)
+    locks.claim(connection, [locks.authority_name(name)], shared=False)
+
+
 def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     """Create root and issuing intermediate in one transaction; a failure leaves no keys behind.
     ``params.actor`` is who created it (and, with ``force``, replaced the old one) in the audit
-    trail."""
+    trail.
+
+    Inits of one authority take turns (``initialising``); the one that waited raises
+    ``AuthorityExists`` without making a key when the first created the authority, and, with
+    ``force``, when the authority it set out to replace was replaced meanwhile: one ``--force``
+    wins, never two each reporting a root of their own."""
     check_params(params)
     backend = ctx.keys.new_keys_backend(params.key_backend)  # 400, not 503: see its docstring
+    seen = frozenset[str]()
+    if params.force:  # what it replaces: read before it waits for its turn
+        with Session(ctx.engine) as session:
+            seen = roots_of(session, params.name)
     created: list[KeyHandle] = []
     try:
         with Session(ctx.engine) as session:
+            initialising(session, params.name)
             if session.get(AuthorityRow, params.name) is not None and not params.force:
-                raise Conflict(
+                raise AuthorityExists(
                     f"authority {params.name!r} already exists: use --force to replace it "
                     "(this destroys its keys, certificates and, for the mesh, entries and their"
                     " join tokens; admin tokens serve the whole instance and stay valid)"
+                )
+            if params.force and roots_of(session, params.name) != seen:
+                raise AuthorityExists(
+                    f"another init replaced authority {params.name!r} while this one waited:"
+                    " it was not replaced again (run it again to replace the new one)"
                 )
             replaced = session.exec(
                 select(BundleStateRow.sequence).where(BundleStateRow.authority == params.name)

@@ -35,7 +35,13 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlmodel import Session, col, select
 
 from ca import audit
-from ca.authority import GATEWAY, AuthorityParams, active_issuer, init_authority
+from ca.authority import (
+    GATEWAY,
+    AuthorityExists,
+    AuthorityParams,
+    active_issuer,
+    init_authority,
+)
 from ca.bundle import trust_anchors
 from ca.certs import (
     CertificateInfo,
@@ -230,19 +236,22 @@ def init_gateway(ctx: Context, params: GatewayParams, *, actor: str = "cli") -> 
         if session.get(GatewayConfigRow, GATEWAY) is not None:
             raise Conflict("the gateway authority exists already")
     if not exists:
-        init_authority(
-            ctx,
-            AuthorityParams(
-                None,
-                name=GATEWAY,
-                purpose="gateway",
-                key_type=params.key_type,
-                root_key_type=params.root_key_type,
-                key_backend=params.key_backend,
-                ca_ttl=params.ca_ttl,
-                actor=actor,
-            ),
-        )
+        try:
+            init_authority(
+                ctx,
+                AuthorityParams(
+                    None,
+                    name=GATEWAY,
+                    purpose="gateway",
+                    key_type=params.key_type,
+                    root_key_type=params.root_key_type,
+                    key_backend=params.key_backend,
+                    ca_ttl=params.ca_ttl,
+                    actor=actor,
+                ),
+            )
+        except AuthorityExists:  # a concurrent init made it (it records the policy next)
+            raise Conflict("the gateway authority exists already") from None
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
         session.add(

@@ -41,7 +41,16 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from sqlmodel import Session, col, select
 
 from ca import audit, certs
-from ca.authority import AuthorityParams, Issuer, active_issuer, init_authority, load_authority
+from ca.authority import (
+    AuthorityExists,
+    AuthorityParams,
+    Issuer,
+    active_issuer,
+    init_authority,
+    initialising,
+    load_authority,
+    roots_of,
+)
 from ca.config import Context
 from ca.crl import current_crl
 from ca.durations import Ttl
@@ -248,7 +257,7 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
         if other is not None and other.purpose != "openvpn":
             # --force must never wipe the mesh (or a gateway) because of a name typed here
             raise Conflict(f"authority {params.name!r} is a {other.purpose} authority")
-    init_authority(
+    issuer = init_authority(
         ctx,
         AuthorityParams(
             None,
@@ -263,6 +272,7 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
             actor=params.actor,
         ),
     )
+    made = frozenset(format(root.serial_number, "x") for root in issuer.roots)
     vault = SecretVault.for_backend(ctx, load_authority(ctx, params.name).key_backend)
     created: list[str] = []
     try:
@@ -270,13 +280,33 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
             vault.put(f"openvpn-{params.name}-tls-crypt-v2-server", ServerKey.generate().raw)
         )
         created.append(vault.put(f"openvpn-{params.name}-tls-crypt", StaticKey.generate().raw))
+        config, stale = _record_deployment(ctx, params, made, vault.store, created)
     except BaseException:
         for ref in created:
             vault.destroy(ref)
         raise
-    v2_ref, shared_ref = created
+    for store, *refs in stale:
+        for ref in refs:
+            SecretVault(ctx, store).destroy(ref)
+    return config
+
+
+def _record_deployment(
+    ctx: Context, params: InitParams, made: frozenset[str], store: str, refs: list[str]
+) -> tuple[OpenVpnConfig, list[tuple[str, str, str]]]:
+    """Record the control-channel keys of the CA ``init_openvpn`` made (its roots: ``made``);
+    returns the deployment and the keys of the one it replaced, to destroy once committed.
+    In the inits' turn (``initialising``): a concurrent ``--force`` that replaced the CA after
+    this one made it is refused here, so the keys recorded always go with the CA recorded."""
+    v2_ref, shared_ref = refs
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
+        initialising(session, params.name)
+        if roots_of(session, params.name) != made:
+            raise AuthorityExists(
+                f"another init replaced OpenVPN authority {params.name!r} while this one ran:"
+                " it was not replaced again (run it again to replace the new one)"
+            )
         old = session.get(OpenVpnRow, params.name)
         stale = [(old.secret_store, old.tls_crypt_v2_ref, old.tls_crypt_ref)] if old else []
         session.execute(
@@ -287,23 +317,19 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
             session.flush()
         row = OpenVpnRow(
             authority=params.name,
-            secret_store=vault.store,
+            secret_store=store,
             tls_crypt_v2_ref=v2_ref,
             tls_crypt_ref=shared_ref,
             created_at=now,
             updated_at=now,
         )
         session.add(row)
-        detail = {"key_store": vault.store, "replaced": old is not None}
+        detail = {"key_store": store, "replaced": old is not None}
         audit.record(
             session, "openvpn.initialised", params.name, actor=params.actor, at=now, detail=detail
         )
         session.commit()
-        config = _config_of(row)
-    for store, *refs in stale:
-        for ref in refs:
-            SecretVault(ctx, store).destroy(ref)
-    return config
+        return _config_of(row), stale
 
 
 @dataclass(frozen=True, slots=True)

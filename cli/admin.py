@@ -13,12 +13,13 @@ from api.schemas import CertificateOut, EntryOut, RevokedCertificateOut, TokenCr
 from ca import certs, entries, tokens
 from ca.authority import (
     MESH,
+    AuthorityExists,
     AuthorityParams,
     Issuer,
-    active_issuer,
     bundle_pem,
     check_params,
     init_authority,
+    load_authority,
     trust_domain_as_is,
 )
 from ca.bundle import read_bundle, write_bundle_file
@@ -105,18 +106,20 @@ def init(
     with STATE.setting_up(policy) as ctx:
         try:
             created: Issuer | None = init_authority(ctx, params)
-        except Conflict:
+        except AuthorityExists:
             if not exists_ok:
                 raise
             created = None
     if created is None:
-        issuer = active_issuer(ctx)
-        if issuer.trust_domain != params.trust_domain:  # made since it was looked at above
-            raise _other_trust_domain(issuer.trust_domain, params.trust_domain, settings.data_dir)
+        # The row, not the issuer: a CA that exists is all --exists-ok asks for. Whether this
+        # data dir holds its keys is for 'serve' to check (and say) at start-up.
+        existing = TrustDomain.parse(load_authority(ctx).trust_domain)
+        if existing != params.trust_domain:  # made since it was looked at above
+            raise _other_trust_domain(existing, params.trust_domain, settings.data_dir)
         if json_out:
-            emit_json({"trust_domain": str(issuer.trust_domain), "created": False})
+            emit_json({"trust_domain": str(existing), "created": False})
         else:
-            typer.echo(f"A CA for {issuer.trust_domain} already exists in {ctx.settings.data_dir}")
+            typer.echo(f"A CA for {existing} already exists in {ctx.settings.data_dir}")
         return
     issuer = created
     _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")

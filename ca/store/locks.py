@@ -31,6 +31,7 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 
 __all__ = [
+    "authority_name",
     "begin_write",
     "certificate_name",
     "claim",
@@ -55,6 +56,11 @@ def certificate_name(serial_hex: str) -> str:
 
 def entry_name(entry_id: str) -> str:
     return f"entry:{entry_id}"
+
+
+def authority_name(name: str) -> str:
+    """What the inits of authority ``name`` take turns on (``ca.authority.initialising``)."""
+    return f"authority:{name}"
 
 
 def _key(name: str) -> int:
