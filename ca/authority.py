@@ -17,7 +17,7 @@ from cryptography import x509
 from sqlmodel import Session, col, select
 
 from ca import audit
-from ca.bundle import sync_bundle, trust_anchors
+from ca.bundle import read_bundle, sync_bundle, trust_anchors
 from ca.cas import ca_handle
 from ca.checks import check_ca
 from ca.config import Context
@@ -610,5 +610,8 @@ def check_keys(ctx: Context) -> list[TrellisError]:
 
 
 def bundle_pem(ctx: Context, name: str = MESH) -> bytes:
-    """The trust bundle (roots) relying parties verify SVIDs with."""
-    return active_issuer(ctx, name).bundle_pem
+    """The trust bundle (roots) relying parties verify SVIDs with, as published: read without
+    unlocking the issuing key, which serves no part of it. A replica that cannot load that key
+    (one without the new intermediate's key file, docs/deploy.md) answered ``GET /v1/bundle``
+    503 while serving ``/v1/bundle.jwks`` and ``/v1/bundles``."""
+    return read_bundle(ctx, name).pem
