@@ -23,7 +23,13 @@ from ca.files import data_directory, private_file, write_private
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey
 
-__all__ = ["FileKeyBackend", "KeyPassphrase", "load_or_create_passphrase"]
+__all__ = ["ON_EVERY_REPLICA", "FileKeyBackend", "KeyPassphrase", "load_or_create_passphrase"]
+
+# Said with every key file found missing: most often a key made at run time on another replica
+# that keeps a key directory of its own (the next intermediate, prepared by the rotation job).
+ON_EVERY_REPLICA = (
+    "every replica needs every CA key file: docs/deploy.md#per-replica-key-directories-split-the-ca"
+)
 
 _REF = re.compile(r"^[a-z0-9][a-z0-9-]{0,80}$")
 
@@ -189,4 +195,5 @@ class FileKeyBackend:
             if not os.access(self._path(handle.ref), os.R_OK):
                 raise Unavailable(
                     f"CA key {handle.ref} is missing from the file key store, or unreadable"
+                    f" ({ON_EVERY_REPLICA})"
                 )

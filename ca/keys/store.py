@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 from ca.errors import InvalidInput, NotFound, Unavailable
 from ca.keys.backend import KeyBackend, KeyHandle, Signer
+from ca.keys.file import ON_EVERY_REPLICA, FileKeyBackend
 from ca.keys.types import KeyType
 
 __all__ = [
@@ -114,8 +115,9 @@ class KeyStore:
             # INFO: a server logs it (the path is for its operators, not its clients); a CLI
             # command, which logs nothing below WARNING, says it once, in its error line.
             log.info("%s", error.detail)
+            hint = f" ({ON_EVERY_REPLICA})" if isinstance(backend, FileKeyBackend) else ""
             raise Unavailable(
-                f"CA key {handle.ref} is missing from the {handle.backend} key store"
+                f"CA key {handle.ref} is missing from the {handle.backend} key store{hint}"
             ) from None
         if certified is not None and signer.public_key() != certified:
             raise Unavailable(

@@ -249,7 +249,11 @@ def test_readiness_reuses_its_verdict_for_a_few_seconds(ctx: Context) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (Path.unlink, "is missing from the file key store"),
+        (
+            Path.unlink,
+            "is missing from the file key store (every replica needs every CA key file:"
+            " docs/deploy.md#per-replica-key-directories-split-the-ca)",
+        ),
         (
             lambda key: key.write_bytes(key_pem(new_subject_key(KeyType.EC_P256))),
             "is not encrypted with the key passphrase, as Trellis writes its keys: the file was"
