@@ -20,6 +20,7 @@ from ca import audit
 from ca.bundle import read_bundle, sync_bundle, trust_anchors
 from ca.cas import ca_handle
 from ca.checks import check_ca
+from ca.clock import utc
 from ca.config import Context
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput, NotFound, NotInitialised, TrellisError, Unavailable
@@ -108,6 +109,9 @@ class AuthorityParams:
     key_backend: str | None = None  # None: the configured default (TRELLIS_KEY_BACKEND)
     purpose: str = "spiffe"
     actor: str = "init"  # who set it up, in the audit trail: ``cli`` or ``admin-token:<id>``
+    # When the init was asked for (a command's start): ``force`` replaces only an authority
+    # made before then, never one another init made meanwhile. None: only the check below.
+    given_at: dt.datetime | None = None
 
     @property
     def label(self) -> str:
@@ -325,6 +329,17 @@ def initialising(session: Session, name: str) -> None:
     locks.claim(connection, [locks.authority_name(name)], shared=False)
 
 
+def _made_since(row: AuthorityRow | None, given_at: dt.datetime | None) -> bool:
+    """Whether ``row`` was made after ``given_at``, by an init that ran while this one started
+    up: three ``trellis init --force`` started together each spend a second importing, and the
+    first commits before the others have read anything. Times are whole seconds (``Clock``):
+    one made in the second the command was given counts as made before it, so an init given
+    just after another ended replaces that one, as it always did."""
+    if row is None or given_at is None:
+        return False
+    return utc(row.created_at) > utc(given_at).replace(microsecond=0)
+
+
 def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     """Create root and issuing intermediate in one transaction; a failure leaves no keys behind.
     ``params.actor`` is who created it (and, with ``force``, replaced the old one) in the audit
@@ -332,8 +347,8 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
 
     Inits of one authority take turns (``initialising``); the one that waited raises
     ``AuthorityExists`` without making a key when the first created the authority, and, with
-    ``force``, when the authority it set out to replace was replaced meanwhile: one ``--force``
-    wins, never two each reporting a root of their own."""
+    ``force``, when the authority it set out to replace was replaced meanwhile (or made after
+    ``params.given_at``): one ``--force`` wins, never two each reporting a root of their own."""
     check_params(params)
     backend = ctx.keys.new_keys_backend(params.key_backend)  # 400, not 503: see its docstring
     seen = frozenset[str]()
@@ -344,16 +359,19 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     try:
         with Session(ctx.engine) as session:
             initialising(session, params.name)
-            if session.get(AuthorityRow, params.name) is not None and not params.force:
+            existing = session.get(AuthorityRow, params.name)
+            if existing is not None and not params.force:
                 raise AuthorityExists(
                     f"authority {params.name!r} already exists: use --force to replace it "
                     "(this destroys its keys, certificates and, for the mesh, entries and their"
                     " join tokens; admin tokens serve the whole instance and stay valid)"
                 )
-            if params.force and roots_of(session, params.name) != seen:
+            if params.force and (
+                roots_of(session, params.name) != seen or _made_since(existing, params.given_at)
+            ):
                 raise AuthorityExists(
-                    f"another init replaced authority {params.name!r} while this one waited:"
-                    " it was not replaced again (run it again to replace the new one)"
+                    f"another init made authority {params.name!r} after this one was given:"
+                    " it was not replaced again (run it again to replace that one)"
                 )
             replaced = session.exec(
                 select(BundleStateRow.sequence).where(BundleStateRow.authority == params.name)

@@ -245,6 +245,7 @@ class InitParams:
     ca_ttl: Ttl = DEFAULT_CA_TTL
     force: bool = False
     actor: str = "cli"
+    given_at: dt.datetime | None = None  # AuthorityParams.given_at
 
 
 def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
@@ -270,6 +271,7 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
             svid_ttl=Ttl(max(params.ca_ttl.seconds // 12, 1)),  # unused: no SVIDs here
             force=params.force,
             actor=params.actor,
+            given_at=params.given_at,
         ),
     )
     made = frozenset(format(root.serial_number, "x") for root in issuer.roots)

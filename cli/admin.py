@@ -90,6 +90,7 @@ def init(
         force=force,
         key_backend=key_backend,
         actor="cli:init",
+        given_at=STATE.given_at(),
     )
     check_params(params)
     settings = STATE.settings()

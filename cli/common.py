@@ -110,6 +110,7 @@ class State:
 
     data_dir: str | None = None  # as given: ca.config refuses an empty one
     database_url: str | None = None
+    started: float | None = None  # the process's start (cli.launch): None when run in-process
     _ctx: Context | None = None
     _request: contextvars.Token[str | None] | None = None
 
@@ -120,6 +121,14 @@ class State:
         if self.database_url is not None:
             values["database_url"] = self.database_url
         return load_settings(**values)
+
+    def given_at(self) -> dt.datetime | None:
+        """When the command was given: the process's start, before the second its imports
+        take, in which another replica's command may already have done its work
+        (``AuthorityParams.given_at``)."""
+        if self.started is None:
+            return None
+        return dt.datetime.fromtimestamp(self.started, dt.UTC)
 
     def own_data(self) -> OwnData:
         """Trellis's own files, which no output option may name (docs/cli.md). Option

@@ -42,6 +42,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command Ctrl-C ended
@@ -122,6 +123,7 @@ def command_of(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    started = time.time()  # when the command was given, before its second of imports
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     if command_of(sys.argv[1:]) == "serve" and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
@@ -132,19 +134,21 @@ def main() -> None:
     if debug:  # Trellis's own: Alembic's and httpx's INFO lines are noise here
         logging.getLogger("trellis").setLevel(logging.INFO)
     try:
-        _run()
+        _run(started)
     except Interrupted:
         sys.stderr.write("trellis: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _run() -> None:
+def _run(started: float) -> None:
     gc.disable()
     try:
+        from cli.common import STATE
         from cli.main import main as run
     except BaseException:
         gc.enable()
         raise
+    STATE.started = started
     run()
 
 

@@ -48,6 +48,7 @@ def init(
         key_backend=key_backend,
         ca_ttl=Ttl.parse(ca_ttl),
         force=force,
+        given_at=STATE.given_at(),
     )
     STATE.settings().check_new_key_backend(key_backend)  # before anything is set up
     with STATE.setting_up() as ctx:

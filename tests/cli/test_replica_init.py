@@ -8,6 +8,9 @@ import json
 import subprocess
 from pathlib import Path
 
+from cryptography import x509
+
+from ca.pem import fingerprint
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 
 
@@ -81,3 +84,39 @@ def test_plain_inits_at_once_create_one_ca_and_refuse_the_others(
         if result.returncode == 6:
             assert "already exists" in result.stderr, result.stderr
             assert not replica.data_dir.exists(), replica.data_dir  # a refused init: nothing
+
+
+def root_fingerprint(replica: Trellis) -> str:
+    """The root of the CA in the database, as ``trellis bundle show`` reads it."""
+    pem = replica.run("bundle", "show").stdout.encode()
+    (root,) = x509.load_pem_x509_certificates(pem)
+    return fingerprint(root)
+
+
+def test_three_forced_inits_at_once_replace_the_ca_once(
+    trellis: Trellis, database_url: str, tmp_path: Path
+) -> None:
+    """Two reported success with different roots (each replaced the CA, the second the
+    first's) and the third exited 8 on a foreign key. Those given while another ran are
+    refused now, however long their imports kept them from the database."""
+    replicas = [Trellis(tmp_path / f"replica-{n}", database_url) for n in range(3)]
+
+    results = together(replicas, "init", "--trust-domain", "example.org", "--force", "--json")
+
+    assert sorted(r.returncode for r in results) == [0, 6, 6], [r.stderr for r in results]
+    (won,) = [json.loads(r.stdout) for r in results if r.returncode == 0]
+    assert won["root_fingerprint_sha256"] == root_fingerprint(trellis)
+    for replica, result in zip(replicas, results, strict=True):
+        if result.returncode == 6:
+            assert "it was not replaced again" in result.stderr, result.stderr
+            assert not replica.data_dir.exists(), replica.data_dir
+
+
+def test_a_forced_init_given_after_another_ended_replaces_its_ca(trellis: Trellis) -> None:
+    """Taking turns is not refusing: one given as soon as another ended (often in the same
+    second, the resolution of the times compared) replaces that one's CA, as it always did."""
+    fingerprints = []
+    for _ in range(3):
+        forced = trellis.run("init", "--trust-domain", "example.org", "--force", "--json")
+        fingerprints.append(json.loads(forced.stdout)["root_fingerprint_sha256"])
+    assert len(set(fingerprints)) == 3
