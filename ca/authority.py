@@ -110,7 +110,8 @@ class AuthorityParams:
     purpose: str = "spiffe"
     actor: str = "init"  # who set it up, in the audit trail: ``cli`` or ``admin-token:<id>``
     # When the init was asked for (a command's start): ``force`` replaces only an authority
-    # made before then, never one another init made meanwhile. None: only the check below.
+    # made before then, never one another init made meanwhile. None (an in-process caller):
+    # only one replaced while this init waited for its turn is refused.
     given_at: dt.datetime | None = None
 
     @property
