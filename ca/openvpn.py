@@ -251,29 +251,35 @@ class InitParams:
 def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
     """The CA hierarchy, then the control-channel keys in the same key store as the CA keys.
     With ``force`` the previous deployment's rows and sealed keys go once the new one exists."""
+    exists = f"OpenVPN authority {params.name!r} exists: --force replaces it"
     with Session(ctx.engine) as session:
         if session.get(OpenVpnRow, params.name) is not None and not params.force:
-            raise Conflict(f"OpenVPN authority {params.name!r} exists: --force replaces it")
+            raise Conflict(exists)
         other = session.get(AuthorityRow, params.name)
         if other is not None and other.purpose != "openvpn":
             # --force must never wipe the mesh (or a gateway) because of a name typed here
             raise Conflict(f"authority {params.name!r} is a {other.purpose} authority")
-    issuer = init_authority(
-        ctx,
-        AuthorityParams(
-            None,
-            name=params.name,
-            purpose="openvpn",
-            key_type=params.key_type,
-            root_key_type=params.root_key_type,
-            key_backend=params.key_backend,
-            ca_ttl=params.ca_ttl,
-            svid_ttl=Ttl(max(params.ca_ttl.seconds // 12, 1)),  # unused: no SVIDs here
-            force=params.force,
-            actor=params.actor,
-            given_at=params.given_at,
-        ),
-    )
+    try:
+        issuer = init_authority(
+            ctx,
+            AuthorityParams(
+                None,
+                name=params.name,
+                purpose="openvpn",
+                key_type=params.key_type,
+                root_key_type=params.root_key_type,
+                key_backend=params.key_backend,
+                ca_ttl=params.ca_ttl,
+                svid_ttl=Ttl(max(params.ca_ttl.seconds // 12, 1)),  # unused: no SVIDs here
+                force=params.force,
+                actor=params.actor,
+                given_at=params.given_at,
+            ),
+        )
+    except AuthorityExists:
+        if params.force:
+            raise
+        raise AuthorityExists(exists) from None  # a concurrent init made it: not the mesh's words
     made = frozenset(format(root.serial_number, "x") for root in issuer.roots)
     vault = SecretVault.for_backend(ctx, load_authority(ctx, params.name).key_backend)
     created: list[str] = []
