@@ -211,8 +211,17 @@ def test_revocation_as_relying_parties_see_it(
     assert issued_by == old_intermediate
     result = trellis.json("authority", "revoke-intermediate", "--yes")
     assert isinstance(result, dict)
-    assert set(result) == {"revoked_serial", "new_serial", "to_reissue", "final_crl_skipped"}
+    assert set(result) == {
+        "revoked_serial",
+        "new_serial",
+        "to_reissue",
+        "final_crl_skipped",
+        "also_revoked",
+        "publish_error",
+    }
     assert result["final_crl_skipped"] is None  # the old key was there to sign its final CRL
+    assert result["publish_error"] is None
+    assert result["new_serial"] not in result["also_revoked"]
     assert result["revoked_serial"] == hex_serial(old_intermediate)
     reissue = {item["serial"]: item for item in result["to_reissue"]}
     assert hex_serial(old_svid) in reissue and serial not in reissue
