@@ -4,6 +4,7 @@ migration must carry the rows across (SQLite rebuilds altered tables by copying 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -12,12 +13,24 @@ from alembic import command
 from ca.store import db
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+_OPENED: list[sa.Engine] = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> Iterator[None]:
+    """Every engine a test opened is disposed, whether the test passed or not, and whichever
+    test forgot to: a pooled PostgreSQL connection left to the garbage collector warns in
+    whatever test runs then (the 0018 test left one, and a SQLite test two files later failed)."""
+    yield
+    while _OPENED:
+        _OPENED.pop().dispose()
 
 
 def _at_revision(url: str, revision: str = "0001") -> sa.Engine:
     """The database at ``url`` migrated up to ``revision`` only: an install made by that
     release, before the migrations under test."""
     engine = db.connect(url)
+    _OPENED.append(engine)
     config = db._config()
     with engine.connect() as connection:
         config.attributes["connection"] = connection
