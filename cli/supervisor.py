@@ -29,16 +29,19 @@ in shared memory, the connections it is done with, as soon as its loop sees them
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import select
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +56,7 @@ from cli.tlsreload import ReloadingConfig
 
 logger = logging.getLogger("uvicorn.error")
 
-__all__ = ["Dispatcher", "HandingSupervisor", "command", "main"]
+__all__ = ["Dispatcher", "HandingSupervisor", "StartLimit", "command", "main"]
 
 # How often the dispatcher looks up from accept() to notice a shutdown.
 POLL_SECONDS = 0.2
@@ -68,6 +71,10 @@ HAND_TIMEOUT = 1.0
 # A worker could not start: 'trellis serve' fails as a single process does on the same cause
 # (cli.common.EXIT_CODES[Unavailable]; that module is too heavy to import here).
 EXIT_UNAVAILABLE = 8
+# Workers that die before they are ready this many times within this many seconds, whatever
+# killed them, stop the service, as systemd's StartLimitBurst= and StartLimitIntervalSec= stop
+# a unit (docs/operations.md, "How requests are served").
+START_LIMIT_BURST, START_LIMIT_SECONDS = 5, 60.0
 
 
 # --- in the supervisor --------------------------------------------------------------------------
@@ -152,6 +159,34 @@ class Dispatcher(threading.Thread):
         return False
 
 
+class StartLimit:
+    """Counts the workers that died before they were ready. One killed by a signal while it
+    started (SIGKILL from an operator, the OOM killer) is replaced; but one killed on every
+    start (a segfault in the code it loads, a memory limit it always exceeds) was replaced
+    forever, a new one every second, and the service never exited for systemd's
+    ``Restart=on-failure`` to see. ``burst`` such deaths within ``seconds`` are that."""
+
+    def __init__(
+        self, burst: int, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst, self.seconds, self.clock = burst, seconds, clock
+        self.deaths: collections.deque[float] = collections.deque(maxlen=burst)
+
+    def reached(self) -> bool:
+        """Records one more death before readiness: whether it makes ``burst`` in ``seconds``."""
+        self.deaths.append(self.clock())
+        return len(self.deaths) == self.burst and self.deaths[-1] - self.deaths[0] <= self.seconds
+
+
+def _death(status: int) -> str:
+    """How a worker ended, as a line can say it: 'killed by SIGKILL', 'exit status 1'."""
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-status).name}"
+        return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
 class HandingSupervisor(Multiprocess):
     """uvicorn's supervisor (signals, health pings, restarts) with a ``Dispatcher`` in front: the
     three places uvicorn 0.54 creates a worker give it a socket pair and install it."""
@@ -160,6 +195,7 @@ class HandingSupervisor(Multiprocess):
         super().__init__(config, [])
         self.dispatcher = Dispatcher(listener, self.processes_num)
         self.failed = False  # a worker could not start: the service exits EXIT_UNAVAILABLE
+        self.start_limit = StartLimit(START_LIMIT_BURST, START_LIMIT_SECONDS)
 
     def _worker(self) -> tuple[Process, Slot]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -188,7 +224,7 @@ class HandingSupervisor(Multiprocess):
         gunicorn's "Worker failed to boot" does: its settings, its data dir, its passphrase or
         its code. Restarted, it failed again every few seconds, forever, and the service never
         exited for systemd's ``Restart=on-failure`` to see. A worker killed by a signal while it
-        started (an operator, the OOM killer) is replaced as before."""
+        started (an operator, the OOM killer) is replaced, up to the ``StartLimit``."""
         for index, process in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
@@ -196,17 +232,37 @@ class HandingSupervisor(Multiprocess):
                 continue
             process.kill()
             process.join()
-            status = process.exitcode or 0
-            if status == STARTUP_FAILURE or (status > 0 and not process.ready.value):
-                logger.error(
+            status, ready = process.exitcode or 0, bool(process.ready.value)
+            if status == STARTUP_FAILURE or (status > 0 and not ready):
+                self._stop(
                     "worker [%s] cannot start (its line above says why): stopping", process.pid
                 )
-                self.failed = True
-                self.should_exit.set()
                 return
-            logger.info("worker [%s] died; starting another", process.pid)
+            if ready:
+                logger.info("worker [%s] died; starting another", process.pid)
+            elif self.start_limit.reached():
+                self._stop(
+                    "workers died before they were ready %d times within %d s (the last,"
+                    " [%s]: %s): stopping",
+                    START_LIMIT_BURST,
+                    START_LIMIT_SECONDS,
+                    process.pid,
+                    _death(status),
+                )
+                return
+            else:
+                logger.warning(
+                    "worker [%s] died before it was ready (%s); starting another",
+                    process.pid,
+                    _death(status),
+                )
             self.processes[index], slot = self._worker()
             self.dispatcher.install(index, slot)
+
+    def _stop(self, message: str, *args: object) -> None:
+        logger.error(message, *args)
+        self.failed = True
+        self.should_exit.set()
 
     def restart_all(self) -> None:
         """SIGHUP: replace each worker in turn; new connections go to the new one once it is

@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.pem import private_key_pem
+from cli.supervisor import StartLimit
 from tests.cli.test_serve_workers import wait_for, workers_of
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 from tests.conftest import free_port
@@ -145,6 +146,54 @@ def test_a_worker_that_fails_before_it_is_ready_stops_the_service(tmp_path: Path
     records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert sum("starting another" in r["message"] for r in records) == 1
     assert "Traceback" not in log.read_text()
+
+
+def test_workers_killed_on_every_start_stop_the_service(tmp_path: Path) -> None:
+    """A worker killed by a signal before it was ready (a segfault, the OOM killer on every
+    start) was replaced forever, a new one every second: the service never exited for
+    systemd's Restart=on-failure to see. A worker killed once is still replaced, a ready one
+    without counting; five deaths before readiness within 60 s stop the service, exit 8."""
+    cli = _initialised(tmp_path)
+    log = tmp_path / "serve.log"
+    with cli.serving(log, "--workers", "2") as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        first, other = workers_of(serve.process.pid)
+        os.kill(first, signal.SIGKILL)  # a ready worker, killed by an operator: replaced
+        seen, killed = {first, other}, 0
+        # Each replacement, as soon as it appears: seconds before it has imported the app.
+        while serve.process.poll() is None and killed < 20:
+            new = set(workers_of(serve.process.pid)) - seen
+            for pid in new:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            seen |= new
+            time.sleep(0.02)
+        assert serve.process.wait(30) == 8, log.read_text()
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    deaths = [r["message"] for r in records if "died" in r["message"]]
+    assert deaths[0] == f"worker [{first}] died; starting another", deaths
+    early = deaths[1:]
+    assert len(early) == 5 and killed == 5, deaths
+    assert all(
+        d.endswith("died before it was ready (killed by SIGKILL); starting another")
+        for d in early[:4]
+    ), early
+    assert early[4].startswith("workers died before they were ready 5 times within 60 s (the")
+    assert early[4].endswith(": killed by SIGKILL): stopping"), early
+    assert [r["level"] for r in records if r["message"] == early[4]] == ["error"]
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_start_limit_counts_deaths_within_its_window() -> None:
+    """Deaths spread wider than the window (a worker the OOM killer takes now and then while
+    it starts) never stop the service; the fifth within it does."""
+    now = [0.0]
+    limit = StartLimit(5, 60.0, clock=lambda: now[0])
+    for when in (0, 20, 40, 50, 61, 81, 101):  # every five span 61 s
+        now[0] = when
+        assert not limit.reached(), when
+    now[0] = 102  # 50, 61, 81, 101, 102
+    assert limit.reached()
 
 
 def test_workers_take_the_options_over_the_variables_they_override(tmp_path: Path) -> None:
