@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from api.app import create_app, freeze_startup_heap
 from ca.config import build_context, load_settings
-from ca.logs import configure_logging
+from ca.logs import configure_logging, debugging
 from ca.scheduler import elect_scheduler
 from ca.store.db import SchemaPolicy
 
@@ -26,7 +26,7 @@ SCHEDULER_LOCK = "scheduler.lock"
 
 
 def app_from_environment() -> FastAPI:
-    configure_logging()  # spawned workers start with no logging configuration
+    configure_logging(debug=debugging())  # spawned workers start with no logging configuration
     # load_settings: a bad variable is one line naming it (cli.supervisor logs it), not pydantic's
     # dozen lines and a URL.
     ctx = build_context(load_settings(), schema=SchemaPolicy.TRUSTED, serving=True)

@@ -1,5 +1,12 @@
 """Logging: JSON lines when stderr is not a terminal (collectors parse them), readable text when
-it is; every record made while serving a request carries that request's id."""
+it is; every record made while serving a request carries that request's id.
+
+``TRELLIS_DEBUG=1`` in the environment (``debugging``) has ``trellis serve`` lower Trellis's own
+loggers (``trellis.*``) to DEBUG: what they log at that level (a database outage's traceback,
+once; a scheduled job's result that repeats) was dropped, and nothing could show it. The root
+stays at INFO, so uvicorn's, SQLAlchemy's and asyncio's debug records stay out. The workers of
+``trellis serve --workers N`` inherit the variable with the rest of the environment.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,12 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import os
 import sys
 
-__all__ = ["REQUEST_ID", "configure_logging"]
+__all__ = ["DEBUG_VARIABLE", "REQUEST_ID", "configure_logging", "debugging"]
+
+DEBUG_VARIABLE = "TRELLIS_DEBUG"
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -39,7 +49,14 @@ class JsonFormatter(logging.Formatter):
         return _ENCODE(document)
 
 
-def configure_logging(*, json_lines: bool | None = None, level: int = logging.INFO) -> None:
+def debugging() -> bool:
+    """Whether ``TRELLIS_DEBUG`` asks for Trellis's debug records (any value but empty or 0)."""
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def configure_logging(
+    *, json_lines: bool | None = None, level: int = logging.INFO, debug: bool = False
+) -> None:
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler()
@@ -60,6 +77,8 @@ def configure_logging(*, json_lines: bool | None = None, level: int = logging.IN
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if debug:
+        logging.getLogger("trellis").setLevel(logging.DEBUG)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

@@ -26,7 +26,7 @@ key left behind) reaches a command's stderr as one line, ``warning: ...`` or ``e
 (``OneLineLog``): with no handler of its own it went through Python's last-resort handler,
 as a bare line that read as if it were the command's output, with a traceback for an
 ``exception``. ``trellis serve`` and ``trellis agent`` replace it with the server's log
-(``ca.logs.configure_logging``).
+(``ca.logs.configure_logging``), where ``TRELLIS_DEBUG=1`` adds Trellis's debug records.
 
 ``trellis serve`` ignores SIGHUP from here until it serves: its handler (``cli.single``, the
 supervisor's) is installed only once the server starts, a second or more after the process, and
@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import sys
 import time
 from types import FrameType
+
+from ca.logs import DEBUG_VARIABLE, debugging
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command Ctrl-C ended
 
@@ -98,13 +99,6 @@ class OneLineLog(logging.Handler):
             sys.stderr.flush()
         except Exception:
             self.handleError(record)
-
-
-DEBUG_VARIABLE = "TRELLIS_DEBUG"
-
-
-def debugging() -> bool:
-    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
 # cli.main.root's options that take a value: what comes after one is not the command.

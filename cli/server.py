@@ -15,7 +15,7 @@ from ca.authority import active_issuer, check_keys, load_authority
 from ca.config import Context
 from ca.errors import Unavailable
 from ca.jobs import catch_up
-from ca.logs import configure_logging
+from ca.logs import configure_logging, debugging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from ca.store.db import SchemaPolicy
@@ -80,7 +80,7 @@ def serve(
     )
     settings = ctx.settings
     listener = listen(settings.host, settings.port)  # first: a port in use changes nothing
-    configure_logging()
+    configure_logging(debug=debugging())
     _log_migration(ctx)
     load_authority(ctx)  # refuses to start without a CA, with the init hint
     catch_up(ctx)  # a process that was down past a transition performs it before serving

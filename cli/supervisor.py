@@ -51,7 +51,7 @@ from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from ca.errors import TrellisError
-from ca.logs import configure_logging
+from ca.logs import configure_logging, debugging
 from cli.tlsreload import ReloadingConfig
 
 logger = logging.getLogger("uvicorn.error")
@@ -311,7 +311,7 @@ class HandedProcess(Process):
         second, forever, and systemd's ``Restart=on-failure`` never saw the service fail. The
         reason is one line: a Trellis error's own sentence, else the exception's type and text
         with its traceback attached (a bug, or an install broken under the service)."""
-        configure_logging()  # what it logs before the app's factory configures it
+        configure_logging(debug=debugging())  # what it logs before the app's factory does
         try:
             super().target(sockets)
         except Exception as exc:
@@ -431,7 +431,7 @@ def command(options: dict[str, object], listener: int) -> list[str]:
 def main(argv: list[str]) -> None:
     encoded, descriptor = argv
     options = json.loads(encoded)
-    configure_logging()
+    configure_logging(debug=debugging())
     logging.getLogger("trellis.serve").info(
         "supervising %d workers on %s:%d", options["workers"], options["host"], options["port"]
     )

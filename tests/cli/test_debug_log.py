@@ -4,11 +4,15 @@ command run by hand had nowhere to show (its record said "see the server log")."
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 
 from cli.launch import OneLineLog, debugging
+from tests.cli.test_serve_workers import wait_for
+from tests.cli.test_walkthrough import Trellis
 
 
 def _logged(handler: OneLineLog, capsys: pytest.CaptureFixture[str]) -> str:
@@ -51,3 +55,36 @@ def test_trellis_debug_is_read_from_the_environment(
 ) -> None:
     monkeypatch.setenv("TRELLIS_DEBUG", value)
     assert debugging() is on
+
+
+def _served(cli: Trellis, log: Path, workers: str) -> list[dict[str, str]]:
+    """The log records of a ``serve`` stopped once audit-seal (every 2 s) has run twice more."""
+    with cli.serving(log, "--workers", workers) as serve:
+        before = _audit_seal_runs(cli)
+        wait_for(lambda: _audit_seal_runs(cli) >= before + 2, "two runs of audit-seal")
+        serve.process.terminate()
+        assert serve.process.wait(30) == 0, log.read_text()
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def _audit_seal_runs(cli: Trellis) -> int:
+    jobs = json.loads(cli.run("jobs", "list", "--json").stdout)
+    return next(int(job["runs"]) for job in jobs if job["name"] == "audit-seal")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_logs_trellis_debug_records_with_trellis_debug(tmp_path: Path, workers: str) -> None:
+    """``serve`` had no way to show a debug record: the scheduler's traceback of a database
+    outage, logged once at debug, was seen by nobody. With ``TRELLIS_DEBUG=1`` its log has
+    Trellis's own (here a scheduled job's result that repeats, audit-seal's every 2 s), in the
+    workers too, and still none of uvicorn's, SQLAlchemy's or asyncio's; without, none."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.set_up("init", "--trust-domain", "example.org")
+    for debug in (False, True):
+        if debug:
+            cli.env["TRELLIS_DEBUG"] = "1"
+        records = _served(cli, tmp_path / f"serve-{debug}.log", workers)
+        debugs = [r for r in records if r["level"] == "debug"]
+        assert [r for r in debugs if not r["logger"].startswith("trellis.")] == [], debugs
+        repeated = [r for r in debugs if r["message"].startswith("job audit-seal: ")]
+        assert bool(repeated) is debug, records
