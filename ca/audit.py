@@ -601,7 +601,7 @@ def stored_anchors(ctx: Context) -> Anchors:
     return Anchors(
         tuple(x509.load_pem_x509_certificate(pem.encode()) for pem in pems),
         "the mesh roots stored in this database (the one being verified: "
-        "pass --bundle for anchors kept elsewhere)",
+        "give a bundle for anchors kept elsewhere)",
     )
 
 

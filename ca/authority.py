@@ -170,15 +170,15 @@ def check_params(params: AuthorityParams) -> None:
     # SPIRE's rule of thumb: an SVID should live at most a sixth of its issuer's life, otherwise
     # SVIDs get silently clamped to the CA's expiry and renew in a storm before every rotation.
     if params.svid_ttl.seconds * 6 > params.ca_ttl.seconds:
-        if params.purpose != "spiffe":  # no SVIDs, no --svid-ttl: only --ca-ttl can change
+        if params.purpose != "spiffe":  # no SVIDs, no SVID TTL: only the CA TTL can change
             raise InvalidInput(
                 f"the CA TTL {params.ca_ttl} is too short for the {params.purpose} authority"
                 f" {params.name!r}:"
-                f" give --ca-ttl {Ttl(params.svid_ttl.seconds * 6)} or more"
+                f" give a CA TTL of {Ttl(params.svid_ttl.seconds * 6)} or more"
             )
         raise InvalidInput(
             f"SVID TTL {params.svid_ttl} is more than a sixth of the CA TTL {params.ca_ttl}: "
-            "raise --ca-ttl or lower --svid-ttl"
+            "raise the CA TTL or lower the SVID TTL"
         )
     if params.ca_ttl >= params.root_ttl:
         raise InvalidInput("the intermediate CA TTL must be shorter than the root's")
@@ -363,7 +363,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             existing = session.get(AuthorityRow, params.name)
             if existing is not None and not params.force:
                 raise AuthorityExists(
-                    f"authority {params.name!r} already exists: use --force to replace it "
+                    f"authority {params.name!r} already exists: only a forced init replaces it "
                     "(this destroys its keys, certificates and, for the mesh, entries and their"
                     " join tokens; admin tokens serve the whole instance and stay valid)"
                 )

@@ -251,13 +251,13 @@ class InitParams:
 def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
     """The CA hierarchy, then the control-channel keys in the same key store as the CA keys.
     With ``force`` the previous deployment's rows and sealed keys go once the new one exists."""
-    exists = f"OpenVPN authority {params.name!r} exists: --force replaces it"
+    exists = f"OpenVPN authority {params.name!r} exists: only a forced init replaces it"
     with Session(ctx.engine) as session:
         if session.get(OpenVpnRow, params.name) is not None and not params.force:
             raise Conflict(exists)
         other = session.get(AuthorityRow, params.name)
         if other is not None and other.purpose != "openvpn":
-            # --force must never wipe the mesh (or a gateway) because of a name typed here
+            # force must never wipe the mesh (or a gateway) because of a name typed here
             raise Conflict(f"authority {params.name!r} is a {other.purpose} authority")
     try:
         issuer = init_authority(
@@ -374,7 +374,7 @@ def configure(ctx: Context, params: ConfigureParams, authority: str = OPENVPN) -
             row.server_cn = params.server_cn.value
         remote = row.remote or ""
         if params.remote is not None and row.server_cn is None and not _NAME.fullmatch(remote):
-            fix = "give --server-cn NAME with it (server_cn over REST)"
+            fix = "give the server CN with it"
             raise InvalidInput(_remote_not_a_cn(remote, fix))
         row.updated_at = ctx.clock.now()
         session.add(row)
@@ -563,9 +563,9 @@ def _default_server_cn(row: OpenVpnRow) -> VpnName:
     if row.server_cn is not None:
         return VpnName(row.server_cn)
     if row.remote is None:
-        raise Conflict("no server CN yet: pass --cn, or run 'trellis openvpn configure --remote'")
+        raise Conflict("no server CN yet: give one, or configure a server CN or the remote first")
     if not _NAME.fullmatch(row.remote):
-        fix = "set one with 'trellis openvpn configure --server-cn NAME' (server_cn over REST)"
+        fix = "configure a server CN"
         raise Conflict(_remote_not_a_cn(row.remote, fix))
     return VpnName(row.remote)
 
@@ -997,7 +997,7 @@ def _claim(ctx: Context, request: ClientRequest, *, renew: bool) -> _Claim:
     with Session(ctx.engine) as session:
         config = _row(session, authority)
         if config.remote is None:
-            raise Conflict("where do clients connect? run 'trellis openvpn configure --remote'")
+            raise Conflict("where do clients connect? configure the remote first")
         # Profiles verify the server as the configured CN, else the remote host: either way a
         # client holding that name could pose as the server to the other clients.
         if name == _default_server_cn(config).value:

@@ -124,7 +124,7 @@ def rotate_root(
             state = session.get(RootRotationRow, authority)
             moved = _position(state) != expected  # another run acted while this one waited
             if state is None and step:
-                raise Conflict("no root rotation in progress: run 'trellis authority rotate-root'")
+                raise Conflict("no root rotation in progress: start one before stepping it")
             if state is not None and moved:
                 pass  # report the state the other run left
             elif state is None or (state.step == "retired" and not step):
@@ -133,7 +133,7 @@ def rotate_root(
                 if now < state.switch_after and not force:
                     raise Conflict(
                         f"the overlap lasts until {state.switch_after.isoformat()}: relying "
-                        "parties may not have the new root yet (use --force to switch anyway)"
+                        "parties may not have the new root yet (a forced step switches anyway)"
                     )
                 _switch(rotator, state)
             elif step and state.step == "switched":
@@ -258,7 +258,7 @@ def _warn_istio_clusters(session: Session, old: CaRow) -> None:
     if clusters:
         log.warning(
             "Istio cluster(s) %s still have an intermediate under the old root: re-issue them "
-            "under the new root ('trellis istio issue --cluster NAME') before retiring it",
+            "under the new root before retiring it",
             ", ".join(clusters),
         )
 
@@ -293,7 +293,7 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
         ).all()
         raise Conflict(
             f"certificates from the old hierarchy stay valid until {still_valid.isoformat()}: "
-            "retiring the old root now would break them (wait, or use --force)"
+            "retiring the old root now would break them (wait, or force the step)"
             + _signed_by_old_root(direct)
         )
     old.state = "retired"
@@ -313,10 +313,9 @@ def _signed_by_old_root(rows: Sequence[CertificateRow]) -> str:
     named = [f"{r.profile} {r.serial[:16]} ({r.requested_by})" for r in rows[:5]]
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
     return (
-        "; signed by the old root itself: " + ", ".join(named) + more + " (re-issue Istio "
-        "clusters under the new root with 'trellis istio issue --cluster NAME', then revoke "
-        "the replaced intermediates with 'trellis revoke SERIAL' once their workload "
-        "certificates have been renewed)"
+        "; signed by the old root itself: " + ", ".join(named) + more + " (re-issue those "
+        "Istio clusters under the new root, then revoke the replaced intermediates once their "
+        "workload certificates have been renewed)"
     )
 
 

@@ -140,7 +140,7 @@ def test_two_openvpn_inits_at_once_create_it_once(
 
     assert isinstance(first, openvpn.OpenVpnConfig), first
     assert isinstance(second, Conflict), second
-    assert "OpenVPN authority 'vpn' exists: --force replaces it" in str(second)
+    assert "OpenVPN authority 'vpn' exists: only a forced init replaces it" in str(second)
     assert files(replica.settings.data_dir / "keys") == []
     assert files(replica.settings.data_dir / "secrets") == []
 

@@ -7,6 +7,7 @@ function body, a ``TYPE_CHECKING`` block or a relative form is caught as well.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,70 @@ def test_core_imports_no_transport(path: Path) -> None:
 )
 def test_the_detector_finds_imports(source: str, expected: set[str]) -> None:
     assert imported_roots(source) == expected
+
+
+# Driven only by the CLI (no route reaches them): their input is the command line itself.
+CLI_ONLY = frozenset({"agent.py", "istio.py", "kubectl.py", "serverconn.py", "workload.py"})
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def flags_in_raises(source: str) -> list[str]:
+    """CLI flags in the text of what a scope raises: the string literals inside each ``raise``,
+    and those assigned, in the same scope, to a name the ``raise`` reads (``fix = ...``). A
+    function is walked on its own and as part of the module: each flag is named once."""
+    found: set[str] = set()
+    for scope in ast.walk(ast.parse(source)):
+        if not isinstance(scope, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        assigned: dict[str, list[str]] = {}
+        raises: list[ast.Raise] = []
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        assigned.setdefault(target.id, []).extend(_strings(node.value))
+            elif isinstance(node, ast.Raise) and node.exc is not None:
+                raises.append(node)
+        for raised in raises:
+            texts = _strings(raised)
+            for name in ast.walk(raised):
+                if isinstance(name, ast.Name):
+                    texts += assigned.get(name.id, [])
+            found |= {flag for text in texts for flag in _FLAG.findall(text)}
+    return sorted(found)
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [
+        n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in MODULES if p.relative_to(CA_DIR).as_posix() not in CLI_ONLY],
+    ids=lambda p: p.relative_to(CA_DIR).as_posix(),
+)
+def test_core_errors_name_no_cli_flag(path: Path) -> None:
+    """docs/architecture.md: a ``ca`` error reaches REST clients and the CLI alike, so it names
+    the setting ("force", "the CA TTL"), never one adapter's spelling of it (``--force``)."""
+    flags = flags_in_raises(path.read_text(encoding="utf-8"))
+    assert not flags, f"ca/{path.relative_to(CA_DIR)} raises messages naming {flags}"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        pytest.param("raise E('use --force')", ["--force"], id="literal"),
+        pytest.param(
+            "def f(x):\n    raise E(f'{x}: give --ca-ttl 6h')", ["--ca-ttl"], id="f-string"
+        ),
+        pytest.param(
+            "def f():\n    fix = 'give --cn'\n    raise E(g(fix))", ["--cn"], id="via-name"
+        ),
+        pytest.param("argv = ['kubectl', '--context', c]", [], id="not-raised"),
+        pytest.param("raise E('a -- b, x--y, the force')", [], id="no-flag"),
+    ],
+)
+def test_the_flag_detector(source: str, expected: list[str]) -> None:
+    assert flags_in_raises(source) == expected

@@ -125,6 +125,22 @@ def test_exit_codes_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
                 os.environ[key] = value
 
 
+def test_refusals_name_the_setting_as_rest_does(cli: InProcessTrellis, tmp_path: Path) -> None:
+    """The same words as the REST problem's detail (tests/openvpn/test_rest.py), through the real
+    entry point: the CLI user knows --force and configure --remote from --help."""
+    trellis = cli.process()
+    trellis.run("openvpn", "init")
+    again = trellis.run("openvpn", "init", ok=False)
+    assert again.returncode == 6, again
+    assert (
+        again.stderr == "trellis: OpenVPN authority 'vpn' exists: only a forced init replaces it\n"
+    )
+    out = str(tmp_path / "a.ovpn")
+    client = trellis.run("openvpn", "client", "add", "alice", "--out", out, ok=False)
+    assert client.returncode == 6, client
+    assert client.stderr == "trellis: where do clients connect? configure the remote first\n"
+
+
 def test_a_relative_crl_path_is_the_shells_and_a_line_break_is_refused(
     cli: InProcessTrellis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -281,7 +281,7 @@ def test_without_a_crl_path_revocation_still_revokes(vpn_unconfigured: Context) 
 def test_clients_need_a_remote_and_an_openvpn_authority(
     vpn_unconfigured: Context, ctx: Context
 ) -> None:
-    with pytest.raises(Conflict, match="configure --remote"):
+    with pytest.raises(Conflict, match="configure the remote first"):
         _add(vpn_unconfigured, "ivy")
     with pytest.raises(NotFound, match="openvpn init"):
         add_client(ctx, ClientRequest(VpnName("ivy"), authority="mesh"))

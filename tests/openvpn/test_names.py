@@ -94,7 +94,7 @@ def test_enums_parse() -> None:
 
 
 def test_too_short_a_ca_ttl_names_the_option_openvpn_init_has(bare_ctx: Context) -> None:
-    """openvpn init has no SVIDs and no --svid-ttl: the refusal names --ca-ttl."""
-    with pytest.raises(InvalidInput, match=r"give --ca-ttl 6s or more") as refused:
+    """openvpn init has no SVIDs and no SVID TTL: the refusal names the CA TTL."""
+    with pytest.raises(InvalidInput, match=r"give a CA TTL of 6s or more") as refused:
         init_openvpn(bare_ctx, InitParams(ca_ttl=Ttl.parse("5s")))
     assert "SVID" not in refused.value.detail

@@ -255,7 +255,7 @@ def test_a_remote_that_cannot_be_a_cn_needs_a_server_cn(
     issued = list_certificates(ctx, limit=1000)
     refused = assert_problem(api.post("/v1/openvpn/clients", json={"name": "dave"}), 409)
     assert "'::1' cannot be the server's CN" in refused["detail"]
-    assert "--server-cn" in refused["detail"]
+    assert "configure a server CN" in refused["detail"] and "--" not in refused["detail"]
     refused = assert_problem(api.post("/v1/openvpn/server-config", json={}), 409)
     assert "'::1' cannot be the server's CN" in refused["detail"]
     assert list_certificates(ctx, limit=1000) == issued  # nothing issued
@@ -287,3 +287,19 @@ def test_a_crl_file_not_rewritten_is_reported_without_its_path(
     assert str(tmp_path) not in revoked.json()["crl_error"]
     assert f"cannot write the CRL file {crl.resolve()}: " in caplog.text
     assert str(staged) in caplog.text
+
+
+def test_refusals_name_the_setting_not_a_cli_flag(api: TestClient) -> None:
+    """Regression: ca's messages told REST callers to pass --force, --ca-ttl, --cn or to run
+    'trellis openvpn configure --remote'. They name the setting; each adapter spells it."""
+    short = assert_problem(api.post("/v1/openvpn/init", json={"ca_ttl": "5s"}), 400)["detail"]
+    assert "give a CA TTL of 6s or more" in short
+    assert api.post("/v1/openvpn/init", json={}).status_code == 201
+    again = assert_problem(api.post("/v1/openvpn/init", json={}), 409)["detail"]
+    assert again == "OpenVPN authority 'vpn' exists: only a forced init replaces it"
+    client = assert_problem(api.post("/v1/openvpn/clients", json={"name": "alice"}), 409)
+    assert client["detail"] == "where do clients connect? configure the remote first"
+    server = assert_problem(api.post("/v1/openvpn/server-cert", json={}), 409)
+    assert server["detail"].startswith("no server CN yet: give one, or configure")
+    for detail in (short, again, client["detail"], server["detail"]):
+        assert "--" not in detail and "trellis " not in detail, detail
