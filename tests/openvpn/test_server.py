@@ -239,7 +239,7 @@ def test_init_force_replaces_the_deployment(vpn: Context) -> None:
     add_client(vpn, ClientRequest(VpnName("alice")))
     before = _row(vpn)
     old_key = server_config(vpn, ServerRequest())["tls-crypt-v2.key"]
-    with pytest.raises(Conflict, match="--force"):
+    with pytest.raises(Conflict, match="only a forced init replaces it"):
         init_openvpn(vpn, InitParams())
     init_openvpn(vpn, InitParams(force=True))
     after = _row(vpn)

@@ -404,7 +404,7 @@ def test_cli_init_refuses_svid_ttl_over_a_sixth(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "more than a sixth" in lines[0] and "--svid-ttl" in lines[0]
+    assert len(lines) == 1 and "more than a sixth" in lines[0] and "lower the SVID TTL" in lines[0]
     assert not (tmp_path / "var" / "bundle.pem").exists()
     assert not (tmp_path / "var" / "admin-token").exists()
 
