@@ -18,6 +18,7 @@ from typing import BinaryIO
 from ca.errors import InvalidInput
 
 __all__ = [
+    "MAX_STORED_PATH",
     "OwnData",
     "check_writable",
     "data_directory",
@@ -28,11 +29,16 @@ __all__ = [
     "remove_if_abandoned",
     "replacing",
     "replacing_together",
+    "stored_path",
     "write_atomic",
     "write_private",
 ]
 
 log = logging.getLogger("trellis.files")
+
+# The path columns: openvpn.crl_path and .server_dir, gateway_truststore.path,
+# istio_cluster.output and .kubeconfig (tests/ca/test_stored_paths.py holds them to it).
+MAX_STORED_PATH = 1024
 
 _PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
 
@@ -106,6 +112,18 @@ def check_writable(
         raise InvalidInput(f"{name}: cannot write under {existing}: {exc.strerror}") from None
     os.close(fd)
     os.unlink(probe)
+    return path
+
+
+def stored_path(path: Path, what: str) -> Path:
+    """``path`` if its column can hold it. Checked here, before anything is issued or written:
+    SQLite would keep a longer one, while PostgreSQL refuses the row (an internal error, after
+    the work) instead of the caller's mistake."""
+    if len(str(path)) > MAX_STORED_PATH:
+        raise InvalidInput(
+            f"{what} is at most {MAX_STORED_PATH} characters: {str(path)[:70]!r}... has "
+            f"{len(str(path))}"
+        )
     return path
 
 

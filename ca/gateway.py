@@ -62,7 +62,7 @@ from ca.errors import (
     PolicyViolation,
     Unavailable,
 )
-from ca.files import write_atomic
+from ca.files import stored_path, write_atomic
 from ca.keepers import check_free, truststore_footprint, truststore_keeper
 from ca.keys import KeyType, PrivateKey, PublicKey
 from ca.paging import Page, check_limit, page
@@ -897,7 +897,7 @@ def write_truststore(ctx: Context, format: TruststoreFormat, path: Path) -> list
     """Write the truststore and record where, so revocations and refreshes rewrite it. A path
     whose files another truststore or an OpenVPN authority keeps current is refused
     (``ca.keepers``): the two would overwrite each other for ever."""
-    path = _targets(format, path.absolute())
+    path = stored_path(_targets(format, path.absolute()), "the truststore path")
     node = ctx.settings.node_name
     with Session(ctx.engine) as session:
         check_free(

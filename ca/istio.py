@@ -43,6 +43,7 @@ from ca.files import (
     check_writable,
     private_directory,
     replacing_together,
+    stored_path,
     write_atomic,
     write_private,
 )
@@ -95,6 +96,7 @@ DEFAULT_TTL = Ttl(30 * 86400)
 # (``RENEWAL_INTERVAL``), so an hour leaves 20 minutes, four runs, to renew and deliver in; a
 # shorter one (10 s was accepted) expired before any run could renew it, and istiod with it.
 MIN_TTL = Ttl(3600)
+MAX_KUBE_CONTEXT = 253  # istio_cluster.kube_context
 # Renew when this share of an intermediate's life has passed; istiod hot-reloads the Secret and
 # clamps workload TTLs to the intermediate's remaining life, so a third left is plenty.
 RENEW_AFTER = 2 / 3
@@ -154,6 +156,13 @@ class IstioParams:
             raise InvalidInput("--kube-context needs --kubeconfig")
         if self.kubeconfig is not None and self.output_format == "files":
             raise InvalidInput("--kubeconfig applies a Secret: use secret-yaml or tls-secret-yaml")
+        # as recorded for renewals (istio_cluster.output, .kubeconfig, .kube_context)
+        if self.output is not None:
+            stored_path(self.output.resolve(), "the output path")
+        if self.kubeconfig is not None:
+            stored_path(self.kubeconfig.resolve(), "the kubeconfig path")
+        if self.kube_context is not None and len(self.kube_context) > MAX_KUBE_CONTEXT:
+            raise InvalidInput(f"a kube context is at most {MAX_KUBE_CONTEXT} characters")
         if self.with_crl and self.output_format == "tls-secret-yaml":
             raise InvalidInput(
                 "--with-crl needs --format secret-yaml or files: istiod reads ca-crl.pem only "

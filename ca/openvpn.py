@@ -60,6 +60,7 @@ from ca.files import (
     check_writable,
     private_directory,
     replacing_together,
+    stored_path,
     write_atomic,
 )
 from ca.keepers import SERVER_DIR_FILES, SERVER_FILES, Footprint, check_free, openvpn_keeper
@@ -421,7 +422,7 @@ def conf_path(path: Path, what: str) -> Path:
     resolved = path.resolve()
     if _CONF_PATH_UNSAFE.search(str(resolved)):  # a symlink on the way leads somewhere odd
         raise InvalidInput(f"{what} {text[:80]!r} resolves to a path server.conf cannot hold")
-    return resolved
+    return stored_path(resolved, what)
 
 
 def check_crl_destination(
@@ -658,6 +659,7 @@ def server_config(
         conf_path(stored, "the configured CRL path (set another with configure)")
     if out_dir is not None:
         # this directory's certificate is renewed here from now on, and maybe its crl.pem
+        stored_path(out_dir.resolve(), "the server directory")
         check_out_dir(ctx, request.authority, out_dir, SERVER_DIR_FILES)
     issuer = active_issuer(ctx, request.authority)
     crl = crl_pem(ctx, request.authority)
