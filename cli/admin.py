@@ -23,6 +23,7 @@ from ca.authority import (
     trust_domain_as_is,
 )
 from ca.bundle import read_bundle, write_bundle_file
+from ca.config import Settings
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput
 from ca.files import write_atomic, write_private
@@ -32,7 +33,7 @@ from ca.keys import KeyType
 from ca.pem import fingerprint
 from ca.revocation import RevocationReason
 from ca.serial import Serial
-from ca.store.db import SchemaPolicy
+from ca.store.db import SchemaPolicy, database_place
 from cli.common import (
     STATE,
     confirm,
@@ -102,7 +103,7 @@ def init(
     if exists_ok and not force:
         existing = trust_domain_as_is(settings.effective_database_url)
         if existing is not None and existing != params.trust_domain:
-            raise _other_trust_domain(existing, params.trust_domain, settings.data_dir)
+            raise _other_trust_domain(existing, params.trust_domain, settings)
     policy = SchemaPolicy.MIGRATE if exists_ok else SchemaPolicy.REQUIRE_CURRENT
     with STATE.setting_up(policy) as ctx:
         try:
@@ -116,11 +117,12 @@ def init(
         # data dir holds its keys is for 'serve' to check (and say) at start-up.
         existing = TrustDomain.parse(load_authority(ctx).trust_domain)
         if existing != params.trust_domain:  # made since it was looked at above
-            raise _other_trust_domain(existing, params.trust_domain, settings.data_dir)
+            raise _other_trust_domain(existing, params.trust_domain, settings)
         if json_out:
             emit_json({"trust_domain": str(existing), "created": False})
         else:
-            typer.echo(f"A CA for {existing} already exists in {ctx.settings.data_dir}")
+            where = database_place(settings.effective_database_url)
+            typer.echo(f"A CA for {existing} already exists in {where}")
         return
     issuer = created
     _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
@@ -149,9 +151,9 @@ def init(
     typer.echo(f"  admin token   {info['admin_token_path']} (0600)")
 
 
-def _other_trust_domain(existing: TrustDomain, asked: TrustDomain, data_dir: Path) -> Conflict:
+def _other_trust_domain(existing: TrustDomain, asked: TrustDomain, settings: Settings) -> Conflict:
     return Conflict(
-        f"a CA for {existing} already exists in {data_dir},"
+        f"a CA for {existing} already exists in {database_place(settings.effective_database_url)},"
         f" not for {asked}: --exists-ok accepts only the same trust domain"
     )
 

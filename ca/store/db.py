@@ -34,6 +34,7 @@ __all__ = [
     "SchemaPolicy",
     "autocommit_engine",
     "connect",
+    "database_place",
     "loop_engine",
     "migrate",
     "newer_schema",
@@ -62,6 +63,18 @@ def normalise_url(url: str) -> str:
     if parsed.drivername == "sqlite":
         return url
     raise InvalidInput(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+
+
+def database_place(url: str) -> str:
+    """Where the data of ``url`` lives, in words for an operator: the SQLite file, or the
+    PostgreSQL database and its server (never the user or password the URL may carry). Not the
+    data dir: it holds keys and files, and the database only when that is SQLite's default."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"the SQLite database {parsed.database or ':memory:'}"
+    host = parsed.host or str(parsed.query.get("host") or "localhost")
+    server = f"{host}:{parsed.port}" if parsed.port else host
+    return f"the PostgreSQL database {parsed.database or parsed.username or ''!r} on {server}"
 
 
 # With a ``Checkpointer`` running, a connection checkpoints the WAL itself only past this many

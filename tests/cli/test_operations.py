@@ -443,6 +443,51 @@ def test_a_refused_init_sets_nothing_up_and_exists_ok_is_for_the_same_trust_doma
     assert other.returncode == 6 and "not for other.org" in other.stderr, other
 
 
+def test_init_exists_ok_names_the_database_the_ca_is_in(tmp_path: Path, database_url: str) -> None:
+    """Regression: it said "already exists in <data dir>" with the CA in PostgreSQL, where the
+    data dir holds keys but not the CA an operator would go looking for."""
+    url = sa.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        where = f"the SQLite database {url.database}"
+    else:  # the test server listens on a socket in a directory (host=... in the query)
+        where = f"the PostgreSQL database {url.database!r} on {url.host or url.query['host']}"
+    cli = Trellis(tmp_path / "var", database_url)
+    cli.run("init", "--trust-domain", "example.org")
+    again = cli.run("init", "--trust-domain", "example.org", "--exists-ok")
+    assert again.stdout.startswith(f"A CA for example.org already exists in {where}"), again
+    other = cli.run("init", "--trust-domain", "other.org", "--exists-ok", ok=False)
+    assert other.returncode == 6, other
+    assert f"a CA for example.org already exists in {where}" in other.stderr, other
+    assert "not for other.org" in other.stderr
+    assert str(tmp_path / "var") not in again.stdout + other.stderr
+    if url.password:
+        assert url.password not in again.stdout + other.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "place"),
+    [
+        (
+            "sqlite:////var/lib/trellis/trellis.db",
+            "the SQLite database /var/lib/trellis/trellis.db",
+        ),
+        (
+            "postgresql://trellis:s3cret@db.example:5433/ca",
+            "the PostgreSQL database 'ca' on db.example:5433",
+        ),
+        ("postgres://trellis@db.example/ca", "the PostgreSQL database 'ca' on db.example"),
+        (
+            "postgresql:///ca?host=/run/postgresql",
+            "the PostgreSQL database 'ca' on /run/postgresql",
+        ),
+    ],
+)
+def test_database_place_names_no_credentials(url: str, place: str) -> None:
+    from ca.store.db import database_place
+
+    assert database_place(url) == place
+
+
 def test_certs_list_pages_after_a_listed_serial_only(local: Trellis, tmp_path: Path) -> None:
     """``--after`` is REST's ``?after=``: a serial not listed is exit 2, not an empty page."""
     local.set_up(
