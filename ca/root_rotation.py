@@ -34,7 +34,7 @@ from ca.durations import Ttl
 from ca.errors import Conflict
 from ca.identity import TrustDomain
 from ca.keys import KeyHandle, KeyType
-from ca.profiles import BACKDATE, CaSpec, ca_builder, ca_common_name, sign
+from ca.profiles import BACKDATE, CaSpec, RevocationUrls, ca_builder, ca_common_name, sign
 from ca.revocation import RevocationReason
 from ca.rotation import (
     Rotator,
@@ -66,6 +66,12 @@ def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
         not_after=min(subject_cert.not_valid_after_utc, issuer_cert.not_valid_after_utc),
         path_length=None,
         issuer=issuer_cert,
+        # the signing root's CRL lists it once retired, and its OCSP responder answers for it
+        urls=(
+            RevocationUrls.under(public_url, rotator.auth.name, issuer_cert.serial_number)
+            if (public_url := rotator.ctx.settings.public_url)
+            else None
+        ),
     )
     cert = sign(ca_builder(spec), ca_signer(rotator.ctx, issuer))
     check_ca(cert, issuer_cert, td.id() if td else None)

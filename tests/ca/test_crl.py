@@ -22,6 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlmodel import Session, select
 
 import ca.crl
 from ca.authority import AuthorityParams, Issuer, active_issuer, init_authority
@@ -38,9 +39,11 @@ from ca.keys import KeyHandle, KeyType, Signer
 from ca.logs import REQUEST_ID
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls, leaf_builder, sign
 from ca.revocation import RevocationReason
+from ca.root_rotation import rotate_root
 from ca.rotation import rotate
 from ca.serial import Serial
 from ca.serving import ensure_server_certificate
+from ca.store.models import CaRow
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, count_rows, enrol, join_secret, new_key
 from tests.certassert import ExpectedUrls, assert_is_ca, assert_is_crl, assert_is_svid_leaf
 
@@ -683,6 +686,50 @@ def test_with_a_public_url_certificates_point_at_their_issuers_revocation_data(
         fresh.cert, spiffe_id=f"spiffe://{TD}/api", issuer=new, urls=expected_urls(new)
     )
     assert_is_ca(new, trust_domain=TD, path_length=0, issuer=root, urls=expected_urls(root))
+
+
+@SQLITE_ONLY
+def test_cross_certificates_point_at_the_signing_roots_revocation_data(
+    public_ctx: Context, tmp_path: Path
+) -> None:
+    """Regression: a root rotation's cross certificates carried no CRL Distribution Points and
+    no AIA, though the signing root's CRL lists them once retired and its OCSP responder
+    answers for them, and every other CA certificate points there. Read with openssl."""
+    rotate_root(public_ctx)  # publish: the new root, cross-signed both ways
+    with Session(public_ctx.engine) as session:
+        crosses = session.exec(select(CaRow).where(CaRow.role == "cross")).all()
+        signers = {row.id: row for row in session.exec(select(CaRow)).all()}
+    assert len(crosses) == 2
+    for row in crosses:
+        assert row.parent_id is not None
+        signer = x509.load_pem_x509_certificate(signers[row.parent_id].cert_pem.encode())
+        cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
+        assert cert.issuer == signer.subject
+        assert_is_ca(
+            cert, trust_domain=TD, path_length=None, issuer=signer, urls=expected_urls(signer)
+        )
+        pem = tmp_path / f"{row.serial}.pem"
+        pem.write_text(row.cert_pem)
+        shown = subprocess.run(
+            [
+                "openssl",
+                "x509",
+                "-in",
+                str(pem),
+                "-noout",
+                "-ext",
+                "crlDistributionPoints,authorityInfoAccess",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        urls = expected_urls(signer)
+        assert f"URI:{urls.crl}" in shown, shown
+        assert f"OCSP - URI:{urls.ocsp}" in shown, shown
+        assert f"CA Issuers - URI:{urls.ca_issuers}" in shown, shown
+        # the URL names a CRL that exists
+        assert current_crl(public_ctx, MESH, serial_of(signer).hex).number >= 1
 
 
 @pytest.mark.parametrize(
