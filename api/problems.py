@@ -100,6 +100,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         said = f"{str(first.get('input'))[:64]!r} is not a valid value"
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         detail = "a request body is required: a JSON object"  # was only "invalid request body"
+    elif first.get("type") == "json_invalid":  # loc holds the offset: "12: JSON decode error"
+        reason = (first.get("ctx") or {}).get("error", "")
+        detail = f"the body is not valid JSON ({reason} at character {where})"
     else:
         detail = f"{where}: {said}" if where else "invalid request body"
     return problem_response(400, "invalid-request", "Invalid request", detail, request)

@@ -93,8 +93,8 @@ def _sqlite_path(settings: Settings) -> Path:
     url = make_url(db.normalise_url(settings.effective_database_url))
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         raise InvalidInput(
-            "trellis backup covers SQLite installations; for PostgreSQL use pg_dump "
-            "(see docs/operations.md) and back up the key files or Vault separately"
+            "backup and restore cover SQLite installations; for PostgreSQL use pg_dump and "
+            "pg_restore (see docs/operations.md) and the key files or Vault separately"
         )
     return Path(url.database)
 

@@ -94,7 +94,9 @@ _OCSP = {200: {"content": {"application/ocsp-response": {}}, "description": "RFC
 @public.post(
     "/v1/ocsp",
     response_class=Response,
-    responses=_OCSP,  # type: ignore[arg-type]
+    # A malformed request is answered in OCSP (malformedRequest); a body past the limit is not
+    # read at all (api.limits).
+    responses={**_OCSP, **responses(413)},  # type: ignore[dict-item]
     summary="OCSP (RFC 6960 §A.1 POST): body is a DER OCSPRequest",
 )
 async def ocsp_post(request: Request, ctx: CtxDep) -> Response:

@@ -184,6 +184,17 @@ def test_a_missing_body_where_one_is_required_is_named(rest: Rest) -> None:
     assert not rest.client.get("/v1/entries", headers=rest.admin).json()
 
 
+def test_a_body_that_is_not_json_is_named(rest: Rest) -> None:
+    """Regression: the detail was pydantic's "12: JSON decode error", the offset as a field."""
+    headers = rest.admin | {"Content-Type": "application/json"}
+    for path in ("/v1/entries", "/v1/tokens", "/v1/revocations"):
+        sent = rest.client.post(path, content=b'{"spiffe_id": ', headers=headers)
+        problem = assert_problem(sent, 400)
+        assert problem["detail"].startswith("the body is not valid JSON ("), (path, problem)
+        assert problem["detail"].endswith(" at character 14)"), (path, problem)
+    assert not rest.client.get("/v1/entries", headers=rest.admin).json()
+
+
 REVOKE_REFUSALS = [
     # (case, serial or ISSUED, body, status)
     ("unknown-serial", "abcdef0123456789", {"reason": "keyCompromise"}, 404),

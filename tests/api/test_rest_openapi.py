@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from api import deps
 from api.app import create_app
+from api.reference import ASSETS
 from ca.config import Context
 from tests.api.restkit import assert_problem, dependency_calls, schema_routes
 
@@ -82,11 +83,13 @@ def test_the_reference_pages_load_pinned_scripts_with_integrity(
 ) -> None:
     """/docs, where an admin pastes the admin token, loaded swagger-ui-dist@5 (a floating major
     version) from a CDN with no integrity hash: whatever the CDN served ran beside the token.
-    Every script and stylesheet from elsewhere is now an exact version with its SHA-384."""
+    Every script and stylesheet from elsewhere is now an exact version with its SHA-384, and
+    nothing else is fetched from elsewhere (the icon came from fastapi.tiangolo.com)."""
     html = client.get(page).text
-    tags = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"https://[^>]*>", html)
-    assets = [t for t in tags if 'rel="shortcut icon"' not in t]
+    assets = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"https?://[^>]*>", html)
     assert assets, html
+    fetched = set(re.findall(r"https?://[^\"'\s)>]+", html))
+    assert fetched <= set(ASSETS), fetched - set(ASSETS)
     for tag in assets:
         assert re.search(r"@\d+\.\d+\.\d+/", tag), tag
         assert re.search(r' integrity="sha384-[A-Za-z0-9+/]{64}" crossorigin="anonymous"', tag), tag

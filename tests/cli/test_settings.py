@@ -243,7 +243,7 @@ def test_backup_refuses_postgresql_before_connecting_and_messages_are_one_line(
     local.env["TRELLIS_DATABASE_URL"] = down
     _one_line(
         local.run("backup", "--out", str(tmp_path / "x.tgz"), ok=False),
-        "trellis backup covers SQLite installations",
+        "backup and restore cover SQLite installations",
     )
     unreachable = local.run("certs", "list", ok=False)
     assert unreachable.returncode == 8, unreachable
