@@ -57,6 +57,7 @@ from ca.errors import (
 )
 from ca.keys import PrivateKey
 from ca.logs import REQUEST_ID
+from ca.progress import Progress, report
 from ca.store.batch import Rows, Work
 from ca.store.core import insert_now, prepared, table
 from ca.store.models import UtcDateTime
@@ -287,6 +288,7 @@ def seal(
     settle: dt.timedelta | None = None,
     sign_every: dt.timedelta | None = None,
     pause: bool = False,
+    progress: Progress | None = None,
 ) -> Sealed:
     """Chain every settled, unsealed record and sign the new head (idempotent; run by one
     replica at a time). ``sign_every``: sign only if the last signature is at least that old
@@ -299,23 +301,33 @@ def seal(
     write lock on SQLite); the new head is signed with the last chunk. Only one sealer runs at
     a time (``one_sealer``), so the head read before a chunk is still the head when it is
     written; should that ever fail, ``seq`` is unique and ``_CHAIN`` only touches unsealed rows,
-    and a chunk that chains fewer rows than it read is rolled back (``_chunk_writer``)."""
+    and a chunk that chains fewer rows than it read is rolled back (``_chunk_writer``).
+
+    ``progress`` counts the records chained and written, chunk by chunk; how many are pending
+    is not counted first (no total), since the count would cost a scan of its own."""
     with one_sealer(ctx):
-        return _seal(ctx, settle, sign_every, pause)
+        return _seal(ctx, settle, sign_every, pause, progress)
 
 
 def _seal(
-    ctx: Context, settle: dt.timedelta | None, sign_every: dt.timedelta | None, pause: bool
+    ctx: Context,
+    settle: dt.timedelta | None,
+    sign_every: dt.timedelta | None,
+    pause: bool,
+    progress: Progress | None = None,
 ) -> Sealed:
     steps = _sealing(ctx, settle, sign_every)
     signing = _Signing(ctx)
     step = _advance(steps, None)
+    written = 0
     while not isinstance(step, Sealed):
         answer: Any = None
         if isinstance(step, _Read):
             answer = _read(ctx, step.query)
         elif isinstance(step, _Write):
             ctx.writes.run_apart(step.work)
+            written += step.records
+            report(progress, written, None)
         elif isinstance(step, _Sign):
             answer = signing.sign(*step.head)
         elif pause:
@@ -362,6 +374,7 @@ class _Read:
 @dataclass(frozen=True, slots=True)
 class _Write:
     work: Work
+    records: int = 0  # chained by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +451,7 @@ def _sealing(
         if not chained:
             break
         signature = (yield _Sign((seq, previous, now))) if last and sign else None
-        yield _Write(_chunk_writer(chained, signature))
+        yield _Write(_chunk_writer(chained, signature), len(chained))
         if signature is not None:
             _witness(seq, previous)
             signed_seq = seq
@@ -677,12 +690,19 @@ class _Signers:
         return None
 
 
+_REPORT_EVERY = 1000  # records verified between two progress reports: a report costs more
+
+
 def _span(ids: list[int]) -> str:
     return f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}..{ids[-1]} ({len(ids)} records)"
 
 
 def verify(
-    ctx: Context, *, anchors: Anchors | None = None, heads: tuple[tuple[int, str], ...] = ()
+    ctx: Context,
+    *,
+    anchors: Anchors | None = None,
+    heads: tuple[tuple[int, str], ...] = (),
+    progress: Progress | None = None,
 ) -> Verification:
     """Recompute the chain from the first record; report every break, first one first.
 
@@ -693,7 +713,10 @@ def verify(
 
     Records left behind the chain are reported too (``LATE``): the sealer chains every record
     within seconds of the records and signature after it, so one unchained or unsigned while
-    the chain went on for more than ``LATE`` had its chain or seal removed."""
+    the chain went on for more than ``LATE`` had its chain or seal removed.
+
+    ``progress`` counts the records and seals checked, out of all of them once they are read."""
+    report(progress, 0, None)
     anchors = anchors if anchors is not None else stored_anchors(ctx)
     signers = _Signers(anchors, _mesh_certificates(ctx) + list(anchors.certificates))
     now = ctx.clock.now()
@@ -705,7 +728,10 @@ def verify(
     previous, expected_seq = GENESIS, 1
     hashes_by_seq: dict[int, str] = {}
     times_by_seq: dict[int, dt.datetime] = {}
-    for row in rows:
+    total = len(rows) + len(seals)
+    for done, row in enumerate(rows):
+        if done % _REPORT_EVERY == 0:
+            report(progress, done, total)
         seq = row["seq"]
         where = f"record seq {seq} (id {row['id']}, {row['event']})"
         if seq != expected_seq:
@@ -723,7 +749,8 @@ def verify(
         hashes_by_seq[seq] = row["hash"] or ""
     signed: tuple[int, dt.datetime] | None = None  # the newest seal that verifies
     last_signed_at: dt.datetime | None = None  # the newest seal's time, verified or not
-    for seal_seq, head_hash, signed_raw, cert_pem, signature in seals:
+    for done, (seal_seq, head_hash, signed_raw, cert_pem, signature) in enumerate(seals):
+        report(progress, len(rows) + done, total)
         where = f"seal at seq {seal_seq}"
         signed_at = _time_of(signed_raw)
         if signed_at is not None and (last_signed_at is None or signed_at > last_signed_at):
@@ -754,6 +781,7 @@ def verify(
     problems += _left_behind(
         ctx, rows, times_by_seq, unsealed, signed, last_signed_at, now, bool(seals)
     )
+    report(progress, total, total)
     return Verification(
         not problems,
         len(rows),

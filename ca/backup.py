@@ -56,6 +56,7 @@ from ca.files import (
     replacing,
     write_atomic,
 )
+from ca.progress import Progress, report
 from ca.store import db
 
 __all__ = ["BackupResult", "backup", "check_backup", "restore", "setting_up"]
@@ -107,23 +108,47 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes, mode: int) -> str:
 
 
 class _Hashing(io.BufferedReader):
-    """A file read once, hashed as tarfile copies it out in chunks."""
+    """A file read once, hashed as tarfile copies it out in chunks, each chunk counted."""
 
-    def __init__(self, raw: io.RawIOBase) -> None:
+    def __init__(self, raw: io.RawIOBase, counted: _Counted | None = None) -> None:
         super().__init__(raw, _CHUNK)
         self.sha = hashlib.sha256()
+        self.counted = counted
 
     def read(self, size: int | None = -1, /) -> bytes:
         data = super().read(size)
         self.sha.update(data)
+        if self.counted is not None:
+            self.counted.add(len(data))
         return data
 
 
-def _add_file(archive: tarfile.TarFile, name: str, path: Path, mode: int | None = None) -> str:
+@dataclass(slots=True)
+class _Counted:
+    """Bytes a backup has done of its total, told to its ``Progress``."""
+
+    progress: Progress | None
+    total: int
+    done: int = 0
+
+    def add(self, amount: int) -> None:
+        self.done += amount
+        # Never past the total: a file may grow between being measured and being archived.
+        self.total = max(self.total, self.done)
+        report(self.progress, self.done, self.total)
+
+
+def _add_file(
+    archive: tarfile.TarFile,
+    name: str,
+    path: Path,
+    mode: int | None = None,
+    counted: _Counted | None = None,
+) -> str:
     """``path`` as the member ``name`` (with its own permission bits unless ``mode``), copied
     from its file object and hashed in the same pass: the archive holds the bytes its digest
     was taken of, and a database of gigabytes is never in memory."""
-    with _Hashing(io.FileIO(path, "r")) as source:
+    with _Hashing(io.FileIO(path, "r"), counted) as source:
         status = os.fstat(source.fileno())
         info = tarfile.TarInfo(name)
         info.size = status.st_size
@@ -138,12 +163,15 @@ def check_backup(settings: Settings) -> None:
     _sqlite_path(settings)
 
 
-def backup(ctx: Context, out: Path) -> BackupResult:
+def backup(ctx: Context, out: Path, *, progress: Progress | None = None) -> BackupResult:
     """Snapshot the database into a 0600 temporary file beside ``out``, then stream the archive
     into another and rename it into place: memory stays flat whatever the database's size, the
     snapshot takes room where the archive goes (not in ``TMPDIR``, which is memory where /tmp
     is a tmpfs), and a failure part-way removes both temporary files and the directories made
-    for ``out``, leaving everything as it was."""
+    for ``out``, leaving everything as it was.
+
+    ``progress`` counts bytes: the snapshot's as one step once taken (SQLite's backup in steps
+    would restart whenever the running server writes meanwhile), then every byte archived."""
     source = _sqlite_path(ctx.settings)
     schema, _ = db.schema_status(ctx.engine)
     digests: dict[str, str] = {}
@@ -155,14 +183,16 @@ def backup(ctx: Context, out: Path) -> BackupResult:
             replacing(out, 0o600, private=True) as handle,
             tarfile.open(fileobj=handle, mode="w:gz") as archive,
         ):
-            digests[_DB_NAME] = _add_file(archive, _DB_NAME, snapshot, 0o600)
-            data_dir = ctx.settings.data_dir
-            for name in (*_DIRECTORIES, *_FILES):
-                path = data_dir / name
-                for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-                    if file.is_file():
-                        relative = file.relative_to(data_dir).as_posix()
-                        digests[relative] = _add_file(archive, relative, file)
+            # Listed after the snapshot, as they were archived: a key the snapshot's rows name
+            # was written before the row that names it was committed.
+            files = _data_files(ctx.settings.data_dir)
+            size = snapshot.stat().st_size
+            counted = _Counted(progress, 2 * size + sum(_size_of(file) for _, file in files))
+            counted.add(size)
+            digests[_DB_NAME] = _add_file(archive, _DB_NAME, snapshot, 0o600, counted)
+            for relative, file in files:
+                digests[relative] = _add_file(archive, relative, file, counted=counted)
+            report(progress, counted.total, counted.total)  # a file that shrank meanwhile
             manifest = {"format": FORMAT, "schema": schema, "files": digests}
             raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
             _add(archive, "manifest.json", raw, 0o644)
@@ -172,6 +202,24 @@ def backup(ctx: Context, out: Path) -> BackupResult:
                 directory.rmdir()
         raise
     return BackupResult(out, tuple(sorted(digests)), schema)
+
+
+def _data_files(data_dir: Path) -> list[tuple[str, Path]]:
+    """What a backup takes besides the database, by name in the archive."""
+    found = []
+    for name in (*_DIRECTORIES, *_FILES):
+        path = data_dir / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                found.append((file.relative_to(data_dir).as_posix(), file))
+    return found
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone meanwhile: archiving it says so
+        return 0
 
 
 @contextmanager
@@ -221,12 +269,19 @@ def _remove_abandoned(out: Path) -> None:
         log.warning("removed %s, left by a backup that was interrupted", out.parent / name)
 
 
-def restore(archive_path: Path, settings: Settings) -> BackupResult:
+def restore(
+    archive_path: Path, settings: Settings, *, progress: Progress | None = None
+) -> BackupResult:
     """Into an empty data dir and an empty database only (never merge two CAs). The archive is
     checked first (manifest, names, sizes, every small file's digest); the database is checked
     (its digest, that it is a Trellis schema this code knows) once staged beside its target.
     Nothing is moved into place unless all of it can be, and a failure part-way removes what
-    was written."""
+    was written.
+
+    ``progress`` counts the database's bytes as they are staged, the longest step; the checks
+    before it report no total (the archive is read several times over, a number no one could
+    watch make sense of)."""
+    report(progress, 0, None)
     target_db = _sqlite_path(settings)
     data_dir = settings.data_dir
     handle = _opened(archive_path)  # first: a file that is not there is the argument's fault
@@ -254,7 +309,9 @@ def restore(archive_path: Path, settings: Settings) -> BackupResult:
             contents = _verified_contents(archive, members, digests)
             _check_database_apart(target_db, data_dir, digests)
             database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
-            schema, acts_on = _install(contents, database, data_dir, target_db, locks, ignored)
+            schema, acts_on = _install(
+                contents, database, data_dir, target_db, locks, ignored, progress
+            )
     return BackupResult(archive_path, tuple(sorted(digests)), schema, acts_on)
 
 
@@ -689,7 +746,7 @@ class _Database:
     digest: str
     archive_path: Path
 
-    def write_to(self, out: BinaryIO) -> None:
+    def write_to(self, out: BinaryIO, progress: Progress | None = None) -> None:
         """Copy in chunks, hashing as it goes; stop at the first chunk that cannot be SQLite
         or once more than the header announced (and the cap) has come."""
         source = self.archive.extractfile(self.member)
@@ -707,6 +764,7 @@ class _Database:
                     raise InvalidInput(f"backup entry {_DB_NAME!r} is larger than it says")
                 sha.update(chunk)
                 out.write(chunk)
+                report(progress, written, self.member.size)
         if sha.hexdigest() != self.digest:
             raise InvalidInput(f"backup entry {_DB_NAME!r} is corrupt (checksum mismatch)")
 
@@ -828,6 +886,7 @@ def _install(
     target_db: Path,
     locks: _Locks,
     ignored: frozenset[str],
+    progress: Progress | None = None,
 ) -> tuple[str, restored.ActsOn]:
     """Stage the database beside its target (streamed, then checked) and the files in a
     staging directory inside the data dir, then move each into place, the database last; on
@@ -856,7 +915,7 @@ def _install(
         fd, staged_db = tempfile.mkstemp(dir=target_db.parent, prefix=f".{target_db.name}.")
         made.append(Path(staged_db))
         with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600
-            database.write_to(handle)
+            database.write_to(handle, progress)
             handle.flush()
             os.fsync(handle.fileno())
         schema = _check_schema(Path(staged_db))

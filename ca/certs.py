@@ -20,6 +20,7 @@ from ca.errors import Conflict, InvalidInput, NotFound, TrellisError
 from ca.identity import SpiffeId
 from ca.logs import REQUEST_ID
 from ca.paging import MAX_PAGE, Page, check_limit, page
+from ca.progress import Progress, report
 from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store import locks
@@ -239,7 +240,12 @@ class Revocation:
 
 
 def _revoke_rows(
-    ctx: Context, session: Session, serials: list[str], revocation: Revocation, now: dt.datetime
+    ctx: Context,
+    session: Session,
+    serials: list[str],
+    revocation: Revocation,
+    now: dt.datetime,
+    progress: Progress | None = None,
 ) -> dict[int, str]:
     """Mark rows revoked and re-sign their issuers' CRLs in the caller's transaction. Returns,
     per issuer whose CRL could not be signed (a revoked CA whose key is gone), why: the
@@ -257,7 +263,8 @@ def _revoke_rows(
             invalidity_date=revocation.invalidity_date,
         )
     )
-    for serial in serials:
+    for done, serial in enumerate(serials):
+        report(progress, done, len(serials))
         audit.record(
             session,
             "certificate.revoked",
@@ -364,8 +371,11 @@ def revoke_identity(
     spiffe_id: SpiffeId,
     reason: RevocationReason,
     actor: str,
+    *,
+    progress: Progress | None = None,
 ) -> list[CertificateInfo]:
-    """Revoke every live (active, unexpired) certificate of one identity, all or nothing."""
+    """Revoke every live (active, unexpired) certificate of one identity, all or nothing.
+    ``progress`` counts certificates; the last one counts once all of them are committed."""
     now = ctx.clock.now()
     revocation = Revocation(reason, actor)
     with Session(ctx.engine) as session:
@@ -384,8 +394,10 @@ def revoke_identity(
         ).all()
         if not rows:
             raise NotFound(f"no live certificates for {spiffe_id}")
-        skipped = _revoke_rows(ctx, session, [row.serial for row in rows], revocation, now)
+        serials = [row.serial for row in rows]
+        skipped = _revoke_rows(ctx, session, serials, revocation, now, progress)
         session.commit()
+        report(progress, len(serials), len(serials))
         for row in rows:
             session.refresh(row)
         infos = [_revoked_info(row, now, skipped) for row in rows]

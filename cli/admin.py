@@ -45,6 +45,7 @@ from cli.common import (
     warn_crl_skipped,
     when,
 )
+from cli.progress import shown
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -416,7 +417,8 @@ def revoke(
         )
         if live and not yes:
             confirm(f"Revoke {len(live)} live certificate(s) of {identity} for {why.value}?")
-        revoked = certs.revoke_identity(ctx, identity, why, "cli")
+        with shown("revoking", json_out=json_out) as progress:
+            revoked = certs.revoke_identity(ctx, identity, why, "cli", progress=progress)
     if json_out:
         out = [RevokedCertificateOut.of(info) for info in revoked]
         emit_json(out[0] if serial is not None else out)

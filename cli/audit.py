@@ -13,6 +13,7 @@ from cryptography import x509
 from ca import audit
 from ca.errors import InvalidInput
 from cli.common import STATE, emit_json, iso, more, table, when
+from cli.progress import shown
 
 audit_app = typer.Typer(
     help="The audit trail of every security-relevant change.", no_args_is_help=True
@@ -82,7 +83,9 @@ def list_cmd(
 def seal_cmd(json_out: JsonOpt = False) -> None:
     """Chain settled records and sign the head now (the server chains every 2 seconds and
     signs every 10)."""
-    result = audit.seal(STATE.context())
+    ctx = STATE.context()
+    with shown("sealing", json_out=json_out) as progress:
+        result = audit.seal(ctx, progress=progress)
     head_seq, head_hash = result.head or (None, None)
     if json_out:
         emit_json(
@@ -139,7 +142,9 @@ def verify_cmd(
 ) -> None:
     """Recompute the hash chain and check the CA signatures; exit 1 on any break."""
     heads = tuple(_head(text) for text in head or ())
-    result = audit.verify(STATE.context(), anchors=_anchors(bundle), heads=heads)
+    ctx, anchors = STATE.context(), _anchors(bundle)
+    with shown("verifying", json_out=json_out) as progress:
+        result = audit.verify(ctx, anchors=anchors, heads=heads, progress=progress)
     if json_out:
         emit_json(
             {

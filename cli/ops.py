@@ -13,6 +13,7 @@ from ca.backup import restore as run_restore
 from ca.store.db import SchemaPolicy
 from ca.store.db import migrate as run_migrate
 from cli.common import STATE, emit_json, out_file, require_database
+from cli.progress import shown
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -24,7 +25,9 @@ def backup(
     """Consistent snapshot of the database and the (still encrypted) CA keys: SQLite installs."""
     check_backup(STATE.settings())
     # An older schema is backed up as it is: the backup before an upgrade is the way back.
-    result = run_backup(STATE.context(schema=SchemaPolicy.AS_IS), out)
+    ctx = STATE.context(schema=SchemaPolicy.AS_IS)
+    with shown("backing up", json_out=json_out, bytes_=True) as progress:
+        result = run_backup(ctx, out, progress=progress)
     if json_out:
         emit_json(
             {
@@ -59,7 +62,9 @@ def restore(
 ) -> None:
     """Restore into an empty data dir; start with the original key passphrase afterwards, where
     file keys or sealed secrets need one."""
-    result = run_restore(archive, STATE.settings())
+    settings = STATE.settings()
+    with shown("restoring", json_out=json_out, bytes_=True) as progress:
+        result = run_restore(archive, settings, progress=progress)
     if json_out:
         emit_json(
             {
@@ -93,7 +98,8 @@ def migrate(json_out: JsonOpt = False) -> None:
     """Bring the database schema to this Trellis's revision (take a backup first)."""
     settings = STATE.settings()
     require_database(settings)  # not the data dir: a PostgreSQL replica's is its own scratch
-    migration = run_migrate(settings.effective_database_url)
+    with shown("migrating", json_out=json_out) as progress:
+        migration = run_migrate(settings.effective_database_url, progress=progress)
     if json_out:
         emit_json({"from": migration.before, "to": migration.after, "migrated": migration.changed})
         return

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from ca.errors import InvalidInput, NotInitialised, Unavailable
 from ca.files import make_directory
+from ca.progress import Progress, report
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -414,12 +415,13 @@ def settle_schema(engine: Engine, policy: SchemaPolicy) -> Migration | None:
     return _settle(engine, policy)
 
 
-def upgrade(engine: Engine) -> Migration:
-    """Bring the schema to the newest revision this code knows (idempotent)."""
-    return _settle(engine, SchemaPolicy.MIGRATE)
+def upgrade(engine: Engine, *, progress: Progress | None = None) -> Migration:
+    """Bring the schema to the newest revision this code knows (idempotent). ``progress``
+    counts the revisions applied."""
+    return _settle(engine, SchemaPolicy.MIGRATE, progress)
 
 
-def _settle(engine: Engine, policy: SchemaPolicy) -> Migration:
+def _settle(engine: Engine, policy: SchemaPolicy, progress: Progress | None = None) -> Migration:
     current = _revisions(engine)
     if current == SCHEMA_HEADS:
         return Migration(_joined(current), _joined(current))
@@ -430,15 +432,15 @@ def _settle(engine: Engine, policy: SchemaPolicy) -> Migration:
         if policy is SchemaPolicy.REQUIRE_CURRENT:
             raise _outdated(_joined(current))
         return Migration(_joined(current), _joined(current))
-    return _upgrade(engine, policy)
+    return _upgrade(engine, policy, progress)
 
 
-def migrate(url: str) -> Migration:
+def migrate(url: str, *, progress: Progress | None = None) -> Migration:
     """``trellis migrate``: the database at ``url`` brought to the newest revision, without
     opening anything else (the key store is not needed to change the schema)."""
     engine = connect(url)
     try:
-        return upgrade(engine)
+        return upgrade(engine, progress=progress)
     finally:
         engine.dispose()
 
@@ -473,7 +475,7 @@ def _reachable() -> Iterator[None]:
         raise Unavailable(f"cannot reach the database: {reason}") from None
 
 
-def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
+def _upgrade(engine: Engine, policy: SchemaPolicy, progress: Progress | None = None) -> Migration:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
@@ -497,6 +499,8 @@ def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
                         raise _outdated(before)
                     return Migration(before, before)
                 config.attributes["connection"] = connection
+                if progress is not None:
+                    config.attributes["on_version_apply"] = _counting(config, before, progress)
                 # "heads": features developed in parallel add migrations as sibling branches
                 # off a common revision until a merge revision joins them.
                 try:
@@ -512,6 +516,29 @@ def _upgrade(engine: Engine, policy: SchemaPolicy) -> Migration:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
     return Migration(before or None, _joined(SCHEMA_HEADS))
+
+
+def _counting(config: Config, before: str, progress: Progress) -> Callable[..., None]:
+    """Alembic's ``on_version_apply`` hook, telling ``progress`` each revision applied out of
+    those between ``before`` and the heads (no total where Alembic cannot tell)."""
+    from alembic.script import ScriptDirectory
+
+    revisions = ScriptDirectory.from_config(config).revision_map
+    try:
+        lower = tuple(before.split(",")) if before else "base"
+        total: int | None = len(list(revisions.iterate_revisions("heads", lower)))
+    except Exception:  # a partial set of heads Alembic will not walk from: only counted
+        total = None
+    done = 0
+    report(progress, done, total)
+
+    def applied(**_: Any) -> None:
+        nonlocal done, total
+        done += 1
+        total = max(total, done) if total is not None else None
+        report(progress, done, total)
+
+    return applied
 
 
 def _refused(error: sa.exc.DBAPIError, before: str) -> Unavailable:
