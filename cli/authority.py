@@ -6,7 +6,13 @@ from typing import Annotated
 
 import typer
 
-from api.schemas import AuthorityStatusOut, IntermediateRevokedOut, JobOut, RootRotationOut
+from api.schemas import (
+    AuthorityStatusOut,
+    IntermediateRevokedOut,
+    JobOut,
+    RootRotationOut,
+    TransitionOut,
+)
 from ca.authority import MESH
 from ca.durations import Ttl
 from ca.emergency import revoke_intermediate
@@ -14,7 +20,7 @@ from ca.revocation import RevocationReason
 from ca.root_rotation import rotate_root
 from ca.rotation import authority_status, rotate
 from ca.scheduler import job_statuses
-from cli.common import STATE, confirm, emit_json, iso, table, when
+from cli.common import STATE, confirm, emit_json, table, when
 
 authority_app = typer.Typer(
     help="The CA hierarchy: status, rotation, emergencies.", no_args_is_help=True
@@ -63,9 +69,8 @@ def rotate_now(
     """Perform due intermediate transitions; with --now, force the next one (drills, incidents)."""
     done = rotate(STATE.context(), authority, force=now, actor="cli")
     if json_out:
-        emit_json(
-            {"transitions": [{"event": t.event, "serial": t.serial, "at": iso(t.at)} for t in done]}
-        )
+        # POST /v1/authorities/{a}/rotate's body: a bare array (docs/cli.md, "--json")
+        emit_json([TransitionOut(event=t.event, serial=t.serial, at=t.at) for t in done])
         return
     for transition in done:
         typer.echo(f"{transition.event} {transition.serial}")

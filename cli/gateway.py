@@ -314,10 +314,11 @@ def truststore(
             help="Rewrite every truststore recorded on this node (TRELLIS_NODE_NAME); from cron"
         ),
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write what a gateway trusts; the path is recorded so revocations rewrite nginx CRLs."""
     if context.invoked_subcommand is not None:
-        if format is not None or out is not None or refresh:
+        if format is not None or out is not None or refresh or json_out:
             raise InvalidInput(f"give the options after '{context.invoked_subcommand}'")
         return
     ctx = STATE.context()
@@ -332,6 +333,10 @@ def truststore(
         # as an --out callback would, had the format not decided between a file and a directory
         check_writable(out, directory=kind.is_directory, what=f"--out {out}", own=STATE.own_data())
         written = gateway.write_truststore(ctx, kind, out)
+    if json_out:  # docs/gateway.md: {"rewritten"} as a revocation reports it, or the write's
+        files = [str(path) for path in written]
+        emit_json({"rewritten": files} if refresh else {"format": kind.value, "written": files})
+        return
     for path in written:
         typer.echo(f"wrote {path}")
     if not written:
@@ -341,10 +346,14 @@ def truststore(
 @truststore_app.command("remove")
 def truststore_remove(
     out: Annotated[Path, typer.Option(help="The path the truststore was written to")],
+    json_out: JsonOpt = False,
 ) -> None:
     """Stop keeping a truststore on this node (a stale destination): its files are left as they
     are, no longer rewritten by revocations or refreshes."""
     removed = gateway.remove_truststore(STATE.context(), out, actor="cli")
+    if json_out:
+        emit_json({"node": removed.node, "path": str(removed.path), "format": removed.format.value})
+        return
     typer.echo(
         f"forgot the {removed.format.value} truststore at {removed.path} on node {removed.node}"
     )

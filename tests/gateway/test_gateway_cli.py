@@ -7,6 +7,7 @@ suite fast; ``test_gateway_nginx.py`` runs the installed ``trellis`` as real pro
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -318,3 +319,22 @@ def test_consumer_add_before_init_is_exit_7_as_truststore_is(cli: Cli, tmp_path:
     assert "trellis gateway init" in refused
     cli.run("gateway", "truststore", "--format", "pem", "--out", str(tmp_path / "t.pem"), code=7)
     assert cli.json("gateway", "consumer", "list") == []
+
+
+def test_truststore_commands_print_json(cli: Cli, tmp_path: Path) -> None:
+    """``truststore``, ``--refresh`` and ``remove`` had no --json: scripts parsed "wrote PATH"."""
+    cli.run("gateway", "init")
+    ng = tmp_path / "ng"
+    written = cli.json("gateway", "truststore", "--format", "nginx", "--out", str(ng), "--json")
+    assert written == {
+        "format": "nginx",
+        "written": [str(ng / "crl.pem"), str(ng / "client-ca.pem")],
+    }
+    assert cli.json("gateway", "truststore", "--refresh", "--json") == {"rewritten": []}
+    (ng / "crl.pem").write_text("stale\n")  # what a refresh puts right
+    assert cli.json("gateway", "truststore", "--refresh", "--json") == {
+        "rewritten": [str(ng / "crl.pem")]
+    }
+    removed = cli.json("gateway", "truststore", "remove", "--out", str(ng), "--json")
+    assert removed == {"node": socket.gethostname(), "path": str(ng), "format": "nginx"}
+    assert cli.json("gateway", "truststore", "--refresh", "--json") == {"rewritten": []}
