@@ -50,6 +50,7 @@ from ca.store.models import CaRow, CertificateRow, IstioClusterRow, RootRotation
 __all__ = ["RootRotation", "rotate_root"]
 
 log = logging.getLogger("trellis.authority")
+NAMED = 5  # certificates a refused retirement names
 
 
 def _cross_sign(rotator: Rotator, subject: CaRow, issuer: CaRow) -> CaRow:
@@ -286,22 +287,23 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
         ).all()
     ]
     valid = (CertificateRow.status == "active", col(CertificateRow.not_after) > now)
-    still_valid = session.exec(
-        select(sa.func.max(CertificateRow.not_after)).where(
-            col(CertificateRow.issuer_ca_id).in_([*under_old, old.id]), *valid
-        )
-    ).first()
-    if still_valid is not None and not force:
+    blocking = col(CertificateRow.issuer_ca_id).in_([*under_old, old.id])
+    count = session.exec(
+        select(sa.func.count()).select_from(CertificateRow).where(blocking, *valid)
+    ).one()
+    if count and not force:
+        latest = session.exec(
+            select(CertificateRow)
+            .where(blocking, *valid)
+            .order_by(col(CertificateRow.not_after).desc(), col(CertificateRow.serial))
+            .limit(NAMED)
+        ).all()
         direct = session.exec(
             select(CertificateRow)
             .where(CertificateRow.issuer_ca_id == old.id, *valid)
             .order_by(col(CertificateRow.not_after))
         ).all()
-        raise Conflict(
-            f"certificates from the old hierarchy stay valid until {still_valid.isoformat()}: "
-            "retiring the old root now would break them (wait, or force the step)"
-            + _signed_by_old_root(direct)
-        )
+        raise Conflict(_still_valid(count, latest) + _signed_by_old_root(direct))
     old.state = "retired"
     session.add(old)
     rotator.event(old, "root-retired")
@@ -309,6 +311,29 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
     state.step = "retired"
     session.add(state)
     return ca_handle(old)
+
+
+def _still_valid(count: int, latest: Sequence[CertificateRow]) -> str:
+    """Names what holds the retirement up, latest to expire first, so the operator can tell a
+    certificate to wait for (an SVID, gone within its TTL) from one to revoke (a serving or
+    OpenVPN server certificate a replica or node no longer presents, which lives as long as the
+    old intermediate): the count alone left them guessing which."""
+    named = [
+        f"{r.serial} {_shortened(r.spiffe_id)} ({r.profile}, until {r.not_after.isoformat()})"
+        for r in latest
+    ]
+    more = f" and {count - len(latest)} more" if count > len(latest) else ""
+    return (
+        f"{count} certificate(s) from the old hierarchy stay valid until "
+        f"{latest[0].not_after.isoformat()}: " + ", ".join(named) + more + "; retiring the old "
+        "root now would break them: wait until they expire, revoke those no longer in use, "
+        "or force the step"
+    )
+
+
+def _shortened(identity: str, limit: int = 80) -> str:
+    """An identity may be 2048 bytes long: five of them would bury the advice that follows."""
+    return identity if len(identity) <= limit else identity[: limit - 1] + "…"
 
 
 def _signed_by_old_root(rows: Sequence[CertificateRow]) -> str:

@@ -4,9 +4,11 @@ Clients pin the trust bundle, so no web PKI is involved: ``spiffe://<td>/trellis
 ``localhost``, ``127.0.0.1`` and any configured names, renewed at start-up when a third of its
 life is left, when the active issuer changed, when it was revoked (a revoked serving
 certificate's key is suspect: the new one has a new key), or when its key file is missing,
-unreadable or not its key (with a warning naming the file). A good certificate whose chain is
-no longer its issuer's (a root rotation adds a cross certificate at publish and the switch, and
-takes it away at retire) gets the current chain written after it, leaf and key kept.
+unreadable or not its key (with a warning naming the file). The certificate a new pair
+replaces is revoked (``superseded``): left valid, the one replaced at a root rotation's switch
+held the old root's retirement up until the old intermediate expired. A good certificate whose
+chain is no longer its issuer's (a root rotation adds a cross certificate at publish and the
+switch, and takes it away at retire) gets the current chain written after it, leaf and key kept.
 """
 
 from __future__ import annotations
@@ -24,23 +26,26 @@ from sqlmodel import Session
 
 from ca.authority import Issuer, active_issuer
 from ca.bundle import write_bundle_file
-from ca.certs import withdrawn_unless_delivered
+from ca.certs import revoke_certificate, withdrawn_unless_delivered
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import InvalidInput, Unavailable
+from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.files import check_writable, replacing_together, write_atomic
 from ca.grants import server_grant
+from ca.identity import SERVER_PATH
 from ca.issue import issue_for_key
 from ca.keys import KeyType
 from ca.pem import certs_pem, private_key_pem
+from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CertificateRow
 
-__all__ = ["WITHDRAWN_BY", "ServerTls", "ensure_server_certificate"]
+__all__ = ["REPLACED_BY", "WITHDRAWN_BY", "ServerTls", "ensure_server_certificate"]
 
 log = logging.getLogger("trellis.serving")
 SERVER_TTL = Ttl(30 * 86400)
 WITHDRAWN_BY = "serving:withdrawn"  # who revoked a serving certificate never written
+REPLACED_BY = "serving:replaced"  # who revoked the serving certificate a new pair replaced
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,42 @@ def _key_problem(tls: ServerTls, cert: x509.Certificate) -> str | None:
     return None
 
 
+def _replaceable(ctx: Context, served: Sequence[x509.Certificate]) -> Serial | None:
+    """The serving certificate in this replica's own ``tls.crt``, if it is one Trellis issued
+    and still live: what a new pair there makes obsolete. Only the file's own leaf is ever
+    named, never another serving certificate of the trust domain: every replica has its own
+    pair (its data directory), and the others' are live in their listeners."""
+    if not served:
+        return None
+    with Session(ctx.engine) as session:
+        row = session.get(CertificateRow, format(served[0].serial_number, "x"))
+    if row is None or row.profile != "server" or not row.spiffe_id.endswith(SERVER_PATH):
+        return None
+    live = row.status == "active" and row.not_after > ctx.clock.now()
+    return Serial.parse(row.serial) if live else None
+
+
+def _revoke_replaced(ctx: Context, serial: Serial) -> None:
+    """The new pair is in place (the listener loads it within seconds; clients of Trellis
+    check its chain and identity, not its revocation): the old certificate serves nothing
+    more, yet stayed valid until its notAfter, which a root rotation's switch makes the old
+    intermediate's, so it held the retirement of the old root up for the CA's lifetime
+    (docs/rotation.md). RFC 5280 §5.3.1: superseded. The revocation failing must not undo the
+    replacement: it is logged, with the serial, for an operator to revoke it."""
+    try:
+        revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, REPLACED_BY)
+    except Conflict:
+        pass  # revoked meanwhile (another process replacing the same file)
+    except Exception as exc:  # the new pair stands whatever this is
+        log.warning(
+            "the replaced serving certificate %s stays valid: it could not be revoked (%s: %s):"
+            " revoke it by hand",
+            serial,
+            type(exc).__name__,
+            exc,
+        )
+
+
 def _revoked(ctx: Context, cert: x509.Certificate) -> bool:
     """Whether an admin revoked it (``trellis revoke``): clients that check revocation refuse
     it, and its key may be in other hands, so it is replaced, not kept until it ages out."""
@@ -157,7 +198,8 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
     old ones together or not at all (``replacing_together``), key first, as the listener
     reloads on the certificate's change (``cli.tlsreload``); a certificate they do not reach,
     whatever stops them, is withdrawn (revoked ``superseded``, actor ``serving:withdrawn``)
-    and the previous pair stays in place. A good certificate is followed by the issuer's
+    and the previous pair stays in place. Once the new pair is in place, the live certificate
+    it replaced is revoked (``_revoke_replaced``). A good certificate is followed by the issuer's
     current chain (``_rechain``), which the listener reloads the same way."""
     directory = ctx.settings.server_tls_dir
     issuer = active_issuer(ctx)
@@ -180,7 +222,10 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
             tls.key_path: (private_key_pem(key), 0o600),
             tls.cert_path: (svid.certificate_pem + svid.chain_pem, 0o644),
         }
+        replaced = _replaceable(ctx, served)
         with withdrawn_unless_delivered(ctx, svid.serial, WITHDRAWN_BY), replacing_together(files):
             pass
+        if replaced is not None:
+            _revoke_replaced(ctx, replaced)
         return replace(tls, issued=svid.serial)
     return replace(tls, rechained=_rechain(tls, served, issuer))
