@@ -85,6 +85,7 @@ __all__ = [
     "CLIENT_PROFILE",
     "OPENVPN",
     "PRIVATE_FILES",
+    "REPLACED_BY",
     "SERVER_DIR_FILES",
     "SERVER_PROFILE",
     "WITHDRAWN_BY",
@@ -126,6 +127,7 @@ __all__ = [
 
 OPENVPN = "vpn"
 WITHDRAWN_BY = "openvpn:withdrawn"  # who revoked a certificate never handed over
+REPLACED_BY = "openvpn:replaced"  # who revoked the server certificate a renewal replaced
 CLIENT_PROFILE = "openvpn-client"
 log = logging.getLogger("trellis.openvpn")
 SERVER_PROFILE = "openvpn-server"
@@ -726,10 +728,11 @@ def renew_server_certificates(ctx: Context) -> list[str]:
     elsewhere``) says nothing about this one. A directory without a readable ``server.crt`` gets
     a fresh one for the deployment's CN; one holding a certificate this authority did not issue
     is left alone (logged). The others then get their ``ca.pem`` and chain brought up to date
-    (``_current_chains``). OpenVPN reads these files at start-up, so the server must then be
+    (``_current_chains``). The certificate a renewal replaced, if live, is revoked
+    (``_revoke_replaced``). OpenVPN reads these files at start-up, so the server must then be
     restarted (the CRL, by contrast, is re-read per handshake)."""
     now = ctx.clock.now()
-    due: list[tuple[OpenVpnRow, VpnName | None]] = []
+    due: list[tuple[OpenVpnRow, _Renewal]] = []
     ours: list[OpenVpnRow] = []
     failing: dict[str, str] = {}  # authority: what stops its renewal
     with Session(ctx.engine) as session:
@@ -746,9 +749,9 @@ def renew_server_certificates(ctx: Context) -> list[str]:
         if renewal is not None:
             ours.append(row)
             if renewal.due:
-                due.append((row, renewal.cn))
+                due.append((row, renewal))
     renewed = []
-    for row, cn in due:
+    for row, renewal in due:
         assert row.server_dir is not None
         directory = Path(row.server_dir)
         try:
@@ -762,13 +765,15 @@ def renew_server_certificates(ctx: Context) -> list[str]:
             ctx,
             ServerRequest(
                 authority=row.authority,
-                common_name=cn,
+                common_name=renewal.cn,
                 key_type=KeyType(row.server_key_type or KeyType.EC_P256.value),
                 ttl=Ttl(row.server_ttl_seconds or DEFAULT_SERVER_TTL.seconds),
                 requested_by="scheduler",
             ),
         )
         deliver_server_cert(ctx, credentials, directory)
+        if renewal.replaced is not None:
+            _revoke_replaced(ctx, renewal.replaced)
         log.warning(
             "renewed the OpenVPN server certificate in %s (serial %s): restart openvpn to load it",
             directory,
@@ -835,10 +840,32 @@ def _current_chains(ctx: Context, authority: str, directory: Path) -> list[str]:
     return [f"{name} chain" for name in stale]
 
 
+def _revoke_replaced(ctx: Context, serial: Serial) -> None:
+    """The renewal is in the directory: the certificate it replaced is superseded (RFC 5280
+    §5.3.1). Left valid, the one replaced at a root rotation's switch held the old root's
+    retirement up until the old intermediate expired. OpenVPN goes on presenting it until it
+    is restarted, which no client minds: Trellis's profiles check the server's certificate
+    against ``<ca>`` and its name (``remote-cert-tls``, ``verify-x509-name``), never a CRL. A
+    failure is logged, not raised: the renewal stands."""
+    try:
+        certs.revoke_certificate(ctx, serial, RevocationReason.SUPERSEDED, REPLACED_BY)
+    except Conflict:
+        pass  # revoked meanwhile
+    except Exception as exc:  # the renewal stands whatever this is
+        log.warning(
+            "the replaced OpenVPN server certificate %s stays valid: it could not be revoked"
+            " (%s: %s): revoke it by hand",
+            serial,
+            type(exc).__name__,
+            exc,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _Renewal:
     cn: VpnName | None  # the installed certificate's CN; None: the deployment's
     due: bool = True
+    replaced: Serial | None = None  # the installed certificate, live: revoked once replaced
 
 
 def _renewal(
@@ -862,8 +889,11 @@ def _renewal(
         return None
     renew_at = row.not_before + (row.not_after - row.not_before) * RENEW_SERVER_AFTER
     cn = VpnName(row.spiffe_id.removeprefix("CN="))
+    live = row.status == "active" and row.not_after > now
     return _Renewal(
-        cn, due=row.status != "active" or now >= renew_at or _moved(session, row, issuer)
+        cn,
+        due=row.status != "active" or now >= renew_at or _moved(session, row, issuer),
+        replaced=Serial.parse(row.serial) if live else None,
     )
 
 

@@ -14,10 +14,11 @@ from ca.authority import active_issuer
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.durations import Ttl
-from ca.errors import Unavailable
+from ca.errors import Conflict, Unavailable
 from ca.jobs import job_named
 from ca.openvpn import (
     OPENVPN,
+    REPLACED_BY,
     SERVER_PROFILE,
     WITHDRAWN_BY,
     ClientRequest,
@@ -34,7 +35,8 @@ from ca.root_rotation import rotate_root
 from ca.store.models import CertificateRow
 from cli.launch import Interrupted
 from tests.conftest import interrupt_a_rename
-from tests.openvpn.vpnkit import parse_profile
+from tests.openvpn.conftest import REMOTE
+from tests.openvpn.vpnkit import crls_in, parse_profile
 from tests.rotation.rotkit import needs_openssl, openssl_verify
 from tests.selfsigned import self_signed
 
@@ -204,3 +206,36 @@ def test_the_server_directory_follows_a_root_rotation_to_its_retirement(
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert (out / "server.key").read_bytes() == key
     assert renew_server_certificates(vpn) == []
+
+
+def test_the_certificate_replaced_at_a_switch_is_revoked_and_the_retirement_goes_ahead(
+    vpn: Context, clock: FixedClock, tmp_path: Path, crl_file: Path
+) -> None:
+    """The job re-issues the server certificate at a root rotation's switch, and the one it
+    replaced stayed valid for its 30 days (a year, given ``--ttl 1y``): the retirement was
+    refused that long, naming no certificate. Now it is revoked (superseded) and listed on
+    the CRL file. The openvpn still running with it is not refused by the clients: their
+    profiles check the server's certificate against ``<ca>`` and its name, never a CRL."""
+    out = tmp_path / "server"
+    write_files(server_config(vpn, ServerRequest(ttl=Ttl.parse("30d")), out_dir=out), out)
+    first = _serial(out)
+    rotate_root(vpn, OPENVPN, overlap=Ttl.parse("1h"))
+    clock.advance(dt.timedelta(hours=1))
+    rotate_root(vpn, OPENVPN, step=True)  # switch
+    with pytest.raises(Conflict, match=f"1 certificate.*{format(first, 'x')} CN={REMOTE}"):
+        rotate_root(vpn, OPENVPN, step=True)
+
+    renewed = renew_server_certificates(vpn)
+    assert renewed[0] == f"vpn: {format(_serial(out), 'x')[:12]}" and _serial(out) != first
+    replaced = next(r for r in _server_certificates(vpn) if r.serial == format(first, "x"))
+    assert (replaced.status, replaced.revocation_reason, replaced.revoked_by) == (
+        "revoked",
+        "superseded",
+        REPLACED_BY,
+    )
+    listed = {entry.serial_number for crl in crls_in(crl_file.read_bytes()) for entry in crl}
+    assert first in listed
+    ovpn = add_client(vpn, ClientRequest(VpnName("alice"))).ovpn
+    assert b"crl-verify" not in ovpn and b"remote-cert-tls server" in ovpn
+
+    assert rotate_root(vpn, OPENVPN, step=True).step == "retired"  # not forced
