@@ -32,6 +32,7 @@ __all__ = [
     "stored_path",
     "write_atomic",
     "write_private",
+    "written_path",
 ]
 
 log = logging.getLogger("trellis.files")
@@ -41,6 +42,8 @@ log = logging.getLogger("trellis.files")
 MAX_STORED_PATH = 1024
 
 _PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
+_SYSTEM_TREES = (Path("/proc"), Path("/dev"))  # what a link there leads to is no file of the user's
+_MAX_LINKS = 40  # Linux's MAXSYMLINKS: a longer chain is a loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,9 @@ def check_writable(
     a path that is Trellis's own data (``OwnData``) is refused too: what a caller writes on
     request never goes there.
 
+    A file that is a symlink is judged by the file it leads to, the one the writers below
+    replace (``written_path``, which refuses a link through ``/proc`` or ``/dev``).
+
     The nearest existing directory is probed by creating (and removing) a temporary file there,
     as ``write_atomic`` will: permission bits do not tell root, nor a read-only or virtual file
     system such as ``/proc``, where ``os.access`` says yes and writing fails.
@@ -89,6 +95,8 @@ def check_writable(
             f"{name}: is Trellis's own data (of the data dir {own.data_dir} or its database):"
             " choose another path"
         )
+    if not directory:
+        target = written_path(target, name)
     exists = target.exists() or target.is_symlink()
     if not directory and exists and not (target.is_file() or target.is_dir()):
         # A device, a pipe, a socket, or a link to one (``/dev/null``, ``/dev/stdout``): the
@@ -113,6 +121,55 @@ def check_writable(
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def written_path(path: Path, what: str | None = None) -> Path:
+    """The file a write to ``path`` replaces: ``path`` itself, or, if it is a symlink, the file
+    its chain of links leads to (which need not exist yet), as ``openssl -out`` writes through
+    a link. A file renamed over the link itself would turn it into a regular file: with
+    ``--out /dev/stdout`` run as root and stdout a file, the system's ``/dev/stdout``, and the
+    output never reaches the file stdout names. ``InvalidInput`` naming ``what`` for a chain
+    that passes through ``/proc`` or ``/dev`` (``/dev/stdout``, ``/proc/self/fd/1``, a link to
+    a device), whatever stdout is at the time; for one the kernel would not follow for us in a
+    sticky world-writable directory such as ``/tmp`` (``fs.protected_symlinks``: a link owned
+    by neither us nor the directory's owner, planted to make root write where its owner may
+    not); and for a loop."""
+    name = what or str(path)
+    current = path.absolute()
+    for followed in range(_MAX_LINKS + 1):
+        parent = current.parent.resolve()
+        try:
+            link = current.lstat()
+        except OSError:  # missing, or under a file: the caller's checks say which
+            link = None
+        is_link = link is not None and stat.S_ISLNK(link.st_mode)
+        if (followed or is_link) and _in_system_tree(current.parent, parent):
+            raise InvalidInput(
+                f"{name}: leads through {current}, a device or a process's file (stdout, say),"
+                " not a file Trellis writes over"
+            )
+        if link is None or not is_link:
+            return current
+        held_by = parent.stat()
+        if (
+            held_by.st_mode & stat.S_ISVTX
+            and held_by.st_mode & stat.S_IWOTH
+            and link.st_uid not in (os.geteuid(), held_by.st_uid)
+        ):
+            raise InvalidInput(
+                f"{name}: is a symlink owned by uid {link.st_uid} in {parent}, which anyone may"
+                " write to: not followed (name the file it leads to)"
+            )
+        current = parent / os.readlink(current)  # an absolute link replaces what is before it
+    raise InvalidInput(f"{name}: too many levels of symbolic links")
+
+
+def _in_system_tree(*directories: Path) -> bool:
+    """Whether any of ``directories`` is, as written or resolved, under ``/proc`` or ``/dev``:
+    ``/proc/self/cwd/x`` resolves out of ``/proc``, and is no file of the user's either."""
+    spellings = {Path(os.path.normpath(d)) for d in directories}
+    spellings |= {d.resolve() for d in directories}
+    return any(d.is_relative_to(tree) for d in spellings for tree in _SYSTEM_TREES)
 
 
 def stored_path(path: Path, what: str) -> Path:
@@ -229,7 +286,9 @@ def replacing(path: Path, mode: int = 0o644, *, private: bool = False) -> Iterat
     left as it was. It is a temporary file beside ``path`` (the rename stays on one file
     system), created 0600 and set to ``mode`` before the first byte, flushed to disk before the
     rename. With ``private``, a missing directory for it is made 0700. Callers stream into it:
-    a backup of a database of gigabytes is never held in memory."""
+    a backup of a database of gigabytes is never held in memory. A symlink at ``path`` stays:
+    the file it leads to is replaced (``written_path``)."""
+    path = written_path(path)
     make_directory(path.parent, private=private)
     fd, tmp = held_temporary(path.parent, f".{path.name}.")
     try:
@@ -306,7 +365,9 @@ def replacing_together(files: Mapping[Path, tuple[bytes, int]]) -> Iterator[None
     rename or the block fails, Ctrl-C included, the staged files are removed and every target
     already replaced gets its previous content back (or is removed, if it had none): a new key
     beside the old certificate is a server that no longer starts, and a key written without
-    its certificate is a key lost."""
+    its certificate is a key lost. A symlink among them stays: the file it leads to is
+    replaced (``written_path``)."""
+    files = {written_path(path): content for path, content in files.items()}
     staged: dict[Path, Path] = {}
     kept: dict[Path, Path] = {}  # target: a link to what it held before
     try:

@@ -46,6 +46,7 @@ from ca.files import (
     stored_path,
     write_atomic,
     write_private,
+    written_path,
 )
 from ca.identity import TrustDomain
 from ca.istio_crl import CRL_FILE, crl_bundle, intermediate_crl
@@ -84,6 +85,7 @@ __all__ = [
 log = logging.getLogger("trellis.istio")
 
 FORMATS = ("secret-yaml", "tls-secret-yaml", "files")
+_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")  # of --format files
 ISTIO_KEY_TYPES = (
     KeyType.EC_P256,
     KeyType.EC_P384,
@@ -190,8 +192,8 @@ class IstioIntermediate:
 
     @property
     def files(self) -> dict[str, bytes]:
-        """The ``cacerts`` keys istiod reads (the four present together), and ``ca-crl.pem``
-        when it was asked for."""
+        """The ``cacerts`` keys istiod reads (``_FILES``, the four present together), and
+        ``ca-crl.pem`` when it was asked for."""
         files = {
             "ca-cert.pem": certs_pem([self.certificate]),
             "ca-key.pem": private_key_pem(self.key),
@@ -265,6 +267,9 @@ def check_output(params: IstioParams) -> None:
     if params.output is not None:
         directory = params.output_format == "files"
         check_writable(params.output, directory=directory, what=f"the output {params.output}")
+        if directory:  # a file of it that is a link to stdout is no place for the key either
+            for name in (*_FILES, CRL_FILE):
+                written_path(params.output / name)
     kube = params.kube
     if kube is None:
         return
