@@ -130,6 +130,20 @@ class State:
             return None
         return dt.datetime.fromtimestamp(self.started, dt.UTC)
 
+    def given_options(self) -> tuple[list[str], bool]:
+        """The root options this command was given, as a command line repeating it needs them
+        (``more``): without them the next page reads another instance (``./var``, or what
+        ``TRELLIS_*`` names). Whether a password in ``--database-url`` was masked: it is never
+        printed, since stderr ends up in logs and terminals' scrollback."""
+        options: list[str] = []
+        if self.data_dir is not None:
+            options += ["--data-dir", shlex.quote(self.data_dir)]
+        masked = False
+        if self.database_url is not None:
+            url, masked = _masked_url(self.database_url)
+            options += ["--database-url", shlex.quote(url)]
+        return options, masked
+
     def own_data(self) -> OwnData:
         """Trellis's own files, which no output option may name (docs/cli.md). Option
         callbacks run after the root callback has set the global options. Only the data dir
@@ -246,6 +260,20 @@ class _Made:
 
 STATE = State()
 
+_MASK = "***"
+
+
+def _masked_url(url: str) -> tuple[str, bool]:
+    """``url`` as given, or, if it holds a password (``user:PASSWORD@``, ``?password=``), with
+    ``***`` in its place; whether it did."""
+    parsed = make_url(url)
+    if parsed.password is None and "password" not in parsed.query:
+        return url, False
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": _MASK})
+    rendered = parsed.render_as_string(hide_password=True)  # user:***@
+    return rendered.replace("%2A%2A%2A", _MASK), True  # the query's, %-encoded
+
 
 def confirm(question: str) -> None:
     """Go on only if a person at a terminal says yes (docs/cli.md): without a terminal (a pipe,
@@ -281,18 +309,30 @@ def more(
     next_after: object | None,
 ) -> None:
     """End a page that has more after it (``next_after``, the cursor of a ``ca`` page) with
-    the command for the next one on stderr (docs/cli.md): ``command``, the filters ``given``
-    (option: value, those set; a flag set: True), ``--limit``, ``--json`` and ``--after``.
-    Stderr, so that ``--json`` stays the array promised; a last page says nothing."""
+    the command for the next one on stderr (docs/cli.md): ``command`` (``trellis`` and its
+    sub-command), with the root options given (``--data-dir``, ``--database-url``: the same
+    instance) after ``trellis``, the filters ``given`` (option: value, those set; a flag set:
+    True), ``--limit``, ``--json`` and ``--after``. Stderr, so that ``--json`` stays the array
+    promised; a last page says nothing. A password in ``--database-url`` is masked, and a
+    second line says so."""
     if next_after is None:
         return
+    program, _, sub_command = command.partition(" ")
+    root, masked = STATE.given_options()
     again = [
         name if value is True else f"{name} {shlex.quote(value)}"
         for name, value in given.items()
         if value
     ]
     again += [f"--limit {limit}", "--json"] if json_out else [f"--limit {limit}"]
-    typer.echo(f"more: {' '.join([command, *again])} --after {next_after}", err=True)
+    line = " ".join([program, *root, sub_command, *again])
+    typer.echo(f"more: {line} --after {next_after}", err=True)
+    if masked:
+        typer.echo(
+            f"note: the --database-url password is shown as {_MASK}: put yours back in its"
+            " place (or give the URL in TRELLIS_DATABASE_URL instead of --database-url)",
+            err=True,
+        )
 
 
 def emit_json(value: BaseModel | Sequence[BaseModel | dict[str, Any]] | dict[str, Any]) -> None:
