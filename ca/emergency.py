@@ -197,14 +197,16 @@ def _active_serial(ctx: Context, authority: str) -> str | None:
 def _target(session: Session, authority: str, meant: str | None, active: CaRow | None) -> CaRow:
     """The intermediate to revoke, read again under the lock: the one the caller saw active,
     whatever became of it since, unless another request revoked it already."""
-    row = None
-    if meant is not None:
-        row = session.exec(
-            select(CaRow).where(CaRow.authority == authority, CaRow.serial == meant)
-        ).first()
-    row = row or active  # nothing was active, or the authority was re-initialised meanwhile
-    if row is None or row.parent_id is None:
+    if meant is None:  # the caller saw nothing issuing: whatever issues now, it did not mean
         raise NotInitialised(f"authority {authority!r} has no active intermediate to revoke")
+    row = session.exec(
+        select(CaRow).where(CaRow.authority == authority, CaRow.serial == meant)
+    ).first()
+    if row is None or row.parent_id is None:  # an init --force replaced the authority meanwhile
+        raise Conflict(
+            f"authority {authority!r} was initialised again while this request waited: its "
+            "intermediate is not the one the request was for; nothing was changed"
+        )
     if row.state == "revoked":
         replacement = active.serial if active is not None else "none"
         raise IntermediateJustRevoked(

@@ -20,7 +20,7 @@ from ca.config import Context
 from ca.crl import CRL_LIFETIME, Crl, current_crl, refresh_stale_crls
 from ca.durations import Ttl
 from ca.emergency import revoke_intermediate
-from ca.errors import AuthenticationFailed, InternalError, NotFound, Unavailable
+from ca.errors import AuthenticationFailed, Conflict, InternalError, NotFound, Unavailable
 from ca.identity import SpiffeId
 from ca.profiles import BACKDATE
 from ca.revocation import RevocationReason
@@ -99,6 +99,21 @@ def test_a_second_emergency_revokes_the_replacement_too(ctx: Context) -> None:
 
 
 @SQLITE_ONLY
+def test_an_authority_initialised_again_meanwhile_is_not_revoked(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serial the caller saw issuing is gone once the rotation lock is held (an init
+    --force replaced the authority while the request waited): revoking whatever issues now
+    would withdraw a CA nobody suspected. Refused, nothing changed."""
+    before = intermediates(ctx)
+    keys = key_files(ctx)
+    monkeypatch.setattr(ca.emergency, "_active_serial", lambda _ctx, _a: "4001" + "0" * 34)
+    with pytest.raises(Conflict, match="initialised again while this request waited"):
+        revoke_intermediate(ctx, actor="test")
+    assert intermediates(ctx) == before
+    assert key_files(ctx) == keys
+
+
 def test_an_intermediate_whose_key_is_gone_is_still_revoked_onto_the_roots_crl(
     ctx: Context, clock: FixedClock
 ) -> None:
