@@ -43,6 +43,7 @@ MAX_STORED_PATH = 1024
 
 _PUBLIC_PARENT = 0o755  # a missing parent: traversable, never writable by others (umask 000)
 _SYSTEM_TREES = (Path("/proc"), Path("/dev"))  # what a link there leads to is no file of the user's
+_SHM = Path("/dev") / "shm"  # a file system in /dev: files there are files
 _MAX_LINKS = 40  # Linux's MAXSYMLINKS: a longer chain is a loop
 
 
@@ -136,14 +137,16 @@ def written_path(path: Path, what: str | None = None) -> Path:
     not); and for a loop."""
     name = what or str(path)
     current = path.absolute()
-    for followed in range(_MAX_LINKS + 1):
+    for _ in range(_MAX_LINKS + 1):
         parent = current.parent.resolve()
         try:
             link = current.lstat()
         except OSError:  # missing, or under a file: the caller's checks say which
             link = None
         is_link = link is not None and stat.S_ISLNK(link.st_mode)
-        if (followed or is_link) and _in_system_tree(current.parent, parent):
+        # Not only links: a /dev/stdout that a broken write already made a regular file (or any
+        # name in /dev or /proc) is no file of the user's either. /dev/shm is a file system.
+        if _in_system_tree(current.parent, parent) and not _in_shm(current.parent, parent):
             raise InvalidInput(
                 f"{name}: leads through {current}, a device or a process's file (stdout, say),"
                 " not a file Trellis writes over"
@@ -162,6 +165,10 @@ def written_path(path: Path, what: str | None = None) -> Path:
             )
         current = parent / os.readlink(current)  # an absolute link replaces what is before it
     raise InvalidInput(f"{name}: too many levels of symbolic links")
+
+
+def _in_shm(*directories: Path) -> bool:
+    return any(Path(os.path.normpath(d)).is_relative_to(_SHM) for d in directories)
 
 
 def _in_system_tree(*directories: Path) -> bool:

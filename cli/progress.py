@@ -8,17 +8,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
 from ca.progress import Progress as Report
 
 
@@ -30,6 +19,19 @@ def shown(label: str, *, json_out: bool, bytes_: bool = False) -> Iterator[Repor
     if json_out or not sys.stderr.isatty():
         yield None
         return
+    # Imported here: every command of these modules would load rich's bars otherwise, and a
+    # plain command loads nothing it does not use (tests/cli/test_startup.py).
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     amount = DownloadColumn() if bytes_ else MofNCompleteColumn()
     bar = Progress(
         SpinnerColumn(),

@@ -169,7 +169,14 @@ def _json_body(raw: bytes, content_type: str | None) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as error:
         raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body", error.pos), "msg": "JSON decode error"}]
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", error.pos),
+                    "msg": "JSON decode error",
+                    "ctx": {"error": error.msg},  # as FastAPI's own reading gives it
+                }
+            ]
         ) from None
     except (ValueError, RecursionError):  # not UTF-8, nested too deep: FastAPI's answer too
         raise HTTPException(400, "There was an error parsing the body") from None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ca.errors import InvalidInput
+from ca.files import check_writable, written_path
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 
 
@@ -77,12 +79,20 @@ def test_an_out_linked_to_stdout_is_refused_in_every_stdout_state(
     assert _certificates(local) == before  # no intermediate issued whose key went nowhere
 
 
-def test_out_naming_stdout_itself_is_refused(local: Trellis, tmp_path: Path) -> None:
-    captured = tmp_path / "captured.txt"
-    for out in ("/dev/stdout", "/proc/self/fd/1", "/dev/fd/1"):
-        code, stderr = _run(local, ["bundle", "show", "--out", out], captured)
-        assert code == 2 and stderr.startswith(f"trellis: --out {out}: "), stderr
-        assert captured.read_bytes() == b""
+@pytest.mark.parametrize("out", ["/dev/stdout", "/proc/self/fd/1", "/dev/fd/1", "/dev/trellis-x"])
+def test_out_naming_stdout_itself_is_refused(out: str) -> None:
+    """Judged without running a command: a run whose check failed would write over the host's
+    own /dev/stdout (a run of the code before the fix did, and the next runs, finding a regular
+    file there, wrote over it again). A name in /dev that is no link is refused as well."""
+    with pytest.raises(InvalidInput, match="a device or a process's file"):
+        written_path(Path(out))
+    with pytest.raises(InvalidInput):
+        check_writable(Path(out), directory=False)
+
+
+def test_a_file_in_dev_shm_is_a_file() -> None:
+    """/dev/shm is a file system programs keep files in, not a device."""
+    assert written_path(Path("/dev/shm/trellis-out.pem")) == Path("/dev/shm/trellis-out.pem")
 
 
 def test_an_out_linked_to_a_file_writes_that_file(local: Trellis, tmp_path: Path) -> None:
