@@ -216,7 +216,7 @@ def _istio_certificates(ctx: Context) -> int:
         ("afile/sub", "files", "cannot write under"),
         ("afile", "files", "exists and is not a directory"),
         ("afile/x.yaml", "secret-yaml", "cannot write under"),
-        ("/proc/x.yaml", "secret-yaml", "cannot write under /proc"),
+        ("/proc/x.yaml", "secret-yaml", "a device or a process's file"),
     ],
     ids=["fail/dir-for-yaml", "fail/under-a-file", "fail/file-for-files", "fail/yaml-under-a-file",
          "fail/proc"],
