@@ -376,14 +376,19 @@ def _joined(revisions: Iterable[str]) -> str:
     return ",".join(sorted(revisions))
 
 
+def _read_revisions(engine: Engine) -> frozenset[str]:
+    """The database's revision(s), with one query; SQLAlchemy's error if it cannot be read."""
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    return frozenset(str(row[0]) for row in rows)
+
+
 def _revisions(engine: Engine) -> frozenset[str] | None:
-    """The database's revision(s) with one query; None without an ``alembic_version`` table."""
+    """``_read_revisions``, or None without an ``alembic_version`` table."""
     try:
-        with engine.connect() as connection:
-            rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        return _read_revisions(engine)
     except sa.exc.SQLAlchemyError:
         return None  # no schema yet, or a database the slow path reports on
-    return frozenset(row[0] for row in rows)
 
 
 def newer_schema(engine: Engine) -> str | None:
@@ -392,9 +397,7 @@ def newer_schema(engine: Engine) -> str | None:
     old ones still running), else None. One query while the schema is this code's own;
     Alembic's scripts are read (once per process) only when it is not. Raises SQLAlchemy's
     error when the database cannot be reached."""
-    with engine.connect() as connection:
-        rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-    current = frozenset(str(row[0]) for row in rows)
+    current = _read_revisions(engine)
     if current == SCHEMA_HEADS or not current - known_revisions():
         return None
     return _joined(current)
