@@ -111,6 +111,18 @@ def _one_block(pem: bytes) -> bool:
     )
 
 
+# What cryptography raises for a CSR it cannot read besides ValueError: its own exception types,
+# which are not ValueErrors. Missed, each was an HTTP 500 (and a CLI traceback) where the caller
+# sent bad input: a version other than v1 (0) when loading (RFC 2986 §4.1 knows only v1), a second
+# subjectAltName or an x400Address/ediPartyName name when its extensions are read.
+_UNREADABLE = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+
 def _decoded(pem: bytes) -> x509.CertificateSigningRequest:
     """Exactly one PEM CSR. cryptography reads the first PEM block it finds and ignores the
     rest: a second request (or a certificate) after the first was accepted and dropped, so what
@@ -124,7 +136,7 @@ def _decoded(pem: bytes) -> x509.CertificateSigningRequest:
         )
     try:
         return x509.load_pem_x509_csr(pem)
-    except ValueError:
+    except _UNREADABLE:
         raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
 
 
@@ -229,7 +241,7 @@ def svid_csr(decoded: DecodedCsr) -> ParsedCsr:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
-    except ValueError:
+    except _UNREADABLE:
         raise InvalidCsr("the CSR extensions cannot be parsed") from None
     if san is not None:
         for general_name in san:

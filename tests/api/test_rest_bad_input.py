@@ -4,13 +4,16 @@ certificate row, the join token keeps its use)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -21,7 +24,7 @@ from ca.clock import FixedClock
 from ca.config import Context
 from ca.renewal import make_proof
 from tests.api.restkit import Rest, assert_problem, bearer, make_csr, tamper_signature
-from tests.ca.svidkit import openssl_rsa_pss_csr
+from tests.ca.svidkit import UNREADABLE_CSRS, openssl_rsa_pss_csr, unreadable_csr
 from tests.rotation.rotkit import ca_rows
 from tests.selfsigned import self_signed
 
@@ -214,6 +217,50 @@ def test_svid_keys_trellis_must_not_certify_are_refused_naming_the_accepted_ones
             assert refused in problem["detail"] and accepted in problem["detail"], (case, path)
     assert rest.certificate_count() == 1  # the enrolled SVID only
     assert rest.request_svid(token, make_csr()[1]).status_code == 200  # the token kept its use
+
+
+def _unsigned_proof(serial: str) -> str:
+    """A JWT with ``alg: none`` naming ``serial``: what anyone can send, holding no key."""
+    parts = [{"alg": "none", "typ": "trellis-renew+jwt"}, {"sub": serial}]
+    encoded = [base64.urlsafe_b64encode(json.dumps(p).encode()).rstrip(b"=") for p in parts]
+    return (b".".join(encoded) + b".").decode()
+
+
+@pytest.mark.parametrize("case", UNREADABLE_CSRS, ids=UNREADABLE_CSRS)
+def test_csrs_cryptography_refuses_with_its_own_errors_are_invalid_csr(
+    rest: Rest, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """Regression: a CSR whose version is not v1, or that holds two subjectAltName extensions
+    or an x400Address/ediPartyName SAN, was HTTP 500 with an "unhandled error" traceback in the
+    log: cryptography refuses them with exceptions that are not ValueErrors. Anyone could
+    fill the log through /v1/svid/renew with a proof signed by nobody. It is bad input: a
+    proof that does not verify is 401 whatever the CSR, a join token or a genuine proof gets
+    400 ``invalid-csr``, and nothing is written or spent."""
+    svid = rest.enrol(GOOD)
+    token = rest.join_token(rest.create_entry("spiffe://example.org/other"))
+    csr = unreadable_csr(tmp_path, case).decode()
+    # The proofs bind the DER, read from the PEM's base64: cryptography will not load them all.
+    digest = hashlib.sha256(base64.b64decode("".join(csr.splitlines()[1:-1]))).digest()
+    genuine = make_proof(svid.certificate, svid.key, digest, rest.clock.now())
+    nobody = ec.generate_private_key(ec.SECP256R1())
+    forged = make_proof(svid.certificate, nobody, digest, rest.clock.now())
+    with caplog.at_level(logging.ERROR):
+        for proof in (_unsigned_proof(svid.serial), forged):
+            response = rest.client.post("/v1/svid/renew", json={"csr": csr}, headers=bearer(proof))
+            assert assert_problem(response, 401)["code"] == "unauthenticated", case
+        for path, credential in (("/v1/svid", token), ("/v1/svid/renew", genuine)):
+            response = rest.client.post(path, json={"csr": csr}, headers=bearer(credential))
+            problem = assert_problem(response, 400)
+            assert problem["code"] == "invalid-csr", (path, problem)
+            expected = "not a valid PEM" if case == "csr/version-5" else "cannot be parsed"
+            assert expected in problem["detail"], (path, problem)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert rest.certificate_count() == 1  # the enrolled SVID only
+    tokens = rest.client.get("/v1/tokens", headers=rest.admin).json()
+    uses = sorted(t["uses_remaining"] for t in tokens if t["kind"] == "join")
+    assert uses == [0, 1]  # the enrolment's, and this one's, unspent
+    assert rest.request_svid(token, make_csr()[1]).status_code == 200
+    assert rest.renew(svid, make_csr()[1]).status_code == 200
 
 
 def test_expired_join_token_is_401(rest: Rest, clock: FixedClock) -> None:

@@ -3,6 +3,7 @@ through the real pipeline (entry → join token → grant → ``issue_svid``) an
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import subprocess
@@ -179,6 +180,67 @@ def openssl_rsa_pss_csr(directory: Path) -> bytes:
         timeout=30,
         check=True,
     ).stdout
+
+
+def openssl_csr(directory: Path, *extensions: str, subject: str = "/CN=web") -> bytes:
+    """A P-256 CSR made and signed by openssl, its requested extensions given as openssl
+    config lines (``subjectAltName=URI:...``, ``2.5.29.17=DER:...``): openssl writes what
+    cryptography's builder refuses to (a second subjectAltName, names it cannot represent)."""
+    key, config = directory / "openssl-csr.key", directory / "openssl-csr.cnf"
+    subprocess.run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    config.write_text(
+        "[req]\ndistinguished_name = dn\nreq_extensions = ext\n[dn]\n[ext]\n"
+        + "".join(f"{line}\n" for line in extensions)
+    )
+    return subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-config", str(config), "-subj", subject],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    ).stdout
+
+
+def with_version(csr_pem: bytes, version: int) -> bytes:
+    """The CSR with its version field set to ``version``: RFC 2986 knows only v1 (0). The
+    signature no longer verifies, which no reader gets as far as checking."""
+    der = bytearray(base64.b64decode(b"".join(csr_pem.strip().splitlines()[1:-1])))
+    at = der.index(b"\x02\x01\x00")  # the first INTEGER of the CertificationRequestInfo
+    der[at + 2] = version
+    body = base64.encodebytes(bytes(der)).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(
+        ["-----BEGIN CERTIFICATE REQUEST-----", *lines, "-----END CERTIFICATE REQUEST-----", ""]
+    ).encode()
+
+
+# CSRs whose structure is DER but that cryptography refuses with exceptions of its own, not
+# ValueError: by id, the openssl extension lines and the version to write (the builders of
+# ``unreadable_csr``). Each asks for spiffe://example.org/web and nothing else readable.
+_WEB_URI = "URI:spiffe://example.org/web"
+_WEB_URI_DER = "86187370696666653A2F2F6578616D706C652E6F72672F776562"
+UNREADABLE_CSRS: dict[str, tuple[tuple[str, ...], int]] = {
+    "csr/version-5": ((f"subjectAltName = {_WEB_URI}",), 5),
+    "san/two-extensions": (
+        (f"subjectAltName = {_WEB_URI}", "2.5.29.17 = DER:300D860B7370696666653A2F2F61"),
+        0,
+    ),
+    # SEQUENCE { uniformResourceIdentifier, x400Address [3] { empty ORAddress } }
+    "san/x400-address": ((f"2.5.29.17 = DER:301E{_WEB_URI_DER}A3023000",), 0),
+    # SEQUENCE { uniformResourceIdentifier, ediPartyName [5] { partyName [1] UTF8String "x" } }
+    "san/edi-party-name": ((f"2.5.29.17 = DER:3021{_WEB_URI_DER}A505A1030C0178",), 0),
+}
+
+
+def unreadable_csr(directory: Path, case: str) -> bytes:
+    """The ``UNREADABLE_CSRS`` case ``case``, made by openssl in ``directory``."""
+    extensions, version = UNREADABLE_CSRS[case]
+    pem = openssl_csr(directory, *extensions)
+    return with_version(pem, version) if version else pem
 
 
 def svid_dir_listing(directory: Path) -> dict[str, bytes | str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ from ca.errors import InvalidInput
 from ca.serial import Serial
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem
+from tests.ca.svidkit import unreadable_csr
 from tests.gateway.gwkit import partner_csr
 
 
@@ -383,6 +385,15 @@ def test_a_bad_csr_is_400_before_the_two_certificate_rule(api_gw: Api) -> None:
     refused = assert_problem(api_gw.issue(csr="not a csr"), 400)
     assert "not a valid PEM" in refused["detail"]
     assert "2 valid certificates" in assert_problem(api_gw.issue(), 409)["detail"]
+
+
+def test_a_csr_of_another_version_is_400(api_gw: Api, tmp_path: Path) -> None:
+    """Regression: a CSR whose version is not v1 (0) was HTTP 500: cryptography refuses it with
+    ``InvalidVersion``, which is not the ValueError ``ca.csr`` caught."""
+    csr = unreadable_csr(tmp_path, "csr/version-5").decode()
+    refused = assert_problem(api_gw.issue(csr=csr), 400)
+    assert refused["code"] == "invalid-csr" and "not a valid PEM" in refused["detail"]
+    assert api_gw.get("/certificates").json() == []
 
 
 def test_consumers_wait_for_init_as_everything_else_does(api: Api) -> None:
