@@ -40,13 +40,15 @@ def _trust_domain_problem(name: str) -> str | None:
         return "non-ASCII characters are not allowed"
     if "@" in name:
         return "userinfo is not allowed"
-    if ":" in name:
-        return "trust domain contains a port"
-    if len(name) > MAX_TRUST_DOMAIN_BYTES:
-        return f"trust domain exceeds {MAX_TRUST_DOMAIN_BYTES} bytes"
+    # Scanned in order, so that the first character at fault is named: a colon after a name
+    # is a port, but the colons of an IP literal ("[::1]") come after its "[".
     for char in name.lower():
+        if char == ":":
+            return "trust domain contains a port"
         if char not in _TD_CHARS:
             return f"invalid character {char!r} in trust domain"
+    if len(name) > MAX_TRUST_DOMAIN_BYTES:
+        return f"trust domain exceeds {MAX_TRUST_DOMAIN_BYTES} bytes"
     return None
 
 
