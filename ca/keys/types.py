@@ -134,14 +134,28 @@ class RefusedSignatureAlgorithm(TypeError):
         self.name = name
 
 
+# The names of signature algorithms cryptography verifies but has no name for (its "Unknown
+# OID"): the SHA-3 ones, as NIST's registry and RFC 8692/8702 name them, and the OIW SHA-1 one.
+_UNNAMED = {
+    "1.3.14.3.2.29": "sha1WithRSASignature",
+    **{
+        f"2.16.840.1.101.3.4.3.{arc + offset}": f"{prefix}-with-sha3-{bits}"
+        for arc, prefix in ((9, "id-ecdsa"), (13, "id-rsassa-pkcs1-v1_5"))
+        for offset, bits in enumerate((224, 256, 384, 512))
+    },
+}
+
+
 def _refused(
     signed: x509.Certificate | x509.CertificateSigningRequest,
     digest: hashes.HashAlgorithm | None = None,
 ) -> RefusedSignatureAlgorithm:
-    """Named as RFC 5280 and openssl name it (sha1WithRSAEncryption, ecdsa-with-SHA1), else by
-    its OID; RSASSA-PSS carries its digest in its parameters."""
+    """Named as RFC 5280 and openssl name it (sha1WithRSAEncryption, ecdsa-with-SHA1), else as
+    ``_UNNAMED`` does, else by its OID; RSASSA-PSS carries its digest in its parameters."""
     oid = signed.signature_algorithm_oid
-    name = oid.dotted_string if oid._name == "Unknown OID" else oid._name
+    name = oid._name
+    if name == "Unknown OID":
+        name = _UNNAMED.get(oid.dotted_string, oid.dotted_string)
     if oid == SignatureAlgorithmOID.RSASSA_PSS and digest is not None:
         name = f"{name} with {digest.name.upper()}"
     return RefusedSignatureAlgorithm(name)

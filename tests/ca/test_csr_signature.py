@@ -118,7 +118,9 @@ WEAK = [
     ("rsa/sha1", KeyType.RSA_2048, "-sha1", "sha1WithRSAEncryption"),
     ("rsa/md5", KeyType.RSA_2048, "-md5", "md5WithRSAEncryption"),
     ("rsa/sha224", KeyType.RSA_2048, "-sha224", "sha224WithRSAEncryption"),
-    ("rsa/sha3-256", KeyType.RSA_2048, "-sha3-256", "2.16.840.1.101.3.4.3.14"),
+    # Regression: the SHA-3 ones were named by their OID (2.16.840.1.101.3.4.3.14).
+    ("rsa/sha3-256", KeyType.RSA_2048, "-sha3-256", "id-rsassa-pkcs1-v1_5-with-sha3-256"),
+    ("rsa/sha3-512", KeyType.RSA_2048, "-sha3-512", "id-rsassa-pkcs1-v1_5-with-sha3-512"),
     (
         "rsa-pss/sha1",
         KeyType.RSA_2048,
@@ -127,6 +129,8 @@ WEAK = [
     ),
     ("ec/sha1", KeyType.EC_P256, "-sha1", "ecdsa-with-SHA1"),
     ("ec/sha224", KeyType.EC_P256, "-sha224", "ecdsa-with-SHA224"),
+    ("ec/sha3-256", KeyType.EC_P256, "-sha3-256", "id-ecdsa-with-sha3-256"),
+    ("ec/sha3-384", KeyType.EC_P384, "-sha3-384", "id-ecdsa-with-sha3-384"),
 ]
 
 
