@@ -937,7 +937,8 @@ def _records(
     if since is not None:
         query = query.where(_AUDIT.c.at >= since)
     if event is not None:
-        query = query.where(_AUDIT.c.event.startswith(event))
+        # A prefix taken literally (``--event``, docs/cli.md): ``%`` and ``_`` are no wildcards.
+        query = query.where(_AUDIT.c.event.startswith(event, autoescape=True))
     if after is not None:
         # Ids start at 1, and a number past 64 bits was SQLite's OverflowError, a traceback.
         if not 1 <= after < 2**63:

@@ -37,7 +37,8 @@ def list_cmd(
         str | None, typer.Option(help="Only records at or after this time (ISO 8601)")
     ] = None,
     event: Annotated[
-        str | None, typer.Option(help="Event prefix, e.g. certificate. or token.revoked")
+        str | None,
+        typer.Option(help="Event prefix, taken literally, e.g. certificate. or token.revoked"),
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 100,
     after: Annotated[

@@ -83,6 +83,29 @@ def test_every_change_is_recorded_with_who_and_which_request(ctx: Context) -> No
     assert revoked.detail == {"reason": "keyCompromise"}
 
 
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("token.", ["token.created"]),
+        ("token_", []),  # "_" was LIKE's any one character: it matched token.created
+        ("%", []),  # LIKE's anything: it matched every record
+        ("50%", ["50%.done"]),
+        ("50_", []),
+        ("", ["50%.done", "entry_created", "token.created"]),
+    ],
+)
+def test_the_event_filter_is_a_literal_prefix(
+    bare_ctx: Context, prefix: str, expected: list[str]
+) -> None:
+    """``trellis audit list --event`` promises an event prefix (docs/cli.md): ``%`` and ``_``
+    are characters of it, on both databases, not SQL LIKE wildcards."""
+    with bare_ctx.engine.begin() as connection:
+        for event in ("token.created", "entry_created", "50%.done"):
+            audit.record(connection, event, "s", actor="t", at=bare_ctx.clock.now())
+    found = audit.list_audit(bare_ctx, event=prefix)
+    assert sorted(e.event for e in found) == expected
+
+
 def test_a_refused_change_leaves_no_record(ctx: Context) -> None:
     entry = create_entry(ctx, EntryParams(SpiffeId.parse(WEB)))
     _, secret = create_join_token(ctx, entry.id, uses=1)
