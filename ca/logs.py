@@ -17,11 +17,15 @@ import logging
 import os
 import sys
 
-__all__ = ["DEBUG_VARIABLE", "REQUEST_ID", "configure_logging", "debugging"]
+__all__ = ["CLI_REQUEST_PREFIX", "DEBUG_VARIABLE", "REQUEST_ID", "configure_logging", "debugging"]
 
 DEBUG_VARIABLE = "TRELLIS_DEBUG"
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# What a CLI command's request id starts with (``cli-<16 hex>``, ``cli.common.State``), and no
+# REST request's may (``api.requestid``): in the audit trail it tells a change made on the host
+# from one made over the API.
+CLI_REQUEST_PREFIX = "cli-"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 # One encoder for every record: ``json.dumps(..., default=str)`` builds a new one per call.
 _ENCODE = json.JSONEncoder(default=str).encode

@@ -29,7 +29,7 @@ from ca.config import (
     load_settings,
 )
 from ca.files import OwnData, check_writable
-from ca.logs import REQUEST_ID
+from ca.logs import CLI_REQUEST_PREFIX, REQUEST_ID
 from ca.store.db import SchemaPolicy
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class State:
                 require_set_up(settings)
             self._ctx = build_context(settings, serving=serving, schema=schema)
             if not serving and self._request is None:
-                self._request = REQUEST_ID.set(f"cli-{uuid.uuid4().hex[:16]}")
+                self._request = REQUEST_ID.set(f"{CLI_REQUEST_PREFIX}{uuid.uuid4().hex[:16]}")
         return self._ctx
 
     @contextlib.contextmanager

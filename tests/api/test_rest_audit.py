@@ -3,6 +3,8 @@ over REST records the admin token ... and the request id"), not only behind revo
 
 from __future__ import annotations
 
+import pytest
+
 from ca import audit
 from ca.config import Context
 from ca.entries import EntryParams, create_entry
@@ -74,3 +76,28 @@ def test_a_change_outside_a_request_records_no_request_id(ctx: Context) -> None:
     its ``cli-<hex>`` id (tests/cli/test_operations.py)."""
     create_entry(ctx, EntryParams(SpiffeId.parse("spiffe://example.org/cli")), actor="cli")
     assert _ids(ctx)["entry.created"] == {None}
+
+
+@pytest.mark.parametrize("given", ["cli-deadbeefdeadbeef", "CLI-deadbeefdeadbeef", "Cli-1"])
+def test_a_rest_request_cannot_take_the_cli_s_request_id_prefix(
+    rest: Rest, ctx: Context, given: str
+) -> None:
+    """``cli-<hex>`` is what a command run on the host records (``cli.common.State``): a REST
+    caller sending it had its change pass for one, by its request id. The id is replaced by a
+    generated one (docs/api.md), echoed and recorded; the request goes through."""
+    created = rest.client.post(
+        "/v1/entries",
+        json={"spiffe_id": "spiffe://example.org/posing"},
+        headers={**rest.admin, "X-Request-ID": given},
+    )
+    assert created.status_code == 201, created.text
+    returned = created.headers["x-request-id"]
+    assert not returned.lower().startswith("cli-")
+    assert _ids(ctx)["entry.created"] == {returned}
+    # An id that merely holds the prefix further on is the caller's, as any sane one.
+    again = rest.client.post(
+        "/v1/entries",
+        json={"spiffe_id": "spiffe://example.org/other"},
+        headers={**rest.admin, "X-Request-ID": "from-cli-deadbeef"},
+    )
+    assert again.headers["x-request-id"] == "from-cli-deadbeef"
