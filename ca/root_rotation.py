@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -137,12 +138,14 @@ def rotate_root(
             elif state is None or (state.step == "retired" and not step):
                 state = _publish(rotator, overlap, state)
             elif step and state.step == "published":
-                if now < state.switch_after and not force:
+                early = now < state.switch_after
+                if early and not force:
                     raise Conflict(
                         f"the overlap lasts until {state.switch_after.isoformat()}: relying "
                         "parties may not have the new root yet (a forced step switches anyway)"
                     )
-                _switch(rotator, state)
+                overridden = {"overlap_until": state.switch_after.isoformat()}
+                _switch(rotator, state, _forced(overridden) if early else None)
             elif step and state.step == "switched":
                 retired_key = _retire(rotator, state, force)
             sync_bundle(session, authority, now)
@@ -164,6 +167,14 @@ def rotate_root(
     if authority == MESH:
         write_bundle_file(ctx)
     return result
+
+
+def _forced(overridden: dict[str, Any]) -> dict[str, Any]:
+    """The detail of a step's audit record when only ``force`` let it happen, with what it
+    overrode: the refusal it skipped is in no record, and an auditor must be able to tell a
+    step taken early, or past certificates it breaks, from one that was due (docs/rotation.md).
+    A step that was due anyway records no ``forced``, whether ``--force`` was given or not."""
+    return {"forced": True, **overridden}
 
 
 def _position(state: RootRotationRow | None) -> tuple[int, str] | None:
@@ -232,13 +243,13 @@ def _publish(rotator: Rotator, overlap: Ttl, previous: RootRotationRow | None) -
     return state
 
 
-def _switch(rotator: Rotator, state: RootRotationRow) -> None:
+def _switch(rotator: Rotator, state: RootRotationRow, forced: dict[str, Any] | None) -> None:
     session = rotator.session
     old, new = session.get(CaRow, state.old_root_id), session.get(CaRow, state.new_root_id)
     assert old is not None and new is not None
     old.state, new.state = "retiring", "active"
     session.add_all([old, new])
-    rotator.event(new, "root-switched")
+    rotator.event(new, "root-switched", forced)
     active = next(iter(ca_rows(session, rotator.auth.name, "intermediate", "active")), None)
     key_type = KeyType(active.key_type) if active else KeyType.EC_P256
     backend = active.key_backend if active else new.key_backend
@@ -306,7 +317,7 @@ def _retire(rotator: Rotator, state: RootRotationRow, force: bool) -> KeyHandle:
         raise Conflict(_still_valid(count, latest) + _signed_by_old_root(direct))
     old.state = "retired"
     session.add(old)
-    rotator.event(old, "root-retired")
+    rotator.event(old, "root-retired", _forced({"still_valid": count}) if count else None)
     _end_cross_certificates(rotator, old)
     state.step = "retired"
     session.add(state)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -200,8 +201,8 @@ class Rotator:
         self.created: list[KeyHandle] = []
         self.done: list[Transition] = []
 
-    def event(self, row: CaRow, event: str) -> None:
-        record_event(self.session, row, event, self.actor, self.now)
+    def event(self, row: CaRow, event: str, detail: dict[str, Any] | None = None) -> None:
+        record_event(self.session, row, event, self.actor, self.now, detail=detail)
         self.done.append(Transition(event, row.serial, self.now))
 
     def prepare_intermediate(self, root: CaRow, key_type: KeyType, backend: str) -> CaRow:

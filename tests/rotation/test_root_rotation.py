@@ -17,6 +17,7 @@ from cryptography.x509 import ocsp
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from ca import audit
 from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.bundle import read_bundle
 from ca.certs import revoke_certificate
@@ -293,6 +294,41 @@ def test_retire_with_force_does_not_wait(drill_ctx: Context, clock: FixedClock) 
         rotate_root(drill_ctx, step=True)
     assert rotate_root(drill_ctx, step=True, force=True).step == "retired"
     assert len(bundle_certs(drill_ctx)) == 1
+
+
+def _step_record(ctx: Context, event: str) -> dict[str, object]:
+    (record,) = audit.list_audit(ctx, event=f"ca.{event}")
+    return record.detail
+
+
+@BOTH_DATABASES
+def test_a_step_only_force_allowed_says_so_in_its_audit_record(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    """``rotate-root --step --force`` skips a refusal that no record keeps: the step's own
+    record says it was forced and what it overrode (the overlap's end, the certificates of the
+    old hierarchy still valid), as ``revoke-intermediate``'s say it was an emergency."""
+    publish(drill_ctx)
+    until = switch_after(drill_ctx)
+    svid(drill_ctx)  # old hierarchy, valid past the retirement below
+    rotate_root(drill_ctx, step=True, force=True)
+    switched = _step_record(drill_ctx, "root-switched")
+    assert switched["forced"] is True and switched["overlap_until"] == until.isoformat()
+    rotate_root(drill_ctx, step=True, force=True)
+    retired = _step_record(drill_ctx, "root-retired")
+    assert retired["forced"] is True and retired["still_valid"] == 1
+
+
+@BOTH_DATABASES
+def test_a_due_step_records_no_force_though_force_was_given(
+    drill_ctx: Context, clock: FixedClock
+) -> None:
+    publish(drill_ctx)
+    clock.current = switch_after(drill_ctx)
+    rotate_root(drill_ctx, step=True, force=True)
+    assert "forced" not in _step_record(drill_ctx, "root-switched")
+    rotate_root(drill_ctx, step=True, force=True)  # nothing of the old hierarchy is valid
+    assert "forced" not in _step_record(drill_ctx, "root-retired")
 
 
 @BOTH_DATABASES
