@@ -57,7 +57,7 @@ from ca.jwks import (
     jwk_for,
     parse_jwks,
 )
-from ca.pem import certs_pem, load_certs
+from ca.pem import certs_pem, fingerprint, load_certs
 from ca.store.models import AuthorityRow, FederatedBundleRow
 
 if TYPE_CHECKING:
@@ -520,6 +520,32 @@ def accept(row: FederatedBundleRow, bundle: JwksBundle) -> bool:
     return digest != row.digest or bundle.sequence != row.sequence
 
 
+def _roots_changed(row: FederatedBundleRow, bundle: JwksBundle) -> dict[str, Any] | None:
+    """The audit detail of an accepted bundle whose authorities differ from the last good
+    one's (the first bundle of a relationship included): which roots we trust for the partner
+    is a security-relevant change, made by the partner's endpoint, not by an operator. None
+    when the set is the same (a new ``spiffe_sequence`` or refresh hint alone, or the same
+    roots in another order): a refresh every few minutes that changes nothing records
+    nothing. Fingerprints: SHA-256 of each certificate's DER, as ``openssl x509 -fingerprint
+    -sha256`` shows it (without colons)."""
+    old = (
+        {fingerprint(cert) for cert in load_certs(row.bundle_pem.encode())}
+        if row.bundle_pem
+        else set()
+    )
+    new = {fingerprint(cert) for cert in bundle.certificates}
+    if old == new:
+        return None
+    return {
+        "old_sequence": row.sequence,
+        "new_sequence": bundle.sequence,
+        "old_roots": len(old),
+        "new_roots": len(new),
+        "added": sorted(new - old),
+        "removed": sorted(old - new),
+    }
+
+
 def _interval(hint: int | None) -> int:
     return min(MAX_REFRESH, max(MIN_REFRESH, DEFAULT_REFRESH_HINT if hint is None else hint))
 
@@ -591,7 +617,7 @@ class _Relationship:
 
 
 def refresh_federation(
-    ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle
+    ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle, actor: str = "local"
 ) -> RefreshResult:
     """Fetch and validate one trust domain's bundle now. A failure never raises: it is recorded,
     the last good bundle kept, and the next attempt waits for the usual interval (§6.2). That
@@ -599,6 +625,8 @@ def refresh_federation(
     logged with its traceback and recorded like any other, so that one relationship can never
     be retried in a loop ahead of the others. No database transaction is open during the fetch;
     its result is applied only to the relationship it was fetched for (``_Relationship``).
+    A bundle that changes the partner's roots is recorded in the audit trail under ``actor``
+    (``_roots_changed``): ``scheduler`` for the refresh job, ``cli`` or the admin token.
     """
     with Session(ctx.engine) as session:
         row = session.get(FederatedBundleRow, trust_domain.name)
@@ -608,7 +636,7 @@ def refresh_federation(
         relationship = _Relationship.of(row)
     attempt = ctx.clock.now()
     try:
-        return _attempt(ctx, relationship, endpoint, attempt, fetch)
+        return _attempt(ctx, relationship, endpoint, attempt, fetch, actor)
     except Exception as exc:
         log.exception("federation %s: the refresh failed unexpectedly", trust_domain)
         error = f"unexpected {type(exc).__name__} (logged with its traceback): {exc}"
@@ -651,6 +679,7 @@ def _attempt(
     endpoint: Endpoint,
     attempt: dt.datetime,
     fetch: Fetch,
+    actor: str,
 ) -> RefreshResult:
     trust_domain = endpoint.trust_domain
     bundle: JwksBundle | None = None
@@ -672,6 +701,16 @@ def _attempt(
             except InvalidInput as exc:
                 error = exc.detail
             else:
+                roots = _roots_changed(row, bundle)
+                if roots is not None:
+                    audit.record(
+                        session,
+                        "federation.roots-changed",
+                        str(trust_domain.id()),
+                        actor=actor,
+                        at=attempt,
+                        detail=roots,
+                    )
                 if changed:
                     row.bundle_pem = bundle.pem.decode()
                     row.digest = _digest(bundle.certificates)
@@ -697,7 +736,11 @@ def _attempt(
 
 
 def refresh_federations(
-    ctx: Context, trust_domains: Sequence[TrustDomain] = (), *, fetch: Fetch = fetch_bundle
+    ctx: Context,
+    trust_domains: Sequence[TrustDomain] = (),
+    *,
+    fetch: Fetch = fetch_bundle,
+    actor: str = "local",
 ) -> list[RefreshResult]:
     """Refresh the named trust domains (every federated one if none is named), due or not. A
     name that is not federated is refused (``NotFound``) before anything is fetched; one
@@ -709,14 +752,14 @@ def refresh_federations(
     results = []
     for name in names or [f.trust_domain for f in list_federations(ctx)]:
         try:
-            results.append(refresh_federation(ctx, name, fetch=fetch))
+            results.append(refresh_federation(ctx, name, fetch=fetch, actor=actor))
         except NotFound:
             results.append(_dropped(name, fetched=False))
     return results
 
 
 def refreshed_federation(
-    ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle
+    ctx: Context, trust_domain: TrustDomain, *, fetch: Fetch = fetch_bundle, actor: str = "local"
 ) -> Federation:
     """``refresh_federation`` for a caller who named one trust domain and waits for it
     (``POST /v1/federation/{td}/refresh``): the relationship as the refresh left it, or why
@@ -724,7 +767,7 @@ def refreshed_federation(
     the operator's removal is nobody's outage (``trellis federation refresh`` skips it). One
     removed and added again meanwhile is ``Conflict``: the result was dropped, and the new
     relationship, which exists, was not refreshed. A fetch that failed is ``Unavailable``."""
-    result = refresh_federation(ctx, trust_domain, fetch=fetch)
+    result = refresh_federation(ctx, trust_domain, fetch=fetch, actor=actor)
     if result.dropped:
         try:
             get_federation(ctx, trust_domain)
@@ -755,7 +798,9 @@ def refresh_due(ctx: Context, *, fetch: Fetch = fetch_bundle) -> list[RefreshRes
     results = []
     for name in names:
         try:
-            results.append(refresh_federation(ctx, TrustDomain(name), fetch=fetch))
+            results.append(
+                refresh_federation(ctx, TrustDomain(name), fetch=fetch, actor="scheduler")
+            )
         except NotFound:
             continue  # removed since the query
     return results

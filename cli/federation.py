@@ -121,7 +121,7 @@ def refresh(
     One removed while the command runs is skipped (a warning on stderr; not in --json)."""
     ctx = STATE.context()
     names = [TrustDomain.parse(name) for name in trust_domains or ()]
-    results = federation.refresh_federations(ctx, names)
+    results = federation.refresh_federations(ctx, names, actor="cli")
     for r in results:
         if r.dropped:
             typer.echo(f"warning: {r.trust_domain}: {r.error}", err=True)

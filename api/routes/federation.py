@@ -69,9 +69,9 @@ def remove_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> Federa
     responses={**ADMIN, **responses(409)},
     summary="Fetch the trust domain's bundle now; 503 if that fails (the last good one is kept)",
 )
-def refresh_federation(trust_domain: str, ctx: CtxDep, _admin: AdminDep) -> FederationOut:
+def refresh_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> FederationOut:
     td = TrustDomain.parse(trust_domain)
-    return FederationOut.of(federation.refreshed_federation(ctx, td))
+    return FederationOut.of(federation.refreshed_federation(ctx, td, actor=str(admin)))
 
 
 @router.get(

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from ca import audit
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.jwks import bundle_jwks
@@ -54,7 +55,9 @@ def body(partner: Partner, url: str, **changes: Any) -> dict[str, Any]:
     }
 
 
-def test_federation_over_rest(client: TestClient, admin: dict[str, str], partner: Partner) -> None:
+def test_federation_over_rest(
+    client: TestClient, admin: dict[str, str], partner: Partner, ctx: Context
+) -> None:
     tls = partner.server_tls()
     server = BundleServer(tls.cert_path, tls.key_path)
     server.answer = Answer(body=partner.jwks(4))
@@ -68,6 +71,8 @@ def test_federation_over_rest(client: TestClient, admin: dict[str, str], partner
         refreshed = client.post("/v1/federation/b.test/refresh", headers=admin)
         assert refreshed.status_code == 200, refreshed.text
         assert refreshed.json()["sequence"] == 4 and refreshed.json()["last_error"] is None
+        (change,) = audit.list_audit(ctx, event="federation.roots-changed")
+        assert change.actor.startswith("admin-token:") and change.request_id
 
         server.answer = Answer(body=b"garbage")
         failed = assert_problem(client.post("/v1/federation/b.test/refresh", headers=admin), 503)

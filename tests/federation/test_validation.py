@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from ca import audit
 from ca.authority import active_issuer
 from ca.clock import FixedClock
 from ca.config import Context
@@ -35,7 +36,7 @@ from ca.federation import (
 from ca.identity import SpiffeId, TrustDomain
 from ca.jobs import job_named
 from ca.jwks import bundle_jwks
-from ca.pem import certs_pem
+from ca.pem import certs_pem, fingerprint
 from ca.root_rotation import rotate_root
 from tests.federation.fedkit import (
     PARTNER,
@@ -310,6 +311,54 @@ def test_progress_is_accepted_and_clears_the_error(
     newer = refresh_federation(ctx, PARTNER, fetch=fetch)
     assert newer.ok and newer.changed and newer.sequence == 6
     assert bundle_map(ctx)["spiffe://b.test"]["spiffe_sequence"] == 6
+
+
+def _root_changes(ctx: Context) -> list[audit.AuditEntry]:
+    return list(reversed(audit.list_audit(ctx, event="federation.roots-changed")))
+
+
+def test_a_refresh_that_changes_the_partner_s_roots_is_audited(
+    ctx: Context, clock: FixedClock, partner: Partner
+) -> None:
+    """Which roots we trust for a partner is decided by what its endpoint serves: each change
+    (the first bundle too) is recorded, with who refreshed and the roots added and removed;
+    a refresh that changes nothing, or only the sequence, records nothing."""
+    web(ctx)
+    first = [fingerprint(root) for root in partner.roots]
+    rotate_root(partner.ctx)  # the partner publishes a second root
+    both = list(active_issuer(partner.ctx).roots)
+    second = sorted({fingerprint(root) for root in both} - set(first))
+    fetch = FakeFetch([partner.jwks(1), partner.jwks(1), partner.jwks(2), partner.jwks(3, both)])
+    refresh_federation(ctx, PARTNER, fetch=fetch, actor="cli")
+    refresh_federation(ctx, PARTNER, fetch=fetch, actor="cli")  # the same bundle
+    assert refresh_federation(ctx, PARTNER, fetch=fetch).changed  # a new sequence, same roots
+    refresh_due(ctx, fetch=FakeFetch())  # not due: nothing fetched
+    clock.advance(dt.timedelta(days=1))
+    assert [r.changed for r in refresh_due(ctx, fetch=fetch)] == [True]
+    changes = _root_changes(ctx)
+    assert [(c.subject, c.actor) for c in changes] == [
+        ("spiffe://b.test", "cli"),
+        ("spiffe://b.test", "scheduler"),
+    ]
+    assert changes[0].detail == {
+        "old_sequence": None,
+        "new_sequence": 1,
+        "old_roots": 0,
+        "new_roots": 1,
+        "added": first,
+        "removed": [],
+    }
+    assert changes[1].detail == {
+        "old_sequence": 2,
+        "new_sequence": 3,
+        "old_roots": 1,
+        "new_roots": 2,
+        "added": second,
+        "removed": [],
+    }
+    # A rejected bundle changes nothing, so records nothing.
+    refresh_federation(ctx, PARTNER, fetch=FakeFetch([partner.jwks(2)]))  # sequence backwards
+    assert len(_root_changes(ctx)) == 2
 
 
 @SQLITE_ONLY
