@@ -45,7 +45,7 @@ from typing import IO, Any, BinaryIO
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ca import restored, tarheaders
+from ca import backup_audit, restored, tarheaders
 from ca.config import Context, Settings
 from ca.errors import Conflict, InvalidInput, Unavailable
 from ca.files import (
@@ -163,17 +163,24 @@ def check_backup(settings: Settings) -> None:
     _sqlite_path(settings)
 
 
-def backup(ctx: Context, out: Path, *, progress: Progress | None = None) -> BackupResult:
+def backup(
+    ctx: Context, out: Path, *, actor: str = "local", progress: Progress | None = None
+) -> BackupResult:
     """Snapshot the database into a 0600 temporary file beside ``out``, then stream the archive
     into another and rename it into place: memory stays flat whatever the database's size, the
     snapshot takes room where the archive goes (not in ``TMPDIR``, which is memory where /tmp
     is a tmpfs), and a failure part-way removes both temporary files and the directories made
     for ``out``, leaving everything as it was.
 
+    The archive holds every file CA key and the admin token: the backup is recorded in the
+    instance's trail (``backup_audit.record_backup``, under ``actor``) once the archive is
+    complete, before it is renamed into place (so the snapshot does not hold its own record).
+
     ``progress`` counts bytes: the snapshot's as one step once taken (SQLite's backup in steps
     would restart whenever the running server writes meanwhile), then every byte archived."""
     source = _sqlite_path(ctx.settings)
     schema, _ = db.schema_status(ctx.engine)
+    at = ctx.clock.now()
     digests: dict[str, str] = {}
     made = make_directory(out.parent, private=True)
     _remove_abandoned(out)
@@ -181,21 +188,29 @@ def backup(ctx: Context, out: Path, *, progress: Progress | None = None) -> Back
         with (
             _snapshot(source, out) as snapshot,
             replacing(out, 0o600, private=True) as handle,
-            tarfile.open(fileobj=handle, mode="w:gz") as archive,
         ):
-            # Listed after the snapshot, as they were archived: a key the snapshot's rows name
-            # was written before the row that names it was committed.
-            files = _data_files(ctx.settings.data_dir)
-            size = snapshot.stat().st_size
-            counted = _Counted(progress, 2 * size + sum(_size_of(file) for _, file in files))
-            counted.add(size)
-            digests[_DB_NAME] = _add_file(archive, _DB_NAME, snapshot, 0o600, counted)
-            for relative, file in files:
-                digests[relative] = _add_file(archive, relative, file, counted=counted)
-            report(progress, counted.total, counted.total)  # a file that shrank meanwhile
-            manifest = {"format": FORMAT, "schema": schema, "files": digests}
-            raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            _add(archive, "manifest.json", raw, 0o644)
+            with tarfile.open(fileobj=handle, mode="w:gz") as archive:
+                # Listed after the snapshot, as they were archived: a key the snapshot's rows
+                # name was written before the row that names it was committed.
+                files = _data_files(ctx.settings.data_dir)
+                size = snapshot.stat().st_size
+                counted = _Counted(progress, 2 * size + sum(_size_of(file) for _, file in files))
+                counted.add(size)
+                digests[_DB_NAME] = _add_file(archive, _DB_NAME, snapshot, 0o600, counted)
+                for relative, file in files:
+                    digests[relative] = _add_file(archive, relative, file, counted=counted)
+                report(progress, counted.total, counted.total)  # a file that shrank meanwhile
+                manifest = {
+                    "format": FORMAT,
+                    "schema": schema,
+                    "files": digests,
+                    "source": backup_audit.source(ctx, at),
+                }
+                raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
+                _add(archive, "manifest.json", raw, 0o644)
+            backup_audit.record_backup(
+                ctx, out, manifest=raw, files=digests, schema=schema, at=at, actor=actor
+            )
     except BaseException:
         for directory in reversed(made):
             with suppress(OSError):  # not empty: someone else's file arrived meanwhile
@@ -270,7 +285,11 @@ def _remove_abandoned(out: Path) -> None:
 
 
 def restore(
-    archive_path: Path, settings: Settings, *, progress: Progress | None = None
+    archive_path: Path,
+    settings: Settings,
+    *,
+    actor: str = "local",
+    progress: Progress | None = None,
 ) -> BackupResult:
     """Into an empty data dir and an empty database only (never merge two CAs). The archive is
     checked first (manifest, names, sizes, every small file's digest); the database is checked
@@ -280,7 +299,11 @@ def restore(
 
     ``progress`` counts the database's bytes as they are staged, the longest step; the checks
     before it report no total (the archive is read several times over, a number no one could
-    watch make sense of)."""
+    watch make sense of).
+
+    The restored trail gets the restore as its newest record, under ``actor``
+    (``backup_audit.record_restore``), written into the staged database before it is moved
+    into place."""
     report(progress, 0, None)
     target_db = _sqlite_path(settings)
     data_dir = settings.data_dir
@@ -304,13 +327,15 @@ def restore(
             members = _members(archive, archive_path)
             if "manifest.json" not in members:
                 raise InvalidInput(f"{archive_path} has no manifest: not a Trellis backup")
-            digests = _manifest(_read(archive, members["manifest.json"]))
+            raw_manifest = _read(archive, members["manifest.json"])
+            digests = _manifest(raw_manifest)
             _check_archive_apart(archive_path, ignored, digests)
             contents = _verified_contents(archive, members, digests)
             _check_database_apart(target_db, data_dir, digests)
             database = _Database(archive, members[_DB_NAME], digests[_DB_NAME], archive_path)
+            record = _RestoreRecord(raw_manifest, actor)
             schema, acts_on = _install(
-                contents, database, data_dir, target_db, locks, ignored, progress
+                contents, database, data_dir, target_db, locks, ignored, record, progress
             )
     return BackupResult(archive_path, tuple(sorted(digests)), schema, acts_on)
 
@@ -879,6 +904,14 @@ def _missing_after_migration(path: Path, revisions: set[str]) -> list[str]:
             engine.dispose()
 
 
+@dataclass(frozen=True, slots=True)
+class _RestoreRecord:
+    """What the restore's audit record is made of, besides what ``_install`` finds."""
+
+    manifest: bytes
+    actor: str
+
+
 def _install(
     contents: dict[str, bytes],
     database: _Database,
@@ -886,6 +919,7 @@ def _install(
     target_db: Path,
     locks: _Locks,
     ignored: frozenset[str],
+    record: _RestoreRecord,
     progress: Progress | None = None,
 ) -> tuple[str, restored.ActsOn]:
     """Stage the database beside its target (streamed, then checked) and the files in a
@@ -914,14 +948,28 @@ def _install(
         made.append(staging)
         fd, staged_db = tempfile.mkstemp(dir=target_db.parent, prefix=f".{target_db.name}.")
         made.append(Path(staged_db))
+        # Its journals while the restore's record is written into it (none are left after).
+        made += [Path(f"{staged_db}{sidecar}") for sidecar in ("-wal", "-shm", "-journal")]
         with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600
             database.write_to(handle, progress)
             handle.flush()
             os.fsync(handle.fileno())
         schema = _check_schema(Path(staged_db))
         acts_on = restored.acts_on(Path(staged_db))
-        # The Vault keys the original signs with, which this instance must never destroy.
         at = dt.datetime.now(dt.UTC)
+        if not backup_audit.record_restore(
+            Path(staged_db),
+            archive=database.archive_path,
+            manifest=record.manifest,
+            schema=schema,
+            data_dir=data_dir,
+            at=at,
+            actor=record.actor,
+        ):
+            log.warning(
+                "the backup's schema %s has no audit trail: the restore is not recorded", schema
+            )
+        # The Vault keys the original signs with, which this instance must never destroy.
         contents = {
             **contents,
             restored.MARKER: restored.marker(database.archive_path, at, acts_on),

@@ -175,9 +175,16 @@ class State:
             if not create:
                 require_set_up(settings)
             self._ctx = build_context(settings, serving=serving, schema=schema)
-            if not serving and self._request is None:
-                self._request = REQUEST_ID.set(f"{CLI_REQUEST_PREFIX}{uuid.uuid4().hex[:16]}")
+            if not serving:
+                self.begin_request()
         return self._ctx
+
+    def begin_request(self) -> None:
+        """Make the command one request (``cli-<16 hex>``, see ``context``) without opening
+        the CA: ``trellis restore`` records into the database it restores, which no context
+        can open before it is there."""
+        if self._request is None:
+            self._request = REQUEST_ID.set(f"{CLI_REQUEST_PREFIX}{uuid.uuid4().hex[:16]}")
 
     @contextlib.contextmanager
     def setting_up(self, schema: SchemaPolicy = SchemaPolicy.REQUIRE_CURRENT) -> Iterator[Context]:

@@ -27,7 +27,7 @@ def backup(
     # An older schema is backed up as it is: the backup before an upgrade is the way back.
     ctx = STATE.context(schema=SchemaPolicy.AS_IS)
     with shown("backing up", json_out=json_out, bytes_=True) as progress:
-        result = run_backup(ctx, out, progress=progress)
+        result = run_backup(ctx, out, actor="cli", progress=progress)
     if json_out:
         emit_json(
             {
@@ -63,8 +63,9 @@ def restore(
     """Restore into an empty data dir; start with the original key passphrase afterwards, where
     file keys or sealed secrets need one."""
     settings = STATE.settings()
+    STATE.begin_request()  # the id its record in the restored trail has
     with shown("restoring", json_out=json_out, bytes_=True) as progress:
-        result = run_restore(archive, settings, progress=progress)
+        result = run_restore(archive, settings, actor="cli", progress=progress)
     if json_out:
         emit_json(
             {

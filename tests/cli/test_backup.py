@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 
-from ca import backup
+from ca import audit, backup
 from ca.config import Settings, build_context
+from ca.errors import Unavailable
 from ca.serving import ensure_server_certificate
 from tests.ca.test_migration_upgrade import _at_revision
 from tests.conftest import PASSPHRASE
@@ -331,6 +332,23 @@ def test_restore_reports_the_database_s_schema_and_takes_an_older_one(
     assert restored["schema"] == "0008"
 
 
+def test_a_restore_of_a_schema_before_the_audit_trail_is_restored_unrecorded(
+    archive: Path, cli: Cli, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Revision 0007 has no audit_log (0008 adds it): nothing to record the restore in, which
+    must not refuse the restore; the first 'trellis serve' migrates the database."""
+    older = tmp_path / "older.db"
+    _at_revision(f"sqlite:///{older}", "0007").dispose()
+    bad = _tampered(archive, tmp_path / "older.tgz", _listed("trellis.db", older.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="trellis.backup"):
+        restored = cli.json("--data-dir", str(tmp_path / "restored"), "restore", str(bad))
+    assert restored["schema"] == "0007"
+    assert "has no audit trail: the restore is not recorded" in caplog.text
+    with closing(sqlite3.connect(tmp_path / "restored" / "trellis.db")) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    assert "audit_log" not in tables
+
+
 def test_a_restore_that_fails_while_writing_leaves_nothing_behind(
     archive: Path, cli: Cli, tmp_path: Path, workspace: Path
 ) -> None:
@@ -392,6 +410,25 @@ def test_a_failed_backup_removes_the_directories_it_made_for_the_archive(
     cli.run("--data-dir", str(tmp_path / "var"), "backup",
             "--out", str(tmp_path / "kept" / "b.tgz"), code=8)  # fmt: skip
     assert list((tmp_path / "kept").iterdir()) == []  # an existing directory stays
+
+
+def test_a_backup_whose_audit_record_cannot_be_written_leaves_no_archive(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The record (``backup.created``) is written before the archive takes its name: a backup
+    that cannot be recorded exports nothing, and an earlier archive at --out stays as it was."""
+    cli.run("--data-dir", str(tmp_path / "var"), "init", "--trust-domain", "example.org")
+    out = tmp_path / "backups" / "b.tgz"
+    cli.run("--data-dir", str(tmp_path / "var"), "backup", "--out", str(out))
+    earlier = out.read_bytes()
+
+    def locked(*_: object, **__: object) -> None:
+        raise Unavailable("the database is locked")
+
+    monkeypatch.setattr(audit, "record", locked)
+    failed = cli.run("--data-dir", str(tmp_path / "var"), "backup", "--out", str(out), code=8)
+    assert failed == "trellis: the database is locked\n"
+    assert [p.name for p in out.parent.iterdir()] == ["b.tgz"] and out.read_bytes() == earlier
 
 
 def test_an_archive_over_the_limits_is_refused_before_it_is_read(
