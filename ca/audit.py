@@ -10,7 +10,8 @@ previous hash)``, and signs the new head with the mesh's issuing CA key, at most
 ``SIGN_EVERY``. Sealing afterwards keeps writers from serialising on the head of the chain
 (issuance runs thousands of transactions per second); the settle delay lets transactions that
 took an id earlier but committed later land first. ``verify`` recomputes the chain and checks the
-signatures, naming the first record that was edited, deleted or reordered.
+signatures, naming the first record that was edited, deleted or reordered; what a signature
+proves, and whose counts, is ``ca.audit_seals``.
 
 The job runs every 2 s but signs at most every 10 s. Run every 10 s, each run chained ~40,000
 records at 2,000 issuances a second, a burst of most of a second during which the sealing
@@ -40,11 +41,10 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, select
 
+from ca.audit_seals import Anchors, SealCa, Signers, seal_message, sign, signed_as
 from ca.config import Context
 from ca.errors import (
     AuditTampered,
@@ -55,7 +55,6 @@ from ca.errors import (
     TrellisError,
     Unavailable,
 )
-from ca.keys import PrivateKey
 from ca.logs import REQUEST_ID
 from ca.progress import Progress, report
 from ca.store.batch import Rows, Work
@@ -158,30 +157,6 @@ def _digest(row: Mapping[str, Any], seq: int, previous: str) -> str:
         f'"seq":{seq:d},"subject":{_quote(row["subject"])}}}'
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _sign(key: PrivateKey, data: bytes) -> bytes:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    return key.sign(data)
-
-
-def _check_signature(cert: x509.Certificate, signature: bytes, data: bytes) -> bool:
-    public = cert.public_key()
-    try:
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public, rsa.RSAPublicKey):
-            public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-        elif isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(signature, data)
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +388,8 @@ def _sealing(
             connection.execute(_LAST_SEAL).first(),
         )
     )
+    if (damaged := _damaged_head(head, last_seal)) is not None:
+        raise damaged
     seq = head[0] if head and head[0] is not None else 0
     previous = head[1] if head and head[1] else GENESIS
     signed_seq = last_seal[0] if last_seal else 0
@@ -443,7 +420,10 @@ def _sealing(
             ):
                 raise _refused(row, head, last_seal)
             seq += 1
-            digest = _digest(row, seq, previous)
+            try:
+                digest = _digest(row, seq, previous)
+            except (TypeError, ValueError, AttributeError):  # SQLite keeps any value anywhere
+                raise _damaged_record(row) from None
             chained.append(
                 {"row_id": row["id"], "new_seq": seq, "new_prev": previous, "new_hash": digest}
             )
@@ -492,6 +472,36 @@ def _refused(row: Mapping[str, Any], head: Any, last_seal: Any) -> AuditTampered
     )
 
 
+def _damaged_head(head: Any, last_seal: Any) -> AuditTampered | None:
+    """A chain's head or newest seal whose seq is no integer (SQLite keeps a text or a real in
+    an integer column, and sorts a text after every number: it is then the head): numbering
+    the next records after it would chain them to garbage."""
+    if head is not None and (type(head[0]) is not int or not isinstance(head[1], str)):
+        return AuditTampered(
+            f"refused to chain audit records: the chain's head, record id {head[2]}, is damaged "
+            f"(seq {_shown(head[0])}, hash {_shown(head[1])}); nothing was chained or signed: "
+            "run 'trellis audit verify'"
+        )
+    if last_seal is not None and type(last_seal[0]) is not int:
+        return AuditTampered(
+            f"refused to chain audit records: the newest seal is damaged (seq "
+            f"{_shown(last_seal[0])}); nothing was chained or signed: run 'trellis audit verify'"
+        )
+    return None
+
+
+def _damaged_record(row: Mapping[str, Any]) -> AuditTampered:
+    kinds = ", ".join(
+        f"{name} {type(row[name]).__name__}"
+        for name in ("actor", "event", "subject", "detail", "request_id")
+        if row[name] is not None and not isinstance(row[name], str)
+    )
+    return AuditTampered(
+        f"refused to chain audit record id {row['id']}: it is damaged ({kinds or 'unreadable'}); "
+        "nothing was signed: run 'trellis audit verify'"
+    )
+
+
 def _chunk_writer(chained: list[dict[str, Any]], signature: dict[str, Any] | None) -> Work:
     def write(connection: sa.Connection, _rows: Rows) -> None:
         if chained and prepared(_CHAIN).executemany(connection, chained) != len(chained):
@@ -533,7 +543,9 @@ class _Signing:
 
 
 def _seal_row(ctx: Context, seq: int, head: str, now: dt.datetime) -> dict[str, Any] | None:
-    """The signed seal over ``head``, or None when there is no mesh CA to sign with yet."""
+    """The signed seal over ``head``, or None when there is no mesh CA to sign with yet. It
+    signs ``seal_message``: the seq and the time with the head, so that ``verify`` can hold the
+    time against its signer's revocation (``ca.audit_seals``)."""
     from ca.authority import MESH, active_issuer  # the audit module is imported by ca.authority
 
     try:
@@ -545,7 +557,7 @@ def _seal_row(ctx: Context, seq: int, head: str, now: dt.datetime) -> dict[str, 
         "head_hash": head,
         "signed_at": now,
         "signer_cert_pem": issuer.certificate.public_bytes(serialization.Encoding.PEM).decode(),
-        "signature": _sign(issuer.signer.private_key, head.encode()),
+        "signature": sign(issuer.signer.private_key, seal_message(MESH, seq, head, now)),
     }
 
 
@@ -558,16 +570,8 @@ class Verification:
     problems: tuple[str, ...]
     unsigned: int = 0  # chained after the last signed head
     anchors: str = ""  # where the trust anchors the seals were checked against came from
-
-
-@dataclass(frozen=True, slots=True)
-class Anchors:
-    """The certificates a seal's signer must chain to, and where they came from (said in
-    ``verify``'s report: anchors read from the database being checked prove less than a bundle
-    kept elsewhere)."""
-
-    certificates: tuple[x509.Certificate, ...]
-    source: str
+    # seals whose signer was revoked, that prove nothing on their own (``ca.audit_seals``)
+    not_counted: int = 0
 
 
 def _time_of(value: Any) -> dt.datetime | None:
@@ -587,18 +591,61 @@ def _raw(column: sa.Column[Any]) -> Any:
     return sa.type_coerce(column, sa.String()) if isinstance(column.type, UtcDateTime) else column
 
 
+def _stored(column: sa.Column[Any], sqlite: bool) -> Any:
+    """A column as ``verify`` reads it. SQLite keeps any value in any column, and hands back
+    a text that is not UTF-8 as an error for the whole query (the database "cannot be used",
+    naming no row): there every text column is read as the bytes it holds, and ``_text``
+    decodes it, a damaged one making a ``BROKEN`` line that names its row."""
+    if sqlite and not isinstance(column.type, sa.Integer):
+        return sa.cast(column, sa.LargeBinary()).label(column.name)
+    return _raw(column)
+
+
+def _text(value: Any) -> str | None:
+    """A column read by ``_stored`` as text, None when it is no text."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def _stored_time(value: Any) -> dt.datetime | None:
+    """A time column read by ``_stored``, None when damaged."""
+    if isinstance(value, dt.datetime):
+        return _time_of(value)
+    text = _text(value)
+    return None if text is None else _time_of(text)
+
+
+def _shown(value: Any) -> str:
+    return repr(value)[:40]
+
+
 _RECORD_COLUMNS = ("id", "seq", "prev_hash", "hash", "at", "actor", "event", "subject", "detail")
-_RECORDS = sa.select(
-    *(_raw(_AUDIT.c[name]) for name in _RECORD_COLUMNS), _AUDIT.c.request_id
-).where(_AUDIT.c.seq.is_not(None))
-_UNSEALED = sa.select(_AUDIT.c.id, _raw(_AUDIT.c.at)).where(_AUDIT.c.seq.is_(None))
-_SEAL_ROWS = sa.select(
-    _SEALS.c.seq,
-    _SEALS.c.head_hash,
-    _raw(_SEALS.c.signed_at),
-    _SEALS.c.signer_cert_pem,
-    _SEALS.c.signature,
-).order_by(_SEALS.c.seq, _SEALS.c.id)
+# Read as text by ``verify``; the ones that may be NULL; ``at`` is also a datetime (PostgreSQL).
+_TEXT_COLUMNS = ("at", "actor", "event", "subject", "detail", "prev_hash", "hash", "request_id")
+_NULLABLE = frozenset({"prev_hash", "hash", "request_id"})
+
+
+def _verify_queries(sqlite: bool) -> tuple[sa.Select[Any], sa.Select[Any], sa.Select[Any]]:
+    """The chained records in seq order, the unchained ones (id and time) and the seals."""
+    records = (
+        sa.select(*(_stored(_AUDIT.c[name], sqlite) for name in (*_RECORD_COLUMNS, "request_id")))
+        .where(_AUDIT.c.seq.is_not(None))
+        .order_by(_AUDIT.c.seq)
+    )
+    unsealed = sa.select(_AUDIT.c.id, _stored(_AUDIT.c.at, sqlite)).where(_AUDIT.c.seq.is_(None))
+    seals = sa.select(
+        _SEALS.c.id,
+        _SEALS.c.seq,
+        *(
+            _stored(_SEALS.c[name], sqlite)
+            for name in ("head_hash", "signed_at", "signer_cert_pem", "signature")
+        ),
+    ).order_by(_SEALS.c.seq, _SEALS.c.id)
+    return records, unsealed.order_by(_AUDIT.c.id), seals
 
 
 def stored_anchors(ctx: Context) -> Anchors:
@@ -618,76 +665,21 @@ def stored_anchors(ctx: Context) -> Anchors:
     )
 
 
-def _mesh_certificates(ctx: Context) -> list[x509.Certificate]:
+def _mesh_cas(ctx: Context) -> list[SealCa]:
     from ca.authority import MESH
     from ca.store.models import CaRow
 
     with Session(ctx.engine) as session:
-        pems = session.exec(select(CaRow.cert_pem).where(CaRow.authority == MESH)).all()
-    return [x509.load_pem_x509_certificate(pem.encode()) for pem in pems]
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-    return constraints.ca and usage.key_cert_sign
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-class _Signers:
-    """Whether a seal's signer is a CA that chains, signatures verified, to the anchors; each
-    signer's path is built once (a server signs a seal every 10 s, all with a few CAs)."""
-
-    def __init__(self, anchors: Anchors, pool: list[x509.Certificate]) -> None:
-        self.anchors = anchors
-        self.pool = [cert for cert in pool if _is_ca(cert)]
-        self.paths: dict[bytes, list[x509.Certificate] | None] = {}
-
-    def problem(self, cert: x509.Certificate, at: dt.datetime) -> str | None:
-        der = cert.public_bytes(serialization.Encoding.DER)
-        if der not in self.paths:
-            self.paths[der] = self._path(cert)
-        path = self.paths[der]
-        name = cert.subject.rfc4514_string()[:120]
-        if path is None:
-            return (
-                f"its signer ({name}) is not a CA certificate chaining to the trust anchors "
-                f"({self.anchors.source})"
-            )
-        for link in path:
-            if not link.not_valid_before_utc <= at <= link.not_valid_after_utc:
-                return (
-                    f"its signer's certificate {link.subject.rfc4514_string()[:120]} was not "
-                    f"valid at the seal's time {at.isoformat()}"
-                )
-        return None
-
-    def _path(self, cert: x509.Certificate) -> list[x509.Certificate] | None:
-        if not _is_ca(cert):
-            return None
-        path, current = [cert], cert
-        for _ in range(8):
-            if any(
-                current == anchor or (_is_ca(anchor) and _issued_by(current, anchor))
-                for anchor in self.anchors.certificates
-            ):
-                return path
-            parent = next((c for c in self.pool if c != current and _issued_by(current, c)), None)
-            if parent is None or parent in path:
-                return None
-            path.append(parent)
-            current = parent
-        return None
+        rows = session.exec(select(CaRow).where(CaRow.authority == MESH)).all()
+    return [
+        SealCa(
+            row.role,
+            x509.load_pem_x509_certificate(row.cert_pem.encode()),
+            row.revoked_at,
+            row.revocation_reason,
+        )
+        for row in rows
+    ]
 
 
 _REPORT_EVERY = 1000  # records verified between two progress reports: a report costs more
@@ -695,6 +687,20 @@ _REPORT_EVERY = 1000  # records verified between two progress reports: a report 
 
 def _span(ids: list[int]) -> str:
     return f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}..{ids[-1]} ({len(ids)} records)"
+
+
+@dataclass(slots=True)
+class _Chain:
+    """What the records tell: each break, and what the seals are checked against."""
+
+    problems: list[str]
+    rows: list[Mapping[str, Any]]  # the records with a sound seq, in seq order
+    hashes_by_seq: dict[int, str]
+    times_by_seq: dict[int, dt.datetime]  # the records that verified
+    # For each sealed seq: the newest time of the records up to it (a seal is made after them).
+    newest_by_seq: dict[int, dt.datetime]
+    # Serial numbers of mesh intermediates an ``init --force`` replaced (``ca.audit_seals``).
+    former: set[int]
 
 
 def verify(
@@ -706,10 +712,11 @@ def verify(
 ) -> Verification:
     """Recompute the chain from the first record; report every break, first one first.
 
-    Seals count only if signed by a CA certificate chaining to ``anchors`` (by default the
-    mesh roots stored in the database) and valid when it signed. ``heads``: (seq, hash) of
-    signed heads witnessed elsewhere (the sealer logs each): a chain cut short before one of
-    them, and re-signed, is consistent in the database alone.
+    Seals count only if signed by one of the mesh authority's own intermediates, chaining to
+    ``anchors`` (by default the mesh roots stored in the database), valid and not revoked when
+    it signed (``ca.audit_seals``). ``heads``: (seq, hash) of signed heads witnessed elsewhere
+    (the sealer logs each): a chain cut short before one of them, and re-signed, is consistent
+    in the database alone.
 
     Records left behind the chain are reported too (``LATE``): the sealer chains every record
     within seconds of the records and signature after it, so one unchained or unsigned while
@@ -718,68 +725,66 @@ def verify(
     ``progress`` counts the records and seals checked, out of all of them once they are read."""
     report(progress, 0, None)
     anchors = anchors if anchors is not None else stored_anchors(ctx)
-    signers = _Signers(anchors, _mesh_certificates(ctx) + list(anchors.certificates))
+    cas = _mesh_cas(ctx)
     now = ctx.clock.now()
-    problems: list[str] = []
+    records, unsealed_rows, seal_rows = _verify_queries(ctx.engine.dialect.name == "sqlite")
     with ctx.reads.connect() as connection:
-        rows = connection.execute(_RECORDS.order_by(_AUDIT.c.seq)).mappings().all()
-        unsealed = connection.execute(_UNSEALED.order_by(_AUDIT.c.id)).all()
-        seals = connection.execute(_SEAL_ROWS).all()
-    previous, expected_seq = GENESIS, 1
-    hashes_by_seq: dict[int, str] = {}
-    times_by_seq: dict[int, dt.datetime] = {}
+        rows = connection.execute(records).mappings().all()
+        unsealed = connection.execute(unsealed_rows).all()
+        seals = connection.execute(seal_rows).all()
     total = len(rows) + len(seals)
-    for done, row in enumerate(rows):
-        if done % _REPORT_EVERY == 0:
-            report(progress, done, total)
-        seq = row["seq"]
-        where = f"record seq {seq} (id {row['id']}, {row['event']})"
-        if seq != expected_seq:
-            problems.append(f"records seq {expected_seq}..{seq - 1} are missing before {where}")
-        if row["prev_hash"] != previous:
-            problems.append(f"{where}: does not follow the record before it (reordered or deleted)")
-        at = _time_of(row["at"])
-        if at is None:
-            problems.append(f"{where}: its time is damaged ({str(row['at'])[:40]!r})")
-        elif row["hash"] != _digest({**row, "at": at}, seq, row["prev_hash"] or GENESIS):
-            problems.append(f"{where}: its content does not match its hash (edited)")
-        else:
-            times_by_seq[seq] = at
-        previous, expected_seq = row["hash"] or "", seq + 1
-        hashes_by_seq[seq] = row["hash"] or ""
-    signed: tuple[int, dt.datetime] | None = None  # the newest seal that verifies
+    sealed_seqs = {seal[1] for seal in seals}
+    chain = _chain(rows, sealed_seqs, progress, total)
+    signers = Signers(anchors, cas, chain.former)
+    problems = chain.problems
+    signed: tuple[int, dt.datetime] | None = None  # the newest seal that counts
     last_signed_at: dt.datetime | None = None  # the newest seal's time, verified or not
-    for done, (seal_seq, head_hash, signed_raw, cert_pem, signature) in enumerate(seals):
+    not_counted = 0
+    unproven: _Unproven | None = None  # the newest seal that does not count
+    for done, seal in enumerate(seals):
         report(progress, len(rows) + done, total)
-        where = f"seal at seq {seal_seq}"
-        signed_at = _time_of(signed_raw)
+        seal_seq, signed_at = seal[1], _stored_time(seal[3])
         if signed_at is not None and (last_signed_at is None or signed_at > last_signed_at):
             last_signed_at = signed_at
-        try:
-            cert = x509.load_pem_x509_certificate(cert_pem.encode())
-        except ValueError:
-            problems.append(f"{where}: its signer certificate is damaged")
-            continue
-        if signed_at is None:
-            problems.append(f"{where}: its time is damaged ({str(signed_raw)[:40]!r})")
-        elif hashes_by_seq.get(seal_seq) != head_hash:
-            problems.append(f"{where}: the chain no longer ends in the sealed head")
-        elif (untrusted := signers.problem(cert, signed_at)) is not None:
-            problems.append(f"{where}: {untrusted}")
-        elif not _check_signature(cert, signature, head_hash.encode()):
-            problems.append(f"{where}: the CA signature does not verify")
+        verdict = _check_seal(seal, signed_at, chain, signers)
+        if isinstance(verdict, str):
+            problems.append(verdict)
+        elif verdict is not None:
+            not_counted += 1
+            if unproven is None or seal_seq >= unproven.seq:
+                unproven = verdict
         elif signed is None or seal_seq >= signed[0]:
+            assert signed_at is not None  # a seal without a sound time is a problem
             signed = (seal_seq, signed_at)
+    if (
+        unproven is not None
+        and (signed is None or unproven.seq > signed[0])
+        and unproven.revoked_at < now - LATE
+    ):
+        problems.append(
+            f"seal at seq {unproven.seq}: {unproven.why}; no seal by another key covers the "
+            f"records up to it, more than {int(LATE.total_seconds() // 60)} minutes after the "
+            "revocation: they rest on that key alone ('trellis audit seal' signs the head with "
+            "the active intermediate)"
+        )
     for seq, head_hash in heads:
-        if hashes_by_seq.get(seq) != head_hash:
+        if chain.hashes_by_seq.get(seq) != head_hash:
             problems.append(
                 f"the chain does not hold the witnessed head seq {seq} ({head_hash[:16]}...): "
                 "records were removed or rewritten up to it"
             )
     signed_up_to = signed[0] if signed else 0
-    unsigned = sum(1 for row in rows if row["seq"] > signed_up_to)
+    unsigned = sum(1 for row in chain.rows if row["seq"] > signed_up_to)
     problems += _left_behind(
-        ctx, rows, times_by_seq, unsealed, signed, last_signed_at, now, bool(seals)
+        ctx,
+        chain.rows,
+        chain.times_by_seq,
+        unsealed,
+        signed,
+        last_signed_at,
+        now,
+        bool(seals),
+        bool(cas),
     )
     report(progress, total, total)
     return Verification(
@@ -790,6 +795,142 @@ def verify(
         tuple(problems),
         unsigned,
         anchors.source,
+        not_counted,
+    )
+
+
+def _readable(row: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The record with its text columns as text (None where one is not), and the name of the
+    first damaged column, if any."""
+    record = dict(row)
+    damaged = None
+    for name in _TEXT_COLUMNS:
+        value = record[name]
+        if (value is None and name in _NULLABLE) or isinstance(value, dt.datetime):
+            continue
+        text = record[name] = _text(value)
+        if text is None and damaged is None:
+            damaged = name
+    return record, damaged
+
+
+def _chain(rows: Any, sealed_seqs: set[Any], progress: Progress | None, total: int) -> _Chain:
+    """The records' pass of ``verify``: every hash recomputed, in seq order."""
+    from ca.authority import MESH
+
+    chain = _Chain([], [], {}, {}, {}, set())
+    problems = chain.problems
+    previous, expected_seq = GENESIS, 1
+    newest: dt.datetime | None = None
+    for done, row in enumerate(rows):
+        if done % _REPORT_EVERY == 0:
+            report(progress, done, total)
+        seq = row["seq"]
+        if type(seq) is not int:  # SQLite keeps a text or a real in an integer column
+            problems.append(f"record id {row['id']}: its seq is damaged ({_shown(seq)})")
+            continue
+        chain.rows.append(row)
+        record, damaged = _readable(row)
+        where = f"record seq {seq} (id {row['id']}, {record['event']})"
+        if seq != expected_seq:
+            problems.append(f"records seq {expected_seq}..{seq - 1} are missing before {where}")
+        if record["prev_hash"] != previous:
+            problems.append(f"{where}: does not follow the record before it (reordered or deleted)")
+        at = _stored_time(record["at"])
+        if at is not None and (newest is None or at > newest):
+            newest = at
+        if at is None:
+            problems.append(
+                f"{where}: its time is damaged ({_shown(_text(row['at']) or row['at'])})"
+            )
+        elif damaged is not None:
+            problems.append(f"{where}: its {damaged} is damaged ({_shown(row[damaged])})")
+        elif record["hash"] != _digest({**record, "at": at}, seq, record["prev_hash"] or GENESIS):
+            problems.append(f"{where}: its content does not match its hash (edited)")
+        else:
+            chain.times_by_seq[seq] = at
+            if record["event"] == "authority.reinitialised" and record["subject"] == MESH:
+                chain.former |= _replaced_intermediates(record["detail"])
+        if seq in sealed_seqs and newest is not None:
+            chain.newest_by_seq[seq] = newest
+        previous, expected_seq = record["hash"] or "", seq + 1
+        chain.hashes_by_seq[seq] = record["hash"] or ""
+    return chain
+
+
+def _replaced_intermediates(detail: str) -> set[int]:
+    """The serials of the intermediates an ``init --force`` forgot (``ca.authority._wipe``
+    records them as ``intermediate/<hex>``): their seals still count."""
+    try:
+        old = json.loads(detail).get("old_cas") or []
+        return {
+            int(name.removeprefix("intermediate/"), 16)
+            for name in old
+            if isinstance(name, str) and name.startswith("intermediate/")
+        }
+    except (ValueError, AttributeError, TypeError):
+        return set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Unproven:
+    """A seal that does not count, though nothing in it is wrong: its signer was revoked
+    since, and its time may be anyone's (``ca.audit_seals``)."""
+
+    seq: int
+    why: str
+    revoked_at: dt.datetime
+
+
+def _check_seal(
+    seal: Any, signed_at: dt.datetime | None, chain: _Chain, signers: Signers
+) -> str | _Unproven | None:
+    """One seal: a problem, an ``_Unproven`` one, or None for one that counts."""
+    from ca.authority import MESH
+
+    seal_id, seq, head_raw, signed_raw, pem, signature = seal
+    if type(seq) is not int:
+        return f"seal id {seal_id}: its seq is damaged ({_shown(seq)})"
+    where = f"seal at seq {seq}"
+    head = _text(head_raw)
+    try:
+        cert = x509.load_pem_x509_certificate(pem if isinstance(pem, bytes) else pem.encode())
+    except (ValueError, TypeError, AttributeError):
+        return f"{where}: its signer certificate is damaged"
+    if signed_at is None:
+        return f"{where}: its time is damaged ({_shown(_text(signed_raw) or signed_raw)})"
+    if not isinstance(signature, bytes):
+        return f"{where}: its signature is damaged ({_shown(signature)})"
+    if head is None or chain.hashes_by_seq.get(seq) != head:
+        return f"{where}: the chain no longer ends in the sealed head"
+    if (untrusted := signers.problem(cert, signed_at)) is not None:
+        return f"{where}: {untrusted}"
+    version = signed_as(cert, signature, authority=MESH, seq=seq, head=head, signed_at=signed_at)
+    if version is None:
+        return f"{where}: the CA signature does not verify"
+    revoked = signers.revoked(cert)
+    if revoked is not None and signed_at >= revoked.at:
+        return (
+            f"{where}: its signer was revoked ({revoked.reason}) at {revoked.at.isoformat()}, "
+            f"at or before the seal's time {signed_at.isoformat()}"
+        )
+    newest = chain.newest_by_seq.get(seq)
+    if newest is not None and signed_at < newest:
+        return (
+            f"{where}: dated {signed_at.isoformat()}, before a record it covers "
+            f"({newest.isoformat()}): the sealer signs after the records it chains"
+        )
+    if revoked is None or (version == 2 and revoked.key_kept):
+        return None
+    why = (
+        "its time is not signed (a seal made before this release)"
+        if version == 1
+        else "the key may be stolen, and signs any time"
+    )
+    return _Unproven(
+        seq,
+        f"its signer was revoked ({revoked.reason}) at {revoked.at.isoformat()} and {why}",
+        revoked.at,
     )
 
 
@@ -802,6 +943,7 @@ def _left_behind(
     last_signed_at: dt.datetime | None,
     now: dt.datetime,
     any_seals: bool,
+    has_mesh: bool,
 ) -> list[str]:
     """Records the chain or its signatures went past (see ``LATE``): an honest sealer chains
     every settled record in id order and, when it signs, covers all it chained. Not
@@ -815,7 +957,7 @@ def _left_behind(
     newest = max((at for at in (head_at, last_signed_at) if at), default=None)
     damaged, before, late = [], [], []
     for record_id, raw in unsealed:
-        at = _time_of(raw)
+        at = _stored_time(raw)
         if at is None:
             damaged.append(record_id)
         elif (
@@ -855,7 +997,7 @@ def _left_behind(
             "could not be signed since (the audit-seal job fails saying why; "
             "'trellis audit seal' signs it)"
         )
-    elif signed is None and not any_seals and times and min(times) < now - LATE and _has_mesh(ctx):
+    elif signed is None and not any_seals and times and min(times) < now - LATE and has_mesh:
         # Without a mesh CA (a gateway-only installation) the sealer chains and cannot sign.
         problems.append(
             f"{span} chained but no signed head is left, the oldest more than {minutes} "
@@ -863,10 +1005,6 @@ def _left_behind(
             "job fails saying why; 'trellis audit seal' signs it)"
         )
     return problems
-
-
-def _has_mesh(ctx: Context) -> bool:
-    return bool(_mesh_certificates(ctx))
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,6 +154,7 @@ def verify_cmd(
                 "unsealed": result.unsealed,
                 "seals_checked": result.seals_checked,
                 "unsigned": result.unsigned,
+                "not_counted": result.not_counted,
                 "anchors": result.anchors,
                 "problems": list(result.problems),
             }
@@ -162,10 +163,16 @@ def verify_cmd(
         for problem in result.problems:
             typer.echo(f"BROKEN: {problem}", err=True)
         verdict = "intact" if result.ok else "TAMPERED"
+        discounted = (
+            f" ({result.not_counted} not counted: signed by a revoked intermediate)"
+            if result.not_counted
+            else ""
+        )
         typer.echo(
             f"audit trail {verdict}: {result.sealed} sealed record(s), {result.seals_checked} "
-            f"signed head(s) checked, {result.unsigned} chained after the last signed head, "
-            f"{result.unsealed} not sealed yet; signatures checked against {result.anchors}"
+            f"signed head(s) checked{discounted}, {result.unsigned} chained after the last "
+            f"signed head, {result.unsealed} not sealed yet; signatures checked against "
+            f"{result.anchors}"
         )
     if not result.ok:
         raise typer.Exit(1)

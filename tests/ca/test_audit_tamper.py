@@ -10,8 +10,10 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session
 
 from ca import audit
+from ca.audit_seals import seal_message, sign
 from ca.authority import AuthorityParams, init_authority
 from ca.bundle import trust_anchors
 from ca.clock import FixedClock
@@ -19,6 +21,7 @@ from ca.config import Context
 from ca.entries import EntryParams, create_entry
 from ca.errors import AuditTampered, Unavailable
 from ca.identity import SpiffeId, TrustDomain
+from ca.store.models import CaRow
 from ca.tokens import create_join_token
 from tests.ca.svidkit import SQLITE_ONLY
 from tests.ca.test_audit import _execute, _records, _sealed
@@ -56,6 +59,30 @@ def _rewrite(ctx: Context, record_id: int, actor: str) -> None:
             previous = digest
 
 
+def _plant(
+    ctx: Context, cert: x509.Certificate, role: str = "intermediate", serial: str | None = None
+) -> None:
+    """``cert`` recorded as a CA of the mesh authority: one more row a database writer adds."""
+    with Session(ctx.engine) as session:
+        session.add(
+            CaRow(
+                authority="mesh",
+                role=role,
+                state="retired",
+                serial=serial or format(cert.serial_number, "x"),
+                subject=cert.subject.rfc4514_string(),
+                key_backend="file",
+                key_ref=f"planted-{role}-{cert.serial_number:x}",
+                key_type="ec-p256",
+                cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                created_at=ctx.clock.now(),
+            )
+        )
+        session.commit()
+
+
 def test_a_seal_re_signed_with_any_other_key_is_broken(ctx: Context) -> None:
     _records(ctx, 5)
     _sealed(ctx)
@@ -70,7 +97,10 @@ def test_a_seal_re_signed_with_any_other_key_is_broken(ctx: Context) -> None:
         hashes_by_seq = dict(
             connection.execute(sa.select(audit._AUDIT.c.seq, audit._AUDIT.c.hash)).all()
         )
-        for seal_id, seq in connection.execute(sa.select(audit._SEALS.c.id, audit._SEALS.c.seq)):
+        seals = connection.execute(
+            sa.select(audit._SEALS.c.id, audit._SEALS.c.seq, audit._SEALS.c.signed_at)
+        ).all()
+        for seal_id, seq, signed_at in seals:
             head = hashes_by_seq[seq]
             connection.execute(
                 sa.update(audit._SEALS)
@@ -78,18 +108,31 @@ def test_a_seal_re_signed_with_any_other_key_is_broken(ctx: Context) -> None:
                 .values(
                     head_hash=head,
                     signer_cert_pem=pem,
-                    signature=audit._sign(key, head.encode()),
+                    signature=sign(key, seal_message("mesh", seq, head, signed_at)),
                 )
             )
 
     result = audit.verify(ctx)
 
-    assert not result.ok
-    assert all("not a CA certificate chaining to the trust anchors" in p for p in result.problems)
-    assert len(result.problems) == 2 and "stored in this database" in result.anchors
-    # Anchors kept elsewhere: the forged signer's own certificate would do, a real bundle not.
+    assert (
+        not result.ok and len(result.problems) == 2 and "stored in this database" in result.anchors
+    )
+    assert all("not an intermediate of the mesh authority recorded" in p for p in result.problems)
+    # Anchors named by the caller do not make it an intermediate of the mesh.
     forged = audit.verify(ctx, anchors=audit.Anchors((cert,), "the bundle forged.pem"))
-    assert forged.ok and forged.anchors == "the bundle forged.pem"
+    assert not forged.ok and forged.problems == result.problems
+    # The limit: a database writer may record it as an intermediate and plant a root beside it;
+    # then only anchors kept elsewhere (--bundle) tell.
+    bundle = audit.Anchors(audit.stored_anchors(ctx).certificates, "the bundle bundle.pem")
+    _plant(ctx, cert)
+    _plant(ctx, cert, "root", serial="planted-root")
+    assert audit.verify(ctx).ok
+    elsewhere = audit.verify(ctx, anchors=bundle)
+    assert not elsewhere.ok and len(elsewhere.problems) == 2
+    assert (
+        "is not a CA certificate chaining to the trust anchors (the bundle bundle.pem)"
+        in (elsewhere.problems[0])
+    )
 
 
 def test_seals_verify_against_a_bundle_kept_elsewhere_and_only_when_the_signer_was_valid(

@@ -597,6 +597,61 @@ def test_audit_verify_and_list_on_a_damaged_trail_say_so_in_one_line(
     assert listed.stderr.count("\n") == 1 and "is not JSON" in listed.stderr
 
 
+def test_audit_verify_says_tampered_for_a_seal_signed_with_an_istio_clusters_key(
+    local: Trellis, tmp_path: Path
+) -> None:
+    """The Istio intermediate's key is handed out, and its certificate chains to the mesh root:
+    with it, records rewritten and re-sealed were reported intact (exit 0)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca import audit
+    from ca.audit_seals import sign
+
+    local.set_up("audit", "seal")
+    out, bundle = tmp_path / "c1", tmp_path / "var" / "bundle.pem"
+    local.run("istio", "issue", "--cluster", "c1", "--out", str(out), "--format", "files")
+    key = serialization.load_pem_private_key((out / "ca-key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)  # istio issue's default, ec-p256
+    database = sa.create_engine(f"sqlite:///{tmp_path / 'trellis.db'}")
+    with database.begin() as connection:
+        connection.execute(sa.update(audit._AUDIT).where(audit._AUDIT.c.seq == 1).values(actor="x"))
+        previous = audit.GENESIS
+        chained = audit._AUDIT.c.seq.is_not(None)
+        for row in connection.execute(sa.select(audit._AUDIT).where(chained).order_by("seq")).all():
+            previous = audit._digest(row._asdict(), row.seq, previous)
+            connection.execute(
+                sa.update(audit._AUDIT).where(audit._AUDIT.c.id == row.id).values(hash=previous)
+            )
+            connection.execute(
+                sa.update(audit._AUDIT)
+                .where(audit._AUDIT.c.seq == row.seq + 1)
+                .values(prev_hash=previous)
+            )
+        seq = row.seq
+        connection.execute(sa.delete(audit._SEALS))
+        connection.execute(
+            sa.insert(audit._SEALS).values(
+                seq=seq,
+                head_hash=previous,
+                signed_at=row.at,
+                signer_cert_pem=(out / "ca-cert.pem").read_text(),
+                signature=sign(key, previous.encode()),
+            )
+        )
+    database.dispose()
+    for anchors in ([], ["--bundle", str(bundle)]):
+        broken = local.run("audit", "verify", *anchors, ok=False)
+        assert broken.returncode == 1, broken
+        assert broken.stderr == (
+            f"BROKEN: seal at seq {seq}: its signer (CN=istio-c1,OU=istio example.org,O=Trellis) "
+            "is not an intermediate of the mesh authority recorded in this database (an Istio "
+            "cluster's intermediate, a cross-certificate, another authority's CA and any other "
+            "key never seal the trail)\n"
+        )
+        assert broken.stdout.startswith("audit trail TAMPERED: "), broken
+
+
 def test_init_force_leaves_an_audit_record_of_what_it_replaced(local: Trellis) -> None:
     local.run("init", "--trust-domain", "other.org", "--force")
     [record] = local.json("audit", "list", "--event", "authority.reinitialised")
