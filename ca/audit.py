@@ -723,6 +723,11 @@ def verify(
     the chain went on for more than ``LATE`` had its chain or seal removed.
 
     ``progress`` counts the records and seals checked, out of all of them once they are read."""
+    for seq, _head in heads:
+        if seq < 1:
+            raise InvalidInput(
+                f"a witnessed head has a seq of at least 1, the chain's first record: got {seq}"
+            )
     report(progress, 0, None)
     anchors = anchors if anchors is not None else stored_anchors(ctx)
     cas = _mesh_cas(ctx)

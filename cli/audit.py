@@ -123,6 +123,8 @@ def _head(text: str) -> tuple[int, str]:
         raise InvalidInput(
             f"--head takes SEQ:HASH (a signed head the log shows), got {text[:80]!r}"
         )
+    if int(found[1]) == 0:
+        raise InvalidInput(f"--head {text[:80]!r}: the chain starts at seq 1, so 0 is never a head")
     return int(found[1]), found[2]
 
 

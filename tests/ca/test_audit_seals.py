@@ -22,7 +22,7 @@ from ca.cas import load_ca_key
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.emergency import revoke_intermediate
-from ca.errors import AuditTampered
+from ca.errors import AuditTampered, InvalidInput
 from ca.istio import IstioParams, issue_istio_intermediate, write_output
 from ca.keys import PrivateKey
 from ca.revocation import RevocationReason
@@ -373,3 +373,10 @@ def test_sealing_after_a_damaged_head_or_record_refuses_naming_it(ctx: Context) 
     _execute(ctx, "UPDATE audit_log SET actor = x'41' WHERE id = :id", id=pending)
     with pytest.raises(AuditTampered, match=f"refused to chain audit record id {pending}: "):
         audit.seal(ctx, settle=dt.timedelta(0))
+
+
+def test_a_witnessed_head_at_seq_0_is_refused(ctx: Context) -> None:
+    _records(ctx, 1)
+    _sealed(ctx)
+    with pytest.raises(InvalidInput, match="at least 1"):
+        audit.verify(ctx, heads=((0, "0" * 64),))

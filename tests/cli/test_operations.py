@@ -584,6 +584,8 @@ def test_audit_verify_and_list_on_a_damaged_trail_say_so_in_one_line(
     assert "stored in this database" in local.run("audit", "verify").stdout
     bad_head = local.run("audit", "verify", "--head", "3:nothex", ok=False)
     assert bad_head.returncode == 2 and "--head takes SEQ:HASH" in bad_head.stderr, bad_head
+    no_head = local.run("audit", "verify", "--head", f"0:{'0' * 64}", ok=False)
+    assert no_head.returncode == 2 and "0 is never a head" in no_head.stderr, no_head
     with database.begin() as connection:
         connection.execute(sa.text("UPDATE audit_seal SET signer_cert_pem = 'garbage'"))
         connection.execute(sa.text("UPDATE audit_log SET detail = 'not json' WHERE seq = 2"))
