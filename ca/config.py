@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
@@ -97,18 +97,10 @@ class DataPaths(BaseSettings):
             url = make_url(value)
         except ArgumentError:
             raise ValueError("not a database URL (sqlite:///path or postgresql://...)") from None
-        driver = url.drivername
-        if driver not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
-            raise ValueError(f"unsupported database {driver[:40]!r}: use sqlite or postgresql")
-        # An in-memory database is gone when the command exits: 'init' "succeeded" and left
-        # keys and an admin token for a CA no later command could find.
-        database = url.database or ""
-        if driver == "sqlite" and (
-            database in ("", ":memory:")
-            or database.startswith("file::memory:")
-            or url.query.get("mode") == "memory"
-        ):
-            raise ValueError("an in-memory database keeps nothing: use sqlite:///path")
+        if url.drivername not in db.DRIVERS:
+            raise ValueError(f"unsupported database {url.drivername[:40]!r}: {db.URL_FORMS}")
+        if url.drivername == "sqlite":
+            _check_sqlite(url)
         return value
 
     @property
@@ -331,6 +323,41 @@ class Settings(DataPaths):
     @property
     def server_tls_dir(self) -> Path:
         return self.data_dir / "server"
+
+
+def _check_sqlite(url: URL) -> None:
+    """A SQLite URL names a file and nothing else: the file Trellis makes 0600, locks, backs
+    up, counts as its own and checkpoints must be the one SQLite opens.
+
+    An in-memory database is gone when the command exits: 'init' "succeeded" and left keys
+    and an admin token for a CA no later command could find. A query is SQLAlchemy's and
+    pysqlite's: with ``uri=true`` and another option it opened ``<path>?<option>`` while
+    Trellis made, backed up and cleaned up ``<path>`` (a backup of no tables, exit 0); a value
+    it could not parse (``timeout=abc``) was a traceback, and an unknown option (``mode=ro``)
+    a warning and ignored. Trellis sets the connection's options itself (``db.connect``), so
+    none is taken. A name starting ``file:`` is a URI to sqlite3 wherever Trellis hands it the
+    path as it is (``sqlite3.connect(path)``: the backup snapshot, the checkpointer): the
+    backup of ``sqlite:///file:ca.db`` was of a new, empty ``ca.db``."""
+    database = url.database or ""
+    if (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or url.query.get("mode") == "memory"
+    ):
+        raise ValueError("an in-memory database keeps nothing: use sqlite:///path")
+    if url.query:
+        names = ", ".join(repr(name[:40]) for name in sorted(url.query)[:5])
+        raise ValueError(
+            f"SQLite query options are not supported ({names}): Trellis sets the connection's"
+            " options itself; give sqlite:///path alone"
+        )
+    if url.username is not None or url.password is not None or url.host or url.port:
+        raise ValueError(
+            "a user, password or host in a SQLite URL: give sqlite:///relative/path or"
+            " sqlite:////absolute/path"
+        )
+    if database.startswith("file:"):
+        raise ValueError("a SQLite URI filename (file:...): give the file's path, sqlite:///path")
 
 
 def _is_header_value(value: str) -> bool:

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 # import costs each of them 7 MiB (docs/benchmarks.md).
 
 __all__ = [
+    "DRIVERS",
     "SCHEMA_HEADS",
+    "URL_FORMS",
     "Checkpointer",
     "Migration",
     "SchemaPolicy",
@@ -53,6 +55,17 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x7E11150001
 
 
+# The database URLs Trellis takes, by drivername. psycopg 3 is the one PostgreSQL driver it
+# ships: a URL naming another (postgresql+psycopg2://, +asyncpg://) is refused, not rewritten,
+# as its query options are that driver's and would mean something else, or nothing, to psycopg.
+DRIVERS = ("sqlite", "postgres", "postgresql", "postgresql+psycopg")
+# How an error refusing another names them.
+URL_FORMS = (
+    "give sqlite:///path or postgresql://user@host/db (also postgres:// and"
+    " postgresql+psycopg://: Trellis's driver is psycopg 3)"
+)
+
+
 def normalise_url(url: str) -> str:
     """Let operators write the URLs they know; Trellis picks the driver it ships (psycopg 3)."""
     try:
@@ -63,7 +76,7 @@ def normalise_url(url: str) -> str:
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if parsed.drivername == "sqlite":
         return url
-    raise InvalidInput(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+    raise InvalidInput(f"unsupported database {parsed.drivername[:40]!r}: {URL_FORMS}")
 
 
 def database_place(url: str) -> str:

@@ -1,0 +1,110 @@
+"""A SQLite database URL that would have Trellis and SQLite use different files is refused,
+as real ``trellis`` processes see it: one line naming what is wrong, exit 2, and no file made
+(docs/configuration.md). tests/ca/test_config_database_url.py tables the URLs themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_walkthrough import TRELLIS, Trellis
+
+pytestmark = pytest.mark.slow
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Every path under ``root`` and its size (0 for a directory): a stray file shows."""
+    return {
+        str(path.relative_to(root)): 0 if path.is_dir() else path.stat().st_size
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def _refused(result: subprocess.CompletedProcess[str], setting: str, message: str) -> None:
+    """Exit 2, one line naming the setting and saying ``message`` (the value it repeats is
+    cut short, and a password in it masked: not compared)."""
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"trellis: {setting}="), result.stderr
+    assert f": {message}" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        # init made 'ca.db' (0 bytes, 0600) and the CA in 'ca.db?cache=private' (0644); the
+        # backup was of the empty one, exit 0
+        ("?uri=true&cache=private", "'cache', 'uri'"),
+        ("?uri=true&mode=ro", "'mode', 'uri'"),  # listed nothing from 'ca.db?mode=ro', exit 0
+        ("?timeout=abc", "'timeout'"),  # a traceback, exit 1
+        ("?check_same_thread=maybe", "'check_same_thread'"),
+        ("?mode=ro", "'mode'"),  # a two-line SAWarning, and opened read-write
+    ],
+)
+def test_a_sqlite_url_with_a_query_is_refused_and_makes_nothing(
+    tmp_path: Path, query: str, named: str
+) -> None:
+    existing = tmp_path / "db" / "ca.db"
+    cli = Trellis(tmp_path / "var", f"sqlite:///{existing}")
+    cli.set_up("init", "--trust-domain", "example.org")
+    before = _tree(tmp_path)
+    for database, command in (
+        (existing, ["certs", "list"]),
+        (existing, ["backup", "--out", str(tmp_path / "backup.tgz")]),
+        (tmp_path / "new" / "ca.db", ["init", "--trust-domain", "new.example.org"]),
+    ):
+        url = f"sqlite:///{database}{query}"
+        cli.env["TRELLIS_DATABASE_URL"] = url
+        refused = f"SQLite query options are not supported ({named}):"
+        _refused(cli.run(*command, ok=False), "TRELLIS_DATABASE_URL", refused)
+    assert _tree(tmp_path) == before
+
+
+def test_a_sqlite_url_with_a_host_is_refused(tmp_path: Path) -> None:
+    """SQLAlchemy's ArgumentError once the file existed: a traceback, exit 1."""
+    existing = tmp_path / "db" / "ca.db"
+    cli = Trellis(tmp_path / "var", f"sqlite:///{existing}")
+    cli.set_up("init", "--trust-domain", "example.org")
+    cli.env["TRELLIS_DATABASE_URL"] = f"sqlite://localhost/{existing}"
+    _refused(
+        cli.run("certs", "list", ok=False),
+        "TRELLIS_DATABASE_URL",
+        "a user, password or host in a SQLite URL",
+    )
+
+
+def test_a_sqlite_uri_filename_is_refused(tmp_path: Path) -> None:
+    """``sqlite:///file:ca.db`` made the file 'file:ca.db', but the backup snapshot handed
+    that name to sqlite3, which read it as a URI: it was of a new, empty 'ca.db' (exit 0)."""
+    env = {**os.environ, "TRELLIS_KEY_PASSPHRASE": "walkthrough-passphrase"}
+    given = ["--data-dir", "var", "--database-url", "sqlite:///file:ca.db"]
+    result = subprocess.run(
+        [TRELLIS, *given, "init", "--trust-domain", "example.org"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    _refused(result, "--database-url", "a SQLite URI filename")
+    assert _tree(tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    "driver", ["postgresql+psycopg2", "postgresql+asyncpg", "sqlite+pysqlite", "mysql"]
+)
+def test_another_driver_is_refused_naming_the_urls_taken(tmp_path: Path, driver: str) -> None:
+    """The message said "use sqlite or postgresql" to a URL that was postgresql."""
+    url = f"{driver}://trellis@127.0.0.1/trellis"
+    cli = Trellis(tmp_path / "var", url)
+    _refused(
+        cli.run("certs", "list", ok=False),
+        "TRELLIS_DATABASE_URL",
+        f"unsupported database {driver!r}: give sqlite:///path or postgresql://user@host/db"
+        " (also postgres:// and postgresql+psycopg://",
+    )
+    assert _tree(tmp_path) == {}
