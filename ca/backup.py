@@ -891,7 +891,7 @@ def _missing_after_migration(path: Path, revisions: set[str]) -> list[str]:
             raise InvalidInput(
                 f"backup entry {_DB_NAME!r} has no Trellis schema: not a Trellis backup"
             ) from None
-        engine = sa.create_engine(f"sqlite:///{shape}")
+        engine = sa.create_engine(db.sqlite_url(shape))
         try:
             db.upgrade(engine)
             return db.missing_from_models(engine)

@@ -107,7 +107,7 @@ class DataPaths(BaseSettings):
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'trellis.db').resolve()}"
+        return db.sqlite_url((self.data_dir / "trellis.db").resolve())
 
     def own_data(self) -> OwnData:
         """Trellis's own files: the data dir's, and a SQLite database outside it."""

@@ -45,6 +45,7 @@ __all__ = [
     "read_as_is",
     "schema_status",
     "settle_schema",
+    "sqlite_url",
     "upgrade",
 ]
 
@@ -77,6 +78,13 @@ def normalise_url(url: str) -> str:
     if parsed.drivername == "sqlite":
         return url
     raise InvalidInput(f"unsupported database {parsed.drivername[:40]!r}: {URL_FORMS}")
+
+
+def sqlite_url(path: Path) -> str:
+    """The URL of the SQLite file at ``path``, whatever characters its name holds: a ``?`` in
+    ``f"sqlite:///{path}"`` began a query and a ``%41`` was read as ``A``, so that the data dir
+    ``var?a=b`` kept its database in the file ``var``."""
+    return sa.URL.create("sqlite", database=str(path)).render_as_string()
 
 
 def database_place(url: str) -> str:

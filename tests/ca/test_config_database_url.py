@@ -5,9 +5,12 @@ refusals through real processes."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from ca.config import load_data_paths
+import pytest
+from sqlalchemy.engine import make_url
+
+from ca.config import SQLITE_SUFFIXES, load_data_paths
 from ca.errors import InvalidInput
 from ca.store.db import normalise_url
 
@@ -114,3 +117,24 @@ def test_normalise_url_names_the_forms_it_takes() -> None:
     with pytest.raises(InvalidInput) as refused:
         normalise_url("postgresql+psycopg2://u@db/trellis")
     assert "give sqlite:///path or postgresql://user@host/db" in refused.value.detail
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("var?a=b", id="question-mark"),
+        pytest.param("p%41q", id="percent-escape"),
+        pytest.param("a#b c", id="hash-and-space"),
+        pytest.param("x:y@z", id="colon-and-at"),
+    ],
+)
+def test_the_default_database_is_in_the_data_dir_whatever_its_name(
+    tmp_path: Path, name: str
+) -> None:
+    """``f"sqlite:///{path}"``: the data dir ``var?a=b`` kept its database in the file ``var``
+    beside it (the rest a query, ignored with a warning), and ``p%41q`` in ``pAq/``."""
+    paths = load_data_paths(data_dir=tmp_path / name, database_url=None)
+    url = make_url(paths.effective_database_url)
+    database = (tmp_path / name / "trellis.db").resolve()
+    assert (url.drivername, url.database, dict(url.query)) == ("sqlite", str(database), {})
+    assert paths.own_data().files == {Path(f"{database}{suffix}") for suffix in SQLITE_SUFFIXES}

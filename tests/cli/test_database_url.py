@@ -5,7 +5,10 @@ as real ``trellis`` processes see it: one line naming what is wrong, exit 2, and
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
+import tarfile
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,11 @@ def _refused(result: subprocess.CompletedProcess[str], setting: str, message: st
     assert result.stderr.startswith(f"trellis: {setting}="), result.stderr
     assert f": {message}" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def _tables(database: Path) -> set[str]:
+    with closing(sqlite3.connect(database)) as connection:
+        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
 
 
 @pytest.mark.parametrize(
@@ -108,3 +116,37 @@ def test_another_driver_is_refused_naming_the_urls_taken(tmp_path: Path, driver:
         " (also postgres:// and postgresql+psycopg://",
     )
     assert _tree(tmp_path) == {}
+
+
+@pytest.mark.parametrize("name", ["var?a=b", "p%41q"])
+def test_the_default_database_is_in_the_data_dir_whatever_its_name(
+    tmp_path: Path, name: str
+) -> None:
+    """The data dir's database was at ``sqlite:///{data_dir}/trellis.db``, a URL in which
+    ``var?a=b`` was the file ``var`` and a query, and ``p%41q`` the directory ``pAq``: the CA
+    beside the data dir, and left out of what Trellis counts as its own."""
+    cli = Trellis(tmp_path / name, "")
+    del cli.env["TRELLIS_DATABASE_URL"]
+    cli.run("init", "--trust-domain", "example.org")
+    cli.run("backup", "--out", str(tmp_path / name / "backup.tgz"))
+    assert [path.name for path in tmp_path.iterdir()] == [name]
+    assert "certificate" in _tables(tmp_path / name / "trellis.db")
+    with tarfile.open(tmp_path / name / "backup.tgz") as archive:
+        archive.extract("trellis.db", tmp_path / "unpacked", filter="data")
+    assert "certificate" in _tables(tmp_path / "unpacked" / "trellis.db")
+
+
+def test_restore_works_whatever_the_temporary_directory_is_called(tmp_path: Path) -> None:
+    """A restore migrates the archive's schema in a scratch database under the temporary
+    directory, whose URL was ``sqlite:///{path}``: under ``TMPDIR=.../t?a=b`` the migration
+    opened ``.../t``, a directory, and the restore was refused as a schema that "cannot be
+    migrated"."""
+    source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
+    source.set_up("init", "--trust-domain", "example.org")
+    source.run("backup", "--out", str(tmp_path / "backup.tgz"))
+    temporary = tmp_path / "t?a=b"
+    temporary.mkdir()
+    restored = Trellis(tmp_path / "b", f"sqlite:///{tmp_path / 'b' / 'trellis.db'}")
+    restored.env["TMPDIR"] = str(temporary)
+    restored.run("restore", str(tmp_path / "backup.tgz"))
+    assert restored.run("bundle", "show").stdout == source.run("bundle", "show").stdout
