@@ -46,10 +46,9 @@ def _tables(database: Path) -> set[str]:
         # init made 'ca.db' (0 bytes, 0600) and the CA in 'ca.db?cache=private' (0644); the
         # backup was of the empty one, exit 0
         ("?uri=true&cache=private", "'cache', 'uri'"),
-        ("?uri=true&mode=ro", "'mode', 'uri'"),  # listed nothing from 'ca.db?mode=ro', exit 0
         ("?timeout=abc", "'timeout'"),  # a traceback, exit 1
-        ("?check_same_thread=maybe", "'check_same_thread'"),
-        ("?mode=ro", "'mode'"),  # a two-line SAWarning, and opened read-write
+        # the other options (mode=ro: a SAWarning, and read-write) are refused by the same
+        # check: tests/ca/test_config_database_url.py has each of them
     ],
 )
 def test_a_sqlite_url_with_a_query_is_refused_and_makes_nothing(
@@ -103,7 +102,8 @@ def test_a_sqlite_uri_filename_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "driver", ["postgresql+psycopg2", "postgresql+asyncpg", "sqlite+pysqlite", "mysql"]
+    "driver",
+    ["postgresql+psycopg2", "mysql"],  # the others: test_config_database_url.py
 )
 def test_another_driver_is_refused_naming_the_urls_taken(tmp_path: Path, driver: str) -> None:
     """The message said "use sqlite or postgresql" to a URL that was postgresql."""
