@@ -26,7 +26,7 @@ from ca.bundle import read_bundle, write_bundle_file
 from ca.config import Settings
 from ca.durations import Ttl
 from ca.errors import Conflict, InvalidInput
-from ca.files import write_atomic, write_private
+from ca.files import check_writable, write_atomic, write_private
 from ca.identity import SpiffeId, TrustDomain
 from ca.jwks import bundle_jwks
 from ca.keys import KeyType
@@ -101,10 +101,13 @@ def init(
     # migrates as 'serve' would. No init changes the schema of a database it then refuses (a
     # CA exists: exit 6): a plain one requires it current, and --exists-ok looks at the trust
     # domain there before it migrates.
+    existing = None
     if exists_ok and not force:
         existing = trust_domain_as_is(settings.effective_database_url)
         if existing is not None and existing != params.trust_domain:
             raise _other_trust_domain(existing, params.trust_domain, settings)
+    if existing is None:  # a CA to make, whose admin token and bundle must have a place
+        _check_outputs(settings)
     policy = SchemaPolicy.MIGRATE if exists_ok else SchemaPolicy.REQUIRE_CURRENT
     with STATE.setting_up(policy) as ctx:
         try:
@@ -113,6 +116,12 @@ def init(
             if not exists_ok:
                 raise
             created = None
+        if created is not None:
+            # Inside the clean-up: a CA whose admin token was never written has no admin, and
+            # a second init is refused (it exists).
+            _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
+            write_private(ctx.settings.admin_token_path, secret.encode() + b"\n")
+            bundle_path = write_bundle_file(ctx)
     if created is None:
         # The row, not the issuer: a CA that exists is all --exists-ok asks for. Whether this
         # data dir holds its keys is for 'serve' to check (and say) at start-up.
@@ -126,9 +135,6 @@ def init(
             typer.echo(f"A CA for {existing} already exists in {where}")
         return
     issuer = created
-    _, secret = tokens.create_admin_token(ctx, "created by trellis init", actor="cli:init")
-    write_private(ctx.settings.admin_token_path, secret.encode() + b"\n")
-    bundle_path = write_bundle_file(ctx)
     root = issuer.roots[0]
     info = {
         "created": True,
@@ -150,6 +156,14 @@ def init(
     typer.echo(f"  issuing CA    expires {info['intermediate_not_after']}")
     typer.echo(f"  trust bundle  {info['bundle_path']}")
     typer.echo(f"  admin token   {info['admin_token_path']} (0600)")
+
+
+def _check_outputs(settings: Settings) -> None:
+    """The files an init writes once the CA is made, checked before anything is: one that
+    cannot be written there (a directory in its place, a read-only data dir) is refused now,
+    under its own name, not after the CA is committed (docs/cli.md)."""
+    for path in (settings.admin_token_path, settings.data_dir / "bundle.pem"):
+        check_writable(path, directory=False)
 
 
 def _other_trust_domain(existing: TrustDomain, asked: TrustDomain, settings: Settings) -> Conflict:

@@ -188,7 +188,8 @@ class State:
 
     @contextlib.contextmanager
     def setting_up(self, schema: SchemaPolicy = SchemaPolicy.REQUIRE_CURRENT) -> Iterator[Context]:
-        """The context of an init command, around the part that sets the CA up. If that fails,
+        """The context of an init command, around the part that sets the CA up, and writes the
+        files that make it usable (``admin-token``, ``bundle.pem``). If that fails,
         what it made in the file system is removed again, as docs/cli.md promises ("a refused
         init leaves nothing behind"): the data dir if it was not there, otherwise only the
         entries it did not hold (what a dir held stays), and a SQLite database file outside it
