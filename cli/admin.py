@@ -80,7 +80,10 @@ def init(
 ) -> None:
     """Create the trust domain's root and issuing CA, and a first admin token."""
     # Everything given is checked before the data dir is set up: a refused init leaves none.
-    trust_domain = trust_domain or STATE.settings().trust_domain
+    # --key-backend overrides TRELLIS_KEY_BACKEND, as every option does its variable: a bad
+    # variable the option replaces stops nothing.
+    settings = STATE.settings(key_backend=key_backend)
+    trust_domain = trust_domain or settings.trust_domain
     if not trust_domain:
         raise InvalidInput("--trust-domain (or TRELLIS_TRUST_DOMAIN) is required")
     params = AuthorityParams(
@@ -95,7 +98,6 @@ def init(
         given_at=STATE.given_at(),
     )
     check_params(params)
-    settings = STATE.settings()
     settings.check_new_key_backend(key_backend)
     # --exists-ok is the step deploy/ runs just before 'serve', with the same version: it
     # migrates as 'serve' would. No init changes the schema of a database it then refuses (a
@@ -109,7 +111,7 @@ def init(
     if existing is None:  # a CA to make, whose admin token and bundle must have a place
         _check_outputs(settings)
     policy = SchemaPolicy.MIGRATE if exists_ok else SchemaPolicy.REQUIRE_CURRENT
-    with STATE.setting_up(policy) as ctx:
+    with STATE.setting_up(policy, key_backend=key_backend) as ctx:
         try:
             created: Issuer | None = init_authority(ctx, params)
         except AuthorityExists:

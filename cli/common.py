@@ -187,7 +187,9 @@ class State:
             self._request = REQUEST_ID.set(f"{CLI_REQUEST_PREFIX}{uuid.uuid4().hex[:16]}")
 
     @contextlib.contextmanager
-    def setting_up(self, schema: SchemaPolicy = SchemaPolicy.REQUIRE_CURRENT) -> Iterator[Context]:
+    def setting_up(
+        self, schema: SchemaPolicy = SchemaPolicy.REQUIRE_CURRENT, **overrides: Any
+    ) -> Iterator[Context]:
         """The context of an init command, around the part that sets the CA up, and writes the
         files that make it usable (``admin-token``, ``bundle.pem``). If that fails,
         what it made in the file system is removed again, as docs/cli.md promises ("a refused
@@ -196,12 +198,13 @@ class State:
         that was not there, with its journals, its write lock and the directories made for it.
         Keys it made in Vault are destroyed by the init itself. A restore running into the
         data dir refuses the init (exit 6) before anything is made or removed, and no restore
-        starts there until the init ends (``ca.backup.setting_up``)."""
-        settings = self.settings()
+        starts there until the init ends (``ca.backup.setting_up``). ``overrides``: the
+        command's options over the ``TRELLIS_*`` variables, as ``settings`` takes them."""
+        settings = self.settings(**overrides)
         made = _Made.before(settings)
         with backup.setting_up(settings):
             try:
-                yield self.context(create=True, schema=schema)
+                yield self.context(create=True, schema=schema, **overrides)
             except BaseException:
                 self.close()  # the database file is closed before it is removed
                 made.remove()

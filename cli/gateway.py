@@ -67,8 +67,9 @@ def init(
         max_ttl=max_ttl,
     )
     params = init_params(body)
-    STATE.settings().check_new_key_backend(key_backend)  # before anything is set up
-    with STATE.setting_up() as ctx:
+    # Before anything is set up; --key-backend overrides TRELLIS_KEY_BACKEND.
+    STATE.settings(key_backend=key_backend).check_new_key_backend(key_backend)
+    with STATE.setting_up(key_backend=key_backend) as ctx:
         out = GatewayOut.of(gateway.init_gateway(ctx, params))
     if json_out:
         emit_json(out)

@@ -50,8 +50,9 @@ def init(
         force=force,
         given_at=STATE.given_at(),
     )
-    STATE.settings().check_new_key_backend(key_backend)  # before anything is set up
-    with STATE.setting_up() as ctx:
+    # Before anything is set up; --key-backend overrides TRELLIS_KEY_BACKEND.
+    STATE.settings(key_backend=key_backend).check_new_key_backend(key_backend)
+    with STATE.setting_up(key_backend=key_backend) as ctx:
         config = openvpn.init_openvpn(ctx, params)
     if json_out:
         emit_json(OpenVpnOut.of(config))

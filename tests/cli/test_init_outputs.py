@@ -64,3 +64,26 @@ def test_an_init_failing_after_the_ca_is_made_takes_it_away(
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     trellis.run("init", "--trust-domain", "example.org")
+
+
+@pytest.mark.parametrize(
+    ("variable", "command"),
+    [
+        pytest.param("bogus", ("init", "--trust-domain", "example.org"), id="bogus-init"),
+        pytest.param("vault", ("init", "--trust-domain", "example.org"), id="vault-init"),
+        pytest.param("vault", ("gateway", "init"), id="vault-gateway"),
+        pytest.param("bogus", ("openvpn", "init"), id="bogus-openvpn"),
+    ],
+)
+def test_key_backend_file_overrides_the_variable(
+    tmp_path: Path, variable: str, command: tuple[str, ...]
+) -> None:
+    """docs/configuration.md: options override variables. ``--key-backend file`` was refused
+    (exit 2) for a ``TRELLIS_KEY_BACKEND`` it replaces (``vault`` without an address, or
+    ``bogus``), naming the variable."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.env["TRELLIS_KEY_BACKEND"] = variable
+    cli.run(*command, "--key-backend", "file")
+    keys = list((cli.data_dir / "keys").iterdir())
+    assert len(keys) == 2, keys  # root and intermediate, in files
+    assert cli.run(*command, "--key-backend", "file", ok=False).returncode == 6  # it exists

@@ -263,10 +263,11 @@ def test_init_with_vault_but_no_vault_settings_is_the_operators_mistake(
     bare: Trellis, command: tuple[str, ...]
 ) -> None:
     """docs/cli.md: exit 2 naming the settings, for every init (openvpn and gateway init were
-    exit 8, 'key backend 'vault' is not configured', an outage)."""
+    exit 8, 'key backend 'vault' is not configured', an outage), and the option, which is
+    read as the setting it overrides."""
     _one_line(
         bare.run(*command, "--key-backend", "vault", ok=False),
-        "the vault key backend needs TRELLIS_VAULT_ADDR",
+        "--key-backend='vault': the vault key backend needs TRELLIS_VAULT_ADDR",
     )
     assert not bare.data_dir.exists()
 
