@@ -268,15 +268,16 @@ class VaultConnection:
 
     def call_unless_denied(
         self, method: str, path: str, body: Mapping[str, object] | None = None
-    ) -> bool:
+    ) -> dict[str, Any] | None:
         """``call``, except that the token's policy refusing the request (403 from a live token)
-        is ``False`` instead of an error: for requests a policy may deny on purpose (the shipped
-        one denies deleting keys, ``VaultKeyBackend.destroy``)."""
+        is ``None`` instead of an error: for requests a policy may deny on purpose (the shipped
+        one denies deleting keys, ``VaultKeyBackend.destroy``). Vault unreachable, sealed, or
+        rejecting the token is still the error it is."""
         status, data = self._answer(method, path, body)
         if status < 300:
-            return True
+            return data
         if status == 403:
-            return False
+            return None
         raise self._failure(method, path, status, data, None)
 
     def _answer(
@@ -1034,9 +1035,10 @@ class VaultKeyBackend:
         except NotFound:
             return
         path = f"{self.transit_mount}/keys/{name}"
-        if self.connection.call_unless_denied(
+        allowed = self.connection.call_unless_denied(
             "POST", f"{path}/config", {"deletion_allowed": True}
-        ) and self.connection.call_unless_denied("DELETE", path):
+        )
+        if allowed is not None and self.connection.call_unless_denied("DELETE", path) is not None:
             return
         namespace = self.connection.namespace
         namespace = f" -namespace={shlex.quote(namespace)}" if namespace else ""
@@ -1168,8 +1170,15 @@ class VaultKeyBackend:
                 f"policies {', '.join(info.get('policies') or []) or 'none'}",
             )
         )
-        items.append(self._mount_item("transit mount", self.transit_mount, "transit"))
-        items.append(self._mount_item("kv mount", self.kv_mount, "kv"))
+        for label, mount, kind in (
+            ("transit mount", self.transit_mount, "transit"),
+            ("kv mount", self.kv_mount, "kv"),
+        ):
+            try:
+                items.append(self._mount_item(label, mount, kind))
+            except TrellisError as error:  # Vault gone since it answered above
+                items.append(CheckItem(label, False, error.detail))
+                return report()
         try:
             data = self.connection.call(
                 "POST", "sys/capabilities-self", {"paths": [r.probe for r in self.requirements]}
@@ -1264,12 +1273,16 @@ class VaultKeyBackend:
         )
 
     def _mount_item(self, label: str, mount: str, kind: str) -> CheckItem:
-        try:
-            data = self.connection.call("GET", f"sys/internal/ui/mounts/{mount}").get("data") or {}
-        except TrellisError:
+        """What is mounted at ``mount``. Vault answers 403 alike for a path nothing is mounted
+        at and one the token may not use; any other failure (Vault unreachable, sealed, the
+        token rejected) is raised as itself: said as a mount that is not there, it sent the
+        operator to the wrong setting."""
+        answer = self.connection.call_unless_denied("GET", f"sys/internal/ui/mounts/{mount}")
+        if answer is None:
             return CheckItem(
                 label, False, f"{mount}/ is not mounted, or this token may use no path under it"
             )
+        data = answer.get("data") or {}
         found = data.get("type")
         version = str((data.get("options") or {}).get("version") or "1")
         if found != kind or (kind == "kv" and version != "2"):

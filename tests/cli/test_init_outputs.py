@@ -87,3 +87,16 @@ def test_key_backend_file_overrides_the_variable(
     keys = list((cli.data_dir / "keys").iterdir())
     assert len(keys) == 2, keys  # root and intermediate, in files
     assert cli.run(*command, "--key-backend", "file", ok=False).returncode == 6  # it exists
+
+
+def test_vault_that_cannot_be_reached_at_init_is_said_so(tmp_path: Path) -> None:
+    """It said "transit/ is not mounted, or this token may use no path under it", sending the
+    operator to TRELLIS_VAULT_TRANSIT_MOUNT, while ``vault check`` said connection refused."""
+    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
+    cli.env.update(TRELLIS_VAULT_ADDR="http://127.0.0.1:1", TRELLIS_VAULT_TOKEN="tok")
+    for args in (("init", "--trust-domain", "example.org"), ("gateway", "init")):
+        refused = cli.run(*args, "--key-backend", "vault", ok=False)
+        assert (refused.returncode, refused.stdout) == (8, ""), refused
+        assert refused.stderr.startswith("trellis: cannot reach Vault at http://127.0.0.1:1: ")
+        assert "mount" not in refused.stderr and refused.stderr.count("\n") == 1
+        assert list(tmp_path.iterdir()) == []
