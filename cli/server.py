@@ -19,7 +19,7 @@ from ca.logs import configure_logging, debugging
 from ca.scheduler import start_scheduler
 from ca.serving import ensure_server_certificate
 from ca.store.db import SchemaPolicy
-from cli.common import STATE
+from cli.common import STATE, require_set_up
 
 log = logging.getLogger("trellis.serve")
 # uvicorn, the supervisor and the API are imported inside ``serve``: every other command would pay
@@ -75,17 +75,21 @@ def serve(
 ) -> None:
     """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""
     # Host, port and workers are checked with the other settings, before anything is done.
-    ctx = STATE.context(
-        serving=True, schema=SchemaPolicy.MIGRATE, host=host, port=port, workers=workers
-    )
-    settings = ctx.settings
-    listener = listen(settings.host, settings.port)  # first: a port in use changes nothing
+    given = {"host": host, "port": port, "workers": workers}
+    settings = STATE.settings(**given)
+    require_set_up(settings)
+    # Bound before the context is built: a port in use changes nothing, the schema included.
+    listener = listen(settings.host, settings.port)
+    ctx = STATE.context(serving=True, schema=SchemaPolicy.MIGRATE, **given)
     configure_logging(debug=debugging())
     _log_migration(ctx)
     load_authority(ctx)  # refuses to start without a CA, with the init hint
+    # Every active CA key is there before anything is written: the transitions below rewrite
+    # bundle.pem, which a data dir paired with another instance's database (its keys missing)
+    # had overwritten with that instance's roots before start-up was refused.
+    check_keys(ctx)  # a prepared one that is missing is logged
     catch_up(ctx)  # a process that was down past a transition performs it before serving
     issuer = active_issuer(ctx)
-    check_keys(ctx)  # and refuses without every active CA key (a prepared one is logged)
     scheme = "http" if no_tls else "https"
     tls_options: dict[str, str] = {}
     if not no_tls:

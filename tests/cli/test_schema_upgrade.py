@@ -128,6 +128,20 @@ def test_serve_migrates_and_logs_which_replica_did(older: Trellis, tmp_path: Pat
     assert "database schema" not in (tmp_path / "again.log").read_text()
 
 
+def test_serve_on_a_port_in_use_leaves_the_older_schema(older: Trellis) -> None:
+    """Regression: serve migrated the database, then found the port taken (exit 8): the
+    schema changed under the other replicas, and no log line said so, for a server that never
+    started. The port is bound first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = older.run("serve", "--port", str(port), ok=False)
+    assert (refused.returncode, refused.stdout) == (8, ""), refused
+    assert refused.stderr == f"trellis: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert _revision(_url(older)) == OLDER
+
+
 @pytest.mark.parametrize(
     "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )

@@ -270,3 +270,26 @@ def test_sighup_while_serve_starts_never_kills_it(tmp_path: Path, workers: str) 
         assert process.wait(30) == 0, log.read_text()
     finally:
         terminate(process)
+
+
+def test_a_start_refused_for_another_instances_database_writes_nothing(tmp_path: Path) -> None:
+    """A data dir paired with another instance's database: start-up is refused (exit 8, a CA
+    key is missing), but the scheduled transitions it ran first had already rewritten
+    ``bundle.pem`` with the other instance's roots, and left one in an empty data dir.
+    The keys are checked first now."""
+    two = Trellis(tmp_path / "two", f"sqlite:///{tmp_path / 'two.db'}")
+    two.set_up("init", "--trust-domain", "two.org")
+    three = Trellis(tmp_path / "three", f"sqlite:///{tmp_path / 'three.db'}")
+    three.set_up("init", "--trust-domain", "three.org")
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    bundle = (two.data_dir / "bundle.pem").read_bytes()
+    for data_dir in (two.data_dir, empty):
+        cli = Trellis(data_dir, three.env["TRELLIS_DATABASE_URL"])
+        refused = cli.run("serve", "--port", str(free_port()), ok=False)
+        assert refused.returncode == 8, refused
+        assert refused.stderr.splitlines()[-1].startswith("trellis: CA key mesh-"), refused
+        assert "is missing from the file key store" in refused.stderr
+        assert "listening on" not in refused.stdout
+    assert (two.data_dir / "bundle.pem").read_bytes() == bundle
+    assert not (empty / "bundle.pem").exists() and not (empty / "server").exists()
