@@ -35,6 +35,7 @@ from ca.store.batch import GroupCommit, GroupRead
 
 __all__ = [
     "MAX_CONNECTIONS",
+    "MAX_WORKERS",
     "REQUEST_TIMEOUT",
     "SQLITE_SUFFIXES",
     "Context",
@@ -64,6 +65,13 @@ _OWN_NAMES = frozenset(
 # (ca.store.batch) and its one audit sealer (ca.audit.one_sealer). A lock file replaced under a
 # holder's flock no longer excludes anyone: they are as much Trellis's as the database is.
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock", ".seal-lock")
+
+# ``trellis serve``'s worker processes, at most (``TRELLIS_WORKERS``; 0, one per core, stops
+# there too). A fixed number, not a multiple of the cores: a setting valid on one host is valid
+# on the next. Each worker is a whole server (~100 MiB, and on PostgreSQL up to 33 connections,
+# docs/deploy.md): 64 need ~6 GiB and up to 2,112 database connections, twenty times
+# PostgreSQL's default max_connections. More is a typo, which started that many.
+MAX_WORKERS = 64
 
 # What one ``trellis serve`` process holds for its clients (cli/http.py, docs/configuration.md).
 
@@ -122,7 +130,7 @@ class DataPaths(BaseSettings):
 class Settings(DataPaths):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=1, le=65535)
-    workers: int = Field(1, ge=0)  # trellis serve's worker processes; 0: one per core
+    workers: int = Field(1, ge=0, le=MAX_WORKERS)  # serve's worker processes; 0: one per core
     max_connections: int = Field(MAX_CONNECTIONS, ge=1)  # per serve process (worker)
     request_timeout: float = Field(REQUEST_TIMEOUT, gt=0, le=3600, allow_inf_nan=False)
     trust_domain: str | None = None

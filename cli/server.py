@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ca.authority import active_issuer, check_keys, load_authority
-from ca.config import Context
+from ca.config import MAX_WORKERS, Context
 from ca.errors import Unavailable
 from ca.jobs import catch_up
 from ca.logs import configure_logging, debugging
@@ -44,6 +44,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def worker_count(workers: int) -> int:
+    """``TRELLIS_WORKERS`` as processes: 0 is one per core, at most ``MAX_WORKERS`` (which
+    the setting itself may not exceed) on a host with more cores."""
+    return workers if workers > 0 else min(os.cpu_count() or 1, MAX_WORKERS)
+
+
 def _log_migration(ctx: Context) -> None:
     """Which replica migrated the shared database, and from which revision to which: the one
     line that dates a rolling upgrade's schema change (the others find nothing to do)."""
@@ -70,7 +76,10 @@ def serve(
     ] = False,
     workers: Annotated[
         int | None,
-        typer.Option(help="Worker processes (TRELLIS_WORKERS, default 1; 0 = one per core)"),
+        typer.Option(
+            help=f"Worker processes (TRELLIS_WORKERS, default 1, at most {MAX_WORKERS};"
+            " 0 = one per core)"
+        ),
     ] = None,
 ) -> None:
     """Serve the REST API and run the scheduled jobs (in one of the workers when several)."""
@@ -95,7 +104,7 @@ def serve(
     if not no_tls:
         tls = ensure_server_certificate(ctx)
         tls_options = {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)}
-    count = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
+    count = worker_count(settings.workers)
     display_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     label = issuer.trust_domain or issuer.authority
     typer.echo(f"Trellis serving {label}")

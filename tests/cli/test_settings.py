@@ -57,6 +57,9 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_BUNDLE_REFRESH_HINT", "86401"),  # go-spiffe reads it as an int64; a day
         ("TRELLIS_WORKERS", "abc"),
         ("TRELLIS_WORKERS", "-1"),
+        # an OverflowError traceback after the banner; 5000 started 5000 workers
+        ("TRELLIS_WORKERS", "65"),
+        ("TRELLIS_WORKERS", "99999999999999999999999"),
         ("TRELLIS_PORT", "-1"),
         ("TRELLIS_PORT", "70000"),
         ("TRELLIS_HOST", "999.1.1.1"),
@@ -171,7 +174,14 @@ def test_a_vault_token_and_a_token_file_are_refused_together(bare: Trellis) -> N
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--port", "70000"), ("--port", "0"), ("--host", "999.1.1.1"), ("--workers", "-2")],
+    [
+        ("--port", "70000"),
+        ("--port", "0"),
+        ("--host", "999.1.1.1"),
+        ("--workers", "-2"),
+        ("--workers", "65"),
+        ("--workers", "99999999999999999999999"),
+    ],
 )
 def test_a_bad_serve_option_is_one_line_before_the_banner(
     bare: Trellis, option: str, value: str
