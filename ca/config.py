@@ -188,6 +188,19 @@ class Settings(DataPaths):
             )
         return value
 
+    @field_validator("vault_addr")
+    @classmethod
+    def _vault_addr(cls, value: str | None) -> str | None:
+        """Checked here, not at the first call, where a port out of range (``:99999``) was
+        an unreachable Vault (exit 8), not the setting it is."""
+        if value is None:
+            return None
+        from ca.keys.vault import address_problem  # hvac and requests stay unimported
+
+        if (problem := address_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
     @field_validator("vault_token")
     @classmethod
     def _vault_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -302,6 +315,8 @@ class Settings(DataPaths):
             raise ValueError("not a URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("not an absolute http:// or https:// URL with a host")
+        if parts.port == 0 or parts.netloc.endswith(":"):  # no client connects to either
+            raise ValueError("a port of 0, or a ':' with no port: give 1 to 65535, or none")
         if parts.query or parts.fragment or "?" in value or "#" in value:
             raise ValueError("a query or fragment: give a base URL such as https://ca.example.org")
         if parts.username is not None or parts.password is not None:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Self
+from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,6 +64,7 @@ __all__ = [
     "VaultConnection",
     "VaultKeyBackend",
     "VaultReport",
+    "address_problem",
     "is_vault_path",
     "render_policy",
     "requirements",
@@ -204,8 +206,9 @@ class VaultConnection:
         client_key: Path | None = None,
         namespace: str | None = None,
     ) -> None:
-        if not re.match(r"^https?://[^/\s]+", address):
-            raise InvalidInput(f"Vault address {address[:64]!r} must be an http(s):// URL")
+        problem = address_problem(address)
+        if problem is not None:
+            raise InvalidInput(f"Vault address {address[:64]!r}: {problem}")
         if timeout <= 0:
             raise InvalidInput("the Vault timeout must be positive")
         if (client_cert is None) != (client_key is None):
@@ -907,6 +910,22 @@ def is_vault_path(value: str) -> bool:
     newline is no header value, and a space or quote would break the command."""
     value = value.strip("/")
     return bool(value) and all(_SEGMENT.match(part) for part in value.split("/"))
+
+
+def address_problem(address: str) -> str | None:
+    """What makes ``address`` no Vault address (``TRELLIS_VAULT_ADDR``), or None. A port out
+    of range (``:99999``), 0 or empty was taken, and every call then failed as if Vault could
+    not be reached (exit 8), not as the setting it is."""
+    if not re.match(r"^https?://[^/\s]+", address):
+        return "must be an http(s):// URL"
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError:  # a port that is no number, or above 65535; an unclosed [IPv6
+        return "not a URL with a port from 1 to 65535"
+    if port == 0 or parts.netloc.endswith(":"):
+        return "not a URL with a port from 1 to 65535"
+    return None
 
 
 def _mount(value: str, what: str) -> str:

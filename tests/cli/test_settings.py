@@ -50,6 +50,10 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_PUBLIC_URL", "https://ca.example.org/#z"),
         ("TRELLIS_PUBLIC_URL", "https://user:pw@ca.example.org"),
         ("TRELLIS_PUBLIC_URL", "https:///v1"),
+        # written into every certificate's CDP and AIA, where no client can connect to it
+        ("TRELLIS_PUBLIC_URL", "https://ca.example.org:0"),
+        ("TRELLIS_PUBLIC_URL", "https://ca.example.org:/pki"),
+        ("TRELLIS_PUBLIC_URL", "https://[2001:db8::1]:"),
         ("TRELLIS_DATABASE_URL", "garbage"),  # sqlalchemy's ArgumentError, a traceback
         ("TRELLIS_DATABASE_URL", "mysql://u@h/db"),
         ("TRELLIS_BUNDLE_REFRESH_HINT", "-5"),  # published as spiffe_refresh_hint
@@ -84,6 +88,10 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_VAULT_KUBERNETES_MOUNT", "../x"),  # the transit and KV mounts were checked
         ("TRELLIS_VAULT_TRANSIT_MOUNT", "../x"),  # ... but not named as the variable
         # requests' own words at the first Vault call, exit 8
+        ("TRELLIS_VAULT_ADDR", "https://vault.example.org:99999"),
+        ("TRELLIS_VAULT_ADDR", "https://vault.example.org:0"),
+        ("TRELLIS_VAULT_ADDR", "https://vault.example.org:/"),
+        ("TRELLIS_VAULT_ADDR", "vault.example.org:8200"),  # said as "Vault address ..."
         ("TRELLIS_VAULT_CA_CERT", "/nonexistent/vault-ca.pem"),
         ("TRELLIS_VAULT_CLIENT_CERT", "/nonexistent/client.pem"),
     ],
