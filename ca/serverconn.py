@@ -161,8 +161,25 @@ class ServerConnection:
                 )
         if call.failure is not None:
             raise call.failure
-        assert call.answer is not None
+        if call.answer is None:  # run() sets one or the other; never a bare assert here
+            raise errors.InternalError(f"the request to {self.url} ended with no answer")
         return call.answer
+
+
+def _unsendable(url: ServerUrl, exc: Exception) -> errors.TrellisError:
+    """Anything else the worker meets, as a typed error for the waiting thread: left alone it
+    ended the worker with a traceback and no answer, which the caller then took for one. Its
+    message is never repeated: http.client's refusal of a header (``ValueError: Invalid header
+    value b'Bearer ...'``) quotes the header, and with it the join token or renewal proof.
+    A ``ValueError`` (``UnicodeEncodeError`` included) is that, or another part of the request
+    that http.client or ssl will not encode: the caller's input. Anything else is a bug here."""
+    what = type(exc).__name__
+    if isinstance(exc, ValueError):
+        return errors.InvalidInput(
+            f"the request to {url} cannot be sent ({what}): a header or another part of it"
+            " holds a character HTTP does not allow"
+        )
+    return errors.InternalError(f"the request to {url} failed before an answer ({what})")
 
 
 class _Call:
@@ -199,6 +216,8 @@ class _Call:
             self.failure = exc
         except (OSError, http.client.HTTPException) as exc:  # SSLCertVerificationError too
             self.failure = errors.Unavailable(f"cannot reach {url}: {exc}")
+        except Exception as exc:  # lost with the thread otherwise: see _unsendable
+            self.failure = _unsendable(url, exc)
         finally:
             with self._lock:
                 if self._watch is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "Received",
     "SvidFiles",
     "WorkloadClient",
+    "join_token",
     "read_svid",
     "write_bundle",
     "write_svid",
@@ -49,6 +50,26 @@ _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
 }
 # What a 200 from /v1/svid and /v1/svid/renew holds (api.schemas.SvidResponse), all strings.
 _SVID_FIELDS = ("spiffe_id", "serial", "expires_at", "certificate", "chain", "bundle")
+
+
+def join_token(text: str) -> str:
+    """The join token as ``--token`` or ``TRELLIS_JOIN_TOKEN`` gives it, without surrounding
+    whitespace: a Kubernetes Secret made from a file (``kubectl create secret
+    --from-file``), or ``$(cat token)`` in a shell that keeps it, ends it with a newline, as
+    the file did, and kubectl's users expect that to work. What is left goes into an HTTP
+    header (``Authorization: Bearer``), which carries printable ASCII only: anything else is
+    refused here, before a key is made or a byte sent. The message never repeats the token:
+    it goes to a terminal or a pod's log, and a token with one stray character in it is still
+    nearly all of a secret."""
+    token = text.strip()
+    if not token:
+        raise errors.InvalidInput("the join token (--token or TRELLIS_JOIN_TOKEN) is empty")
+    if not (token.isascii() and token.isprintable()) or any(ch.isspace() for ch in token):
+        raise errors.InvalidInput(
+            "the join token (--token or TRELLIS_JOIN_TOKEN) is not one: it holds a space, a"
+            " control character or a non-ASCII one, which no HTTP header may carry"
+        )
+    return token
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from ca.agent import Agent, AgentConfig, ReloadCommand
 from ca.keys import KeyType
 from ca.logs import configure_logging
 from ca.serverconn import ServerUrl
+from ca.workload import join_token
 from cli.common import out_dir
 
 
@@ -45,7 +46,8 @@ def agent(
         server=ServerUrl.parse(server),
         bundle=bundle,
         directory=dir,
-        token=token,
+        # An empty TRELLIS_JOIN_TOKEN (a template's unset value) is no token, as before.
+        token=join_token(token) if token and token.strip() else None,
         exec_command=ReloadCommand.parse(exec_command) if exec_command is not None else None,
         key_type=KeyType.parse(key_type),
     )

@@ -15,7 +15,7 @@ from ca.identity import SpiffeId
 from ca.issue import mint_svid
 from ca.keys import KeyType
 from ca.serverconn import ServerUrl
-from ca.workload import Received, SvidFiles, WorkloadClient, write_svid
+from ca.workload import Received, SvidFiles, WorkloadClient, join_token, write_svid
 from cli.common import STATE, emit_json, out_dir
 
 svid_app = typer.Typer(help="Obtain, renew or mint X509-SVIDs.", no_args_is_help=True)
@@ -66,6 +66,7 @@ def request(
     json_out: JsonOpt = False,
 ) -> None:
     """Generate a key here, send a CSR with a join token, write the SVID files."""
+    token = join_token(token)
     if ttl:
         Ttl.parse(ttl)
     client = WorkloadClient(ServerUrl.parse(server), bundle)

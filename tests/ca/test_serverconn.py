@@ -13,9 +13,9 @@ import pytest
 
 from ca.agent import Agent, AgentConfig
 from ca.config import Context
-from ca.errors import InvalidInput, Unavailable
+from ca.errors import InternalError, InvalidInput, Unavailable
 from ca.pem import private_key_pem
-from ca.serverconn import ServerUrl
+from ca.serverconn import ServerConnection, ServerUrl
 from ca.serving import ensure_server_certificate
 from ca.workload import WorkloadClient
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, enrol, join_secret
@@ -118,3 +118,44 @@ def test_a_bundle_without_a_spiffe_root_is_refused(tmp_path: Path) -> None:
     ca, _chain, _key = loopback_server_tls(tmp_path)
     with pytest.raises(InvalidInput, match="not a Trellis bundle"):
         WorkloadClient(ServerUrl.parse("https://localhost:1"), ca)
+
+
+@SQLITE_ONLY
+def test_a_credential_http_client_refuses_is_a_typed_error_that_does_not_repeat_it(
+    ctx: Context, tmp_path: Path
+) -> None:
+    """http.client refuses a header value with a newline (or outside Latin-1) by raising in
+    the worker thread: that ended the thread with a traceback quoting the header, token and
+    all, and left the caller no answer and no failure, for an ``assert`` to stop on. It is
+    ``InvalidInput`` now, naming the exception's type only, and nothing reached the server."""
+    tls = ensure_server_certificate(ctx)
+    secret = "trellis-join-S3CRETS3CRETS3CRET"
+    with fake_server(tls.cert_path, tls.key_path, answer=http_answer(b"{}")) as server:
+        client = WorkloadClient(ServerUrl.parse(server.url), tls.bundle_path)
+        for credential, kind in ((f"{secret}\n", "ValueError"), (f"{secret}\u2028", "Unicode")):
+            with pytest.raises(InvalidInput, match=kind) as refused:
+                client.request(credential, tmp_path / "out")
+            assert "S3CRET" not in refused.value.detail
+        server.settled()
+    assert b"S3CRET" not in server.everything
+    assert not (tmp_path / "out").exists()
+
+
+@SQLITE_ONLY
+def test_any_other_exception_while_sending_is_an_internal_error(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever else the worker meets becomes a typed error for the caller, its message left
+    out (it may quote the request), instead of a lost thread and a bare ``assert``."""
+    tls = ensure_server_certificate(ctx)
+
+    def broken(self: ServerConnection, tls: object) -> None:
+        raise RuntimeError("Bearer trellis-join-S3CRET")
+
+    monkeypatch.setattr(ServerConnection, "authenticate", broken)
+    with fake_server(tls.cert_path, tls.key_path, answer=http_answer(b"{}")) as server:
+        connection = ServerConnection(ServerUrl.parse(server.url), tls.bundle_path, "bundle")
+        with pytest.raises(InternalError, match="RuntimeError") as failed:
+            connection.exchange("GET", "/v1/bundle")
+        server.settled()
+    assert "S3CRET" not in failed.value.detail
