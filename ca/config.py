@@ -501,7 +501,9 @@ def build_context(
         backends["vault"] = VaultKeyBackend.from_settings(settings)
     restored = read_marker(settings.data_dir)
     keys = KeyStore(backends, default=settings.key_backend, shared=restored.shared)
-    engine = db.connect(settings.effective_database_url, background_checkpoints=serving)
+    engine = db.connect(
+        settings.effective_database_url, background_checkpoints=serving, data_dir=settings.data_dir
+    )
     try:
         migration = db.settle_schema(engine, schema)
     except BaseException:

@@ -237,17 +237,17 @@ def data_directory(path: Path, *, create: bool = True) -> Path:
     return path
 
 
-def private_file(path: Path) -> Path:
+def private_file(path: Path, *, why: str = "it is a secret") -> Path:
     """A file of Trellis's own data that holds a secret (a CA key file, ``key-passphrase``, a
     sealed secret), before it is read: one its group or others may use at all is tightened to
-    0600 (``_tighten``). Trellis writes them 0600; a looser one was put there by hand (``cp``
-    without ``-p``, an archive unpacked under a loose umask). Its directory is 0700 and keeps
-    others out, until it is copied somewhere with its mode."""
-    _tighten(path, 0o077, directory=False)
+    0600 (``_tighten``, whose warning gives ``why``). Trellis writes them 0600; a looser one was
+    put there by hand (``cp`` without ``-p``, an archive unpacked under a loose umask). Its
+    directory is 0700 and keeps others out, until it is copied somewhere with its mode."""
+    _tighten(path, 0o077, directory=False, why=why)
     return path
 
 
-def _tighten(path: Path, loose: int, *, directory: bool = True) -> None:
+def _tighten(path: Path, loose: int, *, directory: bool = True, why: str | None = None) -> None:
     """Clear the ``loose`` bits of an existing directory (or, not ``directory``, a regular
     file), with a warning naming its old mode, if this user owns it. It is tightened rather
     than refused: that ``chmod`` is what the operator would be told to run, and Trellis made
@@ -260,6 +260,7 @@ def _tighten(path: Path, loose: int, *, directory: bool = True) -> None:
     except OSError:  # missing (or under a file): whoever writes there reports what is wrong
         return
     mode = stat.S_IMODE(status.st_mode)
+    why = why or ("it holds private keys" if directory else "it is a secret")
     kind = stat.S_ISDIR if directory else stat.S_ISREG
     if not kind(status.st_mode) or not mode & loose:
         return
@@ -270,7 +271,7 @@ def _tighten(path: Path, loose: int, *, directory: bool = True) -> None:
             path,
             mode,
             mode & ~loose,
-            "it holds private keys" if directory else "it is a secret",
+            why,
         )
     else:
         log.warning(
@@ -280,7 +281,7 @@ def _tighten(path: Path, loose: int, *, directory: bool = True) -> None:
             mode,
             status.st_uid,
             os.geteuid(),
-            "it holds private keys" if directory else "it is a secret",
+            why,
             ("0700" if directory else "0600") if loose == 0o077 else "go-w",
             path,
         )

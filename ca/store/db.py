@@ -7,6 +7,7 @@ import enum
 import functools
 import logging
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from ca.errors import InvalidInput, NotInitialised, Unavailable
-from ca.files import make_directory
+from ca.files import make_directory, private_file
 from ca.progress import Progress, report
 
 if TYPE_CHECKING:
@@ -157,19 +158,24 @@ class Checkpointer:
             connection.close()
 
 
-def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
+# The files SQLite keeps beside a database while it is open. Its unix VFS creates them with
+# the database file's own mode, so a database left 0666 has journals anyone may write too.
+_SQLITE_JOURNALS = ("-wal", "-shm", "-journal")
+_DATABASE_FILE = "it is the database: certificates, token hashes, the audit trail"
+
+
+def connect(
+    url: str, *, background_checkpoints: bool = False, data_dir: Path | None = None
+) -> Engine:
     """``background_checkpoints``: the caller runs a ``Checkpointer`` (``trellis serve``
-    does), so the connections leave checkpointing to it, up to ``BACKSTOP_PAGES``."""
+    does), so the connections leave checkpointing to it, up to ``BACKSTOP_PAGES``.
+    ``data_dir``: the data dir, whose mode the caller has seen to (``ca.files.data_directory``):
+    a SQLite database in it is not judged by its directory again (``_private_sqlite``)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            path = Path(database)
-            # 0700 if missing, parents at most 0755 whatever the umask: whoever could write
-            # one could put a database of their own in its place.
-            make_directory(path.parent, private=True)
-            # Certificates, token hashes and the audit trail: readable by Trellis alone.
-            path.touch(mode=0o600, exist_ok=True)
+            _private_sqlite(Path(database), data_dir)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         autocheckpoint = BACKSTOP_PAGES if background_checkpoints else 1000  # SQLite's default
         sa.event.listen(
@@ -177,6 +183,54 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
         )
         return engine
     return _postgresql(url, pool_size=10, max_overflow=10)
+
+
+def _private_sqlite(path: Path, data_dir: Path | None) -> None:
+    """The database file and its journals readable and writable by Trellis alone, and a
+    directory for them that no other user may write to: whoever can write the file, or put a
+    ``-wal`` of their own beside it, can add an admin token row (only a hash is stored: they
+    choose the secret) or rewrite the audit trail.
+
+    A file is tightened to 0600 with a warning (``ca.files.private_file``), as the key files
+    are: Trellis writes it 0600, a looser one was made by hand (``touch`` under a loose umask).
+    A missing directory is made 0700. An existing directory is not Trellis's to change (other
+    programs' files may be there: ``/tmp``, a shared volume), so it is judged, not tightened:
+    one anyone may write to is refused (the sticky bit does not help: it keeps others from
+    renaming the database, not from creating its ``-wal`` or ``-shm`` first, which SQLite then
+    opens as its own); one its group may write to is used with a warning, since a group is
+    someone's choice of whom to trust with it. The data dir is left to ``data_directory``."""
+    # 0700 if missing, parents at most 0755 whatever the umask: whoever could write
+    # one could put a database of their own in its place.
+    make_directory(path.parent, private=True)
+    # SQLite puts the journals beside the file a symlink leads to, not beside the link.
+    directory = path.resolve().parent
+    if data_dir is None or directory != data_dir.resolve():
+        _judge_directory(directory, path)
+    path.touch(mode=0o600, exist_ok=True)
+    for file in (path, *(Path(f"{path}{suffix}") for suffix in _SQLITE_JOURNALS)):
+        private_file(file, why=_DATABASE_FILE)
+
+
+def _judge_directory(directory: Path, database: Path) -> None:
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & stat.S_IWOTH:
+        raise InvalidInput(
+            f"the SQLite database {database} is in {directory}, which any user may write to"
+            f" (mode {mode:04o}): another could put a -wal or -shm file of their own beside it,"
+            " or the database itself, and with it an admin token; keep it in a directory only"
+            " Trellis's user may write to"
+        )
+    if mode & stat.S_IWGRP:
+        log.warning(
+            "the SQLite database %s is in %s, which its group may write to (mode %04o): a member"
+            " can put a -wal or -shm file of their own beside it, or a database of their own in"
+            " its place; Trellis leaves the directory as it is: run 'chmod g-w %s' unless that"
+            " group is trusted as Trellis itself is",
+            database,
+            directory,
+            mode,
+            directory,
+        )
 
 
 # libpq connection settings a URL may override. Without them a connection whose server or
