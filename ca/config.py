@@ -29,6 +29,7 @@ from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import MIN_PASSPHRASE, FileKeyBackend, KeyPassphrase
 from ca.keys.store import KNOWN_BACKENDS, KeyStore, check_backend_name, unconfigured_backend
+from ca.redact import masked_url
 from ca.restored import read_marker
 from ca.store import db
 from ca.store.batch import GroupCommit, GroupRead
@@ -103,7 +104,8 @@ class DataPaths(BaseSettings):
             return None
         try:
             url = make_url(value)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: a port that is no number, say
+            # Its own words are not repeated: ``int()``'s quote a piece of the URL.
             raise ValueError("not a database URL (sqlite:///path or postgresql://...)") from None
         if url.drivername not in db.DRIVERS:
             raise ValueError(f"unsupported database {url.drivername[:40]!r}: {db.URL_FORMS}")
@@ -394,7 +396,8 @@ def load_settings(**given: Any) -> Settings:
     """The settings, ``given`` (a command's options) over the ``TRELLIS_*`` variables. A bad
     one is one ``InvalidInput`` line (exit 2) for the first, named as the operator set it: the
     option when a command passed one, else the variable (pydantic's report is a dozen lines and
-    a URL). A secret's value is never repeated: the line goes to a terminal or a log."""
+    a URL). A secret's value is never repeated, nor a password in a URL (``ca.redact``): the
+    line goes to a terminal or a log."""
     return _loaded(Settings, given)
 
 
@@ -414,7 +417,9 @@ def _loaded(model: type[_Loaded], given: dict[str, Any]) -> _Loaded:
         info = model.model_fields.get(field)
         if info is not None and SecretStr in (info.annotation, *get_args(info.annotation)):
             raise InvalidInput(f"{name}: {message}") from None
-        raise InvalidInput(f"{name}={str(first.get('input'))[:80]!r}: {message}") from None
+        # Masked before it is cut: a cut through ``user:password@`` leaves a password unmasked.
+        shown, _ = masked_url(str(first.get("input")))
+        raise InvalidInput(f"{name}={shown[:80]!r}: {message}") from None
 
 
 @dataclass

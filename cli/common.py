@@ -30,6 +30,7 @@ from ca.config import (
 )
 from ca.files import OwnData, check_writable
 from ca.logs import CLI_REQUEST_PREFIX, REQUEST_ID
+from ca.redact import MASK, masked_url
 from ca.store.db import SchemaPolicy
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class State:
             options += ["--data-dir", shlex.quote(self.data_dir)]
         masked = False
         if self.database_url is not None:
-            url, masked = _masked_url(self.database_url)
+            url, masked = masked_url(self.database_url)
             options += ["--database-url", shlex.quote(url)]
         return options, masked
 
@@ -271,20 +272,6 @@ class _Made:
 
 STATE = State()
 
-_MASK = "***"
-
-
-def _masked_url(url: str) -> tuple[str, bool]:
-    """``url`` as given, or, if it holds a password (``user:PASSWORD@``, ``?password=``), with
-    ``***`` in its place; whether it did."""
-    parsed = make_url(url)
-    if parsed.password is None and "password" not in parsed.query:
-        return url, False
-    if "password" in parsed.query:
-        parsed = parsed.update_query_dict({"password": _MASK})
-    rendered = parsed.render_as_string(hide_password=True)  # user:***@
-    return rendered.replace("%2A%2A%2A", _MASK), True  # the query's, %-encoded
-
 
 def confirm(question: str) -> None:
     """Go on only if a person at a terminal says yes (docs/cli.md): without a terminal (a pipe,
@@ -340,7 +327,7 @@ def more(
     typer.echo(f"more: {line} --after {next_after}", err=True)
     if masked:
         typer.echo(
-            f"note: the --database-url password is shown as {_MASK}: put yours back in its"
+            f"note: the --database-url password is shown as {MASK}: put yours back in its"
             " place (or give the URL in TRELLIS_DATABASE_URL instead of --database-url)",
             err=True,
         )

@@ -44,6 +44,7 @@ from ca import metrics
 from ca.errors import InternalError, InvalidInput, NotFound, TrellisError, Unavailable
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey, PublicKey
+from ca.redact import masked_url
 
 if TYPE_CHECKING:
     import requests
@@ -206,9 +207,11 @@ class VaultConnection:
         client_key: Path | None = None,
         namespace: str | None = None,
     ) -> None:
+        # How messages and ``trellis vault check`` name it: a user:password@ in it masked.
+        self.shown = masked_url(address.rstrip("/"))[0]
         problem = address_problem(address)
         if problem is not None:
-            raise InvalidInput(f"Vault address {address[:64]!r}: {problem}")
+            raise InvalidInput(f"Vault address {self.shown[:64]!r}: {problem}")
         if timeout <= 0:
             raise InvalidInput("the Vault timeout must be positive")
         if (client_cert is None) != (client_key is None):
@@ -266,7 +269,7 @@ class VaultConnection:
         if status < 300:
             return data
         if status == 404 and missing_ok:
-            raise NotFound(f"{path} does not exist in Vault at {self.address}")
+            raise NotFound(f"{path} does not exist in Vault at {self.shown}")
         raise self._failure(method, path, status, data, capability)
 
     def call_unless_denied(
@@ -349,7 +352,7 @@ class VaultConnection:
             except requests.Timeout:
                 break  # the deadline is spent: a hanging Vault must not hang the caller
             except requests.RequestException as error:
-                failure = Unavailable(f"cannot reach Vault at {self.address}: {_reason(error)}")
+                failure = Unavailable(f"cannot reach Vault at {self.shown}: {_reason(error)}")
             else:
                 status, data = int(response.status_code), _json(response)
                 if status not in _RETRY_STATUSES or attempt == _ATTEMPTS - 1:
@@ -360,7 +363,7 @@ class VaultConnection:
         # Every deadline is the call's start plus ``timeout``: this is how long it waited.
         waited = round(time.monotonic() - (deadline - self.timeout), 1)
         raise failure or Unavailable(
-            f"Vault at {self.address} did not answer {method} {path} within {waited:g} s"
+            f"Vault at {self.shown} did not answer {method} {path} within {waited:g} s"
         )
 
     def _failure(
@@ -371,7 +374,7 @@ class VaultConnection:
         if status == 404:
             where = f" (namespace {self.namespace})" if self.namespace else ""
             return Unavailable(
-                f"{path} does not exist in Vault at {self.address}{where}: is the mount or "
+                f"{path} does not exist in Vault at {self.shown}{where}: is the mount or "
                 "namespace Trellis is configured with there? (run 'trellis vault check')"
             )
         if status == 403:
@@ -381,9 +384,9 @@ class VaultConnection:
                 "(run 'trellis vault check'; see deploy/vault/trellis-policy.hcl)"
             )
         if status == 503 and ("sealed" in reasons or data.get("sealed")):
-            return Unavailable(f"Vault at {self.address} is sealed: unseal it")
+            return Unavailable(f"Vault at {self.shown} is sealed: unseal it")
         if status == 501 and data.get("initialized") is False:
-            return Unavailable(f"Vault at {self.address} is not initialised")
+            return Unavailable(f"Vault at {self.shown} is not initialised")
         return Unavailable(
             f"Vault refused {method} {path} (HTTP {status}): {reasons or 'no reason given'}"
         )
@@ -417,7 +420,7 @@ class VaultConnection:
             status, data = self._send("GET", "auth/token/lookup-self", None, deadline)
             if status == 403:
                 raise Unavailable(
-                    f"Vault at {self.address} rejected Trellis's token: it is expired, revoked or "
+                    f"Vault at {self.shown} rejected Trellis's token: it is expired, revoked or "
                     "mistyped (or its policy lacks 'read' on auth/token/lookup-self)"
                 )
             if status >= 300:
@@ -456,7 +459,7 @@ class VaultConnection:
     def _replace_dead_token(self, token: str | None, deadline: float) -> None:
         if not self.auth.renewable_by_login:
             raise Unavailable(
-                f"Vault at {self.address} no longer accepts Trellis's token (expired or revoked): "
+                f"Vault at {self.shown} no longer accepts Trellis's token (expired or revoked): "
                 "configure a new one, or use TRELLIS_VAULT_TOKEN_FILE, AppRole or Kubernetes auth"
             )
         with self._lock:
@@ -733,7 +736,7 @@ class CheckItem:
 
 @dataclass(frozen=True, slots=True)
 class VaultReport:
-    address: str
+    address: str  # as shown: a password in it masked (``ca.redact``)
     items: tuple[CheckItem, ...]
     missing: tuple[Requirement, ...]  # only the capabilities that are missing
     policy: str  # the whole policy Trellis needs, as HCL
@@ -1159,7 +1162,7 @@ class VaultKeyBackend:
         policy = render_policy(self.requirements)
 
         def report(missing: tuple[Requirement, ...] = ()) -> VaultReport:
-            return VaultReport(self.connection.address, tuple(items), missing, policy)
+            return VaultReport(self.connection.shown, tuple(items), missing, policy)
 
         try:
             health = self.connection.call(

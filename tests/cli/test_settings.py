@@ -48,7 +48,7 @@ def _one_line(result: object, starts: str) -> None:
         ("TRELLIS_PUBLIC_URL", "ftp://ca.example.org"),
         ("TRELLIS_PUBLIC_URL", "https://ca.example.org/?y"),
         ("TRELLIS_PUBLIC_URL", "https://ca.example.org/#z"),
-        ("TRELLIS_PUBLIC_URL", "https://user:pw@ca.example.org"),
+        # https://user:pw@...: refused with the password masked (tests/cli/test_url_passwords.py)
         ("TRELLIS_PUBLIC_URL", "https:///v1"),
         # written into every certificate's CDP and AIA, where no client can connect to it
         ("TRELLIS_PUBLIC_URL", "https://ca.example.org:0"),
