@@ -24,7 +24,7 @@ from ca.clock import Clock, SystemClock
 from ca.connlimits import MAX_CONNECTIONS, REQUEST_TIMEOUT
 from ca.csr import check_dns_name, is_host
 from ca.errors import InvalidInput, TrellisError
-from ca.files import OwnData, data_directory
+from ca.files import OwnData, data_directory, private_file
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
 from ca.keys.backend import KeyBackend
 from ca.keys.file import MIN_PASSPHRASE, FileKeyBackend, KeyPassphrase
@@ -349,6 +349,11 @@ class Settings(DataPaths):
     def server_tls_dir(self) -> Path:
         return self.data_dir / "server"
 
+    @property
+    def server_key_path(self) -> Path:
+        """The serving certificate's key (``ca.serving``), which uvicorn loads."""
+        return self.server_tls_dir / "tls.key"
+
 
 def _check_sqlite(url: URL) -> None:
     """A SQLite URL names a file and nothing else: the file Trellis makes 0600, locks, backs
@@ -486,6 +491,11 @@ def build_context(
     data_directory(settings.data_dir)
     for name in ("secrets", "server"):  # keys/: FileKeyBackend below; these when first used
         data_directory(settings.data_dir / name, create=False)
+    # The secrets of the data dir that Trellis never reads back itself (uvicorn loads the
+    # serving key; the admin token is for the operator's REST calls), so no read tightens them
+    # as one does a key file, key-passphrase or a sealed secret: every command does, here.
+    for secret in (settings.admin_token_path, settings.server_key_path):
+        private_file(secret)
     given = settings.key_passphrase
     passphrase = KeyPassphrase(
         settings.data_dir, given.get_secret_value().encode() if given is not None else None

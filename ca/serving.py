@@ -207,7 +207,7 @@ def ensure_server_certificate(ctx: Context, extra_names: Sequence[str] = ()) -> 
     if ctx.settings.host not in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
         wanted.append(ctx.settings.host)
     dns, ips = _split_names(wanted)
-    tls = ServerTls(directory / "tls.crt", directory / "tls.key", write_bundle_file(ctx))
+    tls = ServerTls(directory / "tls.crt", ctx.settings.server_key_path, write_bundle_file(ctx))
     served = _served(tls)
     if not _still_good(tls, ctx, served, issuer.certificate, set(dns) | set(ips)):
         for path in (tls.key_path, tls.cert_path):
