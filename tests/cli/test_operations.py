@@ -373,6 +373,7 @@ def test_a_damaged_database_is_one_line_and_exit_8(tmp_path: Path) -> None:
     data = tmp_path / "var"
     data.mkdir(mode=0o700)  # a looser one would be tightened, with a warning first on stderr
     (data / "trellis.db").write_bytes(b"garbage, not SQLite\n" * 100)
+    (data / "trellis.db").chmod(0o600)  # so is a looser database file
     cli = Trellis(data, f"sqlite:///{data / 'trellis.db'}")
     result = cli.run("certs", "list", ok=False)
     assert result.returncode == 8, result
