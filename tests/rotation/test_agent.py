@@ -37,9 +37,9 @@ from tests.rotation.rotkit import needs_openssl, openssl_verify
 pytestmark = pytest.mark.slow
 
 TTL = Ttl.parse("20s")
-# The mutual-TLS test's SVIDs: renewed every ~6 s, so two renewals and an activation fit in
-# ~13 s, with 6 s of slack before one expires should a renewal be late.
-SHORT_TTL = Ttl.parse("12s")
+# The mutual-TLS test's SVIDs: renewed every ~5 s, so three renewals and an activation fit in
+# ~16 s, with 5 s of slack before one expires should a renewal be late.
+SHORT_TTL = Ttl.parse("10s")
 
 
 @dataclass
@@ -316,12 +316,12 @@ def test_agents_keep_mutual_tls_working_through_renewals_and_an_activation(
                 rotated += [t["event"] for t in out]
                 assert rotated == ["prepared", "retired", "activated"], rotated
                 new_issuer = out[-1]["serial"]
-            # done once both agents renewed twice and now hold SVIDs of the new intermediate
+            # done once both agents renewed three times and hold SVIDs of the new intermediate
             if (
                 new_issuer is not None
                 and elapsed > 10
                 and all(
-                    len(s.serials) >= 3 and s.issuers[s.serials[-1]] == new_issuer
+                    len(s.serials) >= 4 and s.issuers[s.serials[-1]] == new_issuer
                     for s in samples.values()
                 )
             ):
