@@ -104,6 +104,11 @@ def database_place(url: str) -> str:
 # pages (64 MiB): a backstop, should the checkpointer fall behind.
 BACKSTOP_PAGES = 16000
 
+# How long a SQLite connection waits for another's write lock before "database is locked" (a
+# rotation then answers that another one runs: ca.rotation.rotation_lock). Read by each new
+# connection, so a test that waits it out may shorten it and dispose of the engine's pool.
+BUSY_TIMEOUT_MS = 10000
+
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, autocheckpoint: int) -> None:
     cursor = dbapi_connection.cursor()
@@ -111,7 +116,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, autocheckpoint: int)
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_MS)}")
     cursor.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
     cursor.close()
 
