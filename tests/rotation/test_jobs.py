@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -239,15 +240,17 @@ def test_failures_are_retried_with_exponential_backoff(ctx: Context, failing: Br
 @pytest.mark.slow
 def test_serve_starts_after_downtime_past_the_intermediate_expiry(tmp_path: Path) -> None:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    created = cli.json(
-        "init", "--trust-domain", "example.org", "--ca-ttl", "6s", "--svid-ttl", "1s"
+    created = json.loads(
+        cli.set_up(
+            "init", "--trust-domain", "example.org", "--ca-ttl", "6s", "--svid-ttl", "1s", "--json"
+        )
     )
     assert isinstance(created, dict)
     expires = parse_time(created["intermediate_not_after"])
-    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.5)
+    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.5)
 
     with cli.serving(tmp_path / "serve.log"):
-        status = cli.json("authority", "status")
+        status = json.loads(cli.set_up("authority", "status", "--json"))
         assert isinstance(status, dict)
         active = [
             c for c in status["cas"] if c["role"] == "intermediate" and c["state"] == "active"
