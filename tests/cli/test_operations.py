@@ -318,7 +318,7 @@ def test_crl_show_takes_a_ca_serial_as_operators_write_it(local: Trellis) -> Non
 
 
 def _certificates(trellis: Trellis) -> list[str]:
-    listed = trellis.json("certs", "list")
+    listed = json.loads(trellis.set_up("certs", "list", "--json"))
     assert isinstance(listed, list)
     return sorted(c["serial"] for c in listed)
 
@@ -356,7 +356,7 @@ def test_an_unwritable_out_is_refused_before_anything_is_issued(
         assert result.stderr.startswith("trellis: --out ") and "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
     assert _certificates(local) == before
-    assert local.json("openvpn", "client", "list") == []
+    assert json.loads(local.set_up("openvpn", "client", "list", "--json")) == []
     assert stat.S_ISFIFO(a_fifo.lstat().st_mode) and a_link.is_symlink()
     # a file it cannot read or write after all: one line, exit 8, not a traceback
     local.set_up("gateway", "init")
