@@ -12,6 +12,7 @@ as long as A's run hung (a truststore on a stuck network file system).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import threading
@@ -181,9 +182,9 @@ def test_two_serve_nodes_each_keep_their_own_truststore(pg_url: str, tmp_path: P
     still rewrites its own truststore at once."""
     node_a = Trellis(tmp_path / "a", pg_url)
     node_a.env["TRELLIS_NODE_NAME"] = "node-a"
-    node_a.run("init", "--trust-domain", "example.org")
-    node_a.run("gateway", "init")
-    node_a.run("gateway", "consumer", "add", "acme")
+    node_a.set_up("init", "--trust-domain", "example.org")
+    node_a.set_up("gateway", "init")
+    node_a.set_up("gateway", "consumer", "add", "acme")
     # node B: a copy of the data dir, with the key directory shared (one volume)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "keys")
@@ -192,14 +193,14 @@ def test_two_serve_nodes_each_keep_their_own_truststore(pg_url: str, tmp_path: P
     node_b.env["TRELLIS_NODE_NAME"] = "node-b"
 
     on_a, on_b = tmp_path / "nginx-a", tmp_path / "nginx-b"
-    node_a.run("gateway", "truststore", "--format", "nginx", "--out", str(on_a))
-    node_b.run("gateway", "truststore", "--format", "nginx", "--out", str(on_b))
+    node_a.set_up("gateway", "truststore", "--format", "nginx", "--out", str(on_a))
+    node_b.set_up("gateway", "truststore", "--format", "nginx", "--out", str(on_b))
     (tmp_path / "acme.csr").write_bytes(partner_csr()[1])
-    issued = node_a.json("gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "acme.csr"),
-                         "--out", str(tmp_path / "acme.pem"))  # fmt: skip
+    issue = ["gateway", "cert", "issue", "acme", "--csr", str(tmp_path / "acme.csr")]
+    issued = json.loads(node_a.set_up(*issue, "--out", str(tmp_path / "acme.pem"), "--json"))
     assert isinstance(issued, dict)
     serial = Serial.parse(issued["serial"])
-    revoked = node_a.json("gateway", "cert", "revoke", str(serial))
+    revoked = json.loads(node_a.set_up("gateway", "cert", "revoke", str(serial), "--json"))
     assert isinstance(revoked, dict)
     assert revoked["rewritten"] == [str(on_a / "crl.pem")]  # the revoking node's files only
     assert not _revoked(load_crls((on_b / "crl.pem").read_bytes()), serial)
