@@ -111,8 +111,8 @@ def test_audit_seal_without_vault_exits_8_and_revoking_a_keyless_intermediate_wo
     openbao: OpenBao, tmp_path: Path
 ) -> None:
     cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
-    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
-    cli.run("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/web")
+    cli.set_up("init", "--trust-domain", TRUST_DOMAIN.name)
+    cli.set_up("entry", "create", "--spiffe-id", f"spiffe://{TRUST_DOMAIN.name}/web")
 
     cut_off = vault_cli(tmp_path / "var", openbao, openbao.root_token)
     cut_off.env["TRELLIS_VAULT_ADDR"] = f"http://127.0.0.1:{free_port()}"
@@ -166,7 +166,7 @@ def test_a_vault_only_instance_needs_no_key_passphrase(openbao: OpenBao, tmp_pat
     """Every key and secret is in Vault, so nothing reads the file backend's passphrase: an
     emptied ``key-passphrase`` was exit 8 for every command, ``serve`` included."""
     cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
-    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    cli.set_up("init", "--trust-domain", TRUST_DOMAIN.name)
     passphrase = tmp_path / "var" / "key-passphrase"
     assert not passphrase.exists()  # nothing is encrypted with one, so none is made
     passphrase.write_bytes(b"")
@@ -215,7 +215,7 @@ def test_a_file_key_on_a_vault_instance_needs_the_passphrase_where_it_is_used(
     passphrase for its keys and sealed secrets: unusable, that is exit 8 naming the file where
     they are used, and at ``serve``'s start; the Vault authorities go on working."""
     cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
-    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    cli.set_up("init", "--trust-domain", TRUST_DOMAIN.name)
     passphrase = tmp_path / "var" / "key-passphrase"
     passphrase.touch(mode=0o600)  # not looser: that would add a warning to stderr
     passphrase.write_bytes(b"short\n")
@@ -231,7 +231,7 @@ def test_a_file_key_on_a_vault_instance_needs_the_passphrase_where_it_is_used(
     passphrase.unlink()
     cli.run("openvpn", "init", "--key-backend", "file")  # makes one, as a file instance does
     assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
-    cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+    cli.set_up("openvpn", "configure", "--remote", "vpn.example.org")
     kept = passphrase.read_bytes()
     passphrase.write_bytes(b"short\n")
     add = ("openvpn", "client", "add", "bob", "--out", str(tmp_path / "bob.ovpn"))
@@ -260,18 +260,18 @@ def test_a_server_names_no_path_of_its_own_to_clients(openbao: OpenBao, tmp_path
     admin's problem response say what is wrong without the path of the file, which only the
     server's log names. Both gave the file's full path."""
     cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
-    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
-    admin = {"Authorization": "Bearer " + cli.run("token", "create", "--admin").stdout.strip()}
+    cli.set_up("init", "--trust-domain", TRUST_DOMAIN.name)
+    admin = {"Authorization": "Bearer " + cli.set_up("token", "create", "--admin").strip()}
     passphrase = tmp_path / "var" / "key-passphrase"
     log = tmp_path / "serve.log"
     with cli.serving(log) as served:
-        cli.run("openvpn", "init", "--key-backend", "file")
-        cli.run("openvpn", "configure", "--remote", "vpn.example.org")
+        cli.set_up("openvpn", "init", "--key-backend", "file")
+        cli.set_up("openvpn", "configure", "--remote", "vpn.example.org")
         passphrase.write_bytes(b"short\n")
         deadline = time.monotonic() + 15  # past the passing verdict /readyz reuses (READY_FOR)
         while (ready := httpx.get(f"{served.url}/readyz", verify=served.tls)).is_success:
             assert time.monotonic() < deadline, ready.text
-            time.sleep(0.5)
+            time.sleep(0.1)
         added = httpx.post(
             f"{served.url}/v1/openvpn/clients", json={"name": "carol"}, headers=admin,
             verify=served.tls,
@@ -320,8 +320,8 @@ def test_a_restored_copy_never_destroys_the_vault_keys_of_the_instance_it_came_f
     cleanup = openbao.create_token("trellis-cleanup", ttl="1h")
     shipped = openbao.create_token("trellis", ttl="1h")
     original = vault_cli(tmp_path / "var", openbao, shipped)
-    original.run("init", "--trust-domain", TRUST_DOMAIN.name)
-    original.run("backup", "--out", str(tmp_path / "backup.tgz"))
+    original.set_up("init", "--trust-domain", TRUST_DOMAIN.name)
+    original.set_up("backup", "--out", str(tmp_path / "backup.tgz"))
     inherited = _ca_keys(tmp_path / "var" / "trellis.db")
     assert len(inherited) == 2 and inherited <= transit_keys(openbao)
 
