@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from api.app import create_app
-from ca import scheduler
+from ca import readiness, scheduler
 from ca.config import Context, Settings, build_context
 from ca.jobs import Job, Scope, job_named
 from ca.scheduler import job_statuses, start_scheduler
@@ -188,6 +188,7 @@ def test_a_replica_older_than_the_schema_stops_its_jobs_and_is_unready(
     job = dataclasses.replace(job_named("crl-resign"), run=lambda _ctx: ran.append("x") or "ran")
     recorder = RecordingScheduler()
     caplog.set_level(logging.INFO, logger="trellis.scheduler")
+    monkeypatch.setattr(readiness, "READY_FOR", 0.0)  # no passing verdict reused for 5 s
     with TestClient(create_app(ctx)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["detail"]["schema"] == "ok"
@@ -196,7 +197,7 @@ def test_a_replica_older_than_the_schema_stops_its_jobs_and_is_unready(
 
         _set_revision(ctx, "9999")  # a newer Trellis migrated the database meanwhile
         try:
-            deadline = time.monotonic() + 10  # a passing verdict is reused for 5 s
+            deadline = time.monotonic() + 10
             while (ready := client.get("/readyz")).status_code == 200:
                 assert time.monotonic() < deadline, ready.json()
                 time.sleep(0.2)
