@@ -65,10 +65,8 @@ def test_the_cli_exits_5_for_an_unknown_authority(tmp_path: Path, database_url: 
         result = cli.run(*args, ok=False)
         assert result.returncode == 5, (args, result.stderr)
         assert result.stderr.startswith("trellis: ") and "nope" in result.stderr, args
-    assert (
-        "no authority named 'nope'"
-        in cli.run("crl", "show", "--authority", "nope", ok=False).stderr
-    )
+        if args[:2] == ("crl", "show"):
+            assert "no authority named 'nope'" in result.stderr
     for args in (
         ("authority", "status", "--authority", "gateway"),
         ("crl", "show", "--authority", "gateway"),
