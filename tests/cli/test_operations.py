@@ -508,8 +508,8 @@ def test_certs_list_says_how_to_get_the_next_page(local: Trellis, tmp_path: Path
     filters kept; --json stays the documented array (docs/cli.md), with the same line."""
     web = "spiffe://example.org/w"
     for name in ("a", "b", "c"):
-        local.run("svid", "mint", "--spiffe-id", web, "--out", str(tmp_path / name))
-    serials = sorted(c["serial"] for c in local.json("certs", "list"))  # type: ignore[union-attr]
+        local.set_up("svid", "mint", "--spiffe-id", web, "--out", str(tmp_path / name))
+    serials = sorted(c["serial"] for c in json.loads(local.set_up("certs", "list", "--json")))
     first = local.run("certs", "list", "--spiffe-id", web, "--limit", "2")
     assert [line.split()[0] for line in first.stdout.splitlines()[1:]] == serials[:2]
     again = f"trellis certs list --spiffe-id {web} --limit 2"
@@ -538,8 +538,8 @@ def test_audit_list_says_how_to_get_the_next_page(local: Trellis) -> None:
     on from one: it ends such a page as 'certs list' does, with the next page's command on
     stderr (--after the last record's id, filters, --limit and --json kept)."""
     for _ in range(2):
-        local.run("token", "create", "--admin", "--ttl", "1h")
-    ids = [r["id"] for r in local.json("audit", "list")]  # type: ignore[union-attr]
+        local.set_up("token", "create", "--admin", "--ttl", "1h")
+    ids = [r["id"] for r in json.loads(local.set_up("audit", "list", "--json"))]
     assert len(ids) >= 5 and ids == sorted(ids, reverse=True)
     seen, args, pages = [], ["audit", "list", "--limit", "2", "--json"], 0
     while True:  # as a script would: run the line it is given until there is none
@@ -552,7 +552,9 @@ def test_audit_list_says_how_to_get_the_next_page(local: Trellis) -> None:
         args = shlex.split(page.stderr.removeprefix("more: trellis "))
     assert seen == ids and pages == -(-len(ids) // 2)  # a page holding the rest is the last
 
-    tokens = [r["id"] for r in local.json("audit", "list", "--event", "token.")]  # type: ignore[union-attr]
+    tokens = [
+        r["id"] for r in json.loads(local.set_up("audit", "list", "--event", "token.", "--json"))
+    ]
     assert len(tokens) >= 3
     first = local.run("audit", "list", "--event", "token.", "--limit", "1")
     assert first.stdout.count("token.") == 1
