@@ -43,7 +43,7 @@ CERT_ERROR = "The SSL certificate error"
 def trellis(tmp_path: Path) -> Trellis:
     # SQLite only: the database behaviour is covered on both databases by the unit/REST tests.
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     return cli
 
 
@@ -137,8 +137,8 @@ def test_partner_calls_through_nginx_and_revocation_shuts_it_out(
     reply = curl(url, web_ca)
     assert reply.status == 400 and NO_CERT in reply.body
     mesh = tmp_path / "mesh"
-    trellis.run("svid", "mint", "--spiffe-id", "spiffe://example.org/ns/default/sa/web",
-                "--out", str(mesh))  # fmt: skip
+    trellis.set_up("svid", "mint", "--spiffe-id", "spiffe://example.org/ns/default/sa/web",
+                   "--out", str(mesh))  # fmt: skip
     reply = curl(url, web_ca, "--cert", str(mesh / "svid.pem"), "--key", str(mesh / "svid.key"))
     assert reply.status == 400 and CERT_ERROR in reply.body
     assert len(backend.seen) == calls  # nothing reached the upstream
