@@ -104,14 +104,14 @@ def scheduler_leaders(log: Path) -> list[int]:
 @pytest.mark.slow
 def test_serve_with_workers_runs_one_scheduler_in_a_worker_and_replaces_it(tmp_path: Path) -> None:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     log = tmp_path / "serve.log"
     with cli.serving(log, "--workers", "2") as serving:
         serve, port, tls = serving.process, serving.port, serving.tls
         deadline = time.monotonic() + 30
         while not scheduler_leaders(log):
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+            time.sleep(0.05)
 
         assert cmdline(serve.pid)[1:3] == ["-m", "cli.supervisor"]  # the same pid, exec'd
         workers = {p for p in children(serve.pid) if "spawn_main" in " ".join(cmdline(p))}
@@ -122,11 +122,11 @@ def test_serve_with_workers_runs_one_scheduler_in_a_worker_and_replaces_it(tmp_p
         deadline = time.monotonic() + 30
         while len(scheduler_leaders(log)) < 2:
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+            time.sleep(0.05)
         successor = scheduler_leaders(log)[1]
         assert successor != leader and successor in children(serve.pid)
         assert httpx.get(f"https://127.0.0.1:{port}/readyz", verify=tls).is_success
-        jobs = cli.json("jobs", "list")
+        jobs = json.loads(cli.set_up("jobs", "list", "--json"))
         assert isinstance(jobs, list) and all(job["runs"] >= 1 for job in jobs)
         serve.terminate()
         assert serve.wait(30) == 0, log.read_text()  # a clean stop of supervisor and workers
