@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.ca.svidkit import SQLITE_ONLY
@@ -13,21 +14,25 @@ def test_admin_uses_is_refused_and_a_second_revocation_is_a_conflict(
     tmp_path: Path, database_url: str
 ) -> None:
     cli = Trellis(tmp_path / "var", database_url)
-    cli.run("init", "--trust-domain", "example.org")
-    before = cli.json("token", "list")
-    assert isinstance(before, list)
+    cli.set_up("init", "--trust-domain", "example.org")
+
+    def listed(*args: str) -> list[dict[str, object]]:  # read in-process: not under test
+        found = json.loads(cli.set_up(*args, "--json"))
+        assert isinstance(found, list)
+        return found
+
+    before = listed("token", "list")
 
     refused = cli.run("token", "create", "--admin", "--uses", "5", ok=False)
     assert refused.returncode == 2 and "--uses applies to join tokens only" in refused.stderr
-    assert cli.json("token", "list") == before  # nothing created
+    assert listed("token", "list") == before  # nothing created
 
-    created = cli.json("token", "create", "--admin")
+    created = json.loads(cli.set_up("token", "create", "--admin", "--json"))
     assert isinstance(created, dict)
     first = cli.json("token", "revoke", created["id"])
     assert isinstance(first, dict) and first["revoked_at"] is not None
     again = cli.run("token", "revoke", created["id"], ok=False)
     assert again.returncode == 6 and "already revoked" in again.stderr, again.stderr
-    (shown,) = [t for t in cli.json("token", "list") if t["id"] == created["id"]]  # type: ignore[union-attr]
+    (shown,) = [t for t in listed("token", "list") if t["id"] == created["id"]]
     assert shown["revoked_at"] == first["revoked_at"]
-    records = cli.json("audit", "list", "--event", "token.revoked")
-    assert isinstance(records, list) and len(records) == 1
+    assert len(listed("audit", "list", "--event", "token.revoked")) == 1
