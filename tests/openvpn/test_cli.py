@@ -182,12 +182,12 @@ def test_refusals_and_their_exit_codes(cli: InProcessTrellis, tmp_path: Path) ->
         "openvpn", "server-cert", "--cn", "", "--out", str(tmp_path / "d"), ok=False
     )
     assert refused.returncode == 2 and "invalid name ''" in refused.stderr
-    operator.run("openvpn", "client", "revoke", "alice", "--yes")
+    cli.run("openvpn", "client", "revoke", "alice", "--yes")
     again = operator.run("openvpn", "client", "revoke", "alice", "--yes", ok=False)
     assert again.returncode == 6 and "already revoked" in again.stderr
     unknown = operator.run("openvpn", "client", "revoke", "nobody", "--yes", ok=False)
     assert unknown.returncode == 5
-    listed = json.loads(operator.run("certs", "list", "--json").stdout)
+    listed = json.loads(cli.run("certs", "list", "--json").stdout)
     assert [c for c in listed if c.get("profile") == "openvpn-server"] == []  # nothing issued
 
 
