@@ -107,7 +107,7 @@ def two_workers(tmp_path: Path) -> Iterator[Serving]:
     are closed at the end even when it fails (else their garbage collection fails a later
     test in the same process with ``ResourceWarning``)."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     with cli.serving(tmp_path / "serve.log", "--workers", "2") as serve:
         wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
         settled(serve)
@@ -195,7 +195,7 @@ def test_workers_log_each_request_once(tmp_path: Path) -> None:
     uvicorn's own access logger, which workers would otherwise propagate to the same handler,
     writes none."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     log = tmp_path / "serve.log"
     with cli.serving(log, "--workers", "2") as serve:
         for _ in range(4):
@@ -212,7 +212,7 @@ def test_trellis_workers_sets_the_worker_count(tmp_path: Path) -> None:
     """``TRELLIS_WORKERS`` as serve --help and docs/deploy.md say; a bad value is a usage
     error before anything starts."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     for bad in ("-1", "two"):
         cli.env["TRELLIS_WORKERS"] = bad
         args = [TRELLIS, "serve", "--port", str(free_port())]
