@@ -31,7 +31,7 @@ def _serial(path: Path) -> str:
 
 
 def _crl_number(cli: Trellis) -> int:
-    shown = cli.json("crl", "show")
+    shown = json.loads(cli.set_up("crl", "show", "--json"))
     assert isinstance(shown, dict)
     return int(shown["number"])
 
@@ -55,16 +55,16 @@ def test_sqlite_backup_and_restore_round_trip(tmp_path: Path) -> None:
 
     restored = Trellis(tmp_path / "b", f"sqlite:///{tmp_path / 'b' / 'trellis.db'}")
     restored.run("restore", str(archive))
-    assert restored.run("bundle", "show").stdout == source.run("bundle", "show").stdout
-    certs = restored.json("certs", "list", "--status", "revoked")
+    assert restored.set_up("bundle", "show") == source.set_up("bundle", "show")
+    certs = json.loads(restored.set_up("certs", "list", "--status", "revoked", "--json"))
     assert isinstance(certs, list) and [c["serial"] for c in certs] == [revoked]
     # Numbering goes on above every number the original may have signed since the backup: a
     # new revocation on the restored instance signs a CRL numbered from the restore's time
     # (docs/operations.md, tests/cli/test_restore_copies.py).
-    restored.run(
+    restored.set_up(
         "svid", "mint", "--spiffe-id", "spiffe://example.org/w2", "--out", str(tmp_path / "w2")
     )
-    restored.run("revoke", _serial(tmp_path / "w2" / "svid.pem"), "--yes")
+    restored.set_up("revoke", _serial(tmp_path / "w2" / "svid.pem"), "--yes")
     floor = json.loads((tmp_path / "b" / "restored.json").read_text())["crl_numbers_from"]
     assert _crl_number(restored) == max(number + 1, floor)
 
