@@ -12,8 +12,10 @@ from tests.cli.test_walkthrough import Trellis
 
 @pytest.fixture
 def trellis(tmp_path: Path, database_url: str) -> Trellis:
+    """Initialised in-process (``Trellis.set_up``): the tests start from the CA, they do not
+    test its ``init`` (the README walkthrough's, tests/cli/test_walkthrough.py, runs it)."""
     cli = Trellis(tmp_path / "var", database_url)
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     return cli
 
 

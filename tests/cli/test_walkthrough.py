@@ -126,6 +126,15 @@ def openssl_verify(bundle: Path, svid: Path, purpose: str) -> subprocess.Complet
     )
 
 
+@pytest.fixture
+def trellis(tmp_path: Path, database_url: str) -> Trellis:
+    """The README's first step as a user runs it: ``trellis init``, a real process (the
+    conftest's ``trellis`` sets the CA up in-process)."""
+    cli = Trellis(tmp_path / "var", database_url)
+    cli.run("init", "--trust-domain", "example.org")
+    return cli
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary not installed")
 def test_readme_walkthrough(trellis: Trellis, server: str, tmp_path: Path) -> None:
     bundle = trellis.data_dir / "bundle.pem"
