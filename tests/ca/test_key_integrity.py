@@ -269,7 +269,7 @@ def test_a_damaged_key_is_one_line_on_the_cli(
     path (which a server logs, at INFO, for its operators) was a second line before. A real
     process: under pytest the root logger has a handler, and nothing reaches stderr."""
     cli = Trellis(tmp_path / "var", database_url)
-    cli.run("init", "--trust-domain", TD)
+    cli.set_up("init", "--trust-domain", TD)
     (key,) = (tmp_path / "var" / "keys").glob("mesh-intermediate-*.pem")
     damage(key)
     minted = cli.run(

@@ -74,7 +74,7 @@ def test_a_backup_streams_the_database_and_the_archive_then_restores(tmp_path: P
     now: the peak is the same for 270 KiB and 32 MiB. The archive still restores."""
     database = tmp_path / "a" / "trellis.db"
     source = Trellis(tmp_path / "a", f"sqlite:///{database}")
-    source.run("init", "--trust-domain", "example.org")
+    source.set_up("init", "--trust-domain", "example.org")
     small = _peak_rss(source, "backup", "--out", str(tmp_path / "small.tgz"))
     size = _grow(database, 32)
     assert size > 32 * MiB
@@ -104,7 +104,7 @@ def test_a_backup_whose_writing_fails_part_way_leaves_the_earlier_one_and_no_tem
     write that fails part-way (here a file size limit, as a full disk would) must remove it,
     and the snapshot taken beside it, and leave an earlier backup at ``--out`` as it was."""
     source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
-    source.run("init", "--trust-domain", "example.org")
+    source.set_up("init", "--trust-domain", "example.org")
     # 2 MiB gzip cannot shrink, so that the archive outgrows the limit while the snapshot
     # (~270 KiB) stays under it.
     (tmp_path / "a" / "keys" / "filler.bin").write_bytes(os.urandom(2 * MiB))
@@ -194,7 +194,7 @@ def test_a_backup_whose_snapshot_cannot_be_written_is_one_line_and_exit_8(
     (docs/operations.md). tmpfs: a real full file system (64 KiB, under the ~270 KiB snapshot);
     file-size-limit: a write SQLite sees fail (EFBIG) without root."""
     source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
-    source.run("init", "--trust-domain", "example.org")
+    source.set_up("init", "--trust-domain", "example.org")
     small = tmp_path / "small"
     small.mkdir()
     out = small / "x.tgz"

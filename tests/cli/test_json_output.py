@@ -39,7 +39,7 @@ def test_instants_the_cli_renders_itself_end_in_z(tmp_path: Path) -> None:
 def test_audit_seal_reports_the_head_it_leaves(tmp_path: Path) -> None:
     """It printed "head at seq -" whenever this run chained nothing, signed head or not."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     first = cli.json("audit", "seal")
     assert isinstance(first, dict) and first["records"] >= 1
     assert first["head_seq"] >= first["records"] and first["signed_seq"] == first["head_seq"]

@@ -79,7 +79,7 @@ def test_sqlite_backup_and_restore_round_trip(tmp_path: Path) -> None:
 
 def test_start_up_refuses_a_bad_configuration_clearly(tmp_path: Path) -> None:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'var' / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     wrong = dict(cli.env, TRELLIS_KEY_PASSPHRASE="not-the-passphrase")
     bad_key = subprocess.run(
         [TRELLIS, "serve", "--port", str(free_port())],
@@ -113,8 +113,10 @@ def test_postgresql_backup_is_pg_dump_and_restores_the_same_ca(
 
     url = make_postgres_database(postgres_server)
     cli = Trellis(tmp_path / "var", url)
-    cli.run("init", "--trust-domain", "example.org")
-    cli.run("svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w"))
+    cli.set_up("init", "--trust-domain", "example.org")
+    cli.set_up(
+        "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(tmp_path / "w")
+    )
     dump = tmp_path / "trellis.dump"
     base, _, query = url.partition("?")
     socket_dir = query.removeprefix("host=")
@@ -399,8 +401,8 @@ def test_a_restored_data_dir_without_its_passphrase_gets_no_new_one(tmp_path: Pa
     """The archive leaves the passphrase out on purpose; a fresh random one written in its place
     would open none of the restored keys, and hide the file that is missing."""
     source = Trellis(tmp_path / "a", f"sqlite:///{tmp_path / 'a' / 'trellis.db'}")
-    source.run("init", "--trust-domain", "example.org")
-    source.run("backup", "--out", str(tmp_path / "b.tgz"))
+    source.set_up("init", "--trust-domain", "example.org")
+    source.set_up("backup", "--out", str(tmp_path / "b.tgz"))
     restored = Trellis(tmp_path / "r", f"sqlite:///{tmp_path / 'r' / 'trellis.db'}")
     del restored.env["TRELLIS_KEY_PASSPHRASE"]
     restored.run("restore", str(tmp_path / "b.tgz"))
@@ -416,7 +418,7 @@ def test_an_emptied_passphrase_file_is_exit_8_naming_it(tmp_path: Path) -> None:
     wrong: the file is the data dir's, and damaged. It is left as it is."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'var' / 'trellis.db'}")
     del cli.env["TRELLIS_KEY_PASSPHRASE"]
-    cli.run("init", "--trust-domain", "example.org")
+    cli.set_up("init", "--trust-domain", "example.org")
     passphrase = tmp_path / "var" / "key-passphrase"
     passphrase.write_bytes(b"")
     result = cli.run("certs", "list", ok=False)

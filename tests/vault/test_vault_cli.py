@@ -289,7 +289,7 @@ def test_restoring_a_vault_only_instance_asks_for_no_key_passphrase(
     """The archive of an instance whose keys are all in Vault holds no key file and no sealed
     secret: restore told it, as every instance, to set TRELLIS_KEY_PASSPHRASE."""
     cli = vault_cli(tmp_path / "var", openbao, openbao.root_token)
-    cli.run("init", "--trust-domain", TRUST_DOMAIN.name)
+    cli.set_up("init", "--trust-domain", TRUST_DOMAIN.name)
     backed_up = cli.run("backup", "--out", str(tmp_path / "backup.tgz")).stdout
     assert "passphrase" not in backed_up, backed_up  # it has none to keep
     restored = vault_cli(tmp_path / "restored", openbao, openbao.root_token)
