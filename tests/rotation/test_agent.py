@@ -71,7 +71,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """``trellis serve`` on SQLite with the drill CA: 3-minute intermediates, 20-second SVIDs."""
     base = tmp_path_factory.mktemp("agent-mesh")
     cli = Trellis(base / "var", f"sqlite:///{base / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org", "--ca-ttl", "3m", "--svid-ttl", "20s")
+    cli.set_up("init", "--trust-domain", "example.org", "--ca-ttl", "3m", "--svid-ttl", "20s")
     log = base / "serve.log"
     with cli.serving(log) as serving:
         yield Mesh(cli, serving.url, cli.data_dir / "bundle.pem", log)
@@ -516,9 +516,9 @@ def test_sigterm_stops_the_agent_during_a_back_off(tmp_path: Path) -> None:
     """A sidecar gets 30 s between SIGTERM and SIGKILL: the agent stops within a second or so,
     even while it waits to retry a renewal (the server is down)."""
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.run("init", "--trust-domain", "example.org", "--ca-ttl", "1h", "--svid-ttl", "5m")
+    cli.set_up("init", "--trust-domain", "example.org", "--ca-ttl", "1h", "--svid-ttl", "5m")
     out = tmp_path / "svid"
-    cli.run(
+    cli.set_up(
         "svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", str(out), "--ttl", "40s"
     )
     log_path = tmp_path / "agent.log"
