@@ -127,7 +127,7 @@ def openssl_verify(bundle: Path, svid: Path, purpose: str) -> subprocess.Complet
 
 
 @pytest.fixture
-def trellis(tmp_path: Path, database_url: str) -> Trellis:
+def readme_trellis(tmp_path: Path, database_url: str) -> Trellis:
     """The README's first step as a user runs it: ``trellis init``, a real process (the
     conftest's ``trellis`` sets the CA up in-process)."""
     cli = Trellis(tmp_path / "var", database_url)
@@ -135,8 +135,15 @@ def trellis(tmp_path: Path, database_url: str) -> Trellis:
     return cli
 
 
+@pytest.fixture
+def readme_server(readme_trellis: Trellis, tmp_path: Path) -> Iterator[str]:
+    with readme_trellis.serving(tmp_path / "serve.log") as serving:
+        yield serving.url
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary not installed")
-def test_readme_walkthrough(trellis: Trellis, server: str, tmp_path: Path) -> None:
+def test_readme_walkthrough(readme_trellis: Trellis, readme_server: str, tmp_path: Path) -> None:
+    trellis, server = readme_trellis, readme_server
     bundle = trellis.data_dir / "bundle.pem"
     admin_token = (trellis.data_dir / "admin-token").read_text().strip()
     assert (trellis.data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
