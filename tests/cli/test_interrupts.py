@@ -89,7 +89,13 @@ def _importing(log: Path) -> bool:
 def test_a_command_interrupted_while_it_imports(tmp_path: Path) -> None:
     """Any command: this is before Typer runs, where a KeyboardInterrupt was a traceback."""
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "TRELLIS_DATA_DIR": str(tmp_path)}
-    status, lines = _interrupt(["certs", "list"], _importing, tmp_path, env=env)
+    # On a loaded host the test can see SQLAlchemy's line too late: the command has finished
+    # its imports and exited 7 (no database here) before the signal. That is the test losing
+    # the race, not the command failing it: try again, a few times.
+    for _ in range(5):
+        status, lines = _interrupt(["certs", "list"], _importing, tmp_path, env=env)
+        if status != 7:
+            break
     assert status == 130, lines
     assert lines[-1:] == INTERRUPTED and not any("Traceback" in line for line in lines), lines
 
