@@ -10,18 +10,28 @@ import pytest
 from tests.openvpn.vpnkit import InProcessTrellis
 
 
-@pytest.fixture
-def instance(tmp_path: Path) -> InProcessTrellis:
+def _instance(root: Path) -> InProcessTrellis:
     """A mesh, OpenVPN and gateway instance whose SQLite database is outside its data dir."""
-    (tmp_path / "db").mkdir()
-    cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'db' / 'main.db'}")
+    (root / "db").mkdir()
+    cli = InProcessTrellis(root / "var", f"sqlite:///{root / 'db' / 'main.db'}")
     cli.run("init", "--trust-domain", "example.org")
     cli.run("openvpn", "init")
     cli.run("gateway", "init")
     cli.run("gateway", "consumer", "add", "acme")
-    (tmp_path / "pw").write_text("a long password\n")
-    (tmp_path / "to-keys").symlink_to(tmp_path / "var" / "keys")
+    (root / "pw").write_text("a long password\n")
+    (root / "to-keys").symlink_to(root / "var" / "keys")
     return cli
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> InProcessTrellis:
+    return _instance(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> InProcessTrellis:
+    """One instance for the refusals: each leaves it as it was, which each test checks."""
+    return _instance(tmp_path_factory.mktemp("own-data"))
 
 
 @pytest.mark.parametrize(
@@ -51,14 +61,11 @@ def instance(tmp_path: Path) -> InProcessTrellis:
     ],
 )
 def test_an_output_into_trellis_own_data_is_refused(
-    instance: InProcessTrellis,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    command: str,
-    target: str,
+    refusing: InProcessTrellis, monkeypatch: pytest.MonkeyPatch, command: str, target: str
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / target
+    instance, root = refusing, refusing.data_dir.parent
+    monkeypatch.chdir(root)
+    path = root / target
     before = path.read_bytes() if path.is_file() else sorted(path.rglob("*"))
     issued = instance.run("certs", "list", "--json").stdout
     refused = instance.process().run(*command.split(), target, ok=False)
