@@ -78,8 +78,14 @@ def _serve_one(server: FakeServer, tls: ssl.SSLSocket, stop: threading.Event) ->
                 if stop.wait(server.trickle):
                     break
                 tls.sendall(bytes([byte]))
-        time.sleep(0.1)  # the rest of a body (up to Content-Length) is not awaited
-    except OSError:
+        # The rest of a body (up to Content-Length) is not awaited before answering: closing
+        # on it unread would reset a connection the client may still be reading the answer
+        # from. Read on until the client closes (it has the answer), or 0.1 s passes quietly;
+        # a fixed 0.1 s held every next connection up that long.
+        tls.settimeout(0.1)
+        while tls.recv(65536):
+            pass
+    except OSError:  # the quiet 0.1 s (TimeoutError), or the client going away
         pass
 
 
