@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from ca import scheduler
-from ca.clock import FixedClock
+from ca.clock import FixedClock, SystemClock
 from ca.config import Context, build_context
 from ca.errors import Unavailable
 from ca.jobs import JOBS, Job, job_named
@@ -238,16 +238,23 @@ def test_failures_are_retried_with_exponential_backoff(ctx: Context, failing: Br
 
 
 @pytest.mark.slow
-def test_serve_starts_after_downtime_past_the_intermediate_expiry(tmp_path: Path) -> None:
+def test_serve_starts_after_downtime_past_the_intermediate_expiry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    created = json.loads(
-        cli.set_up(
-            "init", "--trust-domain", "example.org", "--ca-ttl", "6s", "--svid-ttl", "1s", "--json"
-        )
-    )
+    # Initialised 10 s ago, and nothing ran since: its 6-second intermediate expired meanwhile
+    # (rather than waiting that out here).
+    past = SystemClock().now() - dt.timedelta(seconds=10)
+    with monkeypatch.context() as then:
+        then.setattr(SystemClock, "now", lambda _self: past)
+        created = json.loads(
+            cli.set_up(
+                "init", "--trust-domain", "example.org", "--ca-ttl", "6s", "--svid-ttl", "1s",
+                "--json",
+            )
+        )  # fmt: skip
     assert isinstance(created, dict)
-    expires = parse_time(created["intermediate_not_after"])
-    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.5)
+    assert parse_time(created["intermediate_not_after"]) < SystemClock().now()
 
     with cli.serving(tmp_path / "serve.log"):
         status = json.loads(cli.set_up("authority", "status", "--json"))
