@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 
 from ca.authority import init_authority
-from ca.clock import FixedClock
+from ca.clock import FixedClock, SystemClock
 from ca.config import Context, Settings, build_context
 from ca.jobs import Job
 from ca.rotation import RotationInProgress, Transition, rotate
@@ -182,10 +182,17 @@ TRANSITION_LOG = re.compile(r'job ca-rotation: ([^"\n]*)')
 
 @pytest.mark.slow
 def test_two_serve_replicas_rotate_each_intermediate_exactly_once(
-    pg_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = Trellis(tmp_path / "a", pg_url)
-    first.set_up("init", "--trust-domain", "example.org", "--ca-ttl", "40s", "--svid-ttl", "6s")
+    # A 40-second intermediate (L = 70 s, notBefore backdated 30 s) made 20 s ago: its
+    # successor is due at once, so the replicas' start-up runs race to prepare it; its
+    # activation is due 8.3 s from now and it expires in 20 s, a window longer than the job's
+    # 10 s interval, so a scheduled run activates it. Made now, the first 20 s were waited out.
+    past = SystemClock().now() - dt.timedelta(seconds=20)
+    with monkeypatch.context() as then:
+        then.setattr(SystemClock, "now", lambda _self: past)
+        first.set_up("init", "--trust-domain", "example.org", "--ca-ttl", "40s", "--svid-ttl", "6s")
     # the second replica: a copy of the data dir, with the key directory shared (one volume)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "keys")
