@@ -333,12 +333,14 @@ def initialising(session: Session, name: str) -> None:
 def _made_since(row: AuthorityRow | None, given_at: dt.datetime | None) -> bool:
     """Whether ``row`` was made after ``given_at``, by an init that ran while this one started
     up: three ``trellis init --force`` started together each spend a second importing, and the
-    first commits before the others have read anything. Times are whole seconds (``Clock``):
-    one made in the second the command was given counts as made before it, so an init given
-    just after another ended replaces that one, as it always did."""
+    first commits before the others have read anything. Compared to the microsecond (the row's
+    ``created_at`` is the wall clock just before its commit, not the whole-second ``Clock``):
+    in whole seconds an init that committed in the second the others were given counted as made
+    before them, and a second one replaced it, both reporting success. An init given after
+    another committed still replaces that one."""
     if row is None or given_at is None:
         return False
-    return utc(row.created_at) > utc(given_at).replace(microsecond=0)
+    return utc(row.created_at) > utc(given_at)
 
 
 def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
@@ -401,17 +403,16 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
                 ttl=params.ca_ttl,
                 issuer=(root, ctx.keys.load(root_key)),
             )
-            session.add(
-                AuthorityRow(
-                    name=params.name,
-                    purpose=params.purpose,
-                    trust_domain=params.trust_domain.name if params.trust_domain else "",
-                    key_backend=backend,
-                    ca_ttl_seconds=params.ca_ttl.seconds,
-                    svid_ttl_seconds=params.svid_ttl.seconds,
-                    created_at=now,
-                )
+            authority = AuthorityRow(
+                name=params.name,
+                purpose=params.purpose,
+                trust_domain=params.trust_domain.name if params.trust_domain else "",
+                key_backend=backend,
+                ca_ttl_seconds=params.ca_ttl.seconds,
+                svid_ttl_seconds=params.svid_ttl.seconds,
+                created_at=now,
             )
+            session.add(authority)
             session.flush()
             root_row = ca_row_for(params.name, "root", root, root_key, now)
             session.add(root_row)
@@ -423,6 +424,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
             for row in (root_row, int_row):
                 record_event(session, row, "created", params.actor, now)
             sync_bundle(session, params.name, now, after=replaced or 0)
+            authority.created_at = dt.datetime.now(dt.UTC)  # when it is made: _made_since
             session.commit()
     except BaseException:
         destroy_quietly(ctx, created)

@@ -6,6 +6,7 @@ runs in a data dir of its own, as a replica does. Both databases."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +107,24 @@ def test_a_forced_init_after_another_replaces_that_one(ctx: Context) -> None:
 
     assert fingerprint(first.roots[0]) != fingerprint(second.roots[0])
     assert roots(ctx, authority.MESH) == {serial_of(second)}
+
+
+def test_a_forced_init_given_before_another_committed_is_refused(ctx: Context) -> None:
+    """Three ``init --force`` given together: the first committed in the second the others
+    were given, one of them read the roots only after that commit, and the whole-second
+    ``created_at`` counted that CA as made before it was given: it replaced it too, and two
+    reported success with different roots. One given after the commit still replaces it."""
+    given = dt.datetime.now(dt.UTC)
+    first = init_authority(ctx, AuthorityParams(TRUST_DOMAIN, force=True))
+
+    with pytest.raises(authority.AuthorityExists, match="after this one was given"):
+        init_authority(ctx, AuthorityParams(TRUST_DOMAIN, force=True, given_at=given))
+    assert roots(ctx, authority.MESH) == {serial_of(first)}
+
+    later = init_authority(
+        ctx, AuthorityParams(TRUST_DOMAIN, force=True, given_at=dt.datetime.now(dt.UTC))
+    )
+    assert roots(ctx, authority.MESH) == {serial_of(later)} != {serial_of(first)}
 
 
 def test_two_gateway_inits_at_once_create_it_once(
