@@ -60,11 +60,14 @@ __all__ = [
     "AuthorityParams",
     "Issuer",
     "IssuerChanged",
+    "OtherPurpose",
     "StillActive",
     "active_issuer",
     "bundle_pem",
     "check_keys",
+    "check_name",
     "check_params",
+    "check_purpose",
     "init_authority",
     "initialising",
     "load_authority",
@@ -90,6 +93,11 @@ DEFAULT_SVID_TTL = Ttl(3600)
 
 PURPOSES = ("spiffe", "openvpn", "gateway")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+# The names whose purpose is fixed before they exist. Their inits, and everything that finds
+# the mesh or the gateway, go by the name alone: an OpenVPN authority called ``gateway`` was
+# taken by ``trellis gateway init`` for its own, and the VPN's clients passed the gateway's
+# truststore (docs/gateway.md: the two hierarchies are separate).
+_RESERVED = {MESH: ("spiffe", "the SPIFFE mesh"), GATEWAY: ("gateway", "the API gateway")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +167,43 @@ def load_authority(ctx: Context, name: str = MESH) -> AuthorityRow:
     return row
 
 
+def check_name(name: str, purpose: str) -> None:
+    """Whether an authority of ``purpose`` may be called ``name`` (``_RESERVED``)."""
+    if purpose not in PURPOSES:
+        raise InvalidInput(f"unknown authority purpose {purpose!r}")
+    if not _NAME.match(name):
+        raise InvalidInput("an authority name is lower-case letters, digits and '-', at most 32")
+    owner = _RESERVED.get(name)
+    if owner is not None and owner[0] != purpose:
+        raise InvalidInput(
+            f"the authority name {name!r} is reserved for {owner[1]}: give the {purpose}"
+            " authority another name"
+        )
+
+
+class OtherPurpose(Conflict):
+    """The authority of a name is one of another purpose than asked for. Not an
+    ``AuthorityExists``: ``trellis init --exists-ok`` is not content with it, and no init,
+    forced or not, replaces it."""
+
+
+def check_purpose(row: AuthorityRow | None, purpose: str) -> None:
+    """An authority found by its name is one of ``purpose``, or nothing an init of that purpose
+    may complete, reuse or replace (a database from before ``_RESERVED`` may hold one)."""
+    if row is not None and row.purpose != purpose:
+        raise _other_purpose(row.name, row.purpose, purpose)
+
+
+def _other_purpose(name: str, found: str, purpose: str) -> OtherPurpose:
+    return OtherPurpose(
+        f"authority {name!r} has purpose {found}, not {purpose}: it is never used as one,"
+        " and no init, forced or not, replaces it"
+    )
+
+
 def check_params(params: AuthorityParams) -> None:
     """What ``init_authority`` refuses; callable first by whoever must set nothing up before."""
-    if params.purpose not in PURPOSES:
-        raise InvalidInput(f"unknown authority purpose {params.purpose!r}")
-    if not _NAME.match(params.name):
-        raise InvalidInput("an authority name is lower-case letters, digits and '-', at most 32")
+    check_name(params.name, params.purpose)
     if (params.purpose == "spiffe") != (params.trust_domain is not None):
         raise InvalidInput("a trust domain is required for SPIFFE authorities and only for them")
     # SPIRE's rule of thumb: an SVID should live at most a sixth of its issuer's life, otherwise
@@ -346,7 +385,8 @@ def _made_since(row: AuthorityRow | None, given_at: dt.datetime | None) -> bool:
 def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
     """Create root and issuing intermediate in one transaction; a failure leaves no keys behind.
     ``params.actor`` is who created it (and, with ``force``, replaced the old one) in the audit
-    trail.
+    trail. An authority of another purpose under ``params.name`` is refused (``OtherPurpose``),
+    also with ``force``: a name typed into one init never replaces the mesh or the gateway.
 
     Inits of one authority take turns (``initialising``); the one that waited raises
     ``AuthorityExists`` without making a key when the first created the authority, and, with
@@ -363,6 +403,7 @@ def init_authority(ctx: Context, params: AuthorityParams) -> Issuer:
         with Session(ctx.engine) as session:
             initialising(session, params.name)
             existing = session.get(AuthorityRow, params.name)
+            check_purpose(existing, params.purpose)
             if existing is not None and not params.force:
                 raise AuthorityExists(
                     f"authority {params.name!r} already exists: only a forced init replaces it "
@@ -493,15 +534,20 @@ def trust_domain_as_is(url: str) -> TrustDomain | None:
     """The mesh CA's trust domain in the database at ``url``, or None where it has none, read
     before its schema is settled: ``trellis init --exists-ok`` refuses another trust domain
     without migrating an older schema, which cannot be undone (``db.SchemaPolicy``). The
-    ``authority`` table is as revision 0001 made it, so this reads any revision."""
+    ``authority`` table is as revision 0001 made it, so this reads any revision. A ``mesh`` of
+    another purpose (``check_purpose``) is refused here too, before anything is migrated."""
     with db.read_as_is(url) as connection:
         if connection is None or not sa.inspect(connection).has_table("authority"):
             return None
         authority = table(AuthorityRow)
-        name = connection.execute(
-            sa.select(authority.c.trust_domain).where(authority.c.name == MESH)
-        ).scalar()
-    return TrustDomain.parse(name) if name else None
+        found = connection.execute(
+            sa.select(authority.c.purpose, authority.c.trust_domain).where(authority.c.name == MESH)
+        ).first()
+    if found is None:
+        return None
+    if found.purpose != "spiffe":
+        raise _other_purpose(MESH, found.purpose, "spiffe")
+    return TrustDomain.parse(found.trust_domain) if found.trust_domain else None
 
 
 def active_issuer(ctx: Context, name: str = MESH) -> Issuer:

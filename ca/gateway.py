@@ -40,6 +40,7 @@ from ca.authority import (
     AuthorityExists,
     AuthorityParams,
     active_issuer,
+    check_purpose,
     init_authority,
 )
 from ca.bundle import trust_anchors
@@ -232,9 +233,13 @@ def init_gateway(ctx: Context, params: GatewayParams, *, actor: str = "cli") -> 
     a crash between the two steps completes the second one. ``actor`` (``cli`` or
     ``admin-token:<id>``) is recorded on the CAs and on ``gateway.initialised``."""
     with Session(ctx.engine) as session:
-        exists = session.get(AuthorityRow, GATEWAY) is not None
+        found = session.get(AuthorityRow, GATEWAY)
+        # Only the gateway's own half-made init is completed: an OpenVPN authority an older
+        # Trellis let be called 'gateway' was taken for one, and its CA signed partners' certs.
+        check_purpose(found, "gateway")
         if session.get(GatewayConfigRow, GATEWAY) is not None:
             raise Conflict("the gateway authority exists already")
+    exists = found is not None
     if not exists:
         try:
             init_authority(
@@ -298,8 +303,10 @@ def _parent(cert: x509.Certificate, roots: Sequence[x509.Certificate]) -> x509.C
 def gateway_policy(ctx: Context) -> GatewayPolicy:
     with Session(ctx.engine) as session:
         row = session.get(GatewayConfigRow, GATEWAY)
+        authority = session.get(AuthorityRow, GATEWAY)
     if row is None:
         raise NotInitialised("no gateway authority: run 'trellis gateway init' first")
+    check_purpose(authority, "gateway")  # a database where that init took a VPN's CA
     return GatewayPolicy(Ttl(row.default_ttl_seconds), Ttl(row.max_ttl_seconds))
 
 
@@ -763,7 +770,10 @@ class Truststore:
 def _trusted_cas(session: Session, now: dt.datetime) -> tuple[list[CaRow], list[CaRow]]:
     """Every intermediate a live gateway certificate can chain through (prepared ones too, so
     gateways trust a new intermediate before it issues), and the roots they chain to. Revoked
-    intermediates are left out: for gateways that check no CRL (AWS) that is their revocation."""
+    intermediates are left out: for gateways that check no CRL (AWS) that is their revocation.
+    Nothing from a 'gateway' of another purpose (``init_gateway``): that one's clients are
+    not the gateway's partners."""
+    check_purpose(session.get(AuthorityRow, GATEWAY), "gateway")
     roots = trust_anchors(session, GATEWAY, now)
     if not roots:
         raise NotInitialised("no gateway authority: run 'trellis gateway init' first")

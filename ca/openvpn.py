@@ -46,6 +46,8 @@ from ca.authority import (
     AuthorityParams,
     Issuer,
     active_issuer,
+    check_name,
+    check_purpose,
     init_authority,
     initialising,
     load_authority,
@@ -250,6 +252,10 @@ class InitParams:
     actor: str = "cli"
     given_at: dt.datetime | None = None  # AuthorityParams.given_at
 
+    def __post_init__(self) -> None:
+        # Before the command sets anything up: 'mesh' and 'gateway' are never a VPN's.
+        check_name(self.name, "openvpn")
+
 
 def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
     """The CA hierarchy, then the control-channel keys in the same key store as the CA keys.
@@ -258,10 +264,8 @@ def init_openvpn(ctx: Context, params: InitParams) -> OpenVpnConfig:
     with Session(ctx.engine) as session:
         if session.get(OpenVpnRow, params.name) is not None and not params.force:
             raise Conflict(exists)
-        other = session.get(AuthorityRow, params.name)
-        if other is not None and other.purpose != "openvpn":
-            # force must never wipe the mesh (or a gateway) because of a name typed here
-            raise Conflict(f"authority {params.name!r} is a {other.purpose} authority")
+        # force must never wipe the mesh (or a gateway) because of a name typed here
+        check_purpose(session.get(AuthorityRow, params.name), "openvpn")
     try:
         issuer = init_authority(
             ctx,

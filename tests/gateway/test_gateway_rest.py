@@ -21,6 +21,7 @@ from ca.certs import get_certificate
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.errors import InvalidInput
+from ca.openvpn import InitParams, init_openvpn
 from ca.serial import Serial
 from ca.tokens import create_admin_token
 from tests.api.restkit import assert_problem
@@ -400,3 +401,16 @@ def test_consumers_wait_for_init_as_everything_else_does(api: Api) -> None:
     refused = assert_problem(api.post("/consumers", {"name": "acme"}), 503)
     assert refused["code"] == "not-initialised" and "trellis gateway init" in refused["detail"]
     assert api.get("/consumers").json() == []
+
+
+def test_init_refuses_an_openvpn_authority_named_gateway(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: it took one an older Trellis let ``/v1/openvpn/init?authority=gateway`` make
+    for its own half-made init, and its partners' certificates chained to the VPN's CA."""
+    with monkeypatch.context() as older:
+        older.setattr("ca.authority._RESERVED", {})
+        init_openvpn(api.ctx, InitParams(name="gateway"))
+    refused = assert_problem(api.post("/init", {}), 409)
+    assert refused["detail"].startswith("authority 'gateway' has purpose openvpn, not gateway")
+    assert assert_problem(api.get(""), 503)["code"] == "not-initialised"

@@ -303,3 +303,20 @@ def test_refusals_name_the_setting_not_a_cli_flag(api: TestClient) -> None:
     assert server["detail"].startswith("no server CN yet: give one, or configure")
     for detail in (short, again, client["detail"], server["detail"]):
         assert "--" not in detail and "trellis " not in detail, detail
+
+
+def test_init_refuses_the_mesh_and_gateway_names(api: TestClient, ctx: Context) -> None:
+    """Regression: ``?authority=gateway`` made an OpenVPN authority that ``/v1/gateway/init``
+    then took for the gateway's own, and ``?authority=mesh`` one the mesh's init tripped on."""
+    for name, owner in (("mesh", "the SPIFFE mesh"), ("gateway", "the API gateway")):
+        refused = assert_problem(api.post(f"/v1/openvpn/init?authority={name}", json={}), 400)
+        assert refused["detail"] == (
+            f"the authority name {name!r} is reserved for {owner}:"
+            " give the openvpn authority another name"
+        )
+    gateway = api.post("/v1/gateway/init", json={})
+    assert gateway.status_code == 201, gateway.text
+    assert api.get("/v1/openvpn?authority=gateway").status_code == 404
+    created = api.post("/v1/openvpn/init?authority=vpn2", json={})
+    assert created.status_code == 201, created.text
+    assert created.json()["authority"] == "vpn2"

@@ -253,7 +253,7 @@ def test_init_force_replaces_the_deployment(vpn: Context) -> None:
 
 def test_init_never_takes_over_another_authority(ctx: Context) -> None:
     for force in (False, True):
-        with pytest.raises(Conflict, match="spiffe authority"):
+        with pytest.raises(InvalidInput, match="reserved for the SPIFFE mesh"):
             init_openvpn(ctx, InitParams(name="mesh", force=force))
     assert active_issuer(ctx).trust_domain is not None  # the mesh is untouched
 
