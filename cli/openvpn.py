@@ -32,7 +32,11 @@ KeyTypeOpt = Annotated[str, typer.Option(help="ec-p256, ec-p384, ed25519, rsa-20
 
 @openvpn_app.command("init")
 def init(
-    name: Annotated[str, typer.Option(help="Authority name")] = openvpn.OPENVPN,
+    authority: Annotated[
+        str | None, typer.Option("--authority", help="The new authority's name (vpn)")
+    ] = None,
+    # What --authority was called before every other openvpn command's name for it was taken.
+    name: Annotated[str | None, typer.Option("--name", hidden=True)] = None,
     key_type: Annotated[str | None, typer.Option(help="Intermediate key type (ec-p256)")] = None,
     root_key_type: Annotated[str | None, typer.Option(help="Root key type")] = None,
     key_backend: Annotated[str | None, typer.Option(help="file or vault")] = None,
@@ -41,8 +45,10 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Create the VPN root and intermediate (no SAN) and the tls-crypt-v2 server key."""
+    if None not in (authority, name) and authority != name:
+        raise InvalidInput("--name is the old spelling of --authority: give one of them")
     params = openvpn.InitParams(
-        name=name,
+        name=authority or name or openvpn.OPENVPN,
         key_type=KeyType.parse(key_type or "ec-p256"),
         root_key_type=KeyType.parse(root_key_type or key_type or "ec-p384"),
         key_backend=key_backend,

@@ -250,3 +250,67 @@ def test_crl_of_an_authority_that_is_not_openvpn_is_refused(
     assert refused.returncode == 5, refused
     assert "no OpenVPN authority 'mesh'" in refused.stderr
     assert not out.exists()
+
+
+def test_the_mesh_and_gateway_names_are_refused_before_anything_is_set_up(
+    cli: InProcessTrellis, tmp_path: Path
+) -> None:
+    """Regression: ``openvpn init --name mesh`` on a new data dir exited 0, and then 'trellis
+    init' exited 6 and 'trellis init --exists-ok' (make run) 2 on the VPN's empty trust domain;
+    ``--name gateway`` handed 'trellis gateway init' the VPN's CA."""
+    operator = cli.process()
+    for name, owner in (("mesh", "the SPIFFE mesh"), ("gateway", "the API gateway")):
+        refused = operator.run("openvpn", "init", "--authority", name, ok=False)
+        assert refused.returncode == 2, refused
+        assert refused.stderr == (
+            f"trellis: the authority name {name!r} is reserved for {owner}:"
+            " give the openvpn authority another name\n"
+        )
+    assert not cli.data_dir.exists() and not (tmp_path / "trellis.db").exists()
+    operator.set_up("init", "--trust-domain", "d6.example")
+    again = operator.run("init", "--exists-ok", "--trust-domain", "d6.example")
+    assert again.stdout.startswith("A CA for d6.example already exists"), again
+    operator.set_up("gateway", "init")
+
+
+def test_init_refuses_an_older_trellis_openvpn_mesh_or_gateway(
+    cli: InProcessTrellis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database where an older Trellis let an OpenVPN authority take those names: the inits
+    say so (exit 6) instead of taking it for their own, --exists-ok included."""
+    with monkeypatch.context() as older:
+        older.setattr("ca.authority._RESERVED", {})
+        cli.run("openvpn", "init", "--name", "mesh")
+        cli.run("openvpn", "init", "--name", "gateway")
+    operator = cli.process()
+    for args in (
+        ("init", "--trust-domain", "d6.example"),
+        ("init", "--exists-ok", "--trust-domain", "d6.example"),
+        ("init", "--force", "--trust-domain", "d6.example"),
+    ):
+        refused = operator.run(*args, ok=False)
+        assert refused.returncode == 6, refused
+        assert refused.stderr == (
+            "trellis: authority 'mesh' has purpose openvpn, not spiffe: it is never used as one,"
+            " and no init, forced or not, replaces it\n"
+        )
+    refused = operator.run("gateway", "init", ok=False)
+    assert refused.returncode == 6, refused
+    assert "authority 'gateway' has purpose openvpn, not gateway" in refused.stderr
+
+
+def test_init_names_its_authority_with_authority_and_still_takes_name(
+    cli: InProcessTrellis,
+) -> None:
+    """``--authority``, as every other openvpn command calls it; ``--name``, its old spelling,
+    still works but is not offered in --help."""
+    assert "--authority" in cli.run("openvpn", "init", "--help").stdout
+    assert "--name" not in cli.run("openvpn", "init", "--help").stdout
+    assert _json(cli, "openvpn", "init", "--authority", "vpn2")["authority"] == "vpn2"
+    assert _json(cli, "openvpn", "init", "--name", "vpn3")["authority"] == "vpn3"
+    assert _json(cli, "openvpn", "init", "--authority", "vpn4", "--name", "vpn4")["authority"] == (
+        "vpn4"
+    )
+    both = cli.process().run("openvpn", "init", "--authority", "vpn5", "--name", "vpn6", ok=False)
+    assert both.returncode == 2, both
+    assert both.stderr == "trellis: --name is the old spelling of --authority: give one of them\n"
