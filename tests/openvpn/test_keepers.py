@@ -137,7 +137,7 @@ def test_the_cli_refuses_with_exit_2_and_changes_nothing(tmp_path: Path) -> None
     srv = tmp_path / "srv"
     cli.run("openvpn", "server-config", "--out", str(srv))
     crl = (srv / "crl.pem").read_bytes()
-    cli.run("openvpn", "init", "--name", "vpn2")
+    cli.run("openvpn", "init", "--authority", "vpn2")
     operator = cli.process()  # a real process: exit codes and stderr as an operator sees them
     refused = operator.run("openvpn", "configure", "--authority", "vpn2", "--crl-path",
                       str(srv / "crl.pem"), ok=False)  # fmt: skip
@@ -170,7 +170,7 @@ def test_crl_out_overwrites_only_a_crl_file_no_other_keeper_keeps(tmp_path: Path
     cli = InProcessTrellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
     cli.run("init", "--trust-domain", "example.org")
     cli.run("openvpn", "init")
-    cli.run("openvpn", "init", "--name", "vpn2")
+    cli.run("openvpn", "init", "--authority", "vpn2")
     cli.run("openvpn", "configure", "--authority", "vpn2", "--crl-path", str(tmp_path / "v2.pem"))
     cli.run("gateway", "init")
     store = tmp_path / "nginx"

@@ -331,7 +331,7 @@ def test_a_revoked_client_stays_refused_whatever_rewrites_the_crl_file(
         (
             "a second authority's claim",
             lambda: (
-                trellis.run("openvpn", "init", "--name", "vpn2"),
+                trellis.run("openvpn", "init", "--authority", "vpn2"),
                 trellis.run(
                     "openvpn", "configure", "--authority", "vpn2", "--crl-path", str(crl), ok=False
                 ),
