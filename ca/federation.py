@@ -58,6 +58,7 @@ from ca.jwks import (
     parse_jwks,
 )
 from ca.pem import certs_pem, fingerprint, load_certs
+from ca.store import locks
 from ca.store.models import AuthorityRow, FederatedBundleRow
 
 if TYPE_CHECKING:
@@ -343,9 +344,14 @@ def get_federation(ctx: Context, trust_domain: TrustDomain) -> Federation:
 def remove_federation(
     ctx: Context, trust_domain: TrustDomain, *, actor: str = "local"
 ) -> Federation:
-    """§6.3: forget the bundle and stop polling; validators drop it at their next read."""
+    """§6.3: forget the bundle and stop polling; validators drop it at their next read.
+
+    Once: a second removal, even one made at the same moment, is a ``NotFound``. The row is
+    read with the write lock taken (SQLite) or locked (PostgreSQL): read before, two removals
+    both found it, and both were answered 200 and recorded."""
     with Session(ctx.engine) as session:
-        row = session.get(FederatedBundleRow, trust_domain.name)
+        locks.begin_write(session.connection())
+        row = session.get(FederatedBundleRow, trust_domain.name, with_for_update=True)
         if row is None:
             raise NotFound(f"trust domain {trust_domain} is not federated")
         removed = _view(row)

@@ -70,6 +70,7 @@ from ca.paging import Page, check_limit, page
 from ca.pem import certs_pem
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+from ca.store import locks
 from ca.store.models import AuthorityRow, CaRow, CertificateRow, UtcDateTime
 from ca.store.models_gateway import (
     GatewayCertificateRow,
@@ -1013,15 +1014,21 @@ def remove_truststore(ctx: Context, path: Path, *, actor: str = "cli") -> Record
     this node: revocations and refreshes stop rewriting it, and its files are free for another
     keeper again. Its files are left where they are: a gateway may still be reading them. For a
     stale destination, or one that should never have been a truststore (written over an OpenVPN
-    server's file before ``ca.keepers`` refused that)."""
+    server's file before ``ca.keepers`` refused that).
+
+    Once: the node's records are read with the write lock taken (SQLite) or locked
+    (PostgreSQL), so a second removal made at the same moment finds nothing (``NotFound``)
+    instead of being recorded too."""
     node = ctx.settings.node_name
     wanted = path.absolute()
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
+        locks.begin_write(session.connection())
         rows = session.exec(
             select(GatewayTruststoreRow)
             .where(GatewayTruststoreRow.node == node)
             .order_by(col(GatewayTruststoreRow.id))
+            .with_for_update()
         ).all()
         exact = [row for row in rows if Path(row.path) == wanted]
         found = exact or [row for row in rows if Path(row.path).resolve() == wanted.resolve()]
