@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api import deps, problems, reference
 from api.conditional import HeadAsGet
 from api.limits import BodyLimit
+from api.plainpath import PlainPath
 from api.requestid import RequestId
 from api.routes import (
     authorities,
@@ -88,7 +89,8 @@ def create_app(ctx: Context, *, plain_svid_routes: bool = True) -> TrellisApi:
         app.state.routes.extend(router.routes)
     app.hot = svid.hot_routes() if plain_svid_routes else {}
     problems.install(app)
-    app.add_middleware(HeadAsGet)  # innermost: problem answers to a HEAD lose their body too
+    app.add_middleware(PlainPath)  # innermost: its 404 is a problem like any other
+    app.add_middleware(HeadAsGet)  # problem answers to a HEAD lose their body too
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
 

@@ -12,7 +12,7 @@ from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from ca.config import Context
-from ca.errors import AuthenticationFailed, InvalidInput, NotFound
+from ca.errors import AuthenticationFailed, InvalidInput
 from ca.tokens import AdminPrincipal, authenticate_admin
 
 # Path parameters the ``ca`` lookups judge, each with one message for every bad value: a
@@ -72,15 +72,14 @@ def bearer_credential(request: Request) -> str:
 
 async def well_formed_url(request: Request) -> None:
     """``api.schemas.RequestBody``'s rule for the URL, run before every routed operation:
-    U+0000 (``%00``) in a path parameter names nothing, so 404 as for any unknown id, before
-    it reaches a lookup PostgreSQL cannot run; in a query parameter the operation reads it is
-    malformed input, 400 (those it does not read reach nothing).
+    U+0000 (``%00``) in a query parameter the operation reads is malformed input, 400 (those it
+    does not read reach nothing). In the path it never gets here: a path holding any control
+    character is an unknown path, 404 (``api.plainpath``), before it reaches a lookup
+    PostgreSQL cannot run.
 
     A query parameter the operation reads may also be given only once: FastAPI keeps the last
     value, so ``?force=false&force=true`` forced a rotation that a reader of the first value
     (a proxy's log, a policy check) saw refused. Trellis declares no list-valued one."""
-    if any("\x00" in str(value) for value in request.path_params.values()):
-        raise NotFound("no such object: the path holds NUL (U+0000)")
     route = request.scope.get("route")
     if not request.scope["query_string"] or not isinstance(route, APIRoute):
         return

@@ -211,3 +211,15 @@ def test_connections_past_the_limit_are_answered_503(trellis: Trellis, tmp_path:
         finally:
             for conn in held:
                 conn.close()
+
+
+@pytest.mark.parametrize("path", [b"/metrics%0A", b"/healthz%0d", b"/v1/crl/mesh/root.crl%0A"])
+def test_a_path_with_a_control_character_is_an_unknown_path(serving: Serving, path: bytes) -> None:
+    """As the server decodes it (httptools, then uvicorn's unquote): the path with the newline
+    had been served as the route without it (``api.plainpath``)."""
+    head = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with connect(serving) as conn:
+        response = request(conn, head)
+    got, problem = status_and_problem(response)
+    assert (got, problem["code"]) == (404, "not-found"), problem
+    assert "a control character" in str(problem["detail"])
