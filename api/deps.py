@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
@@ -71,17 +72,28 @@ def bearer_credential(request: Request) -> str:
 
 
 async def well_formed_url(request: Request) -> None:
-    """``api.schemas.RequestBody``'s rule for the URL, run before every routed operation:
-    U+0000 (``%00``) in a query parameter the operation reads is malformed input, 400 (those it
-    does not read reach nothing). In the path it never gets here: a path holding any control
-    character is an unknown path, 404 (``api.plainpath``), before it reaches a lookup
-    PostgreSQL cannot run.
+    """``api.schemas.RequestBody``'s rule for the URL, run before every routed operation that
+    takes no admin credential; one that does runs it once the credential has passed
+    (``admin``): a caller with none is told 401, a join token 403, whatever the URL holds
+    (docs/api.md). U+0000 (``%00``) in a query parameter the operation reads is malformed
+    input, 400 (those it does not read reach nothing). In the path it never gets here: a path
+    holding any control character is an unknown path, 404 (``api.plainpath``), before it
+    reaches a lookup PostgreSQL cannot run.
 
     A query parameter the operation reads may also be given only once: FastAPI keeps the last
     value, so ``?force=false&force=true`` forced a rotation that a reader of the first value
     (a proxy's log, a policy check) saw refused. Trellis declares no list-valued one."""
     route = request.scope.get("route")
-    if not request.scope["query_string"] or not isinstance(route, APIRoute):
+    if isinstance(route, APIRoute) and not _takes_admin(route.dependant):
+        _check_query(request, route)
+
+
+def _takes_admin(dependant: Dependant) -> bool:
+    return any(sub.call is admin or _takes_admin(sub) for sub in dependant.dependencies)
+
+
+def _check_query(request: Request, route: APIRoute) -> None:
+    if not request.scope["query_string"]:
         return
     for parameter in route.dependant.query_params:
         values = request.query_params.getlist(parameter.alias)
@@ -108,8 +120,15 @@ CtxDep = Annotated[Context, Depends(get_context)]
 BearerDep = Annotated[str, Depends(bearer)]
 
 
-def admin(ctx: CtxDep, secret: BearerDep) -> AdminPrincipal:
-    return authenticate_admin(ctx, secret)
+def admin(ctx: CtxDep, secret: BearerDep, request: Request) -> AdminPrincipal:
+    """The admin credential, then the URL (``well_formed_url``): FastAPI runs an application's
+    dependencies before a route's own, so a URL judged there answered a caller with no
+    credential 400 (``?limit=1&limit=2``) where docs/api.md promises 401."""
+    principal = authenticate_admin(ctx, secret)
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute):
+        _check_query(request, route)
+    return principal
 
 
 AdminDep = Annotated[AdminPrincipal, Depends(admin)]
