@@ -177,14 +177,20 @@ def set_entry_enabled(ctx: Context, entry_id: str, enabled: bool, *, actor: str 
     """A disabled entry issues nothing (no join, no renewal) until enabled again: the way to stop
     a revoked identity from coming straight back with a fresh certificate. An issuance under
     way for it is recorded before the change commits or waits for it and is refused
-    (``ca.store.locks``)."""
+    (``ca.store.locks``).
+
+    Idempotent, as ``ca.gateway.disable_consumer``: an entry already in the state asked for is
+    returned as it is (a disabled one keeps the time it was disabled) and nothing is recorded,
+    so the audit trail holds one ``entry.disabled`` per actual change."""
     entry_id = _parse_id(entry_id)
     with Session(ctx.engine) as session:
         locks.withdrawing(session.connection(), locks.entry_name(entry_id))
         row = session.get(EntryRow, entry_id)
         if row is None:
             raise NotFound(f"registration entry {entry_id[:40]!r} does not exist")
-        row.disabled_at = None if enabled else (row.disabled_at or ctx.clock.now())
+        if (row.disabled_at is None) == enabled:
+            return _entry(row)
+        row.disabled_at = None if enabled else ctx.clock.now()
         session.add(row)
         audit.record(
             session,

@@ -101,3 +101,33 @@ def test_a_rest_request_cannot_take_the_cli_s_request_id_prefix(
         headers={**rest.admin, "X-Request-ID": "from-cli-deadbeef"},
     )
     assert again.headers["x-request-id"] == "from-cli-deadbeef"
+
+
+def test_disabling_or_enabling_an_entry_is_recorded_only_when_it_changes(
+    rest: Rest, ctx: Context
+) -> None:
+    """As a gateway consumer's disabling: every call was recorded, and three ``entry.disabled``
+    in a row read as three changes. The unchanged calls still answer 200 with the state."""
+    entry_id = rest.create_entry("spiffe://example.org/web")
+    answers = []
+    for action, rid in [
+        ("enable", "enable-0"),
+        ("disable", "disable-1"),
+        ("disable", "disable-2"),
+        ("disable", "disable-3"),
+        ("enable", "enable-4"),
+        ("enable", "enable-5"),
+    ]:
+        response = rest.client.post(
+            f"/v1/entries/{entry_id}/{action}", headers={**rest.admin, "X-Request-ID": rid}
+        )
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["enabled"])
+
+    assert answers == [True, False, False, False, True, True]
+    records = [
+        (record.event, record.request_id)
+        for record in audit.list_audit(ctx, limit=1000)
+        if record.event in ("entry.disabled", "entry.enabled")
+    ]
+    assert sorted(records) == [("entry.disabled", "disable-1"), ("entry.enabled", "enable-4")]
