@@ -28,6 +28,7 @@ from ca.errors import Conflict, NotFound
 from ca.kubectl import dns_label
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+from ca.store import locks
 from ca.store.models import CertificateRow, IstioClusterRow
 
 __all__ = ["RemovedCluster", "remove_cluster"]
@@ -70,6 +71,9 @@ def remove_cluster(
     dns_label(cluster, "a cluster name")
     now = ctx.clock.now()
     with Session(ctx.engine) as session:
+        # The write lock before the read on SQLite, where FOR UPDATE locks nothing: read
+        # before it, two removals both found the row and both were recorded.
+        locks.begin_write(session.connection())
         row = session.get(IstioClusterRow, cluster, with_for_update=True)
         if row is None:
             raise NotFound(f"no Istio cluster {cluster!r} is recorded (trellis istio list)")

@@ -12,10 +12,11 @@ import pytest
 from cryptography import x509
 from sqlmodel import Session, select
 
-from ca import istio
+from ca import audit, istio
 from ca.clock import FixedClock
 from ca.config import Context
 from ca.crl import current_crl
+from ca.errors import NotFound
 from ca.istio import (
     RENEWAL_INTERVAL,
     IstioParams,
@@ -23,11 +24,12 @@ from ca.istio import (
     issue_istio_intermediate,
     renew_due_clusters,
 )
-from ca.istio_clusters import remove_cluster
+from ca.istio_clusters import RemovedCluster, remove_cluster
 from ca.jobs import job_named
 from ca.scheduler import run_job
 from ca.store.models import CaRow, CertificateRow, IstioClusterRow
 from ca.store.models_audit import AuditRow
+from tests.ca.racekit import first_held
 from tests.istio.conftest import SQLITE_ONLY
 from tests.istio.istiokit import Cli
 
@@ -173,3 +175,24 @@ def test_a_renewal_under_way_does_not_bring_a_removed_cluster_back(
     assert out.read_bytes() == written
     serial = format(intermediate.certificate.serial_number, "x")
     assert _intermediates(ctx) == {serial: "active"}  # the renewal was not recorded
+
+
+def test_a_cluster_removed_twice_at_once_is_removed_once(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite has no FOR UPDATE: the second removal read the row the first was deleting, and
+    both were answered as removals and recorded (its DELETE matched nothing, an SAWarning)."""
+    params = IstioParams("east", output=tmp_path / "east.yaml")
+    deliver(ctx, issue_istio_intermediate(ctx, params), params)
+
+    first, second = first_held(
+        monkeypatch,
+        audit,
+        "record",
+        lambda: remove_cluster(ctx, "east"),
+        lambda: remove_cluster(ctx, "east"),
+    )
+
+    assert isinstance(first, RemovedCluster), first
+    assert isinstance(second, NotFound), second
+    assert len(_events(ctx)) == 1
