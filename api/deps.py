@@ -12,18 +12,20 @@ from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 
+from api.schemas.wire import CaSelectorText
 from ca.config import Context
 from ca.errors import AuthenticationFailed, InvalidInput
 from ca.tokens import AdminPrincipal, authenticate_admin
 
 # Path parameters the ``ca`` lookups judge, each with one message for every bad value: a
 # pattern here answered some values with pydantic's wording and its regex, and the rest with
-# Trellis's (``/v1/crl/mesh/zz.crl`` and ``/00.crl``, ``MESH`` and ``nope``).
+# Trellis's (``/v1/crl/mesh/zz.crl`` and ``/00.crl``, ``MESH`` and ``nope``). The pattern
+# ``/openapi.json`` shows (``api.schemas.wire``) is not enforced: ``ca`` still judges.
 AuthorityName = Annotated[
     str, Path(description="The authority's name (mesh, ...): one that does not exist is 404")
 ]
 CaSelector = Annotated[
-    str,
+    CaSelectorText,
     Path(description="root, intermediate (the active ones) or a CA serial in hex: else 400"),
 ]
 

@@ -9,11 +9,15 @@ from fastapi import APIRouter, Query
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas import CertificateOut, CertificatePage, RevokedCertificateOut, RevokeRequest
+from api.schemas.wire import DurationOrEmpty, SerialOrEmpty, SerialText, one_of
 from ca import certs
 from ca.durations import Ttl
 from ca.identity import SpiffeId
 from ca.revocation import RevocationReason
 from ca.serial import Serial
+
+# ``certs.CertStatus.parse``; "" lists every status, as no status does.
+StatusOrEmpty = Annotated[str, one_of((s.value for s in certs.CertStatus), empty=True)]
 
 router = APIRouter(prefix="/v1/certificates", tags=["certificates"], responses=PROBLEM_RESPONSES)
 
@@ -23,11 +27,13 @@ def list_certificates(
     ctx: CtxDep,
     _admin: AdminDep,
     spiffe_id: Annotated[str | None, Query(max_length=2048)] = None,
-    status: Annotated[str | None, Query(description="active, revoked or expired")] = None,
+    status: Annotated[StatusOrEmpty | None, Query(description="active, revoked or expired")] = None,
     limit: Annotated[int, Query(ge=1, le=certs.MAX_PAGE)] = 100,
-    after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
+    after: Annotated[
+        SerialOrEmpty | None, Query(max_length=64, description="Serial to page after")
+    ] = None,
     expiring_within: Annotated[
-        str | None,
+        DurationOrEmpty | None,
         Query(
             max_length=16,
             description="Only live certificates expiring within this duration (e.g. 24h), "
@@ -50,7 +56,7 @@ def list_certificates(
 
 
 @router.get("/{serial}", response_model=CertificateOut, responses=responses(404))
-def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateOut:
+def show_certificate(serial: SerialText, ctx: CtxDep, _admin: AdminDep) -> CertificateOut:
     return CertificateOut.of(certs.get_certificate(ctx, Serial.parse(serial)), with_pem=True)
 
 
@@ -60,7 +66,7 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> CertificateO
     responses=responses(404, 409),
 )
 def revoke_certificate(
-    serial: str, ctx: CtxDep, admin: AdminDep, body: RevokeRequest | None = None
+    serial: SerialText, ctx: CtxDep, admin: AdminDep, body: RevokeRequest | None = None
 ) -> RevokedCertificateOut:
     """Every field of the body is optional, so the body is too (none is ``{}``), as for the
     emergency switch and rotate; docs/api.md documents ``{"reason"?, "invalidity_date"?}``."""

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Response, status
 from api.deps import AdminDep, CtxDep
 from api.problems import PROBLEM_RESPONSES, responses
 from api.schemas.federation import FederationCreate, FederationOut
+from api.schemas.wire import TrustDomainText
 from ca import federation
 from ca.identity import SpiffeId, TrustDomain
 
@@ -51,12 +52,12 @@ def list_federations(ctx: CtxDep, _admin: AdminDep) -> list[FederationOut]:
 
 
 @router.get("/v1/federation/{trust_domain}", response_model=FederationOut, responses=ADMIN)
-def show_federation(trust_domain: str, ctx: CtxDep, _admin: AdminDep) -> FederationOut:
+def show_federation(trust_domain: TrustDomainText, ctx: CtxDep, _admin: AdminDep) -> FederationOut:
     return FederationOut.of(federation.get_federation(ctx, TrustDomain.parse(trust_domain)))
 
 
 @router.delete("/v1/federation/{trust_domain}", response_model=FederationOut, responses=ADMIN)
-def remove_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> FederationOut:
+def remove_federation(trust_domain: TrustDomainText, ctx: CtxDep, admin: AdminDep) -> FederationOut:
     """Forget the trust domain's bundle and stop polling it (SPIFFE Federation §6.3)."""
     return FederationOut.of(
         federation.remove_federation(ctx, TrustDomain.parse(trust_domain), actor=str(admin))
@@ -69,7 +70,9 @@ def remove_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> Federa
     responses={**ADMIN, **responses(409)},
     summary="Fetch the trust domain's bundle now; 503 if that fails (the last good one is kept)",
 )
-def refresh_federation(trust_domain: str, ctx: CtxDep, admin: AdminDep) -> FederationOut:
+def refresh_federation(
+    trust_domain: TrustDomainText, ctx: CtxDep, admin: AdminDep
+) -> FederationOut:
     td = TrustDomain.parse(trust_domain)
     return FederationOut.of(federation.refreshed_federation(ctx, td, actor=str(admin)))
 

@@ -18,6 +18,7 @@ from api.schemas import RevokeRequest
 from api.schemas.gateway import (
     CertIssueRequest,
     ConsumerCreate,
+    ConsumerNameText,
     ConsumerOut,
     GatewayCertOut,
     GatewayInit,
@@ -25,6 +26,14 @@ from api.schemas.gateway import (
     GatewayRevokedOut,
     TruststoreOut,
     init_params,
+)
+from api.schemas.wire import (
+    CONSUMER_NAME,
+    SerialOrEmpty,
+    SerialText,
+    one_of,
+    optional,
+    string_schema,
 )
 from ca import gateway
 from ca.durations import Ttl
@@ -37,7 +46,9 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/gateway", tags=["gateway"], responses=PROBLEM_RESPONSES)
 # Judged by ``gateway.ConsumerName`` (docs/api.md: one message for every bad value, no pattern).
-ConsumerPath = Annotated[str, Path(description="[a-z0-9][a-z0-9._-]{0,63}")]
+ConsumerPath = Annotated[ConsumerNameText, Path(description="[a-z0-9][a-z0-9._-]{0,63}")]
+ConsumerOrEmpty = Annotated[str, string_schema(pattern=optional(CONSUMER_NAME))]
+FormatName = Annotated[str, one_of(f.value for f in gateway.TruststoreFormat)]
 
 
 @router.post(
@@ -116,10 +127,14 @@ def list_certificates(
     response: Response,
     ctx: CtxDep,
     _admin: AdminDep,
-    consumer: Annotated[str | None, Query(max_length=64)] = None,
+    consumer: Annotated[
+        ConsumerOrEmpty | None, Query(max_length=64, description="Only this consumer's")
+    ] = None,
     live: Annotated[QueryBool, Query(description="true: only active, unexpired ones")] = False,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    after: Annotated[str | None, Query(max_length=64, description="Serial to page after")] = None,
+    after: Annotated[
+        SerialOrEmpty | None, Query(max_length=64, description="Serial to page after")
+    ] = None,
 ) -> list[GatewayCertOut]:
     """Newest first, one page. The body stays the array it always was; a page with more after
     it says where the next begins in ``Link: <...&after=SERIAL>; rel="next"`` (RFC 8288), the
@@ -138,7 +153,7 @@ def list_certificates(
 
 
 @router.get("/certificates/{serial}", response_model=GatewayCertOut, responses=responses(404))
-def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> GatewayCertOut:
+def show_certificate(serial: SerialText, ctx: CtxDep, _admin: AdminDep) -> GatewayCertOut:
     return GatewayCertOut.of(gateway.show_certificate(ctx, Serial.parse(serial)))
 
 
@@ -148,7 +163,7 @@ def show_certificate(serial: str, ctx: CtxDep, _admin: AdminDep) -> GatewayCertO
     responses=responses(404, 409),
 )
 def revoke(
-    serial: str, ctx: CtxDep, admin: AdminDep, body: RevokeRequest | None = None
+    serial: SerialText, ctx: CtxDep, admin: AdminDep, body: RevokeRequest | None = None
 ) -> GatewayRevokedOut:
     """The gateway CRL is re-signed in the revoking transaction; recorded nginx truststores on
     the server's node are rewritten (reload nginx after). No body is ``{}``, as for
@@ -166,7 +181,7 @@ def revoke(
 
 @router.get("/truststore/{format}", response_model=TruststoreOut, responses=responses(404))
 def truststore(
-    format: Annotated[str, Path(description="pem, nginx, aws or kong")],
+    format: Annotated[FormatName, Path(description="pem, nginx, aws or kong")],
     ctx: CtxDep,
     _admin: AdminDep,
 ) -> TruststoreOut:

@@ -26,6 +26,7 @@ from api.schemas.openvpn import (
     ServerCertOut,
     ServerCertRequest,
     ServerConfigOut,
+    VpnNameText,
 )
 from ca import openvpn
 from ca.durations import Ttl
@@ -185,7 +186,7 @@ def list_clients(
     summary="A fresh profile; the previous certificate is revoked as superseded",
 )
 def renew_client(
-    name: str,
+    name: VpnNameText,
     body: ClientRenew,
     ctx: CtxDep,
     principal: AdminDep,
@@ -209,7 +210,7 @@ def renew_client(
     summary="Offboard a user: revoke every live certificate and rewrite the CRL file",
 )
 def revoke_client(
-    name: str,
+    name: VpnNameText,
     ctx: CtxDep,
     principal: AdminDep,
     body: ClientRevoke | None = None,

@@ -18,6 +18,7 @@ from api.schemas import (
     IntermediateRevokeRequest,
     RevokedCertificateOut,
 )
+from api.schemas.wire import ReasonName
 from ca import certs
 from ca.cas import ca_certificate_der
 from ca.crl import current_crl
@@ -157,7 +158,8 @@ def emergency(
     principal: AdminDep,
     body: IntermediateRevokeRequest | None = None,
     reason: Annotated[
-        str | None, Query(description="The reason, for callers without a body (older form)")
+        ReasonName | None,
+        Query(description="The reason, for callers without a body (older form)"),
     ] = None,
 ) -> IntermediateRevokedOut:
     """The body is read like every revocation's (unknown fields refused): this cannot be

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
+from api.schemas.wire import DurationOrEmpty, ReasonName
 from ca.identity import MAX_ID_BYTES
 from ca.text import MAX_FREE_TEXT
 
@@ -68,7 +69,7 @@ class SvidRequest(RequestBody):
     csr: str = Field(
         max_length=60_000, description="PEM PKCS#10 request signed by the workload key"
     )
-    ttl: str | None = Field(
+    ttl: DurationOrEmpty | None = Field(
         default=None, examples=["1h"], description="At most the entry's max TTL"
     )
 
@@ -91,8 +92,8 @@ class EntryCreate(RequestBody):
         default_factory=list,
         json_schema_extra=decided_by_ca(maxItems=32),  # ca.entries
     )
-    ttl: str | None = Field(default=None, examples=["1h"])
-    max_ttl: str | None = Field(default=None, examples=["24h"])
+    ttl: DurationOrEmpty | None = Field(default=None, examples=["1h"])
+    max_ttl: DurationOrEmpty | None = Field(default=None, examples=["24h"])
 
 
 class EntryOut(BaseModel):
@@ -119,7 +120,27 @@ class EntryOut(BaseModel):
         )
 
 
+# ``api.routes.tokens.create_token``: a join token names its entry, an admin token says admin
+# and takes no ``uses``. Only the schema says so; the route refuses the rest with its message.
+_ONE_KIND_OF_TOKEN = {
+    "oneOf": [
+        {
+            "title": "Join token",
+            "required": ["entry_id"],
+            "properties": {"entry_id": {"type": "string"}, "admin": {"const": False}},
+        },
+        {
+            "title": "Admin token",
+            "required": ["admin"],
+            "properties": {"admin": {"const": True}, "entry_id": {"type": "null"}, "uses": False},
+        },
+    ]
+}
+
+
 class TokenCreate(RequestBody):
+    model_config = ConfigDict(json_schema_extra=_ONE_KIND_OF_TOKEN)
+
     entry_id: str | None = Field(default=None, description="Join token for this entry")
     # Strict: "admin": "yes" or 1 is a mistake to refuse, not a wish to grant.
     admin: StrictBool = Field(default=False, description="Create an admin token instead")
@@ -127,7 +148,7 @@ class TokenCreate(RequestBody):
         default=1,
         json_schema_extra=decided_by_ca(minimum=1, maximum=1000),  # ca.tokens
     )
-    ttl: str | None = Field(default=None, examples=["1h"])
+    ttl: DurationOrEmpty | None = Field(default=None, examples=["1h"])
     description: str = Field(
         default="",
         json_schema_extra=decided_by_ca(maxLength=MAX_FREE_TEXT),
@@ -227,7 +248,7 @@ class CertificatePage(BaseModel):
 
 
 class RevokeRequest(RequestBody):
-    reason: str = Field(default="unspecified", examples=["keyCompromise"])
+    reason: ReasonName = Field(default="unspecified", examples=["keyCompromise"])
     invalidity_date: dt.datetime | None = Field(
         default=None,
         description="When the key is known or suspected to have been compromised (with a zone)",
@@ -247,7 +268,7 @@ class Health(BaseModel):
 
 
 class IntermediateRevokeRequest(RequestBody):
-    reason: str = Field(default="cACompromise", examples=["keyCompromise"])
+    reason: ReasonName = Field(default="cACompromise", examples=["keyCompromise"])
 
 
 class RotateRequest(RequestBody):
@@ -256,7 +277,7 @@ class RotateRequest(RequestBody):
 
 class IdentityRevokeRequest(RequestBody):
     spiffe_id: str = Field(json_schema_extra=decided_by_ca(maxLength=MAX_ID_BYTES))
-    reason: str = Field(default="unspecified", examples=["keyCompromise"])
+    reason: ReasonName = Field(default="unspecified", examples=["keyCompromise"])
 
 
 class IntermediateRevokedOut(BaseModel):

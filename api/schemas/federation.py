@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
 from api.schemas import RequestBody, decided_by_ca
+from api.schemas.wire import one_of
 from ca import federation
 from ca.identity import MAX_ID_BYTES, MAX_TRUST_DOMAIN_BYTES
 from ca.pem import fingerprint
+
+# ``federation.Profile.parse``: exactly these spellings.
+ProfileName = Annotated[str, one_of(p.value for p in federation.Profile)]
 
 __all__ = ["FederationCreate", "FederationOut"]
 
@@ -24,7 +29,7 @@ class FederationCreate(RequestBody):
         json_schema_extra=decided_by_ca(maxLength=federation.MAX_URL),
         examples=["https://bundle.partner.org/v1/bundle.jwks"],
     )
-    profile: str = Field(examples=["https_spiffe"], description="https_web or https_spiffe")
+    profile: ProfileName = Field(examples=["https_spiffe"], description="https_web or https_spiffe")
     endpoint_spiffe_id: str | None = Field(
         default=None,
         json_schema_extra=decided_by_ca(maxLength=MAX_ID_BYTES),

@@ -6,13 +6,16 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from api.schemas import CRL_SKIPPED, RequestBody, decided_by_ca
+from api.schemas.wire import CONSUMER_NAME, DurationOrEmpty, one_of, string_schema
 from ca import gateway
 from ca.durations import Ttl
 from ca.keys import KeyType
+from ca.keys.store import KNOWN_BACKENDS
 from ca.pem import fingerprint
 from ca.text import MAX_FREE_TEXT
 
@@ -29,14 +32,29 @@ __all__ = [
     "init_params",
 ]
 
+# ``GatewayParams`` and ``CertRequest`` refuse Ed25519 (gateways, Java and Windows key stores
+# cannot use it); "" is the default, as in ``init_params``.
+KeyTypeOrEmpty = Annotated[
+    str, one_of((k.value for k in KeyType if k is not KeyType.ED25519), empty=True)
+]
+# ``check_backend_name``, on ``name or`` the configured default.
+KeyBackendOrEmpty = Annotated[str, one_of(KNOWN_BACKENDS, empty=True)]
+ConsumerNameText = Annotated[str, string_schema(pattern=CONSUMER_NAME)]
+
 
 class GatewayInit(RequestBody):
-    key_type: str | None = Field(default=None, examples=["ec-p256"], description="Intermediate")
-    root_key_type: str | None = Field(default=None, examples=["ec-p384"])
-    key_backend: str | None = Field(default=None, examples=["file"], description="file or vault")
-    ca_ttl: str | None = Field(default=None, examples=["3y"], description="Intermediate lifetime")
-    default_ttl: str | None = Field(default=None, examples=["90d"])
-    max_ttl: str | None = Field(default=None, examples=["398d"])
+    key_type: KeyTypeOrEmpty | None = Field(
+        default=None, examples=["ec-p256"], description="Intermediate"
+    )
+    root_key_type: KeyTypeOrEmpty | None = Field(default=None, examples=["ec-p384"])
+    key_backend: KeyBackendOrEmpty | None = Field(
+        default=None, examples=["file"], description="file or vault"
+    )
+    ca_ttl: DurationOrEmpty | None = Field(
+        default=None, examples=["3y"], description="Intermediate lifetime"
+    )
+    default_ttl: DurationOrEmpty | None = Field(default=None, examples=["90d"])
+    max_ttl: DurationOrEmpty | None = Field(default=None, examples=["398d"])
 
 
 class GatewayOut(BaseModel):
@@ -64,7 +82,9 @@ class GatewayOut(BaseModel):
 
 
 class ConsumerCreate(RequestBody):
-    name: str = Field(json_schema_extra=decided_by_ca(maxLength=64), examples=["acme-payments"])
+    name: ConsumerNameText = Field(
+        json_schema_extra=decided_by_ca(maxLength=64), examples=["acme-payments"]
+    )
     contact: str = Field(
         default="",
         json_schema_extra=decided_by_ca(maxLength=MAX_FREE_TEXT),
@@ -104,7 +124,7 @@ class Pkcs12Options(RequestBody):
         description="pbeWithSHA1And3-KeyTripleDES-CBC for old Java/Windows stores, instead of "
         "AES-256-CBC with PBKDF2-HMAC-SHA256",
     )
-    key_type: str | None = Field(
+    key_type: KeyTypeOrEmpty | None = Field(
         default=None, examples=["ec-p256"], description="Default ec-p256; rsa-2048 when legacy"
     )
 
@@ -116,7 +136,9 @@ class CertIssueRequest(RequestBody):
     pkcs12: Pkcs12Options | None = Field(
         default=None, description="Generate the key here and return it once, encrypted"
     )
-    ttl: str | None = Field(default=None, examples=["90d"], description="At most the max TTL")
+    ttl: DurationOrEmpty | None = Field(
+        default=None, examples=["90d"], description="At most the max TTL"
+    )
 
 
 class GatewayCertOut(BaseModel):

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field, StrictInt
 
 from api.schemas import RequestBody, RevokedCertificateOut, decided_by_ca
+from api.schemas.wire import (
+    VPN_NAME,
+    Duration,
+    KeyTypeName,
+    KeyTypeOrEmpty,
+    ReasonName,
+    one_of,
+    string_schema,
+)
 from ca import openvpn
 from ca.durations import Ttl
 from ca.keys import KeyType
+from ca.keys.store import KNOWN_BACKENDS
 
 __all__ = [
     "ClientCreate",
@@ -28,12 +39,26 @@ __all__ = [
     "ServerConfigOut",
 ]
 
+# What ``openvpn.TlsCrypt.parse``, ``Proto.parse``, ``VpnName`` and ``check_backend_name``
+# take (``api.schemas.wire``); "" is the default where the route reads it as absent.
+TlsCryptName = Annotated[str, one_of(t.value for t in openvpn.TlsCrypt)]
+TlsCryptOrEmpty = Annotated[str, one_of((t.value for t in openvpn.TlsCrypt), empty=True)]
+ProtoOrEmpty = Annotated[str, one_of((p.value for p in openvpn.Proto), empty=True)]
+KeyBackendOrEmpty = Annotated[str, one_of(KNOWN_BACKENDS, empty=True)]
+VpnNameText = Annotated[str, string_schema(pattern=VPN_NAME)]
+
 
 class OpenVpnInit(RequestBody):
-    key_type: str | None = Field(default=None, description="Default: ec-p256 (intermediate)")
-    root_key_type: str | None = Field(default=None, description="Default: key_type or ec-p384")
-    key_backend: str | None = Field(default=None, examples=["file", "vault"])
-    ca_ttl: str = Field(default="1y", description="Intermediate lifetime (rotated on schedule)")
+    key_type: KeyTypeOrEmpty | None = Field(
+        default=None, description="Default: ec-p256 (intermediate)"
+    )
+    root_key_type: KeyTypeOrEmpty | None = Field(
+        default=None, description="Default: key_type or ec-p384"
+    )
+    key_backend: KeyBackendOrEmpty | None = Field(default=None, examples=["file", "vault"])
+    ca_ttl: Duration = Field(
+        default="1y", description="Intermediate lifetime (rotated on schedule)"
+    )
 
 
 class OpenVpnConfigure(RequestBody):
@@ -43,11 +68,13 @@ class OpenVpnConfigure(RequestBody):
         examples=["vpn.example.org"],
     )
     port: StrictInt | None = Field(default=None, ge=1, le=65535)
-    proto: str | None = Field(default=None, examples=["udp"])
+    proto: ProtoOrEmpty | None = Field(default=None, examples=["udp"])
     crl_path: str | None = Field(
         default=None, max_length=1024, description="CRL file on the Trellis host, kept current"
     )
-    server_cn: str | None = Field(default=None, json_schema_extra=decided_by_ca(maxLength=64))
+    server_cn: VpnNameText | None = Field(
+        default=None, json_schema_extra=decided_by_ca(maxLength=64)
+    )
 
 
 class OpenVpnOut(BaseModel):
@@ -73,13 +100,13 @@ class OpenVpnOut(BaseModel):
 
 
 class ServerCertRequest(RequestBody):
-    cn: str | None = Field(
+    cn: VpnNameText | None = Field(
         default=None,
         json_schema_extra=decided_by_ca(maxLength=64),
         description="Default: the server CN",
     )
-    key_type: str = "ec-p256"
-    ttl: str = "1y"
+    key_type: KeyTypeName = "ec-p256"
+    ttl: Duration = "1y"
     network: str | None = Field(default=None, examples=["10.8.0.0/24"], description="config only")
 
     def params(self, authority: str, principal: object) -> openvpn.ServerRequest:
@@ -116,20 +143,20 @@ class ServerConfigOut(BaseModel):
 
 
 class ClientCreate(RequestBody):
-    name: str = Field(
+    name: VpnNameText = Field(
         json_schema_extra=decided_by_ca(maxLength=64),
         examples=["alice"],
         description="Becomes the certificate CN",
     )
-    ttl: str = "30d"
-    tls_crypt: str = Field(default="v2", description="v2 (a key per client) or shared")
-    key_type: str = "ec-p256"
+    ttl: Duration = "30d"
+    tls_crypt: TlsCryptName = Field(default="v2", description="v2 (a key per client) or shared")
+    key_type: KeyTypeName = "ec-p256"
 
 
 class ClientRenew(RequestBody):
-    ttl: str = "30d"
-    tls_crypt: str | None = Field(default=None, description="Default: as before")
-    key_type: str = "ec-p256"
+    ttl: Duration = "30d"
+    tls_crypt: TlsCryptOrEmpty | None = Field(default=None, description="Default: as before")
+    key_type: KeyTypeName = "ec-p256"
 
 
 class ClientOut(BaseModel):
@@ -175,7 +202,7 @@ class ProfileOut(BaseModel):
 
 
 class ClientRevoke(RequestBody):
-    reason: str = "cessationOfOperation"
+    reason: ReasonName = "cessationOfOperation"
 
 
 class ClientRevokedOut(BaseModel):
