@@ -11,11 +11,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from api.schemas import CRL_SKIPPED, RequestBody, decided_by_ca
-from api.schemas.wire import CONSUMER_NAME, DurationOrEmpty, one_of, string_schema
+from api.schemas.wire import (
+    CONSUMER_NAME,
+    DurationOrEmpty,
+    KeyBackendOrEmpty,
+    one_of,
+    string_schema,
+)
 from ca import gateway
 from ca.durations import Ttl
 from ca.keys import KeyType
-from ca.keys.store import KNOWN_BACKENDS
 from ca.pem import fingerprint
 from ca.text import MAX_FREE_TEXT
 
@@ -37,8 +42,6 @@ __all__ = [
 KeyTypeOrEmpty = Annotated[
     str, one_of((k.value for k in KeyType if k is not KeyType.ED25519), empty=True)
 ]
-# ``check_backend_name``, on ``name or`` the configured default.
-KeyBackendOrEmpty = Annotated[str, one_of(KNOWN_BACKENDS, empty=True)]
 ConsumerNameText = Annotated[str, string_schema(pattern=CONSUMER_NAME)]
 
 

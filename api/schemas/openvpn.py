@@ -13,6 +13,7 @@ from api.schemas import RequestBody, RevokedCertificateOut, decided_by_ca
 from api.schemas.wire import (
     VPN_NAME,
     Duration,
+    KeyBackendOrEmpty,
     KeyTypeName,
     KeyTypeOrEmpty,
     ReasonName,
@@ -22,7 +23,6 @@ from api.schemas.wire import (
 from ca import openvpn
 from ca.durations import Ttl
 from ca.keys import KeyType
-from ca.keys.store import KNOWN_BACKENDS
 
 __all__ = [
     "ClientCreate",
@@ -39,12 +39,11 @@ __all__ = [
     "ServerConfigOut",
 ]
 
-# What ``openvpn.TlsCrypt.parse``, ``Proto.parse``, ``VpnName`` and ``check_backend_name``
-# take (``api.schemas.wire``); "" is the default where the route reads it as absent.
+# What ``openvpn.TlsCrypt.parse``, ``Proto.parse`` and ``VpnName`` take (``api.schemas.wire``);
+# "" is the default where the route reads it as absent.
 TlsCryptName = Annotated[str, one_of(t.value for t in openvpn.TlsCrypt)]
 TlsCryptOrEmpty = Annotated[str, one_of((t.value for t in openvpn.TlsCrypt), empty=True)]
 ProtoOrEmpty = Annotated[str, one_of((p.value for p in openvpn.Proto), empty=True)]
-KeyBackendOrEmpty = Annotated[str, one_of(KNOWN_BACKENDS, empty=True)]
 VpnNameText = Annotated[str, string_schema(pattern=VPN_NAME)]
 
 

@@ -21,6 +21,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from ca.keys import KeyType
+from ca.keys.store import KNOWN_BACKENDS
 from ca.revocation import RevocationReason
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Documented",
     "Duration",
     "DurationOrEmpty",
+    "KeyBackendOrEmpty",
     "KeyTypeName",
     "KeyTypeOrEmpty",
     "ReasonName",
@@ -105,6 +107,8 @@ TrustDomainText = Annotated[str, string_schema(pattern=TRUST_DOMAIN)]
 
 KeyTypeName = Annotated[str, one_of(k.value for k in KeyType)]
 KeyTypeOrEmpty = Annotated[str, one_of((k.value for k in KeyType), empty=True)]
+# ``check_backend_name``, on the name given or else the configured default (TRELLIS_KEY_BACKEND).
+KeyBackendOrEmpty = Annotated[str, one_of(KNOWN_BACKENDS, empty=True)]
 # ``RevocationReason.parse`` refuses certificateHold (and removeFromCRL, not a member).
 ReasonName = Annotated[
     str,
