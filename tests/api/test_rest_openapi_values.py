@@ -194,11 +194,19 @@ def _matches(pattern: str, value: str) -> bool:
     return re.fullmatch(pattern[1:-1], value) is not None
 
 
+_SPEC: dict[str, Any] = {}
+
+
 @pytest.fixture
-def spec(client: TestClient) -> dict[str, Any]:
-    body = client.get("/openapi.json").json()
-    assert isinstance(body, dict)
-    return body
+def spec(database_url: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The document as the server serves it, fetched once per process: it depends on the
+    code only, and a context and an app for each of the ~70 cases took ~1 s each."""
+    if not _SPEC:
+        client: TestClient = request.getfixturevalue("client")
+        body = client.get("/openapi.json").json()
+        assert isinstance(body, dict)
+        _SPEC.update(body)
+    return _SPEC
 
 
 def _string_schema(schema: dict[str, Any]) -> dict[str, Any]:
