@@ -25,6 +25,7 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import random
 import shlex
@@ -111,15 +112,29 @@ class Held:
         return self.seen_at + (self.not_after - self.seen_at) * fraction
 
 
+# Writes that fail the same way however often they are tried: a directory (or a file) where a
+# file or link must go, a loop, a name too long, a rename across file systems.
+_LASTING = frozenset({errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EXDEV})
+
+
 def _retryable(raised: errors.TrellisError | OSError) -> errors.TrellisError:
     """A file the agent could not write (a full disk, a volume gone read-only) is retried like
     a server that cannot be reached: the SVID directory is swapped whole (``..data``), so the
     one on disk is still the last good one, and it stays usable while it lives. The agent
-    exited on it, and with it the workload's renewals."""
+    exited on it, and with it the workload's renewals.
+
+    A write that cannot succeed on a retry (``_LASTING``: a ``..data`` that became a directory,
+    say) raises ``InvalidInput`` instead, for the operator to mend: each retry had the server
+    sign a certificate whose key was then thrown away, and spent a join-token use for it."""
     if isinstance(raised, errors.TrellisError):
         return raised
-    where = f"{raised.filename}: " if raised.filename else ""
-    return errors.Unavailable(f"cannot write the SVID files: {where}{raised.strerror or raised}")
+    # os.replace names the staged file first and the one it could not replace second.
+    filename = raised.filename2 or raised.filename
+    where = f"{filename}: " if filename else ""
+    detail = f"cannot write the SVID files: {where}{raised.strerror or raised}"
+    if raised.errno in _LASTING:
+        raise errors.InvalidInput(detail) from None
+    return errors.Unavailable(detail)
 
 
 class Agent:

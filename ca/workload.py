@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from ca import errors
 from ca.clock import Clock, SystemClock
 from ca.csr import parse_csr
-from ca.files import private_directory, write_atomic, write_private
+from ca.files import OwnData, check_writable, private_directory, write_atomic, write_private
 from ca.keys import KeyType, PrivateKey
 from ca.pem import load_certs, private_key_pem
 from ca.renewal import make_proof
@@ -34,6 +35,7 @@ __all__ = [
     "Received",
     "SvidFiles",
     "WorkloadClient",
+    "check_svid_directory",
     "join_token",
     "read_svid",
     "write_bundle",
@@ -50,6 +52,8 @@ _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
 }
 # What a 200 from /v1/svid and /v1/svid/renew holds (api.schemas.SvidResponse), all strings.
 _SVID_FIELDS = ("spiffe_id", "serial", "expires_at", "certificate", "chain", "bundle")
+# The names ``write_svid`` renames a symlink over, in the directory it is given.
+_LINKS = ("..data", "svid.pem", "svid.key", "bundle.pem")
 
 
 def join_token(text: str) -> str:
@@ -97,6 +101,33 @@ class Received:
     files: SvidFiles
 
 
+def check_svid_directory(
+    path: Path, *, what: str | None = None, own: OwnData | None = None
+) -> Path:
+    """``path`` if ``write_svid`` can publish an SVID there; ``InvalidInput`` naming ``what``
+    otherwise. ``check_writable`` judges the directory; the names ``write_svid`` renames its
+    symlinks over are judged here, as a rename cannot replace one that is a directory (what
+    ``cp -rL``, ``tar -h`` or ``rsync -L`` of an SVID directory makes of ``..data``). Callers
+    check before anything is issued or a join token spent: the write would fail after the
+    server signed, and the certificate's key, never written, would be lost with the token's
+    use."""
+    name = what or str(path)
+    check_writable(path, directory=True, what=what, own=own)
+    for link in _LINKS:
+        try:
+            found = (path / link).lstat()
+        except FileNotFoundError:  # the directory or the name not there yet
+            continue
+        except OSError as exc:
+            raise errors.InvalidInput(f"{name}: {link}: {exc.strerror}") from None
+        if stat.S_ISDIR(found.st_mode):
+            raise errors.InvalidInput(
+                f"{name}: {link} is a directory, where Trellis keeps a symlink (a copy made"
+                " following links, cp -rL or tar -h?): remove it, or choose another directory"
+            )
+    return path
+
+
 def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: bytes) -> None:
     """Publish certificate, key and bundle together, the way Kubernetes' atomic writer does:
     all three go into a fresh hidden directory, then one rename swaps the ``..data`` symlink to
@@ -132,7 +163,9 @@ def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: 
             temporary = directory / f".{name}.{secrets.token_hex(4)}"
             os.symlink(f"..data/{name}", temporary)
             os.replace(temporary, link)  # also converts plain files from older versions
-    if previous and previous != stamp and previous.startswith(".."):
+    # Only a directory of ours beside the link: a ``..data`` made by hand to ``../shared`` also
+    # starts with "..", and what it leads to is not the agent's to delete.
+    if previous and previous != stamp and previous.startswith("..") and "/" not in previous:
         shutil.rmtree(directory / previous, ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ from ca.keys import KeyType
 from ca.logs import configure_logging
 from ca.serverconn import ServerUrl
 from ca.workload import join_token
-from cli.common import out_dir
+from cli.common import svid_dir
 
 
 def agent(
@@ -26,7 +26,7 @@ def agent(
             help="Directory for svid.pem, svid.key, bundle.pem",
             # Checked before the join token is spent: a certificate whose key cannot be
             # written is lost, and so is the token's use (``svid request --out`` likewise).
-            callback=out_dir,
+            callback=svid_dir,
         ),
     ],
     token: Annotated[

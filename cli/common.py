@@ -32,6 +32,7 @@ from ca.files import OwnData, check_writable
 from ca.logs import CLI_REQUEST_PREFIX, REQUEST_ID
 from ca.redact import MASK, masked_url
 from ca.store.db import SchemaPolicy
+from ca.workload import check_svid_directory
 
 if TYPE_CHECKING:
     from ca.certs import CertificateInfo
@@ -65,6 +66,15 @@ def writable(*, directory: bool) -> Callable[[typer.CallbackParam, Path | None],
 
 out_dir = writable(directory=True)  # the directory a command writes its files to
 out_file = writable(directory=False)  # the file a command writes
+
+
+def svid_dir(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """An option callback for a directory a command publishes an SVID in
+    (``ca.workload.check_svid_directory``), under the option's own name, as ``writable``."""
+    if value is None:
+        return None
+    what = f"{param.opts[0]} {value}"
+    return check_svid_directory(value, what=what, own=STATE.own_data())
 
 
 def read_input(option: str, path: Path) -> bytes:

@@ -16,7 +16,7 @@ from ca.issue import mint_svid
 from ca.keys import KeyType
 from ca.serverconn import ServerUrl
 from ca.workload import Received, SvidFiles, WorkloadClient, join_token, write_svid
-from cli.common import STATE, emit_json, out_dir
+from cli.common import STATE, emit_json, svid_dir
 
 svid_app = typer.Typer(help="Obtain, renew or mint X509-SVIDs.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
@@ -57,7 +57,7 @@ def request(
     token: Annotated[str, typer.Option(help="Join token", envvar="TRELLIS_JOIN_TOKEN")],
     out: Annotated[
         Path,
-        typer.Option(help="Directory for svid.pem, svid.key, bundle.pem", callback=out_dir),
+        typer.Option(help="Directory for svid.pem, svid.key, bundle.pem", callback=svid_dir),
     ],
     key_type: Annotated[str, typer.Option(help="Workload key type")] = "ec-p256",
     ttl: Annotated[
@@ -91,7 +91,7 @@ def mint(
     spiffe_id: Annotated[str, typer.Option(help="spiffe://<td>/<path>")],
     out: Annotated[
         Path,
-        typer.Option(help="Directory for svid.pem, svid.key, bundle.pem", callback=out_dir),
+        typer.Option(help="Directory for svid.pem, svid.key, bundle.pem", callback=svid_dir),
     ],
     ttl: Annotated[str | None, typer.Option(help="Lifetime (default: the CA's SVID TTL)")] = None,
     key_type: Annotated[str, typer.Option(help="Key type")] = "ec-p256",
