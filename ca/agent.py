@@ -12,7 +12,8 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
   restarted together spreads out), with a fresh key each time;
 - refresh the bundle on every renewal and every ``bundle_refresh`` in between, so a rotated or
   added root is known before anything is signed by it;
-- publish files atomically (``ca.workload.write_svid``), run the reload command after each change;
+- publish files atomically (``ca.workload.write_svid``), run the reload command after each change,
+  for a bounded time and never past a stop (``ReloadCommand.run``);
 - on errors back off exponentially (1 s … 60 s), but never by more than a quarter of the time the
   SVID has left (at least 1 s), so retries come closer together as it nears expiry and one lands
   soon after the server is back; keep the old SVID until a new one is in hand; once it has
@@ -24,12 +25,15 @@ The loop (SPIRE agent and ``step ca renew --daemon`` are the references):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import logging
+import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -52,6 +56,10 @@ MAX_BACKOFF = 60.0
 MIN_RETRY = 1.0  # the closest retries come together as expiry nears
 EXPIRY_SHARE = 0.25  # a retry waits at most this share of the SVID's remaining life
 SLICE = 0.5  # the longest stretch of sleep between two looks at the stop flag
+HOOK_LIMIT = 30.0  # the longest an --exec hook may run, in seconds ...
+HOOK_SHARE = 0.25  # ... and at most this share of the new SVID's remaining life (at least 1 s)
+HOOK_POLL = 0.1  # how often a running hook's agent looks at the stop flag
+HOOK_GRACE = 0.5  # between SIGTERM and SIGKILL to a hook that overran or is stopped
 # Refusals a retry cannot change (401: revoked, expired, unknown; 403: minted, entry deleted or
 # disabled), unlike a server that cannot be reached.
 _PERMANENT = (errors.AuthenticationFailed, errors.PermissionDenied)
@@ -78,14 +86,53 @@ class ReloadCommand:
             raise errors.InvalidInput(f"--exec: {argv[0]} {where}")
         return cls(argv)
 
-    def run(self) -> None:
+    def run(self, *, limit: float, stop: Callable[[], bool]) -> None:
+        """Run the hook for at most ``limit`` seconds, and only while ``stop()`` is false: the
+        agent waited for it with no bound, so a hook that hung held a SIGTERM (a kubelet's
+        30-second grace) and every renewal after it, until the SVID expired. One that overruns
+        or is stopped is killed, with its process group (a shell's children too), and warned
+        about; the agent goes on either way."""
         try:
-            result = subprocess.run(self.argv, check=False)
+            process = subprocess.Popen(self.argv, start_new_session=True)
         except OSError as exc:  # removed or made unexecutable since the agent started
             log.warning("reload command %s cannot run: %s", self.argv[0], exc.strerror or exc)
             return
-        if result.returncode != 0:
-            log.warning("reload command exited %d", result.returncode)
+        deadline = time.monotonic() + limit
+        try:
+            while process.poll() is None:
+                if stop():
+                    log.warning("reload command %s stopped with the agent", self.argv[0])
+                    _end(process)
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "reload command %s did not finish within %.0f s: killed",
+                        self.argv[0],
+                        limit,
+                    )
+                    _end(process)
+                    return
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(min(left, HOOK_POLL))
+        except BaseException:
+            _end(process)
+            raise
+        if process.returncode != 0:
+            log.warning("reload command exited %d", process.returncode)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the hook's process group, SIGKILL to what is left of it a moment later."""
+    for sig, grace in ((signal.SIGTERM, HOOK_GRACE), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        if grace is None:
+            process.wait()
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +226,21 @@ class Agent:
             return None
         return Held(now, cert.not_valid_after_utc, cert.serial_number)
 
-    def _changed(self, what: str) -> None:
+    def _published(self, what: str) -> Held:
+        """The SVID just written, read back, and then the ``--exec`` hook run. Read before the
+        hook, not after: a hook that took longer than the SVID's life left an expired one to
+        read, which ended the agent (``InternalError``) although it had just been renewed. The
+        hook gets ``HOOK_SHARE`` of the life left (at most ``HOOK_LIMIT``), so the renewal at
+        half-life is never waited out."""
+        held = self.current()
+        if held is None:
+            raise errors.InternalError("the SVID just written cannot be read back")
         log.info("%s: %s", what, self.files.svid)
         if self.config.exec_command is not None:
-            self.config.exec_command.run()
+            life = (held.not_after - self.clock.now()).total_seconds()
+            limit = min(HOOK_LIMIT, max(MIN_RETRY, life * HOOK_SHARE))
+            self.config.exec_command.run(limit=limit, stop=self._stop)
+        return held
 
     def bootstrap(self) -> Held:
         """At start: the SVID on disk if the server still renews it, else one from the token.
@@ -222,11 +280,7 @@ class Agent:
             self.config.token, self.config.directory, self.config.key_type
         )
         log.info("obtained %s serial %s", received.spiffe_id, received.serial)
-        self._changed("obtained")
-        held = self.current()
-        if held is None:
-            raise errors.InternalError("the SVID just written cannot be read back")
-        return held
+        return self._published("obtained")
 
     def _replace(self, refused: errors.TrellisError) -> Held:
         """The server refuses for good to renew the SVID (revoked, minted, its entry deleted or
@@ -268,18 +322,14 @@ class Agent:
             received.serial,
             received.expires_at,
         )
-        self._changed("renewed")
-        held = self.current()
-        if held is None:
-            raise errors.InternalError("the SVID just written cannot be read back")
-        return held
+        return self._published("renewed")
 
     def refresh_bundle(self) -> bool:
         bundle = self._client().fetch_bundle()
         if self.files.bundle.read_bytes() == bundle:
             return False
         write_bundle(self.files, bundle)
-        self._changed("bundle updated")
+        self._published("bundle updated")
         return True
 
     def run(self, *, once: bool = False, stop: Callable[[], bool] = lambda: False) -> None:

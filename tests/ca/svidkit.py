@@ -7,7 +7,7 @@ import base64
 import hashlib
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from ca.agent import Agent
+from ca.bundle import write_bundle_file
 from ca.config import Context
 from ca.durations import Ttl
 from ca.entries import Entry, EntryParams, create_entry
@@ -25,7 +27,7 @@ from ca.identity import SpiffeId
 from ca.issue import IssuedSvid, issue_svid
 from ca.keys import KeyType, PrivateKey
 from ca.tokens import create_join_token
-from ca.workload import SvidFiles, write_svid
+from ca.workload import Received, SvidFiles, write_svid
 
 # The database decides only how rows are stored, never what is signed: tests about certificate
 # bytes and key types run on SQLite alone (the store-sensitive tests run on both databases).
@@ -257,3 +259,39 @@ def svid_dir_listing(directory: Path) -> dict[str, bytes | str]:
         else:
             found[name] = "directory"
     return found
+
+
+class LocalClient:
+    """What the agent's ``WorkloadClient`` does, with the server's part done in-process: a
+    renewal is a fresh SVID (of ``ttl``) written with the real ``write_svid``, so a write fails
+    as it would after a real server signed. ``before_write(renewal, directory)`` runs first."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        ttl: Ttl | None = None,
+        before_write: Callable[[int, Path], None] = lambda _n, _d: None,
+    ) -> None:
+        self.ctx, self.ttl, self.before_write = ctx, ttl, before_write
+        self.renewals = 0
+
+    def fetch_bundle(self) -> bytes:
+        return write_bundle_file(self.ctx).read_bytes()
+
+    def renew(self, directory: Path, ttl: str | None = None) -> Received:
+        self.renewals += 1
+        self.before_write(self.renewals, directory)
+        fresh = enrol(self.ctx, f"spiffe://example.org/w{self.renewals}", ttl=self.ttl)
+        files = SvidFiles(directory)
+        write_svid(files, fresh.full_chain_pem, fresh.key, fresh.svid.bundle_pem)
+        return Received(str(fresh.entry.spiffe_id), "01", "", files)
+
+
+class Local(Agent):
+    """The agent, its server ``LocalClient``."""
+
+    client: LocalClient
+
+    def _client(self) -> LocalClient:  # type: ignore[override]
+        return self.client

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from ca.agent import Agent, AgentConfig
+from ca.agent import AgentConfig
 from ca.clock import FixedClock
 from ca.config import Context, Settings, build_context
 from ca.errors import InvalidInput
 from ca.serverconn import ServerUrl
 from ca.store.db import SchemaPolicy
-from ca.workload import Received, SvidFiles, check_svid_directory, write_svid
-from tests.ca.svidkit import SQLITE_ONLY, count_rows, enrol
+from ca.workload import SvidFiles, check_svid_directory, write_svid
+from tests.ca.svidkit import SQLITE_ONLY, Local, LocalClient, count_rows, enrol
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 from tests.conftest import free_port
 
@@ -76,35 +76,6 @@ def test_a_data_link_made_by_hand_leads_to_nothing_deleted(ctx: Context, tmp_pat
 # --- an agent that meets one while it runs -----------------------------------------------------
 
 
-class LocalClient:
-    """The server's part done in-process: a renewal is a fresh SVID written with the real
-    ``write_svid``, so the write fails as it would after a real server signed."""
-
-    def __init__(self, ctx: Context, counter: list[int]) -> None:
-        self.ctx, self.counter = ctx, counter
-        self.bundle = enrol(ctx, "spiffe://example.org/bundle").svid.bundle_pem
-
-    def fetch_bundle(self) -> bytes:
-        return self.bundle
-
-    def renew(self, directory: Path, ttl: str | None = None) -> Received:
-        self.counter.append(1)
-        if len(self.counter) == 2:  # made while the agent runs
-            (directory / "svid.pem").unlink()
-            (directory / "svid.pem").mkdir()
-        fresh = enrol(self.ctx, f"spiffe://example.org/w{len(self.counter)}")
-        files = SvidFiles(directory)
-        write_svid(files, fresh.full_chain_pem, fresh.key, fresh.svid.bundle_pem)
-        return Received(str(fresh.entry.spiffe_id), "01", "", files)
-
-
-class Local(Agent):
-    client: LocalClient
-
-    def _client(self) -> LocalClient:  # type: ignore[override]
-        return self.client
-
-
 @SQLITE_ONLY
 def test_an_agent_stops_on_a_write_no_retry_mends(
     ctx: Context, clock: FixedClock, tmp_path: Path
@@ -115,11 +86,16 @@ def test_an_agent_stops_on_a_write_no_retry_mends(
         config, clock=clock, sleep=lambda s: clock.advance(dt.timedelta(seconds=s)),
         rng=random.Random(7),
     )  # fmt: skip
-    renewals: list[int] = []
-    agent.client = LocalClient(ctx, renewals)
+
+    def svid_pem_made_a_directory(renewal: int, directory: Path) -> None:
+        if renewal == 2:  # made while the agent runs
+            (directory / "svid.pem").unlink()
+            (directory / "svid.pem").mkdir()
+
+    agent.client = LocalClient(ctx, before_write=svid_pem_made_a_directory)
     with pytest.raises(InvalidInput, match=rf"{files.svid}: Is a directory"):
-        agent.run(stop=lambda: len(renewals) >= 4)
-    assert len(renewals) == 2  # at start, then the one that failed: not retried
+        agent.run(stop=lambda: agent.client.renewals >= 4)
+    assert agent.client.renewals == 2  # at start, then the one that failed: not retried
 
 
 # --- the commands: refused before anything is issued or spent ----------------------------------
