@@ -126,8 +126,8 @@ def test_the_svid_is_read_back_before_the_hook(
     ttl: Ttl | None,
     limit: float,
 ) -> None:
-    """The hook's limit: a quarter of the fresh SVID's life, at most ``ca.agent.HOOK_LIMIT`` (30 s), so the
-    renewal at half-life is never waited out."""
+    """The hook's limit: a quarter of the fresh SVID's life, at most ``ca.agent.HOOK_LIMIT``
+    (30 s), so the renewal at half-life is never waited out."""
     hook = Recorded(clock)
     agent = _agent(ctx, clock, tmp_path, hook, ttl)
     with caplog.at_level(logging.WARNING, logger="trellis.agent"):
