@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -63,9 +64,9 @@ class OwnData:
     def holds(self, path: Path) -> bool:
         """Whether ``path`` is, or is under, one of them; paths are compared resolved: a
         symlink or ``..`` leads to the same file."""
-        target = path.resolve()
-        data_dir = self.data_dir.resolve()
-        if target == data_dir or target in {file.resolve() for file in self.files}:
+        target = _resolved(path)
+        data_dir = _resolved(self.data_dir)
+        if target == data_dir or target in {_resolved(file) for file in self.files}:
             return True
         if not target.is_relative_to(data_dir):
             return False
@@ -91,6 +92,11 @@ def check_writable(
     """
     name = what or str(path)
     target = path.absolute()
+    try:
+        os.stat(target)
+    except OSError as exc:  # missing, or under a file, is judged below
+        if exc.errno == errno.ELOOP:  # a link loop on the way: no file to write
+            raise InvalidInput(f"{name}: too many levels of symbolic links") from None
     if own is not None and own.holds(target):
         raise InvalidInput(
             f"{name}: is Trellis's own data (of the data dir {own.data_dir} or its database):"
@@ -138,7 +144,7 @@ def written_path(path: Path, what: str | None = None) -> Path:
     name = what or str(path)
     current = path.absolute()
     for _ in range(_MAX_LINKS + 1):
-        parent = current.parent.resolve()
+        parent = _resolved(current.parent)
         try:
             link = current.lstat()
         except OSError:  # missing, or under a file: the caller's checks say which
@@ -167,6 +173,16 @@ def written_path(path: Path, what: str | None = None) -> Path:
     raise InvalidInput(f"{name}: too many levels of symbolic links")
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` resolved, or only made absolute where a link loop stops that: Python 3.11's
+    ``resolve`` raises ``RuntimeError`` on one (a traceback for ``--out loop``), 3.13's
+    ``OSError``; a loop leads to no file, so none of anyone's data."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.normpath(path.absolute()))
+
+
 def _in_shm(*directories: Path) -> bool:
     return any(Path(os.path.normpath(d)).is_relative_to(_SHM) for d in directories)
 
@@ -175,7 +191,7 @@ def _in_system_tree(*directories: Path) -> bool:
     """Whether any of ``directories`` is, as written or resolved, under ``/proc`` or ``/dev``:
     ``/proc/self/cwd/x`` resolves out of ``/proc``, and is no file of the user's either."""
     spellings = {Path(os.path.normpath(d)) for d in directories}
-    spellings |= {d.resolve() for d in directories}
+    spellings |= {_resolved(d) for d in directories}
     return any(d.is_relative_to(tree) for d in spellings for tree in _SYSTEM_TREES)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ca.errors import InvalidInput
-from ca.files import check_writable, replacing_together, write_atomic, written_path
+from ca.files import OwnData, check_writable, replacing_together, write_atomic, written_path
 
 
 def test_a_chain_of_links_leads_to_its_last_file(tmp_path: Path) -> None:
@@ -48,6 +48,22 @@ def test_a_loop_is_refused(tmp_path: Path) -> None:
     (tmp_path / "b").symlink_to("a")
     with pytest.raises(InvalidInput, match="too many levels"):
         written_path(tmp_path / "a")
+
+
+@pytest.mark.parametrize("below", ["", "x"], ids=["the-loop", "under-it"])
+@pytest.mark.parametrize("directory", [False, True], ids=["file", "directory"])
+def test_a_loop_as_an_output_is_one_line_not_a_traceback(
+    tmp_path: Path, below: str, directory: bool
+) -> None:
+    """With Trellis's own data to compare against (``OwnData``, as every ``--out`` is),
+    ``Path.resolve`` raised ``RuntimeError: Symlink loop`` on Python 3.11: a traceback, exit 1."""
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    out = tmp_path / "loop1" / below if below else tmp_path / "loop1"
+    own = OwnData(tmp_path / "var", frozenset({"keys"}))
+    with pytest.raises(InvalidInput, match=r"^--out .*: too many levels of symbolic links$"):
+        check_writable(out, directory=directory, what=f"--out {out}", own=own)
+    assert not own.holds(out)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's link needs root")

@@ -106,3 +106,22 @@ def test_an_out_linked_to_a_file_writes_that_file(local: Trellis, tmp_path: Path
     code, stderr = _run(local, ["bundle", "show", "--out", str(link)], subprocess.PIPE)
     assert code == 0, stderr
     assert link.is_symlink() and real.read_bytes() == (local.data_dir / "bundle.pem").read_bytes()
+
+
+def test_a_loop_as_out_or_dir_is_one_line_exit_2(local: Trellis, tmp_path: Path) -> None:
+    """A traceback (``RuntimeError: Symlink loop``), exit 1, before."""
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    loop = str(tmp_path / "loop1")
+    bundle = str(local.data_dir / "bundle.pem")
+    for args, option in [
+        (["svid", "mint", "--spiffe-id", "spiffe://example.org/w", "--out", loop], "--out"),
+        (["agent", "--server", "https://127.0.0.1:1", "--bundle", bundle, "--token", "t",
+          "--once", "--dir", loop], "--dir"),
+    ]:  # fmt: skip
+        status, stderr = _run(local, args, subprocess.PIPE)
+        assert status == 2, stderr
+        assert stderr.splitlines() == [
+            f"trellis: {option} {loop}: too many levels of symbolic links"
+        ]
+    assert _certificates(local) == 0
