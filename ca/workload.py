@@ -131,9 +131,11 @@ def check_svid_directory(
 def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: bytes) -> None:
     """Publish certificate, key and bundle together, the way Kubernetes' atomic writer does:
     all three go into a fresh hidden directory, then one rename swaps the ``..data`` symlink to
-    it. ``svid.pem``, ``svid.key`` and ``bundle.pem`` are symlinks through ``..data``, so a reader
-    resolving them sees either the old set or the new one, never a key from one and a
-    certificate from the other.
+    it. ``svid.pem``, ``svid.key`` and ``bundle.pem`` are symlinks through ``..data``. The swap is
+    the one atomic step: a reader that resolves ``..data`` once and reads the three from there
+    gets one set; one that opens ``svid.pem`` and then ``svid.key`` by name may straddle a swap
+    and get a certificate and a key of different sets (docs/rotation.md tells readers to reload
+    on the hook, or read again on a mismatch).
 
     A write that fails or is interrupted (a full disk, Ctrl-C) before the swap leaves the
     directory as it was: the staged directory, which may hold the new key, is removed, where
