@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ca.errors import InvalidInput
 
-__all__ = ["Ttl"]
+__all__ = ["MIN_SVID_TTL", "Ttl", "svid_ttl"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
 _PATTERN = re.compile(r"^([1-9][0-9]{0,9})([smhdy])$")
@@ -42,3 +42,19 @@ class Ttl:
             if self.seconds % _UNITS[unit] == 0:
                 return f"{self.seconds // _UNITS[unit]}{unit}"
         return f"{self.seconds}s"
+
+
+# The shortest SVID life an entry may give or a caller ask for. An agent renews at half-life
+# and retries no faster than once a second: a 1-second SVID (0.07 s of it left once notAfter
+# was cut to a whole second) expired before each renewal, and every expiry spent a join-token
+# use. Five seconds leaves it 2.5 s to renew and a retry; the drills' 6 to 20-second SVIDs fit.
+MIN_SVID_TTL = Ttl(5)
+
+
+def svid_ttl(ttl: Ttl, what: str) -> Ttl:
+    """``ttl`` if it is at least ``MIN_SVID_TTL``; ``InvalidInput`` naming ``what`` otherwise."""
+    if ttl < MIN_SVID_TTL:
+        raise InvalidInput(
+            f"{what} {ttl} is shorter than the minimum SVID lifetime, {MIN_SVID_TTL}"
+        )
+    return ttl

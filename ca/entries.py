@@ -14,7 +14,7 @@ from ca import audit
 from ca.authority import MESH, load_authority
 from ca.config import Context
 from ca.csr import check_dns_name
-from ca.durations import Ttl
+from ca.durations import Ttl, svid_ttl
 from ca.errors import Conflict, InvalidInput, NotFound, PolicyViolation
 from ca.identity import SpiffeId, TrustDomain
 from ca.store import locks
@@ -95,6 +95,8 @@ def create_entry(ctx: Context, params: EntryParams, *, actor: str = "local") -> 
     ttl = params.ttl or min(Ttl(authority.svid_ttl_seconds), max_ttl)
     if ttl > max_ttl:
         raise InvalidInput(f"the entry's TTL {ttl} exceeds its max TTL {max_ttl}")
+    svid_ttl(max_ttl, "the entry's max TTL")
+    svid_ttl(ttl, "the entry's TTL" if params.ttl else "the entry's TTL (the CA's SVID TTL)")
     row = EntryRow(
         id=str(uuid.uuid4()),
         authority=MESH,

@@ -30,7 +30,7 @@ from ca.authority import MESH, Issuer, IssuerChanged, StillActive, signing_issue
 from ca.checks import check_leaf
 from ca.config import Context
 from ca.csr import ParsedCsr, parse_csr
-from ca.durations import Ttl
+from ca.durations import Ttl, svid_ttl
 from ca.errors import (
     AuthenticationFailed,
     InternalError,
@@ -149,6 +149,7 @@ def authorise(grant: Grant, csr: ParsedCsr) -> tuple[str, ...]:
 def lifetime(grant: Grant, requested: Ttl | None) -> Ttl:
     if requested is None:
         return grant.default_ttl
+    svid_ttl(requested, "the requested TTL")
     if requested > grant.max_ttl:
         raise PolicyViolation(
             f"requested TTL {requested} exceeds the maximum {grant.max_ttl} for {grant.spiffe_id}"
@@ -165,7 +166,12 @@ def validity_window(
     if now < issuer.not_valid_before_utc:
         raise Unavailable("the issuing CA is not valid yet: is this host's clock behind?")
     not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
-    not_after = min(now + ttl.delta, issuer.not_valid_after_utc)
+    # Up to a whole second, as a certificate holds no fraction: cut, it lost up to a second
+    # of the life asked for (all but 0.07 s of a 1-second one).
+    wanted = now + ttl.delta
+    if wanted.microsecond:
+        wanted = wanted.replace(microsecond=0) + dt.timedelta(seconds=1)
+    not_after = min(wanted, issuer.not_valid_after_utc)
     if not_after <= now:
         raise Unavailable("the issuing CA expires now: nothing can be issued until it rotates")
     return not_before, not_after
