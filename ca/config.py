@@ -73,6 +73,8 @@ SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".write-lock", ".seal-lock")
 # docs/deploy.md): 64 need ~6 GiB and up to 2,112 database connections, twenty times
 # PostgreSQL's default max_connections. More is a typo, which started that many.
 MAX_WORKERS = 64
+# What deploy/'s examples hold where a secret of one's own goes (tests/deploy holds them to it).
+PLACEHOLDER = "CHANGE-ME"
 
 # What one ``trellis serve`` process holds for its clients (cli/http.py, docs/configuration.md).
 
@@ -176,6 +178,14 @@ class Settings(DataPaths):
     def _key_passphrase(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().encode()) < MIN_PASSPHRASE:
             raise ValueError(f"at least {MIN_PASSPHRASE} characters")
+        # deploy/'s examples (trellis.env.example, the Secrets) hold a placeholder of the right
+        # length: an example installed unedited encrypted the CA keys with a published value.
+        if value is not None and PLACEHOLDER in value.get_secret_value():
+            raise ValueError(
+                f"still the examples' {PLACEHOLDER} placeholder: set a passphrase of your own"
+                " (openssl rand -base64 32), or leave it out to have one generated into the data"
+                " dir"
+            )
         return value
 
     @field_validator("key_backend")

@@ -9,9 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
-from ca.config import Settings
-from tests.deploy.unitfile import ENV, TEXT, parse_unit, unit_problems
+from ca.config import PLACEHOLDER, Settings
+from tests.deploy.unitfile import DEPLOY, ENV, TEXT, parse_unit, unit_problems
 
 
 def test_the_unit_is_hardened() -> None:
@@ -61,13 +63,31 @@ def test_the_example_env_file_holds_real_settings(monkeypatch: pytest.MonkeyPatc
     for key in ENV:
         assert key.startswith("TRELLIS_") and key.removeprefix("TRELLIS_").lower() in fields, key
     assert "TRELLIS_TRUST_DOMAIN" in ENV, "ExecStartPre's `trellis init` needs it"
-    assert "CHANGE-ME" in ENV["TRELLIS_KEY_PASSPHRASE"]
+    assert PLACEHOLDER in ENV["TRELLIS_KEY_PASSPHRASE"]
     assert json.loads(ENV["TRELLIS_SERVER_NAMES"])
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
+    # Installed unedited (docs/deploy.md: "then edit it"), the unit fails at its first command,
+    # rather than encrypt the CA keys with the example's published passphrase.
+    with pytest.raises(ValidationError, match=f"still the examples' {PLACEHOLDER} placeholder"):
+        Settings()
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", "an-operator's-own-passphrase")
     settings = Settings()
     assert settings.port == 8443 and settings.server_names == ["trellis.example.org"]
     assert str(settings.data_dir) == ENV["TRELLIS_DATA_DIR"]
+
+
+@pytest.mark.parametrize(
+    "example", sorted(DEPLOY.glob("k8s/*/secret-example.yaml")), ids=lambda p: p.parent.name
+)
+def test_no_example_passphrase_is_taken(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Secrets' placeholders too: one applied unedited was a CA encrypted with it."""
+    for doc in yaml.safe_load_all(example.read_text()):
+        value = (doc.get("stringData") or {}).get("TRELLIS_KEY_PASSPHRASE")
+        if value is not None:
+            monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", value)
+            with pytest.raises(ValidationError, match="placeholder"):
+                Settings()
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
