@@ -166,12 +166,7 @@ def validity_window(
     if now < issuer.not_valid_before_utc:
         raise Unavailable("the issuing CA is not valid yet: is this host's clock behind?")
     not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
-    # Up to a whole second, as a certificate holds no fraction: cut, it lost up to a second
-    # of the life asked for (all but 0.07 s of a 1-second one).
-    wanted = now + ttl.delta
-    if wanted.microsecond:
-        wanted = wanted.replace(microsecond=0) + dt.timedelta(seconds=1)
-    not_after = min(wanted, issuer.not_valid_after_utc)
+    not_after = min(now + ttl.delta, issuer.not_valid_after_utc)
     if not_after <= now:
         raise Unavailable("the issuing CA expires now: nothing can be issued until it rotates")
     return not_before, not_after

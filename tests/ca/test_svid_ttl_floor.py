@@ -1,12 +1,9 @@
 """The shortest SVID life. ``entry create --ttl 1s`` was accepted, and with notAfter cut to a whole
 second its certificates had as little as 0.07 s of life: an agent on that entry never renewed,
 and bootstrapped again with its join token every second (21 certificates, ~20 token uses in
-20 s). An entry's TTL and a requested one are now at least ``MIN_SVID_TTL``, and notAfter is
-rounded up, never down."""
+20 s). An entry's TTL and a requested one are now at least ``MIN_SVID_TTL``."""
 
 from __future__ import annotations
-
-import datetime as dt
 
 import pytest
 
@@ -16,12 +13,11 @@ from ca.entries import EntryParams, create_entry
 from ca.errors import InvalidInput
 from ca.grants import join_grant
 from ca.identity import SpiffeId
-from ca.issue import issue_svid, validity_window
+from ca.issue import issue_svid
 from ca.keys import KeyType
 from tests.ca.svidkit import (
     SQLITE_ONLY,
     add_entry,
-    enrol,
     join_secret,
     make_csr,
     new_key,
@@ -68,17 +64,3 @@ def test_a_request_below_the_floor_is_refused(ctx: Context) -> None:
     with pytest.raises(InvalidInput, match=r"^the requested TTL 4s is shorter than the minimum"):
         issue_svid(ctx, join_grant(ctx, secret), csr, Ttl(4))
     assert uses_remaining(ctx, token) == 1  # nothing issued, the token's use not spent
-
-
-@SQLITE_ONLY
-@pytest.mark.parametrize("fraction", [1, 70_000, 930_000, 999_999], ids=str)
-def test_not_after_is_rounded_up_to_a_whole_second(ctx: Context, fraction: int) -> None:
-    """A certificate holds whole seconds: a notAfter of now + 1 s at .93 was written as .00, and
-    the certificate lived 0.07 s. Rounded up, it lives at least what was asked."""
-    issuer = enrol(ctx, WEB).svid.issuer.certificate
-    now = ctx.clock.now().replace(microsecond=fraction)
-    _not_before, not_after = validity_window(now, Ttl(5), issuer)
-    assert not_after.microsecond == 0
-    assert dt.timedelta(seconds=5) <= not_after - now < dt.timedelta(seconds=6)
-    whole = ctx.clock.now().replace(microsecond=0)
-    assert validity_window(whole, Ttl(5), issuer)[1] == whole + dt.timedelta(seconds=5)
