@@ -5,22 +5,42 @@ never repeats it, before anything is sent: the token is still unspent afterwards
 
 from __future__ import annotations
 
+import itertools
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.ca.svidkit import SQLITE_ONLY
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 
-pytestmark = [pytest.mark.slow, SQLITE_ONLY]
+pytestmark = pytest.mark.slow
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def trellis(tmp_path_factory: pytest.TempPathFactory) -> Trellis:
+    """One instance (SQLite) for the module: each test brings its own entry and join token,
+    and what it checks (a refusal leaves its token unspent) is about that token alone."""
+    base = tmp_path_factory.mktemp("join-token-input")
+    cli = Trellis(base / "var", f"sqlite:///{base / 'trellis.db'}")
+    cli.set_up("init", "--trust-domain", "example.org")
+    return cli
+
+
+@pytest.fixture(scope="module")
+def server(trellis: Trellis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with trellis.serving(tmp_path_factory.mktemp("join-token-serve") / "serve.log") as serving:
+        yield serving.url
 
 
 def _token(trellis: Trellis, name: str, uses: int = 1) -> str:
-    entry = trellis.run("entry", "create", "--spiffe-id", f"spiffe://example.org/{name}")
-    return trellis.run(
-        "token", "create", "--entry", entry.stdout.strip(), "--uses", str(uses)
-    ).stdout.strip()
+    """A fresh entry and token, made in-process: the tests start from them, the workload
+    commands under test run as real processes."""
+    spiffe_id = f"spiffe://example.org/{name}-{next(_names)}"
+    entry = trellis.set_up("entry", "create", "--spiffe-id", spiffe_id).strip()
+    return trellis.set_up("token", "create", "--entry", entry, "--uses", str(uses)).strip()
 
 
 def _workload(
