@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -60,17 +61,17 @@ def test_trellis_debug_is_read_from_the_environment(
 
 
 def _served(cli: Trellis, log: Path, workers: str) -> list[dict[str, str]]:
-    """The log records of a ``serve`` stopped once audit-seal (every 2 s) has run twice more,
-    or, sooner, once a repeated result of it has been logged at debug (the first is info):
-    that record is what the test looks for, and without it two runs show it is not coming."""
+    """The log records of the first ``serve`` of an instance, stopped once audit-seal (every
+    2 s) has run three times, or once a debug record of it is in the log, what the test wants.
+    Its first run seals what init and serve's start recorded, its second says "sealed 0", and
+    the third, repeating that, is the first logged at debug: right after it is recorded, long
+    before the SIGTERM that seeing the record sends takes effect."""
     database = Path(cli.env["TRELLIS_DATABASE_URL"].removeprefix("sqlite:///"))
+    assert _audit_seal_runs(database) == 0
     with cli.serving(log, "--workers", workers) as serve:
-        before = _audit_seal_runs(database)
         wait_for(
-            lambda: (
-                _audit_seal_runs(database) >= before + 2 or _repeated(_records(log, running=True))
-            ),
-            "two runs of audit-seal",
+            lambda: _audit_seal_runs(database) >= 3 or _repeated(_records(log, running=True)),
+            "three runs of audit-seal",
         )
         serve.process.terminate()
         assert serve.process.wait(30) == 0, log.read_text()
@@ -106,12 +107,23 @@ def test_serve_logs_trellis_debug_records_with_trellis_debug(tmp_path: Path, wor
     outage, logged once at debug, was seen by nobody. With ``TRELLIS_DEBUG=1`` its log has
     Trellis's own (here a scheduled job's result that repeats, audit-seal's every 2 s), in the
     workers too, and still none of uvicorn's, SQLAlchemy's or asyncio's; without, none."""
-    cli = Trellis(tmp_path / "var", f"sqlite:///{tmp_path / 'trellis.db'}")
-    cli.set_up("init", "--trust-domain", "example.org")
+    # One instance each, served side by side: most of a serve's time here is waiting for
+    # audit-seal's runs, which the other's start-up can use. Apart, as one's runs on a shared
+    # database would stand in for the other's (a run is skipped within the interval of one).
+    clis = {}
     for debug in (False, True):
+        cli = Trellis(tmp_path / f"var-{debug}", f"sqlite:///{tmp_path / f'trellis-{debug}.db'}")
+        cli.set_up("init", "--trust-domain", "example.org")
         if debug:
             cli.env["TRELLIS_DEBUG"] = "1"
-        records = _served(cli, tmp_path / f"serve-{debug}.log", workers)
+        clis[debug] = cli
+    with ThreadPoolExecutor(2) as pool:
+        served = {
+            debug: pool.submit(_served, cli, tmp_path / f"serve-{debug}.log", workers)
+            for debug, cli in clis.items()
+        }
+    for debug, future in served.items():
+        records = future.result()
         debugs = [r for r in records if r["level"] == "debug"]
         assert [r for r in debugs if not r["logger"].startswith("trellis.")] == [], debugs
         assert bool(_repeated(records)) is debug, records
