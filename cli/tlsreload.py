@@ -55,40 +55,70 @@ class ReloadingConfig(uvicorn.Config):
         self.request_timeout = request_timeout
 
     def load(self) -> None:
+        # Made here, not in __init__: the supervisor pickles its config to each worker.
+        self.reloading = threading.Lock()  # the watcher and a SIGHUP, one live load at a time
         super().load()
         if self.ssl is not None and self.ssl_certfile and self.ssl_keyfile:
             thread = threading.Thread(target=self._watch, name="tls-reload", daemon=True)
             thread.start()
 
-    def reload_tls(self) -> None:
+    def reload_tls(self) -> bool:
         """Loads the pair on disk into the live context now (the watcher does so within
-        ``WATCH_SECONDS`` of a change); a pair that does not load leaves the old one serving:
-        it is tried on a context of its own first, as a failed load can leave a new
-        certificate beside the old key in the live one."""
+        ``WATCH_SECONDS`` of a change); whether it did. A pair that does not load is a warning
+        naming the file and leaves the old one serving: it is tried on a context of its own
+        first, as a failed load leaves the new certificate beside the old key in the live one,
+        which then fails every handshake. A mismatched pair is waited for, as at start-up: a
+        renewal writes the key, then the certificate."""
         if self.ssl is None or not self.ssl_certfile:
-            return
+            return False
         pair = (str(self.ssl_certfile), self.ssl_keyfile)
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*pair)
-            self.ssl.load_cert_chain(*pair)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot reload the serving certificate: %s", _why(self, exc))
-        else:
+        with self.reloading:
+            return self._reload(self.ssl, pair)
+
+    def _reload(self, live: ssl.SSLContext, pair: tuple[str, str | None]) -> bool:
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*pair)
+                # A renewal's rename between the trial and this load fails it: tried again.
+                live.load_cert_chain(*pair)
+            except ssl.SSLError as exc:
+                if "KEY_VALUES_MISMATCH" in str(exc) and attempt < LOAD_ATTEMPTS - 1:
+                    time.sleep(LOAD_PAUSE)
+                    continue
+                log.warning("cannot reload the serving certificate: %s", _why(self, exc))
+                return False
+            except (OSError, ValueError) as exc:
+                log.warning("cannot reload the serving certificate: %s", _why(self, exc))
+                return False
             log.info("reloaded the serving certificate")
+            return True
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _watch(self) -> None:
-        cert, key = Path(str(self.ssl_certfile)), Path(str(self.ssl_keyfile))
-        seen = cert.stat().st_mtime
+        """Reloads the pair once either file changes. It loaded the certificate into the live
+        context itself: one that did not match its key stopped every handshake until the
+        next renewal (for as long as the database or Vault was down)."""
+        files = (Path(str(self.ssl_certfile)), Path(str(self.ssl_keyfile)))
+        seen = _stamp(files)
         stop = threading.Event()
         while not stop.wait(WATCH_SECONDS):
-            try:
-                mtime = cert.stat().st_mtime
-                if mtime != seen and self.ssl is not None:
-                    self.ssl.load_cert_chain(cert, key)
-                    seen = mtime
-                    log.info("reloaded the serving certificate")
-            except (OSError, ValueError) as exc:  # mid-rename or a bad file: try again later
-                log.warning("cannot reload the serving certificate: %s", exc)
+            stamp = _stamp(files)
+            if stamp != seen:
+                # Tried once per change, not every round: a bad pair is one warning, and
+                # the next write to either file (a renewal, an operator's fix) tries again.
+                seen = stamp
+                self.reload_tls()
+
+
+def _stamp(files: tuple[Path, ...]) -> tuple[int | None, ...]:
+    """The files' modification times; None for one that cannot be read."""
+    stamps: list[int | None] = []
+    for path in files:
+        try:
+            stamps.append(path.stat().st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
 
 
 def _load_tls(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:

@@ -3,11 +3,17 @@ renewed (the key written, the certificate not yet) waits for the pair instead of
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from cli.tlsreload import ReloadingConfig, ServingTlsUnusable
 from tests.tlsfiles import loopback_server_tls
@@ -63,3 +69,96 @@ def test_a_key_that_is_not_there_is_named(tmp_path: Path) -> None:
     assert failed.value.detail == (
         f"cannot load the serving certificate: {key}: No such file or directory"
     )
+
+
+class Handshakes:
+    """A loopback TLS server on ``context``: each connection is one handshake, then closed."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with (
+                connection,
+                contextlib.suppress(OSError),
+                self.context.wrap_socket(connection, server_side=True) as tls,
+            ):
+                tls.recv(1)
+
+    def peer(self, ca: Path) -> x509.Certificate:
+        """The certificate the server presents to a client trusting ``ca``."""
+        client = ssl.create_default_context(cafile=str(ca))
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+            client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _changed(path: Path, content: bytes) -> None:
+    """``content`` written as a renewal writes it (a rename), with a new modification time."""
+    staged = path.with_suffix(".tmp")
+    staged.write_bytes(content)
+    later = path.stat().st_mtime_ns + 1_000_000_000
+    os.utime(staged, ns=(later, later))
+    staged.replace(path)
+
+
+def test_a_mismatched_certificate_on_disk_leaves_the_old_pair_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watcher loaded a changed certificate into the live context itself: one that did not
+    match the key left the context with no usable key, and every handshake failed until a new
+    pair was issued (docs/operations.md: "the old pair goes on serving")."""
+    monkeypatch.setattr("cli.tlsreload.WATCH_SECONDS", 0.05)
+    monkeypatch.setattr("cli.tlsreload.LOAD_ATTEMPTS", 3)
+    ca, served_cert, served_key = loopback_server_tls(tmp_path / "served")
+    other_ca, other_cert, other_key = loopback_server_tls(tmp_path / "other", ca_name="other CA")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(served_cert.read_bytes())
+    key.write_bytes(served_key.read_bytes())
+    old = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    loaded = config(cert, key)
+    loaded.load()
+    assert loaded.ssl is not None
+    server = Handshakes(loaded.ssl)
+    try:
+        assert server.peer(ca) == old
+        with caplog.at_level(logging.WARNING, logger="trellis.serve"):
+            _changed(cert, other_cert.read_bytes())
+            deadline = time.monotonic() + 5
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert [r.getMessage() for r in caplog.records] == [
+            "cannot reload the serving certificate: the key"
+            f" {key} does not match the certificate {cert}"
+        ]
+        time.sleep(0.2)  # more rounds of the watcher: the same change is not tried again
+        assert len(caplog.records) == 1
+        assert server.peer(ca) == old
+
+        # The next write, the key that goes with it (as an operator's fix), loads the pair.
+        _changed(key, other_key.read_bytes())
+        new = x509.load_pem_x509_certificates(other_cert.read_bytes())[0]
+        either = tmp_path / "either.pem"
+        either.write_bytes(ca.read_bytes() + other_ca.read_bytes())
+        deadline = time.monotonic() + 5
+        while server.peer(either) != new:
+            assert time.monotonic() < deadline, "the good pair was not loaded"
+            time.sleep(0.02)
+    finally:
+        server.close()
