@@ -32,6 +32,20 @@ WATCH_SECONDS = 5.0
 # The key and the certificate are two files, renewed one after the other (by the scheduler, even
 # while a worker starts): a load between the two writes sees a mismatched pair. Wait it out.
 LOAD_ATTEMPTS, LOAD_PAUSE = 40, 0.05
+# Mozilla's "intermediate" TLS 1.2 suites, as RFC 9325 §4.2 recommends: forward secret and AEAD
+# only. Python's default (uvicorn passes "TLSv1") let TLS 1.2 clients pick CBC suites with
+# HMAC-SHA1/SHA2 (ECDHE-ECDSA-AES256-SHA384 and the like). RSA suites are there for a serving key
+# that is RSA; Trellis issues its own as EC P-256. TLS 1.3's suites are all AEAD and untouched.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 
 class ServingTlsUnusable(Unavailable):
@@ -122,11 +136,16 @@ def _stamp(files: tuple[Path, ...]) -> tuple[int | None, ...]:
 
 
 def _load_tls(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    """uvicorn's context, with a mismatched pair waited for (a renewal under way) and any
-    other failure named: ``ServingTlsUnusable``."""
+    """uvicorn's context, TLS 1.2 or later with ``TLS12_CIPHERS``, with a mismatched pair waited
+    for (a renewal under way) and any other failure named: ``ServingTlsUnusable``. Every
+    process builds its context here, a worker of ``--workers N`` and one a SIGHUP restarts
+    included; a reload loads a pair into the same context, which keeps its settings."""
     for attempt in range(LOAD_ATTEMPTS):
         try:
-            return default()
+            context = default()
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(TLS12_CIPHERS)
+            return context
         except ssl.SSLError as exc:
             if "KEY_VALUES_MISMATCH" in str(exc) and attempt < LOAD_ATTEMPTS - 1:
                 time.sleep(LOAD_PAUSE)

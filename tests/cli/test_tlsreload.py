@@ -162,3 +162,66 @@ def test_a_mismatched_certificate_on_disk_leaves_the_old_pair_serving(
             time.sleep(0.02)
     finally:
         server.close()
+
+
+def _client(ca: Path, version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+    client = ssl.create_default_context(cafile=str(ca))
+    client.minimum_version = client.maximum_version = version
+    if ciphers is not None:
+        client.set_ciphers(ciphers)
+    return client
+
+
+def _handshake(port: int, client: ssl.SSLContext) -> tuple[str, str, int]:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        cipher = tls.cipher()
+    assert cipher is not None
+    return cipher
+
+
+@pytest.mark.parametrize(
+    ("version", "ciphers", "agreed"),
+    [
+        (ssl.TLSVersion.TLSv1_3, None, "TLS_AES_256_GCM_SHA384"),
+        (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        (
+            ssl.TLSVersion.TLSv1_2,
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+        (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA256", None),
+        (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-SHA384", None),
+        (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA", None),
+    ],
+    ids=[
+        "ok/tls1.3",
+        "ok/tls1.2/aes-gcm",
+        "ok/tls1.2/chacha20-poly1305",
+        "refused/tls1.2/aes128-cbc-sha256",
+        "refused/tls1.2/aes256-cbc-sha384",
+        "refused/tls1.2/aes128-cbc-sha1",
+    ],
+)
+def test_tls_1_2_offers_only_aead_suites(
+    tmp_path: Path, version: ssl.TLSVersion, ciphers: str | None, agreed: str | None
+) -> None:
+    """Mozilla's "intermediate" configuration and RFC 9325 §4.2: TLS 1.2 with forward-secret
+    AEAD suites only. uvicorn's default ("TLSv1") accepted the CBC ones, which sslyze listed."""
+    ca, cert, key = loopback_server_tls(tmp_path)
+    loaded = config(cert, key)
+    loaded.load()
+    assert loaded.ssl is not None
+    assert loaded.ssl.minimum_version == ssl.TLSVersion.TLSv1_2
+    server = Handshakes(loaded.ssl)
+    try:
+        client = _client(ca, version, ciphers)
+        if agreed is None:
+            with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+                _handshake(server.port, client)
+        else:
+            assert _handshake(server.port, client)[0] == agreed
+    finally:
+        server.close()
