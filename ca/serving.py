@@ -2,11 +2,12 @@
 
 Clients pin the trust bundle, so no web PKI is involved: ``spiffe://<td>/trellis/server`` with
 ``localhost``, ``127.0.0.1`` and any configured names, renewed at start-up when a third of its
-life is left, when the active issuer changed, when it was revoked (a revoked serving
-certificate's key is suspect: the new one has a new key), or when its key file is missing,
-unreadable or not its key (with a warning naming the file). The certificate a new pair
-replaces is revoked (``superseded``): left valid, the one replaced at a root rotation's switch
-held the old root's retirement up until the old intermediate expired. A good certificate whose
+life is left, when its names are not the configured ones (one added or taken away), when the
+active issuer changed, when it was revoked (a revoked serving certificate's key is suspect: the
+new one has a new key), or when its key file is missing, unreadable or not its key (with a
+warning naming the file). The certificate a new pair replaces is revoked (``superseded``): left
+valid, the one replaced at a root rotation's switch held the old root's retirement up until the
+old intermediate expired. A good certificate whose
 chain is no longer its issuer's (a root rotation adds a cross certificate at publish and the
 switch, and takes it away at retire) gets the current chain written after it, leaf and key kept.
 """
@@ -97,7 +98,9 @@ def _still_good(
         return False
     present = set(san.get_values_for_type(x509.DNSName))
     present |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    if not names <= present or _revoked(ctx, cert):
+    # Equal, not merely covered: a name taken out of TRELLIS_SERVER_NAMES (a wildcard that
+    # should no longer be served) stayed in the certificate until it aged out, ~20 days.
+    if names != present or _revoked(ctx, cert):
         return False
     problem = _key_problem(tls, cert)
     if problem is not None:

@@ -174,3 +174,26 @@ def test_the_served_chain_follows_a_root_rotation_to_its_retirement(ctx: Context
     assert (again.issued, again.rechained) == (None, True)
     assert tls.key_path.read_bytes() == key
     assert renew_server_certificate(ctx) == "serving certificate current"
+
+
+def _names(tls: ServerTls) -> set[str]:
+    cert = x509.load_pem_x509_certificates(tls.cert_path.read_bytes())[0]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(san.get_values_for_type(x509.DNSName)) | {
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+@SQLITE_ONLY
+def test_a_name_taken_away_issues_the_certificate_anew(ctx: Context) -> None:
+    """Only a missing name reissued it: a wildcard taken out of TRELLIS_SERVER_NAMES stayed
+    served, and valid, until the certificate reached a third of its life (~20 days)."""
+    first = ensure_server_certificate(ctx, ["*.example.org", "192.0.2.7"])
+    assert first.issued is not None
+    assert _names(first) == {"localhost", "127.0.0.1", "*.example.org", "192.0.2.7"}
+    assert ensure_server_certificate(ctx, ["*.example.org", "192.0.2.7"]).issued is None
+
+    narrower = ensure_server_certificate(ctx, ["192.0.2.7"])
+    assert narrower.issued is not None and narrower.issued != first.issued
+    assert _names(narrower) == {"localhost", "127.0.0.1", "192.0.2.7"}
+    assert ensure_server_certificate(ctx, ["192.0.2.7"]).issued is None
