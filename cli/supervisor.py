@@ -266,15 +266,36 @@ class HandingSupervisor(Multiprocess):
 
     def restart_all(self) -> None:
         """SIGHUP: replace each worker in turn; new connections go to the new one once it is
-        ready, the old one finishes the requests it has."""
+        ready, the old one finishes the requests it has. A new one that does not start (a
+        serving pair that does not load) abandons the restart, the old workers serving on, in a
+        warning: that was silent, the worker's own line the only trace."""
         for index, old in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
             new, slot = self._worker()
-            if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
+            timeout = self.config.timeout_worker_healthcheck
+            if not new.wait_until_ready(timeout, self.should_exit):
+                hung = new.process.is_alive()
                 new.kill()
                 new.join()
                 slot.channel.close()
+                if not self.should_exit.is_set():
+                    status = new.exitcode or 0
+                    why = (
+                        f"not ready within {timeout} s"
+                        if hung
+                        else "its line above says why"
+                        if status == STARTUP_FAILURE
+                        else _death(status)
+                    )
+                    logger.warning(
+                        "SIGHUP: abandoned the restart of the workers: worker [%s] did not start"
+                        " (%s); %d of %d replaced, the old ones keep serving",
+                        new.pid,
+                        why,
+                        index,
+                        len(self.processes),
+                    )
                 return
             self.dispatcher.install(index, slot)
             old.terminate()

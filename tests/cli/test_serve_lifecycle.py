@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -98,6 +99,37 @@ def test_sighup_reloads_a_single_process_instead_of_killing_it(tmp_path: Path) -
             assert client.get(f"{serve.url}/healthz").is_success  # on the same connection
         assert serve.process.poll() is None, log.read_text()
     assert "SIGHUP: a single process has no workers to replace" in log.read_text()
+
+
+def test_a_sighup_restart_that_cannot_start_a_worker_says_it_was_abandoned(
+    tmp_path: Path,
+) -> None:
+    """A worker a SIGHUP started that could not load the serving pair ended the restart
+    silently, its own line the only trace. The old workers serve on, and a warning says so."""
+    cli = _initialised(tmp_path)
+    log = tmp_path / "serve.log"
+    key = cli.data_dir / "server" / "tls.key"
+    with cli.serving(log, "--workers", "2") as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        before = sorted(workers_of(serve.process.pid))
+        # A directory where the key goes: the server-certificate job cannot repair it.
+        key.unlink()
+        key.mkdir()
+        serve.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: abandoned" in log.read_text(), "the restart abandoned")
+        assert httpx.get(f"{serve.url}/healthz", verify=serve.tls).is_success
+        assert sorted(workers_of(serve.process.pid)) == before
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    (abandoned,) = [r for r in records if "SIGHUP: abandoned" in r["message"]]
+    assert abandoned["level"] == "warning"
+    # Why it did not start: its own line, or under load "not ready within 5 s" (uvicorn's
+    # timeout_worker_healthcheck) before it got as far as the key.
+    assert re.fullmatch(
+        r"SIGHUP: abandoned the restart of the workers: worker \[\d+\] did not start"
+        r" \((its line above says why|not ready within 5 s)\);"
+        r" 0 of 2 replaced, the old ones keep serving",
+        abandoned["message"],
+    ), abandoned["message"]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
