@@ -914,10 +914,13 @@ def _check_seal(
     if version is None:
         return f"{where}: the CA signature does not verify"
     revoked = signers.revoked(cert)
-    if revoked is not None and signed_at >= revoked.at:
+    # After its signer's revocation: broken. In the same second it is not: times are whole
+    # seconds, and the sealer of a busy replica signs with the intermediate it read as active
+    # while an emergency revocation on another was committing (such a seal is not counted).
+    if revoked is not None and signed_at > revoked.at:
         return (
             f"{where}: its signer was revoked ({revoked.reason}) at {revoked.at.isoformat()}, "
-            f"at or before the seal's time {signed_at.isoformat()}"
+            f"before the seal's time {signed_at.isoformat()}"
         )
     newest = chain.newest_by_seq.get(seq)
     if newest is not None and signed_at < newest:
@@ -925,13 +928,14 @@ def _check_seal(
             f"{where}: dated {signed_at.isoformat()}, before a record it covers "
             f"({newest.isoformat()}): the sealer signs after the records it chains"
         )
-    if revoked is None or (version == 2 and revoked.key_kept):
+    if revoked is None or (version == 2 and revoked.key_kept and signed_at < revoked.at):
         return None
-    why = (
-        "its time is not signed (a seal made before this release)"
-        if version == 1
-        else "the key may be stolen, and signs any time"
-    )
+    if version == 1:
+        why = "its time is not signed (a seal made before this release)"
+    elif signed_at == revoked.at:
+        why = "it was signed in the second of the revocation, which of the two came first unknown"
+    else:
+        why = "the key may be stolen, and signs any time"
     return _Unproven(
         seq,
         f"its signer was revoked ({revoked.reason}) at {revoked.at.isoformat()} and {why}",

@@ -17,8 +17,10 @@ revocation. Which format a seal is in is told by which message its signature ver
 v2 message starts with ``SEAL_V2``, and can never be a head hash, so no signature over one is a
 signature over the other.
 
-A signer revoked at or before a seal's time makes the seal broken: an honest sealer signs with
-the active intermediate only. A seal dated before the revocation counts when the reason says the
+A signer revoked before a seal's time makes the seal broken: an honest sealer signs with the
+active intermediate only. One dated in the second of the revocation is not counted: times are
+whole seconds, and a replica's sealer may sign with the intermediate it read as active while
+the revocation commits. A seal dated before the revocation counts when the reason says the
 key was never out of Trellis's hands (superseded, cessation of operation, ...). For any other
 reason (cACompromise, keyCompromise, unspecified) the key is known or feared stolen, and whoever
 holds it signs whatever time they like: such a seal, and a v1 seal of any revoked signer (its

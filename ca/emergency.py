@@ -98,7 +98,6 @@ def revoke_intermediate(
     (``cli`` or ``admin-token:<id>``, and the caller's ``X-Request-ID`` or the command's
     ``cli-<hex>``: ``ca.audit.entry`` reads ``ca.logs.REQUEST_ID``); the records say it was an
     emergency, and why, in their detail."""
-    now = ctx.clock.now()
     meant = _active_serial(ctx, authority)  # what the caller is revoking, before any wait
     created: list[KeyHandle] = []
     try:
@@ -131,6 +130,11 @@ def revoke_intermediate(
                 ttl=params.ca_ttl,
                 issuer=(ca_certificate(ctx, root), ca_signer(ctx, root)),
             )
+            # The revocation's time: once it holds the lock and has its successor, as close
+            # to its commit as it can be. Taken before the wait (up to 10 s behind a rotation),
+            # it dated the revocation before seals the other replicas' sealers were still
+            # honestly making with the old intermediate, and 'audit verify' called them broken.
+            now = ctx.clock.now()
             why = {"emergency": True, "reason": reason.value}
             superseded = [active] if active is not None and active.id != old.id else []
             prepared = ca_rows(session, authority, "intermediate", "prepared")
