@@ -133,10 +133,20 @@ def refresh(
             if not r.dropped:
                 ok = "updated" if r.changed else "unchanged"
                 outcome = ok if r.ok else f"FAILED: {r.error}"
-                typer.echo(f"{r.trust_domain}: {outcome} (sequence {r.sequence})")
-    failed = [str(r.trust_domain) for r in results if not r.ok and not r.dropped]
+                sequence = "no bundle yet" if r.sequence is None else f"sequence {r.sequence}"
+                typer.echo(f"{r.trust_domain}: {outcome} ({sequence})")
+    failed = [r for r in results if not r.ok and not r.dropped]
     if failed:
-        raise Unavailable(f"refresh failed for {', '.join(failed)}: kept their last good bundle")
+        names = ", ".join(str(r.trust_domain) for r in failed)
+        had = [r.sequence is not None for r in failed]
+        kept = (
+            "kept their last good bundle"
+            if all(had)
+            else "no bundle fetched yet"
+            if not any(had)
+            else "kept the last good bundle of those that had one"
+        )
+        raise Unavailable(f"refresh failed for {names}: {kept}")
 
 
 def _current(ctx: Context, trust_domain: TrustDomain) -> federation.Federation | None:

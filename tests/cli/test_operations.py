@@ -296,7 +296,7 @@ def test_a_failed_federation_refresh_is_said_once(local: Trellis) -> None:
     url = f"https://127.0.0.1:{free_port()}/bundle"  # nothing listens there
     local.run("federation", "add", "--trust-domain", "partner.test", "--url", url,
               "--profile", "https_web")  # fmt: skip
-    failed = "trellis: refresh failed for partner.test: kept their last good bundle\n"
+    failed = "trellis: refresh failed for partner.test: no bundle fetched yet\n"
     text = local.run("federation", "refresh", ok=False)
     assert text.stdout.startswith(f"partner.test: FAILED: cannot fetch {url}: "), text
     assert text.returncode == 8 and text.stderr == failed, text
