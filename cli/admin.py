@@ -48,6 +48,7 @@ from cli.common import (
 from cli.progress import shown
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+EntryIdArg = Annotated[str, typer.Argument(help="The entry's id (trellis entry list)")]
 
 entry_app = typer.Typer(
     help="Registration entries: which SPIFFE IDs may be issued.", no_args_is_help=True
@@ -225,7 +226,7 @@ def entry_list(json_out: JsonOpt = False) -> None:
 
 
 @entry_app.command("show")
-def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
+def entry_show(entry_id: EntryIdArg, json_out: JsonOpt = False) -> None:
     """One registration entry."""
     entry = entries.get_entry(STATE.context(), entry_id)
     if json_out:
@@ -235,7 +236,7 @@ def entry_show(entry_id: str, json_out: JsonOpt = False) -> None:
 
 
 @entry_app.command("delete")
-def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
+def entry_delete(entry_id: EntryIdArg, json_out: JsonOpt = False) -> None:
     """Delete an entry and its join tokens; its certificates stay valid but cannot renew."""
     entry = entries.delete_entry(STATE.context(), entry_id, actor="cli")
     if json_out:
@@ -245,7 +246,7 @@ def entry_delete(entry_id: str, json_out: JsonOpt = False) -> None:
 
 
 @entry_app.command("disable")
-def entry_disable(entry_id: str, json_out: JsonOpt = False) -> None:
+def entry_disable(entry_id: EntryIdArg, json_out: JsonOpt = False) -> None:
     """Issue and renew nothing for this entry until it is enabled again."""
     entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=False, actor="cli")
     if json_out:
@@ -255,7 +256,7 @@ def entry_disable(entry_id: str, json_out: JsonOpt = False) -> None:
 
 
 @entry_app.command("enable")
-def entry_enable(entry_id: str, json_out: JsonOpt = False) -> None:
+def entry_enable(entry_id: EntryIdArg, json_out: JsonOpt = False) -> None:
     """Let a disabled entry be issued and renewed again."""
     entry = entries.set_entry_enabled(STATE.context(), entry_id, enabled=True, actor="cli")
     if json_out:
@@ -325,7 +326,10 @@ def token_list(json_out: JsonOpt = False) -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: str, json_out: JsonOpt = False) -> None:
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (trellis token list)")],
+    json_out: JsonOpt = False,
+) -> None:
     """Revoke a join or admin token: it is refused from now on."""
     info = tokens.revoke_token(STATE.context(), token_id, actor="cli")
     if json_out:
@@ -374,7 +378,10 @@ def certs_list(
 
 
 @certs_app.command("show")
-def certs_show(serial: str, json_out: JsonOpt = False) -> None:
+def certs_show(
+    serial: Annotated[str, typer.Argument(help="Serial (hex) of the certificate")],
+    json_out: JsonOpt = False,
+) -> None:
     """One certificate: its status, who revoked it and why, and its PEM."""
     info = certs.get_certificate(STATE.context(), Serial.parse(serial))
     if json_out:

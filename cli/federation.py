@@ -19,6 +19,7 @@ federation_app = typer.Typer(
     no_args_is_help=True,
 )
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+TrustDomainArg = Annotated[str, typer.Argument(help="The partner's trust domain")]
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -93,13 +94,13 @@ def list_federations(json_out: JsonOpt = False) -> None:
 
 
 @federation_app.command("show")
-def show(trust_domain: str, json_out: JsonOpt = False) -> None:
+def show(trust_domain: TrustDomainArg, json_out: JsonOpt = False) -> None:
     """One relationship."""
     _show(federation.get_federation(STATE.context(), TrustDomain.parse(trust_domain)), json_out)
 
 
 @federation_app.command("remove")
-def remove(trust_domain: str, json_out: JsonOpt = False) -> None:
+def remove(trust_domain: TrustDomainArg, json_out: JsonOpt = False) -> None:
     """Stop trusting a trust domain: its bundle is no longer published or fetched."""
     removed = federation.remove_federation(
         STATE.context(), TrustDomain.parse(trust_domain), actor="cli"

@@ -45,6 +45,7 @@ cert_app = typer.Typer(help="Partner client certificates.", no_args_is_help=True
 gateway_app.add_typer(consumer_app, name="consumer")
 gateway_app.add_typer(cert_app, name="cert")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+SerialArg = Annotated[str, typer.Argument(help="Serial (hex) of the certificate")]
 
 
 @gateway_app.command("init")
@@ -124,7 +125,9 @@ def consumer_list(json_out: JsonOpt = False) -> None:
 
 
 @consumer_app.command("disable")
-def consumer_disable(name: str, json_out: JsonOpt = False) -> None:
+def consumer_disable(
+    name: Annotated[str, typer.Argument(help="Consumer name")], json_out: JsonOpt = False
+) -> None:
     """No new certificates; live ones stay valid until revoked (trellis gateway cert revoke)."""
     consumer = ConsumerOut.of(
         gateway.disable_consumer(STATE.context(), gateway.ConsumerName(name), actor="cli")
@@ -225,7 +228,7 @@ def _show(cert: GatewayCertOut) -> None:
 
 
 @cert_app.command("show")
-def cert_show(serial: str, json_out: JsonOpt = False) -> None:
+def cert_show(serial: SerialArg, json_out: JsonOpt = False) -> None:
     """One gateway certificate, with its RFC 8705 x5t#S256 thumbprint."""
     cert = GatewayCertOut.of(gateway.show_certificate(STATE.context(), Serial.parse(serial)))
     if json_out:
@@ -271,7 +274,7 @@ def cert_list(
 
 @cert_app.command("revoke")
 def cert_revoke(
-    serial: str,
+    serial: SerialArg,
     reason: Annotated[
         str, typer.Option(help="RFC 5280 reason, e.g. keyCompromise")
     ] = "unspecified",

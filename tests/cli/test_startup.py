@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -185,3 +186,32 @@ def test_serve_is_recognised_before_click_parses_the_command_line() -> None:
     assert command_of(["--data-dir", "serve", "certs", "list"]) == "certs"
     assert command_of(["--database-url=sqlite://", "serve", "--workers", "2"]) == "serve"
     assert command_of(["--help"]) is None
+
+
+def test_every_argument_and_option_of_every_command_has_help() -> None:
+    """``entry show ENTRY_ID``, ``token revoke``, ``certs show``, ``federation show|remove``,
+    ``gateway consumer disable`` and ``gateway cert show|revoke`` listed their argument in
+    --help with nothing to say what it is (a probe walked the tree)."""
+    import typer.main
+
+    from cli.main import app
+
+    root = typer.main.get_command(app)
+    context = type(root).context_class(root)
+
+    def walk(command: Any, path: str) -> list[str]:
+        bare = [
+            f"{path} {param.name}"
+            for param in command.params
+            if not getattr(param, "hidden", False) and not getattr(param, "help", None)
+        ]
+        if hasattr(command, "list_commands"):  # a group (Typer's own click); imported lazily
+            for name in command.list_commands(context):
+                sub = command.get_command(context, name)
+                if sub is not None and not sub.hidden:
+                    bare += walk(sub, f"{path} {name}")
+        return bare
+
+    walked = walk(root, "trellis")
+    assert walked == []
+    assert len(context.command.list_commands(context)) > 15  # the tree was walked
