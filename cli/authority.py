@@ -37,9 +37,8 @@ def status(authority: AuthorityOpt = MESH, json_out: JsonOpt = False) -> None:
     if json_out:
         emit_json(AuthorityStatusOut.of(result))
         return
-    typer.echo(
-        f"authority {result.name} ({result.trust_domain}), bundle sequence {result.bundle_sequence}"
-    )
+    domain = f" ({result.trust_domain})" if result.trust_domain else ""  # the mesh's only
+    typer.echo(f"authority {result.name}{domain}, bundle sequence {result.bundle_sequence}")
     if result.root_rotation:
         typer.echo(
             f"root rotation: {result.root_rotation} (switch after {when(result.root_switch_after)})"

@@ -314,3 +314,10 @@ def test_init_names_its_authority_with_authority_and_still_takes_name(
     both = cli.process().run("openvpn", "init", "--authority", "vpn5", "--name", "vpn6", ok=False)
     assert both.returncode == 2, both
     assert both.stderr == "trellis: --name is the old spelling of --authority: give one of them\n"
+
+
+def test_authority_status_of_the_vpn_names_no_trust_domain(cli: InProcessTrellis) -> None:
+    """Only the mesh has a trust domain: the VPN's status line read 'authority vpn (), ...'."""
+    cli.run("openvpn", "init")
+    first = cli.run("authority", "status", "--authority", "vpn").stdout.splitlines()[0]
+    assert first.startswith("authority vpn, bundle sequence "), first
