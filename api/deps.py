@@ -86,12 +86,22 @@ async def well_formed_url(request: Request) -> None:
     value, so ``?force=false&force=true`` forced a rotation that a reader of the first value
     (a proxy's log, a policy check) saw refused. Trellis declares no list-valued one."""
     route = request.scope.get("route")
-    if isinstance(route, APIRoute) and not _takes_admin(route.dependant):
+    if request.scope["query_string"] and isinstance(route, APIRoute) and not _takes_admin(route):
         _check_query(request, route)
 
 
-def _takes_admin(dependant: Dependant) -> bool:
-    return any(sub.call is admin or _takes_admin(sub) for sub in dependant.dependencies)
+def _takes_admin(route: APIRoute) -> bool:
+    """Whether ``route`` depends on ``admin``: the same for every request, so worked out once
+    and kept on the route (which is not hashable, so no cache keyed by it)."""
+    found: bool | None = getattr(route, "_trellis_takes_admin", None)
+    if found is None:
+        found = _depends_on_admin(route.dependant)
+        setattr(route, "_trellis_takes_admin", found)  # noqa: B010 (not an attribute of its class)
+    return found
+
+
+def _depends_on_admin(dependant: Dependant) -> bool:
+    return any(sub.call is admin or _depends_on_admin(sub) for sub in dependant.dependencies)
 
 
 def _check_query(request: Request, route: APIRoute) -> None:

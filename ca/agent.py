@@ -235,12 +235,17 @@ class Agent:
         held = self.current()
         if held is None:
             raise errors.InternalError("the SVID just written cannot be read back")
+        self._changed(what, held)
+        return held
+
+    def _changed(self, what: str, held: Held | None) -> None:
+        """Logged, and the ``--exec`` hook run for its share of ``held``'s life left (at least
+        ``MIN_RETRY`` seconds: also when there is no usable SVID to count from)."""
         log.info("%s: %s", what, self.files.svid)
         if self.config.exec_command is not None:
-            life = (held.not_after - self.clock.now()).total_seconds()
+            life = (held.not_after - self.clock.now()).total_seconds() if held else 0.0
             limit = min(HOOK_LIMIT, max(MIN_RETRY, life * HOOK_SHARE))
             self.config.exec_command.run(limit=limit, stop=self._stop)
-        return held
 
     def bootstrap(self) -> Held:
         """At start: the SVID on disk if the server still renews it, else one from the token.
@@ -329,7 +334,9 @@ class Agent:
         if self.files.bundle.read_bytes() == bundle:
             return False
         write_bundle(self.files, bundle)
-        self._published("bundle updated")
+        # The SVID is not new: the hook's time is counted from the one held, and one that
+        # cannot be read (expired meanwhile) is no reason to end the agent here.
+        self._changed("bundle updated", self.current())
         return True
 
     def run(self, *, once: bool = False, stop: Callable[[], bool] = lambda: False) -> None:

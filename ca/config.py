@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError
 
 from ca.clock import Clock, SystemClock
 from ca.connlimits import MAX_CONNECTIONS, REQUEST_TIMEOUT
-from ca.csr import check_dns_name, is_host
+from ca.csr import check_dns_name, is_host, no_port_to_reach
 from ca.errors import InvalidInput, TrellisError
 from ca.files import OwnData, data_directory, private_file
 from ca.jwks import DEFAULT_REFRESH_HINT, MAX_REFRESH_HINT
@@ -327,7 +327,7 @@ class Settings(DataPaths):
             raise ValueError("not a URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("not an absolute http:// or https:// URL with a host")
-        if parts.port == 0 or parts.netloc.endswith(":"):  # no client connects to either
+        if no_port_to_reach(parts):
             raise ValueError("a port of 0, or a ':' with no port: give 1 to 65535, or none")
         if parts.query or parts.fragment or "?" in value or "#" in value:
             raise ValueError("a query or fragment: give a base URL such as https://ca.example.org")

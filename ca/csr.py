@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import SplitResult
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -61,6 +62,13 @@ def check_dns_name(name: str) -> str:
             f"{name[:64]!r} is not a host name (an IP address belongs in the IP addresses)"
         )
     return candidate
+
+
+def no_port_to_reach(parts: SplitResult) -> bool:
+    """Whether a URL's authority names port 0 or a ':' with no port after it: no client
+    connects to either, and ``urlsplit`` reads both as no port (the scheme's default) or 0.
+    Its ``port`` must have been read already (it raises on one out of range)."""
+    return parts.port == 0 or parts.netloc.endswith(":")
 
 
 def is_host(value: str) -> bool:

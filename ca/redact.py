@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MASK", "masked_url"]
+__all__ = ["MASK", "masked_url", "without_userinfo"]
 
 MASK = "***"
 
@@ -55,6 +55,16 @@ def masked_url(url: str) -> tuple[str, bool]:
         rest = before + after
         masked = masked or count > 0
     return head + rest, masked
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` with all of its user information, user name and password alike, as ``***``:
+    for a URL that should carry none (``--server``, where a token may be what was put there),
+    so nothing of what was is repeated."""
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    end = _userinfo_end(url[start:])
+    return url if end is None else f"{url[:start]}{MASK}{url[start + end :]}"
 
 
 def _userinfo_end(rest: str) -> int | None:

@@ -32,8 +32,9 @@ from cryptography import x509
 
 from ca import errors
 from ca.checks import uri_sans
+from ca.csr import no_port_to_reach
 from ca.identity import SERVER_PATH, SpiffeId
-from ca.redact import MASK
+from ca.redact import without_userinfo
 
 __all__ = ["Answer", "ServerConnection", "ServerUrl", "Stopped"]
 
@@ -60,11 +61,11 @@ class ServerUrl:
     @classmethod
     def parse(cls, text: str) -> ServerUrl:
         """``text`` as a URL, else ``InvalidInput``, whose message never repeats a user name or
-        password in it (``_shown``): it goes to a terminal or a pod's log. There is none to
-        give: Trellis's clients authenticate with a join token or their SVID, and one sent in
-        the URL was refused with a message repeating it. A port of 0, or a ':' with none
-        after it, is refused as ``TRELLIS_PUBLIC_URL`` refuses it; both meant 443."""
-        shown = _shown(text)[:128]
+        password in it (``ca.redact.without_userinfo``): it goes to a terminal or a pod's log.
+        There is none to give: Trellis's clients authenticate with a join token or their SVID,
+        and one sent in the URL was refused with a message repeating it. A port of 0, or a ':'
+        with none after it, is refused as ``TRELLIS_PUBLIC_URL`` refuses it; both meant 443."""
+        shown = without_userinfo(text)[:128]
         problem = f"--server {shown!r} must be an https:// URL with a host (https://host:port)"
         if not text.isascii() or not text.isprintable() or " " in text:
             raise errors.InvalidInput(problem)
@@ -80,7 +81,7 @@ class ServerUrl:
             )
         if parts.scheme.lower() != "https" or not parts.hostname or parts.query or parts.fragment:
             raise errors.InvalidInput(problem)
-        if port == 0 or parts.netloc.endswith(":"):
+        if no_port_to_reach(parts):
             raise errors.InvalidInput(
                 f"--server {shown!r}: a port of 0, or a ':' with no port: give 1 to 65535, or"
                 " none for 443"
@@ -90,16 +91,6 @@ class ServerUrl:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"https://{host}:{self.port}{self.path}"
-
-
-def _shown(text: str) -> str:
-    """``text`` with whatever is before an '@' in its authority (a user name, a password)
-    replaced by ``***``."""
-    start = text.find("://")
-    start = 0 if start < 0 else start + 3
-    end = next((i for i in range(start, len(text)) if text[i] in "/?#"), len(text))
-    at = text.rfind("@", start, end)
-    return text if at < 0 else f"{text[:start]}{MASK}{text[at:]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,10 @@ _STATUS_ERRORS: dict[int, type[errors.TrellisError]] = {
 }
 # What a 200 from /v1/svid and /v1/svid/renew holds (api.schemas.SvidResponse), all strings.
 _SVID_FIELDS = ("spiffe_id", "serial", "expires_at", "certificate", "chain", "bundle")
-# The names ``write_svid`` renames a symlink over, in the directory it is given.
-_LINKS = ("..data", "svid.pem", "svid.key", "bundle.pem")
+# The files ``write_svid`` publishes, each a symlink through ``..data``; and every name it
+# renames a symlink over in the directory it is given.
+_FILES = ("svid.pem", "svid.key", "bundle.pem")
+_LINKS = ("..data", *_FILES)
 
 
 def join_token(text: str) -> str:
@@ -159,7 +161,7 @@ def write_svid(files: SvidFiles, chain_pem: bytes, key: PrivateKey, bundle_pem: 
         if not (data.is_symlink() and os.readlink(data) == stamp):
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    for name in ("svid.pem", "svid.key", "bundle.pem"):
+    for name in _FILES:
         link = directory / name
         if not (link.is_symlink() and os.readlink(link) == f"..data/{name}"):
             temporary = directory / f".{name}.{secrets.token_hex(4)}"

@@ -32,7 +32,6 @@ from ca.files import OwnData, check_writable
 from ca.logs import CLI_REQUEST_PREFIX, REQUEST_ID
 from ca.redact import MASK, masked_url
 from ca.store.db import SchemaPolicy
-from ca.workload import check_svid_directory
 
 if TYPE_CHECKING:
     from ca.certs import CertificateInfo
@@ -73,6 +72,9 @@ def svid_dir(param: typer.CallbackParam, value: Path | None) -> Path | None:
     (``ca.workload.check_svid_directory``), under the option's own name, as ``writable``."""
     if value is None:
         return None
+    # Here, not at the top: every command imports this module, three of them publish SVIDs.
+    from ca.workload import check_svid_directory
+
     what = f"{param.opts[0]} {value}"
     return check_svid_directory(value, what=what, own=STATE.own_data())
 

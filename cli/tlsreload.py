@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -32,6 +32,7 @@ WATCH_SECONDS = 5.0
 # The key and the certificate are two files, renewed one after the other (by the scheduler, even
 # while a worker starts): a load between the two writes sees a mismatched pair. Wait it out.
 LOAD_ATTEMPTS, LOAD_PAUSE = 40, 0.05
+_T = TypeVar("_T")
 # Mozilla's "intermediate" TLS 1.2 suites, as RFC 9325 §4.2 recommends: forward secret and AEAD
 # only. Python's default (uvicorn passes "TLSv1") let TLS 1.2 clients pick CBC suites with
 # HMAC-SHA1/SHA2 (ECDHE-ECDSA-AES256-SHA384 and the like). RSA suites are there for a serving key
@@ -90,23 +91,18 @@ class ReloadingConfig(uvicorn.Config):
             return self._reload(self.ssl, pair)
 
     def _reload(self, live: ssl.SSLContext, pair: tuple[str, str | None]) -> bool:
-        for attempt in range(LOAD_ATTEMPTS):
-            try:
-                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*pair)
-                # A renewal's rename between the trial and this load fails it: tried again.
-                live.load_cert_chain(*pair)
-            except ssl.SSLError as exc:
-                if "KEY_VALUES_MISMATCH" in str(exc) and attempt < LOAD_ATTEMPTS - 1:
-                    time.sleep(LOAD_PAUSE)
-                    continue
-                log.warning("cannot reload the serving certificate: %s", _why(self, exc))
-                return False
-            except (OSError, ValueError) as exc:
-                log.warning("cannot reload the serving certificate: %s", _why(self, exc))
-                return False
-            log.info("reloaded the serving certificate")
-            return True
-        raise AssertionError("unreachable")  # pragma: no cover
+        def load() -> None:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*pair)
+            # A renewal's rename between the trial and this load fails it: tried again.
+            live.load_cert_chain(*pair)
+
+        try:
+            _once_matched(load)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("cannot reload the serving certificate: %s", _why(self, exc))
+            return False
+        log.info("reloaded the serving certificate")
+        return True
 
     def _watch(self) -> None:
         """Reloads the pair once either file changes. It loaded the certificate into the live
@@ -140,24 +136,28 @@ def _load_tls(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> 
     for (a renewal under way) and any other failure named: ``ServingTlsUnusable``. Every
     process builds its context here, a worker of ``--workers N`` and one a SIGHUP restarts
     included; a reload loads a pair into the same context, which keeps its settings."""
-    for attempt in range(LOAD_ATTEMPTS):
+    try:
+        context = _once_matched(default)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ServingTlsUnusable(
+            f"cannot load the serving certificate: {_why(config, exc)}"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    return context
+
+
+def _once_matched(load: Callable[[], _T]) -> _T:
+    """``load()``, tried again for up to ``LOAD_ATTEMPTS`` while the pair on disk does not
+    match: a renewal writes the key, then the certificate. Any other failure is raised."""
+    for _ in range(LOAD_ATTEMPTS - 1):
         try:
-            context = default()
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.set_ciphers(TLS12_CIPHERS)
-            return context
+            return load()
         except ssl.SSLError as exc:
-            if "KEY_VALUES_MISMATCH" in str(exc) and attempt < LOAD_ATTEMPTS - 1:
-                time.sleep(LOAD_PAUSE)
-                continue
-            raise ServingTlsUnusable(
-                f"cannot load the serving certificate: {_why(config, exc)}"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise ServingTlsUnusable(
-                f"cannot load the serving certificate: {_why(config, exc)}"
-            ) from None
-    raise AssertionError("unreachable")  # pragma: no cover
+            if "KEY_VALUES_MISMATCH" not in str(exc):
+                raise
+            time.sleep(LOAD_PAUSE)
+    return load()
 
 
 def _why(config: uvicorn.Config, exc: Exception) -> str:

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.utils import Buffer
 
 from ca import metrics
+from ca.csr import no_port_to_reach
 from ca.errors import InternalError, InvalidInput, NotFound, TrellisError, Unavailable
 from ca.keys.backend import KeyHandle, Signer
 from ca.keys.types import KeyType, PrivateKey, PublicKey
@@ -923,10 +924,10 @@ def address_problem(address: str) -> str | None:
         return "must be an http(s):// URL"
     try:
         parts = urlsplit(address)
-        port = parts.port
+        parts.port  # noqa: B018 (raises on a port that is no number or out of range)
     except ValueError:  # a port that is no number, or above 65535; an unclosed [IPv6
         return "not a URL with a port from 1 to 65535"
-    if port == 0 or parts.netloc.endswith(":"):
+    if no_port_to_reach(parts):
         return "not a URL with a port from 1 to 65535"
     return None
 

@@ -403,22 +403,7 @@ def test_a_seal_made_in_the_second_of_its_signers_revocation_is_not_broken(
         cert = x509.load_pem_x509_certificate(old.cert_pem.encode())
         key = load_ca_key(ctx, old).private_key
         assert old.revoked_at == clock.now()
-    with ctx.engine.begin() as connection:
-        seq, head = connection.execute(
-            sa.select(audit._AUDIT.c.seq, audit._AUDIT.c.hash)
-            .where(audit._AUDIT.c.seq.is_not(None))
-            .order_by(audit._AUDIT.c.seq.desc())
-            .limit(1)
-        ).one()
-        connection.execute(
-            sa.insert(audit._SEALS).values(
-                seq=seq,
-                head_hash=head,
-                signed_at=clock.now(),
-                signer_cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-                signature=sign(key, seal_message("mesh", seq, head, clock.now())),
-            )
-        )
+    _forge_head(ctx, cert, key, signed_at=clock.now())
     clock.advance(dt.timedelta(minutes=1))
     _sealed(ctx)  # the successor's, after it
 
