@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,9 @@ from ca.errors import InvalidInput
 from ca.serverconn import ServerUrl
 from ca.store.db import SchemaPolicy
 from ca.workload import SvidFiles, check_svid_directory, write_svid
+from tests import zygote
 from tests.ca.svidkit import SQLITE_ONLY, Local, LocalClient, count_rows, enrol
-from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests.cli.test_walkthrough import Trellis
 from tests.conftest import free_port
 
 NAMES = ["..data", "svid.pem", "svid.key", "bundle.pem"]
@@ -116,9 +116,7 @@ def test_the_commands_refuse_it_in_one_line_exit_2(tmp_path: Path) -> None:
          "--dir", str(copied)],
     ]  # fmt: skip
     for args in commands:
-        result = subprocess.run(
-            [TRELLIS, *args], env=cli.env, capture_output=True, text=True, timeout=30, check=False
-        )
+        result = zygote.run(args, env=cli.env, timeout=30)
         assert result.returncode == 2, (args, result.stderr)
         option = "--dir" if args[0] == "agent" else "--out"
         assert result.stderr.splitlines() == [

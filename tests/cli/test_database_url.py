@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests import zygote
+from tests.cli.test_walkthrough import Trellis
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +89,7 @@ def test_a_sqlite_uri_filename_is_refused(tmp_path: Path) -> None:
     that name to sqlite3, which read it as a URI: it was of a new, empty 'ca.db' (exit 0)."""
     env = {**os.environ, "TRELLIS_KEY_PASSPHRASE": "walkthrough-passphrase"}
     given = ["--data-dir", "var", "--database-url", "sqlite:///file:ca.db"]
-    result = subprocess.run(
-        [TRELLIS, *given, "init", "--trust-domain", "example.org"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = zygote.run([*given, "init", "--trust-domain", "example.org"], env=env, cwd=tmp_path)
     _refused(result, "--database-url", "a SQLite URI filename")
     assert _tree(tmp_path) == {}
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests import zygote
+from tests.cli.test_walkthrough import Trellis
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +49,7 @@ def _workload(
 ) -> subprocess.CompletedProcess[str]:
     """``trellis ARGS`` with the token in ``TRELLIS_JOIN_TOKEN``, as a Secret's env var gives it."""
     env = {**trellis.env, "TRELLIS_JOIN_TOKEN": token}
-    return subprocess.run(
-        [TRELLIS, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return zygote.run(args, env=env, timeout=timeout)
 
 
 def _request(server: str, trellis: Trellis, out: Path) -> list[str]:

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 from cli.common import STATE, more
-from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests import zygote
+from tests.cli.test_walkthrough import Trellis
 from tests.gateway.gwkit import partner_csr
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [TRELLIS, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=True
-    )
+    result = zygote.run(args, env=env, cwd=cwd)
+    result.check_returncode()
+    return result
 
 
 def test_the_next_page_runs_as_printed_against_the_same_instance(tmp_path: Path) -> None:

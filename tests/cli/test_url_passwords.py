@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests import zygote
+from tests.cli.test_walkthrough import Trellis
 from tests.conftest import free_port
 
 SECRET = "S3CRETPW6"
@@ -21,10 +22,7 @@ def _trellis(
     args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
-    return subprocess.run(
-        [TRELLIS, *args], env={**base, **env}, cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )  # fmt: skip
+    return zygote.run(args, env={**base, **env}, cwd=cwd, timeout=timeout)
 
 
 # Each URL a setting refuses, with how its refusal shows it.

@@ -9,7 +9,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,18 +17,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import zygote
 from tests.conftest import free_port
 from tests.processes import terminate
 
 pytestmark = pytest.mark.slow
 
-TRELLIS = str(Path(sys.executable).with_name("trellis"))
+TRELLIS = zygote.TRELLIS
 
 
 class Trellis:
     """Runs the CLI against one data dir and database, like an operator's shell."""
 
-    def __init__(self, data_dir: Path, database_url: str) -> None:
+    def __init__(self, data_dir: Path, database_url: str, *, real: bool = False) -> None:
+        self.real = real  # every command a real executable (tests.zygote), as a user's are
         self.env = {
             **os.environ,
             "TRELLIS_DATA_DIR": str(data_dir),
@@ -38,10 +39,11 @@ class Trellis:
         }
         self.data_dir = data_dir
 
-    def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [TRELLIS, *args], env=self.env, capture_output=True, text=True, timeout=60, check=False
-        )
+    def run(
+        self, *args: str, ok: bool = True, real: bool | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``real``: as ``tests.zygote.run``'s, for one command."""
+        result = zygote.run(args, env=self.env, real=True if self.real else real)
         if ok and result.returncode != 0:
             raise AssertionError(f"trellis {' '.join(args)} failed: {result.stderr}")
         return result
@@ -128,9 +130,9 @@ def openssl_verify(bundle: Path, svid: Path, purpose: str) -> subprocess.Complet
 
 @pytest.fixture
 def readme_trellis(tmp_path: Path, database_url: str) -> Trellis:
-    """The README's first step as a user runs it: ``trellis init``, a real process (the
-    conftest's ``trellis`` sets the CA up in-process)."""
-    cli = Trellis(tmp_path / "var", database_url)
+    """The README's first step as a user runs it: ``trellis init``, the real executable, as
+    every command of the walkthrough (the conftest's ``trellis`` sets the CA up in-process)."""
+    cli = Trellis(tmp_path / "var", database_url, real=True)
     cli.run("init", "--trust-domain", "example.org")
     return cli
 
