@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests import zygote
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 from tests.conftest import free_port, make_postgres_database
 
@@ -208,10 +209,7 @@ def test_revocation_without_yes_and_without_a_terminal_is_refused(
     for args in (["revoke", serial, "--reason", "superseded", "--json"],
                  ["revoke", "--spiffe-id", "spiffe://example.org/w", "--reason", "superseded"],
                  ["authority", "revoke-intermediate"]):  # fmt: skip
-        piped = subprocess.run(
-            [TRELLIS, *args], env=local.env, input="y\n", capture_output=True, text=True,
-            timeout=60, check=False,
-        )  # fmt: skip
+        piped = zygote.run(args, env=local.env, input="y\n")
         assert piped.returncode == 1, piped
         assert piped.stdout == "" and "pass --yes" in piped.stderr, piped
     assert local.json("certs", "show", serial)["status"] == "active"  # type: ignore[index]

@@ -6,31 +6,22 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cryptography import x509
 
 from ca.pem import fingerprint
-from tests.cli.test_walkthrough import TRELLIS, Trellis
+from tests import zygote
+from tests.cli.test_walkthrough import Trellis
 
 
 def together(replicas: list[Trellis], *args: str) -> list[subprocess.CompletedProcess[str]]:
     """``trellis ARGS`` started in every replica at once; their results, in that order."""
-    started = [
-        subprocess.Popen(
-            [TRELLIS, *args],
-            env=replica.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        return list(
+            pool.map(lambda replica: zygote.run(args, env=replica.env, timeout=120), replicas)
         )
-        for replica in replicas
-    ]
-    results = []
-    for process in started:
-        out, err = process.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    return results
 
 
 def key_files(replica: Trellis) -> list[str]:
