@@ -143,9 +143,34 @@ def _decoded(pem: bytes) -> x509.CertificateSigningRequest:
             + (f" (this holds {blocks} PEM blocks)" if blocks > 1 else "")
         )
     try:
-        return x509.load_pem_x509_csr(pem)
+        csr = x509.load_pem_x509_csr(pem)
     except _UNREADABLE:
         raise InvalidCsr("the CSR is not a valid PEM certificate request") from None
+    _one_extension_request(csr)
+    return csr
+
+
+_EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")  # PKCS #9 extensionRequest
+_EXTENSION_REQUEST_DER = bytes.fromhex("06092a864886f70d01090e")
+
+
+def _one_extension_request(csr: x509.CertificateSigningRequest) -> None:
+    """At most one extensionRequest attribute (RFC 2985 §5.4.2: single-valued, so a request has
+    one). cryptography reads the first and ignores any other, so the names a second one asked for
+    were never judged: refused, as a second PEM block is. A byte scan of the request first (every
+    issuance runs this); its attributes are parsed only when the OID occurs twice. A second value
+    inside one attribute cryptography refuses itself, when the extensions are read."""
+    if csr.tbs_certrequest_bytes.count(_EXTENSION_REQUEST_DER) < 2:
+        return
+    try:
+        requests = sum(1 for attribute in csr.attributes if attribute.oid == _EXTENSION_REQUEST)
+    except _UNREADABLE:
+        raise InvalidCsr("the CSR attributes cannot be parsed") from None
+    if requests > 1:
+        raise InvalidCsr(
+            f"the CSR holds {requests} extensionRequest attributes: a certificate request has "
+            "at most one (RFC 2985 §5.4.2)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
