@@ -74,6 +74,7 @@ __all__ = [
     "IstioParams",
     "check_output",
     "deliver",
+    "is_istio_subject",
     "issue_istio_intermediate",
     "mesh_config",
     "render",
@@ -244,6 +245,33 @@ def _subject(trust_domain: str, cluster: str) -> x509.Name:
                 f"istio-{cluster}" if len(cluster) <= UB_NAME - len("istio-") else cluster,
             ),
         ]
+    )
+
+
+def _canonical(value: str) -> str:
+    """``value`` as OpenSSL compares it when it matches an issuer name to a CA's subject
+    (``X509_NAME_cmp``'s canonical form: ASCII lower-cased, whitespace trimmed and each run of
+    it one space), or a superset of it: ``str.lower`` and ``str.split`` also fold what OpenSSL
+    leaves alone, so every name OpenSSL takes for an Istio intermediate's is taken for one
+    here."""
+    return " ".join(value.split()).lower()
+
+
+def is_istio_subject(name: x509.Name) -> bool:
+    """Whether ``name`` is the subject of an Istio plug-in intermediate Trellis issued (the
+    shape ``_subject`` gives: O=Trellis, OU=istio <td>, CN=istio-<cluster> or <cluster>,
+    alike since the first ``istio issue``; the OU alone tells it, as no other CA Trellis signs
+    under a root has an OU). Read as OpenSSL reads a certificate's issuer when it builds the
+    chain, so an issuer spelled ``o=TRELLIS, ou=ISTIO  example.org`` is one too.
+
+    istiod may sign any SPIFFE ID of the trust domain (name constraints cannot limit a URI's
+    path), ``spiffe://<td>/trellis/server`` included: ``ca.serverconn`` refuses a server whose
+    certificate such a CA issued. A verified peer's issuer is its issuing CA's subject, and
+    only Trellis chooses the subjects of the CAs under its roots."""
+    organisations = name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    units = name.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return any(_canonical(str(o.value)) == "trellis" for o in organisations) and any(
+        _canonical(str(u.value)).startswith("istio ") for u in units
     )
 
 

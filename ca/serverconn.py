@@ -34,6 +34,7 @@ from ca import errors
 from ca.checks import uri_sans
 from ca.csr import no_port_to_reach
 from ca.identity import SERVER_PATH, SpiffeId
+from ca.istio import is_istio_subject
 from ca.redact import without_userinfo
 
 __all__ = ["Answer", "ServerConnection", "ServerUrl", "Stopped"]
@@ -130,17 +131,26 @@ class ServerConnection:
         self.server_ids = frozenset(SpiffeId.from_path(td, SERVER_PATH) for td in domains)
 
     def authenticate(self, tls: ssl.SSLSocket) -> None:
-        """The authorizer: the verified peer must be Trellis's server identity."""
+        """The authorizer: the verified peer must be Trellis's server identity, issued by a CA
+        of Trellis's own, not by an Istio plug-in intermediate (``ca.istio.is_istio_subject``:
+        the peer's issuer is the subject of the CA OpenSSL verified it with)."""
         der = tls.getpeercert(binary_form=True)
-        uris = uri_sans(x509.load_der_x509_certificate(der)) if der else []
-        if len(uris) == 1 and _spiffe_id(uris[0]) in self.server_ids:
-            return
-        expected = " or ".join(sorted(str(i) for i in self.server_ids))
-        held = ", ".join(uris)[:200] or "no SPIFFE ID"
-        raise errors.Unavailable(
-            f"{self.url} is not Trellis: its certificate is {held}, not {expected}; "
-            "nothing was sent to it"
-        )
+        cert = x509.load_der_x509_certificate(der) if der else None
+        uris = uri_sans(cert) if cert is not None else []
+        if cert is None or len(uris) != 1 or _spiffe_id(uris[0]) not in self.server_ids:
+            expected = " or ".join(sorted(str(i) for i in self.server_ids))
+            held = ", ".join(uris)[:200] or "no SPIFFE ID"
+            raise errors.Unavailable(
+                f"{self.url} is not Trellis: its certificate is {held}, not {expected}; "
+                "nothing was sent to it"
+            )
+        if is_istio_subject(cert.issuer):
+            issuer = " ".join(cert.issuer.rfc4514_string().split())[:200]
+            raise errors.Unavailable(
+                f"{self.url} is not Trellis: its certificate {uris[0]} was issued by an Istio"
+                f" plug-in intermediate ({issuer}), which can sign any SPIFFE ID of the trust"
+                " domain, and Trellis's is never signed by one; nothing was sent to it"
+            )
 
     def exchange(
         self,

@@ -4,19 +4,31 @@ the bundle and matches the host name, and posed as Trellis to harvest join token
 
 from __future__ import annotations
 
+import datetime as dt
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca.agent import Agent, AgentConfig
+from ca.authority import active_issuer
 from ca.config import Context
+from ca.durations import Ttl
 from ca.errors import InternalError, InvalidInput, Unavailable
-from ca.pem import private_key_pem
+from ca.istio import IstioParams, issue_istio_intermediate
+from ca.jobs import renew_server_certificate
+from ca.keys import KeyType
+from ca.pem import certs_pem, private_key_pem
+from ca.root_rotation import rotate_root
+from ca.rotation import rotate
 from ca.serverconn import ServerConnection, ServerUrl
-from ca.serving import ensure_server_certificate
+from ca.serving import ServerTls, ensure_server_certificate
 from ca.workload import WorkloadClient
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, enrol, join_secret
 from tests.cli.test_walkthrough import TRELLIS
@@ -99,6 +111,171 @@ def test_renewal_and_agent_refuse_the_impostor_too(
         Agent(config).run(once=True)
     impostor.server.settled()
     assert impostor.server.everything == b""
+
+
+# --- a server certificate from an Istio plug-in intermediate ------------------------------------
+
+SERVER_ID = "spiffe://example.org/trellis/server"
+ISTIO_REFUSAL = "was issued by an Istio plug-in intermediate"
+
+
+def _as_openssl_matches_it(name: x509.Name) -> x509.Name:
+    """``name`` upper-cased, a tab for each space and a space around it: another name to
+    cryptography, the same to OpenSSL, which compares names in a canonical form (ASCII case
+    folded, whitespace trimmed and each run of it one space) when it looks for an issuer."""
+    return x509.Name(
+        [
+            x509.NameAttribute(a.oid, " " + str(a.value).upper().replace(" ", "\t") + " ")
+            for a in name
+        ]
+    )
+
+
+def istio_signed_server(
+    ctx: Context, directory: Path, *, issuer_spelling: bool = False
+) -> tuple[Path, Path]:
+    """What istiod can sign with the ``cacerts`` Trellis hands it: a certificate for Trellis's
+    own server identity, with ``localhost`` (the fake server's host name) and serverAuth.
+    Returned as the chain file (leaf, then the intermediate, as istiod serves it) and key."""
+    intermediate = issue_istio_intermediate(ctx, IstioParams("c1"))
+    key = KeyType.EC_P256.generate()
+    now = dt.datetime.now(dt.UTC)
+    issuer = intermediate.certificate.subject
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(_as_openssl_matches_it(issuer) if issuer_spelling else issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(SERVER_ID), x509.DNSName("localhost")]
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                intermediate.key.public_key()  # type: ignore[arg-type]
+            ),
+            critical=False,
+        )
+        .sign(intermediate.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    chain, key_file = directory / "istio-server.pem", directory / "istio-server.key"
+    chain.write_bytes(certs_pem([leaf, intermediate.certificate]))
+    key_file.write_bytes(private_key_pem(key))
+    return chain, key_file
+
+
+@pytest.fixture(params=[False, True], ids=["issuer/as-signed", "issuer/openssl-equal-spelling"])
+def istio_impostor(
+    ctx: Context, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Impostor]:
+    chain, key = istio_signed_server(ctx, tmp_path, issuer_spelling=request.param)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(active_issuer(ctx).bundle_pem)
+    _, token = join_secret(ctx, add_entry(ctx, "spiffe://example.org/victim"))
+    answer = http_answer(b'{"detail": "teapot"}', "418 I'm a teapot")
+    with fake_server(chain, key, answer=answer) as server:
+        yield Impostor(server, bundle, token)
+
+
+@SQLITE_ONLY
+def test_a_server_certificate_istiod_signed_gets_no_token(
+    istio_impostor: Impostor, tmp_path: Path
+) -> None:
+    """Any CA under the trust domain's root may sign any of its SPIFFE IDs, the server's too:
+    the chain verifies, the host name matches, the URI SAN is Trellis's. Also when the leaf
+    spells its issuer as OpenSSL still matches it to the intermediate (the handshake counts
+    it): the name is read as OpenSSL reads it."""
+    client = WorkloadClient(ServerUrl.parse(istio_impostor.server.url), istio_impostor.bundle)
+    with pytest.raises(Unavailable, match=ISTIO_REFUSAL) as refused:
+        client.request(istio_impostor.victim_token, tmp_path / "victim")
+    assert "is not Trellis" in refused.value.detail
+    assert "nothing was sent to it" in refused.value.detail
+    istio_impostor.server.settled()
+    assert istio_impostor.server.handshakes == 1  # chain, host name and identity all held
+    assert istio_impostor.server.everything == b"", "the client sent a request to istiod's leaf"
+    assert not (tmp_path / "victim").exists()
+
+
+@SQLITE_ONLY
+def test_svid_request_and_the_agent_refuse_it_in_one_line(
+    ctx: Context, istio_impostor: Impostor, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [TRELLIS, "svid", "request", "--server", istio_impostor.server.url,
+         "--bundle", str(istio_impostor.bundle), "--token", istio_impostor.victim_token,
+         "--out", str(tmp_path / "victim")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 8, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and ISTIO_REFUSAL in lines[0], result.stderr
+    assert istio_impostor.victim_token not in result.stderr
+    assert not (tmp_path / "victim").exists()
+
+    web = enrol(ctx, "spiffe://example.org/web")
+    files = web.on_disk(tmp_path / "web")
+    client = WorkloadClient(ServerUrl.parse(istio_impostor.server.url), files.bundle)
+    with pytest.raises(Unavailable, match=ISTIO_REFUSAL):
+        client.renew(files.directory)
+    config = AgentConfig(
+        ServerUrl.parse(istio_impostor.server.url),
+        istio_impostor.bundle,
+        tmp_path / "agent",
+        token=istio_impostor.victim_token,
+    )
+    with pytest.raises(Unavailable, match=ISTIO_REFUSAL):
+        Agent(config).run(once=True)
+    istio_impostor.server.settled()
+    assert istio_impostor.server.everything == b""
+
+
+def assert_reaches(tls: ServerTls, bundle: Path) -> None:
+    """A client trusting ``bundle`` takes the server presenting ``tls`` for Trellis: the
+    request, credential and all, reaches it."""
+    with fake_server(
+        tls.cert_path, tls.key_path, answer=http_answer(b"{}", "418 Teapot")
+    ) as server:
+        client = WorkloadClient(ServerUrl.parse(server.url), bundle)
+        with pytest.raises(Unavailable, match=r"server refused \(418\)"):
+            client.request("trellis-join-secret", bundle.parent / "never")
+        server.settled()
+    assert b"Authorization: Bearer trellis-join-secret" in server.everything
+
+
+@SQLITE_ONLY
+def test_the_serving_certificate_stays_accepted_through_rotations(
+    ctx: Context, tmp_path: Path
+) -> None:
+    """The Istio check against the issuers Trellis's serving certificate has, stage by stage:
+    the mesh intermediate, its successor, and after a root switch the new root's intermediate
+    with "B signed by A" after it, for a client that still trusts only the first bundle and
+    for one that trusts the current one."""
+    first = tmp_path / "first-bundle.pem"
+    tls = ensure_server_certificate(ctx)
+    shutil.copyfile(tls.bundle_path, first)
+    assert_reaches(tls, first)
+
+    rotate(ctx, force=True)  # an intermediate rotation: prepare, then activate
+    rotate(ctx, force=True)
+    assert ensure_server_certificate(ctx).issued is not None
+    assert_reaches(tls, first)
+
+    rotate_root(ctx, overlap=Ttl.parse("1h"))  # publish: the bundle holds A and B
+    renew_server_certificate(ctx)
+    assert_reaches(tls, first)
+    assert_reaches(tls, tls.bundle_path)
+
+    rotate_root(ctx, step=True, force=True)  # switch: the serving certificate is under B
+    assert ensure_server_certificate(ctx).issued is not None
+    assert_reaches(tls, first)
+    assert_reaches(tls, tls.bundle_path)
 
 
 @SQLITE_ONLY
