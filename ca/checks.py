@@ -1,22 +1,30 @@
 """Self-checks run on every certificate Trellis signs, before it is stored or returned.
 
 Like SPIRE's post-sign validation: a profile bug must surface as a refused issuance, never as a
-certificate in the wild that breaks the X509-SVID rules relying parties enforce.
+certificate in the wild that breaks the X509-SVID rules relying parties enforce. The same
+signature check serves the workload client (``chains_to``), which takes an SVID and a bundle
+from the server only if the one comes from the other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca.errors import InternalError
 from ca.identity import SpiffeId
 from ca.keys import verify_signed
 
-__all__ = ["check_ca", "check_leaf", "spiffe_id_of"]
+__all__ = ["chains_to", "check_ca", "check_leaf", "spiffe_id_of"]
+
+
+# The most certificates an SVID chain of Trellis has: the leaf, its issuing CA, and the cross
+# certificates of a root rotation (one; a few to spare).
+MAX_CHAIN = 8
 
 
 def _fail(what: str) -> InternalError:
@@ -59,6 +67,51 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
         raise _fail(f"signature does not verify against the issuer ({exc})") from None
     if cert.not_valid_after_utc > issuer.not_valid_after_utc:
         raise _fail("outlives its issuer")
+
+
+def _signs(ca: x509.Certificate, cert: x509.Certificate) -> bool:
+    """Whether ``ca`` is a CA certificate (cA, and keyCertSign if it has a keyUsage) whose
+    subject is ``cert``'s issuer and whose key made ``cert``'s signature (``verify_signed``)."""
+    try:
+        if ca.subject != cert.issuer:
+            return False
+        found = {type(e.value): e.value for e in ca.extensions}
+        basic, usage = found.get(x509.BasicConstraints), found.get(x509.KeyUsage)
+        if not (isinstance(basic, x509.BasicConstraints) and basic.ca):
+            return False  # RFC 5280 §4.2.1.9: no cA, no certificate signing
+        if isinstance(usage, x509.KeyUsage) and not usage.key_cert_sign:
+            return False
+        verify_signed(ca.public_key(), cert, cert.tbs_certificate_bytes)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False  # ValueError: a name or an extension cryptography cannot parse
+    return True
+
+
+def chains_to(
+    chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The certificate of ``anchors`` that ``chain`` (a leaf, then the CAs sent with it, in any
+    order) leads to, through CAs each of which signed the one before (``_signs``); None if
+    there is none. It answers "does this SVID come from these roots", for a client that takes
+    an SVID and a bundle from a server: cryptography's ``PolicyBuilder`` would, but its Web PKI
+    policy forbids Ed25519 keys, which Trellis issues. Validity periods, path lengths and name
+    constraints are not looked at. ``chain`` comes from a server, so the search is bounded: a
+    chain longer than ``MAX_CHAIN`` leads nowhere, and each CA of it is taken at most once."""
+    if not chain or len(chain) > MAX_CHAIN:
+        return None
+    extras = list(chain[1:])
+    tried: set[int] = set()
+    pending = [chain[0]]
+    while pending:
+        cert = pending.pop()
+        for anchor in anchors:
+            if _signs(anchor, cert):
+                return anchor
+        for index, ca in enumerate(extras):
+            if index not in tried and _signs(ca, cert):
+                tried.add(index)
+                pending.append(ca)
+    return None
 
 
 def check_leaf(cert: x509.Certificate, issuer: x509.Certificate, spiffe_id: SpiffeId) -> None:

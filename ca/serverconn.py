@@ -114,6 +114,7 @@ class ServerConnection:
         self, url: ServerUrl, bundle: Path, bundle_name: str, total_timeout: float = TOTAL_TIMEOUT
     ) -> None:
         self.url = url
+        self.bundle_name = bundle_name
         self.total_timeout = total_timeout
         unreadable = errors.InvalidInput(f"{bundle_name}: cannot read the trust bundle")
         try:
@@ -129,6 +130,7 @@ class ServerConnection:
                 f"{bundle_name}: no root of a SPIFFE trust domain in it (not a Trellis bundle)"
             )
         self.server_ids = frozenset(SpiffeId.from_path(td, SERVER_PATH) for td in domains)
+        self.roots = frozenset(roots)  # what a bundle the server hands out must keep one of
 
     def authenticate(self, tls: ssl.SSLSocket) -> None:
         """The authorizer: the verified peer must be Trellis's server identity, issued by a CA

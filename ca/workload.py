@@ -23,6 +23,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca import errors
+from ca.checks import chains_to
 from ca.clock import Clock, SystemClock
 from ca.csr import parse_csr
 from ca.files import OwnData, check_writable, private_directory, write_atomic, write_private
@@ -259,27 +260,51 @@ class WorkloadClient:
         foreign document) is the server side's fault, retried by the agent like an outage."""
         return errors.Unavailable(f"{self._server.url} answered 200 with {why}")
 
+    def _keeps_a_root(self, roots: list[x509.Certificate]) -> None:
+        """A bundle from the server replaces the one the client trusts, so it must hold one of
+        the roots the client trusts already: a root rotation keeps the old root and the new one
+        in the bundle while clients catch up (docs/rotation.md), so an honest server's bundle
+        always does. A server that is not Trellis but got past ``authenticate`` (its key
+        stolen, a CA under the root that should not have signed for it) would otherwise make
+        its own root the client's only trust anchor, for this and every later connection."""
+        if not self._server.roots.intersection(roots):
+            raise self._not_an_svid(
+                f"a bundle holding none of the roots of {self._server.bundle_name}: a new root"
+                " is taken only beside one already trusted; nothing was written"
+            )
+
     def fetch_bundle(self) -> bytes:
         """The server's current trust bundle (PEM), fetched over the pinned TLS connection."""
         answer = self._server.exchange("GET", "/v1/bundle", stop=self._stop)
         if answer.status != 200:
             raise errors.Unavailable(f"bundle fetch answered {answer.status}")
         try:
-            load_certs(answer.body)
+            roots = load_certs(answer.body)
         except errors.InvalidInput:
             raise self._not_an_svid("a bundle that is not PEM certificates") from None
+        self._keeps_a_root(roots)
         return answer.body
 
     def _store(self, data: dict[str, str], key: PrivateKey, out: Path) -> Received:
+        """Write the answer's SVID and bundle over the held ones, if they are what Trellis
+        would send: the SVID for the key sent, chaining to the bundle that comes with it
+        (``ca.checks.chains_to``), and a bundle that keeps a root the client trusts
+        (``_keeps_a_root``). Anything else is refused with nothing written."""
         chain = (data["certificate"] + data["chain"]).encode()
         bundle = data["bundle"].encode()
         try:
-            leaf = load_certs(chain)[0]
-            load_certs(bundle)[0]
+            certs, roots = load_certs(chain), load_certs(bundle)
+            leaf = certs[0]
+            roots[0]
         except (errors.InvalidInput, IndexError):
             raise self._not_an_svid("a certificate or bundle that is not PEM") from None
         if leaf.public_key() != key.public_key():
             raise self._not_an_svid("a certificate for another key than the one sent")
+        if chains_to(certs, roots) is None:
+            raise self._not_an_svid(
+                "an SVID that does not chain to the bundle sent with it; nothing was written"
+            )
+        self._keeps_a_root(roots)
         files = SvidFiles(out)
         write_svid(files, chain, key, bundle)
         return Received(data["spiffe_id"], data["serial"], data["expires_at"], files)

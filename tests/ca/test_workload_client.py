@@ -13,26 +13,46 @@ import os
 import random
 import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
+from cryptography.x509.oid import NameOID
 
 from ca.agent import Agent, AgentConfig, Held
+from ca.authority import AuthorityParams, active_issuer, init_authority
 from ca.clock import FixedClock
 from ca.config import Context
+from ca.durations import Ttl
 from ca.errors import AuthenticationFailed, InvalidInput, Unavailable
 from ca.files import write_atomic
-from ca.keys import PrivateKey
+from ca.grants import join_grant
+from ca.issue import IssuedSvid, issue_svid
+from ca.keys import KeyType, PrivateKey
+from ca.pem import certs_pem
+from ca.root_rotation import rotate_root
 from ca.serverconn import ServerUrl
-from ca.serving import ensure_server_certificate
+from ca.serving import ServerTls, ensure_server_certificate
 from ca.workload import WorkloadClient, write_svid
-from tests.ca.svidkit import SQLITE_ONLY, enrol, svid_dir_listing
+from cli.main import main
+from tests.ca.svidkit import (
+    SQLITE_ONLY,
+    add_entry,
+    enrol,
+    join_secret,
+    make_csr,
+    svid_dir_listing,
+)
 from tests.cli.test_walkthrough import TRELLIS
+from tests.conftest import TRUST_DOMAIN
 from tests.fakeserver import FakeServer, fake_server, http_answer
 from tests.rotation.test_agent_retry import Recording
 
+T = TypeVar("T")
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 FIELDS = {
     "spiffe_id": "spiffe://example.org/w",
@@ -83,6 +103,234 @@ def test_a_certificate_for_another_key_is_refused(ctx: Context, tmp_path: Path) 
         with pytest.raises(Unavailable, match="for another key"):
             client.request("trellis-join-secret", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- an SVID and a bundle the client has no reason to trust ------------------------------------
+
+
+WEB = "spiffe://example.org/web"
+
+
+def rogue_root() -> tuple[x509.Certificate, PrivateKey]:
+    """A root of one's own making, as a server that is not Trellis would hand out."""
+    key = KeyType.EC_P256.generate()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ROGUE ROOT")])
+    now = dt.datetime.now(dt.UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return root, key
+
+
+def signed_by(
+    issuer: x509.Certificate, issuer_key: PrivateKey, key: PrivateKey, spiffe_id: str
+) -> x509.Certificate:
+    """An SVID-like leaf for ``key``, signed by whatever ``issuer_key`` is (a CA or not)."""
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
+        )
+        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+
+
+def svid_document(leaf: x509.Certificate, chain: bytes, bundle: bytes) -> bytes:
+    return json.dumps(
+        {
+            **FIELDS,
+            "certificate": certs_pem([leaf]).decode(),
+            "chain": chain.decode(),
+            "bundle": bundle.decode(),
+        }
+    ).encode()
+
+
+def ask_with_key(monkeypatch: pytest.MonkeyPatch, key: PrivateKey, ask: Callable[[], T]) -> T:
+    """``ask()`` with ``key`` as the one the client makes for its CSR: the canned answer is
+    an SVID for it, as a server that signed the CSR would send."""
+    with monkeypatch.context() as patched:
+        patched.setattr(KeyType, "generate", lambda _self: key)
+        return ask()
+
+
+def _rogue_answer(ctx: Context, key: PrivateKey, case: str) -> bytes:
+    root, root_key = rogue_root()
+    issuer = active_issuer(ctx)
+    if case == "fail/rogue-root-as-bundle":  # the probe's answer
+        return svid_document(signed_by(root, root_key, key, WEB), b"", certs_pem([root]))
+    if case == "fail/rogue-svid-with-the-real-bundle":
+        return svid_document(signed_by(root, root_key, key, WEB), b"", issuer.bundle_pem)
+    # An SVID's key is no CA key, though its chain and names are the real ones.
+    other = enrol(ctx, "spiffe://example.org/other")
+    leaf = signed_by(other.cert, other.key, key, WEB)
+    return svid_document(leaf, other.full_chain_pem, issuer.bundle_pem)
+
+
+ROGUE_ANSWERS = {
+    "fail/rogue-root-as-bundle": "a bundle holding none of the roots of",
+    "fail/rogue-svid-with-the-real-bundle": "an SVID that does not chain to the bundle sent",
+    "fail/signed-by-a-workload-svid": "an SVID that does not chain to the bundle sent",
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("case", ROGUE_ANSWERS)
+@pytest.mark.parametrize("how", ["request", "renew"])
+def test_an_svid_the_client_has_no_reason_to_trust_is_not_written(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, how: str
+) -> None:
+    """A server that got past the server check (Trellis's own certificate here: a stolen key,
+    or a CA under the root that should not have signed for it) answered with an SVID of its
+    own root and that root as the bundle: the client wrote both, and its next connections
+    trusted only the rogue root. Now the SVID must chain to the bundle sent with it, and that
+    bundle must keep a root the client trusts; else nothing is written."""
+    web = enrol(ctx, WEB)
+    files = web.on_disk(tmp_path / "svid")
+    held = svid_dir_listing(files.directory)
+    tls = ensure_server_certificate(ctx)
+    key = KeyType.EC_P256.generate()
+    answer = http_answer(_rogue_answer(ctx, key, case))
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        url = ServerUrl.parse(server.url)
+        if how == "request":
+            ask = partial(WorkloadClient(url, tls.bundle_path).request, "t", tmp_path / "out")
+        else:
+            ask = partial(WorkloadClient(url, files.bundle).renew, files.directory)
+        with pytest.raises(Unavailable, match=ROGUE_ANSWERS[case]) as refused:
+            ask_with_key(monkeypatch, key, ask)
+    assert "nothing was written" in refused.value.detail
+    assert not (tmp_path / "out").exists()
+    assert svid_dir_listing(files.directory) == held
+
+
+@SQLITE_ONLY
+def test_svid_request_refuses_the_probes_answer_exit_8(
+    ctx: Context,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The probe's ``svid request``, in-process (its key is the one the answer is for)."""
+    tls = ensure_server_certificate(ctx)
+    key = KeyType.EC_P256.generate()
+    answer = http_answer(_rogue_answer(ctx, key, "fail/rogue-root-as-bundle"))
+    monkeypatch.setenv("TRELLIS_JOIN_TOKEN", "trellis-join-secret")
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        argv = ["svid", "request", "--server", server.url, "--bundle", str(tls.bundle_path),
+                "--out", str(tmp_path / "out")]  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            ask_with_key(monkeypatch, key, partial(main, argv))
+    assert exited.value.code == 8
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "a bundle holding none of the roots of --bundle" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+@SQLITE_ONLY
+def test_a_bundle_refresh_without_a_trusted_root_is_refused(ctx: Context, tmp_path: Path) -> None:
+    """The agent's refresh every 5 minutes replaces bundle.pem the same way."""
+    web = enrol(ctx, WEB)
+    files = web.on_disk(tmp_path / "svid")
+    held = svid_dir_listing(files.directory)
+    tls = ensure_server_certificate(ctx)
+    root, _ = rogue_root()
+    answer = http_answer(certs_pem([root]), content_type="application/x-pem-file")
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        agent = Agent(AgentConfig(ServerUrl.parse(server.url), tls.bundle_path, files.directory))
+        with pytest.raises(Unavailable, match="a bundle holding none of the roots of"):
+            agent.refresh_bundle()
+    assert svid_dir_listing(files.directory) == held
+
+
+def _honest(ctx: Context, key: PrivateKey) -> IssuedSvid:
+    entry = add_entry(ctx, f"spiffe://example.org/honest/{os.urandom(4).hex()}")
+    _, secret = join_secret(ctx, entry)
+    return issue_svid(ctx, join_grant(ctx, secret), make_csr(key, uris=[str(entry.spiffe_id)]))
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("issuer_key", "subject_key"),
+    [
+        (KeyType.EC_P256, KeyType.ED25519),
+        (KeyType.ED25519, KeyType.EC_P384),
+        (KeyType.RSA_2048, KeyType.RSA_2048),
+    ],
+    ids=lambda k: k.value,
+)
+def test_an_honest_answer_is_taken_for_every_key_type(
+    bare_ctx: Context,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    issuer_key: KeyType,
+    subject_key: KeyType,
+) -> None:
+    """The chain check takes what Trellis signs, Ed25519 included (which cryptography's
+    ``PolicyBuilder`` refuses)."""
+    init_authority(bare_ctx, AuthorityParams(TRUST_DOMAIN, key_type=issuer_key))
+    tls = ensure_server_certificate(bare_ctx)
+    key = subject_key.generate()
+    svid = _honest(bare_ctx, key)
+    answer = http_answer(svid_document(svid.certificate, svid.chain_pem, svid.bundle_pem))
+    out = tmp_path / "svid"
+    with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+        client = WorkloadClient(ServerUrl.parse(server.url), tls.bundle_path)
+        ask_with_key(monkeypatch, key, partial(client.request, "t", out, subject_key))
+    assert (out / "svid.pem").read_bytes() == svid.certificate_pem + svid.chain_pem
+    assert (out / "bundle.pem").read_bytes() == svid.bundle_pem
+
+
+@SQLITE_ONLY
+def test_honest_answers_through_a_root_rotation_are_taken(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/rotation.md: the bundle holds A and B from the publish to the retire, so every
+    answer keeps a root the client trusts: A+B while it holds A, B once it holds A+B. Each step
+    the client trusts the bundle the one before wrote, as the agent does."""
+    out = tmp_path / "svid"
+    trusted = tmp_path / "first-bundle.pem"
+    trusted.write_bytes(ensure_server_certificate(ctx).bundle_path.read_bytes())
+    a = x509.load_pem_x509_certificates(trusted.read_bytes())
+
+    def take() -> list[x509.Certificate]:
+        tls: ServerTls = ensure_server_certificate(ctx)
+        key = KeyType.EC_P256.generate()
+        svid = _honest(ctx, key)
+        answer = http_answer(svid_document(svid.certificate, svid.chain_pem, svid.bundle_pem))
+        with fake_server(tls.cert_path, tls.key_path, answer=answer) as server:
+            client = WorkloadClient(ServerUrl.parse(server.url), trusted)
+            ask_with_key(monkeypatch, key, lambda: client.request("trellis-join-secret", out))
+        assert (out / "svid.pem").read_bytes() == svid.certificate_pem + svid.chain_pem
+        return x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())
+
+    assert take() == a
+    rotate_root(ctx, overlap=Ttl.parse("1h"))  # publish: A+B, SVIDs still under A
+    a_and_b = take()
+    assert len(a_and_b) == 2 and a[0] in a_and_b
+    rotate_root(ctx, step=True, force=True)  # switch: SVIDs under B, "B signed by A" after it
+    assert take() == a_and_b
+    trusted = out / "bundle.pem"
+    rotate_root(ctx, step=True, force=True)  # retire: B alone
+    b = take()
+    assert len(b) == 1 and b[0] in a_and_b and b[0] not in a
 
 
 @SQLITE_ONLY
