@@ -5,9 +5,19 @@ Chain verification to the pinned bundle, with the host name, proves only that th
 *some* certificate of the trust domain, and every workload holds one, with whatever DNS names its
 entry lists. So, like go-spiffe's ``tlsconfig.AuthorizeID`` (an authorizer run after the chain is
 verified), the peer must also be ``spiffe://<td>/trellis/server``: the identity
-``ca.entries.check_not_reserved`` keeps out of every entry and that only ``trellis serve`` is
-issued. ``<td>`` is the trust domain of the bundle's roots (a Trellis root carries its trust
-domain's ID, X509-SVID §3.1): the bundle is how a workload recognises Trellis at all.
+``ca.entries.check_not_reserved`` keeps out of every entry, so that Trellis's own CAs issue it
+to ``trellis serve`` alone. ``<td>`` is the trust domain of the bundle's roots (a Trellis root
+carries its trust domain's ID, X509-SVID §3.1): the bundle is how a workload recognises Trellis.
+
+The identity alone is not enough: in SPIFFE's model any CA under the trust domain's root may
+sign any SPIFFE ID of the trust domain (name constraints cannot limit a URI's path), and
+Trellis hands such a CA out with its key: the Istio plug-in intermediate istiod signs mesh
+workloads with (``ca.istio``). So the peer's certificate must also not be issued by one. Its
+issuer name is the subject of the CA OpenSSL verified it with (OpenSSL builds the chain by
+names; Python 3.11's ssl shows no verified chain), and Trellis alone names the CAs under its
+roots: ``ca.istio.is_istio_subject`` tells an Istio intermediate's subject, read as OpenSSL
+compares names. What the server answers is then checked too (``ca.workload``): an SVID that
+chains to the bundle sent with it, a bundle that keeps a root the client trusts.
 
 http.client rather than httpx: the request is written on the very socket that was checked (httpx
 connects and sends in one call, with no place between the handshake and the first byte), the

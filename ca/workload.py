@@ -2,7 +2,10 @@
 
 Used by ``trellis svid request|renew`` and the agent. It speaks to the REST API over HTTPS,
 trusting only the bundle it was given and, within it, only Trellis's own server identity
-(``ca.serverconn``): the bundle is how a workload recognises Trellis.
+(``ca.serverconn``): the bundle is how a workload recognises Trellis. Nor does it take the
+server's word for a new bundle: an SVID is written only if it chains to the bundle that comes
+with it, and a bundle (with an SVID or refreshed alone) only if it keeps one of the roots the
+client trusts already, as every bundle of a root rotation does.
 """
 
 from __future__ import annotations
