@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from sqlmodel import Session, select
 
 from ca.authority import MESH, active_issuer, no_such_authority
@@ -55,11 +54,10 @@ from ca.kubectl import KubeTarget, apply, check_target, dns_label
 from ca.pem import certs_pem, private_key_pem
 from ca.profiles import (
     BACKDATE,
-    UB_NAME,
     CaSpec,
     RevocationUrls,
     ca_builder,
-    fitted_name,
+    istio_subject,
     sign,
 )
 from ca.records import record_issued
@@ -74,7 +72,6 @@ __all__ = [
     "IstioParams",
     "check_output",
     "deliver",
-    "is_istio_subject",
     "issue_istio_intermediate",
     "mesh_config",
     "render",
@@ -231,50 +228,6 @@ def _yaml(document: dict[str, Any]) -> str:
     return str(yaml.dump(document, Dumper=_Dumper, sort_keys=False))
 
 
-def _subject(trust_domain: str, cluster: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis"),
-            x509.NameAttribute(
-                NameOID.ORGANIZATIONAL_UNIT_NAME, fitted_name(f"istio {trust_domain}")
-            ),
-            # A cluster name is a DNS label of up to 63 characters: alone when the prefix would
-            # not fit, never cut, so that two clusters' intermediates never share a subject.
-            x509.NameAttribute(
-                NameOID.COMMON_NAME,
-                f"istio-{cluster}" if len(cluster) <= UB_NAME - len("istio-") else cluster,
-            ),
-        ]
-    )
-
-
-def _canonical(value: str) -> str:
-    """``value`` as OpenSSL compares it when it matches an issuer name to a CA's subject
-    (``X509_NAME_cmp``'s canonical form: ASCII lower-cased, whitespace trimmed and each run of
-    it one space), or a superset of it: ``str.lower`` and ``str.split`` also fold what OpenSSL
-    leaves alone, so every name OpenSSL takes for an Istio intermediate's is taken for one
-    here."""
-    return " ".join(value.split()).lower()
-
-
-def is_istio_subject(name: x509.Name) -> bool:
-    """Whether ``name`` is the subject of an Istio plug-in intermediate Trellis issued (the
-    shape ``_subject`` gives: O=Trellis, OU=istio <td>, CN=istio-<cluster> or <cluster>,
-    alike since the first ``istio issue``; the OU alone tells it, as no other CA Trellis signs
-    under a root has an OU). Read as OpenSSL reads a certificate's issuer when it builds the
-    chain, so an issuer spelled ``o=TRELLIS, ou=ISTIO  example.org`` is one too.
-
-    istiod may sign any SPIFFE ID of the trust domain (name constraints cannot limit a URI's
-    path), ``spiffe://<td>/trellis/server`` included: ``ca.serverconn`` refuses a server whose
-    certificate such a CA issued. A verified peer's issuer is its issuing CA's subject, and
-    only Trellis chooses the subjects of the CAs under its roots."""
-    organisations = name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    units = name.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    return any(_canonical(str(o.value)) == "trellis" for o in organisations) and any(
-        _canonical(str(u.value)).startswith("istio ") for u in units
-    )
-
-
 def _active_root(ctx: Context, authority: str) -> CaRow:
     with Session(ctx.engine) as session:
         try:
@@ -331,7 +284,7 @@ def issue_istio_intermediate(
     key = params.key_type.generate()
     td = issuer.spiffe_trust_domain()
     spec = CaSpec(
-        subject=_subject(td.name, params.cluster),
+        subject=istio_subject(td.name, params.cluster),
         public_key=key.public_key(),
         spiffe_id=td.id(),
         serial=Serial.generate(),

@@ -15,7 +15,7 @@ Trellis hands such a CA out with its key: the Istio plug-in intermediate istiod 
 workloads with (``ca.istio``). So the peer's certificate must also not be issued by one. Its
 issuer name is the subject of the CA OpenSSL verified it with (OpenSSL builds the chain by
 names; Python 3.11's ssl shows no verified chain), and Trellis alone names the CAs under its
-roots: ``ca.istio.is_istio_subject`` tells an Istio intermediate's subject, read as OpenSSL
+roots: ``ca.profiles.is_istio_subject`` tells an Istio intermediate's subject, read as OpenSSL
 compares names. What the server answers is then checked too (``ca.workload``): an SVID that
 chains to the bundle sent with it, a bundle that keeps a root the client trusts.
 
@@ -44,7 +44,7 @@ from ca import errors
 from ca.checks import uri_sans
 from ca.csr import no_port_to_reach
 from ca.identity import SERVER_PATH, SpiffeId
-from ca.istio import is_istio_subject
+from ca.profiles import is_istio_subject
 from ca.redact import without_userinfo
 
 __all__ = ["Answer", "ServerConnection", "ServerUrl", "Stopped"]
@@ -144,7 +144,7 @@ class ServerConnection:
 
     def authenticate(self, tls: ssl.SSLSocket) -> None:
         """The authorizer: the verified peer must be Trellis's server identity, issued by a CA
-        of Trellis's own, not by an Istio plug-in intermediate (``ca.istio.is_istio_subject``:
+        of Trellis's own, not by an Istio plug-in intermediate (``ca.profiles.is_istio_subject``:
         the peer's issuer is the subject of the CA OpenSSL verified it with)."""
         der = tls.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der) if der else None

@@ -1,4 +1,4 @@
-"""``ca.istio.is_istio_subject``: every subject an Istio plug-in intermediate of Trellis has had
+"""``ca.profiles.is_istio_subject``: every subject an Istio plug-in intermediate of Trellis has had
 (O=Trellis, OU=istio <td>, CN=istio-<cluster>; since f236cab both cut to 64 characters, the CN
 then the cluster name alone), in any spelling OpenSSL takes for the same name, and none of the
 CAs Trellis's own server certificate is issued under."""
@@ -11,8 +11,8 @@ from cryptography.x509.oid import NameOID
 
 from ca.authority import active_issuer
 from ca.config import Context
-from ca.istio import IstioParams, _subject, is_istio_subject, issue_istio_intermediate
-from ca.profiles import ca_subject
+from ca.istio import IstioParams, issue_istio_intermediate
+from ca.profiles import ca_subject, is_istio_subject, istio_subject
 from tests.istio.conftest import SQLITE_ONLY
 
 LONG_TD = f"{'a' * 63}.{'b' * 63}.{'c' * 63}.example.org"
@@ -31,9 +31,9 @@ def name(organisation: str, unit: str, common: str) -> x509.Name:
 @pytest.mark.parametrize(
     "subject",
     [
-        pytest.param(_subject("example.org", "c1"), id="istio/now"),
-        pytest.param(_subject(LONG_TD, "c" * 63), id="istio/now-cut-to-64"),
-        pytest.param(_subject("example.org", "c" * 58), id="istio/now-cn-just-fits"),
+        pytest.param(istio_subject("example.org", "c1"), id="istio/now"),
+        pytest.param(istio_subject(LONG_TD, "c" * 63), id="istio/now-cut-to-64"),
+        pytest.param(istio_subject("example.org", "c" * 58), id="istio/now-cn-just-fits"),
         pytest.param(name("Trellis", "istio example.org", "istio-c1"), id="istio/be35df8"),
         pytest.param(name("TRELLIS", "ISTIO EXAMPLE.ORG", "ISTIO-C1"), id="openssl/case"),
         pytest.param(name(" Trellis ", "\tistio\t  example.org ", "istio-c1"), id="openssl/spaces"),
