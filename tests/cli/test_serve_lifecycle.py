@@ -189,6 +189,11 @@ def test_workers_killed_on_every_start_stop_the_service(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with cli.serving(log, "--workers", "2") as serve:
         wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        # /readyz answered from one of them; the other may still start (a loaded machine), and
+        # killed then it would count as a death before readiness. A worker is ready as it logs
+        # this (cli.supervisor: HandedServer.startup).
+        wait_for(lambda: log.read_text().count("Application startup complete.") == 2, "ready")
+        time.sleep(0.1)
         first, other = workers_of(serve.process.pid)
         os.kill(first, signal.SIGKILL)  # a ready worker, killed by an operator: replaced
         seen, killed = {first, other}, 0
