@@ -963,7 +963,10 @@ def _install(
             manifest=record.manifest,
             schema=schema,
             data_dir=data_dir,
-            at=at,
+            # Whole seconds, as every record's time (ca.clock): with microseconds, an ``audit
+            # seal`` in the same second (its cutoff whole seconds too) left the record out.
+            # The marker keeps the microseconds: its CRL numbers count from them.
+            at=at.replace(microsecond=0),
             actor=record.actor,
         ):
             log.warning(
