@@ -228,11 +228,22 @@ class HandingSupervisor(Multiprocess):
         for index, process in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            timeout = self.config.timeout_worker_healthcheck
+            if process.is_alive(timeout=timeout):
                 continue
+            # Still running, it missed the health check: hung (or stopped, SIGSTOP), killed
+            # here. Said so: "died" read as a crash of its own, with nothing to look for.
+            hung = process.process.is_alive()
             process.kill()
             process.join()
             status, ready = process.exitcode or 0, bool(process.ready.value)
+            if hung:
+                logger.warning(
+                    "worker [%s] did not answer its health check within %g s (hung or"
+                    " stopped): killed",
+                    process.pid,
+                    timeout,
+                )
             if status == STARTUP_FAILURE or (status > 0 and not ready):
                 self._stop(
                     "worker [%s] cannot start (its line above says why): stopping", process.pid

@@ -221,6 +221,35 @@ def test_workers_killed_on_every_start_stop_the_service(tmp_path: Path) -> None:
     assert "Traceback" not in log.read_text()
 
 
+def test_a_hung_worker_is_killed_and_said_to_be_hung(tmp_path: Path) -> None:
+    """A worker that stops answering (SIGSTOP here; a deadlock, a stuck syscall) is killed by
+    the supervisor's health check after 5 s and replaced, as uvicorn does; the log said only
+    "died", as if it had crashed by itself."""
+    cli = _initialised(tmp_path)
+    log = tmp_path / "serve.log"
+    with cli.serving(log, "--workers", "2") as serve:
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
+        wait_for(lambda: log.read_text().count("Application startup complete.") == 2, "ready")
+        time.sleep(0.1)
+        stopped, other = workers_of(serve.process.pid)
+        os.kill(stopped, signal.SIGSTOP)
+        wait_for(lambda: stopped not in workers_of(serve.process.pid), "killed", seconds=30)
+        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "replaced")
+        assert other in workers_of(serve.process.pid)
+        assert serve.process.poll() is None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    mine = f"worker [{stopped}] "
+    said = [(r["level"], r["message"]) for r in records if r["message"].startswith(mine)]
+    assert said == [
+        (
+            "warning",
+            f"worker [{stopped}] did not answer its health check within 5 s (hung or stopped):"
+            " killed",
+        ),
+        ("info", f"worker [{stopped}] died; starting another"),
+    ], said
+
+
 def test_the_start_limit_counts_deaths_within_its_window() -> None:
     """Deaths spread wider than the window (a worker the OOM killer takes now and then while
     it starts) never stop the service; the fifth within it does."""
