@@ -31,6 +31,17 @@ def _initialised(tmp_path: Path) -> Trellis:
     return cli
 
 
+def _two_ready_workers(supervisor: int, log: Path) -> list[int]:
+    """The pids of a two-worker serve's workers once both are ready. /readyz answered from one
+    of them; the other may still be starting (a loaded machine), and a test that kills it then
+    meets a death before readiness. A worker is ready as it logs this (cli.supervisor:
+    ``HandedServer.startup``)."""
+    wait_for(lambda: len(workers_of(supervisor)) == 2, "two workers")
+    wait_for(lambda: log.read_text().count("Application startup complete.") == 2, "ready")
+    time.sleep(0.1)
+    return workers_of(supervisor)
+
+
 def test_serve_repairs_a_serving_key_that_is_gone_or_foreign(tmp_path: Path) -> None:
     """The banner printed, then 'trellis: No such file or directory' (or KEY_VALUES_MISMATCH),
     exit 8, on every start until someone removed server/tls.crt too."""
@@ -188,13 +199,7 @@ def test_workers_killed_on_every_start_stop_the_service(tmp_path: Path) -> None:
     cli = _initialised(tmp_path)
     log = tmp_path / "serve.log"
     with cli.serving(log, "--workers", "2") as serve:
-        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
-        # /readyz answered from one of them; the other may still start (a loaded machine), and
-        # killed then it would count as a death before readiness. A worker is ready as it logs
-        # this (cli.supervisor: HandedServer.startup).
-        wait_for(lambda: log.read_text().count("Application startup complete.") == 2, "ready")
-        time.sleep(0.1)
-        first, other = workers_of(serve.process.pid)
+        first, other = _two_ready_workers(serve.process.pid, log)
         os.kill(first, signal.SIGKILL)  # a ready worker, killed by an operator: replaced
         seen, killed = {first, other}, 0
         # Each replacement, as soon as it appears: seconds before it has imported the app.
@@ -228,10 +233,7 @@ def test_a_hung_worker_is_killed_and_said_to_be_hung(tmp_path: Path) -> None:
     cli = _initialised(tmp_path)
     log = tmp_path / "serve.log"
     with cli.serving(log, "--workers", "2") as serve:
-        wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "two workers")
-        wait_for(lambda: log.read_text().count("Application startup complete.") == 2, "ready")
-        time.sleep(0.1)
-        stopped, other = workers_of(serve.process.pid)
+        stopped, other = _two_ready_workers(serve.process.pid, log)
         os.kill(stopped, signal.SIGSTOP)
         wait_for(lambda: stopped not in workers_of(serve.process.pid), "killed", seconds=30)
         wait_for(lambda: len(workers_of(serve.process.pid)) == 2, "replaced")
