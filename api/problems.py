@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ca import errors
+from ca.store import outage
 
 __all__ = [
     "PROBLEM_RESPONSES",
@@ -145,13 +146,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """A lost or refused database connection is the server's state, not the caller's fault:
     503, so clients retry (the pool replaces dead connections). Anything else stays a 500."""
-    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or (
-        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    ):
-        log.error(
-            "database unavailable: %s",
-            type(exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc).__name__,
-        )
+    if outage.unreachable(exc):
+        # The driver's reason: its type alone was the same for every cause (ca.store.outage).
+        log.error("database unavailable: %s", outage.reason(exc))
         return problem_response(
             503,
             errors.Unavailable.code,

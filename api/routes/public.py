@@ -24,6 +24,7 @@ from ca.errors import TrellisError
 from ca.jwks import bundle_jwks
 from ca.readiness import check_issuing_cas, check_issuing_keys, check_schema
 from ca.scheduler import job_statuses
+from ca.store import outage
 
 log = logging.getLogger("trellis.api")
 
@@ -107,7 +108,7 @@ def readyz(ctx: CtxDep) -> Response:
             connection.execute(sa.text("SELECT 1"))
         detail["database"] = "ok"
     except sa.exc.SQLAlchemyError as exc:
-        detail["database"] = f"unavailable: {type(exc).__name__}"
+        detail["database"] = f"unavailable: {outage.reason(exc)}"
     # A newer replica migrated the database during a rolling upgrade: this one is outdated.
     detail["schema"] = _checked(ctx, "schema", lambda: check_schema(ctx))
     detail["keys"] = _checked(ctx, "keys", lambda: (active_issuer(ctx), check_issuing_keys(ctx)))
