@@ -26,7 +26,6 @@ from ca.errors import (
     InvalidCsr,
     PermissionDenied,
     PolicyViolation,
-    TrellisError,
 )
 from ca.identity import SERVER_PATH, SpiffeId
 from ca.issue import Grant, refused
@@ -96,8 +95,9 @@ def _entry_grant(row: Mapping[str, Any], *, requested_by: str) -> Grant:
     )
 
 
-# Each way in counts its refusals in the issuance metric (``ca.issue.refused``): they happen
-# before there is a grant, so ``issue_svid`` never sees them. A try costs nothing until it raises.
+# Each way in counts its refusals in the issuance metric (``ca.issue.refused``), and a lookup the
+# database failed (``unavailable``): they happen before there is a grant, so ``issue_svid``
+# never sees them. A try costs nothing until it raises.
 
 
 def join_grant(ctx: Context, secret: str) -> Grant:
@@ -106,7 +106,7 @@ def join_grant(ctx: Context, secret: str) -> Grant:
         with ctx.reads.connect() as connection:
             found = _JOINS.one(connection, digest)
         return _join_grant(found, ctx.clock.now())
-    except TrellisError as error:
+    except Exception as error:
         refused(error)
         raise
 
@@ -117,7 +117,7 @@ async def join_grant_async(ctx: Context, secret: str) -> Grant:
     try:
         digest = valid_secret(secret)
         return _join_grant(await ctx.lookups.get(_JOINS, digest), ctx.clock.now())
-    except TrellisError as error:
+    except Exception as error:
         refused(error)
         raise
 
@@ -147,7 +147,7 @@ def renewal_grant(ctx: Context, proof: str, csr_pem: bytes | None) -> Grant:
         with ctx.reads.connect() as connection:
             row = _RENEWINGS.one(connection, serial.hex)
         return _renewal_grant(row, proof, serial, csr_pem, csr, ctx.clock.now())
-    except TrellisError as error:
+    except Exception as error:
         refused(error)
         raise
 
@@ -160,7 +160,7 @@ async def renewal_grant_async(ctx: Context, proof: str, csr_pem: bytes | None) -
         csr = _decoded(csr_pem)
         row = await ctx.lookups.get(_RENEWINGS, serial.hex)
         return _renewal_grant(row, proof, serial, csr_pem, csr, ctx.clock.now())
-    except TrellisError as error:
+    except Exception as error:
         refused(error)
         raise
 

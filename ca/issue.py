@@ -46,6 +46,7 @@ from ca.pem import certs_pem
 from ca.profiles import BACKDATE, LeafSpec, RevocationUrls
 from ca.records import issued_rows
 from ca.serial import Serial
+from ca.store import outage
 from ca.store.batch import Guard, Lookup, Need, Rows, Work
 from ca.store.core import table
 from ca.store.locks import certificate_name, entry_name, identity_name
@@ -324,12 +325,26 @@ def issue_for_key(
         return sign_and_record()
 
 
-def refused(error: TrellisError, authority: str = MESH, profile: str = "x509-svid") -> None:
+def failed_as(error: BaseException) -> str | None:
+    """The ``result`` an issuance that ``error`` ended is counted under: the error's code, or
+    ``unavailable`` (the code of the 503 ``api.problems`` answers) when the database could not
+    be used: a database outage failed every issuance without counting one, so the alert on
+    failed issuances (docs/operations.md) stayed silent through it. None: not counted (a bug,
+    answered 500)."""
+    if isinstance(error, TrellisError):
+        return error.code
+    return Unavailable.code if outage.unreachable(error) else None
+
+
+def refused(error: BaseException, authority: str = MESH, profile: str = "x509-svid") -> None:
     """Counts an issuance refused outside ``issue_svid``'s measured pipeline: before it had a
-    grant (``ca.grants``: a spent, unknown or revoked credential, a malformed proof), where
-    ``unauthenticated`` is a result like the others (docs/operations.md) and an alert on it sees
-    credential stuffing, or with one but a request field that does not parse (a bad ``ttl``)."""
-    metrics.ISSUED.labels(authority, profile, error.code).inc()
+    grant (``ca.grants``: a spent, unknown or revoked credential, a malformed proof, or no
+    database to look it up in), where ``unauthenticated`` is a result like the others
+    (docs/operations.md) and an alert on it sees credential stuffing, or with one but a request
+    field that does not parse (a bad ``ttl``)."""
+    result = failed_as(error)
+    if result is not None:
+        metrics.ISSUED.labels(authority, profile, result).inc()
 
 
 @contextlib.contextmanager
@@ -337,8 +352,8 @@ def _measured(grant: Grant) -> Iterator[None]:
     started = time.perf_counter()
     try:
         yield
-    except TrellisError as error:
-        metrics.ISSUED.labels(grant.authority, grant.profile, error.code).inc()
+    except Exception as error:
+        refused(error, grant.authority, grant.profile)
         raise
     metrics.ISSUED.labels(grant.authority, grant.profile, "issued").inc()
     metrics.ISSUANCE_SECONDS.labels(grant.authority, grant.profile).observe(
