@@ -3,13 +3,14 @@
 Two kinds: event metrics (issuance outcomes and latency, revocations, Vault errors) counted in
 the process where they happen, and state metrics (live certificates, seconds until each CA
 expires, CRL age, job results) read from the database at scrape time, so every replica reports
-the same state. With several worker processes, ``trellis serve`` points
-``PROMETHEUS_MULTIPROC_DIR`` at a directory and event metrics are aggregated across workers
-(prometheus_client's multiprocess mode).
+the same state; a scrape that cannot read them leaves them out (``trellis_state_up``). With
+several worker processes, ``trellis serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a directory
+and event metrics are aggregated across workers (prometheus_client's multiprocess mode).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -21,9 +22,12 @@ from prometheus_client.registry import Collector
 from sqlmodel import Session, col, select
 
 from ca.config import Context
+from ca.store import outage
 from ca.store.models import CaRow, CertificateRow, CrlRow, JobRunRow
 
 __all__ = ["ISSUANCE_SECONDS", "ISSUED", "REVOKED", "VAULT_ERRORS", "render"]
+
+log = logging.getLogger("trellis.metrics")
 
 ISSUED = Counter(
     "trellis_certificates_issued",
@@ -42,13 +46,40 @@ REVOKED = Counter(
 VAULT_ERRORS = Counter("trellis_vault_errors", "Failed Vault calls by operation", ["operation"])
 
 
+# How long each state query may run on PostgreSQL (``statement_timeout``, ms): a database that
+# holds them (a lock, an overloaded server) leaves the state out of that scrape instead of
+# holding it past Prometheus's scrape timeout (10 s by default), and with it the counters. A
+# connection is given ``ca.store.db.CONNECTION_DEFAULTS``' ``connect_timeout`` (10 s) and a
+# dead network its ``tcp_user_timeout`` (30 s). A SQLite reader waits for no lock (WAL).
+STATE_QUERY_TIMEOUT_MS = 2000
+
+
 class StateCollector(Collector):
-    """Database-derived gauges, computed per scrape (a few indexed aggregate queries)."""
+    """Database-derived gauges, computed per scrape (a few indexed aggregate queries), and
+    ``trellis_state_up``: whether they could be read. When the database cannot be, they are
+    left out of that scrape and the event metrics are still served: those are what shows an
+    outage's failed issuances (a 503 for the whole scrape hid them exactly then)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
     def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "trellis_state_up",
+            "1 if this scrape read the database-derived gauges, 0 if the database could not be"
+            " read and they are left out",
+        )
+        try:
+            families = self._read()
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("metrics: the database state is left out: %s", outage.reason(error))
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield from (*families, up)
+
+    def _read(self) -> tuple[Metric, ...]:
         now = self.ctx.clock.now()
         active = GaugeMetricFamily(
             "trellis_active_certificates",
@@ -82,6 +113,10 @@ class StateCollector(Collector):
             labels=["job", "node"],
         )
         with Session(self.ctx.engine) as session:
+            if self.ctx.engine.dialect.name == "postgresql":  # for this transaction only
+                session.execute(
+                    sa.text(f"SET LOCAL statement_timeout = {int(STATE_QUERY_TIMEOUT_MS)}")
+                )
             counts = session.execute(
                 sa.select(
                     col(CertificateRow.authority), col(CertificateRow.profile), sa.func.count()
@@ -109,7 +144,7 @@ class StateCollector(Collector):
             for job in session.exec(select(JobRunRow)).all():
                 job_ok.add_metric([job.name, job.node], 1.0 if job.last_ok else 0.0)
                 job_failures.add_metric([job.name, job.node], job.consecutive_failures)
-        yield from (active, expiry, crl_age, crl_left, job_ok, job_failures)
+        return (active, expiry, crl_age, crl_left, job_ok, job_failures)
 
 
 def render(ctx: Context) -> bytes:
