@@ -253,19 +253,27 @@ def data_directory(path: Path, *, create: bool = True) -> Path:
     return path
 
 
-def private_file(path: Path, *, why: str = "it is a secret") -> Path:
+def private_file(path: Path, *, why: str = "it is a secret", writable: bool = False) -> Path:
     """A file of Trellis's own data that holds a secret (a CA key file, ``key-passphrase``, a
     sealed secret), before it is read: one its group or others may use at all is tightened to
     0600 (``_tighten``, whose warning gives ``why``). Trellis writes them 0600; a looser one was
     put there by hand (``cp`` without ``-p``, an archive unpacked under a loose umask). Its
-    directory is 0700 and keeps others out, until it is copied somewhere with its mode."""
-    _tighten(path, 0o077, directory=False, why=why)
+    directory is 0700 and keeps others out, until it is copied somewhere with its mode.
+
+    ``writable``: a file Trellis writes as it runs (the SQLite database and its journals) is
+    made 0600 exactly, its owner's read and write given back too: a database left 0400 was
+    opened read-only, and SQLite made its ``-shm`` 0400 with it, after which every write failed
+    ("attempt to write a readonly database") until someone found that file and chmodded it."""
+    _tighten(path, 0o077, directory=False, why=why, needed=0o600 if writable else 0)
     return path
 
 
-def _tighten(path: Path, loose: int, *, directory: bool = True, why: str | None = None) -> None:
+def _tighten(
+    path: Path, loose: int, *, directory: bool = True, why: str | None = None, needed: int = 0
+) -> None:
     """Clear the ``loose`` bits of an existing directory (or, not ``directory``, a regular
-    file), with a warning naming its old mode, if this user owns it. It is tightened rather
+    file), and set the ``needed`` ones (the owner's, alone), with a warning naming its old
+    mode, if this user owns it. It is tightened rather
     than refused: that ``chmod`` is what the operator would be told to run, and Trellis made
     most such directories itself (an older version made them with the umask's mode). One owned
     by another user cannot be changed here and is used with a warning: a Kubernetes emptyDir
@@ -278,15 +286,16 @@ def _tighten(path: Path, loose: int, *, directory: bool = True, why: str | None 
     mode = stat.S_IMODE(status.st_mode)
     why = why or ("it holds private keys" if directory else "it is a secret")
     kind = stat.S_ISDIR if directory else stat.S_ISREG
-    if not kind(status.st_mode) or not mode & loose:
+    if not kind(status.st_mode) or not (mode & loose or needed & ~mode):
         return
     if status.st_uid == os.geteuid():
-        os.chmod(path, mode & ~loose)
+        os.chmod(path, (mode & ~loose) | needed)
         log.warning(
-            "%s was mode %04o: tightened to %04o (%s)",
+            "%s was mode %04o: %s to %04o (%s)",
             path,
             mode,
-            mode & ~loose,
+            "tightened" if mode & loose else "set",
+            (mode & ~loose) | needed,
             why,
         )
     else:
@@ -298,7 +307,7 @@ def _tighten(path: Path, loose: int, *, directory: bool = True, why: str | None 
             status.st_uid,
             os.geteuid(),
             why,
-            ("0700" if directory else "0600") if loose == 0o077 else "go-w",
+            ("0700" if directory else "0600") if loose == 0o077 or needed else "go-w",
             path,
         )
 

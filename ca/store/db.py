@@ -196,8 +196,9 @@ def _private_sqlite(path: Path, data_dir: Path | None) -> None:
     ``-wal`` of their own beside it, can add an admin token row (only a hash is stored: they
     choose the secret) or rewrite the audit trail.
 
-    A file is tightened to 0600 with a warning (``ca.files.private_file``), as the key files
-    are: Trellis writes it 0600, a looser one was made by hand (``touch`` under a loose umask).
+    A file is made 0600 with a warning (``ca.files.private_file``), as the key files are:
+    Trellis writes it 0600, a looser one was made by hand (``touch`` under a loose umask), and
+    one its owner may not write (``chmod 400``) would be opened read-only, every write refused.
     A missing directory is made 0700. An existing directory is not Trellis's to change (other
     programs' files may be there: ``/tmp``, a shared volume), so it is judged, not tightened:
     one anyone may write to is refused (the sticky bit does not help: it keeps others from
@@ -213,7 +214,7 @@ def _private_sqlite(path: Path, data_dir: Path | None) -> None:
         _judge_directory(directory, path)
     path.touch(mode=0o600, exist_ok=True)
     for file in (path, *(Path(f"{path}{suffix}") for suffix in _SQLITE_JOURNALS)):
-        private_file(file, why=_DATABASE_FILE)
+        private_file(file, why=_DATABASE_FILE, writable=True)
 
 
 def _judge_directory(directory: Path, database: Path) -> None:
