@@ -24,6 +24,7 @@ from ca.errors import TrellisError
 from ca.jwks import bundle_jwks
 from ca.readiness import check_issuing_cas, check_issuing_keys, check_schema
 from ca.scheduler import job_statuses
+from ca.store.db import check_ready
 
 log = logging.getLogger("trellis.api")
 
@@ -103,8 +104,7 @@ def healthz() -> Health:
 def readyz(ctx: CtxDep) -> Response:
     detail: dict[str, str] = {}
     try:
-        with ctx.engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+        check_ready(ctx.engine)
         detail["database"] = "ok"
     except sa.exc.SQLAlchemyError as exc:
         # The kind only: anyone may read /readyz, and the driver's words name the database's

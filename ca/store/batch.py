@@ -622,10 +622,12 @@ class GroupCommit:
         the pool and back for each was work done while holding the write lock the other
         workers wait for (1.4 % of a worker's samples). Two workers at c=16, ten alternated
         pairs: 2,599 -> 2,717 certs/s on average, p99 14.4 -> 13.1 ms (docs/benchmarks.md,
-        change 45). A connection the pool has invalidated (a failure), or one left inside a
-        transaction (its rollback failed), is replaced. ``on``: an event loop's connection
-        (``_commit_on_loop``); one lost there is replaced by SQLAlchemy when the transaction
-        begins (the retries of a failed batch's units alone reconnect)."""
+        change 45). A connection the pool has invalidated (a failure, or a write refused as
+        read-only), one left inside a transaction (its rollback failed), or one opened
+        read-only whose file may be written now (``db.opened_read_only``), is replaced.
+        ``on``: an event loop's connection (``_commit_on_loop``); one lost there is replaced
+        by SQLAlchemy when the transaction begins (the retries of a failed batch's units
+        alone reconnect)."""
         if on is not None:
             with on.begin():
                 yield on
@@ -635,7 +637,13 @@ class GroupCommit:
                 yield connection
             return
         kept = self._connection
-        if kept is None or kept.closed or kept.invalidated or kept.in_transaction():
+        if (
+            kept is None
+            or kept.closed
+            or kept.invalidated
+            or kept.in_transaction()
+            or db.opened_read_only(kept)
+        ):
             if kept is not None and not kept.closed:
                 kept.invalidate()  # never reuse what an earlier transaction may have left behind
             kept = self._connection = self._engine.connect()

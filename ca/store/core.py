@@ -8,6 +8,7 @@ only parameters per call (about 14 µs): same SQL, same types, same transaction.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -206,7 +207,11 @@ def _run(connection: sa.Connection, sql: str, params: Any, call: Callable[[Any],
         # entry point for this; tests/api/test_database_outage.py covers it.
         connection._handle_dbapi_exception(error, sql, params, cursor, None)
     finally:
-        cursor.close()
+        # A connection invalidated there (a disconnect, or SQLite's read-only refusal:
+        # ca.store.db) is closed already, and pysqlite's cursor then refuses to close: its
+        # ProgrammingError replaced the error being raised.
+        with contextlib.suppress(connection.dialect.loaded_dbapi.Error):
+            cursor.close()
 
 
 _PREPARED: dict[sa.sql.expression.ClauseElement, Prepared] = {}

@@ -6,6 +6,7 @@ import contextlib
 import enum
 import functools
 import logging
+import os
 import sqlite3
 import stat
 import threading
@@ -37,12 +38,14 @@ __all__ = [
     "Migration",
     "SchemaPolicy",
     "autocommit_engine",
+    "check_ready",
     "connect",
     "database_place",
     "loop_engine",
     "migrate",
     "newer_schema",
     "normalise_url",
+    "opened_read_only",
     "read_as_is",
     "schema_status",
     "settle_schema",
@@ -186,8 +189,102 @@ def connect(
         sa.event.listen(
             engine, "connect", functools.partial(_sqlite_pragmas, autocheckpoint=autocheckpoint)
         )
+        sa.event.listen(engine, "handle_error", _readonly_is_lost)
+        if database and database != ":memory:":
+            sa.event.listen(engine, "connect", functools.partial(_note_read_only, database))
+            sa.event.listen(engine, "checkout", functools.partial(_replace_read_only, database))
         return engine
     return _postgresql(url, pool_size=10, max_overflow=10)
+
+
+def _readonly_is_lost(context: sa.engine.ExceptionContext) -> None:
+    """A SQLite connection refused a write as read-only: the file was not writable when it was
+    opened (``chmod 400``, a volume mounted read-only), and SQLite never reopens it. Kept, it
+    refused every write for good, after the file was writable again, while reads (and
+    ``/readyz``'s ``SELECT 1``) went on: the pool kept it, and so did the group commit's
+    connection (``ca.store.batch``). Taken as a lost connection, it is replaced, with the
+    pool's others opened before it: the next write opens the file again, and succeeds once it
+    may."""
+    if _is_readonly(context.original_exception):
+        context.is_disconnect = True
+
+
+# A connection's pool record is marked so when its database could not be written as it opened.
+_OPENED_READ_ONLY = "trellis.opened_read_only"
+
+
+def _writable(database: str) -> bool:
+    """Whether this process may write the database and the journals beside it (SQLite opens
+    each read-only when it may not)."""
+    files = [database, *(f"{database}{suffix}" for suffix in _SQLITE_JOURNALS)]
+    return all(os.access(file, os.W_OK) or not os.path.exists(file) for file in files)
+
+
+def _note_read_only(database: str, _dbapi_connection: Any, record: Any) -> None:
+    if not _writable(database):
+        record.info[_OPENED_READ_ONLY] = True
+
+
+def _replace_read_only(database: str, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """A pooled connection opened read-only is replaced at its first checkout once the file
+    may be written: one that only read while the file was read-only was never refused a
+    write (``_readonly_is_lost``), and would have refused the first write after."""
+    if record.info.get(_OPENED_READ_ONLY) and _writable(database):
+        raise sa.exc.DisconnectionError("opened read-only; the database is writable now")
+
+
+def opened_read_only(connection: sa.Connection) -> bool:
+    """Whether ``connection`` (one kept out of the pool: ``ca.store.batch``) was opened
+    read-only while its SQLite file may be written now: then it is to be replaced, as the
+    pool replaces its own (``_replace_read_only``)."""
+    database = connection.engine.url.database
+    return (
+        bool(connection.info.get(_OPENED_READ_ONLY))
+        and database is not None
+        and (_writable(database))
+    )
+
+
+def _is_readonly(error: BaseException | None) -> bool:
+    return _sqlite_kind(error) == sqlite3.SQLITE_READONLY
+
+
+def _sqlite_kind(error: BaseException | None) -> int | None:
+    """The primary result code of a SQLite error: the low byte of its extended code
+    (``SQLITE_READONLY_CANTINIT`` is a ``SQLITE_READONLY``)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+# How long ``/readyz``'s write probe waits for another writer's lock: it is polled, and a
+# writer holding the lock shows the database can be written anyway.
+_PROBE_BUSY_MS = 0
+
+
+def check_ready(engine: Engine) -> None:
+    """Raise SQLAlchemy's error unless the database answers and, on SQLite, this process's
+    connections may write it: a file opened read-only answers every read and refuses every
+    write, so ``SELECT 1`` passed while every issuance was a 503. The probe is a ``DELETE``
+    that matches no row, rolled back: SQLite refuses it on a read-only connection before it
+    takes any lock, and it writes nothing. ``BEGIN IMMEDIATE`` is no probe: in WAL mode a
+    read-only connection takes the write lock without complaint. Another writer holding the
+    lock ("database is locked") shows it is writable; the probe waits for no one, as it comes
+    every few seconds, and a refused write replaces the pool's connections
+    (``_readonly_is_lost``), so the next probe opens the file again."""
+    with engine.connect() as connection:
+        if connection.dialect.name != "sqlite":
+            connection.execute(sa.text("SELECT 1"))
+            return
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={_PROBE_BUSY_MS}")
+        try:
+            connection.exec_driver_sql("DELETE FROM alembic_version WHERE 0")
+        except sa.exc.OperationalError as error:
+            if _sqlite_kind(error.orig) != sqlite3.SQLITE_BUSY:
+                raise
+        finally:
+            if not connection.invalidated:
+                connection.rollback()
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_MS)}")
 
 
 def _private_sqlite(path: Path, data_dir: Path | None) -> None:

@@ -10,8 +10,10 @@ import stat
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.api.restkit import bearer, make_csr
 from tests.cli.test_walkthrough import TRELLIS, Trellis
 
 pytestmark = pytest.mark.slow
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.slow
 WITHOUT_DAC = (
     ("setpriv", "--bounding-set=-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
 )
+NOBODY = 65534
 
 
 def _mode(path: Path) -> int:
@@ -66,3 +69,55 @@ def test_a_database_left_read_only_is_made_0600_when_opened(tmp_path: Path) -> N
     for path in _files(database)[:3]:
         assert f"{path} was mode 0400: set to 0600" in created.stderr, created.stderr
     assert all(_mode(p) == 0o600 for p in _files(database) if p.exists())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing the database to another user needs root")
+def test_a_server_that_met_a_read_only_database_issues_once_it_is_writable(
+    tmp_path: Path,
+) -> None:
+    """A database Trellis may read but not write, and cannot chmod (another user's, 0644):
+    ``serve`` opens it read-only. Before, the connections opened so were kept after a write
+    was refused (the pool's, and the group commit's): once the file was writable again every
+    issuance stayed a 503 "the database cannot be reached right now" until a restart, while
+    ``/readyz`` ran ``SELECT 1`` and said the database was ok throughout."""
+    data_dir = tmp_path / "var"
+    database = data_dir / "trellis.db"
+    trellis = Trellis(data_dir, f"sqlite:///{database}")
+    trellis.run("init", "--trust-domain", "example.org")
+    entry = trellis.run("entry", "create", "--spiffe-id", "spiffe://example.org/w").stdout
+    token = trellis.run("token", "create", "--entry", entry.strip(), "--uses", "5").stdout.strip()
+    with trellis.serving(tmp_path / "first.log"):  # prepares the serving certificate: a write
+        pass
+    os.chown(database, NOBODY, -1)
+    database.chmod(0o644)
+
+    with trellis.serving(tmp_path / "serve.log", wrapper=WITHOUT_DAC, up="/healthz") as serving:
+
+        def issue() -> httpx.Response:
+            return httpx.post(
+                f"{serving.url}/v1/svid",
+                json={"csr": make_csr()[1]},
+                headers=bearer(token),
+                verify=serving.tls,
+                timeout=30,
+            )
+
+        def ready() -> httpx.Response:
+            return httpx.get(f"{serving.url}/readyz", verify=serving.tls, timeout=30)
+
+        refused = issue()
+        assert refused.status_code == 503, refused.text
+        unready = ready()
+        assert unready.status_code == 503, unready.text
+        assert unready.json()["detail"]["database"].startswith("unavailable")
+
+        # Writable again, by its owner: the journals too, which SQLite made with the
+        # database's owner and mode
+        for path in _files(database):
+            if path.exists():
+                os.chown(path, os.geteuid(), -1)
+
+        issued = issue()  # the first request after: no connection opened read-only is kept
+        assert issued.status_code == 200, issued.text
+        assert ready().status_code == 200, ready().text
+        assert serving.process.poll() is None

@@ -10,7 +10,7 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +69,20 @@ class Trellis:
         return result.stdout
 
     @contextlib.contextmanager
-    def serving(self, log: Path, *args: str) -> Iterator[Serving]:
-        """``trellis serve`` on a free loopback port, once ``/readyz`` answers; stopped after
-        (SIGTERM, then SIGKILL). Its output goes to ``log``, shown when it fails to come up."""
+    def serving(
+        self,
+        log: Path,
+        *args: str,
+        wrapper: Sequence[str] = (),
+        up: str = "/readyz",
+    ) -> Iterator[Serving]:
+        """``trellis serve`` on a free loopback port, once ``up`` answers; stopped after
+        (SIGTERM, then SIGKILL). Its output goes to ``log``, shown when it fails to come up.
+        ``wrapper``: the command it runs under (``setpriv ...``)."""
         port = free_port()
         with log.open("w") as out:
             process = subprocess.Popen(
-                [TRELLIS, "serve", "--port", str(port), *args],
+                [*wrapper, TRELLIS, "serve", "--port", str(port), *args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -89,7 +96,7 @@ class Trellis:
                     f"serve exited {process.returncode}: {log.read_text()}"
                 )
                 try:
-                    if httpx.get(f"{url}/readyz", verify=tls, timeout=2).is_success:
+                    if httpx.get(f"{url}{up}", verify=tls, timeout=2).is_success:
                         break
                 except httpx.HTTPError:
                     pass
