@@ -135,6 +135,20 @@ def _next_number(session: Session, issuer_name: str, floor: int) -> int:
     return number
 
 
+def _highest_stored(session: Session, issuer_name: str) -> int:
+    """The highest number of a CRL stored under ``issuer_name``. Never above the name's counter
+    when Trellis of this schema signed them all; above it when a Trellis from before the counter
+    (schema 0018) went on serving after ``trellis migrate`` (docs/operations.md lets an
+    outdated server serve on): it numbered each CA's CRLs on from its own, and the counter,
+    behind, gave a number already used, for another CRL (RFC 5280 §5.2.3: they only grow)."""
+    highest = session.execute(
+        sa.select(sa.func.max(CrlRow.number))
+        .join(CaRow, col(CaRow.id) == col(CrlRow.ca_id))
+        .where(col(CaRow.subject) == issuer_name)
+    ).scalar_one()
+    return int(highest or 0)
+
+
 def _locked_row(session: Session, ca_id: int, this_update: dt.datetime) -> CrlRow:
     """The CA's CRL row, locked. A missing row is created first with INSERT ... ON CONFLICT DO
     NOTHING: locking a row that does not exist yet would lock nothing. Its number 0 says "no CRL
@@ -206,7 +220,8 @@ def refresh_crl(ctx: Context, session: Session, ca: CaRow, *, final: bool = Fals
     signer = ca_signer(ctx, ca)
     issuer = ca_certificate(ctx, ca)
     this_update = max(now - BACKDATE, issuer.not_valid_before_utc)
-    number = _next_number(session, ca.subject, ctx.crl_floor)
+    floor = max(ctx.crl_floor, _highest_stored(session, ca.subject) + 1)
+    number = _next_number(session, ca.subject, floor)
     current = _locked_row(session, ca.id, this_update)
     next_update = issuer.not_valid_after_utc if final else now + CRL_LIFETIME
     der = build_crl(

@@ -43,7 +43,7 @@ from ca.root_rotation import rotate_root
 from ca.rotation import rotate
 from ca.serial import Serial
 from ca.serving import ensure_server_certificate
-from ca.store.models import CaRow
+from ca.store.models import CaRow, CrlRow
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, count_rows, enrol, join_secret, new_key
 from tests.certassert import ExpectedUrls, assert_is_ca, assert_is_crl, assert_is_svid_leaf
 
@@ -614,6 +614,26 @@ def test_init_force_numbers_the_new_cas_crls_above_the_old_ones(ctx: Context) ->
     issuer = active_issuer(ctx)
     assert_is_crl(crl_of(ctx, "root"), issuer=root_of(issuer), number=before["root"] + 1)
     assert_is_crl(crl_of(ctx), issuer=issuer.certificate, number=before["intermediate"] + 1)
+
+
+def test_a_crl_numbered_by_an_outdated_server_is_never_numbered_again(ctx: Context) -> None:
+    """A Trellis from before the per-name counter (schema 0018), still serving after ``trellis
+    migrate`` as docs/operations.md allows, numbers a CA's CRLs on from the CA's own row and
+    leaves the counter behind: the next CRL signed here reused its number, for a CRL with
+    other entries (seen upgrading from 9bca5a4). It is numbered above every stored one."""
+    revoke_new(ctx, "w")
+    issuer = active_issuer(ctx)
+    assert crl_number(crl_of(ctx)) == 1
+    with Session(ctx.engine) as session:  # what the outdated server wrote: its CRL number 2
+        row = session.get(CrlRow, issuer.ca_id)
+        assert row is not None and row.number == 1
+        row.number = 2
+        session.add(row)
+        session.commit()
+    revoke_new(ctx, "v")
+    assert crl_number(crl_of(ctx)) == 3
+    revoke_new(ctx, "u")
+    assert crl_number(crl_of(ctx)) == 4
 
 
 @SQLITE_ONLY
