@@ -1,10 +1,10 @@
 """Database errors that mean the database cannot be used right now, and why, in one line.
-
 ``api.problems`` answers these 503 (the caller may retry), ``ca.issue`` counts an issuance they
-fail as ``unavailable`` (the code of that 503), and the request log, ``/readyz`` and the metrics
-scrape say why. SQLAlchemy's own text of an error spans lines and repeats the statement; its
-type alone (``OperationalError``) said the same for a refused connection, a wrong password,
-"too many clients" and a read-only file, so the driver's message is what is shown.
+fail as ``unavailable`` (the code of that 503), and the request log and the metrics scrape say
+why (``/readyz``, which anyone may read, names only the kind: libpq's words name the host).
+SQLAlchemy's own text of an error spans lines and repeats the statement; its type alone
+(``OperationalError``) said the same for a refused connection, a wrong password, "too many
+clients" and a read-only file, so the driver's message is what is shown.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ca.redact import masked_url
 
 __all__ = ["reason", "unreachable"]
 
-# A reason longer than this is cut: one log line, one /readyz field.
+# A reason longer than this is cut: one log line.
 REASON_LIMIT = 300
 
 
