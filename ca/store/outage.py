@@ -1,4 +1,5 @@
 """Database errors that mean the database cannot be used right now, and why, in one line.
+
 ``api.problems`` answers these 503 (the caller may retry), ``ca.issue`` counts an issuance they
 fail as ``unavailable`` (the code of that 503), and the request log and the metrics scrape say
 why (``/readyz``, which anyone may read, names only the kind: libpq's words name the host).
