@@ -64,6 +64,7 @@ from ca.errors import (
     Unavailable,
 )
 from ca.files import stored_path, write_atomic
+from ca.issue import counted
 from ca.keepers import check_free, truststore_footprint, truststore_keeper
 from ca.keys import KeyType, PrivateKey, PublicKey
 from ca.paging import Page, check_limit, page
@@ -590,6 +591,11 @@ def _settle(ctx: Context, request: CertRequest, cert: x509.Certificate) -> None:
 def issue_certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertificate:
     """The request is judged before the policy (a bad CSR is 400 whatever the consumer holds),
     and a key is generated only once the policy allows a certificate."""
+    with counted(GATEWAY, PROFILE):
+        return _certificate(ctx, request)
+
+
+def _certificate(ctx: Context, request: CertRequest) -> IssuedGatewayCertificate:
     key: PrivateKey | None = None
     if request.csr_pem is not None:
         public_key = csr_public_key(request.csr_pem)

@@ -56,6 +56,7 @@ from ca.tokens import join_token_use
 __all__ = [
     "Grant",
     "IssuedSvid",
+    "counted",
     "issue_for_key",
     "issue_svid",
     "issue_svid_async",
@@ -345,6 +346,22 @@ def refused(error: BaseException, authority: str = MESH, profile: str = "x509-sv
     result = failed_as(error)
     if result is not None:
         metrics.ISSUED.labels(authority, profile, result).inc()
+
+
+@contextlib.contextmanager
+def counted(authority: str, profile: str) -> Iterator[None]:
+    """An issuance of ``ca.tlsleaf`` (a gateway consumer's, an OpenVPN client's or server's)
+    counted as ``issue_svid``'s are: ``issued`` once it is delivered, or what refused or
+    failed it (``refused``). Only ``issued`` was counted, from inside the signing, so a
+    disabled consumer, a name already taken or a database outage never showed in the metric,
+    and a certificate withdrawn after it was signed (its consumer disabled meanwhile) counted
+    as issued."""
+    try:
+        yield
+    except Exception as error:
+        refused(error, authority, profile)
+        raise
+    metrics.ISSUED.labels(authority, profile, "issued").inc()
 
 
 @contextlib.contextmanager

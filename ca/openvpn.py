@@ -65,6 +65,7 @@ from ca.files import (
     stored_path,
     write_atomic,
 )
+from ca.issue import counted
 from ca.keepers import SERVER_DIR_FILES, SERVER_FILES, Footprint, check_free, openvpn_keeper
 from ca.keys import KeyType
 from ca.pem import certs_pem, private_key_pem
@@ -534,6 +535,11 @@ def issue_server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials
     """A serverAuth-only leaf (``remote-cert-tls server``), by default for the CN profiles pin
     with ``verify-x509-name``. Another CN (a second server's) leaves the pinned one alone: only
     ``configure --server-cn`` and ``server-config --cn`` change what every profile trusts."""
+    with counted(request.authority, SERVER_PROFILE):
+        return _server_cert(ctx, request)
+
+
+def _server_cert(ctx: Context, request: ServerRequest) -> ServerCredentials:
     issuer = _openvpn_issuer(ctx, request.authority)
     with Session(ctx.engine) as session:
         row = _row(session, request.authority)
@@ -1169,14 +1175,16 @@ def _issue_settled(ctx: Context, request: ClientRequest, claim: _Claim) -> Clien
 
 def add_client(ctx: Context, request: ClientRequest) -> ClientProfile:
     """Onboard one user: claim the name (409 while it has a live certificate), issue, render."""
-    return _issue_settled(ctx, request, _claim(ctx, request, renew=False))
+    with counted(request.authority, CLIENT_PROFILE):
+        return _issue_settled(ctx, request, _claim(ctx, request, renew=False))
 
 
 def renew_client(ctx: Context, request: ClientRequest) -> ClientProfile:
     """A fresh key, certificate and tls-crypt key. The previous certificate is revoked
     (``superseded``) once the new one exists, so a name never has two live certificates."""
-    claim = _claim(ctx, request, renew=True)
-    profile = _issue_settled(ctx, request, claim)
+    with counted(request.authority, CLIENT_PROFILE):
+        claim = _claim(ctx, request, renew=True)
+        profile = _issue_settled(ctx, request, claim)
     if claim.previous is not None:
         # Already revoked by someone else is the outcome we wanted. The revocation rewrites the
         # CRL file itself (ca.certs.publish_revocations).

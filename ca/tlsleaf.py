@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session
 
-from ca import metrics
 from ca.authority import Issuer, active_issuer
 from ca.config import Context
 from ca.durations import Ttl
@@ -175,5 +174,4 @@ def issue_tls_leaf(ctx: Context, request: TlsLeafRequest) -> IssuedCertificate:
             now=now,
         )
         session.commit()
-    metrics.ISSUED.labels(request.authority, request.profile, "issued").inc()
-    return IssuedCertificate(cert, issuer)
+    return IssuedCertificate(cert, issuer)  # counted by its caller (ca.issue.counted)

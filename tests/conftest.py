@@ -72,6 +72,14 @@ def _bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
+def issued_total(authority: str, profile: str, result: str) -> float:
+    """``trellis_certificates_issued_total`` in this process's registry, for these labels."""
+    from prometheus_client import REGISTRY
+
+    labels = {"authority": authority, "profile": profile, "result": result}
+    return REGISTRY.get_sample_value("trellis_certificates_issued_total", labels) or 0.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

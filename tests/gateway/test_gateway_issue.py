@@ -42,6 +42,7 @@ from ca.revocation import RevocationReason
 from ca.serial import Serial
 from ca.store.models import CertificateRow
 from cli.launch import Interrupted
+from tests.conftest import issued_total
 from tests.gateway.conftest import ACME
 from tests.gateway.gwkit import assert_gateway_leaf, b64url, openssl, openssl_x5t, partner_csr
 
@@ -558,3 +559,26 @@ def test_listing_refuses_a_limit_out_of_range_and_a_cursor_it_never_listed(gw: C
     for cursor in (Serial.generate(), mesh.serial):  # none at all; not a gateway certificate
         with pytest.raises(InvalidInput, match="not there to page after"):
             gateway.gateway_certificate_page(gw, after=cursor)
+
+
+def test_each_outcome_is_counted_once(gw_lite: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trellis_certificates_issued_total`` as for SVIDs (``ca.issue.counted``): only
+    ``issued`` was counted, from inside the signing, so refusals never showed and a certificate
+    withdrawn after it was signed (it lost the race for the two live ones) counted as issued."""
+    results = ("issued", "conflict", "forbidden")
+    before = {r: issued_total("gateway", "gateway-client", r) for r in results}
+    from_csr(gw_lite, partner_csr()[1])
+    from_csr(gw_lite, partner_csr()[1])
+    with monkeypatch.context() as patch:  # passes the pre-check, loses at the re-check
+        patch.setattr(gateway, "_check_policy", lambda ctx, request: Ttl.parse("90d"))
+        with pytest.raises(Conflict):
+            from_csr(gw_lite, partner_csr()[1])
+    gateway.disable_consumer(gw_lite, ACME)
+    with pytest.raises(PermissionDenied):
+        from_csr(gw_lite, partner_csr()[1])
+    after = {r: issued_total("gateway", "gateway-client", r) for r in results}
+    assert {r: after[r] - before[r] for r in results} == {
+        "issued": 2,
+        "conflict": 1,
+        "forbidden": 1,
+    }

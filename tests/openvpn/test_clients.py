@@ -37,6 +37,7 @@ from ca.store.models import CertificateRow
 from ca.store.models_openvpn import OpenVpnClientRow
 from ca.tlscryptv2 import ClientKey, MetadataType, ServerKey, StaticKey, unwrap_client_key
 from cli.launch import Interrupted
+from tests.conftest import issued_total
 from tests.openvpn.conftest import REMOTE
 from tests.openvpn.vpnkit import DATA, assert_vpn_leaf, crls_in, normalise, parse_profile
 
@@ -317,3 +318,15 @@ def test_the_vpn_intermediate_rotates(vpn: Context) -> None:
     new = parse_profile(_add(vpn, "mike")).certificates("cert")[1]
     assert new != old
     assert [c.status for c in list_clients(vpn)] == ["active", "active"]
+
+
+def test_each_outcome_is_counted_once(vpn: Context) -> None:
+    """``trellis_certificates_issued_total`` as for SVIDs (``ca.issue.counted``): a name held
+    by a live certificate was refused without being counted."""
+    results = ("issued", "conflict")
+    before = {r: issued_total("vpn", "openvpn-client", r) for r in results}
+    add_client(vpn, ClientRequest(VpnName("ida")))
+    with pytest.raises(Conflict):
+        add_client(vpn, ClientRequest(VpnName("ida")))
+    after = {r: issued_total("vpn", "openvpn-client", r) for r in results}
+    assert {r: after[r] - before[r] for r in results} == {"issued": 1, "conflict": 1}
