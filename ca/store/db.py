@@ -155,6 +155,7 @@ class Checkpointer:
 
     def _run(self) -> None:
         connection = sqlite3.connect(self._database, check_same_thread=False)
+        opened_writable = _writable(self._database)
         try:
             while not self._stopping.wait(self._interval):
                 try:
@@ -162,6 +163,13 @@ class Checkpointer:
                     self.checkpoints += 1
                 except sqlite3.Error as error:  # another process checkpointing, say: next time
                     log.debug("checkpoint skipped: %s", error)
+                    if not opened_writable and _writable(self._database):
+                        # Opened read-only (the file was not writable then), it failed every
+                        # checkpoint (a disk I/O error) until a restart, and the WAL grew to
+                        # the connections' backstop: reopened, as the pool's are (ca.store.db).
+                        connection.close()
+                        connection = sqlite3.connect(self._database, check_same_thread=False)
+                        opened_writable = True
         finally:
             connection.close()
 

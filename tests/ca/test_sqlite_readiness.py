@@ -6,7 +6,10 @@ privilege."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,3 +50,47 @@ def test_ready_when_writable(tmp_path: Path) -> None:
             ("x",)
         ]
     engine.dispose()
+
+
+_CHECKPOINTER = """
+import os, sqlite3, sys, time
+from ca.store.db import Checkpointer
+database = sys.argv[1]
+writer = sqlite3.connect(database)
+writer.execute("PRAGMA journal_mode=WAL")
+writer.execute("CREATE TABLE t (x)")
+writer.commit()
+os.chmod(database, 0o400)
+checkpointer = Checkpointer(database, interval=0.02).start()
+time.sleep(0.3)
+while_read_only = checkpointer.checkpoints
+os.chmod(database, 0o600)
+deadline = time.monotonic() + 10
+while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+    writer.execute("INSERT INTO t VALUES (1)")
+    writer.commit()
+    time.sleep(0.02)
+checkpointer.stop()
+print(while_read_only, checkpointer.checkpoints)
+"""
+
+
+def test_the_checkpointer_reopens_a_database_it_opened_read_only(tmp_path: Path) -> None:
+    """``trellis serve``'s checkpoint thread keeps its own connection for the life of the
+    process: opened while the file could not be written, it failed every checkpoint until a
+    restart, after the file was writable again, and the WAL grew to the backstop. Run without
+    root's power to write any file (``setpriv``), as tests/cli/test_readonly_database.py."""
+    without_dac = (
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    )
+    done = subprocess.run(
+        [*without_dac, sys.executable, "-c", _CHECKPOINTER, str(tmp_path / "trellis.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    while_read_only, after = (int(n) for n in done.stdout.split())
+    assert while_read_only == 0 and after > 0, done.stdout
