@@ -58,6 +58,7 @@ from ca.jwks import (
     parse_jwks,
 )
 from ca.pem import certs_pem, fingerprint, load_certs
+from ca.redact import masked_url
 from ca.store import locks
 from ca.store.models import AuthorityRow, FederatedBundleRow
 
@@ -99,6 +100,9 @@ MAX_REFRESH = MAX_REFRESH_HINT
 TIMEOUT = (10.0, 5.0)  # seconds: for a read, write or pool wait; to connect
 DEADLINE = 30.0  # seconds for a whole fetch: connecting, headers, redirects, body, all of it
 MAX_REDIRECTS = 3
+# The statuses that redirect (RFC 9110 §15.4): not 300 (a choice for the user) nor 304 (a cache
+# validation answer, for a conditional request Trellis never makes), which httpx counts too.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_URL = 2048
 
 
@@ -442,11 +446,18 @@ async def _get(endpoint: Endpoint, context: ssl.SSLContext) -> bytes:
                     if endpoint.endpoint_spiffe_id is not None:
                         _check_peer(response, endpoint.endpoint_spiffe_id)
                     status = response.status_code
-                    if response.is_redirect:
+                    if status in _REDIRECTS:  # httpx's is_redirect takes 300 and 304 too
                         location = response.headers.get("location")
                         if not location:
                             raise Unavailable(f"{url} answered HTTP {status} without Location")
-                        url = _endpoint_url(str(response.url.join(location)))
+                        target = str(response.url.join(location))
+                        try:
+                            url = _endpoint_url(target)
+                        except InvalidInput as refused:  # the target's fault, not the URL's
+                            raise Unavailable(
+                                f"{url} redirected to {masked_url(target)[0][:200]}, which is"
+                                f" refused: {refused.detail}"
+                            ) from None
                         continue
                     if status != 200:
                         raise Unavailable(f"{url} answered HTTP {status}")
@@ -723,7 +734,11 @@ def _attempt(
                     row.sequence = bundle.sequence
                     row.bundle_updated_at = attempt
                 hint = bundle.refresh_hint
-                row.refresh_hint = None if hint is None else min(hint, MAX_REFRESH)
+                # Bounded as Trellis polls (``_refresh_seconds``), and so published: a hint of
+                # 0 was passed on to every reader of the bundle map as "poll at once, always".
+                row.refresh_hint = (
+                    None if hint is None else min(max(hint, MIN_REFRESH), MAX_REFRESH)
+                )
                 row.last_success = attempt
         row.last_error = error[:512] if error else None
         row.last_attempt = attempt
@@ -787,9 +802,12 @@ def refreshed_federation(
             " was dropped, and the new relationship was not refreshed (refresh it again)"
         )
     if not result.ok:
-        raise Unavailable(
-            f"refreshing {trust_domain} failed, the last good bundle is kept: {result.error}"
+        kept = (
+            "the last good bundle is kept"
+            if get_federation(ctx, trust_domain).has_bundle
+            else "no bundle fetched yet"
         )
+        raise Unavailable(f"refreshing {trust_domain} failed, {kept}: {result.error}")
     return get_federation(ctx, trust_domain)
 
 

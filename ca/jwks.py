@@ -129,12 +129,29 @@ def checked_certificate(cert: x509.Certificate, what: str) -> x509.Certificate:
     return cert
 
 
+# The (kty, crv) of the JWKs Trellis can use (``_key_params``): RSA has no crv.
+_KNOWN_KEY_TYPES = frozenset(
+    {("RSA", None), ("OKP", "Ed25519"), *(("EC", crv) for crv, _size in _CURVES.values())}
+)
+# Longer integers are out of every range a bundle's numbers have (2^63-1 has 19 digits); Python
+# refuses to read one of over 4,300 digits at all, which was reported as "not JSON".
+_INT_DIGITS = 30
+_OUT_OF_RANGE = int("1" + "0" * _INT_DIGITS)
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer, with one far out of range read as just out of it (its sign kept)."""
+    if len(text.lstrip("-")) <= _INT_DIGITS:
+        return int(text)
+    return -_OUT_OF_RANGE if text.startswith("-") else _OUT_OF_RANGE
+
+
 def parse_jwks(data: bytes) -> JwksBundle:
     """Strict: every x509-svid key must be one CA certificate whose key matches its JWK."""
     if len(data) > MAX_BUNDLE_BYTES:
         raise _fail("larger than 1 MiB")
     try:
-        document = json.loads(data)
+        document = json.loads(data, parse_int=_bounded_int)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         raise _fail("not JSON") from None
     except RecursionError:  # arrays nested deeper than the interpreter's stack
@@ -155,6 +172,12 @@ def parse_jwks(data: bytes) -> JwksBundle:
             raise _fail(f"key {index} is not an object")
         if key.get("use") != "x509-svid":
             continue  # jwt-svid keys and unknown uses are not ours to judge (bundle spec §4.2)
+        if (key.get("kty"), key.get("crv")) not in _KNOWN_KEY_TYPES:
+            # Bundle spec §4.1.3 and §4.2.1: a client MUST ignore a JWK of a key type it does
+            # not know. Refused, the whole bundle was: a partner adding a root of a newer type
+            # (a post-quantum one, secp256k1, Ed448) froze every later update here, its root
+            # rotations included. The other keys decide (at least one authority: ca.federation).
+            continue
         x5c = key.get("x5c")
         if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
             raise _fail(f"key {index}: x5c must hold exactly one certificate")
@@ -169,8 +192,11 @@ def parse_jwks(data: bytes) -> JwksBundle:
             is_ca = False
         if not is_ca:
             raise _fail(f"key {index}: the certificate is not a CA")
-        expected = _key_params(cert.public_key())
-        if any(key.get(name) != value for name, value in expected.items()):
+        try:
+            expected = _key_params(cert.public_key())
+        except InvalidInput:  # a key of a type the JWK does not claim (a DSA certificate)
+            expected = {}
+        if not expected or any(key.get(name) != value for name, value in expected.items()):
             raise _fail(f"key {index}: the JWK parameters do not match its certificate")
         certs.setdefault(cert.public_bytes(serialization.Encoding.DER), cert)
     return JwksBundle(tuple(certs.values()), sequence, hint)

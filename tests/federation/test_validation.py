@@ -481,8 +481,9 @@ def test_refresh_is_due_after_the_hint_with_a_floor(
     body = json.dumps(document).encode()
     assert [r.trust_domain for r in refresh_due(ctx, fetch=FakeFetch([body]))] == [PARTNER]
     assert get_federation(ctx, PARTNER).next_refresh == clock.now() + dt.timedelta(seconds=interval)
-    # a hint above the maximum is clamped: stored and republished as the interval polled at
-    published = None if hint is None else min(hint, MAX_REFRESH)
+    # a hint outside the bounds is clamped: stored and republished as the interval polled at
+    # (0 was republished as 0, "poll at once, always", to every reader of the bundle map)
+    published = None if hint is None else interval
     assert get_federation(ctx, PARTNER).refresh_hint == published
     assert bundle_map(ctx)["spiffe://b.test"].get("spiffe_refresh_hint") == published
     clock.advance(dt.timedelta(seconds=interval - 1))
