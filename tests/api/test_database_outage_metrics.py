@@ -14,32 +14,16 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from ca.config import Context
 from ca.store import db
 from tests.api.restkit import Rest, make_csr
+from tests.api.test_metrics import Samples, _samples, _value
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 ISSUED = "trellis_certificates_issued_total"
 REFUSED = "is not currently accepting connections"  # PostgreSQL's reason
-
-
-def _scrape(client: TestClient) -> Samples:
-    response = client.get("/metrics")
-    assert response.status_code == 200, response.text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def _value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def _names(samples: Samples) -> set[str]:
@@ -83,7 +67,7 @@ def test_issuances_failed_by_the_database_are_counted_as_unavailable(
     token = rest.join_token(rest.create_entry(), uses=5)
     svid = rest.enrol("spiffe://example.org/renewing")
     labels = {"authority": "mesh", "profile": "x509-svid", "result": "unavailable"}
-    before = _value(_scrape(rest.client), ISSUED, **labels)
+    before = _value(_samples(rest.client), ISSUED, **labels)
     request.getfixturevalue("refused_database")
 
     csr = make_csr()[1]
@@ -92,19 +76,19 @@ def test_issuances_failed_by_the_database_are_counted_as_unavailable(
     assert [response.status_code for response in failed] == [503] * 4, failed[-1].text
     assert {response.json()["code"] for response in failed} == {"unavailable"}
 
-    assert _value(_scrape(rest.client), ISSUED, **labels) == before + 4  # once each
+    assert _value(_samples(rest.client), ISSUED, **labels) == before + 4  # once each
 
 
 def test_metrics_answer_without_the_database_and_say_so(
     rest: Rest, ctx: Context, request: pytest.FixtureRequest
 ) -> None:
     rest.enrol()
-    up = _scrape(rest.client)
+    up = _samples(rest.client)
     assert _value(up, "trellis_state_up") == 1.0
     assert "trellis_active_certificates" in _names(up)
     request.getfixturevalue("refused_database")
 
-    down = _scrape(rest.client)  # 200 (``_scrape``), not the 503 of a failed query
+    down = _samples(rest.client)  # 200 (``_scrape``), not the 503 of a failed query
     assert _value(down, "trellis_state_up") == 0.0
     assert ("trellis_state_up", frozenset()) in down
     assert not _names(down) & {
@@ -158,7 +142,7 @@ def test_a_scrape_held_by_a_locked_table_is_bounded(rest: Rest, ctx: Context) ->
     try:
         assert locked.wait(10)
         started = time.monotonic()
-        samples = _scrape(rest.client)
+        samples = _samples(rest.client)
         took = time.monotonic() - started
     finally:
         release.set()
