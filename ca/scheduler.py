@@ -45,6 +45,7 @@ from ca.config import Context
 from ca.errors import TrellisError, Unavailable
 from ca.jobs import JOBS, Job, Scope
 from ca.readiness import check_schema
+from ca.store import outage
 from ca.store.models import JobRunRow
 
 if TYPE_CHECKING:
@@ -213,12 +214,9 @@ def _run(ctx: Context, job: Job) -> JobRunRow:
 
 def _unreachable_database(error: BaseException) -> bool:
     """Whether ``error`` says the database could not be used at all (refused, gone, restarting,
-    a lost connection), as opposed to a statement it refused."""
-    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
-        return True
-    return isinstance(
-        error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
-    )
+    a lost connection), as opposed to a statement it refused: what the API answers 503
+    (``ca.store.outage``), or a pool that could not hand out a live connection."""
+    return outage.unreachable(error) or isinstance(error, sa.exc.DisconnectionError)
 
 
 def _wait(job: Job, failures: int) -> int:

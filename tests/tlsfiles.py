@@ -10,9 +10,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["loopback_server_tls"]
+__all__ = ["loopback_server_tls", "signed_leaf"]
 
 
 def loopback_server_tls(
@@ -69,3 +73,36 @@ def loopback_server_tls(
     )
     paths[2].chmod(0o600)
     return paths[0], paths[1], paths[2]
+
+
+def signed_leaf(
+    issuer: x509.Name,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    public_key: CertificatePublicKeyTypes,
+    names: list[x509.GeneralName],
+    *,
+    server: bool = False,
+) -> x509.Certificate:
+    """A leaf for ``public_key`` with ``names`` (a critical SAN, an empty subject), valid for an
+    hour, signed by whatever ``issuer_key`` is, a CA or not, under the name ``issuer``; with
+    ``server``, serverAuth and the signer's key identifier too, as a server certificate has."""
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        ).add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())

@@ -4,7 +4,6 @@ the bundle and matches the host name, and posed as Trellis to harvest join token
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,8 +12,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca.agent import Agent, AgentConfig
 from ca.authority import active_issuer
@@ -33,7 +30,7 @@ from ca.workload import WorkloadClient
 from tests.ca.svidkit import SQLITE_ONLY, add_entry, enrol, join_secret
 from tests.cli.test_walkthrough import TRELLIS
 from tests.fakeserver import FakeServer, fake_server, http_answer
-from tests.tlsfiles import loopback_server_tls
+from tests.tlsfiles import loopback_server_tls, signed_leaf
 
 
 @dataclass
@@ -73,14 +70,18 @@ def test_a_workload_svid_is_not_the_server_and_gets_no_token(
     assert not (tmp_path / "victim").exists()
 
 
-@SQLITE_ONLY
-def test_the_cli_refuses_the_impostor_in_one_line(impostor: Impostor, tmp_path: Path) -> None:
-    result = subprocess.run(
+def _svid_request(impostor: Impostor, out: Path) -> subprocess.CompletedProcess[str]:
+    """``trellis svid request`` of the victim's token, against the impostor."""
+    return subprocess.run(
         [TRELLIS, "svid", "request", "--server", impostor.server.url,
-         "--bundle", str(impostor.bundle), "--token", impostor.victim_token,
-         "--out", str(tmp_path / "victim")],
+         "--bundle", str(impostor.bundle), "--token", impostor.victim_token, "--out", str(out)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+@SQLITE_ONLY
+def test_the_cli_refuses_the_impostor_in_one_line(impostor: Impostor, tmp_path: Path) -> None:
+    result = _svid_request(impostor, tmp_path / "victim")
     assert result.returncode == 8, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not Trellis" in lines[0], result.stderr
@@ -139,31 +140,13 @@ def istio_signed_server(
     Returned as the chain file (leaf, then the intermediate, as istiod serves it) and key."""
     intermediate = issue_istio_intermediate(ctx, IstioParams("c1"))
     key = KeyType.EC_P256.generate()
-    now = dt.datetime.now(dt.UTC)
     issuer = intermediate.certificate.subject
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(_as_openssl_matches_it(issuer) if issuer_spelling else issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(SERVER_ID), x509.DNSName("localhost")]
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                intermediate.key.public_key()  # type: ignore[arg-type]
-            ),
-            critical=False,
-        )
-        .sign(intermediate.key, hashes.SHA256())  # type: ignore[arg-type]
+    leaf = signed_leaf(
+        _as_openssl_matches_it(issuer) if issuer_spelling else issuer,
+        intermediate.key,  # type: ignore[arg-type]
+        key.public_key(),
+        [x509.UniformResourceIdentifier(SERVER_ID), x509.DNSName("localhost")],
+        server=True,
     )
     chain, key_file = directory / "istio-server.pem", directory / "istio-server.key"
     chain.write_bytes(certs_pem([leaf, intermediate.certificate]))
@@ -207,12 +190,7 @@ def test_a_server_certificate_istiod_signed_gets_no_token(
 def test_svid_request_and_the_agent_refuse_it_in_one_line(
     ctx: Context, istio_impostor: Impostor, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [TRELLIS, "svid", "request", "--server", istio_impostor.server.url,
-         "--bundle", str(istio_impostor.bundle), "--token", istio_impostor.victim_token,
-         "--out", str(tmp_path / "victim")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    result = _svid_request(istio_impostor, tmp_path / "victim")
     assert result.returncode == 8, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and ISTIO_REFUSAL in lines[0], result.stderr

@@ -51,6 +51,7 @@ from tests.cli.test_walkthrough import TRELLIS
 from tests.conftest import TRUST_DOMAIN
 from tests.fakeserver import FakeServer, fake_server, http_answer
 from tests.rotation.test_agent_retry import Recording
+from tests.tlsfiles import signed_leaf
 
 T = TypeVar("T")
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -134,21 +135,8 @@ def signed_by(
     issuer: x509.Certificate, issuer_key: PrivateKey, key: PrivateKey, spiffe_id: str
 ) -> x509.Certificate:
     """An SVID-like leaf for ``key``, signed by whatever ``issuer_key`` is (a CA or not)."""
-    now = dt.datetime.now(dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
-        )
-        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
+    return signed_leaf(issuer.subject, issuer_key, key.public_key(), names)  # type: ignore[arg-type]
 
 
 def svid_document(leaf: x509.Certificate, chain: bytes, bundle: bytes) -> bytes:
